@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs (``make protos``); do not edit by hand."""

@@ -1,0 +1,109 @@
+"""Transport-neutral glue shared by ``Client`` and ``AsyncClient``.
+
+Builds request messages, turns responses into the public dataclasses, and holds the
+channel defaults. Nothing here performs I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+import numpy.typing as npt
+
+from mandant_client._proto import grpc_service_pb2 as pb
+from mandant_client.errors import InvalidInput
+from mandant_client.tensors import encode_inputs
+from mandant_client.types import ModelIndexEntry, ModelMetadata, ServerMetadata, TensorMetadata
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+ChannelOptions = Sequence[tuple[str, Any]]
+Metadata = tuple[tuple[str, str], ...]
+ParameterValue = bool | int | float | str
+
+_INT64_MAX = 2**63 - 1
+_UINT64_MAX = 2**64 - 1
+
+
+def channel_options(options: ChannelOptions) -> list[tuple[str, Any]]:
+    """64 MiB send/receive limits, overridden by whatever the caller passes."""
+    merged: dict[str, Any] = {
+        "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
+        "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
+    }
+    merged.update(dict(options))
+    return list(merged.items())
+
+
+def channel_credentials(tls: bool | grpc.ChannelCredentials) -> grpc.ChannelCredentials | None:
+    """None for plaintext, system roots for ``True``, else the credentials given."""
+    if isinstance(tls, bool):
+        return grpc.ssl_channel_credentials() if tls else None
+    return tls
+
+
+def auth_metadata(api_key: str | None) -> Metadata:
+    """The ``authorization: Bearer <key>`` header sent on every call."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def infer_request(
+    model: str,
+    inputs: Mapping[str, npt.ArrayLike],
+    version: str | None,
+    outputs: Sequence[str] | None,
+    request_id: str,
+    parameters: Mapping[str, ParameterValue] | None,
+) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, model_version=version or "", id=request_id)
+    encode_inputs(request, inputs)
+    for name in outputs or ():
+        request.outputs.add(name=name)
+    for key, value in (parameters or {}).items():
+        request.parameters[key].CopyFrom(infer_parameter(key, value))
+    return request
+
+
+def infer_parameter(key: str, value: ParameterValue) -> pb.InferParameter:
+    if isinstance(value, bool):
+        return pb.InferParameter(bool_param=value)
+    if isinstance(value, int):
+        if -_INT64_MAX - 1 <= value <= _INT64_MAX:
+            return pb.InferParameter(int64_param=value)
+        if 0 <= value <= _UINT64_MAX:
+            return pb.InferParameter(uint64_param=value)
+        raise InvalidInput(f"parameter {key!r} does not fit in 64 bits")
+    if isinstance(value, float):
+        return pb.InferParameter(double_param=value)
+    if isinstance(value, str):
+        return pb.InferParameter(string_param=value)
+    raise InvalidInput(f"parameter {key!r} must be bool, int, float or str")
+
+
+def model_metadata(response: pb.ModelMetadataResponse) -> ModelMetadata:
+    return ModelMetadata(
+        name=response.name,
+        versions=list(response.versions),
+        platform=response.platform,
+        inputs=[_tensor_metadata(t) for t in response.inputs],
+        outputs=[_tensor_metadata(t) for t in response.outputs],
+    )
+
+
+def model_index(response: pb.RepositoryIndexResponse) -> list[ModelIndexEntry]:
+    return [
+        ModelIndexEntry(name=m.name, version=m.version, state=m.state, reason=m.reason)
+        for m in response.models
+    ]
+
+
+def server_metadata(response: pb.ServerMetadataResponse) -> ServerMetadata:
+    return ServerMetadata(
+        name=response.name, version=response.version, extensions=list(response.extensions)
+    )
+
+
+def _tensor_metadata(tensor: pb.ModelMetadataResponse.TensorMetadata) -> TensorMetadata:
+    return TensorMetadata(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))

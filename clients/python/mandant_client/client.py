@@ -1,0 +1,114 @@
+"""``Client``: the synchronous Mandant client over a plain ``grpc`` channel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy.typing as npt
+
+from mandant_client import _requests
+from mandant_client._proto import grpc_service_pb2 as pb
+from mandant_client._proto.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from mandant_client._requests import ChannelOptions, ParameterValue
+from mandant_client.errors import from_rpc_error
+from mandant_client.tensors import Array, decode_outputs
+from mandant_client.types import ModelIndexEntry, ModelMetadata, ServerMetadata
+
+
+class Client:
+    """Blocking client for one Mandant (or any KServe v2 gRPC) server.
+
+    Every call sends ``authorization: Bearer <api_key>`` and raises a
+    :class:`~mandant_client.errors.MandantClientError` subclass on failure.
+    ``timeout_s`` is the default deadline of each call (None: no deadline).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        api_key: str | None = None,
+        tls: bool | grpc.ChannelCredentials = False,
+        timeout_s: float | None = None,
+        options: ChannelOptions = (),
+    ) -> None:
+        credentials = _requests.channel_credentials(tls)
+        channel_options = _requests.channel_options(options)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        self._stub = GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._metadata = _requests.auth_metadata(api_key)
+        self._timeout_s = timeout_s
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, npt.ArrayLike],
+        version: str | None = None,
+        outputs: Sequence[str] | None = None,
+        timeout_s: float | None = None,
+        request_id: str = "",
+        parameters: Mapping[str, ParameterValue] | None = None,
+    ) -> dict[str, Array]:
+        """Run ``model`` on ``inputs``; the outputs (all, or those named) by name."""
+        request = _requests.infer_request(model, inputs, version, outputs, request_id, parameters)
+        response: pb.ModelInferResponse = self._unary(self._stub.ModelInfer, request, timeout_s)
+        return decode_outputs(response)
+
+    def model_metadata(self, model: str, version: str | None = None) -> ModelMetadata:
+        request = pb.ModelMetadataRequest(name=model, version=version or "")
+        response: pb.ModelMetadataResponse = self._unary(self._stub.ModelMetadata, request)
+        return _requests.model_metadata(response)
+
+    def model_ready(self, model: str, version: str | None = None) -> bool:
+        request = pb.ModelReadyRequest(name=model, version=version or "")
+        response: pb.ModelReadyResponse = self._unary(self._stub.ModelReady, request)
+        return bool(response.ready)
+
+    def models(self) -> list[ModelIndexEntry]:
+        request = pb.RepositoryIndexRequest()
+        response: pb.RepositoryIndexResponse = self._unary(self._stub.RepositoryIndex, request)
+        return _requests.model_index(response)
+
+    def server_live(self) -> bool:
+        response: pb.ServerLiveResponse = self._unary(self._stub.ServerLive, pb.ServerLiveRequest())
+        return bool(response.live)
+
+    def server_ready(self) -> bool:
+        response: pb.ServerReadyResponse = self._unary(
+            self._stub.ServerReady, pb.ServerReadyRequest()
+        )
+        return bool(response.ready)
+
+    def server_metadata(self) -> ServerMetadata:
+        response: pb.ServerMetadataResponse = self._unary(
+            self._stub.ServerMetadata, pb.ServerMetadataRequest()
+        )
+        return _requests.server_metadata(response)
+
+    def _unary(
+        self, method: Callable[..., Any], request: Any, timeout_s: float | None = None
+    ) -> Any:
+        timeout = timeout_s if timeout_s is not None else self._timeout_s
+        try:
+            return method(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc

@@ -1,0 +1,151 @@
+"""The client's one exception tree, and the one table that maps gRPC status codes onto it.
+
+::
+
+    MandantClientError            .code (grpc.StatusCode), .message
+    ├── Unauthenticated           UNAUTHENTICATED: no key, unknown key, revoked key
+    ├── ModelNotFound             NOT_FOUND: unknown model, or private to another tenant
+    ├── InvalidInput              INVALID_ARGUMENT: wrong tensor name, dtype, shape, size
+    ├── ResourceExhausted         RESOURCE_EXHAUSTED, .retry_after_s
+    │   ├── RateLimited           rate limit, concurrency cap, queue full
+    │   └── QuotaExceeded         the server's message mentions the quota
+    ├── DeadlineExceeded          DEADLINE_EXCEEDED
+    ├── Unavailable               UNAVAILABLE: server down or draining, backend down
+    └── ServerError               INTERNAL, UNKNOWN and every other code
+
+Both clients translate at the call site: ``raise from_rpc_error(exc) from exc``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
+
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+class MandantClientError(Exception):
+    """Base of every error the Mandant client raises."""
+
+    default_code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code: grpc.StatusCode = code if code is not None else self.default_code
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+class Unauthenticated(MandantClientError):
+    """The API key is missing, unknown or revoked."""
+
+    default_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class ModelNotFound(MandantClientError):
+    """No model of that name and version is visible to this tenant."""
+
+    default_code = grpc.StatusCode.NOT_FOUND
+
+
+class InvalidInput(MandantClientError):
+    """The request does not fit the model (tensor name, datatype, shape, byte size)."""
+
+    default_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ResourceExhausted(MandantClientError):
+    """The server refused the request for now; retry after ``retry_after_s`` if given."""
+
+    default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        code: grpc.StatusCode | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class RateLimited(ResourceExhausted):
+    """The tenant's rate limit, concurrency cap or queue is full."""
+
+
+class QuotaExceeded(ResourceExhausted):
+    """The tenant's quota (e.g. rows per day) is spent."""
+
+
+class DeadlineExceeded(MandantClientError):
+    """The deadline passed before the server answered."""
+
+    default_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(MandantClientError):
+    """The server (or its backend) cannot be reached or is draining."""
+
+    default_code = grpc.StatusCode.UNAVAILABLE
+
+
+class ServerError(MandantClientError):
+    """The server failed (INTERNAL, UNKNOWN, any other code), or answered malformed data."""
+
+    default_code = grpc.StatusCode.INTERNAL
+
+
+# The one table: gRPC status code -> exception class. Codes not listed -> ServerError.
+ERRORS_BY_CODE: dict[grpc.StatusCode, type[MandantClientError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.NOT_FOUND: ModelNotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+}
+
+
+def from_rpc_error(exc: grpc.RpcError) -> MandantClientError:
+    """Translate a sync (``grpc.Call``) or asyncio (``AioRpcError``) RPC error."""
+    code = _call_attr(exc, "code")
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    details = _call_attr(exc, "details")
+    message = details if isinstance(details, str) and details else str(exc) or code.name
+    cls = ERRORS_BY_CODE.get(code, ServerError)
+    if cls is ResourceExhausted:
+        retry_after_s = retry_after_from_metadata(_call_attr(exc, "trailing_metadata"))
+        exhausted = QuotaExceeded if "quota" in message.lower() else RateLimited
+        return exhausted(message, retry_after_s=retry_after_s, code=code)
+    return cls(message, code=code)
+
+
+def retry_after_from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> float | None:
+    """Seconds from ``grpc-retry-pushback-ms``; None when absent, malformed or negative."""
+    for key, value in metadata or ():
+        if key.lower() != RETRY_PUSHBACK_KEY:
+            continue
+        text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+        try:
+            millis = int(text.strip())
+        except ValueError:
+            return None
+        return millis / 1000.0 if millis >= 0 else None
+    return None
+
+
+def _call_attr(exc: grpc.RpcError, name: str) -> Any:
+    """``exc.<name>()`` when the error is also a call object, else None."""
+    method = getattr(exc, name, None)
+    if not callable(method):
+        return None
+    try:
+        return method()
+    except Exception:  # a half-built error object must not hide the original one
+        return None

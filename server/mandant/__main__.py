@@ -1,0 +1,5 @@
+import sys
+
+from mandant.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Execution backends: in-process PyTorch and NVIDIA Triton, behind one Protocol."""

@@ -1,0 +1,37 @@
+"""The contract every execution backend fulfils."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    """Runs one model version. ``infer`` takes a batch (rows along dimension 0 of
+    every input) and returns every declared output for the whole batch.
+
+    Lifecycle is explicit: ``start()`` loads the model, ``aclose()`` frees it.
+    ``infer`` must not block the event loop; a backend raising anything but a
+    :class:`mandant.errors.MandantError` is reported to the client as INTERNAL.
+    """
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def platform(self) -> str:
+        """Shown as ``platform`` in ModelMetadata (``pytorch_torchscript`` …)."""
+        ...
+
+    @property
+    def max_concurrency(self) -> int:
+        """How many ``infer`` calls may run at once (the model's ``instances``)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...

@@ -1,0 +1,221 @@
+"""In-process PyTorch backend: a TorchScript file, or ``module:factory`` plus a state dict.
+
+Loading happens in :meth:`TorchBackend.start` on a worker thread; every ``infer`` runs
+on a dedicated pool of ``spec.instances`` threads so the event loop never waits on torch.
+Inputs reach the model zero-copy (``torch.from_numpy``); they may view a request's
+read-only bytes, so models must not modify their inputs in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import logging
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from mandant.config import ModelSpec
+from mandant.errors import InvalidInput, Unavailable
+
+logger = logging.getLogger(__name__)
+
+# Inputs are read-only views of request bytes; torch warns once about that. We never
+# write to them, and copying would defeat the zero-copy path.
+warnings.filterwarnings(
+    "ignore", message="The given NumPy array is not writable", category=UserWarning
+)
+
+#: numpy dtype kinds torch cannot hold; such inputs reach the model as numpy arrays.
+_NON_TENSOR_KINDS = frozenset("OSUV")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded at start-up; the message names the model and why."""
+
+
+class TorchBackend:
+    """Runs one model version in this process, on CPU or a CUDA device."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self._spec = spec
+        self._device = torch.device(_pick_device(spec.device))
+        self._module: Callable[..., Any] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._module is not None and self._executor is not None
+
+    @property
+    def platform(self) -> str:
+        return "pytorch" if self._spec.factory is not None else "pytorch_torchscript"
+
+    @property
+    def max_concurrency(self) -> int:
+        return self._spec.instances
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    async def start(self) -> None:
+        if self._module is not None:
+            raise RuntimeError(f"model {self._spec.name!r} is already started")
+        module = await asyncio.to_thread(self._load)
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._spec.instances, thread_name_prefix=f"torch-{self._spec.name}"
+        )
+        self._module = module
+        logger.info(
+            "loaded model %s version %s (%s) on %s with %d instance(s)",
+            self._spec.name,
+            self._spec.version,
+            self.platform,
+            self._device,
+            self._spec.instances,
+        )
+
+    async def aclose(self) -> None:
+        executor, self._executor, self._module = self._executor, None, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        module, executor = self._module, self._executor
+        if module is None or executor is None:
+            raise Unavailable(f"model '{self._spec.name}' is not loaded")
+        missing = [t.name for t in self._spec.inputs if t.name not in inputs]
+        if missing:
+            raise InvalidInput(f"missing input(s): {', '.join(missing)}")
+        arrays = [inputs[t.name] for t in self._spec.inputs]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, self._run, module, arrays)
+
+    def _run(self, module: Callable[..., Any], arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            args = [self._to_tensor(array) for array in arrays]
+            result = module(*args)
+            return self._outputs(result)
+
+    def _to_tensor(self, array: np.ndarray) -> torch.Tensor | np.ndarray:
+        if array.dtype.kind in _NON_TENSOR_KINDS:
+            return array  # BYTES: torch has no string tensor
+        tensor = torch.from_numpy(array)
+        if self._device.type == "cuda":
+            tensor = tensor.to(self._device, non_blocking=True)
+        return tensor
+
+    def _outputs(self, result: object) -> dict[str, np.ndarray]:
+        names = [t.name for t in self._spec.outputs]
+        if isinstance(result, Mapping):
+            absent = [name for name in names if name not in result]
+            if absent:
+                raise RuntimeError(
+                    f"model {self._spec.name!r} returned no output named {', '.join(absent)}"
+                )
+            values = [result[name] for name in names]
+        elif isinstance(result, tuple | list):
+            values = list(result)
+        else:
+            values = [result]
+        if len(values) != len(names):
+            raise RuntimeError(
+                f"model {self._spec.name!r} returned {len(values)} output(s), "
+                f"its configuration declares {len(names)}"
+            )
+        model = self._spec.name
+        return {name: _to_numpy(model, name, v) for name, v in zip(names, values, strict=True)}
+
+    def _load(self) -> Callable[..., Any]:
+        spec = self._spec
+        try:
+            if self._device.type == "cuda" and not torch.cuda.is_available():
+                raise RuntimeError(f"device {spec.device!r} requested but CUDA is not available")
+            if spec.weights_init is not None:
+                _init_weights(spec)
+            module: torch.nn.Module
+            if spec.factory is not None:
+                module = _build(spec)
+            elif spec.path is not None:
+                # torch.jit.load has no annotations.
+                module = torch.jit.load(  # type: ignore[no-untyped-call]
+                    str(spec.path), map_location=self._device
+                )
+            else:
+                raise RuntimeError("neither 'factory' nor 'path' is set")
+            return module.to(self._device).eval()
+        except Exception as exc:
+            raise ModelLoadError(
+                f"cannot load model {spec.name!r} version {spec.version}: {exc}"
+            ) from exc
+
+
+def _pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _import_ref(ref: str) -> Callable[..., Any]:
+    module_name, _, attr_path = ref.partition(":")
+    target: Any = importlib.import_module(module_name)
+    target = functools.reduce(getattr, attr_path.split("."), target)
+    if not callable(target):
+        raise TypeError(f"{ref!r} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+def _init_weights(spec: ModelSpec) -> None:
+    """Create the weights file with ``weights_init`` if it is missing; written under a
+    temporary name and renamed, so an interrupted build leaves no half file."""
+    assert spec.weights_init is not None
+    if spec.path is None:
+        raise RuntimeError("'weights_init' needs a 'path' to write to")
+    path = Path(spec.path)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.partial-{os.getpid()}{path.suffix}")
+    logger.info("creating weights for model %s at %s", spec.name, path)
+    try:
+        _import_ref(spec.weights_init)(partial, **spec.factory_args)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _build(spec: ModelSpec) -> torch.nn.Module:
+    assert spec.factory is not None
+    module = _import_ref(spec.factory)(**spec.factory_args)
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"factory {spec.factory!r} returned {type(module).__name__}, not a Module")
+    if spec.path is not None:
+        path = Path(spec.path)
+        if path.suffix == ".safetensors":
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        module.load_state_dict(state, strict=True)
+    return module
+
+
+def _to_numpy(model: str, name: str, value: object) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    raise RuntimeError(
+        f"model {model!r} returned {type(value).__name__} for output {name!r}, "
+        "expected a tensor or a numpy array"
+    )

@@ -1,0 +1,141 @@
+"""``mandant``: serve, keygen, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from mandant.config import MandantConfig, load_config
+from mandant.errors import ConfigError
+from mandant.tenancy.keys import generate_key
+
+logger = logging.getLogger("mandant")
+
+#: The built-in demo: ``mandant serve`` without --config serves exactly this file.
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo" / "mandant.yaml"
+
+DEMO_EXAMPLE = """\
+Try it (demo keys are public and for the demo only):
+
+  python - <<'PY'
+  import numpy as np
+  from mandant_client import Client
+  with Client("{target}", api_key="acme-demo-key") as client:
+      out = client.infer("classifier", {{"INPUT0": np.ones((1, 256), np.float32)}})
+      print(out["OUTPUT0"])
+  PY
+"""
+
+
+def _with_overrides(config: MandantConfig, args: argparse.Namespace) -> MandantConfig:
+    changes = {
+        key: value
+        for key, value in (
+            ("host", args.host),
+            ("grpc_port", args.grpc_port),
+            ("http_port", args.http_port),
+        )
+        if value is not None
+    }
+    if not changes:
+        return config
+    return config.model_copy(update={"server": config.server.model_copy(update=changes)})
+
+
+async def _serve(config: MandantConfig, base_dir: Path, demo: bool) -> None:
+    from mandant.app import App
+
+    app = App(config, base_dir)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    target = f"{config.server.host}:{app.grpc_port}"
+    print(f"Mandant listening: gRPC (KServe v2) on {target}", flush=True)
+    if demo:
+        print(DEMO_EXAMPLE.format(target=target), flush=True)
+    await stop.wait()
+    logger.info("stopping: finishing in-flight calls (grace %.1fs)", config.server.grace_s)
+    await app.aclose()
+    logger.info("stopped")
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, Windows lacks it
+        asyncio.run(coro)  # type: ignore[arg-type]
+    else:
+        uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mandant.observability.logs import configure_logging
+
+    configure_logging(args.log_level)
+    path = Path(args.config) if args.config else DEMO_CONFIG
+    try:
+        config = _with_overrides(load_config(path), args)
+    except ConfigError as exc:
+        print(f"mandant: invalid configuration\n{exc}", file=sys.stderr)
+        return 2
+    demo = path.resolve() == DEMO_CONFIG
+    try:
+        _run(_serve(config, path.resolve().parent, demo))
+    except (ConfigError, RuntimeError, NotImplementedError, OSError) as exc:
+        print(f"mandant: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    key, key_hash = generate_key()
+    print(f"key:  {key}")
+    print(f"hash: {key_hash}")
+    print("Give the key to the tenant; put only the hash in the configuration (api_keys).")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = Path(args.config)
+    try:
+        config = load_config(path)
+        config.model_specs(path.resolve().parent)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{path}: ok ({len(config.tenants)} tenants, {len(config.models)} models)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mandant", description="Multi-tenant inference server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the server (the demo without --config)")
+    serve.add_argument("--config", help="YAML configuration (default: the built-in demo)")
+    serve.add_argument("--host")
+    serve.add_argument("--grpc-port", type=int)
+    serve.add_argument("--http-port", type=int)
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(run=cmd_serve)
+    keygen = commands.add_parser("keygen", help="print a new API key and its hash")
+    keygen.set_defaults(run=cmd_keygen)
+    check = commands.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("config")
+    check.set_defaults(run=cmd_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Configuration: frozen pydantic models, YAML in, validated once at start.
+
+A file that does not validate raises :class:`ConfigError` listing every problem with
+its field path (``models.2.inputs.0.datatype: …``). Model paths are relative to the
+configuration file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mandant.errors import ConfigError
+from mandant.types import DATATYPES, TensorSpec
+
+_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TlsConfig(_Frozen):
+    cert: Path
+    key: Path
+
+
+class ServerConfig(_Frozen):
+    host: str = "127.0.0.1"
+    grpc_port: Annotated[int, Field(ge=0, le=65535)] = 8001
+    http_port: Annotated[int, Field(ge=0, le=65535)] = 8002
+    max_message_bytes: Annotated[int, Field(gt=0)] = 64 * 1024 * 1024
+    grace_s: Annotated[float, Field(ge=0)] = 10.0
+    tls: TlsConfig | None = None
+
+
+class RateLimitConfig(_Frozen):
+    requests_per_s: Annotated[float, Field(gt=0)] | None = None
+    burst: Annotated[float, Field(gt=0)] | None = None
+    rows_per_s: Annotated[float, Field(gt=0)] | None = None
+    rows_burst: Annotated[float, Field(gt=0)] | None = None
+
+
+class QuotaConfig(_Frozen):
+    rows_per_day: Annotated[int, Field(gt=0)] | None = None
+    rows_per_month: Annotated[int, Field(gt=0)] | None = None
+
+
+class SloConfig(_Frozen):
+    latency_ms: Annotated[float, Field(gt=0)]
+    percentile: Annotated[float, Field(gt=0, lt=100)] = 99
+    objective: Annotated[float, Field(gt=0, lt=1)] = 0.99
+
+
+class TenantConfig(_Frozen):
+    id: str
+    api_keys: tuple[str, ...] = ()
+    rate_limit: RateLimitConfig | None = None
+    max_concurrency: Annotated[int, Field(gt=0)] | None = None
+    quota: QuotaConfig | None = None
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    priority: Annotated[int, Field(ge=0)] = 0
+    slo: SloConfig | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must be 1-128 letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hashes_only(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        for key in keys:
+            if not _KEY_HASH.match(key):
+                raise ValueError(
+                    "API keys are stored as 'sha256:<64 hex digits>' only; "
+                    "`mandant keygen` prints a key and its hash"
+                )
+        return keys
+
+
+class TensorConfig(_Frozen):
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @field_validator("datatype")
+    @classmethod
+    def _datatype(cls, value: str) -> str:
+        if value not in DATATYPES:
+            raise ValueError(f"unknown datatype {value!r}; one of {', '.join(DATATYPES)}")
+        return value
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if any(dim < -1 or dim == 0 for dim in shape):
+            raise ValueError("dimensions are positive, or -1 for any size")
+        return shape
+
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.datatype, self.shape)
+
+
+class BatchingConfig(_Frozen):
+    max_batch_size: Annotated[int, Field(gt=0)] = 64
+    max_queue_delay_ms: Annotated[float, Field(ge=0)] = 2.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    policy: Literal["fair", "fifo"] = "fair"
+    dispatch: Literal["eager", "delay"] = "eager"
+    max_queue_rows: Annotated[int, Field(gt=0)] | None = None
+
+
+class TritonModelConfig(_Frozen):
+    url: str
+    model: str
+    version: str = ""
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    tls: bool = False
+
+
+class ModelConfig(_Frozen):
+    """One model version. ``tenant`` makes it private to that tenant; with ``base``
+    it is that tenant's tuned variant of a shared model and inherits what it does
+    not set."""
+
+    name: str | None = None
+    version: str = "1"
+    tenant: str | None = None
+    base: str | None = None
+    backend: Literal["torch", "triton"] | None = None
+    path: Path | None = None
+    factory: str | None = None
+    factory_args: Mapping[str, Any] | None = None
+    weights_init: str | None = None
+    device: str | None = None
+    instances: Annotated[int, Field(gt=0)] | None = None
+    inputs: tuple[TensorConfig, ...] | None = None
+    outputs: tuple[TensorConfig, ...] | None = None
+    batching: BatchingConfig | None = None
+    triton: TritonModelConfig | None = None
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: object) -> str:
+        text = str(value)
+        if not text.isdigit():
+            raise ValueError("versions are positive integers")
+        return text
+
+    @field_validator("factory", "weights_init")
+    @classmethod
+    def _callable_ref(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[\w.]+:[\w.]+$", value):
+            raise ValueError("expected 'package.module:callable'")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(auto|cpu|cuda(:\d+)?)$", value):
+            raise ValueError("expected auto, cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _shape(self) -> ModelConfig:
+        if self.name is None and self.base is None:
+            raise ValueError("a model needs a name (or a base, for a tuned variant)")
+        if self.base is not None and self.tenant is None:
+            raise ValueError("a tuned variant (base) belongs to a tenant: set 'tenant'")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        name = self.name or self.base
+        assert name is not None
+        return name
+
+
+class ModelSpec(_Frozen):
+    """A model after inheritance from its base: everything a backend needs."""
+
+    name: str
+    version: str
+    tenant: str | None
+    backend: Literal["torch", "triton"]
+    path: Path | None
+    factory: str | None
+    factory_args: Mapping[str, Any]
+    weights_init: str | None
+    device: str
+    instances: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batching: BatchingConfig | None
+    triton: TritonModelConfig | None
+
+
+class MandantConfig(_Frozen):
+    server: ServerConfig = ServerConfig()
+    tenants: tuple[TenantConfig, ...] = ()
+    models: tuple[ModelConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _references(self) -> MandantConfig:
+        tenant_ids = [t.id for t in self.tenants]
+        if len(set(tenant_ids)) != len(tenant_ids):
+            raise ValueError("tenant ids must be unique")
+        hashes = [h for t in self.tenants for h in t.api_keys]
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("an API key hash appears under two tenants")
+        seen: set[tuple[str | None, str, str]] = set()
+        for model in self.models:
+            if model.tenant is not None and model.tenant not in tenant_ids:
+                raise ValueError(f"model {model.model_name!r}: unknown tenant {model.tenant!r}")
+            key = (model.tenant, model.model_name, model.version)
+            if key in seen:
+                raise ValueError(
+                    f"model {model.model_name!r} version {model.version} is defined twice"
+                    + (f" for tenant {model.tenant!r}" if model.tenant else "")
+                )
+            seen.add(key)
+            if model.base is not None and not any(
+                m.tenant is None and m.model_name == model.base for m in self.models
+            ):
+                raise ValueError(
+                    f"model {model.model_name!r} of tenant {model.tenant!r}: "
+                    f"base {model.base!r} is not a shared model"
+                )
+        return self
+
+    def model_specs(self, base_dir: Path) -> list[ModelSpec]:
+        """Every model version with its base's settings filled in and paths made
+        absolute against ``base_dir``; raises ConfigError where one is incomplete."""
+        shared = {m.model_name: m for m in self.models if m.tenant is None}
+        specs: list[ModelSpec] = []
+        errors: list[tuple[str, str]] = []
+        for index, model in enumerate(self.models):
+            base = shared.get(model.base) if model.base else None
+            try:
+                specs.append(_resolve(model, base, base_dir))
+            except ValueError as exc:
+                errors.append((f"models.{index}", str(exc)))
+        if errors:
+            raise ConfigError("configuration", errors)
+        return specs
+
+
+def _resolve(model: ModelConfig, base: ModelConfig | None, base_dir: Path) -> ModelSpec:
+    def pick(field: str) -> Any:
+        own = getattr(model, field)
+        return own if own is not None or base is None else getattr(base, field)
+
+    backend = pick("backend") or "torch"
+    inputs, outputs = pick("inputs"), pick("outputs")
+    if backend == "torch":
+        if inputs is None or outputs is None:
+            raise ValueError("torch models declare their inputs and outputs")
+        if pick("path") is None and pick("factory") is None:
+            raise ValueError("torch models need a 'path' (TorchScript or weights) or a 'factory'")
+    if backend == "triton" and pick("triton") is None:
+        raise ValueError("triton models need a 'triton: {url, model}' section")
+    path = pick("path")
+    return ModelSpec(
+        name=model.model_name,
+        version=model.version,
+        tenant=model.tenant,
+        backend=backend,
+        path=(base_dir / path) if path is not None else None,
+        factory=pick("factory"),
+        factory_args=dict(pick("factory_args") or {}),
+        weights_init=pick("weights_init"),
+        device=pick("device") or "auto",
+        instances=pick("instances") or 1,
+        inputs=tuple(t.spec() for t in inputs or ()),
+        outputs=tuple(t.spec() for t in outputs or ()),
+        batching=pick("batching"),
+        triton=pick("triton"),
+    )
+
+
+def parse_config(data: object, source: str = "configuration") -> MandantConfig:
+    try:
+        return MandantConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = [
+            (".".join(str(part) for part in err["loc"]) or "(top level)", err["msg"])
+            for err in exc.errors()
+        ]
+        raise ConfigError(source, errors) from None
+
+
+def load_config(path: Path) -> MandantConfig:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(str(path), [("(file)", exc.strerror or str(exc))]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [("(yaml)", str(exc).replace("\n", " "))]) from None
+    return parse_config(data if data is not None else {}, str(path))

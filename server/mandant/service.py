@@ -1,0 +1,132 @@
+"""The data plane: authenticate → resolve → admit → schedule → execute.
+
+Transport-neutral: the gRPC servicer (and any other front end) calls these methods
+with plain Python objects and gets plain Python objects back; every failure is a
+:mod:`mandant.errors` exception.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+
+from mandant.errors import DeadlineExceeded, InvalidInput, Unavailable
+from mandant.registry import Model, ModelRegistry
+from mandant.tenancy.admission import Admission, Unlimited
+from mandant.tenancy.keys import KeyStore
+from mandant.types import EncodedRequest, InferRequest, InferResponse, Tenant
+from mandant.validation import check_inputs, check_outputs
+
+SERVER_NAME = "mandant"
+EXTENSIONS = ("model_repository", "parameters", "tenancy")
+
+
+class DataPlane:
+    def __init__(
+        self,
+        keys: KeyStore,
+        registry: ModelRegistry,
+        admission: Admission | None = None,
+        version: str = "0",
+    ) -> None:
+        self._keys = keys
+        self._registry = registry
+        self._admission: Admission = admission or Unlimited()
+        self.version = version
+        self._draining = False
+
+    # -- server -------------------------------------------------------------------
+
+    def authenticate(self, authorization: str | None) -> Tenant:
+        return self._keys.authenticate(authorization)
+
+    @property
+    def live(self) -> bool:
+        return True
+
+    @property
+    def ready(self) -> bool:
+        return not self._draining and all(m.ready for m in self._registry.all())
+
+    def drain(self) -> None:
+        """Refuse new inference calls (UNAVAILABLE); those in flight finish."""
+        self._draining = True
+
+    # -- models -------------------------------------------------------------------
+
+    def model(self, tenant: Tenant, name: str, version: str = "") -> Model:
+        return self._registry.resolve(tenant, name, version or None)
+
+    def model_versions(self, tenant: Tenant, name: str) -> Sequence[Model]:
+        return self._registry.versions(tenant, name)
+
+    def model_ready(self, tenant: Tenant, name: str, version: str = "") -> bool:
+        return self.model(tenant, name, version).ready and not self._draining
+
+    def repository_index(self, tenant: Tenant) -> list[Model]:
+        return self._registry.visible(tenant)
+
+    # -- inference ----------------------------------------------------------------
+
+    async def infer(
+        self, tenant: Tenant, request: EncodedRequest, timeout_s: float | None = None
+    ) -> InferResponse:
+        """Run one request. ``timeout_s`` is what is left of the caller's deadline."""
+        if self._draining:
+            raise Unavailable("server is shutting down")
+        start = time.monotonic()
+        model = self.model(tenant, request.model_name, request.model_version)
+        rows = check_inputs(model.spec, request.input_headers())
+        outputs = check_outputs(model.spec, request.requested_outputs())
+        parameters = request.parameters()
+        deadline = _deadline(start, timeout_s, parameters.get("timeout"))
+        priority = _priority(parameters.get("priority"), tenant.priority)
+        if not model.ready:
+            raise Unavailable(f"model '{model.key.name}' is not ready")
+        permit = await self._admission.admit(tenant, model.key, rows)
+        try:
+            inputs = request.decode_inputs()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("deadline exceeded before the request was queued")
+            results = await model.scheduler.submit(
+                InferRequest(
+                    tenant=tenant,
+                    model=model.key,
+                    inputs=inputs,
+                    outputs=outputs,
+                    request_id=request.request_id or uuid.uuid4().hex,
+                    deadline=deadline,
+                    priority=priority,
+                    rows=rows,
+                )
+            )
+        finally:
+            permit.release()
+        return InferResponse(
+            model_name=model.key.name,
+            model_version=model.key.version,
+            request_id=request.request_id,
+            outputs={name: results[name] for name in outputs},
+            output_specs=model.spec.outputs,
+        )
+
+
+def _deadline(start: float, timeout_s: float | None, timeout_us: object) -> float | None:
+    """The earlier of the transport deadline and the v2 ``timeout`` parameter (µs)."""
+    limits = [] if timeout_s is None else [timeout_s]
+    if timeout_us is not None:
+        if isinstance(timeout_us, bool) or not isinstance(timeout_us, int) or timeout_us < 0:
+            raise InvalidInput("parameter 'timeout' is a non-negative integer (microseconds)")
+        if timeout_us > 0:
+            limits.append(timeout_us / 1e6)
+    return start + min(limits) if limits else None
+
+
+def _priority(value: object, default: int) -> int:
+    """v2 ``priority``: 1 is the highest level; 0 or absent means the tenant's default."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput("parameter 'priority' is a non-negative integer")
+    return value or default

@@ -1,0 +1,44 @@
+"""API keys: generation, hashing, and lookup of the tenant a key belongs to.
+
+Keys are stored only as ``sha256:<hex>`` hashes; the plain key exists in the
+client's hands and, for the length of one call, in memory here. It is never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable, Mapping
+
+from mandant.errors import Unauthenticated
+from mandant.types import Tenant
+
+_BEARER = "bearer "
+
+
+def hash_key(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def generate_key() -> tuple[str, str]:
+    """A new random key (256 bits) and the hash to put in the configuration."""
+    key = "mdt_" + secrets.token_urlsafe(32)
+    return key, hash_key(key)
+
+
+class KeyStore:
+    """Maps key hashes to tenants. One message for every failure, so that a caller
+    cannot tell a missing key from a wrong or revoked one."""
+
+    def __init__(self, tenants: Iterable[tuple[Tenant, Iterable[str]]]) -> None:
+        self._by_hash: Mapping[str, Tenant] = {
+            key_hash: tenant for tenant, hashes in tenants for key_hash in hashes
+        }
+
+    def authenticate(self, authorization: str | None) -> Tenant:
+        if not authorization or authorization[: len(_BEARER)].lower() != _BEARER:
+            raise Unauthenticated()
+        tenant = self._by_hash.get(hash_key(authorization[len(_BEARER) :].strip()))
+        if tenant is None:
+            raise Unauthenticated()
+        return tenant

@@ -1,0 +1,184 @@
+"""KServe v2 protobuf messages ⇄ numpy arrays.
+
+Fixed-size datatypes in ``raw_input_contents`` decode with ``numpy.frombuffer``: the
+arrays view the request's bytes (read-only, no copy). BYTES elements are each a
+4-byte little-endian length followed by that many bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from math import prod
+
+import numpy as np
+from mandant_client._proto import grpc_service_pb2 as pb
+
+from mandant.errors import InvalidInput
+from mandant.types import DATATYPES, InferResponse, TensorHeader, datatype_of
+
+#: The typed ``contents`` field each datatype travels in.
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_LENGTH = struct.Struct("<I")
+
+
+def parameter_value(param: pb.InferParameter) -> bool | int | float | str:
+    which = param.WhichOneof("parameter_choice")
+    if which is None:
+        raise InvalidInput("a request parameter has no value")
+    value: bool | int | float | str = getattr(param, which)
+    return value
+
+
+def decode_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
+    """Split length-prefixed BYTES elements into an object array of ``count``."""
+    out = np.empty(count, dtype=np.object_)
+    view = memoryview(raw)
+    offset, end = 0, len(raw)
+    for index in range(count):
+        if offset + 4 > end:
+            raise InvalidInput(f"input '{name}': BYTES data ends inside element {index}'s length")
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + length > end:
+            raise InvalidInput(
+                f"input '{name}': BYTES element {index} declares {length} bytes, "
+                f"{end - offset} remain"
+            )
+        out[index] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != end:
+        raise InvalidInput(f"input '{name}': {end - offset} bytes left after {count} BYTES elements")
+    return out
+
+
+def encode_bytes(array: np.ndarray) -> bytes:
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        data = item.encode() if isinstance(item, str) else bytes(item)
+        parts.append(_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def decode_raw(raw: bytes, header: TensorHeader) -> np.ndarray:
+    count = prod(header.shape)
+    if header.datatype == "BYTES":
+        return decode_bytes(raw, count, header.name).reshape(header.shape)
+    dtype = DATATYPES[header.datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInput(
+            f"input '{header.name}': {header.datatype} {list(header.shape)} needs "
+            f"{count * dtype.itemsize} bytes, got {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(header.shape)
+
+
+def decode_contents(contents: pb.InferTensorContents, header: TensorHeader) -> np.ndarray:
+    count = prod(header.shape)
+    field = CONTENTS_FIELD.get(header.datatype)
+    if field is None:
+        raise InvalidInput(
+            f"input '{header.name}': {header.datatype} travels in raw_input_contents only"
+        )
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise InvalidInput(
+            f"input '{header.name}': shape {list(header.shape)} needs {count} values "
+            f"in contents.{field}, got {len(values)}"
+        )
+    if header.datatype == "BYTES":
+        array = np.empty(count, dtype=np.object_)
+        array[:] = list(values)
+        return array.reshape(header.shape)
+    dtype = DATATYPES[header.datatype]
+    try:
+        return np.array(values, dtype=dtype).reshape(header.shape)
+    except OverflowError:
+        raise InvalidInput(
+            f"input '{header.name}': a value in contents.{field} is out of range for "
+            f"{header.datatype}"
+        ) from None
+
+
+class ProtoInferRequest:
+    """A ``ModelInferRequest`` seen through :class:`mandant.types.EncodedRequest`."""
+
+    __slots__ = ("_msg",)
+
+    def __init__(self, msg: pb.ModelInferRequest) -> None:
+        self._msg = msg
+
+    @property
+    def model_name(self) -> str:
+        return self._msg.model_name
+
+    @property
+    def model_version(self) -> str:
+        return self._msg.model_version
+
+    @property
+    def request_id(self) -> str:
+        return self._msg.id
+
+    def input_headers(self) -> Sequence[TensorHeader]:
+        return [TensorHeader(t.name, t.datatype, tuple(t.shape)) for t in self._msg.inputs]
+
+    def requested_outputs(self) -> Sequence[str]:
+        return [o.name for o in self._msg.outputs]
+
+    def parameters(self) -> Mapping[str, bool | int | float | str]:
+        return {key: parameter_value(value) for key, value in self._msg.parameters.items()}
+
+    def decode_inputs(self) -> dict[str, np.ndarray]:
+        msg = self._msg
+        raw = msg.raw_input_contents
+        if raw and len(raw) != len(msg.inputs):
+            raise InvalidInput(
+                f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs"
+            )
+        arrays: dict[str, np.ndarray] = {}
+        for index, tensor in enumerate(msg.inputs):
+            header = TensorHeader(tensor.name, tensor.datatype, tuple(tensor.shape))
+            if raw:
+                if tensor.HasField("contents"):
+                    raise InvalidInput(
+                        f"input '{tensor.name}': both contents and raw_input_contents given"
+                    )
+                arrays[tensor.name] = decode_raw(raw[index], header)
+            else:
+                arrays[tensor.name] = decode_contents(tensor.contents, header)
+        return arrays
+
+
+def encode_infer_response(response: InferResponse) -> pb.ModelInferResponse:
+    """Outputs go in ``raw_output_contents``, cast to each declared datatype."""
+    declared = {spec.name: spec.datatype for spec in response.output_specs}
+    msg = pb.ModelInferResponse(
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.request_id,
+    )
+    for name, array in response.outputs.items():
+        datatype = declared.get(name) or datatype_of(array)
+        if datatype == "BYTES":
+            data = encode_bytes(array)
+        else:
+            data = np.ascontiguousarray(array, dtype=DATATYPES[datatype]).tobytes()
+        msg.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        msg.raw_output_contents.append(data)
+    return msg

@@ -1,0 +1,81 @@
+"""The grpc.aio server: inference service, health checking, reflection, TLS,
+message-size limits, graceful stop."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from mandant_client._proto import grpc_service_pb2 as pb
+from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+
+from mandant.config import ServerConfig
+from mandant.service import DataPlane
+from mandant.transport.grpc.interceptors import INFERENCE_SERVICE, GatewayInterceptor
+from mandant.transport.grpc.servicer import InferenceServicer
+
+logger = logging.getLogger(__name__)
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """One pool holding every service we serve, for the reflection service (ours live
+    in a private pool, the health and reflection protos in the default one)."""
+    pool = descriptor_pool.DescriptorPool()
+    for file in (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+    return pool
+
+
+class GrpcServer:
+    def __init__(self, plane: DataPlane, config: ServerConfig) -> None:
+        self._plane = plane
+        self._config = config
+        self._health = health.aio.HealthServicer()
+        self._server = grpc.aio.server(
+            interceptors=[GatewayInterceptor(plane.authenticate)],
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME),
+            self._server,
+            pool=_reflection_pool(),
+        )
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind and start; returns the bound port (useful with port 0)."""
+        address = f"{self._config.host}:{self._config.grpc_port}"
+        tls = self._config.tls
+        if tls is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key.read_bytes(), tls.cert.read_bytes())]
+            )
+            self.port = self._server.add_secure_port(address, credentials)
+        await self._server.start()
+        for service in ("", INFERENCE_SERVICE):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop taking calls, let those in flight finish within ``grace_s``."""
+        self._plane.drain()
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace_s)
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()

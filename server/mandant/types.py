@@ -1,0 +1,131 @@
+"""Small typed objects the stages of the data plane pass to each other."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+#: KServe v2 datatype → numpy dtype (little-endian, as on the wire). BYTES is an
+#: object array of ``bytes``.
+DATATYPES: dict[str, np.dtype[np.generic]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(np.object_),
+}
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The v2 datatype name of a numpy array (object and bytes arrays are BYTES)."""
+    kind = array.dtype
+    if kind == np.object_ or kind.kind in ("S", "U"):
+        return "BYTES"
+    for name, dtype in DATATYPES.items():
+        if dtype == kind.newbyteorder("<") or dtype == kind:
+            return name
+    raise ValueError(f"no v2 datatype for numpy dtype {kind}")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A declared input or output; -1 in ``shape`` matches any size."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def accepts(self, shape: Sequence[int]) -> bool:
+        return len(shape) == len(self.shape) and all(
+            want == -1 or want == got for want, got in zip(self.shape, shape, strict=True)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TensorHeader:
+    """What a request says about one input, read before any tensor byte is touched."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    id: str
+    weight: float = 1.0
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKey:
+    """A model's identity: ``owner`` is None for shared models, else the tenant id."""
+
+    name: str
+    version: str
+    owner: str | None = None
+
+    def __str__(self) -> str:
+        scope = f"{self.owner}/" if self.owner else ""
+        return f"{scope}{self.name}:{self.version}"
+
+
+class EncodedRequest(Protocol):
+    """An inference request as the transport received it; decoding is deferred so
+    that authentication, model resolution and admission run before any tensor
+    byte is read."""
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def model_version(self) -> str: ...
+
+    @property
+    def request_id(self) -> str: ...
+
+    def input_headers(self) -> Sequence[TensorHeader]: ...
+
+    def requested_outputs(self) -> Sequence[str]:
+        """Names of the outputs to return; empty means all of them."""
+        ...
+
+    def parameters(self) -> Mapping[str, bool | int | float | str]: ...
+
+    def decode_inputs(self) -> dict[str, np.ndarray]:
+        """The input tensors as numpy arrays viewing the request's bytes."""
+        ...
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """A validated, decoded request on its way through scheduling and execution."""
+
+    tenant: Tenant
+    model: ModelKey
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[str, ...]
+    request_id: str
+    deadline: float | None = None  # time.monotonic() seconds
+    priority: int = 0
+    rows: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class InferResponse:
+    model_name: str
+    model_version: str
+    request_id: str
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    output_specs: tuple[TensorSpec, ...] = ()

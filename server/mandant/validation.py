@@ -1,0 +1,65 @@
+"""Checks a request's declared tensors against a model's declared inputs and outputs,
+before any tensor byte is read. Messages name the tensor and what was expected."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mandant.config import ModelSpec
+from mandant.errors import InvalidInput
+from mandant.types import TensorHeader, TensorSpec
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _names(specs: Sequence[TensorSpec]) -> str:
+    return ", ".join(spec.name for spec in specs)
+
+
+def check_inputs(spec: ModelSpec, headers: Sequence[TensorHeader]) -> int:
+    """Validate names, datatypes and shapes; return the request's rows (its size
+    along dimension 0, 1 for scalar inputs)."""
+    if not headers:
+        raise InvalidInput(f"request has no inputs; model '{spec.name}' takes {_names(spec.inputs)}")
+    declared = {t.name: t for t in spec.inputs}
+    seen: set[str] = set()
+    for header in headers:
+        want = declared.get(header.name)
+        if want is None:
+            raise InvalidInput(
+                f"unexpected input '{header.name}'; model '{spec.name}' takes {_names(spec.inputs)}"
+            )
+        if header.name in seen:
+            raise InvalidInput(f"input '{header.name}' appears twice")
+        seen.add(header.name)
+        if header.datatype != want.datatype:
+            raise InvalidInput(
+                f"input '{header.name}': expected datatype {want.datatype}, got {header.datatype or '(none)'}"
+            )
+        if any(dim < 0 for dim in header.shape):
+            raise InvalidInput(f"input '{header.name}': shape {_shape(header.shape)} has a negative size")
+        if not want.accepts(header.shape):
+            raise InvalidInput(
+                f"input '{header.name}': expected shape {_shape(want.shape)}, "
+                f"got {_shape(header.shape)}"
+            )
+    missing = [name for name in declared if name not in seen]
+    if missing:
+        raise InvalidInput(f"missing input(s) {', '.join(missing)} for model '{spec.name}'")
+    first = headers[0].shape
+    return first[0] if first else 1
+
+
+def check_outputs(spec: ModelSpec, requested: Sequence[str]) -> tuple[str, ...]:
+    """The output names to return: the requested ones (validated), else all."""
+    if not requested:
+        return tuple(t.name for t in spec.outputs)
+    declared = {t.name for t in spec.outputs}
+    for name in requested:
+        if name not in declared:
+            raise InvalidInput(
+                f"unknown output '{name}'; model '{spec.name}' has {_names(spec.outputs)}"
+            )
+    return tuple(dict.fromkeys(requested))

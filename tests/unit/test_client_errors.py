@@ -1,0 +1,149 @@
+"""The client's status-code table: every gRPC code lands on exactly one exception class."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import pytest
+
+from mandant_client import (
+    ERRORS_BY_CODE,
+    DeadlineExceeded,
+    InvalidInput,
+    MandantClientError,
+    ModelNotFound,
+    QuotaExceeded,
+    RateLimited,
+    ResourceExhausted,
+    ServerError,
+    Unauthenticated,
+    Unavailable,
+    from_rpc_error,
+)
+
+
+class FakeRpcError(grpc.RpcError):
+    """Shaped like grpc's sync ``_InactiveRpcError`` and ``grpc.aio.AioRpcError``."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str = "",
+        trailing: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        super().__init__()
+        self._code = code
+        self._details = details
+        self._trailing = tuple(trailing)
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, Any], ...]:
+        return self._trailing
+
+
+EXPECTED: dict[grpc.StatusCode, type[MandantClientError]] = {
+    grpc.StatusCode.OK: ServerError,
+    grpc.StatusCode.CANCELLED: ServerError,
+    grpc.StatusCode.UNKNOWN: ServerError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.NOT_FOUND: ModelNotFound,
+    grpc.StatusCode.ALREADY_EXISTS: ServerError,
+    grpc.StatusCode.PERMISSION_DENIED: ServerError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimited,
+    grpc.StatusCode.FAILED_PRECONDITION: ServerError,
+    grpc.StatusCode.ABORTED: ServerError,
+    grpc.StatusCode.OUT_OF_RANGE: ServerError,
+    grpc.StatusCode.UNIMPLEMENTED: ServerError,
+    grpc.StatusCode.INTERNAL: ServerError,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DATA_LOSS: ServerError,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+}
+
+
+def test_every_status_code_is_covered() -> None:
+    assert set(EXPECTED) == set(grpc.StatusCode)
+
+
+@pytest.mark.parametrize("code", list(grpc.StatusCode), ids=lambda c: c.name)
+def test_status_code_maps_to_one_class(code: grpc.StatusCode) -> None:
+    error = from_rpc_error(FakeRpcError(code, "boom"))
+
+    assert type(error) is EXPECTED[code]
+    assert isinstance(error, MandantClientError)
+    assert error.code is code
+    assert error.message == "boom"
+    assert "boom" in str(error)
+
+
+def test_table_values_are_in_the_tree() -> None:
+    for cls in ERRORS_BY_CODE.values():
+        assert issubclass(cls, MandantClientError)
+
+
+@pytest.mark.parametrize(
+    ("details", "cls"),
+    [
+        ("rate limit exceeded for tenant", RateLimited),
+        ("queue full", RateLimited),
+        ("daily quota exhausted", QuotaExceeded),
+        ("Quota: rows_per_day spent", QuotaExceeded),
+    ],
+)
+def test_resource_exhausted_splits_on_quota(details: str, cls: type[ResourceExhausted]) -> None:
+    error = from_rpc_error(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, details))
+    assert type(error) is cls
+    assert isinstance(error, ResourceExhausted)
+    assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.retry_after_s is None
+
+
+@pytest.mark.parametrize(
+    ("trailing", "retry_after_s"),
+    [
+        ([("grpc-retry-pushback-ms", "1500")], 1.5),
+        ([("other", "x"), ("grpc-retry-pushback-ms", "0")], 0.0),
+        ([("Grpc-Retry-Pushback-Ms", " 250 ")], 0.25),
+        ([("grpc-retry-pushback-ms", b"20")], 0.02),
+        ([("grpc-retry-pushback-ms", "-1")], None),
+        ([("grpc-retry-pushback-ms", "soon")], None),
+        ([("retry-after", "3")], None),
+        ([], None),
+    ],
+)
+def test_retry_after_from_trailing_metadata(
+    trailing: list[tuple[str, Any]], retry_after_s: float | None
+) -> None:
+    for details, cls in (("slow down", RateLimited), ("quota", QuotaExceeded)):
+        exc = FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, details, trailing)
+        error = from_rpc_error(exc)
+        assert type(error) is cls
+        assert isinstance(error, ResourceExhausted)
+        assert error.retry_after_s == retry_after_s
+
+
+def test_bare_rpc_error_without_call_methods_is_server_error() -> None:
+    error = from_rpc_error(grpc.RpcError("channel broke"))
+    assert type(error) is ServerError
+    assert error.code is grpc.StatusCode.UNKNOWN
+    assert error.message == "channel broke"
+
+
+def test_empty_details_fall_back_to_the_code_name() -> None:
+    error = from_rpc_error(FakeRpcError(grpc.StatusCode.UNAVAILABLE, ""))
+    assert type(error) is Unavailable
+    assert error.message == "UNAVAILABLE"
+
+
+def test_client_side_errors_carry_their_default_code() -> None:
+    assert InvalidInput("bad").code is grpc.StatusCode.INVALID_ARGUMENT
+    assert RateLimited("slow", retry_after_s=2.0).retry_after_s == 2.0
+    assert RateLimited("slow").code is grpc.StatusCode.RESOURCE_EXHAUSTED

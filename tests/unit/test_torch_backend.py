@@ -1,0 +1,352 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from mandant.backends.base import Backend
+from mandant.backends.torch import ModelLoadError, TorchBackend
+from mandant.config import ModelSpec
+from mandant.demo import models
+from mandant.errors import InvalidInput, Unavailable
+from mandant.types import DATATYPES, TensorSpec
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.* is deprecated:DeprecationWarning")
+
+HELPERS = "tests.unit.torch_models"
+CLASSIFIER_IN = (TensorSpec("INPUT0", "FP32", (-1, 256)),)
+CLASSIFIER_OUT = (TensorSpec("OUTPUT0", "FP32", (-1, 16)),)
+
+
+def make_spec(
+    *,
+    factory: str | None = None,
+    path: Path | None = None,
+    weights_init: str | None = None,
+    factory_args: Mapping[str, Any] | None = None,
+    inputs: tuple[TensorSpec, ...] = CLASSIFIER_IN,
+    outputs: tuple[TensorSpec, ...] = CLASSIFIER_OUT,
+    instances: int = 1,
+    device: str = "auto",
+) -> ModelSpec:
+    return ModelSpec(
+        name="m",
+        version="1",
+        tenant=None,
+        backend="torch",
+        path=path,
+        factory=factory,
+        factory_args=dict(factory_args or {}),
+        weights_init=weights_init,
+        device=device,
+        instances=instances,
+        inputs=inputs,
+        outputs=outputs,
+        batching=None,
+        triton=None,
+    )
+
+
+async def run_once(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    backend = TorchBackend(spec)
+    await backend.start()
+    try:
+        return await backend.infer(inputs)
+    finally:
+        await backend.aclose()
+
+
+def features(rows: int, width: int = 256, seed: int = 7) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, width), dtype=np.float32)
+
+
+def expected(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        out: np.ndarray = module(torch.from_numpy(x.copy())).numpy()
+    return out
+
+
+def test_satisfies_backend_protocol() -> None:
+    backend: Backend = TorchBackend(make_spec(factory="mandant.demo.models:echo"))
+    assert backend.max_concurrency == 1
+
+
+async def test_factory_with_safetensors(tmp_path: Path) -> None:
+    path = tmp_path / "classifier.safetensors"
+    models.build_classifier_weights(path, seed=3)
+    x = features(4)
+    spec = make_spec(factory="mandant.demo.models:classifier", path=path)
+    backend = TorchBackend(spec)
+    assert not backend.ready
+    assert backend.platform == "pytorch"
+    await backend.start()
+    assert backend.ready
+    out = await backend.infer({"INPUT0": x})
+    await backend.aclose()
+    assert not backend.ready
+    assert list(out) == ["OUTPUT0"]
+    assert out["OUTPUT0"].dtype == np.float32
+    np.testing.assert_array_equal(out["OUTPUT0"], expected(models.classifier(3), x))
+
+
+async def test_factory_with_torch_save_state_dict(tmp_path: Path) -> None:
+    path = tmp_path / "classifier.pt"
+    torch.save(models.classifier(5).state_dict(), path)
+    x = features(3)
+    spec = make_spec(factory="mandant.demo.models:classifier", path=path)
+    out = await run_once(spec, {"INPUT0": x})
+    np.testing.assert_array_equal(out["OUTPUT0"], expected(models.classifier(5), x))
+
+
+async def test_factory_without_path_uses_factory_weights() -> None:
+    x = features(2)
+    spec = make_spec(factory="mandant.demo.models:classifier", factory_args={"seed": 9})
+    out = await run_once(spec, {"INPUT0": x})
+    np.testing.assert_array_equal(out["OUTPUT0"], expected(models.classifier(9), x))
+
+
+async def test_torchscript(tmp_path: Path) -> None:
+    path = tmp_path / "fraud.pt"
+    models.build_fraud_torchscript(path, seed=2)
+    x = features(6, width=32)
+    spec = make_spec(
+        path=path,
+        inputs=(TensorSpec("INPUT0", "FP32", (-1, 32)),),
+        outputs=(TensorSpec("SCORE", "FP32", (-1, 1)),),
+    )
+    backend = TorchBackend(spec)
+    assert backend.platform == "pytorch_torchscript"
+    await backend.start()
+    out = await backend.infer({"INPUT0": x})
+    await backend.aclose()
+    np.testing.assert_allclose(out["SCORE"], expected(models.fraud(2), x), rtol=1e-6)
+
+
+async def test_weights_init_creates_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "classifier.safetensors"
+    spec = make_spec(
+        factory="mandant.demo.models:classifier",
+        path=path,
+        weights_init="mandant.demo.models:build_classifier_weights",
+        factory_args={"seed": 1},
+    )
+    x = features(2)
+    out = await run_once(spec, {"INPUT0": x})
+    assert path.is_file()
+    assert [p.name for p in path.parent.iterdir()] == ["classifier.safetensors"]
+    np.testing.assert_array_equal(out["OUTPUT0"], expected(models.classifier(1), x))
+
+    again = tmp_path / "again.safetensors"
+    await run_once(spec.model_copy(update={"path": again}), {"INPUT0": x})
+    assert again.read_bytes() == path.read_bytes()
+
+    other = tmp_path / "other.safetensors"
+    spec_other = spec.model_copy(update={"path": other, "factory_args": {"seed": 2}})
+    out_other = await run_once(spec_other, {"INPUT0": x})
+    assert other.read_bytes() != path.read_bytes()
+    assert not np.array_equal(out_other["OUTPUT0"], out["OUTPUT0"])
+
+
+async def test_weights_init_leaves_existing_file_alone(tmp_path: Path) -> None:
+    path = tmp_path / "classifier.safetensors"
+    models.build_classifier_weights(path, seed=4)
+    spec = make_spec(
+        factory="mandant.demo.models:classifier",
+        path=path,
+        weights_init="mandant.demo.models:build_classifier_weights",
+        factory_args={"seed": 0},
+    )
+    x = features(2)
+    out = await run_once(spec, {"INPUT0": x})
+    np.testing.assert_array_equal(out["OUTPUT0"], expected(models.classifier(4), x))
+
+
+async def test_weights_init_torchscript(tmp_path: Path) -> None:
+    path = tmp_path / "models" / "fraud.pt"
+    spec = make_spec(
+        path=path,
+        weights_init="mandant.demo.models:build_fraud_torchscript",
+        factory_args={"seed": 2},
+        inputs=(TensorSpec("INPUT0", "FP32", (-1, 32)),),
+        outputs=(TensorSpec("SCORE", "FP32", (-1, 1)),),
+    )
+    x = features(3, width=32)
+    out = await run_once(spec, {"INPUT0": x})
+    np.testing.assert_allclose(out["SCORE"], expected(models.fraud(2), x), rtol=1e-6)
+
+
+PAIR_IN = (TensorSpec("A", "FP32", (-1,)), TensorSpec("B", "FP32", (-1,)))
+
+
+@pytest.mark.parametrize("factory", ["pair", "pair_dict"])
+async def test_multiple_outputs_map_to_declared_names(factory: str) -> None:
+    spec = make_spec(
+        factory=f"{HELPERS}:{factory}",
+        inputs=PAIR_IN,
+        outputs=(TensorSpec("SUM", "FP32", (-1,)), TensorSpec("PRODUCT", "FP32", (-1,))),
+    )
+    a = np.array([1, 2, 3], dtype=np.float32)
+    b = np.array([10, 20, 30], dtype=np.float32)
+    out = await run_once(spec, {"B": b, "A": a})  # mapping order must not matter
+    assert list(out) == ["SUM", "PRODUCT"]
+    np.testing.assert_array_equal(out["SUM"], a + b)
+    np.testing.assert_array_equal(out["PRODUCT"], a * b)
+
+
+async def test_wrong_output_count_is_an_error() -> None:
+    spec = make_spec(factory=f"{HELPERS}:pair", inputs=PAIR_IN, outputs=CLASSIFIER_OUT)
+    one = np.ones(2, dtype=np.float32)
+    with pytest.raises(RuntimeError, match="returned 2 output"):
+        await run_once(spec, {"A": one, "B": one})
+
+
+async def test_missing_named_output_is_an_error() -> None:
+    spec = make_spec(
+        factory=f"{HELPERS}:pair_dict",
+        inputs=PAIR_IN,
+        outputs=(TensorSpec("SUM", "FP32", (-1,)), TensorSpec("RATIO", "FP32", (-1,))),
+    )
+    one = np.ones(2, dtype=np.float32)
+    with pytest.raises(RuntimeError, match="RATIO"):
+        await run_once(spec, {"A": one, "B": one})
+
+
+async def test_missing_input_is_invalid() -> None:
+    spec = make_spec(factory=f"{HELPERS}:pair", inputs=PAIR_IN)
+    with pytest.raises(InvalidInput, match="B"):
+        await run_once(spec, {"A": np.ones(2, dtype=np.float32)})
+
+
+async def test_bytes_pass_through_echo() -> None:
+    spec = make_spec(
+        factory="mandant.demo.models:echo",
+        inputs=(TensorSpec("INPUT0", "BYTES", (-1,)),),
+        outputs=(TensorSpec("OUTPUT0", "BYTES", (-1,)),),
+    )
+    value = np.array([b"hello", b"", b"\x00\xff"], dtype=object)
+    out = await run_once(spec, {"INPUT0": value})
+    assert out["OUTPUT0"] is value
+
+
+async def test_echo_all_every_datatype_from_read_only_buffers() -> None:
+    inputs: dict[str, np.ndarray] = {}
+    for name, dtype in DATATYPES.items():
+        if name == "BYTES":
+            inputs[name] = np.array([[b"a", b"bc"], [b"", b"\x00"]], dtype=object)
+        else:
+            # Read-only views of immutable bytes, as the codec hands them over.
+            raw = np.arange(4).astype(dtype).tobytes()
+            inputs[name] = np.frombuffer(raw, dtype=dtype).reshape(2, 2)
+    specs = tuple(TensorSpec(n, n, (2, 2)) for n in DATATYPES)
+    spec = make_spec(factory="mandant.demo.models:echo_all", inputs=specs, outputs=specs)
+    out = await run_once(spec, inputs)
+    assert list(out) == list(DATATYPES)
+    for name, value in inputs.items():
+        assert out[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(out[name], value)
+
+
+async def test_instances_run_concurrently() -> None:
+    barrier = threading.Barrier(2, timeout=10)
+    spec = make_spec(
+        factory=f"{HELPERS}:rendezvous",
+        factory_args={"barrier": barrier},
+        inputs=(TensorSpec("X", "INT32", (-1,)),),
+        outputs=(TensorSpec("Y", "INT32", (-1,)),),
+        instances=2,
+    )
+    backend = TorchBackend(spec)
+    assert backend.max_concurrency == 2
+    await backend.start()
+    try:
+        # Each call waits inside forward until the other arrives: both must run at once.
+        first, second = await asyncio.gather(
+            backend.infer({"X": np.array([1], dtype=np.int32)}),
+            backend.infer({"X": np.array([2], dtype=np.int32)}),
+        )
+    finally:
+        await backend.aclose()
+    assert first["Y"].tolist() == [1]
+    assert second["Y"].tolist() == [2]
+
+
+async def test_infer_does_not_block_the_event_loop() -> None:
+    entered, release = threading.Event(), threading.Event()
+    spec = make_spec(
+        factory=f"{HELPERS}:gate",
+        factory_args={"entered": entered, "release": release},
+        inputs=(TensorSpec("X", "FP32", (-1,)),),
+        outputs=(TensorSpec("Y", "FP32", (-1,)),),
+    )
+    backend = TorchBackend(spec)
+    await backend.start()
+    try:
+        task = asyncio.create_task(backend.infer({"X": np.array([1.5], dtype=np.float32)}))
+        assert await asyncio.to_thread(entered.wait, 10)
+        # The model is mid-forward; the loop still runs this coroutine, which frees it.
+        assert not task.done()
+        release.set()
+        out = await task
+    finally:
+        await backend.aclose()
+    assert out["Y"].tolist() == [3.0]
+
+
+async def test_device_auto() -> None:
+    backend = TorchBackend(make_spec(factory="mandant.demo.models:echo"))
+    assert backend.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert TorchBackend(make_spec(factory="mandant.demo.models:echo", device="cpu")).device == (
+        "cpu"
+    )
+
+
+async def test_infer_before_start_and_after_close_is_unavailable() -> None:
+    backend = TorchBackend(make_spec(factory="mandant.demo.models:echo"))
+    x = {"INPUT0": features(1)}
+    with pytest.raises(Unavailable):
+        await backend.infer(x)
+    await backend.start()
+    await backend.aclose()
+    with pytest.raises(Unavailable):
+        await backend.infer(x)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"factory": "mandant.demo.models:nope"}, "nope"),
+        ({"factory": "no_such_module_xyz:f"}, "no_such_module_xyz"),
+        ({"factory": f"{HELPERS}:not_a_module"}, "not a Module"),
+        ({"path": Path("missing.pt")}, "missing.pt"),
+        ({"factory": "mandant.demo.models:fraud", "path": "CLASSIFIER"}, "size mismatch"),
+        ({"weights_init": "mandant.demo.models:build_fraud_torchscript"}, "needs a 'path'"),
+    ],
+)
+async def test_load_errors_name_the_model(
+    tmp_path: Path, overrides: dict[str, Any], reason: str
+) -> None:
+    if overrides.get("path") == "CLASSIFIER":
+        overrides["path"] = tmp_path / "classifier.safetensors"
+        models.build_classifier_weights(overrides["path"])
+    elif "path" in overrides:
+        overrides["path"] = tmp_path / overrides["path"]
+    spec = make_spec(**overrides)
+    backend = TorchBackend(spec)
+    with pytest.raises(ModelLoadError, match=reason) as info:
+        await backend.start()
+    assert "'m'" in str(info.value)
+    assert not backend.ready
+
+
+async def test_cuda_requested_without_cuda_fails_clearly() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    backend = TorchBackend(make_spec(factory="mandant.demo.models:echo", device="cuda"))
+    with pytest.raises(ModelLoadError, match="CUDA is not available"):
+        await backend.start()

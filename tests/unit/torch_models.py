@@ -1,0 +1,67 @@
+"""Small nn.Modules for the TorchBackend tests, referenced as ``tests.unit.torch_models:…``."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+
+
+class _Pair(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return a + b, a * b
+
+
+class _PairDict(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"PRODUCT": a * b, "SUM": a + b, "EXTRA": a - b}
+
+
+class _Rendezvous(nn.Module):
+    """Blocks until ``barrier.parties`` calls are inside forward at the same time."""
+
+    def __init__(self, barrier: threading.Barrier) -> None:
+        super().__init__()
+        self._barrier = barrier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._barrier.wait()
+        return x
+
+
+class _Gate(nn.Module):
+    """Signals ``entered``, then waits for ``release`` (raising if it never comes)."""
+
+    def __init__(self, entered: threading.Event, release: threading.Event) -> None:
+        super().__init__()
+        self._entered = entered
+        self._release = release
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._entered.set()
+        if not self._release.wait(timeout=10):
+            raise TimeoutError("never released: the event loop was blocked")
+        return x * 2
+
+
+def pair() -> nn.Module:
+    """Two inputs, two outputs as a tuple: (a + b, a * b)."""
+    return _Pair()
+
+
+def pair_dict() -> nn.Module:
+    """Two inputs, outputs by name (plus one undeclared extra)."""
+    return _PairDict()
+
+
+def rendezvous(barrier: threading.Barrier) -> nn.Module:
+    return _Rendezvous(barrier)
+
+
+def gate(entered: threading.Event, release: threading.Event) -> nn.Module:
+    return _Gate(entered, release)
+
+
+def not_a_module() -> object:
+    return object()
