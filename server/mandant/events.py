@@ -1,0 +1,67 @@
+"""The reporting seam: the stages of the data plane say what happened through this
+protocol and know nothing of Prometheus. ``observability/metrics.py`` implements it
+with Prometheus series; :class:`NullObserver` ignores everything.
+
+Label values are only ever tenant ids and model names from the configuration
+(``""`` where none is known, e.g. an unauthenticated call), never client input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+
+class Observer(Protocol):
+    def request_finished(self, tenant: str, model: str, code: str, duration_s: float) -> None:
+        """A call was answered; ``code`` is the gRPC status name (OK, NOT_FOUND, …)."""
+        ...
+
+    def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:
+        """Time one request spent queued, and the compute time of the batch it ran in."""
+        ...
+
+    def batch_executed(
+        self, model: str, size: int, compute_s: float, rows_by_tenant: Mapping[str, int]
+    ) -> None:
+        """One backend execution of ``size`` rows, with each tenant's share of them."""
+        ...
+
+    def admitted(self, tenant: str, model: str, rows: int) -> None: ...
+
+    def rejected(self, tenant: str, reason: str) -> None:
+        """A request refused by admission or a queue cap; ``reason`` is a fixed word
+        such as ``requests_per_s``, ``rows_per_s``, ``concurrency``, ``quota``,
+        ``queue_full``."""
+        ...
+
+    def inflight_changed(self, tenant: str, delta: int) -> None: ...
+
+    def store_error(self, store: str) -> None:
+        """The shared limits store failed one operation (Redis unreachable, …)."""
+        ...
+
+
+class NullObserver:
+    def request_finished(self, tenant: str, model: str, code: str, duration_s: float) -> None:
+        return None
+
+    def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:
+        return None
+
+    def batch_executed(
+        self, model: str, size: int, compute_s: float, rows_by_tenant: Mapping[str, int]
+    ) -> None:
+        return None
+
+    def admitted(self, tenant: str, model: str, rows: int) -> None:
+        return None
+
+    def rejected(self, tenant: str, reason: str) -> None:
+        return None
+
+    def inflight_changed(self, tenant: str, delta: int) -> None:
+        return None
+
+    def store_error(self, store: str) -> None:
+        return None
