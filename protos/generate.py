@@ -11,6 +11,7 @@ Mandant and ``tritonclient`` live in one process (the Triton backend needs exact
 that).  Only the pool changes: message names, field numbers and method paths
 (``/inference.GRPCInferenceService/ModelInfer``) are those of the .proto files.
 """
+
 from __future__ import annotations
 
 import argparse

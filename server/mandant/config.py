@@ -26,6 +26,16 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _hashes_only(keys: tuple[str, ...]) -> tuple[str, ...]:
+    for key in keys:
+        if not _KEY_HASH.match(key):
+            raise ValueError(
+                "API keys are stored as 'sha256:<64 hex digits>' only; "
+                "`mandant keygen` prints a key and its hash"
+            )
+    return keys
+
+
 class TlsConfig(_Frozen):
     cert: Path
     key: Path
@@ -38,6 +48,13 @@ class ServerConfig(_Frozen):
     max_message_bytes: Annotated[int, Field(gt=0)] = 64 * 1024 * 1024
     grace_s: Annotated[float, Field(ge=0)] = 10.0
     tls: TlsConfig | None = None
+    #: Hashes of the keys that may read ``/usage`` on the HTTP port (``mandant keygen``).
+    admin_keys: tuple[str, ...] = ()
+
+    @field_validator("admin_keys")
+    @classmethod
+    def _admin_hashes_only(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        return _hashes_only(keys)
 
 
 class RateLimitConfig(_Frozen):
@@ -46,10 +63,45 @@ class RateLimitConfig(_Frozen):
     rows_per_s: Annotated[float, Field(gt=0)] | None = None
     rows_burst: Annotated[float, Field(gt=0)] | None = None
 
+    @model_validator(mode="after")
+    def _bursts(self) -> RateLimitConfig:
+        if self.burst is not None and self.requests_per_s is None:
+            raise ValueError("'burst' needs 'requests_per_s'")
+        if self.rows_burst is not None and self.rows_per_s is None:
+            raise ValueError("'rows_burst' needs 'rows_per_s'")
+        return self
+
 
 class QuotaConfig(_Frozen):
     rows_per_day: Annotated[int, Field(gt=0)] | None = None
     rows_per_month: Annotated[int, Field(gt=0)] | None = None
+
+
+class ModelLimitsConfig(_Frozen):
+    """A tenant's limits on one model: each section set here replaces the tenant's
+    section of the same name for calls to that model (own buckets, own counts)."""
+
+    rate_limit: RateLimitConfig | None = None
+    quota: QuotaConfig | None = None
+
+
+class LimitsConfig(_Frozen):
+    """Where rate-limit and quota state lives: ``local`` (this process) or ``redis``
+    (shared by every replica). ``on_store_error`` decides what happens while Redis is
+    unreachable: ``allow`` falls back to this process's own buckets, ``deny`` refuses."""
+
+    store: Literal["local", "redis"] = "local"
+    url: str | None = None
+    on_store_error: Literal["allow", "deny"] = "allow"
+    key_prefix: str = "mandant"
+    timeout_ms: Annotated[float, Field(gt=0)] = 100.0
+    retry_interval_s: Annotated[float, Field(gt=0)] = 1.0
+
+    @model_validator(mode="after")
+    def _url(self) -> LimitsConfig:
+        if self.store == "redis" and not self.url:
+            raise ValueError("store 'redis' needs a 'url' (redis://host:port/db)")
+        return self
 
 
 class SloConfig(_Frozen):
@@ -67,6 +119,7 @@ class TenantConfig(_Frozen):
     weight: Annotated[float, Field(gt=0)] = 1.0
     priority: Annotated[int, Field(ge=0)] = 0
     slo: SloConfig | None = None
+    models: Mapping[str, ModelLimitsConfig] = Field(default_factory=dict)
 
     @field_validator("id")
     @classmethod
@@ -78,13 +131,7 @@ class TenantConfig(_Frozen):
     @field_validator("api_keys")
     @classmethod
     def _hashes_only(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
-        for key in keys:
-            if not _KEY_HASH.match(key):
-                raise ValueError(
-                    "API keys are stored as 'sha256:<64 hex digits>' only; "
-                    "`mandant keygen` prints a key and its hash"
-                )
-        return keys
+        return _hashes_only(keys)
 
 
 class TensorConfig(_Frozen):
@@ -206,6 +253,7 @@ class ModelSpec(_Frozen):
 
 class MandantConfig(_Frozen):
     server: ServerConfig = ServerConfig()
+    limits: LimitsConfig = LimitsConfig()
     tenants: tuple[TenantConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
 
@@ -235,6 +283,12 @@ class MandantConfig(_Frozen):
                     f"model {model.model_name!r} of tenant {model.tenant!r}: "
                     f"base {model.base!r} is not a shared model"
                 )
+        for tenant in self.tenants:
+            for name in tenant.models:
+                if not any(
+                    m.model_name == name and m.tenant in (None, tenant.id) for m in self.models
+                ):
+                    raise ValueError(f"tenant {tenant.id!r}: limits for unknown model {name!r}")
         return self
 
     def model_specs(self, base_dir: Path) -> list[ModelSpec]:
@@ -259,7 +313,7 @@ def _resolve(model: ModelConfig, base: ModelConfig | None, base_dir: Path) -> Mo
         own = getattr(model, field)
         return own if own is not None or base is None else getattr(base, field)
 
-    backend = pick("backend") or "torch"
+    backend: Literal["torch", "triton"] = pick("backend") or "torch"
     inputs, outputs = pick("inputs"), pick("outputs")
     if backend == "torch":
         if inputs is None or outputs is None:

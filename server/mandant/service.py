@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
+from mandant.context import current_model
 from mandant.errors import DeadlineExceeded, InvalidInput, Unavailable
 from mandant.registry import Model, ModelRegistry
 from mandant.tenancy.admission import Admission, Unlimited
@@ -77,6 +78,7 @@ class DataPlane:
             raise Unavailable("server is shutting down")
         start = time.monotonic()
         model = self.model(tenant, request.model_name, request.model_version)
+        current_model.set(model.key.name)
         rows = check_inputs(model.spec, request.input_headers())
         outputs = check_outputs(model.spec, request.requested_outputs())
         parameters = request.parameters()

@@ -22,7 +22,9 @@ def check_inputs(spec: ModelSpec, headers: Sequence[TensorHeader]) -> int:
     """Validate names, datatypes and shapes; return the request's rows (its size
     along dimension 0, 1 for scalar inputs)."""
     if not headers:
-        raise InvalidInput(f"request has no inputs; model '{spec.name}' takes {_names(spec.inputs)}")
+        raise InvalidInput(
+            f"request has no inputs; model '{spec.name}' takes {_names(spec.inputs)}"
+        )
     declared = {t.name: t for t in spec.inputs}
     seen: set[str] = set()
     for header in headers:
@@ -36,10 +38,13 @@ def check_inputs(spec: ModelSpec, headers: Sequence[TensorHeader]) -> int:
         seen.add(header.name)
         if header.datatype != want.datatype:
             raise InvalidInput(
-                f"input '{header.name}': expected datatype {want.datatype}, got {header.datatype or '(none)'}"
+                f"input '{header.name}': expected datatype {want.datatype}, "
+                f"got {header.datatype or '(none)'}"
             )
         if any(dim < 0 for dim in header.shape):
-            raise InvalidInput(f"input '{header.name}': shape {_shape(header.shape)} has a negative size")
+            raise InvalidInput(
+                f"input '{header.name}': shape {_shape(header.shape)} has a negative size"
+            )
         if not want.accepts(header.shape):
             raise InvalidInput(
                 f"input '{header.name}': expected shape {_shape(want.shape)}, "

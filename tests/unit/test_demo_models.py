@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 
 from mandant.demo import models
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.* is deprecated:DeprecationWarning")
+
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
@@ -56,7 +58,7 @@ def test_fraud_scores_between_zero_and_one() -> None:
 def test_fraud_torchscript_matches_eager(tmp_path: Path) -> None:
     path = tmp_path / "fraud.pt"
     models.build_fraud_torchscript(path, seed=4)
-    scripted = torch.jit.load(str(path))
+    scripted = torch.jit.load(str(path))  # type: ignore[no-untyped-call]
     x = torch.randn(4, 32)
     torch.testing.assert_close(scripted(x), models.fraud(4)(x))
     assert not torch.equal(models.fraud(4)(x), models.fraud(2)(x))

@@ -17,7 +17,11 @@ from mandant.demo import models
 from mandant.errors import InvalidInput, Unavailable
 from mandant.types import DATATYPES, TensorSpec
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.* is deprecated:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*torch.jit.* is deprecated:DeprecationWarning"),
+    # The backend silences this at import; pytest resets warning filters for each test.
+    pytest.mark.filterwarnings("ignore:The given NumPy array is not writable:UserWarning"),
+]
 
 HELPERS = "tests.unit.torch_models"
 CLASSIFIER_IN = (TensorSpec("INPUT0", "FP32", (-1, 256)),)

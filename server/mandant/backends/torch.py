@@ -87,7 +87,7 @@ class TorchBackend:
     async def aclose(self) -> None:
         executor, self._executor, self._module = self._executor, None, None
         if executor is not None:
-            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+            await asyncio.to_thread(executor.shutdown, wait=True)  # queued calls finish
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -1,10 +1,36 @@
-"""The admission seam: may this tenant run this many rows on this model now?"""
+"""The admission seam: may this tenant run this many rows on this model now?
+
+:class:`TenantAdmission` is the real one: per tenant (and per tenant and model) token
+buckets and calendar quotas in a store (this process, or Redis shared by replicas),
+and a cap on each tenant's calls in flight on this replica. It runs after
+authentication and model resolution and before any tensor byte is decoded; a refused
+call takes nothing from any limit. While the shared store is unreachable it follows
+``on_store_error``: ``allow`` uses this process's own buckets, ``deny`` refuses with
+UNAVAILABLE; it probes the store again every ``retry_interval_s`` and logs once per
+outage. Everything it decides goes to the :class:`~mandant.events.Observer`.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+from typing import TYPE_CHECKING, Protocol
 
+from mandant.errors import InvalidInput, QuotaExceeded, RateLimited, Unavailable
+from mandant.events import NullObserver, Observer
+from mandant.tenancy.limits import MONOTONIC, Clock, Rate
+from mandant.tenancy.local_store import LocalStore
+from mandant.tenancy.policy import Denial, Plan, Policy, SharedStore, StoreUnavailable
+from mandant.tenancy.quota import WALL
 from mandant.types import ModelKey, Tenant
+
+if TYPE_CHECKING:
+    from mandant.config import LimitsConfig, MandantConfig
+
+logger = logging.getLogger(__name__)
+
+#: Pushback for a full concurrency cap: no exact wait exists (it ends when some call
+#: of the tenant finishes), so a short one.
+CONCURRENCY_RETRY_S = 0.05
 
 
 class Permit(Protocol):
@@ -15,7 +41,9 @@ class Permit(Protocol):
 
 class Admission(Protocol):
     async def admit(self, tenant: Tenant, model: ModelKey, rows: int) -> Permit:
-        """Return a permit, or raise a ResourceExhausted subclass (nothing consumed)."""
+        """Return a permit, or raise a ResourceExhausted subclass (nothing consumed);
+        InvalidInput for a call that can never fit (more rows than the rows burst),
+        Unavailable when the limits store is down and the policy is to deny."""
         ...
 
 
@@ -31,3 +59,174 @@ class Unlimited:
 
     async def admit(self, tenant: Tenant, model: ModelKey, rows: int) -> Permit:
         return self._permit
+
+
+class _InflightPermit:
+    __slots__ = ("_admission", "_tenant")
+
+    def __init__(self, admission: TenantAdmission, tenant: str) -> None:
+        self._admission: TenantAdmission | None = admission
+        self._tenant = tenant
+
+    def release(self) -> None:
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            admission.finished(self._tenant)
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _error(denial: Denial, tenant: str) -> RateLimited | QuotaExceeded:
+    where = f"tenant {tenant}"
+    if denial.scope[1] is not None:
+        where += f" on model {denial.scope[1]}"
+    limit = denial.limit
+    if isinstance(limit, Rate):
+        return RateLimited(
+            f"rate limit {limit.name}={_number(limit.per_s)} exceeded for {where}",
+            denial.retry_after_s,
+        )
+    return QuotaExceeded(
+        f"quota {limit.name}={limit.limit} exceeded for {where}", denial.retry_after_s
+    )
+
+
+class TenantAdmission:
+    """Rate limits, concurrency caps and quotas per tenant; see the module docstring.
+    ``shared`` is the Redis store (None: everything stays in this process)."""
+
+    def __init__(
+        self,
+        config: MandantConfig,
+        shared: SharedStore | None = None,
+        observer: Observer | None = None,
+        clock: Clock = MONOTONIC,
+        wall: Clock = WALL,
+    ) -> None:
+        self._limits: LimitsConfig = config.limits
+        self._policy = Policy(config.tenants)
+        self._local = LocalStore(clock, wall)
+        self._shared = shared
+        self._observer: Observer = observer or NullObserver()
+        self._clock = clock
+        self._inflight: dict[str, int] = {}
+        self._retry_at = 0.0  # monotonic: no call to the shared store before this
+        self._outage_failures = 0
+        self._outage_since = 0.0
+
+    async def start(self) -> None:
+        if self._shared is not None:
+            await self._shared.start()
+
+    async def aclose(self) -> None:
+        if self._shared is not None:
+            await self._shared.aclose()
+
+    def update(self, config: MandantConfig) -> None:
+        """Apply a new configuration's limits. Counts are kept: locally, every scope
+        still configured keeps its buckets and quota counts (a changed limit keeps
+        what was saved up or used); in Redis nothing is lost. Changing
+        ``limits`` (the store) takes a restart."""
+        if config.limits != self._limits:
+            logger.warning("limits store settings change at restart; kept the running ones")
+        self._policy = Policy(config.tenants)
+        self._local.retain(self._policy.scopes())
+
+    def inflight(self, tenant: str) -> int:
+        return self._inflight.get(tenant, 0)
+
+    async def admit(self, tenant: Tenant, model: ModelKey, rows: int) -> Permit:
+        plan = self._policy.plan(tenant.id, model.name)
+        if plan.max_rows is not None and rows > plan.max_rows:
+            raise InvalidInput(
+                f"a call of {rows} rows exceeds rows_burst={_number(plan.max_rows)} "
+                f"for tenant {tenant.id}; send fewer rows per call"
+            )
+        inflight = self._inflight.get(tenant.id, 0)
+        if plan.max_concurrency is not None and inflight >= plan.max_concurrency:
+            self._observer.rejected(tenant.id, "concurrency")
+            raise RateLimited(
+                f"concurrency limit max_concurrency={plan.max_concurrency} exceeded "
+                f"for tenant {tenant.id}",
+                CONCURRENCY_RETRY_S,
+            )
+        if plan.stored:
+            # Hold the slot while the store decides (the shared store awaits Redis).
+            self._inflight[tenant.id] = inflight + 1
+            try:
+                if self._shared is None:
+                    denial = self._local.acquire(plan, rows)
+                else:
+                    denial = await self._acquire_shared(self._shared, plan, rows)
+            except BaseException:
+                self._inflight[tenant.id] -= 1
+                raise
+            if denial is not None:
+                self._inflight[tenant.id] -= 1
+                self._observer.rejected(
+                    tenant.id, denial.limit.name if isinstance(denial.limit, Rate) else "quota"
+                )
+                raise _error(denial, tenant.id)
+        else:
+            self._inflight[tenant.id] = inflight + 1
+        self._observer.admitted(tenant.id, model.name, rows)
+        self._observer.inflight_changed(tenant.id, 1)
+        return _InflightPermit(self, tenant.id)
+
+    def finished(self, tenant: str) -> None:
+        """A permit was released (called by the permit, once)."""
+        self._inflight[tenant] -= 1
+        self._observer.inflight_changed(tenant, -1)
+
+    async def _acquire_shared(self, shared: SharedStore, plan: Plan, rows: int) -> Denial | None:
+        now = self._clock()
+        if now >= self._retry_at:
+            if self._outage_failures:
+                self._retry_at = now + self._limits.retry_interval_s  # one probe at a time
+            try:
+                denial = await shared.acquire(plan, rows)
+            except StoreUnavailable as exc:
+                self._store_failed(shared.name, str(exc))
+            else:
+                if self._outage_failures:
+                    self._store_recovered(shared.name)
+                return denial
+        if self._limits.on_store_error == "deny":
+            self._observer.rejected(plan.tenant, "store_unavailable")
+            raise Unavailable("rate limit store unavailable; retry later")
+        return self._local.acquire(plan, rows)
+
+    def _store_failed(self, store: str, reason: str) -> None:
+        now = self._clock()
+        self._observer.store_error(store)
+        if not self._outage_failures:
+            self._outage_since = now
+            logger.warning(
+                "limits store %s unreachable (%s): %s until it returns",
+                store,
+                reason,
+                "local buckets" if self._limits.on_store_error == "allow" else "refusing calls",
+            )
+        self._outage_failures += 1
+        self._retry_at = now + self._limits.retry_interval_s
+
+    def _store_recovered(self, store: str) -> None:
+        logger.warning(
+            "limits store %s reachable again after %.1fs (%d failed operations)",
+            store,
+            self._clock() - self._outage_since,
+            self._outage_failures,
+        )
+        self._outage_failures = 0
+        self._retry_at = 0.0
+
+
+def shared_store_for(limits: LimitsConfig) -> SharedStore | None:
+    """The shared store ``limits`` names, or None for ``store: local``."""
+    if limits.store == "local":
+        return None
+    from mandant.tenancy.redis_store import RedisStore
+
+    return RedisStore(limits)

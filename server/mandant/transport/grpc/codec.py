@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from math import prod
 
 import numpy as np
-from mandant_client._proto import grpc_service_pb2 as pb
 
 from mandant.errors import InvalidInput
 from mandant.types import DATATYPES, InferResponse, TensorHeader, datatype_of
+from mandant_client._proto import grpc_service_pb2 as pb
 
 #: The typed ``contents`` field each datatype travels in.
 CONTENTS_FIELD = {
@@ -31,6 +31,17 @@ CONTENTS_FIELD = {
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
+}
+
+#: The numpy type of each typed ``contents`` field as protobuf declares it.
+_FIELD_DTYPE = {
+    "bool_contents": np.bool_,
+    "int_contents": np.int32,
+    "int64_contents": np.int64,
+    "uint_contents": np.uint32,
+    "uint64_contents": np.uint64,
+    "fp32_contents": np.float32,
+    "fp64_contents": np.float64,
 }
 
 _LENGTH = struct.Struct("<I")
@@ -62,7 +73,9 @@ def decode_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
         out[index] = bytes(view[offset : offset + length])
         offset += length
     if offset != end:
-        raise InvalidInput(f"input '{name}': {end - offset} bytes left after {count} BYTES elements")
+        raise InvalidInput(
+            f"input '{name}': {end - offset} bytes left after {count} BYTES elements"
+        )
     return out
 
 
@@ -106,13 +119,15 @@ def decode_contents(contents: pb.InferTensorContents, header: TensorHeader) -> n
         array[:] = list(values)
         return array.reshape(header.shape)
     dtype = DATATYPES[header.datatype]
-    try:
-        return np.array(values, dtype=dtype).reshape(header.shape)
-    except OverflowError:
-        raise InvalidInput(
-            f"input '{header.name}': a value in contents.{field} is out of range for "
-            f"{header.datatype}"
-        ) from None
+    wide: np.ndarray = np.array(values, dtype=_FIELD_DTYPE[field])
+    if dtype.kind in "iu" and dtype.itemsize < wide.dtype.itemsize and wide.size:
+        info = np.iinfo(dtype)  # type: ignore[type-var]
+        if wide.min() < info.min or wide.max() > info.max:
+            raise InvalidInput(
+                f"input '{header.name}': a value in contents.{field} is out of range for "
+                f"{header.datatype}"
+            )
+    return wide.astype(dtype, copy=False).reshape(header.shape)
 
 
 class ProtoInferRequest:

@@ -5,15 +5,18 @@ a request id that is logged with the traceback."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import grpc
 
-from mandant.context import current_request_id, current_tenant
+from mandant.context import current_model, current_request_id, current_tenant
 from mandant.errors import MandantError
+from mandant.events import NullObserver, Observer
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
 from mandant.types import Tenant
 
@@ -42,8 +45,10 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         authenticate: Authenticator,
         protected_prefix: str = f"/{INFERENCE_SERVICE}/",
         open_methods: Collection[str] = OPEN_METHODS,
+        observer: Observer | None = None,
     ) -> None:
         self._authenticate = authenticate
+        self._observer: Observer = observer or NullObserver()
         self._protected_prefix = protected_prefix
         self._open_methods = open_methods
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
@@ -71,32 +76,58 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _guard(self, behavior: Behavior, protected: bool, method: str) -> Behavior:
         authenticate = self._authenticate
+        observer = self._observer
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            # Every answer is reported once: tenant and model are configured names
+            # ("" when unknown), code the status name, duration from the first byte.
+            start = time.perf_counter()
+            code = "OK"
+            tenant_id = ""
+            current_model.set("")
             try:
                 if protected:
-                    current_tenant.set(authenticate(_authorization(context)))
+                    caller = authenticate(_authorization(context))
+                    current_tenant.set(caller)
+                    tenant_id = caller.id
+                    observer.inflight_changed(tenant_id, 1)
                 current_request_id.set(getattr(request, "id", ""))
                 return await behavior(request, context)
             except MandantError as exc:
+                code = status_for(exc).name
                 trailers = trailers_for(exc)
                 if trailers:
                     context.set_trailing_metadata(trailers)
                 await context.abort(status_for(exc), str(exc))
             except grpc.aio.AbortError:
+                code = _aborted_code(context)
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
                 raise
             except Exception:
+                code = "INTERNAL"
                 request_id = current_request_id.get() or uuid.uuid4().hex[:16]
-                tenant = current_tenant.get(None)
                 logger.exception(
                     "internal error serving %s (request id %s, tenant %s)",
                     method,
                     request_id,
-                    tenant.id if tenant else "-",
+                    tenant_id or "-",
                 )
                 await context.abort(
                     grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE.format(request_id=request_id)
                 )
+            finally:
+                if tenant_id:
+                    observer.inflight_changed(tenant_id, -1)
+                observer.request_finished(
+                    tenant_id, current_model.get(), code, time.perf_counter() - start
+                )
 
         return guarded
 
+
+def _aborted_code(context: grpc.aio.ServicerContext) -> str:
+    """The status a servicer aborted with (UNKNOWN where grpc does not say)."""
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"

@@ -9,13 +9,14 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from mandant_client._proto import grpc_service_pb2 as pb
-from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 
 from mandant.config import ServerConfig
+from mandant.events import Observer
 from mandant.service import DataPlane
 from mandant.transport.grpc.interceptors import INFERENCE_SERVICE, GatewayInterceptor
 from mandant.transport.grpc.servicer import InferenceServicer
+from mandant_client._proto import grpc_service_pb2 as pb
+from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +35,23 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 
 
 class GrpcServer:
-    def __init__(self, plane: DataPlane, config: ServerConfig) -> None:
+    def __init__(
+        self, plane: DataPlane, config: ServerConfig, observer: Observer | None = None
+    ) -> None:
         self._plane = plane
         self._config = config
         self._health = health.aio.HealthServicer()
         self._server = grpc.aio.server(
-            interceptors=[GatewayInterceptor(plane.authenticate)],
+            interceptors=[GatewayInterceptor(plane.authenticate, observer=observer)],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), self._server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            InferenceServicer(plane), self._server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME),

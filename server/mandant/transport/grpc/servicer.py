@@ -3,16 +3,18 @@ awaits the data plane and converts the result. Errors are mapped by the intercep
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import grpc
-from mandant_client._proto import grpc_service_pb2 as pb
-from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 
 from mandant.context import current_tenant
 from mandant.registry import Model
 from mandant.service import EXTENSIONS, SERVER_NAME, DataPlane
 from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
+from mandant_client._proto import grpc_service_pb2 as pb
+from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 
-Context = grpc.aio.ServicerContext
+Context: TypeAlias = grpc.aio.ServicerContext
 
 
 def _tensor_metadata(model: Model, which: str) -> list[pb.ModelMetadataResponse.TensorMetadata]:
@@ -26,7 +28,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     def __init__(self, plane: DataPlane) -> None:
         self._plane = plane
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: Context
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self._plane.live)
 
     async def ServerReady(
@@ -41,7 +45,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             name=SERVER_NAME, version=self._plane.version, extensions=EXTENSIONS
         )
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Context
+    ) -> pb.ModelReadyResponse:
         ready = self._plane.model_ready(current_tenant.get(), request.name, request.version)
         return pb.ModelReadyResponse(ready=ready)
 
@@ -59,7 +65,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             outputs=_tensor_metadata(model, "outputs"),
         )
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Context
+    ) -> pb.ModelInferResponse:
         response = await self._plane.infer(
             current_tenant.get(), ProtoInferRequest(request), context.time_remaining()
         )

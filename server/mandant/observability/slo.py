@@ -1,0 +1,143 @@
+"""Per-tenant latency SLO attainment over rolling windows, in process.
+
+A request counts toward a tenant's SLO when the server answered it on its own
+account: ``OK`` or a server-side failure (:data:`SLO_CODES`). It is *good* when it
+is ``OK`` and no slower than the tenant's ``slo.latency_ms``. Client mistakes (bad
+key, unknown model, bad input) and the tenant's own limits (``RESOURCE_EXHAUSTED``)
+spend no error budget. The same rule feeds the Prometheus good/total counters, so
+the dashboard and PromQL agree.
+
+Counts live in a ring of fixed time slots (``resolution_s`` wide) covering the
+longest window; a window's sum is exact to within one slot. Time comes from an
+injected clock (``time.monotonic`` by default), never the wall clock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from mandant.config import SloConfig
+
+Clock = Callable[[], float]
+
+#: Status names that count toward a latency SLO (OK is good when fast enough).
+SLO_CODES = frozenset({"OK", "DEADLINE_EXCEEDED", "UNAVAILABLE", "INTERNAL", "UNKNOWN"})
+
+#: The rolling windows computed in process, by display name.
+WINDOWS_S: Mapping[str, float] = {"5m": 300.0, "1h": 3600.0}
+
+
+def is_good(code: str, duration_s: float, threshold_s: float) -> bool:
+    return code == "OK" and duration_s <= threshold_s
+
+
+@dataclass(frozen=True, slots=True)
+class Attainment:
+    """Good and eligible requests of one tenant in one window."""
+
+    window_s: float
+    good: int
+    total: int
+    objective: float
+
+    @property
+    def ratio(self) -> float | None:
+        """Fraction of good requests; None when there were none to judge."""
+        return self.good / self.total if self.total else None
+
+    @property
+    def burn_rate(self) -> float:
+        """How fast the error budget burns: 1.0 spends exactly the budget."""
+        if not self.total:
+            return 0.0
+        return ((self.total - self.good) / self.total) / (1.0 - self.objective)
+
+    @property
+    def budget_left(self) -> float:
+        """Fraction of this window's error budget not yet spent (negative: overspent)."""
+        return 1.0 - self.burn_rate
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            "good": self.good,
+            "total": self.total,
+            "attainment": self.ratio,
+            "burn_rate": self.burn_rate,
+            "budget_left": self.budget_left,
+        }
+
+
+class _Ring:
+    """Good/total counts in ``size`` slots; a slot is reused once its time is past."""
+
+    __slots__ = ("good", "slot_ids", "total")
+
+    def __init__(self, size: int) -> None:
+        self.slot_ids = [-1] * size
+        self.good = [0] * size
+        self.total = [0] * size
+
+    def add(self, slot: int, good: bool) -> None:
+        index = slot % len(self.slot_ids)
+        if self.slot_ids[index] != slot:
+            self.slot_ids[index] = slot
+            self.good[index] = 0
+            self.total[index] = 0
+        self.total[index] += 1
+        if good:
+            self.good[index] += 1
+
+    def sum(self, first_slot: int) -> tuple[int, int]:
+        good = total = 0
+        for index, slot in enumerate(self.slot_ids):
+            if slot >= first_slot:
+                good += self.good[index]
+                total += self.total[index]
+        return good, total
+
+
+class SloTracker:
+    """Rolling attainment for every tenant with an SLO in the configuration."""
+
+    def __init__(
+        self,
+        objectives: Mapping[str, SloConfig],
+        clock: Clock = time.monotonic,
+        resolution_s: float = 5.0,
+        horizon_s: float = max(WINDOWS_S.values()),
+    ) -> None:
+        self._objectives = dict(objectives)
+        self._thresholds = {t: slo.latency_ms / 1000.0 for t, slo in objectives.items()}
+        self._clock = clock
+        self._resolution_s = resolution_s
+        size = int(horizon_s // resolution_s) + 2
+        self._rings = {tenant: _Ring(size) for tenant in objectives}
+
+    @property
+    def tenants(self) -> list[str]:
+        return list(self._objectives)
+
+    def objective(self, tenant: str) -> SloConfig | None:
+        return self._objectives.get(tenant)
+
+    def threshold_s(self, tenant: str) -> float | None:
+        return self._thresholds.get(tenant)
+
+    def record(self, tenant: str, good: bool) -> None:
+        """Count one eligible request (see the module docstring for which are)."""
+        ring = self._rings.get(tenant)
+        if ring is not None:
+            ring.add(int(self._clock() // self._resolution_s), good)
+
+    def attainment(self, tenant: str, window_s: float) -> Attainment:
+        slo = self._objectives[tenant]
+        now_slot = int(self._clock() // self._resolution_s)
+        slots = max(1, round(window_s / self._resolution_s))
+        good, total = self._rings[tenant].sum(now_slot - slots + 1)
+        return Attainment(window_s, good, total, slo.objective)
+
+    def report(self, tenant: str) -> dict[str, dict[str, float | int | None]]:
+        """Every window of :data:`WINDOWS_S` for one tenant, JSON-ready."""
+        return {name: self.attainment(tenant, span).as_dict() for name, span in WINDOWS_S.items()}

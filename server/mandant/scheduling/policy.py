@@ -1,0 +1,319 @@
+"""Which queued requests form the next batch. Pure and synchronous: no asyncio, no
+clock, no tensors — the batcher (``batcher.py``) owns time and execution.
+
+Two queues with the same interface:
+
+* :class:`FairQueue` — one queue per tenant, batches filled by weighted deficit round
+  robin counting rows: on each visit a tenant earns ``quantum_rows × weight`` rows of
+  credit and sends requests while its credit covers the next one. Under saturation
+  each tenant gets rows in proportion to its weight, whatever the others send.
+* :class:`FifoQueue` — one queue for everybody, in arrival order (for comparison,
+  and for the noisy-neighbour benchmark).
+
+Within a tenant's queue (and within the FIFO queue) priority levels are strict: v2
+``priority`` 1 is served before 2, and so on; 0 (unset) after every explicit level.
+Levels never cross tenants' shares in :class:`FairQueue`.
+
+A batch holds only requests of one ``group`` (the shapes of their non-batch
+dimensions): the first request taken decides it. When the request next in line
+cannot join (too many rows for the room left, or another group), the batch closes
+there and that request leads the next one — so no request is passed over forever.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Hashable
+from typing import Generic, Protocol, TypeVar
+
+#: Where a request without a priority (v2 ``priority`` 0) ranks: after every level.
+UNSET_PRIORITY_LEVEL = 2**31
+
+
+def priority_level(priority: int) -> int:
+    """The queue level of a v2 priority: 1 is the highest; 0 (unset) is the lowest."""
+    return priority if priority > 0 else UNSET_PRIORITY_LEVEL
+
+
+class Queued(Protocol):
+    """What the policy reads of a waiting request."""
+
+    @property
+    def tenant(self) -> str: ...
+
+    @property
+    def weight(self) -> float: ...
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def level(self) -> int: ...
+
+    @property
+    def group(self) -> Hashable: ...
+
+    @property
+    def arrival(self) -> float: ...
+
+
+Q = TypeVar("Q", bound=Queued)
+
+
+class BatchQueue(Protocol[Q]):
+    """The interface both policies offer the batcher."""
+
+    @property
+    def rows(self) -> int:
+        """Rows waiting, all tenants together."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def rows_of(self, tenant: str) -> int: ...
+
+    def oldest_arrival(self) -> float | None: ...
+
+    def push(self, item: Q) -> None: ...
+
+    def remove(self, item: Q) -> bool:
+        """Take ``item`` out wherever it waits; False if it is not queued."""
+        ...
+
+    def take(self, room: int) -> list[Q]:
+        """Remove and return the next batch, of one group: at least one request
+        (whatever its rows) when any waits, else at most ``room`` rows."""
+        ...
+
+
+class LevelQueue(Generic[Q]):
+    """Strict priority levels, FIFO within a level."""
+
+    __slots__ = ("_levels", "count", "rows")
+
+    def __init__(self) -> None:
+        self._levels: dict[int, deque[Q]] = {}
+        self.rows = 0
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def push(self, item: Q) -> None:
+        level = self._levels.get(item.level)
+        if level is None:
+            level = self._levels[item.level] = deque()
+        level.append(item)
+        self.rows += item.rows
+        self.count += 1
+
+    def head(self) -> Q:
+        return self._levels[min(self._levels)][0]
+
+    def pop(self) -> Q:
+        key = min(self._levels)
+        level = self._levels[key]
+        item = level.popleft()
+        if not level:
+            del self._levels[key]
+        self.rows -= item.rows
+        self.count -= 1
+        return item
+
+    def remove(self, item: Q) -> bool:
+        level = self._levels.get(item.level)
+        if level is None:
+            return False
+        try:
+            level.remove(item)
+        except ValueError:
+            return False
+        if not level:
+            del self._levels[item.level]
+        self.rows -= item.rows
+        self.count -= 1
+        return True
+
+    def oldest_arrival(self) -> float | None:
+        return min((level[0].arrival for level in self._levels.values()), default=None)
+
+
+class FairQueue(Generic[Q]):
+    """Weighted deficit round robin over per-tenant queues, counting rows.
+
+    The round-robin position and the current tenant's unspent credit carry over from
+    one batch to the next, so shares hold across batch boundaries. A tenant whose
+    queue empties leaves the round and forfeits its credit (as in DRR: credit is only
+    kept while backlogged). Rounds in which nobody could send are skipped in one
+    step, so a small quantum costs nothing with large requests.
+    """
+
+    def __init__(self, quantum_rows: float = 1.0) -> None:
+        if quantum_rows <= 0:
+            raise ValueError("quantum_rows must be positive")
+        self._quantum = quantum_rows
+        self._queues: dict[str, LevelQueue[Q]] = {}
+        self._weights: dict[str, float] = {}
+        self._deficit: dict[str, float] = {}
+        self._ring: deque[str] = deque()  # backlogged tenants; [0] has the turn
+        self._granted = False  # whether ring[0] earned its quantum this turn
+        self._rows = 0
+        self._count = 0
+
+    @property
+    def rows(self) -> int:
+        return self._rows
+
+    def __len__(self) -> int:
+        return self._count
+
+    def rows_of(self, tenant: str) -> int:
+        queue = self._queues.get(tenant)
+        return queue.rows if queue is not None else 0
+
+    def oldest_arrival(self) -> float | None:
+        return min(
+            (a for q in self._queues.values() if (a := q.oldest_arrival()) is not None),
+            default=None,
+        )
+
+    def push(self, item: Q) -> None:
+        queue = self._queues.get(item.tenant)
+        if queue is None:
+            queue = self._queues[item.tenant] = LevelQueue()
+            self._deficit[item.tenant] = 0.0
+            self._ring.append(item.tenant)
+        self._weights[item.tenant] = item.weight
+        queue.push(item)
+        self._rows += item.rows
+        self._count += 1
+
+    def remove(self, item: Q) -> bool:
+        queue = self._queues.get(item.tenant)
+        if queue is None or not queue.remove(item):
+            return False
+        self._rows -= item.rows
+        self._count -= 1
+        if not queue:
+            self._leave(item.tenant)
+        return True
+
+    def take(self, room: int) -> list[Q]:
+        batch: list[Q] = []
+        group: Hashable = _ANY
+        idle = 0  # turns since something was taken
+        ring = self._ring
+        while room > 0 and ring:
+            if idle >= len(ring):
+                self._skip_idle_rounds()
+                idle = 0
+            tenant = ring[0]
+            queue = self._queues[tenant]
+            head = queue.head()
+            if not self._granted:
+                self._deficit[tenant] += self._quantum * self._weights[tenant]
+                self._granted = True
+            if head.rows > self._deficit[tenant]:
+                self._end_turn()
+                idle += 1
+                continue
+            if batch and (head.rows > room or head.group != group):
+                break  # entitled but cannot join: it leads the next batch
+            queue.pop()
+            batch.append(head)
+            group = head.group
+            room -= head.rows
+            self._deficit[tenant] -= head.rows
+            self._rows -= head.rows
+            self._count -= 1
+            idle = 0
+            if not queue:
+                self._leave(tenant)
+        return batch
+
+    def _end_turn(self) -> None:
+        self._ring.rotate(-1)
+        self._granted = False
+
+    def _leave(self, tenant: str) -> None:
+        if self._ring[0] == tenant:
+            self._ring.popleft()
+            self._granted = False
+        else:
+            self._ring.remove(tenant)
+        del self._queues[tenant]
+        del self._deficit[tenant]
+        del self._weights[tenant]
+
+    def _skip_idle_rounds(self) -> None:
+        """A whole round passed with nobody able to send: credit every tenant with
+        the rounds it takes until the first one can, less the one about to run."""
+        rounds = min(
+            math.ceil(
+                (self._queues[t].head().rows - self._deficit[t])
+                / (self._quantum * self._weights[t])
+            )
+            for t in self._ring
+        )
+        if rounds > 1:
+            for t in self._ring:
+                self._deficit[t] += (rounds - 1) * self._quantum * self._weights[t]
+
+
+class FifoQueue(Generic[Q]):
+    """Everybody in one queue, in arrival order (strict priority levels across
+    tenants, as Triton's priority queue): the baseline fair scheduling is measured
+    against. A batch closes at the first request that cannot join."""
+
+    def __init__(self) -> None:
+        self._queue: LevelQueue[Q] = LevelQueue()
+        self._by_tenant: dict[str, int] = {}
+
+    @property
+    def rows(self) -> int:
+        return self._queue.rows
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def rows_of(self, tenant: str) -> int:
+        return self._by_tenant.get(tenant, 0)
+
+    def oldest_arrival(self) -> float | None:
+        return self._queue.oldest_arrival()
+
+    def push(self, item: Q) -> None:
+        self._queue.push(item)
+        self._by_tenant[item.tenant] = self._by_tenant.get(item.tenant, 0) + item.rows
+
+    def remove(self, item: Q) -> bool:
+        if not self._queue.remove(item):
+            return False
+        self._forget(item)
+        return True
+
+    def take(self, room: int) -> list[Q]:
+        batch: list[Q] = []
+        while self._queue:
+            head = self._queue.head()
+            if batch and (head.rows > room or head.group != batch[0].group):
+                break
+            batch.append(self._queue.pop())
+            self._forget(head)
+            room -= head.rows
+        return batch
+
+    def _forget(self, item: Q) -> None:
+        left = self._by_tenant[item.tenant] - item.rows
+        if left:
+            self._by_tenant[item.tenant] = left
+        else:
+            del self._by_tenant[item.tenant]
+
+
+class _Any:
+    """A group no request has (the batch has not chosen its group yet)."""
+
+
+_ANY = _Any()

@@ -1,0 +1,155 @@
+"""Buckets and quota counts in Redis, shared by every replica.
+
+One Lua script per call, atomic in Redis: it refills each bucket from Redis' own
+``TIME`` (replicas' clocks do not matter), checks every bucket and quota, and then
+either takes from all of them (bucket state in a hash with an expiry; quotas with
+``INCRBY`` + ``EXPIREAT``) or from none and says which limit refused and the wait.
+Quota keys name their UTC period (``…:rows_per_day:2024-05-17``), so a new period
+starts at zero and old ones expire. Every key of one tenant carries the hash tag
+``{tenant}``, so a call's keys share one Redis Cluster slot.
+
+Every Redis or socket failure becomes :class:`StoreUnavailable` here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from mandant.config import LimitsConfig
+from mandant.tenancy.limits import Clock
+from mandant.tenancy.policy import Denial, Plan, Scope, StoreUnavailable, cost
+from mandant.tenancy.quota import WALL, PeriodKind, PeriodTracker
+
+logger = logging.getLogger(__name__)
+
+#: KEYS: bucket keys, then quota keys. ARGV: #buckets, #quotas, then per bucket
+#: (rate, burst, cost), then per quota (limit, cost, expire_at). Returns {0, "0"}
+#: when admitted, else {i, wait_s} with i the 1-based index of the refusing key
+#: (wait_s is "-1" for quotas: the caller knows when its period ends).
+ACQUIRE_LUA = """
+local nb = tonumber(ARGV[1])
+local nq = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local levels = {}
+for i = 1, nb do
+  local base = 2 + 3 * (i - 1)
+  local rate = tonumber(ARGV[base + 1])
+  local burst = tonumber(ARGV[base + 2])
+  local need = tonumber(ARGV[base + 3])
+  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
+  local level = tonumber(state[1])
+  local ts = tonumber(state[2])
+  if level == nil or ts == nil then
+    level = burst
+  elseif now > ts then
+    level = level + (now - ts) * rate
+  end
+  if level > burst then level = burst end
+  if level < need then
+    return {i, tostring((need - level) / rate)}
+  end
+  levels[i] = level
+end
+local qbase = 2 + 3 * nb
+for j = 1, nq do
+  local base = qbase + 3 * (j - 1)
+  local used = tonumber(redis.call('GET', KEYS[nb + j]) or '0')
+  if used + tonumber(ARGV[base + 2]) > tonumber(ARGV[base + 1]) then
+    return {nb + j, '-1'}
+  end
+end
+for i = 1, nb do
+  local base = 2 + 3 * (i - 1)
+  local rate = tonumber(ARGV[base + 1])
+  local burst = tonumber(ARGV[base + 2])
+  redis.call('HSET', KEYS[i], 'tokens', tostring(levels[i] - tonumber(ARGV[base + 3])),
+             'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[i], math.ceil(burst / rate * 1000) + 1000)
+end
+for j = 1, nq do
+  local base = qbase + 3 * (j - 1)
+  redis.call('INCRBY', KEYS[nb + j], ARGV[base + 2])
+  redis.call('EXPIREAT', KEYS[nb + j], ARGV[base + 3])
+end
+return {0, '0'}
+"""
+
+#: Quota keys outlive their period by this much (clock skew between replicas).
+QUOTA_KEY_GRACE_S = 3600
+
+
+def _scope_part(prefix: str, scope: Scope) -> str:
+    tenant, model = scope
+    return f"{prefix}:{{{tenant}}}:{model if model is not None else '*'}"
+
+
+class RedisStore:
+    name = "redis"
+
+    def __init__(self, config: LimitsConfig, wall: Clock = WALL) -> None:
+        assert config.url is not None
+        timeout_s = config.timeout_ms / 1000.0
+        self._client = redis.Redis.from_url(
+            config.url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._script = self._client.register_script(ACQUIRE_LUA)
+        self._prefix = config.key_prefix
+        self._wall = wall
+        now = wall()
+        self._periods: dict[PeriodKind, PeriodTracker] = {
+            "day": PeriodTracker("day", now),
+            "month": PeriodTracker("month", now),
+        }
+        self._bucket_keys: dict[tuple[str, str], tuple[Plan, list[str]]] = {}
+
+    async def start(self) -> None:
+        """Load the script; an unreachable Redis is not fatal (admission falls back)."""
+        try:
+            await self._client.script_load(ACQUIRE_LUA)
+        except (RedisError, OSError, TimeoutError) as exc:
+            logger.warning("limits store redis not reachable at start: %s", type(exc).__name__)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def acquire(self, plan: Plan, rows: int) -> Denial | None:
+        cached = self._bucket_keys.get((plan.tenant, plan.model))
+        if cached is None or cached[0] is not plan:
+            cached = self._bucket_keys[(plan.tenant, plan.model)] = (
+                plan,
+                [f"{_scope_part(self._prefix, s)}:{rate.name}" for s, rate in plan.buckets],
+            )
+        keys = list(cached[1])
+        args: list[float | int | str] = [len(plan.buckets), len(plan.quotas)]
+        for _, rate in plan.buckets:
+            args += (rate.per_s, rate.burst, cost(rate, rows))
+        wall = self._wall()
+        resets: list[float] = []
+        for scope, quota in plan.quotas:
+            period = self._periods[quota.period].at(wall)
+            keys.append(f"{_scope_part(self._prefix, scope)}:{quota.name}:{period.key}")
+            args += (quota.limit, rows, int(period.reset_at) + QUOTA_KEY_GRACE_S)
+            resets.append(period.reset_at)
+        try:
+            index, wait = await self._script(keys=keys, args=args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            await self._client.connection_pool.disconnect(inuse_connections=False)
+            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+        index = int(index)
+        if index == 0:
+            return None
+        if index <= len(plan.buckets):
+            scope, rate = plan.buckets[index - 1]
+            return Denial(rate, scope, float(wait))
+        position = index - 1 - len(plan.buckets)
+        scope, quota = plan.quotas[position]
+        return Denial(quota, scope, max(0.0, resets[position] - wall))

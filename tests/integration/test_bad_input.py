@@ -1,0 +1,221 @@
+"""Everything a client can get wrong, over real gRPC: each gets its documented status
+and a message naming the problem, and the server keeps serving afterwards."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from mandant_client._proto import grpc_service_pb2 as pb
+from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+from tests.servers import ServerThread, auth, demo_config
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+METADATA = tuple(auth("acme").items())
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """The demo with a 1 MiB message limit, to test oversize requests cheaply."""
+    config = demo_config(max_message_bytes=1 << 20)
+    with ServerThread(config, tmp_path_factory.mktemp("small")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stub(small_server: ServerThread) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(small_server.target) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _request(
+    model: str = "classifier",
+    name: str = "INPUT0",
+    datatype: str = "FP32",
+    shape: tuple[int, ...] = (1, 256),
+    raw: bytes | None = None,
+) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    if raw is None:
+        raw = np.zeros(shape, np.float32).tobytes() if all(d >= 0 for d in shape) else b""
+    request.raw_input_contents.append(raw)
+    return request
+
+
+def _bytes_request(raw: bytes, shape: tuple[int, ...] = (2,)) -> pb.ModelInferRequest:
+    return _request(model="echo", datatype="FP32", shape=shape, raw=raw)
+
+
+CASES: dict[str, tuple[pb.ModelInferRequest, str]] = {
+    "wrong input name": (
+        _request(name="IMAGE"),
+        "unexpected input 'IMAGE'; model 'classifier' takes INPUT0",
+    ),
+    "wrong datatype": (
+        _request(datatype="INT32"),
+        "input 'INPUT0': expected datatype FP32, got INT32",
+    ),
+    "unknown datatype": (_request(datatype="FLOAT"), "expected datatype FP32, got FLOAT"),
+    "wrong shape": (
+        _request(shape=(1, 255)),
+        "input 'INPUT0': expected shape [-1, 256], got [1, 255]",
+    ),
+    "wrong rank": (_request(shape=(256,)), "expected shape [-1, 256], got [256]"),
+    "negative dimension": (_request(shape=(-1, 256)), "negative size"),
+    "short raw bytes": (
+        _request(raw=b"\0" * 1000),
+        "input 'INPUT0': FP32 [1, 256] needs 1024 bytes, got 1000",
+    ),
+    "long raw bytes": (_request(raw=b"\0" * 1028), "needs 1024 bytes, got 1028"),
+    "empty request": (pb.ModelInferRequest(model_name="classifier"), "request has no inputs"),
+    "raw count mismatch": (
+        pb.ModelInferRequest(
+            model_name="classifier",
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name="INPUT0", datatype="FP32", shape=[1, 256]
+                )
+            ],
+            raw_input_contents=[b"\0" * 1024, b"\0" * 4],
+        ),
+        "raw_input_contents has 2 entries for 1 inputs",
+    ),
+    "typed count mismatch": (
+        pb.ModelInferRequest(
+            model_name="classifier",
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name="INPUT0",
+                    datatype="FP32",
+                    shape=[1, 256],
+                    contents=pb.InferTensorContents(fp32_contents=[1.0] * 10),
+                )
+            ],
+        ),
+        "needs 256 values in contents.fp32_contents, got 10",
+    ),
+    "duplicate input": (
+        pb.ModelInferRequest(
+            model_name="echo",
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(name="INPUT0", datatype="FP32", shape=[1, 1]),
+                pb.ModelInferRequest.InferInputTensor(name="INPUT0", datatype="FP32", shape=[1, 1]),
+            ],
+            raw_input_contents=[b"\0" * 4, b"\0" * 4],
+        ),
+        "input 'INPUT0' appears twice",
+    ),
+    "bad timeout parameter": (
+        pb.ModelInferRequest(
+            model_name="echo",
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(name="INPUT0", datatype="FP32", shape=[1, 1])
+            ],
+            raw_input_contents=[b"\0" * 4],
+            parameters={"timeout": pb.InferParameter(string_param="soon")},
+        ),
+        "parameter 'timeout' is a non-negative integer (microseconds)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_request_is_invalid_argument(stub: pb_grpc.GRPCInferenceServiceStub, case: str) -> None:
+    request, message = CASES[case]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request, metadata=METADATA)
+    assert err.value.code() == INVALID, err.value.details()
+    assert message in err.value.details()
+    _still_serving(stub)
+
+
+def _bytes_model_request(raw: bytes, count: int) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="bytes_echo")
+    request.inputs.add(name="INPUT0", datatype="BYTES", shape=[count])
+    request.raw_input_contents.append(raw)
+    return request
+
+
+@pytest.fixture(scope="module")
+def bytes_stub(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    from mandant.config import parse_config
+    from mandant.tenancy.keys import hash_key
+
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0},
+            "tenants": [{"id": "t", "api_keys": [hash_key("acme-demo-key")]}],
+            "models": [
+                {
+                    "name": "bytes_echo",
+                    "factory": "mandant.demo.models:echo",
+                    "inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [-1]}],
+                    "outputs": [{"name": "OUTPUT0", "datatype": "BYTES", "shape": [-1]}],
+                }
+            ],
+        }
+    )
+    with (
+        ServerThread(config, tmp_path_factory.mktemp("bytes")) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.mark.parametrize(
+    ("raw", "count", "message"),
+    [
+        (b"\x05\x00", 1, "ends inside element 0's length"),
+        (struct.pack("<I", 10) + b"abc", 1, "element 0 declares 10 bytes, 3 remain"),
+        (struct.pack("<I", 1) + b"a" + b"zz", 1, "2 bytes left after 1 BYTES elements"),
+        (struct.pack("<I", 1) + b"a", 2, "ends inside element 1's length"),
+        (struct.pack("<I", 0xFFFFFFFF) + b"a", 1, "declares 4294967295 bytes"),
+    ],
+)
+def test_broken_bytes_prefixes(
+    bytes_stub: pb_grpc.GRPCInferenceServiceStub, raw: bytes, count: int, message: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        bytes_stub.ModelInfer(_bytes_model_request(raw, count), metadata=METADATA)
+    assert err.value.code() == INVALID
+    assert message in err.value.details()
+    good = struct.pack("<I", 2) + b"ok" + struct.pack("<I", 0)
+    reply = bytes_stub.ModelInfer(_bytes_model_request(good, 2), metadata=METADATA)
+    assert reply.raw_output_contents[0] == good
+
+
+def test_oversize_message_is_refused(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    rows = (2 << 20) // 1024  # 2 MiB against a 1 MiB limit
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(_request(shape=(rows, 256)), metadata=METADATA)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    _still_serving(stub)
+
+
+def test_unknown_version_is_not_found(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = _request()
+    request.model_version = "7"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request, metadata=METADATA)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.details() == "model 'classifier' version '7' not found"
+
+
+def test_unimplemented_rpcs_say_so(small_server: ServerThread) -> None:
+    with grpc.insecure_channel(small_server.target) as channel:
+        stats = channel.unary_unary("/inference.GRPCInferenceService/ModelStatistics")
+        with pytest.raises(grpc.RpcError) as err:
+            stats(b"", metadata=METADATA)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def _still_serving(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    reply = stub.ModelInfer(_request(), metadata=METADATA)
+    assert np.frombuffer(reply.raw_output_contents[0], np.float32).shape == (16,)

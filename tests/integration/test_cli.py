@@ -1,0 +1,167 @@
+"""The ``mandant`` command as a user runs it: serve (with graceful shutdown on
+SIGTERM/SIGINT), keygen, check-config."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mandant.tenancy.keys import hash_key
+from mandant_client import Client, Unavailable
+from tests.servers import DEMO_CONFIG, ROOT
+
+MANDANT = [sys.executable, "-m", "mandant"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for(proc: subprocess.Popen[str], text: str, timeout_s: float = 60) -> str:
+    seen = []
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"server exited early: {''.join(seen)}")
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"no {text!r} within {timeout_s}s: {''.join(seen)}")
+
+
+def test_keygen_prints_a_key_and_its_hash() -> None:
+    out = subprocess.run([*MANDANT, "keygen"], capture_output=True, text=True, check=True, env=ENV)
+    lines = dict(line.split(":", 1) for line in out.stdout.splitlines() if ":" in line)
+    key, key_hash = lines["key"].strip(), lines["hash"].strip()
+    assert len(key) > 32 and hash_key(key) == key_hash
+
+
+def test_check_config_accepts_the_demo() -> None:
+    out = subprocess.run(
+        [*MANDANT, "check-config", str(DEMO_CONFIG)], capture_output=True, text=True, env=ENV
+    )
+    assert out.returncode == 0, out.stderr
+    assert "ok (3 tenants, 4 models)" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "errors"),
+    [
+        (
+            "tenants: [{id: a, api_keys: [plain-key]}]",
+            ["tenants.0.api_keys: Value error, API keys are stored as"],
+        ),
+        (
+            "models: [{name: m, path: m.pt, inputs: [{name: X, datatype: FLOAT32, shape: [-1]}], "
+            "outputs: [{name: Y, datatype: FP32, shape: [0]}]}]",
+            [
+                "models.0.inputs.0.datatype: Value error, unknown datatype 'FLOAT32'",
+                "models.0.outputs.0.shape: Value error, dimensions are positive",
+            ],
+        ),
+        (
+            "server: {grpc_port: 99999, colour: blue}",
+            [
+                "server.grpc_port: Input should be less than or equal to 65535",
+                "server.colour: Extra inputs are not permitted",
+            ],
+        ),
+        ("models: [{tenant: ghost, base: classifier}]", ["unknown tenant 'ghost'"]),
+        (
+            "models: [{name: m, backend: torch}]",
+            ["models.0: torch models declare their inputs and outputs"],
+        ),
+        ("server: [", ["(yaml)"]),
+    ],
+)
+def test_check_config_reports_each_error_with_its_path(
+    tmp_path: Path, text: str, errors: list[str]
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    out = subprocess.run(
+        [*MANDANT, "check-config", str(path)], capture_output=True, text=True, env=ENV
+    )
+    assert out.returncode == 1
+    for error in errors:
+        assert error in out.stderr
+
+
+def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("tenants: [{id: 'a b'}]")
+    out = subprocess.run(
+        [*MANDANT, "serve", "--config", str(path)], capture_output=True, text=True, env=ENV
+    )
+    assert out.returncode == 2
+    assert "tenants.0.id" in out.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_serve_finishes_in_flight_calls_then_exits_zero(tmp_path: Path, signum: int) -> None:
+    port = _free_port()
+    config = {
+        "server": {"grpc_port": port, "grace_s": 10},
+        "tenants": [{"id": "t", "api_keys": [hash_key("secret-key")]}],
+        "models": [
+            {
+                "name": "slow",
+                "factory": "tests.integration.slow_models:sleepy",
+                "factory_args": {"seconds": 1.5},
+                "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+                "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+            }
+        ],
+    }
+    path = tmp_path / "mandant.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen(
+        [*MANDANT, "serve", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
+    try:
+        _wait_for(proc, "Mandant listening")
+        results: dict[str, object] = {}
+        x = np.ones((1, 3), np.float32)
+
+        def call() -> None:
+            with Client(f"127.0.0.1:{port}", api_key="secret-key") as client:
+                results["out"] = client.infer("slow", {"INPUT0": x}, timeout_s=20)
+
+        worker = threading.Thread(target=call)
+        worker.start()
+        time.sleep(0.5)  # the call is in the model now
+        proc.send_signal(signum)
+        time.sleep(0.3)
+        with (
+            Client(f"127.0.0.1:{port}", api_key="secret-key") as client,
+            pytest.raises(Unavailable),
+        ):
+            client.infer("slow", {"INPUT0": x}, timeout_s=5)
+        worker.join(20)
+        np.testing.assert_array_equal(results["out"]["OUTPUT0"], x * 2)  # type: ignore[index]
+        assert proc.wait(20) == 0
+        assert proc.stdout is not None
+        log = proc.stdout.read()
+        assert "secret-key" not in log
+    finally:
+        proc.kill()
+        proc.wait()

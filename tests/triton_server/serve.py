@@ -1,0 +1,74 @@
+"""Serve the tiny test model on a real Triton Inference Server through PyTriton.
+
+Run with the interpreter of ``.venv-triton`` (PyTriton pins its own numpy and
+protobuf): ``python serve.py --grpc-port P --http-port Q --metrics-port R``. Prints
+``READY`` once Triton serves the model, then serves until SIGTERM/SIGINT.
+
+The model ``tiny`` (max batch 64, Triton's dynamic batcher on):
+``OUTPUT0 = tanh(INPUT0 @ W + B)`` (FP32 [-1, 3]) and ``OUTPUT1 = sum(INPUT0)``
+(FP32 [-1, 1]) for ``INPUT0`` FP32 [-1, 4]. ``W`` and ``B`` are fixed, so a test can
+compute the expected result with numpy alone (``tests.triton_server.expected``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+from pytriton.decorators import batch
+from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+from pytriton.triton import Triton, TritonConfig
+
+W = (np.arange(12, dtype=np.float32).reshape(4, 3) - 6.0) / 10.0
+B = np.array([0.1, -0.2, 0.3], dtype=np.float32)
+
+
+@batch
+def infer(INPUT0: np.ndarray) -> dict[str, np.ndarray]:  # noqa: N803 (Triton's tensor name)
+    x = INPUT0.astype(np.float32)
+    return {
+        "OUTPUT0": np.tanh(x @ W + B).astype(np.float32),
+        "OUTPUT1": x.sum(axis=1, keepdims=True).astype(np.float32),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--grpc-port", type=int, required=True)
+    parser.add_argument("--http-port", type=int, required=True)
+    parser.add_argument("--metrics-port", type=int, required=True)
+    parser.add_argument("--instances", type=int, default=2)
+    parser.add_argument("--workspace", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    config = TritonConfig(
+        grpc_address="127.0.0.1",
+        http_address="127.0.0.1",
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        allow_gpu_metrics=False,
+        exit_timeout_secs=1,
+    )
+    with Triton(config=config, workspace=args.workspace) as triton:
+        triton.bind(
+            model_name="tiny",
+            infer_func=[infer] * args.instances,
+            inputs=[Tensor(name="INPUT0", dtype=np.float32, shape=(4,))],
+            outputs=[
+                Tensor(name="OUTPUT0", dtype=np.float32, shape=(3,)),
+                Tensor(name="OUTPUT1", dtype=np.float32, shape=(1,)),
+            ],
+            config=ModelConfig(
+                max_batch_size=64, batcher=DynamicBatcher(max_queue_delay_microseconds=100)
+            ),
+            strict=True,
+        )
+        print("READY", flush=True)
+        triton.serve()
+
+
+if __name__ == "__main__":
+    main()

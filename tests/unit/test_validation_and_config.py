@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mandant.config import parse_config
+from mandant.errors import ConfigError, InvalidInput, Unauthenticated
+from mandant.tenancy.keys import KeyStore, generate_key, hash_key
+from mandant.types import Tenant, TensorHeader
+from mandant.validation import check_inputs, check_outputs
+
+IO = {
+    "inputs": [
+        {"name": "A", "datatype": "FP32", "shape": [-1, 4]},
+        {"name": "B", "datatype": "INT64", "shape": [-1]},
+    ],
+    "outputs": [
+        {"name": "Y", "datatype": "FP32", "shape": [-1]},
+        {"name": "Z", "datatype": "FP32", "shape": [-1]},
+    ],
+}
+SPEC = parse_config({"models": [{"name": "m", "factory": "a:b", **IO}]}).model_specs(Path("."))[0]
+
+
+def test_valid_headers_give_the_row_count() -> None:
+    headers = [TensorHeader("B", "INT64", (3,)), TensorHeader("A", "FP32", (3, 4))]
+    assert check_inputs(SPEC, headers) == 3
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ([], "request has no inputs; model 'm' takes A, B"),
+        ([TensorHeader("A", "FP32", (1, 4))], "missing input(s) B for model 'm'"),
+        (
+            [TensorHeader("A", "FP32", (1, 4)), TensorHeader("C", "FP32", (1,))],
+            "unexpected input 'C'; model 'm' takes A, B",
+        ),
+        (
+            [TensorHeader("A", "FP64", (1, 4)), TensorHeader("B", "INT64", (1,))],
+            "input 'A': expected datatype FP32, got FP64",
+        ),
+        (
+            [TensorHeader("A", "FP32", (1, 5)), TensorHeader("B", "INT64", (1,))],
+            "input 'A': expected shape [-1, 4], got [1, 5]",
+        ),
+    ],
+)
+def test_invalid_headers_name_the_input(headers: list[TensorHeader], message: str) -> None:
+    with pytest.raises(InvalidInput) as err:
+        check_inputs(SPEC, headers)
+    assert str(err.value) == message
+
+
+def test_requested_outputs() -> None:
+    assert check_outputs(SPEC, []) == ("Y", "Z")
+    assert check_outputs(SPEC, ["Z", "Z"]) == ("Z",)
+    with pytest.raises(InvalidInput, match="unknown output 'Q'; model 'm' has Y, Z"):
+        check_outputs(SPEC, ["Q"])
+
+
+def test_config_errors_collect_every_field_path() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            {
+                "server": {"grpc_port": -1},
+                "tenants": [{"id": "acme", "weight": 0, "api_keys": ["sha256:xyz"]}],
+                "models": [{"name": "m", "version": "v2"}],
+            }
+        )
+    paths = [path for path, _ in err.value.errors]
+    assert paths == [
+        "server.grpc_port",
+        "tenants.0.api_keys",
+        "tenants.0.weight",
+        "models.0.version",
+    ]
+
+
+def test_config_references_are_checked() -> None:
+    with pytest.raises(ConfigError, match="base 'nope' is not a shared model"):
+        parse_config({"tenants": [{"id": "a"}], "models": [{"tenant": "a", "base": "nope"}]})
+    with pytest.raises(ConfigError, match="defined twice"):
+        parse_config({"models": [{"name": "m", **IO, "factory": "a:b"}] * 2})
+    with pytest.raises(ConfigError, match="an API key hash appears under two tenants"):
+        key = hash_key("k")
+        parse_config({"tenants": [{"id": "a", "api_keys": [key]}, {"id": "b", "api_keys": [key]}]})
+
+
+def test_keys_authenticate_by_hash_with_one_message_for_every_failure() -> None:
+    key, key_hash = generate_key()
+    acme = Tenant("acme")
+    store = KeyStore([(acme, [key_hash])])
+    assert store.authenticate(f"Bearer {key}") is acme
+    assert store.authenticate(f"bearer  {key}") is acme
+    messages = set()
+    for header in (
+        None,
+        "",
+        key,
+        f"Basic {key}",
+        "Bearer ",
+        f"Bearer {key}x",
+        f"Bearer {key_hash}",
+    ):
+        with pytest.raises(Unauthenticated) as err:
+            store.authenticate(header)
+        messages.add(str(err.value))
+    assert messages == {"missing or invalid API key"}
