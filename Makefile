@@ -5,7 +5,7 @@ BIN        := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-test serve test lint typecheck protos protos-check clean
+.PHONY: install install-test triton-venv redis-server serve test lint typecheck protos protos-check clean browser-tools loadtest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,16 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml clients/python/pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e clients/python -e .
 	touch $@
+
+# A real Triton for the Triton backend's tests (PyTriton bundles the server binary). Its
+# own venv: nvidia-pytriton pins numpy<2, protobuf<7 and an older tritonclient.
+TRITON_VENV ?= .venv-triton
+$(TRITON_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q "nvidia-pytriton==0.7.0"
+	touch $@
+
+triton-venv: $(TRITON_VENV)/.installed
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[test]"
@@ -34,13 +44,38 @@ protos-check: install-test
 	$(BIN)/python protos/generate.py --check
 
 lint: install-test
-	$(BIN)/ruff check server clients tests benchmarks
+	$(BIN)/ruff check server clients tests benchmarks loadtests
 
 typecheck: install-test
 	$(BIN)/mypy server/mandant clients/python/mandant_client
 
-test: install-test protos-check lint typecheck
+# A real redis-server for the shared-limits tests (Debian's package).
+redis-server:
+	command -v redis-server || (apt-get update && apt-get install -y redis-server)
+
+test: install-test triton-venv redis-server browser-tools protos-check lint typecheck
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Debian's chromium (dashboard browser test) and prometheus (promtool checks the
+# alert rules), installed when missing.
+browser-tools:
+	@command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	@command -v promtool >/dev/null || (apt-get update && apt-get install -y prometheus)
+
+# Headless locust against a running server (`make serve` in another shell):
+#   make loadtest DURATION=2m USERS=30 TARGET=127.0.0.1:8001 SCENARIO=loadtests/noisy_neighbour.yaml
+DURATION   ?= 60s
+USERS      ?= 20
+SPAWN_RATE ?= 20
+TARGET     ?= 127.0.0.1:8001
+SCENARIO   ?= loadtests/noisy_neighbour.yaml
+loadtest: install-test
+	mkdir -p loadtests/reports
+	MANDANT_TARGET=$(TARGET) MANDANT_LOADTEST_CONFIG=$(SCENARIO) $(BIN)/locust \
+		-f loadtests/locustfile.py --headless -u $(USERS) -r $(SPAWN_RATE) -t $(DURATION) \
+		--csv loadtests/reports/mandant --html loadtests/reports/mandant.html \
+		--only-summary --exit-code-on-error 0
+	@echo "reports: loadtests/reports/mandant_stats.csv, loadtests/reports/mandant.html"

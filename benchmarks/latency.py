@@ -75,10 +75,16 @@ def main() -> None:
         for name in MODELS:
             served = served_us(target, name, args.requests)
             raw = raw_forward_us(name, args.requests)
-            rows.append((name, statistics.median(raw), percentile(served, 50), percentile(served, 99)))
-    print(f"{'model':<12}{'raw forward p50':>18}{'served p50':>14}{'served p99':>14}{'overhead p50':>15}")
+            rows.append(
+                (name, statistics.median(raw), percentile(served, 50), percentile(served, 99))
+            )
+    print(
+        f"{'model':<12}{'raw forward p50':>18}{'served p50':>14}{'served p99':>14}{'overhead p50':>15}"
+    )
     for name, raw_p50, p50, p99 in rows:
-        print(f"{name:<12}{raw_p50:>15.0f} µs{p50:>11.0f} µs{p99:>11.0f} µs{p50 - raw_p50:>12.0f} µs")
+        print(
+            f"{name:<12}{raw_p50:>15.0f} µs{p50:>11.0f} µs{p99:>11.0f} µs{p50 - raw_p50:>12.0f} µs"
+        )
 
 
 if __name__ == "__main__":

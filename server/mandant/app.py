@@ -10,13 +10,16 @@ from prometheus_client import CollectorRegistry
 
 from mandant import __version__
 from mandant.backends.base import Backend
+from mandant.backends.channels import ChannelPool
 from mandant.config import MandantConfig, ModelSpec
+from mandant.events import Observer
 from mandant.observability.http import HttpServer
 from mandant.observability.live import LiveStats
 from mandant.observability.metrics import PrometheusObserver
 from mandant.observability.slo import SloTracker
 from mandant.registry import ModelRegistry
 from mandant.scheduling.base import Scheduler
+from mandant.scheduling.batcher import DynamicBatcher
 from mandant.scheduling.direct import DirectScheduler
 from mandant.service import DataPlane
 from mandant.tenancy.admission import TenantAdmission, shared_store_for
@@ -27,16 +30,30 @@ from mandant.types import Tenant
 logger = logging.getLogger(__name__)
 
 
-def make_backend(spec: ModelSpec) -> Backend:
+def make_backend(spec: ModelSpec, channels: ChannelPool | None = None) -> Backend:
+    """``channels``: the App's shared connections to remote (Triton) servers."""
     if spec.backend == "torch":
         from mandant.backends.torch import TorchBackend
 
         return TorchBackend(spec)
+    if spec.backend == "triton":
+        from mandant.backends.triton import TritonBackend
+
+        return TritonBackend(spec, channels if channels is not None else ChannelPool())
     raise NotImplementedError(f"model {spec.name!r}: backend {spec.backend!r} is not available")
 
 
-def make_scheduler(spec: ModelSpec, backend: Backend) -> Scheduler:
-    return DirectScheduler(backend)
+def make_scheduler(
+    spec: ModelSpec, backend: Backend, observer: Observer | None = None
+) -> Scheduler:
+    """The dynamic batcher where the model has ``batching``, else one request at a time."""
+    if spec.batching is None:
+        if spec.backend == "triton":  # Triton batches; pass each request's deadline on
+            from mandant.backends.triton import PassThrough
+
+            return PassThrough(DirectScheduler(backend, spec.name, observer))
+        return DirectScheduler(backend, spec.name, observer)
+    return DynamicBatcher(backend, spec.batching, spec.name, observer)
 
 
 class App:
@@ -56,7 +73,12 @@ class App:
         self.observer = PrometheusObserver(
             self.metrics, config.tenants, model_names, slo=self.slo, live=self.live
         )
-        self.registry = ModelRegistry(specs, make_backend, make_scheduler)
+        self.channels = ChannelPool()
+        self.registry = ModelRegistry(
+            specs,
+            lambda spec: make_backend(spec, self.channels),
+            lambda spec, backend: make_scheduler(spec, backend, self.observer)
+        )
         self.admission = TenantAdmission(
             config, shared_store_for(config.limits), observer=self.observer
         )

@@ -57,6 +57,8 @@ async def _serve(config: MandantConfig, base_dir: Path, demo: bool) -> None:
         loop.add_signal_handler(signum, stop.set)
     target = f"{config.server.host}:{app.grpc_port}"
     print(f"Mandant listening: gRPC (KServe v2) on {target}", flush=True)
+    http = f"http://{config.server.host}:{app.http_port}"
+    print(f"Dashboard: {http}/  (metrics: {http}/metrics)", flush=True)
     if demo:
         print(DEMO_EXAMPLE.format(target=target), flush=True)
     await stop.wait()

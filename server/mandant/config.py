@@ -94,13 +94,15 @@ class LimitsConfig(_Frozen):
     url: str | None = None
     on_store_error: Literal["allow", "deny"] = "allow"
     key_prefix: str = "mandant"
-    timeout_ms: Annotated[float, Field(gt=0)] = 100.0
+    timeout_ms: Annotated[float, Field(gt=0)] = 250.0
     retry_interval_s: Annotated[float, Field(gt=0)] = 1.0
 
     @model_validator(mode="after")
     def _url(self) -> LimitsConfig:
         if self.store == "redis" and not self.url:
             raise ValueError("store 'redis' needs a 'url' (redis://host:port/db)")
+        if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("'url' starts with redis://, rediss:// or unix://")
         return self
 
 
@@ -167,11 +169,18 @@ class BatchingConfig(_Frozen):
 
 
 class TritonModelConfig(_Frozen):
+    """Where a ``backend: triton`` model runs. ``model``/``version`` name it on Triton
+    (any Mandant name may map to any Triton model; "" is Triton's latest version)."""
+
     url: str
     model: str
     version: str = ""
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
     tls: bool = False
+    #: Calls in flight to Triton at once for this model (Triton queues and batches them).
+    max_in_flight: Annotated[int, Field(gt=0)] = 256
+    #: How often Triton's readiness and metadata are polled.
+    health_interval_s: Annotated[float, Field(gt=0)] = 1.0
 
 
 class ModelConfig(_Frozen):

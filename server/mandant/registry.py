@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from mandant.backends.base import Backend
+from mandant.backends.base import Backend, DescribesModel
 from mandant.config import ModelSpec
 from mandant.errors import ModelNotFound
 from mandant.scheduling.base import Scheduler
@@ -29,9 +29,19 @@ logger = logging.getLogger(__name__)
 @dataclass(eq=False, slots=True)
 class Model:
     key: ModelKey
-    spec: ModelSpec
+    declared: ModelSpec
     backend: Backend
     scheduler: Scheduler
+    describer: DescribesModel | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backend, DescribesModel):
+            self.describer = self.backend
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The configured spec, or the backend's where it discovers its tensors (Triton)."""
+        return self.describer.spec if self.describer is not None else self.declared
 
     @property
     def ready(self) -> bool:

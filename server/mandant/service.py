@@ -7,8 +7,9 @@ with plain Python objects and gets plain Python objects back; every failure is a
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
-import uuid
 from collections.abc import Sequence
 
 from mandant.context import current_model
@@ -79,13 +80,13 @@ class DataPlane:
         start = time.monotonic()
         model = self.model(tenant, request.model_name, request.model_version)
         current_model.set(model.key.name)
+        if not model.ready:
+            raise Unavailable(f"model '{model.key.name}' is not ready")
         rows = check_inputs(model.spec, request.input_headers())
         outputs = check_outputs(model.spec, request.requested_outputs())
         parameters = request.parameters()
         deadline = _deadline(start, timeout_s, parameters.get("timeout"))
         priority = _priority(parameters.get("priority"), tenant.priority)
-        if not model.ready:
-            raise Unavailable(f"model '{model.key.name}' is not ready")
         permit = await self._admission.admit(tenant, model.key, rows)
         try:
             inputs = request.decode_inputs()
@@ -97,7 +98,7 @@ class DataPlane:
                     model=model.key,
                     inputs=inputs,
                     outputs=outputs,
-                    request_id=request.request_id or uuid.uuid4().hex,
+                    request_id=request.request_id or _local_id(),
                     deadline=deadline,
                     priority=priority,
                     rows=rows,
@@ -132,3 +133,12 @@ def _priority(value: object, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidInput("parameter 'priority' is a non-negative integer")
     return value or default
+
+
+_ids = itertools.count(1)
+_ID_PREFIX = f"{os.getpid():x}-"
+
+
+def _local_id() -> str:
+    """A server-unique id for requests that came without one (for logs)."""
+    return f"{_ID_PREFIX}{next(_ids):x}"

@@ -25,23 +25,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from tests.triton_server.tiny import NAME as MODEL
+from tests.triton_server.tiny import expected
+
+__all__ = ["MODEL", "TritonProcess", "available", "expected", "free_port"]
+
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SERVE = Path(__file__).resolve().parent / "serve.py"
 TRITON_PYTHON = Path(os.environ.get("MANDANT_TRITON_PYTHON", ROOT / ".venv-triton/bin/python"))
 
-MODEL = "tiny"
-W = (np.arange(12, dtype=np.float32).reshape(4, 3) - 6.0) / 10.0
-B = np.array([0.1, -0.2, 0.3], dtype=np.float32)
 
-
-def expected(x: np.ndarray) -> dict[str, np.ndarray]:
-    """What ``tiny`` answers for ``x`` (FP32 [n, 4]), computed here with numpy."""
-    return {
-        "OUTPUT0": np.tanh(x @ W + B).astype(np.float32),
-        "OUTPUT1": x.sum(axis=1, keepdims=True).astype(np.float32),
-    }
+_PRINT_LIBDIR = "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"
 
 
 def free_port() -> int:
@@ -86,11 +81,17 @@ class TritonProcess:
             raise RuntimeError("Triton is already running")
         shutil.rmtree(self._workspace, ignore_errors=True)
         env = dict(os.environ)
-        libdir = sysconfig.get_config_var("LIBDIR")
+        libdir = subprocess.run(
+            [str(TRITON_PYTHON), "-c", _PRINT_LIBDIR],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip() or sysconfig.get_config_var("LIBDIR")
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p
         )
         env.pop("PYTHONPATH", None)
+        env["TMPDIR"] = str(self._scratch)  # PyTriton writes its model folders there
         self._process = subprocess.Popen(
             [
                 str(TRITON_PYTHON),
@@ -129,44 +130,45 @@ class TritonProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole process group, as a crash would; returns once it is gone."""
-        self._signal(signal.SIGKILL, wait_s=10)
+        self._shutdown(graceful_s=0)
 
     def stop(self) -> None:
-        """Shut Triton down gracefully (SIGKILL if it takes too long)."""
-        if self.running:
-            self._signal(signal.SIGTERM, wait_s=10)
-        self.kill()
+        """Shut Triton down gracefully, then SIGKILL whatever is left of the group."""
+        self._shutdown(graceful_s=10)
 
     def close(self) -> None:
         self.stop()
         self._log.close()
         shutil.rmtree(self._scratch, ignore_errors=True)
 
-    def _signal(self, sig: signal.Signals, wait_s: float) -> None:
-        process = self._process
+    def _shutdown(self, graceful_s: float) -> None:
+        process, self._process = self._process, None
         if process is None:
             return
+        if graceful_s > 0 and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(graceful_s)
+        # The group outlives its leader (tritonserver, the model's stubs): kill all of it.
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(wait_s)
-        except subprocess.TimeoutExpired:
-            return
-        # The group may outlive its leader for a moment (tritonserver, stubs).
-        deadline = time.monotonic() + wait_s
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             try:
-                os.killpg(process.pid, 0)
+                os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 break
-            if sig == signal.SIGKILL:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-            time.sleep(0.05)
-        self._process = None
-        # A killed Python backend leaves its shared-memory regions behind.
+            time.sleep(0.02)
+        # A killed Python backend leaves its shared-memory regions and the model folder
+        # it unpacked (always under /tmp, naming our workspace) behind.
         for region in Path("/dev/shm").glob(f"pytrtion{process.pid}-*"):
             region.unlink(missing_ok=True)
+        for folder in Path("/tmp").glob("folder*"):
+            with contextlib.suppress(OSError):
+                if str(self._scratch) in (folder / "config.pbtxt").read_text():
+                    shutil.rmtree(folder, ignore_errors=True)
 
     def log_tail(self, lines: int = 40) -> str:
         text = (self._scratch / "triton.log").read_text(errors="replace")

@@ -4,10 +4,8 @@ Run with the interpreter of ``.venv-triton`` (PyTriton pins its own numpy and
 protobuf): ``python serve.py --grpc-port P --http-port Q --metrics-port R``. Prints
 ``READY`` once Triton serves the model, then serves until SIGTERM/SIGINT.
 
-The model ``tiny`` (max batch 64, Triton's dynamic batcher on):
-``OUTPUT0 = tanh(INPUT0 @ W + B)`` (FP32 [-1, 3]) and ``OUTPUT1 = sum(INPUT0)``
-(FP32 [-1, 1]) for ``INPUT0`` FP32 [-1, 4]. ``W`` and ``B`` are fixed, so a test can
-compute the expected result with numpy alone (``tests.triton_server.expected``).
+The model is ``tiny.py``'s (max batch 64, Triton's dynamic batcher on), so a test can
+compute the expected result with numpy alone.
 """
 
 from __future__ import annotations
@@ -20,18 +18,12 @@ import numpy as np
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
-
-W = (np.arange(12, dtype=np.float32).reshape(4, 3) - 6.0) / 10.0
-B = np.array([0.1, -0.2, 0.3], dtype=np.float32)
+from tiny import NAME, expected  # this script's folder is on sys.path
 
 
 @batch
-def infer(INPUT0: np.ndarray) -> dict[str, np.ndarray]:  # noqa: N803 (Triton's tensor name)
-    x = INPUT0.astype(np.float32)
-    return {
-        "OUTPUT0": np.tanh(x @ W + B).astype(np.float32),
-        "OUTPUT1": x.sum(axis=1, keepdims=True).astype(np.float32),
-    }
+def infer(INPUT0: np.ndarray) -> dict[str, np.ndarray]:
+    return expected(INPUT0)
 
 
 def main() -> None:
@@ -54,7 +46,7 @@ def main() -> None:
     )
     with Triton(config=config, workspace=args.workspace) as triton:
         triton.bind(
-            model_name="tiny",
+            model_name=NAME,
             infer_func=[infer] * args.instances,
             inputs=[Tensor(name="INPUT0", dtype=np.float32, shape=(4,))],
             outputs=[

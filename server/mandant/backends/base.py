@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from mandant.config import ModelSpec
 
 
 class Backend(Protocol):
@@ -35,3 +37,14 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
     async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@runtime_checkable
+class DescribesModel(Protocol):
+    """A backend that learns its model's inputs and outputs from where it runs (Triton's
+    ModelMetadata) instead of configuration: ``spec`` is the configured spec with those
+    filled in, and may change while it runs (the model reloaded with new tensors). The
+    registry validates requests and answers ModelMetadata with it."""
+
+    @property
+    def spec(self) -> ModelSpec: ...

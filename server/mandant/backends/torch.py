@@ -14,7 +14,7 @@ import importlib
 import logging
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,27 @@ class TorchBackend:
             await asyncio.to_thread(executor.shutdown, wait=True)  # queued calls finish
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def stack_inputs(self, parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Concatenate requests' inputs along dimension 0 for one batch (the dynamic
+        batcher calls this). On CUDA the batch lands in pinned host memory, so the
+        ``non_blocking`` copy to the device is truly asynchronous; the returned arrays
+        view that memory and keep it alive until the batch's tensors are gone."""
+        stacked: dict[str, np.ndarray] = {}
+        for name in parts[0]:
+            arrays = [part[name] for part in parts]
+            first = arrays[0]
+            if self._device.type != "cuda" or first.dtype.kind in _NON_TENSOR_KINDS:
+                stacked[name] = np.concatenate(arrays)
+                continue
+            rows = sum(array.shape[0] for array in arrays)
+            pinned = torch.empty(
+                (rows, *first.shape[1:]),
+                dtype=torch.from_numpy(first[:0]).dtype,
+                pin_memory=True,
+            )
+            stacked[name] = np.concatenate(arrays, out=pinned.numpy())
+        return stacked
 
     async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         module, executor = self._module, self._executor

@@ -37,7 +37,9 @@ class Health(Protocol):
 
 @runtime_checkable
 class QuotaUsage(Protocol):
-    """What admission can say about quota consumption (``rows_today``, …)."""
+    """Quota consumption per tenant (``rows_today``, …). By default the rows this
+    process admitted (:meth:`LiveStats.quota_used`); with a shared limits store,
+    pass what the store counts."""
 
     def quota_used(self, tenant: str) -> Mapping[str, int]: ...
 
@@ -114,7 +116,7 @@ class HttpServer:
         self._health = health
         self._slo = slo
         self._live = live
-        self._quota = quota
+        self._quota: QuotaUsage = quota if quota is not None else live
         self._admin_hashes = tuple(config.admin_keys)
         self._percentiles = {t.id: t.slo.percentile for t in tenants if t.slo is not None}
         self._page = dashboard_page()

@@ -73,8 +73,12 @@ class LiveStats:
         clock: Clock = time.monotonic,
         step_s: float = 5.0,
         span_s: float = 300.0,
+        wall: Clock = time.time,
     ) -> None:
         self._clock = clock
+        self._wall = wall
+        self._admitted: dict[str, list[int]] = {}  # [day, rows, month, rows]
+        self._day_cache = (-1, -1)
         self._step_s = step_s
         self._slots_kept = max(1, round(span_s / step_s))
         self._tenants: dict[str, list[_Slot]] = {
@@ -115,6 +119,36 @@ class LiveStats:
         if sizes is not None:
             sizes[size] = sizes.get(size, 0) + 1
 
+    def record_admitted(self, tenant: str, rows: int) -> None:
+        """Rows admitted, counted per UTC day and month (wall clock, like quotas)."""
+        if tenant not in self._inflight:
+            return
+        day, month = self._periods()
+        counts = self._admitted.setdefault(tenant, [day, 0, month, 0])
+        if counts[0] != day:
+            counts[0], counts[1] = day, 0
+        if counts[2] != month:
+            counts[2], counts[3] = month, 0
+        counts[1] += rows
+        counts[3] += rows
+
+    def quota_used(self, tenant: str) -> dict[str, int]:
+        """Rows admitted by this process today and this month (UTC)."""
+        day, month = self._periods()
+        counts = self._admitted.get(tenant, [day, 0, month, 0])
+        return {
+            "rows_today": counts[1] if counts[0] == day else 0,
+            "rows_this_month": counts[3] if counts[2] == month else 0,
+        }
+
+    def _periods(self) -> tuple[int, int]:
+        """UTC day number and year*12+month, the month worked out once per day."""
+        day = int(self._wall() // 86400)
+        if day != self._day_cache[0]:
+            now = time.gmtime(day * 86400)
+            self._day_cache = (day, now.tm_year * 12 + now.tm_mon)
+        return self._day_cache
+
     def inflight_changed(self, tenant: str, delta: int) -> None:
         if tenant in self._inflight:
             self._inflight[tenant] += delta
@@ -141,41 +175,54 @@ class LiveStats:
                 width = (now - slot_id * self._step_s) if slot_id == now_slot else self._step_s
                 width = max(width, 1e-3)
                 if slot is None:
-                    history.append({"t": (slot_id - now_slot) * self._step_s, "rps": 0.0,
-                                    "errors_per_s": 0.0, "p50_ms": None, "p99_ms": None})
+                    history.append(
+                        {
+                            "t": (slot_id - now_slot) * self._step_s,
+                            "rps": 0.0,
+                            "errors_per_s": 0.0,
+                            "p50_ms": None,
+                            "p99_ms": None,
+                        }
+                    )
                     continue
                 ok += slot.ok
                 errors += slot.errors
                 for reason, count in slot.rejections.items():
                     rejections[reason] = rejections.get(reason, 0) + count
                 merged = [a + b for a, b in zip(merged, slot.latency, strict=True)]
-                history.append({
-                    "t": (slot_id - now_slot) * self._step_s,
-                    "rps": slot.ok / width,
-                    "errors_per_s": slot.errors / width,
-                    "p50_ms": _ms(quantile(slot.latency, 0.5)),
-                    "p99_ms": _ms(quantile(slot.latency, high_q)),
-                })
+                history.append(
+                    {
+                        "t": (slot_id - now_slot) * self._step_s,
+                        "rps": slot.ok / width,
+                        "errors_per_s": slot.errors / width,
+                        "p50_ms": _ms(quantile(slot.latency, 0.5)),
+                        "p99_ms": _ms(quantile(slot.latency, high_q)),
+                    }
+                )
             span = max(min(now - self._started, self._slots_kept * self._step_s), 1e-3)
             config = slo.objective(tenant)
-            tenants.append({
-                "id": tenant,
-                "slo": None if config is None else {
-                    "latency_ms": config.latency_ms,
-                    "percentile": config.percentile,
-                    "objective": config.objective,
-                },
-                "windows": slo.report(tenant) if config is not None else None,
-                "inflight": self._inflight[tenant],
-                "span_s": span,
-                "requests": ok,
-                "errors": errors,
-                "rps": ok / span,
-                "p50_ms": _ms(quantile(merged, 0.5)),
-                "p99_ms": _ms(quantile(merged, high_q)),
-                "rejections": rejections,
-                "history": history,
-            })
+            tenants.append(
+                {
+                    "id": tenant,
+                    "slo": None
+                    if config is None
+                    else {
+                        "latency_ms": config.latency_ms,
+                        "percentile": config.percentile,
+                        "objective": config.objective,
+                    },
+                    "windows": slo.report(tenant) if config is not None else None,
+                    "inflight": self._inflight[tenant],
+                    "span_s": span,
+                    "requests": ok,
+                    "errors": errors,
+                    "rps": ok / span,
+                    "p50_ms": _ms(quantile(merged, 0.5)),
+                    "p99_ms": _ms(quantile(merged, high_q)),
+                    "rejections": rejections,
+                    "history": history,
+                }
+            )
         models = [
             {"name": name, "batch_sizes": {str(k): v for k, v in sorted(sizes.items())}}
             for name, sizes in self._batches.items()

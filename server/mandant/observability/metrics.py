@@ -190,7 +190,10 @@ class PrometheusObserver:
             self._child(self.compute_seconds, label, model).inc(share)
 
     def admitted(self, tenant: str, model: str, rows: int) -> None:
-        self._child(self.admitted_rows, self._tenant(tenant), self._model(model)).inc(rows)
+        tenant = self._tenant(tenant)
+        self._child(self.admitted_rows, tenant, self._model(model)).inc(rows)
+        if self._live is not None:
+            self._live.record_admitted(tenant, rows)
 
     def rejected(self, tenant: str, reason: str) -> None:
         tenant = self._tenant(tenant)

@@ -92,9 +92,7 @@ class DynamicBatcher:
         self._model = model
         self._observer: Observer = observer or NullObserver()
         self._clock: Clock = clock or LoopClock()
-        self._queue: BatchQueue[_Pending] = (
-            FairQueue() if config.policy == "fair" else FifoQueue()
-        )
+        self._queue: BatchQueue[_Pending] = FairQueue() if config.policy == "fair" else FifoQueue()
         self._max_rows = config.max_batch_size
         self._preferred = tuple(sorted(p for p in config.preferred_batch_sizes if p > 0))
         self._delay_s = config.max_queue_delay_ms / 1000.0
@@ -283,7 +281,9 @@ class DynamicBatcher:
                 self._finish(entry, exc=Unavailable(f"model '{self._model}' is shutting down"))
             raise
         else:
-            self._batch_s = compute_s if not self._batch_s else 0.8 * self._batch_s + 0.2 * compute_s
+            self._batch_s = (
+                compute_s if not self._batch_s else 0.8 * self._batch_s + 0.2 * compute_s
+            )
             shares = Counter[str]()
             for entry, part in zip(batch, parts, strict=True):
                 shares[entry.tenant] += entry.rows
@@ -309,7 +309,9 @@ class DynamicBatcher:
             entry.future.set_result(result)
 
 
-def _split(outputs: Mapping[str, np.ndarray], batch: Sequence[_Pending], rows: int) -> list[Outputs]:
+def _split(
+    outputs: Mapping[str, np.ndarray], batch: Sequence[_Pending], rows: int
+) -> list[Outputs]:
     """Each request's own rows of every output (views, no copies)."""
     if len(batch) == 1:
         return [dict(outputs)]

@@ -9,6 +9,7 @@ import numpy as np
 
 from mandant.backends.base import Backend
 from mandant.errors import DeadlineExceeded
+from mandant.events import NullObserver, Observer
 from mandant.types import InferRequest
 
 
@@ -17,8 +18,10 @@ class DirectScheduler:
     once, the rest wait their turn in arrival order. A request whose deadline passes
     while it waits is answered DeadlineExceeded and never runs."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, model: str = "", observer: Observer | None = None) -> None:
         self._backend = backend
+        self._model = model
+        self._observer: Observer = observer or NullObserver()
         self._slots = asyncio.Semaphore(backend.max_concurrency)
 
     async def start(self) -> None:
@@ -28,13 +31,20 @@ class DirectScheduler:
         return None
 
     async def submit(self, request: InferRequest) -> dict[str, np.ndarray]:
-        timeout = None if request.deadline is None else request.deadline - time.monotonic()
+        arrival = time.monotonic()
+        timeout = None if request.deadline is None else request.deadline - arrival
         try:
             async with asyncio.timeout(timeout):
                 await self._slots.acquire()
         except TimeoutError:
             raise DeadlineExceeded("deadline exceeded while queued") from None
         try:
-            return await self._backend.infer(request.inputs)
+            start = time.monotonic()
+            outputs = await self._backend.infer(request.inputs)
+            compute_s = time.monotonic() - start
         finally:
             self._slots.release()
+        tenant = request.tenant.id
+        self._observer.request_timing(tenant, self._model, start - arrival, compute_s)
+        self._observer.batch_executed(self._model, request.rows, compute_s, {tenant: request.rows})
+        return outputs

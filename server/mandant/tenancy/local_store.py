@@ -10,8 +10,12 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from mandant.tenancy.limits import MONOTONIC, Clock, TokenBucket
-from mandant.tenancy.policy import Denial, Plan, Scope, cost
+from mandant.tenancy.policy import ROWS, Denial, Plan, Scope
 from mandant.tenancy.quota import WALL, QuotaCounter
+
+#: One limit of a plan, resolved to its state: (bucket, per row?, scope).
+_Bucket = tuple[TokenBucket, bool, Scope]
+_Counter = tuple[QuotaCounter, Scope]
 
 
 class LocalStore:
@@ -22,43 +26,59 @@ class LocalStore:
         self._wall = wall
         self._buckets: dict[tuple[Scope, str], TokenBucket] = {}
         self._counters: dict[tuple[Scope, str], QuotaCounter] = {}
+        self._resolved: dict[tuple[str, str], tuple[Plan, list[_Bucket], list[_Counter]]] = {}
 
     def acquire(self, plan: Plan, rows: int) -> Denial | None:
         """Take from every bucket and quota of ``plan``, or from none and say why."""
-        buckets: list[TokenBucket] = []
-        if plan.buckets:
+        resolved = self._resolved.get((plan.tenant, plan.model))
+        if resolved is None or resolved[0] is not plan:
+            resolved = self._resolve(plan)
+        _, buckets, counters = resolved
+        now = wall = 0.0
+        if buckets:
             now = self._clock()
-            for scope, rate in plan.buckets:
-                bucket = self._buckets.get((scope, rate.name))
-                if bucket is None:
-                    bucket = self._buckets[(scope, rate.name)] = TokenBucket(rate, now)
-                elif bucket.rate is not rate and bucket.rate != rate:
-                    bucket.reconfigure(rate, now)
-                wait = bucket.wait_s(cost(rate, rows), now)
+            for bucket, per_row, scope in buckets:
+                wait = bucket.wait_s(rows if per_row else 1, now)
                 if wait > 0.0:
-                    return Denial(rate, scope, wait)
-                buckets.append(bucket)
-        counters: list[QuotaCounter] = []
-        if plan.quotas:
+                    return Denial(bucket.rate, scope, wait)
+        if counters:
             wall = self._wall()
-            for scope, quota in plan.quotas:
-                counter = self._counters.get((scope, quota.name))
-                if counter is None:
-                    counter = self._counters[(scope, quota.name)] = QuotaCounter(quota, wall)
-                elif counter.quota != quota:
-                    counter.reconfigure(quota)
+            for counter, scope in counters:
                 wait = counter.wait_s(rows, wall)
                 if wait > 0.0:
-                    return Denial(quota, scope, wait)
-                counters.append(counter)
-            for counter in counters:
+                    return Denial(counter.quota, scope, wait)
+            for counter, _ in counters:
                 counter.take(rows, wall)
-        for bucket in buckets:
-            bucket.take(cost(bucket.rate, rows), now)
+        for bucket, per_row, _ in buckets:
+            bucket.take(rows if per_row else 1, now)
         return None
+
+    def _resolve(self, plan: Plan) -> tuple[Plan, list[_Bucket], list[_Counter]]:
+        """The state behind each limit of a (new) plan; a limit whose numbers changed
+        keeps its state, reconfigured."""
+        now, wall = self._clock(), self._wall()
+        buckets: list[_Bucket] = []
+        for scope, rate in plan.buckets:
+            bucket = self._buckets.get((scope, rate.name))
+            if bucket is None:
+                bucket = self._buckets[(scope, rate.name)] = TokenBucket(rate, now)
+            elif bucket.rate != rate:
+                bucket.reconfigure(rate, now)
+            buckets.append((bucket, rate.name == ROWS, scope))
+        counters: list[_Counter] = []
+        for scope, quota in plan.quotas:
+            counter = self._counters.get((scope, quota.name))
+            if counter is None:
+                counter = self._counters[(scope, quota.name)] = QuotaCounter(quota, wall)
+            elif counter.quota != quota:
+                counter.reconfigure(quota)
+            counters.append((counter, scope))
+        resolved = self._resolved[(plan.tenant, plan.model)] = (plan, buckets, counters)
+        return resolved
 
     def retain(self, scopes: Collection[Scope]) -> None:
         """Forget the state of scopes no longer configured (after a reload)."""
+        self._resolved.clear()
         for table in (self._buckets, self._counters):
             for key in [key for key in table if key[0] not in scopes]:
                 del table[key]

@@ -35,7 +35,8 @@ ACQUIRE_LUA = """
 local nb = tonumber(ARGV[1])
 local nq = tonumber(ARGV[2])
 local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local stamp = clock[1] .. '.' .. string.format('%06d', tonumber(clock[2]))
+local now = tonumber(stamp)
 local levels = {}
 for i = 1, nb do
   local base = 2 + 3 * (i - 1)
@@ -52,7 +53,7 @@ for i = 1, nb do
   end
   if level > burst then level = burst end
   if level < need then
-    return {i, tostring((need - level) / rate)}
+    return {i, string.format('%.17g', (need - level) / rate)}
   end
   levels[i] = level
 end
@@ -68,8 +69,8 @@ for i = 1, nb do
   local base = 2 + 3 * (i - 1)
   local rate = tonumber(ARGV[base + 1])
   local burst = tonumber(ARGV[base + 2])
-  redis.call('HSET', KEYS[i], 'tokens', tostring(levels[i] - tonumber(ARGV[base + 3])),
-             'ts', tostring(now))
+  local left = levels[i] - tonumber(ARGV[base + 3])
+  redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', left), 'ts', stamp)
   redis.call('PEXPIRE', KEYS[i], math.ceil(burst / rate * 1000) + 1000)
 end
 for j = 1, nq do

@@ -90,7 +90,6 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     caller = authenticate(_authorization(context))
                     current_tenant.set(caller)
                     tenant_id = caller.id
-                    observer.inflight_changed(tenant_id, 1)
                 current_request_id.set(getattr(request, "id", ""))
                 return await behavior(request, context)
             except MandantError as exc:
@@ -118,8 +117,6 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE.format(request_id=request_id)
                 )
             finally:
-                if tenant_id:
-                    observer.inflight_changed(tenant_id, -1)
                 observer.request_finished(
                     tenant_id, current_model.get(), code, time.perf_counter() - start
                 )

@@ -1,0 +1,260 @@
+"""Shared parts of the batching benchmarks: a Mandant server subprocess pinned to one
+core that records every batch it runs, a closed-loop grpc.aio load generator pinned
+to the other core, and table printing.
+
+    python -m benchmarks._load serve CONFIG STATS   # the server half (internal)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import yaml
+
+from benchmarks._server import DEMO_CONFIG, ROOT, free_port, pinned
+
+SERVER_CPU = "0"
+CLIENT_CPU = 1
+KEYS = {"acme": "acme-demo-key", "globex": "globex-demo-key", "initech": "initech-demo-key"}
+#: One torch thread in the server and in raw measurements ("same thread settings").
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def demo_data(models: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The demo configuration with ``models`` instead of its own, limits removed
+    (the benchmarks measure scheduling, not admission), model paths absolute."""
+    data = yaml.safe_load(DEMO_CONFIG.read_text())
+    for tenant in data["tenants"]:
+        for key in ("rate_limit", "max_concurrency", "quota"):
+            tenant.pop(key, None)
+    data.pop("limits", None)
+    base = DEMO_CONFIG.parent
+    resolved = []
+    for model in models:
+        model = dict(model)
+        if "path" in model:
+            model["path"] = str(base / model["path"])
+        resolved.append(model)
+    data["models"] = resolved
+    return data
+
+
+def classifier(name: str = "classifier", **overrides: Any) -> dict[str, Any]:
+    """The demo's shared classifier under another name, with ``overrides``."""
+    model: dict[str, Any] = {
+        "name": name,
+        "backend": "torch",
+        "factory": "mandant.demo.models:classifier",
+        "path": "models/classifier.safetensors",
+        "weights_init": "mandant.demo.models:build_classifier_weights",
+        "factory_args": {"seed": 0},
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, 256]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, 16]}],
+        "batching": {"max_batch_size": 64, "max_queue_delay_ms": 2},
+    }
+    model.update(overrides)
+    return {k: v for k, v in model.items() if v is not None}
+
+
+ECHO = {
+    "name": "echo",
+    "backend": "torch",
+    "factory": "mandant.demo.models:echo",
+    "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+    "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+}
+
+
+# -- server -------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    target: str
+    stats_path: Path
+
+    def batches(self) -> dict[str, Counter[int]]:
+        """Batch sizes run per model (read after the server stopped)."""
+        data = json.loads(self.stats_path.read_text())
+        return {model: Counter({int(k): v for k, v in c.items()}) for model, c in data.items()}
+
+
+@contextmanager
+def server(data: Mapping[str, Any]) -> Iterator[Server]:
+    """The server subprocess on core 0 with ``data`` as its configuration."""
+    folder = Path(tempfile.mkdtemp(prefix="mandant-bench-"))
+    config, stats = folder / "mandant.yaml", folder / "stats.json"
+    port = free_port()
+    data = dict(data)
+    data["server"] = {**data["server"], "grpc_port": port, "http_port": free_port()}
+    config.write_text(yaml.safe_dump(data))
+    command = [sys.executable, "-m", "benchmarks._load", "serve", str(config), str(stats)]
+    proc = subprocess.Popen(
+        pinned(command, SERVER_CPU),
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **THREAD_ENV},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("listening"):
+            raise RuntimeError(f"server did not start: {line!r}")
+        yield Server(f"127.0.0.1:{port}", stats)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+async def _serve(config_path: Path) -> dict[str, Counter[int]]:
+    from mandant import app as app_module
+    from mandant.config import load_config
+
+    sizes: dict[str, Counter[int]] = {}
+
+    class Recorder:
+        def __init__(self, inner: Any) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+        def batch_executed(
+            self, model: str, size: int, compute_s: float, rows: Mapping[str, int]
+        ) -> None:
+            sizes.setdefault(model, Counter())[size] += 1
+            self._inner.batch_executed(model, size, compute_s, rows)
+
+    make_scheduler = app_module.make_scheduler
+    app_module.make_scheduler = lambda spec, backend, observer=None: make_scheduler(  # type: ignore[assignment]
+        spec, backend, Recorder(observer)
+    )
+    app = app_module.App(load_config(config_path), config_path.parent)
+    await app.start()
+    print("listening", app.grpc_port, flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await app.aclose(0)
+    return sizes
+
+
+# -- load -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    tenant: str
+    model: str
+    concurrency: int
+    rows: int = 1
+    width: int = 256
+
+
+@dataclass
+class Result:
+    load: Load
+    seconds: float
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies_ms) / self.seconds
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rps * self.load.rows
+
+    def p(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+
+async def _closed_loop(target: str, load: Load, warmup_s: float, seconds: float) -> Result:
+    from mandant_client._proto import grpc_service_pb2 as pb
+    from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+
+    request = pb.ModelInferRequest(model_name=load.model)
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[load.rows, load.width])
+    x = np.random.default_rng(0).standard_normal((load.rows, load.width), dtype=np.float32)
+    request.raw_input_contents.append(x.tobytes())
+    metadata = (("authorization", f"Bearer {KEYS[load.tenant]}"),)
+    channels = [grpc.aio.insecure_channel(target) for _ in range(max(1, load.concurrency // 32))]
+    stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in channels]
+    result = Result(load, seconds)
+    start = time.perf_counter()
+    measure_from, end = start + warmup_s, start + warmup_s + seconds
+
+    async def worker(n: int) -> None:
+        infer = stubs[n % len(stubs)].ModelInfer
+        while (now := time.perf_counter()) < end:
+            try:
+                await infer(request, metadata=metadata, timeout=30)
+            except grpc.aio.AioRpcError:
+                result.errors += 1
+                continue
+            if now >= measure_from:
+                result.latencies_ms.append((time.perf_counter() - now) * 1000)
+
+    await asyncio.gather(*(worker(n) for n in range(load.concurrency)))
+    for channel in channels:
+        await channel.close()
+    return result
+
+
+def _run_pinned(
+    index: int, target: str, load: Load, warmup_s: float, seconds: float, out: Any
+) -> None:
+    os.sched_setaffinity(0, {CLIENT_CPU})
+    out.put((index, asyncio.run(_closed_loop(target, load, warmup_s, seconds))))
+
+
+def run(target: str, loads: Sequence[Load], seconds: float, warmup_s: float = 1.0) -> list[Result]:
+    """Each load in a process of its own on the client core, all at the same time."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    procs = [
+        context.Process(target=_run_pinned, args=(n, target, load, warmup_s, seconds, queue))
+        for n, load in enumerate(loads)
+    ]
+    for proc in procs:
+        proc.start()
+    results = dict(queue.get() for _ in procs)
+    for proc in procs:
+        proc.join()
+    return [results[n] for n in range(len(loads))]
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table (pastes straight into the README)."""
+
+    def cell(value: object) -> str:
+        return f"{value:,.1f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---:|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"]:
+        import uvloop
+
+        sizes = uvloop.run(_serve(Path(sys.argv[2])))
+        Path(sys.argv[3]).write_text(json.dumps(sizes))

@@ -1,0 +1,400 @@
+"""Forwards a model's requests (or its batches) to an NVIDIA Triton Inference Server.
+
+* One shared, long-lived gRPC channel per Triton URL (:class:`ChannelPool`), called
+  through ``tritonclient.grpc``'s generated KServe v2 stubs: tensors go as raw bytes,
+  a request's own bytes passed on without a copy of ours when they are one whole
+  buffer; only the requested outputs are asked for.
+* Readiness is polled in the background (ModelReady, then ModelMetadata); a model
+  whose ``inputs``/``outputs`` are not configured takes them from Triton's metadata,
+  refreshed on every poll, so a model reloaded on Triton with new tensors is followed.
+* Faults: every call is bounded by the caller's deadline or ``timeout_s``; a connect
+  failure (nothing was sent) is retried at most twice with jittered backoff; a
+  :class:`CircuitBreaker` refuses calls at once after repeated failures and lets a
+  probe through after its reset time. Triton's errors are translated here, at the
+  boundary: INVALID_ARGUMENT stays :class:`InvalidInput` (with Triton's model name
+  replaced by Mandant's), NOT_FOUND (a wrong mapping) is logged and becomes
+  :class:`Unavailable`, as does anything else.
+
+Passing a request's deadline and requested outputs to :meth:`TritonBackend.infer`
+needs more than the :class:`~mandant.backends.base.Backend` protocol carries:
+:class:`PassThrough` wraps the scheduler of an unbatched Triton model and attaches
+them to the call as a context variable, matched to the very ``inputs`` object it
+describes, so a batch formed elsewhere never picks up one request's hints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import random
+import struct
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from mandant.backends.channels import ChannelPool
+from mandant.backends.circuit import CircuitBreaker
+from mandant.config import ModelSpec, TritonModelConfig
+from mandant.errors import DeadlineExceeded, InvalidInput, QueueFull, Unavailable
+from mandant.scheduling.base import Scheduler
+from mandant.types import DATATYPES, InferRequest, TensorSpec, datatype_of
+
+logger = logging.getLogger(__name__)
+
+#: Retries of a call that never reached Triton (connection refused / not connected).
+CONNECT_RETRIES = 2
+RETRY_BACKOFF_S = 0.05
+#: Timeout of one health poll RPC.
+PROBE_TIMEOUT_S = 1.0
+_LENGTH = struct.Struct("<I")
+_CONNECT_FAILURE_MARKERS = ("failed to connect", "connection refused", "no route to host")
+
+
+@dataclass(frozen=True, slots=True)
+class CallHints:
+    """What the request behind one ``infer`` call wants: applies to the call whose
+    ``inputs`` is this very object."""
+
+    inputs: Mapping[str, np.ndarray]
+    outputs: tuple[str, ...]
+    deadline: float | None
+
+
+_hints: contextvars.ContextVar[CallHints | None] = contextvars.ContextVar(
+    "mandant_triton_call_hints", default=None
+)
+
+
+class PassThrough:
+    """Wraps the scheduler of an unbatched Triton model: each request goes to Triton
+    alone (Triton's own dynamic batcher groups them), with its deadline as the call's
+    timeout and only its requested outputs."""
+
+    def __init__(self, inner: Scheduler) -> None:
+        self._inner = inner
+
+    async def start(self) -> None:
+        await self._inner.start()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def submit(self, request: InferRequest) -> dict[str, np.ndarray]:
+        token = _hints.set(CallHints(request.inputs, request.outputs, request.deadline))
+        try:
+            return await self._inner.submit(request)
+        finally:
+            _hints.reset(token)
+
+
+class TritonBackend:
+    """One Mandant model version served by a model on a Triton server."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        channels: ChannelPool,
+        breaker: CircuitBreaker | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if spec.triton is None:
+            raise ValueError(f"model {spec.name!r} has no 'triton' section")
+        self._spec = spec
+        self._triton: TritonModelConfig = spec.triton
+        self._channels = channels
+        self._breaker = breaker or CircuitBreaker(clock=clock)
+        self._clock = clock
+        self._stub: pb_grpc.GRPCInferenceServiceStub | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._model_ready = False
+        self._platform = "triton"
+        self._discover = not (spec.inputs and spec.outputs)
+
+    # -- the Backend protocol ---------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self._stub is not None
+            and self._model_ready
+            and bool(self._spec.inputs and self._spec.outputs)
+        )
+
+    @property
+    def platform(self) -> str:
+        return self._platform
+
+    @property
+    def max_concurrency(self) -> int:
+        return self._triton.max_in_flight
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The configured spec, with the tensors Triton reported where none were set."""
+        return self._spec
+
+    async def start(self) -> None:
+        if self._stub is not None:
+            raise RuntimeError(f"model {self._spec.name!r} is already started")
+        channel = self._channels.acquire(self._triton.url, self._triton.tls)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        await self.refresh()
+        if not self.ready:
+            logger.warning(
+                "model %s: Triton model %r at %s is not ready yet; serving once it is",
+                self._spec.name,
+                self._triton.model,
+                self._triton.url,
+            )
+        self._watcher = asyncio.create_task(self._watch(), name=f"triton-health-{self._spec.name}")
+
+    async def aclose(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        if self._stub is not None:
+            self._stub = None
+            self._model_ready = False
+            await self._channels.release(self._triton.url, self._triton.tls)
+
+    async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        stub = self._stub
+        if stub is None:
+            raise Unavailable(f"model '{self._spec.name}' is not loaded")
+        hints = _hints.get()
+        if hints is not None and hints.inputs is not inputs:
+            hints = None  # set for another call (a batch formed from this request)
+        outputs = hints.outputs if hints else tuple(t.name for t in self._spec.outputs)
+        request = self._request(inputs, outputs)
+        cap = self._clock() + self._triton.timeout_s
+        client_deadline = hints.deadline if hints and hints.deadline is not None else None
+        deadline = cap if client_deadline is None else min(cap, client_deadline)
+        if not self._breaker.allow():
+            raise Unavailable(f"model '{self._spec.name}' is unavailable (backend is failing)")
+        try:
+            response = await self._call(stub, request, deadline)
+        except (asyncio.CancelledError, DeadlineExceeded):
+            self._breaker.record_abandoned()
+            raise
+        except grpc.aio.AioRpcError as exc:
+            by_client = client_deadline is not None and client_deadline < cap
+            error, backend_fault = self._translate(exc, by_client)
+            if backend_fault:
+                self._breaker.record_failure()
+            else:
+                self._breaker.record_abandoned()
+            raise error from exc
+        self._breaker.record_success()
+        return self._outputs(response, outputs)
+
+    # -- calls ------------------------------------------------------------------------
+
+    async def _call(
+        self, stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest, deadline: float
+    ) -> pb.ModelInferResponse:
+        attempt = 0
+        while True:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise DeadlineExceeded("deadline exceeded before the backend answered")
+            try:
+                response: pb.ModelInferResponse = await stub.ModelInfer(request, timeout=remaining)
+                return response
+            except grpc.aio.AioRpcError as exc:
+                backoff = random.uniform(0, RETRY_BACKOFF_S * 2**attempt)
+                retry = attempt < CONNECT_RETRIES and _never_sent(exc)
+                if not retry or self._clock() + backoff >= deadline:
+                    raise
+            attempt += 1
+            await asyncio.sleep(backoff)
+
+    def _request(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> pb.ModelInferRequest:
+        tensors, raw = [], []
+        for name, array in inputs.items():
+            tensors.append(
+                pb.ModelInferRequest.InferInputTensor(
+                    name=name, datatype=datatype_of(array), shape=array.shape
+                )
+            )
+            raw.append(_raw_bytes(array))
+        return pb.ModelInferRequest(
+            model_name=self._triton.model,
+            model_version=self._triton.version,
+            inputs=tensors,
+            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in outputs],
+            raw_input_contents=raw,
+        )
+
+    def _outputs(
+        self, response: pb.ModelInferResponse, names: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        raw = response.raw_output_contents
+        if len(raw) != len(response.outputs):
+            raise Unavailable(f"model '{self._spec.name}': malformed response from the backend")
+        by_name = {
+            tensor.name: _decode(tensor.datatype, tuple(tensor.shape), raw[index])
+            for index, tensor in enumerate(response.outputs)
+        }
+        missing = [name for name in names if name not in by_name]
+        if missing:
+            logger.error(
+                "model %s: Triton model %r answered without output(s) %s",
+                self._spec.name,
+                self._triton.model,
+                ", ".join(missing),
+            )
+            raise Unavailable(f"model '{self._spec.name}': the backend returned no {missing[0]}")
+        return {name: by_name[name] for name in names}
+
+    def _translate(
+        self, exc: grpc.aio.AioRpcError, by_client_deadline: bool
+    ) -> tuple[Exception, bool]:
+        """The domain error for a failed Triton call, and whether it is Triton's fault
+        (counts against the circuit breaker)."""
+        code, name = exc.code(), self._spec.name
+        details = (exc.details() or "").replace(f"'{self._triton.model}'", f"'{name}'")
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidInput(_strip_request_id(details)), False
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and by_client_deadline:
+            return DeadlineExceeded("deadline exceeded while the backend was running"), False
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return QueueFull(f"model '{name}' is busy", retry_after_s=0.05), False
+        if code == grpc.StatusCode.NOT_FOUND:
+            logger.error(
+                "model %s: Triton at %s has no model %r version %r (check models[].triton): %s",
+                name,
+                self._triton.url,
+                self._triton.model,
+                self._triton.version or "latest",
+                exc.details(),
+            )
+        else:
+            logger.warning(
+                "model %s: Triton at %s failed: %s %s",
+                name,
+                self._triton.url,
+                code.name,
+                exc.details(),
+            )
+        return Unavailable(f"model '{name}' is unavailable (backend error)"), True
+
+    # -- health -----------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._triton.health_interval_s)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Poll Triton once: model readiness, then (when ready) its metadata."""
+        stub = self._stub
+        if stub is None:
+            return
+        model, version = self._triton.model, self._triton.version
+        try:
+            ready = await stub.ModelReady(
+                pb.ModelReadyRequest(name=model, version=version), timeout=PROBE_TIMEOUT_S
+            )
+            metadata = (
+                await stub.ModelMetadata(
+                    pb.ModelMetadataRequest(name=model, version=version), timeout=PROBE_TIMEOUT_S
+                )
+                if ready.ready
+                else None
+            )
+        except grpc.aio.AioRpcError as exc:
+            self._set_ready(False, f"{exc.code().name}: {exc.details()}")
+            return
+        if metadata is not None:
+            self._platform = metadata.platform or "triton"
+            if self._discover:
+                self._adopt(metadata)
+        self._set_ready(ready.ready, "Triton reports the model not ready")
+
+    def _adopt(self, metadata: pb.ModelMetadataResponse) -> None:
+        inputs = tuple(_tensor_spec(t) for t in metadata.inputs)
+        outputs = tuple(_tensor_spec(t) for t in metadata.outputs)
+        if (inputs, outputs) != (self._spec.inputs, self._spec.outputs):
+            if self._spec.inputs:
+                logger.info("model %s: Triton's model changed its tensors", self._spec.name)
+            self._spec = self._spec.model_copy(update={"inputs": inputs, "outputs": outputs})
+
+    def _set_ready(self, ready: bool, reason: str) -> None:
+        if ready != self._model_ready:
+            if ready:
+                logger.info("model %s: Triton at %s is ready", self._spec.name, self._triton.url)
+            else:
+                logger.warning(
+                    "model %s: Triton at %s is not ready (%s)",
+                    self._spec.name,
+                    self._triton.url,
+                    reason,
+                )
+        self._model_ready = ready
+
+
+def _never_sent(exc: grpc.aio.AioRpcError) -> bool:
+    """A call that failed to connect never reached Triton: safe to send again."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    details = (exc.details() or "").lower()
+    return any(marker in details for marker in _CONNECT_FAILURE_MARKERS)
+
+
+def _strip_request_id(details: str) -> str:
+    """Triton prefixes its messages with ``[request id: …] ``; that is ours to give."""
+    if details.startswith("[request id:"):
+        _, _, rest = details.partition("] ")
+        return rest or details
+    return details
+
+
+def _tensor_spec(tensor: pb.ModelMetadataResponse.TensorMetadata) -> TensorSpec:
+    return TensorSpec(tensor.name, tensor.datatype, tuple(int(d) for d in tensor.shape))
+
+
+def _raw_bytes(array: np.ndarray) -> bytes:
+    """The tensor's wire bytes; the request's own buffer when ``array`` views all of it."""
+    if array.dtype == np.object_ or array.dtype.kind in ("S", "U"):
+        return b"".join(
+            _LENGTH.pack(len(item)) + item
+            for item in (x.encode() if isinstance(x, str) else bytes(x) for x in array.flat)
+        )
+    base: object = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if (
+        isinstance(base, bytes)
+        and array.flags.c_contiguous
+        and array.nbytes == len(base)
+        and array.dtype.byteorder in "<|="
+    ):
+        return base
+    little = array.dtype.newbyteorder("<")
+    return np.ascontiguousarray(array, dtype=little).tobytes()
+
+
+def _decode(datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+    dtype = DATATYPES.get(datatype)
+    if dtype is None:
+        raise Unavailable(f"the backend returned unknown datatype {datatype}")
+    if datatype != "BYTES":
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    items: list[bytes] = []
+    offset = 0
+    while offset < len(raw):
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        items.append(raw[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+    out = np.empty(len(items), dtype=np.object_)
+    out[:] = items
+    return out.reshape(shape)

@@ -1,0 +1,161 @@
+"""Admission end to end over real gRPC (local store): refusals are RESOURCE_EXHAUSTED
+with the ``grpc-retry-pushback-ms`` trailer, mandant_client raises RateLimited /
+QuotaExceeded with ``retry_after_s``, tritonclient sees the same code, admission runs
+before tensor bytes are read, and one tenant's exhaustion leaves the others alone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from mandant.config import MandantConfig, parse_config
+from mandant.tenancy.keys import hash_key
+from mandant_client import AsyncClient, Client, QuotaExceeded, RateLimited
+from mandant_client._proto import grpc_service_pb2 as pb
+from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+from tests.servers import ServerThread
+
+ECHO = {
+    "name": "echo",
+    "backend": "torch",
+    "factory": "mandant.demo.models:echo",
+    "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+    "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+}
+X = np.ones((1, 4), np.float32)
+
+
+def limits_config() -> MandantConfig:
+    def tenant(name: str, **limits: object) -> dict[str, object]:
+        return {"id": name, "api_keys": [hash_key(f"{name}-key")], **limits}
+
+    return parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0},
+            "tenants": [
+                tenant("flood", rate_limit={"requests_per_s": 5, "burst": 2}),
+                tenant("budget", quota={"rows_per_day": 6}),
+                tenant("triton", rate_limit={"requests_per_s": 1, "burst": 1}),
+                tenant("wire", rate_limit={"requests_per_s": 1, "burst": 1}),
+                tenant("free"),
+            ],
+            "models": [ECHO],
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    with ServerThread(limits_config(), tmp_path_factory.mktemp("admission")) as running:
+        yield running
+
+
+def _request(rows: int, raw: bytes | None = None) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="echo")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 4])
+    request.raw_input_contents.append(raw if raw is not None else bytes(rows * 16))
+    return request
+
+
+async def test_a_flooding_tenant_is_limited_and_the_others_are_not(server: ServerThread) -> None:
+    async with (
+        AsyncClient(server.target, api_key="flood-key") as flood,
+        AsyncClient(server.target, api_key="free-key") as free,
+    ):
+        for _ in range(2):
+            await flood.infer("echo", {"INPUT0": X})
+        with pytest.raises(RateLimited) as caught:
+            await flood.infer("echo", {"INPUT0": X})
+        assert "rate limit requests_per_s=5 exceeded for tenant flood" in caught.value.message
+        assert caught.value.retry_after_s == pytest.approx(0.2, abs=0.05)
+
+        refused = 0
+
+        async def hammer(until: float) -> None:
+            nonlocal refused
+            while time.monotonic() < until:
+                try:
+                    await flood.infer("echo", {"INPUT0": X})
+                except RateLimited:
+                    refused += 1
+
+        until = time.monotonic() + 1.0
+        flooding = [asyncio.create_task(hammer(until)) for _ in range(8)]
+        answered = 0
+        while time.monotonic() < until:
+            out = await free.infer("echo", {"INPUT0": X})  # never refused
+            np.testing.assert_array_equal(out["OUTPUT0"], X)
+            answered += 1
+        await asyncio.gather(*flooding)
+        assert refused > 20 and answered > 5
+
+
+def test_quota_exceeded_until_midnight_utc(server: ServerThread) -> None:
+    with Client(server.target, api_key="budget-key") as client:
+        client.infer("echo", {"INPUT0": np.ones((4, 2), np.float32)})
+        with pytest.raises(QuotaExceeded) as caught:
+            client.infer("echo", {"INPUT0": np.ones((3, 2), np.float32)})
+        client.infer("echo", {"INPUT0": np.ones((2, 2), np.float32)})  # the refusal took none
+        with pytest.raises(QuotaExceeded):
+            client.infer("echo", {"INPUT0": X})
+    assert "quota rows_per_day=6 exceeded for tenant budget" in caught.value.message
+    now = datetime.now(UTC)
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    assert caught.value.retry_after_s == pytest.approx((midnight - now).total_seconds(), abs=5)
+
+
+def test_tritonclient_sees_resource_exhausted(server: ServerThread) -> None:
+    client = triton.InferenceServerClient(server.target)
+    headers = {"authorization": "Bearer triton-key"}
+    tensor = triton.InferInput("INPUT0", [1, 4], "FP32")
+    tensor.set_data_from_numpy(X)
+    try:
+        client.infer("echo", [tensor], headers=headers)
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("echo", [tensor], headers=headers)
+    finally:
+        client.close()
+    assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "rate limit requests_per_s=1 exceeded for tenant triton" in caught.value.message()
+
+
+def test_refusal_carries_the_pushback_trailer_and_comes_before_tensor_bytes(
+    server: ServerThread,
+) -> None:
+    metadata = (("authorization", "Bearer wire-key"),)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(_request(2), metadata=metadata)
+        # Bytes that do not match the shape: refused for the rate, not for the bytes,
+        # so admission ran before any tensor byte was read.
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(_request(2, raw=b"\x00" * 3), metadata=metadata)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailers = dict(caught.value.trailing_metadata() or ())
+        assert 900 <= int(trailers["grpc-retry-pushback-ms"]) <= 1000
+        # The same bad bytes from a tenant with room left: INVALID_ARGUMENT.
+        with pytest.raises(grpc.RpcError) as invalid:
+            stub.ModelInfer(
+                _request(2, raw=b"\x00" * 3), metadata=(("authorization", "Bearer free-key"),)
+            )
+        assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_live_update_applies_new_limits_through_the_app(server: ServerThread) -> None:
+    assert server.app is not None
+    config = limits_config()
+    tenants = [
+        t.model_copy(update={"rate_limit": None}) if t.id == "triton" else t for t in config.tenants
+    ]
+    server.app.admission.update(config.model_copy(update={"tenants": tuple(tenants)}))
+    with Client(server.target, api_key="triton-key") as client:
+        for _ in range(5):
+            client.infer("echo", {"INPUT0": X})

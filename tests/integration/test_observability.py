@@ -1,0 +1,195 @@
+"""The HTTP port of a real server after a known mix of traffic: /metrics series and
+counts exactly, no series for anything a client invented, /healthz, /readyz, /usage
+behind the admin key, and the dashboard's data."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from mandant.config import parse_config
+from mandant.tenancy.keys import hash_key
+from mandant_client import Client, InvalidInput, ModelNotFound, RateLimited, Unauthenticated
+from tests.servers import DEMO_CONFIG, ServerThread
+
+ADMIN_KEY = "test-admin-key"
+
+
+def observability_config() -> Any:
+    data = yaml.safe_load(DEMO_CONFIG.read_text())
+    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0,
+                      "admin_keys": [hash_key(ADMIN_KEY)]}  # fmt: skip
+    for tenant in data["tenants"]:
+        if tenant["id"] == "initech":  # two calls, then nothing for a long while
+            tenant["rate_limit"] = {"requests_per_s": 0.001, "burst": 2}
+    return parse_config(data, str(DEMO_CONFIG))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    with ServerThread(observability_config(), tmp_path_factory.mktemp("obs")) as server:
+        yield server
+
+
+def http(server: ServerThread, path: str, key: str | None = None) -> tuple[int, bytes]:
+    assert server.app is not None
+    request = urllib.request.Request(f"http://127.0.0.1:{server.app.http_port}{path}")
+    if key is not None:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def samples(server: ServerThread) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    status, body = http(server, "/metrics")
+    assert status == 200
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+
+def get(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+        **labels: str) -> float | None:  # fmt: skip
+    return found.get((name, frozenset(labels.items())))
+
+
+@pytest.fixture(scope="module")
+def traffic(server: ServerThread) -> None:
+    """acme: 5 OK (4 rows each), 2 wrong shapes, 1 unknown model, 1 invented version;
+    globex: 3 OK on echo; initech: 2 OK then 3 rate limited; 2 bad keys."""
+    rows = np.ones((4, 256), np.float32)
+    with Client(server.target, api_key="acme-demo-key") as acme:
+        for _ in range(5):
+            acme.infer("classifier", {"INPUT0": rows})
+        for _ in range(2):
+            with pytest.raises(InvalidInput):
+                acme.infer("classifier", {"INPUT0": np.ones((4, 7), np.float32)})
+        with pytest.raises(ModelNotFound):
+            acme.infer("no-such-model-from-a-client", {"INPUT0": rows})
+        with pytest.raises(ModelNotFound):
+            acme.infer("classifier", {"INPUT0": rows}, version="999")
+    with Client(server.target, api_key="globex-demo-key") as globex:
+        for _ in range(3):
+            globex.infer("echo", {"INPUT0": np.ones((2, 3), np.float32)})
+    with Client(server.target, api_key="initech-demo-key") as initech:
+        for _ in range(2):
+            initech.infer("classifier", {"INPUT0": rows})
+        for _ in range(3):
+            with pytest.raises(RateLimited):
+                initech.infer("classifier", {"INPUT0": rows})
+    for key in ("mallory-invented-key", "tenant-evil"):
+        with Client(server.target, api_key=key) as stranger, pytest.raises(Unauthenticated):
+            stranger.infer("classifier", {"INPUT0": rows})
+
+
+def test_request_counts_by_tenant_model_and_code(server: ServerThread, traffic: None) -> None:
+    found = samples(server)
+    requests = {
+        tuple(sorted(labels)): value
+        for (name, labels), value in found.items()
+        if name == "mandant_requests_total"
+    }
+    assert requests == {
+        (("code", "OK"), ("model", "classifier"), ("tenant", "acme")): 5,
+        (("code", "INVALID_ARGUMENT"), ("model", "classifier"), ("tenant", "acme")): 2,
+        (("code", "NOT_FOUND"), ("model", ""), ("tenant", "acme")): 2,
+        (("code", "OK"), ("model", "echo"), ("tenant", "globex")): 3,
+        (("code", "OK"), ("model", "classifier"), ("tenant", "initech")): 2,
+        (("code", "RESOURCE_EXHAUSTED"), ("model", "classifier"), ("tenant", "initech")): 3,
+        (("code", "UNAUTHENTICATED"), ("model", ""), ("tenant", "")): 2,
+    }
+
+
+def test_latency_slo_usage_and_rejection_series(server: ServerThread, traffic: None) -> None:
+    found = samples(server)
+    duration = "mandant_request_duration_seconds_count"
+    assert get(found, duration, tenant="acme", model="classifier") == 5
+    assert get(found, duration, tenant="globex", model="echo") == 3
+    assert get(found, duration, tenant="initech", model="classifier") == 2
+    # SLO: only calls answered on the server's account count; all were fast here.
+    for tenant, total in (("acme", 5), ("globex", 3), ("initech", 2)):
+        assert get(found, "mandant_slo_requests_total", tenant=tenant) == total
+        assert get(found, "mandant_slo_good_requests_total", tenant=tenant) == total
+    assert get(found, "mandant_slo_objective", tenant="initech") == 0.99
+    assert get(found, "mandant_slo_latency_seconds", tenant="initech") == 0.1
+    assert get(found, "mandant_rejections_total", tenant="initech", reason="requests_per_s") == 3
+    assert get(found, "mandant_rows_total", tenant="acme", model="classifier") == 20
+    assert get(found, "mandant_rows_total", tenant="globex", model="echo") == 6
+    assert get(found, "mandant_rows_total", tenant="initech", model="classifier") == 8
+    assert (get(found, "mandant_compute_seconds_total", tenant="acme", model="classifier")
+            or 0) > 0  # fmt: skip
+    queue = "mandant_queue_duration_seconds_count"
+    assert get(found, queue, tenant="acme", model="classifier") == 5
+    batches = get(found, "mandant_batch_size_sum", model="classifier")
+    assert batches == 28  # every row of every successful call ran once
+    for tenant in ("acme", "globex", "initech"):
+        assert get(found, "mandant_inflight_requests", tenant=tenant) == 0
+
+
+def test_no_series_for_anything_a_client_invented(server: ServerThread, traffic: None) -> None:
+    text = http(server, "/metrics")[1].decode()
+    for invented in ("mallory", "tenant-evil", "no-such-model"):
+        assert invented not in text
+    found = [dict(labels) for (_, labels) in samples(server)]
+    assert {labels["tenant"] for labels in found if "tenant" in labels} <= {
+        "", "acme", "globex", "initech",
+    }  # fmt: skip
+    assert {labels["model"] for labels in found if "model" in labels} <= {
+        "", "classifier", "echo", "fraud",
+    }  # fmt: skip
+    assert all("version" not in labels for labels in found)
+
+
+def test_health_and_readiness(server: ServerThread) -> None:
+    assert http(server, "/healthz") == (200, b'{"live": true}')
+    assert http(server, "/readyz") == (200, b'{"ready": true}')
+
+
+def test_usage_needs_the_admin_key(server: ServerThread, traffic: None) -> None:
+    assert http(server, "/usage")[0] == 401
+    assert http(server, "/usage", key="acme-demo-key")[0] == 401
+    status, body = http(server, "/usage", key=ADMIN_KEY)
+    assert status == 200
+    report = json.loads(body)["tenants"]
+    assert report["acme"]["requests"] == {"OK": 5, "INVALID_ARGUMENT": 2, "NOT_FOUND": 2}
+    assert report["acme"]["rows_total"] == 20
+    assert report["initech"]["rejections"] == {"requests_per_s": 3}
+    assert report["initech"]["quota"]["used"]["rows_today"] == 8
+
+
+def test_dashboard_page_and_data(server: ServerThread, traffic: None) -> None:
+    status, page = http(server, "/")
+    assert status == 200 and b"<script>" in page
+    assert b"http://" not in page.replace(b"http://www.w3.org/2000/svg", b"")  # no CDN
+    status, body = http(server, "/api/dashboard")
+    data = json.loads(body)
+    tenants = {t["id"]: t for t in data["tenants"]}
+    assert set(tenants) == {"acme", "globex", "initech"}
+    assert tenants["acme"]["requests"] == 5 and tenants["acme"]["p99_ms"] > 0
+    assert tenants["acme"]["windows"]["5m"]["total"] == 5
+    assert tenants["initech"]["rejections"] == {"requests_per_s": 3}
+    assert data["ready"] is True
+    models = {m["name"]: m for m in data["models"]}
+    assert sum(int(k) * v for k, v in models["classifier"]["batch_sizes"].items()) == 28
+
+
+def test_usage_refused_without_admin_keys(tmp_path: Path) -> None:
+    data = yaml.safe_load(DEMO_CONFIG.read_text())
+    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0}
+    data["models"] = [m for m in data["models"] if m.get("name") == "echo"]
+    with ServerThread(parse_config(data), tmp_path) as bare:
+        assert http(bare, "/usage", key=ADMIN_KEY)[0] == 403

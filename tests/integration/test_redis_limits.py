@@ -1,0 +1,249 @@
+"""Shared limits in a real redis-server: two Mandant server processes, one Redis,
+one tenant hammering both; a Redis outage and its return; quotas that outlive a
+restart of the servers; ``on_store_error: deny``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+import yaml
+
+from mandant.config import MandantConfig, parse_config
+from mandant.errors import QuotaExceeded, RateLimited
+from mandant.tenancy.admission import TenantAdmission, shared_store_for
+from mandant.tenancy.keys import hash_key
+from mandant.types import ModelKey, Tenant
+from mandant_client import AsyncClient, Client, Unavailable
+from mandant_client import RateLimited as ClientRateLimited
+from tests.integration.redis_server import RedisServer, redis_server
+from tests.servers import ROOT, ServerThread
+
+__all__ = ["redis_server"]  # the fixture
+
+ECHO = {
+    "name": "echo",
+    "backend": "torch",
+    "factory": "mandant.demo.models:echo",
+    "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+    "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+}
+KEY = "replica-tenant-key"
+RATE = 100.0
+X = np.ones((1, 4), np.float32)
+
+
+def config_data(url: str, **limits: Any) -> dict[str, Any]:
+    return {
+        "server": {"grpc_port": 0, "http_port": 0, "grace_s": 0},
+        "limits": {"store": "redis", "url": url, "retry_interval_s": 0.2, **limits},
+        "tenants": [
+            {
+                "id": "acme",
+                "api_keys": [hash_key(KEY)],
+                "rate_limit": {"requests_per_s": RATE, "burst": 10},
+            }
+        ],
+        "models": [ECHO],
+    }
+
+
+class Replica:
+    """``mandant serve`` in a process of its own."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self._log = log.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mandant", "serve", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+        )
+        self.target = ""
+
+    def wait_listening(self, timeout_s: float = 60) -> None:
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                raise AssertionError(f"replica exited: {Path(self._log.name).read_text()}")
+            if line.startswith("Mandant listening"):
+                self.target = line.rsplit(" ", 1)[-1].strip()
+                return
+        raise AssertionError("replica did not start")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def replicas(redis_server: RedisServer, tmp_path: Path) -> Iterator[list[Replica]]:
+    path = tmp_path / "mandant.yaml"
+    path.write_text(yaml.safe_dump(config_data(redis_server.url)))
+    started = [Replica(path, tmp_path / f"replica{i}.log") for i in range(2)]
+    try:
+        for replica in started:
+            replica.wait_listening()
+        yield started
+    finally:
+        for replica in started:
+            replica.stop()
+
+
+@dataclass
+class Tally:
+    admitted: list[tuple[float, int]] = field(default_factory=list)  # (when, replica)
+    refused: int = 0
+    other: list[str] = field(default_factory=list)
+
+    def count(self, start: float, end: float, replica: int | None = None) -> int:
+        return sum(
+            start <= when < end and replica in (None, which) for when, which in self.admitted
+        )
+
+
+async def hammer(targets: list[str], until: float, tally: Tally, workers: int = 6) -> None:
+    clients = [AsyncClient(target, api_key=KEY, timeout_s=5) for target in targets]
+
+    async def worker(index: int, client: AsyncClient) -> None:
+        while time.monotonic() < until:
+            try:
+                await client.infer("echo", {"INPUT0": X})
+            except ClientRateLimited:
+                tally.refused += 1
+            except Exception as exc:
+                tally.other.append(repr(exc))
+                await asyncio.sleep(0.01)
+            else:
+                tally.admitted.append((time.monotonic(), index))
+
+    try:
+        await asyncio.gather(*(worker(i, c) for i, c in enumerate(clients) for _ in range(workers)))
+    finally:
+        for client in clients:
+            await client.close()
+
+
+async def test_two_replicas_share_one_budget_and_ride_out_a_redis_outage(
+    replicas: list[Replica], redis_server: RedisServer
+) -> None:
+    targets = [replica.target for replica in replicas]
+    tally = Tally()
+    t0 = time.monotonic()
+    load = asyncio.create_task(hammer(targets, t0 + 10.5, tally))
+    await asyncio.sleep(5.5)
+    redis_server.stop()  # outage: each replica falls back to its own buckets (allow)
+    await asyncio.sleep(2.0)
+    redis_server.start()  # same port: the replicas find it again by themselves
+    await load
+
+    shared = tally.count(t0 + 0.5, t0 + 5.5)  # 5 s after the initial burst
+    outage = [tally.count(t0 + 6.0, t0 + 7.5, i) for i in (0, 1)]
+    resumed = tally.count(t0 + 8.5, t0 + 10.5)
+    print(f"shared {shared / 5.0:.1f}/s, outage {outage} in 1.5 s, resumed {resumed / 2.0:.1f}/s")
+    assert abs(shared / 5.0 - RATE) <= 0.05 * RATE, shared
+    assert tally.count(t0 + 0.5, t0 + 5.5, 0) > 50 and tally.count(t0 + 0.5, t0 + 5.5, 1) > 50
+    assert tally.refused > 10 * shared  # it was truly over-demand
+
+    assert all(n >= 0.8 * RATE * 1.5 for n in outage), outage  # both kept serving, locally
+
+    assert abs(resumed / 2.0 - RATE) <= 0.1 * RATE, resumed
+    assert tally.other == []
+
+
+def test_deny_refuses_while_redis_is_down_and_recovers(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    config = parse_config(config_data(redis_server.url, on_store_error="deny"))
+    with ServerThread(config, tmp_path) as server, Client(server.target, api_key=KEY) as client:
+        client.infer("echo", {"INPUT0": X})
+        redis_server.stop()
+        with pytest.raises(Unavailable, match="rate limit store unavailable"):
+            client.infer("echo", {"INPUT0": X})
+        redis_server.start()
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                client.infer("echo", {"INPUT0": X})
+                break
+            except Unavailable:
+                assert time.monotonic() < deadline, "no recovery after Redis returned"
+                time.sleep(0.05)
+
+
+def _admission(config: MandantConfig) -> TenantAdmission:
+    return TenantAdmission(config, shared_store_for(config.limits))
+
+
+async def test_replicas_share_buckets_and_pushback_is_exact(redis_server: RedisServer) -> None:
+    data = config_data(redis_server.url, key_prefix="t1")
+    data["tenants"][0]["rate_limit"] = {"requests_per_s": 2, "burst": 2}
+    config = parse_config(data)
+    first, second = _admission(config), _admission(config)
+    await first.start()
+    await second.start()
+    try:
+        (await first.admit(Tenant("acme"), ModelKey("echo", "1"), 1)).release()
+        (await second.admit(Tenant("acme"), ModelKey("echo", "1"), 1)).release()
+        with pytest.raises(RateLimited, match="requests_per_s=2 exceeded for tenant acme") as err:
+            await first.admit(Tenant("acme"), ModelKey("echo", "1"), 1)
+        assert 0.45 < err.value.retry_after_s <= 0.5
+        await asyncio.sleep(err.value.retry_after_s + 0.002)
+        (await second.admit(Tenant("acme"), ModelKey("echo", "1"), 1)).release()
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_quota_counts_live_in_redis_with_an_expiry_and_survive_restarts(
+    redis_server: RedisServer,
+) -> None:
+    data = config_data(redis_server.url, key_prefix="t2")
+    data["tenants"][0].pop("rate_limit")
+    data["tenants"][0]["quota"] = {"rows_per_day": 10, "rows_per_month": 1000}
+    acme, echo = Tenant("acme"), ModelKey("echo", "1")
+    before = _admission(parse_config(data))
+    await before.start()
+    (await before.admit(acme, echo, 7)).release()
+    await before.aclose()
+
+    data["tenants"][0]["quota"]["rows_per_day"] = 12  # a restart with a new limit
+    after = _admission(parse_config(data))
+    await after.start()
+    try:
+        with pytest.raises(QuotaExceeded, match="quota rows_per_day=12 exceeded") as err:
+            await after.admit(acme, echo, 6)
+        (await after.admit(acme, echo, 5)).release()
+    finally:
+        await after.aclose()
+    assert err.value.retry_after_s <= 86400
+    client = redis.Redis(port=redis_server.port)
+    try:
+        keys = sorted(key.decode() for key in client.keys("t2:*"))
+        assert [key.rsplit(":", 1)[0] for key in keys] == [
+            "t2:{acme}:*:rows_per_day",
+            "t2:{acme}:*:rows_per_month",
+        ]
+        assert [int(client.get(key) or 0) for key in keys] == [12, 12]
+        assert all(0 < client.ttl(key) <= 32 * 86400 for key in keys)
+    finally:
+        client.close()

@@ -1,0 +1,369 @@
+"""The Triton backend against a real NVIDIA Triton Inference Server (PyTriton, started
+by a fixture on free ports), with Mandant in process on port 0.
+
+Tenants: acme owns the private ``scorer`` (Triton's ``tiny`` under another name);
+``tiny`` is shared and takes its tensors from Triton's metadata; ``tiny-batched`` is
+batched by Mandant and sent to Triton as one request per batch; ``echo`` is an
+in-process Torch model that must keep serving while Triton is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2, service_pb2_grpc
+
+from mandant.app import App
+from mandant.config import MandantConfig, parse_config
+from mandant.tenancy.keys import hash_key
+from mandant_client import AsyncClient, InvalidInput, ModelNotFound, Unavailable
+from tests.triton_server import MODEL, TritonProcess, available, expected
+
+_missing = available()
+if _missing is not None and os.environ.get("CI"):
+    raise RuntimeError(f"Triton tests cannot run in CI: {_missing}")
+pytestmark = pytest.mark.skipif(_missing is not None, reason=_missing or "")
+
+KEYS = {"acme": "acme-triton-key", "globex": "globex-triton-key", "initech": "initech-key"}
+RNG = np.random.default_rng(5)
+
+
+def config(triton_url: str, *extra_models: dict[str, Any]) -> MandantConfig:
+    triton = {"url": triton_url, "model": MODEL, "timeout_s": 10, "health_interval_s": 0.2}
+    return parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "grace_s": 0},
+            "tenants": [{"id": t, "api_keys": [hash_key(k)]} for t, k in KEYS.items()],
+            "models": [
+                {"name": "tiny", "backend": "triton", "triton": triton},
+                {"name": "scorer", "tenant": "acme", "backend": "triton", "triton": triton},
+                {
+                    "name": "tiny-batched",
+                    "backend": "triton",
+                    "triton": triton,
+                    "batching": {"max_batch_size": 16, "max_queue_delay_ms": 2},
+                },
+                {
+                    "name": "echo",
+                    "backend": "torch",
+                    "factory": "mandant.demo.models:echo",
+                    "device": "cpu",
+                    "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+                    "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+                },
+                *extra_models,
+            ],
+        }
+    )
+
+
+def rows(n: int) -> np.ndarray:
+    return RNG.standard_normal((n, 4)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def triton() -> Iterator[TritonProcess]:
+    with TritonProcess() as server:
+        yield server
+
+
+@pytest.fixture
+async def mandant(triton: TritonProcess, tmp_path: Path) -> AsyncIterator[App]:
+    async with App(config(triton.url), tmp_path) as app:
+        yield app
+
+
+def client(app: App, tenant: str, timeout_s: float | None = 10) -> AsyncClient:
+    return AsyncClient(f"127.0.0.1:{app.grpc_port}", KEYS[tenant], timeout_s=timeout_s)
+
+
+async def triton_direct(url: str, x: np.ndarray, outputs: tuple[str, ...]) -> dict[str, Any]:
+    direct = triton_aio.InferenceServerClient(url)
+    try:
+        tensor = InferInput("INPUT0", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        result = await direct.infer(
+            MODEL, [tensor], outputs=[InferRequestedOutput(name) for name in outputs]
+        )
+        return {name: result.as_numpy(name) for name in outputs}
+    finally:
+        await direct.close()
+
+
+def triton_counter(triton: TritonProcess, name: str) -> float:
+    """A counter of ``tiny`` from Triton's Prometheus endpoint (0 before any request)."""
+    url = f"http://127.0.0.1:{triton.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    pattern = rf'^{name}{{[^}}]*model="{MODEL}"[^}}]*}} (\S+)$'
+    return sum(float(v) for v in re.findall(pattern, text, flags=re.MULTILINE))
+
+
+# -- data path ------------------------------------------------------------------------
+
+
+async def test_results_through_mandant_equal_triton_direct(
+    mandant: App, triton: TritonProcess
+) -> None:
+    x = rows(5)
+    direct = await triton_direct(triton.url, x, ("OUTPUT0", "OUTPUT1"))
+    async with client(mandant, "globex") as mc:
+        through = await mc.infer("tiny", {"INPUT0": x})
+        only = await mc.infer("tiny", {"INPUT0": x}, outputs=["OUTPUT1"])
+    assert set(through) == {"OUTPUT0", "OUTPUT1"}
+    for name in through:
+        np.testing.assert_array_equal(through[name], direct[name])
+        np.testing.assert_allclose(through[name], expected(x)[name], rtol=1e-5, atol=1e-6)
+    assert set(only) == {"OUTPUT1"}
+    np.testing.assert_array_equal(only["OUTPUT1"], direct["OUTPUT1"])
+
+
+async def test_tritonclient_through_mandant(mandant: App, triton: TritonProcess) -> None:
+    """Any KServe v2 client works unchanged, with the one extra header."""
+    x = rows(3)
+    mc = triton_aio.InferenceServerClient(f"127.0.0.1:{mandant.grpc_port}")
+    try:
+        headers = {"authorization": f"Bearer {KEYS['acme']}"}
+        tensor = InferInput("INPUT0", [3, 4], "FP32")
+        tensor.set_data_from_numpy(x)
+        result = await mc.infer("scorer", [tensor], headers=headers)
+        metadata = await mc.get_model_metadata("scorer", headers=headers)
+        assert await mc.is_model_ready("scorer", headers=headers)
+    finally:
+        await mc.close()
+    direct = await triton_direct(triton.url, x, ("OUTPUT0", "OUTPUT1"))
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), direct["OUTPUT0"])
+    # Inputs and outputs were not configured: they come from Triton's ModelMetadata,
+    # under Mandant's name for the model.
+    assert metadata.name == "scorer"
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
+        ("INPUT0", "FP32", [-1, 4])
+    ]
+    assert [(t.name, list(t.shape)) for t in metadata.outputs] == [
+        ("OUTPUT0", [-1, 3]),
+        ("OUTPUT1", [-1, 1]),
+    ]
+
+
+async def test_mandant_batches_go_to_triton_as_one_request(
+    mandant: App, triton: TritonProcess
+) -> None:
+    before = triton_counter(triton, "nv_inference_exec_count")
+    inputs = [rows(1 + i % 3) for i in range(24)]
+    async with client(mandant, "acme") as acme, client(mandant, "initech") as initech:
+        results = await asyncio.gather(
+            *(
+                (acme if i % 2 else initech).infer("tiny-batched", {"INPUT0": x})
+                for i, x in enumerate(inputs)
+            )
+        )
+    for x, result in zip(inputs, results, strict=True):
+        np.testing.assert_allclose(result["OUTPUT0"], expected(x)["OUTPUT0"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result["OUTPUT1"], expected(x)["OUTPUT1"], rtol=1e-5, atol=1e-6)
+    executions = triton_counter(triton, "nv_inference_exec_count") - before
+    assert 0 < executions < len(inputs)  # batches, not one execution per request
+
+
+# -- isolation ------------------------------------------------------------------------
+
+VISIBLE = {
+    ("acme", "tiny"): True,
+    ("acme", "scorer"): True,
+    ("globex", "tiny"): True,
+    ("globex", "scorer"): False,
+    ("initech", "tiny"): True,
+    ("initech", "scorer"): False,
+}
+
+
+@pytest.mark.parametrize(("tenant", "model"), sorted(VISIBLE))
+async def test_isolation_of_triton_models(mandant: App, tenant: str, model: str) -> None:
+    async with client(mandant, tenant) as mc:
+        calls = {
+            "infer": lambda name: mc.infer(name, {"INPUT0": rows(1)}),
+            "metadata": mc.model_metadata,
+            "ready": mc.model_ready,
+        }
+        for rpc, call in calls.items():
+            if VISIBLE[(tenant, model)]:
+                assert await call(model), rpc
+                continue
+            with pytest.raises(ModelNotFound) as hidden:
+                await call(model)
+            with pytest.raises(ModelNotFound) as absent:
+                await call("no-such-model")
+            # Indistinguishable from a model that does not exist.
+            assert str(hidden.value).replace(model, "X") == str(absent.value).replace(
+                "no-such-model", "X"
+            ), rpc
+        index = {m.name for m in await mc.models()}
+    assert ("scorer" in index) == VISIBLE[(tenant, "scorer")]
+
+
+# -- bad input ------------------------------------------------------------------------
+
+BAD_REQUESTS: dict[str, dict[str, Any]] = {
+    "wrong datatype": {"inputs": {"INPUT0": rows(2).astype(np.float64)}},
+    "wrong shape": {"inputs": {"INPUT0": np.zeros((2, 5), np.float32)}},
+    "wrong name": {"inputs": {"INPUT9": rows(2)}},
+    "extra input": {"inputs": {"INPUT0": rows(2), "INPUT1": rows(2)}},
+    "unknown output": {"inputs": {"INPUT0": rows(2)}, "outputs": ["OUTPUT7"]},
+}
+
+
+class RecordingTriton(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """Stands in for Triton where a test must see every request that reaches it: reports
+    ``tiny`` ready with its metadata and records (and answers) inference calls."""
+
+    def __init__(self) -> None:
+        self.infer_calls: list[service_pb2.ModelInferRequest] = []
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        return service_pb2.ModelReadyResponse(ready=request.name == MODEL)
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        tensor = service_pb2.ModelMetadataResponse.TensorMetadata
+        return service_pb2.ModelMetadataResponse(
+            name=MODEL,
+            versions=["1"],
+            platform="recording",
+            inputs=[tensor(name="INPUT0", datatype="FP32", shape=[-1, 4])],
+            outputs=[
+                tensor(name="OUTPUT0", datatype="FP32", shape=[-1, 3]),
+                tensor(name="OUTPUT1", datatype="FP32", shape=[-1, 1]),
+            ],
+        )
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        self.infer_calls.append(request)
+        x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(-1, 4)
+        answers = expected(x)
+        wanted = [o.name for o in request.outputs] or list(answers)
+        out = service_pb2.ModelInferResponse.InferOutputTensor
+        return service_pb2.ModelInferResponse(
+            model_name=MODEL,
+            outputs=[out(name=n, datatype="FP32", shape=answers[n].shape) for n in wanted],
+            raw_output_contents=[answers[n].tobytes() for n in wanted],
+        )
+
+
+async def test_bad_inputs_are_rejected_before_reaching_triton(tmp_path: Path) -> None:
+    recorder = RecordingTriton()
+    server = grpc.aio.server()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(recorder, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with App(config(f"127.0.0.1:{port}"), tmp_path) as app, client(app, "acme") as mc:
+            for case, request in BAD_REQUESTS.items():
+                with pytest.raises(InvalidInput):
+                    await mc.infer("tiny", request["inputs"], outputs=request.get("outputs"))
+                assert recorder.infer_calls == [], case
+            # A good request does reach it, with only the requested output.
+            x = rows(2)
+            result = await mc.infer("tiny", {"INPUT0": x}, outputs=["OUTPUT1"])
+        np.testing.assert_array_equal(result["OUTPUT1"], expected(x)["OUTPUT1"])
+        assert [[o.name for o in r.outputs] for r in recorder.infer_calls] == [["OUTPUT1"]]
+    finally:
+        await server.stop(0)
+
+
+async def test_triton_errors_keep_their_meaning_without_leaking_names(
+    triton: TritonProcess, tmp_path: Path
+) -> None:
+    loose = {"url": triton.url, "model": MODEL, "health_interval_s": 0.2}
+    io = {
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+    }
+    ghost = {"url": triton.url, "model": "no-such-triton-model", "health_interval_s": 0.2}
+    extra = [
+        {"name": "loose", "backend": "triton", "triton": loose, **io},
+        {"name": "ghost", "backend": "triton", "triton": ghost, **io},
+    ]
+    async with App(config(triton.url, *extra), tmp_path) as app, client(app, "globex") as mc:
+        # Configured looser than Triton's model: Triton's INVALID_ARGUMENT comes through
+        # as INVALID_ARGUMENT, naming Mandant's model, not Triton's.
+        with pytest.raises(InvalidInput) as invalid:
+            await mc.infer("loose", {"INPUT0": np.zeros((2, 5), np.float32)})
+        assert "'loose'" in str(invalid.value)
+        assert f"'{MODEL}'" not in str(invalid.value)
+        # A mapping to a model Triton does not have: UNAVAILABLE, never NOT_FOUND.
+        assert not await mc.model_ready("ghost")
+        assert not await mc.server_ready()
+        with pytest.raises(Unavailable) as unavailable:
+            await mc.infer("ghost", {"INPUT0": rows(1)})
+        assert "no-such-triton-model" not in str(unavailable.value)
+        result = await mc.infer("loose", {"INPUT0": rows(2)})
+        assert result["OUTPUT0"].shape == (2, 3)
+
+
+# -- faults ---------------------------------------------------------------------------
+
+
+async def test_triton_killed_under_load_then_restarted(tmp_path: Path) -> None:
+    with TritonProcess() as triton:
+        async with App(config(triton.url), tmp_path) as app, client(app, "acme", 5) as mc:
+            calls: list[tuple[float, float, str]] = []  # start, seconds, outcome
+            stop = asyncio.Event()
+
+            async def load() -> None:
+                while not stop.is_set():
+                    start = time.monotonic()
+                    try:
+                        await mc.infer("tiny", {"INPUT0": rows(2)})
+                        outcome = "ok"
+                    except Unavailable:
+                        outcome = "unavailable"
+                    calls.append((start, time.monotonic() - start, outcome))
+
+            workers = [asyncio.create_task(load()) for _ in range(8)]
+            await asyncio.sleep(0.5)
+            assert any(o == "ok" for _, _, o in calls)
+
+            killed_at = time.monotonic()
+            await asyncio.to_thread(triton.kill)
+            await asyncio.sleep(1.5)
+            after_kill = [c for c in calls if c[0] + c[1] > killed_at + 0.2]
+            # Every call that ended after the kill failed, fast, with UNAVAILABLE
+            # (the load would have raised anything else).
+            assert after_kill and all(o == "unavailable" for _, _, o in after_kill)
+            assert max(d for _, d, _ in after_kill) < 1.0
+
+            # The server stays up; the Torch model keeps serving; readiness follows.
+            echoed = await mc.infer("echo", {"INPUT0": rows(3)})
+            assert echoed["OUTPUT0"].shape == (3, 4)
+            assert await mc.server_live()
+            assert not await mc.model_ready("tiny")
+            assert not await mc.server_ready()
+
+            await asyncio.to_thread(triton.start)  # same ports, Mandant untouched
+            recovered_at = None
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    await mc.infer("tiny", {"INPUT0": rows(1)})
+                    recovered_at = time.monotonic()
+                    break
+                except Unavailable:
+                    await asyncio.sleep(0.1)
+            assert recovered_at is not None, "calls did not succeed again after restart"
+            stop.set()
+            await asyncio.gather(*workers)
+            x = rows(4)
+            result = await mc.infer("tiny", {"INPUT0": x})
+            want = expected(x)["OUTPUT0"]
+            np.testing.assert_allclose(result["OUTPUT0"], want, rtol=1e-5, atol=1e-6)
+            assert await mc.model_ready("tiny")
+            assert await mc.server_ready()

@@ -1,0 +1,316 @@
+"""TenantAdmission on fake clocks: messages and pushback, all-or-nothing taking,
+concurrency caps, per-model overrides, quotas, live updates, store outages."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from mandant.config import MandantConfig, parse_config
+from mandant.errors import ConfigError, InvalidInput, QuotaExceeded, RateLimited, Unavailable
+from mandant.events import NullObserver
+from mandant.tenancy.admission import Permit, TenantAdmission
+from mandant.tenancy.policy import Denial, Plan, StoreUnavailable
+from mandant.types import ModelKey, Tenant
+
+ACME, GLOBEX = Tenant("acme"), Tenant("globex")
+ECHO, CLASSIFIER = ModelKey("echo", "1"), ModelKey("classifier", "1")
+MODEL = {
+    "factory": "mandant.demo.models:echo",
+    "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+    "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+}
+
+
+def config(*tenants: dict[str, Any], **limits: Any) -> MandantConfig:
+    return parse_config(
+        {
+            "limits": limits,
+            "tenants": list(tenants),
+            "models": [{"name": "echo", **MODEL}, {"name": "classifier", **MODEL}],
+        }
+    )
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingObserver(NullObserver):
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def admitted(self, tenant: str, model: str, rows: int) -> None:
+        self.events.append(("admitted", tenant, model, rows))
+
+    def rejected(self, tenant: str, reason: str) -> None:
+        self.events.append(("rejected", tenant, reason))
+
+    def inflight_changed(self, tenant: str, delta: int) -> None:
+        self.events.append(("inflight", tenant, delta))
+
+    def store_error(self, store: str) -> None:
+        self.events.append(("store_error", store))
+
+
+class FlakyStore:
+    """A shared store that admits everything, or fails while ``down``."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.down = False
+        self.calls = 0
+
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    async def acquire(self, plan: Plan, rows: int) -> Denial | None:
+        self.calls += 1
+        if self.down:
+            raise StoreUnavailable("fake: down")
+        return None
+
+
+WALL = datetime(2024, 5, 17, 22, tzinfo=UTC).timestamp()
+
+
+def admission(cfg: MandantConfig, **kwargs: Any) -> tuple[TenantAdmission, FakeClock, FakeClock]:
+    clock, wall = FakeClock(), FakeClock(WALL)
+    return TenantAdmission(cfg, clock=clock, wall=wall, **kwargs), clock, wall
+
+
+async def test_request_rate_refusal_names_the_limit_and_the_exact_wait() -> None:
+    adm, clock, _ = admission(
+        config({"id": "acme", "rate_limit": {"requests_per_s": 200, "burst": 2}})
+    )
+    for _ in range(2):
+        (await adm.admit(ACME, ECHO, 1)).release()
+    with pytest.raises(RateLimited) as caught:
+        await adm.admit(ACME, ECHO, 1)
+    assert str(caught.value) == "rate limit requests_per_s=200 exceeded for tenant acme"
+    assert caught.value.retry_after_s == pytest.approx(0.005, abs=1e-9)
+    clock.now += 0.005 + 1e-9
+    (await adm.admit(ACME, ECHO, 1)).release()
+
+
+async def test_a_refusal_by_one_bucket_takes_from_none() -> None:
+    cfg = config({"id": "acme", "rate_limit": {"requests_per_s": 1, "burst": 2, "rows_per_s": 10}})
+    adm, _, _ = admission(cfg)
+    (await adm.admit(ACME, ECHO, 8)).release()
+    with pytest.raises(RateLimited, match="rows_per_s=10") as caught:
+        await adm.admit(ACME, ECHO, 5)  # rows refuse: the request token must stay
+    assert caught.value.retry_after_s == pytest.approx(0.3)
+    (await adm.admit(ACME, ECHO, 2)).release()  # the second request token is still there
+    with pytest.raises(RateLimited, match="requests_per_s=1 "):
+        await adm.admit(ACME, ECHO, 1)
+
+
+async def test_a_call_larger_than_the_rows_burst_is_invalid() -> None:
+    adm, _, _ = admission(
+        config({"id": "acme", "rate_limit": {"rows_per_s": 10, "rows_burst": 20}})
+    )
+    with pytest.raises(InvalidInput, match="21 rows exceeds rows_burst=20"):
+        await adm.admit(ACME, ECHO, 21)
+    (await adm.admit(ACME, ECHO, 20)).release()
+
+
+async def test_concurrency_cap_counts_calls_in_flight_across_models() -> None:
+    observer = RecordingObserver()
+    adm, _, _ = admission(config({"id": "acme", "max_concurrency": 2}), observer=observer)
+    first = await adm.admit(ACME, ECHO, 1)
+    second = await adm.admit(ACME, CLASSIFIER, 1)
+    with pytest.raises(RateLimited, match="max_concurrency=2 exceeded for tenant acme") as caught:
+        await adm.admit(ACME, ECHO, 1)
+    assert caught.value.retry_after_s > 0
+    (await adm.admit(GLOBEX, ECHO, 1)).release()  # another tenant is not capped
+    first.release()
+    first.release()  # a second release is ignored
+    assert adm.inflight("acme") == 1
+    third = await adm.admit(ACME, ECHO, 1)
+    second.release()
+    third.release()
+    assert adm.inflight("acme") == 0
+    assert ("rejected", "acme", "concurrency") in observer.events
+    assert sum(e[2] for e in observer.events if e[:2] == ("inflight", "acme")) == 0
+
+
+async def test_a_model_override_has_buckets_of_its_own() -> None:
+    cfg = config(
+        {
+            "id": "acme",
+            "rate_limit": {"requests_per_s": 1, "burst": 1},
+            "models": {"classifier": {"rate_limit": {"requests_per_s": 5, "burst": 3}}},
+        }
+    )
+    adm, _, _ = admission(cfg)
+    for _ in range(3):
+        (await adm.admit(ACME, CLASSIFIER, 1)).release()
+    with pytest.raises(RateLimited) as caught:
+        await adm.admit(ACME, CLASSIFIER, 1)
+    assert str(caught.value) == (
+        "rate limit requests_per_s=5 exceeded for tenant acme on model classifier"
+    )
+    (await adm.admit(ACME, ECHO, 1)).release()  # the tenant bucket was untouched
+    with pytest.raises(RateLimited, match=r"requests_per_s=1 exceeded for tenant acme$"):
+        await adm.admit(ACME, ECHO, 1)
+
+
+async def test_quota_refuses_until_midnight_utc_and_counts_only_admitted_rows() -> None:
+    observer = RecordingObserver()
+    adm, _, wall = admission(
+        config({"id": "acme", "quota": {"rows_per_day": 100}}), observer=observer
+    )
+    (await adm.admit(ACME, ECHO, 90)).release()
+    with pytest.raises(QuotaExceeded) as caught:
+        await adm.admit(ACME, ECHO, 11)
+    assert str(caught.value) == "quota rows_per_day=100 exceeded for tenant acme"
+    assert caught.value.retry_after_s == pytest.approx(2 * 3600)  # 22:00 → 00:00 UTC
+    (await adm.admit(ACME, ECHO, 10)).release()
+    wall.now += 2 * 3600
+    (await adm.admit(ACME, ECHO, 100)).release()
+    assert ("rejected", "acme", "quota") in observer.events
+    assert [e for e in observer.events if e[0] == "admitted"] == [
+        ("admitted", "acme", "echo", 90),
+        ("admitted", "acme", "echo", 10),
+        ("admitted", "acme", "echo", 100),
+    ]
+
+
+async def test_monthly_quota_and_a_rate_refusal_leave_the_quota_untouched() -> None:
+    cfg = config(
+        {
+            "id": "acme",
+            "rate_limit": {"requests_per_s": 1, "burst": 1},
+            "quota": {"rows_per_month": 5},
+        }
+    )
+    adm, clock, _ = admission(cfg)
+    (await adm.admit(ACME, ECHO, 3)).release()
+    with pytest.raises(RateLimited):
+        await adm.admit(ACME, ECHO, 2)
+    clock.now += 1
+    (await adm.admit(ACME, ECHO, 2)).release()  # the refused call took no quota
+    clock.now += 1
+    with pytest.raises(QuotaExceeded, match="rows_per_month=5") as caught:
+        await adm.admit(ACME, ECHO, 1)
+    june = datetime(2024, 6, 1, tzinfo=UTC).timestamp()
+    assert caught.value.retry_after_s == pytest.approx(june - WALL)
+
+
+async def test_tenants_without_limits_are_admitted() -> None:
+    adm, _, _ = admission(config({"id": "acme"}))
+    permits: list[Permit] = [await adm.admit(ACME, ECHO, 10_000) for _ in range(1000)]
+    for permit in permits:
+        permit.release()
+    (await adm.admit(Tenant("not-configured"), ECHO, 1)).release()
+
+
+async def test_update_keeps_counts_of_unchanged_tenants_and_applies_new_limits() -> None:
+    acme = {
+        "id": "acme",
+        "rate_limit": {"requests_per_s": 1, "burst": 2},
+        "quota": {"rows_per_day": 10},
+    }
+    globex = {"id": "globex", "rate_limit": {"requests_per_s": 1, "burst": 1}}
+    adm, clock, _ = admission(config(acme, globex))
+    for _ in range(2):
+        (await adm.admit(ACME, ECHO, 4)).release()
+    (await adm.admit(GLOBEX, ECHO, 1)).release()
+    adm.update(config(acme, {**globex, "rate_limit": {"requests_per_s": 10, "burst": 3}}))
+    with pytest.raises(RateLimited):  # acme's bucket was kept, still empty
+        await adm.admit(ACME, ECHO, 1)
+    with pytest.raises(RateLimited, match="requests_per_s=10 "):  # a change does not refill
+        await adm.admit(GLOBEX, ECHO, 1)
+    clock.now += 0.1
+    (await adm.admit(GLOBEX, ECHO, 1)).release()  # but the new rate refills
+    adm.update(config({**acme, "rate_limit": {"requests_per_s": 1000}}, globex))
+    clock.now += 1
+    with pytest.raises(QuotaExceeded):  # the 8 rows used today survive the change
+        await adm.admit(ACME, ECHO, 3)
+    (await adm.admit(ACME, ECHO, 2)).release()
+
+
+async def test_update_forgets_removed_tenants() -> None:
+    acme = {"id": "acme", "quota": {"rows_per_day": 10}}
+    adm, _, _ = admission(config(acme))
+    (await adm.admit(ACME, ECHO, 10)).release()
+    adm.update(config())
+    adm.update(config(acme))
+    (await adm.admit(ACME, ECHO, 10)).release()  # a re-added tenant starts afresh
+
+
+async def test_store_outage_with_allow_falls_back_to_local_buckets(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store, observer = FlakyStore(), RecordingObserver()
+    cfg = config(
+        {"id": "acme", "rate_limit": {"requests_per_s": 1, "burst": 1}}, retry_interval_s=1
+    )
+    adm, clock, _ = admission(cfg, shared=store, observer=observer)
+    (await adm.admit(ACME, ECHO, 1)).release()
+    store.down = True
+    with caplog.at_level(logging.WARNING, logger="mandant.tenancy.admission"):
+        (await adm.admit(ACME, ECHO, 1)).release()  # local fallback bucket: full
+        with pytest.raises(RateLimited):
+            await adm.admit(ACME, ECHO, 1)
+        assert store.calls == 2  # no new try before retry_interval_s
+        clock.now += 1.0
+        (await adm.admit(ACME, ECHO, 1)).release()  # probe fails; local bucket refilled
+        assert store.calls == 3
+        store.down = False
+        clock.now += 1.0
+        (await adm.admit(ACME, ECHO, 1)).release()
+        (await adm.admit(ACME, ECHO, 1)).release()  # the store decides again
+    assert store.calls == 5
+    outage_logs = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(outage_logs) == 1
+    assert any("reachable again" in r.getMessage() for r in caplog.records)
+    assert observer.events.count(("store_error", "fake")) == 2
+
+
+async def test_store_outage_with_deny_refuses_as_unavailable() -> None:
+    store, observer = FlakyStore(), RecordingObserver()
+    cfg = config(
+        {"id": "acme", "rate_limit": {"requests_per_s": 100}},
+        on_store_error="deny",
+        retry_interval_s=0.5,
+    )
+    adm, clock, _ = admission(cfg, shared=store, observer=observer)
+    store.down = True
+    with pytest.raises(Unavailable, match="rate limit store unavailable"):
+        await adm.admit(ACME, ECHO, 1)
+    assert adm.inflight("acme") == 0
+    store.down = False
+    with pytest.raises(Unavailable):
+        await adm.admit(ACME, ECHO, 1)  # still within retry_interval_s
+    clock.now += 0.5
+    (await adm.admit(ACME, ECHO, 1)).release()
+    assert ("rejected", "acme", "store_unavailable") in observer.events
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"tenants": [{"id": "a", "rate_limit": {"burst": 5}}]}, "'burst' needs 'requests_per_s'"),
+        ({"tenants": [{"id": "a", "rate_limit": {"rows_burst": 5}}]}, "'rows_burst' needs"),
+        ({"limits": {"store": "redis"}}, "store 'redis' needs a 'url'"),
+        ({"limits": {"store": "redis", "url": "http://x"}}, "starts with redis://"),
+        ({"limits": {"on_store_error": "maybe"}}, "limits.on_store_error"),
+        ({"tenants": [{"id": "a", "models": {"nope": {}}}]}, "limits for unknown model 'nope'"),
+        ({"tenants": [{"id": "a", "quota": {"rows_per_day": 0}}]}, "tenants.0.quota.rows_per_day"),
+    ],
+)
+def test_bad_limits_are_refused_with_the_field(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)

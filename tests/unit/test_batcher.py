@@ -1,0 +1,401 @@
+"""The dynamic batcher with a fake clock and a fake backend: no sleeps, no network."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mandant.config import BatchingConfig
+from mandant.errors import DeadlineExceeded, InvalidInput, QueueFull, Unavailable
+from mandant.scheduling.batcher import BatchFailed, DynamicBatcher
+from mandant.types import InferRequest, Tenant
+from tests.unit.batching_fakes import (
+    FakeClock,
+    GatedBackend,
+    RecordingObserver,
+    double,
+    request,
+    settle,
+)
+
+
+async def make(
+    backend: GatedBackend | None = None,
+    clock: FakeClock | None = None,
+    observer: RecordingObserver | None = None,
+    **config: Any,
+) -> tuple[DynamicBatcher, GatedBackend, FakeClock, RecordingObserver]:
+    clock = clock or FakeClock()
+    backend = backend or GatedBackend()
+    observer = observer or RecordingObserver()
+    batcher = DynamicBatcher(backend, BatchingConfig(**config), "m", observer, clock)
+    await batcher.start()
+    return batcher, backend, clock, observer
+
+
+def submit(batcher: DynamicBatcher, req: InferRequest) -> asyncio.Task[dict[str, np.ndarray]]:
+    return asyncio.create_task(batcher.submit(req))
+
+
+def check_own_rows(req: InferRequest, out: dict[str, np.ndarray]) -> None:
+    expected = double(req.inputs)
+    assert out.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(out[name], expected[name])
+
+
+# -- batch formation ------------------------------------------------------------------
+
+
+async def test_eager_runs_a_lone_request_at_once_and_batches_while_busy() -> None:
+    batcher, backend, _, _ = await make(max_batch_size=8)
+    first = submit(batcher, request())
+    await settle()
+    assert [c.rows for c in backend.calls] == [1]  # no waiting for company
+    rest = [submit(batcher, request()) for _ in range(5)]
+    await settle()
+    assert len(backend.calls) == 1  # the slot is busy: the next batch forms
+    backend.release()
+    await settle()
+    assert [c.rows for c in backend.calls] == [1, 5]
+    backend.release()
+    await asyncio.gather(first, *rest)
+
+
+async def test_max_batch_size_caps_every_batch() -> None:
+    batcher, backend, _, _ = await make(max_batch_size=4)
+    blocker = submit(batcher, request())
+    await settle()
+    tasks = [submit(batcher, request()) for _ in range(10)]
+    await settle()
+    for _ in range(4):
+        backend.release()
+        await settle()
+    assert [c.rows for c in backend.calls] == [1, 4, 4, 2]
+    await asyncio.gather(blocker, *tasks)
+
+
+async def test_preferred_size_is_formed_when_possible() -> None:
+    batcher, backend, _, _ = await make(max_batch_size=8, preferred_batch_sizes=(4,))
+    blocker = submit(batcher, request())
+    await settle()
+    tasks = [submit(batcher, request()) for _ in range(6)]
+    await settle()
+    backend.release(), await settle()
+    backend.release(), await settle()
+    assert [c.rows for c in backend.calls] == [1, 4, 2]
+    backend.release()
+    await asyncio.gather(blocker, *tasks)
+
+
+async def test_delay_waits_for_company_up_to_the_delay() -> None:
+    batcher, backend, clock, _ = await make(
+        max_batch_size=8, dispatch="delay", max_queue_delay_ms=5
+    )
+    tasks = [submit(batcher, request()) for _ in range(3)]
+    await settle()
+    assert backend.calls == []
+    clock.advance(0.004)
+    await settle()
+    assert backend.calls == []
+    clock.advance(0.001)
+    await settle()
+    assert [c.rows for c in backend.calls] == [3]
+    backend.release()
+    await asyncio.gather(*tasks)
+
+
+async def test_delay_sends_a_full_or_preferred_batch_at_once() -> None:
+    batcher, backend, _, _ = await make(
+        max_batch_size=4, dispatch="delay", max_queue_delay_ms=1000, preferred_batch_sizes=(3,)
+    )
+    tasks = [submit(batcher, request()) for _ in range(2)]
+    await settle()
+    assert backend.calls == []
+    tasks.append(submit(batcher, request()))
+    await settle()
+    assert [c.rows for c in backend.calls] == [3]
+    backend.release()
+    await asyncio.gather(*tasks)
+
+
+async def test_multi_row_requests_get_exactly_their_own_rows() -> None:
+    batcher, backend, _, _ = await make(max_batch_size=16)
+    blocker = submit(batcher, request())
+    await settle()
+    reqs = [request("a", 1), request("b", 3), request("a", 2), request("c", 5)]
+    tasks = [submit(batcher, r) for r in reqs]
+    await settle()
+    backend.release()
+    await settle()
+    assert [c.rows for c in backend.calls] == [1, 11]
+    backend.release()
+    for req, out in zip(reqs, await asyncio.gather(*tasks), strict=True):
+        check_own_rows(req, out)
+    await blocker
+
+
+async def test_requests_of_different_shapes_go_in_different_batches() -> None:
+    batcher, backend, _, _ = await make(max_batch_size=16)
+    blocker = submit(batcher, request())
+    await settle()
+    reqs = [request("a", width=4), request("b", width=8), request("a", width=4)]
+    tasks = [submit(batcher, r) for r in reqs]
+    for _ in range(4):
+        await settle()
+        backend.release()
+    widths = [{c.inputs["x"].shape[1]} for c in backend.calls]
+    assert all(len(w) == 1 for w in widths) and len(backend.calls) >= 3
+    for req, out in zip(reqs, await asyncio.gather(*tasks), strict=True):
+        check_own_rows(req, out)
+    await blocker
+
+
+async def test_too_many_rows_is_invalid_input() -> None:
+    batcher, backend, _, _ = await make(max_batch_size=4)
+    with pytest.raises(InvalidInput, match="max_batch_size"):
+        await batcher.submit(request(rows=5))
+    assert backend.calls == []
+
+
+async def test_inputs_must_share_the_batch_dimension() -> None:
+    batcher, _, _, _ = await make()
+    req = request(rows=2)
+    req.inputs["y"] = np.zeros((3, 1), np.float32)
+    with pytest.raises(InvalidInput, match="first dimension"):
+        await batcher.submit(req)
+
+
+async def test_execution_slots_run_batches_concurrently() -> None:
+    batcher, backend, _, _ = await make(GatedBackend(max_concurrency=2), max_batch_size=4)
+    tasks = [submit(batcher, request()) for _ in range(6)]
+    await settle()
+    assert [c.rows for c in backend.calls] == [1, 1]  # each went at once to an idle slot
+    backend.release()
+    await settle()
+    assert [c.rows for c in backend.calls] == [1, 1, 4]  # formed while both were busy
+    backend.release(2)
+    await asyncio.gather(*tasks)
+
+
+# -- fairness -------------------------------------------------------------------------
+
+
+async def test_weights_one_and_three_share_rows_one_to_three() -> None:
+    backend = GatedBackend(auto=True)
+    batcher, _, _, observer = await make(backend, max_batch_size=16)
+    light, heavy = Tenant("light", weight=1), Tenant("heavy", weight=3)
+
+    async def closed_loop(tenant: Tenant) -> None:
+        while True:
+            await batcher.submit(request(tenant))
+
+    clients = [asyncio.create_task(closed_loop(t)) for t in (light, heavy) for _ in range(32)]
+    for _ in range(60):
+        await settle(3)
+    for client in clients:
+        client.cancel()
+    await asyncio.gather(*clients, return_exceptions=True)
+    shares: Counter[str] = Counter()
+    for _, size, _, by_tenant in observer.batches[5:]:  # steady state
+        assert size <= 16
+        shares.update(by_tenant)
+    assert 3 * 0.95 <= shares["heavy"] / shares["light"] <= 3 * 1.05
+
+
+async def test_queue_cap_refuses_with_a_retry_hint() -> None:
+    batcher, backend, _, observer = await make(max_batch_size=4, max_queue_rows=3)
+    running = submit(batcher, request("a"))
+    await settle()
+    queued = [submit(batcher, request("a", rows=2)), submit(batcher, request("a"))]
+    await settle()
+    with pytest.raises(QueueFull) as info:
+        await batcher.submit(request("a"))
+    assert info.value.retry_after_s > 0
+    assert observer.rejections == [("a", "queue_full")]
+    other = submit(batcher, request("b"))  # another tenant's queue is its own
+    await settle()
+    assert not other.done()
+    queued[1].cancel()  # cancelling frees the rows at once
+    await settle()
+    refill = submit(batcher, request("a"))
+    await settle()
+    assert not refill.done()
+    closing = asyncio.create_task(batcher.aclose())
+    await settle()
+    for task in (queued[0], other, refill):
+        with pytest.raises(Unavailable):
+            await task
+    backend.release()
+    await closing
+    await running
+
+
+# -- deadlines, cancellation, priority -----------------------------------------------------
+
+
+async def test_deadline_passing_in_queue_answers_deadline_exceeded_and_never_runs() -> None:
+    clock = FakeClock()
+    batcher, backend, _, _ = await make(clock=clock)
+    blocker = submit(batcher, request(value=100))
+    await settle()
+    late = submit(batcher, request(value=7, deadline=clock.now + 0.010))
+    on_time = submit(batcher, request(value=8, deadline=clock.now + 10))
+    await settle()
+    clock.advance(0.011)
+    await settle()
+    assert late.done()
+    with pytest.raises(DeadlineExceeded):
+        await late
+    backend.release()
+    await settle()
+    backend.release()
+    await asyncio.gather(blocker, on_time)
+    executed = np.concatenate([c.inputs["x"][:, 0] for c in backend.calls])
+    assert 7 not in executed and 8 in executed
+
+
+async def test_expired_deadline_is_refused_before_queueing() -> None:
+    clock = FakeClock()
+    batcher, backend, _, _ = await make(clock=clock)
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit(request(deadline=clock.now))
+    assert backend.calls == []
+
+
+async def test_cancelled_caller_leaves_the_queue_at_once() -> None:
+    batcher, backend, _, _ = await make(max_batch_size=8)
+    blocker = submit(batcher, request(value=100))
+    await settle()
+    gone = submit(batcher, request(value=5))
+    stays = submit(batcher, request(value=6))
+    await settle()
+    gone.cancel()
+    await settle()
+    backend.release(2)
+    await settle()
+    backend.release()
+    await asyncio.gather(blocker, stays)
+    assert gone.cancelled()
+    executed = np.concatenate([c.inputs["x"][:, 0] for c in backend.calls])
+    assert 5 not in executed and 6 in executed
+
+
+async def test_cancelled_while_running_does_not_disturb_the_batch() -> None:
+    batcher, backend, _, _ = await make(max_batch_size=8)
+    tasks = [submit(batcher, request()) for _ in range(3)]
+    await settle()
+    backend.release()
+    await settle()
+    tasks[1].cancel()
+    backend.release()
+    await settle()
+    assert tasks[1].cancelled()
+    await tasks[0], await tasks[2]
+
+
+async def test_priority_is_strict_within_a_tenant_only() -> None:
+    batcher, backend, _, _ = await make(max_batch_size=1)
+    blocker = submit(batcher, request("a", value=100))
+    await settle()
+    tasks = [
+        submit(batcher, request("a", value=1, priority=0)),
+        submit(batcher, request("a", value=2, priority=2)),
+        submit(batcher, request("a", value=3, priority=1)),
+        submit(batcher, request("b", value=4, priority=0)),
+    ]
+    await settle()
+    for _ in range(5):
+        backend.release()
+        await settle()
+    order = [float(c.inputs["x"][0, 0]) for c in backend.calls]
+    assert order[0] == 100
+    a_order = [v for v in order if v in (1, 2, 3)]
+    assert a_order == [3, 2, 1]
+    assert order.index(4) <= 2  # b's unprioritised request is not behind a's levels
+    await asyncio.gather(blocker, *tasks)
+
+
+# -- failures, metrics, lifecycle ----------------------------------------------------------
+
+
+async def test_backend_failure_fails_exactly_that_batch(caplog: pytest.LogCaptureFixture) -> None:
+    batcher, backend, _, _ = await make(GatedBackend(max_concurrency=2), max_batch_size=2)
+    doomed = [submit(batcher, request()) for _ in range(1)]
+    await settle()
+    survivors = [submit(batcher, request()) for _ in range(2)]
+    await settle()
+    caplog.set_level(logging.ERROR, logger="mandant.scheduling.batcher")
+    backend.release(error=ValueError("boom"))
+    await settle()
+    with pytest.raises(BatchFailed) as info:
+        await doomed[0]
+    assert isinstance(info.value.__cause__, ValueError)
+    assert "boom" not in str(info.value)
+    assert "request ids: req-" in caplog.text
+    await settle()
+    backend.release(2)
+    for task in survivors:
+        assert (await task)["OUT0"].shape == (1, 4)
+
+
+async def test_observer_gets_queue_and_compute_time_and_batch_shares() -> None:
+    clock = FakeClock()
+    backend = GatedBackend(clock=clock, compute_s=0.003)
+    batcher, _, _, observer = await make(backend, clock)
+    blocker = submit(batcher, request("a"))
+    await settle()
+    tasks = [submit(batcher, request("a", rows=2)), submit(batcher, request("b"))]
+    await settle()
+    clock.advance(0.002)
+    backend.release()
+    await settle()
+    backend.release()
+    await asyncio.gather(blocker, *tasks)
+    assert [(size, shares) for _, size, _, shares in observer.batches] == [
+        (1, {"a": 1}),
+        (3, {"a": 2, "b": 1}),
+    ]
+    assert observer.batches[1][2] == pytest.approx(0.003)
+    second = observer.timings[1:]
+    assert {t for t, *_ in second} == {"a", "b"}
+    for _, model, queue_s, compute_s in second:
+        assert model == "m"
+        assert queue_s == pytest.approx(0.005)  # 2 ms waiting + 3 ms of the first batch
+        assert compute_s == pytest.approx(0.003)
+
+
+async def test_aclose_answers_queued_requests_and_refuses_new_ones() -> None:
+    batcher, backend, _, _ = await make()
+    running = submit(batcher, request())
+    await settle()
+    queued = submit(batcher, request())
+    await settle()
+    closing = asyncio.create_task(batcher.aclose())
+    await settle()
+    with pytest.raises(Unavailable):
+        await queued
+    backend.release()
+    await closing
+    assert (await running)["OUT0"].shape == (1, 4)
+    with pytest.raises(Unavailable):
+        await batcher.submit(request())
+
+
+async def test_model_that_drops_the_batch_dimension_fails_batches_not_lone_requests() -> None:
+    backend = GatedBackend(auto=True, compute=lambda inputs: {"OUT0": np.zeros(1, np.float32)})
+    batcher, _, _, _ = await make(backend, max_batch_size=8)
+    assert (await batcher.submit(request()))["OUT0"].shape == (1,)
+    backend.auto = False
+    tasks = [submit(batcher, request()) for _ in range(3)]
+    await settle()
+    backend.release(), await settle()
+    backend.release(), await settle()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert not isinstance(results[0], BaseException)
+    assert all(isinstance(r, BatchFailed) for r in results[1:])

@@ -1,0 +1,131 @@
+"""The circuit breaker of remote backends, on a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from mandant.backends.circuit import CircuitBreaker, CircuitState
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def breaker(clock: FakeClock, **kwargs: float) -> CircuitBreaker:
+    settings = {"failure_threshold": 3, "reset_timeout_s": 2.0, **kwargs}
+    return CircuitBreaker(clock=clock, **settings)  # type: ignore[arg-type]
+
+
+def fail(circuit: CircuitBreaker, times: int) -> None:
+    for _ in range(times):
+        assert circuit.allow()
+        circuit.record_failure()
+
+
+def test_closed_lets_everything_through(clock: FakeClock) -> None:
+    circuit = breaker(clock)
+    assert circuit.state is CircuitState.CLOSED
+    assert all(circuit.allow() for _ in range(100))
+    assert circuit.retry_after_s == 0
+
+
+def test_opens_after_threshold_consecutive_failures(clock: FakeClock) -> None:
+    circuit = breaker(clock)
+    fail(circuit, 2)
+    assert circuit.state is CircuitState.CLOSED
+    fail(circuit, 1)
+    assert circuit.state is CircuitState.OPEN
+    assert not circuit.allow()
+    assert circuit.retry_after_s == pytest.approx(2.0)
+
+
+def test_a_success_resets_the_failure_count(clock: FakeClock) -> None:
+    circuit = breaker(clock)
+    fail(circuit, 2)
+    circuit.record_success()
+    fail(circuit, 2)
+    assert circuit.state is CircuitState.CLOSED
+
+
+def test_half_opens_after_reset_timeout_and_lets_one_probe_through(clock: FakeClock) -> None:
+    circuit = breaker(clock)
+    fail(circuit, 3)
+    clock.now += 1.999
+    assert not circuit.allow()
+    assert circuit.retry_after_s == pytest.approx(0.001)
+    clock.now += 0.001
+    assert circuit.state is CircuitState.HALF_OPEN
+    assert circuit.allow()  # the probe
+    assert not circuit.allow()  # everyone else waits for its outcome
+    assert not circuit.allow()
+
+
+def test_successful_probe_closes(clock: FakeClock) -> None:
+    circuit = breaker(clock)
+    fail(circuit, 3)
+    clock.now += 2
+    assert circuit.allow()
+    circuit.record_success()
+    assert circuit.state is CircuitState.CLOSED
+    assert all(circuit.allow() for _ in range(10))
+
+
+def test_failed_probe_opens_again_for_a_full_reset_timeout(clock: FakeClock) -> None:
+    circuit = breaker(clock)
+    fail(circuit, 3)
+    clock.now += 5
+    assert circuit.allow()
+    circuit.record_failure()  # one failure is enough while half-open
+    assert circuit.state is CircuitState.OPEN
+    assert not circuit.allow()
+    clock.now += 1.5
+    assert not circuit.allow()
+    clock.now += 0.5
+    assert circuit.allow()
+
+
+def test_abandoned_probe_frees_its_slot(clock: FakeClock) -> None:
+    circuit = breaker(clock)
+    fail(circuit, 3)
+    clock.now += 2
+    assert circuit.allow()
+    assert not circuit.allow()
+    circuit.record_abandoned()  # the caller gave up: says nothing about the server
+    assert circuit.state is CircuitState.HALF_OPEN
+    assert circuit.allow()
+
+
+def test_several_probes_when_configured(clock: FakeClock) -> None:
+    circuit = breaker(clock, half_open_probes=2)
+    fail(circuit, 3)
+    clock.now += 2
+    assert circuit.allow()
+    assert circuit.allow()
+    assert not circuit.allow()
+
+
+def test_failures_of_calls_in_flight_when_it_opened_change_nothing(clock: FakeClock) -> None:
+    circuit = breaker(clock)
+    fail(circuit, 3)
+    for _ in range(10):
+        circuit.record_failure()  # late answers of calls let through before it opened
+    clock.now += 2
+    assert circuit.allow()
+
+
+def test_rejects_nonsense_settings(clock: FakeClock) -> None:
+    with pytest.raises(ValueError):
+        CircuitBreaker(failure_threshold=0, clock=clock)
+    with pytest.raises(ValueError):
+        CircuitBreaker(half_open_probes=0, clock=clock)
+    with pytest.raises(ValueError):
+        CircuitBreaker(reset_timeout_s=-1, clock=clock)

@@ -1,0 +1,206 @@
+"""Token-bucket and calendar-quota math on fake clocks, with property tests."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mandant.tenancy.limits import Rate, TokenBucket
+from mandant.tenancy.quota import PeriodTracker, Quota, QuotaCounter, period_at
+
+
+def _ts(*parts: int) -> float:
+    return datetime(*parts, tzinfo=UTC).timestamp()  # type: ignore[misc]
+
+
+# -- token bucket ------------------------------------------------------------------
+
+
+def test_bucket_starts_full_and_refuses_without_taking() -> None:
+    bucket = TokenBucket(Rate("requests_per_s", 10, 3), now=100.0)
+    assert [bucket.try_take(1, 100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = bucket.try_take(1, 100.0)
+    assert wait == pytest.approx(0.1)
+    assert bucket.tokens(100.0) == pytest.approx(0.0)  # the refusal took nothing
+    assert bucket.try_take(1, 100.1 + 1e-9) == 0.0
+
+
+def test_bucket_refills_only_up_to_the_burst() -> None:
+    bucket = TokenBucket(Rate("rows_per_s", 100, 50), now=0.0)
+    bucket.take(50, 0.0)
+    assert bucket.tokens(0.2) == pytest.approx(20)
+    assert bucket.tokens(10.0) == 50
+
+
+def test_wait_for_a_larger_cost_is_exact() -> None:
+    bucket = TokenBucket(Rate("rows_per_s", 250, 1000), now=0.0)
+    bucket.take(1000, 0.0)
+    assert bucket.wait_s(500, 0.0) == pytest.approx(2.0)
+    assert bucket.wait_s(500, 1.5) == pytest.approx(0.5)
+
+
+def test_reconfigure_keeps_what_is_saved_up() -> None:
+    bucket = TokenBucket(Rate("requests_per_s", 10, 10), now=0.0)
+    bucket.take(4, 0.0)
+    bucket.reconfigure(Rate("requests_per_s", 100, 100), now=0.0)
+    assert bucket.tokens(0.0) == pytest.approx(6)  # not refilled by the change
+    bucket.reconfigure(Rate("requests_per_s", 1, 2), now=0.0)
+    assert bucket.tokens(0.0) == pytest.approx(2)  # clamped to the new burst
+
+
+def test_a_clock_that_stands_still_or_jumps_back_adds_nothing() -> None:
+    bucket = TokenBucket(Rate("requests_per_s", 1, 1), now=10.0)
+    bucket.take(1, 10.0)
+    assert bucket.tokens(9.0) == 0.0
+    assert bucket.tokens(10.0) == 0.0
+
+
+rates = st.floats(min_value=0.5, max_value=1000)
+bursts = st.floats(min_value=1, max_value=100)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    per_s=rates,
+    burst=bursts,
+    gaps=st.lists(st.floats(min_value=0, max_value=0.5), min_size=1, max_size=150),
+    costs=st.lists(st.integers(min_value=1, max_value=5), min_size=150, max_size=150),
+)
+def test_admitted_in_any_window_is_at_most_burst_plus_rate_times_length(
+    per_s: float, burst: float, gaps: list[float], costs: list[int]
+) -> None:
+    bucket = TokenBucket(Rate("rows_per_s", per_s, burst), now=0.0)
+    now, admitted = 0.0, []
+    for gap, cost in zip(gaps, costs, strict=False):
+        now += gap
+        if bucket.try_take(cost, now) == 0.0:
+            admitted.append((now, cost))
+    for i, (start, _) in enumerate(admitted):
+        total = 0
+        for when, cost in admitted[i:]:
+            total += cost
+            assert total <= burst + per_s * (when - start) + 1e-6
+
+
+@settings(max_examples=200, deadline=None)
+@given(per_s=rates, burst=bursts, duration_s=st.floats(min_value=0.1, max_value=20))
+def test_a_client_retrying_when_told_gets_rate_times_length_minus_one(
+    per_s: float, burst: float, duration_s: float
+) -> None:
+    """Constant over-demand: every refusal is retried exactly at its pushback."""
+    bucket = TokenBucket(Rate("requests_per_s", per_s, burst), now=0.0)
+    now, admitted = 0.0, 0
+    while now <= duration_s:
+        wait = bucket.try_take(1, now)
+        admitted += wait == 0.0
+        now = max(now + wait, math.nextafter(now, math.inf)) if wait else now
+    assert admitted >= per_s * duration_s - 1
+    assert admitted <= burst + per_s * duration_s + 1e-6
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    per_s=rates,
+    burst=bursts,
+    duration_s=st.floats(min_value=0.1, max_value=20),
+    overdemand=st.floats(min_value=1.01, max_value=10),
+)
+def test_under_periodic_overdemand_admitted_is_at_least_rate_times_length_minus_one(
+    per_s: float, burst: float, duration_s: float, overdemand: float
+) -> None:
+    """Calls every ``step`` seconds, faster than the rate. With discrete arrivals the
+    bound needs room for one step's refill in the bucket (burst ≥ 1 + rate·step), or
+    refill is lost while the bucket is full between arrivals."""
+    step = 1.0 / (per_s * overdemand)
+    burst = max(burst, 1 + per_s * step)
+    bucket = TokenBucket(Rate("requests_per_s", per_s, burst), now=0.0)
+    admitted, calls = 0, int(duration_s / step)
+    for k in range(calls + 1):
+        admitted += bucket.try_take(1, k * step) == 0.0
+    assert admitted >= per_s * duration_s - 1
+    assert admitted <= burst + per_s * duration_s + 1e-6
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    per_s=rates,
+    burst=bursts,
+    spent=st.floats(min_value=0, max_value=1),
+    cost=st.floats(min_value=1, max_value=100),
+)
+def test_retry_pushback_is_exact_within_a_millisecond(
+    per_s: float, burst: float, spent: float, cost: float
+) -> None:
+    cost = min(cost, burst)
+    bucket = TokenBucket(Rate("rows_per_s", per_s, burst), now=0.0)
+    bucket.take(burst * spent, 0.0)
+    wait = bucket.wait_s(cost, 5.0)
+    if wait == 0.0:
+        return
+    if wait > 0.001:
+        assert bucket.wait_s(cost, 5.0 + wait - 0.001) > 0.0
+    assert bucket.try_take(cost, 5.0 + wait + 1e-9 * max(1.0, wait)) == 0.0
+
+
+# -- calendar quotas ---------------------------------------------------------------
+
+
+def test_day_periods_follow_utc_midnight() -> None:
+    period = period_at("day", _ts(2024, 5, 17, 23, 59, 59))
+    assert period.key == "2024-05-17"
+    assert period.reset_at == _ts(2024, 5, 18)
+
+
+@pytest.mark.parametrize(
+    ("moment", "key", "reset"),
+    [
+        ((2024, 1, 31, 12), "2024-01", (2024, 2, 1)),
+        ((2024, 2, 29, 23, 59), "2024-02", (2024, 3, 1)),
+        ((2024, 12, 31, 23, 59, 59), "2024-12", (2025, 1, 1)),
+        ((2025, 1, 1), "2025-01", (2025, 2, 1)),
+    ],
+)
+def test_month_periods_follow_the_utc_calendar(
+    moment: tuple[int, ...], key: str, reset: tuple[int, ...]
+) -> None:
+    period = period_at("month", _ts(*moment))
+    assert (period.key, period.reset_at) == (key, _ts(*reset))
+
+
+def test_period_tracker_moves_on_when_the_period_ends() -> None:
+    tracker = PeriodTracker("day", _ts(2024, 5, 17, 10))
+    first = tracker.at(_ts(2024, 5, 17, 23))
+    assert tracker.at(_ts(2024, 5, 17, 23, 59)) is first
+    assert tracker.at(_ts(2024, 5, 18)).key == "2024-05-18"
+
+
+def test_quota_counts_rows_and_resets_at_midnight_utc() -> None:
+    counter = QuotaCounter(Quota("rows_per_day", 100, "day"), _ts(2024, 5, 17, 8))
+    counter.take(60, _ts(2024, 5, 17, 9))
+    assert counter.wait_s(40, _ts(2024, 5, 17, 10)) == 0.0
+    assert counter.wait_s(41, _ts(2024, 5, 17, 22)) == pytest.approx(2 * 3600)
+    assert counter.used(_ts(2024, 5, 17, 23)) == 60  # the refusal took nothing
+    assert counter.used(_ts(2024, 5, 18, 0, 0, 1)) == 0
+    assert counter.wait_s(100, _ts(2024, 5, 18, 1)) == 0.0
+
+
+def test_quota_reconfigure_keeps_rows_used() -> None:
+    wall = _ts(2024, 5, 17, 8)
+    counter = QuotaCounter(Quota("rows_per_day", 100, "day"), wall)
+    counter.take(90, wall)
+    counter.reconfigure(Quota("rows_per_day", 95, "day"))
+    assert counter.used(wall) == 90
+    assert counter.wait_s(6, wall) > 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(min_value=0, max_value=4e9), st.sampled_from(["day", "month"]))
+def test_every_moment_lies_in_its_period(wall: float, kind: str) -> None:
+    period = period_at(kind, wall)  # type: ignore[arg-type]
+    assert wall < period.reset_at
+    assert period_at(kind, period.reset_at).key != period.key  # type: ignore[arg-type]
+    assert 0 < period.reset_at - wall <= 31 * 86400

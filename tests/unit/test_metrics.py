@@ -1,0 +1,211 @@
+"""The Prometheus observer on an injected registry: exact series, bounded labels,
+the SLO counters, cost split by rows; the in-process dashboard stats; /usage data."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from mandant.config import QuotaConfig, SloConfig, TenantConfig
+from mandant.observability.http import usage_report
+from mandant.observability.live import LATENCY_BOUNDS_S, LiveStats, quantile
+from mandant.observability.metrics import PrometheusObserver
+from mandant.observability.slo import SloTracker
+
+TENANTS = (
+    TenantConfig(id="acme", slo=SloConfig(latency_ms=50, objective=0.99),
+                 quota=QuotaConfig(rows_per_day=1000)),
+    TenantConfig(id="globex", slo=SloConfig(latency_ms=20, objective=0.999)),
+    TenantConfig(id="nosla"),
+)  # fmt: skip
+MODELS = ("classifier", "echo")
+
+
+class FakeClock:
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+Parts = tuple[CollectorRegistry, PrometheusObserver, SloTracker, LiveStats]
+
+
+@pytest.fixture
+def parts(clock: FakeClock) -> Parts:
+    registry = CollectorRegistry()
+    slo = SloTracker({t.id: t.slo for t in TENANTS if t.slo}, clock=clock)
+    live = LiveStats([t.id for t in TENANTS], MODELS, clock=clock, wall=lambda: 86400.0 * 3)
+    return registry, PrometheusObserver(registry, TENANTS, MODELS, slo, live), slo, live
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def names(registry: CollectorRegistry) -> set[str]:
+    return {s.name for family in registry.collect() for s in family.samples}
+
+
+def test_request_finished_counts_every_code_and_times_successes(parts: Parts) -> None:
+    registry, observer, slo, _ = parts
+    observer.request_finished("acme", "classifier", "OK", 0.004)
+    observer.request_finished("acme", "classifier", "OK", 0.080)  # too slow: bad
+    observer.request_finished("acme", "classifier", "INVALID_ARGUMENT", 0.001)
+    observer.request_finished("acme", "classifier", "UNAVAILABLE", 0.002)  # bad
+    observer.request_finished("acme", "", "NOT_FOUND", 0.001)
+    observer.request_finished("", "", "UNAUTHENTICATED", 0.001)
+    r = registry
+    assert value(r, "mandant_requests_total", tenant="acme", model="classifier", code="OK") == 2
+    assert value(r, "mandant_requests_total", tenant="acme", model="classifier",
+                 code="INVALID_ARGUMENT") == 1  # fmt: skip
+    assert value(r, "mandant_requests_total", tenant="acme", model="", code="NOT_FOUND") == 1
+    assert value(r, "mandant_requests_total", tenant="", model="", code="UNAUTHENTICATED") == 1
+    count = value(r, "mandant_request_duration_seconds_count", tenant="acme", model="classifier")
+    assert count == 2
+    assert value(r, "mandant_request_duration_seconds_bucket", tenant="acme", model="classifier",
+                 le="0.005") == 1  # fmt: skip
+    assert value(r, "mandant_request_duration_seconds_bucket", tenant="acme", model="classifier",
+                 le="0.05") == 1  # the SLO threshold is a bucket bound  # fmt: skip
+    assert value(r, "mandant_slo_requests_total", tenant="acme") == 3
+    assert value(r, "mandant_slo_good_requests_total", tenant="acme") == 1
+    assert value(r, "mandant_slo_objective", tenant="acme") == 0.99
+    assert value(r, "mandant_slo_latency_seconds", tenant="globex") == 0.02
+    assert value(r, "mandant_slo_requests_total", tenant="globex") == 0  # pre-created
+    five = slo.attainment("acme", 300)
+    assert (five.good, five.total) == (1, 3)
+
+
+def test_invented_labels_collapse_to_empty(parts: Parts) -> None:
+    registry, observer, _, _ = parts
+    observer.request_finished("mallory", "secret-model", "OK", 0.001)
+    observer.rejected("mallory", "requests_per_s")
+    observer.batch_executed("secret-model", 3, 0.01, {"mallory": 3})
+    observer.inflight_changed("mallory", 1)
+    labels = {
+        value
+        for family in registry.collect()
+        for sample in family.samples
+        for key, value in sample.labels.items()
+        if key in ("tenant", "model")
+    }
+    assert "mallory" not in labels and "secret-model" not in labels
+    assert value(registry, "mandant_requests_total", tenant="", model="", code="OK") == 1
+    assert value(registry, "mandant_rejections_total", tenant="", reason="requests_per_s") == 1
+
+
+def test_batches_split_compute_by_rows_and_timings(parts: Parts) -> None:
+    registry, observer, _, live = parts
+    observer.batch_executed("classifier", 8, 0.040, {"acme": 6, "globex": 2})
+    observer.batch_executed("classifier", 1, 0.010, {"acme": 1})
+    observer.request_timing("acme", "classifier", queue_s=0.002, compute_s=0.040)
+    r = registry
+    assert value(r, "mandant_rows_total", tenant="acme", model="classifier") == 7
+    assert value(r, "mandant_rows_total", tenant="globex", model="classifier") == 2
+    assert value(r, "mandant_compute_seconds_total", tenant="acme", model="classifier") == (
+        pytest.approx(0.040)
+    )
+    assert value(r, "mandant_compute_seconds_total", tenant="globex", model="classifier") == (
+        pytest.approx(0.010)
+    )
+    assert value(r, "mandant_batch_size_count", model="classifier") == 2
+    assert value(r, "mandant_batch_size_bucket", model="classifier", le="1.0") == 1
+    assert value(r, "mandant_batch_size_bucket", model="classifier", le="8.0") == 2
+    assert value(r, "mandant_queue_duration_seconds_count", tenant="acme", model="classifier") == 1
+    assert value(r, "mandant_compute_duration_seconds_sum", tenant="acme", model="classifier") == (
+        pytest.approx(0.040)
+    )
+    snap = live.snapshot(SloTracker({}))
+    batches = {m["name"]: m["batch_sizes"] for m in snap["models"]}
+    assert batches == {"classifier": {"1": 1, "8": 1}, "echo": {}}
+
+
+def test_inflight_admission_rejections_and_store_errors(parts: Parts) -> None:
+    registry, observer, _, live = parts
+    assert value(registry, "mandant_inflight_requests", tenant="acme") == 0
+    observer.inflight_changed("acme", 1)
+    observer.inflight_changed("acme", 1)
+    observer.inflight_changed("acme", -1)
+    observer.admitted("acme", "classifier", 5)
+    observer.rejected("acme", "quota")
+    observer.store_error("redis")
+    assert value(registry, "mandant_inflight_requests", tenant="acme") == 1
+    assert value(registry, "mandant_admitted_rows_total", tenant="acme", model="classifier") == 5
+    assert value(registry, "mandant_rejections_total", tenant="acme", reason="quota") == 1
+    assert value(registry, "mandant_store_errors_total", store="redis") == 1
+    assert live.quota_used("acme") == {"rows_today": 5, "rows_this_month": 5}
+    tenant = next(t for t in live.snapshot(SloTracker({}))["tenants"] if t["id"] == "acme")
+    assert tenant["inflight"] == 1
+    assert tenant["rejections"] == {"quota": 1}
+
+
+def test_usage_report_reads_the_registry(parts: Parts) -> None:
+    registry, observer, _, live = parts
+    observer.request_finished("acme", "classifier", "OK", 0.004)
+    observer.request_finished("acme", "classifier", "RESOURCE_EXHAUSTED", 0.001)
+    observer.batch_executed("classifier", 4, 0.02, {"acme": 4})
+    observer.admitted("acme", "classifier", 4)
+    observer.rejected("acme", "requests_per_s")
+    report = usage_report(registry, TENANTS, live)["tenants"]
+    assert set(report) == {"acme", "globex", "nosla"}
+    acme = report["acme"]
+    assert acme["requests"] == {"OK": 1, "RESOURCE_EXHAUSTED": 1}
+    assert acme["requests_total"] == 2
+    assert acme["rows"] == {"classifier": 4} and acme["rows_total"] == 4
+    assert acme["compute_seconds_total"] == pytest.approx(0.02)
+    assert acme["rejections"] == {"requests_per_s": 1}
+    assert acme["admitted_rows"] == 4
+    assert acme["quota"] == {"limits": {"rows_per_day": 1000},
+                             "used": {"rows_today": 4, "rows_this_month": 4}}  # fmt: skip
+    assert report["globex"]["requests_total"] == 0
+
+
+def test_live_history_quantiles_and_rollover(parts: Parts, clock: FakeClock) -> None:
+    _, observer, slo, live = parts
+    for ms in range(1, 101):  # 1..100 ms
+        observer.request_finished("acme", "classifier", "OK", ms / 1000)
+    observer.request_finished("acme", "classifier", "INTERNAL", 0.001)
+    clock.now += 2.5
+    snap = live.snapshot(slo, {"acme": 99.0})
+    acme = next(t for t in snap["tenants"] if t["id"] == "acme")
+    assert acme["requests"] == 100 and acme["errors"] == 1
+    assert acme["p50_ms"] == pytest.approx(50, rel=0.16)
+    assert acme["p99_ms"] == pytest.approx(99, rel=0.16)
+    assert acme["history"][-1]["p99_ms"] == acme["p99_ms"]
+    assert len(acme["history"]) == 60
+    assert acme["windows"]["5m"]["total"] == 101
+    assert acme["windows"]["5m"]["good"] == 50
+    clock.now += 400
+    acme = next(t for t in live.snapshot(slo)["tenants"] if t["id"] == "acme")
+    assert acme["requests"] == 0 and acme["p99_ms"] is None
+    nosla = next(t for t in live.snapshot(slo)["tenants"] if t["id"] == "nosla")
+    assert nosla["slo"] is None and nosla["windows"] is None
+
+
+def test_quantile_interpolates_within_log_buckets() -> None:
+    counts = [0] * (len(LATENCY_BOUNDS_S) + 1)
+    assert quantile(counts, 0.5) is None
+    counts[10] = 4
+    value = quantile(counts, 0.5)
+    assert value is not None
+    assert LATENCY_BOUNDS_S[9] < value < LATENCY_BOUNDS_S[10]
+    counts[-1] = 1000  # beyond the last bound
+    assert quantile(counts, 0.99) == LATENCY_BOUNDS_S[-1]
+
+
+def test_every_documented_family_is_exposed(parts: Parts) -> None:
+    registry, _, _, _ = parts
+    exposed = {family.name for family in registry.collect()}
+    assert {
+        "mandant_requests", "mandant_request_duration_seconds", "mandant_queue_duration_seconds",
+        "mandant_compute_duration_seconds", "mandant_batch_size", "mandant_inflight_requests",
+        "mandant_rejections", "mandant_rows", "mandant_compute_seconds", "mandant_slo_objective",
+        "mandant_slo_requests", "mandant_slo_good_requests", "mandant_slo_latency_seconds",
+    } <= exposed  # fmt: skip
+    assert "mandant_slo_objective" in names(registry)

@@ -1,0 +1,182 @@
+"""The pure batch-filling policies: weighted deficit round robin and FIFO."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+
+from mandant.scheduling.policy import (
+    UNSET_PRIORITY_LEVEL,
+    FairQueue,
+    FifoQueue,
+    priority_level,
+)
+
+
+@dataclass(eq=False)
+class Item:
+    tenant: str
+    rows: int = 1
+    weight: float = 1.0
+    level: int = UNSET_PRIORITY_LEVEL
+    group: object = "g"
+    arrival: float = 0.0
+    name: str = ""
+
+
+def rows_by_tenant(batch: list[Item]) -> Counter[str]:
+    shares: Counter[str] = Counter()
+    for item in batch:
+        shares[item.tenant] += item.rows
+    return shares
+
+
+def test_priority_levels_one_is_highest_unset_is_lowest() -> None:
+    assert priority_level(1) < priority_level(2) < priority_level(0)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_weighted_shares_under_saturation(rows: int) -> None:
+    queue: FairQueue[Item] = FairQueue()
+    shares: Counter[str] = Counter()
+    for _ in range(200):
+        # Keep both tenants backlogged: refill before every batch.
+        while queue.rows_of("a") < 128:
+            queue.push(Item("a", rows, weight=1))
+        while queue.rows_of("b") < 128:
+            queue.push(Item("b", rows, weight=3))
+        batch = queue.take(64)
+        assert sum(i.rows for i in batch) <= 64
+        shares += rows_by_tenant(batch)
+    ratio = shares["b"] / shares["a"]
+    assert 3 * 0.95 <= ratio <= 3 * 1.05
+
+
+def test_a_lone_request_joins_the_next_batch_despite_a_flood() -> None:
+    queue: FairQueue[Item] = FairQueue()
+    for _ in range(256):
+        queue.push(Item("a"))
+    queue.take(64)
+    queue.push(Item("b", name="b1"))
+    assert any(i.name == "b1" for i in queue.take(64))
+
+
+def test_idle_tenant_gets_everything() -> None:
+    queue: FairQueue[Item] = FairQueue()
+    for _ in range(10):
+        queue.push(Item("a", 3))
+    assert sum(i.rows for i in queue.take(64)) == 30
+    assert len(queue) == 0 and queue.rows == 0
+
+
+def test_batch_never_exceeds_room_and_closes_before_a_request_that_cannot_join() -> None:
+    queue: FairQueue[Item] = FairQueue()
+    queue.push(Item("a", 5, name="a5"))
+    queue.push(Item("a", 5, name="a5b"))
+    batch = queue.take(8)
+    assert [i.name for i in batch] == ["a5"]
+    assert [i.name for i in queue.take(8)] == ["a5b"]
+
+
+def test_first_request_is_taken_even_if_bigger_than_room() -> None:
+    queue: FairQueue[Item] = FairQueue()
+    queue.push(Item("a", 16))
+    assert [i.rows for i in queue.take(8)] == [16]
+
+
+def test_batches_hold_one_group() -> None:
+    queue: FairQueue[Item] = FairQueue()
+    queue.push(Item("a", group=(4,)))
+    queue.push(Item("b", group=(8,)))
+    queue.push(Item("a", group=(4,)))
+    queue.push(Item("b", group=(8,)))
+    groups = [{i.group for i in queue.take(64)} for _ in range(4)]
+    assert all(len(g) <= 1 for g in groups)
+    assert sum(len(g) for g in groups) >= 2 and len(queue) == 0
+
+
+def test_large_requests_are_not_starved_by_small_ones() -> None:
+    queue: FairQueue[Item] = FairQueue()
+    queue.push(Item("big", 64, name="big"))
+    served = False
+    for _ in range(10):
+        while queue.rows_of("small") < 256:
+            queue.push(Item("small"))
+        if any(i.name == "big" for i in queue.take(64)):
+            served = True
+            break
+    assert served
+
+
+def test_priority_is_strict_within_a_tenant() -> None:
+    queue: FairQueue[Item] = FairQueue()
+    queue.push(Item("a", name="low", level=priority_level(0)))
+    queue.push(Item("a", name="p2", level=priority_level(2)))
+    queue.push(Item("a", name="p1", level=priority_level(1)))
+    assert [i.name for i in queue.take(1)] == ["p1"]
+    assert [i.name for i in queue.take(1)] == ["p2"]
+    assert [i.name for i in queue.take(1)] == ["low"]
+
+
+def test_priority_never_crosses_tenants_shares() -> None:
+    queue: FairQueue[Item] = FairQueue()
+    for _ in range(50):
+        queue.push(Item("a", level=priority_level(1)))
+        queue.push(Item("b"))
+    shares = rows_by_tenant(queue.take(40))
+    assert shares["a"] == shares["b"] == 20
+
+
+def test_remove_frees_rows_at_once_and_forgets_empty_tenants() -> None:
+    queue: FairQueue[Item] = FairQueue()
+    first, second = Item("a", 2), Item("b", 3)
+    queue.push(first)
+    queue.push(second)
+    assert queue.remove(first)
+    assert not queue.remove(first)
+    assert queue.rows == 3 and queue.rows_of("a") == 0 and len(queue) == 1
+    assert queue.take(64) == [second]
+    assert queue.take(64) == []
+
+
+def test_oldest_arrival_across_tenants_and_levels() -> None:
+    queue: FairQueue[Item] = FairQueue()
+    assert queue.oldest_arrival() is None
+    queue.push(Item("a", arrival=5.0))
+    queue.push(Item("b", arrival=3.0, level=1))
+    queue.push(Item("b", arrival=4.0))
+    assert queue.oldest_arrival() == 3.0
+
+
+def test_fractional_weights_and_big_requests_converge() -> None:
+    queue: FairQueue[Item] = FairQueue()
+    shares: Counter[str] = Counter()
+    for _ in range(400):
+        while queue.rows_of("a") < 64:
+            queue.push(Item("a", 8, weight=0.1))
+        while queue.rows_of("b") < 64:
+            queue.push(Item("b", 8, weight=0.2))
+        shares += rows_by_tenant(queue.take(16))
+    assert 2 * 0.95 <= shares["b"] / shares["a"] <= 2 * 1.05
+
+
+def test_fifo_serves_in_arrival_order_regardless_of_tenant() -> None:
+    queue: FifoQueue[Item] = FifoQueue()
+    for n in range(100):
+        queue.push(Item("a", name=f"a{n}"))
+    queue.push(Item("b", name="b"))
+    taken = [i.name for i in queue.take(64)]
+    assert "b" not in taken and taken[0] == "a0"
+    assert queue.rows_of("a") == 36 and queue.rows_of("b") == 1
+
+
+def test_fifo_closes_batch_at_group_change_and_priority_orders() -> None:
+    queue: FifoQueue[Item] = FifoQueue()
+    queue.push(Item("a", group=1, name="x"))
+    queue.push(Item("a", group=2, name="y"))
+    queue.push(Item("b", group=1, name="urgent", level=priority_level(1)))
+    assert [i.name for i in queue.take(64)] == ["urgent", "x"]
+    assert [i.name for i in queue.take(64)] == ["y"]
+    assert queue.remove(Item("a")) is False
