@@ -51,7 +51,7 @@ typecheck: install-test
 
 # A real redis-server for the shared-limits tests (Debian's package).
 redis-server:
-	command -v redis-server || (apt-get update && apt-get install -y redis-server)
+	command -v redis-server || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
 
 test: install-test triton-venv redis-server browser-tools protos-check lint typecheck
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -62,8 +62,8 @@ clean:
 # Debian's chromium (dashboard browser test) and prometheus (promtool checks the
 # alert rules), installed when missing.
 browser-tools:
-	@command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
-	@command -v promtool >/dev/null || (apt-get update && apt-get install -y prometheus)
+	@command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+	@command -v promtool >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus)
 
 # Headless locust against a running server (`make serve` in another shell):
 #   make loadtest DURATION=2m USERS=30 TARGET=127.0.0.1:8001 SCENARIO=loadtests/noisy_neighbour.yaml

@@ -79,7 +79,8 @@ def main() -> None:
                 (name, statistics.median(raw), percentile(served, 50), percentile(served, 99))
             )
     print(
-        f"{'model':<12}{'raw forward p50':>18}{'served p50':>14}{'served p99':>14}{'overhead p50':>15}"
+        f"{'model':<12}{'raw forward p50':>18}{'served p50':>14}"
+        f"{'served p99':>14}{'overhead p50':>15}"
     )
     for name, raw_p50, p50, p99 in rows:
         print(
