@@ -55,15 +55,16 @@ def demo_data(models: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return data
 
 
-def classifier(name: str = "classifier", **overrides: Any) -> dict[str, Any]:
-    """The demo's shared classifier under another name, with ``overrides``."""
+def classifier(name: str = "classifier", hidden: int = 512, **overrides: Any) -> dict[str, Any]:
+    """The demo's shared classifier under another name, with ``overrides``; ``hidden``
+    widens its hidden layers (weights built from the same seed into their own file)."""
     model: dict[str, Any] = {
         "name": name,
         "backend": "torch",
         "factory": "mandant.demo.models:classifier",
-        "path": "models/classifier.safetensors",
+        "path": f"models/classifier-h{hidden}.safetensors",
         "weights_init": "mandant.demo.models:build_classifier_weights",
-        "factory_args": {"seed": 0},
+        "factory_args": {"seed": 0, "hidden": hidden},
         "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, 256]}],
         "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, 16]}],
         "batching": {"max_batch_size": 64, "max_queue_delay_ms": 2},

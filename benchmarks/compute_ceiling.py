@@ -20,9 +20,9 @@ from benchmarks._load import SERVER_CPU, Load, classifier, demo_data, run, serve
 
 def raw_seconds(width: int, device: str, size: int, iterations: int = 50) -> float:
     """Seconds per forward pass at batch ``size``, input copied from host each time."""
-    from mandant.demo.models import _mlp
+    from mandant.demo.models import classifier as build
 
-    module = _mlp((256, width, width, 16), seed=0).to(device)
+    module = build(seed=0, hidden=width).to(device)
     x = torch.randn(size, 256)
     with torch.inference_mode():
         for _ in range(5):
@@ -41,11 +41,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
-    model = classifier(device=args.device)
-    if args.width != 512:
-        model.update(factory="mandant.demo.models:_mlp", path=None, weights_init=None)
-        model = {k: v for k, v in model.items() if v is not None}
-        model["factory_args"] = {"sizes": [256, args.width, args.width, 16], "seed": 0}
+    model = classifier(device=args.device, hidden=args.width)
     with server(demo_data([model])) as srv:
         [result] = run(
             srv.target, [Load("acme", "classifier", args.concurrency, args.rows)], args.seconds

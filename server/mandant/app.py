@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
 
@@ -77,7 +78,7 @@ class App:
         self.registry = ModelRegistry(
             specs,
             lambda spec: make_backend(spec, self.channels),
-            lambda spec, backend: make_scheduler(spec, backend, self.observer)
+            lambda spec, backend: make_scheduler(spec, backend, self.observer),
         )
         self.admission = TenantAdmission(
             config, shared_store_for(config.limits), observer=self.observer
@@ -93,25 +94,16 @@ class App:
         self.http_port = 0
 
     async def start(self) -> None:
-        await self.admission.start()
-        try:
+        """Start every part in order; if one fails, stop those already started."""
+        async with AsyncExitStack() as started:
+            await self.admission.start()
+            started.push_async_callback(self.admission.aclose)
             await self.registry.start()
-        except BaseException:
-            await self.admission.aclose()
-            raise
-        try:
+            started.push_async_callback(self.registry.aclose)
             self.grpc_port = await self.grpc.start()
-        except BaseException:
-            await self.registry.aclose()
-            await self.admission.aclose()
-            raise
-        try:
+            started.push_async_callback(self.grpc.stop, 0)
             self.http_port = await self.http.start()
-        except BaseException:
-            await self.grpc.stop(0)
-            await self.registry.aclose()
-            await self.admission.aclose()
-            raise
+            started.pop_all()
 
     async def aclose(self, grace_s: float | None = None) -> None:
         await self.grpc.stop(self.config.server.grace_s if grace_s is None else grace_s)

@@ -47,6 +47,10 @@ class ServerConfig(_Frozen):
     http_port: Annotated[int, Field(ge=0, le=65535)] = 8002
     max_message_bytes: Annotated[int, Field(gt=0)] = 64 * 1024 * 1024
     grace_s: Annotated[float, Field(ge=0)] = 10.0
+    #: Concurrent calls one client connection may have in the server; further calls
+    #: wait in the client's HTTP/2 layer, costing this server nothing. Bounds how much
+    #: of a CPU-bound front end one connection can occupy (None: gRPC's default).
+    max_concurrent_streams: Annotated[int, Field(gt=0)] | None = None
     tls: TlsConfig | None = None
     #: Hashes of the keys that may read ``/usage`` on the HTTP port (``mandant keygen``).
     admin_keys: tuple[str, ...] = ()

@@ -55,7 +55,10 @@ def available() -> str | None:
 class TritonProcess:
     """``tiny`` on Triton on free gRPC, HTTP and metrics ports (kept across restarts)."""
 
-    def __init__(self, instances: int = 2) -> None:
+    def __init__(self, instances: int = 1) -> None:
+        # One instance by default: PyTriton's second instance fetches its config from
+        # the first over a unix socket and, on a loaded machine, can connect between
+        # the socket's bind and listen (ECONNREFUSED), failing the model's load.
         self.grpc_port = free_port()
         self.http_port = free_port()
         self.metrics_port = free_port()

@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--metrics-port", type=int, required=True)
-    parser.add_argument("--instances", type=int, default=2)
+    parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--workspace", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -16,14 +16,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 
-def classifier(seed: int = 0) -> nn.Module:
-    """MLP 256 → 512 → ReLU → 512 → ReLU → 16, FP32; ``[N, 256]`` in, ``[N, 16]`` out."""
-    return _mlp((256, 512, 512, 16), seed)
+def classifier(seed: int = 0, hidden: int = 512) -> nn.Module:
+    """MLP 256 → hidden → ReLU → hidden → ReLU → 16, FP32; ``[N, 256]`` in, ``[N, 16]``
+    out. The demo uses ``hidden=512``; benchmarks widen it to make compute dominate."""
+    return _mlp((256, hidden, hidden, 16), seed)
 
 
-def build_classifier_weights(path: Path, seed: int = 0) -> None:
-    """Save ``classifier(seed)``'s state dict as safetensors at ``path``."""
-    save_file(classifier(seed).state_dict(), str(path))
+def build_classifier_weights(path: Path, seed: int = 0, hidden: int = 512) -> None:
+    """Save ``classifier(seed, hidden)``'s state dict as safetensors at ``path``."""
+    save_file(classifier(seed, hidden).state_dict(), str(path))
 
 
 def fraud(seed: int = 2) -> nn.Module:

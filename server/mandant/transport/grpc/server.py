@@ -47,6 +47,11 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                *(
+                    [("grpc.max_concurrent_streams", config.max_concurrent_streams)]
+                    if config.max_concurrent_streams
+                    else []
+                ),
             ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
