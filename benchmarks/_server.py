@@ -30,6 +30,15 @@ def pinned(command: Sequence[str], cpus: str | None) -> list[str]:
 
 
 @contextmanager
+def bare_grpc_server(cpus: str | None = "0") -> Iterator[str]:
+    """Yield the target of ``benchmarks._bare_server``: Python gRPC with nothing else."""
+    port = free_port()
+    command = pinned([sys.executable, "-m", "benchmarks._bare_server", str(port)], cpus)
+    with _running(command, port, {}) as target:
+        yield target
+
+
+@contextmanager
 def mandant_server(
     config: Path = DEMO_CONFIG, cpus: str | None = "0", env: dict[str, str] | None = None
 ) -> Iterator[str]:
@@ -37,17 +46,33 @@ def mandant_server(
     port = free_port()
     command = pinned(
         [
-            sys.executable, "-m", "mandant", "serve", "--config", str(config),
-            "--grpc-port", str(port), "--http-port", str(free_port()), "--log-level", "WARNING",
+            sys.executable,
+            "-m",
+            "mandant",
+            "serve",
+            "--config",
+            str(config),
+            "--grpc-port",
+            str(port),
+            "--http-port",
+            str(free_port()),
+            "--log-level",
+            "WARNING",
         ],
         cpus,
     )
+    with _running(command, port, env or {}) as target:
+        yield target
+
+
+@contextmanager
+def _running(command: Sequence[str], port: int, env: dict[str, str]) -> Iterator[str]:
     proc = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
     )
     try:
         assert proc.stdout is not None

@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/latency.py [--requests 2000]
 
 The server runs pinned to core 0, this client on core 1; one request at a time
-(concurrency 1), one row per request. Prints p50/p99 per model next to the raw
-in-process forward time of the same model at batch size 1 on one thread.
+(concurrency 1), one row per request, FP32 [1, 256]. Prints p50/p99 per model next to
+the raw in-process forward time of the same model at batch size 1 on one thread, and
+the same call against a bare grpc.aio server (no Mandant at all) as the floor.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import grpc
 import numpy as np
 import torch
 
-from benchmarks._server import mandant_server
+from benchmarks._server import bare_grpc_server, mandant_server
 from mandant.demo.models import classifier, echo
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
@@ -71,6 +72,9 @@ def main() -> None:
         os.sched_setaffinity(0, {1})
     torch.set_num_threads(1)
     rows = []
+    with bare_grpc_server(cpus="0") as target:
+        bare = served_us(target, "echo", args.requests)
+    rows.append(("bare grpc.aio", 0.0, percentile(bare, 50), percentile(bare, 99)))
     with mandant_server(cpus="0", env={"OMP_NUM_THREADS": "1"}) as target:
         for name in MODELS:
             served = served_us(target, name, args.requests)
@@ -79,13 +83,14 @@ def main() -> None:
                 (name, statistics.median(raw), percentile(served, 50), percentile(served, 99))
             )
     print(
-        f"{'model':<12}{'raw forward p50':>18}{'served p50':>14}"
-        f"{'served p99':>14}{'overhead p50':>15}"
+        f"{'model':<15}{'raw forward p50':>16}{'served p50':>13}"
+        f"{'served p99':>13}{'served - raw':>14}"
     )
     for name, raw_p50, p50, p99 in rows:
         print(
-            f"{name:<12}{raw_p50:>15.0f} µs{p50:>11.0f} µs{p99:>11.0f} µs{p50 - raw_p50:>12.0f} µs"
+            f"{name:<15}{raw_p50:>13.0f} µs{p50:>10.0f} µs{p99:>10.0f} µs{p50 - raw_p50:>11.0f} µs"
         )
+    print("bare grpc.aio: the same call against a Python gRPC server that only echoes bytes")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -32,7 +32,13 @@ class FakeBackend:
     async def aclose(self) -> None:
         self._ready = False
 
-    async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, np.ndarray]:
         self.calls.append(dict(inputs))
         name = self.spec.outputs[0].name if self.spec else "OUTPUT0"
         return {name: next(iter(inputs.values())) * 2}

@@ -48,11 +48,7 @@ def make_scheduler(
     spec: ModelSpec, backend: Backend, observer: Observer | None = None
 ) -> Scheduler:
     """The dynamic batcher where the model has ``batching``, else one request at a time."""
-    if spec.batching is None:
-        if spec.backend == "triton":  # Triton batches; pass each request's deadline on
-            from mandant.backends.triton import PassThrough
-
-            return PassThrough(DirectScheduler(backend, spec.name, observer))
+    if spec.batching is None:  # Triton models without it: Triton's own batcher groups them
         return DirectScheduler(backend, spec.name, observer)
     return DynamicBatcher(backend, spec.batching, spec.name, observer)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +59,8 @@ class Call:
     inputs: dict[str, np.ndarray]
     gate: asyncio.Future[None]
     error: BaseException | None = None
+    outputs: tuple[str, ...] | None = None
+    deadline: float | None = None
 
     @property
     def rows(self) -> int:
@@ -86,8 +88,19 @@ class GatedBackend:
     async def aclose(self) -> None:
         return None
 
-    async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        call = Call(dict(inputs), asyncio.get_running_loop().create_future())
+    async def infer(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        call = Call(
+            dict(inputs),
+            asyncio.get_running_loop().create_future(),
+            outputs=None if outputs is None else tuple(outputs),
+            deadline=deadline,
+        )
         self.calls.append(call)
         if not self.auto:
             self.running.append(call)

@@ -399,3 +399,31 @@ async def test_model_that_drops_the_batch_dimension_fails_batches_not_lone_reque
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert not isinstance(results[0], BaseException)
     assert all(isinstance(r, BatchFailed) for r in results[1:])
+
+
+async def test_backend_gets_the_batchs_wanted_outputs_and_latest_deadline() -> None:
+    batcher, backend, clock, _ = await make(max_batch_size=8)
+    busy = submit(batcher, request())
+    await settle()
+    one = request(deadline=clock.now + 5)
+    one.outputs = ("OUT1",)
+    two = request(deadline=clock.now + 7)
+    two.outputs = ("OUT0",)
+    pending = [submit(batcher, one), submit(batcher, two)]
+    await settle()
+    backend.release()
+    await settle()
+    assert backend.calls[1].outputs == ("OUT1", "OUT0")
+    assert backend.calls[1].deadline == clock.now + 7  # the batch serves its latest waiter
+    backend.release()
+    await asyncio.gather(busy, *pending)
+    busy = submit(batcher, request())
+    await settle()
+    three = submit(batcher, request(deadline=clock.now + 5))
+    four = submit(batcher, request())  # no deadline: the batch's call has none either
+    await settle()
+    backend.release()
+    await settle()
+    assert backend.calls[-1].rows == 2 and backend.calls[-1].deadline is None
+    backend.release()
+    await asyncio.gather(busy, three, four)

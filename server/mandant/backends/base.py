@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -36,7 +36,17 @@ class Backend(Protocol):
 
     async def aclose(self) -> None: ...
 
-    async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    async def infer(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """``outputs``: the names wanted (None: all); a backend may return more.
+        ``deadline``: the ``time.monotonic()`` after which nobody waits for the answer;
+        a remote backend passes it on as its call's timeout."""
+        ...
 
 
 @runtime_checkable

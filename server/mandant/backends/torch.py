@@ -13,6 +13,7 @@ import functools
 import importlib
 import logging
 import os
+import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -112,7 +113,15 @@ class TorchBackend:
             stacked[name] = np.concatenate(arrays, out=pinned.numpy())
         return stacked
 
-    async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Runs the whole module (it computes every output anyway); ``outputs`` and
+        ``deadline`` do not change an in-process forward pass."""
         module, executor = self._module, self._executor
         if module is None or executor is None:
             raise Unavailable(f"model '{self._spec.name}' is not loaded")
@@ -207,7 +216,9 @@ def _init_weights(spec: ModelSpec) -> None:
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.stem}.partial-{os.getpid()}{path.suffix}")
+    # Unique per call: models sharing one weights path may build it at the same time;
+    # each writes its own file and the last rename wins (same seed, same bytes).
+    partial = path.with_name(f"{path.stem}.partial-{os.getpid()}-{uuid.uuid4().hex}{path.suffix}")
     logger.info("creating weights for model %s at %s", spec.name, path)
     try:
         _import_ref(spec.weights_init)(partial, **spec.factory_args)

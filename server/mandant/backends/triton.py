@@ -14,24 +14,16 @@
   boundary: INVALID_ARGUMENT stays :class:`InvalidInput` (with Triton's model name
   replaced by Mandant's), NOT_FOUND (a wrong mapping) is logged and becomes
   :class:`Unavailable`, as does anything else.
-
-Passing a request's deadline and requested outputs to :meth:`TritonBackend.infer`
-needs more than the :class:`~mandant.backends.base.Backend` protocol carries:
-:class:`PassThrough` wraps the scheduler of an unbatched Triton model and attaches
-them to the call as a context variable, matched to the very ``inputs`` object it
-describes, so a batch formed elsewhere never picks up one request's hints.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import random
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -42,8 +34,7 @@ from mandant.backends.channels import ChannelPool
 from mandant.backends.circuit import CircuitBreaker
 from mandant.config import ModelSpec, TritonModelConfig
 from mandant.errors import DeadlineExceeded, InvalidInput, QueueFull, Unavailable
-from mandant.scheduling.base import Scheduler
-from mandant.types import DATATYPES, InferRequest, TensorSpec, datatype_of
+from mandant.types import DATATYPES, TensorSpec, datatype_of
 
 logger = logging.getLogger(__name__)
 
@@ -54,43 +45,6 @@ RETRY_BACKOFF_S = 0.05
 PROBE_TIMEOUT_S = 1.0
 _LENGTH = struct.Struct("<I")
 _CONNECT_FAILURE_MARKERS = ("failed to connect", "connection refused", "no route to host")
-
-
-@dataclass(frozen=True, slots=True)
-class CallHints:
-    """What the request behind one ``infer`` call wants: applies to the call whose
-    ``inputs`` is this very object."""
-
-    inputs: Mapping[str, np.ndarray]
-    outputs: tuple[str, ...]
-    deadline: float | None
-
-
-_hints: contextvars.ContextVar[CallHints | None] = contextvars.ContextVar(
-    "mandant_triton_call_hints", default=None
-)
-
-
-class PassThrough:
-    """Wraps the scheduler of an unbatched Triton model: each request goes to Triton
-    alone (Triton's own dynamic batcher groups them), with its deadline as the call's
-    timeout and only its requested outputs."""
-
-    def __init__(self, inner: Scheduler) -> None:
-        self._inner = inner
-
-    async def start(self) -> None:
-        await self._inner.start()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def submit(self, request: InferRequest) -> dict[str, np.ndarray]:
-        token = _hints.set(CallHints(request.inputs, request.outputs, request.deadline))
-        try:
-            return await self._inner.submit(request)
-        finally:
-            _hints.reset(token)
 
 
 class TritonBackend:
@@ -164,17 +118,23 @@ class TritonBackend:
             self._model_ready = False
             await self._channels.release(self._triton.url, self._triton.tls)
 
-    async def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """One Triton call for ``inputs`` (a request or a batch), asking for
+        ``outputs`` only, with what is left until ``deadline`` as its timeout."""
         stub = self._stub
         if stub is None:
             raise Unavailable(f"model '{self._spec.name}' is not loaded")
-        hints = _hints.get()
-        if hints is not None and hints.inputs is not inputs:
-            hints = None  # set for another call (a batch formed from this request)
-        outputs = hints.outputs if hints else tuple(t.name for t in self._spec.outputs)
+        if not outputs:
+            outputs = tuple(t.name for t in self._spec.outputs)
         request = self._request(inputs, outputs)
         cap = self._clock() + self._triton.timeout_s
-        client_deadline = hints.deadline if hints and hints.deadline is not None else None
+        client_deadline = deadline
         deadline = cap if client_deadline is None else min(cap, client_deadline)
         if not self._breaker.allow():
             raise Unavailable(f"model '{self._spec.name}' is unavailable (backend is failing)")

@@ -258,7 +258,10 @@ class DynamicBatcher:
             else:
                 inputs = self._stack([entry.request.inputs for entry in batch])
             start = self._clock.monotonic()
-            outputs = await self._backend.infer(inputs)
+            wanted = tuple(dict.fromkeys(n for e in batch for n in e.request.outputs))
+            deadlines = [entry.request.deadline for entry in batch]
+            latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+            outputs = await self._backend.infer(inputs, outputs=wanted, deadline=latest)
             compute_s = self._clock.monotonic() - start
             parts = _split(outputs, batch, rows)
         except MandantError as exc:

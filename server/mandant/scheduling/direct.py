@@ -40,7 +40,9 @@ class DirectScheduler:
             raise DeadlineExceeded("deadline exceeded while queued") from None
         try:
             start = time.monotonic()
-            outputs = await self._backend.infer(request.inputs)
+            outputs = await self._backend.infer(
+                request.inputs, outputs=request.outputs, deadline=request.deadline
+            )
             compute_s = time.monotonic() - start
         finally:
             self._slots.release()
