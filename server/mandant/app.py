@@ -59,9 +59,6 @@ class App:
 
     def __init__(self, config: MandantConfig, base_dir: Path) -> None:
         self.config = config
-        tenants = [
-            (Tenant(t.id, weight=t.weight, priority=t.priority), t.api_keys) for t in config.tenants
-        ]
         specs = config.model_specs(base_dir)
         model_names = sorted({spec.name for spec in specs})
         self.metrics = CollectorRegistry()
@@ -80,7 +77,7 @@ class App:
             config, shared_store_for(config.limits), observer=self.observer
         )
         self.plane = DataPlane(
-            KeyStore(tenants), self.registry, admission=self.admission, version=__version__
+            _key_store(config), self.registry, admission=self.admission, version=__version__
         )
         self.grpc = GrpcServer(self.plane, config.server, observer=self.observer)
         self.grpc_port = 0
@@ -101,6 +98,28 @@ class App:
             self.http_port = await self.http.start()
             started.pop_all()
 
+    def reload(self, config: MandantConfig) -> list[str]:
+        """Apply a new configuration to the running server: tenants, API keys, weights,
+        priorities, rate limits, concurrency caps and quotas take effect at once (limit
+        and quota counts are kept). Models, server settings and the limits store need a
+        restart: they stay as they are, and the returned notes say so."""
+        notes = [
+            f"'{part}' changed: applied at the next restart"
+            for part in ("server", "models", "limits")
+            if getattr(config, part) != getattr(self.config, part)
+        ]
+        known = {t.id for t in self.config.tenants}
+        added = sorted(t.id for t in config.tenants if t.id not in known)
+        if added:
+            notes.append(
+                f"new tenant(s) {', '.join(added)} can call now; their metrics appear "
+                "under tenant=\"\" until the next restart"
+            )
+        self.admission.update(config)
+        self.plane.replace_keys(_key_store(config))
+        self.config = self.config.model_copy(update={"tenants": config.tenants})
+        return notes
+
     async def aclose(self, grace_s: float | None = None) -> None:
         await self.grpc.stop(self.config.server.grace_s if grace_s is None else grace_s)
         await self.http.aclose()
@@ -118,3 +137,9 @@ class App:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _key_store(config: MandantConfig) -> KeyStore:
+    return KeyStore(
+        (Tenant(t.id, weight=t.weight, priority=t.priority), t.api_keys) for t in config.tenants
+    )

@@ -8,10 +8,14 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mandant.config import MandantConfig, load_config
 from mandant.errors import ConfigError
 from mandant.tenancy.keys import generate_key
+
+if TYPE_CHECKING:
+    from mandant.app import App
 
 logger = logging.getLogger("mandant")
 
@@ -46,15 +50,33 @@ def _with_overrides(config: MandantConfig, args: argparse.Namespace) -> MandantC
     return config.model_copy(update={"server": config.server.model_copy(update=changes)})
 
 
-async def _serve(config: MandantConfig, base_dir: Path, demo: bool) -> None:
+def _reload(app: App, path: Path, overrides: argparse.Namespace) -> None:
+    """SIGHUP: read the configuration file again; a file that does not validate is
+    refused with its errors and the server keeps the configuration it runs."""
+    try:
+        config = _with_overrides(load_config(path), overrides)
+        config.model_specs(path.resolve().parent)
+    except ConfigError as exc:
+        logger.error("configuration reload refused, keeping the running one: %s", exc)
+        return
+    for note in app.reload(config):
+        logger.warning("configuration reload: %s", note)
+    logger.info("configuration reloaded from %s", path)
+
+
+async def _serve(
+    config: MandantConfig, path: Path, demo: bool, overrides: argparse.Namespace
+) -> None:
+    """``path``: the configuration file, absolute (models resolve against its folder)."""
     from mandant.app import App
 
-    app = App(config, base_dir)
+    app = App(config, path.parent)
     await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, app, path, overrides)
     target = f"{config.server.host}:{app.grpc_port}"
     print(f"Mandant listening: gRPC (KServe v2) on {target}", flush=True)
     http = f"http://{config.server.host}:{app.http_port}"
@@ -88,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     demo = path.resolve() == DEMO_CONFIG
     try:
-        _run(_serve(config, path.resolve().parent, demo))
+        _run(_serve(config, path.resolve(), demo, args))
     except (ConfigError, RuntimeError, NotImplementedError, OSError) as exc:
         print(f"mandant: cannot start: {exc}", file=sys.stderr)
         return 1

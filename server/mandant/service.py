@@ -43,6 +43,11 @@ class DataPlane:
     def authenticate(self, authorization: str | None) -> Tenant:
         return self._keys.authenticate(authorization)
 
+    def replace_keys(self, keys: KeyStore) -> None:
+        """New tenants and keys (a configuration reload); calls in flight keep the
+        tenant they were authenticated as."""
+        self._keys = keys
+
     @property
     def live(self) -> bool:
         return True
