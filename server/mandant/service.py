@@ -89,6 +89,13 @@ class DataPlane:
             raise Unavailable(f"model '{model.key.name}' is not ready")
         rows = check_inputs(model.spec, request.input_headers())
         outputs = check_outputs(model.spec, request.requested_outputs())
+        batching = model.spec.batching
+        if batching is not None and rows > batching.max_batch_size:
+            raise InvalidInput(
+                f"request has {rows} rows; model '{model.key.name}' takes at most "
+                f"{batching.max_batch_size} per request (max_batch_size)"
+            )
+        request.check_payload()  # framing and byte counts: refused before it costs quota
         parameters = request.parameters()
         deadline = _deadline(start, timeout_s, parameters.get("timeout"))
         priority = _priority(parameters.get("priority"), tenant.priority)

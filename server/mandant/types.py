@@ -103,6 +103,11 @@ class EncodedRequest(Protocol):
 
     def parameters(self) -> Mapping[str, bool | int | float | str]: ...
 
+    def check_payload(self) -> None:
+        """Cheap checks of the tensor data's framing (entry counts, byte lengths of
+        fixed-size tensors) that read no tensor byte; raises InvalidInput."""
+        ...
+
     def decode_inputs(self) -> dict[str, np.ndarray]:
         """The input tensors as numpy arrays viewing the request's bytes."""
         ...

@@ -45,6 +45,7 @@ def limits_config() -> MandantConfig:
                 tenant("budget", quota={"rows_per_day": 6}),
                 tenant("triton", rate_limit={"requests_per_s": 1, "burst": 1}),
                 tenant("wire", rate_limit={"requests_per_s": 1, "burst": 1}),
+                tenant("sloppy", rate_limit={"requests_per_s": 0.01, "burst": 1}),
                 tenant("free"),
             ],
             "models": [ECHO],
@@ -134,19 +135,27 @@ def test_refusal_carries_the_pushback_trailer_and_comes_before_tensor_bytes(
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         stub.ModelInfer(_request(2), metadata=metadata)
-        # Bytes that do not match the shape: refused for the rate, not for the bytes,
-        # so admission ran before any tensor byte was read.
+        # Tensor values that do not match the shape (typed contents: finding that out
+        # means reading them): refused for the rate, not for the values, so admission
+        # ran before any tensor value was read.
         with pytest.raises(grpc.RpcError) as caught:
-            stub.ModelInfer(_request(2, raw=b"\x00" * 3), metadata=metadata)
+            stub.ModelInfer(_typed_request(2, values=3), metadata=metadata)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         trailers = dict(caught.value.trailing_metadata() or ())
         assert 900 <= int(trailers["grpc-retry-pushback-ms"]) <= 1000
-        # The same bad bytes from a tenant with room left: INVALID_ARGUMENT.
+        # The same bad values from a tenant with room left: INVALID_ARGUMENT.
         with pytest.raises(grpc.RpcError) as invalid:
             stub.ModelInfer(
-                _request(2, raw=b"\x00" * 3), metadata=(("authorization", "Bearer free-key"),)
+                _typed_request(2, values=3), metadata=(("authorization", "Bearer free-key"),)
             )
         assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _typed_request(rows: int, values: int) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="echo")
+    tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 4])
+    tensor.contents.fp32_contents.extend([0.0] * values)
+    return request
 
 
 def test_live_update_applies_new_limits_through_the_app(server: ServerThread) -> None:
@@ -159,3 +168,19 @@ def test_live_update_applies_new_limits_through_the_app(server: ServerThread) ->
     with Client(server.target, api_key="triton-key") as client:
         for _ in range(5):
             client.infer("echo", {"INPUT0": X})
+
+
+def test_malformed_requests_are_refused_before_they_cost_a_token(server: ServerThread) -> None:
+    """Byte counts that do not match the shape are INVALID_ARGUMENT before admission:
+    the tenant's single token is still there for its next, good call."""
+    metadata = (("authorization", "Bearer sloppy-key"),)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for bad in (_request(2, raw=bytes(7)), _request(1, raw=bytes(16 * 3))):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(bad, metadata=metadata)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stub.ModelInfer(_request(1), metadata=metadata)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(_request(1), metadata=metadata)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

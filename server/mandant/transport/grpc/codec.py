@@ -159,6 +159,24 @@ class ProtoInferRequest:
     def parameters(self) -> Mapping[str, bool | int | float | str]:
         return {key: parameter_value(value) for key, value in self._msg.parameters.items()}
 
+    def check_payload(self) -> None:
+        msg = self._msg
+        raw = msg.raw_input_contents
+        if raw and len(raw) != len(msg.inputs):
+            raise InvalidInput(
+                f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs"
+            )
+        for index, tensor in enumerate(msg.inputs):
+            dtype = DATATYPES.get(tensor.datatype)
+            if not raw or dtype is None or tensor.datatype == "BYTES":
+                continue  # typed contents and BYTES are counted while decoding
+            count = prod(tensor.shape)
+            if len(raw[index]) != count * dtype.itemsize:
+                raise InvalidInput(
+                    f"input '{tensor.name}': {tensor.datatype} {list(tensor.shape)} needs "
+                    f"{count * dtype.itemsize} bytes, got {len(raw[index])}"
+                )
+
     def decode_inputs(self) -> dict[str, np.ndarray]:
         msg = self._msg
         raw = msg.raw_input_contents
