@@ -82,7 +82,13 @@ class App:
         self.grpc = GrpcServer(self.plane, config.server, observer=self.observer)
         self.grpc_port = 0
         self.http = HttpServer(
-            config.server, config.tenants, self.metrics, self.plane, self.slo, self.live
+            config.server,
+            config.tenants,
+            self.metrics,
+            self.plane,
+            self.slo,
+            self.live,
+            quota=self.admission,
         )
         self.http_port = 0
 

@@ -247,3 +247,25 @@ async def test_quota_counts_live_in_redis_with_an_expiry_and_survive_restarts(
         assert all(0 < client.ttl(key) <= 32 * 86400 for key in keys)
     finally:
         client.close()
+
+
+async def test_quota_use_is_read_from_redis_across_replicas(redis_server: RedisServer) -> None:
+    """``quota_used`` (what /usage reports) counts every replica's rows from Redis,
+    and falls back to this process's own counts while Redis is down."""
+    data = config_data(redis_server.url)
+    data["tenants"][0]["quota"] = {"rows_per_day": 1000, "rows_per_month": 5000}
+    config = parse_config(data)
+    replicas = [TenantAdmission(config, shared_store_for(config.limits)) for _ in range(2)]
+    for admission in replicas:
+        await admission.start()
+    try:
+        tenant, model = Tenant("acme"), ModelKey("echo", "1")
+        (await replicas[0].admit(tenant, model, 3)).release()
+        (await replicas[1].admit(tenant, model, 4)).release()
+        for admission in replicas:
+            assert await admission.quota_used("acme") == {"rows_today": 7, "rows_this_month": 7}
+        redis_server.stop()
+        assert await replicas[0].quota_used("acme") == {"rows_today": 0, "rows_this_month": 0}
+    finally:
+        for admission in replicas:
+            await admission.aclose()

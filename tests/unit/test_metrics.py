@@ -152,7 +152,8 @@ def test_usage_report_reads_the_registry(parts: Parts) -> None:
     observer.batch_executed("classifier", 4, 0.02, {"acme": 4})
     observer.admitted("acme", "classifier", 4)
     observer.rejected("acme", "requests_per_s")
-    report = usage_report(registry, TENANTS, live)["tenants"]
+    used = {t.id: live.quota_used(t.id) for t in TENANTS}
+    report = usage_report(registry, TENANTS, used)["tenants"]
     assert set(report) == {"acme", "globex", "nosla"}
     acme = report["acme"]
     assert acme["requests"] == {"OK": 1, "RESOURCE_EXHAUSTED": 1}

@@ -37,11 +37,10 @@ class Health(Protocol):
 
 @runtime_checkable
 class QuotaUsage(Protocol):
-    """Quota consumption per tenant (``rows_today``, …). By default the rows this
-    process admitted (:meth:`LiveStats.quota_used`); with a shared limits store,
-    pass what the store counts."""
+    """Rows counted against a tenant's quotas (``rows_today``, ``rows_this_month``),
+    as the limits store counts them (every replica's, with Redis)."""
 
-    def quota_used(self, tenant: str) -> Mapping[str, int]: ...
+    async def quota_used(self, tenant: str) -> Mapping[str, int]: ...
 
 
 def dashboard_page() -> bytes:
@@ -51,7 +50,7 @@ def dashboard_page() -> bytes:
 def usage_report(
     registry: CollectorRegistry,
     tenants: Sequence[TenantConfig],
-    quota: QuotaUsage | None = None,
+    quota_used: Mapping[str, Mapping[str, int]] | None = None,
 ) -> dict[str, Any]:
     """Per configured tenant: calls by status, rows and compute seconds by model,
     rejections by reason, and its quota (limits, and use where admission knows it).
@@ -69,7 +68,7 @@ def usage_report(
             "rejections_total": 0,
             "quota": {
                 "limits": t.quota.model_dump(exclude_none=True) if t.quota else {},
-                "used": dict(quota.quota_used(t.id)) if quota is not None else None,
+                "used": dict(quota_used[t.id]) if quota_used and t.id in quota_used else None,
             },
         }
         for t in tenants
@@ -116,7 +115,7 @@ class HttpServer:
         self._health = health
         self._slo = slo
         self._live = live
-        self._quota: QuotaUsage = quota if quota is not None else live
+        self._quota = quota
         self._admin_hashes = tuple(config.admin_keys)
         self._percentiles = {t.id: t.slo.percentile for t in tenants if t.slo is not None}
         self._page = dashboard_page()
@@ -187,7 +186,15 @@ class HttpServer:
                 status=401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        return web.json_response(usage_report(self._registry, self._tenants, self._quota))
+        used = {t.id: await self._quota_used(t) for t in self._tenants}
+        return web.json_response(usage_report(self._registry, self._tenants, used))
+
+    async def _quota_used(self, tenant: TenantConfig) -> Mapping[str, int]:
+        """The limits store's counts where the tenant has a quota; else the rows this
+        process admitted today and this month."""
+        if tenant.quota is not None and self._quota is not None:
+            return await self._quota.quota_used(tenant.id)
+        return self._live.quota_used(tenant.id)
 
     def _is_admin(self, authorization: str | None) -> bool:
         if not authorization or authorization[: len(_BEARER)].lower() != _BEARER:

@@ -19,8 +19,8 @@ from mandant.errors import InvalidInput, QuotaExceeded, RateLimited, Unavailable
 from mandant.events import NullObserver, Observer
 from mandant.tenancy.limits import MONOTONIC, Clock, Rate
 from mandant.tenancy.local_store import LocalStore
-from mandant.tenancy.policy import Denial, Plan, Policy, SharedStore, StoreUnavailable
-from mandant.tenancy.quota import WALL
+from mandant.tenancy.policy import Denial, Plan, Policy, Scope, SharedStore, StoreUnavailable
+from mandant.tenancy.quota import WALL, PeriodKind
 from mandant.types import ModelKey, Tenant
 
 if TYPE_CHECKING:
@@ -133,6 +133,25 @@ class TenantAdmission:
             logger.warning("limits store settings change at restart; kept the running ones")
         self._policy = Policy(config.tenants)
         self._local.retain(self._policy.scopes())
+
+    async def quota_used(self, tenant: str) -> dict[str, int]:
+        """Rows counted against the tenant's own quotas (not per-model overrides) in
+        the current UTC day and month: every replica's, from Redis when that is the
+        store and it answers; else this process's counts."""
+        scope: Scope = (tenant, None)
+        quotas: dict[str, tuple[str, PeriodKind]] = {
+            "rows_today": ("rows_per_day", "day"),
+            "rows_this_month": ("rows_per_month", "month"),
+        }
+        if self._shared is not None:
+            try:
+                return {
+                    label: await self._shared.used(scope, name, period)
+                    for label, (name, period) in quotas.items()
+                }
+            except StoreUnavailable:
+                pass
+        return {label: self._local.used(scope, name) for label, (name, _) in quotas.items()}
 
     def inflight(self, tenant: str) -> int:
         return self._inflight.get(tenant, 0)

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from mandant.config import QuotaConfig, RateLimitConfig, TenantConfig
 from mandant.tenancy.limits import Rate
-from mandant.tenancy.quota import Quota
+from mandant.tenancy.quota import PeriodKind, Quota
 
 #: Whose bucket or count: (tenant id, None) tenant-wide, (tenant id, model) per model.
 Scope = tuple[str, str | None]
@@ -66,6 +66,10 @@ class SharedStore(Protocol):
     async def aclose(self) -> None: ...
 
     async def acquire(self, plan: Plan, rows: int) -> Denial | None: ...
+
+    async def used(self, scope: Scope, quota_name: str, period: PeriodKind) -> int:
+        """Rows counted against one quota in its current period, by every replica."""
+        ...
 
 
 class StoreUnavailable(Exception):

@@ -154,3 +154,12 @@ class RedisStore:
         position = index - 1 - len(plan.buckets)
         scope, quota = plan.quotas[position]
         return Denial(quota, scope, max(0.0, resets[position] - wall))
+
+    async def used(self, scope: Scope, quota_name: str, period: PeriodKind) -> int:
+        current = self._periods[period].at(self._wall())
+        key = f"{_scope_part(self._prefix, scope)}:{quota_name}:{current.key}"
+        try:
+            value = await self._client.get(key)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+        return int(value or 0)
