@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -79,11 +80,13 @@ async def closed_loop(
     return len(latencies) / seconds, latencies
 
 
-def run(concurrencies: Sequence[int], seconds: float, warmup_s: float) -> list[tuple[object, ...]]:
+def run(
+    concurrencies: Sequence[int], seconds: float, warmup_s: float, mandant_cpus: str | None
+) -> list[tuple[object, ...]]:
     rows: list[tuple[object, ...]] = []
     with TritonProcess(instances=1) as triton, tempfile.TemporaryDirectory() as folder:
         config = write_config(Path(folder), triton.url)
-        with mandant_server(config, cpus=None) as mandant:
+        with mandant_server(config, cpus=mandant_cpus) as mandant:
             auth = (("authorization", f"Bearer {API_KEY}"),)
             for concurrency in concurrencies:
                 direct = asyncio.run(closed_loop(triton.url, concurrency, seconds, warmup_s, ()))
@@ -97,8 +100,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument(
+        "--mandant-cpus",
+        default=None,
+        help="pin Mandant (taskset -c); the client then runs on the other cores",
+    )
     args = parser.parse_args()
-    rows = run(args.concurrency, args.seconds, args.warmup)
+    if args.mandant_cpus is not None:
+        pinned = {int(c) for c in args.mandant_cpus.split(",")}
+        others = set(range(os.cpu_count() or 1)) - pinned
+        if others:
+            os.sched_setaffinity(0, others)
+    rows = run(args.concurrency, args.seconds, args.warmup, args.mandant_cpus)
 
     def ms(samples: list[float], q: float) -> float:
         return float(np.percentile(np.array(samples), q)) * 1e3

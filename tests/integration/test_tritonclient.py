@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 from mandant.config import parse_config
 from mandant.demo.models import classifier
 from mandant.tenancy.keys import hash_key
+from mandant.transport.grpc.codec import CONTENTS_FIELD
 from tests.servers import ServerThread, auth
 
 DTYPES = {
@@ -92,20 +93,7 @@ def _inputs(
 
 
 def _set_typed(tensor: triton.InferInput, array: np.ndarray, datatype: str) -> None:
-    field = {
-        "BOOL": "bool_contents",
-        "UINT8": "uint_contents",
-        "UINT16": "uint_contents",
-        "UINT32": "uint_contents",
-        "UINT64": "uint64_contents",
-        "INT8": "int_contents",
-        "INT16": "int_contents",
-        "INT32": "int_contents",
-        "INT64": "int64_contents",
-        "FP32": "fp32_contents",
-        "FP64": "fp64_contents",
-        "BYTES": "bytes_contents",
-    }[datatype]
+    field = CONTENTS_FIELD[datatype]
     getattr(tensor._get_tensor().contents, field).extend(array.reshape(-1).tolist())
 
 
