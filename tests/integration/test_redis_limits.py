@@ -269,3 +269,27 @@ async def test_quota_use_is_read_from_redis_across_replicas(redis_server: RedisS
     finally:
         for admission in replicas:
             await admission.aclose()
+
+
+async def test_concurrent_admits_share_one_pipeline_and_stay_exact(
+    redis_server: RedisServer,
+) -> None:
+    """Calls admitted in one event-loop turn go to Redis as one pipeline; each script
+    still runs atomically, so a burst of 10 admits exactly 10 of 50 at once."""
+    data = config_data(redis_server.url)
+    data["tenants"][0]["rate_limit"] = {"requests_per_s": 0.001, "burst": 10}
+    config = parse_config(data)
+    admission = TenantAdmission(config, shared_store_for(config.limits))
+    await admission.start()
+    try:
+        tenant, model = Tenant("acme"), ModelKey("echo", "1")
+        results = await asyncio.gather(
+            *(admission.admit(tenant, model, 1) for _ in range(50)), return_exceptions=True
+        )
+        admitted = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, RateLimited)]
+        assert len(admitted) == 10 and len(refused) == 40
+        for permit in admitted:
+            permit.release()
+    finally:
+        await admission.aclose()
