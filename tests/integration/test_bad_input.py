@@ -172,11 +172,14 @@ def bytes_stub(
 @pytest.mark.parametrize(
     ("raw", "count", "message"),
     [
-        (b"\x05\x00", 1, "ends inside element 0's length"),
+        (b"\x05\x00", 1, "1 BYTES elements need at least 4 bytes of length prefixes, got 2"),
         (struct.pack("<I", 10) + b"abc", 1, "element 0 declares 10 bytes, 3 remain"),
         (struct.pack("<I", 1) + b"a" + b"zz", 1, "2 bytes left after 1 BYTES elements"),
-        (struct.pack("<I", 1) + b"a", 2, "ends inside element 1's length"),
+        (struct.pack("<I", 1) + b"a", 2, "need at least 8 bytes of length prefixes, got 5"),
+        (struct.pack("<I", 1) + b"abcd", 2, "ends inside element 1's length"),
         (struct.pack("<I", 0xFFFFFFFF) + b"a", 1, "declares 4294967295 bytes"),
+        # A shape claiming 2**40 elements: refused before anything is allocated.
+        (struct.pack("<I", 1) + b"a", 2**40, "need at least 4398046511104 bytes"),
     ],
 )
 def test_broken_bytes_prefixes(

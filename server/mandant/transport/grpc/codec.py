@@ -57,6 +57,11 @@ def parameter_value(param: pb.InferParameter) -> bool | int | float | str:
 
 def decode_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
     """Split length-prefixed BYTES elements into an object array of ``count``."""
+    if count * 4 > len(raw):  # before allocating: a shape may claim any count
+        raise InvalidInput(
+            f"input '{name}': {count} BYTES elements need at least {count * 4} bytes "
+            f"of length prefixes, got {len(raw)}"
+        )
     out = np.empty(count, dtype=np.object_)
     view = memoryview(raw)
     offset, end = 0, len(raw)
@@ -168,9 +173,16 @@ class ProtoInferRequest:
             )
         for index, tensor in enumerate(msg.inputs):
             dtype = DATATYPES.get(tensor.datatype)
-            if not raw or dtype is None or tensor.datatype == "BYTES":
-                continue  # typed contents and BYTES are counted while decoding
+            if not raw or dtype is None:
+                continue  # typed contents are counted while decoding
             count = prod(tensor.shape)
+            if tensor.datatype == "BYTES":
+                if count * 4 > len(raw[index]):
+                    raise InvalidInput(
+                        f"input '{tensor.name}': {count} BYTES elements need at least "
+                        f"{count * 4} bytes of length prefixes, got {len(raw[index])}"
+                    )
+                continue
             if len(raw[index]) != count * dtype.itemsize:
                 raise InvalidInput(
                     f"input '{tensor.name}': {tensor.datatype} {list(tensor.shape)} needs "
