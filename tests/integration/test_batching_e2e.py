@@ -20,8 +20,8 @@ from mandant.demo.models import classifier
 from mandant.events import Observer
 from mandant.scheduling.base import Scheduler
 from mandant_client import AsyncClient, InvalidInput
+from tests.fakes import RecordingObserver
 from tests.servers import DEMO_KEYS, demo_config
-from tests.unit.batching_fakes import RecordingObserver
 
 
 @pytest.fixture

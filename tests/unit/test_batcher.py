@@ -14,7 +14,7 @@ from mandant.config import BatchingConfig
 from mandant.errors import DeadlineExceeded, InvalidInput, QueueFull, Unavailable
 from mandant.scheduling.batcher import BatchFailed, DynamicBatcher
 from mandant.types import InferRequest, Tenant
-from tests.unit.batching_fakes import (
+from tests.fakes import (
     FakeClock,
     GatedBackend,
     RecordingObserver,

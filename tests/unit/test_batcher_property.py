@@ -16,7 +16,7 @@ from mandant.config import BatchingConfig
 from mandant.errors import DeadlineExceeded, QueueFull
 from mandant.scheduling.batcher import BatchFailed, DynamicBatcher
 from mandant.types import Tenant
-from tests.unit.batching_fakes import FakeClock, GatedBackend, double, request, settle
+from tests.fakes import FakeClock, GatedBackend, double, request, settle
 
 TENANTS = [Tenant("a", weight=1), Tenant("b", weight=3), Tenant("c", weight=0.5)]
 
