@@ -16,7 +16,7 @@ COPY --chown=mandant:mandant . .
 ARG TORCH_SPEC="torch==2.13.0"
 RUN python3.11 -m venv /opt/venv \
  && /opt/venv/bin/pip install "${TORCH_SPEC}" \
- && /opt/venv/bin/pip install -e ./clients/python -e ".[triton]" \
+ && /opt/venv/bin/pip install -e ./clients/python -e . \
  && chown -R mandant:mandant /opt/mandant/examples
 
 USER mandant

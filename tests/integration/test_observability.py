@@ -189,7 +189,7 @@ def test_dashboard_page_and_data(server: ServerThread, traffic: None) -> None:
 
 def test_usage_refused_without_admin_keys(tmp_path: Path) -> None:
     data = yaml.safe_load(DEMO_CONFIG.read_text())
-    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0}
+    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0, "admin_keys": []}
     data["models"] = [m for m in data["models"] if m.get("name") == "echo"]
     with ServerThread(parse_config(data), tmp_path) as bare:
         assert http(bare, "/usage", key=ADMIN_KEY)[0] == 403
