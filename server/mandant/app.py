@@ -41,7 +41,7 @@ def make_backend(spec: ModelSpec, channels: ChannelPool | None = None) -> Backen
         from mandant.backends.triton import TritonBackend
 
         return TritonBackend(spec, channels if channels is not None else ChannelPool())
-    raise NotImplementedError(f"model {spec.name!r}: backend {spec.backend!r} is not available")
+    raise ValueError(f"model {spec.name!r}: unknown backend {spec.backend!r}")
 
 
 def make_scheduler(

@@ -111,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     demo = path.resolve() == DEMO_CONFIG
     try:
         _run(_serve(config, path.resolve(), demo, args))
-    except (ConfigError, RuntimeError, NotImplementedError, OSError) as exc:
+    except (ConfigError, RuntimeError, ValueError, OSError) as exc:
         print(f"mandant: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
