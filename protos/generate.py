@@ -25,7 +25,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 TARGET = ROOT / "clients" / "python" / "mandant_client" / "_proto"
-FILES = ["grpc_service.proto"]
+FILES = ["grpc_service.proto", "admin.proto"]
 
 
 def _rewrite(name: str, text: str) -> str:

@@ -18,6 +18,7 @@ from mandant.observability.http import HttpServer
 from mandant.observability.live import LiveStats
 from mandant.observability.metrics import PrometheusObserver
 from mandant.observability.slo import SloTracker
+from mandant.observability.usage import UsageReports
 from mandant.registry import ModelRegistry
 from mandant.scheduling.base import Scheduler
 from mandant.scheduling.batcher import DynamicBatcher
@@ -79,7 +80,8 @@ class App:
         self.plane = DataPlane(
             _key_store(config), self.registry, admission=self.admission, version=__version__
         )
-        self.grpc = GrpcServer(self.plane, config.server, observer=self.observer)
+        self.usage = UsageReports(self.metrics, config.tenants, self.live, quota=self.admission)
+        self.grpc = GrpcServer(self.plane, config.server, observer=self.observer, usage=self.usage)
         self.grpc_port = 0
         self.http = HttpServer(
             config.server,
@@ -88,7 +90,7 @@ class App:
             self.plane,
             self.slo,
             self.live,
-            quota=self.admission,
+            usage=self.usage,
         )
         self.http_port = 0
 
@@ -119,7 +121,7 @@ class App:
         if added:
             notes.append(
                 f"new tenant(s) {', '.join(added)} can call now; their metrics appear "
-                "under tenant=\"\" until the next restart"
+                'under tenant="" until the next restart'
             )
         self.admission.update(config)
         self.plane.replace_keys(_key_store(config))

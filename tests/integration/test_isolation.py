@@ -120,5 +120,9 @@ def test_reflection_lists_the_services(demo_server: ServerThread) -> None:
         ]
         listed, described = list(stub.ServerReflectionInfo(iter(requests)))
     names = {s.name for s in listed.list_services_response.service}
-    assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+    assert {
+        "inference.GRPCInferenceService",
+        "mandant.admin.v1.AdminService",
+        "grpc.health.v1.Health",
+    } <= names
     assert described.file_descriptor_response.file_descriptor_proto

@@ -7,10 +7,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from mandant.config import QuotaConfig, SloConfig, TenantConfig
-from mandant.observability.http import usage_report
 from mandant.observability.live import LATENCY_BOUNDS_S, LiveStats, quantile
 from mandant.observability.metrics import PrometheusObserver
 from mandant.observability.slo import SloTracker
+from mandant.observability.usage import usage_report
 
 TENANTS = (
     TenantConfig(id="acme", slo=SloConfig(latency_ms=50, objective=0.99),

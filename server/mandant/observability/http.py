@@ -7,12 +7,11 @@ free one)."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -20,7 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from mandant.config import ServerConfig, TenantConfig
 from mandant.observability.live import LiveStats
 from mandant.observability.slo import SloTracker
-from mandant.tenancy.keys import hash_key
+from mandant.observability.usage import UsageReports
+from mandant.tenancy.keys import AdminKeys
 
 logger = logging.getLogger(__name__)
 
@@ -35,66 +35,8 @@ class Health(Protocol):
     def ready(self) -> bool: ...
 
 
-@runtime_checkable
-class QuotaUsage(Protocol):
-    """Rows counted against a tenant's quotas (``rows_today``, ``rows_this_month``),
-    as the limits store counts them (every replica's, with Redis)."""
-
-    async def quota_used(self, tenant: str) -> Mapping[str, int]: ...
-
-
 def dashboard_page() -> bytes:
     return resources.files("mandant.observability").joinpath("dashboard.html").read_bytes()
-
-
-def usage_report(
-    registry: CollectorRegistry,
-    tenants: Sequence[TenantConfig],
-    quota_used: Mapping[str, Mapping[str, int]] | None = None,
-) -> dict[str, Any]:
-    """Per configured tenant: calls by status, rows and compute seconds by model,
-    rejections by reason, and its quota (limits, and use where admission knows it).
-    Read from the registry's series; counts since this process started."""
-    report: dict[str, dict[str, Any]] = {
-        t.id: {
-            "requests": {},
-            "requests_total": 0,
-            "rows": {},
-            "rows_total": 0,
-            "compute_seconds": {},
-            "compute_seconds_total": 0.0,
-            "admitted_rows": 0,
-            "rejections": {},
-            "rejections_total": 0,
-            "quota": {
-                "limits": t.quota.model_dump(exclude_none=True) if t.quota else {},
-                "used": dict(quota_used[t.id]) if quota_used and t.id in quota_used else None,
-            },
-        }
-        for t in tenants
-    }
-
-    def add(entry: dict[str, Any], key: str, label: str, value: float) -> None:
-        entry[key][label] = entry[key].get(label, 0) + value
-        entry[f"{key}_total"] += value
-
-    for family in registry.collect():
-        for sample in family.samples:
-            entry = report.get(sample.labels.get("tenant", ""))
-            if entry is None:
-                continue
-            value = sample.value
-            if sample.name == "mandant_requests_total":
-                add(entry, "requests", sample.labels["code"], int(value))
-            elif sample.name == "mandant_rows_total":
-                add(entry, "rows", sample.labels["model"], int(value))
-            elif sample.name == "mandant_compute_seconds_total":
-                add(entry, "compute_seconds", sample.labels["model"], value)
-            elif sample.name == "mandant_rejections_total":
-                add(entry, "rejections", sample.labels["reason"], int(value))
-            elif sample.name == "mandant_admitted_rows_total":
-                entry["admitted_rows"] += int(value)
-    return {"generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tenants": report}
 
 
 class HttpServer:
@@ -106,7 +48,7 @@ class HttpServer:
         health: Health,
         slo: SloTracker,
         live: LiveStats,
-        quota: QuotaUsage | None = None,
+        usage: UsageReports | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
@@ -115,8 +57,8 @@ class HttpServer:
         self._health = health
         self._slo = slo
         self._live = live
-        self._quota = quota
-        self._admin_hashes = tuple(config.admin_keys)
+        self._reports = usage or UsageReports(registry, tenants, live)
+        self._admins = AdminKeys(config.admin_keys)
         self._percentiles = {t.id: t.slo.percentile for t in tenants if t.slo is not None}
         self._page = dashboard_page()
         self._clock = clock
@@ -176,29 +118,14 @@ class HttpServer:
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def _usage(self, request: web.Request) -> web.Response:
-        if not self._admin_hashes:
+        if not self._admins.configured:
             return web.json_response(
                 {"error": "no admin keys configured (server.admin_keys)"}, status=403
             )
-        if not self._is_admin(request.headers.get("Authorization")):
+        if not self._admins.is_admin(request.headers.get("Authorization")):
             return web.json_response(
                 {"error": "missing or invalid admin key"},
                 status=401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        used = {t.id: await self._quota_used(t) for t in self._tenants}
-        return web.json_response(usage_report(self._registry, self._tenants, used))
-
-    async def _quota_used(self, tenant: TenantConfig) -> Mapping[str, int]:
-        """The limits store's counts where the tenant has a quota; else the rows this
-        process admitted today and this month."""
-        if tenant.quota is not None and self._quota is not None:
-            return await self._quota.quota_used(tenant.id)
-        return self._live.quota_used(tenant.id)
-
-    def _is_admin(self, authorization: str | None) -> bool:
-        if not authorization or authorization[: len(_BEARER)].lower() != _BEARER:
-            return False
-        presented = hash_key(authorization[len(_BEARER) :].strip())
-        matches = [hmac.compare_digest(presented, known) for known in self._admin_hashes]
-        return any(matches)
+        return web.json_response(await self._reports.report())

@@ -7,6 +7,7 @@ client's hands and, for the length of one call, in memory here. It is never logg
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 from collections.abc import Iterable, Mapping
 
@@ -42,3 +43,25 @@ class KeyStore:
         if tenant is None:
             raise Unauthenticated()
         return tenant
+
+
+class AdminKeys:
+    """The operators' keys (``server.admin_keys``): usage reports and administration.
+    No tenant key is an admin key; with none configured, every call is refused."""
+
+    def __init__(self, hashes: Iterable[str]) -> None:
+        self._hashes = tuple(hashes)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._hashes)
+
+    def is_admin(self, authorization: str | None) -> bool:
+        if not authorization or authorization[: len(_BEARER)].lower() != _BEARER:
+            return False
+        presented = hash_key(authorization[len(_BEARER) :].strip())
+        return any([hmac.compare_digest(presented, known) for known in self._hashes])
+
+    def authenticate(self, authorization: str | None) -> None:
+        if not self.is_admin(authorization):
+            raise Unauthenticated("missing or invalid admin key")

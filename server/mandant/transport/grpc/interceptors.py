@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from mandant.context import current_model, current_request_id, current_tenant
-from mandant.errors import MandantError
+from mandant.errors import MandantError, Unauthenticated
 from mandant.events import NullObserver, Observer
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
 from mandant.types import Tenant
@@ -28,7 +28,10 @@ OPEN_METHODS = frozenset(
     f"/{INFERENCE_SERVICE}/{name}" for name in ("ServerLive", "ServerReady", "ServerMetadata")
 )
 
+ADMIN_SERVICE = "mandant.admin.v1.AdminService"
+
 Authenticator = Callable[[str | None], Tenant]
+AdminAuthenticator = Callable[[str | None], None]
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
@@ -46,8 +49,12 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         protected_prefix: str = f"/{INFERENCE_SERVICE}/",
         open_methods: Collection[str] = OPEN_METHODS,
         observer: Observer | None = None,
+        authenticate_admin: AdminAuthenticator | None = None,
+        admin_prefix: str = f"/{ADMIN_SERVICE}/",
     ) -> None:
         self._authenticate = authenticate
+        self._authenticate_admin = authenticate_admin or _no_admins
+        self._admin_prefix = admin_prefix
         self._observer: Observer = observer or NullObserver()
         self._protected_prefix = protected_prefix
         self._open_methods = open_methods
@@ -66,16 +73,18 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or handler.unary_unary is None:
             return handler
         protected = method.startswith(self._protected_prefix) and method not in self._open_methods
+        admin = method.startswith(self._admin_prefix)
         wrapped = grpc.unary_unary_rpc_method_handler(
-            self._guard(handler.unary_unary, protected, method),
+            self._guard(handler.unary_unary, protected, admin, method),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
         self._wrapped[method] = wrapped
         return wrapped
 
-    def _guard(self, behavior: Behavior, protected: bool, method: str) -> Behavior:
+    def _guard(self, behavior: Behavior, protected: bool, admin: bool, method: str) -> Behavior:
         authenticate = self._authenticate
+        authenticate_admin = self._authenticate_admin
         observer = self._observer
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -90,6 +99,8 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     caller = authenticate(_authorization(context))
                     current_tenant.set(caller)
                     tenant_id = caller.id
+                elif admin:
+                    authenticate_admin(_authorization(context))
                 current_request_id.set(getattr(request, "id", ""))
                 return await behavior(request, context)
             except MandantError as exc:
@@ -128,3 +139,7 @@ def _aborted_code(context: grpc.aio.ServicerContext) -> str:
     """The status a servicer aborted with (UNKNOWN where grpc does not say)."""
     code = context.code()
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+def _no_admins(authorization: str | None) -> None:
+    raise Unauthenticated("missing or invalid admin key")

@@ -12,9 +12,17 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mandant.config import ServerConfig
 from mandant.events import Observer
+from mandant.observability.usage import UsageReports
 from mandant.service import DataPlane
-from mandant.transport.grpc.interceptors import INFERENCE_SERVICE, GatewayInterceptor
+from mandant.tenancy.keys import AdminKeys
+from mandant.transport.grpc.admin import AdminServicer
+from mandant.transport.grpc.interceptors import (
+    ADMIN_SERVICE,
+    INFERENCE_SERVICE,
+    GatewayInterceptor,
+)
 from mandant.transport.grpc.servicer import InferenceServicer
+from mandant_client._proto import admin_pb2, admin_pb2_grpc
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 
@@ -27,7 +35,12 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     """One pool holding every service we serve, for the reflection service (ours live
     in a private pool, the health and reflection protos in the default one)."""
     pool = descriptor_pool.DescriptorPool()
-    for file in (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+    for file in (
+        pb.DESCRIPTOR,
+        admin_pb2.DESCRIPTOR,
+        health_pb2.DESCRIPTOR,
+        reflection_pb2.DESCRIPTOR,
+    ):
         proto = descriptor_pb2.FileDescriptorProto()
         file.CopyToProto(proto)
         pool.Add(proto)
@@ -36,13 +49,25 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 
 class GrpcServer:
     def __init__(
-        self, plane: DataPlane, config: ServerConfig, observer: Observer | None = None
+        self,
+        plane: DataPlane,
+        config: ServerConfig,
+        observer: Observer | None = None,
+        usage: UsageReports | None = None,
     ) -> None:
+        """``usage``: serve ``mandant.admin.v1.AdminService`` from these reports (admin
+        keys from ``config.admin_keys``); without it the admin service is not served."""
         self._plane = plane
         self._config = config
         self._health = health.aio.HealthServicer()
         self._server = grpc.aio.server(
-            interceptors=[GatewayInterceptor(plane.authenticate, observer=observer)],
+            interceptors=[
+                GatewayInterceptor(
+                    plane.authenticate,
+                    observer=observer,
+                    authenticate_admin=AdminKeys(config.admin_keys).authenticate,
+                )
+            ],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
@@ -58,8 +83,14 @@ class GrpcServer:
             InferenceServicer(plane), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        services = [INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
+        if usage is not None:
+            admin_pb2_grpc.add_AdminServiceServicer_to_server(  # type: ignore[no-untyped-call]
+                AdminServicer(usage), self._server
+            )
+            services.append(ADMIN_SERVICE)
         reflection.enable_server_reflection(
-            (INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME),
+            services,
             self._server,
             pool=_reflection_pool(),
         )

@@ -1,0 +1,49 @@
+"""``mandant.admin.v1.AdminService``: administration over gRPC, admin keys only (the
+interceptor checks them before these methods run)."""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import grpc
+
+from mandant.errors import InvalidInput
+from mandant.observability.usage import UsageReports
+from mandant_client._proto import admin_pb2 as pb
+from mandant_client._proto import admin_pb2_grpc as pb_grpc
+
+Context: TypeAlias = grpc.aio.ServicerContext
+
+
+def _tenant_usage(tenant: str, entry: dict[str, Any]) -> pb.TenantUsage:
+    used = entry["quota"]["used"] or {}
+    limits = entry["quota"]["limits"]
+    return pb.TenantUsage(
+        tenant=tenant,
+        requests={code: int(n) for code, n in entry["requests"].items()},
+        rows={model: int(n) for model, n in entry["rows"].items()},
+        compute_seconds=entry["compute_seconds"],
+        rejections={reason: int(n) for reason, n in entry["rejections"].items()},
+        rows_today=used.get("rows_today", 0),
+        rows_this_month=used.get("rows_this_month", 0),
+        quota_rows_per_day=limits.get("rows_per_day", 0),
+        quota_rows_per_month=limits.get("rows_per_month", 0),
+    )
+
+
+class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
+    def __init__(self, reports: UsageReports) -> None:
+        self._reports = reports
+
+    async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
+        if request.tenant and request.tenant not in self._reports.tenant_ids:
+            raise InvalidInput(f"no tenant '{request.tenant}' is configured")
+        report = await self._reports.report()
+        return pb.GetUsageResponse(
+            generated_at=report["generated_at"],
+            tenants=[
+                _tenant_usage(tenant, entry)
+                for tenant, entry in report["tenants"].items()
+                if not request.tenant or tenant == request.tenant
+            ],
+        )
