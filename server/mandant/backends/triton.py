@@ -21,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
+from math import prod
 
 import grpc
 import numpy as np
@@ -35,6 +35,7 @@ from mandant.backends.circuit import CircuitBreaker
 from mandant.config import ModelSpec, TritonModelConfig
 from mandant.errors import DeadlineExceeded, InvalidInput, QueueFull, Unavailable
 from mandant.types import DATATYPES, TensorSpec, datatype_of
+from mandant.wire import join_bytes, split_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ CONNECT_RETRIES = 2
 RETRY_BACKOFF_S = 0.05
 #: Timeout of one health poll RPC.
 PROBE_TIMEOUT_S = 1.0
-_LENGTH = struct.Struct("<I")
 _CONNECT_FAILURE_MARKERS = ("failed to connect", "connection refused", "no route to host")
 
 
@@ -325,10 +325,7 @@ def _tensor_spec(tensor: pb.ModelMetadataResponse.TensorMetadata) -> TensorSpec:
 def _raw_bytes(array: np.ndarray) -> bytes:
     """The tensor's wire bytes; the request's own buffer when ``array`` views all of it."""
     if array.dtype == np.object_ or array.dtype.kind in ("S", "U"):
-        return b"".join(
-            _LENGTH.pack(len(item)) + item
-            for item in (x.encode() if isinstance(x, str) else bytes(x) for x in array.flat)
-        )
+        return join_bytes(array)
     base: object = array
     while isinstance(base, np.ndarray):
         base = base.base
@@ -349,12 +346,7 @@ def _decode(datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
         raise Unavailable(f"the backend returned unknown datatype {datatype}")
     if datatype != "BYTES":
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
-    items: list[bytes] = []
-    offset = 0
-    while offset < len(raw):
-        (length,) = _LENGTH.unpack_from(raw, offset)
-        items.append(raw[offset + 4 : offset + 4 + length])
-        offset += 4 + length
-    out = np.empty(len(items), dtype=np.object_)
-    out[:] = items
-    return out.reshape(shape)
+    try:
+        return split_bytes(raw, prod(shape)).reshape(shape)
+    except ValueError as exc:
+        raise Unavailable(f"the backend returned malformed BYTES: {exc}") from None

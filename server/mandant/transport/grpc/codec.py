@@ -7,7 +7,6 @@ arrays view the request's bytes (read-only, no copy). BYTES elements are each a
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Mapping, Sequence
 from math import prod
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from mandant.errors import InvalidInput
 from mandant.types import DATATYPES, InferResponse, TensorHeader, datatype_of
+from mandant.wire import join_bytes, min_bytes_size, split_bytes
 from mandant_client._proto import grpc_service_pb2 as pb
 
 #: The typed ``contents`` field each datatype travels in.
@@ -44,9 +44,6 @@ _FIELD_DTYPE = {
     "fp64_contents": np.float64,
 }
 
-_LENGTH = struct.Struct("<I")
-
-
 def parameter_value(param: pb.InferParameter) -> bool | int | float | str:
     which = param.WhichOneof("parameter_choice")
     if which is None:
@@ -56,54 +53,40 @@ def parameter_value(param: pb.InferParameter) -> bool | int | float | str:
 
 
 def decode_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
-    """Split length-prefixed BYTES elements into an object array of ``count``."""
-    if count * 4 > len(raw):  # before allocating: a shape may claim any count
-        raise InvalidInput(
-            f"input '{name}': {count} BYTES elements need at least {count * 4} bytes "
-            f"of length prefixes, got {len(raw)}"
-        )
-    out = np.empty(count, dtype=np.object_)
-    view = memoryview(raw)
-    offset, end = 0, len(raw)
-    for index in range(count):
-        if offset + 4 > end:
-            raise InvalidInput(f"input '{name}': BYTES data ends inside element {index}'s length")
-        (length,) = _LENGTH.unpack_from(view, offset)
-        offset += 4
-        if offset + length > end:
-            raise InvalidInput(
-                f"input '{name}': BYTES element {index} declares {length} bytes, "
-                f"{end - offset} remain"
-            )
-        out[index] = bytes(view[offset : offset + length])
-        offset += length
-    if offset != end:
-        raise InvalidInput(
-            f"input '{name}': {end - offset} bytes left after {count} BYTES elements"
-        )
-    return out
+    """Split input ``name``'s length-prefixed BYTES elements into an object array."""
+    try:
+        return split_bytes(raw, count)
+    except ValueError as exc:
+        raise InvalidInput(f"input '{name}': {exc}") from None
 
 
-def encode_bytes(array: np.ndarray) -> bytes:
-    parts: list[bytes] = []
-    for item in array.reshape(-1):
-        data = item.encode() if isinstance(item, str) else bytes(item)
-        parts.append(_LENGTH.pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
+encode_bytes = join_bytes
 
 
-def decode_raw(raw: bytes, header: TensorHeader) -> np.ndarray:
+def check_raw_size(raw: bytes, header: TensorHeader) -> None:
+    """Whether ``raw`` can hold the tensor ``header`` declares (exactly, for fixed-size
+    datatypes; at least its length prefixes, for BYTES), reading none of its bytes."""
     count = prod(header.shape)
     if header.datatype == "BYTES":
-        return decode_bytes(raw, count, header.name).reshape(header.shape)
+        if min_bytes_size(count) > len(raw):
+            raise InvalidInput(
+                f"input '{header.name}': {count} BYTES elements need at least "
+                f"{min_bytes_size(count)} bytes of length prefixes, got {len(raw)}"
+            )
+        return
     dtype = DATATYPES[header.datatype]
     if len(raw) != count * dtype.itemsize:
         raise InvalidInput(
             f"input '{header.name}': {header.datatype} {list(header.shape)} needs "
             f"{count * dtype.itemsize} bytes, got {len(raw)}"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(header.shape)
+
+
+def decode_raw(raw: bytes, header: TensorHeader) -> np.ndarray:
+    check_raw_size(raw, header)
+    if header.datatype == "BYTES":
+        return decode_bytes(raw, prod(header.shape), header.name).reshape(header.shape)
+    return np.frombuffer(raw, dtype=DATATYPES[header.datatype]).reshape(header.shape)
 
 
 def decode_contents(contents: pb.InferTensorContents, header: TensorHeader) -> np.ndarray:
@@ -171,23 +154,12 @@ class ProtoInferRequest:
             raise InvalidInput(
                 f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs"
             )
+        if not raw:
+            return  # typed contents are counted while decoding
         for index, tensor in enumerate(msg.inputs):
-            dtype = DATATYPES.get(tensor.datatype)
-            if not raw or dtype is None:
-                continue  # typed contents are counted while decoding
-            count = prod(tensor.shape)
-            if tensor.datatype == "BYTES":
-                if count * 4 > len(raw[index]):
-                    raise InvalidInput(
-                        f"input '{tensor.name}': {count} BYTES elements need at least "
-                        f"{count * 4} bytes of length prefixes, got {len(raw[index])}"
-                    )
-                continue
-            if len(raw[index]) != count * dtype.itemsize:
-                raise InvalidInput(
-                    f"input '{tensor.name}': {tensor.datatype} {list(tensor.shape)} needs "
-                    f"{count * dtype.itemsize} bytes, got {len(raw[index])}"
-                )
+            if tensor.datatype in DATATYPES:  # an unknown one was refused by validation
+                header = TensorHeader(tensor.name, tensor.datatype, tuple(tensor.shape))
+                check_raw_size(raw[index], header)
 
     def decode_inputs(self) -> dict[str, np.ndarray]:
         msg = self._msg
