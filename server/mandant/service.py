@@ -18,7 +18,7 @@ from mandant.registry import Model, ModelRegistry
 from mandant.tenancy.admission import Admission, Unlimited
 from mandant.tenancy.keys import KeyStore
 from mandant.types import EncodedRequest, InferRequest, InferResponse, Tenant
-from mandant.validation import check_inputs, check_outputs
+from mandant.validation import check_batch_rows, check_inputs, check_outputs
 
 SERVER_NAME = "mandant"
 EXTENSIONS = ("model_repository", "parameters", "tenancy")
@@ -89,12 +89,8 @@ class DataPlane:
             raise Unavailable(f"model '{model.key.name}' is not ready")
         rows = check_inputs(model.spec, request.input_headers())
         outputs = check_outputs(model.spec, request.requested_outputs())
-        batching = model.spec.batching
-        if batching is not None and rows > batching.max_batch_size:
-            raise InvalidInput(
-                f"request has {rows} rows; model '{model.key.name}' takes at most "
-                f"{batching.max_batch_size} per request (max_batch_size)"
-            )
+        if model.spec.batching is not None:
+            check_batch_rows(model.key.name, rows, model.spec.batching.max_batch_size)
         request.check_payload()  # framing and byte counts: refused before it costs quota
         parameters = request.parameters()
         deadline = _deadline(start, timeout_s, parameters.get("timeout"))

@@ -68,3 +68,12 @@ def check_outputs(spec: ModelSpec, requested: Sequence[str]) -> tuple[str, ...]:
                 f"unknown output '{name}'; model '{spec.name}' has {_names(spec.outputs)}"
             )
     return tuple(dict.fromkeys(requested))
+
+
+def check_batch_rows(model: str, rows: int, max_batch_size: int) -> None:
+    """A request larger than the model's batches can never run."""
+    if rows > max_batch_size:
+        raise InvalidInput(
+            f"request has {rows} rows; model '{model}' takes at most "
+            f"{max_batch_size} per request (max_batch_size)"
+        )

@@ -36,6 +36,7 @@ from mandant.events import NullObserver, Observer
 from mandant.scheduling.clock import Clock, LoopClock, Timer
 from mandant.scheduling.policy import BatchQueue, FairQueue, FifoQueue, priority_level
 from mandant.types import InferRequest
+from mandant.validation import check_batch_rows
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +159,7 @@ class DynamicBatcher:
 
     def _check(self, request: InferRequest) -> Hashable:
         """Refuse what cannot be batched; return the request's shape group."""
-        if request.rows > self._max_rows:
-            raise InvalidInput(
-                f"request has {request.rows} rows; model '{self._model}' takes at most "
-                f"{self._max_rows} per request (max_batch_size)"
-            )
+        check_batch_rows(self._model, request.rows, self._max_rows)
         group = []
         for name in sorted(request.inputs):
             array = request.inputs[name]

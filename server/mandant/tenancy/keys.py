@@ -27,6 +27,13 @@ def generate_key() -> tuple[str, str]:
     return key, hash_key(key)
 
 
+def _bearer_hash(authorization: str | None) -> str | None:
+    """The hash of the key in an ``authorization: Bearer <key>`` value, if it is one."""
+    if not authorization or authorization[: len(_BEARER)].lower() != _BEARER:
+        return None
+    return hash_key(authorization[len(_BEARER) :].strip())
+
+
 class KeyStore:
     """Maps key hashes to tenants. One message for every failure, so that a caller
     cannot tell a missing key from a wrong or revoked one."""
@@ -37,9 +44,8 @@ class KeyStore:
         }
 
     def authenticate(self, authorization: str | None) -> Tenant:
-        if not authorization or authorization[: len(_BEARER)].lower() != _BEARER:
-            raise Unauthenticated()
-        tenant = self._by_hash.get(hash_key(authorization[len(_BEARER) :].strip()))
+        presented = _bearer_hash(authorization)
+        tenant = self._by_hash.get(presented) if presented else None
         if tenant is None:
             raise Unauthenticated()
         return tenant
@@ -57,9 +63,9 @@ class AdminKeys:
         return bool(self._hashes)
 
     def is_admin(self, authorization: str | None) -> bool:
-        if not authorization or authorization[: len(_BEARER)].lower() != _BEARER:
+        presented = _bearer_hash(authorization)
+        if presented is None:
             return False
-        presented = hash_key(authorization[len(_BEARER) :].strip())
         return any([hmac.compare_digest(presented, known) for known in self._hashes])
 
     def authenticate(self, authorization: str | None) -> None:
