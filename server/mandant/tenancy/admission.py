@@ -171,9 +171,9 @@ class TenantAdmission:
                 f"for tenant {tenant.id}",
                 CONCURRENCY_RETRY_S,
             )
+        # Hold the slot while the store decides (the shared store awaits Redis).
+        self._inflight[tenant.id] = inflight + 1
         if plan.stored:
-            # Hold the slot while the store decides (the shared store awaits Redis).
-            self._inflight[tenant.id] = inflight + 1
             try:
                 if self._shared is None:
                     denial = self._local.acquire(plan, rows)
@@ -188,8 +188,6 @@ class TenantAdmission:
                     tenant.id, denial.limit.name if isinstance(denial.limit, Rate) else "quota"
                 )
                 raise _error(denial, tenant.id)
-        else:
-            self._inflight[tenant.id] = inflight + 1
         self._observer.admitted(tenant.id, model.name, rows)
         self._observer.inflight_changed(tenant.id, 1)
         return _InflightPermit(self, tenant.id)
