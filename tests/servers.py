@@ -5,9 +5,15 @@ async ones (in the test's loop) both call it over real loopback gRPC."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +24,16 @@ from mandant.config import MandantConfig, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "examples" / "demo" / "mandant.yaml"
+#: The demo's identity model, for configurations built in tests.
+ECHO_MODEL: dict[str, Any] = {
+    "name": "echo",
+    "backend": "torch",
+    "factory": "mandant.demo.models:echo",
+    "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+    "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+}
+MANDANT = [sys.executable, "-m", "mandant"]
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 DEMO_KEYS = {"acme": "acme-demo-key", "globex": "globex-demo-key", "initech": "initech-demo-key"}
 
 T = TypeVar("T")
@@ -80,3 +96,43 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(proc: subprocess.Popen[str], text: str, timeout_s: float = 60) -> str:
+    """Read the process's output until a line contains ``text``; return what was read."""
+    seen = []
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"server exited early: {''.join(seen)}")
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"no {text!r} within {timeout_s}s: {''.join(seen)}")
+
+
+@contextmanager
+def mandant_serve(config: Path) -> Iterator[subprocess.Popen[str]]:
+    """``mandant serve --config config`` as a user runs it, once it listens; killed
+    at the end if the test has not stopped it."""
+    proc = subprocess.Popen(
+        [*MANDANT, "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=SUBPROCESS_ENV,
+    )
+    try:
+        wait_for(proc, "Mandant listening")
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

@@ -67,7 +67,8 @@ def test_only_admin_keys(admin: admin_pb2_grpc.AdminServiceStub, key: str | None
 def test_without_admin_keys_everything_is_refused(tmp_path: Path) -> None:
     with (
         ServerThread(demo_config(admin_keys=[]), tmp_path) as bare,
-        grpc.insecure_channel(bare.target) as channel,pytest.raises(grpc.RpcError) as err
+        grpc.insecure_channel(bare.target) as channel,
+        pytest.raises(grpc.RpcError) as err,
     ):
         admin_pb2_grpc.AdminServiceStub(channel).GetUsage(
             admin_pb2.GetUsageRequest(), metadata=ADMIN

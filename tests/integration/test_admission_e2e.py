@@ -21,15 +21,8 @@ from mandant.tenancy.keys import hash_key
 from mandant_client import AsyncClient, Client, QuotaExceeded, RateLimited
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
-from tests.servers import ServerThread
+from tests.servers import ECHO_MODEL, ServerThread
 
-ECHO = {
-    "name": "echo",
-    "backend": "torch",
-    "factory": "mandant.demo.models:echo",
-    "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
-    "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
-}
 X = np.ones((1, 4), np.float32)
 
 
@@ -48,7 +41,7 @@ def limits_config() -> MandantConfig:
                 tenant("sloppy", rate_limit={"requests_per_s": 0.01, "burst": 1}),
                 tenant("free"),
             ],
-            "models": [ECHO],
+            "models": [ECHO_MODEL],
         }
     )
 

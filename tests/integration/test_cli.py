@@ -3,11 +3,8 @@ SIGTERM/SIGINT), keygen, check-config."""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,30 +15,9 @@ import yaml
 
 from mandant.tenancy.keys import hash_key
 from mandant_client import Client, Unavailable
-from tests.servers import DEMO_CONFIG, ROOT
+from tests.servers import DEMO_CONFIG, MANDANT, SUBPROCESS_ENV, free_port, mandant_serve
 
-MANDANT = [sys.executable, "-m", "mandant"]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for(proc: subprocess.Popen[str], text: str, timeout_s: float = 60) -> str:
-    seen = []
-    deadline = time.monotonic() + timeout_s
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"server exited early: {''.join(seen)}")
-        seen.append(line)
-        if text in line:
-            return "".join(seen)
-    raise AssertionError(f"no {text!r} within {timeout_s}s: {''.join(seen)}")
+ENV = SUBPROCESS_ENV
 
 
 def test_keygen_prints_a_key_and_its_hash() -> None:
@@ -114,9 +90,9 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serve_finishes_in_flight_calls_then_exits_zero(tmp_path: Path, signum: int) -> None:
-    port = _free_port()
+    port = free_port()
     config = {
-        "server": {"grpc_port": port, "http_port": _free_port(), "grace_s": 10},
+        "server": {"grpc_port": port, "http_port": free_port(), "grace_s": 10},
         "tenants": [{"id": "t", "api_keys": [hash_key("secret-key")]}],
         "models": [
             {
@@ -130,15 +106,7 @@ def test_serve_finishes_in_flight_calls_then_exits_zero(tmp_path: Path, signum: 
     }
     path = tmp_path / "mandant.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen(
-        [*MANDANT, "serve", "--config", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=ENV,
-    )
-    try:
-        _wait_for(proc, "Mandant listening")
+    with mandant_serve(path) as proc:
         results: dict[str, object] = {}
         x = np.ones((1, 3), np.float32)
 
@@ -162,6 +130,3 @@ def test_serve_finishes_in_flight_calls_then_exits_zero(tmp_path: Path, signum: 
         assert proc.stdout is not None
         log = proc.stdout.read()
         assert "secret-key" not in log
-    finally:
-        proc.kill()
-        proc.wait()

@@ -27,17 +27,10 @@ from mandant.types import ModelKey, Tenant
 from mandant_client import AsyncClient, Client, Unavailable
 from mandant_client import RateLimited as ClientRateLimited
 from tests.integration.redis_server import RedisServer, redis_server
-from tests.servers import ROOT, ServerThread
+from tests.servers import ECHO_MODEL, ROOT, ServerThread
 
 __all__ = ["redis_server"]  # the fixture
 
-ECHO = {
-    "name": "echo",
-    "backend": "torch",
-    "factory": "mandant.demo.models:echo",
-    "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
-    "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
-}
 KEY = "replica-tenant-key"
 RATE = 100.0
 X = np.ones((1, 4), np.float32)
@@ -54,7 +47,7 @@ def config_data(url: str, **limits: Any) -> dict[str, Any]:
                 "rate_limit": {"requests_per_s": RATE, "burst": 10},
             }
         ],
-        "models": [ECHO],
+        "models": [ECHO_MODEL],
     }
 
 

@@ -5,7 +5,6 @@ what it runs; model changes wait for a restart."""
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +16,8 @@ from mandant.app import App
 from mandant.config import parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client import AsyncClient, Client, RateLimited, Unauthenticated
-from tests.integration.test_cli import ENV, MANDANT, _free_port, _wait_for
+from tests.servers import ECHO_MODEL, free_port, mandant_serve, wait_for
 
-ECHO = {
-    "name": "echo",
-    "factory": "mandant.demo.models:echo",
-    "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
-    "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
-}
 X = {"INPUT0": np.ones((1, 2), np.float32)}
 
 
@@ -32,7 +25,7 @@ def _config(port: int = 0, **tenants: dict[str, Any]) -> dict[str, Any]:
     return {
         "server": {"grpc_port": port, "http_port": 0},
         "tenants": [{"id": tenant, **settings} for tenant, settings in tenants.items()],
-        "models": [ECHO],
+        "models": [ECHO_MODEL],
     }
 
 
@@ -50,7 +43,7 @@ async def test_reload_applies_keys_and_limits_and_defers_models(tmp_path: Path) 
                     "rate_limit": {"requests_per_s": 1, "burst": 1},
                 },
             )
-            second["models"] = [ECHO, {**ECHO, "name": "echo2"}]
+            second["models"] = [ECHO_MODEL, {**ECHO_MODEL, "name": "echo2"}]
             notes = app.reload(parse_config(second))
             assert any("'models' changed" in note for note in notes)
             assert any("new tenant(s) b" in note for note in notes)
@@ -68,32 +61,21 @@ async def test_reload_applies_keys_and_limits_and_defers_models(tmp_path: Path) 
 
 
 def test_sighup_reloads_and_refuses_a_broken_file(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     path = tmp_path / "mandant.yaml"
     path.write_text(yaml.safe_dump(_config(port, a={"api_keys": [hash_key("key-a")]})))
-    proc = subprocess.Popen(
-        [*MANDANT, "serve", "--config", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=ENV,
-    )
-    try:
-        _wait_for(proc, "Mandant listening")
+    with mandant_serve(path) as proc:
         path.write_text("tenants: [{id: a, api_keys: [not-a-hash]}]")
         proc.send_signal(signal.SIGHUP)
-        _wait_for(proc, "configuration reload refused")
+        wait_for(proc, "configuration reload refused")
         with Client(f"127.0.0.1:{port}", api_key="key-a") as client:
             client.infer("echo", X)  # still the old configuration
         path.write_text(yaml.safe_dump(_config(port, a={"api_keys": [hash_key("key-new")]})))
         proc.send_signal(signal.SIGHUP)
-        _wait_for(proc, "configuration reloaded")
+        wait_for(proc, "configuration reloaded")
         with Client(f"127.0.0.1:{port}", api_key="key-new") as client:
             client.infer("echo", X)
         with Client(f"127.0.0.1:{port}", api_key="key-a") as client, pytest.raises(Unauthenticated):
             client.infer("echo", X)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-    finally:
-        proc.kill()
-        proc.wait()
