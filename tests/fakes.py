@@ -164,6 +164,7 @@ class RecordingObserver:
     timings: list[tuple[str, str, float, float]] = field(default_factory=list)
     batches: list[tuple[str, int, float, dict[str, int]]] = field(default_factory=list)
     rejections: list[tuple[str, str]] = field(default_factory=list)
+    failed_batches: list[tuple[str, int]] = field(default_factory=list)
 
     def request_finished(self, tenant: str, model: str, code: str, duration_s: float) -> None:
         return None
@@ -175,6 +176,9 @@ class RecordingObserver:
         self, model: str, size: int, compute_s: float, rows_by_tenant: Mapping[str, int]
     ) -> None:
         self.batches.append((model, size, compute_s, dict(rows_by_tenant)))
+
+    def batch_failed(self, model: str, size: int) -> None:
+        self.failed_batches.append((model, size))
 
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         return None

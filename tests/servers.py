@@ -33,7 +33,13 @@ ECHO_MODEL: dict[str, Any] = {
     "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
 }
 MANDANT = [sys.executable, "-m", "mandant"]
-SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+#: The repository root first, then whatever PYTHONPATH the tests run under (a git
+#: worktree points it at its own ``server/``).
+SUBPROCESS_ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+    "PYTHONUNBUFFERED": "1",
+}
 DEMO_KEYS = {"acme": "acme-demo-key", "globex": "globex-demo-key", "initech": "initech-demo-key"}
 
 T = TypeVar("T")

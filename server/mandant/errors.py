@@ -5,6 +5,8 @@ class to a gRPC status code through one table.
     ├── Unauthenticated          no key, unknown key, revoked key
     ├── ModelNotFound            unknown model, or private to another tenant
     ├── InvalidInput             wrong tensor name, dtype, shape, byte size; malformed
+    ├── ModelFailed              the model raised on this request's own data (it ran)
+    ├── FailedPrecondition       a call that can never fit a tenant's limits (no retry)
     ├── ResourceExhausted        carries ``retry_after_s``
     │   ├── RateLimited
     │   ├── QuotaExceeded
@@ -39,6 +41,22 @@ class ModelNotFound(MandantError):
 
 class InvalidInput(MandantError):
     pass
+
+
+class ModelFailed(MandantError):
+    """The model raised on this request's own inputs: its batch was split and this
+    request failed alone. The caller's error (INVALID_ARGUMENT, no retry); the model
+    ran, so the call is charged. The message names the model, never the exception."""
+
+    def __init__(self, model: str, request_id: str = "") -> None:
+        where = f" (request id {request_id})" if request_id else ""
+        super().__init__(f"model '{model}' failed on this request's inputs{where}")
+        self.model = model
+
+
+class FailedPrecondition(MandantError):
+    """A call that can never fit the tenant's configured limits (e.g. more rows than
+    a whole quota period allows): retrying cannot help, so no pushback."""
 
 
 class ResourceExhausted(MandantError):

@@ -27,6 +27,11 @@ class Observer(Protocol):
         """One backend execution of ``size`` rows, with each tenant's share of them."""
         ...
 
+    def batch_failed(self, model: str, size: int) -> None:
+        """One backend execution of ``size`` rows raised (its requests are then
+        retried apart to find the one(s) at fault)."""
+        ...
+
     def admitted(self, tenant: str, model: str, rows: int) -> None: ...
 
     def rejected(self, tenant: str, reason: str) -> None:
@@ -52,6 +57,9 @@ class NullObserver:
     def batch_executed(
         self, model: str, size: int, compute_s: float, rows_by_tenant: Mapping[str, int]
     ) -> None:
+        return None
+
+    def batch_failed(self, model: str, size: int) -> None:
         return None
 
     def admitted(self, tenant: str, model: str, rows: int) -> None:

@@ -84,6 +84,11 @@ class PrometheusObserver:
             "mandant_batch_size", "Rows per backend execution.",
             ["model"], buckets=BATCH_SIZE_BUCKETS, registry=registry,
         )  # fmt: skip
+        self.failed_batches = Counter(
+            "mandant_failed_batches", "Backend executions that raised (their requests "
+            "are then retried apart, so only the ones at fault fail).",
+            ["model"], registry=registry,
+        )  # fmt: skip
         self.inflight = Gauge(
             "mandant_inflight_requests", "Calls being served now.", ["tenant"],
             registry=registry,
@@ -188,6 +193,9 @@ class PrometheusObserver:
             self._child(self.rows, label, model).inc(rows)
             share = compute_s * rows / total_rows
             self._child(self.compute_seconds, label, model).inc(share)
+
+    def batch_failed(self, model: str, size: int) -> None:
+        self._child(self.failed_batches, self._model(model)).inc()
 
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         tenant = self._tenant(tenant)

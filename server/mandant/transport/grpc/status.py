@@ -11,6 +11,8 @@ STATUS: tuple[tuple[type[errors.MandantError], grpc.StatusCode], ...] = (
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.ModelFailed, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
