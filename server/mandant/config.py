@@ -51,9 +51,9 @@ class ServerConfig(_Frozen):
     #: wait in the client's HTTP/2 layer, costing this server nothing. Bounds how much
     #: of a CPU-bound front end one connection can occupy.
     max_concurrent_streams: Annotated[int, Field(gt=0)] = 1024
-    #: Calls (and open streams) the whole server serves at once; beyond it gRPC answers
-    #: RESOURCE_EXHAUSTED at once. A call holds its place until its answer is sent, so
-    #: this also bounds the memory that answers to slow readers can hold.
+    #: Calls (and open streams) the whole server serves at once; one more is answered
+    #: RESOURCE_EXHAUSTED (with pushback) before its message is parsed. With
+    #: ``max_concurrent_streams`` it bounds what slow readers can make the server hold.
     max_concurrent_rpcs: Annotated[int, Field(gt=0)] = 4096
     #: Messages of one ModelStreamInfer stream served at once; beyond it the stream is
     #: not read until one is answered (backpressure, not buffering).

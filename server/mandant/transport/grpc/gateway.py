@@ -30,7 +30,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from mandant.context import current_request_id, current_tenant
-from mandant.errors import InvalidInput, MandantError
+from mandant.errors import InvalidInput, MandantError, ServerBusy
 from mandant.events import NullObserver, Observer
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
 from mandant.types import Call, Tenant
@@ -79,15 +79,33 @@ def deadline_passed(context: Context) -> bool:
 
 
 class Gate:
+    """``max_calls``: calls (and open streams) served at once, server-wide; one more is
+    answered RESOURCE_EXHAUSTED before anything else is done for it."""
+
     def __init__(
         self,
         authenticate: Authenticator,
         authenticate_admin: AdminAuthenticator,
         observer: Observer | None = None,
+        max_calls: int | None = None,
     ) -> None:
         self._authenticate = authenticate
         self._authenticate_admin = authenticate_admin
         self._observer: Observer = observer or NullObserver()
+        self._max_calls = max_calls if max_calls is not None else 1 << 62
+        self._calls = 0
+
+    @property
+    def calls(self) -> int:
+        """Calls being served now."""
+        return self._calls
+
+    def _enter(self) -> None:
+        if self._calls >= self._max_calls:
+            raise ServerBusy(
+                f"server busy: {self._max_calls} calls in progress", retry_after_s=BUSY_RETRY_S
+            )
+        self._calls += 1
 
     @property
     def observer(self) -> Observer:
@@ -117,7 +135,10 @@ class Gate:
             start = time.perf_counter()
             call = Call(None)
             code = "OK"
+            entered = False
             try:
+                self._enter()
+                entered = True
                 call.tenant = caller_of(access, context)
                 request = parse(request_type, raw)
                 request_id = getattr(request, "id", "")
@@ -137,6 +158,7 @@ class Gate:
                 code = "INTERNAL"
                 await abort_internal(context, method, call)
             finally:
+                self._calls -= entered
                 if deadline_passed(context):  # the client saw DEADLINE_EXCEEDED
                     code = "DEADLINE_EXCEEDED"
                 tenant_id = call.tenant.id if call.tenant is not None else ""
@@ -160,7 +182,10 @@ class Gate:
 
         async def handle(requests: object, context: Context) -> None:
             call = Call(None)
+            entered = False
             try:
+                self._enter()
+                entered = True
                 call.tenant = caller_of(access, context)
                 await behavior(call, context)
             except MandantError as exc:
@@ -169,12 +194,16 @@ class Gate:
                 raise
             except Exception:
                 await abort_internal(context, method, call)
+            finally:
+                self._calls -= entered
 
         return grpc.stream_stream_rpc_method_handler(
             handle, request_deserializer=None, response_serializer=response_serializer
         )
 
 
+#: Pushback when the server-wide call cap is full (it frees as any call ends).
+BUSY_RETRY_S = 0.05
 #: Request ids longer than this are refused (``service.py``); logs never carry more.
 MAX_LOGGED_ID = 256
 

@@ -66,10 +66,12 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_concurrent_streams", config.max_concurrent_streams),
             ],
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         gate = Gate(
-            plane.authenticate, AdminKeys(config.admin_keys).authenticate, observer=observer
+            plane.authenticate,
+            AdminKeys(config.admin_keys).authenticate,
+            observer=observer,
+            max_calls=config.max_concurrent_rpcs,
         )
         servicer = InferenceServicer(plane, config.max_stream_inflight, gate.observer)
         self._server.add_registered_method_handlers(
