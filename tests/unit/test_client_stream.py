@@ -293,3 +293,15 @@ def close_with_a_call_pending(server: FakeServer) -> BaseException | None:
 async def test_sync_close_fails_pending_calls_unavailable(server: FakeServer) -> None:
     error = await asyncio.to_thread(close_with_a_call_pending, server)
     assert isinstance(error, Unavailable) and "closed" in error.message
+
+
+async def test_long_caller_ids_keep_the_wire_id_short(server: FakeServer) -> None:
+    long_id = "é" * 200  # 400 bytes: Mandant would refuse it and could not echo it
+    async with AsyncClient(server.target, api_key=API_KEY, multiplex=True) as client:
+        with pytest.raises(ModelNotFound) as caught:
+            await client.infer("missing", rows(0), request_id=long_id)
+        await client.infer("echo", rows(0), request_id="é" * 126)
+    assert caught.value.request_id == long_id
+    sent = [r.id for r in server.servicer.seen_requests]
+    assert sent[0] == "#1" and sent[1] == "é" * 126 + "#2"
+    assert all(len(i.encode()) <= 256 for i in sent)

@@ -3,8 +3,9 @@
 In that mode every ``infer`` of one client travels as a message of one long-lived
 ``ModelStreamInfer`` call (Triton's bidirectional stream). Each message gets a wire id
 unique on the client, ``<caller's id>#<n>`` (``n`` in hex), so the server's logs and
-messages still show the caller's own id; answers come back in any order and are matched
-on that id. Nothing here performs I/O.
+messages still show the caller's own id (just ``#<n>`` when that would pass
+:data:`MAX_WIRE_ID_BYTES`); answers come back in any order and are matched on that id,
+and the caller gets its own id back. Nothing here performs I/O.
 
 The server's answer to one message is a ``ModelStreamInferResponse``: on success the
 ``infer_response``; on error ``error_message`` plus, in ``infer_response.parameters``,
@@ -32,6 +33,9 @@ from mandant_client.errors import (
 DEFAULT_MAX_IN_FLIGHT = 64
 STATUS_CODE_PARAM = "status_code"
 RETRY_PUSHBACK_PARAM = "retry_pushback_ms"
+#: Mandant refuses longer ids and cannot echo them in an error answer, which could then
+#: not be matched to its call.
+MAX_WIRE_ID_BYTES = 256
 _ID_SEPARATOR = "#"
 _CODES_BY_NAME = {code.name: code for code in grpc.StatusCode}
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
@@ -45,14 +49,12 @@ class WireIds:
 
     def tag(self, request: pb.ModelInferRequest) -> str:
         """Rewrite ``request.id`` to its wire id and return it."""
-        wire_id = f"{request.id}{_ID_SEPARATOR}{next(self._sequence):x}"
+        suffix = f"{_ID_SEPARATOR}{next(self._sequence):x}"
+        wire_id = request.id + suffix
+        if len(wire_id) > MAX_WIRE_ID_BYTES // 4 and len(wire_id.encode()) > MAX_WIRE_ID_BYTES:
+            wire_id = suffix
         request.id = wire_id
         return wire_id
-
-
-def caller_id(wire_id: str) -> str:
-    """The caller's own id inside a wire id."""
-    return wire_id.rpartition(_ID_SEPARATOR)[0]
 
 
 def answer_id(message: pb.ModelStreamInferResponse) -> str:
@@ -87,12 +89,11 @@ def answer_error(message: pb.ModelStreamInferResponse, request_id: str) -> Manda
 
 def for_call(failure: MandantClientError, request_id: str) -> MandantClientError:
     """A copy of a whole stream's failure for one of its pending calls (each caller
-    raises its own exception object, with its own id and the same cause)."""
+    raises its own exception object, with its own id)."""
     retry_after_s = failure.retry_after_s if isinstance(failure, ResourceExhausted) else None
     error = error_for(
         failure.code, failure.message, retry_after_s=retry_after_s, request_id=request_id
     )
-    error.__cause__ = failure.__cause__
     return error
 
 

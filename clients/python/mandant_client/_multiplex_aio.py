@@ -94,10 +94,9 @@ class AioStream:
             self.failure = failure
         self._writer.cancel()
         pending, self._pending = self._pending, {}
-        for wire_id, answer in pending.items():
+        for answer in pending.values():
             if not answer.done():
-                error = _multiplex.for_call(self.failure, _multiplex.caller_id(wire_id))
-                answer.set_exception(error)
+                answer.set_exception(self.failure)  # each caller raises its own copy
 
 
 class AioMultiplexer:
@@ -148,6 +147,8 @@ class AioMultiplexer:
                     message = await asyncio.wait_for(answer, max(0.0, left_s))
             except _TIMEOUTS:
                 raise _timed_out(timeout_s, request_id) from None
+            except MandantClientError as failure:  # the whole stream's
+                raise _multiplex.for_call(failure, request_id) from failure.__cause__
             finally:
                 stream.forget(wire_id)
         finally:

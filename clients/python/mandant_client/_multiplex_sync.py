@@ -81,8 +81,8 @@ class SyncStream:
                 self.failure = failure
             pending, self._pending = self._pending, {}
         self._outbox.put(_END)  # lets grpc's request thread finish
-        for wire_id, answer in pending.items():
-            answer.set_exception(_multiplex.for_call(self.failure, _multiplex.caller_id(wire_id)))
+        for answer in pending.values():
+            answer.set_exception(self.failure)  # each caller raises its own copy
 
 
 class SyncMultiplexer:
@@ -129,6 +129,8 @@ class SyncMultiplexer:
                 message = answer.result(left_s)
             except _TIMEOUTS:
                 raise _timed_out(timeout_s, request_id) from None
+            except MandantClientError as failure:  # the whole stream's
+                raise _multiplex.for_call(failure, request_id) from failure.__cause__
             finally:
                 stream.forget(wire_id)
         finally:
