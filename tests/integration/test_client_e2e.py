@@ -1,8 +1,9 @@
 """mandant_client against a real Mandant server (ServerThread, a small configuration
 built here): every call of ``Client`` and ``AsyncClient``, the 64 MiB channel limits,
 and the typed exception of every status the server gives, with the pushback of
-RESOURCE_EXHAUSTED as ``retry_after_s``. What a real server cannot be made to answer
-on demand (INTERNAL, typed contents) is in tests/unit/test_client_wire.py."""
+RESOURCE_EXHAUSTED as ``retry_after_s`` — for ``infer`` both unary and multiplexed on
+one ``ModelStreamInfer`` stream (``multiplex``). What a real server cannot be made to
+answer on demand (INTERNAL, typed contents) is in tests/unit/test_client_wire.py."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from mandant_client import (
 from tests.servers import ECHO_MODEL, ServerThread, free_port
 
 ROWS = np.arange(8, dtype=np.float32).reshape(2, 4)
+MODES = ("unary", "stream")
+multiplexed = pytest.mark.parametrize("mode", MODES)
 
 
 def client_config() -> MandantConfig:
@@ -50,8 +53,11 @@ def client_config() -> MandantConfig:
             "tenants": [
                 tenant("acme"),
                 tenant("globex"),
-                tenant("limited", rate_limit={"requests_per_s": 0.5, "burst": 1}),
-                tenant("budget", quota={"rows_per_day": 2}),
+                *(
+                    tenant(f"limited-{mode}", rate_limit={"requests_per_s": 0.5, "burst": 1})
+                    for mode in MODES
+                ),
+                *(tenant(f"budget-{mode}", quota={"rows_per_day": 2}) for mode in MODES),
             ],
             "models": [ECHO_MODEL, private, sleepy],
         }
@@ -111,8 +117,9 @@ def test_health_needs_no_key_and_the_rest_does(server: ServerThread) -> None:
     assert isinstance(caught.value.__cause__, grpc.RpcError)
 
 
-def test_another_tenants_private_model_is_not_found(server: ServerThread) -> None:
-    with Client(server.target, api_key="globex-key") as client:
+@multiplexed
+def test_another_tenants_private_model_is_not_found(server: ServerThread, mode: str) -> None:
+    with Client(server.target, api_key="globex-key", multiplex=mode == "stream") as client:
         for call in (
             lambda: client.infer("secret", {"INPUT0": ROWS}, request_id="mine"),
             lambda: client.model_metadata("secret"),
@@ -126,8 +133,9 @@ def test_another_tenants_private_model_is_not_found(server: ServerThread) -> Non
         assert "secret" not in {m.name for m in client.models()}
 
 
-async def test_bad_tensors_are_invalid_input(server: ServerThread) -> None:
-    async with AsyncClient(server.target, api_key="acme-key") as client:
+@multiplexed
+async def test_bad_tensors_are_invalid_input(server: ServerThread, mode: str) -> None:
+    async with AsyncClient(server.target, api_key="acme-key", multiplex=mode == "stream") as client:
         bad: list[dict[str, Any]] = [
             {"INPUT0": ROWS.astype(np.float64)},  # wrong datatype
             {"WRONG": ROWS},  # wrong name
@@ -141,8 +149,9 @@ async def test_bad_tensors_are_invalid_input(server: ServerThread) -> None:
             await client.infer("echo", {"INPUT0": np.zeros((1, 4), np.complex64)})
 
 
-def test_rate_limit_is_rate_limited_with_pushback(server: ServerThread) -> None:
-    with Client(server.target, api_key="limited-key") as client:
+@multiplexed
+def test_rate_limit_is_rate_limited_with_pushback(server: ServerThread, mode: str) -> None:
+    with Client(server.target, api_key=f"limited-{mode}-key", multiplex=mode == "stream") as client:
         client.infer("echo", {"INPUT0": ROWS})
         with pytest.raises(RateLimited) as caught:
             client.infer("echo", {"INPUT0": ROWS})
@@ -150,8 +159,10 @@ def test_rate_limit_is_rate_limited_with_pushback(server: ServerThread) -> None:
     assert caught.value.retry_after_s is not None and 0 < caught.value.retry_after_s <= 2.0
 
 
-async def test_quota_is_quota_exceeded_with_pushback(server: ServerThread) -> None:
-    async with AsyncClient(server.target, api_key="budget-key") as client:
+@multiplexed
+async def test_quota_is_quota_exceeded_with_pushback(server: ServerThread, mode: str) -> None:
+    key = f"budget-{mode}-key"
+    async with AsyncClient(server.target, api_key=key, multiplex=mode == "stream") as client:
         await client.infer("echo", {"INPUT0": ROWS})  # both rows of the day
         with pytest.raises(QuotaExceeded) as caught:
             await client.infer("echo", {"INPUT0": ROWS[:1]})
@@ -159,9 +170,10 @@ async def test_quota_is_quota_exceeded_with_pushback(server: ServerThread) -> No
     assert caught.value.retry_after_s is not None and caught.value.retry_after_s > 0
 
 
-def test_deadline_is_deadline_exceeded(server: ServerThread) -> None:
+@multiplexed
+def test_deadline_is_deadline_exceeded(server: ServerThread, mode: str) -> None:
     with (
-        Client(server.target, api_key="acme-key") as client,
+        Client(server.target, api_key="acme-key", multiplex=mode == "stream") as client,
         pytest.raises(DeadlineExceeded) as caught,
     ):
         client.infer("sleepy", {"INPUT0": ROWS}, timeout_s=0.2)
@@ -177,8 +189,12 @@ async def test_no_server_is_unavailable() -> None:
             await aclient.server_live()
 
 
-async def test_messages_above_grpc_default_4mib_pass(server: ServerThread) -> None:
+@multiplexed
+async def test_messages_above_grpc_default_4mib_pass(server: ServerThread, mode: str) -> None:
     big = np.ones((5 * 1024, 1024), dtype=np.float32)  # 20 MiB each way
-    async with AsyncClient(server.target, api_key="acme-key", timeout_s=30) as client:
+    multiplex = mode == "stream"
+    async with AsyncClient(
+        server.target, api_key="acme-key", timeout_s=30, multiplex=multiplex
+    ) as client:
         outputs = await client.infer("echo", {"INPUT0": big})
     np.testing.assert_array_equal(outputs["OUTPUT0"], big)
