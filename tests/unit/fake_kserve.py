@@ -109,7 +109,7 @@ class FakeInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.seen_requests.append(request)
         failure = FAILURES.get(request.model_name)
         if failure is not None:
-            trailers = ()
+            trailers: tuple[tuple[str, str], ...] = ()
             if failure.pushback_ms is not None:
                 trailers = (("grpc-retry-pushback-ms", str(failure.pushback_ms)),)
             await context.abort(failure.code, failure.message, trailing_metadata=trailers)
