@@ -18,7 +18,13 @@ import grpc
 from mandant_client import _multiplex
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._requests import Metadata
-from mandant_client.errors import DeadlineExceeded, MandantClientError, Unavailable, from_rpc_error
+from mandant_client.errors import (
+    DeadlineExceeded,
+    MandantClientError,
+    ServerError,
+    Unavailable,
+    from_rpc_error,
+)
 
 _Answer = asyncio.Future[pb.ModelStreamInferResponse]
 #: ``asyncio.TimeoutError`` is ``TimeoutError`` from Python 3.11 on, not on 3.10.
@@ -77,6 +83,9 @@ class AioStream:
                     answer.set_result(message)
         except grpc.RpcError as exc:
             failure = self._first_status or from_rpc_error(exc)
+            failure.__cause__ = exc
+        except Exception as exc:  # a malformed answer must not leave the callers waiting
+            failure = ServerError(f"the stream failed ({type(exc).__name__})")
             failure.__cause__ = exc
         except asyncio.CancelledError:
             failure = Unavailable("the stream was cancelled")
