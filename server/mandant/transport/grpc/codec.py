@@ -44,6 +44,7 @@ _FIELD_DTYPE = {
     "fp64_contents": np.float64,
 }
 
+
 def parameter_value(param: pb.InferParameter) -> bool | int | float | str:
     which = param.WhichOneof("parameter_choice")
     if which is None:

@@ -140,9 +140,7 @@ class Gate:
                 if deadline_passed(context):  # the client saw DEADLINE_EXCEEDED
                     code = "DEADLINE_EXCEEDED"
                 tenant_id = call.tenant.id if call.tenant is not None else ""
-                observer.request_finished(
-                    tenant_id, call.model, code, time.perf_counter() - start
-                )
+                observer.request_finished(tenant_id, call.model, code, time.perf_counter() - start)
 
         return grpc.unary_unary_rpc_method_handler(
             handle, request_deserializer=None, response_serializer=response_serializer
