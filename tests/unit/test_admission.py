@@ -201,7 +201,7 @@ async def test_quota_rows_go_back_to_the_day_they_were_counted_in() -> None:
 async def test_a_refund_goes_to_the_store_that_charged_the_call() -> None:
     store = FlakyStore()
     cfg = config({"id": "acme", "rate_limit": {"requests_per_s": 1, "burst": 1}})
-    adm, clock, wall = admission(cfg, shared=store)
+    adm, _, _ = admission(cfg, shared=store)
     (await adm.admit(ACME, ECHO, 3)).release(refund=True)
     assert store.refunds == [("acme", 3, 0.0)]
     store.down = True

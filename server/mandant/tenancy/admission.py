@@ -7,10 +7,11 @@ authentication and model resolution and before any tensor byte is decoded; a ref
 call takes nothing from any limit, and an admitted call that the model then does not
 run (refused later, expired, cancelled) is given back what it took when its permit is
 released with ``refund=True``. A call that can never fit (more rows than the rows burst
-or a whole quota period) is refused without a retry hint. While the shared store is unreachable it follows
-``on_store_error``: ``allow`` uses this process's own buckets, ``deny`` refuses with
-UNAVAILABLE; it probes the store again every ``retry_interval_s`` and logs once per
-outage. Everything it decides goes to the :class:`~mandant.events.Observer`.
+or a whole quota period) is refused without a retry hint. While the shared store is
+unreachable it follows ``on_store_error``: ``allow`` uses this process's own
+buckets, ``deny`` refuses with UNAVAILABLE; it probes the store again every
+``retry_interval_s`` and logs once per outage. Everything it decides goes to the
+:class:`~mandant.events.Observer`.
 """
 
 from __future__ import annotations

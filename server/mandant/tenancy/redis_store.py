@@ -9,8 +9,9 @@ Quota keys name their UTC period (``…:rows_per_day:2024-05-17``), so a new per
 starts at zero and old ones expire. A call admitted but then not run is refunded by a
 second script on the same keys and arguments: tokens back up to each bucket's burst,
 quota rows back in the period they were counted in (``DECRBY``, never below zero).
-A caller cancelled while its acquire was on the way is refunded the same way. Every key of one tenant carries the hash tag
-``{tenant}``, so a call's keys share one Redis Cluster slot.
+A caller cancelled while its acquire was on the way is refunded the same way. Every
+key of one tenant carries the hash tag ``{tenant}``, so a call's keys share one Redis
+Cluster slot.
 
 Every Redis or socket failure becomes :class:`StoreUnavailable` here.
 """
@@ -24,8 +25,8 @@ from typing import Any
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
-from redis.commands.core import AsyncScript
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from mandant.config import LimitsConfig
