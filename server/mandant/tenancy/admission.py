@@ -19,13 +19,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from mandant.errors import (
-    FailedPrecondition,
-    InvalidInput,
-    QuotaExceeded,
-    RateLimited,
-    Unavailable,
-)
+from mandant.errors import FailedPrecondition, InvalidInput, QuotaExceeded, RateLimited, Unavailable
 from mandant.events import NullObserver, Observer
 from mandant.tenancy.limits import MONOTONIC, Clock, Rate
 from mandant.tenancy.local_store import LocalStore
@@ -129,7 +123,7 @@ def _never_fits(plan: Plan, rows: int) -> FailedPrecondition:
     )
 
 
-def _error(denial: Denial, tenant: str) -> RateLimited | QuotaExceeded:
+def _error(denial: Denial) -> RateLimited | QuotaExceeded:
     where = _where(denial.scope)
     limit = denial.limit
     if isinstance(limit, Rate):
@@ -243,7 +237,7 @@ class TenantAdmission:
                 self._observer.rejected(
                     tenant.id, denial.limit.name if isinstance(denial.limit, Rate) else "quota"
                 )
-                raise _error(denial, tenant.id)
+                raise _error(denial)
         self._observer.admitted(tenant.id, model.name, rows)
         self._observer.inflight_changed(tenant.id, 1)
         return _InflightPermit(self, tenant.id, store, plan, rows, wall)
