@@ -58,6 +58,7 @@ def refunds_config() -> MandantConfig:
                     for name in TENANTS
                 ),
                 tenant("small", quota={"rows_per_day": 5}),
+                tenant("narrow", rate_limit={"rows_per_s": 100, "rows_burst": 4}),
             ],
             "models": [
                 ECHO_MODEL,
@@ -267,3 +268,14 @@ async def test_more_rows_than_a_whole_quota_is_failed_precondition_without_pushb
     trailers = dict(error.trailing_metadata() or ())
     assert "grpc-retry-pushback-ms" not in trailers
     await stub.ModelInfer(request("echo", 5), metadata=key("small"))
+
+
+async def test_more_rows_than_the_rows_burst_is_invalid_without_pushback(
+    server: ServerThread, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    GATE.set()
+    error = await refused(stub.ModelInfer(request("echo", 5), metadata=key("narrow")))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "exceeds rows_burst=4 for tenant narrow" in (error.details() or "")
+    assert "grpc-retry-pushback-ms" not in dict(error.trailing_metadata() or ())
+    await stub.ModelInfer(request("echo", 4), metadata=key("narrow"))
