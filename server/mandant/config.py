@@ -82,6 +82,16 @@ class RateLimitConfig(_Frozen):
             raise ValueError("'rows_burst' needs 'rows_per_s'")
         return self
 
+    @field_validator("burst", "rows_burst")
+    @classmethod
+    def _whole_call(cls, value: float | None) -> float | None:
+        if value is not None and value < 1:
+            raise ValueError(
+                "must be at least 1: a call takes at least one token, so a smaller "
+                "burst refuses every call"
+            )
+        return value
+
 
 class QuotaConfig(_Frozen):
     rows_per_day: Annotated[int, Field(gt=0)] | None = None
@@ -177,6 +187,15 @@ class BatchingConfig(_Frozen):
     policy: Literal["fair", "fifo"] = "fair"
     dispatch: Literal["eager", "delay"] = "eager"
     max_queue_rows: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _queue_holds_a_batch(self) -> BatchingConfig:
+        if self.max_queue_rows is not None and self.max_queue_rows < self.max_batch_size:
+            raise ValueError(
+                f"max_queue_rows ({self.max_queue_rows}) is below max_batch_size "
+                f"({self.max_batch_size}): calls the model accepts could never be queued"
+            )
+        return self
 
 
 class TritonModelConfig(_Frozen):

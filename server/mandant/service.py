@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from mandant.errors import DeadlineExceeded, InvalidInput, Unavailable
+from mandant.errors import DeadlineExceeded, InvalidInput, ModelFailed, Unavailable
 from mandant.registry import Model, ModelRegistry
 from mandant.tenancy.admission import Admission, Unlimited
 from mandant.tenancy.keys import KeyStore
@@ -105,6 +105,7 @@ class DataPlane:
         deadline = _deadline(start, timeout_s, parameters.get("timeout"))
         priority = _priority(parameters.get("priority"), tenant.priority)
         permit = await self._admission.admit(tenant, model.key, rows)
+        ran = False  # the model ran on this request: it stays charged, else refunded
         try:
             inputs = request.decode_inputs()
             if deadline is not None and time.monotonic() >= deadline:
@@ -121,8 +122,12 @@ class DataPlane:
                     rows=rows,
                 )
             )
+            ran = True
+        except ModelFailed:
+            ran = True
+            raise
         finally:
-            permit.release()
+            permit.release(refund=not ran)
         return InferResponse(
             model_name=model.key.name,
             model_version=model.key.version,
