@@ -55,6 +55,10 @@ class ServerConfig(_Frozen):
     #: RESOURCE_EXHAUSTED (with pushback) before its message is parsed. With
     #: ``max_concurrent_streams`` it bounds what slow readers can make the server hold.
     max_concurrent_rpcs: Annotated[int, Field(gt=0)] = 4096
+    #: Inference calls (unary, and stream messages) in progress before tenants take
+    #: turns at the front door, by weight, for the next free place: a flooding tenant's
+    #: surplus waits there, undecoded, while a light tenant's call walks past it.
+    front_door_slots: Annotated[int, Field(gt=0)] = 128
     #: Messages of one ModelStreamInfer stream served at once; beyond it the stream is
     #: not read until one is answered (backpressure, not buffering).
     max_stream_inflight: Annotated[int, Field(gt=0)] = 128

@@ -32,6 +32,7 @@ from google.protobuf.message import DecodeError, Message
 from mandant.context import current_request_id, current_tenant
 from mandant.errors import InvalidInput, MandantError, ServerBusy
 from mandant.events import NullObserver, Observer
+from mandant.scheduling.door import FrontDoor
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
 from mandant.types import Call, Tenant
 
@@ -80,7 +81,8 @@ def deadline_passed(context: Context) -> bool:
 
 class Gate:
     """``max_calls``: calls (and open streams) served at once, server-wide; one more is
-    answered RESOURCE_EXHAUSTED before anything else is done for it."""
+    answered RESOURCE_EXHAUSTED before anything else is done for it. ``door``: where
+    inference calls take turns by tenant once many are in progress (``door.py``)."""
 
     def __init__(
         self,
@@ -88,10 +90,12 @@ class Gate:
         authenticate_admin: AdminAuthenticator,
         observer: Observer | None = None,
         max_calls: int | None = None,
+        door: FrontDoor | None = None,
     ) -> None:
         self._authenticate = authenticate
         self._authenticate_admin = authenticate_admin
         self._observer: Observer = observer or NullObserver()
+        self.door = door
         self._max_calls = max_calls if max_calls is not None else 1 << 62
         self._calls = 0
 
@@ -127,19 +131,25 @@ class Gate:
         request_type: type[Message],
         behavior: Unary,
         response_serializer: Callable[[Any], bytes],
+        fair: bool = False,
     ) -> grpc.RpcMethodHandler:
+        """``fair``: the call passes the front door (inference calls)."""
         caller_of = self._caller
         observer = self._observer
+        door = self.door if fair else None
 
         async def handle(raw: bytes, context: Context) -> Any:
             start = time.perf_counter()
             call = Call(None)
             code = "OK"
-            entered = False
+            entered = inside = False
             try:
                 self._enter()
                 entered = True
                 call.tenant = caller_of(access, context)
+                if door is not None and call.tenant is not None:
+                    await door.enter(call.tenant)
+                    inside = True
                 request = parse(request_type, raw)
                 request_id = getattr(request, "id", "")
                 if request_id:
@@ -159,6 +169,8 @@ class Gate:
                 await abort_internal(context, method, call)
             finally:
                 self._calls -= entered
+                if inside and door is not None:
+                    door.leave()
                 if deadline_passed(context):  # the client saw DEADLINE_EXCEEDED
                     code = "DEADLINE_EXCEEDED"
                 tenant_id = call.tenant.id if call.tenant is not None else ""

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from mandant.config import ServerConfig
 from mandant.events import Observer
 from mandant.observability.usage import UsageReports
+from mandant.scheduling.door import FrontDoor
 from mandant.service import DataPlane
 from mandant.tenancy.keys import AdminKeys
 from mandant.transport.grpc.admin import ADMIN_SERVICE, AdminServicer, admin_handlers
@@ -67,13 +68,15 @@ class GrpcServer:
                 ("grpc.max_concurrent_streams", config.max_concurrent_streams),
             ],
         )
+        door = FrontDoor(config.front_door_slots)
         gate = Gate(
             plane.authenticate,
             AdminKeys(config.admin_keys).authenticate,
             observer=observer,
             max_calls=config.max_concurrent_rpcs,
+            door=door,
         )
-        servicer = InferenceServicer(plane, config.max_stream_inflight, gate.observer)
+        servicer = InferenceServicer(plane, config.max_stream_inflight, gate.observer, door)
         self._server.add_registered_method_handlers(
             INFERENCE_SERVICE, method_handlers(servicer, gate)
         )

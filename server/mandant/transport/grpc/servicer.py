@@ -12,6 +12,7 @@ import grpc
 
 from mandant.events import Observer
 from mandant.registry import Model
+from mandant.scheduling.door import FrontDoor
 from mandant.service import EXTENSIONS, SERVER_NAME, DataPlane
 from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
 from mandant.transport.grpc.gateway import Access, Context, Gate
@@ -30,10 +31,17 @@ def _tensor_metadata(model: Model, which: str) -> list[pb.ModelMetadataResponse.
 
 
 class InferenceServicer:
-    def __init__(self, plane: DataPlane, max_stream_inflight: int, observer: Observer) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        max_stream_inflight: int,
+        observer: Observer,
+        door: FrontDoor | None = None,
+    ) -> None:
         self._plane = plane
         self._max_stream_inflight = max_stream_inflight
         self._observer = observer
+        self._door = door
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, call: Call, context: Context
@@ -81,7 +89,12 @@ class InferenceServicer:
 
     async def ModelStreamInfer(self, call: Call, context: Context) -> None:
         stream = InferStream(
-            self._plane, call.caller, context, self._max_stream_inflight, self._observer
+            self._plane,
+            call.caller,
+            context,
+            self._max_stream_inflight,
+            self._observer,
+            self._door,
         )
         await stream.serve()
 
@@ -104,6 +117,8 @@ class InferenceServicer:
 
 #: Probes are open without a key, like Triton's; everything else needs a tenant key.
 _OPEN = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
+#: Calls that take turns at the front door (``scheduling/door.py``).
+_INFERENCE = frozenset({"ModelInfer"})
 
 
 def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, grpc.RpcMethodHandler]:
@@ -121,7 +136,9 @@ def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, grpc.R
         else:
             request_type = getattr(pb, method.input_type.name)
             behavior = getattr(servicer, name)
-            handlers[name] = gate.unary(path, access, request_type, behavior, serialize)
+            handlers[name] = gate.unary(
+                path, access, request_type, behavior, serialize, fair=name in _INFERENCE
+            )
     return handlers
 
 

@@ -9,6 +9,8 @@ model, and parameters ``status_code`` (the gRPC status name) and, on
 RESOURCE_EXHAUSTED, ``retry_pushback_ms``, so that clients can match errors to calls
 and keep their typed errors (tritonclient reads ``error_message`` only).
 
+Messages pass the front door like unary calls (``scheduling/door.py``).
+
 Backpressure: at most ``max_inflight`` messages of a stream are being served at once;
 beyond that the stream is not read (HTTP/2 flow control then holds the client back).
 When the client leaves, every message still in flight is cancelled: it leaves its
@@ -28,6 +30,7 @@ import grpc
 from mandant.context import current_request_id
 from mandant.errors import MandantError, ResourceExhausted
 from mandant.events import Observer
+from mandant.scheduling.door import FrontDoor
 from mandant.service import DataPlane
 from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
 from mandant.transport.grpc.gateway import MAX_LOGGED_ID, Context, parse
@@ -50,12 +53,14 @@ class InferStream:
         context: Context,
         max_inflight: int,
         observer: Observer,
+        door: FrontDoor | None = None,
     ) -> None:
         self._plane = plane
         self._tenant = tenant
         self._context = context
         self._window = asyncio.Semaphore(max(1, max_inflight))
         self._observer = observer
+        self._door = door
         self._outbox: asyncio.Queue[object] = asyncio.Queue()
         self._tasks: set[asyncio.Task[pb.ModelStreamInferResponse]] = set()
 
@@ -105,7 +110,11 @@ class InferStream:
         call = Call(self._tenant)
         code = "OK"
         request: pb.ModelInferRequest | None = None
+        inside = False
         try:
+            if self._door is not None:
+                await self._door.enter(self._tenant)
+                inside = True
             request = parse(pb.ModelInferRequest, raw)
             current_request_id.set(request.id[:MAX_LOGGED_ID])
             response = await self._plane.infer(
@@ -124,6 +133,8 @@ class InferStream:
             message = INTERNAL_MESSAGE.format(request_id=request_id)
             return _error_response(message, code, request, None)
         finally:
+            if inside and self._door is not None:
+                self._door.leave()
             self._observer.request_finished(
                 self._tenant.id, call.model, code, time.perf_counter() - start
             )
