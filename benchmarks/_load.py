@@ -103,7 +103,8 @@ def server(data: Mapping[str, Any]) -> Iterator[Server]:
     config, stats = folder / "mandant.yaml", folder / "stats.json"
     port = free_port()
     data = dict(data)
-    data["server"] = {**data["server"], "grpc_port": port, "http_port": free_port()}
+    ports = {"grpc_port": port, "http_port": free_port(), "rest_port": free_port()}
+    data["server"] = {**data["server"], **ports}
     config.write_text(yaml.safe_dump(data))
     command = [sys.executable, "-m", "benchmarks._load", "serve", str(config), str(stats)]
     proc = subprocess.Popen(

@@ -56,6 +56,8 @@ def mandant_server(
             str(port),
             "--http-port",
             str(free_port()),
+            "--rest-port",
+            str(free_port()),
             "--log-level",
             "WARNING",
         ],

@@ -49,7 +49,7 @@ def demo_config(batching: dict[str, Any] | None = None, **server: Any) -> Mandan
     """The demo configuration, with ports 0 and any ``server`` overrides; ``batching``
     replaces the shared classifier's batching section."""
     data = yaml.safe_load(DEMO_CONFIG.read_text())
-    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0, **server}
+    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0, "rest_port": 0, **server}
     if batching is not None:
         data["models"][0]["batching"] = batching
     return parse_config(data, str(DEMO_CONFIG))

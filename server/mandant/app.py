@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -27,6 +28,7 @@ from mandant.service import DataPlane
 from mandant.tenancy.admission import TenantAdmission, shared_store_for
 from mandant.tenancy.keys import KeyStore
 from mandant.transport.grpc.server import GrpcServer
+from mandant.transport.rest.server import RestServer
 from mandant.types import Tenant
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,8 @@ class App:
         self.usage = UsageReports(self.metrics, config.tenants, self.live, quota=self.admission)
         self.grpc = GrpcServer(self.plane, config.server, observer=self.observer, usage=self.usage)
         self.grpc_port = 0
+        self.rest = RestServer(self.plane, config.server, observer=self.observer)
+        self.rest_port = 0
         self.http = HttpServer(
             config.server,
             config.tenants,
@@ -103,6 +107,8 @@ class App:
             started.push_async_callback(self.registry.aclose)
             self.grpc_port = await self.grpc.start()
             started.push_async_callback(self.grpc.stop, 0)
+            self.rest_port = await self.rest.start()
+            started.push_async_callback(self.rest.aclose, 0)
             self.http_port = await self.http.start()
             started.pop_all()
 
@@ -129,7 +135,8 @@ class App:
         return notes
 
     async def aclose(self, grace_s: float | None = None) -> None:
-        await self.grpc.stop(self.config.server.grace_s if grace_s is None else grace_s)
+        grace_s = self.config.server.grace_s if grace_s is None else grace_s
+        await asyncio.gather(self.grpc.stop(grace_s), self.rest.aclose(grace_s))
         await self.http.aclose()
         await self.registry.aclose()
         await self.admission.aclose()

@@ -42,6 +42,7 @@ def _with_overrides(config: MandantConfig, args: argparse.Namespace) -> MandantC
             ("host", args.host),
             ("grpc_port", args.grpc_port),
             ("http_port", args.http_port),
+            ("rest_port", args.rest_port),
         )
         if value is not None
     }
@@ -80,6 +81,7 @@ async def _serve(
     target = f"{config.server.host}:{app.grpc_port}"
     print(f"Mandant listening: gRPC (KServe v2) on {target}", flush=True)
     http = f"http://{config.server.host}:{app.http_port}"
+    print(f"KServe v2 REST on http://{config.server.host}:{app.rest_port}/v2", flush=True)
     print(f"Dashboard: {http}/  (metrics: {http}/metrics)", flush=True)
     if demo:
         print(DEMO_EXAMPLE.format(target=target), flush=True)
@@ -145,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--grpc-port", type=int)
     serve.add_argument("--http-port", type=int)
+    serve.add_argument("--rest-port", type=int, help="KServe v2 REST port (0: a free one)")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(run=cmd_serve)
     keygen = commands.add_parser("keygen", help="print a new API key and its hash")

@@ -45,6 +45,8 @@ class ServerConfig(_Frozen):
     host: str = "127.0.0.1"
     grpc_port: Annotated[int, Field(ge=0, le=65535)] = 8001
     http_port: Annotated[int, Field(ge=0, le=65535)] = 8002
+    #: KServe v2 REST (Triton's HTTP/REST protocol), ``transport/rest``.
+    rest_port: Annotated[int, Field(ge=0, le=65535)] = 8000
     max_message_bytes: Annotated[int, Field(gt=0)] = 64 * 1024 * 1024
     grace_s: Annotated[float, Field(ge=0)] = 10.0
     #: Concurrent calls one client connection may have in the server; further calls

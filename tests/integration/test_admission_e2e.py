@@ -32,7 +32,7 @@ def limits_config() -> MandantConfig:
 
     return parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0},
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
             "tenants": [
                 tenant("flood", rate_limit={"requests_per_s": 5, "burst": 2}),
                 tenant("budget", quota={"rows_per_day": 6}),

@@ -150,7 +150,7 @@ def bytes_stub(
 
     config = parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0},
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
             "tenants": [{"id": "t", "api_keys": [hash_key("acme-demo-key")]}],
             "models": [
                 {

@@ -92,7 +92,12 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
 def test_serve_finishes_in_flight_calls_then_exits_zero(tmp_path: Path, signum: int) -> None:
     port = free_port()
     config = {
-        "server": {"grpc_port": port, "http_port": free_port(), "grace_s": 10},
+        "server": {
+            "grpc_port": port,
+            "http_port": free_port(),
+            "rest_port": free_port(),
+            "grace_s": 10,
+        },
         "tenants": [{"id": "t", "api_keys": [hash_key("secret-key")]}],
         "models": [
             {

@@ -49,7 +49,7 @@ def client_config() -> MandantConfig:
     }
     return parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0},
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
             "tenants": [
                 tenant("acme"),
                 tenant("globex"),

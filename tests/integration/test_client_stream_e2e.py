@@ -124,7 +124,7 @@ async def test_sync_client_threads_share_a_stream(demo_server: ServerThread) -> 
 def with_sleepy_model() -> MandantConfig:
     """The demo plus a model that takes half a second per batch."""
     data = yaml.safe_load(DEMO_CONFIG.read_text())
-    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0}
+    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0, "rest_port": 0}
     sleepy = {
         **ECHO_MODEL,
         "name": "sleepy",

@@ -70,7 +70,7 @@ class Cards(HTMLParser):
 
 def browser_config() -> object:
     data = yaml.safe_load(DEMO_CONFIG.read_text())
-    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0}
+    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0, "rest_port": 0}
     for tenant in data["tenants"]:
         if tenant["id"] == "acme":  # the flood gets rejections to show
             tenant["rate_limit"] = {"requests_per_s": 150, "burst": 20}

@@ -110,7 +110,7 @@ def slow_server(tmp_path: Path) -> Iterator[ServerThread]:
     }
     config = parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0, "max_concurrent_rpcs": 64},
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "max_concurrent_rpcs": 64},
             "tenants": [
                 {
                     "id": "t",

@@ -13,7 +13,7 @@ import yaml
 from tests.servers import ECHO_MODEL, MANDANT, SUBPROCESS_ENV
 
 IMPOSSIBLE = {
-    "server": {"grpc_port": 0, "http_port": 0},
+    "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
     "tenants": [
         {"id": "a", "rate_limit": {"requests_per_s": 10, "burst": 0.5}},
         {

@@ -26,7 +26,7 @@ SCENARIO = ROOT / "loadtests" / "noisy_neighbour.yaml"
 )  # never imported here: it monkey-patches the process with gevent
 def test_noisy_neighbour_smoke(tmp_path: Path) -> None:
     data = yaml.safe_load(DEMO_CONFIG.read_text())
-    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0}
+    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0, "rest_port": 0}
     for tenant in data["tenants"]:
         if tenant["id"] == "acme":
             tenant["rate_limit"] = {"requests_per_s": 100, "burst": 20}

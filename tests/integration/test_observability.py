@@ -26,7 +26,7 @@ ADMIN_KEY = "test-admin-key"
 
 def observability_config() -> Any:
     data = yaml.safe_load(DEMO_CONFIG.read_text())
-    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0,
+    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0, "rest_port": 0,
                       "admin_keys": [hash_key(ADMIN_KEY)]}  # fmt: skip
     for tenant in data["tenants"]:
         if tenant["id"] == "initech":  # two calls, then nothing for a long while
@@ -189,7 +189,8 @@ def test_dashboard_page_and_data(server: ServerThread, traffic: None) -> None:
 
 def test_usage_refused_without_admin_keys(tmp_path: Path) -> None:
     data = yaml.safe_load(DEMO_CONFIG.read_text())
-    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0, "admin_keys": []}
+    ports = {"grpc_port": 0, "http_port": 0, "rest_port": 0}
+    data["server"] = {**data["server"], **ports, "admin_keys": []}
     data["models"] = [m for m in data["models"] if m.get("name") == "echo"]
     with ServerThread(parse_config(data), tmp_path) as bare:
         assert http(bare, "/usage", key=ADMIN_KEY)[0] == 403

@@ -41,7 +41,7 @@ X = np.ones((1, 4), np.float32)
 
 def config_data(url: str, **limits: Any) -> dict[str, Any]:
     return {
-        "server": {"grpc_port": 0, "http_port": 0, "grace_s": 0},
+        "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 0},
         "limits": {"store": "redis", "url": url, "retry_interval_s": 0.2, **limits},
         "tenants": [
             {

@@ -46,7 +46,7 @@ def refunds_config() -> MandantConfig:
 
     return parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0, "grace_s": 0},
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 0},
             "tenants": [
                 *(
                     tenant(

@@ -47,7 +47,7 @@ def test_calls_refused_by_a_dead_backend_or_open_breaker_are_not_charged(
 ) -> None:
     config = parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0, "grace_s": 0},
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 0},
             "tenants": [{"id": "acme", "api_keys": [hash_key(KEY)], "quota": {"rows_per_day": 60}}],
             "models": [
                 {

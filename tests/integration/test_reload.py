@@ -23,7 +23,7 @@ X = {"INPUT0": np.ones((1, 2), np.float32)}
 
 def _config(port: int = 0, **tenants: dict[str, Any]) -> dict[str, Any]:
     return {
-        "server": {"grpc_port": port, "http_port": 0},
+        "server": {"grpc_port": port, "http_port": 0, "rest_port": 0},
         "tenants": [{"id": tenant, **settings} for tenant, settings in tenants.items()],
         "models": [ECHO_MODEL],
     }

@@ -165,7 +165,7 @@ def limited_server(tmp_path: Path) -> Iterator[ServerThread]:
     }
     config = parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0},
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
             "tenants": [
                 {
                     "id": "t",
@@ -253,7 +253,7 @@ async def test_in_flight_messages_per_stream_are_capped(tmp_path: Path) -> None:
     }
     config = parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0, "max_stream_inflight": 2},
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "max_stream_inflight": 2},
             "tenants": [
                 {"id": "t", "api_keys": ["sha256:" + _sha("t-key")], "max_concurrency": 10}
             ],

@@ -43,7 +43,7 @@ def config(triton_url: str, *extra_models: dict[str, Any]) -> MandantConfig:
     triton = {"url": triton_url, "model": MODEL, "timeout_s": 10, "health_interval_s": 0.2}
     return parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0, "grace_s": 0},
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 0},
             "tenants": [{"id": t, "api_keys": [hash_key(k)]} for t, k in KEYS.items()],
             "models": [
                 {"name": "tiny", "backend": "triton", "triton": triton},

@@ -64,7 +64,7 @@ def alltypes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
 
     config = parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0},
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
             "tenants": [{"id": "t", "api_keys": [hash_key("k")]}],
             "models": [
                 echo_model("alltypes", list(DTYPES)),

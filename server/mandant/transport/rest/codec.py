@@ -1,0 +1,317 @@
+"""KServe v2 REST bodies ⇄ numpy arrays, with Triton's binary-data extension.
+
+A request body is a JSON object, optionally followed by tensor bytes: then the
+``Inference-Header-Content-Length`` header gives the JSON's length, and each input
+sent as bytes says how many in ``parameters.binary_data_size`` (inputs take their
+bytes in order). Fixed-size binary inputs decode with ``numpy.frombuffer`` and view
+the request body (read-only, no copy); JSON ``data`` (nested or flat lists) is
+checked for count and element type. Outputs go back as JSON ``data``, or as bytes
+after the JSON where the request asks for ``binary_data`` (per output, or for all
+with the ``binary_data_output`` parameter), as ``tritonclient.http`` expects.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from math import prod
+from typing import Any
+
+import numpy as np
+
+from mandant.errors import InvalidInput, shown
+from mandant.types import DATATYPES, InferResponse, TensorHeader, datatype_of
+from mandant.wire import join_bytes, min_bytes_size, split_bytes
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+Parameters = Mapping[str, bool | int | float | str]
+#: JSON element kinds (numpy's ``dtype.kind`` after ``np.array(data)``) each target
+#: kind accepts: integers take integers only, floats take integers and floats.
+_ACCEPTED_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+_NO_PARAMETERS: Parameters = {}
+
+
+class BodyTooLarge(InvalidInput):
+    """A request body over ``server.max_message_bytes`` (HTTP 413)."""
+
+
+def _expect(value: object, kind: type | tuple[type, ...], what: str) -> Any:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise InvalidInput(f"{what} must be a JSON {_JSON_NAMES.get(names, names)}")
+    return value
+
+
+_JSON_NAMES = {"dict": "object", "list": "array", "str": "string", "int": "integer"}
+
+
+def _parameters(value: object, what: str) -> Parameters:
+    if value is None:
+        return _NO_PARAMETERS
+    params: dict[str, Any] = _expect(value, dict, what)
+    for key, item in params.items():
+        if not isinstance(item, bool | int | float | str):
+            raise InvalidInput(f"{what} '{shown(key)}' must be a boolean, number or string")
+    return params
+
+
+def _shape(value: object, name: str) -> tuple[int, ...]:
+    dims: list[Any] = _expect(value, list, f"input '{shown(name)}': shape")
+    for dim in dims:
+        _expect(dim, int, f"input '{shown(name)}': each dimension of shape")
+    return tuple(dims)
+
+
+class _Input:
+    __slots__ = ("binary", "binary_size", "data", "header")
+
+    def __init__(self, header: TensorHeader, data: object, binary_size: int | None) -> None:
+        self.header = header
+        self.data = data
+        self.binary_size = binary_size
+        self.binary: memoryview | None = None
+
+
+class JsonInferRequest:
+    """A v2 REST inference request seen through :class:`mandant.types.EncodedRequest`.
+
+    The JSON is parsed (and its structure checked) on construction; tensor data is
+    only counted by :meth:`check_payload` and converted by :meth:`decode_inputs`."""
+
+    __slots__ = (
+        "_binary_all",
+        "_id",
+        "_inputs",
+        "_outputs",
+        "_parameters",
+        "model_name",
+        "model_version",
+    )
+
+    def __init__(
+        self, model_name: str, model_version: str, body: bytes, header_length: str | None
+    ) -> None:
+        self.model_name = model_name
+        self.model_version = model_version
+        view = memoryview(body)
+        json_end = len(body) if header_length is None else _json_length(header_length, len(body))
+        try:
+            doc = json.loads(view[:json_end].tobytes() if json_end < len(body) else body)
+        except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, too deep
+            raise InvalidInput("the request body is not a valid JSON inference request") from None
+        doc = _expect(doc, dict, "the inference request")
+        request_id = doc.get("id", "")
+        self._id: str = _expect(request_id, str, "'id'")
+        self._parameters = _parameters(doc.get("parameters"), "request parameter")
+        binary_all = self._parameters.get("binary_data_output", False)
+        self._binary_all: bool = _expect(binary_all, bool, "parameter 'binary_data_output'")
+        self._inputs = [
+            _parse_input(item) for item in _expect(doc.get("inputs", []), list, "'inputs'")
+        ]
+        self._outputs = [
+            _parse_output(item) for item in _expect(doc.get("outputs", []), list, "'outputs'")
+        ]
+        _assign_binary(self._inputs, view[json_end:])
+
+    @property
+    def request_id(self) -> str:
+        return self._id
+
+    def input_headers(self) -> Sequence[TensorHeader]:
+        return [item.header for item in self._inputs]
+
+    def requested_outputs(self) -> Sequence[str]:
+        return [name for name, _ in self._outputs]
+
+    def parameters(self) -> Parameters:
+        return self._parameters
+
+    def binary_outputs(self) -> frozenset[str] | bool:
+        """Outputs to send as bytes: a set of names, or True for all of them."""
+        if not self._outputs:
+            return self._binary_all
+        return frozenset(name for name, binary in self._outputs if binary)
+
+    def check_payload(self) -> None:
+        for item in self._inputs:
+            if item.binary is not None:
+                _check_binary_size(item.binary, item.header)
+
+    def decode_inputs(self) -> dict[str, np.ndarray]:
+        return {item.header.name: _decode(item) for item in self._inputs}
+
+
+def _json_length(header_length: str, body_length: int) -> int:
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise InvalidInput(f"{HEADER_LENGTH} is not an integer") from None
+    if not 0 <= length <= body_length:
+        raise InvalidInput(f"{HEADER_LENGTH} {length} is outside the body's {body_length} bytes")
+    return length
+
+
+def _parse_input(item: object) -> _Input:
+    tensor: dict[str, Any] = _expect(item, dict, "each input")
+    name: str = _expect(tensor.get("name"), str, "an input's name")
+    datatype: str = _expect(tensor.get("datatype"), str, f"input '{shown(name)}': datatype")
+    shape = _shape(tensor.get("shape"), name)
+    params = _parameters(tensor.get("parameters"), f"input '{shown(name)}': parameter")
+    raw_size = params.get("binary_data_size")
+    data = tensor.get("data")
+    size: int | None = None
+    if raw_size is not None:
+        size = _expect(raw_size, int, f"input '{shown(name)}': binary_data_size")
+        if size < 0:
+            raise InvalidInput(f"input '{shown(name)}': binary_data_size is negative")
+        if data is not None:
+            raise InvalidInput(f"input '{shown(name)}': both data and binary_data_size given")
+    elif data is None:
+        raise InvalidInput(f"input '{shown(name)}' has neither data nor binary_data_size")
+    return _Input(TensorHeader(name, datatype, shape), data, size)
+
+
+def _parse_output(item: object) -> tuple[str, bool]:
+    tensor: dict[str, Any] = _expect(item, dict, "each requested output")
+    name: str = _expect(tensor.get("name"), str, "a requested output's name")
+    params = _parameters(tensor.get("parameters"), f"output '{shown(name)}': parameter")
+    if params.get("classification", 0):
+        raise InvalidInput("the classification extension is not supported")
+    binary = _expect(params.get("binary_data", False), bool, "parameter 'binary_data'")
+    return name, binary
+
+
+def _assign_binary(inputs: list[_Input], binary: memoryview) -> None:
+    """Give each binary input its slice of the bytes after the JSON, in order."""
+    offset = 0
+    for item in inputs:
+        if item.binary_size is not None:
+            end = offset + item.binary_size
+            if end > len(binary):
+                raise InvalidInput(
+                    f"input '{shown(item.header.name)}': binary_data_size {item.binary_size} "
+                    f"runs past the {len(binary)} bytes of binary data"
+                )
+            item.binary = binary[offset:end]
+            offset = end
+    if offset != len(binary):
+        raise InvalidInput(
+            f"{len(binary) - offset} bytes of binary data belong to no input "
+            "(binary_data_size, or Inference-Header-Content-Length, is wrong)"
+        )
+
+
+def _check_binary_size(raw: memoryview, header: TensorHeader) -> None:
+    count = prod(header.shape)
+    if header.datatype == "BYTES":
+        if min_bytes_size(count) > len(raw):
+            raise InvalidInput(
+                f"input '{header.name}': {count} BYTES elements need at least "
+                f"{min_bytes_size(count)} bytes, got {len(raw)}"
+            )
+        return
+    itemsize = DATATYPES[header.datatype].itemsize
+    if len(raw) != count * itemsize:
+        raise InvalidInput(
+            f"input '{header.name}': {header.datatype} {list(header.shape)} needs "
+            f"{count * itemsize} bytes, got {len(raw)}"
+        )
+
+
+def _decode(item: _Input) -> np.ndarray:
+    header = item.header
+    if item.binary is not None:
+        _check_binary_size(item.binary, header)
+        if header.datatype == "BYTES":
+            try:
+                array = split_bytes(item.binary, prod(header.shape))  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise InvalidInput(f"input '{header.name}': {exc}") from None
+            return array.reshape(header.shape)
+        return np.frombuffer(item.binary, dtype=DATATYPES[header.datatype]).reshape(header.shape)
+    return decode_json_data(item.data, header)
+
+
+def decode_json_data(data: object, header: TensorHeader) -> np.ndarray:
+    """A JSON ``data`` value (nested or flat lists) as an array of ``header``'s type and
+    shape; a wrong count or an element of the wrong type is InvalidInput."""
+    count = prod(header.shape)
+    wrong_type = InvalidInput(
+        f"input '{header.name}': data holds values that are not {header.datatype}"
+    )
+    try:
+        values = np.array(data, dtype=np.object_ if header.datatype == "BYTES" else None)
+    except (ValueError, TypeError, OverflowError, RecursionError):  # ragged, too deep, huge
+        raise wrong_type from None
+    if values.size != count:
+        raise InvalidInput(
+            f"input '{header.name}': shape {list(header.shape)} needs {count} values "
+            f"in data, got {values.size}"
+        )
+    if header.datatype == "BYTES":
+        out = np.empty(count, dtype=np.object_)
+        for index, value in enumerate(values.reshape(-1)):
+            if not isinstance(value, str):
+                raise wrong_type
+            out[index] = value.encode()
+        return out.reshape(header.shape)
+    dtype = DATATYPES[header.datatype]
+    if values.size and values.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
+        raise wrong_type
+    if dtype.kind in "iu" and values.size:
+        info = np.iinfo(dtype)  # type: ignore[type-var]
+        if values.min() < info.min or values.max() > info.max:
+            raise InvalidInput(
+                f"input '{header.name}': a value is out of range for {header.datatype}"
+            )
+    return values.astype(dtype).reshape(header.shape)
+
+
+def encode_infer_response(
+    response: InferResponse, binary: frozenset[str] | bool
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON's length where tensor bytes follow it (for the
+    ``Inference-Header-Content-Length`` header; None for a JSON-only body)."""
+    declared = {spec.name: spec.datatype for spec in response.output_specs}
+    outputs: list[dict[str, Any]] = []
+    chunks: list[bytes | memoryview] = []
+    for name, array in response.outputs.items():
+        datatype = declared.get(name) or datatype_of(array)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if binary is True or (binary is not False and name in binary):
+            chunk = join_bytes(array) if datatype == "BYTES" else _raw(array, datatype)
+            entry["parameters"] = {"binary_data_size": len(chunk)}
+            chunks.append(chunk)
+        else:
+            entry["data"] = _json_values(name, array, datatype)
+        outputs.append(entry)
+    doc: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+    }
+    if response.request_id:
+        doc["id"] = response.request_id
+    doc["outputs"] = outputs
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    if not chunks:
+        return head, None
+    return b"".join([head, *chunks]), len(head)
+
+
+def _raw(array: np.ndarray, datatype: str) -> memoryview:
+    """The array's bytes as the declared datatype, without a copy where it already is."""
+    contiguous = np.ascontiguousarray(array, dtype=DATATYPES[datatype])
+    return contiguous.reshape(-1).view(np.uint8).data
+
+
+def _json_values(name: str, array: np.ndarray, datatype: str) -> list[Any]:
+    flat = array.reshape(-1)
+    if datatype != "BYTES":
+        values: list[Any] = flat.astype(DATATYPES[datatype], copy=False).tolist()
+        return values
+    try:
+        return [v if isinstance(v, str) else bytes(v).decode() for v in flat]
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            f"output '{name}' holds bytes that are not UTF-8: request it with binary_data"
+        ) from None

@@ -1,0 +1,150 @@
+"""The gate every REST endpoint passes, as the gRPC gate (``transport/grpc/gateway.py``):
+
+1. a server-wide cap on calls in progress (429 with ``Retry-After`` beyond it);
+2. the caller's ``Authorization: Bearer <key>`` header, checked **before the body is
+   read** (open endpoints take none);
+3. inference calls take turns by tenant at the front door (``scheduling/door.py``);
+4. every exception becomes an HTTP answer through ``status.py``'s table, with a
+   ``{"error": ...}`` body; unknown ones a 500 with a generic message and a logged
+   request id;
+5. each answer is reported once to the :class:`~mandant.events.Observer` with the gRPC
+   status name as its code, so REST and gRPC calls share one set of series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from mandant.context import current_request_id, current_tenant
+from mandant.errors import MandantError, ServerBusy
+from mandant.events import NullObserver, Observer
+from mandant.scheduling.door import FrontDoor
+from mandant.transport.rest.codec import BodyTooLarge
+from mandant.transport.rest.status import (
+    INTERNAL_MESSAGE,
+    code_for,
+    error_headers,
+    http_status,
+)
+from mandant.types import Call, Tenant
+
+logger = logging.getLogger(__name__)
+
+Authenticator = Callable[[str | None], Tenant]
+Behavior = Callable[[web.Request, Call], Awaitable[web.Response]]
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+#: Pushback when the server-wide call cap is full (it frees as any call ends).
+BUSY_RETRY_S = 0.05
+
+
+class Access(enum.Enum):
+    OPEN = "open"  # server metadata and health: no key, like Triton's
+    TENANT = "tenant"  # a tenant's API key
+
+
+class NotServed(Exception):
+    """An endpoint of the protocol this server does not serve over REST (HTTP 501)."""
+
+
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+class RestGate:
+    def __init__(
+        self,
+        authenticate: Authenticator,
+        observer: Observer | None = None,
+        max_calls: int | None = None,
+        door: FrontDoor | None = None,
+    ) -> None:
+        self._authenticate = authenticate
+        self._observer: Observer = observer or NullObserver()
+        self._max_calls = max_calls if max_calls is not None else 1 << 62
+        self._door = door
+        self._calls = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def calls(self) -> int:
+        return self._calls
+
+    async def wait_idle(self) -> None:
+        """Until no call is in progress."""
+        await self._idle.wait()
+
+    def route(self, access: Access, behavior: Behavior, fair: bool = False) -> Handler:
+        """``fair``: the call passes the front door (inference)."""
+        door = self._door if fair else None
+        observer = self._observer
+
+        async def handle(request: web.Request) -> web.Response:
+            start = time.perf_counter()
+            call = Call(None)
+            code = "OK"
+            entered = inside = False
+            try:
+                if self._calls >= self._max_calls:
+                    raise ServerBusy(
+                        f"server busy: {self._max_calls} calls in progress",
+                        retry_after_s=BUSY_RETRY_S,
+                    )
+                self._calls += 1
+                self._idle.clear()
+                entered = True
+                if access is Access.TENANT:
+                    call.tenant = self._authenticate(request.headers.get("Authorization"))
+                    current_tenant.set(call.tenant)
+                if door is not None and call.tenant is not None:
+                    await door.enter(call.tenant)
+                    inside = True
+                return await behavior(request, call)
+            except BodyTooLarge as exc:
+                code = code_for(exc)
+                return error_response(413, str(exc))
+            except MandantError as exc:
+                code = code_for(exc)
+                return error_response(http_status(code), str(exc), error_headers(exc))
+            except NotServed as exc:
+                code = "UNIMPLEMENTED"
+                return error_response(501, str(exc))
+            except asyncio.CancelledError:  # the client went away
+                code = "CANCELLED"
+                raise
+            except Exception:
+                code = "INTERNAL"
+                return _internal(request, call)
+            finally:
+                if inside and door is not None:
+                    door.leave()
+                if entered:
+                    self._calls -= 1
+                    if not self._calls:
+                        self._idle.set()
+                tenant_id = call.tenant.id if call.tenant is not None else ""
+                observer.request_finished(tenant_id, call.model, code, time.perf_counter() - start)
+
+        return handle
+
+
+def _internal(request: web.Request, call: Call) -> web.Response:
+    request_id = current_request_id.get() or uuid.uuid4().hex[:16]
+    logger.exception(
+        "internal error serving REST %s %s (request id %s, tenant %s)",
+        request.method,
+        request.match_info.route.resource.canonical if request.match_info.route.resource else "-",
+        request_id,
+        call.tenant.id if call.tenant is not None else "-",
+    )
+    return error_response(500, INTERNAL_MESSAGE.format(request_id=request_id))

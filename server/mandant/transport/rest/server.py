@@ -1,0 +1,171 @@
+"""The KServe v2 REST port (Triton's 8000): aiohttp on the server's event loop, the
+same data plane, keys, visibility rules and status table as gRPC.
+
+Served: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready`` (open), and under
+``/v2/models/{name}[/versions/{version}]`` (tenant key): ``GET`` metadata, ``GET
+/ready``, ``POST /infer`` (JSON tensors and the binary-data extension). ``/config``
+and ``/stats`` answer 501 once the model is resolved (an invisible model is 404 first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from mandant.config import ServerConfig
+from mandant.context import current_request_id
+from mandant.events import Observer
+from mandant.scheduling.door import FrontDoor
+from mandant.service import EXTENSIONS, SERVER_NAME, DataPlane
+from mandant.transport.rest.codec import (
+    HEADER_LENGTH,
+    BodyTooLarge,
+    JsonInferRequest,
+    encode_infer_response,
+)
+from mandant.transport.rest.gate import Access, NotServed, RestGate, error_response
+from mandant.types import Call, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+#: Request ids kept for logs (longer ones are refused by the data plane).
+MAX_LOGGED_ID = 256
+_MODEL = "/v2/models/{name}"
+_VERSION = "/v2/models/{name}/versions/{version}"
+
+
+class RestServer:
+    def __init__(
+        self, plane: DataPlane, config: ServerConfig, observer: Observer | None = None
+    ) -> None:
+        self._plane = plane
+        self._config = config
+        self._max_body = config.max_message_bytes
+        gate = RestGate(
+            plane.authenticate,
+            observer=observer,
+            max_calls=config.max_concurrent_rpcs,
+            door=FrontDoor(config.front_door_slots),
+        )
+        self._gate = gate
+        app = web.Application(client_max_size=self._max_body)
+        routes = app.router
+        routes.add_get("/v2", gate.route(Access.OPEN, self._server_metadata))
+        routes.add_get("/v2/health/live", gate.route(Access.OPEN, self._live))
+        routes.add_get("/v2/health/ready", gate.route(Access.OPEN, self._ready))
+        for base in (_MODEL, _VERSION):
+            routes.add_get(base, gate.route(Access.TENANT, self._model_metadata))
+            routes.add_get(f"{base}/ready", gate.route(Access.TENANT, self._model_ready))
+            routes.add_get(f"{base}/config", gate.route(Access.TENANT, self._model_config))
+            routes.add_get(f"{base}/stats", gate.route(Access.TENANT, self._model_stats))
+            routes.add_post(f"{base}/infer", gate.route(Access.TENANT, self._infer, fair=True))
+        routes.add_route("*", "/{tail:.*}", _not_found)
+        # Connections still open after the drain (``aclose``) are closed at once.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.0)
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind and serve; returns the bound port (0 binds a free one)."""
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._config.host, self._config.rest_port)
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+        self.port = int(self._runner.addresses[0][1])
+        return self.port
+
+    async def aclose(self, grace_s: float = 0.0) -> None:
+        """Stop listening and refuse new inference calls (503), let calls in progress
+        finish within ``grace_s``, then close every connection."""
+        self._plane.drain()
+        for site in list(self._runner.sites):
+            await site.stop()
+        if self._gate.calls:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._gate.wait_idle(), grace_s)
+        await self._runner.cleanup()
+
+    # -- open ----------------------------------------------------------------------
+
+    async def _server_metadata(self, request: web.Request, call: Call) -> web.Response:
+        return web.json_response(
+            {"name": SERVER_NAME, "version": self._plane.version, "extensions": list(EXTENSIONS)}
+        )
+
+    async def _live(self, request: web.Request, call: Call) -> web.Response:
+        live = self._plane.live
+        return web.json_response({"live": live}, status=200 if live else 503)
+
+    async def _ready(self, request: web.Request, call: Call) -> web.Response:
+        ready = self._plane.ready
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    # -- models --------------------------------------------------------------------
+
+    async def _model_metadata(self, request: web.Request, call: Call) -> web.Response:
+        name, version = _model_of(request)
+        model = self._plane.model(call.caller, name, version)
+        versions = [m.key.version for m in self._plane.model_versions(call.caller, name)]
+        return web.json_response(
+            {
+                "name": model.key.name,
+                "versions": versions,
+                "platform": model.backend.platform,
+                "inputs": [_tensor(t) for t in model.spec.inputs],
+                "outputs": [_tensor(t) for t in model.spec.outputs],
+            }
+        )
+
+    async def _model_ready(self, request: web.Request, call: Call) -> web.Response:
+        name, version = _model_of(request)
+        ready = self._plane.model_ready(call.caller, name, version)
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def _model_config(self, request: web.Request, call: Call) -> web.Response:
+        self._plane.model(call.caller, *_model_of(request))  # 404 before 501
+        raise NotServed("model configuration is not served over REST")
+
+    async def _model_stats(self, request: web.Request, call: Call) -> web.Response:
+        self._plane.model(call.caller, *_model_of(request))
+        raise NotServed("model statistics are not served over REST")
+
+    async def _infer(self, request: web.Request, call: Call) -> web.Response:
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            raise BodyTooLarge(f"request body is larger than {self._max_body} bytes")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BodyTooLarge(f"request body is larger than {self._max_body} bytes") from None
+        name, version = _model_of(request)
+        infer_request = JsonInferRequest(name, version, body, request.headers.get(HEADER_LENGTH))
+        if infer_request.request_id:
+            current_request_id.set(infer_request.request_id[:MAX_LOGGED_ID])
+        response = await self._plane.infer(call, infer_request)
+        data, header_length = encode_infer_response(response, infer_request.binary_outputs())
+        if header_length is None:
+            return web.Response(body=data, content_type="application/json")
+        return web.Response(
+            body=data,
+            content_type="application/octet-stream",
+            headers={HEADER_LENGTH: str(header_length)},
+        )
+
+
+def _model_of(request: web.Request) -> tuple[str, str]:
+    info = request.match_info
+    return info["name"], info.get("version", "")
+
+
+def _tensor(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    return error_response(404, "no such endpoint")
