@@ -256,15 +256,33 @@ def decode_json_data(data: object, header: TensorHeader) -> np.ndarray:
             out[index] = value.encode()
         return out.reshape(header.shape)
     dtype = DATATYPES[header.datatype]
+    if dtype.kind in "iu" and values.dtype.kind not in "iu":
+        return _exact_integers(data, header, wrong_type).reshape(header.shape)
     if values.size and values.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
         raise wrong_type
     if dtype.kind in "iu" and values.size:
         info = np.iinfo(dtype)  # type: ignore[type-var]
         if values.min() < info.min or values.max() > info.max:
-            raise InvalidInput(
-                f"input '{header.name}': a value is out of range for {header.datatype}"
-            )
+            raise _out_of_range(header)
     return values.astype(dtype).reshape(header.shape)
+
+
+def _exact_integers(data: object, header: TensorHeader, wrong_type: InvalidInput) -> np.ndarray:
+    """``data`` for an integer datatype where numpy did not read it as integers: beyond
+    int64 (UINT64's upper half, which numpy turns into floats), or not integers at all
+    (floats, booleans, strings: InvalidInput). Each element is checked as a Python
+    object: slow, and only on this path."""
+    items = np.array(data, dtype=np.object_).reshape(-1).tolist()
+    if not all(type(item) is int for item in items):
+        raise wrong_type
+    info = np.iinfo(DATATYPES[header.datatype])  # type: ignore[type-var]
+    if any(item < info.min or item > info.max for item in items):
+        raise _out_of_range(header)
+    return np.array(items, dtype=DATATYPES[header.datatype])
+
+
+def _out_of_range(header: TensorHeader) -> InvalidInput:
+    return InvalidInput(f"input '{header.name}': a value is out of range for {header.datatype}")
 
 
 def encode_infer_response(

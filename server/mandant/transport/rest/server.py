@@ -68,6 +68,11 @@ class RestServer:
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.0)
         self.port = 0
 
+    @property
+    def calls(self) -> int:
+        """Calls being served now."""
+        return self._gate.calls
+
     async def start(self) -> int:
         """Bind and serve; returns the bound port (0 binds a free one)."""
         await self._runner.setup()

@@ -1,0 +1,492 @@
+"""The KServe v2 REST port against a real server: ``tritonclient.http`` unchanged
+(probes, metadata, every datatype as JSON and as binary data, requested outputs), and
+plain HTTP for what a client library hides: keys, visibility, malformed bodies, the
+status table with ``Retry-After``, unknown routes, body limits."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from mandant.config import parse_config
+from mandant.tenancy.keys import hash_key
+from tests.servers import ECHO_MODEL, ServerThread
+
+DTYPES = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "BYTES": np.object_,
+}
+KEYS = {"acme": "acme-k", "globex": "globex-k", "limited": "limited-k", "small": "small-k"}
+MAX_BODY = 1 << 20
+
+
+def auth(tenant: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[tenant]}"}
+
+
+def _echo_all(name: str) -> dict[str, Any]:
+    tensors = [{"name": f"IN_{t}", "datatype": t, "shape": [-1, -1]} for t in DTYPES]
+    return {
+        "name": name,
+        "factory": "mandant.demo.models:echo_all",
+        "inputs": tensors,
+        "outputs": [{**t, "name": str(t["name"]).replace("IN_", "OUT_")} for t in tensors],
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    config = parse_config(
+        {
+            "server": {
+                "grpc_port": 0,
+                "http_port": 0,
+                "rest_port": 0,
+                "grace_s": 0,
+                "max_message_bytes": MAX_BODY,
+            },
+            "tenants": [
+                {"id": "acme", "api_keys": [hash_key(KEYS["acme"])]},
+                {"id": "globex", "api_keys": [hash_key(KEYS["globex"])]},
+                {
+                    "id": "limited",
+                    "api_keys": [hash_key(KEYS["limited"])],
+                    "rate_limit": {"requests_per_s": 0.01, "burst": 1},
+                },
+                {
+                    "id": "small",
+                    "api_keys": [hash_key(KEYS["small"])],
+                    "quota": {"rows_per_day": 2},
+                },
+            ],
+            "models": [
+                ECHO_MODEL,
+                _echo_all("alltypes"),
+                {**ECHO_MODEL, "name": "secret", "tenant": "acme"},
+            ],
+        }
+    )
+    with ServerThread(config, tmp_path_factory.mktemp("rest")) as running:
+        yield running
+
+
+def rest(server: ServerThread) -> str:
+    assert server.app is not None
+    return f"127.0.0.1:{server.app.rest_port}"
+
+
+def client(server: ServerThread) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(rest(server))
+
+
+def call(
+    server: ServerThread,
+    method: str,
+    path: str,
+    body: bytes | dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One plain HTTP call: status, headers, body (errors included)."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    request = urllib.request.Request(
+        f"http://{rest(server)}{path}", data=data, method=method, headers=headers or {}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, dict(answer.headers), answer.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, dict(error.headers), error.read()
+
+
+def error_of(body: bytes) -> str:
+    message = json.loads(body)["error"]
+    assert isinstance(message, str)
+    return message
+
+
+def echo_request(data: Any, shape: list[int], datatype: str = "FP32") -> dict[str, Any]:
+    return {"inputs": [{"name": "INPUT0", "datatype": datatype, "shape": shape, "data": data}]}
+
+
+def _sample(datatype: str, rng: np.random.Generator, json_safe: bool) -> np.ndarray:
+    shape = (2, 3)
+    if datatype == "BYTES":
+        if json_safe:  # JSON carries text
+            return np.array(["café", "", "a", "bc", "déf", "x y"], dtype=np.object_).reshape(shape)
+        values = [bytes(rng.integers(0, 256, rng.integers(0, 9), dtype=np.uint8)) for _ in range(6)]
+        return np.array(values, dtype=np.object_).reshape(shape)
+    if datatype == "BOOL":
+        return rng.integers(0, 2, shape).astype(np.bool_)
+    dtype = np.dtype(DTYPES[datatype])
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+
+
+# -- tritonclient.http, unchanged ---------------------------------------------------
+
+
+def test_probes_and_server_metadata_need_no_key(server: ServerThread) -> None:
+    triton_client = client(server)
+    assert triton_client.is_server_live()
+    assert triton_client.is_server_ready()
+    metadata = triton_client.get_server_metadata()
+    assert metadata["name"] == "mandant"
+    assert "model_repository" in metadata["extensions"]
+
+
+def test_model_metadata_and_readiness(server: ServerThread) -> None:
+    triton_client = client(server)
+    assert triton_client.is_model_ready("echo", headers=auth("globex"))
+    assert triton_client.is_model_ready("echo", "1", headers=auth("globex"))
+    metadata = triton_client.get_model_metadata("echo", headers=auth("globex"))
+    assert metadata == {
+        "name": "echo",
+        "versions": ["1"],
+        "platform": "pytorch",
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+    }
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_every_datatype_round_trips(server: ServerThread, binary: bool) -> None:
+    rng = np.random.default_rng(11)
+    arrays = {t: _sample(t, rng, json_safe=not binary) for t in DTYPES}
+    inputs = []
+    for datatype, array in arrays.items():
+        tensor = triton.InferInput(f"IN_{datatype}", list(array.shape), datatype)
+        tensor.set_data_from_numpy(array, binary_data=binary)
+        inputs.append(tensor)
+    outputs = [triton.InferRequestedOutput(f"OUT_{t}", binary_data=binary) for t in DTYPES]
+    result = client(server).infer(
+        "alltypes", inputs, outputs=outputs, request_id="r-1", headers=auth("acme")
+    )
+    assert result.get_response()["id"] == "r-1"
+    for datatype, array in arrays.items():
+        got = result.as_numpy(f"OUT_{datatype}")
+        output = result.get_output(f"OUT_{datatype}")
+        assert output["datatype"] == datatype
+        assert ("parameters" in output) is binary
+        assert got.shape == array.shape
+        np.testing.assert_array_equal(got, array)
+
+
+def test_without_requested_outputs_all_come_back_as_binary(server: ServerThread) -> None:
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    tensor = triton.InferInput("INPUT0", [3, 4], "FP32")
+    tensor.set_data_from_numpy(array, binary_data=False)
+    result = client(server).infer("echo", [tensor], headers=auth("globex"))
+    assert result.get_output("OUTPUT0")["parameters"] == {"binary_data_size": 48}
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), array)
+
+
+def test_only_the_requested_outputs_are_returned(server: ServerThread) -> None:
+    rng = np.random.default_rng(3)
+    inputs = []
+    for datatype in DTYPES:
+        tensor = triton.InferInput(f"IN_{datatype}", [2, 3], datatype)
+        tensor.set_data_from_numpy(_sample(datatype, rng, json_safe=False))
+        inputs.append(tensor)
+    wanted = [triton.InferRequestedOutput("OUT_INT16"), triton.InferRequestedOutput("OUT_BYTES")]
+    result = client(server).infer("alltypes", inputs, outputs=wanted, headers=auth("acme"))
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["OUT_INT16", "OUT_BYTES"]
+    assert result.as_numpy("OUT_FP32") is None
+
+
+def test_errors_reach_tritonclient_with_status_and_message(server: ServerThread) -> None:
+    tensor = triton.InferInput("INPUT0", [1, 2], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 2), np.float32))
+    with pytest.raises(InferenceServerException) as missing:
+        client(server).infer("nope", [tensor], headers=auth("acme"))
+    assert missing.value.status() == "404"
+    assert missing.value.message() == "model 'nope' not found"
+    with pytest.raises(InferenceServerException) as unauthenticated:
+        client(server).infer("echo", [tensor])
+    assert unauthenticated.value.status() == "401"
+
+
+# -- plain HTTP ----------------------------------------------------------------------
+
+
+def test_health_endpoints_are_open(server: ServerThread) -> None:
+    assert call(server, "GET", "/v2/health/live")[0] == 200
+    status, _, body = call(server, "GET", "/v2/health/ready")
+    assert (status, json.loads(body)) == (200, {"ready": True})
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEYS["acme"]}],
+    ids=["none", "unknown", "not-bearer"],
+)
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v2/models/echo"),
+        ("GET", "/v2/models/echo/ready"),
+        ("POST", "/v2/models/echo/infer"),
+    ],
+)
+def test_model_endpoints_need_a_key(
+    server: ServerThread, headers: dict[str, str], method: str, path: str
+) -> None:
+    body = echo_request([1.0, 2.0], [1, 2]) if method == "POST" else None
+    status, answer_headers, answer = call(server, method, path, body, headers)
+    assert status == 401
+    assert answer_headers["WWW-Authenticate"] == "Bearer"
+    assert error_of(answer) == "missing or invalid API key"
+
+
+@pytest.mark.parametrize(
+    ("method", "suffix"),
+    [
+        ("GET", ""),
+        ("GET", "/ready"),
+        ("GET", "/versions/1"),
+        ("GET", "/stats"),
+        ("GET", "/config"),
+        ("POST", "/infer"),
+        ("POST", "/versions/1/infer"),
+    ],
+)
+def test_a_private_model_is_not_found_for_other_tenants(
+    server: ServerThread, method: str, suffix: str
+) -> None:
+    body = echo_request([1.0, 2.0], [1, 2]) if method == "POST" else None
+    for name in ("secret", "absent"):
+        status, _, answer = call(server, method, f"/v2/models/{name}{suffix}", body, auth("globex"))
+        assert status == 404
+        assert re.fullmatch(rf"model '{name}'( version '1')? not found", error_of(answer))
+    owner_status, _, _ = call(server, method, f"/v2/models/secret{suffix}", body, auth("acme"))
+    assert owner_status == (501 if suffix in ("/stats", "/config") else 200)
+
+
+def test_stats_and_config_say_they_are_not_served(server: ServerThread) -> None:
+    for endpoint in ("stats", "config"):
+        status, _, body = call(server, "GET", f"/v2/models/echo/{endpoint}", None, auth("acme"))
+        assert status == 501
+        assert "not served over REST" in error_of(body)
+
+
+def test_json_data_nested_or_flat(server: ServerThread) -> None:
+    for data in ([[1, 2.5], [3, 4]], [1, 2.5, 3, 4]):
+        status, _, body = call(
+            server, "POST", "/v2/models/echo/infer", echo_request(data, [2, 2]), auth("acme")
+        )
+        assert status == 200, body
+        (output,) = json.loads(body)["outputs"]
+        assert output == {
+            "name": "OUTPUT0",
+            "datatype": "FP32",
+            "shape": [2, 2],
+            "data": [1.0, 2.5, 3.0, 4.0],
+        }
+
+
+@pytest.mark.parametrize(
+    ("request_body", "message"),
+    [
+        (b"{not json", "not a valid JSON inference request"),
+        (b"[1, 2]", "the inference request must be a JSON object"),
+        (b'{"inputs": {}}', "'inputs' must be a JSON array"),
+        (echo_request([1.0, 2.0, 3.0], [2, 2]), "needs 4 values in data, got 3"),
+        (echo_request([[1.0, 2.0], [3.0]], [2, 2]), "data holds values that are not FP32"),
+        (echo_request(["a", "b"], [1, 2]), "data holds values that are not FP32"),
+        (echo_request([1.0, 2.0], [2]), "expected shape [-1, -1], got [2]"),
+        (echo_request([1.0, 2.0], [1, 2], "INT32"), "expected datatype FP32, got INT32"),
+        (echo_request([1.0, 2.0], [1, "2"]), "each dimension of shape must be a JSON integer"),
+        (
+            {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2]}]},
+            "has neither data nor binary_data_size",
+        ),
+        ({**echo_request([1, 2], [1, 2]), "id": 7}, "'id' must be a JSON string"),
+        (
+            {**echo_request([1, 2], [1, 2]), "outputs": [{"name": "NOPE"}]},
+            "unknown output 'NOPE'",
+        ),
+    ],
+)
+def test_malformed_requests_are_400(
+    server: ServerThread, request_body: bytes | dict[str, Any], message: str
+) -> None:
+    status, _, body = call(server, "POST", "/v2/models/echo/infer", request_body, auth("acme"))
+    assert status == 400
+    assert message in error_of(body)
+
+
+def test_json_values_out_of_range_or_of_the_wrong_kind_are_400(server: ServerThread) -> None:
+    inputs = [
+        {"name": f"IN_{t}", "datatype": t, "shape": [1, 1], "data": [_ONE[t]]} for t in DTYPES
+    ]
+    status, _, _ = call(
+        server, "POST", "/v2/models/alltypes/infer", {"inputs": inputs}, auth("acme")
+    )
+    assert status == 200
+    for datatype, bad in (("UINT8", 256), ("INT8", -129), ("INT32", 1.5), ("BOOL", 1)):
+        wrong = [dict(t, data=[bad]) if t["datatype"] == datatype else t for t in inputs]
+        status, _, body = call(
+            server, "POST", "/v2/models/alltypes/infer", {"inputs": wrong}, auth("acme")
+        )
+        assert status == 400, datatype
+        assert f"input 'IN_{datatype}'" in error_of(body)
+
+
+_ONE: dict[str, Any] = {t: (True if t == "BOOL" else "x" if t == "BYTES" else 1) for t in DTYPES}
+
+
+def binary_request(
+    tensors: list[tuple[str, str, list[int], bytes]], size_delta: int = 0
+) -> tuple[bytes, dict[str, str]]:
+    """A body with each input's bytes after the JSON, as tritonclient.http builds it."""
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "datatype": datatype,
+                    "shape": shape,
+                    "parameters": {"binary_data_size": len(raw) + size_delta},
+                }
+                for name, datatype, shape, raw in tensors
+            ],
+            "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    body = head + b"".join(raw for *_, raw in tensors)
+    return body, {"Inference-Header-Content-Length": str(len(head))}
+
+
+def test_binary_data_extension_by_hand(server: ServerThread) -> None:
+    array = np.arange(6, dtype="<f4").reshape(2, 3)
+    body, headers = binary_request([("INPUT0", "FP32", [2, 3], array.tobytes())])
+    status, answer_headers, answer = call(
+        server, "POST", "/v2/models/echo/infer", body, {**headers, **auth("acme")}
+    )
+    assert status == 200
+    header_length = int(answer_headers["Inference-Header-Content-Length"])
+    head = json.loads(answer[:header_length])
+    assert head["outputs"] == [
+        {
+            "name": "OUTPUT0",
+            "datatype": "FP32",
+            "shape": [2, 3],
+            "parameters": {"binary_data_size": 24},
+        }
+    ]
+    np.testing.assert_array_equal(np.frombuffer(answer[header_length:], "<f4"), array.ravel())
+
+
+@pytest.mark.parametrize(
+    ("raw_bytes", "size_delta", "header", "message"),
+    [
+        (20, 0, None, "FP32 [2, 3] needs 24 bytes, got 20"),
+        (24, -4, None, "4 bytes of binary data belong to no input"),
+        (24, 4, None, "runs past the 24 bytes of binary data"),
+        (24, 0, "-1", "outside the body"),
+        (24, 0, "ten", "is not an integer"),
+        (24, 0, "10", "not a valid JSON inference request"),
+    ],
+)
+def test_binary_framing_errors_are_400(
+    server: ServerThread, raw_bytes: int, size_delta: int, header: str | None, message: str
+) -> None:
+    raw = np.ones((2, 3), "<f4").tobytes()[:raw_bytes]
+    body, headers = binary_request([("INPUT0", "FP32", [2, 3], raw)], size_delta)
+    if header is not None:
+        headers["Inference-Header-Content-Length"] = header
+    status, _, answer = call(
+        server, "POST", "/v2/models/echo/infer", body, {**headers, **auth("acme")}
+    )
+    assert status == 400
+    assert message in error_of(answer)
+
+
+def test_leftover_binary_data_is_400(server: ServerThread) -> None:
+    body, headers = binary_request([("INPUT0", "FP32", [1, 1], b"\0\0\0\0")])
+    status, _, answer = call(
+        server, "POST", "/v2/models/echo/infer", body + b"xx", {**headers, **auth("acme")}
+    )
+    assert status == 400
+    assert "2 bytes of binary data belong to no input" in error_of(answer)
+
+
+def test_rate_limit_is_429_with_retry_after(server: ServerThread) -> None:
+    request = echo_request([1.0], [1, 1])
+    first = call(server, "POST", "/v2/models/echo/infer", request, auth("limited"))
+    assert first[0] == 200
+    status, headers, body = call(server, "POST", "/v2/models/echo/infer", request, auth("limited"))
+    assert status == 429
+    assert int(headers["Retry-After"]) >= 1
+    assert "rate limit" in error_of(body)
+
+
+def test_a_call_larger_than_the_quota_is_412(server: ServerThread) -> None:
+    request = echo_request([1.0, 2.0, 3.0], [3, 1])
+    status, headers, body = call(server, "POST", "/v2/models/echo/infer", request, auth("small"))
+    assert status == 412
+    assert "Retry-After" not in headers
+    assert error_of(body)
+
+
+def test_a_body_over_max_message_bytes_is_413(server: ServerThread) -> None:
+    raw = bytes(MAX_BODY + 8)
+    body, headers = binary_request([("INPUT0", "FP32", [1, len(raw) // 4], raw)])
+    status, _, answer = call(
+        server, "POST", "/v2/models/echo/infer", body, {**headers, **auth("acme")}
+    )
+    assert status == 413
+    assert f"larger than {MAX_BODY} bytes" in error_of(answer)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/"), ("GET", "/v3"), ("GET", "/v2/models"), ("GET", "/v2/models/echo/infer")],
+)
+def test_unknown_routes_are_404(server: ServerThread, method: str, path: str) -> None:
+    status, _, body = call(server, method, path, None, auth("acme"))
+    assert status == 404
+    assert error_of(body) == "no such endpoint"
+
+
+def test_answers_are_counted_under_grpc_status_names(server: ServerThread) -> None:
+    assert server.app is not None
+    metrics = server.app.metrics
+
+    def count(code: str) -> float:
+        labels = {"tenant": "globex", "model": "echo", "code": code}
+        return metrics.get_sample_value("mandant_requests_total", labels) or 0.0
+
+    before_ok, before_invalid = count("OK"), count("INVALID_ARGUMENT")
+    assert (
+        call(server, "POST", "/v2/models/echo/infer", echo_request([1], [1, 1]), auth("globex"))[0]
+        == 200
+    )
+    assert (
+        call(server, "POST", "/v2/models/echo/infer", echo_request([1], [1]), auth("globex"))[0]
+        == 400
+    )
+    assert (count("OK"), count("INVALID_ARGUMENT")) == (before_ok + 1, before_invalid + 1)

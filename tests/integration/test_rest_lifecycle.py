@@ -1,0 +1,118 @@
+"""The REST port's lifecycle: ``mandant serve --rest-port`` binds it, and on shutdown
+it stops taking connections while the calls in progress finish."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from mandant.config import parse_config
+from mandant.tenancy.keys import hash_key
+from tests.servers import ECHO_MODEL, MANDANT, SUBPROCESS_ENV, ServerThread, free_port, wait_for
+
+SLEEPY = {
+    **ECHO_MODEL,
+    "name": "sleepy",
+    "factory": "tests.integration.slow_models:sleepy",
+    "factory_args": {"seconds": 1.5},
+}
+
+
+def _infer(port: int, data: list[list[float]]) -> tuple[int, Any]:
+    body = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 3], "data": data}]}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v2/models/sleepy/infer",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": "Bearer k"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return answer.status, json.loads(answer.read())
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_shutdown_stops_listening_and_lets_calls_in_progress_finish(tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
+            "tenants": [{"id": "t", "api_keys": [hash_key("k")]}],
+            "models": [SLEEPY],
+        }
+    )
+    server = ServerThread(config, tmp_path).start()
+    assert server.app is not None
+    rest, port = server.app.rest, server.app.rest_port
+    results: list[tuple[int, Any]] = []
+    caller = threading.Thread(target=lambda: results.append(_infer(port, [[1.0, 2.0, 3.0]])))
+    caller.start()
+    for _ in range(500):  # until the call is in the server (bounded, not timed)
+        if rest.calls:
+            break
+        time.sleep(0.01)
+    assert rest.calls == 1
+    stopper = threading.Thread(target=server.stop, kwargs={"grace_s": 30})
+    stopper.start()
+    for _ in range(500):
+        if _refused(port):
+            break
+        time.sleep(0.01)
+    assert caller.is_alive(), "the call should still be running while the port is closed"
+    assert _refused(port)
+    caller.join(30)
+    stopper.join(30)
+    ((status, answer),) = results
+    assert status == 200
+    assert answer["outputs"][0]["data"] == [2.0, 4.0, 6.0]
+
+
+def test_mandant_serve_rest_port_flag(tmp_path: Path) -> None:
+    config = {
+        "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
+        "tenants": [{"id": "t", "api_keys": [hash_key("k")]}],
+        "models": [ECHO_MODEL],
+    }
+    path = tmp_path / "mandant.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = subprocess.Popen(
+        [*MANDANT, "serve", "--config", str(path), "--rest-port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=SUBPROCESS_ENV,
+    )
+    try:
+        out = wait_for(proc, "KServe v2 REST")
+        assert f"KServe v2 REST on http://127.0.0.1:{port}/v2" in out
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready") as answer:
+            assert answer.status == 200
+        x = np.arange(3, dtype=np.float32).reshape(1, 3)
+        body = {
+            "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 3], "data": x.tolist()}]
+        }
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v2/models/echo/infer",
+            data=json.dumps(body).encode(),
+            headers={"Authorization": "Bearer k"},
+        )
+        with urllib.request.urlopen(request) as answer:
+            assert json.loads(answer.read())["outputs"][0]["data"] == [0.0, 1.0, 2.0]
+    finally:
+        proc.kill()
+        proc.wait()

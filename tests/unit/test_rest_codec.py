@@ -1,0 +1,222 @@
+"""The REST codec on its own: JSON data of every shape and kind, the binary-data
+framing (zero-copy views of the body), the response layout tritonclient.http reads,
+the status table and the ``rest_port`` setting."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from mandant import errors
+from mandant.config import parse_config
+from mandant.errors import ConfigError, InvalidInput
+from mandant.transport.rest.codec import (
+    JsonInferRequest,
+    decode_json_data,
+    encode_infer_response,
+)
+from mandant.transport.rest.status import HTTP_STATUS, code_for, error_headers, http_status
+from mandant.types import DATATYPES, InferResponse, TensorHeader, TensorSpec
+
+NUMERIC = [t for t in DATATYPES if t != "BYTES"]
+
+
+def header(datatype: str, shape: tuple[int, ...], name: str = "X") -> TensorHeader:
+    return TensorHeader(name, datatype, shape)
+
+
+@pytest.mark.parametrize("datatype", NUMERIC)
+@given(data=st.data())
+def test_json_values_round_trip_exactly(datatype: str, data: st.DataObject) -> None:
+    dtype = DATATYPES[datatype]
+    elements = hnp.from_dtype(dtype, allow_nan=False, allow_infinity=False)
+    array = data.draw(
+        hnp.arrays(dtype, hnp.array_shapes(min_dims=1, max_dims=3), elements=elements)
+    )
+    nested = json.loads(json.dumps(array.tolist()))
+    for value in (nested, array.reshape(-1).tolist()):
+        got = decode_json_data(value, header(datatype, array.shape))
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, array)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "message"),
+    [
+        ("INT32", [1, 2, 3], "needs 4 values in data, got 3"),
+        ("INT32", [[1, 2], [3]], "not INT32"),
+        ("INT32", [1.5, 2, 3, 4], "not INT32"),
+        ("INT32", ["1", 2, 3, 4], "not INT32"),
+        ("UINT8", [0, 1, 2, 256], "out of range for UINT8"),
+        ("UINT64", [2**64, 1, 2, 3], "out of range for UINT64"),
+        ("UINT64", [2**64 - 1, 1, 2, -1], "out of range for UINT64"),
+        ("INT64", [2**63, 1, 2, 3], "out of range for INT64"),
+        ("BOOL", [1, 0, 1, 0], "not BOOL"),
+        ("FP32", [1, 2, None, 4], "not FP32"),
+        ("FP32", [1, 2, {"a": 1}, 4], "not FP32"),
+        ("BYTES", ["a", "b", 3, "d"], "not BYTES"),
+        ("BYTES", [["a", "b"], ["c"]], "needs 4 values"),
+    ],
+)
+def test_json_data_of_the_wrong_count_or_kind_is_invalid(
+    datatype: str, data: Any, message: str
+) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        decode_json_data(data, header(datatype, (2, 2)))
+
+
+def test_json_bytes_are_utf8_text() -> None:
+    got = decode_json_data([["café", ""], ["a", "b"]], header("BYTES", (2, 2)))
+    assert got.tolist() == [["café".encode(), b""], [b"a", b"b"]]
+
+
+def test_deeply_nested_json_is_invalid_not_a_crash() -> None:
+    body = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(InvalidInput, match="not a valid JSON"):
+        JsonInferRequest("m", "", body, None)
+
+
+def _binary_body(arrays: dict[str, np.ndarray]) -> tuple[bytes, str]:
+    head = json.dumps(
+        {
+            "id": "r",
+            "inputs": [
+                {
+                    "name": name,
+                    "datatype": "FP32" if a.dtype == np.float32 else "INT64",
+                    "shape": list(a.shape),
+                    "parameters": {"binary_data_size": a.nbytes},
+                }
+                for name, a in arrays.items()
+            ],
+            "outputs": [{"name": "Y", "parameters": {"binary_data": True}}, {"name": "Z"}],
+        }
+    ).encode()
+    return head + b"".join(a.tobytes() for a in arrays.values()), str(len(head))
+
+
+def test_binary_inputs_view_the_body_without_a_copy() -> None:
+    arrays = {"A": np.arange(6, dtype="<f4").reshape(2, 3), "B": np.arange(4, dtype="<i8")}
+    body, length = _binary_body(arrays)
+    request = JsonInferRequest("m", "2", body, length)
+    assert (request.model_name, request.model_version, request.request_id) == ("m", "2", "r")
+    assert [h.name for h in request.input_headers()] == ["A", "B"]
+    assert request.requested_outputs() == ["Y", "Z"]
+    assert request.binary_outputs() == frozenset({"Y"})
+    request.check_payload()
+    decoded = request.decode_inputs()
+    whole = np.frombuffer(body, np.uint8)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(decoded[name], array)
+        assert np.shares_memory(decoded[name], whole)
+
+
+def test_binary_bytes_elements_are_split() -> None:
+    raw = b"\x02\x00\x00\x00hi\x00\x00\x00\x00"
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "S",
+                    "datatype": "BYTES",
+                    "shape": [2],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    ).encode()
+    request = JsonInferRequest("m", "", head + raw, str(len(head)))
+    assert request.decode_inputs()["S"].tolist() == [b"hi", b""]
+    bad = JsonInferRequest("m", "", head + raw[:-1] + b"\x01", str(len(head)))
+    with pytest.raises(InvalidInput, match="input 'S'"):
+        bad.decode_inputs()
+
+
+def test_response_layout_is_json_then_each_binary_output() -> None:
+    response = InferResponse(
+        model_name="m",
+        model_version="1",
+        request_id="r",
+        outputs={
+            "A": np.array([[1, 2]], dtype=np.int64),  # declared FP32: sent as FP32
+            "S": np.array([b"x", b"yz"], dtype=np.object_),
+            "J": np.array([True, False]),
+        },
+        output_specs=(TensorSpec("A", "FP32", (-1, 2)),),
+    )
+    body, length = encode_infer_response(response, frozenset({"A", "S"}))
+    assert length is not None
+    head = json.loads(body[:length])
+    assert head == {
+        "model_name": "m",
+        "model_version": "1",
+        "id": "r",
+        "outputs": [
+            {
+                "name": "A",
+                "datatype": "FP32",
+                "shape": [1, 2],
+                "parameters": {"binary_data_size": 8},
+            },
+            {
+                "name": "S",
+                "datatype": "BYTES",
+                "shape": [2],
+                "parameters": {"binary_data_size": 11},
+            },
+            {"name": "J", "datatype": "BOOL", "shape": [2], "data": [True, False]},
+        ],
+    }
+    assert body[length:] == np.array([1, 2], "<f4").tobytes() + b"\x01\0\0\0x\x02\0\0\0yz"
+    only_json, none = encode_infer_response(response, False)
+    assert none is None
+    assert json.loads(only_json)["outputs"][1]["data"] == ["x", "yz"]
+
+
+def test_non_utf8_bytes_output_as_json_says_to_ask_for_binary() -> None:
+    response = InferResponse("m", "1", "", {"S": np.array([b"\xff"], dtype=np.object_)})
+    with pytest.raises(InvalidInput, match="binary_data"):
+        encode_infer_response(response, False)
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (errors.Unauthenticated(), 401),
+        (errors.ModelNotFound("m"), 404),
+        (errors.InvalidInput("x"), 400),
+        (errors.ModelFailed("m"), 400),
+        (errors.FailedPrecondition("x"), 412),
+        (errors.RateLimited("x", 0.2), 429),
+        (errors.QueueFull("x", 3.5), 429),
+        (errors.DeadlineExceeded("x"), 504),
+        (errors.Unavailable("x"), 503),
+        (RuntimeError("bug"), 500),
+    ],
+)
+def test_every_error_has_its_http_status(error: Exception, status: int) -> None:
+    assert http_status(code_for(error)) == status
+
+
+def test_retry_after_is_whole_seconds_and_at_least_one() -> None:
+    assert error_headers(errors.RateLimited("x", 0.2)) == {"Retry-After": "1"}
+    assert error_headers(errors.QueueFull("x", 3.5)) == {"Retry-After": "4"}
+    assert error_headers(errors.InvalidInput("x")) == {}
+
+
+def test_every_grpc_code_of_the_table_has_an_http_status() -> None:
+    from mandant.transport.grpc.status import STATUS
+
+    assert {code.name for _, code in STATUS} <= set(HTTP_STATUS)
+
+
+def test_rest_port_is_validated_and_defaults_to_tritons() -> None:
+    assert parse_config({}).server.rest_port == 8000
+    with pytest.raises(ConfigError, match="server.rest_port"):
+        parse_config({"server": {"rest_port": 70000}})
