@@ -218,5 +218,5 @@ def test_every_grpc_code_of_the_table_has_an_http_status() -> None:
 
 def test_rest_port_is_validated_and_defaults_to_tritons() -> None:
     assert parse_config({}).server.rest_port == 8000
-    with pytest.raises(ConfigError, match="server.rest_port"):
+    with pytest.raises(ConfigError, match=r"server\.rest_port"):
         parse_config({"server": {"rest_port": 70000}})
