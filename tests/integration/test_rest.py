@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.http as triton
+import tritonclient.http.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from mandant.config import parse_config
@@ -201,6 +202,24 @@ def test_without_requested_outputs_all_come_back_as_binary(server: ServerThread)
     result = client(server).infer("echo", [tensor], headers=auth("globex"))
     assert result.get_output("OUTPUT0")["parameters"] == {"binary_data_size": 48}
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), array)
+
+
+async def test_asyncio_client_with_bytes(server: ServerThread) -> None:
+    async_client = triton_aio.InferenceServerClient(rest(server))
+    try:
+        assert await async_client.is_server_ready()
+        rng = np.random.default_rng(5)
+        arrays = {t: _sample(t, rng, json_safe=False) for t in DTYPES}
+        inputs = []
+        for datatype, array in arrays.items():
+            tensor = triton_aio.InferInput(f"IN_{datatype}", list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        result = await async_client.infer("alltypes", inputs, headers=auth("acme"))
+        for datatype, array in arrays.items():
+            np.testing.assert_array_equal(result.as_numpy(f"OUT_{datatype}"), array)
+    finally:
+        await async_client.close()
 
 
 def test_only_the_requested_outputs_are_returned(server: ServerThread) -> None:
