@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -13,11 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import yaml
 
 from mandant.config import parse_config
 from mandant.tenancy.keys import hash_key
-from tests.servers import ECHO_MODEL, MANDANT, SUBPROCESS_ENV, ServerThread, free_port, wait_for
+from tests.servers import (
+    ECHO_MODEL,
+    MANDANT,
+    SUBPROCESS_ENV,
+    ServerThread,
+    demo_config,
+    free_port,
+    wait_for,
+)
 
 SLEEPY = {
     **ECHO_MODEL,
@@ -79,6 +89,33 @@ def test_shutdown_stops_listening_and_lets_calls_in_progress_finish(tmp_path: Pa
     ((status, answer),) = results
     assert status == 200
     assert answer["outputs"][0]["data"] == [2.0, 4.0, 6.0]
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_rest_uses_the_servers_tls_certificate(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    config = demo_config(tls={"cert": str(cert), "key": str(key)})
+    with ServerThread(config, tmp_path) as server:
+        assert server.app is not None
+        base = f"127.0.0.1:{server.app.rest_port}"
+        trusted = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(f"https://{base}/v2/health/ready", context=trusted) as answer:
+            assert answer.status == 200
+        with pytest.raises(OSError):  # no plain HTTP beside it (the server hangs up)
+            urllib.request.urlopen(f"http://{base}/v2/health/ready", timeout=10)
 
 
 def test_mandant_serve_rest_port_flag(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """The KServe v2 REST port (Triton's 8000): aiohttp on the server's event loop, the
-same data plane, keys, visibility rules and status table as gRPC.
+same data plane, keys, visibility rules, status table and TLS settings as gRPC.
 
 Served: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready`` (open), and under
 ``/v2/models/{name}[/versions/{version}]`` (tenant key): ``GET`` metadata, ``GET
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from typing import Any
 
 from aiohttp import web
@@ -76,7 +77,9 @@ class RestServer:
     async def start(self) -> int:
         """Bind and serve; returns the bound port (0 binds a free one)."""
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._config.host, self._config.rest_port)
+        site = web.TCPSite(
+            self._runner, self._config.host, self._config.rest_port, ssl_context=self._tls()
+        )
         try:
             await site.start()
         except BaseException:
@@ -84,6 +87,15 @@ class RestServer:
             raise
         self.port = int(self._runner.addresses[0][1])
         return self.port
+
+    def _tls(self) -> ssl.SSLContext | None:
+        """HTTPS with the gRPC port's certificate where ``server.tls`` is set."""
+        tls = self._config.tls
+        if tls is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls.cert, tls.key)
+        return context
 
     async def aclose(self, grace_s: float = 0.0) -> None:
         """Stop listening and refuse new inference calls (503), let calls in progress
