@@ -23,7 +23,7 @@ from mandant.transport.grpc.servicer import (
     InferenceServicer,
     method_handlers,
 )
-from mandant_client._proto import admin_pb2
+from mandant_client._proto import admin_pb2, model_config_pb2
 from mandant_client._proto import grpc_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     in a private pool, the health and reflection protos in the default one)."""
     pool = descriptor_pool.DescriptorPool()
     for file in (
+        model_config_pb2.DESCRIPTOR,  # before the service file, which imports it
         pb.DESCRIPTOR,
         admin_pb2.DESCRIPTOR,
         health_pb2.DESCRIPTOR,
