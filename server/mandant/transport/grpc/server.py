@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mandant.config import ServerConfig
 from mandant.events import Observer
+from mandant.observability.stats import InferenceStats
 from mandant.observability.usage import UsageReports
 from mandant.scheduling.door import FrontDoor
 from mandant.service import DataPlane
@@ -55,9 +56,11 @@ class GrpcServer:
         config: ServerConfig,
         observer: Observer | None = None,
         usage: UsageReports | None = None,
+        stats: InferenceStats | None = None,
     ) -> None:
         """``usage``: serve ``mandant.admin.v1.AdminService`` from these reports (admin
-        keys from ``config.admin_keys``); without it the admin service is not served."""
+        keys from ``config.admin_keys``); without it the admin service is not served.
+        ``stats``: what ModelStatistics answers from (fed through ``observer``)."""
         self._plane = plane
         self._config = config
         self._health = health.aio.HealthServicer()
@@ -77,7 +80,9 @@ class GrpcServer:
             max_calls=config.max_concurrent_rpcs,
             door=door,
         )
-        servicer = InferenceServicer(plane, config.max_stream_inflight, gate.observer, door)
+        servicer = InferenceServicer(
+            plane, config.max_stream_inflight, gate.observer, door, stats or InferenceStats()
+        )
         self._server.add_registered_method_handlers(
             INFERENCE_SERVICE, method_handlers(servicer, gate)
         )
