@@ -20,7 +20,7 @@ from mandant.types import Call, EncodedRequest, InferRequest, InferResponse, Ten
 from mandant.validation import check_batch_rows, check_inputs, check_outputs
 
 SERVER_NAME = "mandant"
-EXTENSIONS = ("model_repository", "parameters", "tenancy")
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters", "tenancy")
 #: Longest request ``id`` accepted (bytes of UTF-8); ids are echoed in answers and logs.
 MAX_REQUEST_ID_BYTES = 256
 

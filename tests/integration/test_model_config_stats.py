@@ -214,3 +214,8 @@ def test_stream_calls_count_for_their_tenant(server: ServerThread) -> None:
             pb.ModelStatisticsRequest(name="echo"), metadata=auth("acme").items()
         )
         assert acme.model_stats[0].inference_stats.success.count == 0
+
+
+def test_server_metadata_names_the_extensions(client: triton.InferenceServerClient) -> None:
+    extensions = client.get_server_metadata().extensions
+    assert {"model_configuration", "statistics"} <= set(extensions)
