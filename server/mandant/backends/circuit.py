@@ -16,6 +16,14 @@ import time
 from collections.abc import Callable
 
 
+class CallOutcome(enum.Enum):
+    """What one call let through says about the server behind the circuit."""
+
+    ANSWERED = "answered"  # the server ran it and answered (an error answer too): it works
+    FAILED = "failed"  # unreachable, or no answer in time: counts towards opening
+    ABANDONED = "abandoned"  # the caller gave up first: says nothing
+
+
 class CircuitState(enum.Enum):
     CLOSED = "closed"
     OPEN = "open"
@@ -70,6 +78,15 @@ class CircuitBreaker:
             self._probes += 1
             return True
         return False
+
+    def record(self, outcome: CallOutcome) -> None:
+        """Report the outcome of a call that :meth:`allow` let through."""
+        if outcome is CallOutcome.ANSWERED:
+            self.record_success()
+        elif outcome is CallOutcome.FAILED:
+            self.record_failure()
+        else:
+            self.record_abandoned()
 
     def record_success(self) -> None:
         self._state = CircuitState.CLOSED
