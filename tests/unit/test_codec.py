@@ -206,8 +206,9 @@ def test_bytes_tensors_above_the_element_bound_are_refused_before_decoding() -> 
 
 
 def test_the_default_element_bound_applies_to_requests() -> None:
-    """A request of empty BYTES elements one above the default bound: 4 MiB that used
-    to cost a second of Python on the event loop, refused before any is read."""
+    """A request of empty BYTES elements one above the default bound (1 MiB, which used
+    to take a quarter of a second of Python on the event loop), refused before any is
+    read."""
     at_bound = ProtoInferRequest(_bytes_request(DEFAULT_MAX_BYTES_ELEMENTS))
     at_bound.check_payload()
     assert at_bound.decode_inputs()["X"].shape == (DEFAULT_MAX_BYTES_ELEMENTS,)
