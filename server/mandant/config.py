@@ -55,8 +55,15 @@ class ServerConfig(_Frozen):
     grace_s: Annotated[float, Field(ge=0)] = 10.0
     #: Concurrent calls one client connection may have in the server; further calls
     #: wait in the client's HTTP/2 layer, costing this server nothing. Bounds how much
-    #: of a CPU-bound front end one connection can occupy (None: gRPC's default).
-    max_concurrent_streams: Annotated[int, Field(gt=0)] | None = None
+    #: of a CPU-bound front end one connection can occupy.
+    max_concurrent_streams: Annotated[int, Field(gt=0)] = 1024
+    #: Calls (and open streams) the whole server serves at once; beyond it gRPC answers
+    #: RESOURCE_EXHAUSTED at once. A call holds its place until its answer is sent, so
+    #: this also bounds the memory that answers to slow readers can hold.
+    max_concurrent_rpcs: Annotated[int, Field(gt=0)] = 4096
+    #: Messages of one ModelStreamInfer stream served at once; beyond it the stream is
+    #: not read until one is answered (backpressure, not buffering).
+    max_stream_inflight: Annotated[int, Field(gt=0)] = 128
     #: Most elements one BYTES tensor (raw or typed ``bytes_contents``) may hold; BYTES
     #: are unframed element by element on the event loop, so more is refused
     #: (INVALID_ARGUMENT) before any is read. Fixed-size tensors are zero-copy views

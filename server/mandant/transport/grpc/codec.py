@@ -45,6 +45,7 @@ _FIELD_DTYPE = {
     "fp64_contents": np.float64,
 }
 
+
 def parameter_value(param: pb.InferParameter) -> bool | int | float | str:
     which = param.WhichOneof("parameter_choice")
     if which is None:
@@ -147,12 +148,17 @@ def decode_contents(
 
 
 class ProtoInferRequest:
-    """A ``ModelInferRequest`` seen through :class:`mandant.types.EncodedRequest`."""
+    """A ``ModelInferRequest`` seen through :class:`mandant.types.EncodedRequest`.
 
-    __slots__ = ("_msg",)
+    Headers are read once, and each ``raw_input_contents`` entry is taken out of the
+    message once (upb makes a new ``bytes`` on every element access)."""
+
+    __slots__ = ("_headers", "_msg", "_raw")
 
     def __init__(self, msg: pb.ModelInferRequest) -> None:
         self._msg = msg
+        self._headers: list[TensorHeader] | None = None
+        self._raw: list[bytes] | None = None
 
     @property
     def model_name(self) -> str:
@@ -167,47 +173,60 @@ class ProtoInferRequest:
         return self._msg.id
 
     def input_headers(self) -> Sequence[TensorHeader]:
-        return [TensorHeader(t.name, t.datatype, tuple(t.shape)) for t in self._msg.inputs]
+        if self._headers is None:
+            self._headers = [
+                TensorHeader(t.name, t.datatype, tuple(t.shape)) for t in self._msg.inputs
+            ]
+        return self._headers
 
     def requested_outputs(self) -> Sequence[str]:
-        return [o.name for o in self._msg.outputs]
+        outputs = self._msg.outputs
+        return [o.name for o in outputs] if outputs else ()
 
     def parameters(self) -> Mapping[str, bool | int | float | str]:
-        return {key: parameter_value(value) for key, value in self._msg.parameters.items()}
+        parameters = self._msg.parameters
+        if not parameters:
+            return _NO_PARAMETERS
+        return {key: parameter_value(value) for key, value in parameters.items()}
+
+    def _raw_contents(self) -> list[bytes]:
+        if self._raw is None:
+            self._raw = list(self._msg.raw_input_contents)
+            if self._raw and len(self._raw) != len(self._msg.inputs):
+                raise InvalidInput(
+                    f"raw_input_contents has {len(self._raw)} entries for "
+                    f"{len(self._msg.inputs)} inputs"
+                )
+        return self._raw
 
     def check_payload(self) -> None:
-        msg = self._msg
-        raw = msg.raw_input_contents
-        if raw and len(raw) != len(msg.inputs):
-            raise InvalidInput(
-                f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs"
-            )
+        raw = self._raw_contents()
         if not raw:
             return  # typed contents are counted while decoding
-        for index, tensor in enumerate(msg.inputs):
-            if tensor.datatype in DATATYPES:  # an unknown one was refused by validation
-                header = TensorHeader(tensor.name, tensor.datatype, tuple(tensor.shape))
-                check_raw_size(raw[index], header)
+        for header, data in zip(self.input_headers(), raw, strict=True):
+            if header.datatype in DATATYPES:  # an unknown one was refused by validation
+                check_raw_size(data, header)
 
     def decode_inputs(self) -> dict[str, np.ndarray]:
-        msg = self._msg
-        raw = msg.raw_input_contents
-        if raw and len(raw) != len(msg.inputs):
-            raise InvalidInput(
-                f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs"
-            )
-        arrays: dict[str, np.ndarray] = {}
-        for index, tensor in enumerate(msg.inputs):
-            header = TensorHeader(tensor.name, tensor.datatype, tuple(tensor.shape))
-            if raw:
+        raw = self._raw_contents()
+        headers = self.input_headers()
+        if raw:
+            for tensor in self._msg.inputs:
                 if tensor.HasField("contents"):
                     raise InvalidInput(
                         f"input '{tensor.name}': both contents and raw_input_contents given"
                     )
-                arrays[tensor.name] = decode_raw(raw[index], header)
-            else:
-                arrays[tensor.name] = decode_contents(tensor.contents, header)
-        return arrays
+            return {
+                header.name: decode_raw(data, header)
+                for header, data in zip(headers, raw, strict=True)
+            }
+        return {
+            header.name: decode_contents(tensor.contents, header)
+            for header, tensor in zip(headers, self._msg.inputs, strict=True)
+        }
+
+
+_NO_PARAMETERS: Mapping[str, bool | int | float | str] = {}
 
 
 def encode_infer_response(response: InferResponse) -> pb.ModelInferResponse:
