@@ -5,7 +5,10 @@
     HALF_OPEN ──(a probe succeeds)──▶ CLOSED;  ──(a probe fails)──▶ OPEN again
 
 While OPEN every call is refused at once, so a dead server costs callers nothing and
-is not hammered; the half-open probes find out when it is back. Pure logic on an
+is not hammered; the half-open probes find out when it is back. Callers report each
+call's :class:`CallOutcome`: only FAILED (unreachable, timed out) counts towards
+opening; an error the server answered shows it works, since the breaker is shared by
+every tenant and one tenant's bad inputs must not shut a model for all. Pure logic on an
 injected clock (``time.monotonic`` by default): no I/O, no sleeping, no asyncio.
 """
 
