@@ -100,3 +100,36 @@ def test_more_bytes_elements_than_the_bound_are_invalid(
     assert f"{count} BYTES elements, at most {DEFAULT_MAX_BYTES_ELEMENTS}" in err.value.details()
     reply = stub.ModelInfer(raw_request(framed([b"ok"]), 1), metadata=METADATA)
     assert reply.raw_output_contents[0] == framed([b"ok"])
+
+
+def test_a_configured_bound_applies_on_unary_calls_and_streams(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "max_bytes_elements": 8},
+            "tenants": [{"id": "t", "api_keys": [hash_key(KEY)]}],
+            "models": [
+                {
+                    "name": "bytes_echo",
+                    "factory": "mandant.demo.models:echo",
+                    "inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [-1]}],
+                    "outputs": [{"name": "OUTPUT0", "datatype": "BYTES", "shape": [-1]}],
+                }
+            ],
+        }
+    )
+    with (
+        ServerThread(config, tmp_path_factory.mktemp("bound")) as server,
+        grpc.insecure_channel(server.target, OPTIONS) as channel,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(raw_request(framed([b"x"] * 8), 8), metadata=METADATA)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(raw_request(framed([b"x"] * 9), 9), metadata=METADATA)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        answers = list(
+            stub.ModelStreamInfer(iter([raw_request(framed([b"x"] * 9), 9)]), metadata=METADATA)
+        )
+        status = answers[0].infer_response.parameters["status_code"].string_param
+        assert status == "INVALID_ARGUMENT"

@@ -153,10 +153,13 @@ class ProtoInferRequest:
     Headers are read once, and each ``raw_input_contents`` entry is taken out of the
     message once (upb makes a new ``bytes`` on every element access)."""
 
-    __slots__ = ("_headers", "_msg", "_raw")
+    __slots__ = ("_headers", "_max_bytes_elements", "_msg", "_raw")
 
-    def __init__(self, msg: pb.ModelInferRequest) -> None:
+    def __init__(
+        self, msg: pb.ModelInferRequest, max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS
+    ) -> None:
         self._msg = msg
+        self._max_bytes_elements = max_bytes_elements
         self._headers: list[TensorHeader] | None = None
         self._raw: list[bytes] | None = None
 
@@ -205,7 +208,7 @@ class ProtoInferRequest:
             return  # typed contents are counted while decoding
         for header, data in zip(self.input_headers(), raw, strict=True):
             if header.datatype in DATATYPES:  # an unknown one was refused by validation
-                check_raw_size(data, header)
+                check_raw_size(data, header, self._max_bytes_elements)
 
     def decode_inputs(self) -> dict[str, np.ndarray]:
         raw = self._raw_contents()
@@ -217,11 +220,11 @@ class ProtoInferRequest:
                         f"input '{tensor.name}': both contents and raw_input_contents given"
                     )
             return {
-                header.name: decode_raw(data, header)
+                header.name: decode_raw(data, header, self._max_bytes_elements)
                 for header, data in zip(headers, raw, strict=True)
             }
         return {
-            header.name: decode_contents(tensor.contents, header)
+            header.name: decode_contents(tensor.contents, header, self._max_bytes_elements)
             for header, tensor in zip(headers, self._msg.inputs, strict=True)
         }
 
