@@ -80,9 +80,7 @@ class GrpcServer:
             max_calls=config.max_concurrent_rpcs,
             door=door,
         )
-        servicer = InferenceServicer(
-            plane, config.max_stream_inflight, gate.observer, door, stats or InferenceStats()
-        )
+        servicer = InferenceServicer(plane, config, gate.observer, door, stats or InferenceStats())
         self._server.add_registered_method_handlers(
             INFERENCE_SERVICE, method_handlers(servicer, gate)
         )

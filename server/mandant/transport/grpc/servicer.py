@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from mandant.config import ServerConfig
 from mandant.events import Observer
 from mandant.observability.stats import InferenceStats
 from mandant.registry import Model
@@ -41,14 +42,16 @@ class InferenceServicer:
     def __init__(
         self,
         plane: DataPlane,
-        max_stream_inflight: int,
+        config: ServerConfig,
         observer: Observer,
         door: FrontDoor | None = None,
         stats: InferenceStats | None = None,
     ) -> None:
+        """``config``: the server's bounds on streams and tensors."""
         self._plane = plane
         self._stats = stats or InferenceStats()
-        self._max_stream_inflight = max_stream_inflight
+        self._max_stream_inflight = config.max_stream_inflight
+        self._max_bytes_elements = config.max_bytes_elements
         self._observer = observer
         self._door = door
 
@@ -116,7 +119,9 @@ class InferenceServicer:
         self, request: pb.ModelInferRequest, call: Call, context: Context
     ) -> pb.ModelInferResponse:
         response = await self._plane.infer(
-            call, ProtoInferRequest(request), context.time_remaining()
+            call,
+            ProtoInferRequest(request, self._max_bytes_elements),
+            context.time_remaining(),
         )
         return encode_infer_response(response)
 
@@ -126,6 +131,7 @@ class InferenceServicer:
             call.caller,
             context,
             self._max_stream_inflight,
+            self._max_bytes_elements,
             self._observer,
             self._door,
         )
