@@ -52,6 +52,7 @@ class InferStream:
         tenant: Tenant,
         context: Context,
         max_inflight: int,
+        max_bytes_elements: int,
         observer: Observer,
         door: FrontDoor | None = None,
     ) -> None:
@@ -59,6 +60,7 @@ class InferStream:
         self._tenant = tenant
         self._context = context
         self._window = asyncio.Semaphore(max(1, max_inflight))
+        self._max_bytes_elements = max_bytes_elements
         self._observer = observer
         self._door = door
         self._outbox: asyncio.Queue[object] = asyncio.Queue()
@@ -118,7 +120,9 @@ class InferStream:
             request = parse(pb.ModelInferRequest, raw)
             current_request_id.set(request.id[:MAX_LOGGED_ID])
             response = await self._plane.infer(
-                call, ProtoInferRequest(request), self._context.time_remaining()
+                call,
+                ProtoInferRequest(request, self._max_bytes_elements),
+                self._context.time_remaining(),
             )
             return pb.ModelStreamInferResponse(infer_response=encode_infer_response(response))
         except MandantError as exc:
@@ -136,7 +140,7 @@ class InferStream:
             if inside and self._door is not None:
                 self._door.leave()
             self._observer.request_finished(
-                self._tenant.id, call.model, code, time.perf_counter() - start
+                self._tenant.id, call.model, code, time.perf_counter() - start, call.version
             )
 
 
