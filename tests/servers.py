@@ -62,6 +62,11 @@ def auth(tenant_or_key: str) -> dict[str, str]:
 
 class ServerThread:
     def __init__(self, config: MandantConfig, base_dir: Path) -> None:
+        """A configuration that does not set ``server.rest_port`` gets 0, not Triton's
+        8000: tests running side by side must not compete for one port."""
+        if "rest_port" not in config.server.model_fields_set:
+            server = config.server.model_copy(update={"rest_port": 0})
+            config = config.model_copy(update={"server": server})
         self._config = config
         self._base_dir = base_dir
         self._loop = asyncio.new_event_loop()

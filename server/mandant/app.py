@@ -95,7 +95,9 @@ class App:
             stats=self.stats,
         )
         self.grpc_port = 0
-        self.rest = RestServer(self.plane, config.server, observer=self.observer)
+        self.rest = RestServer(
+            self.plane, config.server, observer=self.stats.observe(self.observer), stats=self.stats
+        )
         self.rest_port = 0
         self.http = HttpServer(
             config.server,

@@ -27,7 +27,7 @@ OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_leng
 def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
     config = parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0},
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
             "tenants": [{"id": "t", "api_keys": [hash_key(KEY)]}],
             "models": [
                 {
@@ -107,7 +107,7 @@ def test_a_configured_bound_applies_on_unary_calls_and_streams(
 ) -> None:
     config = parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0, "max_bytes_elements": 8},
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "max_bytes_elements": 8},
             "tenants": [{"id": "t", "api_keys": [hash_key(KEY)]}],
             "models": [
                 {

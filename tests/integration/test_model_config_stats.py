@@ -27,7 +27,7 @@ CALLS = {"acme": [1, 3], "initech": [2], "globex": [4]}
 def _config() -> Any:
     """The demo, with globex's tuned classifier batching differently from the base."""
     data = yaml.safe_load(DEMO_CONFIG.read_text())
-    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0}
+    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0, "rest_port": 0}
     tuned = data["models"][1]
     assert (tuned["tenant"], tuned["base"]) == ("globex", "classifier")
     tuned["batching"] = {"max_batch_size": 8, "max_queue_delay_ms": 0.5}

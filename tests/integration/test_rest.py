@@ -37,7 +37,13 @@ DTYPES = {
     "FP64": np.float64,
     "BYTES": np.object_,
 }
-KEYS = {"acme": "acme-k", "globex": "globex-k", "limited": "limited-k", "small": "small-k"}
+KEYS = {
+    "acme": "acme-k",
+    "globex": "globex-k",
+    "limited": "limited-k",
+    "small": "small-k",
+    "admin": "admin-k",
+}
 MAX_BODY = 1 << 20
 
 
@@ -65,6 +71,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
                 "rest_port": 0,
                 "grace_s": 0,
                 "max_message_bytes": MAX_BODY,
+                "admin_keys": [hash_key(KEYS["admin"])],
             },
             "tenants": [
                 {"id": "acme", "api_keys": [hash_key(KEYS["acme"])]},
@@ -300,14 +307,50 @@ def test_a_private_model_is_not_found_for_other_tenants(
         assert status == 404
         assert re.fullmatch(rf"model '{name}'( version '1')? not found", error_of(answer))
     owner_status, _, _ = call(server, method, f"/v2/models/secret{suffix}", body, auth("acme"))
-    assert owner_status == (501 if suffix in ("/stats", "/config") else 200)
+    assert owner_status == 200
 
 
-def test_stats_and_config_say_they_are_not_served(server: ServerThread) -> None:
-    for endpoint in ("stats", "config"):
-        status, _, body = call(server, "GET", f"/v2/models/echo/{endpoint}", None, auth("acme"))
-        assert status == 501
-        assert "not served over REST" in error_of(body)
+def test_model_config_through_tritonclient(server: ServerThread) -> None:
+    config = client(server).get_model_config("alltypes", headers=auth("acme"))
+    assert (config["name"], config["backend"], config["max_batch_size"]) == ("alltypes", "torch", 0)
+    assert config["input"][0]["name"] == "IN_BOOL"
+    assert config["input"][0]["data_type"] == "TYPE_BOOL"
+    assert config["input"][0]["dims"] == [-1, -1]  # numbers, not protobuf's int64 strings
+    assert config["version_policy"] == {"specific": {"versions": [1]}}
+    with pytest.raises(InferenceServerException) as hidden:
+        client(server).get_model_config("secret", headers=auth("globex"))
+    assert hidden.value.status() == "404"
+
+
+def _successes(stats: dict[str, Any], name: str) -> int:
+    (entry,) = [s for s in stats["model_stats"] if s["name"] == name]
+    count = entry["inference_stats"]["success"]["count"]
+    assert isinstance(count, int)
+    return count
+
+
+def test_statistics_show_a_tenant_its_own_calls_only(server: ServerThread) -> None:
+    triton_client = client(server)
+
+    def successes(tenant: str, name: str = "echo", **headers: str) -> int:
+        stats = triton_client.get_inference_statistics(name, headers={**auth(tenant), **headers})
+        return _successes(stats, name)
+
+    before = {tenant: successes(tenant) for tenant in ("acme", "globex")}
+    before_admin = successes("admin")
+    request = echo_request([1.0], [1, 1])
+    for _ in range(3):
+        assert call(server, "POST", "/v2/models/echo/infer", request, auth("acme"))[0] == 200
+    assert call(server, "POST", "/v2/models/echo/infer", request, auth("globex"))[0] == 200
+    assert successes("acme") == before["acme"] + 3
+    assert successes("globex") == before["globex"] + 1
+    assert successes("admin") >= before_admin + 4  # every tenant's
+    assert successes("admin", **{"mandant-tenant": "acme"}) == successes("acme")
+    every = triton_client.get_inference_statistics(headers=auth("globex"))
+    assert {s["name"] for s in every["model_stats"]} == {"echo", "alltypes"}  # no "secret"
+    status, _, _ = call(server, "GET", "/v2/models/secret/stats", None, auth("globex"))
+    assert status == 404
+    assert call(server, "GET", "/v2/models/stats")[0] == 401
 
 
 def test_json_data_nested_or_flat(server: ServerThread) -> None:

@@ -2,7 +2,7 @@
 
 1. a server-wide cap on calls in progress (429 with ``Retry-After`` beyond it);
 2. the caller's ``Authorization: Bearer <key>`` header, checked **before the body is
-   read** (open endpoints take none);
+   read** (open endpoints take none; statistics also take an admin key);
 3. inference calls take turns by tenant at the front door (``scheduling/door.py``);
 4. every exception becomes an HTTP answer through ``status.py``'s table, with a
    ``{"error": ...}`` body; unknown ones a 500 with a generic message and a logged
@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from mandant.context import current_request_id, current_tenant
-from mandant.errors import MandantError, ServerBusy
+from mandant.errors import MandantError, ServerBusy, Unauthenticated
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.door import FrontDoor
 from mandant.transport.rest.codec import BodyTooLarge
@@ -38,6 +38,7 @@ from mandant.types import Call, Tenant
 logger = logging.getLogger(__name__)
 
 Authenticator = Callable[[str | None], Tenant]
+AdminAuthenticator = Callable[[str | None], None]
 Behavior = Callable[[web.Request, Call], Awaitable[web.Response]]
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -48,10 +49,8 @@ BUSY_RETRY_S = 0.05
 class Access(enum.Enum):
     OPEN = "open"  # server metadata and health: no key, like Triton's
     TENANT = "tenant"  # a tenant's API key
-
-
-class NotServed(Exception):
-    """An endpoint of the protocol this server does not serve over REST (HTTP 501)."""
+    #: a tenant key (the call's tenant is set) or an admin key (its tenant is None)
+    TENANT_OR_ADMIN = "tenant_or_admin"
 
 
 def error_response(
@@ -64,11 +63,13 @@ class RestGate:
     def __init__(
         self,
         authenticate: Authenticator,
+        authenticate_admin: AdminAuthenticator,
         observer: Observer | None = None,
         max_calls: int | None = None,
         door: FrontDoor | None = None,
     ) -> None:
         self._authenticate = authenticate
+        self._authenticate_admin = authenticate_admin
         self._observer: Observer = observer or NullObserver()
         self._max_calls = max_calls if max_calls is not None else 1 << 62
         self._door = door
@@ -103,9 +104,8 @@ class RestGate:
                 self._calls += 1
                 self._idle.clear()
                 entered = True
-                if access is Access.TENANT:
-                    call.tenant = self._authenticate(request.headers.get("Authorization"))
-                    current_tenant.set(call.tenant)
+                if access is not Access.OPEN:
+                    call.tenant = self._caller(access, request.headers.get("Authorization"))
                 if door is not None and call.tenant is not None:
                     await door.enter(call.tenant)
                     inside = True
@@ -116,9 +116,6 @@ class RestGate:
             except MandantError as exc:
                 code = code_for(exc)
                 return error_response(http_status(code), str(exc), error_headers(exc))
-            except NotServed as exc:
-                code = "UNIMPLEMENTED"
-                return error_response(501, str(exc))
             except asyncio.CancelledError:  # the client went away
                 code = "CANCELLED"
                 raise
@@ -133,9 +130,25 @@ class RestGate:
                     if not self._calls:
                         self._idle.set()
                 tenant_id = call.tenant.id if call.tenant is not None else ""
-                observer.request_finished(tenant_id, call.model, code, time.perf_counter() - start)
+                duration_s = time.perf_counter() - start
+                observer.request_finished(tenant_id, call.model, code, duration_s, call.version)
 
         return handle
+
+    def _caller(self, access: Access, authorization: str | None) -> Tenant | None:
+        """The tenant of a tenant key; None for an admin key where one is accepted."""
+        try:
+            tenant = self._authenticate(authorization)
+        except Unauthenticated as refused:
+            if access is not Access.TENANT_OR_ADMIN:
+                raise
+            try:
+                self._authenticate_admin(authorization)
+            except Unauthenticated:
+                raise refused from None
+            return None
+        current_tenant.set(tenant)
+        return tenant
 
 
 def _internal(request: web.Request, call: Call) -> web.Response:

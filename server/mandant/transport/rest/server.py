@@ -3,8 +3,13 @@ same data plane, keys, visibility rules, status table and TLS settings as gRPC.
 
 Served: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready`` (open), and under
 ``/v2/models/{name}[/versions/{version}]`` (tenant key): ``GET`` metadata, ``GET
-/ready``, ``POST /infer`` (JSON tensors and the binary-data extension). ``/config``
-and ``/stats`` answer 501 once the model is resolved (an invisible model is 404 first).
+/ready``, ``GET /config``, ``POST /infer`` (JSON tensors and the binary-data
+extension). ``GET /v2/models[/{name}[/versions/{version}]]/stats`` takes a tenant key
+(its own calls) or an admin key (every tenant's, or one tenant's with the
+``mandant-tenant`` header), as gRPC's ModelStatistics. Configuration and statistics
+are gRPC's messages (``transport/grpc/model_config.py``, ``statistics.py``) in
+protobuf's JSON mapping, field names as in the proto and 64-bit integers as numbers,
+as Triton's REST answers them.
 """
 
 from __future__ import annotations
@@ -16,20 +21,30 @@ import ssl
 from typing import Any
 
 from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from mandant.config import ServerConfig
 from mandant.context import current_request_id
 from mandant.events import Observer
+from mandant.observability.stats import InferenceStats
 from mandant.scheduling.door import FrontDoor
 from mandant.service import EXTENSIONS, SERVER_NAME, DataPlane
+from mandant.tenancy.keys import AdminKeys
+from mandant.transport.grpc.model_config import model_config
+from mandant.transport.grpc.statistics import (
+    TENANT_METADATA,
+    admin_statistics,
+    tenant_statistics,
+)
 from mandant.transport.rest.codec import (
     HEADER_LENGTH,
     BodyTooLarge,
     JsonInferRequest,
     encode_infer_response,
 )
-from mandant.transport.rest.gate import Access, NotServed, RestGate, error_response
-from mandant.types import Call, TensorSpec
+from mandant.transport.rest.gate import Access, RestGate, error_response
+from mandant.types import Call, Tenant, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +56,20 @@ _VERSION = "/v2/models/{name}/versions/{version}"
 
 class RestServer:
     def __init__(
-        self, plane: DataPlane, config: ServerConfig, observer: Observer | None = None
+        self,
+        plane: DataPlane,
+        config: ServerConfig,
+        observer: Observer | None = None,
+        stats: InferenceStats | None = None,
     ) -> None:
+        """``stats``: what ``/stats`` answers from (fed through ``observer``)."""
         self._plane = plane
         self._config = config
+        self._stats = stats or InferenceStats()
         self._max_body = config.max_message_bytes
         gate = RestGate(
             plane.authenticate,
+            AdminKeys(config.admin_keys).authenticate,
             observer=observer,
             max_calls=config.max_concurrent_rpcs,
             door=FrontDoor(config.front_door_slots),
@@ -58,11 +80,13 @@ class RestServer:
         routes.add_get("/v2", gate.route(Access.OPEN, self._server_metadata))
         routes.add_get("/v2/health/live", gate.route(Access.OPEN, self._live))
         routes.add_get("/v2/health/ready", gate.route(Access.OPEN, self._ready))
+        stats_route = gate.route(Access.TENANT_OR_ADMIN, self._model_stats)
+        routes.add_get("/v2/models/stats", stats_route)  # all models: before {name}
         for base in (_MODEL, _VERSION):
             routes.add_get(base, gate.route(Access.TENANT, self._model_metadata))
             routes.add_get(f"{base}/ready", gate.route(Access.TENANT, self._model_ready))
             routes.add_get(f"{base}/config", gate.route(Access.TENANT, self._model_config))
-            routes.add_get(f"{base}/stats", gate.route(Access.TENANT, self._model_stats))
+            routes.add_get(f"{base}/stats", stats_route)
             routes.add_post(f"{base}/infer", gate.route(Access.TENANT, self._infer, fair=True))
         routes.add_route("*", "/{tail:.*}", _not_found)
         # Connections still open after the drain (``aclose``) are closed at once.
@@ -145,12 +169,25 @@ class RestServer:
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def _model_config(self, request: web.Request, call: Call) -> web.Response:
-        self._plane.model(call.caller, *_model_of(request))  # 404 before 501
-        raise NotServed("model configuration is not served over REST")
+        name, version = _model_of(request)
+        model = self._plane.model(call.caller, name, version)
+        config = model_config(model, self._plane.model_versions(call.caller, name))
+        return web.json_response(_json(config))
 
     async def _model_stats(self, request: web.Request, call: Call) -> web.Response:
-        self._plane.model(call.caller, *_model_of(request))
-        raise NotServed("model statistics are not served over REST")
+        """A tenant key: its own calls; an admin key: every tenant's, or one tenant's
+        with the ``mandant-tenant`` header (``transport/grpc/statistics.py``)."""
+        info = request.match_info
+        name, version = info.get("name", ""), info.get("version", "")
+        tenant = call.tenant
+        if tenant is None:  # an admin key
+            tenant_id = request.headers.get(TENANT_METADATA)
+            tenant = Tenant(tenant_id) if tenant_id else None
+        if tenant is None:
+            stats = admin_statistics(self._plane, self._stats, name, version)
+        else:
+            stats = tenant_statistics(self._plane, self._stats, tenant, name, version)
+        return web.json_response({"model_stats": [_json(s) for s in stats]})
 
     async def _infer(self, request: web.Request, call: Call) -> web.Response:
         length = request.content_length
@@ -178,6 +215,17 @@ class RestServer:
 def _model_of(request: web.Request) -> tuple[str, str]:
     info = request.match_info
     return info["name"], info.get("version", "")
+
+
+def _json(message: Message) -> dict[str, Any]:
+    """A protobuf message as Triton's REST JSON: every field, proto names, 64-bit
+    integers as numbers."""
+    return json_format.MessageToDict(
+        message,
+        always_print_fields_with_no_presence=True,
+        preserving_proto_field_name=True,
+        unquote_int64_if_possible=True,
+    )
 
 
 def _tensor(spec: TensorSpec) -> dict[str, Any]:
