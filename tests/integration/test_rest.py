@@ -202,6 +202,17 @@ def test_every_datatype_round_trips(server: ServerThread, binary: bool) -> None:
         np.testing.assert_array_equal(got, array)
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests(server: ServerThread, algorithm: str) -> None:
+    array = np.arange(8, dtype=np.float32).reshape(2, 4)
+    tensor = triton.InferInput("INPUT0", [2, 4], "FP32")
+    tensor.set_data_from_numpy(array)
+    result = client(server).infer(
+        "echo", [tensor], headers=auth("acme"), request_compression_algorithm=algorithm
+    )
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), array)
+
+
 def test_without_requested_outputs_all_come_back_as_binary(server: ServerThread) -> None:
     array = np.arange(12, dtype=np.float32).reshape(3, 4)
     tensor = triton.InferInput("INPUT0", [3, 4], "FP32")
