@@ -276,6 +276,8 @@ class DynamicBatcher:
             return True
         if self._preferred and rows >= self._preferred[0]:
             return True
+        if self._mode == "adaptive" and not self._adaptive.window_s:
+            return True  # no hold has paid lately: skip the search for the oldest
         oldest = self._queue.oldest_arrival()
         if oldest is None:
             return False
