@@ -214,7 +214,7 @@ async def test_weights_one_and_three_share_rows_one_to_three() -> None:
 
 
 async def test_queue_cap_refuses_with_a_retry_hint() -> None:
-    batcher, backend, _, observer = await make(max_batch_size=4, max_queue_rows=3)
+    batcher, backend, _, observer = await make(max_batch_size=3, max_queue_rows=3)
     running = submit(batcher, request("a"))
     await settle()
     queued = [submit(batcher, request("a", rows=2)), submit(batcher, request("a"))]
@@ -242,7 +242,14 @@ async def test_queue_cap_refuses_with_a_retry_hint() -> None:
 
 
 async def test_a_request_larger_than_the_queue_cap_is_invalid_input() -> None:
-    batcher, backend, _, observer = await make(max_batch_size=8, max_queue_rows=3)
+    # Configuration refuses max_queue_rows < max_batch_size; the batcher does not
+    # count on it: a request that can never be queued is no reason to retry.
+    config = BatchingConfig.model_construct(
+        **{**BatchingConfig().model_dump(), "max_batch_size": 8, "max_queue_rows": 3}
+    )
+    backend, observer = GatedBackend(), RecordingObserver()
+    batcher = DynamicBatcher(backend, config, "m", observer, FakeClock())
+    await batcher.start()
     with pytest.raises(InvalidInput, match="3 rows per tenant"):
         await batcher.submit(request("a", rows=4))
     assert backend.calls == [] and observer.rejections == []
