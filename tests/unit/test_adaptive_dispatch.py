@@ -38,8 +38,11 @@ def test_company_grows_the_window_up_to_the_delay() -> None:
 
 def test_fruitless_holds_shrink_the_window_to_zero() -> None:
     dispatch = warmed()
-    for _ in range(8):
+    windows = []
+    for _ in range(20):
         dispatch.dispatched(requests=1, held=True, gained=False)
+        windows.append(dispatch.window_s)
+    assert windows == sorted(windows, reverse=True) and windows[0] < 0.008
     assert dispatch.window_s == 0.0
     assert dispatch.due(1.0, 1, 1.0, None) == 1.0
 
