@@ -20,7 +20,7 @@ from mandant.types import Call, EncodedRequest, InferRequest, InferResponse, Ten
 from mandant.validation import check_batch_rows, check_inputs, check_outputs
 
 SERVER_NAME = "mandant"
-EXTENSIONS = ("model_repository", "parameters", "tenancy")
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters", "tenancy")
 #: Longest request ``id`` accepted (bytes of UTF-8); ids are echoed in answers and logs.
 MAX_REQUEST_ID_BYTES = 256
 
@@ -75,14 +75,18 @@ class DataPlane:
     def repository_index(self, tenant: Tenant) -> list[Model]:
         return self._registry.visible(tenant)
 
+    def all_models(self) -> list[Model]:
+        """Every model version of every owner (admin views)."""
+        return self._registry.all()
+
     # -- inference ----------------------------------------------------------------
 
     async def infer(
         self, call: Call, request: EncodedRequest, timeout_s: float | None = None
     ) -> InferResponse:
-        """Run one request of ``call.caller``; ``call.model`` is set to the configured
-        name of the model once resolved. ``timeout_s`` is what is left of the caller's
-        deadline."""
+        """Run one request of ``call.caller``; ``call.model`` and ``call.version`` are
+        set to the configured name and version of the model once resolved.
+        ``timeout_s`` is what is left of the caller's deadline."""
         if self._draining:
             raise Unavailable("server is shutting down")
         start = time.monotonic()
@@ -94,6 +98,7 @@ class DataPlane:
             raise InvalidInput(f"request id is longer than {MAX_REQUEST_ID_BYTES} bytes")
         model = self.model(tenant, request.model_name, request.model_version)
         call.model = model.key.name
+        call.version = model.key.version
         if not model.ready:
             raise Unavailable(f"model '{model.key.name}' is not ready")
         rows = check_inputs(model.spec, request.input_headers())

@@ -117,10 +117,12 @@ class EncodedRequest(Protocol):
 class Call:
     """One call as the front end sees it: the authenticated tenant (None on open and
     admin methods) and the configured name of the model that served it, which the data
-    plane fills in once it has resolved one (a metrics label, never client text)."""
+    plane fills in once it has resolved one (a metrics label, never client text), with
+    its ``version``."""
 
     tenant: Tenant | None
     model: str = ""
+    version: str = ""
 
     @property
     def caller(self) -> Tenant:

@@ -30,6 +30,8 @@ REQUESTS = {
     "ServerMetadata": pb.ServerMetadataRequest(),
     "ModelReady": pb.ModelReadyRequest(name="m"),
     "ModelMetadata": pb.ModelMetadataRequest(name="m"),
+    "ModelConfig": pb.ModelConfigRequest(name="m"),
+    "ModelStatistics": pb.ModelStatisticsRequest(name="m"),
     "ModelInfer": pb.ModelInferRequest(model_name="m", id="req-42"),
     "RepositoryIndex": pb.RepositoryIndexRequest(),
 }
@@ -70,7 +72,7 @@ class RaisingPlane:
 
     live = property(_raise)
     ready = property(_raise)
-    model = model_versions = model_ready = repository_index = _raise
+    model = model_versions = model_ready = repository_index = all_models = _raise
 
     async def infer(self, *args: Any) -> Any:
         raise self.error

@@ -30,7 +30,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from mandant.context import current_request_id, current_tenant
-from mandant.errors import InvalidInput, MandantError, ServerBusy
+from mandant.errors import InvalidInput, MandantError, ServerBusy, Unauthenticated
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.door import FrontDoor
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
@@ -47,6 +47,8 @@ class Access(enum.Enum):
     OPEN = "open"  # probes: no key, like Triton's
     TENANT = "tenant"  # a tenant's API key
     ADMIN = "admin"  # an operator's admin key
+    #: a tenant key (the call's tenant is set) or an admin key (its tenant is None)
+    TENANT_OR_ADMIN = "tenant_or_admin"
 
 
 class Unary(Protocol):
@@ -58,8 +60,13 @@ class Streaming(Protocol):
 
 
 def authorization(context: Context) -> str | None:
+    return metadata_value(context, "authorization")
+
+
+def metadata_value(context: Context, name: str) -> str | None:
+    """The first text value of request metadata ``name`` (lower case), if any."""
     for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
+        if key == name:
             return value if isinstance(value, str) else None
     return None
 
@@ -122,6 +129,18 @@ class Gate:
             return tenant
         if access is Access.ADMIN:
             self._authenticate_admin(authorization(context))
+        if access is Access.TENANT_OR_ADMIN:
+            key = authorization(context)
+            try:
+                tenant = self._authenticate(key)
+            except Unauthenticated as refused:
+                try:
+                    self._authenticate_admin(key)
+                except Unauthenticated:
+                    raise refused from None
+                return None
+            current_tenant.set(tenant)
+            return tenant
         return None
 
     def unary(
@@ -174,7 +193,8 @@ class Gate:
                 if deadline_passed(context):  # the client saw DEADLINE_EXCEEDED
                     code = "DEADLINE_EXCEEDED"
                 tenant_id = call.tenant.id if call.tenant is not None else ""
-                observer.request_finished(tenant_id, call.model, code, time.perf_counter() - start)
+                duration_s = time.perf_counter() - start
+                observer.request_finished(tenant_id, call.model, code, duration_s, call.version)
 
         return grpc.unary_unary_rpc_method_handler(
             handle, request_deserializer=None, response_serializer=response_serializer

@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mandant.config import ServerConfig
 from mandant.events import Observer
+from mandant.observability.stats import InferenceStats
 from mandant.observability.usage import UsageReports
 from mandant.scheduling.door import FrontDoor
 from mandant.service import DataPlane
@@ -23,7 +24,7 @@ from mandant.transport.grpc.servicer import (
     InferenceServicer,
     method_handlers,
 )
-from mandant_client._proto import admin_pb2
+from mandant_client._proto import admin_pb2, model_config_pb2
 from mandant_client._proto import grpc_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     in a private pool, the health and reflection protos in the default one)."""
     pool = descriptor_pool.DescriptorPool()
     for file in (
+        model_config_pb2.DESCRIPTOR,  # before the service file, which imports it
         pb.DESCRIPTOR,
         admin_pb2.DESCRIPTOR,
         health_pb2.DESCRIPTOR,
@@ -54,9 +56,11 @@ class GrpcServer:
         config: ServerConfig,
         observer: Observer | None = None,
         usage: UsageReports | None = None,
+        stats: InferenceStats | None = None,
     ) -> None:
         """``usage``: serve ``mandant.admin.v1.AdminService`` from these reports (admin
-        keys from ``config.admin_keys``); without it the admin service is not served."""
+        keys from ``config.admin_keys``); without it the admin service is not served.
+        ``stats``: what ModelStatistics answers from (fed through ``observer``)."""
         self._plane = plane
         self._config = config
         self._health = health.aio.HealthServicer()
@@ -76,7 +80,7 @@ class GrpcServer:
             max_calls=config.max_concurrent_rpcs,
             door=door,
         )
-        servicer = InferenceServicer(plane, config, gate.observer, door)
+        servicer = InferenceServicer(plane, config, gate.observer, door, stats or InferenceStats())
         self._server.add_registered_method_handlers(
             INFERENCE_SERVICE, method_handlers(servicer, gate)
         )

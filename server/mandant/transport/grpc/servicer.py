@@ -12,13 +12,20 @@ import grpc
 
 from mandant.config import ServerConfig
 from mandant.events import Observer
+from mandant.observability.stats import InferenceStats
 from mandant.registry import Model
 from mandant.scheduling.door import FrontDoor
 from mandant.service import EXTENSIONS, SERVER_NAME, DataPlane
 from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
-from mandant.transport.grpc.gateway import Access, Context, Gate
+from mandant.transport.grpc.gateway import Access, Context, Gate, metadata_value
+from mandant.transport.grpc.model_config import model_config
+from mandant.transport.grpc.statistics import (
+    TENANT_METADATA,
+    admin_statistics,
+    tenant_statistics,
+)
 from mandant.transport.grpc.stream import InferStream
-from mandant.types import Call
+from mandant.types import Call, Tenant
 from mandant_client._proto import grpc_service_pb2 as pb
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
@@ -38,9 +45,11 @@ class InferenceServicer:
         config: ServerConfig,
         observer: Observer,
         door: FrontDoor | None = None,
+        stats: InferenceStats | None = None,
     ) -> None:
         """``config``: the server's bounds on streams and tensors."""
         self._plane = plane
+        self._stats = stats or InferenceStats()
         self._max_stream_inflight = config.max_stream_inflight
         self._max_bytes_elements = config.max_bytes_elements
         self._observer = observer
@@ -81,6 +90,30 @@ class InferenceServicer:
             inputs=_tensor_metadata(model, "inputs"),
             outputs=_tensor_metadata(model, "outputs"),
         )
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, call: Call, context: Context
+    ) -> pb.ModelConfigResponse:
+        model = self._plane.model(call.caller, request.name, request.version)
+        versions = self._plane.model_versions(call.caller, request.name)
+        return pb.ModelConfigResponse(config=model_config(model, versions))
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, call: Call, context: Context
+    ) -> pb.ModelStatisticsResponse:
+        """A tenant key: its own calls; an admin key: every tenant's, or one tenant's
+        with the ``mandant-tenant`` metadata (``statistics.py``)."""
+        tenant = call.tenant
+        if tenant is None:  # an admin key
+            tenant_id = metadata_value(context, TENANT_METADATA)
+            tenant = Tenant(tenant_id) if tenant_id else None
+        if tenant is None:
+            stats = admin_statistics(self._plane, self._stats, request.name, request.version)
+        else:
+            stats = tenant_statistics(
+                self._plane, self._stats, tenant, request.name, request.version
+            )
+        return pb.ModelStatisticsResponse(model_stats=stats)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, call: Call, context: Context
@@ -125,6 +158,8 @@ class InferenceServicer:
 _OPEN = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
 #: Calls that take turns at the front door (``scheduling/door.py``).
 _INFERENCE = frozenset({"ModelInfer"})
+#: Calls an admin key may make too (every tenant's view).
+_TENANT_OR_ADMIN = frozenset({"ModelStatistics"})
 
 
 def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, grpc.RpcMethodHandler]:
@@ -136,6 +171,8 @@ def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, grpc.R
         name = method.name
         path = f"/{INFERENCE_SERVICE}/{name}"
         access = Access.OPEN if name in _OPEN else Access.TENANT
+        if name in _TENANT_OR_ADMIN:
+            access = Access.TENANT_OR_ADMIN
         serialize: Callable[[Any], bytes] = _serializer(method.output_type.name)
         if method.client_streaming:
             handlers[name] = gate.stream(path, access, getattr(servicer, name), serialize)

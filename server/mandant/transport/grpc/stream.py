@@ -140,7 +140,7 @@ class InferStream:
             if inside and self._door is not None:
                 self._door.leave()
             self._observer.request_finished(
-                self._tenant.id, call.model, code, time.perf_counter() - start
+                self._tenant.id, call.model, code, time.perf_counter() - start, call.version
             )
 
 
