@@ -353,7 +353,7 @@ def report(settings: Settings, floor: list[Result], mandant: list[Result]) -> st
                 unit,
                 _cell(bare, bare.rps),
                 _cell(ours, ours.rps),
-                f"{ratio:.2f}",
+                "–" if np.isnan(ratio) else f"{ratio:.2f}",
                 goal,
                 verdict,
             )
@@ -369,7 +369,7 @@ def report(settings: Settings, floor: list[Result], mandant: list[Result]) -> st
                 "ms",
                 _cell(bare, bare.p(q), 3),
                 _cell(ours, ours.p(q), 3),
-                f"{ratio:.2f}",
+                "–" if np.isnan(ratio) else f"{ratio:.2f}",
                 goal,
                 verdict,
             )
