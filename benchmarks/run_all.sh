@@ -4,14 +4,19 @@
 # and load average at its start). About 8 minutes on the 2-core development machine.
 #
 #   benchmarks/run_all.sh                  # the recorded run (quiet machine, please)
-#   BENCH_SECONDS=1 benchmarks/run_all.sh  # a smoke test: every bench end to end, short
+#   BENCH_SECONDS=1 benchmarks/run_all.sh  # a smoke test: every bench end to end, short,
+#                                          # tables in a temporary folder (not results/)
 #
 # Each bench starts its own servers, pinned to core 0, and its load on core 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=${PYTHONPATH:-server:clients/python}
-OUT=benchmarks/results
+if [[ -n ${BENCH_SECONDS:-} ]]; then
+    OUT=${BENCH_OUT:-$(mktemp -d -t mandant-bench-smoke-XXXX)}
+else
+    OUT=${BENCH_OUT:-benchmarks/results}
+fi
 mkdir -p "$OUT"
 failed=()
 
