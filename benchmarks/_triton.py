@@ -67,6 +67,7 @@ def triton_mlp(
     max_queue_delay_us: int = 100,
     env: Mapping[str, str] = {},
     timeout_s: float = 120.0,
+    attempts: int = 2,
 ) -> Iterator[TritonMlp]:
     """PyTriton serving an MLP with the weights ``state`` (a torch state dict as numpy),
     Triton's dynamic batcher on, every process of it pinned to ``cpus``."""
@@ -96,21 +97,32 @@ def triton_mlp(
         f"--weights={scratch / 'weights.npz'}",
         f"--max-queue-delay-us={max_queue_delay_us}",
     ]
-    log = (scratch / "triton.log").open("wb")
-    process = subprocess.Popen(
-        pinned(command, cpus),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=run_env,
-        start_new_session=True,
-    )
+    server = TritonMlp(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics")
+    process: subprocess.Popen[bytes] | None = None
     try:
-        server = TritonMlp(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics")
-        _wait_ready(server.url, process, scratch / "triton.log", timeout_s)
+        # PyTriton's model load sometimes dies on a loaded machine ("connection
+        # closed" from its own load_model call): one more try before giving up.
+        for attempt in range(attempts):
+            with (scratch / "triton.log").open("ab") as log:
+                process = subprocess.Popen(
+                    pinned(command, cpus),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=run_env,
+                    start_new_session=True,
+                )
+            try:
+                _wait_ready(server.url, process, scratch / "triton.log", timeout_s)
+                break
+            except RuntimeError:
+                _stop(process)
+                process = None
+                if attempt + 1 == attempts:
+                    raise
         yield server
     finally:
-        _stop(process)
-        log.close()
+        if process is not None:
+            _stop(process)
         _remove_model_folders(scratch)
         shutil.rmtree(scratch, ignore_errors=True)
 
