@@ -19,6 +19,7 @@ point (warm-up included), from Mandant's ``mandant_batch_size`` histogram on
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ def mandant_points(args: argparse.Namespace) -> dict[tuple[str, int], Point]:
             warm(served.target, model, max(args.concurrency))
         for concurrency in args.concurrency:
             for model, label in ((MLP_NAME, ON), (f"{MLP_NAME}-off", OFF)):
-                totals = lambda model=model: served.batch_totals(model)  # noqa: E731
+                totals = functools.partial(served.batch_totals, model)
                 points[label, concurrency] = measure(
                     served.target, model, label, concurrency, args, totals
                 )
