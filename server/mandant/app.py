@@ -18,6 +18,7 @@ from mandant.observability.http import HttpServer
 from mandant.observability.live import LiveStats
 from mandant.observability.metrics import PrometheusObserver
 from mandant.observability.slo import SloTracker
+from mandant.observability.stats import InferenceStats
 from mandant.observability.usage import UsageReports
 from mandant.registry import ModelRegistry
 from mandant.scheduling.base import Scheduler
@@ -68,11 +69,14 @@ class App:
         self.observer = PrometheusObserver(
             self.metrics, config.tenants, model_names, slo=self.slo, live=self.live
         )
+        self.stats = InferenceStats()  # ModelStatistics: per tenant, model and version
         self.channels = ChannelPool()
         self.registry = ModelRegistry(
             specs,
             lambda spec: make_backend(spec, self.channels),
-            lambda spec, backend: make_scheduler(spec, backend, self.observer),
+            lambda spec, backend: make_scheduler(
+                spec, backend, self.stats.observe(self.observer, spec.version)
+            ),
         )
         self.admission = TenantAdmission(
             config, shared_store_for(config.limits), observer=self.observer
@@ -81,7 +85,13 @@ class App:
             _key_store(config), self.registry, admission=self.admission, version=__version__
         )
         self.usage = UsageReports(self.metrics, config.tenants, self.live, quota=self.admission)
-        self.grpc = GrpcServer(self.plane, config.server, observer=self.observer, usage=self.usage)
+        self.grpc = GrpcServer(
+            self.plane,
+            config.server,
+            observer=self.stats.observe(self.observer),
+            usage=self.usage,
+            stats=self.stats,
+        )
         self.grpc_port = 0
         self.http = HttpServer(
             config.server,

@@ -156,7 +156,9 @@ class PrometheusObserver:
 
     # -- Observer --------------------------------------------------------------------
 
-    def request_finished(self, tenant: str, model: str, code: str, duration_s: float) -> None:
+    def request_finished(
+        self, tenant: str, model: str, code: str, duration_s: float, version: str = ""
+    ) -> None:
         tenant, model = self._tenant(tenant), self._model(model)
         self._child(self.requests, tenant, model, code).inc()
         if not model or code not in SLO_CODES:
