@@ -14,6 +14,7 @@ flight (except the last):
   streams, each response checked for ``error_message`` by its first byte only;
 - tritonclient.grpc.aio ``infer``; tritonclient.grpc.aio ``stream_infer``;
   tritonclient.grpc ``start_stream``/``async_stream_infer`` (the sync client);
+- mandant_client's ``AsyncClient(multiplex=True)`` (calls share one stream);
 - mandant_client's sync ``Client``, one call at a time: p50 and p99.
 
 Before the stream modes, one stream is checked: 64 messages with distinct ids and
@@ -266,6 +267,37 @@ def _tritonclient_sync_stream(target: str, settings: Settings) -> Result:
     return measured
 
 
+async def _mandant_client_multiplexed(target: str, settings: Settings) -> Result:
+    """mandant_client's AsyncClient with ``multiplex=True``: concurrent ``infer`` calls
+    share one ModelStreamInfer stream."""
+    from mandant_client import AsyncClient
+
+    result = Result(settings.load("mandant_client-multiplex"), settings.seconds)
+    x = np.zeros((1, settings.width), np.float32)
+    measure_from, end = settings.window()
+    async with AsyncClient(
+        target,
+        api_key=KEYS[TENANT],
+        timeout_s=HANG_S,
+        multiplex=True,
+        max_in_flight=settings.inflight,
+    ) as client:
+
+        async def worker() -> None:
+            while (now := time.perf_counter()) < end:
+                try:
+                    await client.infer(MODEL, {"INPUT0": x})
+                except Exception as exc:  # MandantClientError and its subclasses
+                    result.failed(exc)
+                    await asyncio.sleep(0.01)
+                    continue
+                if now >= measure_from:
+                    result.record((time.perf_counter() - now) * 1000)
+
+        await asyncio.gather(*(worker() for _ in range(settings.inflight)))
+    return result
+
+
 def _sync_client_latency(target: str, settings: Settings) -> Result:
     """mandant_client's sync Client, one call at a time."""
     from mandant_client import Client
@@ -315,6 +347,7 @@ MODES: list[tuple[str, str, Callable[..., Any], float | None]] = [
     ("tritonclient.grpc.aio infer", "calls/s", _tritonclient_unary, None),
     ("tritonclient.grpc.aio stream_infer", "msgs/s", _tritonclient_stream, None),
     ("tritonclient.grpc start_stream", "msgs/s", _tritonclient_sync_stream, None),
+    ("mandant_client AsyncClient(multiplex=True)", "msgs/s", _mandant_client_multiplexed, None),
 ]
 #: Concurrency-1 p50 with the sync mandant_client: "no worse than today (≈ 0.9 ms)".
 P50_TARGET_MS = 0.9
