@@ -5,7 +5,7 @@ BIN        := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-test triton-venv redis-server serve test lint typecheck protos protos-check clean browser-tools loadtest
+.PHONY: install install-test triton-venv redis-server serve test lint typecheck protos protos-check clean browser-tools loadtest bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ redis-server:
 
 test: install-test triton-venv redis-server browser-tools protos-check lint typecheck
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Issue 10's benchmarks in sequence; tables in benchmarks/results/ (≈ 8 min, quiet machine).
+bench: install-test triton-venv
+	PYTHON=$(BIN)/python benchmarks/run_all.sh
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -17,23 +17,24 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 import yaml
 
-from benchmarks._server import DEMO_CONFIG, ROOT, free_port, pinned
+from benchmarks._server import DEMO_CONFIG, free_port, pinned, subprocess_env
 
 SERVER_CPU = "0"
 CLIENT_CPU = 1
 KEYS = {"acme": "acme-demo-key", "globex": "globex-demo-key", "initech": "initech-demo-key"}
 #: One torch thread in the server and in raw measurements ("same thread settings").
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+T = TypeVar("T")
 
 
 def demo_data(models: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -111,7 +112,7 @@ def server(data: Mapping[str, Any]) -> Iterator[Server]:
         pinned(command, SERVER_CPU),
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **THREAD_ENV},
+        env=subprocess_env(THREAD_ENV),
     )
     try:
         assert proc.stdout is not None
@@ -162,11 +163,15 @@ async def _serve(config_path: Path) -> dict[str, Counter[int]]:
 
 @dataclass
 class Load:
+    """``concurrency`` closed-loop callers of ``model`` as ``tenant``; ``client`` is
+    ``raw`` (KServe v2 stubs over grpc.aio) or ``tritonclient`` (tritonclient.grpc.aio)."""
+
     tenant: str
     model: str
     concurrency: int
     rows: int = 1
     width: int = 256
+    client: str = "raw"
 
 
 @dataclass
@@ -174,11 +179,21 @@ class Result:
     load: Load
     seconds: float
     latencies_ms: list[float] = field(default_factory=list)
+    #: Calls (or stream messages) answered inside the measured window.
+    answered: int = 0
     errors: int = 0
+    #: The first error seen (status and message), "" when none.
+    error: str = ""
 
     @property
     def rps(self) -> float:
-        return len(self.latencies_ms) / self.seconds
+        return self.answered / self.seconds
+
+    def record(self, latency_ms: float | None = None) -> None:
+        """One call answered inside the window (its latency where it was measured)."""
+        self.answered += 1
+        if latency_ms is not None:
+            self.latencies_ms.append(latency_ms)
 
     @property
     def rows_per_s(self) -> float:
@@ -187,6 +202,24 @@ class Result:
     def p(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
 
+    def failed(self, exc: BaseException | str) -> None:
+        self.errors += 1
+        if not self.error:
+            self.error = exc if isinstance(exc, str) else describe(exc)
+
+
+def describe(exc: BaseException) -> str:
+    """One short line for a failed call: the gRPC status and the start of its details."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        text = f"{exc.code().name}: {exc.details() or ''}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return text.replace("|", "/").replace("\n", " ")[:80]
+
+
+def _input(load: Load) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((load.rows, load.width), dtype=np.float32)
+
 
 async def _closed_loop(target: str, load: Load, warmup_s: float, seconds: float) -> Result:
     from mandant_client._proto import grpc_service_pb2 as pb
@@ -194,8 +227,7 @@ async def _closed_loop(target: str, load: Load, warmup_s: float, seconds: float)
 
     request = pb.ModelInferRequest(model_name=load.model)
     request.inputs.add(name="INPUT0", datatype="FP32", shape=[load.rows, load.width])
-    x = np.random.default_rng(0).standard_normal((load.rows, load.width), dtype=np.float32)
-    request.raw_input_contents.append(x.tobytes())
+    request.raw_input_contents.append(_input(load).tobytes())
     metadata = (("authorization", f"Bearer {KEYS[load.tenant]}"),)
     channels = [grpc.aio.insecure_channel(target) for _ in range(max(1, load.concurrency // 32))]
     stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in channels]
@@ -208,11 +240,11 @@ async def _closed_loop(target: str, load: Load, warmup_s: float, seconds: float)
         while (now := time.perf_counter()) < end:
             try:
                 await infer(request, metadata=metadata, timeout=30)
-            except grpc.aio.AioRpcError:
-                result.errors += 1
+            except grpc.aio.AioRpcError as exc:
+                result.failed(exc)  # counted, as fast as the server refuses
                 continue
             if now >= measure_from:
-                result.latencies_ms.append((time.perf_counter() - now) * 1000)
+                result.record((time.perf_counter() - now) * 1000)
 
     await asyncio.gather(*(worker(n) for n in range(load.concurrency)))
     for channel in channels:
@@ -220,27 +252,86 @@ async def _closed_loop(target: str, load: Load, warmup_s: float, seconds: float)
     return result
 
 
-def _run_pinned(
-    index: int, target: str, load: Load, warmup_s: float, seconds: float, out: Any
+async def _tritonclient_loop(target: str, load: Load, warmup_s: float, seconds: float) -> Result:
+    """The same closed loop through ``tritonclient.grpc.aio`` as a Triton user writes it."""
+    import tritonclient.grpc.aio as triton
+
+    client = triton.InferenceServerClient(target)
+    tensor = triton.InferInput("INPUT0", [load.rows, load.width], "FP32")
+    tensor.set_data_from_numpy(_input(load))
+    headers = {"authorization": f"Bearer {KEYS[load.tenant]}"}
+    result = Result(load, seconds)
+    start = time.perf_counter()
+    measure_from, end = start + warmup_s, start + warmup_s + seconds
+
+    async def worker() -> None:
+        while (now := time.perf_counter()) < end:
+            try:
+                await client.infer(load.model, [tensor], headers=headers, client_timeout=30)
+            except Exception as exc:  # tritonclient raises its own exception type
+                result.failed(exc)
+                continue
+            if now >= measure_from:
+                result.record((time.perf_counter() - now) * 1000)
+
+    await asyncio.gather(*(worker() for _ in range(load.concurrency)))
+    await client.close()
+    return result
+
+
+def prime(target: str, model: str, width: int = 256, calls: int = 100) -> None:
+    """A few one-row calls before any measurement (first-call costs stay out of the
+    figures); raises if the server does not answer them."""
+    from mandant_client._proto import grpc_service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, width])
+    request.raw_input_contents.append(np.zeros((1, width), np.float32).tobytes())
+    payload = request.SerializeToString()
+    metadata = (("authorization", f"Bearer {KEYS['acme']}"),)
+    with grpc.insecure_channel(target) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for _ in range(calls):
+            infer(payload, metadata=metadata, timeout=60)
+
+
+def closed_loop(target: str, load: Load, warmup_s: float, seconds: float) -> Result:
+    """Run ``load`` against ``target`` for ``seconds`` after ``warmup_s`` (this process)."""
+    loop = _tritonclient_loop if load.client == "tritonclient" else _closed_loop
+    return asyncio.run(loop(target, load, warmup_s, seconds))
+
+
+def _call_pinned(
+    index: int, cpu: int, function: Callable[..., Any], args: tuple[Any, ...], out: Any
 ) -> None:
-    os.sched_setaffinity(0, {CLIENT_CPU})
-    out.put((index, asyncio.run(_closed_loop(target, load, warmup_s, seconds))))
+    os.sched_setaffinity(0, {cpu})
+    out.put((index, function(*args)))
 
 
-def run(target: str, loads: Sequence[Load], seconds: float, warmup_s: float = 1.0) -> list[Result]:
-    """Each load in a process of its own on the client core, all at the same time."""
+def run_pinned(
+    jobs: Sequence[tuple[Callable[..., T], tuple[Any, ...]]], cpu: int = CLIENT_CPU
+) -> list[T]:
+    """Each ``function(*args)`` in a process of its own on ``cpu`` (the client core),
+    all at the same time; their results in order. Functions and results must pickle;
+    the processes start with :data:`THREAD_ENV` (one BLAS/OpenMP thread)."""
+    os.environ.update(THREAD_ENV)  # read by numpy and torch when the children import them
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     procs = [
-        context.Process(target=_run_pinned, args=(n, target, load, warmup_s, seconds, queue))
-        for n, load in enumerate(loads)
+        context.Process(target=_call_pinned, args=(n, cpu, function, args, queue))
+        for n, (function, args) in enumerate(jobs)
     ]
     for proc in procs:
         proc.start()
     results = dict(queue.get() for _ in procs)
     for proc in procs:
         proc.join()
-    return [results[n] for n in range(len(loads))]
+    return [results[n] for n in range(len(jobs))]
+
+
+def run(target: str, loads: Sequence[Load], seconds: float, warmup_s: float = 1.0) -> list[Result]:
+    """Each load in a process of its own on the client core, all at the same time."""
+    return run_pinned([(closed_loop, (target, load, warmup_s, seconds)) for load in loads])
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -1,5 +1,6 @@
-"""Start a Mandant server as a subprocess for benchmarks (pinned to CPU cores with
-taskset where available) and stop it afterwards."""
+"""Start the servers the benchmarks measure as subprocesses (pinned to CPU cores with
+taskset where available) and stop them afterwards: ``mandant serve``, the bare grpc.aio
+floor, and configuration files for them."""
 
 from __future__ import annotations
 
@@ -8,13 +9,22 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "examples" / "demo" / "mandant.yaml"
+#: The demo's admin key (``server.admin_keys`` in the demo file): reads ``/metrics``.
+ADMIN_KEY = "admin-demo-key"
 
 
 def free_port() -> int:
@@ -29,6 +39,58 @@ def pinned(command: Sequence[str], cpus: str | None) -> list[str]:
     return list(command)
 
 
+def subprocess_env(extra: Mapping[str, str] = {}) -> dict[str, str]:
+    """The caller's environment with the repository root first on PYTHONPATH (a git
+    worktree keeps its own ``server/`` and ``clients/python`` after it)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def write_config(data: Mapping[str, Any]) -> Path:
+    """``data`` as a YAML file in a fresh temporary folder; its path."""
+    path = Path(tempfile.mkdtemp(prefix="mandant-bench-")) / "mandant.yaml"
+    path.write_text(yaml.safe_dump(dict(data)))
+    return path
+
+
+@dataclass(frozen=True)
+class Served:
+    """A running ``mandant serve``: its gRPC target and its HTTP side port."""
+
+    target: str
+    http_url: str
+
+    def batch_totals(self, model: str) -> tuple[float, float]:
+        """(rows, batches) the server has run for ``model`` so far, from the
+        ``mandant_batch_size`` histogram of ``/metrics`` (read with the admin key)."""
+        rows, batches = metric_sums(
+            f"{self.http_url}/metrics",
+            ("mandant_batch_size_sum", "mandant_batch_size_count"),
+            f'model="{model}"',
+            {"Authorization": f"Bearer {ADMIN_KEY}"},
+        )
+        return rows, batches
+
+
+def metric_sums(
+    url: str,
+    names: Sequence[str],
+    label: str,
+    headers: Mapping[str, str] = {},
+) -> list[float]:
+    """Each Prometheus series ``name`` at ``url`` summed over the samples whose labels
+    include ``label`` (e.g. ``model="mlp"``)."""
+    request = urllib.request.Request(url, headers=dict(headers))
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    totals = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name in totals and label in rest.split("}")[0]:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return [totals[name] for name in names]
+
+
 @contextmanager
 def bare_grpc_server(cpus: str | None = "0") -> Iterator[str]:
     """Yield the target of ``benchmarks._bare_server``: Python gRPC with nothing else."""
@@ -39,11 +101,11 @@ def bare_grpc_server(cpus: str | None = "0") -> Iterator[str]:
 
 
 @contextmanager
-def mandant_server(
-    config: Path = DEMO_CONFIG, cpus: str | None = "0", env: dict[str, str] | None = None
-) -> Iterator[str]:
-    """Yield the gRPC target of a running ``mandant serve``."""
-    port = free_port()
+def mandant_process(
+    config: Path = DEMO_CONFIG, cpus: str | None = "0", env: Mapping[str, str] = {}
+) -> Iterator[Served]:
+    """A running ``mandant serve --config config`` on free ports, pinned to ``cpus``."""
+    port, http_port = free_port(), free_port()
     command = pinned(
         [
             sys.executable,
@@ -55,7 +117,7 @@ def mandant_server(
             "--grpc-port",
             str(port),
             "--http-port",
-            str(free_port()),
+            str(http_port),
             "--rest-port",
             str(free_port()),
             "--log-level",
@@ -63,18 +125,27 @@ def mandant_server(
         ],
         cpus,
     )
-    with _running(command, port, env or {}) as target:
-        yield target
+    with _running(command, port, env) as target:
+        yield Served(target, f"http://127.0.0.1:{http_port}")
 
 
 @contextmanager
-def _running(command: Sequence[str], port: int, env: dict[str, str]) -> Iterator[str]:
+def mandant_server(
+    config: Path = DEMO_CONFIG, cpus: str | None = "0", env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Yield the gRPC target of a running ``mandant serve``."""
+    with mandant_process(config, cpus, env or {}) as served:
+        yield served.target
+
+
+@contextmanager
+def _running(command: Sequence[str], port: int, env: Mapping[str, str]) -> Iterator[str]:
     proc = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        env=subprocess_env(env),
     )
     try:
         assert proc.stdout is not None
@@ -87,6 +158,8 @@ def _running(command: Sequence[str], port: int, env: dict[str, str]) -> Iterator
             seen.append(line)
             if "Mandant listening" in line:
                 break
+        # Keep reading what it prints (a full pipe would block the server's logging).
+        threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
         yield f"127.0.0.1:{port}"
     finally:
         proc.terminate()
@@ -94,3 +167,9 @@ def _running(command: Sequence[str], port: int, env: dict[str, str]) -> Iterator
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+
+
+def _drain(stream: IO[str]) -> None:
+    for _ in stream:
+        pass

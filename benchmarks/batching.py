@@ -1,57 +1,227 @@
-"""Batching gain: one-row requests to the demo classifier at concurrency 1, 16 and 64,
-with the dynamic batcher eager (the default), in delay mode, and off, next to ``echo``
-(no model work: the front end's own ceiling).
+"""Batching on vs off, side by side with PyTriton: one-row calls to an MLP
+256→1024→1024→16 (seed 0) served by Mandant with its dynamic batcher (the default
+dispatch) and without it, and the same weights served by PyTriton (Triton's C++ front
+end, a Python model, Triton's dynamic batcher), all driven by ``tritonclient.grpc.aio``
+at concurrency 1, 16 and 64, in one run.
 
-    .venv/bin/python -m benchmarks.batching [--seconds 3] [--concurrency 1 16 64]
+    .venv/bin/python -m benchmarks.batching [--seconds 5] [--concurrency 1 16 64]
+        [--hidden 1024] [--triton-delay-us 100] [--no-triton]
 
-One server (core 0) serves all four models; the load generator runs on core 1.
+Each server runs alone on core 0 (``taskset``: Mandant with one torch thread; Triton,
+its Python-backend stub and the numpy model with one BLAS thread); the load generator
+is a process of its own on core 1. Mean batch: rows per model execution over each
+point (warm-up included), from Mandant's ``mandant_batch_size`` histogram on
+``/metrics`` (read with the admin key) and from Triton's statistics API
+(``inference_count / execution_count``). PyTriton needs ``.venv-triton``
+(``make triton-venv``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from benchmarks._load import ECHO, Load, classifier, demo_data, run, server, table
+import numpy as np
+import torch
 
-MODELS = {
-    "classifier": "batching on (eager)",
-    "classifier-delay": "batching on (delay 2 ms)",
-    "classifier-off": "batching off",
-    "echo": "echo (front-end ceiling)",
-}
+from benchmarks._load import (
+    SERVER_CPU,
+    THREAD_ENV,
+    Load,
+    Result,
+    classifier,
+    demo_data,
+    prime,
+    run,
+    run_pinned,
+    table,
+)
+from benchmarks._server import mandant_process, write_config
+from benchmarks._triton import MLP_NAME, triton_mlp
+
+ON, OFF, TRITON = "Mandant, batching on", "Mandant, batching off", "PyTriton (dynamic batcher)"
+#: Targets at concurrency 64 (issue 10).
+TARGET_ON_OFF, TARGET_MEAN_BATCH, TARGET_VS_TRITON = 1.4, 8.0, 1.2
+
+
+@dataclass
+class Point:
+    server: str
+    result: Result
+    mean_batch: float
+
+
+def measure(
+    target: str,
+    model: str,
+    server: str,
+    concurrency: int,
+    args: argparse.Namespace,
+    batch_totals: Callable[[], tuple[float, float]],
+) -> Point:
+    rows_before, batches_before = batch_totals()
+    load = Load("acme", model, concurrency, client="tritonclient")
+    [result] = run(target, [load], args.seconds, args.warmup)
+    rows_after, batches_after = batch_totals()
+    batches = batches_after - batches_before
+    return Point(server, result, (rows_after - rows_before) / batches if batches else float("nan"))
+
+
+def warm(target: str, model: str, concurrency: int) -> None:
+    """Unmeasured load at the highest concurrency first: the first batches of each size
+    (buffers, allocations, PyTriton's shared memory) stay out of every point."""
+    prime(target, model)
+    run(target, [Load("acme", model, concurrency, client="tritonclient")], 2.0, 0.0)
+
+
+def mandant_points(args: argparse.Namespace) -> dict[tuple[str, int], Point]:
+    data = demo_data(
+        [
+            classifier(MLP_NAME, hidden=args.hidden),
+            classifier(f"{MLP_NAME}-off", hidden=args.hidden, batching=None),
+        ]
+    )
+    points = {}
+    with mandant_process(write_config(data), SERVER_CPU, THREAD_ENV) as served:
+        for model in (MLP_NAME, f"{MLP_NAME}-off"):
+            warm(served.target, model, max(args.concurrency))
+        for concurrency in args.concurrency:
+            for model, label in ((MLP_NAME, ON), (f"{MLP_NAME}-off", OFF)):
+                totals = functools.partial(served.batch_totals, model)
+                points[label, concurrency] = measure(
+                    served.target, model, label, concurrency, args, totals
+                )
+    return points
+
+
+def triton_points(args: argparse.Namespace) -> dict[tuple[str, int], Point]:
+    from mandant.demo.models import classifier as build
+
+    state = {k: v.numpy() for k, v in build(seed=0, hidden=args.hidden).state_dict().items()}
+    points = {}
+    with triton_mlp(state, SERVER_CPU, args.triton_delay_us, THREAD_ENV) as triton:
+        warm(triton.url, MLP_NAME, max(args.concurrency))
+        for concurrency in args.concurrency:
+            points[TRITON, concurrency] = measure(
+                triton.url, MLP_NAME, TRITON, concurrency, args, triton.batch_totals
+            )
+    return points
+
+
+def model_alone_ms(hidden: int, rows: int, iterations: int = 200) -> tuple[float, float]:
+    """(torch, numpy) ms per forward pass of the MLP at ``rows``, one thread, here."""
+    from mandant.demo.models import classifier as build
+
+    torch.set_num_threads(1)
+    module = build(seed=0, hidden=hidden)
+    x = torch.randn(rows, 256)
+    layers = [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy()) for m in module[::2]]
+
+    def numpy_forward(value: np.ndarray) -> np.ndarray:
+        for index, (weight, bias) in enumerate(layers):
+            value = (np.maximum(value, 0.0) if index else value) @ weight + bias
+        return value
+
+    timings = []
+    for forward, value in ((module, x), (numpy_forward, x.numpy())):
+        with torch.inference_mode():
+            for _ in range(10):
+                forward(value)
+            start = time.perf_counter()
+            for _ in range(iterations):
+                forward(value)
+        timings.append((time.perf_counter() - start) / iterations * 1e3)
+    return timings[0], timings[1]
+
+
+def _ratio(a: Point | None, b: Point | None) -> float:
+    if a is None or b is None or not a.result.answered or not b.result.answered:
+        return float("nan")
+    return a.result.rps / b.result.rps
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "–" if np.isnan(value) else f"{value:.{digits}f}"
+
+
+def _verdict(value: float, target: float) -> str:
+    return "not measured" if np.isnan(value) else ("met" if value >= target else "NOT met")
+
+
+def report(
+    args: argparse.Namespace,
+    points: dict[tuple[str, int], Point],
+    alone: list[tuple[int, float, float]],
+) -> str:
+    rows = []
+    for (server, concurrency), point in points.items():
+        r = point.result
+        rows.append(
+            (concurrency, server, r.rps, r.p(50), r.p(99), point.mean_batch, r.errors, r.error)
+        )
+    rows.sort(key=lambda row: (row[0], [ON, OFF, TRITON].index(str(row[1]))))
+    lines = [
+        f"MLP 256→{args.hidden}→{args.hidden}→16 (seed 0), one row per call, tritonclient.grpc.aio;"
+        f" {args.seconds:g} s per point after {args.warmup:g} s warm-up; server on core 0,"
+        " client on core 1",
+        table(
+            ["conc", "server", "inf/s", "p50 ms", "p99 ms", "mean batch", "errors", "first error"],
+            rows,
+        ),
+        "",
+    ]
+    ratio_rows = []
+    for concurrency in args.concurrency:
+        on = points.get((ON, concurrency))
+        on_off = _ratio(on, points.get((OFF, concurrency)))
+        vs_triton = _ratio(on, points.get((TRITON, concurrency)))
+        mean = on.mean_batch if on else float("nan")
+        row: list[object] = [concurrency, _fmt(on_off, 2), _fmt(mean, 1), _fmt(vs_triton, 2)]
+        if concurrency == 64:
+            row += [
+                f"≥ {TARGET_ON_OFF} {_verdict(on_off, TARGET_ON_OFF)}",
+                f"≥ {TARGET_MEAN_BATCH:g} {_verdict(mean, TARGET_MEAN_BATCH)}",
+                f"≥ {TARGET_VS_TRITON} {_verdict(vs_triton, TARGET_VS_TRITON)}",
+            ]
+        else:
+            row += ["–", "–", "–"]
+        ratio_rows.append(row)
+    headers = ["conc", "on/off", "mean batch (on)", "Mandant on/PyTriton"]
+    headers += ["target on/off", "target mean batch", "target vs PyTriton"]
+    lines.append(table(headers, ratio_rows))
+    lines.append("")
+    lines.append(
+        "model alone on core 0, one thread (ms per forward): "
+        + "; ".join(f"{n} row(s): torch {t:.3f}, numpy {n_:.3f}" for n, t, n_ in alone)
+        + " (numpy: this interpreter's, PyTriton's model runs the same code under .venv-triton)"
+    )
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--triton-delay-us", type=int, default=100)
+    parser.add_argument("--no-triton", action="store_true", help="skip the PyTriton side")
     args = parser.parse_args()
-    data = demo_data(
-        [
-            classifier(),
-            classifier(
-                "classifier-delay",
-                batching={"max_batch_size": 64, "max_queue_delay_ms": 2, "dispatch": "delay"},
-            ),
-            classifier("classifier-off", batching=None),
-            ECHO,
-        ]
-    )
-    rows = []
-    with server(data) as srv:
-        for concurrency in args.concurrency:
-            for model, label in MODELS.items():
-                [result] = run(srv.target, [Load("acme", model, concurrency)], args.seconds)
-                rows.append(
-                    (concurrency, label, result.rps, result.p(50), result.p(99), result.errors)
-                )
-    batches = srv.batches()
-    print(table(["conc", "model", "req/s", "p50 ms", "p99 ms", "errors"], rows))
-    for model in ("classifier", "classifier-delay"):
-        sizes = batches.get(model, {})
-        total = sum(sizes.values())
-        mean = sum(k * v for k, v in sizes.items()) / total if total else 0.0
-        print(f"\n{model}: {total} batches, mean {mean:.1f} rows, largest {max(sizes, default=0)}")
+    points = mandant_points(args)
+    failed = ""
+    if not args.no_triton:
+        try:
+            points |= triton_points(args)
+        except RuntimeError as exc:  # Triton would not start: say so under the table
+            failed = f"\nPyTriton: error: {exc}"
+    alone = [
+        (rows, *run_pinned([(model_alone_ms, (args.hidden, rows))], int(SERVER_CPU))[0])
+        for rows in (1, 64)
+    ]
+    print(report(args, points, alone) + failed)
 
 
 if __name__ == "__main__":

@@ -8,90 +8,43 @@ Starts Triton (PyTriton, ``.venv-triton``; ``make triton-venv``) serving the tes
 ``tiny`` model and a ``mandant serve`` subprocess mapping ``tiny`` to it. The load is
 closed-loop: N workers in one asyncio client process, each sending one request
 (one row, FP32 [1, 4]) as soon as its previous one is answered, for ``--seconds``
-after a warm-up. Both targets are called with the same raw KServe v2 stubs, so the
-client's own cost is the same on both sides.
+after a warm-up (``benchmarks._load``'s loop). Both targets are called with the same
+raw KServe v2 stubs, so the client's own cost is the same on both sides.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
-import numpy as np
-import yaml
-
+from benchmarks._load import Load, Result, closed_loop, demo_data
 from benchmarks._server import mandant_server
-from mandant.tenancy.keys import hash_key
-from mandant_client._proto import grpc_service_pb2 as pb
-from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+from benchmarks._server import write_config as write_yaml
 from tests.triton_server import MODEL, TritonProcess
 
-API_KEY = "bench-triton-key"
 
-
-def write_config(folder: Path, triton_url: str) -> Path:
-    config = {
-        "server": {"grace_s": 0},
-        "tenants": [{"id": "bench", "api_keys": [hash_key(API_KEY)]}],
-        "models": [
-            {"name": "tiny", "backend": "triton", "triton": {"url": triton_url, "model": MODEL}}
-        ],
-    }
-    path = folder / "mandant.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-async def closed_loop(
-    target: str,
-    concurrency: int,
-    seconds: float,
-    warmup_s: float,
-    metadata: tuple[tuple[str, str], ...],
-) -> tuple[float, list[float]]:
-    """Requests per second and every latency (s) over ``seconds``, after ``warmup_s``."""
-    request = pb.ModelInferRequest(model_name=MODEL)
-    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
-    request.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
-    latencies: list[float] = []
-    async with grpc.aio.insecure_channel(target) as channel:
-        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
-        start = time.perf_counter()
-        measure_from = start + warmup_s
-        end = measure_from + seconds
-
-        async def worker() -> None:
-            while True:
-                sent = time.perf_counter()
-                if sent >= end:
-                    return
-                await infer(request, metadata=metadata)
-                done = time.perf_counter()
-                if sent >= measure_from:
-                    latencies.append(done - sent)
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return len(latencies) / seconds, latencies
+def write_config(triton_url: str) -> Path:
+    """The demo's tenants (no limits) and ``tiny`` forwarded to Triton, no batching."""
+    model = {"name": MODEL, "backend": "triton", "triton": {"url": triton_url, "model": MODEL}}
+    return write_yaml(demo_data([model]))
 
 
 def run(
     concurrencies: Sequence[int], seconds: float, warmup_s: float, mandant_cpus: str | None
-) -> list[tuple[object, ...]]:
-    rows: list[tuple[object, ...]] = []
-    with TritonProcess(instances=1) as triton, tempfile.TemporaryDirectory() as folder:
-        config = write_config(Path(folder), triton.url)
-        with mandant_server(config, cpus=mandant_cpus) as mandant:
-            auth = (("authorization", f"Bearer {API_KEY}"),)
-            for concurrency in concurrencies:
-                direct = asyncio.run(closed_loop(triton.url, concurrency, seconds, warmup_s, ()))
-                through = asyncio.run(closed_loop(mandant, concurrency, seconds, warmup_s, auth))
-                rows.append((concurrency, direct, through))
+) -> list[tuple[int, Result, Result]]:
+    """Per concurrency: Triton directly, then through Mandant (this process's client)."""
+    rows = []
+    with (
+        TritonProcess(instances=1) as triton,
+        mandant_server(write_config(triton.url), cpus=mandant_cpus) as mandant,
+    ):
+        for concurrency in concurrencies:
+            load = Load("acme", MODEL, concurrency, rows=1, width=4)
+            direct = closed_loop(triton.url, load, warmup_s, seconds)
+            through = closed_loop(mandant, load, warmup_s, seconds)
+            rows.append((concurrency, direct, through))
     return rows
 
 
@@ -113,21 +66,20 @@ def main() -> None:
             os.sched_setaffinity(0, others)
     rows = run(args.concurrency, args.seconds, args.warmup, args.mandant_cpus)
 
-    def ms(samples: list[float], q: float) -> float:
-        return float(np.percentile(np.array(samples), q)) * 1e3
-
     header = (
         f"{'conc':>4} | {'direct req/s':>12} {'p50 ms':>7} {'p99 ms':>7} | "
         f"{'mandant req/s':>13} {'p50 ms':>7} {'p99 ms':>7} | {'added p50 ms':>12} {'ratio':>6}"
     )
     print(header)
     print("-" * len(header))
-    for concurrency, (d_rps, d_lat), (m_rps, m_lat) in rows:  # type: ignore[misc]
+    for concurrency, d, m in rows:
         print(
-            f"{concurrency:>4} | {d_rps:>12.0f} {ms(d_lat, 50):>7.2f} {ms(d_lat, 99):>7.2f} | "
-            f"{m_rps:>13.0f} {ms(m_lat, 50):>7.2f} {ms(m_lat, 99):>7.2f} | "
-            f"{ms(m_lat, 50) - ms(d_lat, 50):>12.2f} {m_rps / d_rps:>6.0%}"
+            f"{concurrency:>4} | {d.rps:>12.0f} {d.p(50):>7.2f} {d.p(99):>7.2f} | "
+            f"{m.rps:>13.0f} {m.p(50):>7.2f} {m.p(99):>7.2f} | "
+            f"{m.p(50) - d.p(50):>12.2f} {m.rps / d.rps if d.rps else float('nan'):>6.0%}"
         )
+        if d.errors or m.errors:
+            print(f"     errors: direct {d.errors} {d.error}; Mandant {m.errors} {m.error}")
 
 
 if __name__ == "__main__":

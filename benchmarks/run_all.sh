@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Every benchmark of issue 10, in sequence, with the issue's settings; each table goes to
+# the terminal and to benchmarks/results/<name>.txt (with the command, commit, date, CPU
+# and load average at its start). About 8 minutes on the 2-core development machine.
+#
+#   benchmarks/run_all.sh                  # the recorded run (quiet machine, please)
+#   BENCH_SECONDS=1 benchmarks/run_all.sh  # a smoke test: every bench end to end, short,
+#                                          # tables in a temporary folder (not results/)
+#
+# Each bench starts its own servers, pinned to core 0, and its load on core 1.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+export PYTHONPATH=${PYTHONPATH:-server:clients/python}
+if [[ -n ${BENCH_SECONDS:-} ]]; then
+    OUT=${BENCH_OUT:-$(mktemp -d -t mandant-bench-smoke-XXXX)}
+else
+    OUT=${BENCH_OUT:-benchmarks/results}
+fi
+mkdir -p "$OUT"
+failed=()
+
+bench() {  # bench NAME SECONDS MODULE ARGS...
+    local name=$1 seconds=${BENCH_SECONDS:-$2} module=$3
+    shift 3
+    local args=(--seconds "$seconds" "$@")
+    if [[ -n ${BENCH_SECONDS:-} ]]; then args+=(--warmup 0.5); fi
+    local command="$PYTHON -m $module ${args[*]}"
+    echo "== $name: $command"
+    local started=$SECONDS
+    {
+        echo "\$ $command"
+        echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- server clients benchmarks || echo ' (uncommitted changes)')"
+        echo "# $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+        echo
+        "$PYTHON" -m "$module" "${args[@]}"
+    } 2>"$OUT/$name.stderr" | tee "$OUT/$name.txt"
+    local status=${PIPESTATUS[0]}
+    echo "($name: $((SECONDS - started)) s, exit $status)"
+    if [[ $status -ne 0 ]]; then
+        failed+=("$name")
+        tail -20 "$OUT/$name.stderr"
+    else
+        rm -f "$OUT/$name.stderr"
+    fi
+}
+
+bench frontend 5 benchmarks.frontend
+bench batching 5 benchmarks.batching
+bench noisy_neighbour_h4096 15 benchmarks.noisy_neighbour --hidden 4096
+bench noisy_neighbour_demo 10 benchmarks.noisy_neighbour
+
+if ((${#failed[@]})); then
+    echo "FAILED: ${failed[*]} (see $OUT/<name>.stderr)"
+    exit 1
+fi
+echo "tables in $OUT/"
