@@ -18,15 +18,17 @@ Which calls feed what:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
 
 from mandant.config import SloConfig, TenantConfig
 from mandant.observability.live import LiveStats
 from mandant.observability.slo import SLO_CODES, SloTracker, is_good
+from mandant.tenancy.directory import TenantDirectory
 
 #: Seconds; fine enough around millisecond SLOs. Each tenant's SLO threshold is added.
 DURATION_BUCKETS_S: tuple[float, ...] = (
@@ -50,18 +52,21 @@ class PrometheusObserver:
     def __init__(
         self,
         registry: CollectorRegistry,
-        tenants: Sequence[TenantConfig],
+        tenants: Sequence[TenantConfig] | TenantDirectory,
         models: Iterable[str],
         slo: SloTracker | None = None,
         live: LiveStats | None = None,
     ) -> None:
-        self._tenants = frozenset(t.id for t in tenants)
+        """``tenants``: the tenant directory, read on every call (a tenant added by a
+        reload gets its own label, a changed SLO applies at once); or fixed configs."""
+        self._directory = (
+            tenants if isinstance(tenants, TenantDirectory) else TenantDirectory(tenants)
+        )
         self._models = frozenset(models)
         self._slo = slo
         self._live = live
-        slos: Mapping[str, SloConfig] = {t.id: t.slo for t in tenants if t.slo is not None}
-        self._thresholds = {tenant: c.latency_ms / 1000.0 for tenant, c in slos.items()}
-        buckets = _buckets(self._thresholds.values())
+        # Histogram buckets are fixed for the process: the SLO thresholds at start.
+        buckets = _buckets(self._directory.current.slo_thresholds_s.values())
 
         self.requests = Counter(
             "mandant_requests", "Calls answered, by gRPC status name.",
@@ -114,14 +119,7 @@ class PrometheusObserver:
             "mandant_store_errors", "Failed operations on the shared limits store.", ["store"],
             registry=registry,
         )  # fmt: skip
-        self.slo_objective = Gauge(
-            "mandant_slo_objective", "Target fraction of good requests.", ["tenant"],
-            registry=registry,
-        )  # fmt: skip
-        self.slo_latency = Gauge(
-            "mandant_slo_latency_seconds", "A good request is answered OK within this time.",
-            ["tenant"], registry=registry,
-        )  # fmt: skip
+        registry.register(SloTargets(self._directory))
         self.slo_requests = Counter(
             "mandant_slo_requests", "Inference calls judged against the tenant's SLO.",
             ["tenant"], registry=registry,
@@ -130,12 +128,11 @@ class PrometheusObserver:
             "mandant_slo_good_requests", "Inference calls answered OK within the SLO latency.",
             ["tenant"], registry=registry,
         )  # fmt: skip
-        for tenant, config in slos.items():
-            self.slo_objective.labels(tenant).set(config.objective)
-            self.slo_latency.labels(tenant).set(config.latency_ms / 1000.0)
+        snapshot = self._directory.current
+        for tenant in snapshot.slos:
             self.slo_requests.labels(tenant)
             self.slo_good.labels(tenant)
-        for tenant in self._tenants:
+        for tenant in snapshot.ids:
             self.inflight.labels(tenant)
         # Labelled children cached by label tuple: ``labels()`` costs a lock and
         # validation on every call; the hot path takes a dict lookup instead.
@@ -149,7 +146,7 @@ class PrometheusObserver:
         return cast(_M, child)
 
     def _tenant(self, tenant: str) -> str:
-        return tenant if tenant in self._tenants else ""
+        return tenant if tenant in self._directory.current.ids else ""
 
     def _model(self, model: str) -> str:
         return model if model in self._models else ""
@@ -165,7 +162,7 @@ class PrometheusObserver:
             self._child(self.request_duration, tenant, model).observe(duration_s)
         if self._live is not None:
             self._live.record_request(tenant, code, duration_s)
-        threshold = self._thresholds.get(tenant)
+        threshold = self._directory.current.slo_thresholds_s.get(tenant)
         if threshold is None:
             return
         good = is_good(code, duration_s, threshold)
@@ -217,3 +214,58 @@ class PrometheusObserver:
 
     def store_error(self, store: str) -> None:
         self._child(self.store_errors, store).inc()
+
+
+class SloTargets:
+    """``mandant_slo_objective`` and ``mandant_slo_latency_seconds`` per tenant with an
+    SLO, read from the tenant directory at scrape time (a reload shows at once)."""
+
+    def __init__(self, directory: TenantDirectory) -> None:
+        self._directory = directory
+
+    def describe(self) -> list[Metric]:
+        return self._families({})
+
+    def collect(self) -> list[Metric]:
+        return self._families(self._directory.current.slos)
+
+    @staticmethod
+    def _families(slos: Mapping[str, SloConfig]) -> list[Metric]:
+        objective = GaugeMetricFamily(
+            "mandant_slo_objective", "Target fraction of good requests.", labels=["tenant"]
+        )
+        latency = GaugeMetricFamily(
+            "mandant_slo_latency_seconds",
+            "A good request is answered OK within this time.",
+            labels=["tenant"],
+        )
+        for tenant, slo in slos.items():
+            objective.add_metric([tenant], slo.objective)
+            latency.add_metric([tenant], slo.latency_ms / 1000.0)
+        return [objective, latency]
+
+
+class ModelReadiness:
+    """``mandant_model_ready{model,version,tenant}``: 1 while a model version can serve,
+    read at scrape time. ``tenant`` is the owner of a private or tuned model, ``""``
+    for shared ones; every label comes from the configuration."""
+
+    def __init__(self, models: Callable[[], Iterable[tuple[str, str, str, bool]]]) -> None:
+        self._models = models
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> list[Metric]:
+        family = self._family()
+        for name, version, owner, ready in self._models():
+            family.add_metric([name, version, owner], 1.0 if ready else 0.0)
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "mandant_model_ready",
+            "1 while the model version is ready to serve, else 0.",
+            labels=["model", "version", "tenant"],
+        )

@@ -3,6 +3,7 @@ message-size limits, graceful stop."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -14,11 +15,11 @@ from mandant.config import ServerConfig
 from mandant.events import Observer
 from mandant.observability.usage import UsageReports
 from mandant.service import DataPlane
-from mandant.tenancy.keys import AdminKeys
 from mandant.transport.grpc.admin import AdminServicer
 from mandant.transport.grpc.interceptors import (
     ADMIN_SERVICE,
     INFERENCE_SERVICE,
+    AdminAuthenticator,
     GatewayInterceptor,
 )
 from mandant.transport.grpc.servicer import InferenceServicer
@@ -29,6 +30,8 @@ from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+#: How often gRPC health re-reads the server's readiness.
+HEALTH_POLL_S = 0.5
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -54,18 +57,21 @@ class GrpcServer:
         config: ServerConfig,
         observer: Observer | None = None,
         usage: UsageReports | None = None,
+        authenticate_admin: AdminAuthenticator | None = None,
     ) -> None:
-        """``usage``: serve ``mandant.admin.v1.AdminService`` from these reports (admin
-        keys from ``config.admin_keys``); without it the admin service is not served."""
+        """``usage``: serve ``mandant.admin.v1.AdminService`` from these reports, to the
+        callers ``authenticate_admin`` accepts (the tenant directory's admin keys;
+        None: nobody); without ``usage`` the admin service is not served."""
         self._plane = plane
         self._config = config
         self._health = health.aio.HealthServicer()
+        self._health_watch: asyncio.Task[None] | None = None
         self._server = grpc.aio.server(
             interceptors=[
                 GatewayInterceptor(
                     plane.authenticate,
                     observer=observer,
-                    authenticate_admin=AdminKeys(config.admin_keys).authenticate,
+                    authenticate_admin=authenticate_admin,
                 )
             ],
             options=[
@@ -108,13 +114,38 @@ class GrpcServer:
             )
             self.port = self._server.add_secure_port(address, credentials)
         await self._server.start()
-        for service in ("", INFERENCE_SERVICE):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(self._plane.ready)
+        self._health_watch = asyncio.create_task(self._follow_readiness(), name="grpc-health")
         return self.port
+
+    async def _set_health(self, ready: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", INFERENCE_SERVICE):
+            await self._health.set(service, status)
+
+    async def _follow_readiness(self) -> None:
+        """gRPC health says what ``/readyz`` and ServerReady say: the data plane's
+        readiness, polled every :data:`HEALTH_POLL_S` (and set at once on drain)."""
+        ready = self._plane.ready
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            now = self._plane.ready
+            if now != ready:
+                ready = now
+                logger.warning("server %s", "ready" if ready else "not ready")
+                await self._set_health(ready)
 
     async def stop(self, grace_s: float) -> None:
         """Stop taking calls, let those in flight finish within ``grace_s``."""
         self._plane.drain()
+        watch, self._health_watch = self._health_watch, None
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_s)
 
