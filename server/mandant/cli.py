@@ -85,7 +85,8 @@ async def _serve(
     target = f"{config.server.host}:{app.grpc_port}"
     print(f"Mandant listening: gRPC (KServe v2) on {target}", flush=True)
     http = f"http://{config.server.host}:{app.http_port}"
-    print(f"Dashboard: {http}/  (metrics: {http}/metrics)", flush=True)
+    access = "" if config.server.metrics_auth == "none" else "; an admin or tenant key"
+    print(f"Dashboard: {http}/  (metrics: {http}/metrics{access})", flush=True)
     internal = config.server.internal_http
     if internal is not None:
         print(
