@@ -80,11 +80,8 @@ class ServerConfig(_Frozen):
 
     @model_validator(mode="after")
     def _ports(self) -> ServerConfig:
-        internal = self.internal_http
-        if internal is not None and internal.port and internal.port in (
-            self.grpc_port,
-            self.http_port,
-        ):
+        port = self.internal_http.port if self.internal_http is not None else 0
+        if port and port in (self.grpc_port, self.http_port):
             raise ValueError("'internal_http.port' must differ from grpc_port and http_port")
         return self
 
