@@ -114,7 +114,7 @@ class GrpcServer:
             )
             self.port = self._server.add_secure_port(address, credentials)
         await self._server.start()
-        await self._set_health(self._plane.ready)
+        await self._set_health(self._ready())
         self._health_watch = asyncio.create_task(self._follow_readiness(), name="grpc-health")
         return self.port
 
@@ -127,13 +127,21 @@ class GrpcServer:
         for service in ("", INFERENCE_SERVICE):
             await self._health.set(service, status)
 
+    def _ready(self) -> bool:
+        """The data plane's readiness; a check that raises counts as not ready."""
+        try:
+            return self._plane.ready
+        except Exception:
+            logger.exception("readiness check failed; reporting NOT_SERVING")
+            return False
+
     async def _follow_readiness(self) -> None:
         """gRPC health says what ``/readyz`` and ServerReady say: the data plane's
         readiness, polled every :data:`HEALTH_POLL_S` (and set at once on drain)."""
-        ready = self._plane.ready
+        ready = self._ready()
         while True:
             await asyncio.sleep(HEALTH_POLL_S)
-            now = self._plane.ready
+            now = self._ready()
             if now != ready:
                 ready = now
                 logger.warning("server %s", "ready" if ready else "not ready")
