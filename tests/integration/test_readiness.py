@@ -19,11 +19,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from mandant.config import parse_config
+from mandant.config import ServerConfig, parse_config
+from mandant.registry import ModelRegistry
+from mandant.scheduling.direct import DirectScheduler
+from mandant.service import DataPlane
+from mandant.tenancy.directory import TenantDirectory
 from mandant.tenancy.keys import hash_key
+from mandant.transport.grpc.server import GrpcServer
 from mandant_client import Client
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+from tests.fakes import FakeBackend
 from tests.servers import ECHO_MODEL, ServerThread, free_port
 
 ADMIN = "readiness-admin"
@@ -152,3 +158,28 @@ def test_shutdown_turns_readyz_and_grpc_health_off_while_calls_finish(tmp_path: 
     finally:
         server.app = None
         server.stop()
+
+
+async def test_grpc_health_follows_a_model_that_stops_being_ready(tmp_path: Path) -> None:
+    """A real grpc.aio server over a real data plane and registry: when the only
+    model's backend stops, health watchers are told NOT_SERVING, like /readyz."""
+    spec = parse_config({"models": [ECHO_MODEL]}).model_specs(tmp_path)[0]
+    backend = FakeBackend(spec)
+    registry = ModelRegistry([spec], lambda _: backend, lambda s, b: DirectScheduler(b, s.name))
+    await registry.start()
+    plane = DataPlane(TenantDirectory(), registry, ready_when="all_models")
+    server = GrpcServer(plane, ServerConfig(grpc_port=0))
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=30
+            )
+            assert (await watch.read()).status == SERVING
+            await backend.aclose()  # the model is no longer ready
+            assert (await watch.read()).status == NOT_SERVING
+            assert plane.ready is False
+            watch.cancel()
+    finally:
+        await server.stop(0)
+        await registry.aclose()
