@@ -25,7 +25,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 TARGET = ROOT / "clients" / "python" / "mandant_client" / "_proto"
-FILES = ["grpc_service.proto", "admin.proto"]
+FILES = ["model_config.proto", "grpc_service.proto", "admin.proto"]
 
 
 def _rewrite(name: str, text: str) -> str:
@@ -40,7 +40,7 @@ def _rewrite(name: str, text: str) -> str:
             "from mandant_client._proto import _pool\n",
         )
         text = text.replace("_sym_db = _symbol_database.Default()\n", "")
-    if name.endswith("_pb2_grpc.py"):
+    if name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")):
         text = re.sub(
             r"^import (\w+_pb2) as (\w+)$",
             r"from mandant_client._proto import \1 as \2",

@@ -165,9 +165,12 @@ class RecordingObserver:
     batches: list[tuple[str, int, float, dict[str, int]]] = field(default_factory=list)
     rejections: list[tuple[str, str]] = field(default_factory=list)
     failed_batches: list[tuple[str, int]] = field(default_factory=list)
+    finished: list[tuple[str, str, str, str]] = field(default_factory=list)
 
-    def request_finished(self, tenant: str, model: str, code: str, duration_s: float) -> None:
-        return None
+    def request_finished(
+        self, tenant: str, model: str, code: str, duration_s: float, version: str = ""
+    ) -> None:
+        self.finished.append((tenant, model, version, code))
 
     def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:
         self.timings.append((tenant, model, queue_s, compute_s))

@@ -19,6 +19,7 @@ from mandant.observability.http import HttpServer
 from mandant.observability.live import LiveStats
 from mandant.observability.metrics import ModelReadiness, PrometheusObserver
 from mandant.observability.slo import SloTracker
+from mandant.observability.stats import InferenceStats
 from mandant.observability.usage import UsageReports
 from mandant.registry import ModelRegistry
 from mandant.scheduling.base import Scheduler
@@ -83,11 +84,14 @@ class App:
         self.observer = PrometheusObserver(
             self.metrics, self.directory, model_names, slo=self.slo, live=self.live
         )
+        self.stats = InferenceStats()  # ModelStatistics: per tenant, model and version
         self.channels = ChannelPool()
         self.registry = ModelRegistry(
             specs,
             lambda spec: make_backend(spec, self.channels),
-            lambda spec, backend: make_scheduler(spec, backend, self.observer),
+            lambda spec, backend: make_scheduler(
+                spec, backend, self.stats.observe(self.observer, spec.version)
+            ),
         )
         self.metrics.register(
             ModelReadiness(
@@ -111,8 +115,9 @@ class App:
         self.grpc = GrpcServer(
             self.plane,
             config.server,
-            observer=self.observer,
+            observer=self.stats.observe(self.observer),
             usage=self.usage,
+            stats=self.stats,
             authenticate_admin=self.directory.authenticate_admin,
         )
         self.grpc_port = 0

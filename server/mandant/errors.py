@@ -10,7 +10,8 @@ class to a gRPC status code through one table.
     ├── ResourceExhausted        carries ``retry_after_s``
     │   ├── RateLimited
     │   ├── QuotaExceeded
-    │   └── QueueFull
+    │   ├── QueueFull
+    │   └── ServerBusy
     ├── DeadlineExceeded         deadline passed while queued
     ├── Unavailable              backend down, server draining
     └── ConfigError              a configuration file that does not validate
@@ -20,6 +21,14 @@ never holds internals, keys or another tenant's names.
 """
 
 from __future__ import annotations
+
+#: The most characters of client text (a model or tensor name) a message repeats.
+SHOWN_CHARS = 64
+
+
+def shown(text: str) -> str:
+    """Client text as a message may repeat it: cut to :data:`SHOWN_CHARS`."""
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "…"
 
 
 class MandantError(Exception):
@@ -33,7 +42,7 @@ class Unauthenticated(MandantError):
 
 class ModelNotFound(MandantError):
     def __init__(self, name: str, version: str | None = None) -> None:
-        where = f"model '{name}'" + (f" version '{version}'" if version else "")
+        where = f"model '{shown(name)}'" + (f" version '{shown(version)}'" if version else "")
         super().__init__(f"{where} not found")
         self.name = name
         self.version = version
@@ -75,6 +84,10 @@ class QuotaExceeded(ResourceExhausted):
 
 class QueueFull(ResourceExhausted):
     pass
+
+
+class ServerBusy(ResourceExhausted):
+    """The server-wide cap on calls in progress is reached."""
 
 
 class DeadlineExceeded(MandantError):

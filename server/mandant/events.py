@@ -13,8 +13,11 @@ from typing import Protocol
 
 
 class Observer(Protocol):
-    def request_finished(self, tenant: str, model: str, code: str, duration_s: float) -> None:
-        """A call was answered; ``code`` is the gRPC status name (OK, NOT_FOUND, …)."""
+    def request_finished(
+        self, tenant: str, model: str, code: str, duration_s: float, version: str = ""
+    ) -> None:
+        """A call was answered; ``code`` is the gRPC status name (OK, NOT_FOUND, …);
+        ``version``: the version of ``model`` it resolved ("" where none)."""
         ...
 
     def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:
@@ -48,7 +51,9 @@ class Observer(Protocol):
 
 
 class NullObserver:
-    def request_finished(self, tenant: str, model: str, code: str, duration_s: float) -> None:
+    def request_finished(
+        self, tenant: str, model: str, code: str, duration_s: float, version: str = ""
+    ) -> None:
         return None
 
     def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:

@@ -13,16 +13,17 @@ import time
 from collections.abc import Sequence
 from typing import Literal
 
-from mandant.context import current_model
-from mandant.errors import DeadlineExceeded, InvalidInput, Unavailable
+from mandant.errors import DeadlineExceeded, InvalidInput, ModelFailed, Unavailable
 from mandant.registry import Model, ModelRegistry
 from mandant.tenancy.admission import Admission, Unlimited
 from mandant.tenancy.keys import KeyLookup
-from mandant.types import EncodedRequest, InferRequest, InferResponse, Tenant
+from mandant.types import Call, EncodedRequest, InferRequest, InferResponse, Tenant
 from mandant.validation import check_batch_rows, check_inputs, check_outputs
 
 SERVER_NAME = "mandant"
-EXTENSIONS = ("model_repository", "parameters", "tenancy")
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters", "tenancy")
+#: Longest request ``id`` accepted (bytes of UTF-8); ids are echoed in answers and logs.
+MAX_REQUEST_ID_BYTES = 256
 
 
 class DataPlane:
@@ -81,17 +82,30 @@ class DataPlane:
     def repository_index(self, tenant: Tenant) -> list[Model]:
         return self._registry.visible(tenant)
 
+    def all_models(self) -> list[Model]:
+        """Every model version of every owner (admin views)."""
+        return self._registry.all()
+
     # -- inference ----------------------------------------------------------------
 
     async def infer(
-        self, tenant: Tenant, request: EncodedRequest, timeout_s: float | None = None
+        self, call: Call, request: EncodedRequest, timeout_s: float | None = None
     ) -> InferResponse:
-        """Run one request. ``timeout_s`` is what is left of the caller's deadline."""
+        """Run one request of ``call.caller``; ``call.model`` and ``call.version`` are
+        set to the configured name and version of the model once resolved.
+        ``timeout_s`` is what is left of the caller's deadline."""
         if self._draining:
             raise Unavailable("server is shutting down")
         start = time.monotonic()
+        tenant = call.caller
+        request_id = request.request_id
+        if len(request_id) > MAX_REQUEST_ID_BYTES // 4 and (
+            len(request_id.encode()) > MAX_REQUEST_ID_BYTES
+        ):
+            raise InvalidInput(f"request id is longer than {MAX_REQUEST_ID_BYTES} bytes")
         model = self.model(tenant, request.model_name, request.model_version)
-        current_model.set(model.key.name)
+        call.model = model.key.name
+        call.version = model.key.version
         if not model.ready:
             raise Unavailable(f"model '{model.key.name}' is not ready")
         rows = check_inputs(model.spec, request.input_headers())
@@ -103,6 +117,7 @@ class DataPlane:
         deadline = _deadline(start, timeout_s, parameters.get("timeout"))
         priority = _priority(parameters.get("priority"), tenant.priority)
         permit = await self._admission.admit(tenant, model.key, rows)
+        ran = False  # the model ran on this request: it stays charged, else refunded
         try:
             inputs = request.decode_inputs()
             if deadline is not None and time.monotonic() >= deadline:
@@ -113,18 +128,22 @@ class DataPlane:
                     model=model.key,
                     inputs=inputs,
                     outputs=outputs,
-                    request_id=request.request_id or _local_id(),
+                    request_id=request_id or _local_id(),
                     deadline=deadline,
                     priority=priority,
                     rows=rows,
                 )
             )
+            ran = True
+        except ModelFailed:
+            ran = True
+            raise
         finally:
-            permit.release()
+            permit.release(refund=not ran)
         return InferResponse(
             model_name=model.key.name,
             model_version=model.key.version,
-            request_id=request.request_id,
+            request_id=request_id,
             outputs={name: results[name] for name in outputs},
             output_specs=model.spec.outputs,
         )

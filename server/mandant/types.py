@@ -114,6 +114,24 @@ class EncodedRequest(Protocol):
 
 
 @dataclass(slots=True)
+class Call:
+    """One call as the front end sees it: the authenticated tenant (None on open and
+    admin methods) and the configured name of the model that served it, which the data
+    plane fills in once it has resolved one (a metrics label, never client text), with
+    its ``version``."""
+
+    tenant: Tenant | None
+    model: str = ""
+    version: str = ""
+
+    @property
+    def caller(self) -> Tenant:
+        if self.tenant is None:
+            raise RuntimeError("an open or admin method has no tenant caller")
+        return self.tenant
+
+
+@dataclass(slots=True)
 class InferRequest:
     """A validated, decoded request on its way through scheduling and execution."""
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mandant.config import ModelSpec
-from mandant.errors import InvalidInput
+from mandant.errors import InvalidInput, shown
 from mandant.types import TensorHeader, TensorSpec
 
 
 def _shape(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
+    """A shape as a message shows it (a client's may have any number of dimensions)."""
+    dims = ", ".join(str(d) for d in shape[:8])
+    return f"[{dims}{', …' if len(shape) > 8 else ''}]"
 
 
 def _names(specs: Sequence[TensorSpec]) -> str:
@@ -31,15 +33,16 @@ def check_inputs(spec: ModelSpec, headers: Sequence[TensorHeader]) -> int:
         want = declared.get(header.name)
         if want is None:
             raise InvalidInput(
-                f"unexpected input '{header.name}'; model '{spec.name}' takes {_names(spec.inputs)}"
+                f"unexpected input '{shown(header.name)}'; "
+                f"model '{spec.name}' takes {_names(spec.inputs)}"
             )
         if header.name in seen:
-            raise InvalidInput(f"input '{header.name}' appears twice")
+            raise InvalidInput(f"input '{shown(header.name)}' appears twice")
         seen.add(header.name)
         if header.datatype != want.datatype:
             raise InvalidInput(
                 f"input '{header.name}': expected datatype {want.datatype}, "
-                f"got {header.datatype or '(none)'}"
+                f"got {shown(header.datatype) or '(none)'}"
             )
         if any(dim < 0 for dim in header.shape):
             raise InvalidInput(
@@ -65,7 +68,7 @@ def check_outputs(spec: ModelSpec, requested: Sequence[str]) -> tuple[str, ...]:
     for name in requested:
         if name not in declared:
             raise InvalidInput(
-                f"unknown output '{name}'; model '{spec.name}' has {_names(spec.outputs)}"
+                f"unknown output '{shown(name)}'; model '{spec.name}' has {_names(spec.outputs)}"
             )
     return tuple(dict.fromkeys(requested))
 

@@ -1,256 +1,200 @@
-"""mandant_client against a real grpc.aio server with a minimal fake servicer.
-
-Proves the wire calls, the ``authorization`` header, the channel's 64 MiB limits and the
-error/trailer mapping end to end, for ``Client`` (in a thread) and ``AsyncClient``.
-"""
+"""mandant_client against a real Mandant server (ServerThread, a small configuration
+built here): every call of ``Client`` and ``AsyncClient``, the 64 MiB channel limits,
+and the typed exception of every status the server gives, with the pushback of
+RESOURCE_EXHAUSTED as ``retry_after_s`` — for ``infer`` both unary and multiplexed on
+one ``ModelStreamInfer`` stream (``multiplex``). What a real server cannot be made to
+answer on demand (INTERNAL, typed contents) is in tests/unit/test_client_wire.py."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
+from mandant.config import MandantConfig, parse_config
+from mandant.tenancy.keys import hash_key
 from mandant_client import (
     AsyncClient,
     Client,
     DeadlineExceeded,
+    InvalidInput,
     ModelIndexEntry,
     ModelNotFound,
     QuotaExceeded,
     RateLimited,
-    ServerError,
     TensorMetadata,
     Unauthenticated,
     Unavailable,
 )
-from mandant_client._proto import grpc_service_pb2 as pb
-from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+from tests.servers import ECHO_MODEL, ServerThread, free_port
 
-API_KEY = "acme-demo-key"
-BIG = 64 * 1024 * 1024
+ROWS = np.arange(8, dtype=np.float32).reshape(2, 4)
+MODES = ("unary", "stream")
+multiplexed = pytest.mark.parametrize("mode", MODES)
 
 
-class FakeInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """Echoes inputs; a few magic model names fail the way Mandant does."""
+def client_config() -> MandantConfig:
+    def tenant(name: str, **limits: object) -> dict[str, object]:
+        return {"id": name, "api_keys": [hash_key(f"{name}-key")], **limits}
 
-    def __init__(self) -> None:
-        self.seen_metadata: list[dict[str, str]] = []
-        self.seen_requests: list[pb.ModelInferRequest] = []
-
-    async def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
-        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-        self.seen_metadata.append(metadata)
-        if metadata.get("authorization") != f"Bearer {API_KEY}":
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown API key")
-
-    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._authenticate(context)
-        return pb.ServerLiveResponse(live=True)
-
-    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._authenticate(context)
-        return pb.ServerReadyResponse(ready=True)
-
-    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._authenticate(context)
-        return pb.ServerMetadataResponse(name="fake", version="1", extensions=["a", "b"])
-
-    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._authenticate(context)
-        return pb.ModelReadyResponse(ready=request.name == "classifier")
-
-    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._authenticate(context)
-        if request.name != "classifier":
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.name!r} not found")
-        return pb.ModelMetadataResponse(
-            name="classifier",
-            versions=["1"],
-            platform="pytorch",
-            inputs=[
-                pb.ModelMetadataResponse.TensorMetadata(
-                    name="INPUT0", datatype="FP32", shape=[-1, 256]
-                )
+    private = {**ECHO_MODEL, "name": "secret", "tenant": "acme"}
+    sleepy = {
+        **ECHO_MODEL,
+        "name": "sleepy",
+        "factory": "tests.integration.slow_models:sleepy",
+        "factory_args": {"seconds": 1.0},
+    }
+    return parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0},
+            "tenants": [
+                tenant("acme"),
+                tenant("globex"),
+                *(
+                    tenant(f"limited-{mode}", rate_limit={"requests_per_s": 0.5, "burst": 1})
+                    for mode in MODES
+                ),
+                *(tenant(f"budget-{mode}", quota={"rows_per_day": 2}) for mode in MODES),
             ],
-            outputs=[
-                pb.ModelMetadataResponse.TensorMetadata(
-                    name="OUTPUT0", datatype="FP32", shape=[-1, 16]
-                )
-            ],
-        )
-
-    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._authenticate(context)
-        response = pb.RepositoryIndexResponse()
-        response.models.add(name="classifier", version="1", state="READY")
-        return response
-
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await self._authenticate(context)
-        self.seen_requests.append(request)
-        name = request.model_name
-        if name == "missing":
-            await context.abort(grpc.StatusCode.NOT_FOUND, "model 'missing' not found")
-        if name in ("limited", "quota"):
-            details = "rate limit exceeded" if name == "limited" else "daily quota exceeded"
-            pushback = "1500" if name == "limited" else "60000"
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                details,
-                trailing_metadata=(("grpc-retry-pushback-ms", pushback),),
-            )
-        if name == "slow":
-            await asyncio.sleep(5)
-        if name == "broken":
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error, request id 42")
-        response = pb.ModelInferResponse(model_name=name, id=request.id)
-        if name == "typed":
-            out = response.outputs.add(name="OUT", datatype="INT32", shape=[2])
-            out.contents.int_contents.extend([7, -7])
-            return response
-        for tensor in request.inputs:
-            response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        response.raw_output_contents.extend(request.raw_input_contents)
-        return response
-
-
-@dataclass
-class FakeServer:
-    target: str
-    servicer: FakeInferenceServicer
-    seen: list[Any] = field(default_factory=list)
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[FakeServer]:
-    options = [("grpc.max_receive_message_length", BIG), ("grpc.max_send_message_length", BIG)]
-    grpc_server = grpc.aio.server(options=options)
-    servicer = FakeInferenceServicer()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
-    port = grpc_server.add_insecure_port("127.0.0.1:0")
-    await grpc_server.start()
-    try:
-        yield FakeServer(target=f"127.0.0.1:{port}", servicer=servicer)
-    finally:
-        await grpc_server.stop(0)
-
-
-def sync_session(target: str) -> dict[str, Any]:
-    """Every call of the sync client, run in a worker thread."""
-    batch = np.random.default_rng(0).standard_normal((1, 256), dtype=np.float32)
-    with Client(target, api_key=API_KEY, timeout_s=5) as client:
-        return {
-            "live": client.server_live(),
-            "ready": client.server_ready(),
-            "server": client.server_metadata(),
-            "model_ready": client.model_ready("classifier"),
-            "metadata": client.model_metadata("classifier"),
-            "models": client.models(),
-            "batch": batch,
-            "outputs": client.infer(
-                "classifier",
-                {"INPUT0": batch, "WORDS": np.array(["hi", "ü"], dtype=object)},
-                version="1",
-                request_id="req-1",
-                parameters={"priority": 2, "tag": "x", "flag": True, "ratio": 0.5},
-            ),
+            "models": [ECHO_MODEL, private, sleepy],
         }
+    )
 
 
-async def test_sync_client_every_call(server: FakeServer) -> None:
-    result = await asyncio.to_thread(sync_session, server.target)
-
-    assert result["live"] and result["ready"] and result["model_ready"]
-    assert result["server"].extensions == ["a", "b"]
-    assert result["metadata"].inputs == [TensorMetadata("INPUT0", "FP32", [-1, 256])]
-    assert result["metadata"].outputs == [TensorMetadata("OUTPUT0", "FP32", [-1, 16])]
-    assert result["models"] == [ModelIndexEntry("classifier", "1", "READY")]
-    np.testing.assert_array_equal(result["outputs"]["INPUT0"], result["batch"])
-    assert result["outputs"]["WORDS"].tolist() == [b"hi", "ü".encode()]
-
-    assert all(m["authorization"] == f"Bearer {API_KEY}" for m in server.servicer.seen_metadata)
-    assert len(server.servicer.seen_metadata) == 7
-    sent = server.servicer.seen_requests[0]
-    assert (sent.model_name, sent.model_version, sent.id) == ("classifier", "1", "req-1")
-    assert sent.parameters["priority"].int64_param == 2
-    assert sent.parameters["tag"].string_param == "x"
-    assert sent.parameters["flag"].bool_param is True
-    assert sent.parameters["ratio"].double_param == 0.5
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    with ServerThread(client_config(), tmp_path_factory.mktemp("client")) as running:
+        yield running
 
 
-def sync_infer(target: str, model: str, api_key: str | None = API_KEY) -> Any:
-    with Client(target, api_key=api_key) as client:
-        return client.infer(model, {"X": np.zeros(3, np.float32)}, timeout_s=2)
-
-
-async def test_sync_client_maps_errors_and_pushback(server: FakeServer) -> None:
-    with pytest.raises(RateLimited) as limited:
-        await asyncio.to_thread(sync_infer, server.target, "limited")
-    assert limited.value.retry_after_s == 1.5
-    assert limited.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert isinstance(limited.value.__cause__, grpc.RpcError)
-
-    with pytest.raises(QuotaExceeded) as quota:
-        await asyncio.to_thread(sync_infer, server.target, "quota")
-    assert quota.value.retry_after_s == 60.0
-
-    with pytest.raises(ModelNotFound):
-        await asyncio.to_thread(sync_infer, server.target, "missing")
-    with pytest.raises(Unauthenticated):
-        await asyncio.to_thread(sync_infer, server.target, "classifier", "wrong-key")
-    with pytest.raises(Unauthenticated):
-        await asyncio.to_thread(sync_infer, server.target, "classifier", None)
-    with pytest.raises(ServerError) as broken:
-        await asyncio.to_thread(sync_infer, server.target, "broken")
-    assert broken.value.code is grpc.StatusCode.INTERNAL
-
-
-async def test_async_client_calls_and_errors(server: FakeServer) -> None:
-    async with AsyncClient(server.target, api_key=API_KEY, timeout_s=5) as client:
-        assert await client.server_live()
-        assert await client.server_ready()
-        assert await client.model_ready("classifier")
-        assert not await client.model_ready("other")
-        assert (await client.server_metadata()).name == "fake"
-        assert (await client.model_metadata("classifier")).platform == "pytorch"
-        assert await client.models() == [ModelIndexEntry("classifier", "1", "READY")]
-
-        batch = np.arange(256, dtype=np.float32).reshape(1, 256)
-        outputs = await client.infer("classifier", {"INPUT0": batch}, outputs=["INPUT0"])
-        np.testing.assert_array_equal(outputs["INPUT0"], batch)
-        assert [o.name for o in server.servicer.seen_requests[-1].outputs] == ["INPUT0"]
-
-        typed = await client.infer("typed", {"X": np.zeros(1, np.int32)})
-        assert typed["OUT"].tolist() == [7, -7]
-
-        with pytest.raises(RateLimited) as limited:
-            await client.infer("limited", {"X": np.zeros(1, np.float32)})
-        assert limited.value.retry_after_s == 1.5
-        with pytest.raises(QuotaExceeded):
-            await client.infer("quota", {"X": np.zeros(1, np.float32)})
+def test_sync_client_every_call(server: ServerThread) -> None:
+    with Client(server.target, api_key="acme-key", timeout_s=10) as client:
+        assert client.server_live() and client.server_ready()
+        assert client.server_metadata().name == "mandant"
+        assert client.model_ready("echo") and client.model_ready("secret")
         with pytest.raises(ModelNotFound):
-            await client.model_metadata("secret")
-        with pytest.raises(DeadlineExceeded):
-            await client.infer("slow", {"X": np.zeros(1, np.float32)}, timeout_s=0.05)
+            client.model_ready("nope")
+        meta = client.model_metadata("echo")
+        assert meta.name == "echo"
+        assert meta.inputs == [TensorMetadata("INPUT0", "FP32", [-1, -1])]
+        assert meta.outputs == [TensorMetadata("OUTPUT0", "FP32", [-1, -1])]
+        assert sorted(m.name for m in client.models()) == ["echo", "secret", "sleepy"]
+        assert all(isinstance(m, ModelIndexEntry) and m.state for m in client.models())
+        outputs = client.infer(
+            "echo", {"INPUT0": ROWS}, version="1", outputs=["OUTPUT0"], request_id="req-1"
+        )
+    np.testing.assert_array_equal(outputs["OUTPUT0"], ROWS)
+    assert not outputs["OUTPUT0"].flags.writeable  # a view on the response, no copy
 
-    async with AsyncClient(server.target, api_key="wrong") as client:
+
+async def test_async_client_every_call(server: ServerThread) -> None:
+    async with AsyncClient(server.target, api_key="acme-key", timeout_s=10) as client:
+        assert await client.server_live() and await client.server_ready()
+        assert (await client.server_metadata()).name == "mandant"
+        assert await client.model_ready("secret")
+        assert (await client.model_metadata("secret")).name == "secret"
+        assert sorted(m.name for m in await client.models()) == ["echo", "secret", "sleepy"]
+        outputs = await client.infer("secret", {"INPUT0": ROWS})
+    np.testing.assert_array_equal(outputs["OUTPUT0"], ROWS)
+
+
+def test_health_needs_no_key_and_the_rest_does(server: ServerThread) -> None:
+    with Client(server.target) as client:
+        assert client.server_live() and client.server_ready()
         with pytest.raises(Unauthenticated):
-            await client.server_live()
+            client.models()
+        with pytest.raises(Unauthenticated):
+            client.infer("echo", {"INPUT0": ROWS})
+    with (
+        Client(server.target, api_key="wrong-key") as client,
+        pytest.raises(Unauthenticated) as caught,
+    ):
+        client.infer("echo", {"INPUT0": ROWS})
+    assert caught.value.code is grpc.StatusCode.UNAUTHENTICATED
+    assert isinstance(caught.value.__cause__, grpc.RpcError)
 
 
-async def test_messages_above_grpc_default_4mib_pass(server: FakeServer) -> None:
-    big = np.ones((5, 1024, 1024), dtype=np.float32)  # 20 MiB each way
-    async with AsyncClient(server.target, api_key=API_KEY) as client:
-        outputs = await client.infer("classifier", {"INPUT0": big})
-    np.testing.assert_array_equal(outputs["INPUT0"], big)
+@multiplexed
+def test_another_tenants_private_model_is_not_found(server: ServerThread, mode: str) -> None:
+    with Client(server.target, api_key="globex-key", multiplex=mode == "stream") as client:
+        for call in (
+            lambda: client.infer("secret", {"INPUT0": ROWS}, request_id="mine"),
+            lambda: client.model_metadata("secret"),
+            lambda: client.model_ready("secret"),
+            lambda: client.infer("unknown", {"INPUT0": ROWS}, request_id="mine"),
+        ):
+            with pytest.raises(ModelNotFound) as caught:
+                call()
+            assert caught.value.code is grpc.StatusCode.NOT_FOUND
+        assert caught.value.request_id == "mine"
+        assert "secret" not in {m.name for m in client.models()}
+
+
+@multiplexed
+async def test_bad_tensors_are_invalid_input(server: ServerThread, mode: str) -> None:
+    async with AsyncClient(server.target, api_key="acme-key", multiplex=mode == "stream") as client:
+        bad: list[dict[str, Any]] = [
+            {"INPUT0": ROWS.astype(np.float64)},  # wrong datatype
+            {"WRONG": ROWS},  # wrong name
+            {"INPUT0": np.zeros(4, np.float32)},  # wrong rank
+        ]
+        for inputs in bad:
+            with pytest.raises(InvalidInput) as caught:
+                await client.infer("echo", inputs)
+            assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(InvalidInput):  # refused before sending: no v2 datatype
+            await client.infer("echo", {"INPUT0": np.zeros((1, 4), np.complex64)})
+
+
+@multiplexed
+def test_rate_limit_is_rate_limited_with_pushback(server: ServerThread, mode: str) -> None:
+    with Client(server.target, api_key=f"limited-{mode}-key", multiplex=mode == "stream") as client:
+        client.infer("echo", {"INPUT0": ROWS})
+        with pytest.raises(RateLimited) as caught:
+            client.infer("echo", {"INPUT0": ROWS})
+    assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.retry_after_s is not None and 0 < caught.value.retry_after_s <= 2.0
+
+
+@multiplexed
+async def test_quota_is_quota_exceeded_with_pushback(server: ServerThread, mode: str) -> None:
+    key = f"budget-{mode}-key"
+    async with AsyncClient(server.target, api_key=key, multiplex=mode == "stream") as client:
+        await client.infer("echo", {"INPUT0": ROWS})  # both rows of the day
+        with pytest.raises(QuotaExceeded) as caught:
+            await client.infer("echo", {"INPUT0": ROWS[:1]})
+    assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.retry_after_s is not None and caught.value.retry_after_s > 0
+
+
+@multiplexed
+def test_deadline_is_deadline_exceeded(server: ServerThread, mode: str) -> None:
+    with (
+        Client(server.target, api_key="acme-key", multiplex=mode == "stream") as client,
+        pytest.raises(DeadlineExceeded) as caught,
+    ):
+        client.infer("sleepy", {"INPUT0": ROWS}, timeout_s=0.2)
+    assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 async def test_no_server_is_unavailable() -> None:
-    async with AsyncClient("127.0.0.1:1", api_key=API_KEY, timeout_s=5) as client:
+    target = f"127.0.0.1:{free_port()}"
+    with Client(target, api_key="acme-key", timeout_s=5) as client, pytest.raises(Unavailable):
+        client.infer("echo", {"INPUT0": ROWS})
+    async with AsyncClient(target, api_key="acme-key", timeout_s=5) as aclient:
         with pytest.raises(Unavailable):
-            await client.server_live()
+            await aclient.server_live()
+
+
+@multiplexed
+async def test_messages_above_grpc_default_4mib_pass(server: ServerThread, mode: str) -> None:
+    big = np.ones((5 * 1024, 1024), dtype=np.float32)  # 20 MiB each way
+    multiplex = mode == "stream"
+    async with AsyncClient(
+        server.target, api_key="acme-key", timeout_s=30, multiplex=multiplex
+    ) as client:
+        outputs = await client.infer("echo", {"INPUT0": big})
+    np.testing.assert_array_equal(outputs["OUTPUT0"], big)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import redis
@@ -26,6 +27,8 @@ from mandant.tenancy.keys import hash_key
 from mandant.types import ModelKey, Tenant
 from mandant_client import AsyncClient, Client, Unavailable
 from mandant_client import RateLimited as ClientRateLimited
+from mandant_client._proto import grpc_service_pb2 as pb
+from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.integration.redis_server import RedisServer, redis_server
 from tests.servers import ECHO_MODEL, ROOT, ServerThread
 
@@ -286,3 +289,129 @@ async def test_concurrent_admits_share_one_pipeline_and_stay_exact(
             permit.release()
     finally:
         await admission.aclose()
+
+
+def _refund_config(url: str, prefix: str, **rate_limit: float) -> MandantConfig:
+    data = config_data(url, key_prefix=prefix)
+    data["tenants"][0]["rate_limit"] = rate_limit
+    data["tenants"][0]["quota"] = {"rows_per_day": 60, "rows_per_month": 100}
+    return parse_config(data)
+
+
+async def test_refunds_give_back_tokens_and_quota_rows_in_redis_exactly_once(
+    redis_server: RedisServer,
+) -> None:
+    """One replica charges two calls and refunds one of them (three times over);
+    another replica then finds exactly that call's tokens and quota rows back."""
+    config = _refund_config(
+        redis_server.url, "r1", requests_per_s=0.001, burst=2, rows_per_s=0.001, rows_burst=20
+    )
+    tenant, model = Tenant("acme"), ModelKey("echo", "1")
+    first = _admission(config)
+    await first.start()
+    ran = await first.admit(tenant, model, 12)
+    refused = await first.admit(tenant, model, 8)  # every token is taken now
+    ran.release()
+    ran.release(refund=True)  # it ran: stays charged
+    refused.release(refund=True)
+    refused.release(refund=True)
+    refused.release()
+    await first.aclose()  # sends what is queued
+
+    second = _admission(config)
+    await second.start()
+    try:
+        assert await second.quota_used("acme") == {"rows_today": 12, "rows_this_month": 12}
+        (await second.admit(tenant, model, 8)).release()  # 1 request token, 8 rows: back
+        with pytest.raises(RateLimited, match="requests_per_s"):
+            await second.admit(tenant, model, 1)  # but only once
+    finally:
+        await second.aclose()
+
+
+async def test_tokens_refunded_in_redis_stop_at_the_burst(redis_server: RedisServer) -> None:
+    config = _refund_config(redis_server.url, "r2", rows_per_s=20, rows_burst=20)
+    tenant, model = Tenant("acme"), ModelKey("echo", "1")
+    admission = _admission(config)
+    await admission.start()
+    try:
+        permit = await admission.admit(tenant, model, 20)
+        await asyncio.sleep(1.1)  # the bucket refills to its burst meanwhile
+        permit.release(refund=True)
+    finally:
+        await admission.aclose()
+    admission = _admission(config)
+    await admission.start()
+    try:
+        (await admission.admit(tenant, model, 20)).release()
+        with pytest.raises(RateLimited, match="rows_per_s"):  # not 40 saved up
+            await admission.admit(tenant, model, 10)
+    finally:
+        await admission.aclose()
+
+
+async def test_a_caller_cancelled_while_redis_admits_it_is_refunded(
+    redis_server: RedisServer,
+) -> None:
+    config = _refund_config(redis_server.url, "r3", requests_per_s=0.001, burst=1)
+    tenant, model = Tenant("acme"), ModelKey("echo", "1")
+    admission = _admission(config)
+    await admission.start()
+    try:
+        admitting = asyncio.create_task(admission.admit(tenant, model, 12))
+        await asyncio.sleep(0)  # its script is on the way to Redis
+        admitting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admitting
+        assert admission.inflight("acme") == 0
+    finally:
+        await admission.aclose()
+    admission = _admission(config)
+    await admission.start()
+    try:
+        assert await admission.quota_used("acme") == {"rows_today": 0, "rows_this_month": 0}
+        (await admission.admit(tenant, model, 1)).release()  # the one request token
+    finally:
+        await admission.aclose()
+
+
+def test_refused_calls_are_not_charged_in_redis_end_to_end(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Undecodable tensors and a v2 ``timeout`` already past, through a real server
+    whose limits live in Redis: the quota rows come back, the whole quota still fits."""
+    config = _refund_config(redis_server.url, "r4", requests_per_s=0.001, burst=20)
+    metadata = (("authorization", f"Bearer {KEY}"),)
+    with ServerThread(config, tmp_path) as server, grpc.insecure_channel(server.target) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        for rows in (3, 4, 5, 6):
+            for bad, code in (
+                (_garbled(rows), grpc.StatusCode.INVALID_ARGUMENT),
+                (_echo(rows, timeout_us=1), grpc.StatusCode.DEADLINE_EXCEEDED),
+            ):
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.ModelInfer(bad, metadata=metadata)
+                assert caught.value.code() == code
+        assert server.app is not None
+        admission = server.app.admission
+        deadline = time.monotonic() + 20
+        while server.call(admission.quota_used("acme"))["rows_today"] != 0:
+            assert time.monotonic() < deadline, "36 refused rows stayed charged"
+            time.sleep(0.02)
+        stub.ModelInfer(_echo(60), metadata=metadata)  # the whole day's quota is there
+
+
+def _echo(rows: int, timeout_us: int | None = None) -> pb.ModelInferRequest:
+    message = pb.ModelInferRequest(model_name="echo")
+    message.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 2])
+    message.raw_input_contents.append(bytes(rows * 8))
+    if timeout_us is not None:
+        message.parameters["timeout"].int64_param = timeout_us
+    return message
+
+
+def _garbled(rows: int) -> pb.ModelInferRequest:
+    message = pb.ModelInferRequest(model_name="echo")
+    tensor = message.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 2])
+    tensor.contents.fp32_contents.extend([0.0] * (rows * 2 + 1))
+    return message

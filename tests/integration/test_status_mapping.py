@@ -1,6 +1,8 @@
-"""Every RPC of the inference service passes the one interceptor: a test walks each
-one with a data plane that raises each domain error (and a bug), and checks the
-status code, the message, the pushback trailer, and that no traceback leaks."""
+"""Every RPC of Triton's inference protocol (tritonclient's own service descriptor, not
+our proto) either passes the one gate or answers UNIMPLEMENTED: a test walks each served
+one with a data plane that raises each domain error (and a bug), and checks the status
+code, the message, the pushback trailer, and that no traceback leaks. The stream's
+per-message answers carry the same codes."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from tritonclient.grpc import service_pb2 as triton_pb
 
 from mandant import errors
 from mandant.config import ServerConfig
@@ -18,19 +21,25 @@ from mandant.types import Tenant
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 
-RPCS = [m.name for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods]
+TRITON_RPCS = triton_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
+SERVED = {m.name for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
+RPCS = sorted(SERVED - {"ModelStreamInfer"})
 REQUESTS = {
     "ServerLive": pb.ServerLiveRequest(),
     "ServerReady": pb.ServerReadyRequest(),
     "ServerMetadata": pb.ServerMetadataRequest(),
     "ModelReady": pb.ModelReadyRequest(name="m"),
     "ModelMetadata": pb.ModelMetadataRequest(name="m"),
+    "ModelConfig": pb.ModelConfigRequest(name="m"),
+    "ModelStatistics": pb.ModelStatisticsRequest(name="m"),
     "ModelInfer": pb.ModelInferRequest(model_name="m", id="req-42"),
     "RepositoryIndex": pb.RepositoryIndexRequest(),
 }
 ERRORS: list[tuple[BaseException, grpc.StatusCode]] = [
     (errors.ModelNotFound("m"), grpc.StatusCode.NOT_FOUND),
     (errors.InvalidInput("bad tensor"), grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.ModelFailed("m", "req-42"), grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.FailedPrecondition("can never fit"), grpc.StatusCode.FAILED_PRECONDITION),
     (errors.RateLimited("slow down", retry_after_s=0.25), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (
         errors.QuotaExceeded("quota rows_per_day", retry_after_s=3600),
@@ -50,6 +59,7 @@ class RaisingPlane:
 
     def __init__(self) -> None:
         self.error: BaseException = RuntimeError()
+        self.target = ""
 
     def authenticate(self, authorization: str | None) -> Tenant:
         return Tenant("t")
@@ -62,7 +72,7 @@ class RaisingPlane:
 
     live = property(_raise)
     ready = property(_raise)
-    model = model_versions = model_ready = repository_index = _raise
+    model = model_versions = model_ready = repository_index = all_models = _raise
 
     async def infer(self, *args: Any) -> Any:
         raise self.error
@@ -73,13 +83,75 @@ async def served() -> AsyncIterator[tuple[RaisingPlane, pb_grpc.GRPCInferenceSer
     plane = RaisingPlane()
     server = GrpcServer(plane, ServerConfig(grpc_port=0))  # type: ignore[arg-type]
     port = await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    plane.target = f"127.0.0.1:{port}"
+    async with grpc.aio.insecure_channel(plane.target) as channel:
         yield plane, pb_grpc.GRPCInferenceServiceStub(channel)
     await server.stop(0)
 
 
-def test_every_rpc_is_covered() -> None:
+def test_every_served_rpc_is_walked_and_is_triton_s() -> None:
     assert sorted(RPCS) == sorted(REQUESTS)
+    assert {m.name for m in TRITON_RPCS} >= SERVED
+
+
+async def test_every_triton_rpc_is_served_or_unimplemented(
+    served: tuple[RaisingPlane, pb_grpc.GRPCInferenceServiceStub],
+) -> None:
+    """Triton's own client stubs, for every method of Triton's protocol: a method we do
+    not serve answers UNIMPLEMENTED (a clean status, not a hang or INTERNAL)."""
+    plane, _ = served
+    plane.error = errors.InvalidInput("walked")
+    async with grpc.aio.insecure_channel(plane.target) as channel:
+        for method in TRITON_RPCS:
+            await _walk(channel, method)
+
+
+async def _walk(channel: grpc.aio.Channel, method: Any) -> None:
+    path = f"/inference.GRPCInferenceService/{method.name}"
+    request = getattr(triton_pb, method.input_type.name)().SerializeToString()
+    metadata = (("authorization", "Bearer x"),)
+    if method.client_streaming:
+        call = channel.stream_stream(path)(metadata=metadata)
+        await call.write(request)
+        await call.done_writing()
+        async for _ in call:  # the status follows the answers
+            pass
+        code = await call.code()
+    else:
+        try:
+            await channel.unary_unary(path)(request, metadata=metadata)
+            code = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+    if method.name in SERVED:
+        assert code not in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL), method.name
+    else:
+        assert code == grpc.StatusCode.UNIMPLEMENTED, method.name
+
+
+async def test_the_stream_maps_every_error_per_message(
+    served: tuple[RaisingPlane, pb_grpc.GRPCInferenceServiceStub],
+) -> None:
+    plane, stub = served
+    for error, code in ERRORS:
+        plane.error = error
+        call = stub.ModelStreamInfer(metadata=(("authorization", "Bearer x"),))
+        await call.write(REQUESTS["ModelInfer"])
+        answer = await call.read()
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+        parameters = answer.infer_response.parameters
+        assert parameters["status_code"].string_param == code.name, error
+        assert answer.infer_response.id == "req-42"
+        if code == grpc.StatusCode.INTERNAL:
+            assert answer.error_message == "internal error (request id req-42)"
+        else:
+            assert answer.error_message == str(error)
+        if isinstance(error, errors.ResourceExhausted):
+            expected = max(1, round(error.retry_after_s * 1000))
+            assert parameters["retry_pushback_ms"].int64_param == expected
+        else:
+            assert "retry_pushback_ms" not in parameters
 
 
 async def test_every_rpc_maps_every_error(
@@ -117,6 +189,6 @@ async def test_internal_errors_are_logged_with_the_request_id(
     plane, stub = served
     plane.error = RuntimeError("boom")
     with caplog.at_level(logging.ERROR), pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.ModelInfer(REQUESTS["ModelInfer"])
+        await stub.ModelInfer(REQUESTS["ModelInfer"], metadata=(("authorization", "Bearer x"),))
     assert err.value.details() == "internal error (request id req-42)"
     assert any("req-42" in r.getMessage() and r.exc_info for r in caplog.records)

@@ -4,7 +4,8 @@ by a fixture on free ports), with Mandant in process on port 0.
 Tenants: acme owns the private ``scorer`` (Triton's ``tiny`` under another name);
 ``tiny`` is shared and takes its tensors from Triton's metadata; ``tiny-batched`` is
 batched by Mandant and sent to Triton as one request per batch; ``echo`` is an
-in-process Torch model that must keep serving while Triton is down.
+in-process Torch model that must keep serving while Triton is down; ``poison`` (and
+``poison-batched``, batched by Mandant) is Triton's model that fails on negative inputs.
 """
 
 from __future__ import annotations
@@ -27,8 +28,15 @@ from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2, ser
 from mandant.app import App
 from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
-from mandant_client import AsyncClient, InvalidInput, ModelNotFound, Unavailable
-from tests.triton_server import MODEL, TritonProcess, available, expected
+from mandant_client import (
+    AsyncClient,
+    InvalidInput,
+    MandantClientError,
+    ModelNotFound,
+    ServerError,
+    Unavailable,
+)
+from tests.triton_server import MODEL, POISON_MODEL, TritonProcess, available, expected
 
 _missing = available()
 if _missing is not None and os.environ.get("CI"):
@@ -41,6 +49,7 @@ RNG = np.random.default_rng(5)
 
 def config(triton_url: str, *extra_models: dict[str, Any]) -> MandantConfig:
     triton = {"url": triton_url, "model": MODEL, "timeout_s": 10, "health_interval_s": 0.2}
+    poison = {**triton, "model": POISON_MODEL}
     return parse_config(
         {
             "server": {"grpc_port": 0, "http_port": 0, "grace_s": 0},
@@ -61,6 +70,13 @@ def config(triton_url: str, *extra_models: dict[str, Any]) -> MandantConfig:
                     "device": "cpu",
                     "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
                     "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+                },
+                {"name": "poison", "backend": "triton", "triton": poison},
+                {
+                    "name": "poison-batched",
+                    "backend": "triton",
+                    "triton": poison,
+                    "batching": {"max_batch_size": 16, "max_queue_delay_ms": 2},
                 },
                 *extra_models,
             ],
@@ -307,6 +323,65 @@ async def test_triton_errors_keep_their_meaning_without_leaking_names(
         assert "no-such-triton-model" not in str(unavailable.value)
         result = await mc.infer("loose", {"INPUT0": rows(2)})
         assert result["OUTPUT0"].shape == (2, 3)
+
+
+# -- one tenant's model errors are that tenant's ---------------------------------------
+
+
+def good_rows(n: int) -> np.ndarray:
+    return np.abs(rows(n))
+
+
+def bad_rows(n: int) -> np.ndarray:
+    x = good_rows(n)
+    x[-1, 0] = -1.0  # the poison model raises on any negative value
+    return x
+
+
+async def outcome(mc: AsyncClient, model: str, x: np.ndarray) -> MandantClientError | None:
+    try:
+        result = await mc.infer(model, {"INPUT0": x})
+    except MandantClientError as exc:
+        return exc
+    np.testing.assert_allclose(result["OUTPUT1"], expected(x)["OUTPUT1"], rtol=1e-5)
+    return None
+
+
+async def test_model_errors_of_one_tenant_are_its_own_and_leave_the_breaker_closed(
+    mandant: App,
+) -> None:
+    """The reproduced outage: 8 calls that Triton's model fails on (INTERNAL) from acme
+    opened the breaker every tenant shares, and globex's next good calls were all
+    UNAVAILABLE. Now acme gets INVALID_ARGUMENT (no retry hint, no Triton internals)
+    and globex is served, after the bad calls and alongside them."""
+    async with client(mandant, "acme") as acme, client(mandant, "globex") as globex:
+        for _ in range(8):
+            error = await outcome(acme, "poison", bad_rows(2))
+            assert isinstance(error, InvalidInput), repr(error)
+            assert "failed on this request's inputs" in str(error)
+            for leak in ("negative", "Traceback", POISON_MODEL + "_", "Triton"):
+                assert leak not in str(error)
+        assert [await outcome(globex, "poison", good_rows(2)) for _ in range(5)] == [None] * 5
+        for _ in range(3):
+            bad = [outcome(acme, "poison", bad_rows(1 + i % 3)) for i in range(8)]
+            good = [outcome(globex, "poison", good_rows(1 + i % 3)) for i in range(8)]
+            results = await asyncio.gather(*bad, *good)
+            assert all(isinstance(e, InvalidInput) for e in results[:8]), results[:8]
+            assert results[8:] == [None] * 8
+
+
+async def test_failed_mandant_batches_leave_the_breaker_closed(mandant: App) -> None:
+    """A Mandant batch that Triton's model fails on is the batch's requests' fault, not
+    Triton's: the breaker stays closed and the next good calls run. (Which requests of a
+    failed batch are at fault is the batcher's to find: it splits the batch on the
+    non-Mandant error the backend raises; a request failing alone is INVALID_ARGUMENT.)"""
+    async with client(mandant, "acme") as acme, client(mandant, "globex") as globex:
+        for _ in range(8):
+            error = await outcome(acme, "poison-batched", bad_rows(2))
+            assert isinstance(error, (InvalidInput, ServerError)), repr(error)
+            assert "negative" not in str(error) and "Traceback" not in str(error)
+        good = [outcome(globex, "poison-batched", good_rows(2)) for _ in range(5)]
+        assert await asyncio.gather(*good) == [None] * 5
 
 
 # -- faults ---------------------------------------------------------------------------

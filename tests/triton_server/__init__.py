@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 
 from tests.triton_server.tiny import NAME as MODEL
+from tests.triton_server.tiny import POISON_NAME as POISON_MODEL
 from tests.triton_server.tiny import expected
 
-__all__ = ["MODEL", "TritonProcess", "available", "expected", "free_port"]
+__all__ = ["MODEL", "POISON_MODEL", "TritonProcess", "available", "expected", "free_port"]
 
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -53,7 +54,8 @@ def available() -> str | None:
 
 
 class TritonProcess:
-    """``tiny`` on Triton on free gRPC, HTTP and metrics ports (kept across restarts)."""
+    """``tiny`` and ``poison`` on Triton on free gRPC, HTTP and metrics ports (kept across
+    restarts)."""
 
     def __init__(self, instances: int = 1) -> None:
         # One instance by default: PyTriton's second instance fetches its config from
@@ -123,7 +125,9 @@ class TritonProcess:
                 if not self.running:
                     raise RuntimeError(f"Triton exited while starting:\n{self.log_tail()}")
                 with contextlib.suppress(Exception):
-                    if client.is_server_ready() and client.is_model_ready(MODEL):
+                    if client.is_server_ready() and all(
+                        client.is_model_ready(name) for name in (MODEL, POISON_MODEL)
+                    ):
                         return
                 time.sleep(0.2)
         finally:

@@ -4,8 +4,9 @@ Run with the interpreter of ``.venv-triton`` (PyTriton pins its own numpy and
 protobuf): ``python serve.py --grpc-port P --http-port Q --metrics-port R``. Prints
 ``READY`` once Triton serves the model, then serves until SIGTERM/SIGINT.
 
-The model is ``tiny.py``'s (max batch 64, Triton's dynamic batcher on), so a test can
-compute the expected result with numpy alone.
+The models are ``tiny.py``'s, so a test can compute the expected result with numpy alone:
+``tiny`` (max batch 64, Triton's dynamic batcher on) and ``poison`` (max batch 64, no
+dynamic batcher: each request runs alone, so its failure is its own).
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ import numpy as np
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
-from tiny import NAME, expected  # this script's folder is on sys.path
+from tiny import NAME, POISON_NAME, expected, poisoned  # this script's folder is on sys.path
 
 
 @batch
 def infer(INPUT0: np.ndarray) -> dict[str, np.ndarray]:
     return expected(INPUT0)
+
+
+@batch
+def infer_poison(INPUT0: np.ndarray) -> dict[str, np.ndarray]:
+    return poisoned(INPUT0)
 
 
 def main() -> None:
@@ -44,18 +50,28 @@ def main() -> None:
         allow_gpu_metrics=False,
         exit_timeout_secs=1,
     )
+    inputs = [Tensor(name="INPUT0", dtype=np.float32, shape=(4,))]
+    outputs = [
+        Tensor(name="OUTPUT0", dtype=np.float32, shape=(3,)),
+        Tensor(name="OUTPUT1", dtype=np.float32, shape=(1,)),
+    ]
     with Triton(config=config, workspace=args.workspace) as triton:
         triton.bind(
             model_name=NAME,
             infer_func=[infer] * args.instances,
-            inputs=[Tensor(name="INPUT0", dtype=np.float32, shape=(4,))],
-            outputs=[
-                Tensor(name="OUTPUT0", dtype=np.float32, shape=(3,)),
-                Tensor(name="OUTPUT1", dtype=np.float32, shape=(1,)),
-            ],
+            inputs=inputs,
+            outputs=outputs,
             config=ModelConfig(
                 max_batch_size=64, batcher=DynamicBatcher(max_queue_delay_microseconds=100)
             ),
+            strict=True,
+        )
+        triton.bind(
+            model_name=POISON_NAME,
+            infer_func=infer_poison,
+            inputs=inputs,
+            outputs=outputs,
+            config=ModelConfig(max_batch_size=64, batcher=None),  # type: ignore[arg-type]
             strict=True,
         )
         print("READY", flush=True)

@@ -1,8 +1,11 @@
-"""The tiny model Triton serves in the tests: numpy only, so both the test process and
-PyTriton's process (``serve.py``, another virtual environment) import it.
+"""The tiny models Triton serves in the tests: numpy only, so both the test process and
+PyTriton's process (``serve.py``, another virtual environment) import them.
 
-``OUTPUT0 = tanh(INPUT0 @ W + B)`` (FP32 [-1, 3]) and ``OUTPUT1 = sum(INPUT0)`` (FP32
-[-1, 1]) for ``INPUT0`` FP32 [-1, 4].
+``tiny``: ``OUTPUT0 = tanh(INPUT0 @ W + B)`` (FP32 [-1, 3]) and ``OUTPUT1 = sum(INPUT0)``
+(FP32 [-1, 1]) for ``INPUT0`` FP32 [-1, 4].
+
+``poison``: the same, but it raises (Triton answers INTERNAL) on a batch holding any
+negative value: a model failing on one caller's data.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 NAME = "tiny"
+POISON_NAME = "poison"
 W = (np.arange(12, dtype=np.float32).reshape(4, 3) - 6.0) / 10.0
 B = np.array([0.1, -0.2, 0.3], dtype=np.float32)
 
@@ -20,3 +24,9 @@ def expected(x: np.ndarray) -> dict[str, np.ndarray]:
         "OUTPUT0": np.tanh(x @ W + B).astype(np.float32),
         "OUTPUT1": x.sum(axis=1, keepdims=True).astype(np.float32),
     }
+
+
+def poisoned(x: np.ndarray) -> dict[str, np.ndarray]:
+    if (x < 0).any():
+        raise ValueError("negative input")
+    return expected(x)

@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 
 from mandant.config import MandantConfig, parse_config
-from mandant.errors import ConfigError, InvalidInput, QuotaExceeded, RateLimited, Unavailable
+from mandant.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidInput,
+    QuotaExceeded,
+    RateLimited,
+    ResourceExhausted,
+    Unavailable,
+)
 from mandant.events import NullObserver
 from mandant.tenancy.admission import Permit, TenantAdmission
 from mandant.tenancy.policy import Denial, Plan, StoreUnavailable
@@ -68,6 +76,7 @@ class FlakyStore:
     def __init__(self) -> None:
         self.down = False
         self.calls = 0
+        self.refunds: list[tuple[str, int, float]] = []
 
     async def start(self) -> None:
         return None
@@ -75,11 +84,14 @@ class FlakyStore:
     async def aclose(self) -> None:
         return None
 
-    async def acquire(self, plan: Plan, rows: int) -> Denial | None:
+    async def acquire(self, plan: Plan, rows: int, wall: float) -> Denial | None:
         self.calls += 1
         if self.down:
             raise StoreUnavailable("fake: down")
         return None
+
+    def refund(self, plan: Plan, rows: int, wall: float) -> None:
+        self.refunds.append((plan.tenant, rows, wall))
 
 
 WALL = datetime(2024, 5, 17, 22, tzinfo=UTC).timestamp()
@@ -123,6 +135,107 @@ async def test_a_call_larger_than_the_rows_burst_is_invalid() -> None:
     with pytest.raises(InvalidInput, match="21 rows exceeds rows_burst=20"):
         await adm.admit(ACME, ECHO, 21)
     (await adm.admit(ACME, ECHO, 20)).release()
+
+
+async def test_a_refunded_call_gives_back_its_request_and_row_tokens_and_quota_rows() -> None:
+    cfg = config(
+        {
+            "id": "acme",
+            "rate_limit": {"requests_per_s": 1, "burst": 2, "rows_per_s": 1, "rows_burst": 20},
+            "quota": {"rows_per_day": 60, "rows_per_month": 100},
+        }
+    )
+    adm, _, _ = admission(cfg)
+    for _ in range(5):  # far more than the buckets hold, were any of it kept
+        (await adm.admit(ACME, ECHO, 12)).release(refund=True)
+    assert await adm.quota_used("acme") == {"rows_today": 0, "rows_this_month": 0}
+    (await adm.admit(ACME, ECHO, 12)).release()  # the model ran: charged
+    (await adm.admit(ACME, ECHO, 8)).release()  # both request tokens, all 20 row tokens
+    with pytest.raises(RateLimited):
+        await adm.admit(ACME, ECHO, 1)
+    assert await adm.quota_used("acme") == {"rows_today": 20, "rows_this_month": 20}
+
+
+async def test_a_permit_is_released_and_refunded_at_most_once() -> None:
+    cfg = config({"id": "acme", "max_concurrency": 1, "quota": {"rows_per_day": 60}})
+    adm, _, _ = admission(cfg)
+    charged = await adm.admit(ACME, ECHO, 10)
+    charged.release()
+    charged.release(refund=True)  # too late: it was released as run
+    refunded = await adm.admit(ACME, ECHO, 7)
+    refunded.release(refund=True)
+    refunded.release(refund=True)
+    refunded.release()
+    assert await adm.quota_used("acme") == {"rows_today": 10, "rows_this_month": 0}
+    assert adm.inflight("acme") == 0
+    (await adm.admit(ACME, ECHO, 50)).release()  # the slot and 50 rows are there
+    with pytest.raises(QuotaExceeded):
+        await adm.admit(ACME, ECHO, 1)
+
+
+async def test_tokens_given_back_after_a_refill_stop_at_the_burst() -> None:
+    adm, clock, _ = admission(
+        config({"id": "acme", "rate_limit": {"requests_per_s": 1, "burst": 2}})
+    )
+    permit = await adm.admit(ACME, ECHO, 1)
+    clock.now += 10  # the bucket is full again while the call waits
+    permit.release(refund=True)
+    for _ in range(2):
+        (await adm.admit(ACME, ECHO, 1)).release()
+    with pytest.raises(RateLimited):
+        await adm.admit(ACME, ECHO, 1)
+
+
+async def test_quota_rows_go_back_to_the_day_they_were_counted_in() -> None:
+    adm, _, wall = admission(config({"id": "acme", "quota": {"rows_per_day": 60}}))
+    wall.now = datetime(2024, 5, 17, 23, 59, 59, tzinfo=UTC).timestamp()
+    yesterday = await adm.admit(ACME, ECHO, 40)
+    wall.now += 2  # 00:00:01 on the 18th
+    (await adm.admit(ACME, ECHO, 25)).release()
+    yesterday.release(refund=True)  # nothing of today's count goes away
+    assert (await adm.quota_used("acme"))["rows_today"] == 25
+    with pytest.raises(QuotaExceeded):
+        await adm.admit(ACME, ECHO, 36)
+
+
+async def test_a_refund_goes_to_the_store_that_charged_the_call() -> None:
+    store = FlakyStore()
+    cfg = config({"id": "acme", "rate_limit": {"requests_per_s": 1, "burst": 1}})
+    adm, _, _ = admission(cfg, shared=store)
+    (await adm.admit(ACME, ECHO, 3)).release(refund=True)
+    assert store.refunds == [("acme", 3, 0.0)]
+    store.down = True
+    local = await adm.admit(ACME, ECHO, 1)  # the local fallback's one token
+    local.release(refund=True)
+    assert len(store.refunds) == 1  # not Redis: it never took it
+    (await adm.admit(ACME, ECHO, 1)).release()  # the local token came back
+    with pytest.raises(RateLimited):
+        await adm.admit(ACME, ECHO, 1)
+
+
+async def test_more_rows_than_a_whole_quota_is_a_failed_precondition_without_pushback() -> None:
+    cfg = config(
+        {
+            "id": "acme",
+            "quota": {"rows_per_day": 60},
+            "models": {"classifier": {"quota": {"rows_per_month": 30}}},
+        }
+    )
+    observer = RecordingObserver()
+    adm, _, _ = admission(cfg, observer=observer)
+    with pytest.raises(FailedPrecondition) as caught:
+        await adm.admit(ACME, ECHO, 61)
+    assert str(caught.value) == (
+        "a call of 61 rows exceeds the whole quota rows_per_day=60 for tenant acme; "
+        "send fewer rows per call"
+    )
+    assert not isinstance(caught.value, ResourceExhausted)
+    with pytest.raises(FailedPrecondition, match="rows_per_month=30 for tenant acme on model"):
+        await adm.admit(ACME, CLASSIFIER, 31)
+    assert adm.inflight("acme") == 0 and observer.events == []
+    (await adm.admit(ACME, ECHO, 60)).release()  # a whole quota fits, nothing was taken
+    with pytest.raises(QuotaExceeded):  # but the day's quota is now used: come back later
+        await adm.admit(ACME, ECHO, 1)
 
 
 async def test_concurrency_cap_counts_calls_in_flight_across_models() -> None:
@@ -309,6 +422,27 @@ async def test_store_outage_with_deny_refuses_as_unavailable() -> None:
         ({"limits": {"on_store_error": "maybe"}}, "limits.on_store_error"),
         ({"tenants": [{"id": "a", "models": {"nope": {}}}]}, "limits for unknown model 'nope'"),
         ({"tenants": [{"id": "a", "quota": {"rows_per_day": 0}}]}, "tenants.0.quota.rows_per_day"),
+        (
+            {"tenants": [{"id": "a", "rate_limit": {"requests_per_s": 5, "burst": 0.5}}]},
+            r"tenants.0.rate_limit.burst: Value error, must be at least 1: a call takes",
+        ),
+        (
+            {"tenants": [{"id": "a", "rate_limit": {"rows_per_s": 5, "rows_burst": 0.9}}]},
+            r"tenants.0.rate_limit.rows_burst: Value error, must be at least 1",
+        ),
+        (
+            {
+                "tenants": [
+                    {
+                        "id": "a",
+                        "models": {
+                            "echo": {"rate_limit": {"requests_per_s": 0.1, "burst": 0.1}}
+                        },
+                    }
+                ]
+            },
+            r"tenants.0.models.echo.rate_limit.burst: Value error, must be at least 1",
+        ),
     ],
 )
 def test_bad_limits_are_refused_with_the_field(data: dict[str, Any], message: str) -> None:

@@ -209,7 +209,7 @@ async def test_weights_one_and_three_share_rows_one_to_three() -> None:
 
 
 async def test_queue_cap_refuses_with_a_retry_hint() -> None:
-    batcher, backend, _, observer = await make(max_batch_size=4, max_queue_rows=3)
+    batcher, backend, _, observer = await make(max_batch_size=3, max_queue_rows=3)
     running = submit(batcher, request("a"))
     await settle()
     queued = [submit(batcher, request("a", rows=2)), submit(batcher, request("a"))]

@@ -27,7 +27,7 @@ configs = st.builds(
     preferred_batch_sizes=st.lists(st.integers(1, 8), max_size=2).map(tuple),
     policy=st.sampled_from(["fair", "fifo"]),
     dispatch=st.sampled_from(["eager", "delay"]),
-    max_queue_rows=st.none() | st.integers(4, 16),
+    max_queue_rows=st.none() | st.integers(8, 16),  # at least max_batch_size
 )
 
 submits = st.tuples(

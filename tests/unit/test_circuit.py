@@ -1,10 +1,13 @@
-"""The circuit breaker of remote backends, on a fake clock."""
+"""The circuit breaker of remote backends, on a fake clock, and which of Triton's
+answers may open it."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
-from mandant.backends.circuit import CircuitBreaker, CircuitState
+from mandant.backends.circuit import CallOutcome, CircuitBreaker, CircuitState
+from mandant.backends.triton import Fault, translate
 
 
 class FakeClock:
@@ -129,3 +132,58 @@ def test_rejects_nonsense_settings(clock: FakeClock) -> None:
         CircuitBreaker(half_open_probes=0, clock=clock)
     with pytest.raises(ValueError):
         CircuitBreaker(reset_timeout_s=-1, clock=clock)
+
+
+# -- what counts against the breaker: the Triton backend's translation table ----------
+
+#: The only outcomes that may open the breaker every tenant shares: Triton unreachable,
+#: or no answer within the backend's own timeout.
+TRANSPORT_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+@pytest.mark.parametrize("code", list(grpc.StatusCode), ids=lambda c: c.name)
+def test_only_transport_failures_and_timeouts_count_against_the_breaker(
+    code: grpc.StatusCode,
+) -> None:
+    outcome = translate(code)[1]
+    assert (outcome is CallOutcome.FAILED) == (code in TRANSPORT_FAILURES)
+    if code is not grpc.StatusCode.OK and code not in TRANSPORT_FAILURES:
+        assert outcome is CallOutcome.ANSWERED  # Triton answered: it is up
+
+
+def test_model_and_input_errors_are_the_callers() -> None:
+    assert translate(grpc.StatusCode.INTERNAL) == (Fault.MODEL, CallOutcome.ANSWERED)
+    assert translate(grpc.StatusCode.INVALID_ARGUMENT) == (Fault.INPUT, CallOutcome.ANSWERED)
+    assert translate(grpc.StatusCode.RESOURCE_EXHAUSTED) == (Fault.BUSY, CallOutcome.ANSWERED)
+    assert translate(grpc.StatusCode.UNAVAILABLE) == (Fault.BACKEND, CallOutcome.FAILED)
+
+
+def test_the_callers_own_deadline_says_nothing_about_the_backend() -> None:
+    assert translate(grpc.StatusCode.DEADLINE_EXCEEDED, by_client_deadline=True) == (
+        Fault.BACKEND,
+        CallOutcome.ABANDONED,
+    )
+    assert translate(grpc.StatusCode.DEADLINE_EXCEEDED)[1] is CallOutcome.FAILED
+
+
+def test_one_tenants_model_errors_never_open_the_breaker(clock: FakeClock) -> None:
+    """The reproduced outage: acme's bad calls (Triton INTERNAL) must leave the breaker
+    closed for globex; transport failures still open it."""
+    circuit = breaker(clock)
+    for _ in range(50):
+        assert circuit.allow()
+        circuit.record(translate(grpc.StatusCode.INTERNAL)[1])
+    assert circuit.state is CircuitState.CLOSED
+    for _ in range(3):
+        assert circuit.allow()
+        circuit.record(translate(grpc.StatusCode.UNAVAILABLE)[1])
+    assert circuit.state is CircuitState.OPEN
+
+
+def test_an_answered_error_from_a_probe_closes_the_breaker(clock: FakeClock) -> None:
+    circuit = breaker(clock)
+    fail(circuit, 3)
+    clock.now += 2
+    assert circuit.allow()
+    circuit.record(translate(grpc.StatusCode.INVALID_ARGUMENT)[1])  # Triton is back
+    assert circuit.state is CircuitState.CLOSED

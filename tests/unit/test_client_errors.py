@@ -11,6 +11,7 @@ import pytest
 from mandant_client import (
     ERRORS_BY_CODE,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidInput,
     MandantClientError,
     ModelNotFound,
@@ -58,7 +59,7 @@ EXPECTED: dict[grpc.StatusCode, type[MandantClientError]] = {
     grpc.StatusCode.ALREADY_EXISTS: ServerError,
     grpc.StatusCode.PERMISSION_DENIED: ServerError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimited,
-    grpc.StatusCode.FAILED_PRECONDITION: ServerError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.ABORTED: ServerError,
     grpc.StatusCode.OUT_OF_RANGE: ServerError,
     grpc.StatusCode.UNIMPLEMENTED: ServerError,
@@ -147,3 +148,9 @@ def test_client_side_errors_carry_their_default_code() -> None:
     assert InvalidInput("bad").code is grpc.StatusCode.INVALID_ARGUMENT
     assert RateLimited("slow", retry_after_s=2.0).retry_after_s == 2.0
     assert RateLimited("slow").code is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_errors_carry_the_callers_request_id() -> None:
+    limited = from_rpc_error(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow"), "r-1")
+    assert isinstance(limited, RateLimited) and limited.request_id == "r-1"
+    assert from_rpc_error(FakeRpcError(grpc.StatusCode.NOT_FOUND, "gone")).request_id == ""

@@ -11,14 +11,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from mandant.errors import InvalidInput
+from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS, parse_config
+from mandant.errors import ConfigError, InvalidInput
 from mandant.transport.grpc.codec import (
     ProtoInferRequest,
+    check_raw_size,
     decode_bytes,
+    decode_contents,
+    decode_raw,
     encode_bytes,
     encode_infer_response,
 )
-from mandant.types import DATATYPES, InferResponse, TensorSpec
+from mandant.types import DATATYPES, InferResponse, TensorHeader, TensorSpec
+from mandant.wire import join_bytes, split_bytes
 from mandant_client._proto import grpc_service_pb2 as pb
 
 FIXED = [name for name in DATATYPES if name != "BYTES"]
@@ -65,6 +70,163 @@ def test_random_bytes_never_crash_the_bytes_decoder(raw: bytes, count: int) -> N
     except InvalidInput:
         return
     assert len(out) == count and encode_bytes(out) == raw
+
+
+def _framed(items: list[bytes]) -> bytes:
+    """The reference framing, one element at a time."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def _objects(items: list[bytes]) -> np.ndarray:
+    array = np.empty(len(items), dtype=np.object_)
+    array[:] = items
+    return array
+
+
+#: Elements of one common length (the strided fast path), NULs and all.
+same_length = st.integers(0, 6).flatmap(
+    lambda n: st.lists(st.binary(min_size=n, max_size=n), max_size=12)
+)
+mixed_length = st.lists(st.binary(max_size=40), max_size=12)
+
+
+@given(st.one_of(same_length, mixed_length))
+@settings(max_examples=300)
+def test_split_and_join_agree_with_the_reference_framing(items: list[bytes]) -> None:
+    raw = _framed(items)
+    assert join_bytes(_objects(items)) == raw
+    split = split_bytes(raw, len(items))
+    assert split.dtype == np.object_ and split.shape == (len(items),)
+    assert [type(item) for item in split] == [bytes] * len(items)
+    assert split.tolist() == items
+
+
+def _reference_split(raw: bytes, count: int) -> list[bytes] | None:
+    """The framing read one element at a time; None where it is broken."""
+    items, offset = [], 0
+    for _ in range(count):
+        if offset + 4 > len(raw):
+            return None
+        (length,) = struct.unpack_from("<I", raw, offset)
+        if offset + 4 + length > len(raw):
+            return None
+        items.append(raw[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+    return items if offset == len(raw) else None
+
+
+@given(same_length.filter(bool), st.data())
+@settings(max_examples=150)
+def test_one_changed_prefix_among_equal_lengths_reads_as_the_reference_does(
+    items: list[bytes], data: st.DataObject
+) -> None:
+    """Equal lengths take the strided path: a single prefix that disagrees (same total
+    size) must be read as the element-by-element reading does, never as the common
+    length."""
+    raw = bytearray(_framed(items))
+    index = data.draw(st.integers(0, len(items) - 1))
+    changed = data.draw(st.integers(0, 12).filter(lambda n: n != len(items[0])))
+    struct.pack_into("<I", raw, index * (4 + len(items[0])), changed)
+    want = _reference_split(bytes(raw), len(items))
+    if want is None:
+        with pytest.raises(ValueError):
+            split_bytes(bytes(raw), len(items))
+    else:
+        assert split_bytes(bytes(raw), len(items)).tolist() == want
+
+
+@given(st.binary(max_size=48), st.integers(0, 8))
+@settings(max_examples=500)
+def test_random_bytes_split_as_the_reference_does(raw: bytes, count: int) -> None:
+    want = _reference_split(raw, count)
+    if want is None:
+        with pytest.raises(ValueError):
+            split_bytes(raw, count)
+    else:
+        assert split_bytes(raw, count).tolist() == want
+
+
+def test_elements_ending_in_nul_keep_their_nuls() -> None:
+    items = [b"a\x00", b"\x00\x00", b"bc", b"\x00d"]
+    assert split_bytes(_framed(items), 4).tolist() == items
+    assert split_bytes(_framed(items[:1] * 3), 3).tolist() == items[:1] * 3
+
+
+def test_join_takes_str_and_fixed_width_arrays() -> None:
+    assert join_bytes(np.array(["h\u00e9", "x"])) == _framed(["hé".encode(), b"x"])
+    assert join_bytes(np.array([b"ab", b"c"], dtype="S2")) == _framed([b"ab", b"c"])
+    assert join_bytes(np.array([["a", b"b"]], dtype=np.object_)) == _framed([b"a", b"b"])
+    assert join_bytes(np.empty((0, 3), dtype=np.object_)) == b""
+
+
+@pytest.mark.parametrize(
+    ("raw", "count", "message"),
+    [
+        (_framed([b"ab", b"cd"]) + b"z", 2, "1 bytes left after 2 BYTES elements"),
+        (
+            _framed([b"ab"]) + struct.pack("<I", 3) + b"cd",
+            2,
+            "element 1 declares 3 bytes, 2 remain",
+        ),
+        (_framed([b"abcdefg"]) + b"\x01\x00", 2, "ends inside element 1's length"),
+        (b"", 0, ""),
+        (b"\x00", 0, "1 bytes left after 0 BYTES elements"),
+    ],
+)
+def test_broken_framing_says_where(raw: bytes, count: int, message: str) -> None:
+    if not message:
+        assert split_bytes(raw, count).shape == (0,)
+        return
+    with pytest.raises(ValueError, match=message):
+        split_bytes(raw, count)
+
+
+def _bytes_request(count: int, raw: bytes | None = None) -> pb.ModelInferRequest:
+    return _request("BYTES", (count,), bytes(4 * count) if raw is None else raw)  # all empty
+
+
+def test_bytes_tensors_above_the_element_bound_are_refused_before_decoding() -> None:
+    header = TensorHeader("X", "BYTES", (2, 3))
+    raw = _framed([b"ab"] * 6)
+    assert decode_raw(raw, header, max_bytes_elements=6).shape == (2, 3)
+    with pytest.raises(InvalidInput, match="6 BYTES elements, at most 5 are accepted"):
+        check_raw_size(raw, header, max_bytes_elements=5)
+    with pytest.raises(InvalidInput, match="at most 5"):
+        decode_raw(raw, header, max_bytes_elements=5)
+    with pytest.raises(InvalidInput, match="at most 5"):
+        decode_bytes(raw, 6, "X", max_elements=5)
+    contents = pb.InferTensorContents(bytes_contents=[b"ab"] * 6)
+    assert decode_contents(contents, header, max_bytes_elements=6).tolist() == [[b"ab"] * 3] * 2
+    with pytest.raises(InvalidInput, match="at most 5"):
+        decode_contents(contents, header, max_bytes_elements=5)
+    # Fixed-size tensors are views, bounded by the message size only.
+    floats = np.zeros(7, np.float32)
+    view = decode_raw(floats.tobytes(), TensorHeader("X", "FP32", (7,)), max_bytes_elements=5)
+    assert view.shape == (7,)
+
+
+def test_the_default_element_bound_applies_to_requests() -> None:
+    """A request of empty BYTES elements one above the default bound (1 MiB, which used
+    to take a quarter of a second of Python on the event loop), refused before any is
+    read."""
+    at_bound = ProtoInferRequest(_bytes_request(DEFAULT_MAX_BYTES_ELEMENTS))
+    at_bound.check_payload()
+    assert at_bound.decode_inputs()["X"].shape == (DEFAULT_MAX_BYTES_ELEMENTS,)
+    over = ProtoInferRequest(_bytes_request(DEFAULT_MAX_BYTES_ELEMENTS + 1))
+    with pytest.raises(InvalidInput, match="at most"):
+        over.check_payload()
+    with pytest.raises(InvalidInput, match="at most"):
+        over.decode_inputs()
+
+
+def test_the_element_bound_is_a_validated_server_setting() -> None:
+    base = {"tenants": [], "models": []}
+    assert parse_config(base).server.max_bytes_elements == DEFAULT_MAX_BYTES_ELEMENTS
+    assert (
+        parse_config({**base, "server": {"max_bytes_elements": 8}}).server.max_bytes_elements == 8
+    )
+    with pytest.raises(ConfigError, match=r"server\.max_bytes_elements"):
+        parse_config({**base, "server": {"max_bytes_elements": 0}})
 
 
 @given(

@@ -36,6 +36,19 @@ def test_bucket_refills_only_up_to_the_burst() -> None:
     assert bucket.tokens(10.0) == 50
 
 
+def test_given_back_tokens_never_exceed_the_burst() -> None:
+    bucket = TokenBucket(Rate("rows_per_s", 10, 20), now=0.0)
+    bucket.take(15, 0.0)
+    bucket.give(15, 0.0)
+    assert bucket.tokens(0.0) == 20
+    bucket.take(15, 0.0)
+    bucket.give(15, 1.0)  # 10 refilled meanwhile: only 5 more fit
+    assert bucket.tokens(1.0) == 20
+    bucket.take(20, 1.0)
+    bucket.give(4, 1.0)
+    assert bucket.tokens(1.0) == 4
+
+
 def test_wait_for_a_larger_cost_is_exact() -> None:
     bucket = TokenBucket(Rate("rows_per_s", 250, 1000), now=0.0)
     bucket.take(1000, 0.0)
@@ -186,6 +199,21 @@ def test_quota_counts_rows_and_resets_at_midnight_utc() -> None:
     assert counter.used(_ts(2024, 5, 17, 23)) == 60  # the refusal took nothing
     assert counter.used(_ts(2024, 5, 18, 0, 0, 1)) == 0
     assert counter.wait_s(100, _ts(2024, 5, 18, 1)) == 0.0
+
+
+def test_quota_rows_given_back_only_within_the_period_they_were_counted_in() -> None:
+    evening, midnight = _ts(2024, 5, 17, 23, 59), _ts(2024, 5, 18)
+    counter = QuotaCounter(Quota("rows_per_day", 100, "day"), evening)
+    counter.take(30, evening)
+    counter.take(5, evening)
+    counter.give(30, evening, evening + 1)
+    assert counter.used(evening + 1) == 5
+    counter.give(30, evening, evening + 1)  # never below zero
+    assert counter.used(evening + 1) == 0
+    counter.take(40, evening)
+    counter.take(7, midnight)  # the new day: 7
+    counter.give(40, evening, midnight + 1)  # yesterday's rows: nothing to give back today
+    assert counter.used(midnight + 1) == 7
 
 
 def test_quota_reconfigure_keeps_rows_used() -> None:

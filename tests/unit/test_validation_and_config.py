@@ -88,6 +88,22 @@ def test_config_references_are_checked() -> None:
         parse_config({"tenants": [{"id": "a", "api_keys": [key]}, {"id": "b", "api_keys": [key]}]})
 
 
+def test_a_queue_cap_below_the_batch_size_is_refused_with_its_path() -> None:
+    model = {"name": "m", "factory": "a:b", **IO}
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            {"models": [{**model, "batching": {"max_batch_size": 8, "max_queue_rows": 7}}]}
+        )
+    assert err.value.errors == [
+        (
+            "models.0.batching",
+            "Value error, max_queue_rows (7) is below max_batch_size (8): calls the model "
+            "accepts could never be queued",
+        )
+    ]
+    parse_config({"models": [{**model, "batching": {"max_batch_size": 8, "max_queue_rows": 8}}]})
+
+
 def test_keys_authenticate_by_hash_with_one_message_for_every_failure() -> None:
     key, key_hash = generate_key()
     acme = Tenant("acme")

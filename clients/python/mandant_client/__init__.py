@@ -16,6 +16,7 @@ from mandant_client.client import Client
 from mandant_client.errors import (
     ERRORS_BY_CODE,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidInput,
     MandantClientError,
     ModelNotFound,
@@ -25,6 +26,7 @@ from mandant_client.errors import (
     ServerError,
     Unauthenticated,
     Unavailable,
+    error_for,
     from_rpc_error,
 )
 from mandant_client.tensors import (
@@ -46,6 +48,7 @@ __all__ = [
     "Client",
     "Datatype",
     "DeadlineExceeded",
+    "FailedPrecondition",
     "InvalidInput",
     "MandantClientError",
     "ModelIndexEntry",
@@ -62,6 +65,7 @@ __all__ = [
     "decode_outputs",
     "encode_inputs",
     "encode_tensor",
+    "error_for",
     "from_rpc_error",
     "to_numpy_dtype",
     "to_v2_datatype",

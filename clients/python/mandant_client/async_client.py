@@ -10,6 +10,8 @@ import grpc
 import numpy.typing as npt
 
 from mandant_client import _requests
+from mandant_client._multiplex import DEFAULT_MAX_IN_FLIGHT
+from mandant_client._multiplex_aio import AioMultiplexer
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from mandant_client._requests import ChannelOptions, ParameterValue
@@ -24,6 +26,11 @@ class AsyncClient:
     Every call sends ``authorization: Bearer <api_key>`` and raises a
     :class:`~mandant_client.errors.MandantClientError` subclass on failure.
     ``timeout_s`` is the default deadline of each call (None: no deadline).
+
+    With ``multiplex=True``, concurrent ``infer`` calls share one ``ModelStreamInfer``
+    stream (opened by the first call or by :meth:`open_stream`, reopened after it
+    fails, closed with the client), at most ``max_in_flight`` messages at a time; they
+    raise the same exceptions as unary calls. Other methods stay unary.
     """
 
     def __init__(
@@ -33,6 +40,8 @@ class AsyncClient:
         tls: bool | grpc.ChannelCredentials = False,
         timeout_s: float | None = None,
         options: ChannelOptions = (),
+        multiplex: bool = False,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         credentials = _requests.channel_credentials(tls)
         channel_options = _requests.channel_options(options)
@@ -43,6 +52,9 @@ class AsyncClient:
         self._stub = GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._metadata = _requests.auth_metadata(api_key)
         self._timeout_s = timeout_s
+        self._multiplexer = (
+            AioMultiplexer(self._stub, self._metadata, max_in_flight) if multiplex else None
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -55,7 +67,15 @@ class AsyncClient:
     ) -> None:
         await self.close()
 
+    async def open_stream(self) -> None:
+        """Open the multiplexed stream now rather than on the first ``infer``."""
+        if self._multiplexer is None:
+            raise RuntimeError("open_stream() needs a client made with multiplex=True")
+        self._multiplexer.open()
+
     async def close(self) -> None:
+        if self._multiplexer is not None:
+            await self._multiplexer.aclose()
         await self._channel.close()
 
     async def infer(
@@ -70,9 +90,11 @@ class AsyncClient:
     ) -> dict[str, Array]:
         """Run ``model`` on ``inputs``; the outputs (all, or those named) by name."""
         request = _requests.infer_request(model, inputs, version, outputs, request_id, parameters)
-        response: pb.ModelInferResponse = await self._unary(
-            self._stub.ModelInfer, request, timeout_s
-        )
+        timeout = timeout_s if timeout_s is not None else self._timeout_s
+        if self._multiplexer is not None:
+            response = await self._multiplexer.infer(request, timeout)
+        else:
+            response = await self._unary(self._stub.ModelInfer, request, timeout, request_id)
         return decode_outputs(response)
 
     async def model_metadata(self, model: str, version: str | None = None) -> ModelMetadata:
@@ -111,10 +133,14 @@ class AsyncClient:
         return _requests.server_metadata(response)
 
     async def _unary(
-        self, method: Callable[..., Awaitable[Any]], request: Any, timeout_s: float | None = None
+        self,
+        method: Callable[..., Awaitable[Any]],
+        request: Any,
+        timeout_s: float | None = None,
+        request_id: str = "",
     ) -> Any:
         timeout = timeout_s if timeout_s is not None else self._timeout_s
         try:
             return await method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise from_rpc_error(exc, request_id) from exc

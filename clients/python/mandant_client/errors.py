@@ -9,11 +9,14 @@
     ├── ResourceExhausted         RESOURCE_EXHAUSTED, .retry_after_s
     │   ├── RateLimited           rate limit, concurrency cap, queue full
     │   └── QuotaExceeded         the server's message mentions the quota
+    ├── FailedPrecondition        FAILED_PRECONDITION: the call can never fit the limits
     ├── DeadlineExceeded          DEADLINE_EXCEEDED
     ├── Unavailable               UNAVAILABLE: server down or draining, backend down
     └── ServerError               INTERNAL, UNKNOWN and every other code
 
-Both clients translate at the call site: ``raise from_rpc_error(exc) from exc``.
+Both clients translate at the call site: ``raise from_rpc_error(exc) from exc``; an
+error answered inside a ``ModelStreamInfer`` stream goes through :func:`error_for`, the
+same table. ``request_id`` is the caller's own request id for ``infer`` ("" otherwise).
 """
 
 from __future__ import annotations
@@ -31,10 +34,13 @@ class MandantClientError(Exception):
 
     default_code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: grpc.StatusCode | None = None, request_id: str = ""
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code: grpc.StatusCode = code if code is not None else self.default_code
+        self.request_id = request_id
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -69,8 +75,9 @@ class ResourceExhausted(MandantClientError):
         *,
         retry_after_s: float | None = None,
         code: grpc.StatusCode | None = None,
+        request_id: str = "",
     ) -> None:
-        super().__init__(message, code=code)
+        super().__init__(message, code=code, request_id=request_id)
         self.retry_after_s = retry_after_s
 
 
@@ -80,6 +87,13 @@ class RateLimited(ResourceExhausted):
 
 class QuotaExceeded(ResourceExhausted):
     """The tenant's quota (e.g. rows per day) is spent."""
+
+
+class FailedPrecondition(MandantClientError):
+    """The call can never fit the tenant's limits (e.g. more rows than a quota period):
+    retrying the same call cannot help."""
+
+    default_code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class DeadlineExceeded(MandantClientError):
@@ -106,24 +120,39 @@ ERRORS_BY_CODE: dict[grpc.StatusCode, type[MandantClientError]] = {
     grpc.StatusCode.NOT_FOUND: ModelNotFound,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
 }
 
 
-def from_rpc_error(exc: grpc.RpcError) -> MandantClientError:
+def from_rpc_error(exc: grpc.RpcError, request_id: str = "") -> MandantClientError:
     """Translate a sync (``grpc.Call``) or asyncio (``AioRpcError``) RPC error."""
     code = _call_attr(exc, "code")
     if not isinstance(code, grpc.StatusCode):
         code = grpc.StatusCode.UNKNOWN
     details = _call_attr(exc, "details")
     message = details if isinstance(details, str) and details else str(exc) or code.name
+    retry_after_s = None
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        retry_after_s = retry_after_from_metadata(_call_attr(exc, "trailing_metadata"))
+    return error_for(code, message, retry_after_s=retry_after_s, request_id=request_id)
+
+
+def error_for(
+    code: grpc.StatusCode,
+    message: str,
+    *,
+    retry_after_s: float | None = None,
+    request_id: str = "",
+) -> MandantClientError:
+    """The exception for a status code and message, through :data:`ERRORS_BY_CODE`."""
+    message = message or code.name
     cls = ERRORS_BY_CODE.get(code, ServerError)
     if cls is ResourceExhausted:
-        retry_after_s = retry_after_from_metadata(_call_attr(exc, "trailing_metadata"))
         exhausted = QuotaExceeded if "quota" in message.lower() else RateLimited
-        return exhausted(message, retry_after_s=retry_after_s, code=code)
-    return cls(message, code=code)
+        return exhausted(message, retry_after_s=retry_after_s, code=code, request_id=request_id)
+    return cls(message, code=code, request_id=request_id)
 
 
 def retry_after_from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> float | None:

@@ -5,7 +5,10 @@
     HALF_OPEN ──(a probe succeeds)──▶ CLOSED;  ──(a probe fails)──▶ OPEN again
 
 While OPEN every call is refused at once, so a dead server costs callers nothing and
-is not hammered; the half-open probes find out when it is back. Pure logic on an
+is not hammered; the half-open probes find out when it is back. Callers report each
+call's :class:`CallOutcome`: only FAILED (unreachable, timed out) counts towards
+opening; an error the server answered shows it works, since the breaker is shared by
+every tenant and one tenant's bad inputs must not shut a model for all. Pure logic on an
 injected clock (``time.monotonic`` by default): no I/O, no sleeping, no asyncio.
 """
 
@@ -14,6 +17,14 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
+
+
+class CallOutcome(enum.Enum):
+    """What one call let through says about the server behind the circuit."""
+
+    ANSWERED = "answered"  # the server ran it and answered (an error answer too): it works
+    FAILED = "failed"  # unreachable, or no answer in time: counts towards opening
+    ABANDONED = "abandoned"  # the caller gave up first: says nothing
 
 
 class CircuitState(enum.Enum):
@@ -70,6 +81,15 @@ class CircuitBreaker:
             self._probes += 1
             return True
         return False
+
+    def record(self, outcome: CallOutcome) -> None:
+        """Report the outcome of a call that :meth:`allow` let through."""
+        if outcome is CallOutcome.ANSWERED:
+            self.record_success()
+        elif outcome is CallOutcome.FAILED:
+            self.record_failure()
+        else:
+            self.record_abandoned()
 
     def record_success(self) -> None:
         self._state = CircuitState.CLOSED

@@ -11,14 +11,15 @@
   failure (nothing was sent) is retried at most twice with jittered backoff; a
   :class:`CircuitBreaker` refuses calls at once after repeated failures and lets a
   probe through after its reset time. Triton's errors are translated here, at the
-  boundary: INVALID_ARGUMENT stays :class:`InvalidInput` (with Triton's model name
-  replaced by Mandant's), NOT_FOUND (a wrong mapping) is logged and becomes
-  :class:`Unavailable`, as does anything else.
+  boundary, by one table (:data:`TRANSLATION`): only transport failures and timeouts
+  count against the breaker, which every tenant shares; a model that fails on one
+  caller's inputs (Triton's INTERNAL) is that caller's error, never UNAVAILABLE for all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import time
@@ -31,9 +32,15 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from mandant.backends.channels import ChannelPool
-from mandant.backends.circuit import CircuitBreaker
+from mandant.backends.circuit import CallOutcome, CircuitBreaker
 from mandant.config import ModelSpec, TritonModelConfig
-from mandant.errors import DeadlineExceeded, InvalidInput, QueueFull, Unavailable
+from mandant.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelFailed,
+    QueueFull,
+    Unavailable,
+)
 from mandant.types import DATATYPES, TensorSpec, datatype_of
 from mandant.wire import join_bytes, split_bytes
 
@@ -45,6 +52,47 @@ RETRY_BACKOFF_S = 0.05
 #: Timeout of one health poll RPC.
 PROBE_TIMEOUT_S = 1.0
 _CONNECT_FAILURE_MARKERS = ("failed to connect", "connection refused", "no route to host")
+#: Most characters of Triton's own message passed on to a client or a log line.
+MAX_DETAILS_CHARS = 300
+
+
+class TritonModelError(RuntimeError):
+    """Triton's model failed on the inputs of one call that held a Mandant batch.
+
+    Deliberately not a :class:`MandantError`: the batcher splits a batch that raised
+    anything else to find the request(s) at fault and answers only those with
+    :class:`ModelFailed`. A call that holds one request alone (a model without
+    Mandant batching) is answered :class:`ModelFailed` at once instead."""
+
+
+class Fault(enum.Enum):
+    """Whose fault a failed Triton call was, as the caller is told."""
+
+    INPUT = "input"  # the request does not fit Triton's model: InvalidInput
+    MODEL = "model"  # the model raised on the call's inputs: ModelFailed
+    BUSY = "busy"  # Triton's queue is full: QueueFull, retry later
+    BACKEND = "backend"  # Triton, its mapping or the network: Unavailable
+
+
+#: Triton's status code ⇒ (whose fault, what it says about Triton). Codes not listed
+#: are a backend fault that Triton answered. DEADLINE_EXCEEDED is the caller's own
+#: when their deadline was the call's timeout (:func:`translate`).
+TRANSLATION: Mapping[grpc.StatusCode, tuple[Fault, CallOutcome]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (Fault.INPUT, CallOutcome.ANSWERED),
+    grpc.StatusCode.INTERNAL: (Fault.MODEL, CallOutcome.ANSWERED),
+    grpc.StatusCode.UNKNOWN: (Fault.MODEL, CallOutcome.ANSWERED),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (Fault.BUSY, CallOutcome.ANSWERED),
+    grpc.StatusCode.UNAVAILABLE: (Fault.BACKEND, CallOutcome.FAILED),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (Fault.BACKEND, CallOutcome.FAILED),
+}
+_BACKEND_ANSWERED = (Fault.BACKEND, CallOutcome.ANSWERED)
+
+
+def translate(code: grpc.StatusCode, by_client_deadline: bool = False) -> tuple[Fault, CallOutcome]:
+    """How a Triton call that ended with ``code`` is reported and counted."""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and by_client_deadline:
+        return Fault.BACKEND, CallOutcome.ABANDONED
+    return TRANSLATION.get(code, _BACKEND_ANSWERED)
 
 
 class TritonBackend:
@@ -145,12 +193,9 @@ class TritonBackend:
             raise
         except grpc.aio.AioRpcError as exc:
             by_client = client_deadline is not None and client_deadline < cap
-            error, backend_fault = self._translate(exc, by_client)
-            if backend_fault:
-                self._breaker.record_failure()
-            else:
-                self._breaker.record_abandoned()
-            raise error from exc
+            fault, outcome = translate(exc.code(), by_client)
+            self._breaker.record(outcome)
+            raise self._error(exc, fault, by_client) from exc
         self._breaker.record_success()
         return self._outputs(response, outputs)
 
@@ -215,19 +260,31 @@ class TritonBackend:
             raise Unavailable(f"model '{self._spec.name}': the backend returned no {missing[0]}")
         return {name: by_name[name] for name in names}
 
-    def _translate(
-        self, exc: grpc.aio.AioRpcError, by_client_deadline: bool
-    ) -> tuple[Exception, bool]:
-        """The domain error for a failed Triton call, and whether it is Triton's fault
-        (counts against the circuit breaker)."""
+    def _error(
+        self, exc: grpc.aio.AioRpcError, fault: Fault, by_client_deadline: bool
+    ) -> Exception:
+        """The exception for a failed Triton call, in Mandant's words: Triton's model
+        name replaced by Mandant's, Triton's message passed on for input errors only."""
         code, name = exc.code(), self._spec.name
-        details = (exc.details() or "").replace(f"'{self._triton.model}'", f"'{name}'")
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidInput(_strip_request_id(details)), False
+        details = (exc.details() or "")[:MAX_DETAILS_CHARS]
+        if fault is Fault.INPUT:
+            mine = details.replace(f"'{self._triton.model}'", f"'{name}'")
+            return InvalidInput(_strip_request_id(mine))
+        if fault is Fault.MODEL:
+            logger.warning(
+                "model %s: Triton's model %r failed on a call's inputs: %s %s",
+                name,
+                self._triton.model,
+                code.name,
+                details,
+            )
+            if self._spec.batching is None:  # the call holds one request: its own fault
+                return ModelFailed(name)
+            return TritonModelError(f"Triton's model {self._triton.model!r} failed: {code.name}")
+        if fault is Fault.BUSY:
+            return QueueFull(f"model '{name}' is busy", retry_after_s=0.05)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and by_client_deadline:
-            return DeadlineExceeded("deadline exceeded while the backend was running"), False
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return QueueFull(f"model '{name}' is busy", retry_after_s=0.05), False
+            return DeadlineExceeded("deadline exceeded while the backend was running")
         if code == grpc.StatusCode.NOT_FOUND:
             logger.error(
                 "model %s: Triton at %s has no model %r version %r (check models[].triton): %s",
@@ -235,17 +292,13 @@ class TritonBackend:
                 self._triton.url,
                 self._triton.model,
                 self._triton.version or "latest",
-                exc.details(),
+                details,
             )
         else:
             logger.warning(
-                "model %s: Triton at %s failed: %s %s",
-                name,
-                self._triton.url,
-                code.name,
-                exc.details(),
+                "model %s: Triton at %s failed: %s %s", name, self._triton.url, code.name, details
             )
-        return Unavailable(f"model '{name}' is unavailable (backend error)"), True
+        return Unavailable(f"model '{name}' is unavailable (backend error)")
 
     # -- health -----------------------------------------------------------------------
 

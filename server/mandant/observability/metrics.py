@@ -151,7 +151,9 @@ class PrometheusObserver:
 
     # -- Observer --------------------------------------------------------------------
 
-    def request_finished(self, tenant: str, model: str, code: str, duration_s: float) -> None:
+    def request_finished(
+        self, tenant: str, model: str, code: str, duration_s: float, version: str = ""
+    ) -> None:
         snapshot = self._directory.current
         if tenant not in snapshot.ids:
             tenant = ""

@@ -4,10 +4,14 @@
 buckets and calendar quotas in a store (this process, or Redis shared by replicas),
 and a cap on each tenant's calls in flight on this replica. It runs after
 authentication and model resolution and before any tensor byte is decoded; a refused
-call takes nothing from any limit. While the shared store is unreachable it follows
-``on_store_error``: ``allow`` uses this process's own buckets, ``deny`` refuses with
-UNAVAILABLE; it probes the store again every ``retry_interval_s`` and logs once per
-outage. Everything it decides goes to the :class:`~mandant.events.Observer`.
+call takes nothing from any limit, and an admitted call that the model then does not
+run (refused later, expired, cancelled) is given back what it took when its permit is
+released with ``refund=True``. A call that can never fit (more rows than the rows burst
+or a whole quota period) is refused without a retry hint. While the shared store is
+unreachable it follows ``on_store_error``: ``allow`` uses this process's own
+buckets, ``deny`` refuses with UNAVAILABLE; it probes the store again every
+``retry_interval_s`` and logs once per outage. Everything it decides goes to the
+:class:`~mandant.events.Observer`.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from mandant.errors import InvalidInput, QuotaExceeded, RateLimited, Unavailable
+from mandant.errors import FailedPrecondition, InvalidInput, QuotaExceeded, RateLimited, Unavailable
 from mandant.events import NullObserver, Observer
 from mandant.tenancy.limits import MONOTONIC, Clock, Rate
 from mandant.tenancy.local_store import LocalStore
@@ -34,21 +38,25 @@ CONCURRENCY_RETRY_S = 0.05
 
 
 class Permit(Protocol):
-    def release(self) -> None:
-        """Called exactly once when the admitted request has finished."""
+    def release(self, refund: bool = False) -> None:
+        """Called when the admitted call has finished; frees its concurrency slot.
+        ``refund=False``: the model ran on it, it stays charged. ``refund=True``: it
+        did not (refused after admission, expired, cancelled, the backend down), so
+        its tokens and quota rows are given back. Only the first call counts."""
         ...
 
 
 class Admission(Protocol):
     async def admit(self, tenant: Tenant, model: ModelKey, rows: int) -> Permit:
         """Return a permit, or raise a ResourceExhausted subclass (nothing consumed);
-        InvalidInput for a call that can never fit (more rows than the rows burst),
-        Unavailable when the limits store is down and the policy is to deny."""
+        InvalidInput for more rows than the rows burst and FailedPrecondition for
+        more than a whole quota (calls that can never fit), Unavailable when the
+        limits store is down and the policy is to deny."""
         ...
 
 
 class _NoPermit:
-    def release(self) -> None:
+    def release(self, refund: bool = False) -> None:
         return None
 
 
@@ -61,27 +69,62 @@ class Unlimited:
         return self._permit
 
 
-class _InflightPermit:
-    __slots__ = ("_admission", "_tenant")
+class _Refunds(Protocol):
+    """The store that charged a call (local or shared) gives back what it took."""
 
-    def __init__(self, admission: TenantAdmission, tenant: str) -> None:
+    def refund(self, plan: Plan, rows: int, wall: float) -> None: ...
+
+
+class _InflightPermit:
+    """One admitted call: its concurrency slot, and what ``store`` took for it (the
+    rows of ``plan``'s limits, quota rows in the period of ``wall``)."""
+
+    __slots__ = ("_admission", "_plan", "_rows", "_store", "_tenant", "_wall")
+
+    def __init__(
+        self,
+        admission: TenantAdmission,
+        tenant: str,
+        store: _Refunds | None,
+        plan: Plan,
+        rows: int,
+        wall: float,
+    ) -> None:
         self._admission: TenantAdmission | None = admission
         self._tenant = tenant
+        self._store = store
+        self._plan = plan
+        self._rows = rows
+        self._wall = wall
 
-    def release(self) -> None:
+    def release(self, refund: bool = False) -> None:
         admission, self._admission = self._admission, None
-        if admission is not None:
-            admission.finished(self._tenant)
+        if admission is None:
+            return
+        admission.finished(self._tenant)
+        if refund and self._store is not None:
+            self._store.refund(self._plan, self._rows, self._wall)
 
 
 def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def _error(denial: Denial, tenant: str) -> RateLimited | QuotaExceeded:
-    where = f"tenant {tenant}"
-    if denial.scope[1] is not None:
-        where += f" on model {denial.scope[1]}"
+def _where(scope: Scope) -> str:
+    tenant, model = scope
+    return f"tenant {tenant}" + (f" on model {model}" if model is not None else "")
+
+
+def _never_fits(plan: Plan, rows: int) -> FailedPrecondition:
+    scope, quota = next((s, q) for s, q in plan.quotas if q.limit < rows)
+    return FailedPrecondition(
+        f"a call of {rows} rows exceeds the whole quota {quota.name}={quota.limit} "
+        f"for {_where(scope)}; send fewer rows per call"
+    )
+
+
+def _error(denial: Denial) -> RateLimited | QuotaExceeded:
+    where = _where(denial.scope)
     limit = denial.limit
     if isinstance(limit, Rate):
         return RateLimited(
@@ -111,6 +154,7 @@ class TenantAdmission:
         self._shared = shared
         self._observer: Observer = observer or NullObserver()
         self._clock = clock
+        self._wall = wall
         self._inflight: dict[str, int] = {}
         self._retry_at = 0.0  # monotonic: no call to the shared store before this
         self._outage_failures = 0
@@ -163,6 +207,8 @@ class TenantAdmission:
                 f"a call of {rows} rows exceeds rows_burst={_number(plan.max_rows)} "
                 f"for tenant {tenant.id}; send fewer rows per call"
             )
+        if plan.quota_rows is not None and rows > plan.quota_rows:
+            raise _never_fits(plan, rows)
         inflight = self._inflight.get(tenant.id, 0)
         if plan.max_concurrency is not None and inflight >= plan.max_concurrency:
             self._observer.rejected(tenant.id, "concurrency")
@@ -173,12 +219,16 @@ class TenantAdmission:
             )
         # Hold the slot while the store decides (the shared store awaits Redis).
         self._inflight[tenant.id] = inflight + 1
+        store: _Refunds | None = None
+        wall = 0.0
         if plan.stored:
+            if plan.quotas:
+                wall = self._wall()
             try:
                 if self._shared is None:
-                    denial = self._local.acquire(plan, rows)
+                    store, denial = self._local, self._local.acquire(plan, rows, wall)
                 else:
-                    denial = await self._acquire_shared(self._shared, plan, rows)
+                    store, denial = await self._acquire_shared(self._shared, plan, rows, wall)
             except BaseException:
                 self._inflight[tenant.id] -= 1
                 raise
@@ -187,33 +237,37 @@ class TenantAdmission:
                 self._observer.rejected(
                     tenant.id, denial.limit.name if isinstance(denial.limit, Rate) else "quota"
                 )
-                raise _error(denial, tenant.id)
+                raise _error(denial)
         self._observer.admitted(tenant.id, model.name, rows)
         self._observer.inflight_changed(tenant.id, 1)
-        return _InflightPermit(self, tenant.id)
+        return _InflightPermit(self, tenant.id, store, plan, rows, wall)
 
     def finished(self, tenant: str) -> None:
         """A permit was released (called by the permit, once)."""
         self._inflight[tenant] -= 1
         self._observer.inflight_changed(tenant, -1)
 
-    async def _acquire_shared(self, shared: SharedStore, plan: Plan, rows: int) -> Denial | None:
+    async def _acquire_shared(
+        self, shared: SharedStore, plan: Plan, rows: int, wall: float
+    ) -> tuple[_Refunds, Denial | None]:
+        """The store that decided (this process's while the shared one is out), and
+        its denial if any."""
         now = self._clock()
         if now >= self._retry_at:
             if self._outage_failures:
                 self._retry_at = now + self._limits.retry_interval_s  # one probe at a time
             try:
-                denial = await shared.acquire(plan, rows)
+                denial = await shared.acquire(plan, rows, wall)
             except StoreUnavailable as exc:
                 self._store_failed(shared.name, str(exc))
             else:
                 if self._outage_failures:
                     self._store_recovered(shared.name)
-                return denial
+                return shared, denial
         if self._limits.on_store_error == "deny":
             self._observer.rejected(plan.tenant, "store_unavailable")
             raise Unavailable("rate limit store unavailable; retry later")
-        return self._local.acquire(plan, rows)
+        return self._local, self._local.acquire(plan, rows, wall)
 
     def _store_failed(self, store: str, reason: str) -> None:
         now = self._clock()

@@ -3,6 +3,7 @@
 A bucket holds up to ``burst`` tokens and refills at ``rate`` tokens per second. A
 request costing ``n`` tokens is admitted when ``n`` tokens are there; otherwise it is
 refused, takes nothing, and learns exactly how long until ``n`` tokens will be there.
+Tokens taken for a call that then did not run are given back (up to the burst).
 Checking and taking are separate steps so that a request meeting several buckets
 (requests, rows) takes from all of them or from none.
 """
@@ -72,6 +73,11 @@ class TokenBucket:
         if wait == 0.0:
             self._tokens -= cost
         return wait
+
+    def give(self, cost: float, now: float) -> None:
+        """Give back ``cost`` tokens taken for a call that did not run (never above
+        the burst: what refilled meanwhile is not counted twice)."""
+        self._tokens = min(self.rate.burst, self.tokens(now) + cost)
 
     def reconfigure(self, rate: Rate, now: float) -> None:
         """Switch to a new rate keeping what is saved up (clamped to the new burst),

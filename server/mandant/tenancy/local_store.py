@@ -1,6 +1,7 @@
 """Buckets and quota counts in this process: the embedded default, O(1) per call.
 
-Runs on the event loop without awaiting, so check-then-take is atomic. State is
+Runs on the event loop without awaiting, so check-then-take is atomic; a call
+admitted but then not run is given back what it took (``refund``). State is
 kept by (scope, limit name); a limit whose numbers change keeps what it has saved
 up or used (clamped to the new burst), so a configuration reload loses no counts.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from mandant.tenancy.limits import MONOTONIC, Clock, TokenBucket
-from mandant.tenancy.policy import ROWS, Denial, Plan, Scope
+from mandant.tenancy.policy import ROWS, Denial, Plan, Scope, cost
 from mandant.tenancy.quota import WALL, QuotaCounter
 
 #: One limit of a plan, resolved to its state: (bucket, per row?, scope).
@@ -28,13 +29,14 @@ class LocalStore:
         self._counters: dict[tuple[Scope, str], QuotaCounter] = {}
         self._resolved: dict[tuple[str, str], tuple[Plan, list[_Bucket], list[_Counter]]] = {}
 
-    def acquire(self, plan: Plan, rows: int) -> Denial | None:
-        """Take from every bucket and quota of ``plan``, or from none and say why."""
+    def acquire(self, plan: Plan, rows: int, wall: float) -> Denial | None:
+        """Take from every bucket and quota of ``plan``, or from none and say why.
+        Quota rows count in the UTC day and month of ``wall``."""
         resolved = self._resolved.get((plan.tenant, plan.model))
         if resolved is None or resolved[0] is not plan:
             resolved = self._resolve(plan)
         _, buckets, counters = resolved
-        now = wall = 0.0
+        now = 0.0
         if buckets:
             now = self._clock()
             for bucket, per_row, scope in buckets:
@@ -42,7 +44,6 @@ class LocalStore:
                 if wait > 0.0:
                     return Denial(bucket.rate, scope, wait)
         if counters:
-            wall = self._wall()
             for counter, scope in counters:
                 wait = counter.wait_s(rows, wall)
                 if wait > 0.0:
@@ -52,6 +53,22 @@ class LocalStore:
         for bucket, per_row, _ in buckets:
             bucket.take(rows if per_row else 1, now)
         return None
+
+    def refund(self, plan: Plan, rows: int, wall: float) -> None:
+        """Give back what ``acquire(plan, rows, wall)`` took: tokens up to each
+        bucket's burst, quota rows if their period still lasts. State forgotten
+        since (a removed tenant) stays forgotten."""
+        now = self._clock()
+        for scope, rate in plan.buckets:
+            bucket = self._buckets.get((scope, rate.name))
+            if bucket is not None:
+                bucket.give(cost(rate, rows), now)
+        if plan.quotas:
+            wall_now = self._wall()
+            for scope, quota in plan.quotas:
+                counter = self._counters.get((scope, quota.name))
+                if counter is not None:
+                    counter.give(rows, wall, wall_now)
 
     def _resolve(self, plan: Plan) -> tuple[Plan, list[_Bucket], list[_Counter]]:
         """The state behind each limit of a (new) plan; a limit whose numbers changed

@@ -34,6 +34,7 @@ class Plan:
     quotas: tuple[tuple[Scope, Quota], ...] = ()
     max_concurrency: int | None = None
     max_rows: float | None = None  # the rows bucket's burst: a larger call never fits
+    quota_rows: int | None = None  # the smallest whole quota: a larger call never fits
 
     @property
     def stored(self) -> bool:
@@ -57,7 +58,8 @@ def cost(rate: Rate, rows: int) -> int:
 class SharedStore(Protocol):
     """Buckets and counts kept outside this process (Redis), shared by replicas.
     ``acquire`` takes from every limit of the plan or from none, atomically, and
-    raises :class:`StoreUnavailable` when the store cannot be reached."""
+    raises :class:`StoreUnavailable` when the store cannot be reached. ``wall`` is
+    the wall time whose UTC day and month the call's quota rows count in."""
 
     name: str
 
@@ -65,7 +67,13 @@ class SharedStore(Protocol):
 
     async def aclose(self) -> None: ...
 
-    async def acquire(self, plan: Plan, rows: int) -> Denial | None: ...
+    async def acquire(self, plan: Plan, rows: int, wall: float) -> Denial | None: ...
+
+    def refund(self, plan: Plan, rows: int, wall: float) -> None:
+        """Give back what ``acquire(plan, rows, wall)`` took (the call did not run):
+        request and row tokens up to each bucket's burst, quota rows in the period of
+        ``wall`` if it still lasts. Does not wait; a failure is logged, not raised."""
+        ...
 
     async def used(self, scope: Scope, quota_name: str, period: PeriodKind) -> int:
         """Rows counted against one quota in its current period, by every replica."""
@@ -136,11 +144,13 @@ class Policy:
         if override is not None and override.quota is not None:
             quota_config, quota_scope = override.quota, (tenant_id, model)
         rates = _rates(rate_config)
+        quotas = tuple((quota_scope, quota) for quota in _quotas(quota_config))
         return Plan(
             tenant=tenant_id,
             model=model,
             buckets=tuple((rate_scope, rate) for rate in rates),
-            quotas=tuple((quota_scope, quota) for quota in _quotas(quota_config)),
+            quotas=quotas,
             max_concurrency=tenant.max_concurrency,
             max_rows=next((rate.burst for rate in rates if rate.name == ROWS), None),
+            quota_rows=min((quota.limit for _, quota in quotas), default=None),
         )

@@ -88,6 +88,13 @@ class QuotaCounter:
     def take(self, rows: int, wall: float) -> None:
         self._used = self.used(wall) + rows
 
+    def give(self, rows: int, charged_at: float, wall: float) -> None:
+        """Give back ``rows`` taken at wall time ``charged_at`` (a call that did not
+        run): only while that period lasts; a new period starts at zero anyway."""
+        used = self.used(wall)
+        if period_at(self.quota.period, charged_at).reset_at == self._reset_at:
+            self._used = max(0, used - rows)
+
     def reconfigure(self, quota: Quota) -> None:
         """A new limit for the same period: rows already used this period stay used."""
         self.quota = quota

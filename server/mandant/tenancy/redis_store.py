@@ -6,8 +6,12 @@ atomic in Redis: it refills each bucket from Redis' own
 either takes from all of them (bucket state in a hash with an expiry; quotas with
 ``INCRBY`` + ``EXPIREAT``) or from none and says which limit refused and the wait.
 Quota keys name their UTC period (``…:rows_per_day:2024-05-17``), so a new period
-starts at zero and old ones expire. Every key of one tenant carries the hash tag
-``{tenant}``, so a call's keys share one Redis Cluster slot.
+starts at zero and old ones expire. A call admitted but then not run is refunded by a
+second script on the same keys and arguments: tokens back up to each bucket's burst,
+quota rows back in the period they were counted in (``DECRBY``, never below zero).
+A caller cancelled while its acquire was on the way is refunded the same way. Every
+key of one tenant carries the hash tag ``{tenant}``, so a call's keys share one Redis
+Cluster slot.
 
 Every Redis or socket failure becomes :class:`StoreUnavailable` here.
 """
@@ -16,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from mandant.config import LimitsConfig
@@ -84,8 +90,60 @@ end
 return {0, '0'}
 """
 
+#: ACQUIRE_LUA's KEYS and ARGV; gives back each bucket's cost (up to its burst; a
+#: bucket whose key expired is full already) and each quota's cost (a quota key that
+#: expired belongs to a period that is over). Returns 0.
+REFUND_LUA = """
+local nb = tonumber(ARGV[1])
+local nq = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local stamp = clock[1] .. '.' .. string.format('%06d', tonumber(clock[2]))
+local now = tonumber(stamp)
+for i = 1, nb do
+  local base = 2 + 3 * (i - 1)
+  local rate = tonumber(ARGV[base + 1])
+  local burst = tonumber(ARGV[base + 2])
+  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
+  local level = tonumber(state[1])
+  local ts = tonumber(state[2])
+  if level ~= nil and ts ~= nil then
+    if now > ts then level = level + (now - ts) * rate end
+    level = level + tonumber(ARGV[base + 3])
+    if level > burst then level = burst end
+    redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', level), 'ts', stamp)
+    redis.call('PEXPIRE', KEYS[i], math.ceil(burst / rate * 1000) + 1000)
+  end
+end
+local qbase = 2 + 3 * nb
+for j = 1, nq do
+  local raw = redis.call('GET', KEYS[nb + j])
+  if raw then
+    local give = math.min(tonumber(raw), tonumber(ARGV[qbase + 3 * (j - 1) + 2]))
+    if give > 0 then redis.call('DECRBY', KEYS[nb + j], give) end
+  end
+end
+return 0
+"""
+
 #: Quota keys outlive their period by this much (clock skew between replicas).
 QUOTA_KEY_GRACE_S = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One script call waiting for the next pipeline, and the future of its reply."""
+
+    script: AsyncScript
+    keys: list[str]
+    args: list[Any]
+    future: asyncio.Future[Any]
+
+
+def _refund_done(future: asyncio.Future[Any]) -> None:
+    """A refund is not awaited by anyone: a failed one is logged here (the tokens
+    refill anyway; the quota rows stay counted)."""
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("limits store redis: a refund was lost (%s)", future.exception())
 
 
 def _scope_part(prefix: str, scope: Scope) -> str:
@@ -105,7 +163,8 @@ class RedisStore:
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
-        self._script = self._client.register_script(ACQUIRE_LUA)
+        self._acquire_script = self._client.register_script(ACQUIRE_LUA)
+        self._refund_script = self._client.register_script(REFUND_LUA)
         self._prefix = config.key_prefix
         self._wall = wall
         now = wall()
@@ -114,40 +173,28 @@ class RedisStore:
             "month": PeriodTracker("month", now),
         }
         self._bucket_keys: dict[tuple[str, str], tuple[Plan, list[str]]] = {}
-        self._pending: list[tuple[list[str], list[Any], asyncio.Future[Any]]] = []
+        self._pending: list[_Call] = []
         self._sending: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Load the script; an unreachable Redis is not fatal (admission falls back)."""
         try:
-            await self._client.script_load(ACQUIRE_LUA)
+            for script in (ACQUIRE_LUA, REFUND_LUA):
+                await self._client.script_load(script)
         except (RedisError, OSError, TimeoutError) as exc:
             logger.warning("limits store redis not reachable at start: %s", type(exc).__name__)
 
     async def aclose(self) -> None:
-        if self._sending:
-            await asyncio.gather(*self._sending, return_exceptions=True)
+        while self._sending or self._pending:  # refunds the last replies queued, too
+            if self._sending:
+                await asyncio.gather(*self._sending, return_exceptions=True)
+            else:
+                await asyncio.sleep(0)
         await self._client.aclose()
 
-    async def acquire(self, plan: Plan, rows: int) -> Denial | None:
-        cached = self._bucket_keys.get((plan.tenant, plan.model))
-        if cached is None or cached[0] is not plan:
-            cached = self._bucket_keys[(plan.tenant, plan.model)] = (
-                plan,
-                [f"{_scope_part(self._prefix, s)}:{rate.name}" for s, rate in plan.buckets],
-            )
-        keys = list(cached[1])
-        args: list[float | int | str] = [len(plan.buckets), len(plan.quotas)]
-        for _, rate in plan.buckets:
-            args += (rate.per_s, rate.burst, cost(rate, rows))
-        wall = self._wall()
-        resets: list[float] = []
-        for scope, quota in plan.quotas:
-            period = self._periods[quota.period].at(wall)
-            keys.append(f"{_scope_part(self._prefix, scope)}:{quota.name}:{period.key}")
-            args += (quota.limit, rows, int(period.reset_at) + QUOTA_KEY_GRACE_S)
-            resets.append(period.reset_at)
-        index, wait = await self._batched(keys, args)
+    async def acquire(self, plan: Plan, rows: int, wall: float) -> Denial | None:
+        keys, args, resets = self._arguments(plan, rows, wall)
+        index, wait = await self._batched(self._acquire_script, keys, args)
         index = int(index)
         if index == 0:
             return None
@@ -158,13 +205,41 @@ class RedisStore:
         scope, quota = plan.quotas[position]
         return Denial(quota, scope, max(0.0, resets[position] - wall))
 
-    def _batched(self, keys: list[str], args: list[float | int | str]) -> asyncio.Future[Any]:
+    def refund(self, plan: Plan, rows: int, wall: float) -> None:
+        keys, args, _ = self._arguments(plan, rows, wall)
+        self._batched(self._refund_script, keys, args).add_done_callback(_refund_done)
+
+    def _arguments(
+        self, plan: Plan, rows: int, wall: float
+    ) -> tuple[list[str], list[float | int | str], list[float]]:
+        """The scripts' KEYS and ARGV for one call, and when each quota period ends."""
+        cached = self._bucket_keys.get((plan.tenant, plan.model))
+        if cached is None or cached[0] is not plan:
+            cached = self._bucket_keys[(plan.tenant, plan.model)] = (
+                plan,
+                [f"{_scope_part(self._prefix, s)}:{rate.name}" for s, rate in plan.buckets],
+            )
+        keys = list(cached[1])
+        args: list[float | int | str] = [len(plan.buckets), len(plan.quotas)]
+        for _, rate in plan.buckets:
+            args += (rate.per_s, rate.burst, cost(rate, rows))
+        resets: list[float] = []
+        for scope, quota in plan.quotas:
+            period = self._periods[quota.period].at(wall)
+            keys.append(f"{_scope_part(self._prefix, scope)}:{quota.name}:{period.key}")
+            args += (quota.limit, rows, int(period.reset_at) + QUOTA_KEY_GRACE_S)
+            resets.append(period.reset_at)
+        return keys, args, resets
+
+    def _batched(
+        self, script: AsyncScript, keys: list[str], args: list[float | int | str]
+    ) -> asyncio.Future[Any]:
         """The script's reply for one call. Calls made in the same turn of the event
         loop go to Redis together, as one pipeline: one round trip, one socket write
         and read, instead of one per call (each script still runs atomically)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((keys, args, future))
+        self._pending.append(_Call(script, keys, args, future))
         if len(self._pending) == 1:
             loop.call_soon(self._flush)
         return future
@@ -175,27 +250,32 @@ class RedisStore:
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _send(self, pending: list[tuple[list[str], list[Any], asyncio.Future[Any]]]) -> None:
+    async def _send(self, pending: list[_Call]) -> None:
         try:
             if len(pending) == 1:
-                keys, args, _ = pending[0]
-                replies = [await self._script(keys=keys, args=args)]
+                call = pending[0]
+                replies = [await call.script(keys=call.keys, args=call.args)]
             else:
                 pipe = self._client.pipeline(transaction=False)
-                for keys, args, _ in pending:
-                    await self._script(keys=keys, args=args, client=pipe)
+                for call in pending:
+                    await call.script(keys=call.keys, args=call.args, client=pipe)
                 replies = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             await self._client.connection_pool.disconnect(inuse_connections=False)
             error = StoreUnavailable(f"redis: {type(exc).__name__}")
             error.__cause__ = exc
-            for _, _, future in pending:
-                if not future.done():
-                    future.set_exception(error)
+            for call in pending:
+                if not call.future.done():
+                    call.future.set_exception(error)
             return
-        for (_, _, future), reply in zip(pending, replies, strict=True):
-            if not future.done():
-                future.set_result(reply)
+        for call, reply in zip(pending, replies, strict=True):
+            if not call.future.done():
+                call.future.set_result(reply)
+            elif call.script is self._acquire_script and int(reply[0]) == 0:
+                # Its caller was cancelled while Redis admitted it: nothing will run.
+                self._batched(self._refund_script, call.keys, call.args).add_done_callback(
+                    _refund_done
+                )
 
     async def used(self, scope: Scope, quota_name: str, period: PeriodKind) -> int:
         current = self._periods[period].at(self._wall())

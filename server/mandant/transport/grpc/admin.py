@@ -1,5 +1,5 @@
 """``mandant.admin.v1.AdminService``: administration over gRPC, admin keys only (the
-interceptor checks them before these methods run)."""
+gate checks them before these methods run)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import grpc
 
 from mandant.errors import InvalidInput
 from mandant.observability.usage import UsageReports
+from mandant.transport.grpc.gateway import Access, Gate
+from mandant.types import Call
 from mandant_client._proto import admin_pb2 as pb
-from mandant_client._proto import admin_pb2_grpc as pb_grpc
 
 Context: TypeAlias = grpc.aio.ServicerContext
+ADMIN_SERVICE = "mandant.admin.v1.AdminService"
 
 
 def _tenant_usage(tenant: str, entry: dict[str, Any]) -> pb.TenantUsage:
@@ -31,11 +33,13 @@ def _tenant_usage(tenant: str, entry: dict[str, Any]) -> pb.TenantUsage:
     )
 
 
-class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
+class AdminServicer:
     def __init__(self, reports: UsageReports) -> None:
         self._reports = reports
 
-    async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
+    async def GetUsage(
+        self, request: pb.GetUsageRequest, call: Call, context: Context
+    ) -> pb.GetUsageResponse:
         if request.tenant and request.tenant not in self._reports.tenant_ids:
             raise InvalidInput(f"no tenant '{request.tenant}' is configured")
         report = await self._reports.report(only=request.tenant or None)
@@ -47,3 +51,18 @@ class AdminServicer(pb_grpc.AdminServiceServicer):  # type: ignore[misc]
                 if not request.tenant or tenant == request.tenant
             ],
         )
+
+
+def admin_handlers(servicer: AdminServicer, gate: Gate) -> dict[str, grpc.RpcMethodHandler]:
+    """Every method of the admin service, behind the gate's admin-key check."""
+    service = pb.DESCRIPTOR.services_by_name["AdminService"]
+    return {
+        method.name: gate.unary(
+            f"/{ADMIN_SERVICE}/{method.name}",
+            Access.ADMIN,
+            getattr(pb, method.input_type.name),
+            getattr(servicer, method.name),
+            getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in service.methods
+    }

@@ -13,19 +13,20 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mandant.config import ServerConfig
 from mandant.events import Observer
+from mandant.observability.stats import InferenceStats
 from mandant.observability.usage import UsageReports
+from mandant.scheduling.door import FrontDoor
 from mandant.service import DataPlane
-from mandant.transport.grpc.admin import AdminServicer
-from mandant.transport.grpc.interceptors import (
-    ADMIN_SERVICE,
+from mandant.tenancy.keys import AdminKeys
+from mandant.transport.grpc.admin import ADMIN_SERVICE, AdminServicer, admin_handlers
+from mandant.transport.grpc.gateway import AdminAuthenticator, Gate
+from mandant.transport.grpc.servicer import (
     INFERENCE_SERVICE,
-    AdminAuthenticator,
-    GatewayInterceptor,
+    InferenceServicer,
+    method_handlers,
 )
-from mandant.transport.grpc.servicer import InferenceServicer
-from mandant_client._proto import admin_pb2, admin_pb2_grpc
+from mandant_client._proto import admin_pb2, model_config_pb2
 from mandant_client._proto import grpc_service_pb2 as pb
-from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     in a private pool, the health and reflection protos in the default one)."""
     pool = descriptor_pool.DescriptorPool()
     for file in (
+        model_config_pb2.DESCRIPTOR,  # before the service file, which imports it
         pb.DESCRIPTOR,
         admin_pb2.DESCRIPTOR,
         health_pb2.DESCRIPTOR,
@@ -57,42 +59,43 @@ class GrpcServer:
         config: ServerConfig,
         observer: Observer | None = None,
         usage: UsageReports | None = None,
+        stats: InferenceStats | None = None,
         authenticate_admin: AdminAuthenticator | None = None,
     ) -> None:
-        """``usage``: serve ``mandant.admin.v1.AdminService`` from these reports, to the
-        callers ``authenticate_admin`` accepts (the tenant directory's admin keys;
-        None: nobody); without ``usage`` the admin service is not served."""
+        """``usage``: serve ``mandant.admin.v1.AdminService`` from these reports;
+        without it the admin service is not served. ``stats``: what ModelStatistics
+        answers from (fed through ``observer``). ``authenticate_admin``: who is an
+        admin (the App passes the tenant directory's, which a reload updates; default:
+        ``config.admin_keys`` as they are now)."""
         self._plane = plane
         self._config = config
         self._health = health.aio.HealthServicer()
         self._health_watch: asyncio.Task[None] | None = None
         self._server = grpc.aio.server(
-            interceptors=[
-                GatewayInterceptor(
-                    plane.authenticate,
-                    observer=observer,
-                    authenticate_admin=authenticate_admin,
-                )
-            ],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 0),
-                *(
-                    [("grpc.max_concurrent_streams", config.max_concurrent_streams)]
-                    if config.max_concurrent_streams
-                    else []
-                ),
+                ("grpc.max_concurrent_streams", config.max_concurrent_streams),
             ],
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(plane), self._server
+        door = FrontDoor(config.front_door_slots)
+        gate = Gate(
+            plane.authenticate,
+            authenticate_admin or AdminKeys(config.admin_keys).authenticate,
+            observer=observer,
+            max_calls=config.max_concurrent_rpcs,
+            door=door,
+        )
+        servicer = InferenceServicer(plane, config, gate.observer, door, stats or InferenceStats())
+        self._server.add_registered_method_handlers(
+            INFERENCE_SERVICE, method_handlers(servicer, gate)
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         services = [INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
         if usage is not None:
-            admin_pb2_grpc.add_AdminServiceServicer_to_server(  # type: ignore[no-untyped-call]
-                AdminServicer(usage), self._server
+            self._server.add_registered_method_handlers(
+                ADMIN_SERVICE, admin_handlers(AdminServicer(usage), gate)
             )
             services.append(ADMIN_SERVICE)
         reflection.enable_server_reflection(

@@ -1,20 +1,34 @@
-"""``inference.GRPCInferenceService``: each RPC reads the tenant, converts the request,
-awaits the data plane and converts the result. Errors are mapped by the interceptor."""
+"""``inference.GRPCInferenceService``: each RPC takes the parsed request and the
+authenticated :class:`~mandant.types.Call`, awaits the data plane and converts the
+result. Authentication, parsing and the error table live in the gate
+(``gateway.py``), which builds the method handlers from :func:`method_handlers`."""
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
-from mandant.context import current_tenant
+from mandant.config import ServerConfig
+from mandant.events import Observer
+from mandant.observability.stats import InferenceStats
 from mandant.registry import Model
+from mandant.scheduling.door import FrontDoor
 from mandant.service import EXTENSIONS, SERVER_NAME, DataPlane
 from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
+from mandant.transport.grpc.gateway import Access, Context, Gate, metadata_value
+from mandant.transport.grpc.model_config import model_config
+from mandant.transport.grpc.statistics import (
+    TENANT_METADATA,
+    admin_statistics,
+    tenant_statistics,
+)
+from mandant.transport.grpc.stream import InferStream
+from mandant.types import Call, Tenant
 from mandant_client._proto import grpc_service_pb2 as pb
-from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 
-Context: TypeAlias = grpc.aio.ServicerContext
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
 
 
 def _tensor_metadata(model: Model, which: str) -> list[pb.ModelMetadataResponse.TensorMetadata]:
@@ -24,39 +38,51 @@ def _tensor_metadata(model: Model, which: str) -> list[pb.ModelMetadataResponse.
     ]
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self, plane: DataPlane) -> None:
+class InferenceServicer:
+    def __init__(
+        self,
+        plane: DataPlane,
+        config: ServerConfig,
+        observer: Observer,
+        door: FrontDoor | None = None,
+        stats: InferenceStats | None = None,
+    ) -> None:
+        """``config``: the server's bounds on streams and tensors."""
         self._plane = plane
+        self._stats = stats or InferenceStats()
+        self._max_stream_inflight = config.max_stream_inflight
+        self._max_bytes_elements = config.max_bytes_elements
+        self._observer = observer
+        self._door = door
 
     async def ServerLive(
-        self, request: pb.ServerLiveRequest, context: Context
+        self, request: pb.ServerLiveRequest, call: Call, context: Context
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self._plane.live)
 
     async def ServerReady(
-        self, request: pb.ServerReadyRequest, context: Context
+        self, request: pb.ServerReadyRequest, call: Call, context: Context
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._plane.ready)
 
     async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: Context
+        self, request: pb.ServerMetadataRequest, call: Call, context: Context
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
             name=SERVER_NAME, version=self._plane.version, extensions=EXTENSIONS
         )
 
     async def ModelReady(
-        self, request: pb.ModelReadyRequest, context: Context
+        self, request: pb.ModelReadyRequest, call: Call, context: Context
     ) -> pb.ModelReadyResponse:
-        ready = self._plane.model_ready(current_tenant.get(), request.name, request.version)
+        ready = self._plane.model_ready(call.caller, request.name, request.version)
         return pb.ModelReadyResponse(ready=ready)
 
     async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: Context
+        self, request: pb.ModelMetadataRequest, call: Call, context: Context
     ) -> pb.ModelMetadataResponse:
-        tenant = current_tenant.get()
-        model = self._plane.model(tenant, request.name, request.version)
-        versions = [m.key.version for m in self._plane.model_versions(tenant, request.name)]
+        model = self._plane.model(call.caller, request.name, request.version)
+        versions = [m.key.version for m in self._plane.model_versions(call.caller, request.name)]
         return pb.ModelMetadataResponse(
             name=model.key.name,
             versions=versions,
@@ -65,18 +91,56 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             outputs=_tensor_metadata(model, "outputs"),
         )
 
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, call: Call, context: Context
+    ) -> pb.ModelConfigResponse:
+        model = self._plane.model(call.caller, request.name, request.version)
+        versions = self._plane.model_versions(call.caller, request.name)
+        return pb.ModelConfigResponse(config=model_config(model, versions))
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, call: Call, context: Context
+    ) -> pb.ModelStatisticsResponse:
+        """A tenant key: its own calls; an admin key: every tenant's, or one tenant's
+        with the ``mandant-tenant`` metadata (``statistics.py``)."""
+        tenant = call.tenant
+        if tenant is None:  # an admin key
+            tenant_id = metadata_value(context, TENANT_METADATA)
+            tenant = Tenant(tenant_id) if tenant_id else None
+        if tenant is None:
+            stats = admin_statistics(self._plane, self._stats, request.name, request.version)
+        else:
+            stats = tenant_statistics(
+                self._plane, self._stats, tenant, request.name, request.version
+            )
+        return pb.ModelStatisticsResponse(model_stats=stats)
+
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: Context
+        self, request: pb.ModelInferRequest, call: Call, context: Context
     ) -> pb.ModelInferResponse:
         response = await self._plane.infer(
-            current_tenant.get(), ProtoInferRequest(request), context.time_remaining()
+            call,
+            ProtoInferRequest(request, self._max_bytes_elements),
+            context.time_remaining(),
         )
         return encode_infer_response(response)
 
+    async def ModelStreamInfer(self, call: Call, context: Context) -> None:
+        stream = InferStream(
+            self._plane,
+            call.caller,
+            context,
+            self._max_stream_inflight,
+            self._max_bytes_elements,
+            self._observer,
+            self._door,
+        )
+        await stream.serve()
+
     async def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context: Context
+        self, request: pb.RepositoryIndexRequest, call: Call, context: Context
     ) -> pb.RepositoryIndexResponse:
-        models = self._plane.repository_index(current_tenant.get())
+        models = self._plane.repository_index(call.caller)
         return pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(
@@ -88,3 +152,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 if m.ready or not request.ready
             ]
         )
+
+
+#: Probes are open without a key, like Triton's; everything else needs a tenant key.
+_OPEN = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
+#: Calls that take turns at the front door (``scheduling/door.py``).
+_INFERENCE = frozenset({"ModelInfer"})
+#: Calls an admin key may make too (every tenant's view).
+_TENANT_OR_ADMIN = frozenset({"ModelStatistics"})
+
+
+def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, grpc.RpcMethodHandler]:
+    """Every method of the service as the gate's handlers, from the service descriptor
+    (so a method added to the proto without a behaviour fails here, at start-up)."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    for method in service.methods:
+        name = method.name
+        path = f"/{INFERENCE_SERVICE}/{name}"
+        access = Access.OPEN if name in _OPEN else Access.TENANT
+        if name in _TENANT_OR_ADMIN:
+            access = Access.TENANT_OR_ADMIN
+        serialize: Callable[[Any], bytes] = _serializer(method.output_type.name)
+        if method.client_streaming:
+            handlers[name] = gate.stream(path, access, getattr(servicer, name), serialize)
+        else:
+            request_type = getattr(pb, method.input_type.name)
+            behavior = getattr(servicer, name)
+            handlers[name] = gate.unary(
+                path, access, request_type, behavior, serialize, fair=name in _INFERENCE
+            )
+    return handlers
+
+
+def _serializer(message_name: str) -> Callable[[Any], bytes]:
+    serialize: Callable[[Any], bytes] = getattr(pb, message_name).SerializeToString
+    return serialize

@@ -1,0 +1,117 @@
+"""Transport-neutral glue of the multiplexed mode, shared by both clients' streams.
+
+In that mode every ``infer`` of one client travels as a message of one long-lived
+``ModelStreamInfer`` call (Triton's bidirectional stream). Each message gets a wire id
+unique on the client, ``<caller's id>#<n>`` (``n`` in hex), so the server's logs and
+messages still show the caller's own id (just ``#<n>`` when that would pass
+:data:`MAX_WIRE_ID_BYTES`); answers come back in any order and are matched on that id,
+and the caller gets its own id back. Nothing here performs I/O.
+
+The server's answer to one message is a ``ModelStreamInferResponse``: on success the
+``infer_response``; on error ``error_message`` plus, in ``infer_response.parameters``,
+``status_code`` (the gRPC status name) and, for RESOURCE_EXHAUSTED,
+``retry_pushback_ms``. They become the exceptions of the unary path (one table,
+:data:`~mandant_client.errors.ERRORS_BY_CODE`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import grpc
+
+from mandant_client._proto import grpc_service_pb2 as pb
+from mandant_client.errors import (
+    MandantClientError,
+    ResourceExhausted,
+    error_for,
+    retry_after_from_metadata,
+)
+
+#: How many messages one client keeps in flight on its stream unless told otherwise.
+DEFAULT_MAX_IN_FLIGHT = 64
+STATUS_CODE_PARAM = "status_code"
+RETRY_PUSHBACK_PARAM = "retry_pushback_ms"
+#: Mandant refuses longer ids and cannot echo them in an error answer, which could then
+#: not be matched to its call.
+MAX_WIRE_ID_BYTES = 256
+_ID_SEPARATOR = "#"
+_CODES_BY_NAME = {code.name: code for code in grpc.StatusCode}
+_CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class WireIds:
+    """Hands out the wire id of each message; unique for the life of the client."""
+
+    def __init__(self) -> None:
+        self._sequence = itertools.count(1)  # next() is atomic under the GIL
+
+    def tag(self, request: pb.ModelInferRequest) -> str:
+        """Rewrite ``request.id`` to its wire id and return it."""
+        suffix = f"{_ID_SEPARATOR}{next(self._sequence):x}"
+        wire_id = request.id + suffix
+        if len(wire_id) > MAX_WIRE_ID_BYTES // 4 and len(wire_id.encode()) > MAX_WIRE_ID_BYTES:
+            wire_id = suffix
+        request.id = wire_id
+        return wire_id
+
+
+def answer_id(message: pb.ModelStreamInferResponse) -> str:
+    """The wire id a stream message answers."""
+    return message.infer_response.id
+
+
+def outcome(message: pb.ModelStreamInferResponse, request_id: str) -> pb.ModelInferResponse:
+    """The response of one answered message (its id back to the caller's), or raise
+    the typed error the unary path raises for the same status."""
+    response = message.infer_response
+    if message.error_message:
+        raise answer_error(message, request_id)
+    response.id = request_id
+    return response
+
+
+def answer_error(message: pb.ModelStreamInferResponse, request_id: str) -> MandantClientError:
+    """The exception for a message answered with ``error_message``. A server that names
+    no status (Triton) gives UNKNOWN, i.e. ServerError."""
+    parameters = message.infer_response.parameters
+    name = parameters[STATUS_CODE_PARAM].string_param if STATUS_CODE_PARAM in parameters else ""
+    code = _CODES_BY_NAME.get(name, grpc.StatusCode.UNKNOWN)
+    retry_after_s = None
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and RETRY_PUSHBACK_PARAM in parameters:
+        millis = parameters[RETRY_PUSHBACK_PARAM].int64_param
+        retry_after_s = millis / 1000.0 if millis >= 0 else None
+    return error_for(
+        code, message.error_message, retry_after_s=retry_after_s, request_id=request_id
+    )
+
+
+def for_call(failure: MandantClientError, request_id: str) -> MandantClientError:
+    """A copy of a whole stream's failure for one of its pending calls (each caller
+    raises its own exception object, with its own id)."""
+    retry_after_s = failure.retry_after_s if isinstance(failure, ResourceExhausted) else None
+    error = error_for(
+        failure.code, failure.message, retry_after_s=retry_after_s, request_id=request_id
+    )
+    return error
+
+
+def status_error(call: Any) -> MandantClientError | None:
+    """The error for a finished ``grpc.aio`` call's status as it stands now (None if OK
+    or unknown). Reads grpc's private status record: no public accessor is synchronous,
+    and this runs in a done callback, before grpc/grpc#36066 can overwrite the status."""
+    status = getattr(getattr(call, "_cython_call", None), "_status", None)
+    if status is None:
+        return None
+    try:
+        code = _CODES_BY_NUMBER.get(status.code(), grpc.StatusCode.UNKNOWN)
+        details, trailing = status.details(), status.trailing_metadata()
+    except Exception:  # a grpc without that record: the reader's error stands
+        return None
+    if code is grpc.StatusCode.OK:
+        return None
+    retry_after_s = None
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        retry_after_s = retry_after_from_metadata(trailing)
+    return error_for(code, details, retry_after_s=retry_after_s)

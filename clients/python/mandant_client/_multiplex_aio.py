@@ -1,0 +1,169 @@
+"""The asyncio multiplexer: concurrent ``AsyncClient.infer`` calls over one stream.
+
+One :class:`AioStream` is one ``ModelStreamInfer`` call with a writer task (grpc allows
+one write at a time, and a caller's cancellation must not cancel the whole call) and a
+reader task that resolves each pending future by wire id. When the call ends, for any
+reason, every pending call fails with the call's typed error (UNAUTHENTICATED for a bad
+key, UNAVAILABLE when the server goes away) and the next ``infer`` opens a new stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+
+from mandant_client import _multiplex
+from mandant_client._proto import grpc_service_pb2 as pb
+from mandant_client._requests import Metadata
+from mandant_client.errors import (
+    DeadlineExceeded,
+    MandantClientError,
+    ServerError,
+    Unavailable,
+    from_rpc_error,
+)
+
+_Answer = asyncio.Future[pb.ModelStreamInferResponse]
+#: ``asyncio.TimeoutError`` is ``TimeoutError`` from Python 3.11 on, not on 3.10.
+_TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
+
+
+class AioStream:
+    """One open ``ModelStreamInfer`` call and the calls waiting on it."""
+
+    def __init__(self, stub: Any, metadata: Metadata) -> None:
+        self._call = stub.ModelStreamInfer(metadata=metadata)
+        self._loop = asyncio.get_running_loop()
+        self._outbox: asyncio.Queue[pb.ModelInferRequest] = asyncio.Queue()
+        self._pending: dict[str, _Answer] = {}
+        #: Set once, when the call is over; the stream takes no message after that.
+        self.failure: MandantClientError | None = None
+        self._first_status: MandantClientError | None = None
+        self._call.add_done_callback(self._on_done)
+        self._writer = asyncio.create_task(self._write())
+        self._reader = asyncio.create_task(self._read())
+
+    def send(self, request: pb.ModelInferRequest, wire_id: str) -> _Answer:
+        """Queue ``request``; the future gets the server's answer to it."""
+        answer: _Answer = self._loop.create_future()
+        self._pending[wire_id] = answer
+        self._outbox.put_nowait(request)
+        return answer
+
+    def forget(self, wire_id: str) -> None:
+        """The caller stopped waiting: a late answer is dropped."""
+        self._pending.pop(wire_id, None)
+
+    async def aclose(self) -> None:
+        """Cancel the call; calls still pending fail with Unavailable."""
+        self._fail(Unavailable("the client was closed"))
+        self._call.cancel()
+        await asyncio.gather(self._writer, self._reader, return_exceptions=True)
+
+    async def _write(self) -> None:
+        while True:
+            request = await self._outbox.get()
+            try:
+                await self._call.write(request)
+            except (grpc.RpcError, asyncio.InvalidStateError):
+                return  # the call is over; the reader reports why
+
+    async def _read(self) -> None:
+        failure: MandantClientError = Unavailable("the server ended the stream")
+        try:
+            while True:
+                message = await self._call.read()
+                if message is grpc.aio.EOF:
+                    break
+                answer = self._pending.pop(_multiplex.answer_id(message), None)
+                if answer is not None and not answer.done():
+                    answer.set_result(message)
+        except grpc.RpcError as exc:
+            failure = self._first_status or from_rpc_error(exc)
+            failure.__cause__ = exc
+        except Exception as exc:  # a malformed answer must not leave the callers waiting
+            failure = ServerError(f"the stream failed ({type(exc).__name__})")
+            failure.__cause__ = exc
+        except asyncio.CancelledError:
+            failure = Unavailable("the stream was cancelled")
+        self._fail(failure)
+
+    def _on_done(self, call: Any) -> None:
+        # grpc.aio replaces the server's status with INTERNAL "Internal error from Core"
+        # when a write was in flight as the call ended (grpc/grpc#36066), e.g. messages
+        # sent while the server refuses the key. Done callbacks run on the first status,
+        # the server's, so keep it here.
+        self._first_status = _multiplex.status_error(call)
+
+    def _fail(self, failure: MandantClientError) -> None:
+        if self.failure is None:
+            self.failure = failure
+        self._writer.cancel()
+        pending, self._pending = self._pending, {}
+        for answer in pending.values():
+            if not answer.done():
+                answer.set_exception(self.failure)  # each caller raises its own copy
+
+
+class AioMultiplexer:
+    """Sends each ``infer`` of one AsyncClient over its current stream, at most
+    ``max_in_flight`` at once (the rest wait for a slot instead of piling up)."""
+
+    def __init__(self, stub: Any, metadata: Metadata, max_in_flight: int) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self._stub = stub
+        self._metadata = metadata
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._ids = _multiplex.WireIds()
+        self._stream: AioStream | None = None
+
+    def open(self) -> AioStream:
+        """The open stream; a new one when there is none or the last one ended."""
+        if self._stream is None or self._stream.failure is not None:
+            self._stream = AioStream(self._stub, self._metadata)
+        return self._stream
+
+    async def aclose(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.aclose()
+
+    async def infer(
+        self, request: pb.ModelInferRequest, timeout_s: float | None
+    ) -> pb.ModelInferResponse:
+        request_id = request.id
+        wire_id = self._ids.tag(request)
+        started = time.monotonic()
+        if not self._slots.locked():
+            await self._slots.acquire()
+        else:
+            try:
+                await asyncio.wait_for(self._slots.acquire(), timeout_s)
+            except _TIMEOUTS:
+                raise _timed_out(timeout_s, request_id) from None
+        try:
+            stream = self.open()
+            answer = stream.send(request, wire_id)
+            try:
+                if timeout_s is None:
+                    message = await answer
+                else:
+                    left_s = timeout_s - (time.monotonic() - started)
+                    message = await asyncio.wait_for(answer, max(0.0, left_s))
+            except _TIMEOUTS:
+                raise _timed_out(timeout_s, request_id) from None
+            except MandantClientError as failure:  # the whole stream's
+                raise _multiplex.for_call(failure, request_id) from failure.__cause__
+            finally:
+                stream.forget(wire_id)
+        finally:
+            self._slots.release()
+        return _multiplex.outcome(message, request_id)
+
+
+def _timed_out(timeout_s: float | None, request_id: str) -> DeadlineExceeded:
+    return DeadlineExceeded(f"no answer on the stream within {timeout_s} s", request_id=request_id)

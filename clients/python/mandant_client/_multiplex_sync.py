@@ -1,0 +1,156 @@
+"""The threaded multiplexer: concurrent ``Client.infer`` calls (from many threads) over
+one stream.
+
+One :class:`SyncStream` is one ``ModelStreamInfer`` call fed by a queue (grpc's own
+thread consumes it) and read by one reader thread that resolves each pending future by
+wire id. When the call ends, for any reason, every pending call fails with the call's
+typed error and the next ``infer`` opens a new stream. One lock guards which stream is
+current, its pending calls and its failure, so that no call is left waiting on a stream
+that has already ended.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from mandant_client import _multiplex
+from mandant_client._proto import grpc_service_pb2 as pb
+from mandant_client._requests import Metadata
+from mandant_client.errors import (
+    DeadlineExceeded,
+    MandantClientError,
+    ServerError,
+    Unavailable,
+    from_rpc_error,
+)
+
+_Answer = futures.Future[pb.ModelStreamInferResponse]
+#: ``futures.TimeoutError`` is ``TimeoutError`` from Python 3.11 on, not on 3.10.
+_TIMEOUTS = (TimeoutError, futures.TimeoutError)
+_END: Any = object()  # ends the request iterator: the client half-closes the stream
+_JOIN_TIMEOUT_S = 10.0
+
+
+class SyncStream:
+    """One open ``ModelStreamInfer`` call and the calls waiting on it."""
+
+    def __init__(self, stub: Any, metadata: Metadata, lock: threading.Lock) -> None:
+        self._lock = lock
+        self._outbox: queue.SimpleQueue[pb.ModelInferRequest] = queue.SimpleQueue()
+        self._pending: dict[str, _Answer] = {}
+        #: Set once (under the lock), when the call is over.
+        self.failure: MandantClientError | None = None
+        self._call = stub.ModelStreamInfer(iter(self._outbox.get, _END), metadata=metadata)
+        self._reader = threading.Thread(
+            target=self._read, name="mandant-stream-reader", daemon=True
+        )
+        self._reader.start()
+
+    def send(self, request: pb.ModelInferRequest, wire_id: str) -> _Answer:
+        """Queue ``request`` (the caller holds the lock and has checked ``failure``)."""
+        answer: _Answer = futures.Future()
+        self._pending[wire_id] = answer
+        self._outbox.put(request)
+        return answer
+
+    def forget(self, wire_id: str) -> None:
+        self._pending.pop(wire_id, None)  # atomic under the GIL
+
+    def close(self) -> None:
+        """Cancel the call; calls still pending fail with Unavailable."""
+        self._fail(Unavailable("the client was closed"))
+        self._call.cancel()
+        if threading.current_thread() is not self._reader:
+            self._reader.join(_JOIN_TIMEOUT_S)
+
+    def _read(self) -> None:
+        failure: MandantClientError = Unavailable("the server ended the stream")
+        try:
+            for message in self._call:
+                answer = self._pending.pop(_multiplex.answer_id(message), None)
+                if answer is not None:
+                    answer.set_result(message)
+        except grpc.RpcError as exc:
+            failure = from_rpc_error(exc)
+            failure.__cause__ = exc
+        except Exception as exc:  # a malformed answer must not leave the callers waiting
+            failure = ServerError(f"the stream failed ({type(exc).__name__})")
+            failure.__cause__ = exc
+        self._fail(failure)
+
+    def _fail(self, failure: MandantClientError) -> None:
+        with self._lock:
+            if self.failure is None:
+                self.failure = failure
+            pending, self._pending = self._pending, {}
+        self._outbox.put(_END)  # lets grpc's request thread finish
+        for answer in pending.values():
+            answer.set_exception(self.failure)  # each caller raises its own copy
+
+
+class SyncMultiplexer:
+    """Sends each ``infer`` of one Client over its current stream, at most
+    ``max_in_flight`` at once (other threads wait for a slot)."""
+
+    def __init__(self, stub: Any, metadata: Metadata, max_in_flight: int) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self._stub = stub
+        self._metadata = metadata
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._lock = threading.Lock()
+        self._ids = _multiplex.WireIds()
+        self._stream: SyncStream | None = None
+
+    def open(self) -> SyncStream:
+        """The open stream; a new one when there is none or the last one ended."""
+        with self._lock:
+            return self._current()
+
+    def close(self) -> None:
+        with self._lock:
+            stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+    def infer(
+        self, request: pb.ModelInferRequest, timeout_s: float | None
+    ) -> pb.ModelInferResponse:
+        request_id = request.id
+        wire_id = self._ids.tag(request)
+        started = time.monotonic()
+        if not self._slots.acquire(timeout=timeout_s):
+            raise _timed_out(timeout_s, request_id)
+        try:
+            with self._lock:
+                stream = self._current()
+                answer = stream.send(request, wire_id)
+            left_s = None
+            if timeout_s is not None:
+                left_s = max(0.0, timeout_s - (time.monotonic() - started))
+            try:
+                message = answer.result(left_s)
+            except _TIMEOUTS:
+                raise _timed_out(timeout_s, request_id) from None
+            except MandantClientError as failure:  # the whole stream's
+                raise _multiplex.for_call(failure, request_id) from failure.__cause__
+            finally:
+                stream.forget(wire_id)
+        finally:
+            self._slots.release()
+        return _multiplex.outcome(message, request_id)
+
+    def _current(self) -> SyncStream:
+        if self._stream is None or self._stream.failure is not None:
+            self._stream = SyncStream(self._stub, self._metadata, self._lock)
+        return self._stream
+
+
+def _timed_out(timeout_s: float | None, request_id: str) -> DeadlineExceeded:
+    return DeadlineExceeded(f"no answer on the stream within {timeout_s} s", request_id=request_id)

@@ -1,0 +1,180 @@
+"""Triton-style inference statistics (the ModelStatistics RPC), kept in this process per
+(tenant, model name, version): a tenant's numbers hold its own calls only.
+
+Fed by the :class:`~mandant.events.Observer` events through :class:`StatsObserver`,
+which records them and hands every event on to the next observer (Prometheus):
+
+* ``request_finished`` of an inference call (one that resolved a model): ``success``
+  or ``fail`` with the call's time in the server; ``last_inference``;
+* ``request_timing``: ``queue`` and ``compute_infer`` (the compute time of the batch
+  the request ran in, as Triton counts it);
+* ``batch_executed``: per tenant in the batch, one execution of that batch size
+  (``batch_stats``, ``execution_count``) and its rows (``inference_count``).
+
+Keys are configured tenant ids, model names and versions (never client text), so the
+store is bounded by the configuration. Single-threaded: the event loop's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from mandant.events import Observer
+
+#: (tenant id, model name as the tenant calls it, version).
+StatsKey = tuple[str, str, str]
+
+_NS_PER_S = 1_000_000_000
+
+
+@dataclass(slots=True)
+class Duration:
+    """Triton's ``StatisticDuration``: how many, and their summed time."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.ns += round(seconds * _NS_PER_S)
+
+    def merge(self, other: Duration) -> None:
+        self.count += other.count
+        self.ns += other.ns
+
+
+@dataclass(slots=True)
+class ModelStats:
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    #: batch size → the executions of that size (count) and their compute time.
+    batches: dict[int, Duration] = field(default_factory=dict)
+    inference_count: int = 0  # rows inferred
+    execution_count: int = 0  # backend executions that held some of these rows
+    last_inference_ms: int = 0  # wall clock, ms since the epoch; 0: never
+
+    def merge(self, other: ModelStats) -> None:
+        self.success.merge(other.success)
+        self.fail.merge(other.fail)
+        self.queue.merge(other.queue)
+        self.compute_infer.merge(other.compute_infer)
+        for size, duration in other.batches.items():
+            self.batches.setdefault(size, Duration()).merge(duration)
+        self.inference_count += other.inference_count
+        self.execution_count += other.execution_count
+        self.last_inference_ms = max(self.last_inference_ms, other.last_inference_ms)
+
+
+class InferenceStats:
+    """``wall_clock_s``: seconds since the epoch (for ``last_inference`` only)."""
+
+    def __init__(self, wall_clock_s: Callable[[], float] = time.time) -> None:
+        self._wall_clock_s = wall_clock_s
+        self._stats: dict[StatsKey, ModelStats] = {}
+
+    def get(self, tenant: str, model: str, version: str) -> ModelStats:
+        """A copy of one tenant's statistics of one model version (zeros if none)."""
+        total = ModelStats()
+        recorded = self._stats.get((tenant, model, version))
+        if recorded is not None:
+            total.merge(recorded)
+        return total
+
+    def keys(self) -> list[StatsKey]:
+        return list(self._stats)
+
+    def total(self, keys: Iterable[StatsKey]) -> ModelStats:
+        """The sum of several tenants' (or versions') statistics."""
+        total = ModelStats()
+        for key in keys:
+            recorded = self._stats.get(key)
+            if recorded is not None:
+                total.merge(recorded)
+        return total
+
+    def observe(self, forward: Observer, version: str | None = None) -> StatsObserver:
+        """An observer that records into this store and forwards to ``forward``.
+        ``version``: the model version a scheduler runs (its timing and batch events
+        say no version); None for the front end (its events say the version)."""
+        return StatsObserver(self, forward, version)
+
+    def _entry(self, key: StatsKey) -> ModelStats:
+        entry = self._stats.get(key)
+        if entry is None:
+            entry = self._stats[key] = ModelStats()
+        return entry
+
+    def record_finished(
+        self, tenant: str, model: str, version: str, ok: bool, duration_s: float
+    ) -> None:
+        entry = self._entry((tenant, model, version))
+        (entry.success if ok else entry.fail).add(duration_s)
+        entry.last_inference_ms = int(self._wall_clock_s() * 1000)
+
+    def record_timing(
+        self, tenant: str, model: str, version: str, queue_s: float, compute_s: float
+    ) -> None:
+        entry = self._entry((tenant, model, version))
+        entry.queue.add(queue_s)
+        entry.compute_infer.add(compute_s)
+
+    def record_batch(
+        self,
+        model: str,
+        version: str,
+        size: int,
+        compute_s: float,
+        rows_by_tenant: Mapping[str, int],
+    ) -> None:
+        for tenant, rows in rows_by_tenant.items():
+            entry = self._entry((tenant, model, version))
+            entry.batches.setdefault(size, Duration()).add(compute_s)
+            entry.execution_count += 1
+            entry.inference_count += rows
+
+
+class StatsObserver:
+    """Records the events :class:`InferenceStats` keeps, then forwards every event."""
+
+    def __init__(self, stats: InferenceStats, forward: Observer, version: str | None) -> None:
+        self._stats = stats
+        self._forward = forward
+        self._version = version
+
+    def request_finished(
+        self, tenant: str, model: str, code: str, duration_s: float, version: str = ""
+    ) -> None:
+        self._forward.request_finished(tenant, model, code, duration_s, version)
+        if model and tenant:  # an inference call that reached a model
+            self._stats.record_finished(tenant, model, version, code == "OK", duration_s)
+
+    def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:
+        self._forward.request_timing(tenant, model, queue_s, compute_s)
+        if self._version is not None:
+            self._stats.record_timing(tenant, model, self._version, queue_s, compute_s)
+
+    def batch_executed(
+        self, model: str, size: int, compute_s: float, rows_by_tenant: Mapping[str, int]
+    ) -> None:
+        self._forward.batch_executed(model, size, compute_s, rows_by_tenant)
+        if self._version is not None:
+            self._stats.record_batch(model, self._version, size, compute_s, rows_by_tenant)
+
+    def batch_failed(self, model: str, size: int) -> None:
+        self._forward.batch_failed(model, size)
+
+    def admitted(self, tenant: str, model: str, rows: int) -> None:
+        self._forward.admitted(tenant, model, rows)
+
+    def rejected(self, tenant: str, reason: str) -> None:
+        self._forward.rejected(tenant, reason)
+
+    def inflight_changed(self, tenant: str, delta: int) -> None:
+        self._forward.inflight_changed(tenant, delta)
+
+    def store_error(self, store: str) -> None:
+        self._forward.store_error(store)

@@ -1,0 +1,264 @@
+"""The one gate every RPC passes, built into the method handlers themselves (no
+generic server interceptor on the hot path).
+
+For each method the gate
+
+1. authenticates the caller on the call's metadata (tenant key, admin key, or none
+   for the open probes) **before the message is parsed**: handlers take the raw
+   bytes, so an unauthenticated 60 MiB call costs a hash, not a parse;
+2. parses the message; bytes that are not one answer INVALID_ARGUMENT;
+3. awaits the servicer's behaviour with a :class:`Call` (the tenant, and the model the
+   data plane resolved, for metrics);
+4. maps every exception to a status through ``status.py``'s one table; unknown ones
+   become INTERNAL with a generic message and a logged request id;
+5. reports the answer once to the :class:`~mandant.events.Observer`. A call whose
+   client deadline had passed is reported DEADLINE_EXCEEDED however it ended (the
+   client saw that), so SLOs count it as bad.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeAlias
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from mandant.context import current_request_id, current_tenant
+from mandant.errors import InvalidInput, MandantError, ServerBusy, Unauthenticated
+from mandant.events import NullObserver, Observer
+from mandant.scheduling.door import FrontDoor
+from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
+from mandant.types import Call, Tenant
+
+logger = logging.getLogger(__name__)
+
+Context: TypeAlias = grpc.aio.ServicerContext
+Authenticator = Callable[[str | None], Tenant]
+AdminAuthenticator = Callable[[str | None], None]
+
+
+class Access(enum.Enum):
+    OPEN = "open"  # probes: no key, like Triton's
+    TENANT = "tenant"  # a tenant's API key
+    ADMIN = "admin"  # an operator's admin key
+    #: a tenant key (the call's tenant is set) or an admin key (its tenant is None)
+    TENANT_OR_ADMIN = "tenant_or_admin"
+
+
+class Unary(Protocol):
+    def __call__(self, request: Any, call: Call, context: Context) -> Awaitable[Any]: ...
+
+
+class Streaming(Protocol):
+    def __call__(self, call: Call, context: Context) -> Awaitable[None]: ...
+
+
+def authorization(context: Context) -> str | None:
+    return metadata_value(context, "authorization")
+
+
+def metadata_value(context: Context, name: str) -> str | None:
+    """The first text value of request metadata ``name`` (lower case), if any."""
+    for key, value in context.invocation_metadata() or ():
+        if key == name:
+            return value if isinstance(value, str) else None
+    return None
+
+
+def parse(message_type: type[Message], raw: bytes) -> Any:
+    """The message in ``raw``; INVALID_ARGUMENT (a plain message) if it is not one."""
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        raise InvalidInput(
+            f"the request is not a valid {message_type.DESCRIPTOR.name} message"
+        ) from None
+
+
+def deadline_passed(context: Context) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+class Gate:
+    """``max_calls``: calls (and open streams) served at once, server-wide; one more is
+    answered RESOURCE_EXHAUSTED before anything else is done for it. ``door``: where
+    inference calls take turns by tenant once many are in progress (``door.py``)."""
+
+    def __init__(
+        self,
+        authenticate: Authenticator,
+        authenticate_admin: AdminAuthenticator,
+        observer: Observer | None = None,
+        max_calls: int | None = None,
+        door: FrontDoor | None = None,
+    ) -> None:
+        self._authenticate = authenticate
+        self._authenticate_admin = authenticate_admin
+        self._observer: Observer = observer or NullObserver()
+        self.door = door
+        self._max_calls = max_calls if max_calls is not None else 1 << 62
+        self._calls = 0
+
+    @property
+    def calls(self) -> int:
+        """Calls being served now."""
+        return self._calls
+
+    def _enter(self) -> None:
+        if self._calls >= self._max_calls:
+            raise ServerBusy(
+                f"server busy: {self._max_calls} calls in progress", retry_after_s=BUSY_RETRY_S
+            )
+        self._calls += 1
+
+    @property
+    def observer(self) -> Observer:
+        return self._observer
+
+    def _caller(self, access: Access, context: Context) -> Tenant | None:
+        if access is Access.TENANT:
+            tenant = self._authenticate(authorization(context))
+            current_tenant.set(tenant)
+            return tenant
+        if access is Access.ADMIN:
+            self._authenticate_admin(authorization(context))
+        if access is Access.TENANT_OR_ADMIN:
+            key = authorization(context)
+            try:
+                tenant = self._authenticate(key)
+            except Unauthenticated as refused:
+                try:
+                    self._authenticate_admin(key)
+                except Unauthenticated:
+                    raise refused from None
+                return None
+            current_tenant.set(tenant)
+            return tenant
+        return None
+
+    def unary(
+        self,
+        method: str,
+        access: Access,
+        request_type: type[Message],
+        behavior: Unary,
+        response_serializer: Callable[[Any], bytes],
+        fair: bool = False,
+    ) -> grpc.RpcMethodHandler:
+        """``fair``: the call passes the front door (inference calls)."""
+        caller_of = self._caller
+        observer = self._observer
+        door = self.door if fair else None
+
+        async def handle(raw: bytes, context: Context) -> Any:
+            start = time.perf_counter()
+            call = Call(None)
+            code = "OK"
+            entered = inside = False
+            try:
+                self._enter()
+                entered = True
+                call.tenant = caller_of(access, context)
+                if door is not None and call.tenant is not None:
+                    await door.enter(call.tenant)
+                    inside = True
+                request = parse(request_type, raw)
+                request_id = getattr(request, "id", "")
+                if request_id:
+                    current_request_id.set(request_id[:MAX_LOGGED_ID])
+                return await behavior(request, call, context)
+            except MandantError as exc:
+                code = status_for(exc).name
+                await abort(context, exc)
+            except grpc.aio.AbortError:
+                code = _aborted_code(context)
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception:
+                code = "INTERNAL"
+                await abort_internal(context, method, call)
+            finally:
+                self._calls -= entered
+                if inside and door is not None:
+                    door.leave()
+                if deadline_passed(context):  # the client saw DEADLINE_EXCEEDED
+                    code = "DEADLINE_EXCEEDED"
+                tenant_id = call.tenant.id if call.tenant is not None else ""
+                duration_s = time.perf_counter() - start
+                observer.request_finished(tenant_id, call.model, code, duration_s, call.version)
+
+        return grpc.unary_unary_rpc_method_handler(
+            handle, request_deserializer=None, response_serializer=response_serializer
+        )
+
+    def stream(
+        self,
+        method: str,
+        access: Access,
+        behavior: Streaming,
+        response_serializer: Callable[[Any], bytes],
+    ) -> grpc.RpcMethodHandler:
+        """A bidirectional stream: the key is checked once when it opens (the whole
+        stream fails on a bad one); the behaviour reads raw messages and reports each
+        message's answer itself."""
+        caller_of = self._caller
+
+        async def handle(requests: object, context: Context) -> None:
+            call = Call(None)
+            entered = False
+            try:
+                self._enter()
+                entered = True
+                call.tenant = caller_of(access, context)
+                await behavior(call, context)
+            except MandantError as exc:
+                await abort(context, exc)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception:
+                await abort_internal(context, method, call)
+            finally:
+                self._calls -= entered
+
+        return grpc.stream_stream_rpc_method_handler(
+            handle, request_deserializer=None, response_serializer=response_serializer
+        )
+
+
+#: Pushback when the server-wide call cap is full (it frees as any call ends).
+BUSY_RETRY_S = 0.05
+#: Request ids longer than this are refused (``service.py``); logs never carry more.
+MAX_LOGGED_ID = 256
+
+
+async def abort(context: Context, exc: MandantError) -> None:
+    trailers = trailers_for(exc)
+    if trailers:
+        context.set_trailing_metadata(trailers)
+    await context.abort(status_for(exc), str(exc))
+
+
+async def abort_internal(context: Context, method: str, call: Call) -> None:
+    request_id = current_request_id.get() or uuid.uuid4().hex[:16]
+    logger.exception(
+        "internal error serving %s (request id %s, tenant %s)",
+        method,
+        request_id,
+        call.tenant.id if call.tenant is not None else "-",
+    )
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE.format(request_id=request_id))
+
+
+def _aborted_code(context: Context) -> str:
+    """The status a servicer aborted with (UNKNOWN where grpc does not say)."""
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"

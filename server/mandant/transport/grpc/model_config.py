@@ -1,0 +1,92 @@
+"""A model as Triton's ``ModelConfig`` (``protos/model_config.proto``), for the
+ModelConfig RPC.
+
+Triton's conventions, which tritonclient and perf_analyzer rely on:
+
+* ``max_batch_size`` is 0 for a model without batching, and its ``dims`` are the whole
+  shape a request sends (the batch dimension included); with batching, ``dims`` leave
+  the batch dimension out and ``max_batch_size`` bounds it.
+* Data types are ``TYPE_*`` names; v2's BYTES is Triton's ``TYPE_STRING``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from mandant.config import ModelSpec
+from mandant.registry import Model
+from mandant.types import DATATYPES, TensorSpec
+from mandant_client._proto import model_config_pb2 as mc
+
+#: v2 datatype name → Triton's ``DataType`` name, for every datatype Mandant knows.
+TRITON_DATATYPES: dict[str, str] = {
+    name: "TYPE_STRING" if name == "BYTES" else f"TYPE_{name}" for name in DATATYPES
+}
+
+_GPU = re.compile(r"^cuda(?::(\d+))?$")
+
+
+@runtime_checkable
+class RunsOnDevice(Protocol):
+    """A backend that knows where its model runs (``cpu``, ``cuda:0`` …)."""
+
+    @property
+    def device(self) -> str: ...
+
+
+def model_config(model: Model, versions: Sequence[Model]) -> mc.ModelConfig:
+    """``model``'s configuration; ``versions``: the versions of it the caller sees."""
+    spec = model.spec
+    batched = spec.batching is not None
+    config = mc.ModelConfig(
+        name=model.key.name,
+        platform=model.backend.platform,
+        backend=spec.backend,
+        version_policy=mc.ModelVersionPolicy(
+            specific=mc.ModelVersionPolicy.Specific(
+                versions=sorted(int(m.key.version) for m in versions)
+            )
+        ),
+        max_batch_size=spec.batching.max_batch_size if spec.batching is not None else 0,
+        input=[
+            mc.ModelInput(
+                name=t.name, data_type=TRITON_DATATYPES[t.datatype], dims=_dims(t, batched)
+            )
+            for t in spec.inputs
+        ],
+        output=[
+            mc.ModelOutput(
+                name=t.name, data_type=TRITON_DATATYPES[t.datatype], dims=_dims(t, batched)
+            )
+            for t in spec.outputs
+        ],
+        instance_group=[_instance_group(model, spec)],
+    )
+    if spec.batching is not None:
+        config.dynamic_batching.CopyFrom(
+            mc.ModelDynamicBatching(
+                preferred_batch_size=spec.batching.preferred_batch_sizes,
+                max_queue_delay_microseconds=round(spec.batching.max_queue_delay_ms * 1000),
+            )
+        )
+    return config
+
+
+def _dims(tensor: TensorSpec, batched: bool) -> tuple[int, ...]:
+    return tensor.shape[1:] if batched else tensor.shape
+
+
+def _instance_group(model: Model, spec: ModelSpec) -> mc.ModelInstanceGroup:
+    """``spec.instances`` copies on the device the backend picked (the configured one
+    where it does not say: ``auto`` stays KIND_AUTO)."""
+    device = model.backend.device if isinstance(model.backend, RunsOnDevice) else spec.device
+    group = mc.ModelInstanceGroup(name=model.key.name, count=spec.instances)
+    gpu = _GPU.match(device)
+    if gpu is not None:
+        group.kind = mc.ModelInstanceGroup.KIND_GPU
+        group.gpus.append(int(gpu.group(1) or 0))
+    elif device == "cpu":
+        group.kind = mc.ModelInstanceGroup.KIND_CPU
+    return group

@@ -1,0 +1,105 @@
+"""ModelStatistics: which statistics a caller sees, as Triton's messages.
+
+* A tenant key: its own calls only, to the models it sees, under the names it calls
+  them (its tuned variant under the base's name). Another tenant's calls never count.
+* An admin key with the metadata ``mandant-tenant: <tenant id>`` (Triton's request has
+  no tenant field): exactly what that tenant sees.
+* An admin key alone: every model version's totals over all tenants; a model a tenant
+  owns (private or tuned) is named ``<tenant>/<name>``.
+
+Triton's filters: ``name`` (empty: every model) and ``version`` (empty: every
+version); a name the caller cannot see is NOT_FOUND, as for every model RPC.
+
+``compute_input`` and ``compute_output`` are counted but 0 ns: Mandant measures the
+backend call as a whole, in ``compute_infer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mandant.errors import ModelNotFound
+from mandant.observability.stats import Duration, InferenceStats, ModelStats
+from mandant.registry import Model
+from mandant.service import DataPlane
+from mandant.types import Tenant
+from mandant_client._proto import grpc_service_pb2 as pb
+
+#: Request metadata by which an admin key reads one tenant's statistics.
+TENANT_METADATA = "mandant-tenant"
+
+
+def tenant_statistics(
+    plane: DataPlane, stats: InferenceStats, tenant: Tenant, name: str, version: str
+) -> list[pb.ModelStatistics]:
+    return [
+        _message(m.key.name, m.key.version, stats.get(tenant.id, m.key.name, m.key.version))
+        for m in _visible(plane, tenant, name, version)
+    ]
+
+
+def admin_statistics(
+    plane: DataPlane, stats: InferenceStats, name: str, version: str
+) -> list[pb.ModelStatistics]:
+    recorded = stats.keys()
+    answer = []
+    for model in plane.all_models():
+        key = model.key
+        label = key.name if key.owner is None else f"{key.owner}/{key.name}"
+        if (name and name not in (key.name, label)) or (version and version != key.version):
+            continue
+        callers = [
+            k
+            for k in recorded
+            if k[1:] == (key.name, key.version) and _owner(plane, k[0], key.name) == key.owner
+        ]
+        answer.append(_message(label, key.version, stats.total(callers)))
+    if name and not answer:
+        raise ModelNotFound(name, version or None)
+    return answer
+
+
+def _visible(plane: DataPlane, tenant: Tenant, name: str, version: str) -> Sequence[Model]:
+    if not name:
+        return plane.repository_index(tenant)
+    if version:
+        return [plane.model(tenant, name, version)]
+    plane.model(tenant, name)  # NOT_FOUND for a name this tenant cannot see
+    return plane.model_versions(tenant, name)
+
+
+def _owner(plane: DataPlane, tenant_id: str, name: str) -> str | None:
+    """Whose model ``tenant_id`` reaches under ``name``: its own, else the shared one."""
+    versions = plane.model_versions(Tenant(tenant_id), name)
+    return tenant_id if versions and versions[0].key.owner == tenant_id else None
+
+
+def _message(name: str, version: str, stats: ModelStats) -> pb.ModelStatistics:
+    return pb.ModelStatistics(
+        name=name,
+        version=version,
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(stats.success),
+            fail=_duration(stats.fail),
+            queue=_duration(stats.queue),
+            compute_input=pb.StatisticDuration(count=stats.compute_infer.count),
+            compute_infer=_duration(stats.compute_infer),
+            compute_output=pb.StatisticDuration(count=stats.compute_infer.count),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=pb.StatisticDuration(count=executions.count),
+                compute_infer=_duration(executions),
+                compute_output=pb.StatisticDuration(count=executions.count),
+            )
+            for size, executions in sorted(stats.batches.items())
+        ],
+    )
+
+
+def _duration(duration: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=duration.count, ns=duration.ns)

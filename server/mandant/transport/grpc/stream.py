@@ -1,0 +1,167 @@
+"""``ModelStreamInfer``, Triton's bidirectional inference stream.
+
+The key was checked when the stream opened (the gate). Each message is parsed,
+resolved, validated, admitted and batched exactly like a unary ``ModelInfer`` (the
+same :meth:`DataPlane.infer`), and answered as soon as it completes, in any order,
+with its request ``id``. A bad message gets its own ``error_message`` and the stream
+goes on; Mandant also fills that response's ``infer_response`` with the message's id,
+model, and parameters ``status_code`` (the gRPC status name) and, on
+RESOURCE_EXHAUSTED, ``retry_pushback_ms``, so that clients can match errors to calls
+and keep their typed errors (tritonclient reads ``error_message`` only).
+
+Messages pass the front door like unary calls (``scheduling/door.py``).
+
+Backpressure: at most ``max_inflight`` messages of a stream are being served at once;
+beyond that the stream is not read (HTTP/2 flow control then holds the client back).
+When the client leaves, every message still in flight is cancelled: it leaves its
+queue and frees its concurrency slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Final
+
+import grpc
+
+from mandant.context import current_request_id
+from mandant.errors import MandantError, ResourceExhausted
+from mandant.events import Observer
+from mandant.scheduling.door import FrontDoor
+from mandant.service import DataPlane
+from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
+from mandant.transport.grpc.gateway import MAX_LOGGED_ID, Context, parse
+from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
+from mandant.types import Call, Tenant
+from mandant_client._proto import grpc_service_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+_READ_DONE: Final = object()
+
+
+class InferStream:
+    """Serves one open stream (see the module docstring)."""
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        tenant: Tenant,
+        context: Context,
+        max_inflight: int,
+        max_bytes_elements: int,
+        observer: Observer,
+        door: FrontDoor | None = None,
+    ) -> None:
+        self._plane = plane
+        self._tenant = tenant
+        self._context = context
+        self._window = asyncio.Semaphore(max(1, max_inflight))
+        self._max_bytes_elements = max_bytes_elements
+        self._observer = observer
+        self._door = door
+        self._outbox: asyncio.Queue[object] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[pb.ModelStreamInferResponse]] = set()
+
+    async def serve(self) -> None:
+        reader = asyncio.create_task(self._read())
+        outstanding, reading = 0, True
+        try:
+            while reading or outstanding:
+                item = await self._outbox.get()
+                if item is _READ_DONE:
+                    reading = False
+                elif isinstance(item, int):
+                    outstanding += item  # a message was taken in
+                else:
+                    await self._context.write(item)
+                    outstanding -= 1
+            await reader  # a read error ends the stream with its status
+        finally:
+            reader.cancel()
+            for task in self._tasks:
+                task.cancel()
+
+    async def _read(self) -> None:
+        context = self._context
+        try:
+            while True:
+                await self._window.acquire()
+                raw = await context.read()
+                if raw is grpc.aio.EOF:
+                    return
+                task = asyncio.create_task(self._answer(raw))
+                self._tasks.add(task)
+                task.add_done_callback(self._answered)
+                self._outbox.put_nowait(1)
+        finally:
+            self._outbox.put_nowait(_READ_DONE)
+
+    def _answered(self, task: asyncio.Task[pb.ModelStreamInferResponse]) -> None:
+        self._tasks.discard(task)
+        self._window.release()
+        if not task.cancelled():
+            self._outbox.put_nowait(task.result())
+
+    async def _answer(self, raw: bytes) -> pb.ModelStreamInferResponse:
+        """One message's answer; never raises but for cancellation."""
+        start = time.perf_counter()
+        call = Call(self._tenant)
+        code = "OK"
+        request: pb.ModelInferRequest | None = None
+        inside = False
+        try:
+            if self._door is not None:
+                await self._door.enter(self._tenant)
+                inside = True
+            request = parse(pb.ModelInferRequest, raw)
+            current_request_id.set(request.id[:MAX_LOGGED_ID])
+            response = await self._plane.infer(
+                call,
+                ProtoInferRequest(request, self._max_bytes_elements),
+                self._context.time_remaining(),
+            )
+            return pb.ModelStreamInferResponse(infer_response=encode_infer_response(response))
+        except MandantError as exc:
+            code = status_for(exc).name
+            return _error_response(str(exc), code, request, exc)
+        except Exception:
+            code = "INTERNAL"
+            request_id = current_request_id.get() or uuid.uuid4().hex[:16]
+            logger.exception(
+                "internal error serving a ModelStreamInfer message (request id %s)", request_id
+            )
+            message = INTERNAL_MESSAGE.format(request_id=request_id)
+            return _error_response(message, code, request, None)
+        finally:
+            if inside and self._door is not None:
+                self._door.leave()
+            self._observer.request_finished(
+                self._tenant.id, call.model, code, time.perf_counter() - start, call.version
+            )
+
+
+def _error_response(
+    message: str,
+    code: str,
+    request: pb.ModelInferRequest | None,
+    exc: MandantError | None,
+) -> pb.ModelStreamInferResponse:
+    response = pb.ModelStreamInferResponse(error_message=message)
+    answer = response.infer_response
+    if request is not None:  # echo only what is short enough to be an id or a name
+        answer.id = _bounded(request.id)
+        answer.model_name = _bounded(request.model_name)
+        answer.model_version = _bounded(request.model_version)
+    answer.parameters["status_code"].string_param = code
+    if isinstance(exc, ResourceExhausted):
+        (_, pushback_ms), *_ = trailers_for(exc)
+        answer.parameters["retry_pushback_ms"].int64_param = int(pushback_ms)
+    return response
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_LOGGED_ID else ""

@@ -1,0 +1,135 @@
+"""BYTES tensors over real gRPC: every framing (empty, equal-length, mixed elements,
+NULs) comes back unchanged through a BYTES echo model, and a tensor with more elements
+than ``server.max_bytes_elements`` is refused with INVALID_ARGUMENT before it is
+decoded (unframing BYTES is Python work on the event loop every tenant shares)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS, parse_config
+from mandant.tenancy.keys import hash_key
+from mandant_client._proto import grpc_service_pb2 as pb
+from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+from tests.servers import ServerThread
+
+KEY = "bytes-tenant-key"
+METADATA = (("authorization", f"Bearer {KEY}"),)
+OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0},
+            "tenants": [{"id": "t", "api_keys": [hash_key(KEY)]}],
+            "models": [
+                {
+                    "name": "bytes_echo",
+                    "factory": "mandant.demo.models:echo",
+                    "inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [-1]}],
+                    "outputs": [{"name": "OUTPUT0", "datatype": "BYTES", "shape": [-1]}],
+                }
+            ],
+        }
+    )
+    with (
+        ServerThread(config, tmp_path_factory.mktemp("bytes")) as server,
+        grpc.insecure_channel(server.target, OPTIONS) as channel,
+    ):
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def framed(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def raw_request(raw: bytes, count: int) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="bytes_echo")
+    request.inputs.add(name="INPUT0", datatype="BYTES", shape=[count])
+    request.raw_input_contents.append(raw)
+    return request
+
+
+RNG = np.random.default_rng(11)
+SHAPES = {
+    "empty": [b""] * 1000,
+    "equal lengths": [bytes(RNG.integers(1, 256, 16, dtype=np.uint8)) for _ in range(1000)],
+    "equal lengths, NULs at the ends": [b"\x00ab\x00", b"cd\x00\x00", b"\x00\x00\x00\x00"] * 50,
+    "mixed lengths": [bytes(RNG.integers(0, 256, n, dtype=np.uint8)) for n in range(300)],
+    "one element": [b"hello"],
+}
+
+
+@pytest.mark.parametrize("case", list(SHAPES))
+def test_bytes_come_back_unchanged(stub: pb_grpc.GRPCInferenceServiceStub, case: str) -> None:
+    items = SHAPES[case]
+    reply = stub.ModelInfer(raw_request(framed(items), len(items)), metadata=METADATA)
+    assert list(reply.outputs[0].shape) == [len(items)]
+    assert reply.raw_output_contents[0] == framed(items)
+
+
+def test_the_element_bound_is_the_last_that_is_served(
+    stub: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    count = DEFAULT_MAX_BYTES_ELEMENTS
+    reply = stub.ModelInfer(raw_request(bytes(4 * count), count), metadata=METADATA)
+    assert reply.raw_output_contents[0] == bytes(4 * count)
+
+
+@pytest.mark.parametrize("how", ["raw", "typed contents"])
+def test_more_bytes_elements_than_the_bound_are_invalid(
+    stub: pb_grpc.GRPCInferenceServiceStub, how: str
+) -> None:
+    count = DEFAULT_MAX_BYTES_ELEMENTS + 1
+    if how == "raw":
+        request = raw_request(bytes(4 * count), count)  # empty elements: 4 bytes each
+    else:
+        request = pb.ModelInferRequest(model_name="bytes_echo")
+        tensor = request.inputs.add(name="INPUT0", datatype="BYTES", shape=[count])
+        tensor.contents.bytes_contents.extend([b""] * count)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request, metadata=METADATA)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{count} BYTES elements, at most {DEFAULT_MAX_BYTES_ELEMENTS}" in err.value.details()
+    reply = stub.ModelInfer(raw_request(framed([b"ok"]), 1), metadata=METADATA)
+    assert reply.raw_output_contents[0] == framed([b"ok"])
+
+
+def test_a_configured_bound_applies_on_unary_calls_and_streams(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "max_bytes_elements": 8},
+            "tenants": [{"id": "t", "api_keys": [hash_key(KEY)]}],
+            "models": [
+                {
+                    "name": "bytes_echo",
+                    "factory": "mandant.demo.models:echo",
+                    "inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [-1]}],
+                    "outputs": [{"name": "OUTPUT0", "datatype": "BYTES", "shape": [-1]}],
+                }
+            ],
+        }
+    )
+    with (
+        ServerThread(config, tmp_path_factory.mktemp("bound")) as server,
+        grpc.insecure_channel(server.target, OPTIONS) as channel,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(raw_request(framed([b"x"] * 8), 8), metadata=METADATA)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(raw_request(framed([b"x"] * 9), 9), metadata=METADATA)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        answers = list(
+            stub.ModelStreamInfer(iter([raw_request(framed([b"x"] * 9), 9)]), metadata=METADATA)
+        )
+        status = answers[0].infer_response.parameters["status_code"].string_param
+        assert status == "INVALID_ARGUMENT"

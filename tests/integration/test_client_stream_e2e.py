@@ -1,0 +1,150 @@
+"""mandant_client's multiplexed mode against the real Mandant server (the demo
+configuration): concurrent calls of one client share one ``ModelStreamInfer`` stream,
+each gets its own outputs, a bad message gets its own typed error while the others go
+on, a bad key fails the stream UNAUTHENTICATED, and a server that goes away fails the
+pending calls UNAVAILABLE."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from mandant.config import MandantConfig, parse_config
+from mandant_client import (
+    AsyncClient,
+    Client,
+    InvalidInput,
+    MandantClientError,
+    ModelNotFound,
+    Unauthenticated,
+    Unavailable,
+)
+from tests.servers import DEMO_CONFIG, ECHO_MODEL, ServerThread
+
+FRAUD_ROWS = np.zeros((1, 32), np.float32)  # acme's private model's input
+BAD_ROWS = np.zeros((1, 3), np.float32)  # the classifier wants 256 columns
+
+
+def echo_rows(i: int) -> np.ndarray:
+    return np.full((1 + i % 3, 5), i, np.float32)
+
+
+async def settle(calls: list[Any]) -> list[Any]:
+    return await asyncio.gather(*calls, return_exceptions=True)
+
+
+async def test_concurrent_calls_of_one_client_get_their_own_outputs(
+    demo_server: ServerThread,
+) -> None:
+    async with AsyncClient(demo_server.target, api_key="acme-demo-key", multiplex=True) as c:
+        outputs = await settle(
+            [c.infer("echo", {"INPUT0": echo_rows(i)}, request_id=f"r{i}") for i in range(200)]
+        )
+        fraud = await c.infer("fraud", {"INPUT0": FRAUD_ROWS})
+    for i, out in enumerate(outputs):
+        np.testing.assert_array_equal(out["OUTPUT0"], echo_rows(i))
+    assert fraud["SCORE"].shape == (1, 1)
+
+
+async def test_bad_messages_get_their_own_typed_errors_and_the_stream_goes_on(
+    demo_server: ServerThread,
+) -> None:
+    key = "globex-demo-key"
+    async with AsyncClient(demo_server.target, api_key=key, multiplex=True) as client:
+        calls: list[Any] = []
+        expected: list[type[MandantClientError] | np.ndarray] = []
+        for i in range(30):
+            if i % 3 == 1:
+                calls.append(client.infer("fraud", {"INPUT0": FRAUD_ROWS}, request_id=f"r{i}"))
+                expected.append(ModelNotFound)
+            elif i % 3 == 2:
+                calls.append(client.infer("classifier", {"INPUT0": BAD_ROWS}, request_id=f"r{i}"))
+                expected.append(InvalidInput)
+            else:
+                calls.append(client.infer("echo", {"INPUT0": echo_rows(i)}, request_id=f"r{i}"))
+                expected.append(echo_rows(i))
+        outcomes = await settle(calls)
+        after = await client.infer("echo", {"INPUT0": echo_rows(7)})
+
+    for i, (outcome, want) in enumerate(zip(outcomes, expected, strict=True)):
+        if isinstance(want, np.ndarray):
+            np.testing.assert_array_equal(outcome["OUTPUT0"], want)
+        else:
+            assert type(outcome) is want, outcome
+            assert outcome.request_id == f"r{i}"
+    assert "fraud" in str(outcomes[1]) and "expected shape" in str(outcomes[2])
+    np.testing.assert_array_equal(after["OUTPUT0"], echo_rows(7))
+
+
+@pytest.mark.parametrize("key", ["wrong-key", None])
+async def test_a_bad_key_fails_the_stream_unauthenticated(
+    demo_server: ServerThread, key: str | None
+) -> None:
+    async with AsyncClient(demo_server.target, api_key=key, multiplex=True) as client:
+        outcomes = await settle(
+            [client.infer("echo", {"INPUT0": echo_rows(i)}, request_id=f"r{i}") for i in range(8)]
+        )
+    assert all(type(o) is Unauthenticated for o in outcomes), outcomes
+    assert sorted(o.request_id for o in outcomes) == sorted(f"r{i}" for i in range(8))
+
+
+def threaded_calls(target: str, key: str, calls: list[Callable[[Client], Any]]) -> list[Any]:
+    def attempt(call: Callable[[Client], Any], client: Client) -> Any:
+        try:
+            return call(client)
+        except MandantClientError as exc:
+            return exc
+
+    with Client(target, api_key=key, multiplex=True) as client, ThreadPoolExecutor(16) as pool:
+        return list(pool.map(attempt, calls, [client] * len(calls)))
+
+
+async def test_sync_client_threads_share_a_stream(demo_server: ServerThread) -> None:
+    def echo(i: int) -> Callable[[Client], Any]:
+        return lambda client: client.infer("echo", {"INPUT0": echo_rows(i)})
+
+    calls = [echo(i) for i in range(64)]
+    calls.append(lambda client: client.infer("fraud", {"INPUT0": FRAUD_ROWS}))
+    calls.append(lambda client: client.infer("classifier", {"INPUT0": BAD_ROWS}))
+    outcomes = await asyncio.to_thread(
+        threaded_calls, demo_server.target, "initech-demo-key", calls
+    )
+    for i, out in enumerate(outcomes[:64]):
+        np.testing.assert_array_equal(out["OUTPUT0"], echo_rows(i))
+    assert type(outcomes[64]) is ModelNotFound and type(outcomes[65]) is InvalidInput
+
+
+def with_sleepy_model() -> MandantConfig:
+    """The demo plus a model that takes half a second per batch."""
+    data = yaml.safe_load(DEMO_CONFIG.read_text())
+    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0}
+    sleepy = {
+        **ECHO_MODEL,
+        "name": "sleepy",
+        "factory": "tests.integration.slow_models:sleepy",
+        "factory_args": {"seconds": 0.5},
+    }
+    data["models"].append(sleepy)
+    return parse_config(data, str(DEMO_CONFIG))
+
+
+async def test_a_server_going_away_fails_pending_calls_unavailable(tmp_path: Path) -> None:
+    with ServerThread(with_sleepy_model(), tmp_path) as server:
+        async with AsyncClient(server.target, api_key="acme-demo-key", multiplex=True) as client:
+            await client.infer("echo", {"INPUT0": echo_rows(0)})
+            pending = [
+                asyncio.create_task(client.infer("sleepy", {"INPUT0": echo_rows(i)}))
+                for i in range(3)
+            ]
+            await asyncio.sleep(0.1)  # the messages reach the server (pending either way)
+            await asyncio.to_thread(server.call, server.app.aclose(0))  # type: ignore[union-attr]
+            for task in pending:
+                with pytest.raises(Unavailable):
+                    await task

@@ -1,0 +1,98 @@
+"""What the light client puts on the wire and how it reads the answer, against a real
+grpc.aio server with a fake servicer (tests/unit/fake_kserve.py) that shows what it
+received and answers what a real Mandant cannot be made to answer on demand (typed
+contents, INTERNAL, UNAVAILABLE). The client against the real server is in
+tests/integration/test_client_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from mandant_client import (
+    AsyncClient,
+    Client,
+    DeadlineExceeded,
+    MandantClientError,
+    ServerError,
+    Unavailable,
+)
+from tests.unit.fake_kserve import API_KEY, SLOW, FakeServer, serve_fake
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeServer]:
+    async with serve_fake() as fake:
+        yield fake
+
+
+def sync_infer(target: str, **kwargs: Any) -> dict[str, np.ndarray]:
+    with Client(target, api_key=API_KEY, timeout_s=5) as client:
+        return client.infer(**kwargs)
+
+
+async def test_request_fields_and_header(server: FakeServer) -> None:
+    batch = np.random.default_rng(0).standard_normal((1, 256), dtype=np.float32)
+    outputs = await asyncio.to_thread(
+        sync_infer,
+        server.target,
+        model="classifier",
+        inputs={"INPUT0": batch, "WORDS": np.array(["hi", "ü"], dtype=object)},
+        version="1",
+        outputs=["INPUT0", "WORDS"],
+        request_id="req-1",
+        parameters={"priority": 2, "tag": "x", "flag": True, "ratio": 0.5},
+    )
+    np.testing.assert_array_equal(outputs["INPUT0"], batch)
+    assert outputs["WORDS"].tolist() == [b"hi", "ü".encode()]
+
+    assert server.servicer.seen_metadata[0]["authorization"] == f"Bearer {API_KEY}"
+    sent = server.servicer.seen_requests[0]
+    assert (sent.model_name, sent.model_version, sent.id) == ("classifier", "1", "req-1")
+    assert [o.name for o in sent.outputs] == ["INPUT0", "WORDS"]
+    assert sent.parameters["priority"].int64_param == 2
+    assert sent.parameters["tag"].string_param == "x"
+    assert sent.parameters["flag"].bool_param is True
+    assert sent.parameters["ratio"].double_param == 0.5
+
+
+async def test_typed_contents_are_decoded(server: FakeServer) -> None:
+    async with AsyncClient(server.target, api_key=API_KEY) as client:
+        typed = await client.infer("typed", {"X": np.zeros(1, np.int32)})
+    assert typed["OUT"].tolist() == [7, -7]
+
+
+@pytest.mark.parametrize(
+    ("model", "cls", "code"),
+    [
+        ("broken", ServerError, grpc.StatusCode.INTERNAL),
+        ("down", Unavailable, grpc.StatusCode.UNAVAILABLE),
+    ],
+)
+async def test_server_faults(
+    server: FakeServer, model: str, cls: type[MandantClientError], code: grpc.StatusCode
+) -> None:
+    for multiplex in (False, True):
+        async with AsyncClient(server.target, api_key=API_KEY, multiplex=multiplex) as client:
+            with pytest.raises(cls) as caught:
+                await client.infer(model, {"X": np.zeros(1, np.float32)})
+        assert caught.value.code is code
+
+
+async def test_client_deadline(server: FakeServer) -> None:
+    async with AsyncClient(server.target, api_key=API_KEY) as client:
+        with pytest.raises(DeadlineExceeded):
+            await client.infer(SLOW, {"X": np.zeros(1, np.float32)}, timeout_s=0.05)
+
+
+async def test_messages_above_grpc_default_4mib_pass(server: FakeServer) -> None:
+    big = np.ones((5, 1024, 1024), dtype=np.float32)  # 20 MiB each way
+    for multiplex in (False, True):
+        async with AsyncClient(server.target, api_key=API_KEY, multiplex=multiplex) as client:
+            outputs = await client.infer("echo", {"INPUT0": big})
+        np.testing.assert_array_equal(outputs["INPUT0"], big)

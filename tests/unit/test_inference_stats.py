@@ -1,0 +1,75 @@
+"""The ModelStatistics store, fed by Observer events: each tenant's numbers hold its
+own calls, per model version; every event still reaches the next observer."""
+
+from __future__ import annotations
+
+from mandant.observability.stats import InferenceStats, ModelStats
+from tests.fakes import RecordingObserver
+
+
+def _stats() -> tuple[InferenceStats, RecordingObserver]:
+    return InferenceStats(wall_clock_s=lambda: 1_700_000_000.5), RecordingObserver()
+
+
+def test_front_end_events_count_success_and_failure_per_tenant_and_version() -> None:
+    stats, forward = _stats()
+    front = stats.observe(forward)
+    front.request_finished("acme", "m", "OK", 0.002, "1")
+    front.request_finished("acme", "m", "OK", 0.003, "2")
+    front.request_finished("acme", "m", "RESOURCE_EXHAUSTED", 0.001, "1")
+    front.request_finished("globex", "m", "OK", 0.5, "1")
+    front.request_finished("acme", "", "NOT_FOUND", 0.001)  # no model: not an inference
+    front.request_finished("", "", "UNAUTHENTICATED", 0.001)
+    v1 = stats.get("acme", "m", "1")
+    assert (v1.success.count, v1.success.ns) == (1, 2_000_000)
+    assert (v1.fail.count, v1.fail.ns) == (1, 1_000_000)
+    assert v1.last_inference_ms == 1_700_000_000_500
+    assert stats.get("acme", "m", "2").success.count == 1
+    assert stats.get("globex", "m", "1").success.ns == 500_000_000
+    assert sorted(stats.keys()) == [("acme", "m", "1"), ("acme", "m", "2"), ("globex", "m", "1")]
+    assert len(forward.finished) == 6  # every event reached the next observer
+
+
+def test_scheduler_events_count_queue_compute_and_batches_per_tenant() -> None:
+    stats, forward = _stats()
+    scheduler = stats.observe(forward, version="3")
+    scheduler.request_timing("acme", "m", 0.001, 0.010)
+    scheduler.request_timing("globex", "m", 0.002, 0.010)
+    scheduler.batch_executed("m", 5, 0.010, {"acme": 2, "globex": 3})
+    scheduler.request_timing("acme", "m", 0.0, 0.004)
+    scheduler.batch_executed("m", 1, 0.004, {"acme": 1})
+    acme = stats.get("acme", "m", "3")
+    assert (acme.queue.count, acme.queue.ns) == (2, 1_000_000)
+    assert (acme.compute_infer.count, acme.compute_infer.ns) == (2, 14_000_000)
+    assert (acme.inference_count, acme.execution_count) == (3, 2)
+    assert {size: (d.count, d.ns) for size, d in acme.batches.items()} == {
+        5: (1, 10_000_000),
+        1: (1, 4_000_000),
+    }
+    globex = stats.get("globex", "m", "3")
+    assert (globex.inference_count, globex.execution_count) == (3, 1)
+    assert list(globex.batches) == [5]
+    assert len(forward.timings) == 3 and len(forward.batches) == 2
+
+
+def test_front_end_observer_records_no_scheduler_events_without_a_version() -> None:
+    stats, forward = _stats()
+    front = stats.observe(forward)
+    front.request_timing("acme", "m", 0.001, 0.01)
+    front.batch_executed("m", 1, 0.01, {"acme": 1})
+    assert stats.keys() == [] and len(forward.timings) == 1 and len(forward.batches) == 1
+
+
+def test_totals_sum_tenants_and_get_returns_a_copy() -> None:
+    stats, forward = _stats()
+    front, scheduler = stats.observe(forward), stats.observe(forward, version="1")
+    for tenant in ("acme", "globex"):
+        front.request_finished(tenant, "m", "OK", 0.001, "1")
+        scheduler.batch_executed("m", 2, 0.001, {tenant: 2})
+    total = stats.total([("acme", "m", "1"), ("globex", "m", "1"), ("initech", "m", "1")])
+    assert (total.success.count, total.inference_count, total.execution_count) == (2, 4, 2)
+    assert total.batches[2].count == 2
+    copy = stats.get("acme", "m", "1")
+    copy.merge(copy)
+    assert stats.get("acme", "m", "1").success.count == 1
+    assert stats.get("nobody", "m", "1") == ModelStats()
