@@ -94,6 +94,22 @@ def double(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"OUT0": x * 2, "OUT1": x.sum(axis=1, keepdims=True)}
 
 
+#: A value the model "cannot handle": :func:`double_unless_poisoned` raises on it.
+POISON = -1.0
+
+
+class PoisonError(ValueError):
+    """What :func:`double_unless_poisoned` raises: a model failing on bad data."""
+
+
+def double_unless_poisoned(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`double`, except that it raises (as a model given an out-of-range id
+    would) when any value of the batch is :data:`POISON`."""
+    if (inputs["x"] == POISON).any():
+        raise PoisonError("index out of range in self")
+    return double(inputs)
+
+
 @dataclass(eq=False)
 class Call:
     inputs: dict[str, np.ndarray]

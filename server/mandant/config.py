@@ -225,7 +225,10 @@ class BatchingConfig(_Frozen):
     max_queue_delay_ms: Annotated[float, Field(ge=0)] = 2.0
     preferred_batch_sizes: tuple[int, ...] = ()
     policy: Literal["fair", "fifo"] = "fair"
-    dispatch: Literal["eager", "delay"] = "eager"
+    #: adaptive: at once when alone, else gather the loop turn and hold while company
+    #: is expected (never past max_queue_delay_ms); eager: whenever a slot is idle;
+    #: delay: Triton's rule (wait up to max_queue_delay_ms for a full/preferred batch).
+    dispatch: Literal["adaptive", "eager", "delay"] = "adaptive"
     max_queue_rows: Annotated[int, Field(gt=0)] | None = None
 
     @model_validator(mode="after")

@@ -213,7 +213,7 @@ def test_unknown_version_is_not_found(stub: pb_grpc.GRPCInferenceServiceStub) ->
 
 def test_unimplemented_rpcs_say_so(small_server: ServerThread) -> None:
     with grpc.insecure_channel(small_server.target) as channel:
-        stats = channel.unary_unary("/inference.GRPCInferenceService/ModelStatistics")
+        stats = channel.unary_unary("/inference.GRPCInferenceService/CudaSharedMemoryStatus")
         with pytest.raises(grpc.RpcError) as err:
             stats(b"", metadata=METADATA)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED

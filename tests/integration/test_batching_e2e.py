@@ -36,7 +36,8 @@ async def served(
 
     monkeypatch.setattr(app_module, "make_scheduler", recording)
     # Hold batches open long enough that all of this test's concurrent calls meet in
-    # the queue, whatever the machine's speed (the default dispatches eagerly).
+    # the queue, whatever the machine's speed (the default, adaptive, holds a batch only
+    # while more requests are expected, and never longer than max_queue_delay_ms).
     batching = {"max_batch_size": 64, "max_queue_delay_ms": 100, "dispatch": "delay"}
     async with App(demo_config(batching=batching), tmp_path) as app:
         yield app, recorder

@@ -11,14 +11,18 @@ import numpy as np
 import pytest
 
 from mandant.config import BatchingConfig
-from mandant.errors import DeadlineExceeded, InvalidInput, QueueFull, Unavailable
-from mandant.scheduling.batcher import BatchFailed, DynamicBatcher
+from mandant.context import current_request_id, current_tenant
+from mandant.errors import DeadlineExceeded, InvalidInput, ModelFailed, QueueFull, Unavailable
+from mandant.scheduling.batcher import DynamicBatcher
 from mandant.types import InferRequest, Tenant
 from tests.fakes import (
+    POISON,
     FakeClock,
     GatedBackend,
+    PoisonError,
     RecordingObserver,
     double,
+    double_unless_poisoned,
     request,
     settle,
 )
@@ -33,6 +37,7 @@ async def make(
     clock = clock or FakeClock()
     backend = backend or GatedBackend()
     observer = observer or RecordingObserver()
+    config.setdefault("dispatch", "eager")  # the adaptive mode has tests of its own below
     batcher = DynamicBatcher(backend, BatchingConfig(**config), "m", observer, clock)
     await batcher.start()
     return batcher, backend, clock, observer
@@ -236,6 +241,21 @@ async def test_queue_cap_refuses_with_a_retry_hint() -> None:
     await running
 
 
+async def test_a_request_larger_than_the_queue_cap_is_invalid_input() -> None:
+    # Configuration refuses max_queue_rows < max_batch_size; the batcher does not
+    # count on it: a request that can never be queued is no reason to retry.
+    config = BatchingConfig.model_construct(
+        **{**BatchingConfig().model_dump(), "max_batch_size": 8, "max_queue_rows": 3}
+    )
+    backend, observer = GatedBackend(), RecordingObserver()
+    batcher = DynamicBatcher(backend, config, "m", observer, FakeClock())
+    await batcher.start()
+    with pytest.raises(InvalidInput, match="3 rows per tenant"):
+        await batcher.submit(request("a", rows=4))
+    assert backend.calls == [] and observer.rejections == []
+    assert batcher.queued_rows == 0
+
+
 # -- deadlines, cancellation, priority -----------------------------------------------------
 
 
@@ -324,24 +344,130 @@ async def test_priority_is_strict_within_a_tenant_only() -> None:
 # -- failures, metrics, lifecycle ----------------------------------------------------------
 
 
-async def test_backend_failure_fails_exactly_that_batch(caplog: pytest.LogCaptureFixture) -> None:
-    batcher, backend, _, _ = await make(GatedBackend(max_concurrency=2), max_batch_size=2)
-    doomed = [submit(batcher, request()) for _ in range(1)]
+async def test_failed_batch_answers_only_the_request_it_fails_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
+    batcher, _, _, observer = await make(backend, max_batch_size=16)
+    backend.auto = False
+    blocker = submit(batcher, request("good"))
     await settle()
-    survivors = [submit(batcher, request()) for _ in range(2)]
+    reqs = [request("good", rows=1 + n % 2) for n in range(7)]
+    culprit = request("bad", value=POISON)
+    reqs.insert(5, culprit)
+    tasks = [submit(batcher, r) for r in reqs]
     await settle()
+    backend.auto = True
     caplog.set_level(logging.ERROR, logger="mandant.scheduling.batcher")
-    backend.release(error=ValueError("boom"))
+    backend.release(len(backend.running))
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    await blocker
+    for req, result in zip(reqs, results, strict=True):
+        if req is culprit:
+            assert isinstance(result, ModelFailed), result
+            assert isinstance(result.__cause__, PoisonError)
+            assert "index out of range" not in str(result)  # never sent to the client
+            assert culprit.request_id in str(result)
+        else:
+            assert not isinstance(result, BaseException), result
+            check_own_rows(req, result)
+    assert observer.failed_batches == [("m", sum(r.rows for r in reqs))]
+    # Bisecting 8 requests with one culprit: the batch, then 2 runs per level.
+    assert len(backend.calls) - 1 <= 1 + 2 * 3
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and culprit.request_id in errors[0].getMessage()
+
+
+async def test_a_model_failing_on_everything_runs_at_most_2n_minus_1_times() -> None:
+    def broken(inputs: Any) -> dict[str, np.ndarray]:
+        raise RuntimeError("broken model")
+
+    batcher, backend, _, observer = await make(max_batch_size=16)
+    blocker = submit(batcher, request())
     await settle()
-    with pytest.raises(BatchFailed) as info:
-        await doomed[0]
-    assert isinstance(info.value.__cause__, ValueError)
-    assert "boom" not in str(info.value)
-    assert "request ids: req-" in caplog.text
+    tasks = [submit(batcher, request()) for _ in range(9)]
     await settle()
-    backend.release(2)
-    for task in survivors:
-        assert (await task)["OUT0"].shape == (1, 4)
+    backend.compute, backend.auto = broken, True
+    backend.release(len(backend.running))
+    results = await asyncio.gather(blocker, *tasks, return_exceptions=True)
+    assert all(isinstance(r, ModelFailed) for r in results)
+    assert len(backend.calls) == 1 + (2 * 9 - 1)
+    assert observer.failed_batches == [("m", 1), ("m", 9)]
+
+
+async def test_a_lone_request_the_model_fails_on_is_model_failed() -> None:
+    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
+    batcher, _, _, observer = await make(backend)
+    with pytest.raises(ModelFailed):
+        await batcher.submit(request(value=POISON))
+    assert len(backend.calls) == 1 and observer.failed_batches == [("m", 1)]
+    assert observer.batches == []
+
+
+async def test_a_backend_verdict_goes_to_every_request_of_the_batch_without_reruns() -> None:
+    batcher, backend, _, observer = await make(max_batch_size=8)
+    blocker = submit(batcher, request())
+    await settle()
+    tasks = [submit(batcher, request()) for _ in range(4)]
+    await settle()
+    backend.release()
+    await settle()
+    backend.release(error=Unavailable("backend down"))
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, Unavailable) for r in results)
+    assert len(backend.calls) == 2 and observer.failed_batches == []
+    await blocker
+
+
+async def test_requests_past_their_deadline_are_not_rerun() -> None:
+    clock = FakeClock()
+    backend = GatedBackend(compute=double_unless_poisoned)
+    batcher, _, _, _ = await make(backend, clock, max_batch_size=8)
+    blocker = submit(batcher, request(value=100))
+    await settle()
+    late = request(value=7, deadline=clock.now + 0.010)
+    culprit = request(value=POISON)
+    fine = request(value=9)
+    tasks = [submit(batcher, r) for r in (late, culprit, fine)]
+    await settle()
+    backend.release()
+    await settle()
+    assert backend.calls[-1].rows == 3
+    clock.advance(0.020)  # the batch ran past the late request's deadline, then failed
+    for _ in range(4):
+        backend.release()
+        await settle()
+    with pytest.raises(DeadlineExceeded):
+        await tasks[0]
+    with pytest.raises(ModelFailed):
+        await tasks[1]
+    check_own_rows(fine, await tasks[2])
+    reruns = np.concatenate([c.inputs["x"][:, 0] for c in backend.calls[2:]])
+    assert 7 not in reruns and 9 in reruns
+    await blocker
+
+
+@pytest.mark.parametrize("dispatch", ["adaptive", "eager", "delay"])
+async def test_batches_run_in_a_context_of_no_request(dispatch: str) -> None:
+    seen: list[tuple[object, str]] = []
+
+    def recording(inputs: Any) -> dict[str, np.ndarray]:
+        seen.append((current_tenant.get(None), current_request_id.get()))
+        return double(inputs)
+
+    backend = GatedBackend(auto=True, compute=recording)
+    batcher, _, clock, _ = await make(backend, dispatch=dispatch, max_queue_delay_ms=1)
+
+    async def call(tenant: str) -> dict[str, np.ndarray]:
+        current_tenant.set(Tenant(tenant))
+        current_request_id.set(f"{tenant}-request")
+        return await batcher.submit(request(tenant))
+
+    tasks = [asyncio.create_task(call(t)) for t in ("acme", "globex")]
+    await settle()
+    clock.advance(0.001)
+    await asyncio.gather(*tasks)
+    assert seen and all(entry == (None, "") for entry in seen)
 
 
 async def test_observer_gets_queue_and_compute_time_and_batch_shares() -> None:
@@ -387,18 +513,19 @@ async def test_aclose_answers_queued_requests_and_refuses_new_ones() -> None:
         await batcher.submit(request())
 
 
-async def test_model_that_drops_the_batch_dimension_fails_batches_not_lone_requests() -> None:
+async def test_model_that_drops_the_batch_dimension_serves_each_request_alone() -> None:
     backend = GatedBackend(auto=True, compute=lambda inputs: {"OUT0": np.zeros(1, np.float32)})
-    batcher, _, _, _ = await make(backend, max_batch_size=8)
+    batcher, _, _, observer = await make(backend, max_batch_size=8)
     assert (await batcher.submit(request()))["OUT0"].shape == (1,)
     backend.auto = False
     tasks = [submit(batcher, request()) for _ in range(3)]
     await settle()
     backend.release(), await settle()
-    backend.release(), await settle()
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    assert not isinstance(results[0], BaseException)
-    assert all(isinstance(r, BatchFailed) for r in results[1:])
+    backend.auto = True
+    backend.release()
+    results = await asyncio.gather(*tasks)
+    assert all(r["OUT0"].shape == (1,) for r in results)  # the batch of 2 split in two
+    assert observer.failed_batches == [("m", 2)]
 
 
 async def test_backend_gets_the_batchs_wanted_outputs_and_latest_deadline() -> None:
@@ -427,3 +554,68 @@ async def test_backend_gets_the_batchs_wanted_outputs_and_latest_deadline() -> N
     assert backend.calls[-1].rows == 2 and backend.calls[-1].deadline is None
     backend.release()
     await asyncio.gather(busy, three, four)
+
+
+# -- adaptive dispatch ---------------------------------------------------------------------
+
+
+async def test_adaptive_never_holds_a_lone_caller() -> None:
+    batcher, backend, _, _ = await make(dispatch="adaptive", max_queue_delay_ms=50)
+    for _ in range(20):  # closed loop, concurrency 1: the clock never moves
+        task = submit(batcher, request())
+        await settle()
+        assert backend.running, "a lone request waited for company"
+        backend.release()
+        await task
+    assert [c.rows for c in backend.calls] == [1] * 20
+
+
+async def test_adaptive_sends_requests_of_one_loop_turn_together() -> None:
+    batcher, backend, _, _ = await make(dispatch="adaptive", max_batch_size=8)
+    tasks = [submit(batcher, request()) for _ in range(5)]  # all woken in one turn
+    await settle()
+    assert [c.rows for c in backend.calls] == [5]
+    backend.release()
+    await asyncio.gather(*tasks)
+
+
+async def test_adaptive_holds_under_load_but_never_past_the_delay() -> None:
+    clock = FakeClock()
+    batcher, backend, _, _ = await make(
+        clock=clock, dispatch="adaptive", max_batch_size=16, max_queue_delay_ms=2
+    )
+    tasks = [submit(batcher, request()) for _ in range(4)]
+    await settle()
+    backend.release()  # a batch of 4: company was found, so the next batch may wait
+    await asyncio.gather(*tasks)
+    first = submit(batcher, request())
+    await settle()
+    assert len(backend.calls) == 1  # held: more are expected
+    clock.advance(0.0001)
+    second = submit(batcher, request())
+    await settle()
+    assert len(backend.calls) == 1
+    clock.advance(0.002)  # past the longest hold (max_queue_delay_ms)
+    await settle()
+    assert [c.rows for c in backend.calls] == [4, 2]
+    backend.release()
+    await asyncio.gather(first, second)
+
+
+async def test_adaptive_hold_ends_before_a_deadline() -> None:
+    clock = FakeClock()
+    batcher, backend, _, _ = await make(
+        clock=clock, dispatch="adaptive", max_batch_size=16, max_queue_delay_ms=100
+    )
+    tasks = [submit(batcher, request()) for _ in range(3)]  # company: the window grows
+    await settle()
+    backend.release()
+    await asyncio.gather(*tasks)
+    held = submit(batcher, request(deadline=clock.now + 0.005))
+    await settle()
+    assert len(backend.calls) == 1  # held
+    clock.advance(0.005 - 1e-6)  # just before the deadline: it must have left
+    await settle()
+    assert len(backend.calls) == 2
+    backend.release()
+    await held

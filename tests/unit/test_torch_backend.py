@@ -354,3 +354,44 @@ async def test_cuda_requested_without_cuda_fails_clearly() -> None:
     backend = TorchBackend(make_spec(factory="mandant.demo.models:echo", device="cuda"))
     with pytest.raises(ModelLoadError, match="CUDA is not available"):
         await backend.start()
+
+
+def recorder_spec(threads: list[int], delay: dict[str, float]) -> ModelSpec:
+    return make_spec(
+        factory=f"{HELPERS}:recorder",
+        factory_args={"threads": threads, "delay": delay},
+        inputs=(TensorSpec("X", "FP32", (-1,)),),
+        outputs=(TensorSpec("Y", "FP32", (-1,)),),
+    )
+
+
+async def test_cheap_calls_run_on_the_event_loop_and_slow_ones_move_back() -> None:
+    threads: list[int] = []
+    delay = {"s": 0.0}
+    backend = TorchBackend(recorder_spec(threads, delay), inline_below_s=0.05)
+    loop_thread = threading.get_ident()
+    x = {"X": np.ones(1, np.float32)}
+    await backend.start()
+    try:
+        for _ in range(5):
+            await backend.infer(x)
+        assert threads[0] != loop_thread  # unmeasured: the pool
+        assert threads[-1] == loop_thread  # measured cheap: no thread hop
+        delay["s"] = 0.2  # the model turns slow: one call shows it
+        await backend.infer(x)
+        await backend.infer(x)
+        assert threads[-1] != loop_thread
+    finally:
+        await backend.aclose()
+
+
+async def test_inline_threshold_zero_always_uses_the_pool() -> None:
+    threads: list[int] = []
+    backend = TorchBackend(recorder_spec(threads, {"s": 0.0}), inline_below_s=0.0)
+    await backend.start()
+    try:
+        for _ in range(5):
+            await backend.infer({"X": np.ones(1, np.float32)})
+    finally:
+        await backend.aclose()
+    assert threading.get_ident() not in threads

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 from torch import nn
@@ -65,3 +66,22 @@ def gate(entered: threading.Event, release: threading.Event) -> nn.Module:
 
 def not_a_module() -> object:
     return object()
+
+
+class _Recorder(nn.Module):
+    """Records the thread of every call; sleeps ``delay['s']`` seconds (changeable)."""
+
+    def __init__(self, threads: list[int], delay: dict[str, float]) -> None:
+        super().__init__()
+        self._threads = threads
+        self._delay = delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._threads.append(threading.get_ident())
+        if self._delay["s"]:
+            time.sleep(self._delay["s"])
+        return x
+
+
+def recorder(threads: list[int], delay: dict[str, float]) -> nn.Module:
+    return _Recorder(threads, delay)

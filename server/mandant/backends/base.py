@@ -15,8 +15,11 @@ class Backend(Protocol):
     every input) and returns every declared output for the whole batch.
 
     Lifecycle is explicit: ``start()`` loads the model, ``aclose()`` frees it.
-    ``infer`` must not block the event loop; a backend raising anything but a
-    :class:`mandant.errors.MandantError` is reported to the client as INTERNAL.
+    ``infer`` must not block the event loop for long (a call measured to be cheap may
+    run on it). A :class:`mandant.errors.MandantError` is the backend's verdict on the
+    whole call (Unavailable, DeadlineExceeded, …) and reaches every request of the
+    batch; anything else means the model raised on the data: the scheduler reruns the
+    batch's requests apart and answers ModelFailed to those it fails on alone.
     """
 
     @property

@@ -1,7 +1,13 @@
 """In-process PyTorch backend: a TorchScript file, or ``module:factory`` plus a state dict.
 
-Loading happens in :meth:`TorchBackend.start` on a worker thread; every ``infer`` runs
-on a dedicated pool of ``spec.instances`` threads so the event loop never waits on torch.
+Loading happens in :meth:`TorchBackend.start` on a worker thread. A call runs on a
+dedicated pool of ``spec.instances`` threads, so the event loop never waits on a heavy
+model — unless calls are measured to be cheap: while the moving average of a call's
+compute time (and of its time per row, times the call's rows) stays under
+``inline_below_s``, the call runs on the event loop itself, because for an identity or
+tiny model the thread hop costs far more than the forward pass. Every call is timed and
+a slower sample replaces the average at once, so a model that turns slow (or a batch
+that turns large) moves back to the pool after one call.
 Inputs reach the model zero-copy (``torch.from_numpy``); they may view a request's
 read-only bytes, so models must not modify their inputs in place.
 """
@@ -13,6 +19,7 @@ import functools
 import importlib
 import logging
 import os
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -43,14 +50,24 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded at start-up; the message names the model and why."""
 
 
-class TorchBackend:
-    """Runs one model version in this process, on CPU or a CUDA device."""
+#: Calls measured cheaper than this run on the event loop (see module doc).
+DEFAULT_INLINE_BELOW_S = 150e-6
+#: Weight of the newest call in the cost averages.
+_SMOOTHING = 0.2
 
-    def __init__(self, spec: ModelSpec) -> None:
+
+class TorchBackend:
+    """Runs one model version in this process, on CPU or a CUDA device.
+    ``inline_below_s``: calls measured cheaper run on the event loop (0: never)."""
+
+    def __init__(self, spec: ModelSpec, inline_below_s: float = DEFAULT_INLINE_BELOW_S) -> None:
         self._spec = spec
         self._device = torch.device(_pick_device(spec.device))
         self._module: Callable[..., Any] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._inline_below_s = inline_below_s
+        self._call_s: float | None = None  # moving average of a call's compute time
+        self._row_s = 0.0  # moving average of compute time per row
 
     @property
     def ready(self) -> bool:
@@ -129,14 +146,33 @@ class TorchBackend:
         if missing:
             raise InvalidInput(f"missing input(s): {', '.join(missing)}")
         arrays = [inputs[t.name] for t in self._spec.inputs]
+        rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
+        if self._cheap(rows):
+            return self._run(module, arrays, rows)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self._run, module, arrays)
+        return await loop.run_in_executor(executor, self._run, module, arrays, rows)
 
-    def _run(self, module: Callable[..., Any], arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            args = [self._to_tensor(array) for array in arrays]
-            result = module(*args)
-            return self._outputs(result)
+    def _cheap(self, rows: int) -> bool:
+        """Whether a call of ``rows`` rows is expected to cost less than the hop."""
+        call_s = self._call_s
+        if call_s is None:  # never measured: the pool, to be safe
+            return False
+        return max(call_s, self._row_s * rows) < self._inline_below_s
+
+    def _run(
+        self, module: Callable[..., Any], arrays: list[np.ndarray], rows: int
+    ) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                args = [self._to_tensor(array) for array in arrays]
+                result = module(*args)
+                return self._outputs(result)
+        finally:
+            # Races between pool threads only lose a sample; a float store is atomic.
+            elapsed = time.perf_counter() - start
+            self._call_s = _cost(self._call_s, elapsed)
+            self._row_s = _cost(self._row_s, elapsed / max(1, rows))
 
     def _to_tensor(self, array: np.ndarray) -> torch.Tensor | np.ndarray:
         if array.dtype.kind in _NON_TENSOR_KINDS:
@@ -189,6 +225,14 @@ class TorchBackend:
             raise ModelLoadError(
                 f"cannot load model {spec.name!r} version {spec.version}: {exc}"
             ) from exc
+
+
+def _cost(average: float | None, sample: float) -> float:
+    """A cautious moving average: a slower sample counts at once, faster ones slowly,
+    so one slow call is enough to keep the next ones off the event loop."""
+    if average is None or sample >= average:
+        return sample
+    return average + _SMOOTHING * (sample - average)
 
 
 def _pick_device(device: str) -> str:

@@ -4,10 +4,13 @@ Each request waits in the policy's queues (``policy.py``) with an
 :class:`asyncio.Future`. Whenever something changes — a request arrives, a batch
 finishes, a timer fires — :meth:`DynamicBatcher._pump` fills every idle execution
 slot (``backend.max_concurrency``) with a batch, so there is no dispatcher task to
-wake. Two dispatch modes:
+wake. Three dispatch modes:
 
-* ``eager`` (default): a batch leaves as soon as a slot is idle; while every slot is
-  busy the next batch forms by itself. At low load nobody waits for company.
+* ``adaptive`` (default): the pump runs at the end of the current event-loop turn, so
+  requests woken together leave together, and a batch is held while company is
+  expected, within ``max_queue_delay_ms`` (``adaptive.py``). A lone caller never waits.
+* ``eager``: a batch leaves as soon as a slot is idle; while every slot is busy the
+  next batch forms by itself.
 * ``delay``: as Triton's dynamic batcher — wait while the oldest request is younger
   than ``max_queue_delay_ms`` unless a preferred or the maximum size can be formed.
 
@@ -15,11 +18,20 @@ Inputs are concatenated along dimension 0 (by the backend's ``stack_inputs`` whe
 has one, e.g. into pinned memory on CUDA), outputs sliced back per request. Deadlines
 are clock timers: a request whose deadline passes while queued is answered
 DeadlineExceeded and never runs. A cancelled caller leaves the queue at once.
+
+A batch the model raises on (anything but a MandantError) is counted
+(``Observer.batch_failed``) and split in halves, each rerun in the same execution slot,
+until the request(s) it fails on alone are found: those get ModelFailed, every other
+request its normal result. A binary split of n requests runs at most 2n - 1 times
+however often the model fails; a request whose caller left or whose deadline passed
+is not rerun. Batches run in a fresh ``contextvars.Context``, so nothing they log
+carries the tenant or request id of whichever request happened to wake the batcher.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 from collections import Counter
@@ -31,8 +43,16 @@ import numpy as np
 
 from mandant.backends.base import Backend
 from mandant.config import BatchingConfig
-from mandant.errors import DeadlineExceeded, InvalidInput, MandantError, QueueFull, Unavailable
+from mandant.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    MandantError,
+    ModelFailed,
+    QueueFull,
+    Unavailable,
+)
 from mandant.events import NullObserver, Observer
+from mandant.scheduling.adaptive import AdaptiveDispatch
 from mandant.scheduling.clock import Clock, LoopClock, Timer
 from mandant.scheduling.policy import BatchQueue, FairQueue, FifoQueue, priority_level
 from mandant.types import InferRequest
@@ -41,12 +61,6 @@ from mandant.validation import check_batch_rows
 logger = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
-
-
-class BatchFailed(RuntimeError):
-    """A batch's execution failed: every request in it gets one of these (chained to
-    the backend's error). Not a MandantError, so clients see INTERNAL with a
-    generic message and the request id is logged."""
 
 
 @runtime_checkable
@@ -97,15 +111,27 @@ class DynamicBatcher:
         self._max_rows = config.max_batch_size
         self._preferred = tuple(sorted(p for p in config.preferred_batch_sizes if p > 0))
         self._delay_s = config.max_queue_delay_ms / 1000.0
-        self._eager = config.dispatch == "eager"
+        self._mode = config.dispatch
+        self._adaptive = AdaptiveDispatch(self._delay_s, self._max_rows)
         self._stack = backend.stack_inputs if isinstance(backend, InputStacker) else concatenate
         self._slots = max(1, backend.max_concurrency)
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._delay_timer: Timer | None = None
         self._delay_due: float | None = None
+        self._wake_pending = False  # adaptive: a pump is scheduled for this loop turn
+        self._held: int | None = None  # adaptive: requests queued when a hold began
+        self._deadline_floor: float | None = None  # <= every queued request's deadline
         self._batch_s = 0.0  # moving average of a batch's compute time, for retry hints
         self._open = False
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting in the queue, all tenants together (not those running)."""
+        return self._queue.rows
+
+    def queued_rows_of(self, tenant: str) -> int:
+        return self._queue.rows_of(tenant)
 
     async def start(self) -> None:
         self._open = True
@@ -148,7 +174,13 @@ class DynamicBatcher:
         self._queue.push(entry)
         if request.deadline is not None:
             entry.timer = self._clock.call_at(request.deadline, lambda: self._expire(entry))
-        self._pump()
+            if self._deadline_floor is None or request.deadline < self._deadline_floor:
+                self._deadline_floor = request.deadline
+        if self._mode == "adaptive":
+            self._adaptive.arrived(now)
+            self._wake()
+        else:
+            self._pump()
         try:
             return await entry.future
         except asyncio.CancelledError:
@@ -160,6 +192,12 @@ class DynamicBatcher:
     def _check(self, request: InferRequest) -> Hashable:
         """Refuse what cannot be batched; return the request's shape group."""
         check_batch_rows(self._model, request.rows, self._max_rows)
+        cap = self._config.max_queue_rows
+        if cap is not None and request.rows > cap:  # could never fit: no pushback
+            raise InvalidInput(
+                f"request of {request.rows} rows exceeds the queue of model "
+                f"'{self._model}' ({cap} rows per tenant)"
+            )
         group = []
         for name in sorted(request.inputs):
             array = request.inputs[name]
@@ -189,12 +227,24 @@ class DynamicBatcher:
 
     # -- dispatch -----------------------------------------------------------------
 
+    def _wake(self) -> None:
+        """Adaptive: pump once at the end of this loop turn, so that every request
+        woken in the same turn has queued first."""
+        if not self._wake_pending:
+            self._wake_pending = True
+            asyncio.get_running_loop().call_soon(self._on_wake, context=contextvars.Context())
+
+    def _on_wake(self) -> None:
+        self._wake_pending = False
+        self._pump()
+
     def _pump(self) -> None:
         """Start batches while an execution slot is idle and one is due."""
         while self._running < self._slots and len(self._queue) and self._open:
             now = self._clock.monotonic()
             if not self._due(now):
                 return
+            queued = len(self._queue)
             batch = []
             for entry in self._queue.take(self._target_rows()):
                 entry.queued = False
@@ -205,23 +255,38 @@ class DynamicBatcher:
                     self._finish(entry, exc=DeadlineExceeded("deadline exceeded while queued"))
                 elif not entry.future.done():
                     batch.append(entry)
+            if not len(self._queue):
+                self._deadline_floor = None
+            if self._mode == "adaptive":
+                held = self._held is not None
+                self._adaptive.dispatched(len(batch), held, held and queued > (self._held or 0))
+                self._held = None
+                self._cancel_delay_timer()
             if batch:
                 self._running += 1
-                task = asyncio.create_task(self._execute(batch, now))
+                # A fresh context: the batch belongs to no single request's tenant.
+                task = asyncio.create_task(self._execute(batch, now), context=contextvars.Context())
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
     def _due(self, now: float) -> bool:
-        """Whether a batch should leave now; in delay mode, arm the timer if not."""
+        """Whether a batch should leave now; if not, arm the timer for when it should."""
         rows = self._queue.rows
-        if self._eager or rows >= self._max_rows:
+        if self._mode == "eager" or rows >= self._max_rows:
             return True
         if self._preferred and rows >= self._preferred[0]:
             return True
+        if self._mode == "adaptive" and not self._adaptive.window_s:
+            return True  # no hold has paid lately: skip the search for the oldest
         oldest = self._queue.oldest_arrival()
         if oldest is None:
             return False
-        due = oldest + self._delay_s
+        if self._mode == "adaptive":
+            due = self._adaptive.due(now, rows, oldest, self._deadline_floor)
+            if due > now and self._held is None:
+                self._held = len(self._queue)
+        else:
+            due = oldest + self._delay_s
         if now >= due:
             return True
         if self._delay_due != due:
@@ -248,53 +313,113 @@ class DynamicBatcher:
     # -- execution ----------------------------------------------------------------
 
     async def _execute(self, batch: list[_Pending], dispatched: float) -> None:
+        """Run one dispatched batch in its slot; isolate the culprits if it fails."""
         try:
-            rows = sum(entry.rows for entry in batch)
-            if len(batch) == 1:
-                inputs = batch[0].request.inputs
-            else:
-                inputs = self._stack([entry.request.inputs for entry in batch])
-            start = self._clock.monotonic()
-            wanted = tuple(dict.fromkeys(n for e in batch for n in e.request.outputs))
-            deadlines = [entry.request.deadline for entry in batch]
-            latest = None if None in deadlines else max(d for d in deadlines if d is not None)
-            outputs = await self._backend.infer(inputs, outputs=wanted, deadline=latest)
-            compute_s = self._clock.monotonic() - start
-            parts = _split(outputs, batch, rows)
-        except MandantError as exc:
-            for entry in batch:
-                self._finish(entry, exc=exc)
-        except Exception as exc:
-            logger.error(
-                "batch of %d request(s) on model %s failed; request ids: %s",
-                len(batch),
-                self._model,
-                ", ".join(entry.request.request_id for entry in batch),
-                exc_info=exc,
-            )
-            for entry in batch:
-                failure = BatchFailed(f"batch execution failed on model '{self._model}'")
-                failure.__cause__ = exc
-                self._finish(entry, exc=failure)
+            await self._isolate(batch, dispatched)
         except BaseException:
             for entry in batch:
                 self._finish(entry, exc=Unavailable(f"model '{self._model}' is shutting down"))
             raise
-        else:
-            self._batch_s = (
-                compute_s if not self._batch_s else 0.8 * self._batch_s + 0.2 * compute_s
-            )
-            shares = Counter[str]()
-            for entry, part in zip(batch, parts, strict=True):
-                shares[entry.tenant] += entry.rows
-                self._observer.request_timing(
-                    entry.tenant, self._model, dispatched - entry.arrival, compute_s
-                )
-                self._finish(entry, result=part)
-            self._observer.batch_executed(self._model, rows, compute_s, shares)
         finally:
             self._running -= 1
-            self._pump()
+            if self._mode == "adaptive":
+                self._wake()
+            else:
+                self._pump()
+
+    async def _isolate(self, batch: list[_Pending], dispatched: float) -> None:
+        """Run ``batch``; while a part of it fails, rerun its halves apart. Each run is
+        a node of a binary tree over the batch's requests: at most 2n - 1 runs."""
+        parts = [batch]
+        first = True
+        while parts:
+            part = self._live(parts.pop())
+            if not part:
+                continue
+            try:
+                outputs, compute_s = await self._run(part)
+                results = _split(outputs, part, sum(entry.rows for entry in part))
+            except MandantError as exc:  # the backend's verdict, for every request
+                for entry in part:
+                    self._finish(entry, exc=exc)
+            except Exception as exc:  # the model raised: whose data was it?
+                if first:
+                    self._observer.batch_failed(self._model, sum(e.rows for e in batch))
+                self._failed(part, exc, first)
+                if len(part) > 1:
+                    middle = len(part) // 2
+                    parts += [part[middle:], part[:middle]]  # the first half runs first
+            else:
+                self._succeeded(part, results, compute_s, dispatched)
+            first = False
+
+    def _live(self, part: list[_Pending]) -> list[_Pending]:
+        """The requests of ``part`` still worth running: not answered (a caller that
+        left), not past their deadline (answered DeadlineExceeded here)."""
+        now = self._clock.monotonic()
+        live = []
+        for entry in part:
+            deadline = entry.request.deadline
+            if entry.future.done():
+                continue
+            if deadline is not None and deadline <= now:
+                self._finish(entry, exc=DeadlineExceeded("deadline exceeded before the model ran"))
+            else:
+                live.append(entry)
+        return live
+
+    async def _run(self, part: list[_Pending]) -> tuple[Mapping[str, np.ndarray], float]:
+        if len(part) == 1:
+            inputs: Mapping[str, np.ndarray] = part[0].request.inputs
+        else:
+            inputs = self._stack([entry.request.inputs for entry in part])
+        wanted = tuple(dict.fromkeys(n for e in part for n in e.request.outputs))
+        deadlines = [entry.request.deadline for entry in part]
+        latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+        start = self._clock.monotonic()
+        outputs = await self._backend.infer(inputs, outputs=wanted, deadline=latest)
+        return outputs, self._clock.monotonic() - start
+
+    def _failed(self, part: list[_Pending], exc: Exception, first: bool) -> None:
+        if len(part) > 1:
+            logger.log(
+                logging.WARNING if first else logging.DEBUG,
+                "batch of %d request(s) on model %s failed; rerunning them apart: %r",
+                len(part),
+                self._model,
+                exc,
+            )
+            return
+        entry = part[0]
+        request_id = entry.request.request_id
+        logger.error(
+            "model %s failed on request %s of tenant %s alone",
+            self._model,
+            request_id,
+            entry.tenant,
+            exc_info=exc,
+        )
+        failure = ModelFailed(self._model, request_id)
+        failure.__cause__ = exc
+        self._finish(entry, exc=failure)
+
+    def _succeeded(
+        self,
+        part: list[_Pending],
+        results: list[Outputs],
+        compute_s: float,
+        dispatched: float,
+    ) -> None:
+        self._batch_s = compute_s if not self._batch_s else 0.8 * self._batch_s + 0.2 * compute_s
+        self._adaptive.executed(compute_s)
+        shares = Counter[str]()
+        for entry, result in zip(part, results, strict=True):
+            shares[entry.tenant] += entry.rows
+            self._observer.request_timing(
+                entry.tenant, self._model, dispatched - entry.arrival, compute_s
+            )
+            self._finish(entry, result=result)
+        self._observer.batch_executed(self._model, sum(shares.values()), compute_s, shares)
 
     @staticmethod
     def _finish(

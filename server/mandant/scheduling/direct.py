@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import numpy as np
 
 from mandant.backends.base import Backend
-from mandant.errors import DeadlineExceeded
+from mandant.errors import DeadlineExceeded, MandantError, ModelFailed
 from mandant.events import NullObserver, Observer
 from mandant.types import InferRequest
+
+logger = logging.getLogger(__name__)
 
 
 class DirectScheduler:
     """No batching: one request, one backend call; at most ``max_concurrency`` at
     once, the rest wait their turn in arrival order. A request whose deadline passes
-    while it waits is answered DeadlineExceeded and never runs."""
+    while it waits is answered DeadlineExceeded and never runs. A model that raises
+    (anything but a MandantError) on a request ran alone on that request's data: it
+    is answered ModelFailed and counted as a failed batch of one."""
 
     def __init__(self, backend: Backend, model: str = "", observer: Observer | None = None) -> None:
         self._backend = backend
@@ -43,9 +48,24 @@ class DirectScheduler:
             await self._slots.acquire()  # free: no timer to arm and cancel
         try:
             start = time.monotonic()
-            outputs = await self._backend.infer(
-                request.inputs, outputs=request.outputs, deadline=request.deadline
-            )
+            if request.deadline is not None and request.deadline <= start:
+                raise DeadlineExceeded("deadline exceeded while queued")
+            try:
+                outputs = await self._backend.infer(
+                    request.inputs, outputs=request.outputs, deadline=request.deadline
+                )
+            except MandantError:
+                raise
+            except Exception as exc:
+                self._observer.batch_failed(self._model, request.rows)
+                logger.error(
+                    "model %s failed on request %s of tenant %s",
+                    self._model,
+                    request.request_id,
+                    request.tenant.id,
+                    exc_info=exc,
+                )
+                raise ModelFailed(self._model, request.request_id) from exc
             compute_s = time.monotonic() - start
         finally:
             self._slots.release()
