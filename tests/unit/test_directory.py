@@ -73,3 +73,14 @@ def test_observer_slo_and_live_follow_the_directory() -> None:
     assert slo.attainment("b", 300).good == 1
     tenants = {t["id"]: t for t in live.snapshot(slo)["tenants"]}
     assert tenants["b"]["requests"] == 1 and tenants["a"]["slo"]["latency_ms"] == 5
+
+
+def test_a_call_in_flight_across_a_reload_that_removes_its_tenant_ends_under_its_label() -> None:
+    directory = TenantDirectory([TenantConfig(id="gone"), TenantConfig(id="kept")])
+    registry = CollectorRegistry()
+    observer = PrometheusObserver(registry, directory, ["m"])
+    observer.inflight_changed("gone", 1)
+    directory.replace([TenantConfig(id="kept")], [])
+    observer.inflight_changed("gone", -1)
+    assert registry.get_sample_value("mandant_inflight_requests", {"tenant": "gone"}) == 0
+    assert registry.get_sample_value("mandant_inflight_requests", {"tenant": ""}) is None

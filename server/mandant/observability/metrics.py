@@ -210,7 +210,9 @@ class PrometheusObserver:
             self._live.record_rejection(tenant, reason)
 
     def inflight_changed(self, tenant: str, delta: int) -> None:
-        tenant = self._tenant(tenant)
+        # A call admitted before a reload removed its tenant still ends under its label.
+        if tenant not in self._directory.current.ids and not self.inflight.has((tenant,)):
+            tenant = ""
         self.inflight.inc((tenant,), delta)
         if self._live is not None:
             self._live.inflight_changed(tenant, delta)

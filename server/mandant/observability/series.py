@@ -66,6 +66,9 @@ class GaugeSeries:
     def touch(self, labels: Labels) -> None:
         self._values.setdefault(labels, 0.0)
 
+    def has(self, labels: Labels) -> bool:
+        return labels in self._values
+
     def inc(self, labels: Labels, delta: float = 1.0) -> None:
         self._values[labels] = self._values.get(labels, 0.0) + delta
 
