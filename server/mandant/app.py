@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -17,7 +18,7 @@ from mandant.config import MandantConfig, ModelSpec
 from mandant.events import Observer
 from mandant.observability.http import HttpServer
 from mandant.observability.live import LiveStats
-from mandant.observability.metrics import PrometheusObserver
+from mandant.observability.metrics import ModelReadiness, PrometheusObserver
 from mandant.observability.slo import SloTracker
 from mandant.observability.stats import InferenceStats
 from mandant.observability.usage import UsageReports
@@ -27,10 +28,9 @@ from mandant.scheduling.batcher import DynamicBatcher
 from mandant.scheduling.direct import DirectScheduler
 from mandant.service import DataPlane
 from mandant.tenancy.admission import TenantAdmission, shared_store_for
-from mandant.tenancy.keys import KeyStore
+from mandant.tenancy.directory import TenantDirectory
 from mandant.transport.grpc.server import GrpcServer
 from mandant.transport.rest.server import RestServer
-from mandant.types import Tenant
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,19 @@ def make_scheduler(
     return DynamicBatcher(backend, spec.batching, spec.name, observer)
 
 
+@dataclass(frozen=True)
+class ReloadResult:
+    """What a reload did: ``applied`` at once (tenants, keys, admin keys; never key
+    material), ``deferred`` until the next restart."""
+
+    applied: tuple[str, ...]
+    deferred: tuple[str, ...]
+
+
+#: Server settings a reload applies at once; any other server change waits for a restart.
+_LIVE_SERVER_SETTINGS = frozenset({"admin_keys"})
+
+
 class App:
     """The whole server. ``async with App(config, base_dir) as app`` starts it;
     ``app.grpc_port`` is the bound port."""
@@ -65,11 +78,13 @@ class App:
         self.config = config
         specs = config.model_specs(base_dir)
         model_names = sorted({spec.name for spec in specs})
+        #: The one source of tenant facts; every component below reads it.
+        self.directory = TenantDirectory.from_config(config)
         self.metrics = CollectorRegistry()
-        self.slo = SloTracker({t.id: t.slo for t in config.tenants if t.slo is not None})
-        self.live = LiveStats([t.id for t in config.tenants], model_names)
+        self.slo = SloTracker(self.directory)
+        self.live = LiveStats(self.directory, model_names)
         self.observer = PrometheusObserver(
-            self.metrics, config.tenants, model_names, slo=self.slo, live=self.live
+            self.metrics, self.directory, model_names, slo=self.slo, live=self.live
         )
         self.stats = InferenceStats()  # ModelStatistics: per tenant, model and version
         self.channels = ChannelPool()
@@ -80,28 +95,45 @@ class App:
                 spec, backend, self.stats.observe(self.observer, spec.version)
             ),
         )
+        self.metrics.register(
+            ModelReadiness(
+                lambda: (
+                    (m.key.name, m.key.version, m.key.owner or "", m.ready)
+                    for m in self.registry.all()
+                )
+            )
+        )
         self.admission = TenantAdmission(
             config, shared_store_for(config.limits), observer=self.observer
         )
         self.plane = DataPlane(
-            _key_store(config), self.registry, admission=self.admission, version=__version__
+            self.directory,
+            self.registry,
+            admission=self.admission,
+            version=__version__,
+            ready_when=config.server.ready_when,
         )
-        self.usage = UsageReports(self.metrics, config.tenants, self.live, quota=self.admission)
+        self.usage = UsageReports(self.metrics, self.directory, self.live, quota=self.admission)
         self.grpc = GrpcServer(
             self.plane,
             config.server,
             observer=self.stats.observe(self.observer),
             usage=self.usage,
             stats=self.stats,
+            authenticate_admin=self.directory.authenticate_admin,
         )
         self.grpc_port = 0
         self.rest = RestServer(
-            self.plane, config.server, observer=self.stats.observe(self.observer), stats=self.stats
+            self.plane,
+            config.server,
+            observer=self.stats.observe(self.observer),
+            stats=self.stats,
+            authenticate_admin=self.directory.authenticate_admin,
         )
         self.rest_port = 0
         self.http = HttpServer(
             config.server,
-            config.tenants,
+            self.directory,
             self.metrics,
             self.plane,
             self.slo,
@@ -109,6 +141,7 @@ class App:
             usage=self.usage,
         )
         self.http_port = 0
+        self.internal_http_port = 0
 
     async def start(self) -> None:
         """Start every part in order; if one fails, stop those already started."""
@@ -122,29 +155,36 @@ class App:
             self.rest_port = await self.rest.start()
             started.push_async_callback(self.rest.aclose, 0)
             self.http_port = await self.http.start()
+            self.internal_http_port = self.http.internal_port
             started.pop_all()
 
-    def reload(self, config: MandantConfig) -> list[str]:
-        """Apply a new configuration to the running server: tenants, API keys, weights,
-        priorities, rate limits, concurrency caps and quotas take effect at once (limit
-        and quota counts are kept). Models, server settings and the limits store need a
-        restart: they stay as they are, and the returned notes say so."""
-        notes = [
+    def reload(self, config: MandantConfig) -> ReloadResult:
+        """Apply a new configuration to the running server: the tenant directory
+        (tenants, API keys, weights, priorities, SLOs, admin keys) is swapped at once,
+        so authentication, metrics labels, SLOs, usage reports and the dashboard all
+        see it; admission's rate limits, concurrency caps and quotas follow (limit and
+        quota counts are kept). Models, other server settings and the limits store
+        need a restart: they stay as they are, and ``deferred`` says so."""
+        server_changed = sorted(
+            name
+            for name in type(config.server).model_fields
+            if name not in _LIVE_SERVER_SETTINGS
+            and getattr(config.server, name) != getattr(self.config.server, name)
+        )
+        deferred = [
             f"'{part}' changed: applied at the next restart"
-            for part in ("server", "models", "limits")
+            for part in ("models", "limits")
             if getattr(config, part) != getattr(self.config, part)
         ]
-        known = {t.id for t in self.config.tenants}
-        added = sorted(t.id for t in config.tenants if t.id not in known)
-        if added:
-            notes.append(
-                f"new tenant(s) {', '.join(added)} can call now; their metrics appear "
-                'under tenant="" until the next restart'
+        if server_changed:
+            deferred.insert(
+                0, f"'server' ({', '.join(server_changed)}) changed: applied at the next restart"
             )
+        applied = self.directory.replace(config.tenants, config.server.admin_keys)
         self.admission.update(config)
-        self.plane.replace_keys(_key_store(config))
-        self.config = self.config.model_copy(update={"tenants": config.tenants})
-        return notes
+        server = self.config.server.model_copy(update={"admin_keys": config.server.admin_keys})
+        self.config = self.config.model_copy(update={"tenants": config.tenants, "server": server})
+        return ReloadResult(tuple(applied), tuple(deferred))
 
     async def aclose(self, grace_s: float | None = None) -> None:
         grace_s = self.config.server.grace_s if grace_s is None else grace_s
@@ -164,9 +204,3 @@ class App:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-
-def _key_store(config: MandantConfig) -> KeyStore:
-    return KeyStore(
-        (Tenant(t.id, weight=t.weight, priority=t.priority), t.api_keys) for t in config.tenants
-    )

@@ -60,9 +60,14 @@ def _reload(app: App, path: Path, overrides: argparse.Namespace) -> None:
     except ConfigError as exc:
         logger.error("configuration reload refused, keeping the running one: %s", exc)
         return
-    for note in app.reload(config):
+    result = app.reload(config)
+    for note in result.deferred:
         logger.warning("configuration reload: %s", note)
-    logger.info("configuration reloaded from %s", path)
+    logger.info(
+        "configuration reloaded from %s: %s",
+        path,
+        "; ".join(result.applied) or "no tenant or key changes",
+    )
 
 
 async def _serve(
@@ -82,7 +87,13 @@ async def _serve(
     print(f"Mandant listening: gRPC (KServe v2) on {target}", flush=True)
     http = f"http://{config.server.host}:{app.http_port}"
     print(f"KServe v2 REST on http://{config.server.host}:{app.rest_port}/v2", flush=True)
-    print(f"Dashboard: {http}/  (metrics: {http}/metrics)", flush=True)
+    access = "" if config.server.metrics_auth == "none" else "; an admin or tenant key"
+    print(f"Dashboard: {http}/  (metrics: {http}/metrics{access})", flush=True)
+    internal = config.server.internal_http
+    if internal is not None:
+        print(
+            f"Internal HTTP (no key): http://{internal.host}:{app.internal_http_port}/", flush=True
+        )
     if demo:
         print(DEMO_EXAMPLE.format(target=target), flush=True)
     await stop.wait()

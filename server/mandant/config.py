@@ -47,6 +47,14 @@ class TlsConfig(_Frozen):
 DEFAULT_MAX_BYTES_ELEMENTS = 1 << 18
 
 
+class InternalHttpConfig(_Frozen):
+    """A second HTTP listener for operators only (bind it to a private address): the
+    dashboard, ``/metrics``, ``/usage``, ``/healthz`` and ``/readyz``, no key needed."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)]
+
+
 class ServerConfig(_Frozen):
     host: str = "127.0.0.1"
     grpc_port: Annotated[int, Field(ge=0, le=65535)] = 8001
@@ -76,13 +84,30 @@ class ServerConfig(_Frozen):
     #: bounded by ``max_message_bytes`` alone.
     max_bytes_elements: Annotated[int, Field(gt=0)] = DEFAULT_MAX_BYTES_ELEMENTS
     tls: TlsConfig | None = None
-    #: Hashes of the keys that may read ``/usage`` on the HTTP port (``mandant keygen``).
+    #: Hashes of the operators' keys (``mandant keygen``): every tenant's figures on
+    #: the HTTP port, and ``AdminService`` over gRPC. Reloaded on SIGHUP.
     admin_keys: tuple[str, ...] = ()
+    #: Who may read ``/metrics``, ``/usage`` and the dashboard's data on ``http_port``:
+    #: ``admin``: an admin key sees every tenant, a tenant key its own figures only
+    #: (``/metrics``: admins only); ``none``: anyone who reaches the port.
+    metrics_auth: Literal["admin", "none"] = "admin"
+    #: Optional internal-only listener serving the same endpoints without a key.
+    internal_http: InternalHttpConfig | None = None
+    #: ``/readyz``, gRPC health and ServerReady report ready while ``any_model`` (at
+    #: least one model) or ``all_models`` is ready; never while draining.
+    ready_when: Literal["all_models", "any_model"] = "any_model"
 
     @field_validator("admin_keys")
     @classmethod
     def _admin_hashes_only(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
         return _hashes_only(keys)
+
+    @model_validator(mode="after")
+    def _ports(self) -> ServerConfig:
+        port = self.internal_http.port if self.internal_http is not None else 0
+        if port and port in (self.grpc_port, self.http_port):
+            raise ValueError("'internal_http.port' must differ from grpc_port and http_port")
+        return self
 
 
 class RateLimitConfig(_Frozen):
@@ -324,6 +349,8 @@ class MandantConfig(_Frozen):
         hashes = [h for t in self.tenants for h in t.api_keys]
         if len(set(hashes)) != len(hashes):
             raise ValueError("an API key hash appears under two tenants")
+        if set(hashes) & set(self.server.admin_keys):
+            raise ValueError("an admin key hash is also a tenant's API key")
         seen: set[tuple[str | None, str, str]] = set()
         for model in self.models:
             if model.tenant is not None and model.tenant not in tenant_ids:

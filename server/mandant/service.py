@@ -11,11 +11,12 @@ import itertools
 import os
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 from mandant.errors import DeadlineExceeded, InvalidInput, ModelFailed, Unavailable
 from mandant.registry import Model, ModelRegistry
 from mandant.tenancy.admission import Admission, Unlimited
-from mandant.tenancy.keys import KeyStore
+from mandant.tenancy.keys import KeyLookup
 from mandant.types import Call, EncodedRequest, InferRequest, InferResponse, Tenant
 from mandant.validation import check_batch_rows, check_inputs, check_outputs
 
@@ -28,15 +29,20 @@ MAX_REQUEST_ID_BYTES = 256
 class DataPlane:
     def __init__(
         self,
-        keys: KeyStore,
+        keys: KeyLookup,
         registry: ModelRegistry,
         admission: Admission | None = None,
         version: str = "0",
+        ready_when: Literal["all_models", "any_model"] = "any_model",
     ) -> None:
+        """``keys``: the tenant directory (a reload's keys apply to the next call; calls
+        in flight keep the tenant they were authenticated as). ``ready_when``: whether
+        one ready model (``any_model``) or every model makes the server ready."""
         self._keys = keys
         self._registry = registry
         self._admission: Admission = admission or Unlimited()
         self.version = version
+        self._ready_when = ready_when
         self._draining = False
 
     # -- server -------------------------------------------------------------------
@@ -44,18 +50,19 @@ class DataPlane:
     def authenticate(self, authorization: str | None) -> Tenant:
         return self._keys.authenticate(authorization)
 
-    def replace_keys(self, keys: KeyStore) -> None:
-        """New tenants and keys (a configuration reload); calls in flight keep the
-        tenant they were authenticated as."""
-        self._keys = keys
-
     @property
     def live(self) -> bool:
         return True
 
     @property
     def ready(self) -> bool:
-        return not self._draining and all(m.ready for m in self._registry.all())
+        """Able to serve: not draining, and ``ready_when`` holds (no models: ready)."""
+        if self._draining:
+            return False
+        states = [m.ready for m in self._registry.all()]
+        if not states:
+            return True
+        return all(states) if self._ready_when == "all_models" else any(states)
 
     def drain(self) -> None:
         """Refuse new inference calls (UNAVAILABLE); those in flight finish."""

@@ -157,7 +157,13 @@ def test_live_update_applies_new_limits_through_the_app(server: ServerThread) ->
     tenants = [
         t.model_copy(update={"rate_limit": None}) if t.id == "triton" else t for t in config.tenants
     ]
-    server.app.admission.update(config.model_copy(update={"tenants": tuple(tenants)}))
+    app = server.app
+
+    async def reload() -> None:  # on the server's loop, like SIGHUP's handler
+        result = app.reload(config.model_copy(update={"tenants": tuple(tenants)}))
+        assert result.applied == ("tenants changed: triton (rate_limit)",)
+
+    server.call(reload())
     with Client(server.target, api_key="triton-key") as client:
         for _ in range(5):
             client.infer("echo", {"INPUT0": X})

@@ -1,4 +1,5 @@
-"""The built-in dashboard in a real headless Chromium while traffic flows: every
+"""The built-in dashboard in a real headless Chromium while traffic flows: without a
+key it asks for one and names nobody; with the admin key (from the URL fragment) every
 tenant's panel shows latency, SLO attainment, throughput and a drawn latency line,
 read from the rendered DOM; a screenshot is saved under the test's tmp dir (and to
 ``$MANDANT_SCREENSHOT`` when set, which is how docs/dashboard.png is made)."""
@@ -32,6 +33,7 @@ FLAGS = (
     "--hide-scrollbars", "--virtual-time-budget=4000",
 )  # fmt: skip
 #: tenant → (rows per call, pause between calls in s, callers)
+ADMIN_DEMO_KEY = "admin-demo-key"
 LOAD = {"acme": (32, 0.0, 3), "globex": (4, 0.01, 1), "initech": (1, 0.005, 1)}
 
 
@@ -120,7 +122,15 @@ def chromium(url: str, profile: Path, *extra: str) -> subprocess.CompletedProces
 
 def test_dashboard_shows_every_tenant_live(busy_server: ServerThread, tmp_path: Path) -> None:
     assert busy_server.app is not None
-    url = f"http://127.0.0.1:{busy_server.app.http_port}/"
+    page = f"http://127.0.0.1:{busy_server.app.http_port}/"
+    # Without a key the page asks for one and shows no tenant.
+    result = chromium(page, tmp_path / "profile-anon", "--dump-dom")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'data-loaded="true"' not in result.stdout and "a key is needed" in result.stdout
+    anonymous = Cards()
+    anonymous.feed(result.stdout)
+    assert anonymous.tenants == {}
+    url = page + "#key=" + ADMIN_DEMO_KEY  # the fragment never reaches the server
     result = chromium(url, tmp_path / "profile-dom", "--dump-dom")
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'data-loaded="true"' in result.stdout, "the page never rendered its data"

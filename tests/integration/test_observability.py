@@ -1,6 +1,7 @@
 """The HTTP port of a real server after a known mix of traffic: /metrics series and
-counts exactly, no series for anything a client invented, /healthz, /readyz, /usage
-behind the admin key, and the dashboard's data."""
+counts exactly, no series for anything a client invented, /healthz, /readyz, who sees
+what (no key: nothing; a tenant key: its own figures; an admin key or the internal
+listener: everything), /usage and the dashboard's data."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def http(server: ServerThread, path: str, key: str | None = None) -> tuple[int, 
 
 
 def samples(server: ServerThread) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    status, body = http(server, "/metrics")
+    status, body = http(server, "/metrics", key=ADMIN_KEY)
     assert status == 200
     return {
         (s.name, frozenset(s.labels.items())): s.value
@@ -141,7 +142,7 @@ def test_latency_slo_usage_and_rejection_series(server: ServerThread, traffic: N
 
 
 def test_no_series_for_anything_a_client_invented(server: ServerThread, traffic: None) -> None:
-    text = http(server, "/metrics")[1].decode()
+    text = http(server, "/metrics", key=ADMIN_KEY)[1].decode()
     for invented in ("mallory", "tenant-evil", "no-such-model"):
         assert invented not in text
     found = [dict(labels) for (_, labels) in samples(server)]
@@ -151,17 +152,54 @@ def test_no_series_for_anything_a_client_invented(server: ServerThread, traffic:
     assert {labels["model"] for labels in found if "model" in labels} <= {
         "", "classifier", "echo", "fraud",
     }  # fmt: skip
-    assert all("version" not in labels for labels in found)
+    versions = {dict(labels).get("version") for (name, labels) in samples(server)}
+    assert versions <= {None, "1"}  # the configured versions only (mandant_model_ready)
 
 
 def test_health_and_readiness(server: ServerThread) -> None:
     assert http(server, "/healthz") == (200, b'{"live": true}')
     assert http(server, "/readyz") == (200, b'{"ready": true}')
+    found = samples(server)
+    ready = {
+        (labels["model"], labels["tenant"]): value
+        for (name, frozen), value in found.items()
+        if name == "mandant_model_ready"
+        for labels in [dict(frozen)]
+    }
+    assert ready == {("classifier", ""): 1, ("classifier", "globex"): 1, ("fraud", "acme"): 1,
+                     ("echo", ""): 1}  # fmt: skip
 
 
-def test_usage_needs_the_admin_key(server: ServerThread, traffic: None) -> None:
-    assert http(server, "/usage")[0] == 401
-    assert http(server, "/usage", key="acme-demo-key")[0] == 401
+PRIVATE = (b"acme", b"globex", b"initech", b"fraud", b"classifier", b"echo")
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/api/dashboard", "/usage"])
+@pytest.mark.parametrize("key", [None, "mallory-invented-key", "sha256:" + "0" * 64])
+def test_without_a_valid_key_nothing_is_named(
+    server: ServerThread, traffic: None, path: str, key: str | None
+) -> None:
+    status, body = http(server, path, key=key)
+    assert status == 401
+    assert not any(name in body for name in PRIVATE), body
+
+
+def test_a_tenant_key_reads_its_own_figures_only(server: ServerThread, traffic: None) -> None:
+    status, body = http(server, "/api/dashboard", key="acme-demo-key")
+    assert status == 200
+    data = json.loads(body)
+    assert [t["id"] for t in data["tenants"]] == ["acme"]
+    assert data["tenants"][0]["requests"] == 5
+    assert data["models"] == []  # batches mix tenants: not one tenant's figures
+    assert b"globex" not in body and b"initech" not in body and b"fraud" not in body
+    status, body = http(server, "/usage", key="globex-demo-key")
+    assert status == 200
+    assert list(json.loads(body)["tenants"]) == ["globex"]
+    assert b"acme" not in body and b"fraud" not in body
+    status, body = http(server, "/metrics", key="acme-demo-key")
+    assert status == 403 and b"globex" not in body
+
+
+def test_usage_with_the_admin_key(server: ServerThread, traffic: None) -> None:
     status, body = http(server, "/usage", key=ADMIN_KEY)
     assert status == 200
     report = json.loads(body)["tenants"]
@@ -175,7 +213,9 @@ def test_dashboard_page_and_data(server: ServerThread, traffic: None) -> None:
     status, page = http(server, "/")
     assert status == 200 and b"<script>" in page
     assert b"http://" not in page.replace(b"http://www.w3.org/2000/svg", b"")  # no CDN
-    status, body = http(server, "/api/dashboard")
+    assert http(server, "/healthz") == (200, b'{"live": true}')  # open
+    status, body = http(server, "/api/dashboard", key=ADMIN_KEY)
+    assert status == 200
     data = json.loads(body)
     tenants = {t["id"]: t for t in data["tenants"]}
     assert set(tenants) == {"acme", "globex", "initech"}
@@ -194,3 +234,25 @@ def test_usage_refused_without_admin_keys(tmp_path: Path) -> None:
     data["models"] = [m for m in data["models"] if m.get("name") == "echo"]
     with ServerThread(parse_config(data), tmp_path) as bare:
         assert http(bare, "/usage", key=ADMIN_KEY)[0] == 403
+
+
+def test_internal_listener_and_open_port(tmp_path: Path) -> None:
+    """``internal_http``: everything without a key on the private address while the
+    public port still asks for one; ``metrics_auth: none`` opens the public port."""
+    data = yaml.safe_load(DEMO_CONFIG.read_text())
+    data["models"] = [m for m in data["models"] if m.get("name") == "echo"]
+    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0,
+                      "internal_http": {"host": "127.0.0.1", "port": 0}}  # fmt: skip
+    with ServerThread(parse_config(data), tmp_path) as guarded:
+        assert guarded.app is not None and guarded.app.internal_http_port
+        assert http(guarded, "/metrics")[0] == 401
+        internal = f"http://127.0.0.1:{guarded.app.internal_http_port}"
+        with urllib.request.urlopen(f"{internal}/api/dashboard", timeout=10) as response:
+            ids = {t["id"] for t in json.loads(response.read())["tenants"]}
+        assert ids == {"acme", "globex", "initech"}
+        with urllib.request.urlopen(f"{internal}/metrics", timeout=10) as response:
+            assert b"mandant_slo_objective" in response.read()
+    data["server"] = {**data["server"], "metrics_auth": "none", "internal_http": None}
+    with ServerThread(parse_config(data), tmp_path) as open_port:
+        status, body = http(open_port, "/usage")
+        assert status == 200 and set(json.loads(body)["tenants"]) == {"acme", "globex", "initech"}

@@ -8,14 +8,18 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import grpc
 import numpy as np
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from mandant.app import App
 from mandant.config import parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client import AsyncClient, Client, RateLimited, Unauthenticated
+from mandant_client._proto import admin_pb2, admin_pb2_grpc
 from tests.servers import ECHO_MODEL, free_port, mandant_serve, wait_for
 
 X = {"INPUT0": np.ones((1, 2), np.float32)}
@@ -44,9 +48,10 @@ async def test_reload_applies_keys_and_limits_and_defers_models(tmp_path: Path) 
                 },
             )
             second["models"] = [ECHO_MODEL, {**ECHO_MODEL, "name": "echo2"}]
-            notes = app.reload(parse_config(second))
-            assert any("'models' changed" in note for note in notes)
-            assert any("new tenant(s) b" in note for note in notes)
+            result = app.reload(parse_config(second))
+            assert any("'models' changed" in note for note in result.deferred)
+            assert "tenants added: b" in result.applied
+            assert "API keys changed: a (1 added, 1 revoked)" in result.applied
             await b.infer("echo", X)  # b exists now ...
             with pytest.raises(RateLimited):  # ... with its limit
                 await b.infer("echo", X)
@@ -58,6 +63,100 @@ async def test_reload_applies_keys_and_limits_and_defers_models(tmp_path: Path) 
             with pytest.raises(Unauthenticated):  # the rotated-out key is revoked
                 await old.infer("echo", X)
             await new.infer("echo", X)
+
+
+async def _http(app: App, path: str, key: str | None) -> tuple[int, Any]:
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{app.http_port}{path}", headers=headers) as response,
+    ):
+        if response.content_type == "application/json":
+            return response.status, await response.json()
+        return response.status, await response.text()
+
+
+async def _admin_usage(app: App, key: str) -> list[str]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        reply = await admin_pb2_grpc.AdminServiceStub(channel).GetUsage(
+            admin_pb2.GetUsageRequest(), metadata=(("authorization", f"Bearer {key}"),)
+        )
+    return [t.tenant for t in reply.tenants]
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
+
+
+async def test_reload_reaches_every_component(tmp_path: Path) -> None:
+    """After a reload adding a tenant, changing an SLO and a quota and rotating the
+    admin key: the new tenant has its own metrics label, /usage and the dashboard
+    list it, the new SLO judges calls, the quotas shown are the new ones, the old
+    admin key is refused on HTTP and gRPC and the new one works."""
+    first = _config(
+        a={
+            "api_keys": [hash_key("key-a")],
+            "slo": {"latency_ms": 10_000},
+            "quota": {"rows_per_day": 100},
+        }
+    )
+    first["server"]["admin_keys"] = [hash_key("admin-1")]
+    second = _config(
+        a={
+            "api_keys": [hash_key("key-a")],
+            "slo": {"latency_ms": 0.001},  # nothing is this fast: every call is bad
+            "quota": {"rows_per_day": 200},
+        },
+        b={"api_keys": [hash_key("key-b")], "quota": {"rows_per_day": 7}},
+    )
+    second["server"]["admin_keys"] = [hash_key("admin-2")]
+    async with App(parse_config(first), tmp_path) as app:
+        assert await _admin_usage(app, "admin-1") == ["a"]
+        result = app.reload(parse_config(second))
+        assert result.deferred == ()
+        notes = "; ".join(result.applied)
+        assert "tenants added: b" in notes
+        assert "tenants changed: a (quota, slo)" in notes
+        assert "admin keys changed (1 added, 1 revoked)" in notes
+        assert "sha256" not in notes and "admin-2" not in notes  # never key material
+        target = f"127.0.0.1:{app.grpc_port}"
+        async with AsyncClient(target, api_key="key-b") as b:
+            await b.infer("echo", X)
+        async with AsyncClient(target, api_key="key-a") as a:
+            await a.infer("echo", X)
+
+        assert (await _http(app, "/metrics", "admin-1"))[0] == 401
+        status, metrics = await _http(app, "/metrics", "admin-2")
+        assert status == 200
+        ok = "mandant_requests_total"
+        assert _sample(metrics, ok, tenant="b", model="echo", code="OK") == 1
+        assert _sample(metrics, ok, tenant="", model="echo", code="OK") is None
+        assert _sample(metrics, "mandant_slo_latency_seconds", tenant="a") == 0.000001
+        assert _sample(metrics, "mandant_slo_requests_total", tenant="a") == 1
+        assert _sample(metrics, "mandant_slo_good_requests_total", tenant="a") == 0
+
+        status, usage = await _http(app, "/usage", "admin-2")
+        assert status == 200
+        assert usage["tenants"]["b"]["quota"]["limits"] == {"rows_per_day": 7}
+        assert usage["tenants"]["a"]["quota"]["limits"] == {"rows_per_day": 200}
+        assert usage["tenants"]["b"]["requests"] == {"OK": 1}
+        status, dashboard = await _http(app, "/api/dashboard", "admin-2")
+        tenants = {t["id"]: t for t in dashboard["tenants"]}
+        assert set(tenants) == {"a", "b"} and tenants["b"]["requests"] == 1
+        assert (tenants["a"]["windows"]["5m"]["good"], tenants["a"]["windows"]["5m"]["total"]) == (
+            0,
+            1,
+        )
+        assert (await _http(app, "/usage", "key-b"))[1]["tenants"].keys() == {"b"}
+
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _admin_usage(app, "admin-1")
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert await _admin_usage(app, "admin-2") == ["a", "b"]
 
 
 def test_sighup_reloads_and_refuses_a_broken_file(tmp_path: Path) -> None:
@@ -72,7 +171,9 @@ def test_sighup_reloads_and_refuses_a_broken_file(tmp_path: Path) -> None:
             client.infer("echo", X)  # still the old configuration
         path.write_text(yaml.safe_dump(_config(port, a={"api_keys": [hash_key("key-new")]})))
         proc.send_signal(signal.SIGHUP)
-        wait_for(proc, "configuration reloaded")
+        log = wait_for(proc, "configuration reloaded")
+        assert "API keys changed: a (1 added, 1 revoked)" in log.splitlines()[-1]
+        assert "key-new" not in log and hash_key("key-new") not in log
         with Client(f"127.0.0.1:{port}", api_key="key-new") as client:
             client.infer("echo", X)
         with Client(f"127.0.0.1:{port}", api_key="key-a") as client, pytest.raises(Unauthenticated):

@@ -4,7 +4,7 @@ the SLO counters, cost split by rows; the in-process dashboard stats; /usage dat
 from __future__ import annotations
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from mandant.config import QuotaConfig, SloConfig, TenantConfig
 from mandant.observability.live import LATENCY_BOUNDS_S, LiveStats, quantile
@@ -173,7 +173,7 @@ def test_live_history_quantiles_and_rollover(parts: Parts, clock: FakeClock) -> 
         observer.request_finished("acme", "classifier", "OK", ms / 1000)
     observer.request_finished("acme", "classifier", "INTERNAL", 0.001)
     clock.now += 2.5
-    snap = live.snapshot(slo, {"acme": 99.0})
+    snap = live.snapshot(slo)
     acme = next(t for t in snap["tenants"] if t["id"] == "acme")
     assert acme["requests"] == 100 and acme["errors"] == 1
     assert acme["p50_ms"] == pytest.approx(50, rel=0.16)
@@ -210,3 +210,25 @@ def test_every_documented_family_is_exposed(parts: Parts) -> None:
         "mandant_slo_requests", "mandant_slo_good_requests", "mandant_slo_latency_seconds",
     } <= exposed  # fmt: skip
     assert "mandant_slo_objective" in names(registry)
+
+
+def test_exposition_matches_prometheus_client_metrics(parts: Parts) -> None:
+    """The plain-number series read at scrape time expose what prometheus_client's
+    own Counter and Histogram would: ``_total`` and ``_created``, cumulative buckets
+    up to ``+Inf`` equal to ``_count``, and ``_sum``."""
+    registry, observer, _, _ = parts
+    for duration_s in (0.0004, 0.004, 0.004, 30.0):
+        observer.request_finished("acme", "classifier", "OK", duration_s)
+    text = generate_latest(registry).decode()
+    assert "# TYPE mandant_requests_total counter" in text
+    assert "# TYPE mandant_request_duration_seconds histogram" in text
+    assert 'mandant_requests_created{code="OK",model="classifier",tenant="acme"}' in text
+    labels = {"tenant": "acme", "model": "classifier"}
+    hist = "mandant_request_duration_seconds"
+    assert value(registry, f"{hist}_bucket", **labels, le="0.0005") == 1
+    assert value(registry, f"{hist}_bucket", **labels, le="0.005") == 3
+    assert value(registry, f"{hist}_bucket", **labels, le="10.0") == 3
+    assert value(registry, f"{hist}_bucket", **labels, le="+Inf") == 4
+    assert value(registry, f"{hist}_count", **labels) == 4
+    assert value(registry, f"{hist}_sum", **labels) == pytest.approx(30.0084)
+    assert (value(registry, f"{hist}_created", **labels) or 0) > 0

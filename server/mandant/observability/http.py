@@ -1,6 +1,14 @@
 """The HTTP side port (Triton's 8002): ``/metrics`` (Prometheus), ``/healthz``,
 ``/readyz``, the live dashboard at ``/`` with its data at ``/api/dashboard``, and
-``/usage``, a per-tenant usage report behind an admin key (``server.admin_keys``).
+``/usage``, a per-tenant usage report.
+
+Who sees what (``server.metrics_auth``): ``/healthz``, ``/readyz`` and the dashboard
+page itself (static HTML naming nobody) are open. With ``admin`` (the default),
+``Authorization: Bearer <admin key>`` reads every tenant's figures; a tenant's own API
+key reads its own (``/api/dashboard``, ``/usage``) and never ``/metrics``; anything
+else is 401 with a body that names no tenant or model. With ``none`` the port is
+open. ``server.internal_http`` adds a second listener, for a private address, where
+everything is open.
 
 aiohttp on the server's event loop; ``start()`` returns the bound port (0 binds a
 free one)."""
@@ -9,22 +17,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from mandant.config import ServerConfig, TenantConfig
+from mandant.config import ServerConfig
+from mandant.errors import Unauthenticated
 from mandant.observability.live import LiveStats
 from mandant.observability.slo import SloTracker
 from mandant.observability.usage import UsageReports
-from mandant.tenancy.keys import AdminKeys
+from mandant.tenancy.directory import TenantDirectory
 
 logger = logging.getLogger(__name__)
 
-_BEARER = "bearer "
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Health(Protocol):
@@ -35,6 +44,15 @@ class Health(Protocol):
     def ready(self) -> bool: ...
 
 
+class _Everyone:
+    """The caller may read every tenant's figures (an admin, or an open listener)."""
+
+
+EVERYONE = _Everyone()
+#: Who is asking: every tenant's figures, or one tenant id's.
+Viewer = _Everyone | str
+
+
 def dashboard_page() -> bytes:
     return resources.files("mandant.observability").joinpath("dashboard.html").read_bytes()
 
@@ -43,7 +61,7 @@ class HttpServer:
     def __init__(
         self,
         config: ServerConfig,
-        tenants: Sequence[TenantConfig],
+        directory: TenantDirectory,
         registry: CollectorRegistry,
         health: Health,
         slo: SloTracker,
@@ -52,41 +70,88 @@ class HttpServer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
-        self._tenants = tuple(tenants)
+        self._directory = directory
         self._registry = registry
         self._health = health
         self._slo = slo
         self._live = live
-        self._reports = usage or UsageReports(registry, tenants, live)
-        self._admins = AdminKeys(config.admin_keys)
-        self._percentiles = {t.id: t.slo.percentile for t in tenants if t.slo is not None}
+        self._reports = usage or UsageReports(registry, directory, live)
         self._page = dashboard_page()
         self._clock = clock
         self._started = clock()
+        self._runner = web.AppRunner(
+            self._app(open_access=config.metrics_auth == "none"), access_log=None
+        )
+        internal = config.internal_http
+        self._internal = (
+            web.AppRunner(self._app(open_access=True), access_log=None)
+            if internal is not None
+            else None
+        )
+        self.port = 0
+        self.internal_port = 0
+
+    def _app(self, open_access: bool) -> web.Application:
+        def guarded(handler: Callable[[web.Request, Viewer], Awaitable[web.Response]],
+                    tenants_allowed: bool = True) -> Handler:  # fmt: skip
+            async def serve(request: web.Request) -> web.StreamResponse:
+                viewer = EVERYONE if open_access else self._viewer(request)
+                if viewer is None:
+                    return self._refused()
+                if not tenants_allowed and viewer is not EVERYONE:
+                    return web.json_response({"error": "needs an admin key"}, status=403)
+                return await handler(request, viewer)
+
+            return serve
+
         app = web.Application()
         app.router.add_get("/", self._dashboard)
-        app.router.add_get("/api/dashboard", self._dashboard_data)
-        app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/usage", self._usage)
-        self._runner = web.AppRunner(app, access_log=None)
-        self.port = 0
+        app.router.add_get("/api/dashboard", guarded(self._dashboard_data))
+        app.router.add_get("/usage", guarded(self._usage))
+        app.router.add_get("/metrics", guarded(self._metrics, tenants_allowed=False))
+        return app
 
     async def start(self) -> int:
-        """Bind and serve; returns the bound port."""
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._config.host, self._config.http_port)
-        try:
-            await site.start()
-        except BaseException:
-            await self._runner.cleanup()
-            raise
-        self.port = int(self._runner.addresses[0][1])
+        """Bind and serve (and the internal listener, if configured); returns the
+        bound port."""
+        self.port = await _bind(self._runner, self._config.host, self._config.http_port)
+        internal = self._config.internal_http
+        if self._internal is not None and internal is not None:
+            try:
+                self.internal_port = await _bind(self._internal, internal.host, internal.port)
+            except BaseException:
+                await self._runner.cleanup()
+                raise
         return self.port
 
     async def aclose(self) -> None:
+        if self._internal is not None:
+            await self._internal.cleanup()
         await self._runner.cleanup()
+
+    # -- who is asking ---------------------------------------------------------------
+
+    def _viewer(self, request: web.Request) -> Viewer | None:
+        authorization = request.headers.get("Authorization")
+        if self._directory.is_admin(authorization):
+            return EVERYONE
+        try:
+            return self._directory.authenticate(authorization).id
+        except Unauthenticated:
+            return None
+
+    def _refused(self) -> web.Response:
+        if not self._directory.current.admin_key_hashes:
+            return web.json_response(
+                {"error": "no admin keys configured (server.admin_keys)"}, status=403
+            )
+        return web.json_response(
+            {"error": "missing or invalid key"},
+            status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     # -- handlers --------------------------------------------------------------------
 
@@ -98,16 +163,21 @@ class HttpServer:
             headers={"Cache-Control": "no-cache"},
         )
 
-    async def _dashboard_data(self, request: web.Request) -> web.Response:
-        data = self._live.snapshot(self._slo, self._percentiles)
+    async def _dashboard_data(self, request: web.Request, viewer: Viewer) -> web.Response:
+        only = viewer if isinstance(viewer, str) else None
+        data = self._live.snapshot(self._slo, only=only)
         data["uptime_s"] = self._clock() - self._started
         data["ready"] = self._health.ready
         return web.json_response(data, headers={"Cache-Control": "no-store"})
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self, request: web.Request, viewer: Viewer) -> web.Response:
         response = web.Response(body=generate_latest(self._registry))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
+
+    async def _usage(self, request: web.Request, viewer: Viewer) -> web.Response:
+        only = viewer if isinstance(viewer, str) else None
+        return web.json_response(await self._reports.report(only=only))
 
     async def _healthz(self, request: web.Request) -> web.Response:
         live = self._health.live
@@ -117,15 +187,13 @@ class HttpServer:
         ready = self._health.ready
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
-    async def _usage(self, request: web.Request) -> web.Response:
-        if not self._admins.configured:
-            return web.json_response(
-                {"error": "no admin keys configured (server.admin_keys)"}, status=403
-            )
-        if not self._admins.is_admin(request.headers.get("Authorization")):
-            return web.json_response(
-                {"error": "missing or invalid admin key"},
-                status=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        return web.json_response(await self._reports.report())
+
+async def _bind(runner: web.AppRunner, host: str, port: int) -> int:
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return int(runner.addresses[0][1])

@@ -14,10 +14,12 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
+from mandant.config import TenantConfig
 from mandant.observability.slo import Clock, SloTracker
+from mandant.tenancy.directory import TenantDirectory
 
 
 def _log_bounds(low_s: float, high_s: float, ratio: float) -> tuple[float, ...]:
@@ -64,11 +66,13 @@ def quantile(counts: list[int], q: float) -> float | None:
 
 
 class LiveStats:
-    """Rolling per-tenant traffic for the dashboard (``span_s`` of history)."""
+    """Rolling per-tenant traffic for the dashboard (``span_s`` of history).
+    ``tenants``: the tenant directory (tenants added by a reload get their own
+    history; the snapshot lists the current ones), or fixed tenant ids."""
 
     def __init__(
         self,
-        tenants: Iterable[str],
+        tenants: Iterable[str] | TenantDirectory,
         models: Iterable[str],
         clock: Clock = time.monotonic,
         step_s: float = 5.0,
@@ -81,15 +85,27 @@ class LiveStats:
         self._day_cache = (-1, -1)
         self._step_s = step_s
         self._slots_kept = max(1, round(span_s / step_s))
-        self._tenants: dict[str, list[_Slot]] = {
-            tenant: [_Slot() for _ in range(self._slots_kept + 1)] for tenant in tenants
-        }
-        self._inflight = dict.fromkeys(self._tenants, 0)
+        self._directory = (
+            tenants
+            if isinstance(tenants, TenantDirectory)
+            else TenantDirectory(TenantConfig(id=t) for t in tenants)
+        )
+        self._tenants: dict[str, list[_Slot]] = {}
+        self._inflight: dict[str, int] = {}
+        for tenant in self._directory.current.ids:
+            self._ring(tenant)
         self._batches: dict[str, dict[int, int]] = {model: {} for model in models}
         self._started = clock()
 
+    def _ring(self, tenant: str) -> list[_Slot] | None:
+        """The tenant's history, made on first use; None for tenants not configured."""
+        if tenant not in self._directory.current.ids:
+            return None
+        self._inflight.setdefault(tenant, 0)
+        return self._tenants.setdefault(tenant, [_Slot() for _ in range(self._slots_kept + 1)])
+
     def _slot(self, tenant: str) -> _Slot | None:
-        ring = self._tenants.get(tenant)
+        ring = self._tenants.get(tenant) or self._ring(tenant)
         if ring is None:
             return None
         slot_id = int(self._clock() // self._step_s)
@@ -121,7 +137,7 @@ class LiveStats:
 
     def record_admitted(self, tenant: str, rows: int) -> None:
         """Rows admitted, counted per UTC day and month (wall clock, like quotas)."""
-        if tenant not in self._inflight:
+        if tenant not in self._inflight and self._ring(tenant) is None:
             return
         day, month = self._periods()
         counts = self._admitted.setdefault(tenant, [day, 0, month, 0])
@@ -150,22 +166,27 @@ class LiveStats:
         return self._day_cache
 
     def inflight_changed(self, tenant: str, delta: int) -> None:
-        if tenant in self._inflight:
+        if tenant in self._inflight or self._ring(tenant) is not None:
             self._inflight[tenant] += delta
 
-    def snapshot(
-        self, slo: SloTracker, percentile: Mapping[str, float] | None = None
-    ) -> dict[str, Any]:
+    def snapshot(self, slo: SloTracker, only: str | None = None) -> dict[str, Any]:
         """Everything the dashboard draws, JSON-ready. Times in ms, rates per second;
         ``history`` is oldest first, one point per ``step_s`` slot, the current
-        (partial) slot last."""
+        (partial) slot last; the high percentile is the tenant's SLO percentile (99
+        without one). ``only``: that tenant's figures alone, and no model's (batches
+        mix tenants)."""
         now = self._clock()
         now_slot = int(now // self._step_s)
         first = now_slot - self._slots_kept + 1
         tenants = []
-        for tenant, ring in self._tenants.items():
+        for tenant in (t.id for t in self._directory.current.configs):
+            if only is not None and tenant != only:
+                continue
+            ring = self._ring(tenant)
+            assert ring is not None
             by_id = {s.slot_id: s for s in ring if first <= s.slot_id <= now_slot}
-            high_q = (percentile or {}).get(tenant, 99.0) / 100.0
+            objective = slo.objective(tenant)
+            high_q = (objective.percentile if objective is not None else 99.0) / 100.0
             history = []
             merged = [0] * (len(LATENCY_BOUNDS_S) + 1)
             ok = errors = 0
@@ -200,18 +221,17 @@ class LiveStats:
                     }
                 )
             span = max(min(now - self._started, self._slots_kept * self._step_s), 1e-3)
-            config = slo.objective(tenant)
             tenants.append(
                 {
                     "id": tenant,
                     "slo": None
-                    if config is None
+                    if objective is None
                     else {
-                        "latency_ms": config.latency_ms,
-                        "percentile": config.percentile,
-                        "objective": config.objective,
+                        "latency_ms": objective.latency_ms,
+                        "percentile": objective.percentile,
+                        "objective": objective.objective,
                     },
-                    "windows": slo.report(tenant) if config is not None else None,
+                    "windows": slo.report(tenant) if objective is not None else None,
                     "inflight": self._inflight[tenant],
                     "span_s": span,
                     "requests": ok,
@@ -226,6 +246,7 @@ class LiveStats:
         models = [
             {"name": name, "batch_sizes": {str(k): v for k, v in sorted(sizes.items())}}
             for name, sizes in self._batches.items()
+            if only is None
         ]
         return {"step_s": self._step_s, "tenants": tenants, "models": models}
 

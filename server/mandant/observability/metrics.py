@@ -18,15 +18,21 @@ Which calls feed what:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TypeVar, cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from mandant.config import SloConfig, TenantConfig
 from mandant.observability.live import LiveStats
+from mandant.observability.series import (
+    CounterSeries,
+    GaugeSeries,
+    HistogramSeries,
+    SeriesCollector,
+)
 from mandant.observability.slo import SLO_CODES, SloTracker, is_good
+from mandant.tenancy.directory import TenantDirectory
 
 #: Seconds; fine enough around millisecond SLOs. Each tenant's SLO threshold is added.
 DURATION_BUCKETS_S: tuple[float, ...] = (
@@ -36,120 +42,109 @@ DURATION_BUCKETS_S: tuple[float, ...] = (
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
-_M = TypeVar("_M", bound=MetricWrapperBase)
-
-
 def _buckets(extra_s: Iterable[float]) -> list[float]:
     return sorted(set(DURATION_BUCKETS_S) | set(extra_s))
 
 
 class PrometheusObserver:
     """Records every event of the data plane. ``slo`` and ``live`` are optional
-    in-process views fed from the same calls (the dashboard reads them)."""
+    in-process views fed from the same calls (the dashboard reads them). Series are
+    plain numbers read at scrape time (:mod:`.series`): call it from the event loop
+    thread, like the rest of the data plane."""
 
     def __init__(
         self,
         registry: CollectorRegistry,
-        tenants: Sequence[TenantConfig],
+        tenants: Sequence[TenantConfig] | TenantDirectory,
         models: Iterable[str],
         slo: SloTracker | None = None,
         live: LiveStats | None = None,
     ) -> None:
-        self._tenants = frozenset(t.id for t in tenants)
+        """``tenants``: the tenant directory, read on every call (a tenant added by a
+        reload gets its own label, a changed SLO applies at once); or fixed configs."""
+        self._directory = (
+            tenants if isinstance(tenants, TenantDirectory) else TenantDirectory(tenants)
+        )
         self._models = frozenset(models)
         self._slo = slo
         self._live = live
-        slos: Mapping[str, SloConfig] = {t.id: t.slo for t in tenants if t.slo is not None}
-        self._thresholds = {tenant: c.latency_ms / 1000.0 for tenant, c in slos.items()}
-        buckets = _buckets(self._thresholds.values())
+        # Histogram buckets are fixed for the process: the SLO thresholds at start.
+        buckets = _buckets(self._directory.current.slo_thresholds_s.values())
 
-        self.requests = Counter(
+        self.requests = CounterSeries(
             "mandant_requests", "Calls answered, by gRPC status name.",
-            ["tenant", "model", "code"], registry=registry,
+            ["tenant", "model", "code"],
         )  # fmt: skip
-        self.request_duration = Histogram(
+        self.request_duration = HistogramSeries(
             "mandant_request_duration_seconds",
             "Time from receiving a successful inference call to answering it.",
-            ["tenant", "model"], buckets=buckets, registry=registry,
+            ["tenant", "model"], buckets,
         )  # fmt: skip
-        self.queue_duration = Histogram(
+        self.queue_duration = HistogramSeries(
             "mandant_queue_duration_seconds", "Time a request waited for its batch to run.",
-            ["tenant", "model"], buckets=buckets, registry=registry,
+            ["tenant", "model"], buckets,
         )  # fmt: skip
-        self.compute_duration = Histogram(
+        self.compute_duration = HistogramSeries(
             "mandant_compute_duration_seconds", "Compute time of the batch a request ran in.",
-            ["tenant", "model"], buckets=buckets, registry=registry,
+            ["tenant", "model"], buckets,
         )  # fmt: skip
-        self.batch_size = Histogram(
-            "mandant_batch_size", "Rows per backend execution.",
-            ["model"], buckets=BATCH_SIZE_BUCKETS, registry=registry,
+        self.batch_size = HistogramSeries(
+            "mandant_batch_size", "Rows per backend execution.", ["model"], BATCH_SIZE_BUCKETS,
         )  # fmt: skip
-        self.failed_batches = Counter(
+        self.failed_batches = CounterSeries(
             "mandant_failed_batches", "Backend executions that raised (their requests "
-            "are then retried apart, so only the ones at fault fail).",
-            ["model"], registry=registry,
+            "are then retried apart, so only the ones at fault fail).", ["model"],
         )  # fmt: skip
-        self.inflight = Gauge(
+        self.inflight = GaugeSeries(
             "mandant_inflight_requests", "Calls being served now.", ["tenant"],
-            registry=registry,
         )  # fmt: skip
-        self.rejections = Counter(
+        self.rejections = CounterSeries(
             "mandant_rejections", "Requests refused by admission or a queue cap, by reason.",
-            ["tenant", "reason"], registry=registry,
+            ["tenant", "reason"],
         )  # fmt: skip
-        self.rows = Counter(
+        self.rows = CounterSeries(
             "mandant_rows", "Rows executed, for cost allocation.", ["tenant", "model"],
-            registry=registry,
         )  # fmt: skip
-        self.compute_seconds = Counter(
+        self.compute_seconds = CounterSeries(
             "mandant_compute_seconds",
             "Backend compute time, each batch split among its tenants by rows.",
-            ["tenant", "model"], registry=registry,
+            ["tenant", "model"],
         )  # fmt: skip
-        self.admitted_rows = Counter(
+        self.admitted_rows = CounterSeries(
             "mandant_admitted_rows", "Rows admitted (counted against quotas).",
-            ["tenant", "model"], registry=registry,
+            ["tenant", "model"],
         )  # fmt: skip
-        self.store_errors = Counter(
+        self.store_errors = CounterSeries(
             "mandant_store_errors", "Failed operations on the shared limits store.", ["store"],
-            registry=registry,
         )  # fmt: skip
-        self.slo_objective = Gauge(
-            "mandant_slo_objective", "Target fraction of good requests.", ["tenant"],
-            registry=registry,
-        )  # fmt: skip
-        self.slo_latency = Gauge(
-            "mandant_slo_latency_seconds", "A good request is answered OK within this time.",
-            ["tenant"], registry=registry,
-        )  # fmt: skip
-        self.slo_requests = Counter(
+        self.slo_requests = CounterSeries(
             "mandant_slo_requests", "Inference calls judged against the tenant's SLO.",
-            ["tenant"], registry=registry,
+            ["tenant"],
         )  # fmt: skip
-        self.slo_good = Counter(
+        self.slo_good = CounterSeries(
             "mandant_slo_good_requests", "Inference calls answered OK within the SLO latency.",
-            ["tenant"], registry=registry,
+            ["tenant"],
         )  # fmt: skip
-        for tenant, config in slos.items():
-            self.slo_objective.labels(tenant).set(config.objective)
-            self.slo_latency.labels(tenant).set(config.latency_ms / 1000.0)
-            self.slo_requests.labels(tenant)
-            self.slo_good.labels(tenant)
-        for tenant in self._tenants:
-            self.inflight.labels(tenant)
-        # Labelled children cached by label tuple: ``labels()`` costs a lock and
-        # validation on every call; the hot path takes a dict lookup instead.
-        self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
-
-    def _child(self, metric: _M, *labels: str) -> _M:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return cast(_M, child)
+        snapshot = self._directory.current
+        for tenant in snapshot.slos:
+            self.slo_requests.touch((tenant,))
+            self.slo_good.touch((tenant,))
+        for tenant in snapshot.ids:
+            self.inflight.touch((tenant,))
+        registry.register(
+            SeriesCollector(
+                [
+                    self.requests, self.request_duration, self.queue_duration,
+                    self.compute_duration, self.batch_size, self.failed_batches,
+                    self.inflight, self.rejections, self.rows, self.compute_seconds,
+                    self.admitted_rows, self.store_errors, self.slo_requests, self.slo_good,
+                ]
+            )
+        )  # fmt: skip
+        registry.register(SloTargets(self._directory))
 
     def _tenant(self, tenant: str) -> str:
-        return tenant if tenant in self._tenants else ""
+        return tenant if tenant in self._directory.current.ids else ""
 
     def _model(self, model: str) -> str:
         return model if model in self._models else ""
@@ -159,63 +154,123 @@ class PrometheusObserver:
     def request_finished(
         self, tenant: str, model: str, code: str, duration_s: float, version: str = ""
     ) -> None:
-        tenant, model = self._tenant(tenant), self._model(model)
-        self._child(self.requests, tenant, model, code).inc()
+        snapshot = self._directory.current
+        if tenant not in snapshot.ids:
+            tenant = ""
+        if model not in self._models:
+            model = ""
+        self.requests.inc((tenant, model, code))
         if not model or code not in SLO_CODES:
             return
         if code == "OK":
-            self._child(self.request_duration, tenant, model).observe(duration_s)
+            self.request_duration.observe((tenant, model), duration_s)
         if self._live is not None:
             self._live.record_request(tenant, code, duration_s)
-        threshold = self._thresholds.get(tenant)
+        threshold = snapshot.slo_thresholds_s.get(tenant)
         if threshold is None:
             return
         good = is_good(code, duration_s, threshold)
-        self._child(self.slo_requests, tenant).inc()
+        self.slo_requests.inc((tenant,))
         if good:
-            self._child(self.slo_good, tenant).inc()
+            self.slo_good.inc((tenant,))
         if self._slo is not None:
             self._slo.record(tenant, good)
 
     def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:
-        tenant, model = self._tenant(tenant), self._model(model)
-        self._child(self.queue_duration, tenant, model).observe(queue_s)
-        self._child(self.compute_duration, tenant, model).observe(compute_s)
+        labels = (self._tenant(tenant), self._model(model))
+        self.queue_duration.observe(labels, queue_s)
+        self.compute_duration.observe(labels, compute_s)
 
     def batch_executed(
         self, model: str, size: int, compute_s: float, rows_by_tenant: Mapping[str, int]
     ) -> None:
         model = self._model(model)
-        self._child(self.batch_size, model).observe(size)
+        self.batch_size.observe((model,), size)
         if self._live is not None:
             self._live.record_batch(model, size)
         total_rows = sum(rows_by_tenant.values()) or 1
         for tenant, rows in rows_by_tenant.items():
-            label = self._tenant(tenant)
-            self._child(self.rows, label, model).inc(rows)
-            share = compute_s * rows / total_rows
-            self._child(self.compute_seconds, label, model).inc(share)
+            labels = (self._tenant(tenant), model)
+            self.rows.inc(labels, rows)
+            self.compute_seconds.inc(labels, compute_s * rows / total_rows)
 
     def batch_failed(self, model: str, size: int) -> None:
-        self._child(self.failed_batches, self._model(model)).inc()
+        self.failed_batches.inc((self._model(model),))
 
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         tenant = self._tenant(tenant)
-        self._child(self.admitted_rows, tenant, self._model(model)).inc(rows)
+        self.admitted_rows.inc((tenant, self._model(model)), rows)
         if self._live is not None:
             self._live.record_admitted(tenant, rows)
 
     def rejected(self, tenant: str, reason: str) -> None:
         tenant = self._tenant(tenant)
-        self._child(self.rejections, tenant, reason).inc()
+        self.rejections.inc((tenant, reason))
         if self._live is not None:
             self._live.record_rejection(tenant, reason)
 
     def inflight_changed(self, tenant: str, delta: int) -> None:
-        tenant = self._tenant(tenant)
-        self._child(self.inflight, tenant).inc(delta)
+        # A call admitted before a reload removed its tenant still ends under its label.
+        if tenant not in self._directory.current.ids and not self.inflight.has((tenant,)):
+            tenant = ""
+        self.inflight.inc((tenant,), delta)
         if self._live is not None:
             self._live.inflight_changed(tenant, delta)
 
     def store_error(self, store: str) -> None:
-        self._child(self.store_errors, store).inc()
+        self.store_errors.inc((store,))
+
+
+class SloTargets:
+    """``mandant_slo_objective`` and ``mandant_slo_latency_seconds`` per tenant with an
+    SLO, read from the tenant directory at scrape time (a reload shows at once)."""
+
+    def __init__(self, directory: TenantDirectory) -> None:
+        self._directory = directory
+
+    def describe(self) -> list[Metric]:
+        return self._families({})
+
+    def collect(self) -> list[Metric]:
+        return self._families(self._directory.current.slos)
+
+    @staticmethod
+    def _families(slos: Mapping[str, SloConfig]) -> list[Metric]:
+        objective = GaugeMetricFamily(
+            "mandant_slo_objective", "Target fraction of good requests.", labels=["tenant"]
+        )
+        latency = GaugeMetricFamily(
+            "mandant_slo_latency_seconds",
+            "A good request is answered OK within this time.",
+            labels=["tenant"],
+        )
+        for tenant, slo in slos.items():
+            objective.add_metric([tenant], slo.objective)
+            latency.add_metric([tenant], slo.latency_ms / 1000.0)
+        return [objective, latency]
+
+
+class ModelReadiness:
+    """``mandant_model_ready{model,version,tenant}``: 1 while a model version can serve,
+    read at scrape time. ``tenant`` is the owner of a private or tuned model, ``""``
+    for shared ones; every label comes from the configuration."""
+
+    def __init__(self, models: Callable[[], Iterable[tuple[str, str, str, bool]]]) -> None:
+        self._models = models
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> list[Metric]:
+        family = self._family()
+        for name, version, owner, ready in self._models():
+            family.add_metric([name, version, owner], 1.0 if ready else 0.0)
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "mandant_model_ready",
+            "1 while the model version is ready to serve, else 0.",
+            labels=["model", "version", "tenant"],
+        )

@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from mandant.config import SloConfig
+from mandant.config import SloConfig, TenantConfig
+from mandant.tenancy.directory import TenantDirectory
 
 Clock = Callable[[], float]
 
@@ -99,43 +100,52 @@ class _Ring:
 
 
 class SloTracker:
-    """Rolling attainment for every tenant with an SLO in the configuration."""
+    """Rolling attainment for every tenant with an SLO in the configuration.
+    ``objectives``: the tenant directory (its current snapshot's SLOs, so a reload
+    applies at once), or a fixed mapping."""
 
     def __init__(
         self,
-        objectives: Mapping[str, SloConfig],
+        objectives: Mapping[str, SloConfig] | TenantDirectory,
         clock: Clock = time.monotonic,
         resolution_s: float = 5.0,
         horizon_s: float = max(WINDOWS_S.values()),
     ) -> None:
-        self._objectives = dict(objectives)
-        self._thresholds = {t: slo.latency_ms / 1000.0 for t, slo in objectives.items()}
+        self._directory = (
+            objectives
+            if isinstance(objectives, TenantDirectory)
+            else TenantDirectory(TenantConfig(id=t, slo=slo) for t, slo in objectives.items())
+        )
         self._clock = clock
         self._resolution_s = resolution_s
-        size = int(horizon_s // resolution_s) + 2
-        self._rings = {tenant: _Ring(size) for tenant in objectives}
+        self._size = int(horizon_s // resolution_s) + 2
+        self._rings: dict[str, _Ring] = {}
 
     @property
     def tenants(self) -> list[str]:
-        return list(self._objectives)
+        return list(self._directory.current.slos)
 
     def objective(self, tenant: str) -> SloConfig | None:
-        return self._objectives.get(tenant)
+        return self._directory.current.slos.get(tenant)
 
     def threshold_s(self, tenant: str) -> float | None:
-        return self._thresholds.get(tenant)
+        return self._directory.current.slo_thresholds_s.get(tenant)
 
     def record(self, tenant: str, good: bool) -> None:
         """Count one eligible request (see the module docstring for which are)."""
         ring = self._rings.get(tenant)
-        if ring is not None:
-            ring.add(int(self._clock() // self._resolution_s), good)
+        if ring is None:
+            if tenant not in self._directory.current.slos:
+                return
+            ring = self._rings[tenant] = _Ring(self._size)
+        ring.add(int(self._clock() // self._resolution_s), good)
 
     def attainment(self, tenant: str, window_s: float) -> Attainment:
-        slo = self._objectives[tenant]
+        slo = self._directory.current.slos[tenant]
         now_slot = int(self._clock() // self._resolution_s)
         slots = max(1, round(window_s / self._resolution_s))
-        good, total = self._rings[tenant].sum(now_slot - slots + 1)
+        ring = self._rings.get(tenant)
+        good, total = ring.sum(now_slot - slots + 1) if ring is not None else (0, 0)
         return Attainment(window_s, good, total, slo.objective)
 
     def report(self, tenant: str) -> dict[str, dict[str, float | int | None]]:

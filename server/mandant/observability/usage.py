@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from mandant.config import TenantConfig
 from mandant.observability.live import LiveStats
+from mandant.tenancy.directory import TenantDirectory
 
 
 @runtime_checkable
@@ -29,22 +30,28 @@ class UsageReports:
     def __init__(
         self,
         registry: CollectorRegistry,
-        tenants: Sequence[TenantConfig],
+        tenants: Sequence[TenantConfig] | TenantDirectory,
         live: LiveStats,
         quota: QuotaUsage | None = None,
     ) -> None:
+        """``tenants``: the tenant directory (reports list the tenants and quota limits
+        of its current snapshot), or fixed configs."""
         self._registry = registry
-        self._tenants = tuple(tenants)
+        self._directory = (
+            tenants if isinstance(tenants, TenantDirectory) else TenantDirectory(tenants)
+        )
         self._live = live
         self._quota = quota
 
     @property
     def tenant_ids(self) -> tuple[str, ...]:
-        return tuple(t.id for t in self._tenants)
+        return tuple(t.id for t in self._directory.current.configs)
 
-    async def report(self) -> dict[str, Any]:
-        used = {t.id: await self._quota_used(t) for t in self._tenants}
-        return usage_report(self._registry, self._tenants, used)
+    async def report(self, only: str | None = None) -> dict[str, Any]:
+        """Every current tenant's usage, or ``only`` that tenant's."""
+        tenants = [t for t in self._directory.current.configs if only is None or t.id == only]
+        used = {t.id: await self._quota_used(t) for t in tenants}
+        return usage_report(self._registry, tenants, used)
 
     async def _quota_used(self, tenant: TenantConfig) -> Mapping[str, int]:
         """The limits store's counts where the tenant has a quota; else the rows this

@@ -42,7 +42,7 @@ class AdminServicer:
     ) -> pb.GetUsageResponse:
         if request.tenant and request.tenant not in self._reports.tenant_ids:
             raise InvalidInput(f"no tenant '{request.tenant}' is configured")
-        report = await self._reports.report()
+        report = await self._reports.report(only=request.tenant or None)
         return pb.GetUsageResponse(
             generated_at=report["generated_at"],
             tenants=[

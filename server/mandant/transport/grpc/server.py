@@ -3,6 +3,7 @@ message-size limits, graceful stop."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -18,7 +19,7 @@ from mandant.scheduling.door import FrontDoor
 from mandant.service import DataPlane
 from mandant.tenancy.keys import AdminKeys
 from mandant.transport.grpc.admin import ADMIN_SERVICE, AdminServicer, admin_handlers
-from mandant.transport.grpc.gateway import Gate
+from mandant.transport.grpc.gateway import AdminAuthenticator, Gate
 from mandant.transport.grpc.servicer import (
     INFERENCE_SERVICE,
     InferenceServicer,
@@ -30,6 +31,8 @@ from mandant_client._proto import grpc_service_pb2 as pb
 logger = logging.getLogger(__name__)
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+#: How often gRPC health re-reads the server's readiness.
+HEALTH_POLL_S = 0.5
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -57,13 +60,17 @@ class GrpcServer:
         observer: Observer | None = None,
         usage: UsageReports | None = None,
         stats: InferenceStats | None = None,
+        authenticate_admin: AdminAuthenticator | None = None,
     ) -> None:
-        """``usage``: serve ``mandant.admin.v1.AdminService`` from these reports (admin
-        keys from ``config.admin_keys``); without it the admin service is not served.
-        ``stats``: what ModelStatistics answers from (fed through ``observer``)."""
+        """``usage``: serve ``mandant.admin.v1.AdminService`` from these reports;
+        without it the admin service is not served. ``stats``: what ModelStatistics
+        answers from (fed through ``observer``). ``authenticate_admin``: who is an
+        admin (the App passes the tenant directory's, which a reload updates; default:
+        ``config.admin_keys`` as they are now)."""
         self._plane = plane
         self._config = config
         self._health = health.aio.HealthServicer()
+        self._health_watch: asyncio.Task[None] | None = None
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -75,7 +82,7 @@ class GrpcServer:
         door = FrontDoor(config.front_door_slots)
         gate = Gate(
             plane.authenticate,
-            AdminKeys(config.admin_keys).authenticate,
+            authenticate_admin or AdminKeys(config.admin_keys).authenticate,
             observer=observer,
             max_calls=config.max_concurrent_rpcs,
             door=door,
@@ -110,13 +117,46 @@ class GrpcServer:
             )
             self.port = self._server.add_secure_port(address, credentials)
         await self._server.start()
-        for service in ("", INFERENCE_SERVICE):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(self._ready())
+        self._health_watch = asyncio.create_task(self._follow_readiness(), name="grpc-health")
         return self.port
+
+    async def _set_health(self, ready: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", INFERENCE_SERVICE):
+            await self._health.set(service, status)
+
+    def _ready(self) -> bool:
+        """The data plane's readiness; a check that raises counts as not ready."""
+        try:
+            return self._plane.ready
+        except Exception:
+            logger.exception("readiness check failed; reporting NOT_SERVING")
+            return False
+
+    async def _follow_readiness(self) -> None:
+        """gRPC health says what ``/readyz`` and ServerReady say: the data plane's
+        readiness, polled every :data:`HEALTH_POLL_S` (and set at once on drain)."""
+        ready = self._ready()
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            now = self._ready()
+            if now != ready:
+                ready = now
+                logger.warning("server %s", "ready" if ready else "not ready")
+                await self._set_health(ready)
 
     async def stop(self, grace_s: float) -> None:
         """Stop taking calls, let those in flight finish within ``grace_s``."""
         self._plane.drain()
+        watch, self._health_watch = self._health_watch, None
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_s)
 

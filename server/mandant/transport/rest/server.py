@@ -43,7 +43,7 @@ from mandant.transport.rest.codec import (
     JsonInferRequest,
     encode_infer_response,
 )
-from mandant.transport.rest.gate import Access, RestGate, error_response
+from mandant.transport.rest.gate import Access, AdminAuthenticator, RestGate, error_response
 from mandant.types import Call, Tenant, TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -61,15 +61,18 @@ class RestServer:
         config: ServerConfig,
         observer: Observer | None = None,
         stats: InferenceStats | None = None,
+        authenticate_admin: AdminAuthenticator | None = None,
     ) -> None:
-        """``stats``: what ``/stats`` answers from (fed through ``observer``)."""
+        """``stats``: what ``/stats`` answers from (fed through ``observer``);
+        ``authenticate_admin``: the tenant directory's admin-key check (without it,
+        ``config.admin_keys`` as they are now)."""
         self._plane = plane
         self._config = config
         self._stats = stats or InferenceStats()
         self._max_body = config.max_message_bytes
         gate = RestGate(
             plane.authenticate,
-            AdminKeys(config.admin_keys).authenticate,
+            authenticate_admin or AdminKeys(config.admin_keys).authenticate,
             observer=observer,
             max_calls=config.max_concurrent_rpcs,
             door=FrontDoor(config.front_door_slots),

@@ -1,0 +1,142 @@
+"""Counters, gauges and histograms kept as plain Python numbers, exposed to a
+Prometheus ``CollectorRegistry`` by :class:`SeriesCollector` when it is scraped.
+
+Why: prometheus_client's labelled metrics take a lock on every ``inc`` and two on
+every ``observe``; the observer runs on the event loop thread only, so here an
+update is one dict lookup and an addition, and the totals are read at scrape time
+(also on the loop thread). The families, sample names, labels, bucket bounds and
+``_created`` samples are the ones prometheus_client's own Counter, Gauge and
+Histogram would expose.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Iterable, Sequence
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
+
+Labels = tuple[str, ...]
+
+
+class CounterSeries:
+    """A labelled counter: ``inc(labels, amount)``."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._cells: dict[Labels, list[float]] = {}  # [value, created]
+
+    def touch(self, labels: Labels) -> None:
+        """Expose the series at 0 before anything is counted."""
+        if labels not in self._cells:
+            self._cells[labels] = [0.0, time.time()]
+
+    def inc(self, labels: Labels, amount: float = 1.0) -> None:
+        cell = self._cells.get(labels)
+        if cell is None:
+            cell = self._cells[labels] = [0.0, time.time()]
+        cell[0] += amount
+
+    def family(self, with_samples: bool = True) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        if with_samples:
+            for labels, (value, created) in self._cells.items():
+                family.add_metric(labels, value, created=created)
+        return family
+
+
+class GaugeSeries:
+    """A labelled gauge: ``inc(labels, delta)``."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._values: dict[Labels, float] = {}
+
+    def touch(self, labels: Labels) -> None:
+        self._values.setdefault(labels, 0.0)
+
+    def has(self, labels: Labels) -> bool:
+        return labels in self._values
+
+    def inc(self, labels: Labels, delta: float = 1.0) -> None:
+        self._values[labels] = self._values.get(labels, 0.0) + delta
+
+    def family(self, with_samples: bool = True) -> Metric:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        if with_samples:
+            for labels, value in self._values.items():
+                family.add_metric(labels, value)
+        return family
+
+
+class _HistogramCell:
+    __slots__ = ("counts", "created", "total")
+
+    def __init__(self, size: int) -> None:
+        self.counts = [0] * size  # per bucket, not cumulative; the last is +Inf
+        self.total = 0.0
+        self.created = time.time()
+
+
+class HistogramSeries:
+    """A labelled histogram over fixed upper bounds: ``observe(labels, value)``."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Iterable[float]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._bounds = tuple(sorted(float(b) for b in buckets))
+        self._les = [floatToGoString(b) for b in self._bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
+        self._cells: dict[Labels, _HistogramCell] = {}
+
+    def observe(self, labels: Labels, value: float) -> None:
+        cell = self._cells.get(labels)
+        if cell is None:
+            cell = self._cells[labels] = _HistogramCell(len(self._bounds) + 1)
+        cell.counts[bisect.bisect_left(self._bounds, value)] += 1
+        cell.total += value
+
+    def family(self, with_samples: bool = True) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        if not with_samples:
+            return family
+        for labels, cell in self._cells.items():
+            cumulative, buckets = 0, []
+            for le, count in zip(self._les, cell.counts, strict=True):
+                cumulative += count
+                buckets.append((le, float(cumulative)))
+            family.add_metric(labels, buckets, cell.total)
+            family.add_sample(
+                f"{self.name}_created", dict(zip(self.labelnames, labels, strict=True)),
+                cell.created,
+            )  # fmt: skip
+        return family
+
+
+Series = CounterSeries | GaugeSeries | HistogramSeries
+
+
+class SeriesCollector:
+    """Exposes series to a registry (``registry.register(SeriesCollector(...))``)."""
+
+    def __init__(self, series: Iterable[Series]) -> None:
+        self._series = tuple(series)
+
+    def describe(self) -> list[Metric]:
+        return [s.family(with_samples=False) for s in self._series]
+
+    def collect(self) -> list[Metric]:
+        return [s.family() for s in self._series]

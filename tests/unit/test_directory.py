@@ -1,0 +1,86 @@
+"""The tenant directory: one snapshot swapped whole; what a swap changed, in words
+without key material; components built on it see the new snapshot at once."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from mandant.config import QuotaConfig, SloConfig, TenantConfig
+from mandant.errors import Unauthenticated
+from mandant.observability.live import LiveStats
+from mandant.observability.metrics import PrometheusObserver
+from mandant.observability.slo import SloTracker
+from mandant.tenancy.directory import TenantDirectory
+from mandant.tenancy.keys import hash_key
+
+
+def bearer(key: str) -> str:
+    return f"Bearer {key}"
+
+
+def test_replace_swaps_keys_admins_and_tenants_together() -> None:
+    directory = TenantDirectory(
+        [TenantConfig(id="a", api_keys=(hash_key("ka"),), weight=1)], [hash_key("admin-1")]
+    )
+    before = directory.current
+    assert directory.authenticate(bearer("ka")).weight == 1
+    notes = directory.replace(
+        [
+            TenantConfig(id="a", api_keys=(hash_key("ka2"),), weight=3),
+            TenantConfig(id="b", api_keys=(hash_key("kb"),)),
+        ],
+        [hash_key("admin-2")],
+    )
+    assert notes == [
+        "tenants added: b",
+        "tenants changed: a (weight)",
+        "API keys changed: a (1 added, 1 revoked)",
+        "admin keys changed (1 added, 1 revoked)",
+    ]
+    assert before.ids == {"a"}  # the old snapshot is untouched
+    assert directory.authenticate(bearer("ka2")).weight == 3
+    assert directory.authenticate(bearer("kb")).id == "b"
+    with pytest.raises(Unauthenticated):
+        directory.authenticate(bearer("ka"))
+    assert not directory.is_admin(bearer("admin-1"))
+    assert directory.is_admin(bearer("admin-2"))
+    assert directory.replace([], []) == ["tenants removed: a, b", "admin keys changed (1 revoked)"]
+
+
+def test_observer_slo_and_live_follow_the_directory() -> None:
+    directory = TenantDirectory([TenantConfig(id="a", slo=SloConfig(latency_ms=50))])
+    registry = CollectorRegistry()
+    slo = SloTracker(directory, clock=lambda: 100.0)
+    live = LiveStats(directory, ["m"], clock=lambda: 100.0)
+    observer = PrometheusObserver(registry, directory, ["m"], slo=slo, live=live)
+    observer.request_finished("b", "m", "OK", 0.01)  # not configured yet: tenant=""
+    directory.replace(
+        [
+            TenantConfig(id="a", slo=SloConfig(latency_ms=5)),
+            TenantConfig(id="b", quota=QuotaConfig(rows_per_day=3), slo=SloConfig(latency_ms=50)),
+        ],
+        [],
+    )
+    observer.request_finished("b", "m", "OK", 0.01)
+    observer.request_finished("a", "m", "OK", 0.01)  # 10 ms: bad against the new 5 ms
+    sample = registry.get_sample_value
+    assert sample("mandant_requests_total", {"tenant": "", "model": "m", "code": "OK"}) == 1
+    assert sample("mandant_requests_total", {"tenant": "b", "model": "m", "code": "OK"}) == 1
+    assert sample("mandant_slo_latency_seconds", {"tenant": "a"}) == 0.005
+    assert sample("mandant_slo_good_requests_total", {"tenant": "a"}) == 0
+    assert sample("mandant_slo_good_requests_total", {"tenant": "b"}) == 1
+    assert slo.attainment("b", 300).good == 1
+    tenants = {t["id"]: t for t in live.snapshot(slo)["tenants"]}
+    assert tenants["b"]["requests"] == 1 and tenants["a"]["slo"]["latency_ms"] == 5
+
+
+def test_a_call_in_flight_across_a_reload_that_removes_its_tenant_ends_under_its_label() -> None:
+    directory = TenantDirectory([TenantConfig(id="gone"), TenantConfig(id="kept")])
+    registry = CollectorRegistry()
+    observer = PrometheusObserver(registry, directory, ["m"])
+    observer.inflight_changed("gone", 1)
+    directory.replace([TenantConfig(id="kept")], [])
+    observer.inflight_changed("gone", -1)
+    assert registry.get_sample_value("mandant_inflight_requests", {"tenant": "gone"}) == 0
+    assert registry.get_sample_value("mandant_inflight_requests", {"tenant": ""}) is None

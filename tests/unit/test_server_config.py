@@ -1,0 +1,41 @@
+"""The server section's access and readiness settings: defaults, and the
+configurations refused on load."""
+
+from __future__ import annotations
+
+import pytest
+
+from mandant.config import parse_config
+from mandant.errors import ConfigError
+from mandant.tenancy.keys import hash_key
+
+
+def test_defaults_guard_the_http_port_and_serve_while_any_model_is_ready() -> None:
+    server = parse_config({}).server
+    assert (server.metrics_auth, server.internal_http, server.ready_when) == (
+        "admin",
+        None,
+        "any_model",
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        ({"server": {"metrics_auth": "tenant"}}, "server.metrics_auth"),
+        ({"server": {"ready_when": "some_models"}}, "server.ready_when"),
+        ({"server": {"internal_http": {"port": 8002}}}, "must differ from grpc_port"),
+        ({"server": {"internal_http": {"host": "10.0.0.1"}}}, "server.internal_http.port"),
+        (
+            {
+                "server": {"admin_keys": [hash_key("k")]},
+                "tenants": [{"id": "a", "api_keys": [hash_key("k")]}],
+            },
+            "an admin key hash is also a tenant's API key",
+        ),
+    ],
+)
+def test_refused(data: dict[str, object], error: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse_config(data)
+    assert error in str(refused.value)
