@@ -11,8 +11,10 @@ and keep their typed errors (tritonclient reads ``error_message`` only).
 
 Messages pass the front door like unary calls (``scheduling/door.py``).
 
-Backpressure: at most ``max_inflight`` messages of a stream are being served at once;
-beyond that the stream is not read (HTTP/2 flow control then holds the client back).
+Backpressure: at most ``max_inflight`` messages of a stream are being served or have
+answers not yet written; beyond that the stream is not read (HTTP/2 flow control then
+holds the client back), so a client that sends without reading cannot make the server
+buffer its answers.
 When the client leaves, every message still in flight is cancelled: it leaves its
 queue and frees its concurrency slot.
 """
@@ -23,7 +25,6 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Final
 
 import grpc
 
@@ -39,9 +40,6 @@ from mandant.types import Call, Tenant
 from mandant_client._proto import grpc_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
-
-_READ_DONE: Final = object()
-
 
 class InferStream:
     """Serves one open stream (see the module docstring)."""
@@ -63,48 +61,37 @@ class InferStream:
         self._max_bytes_elements = max_bytes_elements
         self._observer = observer
         self._door = door
-        self._outbox: asyncio.Queue[object] = asyncio.Queue()
-        self._tasks: set[asyncio.Task[pb.ModelStreamInferResponse]] = set()
+        self._writing = asyncio.Lock()  # one write at a time on a gRPC stream
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
-        reader = asyncio.create_task(self._read())
-        outstanding, reading = 0, True
-        try:
-            while reading or outstanding:
-                item = await self._outbox.get()
-                if item is _READ_DONE:
-                    reading = False
-                elif isinstance(item, int):
-                    outstanding += item  # a message was taken in
-                else:
-                    await self._context.write(item)
-                    outstanding -= 1
-            await reader  # a read error ends the stream with its status
-        finally:
-            reader.cancel()
-            for task in self._tasks:
-                task.cancel()
-
-    async def _read(self) -> None:
         context = self._context
+        tasks = self._tasks
         try:
             while True:
                 await self._window.acquire()
                 raw = await context.read()
                 if raw is grpc.aio.EOF:
-                    return
-                task = asyncio.create_task(self._answer(raw))
-                self._tasks.add(task)
-                task.add_done_callback(self._answered)
-                self._outbox.put_nowait(1)
+                    break
+                task = asyncio.create_task(self._serve_one(raw))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:  # the client is done sending: answer what is in flight
+                await asyncio.gather(*tasks)
         finally:
-            self._outbox.put_nowait(_READ_DONE)
+            for task in tasks:
+                task.cancel()
 
-    def _answered(self, task: asyncio.Task[pb.ModelStreamInferResponse]) -> None:
-        self._tasks.discard(task)
-        self._window.release()
-        if not task.cancelled():
-            self._outbox.put_nowait(task.result())
+    async def _serve_one(self, raw: bytes) -> None:
+        """Answer one message and write the answer; its place in the window is freed
+        only once the answer is written, so a client that does not read its answers
+        holds at most ``max_inflight`` of them here."""
+        try:
+            response = await self._answer(raw)
+            async with self._writing:
+                await self._context.write(response)
+        finally:
+            self._window.release()
 
     async def _answer(self, raw: bytes) -> pb.ModelStreamInferResponse:
         """One message's answer; never raises but for cancellation."""
