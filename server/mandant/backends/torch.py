@@ -162,19 +162,18 @@ class TorchBackend:
     def _run(
         self, module: Callable[..., Any], arrays: list[np.ndarray], rows: int
     ) -> dict[str, np.ndarray]:
-        start, cpu_start = time.perf_counter(), time.thread_time()
+        start = time.perf_counter()
         try:
             with torch.inference_mode():
                 args = [self._to_tensor(array) for array in arrays]
                 result = module(*args)
                 return self._outputs(result)
         finally:
-            # The cost is the wall time, unless this thread's CPU time (times torch's
-            # threads, who may share the work) is less: then the thread was preempted
-            # (a busy core), which says nothing about the model.
+            # Wall time, not CPU time: a model that waits (a GPU synchronising, a
+            # sleep) blocks the event loop as much as one that computes. A preempted
+            # call on a busy core counts as slow too, which errs on the safe side.
             # Races between pool threads only lose a sample; a float store is atomic.
-            cpu = (time.thread_time() - cpu_start) * torch.get_num_threads()
-            elapsed = min(time.perf_counter() - start, cpu)
+            elapsed = time.perf_counter() - start
             self._call_s = _cost(self._call_s, elapsed)
             self._row_s = _cost(self._row_s, elapsed / max(1, rows))
 
