@@ -58,8 +58,10 @@ NO_DOOR = 10**9
 def config(args: argparse.Namespace, fair: bool) -> dict[str, Any]:
     """The demo tenants, the classifier and ``echo``; ``fair``: the server's defaults,
     else FIFO batching and no front door."""
-    fifo = {"max_batch_size": 64, "max_queue_delay_ms": 2, "policy": "fifo"}
-    model = classifier(hidden=args.hidden, **({} if fair else {"batching": fifo}))
+    batching = {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": 2}
+    if not fair:
+        batching["policy"] = "fifo"
+    model = classifier(hidden=args.hidden, batching=batching)
     data: dict[str, Any] = demo_data([model, ECHO])
     server = dict(data["server"])
     if args.max_concurrent_streams:
@@ -83,6 +85,12 @@ def main() -> None:
     parser.add_argument("--flood", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--max-concurrent-streams", type=int, default=None)
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=64,
+        help="the classifier's max_batch_size (and max_queue_rows floor), both servers",
+    )
     args = parser.parse_args()
     rows = []
     measured: dict[str, tuple[float, float]] = {}  # scenario: (B p99, A req/s)
@@ -112,7 +120,8 @@ def main() -> None:
                 measured[label] = (b.p(99), a_rps)
     streams = args.max_concurrent_streams or "server default"
     print(
-        f"classifier 256→{args.hidden}→{args.hidden}→16, A (acme) at concurrency {args.flood},"
+        f"classifier 256→{args.hidden}→{args.hidden}→16 (max_batch_size "
+        f"{args.max_batch_size}), A (acme) at concurrency {args.flood},"
         f" B (initech) at 1; {args.seconds:g} s per scenario after {args.warmup:g} s warm-up;"
         f" server on core 0, clients on core 1; streams/connection: {streams}"
     )

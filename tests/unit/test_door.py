@@ -1,6 +1,6 @@
-"""The front door: calls walk in while slots are free; beyond that each freed slot
-goes to the next waiting tenant by weighted round robin, so a light tenant waits for
-about one slot, not for a flood's backlog. Cancellation never loses or leaks a slot."""
+"""The front door: a tenant below its weighted share of the places walks in, however
+busy the others are; a tenant at its share waits, in arrival order, for one of its own
+calls to leave or for the others to go quiet. Cancellation never loses or leaks a place."""
 
 from __future__ import annotations
 
@@ -25,82 +25,92 @@ async def _queue(door: FrontDoor, tenant: Tenant, order: list[str]) -> asyncio.T
     return task
 
 
-async def test_calls_walk_in_while_slots_are_free() -> None:
-    door = FrontDoor(2)
-    await door.enter(A)
-    await door.enter(B)
-    assert (door.busy, door.waiting) == (2, 0)
-    door.leave()
-    assert door.busy == 1
+async def test_a_lone_tenant_may_use_every_place() -> None:
+    door = FrontDoor(4)
+    for _ in range(4):
+        await door.enter(A)
+    order: list[str] = []
+    fifth = await _queue(door, A, order)
+    assert (door.busy, door.waiting, order) == (4, 1, [])
+    door.leave(A)
+    await fifth
+    assert (door.busy, door.waiting, order) == (4, 0, ["a"])
 
 
-async def test_a_light_tenant_gets_the_next_slot_ahead_of_a_flood() -> None:
-    door = FrontDoor(2)
-    await door.enter(A)
-    await door.enter(A)
+async def test_a_light_tenant_walks_past_a_flood() -> None:
+    """a holds every place and has 20 more calls waiting; b's call goes straight in,
+    and a is held to its half until b is done."""
+    door = FrontDoor(4)
+    for _ in range(4):
+        await door.enter(A)
     order: list[str] = []
     flood = [await _queue(door, A, order) for _ in range(20)]
-    light = await _queue(door, B, order)
-    assert door.waiting == 21
-    door.leave()
-    await settle()
-    door.leave()
-    await settle()
-    assert "b" in order[:2]  # served within two freed slots, ahead of 19 of a's calls
-    assert door.busy == 2
-    for _ in range(40):
-        door.leave()
+    await door.enter(B)  # no wait: b is below its share (2 of 4)
+    assert door.busy == 5
+    for _ in range(3):  # a's calls leave; a's waiters stay out until a is below 2
+        door.leave(A)
         await settle()
-    await asyncio.gather(*flood, light)
-    assert sorted(order) == ["a"] * 20 + ["b"]
+    assert order == ["a"]
+    door.leave(B)  # b goes quiet: a's share is every place again
+    await settle()
+    assert order == ["a"] * 3
+    assert door.busy == 4
+    for _ in range(30):
+        if door.busy:
+            door.leave(A)
+        await settle()
+    await asyncio.gather(*flood)
+    assert (door.busy, door.waiting) == (0, 0)
 
 
-async def test_weights_share_the_slots() -> None:
-    door = FrontDoor(1)
-    await door.enter(A)
-    order: list[str] = []
+async def test_shares_follow_weights() -> None:
+    door = FrontDoor(8)
     heavy = Tenant("h", weight=3.0)
-    tasks = [await _queue(door, A, order) for _ in range(8)]
-    tasks += [await _queue(door, heavy, order) for _ in range(24)]
-    for _ in range(16):
-        door.leave()
-        await settle()
-    assert order.count("h") >= 3 * order.count("a") - 3
-    for _ in range(40):
-        door.leave()
-        await settle()
-    await asyncio.gather(*tasks)
+    for _ in range(6):
+        await door.enter(heavy)  # alone, h may take all eight
+    await door.enter(A)  # a arrives: shares become 2 (a) and 6 (h)
+    await door.enter(A)
+    order: list[str] = []
+    waiting_a = await _queue(door, A, order)
+    waiting_h = await _queue(door, heavy, order)  # h holds its six: it waits too
+    assert order == []
+    assert (door.busy, door.waiting) == (8, 2)
+    door.leave(A)
+    await waiting_a
+    assert order == ["a"]
+    door.leave(heavy)
+    await waiting_h
+    assert order == ["a", "h"]
 
 
-async def test_a_cancelled_waiter_leaves_its_place() -> None:
+async def test_a_cancelled_waiter_leaves_no_trace() -> None:
     door = FrontDoor(1)
     await door.enter(A)
     order: list[str] = []
-    gone = await _queue(door, B, order)
+    gone = await _queue(door, A, order)
     after = await _queue(door, A, order)
     gone.cancel()
     await settle()
     assert door.waiting == 1
-    door.leave()
-    await settle()
-    assert order == ["a"]
+    door.leave(A)
     await after
-    door.leave()
+    assert order == ["a"]
+    door.leave(A)
     assert (door.busy, door.waiting) == (0, 0)
     with pytest.raises(asyncio.CancelledError):
         await gone
 
 
-async def test_a_slot_handed_to_a_cancelled_caller_is_passed_on() -> None:
+async def test_a_place_given_to_a_cancelled_caller_is_passed_on() -> None:
     door = FrontDoor(1)
     await door.enter(A)
     order: list[str] = []
-    first = await _queue(door, B, order)
+    first = await _queue(door, A, order)
     second = await _queue(door, A, order)
-    door.leave()  # hands the slot to b's call ...
+    door.leave(A)  # lets the first waiter in ...
     first.cancel()  # ... which is cancelled before it runs
     await settle()
-    assert order == ["a"]  # the slot went on to the next waiter
+    assert order == ["a"]  # its place went on to the next waiter
     await second
-    door.leave()
+    door.leave(A)
     assert (door.busy, door.waiting) == (0, 0)

@@ -4,73 +4,104 @@ The batcher shares a model fairly, but every call also costs the front end work
 before it reaches a queue (parse, admission, decode) and after (encode, send), and
 all calls in progress share one event loop. Under a flood, a light tenant's call
 would wait behind hundreds of the flooder's handlers. So inference calls pass a door
-after authentication and before their message is parsed: while fewer than ``slots``
-calls are in progress, a call walks in (a counter, nothing else); beyond that it waits
-in its tenant's queue — cheaply, nothing decoded yet — and every slot that frees goes
-to the next tenant by weighted deficit round robin (:class:`~.policy.FairQueue`), so a
-light tenant's call is served ahead of a flood's backlog.
+after authentication and before their message is parsed.
+
+The door has ``slots`` places, shared by weight among the tenants with calls in
+progress or waiting: a tenant's share is ``slots × weight / Σ weights`` of those
+tenants. A call whose tenant is below its share walks in (a counter, nothing else) —
+however busy the others are. A call whose tenant has used its share waits in its
+tenant's queue, cheaply (nothing decoded yet), and walks in when one of its tenant's
+calls leaves, or when shares grow because another tenant went quiet. So a flood is
+held to its share while a light tenant's call goes straight through to the batcher.
+
+Invariants: a tenant with calls waiting has at least its share in progress; calls of
+one tenant enter in arrival order; every ``enter`` is matched by one ``leave``
+(cancellation included), and a cancelled waiter leaves no trace.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
-from mandant.scheduling.policy import FairQueue, priority_level
 from mandant.types import Tenant
 
 
-@dataclass(eq=False, slots=True)
-class _Waiter:
-    tenant: str
+@dataclass(slots=True)
+class _Tenant:
     weight: float
-    future: asyncio.Future[None]
-    level: int = priority_level(0)
-    rows: int = 1
-    group: Hashable = None
-    arrival: float = 0.0
+    inside: int = 0
+    waiting: deque[asyncio.Future[None]] = field(default_factory=deque)
 
 
 class FrontDoor:
-    """At most ``slots`` inference calls in progress; the rest take turns (see module doc)."""
+    """At most ``slots`` inference calls in progress, shared by weight (module doc)."""
 
     def __init__(self, slots: int) -> None:
         if slots < 1:
             raise ValueError("a front door needs at least one slot")
         self._slots = slots
-        self._busy = 0
-        self._waiting: FairQueue[_Waiter] = FairQueue()
+        self._tenants: dict[str, _Tenant] = {}  # those with calls inside or waiting
+        self._weights = 0.0  # Σ weight of self._tenants
 
     @property
     def busy(self) -> int:
-        return self._busy
+        return sum(t.inside for t in self._tenants.values())
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return sum(len(t.waiting) for t in self._tenants.values())
 
     async def enter(self, tenant: Tenant) -> None:
-        """Wait for a slot; the caller must :meth:`leave` once it is done."""
-        if self._busy < self._slots and not len(self._waiting):
-            self._busy += 1
+        """Wait for a place; the caller must :meth:`leave` once it is done."""
+        state = self._tenants.get(tenant.id)
+        if state is None:
+            state = self._tenants[tenant.id] = _Tenant(tenant.weight)
+            self._weights += tenant.weight
+        if not state.waiting and state.inside < self._share(state):
+            state.inside += 1
             return
-        waiter = _Waiter(tenant.id, tenant.weight, asyncio.get_running_loop().create_future())
-        self._waiting.push(waiter)
+        future = asyncio.get_running_loop().create_future()
+        state.waiting.append(future)
         try:
-            await waiter.future
+            await future
         except asyncio.CancelledError:
-            if waiter.future.cancelled():
-                self._waiting.remove(waiter)  # still queued, or skipped by leave()
+            if future.cancelled():  # still waiting (or skipped by _admit): no trace
+                if future in state.waiting:
+                    state.waiting.remove(future)
+                self._forget_if_idle(tenant.id, state)
             else:
-                self.leave()  # handed a slot just as it was cancelled: pass it on
+                self.leave(tenant)  # let in just as it was cancelled: pass it on
             raise
 
-    def leave(self) -> None:
-        """A call is done: hand its slot to the next waiting tenant, if any."""
-        while len(self._waiting):
-            (waiter,) = self._waiting.take(1)
-            if not waiter.future.done():
-                waiter.future.set_result(None)  # the slot changes hands; busy stays
-                return
-        self._busy -= 1
+    def leave(self, tenant: Tenant) -> None:
+        """A call of ``tenant`` is done: its place goes to its own next call, or, if the
+        tenant has gone quiet, the others' shares grow."""
+        state = self._tenants[tenant.id]
+        state.inside -= 1
+        if state.waiting:
+            self._admit(state)
+        else:
+            self._forget_if_idle(tenant.id, state)
+
+    def _share(self, state: _Tenant) -> float:
+        return max(1.0, self._slots * state.weight / self._weights)
+
+    def _admit(self, state: _Tenant) -> None:
+        while state.waiting and state.inside < self._share(state):
+            future = state.waiting.popleft()
+            if not future.done():
+                state.inside += 1
+                future.set_result(None)
+
+    def _forget_if_idle(self, tenant_id: str, state: _Tenant) -> None:
+        if state.inside or state.waiting:
+            return
+        del self._tenants[tenant_id]
+        self._weights -= state.weight
+        if not self._tenants:
+            self._weights = 0.0  # no drift from float sums
+        for other in list(self._tenants.values()):  # every other share grew
+            if other.waiting:
+                self._admit(other)

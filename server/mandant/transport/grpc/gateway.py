@@ -188,8 +188,8 @@ class Gate:
                 await abort_internal(context, method, call)
             finally:
                 self._calls -= entered
-                if inside and door is not None:
-                    door.leave()
+                if inside and door is not None and call.tenant is not None:
+                    door.leave(call.tenant)
                 if deadline_passed(context):  # the client saw DEADLINE_EXCEEDED
                     code = "DEADLINE_EXCEEDED"
                 tenant_id = call.tenant.id if call.tenant is not None else ""

@@ -125,7 +125,7 @@ class InferStream:
             return _error_response(message, code, request, None)
         finally:
             if inside and self._door is not None:
-                self._door.leave()
+                self._door.leave(self._tenant)
             self._observer.request_finished(
                 self._tenant.id, call.model, code, time.perf_counter() - start, call.version
             )

@@ -123,8 +123,8 @@ class RestGate:
                 code = "INTERNAL"
                 return _internal(request, call)
             finally:
-                if inside and door is not None:
-                    door.leave()
+                if inside and door is not None and call.tenant is not None:
+                    door.leave(call.tenant)
                 if entered:
                     self._calls -= 1
                     if not self._calls:
