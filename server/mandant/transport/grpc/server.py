@@ -79,7 +79,7 @@ class GrpcServer:
                 ("grpc.max_concurrent_streams", config.max_concurrent_streams),
             ],
         )
-        door = FrontDoor(config.front_door_slots)
+        self.door = door = FrontDoor(config.front_door_slots)
         gate = Gate(
             plane.authenticate,
             authenticate_admin or AdminKeys(config.admin_keys).authenticate,

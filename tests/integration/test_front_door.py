@@ -1,0 +1,81 @@
+"""Fairness at the front door on a real server: tenant a fills its share of the door
+with calls stuck in a model, and more of its calls wait at the door, undecoded; tenant
+b's call walks past them and is answered while a's are still stuck. Without the door
+(slots that never fill) a's calls would all be inside; with a door that ignored
+tenants, b would wait behind a's backlog."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from mandant.config import parse_config
+from mandant.tenancy.keys import hash_key
+from mandant_client._proto import grpc_service_pb2 as pb
+from tests.integration import gated_models
+from tests.servers import ECHO_MODEL, ServerThread
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerThread]:
+    gated = {
+        **ECHO_MODEL,
+        "name": "gated",
+        "factory": "tests.integration.gated_models:gated",
+        "instances": 4,
+    }
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "front_door_slots": 4},
+            "tenants": [
+                {"id": "a", "api_keys": [hash_key("a-key")]},
+                {"id": "b", "api_keys": [hash_key("b-key")]},
+            ],
+            "models": [ECHO_MODEL, gated],
+        },
+        "test",
+    )
+    gated_models.GATE.clear()
+    try:
+        with ServerThread(config, tmp_path) as running:
+            yield running
+    finally:
+        gated_models.GATE.set()
+
+
+def _request(model: str) -> bytes:
+    message = pb.ModelInferRequest(model_name=model)
+    message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
+    message.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+    return message.SerializeToString()
+
+
+async def test_a_light_tenant_walks_past_a_flood_at_the_door(server: ServerThread) -> None:
+    assert server.app is not None
+    door = server.app.grpc.door
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        infer = channel.unary_unary(INFER)
+        flood = [
+            asyncio.ensure_future(
+                infer(_request("gated"), metadata=(("authorization", "Bearer a-key"),))
+            )
+            for _ in range(10)
+        ]
+        for _ in range(200):
+            if door.busy == 4 and door.waiting == 6:
+                break
+            await asyncio.sleep(0.01)
+        assert (door.busy, door.waiting) == (4, 6)  # a holds every place; 6 wait
+        answer = await infer(_request("echo"), metadata=(("authorization", "Bearer b-key"),))
+        assert pb.ModelInferResponse.FromString(answer).outputs[0].name == "OUTPUT0"
+        assert not any(call.done() for call in flood)  # b went past all of them
+        gated_models.GATE.set()
+        await asyncio.gather(*flood)
+    assert (door.busy, door.waiting) == (0, 0)
