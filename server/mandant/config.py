@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -333,6 +334,15 @@ class ModelSpec(_Frozen):
     outputs: tuple[TensorSpec, ...]
     batching: BatchingConfig | None
     triton: TritonModelConfig | None
+
+    # Read on every call: built once per spec (frozen, so they cannot go stale).
+    @cached_property
+    def inputs_by_name(self) -> Mapping[str, TensorSpec]:
+        return {t.name: t for t in self.inputs}
+
+    @cached_property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
 
 
 class MandantConfig(_Frozen):
