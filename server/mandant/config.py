@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -333,6 +334,24 @@ class ModelSpec(_Frozen):
     outputs: tuple[TensorSpec, ...]
     batching: BatchingConfig | None
     triton: TritonModelConfig | None
+
+    # Read on every call: built once per spec (it is frozen; a changed copy made with
+    # model_copy computes its own, see below).
+    @cached_property
+    def inputs_by_name(self) -> Mapping[str, TensorSpec]:
+        return {t.name: t for t in self.inputs}
+
+    @cached_property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy whose cached values are computed afresh from its own fields
+        (pydantic copies them with the rest of the instance's ``__dict__``)."""
+        copy = super().model_copy(update=update, deep=deep)
+        copy.__dict__.pop("inputs_by_name", None)
+        copy.__dict__.pop("output_names", None)
+        return copy
 
 
 class MandantConfig(_Frozen):

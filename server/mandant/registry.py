@@ -110,7 +110,10 @@ class ModelRegistry:
                 if model.key.version == version:
                     return model
             raise ModelNotFound(name, version)
-        return next((m for m in versions if m.ready), versions[0])
+        for model in versions:  # the newest ready one, else the newest
+            if model.ready:
+                return model
+        return versions[0]
 
     def visible(self, tenant: Tenant) -> list[Model]:
         """Every model version ``tenant`` may call, under the names it calls them."""

@@ -104,19 +104,20 @@ class DataPlane:
         ):
             raise InvalidInput(f"request id is longer than {MAX_REQUEST_ID_BYTES} bytes")
         model = self.model(tenant, request.model_name, request.model_version)
-        call.model = model.key.name
-        call.version = model.key.version
+        key, spec = model.key, model.spec
+        call.model = key.name
+        call.version = key.version
         if not model.ready:
-            raise Unavailable(f"model '{model.key.name}' is not ready")
-        rows = check_inputs(model.spec, request.input_headers())
-        outputs = check_outputs(model.spec, request.requested_outputs())
-        if model.spec.batching is not None:
-            check_batch_rows(model.key.name, rows, model.spec.batching.max_batch_size)
+            raise Unavailable(f"model '{key.name}' is not ready")
+        rows = check_inputs(spec, request.input_headers())
+        outputs = check_outputs(spec, request.requested_outputs())
+        if spec.batching is not None:
+            check_batch_rows(key.name, rows, spec.batching.max_batch_size)
         request.check_payload()  # framing and byte counts: refused before it costs quota
         parameters = request.parameters()
         deadline = _deadline(start, timeout_s, parameters.get("timeout"))
         priority = _priority(parameters.get("priority"), tenant.priority)
-        permit = await self._admission.admit(tenant, model.key, rows)
+        permit = await self._admission.admit(tenant, key, rows)
         ran = False  # the model ran on this request: it stays charged, else refunded
         try:
             inputs = request.decode_inputs()
@@ -125,7 +126,7 @@ class DataPlane:
             results = await model.scheduler.submit(
                 InferRequest(
                     tenant=tenant,
-                    model=model.key,
+                    model=key,
                     inputs=inputs,
                     outputs=outputs,
                     request_id=request_id or _local_id(),
@@ -141,22 +142,23 @@ class DataPlane:
         finally:
             permit.release(refund=not ran)
         return InferResponse(
-            model_name=model.key.name,
-            model_version=model.key.version,
+            model_name=key.name,
+            model_version=key.version,
             request_id=request_id,
             outputs={name: results[name] for name in outputs},
-            output_specs=model.spec.outputs,
+            output_specs=spec.outputs,
         )
 
 
 def _deadline(start: float, timeout_s: float | None, timeout_us: object) -> float | None:
     """The earlier of the transport deadline and the v2 ``timeout`` parameter (µs)."""
+    if timeout_us is None:
+        return None if timeout_s is None else start + timeout_s
+    if isinstance(timeout_us, bool) or not isinstance(timeout_us, int) or timeout_us < 0:
+        raise InvalidInput("parameter 'timeout' is a non-negative integer (microseconds)")
     limits = [] if timeout_s is None else [timeout_s]
-    if timeout_us is not None:
-        if isinstance(timeout_us, bool) or not isinstance(timeout_us, int) or timeout_us < 0:
-            raise InvalidInput("parameter 'timeout' is a non-negative integer (microseconds)")
-        if timeout_us > 0:
-            limits.append(timeout_us / 1e6)
+    if timeout_us > 0:
+        limits.append(timeout_us / 1e6)
     return start + min(limits) if limits else None
 
 

@@ -27,7 +27,7 @@ def check_inputs(spec: ModelSpec, headers: Sequence[TensorHeader]) -> int:
         raise InvalidInput(
             f"request has no inputs; model '{spec.name}' takes {_names(spec.inputs)}"
         )
-    declared = {t.name: t for t in spec.inputs}
+    declared = spec.inputs_by_name
     seen: set[str] = set()
     for header in headers:
         want = declared.get(header.name)
@@ -44,7 +44,7 @@ def check_inputs(spec: ModelSpec, headers: Sequence[TensorHeader]) -> int:
                 f"input '{header.name}': expected datatype {want.datatype}, "
                 f"got {shown(header.datatype) or '(none)'}"
             )
-        if any(dim < 0 for dim in header.shape):
+        if header.shape and min(header.shape) < 0:
             raise InvalidInput(
                 f"input '{header.name}': shape {_shape(header.shape)} has a negative size"
             )
@@ -53,8 +53,8 @@ def check_inputs(spec: ModelSpec, headers: Sequence[TensorHeader]) -> int:
                 f"input '{header.name}': expected shape {_shape(want.shape)}, "
                 f"got {_shape(header.shape)}"
             )
-    missing = [name for name in declared if name not in seen]
-    if missing:
+    if len(seen) < len(declared):  # every name seen is declared
+        missing = [name for name in declared if name not in seen]
         raise InvalidInput(f"missing input(s) {', '.join(missing)} for model '{spec.name}'")
     first = headers[0].shape
     return first[0] if first else 1
@@ -63,8 +63,8 @@ def check_inputs(spec: ModelSpec, headers: Sequence[TensorHeader]) -> int:
 def check_outputs(spec: ModelSpec, requested: Sequence[str]) -> tuple[str, ...]:
     """The output names to return: the requested ones (validated), else all."""
     if not requested:
-        return tuple(t.name for t in spec.outputs)
-    declared = {t.name for t in spec.outputs}
+        return spec.output_names
+    declared = spec.output_names
     for name in requested:
         if name not in declared:
             raise InvalidInput(

@@ -210,6 +210,15 @@ async def test_wrong_output_count_is_an_error() -> None:
         await run_once(spec, {"A": one, "B": one})
 
 
+async def test_one_tensor_for_two_declared_outputs_is_an_error() -> None:
+    spec = make_spec(
+        factory="mandant.demo.models:classifier",
+        outputs=(*CLASSIFIER_OUT, TensorSpec("OUTPUT1", "FP32", (-1, 16))),
+    )
+    with pytest.raises(RuntimeError, match="returned 1 output"):
+        await run_once(spec, {"INPUT0": features(2)})
+
+
 async def test_missing_named_output_is_an_error() -> None:
     spec = make_spec(
         factory=f"{HELPERS}:pair_dict",

@@ -7,7 +7,7 @@ import pytest
 from mandant.config import parse_config
 from mandant.errors import ConfigError, InvalidInput, Unauthenticated
 from mandant.tenancy.keys import KeyStore, generate_key, hash_key
-from mandant.types import Tenant, TensorHeader
+from mandant.types import Tenant, TensorHeader, TensorSpec
 from mandant.validation import check_inputs, check_outputs
 
 IO = {
@@ -51,6 +51,23 @@ def test_invalid_headers_name_the_input(headers: list[TensorHeader], message: st
     with pytest.raises(InvalidInput) as err:
         check_inputs(SPEC, headers)
     assert str(err.value) == message
+
+
+def test_a_spec_changed_by_model_copy_is_validated_against_its_own_tensors() -> None:
+    """A Triton model's spec is replaced with the tensors the server reports; what
+    validation caches of the old spec must not carry over."""
+    assert check_outputs(SPEC, []) == ("Y", "Z")  # caches the original's
+    assert check_inputs(SPEC, [TensorHeader("A", "FP32", (1, 4)), TensorHeader("B", "INT64", (1,))])
+    changed = SPEC.model_copy(
+        update={
+            "inputs": (TensorSpec("X", "FP32", (-1,)),),
+            "outputs": (TensorSpec("W", "FP32", (-1,)),),
+        }
+    )
+    assert check_outputs(changed, []) == ("W",)
+    assert check_inputs(changed, [TensorHeader("X", "FP32", (2,))]) == 2
+    with pytest.raises(InvalidInput, match="unexpected input 'A'"):
+        check_inputs(changed, [TensorHeader("A", "FP32", (1, 4))])
 
 
 def test_requested_outputs() -> None:

@@ -63,6 +63,9 @@ class TorchBackend:
     def __init__(self, spec: ModelSpec, inline_below_s: float = DEFAULT_INLINE_BELOW_S) -> None:
         self._spec = spec
         self._device = torch.device(_pick_device(spec.device))
+        self._on_cuda = self._device.type == "cuda"
+        self._input_names = tuple(t.name for t in spec.inputs)
+        self._output_names = spec.output_names
         self._module: Callable[..., Any] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._inline_below_s = inline_below_s
@@ -142,10 +145,11 @@ class TorchBackend:
         module, executor = self._module, self._executor
         if module is None or executor is None:
             raise Unavailable(f"model '{self._spec.name}' is not loaded")
-        missing = [t.name for t in self._spec.inputs if t.name not in inputs]
-        if missing:
-            raise InvalidInput(f"missing input(s): {', '.join(missing)}")
-        arrays = [inputs[t.name] for t in self._spec.inputs]
+        try:
+            arrays = [inputs[name] for name in self._input_names]
+        except KeyError:
+            missing = [name for name in self._input_names if name not in inputs]
+            raise InvalidInput(f"missing input(s): {', '.join(missing)}") from None
         rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
         if self._cheap(rows):
             return self._run(module, arrays, rows)
@@ -181,12 +185,14 @@ class TorchBackend:
         if array.dtype.kind in _NON_TENSOR_KINDS:
             return array  # BYTES: torch has no string tensor
         tensor = torch.from_numpy(array)
-        if self._device.type == "cuda":
+        if self._on_cuda:
             tensor = tensor.to(self._device, non_blocking=True)
         return tensor
 
     def _outputs(self, result: object) -> dict[str, np.ndarray]:
-        names = [t.name for t in self._spec.outputs]
+        names = self._output_names
+        if isinstance(result, torch.Tensor) and len(names) == 1:  # the common case
+            return {names[0]: _to_numpy(self._spec.name, names[0], result)}
         if isinstance(result, Mapping):
             absent = [name for name in names if name not in result]
             if absent:

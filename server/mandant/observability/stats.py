@@ -132,7 +132,10 @@ class InferenceStats:
     ) -> None:
         for tenant, rows in rows_by_tenant.items():
             entry = self._entry((tenant, model, version))
-            entry.batches.setdefault(size, Duration()).add(compute_s)
+            executions = entry.batches.get(size)
+            if executions is None:
+                executions = entry.batches[size] = Duration()
+            executions.add(compute_s)
             entry.execution_count += 1
             entry.inference_count += rows
 

@@ -34,7 +34,6 @@ import asyncio
 import contextvars
 import logging
 import math
-from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -412,9 +411,9 @@ class DynamicBatcher:
     ) -> None:
         self._batch_s = compute_s if not self._batch_s else 0.8 * self._batch_s + 0.2 * compute_s
         self._adaptive.executed(compute_s)
-        shares = Counter[str]()
+        shares: dict[str, int] = {}  # rows by tenant
         for entry, result in zip(part, results, strict=True):
-            shares[entry.tenant] += entry.rows
+            shares[entry.tenant] = shares.get(entry.tenant, 0) + entry.rows
             self._observer.request_timing(
                 entry.tenant, self._model, dispatched - entry.arrival, compute_s
             )

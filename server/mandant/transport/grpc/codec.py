@@ -104,6 +104,11 @@ def decode_raw(
     raw: bytes, header: TensorHeader, max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS
 ) -> np.ndarray:
     check_raw_size(raw, header, max_bytes_elements)
+    return _decode_sized(raw, header, max_bytes_elements)
+
+
+def _decode_sized(raw: bytes, header: TensorHeader, max_bytes_elements: int) -> np.ndarray:
+    """:func:`decode_raw` of bytes whose size :func:`check_raw_size` accepted."""
     if header.datatype == "BYTES":
         count = prod(header.shape)
         return decode_bytes(raw, count, header.name, max_bytes_elements).reshape(header.shape)
@@ -153,7 +158,7 @@ class ProtoInferRequest:
     Headers are read once, and each ``raw_input_contents`` entry is taken out of the
     message once (upb makes a new ``bytes`` on every element access)."""
 
-    __slots__ = ("_headers", "_max_bytes_elements", "_msg", "_raw")
+    __slots__ = ("_checked", "_headers", "_max_bytes_elements", "_msg", "_raw")
 
     def __init__(
         self, msg: pb.ModelInferRequest, max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS
@@ -162,6 +167,7 @@ class ProtoInferRequest:
         self._max_bytes_elements = max_bytes_elements
         self._headers: list[TensorHeader] | None = None
         self._raw: list[bytes] | None = None
+        self._checked = False  # check_payload passed
 
     @property
     def model_name(self) -> str:
@@ -203,14 +209,18 @@ class ProtoInferRequest:
         return self._raw
 
     def check_payload(self) -> None:
+        if self._checked:
+            return
         raw = self._raw_contents()
         if not raw:
             return  # typed contents are counted while decoding
         for header, data in zip(self.input_headers(), raw, strict=True):
             if header.datatype in DATATYPES:  # an unknown one was refused by validation
                 check_raw_size(data, header, self._max_bytes_elements)
+        self._checked = True
 
     def decode_inputs(self) -> dict[str, np.ndarray]:
+        self.check_payload()
         raw = self._raw_contents()
         headers = self.input_headers()
         if raw:
@@ -220,7 +230,7 @@ class ProtoInferRequest:
                         f"input '{tensor.name}': both contents and raw_input_contents given"
                     )
             return {
-                header.name: decode_raw(data, header, self._max_bytes_elements)
+                header.name: _decode_sized(data, header, self._max_bytes_elements)
                 for header, data in zip(headers, raw, strict=True)
             }
         return {
