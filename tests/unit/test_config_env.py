@@ -1,0 +1,99 @@
+"""``${NAME}`` references in the configuration file: expanded from the environment on
+load, an unset variable refused with its field path, values never echoed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mandant.config import load_config
+from mandant.errors import ConfigError
+
+HASH_A = "sha256:" + "a" * 64
+HASH_B = "sha256:" + "b" * 64
+
+CONFIG = """
+server:
+  grpc_port: ${GRPC_PORT}
+  admin_keys: ["${ADMIN_HASH}"]
+limits:
+  store: redis
+  url: "redis://:${REDIS_PASSWORD}@redis:6379/0"
+tenants:
+  - id: acme
+    api_keys: ["${ACME_HASH}"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "mandant.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_references_are_replaced_by_the_environment(tmp_path: Path) -> None:
+    env = {
+        "GRPC_PORT": "9001",
+        "ADMIN_HASH": HASH_A,
+        "REDIS_PASSWORD": "s3cret",
+        "ACME_HASH": HASH_B,
+    }
+    config = load_config(write(tmp_path, CONFIG), env)
+    assert config.server.grpc_port == 9001  # a whole-value reference parses as its field
+    assert config.server.admin_keys == (HASH_A,)
+    assert config.limits.url == "redis://:s3cret@redis:6379/0"
+    assert config.tenants[0].api_keys == (HASH_B,)
+
+
+def test_the_process_environment_is_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MANDANT_TEST_ACME_HASH", HASH_A)
+    path = write(tmp_path, 'tenants: [{id: acme, api_keys: ["${MANDANT_TEST_ACME_HASH}"]}]')
+    assert load_config(path).tenants[0].api_keys == (HASH_A,)
+
+
+def test_unset_variables_are_refused_with_their_field_paths(tmp_path: Path) -> None:
+    env = {"GRPC_PORT": "9001", "REDIS_PASSWORD": "s3cret"}
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, CONFIG), env)
+    assert caught.value.errors == [
+        ("server.admin_keys.0", "environment variable ADMIN_HASH is not set"),
+        ("tenants.0.api_keys.0", "environment variable ACME_HASH is not set"),
+    ]
+
+
+def test_an_expanded_value_is_validated_and_never_echoed(tmp_path: Path) -> None:
+    path = write(tmp_path, 'tenants: [{id: acme, api_keys: ["${ACME_HASH}"]}]')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {"ACME_HASH": "plain-key-not-a-hash"})
+    assert [field for field, _ in caught.value.errors] == ["tenants.0.api_keys"]
+    assert "plain-key-not-a-hash" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("${}", "'${}' is not a variable reference (letters, digits, _)"),
+        ("${1ABC}", "'${1ABC}' is not a variable reference (letters, digits, _)"),
+        ("redis://${HOST", "'${' without a closing '}' (write '$${' for a literal '${')"),
+    ],
+)
+def test_malformed_references_are_refused(tmp_path: Path, value: str, reason: str) -> None:
+    path = write(tmp_path, f'limits: {{url: "{value}"}}')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {"HOST": "redis"})
+    assert caught.value.errors == [("limits.url", reason)]
+
+
+def test_escapes_and_plain_dollars_stay_literal(tmp_path: Path) -> None:
+    path = write(tmp_path, 'limits: {url: "redis://:pa$$w$rd@h/$${NOT_EXPANDED}"}')
+    config = load_config(path, {"NOT_EXPANDED": "x"})
+    assert config.limits.url == "redis://:pa$$w$rd@h/${NOT_EXPANDED}"
+
+
+def test_values_are_not_expanded_twice(tmp_path: Path) -> None:
+    path = write(tmp_path, 'limits: {url: "redis://:${PASSWORD}@h"}')
+    config = load_config(path, {"PASSWORD": "${OTHER}", "OTHER": "no"})
+    assert config.limits.url == "redis://:${OTHER}@h"
