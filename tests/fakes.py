@@ -181,6 +181,7 @@ class RecordingObserver:
     batches: list[tuple[str, int, float, dict[str, int]]] = field(default_factory=list)
     rejections: list[tuple[str, str]] = field(default_factory=list)
     failed_batches: list[tuple[str, int]] = field(default_factory=list)
+    refunds: list[tuple[str, str, int]] = field(default_factory=list)
     finished: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     def request_finished(
@@ -201,6 +202,9 @@ class RecordingObserver:
 
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         return None
+
+    def refunded(self, tenant: str, model: str, rows: int) -> None:
+        self.refunds.append((tenant, model, rows))
 
     def rejected(self, tenant: str, reason: str) -> None:
         self.rejections.append((tenant, reason))

@@ -37,6 +37,10 @@ class Observer(Protocol):
 
     def admitted(self, tenant: str, model: str, rows: int) -> None: ...
 
+    def refunded(self, tenant: str, model: str, rows: int) -> None:
+        """Admitted rows given back: the model did not run for the call."""
+        ...
+
     def rejected(self, tenant: str, reason: str) -> None:
         """A request refused by admission or a queue cap; ``reason`` is a fixed word
         such as ``requests_per_s``, ``rows_per_s``, ``concurrency``, ``quota``,
@@ -68,6 +72,9 @@ class NullObserver:
         return None
 
     def admitted(self, tenant: str, model: str, rows: int) -> None:
+        return None
+
+    def refunded(self, tenant: str, model: str, rows: int) -> None:
         return None
 
     def rejected(self, tenant: str, reason: str) -> None:

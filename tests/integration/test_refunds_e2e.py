@@ -254,6 +254,11 @@ async def test_fourteen_refused_calls_leave_the_whole_quota(
         )
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert used(server, "repro") == 0
+    assert server.app is not None
+    refunded = server.app.metrics.get_sample_value(
+        "mandant_refunded_rows_total", {"tenant": "repro", "model": "echo"}
+    )
+    assert refunded == 47  # and the metrics say so
     await stub.ModelInfer(request("echo", QUOTA), metadata=key("repro"))
     assert used(server, "repro") == QUOTA
 

@@ -58,6 +58,9 @@ class RecordingObserver(NullObserver):
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         self.events.append(("admitted", tenant, model, rows))
 
+    def refunded(self, tenant: str, model: str, rows: int) -> None:
+        self.events.append(("refunded", tenant, model, rows))
+
     def rejected(self, tenant: str, reason: str) -> None:
         self.events.append(("rejected", tenant, reason))
 
@@ -171,6 +174,18 @@ async def test_a_permit_is_released_and_refunded_at_most_once() -> None:
     (await adm.admit(ACME, ECHO, 50)).release()  # the slot and 50 rows are there
     with pytest.raises(QuotaExceeded):
         await adm.admit(ACME, ECHO, 1)
+
+
+async def test_refunded_rows_are_reported_once() -> None:
+    observer = RecordingObserver()
+    adm, _, _ = admission(config({"id": "acme", "quota": {"rows_per_day": 60}}), observer=observer)
+    (await adm.admit(ACME, ECHO, 10)).release()
+    refunded = await adm.admit(ACME, ECHO, 7)
+    refunded.release(refund=True)
+    refunded.release(refund=True)
+    assert [e for e in observer.events if e[0] == "refunded"] == [
+        ("refunded", "acme", ECHO.name, 7)
+    ]
 
 
 async def test_tokens_given_back_after_a_refill_stop_at_the_burst() -> None:

@@ -114,6 +114,11 @@ class PrometheusObserver:
             "mandant_admitted_rows", "Rows admitted (counted against quotas).",
             ["tenant", "model"],
         )  # fmt: skip
+        self.refunded_rows = CounterSeries(
+            "mandant_refunded_rows", "Admitted rows given back: the model did not run for "
+            "the call (admitted − refunded is what the quotas kept).",
+            ["tenant", "model"],
+        )  # fmt: skip
         self.store_errors = CounterSeries(
             "mandant_store_errors", "Failed operations on the shared limits store.", ["store"],
         )  # fmt: skip
@@ -137,7 +142,8 @@ class PrometheusObserver:
                     self.requests, self.request_duration, self.queue_duration,
                     self.compute_duration, self.batch_size, self.failed_batches,
                     self.inflight, self.rejections, self.rows, self.compute_seconds,
-                    self.admitted_rows, self.store_errors, self.slo_requests, self.slo_good,
+                    self.admitted_rows, self.refunded_rows, self.store_errors,
+                    self.slo_requests, self.slo_good,
                 ]
             )
         )  # fmt: skip
@@ -202,6 +208,9 @@ class PrometheusObserver:
         self.admitted_rows.inc((tenant, self._model(model)), rows)
         if self._live is not None:
             self._live.record_admitted(tenant, rows)
+
+    def refunded(self, tenant: str, model: str, rows: int) -> None:
+        self.refunded_rows.inc((self._tenant(tenant), self._model(model)), rows)
 
     def rejected(self, tenant: str, reason: str) -> None:
         tenant = self._tenant(tenant)

@@ -173,6 +173,9 @@ class StatsObserver:
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         self._forward.admitted(tenant, model, rows)
 
+    def refunded(self, tenant: str, model: str, rows: int) -> None:
+        self._forward.refunded(tenant, model, rows)
+
     def rejected(self, tenant: str, reason: str) -> None:
         self._forward.rejected(tenant, reason)
 

@@ -79,12 +79,13 @@ class _InflightPermit:
     """One admitted call: its concurrency slot, and what ``store`` took for it (the
     rows of ``plan``'s limits, quota rows in the period of ``wall``)."""
 
-    __slots__ = ("_admission", "_plan", "_rows", "_store", "_tenant", "_wall")
+    __slots__ = ("_admission", "_model", "_plan", "_rows", "_store", "_tenant", "_wall")
 
     def __init__(
         self,
         admission: TenantAdmission,
         tenant: str,
+        model: str,
         store: _Refunds | None,
         plan: Plan,
         rows: int,
@@ -92,6 +93,7 @@ class _InflightPermit:
     ) -> None:
         self._admission: TenantAdmission | None = admission
         self._tenant = tenant
+        self._model = model
         self._store = store
         self._plan = plan
         self._rows = rows
@@ -102,8 +104,10 @@ class _InflightPermit:
         if admission is None:
             return
         admission.finished(self._tenant)
-        if refund and self._store is not None:
-            self._store.refund(self._plan, self._rows, self._wall)
+        if refund:
+            if self._store is not None:
+                self._store.refund(self._plan, self._rows, self._wall)
+            admission.refunded(self._tenant, self._model, self._rows)
 
 
 def _number(value: float) -> str:
@@ -240,12 +244,16 @@ class TenantAdmission:
                 raise _error(denial)
         self._observer.admitted(tenant.id, model.name, rows)
         self._observer.inflight_changed(tenant.id, 1)
-        return _InflightPermit(self, tenant.id, store, plan, rows, wall)
+        return _InflightPermit(self, tenant.id, model.name, store, plan, rows, wall)
 
     def finished(self, tenant: str) -> None:
         """A permit was released (called by the permit, once)."""
         self._inflight[tenant] -= 1
         self._observer.inflight_changed(tenant, -1)
+
+    def refunded(self, tenant: str, model: str, rows: int) -> None:
+        """A released permit gave its rows back (the model did not run for it)."""
+        self._observer.refunded(tenant, model, rows)
 
     async def _acquire_shared(
         self, shared: SharedStore, plan: Plan, rows: int, wall: float
