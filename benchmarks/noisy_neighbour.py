@@ -68,6 +68,8 @@ def config(args: argparse.Namespace, fair: bool) -> dict[str, Any]:
         server["max_concurrent_streams"] = args.max_concurrent_streams
     if not fair:
         server["front_door_slots"] = NO_DOOR
+    elif args.front_door_slots:
+        server["front_door_slots"] = args.front_door_slots
     data["server"] = server
     return data
 
@@ -85,6 +87,12 @@ def main() -> None:
     parser.add_argument("--flood", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--max-concurrent-streams", type=int, default=None)
+    parser.add_argument(
+        "--front-door-slots",
+        type=int,
+        default=None,
+        help="the fair server's server.front_door_slots (default: the server's default)",
+    )
     parser.add_argument(
         "--max-batch-size",
         type=int,

@@ -50,6 +50,7 @@ bench batching 5 benchmarks.batching
 bench noisy_neighbour_h4096 15 benchmarks.noisy_neighbour --hidden 4096
 bench noisy_neighbour_h4096_b16 15 benchmarks.noisy_neighbour --hidden 4096 --max-batch-size 16
 bench noisy_neighbour_demo 10 benchmarks.noisy_neighbour
+bench noisy_neighbour_demo_door16 10 benchmarks.noisy_neighbour --front-door-slots 16
 
 if ((${#failed[@]})); then
     echo "FAILED: ${failed[*]} (see $OUT/<name>.stderr)"

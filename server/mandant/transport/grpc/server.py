@@ -80,14 +80,16 @@ class GrpcServer:
             ],
         )
         self.door = door = FrontDoor(config.front_door_slots)
-        gate = Gate(
+        self.gate = gate = Gate(
             plane.authenticate,
             authenticate_admin or AdminKeys(config.admin_keys).authenticate,
             observer=observer,
             max_calls=config.max_concurrent_rpcs,
             door=door,
         )
-        servicer = InferenceServicer(plane, config, gate.observer, door, stats or InferenceStats())
+        self.servicer = servicer = InferenceServicer(
+            plane, config, gate.observer, door, stats or InferenceStats()
+        )
         self._server.add_registered_method_handlers(
             INFERENCE_SERVICE, method_handlers(servicer, gate)
         )
