@@ -61,14 +61,18 @@ def auth(tenant_or_key: str) -> dict[str, str]:
 
 
 class ServerThread:
-    def __init__(self, config: MandantConfig, base_dir: Path) -> None:
+    def __init__(
+        self, config: MandantConfig, base_dir: Path, config_path: Path | None = None
+    ) -> None:
         """A configuration that does not set ``server.rest_port`` gets 0, not Triton's
-        8000: tests running side by side must not compete for one port."""
+        8000: tests running side by side must not compete for one port. ``config_path``:
+        the file model loads re-read (``App``'s)."""
         if "rest_port" not in config.server.model_fields_set:
             server = config.server.model_copy(update={"rest_port": 0})
             config = config.model_copy(update={"server": server})
         self._config = config
         self._base_dir = base_dir
+        self._config_path = config_path
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self.app: App | None = None
@@ -82,7 +86,7 @@ class ServerThread:
         self._thread.start()
 
         async def start() -> App:
-            app = App(self._config, self._base_dir)
+            app = App(self._config, self._base_dir, self._config_path)
             await app.start()
             return app
 

@@ -14,11 +14,12 @@ from prometheus_client import CollectorRegistry
 from mandant import __version__
 from mandant.backends.base import Backend
 from mandant.backends.channels import ChannelPool
-from mandant.config import MandantConfig, ModelSpec
+from mandant.config import MandantConfig, ModelSpec, load_config
+from mandant.errors import ConfigError, Unavailable
 from mandant.events import Observer
 from mandant.observability.http import HttpServer
 from mandant.observability.live import LiveStats
-from mandant.observability.metrics import ModelReadiness, PrometheusObserver
+from mandant.observability.metrics import ModelReadiness, PrometheusObserver, load_failures
 from mandant.observability.slo import SloTracker
 from mandant.observability.stats import InferenceStats
 from mandant.observability.usage import UsageReports
@@ -72,10 +73,16 @@ _LIVE_SERVER_SETTINGS = frozenset({"admin_keys"})
 
 class App:
     """The whole server. ``async with App(config, base_dir) as app`` starts it;
-    ``app.grpc_port`` is the bound port."""
+    ``app.grpc_port`` is the bound port. ``config_path``: the file ``config`` came
+    from; RepositoryModelLoad re-reads a model's entry from it (without one, from
+    ``config``)."""
 
-    def __init__(self, config: MandantConfig, base_dir: Path) -> None:
+    def __init__(
+        self, config: MandantConfig, base_dir: Path, config_path: Path | None = None
+    ) -> None:
         self.config = config
+        self.base_dir = base_dir
+        self.config_path = config_path
         specs = config.model_specs(base_dir)
         model_names = sorted({spec.name for spec in specs})
         #: The one source of tenant facts; every component below reads it.
@@ -88,12 +95,16 @@ class App:
         )
         self.stats = InferenceStats()  # ModelStatistics: per tenant, model and version
         self.channels = ChannelPool()
+        failures = load_failures(self.metrics)
         self.registry = ModelRegistry(
             specs,
             lambda spec: make_backend(spec, self.channels),
             lambda spec, backend: make_scheduler(
                 spec, backend, self.stats.observe(self.observer, spec.version)
             ),
+            spec_source=self._current_model_specs,
+            on_failure=lambda key, reason: failures.labels(key.name).inc(),
+            grace_s=config.server.grace_s,
         )
         self.metrics.register(
             ModelReadiness(
@@ -142,6 +153,18 @@ class App:
         )
         self.http_port = 0
         self.internal_http_port = 0
+
+    def _current_model_specs(self) -> list[ModelSpec]:
+        """The models as configured now: the file re-read where the App has one."""
+        if self.config_path is None:
+            return self.config.model_specs(self.base_dir)
+        try:
+            return load_config(self.config_path).model_specs(self.base_dir)
+        except ConfigError as exc:
+            logger.error("model load refused: %s", exc)
+            raise Unavailable(
+                "the configuration file does not validate (see the server log)"
+            ) from None
 
     async def start(self) -> None:
         """Start every part in order; if one fails, stop those already started."""

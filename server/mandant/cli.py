@@ -76,7 +76,7 @@ async def _serve(
     """``path``: the configuration file, absolute (models resolve against its folder)."""
     from mandant.app import App
 
-    app = App(config, path.parent)
+    app = App(config, path.parent, config_path=path)
     await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

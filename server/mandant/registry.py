@@ -8,18 +8,24 @@
 Resolution looks at the caller's own models under a name first, then the shared
 ones. A model another tenant owns is indistinguishable from one that does not
 exist: same error, same message.
+
+A model that fails to load stays listed, not ready, with its ``failure`` (the reason);
+the others serve. ``load`` starts a name's versions from the configuration beside the
+old ones and switches once every one is ready; ``unload`` stops routing a name, lets
+the calls that reached it finish (``Model.enter``/``leave``), then frees it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mandant.backends.base import Backend, DescribesModel
 from mandant.config import ModelSpec
-from mandant.errors import ModelNotFound
+from mandant.errors import ModelNotFound, Unavailable
 from mandant.scheduling.base import Scheduler
 from mandant.types import ModelKey, Tenant
 
@@ -33,6 +39,11 @@ class Model:
     backend: Backend
     scheduler: Scheduler
     describer: DescribesModel | None = field(init=False, default=None, repr=False)
+    #: Why it failed to load (shown in RepositoryIndex); ``None`` once loaded.
+    failure: str | None = field(init=False, default=None)
+    #: Calls that resolved this model and have not answered yet.
+    calls: int = field(init=False, default=0)
+    _idle: asyncio.Event | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.backend, DescribesModel):
@@ -45,11 +56,36 @@ class Model:
 
     @property
     def ready(self) -> bool:
-        return self.backend.ready
+        return self.failure is None and self.backend.ready
+
+    def enter(self) -> None:
+        """A call resolved this model (the data plane pairs it with :meth:`leave`)."""
+        self.calls += 1
+
+    def leave(self) -> None:
+        self.calls -= 1
+        if self.calls == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def drain(self, grace_s: float) -> None:
+        """Wait until every call that reached this model answered, at most ``grace_s``."""
+        if self.calls:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace_s)
+
+    async def aclose(self) -> None:
+        """Free it: queued calls still there answer Unavailable (the scheduler's aclose)."""
+        await self.scheduler.aclose()
+        await self.backend.aclose()
 
 
 BackendFactory = Callable[[ModelSpec], Backend]
 SchedulerFactory = Callable[[ModelSpec, Backend], Scheduler]
+#: The model specs of the configuration as it is now (the file, re-read), for ``load``.
+SpecSource = Callable[[], Iterable[ModelSpec]]
+#: Told of each model version that failed to load, with the reason.
+FailureHook = Callable[[ModelKey, str], None]
 
 
 class ModelRegistry:
@@ -58,17 +94,28 @@ class ModelRegistry:
         specs: Iterable[ModelSpec],
         backend_factory: BackendFactory,
         scheduler_factory: SchedulerFactory,
+        spec_source: SpecSource | None = None,
+        on_failure: FailureHook | None = None,
+        grace_s: float = 30.0,
     ) -> None:
+        """``grace_s``: how long an unloaded or replaced model waits for its calls."""
+        self._backend_factory = backend_factory
+        self._scheduler_factory = scheduler_factory
+        self._initial = list(specs)
+        self._spec_source: SpecSource = spec_source or (lambda: self._initial)
+        self._on_failure = on_failure
+        self.grace_s = grace_s
         self._models: dict[tuple[str | None, str], list[Model]] = {}
-        for spec in specs:
-            backend = backend_factory(spec)
-            model = Model(
-                ModelKey(spec.name, spec.version, spec.tenant),
-                spec,
-                backend,
-                scheduler_factory(spec, backend),
-            )
-            self._models.setdefault((spec.tenant, spec.name), []).append(model)
+        self._install(self._build(spec) for spec in self._initial)
+
+    def _build(self, spec: ModelSpec) -> Model:
+        backend = self._backend_factory(spec)
+        key = ModelKey(spec.name, spec.version, spec.tenant)
+        return Model(key, spec, backend, self._scheduler_factory(spec, backend))
+
+    def _install(self, models: Iterable[Model]) -> None:
+        for model in models:
+            self._models.setdefault((model.key.owner, model.key.name), []).append(model)
         for versions in self._models.values():
             versions.sort(key=lambda m: int(m.key.version), reverse=True)
 
@@ -76,15 +123,26 @@ class ModelRegistry:
         return [model for versions in self._models.values() for model in versions]
 
     async def start(self) -> None:
-        models = self.all()
+        """Load every model; one that fails is kept, not ready, with its reason."""
+        await self._start_all(self.all())
+
+    async def _start_all(self, models: Sequence[Model]) -> list[Model]:
+        """Start ``models`` at once; the ones that failed (closed, reason recorded)."""
         results = await asyncio.gather(
             *(self._start_one(model) for model in models), return_exceptions=True
         )
-        failures = [(m, r) for m, r in zip(models, results, strict=True) if r is not None]
-        if failures:
-            await self.aclose()
-            detail = "; ".join(f"{m.key}: {r}" for m, r in failures)
-            raise RuntimeError(f"{len(failures)} model(s) failed to load: {detail}")
+        failed = []
+        for model, result in zip(models, results, strict=True):
+            if result is None:
+                continue
+            model.failure = f"failed to load: {type(result).__name__}: {result}"[:1000]
+            logger.error("model %s %s", model.key, model.failure)
+            if self._on_failure is not None:
+                self._on_failure(model.key, model.failure)
+            with contextlib.suppress(Exception):
+                await model.aclose()
+            failed.append(model)
+        return failed
 
     @staticmethod
     async def _start_one(model: Model) -> None:
@@ -92,10 +150,48 @@ class ModelRegistry:
         await model.scheduler.start()
         logger.info("model %s loaded (%s)", model.key, model.backend.platform)
 
+    async def load(self, name: str) -> None:
+        """(Re)load every version of ``name`` from the configuration: started beside
+        the old ones, switched to at once when all are ready, the old ones freed once
+        their calls answered. If one fails, the old ones stay and Unavailable says why."""
+        specs = [spec for spec in self._spec_source() if spec.name == name]
+        if not specs:
+            raise ModelNotFound(name)
+        fresh = [self._build(spec) for spec in specs]
+        failed = await self._start_all(fresh)
+        if failed:
+            for model in fresh:
+                if model not in failed:
+                    await model.aclose()
+            raise Unavailable(f"model '{name}' {failed[0].failure}")
+        old = self._remove(name)
+        self._install(fresh)  # no await since _remove: no call sees the name missing
+        logger.info("model %s loaded: %d version(s)", name, len(fresh))
+        await self._retire(old)
+
+    async def unload(self, name: str) -> None:
+        """Stop routing ``name`` (new calls: NOT_FOUND), let calls already routed to
+        it finish (at most ``grace_s``), then free it."""
+        old = self._remove(name)
+        if not old:
+            raise ModelNotFound(name)
+        logger.info("model %s unloading: %d version(s)", name, len(old))
+        await self._retire(old)
+
+    def _remove(self, name: str) -> list[Model]:
+        keys = [key for key in self._models if key[1] == name]
+        return [model for key in keys for model in self._models.pop(key)]
+
+    async def _retire(self, models: Sequence[Model]) -> None:
+        await asyncio.gather(*(model.drain(self.grace_s) for model in models))
+        for model in models:
+            if model.failure is None:
+                await model.aclose()
+
     async def aclose(self) -> None:
         for model in self.all():
-            await model.scheduler.aclose()
-            await model.backend.aclose()
+            if model.failure is None:
+                await model.aclose()
 
     def versions(self, tenant: Tenant, name: str) -> Sequence[Model]:
         """The versions of ``name`` that ``tenant`` sees, newest first (may be empty)."""

@@ -86,6 +86,14 @@ class DataPlane:
         """Every model version of every owner (admin views)."""
         return self._registry.all()
 
+    async def load_model(self, name: str) -> None:
+        """(Re)load ``name`` from the configuration; the switch is atomic once ready."""
+        await self._registry.load(name)
+
+    async def unload_model(self, name: str) -> None:
+        """Stop routing ``name``; calls already routed to it finish, then it is freed."""
+        await self._registry.unload(name)
+
     # -- inference ----------------------------------------------------------------
 
     async def infer(
@@ -104,50 +112,54 @@ class DataPlane:
         ):
             raise InvalidInput(f"request id is longer than {MAX_REQUEST_ID_BYTES} bytes")
         model = self.model(tenant, request.model_name, request.model_version)
-        key, spec = model.key, model.spec
-        call.model = key.name
-        call.version = key.version
-        if not model.ready:
-            raise Unavailable(f"model '{key.name}' is not ready")
-        rows = check_inputs(spec, request.input_headers())
-        outputs = check_outputs(spec, request.requested_outputs())
-        if spec.batching is not None:
-            check_batch_rows(key.name, rows, spec.batching.max_batch_size)
-        request.check_payload()  # framing and byte counts: refused before it costs quota
-        parameters = request.parameters()
-        deadline = _deadline(start, timeout_s, parameters.get("timeout"))
-        priority = _priority(parameters.get("priority"), tenant.priority)
-        permit = await self._admission.admit(tenant, key, rows)
-        ran = False  # the model ran on this request: it stays charged, else refunded
+        model.enter()  # an unload waits for this call (no await since the resolve)
         try:
-            inputs = request.decode_inputs()
-            if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineExceeded("deadline exceeded before the request was queued")
-            results = await model.scheduler.submit(
-                InferRequest(
-                    tenant=tenant,
-                    model=key,
-                    inputs=inputs,
-                    outputs=outputs,
-                    request_id=request_id or _local_id(),
-                    deadline=deadline,
-                    priority=priority,
-                    rows=rows,
+            key, spec = model.key, model.spec
+            call.model = key.name
+            call.version = key.version
+            if not model.ready:
+                raise Unavailable(f"model '{key.name}' is not ready")
+            rows = check_inputs(spec, request.input_headers())
+            outputs = check_outputs(spec, request.requested_outputs())
+            if spec.batching is not None:
+                check_batch_rows(key.name, rows, spec.batching.max_batch_size)
+            request.check_payload()  # framing and byte counts: refused before it costs quota
+            parameters = request.parameters()
+            deadline = _deadline(start, timeout_s, parameters.get("timeout"))
+            priority = _priority(parameters.get("priority"), tenant.priority)
+            permit = await self._admission.admit(tenant, key, rows)
+            ran = False  # the model ran on this request: it stays charged, else refunded
+            try:
+                inputs = request.decode_inputs()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DeadlineExceeded("deadline exceeded before the request was queued")
+                results = await model.scheduler.submit(
+                    InferRequest(
+                        tenant=tenant,
+                        model=key,
+                        inputs=inputs,
+                        outputs=outputs,
+                        request_id=request_id or _local_id(),
+                        deadline=deadline,
+                        priority=priority,
+                        rows=rows,
+                    )
                 )
+                ran = True
+            except ModelFailed:
+                ran = True
+                raise
+            finally:
+                permit.release(refund=not ran)
+            return InferResponse(
+                model_name=key.name,
+                model_version=key.version,
+                request_id=request_id,
+                outputs={name: results[name] for name in outputs},
+                output_specs=spec.outputs,
             )
-            ran = True
-        except ModelFailed:
-            ran = True
-            raise
         finally:
-            permit.release(refund=not ran)
-        return InferResponse(
-            model_name=key.name,
-            model_version=key.version,
-            request_id=request_id,
-            outputs={name: results[name] for name in outputs},
-            output_specs=spec.outputs,
-        )
+            model.leave()
 
 
 def _deadline(start: float, timeout_s: float | None, timeout_us: object) -> float | None:

@@ -16,6 +16,7 @@ from tritonclient.grpc import service_pb2 as triton_pb
 
 from mandant import errors
 from mandant.config import ServerConfig
+from mandant.tenancy.keys import hash_key
 from mandant.transport.grpc.server import GrpcServer
 from mandant.types import Tenant
 from mandant_client._proto import grpc_service_pb2 as pb
@@ -34,7 +35,11 @@ REQUESTS = {
     "ModelStatistics": pb.ModelStatisticsRequest(name="m"),
     "ModelInfer": pb.ModelInferRequest(model_name="m", id="req-42"),
     "RepositoryIndex": pb.RepositoryIndexRequest(),
+    "RepositoryModelLoad": pb.RepositoryModelLoadRequest(model_name="m"),
+    "RepositoryModelUnload": pb.RepositoryModelUnloadRequest(model_name="m"),
 }
+#: RPCs for admin keys only: the walks below call with key ``x``, an admin key too.
+ADMIN_RPCS = ("RepositoryModelLoad", "RepositoryModelUnload")
 ERRORS: list[tuple[BaseException, grpc.StatusCode]] = [
     (errors.ModelNotFound("m"), grpc.StatusCode.NOT_FOUND),
     (errors.InvalidInput("bad tensor"), grpc.StatusCode.INVALID_ARGUMENT),
@@ -53,7 +58,7 @@ ERRORS: list[tuple[BaseException, grpc.StatusCode]] = [
 
 
 class RaisingPlane:
-    """Stands in for DataPlane: authenticates anyone, then raises ``error``."""
+    """Stands in for DataPlane: authenticates anyone as a tenant, then raises ``error``."""
 
     version = "test"
 
@@ -73,6 +78,7 @@ class RaisingPlane:
     live = property(_raise)
     ready = property(_raise)
     model = model_versions = model_ready = repository_index = all_models = _raise
+    load_model = unload_model = _raise
 
     async def infer(self, *args: Any) -> Any:
         raise self.error
@@ -81,7 +87,8 @@ class RaisingPlane:
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[RaisingPlane, pb_grpc.GRPCInferenceServiceStub]]:
     plane = RaisingPlane()
-    server = GrpcServer(plane, ServerConfig(grpc_port=0))  # type: ignore[arg-type]
+    config = ServerConfig(grpc_port=0, admin_keys=[hash_key("x")])
+    server = GrpcServer(plane, config)  # type: ignore[arg-type]
     port = await server.start()
     plane.target = f"127.0.0.1:{port}"
     async with grpc.aio.insecure_channel(plane.target) as channel:
@@ -180,6 +187,19 @@ async def test_every_rpc_maps_every_error(
                 assert trailers["grpc-retry-pushback-ms"] == str(expected)
             else:
                 assert "grpc-retry-pushback-ms" not in trailers
+
+
+async def test_model_control_refuses_keys_that_are_not_admin_keys(
+    served: tuple[RaisingPlane, pb_grpc.GRPCInferenceServiceStub],
+) -> None:
+    """The stand-in plane takes any key as a tenant's; model control asks the admin keys."""
+    plane, stub = served
+    plane.error = errors.InvalidInput("reached the plane")
+    for rpc in ADMIN_RPCS:
+        for metadata in [(("authorization", "Bearer tenant-key"),), ()]:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await getattr(stub, rpc)(REQUESTS[rpc], metadata=metadata)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, rpc
 
 
 async def test_internal_errors_are_logged_with_the_request_id(

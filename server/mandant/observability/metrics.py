@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from mandant.config import SloConfig, TenantConfig
@@ -283,3 +283,14 @@ class ModelReadiness:
             "1 while the model version is ready to serve, else 0.",
             labels=["model", "version", "tenant"],
         )
+
+
+def load_failures(registry: CollectorRegistry) -> Counter:
+    """``mandant_model_load_failures_total{model}``: model versions that failed to
+    load (at start or on a RepositoryModelLoad); ``model`` comes from the configuration."""
+    return Counter(
+        "mandant_model_load_failures_total",
+        "Model versions that failed to load.",
+        ["model"],
+        registry=registry,
+    )

@@ -5,12 +5,13 @@ result. Authentication, parsing and the error table live in the gate
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
 
 from mandant.config import ServerConfig
+from mandant.errors import InvalidInput
 from mandant.events import Observer
 from mandant.observability.stats import InferenceStats
 from mandant.registry import Model
@@ -147,10 +148,36 @@ class InferenceServicer:
                     name=m.key.name,
                     version=m.key.version,
                     state="READY" if m.ready else "UNAVAILABLE",
+                    reason=m.failure or "",
                 )
                 for m in models
                 if m.ready or not request.ready
             ]
+        )
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, call: Call, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        """Admin keys only: (re)load the model's entry from the configuration file."""
+        _no_parameters(request.parameters)
+        await self._plane.load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, call: Call, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        """Admin keys only: stop routing the model, let its calls finish, free it.
+        ``unload_dependents`` (tritonclient sends it) has nothing to act on: no ensembles."""
+        await self._plane.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _no_parameters(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> None:
+    """Triton's ``config``/``file:`` overrides are not taken: the file is the source."""
+    if parameters:
+        raise InvalidInput(
+            "model control parameters are not supported: the model's entry is read "
+            "from the server's configuration file"
         )
 
 
@@ -160,6 +187,8 @@ _OPEN = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
 _INFERENCE = frozenset({"ModelInfer"})
 #: Calls an admin key may make too (every tenant's view).
 _TENANT_OR_ADMIN = frozenset({"ModelStatistics"})
+#: Calls only an admin key may make (tenant keys: UNAUTHENTICATED).
+_ADMIN = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
 
 
 def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, grpc.RpcMethodHandler]:
@@ -173,6 +202,8 @@ def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, grpc.R
         access = Access.OPEN if name in _OPEN else Access.TENANT
         if name in _TENANT_OR_ADMIN:
             access = Access.TENANT_OR_ADMIN
+        if name in _ADMIN:
+            access = Access.ADMIN
         serialize: Callable[[Any], bytes] = _serializer(method.output_type.name)
         if method.client_streaming:
             handlers[name] = gate.stream(path, access, getattr(servicer, name), serialize)

@@ -1,0 +1,37 @@
+"""Models for the model-control tests, loaded by the torch backend as
+``tests.integration.control_models:<factory>``."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from torch import nn
+
+#: Set to let :class:`Gated` answer; its calls wait on it (at most a minute).
+RELEASE = threading.Event()
+
+
+class Doubled(nn.Module):
+    def forward(self, value: Any) -> Any:
+        return value * 2
+
+
+class Gated(nn.Module):
+    """Echoes its input once :data:`RELEASE` is set: calls stay in flight until then."""
+
+    def forward(self, value: Any) -> Any:
+        RELEASE.wait(60)
+        return value
+
+
+def doubled() -> nn.Module:
+    return Doubled()
+
+
+def gated() -> nn.Module:
+    return Gated()
+
+
+def broken() -> nn.Module:
+    raise RuntimeError("weights missing")
