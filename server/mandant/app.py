@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -153,6 +154,8 @@ class App:
         )
         self.http_port = 0
         self.internal_http_port = 0
+        #: The model changes of the last reload, applied in the background (its lines).
+        self.model_changes: asyncio.Task[list[str]] | None = None
 
     def _current_model_specs(self) -> list[ModelSpec]:
         """The models as configured now: the file re-read where the App has one."""
@@ -186,8 +189,10 @@ class App:
         (tenants, API keys, weights, priorities, SLOs, admin keys) is swapped at once,
         so authentication, metrics labels, SLOs, usage reports and the dashboard all
         see it; admission's rate limits, concurrency caps and quotas follow (limit and
-        quota counts are kept). Models, other server settings and the limits store
-        need a restart: they stay as they are, and ``deferred`` says so."""
+        quota counts are kept). Model changes start at once in the background
+        (``model_changes``, as ``ModelRegistry.apply``: each loads beside the old and
+        switches once ready). Other server settings and the limits store need a
+        restart: they stay as they are, and ``deferred`` says so."""
         server_changed = sorted(
             name
             for name in type(config.server).model_fields
@@ -196,7 +201,7 @@ class App:
         )
         deferred = [
             f"'{part}' changed: applied at the next restart"
-            for part in ("models", "limits")
+            for part in ("limits",)
             if getattr(config, part) != getattr(self.config, part)
         ]
         if server_changed:
@@ -205,12 +210,34 @@ class App:
             )
         applied = self.directory.replace(config.tenants, config.server.admin_keys)
         self.admission.update(config)
+        if config.models != self.config.models:
+            self.model_changes = asyncio.create_task(
+                self._apply_models(config.model_specs(self.base_dir), self.model_changes)
+            )
+            applied.append("models: changes loading in the background")
         server = self.config.server.model_copy(update={"admin_keys": config.server.admin_keys})
-        self.config = self.config.model_copy(update={"tenants": config.tenants, "server": server})
+        self.config = self.config.model_copy(
+            update={"tenants": config.tenants, "server": server, "models": config.models}
+        )
         return ReloadResult(tuple(applied), tuple(deferred))
+
+    async def _apply_models(
+        self, specs: list[ModelSpec], previous: asyncio.Task[list[str]] | None
+    ) -> list[str]:
+        if previous is not None:  # the previous reload's changes first
+            with contextlib.suppress(Exception):
+                await asyncio.shield(previous)
+        changes = await self.registry.apply(specs)
+        for change in changes:
+            logger.info("configuration reload: %s", change)
+        return changes
 
     async def aclose(self, grace_s: float | None = None) -> None:
         grace_s = self.config.server.grace_s if grace_s is None else grace_s
+        if self.model_changes is not None:
+            self.model_changes.cancel()
+            with contextlib.suppress(BaseException):
+                await self.model_changes
         await asyncio.gather(self.grpc.stop(grace_s), self.rest.aclose(grace_s))
         await self.http.aclose()
         await self.registry.aclose()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from mandant.backends.base import Backend, DescribesModel
 from mandant.config import ModelSpec
-from mandant.errors import ModelNotFound, Unavailable
+from mandant.errors import MandantError, ModelNotFound, Unavailable
 from mandant.scheduling.base import Scheduler
 from mandant.types import ModelKey, Tenant
 
@@ -150,11 +150,13 @@ class ModelRegistry:
         await model.scheduler.start()
         logger.info("model %s loaded (%s)", model.key, model.backend.platform)
 
-    async def load(self, name: str) -> None:
-        """(Re)load every version of ``name`` from the configuration: started beside
-        the old ones, switched to at once when all are ready, the old ones freed once
-        their calls answered. If one fails, the old ones stay and Unavailable says why."""
-        specs = [spec for spec in self._spec_source() if spec.name == name]
+    async def load(self, name: str, specs: Sequence[ModelSpec] | None = None) -> None:
+        """(Re)load every version of ``name`` from the configuration (or ``specs``):
+        started beside the old ones, switched to at once when all are ready, the old
+        ones freed once their calls answered. If one fails, the old ones stay and
+        Unavailable says why."""
+        if specs is None:
+            specs = [spec for spec in self._spec_source() if spec.name == name]
         if not specs:
             raise ModelNotFound(name)
         fresh = [self._build(spec) for spec in specs]
@@ -177,6 +179,38 @@ class ModelRegistry:
             raise ModelNotFound(name)
         logger.info("model %s unloading: %d version(s)", name, len(old))
         await self._retire(old)
+
+    async def apply(self, specs: Iterable[ModelSpec]) -> list[str]:
+        """Bring the models to ``specs`` (a reloaded configuration): names no longer
+        there are unloaded; new names, changed entries and models that had failed to
+        load are loaded (each as :meth:`load`). Returns one line per change."""
+        wanted: dict[str, list[ModelSpec]] = {}
+        for spec in specs:
+            wanted.setdefault(spec.name, []).append(spec)
+        running: dict[str, list[Model]] = {}
+        for model in self.all():
+            running.setdefault(model.key.name, []).append(model)
+
+        async def unload(name: str) -> str:
+            await self.unload(name)
+            return f"model '{name}' unloaded"
+
+        async def load(name: str, group: list[ModelSpec]) -> str:
+            try:
+                await self.load(name, group)
+            except MandantError as exc:
+                return f"model '{name}' not loaded: {exc}"
+            return f"model '{name}' loaded"
+
+        changes = [unload(name) for name in sorted(running.keys() - wanted.keys())]
+        for name, group in sorted(wanted.items()):
+            models = running.get(name, [])
+            if _same(group, [m.declared for m in models]) and all(
+                m.failure is None for m in models
+            ):
+                continue
+            changes.append(load(name, group))
+        return list(await asyncio.gather(*changes))
 
     def _remove(self, name: str) -> list[Model]:
         keys = [key for key in self._models if key[1] == name]
@@ -215,3 +249,10 @@ class ModelRegistry:
         """Every model version ``tenant`` may call, under the names it calls them."""
         names = sorted({name for owner, name in self._models if owner in (None, tenant.id)})
         return [model for name in names for model in self.versions(tenant, name)]
+
+
+def _same(specs: Sequence[ModelSpec], others: Sequence[ModelSpec]) -> bool:
+    def order(spec: ModelSpec) -> tuple[str, int]:
+        return (spec.tenant or "", int(spec.version))
+
+    return sorted(specs, key=order) == sorted(others, key=order)

@@ -194,3 +194,35 @@ async def test_unload_lets_calls_in_flight_answer_and_routes_no_new_ones(
     assert "gated" not in index(client)
     np.testing.assert_array_equal(infer(client, "echo", ACME), X)  # the others untouched
     assert code_of(lambda: client.unload_model("gated", headers=ADMIN)) == "StatusCode.NOT_FOUND"
+
+
+def test_a_reload_loads_added_and_changed_models_and_unloads_removed_ones(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    app = server.app
+    assert app is not None
+    client = tc.InferenceServerClient(server.target)
+    path = write_config(
+        tmp_path / "reloaded.yaml",
+        [model("echo", "doubled"), model("broken", "broken"), {**ECHO_MODEL, "name": "added"}],
+    )
+
+    async def reload() -> list[str]:
+        app.reload(load_config(path))
+        assert app.model_changes is not None
+        return await app.model_changes
+
+    changes = server.call(reload())
+    assert sorted(changes) == [
+        "model 'added' loaded",
+        "model 'broken' not loaded: model 'broken' failed to load: ModelLoadError: "
+        "cannot load model 'broken' version 1: weights missing",
+        "model 'echo' loaded",
+        "model 'gated' unloaded",
+    ]
+    np.testing.assert_array_equal(infer(client, "echo", ACME), X * 2)
+    np.testing.assert_array_equal(infer(client, "added", ACME), X)
+    listed = index(client)
+    assert sorted(listed) == ["added", "broken", "echo"]
+    assert listed["broken"]["state"] == "UNAVAILABLE"
+    assert code_of(lambda: infer(client, "gated", ACME)) == "StatusCode.NOT_FOUND"

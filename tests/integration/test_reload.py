@@ -1,6 +1,6 @@
 """Configuration reload: ``App.reload`` in process, and SIGHUP on ``mandant serve``.
-Tenants, keys and limits change live; a broken file is refused and the server keeps
-what it runs; model changes wait for a restart."""
+Tenants, keys, limits and models change live; a broken file is refused and the server
+keeps what it runs."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _config(port: int = 0, **tenants: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def test_reload_applies_keys_and_limits_and_defers_models(tmp_path: Path) -> None:
+async def test_reload_applies_keys_limits_and_models(tmp_path: Path) -> None:
     first = _config(a={"api_keys": [hash_key("key-a")]})
     async with App(parse_config(first), tmp_path) as app:
         target = f"127.0.0.1:{app.grpc_port}"
@@ -49,13 +49,15 @@ async def test_reload_applies_keys_and_limits_and_defers_models(tmp_path: Path) 
             )
             second["models"] = [ECHO_MODEL, {**ECHO_MODEL, "name": "echo2"}]
             result = app.reload(parse_config(second))
-            assert any("'models' changed" in note for note in result.deferred)
+            assert not result.deferred
             assert "tenants added: b" in result.applied
             assert "API keys changed: a (1 added, 1 revoked)" in result.applied
             await b.infer("echo", X)  # b exists now ...
             with pytest.raises(RateLimited):  # ... with its limit
                 await b.infer("echo", X)
-            assert [m.name for m in await b.models()] == ["echo"]  # echo2: at restart
+            assert app.model_changes is not None
+            assert await app.model_changes == ["model 'echo2' loaded"]
+            assert [m.name for m in await b.models()] == ["echo", "echo2"]
         async with (
             AsyncClient(target, api_key="key-a") as old,
             AsyncClient(target, api_key="key-a2") as new,
