@@ -70,7 +70,8 @@ class Model:
     async def drain(self, grace_s: float) -> None:
         """Wait until every call that reached this model answered, at most ``grace_s``."""
         if self.calls:
-            self._idle = asyncio.Event()
+            if self._idle is None:  # one event for every retire waiting on this model
+                self._idle = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), grace_s)
 
