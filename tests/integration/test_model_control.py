@@ -226,3 +226,33 @@ def test_a_reload_loads_added_and_changed_models_and_unloads_removed_ones(
     assert sorted(listed) == ["added", "broken", "echo"]
     assert listed["broken"]["state"] == "UNAVAILABLE"
     assert code_of(lambda: infer(client, "gated", ACME)) == "StatusCode.NOT_FOUND"
+
+
+async def test_no_call_fails_while_a_load_switches_the_model(
+    server: ServerThread, config_file: Path
+) -> None:
+    client = tc.InferenceServerClient(server.target)
+    write_config(config_file, [model("echo", "doubled")])
+    loaded = threading.Thread(target=client.load_model, args=("echo",), kwargs={"headers": ADMIN})
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="echo")
+        request.inputs.add(name="INPUT0", datatype="FP32", shape=list(X.shape))
+        request.raw_input_contents.append(X.tobytes())
+        metadata = tuple(ACME.items())
+
+        async def caller() -> list[bytes]:
+            answers = []
+            while loaded.is_alive() or not answers:
+                answer = await stub.ModelInfer(request, metadata=metadata)
+                answers.append(answer.raw_output_contents[0])
+            return answers
+
+        loaded.start()
+        answers = [
+            a for batch in await asyncio.gather(*(caller() for _ in range(4))) for a in batch
+        ]
+        await asyncio.to_thread(loaded.join, 30)
+        after = await stub.ModelInfer(request, metadata=metadata)
+    assert set(answers) <= {X.tobytes(), (X * 2).tobytes()}  # every call answered
+    assert after.raw_output_contents[0] == (X * 2).tobytes()
