@@ -75,7 +75,8 @@ class App:
     ``app.grpc_port`` is the bound port."""
 
     def __init__(self, config: MandantConfig, base_dir: Path) -> None:
-        self.config = config
+        self.base_dir = base_dir
+        self.config = config = config.resolved(base_dir)
         specs = config.model_specs(base_dir)
         model_names = sorted({spec.name for spec in specs})
         #: The one source of tenant facts; every component below reads it.
@@ -165,6 +166,7 @@ class App:
         see it; admission's rate limits, concurrency caps and quotas follow (limit and
         quota counts are kept). Models, other server settings and the limits store
         need a restart: they stay as they are, and ``deferred`` says so."""
+        config = config.resolved(self.base_dir)
         server_changed = sorted(
             name
             for name in type(config.server).model_fields

@@ -44,8 +44,25 @@ def _hashes_only(keys: tuple[str, ...]) -> tuple[str, ...]:
 
 
 class TlsConfig(_Frozen):
+    """``server.tls``: the server's certificate and key (PEM) for the gRPC and REST
+    ports. ``client_ca``: require client certificates signed by this CA (mTLS) there;
+    ``http``: serve the HTTP port over TLS too, with the same settings. Relative paths
+    are relative to the configuration file; files are read again on SIGHUP."""
+
     cert: Path
     key: Path
+    client_ca: Path | None = None
+    http: bool = False
+
+    def resolved(self, base_dir: Path) -> TlsConfig:
+        """These settings with every path made absolute against ``base_dir``."""
+        return self.model_copy(
+            update={
+                "cert": base_dir / self.cert,
+                "key": base_dir / self.key,
+                "client_ca": base_dir / self.client_ca if self.client_ca else None,
+            }
+        )
 
 
 #: Default of ``server.max_bytes_elements``: a BYTES tensor at this bound (262,144
@@ -401,6 +418,15 @@ class MandantConfig(_Frozen):
                 ):
                     raise ValueError(f"tenant {tenant.id!r}: limits for unknown model {name!r}")
         return self
+
+    def resolved(self, base_dir: Path) -> MandantConfig:
+        """This configuration with its server paths (``server.tls``) made absolute
+        against ``base_dir``, the configuration file's directory."""
+        tls = self.server.tls
+        if tls is None:
+            return self
+        server = self.server.model_copy(update={"tls": tls.resolved(base_dir)})
+        return self.model_copy(update={"server": server})
 
     def model_specs(self, base_dir: Path) -> list[ModelSpec]:
         """Every model version with its base's settings filled in and paths made
