@@ -202,6 +202,11 @@ class SloConfig(_Frozen):
 class TenantConfig(_Frozen):
     id: str
     api_keys: tuple[str, ...] = ()
+    #: Client certificate identities that are this tenant (with ``server.tls.client_ca``):
+    #: ``CN=<subject common name>`` or a subject alternative name (``spiffe://…`` URI,
+    #: DNS name). A call without a key whose verified certificate carries one is this
+    #: tenant; a call with a key is the key's tenant.
+    client_certs: tuple[Annotated[str, Field(min_length=1, max_length=1024)], ...] = ()
     rate_limit: RateLimitConfig | None = None
     max_concurrency: Annotated[int, Field(gt=0)] | None = None
     quota: QuotaConfig | None = None
@@ -393,6 +398,11 @@ class MandantConfig(_Frozen):
             raise ValueError("an API key hash appears under two tenants")
         if set(hashes) & set(self.server.admin_keys):
             raise ValueError("an admin key hash is also a tenant's API key")
+        identities = [c for t in self.tenants for c in t.client_certs]
+        if len(set(identities)) != len(identities):
+            raise ValueError("a client certificate identity appears twice")
+        if identities and (self.server.tls is None or self.server.tls.client_ca is None):
+            raise ValueError("tenants' client_certs need server.tls.client_ca")
         seen: set[tuple[str | None, str, str]] = set()
         for model in self.models:
             if model.tenant is not None and model.tenant not in tenant_ids:
