@@ -144,19 +144,23 @@ def test_a_key_still_authenticates_over_mtls(pki: Pki, server: ServerThread) -> 
         c.infer("echo", {"INPUT0": X})
 
 
-def test_reload_serves_a_new_server_certificate_to_new_connections(
-    pki: Pki, tmp_path: Path
-) -> None:
+def test_reload_serves_new_certificates_to_new_connections(pki: Pki, tmp_path: Path) -> None:
+    """The server certificate and the client CA are replaced in place, then App.reload
+    (what SIGHUP runs): new connections get the new ones, on gRPC and REST."""
     for name in ("ca.pem", "server.pem", "server.key"):
         (tmp_path / name).write_bytes((pki.folder / name).read_bytes())
     config = mtls_config(pki)
-    new_ca = make_ca(tmp_path / "..", name=f"new-ca-{tmp_path.name}")
+    keys = tmp_path / "new"
+    keys.mkdir()
+    new_ca = make_ca(keys, "new-ca")
+    new_acme = issue(new_ca, keys, "new-acme", "acme-client", "URI:spiffe://test/acme-2")
     with ServerThread(config, tmp_path) as server:
-        with client(server, credentials(pki, pki.acme, ca=new_ca)) as c, pytest.raises(Unavailable):
-            c.infer("echo", {"INPUT0": X})  # still the old certificate
-        rotated = server_cert(new_ca, tmp_path, name="rotated")
+        with client(server, credentials(pki, new_acme, ca=new_ca)) as c, pytest.raises(Unavailable):
+            c.infer("echo", {"INPUT0": X})  # still the old certificates
+        rotated = server_cert(new_ca, keys, name="rotated")
         rotated.cert.replace(tmp_path / "server.pem")
         rotated.key.replace(tmp_path / "server.key")
+        (tmp_path / "ca.pem").write_bytes(new_ca.cert.read_bytes())
 
         async def reload() -> None:
             assert server.app is not None
@@ -164,8 +168,15 @@ def test_reload_serves_a_new_server_certificate_to_new_connections(
             assert not any("certificates" in note for note in result.deferred), result
 
         server.call(reload())
-        with client(server, credentials(pki, pki.acme, ca=new_ca)) as c:
+        with client(server, credentials(pki, new_acme, ca=new_ca)) as c:
             assert c.infer("acme-only", {"INPUT0": X})["OUTPUT0"].sum() == 2
+        with client(server, credentials(pki, pki.acme, ca=new_ca)) as c, pytest.raises(Unavailable):
+            c.infer("echo", {"INPUT0": X})  # signed by the CA no longer configured
+        assert server.app is not None
+        rest = ssl.create_default_context(cafile=new_ca.cert)
+        rest.load_cert_chain(new_acme.cert, new_acme.key)
+        url = f"https://127.0.0.1:{server.app.rest_port}/v2/models/acme-only/ready"
+        assert get(url, rest)[1] == 200
 
 
 def https(pki: Pki, client_pair: Pair | None) -> ssl.SSLContext:
