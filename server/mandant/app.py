@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from mandant import __version__
 from mandant.backends.base import Backend
 from mandant.backends.channels import ChannelPool
-from mandant.config import MandantConfig, ModelSpec, load_config
+from mandant.config import MandantConfig, ModelSpec, TlsConfig, load_config
 from mandant.errors import ConfigError, Unavailable
 from mandant.events import Observer
 from mandant.observability.http import HttpServer
@@ -33,6 +34,7 @@ from mandant.tenancy.admission import TenantAdmission, shared_store_for
 from mandant.tenancy.directory import TenantDirectory
 from mandant.transport.grpc.server import GrpcServer
 from mandant.transport.rest.server import RestServer
+from mandant.transport.tls import server_ssl_context
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,15 @@ class ReloadResult:
 _LIVE_SERVER_SETTINGS = frozenset({"admin_keys"})
 
 
+def _same_tls_shape(new: TlsConfig | None, old: TlsConfig | None) -> bool:
+    """Whether a reload can switch from ``old`` to ``new`` TLS settings in place: new
+    paths only (TLS on or off, client CA or not, HTTPS on the HTTP port or not need a
+    restart)."""
+    if new is None or old is None:
+        return new is old
+    return (new.client_ca is None) == (old.client_ca is None) and new.http == old.http
+
+
 class App:
     """The whole server. ``async with App(config, base_dir) as app`` starts it;
     ``app.grpc_port`` is the bound port. ``config_path``: the file ``config`` came
@@ -81,9 +92,9 @@ class App:
     def __init__(
         self, config: MandantConfig, base_dir: Path, config_path: Path | None = None
     ) -> None:
-        self.config = config
         self.base_dir = base_dir
         self.config_path = config_path
+        self.config = config = config.resolved(base_dir)
         specs = config.model_specs(base_dir)
         model_names = sorted({spec.name for spec in specs})
         #: The one source of tenant facts; every component below reads it.
@@ -133,6 +144,7 @@ class App:
             usage=self.usage,
             stats=self.stats,
             authenticate_admin=self.directory.authenticate_admin,
+            authenticate_certificate=self.directory.authenticate_certificate,
         )
         self.grpc_port = 0
         self.rest = RestServer(
@@ -141,6 +153,7 @@ class App:
             observer=self.stats.observe(self.observer),
             stats=self.stats,
             authenticate_admin=self.directory.authenticate_admin,
+            authenticate_certificate=self.directory.authenticate_certificate,
         )
         self.rest_port = 0
         self.http = HttpServer(
@@ -193,11 +206,13 @@ class App:
         (``model_changes``, as ``ModelRegistry.apply``: each loads beside the old and
         switches once ready). Other server settings and the limits store need a
         restart: they stay as they are, and ``deferred`` says so."""
+        config = config.resolved(self.base_dir)
         server_changed = sorted(
             name
             for name in type(config.server).model_fields
             if name not in _LIVE_SERVER_SETTINGS
             and getattr(config.server, name) != getattr(self.config.server, name)
+            and not (name == "tls" and _same_tls_shape(config.server.tls, self.config.server.tls))
         )
         deferred = [
             f"'{part}' changed: applied at the next restart"
@@ -208,6 +223,13 @@ class App:
             deferred.insert(
                 0, f"'server' ({', '.join(server_changed)}) changed: applied at the next restart"
             )
+        live: dict[str, object] = {"admin_keys": config.server.admin_keys}
+        if config.server.tls is not None and "tls" not in server_changed:
+            live["tls"] = config.server.tls
+            try:
+                self._reload_certificates(config.server.tls)
+            except (OSError, ssl.SSLError) as exc:
+                deferred.append(f"certificates not reloaded, keeping the old ones: {exc}")
         applied = self.directory.replace(config.tenants, config.server.admin_keys)
         self.admission.update(config)
         if config.models != self.config.models:
@@ -215,7 +237,7 @@ class App:
                 self._apply_models(config.model_specs(self.base_dir), self.model_changes)
             )
             applied.append("models: changes loading in the background")
-        server = self.config.server.model_copy(update={"admin_keys": config.server.admin_keys})
+        server = self.config.server.model_copy(update=live)
         self.config = self.config.model_copy(
             update={"tenants": config.tenants, "server": server, "models": config.models}
         )
@@ -231,6 +253,14 @@ class App:
         for change in changes:
             logger.info("configuration reload: %s", change)
         return changes
+
+    def _reload_certificates(self, tls: TlsConfig) -> None:
+        """Read the certificate, key and client CA again (also where the paths did not
+        change: the files may have); new connections on every TLS port get them."""
+        server_ssl_context(tls)  # refuses a key that does not match its certificate
+        self.grpc.reload_tls(tls)
+        self.rest.reload_tls(tls)
+        self.http.reload_tls(tls)
 
     async def aclose(self, grace_s: float | None = None) -> None:
         grace_s = self.config.server.grace_s if grace_s is None else grace_s

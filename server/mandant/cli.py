@@ -85,8 +85,13 @@ async def _serve(
     loop.add_signal_handler(signal.SIGHUP, _reload, app, path, overrides)
     target = f"{config.server.host}:{app.grpc_port}"
     print(f"Mandant listening: gRPC (KServe v2) on {target}", flush=True)
-    http = f"http://{config.server.host}:{app.http_port}"
-    print(f"KServe v2 REST on http://{config.server.host}:{app.rest_port}/v2", flush=True)
+    tls = config.server.tls
+    http_scheme = "https" if tls is not None and tls.http else "http"
+    rest_scheme = "https" if tls is not None else "http"
+    http = f"{http_scheme}://{config.server.host}:{app.http_port}"
+    print(
+        f"KServe v2 REST on {rest_scheme}://{config.server.host}:{app.rest_port}/v2", flush=True
+    )
     access = "" if config.server.metrics_auth == "none" else "; an admin or tenant key"
     print(f"Dashboard: {http}/  (metrics: {http}/metrics{access})", flush=True)
     internal = config.server.internal_http

@@ -44,8 +44,25 @@ def _hashes_only(keys: tuple[str, ...]) -> tuple[str, ...]:
 
 
 class TlsConfig(_Frozen):
+    """``server.tls``: the server's certificate and key (PEM) for the gRPC and REST
+    ports. ``client_ca``: require client certificates signed by this CA (mTLS) there;
+    ``http``: serve the HTTP port over TLS too, with the same settings. Relative paths
+    are relative to the configuration file; files are read again on SIGHUP."""
+
     cert: Path
     key: Path
+    client_ca: Path | None = None
+    http: bool = False
+
+    def resolved(self, base_dir: Path) -> TlsConfig:
+        """These settings with every path made absolute against ``base_dir``."""
+        return self.model_copy(
+            update={
+                "cert": base_dir / self.cert,
+                "key": base_dir / self.key,
+                "client_ca": base_dir / self.client_ca if self.client_ca else None,
+            }
+        )
 
 
 #: Default of ``server.max_bytes_elements``: a BYTES tensor at this bound (262,144
@@ -185,6 +202,11 @@ class SloConfig(_Frozen):
 class TenantConfig(_Frozen):
     id: str
     api_keys: tuple[str, ...] = ()
+    #: Client certificate identities that are this tenant (with ``server.tls.client_ca``):
+    #: ``CN=<subject common name>`` or a subject alternative name (``spiffe://…`` URI,
+    #: DNS name). A call without a key whose verified certificate carries one is this
+    #: tenant; a call with a key is the key's tenant.
+    client_certs: tuple[Annotated[str, Field(min_length=1, max_length=1024)], ...] = ()
     rate_limit: RateLimitConfig | None = None
     max_concurrency: Annotated[int, Field(gt=0)] | None = None
     quota: QuotaConfig | None = None
@@ -376,6 +398,11 @@ class MandantConfig(_Frozen):
             raise ValueError("an API key hash appears under two tenants")
         if set(hashes) & set(self.server.admin_keys):
             raise ValueError("an admin key hash is also a tenant's API key")
+        identities = [c for t in self.tenants for c in t.client_certs]
+        if len(set(identities)) != len(identities):
+            raise ValueError("a client certificate identity appears twice")
+        if identities and (self.server.tls is None or self.server.tls.client_ca is None):
+            raise ValueError("tenants' client_certs need server.tls.client_ca")
         seen: set[tuple[str | None, str, str]] = set()
         for model in self.models:
             if model.tenant is not None and model.tenant not in tenant_ids:
@@ -401,6 +428,15 @@ class MandantConfig(_Frozen):
                 ):
                     raise ValueError(f"tenant {tenant.id!r}: limits for unknown model {name!r}")
         return self
+
+    def resolved(self, base_dir: Path) -> MandantConfig:
+        """This configuration with its server paths (``server.tls``) made absolute
+        against ``base_dir``, the configuration file's directory."""
+        tls = self.server.tls
+        if tls is None:
+            return self
+        server = self.server.model_copy(update={"tls": tls.resolved(base_dir)})
+        return self.model_copy(update={"server": server})
 
     def model_specs(self, base_dir: Path) -> list[ModelSpec]:
         """Every model version with its base's settings filled in and paths made

@@ -16,6 +16,7 @@ free one)."""
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -24,12 +25,13 @@ from typing import Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from mandant.config import ServerConfig
+from mandant.config import ServerConfig, TlsConfig
 from mandant.errors import Unauthenticated
 from mandant.observability.live import LiveStats
 from mandant.observability.slo import SloTracker
 from mandant.observability.usage import UsageReports
 from mandant.tenancy.directory import TenantDirectory
+from mandant.transport.tls import reload_ssl_context, server_ssl_context
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,9 @@ class HttpServer:
         self._page = dashboard_page()
         self._clock = clock
         self._started = clock()
+        tls = config.tls
+        #: HTTPS on ``http_port`` (never on ``internal_http``) where ``tls.http`` is set.
+        self._ssl = server_ssl_context(tls) if tls is not None and tls.http else None
         self._runner = web.AppRunner(
             self._app(open_access=config.metrics_auth == "none"), access_log=None
         )
@@ -116,7 +121,7 @@ class HttpServer:
     async def start(self) -> int:
         """Bind and serve (and the internal listener, if configured); returns the
         bound port."""
-        self.port = await _bind(self._runner, self._config.host, self._config.http_port)
+        self.port = await _bind(self._runner, self._config.host, self._config.http_port, self._ssl)
         internal = self._config.internal_http
         if self._internal is not None and internal is not None:
             try:
@@ -125,6 +130,11 @@ class HttpServer:
                 await self._runner.cleanup()
                 raise
         return self.port
+
+    def reload_tls(self, tls: TlsConfig) -> None:
+        """Serve the files at ``tls``'s paths to connections made from now on."""
+        if self._ssl is not None:
+            reload_ssl_context(self._ssl, tls)
 
     async def aclose(self) -> None:
         if self._internal is not None:
@@ -188,9 +198,11 @@ class HttpServer:
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
 
-async def _bind(runner: web.AppRunner, host: str, port: int) -> int:
+async def _bind(
+    runner: web.AppRunner, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> int:
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
         await site.start()
     except BaseException:

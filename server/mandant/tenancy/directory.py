@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from mandant.config import MandantConfig, SloConfig, TenantConfig
+from mandant.errors import Unauthenticated
 from mandant.tenancy.keys import AdminKeys, KeyStore
 from mandant.types import Tenant
 
@@ -29,6 +30,8 @@ class TenantSnapshot:
     tenants: Mapping[str, Tenant]
     ids: frozenset[str]
     keys: KeyStore
+    #: client certificate identity (``tenants[].client_certs``) -> its tenant
+    certificates: Mapping[str, Tenant]
     admins: AdminKeys
     admin_key_hashes: frozenset[str]
     slos: Mapping[str, SloConfig]
@@ -49,6 +52,9 @@ class TenantSnapshot:
             tenants=MappingProxyType(identities),
             ids=frozenset(by_id),
             keys=KeyStore((identities[t.id], t.api_keys) for t in configs),
+            certificates=MappingProxyType(
+                {name: identities[t.id] for t in configs for name in t.client_certs}
+            ),
             admins=AdminKeys(admin_hashes),
             admin_key_hashes=frozenset(admin_hashes),
             slos=MappingProxyType(slos),
@@ -87,6 +93,15 @@ class TenantDirectory:
         :class:`~mandant.errors.Unauthenticated`."""
         return self._current.keys.authenticate(authorization)
 
+    def authenticate_certificate(self, identities: Iterable[str]) -> Tenant:
+        """The tenant a verified client certificate with these identities is, or
+        :class:`~mandant.errors.Unauthenticated` (none bound, or two tenants')."""
+        certificates = self._current.certificates
+        found = {certificates[name] for name in identities if name in certificates}
+        if len(found) != 1:
+            raise Unauthenticated()
+        return found.pop()
+
     def is_admin(self, authorization: str | None) -> bool:
         return self._current.admins.is_admin(authorization)
 
@@ -111,13 +126,17 @@ def describe_changes(old: TenantSnapshot, new: TenantSnapshot) -> list[str]:
         fields = [
             name
             for name in type(after).model_fields
-            if name not in ("id", "api_keys") and getattr(before, name) != getattr(after, name)
+            if name not in ("id", "api_keys", "client_certs")
+            and getattr(before, name) != getattr(after, name)
         ]
         if fields:
             changed.append(f"{tenant} ({', '.join(fields)})")
         keys = _counted(set(before.api_keys), set(after.api_keys))
         if keys:
             rotated.append(f"{tenant} ({keys})")
+        certificates = _counted(set(before.client_certs), set(after.client_certs))
+        if certificates:
+            rotated.append(f"{tenant} (client certificates {certificates})")
     if changed:
         notes.append(f"tenants changed: {'; '.join(changed)}")
     if rotated:

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 Context: TypeAlias = grpc.aio.ServicerContext
 Authenticator = Callable[[str | None], Tenant]
 AdminAuthenticator = Callable[[str | None], None]
+PeerAuthenticator = Callable[[Context], Tenant]
 
 
 class Access(enum.Enum):
@@ -98,9 +99,13 @@ class Gate:
         observer: Observer | None = None,
         max_calls: int | None = None,
         door: FrontDoor | None = None,
+        authenticate_peer: PeerAuthenticator | None = None,
     ) -> None:
+        """``authenticate_peer``: the tenant of a call's verified client certificate,
+        asked for calls without a key (mTLS only; None: a key is always needed)."""
         self._authenticate = authenticate
         self._authenticate_admin = authenticate_admin
+        self._authenticate_peer = authenticate_peer
         self._observer: Observer = observer or NullObserver()
         self.door = door
         self._max_calls = max_calls if max_calls is not None else 1 << 62
@@ -124,7 +129,11 @@ class Gate:
 
     def _caller(self, access: Access, context: Context) -> Tenant | None:
         if access is Access.TENANT:
-            tenant = self._authenticate(authorization(context))
+            key = authorization(context)
+            if key is None and self._authenticate_peer is not None:
+                tenant = self._authenticate_peer(context)
+            else:
+                tenant = self._authenticate(key)
             current_tenant.set(tenant)
             return tenant
         if access is Access.ADMIN:
@@ -132,7 +141,10 @@ class Gate:
         if access is Access.TENANT_OR_ADMIN:
             key = authorization(context)
             try:
-                tenant = self._authenticate(key)
+                if key is None and self._authenticate_peer is not None:
+                    tenant = self._authenticate_peer(context)
+                else:
+                    tenant = self._authenticate(key)
             except Unauthenticated as refused:
                 try:
                     self._authenticate_admin(key)

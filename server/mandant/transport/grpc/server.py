@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterable
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from mandant.config import ServerConfig
+from mandant.config import ServerConfig, TlsConfig
 from mandant.events import Observer
 from mandant.observability.stats import InferenceStats
 from mandant.observability.usage import UsageReports
@@ -19,17 +20,25 @@ from mandant.scheduling.door import FrontDoor
 from mandant.service import DataPlane
 from mandant.tenancy.keys import AdminKeys
 from mandant.transport.grpc.admin import ADMIN_SERVICE, AdminServicer, admin_handlers
-from mandant.transport.grpc.gateway import AdminAuthenticator, Gate
+from mandant.transport.grpc.gateway import (
+    AdminAuthenticator,
+    Context,
+    Gate,
+    PeerAuthenticator,
+)
 from mandant.transport.grpc.servicer import (
     INFERENCE_SERVICE,
     InferenceServicer,
     method_handlers,
 )
+from mandant.transport.tls import GrpcCertificates, grpc_identities
+from mandant.types import Tenant
 from mandant_client._proto import admin_pb2, model_config_pb2
 from mandant_client._proto import grpc_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+CertificateAuthenticator = Callable[[Iterable[str]], Tenant]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 #: How often gRPC health re-reads the server's readiness.
 HEALTH_POLL_S = 0.5
@@ -61,12 +70,15 @@ class GrpcServer:
         usage: UsageReports | None = None,
         stats: InferenceStats | None = None,
         authenticate_admin: AdminAuthenticator | None = None,
+        authenticate_certificate: CertificateAuthenticator | None = None,
     ) -> None:
         """``usage``: serve ``mandant.admin.v1.AdminService`` from these reports;
         without it the admin service is not served. ``stats``: what ModelStatistics
         answers from (fed through ``observer``). ``authenticate_admin``: who is an
         admin (the App passes the tenant directory's, which a reload updates; default:
-        ``config.admin_keys`` as they are now)."""
+        ``config.admin_keys`` as they are now). ``authenticate_certificate``: the
+        tenant of a client certificate's identities, asked for calls without a key
+        where ``config.tls.client_ca`` is set."""
         self._plane = plane
         self._config = config
         self._health = health.aio.HealthServicer()
@@ -79,6 +91,17 @@ class GrpcServer:
                 ("grpc.max_concurrent_streams", config.max_concurrent_streams),
             ],
         )
+        tls = config.tls
+        self._certificates = GrpcCertificates(tls) if tls is not None else None
+        peer: PeerAuthenticator | None = None
+        if tls is not None and tls.client_ca is not None and authenticate_certificate is not None:
+            by_identities = authenticate_certificate
+
+            def by_certificate(context: Context) -> Tenant:
+                return by_identities(grpc_identities(context.auth_context()))
+
+            peer = by_certificate
+
         self.door = door = FrontDoor(config.front_door_slots)
         self.gate = gate = Gate(
             plane.authenticate,
@@ -86,6 +109,7 @@ class GrpcServer:
             observer=observer,
             max_calls=config.max_concurrent_rpcs,
             door=door,
+            authenticate_peer=peer,
         )
         self.servicer = servicer = InferenceServicer(
             plane, config, gate.observer, door, stats or InferenceStats()
@@ -110,18 +134,20 @@ class GrpcServer:
     async def start(self) -> int:
         """Bind and start; returns the bound port (useful with port 0)."""
         address = f"{self._config.host}:{self._config.grpc_port}"
-        tls = self._config.tls
-        if tls is None:
+        if self._certificates is None:
             self.port = self._server.add_insecure_port(address)
         else:
-            credentials = grpc.ssl_server_credentials(
-                [(tls.key.read_bytes(), tls.cert.read_bytes())]
-            )
-            self.port = self._server.add_secure_port(address, credentials)
+            self.port = self._server.add_secure_port(address, self._certificates.credentials)
         await self._server.start()
         await self._set_health(self._ready())
         self._health_watch = asyncio.create_task(self._follow_readiness(), name="grpc-health")
         return self.port
+
+    def reload_tls(self, tls: TlsConfig) -> None:
+        """Serve the certificates (and client CA) at ``tls``'s paths to connections
+        made from now on; nothing where the server was started without TLS."""
+        if self._certificates is not None:
+            self._certificates.reload(tls)
 
     async def _set_health(self, ready: bool) -> None:
         status = (

@@ -18,7 +18,7 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
 
@@ -33,12 +33,14 @@ from mandant.transport.rest.status import (
     error_headers,
     http_status,
 )
+from mandant.transport.tls import ssl_identities
 from mandant.types import Call, Tenant
 
 logger = logging.getLogger(__name__)
 
 Authenticator = Callable[[str | None], Tenant]
 AdminAuthenticator = Callable[[str | None], None]
+CertificateAuthenticator = Callable[[Iterable[str]], Tenant]
 Behavior = Callable[[web.Request, Call], Awaitable[web.Response]]
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -67,9 +69,13 @@ class RestGate:
         observer: Observer | None = None,
         max_calls: int | None = None,
         door: FrontDoor | None = None,
+        authenticate_certificate: CertificateAuthenticator | None = None,
     ) -> None:
+        """``authenticate_certificate``: the tenant of the identities of a request's
+        verified client certificate, asked for requests without a key (mTLS only)."""
         self._authenticate = authenticate
         self._authenticate_admin = authenticate_admin
+        self._authenticate_certificate = authenticate_certificate
         self._observer: Observer = observer or NullObserver()
         self._max_calls = max_calls if max_calls is not None else 1 << 62
         self._door = door
@@ -105,7 +111,7 @@ class RestGate:
                 self._idle.clear()
                 entered = True
                 if access is not Access.OPEN:
-                    call.tenant = self._caller(access, request.headers.get("Authorization"))
+                    call.tenant = self._caller(access, request)
                 if door is not None and call.tenant is not None:
                     await door.enter(call.tenant)
                     inside = True
@@ -135,10 +141,17 @@ class RestGate:
 
         return handle
 
-    def _caller(self, access: Access, authorization: str | None) -> Tenant | None:
-        """The tenant of a tenant key; None for an admin key where one is accepted."""
+    def _caller(self, access: Access, request: web.Request) -> Tenant | None:
+        """The tenant of a tenant key (or, without a key, of a verified client
+        certificate); None for an admin key where one is accepted."""
+        authorization = request.headers.get("Authorization")
         try:
-            tenant = self._authenticate(authorization)
+            if authorization is None and self._authenticate_certificate is not None:
+                transport = request.transport
+                peer = transport.get_extra_info("peercert") if transport is not None else None
+                tenant = self._authenticate_certificate(ssl_identities(peer))
+            else:
+                tenant = self._authenticate(authorization)
         except Unauthenticated as refused:
             if access is not Access.TENANT_OR_ADMIN:
                 raise

@@ -17,14 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from typing import Any
 
 from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from mandant.config import ServerConfig
+from mandant.config import ServerConfig, TlsConfig
 from mandant.context import current_request_id
 from mandant.events import Observer
 from mandant.observability.stats import InferenceStats
@@ -43,7 +42,14 @@ from mandant.transport.rest.codec import (
     JsonInferRequest,
     encode_infer_response,
 )
-from mandant.transport.rest.gate import Access, AdminAuthenticator, RestGate, error_response
+from mandant.transport.rest.gate import (
+    Access,
+    AdminAuthenticator,
+    CertificateAuthenticator,
+    RestGate,
+    error_response,
+)
+from mandant.transport.tls import reload_ssl_context, server_ssl_context
 from mandant.types import Call, Tenant, TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -62,20 +68,26 @@ class RestServer:
         observer: Observer | None = None,
         stats: InferenceStats | None = None,
         authenticate_admin: AdminAuthenticator | None = None,
+        authenticate_certificate: CertificateAuthenticator | None = None,
     ) -> None:
         """``stats``: what ``/stats`` answers from (fed through ``observer``);
         ``authenticate_admin``: the tenant directory's admin-key check (without it,
-        ``config.admin_keys`` as they are now)."""
+        ``config.admin_keys`` as they are now); ``authenticate_certificate``: the
+        tenant of a verified client certificate's identities (with ``tls.client_ca``)."""
         self._plane = plane
         self._config = config
         self._stats = stats or InferenceStats()
         self._max_body = config.max_message_bytes
+        tls = config.tls
+        self._ssl = server_ssl_context(tls) if tls is not None else None
+        mtls = tls is not None and tls.client_ca is not None
         gate = RestGate(
             plane.authenticate,
             authenticate_admin or AdminKeys(config.admin_keys).authenticate,
             observer=observer,
             max_calls=config.max_concurrent_rpcs,
             door=FrontDoor(config.front_door_slots),
+            authenticate_certificate=authenticate_certificate if mtls else None,
         )
         self._gate = gate
         app = web.Application(client_max_size=self._max_body)
@@ -105,7 +117,7 @@ class RestServer:
         """Bind and serve; returns the bound port (0 binds a free one)."""
         await self._runner.setup()
         site = web.TCPSite(
-            self._runner, self._config.host, self._config.rest_port, ssl_context=self._tls()
+            self._runner, self._config.host, self._config.rest_port, ssl_context=self._ssl
         )
         try:
             await site.start()
@@ -115,14 +127,11 @@ class RestServer:
         self.port = int(self._runner.addresses[0][1])
         return self.port
 
-    def _tls(self) -> ssl.SSLContext | None:
-        """HTTPS with the gRPC port's certificate where ``server.tls`` is set."""
-        tls = self._config.tls
-        if tls is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(tls.cert, tls.key)
-        return context
+    def reload_tls(self, tls: TlsConfig) -> None:
+        """Serve the files at ``tls``'s paths to connections made from now on
+        (HTTPS with the gRPC port's certificate where ``server.tls`` is set)."""
+        if self._ssl is not None:
+            reload_ssl_context(self._ssl, tls)
 
     async def aclose(self, grace_s: float = 0.0) -> None:
         """Stop listening and refuse new inference calls (503), let calls in progress

@@ -1,0 +1,56 @@
+"""Certificates made in the test with the ``openssl`` command: a CA, server
+certificates for 127.0.0.1/localhost, and client certificates (subject CN and a SAN
+URI) signed by it."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Pair:
+    cert: Path
+    key: Path
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _new_key(key: Path) -> None:
+    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key))
+
+
+def make_ca(folder: Path, name: str = "ca") -> Pair:
+    pair = Pair(folder / f"{name}.pem", folder / f"{name}.key")
+    _new_key(pair.key)
+    _openssl(
+        "req", "-x509", "-new", "-key", str(pair.key), "-out", str(pair.cert),
+        "-days", "2", "-subj", f"/CN=mandant test {name}",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+    return pair
+
+
+def issue(ca: Pair, folder: Path, name: str, common_name: str, san: str) -> Pair:
+    """A certificate for ``common_name`` with ``san`` (``DNS:…,IP:…`` / ``URI:…``)."""
+    pair = Pair(folder / f"{name}.pem", folder / f"{name}.key")
+    _new_key(pair.key)
+    request = folder / f"{name}.csr"
+    _openssl(
+        "req", "-new", "-key", str(pair.key), "-out", str(request), "-subj", f"/CN={common_name}"
+    )
+    extensions = folder / f"{name}.ext"
+    extensions.write_text(f"basicConstraints=CA:FALSE\nsubjectAltName={san}\n")
+    _openssl(
+        "x509", "-req", "-in", str(request), "-CA", str(ca.cert), "-CAkey", str(ca.key),
+        "-CAcreateserial", "-out", str(pair.cert), "-days", "2", "-extfile", str(extensions),
+    )  # fmt: skip
+    return pair
+
+
+def server_cert(ca: Pair, folder: Path, name: str = "server") -> Pair:
+    return issue(ca, folder, name, "localhost", "DNS:localhost,IP:127.0.0.1")

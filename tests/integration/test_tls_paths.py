@@ -1,0 +1,101 @@
+"""Every path in the configuration resolves against the configuration file's folder,
+not the working directory of ``mandant serve``."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+
+from mandant.tenancy.keys import hash_key
+from mandant_client import Client, Unavailable
+from tests.integration.certs import issue, make_ca, server_cert
+from tests.servers import free_port, mandant_serve, wait_for
+
+ECHO = {
+    "factory": "mandant.demo.models:echo",
+    "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+    "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+}
+#: One connection per channel: a new channel never reuses another's handshake.
+FRESH = (("grpc.use_local_subchannel_pool", 1),)
+
+
+def test_relative_tls_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    (folder / "certs").mkdir(parents=True)
+    ca = make_ca(folder / "certs")
+    server = server_cert(ca, folder / "certs")
+    port = free_port()
+    config = {
+        "server": {
+            "grpc_port": port,
+            "http_port": free_port(),
+            "rest_port": free_port(),
+            "tls": {"cert": "certs/server.pem", "key": "certs/server.key"},
+        },
+        "tenants": [{"id": "t", "api_keys": [hash_key("secret-key")]}],
+        "models": [
+            {
+                "name": "echo",
+                "factory": "mandant.demo.models:echo",
+                "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+                "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+            }
+        ],
+    }
+    path = folder / "mandant.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert not (Path.cwd() / "certs" / "server.pem").exists()  # served from elsewhere
+    with mandant_serve(path):
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca.cert.read_bytes())
+        with Client(f"localhost:{port}", api_key="secret-key", tls=credentials) as client:
+            out = client.infer("echo", {"INPUT0": np.ones((1, 2), np.float32)})
+        assert out["OUTPUT0"].sum() == 2
+    assert server.cert.exists()
+
+
+def test_sighup_serves_rotated_certificates_to_new_connections(tmp_path: Path) -> None:
+    """mTLS from relative paths; the server certificate is replaced in place and
+    ``mandant serve`` gets SIGHUP: a new connection sees the new certificate."""
+    ca = make_ca(tmp_path)
+    server_cert(ca, tmp_path)
+    client = issue(ca, tmp_path, "client", "t-client", "URI:spiffe://test/t")
+    new_ca = make_ca(tmp_path, "new-ca")
+    port = free_port()
+    config = {
+        "server": {
+            "grpc_port": port,
+            "http_port": free_port(),
+            "rest_port": free_port(),
+            "tls": {"cert": "server.pem", "key": "server.key", "client_ca": "ca.pem"},
+        },
+        "tenants": [{"id": "t", "client_certs": ["spiffe://test/t"]}],
+        "models": [{"name": "echo", **ECHO}],
+    }
+    path = tmp_path / "mandant.yaml"
+    path.write_text(yaml.safe_dump(config))
+    x = {"INPUT0": np.ones((1, 2), np.float32)}
+
+    def connect(roots: Path) -> Client:
+        credentials = grpc.ssl_channel_credentials(
+            roots.read_bytes(), client.key.read_bytes(), client.cert.read_bytes()
+        )
+        return Client(f"localhost:{port}", tls=credentials, timeout_s=10, options=FRESH)
+
+    with mandant_serve(path) as proc:
+        with connect(ca.cert) as c:
+            assert c.infer("echo", x)["OUTPUT0"].sum() == 2  # no key: the certificate
+        rotated = server_cert(new_ca, tmp_path, "rotated")
+        rotated.cert.replace(tmp_path / "server.pem")
+        rotated.key.replace(tmp_path / "server.key")
+        with connect(new_ca.cert) as c, pytest.raises(Unavailable):
+            c.infer("echo", x)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(proc, "configuration reloaded")
+        with connect(new_ca.cert) as c:
+            assert c.infer("echo", x)["OUTPUT0"].sum() == 2
