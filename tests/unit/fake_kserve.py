@@ -124,6 +124,7 @@ class FakeInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         self.streams_opened += 1
         await self._authenticate(context)
+        await context.send_initial_metadata(())  # the key is accepted (Mandant's contract)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         reader = asyncio.create_task(self._take(request_iterator, answers))
         try:

@@ -64,6 +64,13 @@ class AioStream:
         await asyncio.gather(self._writer, self._reader, return_exceptions=True)
 
     async def _write(self) -> None:
+        # Nothing is written before the server accepts the key (it sends the initial
+        # metadata then): a write in flight when the server refuses the stream would
+        # turn its UNAUTHENTICATED into grpc's INTERNAL (grpc/grpc#36066).
+        try:
+            await self._call.initial_metadata()
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            return  # the call is over; the reader reports why
         while True:
             request = await self._outbox.get()
             try:

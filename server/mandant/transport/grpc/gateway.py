@@ -231,6 +231,10 @@ class Gate:
                 self._enter()
                 entered = True
                 call.tenant = caller_of(access, context)
+                # The key is accepted: say so at once, so that a client may wait for this
+                # before writing (a write racing a refusal makes grpc.aio clients see
+                # INTERNAL instead of UNAUTHENTICATED, grpc/grpc#36066).
+                await context.send_initial_metadata(())
                 await behavior(call, context)
             except MandantError as exc:
                 await abort(context, exc)

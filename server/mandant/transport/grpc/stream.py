@@ -1,6 +1,7 @@
 """``ModelStreamInfer``, Triton's bidirectional inference stream.
 
-The key was checked when the stream opened (the gate). Each message is parsed,
+The key was checked when the stream opened (the gate), which then sends the initial
+metadata: a client that waits for it before writing never races a refusal. Each message is parsed,
 resolved, validated, admitted and batched exactly like a unary ``ModelInfer`` (the
 same :meth:`DataPlane.infer`), and answered as soon as it completes, in any order,
 with its request ``id``. A bad message gets its own ``error_message`` and the stream
