@@ -29,6 +29,7 @@ from mandant.registry import ModelRegistry
 from mandant.scheduling.base import Scheduler
 from mandant.scheduling.batcher import DynamicBatcher
 from mandant.scheduling.direct import DirectScheduler
+from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.service import DataPlane
 from mandant.tenancy.admission import TenantAdmission, shared_store_for
 from mandant.tenancy.directory import TenantDirectory
@@ -137,9 +138,15 @@ class App:
             ready_when=config.server.ready_when,
         )
         self.usage = UsageReports(self.metrics, self.directory, self.live, quota=self.admission)
+        # One cap on calls in progress and one front door for every port: a flood on
+        # REST takes its turn with the gRPC calls, and the cap counts both.
+        self.calls = CallCap(config.server.max_concurrent_rpcs)
+        self.door = FrontDoor(config.server.front_door_slots)
         self.grpc = GrpcServer(
             self.plane,
             config.server,
+            cap=self.calls,
+            door=self.door,
             observer=self.stats.observe(self.observer),
             usage=self.usage,
             stats=self.stats,
@@ -150,6 +157,8 @@ class App:
         self.rest = RestServer(
             self.plane,
             config.server,
+            cap=self.calls,
+            door=self.door,
             observer=self.stats.observe(self.observer),
             stats=self.stats,
             authenticate_admin=self.directory.authenticate_admin,

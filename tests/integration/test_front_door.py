@@ -7,6 +7,9 @@ tenants, b would wait behind a's backlog."""
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,3 +82,52 @@ async def test_a_light_tenant_walks_past_a_flood_at_the_door(server: ServerThrea
         gated_models.GATE.set()
         await asyncio.gather(*flood)
     assert (door.busy, door.waiting) == (0, 0)
+
+
+async def test_the_call_cap_and_the_door_are_shared_by_grpc_and_rest(tmp_path: Path) -> None:
+    """With room for one call in the whole server, a gRPC call stuck in a model leaves
+    none for REST: the REST call is refused 429 with Retry-After."""
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "max_concurrent_rpcs": 1},
+            "tenants": [{"id": "a", "api_keys": [hash_key("a-key")]}],
+            "models": [
+                ECHO_MODEL,
+                {**ECHO_MODEL, "name": "gated", "factory": "tests.integration.gated_models:gated"},
+            ],
+        },
+        "test",
+    )
+    gated_models.GATE.clear()
+    try:
+        with ServerThread(config, tmp_path) as server:
+            assert server.app is not None
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                infer = channel.unary_unary(INFER)
+                stuck = asyncio.ensure_future(
+                    infer(_request("gated"), metadata=(("authorization", "Bearer a-key"),))
+                )
+                for _ in range(200):
+                    if server.app.calls.calls == 1:
+                        break
+                    await asyncio.sleep(0.01)
+                assert server.app.calls.calls == 1
+                body = json.dumps(
+                    {
+                        "inputs": [
+                            {"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [1]}
+                        ]
+                    }
+                ).encode()
+                url = f"http://127.0.0.1:{server.app.rest_port}/v2/models/echo/infer"
+                request = urllib.request.Request(
+                    url, data=body, headers={"Authorization": "Bearer a-key"}, method="POST"
+                )
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    await asyncio.to_thread(urllib.request.urlopen, request, timeout=10)
+                assert refused.value.code == 429
+                assert "server busy" in refused.value.read().decode()
+                gated_models.GATE.set()
+                await stuck
+    finally:
+        gated_models.GATE.set()

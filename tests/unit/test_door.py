@@ -8,7 +8,8 @@ import asyncio
 
 import pytest
 
-from mandant.scheduling.door import FrontDoor
+from mandant.errors import ServerBusy
+from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.types import Tenant
 from tests.fakes import settle
 
@@ -114,3 +115,15 @@ async def test_a_place_given_to_a_cancelled_caller_is_passed_on() -> None:
     await second
     door.leave(A)
     assert (door.busy, door.waiting) == (0, 0)
+
+
+def test_the_call_cap_refuses_one_more_with_pushback() -> None:
+    cap = CallCap(2)
+    cap.enter()
+    cap.enter()
+    with pytest.raises(ServerBusy) as refused:
+        cap.enter()
+    assert refused.value.retry_after_s > 0
+    cap.leave()
+    cap.enter()
+    assert cap.calls == 2

@@ -25,7 +25,11 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass, field
 
+from mandant.errors import ServerBusy
 from mandant.types import Tenant
+
+#: Pushback when the server-wide call cap is full (it frees as any call ends).
+BUSY_RETRY_S = 0.05
 
 
 @dataclass(slots=True)
@@ -105,3 +109,30 @@ class FrontDoor:
         for other in list(self._tenants.values()):  # every other share grew
             if other.waiting:
                 self._admit(other)
+
+
+class CallCap:
+    """The server-wide cap on calls (and open streams) in progress, on every port
+    together: one more is refused at once, before anything else is done for it."""
+
+    __slots__ = ("_calls", "_max_calls")
+
+    def __init__(self, max_calls: int) -> None:
+        if max_calls < 1:
+            raise ValueError("a call cap needs at least one call")
+        self._max_calls = max_calls
+        self._calls = 0
+
+    @property
+    def calls(self) -> int:
+        return self._calls
+
+    def enter(self) -> None:
+        if self._calls >= self._max_calls:
+            raise ServerBusy(
+                f"server busy: {self._max_calls} calls in progress", retry_after_s=BUSY_RETRY_S
+            )
+        self._calls += 1
+
+    def leave(self) -> None:
+        self._calls -= 1

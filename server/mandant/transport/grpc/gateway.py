@@ -30,9 +30,9 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from mandant.context import current_request_id, current_tenant
-from mandant.errors import InvalidInput, MandantError, ServerBusy, Unauthenticated
+from mandant.errors import InvalidInput, MandantError, Unauthenticated
 from mandant.events import NullObserver, Observer
-from mandant.scheduling.door import FrontDoor
+from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
 from mandant.types import Call, Tenant
 
@@ -88,16 +88,17 @@ def deadline_passed(context: Context) -> bool:
 
 
 class Gate:
-    """``max_calls``: calls (and open streams) served at once, server-wide; one more is
-    answered RESOURCE_EXHAUSTED before anything else is done for it. ``door``: where
-    inference calls take turns by tenant once many are in progress (``door.py``)."""
+    """``cap``: calls (and open streams) served at once, server-wide (shared with the
+    other ports); one more is answered RESOURCE_EXHAUSTED before anything else is done
+    for it. ``door``: where inference calls take turns by tenant once many are in
+    progress (``door.py``; shared with the other ports too)."""
 
     def __init__(
         self,
         authenticate: Authenticator,
         authenticate_admin: AdminAuthenticator,
         observer: Observer | None = None,
-        max_calls: int | None = None,
+        cap: CallCap | None = None,
         door: FrontDoor | None = None,
         authenticate_peer: PeerAuthenticator | None = None,
     ) -> None:
@@ -108,20 +109,7 @@ class Gate:
         self._authenticate_peer = authenticate_peer
         self._observer: Observer = observer or NullObserver()
         self.door = door
-        self._max_calls = max_calls if max_calls is not None else 1 << 62
-        self._calls = 0
-
-    @property
-    def calls(self) -> int:
-        """Calls being served now."""
-        return self._calls
-
-    def _enter(self) -> None:
-        if self._calls >= self._max_calls:
-            raise ServerBusy(
-                f"server busy: {self._max_calls} calls in progress", retry_after_s=BUSY_RETRY_S
-            )
-        self._calls += 1
+        self._cap = cap if cap is not None else CallCap(1 << 62)
 
     @property
     def observer(self) -> Observer:
@@ -166,6 +154,7 @@ class Gate:
     ) -> grpc.RpcMethodHandler:
         """``fair``: the call passes the front door (inference calls)."""
         caller_of = self._caller
+        cap = self._cap
         observer = self._observer
         door = self.door if fair else None
 
@@ -175,7 +164,7 @@ class Gate:
             code = "OK"
             entered = inside = False
             try:
-                self._enter()
+                cap.enter()
                 entered = True
                 call.tenant = caller_of(access, context)
                 if door is not None and call.tenant is not None:
@@ -199,7 +188,8 @@ class Gate:
                 code = "INTERNAL"
                 await abort_internal(context, method, call)
             finally:
-                self._calls -= entered
+                if entered:
+                    cap.leave()
                 if inside and door is not None and call.tenant is not None:
                     door.leave(call.tenant)
                 if deadline_passed(context):  # the client saw DEADLINE_EXCEEDED
@@ -223,12 +213,13 @@ class Gate:
         stream fails on a bad one); the behaviour reads raw messages and reports each
         message's answer itself."""
         caller_of = self._caller
+        cap = self._cap
 
         async def handle(requests: object, context: Context) -> None:
             call = Call(None)
             entered = False
             try:
-                self._enter()
+                cap.enter()
                 entered = True
                 call.tenant = caller_of(access, context)
                 # The key is accepted: say so at once, so that a client may wait for this
@@ -243,15 +234,14 @@ class Gate:
             except Exception:
                 await abort_internal(context, method, call)
             finally:
-                self._calls -= entered
+                if entered:
+                    cap.leave()
 
         return grpc.stream_stream_rpc_method_handler(
             handle, request_deserializer=None, response_serializer=response_serializer
         )
 
 
-#: Pushback when the server-wide call cap is full (it frees as any call ends).
-BUSY_RETRY_S = 0.05
 #: Request ids longer than this are refused (``service.py``); logs never carry more.
 MAX_LOGGED_ID = 256
 

@@ -16,7 +16,7 @@ from mandant.config import ServerConfig, TlsConfig
 from mandant.events import Observer
 from mandant.observability.stats import InferenceStats
 from mandant.observability.usage import UsageReports
-from mandant.scheduling.door import FrontDoor
+from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.service import DataPlane
 from mandant.tenancy.keys import AdminKeys
 from mandant.transport.grpc.admin import ADMIN_SERVICE, AdminServicer, admin_handlers
@@ -71,6 +71,8 @@ class GrpcServer:
         stats: InferenceStats | None = None,
         authenticate_admin: AdminAuthenticator | None = None,
         authenticate_certificate: CertificateAuthenticator | None = None,
+        cap: CallCap | None = None,
+        door: FrontDoor | None = None,
     ) -> None:
         """``usage``: serve ``mandant.admin.v1.AdminService`` from these reports;
         without it the admin service is not served. ``stats``: what ModelStatistics
@@ -102,12 +104,12 @@ class GrpcServer:
 
             peer = by_certificate
 
-        self.door = door = FrontDoor(config.front_door_slots)
+        self.door = door = door if door is not None else FrontDoor(config.front_door_slots)
         self.gate = gate = Gate(
             plane.authenticate,
             authenticate_admin or AdminKeys(config.admin_keys).authenticate,
             observer=observer,
-            max_calls=config.max_concurrent_rpcs,
+            cap=cap if cap is not None else CallCap(config.max_concurrent_rpcs),
             door=door,
             authenticate_peer=peer,
         )

@@ -42,6 +42,7 @@ from mandant_client._proto import grpc_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+
 class InferStream:
     """Serves one open stream (see the module docstring)."""
 

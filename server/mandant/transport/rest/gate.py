@@ -23,9 +23,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from aiohttp import web
 
 from mandant.context import current_request_id, current_tenant
-from mandant.errors import MandantError, ServerBusy, Unauthenticated
+from mandant.errors import MandantError, Unauthenticated
 from mandant.events import NullObserver, Observer
-from mandant.scheduling.door import FrontDoor
+from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.transport.rest.codec import BodyTooLarge
 from mandant.transport.rest.status import (
     INTERNAL_MESSAGE,
@@ -43,9 +43,6 @@ AdminAuthenticator = Callable[[str | None], None]
 CertificateAuthenticator = Callable[[Iterable[str]], Tenant]
 Behavior = Callable[[web.Request, Call], Awaitable[web.Response]]
 Handler = Callable[[web.Request], Awaitable[web.Response]]
-
-#: Pushback when the server-wide call cap is full (it frees as any call ends).
-BUSY_RETRY_S = 0.05
 
 
 class Access(enum.Enum):
@@ -67,7 +64,7 @@ class RestGate:
         authenticate: Authenticator,
         authenticate_admin: AdminAuthenticator,
         observer: Observer | None = None,
-        max_calls: int | None = None,
+        cap: CallCap | None = None,
         door: FrontDoor | None = None,
         authenticate_certificate: CertificateAuthenticator | None = None,
     ) -> None:
@@ -77,9 +74,9 @@ class RestGate:
         self._authenticate_admin = authenticate_admin
         self._authenticate_certificate = authenticate_certificate
         self._observer: Observer = observer or NullObserver()
-        self._max_calls = max_calls if max_calls is not None else 1 << 62
+        self._cap = cap if cap is not None else CallCap(1 << 62)
         self._door = door
-        self._calls = 0
+        self._calls = 0  # on this port, for draining
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -102,11 +99,7 @@ class RestGate:
             code = "OK"
             entered = inside = False
             try:
-                if self._calls >= self._max_calls:
-                    raise ServerBusy(
-                        f"server busy: {self._max_calls} calls in progress",
-                        retry_after_s=BUSY_RETRY_S,
-                    )
+                self._cap.enter()
                 self._calls += 1
                 self._idle.clear()
                 entered = True
@@ -132,6 +125,7 @@ class RestGate:
                 if inside and door is not None and call.tenant is not None:
                     door.leave(call.tenant)
                 if entered:
+                    self._cap.leave()
                     self._calls -= 1
                     if not self._calls:
                         self._idle.set()

@@ -27,7 +27,7 @@ from mandant.config import ServerConfig, TlsConfig
 from mandant.context import current_request_id
 from mandant.events import Observer
 from mandant.observability.stats import InferenceStats
-from mandant.scheduling.door import FrontDoor
+from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.service import EXTENSIONS, SERVER_NAME, DataPlane
 from mandant.tenancy.keys import AdminKeys
 from mandant.transport.grpc.model_config import model_config
@@ -69,6 +69,8 @@ class RestServer:
         stats: InferenceStats | None = None,
         authenticate_admin: AdminAuthenticator | None = None,
         authenticate_certificate: CertificateAuthenticator | None = None,
+        cap: CallCap | None = None,
+        door: FrontDoor | None = None,
     ) -> None:
         """``stats``: what ``/stats`` answers from (fed through ``observer``);
         ``authenticate_admin``: the tenant directory's admin-key check (without it,
@@ -85,8 +87,8 @@ class RestServer:
             plane.authenticate,
             authenticate_admin or AdminKeys(config.admin_keys).authenticate,
             observer=observer,
-            max_calls=config.max_concurrent_rpcs,
-            door=FrontDoor(config.front_door_slots),
+            cap=cap if cap is not None else CallCap(config.max_concurrent_rpcs),
+            door=door if door is not None else FrontDoor(config.front_door_slots),
             authenticate_certificate=authenticate_certificate if mtls else None,
         )
         self._gate = gate
