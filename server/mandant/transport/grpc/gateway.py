@@ -116,32 +116,31 @@ class Gate:
         return self._observer
 
     def _caller(self, access: Access, context: Context) -> Tenant | None:
-        if access is Access.TENANT:
-            key = authorization(context)
-            if key is None and self._authenticate_peer is not None:
-                tenant = self._authenticate_peer(context)
-            else:
-                tenant = self._authenticate(key)
-            current_tenant.set(tenant)
-            return tenant
+        """The calling tenant (None on open methods and for an admin key)."""
+        if access is Access.OPEN:
+            return None
+        key = authorization(context)
         if access is Access.ADMIN:
-            self._authenticate_admin(authorization(context))
-        if access is Access.TENANT_OR_ADMIN:
-            key = authorization(context)
+            self._authenticate_admin(key)
+            return None
+        try:
+            tenant = self._tenant(key, context)
+        except Unauthenticated as refused:
+            if access is not Access.TENANT_OR_ADMIN:
+                raise
             try:
-                if key is None and self._authenticate_peer is not None:
-                    tenant = self._authenticate_peer(context)
-                else:
-                    tenant = self._authenticate(key)
-            except Unauthenticated as refused:
-                try:
-                    self._authenticate_admin(key)
-                except Unauthenticated:
-                    raise refused from None
-                return None
-            current_tenant.set(tenant)
-            return tenant
-        return None
+                self._authenticate_admin(key)
+            except Unauthenticated:
+                raise refused from None
+            return None
+        current_tenant.set(tenant)
+        return tenant
+
+    def _tenant(self, key: str | None, context: Context) -> Tenant:
+        """A tenant key's tenant; without a key, the verified client certificate's."""
+        if key is None and self._authenticate_peer is not None:
+            return self._authenticate_peer(context)
+        return self._authenticate(key)
 
     def unary(
         self,
