@@ -4,10 +4,12 @@ before any tensor byte is read. Messages name the tensor and what was expected."
 from __future__ import annotations
 
 from collections.abc import Sequence
+from math import prod
 
-from mandant.config import ModelSpec
+from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS, ModelSpec
 from mandant.errors import InvalidInput, shown
-from mandant.types import TensorHeader, TensorSpec
+from mandant.types import DATATYPES, TensorHeader, TensorSpec
+from mandant.wire import min_bytes_size
 
 
 def _shape(shape: Sequence[int]) -> str:
@@ -79,4 +81,39 @@ def check_batch_rows(model: str, rows: int, max_batch_size: int) -> None:
         raise InvalidInput(
             f"request has {rows} rows; model '{model}' takes at most "
             f"{max_batch_size} per request (max_batch_size)"
+        )
+
+
+def check_bytes_count(count: int, name: str, max_elements: int) -> None:
+    """BYTES decode element by element: refuse more than ``max_elements`` up front
+    (``server.max_bytes_elements``), whichever transport and encoding they came in."""
+    if count > max_elements:
+        raise InvalidInput(
+            f"input '{name}': {count} BYTES elements, at most {max_elements} are accepted"
+        )
+
+
+def check_raw_size(
+    raw: bytes | memoryview,
+    header: TensorHeader,
+    max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS,
+) -> None:
+    """Whether ``raw`` (a tensor in the v2 raw layout, from gRPC's raw contents or
+    REST's binary data) can hold the tensor ``header`` declares: exactly, for
+    fixed-size datatypes; at least its length prefixes, and at most
+    ``max_bytes_elements`` elements, for BYTES. Reads none of its bytes."""
+    count = prod(header.shape)
+    if header.datatype == "BYTES":
+        if min_bytes_size(count) > len(raw):
+            raise InvalidInput(
+                f"input '{header.name}': {count} BYTES elements need at least "
+                f"{min_bytes_size(count)} bytes of length prefixes, got {len(raw)}"
+            )
+        check_bytes_count(count, header.name, max_bytes_elements)
+        return
+    dtype = DATATYPES[header.datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInput(
+            f"input '{header.name}': {header.datatype} {list(header.shape)} needs "
+            f"{count * dtype.itemsize} bytes, got {len(raw)}"
         )

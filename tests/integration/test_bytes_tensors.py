@@ -5,7 +5,10 @@ decoded (unframing BYTES is Python work on the event loop every tenant shares)."
 
 from __future__ import annotations
 
+import json
 import struct
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -133,3 +136,69 @@ def test_a_configured_bound_applies_on_unary_calls_and_streams(
         )
         status = answers[0].infer_response.parameters["status_code"].string_param
         assert status == "INVALID_ARGUMENT"
+
+
+def _rest_infer(port: int, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v2/models/bytes_echo/infer",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {KEY}", **headers},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read()
+
+
+def test_the_bound_applies_on_rest_too_binary_and_json(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The same ``server.max_bytes_elements`` on the REST port, for BYTES sent as binary
+    data and as JSON strings: one check for every transport."""
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "max_bytes_elements": 8},
+            "tenants": [{"id": "t", "api_keys": [hash_key(KEY)]}],
+            "models": [
+                {
+                    "name": "bytes_echo",
+                    "factory": "mandant.demo.models:echo",
+                    "inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [-1]}],
+                    "outputs": [{"name": "OUTPUT0", "datatype": "BYTES", "shape": [-1]}],
+                }
+            ],
+        }
+    )
+    with ServerThread(config, tmp_path_factory.mktemp("rest-bound")) as server:
+        assert server.app is not None
+        port = server.app.rest_port
+        for count, expected in ((8, 200), (9, 400)):
+            raw = framed([b"x"] * count)
+            head = json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "INPUT0",
+                            "datatype": "BYTES",
+                            "shape": [count],
+                            "parameters": {"binary_data_size": len(raw)},
+                        }
+                    ]
+                }
+            ).encode()
+            status, answer = _rest_infer(
+                port, head + raw, {"Inference-Header-Content-Length": str(len(head))}
+            )
+            assert status == expected, answer
+            as_json = {
+                "inputs": [
+                    {"name": "INPUT0", "datatype": "BYTES", "shape": [count], "data": ["x"] * count}
+                ]
+            }
+            status, answer = _rest_infer(port, json.dumps(as_json).encode(), {})
+            assert status == expected, answer
+            if expected == 400:
+                assert b"at most 8 are accepted" in answer

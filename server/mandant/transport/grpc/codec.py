@@ -15,7 +15,8 @@ import numpy as np
 from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS
 from mandant.errors import InvalidInput
 from mandant.types import DATATYPES, InferResponse, TensorHeader, datatype_of
-from mandant.wire import join_bytes, min_bytes_size, split_bytes
+from mandant.validation import check_bytes_count, check_raw_size
+from mandant.wire import join_bytes, split_bytes
 from mandant_client._proto import grpc_service_pb2 as pb
 
 #: The typed ``contents`` field each datatype travels in.
@@ -66,38 +67,6 @@ def decode_bytes(
 
 
 encode_bytes = join_bytes
-
-
-def check_bytes_count(count: int, name: str, max_elements: int) -> None:
-    """BYTES decode element by element: refuse more than ``max_elements`` up front
-    (``server.max_bytes_elements``)."""
-    if count > max_elements:
-        raise InvalidInput(
-            f"input '{name}': {count} BYTES elements, at most {max_elements} are accepted"
-        )
-
-
-def check_raw_size(
-    raw: bytes, header: TensorHeader, max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS
-) -> None:
-    """Whether ``raw`` can hold the tensor ``header`` declares (exactly, for fixed-size
-    datatypes; at least its length prefixes, and at most ``max_bytes_elements``
-    elements, for BYTES), reading none of its bytes."""
-    count = prod(header.shape)
-    if header.datatype == "BYTES":
-        if min_bytes_size(count) > len(raw):
-            raise InvalidInput(
-                f"input '{header.name}': {count} BYTES elements need at least "
-                f"{min_bytes_size(count)} bytes of length prefixes, got {len(raw)}"
-            )
-        check_bytes_count(count, header.name, max_bytes_elements)
-        return
-    dtype = DATATYPES[header.datatype]
-    if len(raw) != count * dtype.itemsize:
-        raise InvalidInput(
-            f"input '{header.name}': {header.datatype} {list(header.shape)} needs "
-            f"{count * dtype.itemsize} bytes, got {len(raw)}"
-        )
 
 
 def decode_raw(

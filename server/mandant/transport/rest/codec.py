@@ -19,9 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS
 from mandant.errors import InvalidInput, shown
 from mandant.types import DATATYPES, InferResponse, TensorHeader, datatype_of
-from mandant.wire import join_bytes, min_bytes_size, split_bytes
+from mandant.validation import check_bytes_count, check_raw_size
+from mandant.wire import join_bytes, split_bytes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 Parameters = Mapping[str, bool | int | float | str]
@@ -82,6 +84,7 @@ class JsonInferRequest:
         "_binary_all",
         "_id",
         "_inputs",
+        "_max_bytes_elements",
         "_outputs",
         "_parameters",
         "model_name",
@@ -89,9 +92,17 @@ class JsonInferRequest:
     )
 
     def __init__(
-        self, model_name: str, model_version: str, body: bytes, header_length: str | None
+        self,
+        model_name: str,
+        model_version: str,
+        body: bytes,
+        header_length: str | None,
+        max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS,
     ) -> None:
+        """``max_bytes_elements``: ``server.max_bytes_elements``, for every BYTES input,
+        binary or JSON."""
         self.model_name = model_name
+        self._max_bytes_elements = max_bytes_elements
         self.model_version = model_version
         view = memoryview(body)
         json_end = len(body) if header_length is None else _json_length(header_length, len(body))
@@ -135,10 +146,14 @@ class JsonInferRequest:
     def check_payload(self) -> None:
         for item in self._inputs:
             if item.binary is not None:
-                _check_binary_size(item.binary, item.header)
+                check_raw_size(item.binary, item.header, self._max_bytes_elements)
+            elif item.header.datatype == "BYTES":
+                check_bytes_count(
+                    prod(item.header.shape), item.header.name, self._max_bytes_elements
+                )
 
     def decode_inputs(self) -> dict[str, np.ndarray]:
-        return {item.header.name: _decode(item) for item in self._inputs}
+        return {item.header.name: _decode(item, self._max_bytes_elements) for item in self._inputs}
 
 
 def _json_length(header_length: str, body_length: int) -> int:
@@ -201,27 +216,10 @@ def _assign_binary(inputs: list[_Input], binary: memoryview) -> None:
         )
 
 
-def _check_binary_size(raw: memoryview, header: TensorHeader) -> None:
-    count = prod(header.shape)
-    if header.datatype == "BYTES":
-        if min_bytes_size(count) > len(raw):
-            raise InvalidInput(
-                f"input '{header.name}': {count} BYTES elements need at least "
-                f"{min_bytes_size(count)} bytes, got {len(raw)}"
-            )
-        return
-    itemsize = DATATYPES[header.datatype].itemsize
-    if len(raw) != count * itemsize:
-        raise InvalidInput(
-            f"input '{header.name}': {header.datatype} {list(header.shape)} needs "
-            f"{count * itemsize} bytes, got {len(raw)}"
-        )
-
-
-def _decode(item: _Input) -> np.ndarray:
+def _decode(item: _Input, max_bytes_elements: int) -> np.ndarray:
     header = item.header
     if item.binary is not None:
-        _check_binary_size(item.binary, header)
+        check_raw_size(item.binary, header, max_bytes_elements)
         if header.datatype == "BYTES":
             try:
                 array = split_bytes(item.binary, prod(header.shape))  # type: ignore[arg-type]
@@ -229,13 +227,17 @@ def _decode(item: _Input) -> np.ndarray:
                 raise InvalidInput(f"input '{header.name}': {exc}") from None
             return array.reshape(header.shape)
         return np.frombuffer(item.binary, dtype=DATATYPES[header.datatype]).reshape(header.shape)
-    return decode_json_data(item.data, header)
+    return decode_json_data(item.data, header, max_bytes_elements)
 
 
-def decode_json_data(data: object, header: TensorHeader) -> np.ndarray:
+def decode_json_data(
+    data: object, header: TensorHeader, max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS
+) -> np.ndarray:
     """A JSON ``data`` value (nested or flat lists) as an array of ``header``'s type and
     shape; a wrong count or an element of the wrong type is InvalidInput."""
     count = prod(header.shape)
+    if header.datatype == "BYTES":
+        check_bytes_count(count, header.name, max_bytes_elements)
     wrong_type = InvalidInput(
         f"input '{header.name}': data holds values that are not {header.datatype}"
     )

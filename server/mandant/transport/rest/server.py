@@ -212,7 +212,13 @@ class RestServer:
         except web.HTTPRequestEntityTooLarge:
             raise BodyTooLarge(f"request body is larger than {self._max_body} bytes") from None
         name, version = _model_of(request)
-        infer_request = JsonInferRequest(name, version, body, request.headers.get(HEADER_LENGTH))
+        infer_request = JsonInferRequest(
+            name,
+            version,
+            body,
+            request.headers.get(HEADER_LENGTH),
+            self._config.max_bytes_elements,
+        )
         if infer_request.request_id:
             current_request_id.set(infer_request.request_id[:MAX_LOGGED_ID])
         response = await self._plane.infer(call, infer_request)
