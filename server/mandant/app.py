@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -36,6 +37,10 @@ from mandant.tenancy.directory import TenantDirectory
 from mandant.transport.grpc.server import GrpcServer
 from mandant.transport.rest.server import RestServer
 from mandant.transport.tls import server_ssl_context
+from mandant.workers.sockets import EngineSockets
+
+if TYPE_CHECKING:
+    from mandant.workers.engine_server import EngineServer
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +96,16 @@ class App:
     ``config``)."""
 
     def __init__(
-        self, config: MandantConfig, base_dir: Path, config_path: Path | None = None
+        self,
+        config: MandantConfig,
+        base_dir: Path,
+        config_path: Path | None = None,
+        engine_sockets: EngineSockets | None = None,
     ) -> None:
+        """``engine_sockets``: this App is the engine of ``workers: N`` (the
+        supervisor's ``workers/``): the front ends' inference calls arrive on
+        ``requests`` and their other RPCs on ``control``, instead of a gRPC port;
+        REST, the HTTP port, models, admission and metrics are the host's, here."""
         self.base_dir = base_dir
         self.config_path = config_path
         self.config = config = config.resolved(base_dir)
@@ -152,8 +165,20 @@ class App:
             stats=self.stats,
             authenticate_admin=self.directory.authenticate_admin,
             authenticate_certificate=self.directory.authenticate_certificate,
+            bind=engine_sockets.control if engine_sockets is not None else None,
         )
         self.grpc_port = 0
+        self.engine: EngineServer | None = None
+        if engine_sockets is not None:
+            from mandant.workers.engine_server import EngineServer
+
+            self.engine = EngineServer(
+                self.plane,
+                lambda tenant_id: self.directory.current.tenants.get(tenant_id),
+                self.stats.observe(self.observer),
+                engine_sockets.requests,
+                config.server.max_bytes_elements,
+            )
         self.rest = RestServer(
             self.plane,
             config.server,
@@ -200,6 +225,9 @@ class App:
             started.push_async_callback(self.registry.aclose)
             self.grpc_port = await self.grpc.start()
             started.push_async_callback(self.grpc.stop, 0)
+            if self.engine is not None:
+                await self.engine.start()
+                started.push_async_callback(self.engine.aclose)
             self.rest_port = await self.rest.start()
             started.push_async_callback(self.rest.aclose, 0)
             self.http_port = await self.http.start()
@@ -278,6 +306,8 @@ class App:
             with contextlib.suppress(BaseException):
                 await self.model_changes
         await asyncio.gather(self.grpc.stop(grace_s), self.rest.aclose(grace_s))
+        if self.engine is not None:  # the front ends stopped first (the supervisor)
+            await self.engine.aclose()
         await self.http.aclose()
         await self.registry.aclose()
         await self.admission.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -70,6 +71,33 @@ def _reload(app: App, path: Path, overrides: argparse.Namespace) -> None:
     )
 
 
+def _banner(
+    config: MandantConfig,
+    grpc_port: int,
+    rest_port: int,
+    http_port: int,
+    internal_http_port: int,
+    demo: bool,
+    processes: str = "",
+) -> None:
+    """What a user reads once the server serves: where each port is."""
+    host = config.server.host
+    target = f"{host}:{grpc_port}"
+    print(f"Mandant listening: gRPC (KServe v2) on {target}{processes}", flush=True)
+    tls = config.server.tls
+    http_scheme = "https" if tls is not None and tls.http else "http"
+    rest_scheme = "https" if tls is not None else "http"
+    http = f"{http_scheme}://{host}:{http_port}"
+    print(f"KServe v2 REST on {rest_scheme}://{host}:{rest_port}/v2", flush=True)
+    access = "" if config.server.metrics_auth == "none" else "; an admin or tenant key"
+    print(f"Dashboard: {http}/  (metrics: {http}/metrics{access})", flush=True)
+    internal = config.server.internal_http
+    if internal is not None:
+        print(f"Internal HTTP (no key): http://{internal.host}:{internal_http_port}/", flush=True)
+    if demo:
+        print(DEMO_EXAMPLE.format(target=target), flush=True)
+
+
 async def _serve(
     config: MandantConfig, path: Path, demo: bool, overrides: argparse.Namespace
 ) -> None:
@@ -83,28 +111,53 @@ async def _serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, app, path, overrides)
-    target = f"{config.server.host}:{app.grpc_port}"
-    print(f"Mandant listening: gRPC (KServe v2) on {target}", flush=True)
-    tls = config.server.tls
-    http_scheme = "https" if tls is not None and tls.http else "http"
-    rest_scheme = "https" if tls is not None else "http"
-    http = f"{http_scheme}://{config.server.host}:{app.http_port}"
-    print(
-        f"KServe v2 REST on {rest_scheme}://{config.server.host}:{app.rest_port}/v2", flush=True
-    )
-    access = "" if config.server.metrics_auth == "none" else "; an admin or tenant key"
-    print(f"Dashboard: {http}/  (metrics: {http}/metrics{access})", flush=True)
-    internal = config.server.internal_http
-    if internal is not None:
-        print(
-            f"Internal HTTP (no key): http://{internal.host}:{app.internal_http_port}/", flush=True
-        )
-    if demo:
-        print(DEMO_EXAMPLE.format(target=target), flush=True)
+    _banner(config, app.grpc_port, app.rest_port, app.http_port, app.internal_http_port, demo)
     await stop.wait()
     logger.info("stopping: finishing in-flight calls (grace %.1fs)", config.server.grace_s)
     await app.aclose()
     logger.info("stopped")
+
+
+def workers_of(setting: int | str) -> int:
+    """``server.workers`` as a number: ``auto`` is one front end per core but one."""
+    if setting == "auto":
+        return max(1, (os.cpu_count() or 1) - 1)
+    return int(setting)
+
+
+async def _supervise(
+    config: MandantConfig, path: Path, demo: bool, args: argparse.Namespace, workers: int
+) -> None:
+    from mandant.workers.supervisor import Supervisor, supervise
+
+    child_args = ["--config", str(path), "--log-level", args.log_level]
+    for flag, value in (("--host", args.host), ("--http-port", args.http_port)):
+        if value is not None:
+            child_args += [flag, str(value)]
+    if args.rest_port is not None:
+        child_args += ["--rest-port", str(args.rest_port)]
+    supervisor = Supervisor(
+        workers,
+        config.server.grpc_port,
+        config.server.host,
+        config.server.grace_s,
+        [sys.executable, "-m", "mandant"],
+        child_args,
+    )
+
+    def serving(supervisor: Supervisor) -> None:
+        facts = supervisor.engine.facts
+        _banner(
+            config,
+            supervisor.grpc_port,
+            facts["rest_port"],
+            facts["http_port"],
+            facts["internal_http_port"],
+            demo,
+            f" ({workers} front-end processes and one engine)",
+        )
+
+    await supervise(supervisor, serving)
 
 
 def _run(coro: object) -> None:
@@ -127,10 +180,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"mandant: invalid configuration\n{exc}", file=sys.stderr)
         return 2
     demo = path.resolve() == DEMO_CONFIG
+    workers = workers_of(args.workers if args.workers is not None else config.server.workers)
     try:
-        _run(_serve(config, path.resolve(), demo, args))
+        if workers > 1:
+            _run(_supervise(config, path.resolve(), demo, args, workers))
+        else:
+            _run(_serve(config, path.resolve(), demo, args))
     except (ConfigError, RuntimeError, ValueError, OSError) as exc:
         print(f"mandant: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One child of ``serve --workers N`` (started by its supervisor, not by hand)."""
+    from mandant.observability.logs import configure_logging
+    from mandant.workers.process import die_with_parent, serve_engine, serve_front_end
+    from mandant.workers.sockets import EngineSockets
+
+    die_with_parent(args.parent)
+    configure_logging(args.log_level)
+    path = Path(args.config).resolve()
+    sockets = EngineSockets(Path(args.sockets))
+
+    def load() -> MandantConfig:
+        return _with_overrides(load_config(path), args)
+
+    serve = serve_engine if args.role == "engine" else serve_front_end
+    try:
+        _run(serve(load(), path, sockets, load))
+    except (ConfigError, RuntimeError, ValueError, OSError) as exc:
+        print(f"mandant {args.role}: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -164,8 +244,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int)
     serve.add_argument("--http-port", type=int)
     serve.add_argument("--rest-port", type=int, help="KServe v2 REST port (0: a free one)")
+    serve.add_argument(
+        "--workers",
+        type=lambda v: v if v == "auto" else int(v),
+        help="gRPC front-end processes (default: server.workers, 1); 'auto': cores - 1",
+    )
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(run=cmd_serve)
+    worker = commands.add_parser(
+        "worker", help="one process of 'serve --workers N' (started by its supervisor)"
+    )
+    worker.add_argument("role", choices=("engine", "front-end"))
+    worker.add_argument("--config", required=True)
+    worker.add_argument("--sockets", required=True, help="the supervisor's sockets folder")
+    worker.add_argument("--parent", type=int, required=True, help="the supervisor's pid")
+    worker.add_argument("--host")
+    worker.add_argument("--grpc-port", type=int)
+    worker.add_argument("--http-port", type=int)
+    worker.add_argument("--rest-port", type=int)
+    worker.add_argument("--log-level", default="INFO")
+    worker.set_defaults(run=cmd_worker)
     keygen = commands.add_parser("keygen", help="print a new API key and its hash")
     keygen.set_defaults(run=cmd_keygen)
     check = commands.add_parser("check-config", help="validate a configuration file")

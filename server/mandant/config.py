@@ -120,6 +120,11 @@ class ServerConfig(_Frozen):
     #: ``/readyz``, gRPC health and ServerReady report ready while ``any_model`` (at
     #: least one model) or ``all_models`` is ready; never while draining.
     ready_when: Literal["all_models", "any_model"] = "any_model"
+    #: gRPC front-end processes: 1 serves everything in one process; N > 1 runs N front
+    #: ends on the one gRPC port and one engine process that holds the models, the fair
+    #: batcher, admission, metrics and the REST and HTTP ports (``workers/``);
+    #: ``auto``: one per core but the engine's.
+    workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = 1
 
     @field_validator("admin_keys")
     @classmethod

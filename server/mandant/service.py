@@ -11,7 +11,7 @@ import itertools
 import os
 import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, Protocol
 
 from mandant.errors import DeadlineExceeded, InvalidInput, ModelFailed, Unavailable
 from mandant.registry import Model, ModelRegistry
@@ -26,20 +26,37 @@ EXTENSIONS = ("model_repository", "model_configuration", "statistics", "paramete
 MAX_REQUEST_ID_BYTES = 256
 
 
+class Engine(Protocol):
+    """Where a front end's inference calls run when the models live in another process
+    (``workers: N``; ``workers/engine_link.py``): that process's :meth:`DataPlane.infer`."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def infer(
+        self, call: Call, request: EncodedRequest, timeout_s: float | None
+    ) -> InferResponse: ...
+
+
 class DataPlane:
     def __init__(
         self,
         keys: KeyLookup,
-        registry: ModelRegistry,
+        registry: ModelRegistry | None,
         admission: Admission | None = None,
         version: str = "0",
         ready_when: Literal["all_models", "any_model"] = "any_model",
+        engine: Engine | None = None,
     ) -> None:
         """``keys``: the tenant directory (a reload's keys apply to the next call; calls
         in flight keep the tenant they were authenticated as). ``ready_when``: whether
-        one ready model (``any_model``) or every model makes the server ready."""
+        one ready model (``any_model``) or every model makes the server ready.
+        ``engine``: a front end's engine process, which then resolves, admits, batches
+        and runs every inference call (the front end has no ``registry``: its model
+        RPCs are forwarded to the engine too, ``transport/grpc/forward.py``)."""
         self._keys = keys
         self._registry = registry
+        self._engine = engine
         self._admission: Admission = admission or Unlimited()
         self.version = version
         self._ready_when = ready_when
@@ -59,7 +76,9 @@ class DataPlane:
         """Able to serve: not draining, and ``ready_when`` holds (no models: ready)."""
         if self._draining:
             return False
-        states = [m.ready for m in self._registry.all()]
+        if self._engine is not None:
+            return self._engine.ready
+        states = [m.ready for m in self._models.all()]
         if not states:
             return True
         return all(states) if self._ready_when == "all_models" else any(states)
@@ -70,29 +89,35 @@ class DataPlane:
 
     # -- models -------------------------------------------------------------------
 
+    @property
+    def _models(self) -> ModelRegistry:
+        if self._registry is None:  # a front end: its model RPCs go to the engine
+            raise Unavailable("models are served by the engine process")
+        return self._registry
+
     def model(self, tenant: Tenant, name: str, version: str = "") -> Model:
-        return self._registry.resolve(tenant, name, version or None)
+        return self._models.resolve(tenant, name, version or None)
 
     def model_versions(self, tenant: Tenant, name: str) -> Sequence[Model]:
-        return self._registry.versions(tenant, name)
+        return self._models.versions(tenant, name)
 
     def model_ready(self, tenant: Tenant, name: str, version: str = "") -> bool:
         return self.model(tenant, name, version).ready and not self._draining
 
     def repository_index(self, tenant: Tenant) -> list[Model]:
-        return self._registry.visible(tenant)
+        return self._models.visible(tenant)
 
     def all_models(self) -> list[Model]:
         """Every model version of every owner (admin views)."""
-        return self._registry.all()
+        return self._models.all()
 
     async def load_model(self, name: str) -> None:
         """(Re)load ``name`` from the configuration; the switch is atomic once ready."""
-        await self._registry.load(name)
+        await self._models.load(name)
 
     async def unload_model(self, name: str) -> None:
         """Stop routing ``name``; calls already routed to it finish, then it is freed."""
-        await self._registry.unload(name)
+        await self._models.unload(name)
 
     # -- inference ----------------------------------------------------------------
 
@@ -111,6 +136,8 @@ class DataPlane:
             len(request_id.encode()) > MAX_REQUEST_ID_BYTES
         ):
             raise InvalidInput(f"request id is longer than {MAX_REQUEST_ID_BYTES} bytes")
+        if self._engine is not None:
+            return await self._engine.infer(call, request, timeout_s)
         model = self.model(tenant, request.model_name, request.model_version)
         model.enter()  # an unload waits for this call (no await since the resolve)
         try:

@@ -27,7 +27,7 @@ def min_bytes_size(count: int) -> int:
     return count * _PREFIX
 
 
-def split_bytes(raw: bytes, count: int) -> np.ndarray:
+def split_bytes(raw: bytes | memoryview, count: int) -> np.ndarray:
     """``count`` length-prefixed elements as a 1-d object array of ``bytes``."""
     if min_bytes_size(count) > len(raw):  # before allocating: a shape may claim any count
         raise ValueError(

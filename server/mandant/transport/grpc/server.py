@@ -20,11 +20,13 @@ from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.service import DataPlane
 from mandant.tenancy.keys import AdminKeys
 from mandant.transport.grpc.admin import ADMIN_SERVICE, AdminServicer, admin_handlers
+from mandant.transport.grpc.forward import PEER_IDENTITIES, Forwarder
 from mandant.transport.grpc.gateway import (
     AdminAuthenticator,
     Context,
     Gate,
     PeerAuthenticator,
+    metadata_value,
 )
 from mandant.transport.grpc.servicer import (
     INFERENCE_SERVICE,
@@ -37,6 +39,24 @@ from mandant_client._proto import admin_pb2, model_config_pb2
 from mandant_client._proto import grpc_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
+
+#: What a front end of ``workers: N`` serves itself; it forwards the rest to the engine.
+FRONT_END_METHODS = frozenset({"ModelInfer", "ModelStreamInfer"})
+
+
+def name_path(method: str) -> str:
+    return f"/{INFERENCE_SERVICE}/{method}"
+
+
+def certificate_identities(context: Context) -> list[str]:
+    """The identities of the call's verified client certificate (mTLS)."""
+    return grpc_identities(context.auth_context())
+
+
+def forwarded_identities(context: Context) -> list[str]:
+    """The identities a front end named for a call it forwarded (``forward.py``)."""
+    value = metadata_value(context, PEER_IDENTITIES)
+    return value.split("\n") if value else []
 
 CertificateAuthenticator = Callable[[Iterable[str]], Tenant]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -73,8 +93,17 @@ class GrpcServer:
         authenticate_certificate: CertificateAuthenticator | None = None,
         cap: CallCap | None = None,
         door: FrontDoor | None = None,
+        forward: Forwarder | None = None,
+        bind: str | None = None,
     ) -> None:
-        """``usage``: serve ``mandant.admin.v1.AdminService`` from these reports;
+        """``forward``: a front end of ``workers: N``: only ModelInfer and
+        ModelStreamInfer are served here, every other RPC is forwarded to the engine
+        (``forward.py``), and the port is shared with the other front ends
+        (SO_REUSEPORT). ``bind``: the engine's private socket (``unix:/path``) instead
+        of the configured port: plain (no TLS: the front ends hold the port's), and a
+        forwarded call's client certificate is the one its front end names.
+
+        ``usage``: serve ``mandant.admin.v1.AdminService`` from these reports;
         without it the admin service is not served. ``stats``: what ModelStatistics
         answers from (fed through ``observer``). ``authenticate_admin``: who is an
         admin (the App passes the tenant directory's, which a reload updates; default:
@@ -89,18 +118,20 @@ class GrpcServer:
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if forward is not None else 0),
                 ("grpc.max_concurrent_streams", config.max_concurrent_streams),
             ],
         )
+        self._bind = bind
         tls = config.tls
-        self._certificates = GrpcCertificates(tls) if tls is not None else None
+        self._certificates = GrpcCertificates(tls) if tls is not None and bind is None else None
         peer: PeerAuthenticator | None = None
         if tls is not None and tls.client_ca is not None and authenticate_certificate is not None:
             by_identities = authenticate_certificate
+            identities = forwarded_identities if bind is not None else certificate_identities
 
             def by_certificate(context: Context) -> Tenant:
-                return by_identities(grpc_identities(context.auth_context()))
+                return by_identities(identities(context))
 
             peer = by_certificate
 
@@ -116,12 +147,23 @@ class GrpcServer:
         self.servicer = servicer = InferenceServicer(
             plane, config, gate.observer, door, stats or InferenceStats()
         )
-        self._server.add_registered_method_handlers(
-            INFERENCE_SERVICE, method_handlers(servicer, gate)
-        )
+        handlers = method_handlers(servicer, gate)
+        if forward is not None:
+            handlers = {
+                name: handler if name in FRONT_END_METHODS else forward.handler(name_path(name))
+                for name, handler in handlers.items()
+            }
+        self._server.add_registered_method_handlers(INFERENCE_SERVICE, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         services = [INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
-        if usage is not None:
+        if forward is not None:
+            admin = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
+            self._server.add_registered_method_handlers(
+                ADMIN_SERVICE,
+                {m.name: forward.handler(f"/{ADMIN_SERVICE}/{m.name}") for m in admin.methods},
+            )
+            services.append(ADMIN_SERVICE)
+        elif usage is not None:
             self._server.add_registered_method_handlers(
                 ADMIN_SERVICE, admin_handlers(AdminServicer(usage), gate)
             )
@@ -135,7 +177,7 @@ class GrpcServer:
 
     async def start(self) -> int:
         """Bind and start; returns the bound port (useful with port 0)."""
-        address = f"{self._config.host}:{self._config.grpc_port}"
+        address = self._bind or f"{self._config.host}:{self._config.grpc_port}"
         if self._certificates is None:
             self.port = self._server.add_insecure_port(address)
         else:

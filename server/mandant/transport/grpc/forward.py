@@ -1,0 +1,87 @@
+"""A front end's model and admin RPCs (``workers: N``), forwarded to the engine.
+
+ModelInfer and ModelStreamInfer are a front end's own (they scale per call); every
+other RPC — metadata, config, statistics, repository control, AdminService — reads
+or changes what only the engine holds (the models, the statistics, usage), so the
+front end hands the client's bytes and metadata, as they came, to the engine's gRPC
+server on its private Unix socket and hands back its answer or status. The engine's
+gate authenticates them as it would on the public port; the front end adds the
+verified client certificate's identities (mTLS) in :data:`PEER_IDENTITIES`, which it
+never takes from a client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import grpc
+
+from mandant.transport.grpc.gateway import Context
+
+#: Metadata naming a forwarded call's verified client certificate identities (one per
+#: line); only the engine's private socket trusts it.
+PEER_IDENTITIES = "mandant-peer-identities"
+_NOT_FORWARDED = frozenset({PEER_IDENTITIES, "user-agent", "te", "content-type"})
+ENGINE_DOWN = "the inference engine is not reachable; retry shortly"
+
+
+def _forwarded(metadata: Iterable[tuple[str, str | bytes]]) -> list[tuple[str, str | bytes]]:
+    return [
+        (key, value)
+        for key, value in metadata
+        if key not in _NOT_FORWARDED and not key.startswith((":", "grpc-"))
+    ]
+
+
+class Forwarder:
+    """``target``: the engine's socket (``unix:/path``). ``engine_up``: whether the
+    engine answers (a call made while it does not is refused UNAVAILABLE at once).
+    ``identities``: a call's verified client certificate identities (mTLS), if any."""
+
+    def __init__(
+        self,
+        target: str,
+        engine_up: Callable[[], bool],
+        identities: Callable[[Context], list[str]] | None = None,
+    ) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._engine_up = engine_up
+        self._identities = identities
+
+    async def aclose(self) -> None:
+        await self._channel.close()
+
+    def handler(self, path: str) -> grpc.RpcMethodHandler:
+        """A unary method handler that forwards ``path`` (no (de)serialisers: bytes)."""
+        call = self._channel.unary_unary(path)
+        engine_up = self._engine_up
+        identities = self._identities
+
+        async def forward(raw: bytes, context: Context) -> bytes:
+            if not engine_up():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, ENGINE_DOWN)
+            metadata = _forwarded(context.invocation_metadata() or ())
+            if identities is not None:
+                peer = identities(context)
+                if peer:
+                    metadata.append((PEER_IDENTITIES, "\n".join(peer)))
+            try:
+                answer: bytes = await call(
+                    raw, metadata=tuple(metadata), timeout=context.time_remaining()
+                )
+            except grpc.aio.AioRpcError as exc:
+                trailers = _forwarded(exc.trailing_metadata() or ())
+                pushback = [
+                    (key, value)
+                    for key, value in exc.trailing_metadata() or ()
+                    if key == "grpc-retry-pushback-ms"
+                ]
+                if trailers or pushback:
+                    context.set_trailing_metadata(tuple(trailers + pushback))
+                details = exc.details() or ""
+                if exc.code() is grpc.StatusCode.UNAVAILABLE and "unix:" in details:
+                    details = ENGINE_DOWN  # the engine's socket, not its answer: no path
+                await context.abort(exc.code(), details)
+            return answer
+
+        return grpc.unary_unary_rpc_method_handler(forward)

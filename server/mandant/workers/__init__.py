@@ -1,0 +1,1 @@
+"""Several processes on one host: N gRPC front ends, one engine, a supervisor."""

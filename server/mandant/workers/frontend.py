@@ -1,0 +1,71 @@
+"""One gRPC front-end process of ``workers: N``: the composition root of what it runs.
+
+It holds the tenant directory (to authenticate), the gRPC server on the shared port
+(SO_REUSEPORT: the kernel spreads connections over the front ends), and its link to
+the engine; nothing global. ModelInfer and ModelStreamInfer are served here up to the
+engine's answer; every other RPC is forwarded to the engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mandant import __version__
+from mandant.config import MandantConfig
+from mandant.service import DataPlane
+from mandant.tenancy.directory import TenantDirectory
+from mandant.transport.grpc.forward import Forwarder
+from mandant.transport.grpc.server import GrpcServer, certificate_identities
+from mandant.workers.engine_link import EngineLink, RemoteObserver
+from mandant.workers.sockets import EngineSockets
+
+
+class FrontEnd:
+    def __init__(self, config: MandantConfig, base_dir: Path, sockets: EngineSockets) -> None:
+        self.base_dir = base_dir
+        self.config = config = config.resolved(base_dir)
+        self.directory = TenantDirectory.from_config(config)
+        self.link = EngineLink(sockets.requests)
+        self.plane = DataPlane(self.directory, None, version=__version__, engine=self.link)
+        tls = config.server.tls
+        mtls = tls is not None and tls.client_ca is not None
+        self.forwarder = Forwarder(
+            sockets.control,
+            lambda: self.link.up,
+            certificate_identities if mtls else None,
+        )
+        self.grpc = GrpcServer(
+            self.plane,
+            config.server,
+            observer=RemoteObserver(self.link),
+            authenticate_admin=self.directory.authenticate_admin,
+            authenticate_certificate=self.directory.authenticate_certificate,
+            forward=self.forwarder,
+        )
+        self.grpc_port = 0
+
+    async def start(self) -> None:
+        await self.link.start()
+        try:
+            self.grpc_port = await self.grpc.start()
+        except BaseException:
+            await self.link.aclose()
+            raise
+
+    def reload(self, config: MandantConfig) -> list[str]:
+        """A new configuration's tenants, keys and certificates (the engine applies
+        the rest); returns what changed, in words."""
+        config = config.resolved(self.base_dir)
+        changes = self.directory.replace(config.tenants, config.server.admin_keys)
+        if config.server.tls is not None:
+            self.grpc.reload_tls(config.server.tls)
+        self.config = config
+        return changes
+
+    async def aclose(self, grace_s: float | None = None) -> None:
+        """Stop taking calls, finish those in flight (the engine is still up), then
+        close the link."""
+        grace_s = self.config.server.grace_s if grace_s is None else grace_s
+        await self.grpc.stop(grace_s)
+        await self.forwarder.aclose()
+        await self.link.aclose()

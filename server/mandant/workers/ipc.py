@@ -1,0 +1,244 @@
+"""What front ends and the engine say to each other (``workers: N``), as ZeroMQ
+multipart messages: the first frame names the kind, the second is a msgpack list of
+headers, and every tensor travels as a frame of its own, untouched (zero-copy on
+both ends: the receiver's arrays view the frames).
+
+Front end → engine::
+
+    [b"R", packb([request header, ...]), tensor frames ...]   inference requests
+    [b"C", packb([rid, ...])]                                   cancellations
+    [b"E", packb([event, ...])]                                 calls the front end answered
+    [b"P"]                                                      heartbeat
+
+Engine → front end::
+
+    [b"A", packb([answer header, ...]), tensor frames ...]     answers
+    [b"P", packb([incarnation, ready])]                         heartbeat reply
+
+Many requests or answers share one message when they are ready in the same event-loop
+turn; a header says how many frames of the message are its own (one per tensor, in
+order). ``rid`` numbers a front end's requests; the engine answers with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from math import prod
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+from mandant import errors
+from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS
+from mandant.types import DATATYPES, TensorHeader, datatype_of
+from mandant.validation import check_raw_size
+from mandant.wire import join_bytes, split_bytes
+
+REQUESTS = b"R"
+CANCEL = b"C"
+EVENTS = b"E"
+HEARTBEAT = b"P"
+ANSWERS = b"A"
+
+#: A tensor frame: anything with the buffer protocol (``bytes``, a ``zmq.Frame``'s
+#: ``buffer``, a numpy array's memoryview).
+Buffer = bytes | memoryview
+
+packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def readable(socket: zmq.Socket[Any]) -> bool:
+    """Whether a message waits on ``socket`` (its descriptor is edge-triggered: read
+    until this is false)."""
+    events = socket.getsockopt(zmq.EVENTS)
+    return bool(events & zmq.POLLIN) if isinstance(events, int) else False
+
+
+def unpackb(data: Buffer) -> Any:
+    return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHeader:
+    """One inference request as a front end hands it on: the caller it authenticated,
+    what the client asked for, and one frame per input (raw little-endian bytes; BYTES
+    length-prefixed), whatever form the client sent it in."""
+
+    rid: int
+    tenant: str
+    model_name: str
+    model_version: str
+    request_id: str
+    parameters: Mapping[str, bool | int | float | str]
+    outputs: Sequence[str]
+    inputs: Sequence[TensorHeader]
+    timeout_s: float | None
+    #: Why the front end could not put the inputs in frames (then there are none): the
+    #: engine raises it where the payload is checked, after resolution and validation,
+    #: so that a call gets the same answer as from a single process.
+    deferred_error: str | None = None
+
+    def pack(self) -> list[object]:
+        return [
+            self.rid,
+            self.tenant,
+            self.model_name,
+            self.model_version,
+            self.request_id,
+            dict(self.parameters),
+            list(self.outputs),
+            [[h.name, h.datatype, list(h.shape)] for h in self.inputs],
+            self.timeout_s,
+            self.deferred_error,
+        ]
+
+    @classmethod
+    def unpack(cls, fields: list[Any]) -> RequestHeader:
+        rid, tenant, model, version, request_id, parameters, outputs, inputs, timeout_s, error = (
+            fields
+        )
+        return cls(
+            rid,
+            tenant,
+            model,
+            version,
+            request_id,
+            parameters,
+            outputs,
+            [TensorHeader(name, datatype, tuple(shape)) for name, datatype, shape in inputs],
+            timeout_s,
+            error,
+        )
+
+
+class IpcRequest:
+    """A request as the engine received it, seen through
+    :class:`mandant.types.EncodedRequest`: inputs decode as views of the frames."""
+
+    __slots__ = ("_frames", "_header", "_max_bytes_elements")
+
+    def __init__(
+        self,
+        header: RequestHeader,
+        frames: Sequence[Buffer],
+        max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS,
+    ) -> None:
+        self._header = header
+        self._frames = frames
+        self._max_bytes_elements = max_bytes_elements
+
+    @property
+    def model_name(self) -> str:
+        return self._header.model_name
+
+    @property
+    def model_version(self) -> str:
+        return self._header.model_version
+
+    @property
+    def request_id(self) -> str:
+        return self._header.request_id
+
+    def input_headers(self) -> Sequence[TensorHeader]:
+        return self._header.inputs
+
+    def requested_outputs(self) -> Sequence[str]:
+        return self._header.outputs
+
+    def parameters(self) -> Mapping[str, bool | int | float | str]:
+        return self._header.parameters
+
+    def check_payload(self) -> None:
+        if self._header.deferred_error is not None:
+            raise errors.InvalidInput(self._header.deferred_error)
+        for header, frame in zip(self._header.inputs, self._frames, strict=True):
+            if header.datatype in DATATYPES:
+                check_raw_size(frame, header, self._max_bytes_elements)
+
+    def decode_inputs(self) -> dict[str, np.ndarray]:
+        self.check_payload()
+        return {
+            header.name: decode_frame(frame, header)
+            for header, frame in zip(self._header.inputs, self._frames, strict=True)
+        }
+
+
+def decode_frame(frame: Buffer, header: TensorHeader) -> np.ndarray:
+    """A tensor frame (checked in size) as an array viewing it (BYTES: unframed)."""
+    if header.datatype == "BYTES":
+        try:
+            return split_bytes(frame, prod(header.shape)).reshape(header.shape)
+        except ValueError as exc:
+            raise errors.InvalidInput(f"input '{header.name}': {exc}") from None
+    return np.frombuffer(frame, dtype=DATATYPES[header.datatype]).reshape(header.shape)
+
+
+def tensor_frame(array: np.ndarray, datatype: str) -> Buffer:
+    """An array as one frame in ``datatype``'s wire form (a view where it already is)."""
+    if datatype == "BYTES":
+        return join_bytes(array)
+    contiguous = np.ascontiguousarray(array, dtype=DATATYPES[datatype])
+    return contiguous.data.cast("B")
+
+
+def output_frames(
+    outputs: Mapping[str, np.ndarray], declared: Mapping[str, str]
+) -> tuple[list[list[object]], list[Buffer]]:
+    """Answer outputs as (``[name, datatype, shape]`` headers, frames)."""
+    headers: list[list[object]] = []
+    frames: list[Buffer] = []
+    for name, array in outputs.items():
+        datatype = declared.get(name) or datatype_of(array)
+        headers.append([name, datatype, list(array.shape)])
+        frames.append(tensor_frame(array, datatype))
+    return headers, frames
+
+
+# -- errors ---------------------------------------------------------------------------
+
+#: The domain errors that cross from the engine to a front end, by name; anything else
+#: the engine raised arrives as :class:`EngineFault` (INTERNAL, logged in the engine).
+_ERRORS: dict[str, type[errors.MandantError]] = {
+    kind.__name__: kind
+    for kind in (
+        errors.Unauthenticated,
+        errors.ModelNotFound,
+        errors.InvalidInput,
+        errors.ModelFailed,
+        errors.FailedPrecondition,
+        errors.ResourceExhausted,
+        errors.RateLimited,
+        errors.QuotaExceeded,
+        errors.QueueFull,
+        errors.ServerBusy,
+        errors.DeadlineExceeded,
+        errors.Unavailable,
+    )
+}
+
+
+class EngineFault(Exception):
+    """The engine failed on a request for a reason of its own (it logged it there)."""
+
+
+def pack_error(exc: BaseException) -> list[object]:
+    """``[kind, message, retry_after_s]``; an unexpected exception says nothing of itself."""
+    if isinstance(exc, errors.MandantError) and type(exc).__name__ in _ERRORS:
+        retry_after = exc.retry_after_s if isinstance(exc, errors.ResourceExhausted) else 0.0
+        return [type(exc).__name__, str(exc), retry_after]
+    return ["", "", 0.0]
+
+
+def unpack_error(fields: Iterable[Any]) -> Exception:
+    kind_name, message, retry_after_s = fields
+    kind = _ERRORS.get(kind_name)
+    if kind is None:
+        return EngineFault("the engine failed on this request")
+    error: errors.MandantError = kind.__new__(kind)
+    Exception.__init__(error, message)  # the engine's message, as it was built there
+    if isinstance(error, errors.ResourceExhausted):
+        error.retry_after_s = float(retry_after_s)
+    return error

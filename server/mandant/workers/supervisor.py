@@ -1,0 +1,250 @@
+"""``mandant serve`` with ``workers: N > 1``: the supervisor that starts, watches and
+stops one engine and N front ends (DESIGN.md, "One host, every core").
+
+- Start: the engine first (it loads the models and binds the REST and HTTP ports),
+  then the front ends, each binding the gRPC port with SO_REUSEPORT (port 0: the
+  supervisor reserves a free port for them first).
+- Watch: a child that exits is started again (backoff 0.2 s doubling to 5 s; reset
+  once it has run 10 s). A front end's own calls fail with it (its clients'
+  connections close: UNAVAILABLE) and nothing else; while the engine is away the
+  front ends answer UNAVAILABLE, and serve again once it is back.
+- SIGTERM / SIGINT: the front ends drain first (their calls finish on the running
+  engine), then the engine; no accepted call is lost. SIGHUP: every child reloads
+  the configuration file.
+
+Children run in a session of their own (a terminal's Ctrl-C reaches only the
+supervisor, which stops them in order) and die with the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mandant.workers.process import ANNOUNCE
+from mandant.workers.sockets import EngineSockets
+
+logger = logging.getLogger(__name__)
+
+_BACKOFF_S = (0.2, 5.0)
+_HEALTHY_AFTER_S = 10.0
+#: Beyond the configured grace, how long a stopping child may take before it is killed.
+_STOP_SLACK_S = 10.0
+
+
+class ChildFailed(RuntimeError):
+    """A child exited before it said it serves."""
+
+
+@dataclass
+class Child:
+    role: str  # "engine" or "front-end"
+    index: int = 0
+    process: asyncio.subprocess.Process | None = None
+    facts: dict[str, int] = field(default_factory=dict)
+    started_at: float = 0.0
+    failures: int = 0
+    relay: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return "engine" if self.role == "engine" else f"front end {self.index}"
+
+
+def reserve_port(host: str) -> socket.socket:
+    """A socket bound to a free port with SO_REUSEPORT, never listening: it keeps the
+    port for the front ends, which bind it the same way."""
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
+    return sock
+
+
+class Supervisor:
+    """``command``: how to start a child (``mandant worker``'s arguments are added:
+    role, sockets folder, parent pid, then ``child_args``, and for the engine its
+    ports once known)."""
+
+    def __init__(
+        self,
+        workers: int,
+        grpc_port: int,
+        host: str,
+        grace_s: float,
+        command: list[str],
+        child_args: list[str],
+    ) -> None:
+        self.workers = workers
+        self.grpc_port = grpc_port
+        self._host = host
+        self.grace_s = grace_s
+        self._command = command
+        self._child_args = child_args
+        self._folder = Path(tempfile.mkdtemp(prefix="mandant-"))
+        self.sockets = EngineSockets(self._folder)
+        self._reserved: socket.socket | None = None
+        self.engine = Child("engine")
+        self.front_ends = [Child("front-end", i + 1) for i in range(workers)]
+        self._stopping = False
+        self._watchers: list[asyncio.Task[None]] = []
+
+    @property
+    def children(self) -> list[Child]:
+        return [self.engine, *self.front_ends]
+
+    # -- start ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the engine, then every front end; a child that fails to start stops
+        the others and raises :class:`ChildFailed`."""
+        os.chmod(self._folder, 0o700)
+        if self.grpc_port == 0:
+            self._reserved = reserve_port(self._host)
+            self.grpc_port = self._reserved.getsockname()[1]
+        try:
+            await self._start(self.engine)
+            await asyncio.gather(*(self._start(front) for front in self.front_ends))
+        except BaseException:
+            await self.stop()
+            raise
+        self._watchers = [
+            asyncio.create_task(self._watch(child), name=f"watch {child.name}")
+            for child in self.children
+        ]
+
+    def _arguments(self, child: Child) -> list[str]:
+        args = [
+            "worker",
+            child.role,
+            "--sockets",
+            str(self._folder),
+            "--parent",
+            str(os.getpid()),
+            *self._child_args,
+            "--grpc-port",
+            str(self.grpc_port),
+        ]
+        if child.role == "engine" and child.facts:  # a restart: the ports it had
+            args += ["--http-port", str(child.facts["http_port"])]
+            args += ["--rest-port", str(child.facts["rest_port"])]
+        return args
+
+    async def _start(self, child: Child) -> None:
+        process = await asyncio.create_subprocess_exec(
+            *self._command,
+            *self._arguments(child),
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        child.process = process
+        child.started_at = time.monotonic()
+        assert process.stdout is not None
+        while True:
+            line = (await process.stdout.readline()).decode(errors="replace")
+            if not line:
+                await process.wait()
+                raise ChildFailed(f"{child.name} exited with {process.returncode} while starting")
+            if line.startswith(ANNOUNCE):
+                _, _, facts = line.split(" ", 2)
+                child.facts = {**child.facts, **json.loads(facts)}
+                break
+            sys.stdout.write(line)
+        child.relay = asyncio.create_task(_relay(process.stdout), name=f"relay {child.name}")
+        logger.info("%s serving (pid %d)", child.name, process.pid)
+
+    # -- watch ----------------------------------------------------------------------
+
+    async def _watch(self, child: Child) -> None:
+        while not self._stopping:
+            assert child.process is not None
+            code = await child.process.wait()
+            if self._stopping:
+                return
+            lived_s = time.monotonic() - child.started_at
+            child.failures = 0 if lived_s > _HEALTHY_AFTER_S else child.failures + 1
+            delay_s = min(_BACKOFF_S[1], _BACKOFF_S[0] * 2 ** max(0, child.failures - 1))
+            logger.error(
+                "%s exited (code %s); starting it again in %.1fs", child.name, code, delay_s
+            )
+            await asyncio.sleep(delay_s)
+            if self._stopping:
+                return
+            with contextlib.suppress(ChildFailed):
+                await self._start(child)
+
+    # -- signals --------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: every child reads the configuration file again."""
+        for child in self.children:
+            _signal(child, signal.SIGHUP)
+
+    async def stop(self) -> None:
+        """Drain the front ends, then the engine; remove the sockets' folder."""
+        self._stopping = True
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await asyncio.gather(*(self._stop(front) for front in self.front_ends))
+        await self._stop(self.engine)
+        if self._reserved is not None:
+            self._reserved.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    async def _stop(self, child: Child) -> None:
+        process = child.process
+        if process is None or process.returncode is not None:
+            return
+        _signal(child, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), self.grace_s + _STOP_SLACK_S)
+        except TimeoutError:
+            logger.error("%s did not stop in time; killing it", child.name)
+            process.kill()
+            await process.wait()
+        if child.relay is not None:
+            await asyncio.gather(child.relay, return_exceptions=True)
+
+
+def _signal(child: Child, signum: int) -> None:
+    process = child.process
+    if process is not None and process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+
+
+async def _relay(stream: asyncio.StreamReader) -> None:
+    """A child's later stdout, on ours."""
+    while line := await stream.readline():
+        sys.stdout.write(line.decode(errors="replace"))
+        sys.stdout.flush()
+
+
+async def supervise(supervisor: Supervisor, on_serving: Callable[[Supervisor], None]) -> None:
+    """Run until SIGTERM or SIGINT: start everything, call ``on_serving``, forward
+    SIGHUP, then stop in order."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
+    await supervisor.start()
+    on_serving(supervisor)
+    await stop.wait()
+    logger.info("stopping: front ends first, then the engine (grace %.1fs)", supervisor.grace_s)
+    await supervisor.stop()
+    logger.info("stopped")
