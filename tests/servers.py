@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -111,6 +113,103 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class WorkersServer:
+    """``mandant serve`` with ``server.workers`` front-end processes and one engine, as
+    a user runs it (a supervisor process and its children), with the interface of
+    :class:`ServerThread` that tests use (``target``, the ports; no ``app``: the
+    server's insides are in other processes). The configuration is written to a YAML
+    file in ``base_dir``, so its relative paths mean what they meant."""
+
+    def __init__(
+        self,
+        config: MandantConfig,
+        base_dir: Path,
+        config_path: Path | None = None,
+        workers: int = 2,
+    ) -> None:
+        server = {"workers": workers}
+        if "rest_port" not in config.server.model_fields_set:
+            server["rest_port"] = 0
+        self._config = config.model_copy(
+            update={"server": config.server.model_copy(update=server)}
+        )
+        self._base_dir = base_dir
+        self.config_path = config_path or base_dir / f".mandant-workers-{id(self):x}.yaml"
+        self.process: subprocess.Popen[str] | None = None
+        self.output: list[str] = []
+        self.grpc_port = self.rest_port = self.http_port = 0
+
+    def start(self) -> WorkersServer:
+        if not self.config_path.exists() or self.config_path.name.startswith(".mandant-workers"):
+            data = self._config.model_dump(mode="json", exclude_defaults=True)
+            self.config_path.write_text(yaml.safe_dump(data))
+        self.process = subprocess.Popen(
+            [*MANDANT, "serve", "--config", str(self.config_path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=SUBPROCESS_ENV,
+        )
+        banner = wait_for(self.process, "Dashboard:", timeout_s=90)
+        self.grpc_port = int(re.search(r"gRPC \(KServe v2\) on [^:]+:(\d+)", banner)[1])  # type: ignore[index]
+        self.rest_port = int(re.search(r"REST on https?://[^:]+:(\d+)", banner)[1])  # type: ignore[index]
+        self.http_port = int(re.search(r"Dashboard: https?://[^:]+:(\d+)", banner)[1])  # type: ignore[index]
+        threading.Thread(target=self._drain, daemon=True).start()
+        return self
+
+    def _drain(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def children(self) -> dict[str, list[int]]:
+        """The supervisor's children by role (``engine``, ``front-end``), from /proc."""
+        assert self.process is not None
+        found: dict[str, list[int]] = {"engine": [], "front-end": []}
+        pid = self.process.pid
+        listed = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        for child in map(int, listed):
+            try:
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            except FileNotFoundError:
+                continue
+            if b"worker" in argv:
+                found[argv[argv.index(b"worker") + 1].decode()].append(child)
+        return found
+
+    def stop(self, grace_s: float = 0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> WorkersServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+#: How a parametrised test runs its server: one process, or ``workers: 2``.
+SERVER_KINDS = ("one process", "workers: 2")
+
+
+def serve(
+    kind: str, config: MandantConfig, base_dir: Path, config_path: Path | None = None
+) -> ServerThread | WorkersServer:
+    """A started server of ``kind`` (one of :data:`SERVER_KINDS`)."""
+    if kind == SERVER_KINDS[0]:
+        return ServerThread(config, base_dir, config_path).start()
+    return WorkersServer(config, base_dir, config_path).start()
 
 
 def free_port() -> int:

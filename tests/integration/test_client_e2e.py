@@ -29,7 +29,14 @@ from mandant_client import (
     Unauthenticated,
     Unavailable,
 )
-from tests.servers import ECHO_MODEL, ServerThread, free_port
+from tests.servers import (
+    ECHO_MODEL,
+    SERVER_KINDS,
+    ServerThread,
+    WorkersServer,
+    free_port,
+    serve,
+)
 
 ROWS = np.arange(8, dtype=np.float32).reshape(2, 4)
 MODES = ("unary", "stream")
@@ -64,10 +71,13 @@ def client_config() -> MandantConfig:
     )
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    with ServerThread(client_config(), tmp_path_factory.mktemp("client")) as running:
-        yield running
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerThread | WorkersServer]:
+    running = serve(request.param, client_config(), tmp_path_factory.mktemp("client"))
+    yield running
+    running.stop()
 
 
 def test_sync_client_every_call(server: ServerThread) -> None:
