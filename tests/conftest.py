@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.servers import ServerThread, demo_config
+from tests.servers import SERVER_KINDS, Server, ServerThread, WorkersServer, demo_config
 
 
 @pytest.fixture(scope="session")
@@ -12,3 +12,20 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThre
     """The built-in demo on a free port, its weights built in a temporary folder."""
     with ServerThread(demo_config(), tmp_path_factory.mktemp("demo")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def demo_workers_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkersServer]:
+    """The built-in demo with ``workers: 2`` (a supervisor, an engine, two front ends),
+    started once for every module that asks for it."""
+    with WorkersServer(demo_config(), tmp_path_factory.mktemp("demo-workers")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def demo(request: pytest.FixtureRequest) -> Server:
+    """The demo served by each of :data:`SERVER_KINDS` in turn (the tests of a module
+    run against one process, then against ``workers: 2``)."""
+    name = "demo_server" if request.param == SERVER_KINDS[0] else "demo_workers_server"
+    server: Server = request.getfixturevalue(name)
+    return server

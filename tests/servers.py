@@ -13,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from mandant.app import App
 from mandant.config import MandantConfig, parse_config
@@ -97,8 +100,22 @@ class ServerThread:
 
     @property
     def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def grpc_port(self) -> int:
         assert self.app is not None
-        return f"127.0.0.1:{self.app.grpc_port}"
+        return self.app.grpc_port
+
+    @property
+    def http_port(self) -> int:
+        assert self.app is not None
+        return self.app.http_port
+
+    @property
+    def rest_port(self) -> int:
+        assert self.app is not None
+        return self.app.rest_port
 
     def stop(self, grace_s: float = 0) -> None:
         if self.app is not None:
@@ -201,6 +218,8 @@ class WorkersServer:
 
 #: How a parametrised test runs its server: one process, or ``workers: 2``.
 SERVER_KINDS = ("one process", "workers: 2")
+#: A started server of either kind.
+Server = ServerThread | WorkersServer
 
 
 def serve(
@@ -210,6 +229,43 @@ def serve(
     if kind == SERVER_KINDS[0]:
         return ServerThread(config, base_dir, config_path).start()
     return WorkersServer(config, base_dir, config_path).start()
+
+
+@contextmanager
+def serving(
+    kind: str, config: MandantConfig, base_dir: Path, config_path: Path | None = None
+) -> Iterator[Server]:
+    """:func:`serve` for a ``with`` block: the server stops at its end."""
+    server = serve(kind, config, base_dir, config_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def http_get(server: Server, path: str, key: str | None = None) -> tuple[int, bytes]:
+    """GET ``path`` on the server's HTTP port (``/metrics``, ``/usage``, …) with an
+    optional bearer key: the status and the body."""
+    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}")
+    if key is not None:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def metric(server: Server, admin_key: str, name: str, **labels: str) -> float | None:
+    """One sample of the server's ``/metrics`` (the whole host in ``workers`` mode),
+    or None where there is none."""
+    status, body = http_get(server, "/metrics", admin_key)
+    assert status == 200, body
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
 
 
 def free_port() -> int:

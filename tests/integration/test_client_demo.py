@@ -18,11 +18,11 @@ from mandant_client import (
     Unauthenticated,
     Unavailable,
 )
-from tests.servers import ServerThread, demo_config
+from tests.servers import SERVER_KINDS, Server, demo_config, serving
 
 
-def test_sync_client_calls(demo_server: ServerThread) -> None:
-    with Client(demo_server.target, api_key="acme-demo-key") as client:
+def test_sync_client_calls(demo: Server) -> None:
+    with Client(demo.target, api_key="acme-demo-key") as client:
         assert client.server_live() and client.server_ready()
         assert client.model_ready("fraud")
         meta = client.model_metadata("fraud")
@@ -38,19 +38,19 @@ def test_sync_client_calls(demo_server: ServerThread) -> None:
         np.testing.assert_array_equal(echo["OUTPUT0"], x)
 
 
-def test_sync_client_exceptions(demo_server: ServerThread) -> None:
+def test_sync_client_exceptions(demo: Server) -> None:
     x = np.zeros((1, 32), np.float32)
-    with Client(demo_server.target, api_key="globex-demo-key") as client:
+    with Client(demo.target, api_key="globex-demo-key") as client:
         with pytest.raises(ModelNotFound):
             client.infer("fraud", {"INPUT0": x})
         with pytest.raises(InvalidInput, match="expected shape"):
             client.infer("classifier", {"INPUT0": x})
-    with Client(demo_server.target, api_key="nope") as client, pytest.raises(Unauthenticated):
+    with Client(demo.target, api_key="nope") as client, pytest.raises(Unauthenticated):
         client.models()
 
 
-async def test_async_client(demo_server: ServerThread) -> None:
-    async with AsyncClient(demo_server.target, api_key="initech-demo-key") as client:
+async def test_async_client(demo: Server) -> None:
+    async with AsyncClient(demo.target, api_key="initech-demo-key") as client:
         assert await client.server_ready()
         out = await client.infer("classifier", {"INPUT0": np.ones((2, 256), np.float32)})
         assert out["OUTPUT0"].shape == (2, 16)
@@ -85,10 +85,11 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_tls(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+def test_tls(tmp_path: Path, kind: str) -> None:
     cert, key = _self_signed(tmp_path)
     config = demo_config(tls={"cert": str(cert), "key": str(key)})
-    with ServerThread(config, tmp_path) as server:
+    with serving(kind, config, tmp_path) as server:
         credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         with Client(server.target, api_key="acme-demo-key", tls=credentials) as client:
             assert (

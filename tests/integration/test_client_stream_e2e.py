@@ -26,7 +26,7 @@ from mandant_client import (
     Unauthenticated,
     Unavailable,
 )
-from tests.servers import DEMO_CONFIG, ECHO_MODEL, ServerThread
+from tests.servers import DEMO_CONFIG, ECHO_MODEL, Server, ServerThread
 
 FRAUD_ROWS = np.zeros((1, 32), np.float32)  # acme's private model's input
 BAD_ROWS = np.zeros((1, 3), np.float32)  # the classifier wants 256 columns
@@ -41,9 +41,9 @@ async def settle(calls: list[Any]) -> list[Any]:
 
 
 async def test_concurrent_calls_of_one_client_get_their_own_outputs(
-    demo_server: ServerThread,
+    demo: Server,
 ) -> None:
-    async with AsyncClient(demo_server.target, api_key="acme-demo-key", multiplex=True) as c:
+    async with AsyncClient(demo.target, api_key="acme-demo-key", multiplex=True) as c:
         outputs = await settle(
             [c.infer("echo", {"INPUT0": echo_rows(i)}, request_id=f"r{i}") for i in range(200)]
         )
@@ -54,10 +54,10 @@ async def test_concurrent_calls_of_one_client_get_their_own_outputs(
 
 
 async def test_bad_messages_get_their_own_typed_errors_and_the_stream_goes_on(
-    demo_server: ServerThread,
+    demo: Server,
 ) -> None:
     key = "globex-demo-key"
-    async with AsyncClient(demo_server.target, api_key=key, multiplex=True) as client:
+    async with AsyncClient(demo.target, api_key=key, multiplex=True) as client:
         calls: list[Any] = []
         expected: list[type[MandantClientError] | np.ndarray] = []
         for i in range(30):
@@ -85,9 +85,9 @@ async def test_bad_messages_get_their_own_typed_errors_and_the_stream_goes_on(
 
 @pytest.mark.parametrize("key", ["wrong-key", None])
 async def test_a_bad_key_fails_the_stream_unauthenticated(
-    demo_server: ServerThread, key: str | None
+    demo: Server, key: str | None
 ) -> None:
-    async with AsyncClient(demo_server.target, api_key=key, multiplex=True) as client:
+    async with AsyncClient(demo.target, api_key=key, multiplex=True) as client:
         outcomes = await settle(
             [client.infer("echo", {"INPUT0": echo_rows(i)}, request_id=f"r{i}") for i in range(8)]
         )
@@ -106,7 +106,7 @@ def threaded_calls(target: str, key: str, calls: list[Callable[[Client], Any]]) 
         return list(pool.map(attempt, calls, [client] * len(calls)))
 
 
-async def test_sync_client_threads_share_a_stream(demo_server: ServerThread) -> None:
+async def test_sync_client_threads_share_a_stream(demo: Server) -> None:
     def echo(i: int) -> Callable[[Client], Any]:
         return lambda client: client.infer("echo", {"INPUT0": echo_rows(i)})
 
@@ -114,7 +114,7 @@ async def test_sync_client_threads_share_a_stream(demo_server: ServerThread) -> 
     calls.append(lambda client: client.infer("fraud", {"INPUT0": FRAUD_ROWS}))
     calls.append(lambda client: client.infer("classifier", {"INPUT0": BAD_ROWS}))
     outcomes = await asyncio.to_thread(
-        threaded_calls, demo_server.target, "initech-demo-key", calls
+        threaded_calls, demo.target, "initech-demo-key", calls
     )
     for i, out in enumerate(outcomes[:64]):
         np.testing.assert_array_equal(out["OUTPUT0"], echo_rows(i))

@@ -10,7 +10,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.servers import DEMO_KEYS, ServerThread, auth
+from tests.servers import DEMO_KEYS, Server, auth
 
 #: tenant → model → the platform it sees (None: the model does not exist for it)
 VISIBLE: dict[str, dict[str, str | None]] = {
@@ -42,8 +42,8 @@ def _calls(
 @pytest.mark.parametrize("tenant", list(VISIBLE))
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("rpc", ["ModelMetadata", "ModelReady", "ModelInfer"])
-def test_matrix(demo_server: ServerThread, tenant: str, model: str, rpc: str) -> None:
-    client = triton.InferenceServerClient(demo_server.target)
+def test_matrix(demo: Server, tenant: str, model: str, rpc: str) -> None:
+    client = triton.InferenceServerClient(demo.target)
     call = _calls(client, model, auth(tenant))[rpc]
     if VISIBLE[tenant].get(model):
         result = call()  # type: ignore[operator]
@@ -59,16 +59,16 @@ def test_matrix(demo_server: ServerThread, tenant: str, model: str, rpc: str) ->
 
 
 @pytest.mark.parametrize("tenant", list(VISIBLE))
-def test_repository_index_lists_only_visible_models(demo_server: ServerThread, tenant: str) -> None:
-    client = triton.InferenceServerClient(demo_server.target)
+def test_repository_index_lists_only_visible_models(demo: Server, tenant: str) -> None:
+    client = triton.InferenceServerClient(demo.target)
     index = client.get_model_repository_index(headers=auth(tenant), as_json=True)
     names = sorted(m["name"] for m in index["models"])
     assert names == sorted(m for m, platform in VISIBLE[tenant].items() if platform)
     assert all(m["state"] == "READY" for m in index["models"])
 
 
-def test_tuned_variant_answers_globex_only(demo_server: ServerThread) -> None:
-    client = triton.InferenceServerClient(demo_server.target)
+def test_tuned_variant_answers_globex_only(demo: Server) -> None:
+    client = triton.InferenceServerClient(demo.target)
     outputs = {
         tenant: client.infer("classifier", _input("classifier"), headers=auth(tenant)).as_numpy(
             "OUTPUT0"
@@ -81,8 +81,8 @@ def test_tuned_variant_answers_globex_only(demo_server: ServerThread) -> None:
 
 @pytest.mark.parametrize("rpc", ["ModelMetadata", "ModelReady", "ModelInfer", "RepositoryIndex"])
 @pytest.mark.parametrize("key", [None, "wrong-key", "Bearer", "acme-demo-key-2"])
-def test_model_rpcs_need_a_valid_key(demo_server: ServerThread, rpc: str, key: str | None) -> None:
-    client = triton.InferenceServerClient(demo_server.target)
+def test_model_rpcs_need_a_valid_key(demo: Server, rpc: str, key: str | None) -> None:
+    client = triton.InferenceServerClient(demo.target)
     headers = {} if key is None else {"authorization": f"Bearer {key}"}
     calls = {
         **_calls(client, "classifier", headers),
@@ -94,23 +94,23 @@ def test_model_rpcs_need_a_valid_key(demo_server: ServerThread, rpc: str, key: s
     assert err.value.message() == "missing or invalid API key"
 
 
-def test_probes_and_health_stay_open(demo_server: ServerThread) -> None:
+def test_probes_and_health_stay_open(demo: Server) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    client = triton.InferenceServerClient(demo_server.target)
+    client = triton.InferenceServerClient(demo.target)
     assert client.is_server_live() and client.is_server_ready()
     assert client.get_server_metadata().name == "mandant"
-    with grpc.insecure_channel(demo_server.target) as channel:
+    with grpc.insecure_channel(demo.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "inference.GRPCInferenceService"):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_reflection_lists_the_services(demo_server: ServerThread) -> None:
+def test_reflection_lists_the_services(demo: Server) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    with grpc.insecure_channel(demo_server.target) as channel:
+    with grpc.insecure_channel(demo.target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         requests = [
             reflection_pb2.ServerReflectionRequest(list_services=""),

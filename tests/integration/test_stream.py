@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import queue
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,7 +18,7 @@ import tritonclient.grpc.aio as aioclient
 
 from mandant.config import parse_config
 from mandant_client._proto import grpc_service_pb2 as pb
-from tests.servers import DEMO_KEYS, ECHO_MODEL, ServerThread, auth
+from tests.servers import DEMO_KEYS, ECHO_MODEL, SERVER_KINDS, Server, auth, metric, serve
 
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
@@ -32,9 +31,9 @@ def echo_input(value: float, rows: int = 1, width: int = 4) -> grpcclient.InferI
 
 
 def test_sync_stream_answers_every_message_with_its_id_and_own_rows(
-    demo_server: ServerThread,
+    demo: Server,
 ) -> None:
-    client = grpcclient.InferenceServerClient(demo_server.target)
+    client = grpcclient.InferenceServerClient(demo.target)
     answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
     client.start_stream(
         callback=lambda result, error: answers.put((result, error)), headers=auth("acme")
@@ -60,9 +59,9 @@ def test_sync_stream_answers_every_message_with_its_id_and_own_rows(
 
 
 def test_a_bad_message_gets_its_own_error_and_the_stream_goes_on(
-    demo_server: ServerThread,
+    demo: Server,
 ) -> None:
-    client = grpcclient.InferenceServerClient(demo_server.target)
+    client = grpcclient.InferenceServerClient(demo.target)
     answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
     client.start_stream(
         callback=lambda result, error: answers.put((result, error)), headers=auth("globex")
@@ -89,8 +88,8 @@ def test_a_bad_message_gets_its_own_error_and_the_stream_goes_on(
     assert any("model 'fraud' not found" in e for e in errors)
 
 
-async def test_aio_stream_infer_works_unchanged(demo_server: ServerThread) -> None:
-    async with aioclient.InferenceServerClient(demo_server.target) as client:
+async def test_aio_stream_infer_works_unchanged(demo: Server) -> None:
+    async with aioclient.InferenceServerClient(demo.target) as client:
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
             for i in range(50):
@@ -127,9 +126,9 @@ async def _raw_stream(
 
 @pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong-key"),)])
 async def test_the_key_is_checked_when_the_stream_opens(
-    demo_server: ServerThread, metadata: tuple[tuple[str, str], ...]
+    demo: Server, metadata: tuple[tuple[str, str], ...]
 ) -> None:
-    async with grpc.aio.insecure_channel(demo_server.target) as channel:
+    async with grpc.aio.insecure_channel(demo.target) as channel:
         method = channel.stream_stream(
             STREAM, response_deserializer=pb.ModelStreamInferResponse.FromString
         )
@@ -138,9 +137,9 @@ async def test_the_key_is_checked_when_the_stream_opens(
         assert await call.details() == "missing or invalid API key"
 
 
-async def test_errors_carry_the_id_and_the_status_code(demo_server: ServerThread) -> None:
+async def test_errors_carry_the_id_and_the_status_code(demo: Server) -> None:
     responses = await _raw_stream(
-        demo_server.target,
+        demo.target,
         [_request("fraud", "f1"), b"\xff\xff not a message", _request("echo", "e1")],
         (("authorization", f"Bearer {DEMO_KEYS['globex']}"),),
     )
@@ -152,10 +151,17 @@ async def test_errors_carry_the_id_and_the_status_code(demo_server: ServerThread
     assert "DecodeError" not in malformed.error_message
 
 
-@pytest.fixture
-def limited_server(tmp_path: Path) -> Iterator[ServerThread]:
-    """echo, and a slow model whose queue holds one request; tenant ``t`` may run 2
-    calls at once, tenant ``u`` may send 5 rows a day."""
+ADMIN_KEY = "stream-admin-key"
+
+
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def limited_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """echo; a slow model whose queue holds one request (``slow``) and a quick one run
+    one request at a time (``quick``); at most two messages of a stream in flight.
+    Tenant ``t`` may run 2 calls at once, ``u`` may send 5 rows a day, ``v`` may run
+    10 calls at once."""
     slow = {
         **ECHO_MODEL,
         "name": "slow",
@@ -163,9 +169,22 @@ def limited_server(tmp_path: Path) -> Iterator[ServerThread]:
         "factory_args": {"seconds": 1.0},
         "batching": {"max_batch_size": 1, "max_queue_rows": 1},
     }
+    quick = {
+        **ECHO_MODEL,
+        "name": "quick",
+        "factory": "tests.integration.slow_models:sleepy",
+        "factory_args": {"seconds": 0.05},
+        "batching": {"max_batch_size": 1},
+    }
     config = parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
+            "server": {
+                "grpc_port": 0,
+                "http_port": 0,
+                "rest_port": 0,
+                "max_stream_inflight": 2,
+                "admin_keys": ["sha256:" + _sha(ADMIN_KEY)],
+            },
             "tenants": [
                 {
                     "id": "t",
@@ -173,13 +192,23 @@ def limited_server(tmp_path: Path) -> Iterator[ServerThread]:
                     "max_concurrency": 2,
                 },
                 {"id": "u", "api_keys": ["sha256:" + _sha("u-key")], "quota": {"rows_per_day": 5}},
+                {"id": "v", "api_keys": ["sha256:" + _sha("v-key")], "max_concurrency": 10},
             ],
-            "models": [ECHO_MODEL, slow],
+            "models": [ECHO_MODEL, slow, quick],
         },
         "test",
     )
-    with ServerThread(config, tmp_path) as server:
-        yield server
+    server = serve(request.param, config, tmp_path_factory.mktemp("stream"))
+    yield server
+    server.stop()
+
+
+async def inflight(server: Server, tenant: str) -> float:
+    """The tenant's calls being served now, from the server's /metrics."""
+    value = await asyncio.to_thread(
+        metric, server, ADMIN_KEY, "mandant_inflight_requests", tenant=tenant
+    )
+    return value or 0.0
 
 
 def _sha(key: str) -> str:
@@ -188,7 +217,7 @@ def _sha(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-async def test_quotas_apply_per_message(limited_server: ServerThread) -> None:
+async def test_quotas_apply_per_message(limited_server: Server) -> None:
     responses = await _raw_stream(
         limited_server.target,
         [_request("echo", f"q{i}") for i in range(8)],
@@ -204,7 +233,7 @@ async def test_quotas_apply_per_message(limited_server: ServerThread) -> None:
 
 
 async def test_leaving_a_stream_frees_its_queue_places_and_concurrency(
-    limited_server: ServerThread,
+    limited_server: Server,
 ) -> None:
     """Two messages of a stream occupy tenant t's two concurrency slots on the slow
     model (one running for a second, one queued); when the client leaves, both are
@@ -216,19 +245,17 @@ async def test_leaving_a_stream_frees_its_queue_places_and_concurrency(
         call = method(metadata=(("authorization", "Bearer t-key"),))
         await call.write(_request("slow", "s1"))
         await call.write(_request("slow", "s2"))
-        assert limited_server.app is not None
-        admission = limited_server.app.admission
         for _ in range(100):
-            if admission.inflight("t") == 2:
+            if await inflight(limited_server, "t") == 2:
                 break
             await asyncio.sleep(0.01)
-        assert admission.inflight("t") == 2
+        assert await inflight(limited_server, "t") == 2
         call.cancel()
     for _ in range(50):  # well before the first message's second of compute ends
-        if admission.inflight("t") == 0:
+        if await inflight(limited_server, "t") == 0:
             break
         await asyncio.sleep(0.01)
-    assert admission.inflight("t") == 0
+    assert await inflight(limited_server, "t") == 0
     async with grpc.aio.insecure_channel(limited_server.target) as channel:
         infer = channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer",
@@ -240,45 +267,25 @@ async def test_leaving_a_stream_frees_its_queue_places_and_concurrency(
         assert answer.id == "after"
 
 
-async def test_in_flight_messages_per_stream_are_capped(tmp_path: Path) -> None:
+async def test_in_flight_messages_per_stream_are_capped(limited_server: Server) -> None:
     """With max_stream_inflight=2, a stream of slow messages has at most two being
     served at once (the rest are not read yet): concurrency never passes 2 though the
     tenant may run 10."""
-    slow = {
-        **ECHO_MODEL,
-        "name": "slow",
-        "factory": "tests.integration.slow_models:sleepy",
-        "factory_args": {"seconds": 0.05},
-        "batching": {"max_batch_size": 1},
-    }
-    config = parse_config(
-        {
-            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "max_stream_inflight": 2},
-            "tenants": [
-                {"id": "t", "api_keys": ["sha256:" + _sha("t-key")], "max_concurrency": 10}
-            ],
-            "models": [slow],
-        },
-        "test",
+    peak = 0.0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, await inflight(limited_server, "v"))
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    responses = await _raw_stream(
+        limited_server.target,
+        [_request("quick", f"s{i}") for i in range(8)],
+        (("authorization", "Bearer v-key"),),
     )
-    with ServerThread(config, tmp_path) as server:
-        assert server.app is not None
-        admission = server.app.admission
-        peak = 0
-
-        async def watch() -> None:
-            nonlocal peak
-            while True:
-                peak = max(peak, admission.inflight("t"))
-                await asyncio.sleep(0.005)
-
-        watcher = asyncio.create_task(watch())
-        responses = await _raw_stream(
-            server.target,
-            [_request("slow", f"s{i}") for i in range(8)],
-            (("authorization", "Bearer t-key"),),
-        )
-        watcher.cancel()
+    watcher.cancel()
     assert len(responses) == 8
     assert all(not r.error_message for r in responses)
     assert peak == 2
