@@ -9,7 +9,6 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 
 from mandant.config import parse_config
 from mandant_client._proto import grpc_service_pb2 as pb
-from tests.servers import ECHO_MODEL, ServerThread, auth
+from tests.servers import ECHO_MODEL, SERVER_KINDS, Server, auth, metric, serve
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 METADATA = "/inference.GRPCInferenceService/ModelMetadata"
@@ -45,19 +44,19 @@ async def _call(
 
 @pytest.mark.parametrize("path", [INFER, METADATA])
 async def test_garbage_without_a_key_is_unauthenticated(
-    demo_server: ServerThread, path: str
+    demo: Server, path: str
 ) -> None:
     """Refused on the metadata: the bytes are never parsed (before, UNKNOWN)."""
-    answer = await _call(demo_server.target, path, b"\xff\xfe\x00 definitely not protobuf")
+    answer = await _call(demo.target, path, b"\xff\xfe\x00 definitely not protobuf")
     assert isinstance(answer, grpc.aio.AioRpcError)
     assert answer.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.mark.parametrize("path", [INFER, METADATA])
 async def test_malformed_messages_are_invalid_argument_in_plain_words(
-    demo_server: ServerThread, path: str
+    demo: Server, path: str
 ) -> None:
-    answer = await _call(demo_server.target, path, b"\xff\xfe\x00 not protobuf", auth("acme"))
+    answer = await _call(demo.target, path, b"\xff\xfe\x00 not protobuf", auth("acme"))
     assert isinstance(answer, grpc.aio.AioRpcError)
     assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = answer.details() or ""
@@ -65,30 +64,30 @@ async def test_malformed_messages_are_invalid_argument_in_plain_words(
     assert "DecodeError" not in details and "class" not in details
 
 
-async def test_a_large_unauthenticated_call_is_refused(demo_server: ServerThread) -> None:
-    answer = await _call(demo_server.target, INFER, _infer_bytes(rows=4096, width=1024))
+async def test_a_large_unauthenticated_call_is_refused(demo: Server) -> None:
+    answer = await _call(demo.target, INFER, _infer_bytes(rows=4096, width=1024))
     assert isinstance(answer, grpc.aio.AioRpcError)
     assert answer.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_oversize_request_ids_are_refused_and_never_logged(
-    demo_server: ServerThread, caplog: pytest.LogCaptureFixture
+    demo: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
     huge = "x" * (1 << 20)
     with caplog.at_level(logging.DEBUG):
-        answer = await _call(demo_server.target, INFER, _infer_bytes(huge), auth("acme"))
+        answer = await _call(demo.target, INFER, _infer_bytes(huge), auth("acme"))
     assert isinstance(answer, grpc.aio.AioRpcError)
     assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert len(answer.details() or "") < 200
     assert all(len(record.getMessage()) < 10_000 for record in caplog.records)
-    ok = await _call(demo_server.target, INFER, _infer_bytes("y" * 256), auth("acme"))
+    ok = await _call(demo.target, INFER, _infer_bytes("y" * 256), auth("acme"))
     assert isinstance(ok, bytes)
     assert pb.ModelInferResponse.FromString(ok).id == "y" * 256
 
 
-async def test_client_text_in_messages_is_bounded(demo_server: ServerThread) -> None:
+async def test_client_text_in_messages_is_bounded(demo: Server) -> None:
     message = pb.ModelMetadataRequest(name="m" * 100_000)
-    answer = await _call(demo_server.target, METADATA, message.SerializeToString(), auth("acme"))
+    answer = await _call(demo.target, METADATA, message.SerializeToString(), auth("acme"))
     assert isinstance(answer, grpc.aio.AioRpcError)
     assert answer.code() == grpc.StatusCode.NOT_FOUND
     assert len(answer.details() or "") < 200
@@ -98,10 +97,15 @@ def _sha(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
-@pytest.fixture
-def slow_server(tmp_path: Path) -> Iterator[ServerThread]:
+ADMIN_KEY = "gate-admin-key"
+
+
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def slow_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     """A model that takes 0.2 s per batch, tenant ``t`` with a 50 ms SLO, and a server
-    that serves at most 64 calls at once."""
+    that serves at most 64 calls at once (per front end in ``workers`` mode)."""
     slow = {
         **ECHO_MODEL,
         "name": "slow",
@@ -110,7 +114,13 @@ def slow_server(tmp_path: Path) -> Iterator[ServerThread]:
     }
     config = parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "max_concurrent_rpcs": 64},
+            "server": {
+                "grpc_port": 0,
+                "http_port": 0,
+                "rest_port": 0,
+                "max_concurrent_rpcs": 64,
+                "admin_keys": [_sha(ADMIN_KEY)],
+            },
             "tenants": [
                 {
                     "id": "t",
@@ -122,20 +132,19 @@ def slow_server(tmp_path: Path) -> Iterator[ServerThread]:
         },
         "test",
     )
-    with ServerThread(config, tmp_path) as server:
-        yield server
+    server = serve(request.param, config, tmp_path_factory.mktemp("gate"))
+    yield server
+    server.stop()
 
 
-def _slo_counts(server: ServerThread) -> tuple[float, float]:
-    assert server.app is not None
-    registry = server.app.metrics
-    total = registry.get_sample_value("mandant_slo_requests_total", {"tenant": "t"}) or 0.0
-    good = registry.get_sample_value("mandant_slo_good_requests_total", {"tenant": "t"}) or 0.0
+def _slo_counts(server: Server) -> tuple[float, float]:
+    total = metric(server, ADMIN_KEY, "mandant_slo_requests_total", tenant="t") or 0.0
+    good = metric(server, ADMIN_KEY, "mandant_slo_good_requests_total", tenant="t") or 0.0
     return total, good
 
 
 async def test_a_call_whose_client_gave_up_counts_against_the_slo(
-    slow_server: ServerThread,
+    slow_server: Server,
 ) -> None:
     message = pb.ModelInferRequest(model_name="slow", id="late")
     message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
@@ -149,20 +158,25 @@ async def test_a_call_whose_client_gave_up_counts_against_the_slo(
             )
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     for _ in range(100):  # the server notices the cancellation on its own time
-        total, good = _slo_counts(slow_server)
+        total, good = await asyncio.to_thread(_slo_counts, slow_server)
         if total:
             break
         await asyncio.sleep(0.01)
     assert (total, good) == (1.0, 0.0)
-    assert slow_server.app is not None
-    late = slow_server.app.metrics.get_sample_value(
-        "mandant_requests_total", {"tenant": "t", "model": "slow", "code": "DEADLINE_EXCEEDED"}
+    late = await asyncio.to_thread(
+        metric,
+        slow_server,
+        ADMIN_KEY,
+        "mandant_requests_total",
+        tenant="t",
+        model="slow",
+        code="DEADLINE_EXCEEDED",
     )
     assert late == 1.0
 
 
 async def test_thousands_of_calls_on_one_connection_end_cleanly(
-    slow_server: ServerThread,
+    slow_server: Server,
 ) -> None:
     """5,000 calls at once on one connection, on a server serving at most 64: each is
     answered OK, refused with RESOURCE_EXHAUSTED (the server-wide cap, with pushback) or

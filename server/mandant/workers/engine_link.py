@@ -139,14 +139,29 @@ class EngineLink:
             (_, model, version, error, outputs), out_frames = await future
         except asyncio.CancelledError:
             if self._pending.pop(rid, None) is not None:
-                self._cancels.append(rid)
-                self._schedule_flush()
+                await self._abandon(call, rid)
             raise
         call.model = model
         call.version = version
         if error is not None:
             raise ipc.unpack_error(error)
         return _response(model, version, request.request_id, outputs, out_frames)
+
+    async def _abandon(self, call: Call, rid: int) -> None:
+        """Cancel a call in the engine, and wait for its last word on it: the model it
+        had resolved, which the caller's report of the call names (the engine answers a
+        cancellation at once; a lost engine fails the wait)."""
+        assert self._loop is not None
+        last: asyncio.Future[tuple[list[Any], list[zmq.Frame]]] = self._loop.create_future()
+        self._pending[rid] = last
+        self._cancels.append(rid)
+        self._schedule_flush()
+        try:
+            (_, call.model, call.version, *_), _ = await last
+        except Exception:  # Unavailable: the engine went away; the model stays unknown
+            pass
+        finally:
+            self._pending.pop(rid, None)
 
     def report(self, event: str, *args: object) -> None:
         """Send an observer event to the engine (with the others of this loop turn)."""

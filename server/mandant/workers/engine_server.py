@@ -7,7 +7,9 @@ model — so fair shares, token buckets, quotas and concurrency caps are those o
 process, whatever the number of front ends. Answers of one event-loop turn go back to
 each front end in one message. A front end that gives up on a call (its client left
 or its deadline passed) sends a cancellation: the call leaves its queue and frees its
-concurrency slot. Calls of a front end that died finish and their answers are dropped.
+concurrency slot, and the front end is told at once which model the call had resolved
+to (what its report of the call names: SLOs count it). Calls of a front end that died
+finish and their answers are dropped.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class EngineServer:
         self.incarnation = os.urandom(8).hex()
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
-        self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+        self._tasks: dict[tuple[bytes, int], tuple[asyncio.Task[None], Call]] = {}
         self._outbox: dict[bytes, tuple[list[object], list[ipc.Buffer]]] = {}
         self._flushing = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -77,7 +79,7 @@ class EngineServer:
     async def aclose(self) -> None:
         if self._loop is not None:
             self._loop.remove_reader(self._socket.fileno())
-        tasks = list(self._tasks.values())
+        tasks = [task for task, _ in self._tasks.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -106,9 +108,7 @@ class EngineServer:
             self._socket.send_multipart([peer, ipc.HEARTBEAT, reply])
         elif kind == ipc.CANCEL:
             for rid in ipc.unpackb(parts[2].buffer):
-                task = self._tasks.get((peer, rid))
-                if task is not None:
-                    task.cancel()
+                self._cancel(peer, rid)
         elif kind == ipc.EVENTS:
             for name, *args in ipc.unpackb(parts[2].buffer):
                 if name in FORWARDED_EVENTS:
@@ -122,15 +122,25 @@ class EngineServer:
             count = len(header.inputs) if header.deferred_error is None else 0
             buffers: list[ipc.Buffer] = [frame.buffer for frame in frames[offset : offset + count]]
             offset += count
-            key = (peer, header.rid)
-            self._tasks[key] = self._loop.create_task(self._serve(peer, header, buffers))
+            call = Call(None)
+            task = self._loop.create_task(self._serve(peer, header, buffers, call))
+            self._tasks[(peer, header.rid)] = (task, call)
+
+    def _cancel(self, peer: bytes, rid: int) -> None:
+        """Drop a call its front end gave up on, and answer it now (a task cancelled
+        before it ran never runs its body) with the model it resolved to, if any."""
+        entry = self._tasks.pop((peer, rid), None)
+        if entry is None:
+            return  # answered already: the answer is on its way
+        task, call = entry
+        task.cancel()
+        self._answer(peer, [rid, call.model, call.version, ipc.pack_error(Exception()), []], [])
 
     # -- serving --------------------------------------------------------------------
 
     async def _serve(
-        self, peer: bytes, header: ipc.RequestHeader, buffers: Sequence[ipc.Buffer]
+        self, peer: bytes, header: ipc.RequestHeader, buffers: Sequence[ipc.Buffer], call: Call
     ) -> None:
-        call = Call(None)
         frames: list[ipc.Buffer] = []
         try:
             tenant = self._tenants(header.tenant)
