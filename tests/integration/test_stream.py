@@ -158,7 +158,8 @@ ADMIN_KEY = "stream-admin-key"
 def limited_server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    """echo; a slow model whose queue holds one request (``slow``) and a quick one run
+    """echo; a slow model whose queue holds two requests (``slow``: two that arrive
+    together, as they may in one message to the engine, both fit) and a quick one run
     one request at a time (``quick``); at most two messages of a stream in flight.
     Tenant ``t`` may run 2 calls at once, ``u`` may send 5 rows a day, ``v`` may run
     10 calls at once."""
@@ -167,7 +168,7 @@ def limited_server(
         "name": "slow",
         "factory": "tests.integration.slow_models:sleepy",
         "factory_args": {"seconds": 1.0},
-        "batching": {"max_batch_size": 1, "max_queue_rows": 1},
+        "batching": {"max_batch_size": 1, "max_queue_rows": 2},
     }
     quick = {
         **ECHO_MODEL,

@@ -18,7 +18,7 @@ from mandant.config import parse_config
 from mandant.demo.models import classifier
 from mandant.tenancy.keys import hash_key
 from mandant.transport.grpc.codec import CONTENTS_FIELD
-from tests.servers import ServerThread, auth
+from tests.servers import SERVER_KINDS, Server, ServerThread, auth, serve
 
 DTYPES = {
     "BOOL": np.bool_,
@@ -51,8 +51,10 @@ def _sample(datatype: str, rng: np.random.Generator, shape: tuple[int, ...] = (2
     return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
 
 
-@pytest.fixture(scope="module")
-def alltypes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def alltypes_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     def echo_model(name: str, datatypes: list[str]) -> dict[str, object]:
         tensors = [{"name": f"IN_{t}", "datatype": t, "shape": [-1, -1]} for t in datatypes]
         return {
@@ -73,8 +75,9 @@ def alltypes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
             ],
         }
     )
-    with ServerThread(config, tmp_path_factory.mktemp("alltypes")) as server:
-        yield server
+    server = serve(request.param, config, tmp_path_factory.mktemp("alltypes"))
+    yield server
+    server.stop()
 
 
 def _inputs(
@@ -98,7 +101,7 @@ def _set_typed(tensor: triton.InferInput, array: np.ndarray, datatype: str) -> N
 
 
 @pytest.mark.parametrize("typed", [False, True], ids=["raw", "typed"])
-def test_every_datatype_round_trips_sync(alltypes_server: ServerThread, typed: bool) -> None:
+def test_every_datatype_round_trips_sync(alltypes_server: Server, typed: bool) -> None:
     client = triton.InferenceServerClient(alltypes_server.target)
     inputs, arrays = _inputs(np.random.default_rng(7), typed)
     result = client.infer("typed" if typed else "alltypes", inputs, headers=auth("k"))
@@ -109,7 +112,7 @@ def test_every_datatype_round_trips_sync(alltypes_server: ServerThread, typed: b
         np.testing.assert_array_equal(got, array)
 
 
-async def test_every_datatype_round_trips_aio(alltypes_server: ServerThread) -> None:
+async def test_every_datatype_round_trips_aio(alltypes_server: Server) -> None:
     client = triton_aio.InferenceServerClient(alltypes_server.target)
     try:
         inputs, arrays = _inputs(np.random.default_rng(8), typed=False)
@@ -120,7 +123,7 @@ async def test_every_datatype_round_trips_aio(alltypes_server: ServerThread) -> 
         await client.close()
 
 
-def test_requested_outputs_select_a_subset(alltypes_server: ServerThread) -> None:
+def test_requested_outputs_select_a_subset(alltypes_server: Server) -> None:
     client = triton.InferenceServerClient(alltypes_server.target)
     inputs, arrays = _inputs(np.random.default_rng(9), typed=False)
     wanted = [triton.InferRequestedOutput("OUT_INT32"), triton.InferRequestedOutput("OUT_BYTES")]
@@ -130,7 +133,7 @@ def test_requested_outputs_select_a_subset(alltypes_server: ServerThread) -> Non
     np.testing.assert_array_equal(result.as_numpy("OUT_BYTES"), arrays["BYTES"])
 
 
-def test_unknown_requested_output_is_invalid(alltypes_server: ServerThread) -> None:
+def test_unknown_requested_output_is_invalid(alltypes_server: Server) -> None:
     client = triton.InferenceServerClient(alltypes_server.target)
     inputs, _ = _inputs(np.random.default_rng(10), typed=False)
     with pytest.raises(InferenceServerException) as err:
@@ -146,8 +149,8 @@ def _classifier_direct(x: np.ndarray, seed: int) -> np.ndarray:
         return classifier(seed)(torch.from_numpy(x)).numpy()
 
 
-def test_demo_probes_metadata_and_classifier(demo_server: ServerThread) -> None:
-    client = triton.InferenceServerClient(demo_server.target)
+def test_demo_probes_metadata_and_classifier(demo: Server) -> None:
+    client = triton.InferenceServerClient(demo.target)
     assert client.is_server_live() and client.is_server_ready()
     meta = client.get_server_metadata()
     assert meta.name == "mandant" and "model_repository" in meta.extensions
@@ -167,8 +170,8 @@ def test_demo_probes_metadata_and_classifier(demo_server: ServerThread) -> None:
     )
 
 
-async def test_demo_classifier_aio(demo_server: ServerThread) -> None:
-    client = triton_aio.InferenceServerClient(demo_server.target)
+async def test_demo_classifier_aio(demo: Server) -> None:
+    client = triton_aio.InferenceServerClient(demo.target)
     try:
         assert await client.is_server_ready()
         x = np.ones((1, 256), np.float32)
@@ -185,6 +188,7 @@ async def test_demo_classifier_aio(demo_server: ServerThread) -> None:
 
 
 def test_weights_are_built_next_to_the_config(demo_server: ServerThread) -> None:
+    """One process only: the paths are read from the server's own registry."""
     assert demo_server.app is not None
     paths = [m.spec.path for m in demo_server.app.registry.all() if m.spec.path is not None]
     assert paths and all(Path(p).exists() for p in paths)
