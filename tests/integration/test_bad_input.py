@@ -9,25 +9,42 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+import yaml
 
+from mandant.config import parse_config
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
-from tests.servers import ServerThread, auth, demo_config
+from tests.servers import DEMO_CONFIG, SERVER_KINDS, Server, auth, serve
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 METADATA = tuple(auth("acme").items())
 
 
-@pytest.fixture(scope="module")
-def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    """The demo with a 1 MiB message limit, to test oversize requests cheaply."""
-    config = demo_config(max_message_bytes=1 << 20)
-    with ServerThread(config, tmp_path_factory.mktemp("small")) as server:
-        yield server
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def small_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The demo with a 1 MiB message limit, to test oversize requests cheaply, and a
+    BYTES echo (``bytes_echo``)."""
+    data = yaml.safe_load(DEMO_CONFIG.read_text())
+    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0, "rest_port": 0,
+                      "max_message_bytes": 1 << 20}  # fmt: skip
+    data["models"].append(
+        {
+            "name": "bytes_echo",
+            "factory": "mandant.demo.models:echo",
+            "inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": "OUTPUT0", "datatype": "BYTES", "shape": [-1]}],
+        }
+    )
+    config = parse_config(data, str(DEMO_CONFIG))
+    server = serve(request.param, config, tmp_path_factory.mktemp("small"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
-def stub(small_server: ServerThread) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+def stub(small_server: Server) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
     with grpc.insecure_channel(small_server.target) as channel:
         yield pb_grpc.GRPCInferenceServiceStub(channel)
 
@@ -141,34 +158,6 @@ def _bytes_model_request(raw: bytes, count: int) -> pb.ModelInferRequest:
     return request
 
 
-@pytest.fixture(scope="module")
-def bytes_stub(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
-    from mandant.config import parse_config
-    from mandant.tenancy.keys import hash_key
-
-    config = parse_config(
-        {
-            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
-            "tenants": [{"id": "t", "api_keys": [hash_key("acme-demo-key")]}],
-            "models": [
-                {
-                    "name": "bytes_echo",
-                    "factory": "mandant.demo.models:echo",
-                    "inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [-1]}],
-                    "outputs": [{"name": "OUTPUT0", "datatype": "BYTES", "shape": [-1]}],
-                }
-            ],
-        }
-    )
-    with (
-        ServerThread(config, tmp_path_factory.mktemp("bytes")) as server,
-        grpc.insecure_channel(server.target) as channel,
-    ):
-        yield pb_grpc.GRPCInferenceServiceStub(channel)
-
-
 @pytest.mark.parametrize(
     ("raw", "count", "message"),
     [
@@ -183,14 +172,14 @@ def bytes_stub(
     ],
 )
 def test_broken_bytes_prefixes(
-    bytes_stub: pb_grpc.GRPCInferenceServiceStub, raw: bytes, count: int, message: str
+    stub: pb_grpc.GRPCInferenceServiceStub, raw: bytes, count: int, message: str
 ) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        bytes_stub.ModelInfer(_bytes_model_request(raw, count), metadata=METADATA)
+        stub.ModelInfer(_bytes_model_request(raw, count), metadata=METADATA)
     assert err.value.code() == INVALID
     assert message in err.value.details()
     good = struct.pack("<I", 2) + b"ok" + struct.pack("<I", 0)
-    reply = bytes_stub.ModelInfer(_bytes_model_request(good, 2), metadata=METADATA)
+    reply = stub.ModelInfer(_bytes_model_request(good, 2), metadata=METADATA)
     assert reply.raw_output_contents[0] == good
 
 
@@ -211,7 +200,7 @@ def test_unknown_version_is_not_found(stub: pb_grpc.GRPCInferenceServiceStub) ->
     assert err.value.details() == "model 'classifier' version '7' not found"
 
 
-def test_unimplemented_rpcs_say_so(small_server: ServerThread) -> None:
+def test_unimplemented_rpcs_say_so(small_server: Server) -> None:
     with grpc.insecure_channel(small_server.target) as channel:
         stats = channel.unary_unary("/inference.GRPCInferenceService/CudaSharedMemoryStatus")
         with pytest.raises(grpc.RpcError) as err:
