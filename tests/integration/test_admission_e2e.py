@@ -21,7 +21,7 @@ from mandant.tenancy.keys import hash_key
 from mandant_client import AsyncClient, Client, QuotaExceeded, RateLimited
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
-from tests.servers import ECHO_MODEL, ServerThread
+from tests.servers import ECHO_MODEL, SERVER_KINDS, Server, ServerThread, serve
 
 X = np.ones((1, 4), np.float32)
 
@@ -46,10 +46,13 @@ def limits_config() -> MandantConfig:
     )
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    with ServerThread(limits_config(), tmp_path_factory.mktemp("admission")) as running:
-        yield running
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    running = serve(request.param, limits_config(), tmp_path_factory.mktemp("admission"))
+    yield running
+    running.stop()
 
 
 def _request(rows: int, raw: bytes | None = None) -> pb.ModelInferRequest:
@@ -59,7 +62,7 @@ def _request(rows: int, raw: bytes | None = None) -> pb.ModelInferRequest:
     return request
 
 
-async def test_a_flooding_tenant_is_limited_and_the_others_are_not(server: ServerThread) -> None:
+async def test_a_flooding_tenant_is_limited_and_the_others_are_not(server: Server) -> None:
     async with (
         AsyncClient(server.target, api_key="flood-key") as flood,
         AsyncClient(server.target, api_key="free-key") as free,
@@ -92,7 +95,7 @@ async def test_a_flooding_tenant_is_limited_and_the_others_are_not(server: Serve
         assert refused > 20 and answered > 5
 
 
-def test_quota_exceeded_until_midnight_utc(server: ServerThread) -> None:
+def test_quota_exceeded_until_midnight_utc(server: Server) -> None:
     with Client(server.target, api_key="budget-key") as client:
         client.infer("echo", {"INPUT0": np.ones((4, 2), np.float32)})
         with pytest.raises(QuotaExceeded) as caught:
@@ -106,7 +109,7 @@ def test_quota_exceeded_until_midnight_utc(server: ServerThread) -> None:
     assert caught.value.retry_after_s == pytest.approx((midnight - now).total_seconds(), abs=5)
 
 
-def test_tritonclient_sees_resource_exhausted(server: ServerThread) -> None:
+def test_tritonclient_sees_resource_exhausted(server: Server) -> None:
     client = triton.InferenceServerClient(server.target)
     headers = {"authorization": "Bearer triton-key"}
     tensor = triton.InferInput("INPUT0", [1, 4], "FP32")
@@ -122,7 +125,7 @@ def test_tritonclient_sees_resource_exhausted(server: ServerThread) -> None:
 
 
 def test_refusal_carries_the_pushback_trailer_and_comes_before_tensor_bytes(
-    server: ServerThread,
+    server: Server,
 ) -> None:
     metadata = (("authorization", "Bearer wire-key"),)
     with grpc.insecure_channel(server.target) as channel:
@@ -151,7 +154,9 @@ def _typed_request(rows: int, values: int) -> pb.ModelInferRequest:
     return request
 
 
-def test_live_update_applies_new_limits_through_the_app(server: ServerThread) -> None:
+def test_live_update_applies_new_limits_through_the_app(server: Server) -> None:
+    if not isinstance(server, ServerThread):
+        pytest.skip("calls App.reload in the server's process; SIGHUP reloads: test_reload.py")
     assert server.app is not None
     config = limits_config()
     tenants = [
@@ -169,7 +174,7 @@ def test_live_update_applies_new_limits_through_the_app(server: ServerThread) ->
             client.infer("echo", {"INPUT0": X})
 
 
-def test_malformed_requests_are_refused_before_they_cost_a_token(server: ServerThread) -> None:
+def test_malformed_requests_are_refused_before_they_cost_a_token(server: Server) -> None:
     """Byte counts that do not match the shape are INVALID_ARGUMENT before admission:
     the tenant's single token is still there for its next, good call."""
     metadata = (("authorization", "Bearer sloppy-key"),)

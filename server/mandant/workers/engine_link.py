@@ -112,11 +112,13 @@ class EngineLink:
         ``call.version`` are set from the engine's answer."""
         if not self._up or self._loop is None:
             raise Unavailable(_DOWN)
-        frames, deferred = _frames(request)
+        frames, deferred, to_decode = _frames(request)
         try:
             parameters = request.parameters()
-        except InvalidInput as exc:
-            parameters, deferred, frames = {}, deferred or str(exc), []
+        except InvalidInput as exc:  # found before a decode error, after a size error
+            parameters, frames = {}, []
+            if deferred is None or to_decode:
+                deferred, to_decode = str(exc), False
         rid = next(self._rids)
         header = ipc.RequestHeader(
             rid,
@@ -129,6 +131,7 @@ class EngineLink:
             request.input_headers(),
             timeout_s,
             deferred,
+            to_decode,
         )
         future: asyncio.Future[tuple[list[Any], list[zmq.Frame]]] = self._loop.create_future()
         self._pending[rid] = future
@@ -296,19 +299,24 @@ class RemoteObserver:
         self._link.report("store_error", store)
 
 
-def _frames(request: EncodedRequest) -> tuple[list[ipc.Buffer], str | None]:
+def _frames(request: EncodedRequest) -> tuple[list[ipc.Buffer], str | None, bool]:
     """One frame per input in the raw layout (views where the client sent raw bytes),
-    or none and the reason it could not be done (raised later, in the engine)."""
+    or none, the reason it could not be done (raised later, in the engine), and
+    whether a single process finds that only when it decodes (after admission)."""
     headers = request.input_headers()
     if any(header.datatype not in DATATYPES for header in headers):
-        return [], "unknown datatype"  # validation in the engine refuses it first
+        return [], "unknown datatype", False  # validation in the engine refuses it first
+    try:
+        request.check_payload()
+    except InvalidInput as exc:
+        return [], str(exc), False
     try:
         arrays = request.decode_inputs()
     except InvalidInput as exc:
-        return [], str(exc)
+        return [], str(exc), True
     if len(arrays) != len(headers):  # a name twice: validation refuses it first
-        return [], "an input is given twice"
-    return [ipc.tensor_frame(arrays[h.name], h.datatype) for h in headers], None
+        return [], "an input is given twice", False
+    return [ipc.tensor_frame(arrays[h.name], h.datatype) for h in headers], None, False
 
 
 def _response(

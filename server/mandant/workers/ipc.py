@@ -80,6 +80,10 @@ class RequestHeader:
     #: engine raises it where the payload is checked, after resolution and validation,
     #: so that a call gets the same answer as from a single process.
     deferred_error: str | None = None
+    #: Whether a single process finds ``deferred_error`` only when it decodes the inputs,
+    #: after admission (typed contents, raw and typed both given), not when it checks
+    #: the payload's sizes, before.
+    deferred_to_decode: bool = False
 
     def pack(self) -> list[object]:
         return [
@@ -93,13 +97,13 @@ class RequestHeader:
             [[h.name, h.datatype, list(h.shape)] for h in self.inputs],
             self.timeout_s,
             self.deferred_error,
+            self.deferred_to_decode,
         ]
 
     @classmethod
     def unpack(cls, fields: list[Any]) -> RequestHeader:
-        rid, tenant, model, version, request_id, parameters, outputs, inputs, timeout_s, error = (
-            fields
-        )
+        (rid, tenant, model, version, request_id, parameters, outputs, inputs, timeout_s, error,
+         to_decode) = fields  # fmt: skip
         return cls(
             rid,
             tenant,
@@ -111,6 +115,7 @@ class RequestHeader:
             [TensorHeader(name, datatype, tuple(shape)) for name, datatype, shape in inputs],
             timeout_s,
             error,
+            to_decode,
         )
 
 
@@ -153,6 +158,8 @@ class IpcRequest:
 
     def check_payload(self) -> None:
         if self._header.deferred_error is not None:
+            if self._header.deferred_to_decode:
+                return  # the sizes were right: decoding fails
             raise errors.InvalidInput(self._header.deferred_error)
         for header, frame in zip(self._header.inputs, self._frames, strict=True):
             if header.datatype in DATATYPES:
@@ -160,6 +167,8 @@ class IpcRequest:
 
     def decode_inputs(self) -> dict[str, np.ndarray]:
         self.check_payload()
+        if self._header.deferred_error is not None:
+            raise errors.InvalidInput(self._header.deferred_error)
         return {
             header.name: decode_frame(frame, header)
             for header, frame in zip(self._header.inputs, self._frames, strict=True)
