@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from mandant.config import parse_config
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
-from tests.servers import DEMO_CONFIG, ServerThread, auth
+from tests.servers import DEMO_CONFIG, SERVER_KINDS, Server, auth, serving
 
 ADMIN = auth("admin-demo-key")
 #: Calls each tenant makes before the tests look (rows per call).
@@ -41,9 +41,11 @@ def _input(rows: int, width: int = 256) -> triton.InferInput:
     return tensor
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    with ServerThread(_config(), tmp_path_factory.mktemp("modelconfig")) as running:
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    with serving(request.param, _config(), tmp_path_factory.mktemp("modelconfig")) as running:
         client = triton.InferenceServerClient(running.target)
         for tenant, calls in CALLS.items():
             for rows in calls:
@@ -55,7 +57,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
 
 
 @pytest.fixture
-def client(server: ServerThread) -> Iterator[triton.InferenceServerClient]:
+def client(server: Server) -> Iterator[triton.InferenceServerClient]:
     client = triton.InferenceServerClient(server.target)
     yield client
     client.close()
@@ -191,7 +193,7 @@ def test_statistics_refuse_unknown_keys(client: triton.InferenceServerClient) ->
         )
 
 
-def test_stream_calls_count_for_their_tenant(server: ServerThread) -> None:
+def test_stream_calls_count_for_their_tenant(server: Server) -> None:
     request = pb.ModelInferRequest(
         model_name="echo",
         inputs=[
