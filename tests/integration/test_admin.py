@@ -12,14 +12,16 @@ import pytest
 
 from mandant_client import Client, InvalidInput
 from mandant_client._proto import admin_pb2, admin_pb2_grpc
-from tests.servers import ServerThread, demo_config
+from tests.servers import SERVER_KINDS, Server, ServerThread, demo_config, serving
 
 ADMIN = (("authorization", "Bearer admin-demo-key"),)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    with ServerThread(demo_config(), tmp_path_factory.mktemp("admin")) as running:
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    with serving(request.param, demo_config(), tmp_path_factory.mktemp("admin")) as running:
         with Client(running.target, api_key="acme-demo-key") as acme:
             for rows in (1, 3):
                 acme.infer("classifier", {"INPUT0": np.ones((rows, 256), np.float32)})
@@ -29,7 +31,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
 
 
 @pytest.fixture
-def admin(server: ServerThread) -> Iterator[admin_pb2_grpc.AdminServiceStub]:
+def admin(server: Server) -> Iterator[admin_pb2_grpc.AdminServiceStub]:
     with grpc.insecure_channel(server.target) as channel:
         yield admin_pb2_grpc.AdminServiceStub(channel)
 
