@@ -15,22 +15,22 @@ import grpc
 import numpy as np
 import pytest
 
-from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS, parse_config
+from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS, MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
-from tests.servers import ServerThread
+from tests.servers import SERVER_KINDS, Server, serve
 
 KEY = "bytes-tenant-key"
 METADATA = (("authorization", f"Bearer {KEY}"),)
 OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
-@pytest.fixture(scope="module")
-def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
-    config = parse_config(
+def bytes_config(**server: object) -> MandantConfig:
+    """A BYTES echo model (``bytes_echo``) for tenant ``t``."""
+    return parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, **server},
             "tenants": [{"id": "t", "api_keys": [hash_key(KEY)]}],
             "models": [
                 {
@@ -42,11 +42,28 @@ def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.GRPCInfer
             ],
         }
     )
-    with (
-        ServerThread(config, tmp_path_factory.mktemp("bytes")) as server,
-        grpc.insecure_channel(server.target, OPTIONS) as channel,
-    ):
+
+
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def stub(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    server = serve(request.param, bytes_config(), tmp_path_factory.mktemp("bytes"))
+    with grpc.insecure_channel(server.target, OPTIONS) as channel:
         yield pb_grpc.GRPCInferenceServiceStub(channel)
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def bounded(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """``server.max_bytes_elements: 8``."""
+    server = serve(
+        request.param, bytes_config(max_bytes_elements=8), tmp_path_factory.mktemp("bound")
+    )
+    yield server
+    server.stop()
 
 
 def framed(items: list[bytes]) -> bytes:
@@ -105,27 +122,8 @@ def test_more_bytes_elements_than_the_bound_are_invalid(
     assert reply.raw_output_contents[0] == framed([b"ok"])
 
 
-def test_a_configured_bound_applies_on_unary_calls_and_streams(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
-    config = parse_config(
-        {
-            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "max_bytes_elements": 8},
-            "tenants": [{"id": "t", "api_keys": [hash_key(KEY)]}],
-            "models": [
-                {
-                    "name": "bytes_echo",
-                    "factory": "mandant.demo.models:echo",
-                    "inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [-1]}],
-                    "outputs": [{"name": "OUTPUT0", "datatype": "BYTES", "shape": [-1]}],
-                }
-            ],
-        }
-    )
-    with (
-        ServerThread(config, tmp_path_factory.mktemp("bound")) as server,
-        grpc.insecure_channel(server.target, OPTIONS) as channel,
-    ):
+def test_a_configured_bound_applies_on_unary_calls_and_streams(bounded: Server) -> None:
+    with grpc.insecure_channel(bounded.target, OPTIONS) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         stub.ModelInfer(raw_request(framed([b"x"] * 8), 8), metadata=METADATA)
         with pytest.raises(grpc.RpcError) as err:
@@ -153,52 +151,34 @@ def _rest_infer(port: int, body: bytes, headers: dict[str, str]) -> tuple[int, b
             return error.code, error.read()
 
 
-def test_the_bound_applies_on_rest_too_binary_and_json(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
+def test_the_bound_applies_on_rest_too_binary_and_json(bounded: Server) -> None:
     """The same ``server.max_bytes_elements`` on the REST port, for BYTES sent as binary
     data and as JSON strings: one check for every transport."""
-    config = parse_config(
-        {
-            "server": {"grpc_port": 0, "http_port": 0, "max_bytes_elements": 8},
-            "tenants": [{"id": "t", "api_keys": [hash_key(KEY)]}],
-            "models": [
-                {
-                    "name": "bytes_echo",
-                    "factory": "mandant.demo.models:echo",
-                    "inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [-1]}],
-                    "outputs": [{"name": "OUTPUT0", "datatype": "BYTES", "shape": [-1]}],
-                }
-            ],
-        }
-    )
-    with ServerThread(config, tmp_path_factory.mktemp("rest-bound")) as server:
-        assert server.app is not None
-        port = server.app.rest_port
-        for count, expected in ((8, 200), (9, 400)):
-            raw = framed([b"x"] * count)
-            head = json.dumps(
-                {
-                    "inputs": [
-                        {
-                            "name": "INPUT0",
-                            "datatype": "BYTES",
-                            "shape": [count],
-                            "parameters": {"binary_data_size": len(raw)},
-                        }
-                    ]
-                }
-            ).encode()
-            status, answer = _rest_infer(
-                port, head + raw, {"Inference-Header-Content-Length": str(len(head))}
-            )
-            assert status == expected, answer
-            as_json = {
+    port = bounded.rest_port
+    for count, expected in ((8, 200), (9, 400)):
+        raw = framed([b"x"] * count)
+        head = json.dumps(
+            {
                 "inputs": [
-                    {"name": "INPUT0", "datatype": "BYTES", "shape": [count], "data": ["x"] * count}
+                    {
+                        "name": "INPUT0",
+                        "datatype": "BYTES",
+                        "shape": [count],
+                        "parameters": {"binary_data_size": len(raw)},
+                    }
                 ]
             }
-            status, answer = _rest_infer(port, json.dumps(as_json).encode(), {})
-            assert status == expected, answer
-            if expected == 400:
-                assert b"at most 8 are accepted" in answer
+        ).encode()
+        status, answer = _rest_infer(
+            port, head + raw, {"Inference-Header-Content-Length": str(len(head))}
+        )
+        assert status == expected, answer
+        as_json = {
+            "inputs": [
+                {"name": "INPUT0", "datatype": "BYTES", "shape": [count], "data": ["x"] * count}
+            ]
+        }
+        status, answer = _rest_infer(port, json.dumps(as_json).encode(), {})
+        assert status == expected, answer
+        if expected == 400:
+            assert b"at most 8 are accepted" in answer

@@ -84,9 +84,7 @@ async def test_bad_messages_get_their_own_typed_errors_and_the_stream_goes_on(
 
 
 @pytest.mark.parametrize("key", ["wrong-key", None])
-async def test_a_bad_key_fails_the_stream_unauthenticated(
-    demo: Server, key: str | None
-) -> None:
+async def test_a_bad_key_fails_the_stream_unauthenticated(demo: Server, key: str | None) -> None:
     async with AsyncClient(demo.target, api_key=key, multiplex=True) as client:
         outcomes = await settle(
             [client.infer("echo", {"INPUT0": echo_rows(i)}, request_id=f"r{i}") for i in range(8)]
@@ -113,9 +111,7 @@ async def test_sync_client_threads_share_a_stream(demo: Server) -> None:
     calls = [echo(i) for i in range(64)]
     calls.append(lambda client: client.infer("fraud", {"INPUT0": FRAUD_ROWS}))
     calls.append(lambda client: client.infer("classifier", {"INPUT0": BAD_ROWS}))
-    outcomes = await asyncio.to_thread(
-        threaded_calls, demo.target, "initech-demo-key", calls
-    )
+    outcomes = await asyncio.to_thread(threaded_calls, demo.target, "initech-demo-key", calls)
     for i, out in enumerate(outcomes[:64]):
         np.testing.assert_array_equal(out["OUTPUT0"], echo_rows(i))
     assert type(outcomes[64]) is ModelNotFound and type(outcomes[65]) is InvalidInput

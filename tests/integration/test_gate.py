@@ -43,9 +43,7 @@ async def _call(
 
 
 @pytest.mark.parametrize("path", [INFER, METADATA])
-async def test_garbage_without_a_key_is_unauthenticated(
-    demo: Server, path: str
-) -> None:
+async def test_garbage_without_a_key_is_unauthenticated(demo: Server, path: str) -> None:
     """Refused on the metadata: the bytes are never parsed (before, UNKNOWN)."""
     answer = await _call(demo.target, path, b"\xff\xfe\x00 definitely not protobuf")
     assert isinstance(answer, grpc.aio.AioRpcError)
