@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from mandant.config import parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client import Client, InvalidInput, ModelNotFound, RateLimited, Unauthenticated
-from tests.servers import DEMO_CONFIG, ServerThread
+from tests.servers import DEMO_CONFIG, SERVER_KINDS, Server, ServerThread, serving
+from tests.servers import http_get as http
 
 ADMIN_KEY = "test-admin-key"
 
@@ -35,25 +36,17 @@ def observability_config() -> Any:
     return parse_config(data, str(DEMO_CONFIG))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    with ServerThread(observability_config(), tmp_path_factory.mktemp("obs")) as server:
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The demo, against one process and against ``workers: 2`` (whose HTTP port, the
+    engine's, shows every front end's calls)."""
+    with serving(request.param, observability_config(), tmp_path_factory.mktemp("obs")) as server:
         yield server
 
 
-def http(server: ServerThread, path: str, key: str | None = None) -> tuple[int, bytes]:
-    assert server.app is not None
-    request = urllib.request.Request(f"http://127.0.0.1:{server.app.http_port}{path}")
-    if key is not None:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def samples(server: ServerThread) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def samples(server: Server) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     status, body = http(server, "/metrics", key=ADMIN_KEY)
     assert status == 200
     return {
@@ -69,7 +62,7 @@ def get(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
 
 
 @pytest.fixture(scope="module")
-def traffic(server: ServerThread) -> None:
+def traffic(server: Server) -> None:
     """acme: 5 OK (4 rows each), 2 wrong shapes, 1 unknown model, 1 invented version;
     globex: 3 OK on echo; initech: 2 OK then 3 rate limited; 2 bad keys."""
     rows = np.ones((4, 256), np.float32)
@@ -97,7 +90,7 @@ def traffic(server: ServerThread) -> None:
             stranger.infer("classifier", {"INPUT0": rows})
 
 
-def test_request_counts_by_tenant_model_and_code(server: ServerThread, traffic: None) -> None:
+def test_request_counts_by_tenant_model_and_code(server: Server, traffic: None) -> None:
     found = samples(server)
     requests = {
         tuple(sorted(labels)): value
@@ -115,7 +108,7 @@ def test_request_counts_by_tenant_model_and_code(server: ServerThread, traffic: 
     }
 
 
-def test_latency_slo_usage_and_rejection_series(server: ServerThread, traffic: None) -> None:
+def test_latency_slo_usage_and_rejection_series(server: Server, traffic: None) -> None:
     found = samples(server)
     duration = "mandant_request_duration_seconds_count"
     assert get(found, duration, tenant="acme", model="classifier") == 5
@@ -141,7 +134,7 @@ def test_latency_slo_usage_and_rejection_series(server: ServerThread, traffic: N
         assert get(found, "mandant_inflight_requests", tenant=tenant) == 0
 
 
-def test_no_series_for_anything_a_client_invented(server: ServerThread, traffic: None) -> None:
+def test_no_series_for_anything_a_client_invented(server: Server, traffic: None) -> None:
     text = http(server, "/metrics", key=ADMIN_KEY)[1].decode()
     for invented in ("mallory", "tenant-evil", "no-such-model"):
         assert invented not in text
@@ -156,7 +149,7 @@ def test_no_series_for_anything_a_client_invented(server: ServerThread, traffic:
     assert versions <= {None, "1"}  # the configured versions only (mandant_model_ready)
 
 
-def test_health_and_readiness(server: ServerThread) -> None:
+def test_health_and_readiness(server: Server) -> None:
     assert http(server, "/healthz") == (200, b'{"live": true}')
     assert http(server, "/readyz") == (200, b'{"ready": true}')
     found = samples(server)
@@ -176,14 +169,14 @@ PRIVATE = (b"acme", b"globex", b"initech", b"fraud", b"classifier", b"echo")
 @pytest.mark.parametrize("path", ["/metrics", "/api/dashboard", "/usage"])
 @pytest.mark.parametrize("key", [None, "mallory-invented-key", "sha256:" + "0" * 64])
 def test_without_a_valid_key_nothing_is_named(
-    server: ServerThread, traffic: None, path: str, key: str | None
+    server: Server, traffic: None, path: str, key: str | None
 ) -> None:
     status, body = http(server, path, key=key)
     assert status == 401
     assert not any(name in body for name in PRIVATE), body
 
 
-def test_a_tenant_key_reads_its_own_figures_only(server: ServerThread, traffic: None) -> None:
+def test_a_tenant_key_reads_its_own_figures_only(server: Server, traffic: None) -> None:
     status, body = http(server, "/api/dashboard", key="acme-demo-key")
     assert status == 200
     data = json.loads(body)
@@ -199,7 +192,7 @@ def test_a_tenant_key_reads_its_own_figures_only(server: ServerThread, traffic: 
     assert status == 403 and b"globex" not in body
 
 
-def test_usage_with_the_admin_key(server: ServerThread, traffic: None) -> None:
+def test_usage_with_the_admin_key(server: Server, traffic: None) -> None:
     status, body = http(server, "/usage", key=ADMIN_KEY)
     assert status == 200
     report = json.loads(body)["tenants"]
@@ -209,7 +202,7 @@ def test_usage_with_the_admin_key(server: ServerThread, traffic: None) -> None:
     assert report["initech"]["quota"]["used"]["rows_today"] == 8
 
 
-def test_dashboard_page_and_data(server: ServerThread, traffic: None) -> None:
+def test_dashboard_page_and_data(server: Server, traffic: None) -> None:
     status, page = http(server, "/")
     assert status == 200 and b"<script>" in page
     assert b"http://" not in page.replace(b"http://www.w3.org/2000/svg", b"")  # no CDN
