@@ -30,7 +30,7 @@ from mandant_client import Client
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.fakes import FakeBackend
-from tests.servers import ECHO_MODEL, ServerThread, free_port
+from tests.servers import ECHO_MODEL, SERVER_KINDS, Server, ServerThread, free_port, serving
 
 ADMIN = "readiness-admin"
 KEY = (("authorization", "Bearer t-key"),)
@@ -81,28 +81,38 @@ def _health(target: str) -> int:
     return int(reply.status)
 
 
-@pytest.fixture(params=[None, "any_model", "all_models"])
-def half_ready(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerThread]:
-    with ServerThread(
-        _config(request.param, [ECHO_MODEL, _unreachable_triton()]), tmp_path
-    ) as server:
-        yield server
+#: (server kind, ``ready_when``): every setting against one process; against
+#: ``workers: 2`` the one where the engine is not ready (the front ends' gRPC health
+#: follows the engine's readiness).
+HALF_READY = [
+    *((SERVER_KINDS[0], ready_when) for ready_when in (None, "any_model", "all_models")),
+    (SERVER_KINDS[1], "all_models"),
+]
 
 
-def test_one_unready_model_and_the_server_agree_everywhere(half_ready: ServerThread) -> None:
-    app = half_ready.app
-    assert app is not None
-    expected = app.config.server.ready_when != "all_models"  # the default is any_model
-    with grpc.insecure_channel(half_ready.target) as channel:
+@pytest.fixture(params=HALF_READY, ids=[f"{kind}-{when}" for kind, when in HALF_READY])
+def half_ready(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Server, bool]]:
+    """A server with a ready model and an unready one, and whether it is ready."""
+    kind, ready_when = request.param
+    config = _config(ready_when, [ECHO_MODEL, _unreachable_triton()])
+    with serving(kind, config, tmp_path) as server:
+        yield server, ready_when != "all_models"  # the default is any_model
+
+
+def test_one_unready_model_and_the_server_agree_everywhere(
+    half_ready: tuple[Server, bool],
+) -> None:
+    server, expected = half_ready
+    with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert stub.ServerReady(pb.ServerReadyRequest()).ready is expected
         for name, ready in (("echo", True), ("remote", False)):
             reply = stub.ModelReady(pb.ModelReadyRequest(name=name), metadata=KEY)
             assert reply.ready is ready, name
-    status, _ = _get(app.http_port, "/readyz")
+    status, _ = _get(server.http_port, "/readyz")
     assert status == (200 if expected else 503)
-    assert _health(half_ready.target) == (SERVING if expected else NOT_SERVING)
-    _, metrics = _get(app.http_port, "/metrics", key=ADMIN)
+    assert _health(server.target) == (SERVING if expected else NOT_SERVING)
+    _, metrics = _get(server.http_port, "/metrics", key=ADMIN)
     ready = {
         sample.labels["model"]: sample.value
         for family in text_string_to_metric_families(metrics.decode())
@@ -111,7 +121,7 @@ def test_one_unready_model_and_the_server_agree_everywhere(half_ready: ServerThr
     }
     assert ready == {"echo": 1.0, "remote": 0.0}
     if expected:  # the replica stays in service: the ready model answers
-        with Client(half_ready.target, api_key="t-key") as client:
+        with Client(server.target, api_key="t-key") as client:
             client.infer("echo", {"INPUT0": np.ones((1, 2), np.float32)})
 
 
