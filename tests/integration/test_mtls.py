@@ -22,7 +22,7 @@ from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client import Client, ModelNotFound, Unauthenticated, Unavailable
 from tests.integration.certs import Pair, issue, make_ca, server_cert
-from tests.servers import ServerThread
+from tests.servers import SERVER_KINDS, Server, ServerThread, serving
 
 ECHO = {
     "factory": "mandant.demo.models:echo",
@@ -89,9 +89,11 @@ def mtls_config(pki: Pki, **tls: Any) -> MandantConfig:
     )
 
 
-@pytest.fixture
-def server(pki: Pki) -> Iterator[ServerThread]:
-    with ServerThread(mtls_config(pki, http=True), pki.folder) as running:
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def server(request: pytest.FixtureRequest, pki: Pki) -> Iterator[Server]:
+    """Against ``workers: 2`` the front ends hold the TLS port and name a forwarded
+    call's verified certificate to the engine."""
+    with serving(request.param, mtls_config(pki, http=True), pki.folder) as running:
         yield running
 
 
@@ -103,36 +105,36 @@ def credentials(pki: Pki, client: Pair | None, ca: Pair | None = None) -> grpc.C
     )
 
 
-def client(server: ServerThread, creds: grpc.ChannelCredentials, key: str | None = None) -> Client:
+def client(server: Server, creds: grpc.ChannelCredentials, key: str | None = None) -> Client:
     return Client(server.target, api_key=key, tls=creds, timeout_s=10, options=FRESH)
 
 
-def test_a_client_certificate_is_required(pki: Pki, server: ServerThread) -> None:
+def test_a_client_certificate_is_required(pki: Pki, server: Server) -> None:
     with client(server, credentials(pki, None), "acme-key") as c, pytest.raises(Unavailable):
         c.infer("echo", {"INPUT0": X})
 
 
-def test_a_bound_certificate_calls_as_its_tenant_without_a_key(
-    pki: Pki, server: ServerThread
-) -> None:
+def test_a_bound_certificate_calls_as_its_tenant_without_a_key(pki: Pki, server: Server) -> None:
     with client(server, credentials(pki, pki.acme)) as acme:
         assert acme.infer("acme-only", {"INPUT0": X})["OUTPUT0"].sum() == 2
+        assert acme.model_ready("acme-only")  # a model RPC too (workers: forwarded)
         with pytest.raises(ModelNotFound):
             acme.infer("globex-only", {"INPUT0": X})
     with client(server, credentials(pki, pki.globex)) as globex:  # bound by SAN URI
         assert globex.infer("globex-only", {"INPUT0": X})["OUTPUT0"].sum() == 2
+        assert globex.model_metadata("globex-only").name == "globex-only"
         with pytest.raises(ModelNotFound):
             globex.infer("acme-only", {"INPUT0": X})
+        with pytest.raises(ModelNotFound):
+            globex.model_metadata("acme-only")
 
 
-def test_an_unbound_certificate_without_a_key_is_unauthenticated(
-    pki: Pki, server: ServerThread
-) -> None:
+def test_an_unbound_certificate_without_a_key_is_unauthenticated(pki: Pki, server: Server) -> None:
     with client(server, credentials(pki, pki.stranger)) as c, pytest.raises(Unauthenticated):
         c.infer("echo", {"INPUT0": X})
 
 
-def test_a_key_still_authenticates_over_mtls(pki: Pki, server: ServerThread) -> None:
+def test_a_key_still_authenticates_over_mtls(pki: Pki, server: Server) -> None:
     # the stranger's certificate opens the connection; the key says who calls
     with client(server, credentials(pki, pki.stranger), "acme-key") as c:
         assert c.infer("acme-only", {"INPUT0": X})["OUTPUT0"].sum() == 2
@@ -146,7 +148,8 @@ def test_a_key_still_authenticates_over_mtls(pki: Pki, server: ServerThread) -> 
 
 def test_reload_serves_new_certificates_to_new_connections(pki: Pki, tmp_path: Path) -> None:
     """The server certificate and the client CA are replaced in place, then App.reload
-    (what SIGHUP runs): new connections get the new ones, on gRPC and REST."""
+    (what SIGHUP runs): new connections get the new ones, on gRPC and REST. (One
+    process: it calls App.reload in the server's process.)"""
     for name in ("ca.pem", "server.pem", "server.key"):
         (tmp_path / name).write_bytes((pki.folder / name).read_bytes())
     config = mtls_config(pki)
@@ -192,9 +195,8 @@ def get(url: str, context: ssl.SSLContext, headers: dict[str, str] | None = None
         return json.loads(response.read() or b"null"), response.status
 
 
-def test_rest_over_mtls(pki: Pki, server: ServerThread) -> None:
-    assert server.app is not None
-    base = f"https://127.0.0.1:{server.app.rest_port}/v2/models"
+def test_rest_over_mtls(pki: Pki, server: Server) -> None:
+    base = f"https://127.0.0.1:{server.rest_port}/v2/models"
     _, status = get(f"{base}/acme-only/ready", https(pki, pki.acme))
     assert status == 200  # the certificate is acme: no key needed
     with pytest.raises(urllib.error.HTTPError) as not_found:
@@ -211,9 +213,8 @@ def test_rest_over_mtls(pki: Pki, server: ServerThread) -> None:
         get(f"{base}/echo/ready", https(pki, None), {"Authorization": "Bearer acme-key"})
 
 
-def test_the_http_port_serves_tls(pki: Pki, server: ServerThread) -> None:
-    assert server.app is not None
-    body, status = get(f"https://127.0.0.1:{server.app.http_port}/healthz", https(pki, pki.acme))
+def test_the_http_port_serves_tls(pki: Pki, server: Server) -> None:
+    body, status = get(f"https://127.0.0.1:{server.http_port}/healthz", https(pki, pki.acme))
     assert status == 200 and body is not None
     with pytest.raises((urllib.error.URLError, ConnectionError)):
-        get(f"http://127.0.0.1:{server.app.http_port}/healthz", https(pki, pki.acme))
+        get(f"http://127.0.0.1:{server.http_port}/healthz", https(pki, pki.acme))

@@ -7,11 +7,13 @@ front end hands the client's bytes and metadata, as they came, to the engine's g
 server on its private Unix socket and hands back its answer or status. The engine's
 gate authenticates them as it would on the public port; the front end adds the
 verified client certificate's identities (mTLS) in :data:`PEER_IDENTITIES`, which it
-never takes from a client.
+never takes from a client: a JSON list in ASCII (a metadata value is printable ASCII,
+and no identity can pass for two).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 
 import grpc
@@ -23,6 +25,18 @@ from mandant.transport.grpc.gateway import Context
 PEER_IDENTITIES = "mandant-peer-identities"
 _NOT_FORWARDED = frozenset({PEER_IDENTITIES, "user-agent", "te", "content-type"})
 ENGINE_DOWN = "the inference engine is not reachable; retry shortly"
+
+
+def encode_identities(identities: list[str]) -> str:
+    return json.dumps(identities)  # ensure_ascii: escapes what a header may not hold
+
+
+def decode_identities(value: str | None) -> list[str]:
+    """What :func:`encode_identities` wrote (none: no value)."""
+    identities = json.loads(value) if value else []
+    if not isinstance(identities, list) or not all(isinstance(i, str) for i in identities):
+        raise ValueError(f"{PEER_IDENTITIES} is not a list of strings")
+    return identities
 
 
 def _forwarded(metadata: Iterable[tuple[str, str | bytes]]) -> list[tuple[str, str | bytes]]:
@@ -64,7 +78,7 @@ class Forwarder:
             if identities is not None:
                 peer = identities(context)
                 if peer:
-                    metadata.append((PEER_IDENTITIES, "\n".join(peer)))
+                    metadata.append((PEER_IDENTITIES, encode_identities(peer)))
             try:
                 answer: bytes = await call(
                     raw, metadata=tuple(metadata), timeout=context.time_remaining()

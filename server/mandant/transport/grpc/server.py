@@ -20,7 +20,7 @@ from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.service import DataPlane
 from mandant.tenancy.keys import AdminKeys
 from mandant.transport.grpc.admin import ADMIN_SERVICE, AdminServicer, admin_handlers
-from mandant.transport.grpc.forward import PEER_IDENTITIES, Forwarder
+from mandant.transport.grpc.forward import PEER_IDENTITIES, Forwarder, decode_identities
 from mandant.transport.grpc.gateway import (
     AdminAuthenticator,
     Context,
@@ -55,8 +55,7 @@ def certificate_identities(context: Context) -> list[str]:
 
 def forwarded_identities(context: Context) -> list[str]:
     """The identities a front end named for a call it forwarded (``forward.py``)."""
-    value = metadata_value(context, PEER_IDENTITIES)
-    return value.split("\n") if value else []
+    return decode_identities(metadata_value(context, PEER_IDENTITIES))
 
 CertificateAuthenticator = Callable[[Iterable[str]], Tenant]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
