@@ -2,7 +2,9 @@
 load leaves the others serving and is listed UNAVAILABLE with its reason;
 RepositoryModelLoad re-reads a model's entry from the configuration file and switches
 to it once ready; RepositoryModelUnload stops routing and lets calls in flight answer;
-both are refused to tenant keys."""
+both are refused to tenant keys. The tests marked ``both_kinds`` run against
+``workers: 2`` too (a server each: model control is forwarded to the engine, which
+re-reads the file); the others read or hold the server's insides (one process)."""
 
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ from mandant.tenancy.keys import hash_key
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.integration import control_models
-from tests.servers import ECHO_MODEL, ServerThread
+from tests.servers import ECHO_MODEL, SERVER_KINDS, Server, ServerThread, metric, serve
 
-ADMIN = {"authorization": "Bearer admin-key"}
+ADMIN_KEY = "admin-key"
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 ACME = {"authorization": "Bearer acme-key"}
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 
@@ -59,10 +62,15 @@ def config_file(tmp_path: Path) -> Path:
     )
 
 
+both_kinds = pytest.mark.parametrize("server", SERVER_KINDS, indirect=True)
+
+
 @pytest.fixture
-def server(config_file: Path) -> Iterator[ServerThread]:
+def server(request: pytest.FixtureRequest, config_file: Path) -> Iterator[Server]:
+    """One process, or the kind a ``both_kinds`` test names."""
+    kind = getattr(request, "param", SERVER_KINDS[0])
     control_models.RELEASE.clear()
-    running = ServerThread(load_config(config_file), config_file.parent, config_file).start()
+    running = serve(kind, load_config(config_file), config_file.parent, config_file)
     try:
         yield running
     finally:
@@ -90,8 +98,8 @@ def index(client: tc.InferenceServerClient) -> dict[str, dict[str, str]]:
     return {m["name"]: m for m in listed["models"]}
 
 
-def test_a_model_that_fails_to_load_leaves_the_others_serving(server: ServerThread) -> None:
-    assert server.app is not None
+@both_kinds
+def test_a_model_that_fails_to_load_leaves_the_others_serving(server: Server) -> None:
     client = tc.InferenceServerClient(server.target)
     assert client.is_server_ready()
     np.testing.assert_array_equal(infer(client, "echo", ACME), X)
@@ -101,13 +109,9 @@ def test_a_model_that_fails_to_load_leaves_the_others_serving(server: ServerThre
     assert "weights missing" in listed["broken"]["reason"]
     assert code_of(lambda: infer(client, "broken", ACME)) == "StatusCode.UNAVAILABLE"
     assert not client.is_model_ready("broken", headers=ACME)
-    failures = server.app.metrics.get_sample_value(
-        "mandant_model_load_failures_total", {"model": "broken"}
-    )
+    failures = metric(server, ADMIN_KEY, "mandant_model_load_failures_total", model="broken")
     assert failures == 1
-    ready = server.app.metrics.get_sample_value(
-        "mandant_model_ready", {"model": "broken", "version": "1", "tenant": ""}
-    )
+    ready = metric(server, ADMIN_KEY, "mandant_model_ready", model="broken", version="1", tenant="")
     assert ready == 0
 
 
@@ -119,8 +123,9 @@ def test_every_model_failing_leaves_a_running_server_that_is_not_ready(tmp_path:
         assert not client.is_server_ready()
 
 
+@both_kinds
 def test_load_switches_to_the_file_s_entry_and_tenant_keys_are_refused(
-    server: ServerThread, config_file: Path
+    server: Server, config_file: Path
 ) -> None:
     client = tc.InferenceServerClient(server.target)
     np.testing.assert_array_equal(infer(client, "echo", ACME), X)
@@ -228,8 +233,9 @@ def test_a_reload_loads_added_and_changed_models_and_unloads_removed_ones(
     assert code_of(lambda: infer(client, "gated", ACME)) == "StatusCode.NOT_FOUND"
 
 
+@both_kinds
 async def test_no_call_fails_while_a_load_switches_the_model(
-    server: ServerThread, config_file: Path
+    server: Server, config_file: Path
 ) -> None:
     client = tc.InferenceServerClient(server.target)
     write_config(config_file, [model("echo", "doubled")])
