@@ -2,7 +2,9 @@
 our proto) either passes the one gate or answers UNIMPLEMENTED: a test walks each served
 one with a data plane that raises each domain error (and a bug), and checks the status
 code, the message, the pushback trailer, and that no traceback leaks. The stream's
-per-message answers carry the same codes."""
+per-message answers carry the same codes. The walk of Triton's RPCs runs against the
+real demo too, one process and ``workers: 2`` (whose front ends forward what they do
+not serve themselves); the rest needs the stand-in plane, in the test's process."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from mandant.transport.grpc.server import GrpcServer
 from mandant.types import Tenant
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+from tests.servers import Server, auth
 
 TRITON_RPCS = triton_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
 SERVED = {m.name for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
@@ -113,10 +116,21 @@ async def test_every_triton_rpc_is_served_or_unimplemented(
             await _walk(channel, method)
 
 
-async def _walk(channel: grpc.aio.Channel, method: Any) -> None:
+async def test_a_real_server_serves_every_triton_rpc_or_says_unimplemented(
+    demo: Server,
+) -> None:
+    async with grpc.aio.insecure_channel(demo.target) as channel:
+        for method in TRITON_RPCS:
+            await _walk(channel, method, tuple(auth("acme").items()))
+
+
+async def _walk(
+    channel: grpc.aio.Channel,
+    method: Any,
+    metadata: tuple[tuple[str, str], ...] = (("authorization", "Bearer x"),),
+) -> None:
     path = f"/inference.GRPCInferenceService/{method.name}"
     request = getattr(triton_pb, method.input_type.name)().SerializeToString()
-    metadata = (("authorization", "Bearer x"),)
     if method.client_streaming:
         call = channel.stream_stream(path)(metadata=metadata)
         await call.write(request)
