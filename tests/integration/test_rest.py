@@ -1,7 +1,8 @@
 """The KServe v2 REST port against a real server: ``tritonclient.http`` unchanged
 (probes, metadata, every datatype as JSON and as binary data, requested outputs), and
 plain HTTP for what a client library hides: keys, visibility, malformed bodies, the
-status table with ``Retry-After``, unknown routes, body limits."""
+status table with ``Retry-After``, unknown routes, body limits. Against one process and
+against ``workers: 2``, whose engine serves the REST port."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from mandant.config import parse_config
 from mandant.tenancy.keys import hash_key
-from tests.servers import ECHO_MODEL, ServerThread
+from tests.servers import ECHO_MODEL, SERVER_KINDS, Server, metric, serving
 
 DTYPES = {
     "BOOL": np.bool_,
@@ -61,8 +62,10 @@ def _echo_all(name: str) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     config = parse_config(
         {
             "server": {
@@ -94,21 +97,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
             ],
         }
     )
-    with ServerThread(config, tmp_path_factory.mktemp("rest")) as running:
+    with serving(request.param, config, tmp_path_factory.mktemp("rest")) as running:
         yield running
 
 
-def rest(server: ServerThread) -> str:
-    assert server.app is not None
-    return f"127.0.0.1:{server.app.rest_port}"
+def rest(server: Server) -> str:
+    return f"127.0.0.1:{server.rest_port}"
 
 
-def client(server: ServerThread) -> triton.InferenceServerClient:
+def client(server: Server) -> triton.InferenceServerClient:
     return triton.InferenceServerClient(rest(server))
 
 
 def call(
-    server: ServerThread,
+    server: Server,
     method: str,
     path: str,
     body: bytes | dict[str, Any] | None = None,
@@ -156,7 +158,7 @@ def _sample(datatype: str, rng: np.random.Generator, json_safe: bool) -> np.ndar
 # -- tritonclient.http, unchanged ---------------------------------------------------
 
 
-def test_probes_and_server_metadata_need_no_key(server: ServerThread) -> None:
+def test_probes_and_server_metadata_need_no_key(server: Server) -> None:
     triton_client = client(server)
     assert triton_client.is_server_live()
     assert triton_client.is_server_ready()
@@ -165,7 +167,7 @@ def test_probes_and_server_metadata_need_no_key(server: ServerThread) -> None:
     assert "model_repository" in metadata["extensions"]
 
 
-def test_model_metadata_and_readiness(server: ServerThread) -> None:
+def test_model_metadata_and_readiness(server: Server) -> None:
     triton_client = client(server)
     assert triton_client.is_model_ready("echo", headers=auth("globex"))
     assert triton_client.is_model_ready("echo", "1", headers=auth("globex"))
@@ -180,7 +182,7 @@ def test_model_metadata_and_readiness(server: ServerThread) -> None:
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
-def test_every_datatype_round_trips(server: ServerThread, binary: bool) -> None:
+def test_every_datatype_round_trips(server: Server, binary: bool) -> None:
     rng = np.random.default_rng(11)
     arrays = {t: _sample(t, rng, json_safe=not binary) for t in DTYPES}
     inputs = []
@@ -203,7 +205,7 @@ def test_every_datatype_round_trips(server: ServerThread, binary: bool) -> None:
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
-def test_compressed_requests(server: ServerThread, algorithm: str) -> None:
+def test_compressed_requests(server: Server, algorithm: str) -> None:
     array = np.arange(8, dtype=np.float32).reshape(2, 4)
     tensor = triton.InferInput("INPUT0", [2, 4], "FP32")
     tensor.set_data_from_numpy(array)
@@ -213,7 +215,7 @@ def test_compressed_requests(server: ServerThread, algorithm: str) -> None:
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), array)
 
 
-def test_without_requested_outputs_all_come_back_as_binary(server: ServerThread) -> None:
+def test_without_requested_outputs_all_come_back_as_binary(server: Server) -> None:
     array = np.arange(12, dtype=np.float32).reshape(3, 4)
     tensor = triton.InferInput("INPUT0", [3, 4], "FP32")
     tensor.set_data_from_numpy(array, binary_data=False)
@@ -222,7 +224,7 @@ def test_without_requested_outputs_all_come_back_as_binary(server: ServerThread)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), array)
 
 
-async def test_asyncio_client_with_bytes(server: ServerThread) -> None:
+async def test_asyncio_client_with_bytes(server: Server) -> None:
     async_client = triton_aio.InferenceServerClient(rest(server))
     try:
         assert await async_client.is_server_ready()
@@ -240,7 +242,7 @@ async def test_asyncio_client_with_bytes(server: ServerThread) -> None:
         await async_client.close()
 
 
-def test_only_the_requested_outputs_are_returned(server: ServerThread) -> None:
+def test_only_the_requested_outputs_are_returned(server: Server) -> None:
     rng = np.random.default_rng(3)
     inputs = []
     for datatype in DTYPES:
@@ -253,7 +255,7 @@ def test_only_the_requested_outputs_are_returned(server: ServerThread) -> None:
     assert result.as_numpy("OUT_FP32") is None
 
 
-def test_errors_reach_tritonclient_with_status_and_message(server: ServerThread) -> None:
+def test_errors_reach_tritonclient_with_status_and_message(server: Server) -> None:
     tensor = triton.InferInput("INPUT0", [1, 2], "FP32")
     tensor.set_data_from_numpy(np.ones((1, 2), np.float32))
     with pytest.raises(InferenceServerException) as missing:
@@ -268,7 +270,7 @@ def test_errors_reach_tritonclient_with_status_and_message(server: ServerThread)
 # -- plain HTTP ----------------------------------------------------------------------
 
 
-def test_health_endpoints_are_open(server: ServerThread) -> None:
+def test_health_endpoints_are_open(server: Server) -> None:
     assert call(server, "GET", "/v2/health/live")[0] == 200
     status, _, body = call(server, "GET", "/v2/health/ready")
     assert (status, json.loads(body)) == (200, {"ready": True})
@@ -288,7 +290,7 @@ def test_health_endpoints_are_open(server: ServerThread) -> None:
     ],
 )
 def test_model_endpoints_need_a_key(
-    server: ServerThread, headers: dict[str, str], method: str, path: str
+    server: Server, headers: dict[str, str], method: str, path: str
 ) -> None:
     body = echo_request([1.0, 2.0], [1, 2]) if method == "POST" else None
     status, answer_headers, answer = call(server, method, path, body, headers)
@@ -310,7 +312,7 @@ def test_model_endpoints_need_a_key(
     ],
 )
 def test_a_private_model_is_not_found_for_other_tenants(
-    server: ServerThread, method: str, suffix: str
+    server: Server, method: str, suffix: str
 ) -> None:
     body = echo_request([1.0, 2.0], [1, 2]) if method == "POST" else None
     for name in ("secret", "absent"):
@@ -321,7 +323,7 @@ def test_a_private_model_is_not_found_for_other_tenants(
     assert owner_status == 200
 
 
-def test_model_config_through_tritonclient(server: ServerThread) -> None:
+def test_model_config_through_tritonclient(server: Server) -> None:
     config = client(server).get_model_config("alltypes", headers=auth("acme"))
     assert (config["name"], config["backend"], config["max_batch_size"]) == ("alltypes", "torch", 0)
     assert config["input"][0]["name"] == "IN_BOOL"
@@ -340,7 +342,7 @@ def _successes(stats: dict[str, Any], name: str) -> int:
     return count
 
 
-def test_statistics_show_a_tenant_its_own_calls_only(server: ServerThread) -> None:
+def test_statistics_show_a_tenant_its_own_calls_only(server: Server) -> None:
     triton_client = client(server)
 
     def successes(tenant: str, name: str = "echo", **headers: str) -> int:
@@ -364,7 +366,7 @@ def test_statistics_show_a_tenant_its_own_calls_only(server: ServerThread) -> No
     assert call(server, "GET", "/v2/models/stats")[0] == 401
 
 
-def test_json_data_nested_or_flat(server: ServerThread) -> None:
+def test_json_data_nested_or_flat(server: Server) -> None:
     for data in ([[1, 2.5], [3, 4]], [1, 2.5, 3, 4]):
         status, _, body = call(
             server, "POST", "/v2/models/echo/infer", echo_request(data, [2, 2]), auth("acme")
@@ -403,14 +405,14 @@ def test_json_data_nested_or_flat(server: ServerThread) -> None:
     ],
 )
 def test_malformed_requests_are_400(
-    server: ServerThread, request_body: bytes | dict[str, Any], message: str
+    server: Server, request_body: bytes | dict[str, Any], message: str
 ) -> None:
     status, _, body = call(server, "POST", "/v2/models/echo/infer", request_body, auth("acme"))
     assert status == 400
     assert message in error_of(body)
 
 
-def test_json_values_out_of_range_or_of_the_wrong_kind_are_400(server: ServerThread) -> None:
+def test_json_values_out_of_range_or_of_the_wrong_kind_are_400(server: Server) -> None:
     inputs = [
         {"name": f"IN_{t}", "datatype": t, "shape": [1, 1], "data": [_ONE[t]]} for t in DTYPES
     ]
@@ -452,7 +454,7 @@ def binary_request(
     return body, {"Inference-Header-Content-Length": str(len(head))}
 
 
-def test_binary_data_extension_by_hand(server: ServerThread) -> None:
+def test_binary_data_extension_by_hand(server: Server) -> None:
     array = np.arange(6, dtype="<f4").reshape(2, 3)
     body, headers = binary_request([("INPUT0", "FP32", [2, 3], array.tobytes())])
     status, answer_headers, answer = call(
@@ -484,7 +486,7 @@ def test_binary_data_extension_by_hand(server: ServerThread) -> None:
     ],
 )
 def test_binary_framing_errors_are_400(
-    server: ServerThread, raw_bytes: int, size_delta: int, header: str | None, message: str
+    server: Server, raw_bytes: int, size_delta: int, header: str | None, message: str
 ) -> None:
     raw = np.ones((2, 3), "<f4").tobytes()[:raw_bytes]
     body, headers = binary_request([("INPUT0", "FP32", [2, 3], raw)], size_delta)
@@ -497,7 +499,7 @@ def test_binary_framing_errors_are_400(
     assert message in error_of(answer)
 
 
-def test_leftover_binary_data_is_400(server: ServerThread) -> None:
+def test_leftover_binary_data_is_400(server: Server) -> None:
     body, headers = binary_request([("INPUT0", "FP32", [1, 1], b"\0\0\0\0")])
     status, _, answer = call(
         server, "POST", "/v2/models/echo/infer", body + b"xx", {**headers, **auth("acme")}
@@ -506,7 +508,7 @@ def test_leftover_binary_data_is_400(server: ServerThread) -> None:
     assert "2 bytes of binary data belong to no input" in error_of(answer)
 
 
-def test_rate_limit_is_429_with_retry_after(server: ServerThread) -> None:
+def test_rate_limit_is_429_with_retry_after(server: Server) -> None:
     request = echo_request([1.0], [1, 1])
     first = call(server, "POST", "/v2/models/echo/infer", request, auth("limited"))
     assert first[0] == 200
@@ -516,7 +518,7 @@ def test_rate_limit_is_429_with_retry_after(server: ServerThread) -> None:
     assert "rate limit" in error_of(body)
 
 
-def test_a_call_larger_than_the_quota_is_412(server: ServerThread) -> None:
+def test_a_call_larger_than_the_quota_is_412(server: Server) -> None:
     request = echo_request([1.0, 2.0, 3.0], [3, 1])
     status, headers, body = call(server, "POST", "/v2/models/echo/infer", request, auth("small"))
     assert status == 412
@@ -524,7 +526,7 @@ def test_a_call_larger_than_the_quota_is_412(server: ServerThread) -> None:
     assert error_of(body)
 
 
-def test_a_body_over_max_message_bytes_is_413(server: ServerThread) -> None:
+def test_a_body_over_max_message_bytes_is_413(server: Server) -> None:
     raw = bytes(MAX_BODY + 8)
     body, headers = binary_request([("INPUT0", "FP32", [1, len(raw) // 4], raw)])
     status, _, answer = call(
@@ -538,19 +540,16 @@ def test_a_body_over_max_message_bytes_is_413(server: ServerThread) -> None:
     ("method", "path"),
     [("GET", "/"), ("GET", "/v3"), ("GET", "/v2/models"), ("GET", "/v2/models/echo/infer")],
 )
-def test_unknown_routes_are_404(server: ServerThread, method: str, path: str) -> None:
+def test_unknown_routes_are_404(server: Server, method: str, path: str) -> None:
     status, _, body = call(server, method, path, None, auth("acme"))
     assert status == 404
     assert error_of(body) == "no such endpoint"
 
 
-def test_answers_are_counted_under_grpc_status_names(server: ServerThread) -> None:
-    assert server.app is not None
-    metrics = server.app.metrics
-
+def test_answers_are_counted_under_grpc_status_names(server: Server) -> None:
     def count(code: str) -> float:
         labels = {"tenant": "globex", "model": "echo", "code": code}
-        return metrics.get_sample_value("mandant_requests_total", labels) or 0.0
+        return metric(server, KEYS["admin"], "mandant_requests_total", **labels) or 0.0
 
     before_ok, before_invalid = count("OK"), count("INVALID_ARGUMENT")
     assert (
