@@ -1,4 +1,5 @@
-"""Configuration reload: ``App.reload`` in process, and SIGHUP on ``mandant serve``.
+"""Configuration reload: ``App.reload`` in process, and SIGHUP on ``mandant serve``
+(one process, and ``workers: 2``, whose supervisor hands SIGHUP to every child).
 Tenants, keys, limits and models change live; a broken file is refused and the server
 keeps what it runs."""
 
@@ -20,7 +21,7 @@ from mandant.config import parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client import AsyncClient, Client, RateLimited, Unauthenticated
 from mandant_client._proto import admin_pb2, admin_pb2_grpc
-from tests.servers import ECHO_MODEL, free_port, mandant_serve, wait_for
+from tests.servers import ECHO_MODEL, SERVER_KINDS, free_port, mandant_serve, wait_for
 
 X = {"INPUT0": np.ones((1, 2), np.float32)}
 
@@ -161,20 +162,52 @@ async def test_reload_reaches_every_component(tmp_path: Path) -> None:
         assert await _admin_usage(app, "admin-2") == ["a", "b"]
 
 
-def test_sighup_reloads_and_refuses_a_broken_file(tmp_path: Path) -> None:
+#: What each process of a server of each kind logs once it has reloaded.
+RELOADED = {
+    SERVER_KINDS[0]: ["configuration reloaded"],
+    SERVER_KINDS[1]: ["engine reloaded", "front end reloaded", "front end reloaded"],
+}
+
+
+def _reloads(proc: Any, kind: str, text: str | None = None) -> tuple[list[str], str]:
+    """Wait until every process of the server logged ``text`` (default: that it
+    reloaded): their lines saying so, and all that was logged meanwhile."""
+    expected = [text] * len(RELOADED[kind]) if text else list(RELOADED[kind])
+    lines, log = [], ""
+    while expected:
+        read = wait_for(proc, "reload")
+        log += read
+        line = read.splitlines()[-1]
+        for wanted in expected:
+            if wanted in line:
+                expected.remove(wanted)
+                lines.append(line)
+                break
+    return lines, log
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+def test_sighup_reloads_and_refuses_a_broken_file(tmp_path: Path, kind: str) -> None:
     port = free_port()
     path = tmp_path / "mandant.yaml"
-    path.write_text(yaml.safe_dump(_config(port, a={"api_keys": [hash_key("key-a")]})))
+
+    def write(**tenants: dict[str, Any]) -> None:
+        config = _config(port, **tenants)
+        if kind != SERVER_KINDS[0]:
+            config["server"]["workers"] = 2
+        path.write_text(yaml.safe_dump(config))
+
+    write(a={"api_keys": [hash_key("key-a")]})
     with mandant_serve(path) as proc:
         path.write_text("tenants: [{id: a, api_keys: [not-a-hash]}]")
         proc.send_signal(signal.SIGHUP)
-        wait_for(proc, "configuration reload refused")
+        _reloads(proc, kind, "configuration reload refused")
         with Client(f"127.0.0.1:{port}", api_key="key-a") as client:
             client.infer("echo", X)  # still the old configuration
-        path.write_text(yaml.safe_dump(_config(port, a={"api_keys": [hash_key("key-new")]})))
+        write(a={"api_keys": [hash_key("key-new")]})
         proc.send_signal(signal.SIGHUP)
-        log = wait_for(proc, "configuration reloaded")
-        assert "API keys changed: a (1 added, 1 revoked)" in log.splitlines()[-1]
+        lines, log = _reloads(proc, kind)
+        assert all("API keys changed: a (1 added, 1 revoked)" in line for line in lines)
         assert "key-new" not in log and hash_key("key-new") not in log
         with Client(f"127.0.0.1:{port}", api_key="key-new") as client:
             client.infer("echo", X)
