@@ -259,13 +259,32 @@ def http_get(server: Server, path: str, key: str | None = None) -> tuple[int, by
 def metric(server: Server, admin_key: str, name: str, **labels: str) -> float | None:
     """One sample of the server's ``/metrics`` (the whole host in ``workers`` mode),
     or None where there is none."""
+    return _samples(server, admin_key).get((name, frozenset(labels.items())))
+
+
+def _samples(server: Server, admin_key: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     status, body = http_get(server, "/metrics", admin_key)
     assert status == 200, body
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return None
+    return {
+        (sample.name, frozenset(sample.labels.items())): float(sample.value)
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def wait_for_calls(server: Server, admin_key: str, calls: int, timeout_s: float = 30) -> None:
+    """Wait until ``/metrics`` counts ``calls`` answered calls in all: in ``workers``
+    mode a front end reports each call to the engine just after answering it, so a
+    client may look before the report is in (one process: at once)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = _samples(server, admin_key)
+        counted = sum(v for (name, _), v in found.items() if name == "mandant_requests_total")
+        if counted >= calls:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{counted} calls counted, not {calls}, after {timeout_s}s")
+        time.sleep(0.01)
 
 
 def free_port() -> int:

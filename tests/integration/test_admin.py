@@ -12,7 +12,7 @@ import pytest
 
 from mandant_client import Client, InvalidInput
 from mandant_client._proto import admin_pb2, admin_pb2_grpc
-from tests.servers import SERVER_KINDS, Server, ServerThread, demo_config, serving
+from tests.servers import SERVER_KINDS, Server, ServerThread, demo_config, serving, wait_for_calls
 
 ADMIN = (("authorization", "Bearer admin-demo-key"),)
 
@@ -27,6 +27,7 @@ def server(
                 acme.infer("classifier", {"INPUT0": np.ones((rows, 256), np.float32)})
             with pytest.raises(InvalidInput):
                 acme.infer("classifier", {"INPUT0": np.ones((1, 3), np.float32)})
+        wait_for_calls(running, "admin-demo-key", 3)
         yield running
 
 

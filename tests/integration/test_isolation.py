@@ -75,7 +75,8 @@ def test_tuned_variant_answers_globex_only(demo: Server) -> None:
         )
         for tenant in DEMO_KEYS
     }
-    np.testing.assert_array_equal(outputs["acme"], outputs["initech"])
+    # the same model; float sums may differ in the last bits with the input's memory
+    np.testing.assert_allclose(outputs["acme"], outputs["initech"], rtol=1e-5, atol=1e-6)
     assert not np.allclose(outputs["acme"], outputs["globex"])
 
 

@@ -4,6 +4,7 @@ tenant's statistics hold its own calls only; an admin key sees every tenant's.""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 from mandant.config import parse_config
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
-from tests.servers import DEMO_CONFIG, SERVER_KINDS, Server, auth, serving
+from tests.servers import DEMO_CONFIG, SERVER_KINDS, Server, auth, serving, wait_for_calls
 
 ADMIN = auth("admin-demo-key")
 #: Calls each tenant makes before the tests look (rows per call).
@@ -53,6 +54,7 @@ def server(
         with pytest.raises(InferenceServerException):  # a failed call of acme's
             client.infer("classifier", [_input(1, width=3)], headers=auth("acme"))
         client.close()
+        wait_for_calls(running, "admin-demo-key", 5)
         yield running
 
 
@@ -207,10 +209,14 @@ def test_stream_calls_count_for_their_tenant(server: Server) -> None:
             stub.ModelStreamInfer(iter([request, request]), metadata=auth("initech").items())
         )
         assert [a.error_message for a in answers] == ["", ""]
-        reply = stub.ModelStatistics(
-            pb.ModelStatisticsRequest(name="echo"), metadata=auth("initech").items()
-        )
-        (echo,) = reply.model_stats
+        for _ in range(1000):  # workers: the front end reports the calls just after
+            reply = stub.ModelStatistics(
+                pb.ModelStatisticsRequest(name="echo"), metadata=auth("initech").items()
+            )
+            (echo,) = reply.model_stats
+            if echo.inference_stats.success.count >= 2:
+                break
+            time.sleep(0.01)
         assert echo.version == "1" and echo.inference_stats.success.count == 2
         acme = stub.ModelStatistics(
             pb.ModelStatisticsRequest(name="echo"), metadata=auth("acme").items()

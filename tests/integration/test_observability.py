@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mandant.config import parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client import Client, InvalidInput, ModelNotFound, RateLimited, Unauthenticated
-from tests.servers import DEMO_CONFIG, SERVER_KINDS, Server, ServerThread, serving
+from tests.servers import DEMO_CONFIG, SERVER_KINDS, Server, ServerThread, serving, wait_for_calls
 from tests.servers import http_get as http
 
 ADMIN_KEY = "test-admin-key"
@@ -88,6 +88,7 @@ def traffic(server: Server) -> None:
     for key in ("mallory-invented-key", "tenant-evil"):
         with Client(server.target, api_key=key) as stranger, pytest.raises(Unauthenticated):
             stranger.infer("classifier", {"INPUT0": rows})
+    wait_for_calls(server, ADMIN_KEY, 19)
 
 
 def test_request_counts_by_tenant_model_and_code(server: Server, traffic: None) -> None:
