@@ -233,7 +233,6 @@ def test_a_reload_loads_added_and_changed_models_and_unloads_removed_ones(
     assert code_of(lambda: infer(client, "gated", ACME)) == "StatusCode.NOT_FOUND"
 
 
-@both_kinds
 async def test_no_call_fails_while_a_load_switches_the_model(
     server: Server, config_file: Path
 ) -> None:
