@@ -347,7 +347,7 @@ async def test_killed_front_end_fails_only_its_calls_and_comes_back(fresh: Worke
     _serving(fresh.target)
 
 
-async def test_killed_engine_makes_calls_unavailable_until_it_is_back(
+def test_killed_engine_makes_calls_unavailable_until_it_is_back(
     fresh: WorkersServer,
 ) -> None:
     (engine,) = fresh.children()["engine"]
