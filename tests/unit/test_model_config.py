@@ -20,7 +20,7 @@ ACME = Tenant("acme")
 class DeviceBackend(FakeBackend):
     """A backend that says where it runs (as the torch backend does)."""
 
-    device = "cuda:1"
+    devices = ("cuda:1",)
 
 
 def _models(*models: dict[str, Any], backend: type[FakeBackend] = FakeBackend) -> ModelRegistry:

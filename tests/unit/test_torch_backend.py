@@ -48,7 +48,7 @@ def make_spec(
         factory=factory,
         factory_args=dict(factory_args or {}),
         weights_init=weights_init,
-        device=device,
+        devices=(device,),
         instances=instances,
         inputs=inputs,
         outputs=outputs,
@@ -313,9 +313,10 @@ async def test_infer_does_not_block_the_event_loop() -> None:
 
 async def test_device_auto() -> None:
     backend = TorchBackend(make_spec(factory="mandant.demo.models:echo"))
-    assert backend.device == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert TorchBackend(make_spec(factory="mandant.demo.models:echo", device="cpu")).device == (
-        "cpu"
+    gpus = tuple(f"cuda:{n}" for n in range(torch.cuda.device_count()))
+    assert backend.devices == (gpus or ("cpu",))
+    assert TorchBackend(make_spec(factory="mandant.demo.models:echo", device="cpu")).devices == (
+        "cpu",
     )
 
 
