@@ -85,3 +85,14 @@ class _Recorder(nn.Module):
 
 def recorder(threads: list[int], delay: dict[str, float]) -> nn.Module:
     return _Recorder(threads, delay)
+
+
+def counted(built: list[int]) -> nn.Module:
+    """Doubles its input; appends to ``built`` each time one is constructed."""
+    built.append(len(built))
+    return _Double()
+
+
+class _Double(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
