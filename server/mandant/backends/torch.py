@@ -29,7 +29,6 @@ even when the model raised.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import queue
 import time
@@ -95,6 +94,7 @@ class TorchBackend:
         self._input_names = tuple(t.name for t in spec.inputs)
         self._output_names = spec.output_names
         self._idle: queue.SimpleQueue[_Instance] | None = None
+        self._loaded: tuple[_Instance, ...] = ()
         self._executor: ThreadPoolExecutor | None = None
         self._inline_below_s = inline_below_s
         self._call_s: float | None = None  # moving average of a call's compute time
@@ -117,6 +117,12 @@ class TorchBackend:
         """Where the instances run: ``("cpu",)`` or GPUs ``("cuda:0", …)``."""
         return self._placement.devices
 
+    @property
+    def staging_bytes(self) -> int:
+        """Pinned host bytes the instances keep to stage inputs (0 on the CPU); read
+        while no batch runs, or as an approximation."""
+        return sum(i.staging.held_bytes for i in self._loaded if i.staging is not None)
+
     async def start(self) -> None:
         if self._idle is not None:
             raise RuntimeError(f"model {self._spec.name!r} is already started")
@@ -127,7 +133,7 @@ class TorchBackend:
         self._executor = ThreadPoolExecutor(
             max_workers=len(instances), thread_name_prefix=f"torch-{self._spec.name}"
         )
-        self._idle = idle
+        self._idle, self._loaded = idle, tuple(instances)
         logger.info(
             "loaded model %s version %s (%s) on %s with %d instance(s) each",
             self._spec.name,
@@ -139,6 +145,7 @@ class TorchBackend:
 
     async def aclose(self) -> None:
         executor, self._executor, self._idle = self._executor, None, None
+        self._loaded = ()
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, wait=True)  # queued calls finish
         if self._placement.on_cuda:
@@ -288,17 +295,7 @@ class TorchBackend:
             self._check_devices()
             if spec.weights_init is not None:
                 init_weights(spec)
-            module: torch.nn.Module
-            if spec.factory is not None:
-                module = build_module(spec)
-            elif spec.path is not None:
-                # torch.jit.load has no annotations.
-                module = torch.jit.load(  # type: ignore[no-untyped-call]
-                    str(spec.path), map_location="cpu"
-                )
-            else:
-                raise RuntimeError("neither 'factory' nor 'path' is set")
-            return self._instances(module.eval())
+            return self._instances()
         except Exception as exc:
             raise ModelLoadError(
                 f"cannot load model {spec.name!r} version {spec.version}: {exc}"
@@ -317,23 +314,41 @@ class TorchBackend:
                 f"device(s) {', '.join(missing)} requested but {visible} GPU(s) are visible"
             )
 
-    def _instances(self, module: torch.nn.Module) -> list[_Instance]:
-        """The instances of the placement: on CUDA each with its own copy of ``module``
-        (the last one moves ``module`` itself), stream and staging buffers."""
+    def _instances(self) -> list[_Instance]:
+        """The placement's instances: on the CPU sharing one module; on CUDA each with
+        its own module (loaded afresh, as Triton loads each instance), stream and
+        staging buffers."""
         places = self._placement.instances
         if not self._placement.on_cuda:
             cpu = torch.device("cpu")
+            module = self._module(cpu)
             return [_Instance(p, cpu, module) for p in places]
         instances = []
-        for index, instance_place in enumerate(places):
+        for instance_place in places:
             device = torch.device(instance_place.device)
-            replica = module if index == len(places) - 1 else copy.deepcopy(module)
             stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-            staging = StagingBuffers(_pinned)
-            instances.append(_Instance(instance_place, device, replica.to(device), stream, staging))
+            staging = StagingBuffers(pinned_array)
+            instances.append(
+                _Instance(instance_place, device, self._module(device), stream, staging)
+            )
         for name in self._placement.devices:
             torch.cuda.synchronize(name)  # weights in place before another stream reads them
         return instances
+
+    def _module(self, device: torch.device) -> torch.nn.Module:
+        """A copy of the model, in eval mode, on ``device``."""
+        spec = self._spec
+        module: torch.nn.Module
+        if spec.factory is not None:
+            module = build_module(spec)
+        elif spec.path is not None:
+            # torch.jit.load has no annotations.
+            module = torch.jit.load(  # type: ignore[no-untyped-call]
+                str(spec.path), map_location=device
+            )
+        else:
+            raise RuntimeError("neither 'factory' nor 'path' is set")
+        return module.to(device).eval()
 
 
 def _cost(average: float | None, sample: float) -> float:
@@ -348,8 +363,9 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _pinned(dtype: np.dtype, elements: int) -> np.ndarray:
-    """A page-locked host array (the staging buffers' allocator on CUDA)."""
+def pinned_array(dtype: np.dtype, elements: int) -> np.ndarray:
+    """A page-locked host array of ``elements`` (the staging buffers' allocator on
+    CUDA); it keeps its torch tensor, and so the memory, alive."""
     kind = torch.from_numpy(np.empty(0, dtype)).dtype
     return torch.empty(elements, dtype=kind, pin_memory=True).numpy()
 
