@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mandant.backends.placement import InstancePlace, place
+from mandant.backends.placement import place
 from mandant.backends.staging import StagingBuffers
 from mandant.backends.torch_load import build_module, init_weights
 from mandant.config import ModelSpec
@@ -77,7 +77,6 @@ class _Instance:
     """One copy of the model (shared by the CPU's instances) and, on CUDA, what this
     instance alone uses: its stream and staging buffers. One thread at a time."""
 
-    place: InstancePlace
     device: torch.device
     module: Callable[..., Any]
     stream: torch.cuda.Stream | None = None
@@ -322,15 +321,13 @@ class TorchBackend:
         if not self._placement.on_cuda:
             cpu = torch.device("cpu")
             module = self._module(cpu)
-            return [_Instance(p, cpu, module) for p in places]
+            return [_Instance(cpu, module) for _ in places]
         instances = []
         for instance_place in places:
             device = torch.device(instance_place.device)
             stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
             staging = StagingBuffers(pinned_array)
-            instances.append(
-                _Instance(instance_place, device, self._module(device), stream, staging)
-            )
+            instances.append(_Instance(device, self._module(device), stream, staging))
         for name in self._placement.devices:
             torch.cuda.synchronize(name)  # weights in place before another stream reads them
         return instances
