@@ -343,7 +343,7 @@ class ModelConfig(_Frozen):
     def _devices(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         if value is None:
             return None
-        if any(_gpu_index(device) is None for device in value):
+        if any(gpu_index(device) is None for device in value):
             raise ValueError("'devices' lists GPUs as cuda:N (for one device or all, use 'device')")
         return check_devices(value)
 
@@ -526,14 +526,15 @@ def check_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
             raise ValueError("expected auto, cpu, cuda or cuda:N")
         spelled.append(device if match.group(2) is None else f"cuda:{int(match.group(2))}")
     if len(spelled) > 1:
-        if any(_gpu_index(device) is None for device in spelled):
+        if any(gpu_index(device) is None for device in spelled):
             raise ValueError("several devices are GPUs named cuda:N")
         if len(set(spelled)) != len(spelled):
             raise ValueError("a device is listed twice")
     return tuple(spelled)
 
 
-def _gpu_index(device: str) -> int | None:
+def gpu_index(device: str) -> int | None:
+    """``N`` of ``cuda:N``; None for any other device."""
     match = _DEVICE.match(device)
     return None if match is None or match.group(2) is None else int(match.group(2))
 

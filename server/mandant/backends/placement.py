@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mandant.config import gpu_index
+
 
 @dataclass(frozen=True, slots=True)
 class InstancePlace:
@@ -48,11 +50,8 @@ class Placement:
 
     def missing(self, visible_gpus: int) -> tuple[str, ...]:
         """The planned devices this process cannot see."""
-        return tuple(
-            device
-            for device in self.devices
-            if device != "cpu" and gpu_index(device) >= visible_gpus
-        )
+        indices = [(device, gpu_index(device)) for device in self.devices]
+        return tuple(device for device, n in indices if n is not None and n >= visible_gpus)
 
 
 def place(requested: Sequence[str], per_device: int, visible_gpus: int) -> Placement:
@@ -73,9 +72,3 @@ def place(requested: Sequence[str], per_device: int, visible_gpus: int) -> Place
         case named:
             devices = named
     return Placement(devices, per_device)
-
-
-def gpu_index(device: str) -> int:
-    """``N`` of ``cuda:N``."""
-    _, _, index = device.partition(":")
-    return int(index)

@@ -16,9 +16,9 @@ wake. Three dispatch modes:
 
 Inputs are concatenated along dimension 0 (by the backend's ``infer_batch`` where it
 has one, e.g. into its instance's pinned buffers on CUDA, off the event loop), outputs
-sliced back per request. Deadlines
-are clock timers: a request whose deadline passes while queued is answered
-DeadlineExceeded and never runs. A cancelled caller leaves the queue at once.
+sliced back per request. Deadlines are clock timers: a request whose deadline passes
+while queued is answered DeadlineExceeded and never runs. A cancelled caller leaves the
+queue at once.
 
 A batch the model raises on (anything but a MandantError) is counted
 (``Observer.batch_failed``) and split in halves, each rerun in the same execution slot,
