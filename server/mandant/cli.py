@@ -119,9 +119,10 @@ async def _serve(
 
 
 def workers_of(setting: int | str) -> int:
-    """``server.workers`` as a number: ``auto`` is one front end per core but one."""
+    """``server.workers`` as a number: ``auto`` is one front end per core this process
+    may run on (its CPU affinity) but one, kept for the engine."""
     if setting == "auto":
-        return max(1, (os.cpu_count() or 1) - 1)
+        return max(1, len(os.sched_getaffinity(0)) - 1)
     return int(setting)
 
 

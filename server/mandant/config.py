@@ -27,6 +27,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 #: ``${NAME}`` (group 2) or the escape ``$${…}`` (group 1 set): a literal ``${…}``.
 _ENV_REFERENCE = re.compile(r"\$(\$?)\{([^{}]*)\}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda)$|^cuda:(\d+)$")
 
 
 class _Frozen(BaseModel):
@@ -306,7 +307,11 @@ class ModelConfig(_Frozen):
     factory: str | None = None
     factory_args: Mapping[str, Any] | None = None
     weights_init: str | None = None
+    #: Where the model runs: ``auto`` (every visible GPU, else the CPU), ``cpu``,
+    #: ``cuda`` (every visible GPU) or ``cuda:N``; ``devices`` lists GPUs instead.
     device: str | None = None
+    devices: tuple[str, ...] | None = None
+    #: Copies of the model on each device (threads sharing one copy on the CPU).
     instances: Annotated[int, Field(gt=0)] | None = None
     inputs: tuple[TensorConfig, ...] | None = None
     outputs: tuple[TensorConfig, ...] | None = None
@@ -331,14 +336,23 @@ class ModelConfig(_Frozen):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^(auto|cpu|cuda(:\d+)?)$", value):
-            raise ValueError("expected auto, cpu, cuda or cuda:N")
-        return value
+        return None if value is None else check_devices((value,))[0]
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if any(gpu_index(device) is None for device in value):
+            raise ValueError("'devices' lists GPUs as cuda:N (for one device or all, use 'device')")
+        return check_devices(value)
 
     @model_validator(mode="after")
     def _shape(self) -> ModelConfig:
         if self.name is None and self.base is None:
             raise ValueError("a model needs a name (or a base, for a tuned variant)")
+        if self.device is not None and self.devices is not None:
+            raise ValueError("set 'device' or 'devices', not both")
         if self.base is not None and self.tenant is None:
             raise ValueError("a tuned variant (base) belongs to a tenant: set 'tenant'")
         return self
@@ -361,12 +375,18 @@ class ModelSpec(_Frozen):
     factory: str | None
     factory_args: Mapping[str, Any]
     weights_init: str | None
-    device: str
+    #: The placement asked for (see :func:`check_devices`); ``instances`` per device.
+    devices: tuple[str, ...]
     instances: int
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     batching: BatchingConfig | None
     triton: TritonModelConfig | None
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return check_devices(value)
 
     # Read on every call: built once per spec (it is frozen; a changed copy made with
     # model_copy computes its own, see below).
@@ -484,13 +504,49 @@ def _resolve(model: ModelConfig, base: ModelConfig | None, base_dir: Path) -> Mo
         factory=pick("factory"),
         factory_args=dict(pick("factory_args") or {}),
         weights_init=pick("weights_init"),
-        device=pick("device") or "auto",
+        devices=_placement(model, base),
         instances=pick("instances") or 1,
         inputs=tuple(t.spec() for t in inputs or ()),
         outputs=tuple(t.spec() for t in outputs or ()),
         batching=pick("batching"),
         triton=pick("triton"),
     )
+
+
+def check_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
+    """``devices`` in their one spelling (``cuda:01`` is ``cuda:1``), or ValueError.
+    Either one of ``auto``, ``cpu``, ``cuda`` (every visible GPU), ``cuda:N``; or
+    several distinct ``cuda:N``."""
+    if not devices:
+        raise ValueError("expected at least one device")
+    spelled = []
+    for device in devices:
+        match = _DEVICE.match(device)
+        if match is None:
+            raise ValueError("expected auto, cpu, cuda or cuda:N")
+        spelled.append(device if match.group(2) is None else f"cuda:{int(match.group(2))}")
+    if len(spelled) > 1:
+        if any(gpu_index(device) is None for device in spelled):
+            raise ValueError("several devices are GPUs named cuda:N")
+        if len(set(spelled)) != len(spelled):
+            raise ValueError("a device is listed twice")
+    return tuple(spelled)
+
+
+def gpu_index(device: str) -> int | None:
+    """``N`` of ``cuda:N``; None for any other device."""
+    match = _DEVICE.match(device)
+    return None if match is None or match.group(2) is None else int(match.group(2))
+
+
+def _placement(model: ModelConfig, base: ModelConfig | None) -> tuple[str, ...]:
+    """A tuned variant that names a device (either key) replaces its base's placement."""
+    for source in (model, base):
+        if source is not None and source.devices is not None:
+            return source.devices
+        if source is not None and source.device is not None:
+            return (source.device,)
+    return ("auto",)
 
 
 def parse_config(data: object, source: str = "configuration") -> MandantConfig:

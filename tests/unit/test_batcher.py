@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 from mandant.config import BatchingConfig
 from mandant.context import current_request_id, current_tenant
 from mandant.errors import DeadlineExceeded, InvalidInput, ModelFailed, QueueFull, Unavailable
-from mandant.scheduling.batcher import DynamicBatcher
+from mandant.scheduling.batcher import DynamicBatcher, concatenate
 from mandant.types import InferRequest, Tenant
 from tests.fakes import (
     POISON,
@@ -52,6 +54,43 @@ def check_own_rows(req: InferRequest, out: dict[str, np.ndarray]) -> None:
     assert out.keys() == expected.keys()
     for name in expected:
         np.testing.assert_array_equal(out[name], expected[name])
+
+
+@dataclass(eq=False)
+class StackingBackend(GatedBackend):
+    """A backend that concatenates a batch's requests itself (as the torch backend
+    does, into its instance's staging buffers); records the parts it was given."""
+
+    batches: list[list[Mapping[str, np.ndarray]]] = field(default_factory=list)
+
+    async def infer_batch(
+        self,
+        parts: Sequence[Mapping[str, np.ndarray]],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        self.batches.append(list(parts))
+        return await self.infer(concatenate(parts), outputs=outputs, deadline=deadline)
+
+
+async def test_a_backend_that_stacks_gets_each_requests_inputs_untouched() -> None:
+    batcher, backend, _, _ = await make(StackingBackend(), max_batch_size=8)
+    assert isinstance(backend, StackingBackend)
+    lone = request(rows=2)
+    first = submit(batcher, lone)
+    await settle()
+    requests = [request(rows=rows) for rows in (1, 3, 2)]
+    rest = [submit(batcher, req) for req in requests]
+    await settle()
+    backend.release(), await settle()
+    backend.release()
+    outs = await asyncio.gather(first, *rest)
+    assert len(backend.batches) == 1  # a lone request goes to infer as it is
+    [parts] = backend.batches
+    assert all(part["x"] is req.inputs["x"] for part, req in zip(parts, requests, strict=True))
+    for req, out in zip([lone, *requests], outs, strict=True):
+        check_own_rows(req, out)
 
 
 # -- batch formation ------------------------------------------------------------------

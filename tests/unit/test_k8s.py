@@ -249,6 +249,16 @@ def test_the_gpu_overlay_asks_for_a_gpu_and_the_cpu_overlay_does_not() -> None:
     assert "nvidia.com/gpu" not in cpu.get("limits", {}) | cpu.get("requests", {})
 
 
+def test_the_gpu_overlay_runs_a_front_end_per_requested_core_but_the_engines() -> None:
+    if KUBECTL is None:
+        pytest.skip(NO_KUBECTL)
+    container = mandant_container(render("gpu"))
+    args = container["args"]
+    workers = int(args[args.index("--workers") + 1])
+    assert workers + 1 == int(container["resources"]["requests"]["cpu"])
+    assert "--workers" not in mandant_container(render("cpu"))["args"]
+
+
 def test_the_autoscaler_scales_on_inflight_calls_with_cpu_as_fallback(
     rendered: tuple[str, list[dict[str, Any]]],
 ) -> None:

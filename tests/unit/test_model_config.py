@@ -20,7 +20,7 @@ ACME = Tenant("acme")
 class DeviceBackend(FakeBackend):
     """A backend that says where it runs (as the torch backend does)."""
 
-    device = "cuda:1"
+    devices = ("cuda:1",)
 
 
 def _models(*models: dict[str, Any], backend: type[FakeBackend] = FakeBackend) -> ModelRegistry:
@@ -86,6 +86,25 @@ def test_instance_group_is_on_the_device_the_backend_runs_on() -> None:
     assert (group.kind, group.count, list(group.gpus)) == (mc.ModelInstanceGroup.KIND_GPU, 2, [1])
     auto = _config(_models(_entry("auto")), "auto").instance_group[0]
     assert auto.kind == mc.ModelInstanceGroup.KIND_AUTO
+
+
+class TwoGpuBackend(FakeBackend):
+    devices = ("cuda:0", "cuda:2")
+
+
+def test_instance_group_lists_every_gpu_the_instances_are_on() -> None:
+    config = _config(_models(_entry("gpus", instances=3), backend=TwoGpuBackend), "gpus")
+    (group,) = config.instance_group
+    assert (group.kind, group.count, list(group.gpus)) == (
+        mc.ModelInstanceGroup.KIND_GPU,
+        3,
+        [0, 2],
+    )
+    # A backend that does not say: the configured placement ("cuda" is every GPU).
+    listed = _config(_models(_entry("listed", devices=["cuda:1", "cuda:3"])), "listed")
+    assert list(listed.instance_group[0].gpus) == [1, 3]
+    every = _config(_models(_entry("every", device="cuda")), "every").instance_group[0]
+    assert (every.kind, list(every.gpus)) == (mc.ModelInstanceGroup.KIND_GPU, [])
 
 
 def test_version_policy_lists_the_versions_served() -> None:

@@ -48,7 +48,7 @@ def make_spec(
         factory=factory,
         factory_args=dict(factory_args or {}),
         weights_init=weights_init,
-        device=device,
+        devices=(device,),
         instances=instances,
         inputs=inputs,
         outputs=outputs,
@@ -313,9 +313,10 @@ async def test_infer_does_not_block_the_event_loop() -> None:
 
 async def test_device_auto() -> None:
     backend = TorchBackend(make_spec(factory="mandant.demo.models:echo"))
-    assert backend.device == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert TorchBackend(make_spec(factory="mandant.demo.models:echo", device="cpu")).device == (
-        "cpu"
+    gpus = tuple(f"cuda:{n}" for n in range(torch.cuda.device_count()))
+    assert backend.devices == (gpus or ("cpu",))
+    assert TorchBackend(make_spec(factory="mandant.demo.models:echo", device="cpu")).devices == (
+        "cpu",
     )
 
 
@@ -404,3 +405,49 @@ async def test_inline_threshold_zero_always_uses_the_pool() -> None:
     finally:
         await backend.aclose()
     assert threading.get_ident() not in threads
+
+
+async def test_cpu_instances_share_one_module_and_each_may_run_a_batch() -> None:
+    built: list[int] = []
+    spec = make_spec(
+        factory=f"{HELPERS}:counted",
+        factory_args={"built": built},
+        inputs=(TensorSpec("X", "FP32", (-1,)),),
+        outputs=(TensorSpec("Y", "FP32", (-1,)),),
+        instances=3,
+        device="cpu",
+    )
+    backend = TorchBackend(spec)
+    assert backend.devices == ("cpu",)
+    assert backend.max_concurrency == 3
+    await backend.start()
+    try:
+        outs = await asyncio.gather(
+            *(backend.infer({"X": np.full(2, n, np.float32)}) for n in range(6))
+        )
+    finally:
+        await backend.aclose()
+    assert built == [0]
+    assert [out["Y"].tolist() for out in outs] == [[2 * n, 2 * n] for n in range(6)]
+
+
+async def test_infer_batch_runs_the_parts_concatenated_in_order() -> None:
+    spec = make_spec(
+        factory="mandant.demo.models:echo_all",
+        inputs=(TensorSpec("A", "FP32", (-1, 3)), TensorSpec("B", "BYTES", (-1,))),
+        outputs=(TensorSpec("A2", "FP32", (-1, 3)), TensorSpec("B2", "BYTES", (-1,))),
+    )
+    a = [features(rows, width=3, seed=rows) for rows in (2, 1, 4)]
+    b = [
+        np.array([f"{rows}-{n}".encode() for n in range(rows)], dtype=object) for rows in (2, 1, 4)
+    ]
+    backend = TorchBackend(spec)
+    await backend.start()
+    try:
+        out = await backend.infer_batch([{"A": x, "B": y} for x, y in zip(a, b, strict=True)])
+        with pytest.raises(InvalidInput, match="missing input"):
+            await backend.infer_batch([{"A": a[0], "B": b[0]}, {"A": a[1]}])
+    finally:
+        await backend.aclose()
+    np.testing.assert_array_equal(out["A2"], np.concatenate(a))
+    assert out["B2"].tolist() == np.concatenate(b).tolist()

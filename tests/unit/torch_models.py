@@ -85,3 +85,45 @@ class _Recorder(nn.Module):
 
 def recorder(threads: list[int], delay: dict[str, float]) -> nn.Module:
     return _Recorder(threads, delay)
+
+
+def counted(built: list[int]) -> nn.Module:
+    """Doubles its input; appends to ``built`` each time one is constructed."""
+    built.append(len(built))
+    return _Double()
+
+
+class _Double(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+class _StreamRendezvous(nn.Module):
+    """Records (CUDA stream handle, device) of every call, then waits at ``barrier``
+    until ``barrier.parties`` calls are inside forward at once; doubles its input."""
+
+    def __init__(self, barrier: threading.Barrier, seen: list[tuple[int, str]]) -> None:
+        super().__init__()
+        self._barrier = barrier
+        self._seen = seen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._seen.append((torch.cuda.current_stream(x.device).cuda_stream, str(x.device)))
+        self._barrier.wait()
+        return x * 2
+
+
+def stream_rendezvous(barrier: threading.Barrier, seen: list[tuple[int, str]]) -> nn.Module:
+    return _StreamRendezvous(barrier, seen)
+
+
+class _NoNegatives(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x < 0).any()):
+            raise ValueError("negative input")
+        return x + 1
+
+
+def no_negatives() -> nn.Module:
+    """``x + 1``; raises on a negative element (the data's fault)."""
+    return _NoNegatives()

@@ -1,36 +1,49 @@
 """In-process PyTorch backend: a TorchScript file, or ``module:factory`` plus a state dict.
 
-Loading happens in :meth:`TorchBackend.start` on a worker thread. A call runs on a
-dedicated pool of ``spec.instances`` threads, so the event loop never waits on a heavy
-model — unless calls are measured to be cheap: while the moving average of a call's
-compute time (and of its time per row, times the call's rows) stays under
-``inline_below_s``, the call runs on the event loop itself, because for an identity or
-tiny model the thread hop costs far more than the forward pass. Every call is timed and
-a slower sample replaces the average at once, so a model that turns slow (or a batch
-that turns large) moves back to the pool after one call.
-Inputs reach the model zero-copy (``torch.from_numpy``); they may view a request's
-read-only bytes, so models must not modify their inputs in place.
+Placement (``placement.py``): ``spec.instances`` instances on each of the model's
+devices. On CUDA every instance owns its copy of the module on its device, a CUDA
+stream and pinned staging buffers (``staging.py``); on the CPU the instances are
+threads sharing one module (PyTorch modules are safe to call from several threads,
+and a copy per thread would only cost memory). Idle instances wait in a FIFO, so the
+one idle longest runs the next batch, spreading batches over the devices.
+
+A batch runs on its instance's thread (a pool of as many threads as instances), so the
+event loop never waits on a heavy model — unless calls are measured to be cheap: while
+the moving average of a call's compute time (and of its time per row, times the call's
+rows) stays under ``inline_below_s``, the call runs on the event loop itself with an
+idle instance, because for an identity or tiny model the thread hop costs far more
+than the forward pass. Every call is timed and a slower sample replaces the average at
+once, so a model that turns slow (or a batch that turns large) moves back to the pool
+after one call.
+
+The instance concatenates the requests of a batch itself (:meth:`TorchBackend.infer_batch`),
+off the event loop. On the CPU inputs reach the model zero-copy (``torch.from_numpy``;
+they may view a request's read-only bytes, so models must not modify their inputs in
+place). On CUDA they are concatenated straight into the instance's pinned buffers,
+copied to the device with ``non_blocking`` on the instance's stream, the forward pass
+and the copies of the outputs back to (pinned) host memory are queued on that stream,
+and only that stream is synchronised — after which the staging buffers are free again,
+even when the model raised.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import importlib
 import logging
-import os
+import queue
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
+from mandant.backends.placement import place
+from mandant.backends.staging import StagingBuffers
+from mandant.backends.torch_load import build_module, init_weights
 from mandant.config import ModelSpec
 from mandant.errors import InvalidInput, Unavailable
 
@@ -45,6 +58,9 @@ warnings.filterwarnings(
 #: numpy dtype kinds torch cannot hold; such inputs reach the model as numpy arrays.
 _NON_TENSOR_KINDS = frozenset("OSUV")
 
+#: One input of a batch: that input's array from each request, in order.
+Column = Sequence[np.ndarray]
+
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded at start-up; the message names the model and why."""
@@ -56,17 +72,28 @@ DEFAULT_INLINE_BELOW_S = 150e-6
 _SMOOTHING = 0.2
 
 
+@dataclass(eq=False, slots=True)
+class _Instance:
+    """One copy of the model (shared by the CPU's instances) and, on CUDA, what this
+    instance alone uses: its stream and staging buffers. One thread at a time."""
+
+    device: torch.device
+    module: Callable[..., Any]
+    stream: torch.cuda.Stream | None = None
+    staging: StagingBuffers | None = None
+
+
 class TorchBackend:
-    """Runs one model version in this process, on CPU or a CUDA device.
+    """Runs one model version in this process, on the CPU or CUDA devices.
     ``inline_below_s``: calls measured cheaper run on the event loop (0: never)."""
 
     def __init__(self, spec: ModelSpec, inline_below_s: float = DEFAULT_INLINE_BELOW_S) -> None:
         self._spec = spec
-        self._device = torch.device(_pick_device(spec.device))
-        self._on_cuda = self._device.type == "cuda"
+        self._placement = place(spec.devices, spec.instances, _visible_gpus())
         self._input_names = tuple(t.name for t in spec.inputs)
         self._output_names = spec.output_names
-        self._module: Callable[..., Any] | None = None
+        self._idle: queue.SimpleQueue[_Instance] | None = None
+        self._loaded: tuple[_Instance, ...] = ()
         self._executor: ThreadPoolExecutor | None = None
         self._inline_below_s = inline_below_s
         self._call_s: float | None = None  # moving average of a call's compute time
@@ -74,7 +101,7 @@ class TorchBackend:
 
     @property
     def ready(self) -> bool:
-        return self._module is not None and self._executor is not None
+        return self._idle is not None and self._executor is not None
 
     @property
     def platform(self) -> str:
@@ -82,56 +109,46 @@ class TorchBackend:
 
     @property
     def max_concurrency(self) -> int:
-        return self._spec.instances
+        return self._placement.size
 
     @property
-    def device(self) -> str:
-        return str(self._device)
+    def devices(self) -> tuple[str, ...]:
+        """Where the instances run: ``("cpu",)`` or GPUs ``("cuda:0", …)``."""
+        return self._placement.devices
+
+    @property
+    def staging_bytes(self) -> int:
+        """Pinned host bytes the instances keep to stage inputs (0 on the CPU); read
+        while no batch runs, or as an approximation."""
+        return sum(i.staging.held_bytes for i in self._loaded if i.staging is not None)
 
     async def start(self) -> None:
-        if self._module is not None:
+        if self._idle is not None:
             raise RuntimeError(f"model {self._spec.name!r} is already started")
-        module = await asyncio.to_thread(self._load)
+        instances = await asyncio.to_thread(self._load)
+        idle: queue.SimpleQueue[_Instance] = queue.SimpleQueue()
+        for instance in instances:
+            idle.put(instance)
         self._executor = ThreadPoolExecutor(
-            max_workers=self._spec.instances, thread_name_prefix=f"torch-{self._spec.name}"
+            max_workers=len(instances), thread_name_prefix=f"torch-{self._spec.name}"
         )
-        self._module = module
+        self._idle, self._loaded = idle, tuple(instances)
         logger.info(
-            "loaded model %s version %s (%s) on %s with %d instance(s)",
+            "loaded model %s version %s (%s) on %s with %d instance(s) each",
             self._spec.name,
             self._spec.version,
             self.platform,
-            self._device,
-            self._spec.instances,
+            ", ".join(self._placement.devices),
+            self._placement.per_device,
         )
 
     async def aclose(self) -> None:
-        executor, self._executor, self._module = self._executor, None, None
+        executor, self._executor, self._idle = self._executor, None, None
+        self._loaded = ()
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, wait=True)  # queued calls finish
-        if self._device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def stack_inputs(self, parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """Concatenate requests' inputs along dimension 0 for one batch (the dynamic
-        batcher calls this). On CUDA the batch lands in pinned host memory, so the
-        ``non_blocking`` copy to the device is truly asynchronous; the returned arrays
-        view that memory and keep it alive until the batch's tensors are gone."""
-        stacked: dict[str, np.ndarray] = {}
-        for name in parts[0]:
-            arrays = [part[name] for part in parts]
-            first = arrays[0]
-            if self._device.type != "cuda" or first.dtype.kind in _NON_TENSOR_KINDS:
-                stacked[name] = np.concatenate(arrays)
-                continue
-            rows = sum(array.shape[0] for array in arrays)
-            pinned = torch.empty(
-                (rows, *first.shape[1:]),
-                dtype=torch.from_numpy(first[:0]).dtype,
-                pin_memory=True,
-            )
-            stacked[name] = np.concatenate(arrays, out=pinned.numpy())
-        return stacked
+        if self._placement.on_cuda:
+            torch.cuda.empty_cache()  # the instances are gone: give their memory back
 
     async def infer(
         self,
@@ -142,19 +159,41 @@ class TorchBackend:
     ) -> dict[str, np.ndarray]:
         """Runs the whole module (it computes every output anyway); ``outputs`` and
         ``deadline`` do not change an in-process forward pass."""
-        module, executor = self._module, self._executor
-        if module is None or executor is None:
-            raise Unavailable(f"model '{self._spec.name}' is not loaded")
+        return await self._execute(self._columns((inputs,)))
+
+    async def infer_batch(
+        self,
+        parts: Sequence[Mapping[str, np.ndarray]],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """:meth:`infer` on ``parts`` (several requests' inputs) concatenated along
+        dimension 0 — by the instance that runs them, on CUDA straight into its
+        pinned staging buffers (the dynamic batcher calls this)."""
+        return await self._execute(self._columns(parts))
+
+    def _columns(self, parts: Sequence[Mapping[str, np.ndarray]]) -> list[Column]:
         try:
-            arrays = [inputs[name] for name in self._input_names]
+            return [[part[name] for part in parts] for name in self._input_names]
         except KeyError:
-            missing = [name for name in self._input_names if name not in inputs]
+            missing = [n for n in self._input_names if any(n not in part for part in parts)]
             raise InvalidInput(f"missing input(s): {', '.join(missing)}") from None
-        rows = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
+
+    async def _execute(self, columns: list[Column]) -> dict[str, np.ndarray]:
+        idle, executor = self._idle, self._executor
+        if idle is None or executor is None:
+            raise Unavailable(f"model '{self._spec.name}' is not loaded")
+        rows = sum(a.shape[0] if a.ndim else 1 for a in columns[0]) if columns else 1
         if self._cheap(rows):
-            return self._run(module, arrays, rows)
+            try:
+                instance = idle.get_nowait()
+            except queue.Empty:  # every instance busy: wait for one in the pool
+                pass
+            else:
+                return self._run_on(instance, idle, columns, rows)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self._run, module, arrays, rows)
+        return await loop.run_in_executor(executor, self._run, idle, columns, rows)
 
     def _cheap(self, rows: int) -> bool:
         """Whether a call of ``rows`` rows is expected to cost less than the hop."""
@@ -164,15 +203,26 @@ class TorchBackend:
         return max(call_s, self._row_s * rows) < self._inline_below_s
 
     def _run(
-        self, module: Callable[..., Any], arrays: list[np.ndarray], rows: int
+        self, idle: queue.SimpleQueue[_Instance], columns: list[Column], rows: int
+    ) -> dict[str, np.ndarray]:
+        # The batcher runs at most max_concurrency batches, one per instance, so an
+        # instance is idle or about to be (one taken by an inline call).
+        return self._run_on(idle.get(), idle, columns, rows)
+
+    def _run_on(
+        self,
+        instance: _Instance,
+        idle: queue.SimpleQueue[_Instance],
+        columns: list[Column],
+        rows: int,
     ) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         try:
-            with torch.inference_mode():
-                args = [self._to_tensor(array) for array in arrays]
-                result = module(*args)
-                return self._outputs(result)
+            if instance.stream is None:
+                return self._forward_on_cpu(instance, columns)
+            return self._forward_on_cuda(instance, columns)
         finally:
+            idle.put(instance)
             # Wall time, not CPU time: a model that waits (a GPU synchronising, a
             # sleep) blocks the event loop as much as one that computes. A preempted
             # call on a busy core counts as slow too, which errs on the safe side.
@@ -181,18 +231,45 @@ class TorchBackend:
             self._call_s = _cost(self._call_s, elapsed)
             self._row_s = _cost(self._row_s, elapsed / max(1, rows))
 
-    def _to_tensor(self, array: np.ndarray) -> torch.Tensor | np.ndarray:
-        if array.dtype.kind in _NON_TENSOR_KINDS:
-            return array  # BYTES: torch has no string tensor
-        tensor = torch.from_numpy(array)
-        if self._on_cuda:
-            tensor = tensor.to(self._device, non_blocking=True)
-        return tensor
+    def _forward_on_cpu(self, instance: _Instance, columns: list[Column]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            args = [_host_input(column) for column in columns]
+            values = self._output_values(instance.module(*args))
+            model = self._spec.name
+            return {
+                name: _to_numpy(model, name, value)
+                for name, value in zip(self._output_names, values, strict=True)
+            }
 
-    def _outputs(self, result: object) -> dict[str, np.ndarray]:
+    def _forward_on_cuda(self, instance: _Instance, columns: list[Column]) -> dict[str, np.ndarray]:
+        stream, staging = instance.stream, instance.staging
+        assert stream is not None and staging is not None
+        model = self._spec.name
+        with torch.cuda.device(instance.device), torch.cuda.stream(stream):
+            try:
+                with torch.inference_mode():
+                    args = [_staged_input(staging, c, instance.device) for c in columns]
+                    values = self._output_values(instance.module(*args))
+                    copies = [
+                        _copy_to_host(model, name, value)
+                        for name, value in zip(self._output_names, values, strict=True)
+                    ]
+            finally:
+                # This stream only: the copies from the staging buffers, the forward
+                # pass and the copies back have all ended (or failed), so the buffers
+                # may serve the next batch and the outputs may be read.
+                stream.synchronize()
+                staging.release()
+        return {
+            name: value.numpy() if isinstance(value, torch.Tensor) else value
+            for name, value in zip(self._output_names, copies, strict=True)
+        }
+
+    def _output_values(self, result: object) -> list[object]:
+        """The module's result as one value per declared output, in order."""
         names = self._output_names
         if isinstance(result, torch.Tensor) and len(names) == 1:  # the common case
-            return {names[0]: _to_numpy(self._spec.name, names[0], result)}
+            return [result]
         if isinstance(result, Mapping):
             absent = [name for name in names if name not in result]
             if absent:
@@ -209,31 +286,66 @@ class TorchBackend:
                 f"model {self._spec.name!r} returned {len(values)} output(s), "
                 f"its configuration declares {len(names)}"
             )
-        model = self._spec.name
-        return {name: _to_numpy(model, name, v) for name, v in zip(names, values, strict=True)}
+        return values
 
-    def _load(self) -> Callable[..., Any]:
+    def _load(self) -> list[_Instance]:
         spec = self._spec
         try:
-            if self._device.type == "cuda" and not torch.cuda.is_available():
-                raise RuntimeError(f"device {spec.device!r} requested but CUDA is not available")
+            self._check_devices()
             if spec.weights_init is not None:
-                _init_weights(spec)
-            module: torch.nn.Module
-            if spec.factory is not None:
-                module = _build(spec)
-            elif spec.path is not None:
-                # torch.jit.load has no annotations.
-                module = torch.jit.load(  # type: ignore[no-untyped-call]
-                    str(spec.path), map_location=self._device
-                )
-            else:
-                raise RuntimeError("neither 'factory' nor 'path' is set")
-            return module.to(self._device).eval()
+                init_weights(spec)
+            return self._instances()
         except Exception as exc:
             raise ModelLoadError(
                 f"cannot load model {spec.name!r} version {spec.version}: {exc}"
             ) from exc
+
+    def _check_devices(self) -> None:
+        if not self._placement.on_cuda:
+            return
+        if not torch.cuda.is_available():
+            requested = ", ".join(self._spec.devices)
+            raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
+        visible = torch.cuda.device_count()
+        missing = self._placement.missing(visible)
+        if missing:
+            raise RuntimeError(
+                f"device(s) {', '.join(missing)} requested but {visible} GPU(s) are visible"
+            )
+
+    def _instances(self) -> list[_Instance]:
+        """The placement's instances: on the CPU sharing one module; on CUDA each with
+        its own module (loaded afresh, as Triton loads each instance), stream and
+        staging buffers."""
+        places = self._placement.instances
+        if not self._placement.on_cuda:
+            cpu = torch.device("cpu")
+            module = self._module(cpu)
+            return [_Instance(cpu, module) for _ in places]
+        instances = []
+        for instance_place in places:
+            device = torch.device(instance_place.device)
+            stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+            staging = StagingBuffers(pinned_array)
+            instances.append(_Instance(device, self._module(device), stream, staging))
+        for name in self._placement.devices:
+            torch.cuda.synchronize(name)  # weights in place before another stream reads them
+        return instances
+
+    def _module(self, device: torch.device) -> torch.nn.Module:
+        """A copy of the model, in eval mode, on ``device``."""
+        spec = self._spec
+        module: torch.nn.Module
+        if spec.factory is not None:
+            module = build_module(spec)
+        elif spec.path is not None:
+            # torch.jit.load has no annotations.
+            module = torch.jit.load(  # type: ignore[no-untyped-call]
+                str(spec.path), map_location=device
+            )
+        else:
+            raise RuntimeError("neither 'factory' nor 'path' is set")
+        return module.to(device).eval()
 
 
 def _cost(average: float | None, sample: float) -> float:
@@ -244,55 +356,52 @@ def _cost(average: float | None, sample: float) -> float:
     return average + _SMOOTHING * (sample - average)
 
 
-def _pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+def _visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _import_ref(ref: str) -> Callable[..., Any]:
-    module_name, _, attr_path = ref.partition(":")
-    target: Any = importlib.import_module(module_name)
-    target = functools.reduce(getattr, attr_path.split("."), target)
-    if not callable(target):
-        raise TypeError(f"{ref!r} is not callable")
-    return target  # type: ignore[no-any-return]
+def pinned_array(dtype: np.dtype, elements: int) -> np.ndarray:
+    """A page-locked host array of ``elements`` (the staging buffers' allocator on
+    CUDA); it keeps its torch tensor, and so the memory, alive."""
+    kind = torch.from_numpy(np.empty(0, dtype)).dtype
+    return torch.empty(elements, dtype=kind, pin_memory=True).numpy()
 
 
-def _init_weights(spec: ModelSpec) -> None:
-    """Create the weights file with ``weights_init`` if it is missing; written under a
-    temporary name and renamed, so an interrupted build leaves no half file."""
-    assert spec.weights_init is not None
-    if spec.path is None:
-        raise RuntimeError("'weights_init' needs a 'path' to write to")
-    path = Path(spec.path)
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Unique per call: models sharing one weights path may build it at the same time;
-    # each writes its own file and the last rename wins (same seed, same bytes).
-    partial = path.with_name(f"{path.stem}.partial-{os.getpid()}-{uuid.uuid4().hex}{path.suffix}")
-    logger.info("creating weights for model %s at %s", spec.name, path)
-    try:
-        _import_ref(spec.weights_init)(partial, **spec.factory_args)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+def _host_input(column: Column) -> torch.Tensor | np.ndarray:
+    """One input of a batch on the CPU: one request's array as it is, several
+    concatenated; a tensor where torch can hold it (zero-copy)."""
+    array = column[0] if len(column) == 1 else np.concatenate(column)
+    if array.dtype.kind in _NON_TENSOR_KINDS:
+        return array  # BYTES: torch has no string tensor
+    return torch.from_numpy(array)
 
 
-def _build(spec: ModelSpec) -> torch.nn.Module:
-    assert spec.factory is not None
-    module = _import_ref(spec.factory)(**spec.factory_args)
-    if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"factory {spec.factory!r} returned {type(module).__name__}, not a Module")
-    if spec.path is not None:
-        path = Path(spec.path)
-        if path.suffix == ".safetensors":
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        module.load_state_dict(state, strict=True)
-    return module
+def _staged_input(
+    staging: StagingBuffers, column: Column, device: torch.device
+) -> torch.Tensor | np.ndarray:
+    """One input of a batch concatenated into a staging buffer and copied to
+    ``device`` without blocking, on the current stream."""
+    first = column[0]
+    if first.dtype.kind in _NON_TENSOR_KINDS:
+        return first if len(column) == 1 else np.concatenate(column)
+    if len(column) == 1:
+        host = staging.take(first.dtype, first.shape)
+        np.copyto(host, first)
+    else:
+        rows = sum(array.shape[0] for array in column)
+        host = staging.take(first.dtype, (rows, *first.shape[1:]))
+        np.concatenate(column, out=host)
+    return torch.from_numpy(host).to(device, non_blocking=True)
+
+
+def _copy_to_host(model: str, name: str, value: object) -> torch.Tensor | np.ndarray:
+    """Queue the copy of an output to host memory on the current stream (a CUDA
+    tensor lands in pinned memory); readable once the stream is synchronised."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", non_blocking=True)
+    if isinstance(value, np.ndarray):
+        return value
+    raise _not_an_output(model, name, value)
 
 
 def _to_numpy(model: str, name: str, value: object) -> np.ndarray:
@@ -300,7 +409,11 @@ def _to_numpy(model: str, name: str, value: object) -> np.ndarray:
         return value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
         return value
-    raise RuntimeError(
+    raise _not_an_output(model, name, value)
+
+
+def _not_an_output(model: str, name: str, value: object) -> RuntimeError:
+    return RuntimeError(
         f"model {model!r} returned {type(value).__name__} for output {name!r}, "
         "expected a tensor or a numpy array"
     )

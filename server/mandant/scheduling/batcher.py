@@ -14,10 +14,11 @@ wake. Three dispatch modes:
 * ``delay``: as Triton's dynamic batcher — wait while the oldest request is younger
   than ``max_queue_delay_ms`` unless a preferred or the maximum size can be formed.
 
-Inputs are concatenated along dimension 0 (by the backend's ``stack_inputs`` where it
-has one, e.g. into pinned memory on CUDA), outputs sliced back per request. Deadlines
-are clock timers: a request whose deadline passes while queued is answered
-DeadlineExceeded and never runs. A cancelled caller leaves the queue at once.
+Inputs are concatenated along dimension 0 (by the backend's ``infer_batch`` where it
+has one, e.g. into its instance's pinned buffers on CUDA, off the event loop), outputs
+sliced back per request. Deadlines are clock timers: a request whose deadline passes
+while queued is answered DeadlineExceeded and never runs. A cancelled caller leaves the
+queue at once.
 
 A batch the model raises on (anything but a MandantError) is counted
 (``Observer.batch_failed``) and split in halves, each rerun in the same execution slot,
@@ -63,11 +64,18 @@ Outputs = dict[str, np.ndarray]
 
 
 @runtime_checkable
-class InputStacker(Protocol):
-    """Optional backend method: concatenate requests' inputs along dimension 0,
-    e.g. into pinned host memory so the copy to a GPU is asynchronous."""
+class BatchInfer(Protocol):
+    """Optional backend method: ``infer`` on several requests' inputs, which it
+    concatenates along dimension 0 itself (e.g. into the pinned buffers of the instance
+    that runs them, so the copy to a GPU is asynchronous)."""
 
-    def stack_inputs(self, parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]: ...
+    async def infer_batch(
+        self,
+        parts: Sequence[Mapping[str, np.ndarray]],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, np.ndarray]: ...
 
 
 def concatenate(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -112,7 +120,7 @@ class DynamicBatcher:
         self._delay_s = config.max_queue_delay_ms / 1000.0
         self._mode = config.dispatch
         self._adaptive = AdaptiveDispatch(self._delay_s, self._max_rows)
-        self._stack = backend.stack_inputs if isinstance(backend, InputStacker) else concatenate
+        self._batch_infer = backend if isinstance(backend, BatchInfer) else None
         self._slots = max(1, backend.max_concurrency)
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -368,15 +376,20 @@ class DynamicBatcher:
         return live
 
     async def _run(self, part: list[_Pending]) -> tuple[Mapping[str, np.ndarray], float]:
-        if len(part) == 1:
-            inputs: Mapping[str, np.ndarray] = part[0].request.inputs
-        else:
-            inputs = self._stack([entry.request.inputs for entry in part])
         wanted = tuple(dict.fromkeys(n for e in part for n in e.request.outputs))
         deadlines = [entry.request.deadline for entry in part]
         latest = None if None in deadlines else max(d for d in deadlines if d is not None)
         start = self._clock.monotonic()
-        outputs = await self._backend.infer(inputs, outputs=wanted, deadline=latest)
+        if len(part) == 1:
+            outputs = await self._backend.infer(
+                part[0].request.inputs, outputs=wanted, deadline=latest
+            )
+        elif self._batch_infer is not None:
+            parts = [entry.request.inputs for entry in part]
+            outputs = await self._batch_infer.infer_batch(parts, outputs=wanted, deadline=latest)
+        else:
+            inputs = concatenate([entry.request.inputs for entry in part])
+            outputs = await self._backend.infer(inputs, outputs=wanted, deadline=latest)
         return outputs, self._clock.monotonic() - start
 
     def _failed(self, part: list[_Pending], exc: Exception, first: bool) -> None:

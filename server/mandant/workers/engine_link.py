@@ -1,15 +1,15 @@
-"""A front end's side of ``workers: N``: its one connection to the engine (a ZeroMQ
-DEALER socket), through which its data plane's inference calls run.
+"""A front end's side of ``workers: N``: its one connection to the engine's Unix
+socket, through which its data plane's inference calls run.
 
 The front end has authenticated the caller and parsed the message; it hands on the
 request's headers and one frame per input (the client's raw bytes as they are, or
 typed ``contents`` decoded here) and awaits the answer. Requests, cancellations and
-reports of one event-loop turn leave in one message each.
+observer events of one event-loop turn leave in one message.
 
-Liveness: a heartbeat every ``heartbeat_s``; an engine silent for ``timeout_s`` is
-down: the calls waiting on it fail UNAVAILABLE and new ones are refused UNAVAILABLE
-until it answers again. An engine that answers with a new incarnation was restarted:
-what was sent to the old one is lost, so those calls fail UNAVAILABLE too.
+Liveness: the engine says whether it is ready when the connection opens and in answer
+to a ping every ``ping_s``. While there is no connection (the engine died, or is
+starting) calls are refused UNAVAILABLE at once, and the calls that were waiting on a
+connection that closed fail UNAVAILABLE; the link reconnects every ``retry_s``.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
-import zmq
 
 from mandant.errors import InvalidInput, Unavailable
 from mandant.types import (
@@ -34,74 +34,83 @@ from mandant.types import (
     TensorSpec,
 )
 from mandant.workers import ipc
+from mandant.workers.framing import Buffer, MessageReader, encode
 
 logger = logging.getLogger(__name__)
 
-_DOWN = "the inference engine is not reachable; retry shortly"
-_RESTARTED = "the inference engine restarted while serving this call; retry"
+DOWN = "the inference engine is not reachable; retry shortly"
+LOST = "the inference engine stopped while serving this call; retry"
+#: Longest an observer event waits for requests to ride with (metrics, not answers).
+EVENTS_WAIT_S = 0.05
+#: A pending call's answer: its header and its output frames.
+Answer = tuple[list[Any], list[memoryview]]
 
 
 class EngineLink:
-    def __init__(self, address: str, heartbeat_s: float = 0.2, timeout_s: float = 1.5) -> None:
-        self._address = address
-        self._heartbeat_s = heartbeat_s
-        self._timeout_s = timeout_s
-        self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.DEALER)
+    def __init__(self, path: Path, ping_s: float = 0.5, retry_s: float = 0.1) -> None:
+        self._path = path
+        self._ping_s = ping_s
+        self._retry_s = retry_s
         self._rids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[tuple[list[Any], list[zmq.Frame]]]] = {}
-        self._requests: list[object] = []
-        self._frames: list[ipc.Buffer] = []
-        self._cancels: list[int] = []
-        self._events: list[list[object]] = []
-        self._flushing = False
-        self._up = False
+        self._connection: _Connection | None = None
         self._engine_ready = False
-        self._incarnation: str | None = None
-        self._last_reply = 0.0
-        self._beat: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._keeper: asyncio.Task[None] | None = None
 
     @property
     def up(self) -> bool:
-        """The engine answers heartbeats."""
-        return self._up
+        """Connected to the engine."""
+        return self._connection is not None
 
     @property
     def ready(self) -> bool:
-        """The engine answers and is ready to serve."""
-        return self._up and self._engine_ready
+        """Connected, and the engine is ready to serve."""
+        return self._connection is not None and self._engine_ready
 
     async def start(self, wait_s: float = 60.0) -> None:
-        """Connect, and wait until the engine answers (at most ``wait_s``)."""
-        sock = self._socket
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # nothing queued for an engine not connected
-        sock.connect(self._address)
-        self._loop = loop = asyncio.get_running_loop()
-        loop.add_reader(sock.fileno(), self._drain)
-        self._beat = loop.create_task(self._heartbeat(), name="engine-heartbeat")
+        """Connect (and keep connecting); wait until the engine answers (at most
+        ``wait_s``)."""
+        self._keeper = asyncio.create_task(self._keep_connected(), name="engine-link")
         try:
             await asyncio.wait_for(self._connected.wait(), wait_s)
         except TimeoutError:
             await self.aclose()
-            raise Unavailable(f"no inference engine answered at {self._address}") from None
+            raise Unavailable(f"no inference engine answered at {self._path}") from None
 
     async def aclose(self) -> None:
-        if self._beat is not None:
-            self._beat.cancel()
+        if self._keeper is not None:
+            self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._beat
-            self._beat = None
-        if self._loop is not None:
-            self._loop.remove_reader(self._socket.fileno())
-            self._loop = None
-        self._fail_pending(_DOWN)
-        self._socket.close(linger=0)
-        self._context.term()
+                await self._keeper
+            self._keeper = None
+        if self._connection is not None:
+            self._connection.close()
+
+    async def _keep_connected(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                _, connection = await loop.create_unix_connection(
+                    lambda: _Connection(self), str(self._path)
+                )
+            except OSError:
+                await asyncio.sleep(self._retry_s)
+                continue
+            await connection.opened.wait()
+            self._connection = connection
+            logger.info("inference engine connected")
+            while not connection.closed.is_set():
+                connection.ping()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(connection.closed.wait(), self._ping_s)
+            self._connection = None
+            self._engine_ready = False
+            logger.error("inference engine connection lost; refusing calls until it is back")
+
+    def engine_status(self, ready: bool) -> None:
+        """What the engine said of its readiness (on connecting, and each ping)."""
+        self._engine_ready = bool(ready)
+        self._connected.set()
 
     # -- calls ----------------------------------------------------------------------
 
@@ -110,8 +119,9 @@ class EngineLink:
     ) -> InferResponse:
         """Run ``request`` of ``call.caller`` in the engine; ``call.model`` and
         ``call.version`` are set from the engine's answer."""
-        if not self._up or self._loop is None:
-            raise Unavailable(_DOWN)
+        connection = self._connection
+        if connection is None:
+            raise Unavailable(DOWN)
         frames, deferred, to_decode = _frames(request)
         try:
             parameters = request.parameters()
@@ -133,16 +143,13 @@ class EngineLink:
             deferred,
             to_decode,
         )
-        future: asyncio.Future[tuple[list[Any], list[zmq.Frame]]] = self._loop.create_future()
-        self._pending[rid] = future
-        self._requests.append(header.pack())
-        self._frames.extend(frames)
-        self._schedule_flush()
+        future = connection.send(header, frames)
         try:
             (_, model, version, error, outputs), out_frames = await future
         except asyncio.CancelledError:
-            if self._pending.pop(rid, None) is not None:
-                await self._abandon(call, rid)
+            last = connection.cancel(rid)
+            if last is not None:
+                await _resolved(call, last)
             raise
         call.model = model
         call.version = version
@@ -150,113 +157,118 @@ class EngineLink:
             raise ipc.unpack_error(error)
         return _response(model, version, request.request_id, outputs, out_frames)
 
-    async def _abandon(self, call: Call, rid: int) -> None:
-        """Cancel a call in the engine, and wait for its last word on it: the model it
-        had resolved, which the caller's report of the call names (the engine answers a
-        cancellation at once; a lost engine fails the wait)."""
-        assert self._loop is not None
-        last: asyncio.Future[tuple[list[Any], list[zmq.Frame]]] = self._loop.create_future()
-        self._pending[rid] = last
-        self._cancels.append(rid)
-        self._schedule_flush()
-        try:
-            (_, call.model, call.version, *_), _ = await last
-        except Exception:  # Unavailable: the engine went away; the model stays unknown
-            pass
-        finally:
-            self._pending.pop(rid, None)
-
     def report(self, event: str, *args: object) -> None:
-        """Send an observer event to the engine (with the others of this loop turn)."""
-        self._events.append([event, *args])
-        self._schedule_flush()
+        """Send an observer event to the engine (with the others of this loop turn);
+        dropped while the engine is away."""
+        if self._connection is not None:
+            self._connection.report([event, *args])
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One connection to the engine: its pending calls and what to send this turn."""
+
+    def __init__(self, link: EngineLink) -> None:
+        self._link = link
+        self._reader = MessageReader(self._message)
+        self._transport: asyncio.Transport | None = None
+        self._pending: dict[int, asyncio.Future[Answer]] = {}
+        self._requests: list[object] = []
+        self._frames: list[Buffer] = []
+        self._cancels: list[int] = []
+        self._events: list[list[object]] = []
+        self._flushing = False
+        self._events_timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        self.opened = asyncio.Event()  # the engine's first STATUS arrived
+        self.closed = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(Unavailable(LOST))
+        self.closed.set()
+        self.opened.set()  # nobody waits for a STATUS that cannot come
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._reader.buffer_updated(nbytes)
 
     # -- sending --------------------------------------------------------------------
 
+    def send(self, header: ipc.RequestHeader, frames: list[Buffer]) -> asyncio.Future[Answer]:
+        if self._transport is None:
+            raise Unavailable(DOWN)
+        future: asyncio.Future[Answer] = self._loop.create_future()
+        self._pending[header.rid] = future
+        self._requests.append(header.pack())
+        self._frames.extend(frames)
+        self._schedule_flush()
+        return future
+
+    def cancel(self, rid: int) -> asyncio.Future[Answer] | None:
+        """Cancel a pending call in the engine; the engine's last word on it (None:
+        it was not pending)."""
+        if self._pending.pop(rid, None) is None:
+            return None
+        last: asyncio.Future[Answer] = self._loop.create_future()
+        self._pending[rid] = last
+        self._cancels.append(rid)
+        self._schedule_flush()
+        return last
+
+    def report(self, event: list[object]) -> None:
+        """Events ride with the next requests, or leave within ``EVENTS_WAIT_S``."""
+        self._events.append(event)
+        if self._events_timer is None:
+            self._events_timer = self._loop.call_later(EVENTS_WAIT_S, self._flush)
+
+    def ping(self) -> None:
+        if self._transport is not None:
+            self._transport.writelines(encode(ipc.PING, []))
+
     def _schedule_flush(self) -> None:
-        if not self._flushing and self._loop is not None:
+        if not self._flushing:
             self._flushing = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        """This loop turn's requests, cancellations and events, in one message."""
         self._flushing = False
-        if self._requests:
-            requests, self._requests = self._requests, []
-            frames, self._frames = self._frames, []
-            if not self._send([ipc.REQUESTS, ipc.packb(requests), *frames]):
-                for fields in requests:
-                    self._fail(fields[0], _DOWN)  # type: ignore[index]
-        if self._cancels:
-            cancels, self._cancels = self._cancels, []
-            self._send([ipc.CANCEL, ipc.packb(cancels)])
-        if self._events:
-            events, self._events = self._events, []
-            self._send([ipc.EVENTS, ipc.packb(events)])
-        self._drain()  # a send may have taken the socket's read edge
-
-    def _send(self, parts: Sequence[ipc.Buffer]) -> bool:
-        try:
-            self._socket.send_multipart(parts, zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # no engine connected
-            return False
-        return True
+        if self._events_timer is not None:
+            self._events_timer.cancel()
+            self._events_timer = None
+        payload = [self._requests, self._cancels, self._events]
+        frames = self._frames
+        self._requests, self._cancels, self._events, self._frames = [], [], [], []
+        if self._transport is not None:
+            self._transport.writelines(encode(ipc.CALLS, payload, frames))
 
     # -- receiving ------------------------------------------------------------------
 
-    def _drain(self) -> None:
-        sock = self._socket
-        while ipc.readable(sock):
-            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            kind = parts[0].bytes
-            if kind == ipc.ANSWERS:
-                self._answers(ipc.unpackb(parts[1].buffer), parts[2:])
-            elif kind == ipc.HEARTBEAT:
-                incarnation, ready = ipc.unpackb(parts[1].buffer)
-                self._alive(incarnation, ready)
-
-    def _answers(self, answers: list[list[Any]], frames: Sequence[zmq.Frame]) -> None:
-        offset = 0
-        for answer in answers:
-            count = len(answer[4])
-            future = self._pending.pop(answer[0], None)
-            if future is not None and not future.done():
-                future.set_result((answer, list(frames[offset : offset + count])))
-            offset += count
-
-    def _alive(self, incarnation: str, ready: bool) -> None:
-        assert self._loop is not None
-        self._last_reply = self._loop.time()
-        if self._incarnation is not None and incarnation != self._incarnation:
-            logger.warning("the inference engine restarted; failing the calls sent to it")
-            self._fail_pending(_RESTARTED)
-        if not self._up:
-            logger.info("inference engine reachable")
-        self._incarnation = incarnation
-        self._up = True
-        self._engine_ready = bool(ready)
-        self._connected.set()
-
-    async def _heartbeat(self) -> None:
-        assert self._loop is not None
-        loop = self._loop
-        while True:
-            self._send([ipc.HEARTBEAT])
-            await asyncio.sleep(self._heartbeat_s)
-            self._drain()
-            silent = loop.time() - self._last_reply > self._timeout_s
-            if self._up and silent:
-                logger.error("the inference engine stopped answering; refusing calls")
-                self._up = False
-                self._fail_pending(_DOWN)
-
-    def _fail(self, rid: int, message: str) -> None:
-        future = self._pending.pop(rid, None)
-        if future is not None and not future.done():
-            future.set_exception(Unavailable(message))
-
-    def _fail_pending(self, message: str) -> None:
-        for rid in list(self._pending):
-            self._fail(rid, message)
+    def _message(self, kind: int, payload: Any, frames: list[memoryview]) -> None:
+        if kind == ipc.ANSWERS:
+            offset = 0
+            for answer in payload:
+                count = len(answer[4])
+                future = self._pending.pop(answer[0], None)
+                if future is not None and not future.done():
+                    future.set_result((answer, frames[offset : offset + count]))
+                offset += count
+        elif kind == ipc.STATUS:
+            (ready,) = payload
+            self._link.engine_status(ready)
+            self.opened.set()
 
 
 class RemoteObserver:
@@ -299,7 +311,15 @@ class RemoteObserver:
         self._link.report("store_error", store)
 
 
-def _frames(request: EncodedRequest) -> tuple[list[ipc.Buffer], str | None, bool]:
+async def _resolved(call: Call, last: asyncio.Future[Answer]) -> None:
+    """Wait for the engine's last word on a call given up on: the model it had
+    resolved, which the caller's report of the call names (SLOs count it). The engine
+    answers a cancellation at once; a lost connection ends the wait."""
+    with contextlib.suppress(Unavailable):
+        (_, call.model, call.version, *_), _ = await last
+
+
+def _frames(request: EncodedRequest) -> tuple[list[Buffer], str | None, bool]:
     """One frame per input in the raw layout (views where the client sent raw bytes),
     or none, the reason it could not be done (raised later, in the engine), and
     whether a single process finds that only when it decodes (after admission)."""
@@ -324,12 +344,12 @@ def _response(
     version: str,
     request_id: str,
     outputs: list[list[Any]],
-    frames: list[zmq.Frame],
+    frames: list[memoryview],
 ) -> InferResponse:
     arrays: dict[str, np.ndarray] = {}
     specs: list[TensorSpec] = []
     for (name, datatype, shape), frame in zip(outputs, frames, strict=True):
         header = TensorHeader(name, datatype, tuple(shape))
-        arrays[name] = ipc.decode_frame(frame.buffer, header)
+        arrays[name] = ipc.decode_frame(frame, header)
         specs.append(TensorSpec(name, datatype, header.shape))
     return InferResponse(model, version, request_id, arrays, tuple(specs))

@@ -1,15 +1,15 @@
-"""The engine's side of ``workers: N``: one ZeroMQ ROUTER socket that every front end
-talks to (``ipc.py`` says what travels on it).
+"""The engine's side of ``workers: N``: a Unix socket every front end connects to
+(``ipc.py`` says what travels on it, ``framing.py`` how).
 
 Each request runs as the single-process server runs it, through the engine's own
 :meth:`DataPlane.infer` — resolution, validation, admission, the fair batcher and the
 model — so fair shares, token buckets, quotas and concurrency caps are those of one
 process, whatever the number of front ends. Answers of one event-loop turn go back to
-each front end in one message. A front end that gives up on a call (its client left
-or its deadline passed) sends a cancellation: the call leaves its queue and frees its
+each front end in one message. A front end that gives up on a call (its client left or
+its deadline passed) sends a cancellation: the call leaves its queue and frees its
 concurrency slot, and the front end is told at once which model the call had resolved
-to (what its report of the call names: SLOs count it). Calls of a front end that died
-finish and their answers are dropped.
+to (what its report of the call names: SLOs count it). When a front end's connection
+closes (it died), its calls are cancelled the same way.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import zmq
+from pathlib import Path
+from typing import Any, cast
 
 from mandant.context import current_request_id, current_tenant
 from mandant.errors import MandantError, Unauthenticated
@@ -28,6 +27,7 @@ from mandant.events import Observer
 from mandant.service import MAX_REQUEST_ID_BYTES, DataPlane
 from mandant.types import Call, Tenant
 from mandant.workers import ipc
+from mandant.workers.framing import Buffer, MessageReader, encode
 
 logger = logging.getLogger(__name__)
 
@@ -36,150 +36,170 @@ FORWARDED_EVENTS = frozenset(name for name in dir(Observer) if not name.startswi
 
 
 class EngineServer:
-    """``tenants``: the current tenant of an id (the engine's directory: a tenant a
-    reload removed is refused even if a front end has not reloaded yet). ``events``:
-    where the calls the front ends answered are reported (metrics, SLOs, statistics)."""
+    """``path``: the Unix socket to listen on. ``tenants``: the current tenant of an id
+    (the engine's directory: a tenant a reload removed is refused even if a front end
+    has not reloaded yet). ``events``: where the calls the front ends answered are
+    reported (metrics, SLOs, statistics)."""
 
     def __init__(
         self,
         plane: DataPlane,
         tenants: Callable[[str], Tenant | None],
         events: Observer,
-        address: str,
+        path: Path,
         max_bytes_elements: int,
     ) -> None:
-        self._plane = plane
-        self._tenants = tenants
-        self._events = events
-        self._address = address
-        self._max_bytes_elements = max_bytes_elements
-        #: Tells front ends that this engine is a new one (calls sent to an old one are lost).
-        self.incarnation = os.urandom(8).hex()
-        self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.ROUTER)
-        self._tasks: dict[tuple[bytes, int], tuple[asyncio.Task[None], Call]] = {}
-        self._outbox: dict[bytes, tuple[list[object], list[ipc.Buffer]]] = {}
-        self._flushing = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.plane = plane
+        self.tenants = tenants
+        self.events = events
+        self.max_bytes_elements = max_bytes_elements
+        self._path = path
+        self._server: asyncio.AbstractServer | None = None
+        self._peers: set[_FrontEnd] = set()
 
     async def start(self) -> None:
-        sock = self._socket
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)  # bounded by the front ends' call caps instead
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.bind(self._address)
-        self._loop = loop = asyncio.get_running_loop()
-        loop.add_reader(sock.fileno(), self._drain)
-        self._drain()
+        if self._path.exists():  # left by an engine that was killed
+            self._path.unlink()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _FrontEnd(self), str(self._path))
+        os.chmod(self._path, 0o600)
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        return sum(len(peer.tasks) for peer in self._peers)
 
     async def aclose(self) -> None:
-        if self._loop is not None:
-            self._loop.remove_reader(self._socket.fileno())
-        tasks = [task for task, _ in self._tasks.values()]
-        for task in tasks:
+        if self._server is not None:
+            self._server.close()
+        for peer in list(self._peers):
+            peer.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def joined(self, peer: _FrontEnd) -> None:
+        self._peers.add(peer)
+
+    def left(self, peer: _FrontEnd) -> None:
+        self._peers.discard(peer)
+
+
+class _FrontEnd(asyncio.BufferedProtocol):
+    """One front end's connection: its calls in progress and its answers to send."""
+
+    def __init__(self, engine: EngineServer) -> None:
+        self._engine = engine
+        self._reader = MessageReader(self._message)
+        self._transport: asyncio.Transport | None = None
+        self.tasks: dict[int, tuple[asyncio.Task[None], Call]] = {}
+        self._answers: list[list[object]] = []
+        self._frames: list[Buffer] = []
+        self._flushing = False
+        self._loop = asyncio.get_running_loop()
+
+    # -- connection -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self._engine.joined(self)
+        self._status()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._engine.left(self)
+        for task, _ in self.tasks.values():  # nobody to answer: free their places at once
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._socket.close(linger=0)
-        self._context.term()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._reader.buffer_updated(nbytes)
+
+    def _status(self) -> None:
+        if self._transport is not None:
+            self._transport.writelines(encode(ipc.STATUS, [self._engine.plane.ready]))
 
     # -- receiving ------------------------------------------------------------------
 
-    def _drain(self) -> None:
-        """Read every waiting message (the socket's descriptor is edge-triggered)."""
-        sock = self._socket
-        while ipc.readable(sock):
-            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            try:
-                self._dispatch(parts)
-            except Exception:  # a malformed message from a front end: never the loop's end
-                logger.exception("dropped a malformed message from a front end")
-
-    def _dispatch(self, parts: Sequence[zmq.Frame]) -> None:
-        peer = parts[0].bytes
-        kind = parts[1].bytes
-        if kind == ipc.REQUESTS:
-            self._requests(peer, ipc.unpackb(parts[2].buffer), parts[3:])
-        elif kind == ipc.HEARTBEAT:
-            reply = ipc.packb([self.incarnation, self._plane.ready])
-            self._socket.send_multipart([peer, ipc.HEARTBEAT, reply])
-        elif kind == ipc.CANCEL:
-            for rid in ipc.unpackb(parts[2].buffer):
-                self._cancel(peer, rid)
-        elif kind == ipc.EVENTS:
-            for name, *args in ipc.unpackb(parts[2].buffer):
+    def _message(self, kind: int, payload: Any, frames: list[memoryview]) -> None:
+        if kind == ipc.CALLS:
+            requests, cancels, events = payload
+            self._requests(requests, frames)
+            for rid in cancels:
+                self._cancel(rid)
+            observer = self._engine.events
+            for name, *args in events:
                 if name in FORWARDED_EVENTS:
-                    getattr(self._events, name)(*args)
+                    getattr(observer, name)(*args)
+        elif kind == ipc.PING:
+            self._status()
 
-    def _requests(self, peer: bytes, headers: list[Any], frames: Sequence[zmq.Frame]) -> None:
-        assert self._loop is not None
+    def _requests(self, requests: list[Any], frames: Sequence[memoryview]) -> None:
         offset = 0
-        for fields in headers:
+        create_task = self._loop.create_task
+        for fields in requests:
             header = ipc.RequestHeader.unpack(fields)
             count = len(header.inputs) if header.deferred_error is None else 0
-            buffers: list[ipc.Buffer] = [frame.buffer for frame in frames[offset : offset + count]]
+            mine = frames[offset : offset + count]
             offset += count
             call = Call(None)
-            task = self._loop.create_task(self._serve(peer, header, buffers, call))
-            self._tasks[(peer, header.rid)] = (task, call)
+            self.tasks[header.rid] = (create_task(self._serve(header, mine, call)), call)
 
-    def _cancel(self, peer: bytes, rid: int) -> None:
+    def _cancel(self, rid: int) -> None:
         """Drop a call its front end gave up on, and answer it now (a task cancelled
         before it ran never runs its body) with the model it resolved to, if any."""
-        entry = self._tasks.pop((peer, rid), None)
+        entry = self.tasks.pop(rid, None)
         if entry is None:
             return  # answered already: the answer is on its way
         task, call = entry
         task.cancel()
-        self._answer(peer, [rid, call.model, call.version, ipc.pack_error(Exception()), []], [])
+        self._answer([rid, call.model, call.version, ipc.pack_error(Exception()), []], [])
 
     # -- serving --------------------------------------------------------------------
 
     async def _serve(
-        self, peer: bytes, header: ipc.RequestHeader, buffers: Sequence[ipc.Buffer], call: Call
+        self, header: ipc.RequestHeader, buffers: Sequence[Buffer], call: Call
     ) -> None:
-        frames: list[ipc.Buffer] = []
+        engine = self._engine
+        frames: list[Buffer] = []
         try:
-            tenant = self._tenants(header.tenant)
+            tenant = engine.tenants(header.tenant)
             if tenant is None:  # removed by a reload since the front end checked its key
                 raise Unauthenticated()
             call.tenant = tenant
             current_tenant.set(tenant)
             current_request_id.set(header.request_id[:MAX_REQUEST_ID_BYTES])
-            request = ipc.IpcRequest(header, buffers, self._max_bytes_elements)
-            response = await self._plane.infer(call, request, header.timeout_s)
+            request = ipc.IpcRequest(header, buffers, engine.max_bytes_elements)
+            response = await engine.plane.infer(call, request, header.timeout_s)
             declared = {spec.name: spec.datatype for spec in response.output_specs}
             outputs, frames = ipc.output_frames(response.outputs, declared)
             answer: list[object] = [header.rid, call.model, call.version, None, outputs]
         except asyncio.CancelledError:
-            return  # the front end gave up on it: nobody to answer
+            return  # the front end gave up on it (or is gone): nobody to answer
         except MandantError as exc:
             answer = [header.rid, call.model, call.version, ipc.pack_error(exc), []]
         except Exception as exc:
             logger.exception("internal error serving a front end's request")
             answer = [header.rid, call.model, call.version, ipc.pack_error(exc), []]
         finally:
-            self._tasks.pop((peer, header.rid), None)
-        self._answer(peer, answer, frames)
+            self.tasks.pop(header.rid, None)
+        self._answer(answer, frames)
 
-    def _answer(self, peer: bytes, answer: list[object], frames: list[ipc.Buffer]) -> None:
-        headers, all_frames = self._outbox.setdefault(peer, ([], []))
-        headers.append(answer)
-        all_frames.extend(frames)
+    def _answer(self, answer: list[object], frames: list[Buffer]) -> None:
+        self._answers.append(answer)
+        self._frames.extend(frames)
         if not self._flushing:
             self._flushing = True
-            assert self._loop is not None
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Send each front end its answers of this loop turn as one message."""
+        """This loop turn's answers, in one message."""
         self._flushing = False
-        outbox, self._outbox = self._outbox, {}
-        sock = self._socket
-        for peer, (headers, frames) in outbox.items():
-            # A front end that is gone is dropped by the ROUTER socket, silently.
-            sock.send_multipart([peer, ipc.ANSWERS, ipc.packb(headers), *frames], copy=False)
-        self._drain()  # a send may have taken the socket's read edge
+        answers, self._answers = self._answers, []
+        frames, self._frames = self._frames, []
+        if self._transport is not None:
+            self._transport.writelines(encode(ipc.ANSWERS, answers, frames))

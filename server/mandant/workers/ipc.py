@@ -1,23 +1,20 @@
-"""What front ends and the engine say to each other (``workers: N``), as ZeroMQ
-multipart messages: the first frame names the kind, the second is a msgpack list of
-headers, and every tensor travels as a frame of its own, untouched (zero-copy on
-both ends: the receiver's arrays view the frames).
+"""What front ends and the engine say to each other (``workers: N``), in the messages
+of ``framing.py``: a kind, a msgpack payload, and one frame per tensor, untouched.
 
 Front end → engine::
 
-    [b"R", packb([request header, ...]), tensor frames ...]   inference requests
-    [b"C", packb([rid, ...])]                                   cancellations
-    [b"E", packb([event, ...])]                                 calls the front end answered
-    [b"P"]                                                      heartbeat
+    CALLS   [[request header, ...], [cancelled rid, ...], [observer event, ...]]
+            + the requests' input frames, in order
+    PING    []
 
 Engine → front end::
 
-    [b"A", packb([answer header, ...]), tensor frames ...]     answers
-    [b"P", packb([incarnation, ready])]                         heartbeat reply
+    ANSWERS [answer header, ...] + the answers' output frames, in order
+    STATUS  [ready]                   (on connecting, and in answer to each PING)
 
-Many requests or answers share one message when they are ready in the same event-loop
-turn; a header says how many frames of the message are its own (one per tensor, in
-order). ``rid`` numbers a front end's requests; the engine answers with it.
+Everything of one event-loop turn travels in one message; a header says how many
+frames are its own (one per tensor). ``rid`` numbers a front end's requests; the
+engine answers with it.
 """
 
 from __future__ import annotations
@@ -27,38 +24,19 @@ from dataclasses import dataclass
 from math import prod
 from typing import Any
 
-import msgpack
 import numpy as np
-import zmq
 
 from mandant import errors
 from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS
 from mandant.types import DATATYPES, TensorHeader, datatype_of
 from mandant.validation import check_raw_size
 from mandant.wire import join_bytes, split_bytes
+from mandant.workers.framing import Buffer
 
-REQUESTS = b"R"
-CANCEL = b"C"
-EVENTS = b"E"
-HEARTBEAT = b"P"
-ANSWERS = b"A"
-
-#: A tensor frame: anything with the buffer protocol (``bytes``, a ``zmq.Frame``'s
-#: ``buffer``, a numpy array's memoryview).
-Buffer = bytes | memoryview
-
-packb = msgpack.Packer(use_bin_type=True).pack
-
-
-def readable(socket: zmq.Socket[Any]) -> bool:
-    """Whether a message waits on ``socket`` (its descriptor is edge-triggered: read
-    until this is false)."""
-    events = socket.getsockopt(zmq.EVENTS)
-    return bool(events & zmq.POLLIN) if isinstance(events, int) else False
-
-
-def unpackb(data: Buffer) -> Any:
-    return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
+CALLS = 1
+PING = 2
+ANSWERS = 3
+STATUS = 4
 
 
 @dataclass(frozen=True, slots=True)

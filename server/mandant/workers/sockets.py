@@ -9,14 +9,14 @@ from pathlib import Path
 
 @dataclass(frozen=True, slots=True)
 class EngineSockets:
-    """``requests``: the engine's ZeroMQ socket for the front ends' inference calls;
+    """``requests``: the engine's Unix socket for the front ends' inference calls;
     ``control``: its private gRPC server for the RPCs front ends forward."""
 
     folder: Path
 
     @property
-    def requests(self) -> str:
-        return f"ipc://{self.folder / 'engine.sock'}"
+    def requests(self) -> Path:
+        return self.folder / "engine.sock"
 
     @property
     def control(self) -> str:

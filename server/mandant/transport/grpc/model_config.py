@@ -30,10 +30,10 @@ _GPU = re.compile(r"^cuda(?::(\d+))?$")
 
 @runtime_checkable
 class RunsOnDevice(Protocol):
-    """A backend that knows where its model runs (``cpu``, ``cuda:0`` …)."""
+    """A backend that knows where its model runs (``("cpu",)``, ``("cuda:0", "cuda:1")`` …)."""
 
     @property
-    def device(self) -> str: ...
+    def devices(self) -> tuple[str, ...]: ...
 
 
 def model_config(model: Model, versions: Sequence[Model]) -> mc.ModelConfig:
@@ -79,14 +79,14 @@ def _dims(tensor: TensorSpec, batched: bool) -> tuple[int, ...]:
 
 
 def _instance_group(model: Model, spec: ModelSpec) -> mc.ModelInstanceGroup:
-    """``spec.instances`` copies on the device the backend picked (the configured one
-    where it does not say: ``auto`` stays KIND_AUTO)."""
-    device = model.backend.device if isinstance(model.backend, RunsOnDevice) else spec.device
+    """``spec.instances`` copies on each device the backend picked (the configured ones
+    where it does not say: ``auto`` stays KIND_AUTO, ``cuda`` lists no GPU: all)."""
+    devices = model.backend.devices if isinstance(model.backend, RunsOnDevice) else spec.devices
     group = mc.ModelInstanceGroup(name=model.key.name, count=spec.instances)
-    gpu = _GPU.match(device)
-    if gpu is not None:
+    gpus = [_GPU.match(device) for device in devices]
+    if all(gpu is not None for gpu in gpus):
         group.kind = mc.ModelInstanceGroup.KIND_GPU
-        group.gpus.append(int(gpu.group(1) or 0))
-    elif device == "cpu":
+        group.gpus.extend(int(gpu.group(1)) for gpu in gpus if gpu is not None and gpu.group(1))
+    elif devices == ("cpu",):
         group.kind = mc.ModelInstanceGroup.KIND_CPU
     return group

@@ -1,0 +1,345 @@
+"""``workers: 1`` (one process) against ``workers: 2`` (two gRPC front ends and one
+engine, ``server/mandant/workers/``), in one run, on ``echo``:
+
+- concurrency 1: p50/p99 of one-row calls (a light client: pre-serialized bytes over
+  raw grpc.aio), and the p50 the extra processes add;
+- concurrency ``--inflight`` over ``--connections`` connections (each its own TCP
+  connection, so the kernel spreads them over the front ends): calls/s, and the CPU
+  each server process spent per call (from /proc, utime + stime);
+- the data plane's own cost per call in process (``DataPlane.infer`` of a parsed
+  request awaited back to back): what the engine runs per call in both layouts, so
+  that engine CPU per call minus it is the engine's IPC and bookkeeping.
+
+    .venv/bin/python -m benchmarks.workers [--seconds 5] [--inflight 64] [--connections 8]
+
+``--cpus`` (default ``0``) pins every server process; the load runs on core 1. On the
+2-core development machine the two layouts share one core, so the table shows what
+the split costs, not what it gains (that needs cores to give the front ends:
+``benchmarks/gpu_host.sh`` on a 16-core host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from benchmarks._load import ECHO, KEYS, THREAD_ENV, demo_data, run_pinned
+from benchmarks._server import free_port, pinned, subprocess_env, write_config
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+METADATA = (("authorization", f"Bearer {KEYS['acme']}"),)
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def _payload(width: int = 256) -> bytes:
+    from mandant_client._proto import grpc_service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name="echo")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, width])
+    request.raw_input_contents.append(np.ones((1, width), np.float32).tobytes())
+    return request.SerializeToString()
+
+
+# -- the server ----------------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    process: subprocess.Popen[str]
+    target: str
+
+    def pids(self) -> dict[str, list[int]]:
+        """The server's processes by role: ``server`` (one process, or the supervisor),
+        ``engine``, ``front-end``."""
+        found: dict[str, list[int]] = {"server": [self.process.pid], "engine": [], "front-end": []}
+        pid = self.process.pid
+        for child in map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split()):
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if b"worker" in argv:
+                found[argv[argv.index(b"worker") + 1].decode()].append(child)
+        return found
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * TICK_S  # utime, stime
+
+
+@contextmanager
+def server(workers: int, cpus: str) -> Iterator[Running]:
+    data = demo_data([ECHO])
+    data["server"] = {**data["server"], "workers": workers}
+    config = write_config(data)
+    port = free_port()
+    command = [
+        sys.executable, "-m", "mandant", "serve", "--config", str(config),
+        "--grpc-port", str(port), "--http-port", str(free_port()),
+        "--rest-port", str(free_port()), "--log-level", "WARNING",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        pinned(command, cpus),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=subprocess_env(THREAD_ENV),
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "Mandant listening" in line:
+                break
+        else:
+            raise RuntimeError("the server exited before it listened")
+        threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()  # type: ignore[union-attr]
+        yield Running(process, f"127.0.0.1:{port}")
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+# -- load (in a process pinned to the client core) -------------------------------------
+
+
+def latency(target: str, calls: int) -> list[float]:
+    """Milliseconds of ``calls`` one-row calls made one at a time."""
+    payload = _payload()
+    with grpc.insecure_channel(target) as channel:
+        infer = channel.unary_unary(INFER)
+        for _ in range(200):
+            infer(payload, metadata=METADATA, timeout=30)
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            infer(payload, metadata=METADATA, timeout=30)
+            times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def throughput(
+    target: str, inflight: int, connections: int, warmup_s: float, seconds: float
+) -> int:
+    """Calls answered in ``seconds`` after ``warmup_s``, ``inflight`` at a time."""
+
+    async def run() -> int:
+        payload = _payload()
+        channels = [
+            grpc.aio.insecure_channel(target, options=OWN_CONNECTION) for _ in range(connections)
+        ]
+        calls = [channel.unary_unary(INFER) for channel in channels]
+        answered = 0
+        start = time.perf_counter()
+        measure_from, end = start + warmup_s, start + warmup_s + seconds
+
+        async def worker(n: int) -> None:
+            nonlocal answered
+            infer = calls[n % len(calls)]
+            while (now := time.perf_counter()) < end:
+                await infer(payload, metadata=METADATA, timeout=30)
+                if now >= measure_from:
+                    answered += 1
+
+        await asyncio.gather(*(worker(n) for n in range(inflight)))
+        for channel in channels:
+            await channel.close()
+        return answered
+
+    return asyncio.run(run())
+
+
+# -- the engine alone: its link driven directly, no gRPC ------------------------------------
+
+
+@contextmanager
+def engine_alone(cpus: str) -> Iterator[tuple[int, Path]]:
+    """``mandant worker engine`` on ``cpus``: (its pid, its requests socket)."""
+    from mandant.workers.sockets import EngineSockets
+
+    data = demo_data([ECHO])
+    config = write_config(data)
+    folder = Path(tempfile.mkdtemp(prefix="mandant-bench-engine-"))
+    command = [
+        sys.executable, "-m", "mandant", "worker", "engine", "--config", str(config),
+        "--sockets", str(folder), "--parent", str(os.getpid()),
+        "--http-port", str(free_port()), "--rest-port", str(free_port()),
+        "--log-level", "WARNING",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        pinned(command, cpus),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=subprocess_env(THREAD_ENV),
+    )
+    try:
+        assert process.stdout is not None
+        if "MANDANT-WORKER" not in process.stdout.readline():
+            raise RuntimeError("the engine did not start")
+        yield process.pid, EngineSockets(folder).requests
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def drive_engine(path: Path, inflight: int, warmup_s: float, seconds: float) -> int:
+    """Calls made through an :class:`EngineLink` (what a front end does after parsing),
+    ``inflight`` at a time; how many were answered in ``seconds`` after ``warmup_s``."""
+    from mandant.transport.grpc.codec import ProtoInferRequest
+    from mandant.types import Call, Tenant
+    from mandant.workers.engine_link import EngineLink
+    from mandant_client._proto import grpc_service_pb2 as pb
+
+    async def run() -> int:
+        link = EngineLink(path)
+        await link.start()
+        message = pb.ModelInferRequest.FromString(_payload())
+        tenant = Tenant("acme")
+        answered = 0
+        start = time.perf_counter()
+        measure_from, end = start + warmup_s, start + warmup_s + seconds
+
+        async def worker() -> None:
+            nonlocal answered
+            while (now := time.perf_counter()) < end:
+                await link.infer(Call(tenant), ProtoInferRequest(message), None)
+                if now >= measure_from:
+                    answered += 1
+
+        await asyncio.gather(*(worker() for _ in range(inflight)))
+        await link.aclose()
+        return answered
+
+    return asyncio.run(run())
+
+
+# -- the data plane in process -----------------------------------------------------------
+
+
+def plane_cost_us(calls: int) -> float:
+    """µs per ``DataPlane.infer`` of a parsed one-row echo request, back to back."""
+    from mandant.app import App
+    from mandant.config import parse_config
+    from mandant.transport.grpc.codec import ProtoInferRequest
+    from mandant.types import Call
+    from mandant_client._proto import grpc_service_pb2 as pb
+
+    async def run() -> float:
+        data = demo_data([ECHO])
+        app = App(parse_config(data, "bench"), Path(tempfile.mkdtemp()))
+        await app.start()
+        try:
+            tenant = app.directory.authenticate(f"Bearer {KEYS['acme']}")
+            message = pb.ModelInferRequest.FromString(_payload())
+            for _ in range(500):
+                await app.plane.infer(Call(tenant), ProtoInferRequest(message), None)
+            start = time.perf_counter()
+            for _ in range(calls):
+                await app.plane.infer(Call(tenant), ProtoInferRequest(message), None)
+            return (time.perf_counter() - start) / calls * 1e6
+        finally:
+            await app.aclose(0)
+
+    return asyncio.run(run())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--inflight", type=int, default=64)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--cpus", default="0", help="cores of the server processes")
+    args = parser.parse_args()
+    os.environ.update(THREAD_ENV)
+
+    rows = []
+    for workers in (1, 2):
+        with server(workers, args.cpus) as running:
+            (times,) = run_pinned([(latency, (running.target, args.requests))])
+            pids = running.pids()
+            before = {role: sum(cpu_s(p) for p in group) for role, group in pids.items()}
+            started = time.perf_counter()
+            (answered,) = run_pinned(
+                [
+                    (
+                        throughput,
+                        (
+                            running.target,
+                            args.inflight,
+                            args.connections,
+                            args.warmup,
+                            args.seconds,
+                        ),
+                    )
+                ]
+            )
+            elapsed_s = time.perf_counter() - started
+            spent = {
+                role: sum(cpu_s(p) for p in group) - before[role] for role, group in pids.items()
+            }
+            # CPU of the whole window (warm-up included) over every call of the window.
+            calls = answered * (args.warmup + args.seconds) / args.seconds
+            rows.append((workers, times, answered / args.seconds, spent, calls, elapsed_s))
+
+    (plane_us,) = run_pinned([(plane_cost_us, (20000,))], cpu=1)
+    with engine_alone("1") as (engine_pid, path):
+        before_s = cpu_s(engine_pid)
+        (driven,) = run_pinned(
+            [(drive_engine, (path, args.inflight, args.warmup, args.seconds))], cpu=0
+        )
+        engine_alone_us = (
+            (cpu_s(engine_pid) - before_s)
+            / (driven * (args.warmup + args.seconds) / args.seconds)
+            * 1e6
+        )
+
+    print(f"echo, one row FP32[1,256]; server processes on core(s) {args.cpus}, load on core 1")
+    print()
+    load = f"calls/s (c={args.inflight}, {args.connections} conn.)"
+    columns = "CPU µs/call: server | engine | front ends"
+    print(f"| layout | p50 ms (c=1) | p99 ms (c=1) | {load} | {columns} |")
+    print("|---|---|---|---|---|---|---|")
+    for workers, times, rps, spent, calls, _ in rows:
+        name = "workers: 1" if workers == 1 else f"workers: {workers} (+ engine)"
+        per_call = {role: spent[role] / calls * 1e6 for role in spent}
+        engine = f"{per_call['engine']:.0f}" if workers > 1 else "—"
+        fronts = f"{per_call['front-end']:.0f}" if workers > 1 else "—"
+        print(
+            f"| {name} | {statistics.median(times):.3f} | {np.percentile(times, 99):.3f} "
+            f"| {rps:,.0f} | {per_call['server']:.0f} | {engine} | {fronts} |"
+        )
+    one, two = rows[0], rows[1]
+    added_us = (statistics.median(two[1]) - statistics.median(one[1])) * 1000
+    engine_us = two[3]["engine"] / two[4] * 1e6
+    print()
+    print(f"added p50 at concurrency 1 (workers: 2 vs 1): {added_us:.0f} µs")
+    print(f"data plane per call in process (DataPlane.infer, echo): {plane_us:.1f} µs")
+    print(
+        f"engine CPU per call in the server above: {engine_us:.1f} µs "
+        f"(data plane {plane_us:.1f} µs, the rest IPC, bookkeeping and sharing one core)"
+    )
+    print(
+        f"engine alone on core 1, driven through its link from core 0 at {args.inflight} "
+        f"in flight: {driven / args.seconds:,.0f} calls/s, {engine_alone_us:.1f} µs engine CPU "
+        f"per call = data plane {plane_us:.1f} + IPC and bookkeeping "
+        f"{engine_alone_us - plane_us:.1f} µs"
+    )
+
+
+if __name__ == "__main__":
+    main()

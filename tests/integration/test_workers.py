@@ -1,0 +1,405 @@
+"""``workers: 2`` as processes (issue 11): a real supervisor, engine and two front ends
+started by ``mandant serve``, called over loopback gRPC through several connections
+(the kernel spreads connections, not calls, over the front ends).
+
+What must hold whatever front end a call lands on: limits, quotas and concurrency caps
+exact; weighted shares; metrics of every front end in one view; no tensor of one
+tenant in another's answer. And the lifecycle: a front end killed outright fails only
+its own calls and comes back; an engine killed outright makes every call UNAVAILABLE
+until it is back; SIGTERM under load loses no accepted call; SIGHUP reaches every
+process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mandant.config import MandantConfig, parse_config
+from mandant.tenancy.keys import hash_key
+from mandant_client import AsyncClient, Client, MandantClientError
+from tests.servers import ECHO_MODEL, WorkersServer
+
+#: A connection of its own per client (grpc shares one between channels to one target).
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+ROW = np.ones((1, 4), np.float32)
+
+
+def _tenant(name: str, **settings: Any) -> dict[str, Any]:
+    return {"id": name, "api_keys": [hash_key(f"{name}-key")], **settings}
+
+
+def workers_config() -> MandantConfig:
+    sleepy = {
+        **ECHO_MODEL,
+        "name": "sleepy",
+        "factory": "tests.integration.slow_models:sleepy",
+        "factory_args": {"seconds": 0.5},
+    }
+    paced = {
+        **ECHO_MODEL,
+        "name": "paced",
+        "factory": "tests.integration.slow_models:sleepy",
+        "factory_args": {"seconds": 0.01},
+        "batching": {"max_batch_size": 4, "max_queue_rows": 4096},
+    }
+    return parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 5},
+            "tenants": [
+                _tenant("acme"),
+                _tenant("globex"),
+                _tenant("light", weight=1, max_concurrency=64),
+                _tenant("heavy", weight=3, max_concurrency=64),
+                _tenant("limited", rate_limit={"requests_per_s": 100, "burst": 5}),
+                _tenant("budget", quota={"rows_per_day": 30}),
+                _tenant("capped", max_concurrency=2),
+            ],
+            "models": [ECHO_MODEL, sleepy, paced],
+        },
+        "test_workers",
+    )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkersServer]:
+    with WorkersServer(workers_config(), tmp_path_factory.mktemp("workers")) as running:
+        yield running
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[WorkersServer]:
+    """A server of its own, for tests that kill or stop processes."""
+    with WorkersServer(workers_config(), tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+async def clients(server: WorkersServer) -> AsyncIterator[dict[str, list[AsyncClient]]]:
+    """Eight connections per tenant."""
+    made: dict[str, list[AsyncClient]] = {}
+    for tenant in ("acme", "globex", "light", "heavy", "limited", "budget", "capped"):
+        made[tenant] = [
+            AsyncClient(server.target, f"{tenant}-key", timeout_s=30, options=OWN_CONNECTION)
+            for _ in range(8)
+        ]
+    yield made
+    for group in made.values():
+        for client in group:
+            await client.close()
+
+
+def _connections(pid: int, port: int) -> int:
+    """Established TCP connections on local ``port`` held by process ``pid``."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    held = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "01" and fields[9] in inodes:
+                held += 1
+    return held
+
+
+async def _outcome(client: AsyncClient, model: str = "echo", rows: np.ndarray = ROW) -> str:
+    try:
+        await client.infer(model, {"INPUT0": rows})
+    except MandantClientError as exc:
+        return exc.code.name
+    return "OK"
+
+
+async def test_connections_spread_over_both_front_ends(
+    server: WorkersServer, clients: dict[str, list[AsyncClient]]
+) -> None:
+    outcomes = await asyncio.gather(*(_outcome(c) for c in clients["acme"] + clients["globex"]))
+    assert set(outcomes) == {"OK"}
+    fronts = server.children()["front-end"]
+    assert len(fronts) == 2
+    held = [_connections(pid, server.grpc_port) for pid in fronts]
+    assert sum(held) >= 16 and min(held) > 0, held
+
+
+async def test_quota_is_exact_across_front_ends(clients: dict[str, list[AsyncClient]]) -> None:
+    calls = [_outcome(client) for _ in range(5) for client in clients["budget"]]
+    outcomes = Counter(await asyncio.gather(*calls))
+    assert outcomes == {"OK": 30, "RESOURCE_EXHAUSTED": 10}
+
+
+async def test_concurrency_cap_is_exact_across_front_ends(
+    clients: dict[str, list[AsyncClient]],
+) -> None:
+    outcomes = Counter(await asyncio.gather(*(_outcome(c, "sleepy") for c in clients["capped"])))
+    assert outcomes == {"OK": 2, "RESOURCE_EXHAUSTED": 6}
+
+
+async def test_rate_limit_is_exact_across_front_ends(
+    clients: dict[str, list[AsyncClient]],
+) -> None:
+    """100 requests/s (burst 5) through eight connections on both front ends: the
+    calls admitted after the burst follow the rate (± 5%), not twice the rate."""
+    admitted: list[float] = []
+    stop_at = time.monotonic() + 2.0
+
+    async def hammer(client: AsyncClient) -> None:
+        while time.monotonic() < stop_at:
+            if await _outcome(client) == "OK":
+                admitted.append(time.monotonic())
+
+    await asyncio.gather(*(hammer(c) for c in clients["limited"]))
+    admitted.sort()
+    rate = (len(admitted) - 5) / (admitted[-1] - admitted[0])
+    assert 95 <= rate <= 105, rate
+
+
+async def test_weighted_shares_across_front_ends(
+    clients: dict[str, list[AsyncClient]],
+) -> None:
+    """Two backlogged tenants, weights 1:3, each on eight connections over both front
+    ends, on a model the engine runs in batches of 4: rows served in a window in the
+    middle of the flood come 1:3."""
+    served: dict[str, list[float]] = {"light": [], "heavy": []}
+    stop_at = time.monotonic() + 4.0
+
+    async def flood(tenant: str, client: AsyncClient) -> None:
+        async def one() -> None:
+            while time.monotonic() < stop_at:
+                if await _outcome(client, "paced") == "OK":
+                    served[tenant].append(time.monotonic())
+
+        await asyncio.gather(*(one() for _ in range(6)))
+
+    start = time.monotonic()
+    await asyncio.gather(*(flood(t, c) for t in served for c in clients[t]))
+    light = sum(1 for t in served["light"] if start + 1 <= t <= start + 3.5)
+    heavy = sum(1 for t in served["heavy"] if start + 1 <= t <= start + 3.5)
+    assert light > 20, (light, heavy)
+    assert heavy / (light + heavy) == pytest.approx(0.75, abs=0.05 * 0.75)
+
+
+def _metric(server: WorkersServer, name: str, **labels: str) -> float:
+    import urllib.request
+
+    url = f"http://127.0.0.1:{server.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        body, value = line.rsplit(" ", 1)
+        if all(f'{key}="{want}"' in body for key, want in labels.items()):
+            total += float(value)
+    return total
+
+
+async def test_metrics_count_every_front_ends_calls(tmp_path: Path) -> None:
+    config = workers_config()
+    server_settings = config.server.model_copy(update={"metrics_auth": "none"})
+    with WorkersServer(config.model_copy(update={"server": server_settings}), tmp_path) as server:
+        group = [AsyncClient(server.target, "globex-key", options=OWN_CONNECTION) for _ in range(8)]
+        outcomes = await asyncio.gather(*(_outcome(c) for _ in range(5) for c in group))
+        fronts = server.children()["front-end"]
+        assert all(_connections(pid, server.grpc_port) > 0 for pid in fronts)
+        for client in group:
+            await client.close()
+        assert outcomes.count("OK") == 40
+        deadline = time.monotonic() + 5  # front ends report each loop turn: let them land
+        counted = 0.0
+        while time.monotonic() < deadline:
+            counted = _metric(server, "mandant_requests_total", tenant="globex", code="OK")
+            if counted >= 40:
+                break
+            await asyncio.sleep(0.1)
+        assert counted == 40
+
+
+# -- isolation through the IPC path ------------------------------------------------------
+
+TENANTS = ("acme", "globex", "light", "heavy")
+_payload = st.tuples(
+    st.sampled_from(TENANTS), st.integers(min_value=1, max_value=48), st.integers(1, 64)
+)
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(calls=st.lists(_payload, min_size=2, max_size=40))
+def test_no_tensor_reaches_another_tenant(server: WorkersServer, calls: list[Any]) -> None:
+    """Interleaved calls of several tenants, each with its own tagged rows, over both
+    front ends at once: every answer holds exactly its own call's values."""
+
+    async def run() -> None:
+        group = {
+            tenant: [
+                AsyncClient(server.target, f"{tenant}-key", options=OWN_CONNECTION)
+                for _ in range(2)
+            ]
+            for tenant in TENANTS
+        }
+
+        async def one(index: int, tenant: str, rows: int, width: int) -> None:
+            tag = (TENANTS.index(tenant) + 1) * 1000.0 + index
+            sent = np.full((rows, width), tag, np.float32) + np.arange(width, dtype=np.float32)
+            answer = await group[tenant][index % 2].infer("echo", {"INPUT0": sent})
+            np.testing.assert_array_equal(answer["OUTPUT0"], sent)
+
+        try:
+            await asyncio.gather(*(one(i, *call) for i, call in enumerate(calls)))
+        finally:
+            for clients in group.values():
+                for client in clients:
+                    await client.close()
+
+    asyncio.run(run())
+
+
+# -- lifecycle ---------------------------------------------------------------------------
+
+
+def _wait_for_pids(server: WorkersServer, role: str, count: int, old: set[int]) -> list[int]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pids = server.children()[role]
+        if len(pids) == count and not old & set(pids):
+            return pids
+        time.sleep(0.1)
+    raise AssertionError(f"no new {role} within 30 s: {server.children()}")
+
+
+def _serving(target: str, key: str = "acme-key", within_s: float = 30) -> None:
+    deadline = time.monotonic() + within_s
+    with Client(target, key, timeout_s=5) as client:
+        while True:
+            try:
+                client.infer("echo", {"INPUT0": ROW})
+                return
+            except MandantClientError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+async def _load(
+    target: str, stop: asyncio.Event, connections: int = 8, model: str = "echo"
+) -> list[tuple[float, float, str]]:
+    """Calls in a loop on ``connections`` connections until ``stop``: (start, end, code)."""
+    ended: list[tuple[float, float, str]] = []
+    group = [
+        AsyncClient(target, "acme-key", timeout_s=20, options=OWN_CONNECTION)
+        for _ in range(connections)
+    ]
+
+    async def loop(client: AsyncClient) -> None:
+        while not stop.is_set():
+            start = time.monotonic()
+            code = await _outcome(client, model)
+            ended.append((start, time.monotonic(), code))
+
+    try:
+        await asyncio.gather(*(loop(c) for c in group))
+    finally:
+        for client in group:
+            await client.close()
+    return ended
+
+
+async def test_killed_front_end_fails_only_its_calls_and_comes_back(fresh: WorkersServer) -> None:
+    stop = asyncio.Event()
+    load = asyncio.create_task(_load(fresh.target, stop, model="sleepy"))
+    await asyncio.sleep(1.5)
+    victim, survivor = fresh.children()["front-end"]
+    held = _connections(victim, fresh.grpc_port)
+    os.kill(victim, signal.SIGKILL)
+    await asyncio.sleep(1.5)
+    stop.set()
+    ended = await load
+    failed = [code for _, _, code in ended if code != "OK"]
+    # Each of the victim's connections had one call in flight: those, and only those, fail.
+    assert set(failed) <= {"UNAVAILABLE"}, failed
+    assert len(failed) <= held
+    assert sum(1 for _, _, code in ended if code == "OK") > 8
+    _wait_for_pids(fresh, "front-end", 2, {victim})
+    assert survivor in fresh.children()["front-end"]
+    _serving(fresh.target)
+
+
+def test_killed_engine_makes_calls_unavailable_until_it_is_back(
+    fresh: WorkersServer,
+) -> None:
+    (engine,) = fresh.children()["engine"]
+    os.kill(engine, signal.SIGKILL)
+    codes = set()
+    with Client(fresh.target, "acme-key", timeout_s=5) as client:
+        for _ in range(5):
+            try:
+                client.infer("echo", {"INPUT0": ROW})
+                codes.add("OK")
+            except MandantClientError as exc:
+                codes.add(exc.code.name)
+            time.sleep(0.3)
+    assert "UNAVAILABLE" in codes and codes <= {"UNAVAILABLE", "OK"}
+    _wait_for_pids(fresh, "engine", 1, {engine})
+    _serving(fresh.target)
+
+
+async def test_sigterm_under_load_loses_no_accepted_call(fresh: WorkersServer) -> None:
+    stop = asyncio.Event()
+    load = asyncio.create_task(_load(fresh.target, stop, model="sleepy"))
+    await asyncio.sleep(1.2)
+    assert fresh.process is not None
+    signalled = time.monotonic()
+    fresh.process.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(fresh.process.wait, 30)
+    stop.set()
+    ended = await load
+    assert fresh.process.returncode == 0
+    # Calls accepted before the signal (started 0.1 s before it at least) all answer OK,
+    # queued ones included; later ones are refused (UNAVAILABLE), nothing else.
+    accepted = [code for start, end, code in ended if start < signalled - 0.1 < end]
+    assert len(accepted) == 8 and set(accepted) == {"OK"}, accepted
+    assert {code for _, _, code in ended} <= {"OK", "UNAVAILABLE"}
+
+
+def test_sighup_reaches_every_process(fresh: WorkersServer, tmp_path: Path) -> None:
+    data = yaml.safe_load(fresh.config_path.read_text())
+    data["tenants"].append(_tenant("newcomer"))
+    fresh.config_path.write_text(yaml.safe_dump(data))
+    assert fresh.process is not None
+    fresh.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while True:  # every front end (eight connections) and the engine know the new key
+        try:
+            for _ in range(8):
+                with Client(
+                    fresh.target, "newcomer-key", timeout_s=5, options=OWN_CONNECTION
+                ) as client:
+                    client.infer("echo", {"INPUT0": ROW})
+            break
+        except MandantClientError as exc:
+            assert exc.code is grpc.StatusCode.UNAUTHENTICATED
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
