@@ -44,13 +44,16 @@ def announce(word: str, facts: dict[str, object]) -> None:
     print(f"{ANNOUNCE} {word} {json.dumps(facts)}", flush=True)
 
 
-async def _until_stopped(reload: Callable[[], None]) -> None:
+async def _until_stopped(reload: Callable[[], None], serving: Callable[[], None]) -> None:
+    """Take the signals, then say that this child serves (``serving``) and wait for
+    SIGTERM: a SIGHUP the supervisor forwards once it heard that reloads, never kills."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     # Ctrl-C reaches the supervisor only (a session of its own); it stops us in order.
     loop.add_signal_handler(signal.SIGINT, lambda: None)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    serving()
     await stop.wait()
 
 
@@ -72,14 +75,11 @@ async def serve_engine(
 
     app = App(config, path.parent, config_path=path, engine_sockets=sockets)
     await app.start()
-    announce(
-        "engine",
-        {
-            "http_port": app.http_port,
-            "rest_port": app.rest_port,
-            "internal_http_port": app.internal_http_port,
-        },
-    )
+    facts: dict[str, object] = {
+        "http_port": app.http_port,
+        "rest_port": app.rest_port,
+        "internal_http_port": app.internal_http_port,
+    }
 
     def reload() -> None:
         new = _reloaded(load, path.parent)
@@ -90,7 +90,7 @@ async def serve_engine(
             logger.warning("configuration reload: %s", note)
         logger.info("engine reloaded %s: %s", path, "; ".join(result.applied) or "no changes")
 
-    await _until_stopped(reload)
+    await _until_stopped(reload, lambda: announce("engine", facts))
     logger.info("engine stopping (grace %.1fs)", app.config.server.grace_s)
     await app.aclose()
 
@@ -103,7 +103,6 @@ async def serve_front_end(
 
     front = FrontEnd(config, path.parent, sockets)
     await front.start()
-    announce("front-end", {"grpc_port": front.grpc_port})
 
     def reload() -> None:
         new = _reloaded(load, path.parent)
@@ -111,5 +110,5 @@ async def serve_front_end(
             changes = front.reload(new)
             logger.info("front end reloaded %s: %s", path, "; ".join(changes) or "no changes")
 
-    await _until_stopped(reload)
+    await _until_stopped(reload, lambda: announce("front-end", {"grpc_port": front.grpc_port}))
     await front.aclose()

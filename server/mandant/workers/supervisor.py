@@ -10,7 +10,8 @@ stops one engine and N front ends (DESIGN.md, "One host, every core").
   front ends answer UNAVAILABLE, and serve again once it is back.
 - SIGTERM / SIGINT: the front ends drain first (their calls finish on the running
   engine), then the engine; no accepted call is lost. SIGHUP: every child reloads
-  the configuration file.
+  the configuration file (one still starting, once it serves: a SIGHUP before it
+  handles signals would kill it).
 
 Children run in a session of their own (a terminal's Ctrl-C reaches only the
 supervisor, which stops them in order) and die with the supervisor.
@@ -57,6 +58,8 @@ class Child:
     started_at: float = 0.0
     failures: int = 0
     relay: asyncio.Task[None] | None = None
+    serving: bool = False  # it said so, and it reloads on SIGHUP
+    reload_pending: bool = False  # a reload was asked while it started
 
     @property
     def name(self) -> str:
@@ -151,6 +154,7 @@ class Supervisor:
             start_new_session=True,
         )
         child.process = process
+        child.serving = False
         child.started_at = time.monotonic()
         assert process.stdout is not None
         while True:
@@ -164,6 +168,10 @@ class Supervisor:
                 break
             sys.stdout.write(line)
         child.relay = asyncio.create_task(_relay(process.stdout), name=f"relay {child.name}")
+        child.serving = True
+        if child.reload_pending:  # it may have read the file before it changed
+            child.reload_pending = False
+            _signal(child, signal.SIGHUP)
         logger.info("%s serving (pid %d)", child.name, process.pid)
 
     # -- watch ----------------------------------------------------------------------
@@ -191,7 +199,10 @@ class Supervisor:
     def reload(self) -> None:
         """SIGHUP: every child reads the configuration file again."""
         for child in self.children:
-            _signal(child, signal.SIGHUP)
+            if child.serving:
+                _signal(child, signal.SIGHUP)
+            else:
+                child.reload_pending = True
 
     async def stop(self) -> None:
         """Drain the front ends, then the engine; remove the sockets' folder."""
