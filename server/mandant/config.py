@@ -345,8 +345,8 @@ class WarmupTensorConfig(_Frozen):
 
 
 class WarmupConfig(_Frozen):
-    """A warm-up request, run ``count`` times on each loaded copy of the model before it
-    is ready (Triton's ``model_warmup``)."""
+    """A warm-up request, run ``count`` times on the model version's backend before it
+    is ready (Triton's ``model_warmup``); inputs by name."""
 
     inputs: Mapping[str, WarmupTensorConfig]
     count: Annotated[int, Field(gt=0, le=1000)] = 1
