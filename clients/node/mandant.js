@@ -109,15 +109,6 @@ function createClient(target, apiKey, options = {}) {
       return decodeOutputs(response);
     },
 
-    /** The model's name, versions, platform and declared inputs/outputs. */
-    modelMetadata(model, version = '') {
-      return call('ModelMetadata', { name: model, version });
-    },
-
-    async serverReady() {
-      return (await call('ServerReady', {})).ready;
-    },
-
     close() {
       stub.close();
     },
