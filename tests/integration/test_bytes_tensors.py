@@ -44,11 +44,10 @@ def bytes_config(**server: object) -> MandantConfig:
     )
 
 
-@pytest.fixture(scope="module", params=SERVER_KINDS)
-def stub(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
-    server = serve(request.param, bytes_config(), tmp_path_factory.mktemp("bytes"))
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    """One process (``bounded`` runs BYTES through ``workers: 2``'s IPC too)."""
+    server = serve(SERVER_KINDS[0], bytes_config(), tmp_path_factory.mktemp("bytes"))
     with grpc.insecure_channel(server.target, OPTIONS) as channel:
         yield pb_grpc.GRPCInferenceServiceStub(channel)
     server.stop()

@@ -98,7 +98,6 @@ def index(client: tc.InferenceServerClient) -> dict[str, dict[str, str]]:
     return {m["name"]: m for m in listed["models"]}
 
 
-@both_kinds
 def test_a_model_that_fails_to_load_leaves_the_others_serving(server: Server) -> None:
     client = tc.InferenceServerClient(server.target)
     assert client.is_server_ready()
