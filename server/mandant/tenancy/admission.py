@@ -239,7 +239,9 @@ class TenantAdmission:
             if denial is not None:
                 self._inflight[tenant.id] -= 1
                 self._observer.rejected(
-                    tenant.id, denial.limit.name if isinstance(denial.limit, Rate) else "quota"
+                    tenant.id,
+                    denial.limit.name if isinstance(denial.limit, Rate) else "quota",
+                    denial.scope[1] or "",  # the model of a per-model limit
                 )
                 raise _error(denial)
         self._observer.admitted(tenant.id, model.name, rows)

@@ -290,8 +290,8 @@ class RemoteObserver:
     def refunded(self, tenant: str, model: str, rows: int) -> None:
         self._link.report("refunded", tenant, model, rows)
 
-    def rejected(self, tenant: str, reason: str) -> None:
-        self._link.report("rejected", tenant, reason)
+    def rejected(self, tenant: str, reason: str, model: str = "") -> None:
+        self._link.report("rejected", tenant, reason, model)
 
     def inflight_changed(self, tenant: str, delta: int) -> None:
         self._link.report("inflight_changed", tenant, delta)
