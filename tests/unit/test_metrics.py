@@ -4,6 +4,8 @@ the SLO counters, cost split by rows; the in-process dashboard stats; /usage dat
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 from mandant.config import QuotaConfig, SloConfig, TenantConfig
@@ -271,3 +273,39 @@ def test_exposition_matches_prometheus_client_metrics(parts: Parts) -> None:
     assert value(registry, f"{hist}_count", **labels) == 4
     assert value(registry, f"{hist}_sum", **labels) == pytest.approx(30.0084)
     assert (value(registry, f"{hist}_created", **labels) or 0) > 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["ok", "error", "query"]), st.integers(0, 40),
+                  st.sampled_from([0.0, 1.0, 5.0, 30.0, 200.0, 290.0, 300.0, 900.0])),
+        max_size=60,
+    )
+)  # fmt: skip
+def test_live_figures_equal_a_recount_whatever_the_order_of_calls(
+    steps: list[tuple[str, int, float]],
+) -> None:
+    """The span's sums are kept slot by slot (folded in and out, a reused slot taken
+    out); they must always equal a plain recount of the calls inside the span."""
+    clock = FakeClock()
+    live = LiveStats(["acme"], MODELS, clock=clock)
+    slo = SloTracker({}, clock=clock)
+    log: list[tuple[int, str, int]] = []
+    for action, bucket, advance_s in steps:
+        clock.now += advance_s
+        now_slot = int(clock.now // 5.0)
+        if action != "query":
+            live.record_request("acme", action.upper(), LATENCY_BOUNDS_S[bucket])
+            log.append((now_slot, action, bucket))
+            continue
+        inside = [(kind, b) for slot, kind, b in log if slot > now_slot - 60]
+        counts = [0] * (len(LATENCY_BOUNDS_S) + 1)
+        for kind, b in inside:
+            if kind == "ok":
+                counts[b] += 1
+        row = live.snapshot(slo)["tenants"][0]
+        assert row["requests"] == sum(kind == "ok" for kind, _ in inside)
+        assert row["errors"] == sum(kind == "error" for kind, _ in inside)
+        expected = quantile(counts, 0.5)
+        assert row["p50_ms"] == (None if expected is None else round(expected * 1000, 3))

@@ -92,10 +92,10 @@ def test_attainment_as_dict() -> None:
     assert a.as_dict()["budget_left"] == pytest.approx(0.0, abs=1e-9)
 
 
-ADVANCES_S = [0.0, 0.4, 3.0, 5.0, 31.0, 290.0, 700.0, 3700.0]
+ADVANCES_S = [0.0, 0.4, 3.0, 5.0, 31.0, 110.0, 290.0, 700.0, 3500.0, 3610.0, 3700.0]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(
     st.lists(
         st.tuples(st.sampled_from(["record", "query"]), st.booleans(), st.sampled_from(ADVANCES_S)),
