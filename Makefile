@@ -34,6 +34,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# `make serve` serves the built-in demo (public demo keys, 127.0.0.1 only); your own
+# configuration: make serve ARGS="--config mandant.yaml".
+ARGS ?= --demo
 serve: install
 	$(BIN)/mandant serve $(ARGS)
 
