@@ -121,11 +121,11 @@ async def test_counts_redis_did_not_take_go_with_a_later_flush(
     usage = RedisUsage(limits, flush_interval_s=3600)
     await usage.start()
     try:
-        usage.add("acme", "rows:echo", 5)
+        usage.add("acme", "rows", "echo", 5)
         redis_server.stop()
         assert await usage.flush() is False
-        usage.add("acme", "rows:echo", 2)
-        usage.add("acme", "compute_seconds:echo", 0.25)
+        usage.add("acme", "rows", "echo", 2)
+        usage.add("acme", "compute_seconds", "echo", 0.25)
         redis_server.start()
         assert await usage.flush() is True
         counts = await usage.read(["acme", "globex"])

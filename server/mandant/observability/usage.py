@@ -74,7 +74,7 @@ class FleetCounting:
     ) -> None:
         self._inner.request_finished(tenant, model, code, duration_s, version)
         if tenant:
-            self._add(tenant, f"requests:{code}", 1)
+            self._add(tenant, "requests", code, 1)
 
     def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:
         self._inner.request_timing(tenant, model, queue_s, compute_s)
@@ -85,8 +85,8 @@ class FleetCounting:
         self._inner.batch_executed(model, size, compute_s, rows_by_tenant)
         total_rows = sum(rows_by_tenant.values()) or 1
         for tenant, rows in rows_by_tenant.items():
-            self._add(tenant, f"rows:{model}", rows)
-            self._add(tenant, f"compute_seconds:{model}", compute_s * rows / total_rows)
+            self._add(tenant, "rows", model, rows)
+            self._add(tenant, "compute_seconds", model, compute_s * rows / total_rows)
 
     def batch_failed(self, model: str, size: int) -> None:
         self._inner.batch_failed(model, size)
@@ -100,7 +100,7 @@ class FleetCounting:
     def rejected(self, tenant: str, reason: str) -> None:
         self._inner.rejected(tenant, reason)
         if tenant:
-            self._add(tenant, f"rejections:{reason}", 1)
+            self._add(tenant, "rejections", reason, 1)
 
     def inflight_changed(self, tenant: str, delta: int) -> None:
         self._inner.inflight_changed(tenant, delta)

@@ -5,13 +5,14 @@ Per tenant and UTC period, one hash (``{prefix}:{tenant}:usage:day:2024-05-17`` 
 ``…:usage:month:2024-05``) with fields ``requests:<code>``, ``rows:<model>``,
 ``compute_seconds:<model>`` and ``rejections:<reason>``. The request path only adds to
 a dict in this process (:meth:`RedisUsage.add`); every ``flush_interval_s`` the sums
-go to Redis in one pipeline (``HINCRBY``/``HINCRBYFLOAT`` and an expiry per hash), as
-the admits go in one pipeline per loop turn. Counts that Redis did not take stay here
-and go with the next flush (a Redis outage delays them, loses none while this process
-lives); a graceful stop flushes the rest. A flush counts its sums in the period it
-runs in (a call just before midnight UTC may land in the next day: by at most
-``flush_interval_s``). Day hashes expire 35 days after their day, month hashes 400
-days after their month.
+go to Redis in one pipeline, as the admits go in one pipeline per loop turn: one
+script per tenant (its day and month hashes share the tenant's hash tag, so one
+Redis Cluster slot) that adds every field to both and sets their expiry. Counts that
+Redis did not take stay here and go with the next flush (a Redis outage delays them,
+loses none while this process lives); a graceful stop flushes the rest. A flush
+counts its sums in the period it runs in (a call just before midnight UTC may land in
+the next day: by at most ``flush_interval_s``). Day hashes expire 35 days after
+their day, month hashes 400 days after their month.
 """
 
 from __future__ import annotations
@@ -39,8 +40,24 @@ KEEP_S: dict[PeriodKind, int] = {"day": 35 * 86400, "month": 400 * 86400}
 #: The periods a fleet report gives, by their name in the report.
 PERIODS: dict[str, PeriodKind] = {"today": "day", "this_month": "month"}
 
-#: (tenant, field) → amount, as :meth:`RedisUsage.add` sums them.
-Counts = dict[tuple[str, str], float]
+#: (tenant, figure, label) → amount, as :meth:`RedisUsage.add` sums them.
+Counts = dict[tuple[str, str, str], float]
+
+#: KEYS: a tenant's day and month hashes. ARGV: their expiry times (epoch s), then
+#: field, amount pairs (an amount with a '.' or an exponent is added as a float).
+FLUSH_LUA = """
+for k = 1, #KEYS do
+  for i = 3, #ARGV, 2 do
+    if string.find(ARGV[i + 1], '[.eE]') then
+      redis.call('HINCRBYFLOAT', KEYS[k], ARGV[i], ARGV[i + 1])
+    else
+      redis.call('HINCRBY', KEYS[k], ARGV[i], ARGV[i + 1])
+    end
+  end
+  redis.call('EXPIREAT', KEYS[k], ARGV[k])
+end
+return 0
+"""
 
 
 class RedisUsage:
@@ -55,6 +72,7 @@ class RedisUsage:
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
+        self._flush_script = self._client.register_script(FLUSH_LUA)
         self._prefix = config.key_prefix
         self._wall = wall
         now = wall()
@@ -68,10 +86,11 @@ class RedisUsage:
         self._lock = asyncio.Lock()  # one flush at a time (the timer's, a report's)
         self._failing = False
 
-    def add(self, tenant: str, field: str, amount: float) -> None:
-        """Count ``amount`` of ``field`` for ``tenant`` (in process; Redis at the next
-        flush). ``field`` is ``requests:OK``, ``rows:<model>``, …"""
-        key = (tenant, field)
+    def add(self, tenant: str, figure: str, label: str, amount: float) -> None:
+        """Count ``amount`` for ``tenant`` (in process; Redis at the next flush):
+        ``figure`` is ``requests``, ``rows``, ``compute_seconds`` or ``rejections``,
+        ``label`` the status code, model or reason."""
+        key = (tenant, figure, label)
         counts = self._counts
         counts[key] = counts.get(key, 0) + amount
 
@@ -102,20 +121,15 @@ class RedisUsage:
             if not counts:
                 return True
             wall = self._wall()
+            periods = [(kind, tracker.at(wall)) for kind, tracker in self._periods.items()]
+            expiry = [int(period.reset_at) + KEEP_S[kind] for kind, period in periods]
+            fields: dict[str, list[str | float]] = {}
+            for (tenant, figure, label), amount in counts.items():
+                fields.setdefault(tenant, []).extend((f"{figure}:{label}", amount))
             pipe = self._client.pipeline(transaction=False)
-            for kind, tracker in self._periods.items():
-                period = tracker.at(wall)
-                expire_at = int(period.reset_at) + KEEP_S[kind]
-                tenants: set[str] = set()
-                for (tenant, field), amount in counts.items():
-                    key = self._key(tenant, kind, period.key)
-                    if isinstance(amount, int):
-                        pipe.hincrby(key, field, amount)
-                    else:
-                        pipe.hincrbyfloat(key, field, amount)
-                    tenants.add(tenant)
-                for tenant in tenants:
-                    pipe.expireat(self._key(tenant, kind, period.key), expire_at)
+            for tenant, pairs in fields.items():
+                keys = [self._key(tenant, kind, period.key) for kind, period in periods]
+                await self._flush_script(keys=keys, args=[*expiry, *pairs], client=pipe)
             try:
                 await pipe.execute()
             except (RedisError, OSError, TimeoutError) as exc:
