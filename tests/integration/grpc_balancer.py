@@ -7,6 +7,7 @@ the example the README shows."""
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -22,10 +23,9 @@ EXAMPLE = ROOT / "deploy" / "nginx" / "mandant-grpc.conf"
 #: What runs nginx as an ordinary user in a directory of its own, around the example.
 _WRAPPER = """
 daemon off;
-master_process off;
 worker_processes 1;
 pid {directory}/nginx.pid;
-error_log {directory}/error.log warn;
+error_log {directory}/error.log notice;
 events {{ worker_connections 4096; }}
 http {{
   client_body_temp_path {directory}/body;
@@ -67,6 +67,7 @@ class NginxBalancer:
         self.config = directory / "nginx.conf"
         self.config.write_text(nginx_config(directory, self.port, upstreams))
         self._process: subprocess.Popen[bytes] | None = None
+        self._reloads = 0
 
     @property
     def target(self) -> str:
@@ -87,6 +88,21 @@ class NginxBalancer:
                 time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"nginx did not listen on port {self.port} in {timeout_s}s")
+
+    def reload(self, upstreams: list[str], timeout_s: float = 10.0) -> None:
+        """Serve ``upstreams`` from now on: a new configuration and SIGHUP, as an
+        operator (or an ingress controller) reloads nginx. New calls go to the new
+        set at once; calls in progress finish where they are."""
+        assert self._process is not None
+        self.config.write_text(nginx_config(self._directory, self.port, upstreams))
+        self._process.send_signal(signal.SIGHUP)
+        self._reloads += 1
+        deadline = time.monotonic() + timeout_s
+        while self.errors().count("reconfiguring") < self._reloads or not self.errors().split(
+            "reconfiguring"
+        )[-1].count("start worker process"):
+            assert time.monotonic() < deadline, f"nginx did not reload: {self.errors()}"
+            time.sleep(0.01)
 
     def answers(self) -> list[tuple[float, str, int]]:
         """Every call the balancer answered: when (epoch seconds), the replica(s) it

@@ -4,7 +4,8 @@ nginx, ``deploy/nginx/mandant-grpc.conf``). Clients know only the balancer.
 
 One fleet serves the module's tests, in order: a tenant's rate limit holds across
 replicas and the replicas' ``/metrics`` add up to the calls made; then, under load,
-one replica is stopped (SIGTERM: it drains) and another killed (SIGKILL)."""
+one replica is taken out of the balancer and stopped (SIGTERM: it drains) and another
+killed (SIGKILL)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from tests.servers import ECHO_MODEL, MANDANT, SUBPROCESS_ENV, free_port
 LIMITED_KEY = "limited-tenant-key"  # acme: 100 requests/s, fleet-wide
 FREE_KEY = "free-tenant-key"  # globex: no limits
 RATE = 100.0
-SLEEP_S = 0.2  # the slow model: calls stay in flight long enough to be cut
+SLEEP_S = 0.5  # the slow model: calls stay in flight (queued) long enough to be cut
 X = np.ones((1, 4), np.float32)
 
 
@@ -217,6 +218,12 @@ async def test_a_stopped_replica_drains_and_a_killed_one_costs_only_its_calls(
     before = [replica.requests("globex").get("OK", 0) for replica in fleet.replicas]
     assert all(n > 0 for n in before), before  # calls were in flight on each
 
+    # Out of the balancer first, as Kubernetes drops a pod from the endpoints during
+    # its preStop sleep: nginx reloads without it. nginx cannot send a call elsewhere
+    # once it has sent it (gRPC bodies are streamed), so a replica must not refuse
+    # calls while the balancer still routes to it. Then SIGTERM: it drains.
+    await asyncio.to_thread(fleet.balancer.reload, [killed.target, survivor.target])
+    await asyncio.sleep(0.5)  # the preStop sleep
     draining.process.send_signal(signal.SIGTERM)
     sigterm_wall = time.time()
     assert await asyncio.to_thread(draining.process.wait, 10) == 0  # drained, then exited
