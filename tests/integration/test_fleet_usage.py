@@ -20,7 +20,7 @@ from mandant_client import RateLimited as ClientRateLimited
 from mandant_client._proto import admin_pb2, admin_pb2_grpc
 from tests.integration.redis_server import RedisServer, redis_server
 from tests.integration.test_redis_limits import KEY, config_data
-from tests.servers import ServerThread
+from tests.servers import SERVER_KINDS, ServerThread, serve
 
 __all__ = ["redis_server"]  # the fixture
 
@@ -53,12 +53,15 @@ def _call(target: str, rows: int, times: int) -> None:
             client.infer("echo", {"INPUT0": np.ones((rows, 2), np.float32)})
 
 
+@pytest.mark.parametrize("kind", SERVER_KINDS)
 def test_one_report_gives_the_fleet_sum_of_two_replicas(
-    redis_server: RedisServer, tmp_path: Path
+    kind: str, redis_server: RedisServer, tmp_path: Path
 ) -> None:
+    """Two replicas (each one process, or each ``workers: 2``: the front ends'
+    calls are counted by the engine)."""
     config = fleet_config(redis_server.url)
-    first = ServerThread(config, tmp_path).start()
-    second = ServerThread(config, tmp_path).start()
+    first = serve(kind, config, tmp_path)
+    second = serve(kind, config, tmp_path)
     try:
         _call(first.target, rows=2, times=3)
         _call(second.target, rows=3, times=4)
@@ -67,8 +70,7 @@ def test_one_report_gives_the_fleet_sum_of_two_replicas(
     finally:
         second.stop()  # a graceful stop sends its last counts to Redis
     try:
-        assert first.app is not None
-        report = _usage(first.app.http_port)
+        report = _usage(first.app.http_port if isinstance(first, ServerThread) else first.http_port)
         with grpc.insecure_channel(first.target) as channel:
             reply = admin_pb2_grpc.AdminServiceStub(channel).GetUsage(
                 admin_pb2.GetUsageRequest(tenant="acme"),
