@@ -5,7 +5,7 @@ BIN        := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-test triton-venv redis-server grpc-balancer serve test lint typecheck protos protos-check clean browser-tools loadtest bench
+.PHONY: install install-test triton-venv redis-server grpc-balancer serve test lint typecheck protos protos-check clean browser-tools node-tools loadtest bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,7 +57,7 @@ redis-server:
 grpc-balancer:
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nginx-light)
 
-test: install-test triton-venv redis-server grpc-balancer browser-tools protos-check lint typecheck
+test: install-test triton-venv redis-server grpc-balancer browser-tools node-tools protos-check lint typecheck
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Issue 10's benchmarks in sequence; tables in benchmarks/results/ (≈ 8 min, quiet machine).
@@ -72,6 +72,10 @@ clean:
 browser-tools:
 	@command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 	@command -v promtool >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus)
+
+# Node.js and npm for the Node client's test (Debian's packages), installed when missing.
+node-tools:
+	@command -v npm >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nodejs npm)
 
 # Headless locust against a running server (`make serve` in another shell):
 #   make loadtest DURATION=2m USERS=30 TARGET=127.0.0.1:8001 SCENARIO=loadtests/noisy_neighbour.yaml

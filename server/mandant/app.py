@@ -18,7 +18,7 @@ from mandant import __version__
 from mandant.backends.base import Backend
 from mandant.backends.channels import ChannelPool
 from mandant.config import MandantConfig, ModelSpec, TlsConfig, load_config
-from mandant.errors import ConfigError, Unavailable
+from mandant.errors import ConfigError, InvalidInput, Unavailable
 from mandant.events import Observer
 from mandant.observability.http import HttpServer
 from mandant.observability.live import LiveStats
@@ -111,7 +111,10 @@ class App:
         self.config_path = config_path
         self.config = config = config.resolved(base_dir)
         specs = config.model_specs(base_dir)
-        model_names = sorted({spec.name for spec in specs})
+        #: Every model name configured since start: the registry adds the names a
+        #: reload or load brings; metrics label these (and no client text).
+        self.model_names = {spec.name for spec in specs}
+        model_names = self.model_names
         #: The one source of tenant facts; every component below reads it.
         self.directory = TenantDirectory.from_config(config)
         self.metrics = CollectorRegistry()
@@ -136,9 +139,10 @@ class App:
             lambda spec, backend: make_scheduler(
                 spec, backend, self.stats.observe(self.observer, spec.version)
             ),
-            spec_source=self._current_model_specs,
+            spec_source=self._model_specs,
             on_failure=lambda key, reason: failures.labels(key.name).inc(),
             grace_s=config.server.grace_s,
+            names=self.model_names,
         )
         self.metrics.register(
             ModelReadiness(
@@ -214,17 +218,24 @@ class App:
         #: The model changes of the last reload, applied in the background (its lines).
         self.model_changes: asyncio.Task[list[str]] | None = None
 
-    def _current_model_specs(self) -> list[ModelSpec]:
-        """The models as configured now: the file re-read where the App has one."""
-        if self.config_path is None:
-            return self.config.model_specs(self.base_dir)
+    def _model_specs(self, name: str, entry: str | None) -> list[ModelSpec]:
+        """The versions of ``name`` to load: as configured now (the file re-read where
+        the App has one), or as ``entry`` (a load's JSON ``config``) gives them within
+        that configuration."""
         try:
-            return load_config(self.config_path).model_specs(self.base_dir)
+            config = self.config if self.config_path is None else load_config(self.config_path)
+            specs = config.model_specs(self.base_dir)
         except ConfigError as exc:
             logger.error("model load refused: %s", exc)
             raise Unavailable(
                 "the configuration file does not validate (see the server log)"
             ) from None
+        if entry is not None:
+            try:
+                specs = config.with_model_entries(name, entry).model_specs(self.base_dir)
+            except ConfigError as exc:
+                raise InvalidInput(f"model config refused: {str(exc)[:800]}") from None
+        return [spec for spec in specs if spec.name == name]
 
     async def start(self) -> None:
         """Start every part in order; if one fails, stop those already started."""

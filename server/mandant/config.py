@@ -9,9 +9,10 @@ key hashes and Redis passwords can come from the environment instead of the file
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -283,6 +284,86 @@ class BatchingConfig(_Frozen):
         return self
 
 
+class VersionPolicyConfig(_Frozen):
+    """Which of a model's configured versions are served (Triton's names), exactly one
+    of: ``latest: N`` (the N highest), ``specific: [1, 3]``, ``all: {}``. A model whose
+    entries set none serves all of them (:data:`SERVE_ALL`)."""
+
+    latest: Annotated[int, Field(gt=0)] | None = None
+    specific: tuple[Annotated[int, Field(gt=0)], ...] | None = None
+    all: Mapping[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> VersionPolicyConfig:
+        chosen = [name for name in ("latest", "specific", "all") if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            raise ValueError("set exactly one of 'latest: N', 'specific: [...]' or 'all: {}'")
+        if self.all:
+            raise ValueError("'all' takes no settings: write 'all: {}'")
+        if self.specific is not None and not self.specific:
+            raise ValueError("'specific' lists at least one version")
+        return self
+
+    def served(self, versions: Sequence[str]) -> set[str]:
+        """The ``versions`` (configured ones) this policy serves."""
+        if self.latest is not None:
+            return set(sorted(versions, key=int, reverse=True)[: self.latest])
+        if self.specific is not None:
+            return {v for v in versions if int(v) in self.specific}
+        return set(versions)
+
+
+#: The default policy: every configured version is served.
+SERVE_ALL = VersionPolicyConfig(all={})
+
+#: Most elements of one warm-up tensor (a typo in a shape must not exhaust memory).
+MAX_WARMUP_ELEMENTS = 1 << 24
+
+
+class WarmupTensorConfig(_Frozen):
+    """One input of a warm-up request: ``value`` repeated over ``shape`` (zeros when
+    neither ``value`` nor ``random`` is set), or uniform random numbers in [0, 1)
+    (integers: 0 or 1) with ``random: true``."""
+
+    datatype: str
+    shape: tuple[Annotated[int, Field(gt=0)], ...]
+    value: bool | int | float | str | None = None
+    random: bool = False
+
+    @field_validator("datatype")
+    @classmethod
+    def _datatype(cls, value: str) -> str:
+        return TensorConfig._datatype(value)
+
+    @model_validator(mode="after")
+    def _data(self) -> WarmupTensorConfig:
+        if self.random and self.value is not None:
+            raise ValueError("set 'value' or 'random', not both")
+        if self.random and self.datatype == "BYTES":
+            raise ValueError("'random' is for numeric datatypes; give BYTES a 'value'")
+        elements = 1
+        for dim in self.shape:
+            elements *= dim
+        if elements > MAX_WARMUP_ELEMENTS:
+            raise ValueError(f"more than {MAX_WARMUP_ELEMENTS} elements")
+        return self
+
+
+class WarmupConfig(_Frozen):
+    """A warm-up request, run ``count`` times on the model version's backend before it
+    is ready (Triton's ``model_warmup``); inputs by name."""
+
+    inputs: Mapping[str, WarmupTensorConfig]
+    count: Annotated[int, Field(gt=0, le=1000)] = 1
+
+    @field_validator("inputs")
+    @classmethod
+    def _some(cls, inputs: Mapping[str, WarmupTensorConfig]) -> Mapping[str, WarmupTensorConfig]:
+        if not inputs:
+            raise ValueError("a warm-up request has at least one input")
+        return inputs
+
+
 class TritonModelConfig(_Frozen):
     """Where a ``backend: triton`` model runs. ``model``/``version`` name it on Triton
     (any Mandant name may map to any Triton model; "" is Triton's latest version)."""
@@ -322,6 +403,10 @@ class ModelConfig(_Frozen):
     outputs: tuple[TensorConfig, ...] | None = None
     batching: BatchingConfig | None = None
     triton: TritonModelConfig | None = None
+    #: Which versions of the model are served; entries of one model that set it agree.
+    version_policy: VersionPolicyConfig | None = None
+    #: Requests run before the version is ready (a failing one fails the load).
+    warmup: tuple[WarmupConfig, ...] | None = None
 
     @field_validator("version", mode="before")
     @classmethod
@@ -387,6 +472,8 @@ class ModelSpec(_Frozen):
     outputs: tuple[TensorSpec, ...]
     batching: BatchingConfig | None
     triton: TritonModelConfig | None
+    version_policy: VersionPolicyConfig = SERVE_ALL
+    warmup: tuple[WarmupConfig, ...] = ()
 
     @field_validator("devices")
     @classmethod
@@ -451,6 +538,7 @@ class MandantConfig(_Frozen):
                     f"model {model.model_name!r} of tenant {model.tenant!r}: "
                     f"base {model.base!r} is not a shared model"
                 )
+        _check_version_policies(self.models)
         for tenant in self.tenants:
             for name in tenant.models:
                 if not any(
@@ -469,23 +557,97 @@ class MandantConfig(_Frozen):
         return self.model_copy(update={"server": server})
 
     def model_specs(self, base_dir: Path) -> list[ModelSpec]:
-        """Every model version with its base's settings filled in and paths made
-        absolute against ``base_dir``; raises ConfigError where one is incomplete."""
+        """Every model version to serve (as its model's ``version_policy`` says) with
+        its base's settings filled in and paths made absolute against ``base_dir``;
+        raises ConfigError where one is incomplete."""
         shared = {m.model_name: m for m in self.models if m.tenant is None}
+        policies = _version_policies(self.models)
         specs: list[ModelSpec] = []
         errors: list[tuple[str, str]] = []
         for index, model in enumerate(self.models):
             base = shared.get(model.base) if model.base else None
+            policy, served = policies[(model.tenant, model.model_name)]
+            if model.version not in served:
+                continue
             try:
-                specs.append(_resolve(model, base, base_dir))
+                specs.append(_resolve(model, base, base_dir, policy))
             except ValueError as exc:
                 errors.append((f"models.{index}", str(exc)))
         if errors:
             raise ConfigError("configuration", errors)
         return specs
 
+    def with_model_entries(self, name: str, text: str) -> MandantConfig:
+        """This configuration with model ``name``'s entries replaced by ``text``: a JSON
+        model entry (the fields of one ``models:`` item) or a list of them (one per
+        version), each naming ``name``. Validated like the file; ConfigError if not."""
+        source = "the load request's 'config'"
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(source, [("(json)", str(exc)[:200])]) from None
+        entries = data if isinstance(data, list) else [data]
+        if not entries or not all(isinstance(entry, dict) for entry in entries):
+            raise ConfigError(source, [("(json)", "expected a model entry or a list of them")])
+        for index, entry in enumerate(entries):
+            if (entry.get("name") or entry.get("base")) != name:
+                raise ConfigError(source, [(str(index), "the entry must name the model loaded")])
+        try:
+            models = [ModelConfig.model_validate(entry) for entry in entries]
+            kept = tuple(m for m in self.models if m.model_name != name)
+            return MandantConfig(
+                server=self.server, limits=self.limits, tenants=self.tenants,
+                models=(*kept, *models),
+            )  # fmt: skip
+        except ValidationError as exc:
+            raise ConfigError(source, _errors(exc)) from None
 
-def _resolve(model: ModelConfig, base: ModelConfig | None, base_dir: Path) -> ModelSpec:
+
+def _version_policies(
+    models: Sequence[ModelConfig],
+) -> dict[tuple[str | None, str], tuple[VersionPolicyConfig, set[str]]]:
+    """Each model's (owner, name) → its policy and the versions it serves."""
+    versions: dict[tuple[str | None, str], list[str]] = {}
+    policies: dict[tuple[str | None, str], VersionPolicyConfig] = {}
+    for model in models:
+        key = (model.tenant, model.model_name)
+        versions.setdefault(key, []).append(model.version)
+        if model.version_policy is not None:
+            policies[key] = model.version_policy
+    return {
+        key: (policy, policy.served(found))
+        for key, found in versions.items()
+        for policy in (policies.get(key, SERVE_ALL),)
+    }
+
+
+def _check_version_policies(models: Sequence[ModelConfig]) -> None:
+    """The entries of one model agree on its policy; ``specific`` names configured versions."""
+    seen: dict[tuple[str | None, str], VersionPolicyConfig] = {}
+    for model in models:
+        policy = model.version_policy
+        if policy is None:
+            continue
+        key = (model.tenant, model.model_name)
+        if seen.setdefault(key, policy) != policy:
+            raise ValueError(
+                f"model {model.model_name!r}: its entries set different version_policy"
+            )
+    for (tenant, name), policy in seen.items():
+        configured = {int(m.version) for m in models if (m.tenant, m.model_name) == (tenant, name)}
+        missing = sorted(set(policy.specific or ()) - configured)
+        if missing:
+            raise ValueError(
+                f"model {name!r}: version_policy names version {missing[0]}, which has no entry"
+            )
+
+
+def _resolve(
+    model: ModelConfig,
+    base: ModelConfig | None,
+    base_dir: Path,
+    version_policy: VersionPolicyConfig = SERVE_ALL,
+) -> ModelSpec:
     def pick(field: str) -> Any:
         own = getattr(model, field)
         return own if own is not None or base is None else getattr(base, field)
@@ -515,6 +677,8 @@ def _resolve(model: ModelConfig, base: ModelConfig | None, base_dir: Path) -> Mo
         outputs=tuple(t.spec() for t in outputs or ()),
         batching=pick("batching"),
         triton=pick("triton"),
+        version_policy=version_policy,
+        warmup=pick("warmup") or (),
     )
 
 
@@ -558,11 +722,15 @@ def parse_config(data: object, source: str = "configuration") -> MandantConfig:
     try:
         return MandantConfig.model_validate(data)
     except ValidationError as exc:
-        errors = [
-            (".".join(str(part) for part in err["loc"]) or "(top level)", err["msg"])
-            for err in exc.errors()
-        ]
-        raise ConfigError(source, errors) from None
+        raise ConfigError(source, _errors(exc)) from None
+
+
+def _errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """Each problem as (field path, message); parts of the path kept short."""
+    return [
+        (".".join(str(part)[:64] for part in err["loc"]) or "(top level)", err["msg"])
+        for err in exc.errors()
+    ]
 
 
 def _expand_text(text: str, env: Mapping[str, str]) -> str:

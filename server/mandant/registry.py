@@ -9,7 +9,9 @@ Resolution looks at the caller's own models under a name first, then the shared
 ones. A model another tenant owns is indistinguishable from one that does not
 exist: same error, same message.
 
-A model that fails to load stays listed, not ready, with its ``failure`` (the reason);
+A version is ready once its backend started and its warm-up requests (``warmup``)
+ran; until then it gets no traffic. A model that fails to load (a failing warm-up
+included) stays listed, not ready, with its ``failure`` (the reason);
 the others serve. ``load`` starts a name's versions from the configuration beside the
 old ones and switches once every one is ready; ``unload`` stops routing a name, lets
 the calls that reached it finish (``Model.enter``/``leave``), then frees it.
@@ -25,9 +27,10 @@ from dataclasses import dataclass, field
 
 from mandant.backends.base import Backend, DescribesModel
 from mandant.config import ModelSpec
-from mandant.errors import MandantError, ModelNotFound, Unavailable
+from mandant.errors import InvalidInput, MandantError, ModelNotFound, Unavailable
 from mandant.scheduling.base import Scheduler
 from mandant.types import ModelKey, Tenant
+from mandant.warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,8 @@ class Model:
     describer: DescribesModel | None = field(init=False, default=None, repr=False)
     #: Why it failed to load (shown in RepositoryIndex); ``None`` once loaded.
     failure: str | None = field(init=False, default=None)
+    #: Its backend started and its ``warmup`` requests are running: not ready yet.
+    warming: bool = field(init=False, default=False)
     #: Calls that resolved this model and have not answered yet.
     calls: int = field(init=False, default=0)
     _idle: asyncio.Event | None = field(init=False, default=None, repr=False)
@@ -56,7 +61,12 @@ class Model:
 
     @property
     def ready(self) -> bool:
-        return self.failure is None and self.backend.ready
+        return self.failure is None and not self.warming and self.backend.ready
+
+    @property
+    def state(self) -> str:
+        """RepositoryIndex's state: ``READY`` or ``UNAVAILABLE``."""
+        return "READY" if self.ready else "UNAVAILABLE"
 
     def enter(self) -> None:
         """A call resolved this model (the data plane pairs it with :meth:`leave`)."""
@@ -83,8 +93,9 @@ class Model:
 
 BackendFactory = Callable[[ModelSpec], Backend]
 SchedulerFactory = Callable[[ModelSpec, Backend], Scheduler]
-#: The model specs of the configuration as it is now (the file, re-read), for ``load``.
-SpecSource = Callable[[], Iterable[ModelSpec]]
+#: The specs of a model's versions for ``load(name, config)``: as configured now (the
+#: file, re-read), or as ``config`` (a JSON model entry) gives them.
+SpecSource = Callable[[str, str | None], Sequence[ModelSpec]]
 #: Told of each model version that failed to load, with the reason.
 FailureHook = Callable[[ModelKey, str], None]
 
@@ -98,18 +109,29 @@ class ModelRegistry:
         spec_source: SpecSource | None = None,
         on_failure: FailureHook | None = None,
         grace_s: float = 30.0,
+        names: set[str] | None = None,
     ) -> None:
-        """``grace_s``: how long an unloaded or replaced model waits for its calls."""
+        """``grace_s``: how long an unloaded or replaced model waits for its calls;
+        ``names``: a set this registry adds every model name it loads to (metrics label
+        these names only, so a model added later gets its own series)."""
         self._backend_factory = backend_factory
         self._scheduler_factory = scheduler_factory
         self._initial = list(specs)
-        self._spec_source: SpecSource = spec_source or (lambda: self._initial)
+        self._spec_source: SpecSource = spec_source or self._initial_specs
         self._on_failure = on_failure
         self.grace_s = grace_s
+        #: Every model name this registry built a model for (configured names only).
+        self.names = names if names is not None else set()
         self._models: dict[tuple[str | None, str], list[Model]] = {}
         self._install(self._build(spec) for spec in self._initial)
 
+    def _initial_specs(self, name: str, config: str | None) -> list[ModelSpec]:
+        if config is not None:
+            raise InvalidInput("this server loads models from its configuration only")
+        return [spec for spec in self._initial if spec.name == name]
+
     def _build(self, spec: ModelSpec) -> Model:
+        self.names.add(spec.name)
         backend = self._backend_factory(spec)
         key = ModelKey(spec.name, spec.version, spec.tenant)
         return Model(key, spec, backend, self._scheduler_factory(spec, backend))
@@ -147,17 +169,23 @@ class ModelRegistry:
 
     @staticmethod
     async def _start_one(model: Model) -> None:
+        model.warming = True
         await model.backend.start()
+        await warm_up(model.backend, model.declared.warmup)
         await model.scheduler.start()
+        model.warming = False
         logger.info("model %s loaded (%s)", model.key, model.backend.platform)
 
-    async def load(self, name: str, specs: Sequence[ModelSpec] | None = None) -> None:
-        """(Re)load every version of ``name`` from the configuration (or ``specs``):
-        started beside the old ones, switched to at once when all are ready, the old
-        ones freed once their calls answered. If one fails, the old ones stay and
-        Unavailable says why."""
+    async def load(
+        self, name: str, specs: Sequence[ModelSpec] | None = None, config: str | None = None
+    ) -> None:
+        """(Re)load every version of ``name`` from the configuration, ``config`` (a
+        JSON model entry, see ``SpecSource``) or ``specs``: started and warmed up
+        beside the old ones, switched to at once when all are ready, the old ones freed
+        once their calls answered. If one fails, the old ones stay and Unavailable says
+        why."""
         if specs is None:
-            specs = [spec for spec in self._spec_source() if spec.name == name]
+            specs = self._spec_source(name, config)
         if not specs:
             raise ModelNotFound(name)
         fresh = [self._build(spec) for spec in specs]

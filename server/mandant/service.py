@@ -10,10 +10,10 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
-from mandant.errors import DeadlineExceeded, InvalidInput, ModelFailed, Unavailable
+from mandant.errors import DeadlineExceeded, InvalidInput, ModelFailed, Unavailable, shown
 from mandant.registry import Model, ModelRegistry
 from mandant.tenancy.admission import Admission, Unlimited
 from mandant.tenancy.keys import KeyLookup
@@ -22,6 +22,8 @@ from mandant.validation import check_batch_rows, check_inputs, check_outputs
 
 SERVER_NAME = "mandant"
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters", "tenancy")
+#: Longest ``config`` parameter a model load takes (characters of JSON).
+MAX_LOAD_CONFIG_CHARS = 1 << 16
 #: Longest request ``id`` accepted (bytes of UTF-8); ids are echoed in answers and logs.
 MAX_REQUEST_ID_BYTES = 256
 
@@ -111,9 +113,10 @@ class DataPlane:
         """Every model version of every owner (admin views)."""
         return self._models.all()
 
-    async def load_model(self, name: str) -> None:
-        """(Re)load ``name`` from the configuration; the switch is atomic once ready."""
-        await self._models.load(name)
+    async def load_model(self, name: str, parameters: Mapping[str, object] | None = None) -> None:
+        """(Re)load ``name`` from the configuration, or from the ``config`` parameter
+        (:func:`load_config_parameter`); the switch is atomic once ready."""
+        await self._models.load(name, config=load_config_parameter(parameters or {}))
 
     async def unload_model(self, name: str) -> None:
         """Stop routing ``name``; calls already routed to it finish, then it is freed."""
@@ -187,6 +190,24 @@ class DataPlane:
             )
         finally:
             model.leave()
+
+
+def load_config_parameter(parameters: Mapping[str, object]) -> str | None:
+    """The model entry a load's parameters give (Triton's ``config``: here a JSON
+    model entry or list of them, as ``models:`` items), or None: the configuration's.
+    Any other parameter (Triton's ``file:`` overrides included) is refused."""
+    config = None
+    for name, value in parameters.items():
+        if name.startswith("file:"):
+            raise InvalidInput("'file:' overrides are not supported: models load from their path")
+        if name != "config":
+            raise InvalidInput(f"unknown model load parameter '{shown(name)}' (only 'config')")
+        if not isinstance(value, str):
+            raise InvalidInput("the 'config' parameter is a string: a JSON model entry")
+        if len(value) > MAX_LOAD_CONFIG_CHARS:
+            raise InvalidInput(f"the 'config' parameter is longer than {MAX_LOAD_CONFIG_CHARS}")
+        config = value
+    return config
 
 
 def _deadline(start: float, timeout_s: float | None, timeout_us: object) -> float | None:

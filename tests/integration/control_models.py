@@ -17,6 +17,11 @@ class Doubled(nn.Module):
         return value * 2
 
 
+class Tripled(nn.Module):
+    def forward(self, value: Any) -> Any:
+        return value * 3
+
+
 class Gated(nn.Module):
     """Echoes its input once :data:`RELEASE` is set: calls stay in flight until then."""
 
@@ -27,6 +32,10 @@ class Gated(nn.Module):
 
 def doubled() -> nn.Module:
     return Doubled()
+
+
+def tripled() -> nn.Module:
+    return Tripled()
 
 
 def gated() -> nn.Module:

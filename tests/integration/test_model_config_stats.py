@@ -81,7 +81,7 @@ def test_shared_batched_model_config(client: triton.InferenceServerClient) -> No
     assert config.dynamic_batching.max_queue_delay_microseconds == 2000
     (group,) = config.instance_group
     assert group.count == 1 and group.kind == triton.model_config_pb2.ModelInstanceGroup.KIND_CPU
-    assert list(config.version_policy.specific.versions) == [1]
+    assert config.version_policy.WhichOneof("policy_choice") == "all"  # the default
 
 
 def test_tuned_variant_config_for_its_tenant_only(client: triton.InferenceServerClient) -> None:

@@ -327,7 +327,7 @@ def test_model_config_through_tritonclient(server: ServerThread) -> None:
     assert config["input"][0]["name"] == "IN_BOOL"
     assert config["input"][0]["data_type"] == "TYPE_BOOL"
     assert config["input"][0]["dims"] == [-1, -1]  # numbers, not protobuf's int64 strings
-    assert config["version_policy"] == {"specific": {"versions": [1]}}
+    assert config["version_policy"] == {"all": {}}  # the default: every version served
     with pytest.raises(InferenceServerException) as hidden:
         client(server).get_model_config("secret", headers=auth("globex"))
     assert hidden.value.status() == "404"

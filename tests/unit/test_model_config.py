@@ -34,7 +34,7 @@ def _models(*models: dict[str, Any], backend: type[FakeBackend] = FakeBackend) -
 
 def _config(registry: ModelRegistry, name: str) -> mc.ModelConfig:
     model: Model = registry.resolve(ACME, name)
-    return model_config(model, registry.versions(ACME, name))
+    return model_config(model)
 
 
 def _entry(name: str, **extra: Any) -> dict[str, Any]:
@@ -107,8 +107,16 @@ def test_instance_group_lists_every_gpu_the_instances_are_on() -> None:
     assert (every.kind, list(every.gpus)) == (mc.ModelInstanceGroup.KIND_GPU, [])
 
 
-def test_version_policy_lists_the_versions_served() -> None:
-    registry = _models(_entry("m", version=1), _entry("m", version=3))
-    config = _config(registry, "m")
-    assert config.version_policy.WhichOneof("policy_choice") == "specific"
-    assert list(config.version_policy.specific.versions) == [1, 3]
+def test_version_policy_is_the_configured_one() -> None:
+    """The default (no ``version_policy``) serves every configured version: ``all``."""
+    config = _config(_models(_entry("m", version=1), _entry("m", version=3)), "m")
+    assert config.version_policy.WhichOneof("policy_choice") == "all"
+    latest = {"latest": 2}
+    registry = _models(*(_entry("m", version=v, version_policy=latest) for v in (1, 2, 3)))
+    policy = _config(registry, "m").version_policy
+    assert policy.WhichOneof("policy_choice") == "latest"
+    assert policy.latest.num_versions == 2
+    specific = {"specific": [3, 1]}
+    registry = _models(*(_entry("m", version=v, version_policy=specific) for v in (1, 2, 3)))
+    policy = _config(registry, "m").version_policy
+    assert list(policy.specific.versions) == [1, 3]

@@ -131,8 +131,9 @@ class LiveStats:
             slot.rejections[reason] = slot.rejections.get(reason, 0) + 1
 
     def record_batch(self, model: str, size: int) -> None:
-        sizes = self._batches.get(model)
-        if sizes is not None:
+        """``model``: a configured name (a model loaded after start too), or "" (skipped)."""
+        if model:
+            sizes = self._batches.setdefault(model, {})
             sizes[size] = sizes.get(size, 0) + 1
 
     def record_admitted(self, tenant: str, rows: int) -> None:

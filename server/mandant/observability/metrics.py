@@ -61,11 +61,13 @@ class PrometheusObserver:
         live: LiveStats | None = None,
     ) -> None:
         """``tenants``: the tenant directory, read on every call (a tenant added by a
-        reload gets its own label, a changed SLO applies at once); or fixed configs."""
+        reload gets its own label, a changed SLO applies at once); or fixed configs.
+        ``models``: the model names to label; a ``set`` is kept and read on every call
+        (the registry adds the models a reload or load brings), anything else copied."""
         self._directory = (
             tenants if isinstance(tenants, TenantDirectory) else TenantDirectory(tenants)
         )
-        self._models = frozenset(models)
+        self._models = models if isinstance(models, set) else frozenset(models)
         self._slo = slo
         self._live = live
         # Histogram buckets are fixed for the process: the SLO thresholds at start.

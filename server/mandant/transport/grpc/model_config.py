@@ -12,10 +12,9 @@ Triton's conventions, which tritonclient and perf_analyzer rely on:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from mandant.config import ModelSpec
+from mandant.config import ModelSpec, VersionPolicyConfig
 from mandant.registry import Model
 from mandant.types import DATATYPES, TensorSpec
 from mandant_client._proto import model_config_pb2 as mc
@@ -36,19 +35,15 @@ class RunsOnDevice(Protocol):
     def devices(self) -> tuple[str, ...]: ...
 
 
-def model_config(model: Model, versions: Sequence[Model]) -> mc.ModelConfig:
-    """``model``'s configuration; ``versions``: the versions of it the caller sees."""
+def model_config(model: Model) -> mc.ModelConfig:
+    """``model``'s configuration."""
     spec = model.spec
     batched = spec.batching is not None
     config = mc.ModelConfig(
         name=model.key.name,
         platform=model.backend.platform,
         backend=spec.backend,
-        version_policy=mc.ModelVersionPolicy(
-            specific=mc.ModelVersionPolicy.Specific(
-                versions=sorted(int(m.key.version) for m in versions)
-            )
-        ),
+        version_policy=_version_policy(spec.version_policy),
         max_batch_size=spec.batching.max_batch_size if spec.batching is not None else 0,
         input=[
             mc.ModelInput(
@@ -72,6 +67,19 @@ def model_config(model: Model, versions: Sequence[Model]) -> mc.ModelConfig:
             )
         )
     return config
+
+
+def _version_policy(policy: VersionPolicyConfig) -> mc.ModelVersionPolicy:
+    """The model's configured ``version_policy`` in Triton's message."""
+    if policy.latest is not None:
+        return mc.ModelVersionPolicy(
+            latest=mc.ModelVersionPolicy.Latest(num_versions=policy.latest)
+        )
+    if policy.specific is not None:
+        return mc.ModelVersionPolicy(
+            specific=mc.ModelVersionPolicy.Specific(versions=sorted(policy.specific))
+        )
+    return mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
 
 
 def _dims(tensor: TensorSpec, batched: bool) -> tuple[int, ...]:

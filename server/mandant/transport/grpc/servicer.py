@@ -5,13 +5,12 @@ result. Authentication, parsing and the error table live in the gate
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from mandant.config import ServerConfig
-from mandant.errors import InvalidInput
 from mandant.events import Observer
 from mandant.observability.stats import InferenceStats
 from mandant.registry import Model
@@ -96,8 +95,7 @@ class InferenceServicer:
         self, request: pb.ModelConfigRequest, call: Call, context: Context
     ) -> pb.ModelConfigResponse:
         model = self._plane.model(call.caller, request.name, request.version)
-        versions = self._plane.model_versions(call.caller, request.name)
-        return pb.ModelConfigResponse(config=model_config(model, versions))
+        return pb.ModelConfigResponse(config=model_config(model))
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, call: Call, context: Context
@@ -147,7 +145,7 @@ class InferenceServicer:
                 pb.RepositoryIndexResponse.ModelIndex(
                     name=m.key.name,
                     version=m.key.version,
-                    state="READY" if m.ready else "UNAVAILABLE",
+                    state=m.state,
                     reason=m.failure or "",
                 )
                 for m in models
@@ -158,9 +156,13 @@ class InferenceServicer:
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, call: Call, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        """Admin keys only: (re)load the model's entry from the configuration file."""
-        _no_parameters(request.parameters)
-        await self._plane.load_model(request.model_name)
+        """Admin keys only: (re)load the model's entry from the configuration file, or
+        from the ``config`` parameter (``DataPlane.load_model``)."""
+        parameters = {
+            name: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+            for name, value in request.parameters.items()
+        }
+        await self._plane.load_model(request.model_name, parameters)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
@@ -170,15 +172,6 @@ class InferenceServicer:
         ``unload_dependents`` (tritonclient sends it) has nothing to act on: no ensembles."""
         await self._plane.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
-
-
-def _no_parameters(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> None:
-    """Triton's ``config``/``file:`` overrides are not taken: the file is the source."""
-    if parameters:
-        raise InvalidInput(
-            "model control parameters are not supported: the model's entry is read "
-            "from the server's configuration file"
-        )
 
 
 #: Probes are open without a key, like Triton's; everything else needs a tenant key.

@@ -50,6 +50,7 @@ class Access(enum.Enum):
     TENANT = "tenant"  # a tenant's API key
     #: a tenant key (the call's tenant is set) or an admin key (its tenant is None)
     TENANT_OR_ADMIN = "tenant_or_admin"
+    ADMIN = "admin"  # an admin key only (model control); tenant keys: 401
 
 
 def error_response(
@@ -139,6 +140,9 @@ class RestGate:
         """The tenant of a tenant key (or, without a key, of a verified client
         certificate); None for an admin key where one is accepted."""
         authorization = request.headers.get("Authorization")
+        if access is Access.ADMIN:
+            self._authenticate_admin(authorization)
+            return None
         try:
             if authorization is None and self._authenticate_certificate is not None:
                 transport = request.transport

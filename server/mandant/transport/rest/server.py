@@ -9,7 +9,8 @@ extension). ``GET /v2/models[/{name}[/versions/{version}]]/stats`` takes a tenan
 ``mandant-tenant`` header), as gRPC's ModelStatistics. Configuration and statistics
 are gRPC's messages (``transport/grpc/model_config.py``, ``statistics.py``) in
 protobuf's JSON mapping, field names as in the proto and 64-bit integers as numbers,
-as Triton's REST answers them.
+as Triton's REST answers them. Model control (``POST /v2/repository/...``):
+``repository.py``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from mandant.transport.rest.gate import (
     RestGate,
     error_response,
 )
+from mandant.transport.rest.repository import add_repository_routes
 from mandant.transport.tls import reload_ssl_context, server_ssl_context
 from mandant.types import Call, Tenant, TensorSpec
 
@@ -105,6 +107,7 @@ class RestServer:
             routes.add_get(f"{base}/config", gate.route(Access.TENANT, self._model_config))
             routes.add_get(f"{base}/stats", stats_route)
             routes.add_post(f"{base}/infer", gate.route(Access.TENANT, self._infer, fair=True))
+        add_repository_routes(routes, gate, plane)
         routes.add_route("*", "/{tail:.*}", _not_found)
         # Connections still open after the drain (``aclose``) are closed at once.
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.0)
@@ -185,8 +188,7 @@ class RestServer:
     async def _model_config(self, request: web.Request, call: Call) -> web.Response:
         name, version = _model_of(request)
         model = self._plane.model(call.caller, name, version)
-        config = model_config(model, self._plane.model_versions(call.caller, name))
-        return web.json_response(_json(config))
+        return web.json_response(_json(model_config(model)))
 
     async def _model_stats(self, request: web.Request, call: Call) -> web.Response:
         """A tenant key: its own calls; an admin key: every tenant's, or one tenant's

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 11's checks for a GPU host (16 cores, one NVIDIA GPU), in one run; each table
+# goes to the terminal and to benchmarks/results/gpu_host/<name>.txt with the card,
+# the commit and the date. About 8 minutes.
+#
+#   benchmarks/gpu_host.sh            # after `make install-test` on the GPU host
+#
+# 1. tests/integration/test_cuda.py (CUDA placement, streams, pinned staging)
+# 2. echo calls/s with 1, 2, 4, 8, 12 gRPC front ends, the load on the other cores
+# 3. an MLP widened to 4096 on CUDA: rows/s served through the batcher vs raw torch
+# 4. workers: 1 vs 2 on one core each side (the 2-core table, for comparison)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+export PYTHONPATH=${PYTHONPATH:-server:clients/python}
+OUT=${BENCH_OUT:-benchmarks/results/gpu_host}
+CORES=${CORES:-$(nproc)}
+mkdir -p "$OUT"
+failed=()
+
+header() {
+    echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "# $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+    echo "# GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'none found')"
+    echo
+}
+
+step() {  # step NAME COMMAND...
+    local name=$1
+    shift
+    echo "== $name: $*"
+    { header; echo "\$ $*"; "$@"; } 2>"$OUT/$name.stderr" | tee "$OUT/$name.txt"
+    local status=${PIPESTATUS[0]}
+    if [[ $status -ne 0 ]]; then
+        failed+=("$name")
+        tail -20 "$OUT/$name.stderr"
+    else
+        rm -f "$OUT/$name.stderr"
+    fi
+}
+
+step test_cuda "$PYTHON" -m pytest -v -p no:cacheprovider tests/integration/test_cuda.py
+step workers_scaling "$PYTHON" -m benchmarks.workers_scaling --front-ends 1,2,4,8,12 \
+    --cores "$CORES" --seconds 5
+step gpu_engine "$PYTHON" -m benchmarks.gpu_engine --seconds 5
+step workers "$PYTHON" -m benchmarks.workers --seconds 5
+
+if ((${#failed[@]})); then
+    echo "FAILED: ${failed[*]} (see $OUT/<name>.stderr)"
+    exit 1
+fi
+echo "tables in $OUT/"

@@ -1,0 +1,60 @@
+'use strict';
+// The codec alone (no server): what a real server cannot be made to send on demand.
+const assert = require('node:assert/strict');
+const { test } = require('node:test');
+const { encode, decodeOutputs, decodeRaw } = require('../tensors');
+
+test('an input is sent as a view on its typed array, not a copy', () => {
+  const data = new Float32Array([1.5, -2, 3, 4]);
+  const raw = encode({ name: 'X', datatype: 'FP32', shape: [2, 2], data });
+  assert.equal(raw.buffer, data.buffer);
+  assert.deepEqual([...raw], [...new Uint8Array(data.buffer)]);
+});
+
+test('an input whose array does not match its datatype or shape is refused', () => {
+  const tensor = { name: 'X', datatype: 'FP32', shape: [2, 2] };
+  assert.throws(() => encode({ ...tensor, data: new Float64Array(4) }), /Float32Array of 4/);
+  assert.throws(() => encode({ ...tensor, data: new Float32Array(3) }), /Float32Array of 4/);
+  assert.throws(() => encode({ ...tensor, datatype: 'FP8', data: new Float32Array(4) }), /unknown datatype/);
+});
+
+test('aligned raw output is a view on the response; unaligned raw output is copied', () => {
+  const values = new Float64Array([0.25, -1e300]);
+  const response = Buffer.alloc(17);
+  Buffer.from(values.buffer).copy(response, 1);
+  const unaligned = response.subarray(1);
+  const copied = decodeRaw('FP64', unaligned, 'Y');
+  assert.deepEqual([...copied], [...values]);
+  assert.notEqual(copied.buffer, response.buffer);
+
+  const aligned = Buffer.from(values.buffer);
+  const viewed = decodeRaw('FP64', aligned, 'Y');
+  assert.equal(viewed.buffer, values.buffer);
+  assert.ok(viewed instanceof Float64Array);
+});
+
+test('raw output that is not a whole number of elements is an error', () => {
+  assert.throws(() => decodeRaw('INT32', Buffer.alloc(6), 'Y'), /not a whole number of INT32/);
+});
+
+test('BYTES elements are framed with little-endian lengths and unframed back', () => {
+  const raw = encode({ name: 'S', datatype: 'BYTES', shape: [3], data: ['ab', Buffer.from([0, 255]), ''] });
+  assert.deepEqual([...raw], [2, 0, 0, 0, 97, 98, 2, 0, 0, 0, 0, 255, 0, 0, 0, 0]);
+  const back = decodeRaw('BYTES', raw, 'S');
+  assert.deepEqual(back.map((b) => [...b]), [[97, 98], [0, 255], []]);
+  assert.throws(() => decodeRaw('BYTES', raw.subarray(0, 5), 'S'), /truncated BYTES framing/);
+});
+
+test('typed contents decode by datatype, 64-bit integers exactly', () => {
+  const outputs = decodeOutputs({
+    outputs: [
+      { name: 'A', datatype: 'INT64', shape: ['2'], contents: { int64_contents: ['9007199254740993', '-1'] } },
+      { name: 'B', datatype: 'BOOL', shape: ['2'], contents: { bool_contents: [true, false] } },
+    ],
+    raw_output_contents: [],
+  });
+  assert.deepEqual(outputs.A.shape, [2]);
+  assert.deepEqual([...outputs.A.data], [9007199254740993n, -1n]);
+  assert.ok(outputs.B.data instanceof Uint8Array);
+  assert.deepEqual([...outputs.B.data], [1, 0]);
+});

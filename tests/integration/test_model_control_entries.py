@@ -1,0 +1,318 @@
+"""Model control beyond the file (issue 12, item 3), on real servers and Triton's own
+clients: RepositoryModelLoad with a ``config`` parameter (a JSON model entry), over
+gRPC and REST; ``version_policy``; warm-up requests that run before a version gets
+traffic (at start, on a load and on a reload); metrics labels for a model loaded after
+start; RepositoryIndex over REST."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+import tritonclient.http as th
+from tritonclient.utils import InferenceServerException
+
+from mandant.config import load_config, parse_config
+from tests.integration import control_models
+from tests.integration.test_model_control import (
+    ACME,
+    ADMIN,
+    X,
+    code_of,
+    index,
+    infer,
+    model,
+    write_config,
+)
+from tests.servers import ECHO_MODEL, SERVER_KINDS, ServerThread, WorkersServer, serve
+
+GATED_WARMUP = [{"inputs": {"INPUT0": {"datatype": "FP32", "shape": [1, 4]}}, "count": 1}]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerThread]:
+    path = write_config(tmp_path / "mandant.yaml", [ECHO_MODEL, model("broken", "broken")])
+    control_models.RELEASE.clear()
+    running = ServerThread(load_config(path), tmp_path, path).start()
+    try:
+        yield running
+    finally:
+        control_models.RELEASE.set()  # no warm-up or call stays blocked in the model
+        running.stop()
+
+
+def metrics(http_port: int) -> str:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{http_port}/metrics", headers={"Authorization": ADMIN["authorization"]}
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return str(answer.read().decode())
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of the series ``name`` with exactly ``labels`` (0 if absent)."""
+    for line in text.splitlines():
+        match = re.match(r"^(\w+)\{(.*)\} (\S+)$", line)
+        if match and match[1] == name:
+            found = dict(re.findall(r'(\w+)="([^"]*)"', match[2]))
+            if found == labels:
+                return float(match[3])
+    return 0.0
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+def test_load_with_a_config_entry_adds_a_model_with_its_own_metrics(
+    kind: str, tmp_path: Path
+) -> None:
+    running = serve(kind, parse_config(_config_data([ECHO_MODEL])), tmp_path)
+    try:
+        client = tc.InferenceServerClient(running.target)
+        entry = json.dumps(model("added", "doubled"))
+        assert code_of(lambda: client.load_model("added", config=entry, headers=ACME)) == (
+            "StatusCode.UNAUTHENTICATED"
+        )
+        client.load_model("added", config=entry, headers=ADMIN)
+        np.testing.assert_array_equal(infer(client, "added", ACME), X * 2)
+        assert index(client)["added"]["state"] == "READY"
+
+        http_port = running.http_port if isinstance(running, WorkersServer) else _http(running)
+        labels = {"tenant": "acme", "model": "added"}
+        text = metrics(http_port)
+        for _ in range(100):  # a front end's events reach the engine within 50 ms
+            if sample(text, "mandant_requests_total", code="OK", **labels):
+                break
+            time.sleep(0.1)
+            text = metrics(http_port)
+        assert sample(text, "mandant_requests_total", code="OK", **labels) == 1
+        assert sample(text, "mandant_rows_total", **labels) == 2
+        assert sample(text, "mandant_batch_size_count", model="added") == 1
+    finally:
+        running.stop()
+
+
+def _http(running: ServerThread) -> int:
+    assert running.app is not None
+    return running.app.http_port
+
+
+def _config_data(models: list[dict[str, Any]]) -> dict[str, Any]:
+    from mandant.tenancy.keys import hash_key
+
+    return {
+        "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 30,
+                   "admin_keys": [hash_key("admin-key")]},
+        "tenants": [{"id": "acme", "api_keys": [hash_key("acme-key")]}],
+        "models": models,
+    }  # fmt: skip
+
+
+def test_a_config_entry_replaces_the_file_s_until_the_next_plain_load(
+    server: ServerThread,
+) -> None:
+    client = tc.InferenceServerClient(server.target)
+    client.load_model("echo", config=json.dumps(model("echo", "tripled")), headers=ADMIN)
+    np.testing.assert_array_equal(infer(client, "echo", ACME), X * 3)
+    as_list = json.dumps([model("echo", "doubled")])  # a list of entries, one per version
+    client.load_model("echo", config=as_list, headers=ADMIN)
+    np.testing.assert_array_equal(infer(client, "echo", ACME), X * 2)
+    client.load_model("echo", headers=ADMIN)  # the file's entry again
+    np.testing.assert_array_equal(infer(client, "echo", ACME), X)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"config": "{not json"}, "(json)"),
+        ({"config": json.dumps({"name": "echo", "max_batch_size": 8})}, "max_batch_size"),
+        ({"config": json.dumps(model("other", "doubled"))}, "must name the model loaded"),
+        ({"config": json.dumps({**model("echo", "doubled"), "tenant": "x"})}, "unknown tenant"),
+        ({"config": json.dumps([])}, "a model entry or a list"),
+        ({"files": {"file:1/model.pt": b"weights"}}, "'file:' overrides are not supported"),
+    ],
+)
+def test_a_bad_load_parameter_is_invalid_argument_and_changes_nothing(
+    server: ServerThread, parameters: dict[str, Any], message: str
+) -> None:
+    client = tc.InferenceServerClient(server.target)
+    with pytest.raises(InferenceServerException) as caught:
+        client.load_model("echo", headers=ADMIN, **parameters)
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert message in str(caught.value.message())
+    np.testing.assert_array_equal(infer(client, "echo", ACME), X)
+
+
+def test_rest_repository_index_load_and_unload(server: ServerThread) -> None:
+    assert server.app is not None
+    rest = th.InferenceServerClient(f"127.0.0.1:{server.app.rest_port}")
+    listed = {m["name"]: m for m in rest.get_model_repository_index(headers=ACME)}
+    assert listed["echo"] == {"name": "echo", "version": "1", "state": "READY", "reason": ""}
+    assert listed["broken"]["state"] == "UNAVAILABLE"
+    assert "weights missing" in listed["broken"]["reason"]
+
+    entry = json.dumps(model("broken", "doubled"))
+    with pytest.raises(InferenceServerException) as refused:
+        rest.load_model("broken", config=entry, headers=ACME)
+    assert refused.value.status() == "401"
+    rest.load_model("broken", config=entry, headers=ADMIN)
+    tensor = th.InferInput("INPUT0", list(X.shape), "FP32")
+    tensor.set_data_from_numpy(X)
+    answer = rest.infer("broken", [tensor], headers=dict(ACME)).as_numpy("OUTPUT0")
+    np.testing.assert_array_equal(answer, X * 2)
+    with pytest.raises(InferenceServerException) as bad:
+        rest.load_model("broken", config="{not json", headers=ADMIN)
+    assert bad.value.status() == "400"
+
+    rest.unload_model("broken", headers=ADMIN)
+    assert "broken" not in {m["name"] for m in rest.get_model_repository_index(headers=ACME)}
+    with pytest.raises(InferenceServerException) as gone:
+        rest.unload_model("broken", headers=ADMIN)
+    assert gone.value.status() == "404"
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.app.rest_port}/v2/repository/index",
+        data=b"[1, 2",
+        headers=ACME,
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as malformed:
+        urllib.request.urlopen(request, timeout=30)
+    assert malformed.value.code == 400
+
+
+def test_version_policy_decides_the_versions_served(tmp_path: Path) -> None:
+    latest = {"latest": 2}
+    versions = [
+        {**model("m", factory), "version": version, "version_policy": latest}
+        for version, factory in ((1, "doubled"), (2, "doubled"), (3, "tripled"))
+    ]
+    path = write_config(tmp_path / "mandant.yaml", versions)
+    with ServerThread(load_config(path), tmp_path, path) as running:
+        client = tc.InferenceServerClient(running.target)
+        listed = client.get_model_repository_index(headers=ACME, as_json=True)["models"]
+        assert sorted(m["version"] for m in listed) == ["2", "3"]
+        np.testing.assert_array_equal(infer(client, "m", ACME), X * 3)  # the newest
+        tensor = tc.InferInput("INPUT0", list(X.shape), "FP32")
+        tensor.set_data_from_numpy(X)
+        pinned = client.infer("m", [tensor], model_version="2", headers=ACME)
+        np.testing.assert_array_equal(pinned.as_numpy("OUTPUT0"), X * 2)
+        assert code_of(lambda: client.infer("m", [tensor], model_version="1", headers=ACME)) == (
+            "StatusCode.NOT_FOUND"
+        )
+        policy = client.get_model_config("m", headers=ACME).config.version_policy
+        assert policy.latest.num_versions == 2
+
+        specific = [{**v, "version_policy": {"specific": [1, 3]}} for v in versions]
+        client.load_model("m", config=json.dumps(specific), headers=ADMIN)
+        listed = client.get_model_repository_index(headers=ACME, as_json=True)["models"]
+        assert sorted(m["version"] for m in listed) == ["1", "3"]
+        assert code_of(lambda: client.infer("m", [tensor], model_version="2", headers=ACME)) == (
+            "StatusCode.NOT_FOUND"
+        )
+        policy = client.get_model_config("m", "1", headers=ACME).config.version_policy
+        assert list(policy.specific.versions) == [1, 3]
+
+
+def test_a_failing_warm_up_at_start_fails_that_model_only(tmp_path: Path) -> None:
+    wrong_input = [{"inputs": {"NOPE": {"datatype": "FP32", "shape": [1, 4]}}}]
+    path = write_config(tmp_path / "mandant.yaml", [ECHO_MODEL, {**model("cold", "doubled"),
+                        "warmup": wrong_input}])  # fmt: skip
+    with ServerThread(load_config(path), tmp_path, path) as running:
+        assert running.app is not None
+        client = tc.InferenceServerClient(running.target)
+        listed = index(client)
+        assert listed["cold"]["state"] == "UNAVAILABLE"
+        assert "warm-up request 0 failed" in listed["cold"]["reason"]
+        assert code_of(lambda: infer(client, "cold", ACME)) == "StatusCode.UNAVAILABLE"
+        np.testing.assert_array_equal(infer(client, "echo", ACME), X)
+        failures = running.app.metrics.get_sample_value(
+            "mandant_model_load_failures_total", {"model": "cold"}
+        )
+        assert failures == 1
+        good = json.dumps({**model("cold", "doubled"), "warmup": GATED_WARMUP})
+        control_models.RELEASE.set()
+        client.load_model("cold", config=good, headers=ADMIN)  # now it warms up and serves
+        np.testing.assert_array_equal(infer(client, "cold", ACME), X * 2)
+
+
+def test_a_loaded_model_gets_no_traffic_until_its_warm_up_ran(server: ServerThread) -> None:
+    client = tc.InferenceServerClient(server.target)
+    entry = json.dumps({**model("slow", "gated"), "warmup": GATED_WARMUP})
+    loading = threading.Thread(
+        target=client.load_model, args=("slow",), kwargs={"config": entry, "headers": ADMIN}
+    )
+    loading.start()
+    try:
+        loading.join(1.0)
+        assert loading.is_alive()  # the warm-up waits in the model
+        assert code_of(lambda: infer(client, "slow", ACME)) == "StatusCode.NOT_FOUND"
+        assert "slow" not in index(client)
+    finally:
+        control_models.RELEASE.set()
+        loading.join(30)
+    assert not loading.is_alive()
+    np.testing.assert_array_equal(infer(client, "slow", ACME), X)
+    assert index(client)["slow"]["state"] == "READY"
+
+
+def test_a_reload_warms_the_new_version_before_the_switch(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    app = server.app
+    assert app is not None
+    client = tc.InferenceServerClient(server.target)
+    v2 = {**model("echo", "gated"), "version": 2, "warmup": GATED_WARMUP}
+    path = write_config(tmp_path / "reloaded.yaml", [ECHO_MODEL, v2, model("broken", "broken")])
+
+    async def reload() -> None:
+        app.reload(load_config(path))
+
+    server.call(reload())
+    changes = app.model_changes
+    assert changes is not None
+    assert not changes.done()  # version 2 warms up, behind the gate
+    np.testing.assert_array_equal(infer(client, "echo", ACME), X)  # version 1 serves
+    assert [m["version"] for m in index(client).values() if m["name"] == "echo"] == ["1"]
+    control_models.RELEASE.set()
+
+    async def applied() -> list[str]:
+        assert changes is not None
+        return await changes
+
+    assert "model 'echo' loaded" in server.call(applied())
+    listed = client.get_model_repository_index(headers=ACME, as_json=True)["models"]
+    assert sorted(m["version"] for m in listed if m["name"] == "echo") == ["1", "2"]
+    tensor = tc.InferInput("INPUT0", list(X.shape), "FP32")
+    tensor.set_data_from_numpy(X)
+    answer = client.infer("echo", [tensor], headers=ACME)
+    assert answer.get_response().model_version == "2"  # the newest, warmed up
+
+
+def test_a_model_added_by_a_reload_gets_its_own_metrics_labels(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    app = server.app
+    assert app is not None
+    client = tc.InferenceServerClient(server.target)
+    path = write_config(tmp_path / "reloaded.yaml", [ECHO_MODEL, model("added", "doubled")])
+
+    async def reload() -> list[str]:
+        app.reload(load_config(path))
+        assert app.model_changes is not None
+        return await app.model_changes
+
+    assert "model 'added' loaded" in server.call(reload())
+    np.testing.assert_array_equal(infer(client, "added", ACME), X * 2)
+    text = metrics(app.http_port)
+    labels = {"tenant": "acme", "model": "added"}
+    assert sample(text, "mandant_requests_total", code="OK", **labels) == 1
+    assert sample(text, "mandant_request_duration_seconds_count", **labels) == 1
+    assert sample(text, "mandant_compute_seconds_total", **labels) > 0
+    assert sample(text, "mandant_batch_size_count", model="added") == 1

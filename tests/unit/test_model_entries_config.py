@@ -1,0 +1,169 @@
+"""The model-control parts of the configuration: ``version_policy``, ``warmup``, a
+load's JSON ``config`` entry (``MandantConfig.with_model_entries``) and the load
+parameters taken (``service.load_config_parameter``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mandant.config import MAX_WARMUP_ELEMENTS, WarmupTensorConfig, parse_config
+from mandant.errors import ConfigError, InvalidInput
+from mandant.service import MAX_LOAD_CONFIG_CHARS, load_config_parameter
+from mandant.warmup import warmup_tensor
+
+IO = {
+    "factory": "m:f",
+    "inputs": [{"name": "IN", "datatype": "FP32", "shape": [-1, 4]}],
+    "outputs": [{"name": "OUT", "datatype": "FP32", "shape": [-1, 4]}],
+}
+
+
+def entry(name: str = "m", **extra: Any) -> dict[str, Any]:
+    return {"name": name, **IO, **extra}
+
+
+def config(*models: dict[str, Any]) -> Any:
+    return parse_config({"tenants": [{"id": "acme"}], "models": list(models)})
+
+
+def served(*models: dict[str, Any]) -> list[str]:
+    return sorted(s.version for s in config(*models).model_specs(Path("/m")))
+
+
+def test_without_a_policy_every_configured_version_is_served() -> None:
+    assert served(*(entry(version=v) for v in (1, 2, 10))) == ["1", "10", "2"]
+
+
+def test_latest_serves_the_highest_versions_and_specific_the_listed_ones() -> None:
+    latest = {"latest": 2}
+    assert served(*(entry(version=v, version_policy=latest) for v in (1, 2, 10))) == ["10", "2"]
+    # set on one entry, it is the model's
+    assert served(entry(version=1), entry(version=2, version_policy={"latest": 1})) == ["2"]
+    specific = {"specific": [1, 10]}
+    assert served(*(entry(version=v, version_policy=specific) for v in (1, 2, 10))) == ["1", "10"]
+    everything = {"all": {}}
+    assert served(*(entry(version=v, version_policy=everything) for v in (1, 2))) == ["1", "2"]
+    # another tenant's private model of the same name has its own versions and policy
+    private = entry(version=3, tenant="acme")
+    assert served(entry(version=1, version_policy={"latest": 1}), private) == ["1", "3"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        ({}, "exactly one of"),
+        ({"latest": 1, "all": {}}, "exactly one of"),
+        ({"latest": 0}, "greater than 0"),
+        ({"specific": []}, "at least one version"),
+        ({"all": {"x": 1}}, "'all' takes no settings"),
+        ({"specific": [4]}, "version_policy names version 4, which has no entry"),
+        ({"oldest": 1}, "Extra inputs"),
+    ],
+)
+def test_a_bad_version_policy_is_refused(policy: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config(entry(version_policy=policy))
+
+
+def test_the_entries_of_one_model_agree_on_its_policy() -> None:
+    with pytest.raises(ConfigError, match="different version_policy"):
+        config(entry(version=1, version_policy={"latest": 1}), entry(version=2,
+               version_policy={"all": {}}))  # fmt: skip
+
+
+def test_warmup_is_validated_and_inherited_by_a_tuned_variant() -> None:
+    warmup = [{"inputs": {"IN": {"datatype": "FP32", "shape": [1, 4], "random": True}}}]
+    tuned = {"base": "m", "tenant": "acme", "factory": "m:g"}
+    specs = config(entry(warmup=warmup), tuned).model_specs(Path("/m"))
+    assert [s.warmup[0].count for s in specs] == [1, 1]
+    assert config(entry()).model_specs(Path("/m"))[0].warmup == ()
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        ({"datatype": "FP32", "shape": [1], "value": 1, "random": True}, "not both"),
+        ({"datatype": "BYTES", "shape": [1], "random": True}, "numeric datatypes"),
+        ({"datatype": "FP33", "shape": [1]}, "unknown datatype"),
+        ({"datatype": "FP32", "shape": [-1]}, "greater than 0"),
+        ({"datatype": "FP32", "shape": [MAX_WARMUP_ELEMENTS, 2]}, "more than"),
+    ],
+)
+def test_a_bad_warmup_tensor_is_refused(tensor: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config(entry(warmup=[{"inputs": {"IN": tensor}}]))
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"), [({"inputs": {}}, "at least one input"), ({"inputs": {
+        "IN": {"datatype": "FP32", "shape": [1]}}, "count": 0}, "greater than 0")],
+)  # fmt: skip
+def test_a_bad_warmup_request_is_refused(request_: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config(entry(warmup=[request_]))
+
+
+def test_warmup_tensors() -> None:
+    rng = np.random.default_rng(0)
+    filled = warmup_tensor(WarmupTensorConfig(datatype="INT32", shape=(2, 3), value=7), rng)
+    assert filled.dtype == np.dtype("<i4") and filled.shape == (2, 3) and (filled == 7).all()
+    zeros = warmup_tensor(WarmupTensorConfig(datatype="FP16", shape=(4,)), rng)
+    assert zeros.dtype == np.float16 and not zeros.any()
+    noise = warmup_tensor(WarmupTensorConfig(datatype="FP32", shape=(1000,), random=True), rng)
+    assert noise.dtype == np.float32 and noise.min() >= 0 and noise.max() < 1
+    assert len(set(noise.tolist())) > 1
+    bits = warmup_tensor(WarmupTensorConfig(datatype="BOOL", shape=(100,), random=True), rng)
+    assert bits.dtype == np.bool_ and bits.any() and not bits.all()
+    text = warmup_tensor(WarmupTensorConfig(datatype="BYTES", shape=(2,), value="hi"), rng)
+    assert text.tolist() == [b"hi", b"hi"]
+
+
+def test_a_load_entry_replaces_the_model_s_entries_and_is_validated_like_the_file() -> None:
+    base = config(entry(version=1), entry(version=2), entry("other"))
+    replaced = base.with_model_entries("m", json.dumps(entry(version=5, factory="m:g")))
+    specs = {(s.name, s.version): s for s in replaced.model_specs(Path("/m"))}
+    assert sorted(specs) == [("m", "5"), ("other", "1")]
+    assert specs[("m", "5")].factory == "m:g"
+    listed = base.with_model_entries("m", json.dumps([entry(version=1), entry(version=3)]))
+    assert sorted(s.version for s in listed.model_specs(Path("/m")) if s.name == "m") == [
+        "1", "3"
+    ]  # fmt: skip
+    new = base.with_model_entries("fresh", json.dumps(entry("fresh", tenant="acme")))
+    assert [s.tenant for s in new.model_specs(Path("/m")) if s.name == "fresh"] == ["acme"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", r"\(json\)"),
+        ("3", "a model entry or a list"),
+        ("[]", "a model entry or a list"),
+        (json.dumps(entry("other")), "must name the model loaded"),
+        (json.dumps({"name": "m", "platform": "onnxruntime_onnx"}), "Extra inputs"),
+        (json.dumps(entry(tenant="nobody")), "unknown tenant"),
+        (json.dumps([entry(), entry()]), "defined twice"),
+        (json.dumps(entry(version="x")), "positive integers"),
+    ],
+)
+def test_a_bad_load_entry_is_a_config_error(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config(entry()).with_model_entries("m", text)
+
+
+def test_load_parameters_take_config_only() -> None:
+    assert load_config_parameter({}) is None
+    assert load_config_parameter({"config": "{}"}) == "{}"
+    with pytest.raises(InvalidInput, match="'file:' overrides are not supported"):
+        load_config_parameter({"file:1/model.pt": b"x"})
+    with pytest.raises(InvalidInput, match="is a string") as caught:
+        load_config_parameter({"config": 3})
+    with pytest.raises(InvalidInput, match="longer than") as caught:
+        load_config_parameter({"config": "x" * (MAX_LOAD_CONFIG_CHARS + 1)})
+    with pytest.raises(InvalidInput, match="unknown model load parameter") as caught:
+        load_config_parameter({"y" * 10_000: True})
+    assert len(str(caught.value)) < 200  # client text is cut, not echoed whole

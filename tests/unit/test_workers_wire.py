@@ -1,0 +1,136 @@
+"""The wire between front ends and the engine (``workers/framing.py``, ``workers/ipc.py``):
+messages cut from a byte stream however the kernel splits it, tensors as views of the
+received bytes, request headers and errors through a round trip."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mandant import errors
+from mandant.types import TensorHeader
+from mandant.workers import ipc
+from mandant.workers.framing import MessageReader, encode
+
+_frame = st.binary(max_size=3000)
+_message = st.tuples(
+    st.integers(0, 9),
+    st.lists(st.integers(-(2**63), 2**63 - 1), max_size=4),
+    st.lists(_frame, max_size=4),
+)
+
+
+def _feed(reader: MessageReader, stream: bytes, cuts: list[int]) -> None:
+    """``stream`` into ``reader`` as a transport would: into its buffers, in pieces."""
+    position = 0
+    for cut in [*cuts, len(stream)]:
+        end = min(max(cut, position), len(stream))
+        while position < end:
+            buffer = reader.get_buffer(-1)
+            size = min(len(buffer), end - position)
+            assert size > 0
+            buffer[:size] = stream[position : position + size]
+            reader.buffer_updated(size)
+            position += size
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    messages=st.lists(_message, max_size=12),
+    cuts=st.lists(st.integers(0, 40_000), max_size=20),
+    scratch=st.sampled_from([64, 256, 4096]),
+)
+def test_messages_come_out_whole_and_in_order_however_the_stream_is_cut(
+    messages: list[tuple[int, list[int], list[bytes]]], cuts: list[int], scratch: int
+) -> None:
+    got: list[tuple[int, Any, list[bytes]]] = []
+    reader = MessageReader(lambda k, p, f: got.append((k, p, [bytes(x) for x in f])), scratch)
+    stream = b"".join(bytes(part) for m in messages for part in encode(*m))
+    _feed(reader, stream, sorted(cuts))
+    assert got == [(kind, payload, frames) for kind, payload, frames in messages]
+
+
+def test_a_large_message_is_received_in_a_buffer_of_its_own_and_viewed_not_copied() -> None:
+    got: list[list[memoryview]] = []
+    reader = MessageReader(lambda k, p, frames: got.append(frames), scratch_bytes=1024)
+    tensor = np.arange(10_000, dtype=np.float32)
+    _feed(reader, b"".join(bytes(p) for p in encode(1, [], [tensor.data.cast("B")])), [100])
+    (frame,) = got[0]
+    view = np.frombuffer(frame, np.float32)
+    np.testing.assert_array_equal(view, tensor)
+    assert view.base is not None  # a view of the receive buffer
+
+
+def test_a_request_header_survives_the_round_trip() -> None:
+    header = ipc.RequestHeader(
+        7,
+        "acme",
+        "classifier",
+        "2",
+        "id-1",
+        {"priority": 1, "timeout": 5000, "flag": True, "note": "x"},
+        ("OUTPUT0",),
+        (TensorHeader("INPUT0", "FP32", (2, 256)),),
+        0.25,
+        None,
+    )
+    from mandant.workers.framing import packb, unpackb
+
+    again = ipc.RequestHeader.unpack(unpackb(packb(header.pack())))
+    assert again.pack() == header.pack()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        errors.Unauthenticated(),
+        errors.ModelNotFound("secret", "3"),
+        errors.InvalidInput("input 'INPUT0': wrong"),
+        errors.ModelFailed("classifier", "id-9"),
+        errors.FailedPrecondition("never fits"),
+        errors.RateLimited("rate limit exceeded", 0.25),
+        errors.QuotaExceeded("quota exceeded", 3600.0),
+        errors.QueueFull("queue full", 0.01),
+        errors.ServerBusy("busy", 0.5),
+        errors.DeadlineExceeded("deadline exceeded"),
+        errors.Unavailable("draining"),
+    ],
+)
+def test_domain_errors_cross_with_their_class_message_and_pushback(
+    error: errors.MandantError,
+) -> None:
+    from mandant.workers.framing import packb, unpackb
+
+    again = ipc.unpack_error(unpackb(packb(ipc.pack_error(error))))
+    assert type(again) is type(error) and str(again) == str(error)
+    if isinstance(error, errors.ResourceExhausted):
+        assert isinstance(again, errors.ResourceExhausted)
+        assert again.retry_after_s == error.retry_after_s
+
+
+def test_an_unexpected_engine_exception_crosses_without_its_text() -> None:
+    from mandant.workers.framing import packb, unpackb
+
+    packed = ipc.pack_error(KeyError("secret internals of tenant acme"))
+    again = ipc.unpack_error(unpackb(packb(packed)))
+    assert isinstance(again, ipc.EngineFault) and "acme" not in str(again)
+
+
+def test_inputs_decode_as_views_of_the_frames_and_bad_bytes_framing_is_invalid_input() -> None:
+    rows = np.arange(8, dtype=np.float32).reshape(2, 4)
+    frame = ipc.tensor_frame(rows, "FP32")
+    header = ipc.RequestHeader(
+        1, "acme", "m", "", "", {}, (), (TensorHeader("X", "FP32", (2, 4)),), None
+    )
+    decoded = ipc.IpcRequest(header, [frame]).decode_inputs()["X"]
+    np.testing.assert_array_equal(decoded, rows)
+    assert np.shares_memory(decoded, rows)
+    bad = ipc.RequestHeader(
+        1, "acme", "m", "", "", {}, (), (TensorHeader("S", "BYTES", (2,)),), None
+    )
+    with pytest.raises(errors.InvalidInput, match="input 'S'"):
+        ipc.IpcRequest(bad, [b"\x05\x00\x00\x00ab\x00\x00\x00\x00"]).decode_inputs()
