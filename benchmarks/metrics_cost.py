@@ -80,6 +80,10 @@ def main() -> None:
         usage = RedisUsage(LimitsConfig(store="redis", url="redis://127.0.0.1:1/0"))
         fleet = measure(per_request(FleetCounting(observer, usage), ids, names), args.requests)
         print(f"{'+ FleetCounting':<22}{tenants:>8}{models:>8}{fleet:>12.2f}{fleet - prom:>13.2f}")
+        counting = FleetCounting(NullObserver(), usage)
+        alone = measure(per_request(counting, ids, names), args.requests)
+        name = "FleetCounting(Null)"
+        print(f"{name:<22}{tenants:>8}{models:>8}{alone:>12.2f}{alone - null:>13.2f}")
     if shutil.which("redis-server"):
         asyncio.run(flush_cost())
 
