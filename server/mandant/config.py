@@ -98,6 +98,11 @@ class ServerConfig(_Frozen):
     #: wait in the client's HTTP/2 layer, costing this server nothing. Bounds how much
     #: of a CPU-bound front end one connection can occupy.
     max_concurrent_streams: Annotated[int, Field(gt=0)] = 1024
+    #: Close a client's HTTP/2 connection (GOAWAY) after about this long (gRPC adds
+    #: ±10% jitter), its calls given ``grace_s`` to finish: a long-lived client then
+    #: reconnects, and an L4 balancer (a Kubernetes Service) spreads it again, also
+    #: onto replicas added since. None: connections live as long as the client's.
+    max_connection_age_s: Annotated[float | None, Field(gt=0)] = None
     #: Calls (and open streams) the whole server serves at once; one more is answered
     #: RESOURCE_EXHAUSTED (with pushback) before its message is parsed. With
     #: ``max_concurrent_streams`` it bounds what slow readers can make the server hold.

@@ -177,7 +177,8 @@ def test_usage_report_reads_the_registry(parts: Parts) -> None:
     assert acme["rejections"] == {"requests_per_s": 1}
     assert acme["admitted_rows"] == 4
     assert acme["quota"] == {"limits": {"rows_per_day": 1000},
-                             "used": {"rows_today": 4, "rows_this_month": 4}}  # fmt: skip
+                             "used": {"rows_today": 4, "rows_this_month": 4},
+                             "scope": "replica"}  # fmt: skip
     assert report["globex"]["requests_total"] == 0
 
 

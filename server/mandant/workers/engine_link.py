@@ -190,7 +190,10 @@ class _Connection(asyncio.BufferedProtocol):
         self.opened.set()  # nobody waits for a STATUS that cannot come
 
     def close(self) -> None:
+        """Send what waits (a stopping front end's last observer events), then close."""
         if self._transport is not None:
+            if self._events or self._requests or self._cancels:
+                self._flush()
             self._transport.close()
 
     def get_buffer(self, sizehint: int) -> memoryview:
