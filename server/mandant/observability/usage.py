@@ -97,8 +97,8 @@ class FleetCounting:
     def refunded(self, tenant: str, model: str, rows: int) -> None:
         self._inner.refunded(tenant, model, rows)
 
-    def rejected(self, tenant: str, reason: str) -> None:
-        self._inner.rejected(tenant, reason)
+    def rejected(self, tenant: str, reason: str, model: str = "") -> None:
+        self._inner.rejected(tenant, reason, model)
         if tenant:
             self._add(tenant, "rejections", reason, 1)
 
