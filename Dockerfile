@@ -42,6 +42,7 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
 #   docker run -v $PWD/conf:/etc/mandant -p 8001:8001 mandant
 #   docker run -v $PWD/conf:/conf mandant --config /conf/mandant.yaml
 # Listen addresses come from the file (server.host: 0.0.0.0 to be reachable from
-# outside the container).
+# outside the container; server.http_host puts the HTTP port, dashboard and /metrics,
+# on another address). The public-key demo runs only when asked: `--demo`.
 ENTRYPOINT ["mandant", "serve"]
 CMD ["--config", "/etc/mandant/mandant.yaml"]

@@ -5,7 +5,7 @@ BIN        := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install install-test triton-venv redis-server serve test lint typecheck protos protos-check clean browser-tools node-tools loadtest bench
+.PHONY: install install-test triton-venv redis-server grpc-balancer serve test lint typecheck protos protos-check clean browser-tools node-tools loadtest bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# `make serve` serves the built-in demo (public demo keys, 127.0.0.1 only); your own
+# configuration: make serve ARGS="--config mandant.yaml".
+ARGS ?= --demo
 serve: install
 	$(BIN)/mandant serve $(ARGS)
 
@@ -53,7 +56,11 @@ typecheck: install-test
 redis-server:
 	command -v redis-server || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
 
-test: install-test triton-venv redis-server browser-tools node-tools protos-check lint typecheck
+# A real L7 gRPC load balancer for the replica tests (Debian's nginx: grpc_pass).
+grpc-balancer:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nginx-light)
+
+test: install-test triton-venv redis-server grpc-balancer browser-tools node-tools protos-check lint typecheck
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Issue 10's benchmarks in sequence; tables in benchmarks/results/ (≈ 8 min, quiet machine).

@@ -3,7 +3,10 @@
 Times the observer calls one successful batched inference makes (request_finished,
 request_timing, batch_executed of a 1-request batch, admitted, inflight ±1) on a
 PrometheusObserver with its in-process SLO windows and dashboard stats, against
-the NullObserver baseline, over a configurable number of tenants and models.
+the NullObserver baseline, over a configurable number of tenants and models; and
+the same with ``FleetCounting`` in front (fleet-wide usage counters, summed in process
+for Redis), plus what one flush of those sums to a real redis-server takes (once a
+second per replica, whatever the call rate).
 
     .venv/bin/python benchmarks/metrics_cost.py [--requests 200000]
 """
@@ -11,16 +14,22 @@ the NullObserver baseline, over a configurable number of tenants and models.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from mandant.config import SloConfig, TenantConfig
+from mandant.config import LimitsConfig, SloConfig, TenantConfig
 from mandant.events import NullObserver, Observer
 from mandant.observability.live import LiveStats
 from mandant.observability.metrics import PrometheusObserver
 from mandant.observability.slo import SloTracker
+from mandant.observability.usage import FleetCounting
+from mandant.tenancy.redis_usage import RedisUsage
 
 
 def build(tenants: int, models: int) -> tuple[PrometheusObserver, list[str], list[str]]:
@@ -68,6 +77,43 @@ def main() -> None:
         prom = measure(per_request(observer, ids, names), args.requests)
         print(f"{'NullObserver':<22}{tenants:>8}{models:>8}{null:>12.2f}{'':>13}")
         print(f"{'PrometheusObserver':<22}{tenants:>8}{models:>8}{prom:>12.2f}{prom - null:>13.2f}")
+        usage = RedisUsage(LimitsConfig(store="redis", url="redis://127.0.0.1:1/0"))
+        fleet = measure(per_request(FleetCounting(observer, usage), ids, names), args.requests)
+        print(f"{'+ FleetCounting':<22}{tenants:>8}{models:>8}{fleet:>12.2f}{fleet - prom:>13.2f}")
+        counting = FleetCounting(NullObserver(), usage)
+        alone = measure(per_request(counting, ids, names), args.requests)
+        name = "FleetCounting(Null)"
+        print(f"{name:<22}{tenants:>8}{models:>8}{alone:>12.2f}{alone - null:>13.2f}")
+    if shutil.which("redis-server"):
+        asyncio.run(flush_cost())
+
+
+async def flush_cost() -> None:
+    """One flush of 100 tenants' sums (requests, rows, compute seconds by model:
+    4 fields each) to a real redis-server on loopback."""
+    from tests.integration.redis_server import RedisServer
+
+    with tempfile.TemporaryDirectory() as directory:
+        server = RedisServer(Path(directory)).start()
+        usage = RedisUsage(LimitsConfig(store="redis", url=server.url))
+        try:
+            timings = []
+            for _ in range(20):
+                for t in range(100):
+                    for figure, label in (
+                        ("requests", "OK"),
+                        ("rows", "m"),
+                        ("rejections", "quota"),
+                    ):
+                        usage.add(f"tenant{t}", figure, label, 3)
+                    usage.add(f"tenant{t}", "compute_seconds", "m", 0.01)
+                start = time.perf_counter()
+                assert await usage.flush()
+                timings.append(time.perf_counter() - start)
+            print(f"flush of 100 tenants x 4 fields: {min(timings) * 1e3:.2f} ms (once a second)")
+        finally:
+            await usage.aclose()
+            server.stop()
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ class GatedBackend:
 class RecordingObserver:
     timings: list[tuple[str, str, float, float]] = field(default_factory=list)
     batches: list[tuple[str, int, float, dict[str, int]]] = field(default_factory=list)
-    rejections: list[tuple[str, str]] = field(default_factory=list)
+    rejections: list[tuple[str, str, str]] = field(default_factory=list)  # tenant, reason, model
     failed_batches: list[tuple[str, int]] = field(default_factory=list)
     refunds: list[tuple[str, str, int]] = field(default_factory=list)
     finished: list[tuple[str, str, str, str]] = field(default_factory=list)
@@ -206,8 +206,8 @@ class RecordingObserver:
     def refunded(self, tenant: str, model: str, rows: int) -> None:
         self.refunds.append((tenant, model, rows))
 
-    def rejected(self, tenant: str, reason: str) -> None:
-        self.rejections.append((tenant, reason))
+    def rejected(self, tenant: str, reason: str, model: str = "") -> None:
+        self.rejections.append((tenant, reason, model))
 
     def inflight_changed(self, tenant: str, delta: int) -> None:
         return None

@@ -25,7 +25,7 @@ from mandant.observability.live import LiveStats
 from mandant.observability.metrics import ModelReadiness, PrometheusObserver, load_failures
 from mandant.observability.slo import SloTracker
 from mandant.observability.stats import InferenceStats
-from mandant.observability.usage import UsageReports
+from mandant.observability.usage import FleetCounting, UsageReports
 from mandant.registry import ModelRegistry
 from mandant.scheduling.base import Scheduler
 from mandant.scheduling.batcher import DynamicBatcher
@@ -34,6 +34,7 @@ from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.service import DataPlane
 from mandant.tenancy.admission import TenantAdmission, shared_store_for
 from mandant.tenancy.directory import TenantDirectory
+from mandant.tenancy.redis_usage import shared_usage_for
 from mandant.transport.grpc.server import GrpcServer
 from mandant.transport.rest.server import RestServer
 from mandant.transport.tls import server_ssl_context
@@ -119,8 +120,15 @@ class App:
         self.metrics = CollectorRegistry()
         self.slo = SloTracker(self.directory)
         self.live = LiveStats(self.directory, model_names)
-        self.observer = PrometheusObserver(
+        self.prometheus = PrometheusObserver(
             self.metrics, self.directory, model_names, slo=self.slo, live=self.live
+        )
+        #: Fleet-wide usage counters in Redis (with ``limits.store: redis``).
+        self.fleet_usage = shared_usage_for(config.limits)
+        self.observer: Observer = (
+            self.prometheus
+            if self.fleet_usage is None
+            else FleetCounting(self.prometheus, self.fleet_usage)
         )
         self.stats = InferenceStats()  # ModelStatistics: per tenant, model and version
         self.channels = ChannelPool()
@@ -154,7 +162,9 @@ class App:
             version=__version__,
             ready_when=config.server.ready_when,
         )
-        self.usage = UsageReports(self.metrics, self.directory, self.live, quota=self.admission)
+        self.usage = UsageReports(
+            self.metrics, self.directory, self.live, quota=self.admission, fleet=self.fleet_usage
+        )
         # One cap on calls in progress and one front door for every port: a flood on
         # REST takes its turn with the gRPC calls, and the cap counts both.
         self.calls = CallCap(config.server.max_concurrent_rpcs)
@@ -232,6 +242,9 @@ class App:
         async with AsyncExitStack() as started:
             await self.admission.start()
             started.push_async_callback(self.admission.aclose)
+            if self.fleet_usage is not None:
+                await self.fleet_usage.start()
+                started.push_async_callback(self.fleet_usage.aclose)
             await self.registry.start()
             started.push_async_callback(self.registry.aclose)
             self.grpc_port = await self.grpc.start()
@@ -322,6 +335,8 @@ class App:
         await self.http.aclose()
         await self.registry.aclose()
         await self.admission.aclose()
+        if self.fleet_usage is not None:
+            await self.fleet_usage.aclose()
 
     async def __aenter__(self) -> App:
         await self.start()

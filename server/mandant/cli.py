@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("mandant")
 
-#: The built-in demo: ``mandant serve`` without --config serves exactly this file.
+#: The built-in demo: ``mandant serve --demo`` serves exactly this file (public keys).
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo" / "mandant.yaml"
 
 DEMO_EXAMPLE = """\
@@ -36,11 +36,19 @@ Try it (demo keys are public and for the demo only):
 """
 
 
+NO_CONFIG = """\
+mandant serve: no configuration given.
+  mandant serve --config mandant.yaml   serve your configuration
+  mandant serve --demo                  the built-in demo (public demo keys, local use only)
+  mandant check-config mandant.yaml     validate a file first"""
+
+
 def _with_overrides(config: MandantConfig, args: argparse.Namespace) -> MandantConfig:
     changes = {
         key: value
         for key, value in (
             ("host", args.host),
+            ("http_host", args.http_host),
             ("grpc_port", args.grpc_port),
             ("http_port", args.http_port),
             ("rest_port", args.rest_port),
@@ -83,11 +91,12 @@ def _banner(
     """What a user reads once the server serves: where each port is."""
     host = config.server.host
     target = f"{host}:{grpc_port}"
+    http_host = config.server.http_bind_host
     print(f"Mandant listening: gRPC (KServe v2) on {target}{processes}", flush=True)
     tls = config.server.tls
     http_scheme = "https" if tls is not None and tls.http else "http"
     rest_scheme = "https" if tls is not None else "http"
-    http = f"{http_scheme}://{host}:{http_port}"
+    http = f"{http_scheme}://{http_host}:{http_port}"
     print(f"KServe v2 REST on {rest_scheme}://{host}:{rest_port}/v2", flush=True)
     access = "" if config.server.metrics_auth == "none" else "; an admin or tenant key"
     print(f"Dashboard: {http}/  (metrics: {http}/metrics{access})", flush=True)
@@ -132,7 +141,9 @@ async def _supervise(
     from mandant.workers.supervisor import Supervisor, supervise
 
     child_args = ["--config", str(path), "--log-level", args.log_level]
-    for flag, value in (("--host", args.host), ("--http-port", args.http_port)):
+    overrides = (("--host", args.host), ("--http-host", args.http_host),
+                 ("--http-port", args.http_port))  # fmt: skip
+    for flag, value in overrides:
         if value is not None:
             child_args += [flag, str(value)]
     if args.rest_port is not None:
@@ -174,6 +185,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mandant.observability.logs import configure_logging
 
     configure_logging(args.log_level)
+    if args.config is None and not args.demo:
+        print(NO_CONFIG, file=sys.stderr)
+        return 2
     path = Path(args.config) if args.config else DEMO_CONFIG
     try:
         config = _with_overrides(load_config(path), args)
@@ -239,9 +253,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mandant", description="Multi-tenant inference server")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the server (the demo without --config)")
-    serve.add_argument("--config", help="YAML configuration (default: the built-in demo)")
-    serve.add_argument("--host")
+    serve = commands.add_parser("serve", help="run the server (--config FILE, or --demo)")
+    source = serve.add_mutually_exclusive_group()
+    source.add_argument("--config", help="YAML configuration")
+    source.add_argument(
+        "--demo", action="store_true", help="the built-in demo (public keys: never exposed)"
+    )
+    serve.add_argument("--host", help="bind address of the gRPC and REST ports")
+    serve.add_argument("--http-host", help="bind address of the HTTP port (default: --host)")
     serve.add_argument("--grpc-port", type=int)
     serve.add_argument("--http-port", type=int)
     serve.add_argument("--rest-port", type=int, help="KServe v2 REST port (0: a free one)")
@@ -260,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--sockets", required=True, help="the supervisor's sockets folder")
     worker.add_argument("--parent", type=int, required=True, help="the supervisor's pid")
     worker.add_argument("--host")
+    worker.add_argument("--http-host")
     worker.add_argument("--grpc-port", type=int)
     worker.add_argument("--http-port", type=int)
     worker.add_argument("--rest-port", type=int)

@@ -82,7 +82,12 @@ class InternalHttpConfig(_Frozen):
 
 
 class ServerConfig(_Frozen):
+    #: Bind address of the gRPC and REST ports (and of the HTTP port without ``http_host``).
     host: str = "127.0.0.1"
+    #: Bind address of ``http_port`` (dashboard, ``/metrics``, probes) where it must
+    #: differ from ``host``, e.g. gRPC on ``0.0.0.0`` and the HTTP port on a private
+    #: address; unset: ``host``. See :attr:`http_bind_host`.
+    http_host: str | None = None
     grpc_port: Annotated[int, Field(ge=0, le=65535)] = 8001
     http_port: Annotated[int, Field(ge=0, le=65535)] = 8002
     #: KServe v2 REST (Triton's HTTP/REST protocol), ``transport/rest``.
@@ -93,6 +98,11 @@ class ServerConfig(_Frozen):
     #: wait in the client's HTTP/2 layer, costing this server nothing. Bounds how much
     #: of a CPU-bound front end one connection can occupy.
     max_concurrent_streams: Annotated[int, Field(gt=0)] = 1024
+    #: Close a client's HTTP/2 connection (GOAWAY) after about this long (gRPC adds
+    #: ±10% jitter), its calls given ``grace_s`` to finish: a long-lived client then
+    #: reconnects, and an L4 balancer (a Kubernetes Service) spreads it again, also
+    #: onto replicas added since. None: connections live as long as the client's.
+    max_connection_age_s: Annotated[float | None, Field(gt=0)] = None
     #: Calls (and open streams) the whole server serves at once; one more is answered
     #: RESOURCE_EXHAUSTED (with pushback) before its message is parsed. With
     #: ``max_concurrent_streams`` it bounds what slow readers can make the server hold.
@@ -127,6 +137,11 @@ class ServerConfig(_Frozen):
     #: batcher, admission, metrics and the REST and HTTP ports (``workers/``);
     #: ``auto``: one per core but the engine's.
     workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = 1
+
+    @property
+    def http_bind_host(self) -> str:
+        """The address ``http_port`` binds: ``http_host``, else ``host``."""
+        return self.http_host if self.http_host is not None else self.host
 
     @field_validator("admin_keys")
     @classmethod

@@ -41,10 +41,11 @@ class Observer(Protocol):
         """Admitted rows given back: the model did not run for the call."""
         ...
 
-    def rejected(self, tenant: str, reason: str) -> None:
+    def rejected(self, tenant: str, reason: str, model: str = "") -> None:
         """A request refused by admission or a queue cap; ``reason`` is a fixed word
         such as ``requests_per_s``, ``rows_per_s``, ``concurrency``, ``quota``,
-        ``queue_full``."""
+        ``queue_full``; ``model``: the configured model whose own limit refused it
+        (a per-model rate limit or quota, its queue cap), ``""`` for a tenant-wide one."""
         ...
 
     def inflight_changed(self, tenant: str, delta: int) -> None: ...
@@ -77,7 +78,7 @@ class NullObserver:
     def refunded(self, tenant: str, model: str, rows: int) -> None:
         return None
 
-    def rejected(self, tenant: str, reason: str) -> None:
+    def rejected(self, tenant: str, reason: str, model: str = "") -> None:
         return None
 
     def inflight_changed(self, tenant: str, delta: int) -> None:

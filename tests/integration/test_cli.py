@@ -7,6 +7,8 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,14 @@ import yaml
 
 from mandant.tenancy.keys import hash_key
 from mandant_client import Client, Unavailable
-from tests.servers import DEMO_CONFIG, MANDANT, SUBPROCESS_ENV, free_port, mandant_serve
+from tests.servers import (
+    DEMO_CONFIG,
+    MANDANT,
+    SUBPROCESS_ENV,
+    free_port,
+    mandant_serve,
+    wait_for,
+)
 
 ENV = SUBPROCESS_ENV
 
@@ -135,3 +144,37 @@ def test_serve_finishes_in_flight_calls_then_exits_zero(tmp_path: Path, signum: 
         assert proc.stdout is not None
         log = proc.stdout.read()
         assert "secret-key" not in log
+
+
+def test_serve_without_a_configuration_says_what_to_give() -> None:
+    out = subprocess.run([*MANDANT, "serve"], capture_output=True, text=True, env=ENV, timeout=60)
+    assert out.returncode == 2 and "Mandant listening" not in out.stdout
+    assert "--config" in out.stderr and "--demo" in out.stderr
+    both = subprocess.run(
+        [*MANDANT, "serve", "--demo", "--config", str(DEMO_CONFIG)],
+        capture_output=True, text=True, env=ENV, timeout=60,
+    )  # fmt: skip
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_serve_demo_serves_the_demo_and_http_host_binds_the_http_port_apart() -> None:
+    grpc_port, http_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [*MANDANT, "serve", "--demo", "--grpc-port", str(grpc_port), "--http-port",
+         str(http_port), "--rest-port", "0", "--http-host", "127.0.0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        banner = wait_for(proc, "acme-demo-key")  # the demo's example call
+        assert f"Dashboard: http://127.0.0.2:{http_port}/" in banner
+        with Client(f"127.0.0.1:{grpc_port}", api_key="acme-demo-key") as client:
+            x = np.ones((1, 3), np.float32)
+            np.testing.assert_array_equal(client.infer("echo", {"INPUT0": x})["OUTPUT0"], x)
+        url = f"http://127.0.0.2:{http_port}/healthz"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200
+        with pytest.raises(urllib.error.URLError):  # not on server.host
+            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()

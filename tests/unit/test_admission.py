@@ -61,8 +61,8 @@ class RecordingObserver(NullObserver):
     def refunded(self, tenant: str, model: str, rows: int) -> None:
         self.events.append(("refunded", tenant, model, rows))
 
-    def rejected(self, tenant: str, reason: str) -> None:
-        self.events.append(("rejected", tenant, reason))
+    def rejected(self, tenant: str, reason: str, model: str = "") -> None:
+        self.events.append(("rejected", tenant, reason, model))
 
     def inflight_changed(self, tenant: str, delta: int) -> None:
         self.events.append(("inflight", tenant, delta))
@@ -269,7 +269,7 @@ async def test_concurrency_cap_counts_calls_in_flight_across_models() -> None:
     second.release()
     third.release()
     assert adm.inflight("acme") == 0
-    assert ("rejected", "acme", "concurrency") in observer.events
+    assert ("rejected", "acme", "concurrency", "") in observer.events
     assert sum(e[2] for e in observer.events if e[:2] == ("inflight", "acme")) == 0
 
 
@@ -281,7 +281,8 @@ async def test_a_model_override_has_buckets_of_its_own() -> None:
             "models": {"classifier": {"rate_limit": {"requests_per_s": 5, "burst": 3}}},
         }
     )
-    adm, _, _ = admission(cfg)
+    observer = RecordingObserver()
+    adm, _, _ = admission(cfg, observer=observer)
     for _ in range(3):
         (await adm.admit(ACME, CLASSIFIER, 1)).release()
     with pytest.raises(RateLimited) as caught:
@@ -292,6 +293,11 @@ async def test_a_model_override_has_buckets_of_its_own() -> None:
     (await adm.admit(ACME, ECHO, 1)).release()  # the tenant bucket was untouched
     with pytest.raises(RateLimited, match=r"requests_per_s=1 exceeded for tenant acme$"):
         await adm.admit(ACME, ECHO, 1)
+    # The rejection names the model whose own limit fired, and none for the tenant's.
+    assert [e for e in observer.events if e[0] == "rejected"] == [
+        ("rejected", "acme", "requests_per_s", "classifier"),
+        ("rejected", "acme", "requests_per_s", ""),
+    ]
 
 
 async def test_quota_refuses_until_midnight_utc_and_counts_only_admitted_rows() -> None:
@@ -307,7 +313,7 @@ async def test_quota_refuses_until_midnight_utc_and_counts_only_admitted_rows() 
     (await adm.admit(ACME, ECHO, 10)).release()
     wall.now += 2 * 3600
     (await adm.admit(ACME, ECHO, 100)).release()
-    assert ("rejected", "acme", "quota") in observer.events
+    assert ("rejected", "acme", "quota", "") in observer.events
     assert [e for e in observer.events if e[0] == "admitted"] == [
         ("admitted", "acme", "echo", 90),
         ("admitted", "acme", "echo", 10),
@@ -424,7 +430,7 @@ async def test_store_outage_with_deny_refuses_as_unavailable() -> None:
         await adm.admit(ACME, ECHO, 1)  # still within retry_interval_s
     clock.now += 0.5
     (await adm.admit(ACME, ECHO, 1)).release()
-    assert ("rejected", "acme", "store_unavailable") in observer.events
+    assert ("rejected", "acme", "store_unavailable", "") in observer.events
 
 
 @pytest.mark.parametrize(

@@ -261,7 +261,7 @@ async def test_queue_cap_refuses_with_a_retry_hint() -> None:
     with pytest.raises(QueueFull) as info:
         await batcher.submit(request("a"))
     assert info.value.retry_after_s > 0
-    assert observer.rejections == [("a", "queue_full")]
+    assert observer.rejections == [("a", "queue_full", "m")]  # the model's own cap
     other = submit(batcher, request("b"))  # another tenant's queue is its own
     await settle()
     assert not other.done()

@@ -4,6 +4,8 @@ the SLO counters, cost split by rows; the in-process dashboard stats; /usage dat
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 from mandant.config import QuotaConfig, SloConfig, TenantConfig
@@ -97,7 +99,8 @@ def test_invented_labels_collapse_to_empty(parts: Parts) -> None:
     }
     assert "mallory" not in labels and "secret-model" not in labels
     assert value(registry, "mandant_requests_total", tenant="", model="", code="OK") == 1
-    assert value(registry, "mandant_rejections_total", tenant="", reason="requests_per_s") == 1
+    assert value(registry, "mandant_rejections_total", tenant="", reason="requests_per_s",
+                 model="") == 1  # fmt: skip
 
 
 def test_batches_split_compute_by_rows_and_timings(parts: Parts) -> None:
@@ -134,15 +137,26 @@ def test_inflight_admission_rejections_and_store_errors(parts: Parts) -> None:
     observer.inflight_changed("acme", -1)
     observer.admitted("acme", "classifier", 5)
     observer.rejected("acme", "quota")
+    observer.rejected("acme", "requests_per_s", "classifier")  # a per-model limit
+    observer.rejected("acme", "requests_per_s", "secret-model")  # not configured: ""
     observer.store_error("redis")
     assert value(registry, "mandant_inflight_requests", tenant="acme") == 1
     assert value(registry, "mandant_admitted_rows_total", tenant="acme", model="classifier") == 5
-    assert value(registry, "mandant_rejections_total", tenant="acme", reason="quota") == 1
+    assert value(registry, "mandant_rejections_total", tenant="acme", reason="quota",
+                 model="") == 1  # fmt: skip
+    assert value(registry, "mandant_rejections_total", tenant="acme", reason="requests_per_s",
+                 model="classifier") == 1  # fmt: skip
+    assert value(registry, "mandant_rejections_total", tenant="acme", reason="requests_per_s",
+                 model="") == 1  # fmt: skip
     assert value(registry, "mandant_store_errors_total", store="redis") == 1
     assert live.quota_used("acme") == {"rows_today": 5, "rows_this_month": 5}
     tenant = next(t for t in live.snapshot(SloTracker({}))["tenants"] if t["id"] == "acme")
     assert tenant["inflight"] == 1
-    assert tenant["rejections"] == {"quota": 1}
+    assert tenant["rejections"] == [
+        {"reason": "quota", "model": "", "count": 1},
+        {"reason": "requests_per_s", "model": "", "count": 1},
+        {"reason": "requests_per_s", "model": "classifier", "count": 1},
+    ]
 
 
 def test_usage_report_reads_the_registry(parts: Parts) -> None:
@@ -163,7 +177,8 @@ def test_usage_report_reads_the_registry(parts: Parts) -> None:
     assert acme["rejections"] == {"requests_per_s": 1}
     assert acme["admitted_rows"] == 4
     assert acme["quota"] == {"limits": {"rows_per_day": 1000},
-                             "used": {"rows_today": 4, "rows_this_month": 4}}  # fmt: skip
+                             "used": {"rows_today": 4, "rows_this_month": 4},
+                             "scope": "replica"}  # fmt: skip
     assert report["globex"]["requests_total"] == 0
 
 
@@ -178,8 +193,13 @@ def test_live_history_quantiles_and_rollover(parts: Parts, clock: FakeClock) -> 
     assert acme["requests"] == 100 and acme["errors"] == 1
     assert acme["p50_ms"] == pytest.approx(50, rel=0.16)
     assert acme["p99_ms"] == pytest.approx(99, rel=0.16)
-    assert acme["history"][-1]["p99_ms"] == acme["p99_ms"]
-    assert len(acme["history"]) == 60
+    assert "history" not in acme  # the overview row: the charts' history is per tenant
+    detail = live.detail(slo, "acme")
+    assert detail is not None and live.detail(slo, "mallory") is None
+    history = detail["tenant"]["history"]
+    assert history[-1]["p99_ms"] == acme["p99_ms"]
+    assert len(history) == 60
+    assert {k: v for k, v in detail["tenant"].items() if k != "history"} == acme
     assert acme["windows"]["5m"]["total"] == 101
     assert acme["windows"]["5m"]["good"] == 50
     clock.now += 400
@@ -187,6 +207,28 @@ def test_live_history_quantiles_and_rollover(parts: Parts, clock: FakeClock) -> 
     assert acme["requests"] == 0 and acme["p99_ms"] is None
     nosla = next(t for t in live.snapshot(slo)["tenants"] if t["id"] == "nosla")
     assert nosla["slo"] is None and nosla["windows"] is None
+
+
+def test_overview_is_worst_burn_first_and_idle_tenants_have_no_figures(
+    parts: Parts, clock: FakeClock
+) -> None:
+    _, observer, slo, live = parts
+    for _ in range(10):
+        observer.request_finished("acme", "classifier", "OK", 0.001)  # all good: burns 0
+        observer.request_finished("globex", "classifier", "OK", 0.001)
+    observer.request_finished("globex", "classifier", "OK", 0.5)  # 1 of 11 too slow
+    clock.now += 1
+    rows = live.snapshot(slo)["tenants"]
+    assert [t["id"] for t in rows] == ["globex", "acme", "nosla"]
+    assert rows[0]["windows"]["5m"]["burn_rate"] == pytest.approx((1 / 11) / 0.001, rel=1e-5)
+    assert rows[0]["windows"]["1h"]["budget_left"] < -1  # overspent, not clamped
+    assert rows[1]["windows"]["5m"]["burn_rate"] == 0.0
+    clock.now += 4000  # an hour without calls: nothing to judge, no made-up figure
+    rows = live.snapshot(slo)["tenants"]
+    assert [t["id"] for t in rows] == ["acme", "globex", "nosla"]  # then by id
+    for window in ("5m", "1h"):
+        assert rows[0]["windows"][window] == {"good": 0, "total": 0, "attainment": None,
+                                              "burn_rate": None, "budget_left": None}  # fmt: skip
 
 
 def test_quantile_interpolates_within_log_buckets() -> None:
@@ -232,3 +274,39 @@ def test_exposition_matches_prometheus_client_metrics(parts: Parts) -> None:
     assert value(registry, f"{hist}_count", **labels) == 4
     assert value(registry, f"{hist}_sum", **labels) == pytest.approx(30.0084)
     assert (value(registry, f"{hist}_created", **labels) or 0) > 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["ok", "error", "query"]), st.integers(0, 40),
+                  st.sampled_from([0.0, 1.0, 5.0, 30.0, 200.0, 290.0, 300.0, 900.0])),
+        max_size=60,
+    )
+)  # fmt: skip
+def test_live_figures_equal_a_recount_whatever_the_order_of_calls(
+    steps: list[tuple[str, int, float]],
+) -> None:
+    """The span's sums are kept slot by slot (folded in and out, a reused slot taken
+    out); they must always equal a plain recount of the calls inside the span."""
+    clock = FakeClock()
+    live = LiveStats(["acme"], MODELS, clock=clock)
+    slo = SloTracker({}, clock=clock)
+    log: list[tuple[int, str, int]] = []
+    for action, bucket, advance_s in steps:
+        clock.now += advance_s
+        now_slot = int(clock.now // 5.0)
+        if action != "query":
+            live.record_request("acme", action.upper(), LATENCY_BOUNDS_S[bucket])
+            log.append((now_slot, action, bucket))
+            continue
+        inside = [(kind, b) for slot, kind, b in log if slot > now_slot - 60]
+        counts = [0] * (len(LATENCY_BOUNDS_S) + 1)
+        for kind, b in inside:
+            if kind == "ok":
+                counts[b] += 1
+        row = live.snapshot(slo)["tenants"][0]
+        assert row["requests"] == sum(kind == "ok" for kind, _ in inside)
+        assert row["errors"] == sum(kind == "error" for kind, _ in inside)
+        expected = quantile(counts, 0.5)
+        assert row["p50_ms"] == (None if expected is None else round(expected * 1000, 3))

@@ -39,3 +39,12 @@ def test_refused(data: dict[str, object], error: str) -> None:
     with pytest.raises(ConfigError) as refused:
         parse_config(data)
     assert error in str(refused.value)
+
+
+def test_the_http_port_binds_server_host_unless_http_host_says_otherwise() -> None:
+    assert parse_config({"server": {"host": "0.0.0.0"}}).server.http_bind_host == "0.0.0.0"
+    server = parse_config({"server": {"host": "0.0.0.0", "http_host": "10.1.2.3"}}).server
+    assert (server.host, server.http_bind_host) == ("0.0.0.0", "10.1.2.3")
+    # A --host given on the command line moves the HTTP port too, unless it has its own.
+    moved = parse_config({}).server.model_copy(update={"host": "::1"})
+    assert moved.http_bind_host == "::1"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mandant.config import SloConfig
 from mandant.observability.slo import SLO_CODES, Attainment, SloTracker, is_good
@@ -48,7 +50,8 @@ def test_old_requests_leave_the_5_minute_window_then_the_hour() -> None:
     clock.now += 3600
     assert slo.attainment("acme", 3600).total == 0
     assert slo.attainment("acme", 3600).ratio is None
-    assert slo.attainment("acme", 3600).burn_rate == 0.0
+    assert slo.attainment("acme", 3600).burn_rate is None  # nothing to judge, no sentinel
+    assert slo.attainment("acme", 3600).budget_left is None
 
 
 def test_ring_slots_are_reused_after_the_horizon() -> None:
@@ -70,7 +73,7 @@ def test_unknown_tenant_is_ignored_and_report_has_both_windows() -> None:
     report = slo.report("acme")
     assert set(report) == {"5m", "1h"}
     assert report["5m"] == {
-        "good": 0, "total": 0, "attainment": None, "burn_rate": 0.0, "budget_left": 1.0,
+        "good": 0, "total": 0, "attainment": None, "burn_rate": None, "budget_left": None,
     }  # fmt: skip
 
 
@@ -87,3 +90,35 @@ def test_attainment_as_dict() -> None:
     a = Attainment(300, good=999, total=1000, objective=0.999)
     assert a.as_dict()["burn_rate"] == pytest.approx(1.0)
     assert a.as_dict()["budget_left"] == pytest.approx(0.0, abs=1e-9)
+
+
+ADVANCES_S = [0.0, 0.4, 3.0, 5.0, 31.0, 110.0, 290.0, 700.0, 3500.0, 3610.0, 3700.0]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["record", "query"]), st.booleans(), st.sampled_from(ADVANCES_S)),
+        max_size=80,
+    )
+)
+def test_windows_equal_a_recount_whatever_the_order_of_calls(
+    steps: list[tuple[str, bool, float]],
+) -> None:
+    """The windows are kept slot by slot (folded in and out); they must always equal
+    a plain recount of the requests whose slot is inside the window."""
+    clock = FakeClock()
+    slo = tracker(clock)
+    log: list[tuple[int, bool]] = []
+    for action, good, advance_s in steps:
+        clock.now += advance_s
+        now_slot = int(clock.now // 5.0)
+        if action == "record":
+            slo.record("acme", good)
+            log.append((now_slot, good))
+            continue
+        for window_s in (300.0, 3600.0):
+            first = now_slot - round(window_s / 5.0) + 1
+            inside = [g for slot, g in log if slot >= first]
+            got = slo.attainment("acme", window_s)
+            assert (got.good, got.total) == (sum(inside), len(inside))

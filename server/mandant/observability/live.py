@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mandant.config import TenantConfig
@@ -39,7 +40,7 @@ class _Slot:
         self.ok = 0
         self.errors = 0
         self.latency = [0] * (len(LATENCY_BOUNDS_S) + 1)
-        self.rejections: dict[str, int] = {}
+        self.rejections: dict[tuple[str, str], int] = {}  # (reason, model): calls
 
     def reset(self, slot_id: int) -> None:
         self.slot_id = slot_id
@@ -47,6 +48,70 @@ class _Slot:
         self.errors = 0
         self.latency = [0] * (len(LATENCY_BOUNDS_S) + 1)
         self.rejections = {}
+
+
+class _History:
+    """One tenant's slots (a ring: ``kept`` of them plus one being reused) and the
+    sums of its closed slots in the span kept, ``(end - length, end]``, moved slot by
+    slot: a closed slot is folded in once and taken out once (when it leaves the span,
+    or when its place is reused), so the overview's cost is the slots that moved since
+    the last one, not every slot of every tenant."""
+
+    __slots__ = ("end", "errors", "latency", "length", "ok", "slots")
+
+    def __init__(self, kept: int) -> None:
+        self.slots = [_Slot() for _ in range(kept + 1)]
+        self.length = kept - 1  # the closed slots of the span: all but the current
+        self.end = -(2**62)
+        self.ok = 0
+        self.errors = 0
+        self.latency = [0] * (len(LATENCY_BOUNDS_S) + 1)
+
+    def slot(self, slot_id: int) -> _Slot:
+        """The slot to record into (the current one), reset when its place is reused."""
+        slot = self.slots[slot_id % len(self.slots)]
+        if slot.slot_id != slot_id:
+            if self.end - self.length < slot.slot_id <= self.end:
+                self._take(slot, -1)
+            slot.reset(slot_id)
+        return slot
+
+    def at(self, slot_id: int) -> _Slot | None:
+        slot = self.slots[slot_id % len(self.slots)]
+        return slot if slot.slot_id == slot_id else None
+
+    def _take(self, slot: _Slot, sign: int) -> None:
+        self.ok += sign * slot.ok
+        self.errors += sign * slot.errors
+        if slot.ok:
+            combine = operator.add if sign > 0 else operator.sub
+            self.latency = list(map(combine, self.latency, slot.latency))
+
+    def totals(self, now_slot: int) -> tuple[int, int, list[int]]:
+        """Successes, errors and the latency histogram of the span ending with
+        ``now_slot`` (the current slot included)."""
+        target, length = now_slot - 1, self.length
+        if target > self.end:
+            for slot_id in range(max(self.end - length + 1, target - 2 * length),
+                                 min(self.end, target - length) + 1):  # fmt: skip
+                slot = self.at(slot_id)  # left the span
+                if slot is not None:
+                    self._take(slot, -1)
+            if target - self.end > length:
+                self.ok = self.errors = 0
+                self.latency = [0] * len(self.latency)
+            for slot_id in range(max(self.end + 1, target - length + 1), target + 1):
+                slot = self.at(slot_id)  # closed within the span
+                if slot is not None:
+                    self._take(slot, 1)
+            self.end = target
+        current = self.at(now_slot)
+        if current is None:
+            return self.ok, self.errors, self.latency
+        latency = (
+            list(map(operator.add, self.latency, current.latency)) if current.ok else self.latency
+        )
+        return self.ok + current.ok, self.errors + current.errors, latency
 
 
 def quantile(counts: list[int], q: float) -> float | None:
@@ -90,29 +155,28 @@ class LiveStats:
             if isinstance(tenants, TenantDirectory)
             else TenantDirectory(TenantConfig(id=t) for t in tenants)
         )
-        self._tenants: dict[str, list[_Slot]] = {}
+        self._tenants: dict[str, _History] = {}
         self._inflight: dict[str, int] = {}
         for tenant in self._directory.current.ids:
             self._ring(tenant)
         self._batches: dict[str, dict[int, int]] = {model: {} for model in models}
         self._started = clock()
 
-    def _ring(self, tenant: str) -> list[_Slot] | None:
+    def _ring(self, tenant: str) -> _History | None:
         """The tenant's history, made on first use; None for tenants not configured."""
         if tenant not in self._directory.current.ids:
             return None
         self._inflight.setdefault(tenant, 0)
-        return self._tenants.setdefault(tenant, [_Slot() for _ in range(self._slots_kept + 1)])
+        history = self._tenants.get(tenant)
+        if history is None:
+            history = self._tenants[tenant] = _History(self._slots_kept)
+        return history
 
     def _slot(self, tenant: str) -> _Slot | None:
         ring = self._tenants.get(tenant) or self._ring(tenant)
         if ring is None:
             return None
-        slot_id = int(self._clock() // self._step_s)
-        slot = ring[slot_id % len(ring)]
-        if slot.slot_id != slot_id:
-            slot.reset(slot_id)
-        return slot
+        return ring.slot(int(self._clock() // self._step_s))
 
     def record_request(self, tenant: str, code: str, duration_s: float) -> None:
         """One answered inference call; latency is kept for successful ones."""
@@ -125,10 +189,12 @@ class LiveStats:
         else:
             slot.errors += 1
 
-    def record_rejection(self, tenant: str, reason: str) -> None:
+    def record_rejection(self, tenant: str, reason: str, model: str = "") -> None:
+        """One refused call; ``model``: the configured model whose own limit fired."""
         slot = self._slot(tenant)
         if slot is not None:
-            slot.rejections[reason] = slot.rejections.get(reason, 0) + 1
+            key = (reason, model)
+            slot.rejections[key] = slot.rejections.get(key, 0) + 1
 
     def record_batch(self, model: str, size: int) -> None:
         """``model``: a configured name (a model loaded after start too), or "" (skipped)."""
@@ -171,85 +237,114 @@ class LiveStats:
             self._inflight[tenant] += delta
 
     def snapshot(self, slo: SloTracker, only: str | None = None) -> dict[str, Any]:
-        """Everything the dashboard draws, JSON-ready. Times in ms, rates per second;
-        ``history`` is oldest first, one point per ``step_s`` slot, the current
-        (partial) slot last; the high percentile is the tenant's SLO percentile (99
-        without one). ``only``: that tenant's figures alone, and no model's (batches
-        mix tenants)."""
+        """The overview the dashboard's table draws, JSON-ready: one row per tenant
+        (:meth:`_summary`, no history), worst burn rate first (:func:`burn_order`),
+        and per model the batch sizes seen. ``only``: that tenant's row alone, and no
+        model's (batches mix tenants)."""
         now = self._clock()
-        now_slot = int(now // self._step_s)
-        first = now_slot - self._slots_kept + 1
-        tenants = []
-        for tenant in (t.id for t in self._directory.current.configs):
-            if only is not None and tenant != only:
-                continue
-            ring = self._ring(tenant)
-            assert ring is not None
-            by_id = {s.slot_id: s for s in ring if first <= s.slot_id <= now_slot}
-            objective = slo.objective(tenant)
-            high_q = (objective.percentile if objective is not None else 99.0) / 100.0
-            history = []
-            merged = [0] * (len(LATENCY_BOUNDS_S) + 1)
-            ok = errors = 0
-            rejections: dict[str, int] = {}
-            for slot_id in range(first, now_slot + 1):
-                slot = by_id.get(slot_id)
-                width = (now - slot_id * self._step_s) if slot_id == now_slot else self._step_s
-                width = max(width, 1e-3)
-                if slot is None:
-                    history.append(
-                        {
-                            "t": (slot_id - now_slot) * self._step_s,
-                            "rps": 0.0,
-                            "errors_per_s": 0.0,
-                            "p50_ms": None,
-                            "p99_ms": None,
-                        }
-                    )
-                    continue
-                ok += slot.ok
-                errors += slot.errors
-                for reason, count in slot.rejections.items():
-                    rejections[reason] = rejections.get(reason, 0) + count
-                merged = [a + b for a, b in zip(merged, slot.latency, strict=True)]
-                history.append(
-                    {
-                        "t": (slot_id - now_slot) * self._step_s,
-                        "rps": slot.ok / width,
-                        "errors_per_s": slot.errors / width,
-                        "p50_ms": _ms(quantile(slot.latency, 0.5)),
-                        "p99_ms": _ms(quantile(slot.latency, high_q)),
-                    }
-                )
-            span = max(min(now - self._started, self._slots_kept * self._step_s), 1e-3)
-            tenants.append(
-                {
-                    "id": tenant,
-                    "slo": None
-                    if objective is None
-                    else {
-                        "latency_ms": objective.latency_ms,
-                        "percentile": objective.percentile,
-                        "objective": objective.objective,
-                    },
-                    "windows": slo.report(tenant) if objective is not None else None,
-                    "inflight": self._inflight[tenant],
-                    "span_s": span,
-                    "requests": ok,
-                    "errors": errors,
-                    "rps": ok / span,
-                    "p50_ms": _ms(quantile(merged, 0.5)),
-                    "p99_ms": _ms(quantile(merged, high_q)),
-                    "rejections": rejections,
-                    "history": history,
-                }
-            )
+        rows = [
+            self._summary(slo, tenant, now)[0]
+            for tenant in self._directory.current.ids
+            if only is None or tenant == only
+        ]
+        rows.sort(key=burn_order)
         models = [
             {"name": name, "batch_sizes": {str(k): v for k, v in sorted(sizes.items())}}
             for name, sizes in self._batches.items()
             if only is None
         ]
-        return {"step_s": self._step_s, "tenants": tenants, "models": models}
+        return {"step_s": self._step_s, "span_s": self._span_s(now), "tenants": rows,
+                "models": models}  # fmt: skip
+
+    def detail(self, slo: SloTracker, tenant: str) -> dict[str, Any] | None:
+        """One tenant's row with its ``history``: oldest first, one point per
+        ``step_s`` slot, the current (partial) slot last; None for a tenant not
+        configured."""
+        if tenant not in self._directory.current.ids:
+            return None
+        now = self._clock()
+        row, slots = self._summary(slo, tenant, now)
+        objective = slo.objective(tenant)
+        high_q = (objective.percentile if objective is not None else 99.0) / 100.0
+        now_slot = int(now // self._step_s)
+        history = []
+        for slot_id in range(now_slot - self._slots_kept + 1, now_slot + 1):
+            slot = slots.get(slot_id)
+            width = (now - slot_id * self._step_s) if slot_id == now_slot else self._step_s
+            width = max(width, 1e-3)
+            history.append(
+                {
+                    "t": (slot_id - now_slot) * self._step_s,
+                    "rps": _rate(slot.ok / width) if slot else 0.0,
+                    "errors_per_s": _rate(slot.errors / width) if slot else 0.0,
+                    "p50_ms": _ms(quantile(slot.latency, 0.5)) if slot else None,
+                    "p99_ms": _ms(quantile(slot.latency, high_q)) if slot else None,
+                }
+            )
+        row["history"] = history
+        return {"step_s": self._step_s, "span_s": self._span_s(now), "tenant": row}
+
+    def _span_s(self, now: float) -> float:
+        """The time the rates are over: the history kept, or less since the start."""
+        return max(min(now - self._started, self._slots_kept * self._step_s), 1e-3)
+
+    def _summary(
+        self, slo: SloTracker, tenant: str, now: float
+    ) -> tuple[dict[str, Any], dict[int, _Slot]]:
+        """The tenant's figures over the history kept (times in ms, rates per second;
+        the high percentile is its SLO percentile, 99 without one; ``windows``: SLO
+        attainment, burn rate and error budget, None without an SLO), and its slots
+        in that span by slot id."""
+        history = self._ring(tenant)
+        assert history is not None
+        now_slot = int(now // self._step_s)
+        first = now_slot - self._slots_kept + 1
+        slots = {s.slot_id: s for s in history.slots if first <= s.slot_id <= now_slot}
+        objective = slo.objective(tenant)
+        high_q = (objective.percentile if objective is not None else 99.0) / 100.0
+        ok, errors, latency = history.totals(now_slot)
+        rejections: dict[tuple[str, str], int] = {}
+        for slot in slots.values():
+            for key, count in slot.rejections.items():
+                rejections[key] = rejections.get(key, 0) + count
+        row = {
+            "id": tenant,
+            "slo": None
+            if objective is None
+            else {
+                "latency_ms": objective.latency_ms,
+                "percentile": objective.percentile,
+                "objective": objective.objective,
+            },
+            "windows": slo.report(tenant) if objective is not None else None,
+            "inflight": self._inflight[tenant],
+            "requests": ok,
+            "errors": errors,
+            "rps": _rate(ok / self._span_s(now)),
+            "p50_ms": _ms(quantile(latency, 0.5)),
+            "p99_ms": _ms(quantile(latency, high_q)),
+            "rejections": [
+                {"reason": reason, "model": model, "count": count}
+                for (reason, model), count in sorted(
+                    rejections.items(), key=lambda item: (-item[1], item[0])
+                )
+            ],
+        }
+        return row, slots
+
+
+def burn_order(row: Mapping[str, Any]) -> tuple[bool, float, bool, float, str]:
+    """Sort key of overview rows, worst first: the 5-minute burn rate, then the
+    1-hour one, highest first; tenants with nothing to judge (no SLO, no calls)
+    last; then by id."""
+    windows = row["windows"] or {}
+    fast = (windows.get("5m") or {}).get("burn_rate")
+    slow = (windows.get("1h") or {}).get("burn_rate")
+    return (fast is None, -(fast or 0.0), slow is None, -(slow or 0.0), row["id"])
+
+
+def _rate(per_s: float) -> float:
+    return round(per_s, 3)
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -7,6 +7,9 @@ configured is recorded as ``""``, so no client text ever becomes a series.
 
 Which calls feed what:
 
+* ``mandant_rejections_total{tenant,reason,model}``: ``model`` is set where the
+  model's own limit refused the call (a per-model rate limit or quota, its queue
+  cap), ``""`` for the tenant's limits.
 * ``mandant_requests_total{tenant,model,code}``: every RPC. ``model`` is the
   configured name of the model that served an inference call, ``""`` otherwise
   (metadata RPCs, unknown model, unauthenticated).
@@ -101,8 +104,9 @@ class PrometheusObserver:
             "mandant_inflight_requests", "Calls being served now.", ["tenant"],
         )  # fmt: skip
         self.rejections = CounterSeries(
-            "mandant_rejections", "Requests refused by admission or a queue cap, by reason.",
-            ["tenant", "reason"],
+            "mandant_rejections", "Requests refused by admission or a queue cap, by reason; "
+            "model: the model whose own limit refused it (\"\" for the tenant's limits).",
+            ["tenant", "reason", "model"],
         )  # fmt: skip
         self.rows = CounterSeries(
             "mandant_rows", "Rows executed, for cost allocation.", ["tenant", "model"],
@@ -214,11 +218,11 @@ class PrometheusObserver:
     def refunded(self, tenant: str, model: str, rows: int) -> None:
         self.refunded_rows.inc((self._tenant(tenant), self._model(model)), rows)
 
-    def rejected(self, tenant: str, reason: str) -> None:
-        tenant = self._tenant(tenant)
-        self.rejections.inc((tenant, reason))
+    def rejected(self, tenant: str, reason: str, model: str = "") -> None:
+        tenant, model = self._tenant(tenant), self._model(model)
+        self.rejections.inc((tenant, reason, model))
         if self._live is not None:
-            self._live.record_rejection(tenant, reason)
+            self._live.record_rejection(tenant, reason, model)
 
     def inflight_changed(self, tenant: str, delta: int) -> None:
         # A call admitted before a reload removed its tenant still ends under its label.

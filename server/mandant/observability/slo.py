@@ -49,40 +49,73 @@ class Attainment:
         return self.good / self.total if self.total else None
 
     @property
-    def burn_rate(self) -> float:
-        """How fast the error budget burns: 1.0 spends exactly the budget."""
+    def burn_rate(self) -> float | None:
+        """How fast the error budget burns: 1.0 spends exactly the budget; None when
+        there were no requests to judge (no traffic burns nothing, but says nothing)."""
         if not self.total:
-            return 0.0
+            return None
         return ((self.total - self.good) / self.total) / (1.0 - self.objective)
 
     @property
-    def budget_left(self) -> float:
-        """Fraction of this window's error budget not yet spent (negative: overspent)."""
-        return 1.0 - self.burn_rate
+    def budget_left(self) -> float | None:
+        """Fraction of this window's error budget not yet spent (negative: overspent,
+        by that fraction); None when there were no requests to judge."""
+        burn = self.burn_rate
+        return None if burn is None else 1.0 - burn
 
     def as_dict(self) -> dict[str, float | int | None]:
+        """JSON-ready; fractions to 6 decimals (objectives go to 99.99 %)."""
         return {
             "good": self.good,
             "total": self.total,
-            "attainment": self.ratio,
-            "burn_rate": self.burn_rate,
-            "budget_left": self.budget_left,
+            "attainment": _round(self.ratio),
+            "burn_rate": _round(self.burn_rate),
+            "budget_left": _round(self.budget_left),
         }
 
 
-class _Ring:
-    """Good/total counts in ``size`` slots; a slot is reused once its time is past."""
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
 
-    __slots__ = ("good", "slot_ids", "total")
+
+class _Fold:
+    """Good/total of one window's closed slots, ``(end - length, end]``, kept up to
+    date slot by slot (see :meth:`_Ring.window`)."""
+
+    __slots__ = ("end", "good", "length", "total")
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.end = -(2**62)
+        self.good = 0
+        self.total = 0
+
+    def holds(self, slot: int) -> bool:
+        return self.end - self.length < slot <= self.end
+
+
+class _Ring:
+    """Good/total counts in ``size`` slots; a slot is reused once its time is past.
+    A window's sum is its closed slots' (folded in once each, taken out once each as
+    they leave it) plus the current slot's: a query costs the slots that moved since
+    the last one, not the window's length."""
+
+    __slots__ = ("folds", "good", "slot_ids", "total")
 
     def __init__(self, size: int) -> None:
         self.slot_ids = [-1] * size
         self.good = [0] * size
         self.total = [0] * size
+        self.folds: dict[int, _Fold] = {}
 
     def add(self, slot: int, good: bool) -> None:
         index = slot % len(self.slot_ids)
         if self.slot_ids[index] != slot:
+            old = self.slot_ids[index]
+            for fold in self.folds.values():  # a folded slot's counts leave with it
+                if fold.holds(old):
+                    fold.good -= self.good[index]
+                    fold.total -= self.total[index]
             self.slot_ids[index] = slot
             self.good[index] = 0
             self.total[index] = 0
@@ -90,13 +123,33 @@ class _Ring:
         if good:
             self.good[index] += 1
 
-    def sum(self, first_slot: int) -> tuple[int, int]:
-        good = total = 0
-        for index, slot in enumerate(self.slot_ids):
-            if slot >= first_slot:
-                good += self.good[index]
-                total += self.total[index]
-        return good, total
+    def _take(self, fold: _Fold, slot: int, sign: int) -> None:
+        index = slot % len(self.slot_ids)
+        if self.slot_ids[index] == slot:
+            fold.good += sign * self.good[index]
+            fold.total += sign * self.total[index]
+
+    def window(self, now_slot: int, slots: int) -> tuple[int, int]:
+        """Good and total in the ``slots`` slots ending with ``now_slot`` (at most
+        ``size - 1``)."""
+        length = min(slots, len(self.slot_ids) - 1) - 1  # the closed slots
+        fold = self.folds.get(length)
+        if fold is None:
+            fold = self.folds[length] = _Fold(length)
+        target = now_slot - 1
+        if target > fold.end:
+            for slot in range(max(fold.end - length + 1, target - 2 * length),
+                              min(fold.end, target - length) + 1):  # fmt: skip
+                self._take(fold, slot, -1)  # left the window
+            if target - fold.end > length:
+                fold.good = fold.total = 0
+            for slot in range(max(fold.end + 1, target - length + 1), target + 1):
+                self._take(fold, slot, 1)  # closed within the window
+            fold.end = target
+        index = now_slot % len(self.slot_ids)
+        if self.slot_ids[index] == now_slot:
+            return fold.good + self.good[index], fold.total + self.total[index]
+        return fold.good, fold.total
 
 
 class SloTracker:
@@ -145,7 +198,7 @@ class SloTracker:
         now_slot = int(self._clock() // self._resolution_s)
         slots = max(1, round(window_s / self._resolution_s))
         ring = self._rings.get(tenant)
-        good, total = ring.sum(now_slot - slots + 1) if ring is not None else (0, 0)
+        good, total = ring.window(now_slot, slots) if ring is not None else (0, 0)
         return Attainment(window_s, good, total, slo.objective)
 
     def report(self, tenant: str) -> dict[str, dict[str, float | int | None]]:

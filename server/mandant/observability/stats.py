@@ -176,8 +176,8 @@ class StatsObserver:
     def refunded(self, tenant: str, model: str, rows: int) -> None:
         self._forward.refunded(tenant, model, rows)
 
-    def rejected(self, tenant: str, reason: str) -> None:
-        self._forward.rejected(tenant, reason)
+    def rejected(self, tenant: str, reason: str, model: str = "") -> None:
+        self._forward.rejected(tenant, reason, model)
 
     def inflight_changed(self, tenant: str, delta: int) -> None:
         self._forward.inflight_changed(tenant, delta)

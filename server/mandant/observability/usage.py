@@ -1,19 +1,48 @@
 """Usage per tenant for cost allocation and support: what ``/usage`` on the HTTP port
-and ``AdminService.GetUsage`` over gRPC both report. Read from the Prometheus
-registry's series (counts since this process started) and, for quota use, from the
-limits store (every replica's, with Redis)."""
+and ``AdminService.GetUsage`` over gRPC both report, saying the scope of each figure:
+
+- ``requests``, ``rows``, ``compute_seconds``, ``rejections``, ``admitted_rows``: this
+  replica's, since this process started (its Prometheus registry's series; a fleet
+  total is the sum over replicas, as Prometheus sums them);
+- ``quota.used``: every replica's where the limits store is Redis (``quota.scope``
+  says which it is: this process's own counts while Redis is down);
+- ``fleet`` (with the Redis store only): every replica's requests, rows, compute
+  seconds and rejections today and this month (UTC), kept in Redis beside the limits
+  (``tenancy/redis_usage.py``, fed by :class:`FleetCounting`): what billing reads."""
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry
+from redis.exceptions import RedisError
 
 from mandant.config import TenantConfig
+from mandant.events import Observer
 from mandant.observability.live import LiveStats
 from mandant.tenancy.directory import TenantDirectory
+from mandant.tenancy.redis_usage import RedisUsage
+
+logger = logging.getLogger(__name__)
+
+#: Who answers a report: the figures marked ``replica`` are this process's.
+REPLICA = f"{socket.gethostname()}:{os.getpid()}"
+#: The scope of each per-tenant figure of a report (``quota`` and ``fleet``: see
+#: ``quota.scope`` and whether ``fleet`` is there).
+SCOPES = {
+    "requests": "replica",
+    "rows": "replica",
+    "compute_seconds": "replica",
+    "rejections": "replica",
+    "admitted_rows": "replica",
+    "quota": "fleet with limits.store redis (quota.scope), else replica",
+    "fleet": "fleet: every replica's, today and this month (UTC), from Redis",
+}
 
 
 @runtime_checkable
@@ -22,6 +51,79 @@ class QuotaUsage(Protocol):
     as the limits store counts them (every replica's, with Redis)."""
 
     async def quota_used(self, tenant: str) -> Mapping[str, int]: ...
+
+    @property
+    def quota_scope(self) -> str:
+        """``fleet`` where ``quota_used`` reads every replica's counts, else ``replica``."""
+        ...
+
+
+class FleetCounting:
+    """An observer that passes every event on to ``inner`` and counts, for ``usage``
+    (Redis, fleet-wide), each tenant's answered calls by code, rows and compute
+    seconds by model, and rejections by reason (in process: ``RedisUsage.add``)."""
+
+    __slots__ = ("_add", "_inner")
+
+    def __init__(self, inner: Observer, usage: RedisUsage) -> None:
+        self._inner = inner
+        self._add = usage.add
+
+    def request_finished(
+        self, tenant: str, model: str, code: str, duration_s: float, version: str = ""
+    ) -> None:
+        self._inner.request_finished(tenant, model, code, duration_s, version)
+        if tenant:
+            self._add(tenant, "requests", code, 1)
+
+    def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:
+        self._inner.request_timing(tenant, model, queue_s, compute_s)
+
+    def batch_executed(
+        self, model: str, size: int, compute_s: float, rows_by_tenant: Mapping[str, int]
+    ) -> None:
+        self._inner.batch_executed(model, size, compute_s, rows_by_tenant)
+        total_rows = sum(rows_by_tenant.values()) or 1
+        for tenant, rows in rows_by_tenant.items():
+            self._add(tenant, "rows", model, rows)
+            self._add(tenant, "compute_seconds", model, compute_s * rows / total_rows)
+
+    def batch_failed(self, model: str, size: int) -> None:
+        self._inner.batch_failed(model, size)
+
+    def admitted(self, tenant: str, model: str, rows: int) -> None:
+        self._inner.admitted(tenant, model, rows)
+
+    def refunded(self, tenant: str, model: str, rows: int) -> None:
+        self._inner.refunded(tenant, model, rows)
+
+    def rejected(self, tenant: str, reason: str, model: str = "") -> None:
+        self._inner.rejected(tenant, reason, model)
+        if tenant:
+            self._add(tenant, "rejections", reason, 1)
+
+    def inflight_changed(self, tenant: str, delta: int) -> None:
+        self._inner.inflight_changed(tenant, delta)
+
+    def store_error(self, store: str) -> None:
+        self._inner.store_error(store)
+
+
+def _counts(fields: Mapping[str, float]) -> dict[str, Any]:
+    """A fleet period's hash as the report's figures (the same names as this
+    replica's)."""
+    entry: dict[str, Any] = {}
+    for name in ("requests", "rows", "compute_seconds", "rejections"):
+        entry[name] = {}
+        entry[f"{name}_total"] = 0.0 if name == "compute_seconds" else 0
+    for field, value in fields.items():
+        name, _, label = field.partition(":")
+        if name not in entry:
+            continue
+        amount = value if name == "compute_seconds" else int(value)
+        entry[name][label] = amount
+        entry[f"{name}_total"] += amount
+    return entry
 
 
 class UsageReports:
@@ -33,15 +135,18 @@ class UsageReports:
         tenants: Sequence[TenantConfig] | TenantDirectory,
         live: LiveStats,
         quota: QuotaUsage | None = None,
+        fleet: RedisUsage | None = None,
     ) -> None:
         """``tenants``: the tenant directory (reports list the tenants and quota limits
-        of its current snapshot), or fixed configs."""
+        of its current snapshot), or fixed configs. ``fleet``: the fleet-wide counters
+        (the Redis store's), if any."""
         self._registry = registry
         self._directory = (
             tenants if isinstance(tenants, TenantDirectory) else TenantDirectory(tenants)
         )
         self._live = live
         self._quota = quota
+        self._fleet = fleet
 
     @property
     def tenant_ids(self) -> tuple[str, ...]:
@@ -51,7 +156,31 @@ class UsageReports:
         """Every current tenant's usage, or ``only`` that tenant's."""
         tenants = [t for t in self._directory.current.configs if only is None or t.id == only]
         used = {t.id: await self._quota_used(t) for t in tenants}
-        return usage_report(self._registry, tenants, used)
+        report = usage_report(self._registry, tenants, used)
+        fleet_scope = "replica" if self._quota is None else self._quota.quota_scope
+        for tenant in tenants:
+            if tenant.quota is not None:
+                report["tenants"][tenant.id]["quota"]["scope"] = fleet_scope
+        fleet = await self._fleet_counts([t.id for t in tenants])
+        for tenant_id, entry in report["tenants"].items():
+            entry["fleet"] = fleet.get(tenant_id) if fleet is not None else None
+        report["fleet_available"] = fleet is not None
+        return report
+
+    async def _fleet_counts(self, tenants: list[str]) -> dict[str, dict[str, Any]] | None:
+        """Every replica's counts per tenant and period; None without Redis or while
+        it does not answer."""
+        if self._fleet is None:
+            return None
+        try:
+            counts = await self._fleet.read(tenants)
+        except (RedisError, OSError, TimeoutError) as exc:
+            logger.warning("usage report: fleet counters unavailable (%s)", type(exc).__name__)
+            return None
+        return {
+            tenant: {period: _counts(fields) for period, fields in periods.items()}
+            for tenant, periods in counts.items()
+        }
 
     async def _quota_used(self, tenant: TenantConfig) -> Mapping[str, int]:
         """The limits store's counts where the tenant has a quota; else the rows this
@@ -83,6 +212,7 @@ def usage_report(
             "quota": {
                 "limits": t.quota.model_dump(exclude_none=True) if t.quota else {},
                 "used": dict(quota_used[t.id]) if quota_used and t.id in quota_used else None,
+                "scope": "replica",
             },
         }
         for t in tenants
@@ -108,4 +238,9 @@ def usage_report(
                 add(entry, "rejections", sample.labels["reason"], int(value))
             elif sample.name == "mandant_admitted_rows_total":
                 entry["admitted_rows"] += int(value)
-    return {"generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tenants": report}
+    return {
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "replica": REPLICA,
+        "scopes": SCOPES,
+        "tenants": report,
+    }

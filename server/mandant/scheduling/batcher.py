@@ -163,7 +163,7 @@ class DynamicBatcher:
         tenant = request.tenant.id
         cap = self._config.max_queue_rows
         if cap is not None and self._queue.rows_of(tenant) + request.rows > cap:
-            self._observer.rejected(tenant, "queue_full")
+            self._observer.rejected(tenant, "queue_full", self._model)
             raise QueueFull(
                 f"queue of model '{self._model}' is full for this tenant ({cap} rows)",
                 retry_after_s=self._retry_after_s(self._queue.rows_of(tenant)),

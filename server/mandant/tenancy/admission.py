@@ -163,6 +163,7 @@ class TenantAdmission:
         self._retry_at = 0.0  # monotonic: no call to the shared store before this
         self._outage_failures = 0
         self._outage_since = 0.0
+        self._quota_scope = "fleet" if shared is not None else "replica"
 
     async def start(self) -> None:
         if self._shared is not None:
@@ -193,13 +194,21 @@ class TenantAdmission:
         }
         if self._shared is not None:
             try:
-                return {
+                used = {
                     label: await self._shared.used(scope, name, period)
                     for label, (name, period) in quotas.items()
                 }
             except StoreUnavailable:
-                pass
+                self._quota_scope = "replica"
+            else:
+                self._quota_scope = "fleet"
+                return used
         return {label: self._local.used(scope, name) for label, (name, _) in quotas.items()}
+
+    @property
+    def quota_scope(self) -> str:
+        """Whose rows the last ``quota_used`` counted: ``fleet`` (Redis) or ``replica``."""
+        return self._quota_scope
 
     def inflight(self, tenant: str) -> int:
         return self._inflight.get(tenant, 0)
@@ -239,7 +248,9 @@ class TenantAdmission:
             if denial is not None:
                 self._inflight[tenant.id] -= 1
                 self._observer.rejected(
-                    tenant.id, denial.limit.name if isinstance(denial.limit, Rate) else "quota"
+                    tenant.id,
+                    denial.limit.name if isinstance(denial.limit, Rate) else "quota",
+                    denial.scope[1] or "",  # the model of a per-model limit
                 )
                 raise _error(denial)
         self._observer.admitted(tenant.id, model.name, rows)

@@ -195,7 +195,10 @@ class _Connection(asyncio.BufferedProtocol):
         self.opened.set()  # nobody waits for a STATUS that cannot come
 
     def close(self) -> None:
+        """Send what waits (a stopping front end's last observer events), then close."""
         if self._transport is not None:
+            if self._events or self._requests or self._cancels:
+                self._flush()
             self._transport.close()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -301,8 +304,8 @@ class RemoteObserver:
     def refunded(self, tenant: str, model: str, rows: int) -> None:
         self._link.report("refunded", tenant, model, rows)
 
-    def rejected(self, tenant: str, reason: str) -> None:
-        self._link.report("rejected", tenant, reason)
+    def rejected(self, tenant: str, reason: str, model: str = "") -> None:
+        self._link.report("rejected", tenant, reason, model)
 
     def inflight_changed(self, tenant: str, delta: int) -> None:
         self._link.report("inflight_changed", tenant, delta)

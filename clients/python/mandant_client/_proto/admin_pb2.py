@@ -24,13 +24,21 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 
 
 
-DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n\x0b\x61\x64min.proto\x12\x10mandant.admin.v1\"!\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\xd1\x04\n\x0bTenantUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12=\n\x08requests\x18\x02 \x03(\x0b\x32+.mandant.admin.v1.TenantUsage.RequestsEntry\x12\x35\n\x04rows\x18\x03 \x03(\x0b\x32\'.mandant.admin.v1.TenantUsage.RowsEntry\x12J\n\x0f\x63ompute_seconds\x18\x04 \x03(\x0b\x32\x31.mandant.admin.v1.TenantUsage.ComputeSecondsEntry\x12\x41\n\nrejections\x18\x05 \x03(\x0b\x32-.mandant.admin.v1.TenantUsage.RejectionsEntry\x12\x12\n\nrows_today\x18\x06 \x01(\x04\x12\x17\n\x0frows_this_month\x18\x07 \x01(\x04\x12\x1a\n\x12quota_rows_per_day\x18\x08 \x01(\x04\x12\x1c\n\x14quota_rows_per_month\x18\t \x01(\x04\x1a/\n\rRequestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a+\n\tRowsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x35\n\x13\x43omputeSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0fRejectionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"X\n\x10GetUsageResponse\x12.\n\x07tenants\x18\x01 \x03(\x0b\x32\x1d.mandant.admin.v1.TenantUsage\x12\x14\n\x0cgenerated_at\x18\x02 \x01(\t2c\n\x0c\x41\x64minService\x12S\n\x08GetUsage\x12!.mandant.admin.v1.GetUsageRequest\x1a\".mandant.admin.v1.GetUsageResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n\x0b\x61\x64min.proto\x12\x10mandant.admin.v1\"!\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\xd5\x03\n\nFleetUsage\x12<\n\x08requests\x18\x01 \x03(\x0b\x32*.mandant.admin.v1.FleetUsage.RequestsEntry\x12\x34\n\x04rows\x18\x02 \x03(\x0b\x32&.mandant.admin.v1.FleetUsage.RowsEntry\x12I\n\x0f\x63ompute_seconds\x18\x03 \x03(\x0b\x32\x30.mandant.admin.v1.FleetUsage.ComputeSecondsEntry\x12@\n\nrejections\x18\x04 \x03(\x0b\x32,.mandant.admin.v1.FleetUsage.RejectionsEntry\x1a/\n\rRequestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a+\n\tRowsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x35\n\x13\x43omputeSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0fRejectionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xd1\x05\n\x0bTenantUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12=\n\x08requests\x18\x02 \x03(\x0b\x32+.mandant.admin.v1.TenantUsage.RequestsEntry\x12\x35\n\x04rows\x18\x03 \x03(\x0b\x32\'.mandant.admin.v1.TenantUsage.RowsEntry\x12J\n\x0f\x63ompute_seconds\x18\x04 \x03(\x0b\x32\x31.mandant.admin.v1.TenantUsage.ComputeSecondsEntry\x12\x41\n\nrejections\x18\x05 \x03(\x0b\x32-.mandant.admin.v1.TenantUsage.RejectionsEntry\x12\x12\n\nrows_today\x18\x06 \x01(\x04\x12\x17\n\x0frows_this_month\x18\x07 \x01(\x04\x12\x1a\n\x12quota_rows_per_day\x18\x08 \x01(\x04\x12\x1c\n\x14quota_rows_per_month\x18\t \x01(\x04\x12\x13\n\x0bquota_scope\x18\n \x01(\t\x12\x31\n\x0b\x66leet_today\x18\x0b \x01(\x0b\x32\x1c.mandant.admin.v1.FleetUsage\x12\x36\n\x10\x66leet_this_month\x18\x0c \x01(\x0b\x32\x1c.mandant.admin.v1.FleetUsage\x1a/\n\rRequestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a+\n\tRowsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x35\n\x13\x43omputeSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0fRejectionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"i\n\x10GetUsageResponse\x12.\n\x07tenants\x18\x01 \x03(\x0b\x32\x1d.mandant.admin.v1.TenantUsage\x12\x14\n\x0cgenerated_at\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\t2c\n\x0c\x41\x64minService\x12S\n\x08GetUsage\x12!.mandant.admin.v1.GetUsageRequest\x1a\".mandant.admin.v1.GetUsageResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_FLEETUSAGE_REQUESTSENTRY']._loaded_options = None
+  _globals['_FLEETUSAGE_REQUESTSENTRY']._serialized_options = b'8\001'
+  _globals['_FLEETUSAGE_ROWSENTRY']._loaded_options = None
+  _globals['_FLEETUSAGE_ROWSENTRY']._serialized_options = b'8\001'
+  _globals['_FLEETUSAGE_COMPUTESECONDSENTRY']._loaded_options = None
+  _globals['_FLEETUSAGE_COMPUTESECONDSENTRY']._serialized_options = b'8\001'
+  _globals['_FLEETUSAGE_REJECTIONSENTRY']._loaded_options = None
+  _globals['_FLEETUSAGE_REJECTIONSENTRY']._serialized_options = b'8\001'
   _globals['_TENANTUSAGE_REQUESTSENTRY']._loaded_options = None
   _globals['_TENANTUSAGE_REQUESTSENTRY']._serialized_options = b'8\001'
   _globals['_TENANTUSAGE_ROWSENTRY']._loaded_options = None
@@ -41,18 +49,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENANTUSAGE_REJECTIONSENTRY']._serialized_options = b'8\001'
   _globals['_GETUSAGEREQUEST']._serialized_start=33
   _globals['_GETUSAGEREQUEST']._serialized_end=66
-  _globals['_TENANTUSAGE']._serialized_start=69
-  _globals['_TENANTUSAGE']._serialized_end=662
-  _globals['_TENANTUSAGE_REQUESTSENTRY']._serialized_start=464
-  _globals['_TENANTUSAGE_REQUESTSENTRY']._serialized_end=511
-  _globals['_TENANTUSAGE_ROWSENTRY']._serialized_start=513
-  _globals['_TENANTUSAGE_ROWSENTRY']._serialized_end=556
-  _globals['_TENANTUSAGE_COMPUTESECONDSENTRY']._serialized_start=558
-  _globals['_TENANTUSAGE_COMPUTESECONDSENTRY']._serialized_end=611
-  _globals['_TENANTUSAGE_REJECTIONSENTRY']._serialized_start=613
-  _globals['_TENANTUSAGE_REJECTIONSENTRY']._serialized_end=662
-  _globals['_GETUSAGERESPONSE']._serialized_start=664
-  _globals['_GETUSAGERESPONSE']._serialized_end=752
-  _globals['_ADMINSERVICE']._serialized_start=754
-  _globals['_ADMINSERVICE']._serialized_end=853
+  _globals['_FLEETUSAGE']._serialized_start=69
+  _globals['_FLEETUSAGE']._serialized_end=538
+  _globals['_FLEETUSAGE_REQUESTSENTRY']._serialized_start=340
+  _globals['_FLEETUSAGE_REQUESTSENTRY']._serialized_end=387
+  _globals['_FLEETUSAGE_ROWSENTRY']._serialized_start=389
+  _globals['_FLEETUSAGE_ROWSENTRY']._serialized_end=432
+  _globals['_FLEETUSAGE_COMPUTESECONDSENTRY']._serialized_start=434
+  _globals['_FLEETUSAGE_COMPUTESECONDSENTRY']._serialized_end=487
+  _globals['_FLEETUSAGE_REJECTIONSENTRY']._serialized_start=489
+  _globals['_FLEETUSAGE_REJECTIONSENTRY']._serialized_end=538
+  _globals['_TENANTUSAGE']._serialized_start=541
+  _globals['_TENANTUSAGE']._serialized_end=1262
+  _globals['_TENANTUSAGE_REQUESTSENTRY']._serialized_start=340
+  _globals['_TENANTUSAGE_REQUESTSENTRY']._serialized_end=387
+  _globals['_TENANTUSAGE_ROWSENTRY']._serialized_start=389
+  _globals['_TENANTUSAGE_ROWSENTRY']._serialized_end=432
+  _globals['_TENANTUSAGE_COMPUTESECONDSENTRY']._serialized_start=434
+  _globals['_TENANTUSAGE_COMPUTESECONDSENTRY']._serialized_end=487
+  _globals['_TENANTUSAGE_REJECTIONSENTRY']._serialized_start=489
+  _globals['_TENANTUSAGE_REJECTIONSENTRY']._serialized_end=538
+  _globals['_GETUSAGERESPONSE']._serialized_start=1264
+  _globals['_GETUSAGERESPONSE']._serialized_end=1369
+  _globals['_ADMINSERVICE']._serialized_start=1371
+  _globals['_ADMINSERVICE']._serialized_end=1470
 # @@protoc_insertion_point(module_scope)

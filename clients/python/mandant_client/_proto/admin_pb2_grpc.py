@@ -45,7 +45,10 @@ class AdminServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetUsage(self, request, context):
-        """Usage per tenant since this process started (quota use from the limits store).
+        """Usage per tenant: this replica's since it started (requests, rows, compute
+        seconds, rejections), quota use from the limits store (every replica's with
+        Redis: quota_scope), and with the Redis store every replica's counts today and
+        this month (fleet_today, fleet_this_month): what billing reads.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

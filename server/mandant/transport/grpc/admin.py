@@ -17,9 +17,21 @@ Context: TypeAlias = grpc.aio.ServicerContext
 ADMIN_SERVICE = "mandant.admin.v1.AdminService"
 
 
+def _fleet_usage(counts: dict[str, Any] | None) -> pb.FleetUsage | None:
+    if counts is None:
+        return None
+    return pb.FleetUsage(
+        requests={code: int(n) for code, n in counts["requests"].items()},
+        rows={model: int(n) for model, n in counts["rows"].items()},
+        compute_seconds=counts["compute_seconds"],
+        rejections={reason: int(n) for reason, n in counts["rejections"].items()},
+    )
+
+
 def _tenant_usage(tenant: str, entry: dict[str, Any]) -> pb.TenantUsage:
     used = entry["quota"]["used"] or {}
     limits = entry["quota"]["limits"]
+    fleet = entry["fleet"] or {}
     return pb.TenantUsage(
         tenant=tenant,
         requests={code: int(n) for code, n in entry["requests"].items()},
@@ -30,6 +42,9 @@ def _tenant_usage(tenant: str, entry: dict[str, Any]) -> pb.TenantUsage:
         rows_this_month=used.get("rows_this_month", 0),
         quota_rows_per_day=limits.get("rows_per_day", 0),
         quota_rows_per_month=limits.get("rows_per_month", 0),
+        quota_scope=entry["quota"]["scope"],
+        fleet_today=_fleet_usage(fleet.get("today")),
+        fleet_this_month=_fleet_usage(fleet.get("this_month")),
     )
 
 
@@ -45,6 +60,7 @@ class AdminServicer:
         report = await self._reports.report(only=request.tenant or None)
         return pb.GetUsageResponse(
             generated_at=report["generated_at"],
+            replica=report["replica"],
             tenants=[
                 _tenant_usage(tenant, entry)
                 for tenant, entry in report["tenants"].items()

@@ -113,14 +113,18 @@ class GrpcServer:
         self._config = config
         self._health = health.aio.HealthServicer()
         self._health_watch: asyncio.Task[None] | None = None
-        self._server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.so_reuseport", 1 if forward is not None else 0),
-                ("grpc.max_concurrent_streams", config.max_concurrent_streams),
-            ],
-        )
+        options: list[tuple[str, int]] = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 1 if forward is not None else 0),
+            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ]
+        if config.max_connection_age_s is not None and bind is None:
+            options += [
+                ("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", round(config.grace_s * 1000)),
+            ]
+        self._server = grpc.aio.server(options=options)
         self._bind = bind
         tls = config.tls
         self._certificates = GrpcCertificates(tls) if tls is not None and bind is None else None

@@ -1,0 +1,138 @@
+"""Fleet usage: with the Redis store, every replica's usage counters live in Redis
+beside the limits, and one report from any replica gives the fleet's totals, next to
+this replica's own figures, each marked with its scope."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from mandant.config import parse_config
+from mandant.tenancy.redis_usage import RedisUsage
+from mandant_client import Client
+from mandant_client import RateLimited as ClientRateLimited
+from mandant_client._proto import admin_pb2, admin_pb2_grpc
+from tests.integration.redis_server import RedisServer, redis_server
+from tests.integration.test_redis_limits import KEY, config_data
+from tests.servers import SERVER_KINDS, ServerThread, serve
+
+__all__ = ["redis_server"]  # the fixture
+
+ADMIN_KEY = "fleet-admin-key"
+
+
+def fleet_config(url: str) -> Any:
+    from mandant.tenancy.keys import hash_key
+
+    data = config_data(url, key_prefix="fleet")
+    data["server"]["admin_keys"] = [hash_key(ADMIN_KEY)]
+    data["tenants"][0]["rate_limit"] = {"requests_per_s": 0.001, "burst": 7}
+    data["tenants"][0]["quota"] = {"rows_per_day": 1000}
+    return parse_config(data)
+
+
+def _usage(http_port: int) -> dict[str, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{http_port}/usage",
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        result: dict[str, Any] = json.loads(response.read())
+    return result
+
+
+def _call(target: str, rows: int, times: int) -> None:
+    with Client(target, api_key=KEY) as client:
+        for _ in range(times):
+            client.infer("echo", {"INPUT0": np.ones((rows, 2), np.float32)})
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+def test_one_report_gives_the_fleet_sum_of_two_replicas(
+    kind: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two replicas (each one process, or each ``workers: 2``: the front ends'
+    calls are counted by the engine)."""
+    config = fleet_config(redis_server.url)
+    first = serve(kind, config, tmp_path)
+    second = serve(kind, config, tmp_path)
+    try:
+        _call(first.target, rows=2, times=3)
+        _call(second.target, rows=3, times=4)
+        with pytest.raises(ClientRateLimited):  # the shared burst of 7 is spent
+            _call(second.target, rows=1, times=1)
+    finally:
+        second.stop()  # a graceful stop sends its last counts to Redis
+    try:
+        report = _usage(first.app.http_port if isinstance(first, ServerThread) else first.http_port)
+        with grpc.insecure_channel(first.target) as channel:
+            reply = admin_pb2_grpc.AdminServiceStub(channel).GetUsage(
+                admin_pb2.GetUsageRequest(tenant="acme"),
+                metadata=(("authorization", f"Bearer {ADMIN_KEY}"),),
+            )
+    finally:
+        first.stop()
+
+    acme = report["tenants"]["acme"]
+    # This replica's own figures, marked as such.
+    assert report["scopes"]["requests"] == report["scopes"]["rows"] == "replica"
+    assert report["replica"] == reply.replica != ""
+    assert acme["requests"] == {"OK": 3} and acme["rows"] == {"echo": 6}
+    # Quota use and the fleet figures: every replica's.
+    assert acme["quota"]["scope"] == reply.tenants[0].quota_scope == "fleet"
+    assert acme["quota"]["used"]["rows_today"] == 6 + 12
+    assert report["fleet_available"] is True
+    for period in ("today", "this_month"):
+        fleet = acme["fleet"][period]
+        assert fleet["requests"] == {"OK": 7, "RESOURCE_EXHAUSTED": 1}
+        assert fleet["rows"] == {"echo": 18} and fleet["rows_total"] == 18
+        assert fleet["rejections"] == {"requests_per_s": 1}
+        assert fleet["compute_seconds_total"] > 0
+    usage = reply.tenants[0]
+    assert dict(usage.requests) == {"OK": 3}
+    for counts in (usage.fleet_today, usage.fleet_this_month):
+        assert dict(counts.requests) == {"OK": 7, "RESOURCE_EXHAUSTED": 1}
+        assert dict(counts.rows) == {"echo": 18}
+
+
+def test_a_local_store_has_no_fleet_figures(tmp_path: Path) -> None:
+    data = config_data("redis://unused")
+    data["limits"] = {"store": "local"}
+    from mandant.tenancy.keys import hash_key
+
+    data["server"]["admin_keys"] = [hash_key(ADMIN_KEY)]
+    with ServerThread(parse_config(data), tmp_path) as server:
+        _call(server.target, rows=1, times=1)
+        assert server.app is not None
+        report = _usage(server.app.http_port)
+    assert report["fleet_available"] is False
+    assert report["tenants"]["acme"]["fleet"] is None
+    assert report["tenants"]["acme"]["requests"] == {"OK": 1}
+
+
+async def test_counts_redis_did_not_take_go_with_a_later_flush(
+    redis_server: RedisServer,
+) -> None:
+    limits = fleet_config(redis_server.url).limits
+    usage = RedisUsage(limits, flush_interval_s=3600)
+    await usage.start()
+    try:
+        usage.add("acme", "rows", "echo", 5)
+        redis_server.stop()
+        assert await usage.flush() is False
+        usage.add("acme", "rows", "echo", 2)
+        usage.add("acme", "compute_seconds", "echo", 0.25)
+        redis_server.start()
+        assert await usage.flush() is True
+        counts = await usage.read(["acme", "globex"])
+    finally:
+        await usage.aclose()
+    assert counts["acme"]["today"] == {"rows:echo": 7.0, "compute_seconds:echo": 0.25}
+    assert counts["acme"]["this_month"] == counts["acme"]["today"]
+    assert counts["globex"] == {"today": {}, "this_month": {}}
