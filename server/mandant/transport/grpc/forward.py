@@ -14,11 +14,16 @@ and no identity can pass for two).
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from collections.abc import Callable, Iterable
 
 import grpc
 
 from mandant.transport.grpc.gateway import Context
+from mandant.transport.grpc.status import INTERNAL_MESSAGE
+
+logger = logging.getLogger(__name__)
 
 #: Metadata naming a forwarded call's verified client certificate identities (one per
 #: line); only the engine's private socket trusts it.
@@ -74,12 +79,12 @@ class Forwarder:
         async def forward(raw: bytes, context: Context) -> bytes:
             if not engine_up():
                 await context.abort(grpc.StatusCode.UNAVAILABLE, ENGINE_DOWN)
-            metadata = _forwarded(context.invocation_metadata() or ())
-            if identities is not None:
-                peer = identities(context)
-                if peer:
-                    metadata.append((PEER_IDENTITIES, encode_identities(peer)))
             try:
+                metadata = _forwarded(context.invocation_metadata() or ())
+                if identities is not None:
+                    peer = identities(context)
+                    if peer:
+                        metadata.append((PEER_IDENTITIES, encode_identities(peer)))
                 answer: bytes = await call(
                     raw, metadata=tuple(metadata), timeout=context.time_remaining()
                 )
@@ -96,6 +101,12 @@ class Forwarder:
                 if exc.code() is grpc.StatusCode.UNAVAILABLE and "unix:" in details:
                     details = ENGINE_DOWN  # the engine's socket, not its answer: no path
                 await context.abort(exc.code(), details)
+            except Exception:  # a fault of ours: a status at once, never a hung call
+                request_id = uuid.uuid4().hex[:16]
+                logger.exception("internal error forwarding %s (request id %s)", path, request_id)
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE.format(request_id=request_id)
+                )
             return answer
 
         return grpc.unary_unary_rpc_method_handler(forward)
