@@ -403,3 +403,18 @@ def test_sighup_reaches_every_process(fresh: WorkersServer, tmp_path: Path) -> N
             assert exc.code is grpc.StatusCode.UNAUTHENTICATED
             assert time.monotonic() < deadline
             time.sleep(0.2)
+
+
+def test_a_sighup_while_a_front_end_starts_does_not_kill_it(fresh: WorkersServer) -> None:
+    """A front end killed outright is started again; a SIGHUP that comes while it is
+    still importing reaches it once it serves (it would end a process that has no
+    handler yet, which would then be restarted again)."""
+    victim, _ = fresh.children()["front-end"]
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(0.35)  # the new front end is importing
+    assert fresh.process is not None
+    fresh.process.send_signal(signal.SIGHUP)
+    pids = _wait_for_pids(fresh, "front-end", 2, {victim})
+    time.sleep(2.0)
+    assert sorted(fresh.children()["front-end"]) == sorted(pids)
+    _serving(fresh.target)
