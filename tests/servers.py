@@ -134,7 +134,8 @@ class ServerThread:
 
 class WorkersServer:
     """``mandant serve`` with ``server.workers`` front-end processes and one engine, as
-    a user runs it (a supervisor process and its children), with the interface of
+    a user runs it (a supervisor process and its children; ``workers=1``: the single
+    process), with the interface of
     :class:`ServerThread` that tests use (``target``, the ports; no ``app``: the
     server's insides are in other processes). The configuration is written to a YAML
     file in ``base_dir``, so its relative paths mean what they meant."""

@@ -21,7 +21,7 @@ import pytest
 
 from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
-from tests.servers import ECHO_MODEL, ROOT, ServerThread
+from tests.servers import ECHO_MODEL, ROOT, WorkersServer
 
 NODE_CLIENT = ROOT / "clients" / "node"
 CALL_TIMEOUT_S = 60
@@ -82,16 +82,17 @@ def node_config() -> MandantConfig:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    """One server kind: the gRPC wire is the same with ``workers: N`` (its front ends
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkersServer]:
+    """``mandant serve`` (one process) as a user runs it, from a configuration file.
+    One server kind: the gRPC wire is the same with ``workers: N`` (its front ends
     run the same parsing and status table), and each kind costs seconds to start."""
-    with ServerThread(node_config(), tmp_path_factory.mktemp("node")) as running:
+    with WorkersServer(node_config(), tmp_path_factory.mktemp("node"), workers=1) as running:
         yield running
 
 
 def check(
     node: str,
-    server: ServerThread,
+    server: WorkersServer,
     key: str,
     model: str,
     inputs: list[dict[str, Any]],
@@ -117,7 +118,7 @@ def tensor(datatype: str, values: np.ndarray[Any, Any] | list[str]) -> dict[str,
     return {"name": "INPUT0", "datatype": datatype, "shape": shape, "data": data}
 
 
-def test_infer_returns_the_fp32_tensor_it_sent(node: str, server: ServerThread) -> None:
+def test_infer_returns_the_fp32_tensor_it_sent(node: str, server: WorkersServer) -> None:
     sent = np.random.default_rng(7).standard_normal((3, 5)).astype(np.float32)
     [line] = check(node, server, "acme-key", "echo", [tensor("FP32", sent)])
     assert line["ok"], line
@@ -126,7 +127,7 @@ def test_infer_returns_the_fp32_tensor_it_sent(node: str, server: ServerThread) 
     np.testing.assert_array_equal(np.array(output["data"], np.float32).reshape(3, 5), sent)
 
 
-def test_int64_values_beyond_a_double_come_back_exactly(node: str, server: ServerThread) -> None:
+def test_int64_values_beyond_a_double_come_back_exactly(node: str, server: WorkersServer) -> None:
     sent = np.array([[2**62 + 1, -(2**63)], [2**53 + 1, -7]], np.int64)
     inputs = [tensor("INT64", sent)]
     inputs[0]["data"] = [str(value) for value in inputs[0]["data"]]  # JSON numbers are doubles
@@ -137,14 +138,14 @@ def test_int64_values_beyond_a_double_come_back_exactly(node: str, server: Serve
     assert output["data"] == [str(value) for value in sent.ravel()]
 
 
-def test_bytes_elements_come_back_framed_as_they_went(node: str, server: ServerThread) -> None:
+def test_bytes_elements_come_back_framed_as_they_went(node: str, server: WorkersServer) -> None:
     sent = ["", "tenant", "naïve ✓", "a\u0000b"]
     [line] = check(node, server, "acme-key", "echo_bytes", [tensor("BYTES", sent)])
     assert line["ok"], line
     assert line["outputs"]["OUTPUT0"]["data"] == sent
 
 
-def test_another_tenants_private_model_is_not_found(node: str, server: ServerThread) -> None:
+def test_another_tenants_private_model_is_not_found(node: str, server: WorkersServer) -> None:
     rows = [tensor("FP32", np.ones((1, 2), np.float32))]
     [own] = check(node, server, "acme-key", "secret", rows)
     assert own["ok"], own
@@ -154,7 +155,7 @@ def test_another_tenants_private_model_is_not_found(node: str, server: ServerThr
 
 
 def test_a_rate_limited_tenant_gets_resource_exhausted_with_pushback(
-    node: str, server: ServerThread
+    node: str, server: WorkersServer
 ) -> None:
     """0.5 requests/s with a burst of 1: the first call passes, the next ones wait ~2 s."""
     rows = [tensor("FP32", np.ones((1, 2), np.float32))]
@@ -166,7 +167,7 @@ def test_a_rate_limited_tenant_gets_resource_exhausted_with_pushback(
         assert 0 < line["retryAfterMs"] <= 2000
 
 
-def test_a_wrong_key_is_unauthenticated(node: str, server: ServerThread) -> None:
+def test_a_wrong_key_is_unauthenticated(node: str, server: WorkersServer) -> None:
     [line] = check(node, server, "wrong-key", "echo", [tensor("FP32", np.ones((1, 2), np.float32))])
     assert (line["ok"], line["code"], line["codeName"]) == (False, 16, "UNAUTHENTICATED")
     assert line["retryAfterMs"] is None
