@@ -56,14 +56,20 @@ class Page:
         await self.send("Page.navigate", url=url)
 
     async def wait_for(self, expression: str, timeout_s: float = 30.0) -> Any:
-        """Poll until the expression is truthy; its value."""
+        """Poll until the expression is truthy; its value. An expression that throws
+        (e.g. ``document.body`` while a navigation has not made it yet) counts as not
+        yet true."""
         deadline = asyncio.get_running_loop().time() + timeout_s
+        last_error = ""
         while True:
-            value = await self.eval(expression)
+            try:
+                value = await self.eval(expression)
+            except AssertionError as exc:
+                value, last_error = None, str(exc)
             if value:
                 return value
             if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"never true within {timeout_s}s: {expression}")
+                raise AssertionError(f"never true within {timeout_s}s: {expression} {last_error}")
             await asyncio.sleep(0.1)
 
     async def click(self, selector: str) -> None:
