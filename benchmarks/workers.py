@@ -2,7 +2,8 @@
 engine, ``server/mandant/workers/``), in one run, on ``echo``:
 
 - concurrency 1: p50/p99 of one-row calls (a light client: pre-serialized bytes over
-  raw grpc.aio), and the p50 the extra processes add;
+  raw grpc.aio), in rounds alternating between the two servers, and the p50 the extra
+  processes add;
 - concurrency ``--inflight`` over ``--connections`` connections (each its own TCP
   connection, so the kernel spreads them over the front ends): calls/s, and the CPU
   each server process spent per call (from /proc, utime + stime);
@@ -43,6 +44,8 @@ from benchmarks._server import free_port, pinned, subprocess_env, write_config
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 METADATA = (("authorization", f"Bearer {KEYS['acme']}"),)
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+#: Concurrency-1 measurements alternate between the layouts this many times.
+ROUNDS = 6
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
@@ -268,33 +271,27 @@ def main() -> None:
     os.environ.update(THREAD_ENV)
 
     rows = []
-    for workers in (1, 2):
-        with server(workers, args.cpus) as running:
-            (times,) = run_pinned([(latency, (running.target, args.requests))])
+    with server(1, args.cpus) as one, server(2, args.cpus) as two:
+        # Concurrency 1 in alternating rounds (both servers up, the other one idle), so
+        # that drift of the machine hits both layouts alike.
+        times: dict[int, list[float]] = {1: [], 2: []}
+        for _ in range(ROUNDS):
+            for workers, running in ((1, one), (2, two)):
+                (block,) = run_pinned([(latency, (running.target, args.requests // ROUNDS))])
+                times[workers].extend(block)
+        for workers, running in ((1, one), (2, two)):
             pids = running.pids()
             before = {role: sum(cpu_s(p) for p in group) for role, group in pids.items()}
             started = time.perf_counter()
-            (answered,) = run_pinned(
-                [
-                    (
-                        throughput,
-                        (
-                            running.target,
-                            args.inflight,
-                            args.connections,
-                            args.warmup,
-                            args.seconds,
-                        ),
-                    )
-                ]
-            )
+            load = (running.target, args.inflight, args.connections, args.warmup, args.seconds)
+            (answered,) = run_pinned([(throughput, load)])
             elapsed_s = time.perf_counter() - started
             spent = {
                 role: sum(cpu_s(p) for p in group) - before[role] for role, group in pids.items()
             }
             # CPU of the whole window (warm-up included) over every call of the window.
             calls = answered * (args.warmup + args.seconds) / args.seconds
-            rows.append((workers, times, answered / args.seconds, spent, calls, elapsed_s))
+            rows.append((workers, times[workers], answered / args.seconds, spent, calls, elapsed_s))
 
     (plane_us,) = run_pinned([(plane_cost_us, (20000,))], cpu=1)
     with engine_alone("1") as (engine_pid, path):
