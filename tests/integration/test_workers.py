@@ -195,6 +195,20 @@ async def test_weighted_shares_across_front_ends(
     heavy = sum(1 for t in served["heavy"] if start + 1 <= t <= start + 3.5)
     assert light > 20, (light, heavy)
     assert heavy / (light + heavy) == pytest.approx(0.75, abs=0.05 * 0.75)
+    # The weighted service gap (rows served / weight, heavy minus light, in the window)
+    # stays within a few batches: it does not drift, whichever front end a call took.
+    gap = worst = 0.0
+    events = sorted(
+        (at, tenant)
+        for tenant, ats in served.items()
+        for at in ats
+        if start + 1 <= at <= start + 3.5
+    )
+    for _, tenant in events:
+        gap += 1 / 3 if tenant == "heavy" else -1.0
+        worst = max(worst, abs(gap))
+    print(f"weighted service gap: at most {worst:.2f} rows per unit of weight")
+    assert worst <= 3 * 4, worst  # three batches of 4 rows
 
 
 def _metric(server: WorkersServer, name: str, **labels: str) -> float:
