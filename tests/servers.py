@@ -150,9 +150,7 @@ class WorkersServer:
         server = {"workers": workers}
         if "rest_port" not in config.server.model_fields_set:
             server["rest_port"] = 0
-        self._config = config.model_copy(
-            update={"server": config.server.model_copy(update=server)}
-        )
+        self._config = config.model_copy(update={"server": config.server.model_copy(update=server)})
         self._base_dir = base_dir
         self.config_path = config_path or base_dir / f".mandant-workers-{id(self):x}.yaml"
         self.process: subprocess.Popen[str] | None = None

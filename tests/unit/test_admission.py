@@ -456,9 +456,7 @@ async def test_store_outage_with_deny_refuses_as_unavailable() -> None:
                 "tenants": [
                     {
                         "id": "a",
-                        "models": {
-                            "echo": {"rate_limit": {"requests_per_s": 0.1, "burst": 0.1}}
-                        },
+                        "models": {"echo": {"rate_limit": {"requests_per_s": 0.1, "burst": 0.1}}},
                     }
                 ]
             },

@@ -57,6 +57,7 @@ def forwarded_identities(context: Context) -> list[str]:
     """The identities a front end named for a call it forwarded (``forward.py``)."""
     return decode_identities(metadata_value(context, PEER_IDENTITIES))
 
+
 CertificateAuthenticator = Callable[[Iterable[str]], Tenant]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 #: How often gRPC health re-reads the server's readiness.
