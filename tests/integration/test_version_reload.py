@@ -78,11 +78,11 @@ async def test_sighup_adds_a_version_and_a_private_model_then_removes_v1_under_l
         assert server.process is not None
         async with grpc.aio.insecure_channel(server.target) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            seen: dict[tuple[str, str], list[float | grpc.StatusCode]] = {}
+            seen: dict[tuple[str, str, int], list[float | grpc.StatusCode]] = {}
             stop = asyncio.Event()
 
-            async def caller(tenant: str, version: str) -> None:
-                answers = seen.setdefault((tenant, version), [])
+            async def caller(tenant: str, version: str, n: int = 0) -> None:
+                answers = seen.setdefault((tenant, version, n), [])  # one caller's, in order
                 while not stop.is_set():
                     answers.append(factor(await call(stub, tenant, "scaler", version)))
 
@@ -92,7 +92,7 @@ async def test_sighup_adds_a_version_and_a_private_model_then_removes_v1_under_l
                     assert time.monotonic() < deadline, "the reload did not take effect"
                     await asyncio.sleep(0.05)
 
-            unpinned = [asyncio.create_task(caller(t, "")) for t in TENANTS for _ in range(2)]
+            unpinned = [asyncio.create_task(caller(t, "", n)) for t in TENANTS for n in range(2)]
             pinned_v1 = [asyncio.create_task(caller(t, "1")) for t in TENANTS]
             await asyncio.sleep(0.5)
 
@@ -127,9 +127,9 @@ async def test_sighup_adds_a_version_and_a_private_model_then_removes_v1_under_l
             await asyncio.gather(*unpinned, *pinned_v2)
 
     for tenant in TENANTS:
-        assert seen[(tenant, "1")] and set(seen[(tenant, "1")]) == {2.0}
-        assert seen[(tenant, "2")] and set(seen[(tenant, "2")]) == {3.0}
-    for (_, version), answers in seen.items():
+        assert seen[(tenant, "1", 0)] and set(seen[(tenant, "1", 0)]) == {2.0}
+        assert seen[(tenant, "2", 0)] and set(seen[(tenant, "2", 0)]) == {3.0}
+    for (_, version, _), answers in seen.items():
         if version:
             continue
         assert set(answers) <= {2.0, 3.0}, answers  # no call failed
