@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -366,16 +367,22 @@ def test_killed_engine_makes_calls_unavailable_until_it_is_back(
 ) -> None:
     (engine,) = fresh.children()["engine"]
     os.kill(engine, signal.SIGKILL)
-    codes = set()
-    with Client(fresh.target, "acme-key", timeout_s=5) as client:
+    codes, health = set(), set()
+    with (
+        Client(fresh.target, "acme-key", timeout_s=5) as client,
+        grpc.insecure_channel(fresh.target) as channel,
+    ):
+        check = health_pb2_grpc.HealthStub(channel).Check
         for _ in range(5):
             try:
                 client.infer("echo", {"INPUT0": ROW})
                 codes.add("OK")
             except MandantClientError as exc:
                 codes.add(exc.code.name)
+            health.add(check(health_pb2.HealthCheckRequest(), timeout=5).status)
             time.sleep(0.3)
     assert "UNAVAILABLE" in codes and codes <= {"UNAVAILABLE", "OK"}
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in health  # probes see it too
     _wait_for_pids(fresh, "engine", 1, {engine})
     _serving(fresh.target)
 
