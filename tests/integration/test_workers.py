@@ -439,3 +439,29 @@ def test_a_sighup_while_a_front_end_starts_does_not_kill_it(fresh: WorkersServer
     time.sleep(2.0)
     assert sorted(fresh.children()["front-end"]) == sorted(pids)
     _serving(fresh.target)
+
+
+@pytest.mark.parametrize("multiplex", [False, True], ids=["unary", "multiplexed"])
+async def test_one_client_with_several_connections_reaches_every_front_end(
+    server: WorkersServer, multiplex: bool
+) -> None:
+    """mandant_client's ``connections``: one client's calls go round-robin over its own
+    connections (and streams), which the kernel spreads over the front ends."""
+    fronts = server.children()["front-end"]
+    before = [_connections(pid, server.grpc_port) for pid in fronts]
+    async with AsyncClient(
+        server.target, "acme-key", timeout_s=30, connections=8, multiplex=multiplex
+    ) as client:
+        rows = [np.full((1, 4), n, np.float32) for n in range(32)]
+        answers = await asyncio.gather(*(client.infer("echo", {"INPUT0": r}) for r in rows))
+        for sent, answer in zip(rows, answers, strict=True):
+            np.testing.assert_array_equal(answer["OUTPUT0"], sent)
+        held = [
+            _connections(pid, server.grpc_port) - n for pid, n in zip(fronts, before, strict=True)
+        ]
+    assert sum(held) == 8 and min(held) > 0, (held, before)
+
+
+def test_a_client_needs_at_least_one_connection() -> None:
+    with pytest.raises(ValueError, match="connections must be at least 1"):
+        Client("127.0.0.1:1", connections=0)

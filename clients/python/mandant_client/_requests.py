@@ -27,12 +27,18 @@ _INT64_MAX = 2**63 - 1
 _UINT64_MAX = 2**64 - 1
 
 
-def channel_options(options: ChannelOptions) -> list[tuple[str, Any]]:
-    """64 MiB send/receive limits, overridden by whatever the caller passes."""
+def channel_options(options: ChannelOptions, connections: int = 1) -> list[tuple[str, Any]]:
+    """64 MiB send/receive limits, overridden by whatever the caller passes; with
+    several ``connections``, each channel keeps its own (grpc otherwise shares one
+    connection between channels to the same target)."""
+    if connections < 1:
+        raise ValueError(f"connections must be at least 1, got {connections}")
     merged: dict[str, Any] = {
         "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
         "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
     }
+    if connections > 1:
+        merged["grpc.use_local_subchannel_pool"] = 1
     merged.update(dict(options))
     return list(merged.items())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -31,6 +32,12 @@ class AsyncClient:
     stream (opened by the first call or by :meth:`open_stream`, reopened after it
     fails, closed with the client), at most ``max_in_flight`` messages at a time; they
     raise the same exceptions as unary calls. Other methods stay unary.
+    ``connections``: how many HTTP/2 connections ``infer`` calls are spread over,
+    round-robin (each with its own stream under ``multiplex=True``). One connection
+    reaches one server process; a server with several gRPC front ends
+    (``workers: N``), or replicas behind a connection-level balancer, balance
+    connections, not calls, so give a busy client at least as many connections as
+    there are processes to reach. Other methods use the first connection.
     """
 
     def __init__(
@@ -42,18 +49,29 @@ class AsyncClient:
         options: ChannelOptions = (),
         multiplex: bool = False,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        connections: int = 1,
     ) -> None:
         credentials = _requests.channel_credentials(tls)
-        channel_options = _requests.channel_options(options)
+        channel_options = _requests.channel_options(options, connections)
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
+            self._channels = [
+                grpc.aio.insecure_channel(target, options=channel_options)
+                for _ in range(connections)
+            ]
         else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
-        self._stub = GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+            self._channels = [
+                grpc.aio.secure_channel(target, credentials, options=channel_options)
+                for _ in range(connections)
+            ]
+        self._stubs = [GRPCInferenceServiceStub(c) for c in self._channels]  # type: ignore[no-untyped-call]
+        self._stub = self._stubs[0]
+        self._turn = itertools.cycle(range(connections))
         self._metadata = _requests.auth_metadata(api_key)
         self._timeout_s = timeout_s
-        self._multiplexer = (
-            AioMultiplexer(self._stub, self._metadata, max_in_flight) if multiplex else None
+        self._multiplexers = (
+            [AioMultiplexer(stub, self._metadata, max_in_flight) for stub in self._stubs]
+            if multiplex
+            else None
         )
 
     async def __aenter__(self) -> AsyncClient:
@@ -69,14 +87,16 @@ class AsyncClient:
 
     async def open_stream(self) -> None:
         """Open the multiplexed stream now rather than on the first ``infer``."""
-        if self._multiplexer is None:
+        if self._multiplexers is None:
             raise RuntimeError("open_stream() needs a client made with multiplex=True")
-        self._multiplexer.open()
+        for multiplexer in self._multiplexers:
+            multiplexer.open()
 
     async def close(self) -> None:
-        if self._multiplexer is not None:
-            await self._multiplexer.aclose()
-        await self._channel.close()
+        for multiplexer in self._multiplexers or ():
+            await multiplexer.aclose()
+        for channel in self._channels:
+            await channel.close()
 
     async def infer(
         self,
@@ -91,10 +111,11 @@ class AsyncClient:
         """Run ``model`` on ``inputs``; the outputs (all, or those named) by name."""
         request = _requests.infer_request(model, inputs, version, outputs, request_id, parameters)
         timeout = timeout_s if timeout_s is not None else self._timeout_s
-        if self._multiplexer is not None:
-            response = await self._multiplexer.infer(request, timeout)
+        turn = next(self._turn)
+        if self._multiplexers is not None:
+            response = await self._multiplexers[turn].infer(request, timeout)
         else:
-            response = await self._unary(self._stub.ModelInfer, request, timeout, request_id)
+            response = await self._unary(self._stubs[turn].ModelInfer, request, timeout, request_id)
         return decode_outputs(response)
 
     async def model_metadata(self, model: str, version: str | None = None) -> ModelMetadata:
