@@ -83,6 +83,9 @@ def stream_error(request: pb.ModelInferRequest, failure: Failure) -> pb.ModelStr
 @dataclass
 class FakeInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     hold: int = 1
+    #: Send the stream's initial metadata once the key is accepted (Mandant's contract);
+    #: False: with the first answer, as Triton and a plain grpc.aio servicer do.
+    early_metadata: bool = True
     seen_metadata: list[dict[str, str]] = field(default_factory=list)
     seen_requests: list[pb.ModelInferRequest] = field(default_factory=list)
     streams_opened: int = 0
@@ -124,7 +127,8 @@ class FakeInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         self.streams_opened += 1
         await self._authenticate(context)
-        await context.send_initial_metadata(())  # the key is accepted (Mandant's contract)
+        if self.early_metadata:
+            await context.send_initial_metadata(())  # the key is accepted (Mandant's contract)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         reader = asyncio.create_task(self._take(request_iterator, answers))
         try:
@@ -181,11 +185,11 @@ class FakeServer:
 
 
 @asynccontextmanager
-async def serve_fake(hold: int = 1) -> AsyncIterator[FakeServer]:
+async def serve_fake(hold: int = 1, early_metadata: bool = True) -> AsyncIterator[FakeServer]:
     """The fake on a free loopback port, with 64 MiB message limits like Mandant's."""
     options = [("grpc.max_receive_message_length", BIG), ("grpc.max_send_message_length", BIG)]
     server = grpc.aio.server(options=options)
-    servicer = FakeInferenceServicer(hold=hold)
+    servicer = FakeInferenceServicer(hold=hold, early_metadata=early_metadata)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

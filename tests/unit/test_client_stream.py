@@ -42,6 +42,18 @@ def rows(i: int) -> dict[str, np.ndarray]:
     return {"X": np.full((1, 4), i, np.float32)}
 
 
+async def test_a_server_that_sends_its_metadata_with_the_first_answer_is_served() -> None:
+    """Triton (and a plain grpc.aio servicer) send a stream's initial metadata with the
+    first answer: the client must not wait for it before writing the first message."""
+    async with (
+        serve_fake(early_metadata=False) as plain,
+        AsyncClient(plain.target, API_KEY, multiplex=True, timeout_s=10) as client,
+    ):
+        answers = await asyncio.gather(*(client.infer("m", rows(i)) for i in range(4)))
+    for i, answer in enumerate(answers):
+        np.testing.assert_array_equal(answer["X"], rows(i)["X"])
+
+
 async def test_concurrent_calls_share_one_stream_and_match_out_of_order(
     server: FakeServer,
 ) -> None:

@@ -29,6 +29,8 @@ from mandant_client.errors import (
 _Answer = asyncio.Future[pb.ModelStreamInferResponse]
 #: ``asyncio.TimeoutError`` is ``TimeoutError`` from Python 3.11 on, not on 3.10.
 _TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
+#: How long the first write waits for the stream's initial metadata (see ``_write``).
+METADATA_WAIT_S = 0.5
 
 
 class AioStream:
@@ -64,11 +66,15 @@ class AioStream:
         await asyncio.gather(self._writer, self._reader, return_exceptions=True)
 
     async def _write(self) -> None:
-        # Nothing is written before the server accepts the key (it sends the initial
-        # metadata then): a write in flight when the server refuses the stream would
-        # turn its UNAUTHENTICATED into grpc's INTERNAL (grpc/grpc#36066).
+        # Mandant sends the stream's initial metadata once it accepts the key; writing
+        # only after it keeps a write from racing a refusal, which grpc.aio would report
+        # as INTERNAL instead of UNAUTHENTICATED (grpc/grpc#36066). Other servers
+        # (Triton, a plain grpc.aio servicer) send it with their first answer: after
+        # METADATA_WAIT_S without it, the first message goes anyway.
         try:
-            await self._call.initial_metadata()
+            await asyncio.wait_for(asyncio.shield(self._call.initial_metadata()), METADATA_WAIT_S)
+        except _TIMEOUTS:
+            pass
         except (grpc.RpcError, asyncio.InvalidStateError):
             return  # the call is over; the reader reports why
         while True:
