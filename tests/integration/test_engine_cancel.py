@@ -90,5 +90,7 @@ async def test_a_cancelled_call_is_answered_with_its_model_and_leaves_nothing(
         writer.close()
     rid, model, version, _error, outputs = answer
     assert rid == 7 and outputs == []
-    assert (model, version) == (("", "") if at_once else ("sleepy", "1"))
+    # In one message the call never ran: the engine names the model it would have
+    # reached, as one process (which resolves before anything can cancel) reports it.
+    assert (model, version) == ("sleepy", "1")
     assert engine.engine.in_flight == 0

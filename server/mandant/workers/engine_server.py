@@ -15,6 +15,7 @@ closes (it died), its calls are cancelled the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -90,7 +91,7 @@ class _FrontEnd(asyncio.BufferedProtocol):
         self._engine = engine
         self._reader = MessageReader(self._message)
         self._transport: asyncio.Transport | None = None
-        self.tasks: dict[int, tuple[asyncio.Task[None], Call]] = {}
+        self.tasks: dict[int, tuple[asyncio.Task[None], Call, ipc.RequestHeader]] = {}
         self._answers: list[list[object]] = []
         self._frames: list[Buffer] = []
         self._flushing = False
@@ -106,7 +107,7 @@ class _FrontEnd(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._engine.left(self)
-        for task, _ in self.tasks.values():  # nobody to answer: free their places at once
+        for task, _, _ in self.tasks.values():  # nobody to answer: free their places at once
             task.cancel()
 
     def close(self) -> None:
@@ -147,7 +148,8 @@ class _FrontEnd(asyncio.BufferedProtocol):
             mine = frames[offset : offset + count]
             offset += count
             call = Call(None)
-            self.tasks[header.rid] = (create_task(self._serve(header, mine, call)), call)
+            task = create_task(self._serve(header, mine, call))
+            self.tasks[header.rid] = (task, call, header)
 
     def _cancel(self, rid: int) -> None:
         """Drop a call its front end gave up on, and answer it now (a task cancelled
@@ -155,9 +157,23 @@ class _FrontEnd(asyncio.BufferedProtocol):
         entry = self.tasks.pop(rid, None)
         if entry is None:
             return  # answered already: the answer is on its way
-        task, call = entry
+        task, call, header = entry
         task.cancel()
+        if not call.model:  # cancelled before it ran: name the model it would have reached
+            self._resolve(call, header)
         self._answer([rid, call.model, call.version, ipc.pack_error(Exception()), []], [])
+
+    def _resolve(self, call: Call, header: ipc.RequestHeader) -> None:
+        """The configured name and version of the model ``header`` names for its tenant
+        (one process resolves a call before anything can cancel it); nothing where it
+        names none."""
+        engine = self._engine
+        tenant = engine.tenants(header.tenant)
+        if tenant is None:
+            return
+        with contextlib.suppress(MandantError):
+            model = engine.plane.model(tenant, header.model_name, header.model_version)
+            call.model, call.version = model.key.name, model.key.version
 
     # -- serving --------------------------------------------------------------------
 
