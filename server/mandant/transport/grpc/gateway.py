@@ -82,9 +82,16 @@ def parse(message_type: type[Message], raw: bytes) -> Any:
         ) from None
 
 
-def deadline_passed(context: Context) -> bool:
+#: A call cancelled with less than this left of its deadline was given up by its client
+#: at that deadline: the client started the clock when it sent the call, the server
+#: when it received it, so the client's deadline comes first by the time in between.
+CANCELLED_AT_DEADLINE_S = 0.1
+
+
+def deadline_passed(context: Context, slack_s: float = 0.0) -> bool:
+    """Whether the call's deadline has passed (or is less than ``slack_s`` away)."""
     remaining = context.time_remaining()
-    return remaining is not None and remaining <= 0
+    return remaining is not None and remaining <= slack_s
 
 
 class Gate:
@@ -191,7 +198,8 @@ class Gate:
                     cap.leave()
                 if inside and door is not None and call.tenant is not None:
                     door.leave(call.tenant)
-                if deadline_passed(context):  # the client saw DEADLINE_EXCEEDED
+                slack_s = CANCELLED_AT_DEADLINE_S if code == "CANCELLED" else 0.0
+                if deadline_passed(context, slack_s):  # the client saw DEADLINE_EXCEEDED
                     code = "DEADLINE_EXCEEDED"
                 tenant_id = call.tenant.id if call.tenant is not None else ""
                 duration_s = time.perf_counter() - start
