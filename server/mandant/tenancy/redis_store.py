@@ -146,6 +146,24 @@ def _refund_done(future: asyncio.Future[Any]) -> None:
         logger.warning("limits store redis: a refund was lost (%s)", future.exception())
 
 
+def redis_client(config: LimitsConfig) -> redis.Redis:
+    """A client of the limits store at ``config.url``: ``timeout_ms`` for every
+    operation and connection, no retries (a failure is the store's policy's to handle)."""
+    assert config.url is not None
+    timeout_s = config.timeout_ms / 1000.0
+    return redis.Redis.from_url(
+        config.url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def period_trackers(now: float) -> dict[PeriodKind, PeriodTracker]:
+    """The quota day and month as of ``now`` (wall clock)."""
+    return {"day": PeriodTracker("day", now), "month": PeriodTracker("month", now)}
+
+
 def _scope_part(prefix: str, scope: Scope) -> str:
     tenant, model = scope
     return f"{prefix}:{{{tenant}}}:{model if model is not None else '*'}"
@@ -155,23 +173,12 @@ class RedisStore:
     name = "redis"
 
     def __init__(self, config: LimitsConfig, wall: Clock = WALL) -> None:
-        assert config.url is not None
-        timeout_s = config.timeout_ms / 1000.0
-        self._client = redis.Redis.from_url(
-            config.url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._client = redis_client(config)
         self._acquire_script = self._client.register_script(ACQUIRE_LUA)
         self._refund_script = self._client.register_script(REFUND_LUA)
         self._prefix = config.key_prefix
         self._wall = wall
-        now = wall()
-        self._periods: dict[PeriodKind, PeriodTracker] = {
-            "day": PeriodTracker("day", now),
-            "month": PeriodTracker("month", now),
-        }
+        self._periods = period_trackers(wall())
         self._bucket_keys: dict[tuple[str, str], tuple[Plan, list[str]]] = {}
         self._pending: list[_Call] = []
         self._sending: set[asyncio.Task[None]] = set()

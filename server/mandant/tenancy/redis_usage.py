@@ -22,14 +22,12 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from mandant.config import LimitsConfig
 from mandant.tenancy.limits import Clock
-from mandant.tenancy.quota import WALL, PeriodKind, PeriodTracker
+from mandant.tenancy.quota import WALL, PeriodKind
+from mandant.tenancy.redis_store import period_trackers, redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -64,22 +62,11 @@ class RedisUsage:
     def __init__(
         self, config: LimitsConfig, wall: Clock = WALL, flush_interval_s: float = FLUSH_INTERVAL_S
     ) -> None:
-        assert config.url is not None
-        timeout_s = config.timeout_ms / 1000.0
-        self._client = redis.Redis.from_url(
-            config.url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._client = redis_client(config)
         self._flush_script = self._client.register_script(FLUSH_LUA)
         self._prefix = config.key_prefix
         self._wall = wall
-        now = wall()
-        self._periods: dict[PeriodKind, PeriodTracker] = {
-            "day": PeriodTracker("day", now),
-            "month": PeriodTracker("month", now),
-        }
+        self._periods = period_trackers(wall())
         self._interval_s = flush_interval_s
         self._counts: Counts = {}
         self._flusher: asyncio.Task[None] | None = None
