@@ -84,6 +84,32 @@ def cpu_s(pid: int) -> float:
 
 
 @contextmanager
+def started(command: list[str], cpus: str, ready: str) -> Iterator[subprocess.Popen[str]]:
+    """``command`` pinned to ``cpus``, once a line of its output contains ``ready``; the
+    rest of its output is read and dropped; terminated at the end."""
+    process = subprocess.Popen(
+        pinned(command, cpus),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=subprocess_env(THREAD_ENV),
+    )
+    try:
+        stdout = process.stdout
+        assert stdout is not None
+        for line in stdout:
+            if ready in line:
+                break
+        else:
+            raise RuntimeError(f"{command[3]} exited before it served")
+        threading.Thread(target=lambda: [None for _ in stdout], daemon=True).start()
+        yield process
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+@contextmanager
 def server(workers: int, cpus: str) -> Iterator[Running]:
     data = demo_data([ECHO])
     data["server"] = {**data["server"], "workers": workers}
@@ -94,25 +120,8 @@ def server(workers: int, cpus: str) -> Iterator[Running]:
         "--grpc-port", str(port), "--http-port", str(free_port()),
         "--rest-port", str(free_port()), "--log-level", "WARNING",
     ]  # fmt: skip
-    process = subprocess.Popen(
-        pinned(command, cpus),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=subprocess_env(THREAD_ENV),
-    )
-    try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if "Mandant listening" in line:
-                break
-        else:
-            raise RuntimeError("the server exited before it listened")
-        threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()  # type: ignore[union-attr]
+    with started(command, cpus, "Mandant listening") as process:
         yield Running(process, f"127.0.0.1:{port}")
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 # -- load (in a process pinned to the client core) -------------------------------------
@@ -170,6 +179,7 @@ def throughput(
 @contextmanager
 def engine_alone(cpus: str) -> Iterator[tuple[int, Path]]:
     """``mandant worker engine`` on ``cpus``: (its pid, its requests socket)."""
+    from mandant.workers.process import ANNOUNCE
     from mandant.workers.sockets import EngineSockets
 
     data = demo_data([ECHO])
@@ -181,21 +191,8 @@ def engine_alone(cpus: str) -> Iterator[tuple[int, Path]]:
         "--http-port", str(free_port()), "--rest-port", str(free_port()),
         "--log-level", "WARNING",
     ]  # fmt: skip
-    process = subprocess.Popen(
-        pinned(command, cpus),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=subprocess_env(THREAD_ENV),
-    )
-    try:
-        assert process.stdout is not None
-        if "MANDANT-WORKER" not in process.stdout.readline():
-            raise RuntimeError("the engine did not start")
+    with started(command, cpus, ANNOUNCE) as process:
         yield process.pid, EngineSockets(folder).requests
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 def drive_engine(path: Path, inflight: int, warmup_s: float, seconds: float) -> int:
