@@ -31,11 +31,12 @@ from hypothesis import strategies as st
 from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client import AsyncClient, Client, MandantClientError
-from tests.servers import ECHO_MODEL, WorkersServer
+from tests.servers import ECHO_MODEL, WorkersServer, metric, wait_for_calls
 
 #: A connection of its own per client (grpc shares one between channels to one target).
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 ROW = np.ones((1, 4), np.float32)
+ADMIN_KEY = "admin-key"
 
 
 def _tenant(name: str, **settings: Any) -> dict[str, Any]:
@@ -58,7 +59,13 @@ def workers_config() -> MandantConfig:
     }
     return parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 5},
+            "server": {
+                "grpc_port": 0,
+                "http_port": 0,
+                "rest_port": 0,
+                "grace_s": 5,
+                "admin_keys": [hash_key(ADMIN_KEY)],
+            },
             "tenants": [
                 _tenant("acme"),
                 _tenant("globex"),
@@ -212,26 +219,8 @@ async def test_weighted_shares_across_front_ends(
     assert worst <= 3 * 4, worst  # three batches of 4 rows
 
 
-def _metric(server: WorkersServer, name: str, **labels: str) -> float:
-    import urllib.request
-
-    url = f"http://127.0.0.1:{server.http_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as answer:
-        text = answer.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        body, value = line.rsplit(" ", 1)
-        if all(f'{key}="{want}"' in body for key, want in labels.items()):
-            total += float(value)
-    return total
-
-
 async def test_metrics_count_every_front_ends_calls(tmp_path: Path) -> None:
-    config = workers_config()
-    server_settings = config.server.model_copy(update={"metrics_auth": "none"})
-    with WorkersServer(config.model_copy(update={"server": server_settings}), tmp_path) as server:
+    with WorkersServer(workers_config(), tmp_path) as server:
         group = [AsyncClient(server.target, "globex-key", options=OWN_CONNECTION) for _ in range(8)]
         outcomes = await asyncio.gather(*(_outcome(c) for _ in range(5) for c in group))
         fronts = server.children()["front-end"]
@@ -239,13 +228,10 @@ async def test_metrics_count_every_front_ends_calls(tmp_path: Path) -> None:
         for client in group:
             await client.close()
         assert outcomes.count("OK") == 40
-        deadline = time.monotonic() + 5  # front ends report each loop turn: let them land
-        counted = 0.0
-        while time.monotonic() < deadline:
-            counted = _metric(server, "mandant_requests_total", tenant="globex", code="OK")
-            if counted >= 40:
-                break
-            await asyncio.sleep(0.1)
+        # Front ends report each call just after answering it: let the reports land.
+        await asyncio.to_thread(wait_for_calls, server, ADMIN_KEY, 40)
+        labels = {"tenant": "globex", "model": "echo", "code": "OK"}
+        counted = metric(server, ADMIN_KEY, "mandant_requests_total", **labels)
         assert counted == 40
 
 
