@@ -16,9 +16,14 @@ requests wait in the gRPC front end, not in the batcher's queue. ``--hidden 4096
 (the issue's set-up) makes the model the bottleneck: A's requests then queue in the
 batcher. ``--max-concurrent-streams`` caps concurrent calls per client connection
 (``server.max_concurrent_streams``), which bounds A's share of the front end.
-Mean batch: rows per execution of the classifier during each scenario (warm-up
-included), from ``mandant_batch_size`` on ``/metrics``; batch ms: its mean compute time
-(``mandant_compute_seconds``). ``--workers N`` runs both servers with N gRPC front-end
+B's mean is split by where it was spent: "B served" is the server's mean time from
+receiving B's call to answering it, "B queued" the mean wait of B's requests in the
+batcher's queue (``mandant_request_duration_seconds`` and
+``mandant_queue_duration_seconds`` of tenant initech on ``/metrics``; the warm-up is
+included in both, the client's mean is not). Mean batch: rows per execution of the
+classifier during each scenario (warm-up included), from ``mandant_batch_size`` on
+``/metrics``; batch ms: its mean compute time (``mandant_compute_seconds``).
+``--workers N`` runs both servers with N gRPC front-end
 processes and an engine (on ``--server-cpus``); A's flood then arrives on one
 connection (one front end), B on its own.
 """
@@ -92,6 +97,26 @@ def compute_s(served: Served, model: str) -> float:
     return seconds
 
 
+#: B's mean time as the server saw it: (series summed, series counted) of /metrics.
+B_SERVED = ("mandant_request_duration_seconds_sum", "mandant_request_duration_seconds_count")
+B_QUEUED = ("mandant_queue_duration_seconds_sum", "mandant_queue_duration_seconds_count")
+
+
+def b_totals(served: Served, model: str) -> list[float]:
+    """B's (served seconds, calls, queued seconds, queued requests) on ``model`` so far:
+    its calls from the front end receiving them to answering them, and its requests'
+    wait in the batcher's queue (``/metrics``)."""
+    url, label = f"{served.http_url}/metrics", f'model="{model}",tenant="initech"'
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    return metric_sums(url, B_SERVED, label, headers) + metric_sums(url, B_QUEUED, label, headers)
+
+
+def _mean_ms(before: list[float], after: list[float], at: int) -> float:
+    """Mean in ms of the (sum, count) pair at ``at`` between two :func:`b_totals`."""
+    count = after[at + 1] - before[at + 1]
+    return (after[at] - before[at]) / count * 1000 if count else float("nan")
+
+
 def _verdict(value: float, target: float, at_most: bool) -> str:
     if np.isnan(value):
         return "not measured"
@@ -142,20 +167,23 @@ def main() -> None:
                 batched = a_model or b_model
                 rows_before, batches_before = served.batch_totals(batched)
                 compute_before = compute_s(served, batched)
+                b_before = b_totals(served, b_model)
                 results = run(served.target, loads, args.seconds, args.warmup)
+                b_after = b_totals(served, b_model)
                 rows_after, batches_after = served.batch_totals(batched)
                 batches = batches_after - batches_before
                 mean = (rows_after - rows_before) / batches if batches else float("nan")
                 spent_s = compute_s(served, batched) - compute_before
                 batch_ms[label] = spent_s / batches * 1000 if batches else float("nan")
                 b = results[0]
+                b_mean = float(np.mean(b.latencies_ms)) if b.latencies_ms else float("nan")
+                where = (b_mean, _mean_ms(b_before, b_after, 0), _mean_ms(b_before, b_after, 2))
                 a_rps = results[1].rps if len(results) > 1 else float("nan")
                 a_cell: object = a_rps if len(results) > 1 else "–"
                 errors = sum(r.errors for r in results)
                 first = next((r.error for r in results if r.error), "")
-                rows.append(
-                    (label, b.p(50), b.p(99), b.rps, a_cell, mean, batch_ms[label], errors, first)
-                )
+                figures = (b.p(50), b.p(99), b.rps, a_cell, mean, batch_ms[label], *where)
+                rows.append((label, *figures, errors, first))
                 measured[label] = (b.p(99), a_rps)
     streams = args.max_concurrent_streams or "server default"
     print(
@@ -166,7 +194,7 @@ def main() -> None:
         f" streams/connection: {streams}"
     )
     headers = ["scenario", "B p50 ms", "B p99 ms", "B req/s", "A req/s", "mean batch"]
-    headers.append("batch ms")
+    headers += ["batch ms", "B mean ms", "B served ms", "B queued ms"]
     print(table([*headers, "errors", "first error"], rows))
     alone, _ = measured["B alone"]
     fair_p99, fair_a = measured["A floods, fair"]

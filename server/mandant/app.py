@@ -46,12 +46,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def make_backend(spec: ModelSpec, channels: ChannelPool | None = None) -> Backend:
-    """``channels``: the App's shared connections to remote (Triton) servers."""
+def make_backend(
+    spec: ModelSpec, channels: ChannelPool | None = None, compute_nice: int = 0
+) -> Backend:
+    """``channels``: the App's shared connections to remote (Triton) servers;
+    ``compute_nice``: ``server.compute_nice`` (in-process models' threads)."""
     if spec.backend == "torch":
         from mandant.backends.torch import TorchBackend
 
-        return TorchBackend(spec)
+        return TorchBackend(spec, compute_nice=compute_nice)
     if spec.backend == "triton":
         from mandant.backends.triton import TritonBackend
 
@@ -132,10 +135,11 @@ class App:
         )
         self.stats = InferenceStats()  # ModelStatistics: per tenant, model and version
         self.channels = ChannelPool()
+        compute_nice = config.server.compute_nice  # the value at start (a restart changes it)
         failures = load_failures(self.metrics)
         self.registry = ModelRegistry(
             specs,
-            lambda spec: make_backend(spec, self.channels),
+            lambda spec: make_backend(spec, self.channels, compute_nice),
             lambda spec, backend: make_scheduler(
                 spec, backend, self.stats.observe(self.observer, spec.version)
             ),

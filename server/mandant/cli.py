@@ -112,9 +112,11 @@ async def _serve(
 ) -> None:
     """``path``: the configuration file, absolute (models resolve against its folder)."""
     from mandant.app import App
+    from mandant.heap import settle
 
     app = App(config, path.parent, config_path=path)
     await app.start()
+    settle()  # the models are loaded: the start-up heap out of the collector's way
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

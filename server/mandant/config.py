@@ -114,6 +114,14 @@ class ServerConfig(_Frozen):
     #: Messages of one ModelStreamInfer stream served at once; beyond it the stream is
     #: not read until one is answered (backpressure, not buffering).
     max_stream_inflight: Annotated[int, Field(gt=0)] = 128
+    #: How much lower than the event loop the threads that run in-process (torch) models
+    #: are scheduled: a Linux nice increment, 0 (the same) to 19. On a busy core the
+    #: kernel then runs the front end's work for newly arrived calls (a light tenant's
+    #: among them) before the rest of a batch, instead of time-slicing the two; the
+    #: batch still gets the CPU the front end leaves (nice 5: about a quarter of it
+    #: while both want it). Applies to models loaded after start-up too; a reload
+    #: changes it at the next restart.
+    compute_nice: Annotated[int, Field(ge=0, le=19)] = 5
     #: Most elements one BYTES tensor (raw or typed ``bytes_contents``) may hold; BYTES
     #: are unframed element by element on the event loop, so more is refused
     #: (INVALID_ARGUMENT) before any is read. Fixed-size tensors are zero-copy views

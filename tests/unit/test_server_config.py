@@ -24,6 +24,8 @@ def test_defaults_guard_the_http_port_and_serve_while_any_model_is_ready() -> No
     [
         ({"server": {"metrics_auth": "tenant"}}, "server.metrics_auth"),
         ({"server": {"ready_when": "some_models"}}, "server.ready_when"),
+        ({"server": {"compute_nice": 20}}, "server.compute_nice"),
+        ({"server": {"compute_nice": -1}}, "server.compute_nice"),
         ({"server": {"internal_http": {"port": 8002}}}, "must differ from grpc_port"),
         ({"server": {"internal_http": {"host": "10.0.0.1"}}}, "server.internal_http.port"),
         (

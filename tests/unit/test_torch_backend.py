@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -309,6 +310,20 @@ async def test_infer_does_not_block_the_event_loop() -> None:
     finally:
         await backend.aclose()
     assert out["Y"].tolist() == [3.0]
+
+
+@pytest.mark.parametrize("nice", [0, 5])
+async def test_batches_run_compute_nice_below_the_event_loop(nice: int) -> None:
+    backend = TorchBackend(make_spec(factory="mandant.demo.models:classifier"), compute_nice=nice)
+    await backend.start()
+    try:
+        await backend.infer({"INPUT0": features(2)})  # never measured: runs in the pool
+        [worker] = [t for t in threading.enumerate() if t.name.startswith("torch-m")]
+        assert worker.native_id is not None
+        loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert os.getpriority(os.PRIO_PROCESS, worker.native_id) == min(19, loop_nice + nice)
+    finally:
+        await backend.aclose()
 
 
 async def test_device_auto() -> None:

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -85,10 +87,19 @@ class _Instance:
 
 class TorchBackend:
     """Runs one model version in this process, on the CPU or CUDA devices.
-    ``inline_below_s``: calls measured cheaper run on the event loop (0: never)."""
+    ``inline_below_s``: calls measured cheaper run on the event loop (0: never).
+    ``compute_nice``: how much lower than the event loop the pool threads that run
+    batches are scheduled (a Linux nice increment; 0: the same, see
+    ``server.compute_nice``)."""
 
-    def __init__(self, spec: ModelSpec, inline_below_s: float = DEFAULT_INLINE_BELOW_S) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        inline_below_s: float = DEFAULT_INLINE_BELOW_S,
+        compute_nice: int = 0,
+    ) -> None:
         self._spec = spec
+        self._compute_nice = compute_nice
         self._placement = place(spec.devices, spec.instances, _visible_gpus())
         self._input_names = tuple(t.name for t in spec.inputs)
         self._output_names = spec.output_names
@@ -130,7 +141,10 @@ class TorchBackend:
         for instance in instances:
             idle.put(instance)
         self._executor = ThreadPoolExecutor(
-            max_workers=len(instances), thread_name_prefix=f"torch-{self._spec.name}"
+            max_workers=len(instances),
+            thread_name_prefix=f"torch-{self._spec.name}",
+            initializer=lower_priority,
+            initargs=(self._compute_nice,),
         )
         self._idle, self._loaded = idle, tuple(instances)
         logger.info(
@@ -417,3 +431,17 @@ def _not_an_output(model: str, name: str, value: object) -> RuntimeError:
         f"model {model!r} returned {type(value).__name__} for output {name!r}, "
         "expected a tensor or a numpy array"
     )
+
+
+def lower_priority(nice: int) -> None:
+    """Schedule the calling thread ``nice`` steps below the others (Linux gives each
+    thread its own nice value); nothing for 0 or where the OS refuses."""
+    if not nice:
+        return
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(
+            os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice)
+        )
+    except (AttributeError, OSError) as exc:  # not Linux, or not permitted
+        logger.warning("model threads keep the event loop's priority: %s", exc)

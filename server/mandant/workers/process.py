@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mandant.config import MandantConfig
 from mandant.errors import ConfigError
+from mandant.heap import settle
 from mandant.workers.sockets import EngineSockets
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ async def serve_engine(
 
     app = App(config, path.parent, config_path=path, engine_sockets=sockets)
     await app.start()
+    settle()
     facts: dict[str, object] = {
         "http_port": app.http_port,
         "rest_port": app.rest_port,
@@ -103,6 +105,7 @@ async def serve_front_end(
 
     front = FrontEnd(config, path.parent, sockets)
     await front.start()
+    settle()
 
     def reload() -> None:
         new = _reloaded(load, path.parent)
