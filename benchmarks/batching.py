@@ -5,7 +5,7 @@ end, a Python model, Triton's dynamic batcher), all driven by ``tritonclient.grp
 at concurrency 1, 16 and 64, in one run.
 
     .venv/bin/python -m benchmarks.batching [--seconds 5] [--concurrency 1 16 64]
-        [--hidden 1024] [--triton-delay-us 100] [--no-triton]
+        [--hidden 1024] [--triton-delay-us 100] [--no-triton] [--compute-nice 5]
 
 Each server runs alone on core 0 (``taskset``: Mandant with one torch thread; Triton,
 its Python-backend stub and the numpy model with one BLAS thread); the load generator
@@ -13,7 +13,9 @@ is a process of its own on core 1. Mean batch: rows per model execution over eac
 point (warm-up included), from Mandant's ``mandant_batch_size`` histogram on
 ``/metrics`` (read with the admin key) and from Triton's statistics API
 (``inference_count / execution_count``). PyTriton needs ``.venv-triton``
-(``make triton-venv``).
+(``make triton-venv``). ``--compute-nice`` sets Mandant's ``server.compute_nice`` (how
+much lower than its event loop the model's thread runs; 0 is how Mandant ran before
+the setting existed).
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def mandant_points(args: argparse.Namespace) -> dict[tuple[str, int], Point]:
             classifier(f"{MLP_NAME}-off", hidden=args.hidden, batching=None),
         ]
     )
+    if args.compute_nice is not None:
+        data["server"] = {**data["server"], "compute_nice": args.compute_nice}
     points = {}
     with mandant_process(write_config(data), SERVER_CPU, THREAD_ENV) as served:
         for model in (MLP_NAME, f"{MLP_NAME}-off"):
@@ -166,7 +170,8 @@ def report(
     lines = [
         f"MLP 256→{args.hidden}→{args.hidden}→16 (seed 0), one row per call, tritonclient.grpc.aio;"
         f" {args.seconds:g} s per point after {args.warmup:g} s warm-up; server on core 0,"
-        " client on core 1",
+        " client on core 1; Mandant's compute_nice: "
+        + ("server default" if args.compute_nice is None else str(args.compute_nice)),
         table(
             ["conc", "server", "inf/s", "p50 ms", "p99 ms", "mean batch", "errors", "first error"],
             rows,
@@ -209,6 +214,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--triton-delay-us", type=int, default=100)
     parser.add_argument("--no-triton", action="store_true", help="skip the PyTriton side")
+    parser.add_argument("--compute-nice", type=int, default=None, help="server.compute_nice")
     args = parser.parse_args()
     points = mandant_points(args)
     failed = ""
