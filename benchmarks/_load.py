@@ -184,6 +184,9 @@ class Result:
     errors: int = 0
     #: The first error seen (status and message), "" when none.
     error: str = ""
+    #: The server's CPU seconds over the measured window (main thread, other threads),
+    #: where the load generator measured them.
+    server_cpu_s: tuple[float, float] | None = None
 
     @property
     def rps(self) -> float:

@@ -59,6 +59,7 @@ class Served:
 
     target: str
     http_url: str
+    pid: int
 
     def batch_totals(self, model: str) -> tuple[float, float]:
         """(rows, batches) the server has run for ``model`` so far, from the
@@ -91,13 +92,28 @@ def metric_sums(
     return [totals[name] for name in names]
 
 
+@dataclass(frozen=True)
+class Bare:
+    """A running bare grpc.aio server: its target and process id."""
+
+    target: str
+    pid: int
+
+
 @contextmanager
-def bare_grpc_server(cpus: str | None = "0") -> Iterator[str]:
-    """Yield the target of ``benchmarks._bare_server``: Python gRPC with nothing else."""
+def bare_grpc_process(cpus: str | None = "0") -> Iterator[Bare]:
+    """A running ``benchmarks._bare_server``: Python gRPC with nothing else."""
     port = free_port()
     command = pinned([sys.executable, "-m", "benchmarks._bare_server", str(port)], cpus)
-    with _running(command, port, {}) as target:
-        yield target
+    with _running(command, port, {}) as (target, pid):
+        yield Bare(target, pid)
+
+
+@contextmanager
+def bare_grpc_server(cpus: str | None = "0") -> Iterator[str]:
+    """Yield the target of :func:`bare_grpc_process`."""
+    with bare_grpc_process(cpus) as bare:
+        yield bare.target
 
 
 @contextmanager
@@ -125,8 +141,8 @@ def mandant_process(
         ],
         cpus,
     )
-    with _running(command, port, env) as target:
-        yield Served(target, f"http://127.0.0.1:{http_port}")
+    with _running(command, port, env) as (target, pid):
+        yield Served(target, f"http://127.0.0.1:{http_port}", pid)
 
 
 @contextmanager
@@ -139,7 +155,10 @@ def mandant_server(
 
 
 @contextmanager
-def _running(command: Sequence[str], port: int, env: Mapping[str, str]) -> Iterator[str]:
+def _running(
+    command: Sequence[str], port: int, env: Mapping[str, str]
+) -> Iterator[tuple[str, int]]:
+    """The server's target and process id (taskset execs it: the same process)."""
     proc = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -160,7 +179,7 @@ def _running(command: Sequence[str], port: int, env: Mapping[str, str]) -> Itera
                 break
         # Keep reading what it prints (a full pipe would block the server's logging).
         threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", proc.pid
     finally:
         proc.terminate()
         try:
@@ -173,3 +192,22 @@ def _running(command: Sequence[str], port: int, env: Mapping[str, str]) -> Itera
 def _drain(stream: IO[str]) -> None:
     for _ in stream:
         pass
+
+
+def thread_cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds process ``pid`` has used so far: (its main thread, its other threads
+    together), from ``/proc``."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    main = other = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+        if int(tid) == pid:
+            main += seconds
+        else:
+            other += seconds
+    return main, other

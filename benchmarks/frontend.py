@@ -29,7 +29,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -47,7 +47,7 @@ from benchmarks._load import (
     run_pinned,
     table,
 )
-from benchmarks._server import bare_grpc_server, mandant_process, write_config
+from benchmarks._server import bare_grpc_process, mandant_process, thread_cpu_s, write_config
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -67,6 +67,8 @@ class Settings:
     streams: int
     warmup_s: float
     seconds: float
+    #: The server's process, whose CPU the light modes read from /proc (0: none).
+    server_pid: int = 0
 
     def load(self, client: str, concurrency: int | None = None) -> Load:
         return Load(TENANT, MODEL, concurrency or self.inflight, 1, self.width, client)
@@ -75,6 +77,18 @@ class Settings:
         """(start, end) of the measured window, from now."""
         measure_from = time.perf_counter() + self.warmup_s
         return measure_from, measure_from + self.seconds
+
+
+async def _server_cpu(pid: int, measure_from: float, end: float) -> tuple[float, float] | None:
+    """The server's CPU seconds between ``measure_from`` and ``end`` (perf_counter
+    times): (main thread, other threads)."""
+    if not pid:
+        return None
+    await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+    main_before, other_before = thread_cpu_s(pid)
+    await asyncio.sleep(max(0.0, end - time.perf_counter()))
+    main_after, other_after = thread_cpu_s(pid)
+    return main_after - main_before, other_after - other_before
 
 
 def _metadata() -> tuple[tuple[str, str], ...]:
@@ -100,6 +114,7 @@ async def _light_unary(target: str, settings: Settings) -> Result:
         infer = channel.unary_unary(INFER)  # no serializers: bytes in, bytes out
         metadata = _metadata()
         measure_from, end = settings.window()
+        cpu = asyncio.create_task(_server_cpu(settings.server_pid, measure_from, end))
 
         async def worker() -> None:
             while (now := time.perf_counter()) < end:
@@ -113,6 +128,7 @@ async def _light_unary(target: str, settings: Settings) -> Result:
                     result.record((time.perf_counter() - now) * 1000)
 
         await asyncio.gather(*(worker() for _ in range(settings.inflight)))
+        result.server_cpu_s = await cpu
     return result
 
 
@@ -185,8 +201,10 @@ async def _light_stream(target: str, settings: Settings) -> Result:
         finally:
             writer.cancel()
 
+    cpu = asyncio.create_task(_server_cpu(settings.server_pid, measure_from, end))
     async with grpc.aio.insecure_channel(target) as channel:
         await asyncio.gather(*(one_stream(channel) for _ in range(settings.streams)))
+    result.server_cpu_s = await cpu
     return result
 
 
@@ -413,6 +431,7 @@ def report(settings: Settings, floor: list[Result], mandant: list[Result]) -> st
         f"stream modes on {settings.streams} stream(s)",
         table(["mode", "unit", "bare floor", "Mandant", "Mandant/floor", "target", ""], rows),
     ]
+    lines += ["", cpu_report(floor, mandant)]
     failures = [
         f"  {side} / {result.load.client}: {result.errors} errors, first: {result.error}"
         for side, results in (("bare", floor), ("Mandant", mandant))
@@ -424,6 +443,33 @@ def report(settings: Settings, floor: list[Result], mandant: list[Result]) -> st
     return "\n".join(lines)
 
 
+def cpu_report(floor: list[Result], mandant: list[Result]) -> str:
+    """Where each server's core went in the light modes: CPU µs per answered call or
+    message, its main thread (the event loop: gRPC's Python layer and the handlers)
+    apart from its other threads (gRPC's C core)."""
+    rows: list[tuple[object, ...]] = []
+    for (label, _, mode, _), bare, ours in zip(MODES, floor, mandant, strict=False):
+        if mode not in (_light_unary, _light_stream):
+            continue
+        cells: list[object] = [label]
+        per_call = []
+        for result in (bare, ours):
+            if result.server_cpu_s is None or not result.answered:
+                cells += ["–", "–"]
+                per_call.append(float("nan"))
+                continue
+            main, other = (s / result.answered * 1e6 for s in result.server_cpu_s)
+            cells += [f"{main:.0f}", f"{other:.0f}"]
+            per_call.append(main)
+        cells.append(f"{per_call[1] - per_call[0]:.0f}")
+        rows.append(tuple(cells))
+    return "server CPU µs per answered call (from /proc, the measured window):\n" + table(
+        ["mode", "floor: main thread", "floor: other threads", "Mandant: main thread",
+         "Mandant: other threads", "main thread, Mandant − floor"],
+        rows,
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -433,11 +479,11 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     args = parser.parse_args()
     settings = Settings(args.width, args.inflight, args.streams, args.warmup, args.seconds)
-    with bare_grpc_server(cpus="0") as target:
-        floor = measure(target, settings)
+    with bare_grpc_process(cpus="0") as bare:
+        floor = measure(bare.target, replace(settings, server_pid=bare.pid))
     config = write_config(demo_data([ECHO]))
     with mandant_process(config, cpus="0", env=THREAD_ENV) as served:
-        mandant = measure(served.target, settings)
+        mandant = measure(served.target, replace(settings, server_pid=served.pid))
     print(report(settings, floor, mandant))
 
 
