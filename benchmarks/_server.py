@@ -46,6 +46,17 @@ def subprocess_env(extra: Mapping[str, str] = {}) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
+#: Put first on a server's PYTHONPATH, loads ``benchmarks/_probe/sitecustomize.py``.
+PROBE_PATH = ROOT / "benchmarks" / "_probe"
+
+
+def probe_env(flags: Mapping[str, str], base: Mapping[str, str] = {}) -> dict[str, str]:
+    """``base`` plus what makes a server load the probe with ``flags`` (its
+    ``MANDANT_PROBE_*`` variables; see ``benchmarks/_probe/sitecustomize.py``)."""
+    path = subprocess_env()["PYTHONPATH"]
+    return {**base, **flags, "PYTHONPATH": os.pathsep.join((str(PROBE_PATH), path))}
+
+
 def write_config(data: Mapping[str, Any]) -> Path:
     """``data`` as a YAML file in a fresh temporary folder; its path."""
     path = Path(tempfile.mkdtemp(prefix="mandant-bench-")) / "mandant.yaml"

@@ -17,6 +17,10 @@ flight (except the last):
 - mandant_client's ``AsyncClient(multiplex=True)`` (calls share one stream);
 - mandant_client's sync ``Client``, one call at a time: p50 and p99.
 
+Then the light unary mode once more against ``mandant serve`` whose ModelInfer is
+answered by the bare server's handler (``benchmarks/_probe``): the whole server (its
+other ports, timers, heap, gRPC options) without Mandant's call path.
+
 Before the stream modes, one stream is checked: 64 messages with distinct ids and
 inputs must come back each with its own id and its own input. A mode that fails shows
 ``error: …`` in the table instead of a figure.
@@ -47,7 +51,13 @@ from benchmarks._load import (
     run_pinned,
     table,
 )
-from benchmarks._server import bare_grpc_process, mandant_process, thread_cpu_s, write_config
+from benchmarks._server import (
+    bare_grpc_process,
+    mandant_process,
+    probe_env,
+    thread_cpu_s,
+    write_config,
+)
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -470,6 +480,20 @@ def cpu_report(floor: list[Result], mandant: list[Result]) -> str:
     )  # fmt: skip
 
 
+def swapped_report(swapped: Result, floor: Result) -> str:
+    """The light unary mode against ``mandant serve`` whose ModelInfer handler is the
+    bare server's (``benchmarks/_probe``): the whole server but Mandant's call path."""
+    if not swapped.answered or swapped.server_cpu_s is None:
+        return f"\nMandant with the bare handler: error: {swapped.error or 'nothing answered'}"
+    main, other = (s / swapped.answered * 1e6 for s in swapped.server_cpu_s)
+    return (
+        "\nmandant serve with ModelInfer answered by the bare server's handler "
+        f"(benchmarks/_probe), light client, unary: {swapped.rps:,.0f} calls/s, "
+        f"{swapped.rps / floor.rps:.2f} of the floor; CPU µs per call: main thread "
+        f"{main:.0f}, other threads {other:.0f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -484,7 +508,14 @@ def main() -> None:
     config = write_config(demo_data([ECHO]))
     with mandant_process(config, cpus="0", env=THREAD_ENV) as served:
         mandant = measure(served.target, replace(settings, server_pid=served.pid))
+    bare_handler = probe_env({"MANDANT_PROBE_BARE_HANDLER": "1"}, THREAD_ENV)
+    with mandant_process(config, cpus="0", env=bare_handler) as served:
+        prime(served.target, MODEL, settings.width)
+        [swapped] = run_pinned(
+            [(_bounded, (_light_unary, served.target, replace(settings, server_pid=served.pid)))]
+        )
     print(report(settings, floor, mandant))
+    print(swapped_report(swapped, floor[0]))
 
 
 if __name__ == "__main__":
