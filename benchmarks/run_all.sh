@@ -54,6 +54,7 @@ bench noisy_neighbour_demo 10 benchmarks.noisy_neighbour
 bench noisy_neighbour_h4096_b16_flood64 15 benchmarks.noisy_neighbour --hidden 4096 --max-batch-size 16 --flood 64
 bench noisy_neighbour_h4096_b16_flood64_workers2 15 benchmarks.noisy_neighbour --hidden 4096 --max-batch-size 16 --flood 64 --workers 2
 bench noisy_neighbour_demo_door16 10 benchmarks.noisy_neighbour --front-door-slots 16
+bench gc_pauses 15 benchmarks.gc_pauses
 
 if ((${#failed[@]})); then
     echo "FAILED: ${failed[*]} (see $OUT/<name>.stderr)"
