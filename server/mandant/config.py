@@ -115,7 +115,8 @@ class ServerConfig(_Frozen):
     #: not read until one is answered (backpressure, not buffering).
     max_stream_inflight: Annotated[int, Field(gt=0)] = 128
     #: How much lower than the event loop the threads that run in-process (torch) models
-    #: are scheduled: a Linux nice increment, 0 (the same) to 19. On a busy core the
+    #: on the CPU are scheduled: a Linux nice increment, 0 (the same) to 19 (instances on
+    #: CUDA keep the loop's priority: they mostly wait for the device). On a busy core the
     #: kernel then runs the front end's work for newly arrived calls (a light tenant's
     #: among them) before the rest of a batch, instead of time-slicing the two; the
     #: batch still gets the CPU the front end leaves (nice 5: about a quarter of it

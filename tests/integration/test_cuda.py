@@ -1,11 +1,13 @@
 """The torch backend on CUDA devices (skipped without one): results equal the CPU's,
 each instance runs on its own stream, batches running at once on several instances
 get their own rows, staging buffers are pinned and reused, a failing batch leaves
-its instance usable, and instances spread over several GPUs where there are."""
+its instance usable, instances spread over several GPUs where there are, and their
+threads keep the event loop's priority whatever ``compute_nice`` says."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -207,5 +209,19 @@ async def test_a_batch_the_model_fails_on_leaves_its_instance_and_buffers_usable
             await backend.infer_batch([good, {"X": -np.ones(2, np.float32)}])
         assert (await backend.infer(good))["Y"].tolist() == [1.0, 2.0, 3.0, 4.0]
         assert backend.staging_bytes == held
+    finally:
+        await backend.aclose()
+
+
+async def test_instances_on_cuda_keep_the_event_loops_priority(tmp_path: Path) -> None:
+    path = tmp_path / "c.safetensors"
+    backend = TorchBackend(classifier_spec(path, ("cuda:0",)), compute_nice=5)
+    await backend.start()
+    try:
+        await backend.infer({"INPUT0": np.ones((2, 256), np.float32)})  # runs in the pool
+        [worker] = [t for t in threading.enumerate() if t.name.startswith("torch-")]
+        assert worker.native_id is not None
+        loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert os.getpriority(os.PRIO_PROCESS, worker.native_id) == loop_nice
     finally:
         await backend.aclose()

@@ -89,8 +89,8 @@ class TorchBackend:
     """Runs one model version in this process, on the CPU or CUDA devices.
     ``inline_below_s``: calls measured cheaper run on the event loop (0: never).
     ``compute_nice``: how much lower than the event loop the pool threads that run
-    batches are scheduled (a Linux nice increment; 0: the same, see
-    ``server.compute_nice``)."""
+    batches on the CPU are scheduled (a Linux nice increment; 0: the same, see
+    ``server.compute_nice``); instances on CUDA keep the loop's priority."""
 
     def __init__(
         self,
@@ -144,7 +144,9 @@ class TorchBackend:
             max_workers=len(instances),
             thread_name_prefix=f"torch-{self._spec.name}",
             initializer=lower_priority,
-            initargs=(self._compute_nice,),
+            # On a GPU the threads mostly wait for the device: they keep the loop's
+            # priority, so that a busy host does not delay the next kernel launch.
+            initargs=(0 if self._placement.on_cuda else self._compute_nice,),
         )
         self._idle, self._loaded = idle, tuple(instances)
         logger.info(
