@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,11 +106,14 @@ class App:
         base_dir: Path,
         config_path: Path | None = None,
         engine_sockets: EngineSockets | None = None,
+        on_models_retired: Callable[[], object] | None = None,
     ) -> None:
         """``engine_sockets``: this App is the engine of ``workers: N`` (the
         supervisor's ``workers/``): the front ends' inference calls arrive on
         ``requests`` and their other RPCs on ``control``, instead of a gRPC port;
-        REST, the HTTP port, models, admission and metrics are the host's, here."""
+        REST, the HTTP port, models, admission and metrics are the host's, here.
+        ``on_models_retired``: called once replaced or unloaded model versions are
+        closed (the serving process re-settles its heap: ``heap.py``)."""
         self.base_dir = base_dir
         self.config_path = config_path
         self.config = config = config.resolved(base_dir)
@@ -147,6 +151,7 @@ class App:
             on_failure=lambda key, reason: failures.labels(key.name).inc(),
             grace_s=config.server.grace_s,
             names=self.model_names,
+            on_retired=on_models_retired,
         )
         self.metrics.register(
             ModelReadiness(

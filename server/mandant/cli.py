@@ -114,7 +114,7 @@ async def _serve(
     from mandant.app import App
     from mandant.heap import settle
 
-    app = App(config, path.parent, config_path=path)
+    app = App(config, path.parent, config_path=path, on_models_retired=settle)
     await app.start()
     settle()  # the models are loaded: the start-up heap out of the collector's way
     stop = asyncio.Event()

@@ -11,11 +11,17 @@ is up, :func:`settle` collects what start-up left behind and moves every survivo
 the permanent generation (:func:`gc.freeze`), which no collection walks again: a full
 collection then costs what the objects made since take.
 
+Frozen objects that become cyclic garbage are never freed by the collector, and a
+model version replaced or unloaded later (a reload, RepositoryModelUnload) was frozen
+with the rest: its module may hold a reference cycle, and its weights with it. So
+:func:`settle` runs again once retired versions are closed (``App(on_models_retired=)``):
+it unfreezes, collects everything once (a pause as long as the ones it prevents, once
+per model change) and freezes what is still alive. Reference counting frees everything
+that is not in a cycle at once, frozen or not.
+
 Only the process that serves calls this (``mandant serve`` and its worker children),
-never a library caller such as a test embedding :class:`~mandant.app.App`: frozen
-objects that later become cyclic garbage are never freed, which a long-lived server's
-start-up objects are not expected to become. Reference counting frees everything else
-as before.
+never a library caller such as a test embedding :class:`~mandant.app.App`, whose heap
+is not the server's to freeze.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ logger = logging.getLogger(__name__)
 
 
 def settle() -> int:
-    """Collect, then freeze every surviving object; how many are frozen now."""
+    """Collect everything (frozen objects included), then freeze every survivor; how
+    many are frozen now."""
     start = time.perf_counter()
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
     frozen = gc.get_freeze_count()

@@ -98,6 +98,8 @@ SchedulerFactory = Callable[[ModelSpec, Backend], Scheduler]
 SpecSource = Callable[[str, str | None], Sequence[ModelSpec]]
 #: Told of each model version that failed to load, with the reason.
 FailureHook = Callable[[ModelKey, str], None]
+#: Told when replaced or unloaded model versions have been freed.
+RetiredHook = Callable[[], object]
 
 
 class ModelRegistry:
@@ -110,15 +112,19 @@ class ModelRegistry:
         on_failure: FailureHook | None = None,
         grace_s: float = 30.0,
         names: set[str] | None = None,
+        on_retired: RetiredHook | None = None,
     ) -> None:
         """``grace_s``: how long an unloaded or replaced model waits for its calls;
         ``names``: a set this registry adds every model name it loads to (metrics label
-        these names only, so a model added later gets its own series)."""
+        these names only, so a model added later gets its own series); ``on_retired``:
+        called once replaced or unloaded versions are closed (a serving process gives
+        their memory back to the collector then, ``heap.py``)."""
         self._backend_factory = backend_factory
         self._scheduler_factory = scheduler_factory
         self._initial = list(specs)
         self._spec_source: SpecSource = spec_source or self._initial_specs
         self._on_failure = on_failure
+        self._on_retired = on_retired
         self.grace_s = grace_s
         #: Every model name this registry built a model for (configured names only).
         self.names = names if names is not None else set()
@@ -250,6 +256,8 @@ class ModelRegistry:
         for model in models:
             if model.failure is None:
                 await model.aclose()
+        if models and self._on_retired is not None:
+            self._on_retired()
 
     async def aclose(self) -> None:
         for model in self.all():

@@ -1,4 +1,4 @@
-"""``mandant.heap.settle``: in a process of its own (freezing pytest's heap would keep
+"""``mandant.heap.settle``: in processes of their own (freezing pytest's heap would keep
 every later test's cyclic garbage alive)."""
 
 from __future__ import annotations
@@ -40,3 +40,54 @@ def test_settle_moves_the_start_up_heap_out_of_full_collections() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("ok ")
     assert int(done.stdout.split()[1]) > 50_000  # torch and numpy alone are this many
+
+
+RELOAD = textwrap.dedent(
+    """
+    import asyncio, gc, sys, tempfile, weakref
+    from pathlib import Path
+    from mandant.app import App
+    from mandant.config import parse_config
+    from mandant.heap import settle
+
+    MODEL = {
+        "name": "m", "backend": "torch", "factory": "tests.unit.torch_models:cyclic",
+        "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1]}],
+        "outputs": [{"name": "Y", "datatype": "FP32", "shape": [-1]}],
+    }
+    CONFIG = parse_config({
+        "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
+        "tenants": [{"id": "t", "api_keys": []}],
+        "models": [MODEL],
+    })
+
+    async def main(hook):
+        app = App(CONFIG, Path(tempfile.mkdtemp()), on_models_retired=hook)
+        await app.start()
+        settle()  # as mandant serve does once the models are loaded
+        [model] = app.registry.all()
+        (instance,) = model.backend._loaded
+        old = weakref.ref(instance.module)
+        del model, instance
+        await app.registry.load("m")  # a reload: the old version is retired
+        gc.collect()
+        await app.aclose(0)
+        return old() is None
+
+    print("freed" if asyncio.run(main(settle if sys.argv[1] == "hook" else None)) else "kept")
+    """
+)
+
+
+def run_reload(hook: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", RELOAD, hook], capture_output=True, text=True, env=ENV, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()[-1]
+
+
+def test_a_retired_model_frozen_at_start_is_freed_once_the_heap_settles_again() -> None:
+    # A frozen cycle outlives its last reference: what the hook is for.
+    assert run_reload("none") == "kept"
+    assert run_reload("hook") == "freed"

@@ -74,7 +74,9 @@ async def serve_engine(
     """The engine: the models, admission, the fair batcher, metrics, REST and HTTP."""
     from mandant.app import App
 
-    app = App(config, path.parent, config_path=path, engine_sockets=sockets)
+    app = App(
+        config, path.parent, config_path=path, engine_sockets=sockets, on_models_retired=settle
+    )
     await app.start()
     settle()
     facts: dict[str, object] = {
