@@ -291,6 +291,8 @@ class BatchingConfig(_Frozen):
     #: is expected (never past max_queue_delay_ms); eager: whenever a slot is idle;
     #: delay: Triton's rule (wait up to max_queue_delay_ms for a full/preferred batch).
     dispatch: Literal["adaptive", "eager", "delay"] = "adaptive"
+    #: Rows one tenant may have waiting for this model; more: RESOURCE_EXHAUSTED with a
+    #: retry hint. Rows an idle execution slot is about to take do not wait.
     max_queue_rows: Annotated[int, Field(gt=0)] | None = None
 
     @model_validator(mode="after")

@@ -280,6 +280,27 @@ async def test_queue_cap_refuses_with_a_retry_hint() -> None:
     await running
 
 
+@pytest.mark.parametrize("dispatch", ["adaptive", "eager", "delay"])
+async def test_the_queue_cap_counts_rows_that_wait_not_those_an_idle_slot_takes(
+    dispatch: str,
+) -> None:
+    batcher, backend, _, observer = await make(
+        max_batch_size=4, max_queue_rows=4, dispatch=dispatch
+    )
+    # Two full batches in one event-loop turn, the model idle: one runs, one waits.
+    reqs = [request("a", rows=4), request("a", rows=4)]
+    first, second = (submit(batcher, req) for req in reqs)
+    await settle()
+    assert len(backend.running) == 1 and not second.done()
+    with pytest.raises(QueueFull):  # now 4 rows wait behind the running batch: full
+        await batcher.submit(request("a"))
+    assert observer.rejections == [("a", "queue_full", "m")]
+    for req, task in zip(reqs, (first, second), strict=True):
+        backend.release()
+        check_own_rows(req, await task)
+        await settle()
+
+
 async def test_a_request_larger_than_the_queue_cap_is_invalid_input() -> None:
     # Configuration refuses max_queue_rows < max_batch_size; the batcher does not
     # count on it: a request that can never be queued is no reason to retry.

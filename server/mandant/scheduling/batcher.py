@@ -162,7 +162,7 @@ class DynamicBatcher:
             raise DeadlineExceeded("deadline exceeded before the request was queued")
         tenant = request.tenant.id
         cap = self._config.max_queue_rows
-        if cap is not None and self._queue.rows_of(tenant) + request.rows > cap:
+        if cap is not None and self._queue.rows_of(tenant) + request.rows > cap + self._leaving():
             self._observer.rejected(tenant, "queue_full", self._model)
             raise QueueFull(
                 f"queue of model '{self._model}' is full for this tenant ({cap} rows)",
@@ -227,6 +227,12 @@ class DynamicBatcher:
         if entry.queued and self._queue.remove(entry):
             entry.queued = False
             self._finish(entry, exc=DeadlineExceeded("deadline exceeded while queued"))
+
+    def _leaving(self) -> int:
+        """Rows the idle execution slots are about to take from the queue: they do not
+        wait, so the queue cap does not count them (with adaptive dispatch, requests of
+        one event-loop turn all queue before the batch leaves at its end)."""
+        return (self._slots - self._running) * self._max_rows
 
     def _retry_after_s(self, queued_rows: int) -> float:
         batches = math.ceil((queued_rows + 1) / self._max_rows)
