@@ -8,6 +8,7 @@ second server with FIFO batching and no door (slots that never fill).
 
     .venv/bin/python -m benchmarks.noisy_neighbour [--seconds 5] [--flood 256]
         [--hidden 512] [--max-concurrent-streams N] [--workers N --server-cpus 0-8]
+        [--compute-nice N]
 
 Each ``mandant serve`` runs alone on core 0 (one torch thread); A and B are load-generator
 processes of their own on core 1. ``--hidden 512`` is the demo classifier: on a CPU
@@ -82,6 +83,8 @@ def config(args: argparse.Namespace, fair: bool) -> dict[str, Any]:
         server["front_door_slots"] = args.front_door_slots
     if args.workers > 1:
         server["workers"] = args.workers
+    if args.compute_nice is not None:
+        server["compute_nice"] = args.compute_nice
     data["server"] = server
     return data
 
@@ -149,6 +152,7 @@ def main() -> None:
         help="server.workers of both servers (gRPC front-end processes; 1: one process)",
     )
     parser.add_argument("--server-cpus", default=SERVER_CPU, help="cores of the servers")
+    parser.add_argument("--compute-nice", type=int, default=None, help="server.compute_nice")
     args = parser.parse_args()
     rows = []
     batch_ms: dict[str, float] = {}  # scenario: mean compute time of one batch
@@ -191,6 +195,7 @@ def main() -> None:
         f"{args.max_batch_size}), A (acme) at concurrency {args.flood},"
         f" B (initech) at 1; {args.seconds:g} s per scenario after {args.warmup:g} s warm-up;"
         f" server on core(s) {args.server_cpus} (workers: {args.workers}), clients on core 1;"
+        f" compute_nice: {'default' if args.compute_nice is None else args.compute_nice};"
         f" streams/connection: {streams}"
     )
     headers = ["scenario", "B p50 ms", "B p99 ms", "B req/s", "A req/s", "mean batch"]
