@@ -332,9 +332,16 @@ def run_pinned(
     return [results[n] for n in range(len(jobs))]
 
 
-def run(target: str, loads: Sequence[Load], seconds: float, warmup_s: float = 1.0) -> list[Result]:
-    """Each load in a process of its own on the client core, all at the same time."""
-    return run_pinned([(closed_loop, (target, load, warmup_s, seconds)) for load in loads])
+def run(
+    target: str,
+    loads: Sequence[Load],
+    seconds: float,
+    warmup_s: float = 1.0,
+    cpu: int = CLIENT_CPU,
+) -> list[Result]:
+    """Each load in a process of its own on the client core ``cpu``, all at once."""
+    jobs = [(closed_loop, (target, load, warmup_s, seconds)) for load in loads]
+    return run_pinned(jobs, cpu)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 11's checks for a GPU host (16 cores, one NVIDIA GPU), in one run; each table
 # goes to the terminal and to benchmarks/results/gpu_host/<name>.txt with the card,
-# the commit and the date. About 8 minutes.
+# the commit and the date. About 12 minutes.
 #
 #   benchmarks/gpu_host.sh            # after `make install-test` on the GPU host
 #
@@ -9,6 +9,9 @@
 # 2. echo calls/s with 1, 2, 4, 8, 12 gRPC front ends, the load on the other cores
 # 3. an MLP widened to 4096 on CUDA: rows/s served through the batcher vs raw torch
 # 4. workers: 1 vs 2 on one core each side (the 2-core table, for comparison)
+# 5. issue 11's noisy neighbour with front ends on cores of their own: the 4096-wide
+#    classifier kept on the CPU (the bottleneck), 4 front ends + engine on cores 0-5,
+#    the loads on the last core; one process beside it
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -44,6 +47,11 @@ step workers_scaling "$PYTHON" -m benchmarks.workers_scaling --front-ends 1,2,4,
     --cores "$CORES" --seconds 5
 step gpu_engine "$PYTHON" -m benchmarks.gpu_engine --seconds 5
 step workers "$PYTHON" -m benchmarks.workers --seconds 5
+for workers in 1 4; do
+    step "noisy_neighbour_workers$workers" "$PYTHON" -m benchmarks.noisy_neighbour \
+        --seconds 10 --hidden 4096 --max-batch-size 16 --flood 64 --device cpu \
+        --workers "$workers" --server-cpus 0-5 --client-cpu $((CORES - 1))
+done
 
 if ((${#failed[@]})); then
     echo "FAILED: ${failed[*]} (see $OUT/<name>.stderr)"

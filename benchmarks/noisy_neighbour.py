@@ -8,7 +8,7 @@ second server with FIFO batching and no door (slots that never fill).
 
     .venv/bin/python -m benchmarks.noisy_neighbour [--seconds 5] [--flood 256]
         [--hidden 512] [--max-concurrent-streams N] [--workers N --server-cpus 0-8]
-        [--compute-nice N]
+        [--compute-nice N] [--client-cpu 1] [--device cpu]
 
 Each ``mandant serve`` runs alone on core 0 (one torch thread); A and B are load-generator
 processes of their own on core 1. ``--hidden 512`` is the demo classifier: on a CPU
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._load import (
+    CLIENT_CPU,
     ECHO,
     SERVER_CPU,
     THREAD_ENV,
@@ -73,6 +74,8 @@ def config(args: argparse.Namespace, fair: bool) -> dict[str, Any]:
     if not fair:
         batching["policy"] = "fifo"
     model = classifier(hidden=args.hidden, batching=batching)
+    if args.device:
+        model["device"] = args.device
     data: dict[str, Any] = demo_data([model, ECHO])
     server = dict(data["server"])
     if args.max_concurrent_streams:
@@ -153,6 +156,8 @@ def main() -> None:
     )
     parser.add_argument("--server-cpus", default=SERVER_CPU, help="cores of the servers")
     parser.add_argument("--compute-nice", type=int, default=None, help="server.compute_nice")
+    parser.add_argument("--client-cpu", type=int, default=CLIENT_CPU, help="core of the loads")
+    parser.add_argument("--device", default=None, help="the classifier's device (cpu, cuda)")
     args = parser.parse_args()
     rows = []
     batch_ms: dict[str, float] = {}  # scenario: mean compute time of one batch
@@ -172,7 +177,7 @@ def main() -> None:
                 rows_before, batches_before = served.batch_totals(batched)
                 compute_before = compute_s(served, batched)
                 b_before = b_totals(served, b_model)
-                results = run(served.target, loads, args.seconds, args.warmup)
+                results = run(served.target, loads, args.seconds, args.warmup, args.client_cpu)
                 b_after = b_totals(served, b_model)
                 rows_after, batches_after = served.batch_totals(batched)
                 batches = batches_after - batches_before
@@ -194,7 +199,8 @@ def main() -> None:
         f"classifier 256→{args.hidden}→{args.hidden}→16 (max_batch_size "
         f"{args.max_batch_size}), A (acme) at concurrency {args.flood},"
         f" B (initech) at 1; {args.seconds:g} s per scenario after {args.warmup:g} s warm-up;"
-        f" server on core(s) {args.server_cpus} (workers: {args.workers}), clients on core 1;"
+        f" server on core(s) {args.server_cpus} (workers: {args.workers}),"
+        f" clients on core {args.client_cpu};"
         f" compute_nice: {'default' if args.compute_nice is None else args.compute_nice};"
         f" streams/connection: {streams}"
     )
