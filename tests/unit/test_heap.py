@@ -44,14 +44,16 @@ def test_settle_moves_the_start_up_heap_out_of_full_collections() -> None:
 
 RELOAD = textwrap.dedent(
     """
-    import asyncio, gc, sys, tempfile, weakref
+    import asyncio, gc, sys, tempfile
     from pathlib import Path
     from mandant.app import App
     from mandant.config import parse_config
     from mandant.heap import settle
 
+    MADE = []  # a weak reference to each module the factory builds
     MODEL = {
         "name": "m", "backend": "torch", "factory": "tests.unit.torch_models:cyclic",
+        "factory_args": {"made": MADE},
         "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1]}],
         "outputs": [{"name": "Y", "datatype": "FP32", "shape": [-1]}],
     }
@@ -65,11 +67,9 @@ RELOAD = textwrap.dedent(
         app = App(CONFIG, Path(tempfile.mkdtemp()), on_models_retired=hook)
         await app.start()
         settle()  # as mandant serve does once the models are loaded
-        [model] = app.registry.all()
-        (instance,) = model.backend._loaded
-        old = weakref.ref(instance.module)
-        del model, instance
+        [old] = MADE
         await app.registry.load("m")  # a reload: the old version is retired
+        assert len(MADE) == 2 and MADE[1]() is not None
         gc.collect()
         await app.aclose(0)
         return old() is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 import torch
 from torch import nn
@@ -141,5 +142,8 @@ class _Cyclic(nn.Module):
         return x
 
 
-def cyclic() -> nn.Module:
-    return _Cyclic()
+def cyclic(made: list[weakref.ref[nn.Module]]) -> nn.Module:
+    """A :class:`_Cyclic`; appends a weak reference to it to ``made``."""
+    module = _Cyclic()
+    made.append(weakref.ref(module))
+    return module
