@@ -245,7 +245,12 @@ def serving(
 def http_get(server: Server, path: str, key: str | None = None) -> tuple[int, bytes]:
     """GET ``path`` on the server's HTTP port (``/metrics``, ``/usage``, …) with an
     optional bearer key: the status and the body."""
-    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}")
+    return http_get_port(server.http_port, path, key)
+
+
+def http_get_port(port: int, path: str, key: str | None = None) -> tuple[int, bytes]:
+    """:func:`http_get` on any local HTTP port (an internal listener, say)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
     if key is not None:
         request.add_header("Authorization", f"Bearer {key}")
     try:

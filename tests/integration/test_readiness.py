@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,16 @@ from mandant_client import Client
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.fakes import FakeBackend
-from tests.servers import ECHO_MODEL, SERVER_KINDS, Server, ServerThread, free_port, serving
+from tests.servers import (
+    ECHO_MODEL,
+    SERVER_KINDS,
+    Server,
+    ServerThread,
+    free_port,
+    http_get,
+    http_get_port,
+    serving,
+)
 
 ADMIN = "readiness-admin"
 KEY = (("authorization", "Bearer t-key"),)
@@ -60,17 +67,6 @@ def _unreachable_triton() -> dict[str, Any]:
         "inputs": ECHO_MODEL["inputs"],
         "outputs": ECHO_MODEL["outputs"],
     }
-
-
-def _get(port: int, path: str, key: str | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
-    if key is not None:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 def _health(target: str) -> int:
@@ -109,10 +105,10 @@ def test_one_unready_model_and_the_server_agree_everywhere(
         for name, ready in (("echo", True), ("remote", False)):
             reply = stub.ModelReady(pb.ModelReadyRequest(name=name), metadata=KEY)
             assert reply.ready is ready, name
-    status, _ = _get(server.http_port, "/readyz")
+    status, _ = http_get(server, "/readyz")
     assert status == (200 if expected else 503)
     assert _health(server.target) == (SERVING if expected else NOT_SERVING)
-    _, metrics = _get(server.http_port, "/metrics", key=ADMIN)
+    _, metrics = http_get(server, "/metrics", key=ADMIN)
     ready = {
         sample.labels["model"]: sample.value
         for family in text_string_to_metric_families(metrics.decode())
@@ -137,7 +133,7 @@ def test_shutdown_turns_readyz_and_grpc_health_off_while_calls_finish(tmp_path: 
     assert app is not None
     try:
         http_port = app.http_port
-        assert _get(http_port, "/readyz")[0] == 200
+        assert http_get_port(http_port, "/readyz")[0] == 200
         channel = grpc.insecure_channel(server.target)
         watch = health_pb2_grpc.HealthStub(channel).Watch(
             health_pb2.HealthCheckRequest(service=""), timeout=30
@@ -157,7 +153,7 @@ def test_shutdown_turns_readyz_and_grpc_health_off_while_calls_finish(tmp_path: 
         stopping.start()
         assert next(watch).status == NOT_SERVING
         while app.admission.inflight("t"):  # draining: the call is still running
-            status, body = _get(http_port, "/readyz")
+            status, body = http_get_port(http_port, "/readyz")
             if status == 503:
                 break
         assert (status, body) == (503, b'{"ready": false}')
