@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import AsyncIterator
+from types import ModuleType
+from typing import Any
 
 import grpc
 import uvloop
@@ -23,8 +25,10 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 
-def echo(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(
+def echo(request: Any, messages: ModuleType = pb) -> Any:
+    """The answer to ``request``: its first input as the output, with its id, built
+    from ``messages``' ModelInferResponse (Triton's stubs, or another set's)."""
+    response = messages.ModelInferResponse(
         model_name=request.model_name, model_version="1", id=request.id
     )
     tensor = request.inputs[0]

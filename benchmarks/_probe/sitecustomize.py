@@ -44,19 +44,11 @@ if os.environ.get("MANDANT_PROBE_NO_FREEZE"):
 if os.environ.get("MANDANT_PROBE_BARE_HANDLER"):
     import grpc
 
+    from benchmarks._bare_server import echo
     from mandant.transport.grpc import gateway
     from mandant_client._proto import grpc_service_pb2 as pb
 
     _unary = gateway.Gate.unary
-
-    def _echo(request: Any) -> Any:  # benchmarks/_bare_server.py's, on Mandant's stubs
-        response = pb.ModelInferResponse(
-            model_name=request.model_name, model_version="1", id=request.id
-        )
-        tensor = request.inputs[0]
-        response.outputs.add(name="OUTPUT0", datatype=tensor.datatype, shape=tensor.shape)
-        response.raw_output_contents.append(request.raw_input_contents[0])
-        return response
 
     def _bare_unary(self: Any, method: str, *args: Any, **kwargs: Any) -> Any:
         handler = _unary(self, method, *args, **kwargs)
@@ -64,7 +56,7 @@ if os.environ.get("MANDANT_PROBE_BARE_HANDLER"):
             return handler
 
         async def handle(raw: bytes, context: Any) -> Any:
-            return _echo(pb.ModelInferRequest.FromString(raw))
+            return echo(pb.ModelInferRequest.FromString(raw), pb)
 
         return grpc.unary_unary_rpc_method_handler(
             handle, request_deserializer=None, response_serializer=handler.response_serializer
