@@ -22,22 +22,9 @@ from mandant_client.types import ModelIndexEntry, ModelMetadata, ServerMetadata
 
 
 class AsyncClient:
-    """asyncio client for one Mandant (or any KServe v2 gRPC) server.
-
-    Every call sends ``authorization: Bearer <api_key>`` and raises a
-    :class:`~mandant_client.errors.MandantClientError` subclass on failure.
-    ``timeout_s`` is the default deadline of each call (None: no deadline).
-
-    With ``multiplex=True``, concurrent ``infer`` calls share one ``ModelStreamInfer``
-    stream (opened by the first call or by :meth:`open_stream`, reopened after it
-    fails, closed with the client), at most ``max_in_flight`` messages at a time; they
-    raise the same exceptions as unary calls. Other methods stay unary.
-    ``connections``: how many HTTP/2 connections ``infer`` calls are spread over,
-    round-robin (each with its own stream under ``multiplex=True``). One connection
-    reaches one server process; a server with several gRPC front ends
-    (``workers: N``), or replicas behind a connection-level balancer, balance
-    connections, not calls, so give a busy client at least as many connections as
-    there are processes to reach. Other methods use the first connection.
+    """asyncio client for one Mandant (or any KServe v2 gRPC) server: the same
+    arguments, errors, multiplexed stream and connection spreading as
+    :class:`~mandant_client.client.Client`, with coroutines for methods.
     """
 
     def __init__(
