@@ -204,6 +204,23 @@ async def test_multiple_outputs_map_to_declared_names(factory: str) -> None:
     np.testing.assert_array_equal(out["PRODUCT"], a * b)
 
 
+async def test_outputs_that_require_grad_or_view_the_input_come_back_as_arrays() -> None:
+    """CPU outputs become arrays without a copy: a computed tensor, a parameter (it
+    requires grad, which converts in inference mode only) and the input itself."""
+    vector = (TensorSpec("X", "FP32", (3,)),)
+    spec = make_spec(
+        factory=f"{HELPERS}:scaled",
+        inputs=vector,
+        outputs=(TensorSpec("SCALED", "FP32", (3,)), TensorSpec("WEIGHT", "FP32", (3,))),
+    )
+    out = await run_once(spec, {"X": np.array([1, 2, 3], dtype=np.float32)})
+    np.testing.assert_array_equal(out["SCALED"], [2, 4, 6])
+    np.testing.assert_array_equal(out["WEIGHT"], [2, 2, 2])
+    echo = make_spec(factory="mandant.demo.models:echo", inputs=vector, outputs=vector)
+    sent = np.array([7, 8, 9], dtype=np.float32)
+    np.testing.assert_array_equal((await run_once(echo, {"X": sent}))["X"], sent)
+
+
 async def test_wrong_output_count_is_an_error() -> None:
     spec = make_spec(factory=f"{HELPERS}:pair", inputs=PAIR_IN, outputs=CLASSIFIER_OUT)
     one = np.ones(2, dtype=np.float32)

@@ -57,6 +57,22 @@ def pair_dict() -> nn.Module:
     return _PairDict()
 
 
+class _Scaled(nn.Module):
+    """Returns its input times a weight, and the weight itself: a parameter, which
+    still requires grad under inference mode (it was made outside it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((3,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * self.weight, self.weight
+
+
+def scaled() -> nn.Module:
+    return _Scaled()
+
+
 def rendezvous(barrier: threading.Barrier) -> nn.Module:
     return _Rendezvous(barrier)
 

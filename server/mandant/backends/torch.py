@@ -422,6 +422,8 @@ def _copy_to_host(model: str, name: str, value: object) -> torch.Tensor | np.nda
 
 def _to_numpy(model: str, name: str, value: object) -> np.ndarray:
     if isinstance(value, torch.Tensor):
+        if value.is_cpu:  # inference mode: even a parameter converts without a detach
+            return value.numpy()
         return value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
         return value
