@@ -1,7 +1,7 @@
 """What recording costs per request on the hot path, in µs.
 
 Times the observer calls one successful batched inference makes (request_finished,
-request_timing, batch_executed of a 1-request batch, admitted, inflight ±1) on a
+request_timing, batch_executed of a 1-request batch, admitted) on a
 PrometheusObserver with its in-process SLO windows and dashboard stats, against
 the NullObserver baseline, over a configurable number of tenants and models; and
 the same with ``FleetCounting`` in front (fleet-wide usage counters, summed in process
@@ -44,11 +44,9 @@ def build(tenants: int, models: int) -> tuple[PrometheusObserver, list[str], lis
 def per_request(observer: Observer, ids: list[str], names: list[str]) -> Callable[[int], None]:
     def run(i: int) -> None:
         tenant, model = ids[i % len(ids)], names[i % len(names)]
-        observer.inflight_changed(tenant, 1)
         observer.admitted(tenant, model, 4)
         observer.request_timing(tenant, model, 0.0004, 0.0021)
         observer.batch_executed(model, 4, 0.0021, {tenant: 4})
-        observer.inflight_changed(tenant, -1)
         observer.request_finished(tenant, model, "OK", 0.0031 + (i % 7) * 1e-4)
 
     return run

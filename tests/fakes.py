@@ -209,9 +209,6 @@ class RecordingObserver:
     def rejected(self, tenant: str, reason: str, model: str = "") -> None:
         self.rejections.append((tenant, reason, model))
 
-    def inflight_changed(self, tenant: str, delta: int) -> None:
-        return None
-
     def store_error(self, store: str) -> None:
         return None
 

@@ -23,7 +23,12 @@ from mandant.errors import ConfigError, InvalidInput, Unavailable
 from mandant.events import Observer
 from mandant.observability.http import HttpServer
 from mandant.observability.live import LiveStats
-from mandant.observability.metrics import ModelReadiness, PrometheusObserver, load_failures
+from mandant.observability.metrics import (
+    InflightRequests,
+    ModelReadiness,
+    PrometheusObserver,
+    load_failures,
+)
 from mandant.observability.slo import SloTracker
 from mandant.observability.stats import InferenceStats
 from mandant.observability.usage import FleetCounting, UsageReports
@@ -126,7 +131,10 @@ class App:
         self.directory = TenantDirectory.from_config(config)
         self.metrics = CollectorRegistry()
         self.slo = SloTracker(self.directory)
-        self.live = LiveStats(self.directory, model_names)
+        # In flight: the admission's count (made below), read when the dashboard draws.
+        self.live = LiveStats(
+            self.directory, model_names, inflight=lambda tenant: self.admission.inflight(tenant)
+        )
         self.prometheus = PrometheusObserver(
             self.metrics, self.directory, model_names, slo=self.slo, live=self.live
         )
@@ -164,6 +172,7 @@ class App:
         self.admission = TenantAdmission(
             config, shared_store_for(config.limits), observer=self.observer
         )
+        self.metrics.register(InflightRequests(self.directory, self.admission.inflight_counts))
         self.plane = DataPlane(
             self.directory,
             self.registry,

@@ -48,8 +48,6 @@ class Observer(Protocol):
         (a per-model rate limit or quota, its queue cap), ``""`` for a tenant-wide one."""
         ...
 
-    def inflight_changed(self, tenant: str, delta: int) -> None: ...
-
     def store_error(self, store: str) -> None:
         """The shared limits store failed one operation (Redis unreachable, …)."""
         ...
@@ -79,9 +77,6 @@ class NullObserver:
         return None
 
     def rejected(self, tenant: str, reason: str, model: str = "") -> None:
-        return None
-
-    def inflight_changed(self, tenant: str, delta: int) -> None:
         return None
 
     def store_error(self, store: str) -> None:

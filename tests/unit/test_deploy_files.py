@@ -16,7 +16,8 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from mandant.config import SloConfig, TenantConfig
-from mandant.observability.metrics import PrometheusObserver
+from mandant.observability.metrics import InflightRequests, PrometheusObserver
+from mandant.tenancy.directory import TenantDirectory
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -39,8 +40,9 @@ def exported_series() -> set[str]:
     observer.batch_executed("classifier", 2, 0.002, {"acme": 2})
     observer.admitted("acme", "classifier", 2)
     observer.rejected("acme", "quota")
-    observer.inflight_changed("acme", 1)
     observer.store_error("redis")
+    acme = TenantDirectory([TenantConfig(id="acme")])
+    registry.register(InflightRequests(acme, lambda: {"acme": 1}))
     return {s.name for family in registry.collect() for s in family.samples}
 
 

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from mandant.config import QuotaConfig, SloConfig, TenantConfig
 from mandant.errors import Unauthenticated
 from mandant.observability.live import LiveStats
-from mandant.observability.metrics import PrometheusObserver
+from mandant.observability.metrics import InflightRequests, PrometheusObserver
 from mandant.observability.slo import SloTracker
 from mandant.tenancy.directory import TenantDirectory
 from mandant.tenancy.keys import hash_key
@@ -75,12 +75,17 @@ def test_observer_slo_and_live_follow_the_directory() -> None:
     assert tenants["b"]["requests"] == 1 and tenants["a"]["slo"]["latency_ms"] == 5
 
 
-def test_a_call_in_flight_across_a_reload_that_removes_its_tenant_ends_under_its_label() -> None:
+def test_calls_in_flight_across_a_reload_that_removes_their_tenant_stay_under_its_id() -> None:
     directory = TenantDirectory([TenantConfig(id="gone"), TenantConfig(id="kept")])
     registry = CollectorRegistry()
-    observer = PrometheusObserver(registry, directory, ["m"])
-    observer.inflight_changed("gone", 1)
+    inflight = {"gone": 1}  # the admission's counts
+    registry.register(InflightRequests(directory, lambda: inflight))
+
+    def sample(tenant: str) -> float | None:
+        return registry.get_sample_value("mandant_inflight_requests", {"tenant": tenant})
+
+    assert (sample("gone"), sample("kept")) == (1, 0)
     directory.replace([TenantConfig(id="kept")], [])
-    observer.inflight_changed("gone", -1)
-    assert registry.get_sample_value("mandant_inflight_requests", {"tenant": "gone"}) == 0
-    assert registry.get_sample_value("mandant_inflight_requests", {"tenant": ""}) is None
+    assert (sample("gone"), sample("kept")) == (1, 0)
+    inflight["gone"] = 0  # its last call ended: the series goes
+    assert (sample("gone"), sample("kept"), sample("")) == (None, 0, None)

@@ -285,15 +285,12 @@ def test_the_adapter_rule_serves_inflight_calls_summed_per_pod() -> None:
     assert rule["metricsQuery"] == "sum(<<.Series>>{<<.LabelMatchers>>}) by (<<.GroupBy>>)"
 
 
-def test_the_inflight_metric_is_one_mandant_exports() -> None:
-    from prometheus_client import CollectorRegistry
+async def test_the_inflight_metric_is_one_mandant_exports(tmp_path: Path) -> None:
+    from mandant.app import App
+    from tests.servers import demo_config
 
-    from mandant.config import TenantConfig
-    from mandant.observability.metrics import PrometheusObserver
-
-    registry = CollectorRegistry()
-    PrometheusObserver(registry, [TenantConfig(id="acme")], ["m"])
-    names = {sample.name for family in registry.collect() for sample in family.samples}
+    app = App(demo_config(), tmp_path)  # the registry is filled when the app is made
+    names = {sample.name for family in app.metrics.collect() for sample in family.samples}
     assert "mandant_inflight_requests" in names
 
 

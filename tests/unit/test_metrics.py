@@ -8,11 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
-from mandant.config import QuotaConfig, SloConfig, TenantConfig
+from mandant.config import MandantConfig, QuotaConfig, SloConfig, TenantConfig
 from mandant.observability.live import LATENCY_BOUNDS_S, LiveStats, quantile
-from mandant.observability.metrics import PrometheusObserver
+from mandant.observability.metrics import InflightRequests, PrometheusObserver
 from mandant.observability.slo import SloTracker
 from mandant.observability.usage import usage_report
+from mandant.tenancy.admission import TenantAdmission
+from mandant.tenancy.directory import TenantDirectory
+from mandant.types import ModelKey, Tenant
 
 TENANTS = (
     TenantConfig(id="acme", slo=SloConfig(latency_ms=50, objective=0.99),
@@ -89,7 +92,6 @@ def test_invented_labels_collapse_to_empty(parts: Parts) -> None:
     observer.request_finished("mallory", "secret-model", "OK", 0.001)
     observer.rejected("mallory", "requests_per_s")
     observer.batch_executed("secret-model", 3, 0.01, {"mallory": 3})
-    observer.inflight_changed("mallory", 1)
     labels = {
         value
         for family in registry.collect()
@@ -129,18 +131,36 @@ def test_batches_split_compute_by_rows_and_timings(parts: Parts) -> None:
     assert batches == {"classifier": {"1": 1, "8": 1}, "echo": {}}
 
 
-def test_inflight_admission_rejections_and_store_errors(parts: Parts) -> None:
+async def test_inflight_is_the_admissions_count_read_when_shown(clock: FakeClock) -> None:
+    """The gauge and the dashboard read the count the concurrency cap keeps."""
+    admission = TenantAdmission(MandantConfig(tenants=list(TENANTS)))
+    registry = CollectorRegistry()
+    registry.register(InflightRequests(TenantDirectory(TENANTS), admission.inflight_counts))
+    live = LiveStats([t.id for t in TENANTS], MODELS, clock=clock, inflight=admission.inflight)
+
+    def shown() -> tuple[float | None, int]:
+        row = next(t for t in live.snapshot(SloTracker({}))["tenants"] if t["id"] == "acme")
+        return value(registry, "mandant_inflight_requests", tenant="acme"), row["inflight"]
+
+    assert shown() == (0, 0)
+    acme, echo = Tenant("acme"), ModelKey("echo", "1")
+    first = await admission.admit(acme, echo, 1)
+    second = await admission.admit(acme, echo, 1)
+    assert shown() == (2, 2)
+    first.release()
+    assert shown() == (1, 1)
+    second.release()
+    assert shown() == (0, 0)
+    assert value(registry, "mandant_inflight_requests", tenant="globex") == 0
+
+
+def test_admission_rejections_and_store_errors(parts: Parts) -> None:
     registry, observer, _, live = parts
-    assert value(registry, "mandant_inflight_requests", tenant="acme") == 0
-    observer.inflight_changed("acme", 1)
-    observer.inflight_changed("acme", 1)
-    observer.inflight_changed("acme", -1)
     observer.admitted("acme", "classifier", 5)
     observer.rejected("acme", "quota")
     observer.rejected("acme", "requests_per_s", "classifier")  # a per-model limit
     observer.rejected("acme", "requests_per_s", "secret-model")  # not configured: ""
     observer.store_error("redis")
-    assert value(registry, "mandant_inflight_requests", tenant="acme") == 1
     assert value(registry, "mandant_admitted_rows_total", tenant="acme", model="classifier") == 5
     assert value(registry, "mandant_rejections_total", tenant="acme", reason="quota",
                  model="") == 1  # fmt: skip
@@ -151,7 +171,6 @@ def test_inflight_admission_rejections_and_store_errors(parts: Parts) -> None:
     assert value(registry, "mandant_store_errors_total", store="redis") == 1
     assert live.quota_used("acme") == {"rows_today": 5, "rows_this_month": 5}
     tenant = next(t for t in live.snapshot(SloTracker({}))["tenants"] if t["id"] == "acme")
-    assert tenant["inflight"] == 1
     assert tenant["rejections"] == [
         {"reason": "quota", "model": "", "count": 1},
         {"reason": "requests_per_s", "model": "", "count": 1},
@@ -243,11 +262,12 @@ def test_quantile_interpolates_within_log_buckets() -> None:
 
 
 def test_every_documented_family_is_exposed(parts: Parts) -> None:
+    """The observer's families (the inflight gauge is the app's: test_k8s)."""
     registry, _, _, _ = parts
     exposed = {family.name for family in registry.collect()}
     assert {
         "mandant_requests", "mandant_request_duration_seconds", "mandant_queue_duration_seconds",
-        "mandant_compute_duration_seconds", "mandant_batch_size", "mandant_inflight_requests",
+        "mandant_compute_duration_seconds", "mandant_batch_size",
         "mandant_rejections", "mandant_rows", "mandant_compute_seconds", "mandant_slo_objective",
         "mandant_slo_requests", "mandant_slo_good_requests", "mandant_slo_latency_seconds",
     } <= exposed  # fmt: skip

@@ -15,7 +15,7 @@ import bisect
 import math
 import operator
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from mandant.config import TenantConfig
@@ -133,7 +133,9 @@ def quantile(counts: list[int], q: float) -> float | None:
 class LiveStats:
     """Rolling per-tenant traffic for the dashboard (``span_s`` of history).
     ``tenants``: the tenant directory (tenants added by a reload get their own
-    history; the snapshot lists the current ones), or fixed tenant ids."""
+    history; the snapshot lists the current ones), or fixed tenant ids.
+    ``inflight``: a tenant's calls in flight, read when a snapshot is drawn (the
+    admission's count, which caps them: the one count there is)."""
 
     def __init__(
         self,
@@ -143,6 +145,7 @@ class LiveStats:
         step_s: float = 5.0,
         span_s: float = 300.0,
         wall: Clock = time.time,
+        inflight: Callable[[str], int] = lambda tenant: 0,
     ) -> None:
         self._clock = clock
         self._wall = wall
@@ -156,7 +159,7 @@ class LiveStats:
             else TenantDirectory(TenantConfig(id=t) for t in tenants)
         )
         self._tenants: dict[str, _History] = {}
-        self._inflight: dict[str, int] = {}
+        self._inflight = inflight
         for tenant in self._directory.current.ids:
             self._ring(tenant)
         self._batches: dict[str, dict[int, int]] = {model: {} for model in models}
@@ -166,7 +169,6 @@ class LiveStats:
         """The tenant's history, made on first use; None for tenants not configured."""
         if tenant not in self._directory.current.ids:
             return None
-        self._inflight.setdefault(tenant, 0)
         history = self._tenants.get(tenant)
         if history is None:
             history = self._tenants[tenant] = _History(self._slots_kept)
@@ -204,7 +206,7 @@ class LiveStats:
 
     def record_admitted(self, tenant: str, rows: int) -> None:
         """Rows admitted, counted per UTC day and month (wall clock, like quotas)."""
-        if tenant not in self._inflight and self._ring(tenant) is None:
+        if tenant not in self._tenants and self._ring(tenant) is None:
             return
         day, month = self._periods()
         counts = self._admitted.setdefault(tenant, [day, 0, month, 0])
@@ -231,10 +233,6 @@ class LiveStats:
             now = time.gmtime(day * 86400)
             self._day_cache = (day, now.tm_year * 12 + now.tm_mon)
         return self._day_cache
-
-    def inflight_changed(self, tenant: str, delta: int) -> None:
-        if tenant in self._inflight or self._ring(tenant) is not None:
-            self._inflight[tenant] += delta
 
     def snapshot(self, slo: SloTracker, only: str | None = None) -> dict[str, Any]:
         """The overview the dashboard's table draws, JSON-ready: one row per tenant
@@ -317,7 +315,7 @@ class LiveStats:
                 "objective": objective.objective,
             },
             "windows": slo.report(tenant) if objective is not None else None,
-            "inflight": self._inflight[tenant],
+            "inflight": self._inflight(tenant),
             "requests": ok,
             "errors": errors,
             "rps": _rate(ok / self._span_s(now)),

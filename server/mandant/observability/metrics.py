@@ -30,7 +30,6 @@ from mandant.config import SloConfig, TenantConfig
 from mandant.observability.live import LiveStats
 from mandant.observability.series import (
     CounterSeries,
-    GaugeSeries,
     HistogramSeries,
     SeriesCollector,
 )
@@ -100,9 +99,6 @@ class PrometheusObserver:
             "mandant_failed_batches", "Backend executions that raised (their requests "
             "are then retried apart, so only the ones at fault fail).", ["model"],
         )  # fmt: skip
-        self.inflight = GaugeSeries(
-            "mandant_inflight_requests", "Calls being served now.", ["tenant"],
-        )  # fmt: skip
         self.rejections = CounterSeries(
             "mandant_rejections", "Requests refused by admission or a queue cap, by reason; "
             "model: the model whose own limit refused it (\"\" for the tenant's limits).",
@@ -140,14 +136,12 @@ class PrometheusObserver:
         for tenant in snapshot.slos:
             self.slo_requests.touch((tenant,))
             self.slo_good.touch((tenant,))
-        for tenant in snapshot.ids:
-            self.inflight.touch((tenant,))
         registry.register(
             SeriesCollector(
                 [
                     self.requests, self.request_duration, self.queue_duration,
                     self.compute_duration, self.batch_size, self.failed_batches,
-                    self.inflight, self.rejections, self.rows, self.compute_seconds,
+                    self.rejections, self.rows, self.compute_seconds,
                     self.admitted_rows, self.refunded_rows, self.store_errors,
                     self.slo_requests, self.slo_good,
                 ]
@@ -224,16 +218,39 @@ class PrometheusObserver:
         if self._live is not None:
             self._live.record_rejection(tenant, reason, model)
 
-    def inflight_changed(self, tenant: str, delta: int) -> None:
-        # A call admitted before a reload removed its tenant still ends under its label.
-        if tenant not in self._directory.current.ids and not self.inflight.has((tenant,)):
-            tenant = ""
-        self.inflight.inc((tenant,), delta)
-        if self._live is not None:
-            self._live.inflight_changed(tenant, delta)
-
     def store_error(self, store: str) -> None:
         self.store_errors.inc((store,))
+
+
+class InflightRequests:
+    """``mandant_inflight_requests{tenant}``, read at scrape time from ``counts``: the
+    admission's count of each tenant's calls in flight (the one it caps), not a copy
+    kept from events. Every configured tenant is shown; a tenant that a reload removed
+    while calls of it were in flight, under its own id until they end."""
+
+    def __init__(self, directory: TenantDirectory, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._directory = directory
+        self._counts = counts
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> list[Metric]:
+        family = self._family()
+        counts = self._counts()
+        configured = self._directory.current.ids
+        for tenant in configured:
+            family.add_metric([tenant], counts.get(tenant, 0))
+        for tenant, calls in counts.items():
+            if calls and tenant not in configured:
+                family.add_metric([tenant], calls)
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "mandant_inflight_requests", "Calls being served now.", labels=["tenant"]
+        )
 
 
 class SloTargets:

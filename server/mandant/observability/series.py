@@ -1,11 +1,11 @@
-"""Counters, gauges and histograms kept as plain Python numbers, exposed to a
+"""Counters and histograms kept as plain Python numbers, exposed to a
 Prometheus ``CollectorRegistry`` by :class:`SeriesCollector` when it is scraped.
 
 Why: prometheus_client's labelled metrics take a lock on every ``inc`` and two on
 every ``observe``; the observer runs on the event loop thread only, so here an
 update is one dict lookup and an addition, and the totals are read at scrape time
 (also on the loop thread). The families, sample names, labels, bucket bounds and
-``_created`` samples are the ones prometheus_client's own Counter, Gauge and
+``_created`` samples are the ones prometheus_client's own Counter and
 Histogram would expose.
 """
 
@@ -17,7 +17,6 @@ from collections.abc import Iterable, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
-    GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
@@ -51,32 +50,6 @@ class CounterSeries:
         if with_samples:
             for labels, (value, created) in self._cells.items():
                 family.add_metric(labels, value, created=created)
-        return family
-
-
-class GaugeSeries:
-    """A labelled gauge: ``inc(labels, delta)``."""
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._values: dict[Labels, float] = {}
-
-    def touch(self, labels: Labels) -> None:
-        self._values.setdefault(labels, 0.0)
-
-    def has(self, labels: Labels) -> bool:
-        return labels in self._values
-
-    def inc(self, labels: Labels, delta: float = 1.0) -> None:
-        self._values[labels] = self._values.get(labels, 0.0) + delta
-
-    def family(self, with_samples: bool = True) -> Metric:
-        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        if with_samples:
-            for labels, value in self._values.items():
-                family.add_metric(labels, value)
         return family
 
 
@@ -126,7 +99,7 @@ class HistogramSeries:
         return family
 
 
-Series = CounterSeries | GaugeSeries | HistogramSeries
+Series = CounterSeries | HistogramSeries
 
 
 class SeriesCollector:

@@ -179,8 +179,5 @@ class StatsObserver:
     def rejected(self, tenant: str, reason: str, model: str = "") -> None:
         self._forward.rejected(tenant, reason, model)
 
-    def inflight_changed(self, tenant: str, delta: int) -> None:
-        self._forward.inflight_changed(tenant, delta)
-
     def store_error(self, store: str) -> None:
         self._forward.store_error(store)

@@ -102,9 +102,6 @@ class FleetCounting:
         if tenant:
             self._add(tenant, "rejections", reason, 1)
 
-    def inflight_changed(self, tenant: str, delta: int) -> None:
-        self._inner.inflight_changed(tenant, delta)
-
     def store_error(self, store: str) -> None:
         self._inner.store_error(store)
 

@@ -17,6 +17,8 @@ buckets, ``deny`` refuses with UNAVAILABLE; it probes the store again every
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
 from mandant.errors import FailedPrecondition, InvalidInput, QuotaExceeded, RateLimited, Unavailable
@@ -160,6 +162,7 @@ class TenantAdmission:
         self._clock = clock
         self._wall = wall
         self._inflight: dict[str, int] = {}
+        self._inflight_view = MappingProxyType(self._inflight)
         self._retry_at = 0.0  # monotonic: no call to the shared store before this
         self._outage_failures = 0
         self._outage_since = 0.0
@@ -211,7 +214,13 @@ class TenantAdmission:
         return self._quota_scope
 
     def inflight(self, tenant: str) -> int:
+        """The tenant's admitted calls not yet finished: the one count of them (the
+        cap reads it, and so do the inflight gauge and the dashboard)."""
         return self._inflight.get(tenant, 0)
+
+    def inflight_counts(self) -> Mapping[str, int]:
+        """:meth:`inflight` of every tenant that has had a call (a read-only view)."""
+        return self._inflight_view
 
     async def admit(self, tenant: Tenant, model: ModelKey, rows: int) -> Permit:
         plan = self._policy.plan(tenant.id, model.name)
@@ -254,13 +263,11 @@ class TenantAdmission:
                 )
                 raise _error(denial)
         self._observer.admitted(tenant.id, model.name, rows)
-        self._observer.inflight_changed(tenant.id, 1)
         return _InflightPermit(self, tenant.id, model.name, store, plan, rows, wall)
 
     def finished(self, tenant: str) -> None:
         """A permit was released (called by the permit, once)."""
         self._inflight[tenant] -= 1
-        self._observer.inflight_changed(tenant, -1)
 
     def refunded(self, tenant: str, model: str, rows: int) -> None:
         """A released permit gave its rows back (the model did not run for it)."""

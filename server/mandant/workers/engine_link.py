@@ -307,9 +307,6 @@ class RemoteObserver:
     def rejected(self, tenant: str, reason: str, model: str = "") -> None:
         self._link.report("rejected", tenant, reason, model)
 
-    def inflight_changed(self, tenant: str, delta: int) -> None:
-        self._link.report("inflight_changed", tenant, delta)
-
     def store_error(self, store: str) -> None:
         self._link.report("store_error", store)
 
