@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from mandant.config import parse_config
+from mandant.config import TenantConfig, parse_config
 from mandant.errors import ConfigError, InvalidInput, Unauthenticated
+from mandant.tenancy import keys
+from mandant.tenancy.directory import TenantDirectory
 from mandant.tenancy.keys import KeyStore, generate_key, hash_key
 from mandant.types import Tenant, TensorHeader, TensorSpec
 from mandant.validation import check_inputs, check_outputs
@@ -141,3 +143,38 @@ def test_keys_authenticate_by_hash_with_one_message_for_every_failure() -> None:
             store.authenticate(header)
         messages.add(str(err.value))
     assert messages == {"missing or invalid API key"}
+
+
+def test_keys_that_authenticated_are_not_hashed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tenant's next calls skip the sha256; a refused value is hashed every time
+    (never remembered); the store remembers a bounded number of short values."""
+    key, key_hash = generate_key()
+    hashed: list[str] = []
+    monkeypatch.setattr(keys, "hash_key", lambda key: hashed.append(key) or hash_key(key))
+    monkeypatch.setattr(keys, "REMEMBERED_VALUES", 2)
+    acme = Tenant("acme")
+    store = KeyStore([(acme, [key_hash])])
+    for _ in range(3):
+        assert store.authenticate(f"Bearer {key}") is acme
+    assert len(hashed) == 1
+    for _ in range(2):
+        with pytest.raises(Unauthenticated):
+            store.authenticate(f"Bearer {key}x")
+    assert len(hashed) == 3
+    for header in (f"bearer {key}", f"BEARER {key}"):  # the store is full: it starts again
+        assert store.authenticate(header) is acme
+    assert store.authenticate(f"Bearer {key}") is acme
+    assert len(hashed) == 6
+    padded = f"Bearer {key}" + " " * keys.REMEMBERED_LENGTH  # too long to remember
+    for _ in range(2):
+        assert store.authenticate(padded) is acme
+    assert len(hashed) == 8
+
+
+def test_a_revoked_key_stops_at_once_though_it_was_remembered() -> None:
+    key, key_hash = generate_key()
+    directory = TenantDirectory([TenantConfig(id="acme", api_keys=[key_hash])])
+    assert directory.authenticate(f"Bearer {key}").id == "acme"
+    directory.replace([TenantConfig(id="acme", api_keys=[generate_key()[1]])], [])
+    with pytest.raises(Unauthenticated):
+        directory.authenticate(f"Bearer {key}")
