@@ -320,3 +320,15 @@ def test_response_casts_to_the_declared_datatype_and_frames_bytes() -> None:
         msg.raw_output_contents[1]
         == struct.pack("<I", 2) + b"hi" + struct.pack("<I", 3) + "hé".encode()
     )
+
+
+def test_a_stream_answer_is_encoded_in_place() -> None:
+    """ModelStreamInfer fills its response's ``infer_response`` (no copy of the outputs
+    into a wrapper): the same message as a unary answer."""
+    response = InferResponse(
+        "m", "1", "7", {"Y": np.arange(4, dtype=np.int32)}, (TensorSpec("Y", "INT32", (-1,)),)
+    )
+    answer = pb.ModelStreamInferResponse()
+    encode_infer_response(response, into=answer.infer_response)
+    assert answer.infer_response == encode_infer_response(response)
+    assert answer.infer_response.id == "7" and not answer.error_message

@@ -211,14 +211,17 @@ class ProtoInferRequest:
 _NO_PARAMETERS: Mapping[str, bool | int | float | str] = {}
 
 
-def encode_infer_response(response: InferResponse) -> pb.ModelInferResponse:
-    """Outputs go in ``raw_output_contents``, cast to each declared datatype."""
+def encode_infer_response(
+    response: InferResponse, into: pb.ModelInferResponse | None = None
+) -> pb.ModelInferResponse:
+    """Outputs go in ``raw_output_contents``, cast to each declared datatype. ``into``:
+    an empty message to fill, such as a stream response's ``infer_response`` (a
+    message handed to a parent's constructor is copied whole: ≈ 0.3 ms per 4 MB)."""
     declared = {spec.name: spec.datatype for spec in response.output_specs}
-    msg = pb.ModelInferResponse(
-        model_name=response.model_name,
-        model_version=response.model_version,
-        id=response.request_id,
-    )
+    msg = pb.ModelInferResponse() if into is None else into
+    msg.model_name = response.model_name
+    msg.model_version = response.model_version
+    msg.id = response.request_id
     for name, array in response.outputs.items():
         datatype = declared.get(name) or datatype_of(array)
         if datatype == "BYTES":

@@ -113,7 +113,9 @@ class InferStream:
                 ProtoInferRequest(request, self._max_bytes_elements),
                 self._context.time_remaining(),
             )
-            return pb.ModelStreamInferResponse(infer_response=encode_infer_response(response))
+            answer = pb.ModelStreamInferResponse()
+            encode_infer_response(response, into=answer.infer_response)
+            return answer
         except MandantError as exc:
             code = status_for(exc).name
             return _error_response(str(exc), code, request, exc)
