@@ -111,6 +111,26 @@ async def test_eager_runs_a_lone_request_at_once_and_batches_while_busy() -> Non
     await asyncio.gather(first, *rest)
 
 
+async def test_a_light_tenant_is_answered_first_out_of_a_shared_batch() -> None:
+    """Callers resume in the order they are answered, then each encodes and sends its
+    answer: the tenant with the fewest rows in a batch goes first; within a tenant,
+    arrival order."""
+    batcher, backend, _, _ = await make(max_batch_size=8)
+    blocker = submit(batcher, request())
+    await settle()
+    tenants = ["a", "a", "b", "a", "a", "c", "c"]
+    tasks = [submit(batcher, request(tenant=t)) for t in tenants]
+    await settle()
+    resumed: list[int] = []
+    for n, task in enumerate(tasks):
+        task.add_done_callback(lambda _, n=n: resumed.append(n))
+    backend.release(), await settle()
+    assert [c.rows for c in backend.calls] == [1, 7]
+    backend.release()
+    await asyncio.gather(blocker, *tasks)
+    assert resumed == [2, 5, 6, 0, 1, 3, 4]
+
+
 async def test_max_batch_size_caps_every_batch() -> None:
     batcher, backend, _, _ = await make(max_batch_size=4)
     blocker = submit(batcher, request())
