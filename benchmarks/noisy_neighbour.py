@@ -8,7 +8,7 @@ second server with FIFO batching and no door (slots that never fill).
 
     .venv/bin/python -m benchmarks.noisy_neighbour [--seconds 5] [--flood 256]
         [--hidden 512] [--max-concurrent-streams N] [--workers N --server-cpus 0-8]
-        [--compute-nice N] [--client-cpu 1] [--device cpu]
+        [--compute-nice N] [--client-cpu 1] [--device cpu] [--rounds 1]
 
 Each ``mandant serve`` runs alone on core 0 (one torch thread); A and B are load-generator
 processes of their own on core 1. ``--hidden 512`` is the demo classifier: on a CPU
@@ -27,6 +27,11 @@ classifier during each scenario (warm-up included), from ``mandant_batch_size`` 
 ``--workers N`` runs both servers with N gRPC front-end
 processes and an engine (on ``--server-cpus``); A's flood then arrives on one
 connection (one front end), B on its own.
+
+Both servers are up from the start (the one not measured idles on the same core).
+One scenario's figures move by several percent from run to run on this shared
+machine; ``--rounds N`` runs the four scenarios N times in turn and judges the
+targets on each ratio's median over the rounds, with its range.
 """
 
 from __future__ import annotations
@@ -158,42 +163,33 @@ def main() -> None:
     parser.add_argument("--compute-nice", type=int, default=None, help="server.compute_nice")
     parser.add_argument("--client-cpu", type=int, default=CLIENT_CPU, help="core of the loads")
     parser.add_argument("--device", default=None, help="the classifier's device (cpu, cuda)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the scenarios this many times, both servers up throughout; the "
+        "ratios are then each round's, summed up by their median and range",
+    )
     args = parser.parse_args()
-    rows = []
-    batch_ms: dict[str, float] = {}  # scenario: mean compute time of one batch
-    measured: dict[str, tuple[float, float]] = {}  # scenario: (B p99, A req/s)
-    for kind in ("fair", "fifo"):
-        data = config(args, fair=kind == "fair")
-        with mandant_process(write_config(data), args.server_cpus, THREAD_ENV) as served:
+    rows: list[tuple[object, ...]] = []
+    rounds: list[dict[str, tuple[float, float, float]]] = []  # label: (B p99, A/s, batch ms)
+    with (
+        mandant_process(write_config(config(args, fair=True)), args.server_cpus, THREAD_ENV)
+        as fair,
+        mandant_process(write_config(config(args, fair=False)), args.server_cpus, THREAD_ENV)
+        as fifo,
+    ):  # fmt: skip
+        servers = {"fair": fair, "fifo": fifo}
+        for served in servers.values():
             for model in ("classifier", "echo"):
                 prime(served.target, model)
-            for label, server, b_model, a_model in SCENARIOS:
-                if server != kind:
-                    continue
-                loads = [Load("initech", b_model, 1)]
-                if a_model is not None:
-                    loads.append(Load("acme", a_model, args.flood))
-                batched = a_model or b_model
-                rows_before, batches_before = served.batch_totals(batched)
-                compute_before = compute_s(served, batched)
-                b_before = b_totals(served, b_model)
-                results = run(served.target, loads, args.seconds, args.warmup, args.client_cpu)
-                b_after = b_totals(served, b_model)
-                rows_after, batches_after = served.batch_totals(batched)
-                batches = batches_after - batches_before
-                mean = (rows_after - rows_before) / batches if batches else float("nan")
-                spent_s = compute_s(served, batched) - compute_before
-                batch_ms[label] = spent_s / batches * 1000 if batches else float("nan")
-                b = results[0]
-                b_mean = float(np.mean(b.latencies_ms)) if b.latencies_ms else float("nan")
-                where = (b_mean, _mean_ms(b_before, b_after, 0), _mean_ms(b_before, b_after, 2))
-                a_rps = results[1].rps if len(results) > 1 else float("nan")
-                a_cell: object = a_rps if len(results) > 1 else "–"
-                errors = sum(r.errors for r in results)
-                first = next((r.error for r in results if r.error), "")
-                figures = (b.p(50), b.p(99), b.rps, a_cell, mean, batch_ms[label], *where)
-                rows.append((label, *figures, errors, first))
-                measured[label] = (b.p(99), a_rps)
+        for number in range(1, args.rounds + 1):
+            measured: dict[str, tuple[float, float, float]] = {}
+            for label, kind, b_model, a_model in SCENARIOS:
+                shown = label if args.rounds == 1 else f"{label} (round {number})"
+                row, measured[label] = scenario(args, servers[kind], b_model, a_model)
+                rows.append((shown, *row))
+            rounds.append(measured)
     streams = args.max_concurrent_streams or "server default"
     print(
         f"classifier 256→{args.hidden}→{args.hidden}→16 (max_batch_size "
@@ -203,39 +199,84 @@ def main() -> None:
         f" clients on core {args.client_cpu};"
         f" compute_nice: {'default' if args.compute_nice is None else args.compute_nice};"
         f" streams/connection: {streams}"
+        + ("" if args.rounds == 1 else f"; {args.rounds} rounds, the scenarios in turn")
     )
     headers = ["scenario", "B p50 ms", "B p99 ms", "B req/s", "A req/s", "mean batch"]
     headers += ["batch ms", "B mean ms", "B served ms", "B queued ms"]
     print(table([*headers, "errors", "first error"], rows))
-    alone, _ = measured["B alone"]
-    fair_p99, fair_a = measured["A floods, fair"]
-    fifo_p99, fifo_a = measured["A floods, FIFO"]
-    ratios = [
-        ("B p99 under flood, fair / FIFO", fair_p99 / fifo_p99, TARGET_FAIR_VS_FIFO, True),
-        ("B p99 under flood, fair / alone", fair_p99 / alone, TARGET_FAIR_VS_ALONE, True),
-        ("A req/s, fair / FIFO", fair_a / fifo_a, TARGET_A_SHARE, False),
-        (
-            "B p99 under flood, fair, minus alone, in batch executions (issue 11)",
-            (fair_p99 - alone) / batch_ms["A floods, fair"],
-            TARGET_BATCHES_OVER_ALONE,
-            True,
-        ),
-    ]
     print()
-    print(
-        table(
-            ["ratio", "value", "target", ""],
-            [
-                (
-                    name,
-                    f"{value:.2f}",
-                    f"{'≤' if at_most else '≥'} {target:.2f}",
-                    _verdict(value, target, at_most),
-                )
-                for name, value, target, at_most in ratios
-            ],
-        )
-    )
+    print(ratios_table([ratios(measured) for measured in rounds]))
+
+
+def scenario(
+    args: argparse.Namespace, served: Served, b_model: str, a_model: str | None
+) -> tuple[tuple[object, ...], tuple[float, float, float]]:
+    """Run one scenario on ``served``: its table row (less the label), and (B's p99,
+    A's requests/s, the mean compute time of one batch in ms)."""
+    loads = [Load("initech", b_model, 1)]
+    if a_model is not None:
+        loads.append(Load("acme", a_model, args.flood))
+    batched = a_model or b_model
+    rows_before, batches_before = served.batch_totals(batched)
+    compute_before = compute_s(served, batched)
+    b_before = b_totals(served, b_model)
+    results = run(served.target, loads, args.seconds, args.warmup, args.client_cpu)
+    b_after = b_totals(served, b_model)
+    rows_after, batches_after = served.batch_totals(batched)
+    batches = batches_after - batches_before
+    mean = (rows_after - rows_before) / batches if batches else float("nan")
+    spent_s = compute_s(served, batched) - compute_before
+    batch_ms = spent_s / batches * 1000 if batches else float("nan")
+    b = results[0]
+    b_mean = float(np.mean(b.latencies_ms)) if b.latencies_ms else float("nan")
+    where = (b_mean, _mean_ms(b_before, b_after, 0), _mean_ms(b_before, b_after, 2))
+    a_rps = results[1].rps if len(results) > 1 else float("nan")
+    a_cell: object = a_rps if len(results) > 1 else "–"
+    errors = sum(r.errors for r in results)
+    first = next((r.error for r in results if r.error), "")
+    row = (b.p(50), b.p(99), b.rps, a_cell, mean, batch_ms, *where, errors, first)
+    return row, (b.p(99), a_rps, batch_ms)
+
+
+#: (name, target, at most) of the ratios each round gives (:func:`ratios`).
+RATIOS = (
+    ("B p99 under flood, fair / FIFO", TARGET_FAIR_VS_FIFO, True),
+    ("B p99 under flood, fair / alone", TARGET_FAIR_VS_ALONE, True),
+    ("A req/s, fair / FIFO", TARGET_A_SHARE, False),
+    (
+        "B p99 under flood, fair, minus alone, in batch executions (issue 11)",
+        TARGET_BATCHES_OVER_ALONE,
+        True,
+    ),
+)
+
+
+def ratios(measured: dict[str, tuple[float, float, float]]) -> list[float]:
+    """One round's values of :data:`RATIOS`."""
+    alone, _, _ = measured["B alone"]
+    fair_p99, fair_a, fair_batch_ms = measured["A floods, fair"]
+    fifo_p99, fifo_a, _ = measured["A floods, FIFO"]
+    return [
+        fair_p99 / fifo_p99,
+        fair_p99 / alone,
+        fair_a / fifo_a,
+        (fair_p99 - alone) / fair_batch_ms,
+    ]
+
+
+def ratios_table(values: list[list[float]]) -> str:
+    """The ratios with their verdicts: one round's values, or the median of several
+    rounds (the verdict's) with their range."""
+    rows = []
+    for (name, target, at_most), per_round in zip(RATIOS, zip(*values, strict=True), strict=True):
+        median = float(np.median(per_round))
+        shown = f"{median:.2f}"
+        if len(per_round) > 1:
+            shown += f" ({min(per_round):.2f}–{max(per_round):.2f})"
+        bound = f"{'≤' if at_most else '≥'} {target:.2f}"
+        rows.append((name, shown, bound, _verdict(median, target, at_most)))
+    header = "value" if len(values) == 1 else f"median of {len(values)} rounds (range)"
+    return table(["ratio", header, "target", ""], rows)
 
 
 if __name__ == "__main__":
