@@ -30,7 +30,7 @@ bench() {  # bench NAME SECONDS MODULE ARGS...
     local started=$SECONDS
     {
         echo "\$ $command"
-        echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- server clients benchmarks || echo ' (uncommitted changes)')"
+        echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- server clients benchmarks ':!benchmarks/results' || echo ' (uncommitted changes)')"
         echo "# $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
         echo
         "$PYTHON" -m "$module" "${args[@]}"
