@@ -17,11 +17,12 @@ flight (except the last):
 - mandant_client's ``AsyncClient(multiplex=True)`` (calls share one stream);
 - mandant_client's sync ``Client``, one call at a time: p50 and p99.
 
-Then the light unary mode twice more: against ``mandant serve`` whose ModelInfer is
-answered by the bare server's handler (``benchmarks/_probe``): the whole server (its
-other ports, timers, heap, gRPC options) without Mandant's call path; and against
-``mandant serve`` with the steps of its call path timed in thread CPU (the probe's
-``MANDANT_PROBE_SECTIONS``): where that path's time goes under this load.
+Then the light unary mode against ``mandant serve`` whose ModelInfer is answered by
+the bare server's handler (``benchmarks/_probe``): the whole server (its other ports,
+timers, heap, gRPC options) without Mandant's call path; and the light unary and
+stream modes against ``mandant serve`` with the steps of its call path timed in thread
+CPU (the probe's ``MANDANT_PROBE_SECTIONS``): where that path's time goes under this
+load.
 
 Before the stream modes, one stream is checked: 64 messages with distinct ids and
 inputs must come back each with its own id and its own input. A mode that fails shows
@@ -39,6 +40,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -56,7 +58,7 @@ from benchmarks._load import (
     run_pinned,
     table,
 )
-from benchmarks._probe.sitecustomize import HANDLER_SECTION
+from benchmarks._probe.sitecustomize import HANDLER_SECTION, STREAM_SECTION
 from benchmarks._server import (
     bare_grpc_process,
     mandant_process,
@@ -500,28 +502,53 @@ def swapped_report(swapped: Result, floor: Result) -> str:
     )
 
 
-def sections_report(path: str, timed: Result) -> str:
-    """The probe's thread CPU per step of the call path, per ModelInfer call."""
+def sections_report(path: str, timed: Result, whole: str, mode: str) -> str:
+    """The probe's thread CPU per step of the call path, per call (or message) of the
+    ``whole`` step."""
     spent: dict[str, float] = {}
     calls = 0
     with open(path) as lines:
         for line in lines:
             label, count, total_s = line.rstrip("\n").split("\t")
             spent[label] = float(total_s)
-            if label == HANDLER_SECTION:
+            if label == whole:
                 calls = int(count)
     if not calls:
-        return "\nsteps of the call path: nothing was timed"
-    handler_s = spent.pop(HANDLER_SECTION)
+        return f"\nsteps of the call path ({mode}): nothing was timed"
+    whole_s = spent.pop(whole)
+    for other in {HANDLER_SECTION, STREAM_SECTION} - {whole}:  # the priming calls'
+        spent.pop(other, None)
     rows = [
         (label, f"{spent_s / calls * 1e6:.1f}")
-        for label, spent_s in [(HANDLER_SECTION, handler_s), *spent.items()]
+        for label, spent_s in [(whole, whole_s), *spent.items()]
+        if spent_s
     ]
     return (
-        "\nwhere Mandant's call path spends its time under this load (light client, unary, "
-        f"{timed.rps:,.0f} calls/s with the timers on; thread CPU µs per call, a step's "
-        f"figure includes its parts'; {calls:,} calls):\n" + table(["step", "µs per call"], rows)
+        f"\nwhere Mandant's call path spends its time under this load ({mode}, "
+        f"{timed.rps:,.0f}/s with the timers on; thread CPU µs per call or message, a "
+        f"step's figure includes its parts'; {calls:,} timed):\n"
+        + table(["step", "µs per call"], rows)
     )
+
+
+def timed_steps(
+    config: Path, settings: Settings, mode: Callable[[str, Settings], Any]
+) -> tuple[str, Result]:
+    """Run ``mode``'s load against ``mandant serve`` with the probe's step timers;
+    the file of their totals and the load's result."""
+    sections = os.path.join(tempfile.mkdtemp(prefix="mandant-sections-"), "sections.tsv")
+    timed = probe_env({"MANDANT_PROBE_SECTIONS": sections}, THREAD_ENV)
+    with mandant_process(config, cpus="0", env=timed) as served:
+        prime(served.target, MODEL, settings.width)
+        [result] = run_pinned(
+            [(_bounded, (mode, served.target, replace(settings, server_pid=served.pid)))]
+        )
+        os.kill(served.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sections) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the file is written in one go; let it finish
+    return sections, result
 
 
 def main() -> None:
@@ -544,21 +571,12 @@ def main() -> None:
         [swapped] = run_pinned(
             [(_bounded, (_light_unary, served.target, replace(settings, server_pid=served.pid)))]
         )
-    sections = os.path.join(tempfile.mkdtemp(prefix="mandant-sections-"), "sections.tsv")
-    timed = probe_env({"MANDANT_PROBE_SECTIONS": sections}, THREAD_ENV)
-    with mandant_process(config, cpus="0", env=timed) as served:
-        prime(served.target, MODEL, settings.width)
-        [probed] = run_pinned(
-            [(_bounded, (_light_unary, served.target, replace(settings, server_pid=served.pid)))]
-        )
-        os.kill(served.pid, signal.SIGUSR1)
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sections) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)  # the file is written in one go; let it finish
+    unary_steps = timed_steps(config, settings, _light_unary)
+    stream_steps = timed_steps(config, settings, _light_stream)
     print(report(settings, floor, mandant))
     print(swapped_report(swapped, floor[0]))
-    print(sections_report(sections, probed))
+    print(sections_report(*unary_steps, HANDLER_SECTION, "light client, unary"))
+    print(sections_report(*stream_steps, STREAM_SECTION, "light client, ModelStreamInfer"))
 
 
 if __name__ == "__main__":

@@ -85,9 +85,15 @@ SECTIONS = (
     ("mandant.observability.stats", "StatsObserver.batch_executed", "scheduler: batch event"),
     ("mandant.transport.grpc.servicer", "encode_infer_response", "encode the answer"),
     ("mandant.observability.stats", "StatsObserver.request_finished", "call-finished event"),
+    ("mandant.transport.grpc.stream", "InferStream._answer", "ModelStreamInfer message, in all"),
+    ("mandant.transport.grpc.stream", "parse", "parse the message"),
+    ("mandant.transport.grpc.stream", "encode_infer_response", "encode the answer"),
 )
 #: The label of the whole ModelInfer handler (the steps above are parts of it).
 HANDLER_SECTION = "ModelInfer handler, in all"
+#: The label of one ModelStreamInfer message's answer (its key was checked at the
+#: stream's start; the task, window and write around it are not in it).
+STREAM_SECTION = "ModelStreamInfer message, in all"
 
 _SECTIONS = os.environ.get("MANDANT_PROBE_SECTIONS")
 if _SECTIONS:
