@@ -531,24 +531,33 @@ def sections_report(path: str, timed: Result, whole: str, mode: str) -> str:
     )
 
 
+def probed(
+    config: Path, settings: Settings, mode: Callable[[str, Settings], Any], flags: dict[str, str]
+) -> Result:
+    """Run ``mode``'s load against ``mandant serve`` loading the probe with ``flags``
+    (``benchmarks/_probe``); with ``MANDANT_PROBE_SECTIONS``, its file of step totals is
+    written (SIGUSR1) before the server stops."""
+    with mandant_process(config, cpus="0", env=probe_env(flags, THREAD_ENV)) as served:
+        prime(served.target, MODEL, settings.width)
+        [result] = run_pinned(
+            [(_bounded, (mode, served.target, replace(settings, server_pid=served.pid)))]
+        )
+        sections = flags.get("MANDANT_PROBE_SECTIONS")
+        if sections:
+            os.kill(served.pid, signal.SIGUSR1)
+            deadline = time.monotonic() + 10
+            while not os.path.exists(sections) and time.monotonic() < deadline:
+                time.sleep(0.05)  # the probe renames the file into place when written
+    return result
+
+
 def timed_steps(
     config: Path, settings: Settings, mode: Callable[[str, Settings], Any]
 ) -> tuple[str, Result]:
     """Run ``mode``'s load against ``mandant serve`` with the probe's step timers;
     the file of their totals and the load's result."""
     sections = os.path.join(tempfile.mkdtemp(prefix="mandant-sections-"), "sections.tsv")
-    timed = probe_env({"MANDANT_PROBE_SECTIONS": sections}, THREAD_ENV)
-    with mandant_process(config, cpus="0", env=timed) as served:
-        prime(served.target, MODEL, settings.width)
-        [result] = run_pinned(
-            [(_bounded, (mode, served.target, replace(settings, server_pid=served.pid)))]
-        )
-        os.kill(served.pid, signal.SIGUSR1)
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sections) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)  # the file is written in one go; let it finish
-    return sections, result
+    return sections, probed(config, settings, mode, {"MANDANT_PROBE_SECTIONS": sections})
 
 
 def main() -> None:
@@ -565,12 +574,7 @@ def main() -> None:
     config = write_config(demo_data([ECHO]))
     with mandant_process(config, cpus="0", env=THREAD_ENV) as served:
         mandant = measure(served.target, replace(settings, server_pid=served.pid))
-    bare_handler = probe_env({"MANDANT_PROBE_BARE_HANDLER": "1"}, THREAD_ENV)
-    with mandant_process(config, cpus="0", env=bare_handler) as served:
-        prime(served.target, MODEL, settings.width)
-        [swapped] = run_pinned(
-            [(_bounded, (_light_unary, served.target, replace(settings, server_pid=served.pid)))]
-        )
+    swapped = probed(config, settings, _light_unary, {"MANDANT_PROBE_BARE_HANDLER": "1"})
     unary_steps = timed_steps(config, settings, _light_unary)
     stream_steps = timed_steps(config, settings, _light_stream)
     print(report(settings, floor, mandant))

@@ -161,8 +161,11 @@ if _SECTIONS:
     gateway.Gate.unary = _timed_unary  # type: ignore[method-assign]
 
     def _write_sections(*_: Any) -> None:
-        with open(_sections_path, "w") as out:
+        """Write the totals beside FILE, then rename them into place: whoever waits
+        for FILE reads it whole."""
+        with open(f"{_sections_path}.part", "w") as out:
             for label, (calls, spent_s) in _spent.items():
                 out.write(f"{label}\t{calls:.0f}\t{spent_s:.6f}\n")
+        os.replace(f"{_sections_path}.part", _sections_path)
 
     signal.signal(signal.SIGUSR1, _write_sections)
