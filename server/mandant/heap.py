@@ -5,8 +5,8 @@ thousand objects that live as long as the process. CPython's full (generation 2)
 collection walks every one of them whenever enough newer objects have survived: under
 load that happened every few seconds, each pass stopping the event loop for more than
 100 ms, which set a light tenant's p99 (``python -m benchmarks.gc_pauses`` runs the
-server with and without the freeze: full collections of 134.5 ms against 0.7 ms at most,
-the light tenant's p99 99.5 against 47.5 ms). Once the server is up, :func:`settle`
+server with and without the freeze; with it, no full collection took over 1 ms in the
+recorded runs: ``benchmarks/README.md``). Once the server is up, :func:`settle`
 collects what start-up left behind and moves every survivor to the permanent generation
 (:func:`gc.freeze`), which no collection walks again: a full collection then costs what
 the objects made since take.
