@@ -80,6 +80,11 @@ class FakeClock:
         heapq.heappush(self._timers, (when, next(self._seq), timer, callback))
         return timer
 
+    @property
+    def armed(self) -> int:
+        """Timers neither fired nor cancelled."""
+        return sum(1 for _, _, timer, _ in self._timers if not timer.cancelled)
+
     def advance(self, seconds: float) -> None:
         self.now += seconds
         while self._timers and self._timers[0][0] <= self.now:

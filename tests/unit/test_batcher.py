@@ -360,6 +360,54 @@ async def test_deadline_passing_in_queue_answers_deadline_exceeded_and_never_run
     assert 7 not in executed and 8 in executed
 
 
+async def test_one_timer_watches_the_deadlines_of_every_queued_request() -> None:
+    clock = FakeClock()
+    batcher, backend, _, _ = await make(clock=clock, max_batch_size=1)
+    blocker = submit(batcher, request())
+    await settle()
+    queued = [submit(batcher, request(deadline=clock.now + 1 + n)) for n in range(10)]
+    await settle()
+    assert clock.armed == 1  # at the earliest deadline, not one per request
+    late = submit(batcher, request(value=7, deadline=clock.now + 0.010))  # earlier still
+    await settle()
+    assert clock.armed == 1
+    clock.advance(0.011)
+    await settle()
+    with pytest.raises(DeadlineExceeded):
+        await late
+    assert clock.armed == 1  # the next earliest
+    for _ in range(11):
+        backend.release()
+        await settle()
+    await asyncio.gather(blocker, *queued)
+    assert clock.armed == 0  # nothing queued: nothing to watch
+    assert 7 not in np.concatenate([c.inputs["x"][:, 0] for c in backend.calls])
+
+
+async def test_a_deadline_is_kept_when_the_earliest_one_has_left_the_queue() -> None:
+    """The timer's request leaves in a batch before its deadline; the one behind it
+    in the queue, due later, is still answered DeadlineExceeded on time."""
+    clock = FakeClock()
+    batcher, backend, _, _ = await make(clock=clock, max_batch_size=1)
+    blocker = submit(batcher, request())
+    await settle()
+    early = submit(batcher, request(value=1, deadline=clock.now + 0.010))
+    later = submit(batcher, request(value=2, deadline=clock.now + 0.030))
+    await settle()
+    backend.release()  # the blocker ends; ``early`` runs, ``later`` waits
+    await settle()
+    clock.advance(0.011)  # the timer fires for ``early``, which left: nothing expires
+    await settle()
+    assert not later.done()
+    clock.advance(0.020)
+    await settle()
+    with pytest.raises(DeadlineExceeded):
+        await later
+    backend.release()
+    await asyncio.gather(blocker, early)
+    assert 2 not in np.concatenate([c.inputs["x"][:, 0] for c in backend.calls])
+
+
 async def test_expired_deadline_is_refused_before_queueing() -> None:
     clock = FakeClock()
     batcher, backend, _, _ = await make(clock=clock)

@@ -16,9 +16,12 @@ wake. Three dispatch modes:
 
 Inputs are concatenated along dimension 0 (by the backend's ``infer_batch`` where it
 has one, e.g. into its instance's pinned buffers on CUDA, off the event loop), outputs
-sliced back per request. Deadlines are clock timers: a request whose deadline passes
-while queued is answered DeadlineExceeded and never runs. A cancelled caller leaves the
-queue at once.
+sliced back per request. A request whose deadline passes while queued is answered
+DeadlineExceeded and never runs: one clock timer, armed at the earliest deadline that
+may still be queued, finds the requests it is due for (not a timer per request: under
+load nearly every request leaves in a batch long before its deadline, and arming and
+cancelling a timer for each cost more than the rest of its queueing). A cancelled
+caller leaves the queue at once.
 
 A batch the model raises on (anything but a MandantError) is counted
 (``Observer.batch_failed``) and split in halves, each rerun in the same execution slot,
@@ -94,7 +97,6 @@ class _Pending:
     level: int
     group: Hashable
     arrival: float
-    timer: Timer | None = None
     queued: bool = True
 
 
@@ -128,7 +130,9 @@ class DynamicBatcher:
         self._delay_due: float | None = None
         self._wake_pending = False  # adaptive: a pump is scheduled for this loop turn
         self._held: int | None = None  # adaptive: requests queued when a hold began
-        self._deadline_floor: float | None = None  # <= every queued request's deadline
+        #: <= every queued request's deadline; the expiry timer is armed at it
+        self._deadline_floor: float | None = None
+        self._expiry_timer: Timer | None = None
         self._batch_s = 0.0  # moving average of a batch's compute time, for retry hints
         self._open = False
 
@@ -147,6 +151,7 @@ class DynamicBatcher:
         """Refuse new requests, answer queued ones Unavailable, let running batches end."""
         self._open = False
         self._cancel_delay_timer()
+        self._disarm_expiry()
         while len(self._queue):
             for entry in self._queue.take(self._max_rows):
                 self._finish(entry, exc=Unavailable(f"model '{self._model}' is shutting down"))
@@ -179,10 +184,11 @@ class DynamicBatcher:
             arrival=now,
         )
         self._queue.push(entry)
-        if request.deadline is not None:
-            entry.timer = self._clock.call_at(request.deadline, lambda: self._expire(entry))
-            if self._deadline_floor is None or request.deadline < self._deadline_floor:
-                self._deadline_floor = request.deadline
+        deadline = request.deadline
+        if deadline is not None and (
+            self._deadline_floor is None or deadline < self._deadline_floor
+        ):
+            self._arm_expiry(deadline)
         if self._mode == "adaptive":
             self._adaptive.arrived(now)
             self._wake()
@@ -220,13 +226,43 @@ class DynamicBatcher:
         """The caller went away: free its place in the queue now."""
         if entry.queued and self._queue.remove(entry):
             entry.queued = False
-            if entry.timer is not None:
-                entry.timer.cancel()
 
-    def _expire(self, entry: _Pending) -> None:
-        if entry.queued and self._queue.remove(entry):
+    # -- deadlines ----------------------------------------------------------------
+
+    def _arm_expiry(self, when: float) -> None:
+        """Fire at ``when``, the new earliest deadline that may be queued."""
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        self._deadline_floor = when
+        self._expiry_timer = self._clock.call_at(when, self._on_expiry)
+
+    def _disarm_expiry(self) -> None:
+        """Nothing queued: no deadline to watch."""
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        self._expiry_timer = self._deadline_floor = None
+
+    def _on_expiry(self) -> None:
+        """Answer the queued requests whose deadline has passed; watch the earliest of
+        the others (the floor was a lower bound: its request may have left already)."""
+        self._expiry_timer = self._deadline_floor = None
+        now = self._clock.monotonic()
+        expired = []
+        floor: float | None = None
+        for entry in self._queue:
+            deadline = entry.request.deadline
+            if deadline is None:
+                continue
+            if deadline <= now:
+                expired.append(entry)
+            elif floor is None or deadline < floor:
+                floor = deadline
+        for entry in expired:
+            self._queue.remove(entry)
             entry.queued = False
             self._finish(entry, exc=DeadlineExceeded("deadline exceeded while queued"))
+        if floor is not None:
+            self._arm_expiry(floor)
 
     def _leaving(self) -> int:
         """Rows the idle execution slots are about to take from the queue: they do not
@@ -261,15 +297,13 @@ class DynamicBatcher:
             batch = []
             for entry in self._queue.take(self._target_rows()):
                 entry.queued = False
-                if entry.timer is not None:
-                    entry.timer.cancel()
                 deadline = entry.request.deadline
                 if deadline is not None and deadline <= now:
                     self._finish(entry, exc=DeadlineExceeded("deadline exceeded while queued"))
                 elif not entry.future.done():
                     batch.append(entry)
             if not len(self._queue):
-                self._deadline_floor = None
+                self._disarm_expiry()
             if self._mode == "adaptive":
                 held = self._held is not None
                 self._adaptive.dispatched(len(batch), held, held and queued > (self._held or 0))

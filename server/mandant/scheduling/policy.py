@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from typing import Generic, Protocol, TypeVar
 
 #: Where a request without a priority (v2 ``priority`` 0) ranks: after every level.
@@ -71,6 +71,10 @@ class BatchQueue(Protocol[Q]):
 
     def __len__(self) -> int: ...
 
+    def __iter__(self) -> Iterator[Q]:
+        """Every waiting request, in no particular order (not while it changes)."""
+        ...
+
     def rows_of(self, tenant: str) -> int: ...
 
     def oldest_arrival(self) -> float | None: ...
@@ -99,6 +103,10 @@ class LevelQueue(Generic[Q]):
 
     def __len__(self) -> int:
         return self.count
+
+    def __iter__(self) -> Iterator[Q]:
+        for level in self._levels.values():
+            yield from level
 
     def push(self, item: Q) -> None:
         level = self._levels.get(item.level)
@@ -167,6 +175,10 @@ class FairQueue(Generic[Q]):
 
     def __len__(self) -> int:
         return self._count
+
+    def __iter__(self) -> Iterator[Q]:
+        for queue in self._queues.values():
+            yield from queue
 
     def rows_of(self, tenant: str) -> int:
         queue = self._queues.get(tenant)
@@ -276,6 +288,9 @@ class FifoQueue(Generic[Q]):
 
     def __len__(self) -> int:
         return len(self._queue)
+
+    def __iter__(self) -> Iterator[Q]:
+        return iter(self._queue)
 
     def rows_of(self, tenant: str) -> int:
         return self._by_tenant.get(tenant, 0)
