@@ -11,6 +11,9 @@ from mandant.errors import InvalidInput, shown
 from mandant.types import DATATYPES, TensorHeader, TensorSpec
 from mandant.wire import min_bytes_size
 
+#: The most bytes one array can span: numpy indexes with a signed 64-bit integer.
+MAX_ARRAY_BYTES = 2**63 - 1
+
 
 def _shape(shape: Sequence[int]) -> str:
     """A shape as a message shows it (a client's may have any number of dimensions)."""
@@ -46,10 +49,7 @@ def check_inputs(spec: ModelSpec, headers: Sequence[TensorHeader]) -> int:
                 f"input '{header.name}': expected datatype {want.datatype}, "
                 f"got {shown(header.datatype) or '(none)'}"
             )
-        if header.shape and min(header.shape) < 0:
-            raise InvalidInput(
-                f"input '{header.name}': shape {_shape(header.shape)} has a negative size"
-            )
+        check_shape(header)
         if not want.accepts(header.shape):
             raise InvalidInput(
                 f"input '{header.name}': expected shape {_shape(want.shape)}, "
@@ -84,6 +84,23 @@ def check_batch_rows(model: str, rows: int, max_batch_size: int) -> None:
         )
 
 
+def check_shape(header: TensorHeader) -> int:
+    """The element count of ``header``'s shape (of a known datatype), once an array can
+    take that shape: no negative size; and an empty tensor's other dimensions not so
+    large that no array could index them (``[2**62, 0]`` holds nothing, yet numpy
+    cannot make it). Every path that shapes a client's tensor asks this first."""
+    shape = header.shape
+    if shape and min(shape) < 0:
+        raise InvalidInput(f"input '{header.name}': shape {_shape(shape)} has a negative size")
+    count = prod(shape)
+    if not count and len(shape) > 1:
+        dtype = DATATYPES.get(header.datatype)  # unknown: refused where it is checked
+        spanned = prod(d for d in shape if d) * (dtype.itemsize if dtype is not None else 1)
+        if spanned > MAX_ARRAY_BYTES:
+            raise InvalidInput(f"input '{header.name}': shape {_shape(shape)} is too large")
+    return count
+
+
 def check_bytes_count(count: int, name: str, max_elements: int) -> None:
     """BYTES decode element by element: refuse more than ``max_elements`` up front
     (``server.max_bytes_elements``), whichever transport and encoding they came in."""
@@ -102,7 +119,7 @@ def check_raw_size(
     REST's binary data) can hold the tensor ``header`` declares: exactly, for
     fixed-size datatypes; at least its length prefixes, and at most
     ``max_bytes_elements`` elements, for BYTES. Reads none of its bytes."""
-    count = prod(header.shape)
+    count = check_shape(header)
     if header.datatype == "BYTES":
         if min_bytes_size(count) > len(raw):
             raise InvalidInput(

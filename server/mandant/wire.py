@@ -22,6 +22,14 @@ _PREFIX = _LENGTH.size
 _MAX_LENGTH = 2**32 - 1
 
 
+def raw_view(array: np.ndarray, dtype: np.dtype[np.generic]) -> memoryview:
+    """A fixed-size array's raw layout in ``dtype``: a flat byte view of it where it
+    already is contiguous in that type (no copy), else of a converted copy. Empty
+    arrays too (a memoryview of one cannot be cast)."""
+    contiguous = np.ascontiguousarray(array, dtype=dtype)
+    return contiguous.reshape(-1).view(np.uint8).data
+
+
 def min_bytes_size(count: int) -> int:
     """The fewest bytes ``count`` BYTES elements can take: one length prefix each."""
     return count * _PREFIX

@@ -84,6 +84,30 @@ CASES: dict[str, tuple[pb.ModelInferRequest, str]] = {
     ),
     "wrong rank": (_request(shape=(256,)), "expected shape [-1, 256], got [256]"),
     "negative dimension": (_request(shape=(-1, 256)), "negative size"),
+    # Two negative sizes make a positive count that raw bytes can match.
+    "negative dimensions": (
+        _request(model="echo", shape=(-2, -2), raw=b"\0" * 16),
+        "input 'INPUT0': shape [-2, -2] has a negative size",
+    ),
+    "negative dimensions, typed contents": (
+        pb.ModelInferRequest(
+            model_name="echo",
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name="INPUT0",
+                    datatype="FP32",
+                    shape=[-1, -1],
+                    contents=pb.InferTensorContents(fp32_contents=[1.0]),
+                )
+            ],
+        ),
+        "input 'INPUT0': shape [-1, -1] has a negative size",
+    ),
+    # Nothing to hold, yet no array can be indexed that far.
+    "empty tensor too large to index": (
+        _request(model="echo", shape=(2**62, 0), raw=b""),
+        f"input 'INPUT0': shape [{2**62}, 0] is too large",
+    ),
     "short raw bytes": (
         _request(raw=b"\0" * 1000),
         "input 'INPUT0': FP32 [1, 256] needs 1024 bytes, got 1000",
@@ -181,6 +205,37 @@ def test_broken_bytes_prefixes(
     good = struct.pack("<I", 2) + b"ok" + struct.pack("<I", 0)
     reply = stub.ModelInfer(_bytes_model_request(good, 2), metadata=METADATA)
     assert reply.raw_output_contents[0] == good
+
+
+def test_an_empty_request_is_answered_with_empty_outputs(
+    stub: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """Zero rows, in raw bytes and in typed contents, to a model with and without
+    batching: answered, not an error."""
+    raw = stub.ModelInfer(_request(model="echo", shape=(0, 4), raw=b""), metadata=METADATA)
+    typed = pb.ModelInferRequest(model_name="echo")
+    typed.inputs.add(name="INPUT0", datatype="FP32", shape=[0, 4])
+    typed_reply = stub.ModelInfer(typed, metadata=METADATA)
+    for reply in (raw, typed_reply):
+        assert list(reply.outputs[0].shape) == [0, 4]
+        assert reply.raw_output_contents[0] == b""
+    batched = stub.ModelInfer(_request(shape=(0, 256), raw=b""), metadata=METADATA)
+    assert list(batched.outputs[0].shape) == [0, 16]
+    reply = stub.ModelInfer(_bytes_model_request(b"", 0), metadata=METADATA)
+    assert list(reply.outputs[0].shape) == [0] and reply.raw_output_contents[0] == b""
+
+
+def test_an_unknown_model_is_not_found_whatever_its_tensors(
+    stub: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """The model is resolved before its tensors are looked at, through a front end
+    too (which puts them in frames before the engine resolves the model)."""
+    for shape in [(2**40, 2**40, 0), (-2, -2), (2**62, 0)]:
+        request = _request(model="nope", shape=shape, raw=b"\0" * 16 if min(shape) < 0 else b"")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(request, metadata=METADATA)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
+        assert err.value.details() == "model 'nope' not found"
 
 
 def test_oversize_message_is_refused(stub: pb_grpc.GRPCInferenceServiceStub) -> None:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mandant import errors
-from mandant.types import TensorHeader
+from mandant.types import DATATYPES, TensorHeader
 from mandant.workers import ipc
 from mandant.workers.framing import MessageReader, encode
 
@@ -134,3 +134,18 @@ def test_inputs_decode_as_views_of_the_frames_and_bad_bytes_framing_is_invalid_i
     )
     with pytest.raises(errors.InvalidInput, match="input 'S'"):
         ipc.IpcRequest(bad, [b"\x05\x00\x00\x00ab\x00\x00\x00\x00"]).decode_inputs()
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "BOOL", "INT64", "UINT8"])
+@pytest.mark.parametrize("shape", [(0,), (0, 4), (3, 0, 2), ()])
+def test_any_tensor_becomes_a_frame_and_back_empty_ones_too(
+    datatype: str, shape: tuple[int, ...]
+) -> None:
+    """An empty tensor (a request of zero rows, an empty output) is a frame of no
+    bytes, not an error; a scalar one of its item."""
+    array = np.ones(shape, dtype=DATATYPES[datatype])
+    frame = ipc.tensor_frame(array, datatype)
+    assert len(frame) == array.nbytes
+    back = ipc.decode_frame(frame, TensorHeader("X", datatype, shape))
+    assert back.shape == shape and back.dtype == array.dtype
+    np.testing.assert_array_equal(back, array)

@@ -29,7 +29,7 @@ import numpy as np
 from mandant import errors
 from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS
 from mandant.types import DATATYPES, TensorHeader, datatype_of
-from mandant.wire import join_bytes, split_bytes
+from mandant.wire import join_bytes, raw_view, split_bytes
 from mandant.workers.framing import Buffer
 
 CALLS = 1
@@ -164,8 +164,7 @@ def tensor_frame(array: np.ndarray, datatype: str) -> Buffer:
     """An array as one frame in ``datatype``'s wire form (a view where it already is)."""
     if datatype == "BYTES":
         return join_bytes(array)
-    contiguous = np.ascontiguousarray(array, dtype=DATATYPES[datatype])
-    return contiguous.data.cast("B")
+    return raw_view(array, DATATYPES[datatype])
 
 
 def output_frames(

@@ -15,7 +15,7 @@ import numpy as np
 from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS
 from mandant.errors import InvalidInput
 from mandant.types import DATATYPES, InferResponse, TensorHeader, datatype_of
-from mandant.validation import check_bytes_count, check_raw_size
+from mandant.validation import check_bytes_count, check_raw_size, check_shape
 from mandant.wire import join_bytes, split_bytes
 from mandant_client._proto import grpc_service_pb2 as pb
 
@@ -92,12 +92,12 @@ def decode_contents(
     """Typed contents, converted in one numpy call each (the repeated fields expose
     their values as a buffer: 10⁶ FP32 values take well under 1 ms; 10⁶ BYTES about
     45 ms, hence their bound), after the value count is checked against the shape."""
-    count = prod(header.shape)
     field = CONTENTS_FIELD.get(header.datatype)
     if field is None:
         raise InvalidInput(
             f"input '{header.name}': {header.datatype} travels in raw_input_contents only"
         )
+    count = check_shape(header)
     if header.datatype == "BYTES":
         check_bytes_count(count, header.name, max_bytes_elements)
     values = getattr(contents, field)

@@ -22,8 +22,8 @@ import numpy as np
 from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS
 from mandant.errors import InvalidInput, shown
 from mandant.types import DATATYPES, InferResponse, TensorHeader, datatype_of
-from mandant.validation import check_bytes_count, check_raw_size
-from mandant.wire import join_bytes, split_bytes
+from mandant.validation import check_bytes_count, check_raw_size, check_shape
+from mandant.wire import join_bytes, raw_view, split_bytes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 Parameters = Mapping[str, bool | int | float | str]
@@ -235,7 +235,7 @@ def decode_json_data(
 ) -> np.ndarray:
     """A JSON ``data`` value (nested or flat lists) as an array of ``header``'s type and
     shape; a wrong count or an element of the wrong type is InvalidInput."""
-    count = prod(header.shape)
+    count = check_shape(header)
     if header.datatype == "BYTES":
         check_bytes_count(count, header.name, max_bytes_elements)
     wrong_type = InvalidInput(
@@ -299,7 +299,9 @@ def encode_infer_response(
         datatype = declared.get(name) or datatype_of(array)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary is True or (binary is not False and name in binary):
-            chunk = join_bytes(array) if datatype == "BYTES" else _raw(array, datatype)
+            chunk = (
+                join_bytes(array) if datatype == "BYTES" else raw_view(array, DATATYPES[datatype])
+            )
             entry["parameters"] = {"binary_data_size": len(chunk)}
             chunks.append(chunk)
         else:
@@ -316,12 +318,6 @@ def encode_infer_response(
     if not chunks:
         return head, None
     return b"".join([head, *chunks]), len(head)
-
-
-def _raw(array: np.ndarray, datatype: str) -> memoryview:
-    """The array's bytes as the declared datatype, without a copy where it already is."""
-    contiguous = np.ascontiguousarray(array, dtype=DATATYPES[datatype])
-    return contiguous.reshape(-1).view(np.uint8).data
 
 
 def _json_values(name: str, array: np.ndarray, datatype: str) -> list[Any]:
