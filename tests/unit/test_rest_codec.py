@@ -57,6 +57,8 @@ def test_json_values_round_trip_exactly(datatype: str, data: st.DataObject) -> N
         ("UINT64", [2**64, 1, 2, 3], "out of range for UINT64"),
         ("UINT64", [2**64 - 1, 1, 2, -1], "out of range for UINT64"),
         ("INT64", [2**63, 1, 2, 3], "out of range for INT64"),
+        ("FP32", [1e39, 1, 2, 3], "out of range for FP32"),
+        ("FP16", [1, 2, 3, 70000], "out of range for FP16"),
         ("BOOL", [1, 0, 1, 0], "not BOOL"),
         ("FP32", [1, 2, None, 4], "not FP32"),
         ("FP32", [1, 2, {"a": 1}, 4], "not FP32"),
@@ -69,6 +71,13 @@ def test_json_data_of_the_wrong_count_or_kind_is_invalid(
 ) -> None:
     with pytest.raises(InvalidInput, match=message):
         decode_json_data(data, header(datatype, (2, 2)))
+
+
+def test_json_infinities_stay_what_the_client_sent() -> None:
+    """Out of range means a finite number the datatype cannot hold; an infinity or
+    NaN the client wrote (Python's JSON reads them) is a value like any other."""
+    got = decode_json_data([float("inf"), float("nan")], header("FP32", (2,)))
+    assert np.isinf(got[0]) and np.isnan(got[1])
 
 
 def test_json_bytes_are_utf8_text() -> None:

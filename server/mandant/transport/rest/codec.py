@@ -266,7 +266,11 @@ def decode_json_data(
         info = np.iinfo(dtype)  # type: ignore[type-var]
         if values.min() < info.min or values.max() > info.max:
             raise _out_of_range(header)
-    return values.astype(dtype).reshape(header.shape)
+    with np.errstate(over="ignore"):  # a float too large for the datatype: refused below
+        cast = values.astype(dtype)
+    if dtype.kind == "f" and cast.size and (np.isinf(cast) & np.isfinite(values)).any():
+        raise _out_of_range(header)
+    return cast.reshape(header.shape)
 
 
 def _exact_integers(data: object, header: TensorHeader, wrong_type: InvalidInput) -> np.ndarray:
