@@ -71,6 +71,20 @@ def test_idle_tenant_gets_everything() -> None:
     assert len(queue) == 0 and queue.rows == 0
 
 
+def test_a_tenant_that_was_alone_keeps_no_credit_when_another_joins() -> None:
+    """Alone, a tenant takes what fits without counting credit; once a second tenant
+    is backlogged too, every batch is shared by weight from the first one on."""
+    queue: FairQueue[Item] = FairQueue()
+    for _ in range(300):
+        queue.push(Item("a", 3))
+    assert sum(i.rows for i in queue.take(64)) == 63  # 21 requests: the next cannot fit
+    for _ in range(300):
+        queue.push(Item("b", 3, weight=2))
+    for _ in range(5):
+        shares = rows_by_tenant(queue.take(64))
+        assert abs(shares["b"] - 2 * shares["a"]) <= 6, shares  # two requests of rounding
+
+
 def test_batch_never_exceeds_room_and_closes_before_a_request_that_cannot_join() -> None:
     queue: FairQueue[Item] = FairQueue()
     queue.push(Item("a", 5, name="a5"))

@@ -219,7 +219,7 @@ class DynamicBatcher:
                     f"input '{name}': every input of model '{self._model}' has the batch "
                     f"({request.rows} rows) as its first dimension"
                 )
-            group.append((name, array.dtype.str, array.shape[1:]))
+            group.append((name, array.dtype, array.shape[1:]))
         return tuple(group)
 
     def _withdraw(self, entry: _Pending) -> None:

@@ -212,6 +212,8 @@ class FairQueue(Generic[Q]):
         return True
 
     def take(self, room: int) -> list[Q]:
+        if len(self._ring) == 1:
+            return self._take_alone(room)
         batch: list[Q] = []
         group: Hashable = _ANY
         idle = 0  # turns since something was taken
@@ -242,6 +244,32 @@ class FairQueue(Generic[Q]):
             idle = 0
             if not queue:
                 self._leave(tenant)
+        return batch
+
+    def _take_alone(self, room: int) -> list[Q]:
+        """One tenant backlogged: nobody to share with, so no credit to count (a visit per
+        row, otherwise). It takes what fits, as round robin would, and its turn ends as
+        if its credit were spent exactly."""
+        tenant = self._ring[0]
+        queue = self._queues[tenant]
+        batch: list[Q] = []
+        while queue:
+            head = queue.head()
+            if batch and (head.rows > room or head.group != batch[0].group):
+                break
+            queue.pop()
+            batch.append(head)
+            room -= head.rows
+            if room <= 0:
+                break
+        taken = sum(item.rows for item in batch)
+        self._rows -= taken
+        self._count -= len(batch)
+        if queue:
+            self._deficit[tenant] = 0.0
+            self._granted = False
+        else:
+            self._leave(tenant)
         return batch
 
     def _end_turn(self) -> None:
