@@ -6,6 +6,7 @@ at concurrency 1, 16 and 64, in one run.
 
     .venv/bin/python -m benchmarks.batching [--seconds 5] [--concurrency 1 16 64]
         [--hidden 1024] [--triton-delay-us 100] [--no-triton] [--compute-nice 5]
+        [--rounds 3]
 
 Each server runs alone on core 0 (``taskset``: Mandant with one torch thread; Triton,
 its Python-backend stub and the numpy model with one BLAS thread); the load generator
@@ -16,14 +17,21 @@ point (warm-up included), from Mandant's ``mandant_batch_size`` histogram on
 (``make triton-venv``). ``--compute-nice`` sets Mandant's ``server.compute_nice`` (how
 much lower than its event loop the model's thread runs; 0 is how Mandant ran before
 the setting existed).
+
+Both servers stay up for the whole run and the points are measured in turn, at each
+concurrency Mandant on, Mandant off, PyTriton; ``--rounds N`` measures them all N
+times over, and each ratio is then judged on its median over the rounds, with its
+range (on this VM one point moves by ±10% from one minute to the next, PyTriton's as
+much as Mandant's).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +64,15 @@ class Point:
     mean_batch: float
 
 
+@dataclass
+class Target:
+    """A served model the points are measured on: its address, name and batch totals."""
+
+    url: str
+    model: str
+    batch_totals: Callable[[], tuple[float, float]]
+
+
 def measure(
     target: str,
     model: str,
@@ -79,7 +96,10 @@ def warm(target: str, model: str, concurrency: int) -> None:
     run(target, [Load("acme", model, concurrency, client="tritonclient")], 2.0, 0.0)
 
 
-def mandant_points(args: argparse.Namespace) -> dict[tuple[str, int], Point]:
+@contextlib.contextmanager
+def servers(args: argparse.Namespace) -> Iterator[tuple[dict[str, Target], str]]:
+    """Mandant (the MLP with and without batching) and, unless ``--no-triton``,
+    PyTriton, all up and warm: the targets by label, and why PyTriton is missing."""
     data = demo_data(
         [
             classifier(MLP_NAME, hidden=args.hidden),
@@ -88,31 +108,45 @@ def mandant_points(args: argparse.Namespace) -> dict[tuple[str, int], Point]:
     )
     if args.compute_nice is not None:
         data["server"] = {**data["server"], "compute_nice": args.compute_nice}
-    points = {}
-    with mandant_process(write_config(data), SERVER_CPU, THREAD_ENV) as served:
-        for model in (MLP_NAME, f"{MLP_NAME}-off"):
-            warm(served.target, model, max(args.concurrency))
-        for concurrency in args.concurrency:
-            for model, label in ((MLP_NAME, ON), (f"{MLP_NAME}-off", OFF)):
-                totals = functools.partial(served.batch_totals, model)
-                points[label, concurrency] = measure(
-                    served.target, model, label, concurrency, args, totals
+    with contextlib.ExitStack() as stack:
+        served = stack.enter_context(mandant_process(write_config(data), SERVER_CPU, THREAD_ENV))
+        targets = {
+            label: Target(served.target, model, functools.partial(served.batch_totals, model))
+            for label, model in ((ON, MLP_NAME), (OFF, f"{MLP_NAME}-off"))
+        }
+        missing = ""
+        if not args.no_triton:
+            from mandant.demo.models import classifier as build
+
+            weights = build(seed=0, hidden=args.hidden).state_dict()
+            state = {name: value.numpy() for name, value in weights.items()}
+            try:
+                triton = stack.enter_context(
+                    triton_mlp(state, SERVER_CPU, args.triton_delay_us, THREAD_ENV)
                 )
-    return points
+            except RuntimeError as exc:  # Triton would not start: say so under the table
+                missing = f"\nPyTriton: error: {exc}"
+            else:
+                targets[TRITON] = Target(triton.url, MLP_NAME, triton.batch_totals)
+        for target in targets.values():
+            warm(target.url, target.model, max(args.concurrency))
+        yield targets, missing
 
 
-def triton_points(args: argparse.Namespace) -> dict[tuple[str, int], Point]:
-    from mandant.demo.models import classifier as build
-
-    state = {k: v.numpy() for k, v in build(seed=0, hidden=args.hidden).state_dict().items()}
-    points = {}
-    with triton_mlp(state, SERVER_CPU, args.triton_delay_us, THREAD_ENV) as triton:
-        warm(triton.url, MLP_NAME, max(args.concurrency))
+def points(
+    args: argparse.Namespace, targets: dict[str, Target]
+) -> list[dict[tuple[str, int], Point]]:
+    """Every point, round after round, the servers in turn at each concurrency."""
+    rounds = []
+    for _ in range(args.rounds):
+        measured = {}
         for concurrency in args.concurrency:
-            points[TRITON, concurrency] = measure(
-                triton.url, MLP_NAME, TRITON, concurrency, args, triton.batch_totals
-            )
-    return points
+            for label, target in targets.items():
+                measured[label, concurrency] = measure(
+                    target.url, target.model, label, concurrency, args, target.batch_totals
+                )
+        rounds.append(measured)
+    return rounds
 
 
 def model_alone_ms(hidden: int, rows: int, iterations: int = 200) -> tuple[float, float]:
@@ -151,27 +185,39 @@ def _fmt(value: float, digits: int) -> str:
     return "–" if np.isnan(value) else f"{value:.{digits}f}"
 
 
+def _median(values: list[float], digits: int) -> tuple[float, str]:
+    """The median (the verdict's) and how it is shown: with the range over rounds."""
+    median = float(np.median(values))
+    shown = _fmt(median, digits)
+    if len(values) > 1 and not np.isnan(median):
+        shown += f" ({min(values):.{digits}f}–{max(values):.{digits}f})"
+    return median, shown
+
+
 def _verdict(value: float, target: float) -> str:
     return "not measured" if np.isnan(value) else ("met" if value >= target else "NOT met")
 
 
 def report(
     args: argparse.Namespace,
-    points: dict[tuple[str, int], Point],
+    rounds: list[dict[tuple[str, int], Point]],
     alone: list[tuple[int, float, float]],
 ) -> str:
     rows = []
-    for (server, concurrency), point in points.items():
-        r = point.result
-        rows.append(
-            (concurrency, server, r.rps, r.p(50), r.p(99), point.mean_batch, r.errors, r.error)
-        )
-    rows.sort(key=lambda row: (row[0], [ON, OFF, TRITON].index(str(row[1]))))
+    for number, measured in enumerate(rounds, 1):
+        for (server, concurrency), point in measured.items():
+            r = point.result
+            label = server if len(rounds) == 1 else f"{server} (round {number})"
+            rows.append(
+                (concurrency, label, r.rps, r.p(50), r.p(99), point.mean_batch, r.errors, r.error)
+            )
+    rows.sort(key=lambda row: row[0])  # stable: round by round within a concurrency
     lines = [
         f"MLP 256→{args.hidden}→{args.hidden}→16 (seed 0), one row per call, tritonclient.grpc.aio;"
         f" {args.seconds:g} s per point after {args.warmup:g} s warm-up; server on core 0,"
         " client on core 1; Mandant's compute_nice: "
-        + ("server default" if args.compute_nice is None else str(args.compute_nice)),
+        + ("server default" if args.compute_nice is None else str(args.compute_nice))
+        + ("" if len(rounds) == 1 else f"; {len(rounds)} rounds, the servers in turn"),
         table(
             ["conc", "server", "inf/s", "p50 ms", "p99 ms", "mean batch", "errors", "first error"],
             rows,
@@ -180,11 +226,15 @@ def report(
     ]
     ratio_rows = []
     for concurrency in args.concurrency:
-        on = points.get((ON, concurrency))
-        on_off = _ratio(on, points.get((OFF, concurrency)))
-        vs_triton = _ratio(on, points.get((TRITON, concurrency)))
-        mean = on.mean_batch if on else float("nan")
-        row: list[object] = [concurrency, _fmt(on_off, 2), _fmt(mean, 1), _fmt(vs_triton, 2)]
+        on = [measured.get((ON, concurrency)) for measured in rounds]
+        on_off, on_off_shown = _median(
+            [_ratio(p, m.get((OFF, concurrency))) for p, m in zip(on, rounds, strict=True)], 2
+        )
+        vs_triton, vs_triton_shown = _median(
+            [_ratio(p, m.get((TRITON, concurrency))) for p, m in zip(on, rounds, strict=True)], 2
+        )
+        mean, mean_shown = _median([p.mean_batch if p else float("nan") for p in on], 1)
+        row: list[object] = [concurrency, on_off_shown, mean_shown, vs_triton_shown]
         if concurrency == 64:
             row += [
                 f"≥ {TARGET_ON_OFF} {_verdict(on_off, TARGET_ON_OFF)}",
@@ -194,6 +244,8 @@ def report(
         else:
             row += ["–", "–", "–"]
         ratio_rows.append(row)
+    if len(rounds) > 1:
+        lines.append(f"ratios: the median of {len(rounds)} rounds (their range)")
     headers = ["conc", "on/off", "mean batch (on)", "Mandant on/PyTriton"]
     headers += ["target on/off", "target mean batch", "target vs PyTriton"]
     lines.append(table(headers, ratio_rows))
@@ -215,19 +267,15 @@ def main() -> None:
     parser.add_argument("--triton-delay-us", type=int, default=100)
     parser.add_argument("--no-triton", action="store_true", help="skip the PyTriton side")
     parser.add_argument("--compute-nice", type=int, default=None, help="server.compute_nice")
+    parser.add_argument("--rounds", type=int, default=1, help="measure every point N times")
     args = parser.parse_args()
-    points = mandant_points(args)
-    failed = ""
-    if not args.no_triton:
-        try:
-            points |= triton_points(args)
-        except RuntimeError as exc:  # Triton would not start: say so under the table
-            failed = f"\nPyTriton: error: {exc}"
+    with servers(args) as (targets, failed):
+        rounds = points(args, targets)
     alone = [
         (rows, *run_pinned([(model_alone_ms, (args.hidden, rows))], int(SERVER_CPU))[0])
         for rows in (1, 64)
     ]
-    print(report(args, points, alone) + failed)
+    print(report(args, rounds, alone) + failed)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ bench() {  # bench NAME SECONDS MODULE ARGS...
 }
 
 bench frontend 5 benchmarks.frontend
-bench batching 5 benchmarks.batching
+bench batching 5 benchmarks.batching --rounds 3
 bench noisy_neighbour_h4096 15 benchmarks.noisy_neighbour --hidden 4096
 bench noisy_neighbour_h4096_b16 15 benchmarks.noisy_neighbour --hidden 4096 --max-batch-size 16
 bench noisy_neighbour_demo 10 benchmarks.noisy_neighbour
