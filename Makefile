@@ -63,7 +63,7 @@ grpc-balancer:
 test: install-test triton-venv redis-server grpc-balancer browser-tools node-tools protos-check lint typecheck
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Issues 10 and 11: the benchmarks in sequence; tables in benchmarks/results/ (≈ 12 min, quiet machine).
+# Issues 10 and 11: the benchmarks in sequence; tables in benchmarks/results/ (≈ 18 min, quiet machine).
 bench: install-test triton-venv
 	PYTHON=$(BIN)/python benchmarks/run_all.sh
 

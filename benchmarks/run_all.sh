@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark of issue 10, in sequence, with the issue's settings; each table goes to
 # the terminal and to benchmarks/results/<name>.txt (with the command, commit, date, CPU
-# and load average at its start). About 17 minutes on the 2-core development machine.
+# and load average at its start). About 18 minutes on the 2-core development machine.
 #
 #   benchmarks/run_all.sh                  # the recorded run (quiet machine, please)
 #   BENCH_SECONDS=1 benchmarks/run_all.sh  # a smoke test: every bench end to end, short,
@@ -51,7 +51,7 @@ bench noisy_neighbour_h4096 15 benchmarks.noisy_neighbour --hidden 4096
 bench noisy_neighbour_h4096_b16 15 benchmarks.noisy_neighbour --hidden 4096 --max-batch-size 16
 bench noisy_neighbour_demo 10 benchmarks.noisy_neighbour
 # Issue 11's set-up: a flood of 4 x max_batch_size, one process and two front ends;
-# three rounds each, judged on the median (one round's ratios move by ±0.2 batch, ±5%).
+# three rounds each, judged on the median (one round's ratios move by up to half a batch, ±5%).
 bench noisy_neighbour_h4096_b16_flood64 15 benchmarks.noisy_neighbour --hidden 4096 --max-batch-size 16 --flood 64 --rounds 3
 bench noisy_neighbour_h4096_b16_flood64_workers2 15 benchmarks.noisy_neighbour --hidden 4096 --max-batch-size 16 --flood 64 --workers 2 --rounds 3
 bench noisy_neighbour_demo_door16 10 benchmarks.noisy_neighbour --front-door-slots 16

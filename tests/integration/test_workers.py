@@ -306,22 +306,23 @@ def _serving(target: str, key: str = "acme-key", within_s: float = 30) -> None:
 
 async def _load(
     target: str, stop: asyncio.Event, connections: int = 8, model: str = "echo"
-) -> list[tuple[float, float, str]]:
-    """Calls in a loop on ``connections`` connections until ``stop``: (start, end, code)."""
-    ended: list[tuple[float, float, str]] = []
+) -> list[tuple[int, float, float, str]]:
+    """Calls in a loop on ``connections`` connections (a client each) until ``stop``:
+    (client, start, end, code)."""
+    ended: list[tuple[int, float, float, str]] = []
     group = [
         AsyncClient(target, "acme-key", timeout_s=20, options=OWN_CONNECTION)
         for _ in range(connections)
     ]
 
-    async def loop(client: AsyncClient) -> None:
+    async def loop(index: int, client: AsyncClient) -> None:
         while not stop.is_set():
             start = time.monotonic()
             code = await _outcome(client, model)
-            ended.append((start, time.monotonic(), code))
+            ended.append((index, start, time.monotonic(), code))
 
     try:
-        await asyncio.gather(*(loop(c) for c in group))
+        await asyncio.gather(*(loop(n, c) for n, c in enumerate(group)))
     finally:
         for client in group:
             await client.close()
@@ -338,11 +339,15 @@ async def test_killed_front_end_fails_only_its_calls_and_comes_back(fresh: Worke
     await asyncio.sleep(1.5)
     stop.set()
     ended = await load
-    failed = [code for _, _, code in ended if code != "OK"]
-    # Each of the victim's connections had one call in flight: those, and only those, fail.
-    assert set(failed) <= {"UNAVAILABLE"}, failed
-    assert len(failed) <= held
-    assert sum(1 for _, _, code in ended if code == "OK") > 8
+    failed = [(client, code) for client, _, _, code in ended if code != "OK"]
+    assert {code for _, code in failed} <= {"UNAVAILABLE"}, failed
+    # Only the clients connected to the victim see a failure: the call each had in
+    # flight, and at most a second one if its channel reconnected before the dying
+    # process's listening socket was gone (the kernel still handed it the connection).
+    # Every client of the survivor carries on.
+    assert len({client for client, _ in failed}) <= held, (failed, held)
+    assert all(n <= 2 for n in Counter(client for client, _ in failed).values()), failed
+    assert sum(1 for *_, code in ended if code == "OK") > 8
     _wait_for_pids(fresh, "front-end", 2, {victim})
     assert survivor in fresh.children()["front-end"]
     _serving(fresh.target)
@@ -386,9 +391,9 @@ async def test_sigterm_under_load_loses_no_accepted_call(fresh: WorkersServer) -
     assert fresh.process.returncode == 0
     # Calls accepted before the signal (started 0.1 s before it at least) all answer OK,
     # queued ones included; later ones are refused (UNAVAILABLE), nothing else.
-    accepted = [code for start, end, code in ended if start < signalled - 0.1 < end]
+    accepted = [code for _, start, end, code in ended if start < signalled - 0.1 < end]
     assert len(accepted) == 8 and set(accepted) == {"OK"}, accepted
-    assert {code for _, _, code in ended} <= {"OK", "UNAVAILABLE"}
+    assert {code for *_, code in ended} <= {"OK", "UNAVAILABLE"}
 
 
 def test_sighup_reaches_every_process(fresh: WorkersServer, tmp_path: Path) -> None:
