@@ -131,3 +131,55 @@ async def test_the_call_cap_and_the_door_are_shared_by_grpc_and_rest(tmp_path: P
                 await stuck
     finally:
         gated_models.GATE.set()
+
+
+async def test_a_rest_body_that_never_arrives_holds_no_place(tmp_path: Path) -> None:
+    """Tenant a opens more REST calls than the whole server has room for and never
+    finishes sending their bodies: they hold their connections only. Tenant b's calls,
+    gRPC and REST, are served meanwhile."""
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "max_concurrent_rpcs": 2},
+            "tenants": [
+                {"id": "a", "api_keys": [hash_key("a-key")]},
+                {"id": "b", "api_keys": [hash_key("b-key")]},
+            ],
+            "models": [ECHO_MODEL],
+        },
+        "test",
+    )
+    with ServerThread(config, tmp_path) as server:
+        assert server.app is not None
+        port = server.app.rest_port
+        stalled = []
+        for _ in range(3):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\n"
+                b"Authorization: Bearer a-key\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"inputs": ['
+            )
+            await writer.drain()
+            stalled.append(writer)
+        try:
+            await asyncio.sleep(0.3)
+            assert server.app.calls.calls == 0
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                answer = await channel.unary_unary(INFER)(
+                    _request("echo"), metadata=(("authorization", "Bearer b-key"),), timeout=10
+                )
+            assert pb.ModelInferResponse.FromString(answer).outputs[0].name == "OUTPUT0"
+            body = json.dumps(
+                {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [1]}]}
+            ).encode()
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v2/models/echo/infer",
+                data=body,
+                headers={"Authorization": "Bearer b-key"},
+                method="POST",
+            )
+            with await asyncio.to_thread(urllib.request.urlopen, request, timeout=10) as reply:
+                assert json.loads(reply.read())["outputs"][0]["data"] == [1]
+        finally:
+            for writer in stalled:
+                writer.close()

@@ -4,6 +4,7 @@ it stops taking connections while the calls in progress finish."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import ssl
 import subprocess
@@ -89,6 +90,58 @@ def test_shutdown_stops_listening_and_lets_calls_in_progress_finish(tmp_path: Pa
     ((status, answer),) = results
     assert status == 200
     assert answer["outputs"][0]["data"] == [2.0, 4.0, 6.0]
+
+
+_STALLED = (
+    b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+    b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"inputs": ['
+)
+
+
+def _echo_server(tmp_path: Path) -> ServerThread:
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
+            "tenants": [{"id": "t", "api_keys": [hash_key("k")]}],
+            "models": [ECHO_MODEL],
+        }
+    )
+    return ServerThread(config, tmp_path)
+
+
+def test_shutdown_does_not_wait_for_a_body_that_never_arrives(tmp_path: Path) -> None:
+    """A client that stops sending halfway through its body does not hold the
+    server's shutdown (it did, for as long as the client kept its connection)."""
+    server = _echo_server(tmp_path).start()
+    assert server.app is not None
+    with socket.create_connection(("127.0.0.1", server.app.rest_port)) as stalled:
+        stalled.sendall(_STALLED)
+        time.sleep(0.3)
+        started = time.monotonic()
+        server.stop(grace_s=1)
+        assert time.monotonic() - started < 10
+
+
+def test_a_client_leaving_mid_body_is_no_internal_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with _echo_server(tmp_path) as server:
+        assert server.app is not None
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", server.app.rest_port)) as leaving:
+                leaving.sendall(_STALLED)
+                time.sleep(0.1)
+        time.sleep(0.3)
+        body = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [1]}]}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.app.rest_port}/v2/models/echo/infer",
+            data=json.dumps(body).encode(),
+            headers={"Authorization": "Bearer k"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def _self_signed(folder: Path) -> tuple[Path, Path]:

@@ -1,13 +1,17 @@
 """The gate every REST endpoint passes, as the gRPC gate (``transport/grpc/gateway.py``):
 
-1. a server-wide cap on calls in progress (429 with ``Retry-After`` beyond it);
-2. the caller's ``Authorization: Bearer <key>`` header, checked **before the body is
+1. the caller's ``Authorization: Bearer <key>`` header, checked **before the body is
    read** (open endpoints take none; statistics also take an admin key);
-3. inference calls take turns by tenant at the front door (``scheduling/door.py``);
-4. every exception becomes an HTTP answer through ``status.py``'s table, with a
+2. the body, read whole (at most ``server.max_message_bytes``: 413 beyond it) before
+   the call takes a place anywhere — as gRPC hands a handler only a message that has
+   arrived — so a client that sends its body slowly, or never finishes it, holds its
+   connection and nothing else: not the server-wide cap other tenants' calls need;
+3. a server-wide cap on calls in progress (429 with ``Retry-After`` beyond it);
+4. inference calls take turns by tenant at the front door (``scheduling/door.py``);
+5. every exception becomes an HTTP answer through ``status.py``'s table, with a
    ``{"error": ...}`` body; unknown ones a 500 with a generic message and a logged
    request id;
-5. each answer is reported once to the :class:`~mandant.events.Observer` with the gRPC
+6. each answer is reported once to the :class:`~mandant.events.Observer` with the gRPC
    status name as its code, so REST and gRPC calls share one set of series.
 """
 
@@ -37,6 +41,10 @@ from mandant.transport.tls import ssl_identities
 from mandant.types import Call, Tenant
 
 logger = logging.getLogger(__name__)
+
+#: The status of a call whose client left before its request arrived (nginx's 499;
+#: never sent: there is no connection left to send it on).
+CLIENT_CLOSED = 499
 
 Authenticator = Callable[[str | None], Tenant]
 AdminAuthenticator = Callable[[str | None], None]
@@ -68,15 +76,19 @@ class RestGate:
         cap: CallCap | None = None,
         door: FrontDoor | None = None,
         authenticate_certificate: CertificateAuthenticator | None = None,
+        max_body: int = 1 << 62,
     ) -> None:
         """``authenticate_certificate``: the tenant of the identities of a request's
-        verified client certificate, asked for requests without a key (mTLS only)."""
+        verified client certificate, asked for requests without a key (mTLS only).
+        ``max_body``: the largest request body read (the application's
+        ``client_max_size``)."""
         self._authenticate = authenticate
         self._authenticate_admin = authenticate_admin
         self._authenticate_certificate = authenticate_certificate
         self._observer: Observer = observer or NullObserver()
         self._cap = cap if cap is not None else CallCap(1 << 62)
         self._door = door
+        self._max_body = max_body
         self._calls = 0  # on this port, for draining
         self._idle = asyncio.Event()
         self._idle.set()
@@ -100,12 +112,14 @@ class RestGate:
             code = "OK"
             entered = inside = False
             try:
+                if access is not Access.OPEN:
+                    call.tenant = self._caller(access, request)
+                if request.body_exists:
+                    await self._read_body(request)  # behaviours then read it from memory
                 self._cap.enter()
                 self._calls += 1
                 self._idle.clear()
                 entered = True
-                if access is not Access.OPEN:
-                    call.tenant = self._caller(access, request)
                 if door is not None and call.tenant is not None:
                     await door.enter(call.tenant)
                     inside = True
@@ -119,6 +133,9 @@ class RestGate:
             except asyncio.CancelledError:  # the client went away
                 code = "CANCELLED"
                 raise
+            except ConnectionResetError:  # ... while its body was on the way
+                code = "CANCELLED"
+                return web.Response(status=CLIENT_CLOSED)  # nobody is left to read it
             except Exception:
                 code = "INTERNAL"
                 return _internal(request, call)
@@ -135,6 +152,15 @@ class RestGate:
                 observer.request_finished(tenant_id, call.model, code, duration_s, call.version)
 
         return handle
+
+    async def _read_body(self, request: web.Request) -> None:
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            raise BodyTooLarge(f"request body is larger than {self._max_body} bytes")
+        try:
+            await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BodyTooLarge(f"request body is larger than {self._max_body} bytes") from None
 
     def _caller(self, access: Access, request: web.Request) -> Tenant | None:
         """The tenant of a tenant key (or, without a key, of a verified client

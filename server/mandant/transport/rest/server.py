@@ -39,7 +39,6 @@ from mandant.transport.grpc.statistics import (
 )
 from mandant.transport.rest.codec import (
     HEADER_LENGTH,
-    BodyTooLarge,
     JsonInferRequest,
     encode_infer_response,
 )
@@ -58,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 #: Request ids kept for logs (longer ones are refused by the data plane).
 MAX_LOGGED_ID = 256
+#: How long a connection's handler may take to end once the drain is over.
+CLOSE_WAIT_S = 0.05
 _MODEL = "/v2/models/{name}"
 _VERSION = "/v2/models/{name}/versions/{version}"
 
@@ -92,6 +93,7 @@ class RestServer:
             cap=cap if cap is not None else CallCap(config.max_concurrent_rpcs),
             door=door if door is not None else FrontDoor(config.front_door_slots),
             authenticate_certificate=authenticate_certificate if mtls else None,
+            max_body=self._max_body,
         )
         self._gate = gate
         app = web.Application(client_max_size=self._max_body)
@@ -109,8 +111,10 @@ class RestServer:
             routes.add_post(f"{base}/infer", gate.route(Access.TENANT, self._infer, fair=True))
         add_repository_routes(routes, gate, plane)
         routes.add_route("*", "/{tail:.*}", _not_found)
-        # Connections still open after the drain (``aclose``) are closed at once.
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.0)
+        # Connections still open after the drain (``aclose``) are closed at once: their
+        # handlers get CLOSE_WAIT_S to end, then are cancelled (aiohttp reads a timeout
+        # of 0 as none at all: a client stalled mid-body held the shutdown for good).
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=CLOSE_WAIT_S)
         self.port = 0
 
     @property
@@ -206,13 +210,7 @@ class RestServer:
         return web.json_response({"model_stats": [_json(s) for s in stats]})
 
     async def _infer(self, request: web.Request, call: Call) -> web.Response:
-        length = request.content_length
-        if length is not None and length > self._max_body:
-            raise BodyTooLarge(f"request body is larger than {self._max_body} bytes")
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise BodyTooLarge(f"request body is larger than {self._max_body} bytes") from None
+        body = await request.read()  # read by the gate, within the size limit
         name, version = _model_of(request)
         infer_request = JsonInferRequest(
             name,
