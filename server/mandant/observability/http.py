@@ -34,6 +34,7 @@ from mandant.observability.live import LiveStats
 from mandant.observability.slo import SloTracker
 from mandant.observability.usage import UsageReports
 from mandant.tenancy.directory import TenantDirectory
+from mandant.transport.http import runner
 from mandant.transport.tls import reload_ssl_context, server_ssl_context
 
 logger = logging.getLogger(__name__)
@@ -87,15 +88,9 @@ class HttpServer:
         tls = config.tls
         #: HTTPS on ``http_port`` (never on ``internal_http``) where ``tls.http`` is set.
         self._ssl = server_ssl_context(tls) if tls is not None and tls.http else None
-        self._runner = web.AppRunner(
-            self._app(open_access=config.metrics_auth == "none"), access_log=None
-        )
+        self._runner = runner(self._app(open_access=config.metrics_auth == "none"))
         internal = config.internal_http
-        self._internal = (
-            web.AppRunner(self._app(open_access=True), access_log=None)
-            if internal is not None
-            else None
-        )
+        self._internal = runner(self._app(open_access=True)) if internal is not None else None
         self.port = 0
         self.internal_port = 0
 

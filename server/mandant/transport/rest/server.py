@@ -31,6 +31,7 @@ from mandant.observability.stats import InferenceStats
 from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.service import EXTENSIONS, SERVER_NAME, DataPlane
 from mandant.tenancy.keys import AdminKeys
+from mandant.transport import http
 from mandant.transport.grpc.model_config import model_config
 from mandant.transport.grpc.statistics import (
     TENANT_METADATA,
@@ -57,8 +58,6 @@ logger = logging.getLogger(__name__)
 
 #: Request ids kept for logs (longer ones are refused by the data plane).
 MAX_LOGGED_ID = 256
-#: How long a connection's handler may take to end once the drain is over.
-CLOSE_WAIT_S = 0.05
 _MODEL = "/v2/models/{name}"
 _VERSION = "/v2/models/{name}/versions/{version}"
 
@@ -111,10 +110,8 @@ class RestServer:
             routes.add_post(f"{base}/infer", gate.route(Access.TENANT, self._infer, fair=True))
         add_repository_routes(routes, gate, plane)
         routes.add_route("*", "/{tail:.*}", _not_found)
-        # Connections still open after the drain (``aclose``) are closed at once: their
-        # handlers get CLOSE_WAIT_S to end, then are cancelled (aiohttp reads a timeout
-        # of 0 as none at all: a client stalled mid-body held the shutdown for good).
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=CLOSE_WAIT_S)
+        # Connections still open after the drain (``aclose``) are closed at once.
+        self._runner = http.runner(app)
         self.port = 0
 
     @property
