@@ -103,9 +103,10 @@ class ServerConfig(_Frozen):
     #: reconnects, and an L4 balancer (a Kubernetes Service) spreads it again, also
     #: onto replicas added since. None: connections live as long as the client's.
     max_connection_age_s: Annotated[float | None, Field(gt=0)] = None
-    #: Calls (and open streams) the whole server serves at once; one more is answered
-    #: RESOURCE_EXHAUSTED (with pushback) before its message is parsed. With
+    #: Calls (and stream messages) the whole server serves at once; one more is
+    #: answered RESOURCE_EXHAUSTED (with pushback) before its message is parsed. With
     #: ``max_concurrent_streams`` it bounds what slow readers can make the server hold.
+    #: An open stream takes a place only while a message of it is served.
     max_concurrent_rpcs: Annotated[int, Field(gt=0)] = 4096
     #: Inference calls (unary, and stream messages) in progress before tenants take
     #: turns at the front door, by weight, for the next free place: a flooding tenant's

@@ -183,3 +183,66 @@ async def test_a_rest_body_that_never_arrives_holds_no_place(tmp_path: Path) -> 
         finally:
             for writer in stalled:
                 writer.close()
+
+
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+async def test_open_streams_hold_no_place_and_each_message_takes_one(tmp_path: Path) -> None:
+    """With room for one call in the whole server: tenant a's three idle streams leave
+    it free for b; a call stuck in a model takes it, and a stream message then gets its
+    own RESOURCE_EXHAUSTED answer with pushback while its stream goes on."""
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "max_concurrent_rpcs": 1},
+            "tenants": [
+                {"id": "a", "api_keys": [hash_key("a-key")]},
+                {"id": "b", "api_keys": [hash_key("b-key")]},
+            ],
+            "models": [
+                ECHO_MODEL,
+                {**ECHO_MODEL, "name": "gated", "factory": "tests.integration.gated_models:gated"},
+            ],
+        },
+        "test",
+    )
+    gated_models.GATE.clear()
+    try:
+        with ServerThread(config, tmp_path) as server:
+            assert server.app is not None
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                open_stream = channel.stream_stream(STREAM)
+                idle = [
+                    open_stream(metadata=(("authorization", "Bearer a-key"),)) for _ in range(3)
+                ]
+                for stream in idle:
+                    await stream.initial_metadata()  # the key is accepted: the streams are open
+                assert server.app.calls.calls == 0
+                b_key = (("authorization", "Bearer b-key"),)
+                answer = await channel.unary_unary(INFER)(_request("echo"), metadata=b_key)
+                assert pb.ModelInferResponse.FromString(answer).outputs[0].name == "OUTPUT0"
+
+                stuck = asyncio.ensure_future(
+                    channel.unary_unary(INFER)(_request("gated"), metadata=b_key)
+                )
+                for _ in range(200):
+                    if server.app.calls.calls == 1:
+                        break
+                    await asyncio.sleep(0.01)
+                stream = idle[0]
+                await stream.write(_request("echo"))
+                busy = pb.ModelStreamInferResponse.FromString(await stream.read())
+                assert "server busy" in busy.error_message
+                parameters = busy.infer_response.parameters
+                assert parameters["status_code"].string_param == "RESOURCE_EXHAUSTED"
+                assert parameters["retry_pushback_ms"].int64_param > 0
+                gated_models.GATE.set()
+                await stuck
+                await stream.write(_request("echo"))
+                served = pb.ModelStreamInferResponse.FromString(await stream.read())
+                assert not served.error_message
+                assert served.infer_response.outputs[0].name == "OUTPUT0"
+                for stream in idle:
+                    await stream.done_writing()
+    finally:
+        gated_models.GATE.set()

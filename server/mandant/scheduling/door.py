@@ -112,7 +112,7 @@ class FrontDoor:
 
 
 class CallCap:
-    """The server-wide cap on calls (and open streams) in progress, on every port
+    """The server-wide cap on calls (and stream messages) in progress, on every port
     together: one more is refused at once, before anything else is done for it."""
 
     __slots__ = ("_calls", "_max_calls")

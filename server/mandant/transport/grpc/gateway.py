@@ -95,7 +95,7 @@ def deadline_passed(context: Context, slack_s: float = 0.0) -> bool:
 
 
 class Gate:
-    """``cap``: calls (and open streams) served at once, server-wide (shared with the
+    """``cap``: calls (and stream messages) served at once, server-wide (shared with the
     other ports); one more is answered RESOURCE_EXHAUSTED before anything else is done
     for it. ``door``: where inference calls take turns by tenant once many are in
     progress (``door.py``; shared with the other ports too)."""
@@ -217,17 +217,14 @@ class Gate:
         response_serializer: Callable[[Any], bytes],
     ) -> grpc.RpcMethodHandler:
         """A bidirectional stream: the key is checked once when it opens (the whole
-        stream fails on a bad one); the behaviour reads raw messages and reports each
-        message's answer itself."""
+        stream fails on a bad one); the behaviour reads raw messages, takes a place
+        under the cap for each while it serves it, and reports each message's answer
+        itself. An open stream holds no place of its own."""
         caller_of = self._caller
-        cap = self._cap
 
         async def handle(requests: object, context: Context) -> None:
             call = Call(None)
-            entered = False
             try:
-                cap.enter()
-                entered = True
                 call.tenant = caller_of(access, context)
                 # The key is accepted: say so at once, so that a client may wait for this
                 # before writing (a write racing a refusal makes grpc.aio clients see
@@ -240,9 +237,6 @@ class Gate:
                 raise
             except Exception:
                 await abort_internal(context, method, call)
-            finally:
-                if entered:
-                    cap.leave()
 
         return grpc.stream_stream_rpc_method_handler(
             handle, request_deserializer=None, response_serializer=response_serializer

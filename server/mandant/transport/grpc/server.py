@@ -140,16 +140,17 @@ class GrpcServer:
             peer = by_certificate
 
         self.door = door = door if door is not None else FrontDoor(config.front_door_slots)
+        cap = cap if cap is not None else CallCap(config.max_concurrent_rpcs)
         self.gate = gate = Gate(
             plane.authenticate,
             authenticate_admin or AdminKeys(config.admin_keys).authenticate,
             observer=observer,
-            cap=cap if cap is not None else CallCap(config.max_concurrent_rpcs),
+            cap=cap,
             door=door,
             authenticate_peer=peer,
         )
         self.servicer = servicer = InferenceServicer(
-            plane, config, gate.observer, door, stats or InferenceStats()
+            plane, config, gate.observer, door, stats or InferenceStats(), cap
         )
         handlers = method_handlers(servicer, gate)
         if forward is not None:

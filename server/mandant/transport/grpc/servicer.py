@@ -14,7 +14,7 @@ from mandant.config import ServerConfig
 from mandant.events import Observer
 from mandant.observability.stats import InferenceStats
 from mandant.registry import Model
-from mandant.scheduling.door import FrontDoor
+from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.service import EXTENSIONS, SERVER_NAME, DataPlane
 from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
 from mandant.transport.grpc.gateway import Access, Context, Gate, metadata_value
@@ -46,9 +46,13 @@ class InferenceServicer:
         observer: Observer,
         door: FrontDoor | None = None,
         stats: InferenceStats | None = None,
+        cap: CallCap | None = None,
     ) -> None:
-        """``config``: the server's bounds on streams and tensors."""
+        """``config``: the server's bounds on streams and tensors. ``cap``: the
+        server-wide cap on calls in progress, which each stream message takes a place
+        under while it is served (the gate's; unary calls take theirs there)."""
         self._plane = plane
+        self._cap = cap
         self._stats = stats or InferenceStats()
         self._max_stream_inflight = config.max_stream_inflight
         self._max_bytes_elements = config.max_bytes_elements
@@ -133,6 +137,7 @@ class InferenceServicer:
             self._max_bytes_elements,
             self._observer,
             self._door,
+            self._cap,
         )
         await stream.serve()
 

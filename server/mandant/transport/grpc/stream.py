@@ -10,7 +10,11 @@ model, and parameters ``status_code`` (the gRPC status name) and, on
 RESOURCE_EXHAUSTED, ``retry_pushback_ms``, so that clients can match errors to calls
 and keep their typed errors (tritonclient reads ``error_message`` only).
 
-Messages pass the front door like unary calls (``scheduling/door.py``).
+Each message takes a place under the server-wide cap on calls in progress while it is
+served (beyond the cap: its own RESOURCE_EXHAUSTED answer, with pushback) and passes
+the front door like a unary call (``scheduling/door.py``). An open stream holds no
+place of its own: a tenant holding streams open and idle takes nothing other tenants'
+calls need (as it once did, one place of the server-wide cap per stream).
 
 Backpressure: at most ``max_inflight`` messages of a stream are being served or have
 answers not yet written; beyond that the stream is not read (HTTP/2 flow control then
@@ -32,7 +36,7 @@ import grpc
 from mandant.context import current_request_id
 from mandant.errors import MandantError, ResourceExhausted
 from mandant.events import Observer
-from mandant.scheduling.door import FrontDoor
+from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.service import DataPlane
 from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
 from mandant.transport.grpc.gateway import MAX_LOGGED_ID, Context, parse
@@ -55,8 +59,10 @@ class InferStream:
         max_bytes_elements: int,
         observer: Observer,
         door: FrontDoor | None = None,
+        cap: CallCap | None = None,
     ) -> None:
         self._plane = plane
+        self._cap = cap
         self._tenant = tenant
         self._context = context
         self._window = asyncio.Semaphore(max(1, max_inflight))
@@ -101,8 +107,11 @@ class InferStream:
         call = Call(self._tenant)
         code = "OK"
         request: pb.ModelInferRequest | None = None
-        inside = False
+        entered = inside = False
         try:
+            if self._cap is not None:
+                self._cap.enter()
+                entered = True
             if self._door is not None:
                 await self._door.enter(self._tenant)
                 inside = True
@@ -128,6 +137,8 @@ class InferStream:
             message = INTERNAL_MESSAGE.format(request_id=request_id)
             return _error_response(message, code, request, None)
         finally:
+            if entered and self._cap is not None:
+                self._cap.leave()
             if inside and self._door is not None:
                 self._door.leave(self._tenant)
             self._observer.request_finished(
