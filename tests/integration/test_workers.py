@@ -165,14 +165,17 @@ async def test_rate_limit_is_exact_across_front_ends(
     clients: dict[str, list[AsyncClient]],
 ) -> None:
     """100 requests/s (burst 5) through eight connections on both front ends: the
-    calls admitted after the burst follow the rate (± 5%), not twice the rate."""
+    calls admitted after the burst follow the rate (± 5%), not twice the rate. Each
+    admitted call counts at the time it was sent, which the engine's admission follows
+    within a round trip, not at the time its answer came back, which a busy machine
+    delays by tens of milliseconds (a 2 s run measured 91.7 requests/s that way)."""
     admitted: list[float] = []
-    stop_at = time.monotonic() + 2.0
+    stop_at = time.monotonic() + 3.0
 
     async def hammer(client: AsyncClient) -> None:
-        while time.monotonic() < stop_at:
+        while (sent := time.monotonic()) < stop_at:
             if await _outcome(client) == "OK":
-                admitted.append(time.monotonic())
+                admitted.append(sent)
 
     await asyncio.gather(*(hammer(c) for c in clients["limited"]))
     admitted.sort()
