@@ -246,3 +246,60 @@ async def test_open_streams_hold_no_place_and_each_message_takes_one(tmp_path: P
                     await stream.done_writing()
     finally:
         gated_models.GATE.set()
+
+
+async def test_a_flood_waiting_at_the_door_gives_its_places_to_another_tenant(
+    tmp_path: Path,
+) -> None:
+    """Tenant a fills the whole server's cap (8) with calls to a model that does not
+    answer: two inside the door, six waiting behind its share. b's call is served
+    anyway, in the place of a's newest waiter, which is answered RESOURCE_EXHAUSTED
+    with pushback; a's other calls are served once the model answers."""
+    config = parse_config(
+        {
+            "server": {
+                "grpc_port": 0,
+                "http_port": 0,
+                "max_concurrent_rpcs": 8,
+                "front_door_slots": 2,
+            },
+            "tenants": [
+                {"id": "a", "api_keys": [hash_key("a-key")]},
+                {"id": "b", "api_keys": [hash_key("b-key")]},
+            ],
+            "models": [
+                ECHO_MODEL,
+                {**ECHO_MODEL, "name": "gated", "factory": "tests.integration.gated_models:gated"},
+            ],
+        },
+        "test",
+    )
+    gated_models.GATE.clear()
+    try:
+        with ServerThread(config, tmp_path) as server:
+            assert server.app is not None
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                infer = channel.unary_unary(INFER)
+                a_key = (("authorization", "Bearer a-key"),)
+                flood = [
+                    asyncio.ensure_future(infer(_request("gated"), metadata=a_key, timeout=30))
+                    for _ in range(8)
+                ]
+                for _ in range(300):
+                    if server.app.calls.calls == 8:
+                        break
+                    await asyncio.sleep(0.01)
+                assert server.app.calls.calls == 8
+                b_key = (("authorization", "Bearer b-key"),)
+                answer = await infer(_request("echo"), metadata=b_key, timeout=10)
+                assert pb.ModelInferResponse.FromString(answer).outputs[0].name == "OUTPUT0"
+                gated_models.GATE.set()
+                ended = await asyncio.gather(*flood, return_exceptions=True)
+                shed = [e for e in ended if isinstance(e, grpc.aio.AioRpcError)]
+                assert len(shed) == 1 and len(ended) - len(shed) == 7
+                assert shed[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "server busy" in str(shed[0].details())
+                trailers = dict(shed[0].trailing_metadata() or ())
+                assert int(trailers["grpc-retry-pushback-ms"]) > 0
+    finally:
+        gated_models.GATE.set()

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from mandant.errors import ServerBusy
-from mandant.scheduling.door import CallCap, FrontDoor
+from mandant.scheduling.door import CallCap, FrontDoor, PlaceTaken
 from mandant.types import Tenant
 from tests.fakes import settle
 
@@ -127,3 +127,56 @@ def test_the_call_cap_refuses_one_more_with_pushback() -> None:
     cap.leave()
     cap.enter()
     assert cap.calls == 2
+
+
+async def test_a_full_cap_takes_the_place_of_the_longest_queue_s_newest_waiter() -> None:
+    """a floods: two calls inside the door, three waiting, all five under a cap of
+    five. b's call takes the place of a's newest waiter (answered PlaceTaken, with
+    pushback); a's own next call is refused, not swapped for one of a's."""
+    door, cap = FrontDoor(2), CallCap(5)
+    C = Tenant("c")
+    inside = []
+    for _ in range(2):
+        cap.enter(door, "a")
+        await door.enter(A)
+        inside.append(A)
+    order: list[str] = []
+    waiters = []
+    for _ in range(3):
+        cap.enter(door, "a")
+        waiters.append(await _queue(door, A, order))
+    cap.enter(door, "c")  # the cap is full: c's call takes a's newest waiter's place
+    await door.enter(C)  # and walks in (c is below its share of the door)
+    assert (cap.calls, door.waiting) == (5 + 1, 2)  # until the shed call unwinds
+    await settle()
+    shed = [task for task in waiters if task.done()]
+    assert len(shed) == 1 and shed[0] is waiters[-1]  # the newest
+    with pytest.raises(PlaceTaken) as taken:
+        await shed[0]
+    assert taken.value.retry_after_s > 0
+    cap.leave()  # the shed call unwinds: its place is given back
+    assert (cap.calls, door.waiting) == (5, 2)
+    with pytest.raises(ServerBusy):
+        cap.enter(door, "a")  # a's own waiters are not shed for a
+    door.leave(C)
+    cap.leave()
+    for _ in range(2):
+        door.leave(A)
+        cap.leave()
+    await asyncio.gather(*waiters[:2])
+    assert order == ["a", "a"]
+
+
+async def test_a_waiter_cancelled_after_it_was_shed_leaves_no_trace() -> None:
+    door = FrontDoor(1)
+    await door.enter(A)
+    order: list[str] = []
+    waiter = await _queue(door, A, order)
+    assert door.shed("b", "server busy")
+    waiter.cancel()
+    with pytest.raises((asyncio.CancelledError, PlaceTaken)):
+        await waiter
+    assert (door.busy, door.waiting) == (1, 0)
+    door.leave(A)
+    assert (door.busy, door.waiting) == (0, 0)
+    assert not door.shed("b", "server busy")  # nobody waits

@@ -17,6 +17,14 @@ held to its share while a light tenant's call goes straight through to the batch
 Invariants: a tenant with calls waiting has at least its share in progress; calls of
 one tenant enter in arrival order; every ``enter`` is matched by one ``leave``
 (cancellation included), and a cancelled waiter leaves no trace.
+
+Waiting calls hold their place under the server-wide :class:`CallCap`, so a flood
+queued behind its own share could fill the cap and every other tenant's calls would be
+refused. When the cap is full, a newcomer takes the place of the newest waiter of the
+tenant with the most calls waiting (not the newcomer's own): that waiter is answered
+:class:`PlaceTaken` (RESOURCE_EXHAUSTED, with pushback; nothing of it was decoded
+yet) and gives its place back as it unwinds, within the same event-loop turn; until
+then the count is over the cap by the places being handed over.
 """
 
 from __future__ import annotations
@@ -30,6 +38,11 @@ from mandant.types import Tenant
 
 #: Pushback when the server-wide call cap is full (it frees as any call ends).
 BUSY_RETRY_S = 0.05
+
+
+class PlaceTaken(ServerBusy):
+    """A call waiting at the door gave its place under the cap to another tenant's
+    call (module doc)."""
 
 
 @dataclass(slots=True)
@@ -75,9 +88,9 @@ class FrontDoor:
                 if future in state.waiting:
                     state.waiting.remove(future)
                 self._forget_if_idle(tenant.id, state)
-            else:
+            elif future.exception() is None:
                 self.leave(tenant)  # let in just as it was cancelled: pass it on
-            raise
+            raise  # (or shed just as it was cancelled: it left the queue then)
 
     def leave(self, tenant: Tenant) -> None:
         """A call of ``tenant`` is done: its place goes to its own next call, or, if the
@@ -88,6 +101,21 @@ class FrontDoor:
             self._admit(state)
         else:
             self._forget_if_idle(tenant.id, state)
+
+    def shed(self, newcomer: str, message: str) -> bool:
+        """Answer the newest waiter of the tenant (other than ``newcomer``) with the most
+        calls waiting :class:`PlaceTaken`; whether there was one."""
+        others = [(i, t) for i, t in self._tenants.items() if i != newcomer and t.waiting]
+        others.sort(key=lambda other: len(other[1].waiting), reverse=True)
+        for tenant_id, state in others:
+            while state.waiting:
+                future = state.waiting.pop()
+                if not future.done():  # else cancelled, and on its way out
+                    future.set_exception(PlaceTaken(message, retry_after_s=BUSY_RETRY_S))
+                    self._forget_if_idle(tenant_id, state)
+                    return True
+            self._forget_if_idle(tenant_id, state)
+        return False
 
     def _share(self, state: _Tenant) -> float:
         return max(1.0, self._slots * state.weight / self._weights)
@@ -127,11 +155,13 @@ class CallCap:
     def calls(self) -> int:
         return self._calls
 
-    def enter(self) -> None:
+    def enter(self, door: FrontDoor | None = None, tenant: str = "") -> None:
+        """Take a place, or, when the cap is full, the place of a call waiting at
+        ``door`` of another tenant than ``tenant`` (module doc)."""
         if self._calls >= self._max_calls:
-            raise ServerBusy(
-                f"server busy: {self._max_calls} calls in progress", retry_after_s=BUSY_RETRY_S
-            )
+            message = f"server busy: {self._max_calls} calls in progress"
+            if door is None or not door.shed(tenant, message):
+                raise ServerBusy(message, retry_after_s=BUSY_RETRY_S)
         self._calls += 1
 
     def leave(self) -> None:

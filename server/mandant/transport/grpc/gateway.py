@@ -96,9 +96,11 @@ def deadline_passed(context: Context, slack_s: float = 0.0) -> bool:
 
 class Gate:
     """``cap``: calls (and stream messages) served at once, server-wide (shared with the
-    other ports); one more is answered RESOURCE_EXHAUSTED before anything else is done
-    for it. ``door``: where inference calls take turns by tenant once many are in
-    progress (``door.py``; shared with the other ports too)."""
+    other ports); one more is answered RESOURCE_EXHAUSTED once its key is checked,
+    before its message is parsed, unless it can take the place of another tenant's
+    call waiting at the door (``door.py``). ``door``: where inference calls take turns
+    by tenant once many are in progress (``door.py``; shared with the other ports
+    too)."""
 
     def __init__(
         self,
@@ -162,6 +164,7 @@ class Gate:
         caller_of = self._caller
         cap = self._cap
         observer = self._observer
+        shed = self.door  # where a full cap may take a place from another tenant
         door = self.door if fair else None
 
         async def handle(raw: bytes, context: Context) -> Any:
@@ -170,9 +173,9 @@ class Gate:
             code = "OK"
             entered = inside = False
             try:
-                cap.enter()
-                entered = True
                 call.tenant = caller_of(access, context)
+                cap.enter(shed, call.tenant.id if call.tenant is not None else "")
+                entered = True
                 if door is not None and call.tenant is not None:
                     await door.enter(call.tenant)
                     inside = True

@@ -110,7 +110,7 @@ class InferStream:
         entered = inside = False
         try:
             if self._cap is not None:
-                self._cap.enter()
+                self._cap.enter(self._door, self._tenant.id)
                 entered = True
             if self._door is not None:
                 await self._door.enter(self._tenant)

@@ -116,7 +116,7 @@ class RestGate:
                     call.tenant = self._caller(access, request)
                 if request.body_exists:
                     await self._read_body(request)  # behaviours then read it from memory
-                self._cap.enter()
+                self._cap.enter(self._door, call.tenant.id if call.tenant is not None else "")
                 self._calls += 1
                 self._idle.clear()
                 entered = True
