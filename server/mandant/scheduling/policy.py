@@ -129,6 +129,18 @@ class LevelQueue(Generic[Q]):
         self.count -= 1
         return item
 
+    def take(self, room: int) -> list[Q]:
+        """Pop the next batch in order: the head whatever its rows, then heads while
+        they fit in ``room`` and share the first one's group."""
+        batch: list[Q] = []
+        while self.count:
+            head = self.head()
+            if batch and (head.rows > room or head.group != batch[0].group):
+                break
+            batch.append(self.pop())
+            room -= head.rows
+        return batch
+
     def remove(self, item: Q) -> bool:
         level = self._levels.get(item.level)
         if level is None:
@@ -252,18 +264,8 @@ class FairQueue(Generic[Q]):
         if its credit were spent exactly."""
         tenant = self._ring[0]
         queue = self._queues[tenant]
-        batch: list[Q] = []
-        while queue:
-            head = queue.head()
-            if batch and (head.rows > room or head.group != batch[0].group):
-                break
-            queue.pop()
-            batch.append(head)
-            room -= head.rows
-            if room <= 0:
-                break
-        taken = sum(item.rows for item in batch)
-        self._rows -= taken
+        batch = queue.take(room)
+        self._rows -= sum(item.rows for item in batch)
         self._count -= len(batch)
         if queue:
             self._deficit[tenant] = 0.0
@@ -337,14 +339,9 @@ class FifoQueue(Generic[Q]):
         return True
 
     def take(self, room: int) -> list[Q]:
-        batch: list[Q] = []
-        while self._queue:
-            head = self._queue.head()
-            if batch and (head.rows > room or head.group != batch[0].group):
-                break
-            batch.append(self._queue.pop())
-            self._forget(head)
-            room -= head.rows
+        batch = self._queue.take(room)
+        for item in batch:
+            self._forget(item)
         return batch
 
     def _forget(self, item: Q) -> None:
