@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from mandant.config import parse_config
+from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client._proto import grpc_service_pb2 as pb
 from tests.integration import gated_models
@@ -51,6 +51,25 @@ def server(tmp_path: Path) -> Iterator[ServerThread]:
             yield running
     finally:
         gated_models.GATE.set()
+
+
+def _capped(**server: int) -> MandantConfig:
+    """Tenants a and b (keys ``a-key``, ``b-key``), ``echo`` and a ``gated`` echo that
+    answers once ``gated_models.GATE`` is set, and the ``server`` limits given."""
+    return parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, **server},
+            "tenants": [
+                {"id": "a", "api_keys": [hash_key("a-key")]},
+                {"id": "b", "api_keys": [hash_key("b-key")]},
+            ],
+            "models": [
+                ECHO_MODEL,
+                {**ECHO_MODEL, "name": "gated", "factory": "tests.integration.gated_models:gated"},
+            ],
+        },
+        "test",
+    )
 
 
 def _request(model: str) -> bytes:
@@ -87,17 +106,7 @@ async def test_a_light_tenant_walks_past_a_flood_at_the_door(server: ServerThrea
 async def test_the_call_cap_and_the_door_are_shared_by_grpc_and_rest(tmp_path: Path) -> None:
     """With room for one call in the whole server, a gRPC call stuck in a model leaves
     none for REST: the REST call is refused 429 with Retry-After."""
-    config = parse_config(
-        {
-            "server": {"grpc_port": 0, "http_port": 0, "max_concurrent_rpcs": 1},
-            "tenants": [{"id": "a", "api_keys": [hash_key("a-key")]}],
-            "models": [
-                ECHO_MODEL,
-                {**ECHO_MODEL, "name": "gated", "factory": "tests.integration.gated_models:gated"},
-            ],
-        },
-        "test",
-    )
+    config = _capped(max_concurrent_rpcs=1)
     gated_models.GATE.clear()
     try:
         with ServerThread(config, tmp_path) as server:
@@ -137,17 +146,7 @@ async def test_a_rest_body_that_never_arrives_holds_no_place(tmp_path: Path) -> 
     """Tenant a opens more REST calls than the whole server has room for and never
     finishes sending their bodies: they hold their connections only. Tenant b's calls,
     gRPC and REST, are served meanwhile."""
-    config = parse_config(
-        {
-            "server": {"grpc_port": 0, "http_port": 0, "max_concurrent_rpcs": 2},
-            "tenants": [
-                {"id": "a", "api_keys": [hash_key("a-key")]},
-                {"id": "b", "api_keys": [hash_key("b-key")]},
-            ],
-            "models": [ECHO_MODEL],
-        },
-        "test",
-    )
+    config = _capped(max_concurrent_rpcs=2)
     with ServerThread(config, tmp_path) as server:
         assert server.app is not None
         port = server.app.rest_port
@@ -192,20 +191,7 @@ async def test_open_streams_hold_no_place_and_each_message_takes_one(tmp_path: P
     """With room for one call in the whole server: tenant a's three idle streams leave
     it free for b; a call stuck in a model takes it, and a stream message then gets its
     own RESOURCE_EXHAUSTED answer with pushback while its stream goes on."""
-    config = parse_config(
-        {
-            "server": {"grpc_port": 0, "http_port": 0, "max_concurrent_rpcs": 1},
-            "tenants": [
-                {"id": "a", "api_keys": [hash_key("a-key")]},
-                {"id": "b", "api_keys": [hash_key("b-key")]},
-            ],
-            "models": [
-                ECHO_MODEL,
-                {**ECHO_MODEL, "name": "gated", "factory": "tests.integration.gated_models:gated"},
-            ],
-        },
-        "test",
-    )
+    config = _capped(max_concurrent_rpcs=1)
     gated_models.GATE.clear()
     try:
         with ServerThread(config, tmp_path) as server:
@@ -255,25 +241,7 @@ async def test_a_flood_waiting_at_the_door_gives_its_places_to_another_tenant(
     answer: two inside the door, six waiting behind its share. b's call is served
     anyway, in the place of a's newest waiter, which is answered RESOURCE_EXHAUSTED
     with pushback; a's other calls are served once the model answers."""
-    config = parse_config(
-        {
-            "server": {
-                "grpc_port": 0,
-                "http_port": 0,
-                "max_concurrent_rpcs": 8,
-                "front_door_slots": 2,
-            },
-            "tenants": [
-                {"id": "a", "api_keys": [hash_key("a-key")]},
-                {"id": "b", "api_keys": [hash_key("b-key")]},
-            ],
-            "models": [
-                ECHO_MODEL,
-                {**ECHO_MODEL, "name": "gated", "factory": "tests.integration.gated_models:gated"},
-            ],
-        },
-        "test",
-    )
+    config = _capped(max_concurrent_rpcs=8, front_door_slots=2)
     gated_models.GATE.clear()
     try:
         with ServerThread(config, tmp_path) as server:
