@@ -58,15 +58,20 @@ def _refused(port: int) -> bool:
     return False
 
 
-def test_shutdown_stops_listening_and_lets_calls_in_progress_finish(tmp_path: Path) -> None:
+def _server(tmp_path: Path, model: dict[str, Any]) -> ServerThread:
+    """``model`` served on free ports to tenant ``t`` (key ``k``); not started."""
     config = parse_config(
         {
             "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
             "tenants": [{"id": "t", "api_keys": [hash_key("k")]}],
-            "models": [SLEEPY],
+            "models": [model],
         }
     )
-    server = ServerThread(config, tmp_path).start()
+    return ServerThread(config, tmp_path)
+
+
+def test_shutdown_stops_listening_and_lets_calls_in_progress_finish(tmp_path: Path) -> None:
+    server = _server(tmp_path, SLEEPY).start()
     assert server.app is not None
     rest, port = server.app.rest, server.app.rest_port
     results: list[tuple[int, Any]] = []
@@ -98,22 +103,11 @@ _STALLED = (
 )
 
 
-def _echo_server(tmp_path: Path) -> ServerThread:
-    config = parse_config(
-        {
-            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
-            "tenants": [{"id": "t", "api_keys": [hash_key("k")]}],
-            "models": [ECHO_MODEL],
-        }
-    )
-    return ServerThread(config, tmp_path)
-
-
 def test_shutdown_does_not_wait_for_a_body_that_never_arrives(tmp_path: Path) -> None:
     """Clients that stop sending halfway through their bodies do not hold the server's
     shutdown: on the REST port it waited for as long as the client kept its
     connection, on the HTTP port 10 s (aiohttp reading what is left of the body)."""
-    server = _echo_server(tmp_path).start()
+    server = _server(tmp_path, ECHO_MODEL).start()
     assert server.app is not None
     metrics = _STALLED.replace(b"POST /v2/models/echo/infer", b"GET /metrics")
     with (
@@ -131,7 +125,7 @@ def test_shutdown_does_not_wait_for_a_body_that_never_arrives(tmp_path: Path) ->
 def test_a_client_leaving_mid_body_is_no_internal_error(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with _echo_server(tmp_path) as server:
+    with _server(tmp_path, ECHO_MODEL) as server:
         assert server.app is not None
         for _ in range(3):
             with socket.create_connection(("127.0.0.1", server.app.rest_port)) as leaving:
