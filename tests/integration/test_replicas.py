@@ -196,17 +196,10 @@ async def test_a_rate_limit_holds_across_replicas_behind_the_balancer(fleet: Fle
     assert calls.refused > 5 * admitted  # it was truly over-demand
     assert calls.failed == []
 
-    # The balancer spread the calls: every replica answered about a third of them. A
-    # refused call's answer leaves (gRPC's abort sends the status) before the gate
-    # counts it, so the last ones may reach /metrics a moment after the client saw them.
-    deadline = time.monotonic() + 5.0
-    while True:
-        by_replica = [replica.requests("acme") for replica in fleet.replicas]
-        made = [sum(counts.values()) for counts in by_replica]
-        if sum(made) >= calls.made or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.05)
+    # The balancer spread the calls: every replica answered about a third of them.
+    by_replica = [replica.requests("acme") for replica in fleet.replicas]
     print("per replica:", by_replica)
+    made = [sum(counts.values()) for counts in by_replica]
     assert all(n > calls.made / 6 for n in made), (made, calls.made)
     assert all(counts.get("OK", 0) > 0 for counts in by_replica), by_replica
     # And the replicas' /metrics add up to the calls the client made, code by code.

@@ -11,9 +11,11 @@ For each method the gate
    data plane resolved, for metrics);
 4. maps every exception to a status through ``status.py``'s one table; unknown ones
    become INTERNAL with a generic message and a logged request id;
-5. reports the answer once to the :class:`~mandant.events.Observer`. A call whose
-   client deadline had passed is reported DEADLINE_EXCEEDED however it ended (the
-   client saw that), so SLOs count it as bad.
+5. reports the answer once to the :class:`~mandant.events.Observer`: a refusal
+   before it is sent, with the call's places already given back, so that what a
+   client has seen is counted in ``/metrics`` and the statistics. A call whose client
+   deadline had passed is reported DEADLINE_EXCEEDED however it ended (the client saw
+   that), so SLOs count it as bad.
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ class Gate:
             start = time.perf_counter()
             call = Call(None)
             code = "OK"
+            refusal: Exception | None = None
             entered = inside = False
             try:
                 call.tenant = caller_of(access, context)
@@ -185,17 +188,15 @@ class Gate:
                     current_request_id.set(request_id[:MAX_LOGGED_ID])
                 return await behavior(request, call, context)
             except MandantError as exc:
-                code = status_for(exc).name
-                await abort(context, exc)
+                code, refusal = status_for(exc).name, exc
             except grpc.aio.AbortError:
                 code = _aborted_code(context)
                 raise
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
-            except Exception:
-                code = "INTERNAL"
-                await abort_internal(context, method, call)
+            except Exception as exc:
+                code, refusal = "INTERNAL", exc
             finally:
                 if entered:
                     cap.leave()
@@ -207,6 +208,13 @@ class Gate:
                 tenant_id = call.tenant.id if call.tenant is not None else ""
                 duration_s = time.perf_counter() - start
                 observer.request_finished(tenant_id, call.model, code, duration_s, call.version)
+            # Refused only now, with the call counted and its places given back: grpc's
+            # abort sends the status at once, and a client that has seen it may read
+            # /metrics or call again straight away.
+            if isinstance(refusal, MandantError):
+                await abort(context, refusal)
+            else:
+                await abort_internal(context, method, call, refusal)
 
         return grpc.unary_unary_rpc_method_handler(
             handle, request_deserializer=None, response_serializer=response_serializer
@@ -238,8 +246,8 @@ class Gate:
                 await abort(context, exc)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
-            except Exception:
-                await abort_internal(context, method, call)
+            except Exception as exc:
+                await abort_internal(context, method, call, exc)
 
         return grpc.stream_stream_rpc_method_handler(
             handle, request_deserializer=None, response_serializer=response_serializer
@@ -257,13 +265,17 @@ async def abort(context: Context, exc: MandantError) -> None:
     await context.abort(status_for(exc), str(exc))
 
 
-async def abort_internal(context: Context, method: str, call: Call) -> None:
+async def abort_internal(
+    context: Context, method: str, call: Call, error: BaseException | None
+) -> None:
+    """INTERNAL with a generic message; ``error`` is logged with a request id."""
     request_id = current_request_id.get() or uuid.uuid4().hex[:16]
-    logger.exception(
+    logger.error(
         "internal error serving %s (request id %s, tenant %s)",
         method,
         request_id,
         call.tenant.id if call.tenant is not None else "-",
+        exc_info=error,
     )
     await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE.format(request_id=request_id))
 

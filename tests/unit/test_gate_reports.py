@@ -1,0 +1,150 @@
+"""The gate counts a call before its client can see the answer: grpc's ``abort`` sends
+a refusal at once, so a call refused is reported, and its places given back, before
+the gate aborts (else a client that reads ``/metrics`` right after its refusal can miss
+it, and a retry can find the place still taken)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+import pytest
+
+from mandant.errors import InvalidInput, RateLimited, Unauthenticated
+from mandant.scheduling.door import CallCap
+from mandant.transport.grpc.gateway import Access, Gate
+from mandant.types import Call, Tenant
+from mandant_client._proto import grpc_service_pb2 as pb
+from tests.fakes import RecordingObserver
+
+KEY = "key-a"
+TENANT = Tenant("a")
+
+
+class _Context:
+    """What the gate asks of a grpc.aio servicer context; ``abort`` notes what was
+    counted when the client would have seen the status, then raises as grpc's does."""
+
+    def __init__(self, key: str | None, observer: RecordingObserver, cap: CallCap) -> None:
+        self._key = key
+        self._observer = observer
+        self._cap = cap
+        self.trailers: tuple[tuple[str, str], ...] = ()
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+        self.counted_at_abort: list[tuple[str, str, str, str]] = []
+        self.calls_at_abort = -1
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", self._key),) if self._key else ()
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def set_trailing_metadata(self, trailers: tuple[tuple[str, str], ...]) -> None:
+        self.trailers = tuple(trailers)
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        self.counted_at_abort = list(self._observer.finished)
+        self.calls_at_abort = self._cap.calls
+        raise grpc.aio.AbortError()
+
+
+def _authenticate(key: str | None) -> Tenant:
+    if key != KEY:
+        raise Unauthenticated()
+    return TENANT
+
+
+def _refuse_admin(key: str | None) -> None:
+    raise Unauthenticated()
+
+
+def _serve(behavior: Any, key: str | None = KEY) -> tuple[_Context, RecordingObserver, Any]:
+    """One ModelInfer call through a gate to ``behavior``: the context, the observer
+    and what the handler returned (or the exception it raised)."""
+    observer, cap = RecordingObserver(), CallCap(4)
+    gate = Gate(_authenticate, _refuse_admin, observer, cap)
+    handler = gate.unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        Access.TENANT,
+        pb.ModelInferRequest,
+        behavior,
+        pb.ModelInferResponse.SerializeToString,
+    )
+    context = _Context(key, observer, cap)
+    raw = pb.ModelInferRequest(model_name="m", id="r1").SerializeToString()
+
+    async def call() -> Any:
+        try:
+            return await handler.unary_unary(raw, context)
+        except grpc.aio.AbortError as exc:
+            return exc
+
+    return context, observer, asyncio.run(call())
+
+
+def _refusing(error: Exception) -> Any:
+    async def behavior(request: Any, call: Call, context: Any) -> Any:
+        call.model, call.version = "m", "1"
+        raise error
+
+    return behavior
+
+
+def test_a_refused_key_is_counted_before_the_client_sees_it() -> None:
+    context, observer, _ = _serve(_refusing(AssertionError("never called")), key="wrong")
+    assert context.aborted is not None and context.aborted[0] is grpc.StatusCode.UNAUTHENTICATED
+    assert context.counted_at_abort == [("", "", "", "UNAUTHENTICATED")] == observer.finished
+    assert context.calls_at_abort == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (InvalidInput("bad shape"), grpc.StatusCode.INVALID_ARGUMENT),
+        (RateLimited("slow down", retry_after_s=0.25), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ],
+)
+def test_a_refusal_is_counted_and_its_place_free_before_it_is_sent(
+    error: Exception, code: grpc.StatusCode
+) -> None:
+    context, observer, _ = _serve(_refusing(error))
+    assert context.aborted == (code, str(error))
+    assert context.counted_at_abort == [("a", "m", "1", code.name)]
+    assert context.calls_at_abort == 0
+    assert observer.finished == context.counted_at_abort  # reported once
+
+
+def test_a_refusal_keeps_its_pushback() -> None:
+    context, _, _ = _serve(_refusing(RateLimited("slow down", retry_after_s=0.25)))
+    assert ("grpc-retry-pushback-ms", "250") in context.trailers
+
+
+def test_an_internal_error_is_counted_before_it_is_sent_and_logged_with_its_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="mandant.transport.grpc.gateway"):
+        context, _, _ = _serve(_refusing(RuntimeError("boom")))
+    assert context.aborted is not None
+    code, details = context.aborted
+    assert code is grpc.StatusCode.INTERNAL and "boom" not in details
+    assert context.counted_at_abort == [("a", "m", "1", "INTERNAL")]
+    assert context.calls_at_abort == 0
+    [record] = caplog.records
+    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+    assert "request id r1" in record.getMessage()
+
+
+def test_an_answer_is_counted_once_and_returned() -> None:
+    answer = pb.ModelInferResponse(id="r1")
+
+    async def serve(request: Any, call: Call, context: Any) -> Any:
+        call.model, call.version = "m", "1"
+        return answer
+
+    context, observer, returned = _serve(serve)
+    assert returned is answer and context.aborted is None
+    assert observer.finished == [("a", "m", "1", "OK")]
