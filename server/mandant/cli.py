@@ -98,8 +98,14 @@ def _banner(
     rest_scheme = "https" if tls is not None else "http"
     http = f"{http_scheme}://{http_host}:{http_port}"
     print(f"KServe v2 REST on {rest_scheme}://{host}:{rest_port}/v2", flush=True)
-    access = "" if config.server.metrics_auth == "none" else "; an admin or tenant key"
-    print(f"Dashboard: {http}/  (metrics: {http}/metrics{access})", flush=True)
+    if config.server.metrics_auth == "none":
+        print(f"Dashboard: {http}/  (metrics: {http}/metrics; open)", flush=True)
+    else:
+        print(
+            f"Dashboard: {http}/  (an admin key, or a tenant's key for its own figures; "
+            f"metrics: {http}/metrics, an admin key)",
+            flush=True,
+        )
     internal = config.server.internal_http
     if internal is not None:
         print(f"Internal HTTP (no key): http://{internal.host}:{internal_http_port}/", flush=True)

@@ -168,6 +168,7 @@ def test_serve_demo_serves_the_demo_and_http_host_binds_the_http_port_apart() ->
         banner = wait_for(proc, "acme-demo-key")  # the demo's example call
         assert "heap settled" in banner  # start-up objects out of the collector's way
         assert f"Dashboard: http://127.0.0.2:{http_port}/" in banner
+        assert f"metrics: http://127.0.0.2:{http_port}/metrics, an admin key" in banner
         with Client(f"127.0.0.1:{grpc_port}", api_key="acme-demo-key") as client:
             x = np.ones((1, 3), np.float32)
             np.testing.assert_array_equal(client.infer("echo", {"INPUT0": x})["OUTPUT0"], x)
