@@ -299,7 +299,7 @@ def free_port() -> int:
 
 def wait_for(proc: subprocess.Popen[str], text: str, timeout_s: float = 60) -> str:
     """Read the process's output until a line contains ``text``; return what was read."""
-    seen = []
+    seen: list[str] = []
     deadline = time.monotonic() + timeout_s
     assert proc.stdout is not None
     while time.monotonic() < deadline:
