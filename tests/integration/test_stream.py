@@ -132,9 +132,22 @@ async def test_the_key_is_checked_when_the_stream_opens(
         method = channel.stream_stream(
             STREAM, response_deserializer=pb.ModelStreamInferResponse.FromString
         )
+        refused = {"code": "UNAUTHENTICATED", "tenant": "", "model": ""}
+        before = await asyncio.to_thread(refusals, demo, refused)
         call = method(metadata=metadata)
         assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
         assert await call.details() == "missing or invalid API key"
+    # Counted like a unary call refused at the gate (``workers``: once the front end's
+    # report reached the engine).
+    deadline = asyncio.get_running_loop().time() + 5
+    while await asyncio.to_thread(refusals, demo, refused) == before:
+        assert asyncio.get_running_loop().time() < deadline, "the refused stream was not counted"
+        await asyncio.sleep(0.02)
+
+
+def refusals(server: Server, labels: dict[str, str]) -> float:
+    found = metric(server, "admin-demo-key", "mandant_requests_total", **labels)
+    return found or 0.0
 
 
 async def test_errors_carry_the_id_and_the_status_code(demo: Server) -> None:

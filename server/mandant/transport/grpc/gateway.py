@@ -228,15 +228,24 @@ class Gate:
         response_serializer: Callable[[Any], bytes],
     ) -> grpc.RpcMethodHandler:
         """A bidirectional stream: the key is checked once when it opens (the whole
-        stream fails on a bad one); the behaviour reads raw messages, takes a place
-        under the cap for each while it serves it, and reports each message's answer
-        itself. An open stream holds no place of its own."""
+        stream fails on a bad one, counted as one refused call); the behaviour reads
+        raw messages, takes a place under the cap for each while it serves it, and
+        reports each message's answer itself. An open stream holds no place of its
+        own."""
         caller_of = self._caller
+        observer = self._observer
 
         async def handle(requests: object, context: Context) -> None:
             call = Call(None)
+            start = time.perf_counter()
             try:
                 call.tenant = caller_of(access, context)
+            except MandantError as exc:  # counted like a unary call refused at the gate
+                duration_s = time.perf_counter() - start
+                observer.request_finished("", "", status_for(exc).name, duration_s)
+                await abort(context, exc)
+                return
+            try:
                 # The key is accepted: say so at once, so that a client may wait for this
                 # before writing (a write racing a refusal makes grpc.aio clients see
                 # INTERNAL instead of UNAUTHENTICATED, grpc/grpc#36066).
