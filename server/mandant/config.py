@@ -608,6 +608,8 @@ class MandantConfig(_Frozen):
             data = json.loads(text)
         except ValueError as exc:
             raise ConfigError(source, [("(json)", str(exc)[:200])]) from None
+        except RecursionError:  # nested deeper than the parser goes
+            raise ConfigError(source, [("(json)", "nested too deeply")]) from None
         entries = data if isinstance(data, list) else [data]
         if not entries or not all(isinstance(entry, dict) for entry in entries):
             raise ConfigError(source, [("(json)", "expected a model entry or a list of them")])

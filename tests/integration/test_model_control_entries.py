@@ -132,6 +132,7 @@ def test_a_config_entry_replaces_the_file_s_until_the_next_plain_load(
     ("parameters", "message"),
     [
         ({"config": "{not json"}, "(json)"),
+        ({"config": "[" * 5000 + "]" * 5000}, "nested too deeply"),
         ({"config": json.dumps({"name": "echo", "max_batch_size": 8})}, "max_batch_size"),
         ({"config": json.dumps(model("other", "doubled"))}, "must name the model loaded"),
         ({"config": json.dumps({**model("echo", "doubled"), "tenant": "x"})}, "unknown tenant"),
@@ -167,9 +168,10 @@ def test_rest_repository_index_load_and_unload(server: ServerThread) -> None:
     tensor.set_data_from_numpy(X)
     answer = rest.infer("broken", [tensor], headers=dict(ACME)).as_numpy("OUTPUT0")
     np.testing.assert_array_equal(answer, X * 2)
-    with pytest.raises(InferenceServerException) as bad:
-        rest.load_model("broken", config="{not json", headers=ADMIN)
-    assert bad.value.status() == "400"
+    for config in ("{not json", "[" * 5000 + "]" * 5000):
+        with pytest.raises(InferenceServerException) as bad:
+            rest.load_model("broken", config=config, headers=ADMIN)
+        assert bad.value.status() == "400"
 
     rest.unload_model("broken", headers=ADMIN)
     assert "broken" not in {m["name"] for m in rest.get_model_repository_index(headers=ACME)}
@@ -185,6 +187,15 @@ def test_rest_repository_index_load_and_unload(server: ServerThread) -> None:
     with pytest.raises(urllib.error.HTTPError) as malformed:
         urllib.request.urlopen(request, timeout=30)
     assert malformed.value.code == 400
+    too_deep = urllib.request.Request(
+        f"http://127.0.0.1:{server.app.rest_port}/v2/repository/models/echo/load",
+        data=b"[" * 5000 + b"]" * 5000,
+        headers=dict(ADMIN),
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as deep:
+        urllib.request.urlopen(too_deep, timeout=30)
+    assert deep.value.code == 400
 
 
 def test_version_policy_decides_the_versions_served(tmp_path: Path) -> None:
