@@ -15,6 +15,12 @@ included) stays listed, not ready, with its ``failure`` (the reason);
 the others serve. ``load`` starts a name's versions from the configuration beside the
 old ones and switches once every one is ready; ``unload`` stops routing a name, lets
 the calls that reached it finish (``Model.enter``/``leave``), then frees it.
+
+Changes to one name (a load, an unload, a reload's decision for it) take effect one at
+a time, in the order they were asked for: an unload asked while a load of that name is
+starting waits for it and then unloads, so a load that started earlier can never undo
+a change that was answered after it. Freeing the old versions (waiting for their
+calls) is not part of a change: the next one need not wait for it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mandant.backends.base import Backend, DescribesModel
@@ -129,6 +135,8 @@ class ModelRegistry:
         #: Every model name this registry built a model for (configured names only).
         self.names = names if names is not None else set()
         self._models: dict[tuple[str | None, str], list[Model]] = {}
+        #: name → (the lock its changes take in turn, how many hold or await it)
+        self._changing: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._install(self._build(spec) for spec in self._initial)
 
     def _initial_specs(self, name: str, config: str | None) -> list[ModelSpec]:
@@ -190,6 +198,77 @@ class ModelRegistry:
         beside the old ones, switched to at once when all are ready, the old ones freed
         once their calls answered. If one fails, the old ones stay and Unavailable says
         why."""
+        async with self._change(name):
+            old = await self._switch(name, specs, config)
+        await self._retire(old)
+
+    async def unload(self, name: str) -> None:
+        """Stop routing ``name`` (new calls: NOT_FOUND), let calls already routed to
+        it finish (at most ``grace_s``), then free it."""
+        async with self._change(name):
+            old = self._remove(name)
+        if not old:
+            raise ModelNotFound(name)
+        logger.info("model %s unloading: %d version(s)", name, len(old))
+        await self._retire(old)
+
+    async def apply(self, specs: Iterable[ModelSpec]) -> list[str]:
+        """Bring the models to ``specs`` (a reloaded configuration): names no longer
+        there are unloaded; new names, changed entries and models that had failed to
+        load are loaded (each as :meth:`load`), each decided once the changes to that
+        name asked for before are done. Returns one line per change."""
+        wanted: dict[str, list[ModelSpec]] = {}
+        for spec in specs:
+            wanted.setdefault(spec.name, []).append(spec)
+        names = sorted(wanted.keys() | {model.key.name for model in self.all()})
+
+        async def bring(name: str) -> str | None:
+            group = wanted.get(name)
+            async with self._change(name):
+                running = [model for model in self.all() if model.key.name == name]
+                if group is None:
+                    old = self._remove(name)
+                    change = f"model '{name}' unloaded" if old else None
+                elif (
+                    running
+                    and _same(group, [m.declared for m in running])
+                    and all(m.failure is None for m in running)
+                ):
+                    return None
+                else:
+                    try:
+                        old = await self._switch(name, group, None)
+                    except MandantError as exc:
+                        return f"model '{name}' not loaded: {exc}"
+                    change = f"model '{name}' loaded"
+            await self._retire(old)
+            return change
+
+        changes = await asyncio.gather(*(bring(name) for name in names))
+        return [change for change in changes if change is not None]
+
+    @contextlib.asynccontextmanager
+    async def _change(self, name: str) -> AsyncIterator[None]:
+        """Hold ``name``'s turn for a change (module doc); the lock lives only while
+        someone holds or awaits it."""
+        entry = self._changing.get(name)
+        if entry is None:
+            entry = self._changing[name] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._changing[name]
+
+    async def _switch(
+        self, name: str, specs: Sequence[ModelSpec] | None, config: str | None
+    ) -> list[Model]:
+        """Start ``name``'s new versions and route to them (:meth:`load`, in its turn);
+        the versions they replace, to retire."""
         if specs is None:
             specs = self._spec_source(name, config)
         if not specs:
@@ -204,48 +283,7 @@ class ModelRegistry:
         old = self._remove(name)
         self._install(fresh)  # no await since _remove: no call sees the name missing
         logger.info("model %s loaded: %d version(s)", name, len(fresh))
-        await self._retire(old)
-
-    async def unload(self, name: str) -> None:
-        """Stop routing ``name`` (new calls: NOT_FOUND), let calls already routed to
-        it finish (at most ``grace_s``), then free it."""
-        old = self._remove(name)
-        if not old:
-            raise ModelNotFound(name)
-        logger.info("model %s unloading: %d version(s)", name, len(old))
-        await self._retire(old)
-
-    async def apply(self, specs: Iterable[ModelSpec]) -> list[str]:
-        """Bring the models to ``specs`` (a reloaded configuration): names no longer
-        there are unloaded; new names, changed entries and models that had failed to
-        load are loaded (each as :meth:`load`). Returns one line per change."""
-        wanted: dict[str, list[ModelSpec]] = {}
-        for spec in specs:
-            wanted.setdefault(spec.name, []).append(spec)
-        running: dict[str, list[Model]] = {}
-        for model in self.all():
-            running.setdefault(model.key.name, []).append(model)
-
-        async def unload(name: str) -> str:
-            await self.unload(name)
-            return f"model '{name}' unloaded"
-
-        async def load(name: str, group: list[ModelSpec]) -> str:
-            try:
-                await self.load(name, group)
-            except MandantError as exc:
-                return f"model '{name}' not loaded: {exc}"
-            return f"model '{name}' loaded"
-
-        changes = [unload(name) for name in sorted(running.keys() - wanted.keys())]
-        for name, group in sorted(wanted.items()):
-            models = running.get(name, [])
-            if _same(group, [m.declared for m in models]) and all(
-                m.failure is None for m in models
-            ):
-                continue
-            changes.append(load(name, group))
-        return list(await asyncio.gather(*changes))
+        return old
 
     def _remove(self, name: str) -> list[Model]:
         keys = [key for key in self._models if key[1] == name]

@@ -1,0 +1,157 @@
+"""Changes to one model name take effect in the order they were asked for: a load that
+is still starting when an unload, a reload or a later load of the same name is asked
+for cannot undo it when it finishes (it once did: the last load to finish won, and a
+reload that made a model private could be undone by an earlier load of the shared
+one)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mandant.config import ModelSpec, parse_config
+from mandant.errors import ModelNotFound
+from mandant.registry import ModelRegistry
+from mandant.scheduling.direct import DirectScheduler
+from mandant.types import Tenant
+from tests.fakes import FakeBackend
+
+IO = {
+    "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1, 4]}],
+    "outputs": [{"name": "Y", "datatype": "FP32", "shape": [-1, 4]}],
+}
+ACME, GLOBEX = Tenant("acme"), Tenant("globex")
+
+
+class _HeldBackend(FakeBackend):
+    """Says when it starts, then waits until its spec's path is released (``held``)."""
+
+    def __init__(self, spec: ModelSpec, held: dict[Path, tuple[asyncio.Event, asyncio.Event]]):
+        super().__init__(spec)
+        self._held = held.get(spec.path) if spec.path is not None else None
+
+    async def start(self) -> None:
+        if self._held is not None:
+            starting, release = self._held
+            starting.set()
+            await release.wait()
+
+
+def _specs(*models: dict[str, Any]) -> list[ModelSpec]:
+    config = parse_config({"tenants": [{"id": "acme"}, {"id": "globex"}], "models": models})
+    return list(config.model_specs(Path("/models")))
+
+
+def _model(path: str, **fields: Any) -> dict[str, Any]:
+    return {"name": "m", "factory": "x:y", "path": path, **IO, **fields}
+
+
+class _Registry:
+    """A registry whose backends start when the test releases their path."""
+
+    def __init__(self, *models: dict[str, Any]) -> None:
+        #: path → (set when a backend of it starts, set to let it start)
+        self.held: dict[Path, tuple[asyncio.Event, asyncio.Event]] = {}
+        self.registry = ModelRegistry(
+            _specs(*models),
+            lambda spec: _HeldBackend(spec, self.held),
+            lambda spec, backend: DirectScheduler(backend),
+            grace_s=30.0,
+        )
+
+    def hold(self, path: str) -> asyncio.Event:
+        """Hold backends of ``path`` at their start; the event that lets them go."""
+        release = asyncio.Event()
+        self.held[Path("/models") / path] = (asyncio.Event(), release)
+        return release
+
+    async def starting(self, path: str) -> None:
+        """Wait until a backend of ``path`` is starting (and held there)."""
+        await self.held[Path("/models") / path][0].wait()
+
+    def paths(self, tenant: Tenant) -> Sequence[Path | None]:
+        return [model.spec.path for model in self.registry.versions(tenant, "m")]
+
+
+async def _turns(count: int = 50) -> None:
+    """Let the event loop run other tasks for a while (nothing here waits on I/O)."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def test_an_unload_asked_while_a_load_starts_is_not_undone_by_it() -> None:
+    setup = _Registry(_model("one.pt"))
+    await setup.registry.start()
+    release = setup.hold("two.pt")
+    load = asyncio.create_task(setup.registry.load("m", _specs(_model("two.pt"))))
+    await setup.starting("two.pt")
+    unload = asyncio.create_task(setup.registry.unload("m"))
+    await _turns()
+    release.set()
+    await asyncio.gather(load, unload)
+    with pytest.raises(ModelNotFound):
+        setup.registry.resolve(ACME, "m")
+
+
+async def test_a_later_load_wins_over_an_earlier_one_that_starts_slower() -> None:
+    setup = _Registry(_model("one.pt"))
+    await setup.registry.start()
+    release = setup.hold("slow.pt")
+    earlier = asyncio.create_task(setup.registry.load("m", _specs(_model("slow.pt"))))
+    await setup.starting("slow.pt")
+    later = asyncio.create_task(setup.registry.load("m", _specs(_model("fast.pt"))))
+    await _turns()  # the later load runs as far as it may before the earlier one ends
+    release.set()
+    await asyncio.gather(earlier, later)
+    assert setup.paths(ACME) == [Path("/models/fast.pt")]
+
+
+async def test_a_reload_that_makes_a_model_private_is_not_undone_by_an_earlier_load() -> None:
+    setup = _Registry(_model("shared.pt"))
+    await setup.registry.start()
+    release = setup.hold("shared-again.pt")
+    load = asyncio.create_task(setup.registry.load("m", _specs(_model("shared-again.pt"))))
+    await setup.starting("shared-again.pt")
+    reload = asyncio.create_task(setup.registry.apply(_specs(_model("acme.pt", tenant="acme"))))
+    await _turns()
+    release.set()
+    await load
+    assert await reload == ["model 'm' loaded"]
+    assert setup.paths(ACME) == [Path("/models/acme.pt")]
+    with pytest.raises(ModelNotFound):  # globex never sees acme's model, nor the shared one
+        setup.registry.resolve(GLOBEX, "m")
+
+
+async def test_a_reload_removing_a_model_is_not_undone_by_a_load_in_progress() -> None:
+    setup = _Registry(_model("one.pt"), {**_model("other.pt"), "name": "other"})
+    await setup.registry.start()
+    release = setup.hold("two.pt")
+    load = asyncio.create_task(setup.registry.load("m", _specs(_model("two.pt"))))
+    await setup.starting("two.pt")
+    reload = asyncio.create_task(
+        setup.registry.apply(_specs({**_model("other.pt"), "name": "other"}))
+    )
+    await _turns()
+    release.set()
+    await load
+    assert await reload == ["model 'm' unloaded"]
+    with pytest.raises(ModelNotFound):
+        setup.registry.resolve(ACME, "m")
+
+
+async def test_the_next_change_does_not_wait_for_the_old_versions_calls() -> None:
+    setup = _Registry(_model("one.pt"))
+    await setup.registry.start()
+    serving = setup.registry.resolve(ACME, "m")
+    serving.enter()  # a call still in progress on the version being unloaded
+    unload = asyncio.create_task(setup.registry.unload("m"))
+    await asyncio.sleep(0)
+    await setup.registry.load("m", _specs(_model("two.pt")))  # not after the 30 s grace
+    assert setup.paths(ACME) == [Path("/models/two.pt")]
+    assert not unload.done()  # still waiting for that call
+    serving.leave()
+    await unload
