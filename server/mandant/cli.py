@@ -163,6 +163,7 @@ async def _supervise(
         config.server.grace_s,
         [sys.executable, "-m", "mandant"],
         child_args,
+        path,
     )
 
     def serving(supervisor: Supervisor) -> None:
@@ -223,11 +224,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     die_with_parent(args.parent)
     configure_logging(args.log_level)
-    path = Path(args.config).resolve()
+    path = Path(args.config).resolve()  # models and certificates resolve against its folder
+    applied = Path(args.applied) if args.applied else path  # what the supervisor applied
     sockets = EngineSockets(Path(args.sockets))
 
     def load() -> MandantConfig:
-        return _with_overrides(load_config(path), args)
+        return _with_overrides(load_config(applied), args)
 
     serve = serve_engine if args.role == "engine" else serve_front_end
     try:
@@ -285,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("role", choices=("engine", "front-end"))
     worker.add_argument("--config", required=True)
     worker.add_argument("--sockets", required=True, help="the supervisor's sockets folder")
+    worker.add_argument(
+        "--applied", help="the configuration as last applied, read at start and SIGHUP"
+    )
     worker.add_argument("--parent", type=int, required=True, help="the supervisor's pid")
     worker.add_argument("--host")
     worker.add_argument("--http-host")

@@ -171,8 +171,9 @@ RELOADED = {
 
 def _reloads(proc: Any, kind: str, text: str | None = None) -> tuple[list[str], str]:
     """Wait until every process of the server logged ``text`` (default: that it
-    reloaded): their lines saying so, and all that was logged meanwhile."""
-    expected = [text] * len(RELOADED[kind]) if text else list(RELOADED[kind])
+    reloaded; a refusal: the process that refused it, which for ``workers`` is the
+    supervisor, for all): their lines saying so, and all that was logged meanwhile."""
+    expected = [text] if text else list(RELOADED[kind])
     lines, log = [], ""
     while expected:
         read = wait_for(proc, "reload")

@@ -109,8 +109,9 @@ async def clients(server: WorkersServer) -> AsyncIterator[dict[str, list[AsyncCl
             await client.close()
 
 
-def _connections(pid: int, port: int) -> int:
-    """Established TCP connections on local ``port`` held by process ``pid``."""
+def _connections(pid: int, port: int, state: str = "01") -> int:
+    """TCP sockets on local ``port`` held by process ``pid`` in ``state`` (01:
+    established connections; 0A: listening)."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -124,7 +125,7 @@ def _connections(pid: int, port: int) -> int:
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port and fields[3] == "01" and fields[9] in inodes:
+            if local_port == port and fields[3] == state and fields[9] in inodes:
                 held += 1
     return held
 
@@ -294,6 +295,18 @@ def _wait_for_pids(server: WorkersServer, role: str, count: int, old: set[int]) 
     raise AssertionError(f"no new {role} within 30 s: {server.children()}")
 
 
+def _wait_for_front_ends_listening(server: WorkersServer, old: set[int]) -> None:
+    """Both front ends, none of ``old``, listen on the gRPC port (a process that is
+    still starting takes no connection: the kernel gives them all to the other)."""
+    deadline = time.monotonic() + 30
+    while True:
+        pids = _wait_for_pids(server, "front-end", 2, old)
+        if all(_connections(pid, server.grpc_port, state="0A") for pid in pids):
+            return
+        assert time.monotonic() < deadline, "a front end started again does not listen"
+        time.sleep(0.1)
+
+
 def _serving(target: str, key: str = "acme-key", within_s: float = 30) -> None:
     deadline = time.monotonic() + within_s
     with Client(target, key, timeout_s=5) as client:
@@ -418,6 +431,63 @@ def test_sighup_reaches_every_process(fresh: WorkersServer, tmp_path: Path) -> N
             assert exc.code is grpc.StatusCode.UNAUTHENTICATED
             assert time.monotonic() < deadline
             time.sleep(0.2)
+
+
+def _keys_taken(target: str, key: str) -> list[str]:
+    """What eight connections of their own (over both front ends) answer ``key``'s
+    inference call and metadata call (forwarded to the engine): OK or a status name."""
+    codes = []
+    for _ in range(8):
+        with Client(target, key, timeout_s=5, options=OWN_CONNECTION) as client:
+            for call in (
+                lambda: client.infer("echo", {"INPUT0": ROW}),
+                lambda: client.model_metadata("echo"),
+            ):
+                try:
+                    call()
+                    codes.append("OK")
+                except MandantClientError as exc:
+                    codes.append(exc.code.name)
+    return codes
+
+
+def test_a_process_started_again_serves_what_its_siblings_serve(fresh: WorkersServer) -> None:
+    """A key revoked and another given in the file, no SIGHUP yet: a front end that
+    died and came back takes the keys the others take (the configuration applied), and
+    the SIGHUP then applies the file to every process. (It once read the file itself:
+    its connections took the new key for inference and the old one for the calls the
+    engine answers.)"""
+    data = yaml.safe_load(fresh.config_path.read_text())
+    acme = next(tenant for tenant in data["tenants"] if tenant["id"] == "acme")
+    acme["api_keys"] = [hash_key("acme-key-2")]
+    fresh.config_path.write_text(yaml.safe_dump(data))
+    victim, _ = fresh.children()["front-end"]
+    os.kill(victim, signal.SIGKILL)
+    _wait_for_front_ends_listening(fresh, {victim})
+    assert set(_keys_taken(fresh.target, "acme-key")) == {"OK"}
+    assert set(_keys_taken(fresh.target, "acme-key-2")) == {"UNAUTHENTICATED"}
+
+    assert fresh.process is not None
+    fresh.process.send_signal(signal.SIGHUP)
+    _serving(fresh.target, "acme-key-2")
+    deadline = time.monotonic() + 10
+    while set(_keys_taken(fresh.target, "acme-key")) != {"UNAUTHENTICATED"}:
+        assert time.monotonic() < deadline, "the old key is still taken after the SIGHUP"
+        time.sleep(0.2)
+    assert set(_keys_taken(fresh.target, "acme-key-2")) == {"OK"}
+
+
+def test_a_file_that_does_not_validate_is_refused_at_sighup(fresh: WorkersServer) -> None:
+    """Nothing changes, and a process started again after it serves the running
+    configuration (not a file it cannot read)."""
+    fresh.config_path.write_text("tenants: [unclosed\n")
+    assert fresh.process is not None
+    fresh.process.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    victim, _ = fresh.children()["front-end"]
+    os.kill(victim, signal.SIGKILL)
+    _wait_for_front_ends_listening(fresh, {victim})
+    assert set(_keys_taken(fresh.target, "acme-key")) == {"OK"}
 
 
 def test_a_sighup_while_a_front_end_starts_does_not_kill_it(fresh: WorkersServer) -> None:

@@ -9,9 +9,17 @@ stops one engine and N front ends (DESIGN.md, "One host, every core").
   connections close: UNAVAILABLE) and nothing else; while the engine is away the
   front ends answer UNAVAILABLE, and serve again once it is back.
 - SIGTERM / SIGINT: the front ends drain first (their calls finish on the running
-  engine), then the engine; no accepted call is lost. SIGHUP: every child reloads
-  the configuration file (one still starting, once it serves: a SIGHUP before it
-  handles signals would kill it).
+  engine), then the engine; no accepted call is lost. SIGHUP: the supervisor reads
+  and checks the configuration file, keeps it as the one applied, and every child
+  reloads it (one still starting, once it serves: a SIGHUP before it handles signals
+  would kill it); a file that does not validate is refused and nothing changes.
+- The configuration applied (at the start, at each SIGHUP) is a copy in the private
+  folder, which is what children read: a child started again after it died serves
+  what its siblings serve, whatever the file says now (an edit not yet signalled, a
+  key revoked in the file and no SIGHUP yet, is applied to all at the next SIGHUP,
+  never to one restarted process alone). Models loaded or unloaded through the
+  model-control API since are not part of it: an engine started again serves the
+  models of the configuration applied.
 
 Children run in a session of their own (a terminal's Ctrl-C reaches only the
 supervisor, which stops them in order) and die with the supervisor.
@@ -34,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mandant.errors import ConfigError
 from mandant.workers.process import ANNOUNCE
 from mandant.workers.sockets import EngineSockets
 
@@ -90,7 +99,9 @@ class Supervisor:
         grace_s: float,
         command: list[str],
         child_args: list[str],
+        config_path: Path,
     ) -> None:
+        """``config_path``: the configuration file (absolute), read again at SIGHUP."""
         self.workers = workers
         self.grpc_port = grpc_port
         self._host = host
@@ -99,6 +110,9 @@ class Supervisor:
         self._child_args = child_args
         self._folder = Path(tempfile.mkdtemp(prefix="mandant-"))
         self.sockets = EngineSockets(self._folder)
+        self._config_path = config_path
+        #: The configuration applied, which children read (module doc).
+        self.applied = self._folder / "applied.yaml"
         self._reserved: socket.socket | None = None
         self.engine = Child("engine")
         self.front_ends = [Child("front-end", i + 1) for i in range(workers)]
@@ -115,6 +129,8 @@ class Supervisor:
         """Start the engine, then every front end; a child that fails to start stops
         the others and raises :class:`ChildFailed`."""
         os.chmod(self._folder, 0o700)
+        if not self._apply_file():
+            raise ChildFailed(f"the configuration file {self._config_path} does not validate")
         if self.grpc_port == 0:
             self._reserved = reserve_port(self._host)
             self.grpc_port = self._reserved.getsockname()[1]
@@ -138,6 +154,8 @@ class Supervisor:
             "--parent",
             str(os.getpid()),
             *self._child_args,
+            "--applied",
+            str(self.applied),
             "--grpc-port",
             str(self.grpc_port),
         ]
@@ -197,12 +215,30 @@ class Supervisor:
     # -- signals --------------------------------------------------------------------
 
     def reload(self) -> None:
-        """SIGHUP: every child reads the configuration file again."""
+        """SIGHUP: apply the configuration file again, every child with it."""
+        if not self._apply_file():
+            return
         for child in self.children:
             if child.serving:
                 _signal(child, signal.SIGHUP)
             else:
                 child.reload_pending = True
+
+    def _apply_file(self) -> bool:
+        """Copy the configuration file to :attr:`applied` if it validates (the copy is
+        what is checked, so what children read is what passed)."""
+        from mandant.config import load_config
+
+        checked = self.applied.with_suffix(".checking")
+        try:
+            shutil.copyfile(self._config_path, checked)
+            load_config(checked).model_specs(self._config_path.parent)
+        except (OSError, ConfigError) as exc:
+            logger.error("configuration reload refused, keeping the running one: %s", exc)
+            checked.unlink(missing_ok=True)
+            return False
+        os.replace(checked, self.applied)
+        return True
 
     async def stop(self) -> None:
         """Drain the front ends, then the engine; remove the sockets' folder."""
