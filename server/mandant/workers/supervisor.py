@@ -50,6 +50,11 @@ logger = logging.getLogger(__name__)
 
 _BACKOFF_S = (0.2, 5.0)
 _HEALTHY_AFTER_S = 10.0
+#: What an engine started again does not keep (module doc).
+_ENGINE_RESTART_NOTE = (
+    ", with the models of the configuration applied (loads and unloads made through"
+    " the model-control API since are not kept)"
+)
 #: Beyond the configured grace, how long a stopping child may take before it is killed.
 _STOP_SLACK_S = 10.0
 
@@ -204,7 +209,11 @@ class Supervisor:
             child.failures = 0 if lived_s > _HEALTHY_AFTER_S else child.failures + 1
             delay_s = min(_BACKOFF_S[1], _BACKOFF_S[0] * 2 ** max(0, child.failures - 1))
             logger.error(
-                "%s exited (code %s); starting it again in %.1fs", child.name, code, delay_s
+                "%s exited (code %s); starting it again in %.1fs%s",
+                child.name,
+                code,
+                delay_s,
+                _ENGINE_RESTART_NOTE if child.role == "engine" else "",
             )
             await asyncio.sleep(delay_s)
             if self._stopping:
