@@ -3,6 +3,7 @@ SIGTERM/SIGINT), keygen, check-config."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import threading
@@ -16,9 +17,10 @@ import pytest
 import yaml
 
 from mandant.tenancy.keys import hash_key
-from mandant_client import Client, Unavailable
+from mandant_client import AsyncClient, Client, MandantClientError, Unavailable
 from tests.servers import (
     DEMO_CONFIG,
+    ECHO_MODEL,
     MANDANT,
     SUBPROCESS_ENV,
     free_port,
@@ -180,3 +182,57 @@ def test_serve_demo_serves_the_demo_and_http_host_binds_the_http_port_apart() ->
     finally:
         proc.kill()
         proc.wait()
+
+
+#: A connection of its own per client (grpc shares one between channels to one target).
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_calls_received_when_stopping_are_refused_not_cancelled(
+    tmp_path: Path, workers: int
+) -> None:
+    """gRPC cancels the calls it has received but not yet handed to a handler when it
+    stops (CANCELLED: a client does not retry it); the server hands them over first,
+    so under load every call is answered, or refused UNAVAILABLE."""
+    port = free_port()
+    config = {
+        "server": {
+            "grpc_port": port,
+            "http_port": free_port(),
+            "rest_port": free_port(),
+            "grace_s": 5,
+            "workers": workers,
+        },
+        "tenants": [{"id": "t", "api_keys": [hash_key("secret-key")]}],
+        "models": [ECHO_MODEL],
+    }
+    path = tmp_path / "mandant.yaml"
+    path.write_text(yaml.safe_dump(config))
+    x = np.ones((1, 4), np.float32)
+    codes: list[str] = []
+    with mandant_serve(path) as proc:
+        threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True).start()
+        clients = [
+            AsyncClient(f"127.0.0.1:{port}", "secret-key", timeout_s=10, options=OWN_CONNECTION)
+            for _ in range(8)
+        ]
+
+        async def caller(client: AsyncClient) -> None:
+            while True:
+                try:
+                    await client.infer("echo", {"INPUT0": x})
+                except MandantClientError as exc:
+                    codes.append(exc.code.name)
+                    return  # refused: this client backs off
+                codes.append("OK")
+
+        callers = [asyncio.create_task(caller(clients[n % 8])) for n in range(32)]
+        await asyncio.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.gather(*callers)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        for client in clients:
+            await client.close()
+    refused = [code for code in codes if code != "OK"]
+    assert len(refused) == 32 and set(refused) == {"UNAVAILABLE"}, refused

@@ -121,6 +121,9 @@ class Gate:
         self._observer: Observer = observer or NullObserver()
         self.door = door
         self._cap = cap if cap is not None else CallCap(1 << 62)
+        #: Calls (and streams) whose handler started, ever: how a stopping server
+        #: sees that gRPC has handed it every call it had received.
+        self.started = 0
 
     @property
     def observer(self) -> Observer:
@@ -169,7 +172,10 @@ class Gate:
         shed = self.door  # where a full cap may take a place from another tenant
         door = self.door if fair else None
 
+        gate = self
+
         async def handle(raw: bytes, context: Context) -> Any:
+            gate.started += 1
             start = time.perf_counter()
             call = Call(None)
             code = "OK"
@@ -234,8 +240,10 @@ class Gate:
         own."""
         caller_of = self._caller
         observer = self._observer
+        gate = self
 
         async def handle(requests: object, context: Context) -> None:
+            gate.started += 1
             call = Call(None)
             start = time.perf_counter()
             try:

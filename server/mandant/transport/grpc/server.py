@@ -62,6 +62,10 @@ CertificateAuthenticator = Callable[[Iterable[str]], Tenant]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 #: How often gRPC health re-reads the server's readiness.
 HEALTH_POLL_S = 0.5
+#: Stopping: gRPC has handed over every call it received once none started for this
+#: long (:meth:`GrpcServer.stop`); it waits so at most this long.
+QUIET_S = 0.05
+QUIET_MAX_S = 2.0
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -228,14 +232,27 @@ class GrpcServer:
                 await self._set_health(ready)
 
     async def stop(self, grace_s: float) -> None:
-        """Stop taking calls, let those in flight finish within ``grace_s``."""
+        """Stop taking calls, let those in flight finish within ``grace_s``.
+
+        gRPC cancels the calls it has received but not yet handed to a handler when
+        it stops (their clients see CANCELLED, which they do not retry): under load a
+        few milliseconds of them. So the server first goes on handing them over (new
+        inference calls are refused UNAVAILABLE, health says NOT_SERVING) until no
+        call has started for :data:`QUIET_S`, for at most :data:`QUIET_MAX_S` (a
+        client calling again at once after each refusal keeps it from going quiet)."""
         self._plane.drain()
         watch, self._health_watch = self._health_watch, None
         if watch is not None:
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace_s)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        started = -1
+        while self.gate.started != started and loop.time() - began < min(grace_s, QUIET_MAX_S):
+            started = self.gate.started
+            await asyncio.sleep(QUIET_S)
+        await self._server.stop(max(0.0, grace_s - (loop.time() - began)))
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
