@@ -394,6 +394,39 @@ def test_killed_engine_makes_calls_unavailable_until_it_is_back(
     _serving(fresh.target)
 
 
+def test_a_stopped_engine_is_taken_for_gone_until_it_answers_again(
+    fresh: WorkersServer,
+) -> None:
+    """An engine that is there but silent (SIGSTOP: a stuck event loop looks the same)
+    once held every call for as long as it stayed so (with no deadline: forever),
+    with health SERVING; now its calls fail UNAVAILABLE once it has been silent for
+    the link's 5 s, new ones at once, and it serves again once it answers."""
+    (engine,) = fresh.children()["engine"]
+    _serving(fresh.target)
+    os.kill(engine, signal.SIGSTOP)
+    try:
+        with (
+            Client(fresh.target, "acme-key", timeout_s=60) as client,
+            grpc.insecure_channel(fresh.target) as channel,
+        ):
+            with pytest.raises(MandantClientError) as waited:
+                client.infer("echo", {"INPUT0": ROW})  # held, then failed: not 60 s
+            assert waited.value.code is grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(MandantClientError) as refused:
+                client.infer("echo", {"INPUT0": ROW})
+            assert refused.value.code is grpc.StatusCode.UNAVAILABLE
+            check = health_pb2_grpc.HealthStub(channel).Check
+            deadline = time.monotonic() + 5  # health follows readiness every 0.5 s
+            while check(health_pb2.HealthCheckRequest(), timeout=5).status != (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            ):
+                assert time.monotonic() < deadline, "health still SERVING"
+                time.sleep(0.1)
+    finally:
+        os.kill(engine, signal.SIGCONT)
+    _serving(fresh.target)
+
+
 async def test_sigterm_under_load_loses_no_accepted_call(fresh: WorkersServer) -> None:
     stop = asyncio.Event()
     load = asyncio.create_task(_load(fresh.target, stop, model="sleepy"))

@@ -9,7 +9,11 @@ observer events of one event-loop turn leave in one message.
 Liveness: the engine says whether it is ready when the connection opens and in answer
 to a ping every ``ping_s``. While there is no connection (the engine died, or is
 starting) calls are refused UNAVAILABLE at once, and the calls that were waiting on a
-connection that closed fail UNAVAILABLE; the link reconnects every ``retry_s``.
+connection that closed fail UNAVAILABLE; the link reconnects every ``retry_s``. An
+engine that is there but says nothing for ``silent_s`` (stopped, or its event loop
+stuck) is treated as gone: the link closes the connection (its calls fail
+UNAVAILABLE, the engine drops them when it wakes) and connects again, and until the
+engine answers calls are refused at once instead of waiting on it.
 """
 
 from __future__ import annotations
@@ -47,10 +51,13 @@ Answer = tuple[list[Any], list[memoryview]]
 
 
 class EngineLink:
-    def __init__(self, path: Path, ping_s: float = 0.5, retry_s: float = 0.1) -> None:
+    def __init__(
+        self, path: Path, ping_s: float = 0.5, retry_s: float = 0.1, silent_s: float = 5.0
+    ) -> None:
         self._path = path
         self._ping_s = ping_s
         self._retry_s = retry_s
+        self._silent_s = silent_s
         self._rids = itertools.count(1)
         self._connection: _Connection | None = None
         self._engine_ready = False
@@ -100,6 +107,14 @@ class EngineLink:
             self._connection = connection
             logger.info("inference engine connected")
             while not connection.closed.is_set():
+                if loop.time() - connection.heard_at > self._silent_s:
+                    logger.error(
+                        "inference engine silent for %.1fs (stopped or stuck); closing its"
+                        " connection",
+                        self._silent_s,
+                    )
+                    connection.abort()
+                    break
                 connection.ping()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(connection.closed.wait(), self._ping_s)
@@ -181,6 +196,8 @@ class _Connection(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self.opened = asyncio.Event()  # the engine's first STATUS arrived
         self.closed = asyncio.Event()
+        #: When the engine last said something (the loop's clock).
+        self.heard_at = self._loop.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -193,6 +210,11 @@ class _Connection(asyncio.BufferedProtocol):
                 future.set_exception(Unavailable(LOST))
         self.closed.set()
         self.opened.set()  # nobody waits for a STATUS that cannot come
+
+    def abort(self) -> None:
+        """Close at once, dropping what waits to be sent (the engine does not read)."""
+        if self._transport is not None:
+            self._transport.abort()
 
     def close(self) -> None:
         """Send what waits (a stopping front end's last observer events), then close."""
@@ -260,6 +282,7 @@ class _Connection(asyncio.BufferedProtocol):
     # -- receiving ------------------------------------------------------------------
 
     def _message(self, kind: int, payload: Any, frames: list[memoryview]) -> None:
+        self.heard_at = self._loop.time()
         if kind == ipc.ANSWERS:
             offset = 0
             for answer in payload:
