@@ -120,14 +120,20 @@ async def _serve(
     from mandant.app import App
     from mandant.heap import settle
 
+    loop = asyncio.get_running_loop()
+    # A SIGHUP while the models load would end the process (the default action): it is
+    # kept, and the file read again once the server serves.
+    reload_asked = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, reload_asked.set)
     app = App(config, path.parent, config_path=path, on_models_retired=settle)
     await app.start()
     settle()  # the models are loaded: the start-up heap out of the collector's way
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, app, path, overrides)
+    if reload_asked.is_set():
+        _reload(app, path, overrides)
     _banner(config, app.grpc_port, app.rest_port, app.http_port, app.internal_http_port, demo)
     await stop.wait()
     logger.info("stopping: finishing in-flight calls (grace %.1fs)", config.server.grace_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,6 +21,15 @@ class Sleepy(nn.Module):
 
 def sleepy(seconds: float = 1.0) -> nn.Module:
     return Sleepy(seconds)
+
+
+def slow_to_load(seconds: float = 2.0, started: str = "") -> nn.Module:
+    """Takes ``seconds`` to build, once it has created the file ``started`` (if named):
+    a server that loads it is starting for that long."""
+    if started:
+        Path(started).touch()
+    time.sleep(seconds)
+    return Sleepy(0.0)
 
 
 class Lookup(nn.Module):

@@ -236,3 +236,44 @@ async def test_calls_received_when_stopping_are_refused_not_cancelled(
             await client.close()
     refused = [code for code in codes if code != "OK"]
     assert len(refused) == 32 and set(refused) == {"UNAVAILABLE"}, refused
+
+
+def test_a_sighup_while_the_models_load_is_applied_once_serving(tmp_path: Path) -> None:
+    """SIGHUP's default action ends a process: one that came while the server was
+    loading its models once killed it (exit 129). The file, changed meanwhile, is
+    read once the server serves."""
+    port, started = free_port(), tmp_path / "loading"
+    config = {
+        "server": {"grpc_port": port, "http_port": free_port(), "rest_port": free_port()},
+        "tenants": [{"id": "t", "api_keys": [hash_key("old-key")]}],
+        "models": [
+            {
+                **ECHO_MODEL,
+                "factory": "tests.integration.slow_models:slow_to_load",
+                "factory_args": {"seconds": 2.0, "started": str(started)},
+            }
+        ],
+    }
+    path = tmp_path / "mandant.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen(
+        [*MANDANT, "serve", "--config", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():  # the server is loading its model now
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        config["tenants"] = [{"id": "t", "api_keys": [hash_key("new-key")]}]
+        path.write_text(yaml.safe_dump(config))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(proc, "configuration reloaded")
+        x = np.ones((1, 3), np.float32)
+        with Client(f"127.0.0.1:{port}", api_key="new-key") as client:
+            np.testing.assert_array_equal(client.infer("echo", {"INPUT0": x})["OUTPUT0"], x * 2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
