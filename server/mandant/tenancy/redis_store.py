@@ -262,11 +262,11 @@ class RedisStore:
             if len(pending) == 1:
                 call = pending[0]
                 replies = [await call.script(keys=call.keys, args=call.args)]
-            else:
-                pipe = self._client.pipeline(transaction=False)
-                for call in pending:
-                    await call.script(keys=call.keys, args=call.args, client=pipe)
-                replies = await pipe.execute()
+            else:  # the pipeline gives its connection back however it ends
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for call in pending:
+                        await call.script(keys=call.keys, args=call.args, client=pipe)
+                    replies = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             await self._client.connection_pool.disconnect(inuse_connections=False)
             error = StoreUnavailable(f"redis: {type(exc).__name__}")

@@ -113,12 +113,12 @@ class RedisUsage:
             fields: dict[str, list[str | float]] = {}
             for (tenant, figure, label), amount in counts.items():
                 fields.setdefault(tenant, []).extend((f"{figure}:{label}", amount))
-            pipe = self._client.pipeline(transaction=False)
-            for tenant, pairs in fields.items():
-                keys = [self._key(tenant, kind, period.key) for kind, period in periods]
-                await self._flush_script(keys=keys, args=[*expiry, *pairs], client=pipe)
-            try:
-                await pipe.execute()
+            try:  # the pipeline gives its connection back however it ends
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for tenant, pairs in fields.items():
+                        keys = [self._key(tenant, kind, period.key) for kind, period in periods]
+                        await self._flush_script(keys=keys, args=[*expiry, *pairs], client=pipe)
+                    await pipe.execute()
             except (RedisError, OSError, TimeoutError) as exc:
                 for counted, amount in counts.items():  # kept for the next flush
                     self._counts[counted] = self._counts.get(counted, 0) + amount
@@ -134,11 +134,11 @@ class RedisUsage:
         ``today``/``this_month`` → field → amount. Raises on a Redis failure."""
         await self.flush()
         wall = self._wall()
-        pipe = self._client.pipeline(transaction=False)
-        for tenant in tenants:
-            for kind in PERIODS.values():
-                pipe.hgetall(self._key(tenant, kind, self._periods[kind].at(wall).key))
-        replies = iter(await pipe.execute())
+        async with self._client.pipeline(transaction=False) as pipe:
+            for tenant in tenants:
+                for kind in PERIODS.values():
+                    pipe.hgetall(self._key(tenant, kind, self._periods[kind].at(wall).key))
+            replies = iter(await pipe.execute())
         return {
             tenant: {
                 name: {field.decode(): float(value) for field, value in next(replies).items()}
