@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -99,29 +100,32 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
     assert "tenants.0.id" in out.stderr
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_serve_finishes_in_flight_calls_then_exits_zero(tmp_path: Path, signum: int) -> None:
-    port = free_port()
-    config = {
-        "server": {
-            "grpc_port": port,
-            "http_port": free_port(),
-            "rest_port": free_port(),
-            "grace_s": 10,
-        },
-        "tenants": [{"id": "t", "api_keys": [hash_key("secret-key")]}],
-        "models": [
-            {
-                "name": "slow",
-                "factory": "tests.integration.slow_models:sleepy",
-                "factory_args": {"seconds": 1.5},
-                "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
-                "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
-            }
-        ],
+def _served_file(
+    tmp_path: Path, port: int, model: dict[str, Any], key: str = "secret-key", **server: Any
+) -> tuple[Path, dict[str, Any]]:
+    """A configuration file for ``mandant serve``: tenant ``t`` with ``key``, one model,
+    gRPC on ``port``, ``server`` settings; its path and its data."""
+    config: dict[str, Any] = {
+        "server": {"grpc_port": port, "http_port": free_port(), "rest_port": free_port(), **server},
+        "tenants": [{"id": "t", "api_keys": [hash_key(key)]}],
+        "models": [model],
     }
     path = tmp_path / "mandant.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path, config
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_serve_finishes_in_flight_calls_then_exits_zero(tmp_path: Path, signum: int) -> None:
+    port = free_port()
+    slow = {
+        "name": "slow",
+        "factory": "tests.integration.slow_models:sleepy",
+        "factory_args": {"seconds": 1.5},
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+    }
+    path, _ = _served_file(tmp_path, port, slow, grace_s=10)
     with mandant_serve(path) as proc:
         results: dict[str, object] = {}
         x = np.ones((1, 3), np.float32)
@@ -196,19 +200,7 @@ async def test_calls_received_when_stopping_are_refused_not_cancelled(
     stops (CANCELLED: a client does not retry it); the server hands them over first,
     so under load every call is answered, or refused UNAVAILABLE."""
     port = free_port()
-    config = {
-        "server": {
-            "grpc_port": port,
-            "http_port": free_port(),
-            "rest_port": free_port(),
-            "grace_s": 5,
-            "workers": workers,
-        },
-        "tenants": [{"id": "t", "api_keys": [hash_key("secret-key")]}],
-        "models": [ECHO_MODEL],
-    }
-    path = tmp_path / "mandant.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path, _ = _served_file(tmp_path, port, ECHO_MODEL, grace_s=5, workers=workers)
     x = np.ones((1, 4), np.float32)
     codes: list[str] = []
     with mandant_serve(path) as proc:
@@ -243,19 +235,12 @@ def test_a_sighup_while_the_models_load_is_applied_once_serving(tmp_path: Path) 
     loading its models once killed it (exit 129). The file, changed meanwhile, is
     read once the server serves."""
     port, started = free_port(), tmp_path / "loading"
-    config = {
-        "server": {"grpc_port": port, "http_port": free_port(), "rest_port": free_port()},
-        "tenants": [{"id": "t", "api_keys": [hash_key("old-key")]}],
-        "models": [
-            {
-                **ECHO_MODEL,
-                "factory": "tests.integration.slow_models:slow_to_load",
-                "factory_args": {"seconds": 2.0, "started": str(started)},
-            }
-        ],
+    slow_to_load = {
+        **ECHO_MODEL,
+        "factory": "tests.integration.slow_models:slow_to_load",
+        "factory_args": {"seconds": 2.0, "started": str(started)},
     }
-    path = tmp_path / "mandant.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path, config = _served_file(tmp_path, port, slow_to_load, key="old-key")
     proc = subprocess.Popen(
         [*MANDANT, "serve", "--config", str(path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,

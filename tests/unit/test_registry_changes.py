@@ -7,9 +7,9 @@ one)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -25,6 +25,7 @@ IO = {
     "outputs": [{"name": "Y", "datatype": "FP32", "shape": [-1, 4]}],
 }
 ACME, GLOBEX = Tenant("acme"), Tenant("globex")
+T = TypeVar("T")
 
 
 class _HeldBackend(FakeBackend):
@@ -77,75 +78,65 @@ class _Registry:
         return [model.spec.path for model in self.registry.versions(tenant, "m")]
 
 
+async def _started(*models: dict[str, Any]) -> _Registry:
+    setup = _Registry(*models)
+    await setup.registry.start()
+    return setup
+
+
 async def _turns(count: int = 50) -> None:
     """Let the event loop run other tasks for a while (nothing here waits on I/O)."""
     for _ in range(count):
         await asyncio.sleep(0)
 
 
-async def test_an_unload_asked_while_a_load_starts_is_not_undone_by_it() -> None:
-    setup = _Registry(_model("one.pt"))
-    await setup.registry.start()
-    release = setup.hold("two.pt")
-    load = asyncio.create_task(setup.registry.load("m", _specs(_model("two.pt"))))
-    await setup.starting("two.pt")
-    unload = asyncio.create_task(setup.registry.unload("m"))
+async def _during_a_load(setup: _Registry, path: str, change: Awaitable[T]) -> T:
+    """Start a load of ``path`` held at its start, ask ``change`` meanwhile (it runs as
+    far as it may), then let the load finish; what ``change`` returned."""
+    release = setup.hold(path)
+    load = asyncio.create_task(setup.registry.load("m", _specs(_model(path))))
+    await setup.starting(path)
+    asked = asyncio.ensure_future(change)
     await _turns()
     release.set()
-    await asyncio.gather(load, unload)
+    await load
+    return await asked
+
+
+async def test_an_unload_asked_while_a_load_starts_is_not_undone_by_it() -> None:
+    setup = await _started(_model("one.pt"))
+    await _during_a_load(setup, "two.pt", setup.registry.unload("m"))
     with pytest.raises(ModelNotFound):
         setup.registry.resolve(ACME, "m")
 
 
 async def test_a_later_load_wins_over_an_earlier_one_that_starts_slower() -> None:
-    setup = _Registry(_model("one.pt"))
-    await setup.registry.start()
-    release = setup.hold("slow.pt")
-    earlier = asyncio.create_task(setup.registry.load("m", _specs(_model("slow.pt"))))
-    await setup.starting("slow.pt")
-    later = asyncio.create_task(setup.registry.load("m", _specs(_model("fast.pt"))))
-    await _turns()  # the later load runs as far as it may before the earlier one ends
-    release.set()
-    await asyncio.gather(earlier, later)
+    setup = await _started(_model("one.pt"))
+    await _during_a_load(setup, "slow.pt", setup.registry.load("m", _specs(_model("fast.pt"))))
     assert setup.paths(ACME) == [Path("/models/fast.pt")]
 
 
 async def test_a_reload_that_makes_a_model_private_is_not_undone_by_an_earlier_load() -> None:
-    setup = _Registry(_model("shared.pt"))
-    await setup.registry.start()
-    release = setup.hold("shared-again.pt")
-    load = asyncio.create_task(setup.registry.load("m", _specs(_model("shared-again.pt"))))
-    await setup.starting("shared-again.pt")
-    reload = asyncio.create_task(setup.registry.apply(_specs(_model("acme.pt", tenant="acme"))))
-    await _turns()
-    release.set()
-    await load
-    assert await reload == ["model 'm' loaded"]
+    setup = await _started(_model("shared.pt"))
+    private = _specs(_model("acme.pt", tenant="acme"))
+    changes = await _during_a_load(setup, "shared-again.pt", setup.registry.apply(private))
+    assert changes == ["model 'm' loaded"]
     assert setup.paths(ACME) == [Path("/models/acme.pt")]
     with pytest.raises(ModelNotFound):  # globex never sees acme's model, nor the shared one
         setup.registry.resolve(GLOBEX, "m")
 
 
 async def test_a_reload_removing_a_model_is_not_undone_by_a_load_in_progress() -> None:
-    setup = _Registry(_model("one.pt"), {**_model("other.pt"), "name": "other"})
-    await setup.registry.start()
-    release = setup.hold("two.pt")
-    load = asyncio.create_task(setup.registry.load("m", _specs(_model("two.pt"))))
-    await setup.starting("two.pt")
-    reload = asyncio.create_task(
-        setup.registry.apply(_specs({**_model("other.pt"), "name": "other"}))
-    )
-    await _turns()
-    release.set()
-    await load
-    assert await reload == ["model 'm' unloaded"]
+    other = {**_model("other.pt"), "name": "other"}
+    setup = await _started(_model("one.pt"), other)
+    changes = await _during_a_load(setup, "two.pt", setup.registry.apply(_specs(other)))
+    assert changes == ["model 'm' unloaded"]
     with pytest.raises(ModelNotFound):
         setup.registry.resolve(ACME, "m")
 
 
 async def test_the_next_change_does_not_wait_for_the_old_versions_calls() -> None:
-    setup = _Registry(_model("one.pt"))
-    await setup.registry.start()
+    setup = await _started(_model("one.pt"))
     serving = setup.registry.resolve(ACME, "m")
     serving.enter()  # a call still in progress on the version being unloaded
     unload = asyncio.create_task(setup.registry.unload("m"))
