@@ -56,6 +56,10 @@ def test_usage_of_one_tenant(admin: admin_pb2_grpc.AdminServiceStub) -> None:
     with pytest.raises(grpc.RpcError) as err:
         admin.GetUsage(admin_pb2.GetUsageRequest(tenant="nobody"), metadata=ADMIN)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as long:  # its text comes back cut, not whole
+        admin.GetUsage(admin_pb2.GetUsageRequest(tenant="x" * 20_000), metadata=ADMIN)
+    assert long.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(long.value.details()) < 200
 
 
 @pytest.mark.parametrize("key", [None, "acme-demo-key", "admin-demo-key-2"])

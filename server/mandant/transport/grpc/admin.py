@@ -7,7 +7,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from mandant.errors import InvalidInput
+from mandant.errors import InvalidInput, shown
 from mandant.observability.usage import UsageReports
 from mandant.transport.grpc.gateway import Access, Gate
 from mandant.types import Call
@@ -56,7 +56,7 @@ class AdminServicer:
         self, request: pb.GetUsageRequest, call: Call, context: Context
     ) -> pb.GetUsageResponse:
         if request.tenant and request.tenant not in self._reports.tenant_ids:
-            raise InvalidInput(f"no tenant '{request.tenant}' is configured")
+            raise InvalidInput(f"no tenant '{shown(request.tenant)}' is configured")
         report = await self._reports.report(only=request.tenant or None)
         return pb.GetUsageResponse(
             generated_at=report["generated_at"],
