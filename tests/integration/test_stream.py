@@ -251,7 +251,10 @@ async def test_leaving_a_stream_frees_its_queue_places_and_concurrency(
 ) -> None:
     """Two messages of a stream occupy tenant t's two concurrency slots on the slow
     model (one running for a second, one queued); when the client leaves, both are
-    cancelled at once, and t can call again."""
+    cancelled at once (and counted so: they were once counted OK), and t can call
+    again."""
+    cancelled = {"tenant": "t", "model": "slow", "code": "CANCELLED"}
+    before = await _counted(limited_server, cancelled)
     async with grpc.aio.insecure_channel(limited_server.target) as channel:
         method = channel.stream_stream(
             STREAM, response_deserializer=pb.ModelStreamInferResponse.FromString
@@ -270,6 +273,7 @@ async def test_leaving_a_stream_frees_its_queue_places_and_concurrency(
             break
         await asyncio.sleep(0.01)
     assert await inflight(limited_server, "t") == 0
+    await _until_counted(limited_server, cancelled, before + 2)
     async with grpc.aio.insecure_channel(limited_server.target) as channel:
         infer = channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer",
@@ -279,6 +283,40 @@ async def test_leaving_a_stream_frees_its_queue_places_and_concurrency(
             _request("slow", "after"), metadata=(("authorization", "Bearer t-key"),)
         )
         assert answer.id == "after"
+
+
+async def test_a_message_past_the_stream_s_deadline_is_counted_so(
+    limited_server: Server,
+) -> None:
+    """The client saw DEADLINE_EXCEEDED: the message is counted DEADLINE_EXCEEDED (as a
+    unary call is: SLOs count it bad), not OK."""
+    expired = {"tenant": "v", "model": "slow", "code": "DEADLINE_EXCEEDED"}
+    before = await _counted(limited_server, expired)
+    async with grpc.aio.insecure_channel(limited_server.target) as channel:
+        method = channel.stream_stream(
+            STREAM, response_deserializer=pb.ModelStreamInferResponse.FromString
+        )
+        call = method(metadata=(("authorization", "Bearer v-key"),), timeout=0.3)
+        await call.write(_request("slow", "late"))
+        assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await _until_counted(limited_server, expired, before + 1)
+
+
+async def _counted(server: Server, labels: dict[str, str]) -> float:
+    found = await asyncio.to_thread(metric, server, ADMIN_KEY, "mandant_requests_total", **labels)
+    return found or 0.0
+
+
+async def _until_counted(server: Server, labels: dict[str, str], count: float) -> None:
+    """Wait until ``mandant_requests_total`` with ``labels`` reaches ``count`` (a front
+    end reports its calls to the engine just after them); it must not pass it."""
+    for _ in range(250):
+        counted = await _counted(server, labels)
+        if counted >= count:
+            assert counted == count, (labels, counted, count)
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{labels}: {await _counted(server, labels)} counted, not {count}")
 
 
 async def test_in_flight_messages_per_stream_are_capped(limited_server: Server) -> None:

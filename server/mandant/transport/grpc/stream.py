@@ -39,7 +39,13 @@ from mandant.events import Observer
 from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.service import DataPlane
 from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
-from mandant.transport.grpc.gateway import MAX_LOGGED_ID, Context, parse
+from mandant.transport.grpc.gateway import (
+    CANCELLED_AT_DEADLINE_S,
+    MAX_LOGGED_ID,
+    Context,
+    deadline_passed,
+    parse,
+)
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
 from mandant.types import Call, Tenant
 from mandant_client._proto import grpc_service_pb2 as pb
@@ -128,6 +134,9 @@ class InferStream:
         except MandantError as exc:
             code = status_for(exc).name
             return _error_response(str(exc), code, request, exc)
+        except asyncio.CancelledError:  # the client left, or the stream's deadline passed
+            code = "CANCELLED"
+            raise
         except Exception:
             code = "INTERNAL"
             request_id = current_request_id.get() or uuid.uuid4().hex[:16]
@@ -141,6 +150,9 @@ class InferStream:
                 self._cap.leave()
             if inside and self._door is not None:
                 self._door.leave(self._tenant)
+            slack_s = CANCELLED_AT_DEADLINE_S if code == "CANCELLED" else 0.0
+            if deadline_passed(self._context, slack_s):  # the client saw DEADLINE_EXCEEDED
+                code = "DEADLINE_EXCEEDED"
             self._observer.request_finished(
                 self._tenant.id, call.model, code, time.perf_counter() - start, call.version
             )
