@@ -72,8 +72,8 @@ def _capped(**server: int) -> MandantConfig:
     )
 
 
-def _request(model: str) -> bytes:
-    message = pb.ModelInferRequest(model_name=model)
+def _request(model: str, request_id: str = "") -> bytes:
+    message = pb.ModelInferRequest(model_name=model, id=request_id)
     message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
     message.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
     return message.SerializeToString()
@@ -216,9 +216,12 @@ async def test_open_streams_hold_no_place_and_each_message_takes_one(tmp_path: P
                         break
                     await asyncio.sleep(0.01)
                 stream = idle[0]
-                await stream.write(_request("echo"))
+                await stream.write(_request("echo", "m-busy"))
                 busy = pb.ModelStreamInferResponse.FromString(await stream.read())
                 assert "server busy" in busy.error_message
+                # with its id, as every stream answer (a multiplexing client matches it)
+                assert busy.infer_response.id == "m-busy"
+                assert busy.infer_response.model_name == "echo"
                 parameters = busy.infer_response.parameters
                 assert parameters["status_code"].string_param == "RESOURCE_EXHAUSTED"
                 assert parameters["retry_pushback_ms"].int64_param > 0

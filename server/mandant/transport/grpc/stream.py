@@ -34,7 +34,7 @@ import uuid
 import grpc
 
 from mandant.context import current_request_id
-from mandant.errors import MandantError, ResourceExhausted
+from mandant.errors import InvalidInput, MandantError, ResourceExhausted
 from mandant.events import Observer
 from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.service import DataPlane
@@ -133,6 +133,8 @@ class InferStream:
             return answer
         except MandantError as exc:
             code = status_for(exc).name
+            if request is None:  # refused before it was parsed (the cap, the door)
+                request = _parsed(raw)
             return _error_response(str(exc), code, request, exc)
         except asyncio.CancelledError:  # the client left, or the stream's deadline passed
             code = "CANCELLED"
@@ -175,6 +177,15 @@ def _error_response(
         (_, pushback_ms), *_ = trailers_for(exc)
         answer.parameters["retry_pushback_ms"].int64_param = int(pushback_ms)
     return response
+
+
+def _parsed(raw: bytes) -> pb.ModelInferRequest | None:
+    """The message in ``raw``, for its id and model; None if it is not one."""
+    try:
+        parsed: pb.ModelInferRequest = parse(pb.ModelInferRequest, raw)
+    except InvalidInput:
+        return None
+    return parsed
 
 
 def _bounded(text: str) -> str:
