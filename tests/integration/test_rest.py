@@ -6,6 +6,7 @@ against ``workers: 2``, whose engine serves the REST port."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import urllib.error
@@ -561,3 +562,47 @@ def test_answers_are_counted_under_grpc_status_names(server: Server) -> None:
         == 400
     )
     assert (count("OK"), count("INVALID_ARGUMENT")) == (before_ok + 1, before_invalid + 1)
+
+
+def _raw_call(port: int, method: str, path: str, body: bytes, headers: dict[str, bytes]) -> int:
+    """A call whose header values are bytes as given (http.client passes them on)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.putrequest(method, path)
+        for name, value in {**headers, "Content-Length": str(len(body)).encode()}.items():
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        answer = connection.getresponse()
+        answer.read()
+        return answer.status
+    finally:
+        connection.close()
+
+
+def test_a_body_that_is_not_in_its_content_encoding_is_400(server: Server) -> None:
+    body = json.dumps(echo_request([1.0, 2.0], [1, 2])).encode()
+    key = auth("acme")["Authorization"].encode()
+    port = int(rest(server).rsplit(":", 1)[1])
+    for encoding in (b"gzip", b"deflate"):
+        headers = {"Authorization": key, "Content-Encoding": encoding}
+        assert _raw_call(port, "POST", "/v2/models/echo/infer", body, headers) == 400
+
+
+def test_a_key_that_is_not_utf8_is_401_on_both_http_ports(server: Server) -> None:
+    key = {"Authorization": b"Bearer \xff\xfe"}
+    body = json.dumps(echo_request([1.0, 2.0], [1, 2])).encode()
+    port = int(rest(server).rsplit(":", 1)[1])
+    assert _raw_call(port, "POST", "/v2/models/echo/infer", body, key) == 401
+    for path in ("/usage", "/metrics", "/api/dashboard"):
+        assert _raw_call(server.http_port, "GET", path, b"", key) == 401
+
+
+def test_a_bytes_string_that_is_not_unicode_is_400(server: Server) -> None:
+    inputs = [
+        {"name": f"IN_{t}", "datatype": t, "shape": [1, 1], "data": [_ONE[t]]} for t in DTYPES
+    ]
+    lone = [dict(t, data=["\ud800"]) if t["datatype"] == "BYTES" else t for t in inputs]
+    body = json.dumps({"inputs": lone}).encode()  # json writes it as the escape \ud800
+    status, _, answer = call(server, "POST", "/v2/models/alltypes/infer", body, auth("acme"))
+    assert status == 400
+    assert "not valid Unicode" in error_of(answer)

@@ -22,7 +22,9 @@ _BEARER = "bearer "
 
 
 def hash_key(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    """``sha256:<hex>`` of the key's UTF-8 bytes; a header's bytes that are not UTF-8
+    (aiohttp hands them over as surrogate escapes) hash as the bytes they were."""
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def generate_key() -> tuple[str, str]:

@@ -255,7 +255,12 @@ def decode_json_data(
         for index, value in enumerate(values.reshape(-1)):
             if not isinstance(value, str):
                 raise wrong_type
-            out[index] = value.encode()
+            try:
+                out[index] = value.encode()
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800"): no UTF-8 for it
+                raise InvalidInput(
+                    f"input '{header.name}': data holds a string that is not valid Unicode"
+                ) from None
         return out.reshape(header.shape)
     dtype = DATATYPES[header.datatype]
     if dtype.kind in "iu" and values.dtype.kind not in "iu":

@@ -25,9 +25,11 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from mandant.context import current_request_id, current_tenant
-from mandant.errors import MandantError, Unauthenticated
+from mandant.errors import InvalidInput, MandantError, Unauthenticated
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.transport.rest.codec import BodyTooLarge
@@ -161,6 +163,14 @@ class RestGate:
             await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise BodyTooLarge(f"request body is larger than {self._max_body} bytes") from None
+        except (RequestPayloadError, HttpProcessingError) as exc:
+            if isinstance(exc.__cause__, ContentEncodingError) or isinstance(
+                exc, ContentEncodingError
+            ):  # "Content-Encoding: gzip" on a body that is not
+                raise InvalidInput(
+                    "the request body does not decode as its Content-Encoding says"
+                ) from None
+            raise InvalidInput("the request body is malformed") from None
 
     def _caller(self, access: Access, request: web.Request) -> Tenant | None:
         """The tenant of a tenant key (or, without a key, of a verified client
