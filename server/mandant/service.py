@@ -7,6 +7,7 @@ with plain Python objects and gets plain Python objects back; every failure is a
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -159,25 +160,28 @@ class DataPlane:
             priority = _priority(parameters.get("priority"), tenant.priority)
             permit = await self._admission.admit(tenant, key, rows)
             ran = False  # the model ran on this request: it stays charged, else refunded
+            queued: InferRequest | None = None
             try:
                 inputs = request.decode_inputs()
                 if deadline is not None and time.monotonic() >= deadline:
                     raise DeadlineExceeded("deadline exceeded before the request was queued")
-                results = await model.scheduler.submit(
-                    InferRequest(
-                        tenant=tenant,
-                        model=key,
-                        inputs=inputs,
-                        outputs=outputs,
-                        request_id=request_id or _local_id(),
-                        deadline=deadline,
-                        priority=priority,
-                        rows=rows,
-                    )
+                queued = InferRequest(
+                    tenant=tenant,
+                    model=key,
+                    inputs=inputs,
+                    outputs=outputs,
+                    request_id=request_id or _local_id(),
+                    deadline=deadline,
+                    priority=priority,
+                    rows=rows,
                 )
+                results = await model.scheduler.submit(queued)
                 ran = True
             except ModelFailed:
                 ran = True
+                raise
+            except asyncio.CancelledError:  # the caller left: charged if the model had it
+                ran = queued is not None and queued.ran
                 raise
             finally:
                 permit.release(refund=not ran)

@@ -143,6 +143,9 @@ class InferRequest:
     deadline: float | None = None  # time.monotonic() seconds
     priority: int = 0
     rows: int = 1
+    #: Set by the scheduler when its rows go to the model: from then on the model runs
+    #: on them whatever becomes of the caller (it stays charged, ``service.py``).
+    ran: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ ADMIN_KEY = "refunds-admin-key"
 QUOTA = 60
 MAX_CONCURRENCY = 3
 MAX_BATCH = MAX_QUEUE_ROWS = 4
-TENANTS = ("queue", "expiry", "late", "garbled", "drain", "cancel", "repro", "blocker")
+TENANTS = ("queue", "expiry", "late", "garbled", "drain", "cancel", "repro", "blocker", "ran")
 GATED = {
     **ECHO_MODEL,
     "factory": "tests.integration.gated_models:gated",
@@ -190,6 +190,22 @@ async def test_a_call_whose_deadline_passes_in_the_queue_is_not_charged(
     GATE.set()
     await running
     assert used(server, "expiry") == 4
+
+
+async def test_a_call_whose_client_gives_up_while_the_model_runs_it_stays_charged(
+    server: Server, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """The model computes its rows whatever the caller does: they stay counted (they
+    were refunded, so a deadline shorter than the model's time ran it past the quota
+    for free)."""
+    server = gated(server)
+    running = stub.ModelInfer(request("gated", 3), metadata=key("ran"), timeout=1.0)
+    await until(lambda: inflight(server, "ran") == 1, "the call in the model")
+    error = await refused(running)  # the model waits at GATE past the client's deadline
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    GATE.set()
+    await until(lambda: inflight(server, "ran") == 0, "the call done")
+    assert used(server, "ran") == 3
 
 
 async def test_a_v2_timeout_already_past_and_undecodable_tensors_are_not_charged(

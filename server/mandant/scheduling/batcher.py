@@ -419,6 +419,8 @@ class DynamicBatcher:
         wanted = tuple(dict.fromkeys(n for e in part for n in e.request.outputs))
         deadlines = [entry.request.deadline for entry in part]
         latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+        for entry in part:
+            entry.request.ran = True
         start = self._clock.monotonic()
         if len(part) == 1:
             outputs = await self._backend.infer(

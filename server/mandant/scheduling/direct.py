@@ -50,6 +50,7 @@ class DirectScheduler:
             start = time.monotonic()
             if request.deadline is not None and request.deadline <= start:
                 raise DeadlineExceeded("deadline exceeded while queued")
+            request.ran = True
             try:
                 outputs = await self._backend.infer(
                     request.inputs, outputs=request.outputs, deadline=request.deadline
