@@ -181,7 +181,7 @@ class App:
             ready_when=config.server.ready_when,
         )
         self.usage = UsageReports(
-            self.metrics, self.directory, self.live, quota=self.admission, fleet=self.fleet_usage
+            self.prometheus, self.directory, self.live, quota=self.admission, fleet=self.fleet_usage
         )
         # One cap on calls in progress and one front door for every port: a flood on
         # REST takes its turn with the gRPC calls, and the cap counts both.

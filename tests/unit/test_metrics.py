@@ -178,15 +178,15 @@ def test_admission_rejections_and_store_errors(parts: Parts) -> None:
     ]
 
 
-def test_usage_report_reads_the_registry(parts: Parts) -> None:
-    registry, observer, _, live = parts
+def test_usage_report_reads_the_counters(parts: Parts) -> None:
+    _, observer, _, live = parts
     observer.request_finished("acme", "classifier", "OK", 0.004)
     observer.request_finished("acme", "classifier", "RESOURCE_EXHAUSTED", 0.001)
     observer.batch_executed("classifier", 4, 0.02, {"acme": 4})
     observer.admitted("acme", "classifier", 4)
     observer.rejected("acme", "requests_per_s")
     used = {t.id: live.quota_used(t.id) for t in TENANTS}
-    report = usage_report(registry, TENANTS, used)["tenants"]
+    report = usage_report(observer, TENANTS, used)["tenants"]
     assert set(report) == {"acme", "globex", "nosla"}
     acme = report["acme"]
     assert acme["requests"] == {"OK": 1, "RESOURCE_EXHAUSTED": 1}

@@ -72,7 +72,7 @@ class HttpServer:
         health: Health,
         slo: SloTracker,
         live: LiveStats,
-        usage: UsageReports | None = None,
+        usage: UsageReports,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
@@ -81,7 +81,7 @@ class HttpServer:
         self._health = health
         self._slo = slo
         self._live = live
-        self._reports = usage or UsageReports(registry, directory, live)
+        self._reports = usage
         self._page = dashboard_page()
         self._clock = clock
         self._started = clock()

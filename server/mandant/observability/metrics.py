@@ -149,6 +149,21 @@ class PrometheusObserver:
         )  # fmt: skip
         registry.register(SloTargets(self._directory))
 
+    def usage_counts(self) -> Iterable[tuple[str, dict[str, str], float]]:
+        """(sample name, labels, value) of the counters a usage report reads: only
+        those, not every series of the registry (the histograms are most of a scrape,
+        and a tenant's own ``/usage`` must not cost a full one)."""
+        for series in (
+            self.requests,
+            self.rows,
+            self.compute_seconds,
+            self.rejections,
+            self.admitted_rows,
+        ):
+            name = f"{series.name}_total"
+            for labels, value in series.values():
+                yield name, labels, value
+
     def _tenant(self, tenant: str) -> str:
         return tenant if tenant in self._directory.current.ids else ""
 

@@ -45,6 +45,12 @@ class CounterSeries:
             cell = self._cells[labels] = [0.0, time.time()]
         cell[0] += amount
 
+    def values(self) -> Iterable[tuple[dict[str, str], float]]:
+        """(labels by name, value) of every series, as a scrape reads them."""
+        names = self.labelnames
+        for labels, (value, _) in self._cells.items():
+            yield dict(zip(names, labels, strict=True)), value
+
     def family(self, with_samples: bool = True) -> Metric:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
         if with_samples:

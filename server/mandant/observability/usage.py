@@ -16,10 +16,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
 from mandant.config import TenantConfig
@@ -43,6 +42,15 @@ SCOPES = {
     "quota": "fleet with limits.store redis (quota.scope), else replica",
     "fleet": "fleet: every replica's, today and this month (UTC), from Redis",
 }
+
+
+class UsageCounts(Protocol):
+    """Where a report reads this process's counts (:class:`PrometheusObserver`)."""
+
+    def usage_counts(self) -> Iterable[tuple[str, dict[str, str], float]]:
+        """(sample name, labels, value) of the requests, rows, compute seconds,
+        rejections and admitted rows counters."""
+        ...
 
 
 @runtime_checkable
@@ -128,16 +136,16 @@ class UsageReports:
 
     def __init__(
         self,
-        registry: CollectorRegistry,
+        counts: UsageCounts,
         tenants: Sequence[TenantConfig] | TenantDirectory,
         live: LiveStats,
         quota: QuotaUsage | None = None,
         fleet: RedisUsage | None = None,
     ) -> None:
-        """``tenants``: the tenant directory (reports list the tenants and quota limits
-        of its current snapshot), or fixed configs. ``fleet``: the fleet-wide counters
-        (the Redis store's), if any."""
-        self._registry = registry
+        """``counts``: this process's counters. ``tenants``: the tenant directory
+        (reports list the tenants and quota limits of its current snapshot), or fixed
+        configs. ``fleet``: the fleet-wide counters (the Redis store's), if any."""
+        self._counts = counts
         self._directory = (
             tenants if isinstance(tenants, TenantDirectory) else TenantDirectory(tenants)
         )
@@ -153,7 +161,7 @@ class UsageReports:
         """Every current tenant's usage, or ``only`` that tenant's."""
         tenants = [t for t in self._directory.current.configs if only is None or t.id == only]
         used = {t.id: await self._quota_used(t) for t in tenants}
-        report = usage_report(self._registry, tenants, used)
+        report = usage_report(self._counts, tenants, used)
         fleet_scope = "replica" if self._quota is None else self._quota.quota_scope
         for tenant in tenants:
             if tenant.quota is not None:
@@ -188,13 +196,13 @@ class UsageReports:
 
 
 def usage_report(
-    registry: CollectorRegistry,
+    counts: UsageCounts,
     tenants: Sequence[TenantConfig],
     quota_used: Mapping[str, Mapping[str, int]] | None = None,
 ) -> dict[str, Any]:
     """Per configured tenant: calls by status, rows and compute seconds by model,
     rejections by reason, and its quota (limits, and use where admission knows it).
-    Read from the registry's series; counts since this process started."""
+    Read from this process's counters; counts since it started."""
     report: dict[str, dict[str, Any]] = {
         t.id: {
             "requests": {},
@@ -219,22 +227,20 @@ def usage_report(
         entry[key][label] = entry[key].get(label, 0) + value
         entry[f"{key}_total"] += value
 
-    for family in registry.collect():
-        for sample in family.samples:
-            entry = report.get(sample.labels.get("tenant", ""))
-            if entry is None:
-                continue
-            value = sample.value
-            if sample.name == "mandant_requests_total":
-                add(entry, "requests", sample.labels["code"], int(value))
-            elif sample.name == "mandant_rows_total":
-                add(entry, "rows", sample.labels["model"], int(value))
-            elif sample.name == "mandant_compute_seconds_total":
-                add(entry, "compute_seconds", sample.labels["model"], value)
-            elif sample.name == "mandant_rejections_total":
-                add(entry, "rejections", sample.labels["reason"], int(value))
-            elif sample.name == "mandant_admitted_rows_total":
-                entry["admitted_rows"] += int(value)
+    for name, labels, value in counts.usage_counts():
+        entry = report.get(labels.get("tenant", ""))
+        if entry is None:
+            continue
+        if name == "mandant_requests_total":
+            add(entry, "requests", labels["code"], int(value))
+        elif name == "mandant_rows_total":
+            add(entry, "rows", labels["model"], int(value))
+        elif name == "mandant_compute_seconds_total":
+            add(entry, "compute_seconds", labels["model"], value)
+        elif name == "mandant_rejections_total":
+            add(entry, "rejections", labels["reason"], int(value))
+        elif name == "mandant_admitted_rows_total":
+            entry["admitted_rows"] += int(value)
     return {
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "replica": REPLICA,
