@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import queue
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -341,3 +342,46 @@ async def test_in_flight_messages_per_stream_are_capped(limited_server: Server) 
     assert len(responses) == 8
     assert all(not r.error_message for r in responses)
     assert peak == 2
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+async def test_an_open_stream_ends_when_the_server_stops(tmp_path: Path, kind: str) -> None:
+    """A stream held open between calls (a multiplexing client keeps one) ends with
+    status OK when the server stops, its message in flight answered first: it once
+    stayed open for the whole grace period, every message on it refused UNAVAILABLE,
+    and its client never opened a new one elsewhere."""
+    slow = {
+        **ECHO_MODEL,
+        "name": "slow",
+        "factory": "tests.integration.slow_models:sleepy",
+        "factory_args": {"seconds": 0.5},
+    }
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 20},
+            "tenants": [{"id": "t", "api_keys": ["sha256:" + _sha("t-key")]}],
+            "models": [ECHO_MODEL, slow],
+        },
+        "test",
+    )
+    server = serve(kind, config, tmp_path)
+    stopping: asyncio.Task[None] | None = None
+    try:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            method = channel.stream_stream(
+                STREAM, response_deserializer=pb.ModelStreamInferResponse.FromString
+            )
+            stream = method(metadata=(("authorization", "Bearer t-key"),))
+            await stream.write(_request("echo", "first"))
+            assert (await stream.read()).infer_response.id == "first"
+            await stream.write(_request("slow", "in-flight"))
+            await asyncio.sleep(0.2)  # the message is in the model
+            stopping = asyncio.create_task(asyncio.to_thread(server.stop, 20))
+            answer = await stream.read()
+            assert answer.infer_response.id == "in-flight" and not answer.error_message
+            assert await stream.code() == grpc.StatusCode.OK
+    finally:
+        if stopping is None:
+            server.stop()
+        else:
+            await stopping

@@ -241,6 +241,7 @@ class GrpcServer:
         call has started for :data:`QUIET_S`, for at most :data:`QUIET_MAX_S` (a
         client calling again at once after each refusal keeps it from going quiet)."""
         self._plane.drain()
+        self.servicer.end_streams()
         watch, self._health_watch = self._health_watch, None
         if watch is not None:
             watch.cancel()

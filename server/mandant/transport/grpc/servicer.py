@@ -58,6 +58,14 @@ class InferenceServicer:
         self._max_bytes_elements = config.max_bytes_elements
         self._observer = observer
         self._door = door
+        self._streams: set[InferStream] = set()
+
+    def end_streams(self) -> None:
+        """The server is stopping: every open stream ends (status OK) once the messages
+        it has in flight are answered, so that its client opens its next one elsewhere
+        instead of holding the drain for ``grace_s`` with its calls refused."""
+        for stream in self._streams:
+            stream.end()
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, call: Call, context: Context
@@ -139,7 +147,11 @@ class InferenceServicer:
             self._door,
             self._cap,
         )
-        await stream.serve()
+        self._streams.add(stream)
+        try:
+            await stream.serve()
+        finally:
+            self._streams.discard(stream)
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, call: Call, context: Context

@@ -21,7 +21,10 @@ answers not yet written; beyond that the stream is not read (HTTP/2 flow control
 holds the client back), so a client that sends without reading cannot make the server
 buffer its answers.
 When the client leaves, every message still in flight is cancelled: it leaves its
-queue and frees its concurrency slot.
+queue and frees its concurrency slot. When the server stops (:meth:`InferStream.end`),
+a stream ends with status OK once the messages it has in flight are answered: its
+client's next call opens a new stream (elsewhere, or on the restarted server) instead
+of waiting out the drain on this one.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import asyncio
 import logging
 import time
 import uuid
+from typing import Any
 
 import grpc
 
@@ -77,22 +81,45 @@ class InferStream:
         self._door = door
         self._writing = asyncio.Lock()  # one write at a time on a gRPC stream
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reading: asyncio.Task[Any] | None = None  # the task of :meth:`serve`
+        self._ending = False
+
+    def end(self) -> None:
+        """End the stream once its messages in flight are answered (the server stops)."""
+        self._ending = True
+        self._end_if_idle()
+
+    def _end_if_idle(self) -> None:
+        if self._ending and not self._tasks and self._reading is not None:
+            self._reading.cancel()  # it waits for the client's next message: stop that
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._end_if_idle()
 
     async def serve(self) -> None:
         context = self._context
         tasks = self._tasks
+        self._reading = asyncio.current_task()
         try:
-            while True:
+            while not self._ending:
                 await self._window.acquire()
                 raw = await context.read()
                 if raw is grpc.aio.EOF:
                     break
                 task = asyncio.create_task(self._serve_one(raw))
                 tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                task.add_done_callback(self._done)
             if tasks:  # the client is done sending: answer what is in flight
                 await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
+            if not self._ending or tasks:
+                raise  # the client left (or the call was cancelled)
+            reading = asyncio.current_task()
+            if reading is not None:
+                reading.uncancel()  # ended by end(): a normal end of the stream
         finally:
+            self._reading = None
             for task in tasks:
                 task.cancel()
 
