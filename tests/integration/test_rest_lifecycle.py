@@ -206,3 +206,38 @@ def test_mandant_serve_rest_port_flag(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_client_leaving_while_its_call_runs_is_counted_cancelled(tmp_path: Path) -> None:
+    """As on gRPC: the call is cancelled when its client goes (it was run to its end
+    and counted OK, for nobody)."""
+    body = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
+    raw = json.dumps(body).encode()
+    with _server(tmp_path, SLEEPY) as server:
+        assert server.app is not None
+        app = server.app
+        with socket.create_connection(("127.0.0.1", app.rest_port)) as leaving:
+            leaving.sendall(
+                b"POST /v2/models/sleepy/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(raw), raw)
+            )
+            for _ in range(500):  # until the call is in the server (bounded, not timed)
+                if app.rest.calls:
+                    break
+                time.sleep(0.01)
+            assert app.rest.calls == 1
+        for _ in range(500):  # the client is gone: the call ends
+            if not app.rest.calls:
+                break
+            time.sleep(0.01)
+        counted = {
+            labels["code"]: value
+            for name, labels, value in server.call(_counts(app))
+            if name == "mandant_requests_total" and labels["tenant"] == "t"
+        }
+    assert counted == {"CANCELLED": 1.0}
+
+
+async def _counts(app: Any) -> list[tuple[str, dict[str, str], float]]:
+    """The server's counters, read on its event loop."""
+    return list(app.prometheus.usage_counts())
