@@ -241,3 +241,19 @@ def test_a_client_leaving_while_its_call_runs_is_counted_cancelled(tmp_path: Pat
 async def _counts(app: Any) -> list[tuple[str, dict[str, str], float]]:
     """The server's counters, read on its event loop."""
     return list(app.prometheus.usage_counts())
+
+
+def test_requests_aiohttp_cannot_parse_log_no_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A header line over aiohttp's 8190 bytes is answered 400, on both HTTP ports; it
+    once logged an ERROR with a traceback each time (any client could fill the log)."""
+    with _server(tmp_path, ECHO_MODEL) as server:
+        assert server.app is not None
+        too_long = b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"
+        for port in (server.app.rest_port, server.app.http_port):
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                client.sendall(too_long)
+                assert client.recv(64).startswith(b"HTTP/1.0 400")
+        time.sleep(0.2)  # the server logs after answering
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 #: How long a connection's handler may take to end once a server's own drain is over;
 #: then it is cancelled. aiohttp reads a shutdown timeout of 0 as none at all, so a
@@ -12,11 +15,31 @@ from aiohttp import web
 CLOSE_WAIT_S = 0.05
 
 
+class _ClientMistakes(logging.Filter):
+    """aiohttp logs every request it cannot parse (a header line over 8190 bytes, too
+    many headers, a bad request line) as an ERROR with a traceback, after answering it
+    400: any client could fill the server's error log. Such a record goes out at
+    DEBUG, without the traceback; the server's own errors stay as they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.msg = f"{record.msg}: {type(exc).__name__} (answered {exc.code})"
+            record.exc_info = record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_CLIENT_MISTAKES = _ClientMistakes()
+
+
 def runner(app: web.Application) -> web.AppRunner:
     """A runner for ``app`` that closes every connection at once when cleaned up, and
     cancels a handler whose client has gone (as gRPC cancels a call): a REST call
     whose client left is counted CANCELLED and leaves its queue, not run and counted
     OK for nobody (aiohttp no longer does this by default)."""
+    logging.getLogger("aiohttp.server").addFilter(_CLIENT_MISTAKES)  # once: a set
     return web.AppRunner(
         app, access_log=None, shutdown_timeout=CLOSE_WAIT_S, handler_cancellation=True
     )
