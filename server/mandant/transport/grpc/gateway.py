@@ -96,6 +96,14 @@ def deadline_passed(context: Context, slack_s: float = 0.0) -> bool:
     return remaining is not None and remaining <= slack_s
 
 
+def client_saw(context: Context, code: str) -> str:
+    """The status a call's client saw, for a call that ended with ``code`` (a status
+    name): DEADLINE_EXCEEDED once its deadline had passed, however it ended, so SLOs
+    count it as bad; a cancellation just before the deadline counts as it."""
+    slack_s = CANCELLED_AT_DEADLINE_S if code == "CANCELLED" else 0.0
+    return "DEADLINE_EXCEEDED" if deadline_passed(context, slack_s) else code
+
+
 class Gate:
     """``cap``: calls (and stream messages) served at once, server-wide (shared with the
     other ports); one more is answered RESOURCE_EXHAUSTED once its key is checked,
@@ -171,7 +179,6 @@ class Gate:
         observer = self._observer
         shed = self.door  # where a full cap may take a place from another tenant
         door = self.door if fair else None
-
         gate = self
 
         async def handle(raw: bytes, context: Context) -> Any:
@@ -208,9 +215,7 @@ class Gate:
                     cap.leave()
                 if inside and door is not None and call.tenant is not None:
                     door.leave(call.tenant)
-                slack_s = CANCELLED_AT_DEADLINE_S if code == "CANCELLED" else 0.0
-                if deadline_passed(context, slack_s):  # the client saw DEADLINE_EXCEEDED
-                    code = "DEADLINE_EXCEEDED"
+                code = client_saw(context, code)
                 tenant_id = call.tenant.id if call.tenant is not None else ""
                 duration_s = time.perf_counter() - start
                 observer.request_finished(tenant_id, call.model, code, duration_s, call.version)

@@ -43,13 +43,7 @@ from mandant.events import Observer
 from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.service import DataPlane
 from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
-from mandant.transport.grpc.gateway import (
-    CANCELLED_AT_DEADLINE_S,
-    MAX_LOGGED_ID,
-    Context,
-    deadline_passed,
-    parse,
-)
+from mandant.transport.grpc.gateway import MAX_LOGGED_ID, Context, client_saw, parse
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
 from mandant.types import Call, Tenant
 from mandant_client._proto import grpc_service_pb2 as pb
@@ -179,11 +173,12 @@ class InferStream:
                 self._cap.leave()
             if inside and self._door is not None:
                 self._door.leave(self._tenant)
-            slack_s = CANCELLED_AT_DEADLINE_S if code == "CANCELLED" else 0.0
-            if deadline_passed(self._context, slack_s):  # the client saw DEADLINE_EXCEEDED
-                code = "DEADLINE_EXCEEDED"
             self._observer.request_finished(
-                self._tenant.id, call.model, code, time.perf_counter() - start, call.version
+                self._tenant.id,
+                call.model,
+                client_saw(self._context, code),
+                time.perf_counter() - start,
+                call.version,
             )
 
 

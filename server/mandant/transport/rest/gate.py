@@ -163,10 +163,8 @@ class RestGate:
             await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise BodyTooLarge(f"request body is larger than {self._max_body} bytes") from None
-        except (RequestPayloadError, HttpProcessingError) as exc:
-            if isinstance(exc.__cause__, ContentEncodingError) or isinstance(
-                exc, ContentEncodingError
-            ):  # "Content-Encoding: gzip" on a body that is not
+        except (RequestPayloadError, HttpProcessingError) as exc:  # aiohttp's wrapper, or not
+            if isinstance(exc.__cause__ or exc, ContentEncodingError):  # not gzip, say
                 raise InvalidInput(
                     "the request body does not decode as its Content-Encoding says"
                 ) from None
