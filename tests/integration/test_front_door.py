@@ -11,6 +11,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -45,6 +46,14 @@ def server(tmp_path: Path) -> Iterator[ServerThread]:
         },
         "test",
     )
+    with _gated(config, tmp_path) as running:
+        yield running
+
+
+@contextmanager
+def _gated(config: MandantConfig, tmp_path: Path) -> Iterator[ServerThread]:
+    """``config`` served with ``gated_models.GATE`` closed (the ``gated`` model holds
+    every call until the test sets it); set again at the end, whatever happened."""
     gated_models.GATE.clear()
     try:
         with ServerThread(config, tmp_path) as running:
@@ -107,39 +116,31 @@ async def test_the_call_cap_and_the_door_are_shared_by_grpc_and_rest(tmp_path: P
     """With room for one call in the whole server, a gRPC call stuck in a model leaves
     none for REST: the REST call is refused 429 with Retry-After."""
     config = _capped(max_concurrent_rpcs=1)
-    gated_models.GATE.clear()
-    try:
-        with ServerThread(config, tmp_path) as server:
-            assert server.app is not None
-            async with grpc.aio.insecure_channel(server.target) as channel:
-                infer = channel.unary_unary(INFER)
-                stuck = asyncio.ensure_future(
-                    infer(_request("gated"), metadata=(("authorization", "Bearer a-key"),))
-                )
-                for _ in range(200):
-                    if server.app.calls.calls == 1:
-                        break
-                    await asyncio.sleep(0.01)
-                assert server.app.calls.calls == 1
-                body = json.dumps(
-                    {
-                        "inputs": [
-                            {"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [1]}
-                        ]
-                    }
-                ).encode()
-                url = f"http://127.0.0.1:{server.app.rest_port}/v2/models/echo/infer"
-                request = urllib.request.Request(
-                    url, data=body, headers={"Authorization": "Bearer a-key"}, method="POST"
-                )
-                with pytest.raises(urllib.error.HTTPError) as refused:
-                    await asyncio.to_thread(urllib.request.urlopen, request, timeout=10)
-                assert refused.value.code == 429
-                assert "server busy" in refused.value.read().decode()
-                gated_models.GATE.set()
-                await stuck
-    finally:
-        gated_models.GATE.set()
+    with _gated(config, tmp_path) as server:
+        assert server.app is not None
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            infer = channel.unary_unary(INFER)
+            stuck = asyncio.ensure_future(
+                infer(_request("gated"), metadata=(("authorization", "Bearer a-key"),))
+            )
+            for _ in range(200):
+                if server.app.calls.calls == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert server.app.calls.calls == 1
+            body = json.dumps(
+                {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [1]}]}
+            ).encode()
+            url = f"http://127.0.0.1:{server.app.rest_port}/v2/models/echo/infer"
+            request = urllib.request.Request(
+                url, data=body, headers={"Authorization": "Bearer a-key"}, method="POST"
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                await asyncio.to_thread(urllib.request.urlopen, request, timeout=10)
+            assert refused.value.code == 429
+            assert "server busy" in refused.value.read().decode()
+            gated_models.GATE.set()
+            await stuck
 
 
 async def test_a_rest_body_that_never_arrives_holds_no_place(tmp_path: Path) -> None:
@@ -192,49 +193,43 @@ async def test_open_streams_hold_no_place_and_each_message_takes_one(tmp_path: P
     it free for b; a call stuck in a model takes it, and a stream message then gets its
     own RESOURCE_EXHAUSTED answer with pushback while its stream goes on."""
     config = _capped(max_concurrent_rpcs=1)
-    gated_models.GATE.clear()
-    try:
-        with ServerThread(config, tmp_path) as server:
-            assert server.app is not None
-            async with grpc.aio.insecure_channel(server.target) as channel:
-                open_stream = channel.stream_stream(STREAM)
-                idle = [
-                    open_stream(metadata=(("authorization", "Bearer a-key"),)) for _ in range(3)
-                ]
-                for stream in idle:
-                    await stream.initial_metadata()  # the key is accepted: the streams are open
-                assert server.app.calls.calls == 0
-                b_key = (("authorization", "Bearer b-key"),)
-                answer = await channel.unary_unary(INFER)(_request("echo"), metadata=b_key)
-                assert pb.ModelInferResponse.FromString(answer).outputs[0].name == "OUTPUT0"
+    with _gated(config, tmp_path) as server:
+        assert server.app is not None
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            open_stream = channel.stream_stream(STREAM)
+            idle = [open_stream(metadata=(("authorization", "Bearer a-key"),)) for _ in range(3)]
+            for stream in idle:
+                await stream.initial_metadata()  # the key is accepted: the streams are open
+            assert server.app.calls.calls == 0
+            b_key = (("authorization", "Bearer b-key"),)
+            answer = await channel.unary_unary(INFER)(_request("echo"), metadata=b_key)
+            assert pb.ModelInferResponse.FromString(answer).outputs[0].name == "OUTPUT0"
 
-                stuck = asyncio.ensure_future(
-                    channel.unary_unary(INFER)(_request("gated"), metadata=b_key)
-                )
-                for _ in range(200):
-                    if server.app.calls.calls == 1:
-                        break
-                    await asyncio.sleep(0.01)
-                stream = idle[0]
-                await stream.write(_request("echo", "m-busy"))
-                busy = pb.ModelStreamInferResponse.FromString(await stream.read())
-                assert "server busy" in busy.error_message
-                # with its id, as every stream answer (a multiplexing client matches it)
-                assert busy.infer_response.id == "m-busy"
-                assert busy.infer_response.model_name == "echo"
-                parameters = busy.infer_response.parameters
-                assert parameters["status_code"].string_param == "RESOURCE_EXHAUSTED"
-                assert parameters["retry_pushback_ms"].int64_param > 0
-                gated_models.GATE.set()
-                await stuck
-                await stream.write(_request("echo"))
-                served = pb.ModelStreamInferResponse.FromString(await stream.read())
-                assert not served.error_message
-                assert served.infer_response.outputs[0].name == "OUTPUT0"
-                for stream in idle:
-                    await stream.done_writing()
-    finally:
-        gated_models.GATE.set()
+            stuck = asyncio.ensure_future(
+                channel.unary_unary(INFER)(_request("gated"), metadata=b_key)
+            )
+            for _ in range(200):
+                if server.app.calls.calls == 1:
+                    break
+                await asyncio.sleep(0.01)
+            stream = idle[0]
+            await stream.write(_request("echo", "m-busy"))
+            busy = pb.ModelStreamInferResponse.FromString(await stream.read())
+            assert "server busy" in busy.error_message
+            # with its id, as every stream answer (a multiplexing client matches it)
+            assert busy.infer_response.id == "m-busy"
+            assert busy.infer_response.model_name == "echo"
+            parameters = busy.infer_response.parameters
+            assert parameters["status_code"].string_param == "RESOURCE_EXHAUSTED"
+            assert parameters["retry_pushback_ms"].int64_param > 0
+            gated_models.GATE.set()
+            await stuck
+            await stream.write(_request("echo"))
+            served = pb.ModelStreamInferResponse.FromString(await stream.read())
+            assert not served.error_message
+            assert served.infer_response.outputs[0].name == "OUTPUT0"
+            for stream in idle:
+                await stream.done_writing()
 
 
 async def test_a_flood_waiting_at_the_door_gives_its_places_to_another_tenant(
@@ -245,32 +240,28 @@ async def test_a_flood_waiting_at_the_door_gives_its_places_to_another_tenant(
     anyway, in the place of a's newest waiter, which is answered RESOURCE_EXHAUSTED
     with pushback; a's other calls are served once the model answers."""
     config = _capped(max_concurrent_rpcs=8, front_door_slots=2)
-    gated_models.GATE.clear()
-    try:
-        with ServerThread(config, tmp_path) as server:
-            assert server.app is not None
-            async with grpc.aio.insecure_channel(server.target) as channel:
-                infer = channel.unary_unary(INFER)
-                a_key = (("authorization", "Bearer a-key"),)
-                flood = [
-                    asyncio.ensure_future(infer(_request("gated"), metadata=a_key, timeout=30))
-                    for _ in range(8)
-                ]
-                for _ in range(300):
-                    if server.app.calls.calls == 8:
-                        break
-                    await asyncio.sleep(0.01)
-                assert server.app.calls.calls == 8
-                b_key = (("authorization", "Bearer b-key"),)
-                answer = await infer(_request("echo"), metadata=b_key, timeout=10)
-                assert pb.ModelInferResponse.FromString(answer).outputs[0].name == "OUTPUT0"
-                gated_models.GATE.set()
-                ended = await asyncio.gather(*flood, return_exceptions=True)
-                shed = [e for e in ended if isinstance(e, grpc.aio.AioRpcError)]
-                assert len(shed) == 1 and len(ended) - len(shed) == 7
-                assert shed[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "server busy" in str(shed[0].details())
-                trailers = dict(shed[0].trailing_metadata() or ())
-                assert int(trailers["grpc-retry-pushback-ms"]) > 0
-    finally:
-        gated_models.GATE.set()
+    with _gated(config, tmp_path) as server:
+        assert server.app is not None
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            infer = channel.unary_unary(INFER)
+            a_key = (("authorization", "Bearer a-key"),)
+            flood = [
+                asyncio.ensure_future(infer(_request("gated"), metadata=a_key, timeout=30))
+                for _ in range(8)
+            ]
+            for _ in range(300):
+                if server.app.calls.calls == 8:
+                    break
+                await asyncio.sleep(0.01)
+            assert server.app.calls.calls == 8
+            b_key = (("authorization", "Bearer b-key"),)
+            answer = await infer(_request("echo"), metadata=b_key, timeout=10)
+            assert pb.ModelInferResponse.FromString(answer).outputs[0].name == "OUTPUT0"
+            gated_models.GATE.set()
+            ended = await asyncio.gather(*flood, return_exceptions=True)
+            shed = [e for e in ended if isinstance(e, grpc.aio.AioRpcError)]
+            assert len(shed) == 1 and len(ended) - len(shed) == 7
+            assert shed[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "server busy" in str(shed[0].details())
+            trailers = dict(shed[0].trailing_metadata() or ())
+            assert int(trailers["grpc-retry-pushback-ms"]) > 0
