@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mandant.config import MandantConfig, load_config
+from mandant.config import MandantConfig, load_config, reloaded
 from mandant.errors import ConfigError
 from mandant.tenancy.keys import generate_key
 
@@ -63,11 +63,8 @@ def _with_overrides(config: MandantConfig, args: argparse.Namespace) -> MandantC
 def _reload(app: App, path: Path, overrides: argparse.Namespace) -> None:
     """SIGHUP: read the configuration file again; a file that does not validate is
     refused with its errors and the server keeps the configuration it runs."""
-    try:
-        config = _with_overrides(load_config(path), overrides)
-        config.model_specs(path.resolve().parent)
-    except ConfigError as exc:
-        logger.error("configuration reload refused, keeping the running one: %s", exc)
+    config = reloaded(lambda: _with_overrides(load_config(path), overrides), path.resolve().parent)
+    if config is None:
         return
     result = app.reload(config)
     for note in result.deferred:

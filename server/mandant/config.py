@@ -10,9 +10,10 @@ key hashes and Redis passwords can come from the environment instead of the file
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -22,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mandant.errors import ConfigError
 from mandant.types import DATATYPES, TensorSpec
+
+logger = logging.getLogger(__name__)
 
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -799,6 +802,18 @@ def _expand_env(
             for index, item in enumerate(data)
         ]
     return data
+
+
+def reloaded(load: Callable[[], MandantConfig], base_dir: Path) -> MandantConfig | None:
+    """What ``load`` reads, if it validates with its models under ``base_dir``; else
+    None, its errors logged: a reload keeps the configuration it runs."""
+    try:
+        config = load()
+        config.model_specs(base_dir)
+    except ConfigError as exc:
+        logger.error("configuration reload refused, keeping the running one: %s", exc)
+        return None
+    return config
 
 
 def load_config(path: Path, env: Mapping[str, str] | None = None) -> MandantConfig:

@@ -17,8 +17,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from mandant.config import MandantConfig
-from mandant.errors import ConfigError
+from mandant.config import MandantConfig, reloaded
 from mandant.heap import settle
 from mandant.workers.sockets import EngineSockets
 
@@ -58,16 +57,6 @@ async def _until_stopped(reload: Callable[[], None], serving: Callable[[], None]
     await stop.wait()
 
 
-def _reloaded(load: Callable[[], MandantConfig], base_dir: Path) -> MandantConfig | None:
-    try:
-        config = load()
-        config.model_specs(base_dir)
-    except ConfigError as exc:
-        logger.error("configuration reload refused, keeping the running one: %s", exc)
-        return None
-    return config
-
-
 async def serve_engine(
     config: MandantConfig, path: Path, sockets: EngineSockets, load: Callable[[], MandantConfig]
 ) -> None:
@@ -86,7 +75,7 @@ async def serve_engine(
     }
 
     def reload() -> None:
-        new = _reloaded(load, path.parent)
+        new = reloaded(load, path.parent)
         if new is None:
             return
         result = app.reload(new)
@@ -110,7 +99,7 @@ async def serve_front_end(
     settle()
 
     def reload() -> None:
-        new = _reloaded(load, path.parent)
+        new = reloaded(load, path.parent)
         if new is not None:
             changes = front.reload(new)
             logger.info("front end reloaded %s: %s", path, "; ".join(changes) or "no changes")

@@ -42,7 +42,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mandant.errors import ConfigError
 from mandant.workers.process import ANNOUNCE
 from mandant.workers.sockets import EngineSockets
 
@@ -236,14 +235,15 @@ class Supervisor:
     def _apply_file(self) -> bool:
         """Copy the configuration file to :attr:`applied` if it validates (the copy is
         what is checked, so what children read is what passed)."""
-        from mandant.config import load_config
+        from mandant.config import load_config, reloaded
 
         checked = self.applied.with_suffix(".checking")
         try:
             shutil.copyfile(self._config_path, checked)
-            load_config(checked).model_specs(self._config_path.parent)
-        except (OSError, ConfigError) as exc:
+        except OSError as exc:
             logger.error("configuration reload refused, keeping the running one: %s", exc)
+            return False
+        if reloaded(lambda: load_config(checked), self._config_path.parent) is None:
             checked.unlink(missing_ok=True)
             return False
         os.replace(checked, self.applied)
