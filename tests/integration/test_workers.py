@@ -224,9 +224,13 @@ async def test_weighted_shares_across_front_ends(
 
 
 async def test_metrics_count_every_front_ends_calls(tmp_path: Path) -> None:
+    # 20 connections: all on one front end with probability 2 ** -19 (8 was 1/128, and
+    # it happened).
     with WorkersServer(workers_config(), tmp_path) as server:
-        group = [AsyncClient(server.target, "globex-key", options=OWN_CONNECTION) for _ in range(8)]
-        outcomes = await asyncio.gather(*(_outcome(c) for _ in range(5) for c in group))
+        group = [
+            AsyncClient(server.target, "globex-key", options=OWN_CONNECTION) for _ in range(20)
+        ]
+        outcomes = await asyncio.gather(*(_outcome(c) for _ in range(2) for c in group))
         fronts = server.children()["front-end"]
         assert all(_connections(pid, server.grpc_port) > 0 for pid in fronts)
         for client in group:
