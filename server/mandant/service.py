@@ -17,7 +17,7 @@ from typing import Literal, Protocol
 from mandant.errors import DeadlineExceeded, InvalidInput, ModelFailed, Unavailable, shown
 from mandant.registry import Model, ModelRegistry
 from mandant.tenancy.admission import Admission, Unlimited
-from mandant.tenancy.keys import KeyLookup
+from mandant.tenancy.directory import TenantDirectory
 from mandant.types import Call, EncodedRequest, InferRequest, InferResponse, Tenant
 from mandant.validation import check_batch_rows, check_inputs, check_outputs
 
@@ -44,20 +44,20 @@ class Engine(Protocol):
 class DataPlane:
     def __init__(
         self,
-        keys: KeyLookup,
+        tenants: TenantDirectory,
         registry: ModelRegistry | None,
         admission: Admission | None = None,
         version: str = "0",
         ready_when: Literal["all_models", "any_model"] = "any_model",
         engine: Engine | None = None,
     ) -> None:
-        """``keys``: the tenant directory (a reload's keys apply to the next call; calls
+        """``tenants``: the tenant directory (a reload's keys apply to the next call; calls
         in flight keep the tenant they were authenticated as). ``ready_when``: whether
         one ready model (``any_model``) or every model makes the server ready.
         ``engine``: a front end's engine process, which then resolves, admits, batches
         and runs every inference call (the front end has no ``registry``: its model
         RPCs are forwarded to the engine too, ``transport/grpc/forward.py``)."""
-        self._keys = keys
+        self._tenants = tenants
         self._registry = registry
         self._engine = engine
         self._admission: Admission = admission or Unlimited()
@@ -68,7 +68,11 @@ class DataPlane:
     # -- server -------------------------------------------------------------------
 
     def authenticate(self, authorization: str | None) -> Tenant:
-        return self._keys.authenticate(authorization)
+        return self._tenants.authenticate(authorization)
+
+    def tenant_named(self, tenant_id: str) -> Tenant:
+        """The configured tenant an admin names, or InvalidInput."""
+        return self._tenants.named(tenant_id)
 
     @property
     def live(self) -> bool:

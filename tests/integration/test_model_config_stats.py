@@ -188,6 +188,14 @@ def test_admin_filters_one_tenant_with_metadata(client: triton.InferenceServerCl
     assert acme_view == client.get_inference_statistics(headers=auth("acme"))
 
 
+def test_admin_naming_no_configured_tenant_is_refused(client: triton.InferenceServerClient) -> None:
+    """As GetUsage: a name no tenant has is an error, not an empty tenant's zeros."""
+    with pytest.raises(InferenceServerException) as err:
+        client.get_inference_statistics(headers={**ADMIN, "mandant-tenant": "acmee"})
+    assert str(err.value.status()) == "StatusCode.INVALID_ARGUMENT"
+    assert "no tenant 'acmee' is configured" in str(err.value.message())
+
+
 def test_statistics_refuse_unknown_keys(client: triton.InferenceServerClient) -> None:
     for headers in (auth("no-such-key"), None):
         assert _status(lambda h=headers: client.get_inference_statistics(headers=h)) == (

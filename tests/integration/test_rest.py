@@ -360,6 +360,9 @@ def test_statistics_show_a_tenant_its_own_calls_only(server: Server) -> None:
     assert successes("globex") == before["globex"] + 1
     assert successes("admin") >= before_admin + 4  # every tenant's
     assert successes("admin", **{"mandant-tenant": "acme"}) == successes("acme")
+    unknown = {**auth("admin"), "mandant-tenant": "acmee"}
+    status, _, body = call(server, "GET", "/v2/models/stats", None, unknown)
+    assert status == 400 and "no tenant 'acmee' is configured" in error_of(body), body
     every = triton_client.get_inference_statistics(headers=auth("globex"))
     assert {s["name"] for s in every["model_stats"]} == {"echo", "alltypes"}  # no "secret"
     status, _, _ = call(server, "GET", "/v2/models/secret/stats", None, auth("globex"))

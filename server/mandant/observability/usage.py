@@ -153,9 +153,9 @@ class UsageReports:
         self._quota = quota
         self._fleet = fleet
 
-    @property
-    def tenant_ids(self) -> tuple[str, ...]:
-        return tuple(t.id for t in self._directory.current.configs)
+    def named(self, tenant_id: str) -> str:
+        """``tenant_id`` if it is configured, else InvalidInput (an admin naming one)."""
+        return self._directory.named(tenant_id).id
 
     async def report(self, only: str | None = None) -> dict[str, Any]:
         """Every current tenant's usage, or ``only`` that tenant's."""

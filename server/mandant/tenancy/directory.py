@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from mandant.config import MandantConfig, SloConfig, TenantConfig
-from mandant.errors import Unauthenticated
+from mandant.errors import InvalidInput, Unauthenticated, shown
 from mandant.tenancy.keys import AdminKeys, KeyStore
 from mandant.types import Tenant
 
@@ -101,6 +101,14 @@ class TenantDirectory:
         if len(found) != 1:
             raise Unauthenticated()
         return found.pop()
+
+    def named(self, tenant_id: str) -> Tenant:
+        """The configured tenant ``tenant_id``, for an admin who names one (GetUsage,
+        ModelStatistics' ``mandant-tenant``), or :class:`~mandant.errors.InvalidInput`."""
+        tenant = self._current.tenants.get(tenant_id)
+        if tenant is None:
+            raise InvalidInput(f"no tenant '{shown(tenant_id)}' is configured")
+        return tenant
 
     def is_admin(self, authorization: str | None) -> bool:
         return self._current.admins.is_admin(authorization)

@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable, Mapping
-from typing import Protocol
 
 from mandant.errors import Unauthenticated
 from mandant.types import Tenant
@@ -38,12 +37,6 @@ def _bearer_hash(authorization: str | None) -> str | None:
     if not authorization or authorization[: len(_BEARER)].lower() != _BEARER:
         return None
     return hash_key(authorization[len(_BEARER) :].strip())
-
-
-class KeyLookup(Protocol):
-    def authenticate(self, authorization: str | None) -> Tenant:
-        """The tenant a key belongs to, or :class:`Unauthenticated`."""
-        ...
 
 
 #: ``authorization`` values a :class:`KeyStore` remembers, and the longest it does.

@@ -7,7 +7,6 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from mandant.errors import InvalidInput, shown
 from mandant.observability.usage import UsageReports
 from mandant.transport.grpc.gateway import Access, Gate
 from mandant.types import Call
@@ -55,9 +54,8 @@ class AdminServicer:
     async def GetUsage(
         self, request: pb.GetUsageRequest, call: Call, context: Context
     ) -> pb.GetUsageResponse:
-        if request.tenant and request.tenant not in self._reports.tenant_ids:
-            raise InvalidInput(f"no tenant '{shown(request.tenant)}' is configured")
-        report = await self._reports.report(only=request.tenant or None)
+        only = self._reports.named(request.tenant) if request.tenant else None
+        report = await self._reports.report(only=only)
         return pb.GetUsageResponse(
             generated_at=report["generated_at"],
             replica=report["replica"],

@@ -19,13 +19,9 @@ from mandant.service import EXTENSIONS, SERVER_NAME, DataPlane
 from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
 from mandant.transport.grpc.gateway import Access, Context, Gate, metadata_value
 from mandant.transport.grpc.model_config import model_config
-from mandant.transport.grpc.statistics import (
-    TENANT_METADATA,
-    admin_statistics,
-    tenant_statistics,
-)
+from mandant.transport.grpc.statistics import TENANT_METADATA, model_statistics
 from mandant.transport.grpc.stream import InferStream
-from mandant.types import Call, Tenant
+from mandant.types import Call
 from mandant_client._proto import grpc_service_pb2 as pb
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
@@ -114,16 +110,14 @@ class InferenceServicer:
     ) -> pb.ModelStatisticsResponse:
         """A tenant key: its own calls; an admin key: every tenant's, or one tenant's
         with the ``mandant-tenant`` metadata (``statistics.py``)."""
-        tenant = call.tenant
-        if tenant is None:  # an admin key
-            tenant_id = metadata_value(context, TENANT_METADATA)
-            tenant = Tenant(tenant_id) if tenant_id else None
-        if tenant is None:
-            stats = admin_statistics(self._plane, self._stats, request.name, request.version)
-        else:
-            stats = tenant_statistics(
-                self._plane, self._stats, tenant, request.name, request.version
-            )
+        stats = model_statistics(
+            self._plane,
+            self._stats,
+            call.tenant,
+            metadata_value(context, TENANT_METADATA),
+            request.name,
+            request.version,
+        )
         return pb.ModelStatisticsResponse(model_stats=stats)
 
     async def ModelInfer(

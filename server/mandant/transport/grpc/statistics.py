@@ -29,6 +29,23 @@ from mandant_client._proto import grpc_service_pb2 as pb
 TENANT_METADATA = "mandant-tenant"
 
 
+def model_statistics(
+    plane: DataPlane,
+    stats: InferenceStats,
+    caller: Tenant | None,
+    named: str | None,
+    name: str,
+    version: str,
+) -> list[pb.ModelStatistics]:
+    """What ``caller`` sees (None: an admin key), or, for an admin, what the tenant it
+    ``named`` sees (INVALID_ARGUMENT if none is configured under that name)."""
+    if caller is None and named:
+        caller = plane.tenant_named(named)
+    if caller is None:
+        return admin_statistics(plane, stats, name, version)
+    return tenant_statistics(plane, stats, caller, name, version)
+
+
 def tenant_statistics(
     plane: DataPlane, stats: InferenceStats, tenant: Tenant, name: str, version: str
 ) -> list[pb.ModelStatistics]:

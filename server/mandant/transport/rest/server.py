@@ -33,11 +33,7 @@ from mandant.service import EXTENSIONS, SERVER_NAME, DataPlane
 from mandant.tenancy.keys import AdminKeys
 from mandant.transport import http
 from mandant.transport.grpc.model_config import model_config
-from mandant.transport.grpc.statistics import (
-    TENANT_METADATA,
-    admin_statistics,
-    tenant_statistics,
-)
+from mandant.transport.grpc.statistics import TENANT_METADATA, model_statistics
 from mandant.transport.rest.codec import (
     HEADER_LENGTH,
     JsonInferRequest,
@@ -52,7 +48,7 @@ from mandant.transport.rest.gate import (
 )
 from mandant.transport.rest.repository import add_repository_routes
 from mandant.transport.tls import reload_ssl_context, server_ssl_context
-from mandant.types import Call, Tenant, TensorSpec
+from mandant.types import Call, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -195,15 +191,14 @@ class RestServer:
         """A tenant key: its own calls; an admin key: every tenant's, or one tenant's
         with the ``mandant-tenant`` header (``transport/grpc/statistics.py``)."""
         info = request.match_info
-        name, version = info.get("name", ""), info.get("version", "")
-        tenant = call.tenant
-        if tenant is None:  # an admin key
-            tenant_id = request.headers.get(TENANT_METADATA)
-            tenant = Tenant(tenant_id) if tenant_id else None
-        if tenant is None:
-            stats = admin_statistics(self._plane, self._stats, name, version)
-        else:
-            stats = tenant_statistics(self._plane, self._stats, tenant, name, version)
+        stats = model_statistics(
+            self._plane,
+            self._stats,
+            call.tenant,
+            request.headers.get(TENANT_METADATA),
+            info.get("name", ""),
+            info.get("version", ""),
+        )
         return web.json_response({"model_stats": [_json(s) for s in stats]})
 
     async def _infer(self, request: web.Request, call: Call) -> web.Response:
