@@ -42,6 +42,7 @@ class Pki:
     acme: Pair  # CN=acme-client
     globex: Pair  # SAN URI spiffe://test/globex
     stranger: Pair  # signed by the CA, bound to no tenant
+    mailer: Pair  # SAN e-mail ops@example.com only: no identity, though "bound" to globex
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         issue(ca, folder, "acme", "acme-client", "URI:spiffe://test/acme-other"),
         issue(ca, folder, "globex", "globex-box", "URI:spiffe://test/globex"),
         issue(ca, folder, "stranger", "stranger", "URI:spiffe://test/stranger"),
+        issue(ca, folder, "mailer", "mailer", "email:ops@example.com"),
     )
 
 
@@ -78,7 +80,7 @@ def mtls_config(pki: Pki, **tls: Any) -> MandantConfig:
                     "api_keys": [hash_key("acme-key")],
                     "client_certs": ["CN=acme-client"],
                 },
-                {"id": "globex", "client_certs": ["spiffe://test/globex"]},
+                {"id": "globex", "client_certs": ["spiffe://test/globex", "ops@example.com"]},
             ],
             "models": [
                 {"name": "echo", **ECHO},
@@ -132,6 +134,15 @@ def test_a_bound_certificate_calls_as_its_tenant_without_a_key(pki: Pki, server:
 def test_an_unbound_certificate_without_a_key_is_unauthenticated(pki: Pki, server: Server) -> None:
     with client(server, credentials(pki, pki.stranger)) as c, pytest.raises(Unauthenticated):
         c.infer("echo", {"INPUT0": X})
+
+
+def test_only_the_cn_and_uri_or_dns_names_identify_a_certificate(pki: Pki, server: Server) -> None:
+    """An e-mail SAN names no tenant, on gRPC as on REST (gRPC reports every SAN)."""
+    with client(server, credentials(pki, pki.mailer)) as c, pytest.raises(Unauthenticated):
+        c.infer("echo", {"INPUT0": X})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        get(f"https://127.0.0.1:{server.rest_port}/v2/models/echo/ready", https(pki, pki.mailer))
+    assert refused.value.code == 401
 
 
 def test_a_key_still_authenticates_over_mtls(pki: Pki, server: Server) -> None:

@@ -57,13 +57,16 @@ def ssl_identities(peer_cert: Mapping[str, Any] | None) -> list[str]:
 
 def grpc_identities(auth_context: Mapping[str, Iterable[bytes]]) -> list[str]:
     """The identities of the verified client certificate of a gRPC call
-    (``context.auth_context()``); none without one."""
+    (``context.auth_context()``); none without one. As :func:`ssl_identities`: the
+    subject CN and the URI and DNS SANs (gRPC's ``x509_subject_alternative_name``
+    holds every SAN, e-mail and IP addresses too, which identify no tenant)."""
     identities = [
         f"CN={value.decode(errors='replace')}" for value in auth_context.get("x509_common_name", ())
     ]
     identities.extend(
         value.decode(errors="replace")
-        for value in auth_context.get("x509_subject_alternative_name", ())
+        for kind in ("peer_uri", "peer_dns")
+        for value in auth_context.get(kind, ())
     )
     return identities
 
