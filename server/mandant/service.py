@@ -17,7 +17,7 @@ from typing import Literal, Protocol
 from mandant.errors import DeadlineExceeded, InvalidInput, ModelFailed, Unavailable, shown
 from mandant.registry import Model, ModelRegistry
 from mandant.tenancy.admission import Admission, Unlimited
-from mandant.tenancy.directory import TenantDirectory
+from mandant.tenancy.directory import TenantDirectory, TenantSnapshot
 from mandant.types import Call, EncodedRequest, InferRequest, InferResponse, Tenant
 from mandant.validation import check_batch_rows, check_inputs, check_outputs
 
@@ -69,6 +69,11 @@ class DataPlane:
 
     def authenticate(self, authorization: str | None) -> Tenant:
         return self._tenants.authenticate(authorization)
+
+    @property
+    def tenant_snapshot(self) -> TenantSnapshot:
+        """The tenant directory's current snapshot: a new one after every reload."""
+        return self._tenants.current
 
     def tenant_named(self, tenant_id: str) -> Tenant:
         """The configured tenant an admin names, or InvalidInput."""

@@ -216,3 +216,41 @@ def test_sighup_reloads_and_refuses_a_broken_file(tmp_path: Path, kind: str) -> 
             client.infer("echo", X)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+def test_a_reload_reaches_streams_already_open(tmp_path: Path, kind: str) -> None:
+    """An open stream's key is checked again after a reload: a revoked key, or a
+    removed tenant, is refused on the stream it holds as on a new call (before, its
+    stream went on serving it, a removed tenant's with no limits at all)."""
+    port = free_port()
+    path = tmp_path / "mandant.yaml"
+
+    def write(**tenants: dict[str, Any]) -> None:
+        config = _config(port, **tenants)
+        if kind != SERVER_KINDS[0]:
+            config["server"]["workers"] = 2
+        path.write_text(yaml.safe_dump(config))
+
+    limited = {"api_keys": [hash_key("key-b")], "rate_limit": {"requests_per_s": 100}}
+    write(a={"api_keys": [hash_key("key-a")]}, b=limited, c={"api_keys": [hash_key("key-c")]})
+    target = f"127.0.0.1:{port}"
+    with (
+        mandant_serve(path) as proc,
+        Client(target, api_key="key-a", multiplex=True) as a,
+        Client(target, api_key="key-b", multiplex=True) as b,
+        Client(target, api_key="key-c", multiplex=True) as c,
+    ):
+        for client in (a, b, c):
+            client.infer("echo", X)  # each opens its stream
+        write(a={"api_keys": [hash_key("key-new")]}, c={"api_keys": [hash_key("key-c")]})
+        proc.send_signal(signal.SIGHUP)
+        _reloads(proc, kind)
+        for revoked in (a, b):
+            with pytest.raises(Unauthenticated):
+                revoked.infer("echo", X)
+        c.infer("echo", X)  # its key stands: its stream goes on
+        with Client(target, api_key="key-new", multiplex=True) as renewed:
+            renewed.infer("echo", X)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0

@@ -25,12 +25,15 @@ def test_identities_from_an_ssl_peer_certificate() -> None:
 
 
 def test_identities_from_a_grpc_auth_context() -> None:
-    context = {
+    context = {  # as gRPC reports a certificate with a URI, a DNS and an e-mail SAN
         "x509_common_name": [b"acme-client"],
-        "x509_subject_alternative_name": [b"spiffe://prod/acme"],
+        "x509_subject_alternative_name": [b"spiffe://prod/acme", b"box.acme", b"ops@acme"],
+        "peer_uri": [b"spiffe://prod/acme"],
+        "peer_dns": [b"box.acme"],
+        "peer_email": [b"ops@acme"],
         "transport_security_type": [b"ssl"],
     }
-    assert grpc_identities(context) == ["CN=acme-client", "spiffe://prod/acme"]
+    assert grpc_identities(context) == ["CN=acme-client", "spiffe://prod/acme", "box.acme"]
     assert grpc_identities({}) == []
 
 

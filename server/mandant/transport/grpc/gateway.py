@@ -59,7 +59,12 @@ class Unary(Protocol):
 
 
 class Streaming(Protocol):
-    def __call__(self, call: Call, context: Context) -> Awaitable[None]: ...
+    def __call__(
+        self, call: Call, context: Context, caller: Callable[[], Tenant | None]
+    ) -> Awaitable[None]:
+        """``caller``: the stream's caller authenticated again, as of now (a reload may
+        have revoked its key: :class:`~mandant.errors.Unauthenticated`)."""
+        ...
 
 
 def authorization(context: Context) -> str | None:
@@ -238,8 +243,9 @@ class Gate:
         behavior: Streaming,
         response_serializer: Callable[[Any], bytes],
     ) -> grpc.RpcMethodHandler:
-        """A bidirectional stream: the key is checked once when it opens (the whole
-        stream fails on a bad one, counted as one refused call); the behaviour reads
+        """A bidirectional stream: the key is checked when it opens (the whole stream
+        fails on a bad one, counted as one refused call), and again by the behaviour
+        when it asks (after a reload: a revoked key stops an open stream too); it reads
         raw messages, takes a place under the cap for each while it serves it, and
         reports each message's answer itself. An open stream holds no place of its
         own."""
@@ -263,7 +269,7 @@ class Gate:
                 # before writing (a write racing a refusal makes grpc.aio clients see
                 # INTERNAL instead of UNAUTHENTICATED, grpc/grpc#36066).
                 await context.send_initial_metadata(())
-                await behavior(call, context)
+                await behavior(call, context, lambda: caller_of(access, context))
             except MandantError as exc:
                 await abort(context, exc)
             except (grpc.aio.AbortError, asyncio.CancelledError):

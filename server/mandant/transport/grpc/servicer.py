@@ -21,7 +21,7 @@ from mandant.transport.grpc.gateway import Access, Context, Gate, metadata_value
 from mandant.transport.grpc.model_config import model_config
 from mandant.transport.grpc.statistics import TENANT_METADATA, model_statistics
 from mandant.transport.grpc.stream import InferStream
-from mandant.types import Call
+from mandant.types import Call, Tenant
 from mandant_client._proto import grpc_service_pb2 as pb
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
@@ -130,10 +130,13 @@ class InferenceServicer:
         )
         return encode_infer_response(response)
 
-    async def ModelStreamInfer(self, call: Call, context: Context) -> None:
+    async def ModelStreamInfer(
+        self, call: Call, context: Context, caller: Callable[[], Tenant | None]
+    ) -> None:
         stream = InferStream(
             self._plane,
             call.caller,
+            caller,
             context,
             self._max_stream_inflight,
             self._max_bytes_elements,

@@ -1,7 +1,11 @@
 """``ModelStreamInfer``, Triton's bidirectional inference stream.
 
 The key was checked when the stream opened (the gate), which then sends the initial
-metadata: a client that waits for it before writing never races a refusal. Each message is parsed,
+metadata: a client that waits for it before writing never races a refusal. After a
+configuration reload the stream's key (or certificate) is checked again at its next
+message: a revoked key's messages are answered UNAUTHENTICATED from then on (as its
+unary calls), and a tenant whose weight or limits changed is served as it now is.
+Each message is parsed,
 resolved, validated, admitted and batched exactly like a unary ``ModelInfer`` (the
 same :meth:`DataPlane.infer`), and answered as soon as it completes, in any order,
 with its request ``id``. A bad message gets its own ``error_message`` and the stream
@@ -33,12 +37,13 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from mandant.context import current_request_id
-from mandant.errors import InvalidInput, MandantError, ResourceExhausted
+from mandant.errors import InvalidInput, MandantError, ResourceExhausted, Unauthenticated
 from mandant.events import Observer
 from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.service import DataPlane
@@ -58,6 +63,7 @@ class InferStream:
         self,
         plane: DataPlane,
         tenant: Tenant,
+        authenticate: Callable[[], Tenant | None],
         context: Context,
         max_inflight: int,
         max_bytes_elements: int,
@@ -67,7 +73,9 @@ class InferStream:
     ) -> None:
         self._plane = plane
         self._cap = cap
-        self._tenant = tenant
+        self._tenant: Tenant | None = tenant  # None: its key was revoked
+        self._authenticate = authenticate
+        self._snapshot = plane.tenant_snapshot  # the tenants ``_tenant`` is as of
         self._context = context
         self._window = asyncio.Semaphore(max(1, max_inflight))
         self._max_bytes_elements = max_bytes_elements
@@ -128,19 +136,33 @@ class InferStream:
         finally:
             self._window.release()
 
+    def _caller(self) -> Tenant:
+        """The stream's tenant, authenticated again when the tenants have changed."""
+        snapshot = self._plane.tenant_snapshot
+        if snapshot is not self._snapshot:
+            self._snapshot = snapshot
+            try:
+                self._tenant = self._authenticate()
+            except Unauthenticated:
+                self._tenant = None
+        if self._tenant is None:
+            raise Unauthenticated()
+        return self._tenant
+
     async def _answer(self, raw: bytes) -> pb.ModelStreamInferResponse:
         """One message's answer; never raises but for cancellation."""
         start = time.perf_counter()
-        call = Call(self._tenant)
+        call = Call(None)
         code = "OK"
         request: pb.ModelInferRequest | None = None
         entered = inside = False
         try:
+            call.tenant = tenant = self._caller()
             if self._cap is not None:
-                self._cap.enter(self._door, self._tenant.id)
+                self._cap.enter(self._door, tenant.id)
                 entered = True
             if self._door is not None:
-                await self._door.enter(self._tenant)
+                await self._door.enter(tenant)
                 inside = True
             request = parse(pb.ModelInferRequest, raw)
             current_request_id.set(request.id[:MAX_LOGGED_ID])
@@ -172,9 +194,9 @@ class InferStream:
             if entered and self._cap is not None:
                 self._cap.leave()
             if inside and self._door is not None:
-                self._door.leave(self._tenant)
+                self._door.leave(call.caller)
             self._observer.request_finished(
-                self._tenant.id,
+                call.tenant.id if call.tenant is not None else "",
                 call.model,
                 client_saw(self._context, code),
                 time.perf_counter() - start,
