@@ -223,12 +223,20 @@ def load_config_parameter(parameters: Mapping[str, object]) -> str | None:
     return config
 
 
+#: The v2 ``timeout`` parameter is an int64 (REST's JSON numbers are not bounded).
+MAX_TIMEOUT_US = 2**63 - 1
+
+
 def _deadline(start: float, timeout_s: float | None, timeout_us: object) -> float | None:
     """The earlier of the transport deadline and the v2 ``timeout`` parameter (µs)."""
     if timeout_us is None:
         return None if timeout_s is None else start + timeout_s
-    if isinstance(timeout_us, bool) or not isinstance(timeout_us, int) or timeout_us < 0:
-        raise InvalidInput("parameter 'timeout' is a non-negative integer (microseconds)")
+    if (
+        isinstance(timeout_us, bool)
+        or not isinstance(timeout_us, int)
+        or not 0 <= timeout_us <= MAX_TIMEOUT_US
+    ):
+        raise InvalidInput("parameter 'timeout' is a non-negative 64-bit integer (microseconds)")
     limits = [] if timeout_s is None else [timeout_s]
     if timeout_us > 0:
         limits.append(timeout_us / 1e6)

@@ -84,12 +84,27 @@ def check_batch_rows(model: str, rows: int, max_batch_size: int) -> None:
         )
 
 
+#: A requested output's ``classification`` parameter (Triton's classification
+#: extension, not served here), on every transport.
+NO_CLASSIFICATION = "the classification extension is not supported"
+
+#: The most dimensions a tensor may have: numpy's limit (``numpy.ndarray`` of more
+#: cannot be made).
+MAX_RANK = 64
+
+
 def check_shape(header: TensorHeader) -> int:
     """The element count of ``header``'s shape (of a known datatype), once an array can
     take that shape: no negative size; and an empty tensor's other dimensions not so
     large that no array could index them (``[2**62, 0]`` holds nothing, yet numpy
-    cannot make it). Every path that shapes a client's tensor asks this first."""
+    cannot make it); at most :data:`MAX_RANK` dimensions (numpy's). Every path that
+    shapes a client's tensor asks this first."""
     shape = header.shape
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(
+            f"input '{header.name}': shape has {len(shape)} dimensions, at most "
+            f"{MAX_RANK} are accepted"
+        )
     if shape and min(shape) < 0:
         raise InvalidInput(f"input '{header.name}': shape {_shape(shape)} has a negative size")
     count = prod(shape)

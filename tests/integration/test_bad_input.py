@@ -160,7 +160,36 @@ CASES: dict[str, tuple[pb.ModelInferRequest, str]] = {
             raw_input_contents=[b"\0" * 4],
             parameters={"timeout": pb.InferParameter(string_param="soon")},
         ),
-        "parameter 'timeout' is a non-negative integer (microseconds)",
+        "parameter 'timeout' is a non-negative 64-bit integer (microseconds)",
+    ),
+    # numpy makes no array of more than 64 dimensions (workers: 2 answered INTERNAL)
+    "65 dimensions": (
+        pb.ModelInferRequest(
+            model_name="echo",
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name="INPUT0", datatype="FP32", shape=[1] * 65
+                )
+            ],
+            raw_input_contents=[b"\0" * 4],
+        ),
+        "input 'INPUT0': shape has 65 dimensions, at most 64 are accepted",
+    ),
+    # Triton's classification extension: refused, not answered with the raw tensor
+    "classification": (
+        pb.ModelInferRequest(
+            model_name="echo",
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(name="INPUT0", datatype="FP32", shape=[1, 1])
+            ],
+            outputs=[
+                pb.ModelInferRequest.InferRequestedOutputTensor(
+                    name="OUTPUT0", parameters={"classification": pb.InferParameter(int64_param=2)}
+                )
+            ],
+            raw_input_contents=[b"\0" * 4],
+        ),
+        "the classification extension is not supported",
     ),
 }
 
@@ -244,6 +273,30 @@ def test_oversize_message_is_refused(stub: pb_grpc.GRPCInferenceServiceStub) -> 
         stub.ModelInfer(_request(shape=(rows, 256)), metadata=METADATA)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     _still_serving(stub)
+
+
+def test_an_answer_larger_than_the_request_limit_is_sent(
+    stub: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    """The limit is on requests: an answer a few bytes larger than a request just under
+    it (echo adds its output's name and datatype) was refused once the model had run,
+    on a stream ending the stream."""
+    request = pb.ModelInferRequest(model_name="echo", id="big")
+    values = ((1 << 20) - 40) // 4  # the request 3 bytes under the limit, its answer 1 over
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, values])
+    request.raw_input_contents.append(np.arange(values, dtype=np.float32).tobytes())
+    assert request.ByteSize() < 1 << 20
+    reply = stub.ModelInfer(request, metadata=METADATA)
+    assert reply.ByteSize() > 1 << 20
+    assert reply.raw_output_contents[0] == request.raw_input_contents[0]
+    small = pb.ModelInferRequest(model_name="echo", id="small")
+    small.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 1])
+    small.raw_input_contents.append(b"\0" * 4)
+    answers = list(stub.ModelStreamInfer(iter([request, small]), metadata=METADATA))
+    assert sorted((a.error_message, a.infer_response.id) for a in answers) == [
+        ("", "big"),
+        ("", "small"),
+    ]
 
 
 def test_unknown_version_is_not_found(stub: pb_grpc.GRPCInferenceServiceStub) -> None:

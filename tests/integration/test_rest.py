@@ -406,6 +406,10 @@ def test_json_data_nested_or_flat(server: Server) -> None:
             {**echo_request([1, 2], [1, 2]), "outputs": [{"name": "NOPE"}]},
             "unknown output 'NOPE'",
         ),
+        (  # JSON numbers have no bound: beyond int64 (was a 500)
+            {**echo_request([1, 2], [1, 2]), "parameters": {"timeout": 10**400}},
+            "parameter 'timeout' is a non-negative 64-bit integer (microseconds)",
+        ),
     ],
 )
 def test_malformed_requests_are_400(

@@ -15,7 +15,12 @@ import numpy as np
 from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS
 from mandant.errors import InvalidInput
 from mandant.types import DATATYPES, InferResponse, TensorHeader, datatype_of
-from mandant.validation import check_bytes_count, check_raw_size, check_shape
+from mandant.validation import (
+    NO_CLASSIFICATION,
+    check_bytes_count,
+    check_raw_size,
+    check_shape,
+)
 from mandant.wire import join_bytes, split_bytes
 from mandant_client._proto import grpc_service_pb2 as pb
 
@@ -159,7 +164,13 @@ class ProtoInferRequest:
 
     def requested_outputs(self) -> Sequence[str]:
         outputs = self._msg.outputs
-        return [o.name for o in outputs] if outputs else ()
+        if not outputs:
+            return ()
+        for output in outputs:
+            classes = output.parameters.get("classification")
+            if classes is not None and parameter_value(classes):
+                raise InvalidInput(NO_CLASSIFICATION)
+        return [o.name for o in outputs]
 
     def parameters(self) -> Mapping[str, bool | int | float | str]:
         parameters = self._msg.parameters

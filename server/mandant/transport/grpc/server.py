@@ -120,7 +120,9 @@ class GrpcServer:
         self._health_watch: asyncio.Task[None] | None = None
         options: list[tuple[str, int]] = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
+            # Answers are not bounded by the request limit (an answer a little larger
+            # than its request would fail once the model has run): as Triton.
+            ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 1 if forward is not None else 0),
             ("grpc.max_concurrent_streams", config.max_concurrent_streams),
         ]

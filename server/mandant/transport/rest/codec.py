@@ -22,7 +22,12 @@ import numpy as np
 from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS
 from mandant.errors import InvalidInput, shown
 from mandant.types import DATATYPES, InferResponse, TensorHeader, datatype_of
-from mandant.validation import check_bytes_count, check_raw_size, check_shape
+from mandant.validation import (
+    NO_CLASSIFICATION,
+    check_bytes_count,
+    check_raw_size,
+    check_shape,
+)
 from mandant.wire import join_bytes, raw_view, split_bytes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -191,7 +196,7 @@ def _parse_output(item: object) -> tuple[str, bool]:
     name: str = _expect(tensor.get("name"), str, "a requested output's name")
     params = _parameters(tensor.get("parameters"), f"output '{shown(name)}': parameter")
     if params.get("classification", 0):
-        raise InvalidInput("the classification extension is not supported")
+        raise InvalidInput(NO_CLASSIFICATION)
     binary = _expect(params.get("binary_data", False), bool, "parameter 'binary_data'")
     return name, binary
 
