@@ -72,7 +72,10 @@ async def test_a_flooding_tenant_is_limited_and_the_others_are_not(server: Serve
         with pytest.raises(RateLimited) as caught:
             await flood.infer("echo", {"INPUT0": X})
         assert "rate limit requests_per_s=5 exceeded for tenant flood" in caught.value.message
-        assert caught.value.retry_after_s == pytest.approx(0.2, abs=0.05)
+        # One token takes 0.2 s to come back, less what refilled while the calls ran
+        # (on a busy machine, tens of ms).
+        assert caught.value.retry_after_s is not None
+        assert 0.0 < caught.value.retry_after_s <= 0.201
 
         refused = 0
 
