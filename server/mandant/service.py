@@ -189,7 +189,9 @@ class DataPlane:
             except ModelFailed:
                 ran = True
                 raise
-            except asyncio.CancelledError:  # the caller left: charged if the model had it
+            except (asyncio.CancelledError, DeadlineExceeded):
+                # The caller left, or its deadline passed: charged if the model had its
+                # rows (a backend such as Triton computes them all the same).
                 ran = queued is not None and queued.ran
                 raise
             finally:
