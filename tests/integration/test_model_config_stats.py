@@ -141,17 +141,15 @@ def test_a_tenant_sees_its_own_calls_only(client: triton.InferenceServerClient) 
     assert infer.fail.count == 1
     assert infer.queue.count == 2 and infer.compute_infer.count == 2
     assert (acme.inference_count, acme.execution_count) == (4, 2)
-    assert sorted((b.batch_size, b.compute_infer.count) for b in acme.batch_stats) == [
-        (1, 1),
-        (3, 1),
-    ]
+    # Batches mix tenants: their sizes would say what others sent (admins see them).
+    assert not acme.batch_stats
     assert acme.last_inference > 1_600_000_000_000  # ms since the epoch
     (initech,) = client.get_inference_statistics("classifier", headers=auth("initech")).model_stats
     assert initech.inference_stats.success.count == 1 and initech.inference_count == 2
     assert initech.inference_stats.fail.count == 0
     (globex,) = client.get_inference_statistics("classifier", headers=auth("globex")).model_stats
     assert globex.inference_stats.success.count == 1 and globex.inference_count == 4
-    assert [b.batch_size for b in globex.batch_stats] == [4]
+    assert not globex.batch_stats
 
 
 def test_every_model_a_tenant_sees_and_not_another_s(
@@ -175,6 +173,7 @@ def test_admin_sees_every_tenant_s_totals(client: triton.InferenceServerClient) 
     assert shared.inference_stats.success.count == 3 and shared.inference_count == 6
     assert shared.inference_stats.fail.count == 1
     assert totals["globex/classifier:1"].inference_count == 4
+    assert sum(b.compute_infer.count for b in shared.batch_stats) >= 3  # admins see batches
     named = _by_name(client.get_inference_statistics("classifier", headers=ADMIN))
     assert sorted(named) == ["classifier:1", "globex/classifier:1"]
 

@@ -1,7 +1,9 @@
 """ModelStatistics: which statistics a caller sees, as Triton's messages.
 
 * A tenant key: its own calls only, to the models it sees, under the names it calls
-  them (its tuned variant under the base's name). Another tenant's calls never count.
+  them (its tuned variant under the base's name). Another tenant's calls never count,
+  and no ``batch_stats``: a batch mixes tenants, so its size would tell one tenant how
+  many rows others sent with it (the dashboard hides batch figures from tenants too).
 * An admin key with the metadata ``mandant-tenant: <tenant id>`` (Triton's request has
   no tenant field): exactly what that tenant sees.
 * An admin key alone: every model version's totals over all tenants; a model a tenant
@@ -50,7 +52,12 @@ def tenant_statistics(
     plane: DataPlane, stats: InferenceStats, tenant: Tenant, name: str, version: str
 ) -> list[pb.ModelStatistics]:
     return [
-        _message(m.key.name, m.key.version, stats.get(tenant.id, m.key.name, m.key.version))
+        _message(
+            m.key.name,
+            m.key.version,
+            stats.get(tenant.id, m.key.name, m.key.version),
+            batches=False,
+        )
         for m in _visible(plane, tenant, name, version)
     ]
 
@@ -91,7 +98,9 @@ def _owner(plane: DataPlane, tenant_id: str, name: str) -> str | None:
     return tenant_id if versions and versions[0].key.owner == tenant_id else None
 
 
-def _message(name: str, version: str, stats: ModelStats) -> pb.ModelStatistics:
+def _message(
+    name: str, version: str, stats: ModelStats, batches: bool = True
+) -> pb.ModelStatistics:
     return pb.ModelStatistics(
         name=name,
         version=version,
@@ -114,6 +123,7 @@ def _message(name: str, version: str, stats: ModelStats) -> pb.ModelStatistics:
                 compute_output=pb.StatisticDuration(count=executions.count),
             )
             for size, executions in sorted(stats.batches.items())
+            if batches
         ],
     )
 
