@@ -75,6 +75,11 @@ class TlsConfig(_Frozen):
 #: dev machine, and its answer framed in as much again.
 DEFAULT_MAX_BYTES_ELEMENTS = 1 << 18
 
+#: Default of ``server.max_json_bytes``: the JSON of a REST inference request is
+#: parsed on the event loop, at about 16 ms per MB (float arrays, one core of the dev
+#: machine), so this bounds what one request stalls every other call by to ~35 ms.
+DEFAULT_MAX_JSON_BYTES = 2 << 20
+
 
 class InternalHttpConfig(_Frozen):
     """A second HTTP listener for operators only (bind it to a private address): the
@@ -132,6 +137,12 @@ class ServerConfig(_Frozen):
     #: (INVALID_ARGUMENT) before any is read. Fixed-size tensors are zero-copy views
     #: bounded by ``max_message_bytes`` alone.
     max_bytes_elements: Annotated[int, Field(gt=0)] = DEFAULT_MAX_BYTES_ELEMENTS
+    #: Largest JSON part of a REST inference request (the whole body, or what precedes
+    #: the binary tensors): JSON is parsed on the event loop, so more is refused (413)
+    #: before it is read; tensors that large travel as binary data (Triton's binary
+    #: tensor extension, ``tritonclient.http``'s default), bounded by
+    #: ``max_message_bytes`` alone.
+    max_json_bytes: Annotated[int, Field(gt=0)] = DEFAULT_MAX_JSON_BYTES
     tls: TlsConfig | None = None
     #: Hashes of the operators' keys (``mandant keygen``): every tenant's figures on
     #: the HTTP port, and ``AdminService`` over gRPC. Reloaded on SIGHUP.

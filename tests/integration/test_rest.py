@@ -47,6 +47,8 @@ KEYS = {
     "admin": "admin-k",
 }
 MAX_BODY = 1 << 20
+#: JSON larger than this is refused (binary data is bounded by MAX_BODY alone).
+MAX_JSON = 64 << 10
 
 
 def auth(tenant: str) -> dict[str, str]:
@@ -75,6 +77,7 @@ def server(
                 "rest_port": 0,
                 "grace_s": 0,
                 "max_message_bytes": MAX_BODY,
+                "max_json_bytes": MAX_JSON,
                 "admin_keys": [hash_key(KEYS["admin"])],
             },
             "tenants": [
@@ -542,6 +545,27 @@ def test_a_body_over_max_message_bytes_is_413(server: Server) -> None:
     )
     assert status == 413
     assert f"larger than {MAX_BODY} bytes" in error_of(answer)
+
+
+def test_a_json_part_over_max_json_bytes_is_413_and_binary_data_is_not_bounded(
+    server: Server,
+) -> None:
+    """JSON is parsed on the event loop: beyond ``max_json_bytes`` it is refused unread
+    (a 40 MB JSON body stalled every other call for seconds); the same tensor as binary
+    data is served."""
+    values = [0.5] * (MAX_JSON // 4)
+    status, _, answer = call(
+        server, "POST", "/v2/models/echo/infer", echo_request(values, [1, len(values)]),
+        auth("acme"),
+    )  # fmt: skip
+    assert status == 413
+    assert f"JSON is larger than {MAX_JSON} bytes" in error_of(answer)
+    raw = np.array(values, np.float32).tobytes()
+    body, headers = binary_request([("INPUT0", "FP32", [1, len(values)], raw)])
+    status, _, answer = call(
+        server, "POST", "/v2/models/echo/infer", body, {**headers, **auth("acme")}
+    )
+    assert status == 200
 
 
 @pytest.mark.parametrize(

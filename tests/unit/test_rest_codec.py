@@ -4,6 +4,7 @@ the status table and the ``rest_port`` setting."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -17,6 +18,8 @@ from mandant import errors
 from mandant.config import parse_config
 from mandant.errors import ConfigError, InvalidInput
 from mandant.transport.rest.codec import (
+    JSON_VALUES_PER_TURN,
+    BodyTooLarge,
     JsonInferRequest,
     decode_json_data,
     encode_infer_response,
@@ -147,7 +150,7 @@ def test_binary_bytes_elements_are_split() -> None:
         bad.decode_inputs()
 
 
-def test_response_layout_is_json_then_each_binary_output() -> None:
+async def test_response_layout_is_json_then_each_binary_output() -> None:
     response = InferResponse(
         model_name="m",
         model_version="1",
@@ -159,7 +162,7 @@ def test_response_layout_is_json_then_each_binary_output() -> None:
         },
         output_specs=(TensorSpec("A", "FP32", (-1, 2)),),
     )
-    body, length = encode_infer_response(response, frozenset({"A", "S"}))
+    body, length = await encode_infer_response(response, frozenset({"A", "S"}))
     assert length is not None
     head = json.loads(body[:length])
     assert head == {
@@ -183,15 +186,64 @@ def test_response_layout_is_json_then_each_binary_output() -> None:
         ],
     }
     assert body[length:] == np.array([1, 2], "<f4").tobytes() + b"\x01\0\0\0x\x02\0\0\0yz"
-    only_json, none = encode_infer_response(response, False)
+    only_json, none = await encode_infer_response(response, False)
     assert none is None
     assert json.loads(only_json)["outputs"][1]["data"] == ["x", "yz"]
 
 
-def test_non_utf8_bytes_output_as_json_says_to_ask_for_binary() -> None:
+async def test_non_utf8_bytes_output_as_json_says_to_ask_for_binary() -> None:
     response = InferResponse("m", "1", "", {"S": np.array([b"\xff"], dtype=np.object_)})
     with pytest.raises(InvalidInput, match="binary_data"):
-        encode_infer_response(response, False)
+        await encode_infer_response(response, False)
+
+
+async def test_a_large_json_output_is_written_over_several_loop_turns() -> None:
+    """10⁶ values take about 0.5 s to write as JSON: the loop serves other calls
+    meanwhile, and the answer is the same as written at once."""
+    values = np.arange(3 * JSON_VALUES_PER_TURN + 5, dtype=np.float32) / 7
+    response = InferResponse("m", "1", "r", {"Y": values.reshape(1, -1), "Z": values[:3]})
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counting = asyncio.create_task(count_turns())
+    body, length = await encode_infer_response(response, False)
+    counting.cancel()
+    assert length is None and turns >= 3  # one per piece after the first
+    doc = json.loads(body)
+    assert doc["outputs"][0]["shape"] == [1, values.size]
+    assert doc["outputs"][0]["data"] == values.tolist()
+    assert doc["outputs"][1] == {"name": "Z", "datatype": "FP32", "shape": [3],
+                                 "data": values[:3].tolist()}  # fmt: skip
+    assert body == json.dumps(  # as one json.dumps writes it
+        {
+            "model_name": "m",
+            "model_version": "1",
+            "id": "r",
+            "outputs": [
+                {"name": "Y", "datatype": "FP32", "shape": [1, values.size],
+                 "data": values.tolist()},
+                {"name": "Z", "datatype": "FP32", "shape": [3], "data": values[:3].tolist()},
+            ],
+        },
+        separators=(",", ":"),
+    ).encode()  # fmt: skip
+
+
+def test_a_json_part_over_the_bound_is_refused_before_it_is_parsed() -> None:
+    body = json.dumps({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1],
+                                   "data": [1.0]}]}).encode()  # fmt: skip
+    JsonInferRequest("m", "", body, None, max_json_bytes=len(body))
+    with pytest.raises(BodyTooLarge, match="send large tensors as binary data"):
+        JsonInferRequest("m", "", body + b" " * 10, None, max_json_bytes=len(body))
+    # The binary tensors after the JSON do not count.
+    head = json.dumps({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1],
+                                   "parameters": {"binary_data_size": 4}}]}).encode()  # fmt: skip
+    JsonInferRequest("m", "", head + b"\0" * 4, str(len(head)), max_json_bytes=len(head))
 
 
 @pytest.mark.parametrize(

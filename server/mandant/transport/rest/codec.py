@@ -12,6 +12,8 @@ with the ``binary_data_output`` parameter), as ``tritonclient.http`` expects.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from math import prod
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS
+from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS, DEFAULT_MAX_JSON_BYTES
 from mandant.errors import InvalidInput, shown
 from mandant.types import DATATYPES, InferResponse, TensorHeader, datatype_of
 from mandant.validation import (
@@ -39,7 +41,16 @@ _NO_PARAMETERS: Parameters = {}
 
 
 class BodyTooLarge(InvalidInput):
-    """A request body over ``server.max_message_bytes`` (HTTP 413)."""
+    """A request body over ``server.max_message_bytes``, or its JSON over
+    ``server.max_json_bytes`` (HTTP 413)."""
+
+
+#: JSON output values written per turn of the event loop: a large JSON answer is
+#: written a piece at a time, other calls served in between (10⁶ FP32 values take
+#: about 0.5 s to write as JSON on one core of the dev machine; 16,384 about 8 ms).
+JSON_VALUES_PER_TURN = 16384
+
+_dumps = functools.partial(json.dumps, separators=(",", ":"))
 
 
 def _expect(value: object, kind: type | tuple[type, ...], what: str) -> Any:
@@ -103,14 +114,20 @@ class JsonInferRequest:
         body: bytes,
         header_length: str | None,
         max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS,
+        max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
     ) -> None:
         """``max_bytes_elements``: ``server.max_bytes_elements``, for every BYTES input,
-        binary or JSON."""
+        binary or JSON. ``max_json_bytes``: ``server.max_json_bytes``."""
         self.model_name = model_name
         self._max_bytes_elements = max_bytes_elements
         self.model_version = model_version
         view = memoryview(body)
         json_end = len(body) if header_length is None else _json_length(header_length, len(body))
+        if json_end > max_json_bytes:
+            raise BodyTooLarge(
+                f"the request's JSON is larger than {max_json_bytes} bytes: send large "
+                "tensors as binary data (binary_data_size, Inference-Header-Content-Length)"
+            )
         try:
             doc = json.loads(view[:json_end].tobytes() if json_end < len(body) else body)
         except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, too deep
@@ -301,41 +318,57 @@ def _out_of_range(header: TensorHeader) -> InvalidInput:
     return InvalidInput(f"input '{header.name}': a value is out of range for {header.datatype}")
 
 
-def encode_infer_response(
+async def encode_infer_response(
     response: InferResponse, binary: frozenset[str] | bool
 ) -> tuple[bytes, int | None]:
     """The response body, and the JSON's length where tensor bytes follow it (for the
-    ``Inference-Header-Content-Length`` header; None for a JSON-only body)."""
+    ``Inference-Header-Content-Length`` header; None for a JSON-only body). Outputs
+    of more than :data:`JSON_VALUES_PER_TURN` values sent as JSON are written over
+    several turns of the event loop."""
     declared = {spec.name: spec.datatype for spec in response.output_specs}
-    outputs: list[dict[str, Any]] = []
-    chunks: list[bytes | memoryview] = []
-    for name, array in response.outputs.items():
-        datatype = declared.get(name) or datatype_of(array)
-        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if binary is True or (binary is not False and name in binary):
-            chunk = (
-                join_bytes(array) if datatype == "BYTES" else raw_view(array, DATATYPES[datatype])
-            )
-            entry["parameters"] = {"binary_data_size": len(chunk)}
-            chunks.append(chunk)
-        else:
-            entry["data"] = _json_values(name, array, datatype)
-        outputs.append(entry)
     doc: dict[str, Any] = {
         "model_name": response.model_name,
         "model_version": response.model_version,
     }
     if response.request_id:
         doc["id"] = response.request_id
-    doc["outputs"] = outputs
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = [_dumps(doc)[:-1].encode(), b',"outputs":[']  # the JSON, in pieces
+    chunks: list[bytes | memoryview] = []
+    for index, (name, array) in enumerate(response.outputs.items()):
+        datatype = declared.get(name) or datatype_of(array)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if index:
+            head.append(b",")
+        if binary is True or (binary is not False and name in binary):
+            chunk = (
+                join_bytes(array) if datatype == "BYTES" else raw_view(array, DATATYPES[datatype])
+            )
+            entry["parameters"] = {"binary_data_size": len(chunk)}
+            chunks.append(chunk)
+            head.append(_dumps(entry).encode())
+        else:
+            head += (_dumps(entry)[:-1].encode(), b',"data":[')
+            await _json_data(head, name, array.reshape(-1), datatype)
+            head.append(b"]}")
+    head.append(b"]}")
     if not chunks:
-        return head, None
-    return b"".join([head, *chunks]), len(head)
+        return b"".join(head), None
+    length = sum(map(len, head))
+    return b"".join([*head, *chunks]), length
 
 
-def _json_values(name: str, array: np.ndarray, datatype: str) -> list[Any]:
-    flat = array.reshape(-1)
+async def _json_data(into: list[bytes], name: str, flat: np.ndarray, datatype: str) -> None:
+    """Append the JSON of a flat output's values, without brackets, to ``into``: a
+    piece of :data:`JSON_VALUES_PER_TURN` values per turn of the event loop."""
+    for start in range(0, flat.size, JSON_VALUES_PER_TURN):
+        if start:
+            await asyncio.sleep(0)  # let the calls waiting meanwhile be served
+            into.append(b",")
+        piece = flat[start : start + JSON_VALUES_PER_TURN]
+        into.append(_dumps(_json_values(name, piece, datatype))[1:-1].encode())
+
+
+def _json_values(name: str, flat: np.ndarray, datatype: str) -> list[Any]:
     if datatype != "BYTES":
         values: list[Any] = flat.astype(DATATYPES[datatype], copy=False).tolist()
         return values

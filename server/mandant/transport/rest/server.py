@@ -210,11 +210,12 @@ class RestServer:
             body,
             request.headers.get(HEADER_LENGTH),
             self._config.max_bytes_elements,
+            self._config.max_json_bytes,
         )
         if infer_request.request_id:
             current_request_id.set(infer_request.request_id[:MAX_LOGGED_ID])
         response = await self._plane.infer(call, infer_request)
-        data, header_length = encode_infer_response(response, infer_request.binary_outputs())
+        data, header_length = await encode_infer_response(response, infer_request.binary_outputs())
         if header_length is None:
             return web.Response(body=data, content_type="application/json")
         return web.Response(
