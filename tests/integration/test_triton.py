@@ -397,6 +397,34 @@ async def test_one_tenant_s_poisoned_rows_in_shared_triton_batches_fail_only_tha
             assert results[6:] == [None] * 6
 
 
+async def test_mandant_batches_beyond_triton_s_max_batch_size_fail_only_the_request_at_fault(
+    triton: TritonProcess, tmp_path: Path
+) -> None:
+    """Mandant batches up to 128 rows for Triton's ``tiny`` (max_batch_size 64): two
+    tenants' calls that fit Triton alone are served together too (they failed together,
+    INVALID_ARGUMENT); a call Triton refuses alone fails alone, with Triton's reason."""
+    wide = {
+        "name": "tiny-wide",
+        "backend": "triton",
+        "triton": {"url": triton.url, "model": MODEL, "health_interval_s": 0.2},
+        "batching": {"max_batch_size": 128, "max_queue_delay_ms": 300, "dispatch": "delay"},
+    }
+    async with (
+        App(config(triton.url, wide), tmp_path) as app,
+        client(app, "acme") as acme,
+        client(app, "globex") as globex,
+    ):
+        for _ in range(2):
+            both = [outcome(acme, "tiny-wide", rows(60)), outcome(globex, "tiny-wide", rows(10))]
+            assert await asyncio.gather(*both) == [None, None]
+        refused, served = await asyncio.gather(
+            outcome(acme, "tiny-wide", rows(100)), outcome(globex, "tiny-wide", rows(10))
+        )
+    assert isinstance(refused, InvalidInput), repr(refused)
+    assert "64" in str(refused) and "'tiny-wide'" in str(refused)
+    assert served is None
+
+
 # -- faults ---------------------------------------------------------------------------
 
 

@@ -3,17 +3,28 @@
 * One shared, long-lived gRPC channel per Triton URL (:class:`ChannelPool`), called
   through ``tritonclient.grpc``'s generated KServe v2 stubs: tensors go as raw bytes,
   a request's own bytes passed on without a copy of ours when they are one whole
-  buffer; only the requested outputs are asked for.
-* Readiness is polled in the background (ModelReady, then ModelMetadata); a model
-  whose ``inputs``/``outputs`` are not configured takes them from Triton's metadata,
-  refreshed on every poll, so a model reloaded on Triton with new tensors is followed.
+  buffer, a batch's requests joined once; only the requested outputs are asked for.
+* Readiness is polled in the background (ModelReady, then ModelMetadata and
+  ModelConfig); a model whose ``inputs``/``outputs`` are not configured takes them from
+  Triton's metadata, refreshed on every poll, so a model reloaded on Triton with new
+  tensors is followed. A Mandant batch goes to Triton in calls of at most the
+  ``max_batch_size`` of Triton's model config.
+* Answers are checked against the model's declared outputs (datatype, rank, fixed
+  dimensions, rows, byte size): one that does not match is the backend's fault,
+  Unavailable, logged once per output and problem, never the caller's.
 * Faults: every call is bounded by the caller's deadline or ``timeout_s``; a connect
   failure (nothing was sent) is retried at most twice with jittered backoff; a
   :class:`CircuitBreaker` refuses calls at once after repeated failures and lets a
   probe through after its reset time. Triton's errors are translated here, at the
   boundary, by one table (:data:`TRANSLATION`): only transport failures and timeouts
-  count against the breaker, which every tenant shares; a model that fails on one
-  caller's inputs (Triton's INTERNAL) is that caller's error, never UNAVAILABLE for all.
+  count against the breaker, which every tenant shares, and a timeout only while
+  Triton answered nothing else since the call was sent (neither a call nor a health
+  poll): one tenant's slow calls on a Triton that serves the others are theirs. A
+  model that fails on one caller's inputs (Triton's INTERNAL) is that caller's error,
+  never UNAVAILABLE for all; Triton's error about a batch of several requests (its
+  INVALID_ARGUMENT, or its model failing) is :class:`TritonModelError`, which the
+  batcher splits on, so that each request is answered alone and Triton's message,
+  which may hold a batch-mate's values, reaches only the request it is about.
 """
 
 from __future__ import annotations
@@ -57,12 +68,15 @@ MAX_DETAILS_CHARS = 300
 
 
 class TritonModelError(RuntimeError):
-    """Triton's model failed on the inputs of one call that held a Mandant batch.
+    """Triton refused (INVALID_ARGUMENT) or failed (its model raised) a call that held
+    several requests of a Mandant batch, or one request of a batched model.
 
     Deliberately not a :class:`MandantError`: the batcher splits a batch that raised
-    anything else to find the request(s) at fault and answers only those with
-    :class:`ModelFailed`. A call that holds one request alone (a model without
-    Mandant batching) is answered :class:`ModelFailed` at once instead."""
+    anything else and reruns its parts until each failing request is alone, so only
+    that request gets an error: Triton's message about its own inputs
+    (:class:`InvalidInput`), or :class:`ModelFailed`. The message holds Triton's status
+    code only, never its text, which may hold any batch-mate's values. A call that
+    holds one request of a model without Mandant batching is answered at once."""
 
 
 class Fault(enum.Enum):
@@ -117,6 +131,12 @@ class TritonBackend:
         self._model_ready = False
         self._platform = "triton"
         self._discover = not (spec.inputs and spec.outputs)
+        #: Triton's model config's ``max_batch_size`` (0: none, or not known).
+        self._triton_max_batch = 0
+        #: When Triton last answered anything (a call or a health poll), monotonic.
+        self._answered_at = -float("inf")
+        #: (output, problem) of the mismatched answers logged at ERROR already.
+        self._mismatches: set[tuple[str, str]] = set()
 
     # -- the Backend protocol ---------------------------------------------------------
 
@@ -140,6 +160,11 @@ class TritonBackend:
     def spec(self) -> ModelSpec:
         """The configured spec, with the tensors Triton reported where none were set."""
         return self._spec
+
+    @property
+    def triton_max_batch_size(self) -> int:
+        """``max_batch_size`` of Triton's model config (0: it does not batch, or unknown)."""
+        return self._triton_max_batch
 
     async def start(self) -> None:
         if self._stub is not None:
@@ -173,15 +198,46 @@ class TritonBackend:
         outputs: Sequence[str] | None = None,
         deadline: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """One Triton call for ``inputs`` (a request or a batch), asking for
-        ``outputs`` only, with what is left until ``deadline`` as its timeout."""
+        """One Triton call for one request's ``inputs``, asking for ``outputs`` only,
+        with what is left until ``deadline`` as its timeout."""
+        return await self._infer([inputs], outputs, deadline, alone=True)
+
+    async def infer_batch(
+        self,
+        parts: Sequence[Mapping[str, np.ndarray]],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The batcher's call for several requests (``BatchInfer``): their rows joined
+        along dimension 0, in calls of at most Triton's ``max_batch_size`` rows made in
+        turn (one call where Triton's config does not say). Triton's error about the
+        inputs is :class:`TritonModelError`: the batcher splits the batch on it."""
+        chunks = self._chunks(parts)
+        answers = [await self._infer(chunk, outputs, deadline, alone=False) for chunk in chunks]
+        if len(answers) == 1:
+            return answers[0]
+        return {name: np.concatenate([a[name] for a in answers]) for name in answers[0]}
+
+    async def _infer(
+        self,
+        parts: Sequence[Mapping[str, np.ndarray]],
+        outputs: Sequence[str] | None,
+        deadline: float | None,
+        alone: bool,
+    ) -> dict[str, np.ndarray]:
+        """One Triton call for ``parts`` (one request's inputs, or several joined)."""
         stub = self._stub
         if stub is None:
             raise Unavailable(f"model '{self._spec.name}' is not loaded")
         if not outputs:
             outputs = tuple(t.name for t in self._spec.outputs)
-        request = self._request(inputs, outputs)
-        cap = self._clock() + self._triton.timeout_s
+        request = self._request(parts, outputs)
+        rows: int | None = _rows(parts)
+        if alone and self._spec.batching is None and not self._triton_max_batch:
+            rows = None  # no batch dimension known: the answer's rows are the model's
+        sent = self._clock()
+        cap = sent + self._triton.timeout_s
         client_deadline = deadline
         deadline = cap if client_deadline is None else min(cap, client_deadline)
         if not self._breaker.allow():
@@ -194,10 +250,37 @@ class TritonBackend:
         except grpc.aio.AioRpcError as exc:
             by_client = client_deadline is not None and client_deadline < cap
             fault, outcome = translate(exc.code(), by_client)
+            if outcome is CallOutcome.ANSWERED:
+                self._answered_at = self._clock()
+            elif exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._answered_at > sent:
+                # Triton answered others meanwhile: this call's own slowness, not Triton's.
+                outcome = CallOutcome.ABANDONED
             self._breaker.record(outcome)
-            raise self._error(exc, fault, by_client) from exc
+            raise self._error(exc, fault, by_client, alone) from exc
+        self._answered_at = self._clock()
         self._breaker.record_success()
-        return self._outputs(response, outputs)
+        return self._outputs(response, outputs, rows)
+
+    def _chunks(
+        self, parts: Sequence[Mapping[str, np.ndarray]]
+    ) -> list[Sequence[Mapping[str, np.ndarray]]]:
+        """``parts`` in runs of at most Triton's ``max_batch_size`` rows (a request
+        larger than that alone: Triton refuses it, and the batcher finds it)."""
+        limit = self._triton_max_batch
+        if limit <= 0 or _rows(parts) <= limit:
+            return [parts]
+        chunks: list[Sequence[Mapping[str, np.ndarray]]] = []
+        chunk: list[Mapping[str, np.ndarray]] = []
+        rows = 0
+        for part in parts:
+            count = _rows([part])
+            if chunk and rows + count > limit:
+                chunks.append(chunk)
+                chunk, rows = [], 0
+            chunk.append(part)
+            rows += count
+        chunks.append(chunk)
+        return chunks
 
     # -- calls ------------------------------------------------------------------------
 
@@ -221,16 +304,22 @@ class TritonBackend:
             await asyncio.sleep(backoff)
 
     def _request(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self, parts: Sequence[Mapping[str, np.ndarray]], outputs: Sequence[str]
     ) -> pb.ModelInferRequest:
+        """The call for ``parts`` joined along dimension 0 (one copy; none for a
+        request whose tensors are whole buffers of its own)."""
         tensors, raw = [], []
-        for name, array in inputs.items():
+        for name, array in parts[0].items():
+            shape = (_rows(parts), *array.shape[1:]) if len(parts) > 1 else array.shape
             tensors.append(
                 pb.ModelInferRequest.InferInputTensor(
-                    name=name, datatype=datatype_of(array), shape=array.shape
+                    name=name, datatype=datatype_of(array), shape=shape
                 )
             )
-            raw.append(_raw_bytes(array))
+            if len(parts) == 1:
+                raw.append(_raw_bytes(array))
+            else:
+                raw.append(b"".join([_raw_bytes(part[name]) for part in parts]))
         return pb.ModelInferRequest(
             model_name=self._triton.model,
             model_version=self._triton.version,
@@ -240,33 +329,64 @@ class TritonBackend:
         )
 
     def _outputs(
-        self, response: pb.ModelInferResponse, names: Sequence[str]
+        self, response: pb.ModelInferResponse, names: Sequence[str], rows: int | None
     ) -> dict[str, np.ndarray]:
+        """The ``names`` outputs of Triton's answer, each checked against the model's
+        declared output (``rows``: the call's rows, where dimension 0 holds them)."""
         raw = response.raw_output_contents
         if len(raw) != len(response.outputs):
-            raise Unavailable(f"model '{self._spec.name}': malformed response from the backend")
-        by_name = {
-            tensor.name: _decode(tensor.datatype, tuple(tensor.shape), raw[index])
-            for index, tensor in enumerate(response.outputs)
-        }
-        missing = [name for name in names if name not in by_name]
-        if missing:
-            logger.error(
-                "model %s: Triton model %r answered without output(s) %s",
-                self._spec.name,
-                self._triton.model,
-                ", ".join(missing),
-            )
-            raise Unavailable(f"model '{self._spec.name}': the backend returned no {missing[0]}")
+            raise self._mismatch("*", "framing", "raw_output_contents do not match outputs")
+        declared = {tensor.name: tensor for tensor in self._spec.outputs}
+        wanted = set(names)
+        by_name: dict[str, np.ndarray] = {}
+        for index, tensor in enumerate(response.outputs):
+            if tensor.name not in wanted:
+                continue
+            if tensor.name in by_name:
+                raise self._mismatch(tensor.name, "twice", "the output twice")
+            problem = _mismatch_of(tensor, len(raw[index]), declared.get(tensor.name), rows)
+            if problem is not None:
+                raise self._mismatch(tensor.name, *problem)
+            try:
+                by_name[tensor.name] = _decode(tensor.datatype, tuple(tensor.shape), raw[index])
+            except ValueError as exc:
+                raise self._mismatch(tensor.name, "bytes", str(exc)) from None
+        for name in names:
+            if name not in by_name:
+                raise self._mismatch(name, "missing", "no such output")
         return {name: by_name[name] for name in names}
 
+    def _mismatch(self, output: str, problem: str, detail: str) -> Unavailable:
+        """An answer that does not match the model's declared outputs: the backend's
+        fault (a misconfigured mapping, a changed model), logged at ERROR the first time
+        for this output and problem, at DEBUG after."""
+        seen = (output, problem) in self._mismatches
+        self._mismatches.add((output, problem))
+        logger.log(
+            logging.DEBUG if seen else logging.ERROR,
+            "model %s: Triton model %r at %s answered output %s not as declared "
+            "(check models[].outputs): %s",
+            self._spec.name,
+            self._triton.model,
+            self._triton.url,
+            output,
+            detail,
+        )
+        return Unavailable(
+            f"model '{self._spec.name}' is unavailable "
+            "(the backend's answer does not match the model's outputs)"
+        )
+
     def _error(
-        self, exc: grpc.aio.AioRpcError, fault: Fault, by_client_deadline: bool
+        self, exc: grpc.aio.AioRpcError, fault: Fault, by_client_deadline: bool, alone: bool
     ) -> Exception:
         """The exception for a failed Triton call, in Mandant's words: Triton's model
-        name replaced by Mandant's, Triton's message passed on for input errors only."""
+        name replaced by Mandant's, Triton's message passed on for input errors of a
+        call that held one request only (``alone``)."""
         code, name = exc.code(), self._spec.name
         details = (exc.details() or "")[:MAX_DETAILS_CHARS]
+        if fault is Fault.INPUT and not alone:  # whose inputs? the batcher finds out
+            return TritonModelError(f"Triton's model {self._triton.model!r} refused a batch")
         if fault is Fault.INPUT:
             mine = details.replace(f"'{self._triton.model}'", f"'{name}'")
             return InvalidInput(_strip_request_id(mine))
@@ -278,7 +398,7 @@ class TritonBackend:
                 code.name,
                 details,
             )
-            if self._spec.batching is None:  # the call holds one request: its own fault
+            if alone and self._spec.batching is None:  # one request: its own fault
                 return ModelFailed(name)
             return TritonModelError(f"Triton's model {self._triton.model!r} failed: {code.name}")
         if fault is Fault.BUSY:
@@ -308,7 +428,7 @@ class TritonBackend:
             await self.refresh()
 
     async def refresh(self) -> None:
-        """Poll Triton once: model readiness, then (when ready) its metadata."""
+        """Poll Triton once: model readiness, then (when ready) its metadata and config."""
         stub = self._stub
         if stub is None:
             return
@@ -317,6 +437,7 @@ class TritonBackend:
             ready = await stub.ModelReady(
                 pb.ModelReadyRequest(name=model, version=version), timeout=PROBE_TIMEOUT_S
             )
+            self._answered_at = self._clock()
             metadata = (
                 await stub.ModelMetadata(
                     pb.ModelMetadataRequest(name=model, version=version), timeout=PROBE_TIMEOUT_S
@@ -331,7 +452,31 @@ class TritonBackend:
             self._platform = metadata.platform or "triton"
             if self._discover:
                 self._adopt(metadata)
+            await self._read_max_batch(stub)
         self._set_ready(ready.ready, "Triton reports the model not ready")
+
+    async def _read_max_batch(self, stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+        """Take ``max_batch_size`` from Triton's model config (0 where the server does
+        not serve ModelConfig, as some KServe v2 servers do not)."""
+        model, version = self._triton.model, self._triton.version
+        try:
+            reply = await stub.ModelConfig(
+                pb.ModelConfigRequest(name=model, version=version), timeout=PROBE_TIMEOUT_S
+            )
+            limit = max(0, int(reply.config.max_batch_size))
+        except grpc.aio.AioRpcError:
+            limit = 0
+        batching = self._spec.batching
+        if limit != self._triton_max_batch and batching and 0 < limit < batching.max_batch_size:
+            logger.info(
+                "model %s: batches of up to %d rows go to Triton's model %r in calls of "
+                "at most %d rows (its max_batch_size)",
+                self._spec.name,
+                batching.max_batch_size,
+                model,
+                limit,
+            )
+        self._triton_max_batch = limit
 
     def _adopt(self, metadata: pb.ModelMetadataResponse) -> None:
         inputs = tuple(_tensor_spec(t) for t in metadata.inputs)
@@ -371,6 +516,35 @@ def _strip_request_id(details: str) -> str:
     return details
 
 
+def _rows(parts: Sequence[Mapping[str, np.ndarray]]) -> int:
+    """Rows of ``parts`` together: dimension 0 of their (first) input."""
+    return sum(int(next(iter(part.values())).shape[0]) if part else 0 for part in parts)
+
+
+def _mismatch_of(
+    tensor: pb.ModelInferResponse.InferOutputTensor,
+    size: int,
+    declared: TensorSpec | None,
+    rows: int | None,
+) -> tuple[str, str] | None:
+    """(problem, detail) where Triton's output ``tensor`` of ``size`` raw bytes does not
+    match its ``declared`` spec and the call's ``rows``; None where it does."""
+    datatype, shape = tensor.datatype, tuple(int(d) for d in tensor.shape)
+    dtype = DATATYPES.get(datatype)
+    if dtype is None:
+        return "datatype", f"unknown datatype {datatype[:32]!r}"
+    if declared is not None and datatype != declared.datatype:
+        return "datatype", f"{datatype} where {declared.datatype} is declared"
+    if any(d < 0 for d in shape) or (declared is not None and not declared.accepts(shape)):
+        want = f" where {list(declared.shape)} is declared" if declared is not None else ""
+        return "shape", f"shape {list(shape)}{want}"
+    if rows is not None and (not shape or shape[0] != rows):
+        return "rows", f"shape {list(shape)} for a call of {rows} rows"
+    if datatype != "BYTES" and size != prod(shape) * dtype.itemsize:
+        return "size", f"{size} bytes for shape {list(shape)} of {datatype}"
+    return None
+
+
 def _tensor_spec(tensor: pb.ModelMetadataResponse.TensorMetadata) -> TensorSpec:
     return TensorSpec(tensor.name, tensor.datatype, tuple(int(d) for d in tensor.shape))
 
@@ -394,12 +568,7 @@ def _raw_bytes(array: np.ndarray) -> bytes:
 
 
 def _decode(datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
-    dtype = DATATYPES.get(datatype)
-    if dtype is None:
-        raise Unavailable(f"the backend returned unknown datatype {datatype}")
+    """An output checked by :func:`_mismatch_of`; ValueError for malformed BYTES."""
     if datatype != "BYTES":
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
-    try:
-        return split_bytes(raw, prod(shape)).reshape(shape)
-    except ValueError as exc:
-        raise Unavailable(f"the backend returned malformed BYTES: {exc}") from None
+        return np.frombuffer(raw, dtype=DATATYPES[datatype]).reshape(shape)
+    return split_bytes(raw, prod(shape)).reshape(shape)

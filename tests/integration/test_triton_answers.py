@@ -1,0 +1,258 @@
+"""The Triton backend against answers a real Triton cannot be made to give on demand: a
+fake KServe v2 server on loopback port 0 (a real ``grpc.aio`` server, Triton's stubs)
+whose behaviour depends on the model name, with Mandant in process on port 0.
+
+* Triton's INVALID_ARGUMENT about a Mandant batch, whose message holds one tenant's
+  values: only that tenant's request fails, and only it sees the message.
+* Answers that do not match the model's declared outputs (datatype, rank, rows, byte
+  size, an output twice): UNAVAILABLE, the backend's fault, logged once.
+* One tenant's calls slower than ``timeout_s`` on a Triton that answers everything else
+  leave the shared breaker closed; a Triton that answers nothing opens it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from mandant.app import App
+from mandant.config import MandantConfig, parse_config
+from mandant.tenancy.keys import hash_key
+from mandant_client import AsyncClient, InvalidInput, MandantClientError, Unavailable
+
+KEYS = {"acme": "acme-answers-key", "globex": "globex-answers-key"}
+IO = {
+    "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, 4]}],
+    "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, 3]}],
+}
+Answer = Callable[[np.ndarray], tuple[str, tuple[int, ...], bytes]]
+
+
+def good(x: np.ndarray) -> np.ndarray:
+    return np.tanh(x[:, :3]).astype(np.float32)
+
+
+def _bytes_of(x: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
+    element = b"\x01\x00\x00\x00x"  # one length-prefixed BYTES element
+    return "BYTES", (len(x), 3), element * (len(x) * 3)
+
+
+#: Model name -> (datatype, shape, raw bytes) of its OUTPUT0 for the inputs ``x``.
+ANSWERS: dict[str, Answer] = {
+    "good": lambda x: ("FP32", good(x).shape, good(x).tobytes()),
+    "fp16": lambda x: ("FP16", good(x).shape, good(x).astype(np.float16).tobytes()),
+    "int64": lambda x: ("INT64", good(x).shape, (good(x) * 1000).astype(np.int64).tobytes()),
+    "bytes": _bytes_of,
+    "weird": lambda x: ("FOO", good(x).shape, good(x).tobytes()),
+    "onerow": lambda x: ("FP32", (1, 3), good(x)[:1].tobytes()),
+    "flat": lambda x: ("FP32", (good(x).size,), good(x).tobytes()),
+    "wide": lambda x: ("FP32", (len(x), 4), x.tobytes()),
+    "short": lambda x: ("FP32", good(x).shape, good(x).tobytes()[:-4]),
+}
+MISMATCHED = [*sorted(set(ANSWERS) - {"good"}), "twice"]
+
+
+@dataclass
+class FakeTriton(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """Every model ready, INPUT0 FP32 [-1, 4] -> OUTPUT0 FP32 [-1, 3], max_batch_size
+    64. ``picky`` refuses any negative value, naming it, as INVALID_ARGUMENT;
+    ``sleepy`` sleeps INPUT0[0, 0] seconds; once ``hung``, nothing is answered."""
+
+    hung: bool = False
+
+    async def _hang_if_hung(self) -> None:
+        if self.hung:
+            await asyncio.sleep(3600)
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        await self._hang_if_hung()
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=request.name,
+            versions=["1"],
+            platform="fake",
+            inputs=[tensor(name="INPUT0", datatype="FP32", shape=[-1, 4])],
+            outputs=[tensor(name="OUTPUT0", datatype="FP32", shape=[-1, 3])],
+        )
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        config = pb.ModelConfigResponse()
+        config.config.name = request.name
+        config.config.max_batch_size = 64
+        return config
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        await self._hang_if_hung()
+        name = request.model_name
+        x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(-1, 4)
+        if name == "picky" and (x < 0).any():
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"[request id: 7] value out of range: {x.min()} in batch of {len(x)}",
+            )
+        if name == "sleepy":
+            await asyncio.sleep(float(x[0, 0]))
+        out = pb.ModelInferResponse.InferOutputTensor
+        if name == "twice":
+            y = good(x)
+            return pb.ModelInferResponse(
+                model_name=name,
+                outputs=[out(name="OUTPUT0", datatype="FP32", shape=y.shape)] * 2,
+                raw_output_contents=[y.tobytes()] * 2,
+            )
+        datatype, shape, raw = ANSWERS.get(name, ANSWERS["good"])(x)
+        return pb.ModelInferResponse(
+            model_name=name,
+            outputs=[out(name="OUTPUT0", datatype=datatype, shape=shape)],
+            raw_output_contents=[raw],
+        )
+
+
+@asynccontextmanager
+async def fake_triton() -> AsyncIterator[tuple[str, FakeTriton]]:
+    servicer = FakeTriton()
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", servicer
+    finally:
+        await server.stop(0)
+
+
+def config(url: str, *models: dict[str, Any]) -> MandantConfig:
+    return parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 0},
+            "tenants": [{"id": t, "api_keys": [hash_key(k)]} for t, k in KEYS.items()],
+            "models": list(models),
+        }
+    )
+
+
+def model(url: str, name: str, **extra: Any) -> dict[str, Any]:
+    triton = {"url": url, "model": name, "health_interval_s": 0.2, **extra.pop("triton", {})}
+    return {"name": name, "backend": "triton", "triton": triton, **IO, **extra}
+
+
+def client(app: App, tenant: str, timeout_s: float | None = 10) -> AsyncClient:
+    return AsyncClient(f"127.0.0.1:{app.grpc_port}", KEYS[tenant], timeout_s=timeout_s)
+
+
+async def outcome(mc: AsyncClient, name: str, x: np.ndarray) -> MandantClientError | None:
+    try:
+        result = await mc.infer(name, {"INPUT0": x})
+    except MandantClientError as exc:
+        return exc
+    np.testing.assert_allclose(result["OUTPUT0"], good(x), rtol=1e-6)
+    return None
+
+
+# -- a batch's INVALID_ARGUMENT is one request's -----------------------------------------
+
+
+async def test_triton_s_invalid_argument_about_a_batch_fails_only_its_request(
+    tmp_path: Path,
+) -> None:
+    """acme's value that Triton refuses, batched with globex's good calls: globex's are
+    served and never see acme's value; acme's call alone gets Triton's reason."""
+    batching = {"max_batch_size": 16, "max_queue_delay_ms": 300, "dispatch": "delay"}
+    async with (
+        fake_triton() as (url, _),
+        App(config(url, model(url, "picky", batching=batching)), tmp_path) as app,
+        client(app, "acme") as acme,
+        client(app, "globex") as globex,
+    ):
+        bad = np.ones((1, 4), np.float32)
+        bad[0, 0] = -42.125  # acme's secret
+        for _ in range(2):
+            results = await asyncio.gather(
+                outcome(acme, "picky", bad),
+                *(outcome(globex, "picky", np.ones((2, 4), np.float32)) for _ in range(7)),
+            )
+            assert results[1:] == [None] * 7, results[1:]
+            assert isinstance(results[0], InvalidInput), repr(results[0])
+            assert "value out of range: -42.125 in batch of 1" in str(results[0])
+            assert "request id: 7" not in str(results[0])
+
+
+# -- answers not as declared -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["direct", "batched"])
+async def test_answers_not_matching_the_declared_outputs_are_unavailable_and_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, batched: bool
+) -> None:
+    batching = {"batching": {"max_batch_size": 8, "max_queue_delay_ms": 1}} if batched else {}
+    caplog.set_level(logging.ERROR, logger="mandant.backends.triton")
+    async with fake_triton() as (url, _):
+        models = [model(url, name, **batching) for name in ["good", *MISMATCHED]]
+        async with App(config(url, *models), tmp_path) as app, client(app, "acme") as acme:
+            x = np.random.default_rng(3).standard_normal((3, 4)).astype(np.float32)
+            assert await outcome(acme, "good", x) is None
+            for name in MISMATCHED:
+                for _ in range(2):
+                    error = await outcome(acme, name, x)
+                    assert isinstance(error, Unavailable), (name, repr(error))
+                    assert "does not match the model's outputs" in str(error), name
+                    assert "Traceback" not in str(error)
+                logged = [r for r in caplog.records if f"model {name}:" in r.getMessage()]
+                assert len(logged) == 1, (name, [r.getMessage() for r in logged])
+            assert await outcome(acme, "good", x) is None
+
+
+# -- timeouts and the shared breaker -------------------------------------------------------
+
+
+async def test_one_tenant_s_slow_calls_leave_the_breaker_closed_for_the_others(
+    tmp_path: Path,
+) -> None:
+    """acme's calls outlast ``timeout_s`` (no client deadline) while Triton answers its
+    health polls: each is UNAVAILABLE, and globex is still served at once."""
+    triton = {"timeout_s": 1.0, "health_interval_s": 0.05}
+    async with (
+        fake_triton() as (url, _),
+        App(config(url, model(url, "sleepy", triton=triton)), tmp_path) as app,
+        client(app, "acme", None) as acme,
+        client(app, "globex") as globex,
+    ):
+        slow = np.full((1, 4), 4.0, np.float32)
+        results = await asyncio.gather(*(outcome(acme, "sleepy", slow) for _ in range(6)))
+        assert all(isinstance(r, Unavailable) for r in results), results
+        fast = np.zeros((1, 4), np.float32)
+        assert [await outcome(globex, "sleepy", fast) for _ in range(3)] == [None] * 3
+
+
+async def test_timeouts_while_triton_answers_nothing_open_the_breaker(tmp_path: Path) -> None:
+    """A Triton that stopped answering anything (its health polls too): five calls time
+    out, then the breaker refuses the next calls at once."""
+    triton = {"timeout_s": 1.0, "health_interval_s": 3600}
+    async with (
+        fake_triton() as (url, fake),
+        App(config(url, model(url, "good", triton=triton)), tmp_path) as app,
+        client(app, "acme", None) as acme,
+    ):
+        x = np.ones((1, 4), np.float32)
+        assert await outcome(acme, "good", x) is None
+        fake.hung = True
+        timed_out = await asyncio.gather(*(outcome(acme, "good", x) for _ in range(5)))
+        assert all(isinstance(r, Unavailable) for r in timed_out), timed_out
+        start = time.monotonic()
+        assert isinstance(await outcome(acme, "good", x), Unavailable)
+        assert time.monotonic() - start < 0.8  # refused by the breaker, no wait
