@@ -64,6 +64,7 @@ class RaisingPlane:
     """Stands in for DataPlane: authenticates anyone as a tenant, then raises ``error``."""
 
     version = "test"
+    tenant_snapshot = None  # never reloaded
 
     def __init__(self) -> None:
         self.error: BaseException = RuntimeError()

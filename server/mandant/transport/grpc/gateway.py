@@ -287,6 +287,11 @@ MAX_LOGGED_ID = 256
 
 
 async def abort(context: Context, exc: MandantError) -> None:
+    if deadline_passed(context):
+        # gRPC has ended the call with DEADLINE_EXCEEDED already (or is about to, and
+        # cancels this handler): a status sent now fails in gRPC's core, which logs it
+        # as an ERROR with a traceback. End as that cancellation does.
+        raise asyncio.CancelledError
     trailers = trailers_for(exc)
     if trailers:
         context.set_trailing_metadata(trailers)
