@@ -108,6 +108,22 @@ def test_resource_exhausted_splits_on_quota(details: str, cls: type[ResourceExha
 
 
 @pytest.mark.parametrize(
+    "details",
+    [
+        "CLIENT: Sent message larger than max (73400354 vs. 67108864)",  # the client's limit
+        "Received message larger than max (73400354 vs. 33554432)",  # the server's
+    ],
+)
+def test_a_message_over_the_size_limit_is_invalid_input_not_retryable(details: str) -> None:
+    """The same call fails the same way every time: not RateLimited, which callers retry."""
+    exc = FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+    error = from_rpc_error(exc, "r-1")
+    assert type(error) is InvalidInput and not isinstance(error, ResourceExhausted)
+    assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED  # as gRPC said it
+    assert (error.message, error.request_id) == (details, "r-1")
+
+
+@pytest.mark.parametrize(
     ("trailing", "retry_after_s"),
     [
         ([("grpc-retry-pushback-ms", "1500")], 1.5),

@@ -5,7 +5,8 @@
     MandantClientError            .code (grpc.StatusCode), .message
     ├── Unauthenticated           UNAUTHENTICATED: no key, unknown key, revoked key
     ├── ModelNotFound             NOT_FOUND: unknown model, or private to another tenant
-    ├── InvalidInput              INVALID_ARGUMENT: wrong tensor name, dtype, shape, size
+    ├── InvalidInput              INVALID_ARGUMENT: wrong tensor name, dtype, shape, size;
+    │                             RESOURCE_EXHAUSTED of a message over gRPC's size limit
     ├── ResourceExhausted         RESOURCE_EXHAUSTED, .retry_after_s
     │   ├── RateLimited           rate limit, concurrency cap, queue full
     │   └── QuotaExceeded         the server's message mentions the quota
@@ -27,6 +28,9 @@ from typing import Any
 import grpc
 
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+#: In gRPC's RESOURCE_EXHAUSTED for a message over a size limit, on either side ("Sent
+#: message larger than max (N vs. M)", "Received message larger than max …").
+MESSAGE_TOO_LARGE = "message larger than max"
 
 
 class MandantClientError(Exception):
@@ -59,7 +63,10 @@ class ModelNotFound(MandantClientError):
 
 
 class InvalidInput(MandantClientError):
-    """The request does not fit the model (tensor name, datatype, shape, byte size)."""
+    """The request does not fit the model (tensor name, datatype, shape, byte size), or a
+    message is over gRPC's size limit (code RESOURCE_EXHAUSTED, as gRPC says it): the
+    same call fails the same way every time, so unlike ``ResourceExhausted`` it is not
+    worth retrying."""
 
     default_code = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -146,9 +153,13 @@ def error_for(
     retry_after_s: float | None = None,
     request_id: str = "",
 ) -> MandantClientError:
-    """The exception for a status code and message, through :data:`ERRORS_BY_CODE`."""
+    """The exception for a status code and message, through :data:`ERRORS_BY_CODE`.
+    RESOURCE_EXHAUSTED is retryable except for a message over the size limit, which
+    is :class:`InvalidInput` with the code gRPC gave."""
     message = message or code.name
     cls = ERRORS_BY_CODE.get(code, ServerError)
+    if cls is ResourceExhausted and MESSAGE_TOO_LARGE in message:
+        return InvalidInput(message, code=code, request_id=request_id)
     if cls is ResourceExhausted:
         exhausted = QuotaExceeded if "quota" in message.lower() else RateLimited
         return exhausted(message, retry_after_s=retry_after_s, code=code, request_id=request_id)
