@@ -65,7 +65,7 @@ function loadService(protoDir) {
  * A client for one Mandant server. `target` is host:port; `apiKey` goes in every call's
  * `authorization: Bearer` header. Options: `credentials` (grpc.credentials.createSsl(...)
  * for TLS; insecure by default), `protoDir`, `timeoutMs` (a deadline for every call;
- * none by default).
+ * none by default, or when null).
  */
 function createClient(target, apiKey, options = {}) {
   const Service = loadService(options.protoDir || DEFAULT_PROTO_DIR);
@@ -75,10 +75,12 @@ function createClient(target, apiKey, options = {}) {
   });
   const defaultTimeoutMs = options.timeoutMs;
 
-  function call(method, request, timeoutMs = defaultTimeoutMs) {
+  // null is "not given", as undefined: Date.now() + null would be a deadline of now.
+  function call(method, request, timeoutMs) {
     const metadata = new grpc.Metadata();
     if (apiKey) metadata.set('authorization', `Bearer ${apiKey}`);
-    const callOptions = timeoutMs === undefined ? {} : { deadline: Date.now() + timeoutMs };
+    const deadlineMs = timeoutMs ?? defaultTimeoutMs;
+    const callOptions = deadlineMs == null ? {} : { deadline: Date.now() + deadlineMs };
     return new Promise((resolve, reject) => {
       stub[method](request, metadata, callOptions, (error, response) =>
         error ? reject(new MandantError(error)) : resolve(response),
