@@ -7,6 +7,8 @@ answer on demand (INTERNAL, typed contents) is in tests/unit/test_client_wire.py
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +23,7 @@ from mandant_client import (
     Client,
     DeadlineExceeded,
     InvalidInput,
+    MandantClientError,
     ModelIndexEntry,
     ModelNotFound,
     QuotaExceeded,
@@ -35,12 +38,16 @@ from tests.servers import (
     ServerThread,
     WorkersServer,
     free_port,
+    metric,
     serve,
 )
 
 ROWS = np.arange(8, dtype=np.float32).reshape(2, 4)
 MODES = ("unary", "stream")
 multiplexed = pytest.mark.parametrize("mode", MODES)
+ADMIN_KEY = "admin-key"
+#: The server's receive limit, under the client's 64 MiB send limit.
+SERVER_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 
 
 def client_config() -> MandantConfig:
@@ -56,10 +63,17 @@ def client_config() -> MandantConfig:
     }
     return parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
+            "server": {
+                "grpc_port": 0,
+                "http_port": 0,
+                "rest_port": 0,
+                "admin_keys": [hash_key(ADMIN_KEY)],
+                "max_message_bytes": SERVER_MAX_MESSAGE_BYTES,
+            },
             "tenants": [
                 tenant("acme"),
                 tenant("globex"),
+                tenant("patient"),
                 *(
                     tenant(f"limited-{mode}", rate_limit={"requests_per_s": 0.5, "burst": 1})
                     for mode in MODES
@@ -208,3 +222,48 @@ async def test_messages_above_grpc_default_4mib_pass(server: ServerThread, mode:
     ) as client:
         outputs = await client.infer("echo", {"INPUT0": big})
     np.testing.assert_array_equal(outputs["OUTPUT0"], big)
+
+
+@multiplexed
+async def test_a_message_over_the_servers_limit_is_invalid_input(
+    server: ServerThread, mode: str
+) -> None:
+    """Not RateLimited: the same call fails the same way every time, retried or not."""
+    over = np.zeros((SERVER_MAX_MESSAGE_BYTES // 4096 + 1, 1024), np.float32)
+    async with AsyncClient(
+        server.target, api_key="acme-key", timeout_s=30, multiplex=mode == "stream"
+    ) as client:
+        with pytest.raises(MandantClientError) as caught:
+            await client.infer("echo", {"INPUT0": over}, request_id="big")
+    assert type(caught.value) is InvalidInput, caught.value
+    assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in caught.value.message
+
+
+def deadline_exceeded_counted(server: ServerThread, calls: int, timeout_s: float = 30) -> float:
+    """How many of tenant patient's sleepy calls the server counts DEADLINE_EXCEEDED,
+    once it counts ``calls`` (workers: a front end reports just after answering)."""
+    labels = {"tenant": "patient", "model": "sleepy", "code": "DEADLINE_EXCEEDED"}
+    deadline = time.monotonic() + timeout_s
+    while (counted := metric(server, ADMIN_KEY, "mandant_requests_total", **labels) or 0) < calls:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return counted
+
+
+async def test_a_multiplexed_calls_timeout_reaches_the_server(server: ServerThread) -> None:
+    """Each message carries its time left (the v2 ``timeout``): the server drops those
+    whose callers gave up (DEADLINE_EXCEEDED) instead of running them, a second of
+    model each, ahead of the next call (about two seconds here, nine before)."""
+    late = 8
+    async with AsyncClient(server.target, api_key="patient-key", multiplex=True) as client:
+        outcomes = await asyncio.gather(
+            *(client.infer("sleepy", {"INPUT0": ROWS}, timeout_s=0.2) for _ in range(late)),
+            return_exceptions=True,
+        )
+        assert all(type(o) is DeadlineExceeded for o in outcomes), outcomes
+        outputs = await client.infer("sleepy", {"INPUT0": ROWS}, timeout_s=late - 2)
+    np.testing.assert_array_equal(outputs["OUTPUT0"], ROWS * 2)
+    # the one already running when its deadline passed may count either way
+    assert await asyncio.to_thread(deadline_exceeded_counted, server, late - 1) >= late - 1

@@ -1,20 +1,28 @@
 """The clients' multiplexed mode against a real grpc.aio server that keeps Mandant's
 ``ModelStreamInfer`` contract (tests/unit/fake_kserve.py): many calls of one client on
 one stream, answers matched by id in any order, typed errors per message and per
-stream, a bounded number in flight, reopening after a failure."""
+stream, a bounded number in flight, reopening after a failure, each message's time left
+for the server, a message over the send limit failing alone, and close()."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
+import mandant_client
 from mandant_client import (
     AsyncClient,
     Client,
@@ -29,6 +37,8 @@ from mandant_client import (
     Unauthenticated,
     Unavailable,
 )
+from mandant_client._proto import grpc_service_pb2 as pb
+from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.unit.fake_kserve import API_KEY, DIE, HELD, PLAIN_ERROR, SLOW, FakeServer, serve_fake
 
 
@@ -183,13 +193,33 @@ async def test_timeout_fails_that_call_only(server: FakeServer) -> None:
     assert server.servicer.streams_opened == 1
 
 
-async def test_close_fails_pending_calls_unavailable(server: FakeServer) -> None:
-    client = AsyncClient(server.target, api_key=API_KEY, multiplex=True)
-    pending = asyncio.create_task(client.infer(SLOW, rows(0)))
-    await server.servicer.until_in_flight(1)
+def closed_as_promised(outcomes: list[Any], ids: list[str]) -> bool:
+    """Every outcome is Unavailable "the client was closed", with its call's id."""
+    return [type(o) for o in outcomes] == [Unavailable] * len(ids) and [
+        (o.message, o.request_id) for o in outcomes
+    ] == [("the client was closed", i) for i in ids]
+
+
+@pytest.mark.parametrize("multiplex", [False, True])
+async def test_close_fails_pending_and_later_calls_unavailable(
+    server: FakeServer, multiplex: bool
+) -> None:
+    """Calls in flight, calls waiting for a slot (one slot: the first holds it) and calls
+    made after close() raise Unavailable, not grpc's errors for a closed channel."""
+    client = AsyncClient(server.target, api_key=API_KEY, multiplex=multiplex, max_in_flight=1)
+    ids = [f"p{i}" for i in range(3)]
+    pending = [asyncio.create_task(client.infer(SLOW, rows(0), request_id=i)) for i in ids]
+    arrived = 1 if multiplex else 3
+    await asyncio.to_thread(wait_until, lambda: len(server.servicer.seen_requests) == arrived)
     await client.close()
-    with pytest.raises(Unavailable, match="closed"):
-        await pending
+    outcomes = await asyncio.gather(*pending, return_exceptions=True)
+    assert closed_as_promised(outcomes, ids), outcomes
+
+    later = [client.infer("echo", rows(0), request_id="late"), client.server_live()]
+    if multiplex:
+        later.append(client.open_stream())
+    outcomes = await asyncio.gather(*later, return_exceptions=True)
+    assert closed_as_promised(outcomes, ["late", *[""] * (len(later) - 1)]), outcomes
 
 
 async def test_open_stream_needs_multiplex(server: FakeServer) -> None:
@@ -293,18 +323,35 @@ async def test_sync_client_reopens_after_the_server_ends_the_stream(server: Fake
     assert server.servicer.streams_opened == 2
 
 
-def close_with_a_call_pending(server: FakeServer) -> BaseException | None:
-    client = Client(server.target, api_key=API_KEY, multiplex=True)
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(client.infer, SLOW, rows(0))
-        wait_until(lambda: server.servicer.in_flight == 1)
+def close_with_calls_pending(server: FakeServer, multiplex: bool) -> list[list[Any]]:
+    """What three calls pending at close() (one in flight, two waiting for its slot
+    when multiplexed) and three calls made after it raised."""
+    client = Client(server.target, api_key=API_KEY, multiplex=multiplex, max_in_flight=1)
+    with ThreadPoolExecutor(3) as pool:
+        pending = [pool.submit(client.infer, SLOW, rows(0), request_id=f"p{i}") for i in range(3)]
+        wait_until(lambda: len(server.servicer.seen_requests) == (1 if multiplex else 3))
         client.close()
-        return pending.exception(10)
+        outcomes = [p.exception(10) for p in pending]
+    later: list[Any] = []
+    for call in (
+        lambda: client.infer("echo", rows(0), request_id="late"),
+        client.server_live,
+        client.open_stream if multiplex else client.models,
+    ):
+        try:
+            call()
+        except Exception as exc:
+            later.append(exc)
+    return [outcomes, later]
 
 
-async def test_sync_close_fails_pending_calls_unavailable(server: FakeServer) -> None:
-    error = await asyncio.to_thread(close_with_a_call_pending, server)
-    assert isinstance(error, Unavailable) and "closed" in error.message
+@pytest.mark.parametrize("multiplex", [False, True])
+async def test_sync_close_fails_pending_and_later_calls_unavailable(
+    server: FakeServer, multiplex: bool
+) -> None:
+    outcomes, later = await asyncio.to_thread(close_with_calls_pending, server, multiplex)
+    assert closed_as_promised(outcomes, ["p0", "p1", "p2"]), outcomes
+    assert closed_as_promised(later, ["late", "", ""]), later
 
 
 async def test_long_caller_ids_keep_the_wire_id_short(server: FakeServer) -> None:
@@ -317,3 +364,182 @@ async def test_long_caller_ids_keep_the_wire_id_short(server: FakeServer) -> Non
     sent = [r.id for r in server.servicer.seen_requests]
     assert sent[0] == "#1" and sent[1] == "é" * 126 + "#2"
     assert all(len(i.encode()) <= 256 for i in sent)
+
+
+# -- what each message tells the server, and what the client refuses to send -------
+
+
+def sent_timeout(request: pb.ModelInferRequest) -> int | None:
+    """The v2 ``timeout`` parameter (µs) a message carried, if any."""
+    parameters = request.parameters
+    return parameters["timeout"].int64_param if "timeout" in parameters else None
+
+
+async def test_each_message_tells_the_server_its_time_left(server: FakeServer) -> None:
+    """A stream has no deadline per message: each carries its call's time left as the
+    v2 ``timeout`` (µs), or the caller's own where that is earlier (0 means none), so
+    the server drops a message whose caller gave up instead of running it."""
+    five_s = 5_000_000
+    calls: list[tuple[float | None, dict[str, Any] | None]] = [
+        (None, None),  # no deadline: nothing to tell
+        (5, None),
+        (5, {"timeout": 1000}),  # the caller's own, earlier: kept
+        (5, {"timeout": 60 * five_s}),  # later than the call's: the call's
+        (5, {"timeout": 0}),  # none: the call's
+        (None, {"timeout": 1000}),
+    ]
+    async with AsyncClient(server.target, api_key=API_KEY, multiplex=True) as client:
+        for timeout_s, parameters in calls:
+            await client.infer("echo", rows(0), timeout_s=timeout_s, parameters=parameters)
+
+    def sync_call() -> None:
+        with Client(server.target, api_key=API_KEY, multiplex=True, timeout_s=5) as sync:
+            sync.infer("echo", rows(0))
+
+    await asyncio.to_thread(sync_call)
+    sent = [sent_timeout(r) for r in server.servicer.seen_requests]
+    assert sent[0] is None and sent[2] == 1000 and sent[5] == 1000, sent
+    assert all(0 < t <= five_s for t in (sent[1], sent[3], sent[4], sent[6]) if t), sent
+    assert None not in sent[1:], sent
+
+
+#: A send limit of 1 MiB, and a message just over it.
+SMALL_SEND = [("grpc.max_send_message_length", 1 << 20)]
+OVER_SMALL_SEND = {"X": np.zeros((1, 1 << 18), np.float32)}
+TOO_LARGE = re.compile(r"CLIENT: Sent message larger than max \(\d+ vs\. 1048576\)")
+
+
+def assert_refused_as_too_large(error: BaseException, unary: BaseException) -> None:
+    """``error`` is what the unary call got for the same message: not retryable."""
+    assert isinstance(error, InvalidInput) and type(error) is type(unary), (error, unary)
+    assert error.code is unary.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert TOO_LARGE.fullmatch(error.message) and TOO_LARGE.fullmatch(unary.message)
+    assert error.request_id == "big"
+
+
+async def test_a_message_over_the_send_limit_fails_alone_as_on_unary(server: FakeServer) -> None:
+    """grpc fails the whole stream for it (every call on it): it is refused before
+    it is queued, with the unary call's error, and the call in flight is answered."""
+    server.servicer.hold = 2
+    async with AsyncClient(server.target, api_key=API_KEY, options=SMALL_SEND) as unary:
+        with pytest.raises(MandantClientError) as unary_error:
+            await unary.infer("echo", OVER_SMALL_SEND, request_id="big")
+    async with AsyncClient(
+        server.target, api_key=API_KEY, options=SMALL_SEND, multiplex=True
+    ) as client:
+        first = asyncio.create_task(client.infer(HELD, rows(1)))
+        await server.servicer.until_in_flight(1)
+        with pytest.raises(MandantClientError) as caught:
+            await client.infer("echo", OVER_SMALL_SEND, request_id="big")
+        second = await client.infer(HELD, rows(2))
+        assert float((await first)["X"][0, 0]) == 1.0 and float(second["X"][0, 0]) == 2.0
+    assert_refused_as_too_large(caught.value, unary_error.value)
+    assert server.servicer.streams_opened == 1
+
+
+def too_large_in_threads(server: FakeServer) -> tuple[list[Any], Any]:
+    """The sync client's unary and multiplexed errors for a message over its send
+    limit, with a call in flight on the stream; and that call's answer."""
+    errors: list[Any] = []
+    for multiplex in (False, True):
+        with (
+            Client(server.target, API_KEY, options=SMALL_SEND, multiplex=multiplex) as client,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            first = pool.submit(client.infer, HELD, rows(1)) if multiplex else None
+            if first is not None:
+                wait_until(lambda: server.servicer.in_flight == 1)
+            try:
+                client.infer("echo", OVER_SMALL_SEND, request_id="big")
+            except MandantClientError as exc:
+                errors.append(exc)
+            if first is not None:
+                client.infer(HELD, rows(2))
+                answered = first.result(10)
+    return errors, answered
+
+
+async def test_sync_a_message_over_the_send_limit_fails_alone_as_on_unary(
+    server: FakeServer,
+) -> None:
+    server.servicer.hold = 2
+    (unary, streamed), answered = await asyncio.to_thread(too_large_in_threads, server)
+    assert_refused_as_too_large(streamed, unary)
+    assert float(answered["X"][0, 0]) == 1.0
+    assert server.servicer.streams_opened == 1
+
+
+# -- streams that end under the client's writes, and clients of another loop ---------
+
+
+class EndsAfterOneMessage(pb_grpc.GRPCInferenceServiceServicer):
+    """Ends each stream with status OK, unanswered, after its first message: what a
+    draining server does, while the client is still writing."""
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        await context.send_initial_metadata(())
+        async for _ in request_iterator:
+            return
+        yield pb.ModelStreamInferResponse()  # never: makes this an async generator
+
+
+@asynccontextmanager
+async def serve_ending_streams() -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(EndsAfterOneMessage(), server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+async def test_a_stream_ended_under_the_clients_writes_is_unavailable() -> None:
+    """grpc.aio reports a write that finds the call over as INTERNAL "Internal error
+    from Core" (grpc/grpc#36066), about one stream in two here: the calls pending on
+    it are Unavailable (the server ended the stream), which callers retry."""
+    outcomes: list[Any] = []
+    async with serve_ending_streams() as target:
+        for _ in range(10):
+            async with AsyncClient(target, multiplex=True, timeout_s=10) as client:
+                outcomes += await asyncio.gather(
+                    *(client.infer("m", rows(i)) for i in range(32)), return_exceptions=True
+                )
+    assert {(type(o), o.message) for o in outcomes} == {
+        (Unavailable, "the server ended the stream")
+    }
+
+
+#: An AsyncClient made outside any running loop (grpc.aio binds its channel to the
+#: thread's loop), then called from asyncio.run's: in a process of its own, since grpc.aio
+#: serves one process's loops through one completion queue.
+ANOTHER_LOOP = """
+import asyncio, sys
+import numpy as np
+from mandant_client import AsyncClient
+asyncio.set_event_loop(asyncio.new_event_loop())
+client = AsyncClient("127.0.0.1:1", multiplex=sys.argv[1] == "stream", timeout_s=5)
+try:
+    asyncio.run(client.infer("m", {"X": np.zeros((1, 4), np.float32)}))
+except BaseException as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+async def test_a_client_used_from_another_event_loop_raises_runtime_error(mode: str) -> None:
+    """As on a unary call, not ServerError "the stream failed (RuntimeError)"."""
+    ran = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", ANOTHER_LOOP, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(mandant_client.__file__).parents[1])},
+    )
+    assert ran.stdout.startswith("RuntimeError") and "loop" in ran.stdout, ran

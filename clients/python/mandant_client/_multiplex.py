@@ -7,6 +7,13 @@ messages still show the caller's own id (just ``#<n>`` when that would pass
 :data:`MAX_WIRE_ID_BYTES`); answers come back in any order and are matched on that id,
 and the caller gets its own id back. Nothing here performs I/O.
 
+A stream has no deadline per message: each message carries its call's time left as
+the v2 ``timeout`` parameter (µs), which Mandant (and Triton) honour, so that a message
+the caller gave up on leaves the server's queue instead of running late and holding its
+place there and on the stream. gRPC fails a whole call for one message over the send
+limit, i.e. every call on the stream: such a message is refused here, alone, with the
+error a unary call gets for it.
+
 The server's answer to one message is a ``ModelStreamInferResponse``: on success the
 ``infer_response``; on error ``error_message`` plus, in ``infer_response.parameters``,
 ``status_code`` (the gRPC status name) and, for RESOURCE_EXHAUSTED,
@@ -17,6 +24,8 @@ The server's answer to one message is a ``ModelStreamInferResponse``: on success
 from __future__ import annotations
 
 import itertools
+import math
+import time
 from typing import Any
 
 import grpc
@@ -25,7 +34,9 @@ from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client.errors import (
     MandantClientError,
     ResourceExhausted,
+    Unavailable,
     error_for,
+    from_rpc_error,
     retry_after_from_metadata,
 )
 
@@ -33,6 +44,12 @@ from mandant_client.errors import (
 DEFAULT_MAX_IN_FLIGHT = 64
 STATUS_CODE_PARAM = "status_code"
 RETRY_PUSHBACK_PARAM = "retry_pushback_ms"
+#: The KServe v2 request parameter for the time a request may take, in microseconds.
+TIMEOUT_PARAM = "timeout"
+STREAM_ENDED = "the server ended the stream"
+#: The status grpc.aio gives a call itself (cygrpc's ``set_internal_error``) when a
+#: write finds the call already over: not the server's word (grpc/grpc#36066).
+CORE_WRITE_FAILURE = "Internal error from Core"
 #: Mandant refuses longer ids and cannot echo them in an error answer, which could then
 #: not be matched to its call.
 MAX_WIRE_ID_BYTES = 256
@@ -55,6 +72,44 @@ class WireIds:
             wire_id = suffix
         request.id = wire_id
         return wire_id
+
+
+def time_left(timeout_s: float | None, started: float) -> float | None:
+    """Seconds left of a call that began at ``started`` (``time.monotonic()``)."""
+    if timeout_s is None:
+        return None
+    return max(0.0, timeout_s - (time.monotonic() - started))
+
+
+def ready(
+    request: pb.ModelInferRequest,
+    left_s: float | None,
+    max_send_bytes: int | None,
+    request_id: str,
+) -> None:
+    """Ready a tagged message for the stream: its ``timeout`` for the server, and the
+    size check gRPC would otherwise fail the whole stream for (see the module)."""
+    if left_s is not None:
+        _limit_time(request, max(1, math.ceil(left_s * 1e6)))
+    if max_send_bytes is not None and (size := request.ByteSize()) > max_send_bytes:
+        raise error_for(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"CLIENT: Sent message larger than max ({size} vs. {max_send_bytes})",
+            request_id=request_id,
+        )
+
+
+def _limit_time(request: pb.ModelInferRequest, timeout_us: int) -> None:
+    """Set ``timeout`` to ``timeout_us`` unless the caller's own is earlier: the server
+    takes the earlier of a unary call's deadline and its parameter, so the two paths
+    agree. The caller's 0 (no timeout) gives way; a value the server refuses (not an
+    int64, negative) stays, to be refused as on a unary call."""
+    own = request.parameters.get(TIMEOUT_PARAM)
+    if own is None or (
+        own.WhichOneof("parameter_choice") == "int64_param"
+        and (own.int64_param == 0 or own.int64_param > timeout_us)
+    ):
+        request.parameters[TIMEOUT_PARAM].int64_param = timeout_us
 
 
 def answer_id(message: pb.ModelStreamInferResponse) -> str:
@@ -95,6 +150,22 @@ def for_call(failure: MandantClientError, request_id: str) -> MandantClientError
         failure.code, failure.message, retry_after_s=retry_after_s, request_id=request_id
     )
     return error
+
+
+def stream_failure(
+    server_status: MandantClientError | None, exc: grpc.RpcError
+) -> MandantClientError:
+    """Why a ``grpc.aio`` stream failed, its reader having raised ``exc``: the server's
+    status where the done callback kept one (:func:`status_error`), else ``exc``'s. A
+    write that found the call over (the server ended the stream with OK while it
+    drains, or went away) makes grpc.aio report INTERNAL "Internal error from Core",
+    sometimes before the server's status: the server ended the stream, so Unavailable,
+    which callers retry, as the sync client reports it."""
+    failure = server_status or from_rpc_error(exc)
+    if failure.code is grpc.StatusCode.INTERNAL and failure.message == CORE_WRITE_FAILURE:
+        failure = Unavailable(STREAM_ENDED)
+    failure.__cause__ = exc
+    return failure
 
 
 def status_error(call: Any) -> MandantClientError | None:

@@ -5,6 +5,8 @@ one write at a time, and a caller's cancellation must not cancel the whole call)
 reader task that resolves each pending future by wire id. When the call ends, for any
 reason, every pending call fails with the call's typed error (UNAUTHENTICATED for a bad
 key, UNAVAILABLE when the server goes away) and the next ``infer`` opens a new stream.
+Once the client closes, every call pending or to come fails Unavailable, and no stream
+opens again.
 """
 
 from __future__ import annotations
@@ -17,14 +19,8 @@ import grpc
 
 from mandant_client import _multiplex
 from mandant_client._proto import grpc_service_pb2 as pb
-from mandant_client._requests import Metadata
-from mandant_client.errors import (
-    DeadlineExceeded,
-    MandantClientError,
-    ServerError,
-    Unavailable,
-    from_rpc_error,
-)
+from mandant_client._requests import Metadata, client_closed
+from mandant_client.errors import DeadlineExceeded, MandantClientError, ServerError, Unavailable
 
 _Answer = asyncio.Future[pb.ModelStreamInferResponse]
 #: ``asyncio.TimeoutError`` is ``TimeoutError`` from Python 3.11 on, not on 3.10.
@@ -42,7 +38,9 @@ class AioStream:
         self._outbox: asyncio.Queue[pb.ModelInferRequest] = asyncio.Queue()
         self._pending: dict[str, _Answer] = {}
         #: Set once, when the call is over; the stream takes no message after that.
-        self.failure: MandantClientError | None = None
+        #: A RuntimeError is the caller's misuse (a channel of another event loop),
+        #: raised to each pending call as the unary path raises it.
+        self.failure: MandantClientError | RuntimeError | None = None
         self._first_status: MandantClientError | None = None
         self._call.add_done_callback(self._on_done)
         self._writer = asyncio.create_task(self._write())
@@ -61,7 +59,7 @@ class AioStream:
 
     async def aclose(self) -> None:
         """Cancel the call; calls still pending fail with Unavailable."""
-        self._fail(Unavailable("the client was closed"))
+        self._fail(client_closed())
         self._call.cancel()
         await asyncio.gather(self._writer, self._reader, return_exceptions=True)
 
@@ -85,7 +83,7 @@ class AioStream:
                 return  # the call is over; the reader reports why
 
     async def _read(self) -> None:
-        failure: MandantClientError = Unavailable("the server ended the stream")
+        failure: MandantClientError | RuntimeError = Unavailable(_multiplex.STREAM_ENDED)
         try:
             while True:
                 message = await self._call.read()
@@ -95,8 +93,9 @@ class AioStream:
                 if answer is not None and not answer.done():
                     answer.set_result(message)
         except grpc.RpcError as exc:
-            failure = self._first_status or from_rpc_error(exc)
-            failure.__cause__ = exc
+            failure = _multiplex.stream_failure(self._first_status, exc)
+        except RuntimeError as exc:  # grpc.aio's word for a channel of another loop
+            failure = exc
         except Exception as exc:  # a malformed answer must not leave the callers waiting
             failure = ServerError(f"the stream failed ({type(exc).__name__})")
             failure.__cause__ = exc
@@ -111,7 +110,7 @@ class AioStream:
         # the server's, so keep it here.
         self._first_status = _multiplex.status_error(call)
 
-    def _fail(self, failure: MandantClientError) -> None:
+    def _fail(self, failure: MandantClientError | RuntimeError) -> None:
         if self.failure is None:
             self.failure = failure
         self._writer.cancel()
@@ -125,22 +124,31 @@ class AioMultiplexer:
     """Sends each ``infer`` of one AsyncClient over its current stream, at most
     ``max_in_flight`` at once (the rest wait for a slot instead of piling up)."""
 
-    def __init__(self, stub: Any, metadata: Metadata, max_in_flight: int) -> None:
+    def __init__(
+        self, stub: Any, metadata: Metadata, max_in_flight: int, max_send_bytes: int | None
+    ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self._stub = stub
         self._metadata = metadata
+        self._max_send_bytes = max_send_bytes
         self._slots = asyncio.Semaphore(max_in_flight)
         self._ids = _multiplex.WireIds()
         self._stream: AioStream | None = None
+        self._closed = False
 
-    def open(self) -> AioStream:
+    def open(self, request_id: str = "") -> AioStream:
         """The open stream; a new one when there is none or the last one ended."""
+        if self._closed:
+            raise client_closed(request_id)
         if self._stream is None or self._stream.failure is not None:
             self._stream = AioStream(self._stub, self._metadata)
         return self._stream
 
     async def aclose(self) -> None:
+        """Fail the calls pending on the stream; those waiting for a slot fail as they
+        get one, in :meth:`open`."""
+        self._closed = True
         stream, self._stream = self._stream, None
         if stream is not None:
             await stream.aclose()
@@ -159,14 +167,12 @@ class AioMultiplexer:
             except _TIMEOUTS:
                 raise _timed_out(timeout_s, request_id) from None
         try:
-            stream = self.open()
+            left_s = _multiplex.time_left(timeout_s, started)
+            _multiplex.ready(request, left_s, self._max_send_bytes, request_id)
+            stream = self.open(request_id)
             answer = stream.send(request, wire_id)
             try:
-                if timeout_s is None:
-                    message = await answer
-                else:
-                    left_s = timeout_s - (time.monotonic() - started)
-                    message = await asyncio.wait_for(answer, max(0.0, left_s))
+                message = await asyncio.wait_for(answer, left_s)
             except _TIMEOUTS:
                 raise _timed_out(timeout_s, request_id) from None
             except MandantClientError as failure:  # the whole stream's

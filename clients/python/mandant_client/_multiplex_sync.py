@@ -6,7 +6,8 @@ thread consumes it) and read by one reader thread that resolves each pending fut
 wire id. When the call ends, for any reason, every pending call fails with the call's
 typed error and the next ``infer`` opens a new stream. One lock guards which stream is
 current, its pending calls and its failure, so that no call is left waiting on a stream
-that has already ended.
+that has already ended. Once the client closes, every call pending or to come fails
+Unavailable, and no stream opens again.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import grpc
 
 from mandant_client import _multiplex
 from mandant_client._proto import grpc_service_pb2 as pb
-from mandant_client._requests import Metadata
+from mandant_client._requests import Metadata, client_closed
 from mandant_client.errors import (
     DeadlineExceeded,
     MandantClientError,
@@ -64,13 +65,13 @@ class SyncStream:
 
     def close(self) -> None:
         """Cancel the call; calls still pending fail with Unavailable."""
-        self._fail(Unavailable("the client was closed"))
+        self._fail(client_closed())
         self._call.cancel()
         if threading.current_thread() is not self._reader:
             self._reader.join(_JOIN_TIMEOUT_S)
 
     def _read(self) -> None:
-        failure: MandantClientError = Unavailable("the server ended the stream")
+        failure: MandantClientError = Unavailable(_multiplex.STREAM_ENDED)
         try:
             for message in self._call:
                 answer = self._pending.pop(_multiplex.answer_id(message), None)
@@ -98,15 +99,19 @@ class SyncMultiplexer:
     """Sends each ``infer`` of one Client over its current stream, at most
     ``max_in_flight`` at once (other threads wait for a slot)."""
 
-    def __init__(self, stub: Any, metadata: Metadata, max_in_flight: int) -> None:
+    def __init__(
+        self, stub: Any, metadata: Metadata, max_in_flight: int, max_send_bytes: int | None
+    ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self._stub = stub
         self._metadata = metadata
+        self._max_send_bytes = max_send_bytes
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._lock = threading.Lock()
         self._ids = _multiplex.WireIds()
         self._stream: SyncStream | None = None
+        self._closed = False  # under the lock
 
     def open(self) -> SyncStream:
         """The open stream; a new one when there is none or the last one ended."""
@@ -114,7 +119,10 @@ class SyncMultiplexer:
             return self._current()
 
     def close(self) -> None:
+        """Fail the calls pending on the stream; those waiting for a slot fail as they
+        get one, in ``_current``."""
         with self._lock:
+            self._closed = True
             stream, self._stream = self._stream, None
         if stream is not None:
             stream.close()
@@ -128,12 +136,11 @@ class SyncMultiplexer:
         if not self._slots.acquire(timeout=timeout_s):
             raise _timed_out(timeout_s, request_id)
         try:
+            left_s = _multiplex.time_left(timeout_s, started)
+            _multiplex.ready(request, left_s, self._max_send_bytes, request_id)
             with self._lock:
-                stream = self._current()
+                stream = self._current(request_id)
                 answer = stream.send(request, wire_id)
-            left_s = None
-            if timeout_s is not None:
-                left_s = max(0.0, timeout_s - (time.monotonic() - started))
             try:
                 message = answer.result(left_s)
             except _TIMEOUTS:
@@ -146,7 +153,9 @@ class SyncMultiplexer:
             self._slots.release()
         return _multiplex.outcome(message, request_id)
 
-    def _current(self) -> SyncStream:
+    def _current(self, request_id: str = "") -> SyncStream:
+        if self._closed:
+            raise client_closed(request_id)
         if self._stream is None or self._stream.failure is not None:
             self._stream = SyncStream(self._stub, self._metadata, self._lock)
         return self._stream

@@ -13,7 +13,7 @@ import grpc
 import numpy.typing as npt
 
 from mandant_client._proto import grpc_service_pb2 as pb
-from mandant_client.errors import InvalidInput
+from mandant_client.errors import InvalidInput, Unavailable
 from mandant_client.tensors import encode_inputs
 from mandant_client.types import ModelIndexEntry, ModelMetadata, ServerMetadata, TensorMetadata
 
@@ -41,6 +41,21 @@ def channel_options(options: ChannelOptions, connections: int = 1) -> list[tuple
         merged["grpc.use_local_subchannel_pool"] = 1
     merged.update(dict(options))
     return list(merged.items())
+
+
+def max_send_bytes(options: ChannelOptions) -> int | None:
+    """The send limit of a channel made with ``options`` (those of :func:`channel_options`);
+    None when unlimited (grpc's -1)."""
+    limit = dict(options).get("grpc.max_send_message_length", MAX_MESSAGE_BYTES)
+    return int(limit) if int(limit) >= 0 else None
+
+
+def client_closed(request_id: str = "") -> Unavailable:
+    """What a call raises once ``close()`` has begun: one pending then (in flight, or
+    waiting for a slot on the stream) or one made after. Unavailable, as the README
+    promises, rather than whatever grpc raises on a closed channel (ValueError,
+    UsageError, CANCELLED, a bare CancelledError)."""
+    return Unavailable("the client was closed", request_id=request_id)
 
 
 def channel_credentials(tls: bool | grpc.ChannelCredentials) -> grpc.ChannelCredentials | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
@@ -25,6 +26,9 @@ class AsyncClient:
     """asyncio client for one Mandant (or any KServe v2 gRPC) server: the same
     arguments, errors, multiplexed stream and connection spreading as
     :class:`~mandant_client.client.Client`, with coroutines for methods.
+
+    Make it inside the event loop that uses it: a ``grpc.aio`` channel belongs to the
+    loop it was made in, and other loops' calls raise RuntimeError.
     """
 
     def __init__(
@@ -55,11 +59,16 @@ class AsyncClient:
         self._turn = itertools.cycle(range(connections))
         self._metadata = _requests.auth_metadata(api_key)
         self._timeout_s = timeout_s
+        max_send_bytes = _requests.max_send_bytes(channel_options)
         self._multiplexers = (
-            [AioMultiplexer(stub, self._metadata, max_in_flight) for stub in self._stubs]
+            [
+                AioMultiplexer(stub, self._metadata, max_in_flight, max_send_bytes)
+                for stub in self._stubs
+            ]
             if multiplex
             else None
         )
+        self._closed = False
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -80,6 +89,7 @@ class AsyncClient:
             multiplexer.open()
 
     async def close(self) -> None:
+        self._closed = True
         for multiplexer in self._multiplexers or ():
             await multiplexer.aclose()
         for channel in self._channels:
@@ -148,7 +158,21 @@ class AsyncClient:
         request_id: str = "",
     ) -> Any:
         timeout = timeout_s if timeout_s is not None else self._timeout_s
+        if self._closed:
+            raise _requests.client_closed(request_id)
         try:
             return await method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, request_id) from exc
+        except asyncio.CancelledError:  # close() cancels the channel's calls
+            if self._closed and not _cancelled_by_caller():
+                raise _requests.client_closed(request_id) from None
+            raise
+
+
+def _cancelled_by_caller() -> bool:
+    """Whether the running task was asked to cancel (True when Python cannot tell: 3.10
+    has no ``Task.cancelling``), so that a caller's cancellation stays one."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0

@@ -38,6 +38,9 @@ class Client:
     (``workers: N``), or replicas behind a connection-level balancer, balance
     connections, not calls, so give a busy client at least as many connections as
     there are processes to reach. Other methods use the first connection.
+
+    Once :meth:`close` begins, calls still pending and calls made later raise
+    :class:`~mandant_client.errors.Unavailable` ("the client was closed").
     """
 
     def __init__(
@@ -67,11 +70,16 @@ class Client:
         self._turn = itertools.cycle(range(connections))
         self._metadata = _requests.auth_metadata(api_key)
         self._timeout_s = timeout_s
+        max_send_bytes = _requests.max_send_bytes(channel_options)
         self._multiplexers = (
-            [SyncMultiplexer(stub, self._metadata, max_in_flight) for stub in self._stubs]
+            [
+                SyncMultiplexer(stub, self._metadata, max_in_flight, max_send_bytes)
+                for stub in self._stubs
+            ]
             if multiplex
             else None
         )
+        self._closed = False
 
     def __enter__(self) -> Client:
         return self
@@ -92,6 +100,7 @@ class Client:
             multiplexer.open()
 
     def close(self) -> None:
+        self._closed = True
         for multiplexer in self._multiplexers or ():
             multiplexer.close()
         for channel in self._channels:
@@ -156,7 +165,15 @@ class Client:
         request_id: str = "",
     ) -> Any:
         timeout = timeout_s if timeout_s is not None else self._timeout_s
+        if self._closed:
+            raise _requests.client_closed(request_id)
         try:
             return method(request, timeout=timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
+        except grpc.RpcError as exc:  # CANCELLED "Channel closed!" when close() ran
+            if self._closed:
+                raise _requests.client_closed(request_id) from exc
             raise from_rpc_error(exc, request_id) from exc
+        except ValueError as exc:  # grpc's "closed channel": close() ran on another thread
+            if self._closed:
+                raise _requests.client_closed(request_id) from exc
+            raise
