@@ -163,10 +163,15 @@ class ModelRegistry:
         """Load every model; one that fails is kept, not ready, with its reason."""
         await self._start_all(self.all())
 
-    async def _start_all(self, models: Sequence[Model]) -> list[Model]:
-        """Start ``models`` at once; the ones that failed (closed, reason recorded)."""
+    async def _start_all(
+        self, models: Sequence[Model], require_ready: bool = False
+    ) -> list[Model]:
+        """Start ``models`` at once; the ones that failed (closed, reason recorded).
+        ``require_ready``: a model whose backend is not ready once started fails too
+        (a Triton that does not answer), where it would replace versions serving."""
         results = await asyncio.gather(
-            *(self._start_one(model) for model in models), return_exceptions=True
+            *(self._start_one(model, require_ready) for model in models),
+            return_exceptions=True,
         )
         failed = []
         for model, result in zip(models, results, strict=True):
@@ -182,9 +187,11 @@ class ModelRegistry:
         return failed
 
     @staticmethod
-    async def _start_one(model: Model) -> None:
+    async def _start_one(model: Model, require_ready: bool) -> None:
         model.warming = True
         await model.backend.start()
+        if require_ready and not model.backend.ready:
+            raise Unavailable("its backend is not ready")
         await warm_up(model.backend, model.declared.warmup)
         await model.scheduler.start()
         model.warming = False
@@ -274,7 +281,11 @@ class ModelRegistry:
         if not specs:
             raise ModelNotFound(name)
         fresh = [self._build(spec) for spec in specs]
-        failed = await self._start_all(fresh)
+        # Versions serving are replaced only by ready ones (a new Triton URL that does
+        # not answer keeps the old); a name not served yet is routed at once, ready
+        # when its backend is (as at start-up).
+        serving = any(key[1] == name for key in self._models)
+        failed = await self._start_all(fresh, require_ready=serving)
         if failed:
             for model in fresh:
                 if model not in failed:

@@ -11,6 +11,7 @@ in-process Torch model that must keep serving while Triton is down; ``poison`` (
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import time
@@ -25,6 +26,7 @@ import pytest
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2, service_pb2_grpc
 
+from mandant import errors
 from mandant.app import App
 from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
@@ -35,7 +37,14 @@ from mandant_client import (
     ModelNotFound,
     Unavailable,
 )
-from tests.triton_server import MODEL, POISON_MODEL, TritonProcess, available, expected
+from tests.triton_server import (
+    MODEL,
+    POISON_MODEL,
+    TritonProcess,
+    available,
+    expected,
+    free_port,
+)
 
 _missing = available()
 if _missing is not None and os.environ.get("CI"):
@@ -491,3 +500,25 @@ async def _kill_and_restart(
         except Unavailable:
             await asyncio.sleep(0.1)
     assert recovered_at is not None, "calls did not succeed again after restart"
+
+
+# -- reloads ----------------------------------------------------------------------------
+
+
+async def test_a_reload_onto_a_triton_that_does_not_answer_keeps_the_serving_version(
+    mandant: App, triton: TritonProcess
+) -> None:
+    """The new version is switched to once ready; a Triton URL that does not answer
+    never is (it replaced the serving version with one never ready, every call
+    UNAVAILABLE, and said it had loaded)."""
+    nobody = f"127.0.0.1:{free_port()}"
+    moved = config(nobody).model_dump(mode="json")
+    entry = next(m for m in moved["models"] if m["name"] == "tiny")
+    with pytest.raises(errors.Unavailable, match="its backend is not ready"):
+        await mandant.plane.load_model("tiny", {"config": json.dumps(entry)})
+    mandant.reload(config(nobody))  # SIGHUP: every Triton model moves to nobody
+    assert mandant.model_changes is not None
+    assert all("tiny" not in change or "failed" in change for change in await mandant.model_changes)
+    async with client(mandant, "acme") as acme:
+        answer = await acme.infer("tiny", {"INPUT0": rows(2)})
+    assert len(answer["OUTPUT0"]) == 2
