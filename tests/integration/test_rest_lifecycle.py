@@ -3,6 +3,7 @@ it stops taking connections while the calls in progress finish."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import socket
@@ -251,5 +252,13 @@ def test_requests_aiohttp_cannot_parse_log_no_error(
             with socket.create_connection(("127.0.0.1", port)) as client:
                 client.sendall(too_long)
                 assert client.recv(64).startswith(b"HTTP/1.0 400")
+        # A body that is not gzip as it says: read by the handler (a key), or by
+        # aiohttp after a refusal (none) - each logged an ERROR with a traceback.
+        for key, status in (({"Authorization": "Bearer k"}, 400), ({}, 401)):
+            connection = http.client.HTTPConnection("127.0.0.1", server.app.rest_port)
+            headers = {"Content-Encoding": "gzip", **key}
+            connection.request("POST", "/v2/models/echo/infer", b"not gzip", headers)
+            assert connection.getresponse().status == status
+            connection.close()
         time.sleep(0.2)  # the server logs after answering
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
