@@ -4,7 +4,8 @@ received bytes, request headers and errors through a round trip."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -149,3 +150,40 @@ def test_any_tensor_becomes_a_frame_and_back_empty_ones_too(
     back = ipc.decode_frame(frame, TensorHeader("X", datatype, shape))
     assert back.shape == shape and back.dtype == array.dtype
     np.testing.assert_array_equal(back, array)
+
+
+class _Written:
+    """A transport that keeps what is written, message by message."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    def writelines(self, parts: list[Any]) -> None:
+        self.messages.append(b"".join(bytes(p) for p in parts))
+
+
+async def test_a_turn_of_calls_is_cut_into_messages_the_length_prefix_can_hold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A front end gathers one loop turn's calls into one message, but sends it once
+    their tensors reach MAX_GATHERED_BYTES (the prefix is a u32: 65 calls of 64 MiB
+    in one turn overflowed it, and none of that turn's calls was ever answered)."""
+    from mandant.workers import engine_link
+
+    monkeypatch.setattr(engine_link, "MAX_GATHERED_BYTES", 1000)
+    connection = engine_link._Connection(cast(Any, None))
+    written = _Written()
+    connection.connection_made(cast(Any, written))
+    for rid in range(5):
+        header = ipc.RequestHeader(
+            rid, "acme", "echo", "", "", {}, (), (TensorHeader("X", "UINT8", (400,)),), None
+        )
+        connection.send(header, [bytes([rid]) * 400])
+    assert len(written.messages) == 1  # the first three reached the bound
+    await asyncio.sleep(0)  # the turn ends: the rest goes
+    got: list[tuple[list[Any], list[bytes]]] = []
+    reader = MessageReader(lambda kind, payload, frames: got.append((payload[0], frames)))
+    _feed(reader, b"".join(written.messages), [])
+    assert [len(requests) for requests, _ in got] == [3, 2]
+    frames = [bytes(frame) for _, message_frames in got for frame in message_frames]
+    assert frames == [bytes([rid]) * 400 for rid in range(5)]

@@ -38,7 +38,7 @@ from mandant.types import (
     TensorSpec,
 )
 from mandant.workers import ipc
-from mandant.workers.framing import Buffer, MessageReader, encode
+from mandant.workers.framing import MAX_GATHERED_BYTES, Buffer, MessageReader, encode
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +189,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._pending: dict[int, asyncio.Future[Answer]] = {}
         self._requests: list[object] = []
         self._frames: list[Buffer] = []
+        self._frame_bytes = 0  # in ``_frames``
         self._cancels: list[int] = []
         self._events: list[list[object]] = []
         self._flushing = False
@@ -238,7 +239,11 @@ class _Connection(asyncio.BufferedProtocol):
         self._pending[header.rid] = future
         self._requests.append(header.pack())
         self._frames.extend(frames)
-        self._schedule_flush()
+        self._frame_bytes += sum(map(len, frames))
+        if self._frame_bytes >= MAX_GATHERED_BYTES:
+            self._flush()
+        else:
+            self._schedule_flush()
         return future
 
     def cancel(self, rid: int) -> asyncio.Future[Answer] | None:
@@ -276,7 +281,8 @@ class _Connection(asyncio.BufferedProtocol):
         payload = [self._requests, self._cancels, self._events]
         frames = self._frames
         self._requests, self._cancels, self._events, self._frames = [], [], [], []
-        if self._transport is not None:
+        self._frame_bytes = 0
+        if self._transport is not None and any(payload):
             self._transport.writelines(encode(ipc.CALLS, payload, frames))
 
     # -- receiving ------------------------------------------------------------------

@@ -28,7 +28,7 @@ from mandant.events import Observer
 from mandant.service import MAX_REQUEST_ID_BYTES, DataPlane
 from mandant.types import Call, Tenant
 from mandant.workers import ipc
-from mandant.workers.framing import Buffer, MessageReader, encode
+from mandant.workers.framing import MAX_GATHERED_BYTES, Buffer, MessageReader, encode
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class _FrontEnd(asyncio.BufferedProtocol):
         self.tasks: dict[int, tuple[asyncio.Task[None], Call, ipc.RequestHeader]] = {}
         self._answers: list[list[object]] = []
         self._frames: list[Buffer] = []
+        self._frame_bytes = 0  # in ``_frames``
         self._flushing = False
         self._loop = asyncio.get_running_loop()
 
@@ -208,7 +209,10 @@ class _FrontEnd(asyncio.BufferedProtocol):
     def _answer(self, answer: list[object], frames: list[Buffer]) -> None:
         self._answers.append(answer)
         self._frames.extend(frames)
-        if not self._flushing:
+        self._frame_bytes += sum(map(len, frames))
+        if self._frame_bytes >= MAX_GATHERED_BYTES:
+            self._flush()
+        elif not self._flushing:
             self._flushing = True
             self._loop.call_soon(self._flush)
 
@@ -217,5 +221,6 @@ class _FrontEnd(asyncio.BufferedProtocol):
         self._flushing = False
         answers, self._answers = self._answers, []
         frames, self._frames = self._frames, []
-        if self._transport is not None:
+        self._frame_bytes = 0
+        if self._transport is not None and answers:
             self._transport.writelines(encode(ipc.ANSWERS, answers, frames))

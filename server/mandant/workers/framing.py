@@ -31,6 +31,11 @@ Buffer = bytes | memoryview
 PREFIX = struct.Struct("<II")
 #: Messages larger than half the reader's scratch buffer get a buffer of their own.
 SCRATCH_BYTES = 1 << 18
+#: A sender gathering one loop turn's calls (or answers) into one message sends it once
+#: their frames reach this, and starts another: the length prefix is a u32, and 65
+#: calls of 64 MiB in one turn overflowed it (every call of that turn then never
+#: answered).
+MAX_GATHERED_BYTES = 1 << 30
 
 packb = msgpack.Packer(use_bin_type=True).pack
 
