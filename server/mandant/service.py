@@ -22,7 +22,14 @@ from mandant.types import Call, EncodedRequest, InferRequest, InferResponse, Ten
 from mandant.validation import check_batch_rows, check_inputs, check_outputs
 
 SERVER_NAME = "mandant"
-EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters", "tenancy")
+EXTENSIONS = (
+    "model_repository",
+    "model_configuration",
+    "statistics",
+    "parameters",
+    "binary_tensor_data",  # REST's binary data extension
+    "tenancy",
+)
 #: Longest ``config`` parameter a model load takes (characters of JSON).
 MAX_LOAD_CONFIG_CHARS = 1 << 16
 #: Longest request ``id`` accepted (bytes of UTF-8); ids are echoed in answers and logs.

@@ -191,6 +191,36 @@ CASES: dict[str, tuple[pb.ModelInferRequest, str]] = {
         ),
         "the classification extension is not supported",
     ),
+    "shared memory input": (
+        pb.ModelInferRequest(
+            model_name="echo",
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name="INPUT0",
+                    datatype="FP32",
+                    shape=[1, 1],
+                    parameters={"shared_memory_region": pb.InferParameter(string_param="r")},
+                )
+            ],
+        ),
+        "input 'INPUT0': shared memory is not supported",
+    ),
+    "shared memory output": (
+        pb.ModelInferRequest(
+            model_name="echo",
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(name="INPUT0", datatype="FP32", shape=[1, 1])
+            ],
+            outputs=[
+                pb.ModelInferRequest.InferRequestedOutputTensor(
+                    name="OUTPUT0",
+                    parameters={"shared_memory_region": pb.InferParameter(string_param="r")},
+                )
+            ],
+            raw_input_contents=[b"\0" * 4],
+        ),
+        "output 'OUTPUT0': shared memory is not supported",
+    ),
 }
 
 

@@ -233,4 +233,4 @@ def test_stream_calls_count_for_their_tenant(server: Server) -> None:
 
 def test_server_metadata_names_the_extensions(client: triton.InferenceServerClient) -> None:
     extensions = client.get_server_metadata().extensions
-    assert {"model_configuration", "statistics"} <= set(extensions)
+    assert {"model_configuration", "statistics", "binary_tensor_data"} <= set(extensions)

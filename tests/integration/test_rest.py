@@ -493,6 +493,8 @@ def test_binary_data_extension_by_hand(server: Server) -> None:
         (24, 4, None, "runs past the 24 bytes of binary data"),
         (24, 0, "-1", "outside the body"),
         (24, 0, "ten", "is not an integer"),
+        (24, 0, "1_0", "is not an integer"),  # Python's int() reads 10
+        (24, 0, " +9", "is not an integer"),
         (24, 0, "10", "not a valid JSON inference request"),
     ],
 )

@@ -24,6 +24,12 @@ from mandant.validation import (
 from mandant.wire import join_bytes, split_bytes
 from mandant_client._proto import grpc_service_pb2 as pb
 
+#: The parameter by which a Triton client puts a tensor in a shared-memory region.
+SHARED_MEMORY = "shared_memory_region"
+NO_SHARED_MEMORY = (
+    "shared memory is not supported: send the tensor in the request (raw_input_contents)"
+)
+
 #: The typed ``contents`` field each datatype travels in.
 CONTENTS_FIELD = {
     "BOOL": "bool_contents",
@@ -167,9 +173,13 @@ class ProtoInferRequest:
         if not outputs:
             return ()
         for output in outputs:
-            classes = output.parameters.get("classification")
-            if classes is not None and parameter_value(classes):
-                raise InvalidInput(NO_CLASSIFICATION)
+            parameters = output.parameters
+            if parameters:
+                classes = parameters.get("classification")
+                if classes is not None and parameter_value(classes):
+                    raise InvalidInput(NO_CLASSIFICATION)
+                if SHARED_MEMORY in parameters:
+                    raise InvalidInput(f"output '{output.name}': {NO_SHARED_MEMORY}")
         return [o.name for o in outputs]
 
     def parameters(self) -> Mapping[str, bool | int | float | str]:
@@ -213,6 +223,9 @@ class ProtoInferRequest:
                 header.name: _decode_sized(data, header, self._max_bytes_elements)
                 for header, data in zip(headers, raw, strict=True)
             }
+        for tensor in self._msg.inputs:
+            if SHARED_MEMORY in tensor.parameters:
+                raise InvalidInput(f"input '{tensor.name}': {NO_SHARED_MEMORY}")
         return {
             header.name: decode_contents(tensor.contents, header, self._max_bytes_elements)
             for header, tensor in zip(headers, self._msg.inputs, strict=True)

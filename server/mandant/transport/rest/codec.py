@@ -179,10 +179,10 @@ class JsonInferRequest:
 
 
 def _json_length(header_length: str, body_length: int) -> int:
-    try:
-        length = int(header_length)
-    except ValueError:
-        raise InvalidInput(f"{HEADER_LENGTH} is not an integer") from None
+    digits = header_length.removeprefix("-")
+    if not digits.isascii() or not digits.isdigit():  # int() takes "1_0" and " +9 "
+        raise InvalidInput(f"{HEADER_LENGTH} is not an integer")
+    length = int(header_length)
     if not 0 <= length <= body_length:
         raise InvalidInput(f"{HEADER_LENGTH} {length} is outside the body's {body_length} bytes")
     return length
