@@ -94,6 +94,12 @@ class DeadlineExceeded(MandantError):
     pass
 
 
+class DeadlinePassedWhileRunning(DeadlineExceeded):
+    """The deadline passed while the backend computed the call (Triton): the model had
+    its rows, so the call stays charged. A deadline passed before the model ran (in a
+    queue, or waiting to be run again after its batch failed) is refunded."""
+
+
 class Unavailable(MandantError):
     pass
 

@@ -14,7 +14,14 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
-from mandant.errors import DeadlineExceeded, InvalidInput, ModelFailed, Unavailable, shown
+from mandant.errors import (
+    DeadlineExceeded,
+    DeadlinePassedWhileRunning,
+    InvalidInput,
+    ModelFailed,
+    Unavailable,
+    shown,
+)
 from mandant.registry import Model, ModelRegistry
 from mandant.tenancy.admission import Admission, Unlimited
 from mandant.tenancy.directory import TenantDirectory, TenantSnapshot
@@ -196,9 +203,9 @@ class DataPlane:
             except ModelFailed:
                 ran = True
                 raise
-            except (asyncio.CancelledError, DeadlineExceeded):
-                # The caller left, or its deadline passed: charged if the model had its
-                # rows (a backend such as Triton computes them all the same).
+            except (asyncio.CancelledError, DeadlinePassedWhileRunning):
+                # The caller left, or its deadline passed while the backend computed it:
+                # charged if the model had its rows (Triton computes them all the same).
                 ran = queued is not None and queued.ran
                 raise
             finally:

@@ -48,5 +48,16 @@ class Lookup(nn.Module):
         return self.table(ids[:, 0])
 
 
-def lookup(size: int = 100, width: int = 4) -> nn.Module:
-    return Lookup(size, width)
+def lookup(size: int = 100, width: int = 4, seconds: float = 0.0) -> nn.Module:
+    """``seconds``: how long every forward pass takes before it looks up (or raises)."""
+    return SlowLookup(size, width, seconds) if seconds else Lookup(size, width)
+
+
+class SlowLookup(Lookup):
+    def __init__(self, size: int, width: int, seconds: float) -> None:
+        super().__init__(size, width)
+        self.seconds = seconds
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return super().forward(ids)

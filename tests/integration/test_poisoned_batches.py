@@ -19,7 +19,8 @@ from mandant.backends.base import Backend
 from mandant.config import ModelSpec, parse_config
 from mandant.events import Observer
 from mandant.scheduling.base import Scheduler
-from mandant_client import AsyncClient, InvalidInput
+from mandant.tenancy.keys import hash_key
+from mandant_client import AsyncClient, DeadlineExceeded, InvalidInput
 from tests.fakes import RecordingObserver
 from tests.servers import DEMO_CONFIG, DEMO_KEYS
 
@@ -92,3 +93,41 @@ async def test_the_innocent_tenant_gets_only_successes(
         assert failed and any(size > 1 for size in failed)
     else:  # unbatched: each bad call is a failed batch of its own
         assert failed == [1] * 12
+
+
+async def test_an_innocent_call_whose_deadline_passes_while_its_batch_is_split_is_not_charged(
+    tmp_path: Path,
+) -> None:
+    """Acme's call shares a batch with globex's bad ids; the batch fails after 0.5 s and
+    is run again call by call, by when acme's 0.3 s have passed: acme's call never ran
+    to an answer of its own, and is refunded (d4b9f69 charged it: only a deadline that
+    passes while the backend computes the call keeps it charged)."""
+    quota = {"rows_per_day": 100}
+    batching = {"max_batch_size": 8, "max_queue_delay_ms": 50, "dispatch": "delay"}
+    data = {
+        "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 0},
+        "tenants": [
+            {"id": t, "api_keys": [hash_key(DEMO_KEYS[t])], "quota": quota}
+            for t in ("acme", "globex")
+        ],
+        "models": [
+            {
+                **lookup_model("slow-lookup", batching),
+                "factory_args": {"size": SIZE, "width": WIDTH, "seconds": 0.5},
+            }
+        ],
+    }
+    async with (
+        App(parse_config(data, "test"), tmp_path) as app,
+        AsyncClient(f"127.0.0.1:{app.grpc_port}", DEMO_KEYS["acme"]) as acme,
+        AsyncClient(f"127.0.0.1:{app.grpc_port}", DEMO_KEYS["globex"]) as globex,
+    ):
+        good = acme.infer(
+            "slow-lookup", {"IDS": np.array([[1]], np.int64)}, parameters={"timeout": 300_000}
+        )
+        bad = globex.infer("slow-lookup", {"IDS": np.array([[SIZE + 5]], np.int64)})
+        answers = await asyncio.gather(good, bad, return_exceptions=True)
+        assert isinstance(answers[0], DeadlineExceeded), answers
+        assert isinstance(answers[1], InvalidInput), answers
+        used = await app.admission.quota_used("acme")
+    assert used["rows_today"] == 0

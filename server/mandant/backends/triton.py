@@ -47,6 +47,7 @@ from mandant.backends.circuit import CallOutcome, CircuitBreaker
 from mandant.config import ModelSpec, TritonModelConfig
 from mandant.errors import (
     DeadlineExceeded,
+    DeadlinePassedWhileRunning,
     InvalidInput,
     ModelFailed,
     QueueFull,
@@ -404,7 +405,7 @@ class TritonBackend:
         if fault is Fault.BUSY:
             return QueueFull(f"model '{name}' is busy", retry_after_s=0.05)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and by_client_deadline:
-            return DeadlineExceeded("deadline exceeded while the backend was running")
+            return DeadlinePassedWhileRunning("deadline exceeded while the backend was running")
         if code == grpc.StatusCode.NOT_FOUND:
             logger.error(
                 "model %s: Triton at %s has no model %r version %r (check models[].triton): %s",

@@ -198,6 +198,7 @@ _ERRORS: dict[str, type[errors.MandantError]] = {
         errors.QueueFull,
         errors.ServerBusy,
         errors.DeadlineExceeded,
+        errors.DeadlinePassedWhileRunning,
         errors.Unavailable,
     )
 }

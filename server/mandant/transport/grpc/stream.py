@@ -75,7 +75,9 @@ class InferStream:
         self._cap = cap
         self._tenant: Tenant | None = tenant  # None: its key was revoked
         self._authenticate = authenticate
-        self._snapshot = plane.tenant_snapshot  # the tenants ``_tenant`` is as of
+        # The tenants ``_tenant`` is as of: none yet, so the first message checks the
+        # key again (a reload between the gate's check and here is not missed).
+        self._snapshot: object = None
         self._context = context
         self._window = asyncio.Semaphore(max(1, max_inflight))
         self._max_bytes_elements = max_bytes_elements
