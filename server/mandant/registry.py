@@ -163,9 +163,7 @@ class ModelRegistry:
         """Load every model; one that fails is kept, not ready, with its reason."""
         await self._start_all(self.all())
 
-    async def _start_all(
-        self, models: Sequence[Model], require_ready: bool = False
-    ) -> list[Model]:
+    async def _start_all(self, models: Sequence[Model], require_ready: bool = False) -> list[Model]:
         """Start ``models`` at once; the ones that failed (closed, reason recorded).
         ``require_ready``: a model whose backend is not ready once started fails too
         (a Triton that does not answer), where it would replace versions serving."""
@@ -282,9 +280,14 @@ class ModelRegistry:
             raise ModelNotFound(name)
         fresh = [self._build(spec) for spec in specs]
         # Versions serving are replaced only by ready ones (a new Triton URL that does
-        # not answer keeps the old); a name not served yet is routed at once, ready
-        # when its backend is (as at start-up).
-        serving = any(key[1] == name for key in self._models)
+        # not answer keeps the old); a name not served yet (or by versions not ready
+        # either) is routed at once, ready when its backend is (as at start-up).
+        serving = any(
+            model.ready
+            for key, models in self._models.items()
+            if key[1] == name
+            for model in models
+        )
         failed = await self._start_all(fresh, require_ready=serving)
         if failed:
             for model in fresh:

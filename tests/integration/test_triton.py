@@ -522,3 +522,16 @@ async def test_a_reload_onto_a_triton_that_does_not_answer_keeps_the_serving_ver
     async with client(mandant, "acme") as acme:
         answer = await acme.infer("tiny", {"INPUT0": rows(2)})
     assert len(answer["OUTPUT0"]) == 2
+
+
+async def test_a_model_never_ready_moves_to_a_new_url_at_once(tmp_path: Path) -> None:
+    """Nothing serves to be kept: a model whose Triton never answered is routed to the
+    new URL whatever it answers yet, and serves once that Triton does (as at start)."""
+    first, second = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    data = config(first).model_dump(mode="json")
+    data["models"] = [m for m in data["models"] if m["name"] == "tiny"]
+    async with App(parse_config(data), tmp_path) as app:
+        moved = {**data["models"][0], "triton": {**data["models"][0]["triton"], "url": second}}
+        await app.plane.load_model("tiny", {"config": json.dumps(moved)})
+        (model,) = app.registry.all()
+        assert model.spec.triton is not None and model.spec.triton.url == second
