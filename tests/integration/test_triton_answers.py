@@ -223,8 +223,8 @@ async def test_answers_not_matching_the_declared_outputs_are_unavailable_and_log
 async def test_one_tenant_s_slow_calls_leave_the_breaker_closed_for_the_others(
     tmp_path: Path,
 ) -> None:
-    """acme's calls outlast ``timeout_s`` (no client deadline) while Triton answers its
-    health polls: each is UNAVAILABLE, and globex is still served at once."""
+    """acme's calls outlast ``timeout_s`` (no client deadline) while Triton answers
+    globex's: each of acme's is UNAVAILABLE, and globex is still served at once."""
     triton = {"timeout_s": 1.0, "health_interval_s": 0.05}
     async with (
         fake_triton() as (url, _),
@@ -233,10 +233,34 @@ async def test_one_tenant_s_slow_calls_leave_the_breaker_closed_for_the_others(
         client(app, "globex") as globex,
     ):
         slow = np.full((1, 4), 4.0, np.float32)
+        fast = np.zeros((1, 4), np.float32)
+        slow_calls = asyncio.gather(*(outcome(acme, "sleepy", slow) for _ in range(6)))
+        while not slow_calls.done():  # globex's calls answered meanwhile
+            assert await outcome(globex, "sleepy", fast) is None
+            await asyncio.sleep(0.05)
+        results = await slow_calls
+        assert all(isinstance(r, Unavailable) for r in results), results
+        assert [await outcome(globex, "sleepy", fast) for _ in range(3)] == [None] * 3
+
+
+async def test_timeouts_while_triton_answers_only_health_checks_open_the_breaker(
+    tmp_path: Path,
+) -> None:
+    """A model that answers nobody behind a Triton whose health checks still answer (a
+    wedged instance): after five timeouts the breaker refuses calls at once instead of
+    each waiting ``timeout_s``."""
+    triton = {"timeout_s": 1.0, "health_interval_s": 0.05}
+    async with (
+        fake_triton() as (url, _),
+        App(config(url, model(url, "sleepy", triton=triton)), tmp_path) as app,
+        client(app, "acme", None) as acme,
+    ):
+        slow = np.full((1, 4), 4.0, np.float32)
         results = await asyncio.gather(*(outcome(acme, "sleepy", slow) for _ in range(6)))
         assert all(isinstance(r, Unavailable) for r in results), results
-        fast = np.zeros((1, 4), np.float32)
-        assert [await outcome(globex, "sleepy", fast) for _ in range(3)] == [None] * 3
+        start = time.monotonic()
+        assert isinstance(await outcome(acme, "sleepy", np.zeros((1, 4), np.float32)), Unavailable)
+        assert time.monotonic() - start < 0.8  # refused by the breaker, no wait
 
 
 async def test_timeouts_while_triton_answers_nothing_open_the_breaker(tmp_path: Path) -> None:

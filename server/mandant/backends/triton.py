@@ -18,8 +18,9 @@
   probe through after its reset time. Triton's errors are translated here, at the
   boundary, by one table (:data:`TRANSLATION`): only transport failures and timeouts
   count against the breaker, which every tenant shares, and a timeout only while
-  Triton answered nothing else since the call was sent (neither a call nor a health
-  poll): one tenant's slow calls on a Triton that serves the others are theirs. A
+  Triton answered no other call since it was sent: one tenant's slow calls on a Triton
+  that serves the others are theirs, while a model that answers nobody (a wedged
+  instance behind a Triton whose health checks still answer) opens it. A
   model that fails on one caller's inputs (Triton's INTERNAL) is that caller's error,
   never UNAVAILABLE for all; Triton's error about a batch of several requests (its
   INVALID_ARGUMENT, or its model failing) is :class:`TritonModelError`, which the
@@ -438,7 +439,6 @@ class TritonBackend:
             ready = await stub.ModelReady(
                 pb.ModelReadyRequest(name=model, version=version), timeout=PROBE_TIMEOUT_S
             )
-            self._answered_at = self._clock()
             metadata = (
                 await stub.ModelMetadata(
                     pb.ModelMetadataRequest(name=model, version=version), timeout=PROBE_TIMEOUT_S
