@@ -28,8 +28,10 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from mandant.app import App
+from mandant.backends.triton import TritonBackend
 from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
+from mandant.types import Tenant
 from mandant_client import AsyncClient, InvalidInput, MandantClientError, Unavailable
 
 KEYS = {"acme": "acme-answers-key", "globex": "globex-answers-key"}
@@ -68,9 +70,11 @@ MISMATCHED = [*sorted(set(ANSWERS) - {"good"}), "twice"]
 class FakeTriton(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """Every model ready, INPUT0 FP32 [-1, 4] -> OUTPUT0 FP32 [-1, 3], max_batch_size
     64. ``picky`` refuses any negative value, naming it, as INVALID_ARGUMENT;
-    ``sleepy`` sleeps INPUT0[0, 0] seconds; once ``hung``, nothing is answered."""
+    ``sleepy`` sleeps INPUT0[0, 0] seconds; once ``hung``, nothing is answered;
+    ModelConfig fails with ``config_fails`` where it is set."""
 
     hung: bool = False
+    config_fails: grpc.StatusCode | None = None
 
     async def _hang_if_hung(self) -> None:
         if self.hung:
@@ -91,6 +95,8 @@ class FakeTriton(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         )
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
+        if self.config_fails is not None:
+            await context.abort(self.config_fails, "no config now")
         config = pb.ModelConfigResponse()
         config.config.name = request.name
         config.config.max_batch_size = 64
@@ -280,3 +286,21 @@ async def test_timeouts_while_triton_answers_nothing_open_the_breaker(tmp_path: 
         start = time.monotonic()
         assert isinstance(await outcome(acme, "good", x), Unavailable)
         assert time.monotonic() - start < 0.8  # refused by the breaker, no wait
+
+
+async def test_a_failed_config_poll_keeps_triton_s_max_batch_size(tmp_path: Path) -> None:
+    """One ModelConfig poll that times out does not make Mandant forget Triton's
+    max_batch_size (batches would go to Triton whole, be refused and be split); a
+    server that does not serve ModelConfig has none."""
+    async with (
+        fake_triton() as (url, fake),
+        App(config(url, model(url, "good")), tmp_path) as app,
+    ):
+        backend = app.registry.resolve(Tenant("acme"), "good").backend
+        assert isinstance(backend, TritonBackend) and backend.triton_max_batch_size == 64
+        fake.config_fails = grpc.StatusCode.DEADLINE_EXCEEDED
+        await backend.refresh()
+        assert backend.triton_max_batch_size == 64
+        fake.config_fails = grpc.StatusCode.UNIMPLEMENTED
+        await backend.refresh()
+        assert backend.triton_max_batch_size == 0

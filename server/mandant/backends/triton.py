@@ -458,14 +458,17 @@ class TritonBackend:
 
     async def _read_max_batch(self, stub: pb_grpc.GRPCInferenceServiceStub) -> None:
         """Take ``max_batch_size`` from Triton's model config (0 where the server does
-        not serve ModelConfig, as some KServe v2 servers do not)."""
+        not serve ModelConfig, as some KServe v2 servers do not; a poll that fails
+        otherwise, a timeout say, keeps what the last one read)."""
         model, version = self._triton.model, self._triton.version
         try:
             reply = await stub.ModelConfig(
                 pb.ModelConfigRequest(name=model, version=version), timeout=PROBE_TIMEOUT_S
             )
             limit = max(0, int(reply.config.max_batch_size))
-        except grpc.aio.AioRpcError:
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                return
             limit = 0
         batching = self._spec.batching
         if limit != self._triton_max_batch and batching and 0 < limit < batching.max_batch_size:
