@@ -399,7 +399,9 @@ async def test_each_message_tells_the_server_its_time_left(server: FakeServer) -
     await asyncio.to_thread(sync_call)
     sent = [sent_timeout(r) for r in server.servicer.seen_requests]
     assert sent[0] is None and sent[2] == 1000 and sent[5] == 1000, sent
-    assert all(0 < t <= five_s for t in (sent[1], sent[3], sent[4], sent[6]) if t), sent
+    # Every deadlined call's own time left; the caller's 0 (sent[4]) replaced, not kept.
+    for t in (sent[1], sent[3], sent[4], sent[6]):
+        assert t is not None and 0 < t <= five_s, sent
     assert None not in sent[1:], sent
 
 
