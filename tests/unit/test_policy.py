@@ -111,6 +111,39 @@ def test_batches_hold_one_group() -> None:
     assert sum(len(g) for g in groups) >= 2 and len(queue) == 0
 
 
+def test_another_tenant_s_shape_does_not_break_up_a_tenant_s_batches() -> None:
+    """One request of another shape always queued (an attacker, or a tenant with other
+    sequence lengths) closed every batch after one request: the victim's 64 one-row
+    calls went out one per batch. Now the victim's calls fill the batch, and the
+    tenant passed over leads the next one (with the credit it kept)."""
+    queue: FairQueue[Item] = FairQueue()
+    for _ in range(64):
+        queue.push(Item("victim", group=(4,)))
+    served: list[list[Item]] = []
+    for _ in range(4):
+        if queue.rows_of("attacker") == 0:
+            queue.push(Item("attacker", group=(5,)))
+        served.append(queue.take(64))
+    victim_batches = [b for b in served if b and b[0].tenant == "victim"]
+    assert sum(len(b) for b in victim_batches) == 64 and len(victim_batches) <= 2
+    assert all(len({i.group for i in batch}) == 1 for batch in served)
+    assert sum(1 for b in served for i in b if i.tenant == "attacker") >= 1
+
+
+def test_a_tenant_passed_over_for_its_shape_leads_the_next_batch() -> None:
+    """However many same-shape requests the others keep queued, the tenant whose
+    request was passed over for its shape is served by the next batch."""
+    queue: FairQueue[Item] = FairQueue()
+    for tenant in ("x1", "x2"):
+        for _ in range(200):
+            queue.push(Item(tenant, group=(4,)))
+    queue.push(Item("y", group=(5,), name="other"))
+    first = queue.take(16)
+    assert {i.group for i in first} == {(4,)}
+    second = queue.take(16)
+    assert [i.name for i in second] == ["other"]
+
+
 def test_large_requests_are_not_starved_by_small_ones() -> None:
     queue: FairQueue[Item] = FairQueue()
     queue.push(Item("big", 64, name="big"))

@@ -16,15 +16,20 @@ Levels never cross tenants' shares in :class:`FairQueue`.
 
 A batch holds only requests of one ``group`` (the shapes of their non-batch
 dimensions): the first request taken decides it. When the request next in line
-cannot join (too many rows for the room left, or another group), the batch closes
-there and that request leads the next one — so no request is passed over forever.
+cannot join for its size (more rows than the room left), the batch closes there and
+that request leads the next one — so no request is passed over forever. In
+:class:`FairQueue` a tenant whose next request is of another group is passed over
+for this batch, keeping its credit, and the batch goes on filling from the other
+tenants; the first one passed over leads the next batch, and earns no more credit
+meanwhile (one tenant's request of another shape, always queued, used to close every
+batch after one request: another tenant's 64 one-row calls went out one per batch).
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Collection, Hashable, Iterator
 from typing import Generic, Protocol, TypeVar
 
 #: Where a request without a priority (v2 ``priority`` 0) ranks: after every level.
@@ -229,12 +234,20 @@ class FairQueue(Generic[Q]):
         batch: list[Q] = []
         group: Hashable = _ANY
         idle = 0  # turns since something was taken
+        passed: set[str] = set()  # tenants passed over for another group this batch
+        leader: str | None = None  # the first of them: it leads the next batch
         ring = self._ring
         while room > 0 and ring:
             if idle >= len(ring):
-                self._skip_idle_rounds()
+                if len(passed) >= len(ring):
+                    break  # whoever is left has another group
+                self._skip_idle_rounds(passed)
                 idle = 0
             tenant = ring[0]
+            if tenant in passed:  # it waits for the next batch, earning nothing more
+                self._end_turn()
+                idle += 1
+                continue
             queue = self._queues[tenant]
             head = queue.head()
             if not self._granted:
@@ -244,7 +257,13 @@ class FairQueue(Generic[Q]):
                 self._end_turn()
                 idle += 1
                 continue
-            if batch and (head.rows > room or head.group != group):
+            if batch and head.group != group:
+                leader = leader or tenant  # entitled, but of another group: it keeps
+                passed.add(tenant)  # its credit, the others go on filling this batch
+                self._end_turn()
+                idle += 1
+                continue
+            if batch and head.rows > room:
                 break  # entitled but cannot join: it leads the next batch
             queue.pop()
             batch.append(head)
@@ -256,6 +275,8 @@ class FairQueue(Generic[Q]):
             idle = 0
             if not queue:
                 self._leave(tenant)
+        if leader is not None and leader in self._queues:
+            self._lead(leader)
         return batch
 
     def _take_alone(self, room: int) -> list[Q]:
@@ -278,6 +299,14 @@ class FairQueue(Generic[Q]):
         self._ring.rotate(-1)
         self._granted = False
 
+    def _lead(self, tenant: str) -> None:
+        """``tenant`` has the next turn, with the credit it holds (granted already);
+        the others keep their order after it."""
+        if self._ring[0] != tenant:
+            self._ring.remove(tenant)
+            self._ring.appendleft(tenant)
+        self._granted = True
+
     def _leave(self, tenant: str) -> None:
         if self._ring[0] == tenant:
             self._ring.popleft()
@@ -288,19 +317,23 @@ class FairQueue(Generic[Q]):
         del self._deficit[tenant]
         del self._weights[tenant]
 
-    def _skip_idle_rounds(self) -> None:
+    def _skip_idle_rounds(self, passed: Collection[str] = ()) -> None:
         """A whole round passed with nobody able to send: credit every tenant with
-        the rounds it takes until the first one can, less the one about to run."""
+        the rounds it takes until the first one can, less the one about to run. The
+        tenants ``passed`` over for their group do not count: they could send, but not
+        into this batch."""
         rounds = min(
             math.ceil(
                 (self._queues[t].head().rows - self._deficit[t])
                 / (self._quantum * self._weights[t])
             )
             for t in self._ring
+            if t not in passed
         )
         if rounds > 1:
             for t in self._ring:
-                self._deficit[t] += (rounds - 1) * self._quantum * self._weights[t]
+                if t not in passed:
+                    self._deficit[t] += (rounds - 1) * self._quantum * self._weights[t]
 
 
 class FifoQueue(Generic[Q]):
