@@ -21,7 +21,7 @@ from mandant.backends.channels import ChannelPool
 from mandant.config import MandantConfig, ModelSpec, TlsConfig, load_config
 from mandant.errors import ConfigError, InvalidInput, Unavailable
 from mandant.events import Observer
-from mandant.observability.http import HttpServer
+from mandant.observability.http import Health, HttpServer
 from mandant.observability.live import LiveStats
 from mandant.observability.metrics import (
     InflightRequests,
@@ -201,8 +201,9 @@ class App:
         )
         self.grpc_port = 0
         self.engine: EngineServer | None = None
+        health: Health = self.plane  # what /readyz reads
         if engine_sockets is not None:
-            from mandant.workers.engine_server import EngineServer
+            from mandant.workers.engine_server import EngineHealth, EngineServer
 
             self.engine = EngineServer(
                 self.plane,
@@ -211,6 +212,7 @@ class App:
                 engine_sockets.requests,
                 config.server.max_bytes_elements,
             )
+            health = EngineHealth(self.plane, self.engine)
         self.rest = RestServer(
             self.plane,
             config.server,
@@ -226,7 +228,7 @@ class App:
             config.server,
             self.directory,
             self.metrics,
-            self.plane,
+            health,
             self.slo,
             self.live,
             usage=self.usage,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -31,7 +33,16 @@ from hypothesis import strategies as st
 from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client import AsyncClient, Client, MandantClientError
-from tests.servers import ECHO_MODEL, WorkersServer, metric, wait_for_calls
+from tests.servers import (
+    ECHO_MODEL,
+    MANDANT,
+    SUBPROCESS_ENV,
+    WorkersServer,
+    free_port,
+    http_get_port,
+    metric,
+    wait_for_calls,
+)
 
 #: A connection of its own per client (grpc shares one between channels to one target).
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
@@ -569,3 +580,36 @@ async def test_one_client_with_several_connections_reaches_every_front_end(
 def test_a_client_needs_at_least_one_connection() -> None:
     with pytest.raises(ValueError, match="connections must be at least 1"):
         Client("127.0.0.1:1", connections=0)
+
+
+def _ready(http_port: int) -> bool:
+    try:
+        return http_get_port(http_port, "/readyz")[0] == 200
+    except OSError:  # not listening yet
+        return False
+
+
+def test_readyz_waits_for_a_front_end_that_accepts_calls(tmp_path: Path) -> None:
+    """The engine (which serves the HTTP port) starts before the front ends: /readyz
+    said ready on the engine's word alone, and the gRPC port then refused connections
+    for about half a second (every call a probe let through failed)."""
+    grpc_port, http_port = free_port(), free_port()
+    data = workers_config().model_dump(mode="json", exclude_none=True)
+    data["server"].update(grpc_port=grpc_port, http_port=http_port, workers=2)
+    path = tmp_path / "mandant.yaml"
+    path.write_text(yaml.safe_dump(data))
+    process = subprocess.Popen(
+        [*MANDANT, "serve", "--config", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=SUBPROCESS_ENV,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _ready(http_port):
+            assert process.poll() is None and time.monotonic() < deadline, "never ready"
+            time.sleep(0.01)
+        socket.create_connection(("127.0.0.1", grpc_port), timeout=5).close()
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -61,6 +61,9 @@ class EngineLink:
         self._rids = itertools.count(1)
         self._connection: _Connection | None = None
         self._engine_ready = False
+        #: Whether this front end's gRPC port accepts calls (told to the engine with
+        #: every ping: its HTTP port's /readyz waits for one that does).
+        self.accepting = False
         self._connected = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
 
@@ -121,6 +124,13 @@ class EngineLink:
             self._connection = None
             self._engine_ready = False
             logger.error("inference engine connection lost; refusing calls until it is back")
+
+    def set_accepting(self, accepting: bool) -> None:
+        """This front end's gRPC port accepts calls, or no longer does: the engine
+        hears it now, not at the next ping."""
+        self.accepting = accepting
+        if self._connection is not None:
+            self._connection.ping()
 
     def engine_status(self, ready: bool) -> None:
         """What the engine said of its readiness (on connecting, and each ping)."""
@@ -265,7 +275,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def ping(self) -> None:
         if self._transport is not None:
-            self._transport.writelines(encode(ipc.PING, []))
+            self._transport.writelines(encode(ipc.PING, [self._link.accepting]))
 
     def _schedule_flush(self) -> None:
         if not self._flushing:

@@ -69,6 +69,12 @@ class EngineServer:
     def in_flight(self) -> int:
         return sum(len(peer.tasks) for peer in self._peers)
 
+    @property
+    def accepting(self) -> bool:
+        """Whether a front end's gRPC port accepts calls (they start after the engine,
+        and stop before it)."""
+        return any(peer.accepting for peer in self._peers)
+
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -97,6 +103,7 @@ class _FrontEnd(asyncio.BufferedProtocol):
         self._frame_bytes = 0  # in ``_frames``
         self._flushing = False
         self._loop = asyncio.get_running_loop()
+        self.accepting = False  # its gRPC port accepts calls (its pings say)
 
     # -- connection -----------------------------------------------------------------
 
@@ -138,6 +145,7 @@ class _FrontEnd(asyncio.BufferedProtocol):
                 if name in FORWARDED_EVENTS:
                     getattr(observer, name)(*args)
         elif kind == ipc.PING:
+            self.accepting = bool(payload and payload[0])
             self._status()
 
     def _requests(self, requests: list[Any], frames: Sequence[memoryview]) -> None:
@@ -224,3 +232,22 @@ class _FrontEnd(asyncio.BufferedProtocol):
         self._frame_bytes = 0
         if self._transport is not None and answers:
             self._transport.writelines(encode(ipc.ANSWERS, answers, frames))
+
+
+class EngineHealth:
+    """The engine's ``/readyz`` (its HTTP port answers for the whole server): ready
+    when the engine is and a front end accepts calls on the gRPC port. The engine
+    starts first: on its readiness alone, a probe sent traffic to a port that refused
+    connections for half a second."""
+
+    def __init__(self, plane: DataPlane, engine: EngineServer) -> None:
+        self._plane = plane
+        self._engine = engine
+
+    @property
+    def live(self) -> bool:
+        return self._plane.live
+
+    @property
+    def ready(self) -> bool:
+        return self._plane.ready and self._engine.accepting

@@ -51,6 +51,7 @@ class FrontEnd:
         except BaseException:
             await self.link.aclose()
             raise
+        self.link.set_accepting(True)
 
     def reload(self, config: MandantConfig) -> list[str]:
         """A new configuration's tenants, keys and certificates (the engine applies
@@ -66,6 +67,7 @@ class FrontEnd:
         """Stop taking calls, finish those in flight (the engine is still up), then
         close the link."""
         grace_s = self.config.server.grace_s if grace_s is None else grace_s
+        self.link.set_accepting(False)
         await self.grpc.stop(grace_s)
         await self.forwarder.aclose()
         await self.link.aclose()
