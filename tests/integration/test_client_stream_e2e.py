@@ -7,6 +7,8 @@ pending calls UNAVAILABLE."""
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -117,15 +119,15 @@ async def test_sync_client_threads_share_a_stream(demo: Server) -> None:
     assert type(outcomes[64]) is ModelNotFound and type(outcomes[65]) is InvalidInput
 
 
-def with_sleepy_model() -> MandantConfig:
-    """The demo plus a model that takes half a second per batch."""
+def with_sleepy_model(seconds: float = 0.5, **server: Any) -> MandantConfig:
+    """The demo plus a model that takes ``seconds`` per batch; ``server``: settings."""
     data = yaml.safe_load(DEMO_CONFIG.read_text())
-    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0, "rest_port": 0}
+    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0, "rest_port": 0, **server}
     sleepy = {
         **ECHO_MODEL,
         "name": "sleepy",
         "factory": "tests.integration.slow_models:sleepy",
-        "factory_args": {"seconds": 0.5},
+        "factory_args": {"seconds": seconds},
     }
     data["models"].append(sleepy)
     return parse_config(data, str(DEMO_CONFIG))
@@ -144,3 +146,65 @@ async def test_a_server_going_away_fails_pending_calls_unavailable(tmp_path: Pat
             for task in pending:
                 with pytest.raises(Unavailable):
                     await task
+
+
+#: The server's receive limit in the next tests, and a message over it.
+SERVER_LIMIT = 1 << 16
+OVER_SERVER_LIMIT = np.ones((1, SERVER_LIMIT // 4), np.float32)
+
+
+def assert_only_the_large_call_is_invalid(outcomes: list[Any]) -> None:
+    """The calls ``s0``..``s2`` were pending on the stream when the server ended it for
+    ``big``, over its receive limit: ``big`` fails InvalidInput as on a unary call, the
+    others Unavailable (the stream ended; a retry succeeds)."""
+    *small, big = outcomes
+    assert type(big) is InvalidInput and big.request_id == "big", big
+    assert re.search(rf"larger than max \(\d+ vs\. {SERVER_LIMIT}\)", big.message), big
+    for i, error in enumerate(small):
+        assert type(error) is Unavailable and error.request_id == f"s{i}", error
+        assert "larger than max" in error.message, error
+
+
+async def test_a_message_over_the_server_limit_fails_alone_the_others_retry(
+    tmp_path: Path,
+) -> None:
+    config = with_sleepy_model(seconds=2, max_message_bytes=SERVER_LIMIT)
+    with ServerThread(config, tmp_path) as server:
+        async with AsyncClient(server.target, api_key="acme-demo-key", multiplex=True) as c:
+            calls = [
+                c.infer("sleepy", {"INPUT0": echo_rows(0)}, request_id=f"s{i}") for i in range(3)
+            ]
+            calls.append(c.infer("sleepy", {"INPUT0": OVER_SERVER_LIMIT}, request_id="big"))
+            outcomes = await settle(calls)
+            assert_only_the_large_call_is_invalid(outcomes)
+            retried = await c.infer("echo", {"INPUT0": echo_rows(1)})  # a new stream
+            np.testing.assert_array_equal(retried["OUTPUT0"], echo_rows(1))
+
+
+def sync_calls_with_one_too_large(target: str) -> list[Any]:
+    """Three calls from threads, then (once they wait on the stream) one too large."""
+
+    def attempt(rows: np.ndarray, request_id: str) -> Any:
+        try:
+            return client.infer("sleepy", {"INPUT0": rows}, request_id=request_id)
+        except MandantClientError as exc:
+            return exc
+
+    with (
+        Client(target, api_key="acme-demo-key", multiplex=True) as client,
+        ThreadPoolExecutor(4) as pool,
+    ):
+        small = [pool.submit(attempt, echo_rows(0), f"s{i}") for i in range(3)]
+        time.sleep(1)  # they are sent; the model holds them 3 s
+        big = pool.submit(attempt, OVER_SERVER_LIMIT, "big")
+        outcomes = [f.result(30) for f in (*small, big)]
+        retried = client.infer("echo", {"INPUT0": echo_rows(1)})  # a new stream
+    np.testing.assert_array_equal(retried["OUTPUT0"], echo_rows(1))
+    return outcomes
+
+
+async def test_sync_a_message_over_the_server_limit_fails_alone(tmp_path: Path) -> None:
+    config = with_sleepy_model(seconds=3, max_message_bytes=SERVER_LIMIT)
+    with ServerThread(config, tmp_path) as server:
+        outcomes = await asyncio.to_thread(sync_calls_with_one_too_large, server.target)
+    assert_only_the_large_call_is_invalid(outcomes)

@@ -471,6 +471,70 @@ async def test_sync_a_message_over_the_send_limit_fails_alone_as_on_unary(
     assert server.servicer.streams_opened == 1
 
 
+async def test_the_size_check_does_not_encode_each_message(
+    server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """upb computes ``ByteSize()`` by encoding the message, as long as gRPC's own
+    encoding (about 70 ms for 64 MiB, on the event loop of the async client): a message
+    well under the limit is checked from its lengths, never encoded for it."""
+    measured: list[str] = []
+    byte_size = pb.ModelInferRequest.ByteSize
+
+    def spy(request: pb.ModelInferRequest) -> int:
+        measured.append(request.id)
+        return byte_size(request)
+
+    monkeypatch.setattr(pb.ModelInferRequest, "ByteSize", spy)
+    under = {"X": np.zeros((1, 1 << 16), np.float32)}
+    parameters = {"note": "n" * 1000, "timeout": 0}
+    async with AsyncClient(server.target, api_key=API_KEY, multiplex=True) as client:
+        await client.infer("echo", under, request_id="a", parameters=parameters, timeout_s=5)
+
+    def sync_call() -> None:
+        with Client(server.target, api_key=API_KEY, multiplex=True) as sync:
+            sync.infer("echo", under, request_id="s", outputs=["X"])
+
+    await asyncio.to_thread(sync_call)
+    assert len(server.servicer.seen_requests) == 2
+    assert measured == []
+
+
+@pytest.mark.parametrize("multiplex", [False, True])
+async def test_the_size_check_is_exact_at_the_limit(server: FakeServer, multiplex: bool) -> None:
+    """Its cheap bound is only a bound: a message within a few bytes of the limit is
+    sent, one over it by its parameters alone is refused, as on a unary call."""
+    limit = 1 << 20
+    near = {"X": np.zeros((1, limit // 4 - 16), np.float32)}  # 64 bytes under, raw
+    over = {"X": np.zeros((1, limit // 8), np.float32)}  # half of it, raw
+    async with AsyncClient(
+        server.target, api_key=API_KEY, options=SMALL_SEND, multiplex=multiplex
+    ) as client:
+        answer = await client.infer("echo", near, request_id="n")
+        assert answer["X"].shape == near["X"].shape
+        with pytest.raises(InvalidInput) as caught:
+            await client.infer("echo", over, request_id="big", parameters={"p": "p" * (limit // 2)})
+    assert TOO_LARGE.fullmatch(caught.value.message), caught.value
+
+
+async def test_an_answer_over_the_clients_receive_limit_fails_every_pending_call(
+    server: FakeServer,
+) -> None:
+    """It ends the stream too, but which call it answered cannot be told: every call
+    pending on the stream keeps gRPC's InvalidInput (not Unavailable, which a caller
+    would retry into the same failure), as documented."""
+    server.servicer.hold = 3
+    small_receive = [("grpc.max_receive_message_length", 1 << 20)]
+    async with AsyncClient(
+        server.target, api_key=API_KEY, options=small_receive, multiplex=True
+    ) as client:
+        calls = [client.infer(HELD, rows(i), request_id=f"s{i}") for i in range(2)]
+        calls.append(client.infer(HELD, {"X": np.ones((1, 1 << 19), np.float32)}))
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    for error in outcomes:
+        assert type(error) is InvalidInput, error
+        assert "CLIENT: Received message larger than max" in error.message
+
+
 # -- streams that end under the client's writes, and clients of another loop ---------
 
 

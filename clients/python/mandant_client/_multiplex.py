@@ -12,7 +12,18 @@ the v2 ``timeout`` parameter (µs), which Mandant (and Triton) honour, so that a
 the caller gave up on leaves the server's queue instead of running late and holding its
 place there and on the stream. gRPC fails a whole call for one message over the send
 limit, i.e. every call on the stream: such a message is refused here, alone, with the
-error a unary call gets for it.
+error a unary call gets for it. The check must stay cheap: it runs on every message, on
+the event loop of the async client, and protobuf's upb backend computes ``ByteSize()``
+by encoding the message (as long as ``SerializeToString()``, which gRPC then does again),
+so an upper bound from the raw bytes' length and the small fields comes first and the
+exact size is computed only for a message whose bound passes the limit.
+
+A message over the server's receive limit ends the whole stream too, with gRPC's
+RESOURCE_EXHAUSTED "Received message larger than max (N vs. M)". Only the pending
+call(s) whose message is N bytes long fail InvalidInput, as on a unary call; the others
+fail Unavailable, which callers retry (sizes are computed only then, see
+:func:`for_call`). An answer over the client's own receive limit ("CLIENT: Received …")
+cannot be told from the others, so every pending call keeps the InvalidInput.
 
 The server's answer to one message is a ``ModelStreamInferResponse``: on success the
 ``infer_response``; on error ``error_message`` plus, in ``infer_response.parameters``,
@@ -25,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import time
 from typing import Any
 
@@ -32,6 +44,7 @@ import grpc
 
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client.errors import (
+    InvalidInput,
     MandantClientError,
     ResourceExhausted,
     Unavailable,
@@ -56,6 +69,12 @@ MAX_WIRE_ID_BYTES = 256
 _ID_SEPARATOR = "#"
 _CODES_BY_NAME = {code.name: code for code in grpc.StatusCode}
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+#: At most what protobuf adds around one field of ModelInferRequest: a tag (1 byte for
+#: its field numbers, 2 allowed) and a length varint (at most 10 bytes).
+_FIELD_OVERHEAD_BYTES = 12
+#: gRPC's text when a receive limit ends a call: the server's ("SERVER: Received …", no
+#: side named before grpc 1.55) or the client's own ("CLIENT: Received …").
+_RECEIVED_TOO_LARGE = re.compile(r"(CLIENT: )?Received message larger than max \((\d+) vs\. \d+\)")
 
 
 class WireIds:
@@ -83,20 +102,41 @@ def time_left(timeout_s: float | None, started: float) -> float | None:
 
 def ready(
     request: pb.ModelInferRequest,
+    raw_bytes: int,
     left_s: float | None,
     max_send_bytes: int | None,
     request_id: str,
 ) -> None:
     """Ready a tagged message for the stream: its ``timeout`` for the server, and the
-    size check gRPC would otherwise fail the whole stream for (see the module)."""
+    size check gRPC would otherwise fail the whole stream for (see the module).
+    ``raw_bytes`` is the total length of ``request.raw_input_contents``."""
     if left_s is not None:
         _limit_time(request, max(1, math.ceil(left_s * 1e6)))
-    if max_send_bytes is not None and (size := request.ByteSize()) > max_send_bytes:
+    if max_send_bytes is None or size_bound(request, raw_bytes) <= max_send_bytes:
+        return
+    if (size := request.ByteSize()) > max_send_bytes:
         raise error_for(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"CLIENT: Sent message larger than max ({size} vs. {max_send_bytes})",
             request_id=request_id,
         )
+
+
+def size_bound(request: pb.ModelInferRequest, raw_bytes: int) -> int:
+    """At least ``request.ByteSize()``, without encoding the raw contents (``raw_bytes``
+    long in all): the lengths of its strings, the small sizes of its tensors' metadata
+    and parameters, and the most protobuf adds around each field."""
+    strings = (request.model_name, request.model_version, request.id)
+    sizes = [len(text.encode()) for text in strings]
+    sizes += [tensor.ByteSize() for tensor in request.inputs]
+    sizes += [tensor.ByteSize() for tensor in request.outputs]
+    # A map entry is a field holding a key field and a value field.
+    sizes += [
+        len(key.encode()) + value.ByteSize() + 2 * _FIELD_OVERHEAD_BYTES
+        for key, value in request.parameters.items()
+    ]
+    fields = len(sizes) + len(request.raw_input_contents)
+    return raw_bytes + sum(sizes) + fields * _FIELD_OVERHEAD_BYTES
 
 
 def _limit_time(request: pb.ModelInferRequest, timeout_us: int) -> None:
@@ -142,9 +182,23 @@ def answer_error(message: pb.ModelStreamInferResponse, request_id: str) -> Manda
     )
 
 
-def for_call(failure: MandantClientError, request_id: str) -> MandantClientError:
+def for_call(
+    failure: MandantClientError, request_id: str, request: pb.ModelInferRequest, raw_bytes: int
+) -> MandantClientError:
     """A copy of a whole stream's failure for one of its pending calls (each caller
-    raises its own exception object, with its own id)."""
+    raises its own exception object, with its own id). Where the server ended the stream
+    for one message over its receive limit, only a call whose ``request`` (as sent,
+    ``raw_bytes`` of raw contents) is that long gets it; the others' messages were not
+    at fault and get Unavailable: the stream ended under them."""
+    match = _RECEIVED_TOO_LARGE.search(failure.message)
+    if isinstance(failure, InvalidInput) and match and not match.group(1):
+        culprit_bytes = int(match.group(2))
+        if size_bound(request, raw_bytes) < culprit_bytes or request.ByteSize() != culprit_bytes:
+            return Unavailable(
+                f"{STREAM_ENDED}: another message on it was over the server's limit "
+                f"({failure.message})",
+                request_id=request_id,
+            )
     retry_after_s = failure.retry_after_s if isinstance(failure, ResourceExhausted) else None
     error = error_for(
         failure.code, failure.message, retry_after_s=retry_after_s, request_id=request_id

@@ -4,7 +4,9 @@ One :class:`AioStream` is one ``ModelStreamInfer`` call with a writer task (grpc
 one write at a time, and a caller's cancellation must not cancel the whole call) and a
 reader task that resolves each pending future by wire id. When the call ends, for any
 reason, every pending call fails with the call's typed error (UNAUTHENTICATED for a bad
-key, UNAVAILABLE when the server goes away) and the next ``infer`` opens a new stream.
+key, UNAVAILABLE when the server goes away; for one message over the server's limit,
+that call alone, see :func:`mandant_client._multiplex.for_call`) and the next ``infer``
+opens a new stream.
 Once the client closes, every call pending or to come fails Unavailable, and no stream
 opens again.
 """
@@ -154,8 +156,10 @@ class AioMultiplexer:
             await stream.aclose()
 
     async def infer(
-        self, request: pb.ModelInferRequest, timeout_s: float | None
+        self, request: pb.ModelInferRequest, raw_bytes: int, timeout_s: float | None
     ) -> pb.ModelInferResponse:
+        """Send ``request`` (``raw_bytes``: the total of its ``raw_input_contents``) and
+        wait for its answer."""
         request_id = request.id
         wire_id = self._ids.tag(request)
         started = time.monotonic()
@@ -168,7 +172,7 @@ class AioMultiplexer:
                 raise _timed_out(timeout_s, request_id) from None
         try:
             left_s = _multiplex.time_left(timeout_s, started)
-            _multiplex.ready(request, left_s, self._max_send_bytes, request_id)
+            _multiplex.ready(request, raw_bytes, left_s, self._max_send_bytes, request_id)
             stream = self.open(request_id)
             answer = stream.send(request, wire_id)
             try:
@@ -176,7 +180,8 @@ class AioMultiplexer:
             except _TIMEOUTS:
                 raise _timed_out(timeout_s, request_id) from None
             except MandantClientError as failure:  # the whole stream's
-                raise _multiplex.for_call(failure, request_id) from failure.__cause__
+                error = _multiplex.for_call(failure, request_id, request, raw_bytes)
+                raise error from failure.__cause__
             finally:
                 stream.forget(wire_id)
         finally:

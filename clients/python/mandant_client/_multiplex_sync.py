@@ -4,10 +4,11 @@ one stream.
 One :class:`SyncStream` is one ``ModelStreamInfer`` call fed by a queue (grpc's own
 thread consumes it) and read by one reader thread that resolves each pending future by
 wire id. When the call ends, for any reason, every pending call fails with the call's
-typed error and the next ``infer`` opens a new stream. One lock guards which stream is
-current, its pending calls and its failure, so that no call is left waiting on a stream
-that has already ended. Once the client closes, every call pending or to come fails
-Unavailable, and no stream opens again.
+typed error (for one message over the server's limit, that call alone, see
+:func:`mandant_client._multiplex.for_call`) and the next ``infer`` opens a new stream.
+One lock guards which stream is current, its pending calls and its failure, so that no
+call is left waiting on a stream that has already ended. Once the client closes, every
+call pending or to come fails Unavailable, and no stream opens again.
 """
 
 from __future__ import annotations
@@ -128,8 +129,10 @@ class SyncMultiplexer:
             stream.close()
 
     def infer(
-        self, request: pb.ModelInferRequest, timeout_s: float | None
+        self, request: pb.ModelInferRequest, raw_bytes: int, timeout_s: float | None
     ) -> pb.ModelInferResponse:
+        """Send ``request`` (``raw_bytes``: the total of its ``raw_input_contents``) and
+        wait for its answer."""
         request_id = request.id
         wire_id = self._ids.tag(request)
         started = time.monotonic()
@@ -137,7 +140,7 @@ class SyncMultiplexer:
             raise _timed_out(timeout_s, request_id)
         try:
             left_s = _multiplex.time_left(timeout_s, started)
-            _multiplex.ready(request, left_s, self._max_send_bytes, request_id)
+            _multiplex.ready(request, raw_bytes, left_s, self._max_send_bytes, request_id)
             with self._lock:
                 stream = self._current(request_id)
                 answer = stream.send(request, wire_id)
@@ -146,7 +149,8 @@ class SyncMultiplexer:
             except _TIMEOUTS:
                 raise _timed_out(timeout_s, request_id) from None
             except MandantClientError as failure:  # the whole stream's
-                raise _multiplex.for_call(failure, request_id) from failure.__cause__
+                error = _multiplex.for_call(failure, request_id, request, raw_bytes)
+                raise error from failure.__cause__
             finally:
                 stream.forget(wire_id)
         finally:

@@ -77,14 +77,16 @@ def infer_request(
     outputs: Sequence[str] | None,
     request_id: str,
     parameters: Mapping[str, ParameterValue] | None,
-) -> pb.ModelInferRequest:
+) -> tuple[pb.ModelInferRequest, int]:
+    """The request, and the bytes of its ``raw_input_contents`` (for the stream's cheap
+    size check, :func:`mandant_client._multiplex.ready`)."""
     request = pb.ModelInferRequest(model_name=model, model_version=version or "", id=request_id)
-    encode_inputs(request, inputs)
+    raw_bytes = encode_inputs(request, inputs)
     for name in outputs or ():
         request.outputs.add(name=name)
     for key, value in (parameters or {}).items():
         request.parameters[key].CopyFrom(infer_parameter(key, value))
-    return request
+    return request, raw_bytes
 
 
 def infer_parameter(key: str, value: ParameterValue) -> pb.InferParameter:

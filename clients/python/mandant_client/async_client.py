@@ -106,11 +106,13 @@ class AsyncClient:
         parameters: Mapping[str, ParameterValue] | None = None,
     ) -> dict[str, Array]:
         """Run ``model`` on ``inputs``; the outputs (all, or those named) by name."""
-        request = _requests.infer_request(model, inputs, version, outputs, request_id, parameters)
+        request, raw_bytes = _requests.infer_request(
+            model, inputs, version, outputs, request_id, parameters
+        )
         timeout = timeout_s if timeout_s is not None else self._timeout_s
         turn = next(self._turn)
         if self._multiplexers is not None:
-            response = await self._multiplexers[turn].infer(request, timeout)
+            response = await self._multiplexers[turn].infer(request, raw_bytes, timeout)
         else:
             response = await self._unary(self._stubs[turn].ModelInfer, request, timeout, request_id)
         return decode_outputs(response)

@@ -99,14 +99,16 @@ def encode_tensor(
     return tensor, little.tobytes()
 
 
-def encode_inputs(request: pb.ModelInferRequest, inputs: Mapping[str, npt.ArrayLike]) -> None:
-    """Append every input to ``request.inputs`` and ``request.raw_input_contents``, in order."""
+def encode_inputs(request: pb.ModelInferRequest, inputs: Mapping[str, npt.ArrayLike]) -> int:
+    """Append every input to ``request.inputs`` and ``request.raw_input_contents``, in order;
+    the number of raw bytes appended (reading it back from the message copies them)."""
     raws: list[bytes] = []
     for name, value in inputs.items():
         tensor, raw = encode_tensor(name, value)
         request.inputs.append(tensor)
         raws.append(raw)
     request.raw_input_contents.extend(raws)
+    return sum(len(raw) for raw in raws)
 
 
 def decode_outputs(response: pb.ModelInferResponse) -> dict[str, Array]:
