@@ -75,7 +75,8 @@ function createClient(target, apiKey, options = {}) {
   });
   const defaultTimeoutMs = options.timeoutMs;
 
-  // null is "not given", as undefined: Date.now() + null would be a deadline of now.
+  // null is "not given", as undefined: Date.now() + null would be a deadline of now. A
+  // call's null is the client's timeoutMs, not "no deadline" (README).
   function call(method, request, timeoutMs) {
     const metadata = new grpc.Metadata();
     if (apiKey) metadata.set('authorization', `Bearer ${apiKey}`);
@@ -93,7 +94,8 @@ function createClient(target, apiKey, options = {}) {
      * Run `model` on `inputs` ([{name, datatype, shape, data}], data a typed array or,
      * for BYTES, an array of Buffers/strings), sent as raw_input_contents. Resolves to
      * {OUTPUT_NAME: {datatype, shape, data}} with data a typed array of the datatype.
-     * Options: `version`, `outputs` (names to return; all by default), `id`, `timeoutMs`.
+     * Options: `version`, `outputs` (names to return; all by default), `id`, `timeoutMs`
+     * (absent or null: the client's).
      */
     async infer(model, inputs, inferOptions = {}) {
       const response = await call(
