@@ -221,31 +221,74 @@ async def test_outputs_that_require_grad_or_view_the_input_come_back_as_arrays()
     np.testing.assert_array_equal((await run_once(echo, {"X": sent}))["X"], sent)
 
 
-async def test_wrong_output_count_is_an_error() -> None:
+# An answer that does not match the declared outputs is the configuration's fault, not
+# the caller's: UNAVAILABLE (refunded), the detail in the server's log, once.
+MISMATCH = "answered outputs its configuration does not declare"
+
+
+async def _mismatched(
+    spec: ModelSpec, inputs: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> str:
+    with pytest.raises(Unavailable, match=MISMATCH):
+        await run_once(spec, inputs)
+    (record,) = [r for r in caplog.records if "does not match its configuration" in r.message]
+    return record.message
+
+
+async def test_wrong_output_count_is_unavailable(caplog: pytest.LogCaptureFixture) -> None:
     spec = make_spec(factory=f"{HELPERS}:pair", inputs=PAIR_IN, outputs=CLASSIFIER_OUT)
     one = np.ones(2, dtype=np.float32)
-    with pytest.raises(RuntimeError, match="returned 2 output"):
-        await run_once(spec, {"A": one, "B": one})
+    assert "2 output(s) where 1 is declared" in await _mismatched(
+        spec, {"A": one, "B": one}, caplog
+    )
 
 
-async def test_one_tensor_for_two_declared_outputs_is_an_error() -> None:
+async def test_one_tensor_for_two_declared_outputs_is_unavailable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     spec = make_spec(
         factory="mandant.demo.models:classifier",
         outputs=(*CLASSIFIER_OUT, TensorSpec("OUTPUT1", "FP32", (-1, 16))),
     )
-    with pytest.raises(RuntimeError, match="returned 1 output"):
-        await run_once(spec, {"INPUT0": features(2)})
+    message = await _mismatched(spec, {"INPUT0": features(2)}, caplog)
+    assert "1 output(s) where 2 is declared" in message
 
 
-async def test_missing_named_output_is_an_error() -> None:
+async def test_missing_named_output_is_unavailable(caplog: pytest.LogCaptureFixture) -> None:
     spec = make_spec(
         factory=f"{HELPERS}:pair_dict",
         inputs=PAIR_IN,
         outputs=(TensorSpec("SUM", "FP32", (-1,)), TensorSpec("RATIO", "FP32", (-1,))),
     )
     one = np.ones(2, dtype=np.float32)
-    with pytest.raises(RuntimeError, match="RATIO"):
-        await run_once(spec, {"A": one, "B": one})
+    assert "output RATIO" in await _mismatched(spec, {"A": one, "B": one}, caplog)
+
+
+async def test_a_float_output_declared_as_an_integer_is_unavailable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It went out as zeros (a float cast to INT32) with status OK."""
+    spec = make_spec(
+        factory="mandant.demo.models:classifier",
+        outputs=(TensorSpec("OUTPUT0", "INT32", (-1, 16)),),
+    )
+    message = await _mismatched(spec, {"INPUT0": features(2)}, caplog)
+    assert "float32 where INT32 is declared" in message
+
+
+async def test_an_output_of_another_shape_is_unavailable(caplog: pytest.LogCaptureFixture) -> None:
+    """16 columns declared 10 went out as they came, with status OK."""
+    out = TensorSpec("OUTPUT0", "FP32", (-1, 10))
+    spec = make_spec(factory="mandant.demo.models:classifier", outputs=(out,))
+    message = await _mismatched(spec, {"INPUT0": features(2)}, caplog)
+    assert "shape [2, 16] where [-1, 10] is declared" in message
+
+
+async def test_an_output_that_widens_to_its_datatype_is_sent() -> None:
+    """Within its kind, or to a wider kind, the codec casts it: FP32 declared FP64."""
+    out = TensorSpec("OUTPUT0", "FP64", (-1, 16))
+    spec = make_spec(factory="mandant.demo.models:classifier", outputs=(out,))
+    assert (await run_once(spec, {"INPUT0": features(2)}))["OUTPUT0"].shape == (2, 16)
 
 
 async def test_missing_input_is_invalid() -> None:

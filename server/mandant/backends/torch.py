@@ -16,6 +16,12 @@ than the forward pass. Every call is timed and a slower sample replaces the aver
 once, so a model that turns slow (or a batch that turns large) moves back to the pool
 after one call.
 
+A model's answer is checked against its declared outputs (the names or count, the
+rank and fixed dimensions, the rows of a batched model, a datatype numpy casts to the
+declared one within its kind): one that does not match is the configuration's fault,
+not the caller's, answered UNAVAILABLE and logged once per output and problem (a float
+model declared INT32 answered zeros; one declared 10 wide answered 16 columns).
+
 The instance concatenates the requests of a batch itself (:meth:`TorchBackend.infer_batch`),
 off the event loop. On the CPU inputs reach the model zero-copy (``torch.from_numpy``;
 they may view a request's read-only bytes, so models must not modify their inputs in
@@ -48,6 +54,7 @@ from mandant.backends.staging import StagingBuffers
 from mandant.backends.torch_load import build_module, init_weights
 from mandant.config import ModelSpec
 from mandant.errors import InvalidInput, Unavailable
+from mandant.types import DATATYPES
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +116,8 @@ class TorchBackend:
         self._inline_below_s = inline_below_s
         self._call_s: float | None = None  # moving average of a call's compute time
         self._row_s = 0.0  # moving average of compute time per row
+        #: (output, problem) of the mismatched answers logged at ERROR already.
+        self._mismatches: set[tuple[str, str]] = set()
 
     @property
     def ready(self) -> bool:
@@ -201,15 +210,51 @@ class TorchBackend:
         if idle is None or executor is None:
             raise Unavailable(f"model '{self._spec.name}' is not loaded")
         rows = sum(a.shape[0] if a.ndim else 1 for a in columns[0]) if columns else 1
+        outputs: dict[str, np.ndarray] | None = None
         if self._cheap(rows):
             try:
                 instance = idle.get_nowait()
             except queue.Empty:  # every instance busy: wait for one in the pool
                 pass
             else:
-                return self._run_on(instance, idle, columns, rows)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self._run, idle, columns, rows)
+                outputs = self._run_on(instance, idle, columns, rows)
+        if outputs is None:
+            loop = asyncio.get_running_loop()
+            outputs = await loop.run_in_executor(executor, self._run, idle, columns, rows)
+        self._check_outputs(outputs, rows)
+        return outputs
+
+    def _check_outputs(self, outputs: Mapping[str, np.ndarray], rows: int) -> None:
+        batched = self._spec.batching is not None
+        for spec in self._spec.outputs:
+            array = outputs[spec.name]
+            shape = array.shape
+            if not spec.accepts(shape):
+                self._mismatch(spec.name, "shape", f"shape {list(shape)}", str(list(spec.shape)))
+            elif batched and shape[0] != rows:
+                self._mismatch(spec.name, "rows", f"{shape[0]} rows", f"{rows} (the batch's)")
+            elif not _casts(array.dtype, spec.datatype):
+                self._mismatch(spec.name, "datatype", str(array.dtype), spec.datatype)
+
+    def _mismatch(self, output: str, problem: str, got: str, declared: str) -> None:
+        """Refuse an answer that does not match the configuration (UNAVAILABLE), logged
+        once per output and problem."""
+        name = self._spec.name
+        if (output, problem) not in self._mismatches:
+            self._mismatches.add((output, problem))
+            logger.error(
+                "model %s: output %s does not match its configuration (%s: %s where %s is "
+                "declared; check models[].outputs): its calls are refused UNAVAILABLE",
+                name,
+                output,
+                problem,
+                got,
+                declared,
+            )
+        raise Unavailable(
+            f"model '{name}' answered outputs its configuration does not declare "
+            "(see the server log)"
+        )
 
     def _cheap(self, rows: int) -> bool:
         """Whether a call of ``rows`` rows is expected to cost less than the hop."""
@@ -289,19 +334,14 @@ class TorchBackend:
         if isinstance(result, Mapping):
             absent = [name for name in names if name not in result]
             if absent:
-                raise RuntimeError(
-                    f"model {self._spec.name!r} returned no output named {', '.join(absent)}"
-                )
+                self._mismatch(", ".join(absent), "missing", "no such output", "one")
             values = [result[name] for name in names]
         elif isinstance(result, tuple | list):
             values = list(result)
         else:
             values = [result]
         if len(values) != len(names):
-            raise RuntimeError(
-                f"model {self._spec.name!r} returned {len(values)} output(s), "
-                f"its configuration declares {len(names)}"
-            )
+            self._mismatch("*", "count", f"{len(values)} output(s)", str(len(names)))
         return values
 
     def _load(self) -> list[_Instance]:
@@ -428,6 +468,15 @@ def _to_numpy(model: str, name: str, value: object) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     raise _not_an_output(model, name, value)
+
+
+def _casts(dtype: np.dtype, datatype: str) -> bool:
+    """Whether an output of ``dtype`` may go out as ``datatype`` (the codec casts it):
+    within its kind or to a wider one (int64 as FP32, float64 as FP32), never a float
+    as an integer or anything as BOOL."""
+    if datatype == "BYTES":
+        return dtype.kind in "OSU"
+    return bool(np.can_cast(dtype, DATATYPES[datatype], casting="same_kind"))
 
 
 def _not_an_output(model: str, name: str, value: object) -> RuntimeError:
