@@ -43,6 +43,7 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
 #   docker run -v $PWD/conf:/conf mandant --config /conf/mandant.yaml
 # Listen addresses come from the file (server.host: 0.0.0.0 to be reachable from
 # outside the container; server.http_host puts the HTTP port, dashboard and /metrics,
-# on another address). The public-key demo runs only when asked: `--demo`.
+# on another address). The public-key demo (`--demo`) is not in the image: it needs a
+# source checkout (examples/demo), and `mandant serve --demo` says so here.
 ENTRYPOINT ["mandant", "serve"]
 CMD ["--config", "/etc/mandant/mandant.yaml"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import importlib
 import logging
 import os
 import signal
@@ -36,6 +38,11 @@ Try it (demo keys are public and for the demo only):
 """
 
 
+NO_DEMO = """\
+mandant serve: --demo needs a source checkout of Mandant: it serves {path},
+which an installed package (a wheel, the container image) does not include.
+Serve your own file: mandant serve --config mandant.yaml"""
+
 NO_CONFIG = """\
 mandant serve: no configuration given.
   mandant serve --config mandant.yaml   serve your configuration
@@ -43,21 +50,46 @@ mandant serve: no configuration given.
   mandant check-config mandant.yaml     validate a file first"""
 
 
+#: The ``serve`` flags that override a ``server`` setting: field → flag.
+SERVER_FLAGS = {
+    "host": "--host",
+    "http_host": "--http-host",
+    "grpc_port": "--grpc-port",
+    "http_port": "--http-port",
+    "rest_port": "--rest-port",
+    "workers": "--workers",
+}
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _with_overrides(config: MandantConfig, args: argparse.Namespace) -> MandantConfig:
+    """``config`` with the server flags given, each validated as its setting in the
+    file is; ConfigError naming the flag (and its value) if one is refused."""
     changes = {
-        key: value
-        for key, value in (
-            ("host", args.host),
-            ("http_host", args.http_host),
-            ("grpc_port", args.grpc_port),
-            ("http_port", args.http_port),
-            ("rest_port", args.rest_port),
-        )
-        if value is not None
+        field: value for field in SERVER_FLAGS if (value := getattr(args, field, None)) is not None
     }
     if not changes:
         return config
-    return config.model_copy(update={"server": config.server.model_copy(update=changes)})
+    try:
+        return config.with_server(changes)
+    except ConfigError as exc:
+        refused: dict[str, list[str]] = {}
+        for path, why in exc.errors:
+            field = path.split(".")[1] if path.count(".") else ""
+            where = (
+                f"{SERVER_FLAGS[field]} {changes[field]}"
+                if field in changes
+                else f"{path} (with {', '.join(SERVER_FLAGS[f] for f in changes)})"
+            )
+            refused.setdefault(where, []).append(why)
+        errors = [(where, ", or ".join(whys)) for where, whys in refused.items()]
+        raise ConfigError("the command line", errors) from None
+
+
+def _log_warnings(config: MandantConfig) -> None:
+    for where, why in config.warnings():
+        logger.warning("configuration: %s: %s", where, why)
 
 
 def _reload(app: App, path: Path, overrides: argparse.Namespace) -> None:
@@ -66,6 +98,7 @@ def _reload(app: App, path: Path, overrides: argparse.Namespace) -> None:
     config = reloaded(lambda: _with_overrides(load_config(path), overrides), path.resolve().parent)
     if config is None:
         return
+    _log_warnings(config)
     result = app.reload(config)
     for note in result.deferred:
         logger.warning("configuration reload: %s", note)
@@ -200,14 +233,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.config is None and not args.demo:
         print(NO_CONFIG, file=sys.stderr)
         return 2
+    if args.demo and not DEMO_CONFIG.is_file():
+        print(NO_DEMO.format(path=DEMO_CONFIG), file=sys.stderr)
+        return 2
     path = Path(args.config) if args.config else DEMO_CONFIG
     try:
-        config = _with_overrides(load_config(path), args)
+        config = load_config(path)
     except ConfigError as exc:
         print(f"mandant: invalid configuration\n{exc}", file=sys.stderr)
         return 2
+    try:
+        config = _with_overrides(config, args)
+    except ConfigError as exc:
+        for where, why in exc.errors:
+            print(f"mandant serve: {where}: {why}", file=sys.stderr)
+        return 2
+    _log_warnings(config)
+    missing = config.server.tls.missing_files(path.resolve().parent) if config.server.tls else []
+    if missing:
+        print(f"mandant: cannot start: {ConfigError(str(path), missing)}", file=sys.stderr)
+        return 1
     demo = path.resolve() == DEMO_CONFIG
-    workers = workers_of(args.workers if args.workers is not None else config.server.workers)
+    workers = workers_of(config.server.workers)
     try:
         if workers > 1:
             _run(_supervise(config, path.resolve(), demo, args, workers))
@@ -252,15 +299,66 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the file, then what validation does not look at: that the files it
+    names are there and its factories import (their modules are imported; no model is
+    built)."""
     path = Path(args.config)
     try:
         config = load_config(path)
-        config.model_specs(path.resolve().parent)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    base_dir = path.resolve().parent
+    try:
+        config.model_specs(base_dir)
+        errors = []
+    except ConfigError as exc:
+        errors = exc.errors
+    errors = [*errors, *config.missing_files(base_dir), *_import_problems(config)]
+    if errors:
+        print(ConfigError(str(path), sorted(errors, key=_field_order)), file=sys.stderr)
+        return 1
+    for where, why in config.warnings():
+        print(f"{path}: warning: {where}: {why}", file=sys.stderr)
     print(f"{path}: ok ({len(config.tenants)} tenants, {len(config.models)} models)")
     return 0
+
+
+def _field_order(error: tuple[str, str]) -> list[tuple[int, str]]:
+    """Sorts errors as the file's sections come (server, limits, tenants, models), then
+    by field path, numbers as numbers (``models.10`` after ``models.9``)."""
+    sections = list(MandantConfig.model_fields)
+    parts = error[0].split(".")
+    rank = sections.index(parts[0]) if parts[0] in sections else len(sections)
+    return [(rank, ""), *((int(p), "") if p.isdigit() else (-1, p) for p in parts[1:])]
+
+
+def _import_problems(config: MandantConfig) -> list[tuple[str, str]]:
+    """Each ``factory`` / ``weights_init`` whose module does not import or has no such
+    callable, as (field path, reason)."""
+    problems = []
+    for where, ref in config.callable_refs():
+        module_name, _, attributes = ref.partition(":")
+        try:
+            target = importlib.import_module(module_name)
+            target = functools.reduce(getattr, attributes.split("."), target)
+        except Exception as exc:  # the module's own code runs: anything may escape it
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            problems.append((where, f"cannot import {ref!r}: {reason}"))
+            continue
+        if not callable(target):
+            problems.append((where, f"{ref!r} is not callable"))
+    return problems
+
+
+def _workers(value: str) -> int | str:
+    """``--workers``: a number or ``auto`` (its range is checked as the setting's)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,15 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="bind address of the gRPC and REST ports")
     serve.add_argument("--http-host", help="bind address of the HTTP port (default: --host)")
-    serve.add_argument("--grpc-port", type=int)
-    serve.add_argument("--http-port", type=int)
+    serve.add_argument("--grpc-port", type=int, help="gRPC port (0: a free one)")
+    serve.add_argument("--http-port", type=int, help="HTTP port: dashboard, metrics, probes")
     serve.add_argument("--rest-port", type=int, help="KServe v2 REST port (0: a free one)")
     serve.add_argument(
         "--workers",
-        type=lambda v: v if v == "auto" else int(v),
+        type=_workers,
         help="gRPC front-end processes (default: server.workers, 1); 'auto': cores - 1",
     )
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     serve.set_defaults(run=cmd_serve)
     worker = commands.add_parser(
         "worker", help="one process of 'serve --workers N' (started by its supervisor)"
@@ -299,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--grpc-port", type=int)
     worker.add_argument("--http-port", type=int)
     worker.add_argument("--rest-port", type=int)
-    worker.add_argument("--log-level", default="INFO")
+    worker.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     worker.set_defaults(run=cmd_worker)
     keygen = commands.add_parser("keygen", help="print a new API key and its hash")
     keygen.set_defaults(run=cmd_keygen)

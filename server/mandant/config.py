@@ -28,10 +28,21 @@ logger = logging.getLogger(__name__)
 
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_DIGITS = re.compile(r"^[0-9]{1,18}$")
 #: ``${NAME}`` (group 2) or the escape ``$${…}`` (group 1 set): a literal ``${…}``.
 _ENV_REFERENCE = re.compile(r"\$(\$?)\{([^{}]*)\}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda)$|^cuda:(\d+)$")
+
+
+class _Problems(ValueError):
+    """Several problems found by one validator, each (field path relative to the model
+    validated, reason): :func:`parse_config` reports each at its own path, where
+    pydantic alone would report one message at the model's."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{path}: {reason}" for path, reason in problems))
+        self.problems = problems
 
 
 class _Frozen(BaseModel):
@@ -46,6 +57,17 @@ def _hashes_only(keys: tuple[str, ...]) -> tuple[str, ...]:
                 "`mandant keygen` prints a key and its hash"
             )
     return keys
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` is not a file this process can read; None if it is."""
+    if not path.exists():
+        return f"no such file: {path}"
+    if not path.is_file():
+        return f"not a file: {path}"
+    if not os.access(path, os.R_OK):
+        return f"not readable: {path}"
+    return None
 
 
 class TlsConfig(_Frozen):
@@ -68,6 +90,16 @@ class TlsConfig(_Frozen):
                 "client_ca": base_dir / self.client_ca if self.client_ca else None,
             }
         )
+
+    def missing_files(self, base_dir: Path) -> list[tuple[str, str]]:
+        """Each of these files that cannot be read, as (field path, reason)."""
+        tls = self.resolved(base_dir)
+        named = {"cert": tls.cert, "key": tls.key, "client_ca": tls.client_ca}
+        return [
+            (f"server.tls.{field}", why)
+            for field, path in named.items()
+            if path is not None and (why := _unreadable(path)) is not None
+        ]
 
 
 #: Default of ``server.max_bytes_elements``: a BYTES tensor at this bound (262,144
@@ -444,13 +476,25 @@ class ModelConfig(_Frozen):
     #: Requests run before the version is ready (a failing one fails the load).
     warmup: tuple[WarmupConfig, ...] | None = None
 
+    @field_validator("name", "base")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.match(value):
+            raise ValueError(
+                "must be 1-128 letters, digits, '_', '.', '-' (a model name is part of "
+                "REST paths and of '<tenant>/<name>')"
+            )
+        return value
+
     @field_validator("version", mode="before")
     @classmethod
     def _version(cls, value: object) -> str:
-        text = str(value)
-        if not text.isdigit():
-            raise ValueError("versions are positive integers")
-        return text
+        """One spelling per version (``01`` and ``1`` are version 1), so that a
+        version defined twice is caught."""
+        text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(text, str) or not _DIGITS.match(text) or int(text) < 1:
+            raise ValueError("versions are positive integers (1, 2, …; at most 18 digits)")
+        return str(int(text))
 
     @field_validator("factory", "weights_init")
     @classmethod
@@ -543,45 +587,32 @@ class MandantConfig(_Frozen):
 
     @model_validator(mode="after")
     def _references(self) -> MandantConfig:
-        tenant_ids = [t.id for t in self.tenants]
-        if len(set(tenant_ids)) != len(tenant_ids):
-            raise ValueError("tenant ids must be unique")
-        hashes = [h for t in self.tenants for h in t.api_keys]
-        if len(set(hashes)) != len(hashes):
-            raise ValueError("an API key hash appears under two tenants")
-        if set(hashes) & set(self.server.admin_keys):
-            raise ValueError("an admin key hash is also a tenant's API key")
-        identities = [c for t in self.tenants for c in t.client_certs]
-        if len(set(identities)) != len(identities):
-            raise ValueError("a client certificate identity appears twice")
-        if identities and (self.server.tls is None or self.server.tls.client_ca is None):
-            raise ValueError("tenants' client_certs need server.tls.client_ca")
-        seen: set[tuple[str | None, str, str]] = set()
-        for model in self.models:
-            if model.tenant is not None and model.tenant not in tenant_ids:
-                raise ValueError(f"model {model.model_name!r}: unknown tenant {model.tenant!r}")
-            key = (model.tenant, model.model_name, model.version)
-            if key in seen:
-                raise ValueError(
-                    f"model {model.model_name!r} version {model.version} is defined twice"
-                    + (f" for tenant {model.tenant!r}" if model.tenant else "")
-                )
-            seen.add(key)
-            if model.base is not None and not any(
-                m.tenant is None and m.model_name == model.base for m in self.models
-            ):
-                raise ValueError(
-                    f"model {model.model_name!r} of tenant {model.tenant!r}: "
-                    f"base {model.base!r} is not a shared model"
-                )
-        _check_version_policies(self.models)
-        for tenant in self.tenants:
-            for name in tenant.models:
-                if not any(
-                    m.model_name == name and m.tenant in (None, tenant.id) for m in self.models
-                ):
-                    raise ValueError(f"tenant {tenant.id!r}: limits for unknown model {name!r}")
+        problems = [*_tenant_problems(self), *_model_problems(self.models, self.tenants)]
+        if problems:
+            raise _Problems(problems)
         return self
+
+    def with_server(self, changes: Mapping[str, object]) -> MandantConfig:
+        """This configuration with ``changes`` to its ``server`` settings (command-line
+        flags), validated as the file's are; ConfigError with paths ``server.<field>…``."""
+        data = {**self.server.model_dump(exclude_unset=True), **changes}
+        try:
+            server = ServerConfig.model_validate(data)
+        except ValidationError as exc:
+            errors = [
+                (f"server.{path}".replace(".(top level)", ""), why) for path, why in _errors(exc)
+            ]
+            raise ConfigError("server settings", errors) from None
+        return self.model_copy(update={"server": server})
+
+    def warnings(self) -> list[tuple[str, str]]:
+        """What validates but is likely a mistake, each (field path, reason)."""
+        keyless = "has no api_keys and no client_certs: no call can authenticate as it"
+        return [
+            (f"tenants.{index}", f"tenant {tenant.id!r} {keyless}")
+            for index, tenant in enumerate(self.tenants)
+            if not tenant.api_keys and not tenant.client_certs
+        ]
 
     def resolved(self, base_dir: Path) -> MandantConfig:
         """This configuration with its server paths (``server.tls``) made absolute
@@ -591,6 +622,34 @@ class MandantConfig(_Frozen):
             return self
         server = self.server.model_copy(update={"tls": tls.resolved(base_dir)})
         return self.model_copy(update={"server": server})
+
+    def missing_files(self, base_dir: Path) -> list[tuple[str, str]]:
+        """The files this configuration names that cannot be read, each (field path,
+        reason): the TLS files, and each torch model's own ``path`` unless its
+        ``weights_init`` builds it. Looks at the filesystem, which validation never
+        does: for ``check-config`` and the start."""
+        problems = self.server.tls.missing_files(base_dir) if self.server.tls else []
+        shared = {m.model_name: m for m in self.models if m.tenant is None}
+        for index, model in enumerate(self.models):
+            base = shared.get(model.base) if model.base else None
+            backend = model.backend or (base.backend if base else None) or "torch"
+            builds = model.weights_init or (base.weights_init if base else None)
+            if model.path is None or backend != "torch" or builds is not None:
+                continue
+            why = _unreadable(base_dir / model.path)
+            if why is not None:
+                problems.append((f"models.{index}.path", why))
+        return problems
+
+    def callable_refs(self) -> list[tuple[str, str]]:
+        """Each ``factory`` and ``weights_init`` a model entry sets, as (field path,
+        ``module:callable``)."""
+        return [
+            (f"models.{index}.{field}", ref)
+            for index, model in enumerate(self.models)
+            for field in ("factory", "weights_init")
+            if (ref := getattr(model, field)) is not None
+        ]
 
     def model_specs(self, base_dir: Path) -> list[ModelSpec]:
         """Every model version to serve (as its model's ``version_policy`` says) with
@@ -630,15 +689,25 @@ class MandantConfig(_Frozen):
         for index, entry in enumerate(entries):
             if (entry.get("name") or entry.get("base")) != name:
                 raise ConfigError(source, [(str(index), "the entry must name the model loaded")])
+        kept = tuple(m for m in self.models if m.model_name != name)
         try:
             models = [ModelConfig.model_validate(entry) for entry in entries]
-            kept = tuple(m for m in self.models if m.model_name != name)
             return MandantConfig(
                 server=self.server, limits=self.limits, tenants=self.tenants,
                 models=(*kept, *models),
             )  # fmt: skip
         except ValidationError as exc:
-            raise ConfigError(source, _errors(exc)) from None
+            raise ConfigError(source, [_entry_path(e, len(kept)) for e in _errors(exc)]) from None
+
+
+def _entry_path(error: tuple[str, str], kept: int) -> tuple[str, str]:
+    """An error of the configuration a load request makes, ``models.N…`` of its own
+    entries (after the ``kept`` ones) renamed as the request's ``N - kept…``."""
+    path, reason = error
+    parts = path.split(".")
+    if len(parts) > 1 and parts[0] == "models" and parts[1].isdigit() and int(parts[1]) >= kept:
+        path = ".".join([str(int(parts[1]) - kept), *parts[2:]])
+    return path, reason
 
 
 def _version_policies(
@@ -659,25 +728,93 @@ def _version_policies(
     }
 
 
-def _check_version_policies(models: Sequence[ModelConfig]) -> None:
-    """The entries of one model agree on its policy; ``specific`` names configured versions."""
-    seen: dict[tuple[str | None, str], VersionPolicyConfig] = {}
-    for model in models:
+def _tenant_problems(config: MandantConfig) -> list[tuple[str, str]]:
+    """Tenant ids, key hashes and certificate identities that clash, each (field path,
+    reason)."""
+    problems: list[tuple[str, str]] = []
+    first: dict[str, int] = {}
+    key_owner: dict[str, int] = {}
+    identities: set[str] = set()
+    admin_keys = set(config.server.admin_keys)
+    for index, tenant in enumerate(config.tenants):
+        where = f"tenants.{index}"
+        if first.setdefault(tenant.id, index) != index:
+            why = f"tenant ids must be unique: {tenant.id!r} is also tenants.{first[tenant.id]}"
+            problems.append((f"{where}.id", why))
+        for number, key in enumerate(tenant.api_keys):
+            owner = key_owner.setdefault(key, index)
+            if key in admin_keys:
+                why = "an admin key hash is also a tenant's API key"
+            elif number != tenant.api_keys.index(key):
+                why = "an API key hash is listed twice"
+            elif owner != index:
+                why = f"an API key hash appears under two tenants (also tenants.{owner})"
+            else:
+                continue
+            problems.append((f"{where}.api_keys.{number}", why))
+        for number, identity in enumerate(tenant.client_certs):
+            if identity in identities:
+                why = "a client certificate identity appears twice"
+                problems.append((f"{where}.client_certs.{number}", why))
+            identities.add(identity)
+    if identities and (config.server.tls is None or config.server.tls.client_ca is None):
+        problems.append(("server.tls.client_ca", "tenants' client_certs need server.tls.client_ca"))
+    return problems
+
+
+def _model_problems(
+    models: Sequence[ModelConfig], tenants: Sequence[TenantConfig]
+) -> list[tuple[str, str]]:
+    """Models that name an unknown tenant or base, versions defined twice, version
+    policies that disagree, tenants' limits for unknown models; each (field path,
+    reason)."""
+    problems: list[tuple[str, str]] = []
+    tenant_ids = {t.id for t in tenants}
+    shared = {m.model_name for m in models if m.tenant is None}
+    first: dict[tuple[str | None, str, str], int] = {}
+    for index, model in enumerate(models):
+        name, where = model.model_name, f"models.{index}"
+        if model.tenant is not None and model.tenant not in tenant_ids:
+            problems.append((f"{where}.tenant", f"model {name!r}: unknown tenant {model.tenant!r}"))
+        key = (model.tenant, name, model.version)
+        if first.setdefault(key, index) != index:
+            owner = f" for tenant {model.tenant!r}" if model.tenant else ""
+            why = f"model {name!r} version {model.version} is defined twice{owner}"
+            problems.append((f"{where}.version", f"{why} (also models.{first[key]})"))
+        if model.base is not None and model.base not in shared:
+            why = f"model {name!r} of tenant {model.tenant!r}: base {model.base!r}"
+            problems.append((f"{where}.base", f"{why} is not a shared model"))
+    problems += _version_policy_problems(models)
+    for index, tenant in enumerate(tenants):
+        for name in tenant.models:
+            if not any(m.model_name == name and m.tenant in (None, tenant.id) for m in models):
+                why = f"tenant {tenant.id!r}: limits for unknown model {name!r}"
+                problems.append((f"tenants.{index}.models.{name[:64]}", why))
+    return problems
+
+
+def _version_policy_problems(models: Sequence[ModelConfig]) -> list[tuple[str, str]]:
+    """The entries of one model agree on its policy; ``specific`` names configured
+    versions. Each problem (field path, reason)."""
+    problems: list[tuple[str, str]] = []
+    seen: dict[tuple[str | None, str], tuple[int, VersionPolicyConfig]] = {}
+    for index, model in enumerate(models):
         policy = model.version_policy
         if policy is None:
             continue
         key = (model.tenant, model.model_name)
-        if seen.setdefault(key, policy) != policy:
-            raise ValueError(
-                f"model {model.model_name!r}: its entries set different version_policy"
+        if seen.setdefault(key, (index, policy))[1] != policy:
+            why = f"model {model.model_name!r}: its entries set different version_policy"
+            problems.append(
+                (f"models.{index}.version_policy", f"{why} (see models.{seen[key][0]})")
             )
-    for (tenant, name), policy in seen.items():
+    for (tenant, name), (index, policy) in seen.items():
         configured = {int(m.version) for m in models if (m.tenant, m.model_name) == (tenant, name)}
         missing = sorted(set(policy.specific or ()) - configured)
         if missing:
-            raise ValueError(
-                f"model {name!r}: version_policy names version {missing[0]}, which has no entry"
-            )
+            why = f"model {name!r}: version_policy names version {missing[0]}, which has no entry"
+            problems.append((f"models.{index}.version_policy.specific", why))
+    return problems
 
 
 def _resolve(
@@ -764,11 +901,17 @@ def parse_config(data: object, source: str = "configuration") -> MandantConfig:
 
 
 def _errors(exc: ValidationError) -> list[tuple[str, str]]:
-    """Each problem as (field path, message); parts of the path kept short."""
-    return [
-        (".".join(str(part)[:64] for part in err["loc"]) or "(top level)", err["msg"])
-        for err in exc.errors()
-    ]
+    """Each problem as (field path, message); parts of the path kept short. A
+    ``_Problems`` is unpacked, each of its problems at its own path."""
+    errors: list[tuple[str, str]] = []
+    for err in exc.errors():
+        where = ".".join(str(part)[:64] for part in err["loc"])
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, _Problems):
+            errors += [(f"{where}.{path}" if where else path, why) for path, why in cause.problems]
+        else:
+            errors.append((where or "(top level)", err["msg"]))
+    return errors
 
 
 def _expand_text(text: str, env: Mapping[str, str]) -> str:

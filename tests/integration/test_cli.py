@@ -69,7 +69,13 @@ def test_check_config_accepts_the_demo() -> None:
                 "server.colour: Extra inputs are not permitted",
             ],
         ),
-        ("models: [{tenant: ghost, base: classifier}]", ["unknown tenant 'ghost'"]),
+        (
+            "models: [{tenant: ghost, base: classifier}]",
+            [
+                "models.0.tenant: model 'classifier': unknown tenant 'ghost'",
+                "models.0.base: model 'classifier' of tenant 'ghost': base 'classifier' is not",
+            ],
+        ),
         (
             "models: [{name: m, backend: torch}]",
             ["models.0: torch models declare their inputs and outputs"],

@@ -1,0 +1,167 @@
+"""``mandant serve`` and ``check-config`` refusing what cannot serve before anything
+starts: flags validated as the settings they override, log levels, ``--demo`` without
+a source checkout, missing files and factories that do not import."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mandant import cli
+from mandant.tenancy.keys import hash_key
+
+ECHO = {
+    "name": "echo",
+    "factory": "mandant.demo.models:echo",
+    "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+    "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+}
+
+
+@pytest.fixture(autouse=True)
+def _logging_kept() -> Iterator[None]:
+    """``serve`` configures the root logger; put pytest's back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+
+
+def write(tmp_path: Path, **sections: Any) -> Path:
+    data = {"tenants": [{"id": "t", "api_keys": [hash_key("k")]}], "models": [ECHO], **sections}
+    path = tmp_path / "mandant.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+#: TLS files that are not there: a server given this file stops before it listens.
+NO_TLS = {"tls": {"cert": "gone.crt", "key": "gone.key"}}
+
+
+@pytest.mark.parametrize(
+    ("flags", "lines"),
+    [
+        (
+            ["--grpc-port", "99999"],
+            ["--grpc-port 99999: Input should be less than or equal to 65535"],
+        ),
+        (
+            ["--rest-port", "70000"],
+            ["--rest-port 70000: Input should be less than or equal to 65535"],
+        ),
+        (["--http-port", "-1"], ["--http-port -1: Input should be greater than or equal to 0"]),
+        (["--workers", "0"], ["--workers 0: Input should be greater than or equal to 1"]),
+        (["--workers", "300"], ["--workers 300: Input should be less than or equal to 256"]),
+        (
+            ["--grpc-port", "-5", "--http-port", "65536"],
+            ["--grpc-port -5: Input should be greater", "--http-port 65536: Input should be less"],
+        ),
+    ],
+)
+def test_serve_validates_flags_as_the_settings_they_override(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], lines: list[str]
+) -> None:
+    """They went around validation: --grpc-port 99999 listened on 34463, --workers 0
+    ran one process."""
+    path = write(tmp_path, server=NO_TLS)
+    assert cli.main(["serve", "--config", str(path), *flags]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == len(lines)
+    for line, expected in zip(err, lines, strict=True):
+        assert line.startswith(f"mandant serve: {expected}")
+
+
+def test_a_flag_that_clashes_with_the_file_names_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, server={**NO_TLS, "internal_http": {"port": 9100}})
+    assert cli.main(["serve", "--config", str(path), "--http-port", "9100"]) == 2
+    assert "(with --http-port)" in capsys.readouterr().err
+
+
+def test_log_levels_are_checked_by_the_parser(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, server=NO_TLS)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve", "--config", str(path), "--log-level", "foo"])
+    assert exited.value.code == 2
+    assert "argument --log-level: invalid choice" in capsys.readouterr().err
+    assert cli.main(["serve", "--config", str(path), "--log-level", "debug"]) == 1  # TLS files
+    assert logging.getLogger().level == logging.DEBUG
+
+
+def test_workers_takes_a_number_or_auto(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--demo", "--workers", "many"])
+    assert "argument --workers: expected a number or 'auto', got 'many'" in capsys.readouterr().err
+
+
+def test_demo_without_a_source_checkout_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An installed package has no examples/: --demo failed with a file error."""
+    monkeypatch.setattr(cli, "DEMO_CONFIG", tmp_path / "examples" / "demo" / "mandant.yaml")
+    assert cli.main(["serve", "--demo"]) == 2
+    err = capsys.readouterr().err
+    assert "--demo needs a source checkout" in err and "--config" in err
+
+
+def test_serve_names_every_missing_tls_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, server=NO_TLS)
+    assert cli.main(["serve", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"server.tls.cert: no such file: {tmp_path / 'gone.crt'}" in err
+    assert f"server.tls.key: no such file: {tmp_path / 'gone.key'}" in err
+
+
+def test_check_config_reports_what_would_not_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said 'ok' for a factory typo, a missing weights file and missing TLS files."""
+    path = write(
+        tmp_path,
+        server=NO_TLS,
+        models=[
+            {**ECHO, "factory": "mandant.demo.models:ecko"},
+            {**ECHO, "name": "other", "factory": "mandant.demo.modelz:echo"},
+            {**ECHO, "name": "weights", "path": "weights.safetensors"},
+            {
+                **ECHO,
+                "name": "built",
+                "path": "built.safetensors",
+                "weights_init": "mandant.demo.models:nope",
+            },
+        ],
+    )
+    assert cli.main(["check-config", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    paths = [line.split(": ", 1)[0].strip() for line in captured.err.splitlines()[1:]]
+    assert paths == [
+        "server.tls.cert",
+        "server.tls.key",
+        "models.0.factory",
+        "models.1.factory",
+        "models.2.path",
+        "models.3.weights_init",
+    ]
+    assert "has no attribute 'ecko'" in captured.err
+    assert "No module named 'mandant.demo.modelz'" in captured.err
+
+
+def test_check_config_warns_of_a_tenant_that_cannot_authenticate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, tenants=[{"id": "t", "api_keys": [hash_key("k")]}, {"id": "mute"}])
+    assert cli.main(["check-config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "ok (2 tenants, 1 models)" in captured.out
+    assert "warning: tenants.1: tenant 'mute' has no api_keys and no client_certs" in captured.err

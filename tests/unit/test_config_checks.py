@@ -1,0 +1,191 @@
+"""What the configuration checks beyond single fields: model names and versions in one
+spelling, every cross-reference problem at once with its own path, keyless tenants,
+command-line server settings, and the files and factories ``check-config`` looks at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mandant.config import parse_config
+from mandant.errors import ConfigError
+from mandant.tenancy.keys import hash_key
+
+IO = {
+    "factory": "m:f",
+    "inputs": [{"name": "IN", "datatype": "FP32", "shape": [-1, 4]}],
+    "outputs": [{"name": "OUT", "datatype": "FP32", "shape": [-1, 4]}],
+}
+KEY_A, KEY_B = hash_key("key-a"), hash_key("key-b")
+
+
+def model(name: str | None = "m", **extra: Any) -> dict[str, Any]:
+    return {"name": name, **IO, **extra} if name is not None else {**IO, **extra}
+
+
+def errors(data: dict[str, Any]) -> list[tuple[str, str]]:
+    with pytest.raises(ConfigError) as refused:
+        parse_config(data)
+    return refused.value.errors
+
+
+@pytest.mark.parametrize("name", ["", "x/y z", "a/b", "-lead", "sp ace", "x" * 129, "ü"])
+def test_a_model_name_is_spelled_like_a_tenant_id(name: str) -> None:
+    """A name REST paths (/v2/models/{name}) and '<tenant>/<name>' can carry; an empty
+    one was '(top level): Assertion failed'."""
+    [(path, message)] = errors({"models": [model(name)]})
+    assert path == "models.0.name"
+    assert "letters, digits" in message
+
+
+def test_a_base_is_spelled_like_a_name() -> None:
+    data = {
+        "tenants": [{"id": "t", "api_keys": [KEY_A]}],
+        "models": [model(base="a b", tenant="t")],
+    }
+    assert [path for path, _ in errors(data)] == ["models.0.base"]
+
+
+def test_names_that_serve_today_still_validate() -> None:
+    names = ["classifier", "echo", "fraud", "m", "slow-lookup", "one.pt", "resnet_50", "A1"]
+    config = parse_config({"models": [model(name) for name in names]})
+    assert [m.model_name for m in config.models] == names
+
+
+@pytest.mark.parametrize("version", [0, "0", "00", -1, "-1", "v2", "1.0", 1.0, True, "", " 1"])
+def test_versions_are_positive_integers(version: object) -> None:
+    [(path, message)] = errors({"models": [model(version=version)]})
+    assert (path, "positive integers" in message) == ("models.0.version", True)
+
+
+def test_a_version_has_one_spelling_so_duplicates_are_caught() -> None:
+    assert parse_config({"models": [model(version="007")]}).models[0].version == "7"
+    found = errors({"models": [model(version=1), model(version="01")]})
+    assert found == [("models.1.version", "model 'm' version 1 is defined twice (also models.0)")]
+
+
+def test_every_cross_reference_problem_is_reported_at_once_with_its_path() -> None:
+    """Each at its own field path; one per run at '(top level)' before."""
+    found = errors(
+        {
+            "server": {"admin_keys": [KEY_B]},
+            "tenants": [
+                {"id": "a", "api_keys": [KEY_A]},
+                {"id": "a", "api_keys": [KEY_A, KEY_B], "models": {"ghost": {}}},
+                {"id": "c", "api_keys": [hash_key("c"), hash_key("c")], "client_certs": ["CN=c"]},
+            ],
+            "models": [
+                model(),
+                model(version="1"),
+                model("p", tenant="nobody"),
+                model(None, tenant="a", base="nothere"),
+                model("v", version=1, version_policy={"latest": 1}),
+                model("v", version=2, version_policy={"all": {}}),
+                model("w", version=2, version_policy={"specific": [3]}),
+            ],
+        }
+    )
+    assert found == [
+        ("tenants.1.id", "tenant ids must be unique: 'a' is also tenants.0"),
+        ("tenants.1.api_keys.0", "an API key hash appears under two tenants (also tenants.0)"),
+        ("tenants.1.api_keys.1", "an admin key hash is also a tenant's API key"),
+        ("tenants.2.api_keys.1", "an API key hash is listed twice"),
+        ("server.tls.client_ca", "tenants' client_certs need server.tls.client_ca"),
+        ("models.1.version", "model 'm' version 1 is defined twice (also models.0)"),
+        ("models.2.tenant", "model 'p': unknown tenant 'nobody'"),
+        ("models.3.base", "model 'nothere' of tenant 'a': base 'nothere' is not a shared model"),
+        (
+            "models.5.version_policy",
+            "model 'v': its entries set different version_policy (see models.4)",
+        ),
+        (
+            "models.6.version_policy.specific",
+            "model 'w': version_policy names version 3, which has no entry",
+        ),
+        ("tenants.1.models.ghost", "tenant 'a': limits for unknown model 'ghost'"),
+    ]
+
+
+def test_a_load_entry_s_reference_problems_name_the_entry() -> None:
+    config = parse_config(
+        {"tenants": [{"id": "t", "api_keys": [KEY_A]}], "models": [model("x"), model("m")]}
+    )
+    with pytest.raises(ConfigError) as refused:
+        config.with_model_entries(
+            "m", '[{"name": "m", "factory": "a:b"}, {"name": "m", "tenant": "u"}]'
+        )
+    assert [path for path, _ in refused.value.errors] == ["1.tenant"]
+
+
+def test_a_tenant_that_cannot_authenticate_is_a_warning() -> None:
+    config = parse_config({"tenants": [{"id": "a", "api_keys": [KEY_A]}, {"id": "b"}]})
+    assert config.warnings() == [
+        (
+            "tenants.1",
+            "tenant 'b' has no api_keys and no client_certs: no call can authenticate as it",
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        ({"grpc_port": 99999}, ("server.grpc_port", "Input should be less than or equal to 65535")),
+        ({"rest_port": 70000}, ("server.rest_port", "Input should be less than or equal to 65535")),
+        ({"http_port": -1}, ("server.http_port", "Input should be greater than or equal to 0")),
+        (
+            {"workers": 0},
+            ("server.workers.constrained-int", "Input should be greater than or equal to 1"),
+        ),
+    ],
+)
+def test_server_settings_changed_are_validated_as_the_file_s(
+    changes: dict[str, object], error: tuple[str, str]
+) -> None:
+    config = parse_config({"server": {"grpc_port": 9001}})
+    with pytest.raises(ConfigError) as refused:
+        config.with_server(changes)
+    assert refused.value.errors[0] == error
+
+
+def test_server_settings_changed_keep_the_file_s() -> None:
+    config = parse_config({"server": {"grpc_port": 9001, "tls": {"cert": "c", "key": "k"}}})
+    changed = config.with_server({"rest_port": 0, "workers": "auto"})
+    assert (changed.server.grpc_port, changed.server.rest_port) == (9001, 0)
+    assert changed.server.workers == "auto" and changed.server.tls == config.server.tls
+
+
+def test_missing_files_names_every_unreadable_file_with_its_path(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("x")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "here.pt").write_text("x")
+    config = parse_config(
+        {
+            "server": {"tls": {"cert": "cert.pem", "key": "key.pem", "client_ca": "models"}},
+            "tenants": [{"id": "t", "api_keys": [KEY_A]}],
+            "models": [
+                model("here", path="here.pt"),
+                model("gone", path="gone.pt"),
+                model("built", path="built.safetensors", weights_init="m:w"),
+                model(
+                    "remote", backend="triton", path="nothing", triton={"url": "u", "model": "r"}
+                ),
+                model(None, tenant="t", base="built", path="own.safetensors"),
+            ],
+        }
+    )
+    assert config.missing_files(tmp_path) == [
+        ("server.tls.key", f"no such file: {tmp_path / 'key.pem'}"),
+        ("server.tls.client_ca", f"not a file: {tmp_path / 'models'}"),
+        ("models.1.path", f"no such file: {tmp_path / 'gone.pt'}"),
+    ]
+    assert config.callable_refs() == [
+        ("models.0.factory", "m:f"),
+        ("models.1.factory", "m:f"),
+        ("models.2.factory", "m:f"),
+        ("models.2.weights_init", "m:w"),
+        ("models.3.factory", "m:f"),
+        ("models.4.factory", "m:f"),
+    ]
