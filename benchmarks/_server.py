@@ -71,6 +71,7 @@ class Served:
     target: str
     http_url: str
     pid: int
+    rest_port: int = 0
 
     def batch_totals(self, model: str) -> tuple[float, float]:
         """(rows, batches) the server has run for ``model`` so far, from the
@@ -132,7 +133,7 @@ def mandant_process(
     config: Path = DEMO_CONFIG, cpus: str | None = "0", env: Mapping[str, str] = {}
 ) -> Iterator[Served]:
     """A running ``mandant serve --config config`` on free ports, pinned to ``cpus``."""
-    port, http_port = free_port(), free_port()
+    port, http_port, rest_port = free_port(), free_port(), free_port()
     command = pinned(
         [
             sys.executable,
@@ -146,14 +147,14 @@ def mandant_process(
             "--http-port",
             str(http_port),
             "--rest-port",
-            str(free_port()),
+            str(rest_port),
             "--log-level",
             "WARNING",
         ],
         cpus,
     )
     with _running(command, port, env) as (target, pid):
-        yield Served(target, f"http://127.0.0.1:{http_port}", pid)
+        yield Served(target, f"http://127.0.0.1:{http_port}", pid, rest_port)
 
 
 @contextmanager

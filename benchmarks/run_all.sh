@@ -56,6 +56,7 @@ bench noisy_neighbour_h4096_b16_flood64 15 benchmarks.noisy_neighbour --hidden 4
 bench noisy_neighbour_h4096_b16_flood64_workers2 15 benchmarks.noisy_neighbour --hidden 4096 --max-batch-size 16 --flood 64 --workers 2 --rounds 3
 bench noisy_neighbour_demo_door16 10 benchmarks.noisy_neighbour --front-door-slots 16
 bench gc_pauses 15 benchmarks.gc_pauses
+bench isolation 6 benchmarks.isolation
 
 if ((${#failed[@]})); then
     echo "FAILED: ${failed[*]} (see $OUT/<name>.stderr)"

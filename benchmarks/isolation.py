@@ -1,0 +1,258 @@
+"""What one tenant can do to another through the server's own work, beyond the model's
+time: two attacks found in review, each measured as the other tenant sees it.
+
+* ``shapes``: a victim's 32 callers send one-row ``[1, 4]`` calls to a model whose cost
+  is per execution (10 ms a batch, ``benchmarks/_models.py``; ``max_batch_size`` 64,
+  fair batching) while an attacker's 2 callers send ``[1, 4]`` (a baseline) or rows of
+  other widths, ``[1, 5]`` and ``[1, 6]``: a batch holds one shape, and the attacker's
+  request of another shape used to close every batch after one request.
+* ``rest-json``: one tenant's REST call of 10⁷ FP32 values (binary in, the answer asked
+  for as JSON, as curl and ``binary_data=False`` do) while another tenant makes a tiny
+  gRPC call every 20 ms: JSON is written on the event loop (and, with ``workers: N``,
+  REST is served by the engine, which every front end waits on).
+
+    .venv/bin/python -m benchmarks.isolation [--workers 1 2] [--seconds 6]
+
+The server runs on core 0 (every process of it with ``workers: 2``), this load
+generator on core 1; one run of each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from benchmarks._load import CLIENT_CPU, KEYS, SERVER_CPU, THREAD_ENV, demo_data, table
+from benchmarks._server import Served, mandant_process, write_config
+from mandant_client import AsyncClient
+from mandant_client._proto import grpc_service_pb2 as pb
+from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+
+ANY_SHAPE: dict[str, Any] = {
+    "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+    "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+}
+PACED: dict[str, Any] = {
+    "name": "paced",
+    "backend": "torch",
+    "factory": "benchmarks._models:paced_echo",
+    "factory_args": {"seconds": 0.01},
+    "batching": {"max_batch_size": 64, "max_queue_delay_ms": 5},
+    **ANY_SHAPE,
+}
+ECHO: dict[str, Any] = {
+    "name": "echo",
+    "backend": "torch",
+    "factory": "mandant.demo.models:echo",
+    **ANY_SHAPE,
+}
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))] * 1000 if ordered else float("nan")
+
+
+# -- shapes -------------------------------------------------------------------------------
+
+
+async def _callers(
+    client: AsyncClient, shape: Callable[[int], tuple[int, int]], latencies: list[float],
+    stop: asyncio.Event,
+) -> None:  # fmt: skip
+    calls = 0
+    while not stop.is_set():
+        x = np.ones(shape(calls), np.float32)
+        calls += 1
+        start = time.perf_counter()
+        await client.infer("paced", {"INPUT0": x})
+        latencies.append(time.perf_counter() - start)
+
+
+async def _shapes_phase(
+    served: Served, attacker: Callable[[int], tuple[int, int]] | None, seconds: float,
+    warmup_s: float,
+) -> list[object]:  # fmt: skip
+    stop = asyncio.Event()
+    victim_latencies: list[float] = []
+    attacker_latencies: list[float] = []
+    async with (
+        AsyncClient(served.target, KEYS["acme"]) as victim,
+        AsyncClient(served.target, KEYS["globex"]) as other,
+    ):
+        tasks = [
+            asyncio.create_task(_callers(victim, lambda _: (1, 4), victim_latencies, stop))
+            for _ in range(32)
+        ]
+        if attacker is not None:
+            tasks += [
+                asyncio.create_task(_callers(other, attacker, attacker_latencies, stop))
+                for _ in range(2)
+            ]
+        await asyncio.sleep(warmup_s)
+        victim_latencies.clear()
+        attacker_latencies.clear()
+        rows_before, batches_before = served.batch_totals("paced")
+        await asyncio.sleep(seconds)
+        rows, batches = served.batch_totals("paced")
+        stop.set()
+        await asyncio.gather(*tasks)
+    mean_batch = (rows - rows_before) / max(1.0, batches - batches_before)
+    return [
+        f"{len(victim_latencies) / seconds:,.0f}",
+        f"{_percentile(victim_latencies, 0.5):.1f}",
+        f"{_percentile(victim_latencies, 0.99):.1f}",
+        f"{len(attacker_latencies) / seconds:,.0f}",
+        f"{mean_batch:.1f}",
+    ]
+
+
+def shapes(workers: int, seconds: float, warmup_s: float) -> list[list[object]]:
+    config = write_config(_config(PACED, workers))
+    rows: list[list[object]] = []
+    with mandant_process(config, SERVER_CPU, THREAD_ENV) as served:
+        for label, attacker in (
+            ("alone", None),
+            ("attacker, same shape [1, 4]", lambda _: (1, 4)),
+            ("attacker, shapes [1, 5] / [1, 6]", lambda n: (1, 5 + n % 2)),
+        ):
+            rows.append(
+                [workers, label, *asyncio.run(_shapes_phase(served, attacker, seconds, warmup_s))]
+            )
+    return rows
+
+
+# -- rest-json -----------------------------------------------------------------------------
+
+
+def _big_rest_call(rest_port: int, values: int) -> tuple[int, float]:
+    """acme's REST echo of ``values`` FP32, binary in, the answer as JSON."""
+    head = json.dumps(
+        {"inputs": [{"name": "INPUT0", "shape": [1, values], "datatype": "FP32",
+                     "parameters": {"binary_data_size": 4 * values}}]}
+    ).encode()  # fmt: skip
+    # Random values: their JSON is as long as a real model's answer (17 digits each).
+    body = head + np.random.default_rng(0).random(values, dtype=np.float32).tobytes()
+    connection = http.client.HTTPConnection("127.0.0.1", rest_port, timeout=600)
+    start = time.perf_counter()
+    connection.request(
+        "POST",
+        "/v2/models/echo/infer",
+        body=body,
+        headers={
+            "Authorization": f"Bearer {KEYS['acme']}",
+            "Inference-Header-Content-Length": str(len(head)),
+        },
+    )
+    answer = connection.getresponse()
+    answer.read()
+    connection.close()
+    return answer.status, time.perf_counter() - start
+
+
+async def _tiny_calls(target: str, stop: asyncio.Event) -> tuple[list[float], int]:
+    """globex: a one-value gRPC echo every 20 ms until ``stop``; latencies, errors."""
+    request = pb.ModelInferRequest(model_name="echo")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 1])
+    request.raw_input_contents.append(bytes(4))
+    metadata = (("authorization", f"Bearer {KEYS['globex']}"),)
+    latencies: list[float] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while not stop.is_set():
+            start = time.perf_counter()
+            try:
+                await stub.ModelInfer(request, metadata=metadata, timeout=60)
+                latencies.append(time.perf_counter() - start)
+            except grpc.aio.AioRpcError:
+                errors += 1
+            await asyncio.sleep(0.02)
+    return latencies, errors
+
+
+async def _rest_phase(
+    served: Served, values: int | None, seconds: float, warmup_s: float
+) -> list[object]:
+    stop = asyncio.Event()
+    tiny = asyncio.create_task(_tiny_calls(served.target, stop))
+    await asyncio.sleep(warmup_s)
+    status, took = "", ""
+    if values is None:
+        await asyncio.sleep(seconds)
+    else:
+        code, elapsed = await asyncio.to_thread(_big_rest_call, served.rest_port, values)
+        status, took = str(code), f"{elapsed:.1f}"
+        await asyncio.sleep(1.0)
+    stop.set()
+    latencies, errors = await tiny
+    return [
+        status,
+        took,
+        len(latencies),
+        f"{_percentile(latencies, 0.5):.1f}",
+        f"{max(latencies) * 1000:.0f}" if latencies else "",
+        errors,
+    ]
+
+
+def rest_json(workers: int, seconds: float, warmup_s: float, values: int) -> list[list[object]]:
+    config = write_config(_config(ECHO, workers))
+    rows: list[list[object]] = []
+    with mandant_process(config, SERVER_CPU, THREAD_ENV) as served:
+        for label, size in (("alone", None), (f"beside a {values:.0e}-value JSON answer", values)):
+            rows.append(
+                [workers, label, *asyncio.run(_rest_phase(served, size, seconds, warmup_s))]
+            )
+    return rows
+
+
+def _config(model: dict[str, Any], workers: int) -> dict[str, Any]:
+    data = demo_data([model])
+    data["server"] = {**data["server"], "workers": workers}
+    return data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--values", type=int, default=10_000_000)
+    args = parser.parse_args()
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {CLIENT_CPU})
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    shape_rows = [
+        row for workers in args.workers for row in shapes(workers, args.seconds, args.warmup)
+    ]
+    print("\nshapes: victim (32 callers, [1, 4]) on a model of 10 ms per batch, max 64 rows")
+    print(table(
+        ["workers", "phase", "victim calls/s", "p50 ms", "p99 ms", "attacker calls/s",
+         "mean batch"],
+        shape_rows,
+    ))  # fmt: skip
+    rest_rows = [
+        row
+        for workers in args.workers
+        for row in rest_json(workers, args.seconds, args.warmup, args.values)
+    ]
+    print("\nrest-json: globex's tiny gRPC calls (one per 20 ms) while acme's REST call runs")
+    print(table(
+        ["workers", "phase", "REST status", "REST s", "tiny calls", "p50 ms", "worst ms",
+         "failed"],
+        rest_rows,
+    ))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
