@@ -552,7 +552,7 @@ def test_a_body_over_max_message_bytes_is_413(server: Server) -> None:
 def test_a_json_part_over_max_json_bytes_is_413_and_binary_data_is_not_bounded(
     server: Server,
 ) -> None:
-    """JSON is parsed on the event loop: beyond ``max_json_bytes`` it is refused unread
+    """JSON is parsed on the event loop: beyond ``max_json_bytes`` it is refused unparsed
     (a 40 MB JSON body stalled every other call for seconds); the same tensor as binary
     data is served."""
     values = [0.5] * (MAX_JSON // 4)

@@ -168,9 +168,9 @@ async def test_a_turn_of_calls_is_cut_into_messages_the_length_prefix_can_hold(
     """A front end gathers one loop turn's calls into one message, but sends it once
     their tensors reach MAX_GATHERED_BYTES (the prefix is a u32: 65 calls of 64 MiB
     in one turn overflowed it, and none of that turn's calls was ever answered)."""
-    from mandant.workers import engine_link
+    from mandant.workers import engine_link, framing
 
-    monkeypatch.setattr(engine_link, "MAX_GATHERED_BYTES", 1000)
+    monkeypatch.setattr(framing, "MAX_GATHERED_BYTES", 1000)  # both ends' Gathered
     connection = engine_link._Connection(cast(Any, None))
     written = _Written()
     connection.connection_made(cast(Any, written))

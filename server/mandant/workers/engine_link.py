@@ -38,7 +38,7 @@ from mandant.types import (
     TensorSpec,
 )
 from mandant.workers import ipc
-from mandant.workers.framing import MAX_GATHERED_BYTES, Buffer, MessageReader, encode
+from mandant.workers.framing import Buffer, Gathered, MessageReader, encode
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +198,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, asyncio.Future[Answer]] = {}
         self._requests: list[object] = []
-        self._frames: list[Buffer] = []
-        self._frame_bytes = 0  # in ``_frames``
+        self._frames = Gathered()
         self._cancels: list[int] = []
         self._events: list[list[object]] = []
         self._flushing = False
@@ -248,9 +247,7 @@ class _Connection(asyncio.BufferedProtocol):
         future: asyncio.Future[Answer] = self._loop.create_future()
         self._pending[header.rid] = future
         self._requests.append(header.pack())
-        self._frames.extend(frames)
-        self._frame_bytes += sum(map(len, frames))
-        if self._frame_bytes >= MAX_GATHERED_BYTES:
+        if self._frames.add(frames):
             self._flush()
         else:
             self._schedule_flush()
@@ -289,9 +286,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._events_timer.cancel()
             self._events_timer = None
         payload = [self._requests, self._cancels, self._events]
-        frames = self._frames
-        self._requests, self._cancels, self._events, self._frames = [], [], [], []
-        self._frame_bytes = 0
+        frames = self._frames.take()
+        self._requests, self._cancels, self._events = [], [], []
         if self._transport is not None and any(payload):
             self._transport.writelines(encode(ipc.CALLS, payload, frames))
 

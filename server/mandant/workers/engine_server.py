@@ -28,7 +28,7 @@ from mandant.events import Observer
 from mandant.service import MAX_REQUEST_ID_BYTES, DataPlane
 from mandant.types import Call, Tenant
 from mandant.workers import ipc
-from mandant.workers.framing import MAX_GATHERED_BYTES, Buffer, MessageReader, encode
+from mandant.workers.framing import Buffer, Gathered, MessageReader, encode
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,7 @@ class _FrontEnd(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self.tasks: dict[int, tuple[asyncio.Task[None], Call, ipc.RequestHeader]] = {}
         self._answers: list[list[object]] = []
-        self._frames: list[Buffer] = []
-        self._frame_bytes = 0  # in ``_frames``
+        self._frames = Gathered()
         self._flushing = False
         self._loop = asyncio.get_running_loop()
         self.accepting = False  # its gRPC port accepts calls (its pings say)
@@ -216,9 +215,7 @@ class _FrontEnd(asyncio.BufferedProtocol):
 
     def _answer(self, answer: list[object], frames: list[Buffer]) -> None:
         self._answers.append(answer)
-        self._frames.extend(frames)
-        self._frame_bytes += sum(map(len, frames))
-        if self._frame_bytes >= MAX_GATHERED_BYTES:
+        if self._frames.add(frames):
             self._flush()
         elif not self._flushing:
             self._flushing = True
@@ -228,8 +225,7 @@ class _FrontEnd(asyncio.BufferedProtocol):
         """This loop turn's answers, in one message."""
         self._flushing = False
         answers, self._answers = self._answers, []
-        frames, self._frames = self._frames, []
-        self._frame_bytes = 0
+        frames = self._frames.take()
         if self._transport is not None and answers:
             self._transport.writelines(encode(ipc.ANSWERS, answers, frames))
 

@@ -51,6 +51,28 @@ def encode(kind: int, payload: object, frames: Sequence[Buffer] = ()) -> list[Bu
     return [PREFIX.pack(len(header) + sum(lengths), len(header)), header, *frames]
 
 
+class Gathered:
+    """The frames of the next message a sender gathers over one loop turn, and whether
+    it is full (:data:`MAX_GATHERED_BYTES`: then it is sent at once)."""
+
+    __slots__ = ("bytes", "frames")
+
+    def __init__(self) -> None:
+        self.frames: list[Buffer] = []
+        self.bytes = 0
+
+    def add(self, frames: Sequence[Buffer]) -> bool:
+        """Gather ``frames``; whether the message is full now."""
+        self.frames.extend(frames)
+        self.bytes += sum(map(len, frames))
+        return self.bytes >= MAX_GATHERED_BYTES
+
+    def take(self) -> list[Buffer]:
+        """The frames gathered, and start again."""
+        frames, self.frames, self.bytes = self.frames, [], 0
+        return frames
+
+
 Deliver = Callable[[int, Any, list[memoryview]], None]
 
 
