@@ -13,7 +13,7 @@ import torch
 
 from mandant.backends.base import Backend
 from mandant.backends.torch import ModelLoadError, TorchBackend
-from mandant.config import ModelSpec
+from mandant.config import BatchingConfig, ModelSpec
 from mandant.demo import models
 from mandant.errors import InvalidInput, Unavailable
 from mandant.types import DATATYPES, TensorSpec
@@ -282,6 +282,40 @@ async def test_an_output_of_another_shape_is_unavailable(caplog: pytest.LogCaptu
     spec = make_spec(factory="mandant.demo.models:classifier", outputs=(out,))
     message = await _mismatched(spec, {"INPUT0": features(2)}, caplog)
     assert "shape [2, 16] where [-1, 10] is declared" in message
+
+
+async def test_integer_labels_and_masks_go_out_as_any_integer_or_bool() -> None:
+    """An argmax's int64 declared UINT8 and a uint8 mask declared BOOL are served, as
+    they were (a same-kind cast rule refused signed as unsigned)."""
+    spec = make_spec(
+        factory=f"{HELPERS}:labels",
+        inputs=(TensorSpec("X", "FP32", (-1, 3)),),
+        outputs=(
+            TensorSpec("LABEL", "UINT8", (-1,)),
+            TensorSpec("MASK", "BOOL", (-1,)),
+            TensorSpec("TOTAL", "FP32", ()),
+        ),
+    )
+    x = np.array([[0.0, 2.0, 1.0], [-1.0, 0.0, 5.0]], np.float32)
+    out = await run_once(spec, {"X": x})
+    assert out["LABEL"].tolist() == [1, 2] and out["MASK"].tolist() == [0, 0]
+
+
+async def test_a_batched_model_s_scalar_output_is_unavailable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A batched model's output must have rows; a scalar was an IndexError."""
+    spec = make_spec(
+        factory=f"{HELPERS}:labels",
+        inputs=(TensorSpec("X", "FP32", (-1, 3)),),
+        outputs=(
+            TensorSpec("LABEL", "INT64", (-1,)),
+            TensorSpec("MASK", "UINT8", (-1,)),
+            TensorSpec("TOTAL", "FP32", ()),
+        ),
+    ).model_copy(update={"batching": BatchingConfig(max_batch_size=8)})
+    message = await _mismatched(spec, {"X": np.ones((2, 3), np.float32)}, caplog)
+    assert "no rows (a scalar)" in message
 
 
 async def test_an_output_that_widens_to_its_datatype_is_sent() -> None:

@@ -163,3 +163,14 @@ def cyclic(made: list[weakref.ref[nn.Module]]) -> nn.Module:
     module = _Cyclic()
     made.append(weakref.ref(module))
     return module
+
+
+class Labels(nn.Module):
+    """An argmax (int64 labels) and a 0/1 mask (uint8) per row; and a scalar."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return x.argmax(dim=1), (x[:, 0] > 0).to(torch.uint8), x.sum()
+
+
+def labels() -> nn.Module:
+    return Labels()

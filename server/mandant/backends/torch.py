@@ -231,8 +231,9 @@ class TorchBackend:
             shape = array.shape
             if not spec.accepts(shape):
                 self._mismatch(spec.name, "shape", f"shape {list(shape)}", str(list(spec.shape)))
-            elif batched and shape[0] != rows:
-                self._mismatch(spec.name, "rows", f"{shape[0]} rows", f"{rows} (the batch's)")
+            elif batched and (not shape or shape[0] != rows):
+                got = f"{shape[0]} rows" if shape else "no rows (a scalar)"
+                self._mismatch(spec.name, "rows", got, f"{rows} (the batch's)")
             elif not _casts(array.dtype, spec.datatype):
                 self._mismatch(spec.name, "datatype", str(array.dtype), spec.datatype)
 
@@ -470,13 +471,18 @@ def _to_numpy(model: str, name: str, value: object) -> np.ndarray:
     raise _not_an_output(model, name, value)
 
 
+#: The kinds of numpy arrays each declared kind takes (the codec casts them): integers
+#: and booleans as any integer or BOOL (an argmax's int64 as UINT8, a 0/1 mask as
+#: BOOL), those and floats as a float; never a float as an integer (a float model
+#: declared INT32 answered zeros), nor text as a number.
+_TAKES = {"b": "biu", "i": "biu", "u": "biu", "f": "biuf"}
+
+
 def _casts(dtype: np.dtype, datatype: str) -> bool:
-    """Whether an output of ``dtype`` may go out as ``datatype`` (the codec casts it):
-    within its kind or to a wider one (int64 as FP32, float64 as FP32), never a float
-    as an integer or anything as BOOL."""
+    """Whether an output of ``dtype`` may go out as ``datatype``."""
     if datatype == "BYTES":
         return dtype.kind in "OSU"
-    return bool(np.can_cast(dtype, DATATYPES[datatype], casting="same_kind"))
+    return dtype.kind in _TAKES[DATATYPES[datatype].kind]
 
 
 def _not_an_output(model: str, name: str, value: object) -> RuntimeError:
