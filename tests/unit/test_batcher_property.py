@@ -51,7 +51,7 @@ submits = st.tuples(
     st.just("submit"),
     st.integers(0, len(TENANTS) - 1),
     st.integers(1, 8),  # rows (clipped to max_batch_size)
-    st.sampled_from([2, 3]),  # width: two shape groups
+    st.sampled_from([2, 3, 4]),  # width: three shape groups
     st.none() | st.floats(0.0, 0.02),  # deadline, seconds from now
     st.integers(0, 3),  # priority
     st.integers(0, 9).map(lambda n: n == 0),  # poisoned: the model raises on it

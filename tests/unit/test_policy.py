@@ -130,6 +130,41 @@ def test_another_tenant_s_shape_does_not_break_up_a_tenant_s_batches() -> None:
     assert sum(1 for b in served for i in b if i.tenant == "attacker") >= 1
 
 
+def _saturated(
+    tenants: dict[str, tuple[object, float]], batches: int, room: int = 16
+) -> Counter[str]:
+    """Rows served per tenant over ``batches`` batches, each tenant (its group, its
+    weight) kept backlogged with one-row requests."""
+    queue: FairQueue[Item] = FairQueue()
+    served: Counter[str] = Counter()
+    for _ in range(batches):
+        for tenant, (group, weight) in tenants.items():
+            while queue.rows_of(tenant) < 64:
+                queue.push(Item(tenant, weight=weight, group=group))
+        batch = queue.take(room)
+        assert len({i.group for i in batch}) == 1 and len(batch) == room
+        served.update(rows_by_tenant(batch))
+    return served
+
+
+def test_three_groups_backlogged_share_alike() -> None:
+    """Three tenants of three shapes: moving the one passed over to the front of the
+    ring left the third behind two that passed the lead to each other (0 rows in 300
+    batches)."""
+    served = _saturated({"a": ((4,), 1), "b": ((5,), 1), "c": ((6,), 1)}, 300)
+    assert served["a"] == served["b"] == served["c"] == 1600
+
+
+def test_weights_hold_across_groups() -> None:
+    """Rows by weight whatever the shapes: 10 tenants of one shape and one of another
+    get a row in 11 each (the lone shape took half); weights 1 and 3 on two shapes
+    get 1:3 (they got 1:1)."""
+    served = _saturated({**{f"v{n}": ((4,), 1) for n in range(10)}, "odd": ((5,), 1)}, 440)
+    assert max(served.values()) - min(served.values()) <= 16, served
+    served = _saturated({"light": ((4,), 1), "heavy": ((5,), 3)}, 200)
+    assert served["heavy"] == pytest.approx(3 * served["light"], rel=0.05), served
+
+
 def test_a_tenant_passed_over_for_its_shape_leads_the_next_batch() -> None:
     """However many same-shape requests the others keep queued, the tenant whose
     request was passed over for its shape is served by the next batch."""

@@ -19,10 +19,12 @@ dimensions): the first request taken decides it. When the request next in line
 cannot join for its size (more rows than the room left), the batch closes there and
 that request leads the next one — so no request is passed over forever. In
 :class:`FairQueue` a tenant whose next request is of another group is passed over
-for this batch, keeping its credit, and the batch goes on filling from the other
-tenants; the first one passed over leads the next batch, and earns no more credit
-meanwhile (one tenant's request of another shape, always queued, used to close every
-batch after one request: another tenant's 64 one-row calls went out one per batch).
+for this batch, and the batch goes on filling from the other tenants; it keeps the
+credit of its turns meanwhile (a round is a round for everyone), and the next batch
+starts at the tenant passed over that is owed most, so shares stay by weight across
+groups and nobody is passed over for ever (one tenant's request of another shape,
+always queued, used to close every batch after one request: another tenant's 64
+one-row calls went out one per batch).
 """
 
 from __future__ import annotations
@@ -235,7 +237,6 @@ class FairQueue(Generic[Q]):
         group: Hashable = _ANY
         idle = 0  # turns since something was taken
         passed: set[str] = set()  # tenants passed over for another group this batch
-        leader: str | None = None  # the first of them: it leads the next batch
         ring = self._ring
         while room > 0 and ring:
             if idle >= len(ring):
@@ -244,10 +245,6 @@ class FairQueue(Generic[Q]):
                 self._skip_idle_rounds(passed)
                 idle = 0
             tenant = ring[0]
-            if tenant in passed:  # it waits for the next batch, earning nothing more
-                self._end_turn()
-                idle += 1
-                continue
             queue = self._queues[tenant]
             head = queue.head()
             if not self._granted:
@@ -258,10 +255,9 @@ class FairQueue(Generic[Q]):
                 idle += 1
                 continue
             if batch and head.group != group:
-                leader = leader or tenant  # entitled, but of another group: it keeps
-                passed.add(tenant)  # its credit, the others go on filling this batch
-                self._end_turn()
-                idle += 1
+                passed.add(tenant)  # entitled, but of another group: it keeps its turn's
+                self._end_turn()  # credit (and each later one's) while the others
+                idle += 1  # go on filling this batch
                 continue
             if batch and head.rows > room:
                 break  # entitled but cannot join: it leads the next batch
@@ -275,8 +271,8 @@ class FairQueue(Generic[Q]):
             idle = 0
             if not queue:
                 self._leave(tenant)
-        if leader is not None and leader in self._queues:
-            self._lead(leader)
+        if passed:
+            self._lead(passed)
         return batch
 
     def _take_alone(self, room: int) -> list[Q]:
@@ -299,12 +295,14 @@ class FairQueue(Generic[Q]):
         self._ring.rotate(-1)
         self._granted = False
 
-    def _lead(self, tenant: str) -> None:
-        """``tenant`` has the next turn, with the credit it holds (granted already);
-        the others keep their order after it."""
-        if self._ring[0] != tenant:
-            self._ring.remove(tenant)
-            self._ring.appendleft(tenant)
+    def _lead(self, passed: Collection[str]) -> None:
+        """The next batch starts at the tenant owed most (credit per weight) of those
+        ``passed`` over for their group, its turn's credit granted already; the ring
+        keeps its order (a tenant moved to the front would leave a third one behind
+        two that pass the lead to each other)."""
+        deficit, weights = self._deficit, self._weights
+        owed = max((t for t in self._ring if t in passed), key=lambda t: deficit[t] / weights[t])
+        self._ring.rotate(-self._ring.index(owed))
         self._granted = True
 
     def _leave(self, tenant: str) -> None:
@@ -320,8 +318,8 @@ class FairQueue(Generic[Q]):
     def _skip_idle_rounds(self, passed: Collection[str] = ()) -> None:
         """A whole round passed with nobody able to send: credit every tenant with
         the rounds it takes until the first one can, less the one about to run. The
-        tenants ``passed`` over for their group do not count: they could send, but not
-        into this batch."""
+        tenants ``passed`` over for their group do not decide it (they could send, but
+        not into this batch); they are credited all the same."""
         rounds = min(
             math.ceil(
                 (self._queues[t].head().rows - self._deficit[t])
@@ -332,8 +330,7 @@ class FairQueue(Generic[Q]):
         )
         if rounds > 1:
             for t in self._ring:
-                if t not in passed:
-                    self._deficit[t] += (rounds - 1) * self._quantum * self._weights[t]
+                self._deficit[t] += (rounds - 1) * self._quantum * self._weights[t]
 
 
 class FifoQueue(Generic[Q]):
