@@ -4,8 +4,9 @@ time: two attacks found in review, each measured as the other tenant sees it.
 * ``shapes``: a victim's 32 callers send one-row ``[1, 4]`` calls to a model whose cost
   is per execution (10 ms a batch, ``benchmarks/_models.py``; ``max_batch_size`` 64,
   fair batching) while an attacker's 2 callers send ``[1, 4]`` (a baseline) or rows of
-  other widths, ``[1, 5]`` and ``[1, 6]``: a batch holds one shape, and the attacker's
-  request of another shape used to close every batch after one request.
+  other widths, ``[1, 5]`` and ``[1, 6]`` (one attacker alternating, or two tenants
+  of one width each): a batch holds one shape, and the attacker's request of another
+  shape used to close every batch after one request.
 * ``rest-json``: one tenant's REST call of 10⁷ FP32 values (binary in, the answer asked
   for as JSON, as curl and ``binary_data=False`` do) while another tenant makes a tiny
   gRPC call every 20 ms: JSON is written on the event loop (and, with ``workers: N``,
@@ -78,24 +79,26 @@ async def _callers(
         latencies.append(time.perf_counter() - start)
 
 
+Shape = Callable[[int], tuple[int, int]]
+
+
 async def _shapes_phase(
-    served: Served, attacker: Callable[[int], tuple[int, int]] | None, seconds: float,
-    warmup_s: float,
-) -> list[object]:  # fmt: skip
+    served: Served, attackers: Sequence[tuple[str, Shape]], seconds: float, warmup_s: float
+) -> list[object]:
+    """The victim's figures while ``attackers`` (tenant, shape of its n-th call) run 2
+    callers each; the attackers' calls/s together; the mean batch."""
     stop = asyncio.Event()
     victim_latencies: list[float] = []
     attacker_latencies: list[float] = []
-    async with (
-        AsyncClient(served.target, KEYS["acme"]) as victim,
-        AsyncClient(served.target, KEYS["globex"]) as other,
-    ):
+    clients = [AsyncClient(served.target, KEYS[tenant]) for tenant, _ in attackers]
+    async with AsyncClient(served.target, KEYS["acme"]) as victim:
         tasks = [
             asyncio.create_task(_callers(victim, lambda _: (1, 4), victim_latencies, stop))
             for _ in range(32)
         ]
-        if attacker is not None:
+        for client, (_, shape) in zip(clients, attackers, strict=True):
             tasks += [
-                asyncio.create_task(_callers(other, attacker, attacker_latencies, stop))
+                asyncio.create_task(_callers(client, shape, attacker_latencies, stop))
                 for _ in range(2)
             ]
         await asyncio.sleep(warmup_s)
@@ -106,6 +109,8 @@ async def _shapes_phase(
         rows, batches = served.batch_totals("paced")
         stop.set()
         await asyncio.gather(*tasks)
+    for client in clients:
+        await client.close()
     mean_batch = (rows - rows_before) / max(1.0, batches - batches_before)
     return [
         f"{len(victim_latencies) / seconds:,.0f}",
@@ -116,18 +121,22 @@ async def _shapes_phase(
     ]
 
 
+SHAPE_PHASES: list[tuple[str, list[tuple[str, Shape]]]] = [
+    ("alone", []),
+    ("attacker, same shape [1, 4]", [("globex", lambda _: (1, 4))]),
+    ("attacker, shapes [1, 5] / [1, 6]", [("globex", lambda n: (1, 5 + n % 2))]),
+    ("two attackers, [1, 5] and [1, 6]", [("globex", lambda _: (1, 5)),
+                                          ("initech", lambda _: (1, 6))]),
+]  # fmt: skip
+
+
 def shapes(workers: int, seconds: float, warmup_s: float) -> list[list[object]]:
     config = write_config(_config(PACED, workers))
     rows: list[list[object]] = []
     with mandant_process(config, SERVER_CPU, THREAD_ENV) as served:
-        for label, attacker in (
-            ("alone", None),
-            ("attacker, same shape [1, 4]", lambda _: (1, 4)),
-            ("attacker, shapes [1, 5] / [1, 6]", lambda n: (1, 5 + n % 2)),
-        ):
-            rows.append(
-                [workers, label, *asyncio.run(_shapes_phase(served, attacker, seconds, warmup_s))]
-            )
+        for label, attackers in SHAPE_PHASES:
+            figures = asyncio.run(_shapes_phase(served, attackers, seconds, warmup_s))
+            rows.append([workers, label, *figures])
     return rows
 
 
