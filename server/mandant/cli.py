@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
-import importlib
 import logging
 import os
 import signal
@@ -336,18 +334,15 @@ def _field_order(error: tuple[str, str]) -> list[tuple[int, str]]:
 def _import_problems(config: MandantConfig) -> list[tuple[str, str]]:
     """Each ``factory`` / ``weights_init`` whose module does not import or has no such
     callable, as (field path, reason)."""
+    from mandant.backends.base import import_ref  # what a model's start does with it
+
     problems = []
     for where, ref in config.callable_refs():
-        module_name, _, attributes = ref.partition(":")
         try:
-            target = importlib.import_module(module_name)
-            target = functools.reduce(getattr, attributes.split("."), target)
+            import_ref(ref)
         except Exception as exc:  # the module's own code runs: anything may escape it
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            problems.append((where, f"cannot import {ref!r}: {reason}"))
-            continue
-        if not callable(target):
-            problems.append((where, f"{ref!r} is not callable"))
+            problems.append((where, f"cannot use {ref!r}: {reason}"))
     return problems
 
 

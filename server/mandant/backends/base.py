@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol, runtime_checkable
+import functools
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -61,3 +63,14 @@ class DescribesModel(Protocol):
 
     @property
     def spec(self) -> ModelSpec: ...
+
+
+def import_ref(ref: str) -> Callable[..., Any]:
+    """The callable a ``module:attribute`` reference names (a model's ``factory`` or
+    ``weights_init``); ImportError, AttributeError or TypeError (not callable)."""
+    module_name, _, attr_path = ref.partition(":")
+    target: Any = importlib.import_module(module_name)
+    target = functools.reduce(getattr, attr_path.split("."), target)
+    if not callable(target):
+        raise TypeError(f"{ref!r} is not callable")
+    return target  # type: ignore[no-any-return]

@@ -4,30 +4,18 @@ TorchScript files are loaded by the backend itself (``torch.jit.load``)."""
 
 from __future__ import annotations
 
-import functools
-import importlib
 import logging
 import os
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
+from mandant.backends.base import import_ref
 from mandant.config import ModelSpec
 
 logger = logging.getLogger(__name__)
-
-
-def import_ref(ref: str) -> Callable[..., Any]:
-    module_name, _, attr_path = ref.partition(":")
-    target: Any = importlib.import_module(module_name)
-    target = functools.reduce(getattr, attr_path.split("."), target)
-    if not callable(target):
-        raise TypeError(f"{ref!r} is not callable")
-    return target  # type: ignore[no-any-return]
 
 
 def init_weights(spec: ModelSpec) -> None:
