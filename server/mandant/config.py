@@ -26,6 +26,8 @@ from mandant.types import DATATYPES, TensorSpec
 
 logger = logging.getLogger(__name__)
 
+# Patterns a whole value must match (``fullmatch``: with ``match``, ``$`` let a final
+# newline through: "acme\n" was a second tenant that looked like acme).
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _DIGITS = re.compile(r"^[0-9]{1,18}$")
@@ -51,7 +53,7 @@ class _Frozen(BaseModel):
 
 def _hashes_only(keys: tuple[str, ...]) -> tuple[str, ...]:
     for key in keys:
-        if not _KEY_HASH.match(key):
+        if not _KEY_HASH.fullmatch(key):
             raise ValueError(
                 "API keys are stored as 'sha256:<64 hex digits>' only; "
                 "`mandant keygen` prints a key and its hash"
@@ -296,7 +298,7 @@ class TenantConfig(_Frozen):
     @field_validator("id")
     @classmethod
     def _id(cls, value: str) -> str:
-        if not _NAME.match(value):
+        if not _NAME.fullmatch(value):
             raise ValueError("must be 1-128 letters, digits, '_', '.', '-'")
         return value
 
@@ -479,7 +481,7 @@ class ModelConfig(_Frozen):
     @field_validator("name", "base")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
-        if value is not None and not _NAME.match(value):
+        if value is not None and not _NAME.fullmatch(value):
             raise ValueError(
                 "must be 1-128 letters, digits, '_', '.', '-' (a model name is part of "
                 "REST paths and of '<tenant>/<name>')"
@@ -492,7 +494,7 @@ class ModelConfig(_Frozen):
         """One spelling per version (``01`` and ``1`` are version 1), so that a
         version defined twice is caught."""
         text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-        if not isinstance(text, str) or not _DIGITS.match(text) or int(text) < 1:
+        if not isinstance(text, str) or not _DIGITS.fullmatch(text) or int(text) < 1:
             raise ValueError("versions are positive integers (1, 2, …; at most 18 digits)")
         return str(int(text))
 
@@ -865,7 +867,7 @@ def check_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
         raise ValueError("expected at least one device")
     spelled = []
     for device in devices:
-        match = _DEVICE.match(device)
+        match = _DEVICE.fullmatch(device)
         if match is None:
             raise ValueError("expected auto, cpu, cuda or cuda:N")
         spelled.append(device if match.group(2) is None else f"cuda:{int(match.group(2))}")
@@ -879,7 +881,7 @@ def check_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
 
 def gpu_index(device: str) -> int | None:
     """``N`` of ``cuda:N``; None for any other device."""
-    match = _DEVICE.match(device)
+    match = _DEVICE.fullmatch(device)
     return None if match is None or match.group(2) is None else int(match.group(2))
 
 
@@ -923,7 +925,7 @@ def _expand_text(text: str, env: Mapping[str, str]) -> str:
         escaped, name = match.group(1), match.group(2)
         if escaped:
             return "${" + name + "}"
-        if not _ENV_NAME.match(name):
+        if not _ENV_NAME.fullmatch(name):
             raise ValueError(f"'${{{name[:64]}}}' is not a variable reference (letters, digits, _)")
         if name not in env:
             raise ValueError(f"environment variable {name} is not set")

@@ -31,13 +31,22 @@ def errors(data: dict[str, Any]) -> list[tuple[str, str]]:
     return refused.value.errors
 
 
-@pytest.mark.parametrize("name", ["", "x/y z", "a/b", "-lead", "sp ace", "x" * 129, "ü"])
+@pytest.mark.parametrize("name", ["", "x/y z", "a/b", "-lead", "sp ace", "x" * 129, "ü", "echo\n"])
 def test_a_model_name_is_spelled_like_a_tenant_id(name: str) -> None:
     """A name REST paths (/v2/models/{name}) and '<tenant>/<name>' can carry; an empty
     one was '(top level): Assertion failed'."""
     [(path, message)] = errors({"models": [model(name)]})
     assert path == "models.0.name"
     assert "letters, digits" in message
+
+
+def test_a_final_newline_is_not_part_of_a_name_or_a_key_hash() -> None:
+    """``$`` matches before a final newline: "acme\n" was a second tenant that looked
+    like acme on the dashboard, a key hash with one never matched any key."""
+    [(path, _)] = errors({"tenants": [{"id": "acme\n", "api_keys": [KEY_A]}]})
+    assert path == "tenants.0.id"
+    [(path, _)] = errors({"tenants": [{"id": "acme", "api_keys": [KEY_A + "\n"]}]})
+    assert path == "tenants.0.api_keys"
 
 
 def test_a_base_is_spelled_like_a_name() -> None:
