@@ -153,7 +153,7 @@ class App:
             specs,
             lambda spec: make_backend(spec, self.channels, compute_nice),
             lambda spec, backend: make_scheduler(
-                spec, backend, self.stats.observe(self.observer, spec.version)
+                spec, backend, self.stats.observe(self.observer, spec.version, spec.tenant or "")
             ),
             spec_source=self._model_specs,
             on_failure=lambda key, reason: failures.labels(key.name).inc(),

@@ -174,6 +174,10 @@ def test_admin_sees_every_tenant_s_totals(client: triton.InferenceServerClient) 
     assert shared.inference_stats.fail.count == 1
     assert totals["globex/classifier:1"].inference_count == 4
     assert sum(b.compute_infer.count for b in shared.batch_stats) >= 3  # admins see batches
+    # Each execution once, whichever tenants' rows it held (summing the tenants' own
+    # entries counted a shared batch once per tenant in it).
+    assert shared.execution_count == sum(b.compute_infer.count for b in shared.batch_stats)
+    assert sum(b.batch_size * b.compute_infer.count for b in shared.batch_stats) == 6
     named = _by_name(client.get_inference_statistics("classifier", headers=ADMIN))
     assert sorted(named) == ["classifier:1", "globex/classifier:1"]
 

@@ -73,3 +73,22 @@ def test_totals_sum_tenants_and_get_returns_a_copy() -> None:
     copy.merge(copy)
     assert stats.get("acme", "m", "1").success.count == 1
     assert stats.get("nobody", "m", "1") == ModelStats()
+
+
+def test_a_model_s_executions_count_a_shared_batch_once() -> None:
+    """A batch of three tenants' rows is one execution of its size; the tenants' own
+    entries each hold it (their calls ran in it), so summing them counted it thrice in
+    an admin's totals."""
+    stats, forward = _stats()
+    scheduler = stats.observe(forward, version="1", owner="")
+    scheduler.batch_executed("m", 6, 0.003, {"a": 1, "b": 2, "c": 3})
+    scheduler.batch_executed("m", 2, 0.001, {"a": 2})
+    runs = stats.executions("", "m", "1")
+    assert runs.execution_count == 2
+    assert {size: d.count for size, d in runs.batches.items()} == {6: 1, 2: 1}
+    summed = stats.total([("a", "m", "1"), ("b", "m", "1"), ("c", "m", "1")])
+    assert summed.execution_count == 4  # what the admin view showed
+    owned = stats.observe(forward, version="1", owner="acme")
+    owned.batch_executed("m", 1, 0.001, {"acme": 1})
+    assert stats.executions("acme", "m", "1").execution_count == 1
+    assert stats.executions("", "m", "1").execution_count == 2

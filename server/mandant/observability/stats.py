@@ -9,7 +9,9 @@ which records them and hands every event on to the next observer (Prometheus):
 * ``request_timing``: ``queue`` and ``compute_infer`` (the compute time of the batch
   the request ran in, as Triton counts it);
 * ``batch_executed``: per tenant in the batch, one execution of that batch size
-  (``batch_stats``, ``execution_count``) and its rows (``inference_count``).
+  (``batch_stats``, ``execution_count``) and its rows (``inference_count``); and, per
+  model version (its owner's), the execution itself: an admin's totals count a batch
+  that mixed tenants once, not once per tenant in it.
 
 Keys are configured tenant ids, model names and versions (never client text), so the
 store is bounded by the configuration. Single-threaded: the event loop's.
@@ -75,6 +77,9 @@ class InferenceStats:
     def __init__(self, wall_clock_s: Callable[[], float] = time.time) -> None:
         self._wall_clock_s = wall_clock_s
         self._stats: dict[StatsKey, ModelStats] = {}
+        #: (owner: a tenant id or "" for a shared model, name, version) -> its
+        #: executions: ``batches`` and ``execution_count`` only.
+        self._executions: dict[StatsKey, ModelStats] = {}
 
     def get(self, tenant: str, model: str, version: str) -> ModelStats:
         """A copy of one tenant's statistics of one model version (zeros if none)."""
@@ -96,11 +101,23 @@ class InferenceStats:
                 total.merge(recorded)
         return total
 
-    def observe(self, forward: Observer, version: str | None = None) -> StatsObserver:
+    def executions(self, owner: str, model: str, version: str) -> ModelStats:
+        """A copy of one model version's executions (``batches``, ``execution_count``),
+        whoever's rows they held; ``owner``: the tenant owning it, "" if shared."""
+        total = ModelStats()
+        recorded = self._executions.get((owner, model, version))
+        if recorded is not None:
+            total.merge(recorded)
+        return total
+
+    def observe(
+        self, forward: Observer, version: str | None = None, owner: str = ""
+    ) -> StatsObserver:
         """An observer that records into this store and forwards to ``forward``.
         ``version``: the model version a scheduler runs (its timing and batch events
-        say no version); None for the front end (its events say the version)."""
-        return StatsObserver(self, forward, version)
+        say no version), and ``owner`` that model's (a tenant id, "" if shared); None
+        for the front end (its events say the version)."""
+        return StatsObserver(self, forward, version, owner)
 
     def _entry(self, key: StatsKey) -> ModelStats:
         entry = self._stats.get(key)
@@ -129,7 +146,14 @@ class InferenceStats:
         size: int,
         compute_s: float,
         rows_by_tenant: Mapping[str, int],
+        owner: str = "",
     ) -> None:
+        model_key = (owner, model, version)
+        run = self._executions.get(model_key)
+        if run is None:
+            run = self._executions[model_key] = ModelStats()
+        run.batches.setdefault(size, Duration()).add(compute_s)
+        run.execution_count += 1
         for tenant, rows in rows_by_tenant.items():
             entry = self._entry((tenant, model, version))
             executions = entry.batches.get(size)
@@ -143,10 +167,13 @@ class InferenceStats:
 class StatsObserver:
     """Records the events :class:`InferenceStats` keeps, then forwards every event."""
 
-    def __init__(self, stats: InferenceStats, forward: Observer, version: str | None) -> None:
+    def __init__(
+        self, stats: InferenceStats, forward: Observer, version: str | None, owner: str = ""
+    ) -> None:
         self._stats = stats
         self._forward = forward
         self._version = version
+        self._owner = owner
 
     def request_finished(
         self, tenant: str, model: str, code: str, duration_s: float, version: str = ""
@@ -165,7 +192,9 @@ class StatsObserver:
     ) -> None:
         self._forward.batch_executed(model, size, compute_s, rows_by_tenant)
         if self._version is not None:
-            self._stats.record_batch(model, self._version, size, compute_s, rows_by_tenant)
+            self._stats.record_batch(
+                model, self._version, size, compute_s, rows_by_tenant, self._owner
+            )
 
     def batch_failed(self, model: str, size: int) -> None:
         self._forward.batch_failed(model, size)

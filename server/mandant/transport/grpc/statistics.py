@@ -6,8 +6,9 @@
   many rows others sent with it (the dashboard hides batch figures from tenants too).
 * An admin key with the metadata ``mandant-tenant: <tenant id>`` (Triton's request has
   no tenant field): exactly what that tenant sees.
-* An admin key alone: every model version's totals over all tenants; a model a tenant
-  owns (private or tuned) is named ``<tenant>/<name>``.
+* An admin key alone: every model version's totals over all tenants (its executions
+  counted once, whichever tenants' rows a batch held); a model a tenant owns (private
+  or tuned) is named ``<tenant>/<name>``.
 
 Triton's filters: ``name`` (empty: every model) and ``version`` (empty: every
 version); a name the caller cannot see is NOT_FOUND, as for every model RPC.
@@ -77,7 +78,11 @@ def admin_statistics(
             for k in recorded
             if k[1:] == (key.name, key.version) and _owner(plane, k[0], key.name) == key.owner
         ]
-        answer.append(_message(label, key.version, stats.total(callers)))
+        total = stats.total(callers)
+        # Executions once each (the tenants' entries hold a shared batch once each).
+        runs = stats.executions(key.owner or "", key.name, key.version)
+        total.batches, total.execution_count = runs.batches, runs.execution_count
+        answer.append(_message(label, key.version, total))
     if name and not answer:
         raise ModelNotFound(name, version or None)
     return answer
