@@ -180,3 +180,27 @@ async def test_a_waiter_cancelled_after_it_was_shed_leaves_no_trace() -> None:
     door.leave(A)
     assert (door.busy, door.waiting) == (0, 0)
     assert not door.shed("b", "server busy")  # nobody waits
+
+
+async def test_a_waiter_cancelled_after_its_tenant_went_idle_forgets_nothing_else() -> None:
+    """A waiter's cancellation runs after its place was passed over, its tenant went
+    idle and came back with a new call inside: it deleted that new state, and the call
+    inside raised KeyError when it left (INTERNAL, and a place of the server-wide cap
+    lost to a waiter behind it)."""
+    door = FrontDoor(1)
+    acme, globex = Tenant("acme"), Tenant("globex")
+    await door.enter(acme)  # inside
+    waiter = asyncio.create_task(door.enter(acme))  # waits
+    await asyncio.sleep(0)
+    waiter.cancel()  # its future is cancelled now; its own clean-up runs later
+    door.leave(acme)  # the place is passed over the cancelled waiter
+    await door.enter(acme)
+    door.leave(acme)  # acme idle: forgotten
+    await door.enter(acme)  # back, inside, under a new state
+    await door.enter(globex)
+    with pytest.raises(asyncio.CancelledError):
+        await waiter  # the cancelled waiter cleans up after the old state
+    assert door.busy == 2
+    door.leave(acme)  # raised KeyError
+    door.leave(globex)
+    assert door.busy == 0 and not door._tenants

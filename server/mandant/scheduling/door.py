@@ -98,9 +98,8 @@ class FrontDoor:
         state = self._tenants[tenant.id]
         state.inside -= 1
         if state.waiting:
-            self._admit(state)
-        else:
-            self._forget_if_idle(tenant.id, state)
+            self._admit(state)  # (its waiters may all have been cancelled meanwhile)
+        self._forget_if_idle(tenant.id, state)
 
     def shed(self, newcomer: str, message: str) -> bool:
         """Answer the newest waiter of the tenant (other than ``newcomer``) with the most
@@ -128,7 +127,10 @@ class FrontDoor:
                 future.set_result(None)
 
     def _forget_if_idle(self, tenant_id: str, state: _Tenant) -> None:
-        if state.inside or state.waiting:
+        # ``state`` may be forgotten already, and the tenant back with a new one (a
+        # waiter cancelled after its tenant went idle): that one is not this one's to
+        # forget (deleting it lost the calls inside it, KeyError at their leave()).
+        if state.inside or state.waiting or self._tenants.get(tenant_id) is not state:
             return
         del self._tenants[tenant_id]
         self._weights -= state.weight
