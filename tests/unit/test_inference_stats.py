@@ -92,3 +92,17 @@ def test_a_model_s_executions_count_a_shared_batch_once() -> None:
     owned.batch_executed("m", 1, 0.001, {"acme": 1})
     assert stats.executions("acme", "m", "1").execution_count == 1
     assert stats.executions("", "m", "1").execution_count == 2
+
+
+def test_batch_sizes_past_1024_are_kept_by_power_of_two() -> None:
+    """A model without batching runs each call alone: its batch is the call's rows,
+    which the client chooses; one entry per count grew without bound (320,000 entries,
+    an admin's ModelStatistics of 7 MB)."""
+    stats, forward = _stats()
+    scheduler = stats.observe(forward, version="1")
+    for rows in range(1, 20_001):
+        scheduler.batch_executed("m", rows, 0.0, {"acme": rows})
+    sizes = stats.executions("", "m", "1").batches
+    assert len(sizes) <= 1024 + 15
+    assert sizes[1024].count == 1 and sizes[2048].count == 1024 and sizes[32768].count == 3616
+    assert list(stats.get("acme", "m", "1").batches) == list(sizes)

@@ -20,6 +20,7 @@ from typing import Any
 
 from mandant.config import TenantConfig
 from mandant.observability.slo import Clock, SloTracker
+from mandant.observability.stats import size_key
 from mandant.tenancy.directory import TenantDirectory
 
 
@@ -202,6 +203,7 @@ class LiveStats:
         """``model``: a configured name (a model loaded after start too), or "" (skipped)."""
         if model:
             sizes = self._batches.setdefault(model, {})
+            size = size_key(size)
             sizes[size] = sizes.get(size, 0) + 1
 
     def record_admitted(self, tenant: str, rows: int) -> None:

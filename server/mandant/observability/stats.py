@@ -30,6 +30,16 @@ StatsKey = tuple[str, str, str]
 
 _NS_PER_S = 1_000_000_000
 
+#: Batch sizes kept exactly; larger ones are kept under the next power of two. A model
+#: without batching runs each call alone, so its "batch" is the call's rows, which a
+#: client chooses: one entry per distinct count grew without bound (320,000 of them).
+EXACT_BATCH_SIZES = 1024
+
+
+def size_key(size: int) -> int:
+    """Where a batch of ``size`` rows is counted (:data:`EXACT_BATCH_SIZES`)."""
+    return size if size <= EXACT_BATCH_SIZES else 1 << (size - 1).bit_length()
+
 
 @dataclass(slots=True)
 class Duration:
@@ -148,6 +158,7 @@ class InferenceStats:
         rows_by_tenant: Mapping[str, int],
         owner: str = "",
     ) -> None:
+        size = size_key(size)
         model_key = (owner, model, version)
         run = self._executions.get(model_key)
         if run is None:
