@@ -262,3 +262,36 @@ def test_requests_aiohttp_cannot_parse_log_no_error(
             connection.close()
         time.sleep(0.2)  # the server logs after answering
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_bodies_on_their_way_are_bounded_per_caller(tmp_path: Path) -> None:
+    """A tenant's uploads that never finish hold their bodies' memory: two of the
+    largest allowed are on their way at once, a third is refused at once (429, with
+    pushback) where 20 of 64 MiB held 1.2 GB; once they are gone, calls are served."""
+    with _server(tmp_path, ECHO_MODEL) as server:
+        assert server.app is not None
+        port = server.app.rest_port
+        largest = (64 << 20) - 1  # max_message_bytes' default, less one
+        stalled = _STALLED.replace(b"Content-Length: 1000", f"Content-Length: {largest}".encode())
+        first = socket.create_connection(("127.0.0.1", port))
+        second = socket.create_connection(("127.0.0.1", port))
+        try:
+            for held in (first, second):
+                held.sendall(stalled)
+            time.sleep(0.3)  # both bodies are being read
+            third = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            third.putrequest("POST", "/v2/models/echo/infer")
+            third.putheader("Authorization", "Bearer k")
+            third.putheader("Content-Length", str(largest))
+            third.endheaders()
+            answer = third.getresponse()
+            assert answer.status == 429, answer.status
+            assert "still on their way" in json.loads(answer.read())["error"]
+            assert answer.getheader("Retry-After") is not None
+            third.close()
+        finally:
+            first.close()
+            second.close()
+        time.sleep(0.3)
+        status, _ = _infer(port, [[1.0]], model="echo")
+        assert status == 200

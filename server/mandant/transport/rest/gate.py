@@ -29,7 +29,7 @@ from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from mandant.context import current_request_id, current_tenant
-from mandant.errors import InvalidInput, MandantError, Unauthenticated
+from mandant.errors import InvalidInput, MandantError, RateLimited, ServerBusy, Unauthenticated
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.transport.rest.codec import BodyTooLarge
@@ -69,6 +69,15 @@ def error_response(
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+#: Request bodies one caller (a tenant, or every caller without a key together) may
+#: have on their way at once, and all callers together, in ``max_message_bytes``: 20
+#: slow uploads of 64 MiB held 1.2 GB, with no bound on how many (RESOURCE_EXHAUSTED
+#: beyond, with pushback).
+BODIES_PER_TENANT = 2
+BODIES_IN_ALL = 8
+BODY_RETRY_S = 1.0
+
+
 class RestGate:
     def __init__(
         self,
@@ -91,6 +100,11 @@ class RestGate:
         self._cap = cap if cap is not None else CallCap(1 << 62)
         self._door = door
         self._max_body = max_body
+        #: Bytes of request bodies being read, per tenant id ("" without a key) and in
+        #: all (a body of unknown length counts as ``max_body``): a client that sends
+        #: bodies slowly, or never finishes them, holds that memory meanwhile.
+        self._reading: dict[str, int] = {}
+        self._reading_total = 0
         self._calls = 0  # on this port, for draining
         self._idle = asyncio.Event()
         self._idle.set()
@@ -117,7 +131,8 @@ class RestGate:
                 if access is not Access.OPEN:
                     call.tenant = self._caller(access, request)
                 if request.body_exists:
-                    await self._read_body(request)  # behaviours then read it from memory
+                    tenant_id = call.tenant.id if call.tenant is not None else ""
+                    await self._read_body(request, tenant_id)  # behaviours read it then
                 self._cap.enter(self._door, call.tenant.id if call.tenant is not None else "")
                 self._calls += 1
                 self._idle.clear()
@@ -155,10 +170,36 @@ class RestGate:
 
         return handle
 
-    async def _read_body(self, request: web.Request) -> None:
+    async def _read_body(self, request: web.Request, tenant_id: str) -> None:
         length = request.content_length
         if length is not None and length > self._max_body:
             raise BodyTooLarge(f"request body is larger than {self._max_body} bytes")
+        size = self._max_body if length is None else length
+        reading = self._reading.get(tenant_id, 0)
+        if reading and reading + size > BODIES_PER_TENANT * self._max_body:
+            raise RateLimited(
+                f"{reading} bytes of request bodies of this caller are still on their "
+                "way; send fewer at once",
+                BODY_RETRY_S,
+            )
+        if self._reading_total and self._reading_total + size > BODIES_IN_ALL * self._max_body:
+            raise ServerBusy(
+                f"server busy: {self._reading_total} bytes of request bodies on their way",
+                retry_after_s=BODY_RETRY_S,
+            )
+        self._reading[tenant_id] = reading + size
+        self._reading_total += size
+        try:
+            await self._read_whole(request)
+        finally:
+            left = self._reading[tenant_id] - size
+            if left:
+                self._reading[tenant_id] = left
+            else:
+                del self._reading[tenant_id]
+            self._reading_total -= size
+
+    async def _read_whole(self, request: web.Request) -> None:
         try:
             await request.read()
         except web.HTTPRequestEntityTooLarge:
