@@ -152,8 +152,8 @@ if _SECTIONS:
         handler = _unary_unwrapped(self, method, *args, **kwargs)
         if not method.endswith("/ModelInfer"):
             return handler
-        return grpc.unary_unary_rpc_method_handler(
-            _wrap(HANDLER_SECTION, handler.unary_unary),
+        return grpc.stream_unary_rpc_method_handler(  # the gate reads the message itself
+            _wrap(HANDLER_SECTION, handler.stream_unary),
             request_deserializer=None,
             response_serializer=handler.response_serializer,
         )

@@ -27,8 +27,12 @@ class _Context:
     """What the gate asks of a grpc.aio servicer context; ``abort`` notes what was
     counted when the client would have seen the status, then raises as grpc's does."""
 
-    def __init__(self, key: str | None, observer: RecordingObserver, cap: CallCap) -> None:
+    def __init__(
+        self, key: str | None, observer: RecordingObserver, cap: CallCap, message: bytes = b""
+    ) -> None:
         self._key = key
+        self._message = message
+        self.read_before_key = False
         self._observer = observer
         self._cap = cap
         self.trailers: tuple[tuple[str, str], ...] = ()
@@ -41,6 +45,11 @@ class _Context:
 
     def time_remaining(self) -> float | None:
         return None
+
+    async def read(self) -> bytes:
+        """The call's one message (the gate reads it once the key is accepted)."""
+        self.read_before_key = self._key != KEY
+        return self._message
 
     def set_trailing_metadata(self, trailers: tuple[tuple[str, str], ...]) -> None:
         self.trailers = tuple(trailers)
@@ -74,12 +83,12 @@ def _serve(behavior: Any, key: str | None = KEY) -> tuple[_Context, RecordingObs
         behavior,
         pb.ModelInferResponse.SerializeToString,
     )
-    context = _Context(key, observer, cap)
     raw = pb.ModelInferRequest(model_name="m", id="r1").SerializeToString()
+    context = _Context(key, observer, cap, raw)
 
     async def call() -> Any:
         try:
-            return await handler.unary_unary(raw, context)
+            return await handler.stream_unary(None, context)
         except grpc.aio.AbortError as exc:
             return exc
 
@@ -98,6 +107,7 @@ def test_a_refused_key_is_counted_before_the_client_sees_it() -> None:
     context, observer, _ = _serve(_refusing(AssertionError("never called")), key="wrong")
     assert context.aborted is not None and context.aborted[0] is grpc.StatusCode.UNAUTHENTICATED
     assert context.counted_at_abort == [("", "", "", "UNAUTHENTICATED")] == observer.finished
+    assert not context.read_before_key  # nothing of the message was read
     assert context.calls_at_abort == 0
 
 

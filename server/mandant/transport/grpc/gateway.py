@@ -4,8 +4,11 @@ generic server interceptor on the hot path).
 For each method the gate
 
 1. authenticates the caller on the call's metadata (tenant key, admin key, or none
-   for the open probes) **before the message is parsed**: handlers take the raw
-   bytes, so an unauthenticated 60 MiB call costs a hash, not a parse;
+   for the open probes) **before the message is read**: a unary method is served by a
+   streaming handler that reads its one message only once the key is accepted (and the
+   call has its places), so an unauthenticated 60 MiB call costs a hash and no memory
+   (a unary handler is called once gRPC holds the whole message: a client without a
+   key sending large messages slowly held gigabytes);
 2. parses the message; bytes that are not one answer INVALID_ARGUMENT;
 3. awaits the servicer's behaviour with a :class:`Call` (the tenant, and the model the
    data plane resolved, for metrics);
@@ -186,7 +189,7 @@ class Gate:
         door = self.door if fair else None
         gate = self
 
-        async def handle(raw: bytes, context: Context) -> Any:
+        async def handle(messages: object, context: Context) -> Any:
             gate.started += 1
             start = time.perf_counter()
             call = Call(None)
@@ -200,6 +203,9 @@ class Gate:
                 if door is not None and call.tenant is not None:
                     await door.enter(call.tenant)
                     inside = True
+                raw = await context.read()
+                if raw is grpc.aio.EOF:
+                    raise InvalidInput("the call has no request message")
                 request = parse(request_type, raw)
                 request_id = getattr(request, "id", "")
                 if request_id:
@@ -232,7 +238,7 @@ class Gate:
             else:
                 await abort_internal(context, method, call, refusal)
 
-        return grpc.unary_unary_rpc_method_handler(
+        return grpc.stream_unary_rpc_method_handler(
             handle, request_deserializer=None, response_serializer=response_serializer
         )
 
