@@ -141,6 +141,9 @@ async def test_the_call_cap_and_the_door_are_shared_by_grpc_and_rest(tmp_path: P
             assert "server busy" in refused.value.read().decode()
             gated_models.GATE.set()
             await stuck
+        # A rejection like admission's (it was in mandant_requests_total only).
+        labels = {"tenant": "a", "reason": "server_busy", "model": ""}
+        assert server.app.metrics.get_sample_value("mandant_rejections_total", labels) == 1
 
 
 async def test_a_rest_body_that_never_arrives_holds_no_place(tmp_path: Path) -> None:
@@ -263,5 +266,7 @@ async def test_a_flood_waiting_at_the_door_gives_its_places_to_another_tenant(
             assert len(shed) == 1 and len(ended) - len(shed) == 7
             assert shed[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "server busy" in str(shed[0].details())
+            labels = {"tenant": "a", "reason": "server_busy", "model": ""}
+            assert server.app.metrics.get_sample_value("mandant_rejections_total", labels) == 1
             trailers = dict(shed[0].trailing_metadata() or ())
             assert int(trailers["grpc-retry-pushback-ms"]) > 0

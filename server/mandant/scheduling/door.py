@@ -34,10 +34,23 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from mandant.errors import ServerBusy
+from mandant.events import Observer
 from mandant.types import Tenant
 
 #: Pushback when the server-wide call cap is full (it frees as any call ends).
 BUSY_RETRY_S = 0.05
+
+
+#: The rejection reason of a call refused for the server-wide cap (or whose place at
+#: the door another tenant's call took), beside admission's (``concurrency``, …).
+BUSY_REASON = "server_busy"
+
+
+def count_if_busy(observer: Observer, tenant: str, refusal: BaseException) -> None:
+    """Count a refusal for the server-wide cap as a rejection of ``tenant``'s call, as
+    admission's refusals are (it was in ``mandant_requests_total`` only)."""
+    if isinstance(refusal, ServerBusy):
+        observer.rejected(tenant, BUSY_REASON)
 
 
 class PlaceTaken(ServerBusy):

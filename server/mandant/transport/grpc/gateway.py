@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError, Message
 from mandant.context import current_request_id, current_tenant
 from mandant.errors import InvalidInput, MandantError, Unauthenticated
 from mandant.events import NullObserver, Observer
-from mandant.scheduling.door import CallCap, FrontDoor
+from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
 from mandant.types import Call, Tenant
 
@@ -213,6 +213,7 @@ class Gate:
                 return await behavior(request, call, context)
             except MandantError as exc:
                 code, refusal = status_for(exc).name, exc
+                count_if_busy(observer, call.tenant.id if call.tenant is not None else "", exc)
             except grpc.aio.AbortError:
                 code = _aborted_code(context)
                 raise

@@ -45,7 +45,7 @@ import grpc
 from mandant.context import current_request_id
 from mandant.errors import InvalidInput, MandantError, ResourceExhausted, Unauthenticated
 from mandant.events import Observer
-from mandant.scheduling.door import CallCap, FrontDoor
+from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.service import DataPlane
 from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
 from mandant.transport.grpc.gateway import MAX_LOGGED_ID, Context, client_saw, parse
@@ -178,6 +178,7 @@ class InferStream:
             return answer
         except MandantError as exc:
             code = status_for(exc).name
+            count_if_busy(self._observer, call.tenant.id if call.tenant is not None else "", exc)
             if request is None:  # refused before it was parsed (the cap, the door)
                 request = _parsed(raw)
             return _error_response(str(exc), code, request, exc)

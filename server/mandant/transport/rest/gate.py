@@ -31,7 +31,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from mandant.context import current_request_id, current_tenant
 from mandant.errors import InvalidInput, MandantError, RateLimited, ServerBusy, Unauthenticated
 from mandant.events import NullObserver, Observer
-from mandant.scheduling.door import CallCap, FrontDoor
+from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.transport.rest.codec import BodyTooLarge
 from mandant.transport.rest.status import (
     INTERNAL_MESSAGE,
@@ -146,6 +146,7 @@ class RestGate:
                 return error_response(413, str(exc))
             except MandantError as exc:
                 code = code_for(exc)
+                count_if_busy(observer, call.tenant.id if call.tenant is not None else "", exc)
                 return error_response(http_status(code), str(exc), error_headers(exc))
             except asyncio.CancelledError:  # the client went away
                 code = "CANCELLED"
