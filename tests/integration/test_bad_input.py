@@ -68,6 +68,27 @@ def _bytes_request(raw: bytes, shape: tuple[int, ...] = (2,)) -> pb.ModelInferRe
     return _request(model="echo", datatype="FP32", shape=shape, raw=raw)
 
 
+def _echo(
+    shape: list[int] | None = None,
+    input_parameters: dict[str, pb.InferParameter] | None = None,
+    output_parameters: dict[str, pb.InferParameter] | None = None,
+    raw: bool = True,
+) -> pb.ModelInferRequest:
+    """One FP32 ``INPUT0`` to ``echo`` (``[1, 1]`` unless ``shape``), with these input
+    or requested-output parameters, its value in raw_input_contents unless not ``raw``."""
+    request = pb.ModelInferRequest(model_name="echo")
+    request.inputs.add(
+        name="INPUT0", datatype="FP32", shape=shape or [1, 1], parameters=input_parameters
+    )
+    if output_parameters is not None:
+        request.outputs.add(name="OUTPUT0", parameters=output_parameters)
+    if raw:
+        request.raw_input_contents.append(b"\0" * 4)
+    return request
+
+
+SHM_REGION = pb.InferParameter(string_param="r")
+
 CASES: dict[str, tuple[pb.ModelInferRequest, str]] = {
     "wrong input name": (
         _request(name="IMAGE"),
@@ -164,61 +185,20 @@ CASES: dict[str, tuple[pb.ModelInferRequest, str]] = {
     ),
     # numpy makes no array of more than 64 dimensions (workers: 2 answered INTERNAL)
     "65 dimensions": (
-        pb.ModelInferRequest(
-            model_name="echo",
-            inputs=[
-                pb.ModelInferRequest.InferInputTensor(
-                    name="INPUT0", datatype="FP32", shape=[1] * 65
-                )
-            ],
-            raw_input_contents=[b"\0" * 4],
-        ),
+        _echo(shape=[1] * 65),
         "input 'INPUT0': shape has 65 dimensions, at most 64 are accepted",
     ),
     # Triton's classification extension: refused, not answered with the raw tensor
     "classification": (
-        pb.ModelInferRequest(
-            model_name="echo",
-            inputs=[
-                pb.ModelInferRequest.InferInputTensor(name="INPUT0", datatype="FP32", shape=[1, 1])
-            ],
-            outputs=[
-                pb.ModelInferRequest.InferRequestedOutputTensor(
-                    name="OUTPUT0", parameters={"classification": pb.InferParameter(int64_param=2)}
-                )
-            ],
-            raw_input_contents=[b"\0" * 4],
-        ),
+        _echo(output_parameters={"classification": pb.InferParameter(int64_param=2)}),
         "the classification extension is not supported",
     ),
     "shared memory input": (
-        pb.ModelInferRequest(
-            model_name="echo",
-            inputs=[
-                pb.ModelInferRequest.InferInputTensor(
-                    name="INPUT0",
-                    datatype="FP32",
-                    shape=[1, 1],
-                    parameters={"shared_memory_region": pb.InferParameter(string_param="r")},
-                )
-            ],
-        ),
+        _echo(input_parameters={"shared_memory_region": SHM_REGION}, raw=False),
         "input 'INPUT0': shared memory is not supported",
     ),
     "shared memory output": (
-        pb.ModelInferRequest(
-            model_name="echo",
-            inputs=[
-                pb.ModelInferRequest.InferInputTensor(name="INPUT0", datatype="FP32", shape=[1, 1])
-            ],
-            outputs=[
-                pb.ModelInferRequest.InferRequestedOutputTensor(
-                    name="OUTPUT0",
-                    parameters={"shared_memory_region": pb.InferParameter(string_param="r")},
-                )
-            ],
-            raw_input_contents=[b"\0" * 4],
-        ),
+        _echo(output_parameters={"shared_memory_region": SHM_REGION}),
         "output 'OUTPUT0': shared memory is not supported",
     ),
 }

@@ -1,11 +1,15 @@
 """Calls refused because the backend is down are not charged: a real Triton (PyTriton)
 serves ``tiny`` until it is killed; Mandant's calls then fail on the transport and,
 once the circuit breaker opens, at the breaker — both after admission — and the
-tenant's quota keeps only the call that ran."""
+tenant's quota keeps only the call that ran. A call whose deadline passes while
+Triton computes it stays charged, as an in-process model's does: Triton has its rows
+and computes them whatever the caller does (it was refunded, so a deadline shorter
+than Triton's time ran it for free)."""
 
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,10 +39,12 @@ def triton() -> Iterator[TritonProcess]:
         yield server
 
 
-def request(rows: int) -> pb.ModelInferRequest:
+def request(rows: int, timeout_us: int | None = None) -> pb.ModelInferRequest:
     message = pb.ModelInferRequest(model_name="tiny")
     message.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 4])
     message.raw_input_contents.append(np.ones((rows, 4), np.float32).tobytes())
+    if timeout_us is not None:  # v2 ``timeout``, µs
+        message.parameters["timeout"].int64_param = timeout_us
     return message
 
 
@@ -69,3 +75,39 @@ def test_calls_refused_by_a_dead_backend_or_open_breaker_are_not_charged(
                 stub.ModelInfer(request(4), metadata=METADATA)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert server.call(server.app.admission.quota_used("acme"))["rows_today"] == 2
+
+
+def test_a_call_whose_deadline_passes_while_triton_computes_it_stays_charged(
+    triton: TritonProcess, tmp_path: Path
+) -> None:
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 0},
+            "tenants": [
+                {"id": "acme", "api_keys": [hash_key(KEY)], "quota": {"rows_per_day": 100}}
+            ],
+            "models": [
+                {
+                    "name": "tiny",
+                    "backend": "triton",
+                    "triton": {"url": triton.url, "model": MODEL, "health_interval_s": 3600},
+                }
+            ],
+        }
+    )
+    with ServerThread(config, tmp_path) as server, grpc.insecure_channel(server.target) as ch:
+        assert server.app is not None
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        stub.ModelInfer(request(2), metadata=METADATA)
+        # The Python process that computes PyTriton's model stops: Triton takes the
+        # calls, and the model does not answer them within their 0.3 s.
+        assert triton._process is not None
+        os.kill(triton._process.pid, signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.ModelInfer(request(10, 300_000), metadata=METADATA, timeout=30)
+                assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            os.kill(triton._process.pid, signal.SIGCONT)
+        assert server.call(server.app.admission.quota_used("acme"))["rows_today"] == 32

@@ -6,6 +6,7 @@ keeps what it runs."""
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,16 +188,23 @@ def _reloads(proc: Any, kind: str, text: str | None = None) -> tuple[list[str], 
     return lines, log
 
 
-@pytest.mark.parametrize("kind", SERVER_KINDS)
-def test_sighup_reloads_and_refuses_a_broken_file(tmp_path: Path, kind: str) -> None:
-    port = free_port()
-    path = tmp_path / "mandant.yaml"
+def _writer(path: Path, port: int, kind: str) -> Callable[..., None]:
+    """Writes a configuration of these tenants to ``path`` for a server of ``kind``."""
 
     def write(**tenants: dict[str, Any]) -> None:
         config = _config(port, **tenants)
         if kind != SERVER_KINDS[0]:
             config["server"]["workers"] = 2
         path.write_text(yaml.safe_dump(config))
+
+    return write
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+def test_sighup_reloads_and_refuses_a_broken_file(tmp_path: Path, kind: str) -> None:
+    port = free_port()
+    path = tmp_path / "mandant.yaml"
+    write = _writer(path, port, kind)
 
     write(a={"api_keys": [hash_key("key-a")]})
     with mandant_serve(path) as proc:
@@ -225,12 +233,7 @@ def test_a_reload_reaches_streams_already_open(tmp_path: Path, kind: str) -> Non
     stream went on serving it, a removed tenant's with no limits at all)."""
     port = free_port()
     path = tmp_path / "mandant.yaml"
-
-    def write(**tenants: dict[str, Any]) -> None:
-        config = _config(port, **tenants)
-        if kind != SERVER_KINDS[0]:
-            config["server"]["workers"] = 2
-        path.write_text(yaml.safe_dump(config))
+    write = _writer(path, port, kind)
 
     limited = {"api_keys": [hash_key("key-b")], "rate_limit": {"requests_per_s": 100}}
     write(a={"api_keys": [hash_key("key-a")]}, b=limited, c={"api_keys": [hash_key("key-c")]})
