@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client import AsyncClient, Client, MandantClientError
+from mandant_client._proto import grpc_service_pb2 as pb
 from tests.servers import (
     ECHO_MODEL,
     MANDANT,
@@ -437,6 +438,20 @@ def test_a_stopped_engine_is_taken_for_gone_until_it_answers_again(
             ):
                 assert time.monotonic() < deadline, "health still SERVING"
                 time.sleep(0.1)
+            # A call the engine serves is still refused by the front end for a missing
+            # key, before its message is read: its key is checked there first.
+            metadata = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelMetadata",
+                request_serializer=pb.ModelMetadataRequest.SerializeToString,
+                response_deserializer=pb.ModelMetadataResponse.FromString,
+            )
+            request = pb.ModelMetadataRequest(name="echo")
+            with pytest.raises(grpc.RpcError) as keyless:
+                metadata(request, timeout=5)
+            assert keyless.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as keyed:
+                metadata(request, metadata=(("authorization", "Bearer acme-key"),), timeout=5)
+            assert keyed.value.code() is grpc.StatusCode.UNAVAILABLE
     finally:
         os.kill(engine, signal.SIGCONT)
     _serving(fresh.target)

@@ -158,3 +158,58 @@ def test_an_answer_is_counted_once_and_returned() -> None:
     context, observer, returned = _serve(serve)
     assert returned is answer and context.aborted is None
     assert observer.finished == [("a", "m", "1", "OK")]
+
+
+def _forward(
+    key: str | None, cap: CallCap | None = None
+) -> tuple[_Context, RecordingObserver, Any]:
+    """One call a front end of ``workers: N`` forwards to the engine, through its gate:
+    the context, the observer and what the handler returned (or raised); the engine
+    answers with the message's bytes reversed."""
+    observer, cap = RecordingObserver(), cap or CallCap(4)
+    gate = Gate(_authenticate, _refuse_admin, observer, cap)
+    forwarded: list[bytes] = []
+
+    async def engine(raw: bytes, context: Any) -> bytes:
+        forwarded.append(raw)
+        return raw[::-1]
+
+    handler = gate.forwarded(Access.TENANT, engine)
+    context = _Context(key, observer, cap, b"metadata request")
+
+    async def call() -> Any:
+        try:
+            return await handler.stream_unary(None, context)
+        except grpc.aio.AbortError as exc:
+            return exc
+
+    returned = asyncio.run(call())
+    assert forwarded == ([] if context.aborted else [b"metadata request"])
+    return context, observer, returned
+
+
+def test_a_forwarded_call_is_refused_before_its_message_is_read() -> None:
+    """A front end reads a forwarded call's message (up to ``max_message_bytes``) only
+    once its key is accepted: the engine checks the key again, but a call without one
+    must not make the front end hold its message first."""
+    context, observer, _ = _forward(key=None)
+    assert context.aborted is not None and context.aborted[0] is grpc.StatusCode.UNAUTHENTICATED
+    assert not context.read_before_key
+    assert context.counted_at_abort == [("", "", "", "UNAUTHENTICATED")] == observer.finished
+    assert context.calls_at_abort == 0
+
+
+def test_a_forwarded_call_is_counted_by_the_engine_only() -> None:
+    context, observer, returned = _forward(key=KEY)
+    assert returned == b"tseuqer atadatem" and context.aborted is None
+    assert observer.finished == []  # the engine's gate counts it
+
+
+def test_a_forwarded_call_over_the_cap_is_refused_before_its_message_is_read() -> None:
+    cap = CallCap(1)
+    cap.enter(None, "b")
+    context, observer, _ = _forward(key=KEY, cap=cap)
+    assert context.aborted is not None
+    assert context.aborted[0] is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert observer.finished == [("a", "", "", "RESOURCE_EXHAUSTED")]
+    assert observer.rejections == [("a", "server_busy", "")]

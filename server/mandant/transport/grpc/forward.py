@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
-from mandant.transport.grpc.gateway import Context
+from mandant.transport.grpc.gateway import Context, Forward
 from mandant.transport.grpc.status import INTERNAL_MESSAGE
 
 logger = logging.getLogger(__name__)
@@ -70,8 +70,10 @@ class Forwarder:
     async def aclose(self) -> None:
         await self._channel.close()
 
-    def handler(self, path: str) -> grpc.RpcMethodHandler:
-        """A unary method handler that forwards ``path`` (no (de)serialisers: bytes)."""
+    def forward(self, path: str) -> Forward:
+        """What hands a call of ``path`` (its message's bytes, as they came) to the
+        engine and returns the engine's answer's bytes, or ends the call with the
+        engine's status; the gate checks the caller first (``Gate.forwarded``)."""
         call = self._channel.unary_unary(path)
         engine_up = self._engine_up
         identities = self._identities
@@ -109,4 +111,4 @@ class Forwarder:
                 )
             return answer
 
-        return grpc.unary_unary_rpc_method_handler(forward)
+        return forward

@@ -61,6 +61,11 @@ class Unary(Protocol):
     def __call__(self, request: Any, call: Call, context: Context) -> Awaitable[Any]: ...
 
 
+#: What a front end of ``workers: N`` does with a call the engine serves: hand its
+#: message's bytes on and return the engine's answer's (``forward.py``).
+Forward = Callable[[bytes, Context], Awaitable[bytes]]
+
+
 class Streaming(Protocol):
     def __call__(
         self, call: Call, context: Context, caller: Callable[[], Tenant | None]
@@ -91,6 +96,8 @@ def parse(message_type: type[Message], raw: bytes) -> Any:
             f"the request is not a valid {message_type.DESCRIPTOR.name} message"
         ) from None
 
+
+NO_MESSAGE = "the call has no request message"
 
 #: A call cancelled with less than this left of its deadline was given up by its client
 #: at that deadline: the client started the clock when it sent the call, the server
@@ -205,7 +212,7 @@ class Gate:
                     inside = True
                 raw = await context.read()
                 if raw is grpc.aio.EOF:
-                    raise InvalidInput("the call has no request message")
+                    raise InvalidInput(NO_MESSAGE)
                 request = parse(request_type, raw)
                 request_id = getattr(request, "id", "")
                 if request_id:
@@ -287,6 +294,45 @@ class Gate:
         return grpc.stream_stream_rpc_method_handler(
             handle, request_deserializer=None, response_serializer=response_serializer
         )
+
+    def forwarded(self, access: Access, forward: Forward) -> grpc.RpcMethodHandler:
+        """A front end's handler for an RPC the engine serves (``workers: N``): the key
+        is checked and the call takes its place under the cap here, before a byte of
+        its message is read (as :meth:`unary`'s), then the bytes go to the engine as
+        they came, whose gate checks the key again, answers and counts the call. Only
+        the refusals made here are counted here."""
+        caller_of = self._caller
+        cap = self._cap
+        observer = self._observer
+        shed = self.door
+        gate = self
+
+        async def handle(messages: object, context: Context) -> bytes:
+            gate.started += 1
+            start = time.perf_counter()
+            tenant_id = ""
+            refusal: MandantError
+            try:
+                tenant = caller_of(access, context)
+                tenant_id = tenant.id if tenant is not None else ""
+                cap.enter(shed, tenant_id)
+            except MandantError as exc:
+                refusal = exc
+            else:
+                try:
+                    raw = await context.read()
+                    if raw is not grpc.aio.EOF:
+                        return await forward(raw, context)
+                finally:
+                    cap.leave()
+                refusal = InvalidInput(NO_MESSAGE)
+            count_if_busy(observer, tenant_id, refusal)
+            code = client_saw(context, status_for(refusal).name)
+            observer.request_finished(tenant_id, "", code, time.perf_counter() - start)
+            await abort(context, refusal)
+            return b""  # not reached: abort ends the call
+
+        return grpc.stream_unary_rpc_method_handler(handle)
 
 
 #: Request ids longer than this are refused (``service.py``); logs never carry more.

@@ -22,6 +22,7 @@ from mandant.tenancy.keys import AdminKeys
 from mandant.transport.grpc.admin import ADMIN_SERVICE, AdminServicer, admin_handlers
 from mandant.transport.grpc.forward import PEER_IDENTITIES, Forwarder, decode_identities
 from mandant.transport.grpc.gateway import (
+    Access,
     AdminAuthenticator,
     Context,
     Gate,
@@ -31,6 +32,7 @@ from mandant.transport.grpc.gateway import (
 from mandant.transport.grpc.servicer import (
     INFERENCE_SERVICE,
     InferenceServicer,
+    method_access,
     method_handlers,
 )
 from mandant.transport.tls import GrpcCertificates, grpc_identities
@@ -171,7 +173,9 @@ class GrpcServer:
         handlers = method_handlers(servicer, gate)
         if forward is not None:
             handlers = {
-                name: handler if name in FRONT_END_METHODS else forward.handler(name_path(name))
+                name: handler
+                if name in FRONT_END_METHODS
+                else gate.forwarded(method_access(name), forward.forward(name_path(name)))
                 for name, handler in handlers.items()
             }
         self._server.add_registered_method_handlers(INFERENCE_SERVICE, handlers)
@@ -181,7 +185,12 @@ class GrpcServer:
             admin = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
             self._server.add_registered_method_handlers(
                 ADMIN_SERVICE,
-                {m.name: forward.handler(f"/{ADMIN_SERVICE}/{m.name}") for m in admin.methods},
+                {
+                    m.name: gate.forwarded(
+                        Access.ADMIN, forward.forward(f"/{ADMIN_SERVICE}/{m.name}")
+                    )
+                    for m in admin.methods
+                },
             )
             services.append(ADMIN_SERVICE)
         elif usage is not None:

@@ -198,6 +198,15 @@ _TENANT_OR_ADMIN = frozenset({"ModelStatistics"})
 _ADMIN = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
 
 
+def method_access(name: str) -> Access:
+    """Who may call the inference service's method ``name``."""
+    if name in _OPEN:
+        return Access.OPEN
+    if name in _TENANT_OR_ADMIN:
+        return Access.TENANT_OR_ADMIN
+    return Access.ADMIN if name in _ADMIN else Access.TENANT
+
+
 def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, grpc.RpcMethodHandler]:
     """Every method of the service as the gate's handlers, from the service descriptor
     (so a method added to the proto without a behaviour fails here, at start-up)."""
@@ -206,11 +215,7 @@ def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, grpc.R
     for method in service.methods:
         name = method.name
         path = f"/{INFERENCE_SERVICE}/{name}"
-        access = Access.OPEN if name in _OPEN else Access.TENANT
-        if name in _TENANT_OR_ADMIN:
-            access = Access.TENANT_OR_ADMIN
-        if name in _ADMIN:
-            access = Access.ADMIN
+        access = method_access(name)
         serialize: Callable[[Any], bytes] = _serializer(method.output_type.name)
         if method.client_streaming:
             handlers[name] = gate.stream(path, access, getattr(servicer, name), serialize)
