@@ -289,6 +289,8 @@ def test_bodies_on_their_way_are_bounded_per_caller(tmp_path: Path) -> None:
             assert "still on their way" in json.loads(answer.read())["error"]
             assert answer.getheader("Retry-After") is not None
             third.close()
+            labels = {"tenant": "t", "reason": "request_bodies", "model": ""}
+            assert server.app.metrics.get_sample_value("mandant_rejections_total", labels) == 1
         finally:
             first.close()
             second.close()

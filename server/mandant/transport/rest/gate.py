@@ -76,6 +76,12 @@ def error_response(
 BODIES_PER_TENANT = 2
 BODIES_IN_ALL = 8
 BODY_RETRY_S = 1.0
+#: The rejection reason of a call refused for its caller's bodies on their way.
+BODIES_REASON = "request_bodies"
+
+
+class BodiesOnTheirWay(RateLimited):
+    """A caller's request bodies on their way are at :data:`BODIES_PER_TENANT`."""
 
 
 class RestGate:
@@ -146,7 +152,10 @@ class RestGate:
                 return error_response(413, str(exc))
             except MandantError as exc:
                 code = code_for(exc)
-                count_if_busy(observer, call.tenant.id if call.tenant is not None else "", exc)
+                tenant_id = call.tenant.id if call.tenant is not None else ""
+                count_if_busy(observer, tenant_id, exc)
+                if isinstance(exc, BodiesOnTheirWay):
+                    observer.rejected(tenant_id, BODIES_REASON)
                 return error_response(http_status(code), str(exc), error_headers(exc))
             except asyncio.CancelledError:  # the client went away
                 code = "CANCELLED"
@@ -178,7 +187,7 @@ class RestGate:
         size = self._max_body if length is None else length
         reading = self._reading.get(tenant_id, 0)
         if reading and reading + size > BODIES_PER_TENANT * self._max_body:
-            raise RateLimited(
+            raise BodiesOnTheirWay(
                 f"{reading} bytes of request bodies of this caller are still on their "
                 "way; send fewer at once",
                 BODY_RETRY_S,
