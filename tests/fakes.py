@@ -190,7 +190,13 @@ class RecordingObserver:
     finished: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     def request_finished(
-        self, tenant: str, model: str, code: str, duration_s: float, version: str = ""
+        self,
+        tenant: str,
+        model: str,
+        code: str,
+        duration_s: float,
+        version: str = "",
+        inference: bool = False,
     ) -> None:
         self.finished.append((tenant, model, version, code))
 

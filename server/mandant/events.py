@@ -14,10 +14,19 @@ from typing import Protocol
 
 class Observer(Protocol):
     def request_finished(
-        self, tenant: str, model: str, code: str, duration_s: float, version: str = ""
+        self,
+        tenant: str,
+        model: str,
+        code: str,
+        duration_s: float,
+        version: str = "",
+        inference: bool = False,
     ) -> None:
         """A call was answered; ``code`` is the gRPC status name (OK, NOT_FOUND, …);
-        ``version``: the version of ``model`` it resolved ("" where none)."""
+        ``version``: the version of ``model`` it resolved ("" where none);
+        ``inference``: an inference call (a ModelInfer, a stream message, a REST
+        infer), also one that ended before its model was known (its deadline passed
+        at the front door): it counts against its tenant's SLO."""
         ...
 
     def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:
@@ -55,7 +64,13 @@ class Observer(Protocol):
 
 class NullObserver:
     def request_finished(
-        self, tenant: str, model: str, code: str, duration_s: float, version: str = ""
+        self,
+        tenant: str,
+        model: str,
+        code: str,
+        duration_s: float,
+        version: str = "",
+        inference: bool = False,
     ) -> None:
         return None
 

@@ -270,3 +270,49 @@ async def test_a_flood_waiting_at_the_door_gives_its_places_to_another_tenant(
             assert server.app.metrics.get_sample_value("mandant_rejections_total", labels) == 1
             trailers = dict(shed[0].trailing_metadata() or ())
             assert int(trailers["grpc-retry-pushback-ms"]) > 0
+
+
+async def test_calls_whose_deadline_passes_at_the_door_count_against_the_slo(
+    tmp_path: Path,
+) -> None:
+    """A call that waited at the door until its deadline passed never had its model
+    resolved (its message is read only inside): it still counts as a bad call of its
+    tenant's SLO, like one whose deadline passed in a queue (it was left out)."""
+    slo = {"latency_ms": 60_000, "percentile": 99, "objective": 0.99}
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "front_door_slots": 1},
+            "tenants": [{"id": "a", "api_keys": [hash_key("a-key")], "slo": slo}],
+            "models": [
+                {**ECHO_MODEL, "name": "gated", "factory": "tests.integration.gated_models:gated"},
+            ],
+        },
+        "test",
+    )
+    key = (("authorization", "Bearer a-key"),)
+    with _gated(config, tmp_path) as server:
+        assert server.app is not None
+        door = server.app.grpc.door
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            infer = channel.unary_unary(INFER)
+            inside = [asyncio.ensure_future(infer(_request("gated"), metadata=key))]
+            for _ in range(200):
+                if door.busy == 1:
+                    break
+                await asyncio.sleep(0.01)
+            waiting = [
+                asyncio.ensure_future(infer(_request("gated"), metadata=key, timeout=0.5))
+                for _ in range(3)
+            ]
+            ended = await asyncio.gather(*waiting, return_exceptions=True)
+            assert all(
+                isinstance(e, grpc.aio.AioRpcError)
+                and e.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+                for e in ended
+            ), ended
+            gated_models.GATE.set()
+            await asyncio.gather(*inside)
+        await asyncio.sleep(0.2)  # the last refusals are counted as their handlers end
+        value = server.app.metrics.get_sample_value
+        assert value("mandant_slo_requests_total", {"tenant": "a"}) == 4
+        assert value("mandant_slo_good_requests_total", {"tenant": "a"}) == 1

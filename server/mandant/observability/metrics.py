@@ -173,7 +173,13 @@ class PrometheusObserver:
     # -- Observer --------------------------------------------------------------------
 
     def request_finished(
-        self, tenant: str, model: str, code: str, duration_s: float, version: str = ""
+        self,
+        tenant: str,
+        model: str,
+        code: str,
+        duration_s: float,
+        version: str = "",
+        inference: bool = False,
     ) -> None:
         snapshot = self._directory.current
         if tenant not in snapshot.ids:
@@ -181,7 +187,7 @@ class PrometheusObserver:
         if model not in self._models:
             model = ""
         self.requests.inc((tenant, model, code))
-        if not model or code not in SLO_CODES:
+        if code not in SLO_CODES or not (model or inference):
             return
         if code == "OK":
             self.request_duration.observe((tenant, model), duration_s)

@@ -187,9 +187,15 @@ class StatsObserver:
         self._owner = owner
 
     def request_finished(
-        self, tenant: str, model: str, code: str, duration_s: float, version: str = ""
+        self,
+        tenant: str,
+        model: str,
+        code: str,
+        duration_s: float,
+        version: str = "",
+        inference: bool = False,
     ) -> None:
-        self._forward.request_finished(tenant, model, code, duration_s, version)
+        self._forward.request_finished(tenant, model, code, duration_s, version, inference)
         if model and tenant:  # an inference call that reached a model
             self._stats.record_finished(tenant, model, version, code == "OK", duration_s)
 

@@ -78,9 +78,15 @@ class FleetCounting:
         self._add = usage.add
 
     def request_finished(
-        self, tenant: str, model: str, code: str, duration_s: float, version: str = ""
+        self,
+        tenant: str,
+        model: str,
+        code: str,
+        duration_s: float,
+        version: str = "",
+        inference: bool = False,
     ) -> None:
-        self._inner.request_finished(tenant, model, code, duration_s, version)
+        self._inner.request_finished(tenant, model, code, duration_s, version, inference)
         if tenant:
             self._add(tenant, "requests", code, 1)
 

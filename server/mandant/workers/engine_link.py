@@ -318,9 +318,15 @@ class RemoteObserver:
         self._link = link
 
     def request_finished(
-        self, tenant: str, model: str, code: str, duration_s: float, version: str = ""
+        self,
+        tenant: str,
+        model: str,
+        code: str,
+        duration_s: float,
+        version: str = "",
+        inference: bool = False,
     ) -> None:
-        self._link.report("request_finished", tenant, model, code, duration_s, version)
+        self._link.report("request_finished", tenant, model, code, duration_s, version, inference)
 
     def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:
         self._link.report("request_timing", tenant, model, queue_s, compute_s)

@@ -204,6 +204,7 @@ class InferStream:
                 client_saw(self._context, code),
                 time.perf_counter() - start,
                 call.version,
+                inference=True,
             )
 
 

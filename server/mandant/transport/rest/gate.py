@@ -176,7 +176,9 @@ class RestGate:
                         self._idle.set()
                 tenant_id = call.tenant.id if call.tenant is not None else ""
                 duration_s = time.perf_counter() - start
-                observer.request_finished(tenant_id, call.model, code, duration_s, call.version)
+                observer.request_finished(
+                    tenant_id, call.model, code, duration_s, call.version, fair
+                )
 
         return handle
 
