@@ -69,6 +69,7 @@ def refunds_config() -> MandantConfig:
                 ),
                 tenant("small", quota={"rows_per_day": 5}),
                 tenant("narrow", rate_limit={"rows_per_s": 100, "rows_burst": 4}),
+                tenant("free"),  # no quota: /usage counts its rows all the same
             ],
             "models": [
                 ECHO_MODEL,
@@ -217,6 +218,16 @@ async def test_a_v2_timeout_already_past_and_undecodable_tensors_are_not_charged
     bad = await refused(stub.ModelInfer(garbled(5), metadata=key("garbled")))
     assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert used(server, "late") == used(server, "garbled") == 0
+
+
+async def test_a_tenant_without_a_quota_is_shown_its_rows_net_of_refunds(
+    server: Server, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    GATE.set()
+    await stub.ModelInfer(request("echo", 2), metadata=key("free"))
+    late = await refused(stub.ModelInfer(request("echo", 5, timeout_us=1), metadata=key("free")))
+    assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert used(server, "free") == 2  # the 5 rows refunded are not counted (it said 7)
 
 
 async def test_calls_refused_by_a_model_shutting_down_are_not_charged(

@@ -219,8 +219,20 @@ class LiveStats:
         counts[1] += rows
         counts[3] += rows
 
+    def record_refunded(self, tenant: str, rows: int) -> None:
+        """Admitted rows given back (the model did not run them): taken off today's
+        and this month's counts, as quotas give them back."""
+        counts = self._admitted.get(tenant)
+        if counts is None:
+            return
+        day, month = self._periods()
+        if counts[0] == day:
+            counts[1] = max(0, counts[1] - rows)
+        if counts[2] == month:
+            counts[3] = max(0, counts[3] - rows)
+
     def quota_used(self, tenant: str) -> dict[str, int]:
-        """Rows admitted by this process today and this month (UTC)."""
+        """Rows admitted by this process today and this month (UTC), net of refunds."""
         day, month = self._periods()
         counts = self._admitted.get(tenant, [day, 0, month, 0])
         return {

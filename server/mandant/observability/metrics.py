@@ -113,7 +113,8 @@ class PrometheusObserver:
             ["tenant", "model"],
         )  # fmt: skip
         self.admitted_rows = CounterSeries(
-            "mandant_admitted_rows", "Rows admitted (counted against quotas).",
+            "mandant_admitted_rows",
+            "Rows admitted (mandant_refunded_rows: those given back, the model did not run them).",
             ["tenant", "model"],
         )  # fmt: skip
         self.refunded_rows = CounterSeries(
@@ -231,7 +232,10 @@ class PrometheusObserver:
             self._live.record_admitted(tenant, rows)
 
     def refunded(self, tenant: str, model: str, rows: int) -> None:
-        self.refunded_rows.inc((self._tenant(tenant), self._model(model)), rows)
+        tenant = self._tenant(tenant)
+        self.refunded_rows.inc((tenant, self._model(model)), rows)
+        if self._live is not None:
+            self._live.record_refunded(tenant, rows)
 
     def rejected(self, tenant: str, reason: str, model: str = "") -> None:
         tenant, model = self._tenant(tenant), self._model(model)
