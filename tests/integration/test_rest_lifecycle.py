@@ -3,6 +3,7 @@ it stops taking connections while the calls in progress finish."""
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import logging
@@ -297,3 +298,75 @@ def test_bodies_on_their_way_are_bounded_per_caller(tmp_path: Path) -> None:
         time.sleep(0.3)
         status, _ = _infer(port, [[1.0]], model="echo")
         assert status == 200
+
+
+def _gzip_bomb(size: int) -> bytes:
+    return gzip.compress(bytes(size), compresslevel=9)
+
+
+def test_compressed_bodies_are_counted_as_they_inflate(tmp_path: Path) -> None:
+    """A gzip body of 60 KiB inflates to 60 MiB: counted by its Content-Length, eight
+    stalled ones held about a gigabyte unrefused. Counted by what they inflate to,
+    the third of a caller's is refused part way (429) and its connection closed."""
+    with _server(tmp_path, ECHO_MODEL) as server:
+        assert server.app is not None
+        port = server.app.rest_port
+        bomb = _gzip_bomb(60 << 20)
+        head = (
+            b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+            b"Content-Encoding: gzip\r\n"
+            + f"Content-Length: {len(bomb) + 1}\r\n\r\n".encode()  # one byte never comes
+        )
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        try:
+            for connection in held:
+                connection.sendall(head + bomb)
+            answers = []
+            for connection in held:
+                connection.settimeout(5)
+                try:
+                    answers.append(connection.recv(4096))
+                except TimeoutError:
+                    answers.append(b"")  # still reading: held
+            refused = [a for a in answers if a.startswith(b"HTTP/1.1 429")]
+            assert len(refused) == 1, answers
+            assert b"still on their way" in refused[0]
+            assert b"Connection: close" in refused[0]
+        finally:
+            for connection in held:
+                connection.close()
+        time.sleep(0.3)
+        status, _ = _infer(port, [[1.0]], model="echo")
+        assert status == 200
+
+
+def test_a_get_with_a_body_is_answered_without_reading_it(tmp_path: Path) -> None:
+    """The probes and other GETs take no body: one that never finishes arriving is
+    not waited for (nor held: without a key, anyone could send them)."""
+    with _server(tmp_path, ECHO_MODEL) as server:
+        assert server.app is not None
+        connection = socket.create_connection(("127.0.0.1", server.app.rest_port))
+        try:
+            connection.sendall(
+                b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"
+            )
+            connection.settimeout(5)
+            assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+        finally:
+            connection.close()
+
+
+def test_a_body_that_does_not_decode_closes_its_connection(tmp_path: Path) -> None:
+    """The rest of such a body cannot be read past: the answer says Connection: close
+    (the connection was closed without it, and a pooled client's next request on it
+    failed)."""
+    with _server(tmp_path, ECHO_MODEL) as server:
+        assert server.app is not None
+        connection = http.client.HTTPConnection("127.0.0.1", server.app.rest_port, timeout=10)
+        headers = {"Authorization": "Bearer k", "Content-Encoding": "gzip"}
+        connection.request("POST", "/v2/models/echo/infer", b"not gzip at all", headers)
+        answer = connection.getresponse()
+        assert answer.status == 400
+        assert answer.getheader("Connection") == "close"
+        answer.read()
+        connection.close()

@@ -94,6 +94,13 @@ def test_deeply_nested_json_is_invalid_not_a_crash() -> None:
         JsonInferRequest("m", "", body, None)
 
 
+def test_the_headerless_binary_form_is_refused_by_name() -> None:
+    """Triton's ``Inference-Header-Content-Length: 0`` (the body one input's raw
+    bytes) is not served: the message says so, not that the JSON is broken."""
+    with pytest.raises(InvalidInput, match="Inference-Header-Content-Length: 0"):
+        JsonInferRequest("m", "", bytes(16), "0")
+
+
 def _binary_body(arrays: dict[str, np.ndarray]) -> tuple[bytes, str]:
     head = json.dumps(
         {

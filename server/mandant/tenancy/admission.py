@@ -16,8 +16,9 @@ buckets, ``deny`` refuses with UNAVAILABLE; it probes the store again every
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
@@ -187,26 +188,40 @@ class TenantAdmission:
         self._local.retain(self._policy.scopes())
 
     async def quota_used(self, tenant: str) -> dict[str, int]:
-        """Rows counted against the tenant's own quotas (not per-model overrides) in
+        """:meth:`quotas_used` of one tenant."""
+        return (await self.quotas_used([tenant]))[tenant]
+
+    async def quotas_used(self, tenants: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Rows counted against each tenant's own quotas (not per-model overrides) in
         the current UTC day and month: every replica's, from Redis when that is the
-        store and it answers; else this process's counts."""
-        scope: Scope = (tenant, None)
+        store and it answers (one batch for all tenants: one round trip, one timeout
+        at most); else this process's counts, at once while an outage is known."""
         quotas: dict[str, tuple[str, PeriodKind]] = {
             "rows_today": ("rows_per_day", "day"),
             "rows_this_month": ("rows_per_month", "month"),
         }
-        if self._shared is not None:
+        shared = self._shared
+        if shared is not None and (not self._outage_failures or self._clock() >= self._retry_at):
+            reads = [
+                shared.used((tenant, None), name, period)
+                for tenant in tenants
+                for name, period in quotas.values()
+            ]
             try:
-                used = {
-                    label: await self._shared.used(scope, name, period)
-                    for label, (name, period) in quotas.items()
-                }
-            except StoreUnavailable:
-                self._quota_scope = "replica"
+                counts = iter(await asyncio.gather(*reads))
+            except StoreUnavailable as exc:
+                self._store_failed(shared.name, str(exc))
             else:
                 self._quota_scope = "fleet"
-                return used
-        return {label: self._local.used(scope, name) for label, (name, _) in quotas.items()}
+                return {tenant: {label: next(counts) for label in quotas} for tenant in tenants}
+        if shared is not None:
+            self._quota_scope = "replica"
+        return {
+            tenant: {
+                label: self._local.used((tenant, None), name) for label, (name, _) in quotas.items()
+            }
+            for tenant in tenants
+        }
 
     @property
     def quota_scope(self) -> str:

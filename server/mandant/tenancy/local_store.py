@@ -30,26 +30,29 @@ class LocalStore:
         self._resolved: dict[tuple[str, str], tuple[Plan, list[_Bucket], list[_Counter]]] = {}
 
     def acquire(self, plan: Plan, rows: int, wall: float) -> Denial | None:
-        """Take from every bucket and quota of ``plan``, or from none and say why.
-        Quota rows count in the UTC day and month of ``wall``."""
+        """Take from every bucket and quota of ``plan``, or from none and say why:
+        the limit with the longest wait, so that the call fits every limit when that
+        wait is over. Quota rows count in the UTC day and month of ``wall``."""
         resolved = self._resolved.get((plan.tenant, plan.model))
         if resolved is None or resolved[0] is not plan:
             resolved = self._resolve(plan)
         _, buckets, counters = resolved
         now = 0.0
+        denial: Denial | None = None
         if buckets:
             now = self._clock()
             for bucket, per_row, scope in buckets:
                 wait = bucket.wait_s(rows if per_row else 1, now)
-                if wait > 0.0:
-                    return Denial(bucket.rate, scope, wait)
-        if counters:
-            for counter, scope in counters:
-                wait = counter.wait_s(rows, wall)
-                if wait > 0.0:
-                    return Denial(counter.quota, scope, wait)
-            for counter, _ in counters:
-                counter.take(rows, wall)
+                if wait > 0.0 and (denial is None or wait > denial.retry_after_s):
+                    denial = Denial(bucket.rate, scope, wait)
+        for counter, scope in counters:
+            wait = counter.wait_s(rows, wall)
+            if wait > 0.0 and (denial is None or wait > denial.retry_after_s):
+                denial = Denial(counter.quota, scope, wait)
+        if denial is not None:
+            return denial
+        for counter, _ in counters:
+            counter.take(rows, wall)
         for bucket, per_row, _ in buckets:
             bucket.take(rows if per_row else 1, now)
         return None

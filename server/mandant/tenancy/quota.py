@@ -30,25 +30,33 @@ class Quota:
 
 @dataclass(frozen=True, slots=True)
 class Period:
-    """One calendar period: ``key`` names it (``2024-05-17``, ``2024-05``) and
-    ``reset_at`` is the wall time it ends."""
+    """One calendar period: ``key`` names it (``2024-05-17``, ``2024-05``),
+    ``reset_at`` is the wall time it ends and ``start`` the wall time it began."""
 
     key: str
     reset_at: float
+    start: float
 
 
 def period_at(kind: PeriodKind, wall: float) -> Period:
     moment = datetime.fromtimestamp(wall, UTC)
     if kind == "day":
         start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
-        end = start.timestamp() + 86400.0
-        return Period(start.strftime("%Y-%m-%d"), end)
+        begin = start.timestamp()
+        return Period(start.strftime("%Y-%m-%d"), begin + 86400.0, begin)
     year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
-    return Period(moment.strftime("%Y-%m"), datetime(year, month, 1, tzinfo=UTC).timestamp())
+    return Period(
+        moment.strftime("%Y-%m"),
+        datetime(year, month, 1, tzinfo=UTC).timestamp(),
+        datetime(moment.year, moment.month, 1, tzinfo=UTC).timestamp(),
+    )
 
 
 class PeriodTracker:
-    """The current period of one kind, recomputed only when it ends (O(1) per call)."""
+    """The current period of one kind, recomputed only when it ends (O(1) per call).
+    ``at`` gives the period of any moment: one before the current period (a call
+    charged before midnight and refunded after it) is computed, and the tracker
+    stays where it is."""
 
     __slots__ = ("_current", "kind")
 
@@ -60,6 +68,8 @@ class PeriodTracker:
         current = self._current
         if wall >= current.reset_at:
             current = self._current = period_at(self.kind, wall)
+        elif wall < current.start:
+            return period_at(self.kind, wall)
         return current
 
 

@@ -1,17 +1,31 @@
 """Buckets and quota counts in Redis, shared by every replica.
 
-One Lua script per call (the calls of one event-loop turn sent as one pipeline),
-atomic in Redis: it refills each bucket from Redis' own
-``TIME`` (replicas' clocks do not matter), checks every bucket and quota, and then
-either takes from all of them (bucket state in a hash with an expiry; quotas with
-``INCRBY`` + ``EXPIREAT``) or from none and says which limit refused and the wait.
-Quota keys name their UTC period (``…:rows_per_day:2024-05-17``), so a new period
-starts at zero and old ones expire. A call admitted but then not run is refunded by a
-second script on the same keys and arguments: tokens back up to each bucket's burst,
-quota rows back in the period they were counted in (``DECRBY``, never below zero).
-A caller cancelled while its acquire was on the way is refunded the same way. Every
-key of one tenant carries the hash tag ``{tenant}``, so a call's keys share one Redis
+One Lua script per call (the calls of one event-loop turn written to one connection
+at once: one round trip), atomic in Redis: it refills each bucket from Redis' own
+``TIME``, checks every bucket and quota, and then either takes from all of them
+(bucket state in a hash with an expiry; quotas with ``INCRBY`` + ``EXPIREAT``) or
+from none and says which limit has the longest wait, and that wait. Quota keys name
+their UTC period (``…:rows_per_day:2024-05-17``), so a new period starts at zero and
+old ones expire. A call admitted but then not run is refunded by a second script on
+the same keys (those of the period it was charged in, even after midnight): tokens
+back up to each bucket's burst, quota rows back (``DECRBY``, never below zero). A
+caller cancelled while its acquire was on the way is refunded the same way. Every key
+of one tenant carries the hash tag ``{tenant}``, so a call's keys share one Redis
 Cluster slot.
+
+Each call of a turn is decided by its own reply: an error reply (``OOM`` near
+``maxmemory``, ``NOSCRIPT`` after a restart: the script is loaded and the call sent
+again) fails that call only; the others stand as Redis decided them.
+
+Work that arrives too late is not charged: an acquire carries the time, on Redis' own
+clock, after which it must not take anything (``VALID_SHARE`` of ``timeout_ms`` after
+it was written; this replica's offset to Redis' ``TIME`` is measured on connecting
+and every ``CLOCK_SYNC_S``, so neither host's clock setting matters). A stalled Redis
+that runs it when it wakes, after this replica gave up on it (refused it, or charged
+it locally), takes nothing. A refund that never left this process (no connection)
+is kept and sent with the next batch that reaches Redis; one that was written but
+not answered is not sent again (Redis runs it when it wakes; sent twice it could give
+back twice).
 
 Every Redis or socket failure becomes :class:`StoreUnavailable` here.
 """
@@ -19,15 +33,23 @@ Every Redis or socket failure becomes :class:`StoreUnavailable` here.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Literal
 
 import redis.asyncio as redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 
 from mandant.config import LimitsConfig
 from mandant.tenancy.limits import Clock
@@ -36,19 +58,22 @@ from mandant.tenancy.quota import WALL, PeriodKind, PeriodTracker
 
 logger = logging.getLogger(__name__)
 
-#: KEYS: bucket keys, then quota keys. ARGV: #buckets, #quotas, then per bucket
-#: (rate, burst, cost), then per quota (limit, cost, expire_at). Returns {0, "0"}
-#: when admitted, else {i, wait_s} with i the 1-based index of the refusing key
-#: (wait_s is "-1" for quotas: the caller knows when its period ends).
+#: KEYS: bucket keys, then quota keys. ARGV: the time (Redis' clock, seconds) after
+#: which nothing may be taken, #buckets, #quotas, then per bucket (rate, burst, cost),
+#: then per quota (limit, cost, expire_at, wait_s if it refuses). Returns {0, "0"}
+#: when admitted, {-1, "0"} when it ran too late (nothing taken), else {i, wait_s}
+#: with i the 1-based index of the limit with the longest wait.
 ACQUIRE_LUA = """
-local nb = tonumber(ARGV[1])
-local nq = tonumber(ARGV[2])
 local clock = redis.call('TIME')
 local stamp = clock[1] .. '.' .. string.format('%06d', tonumber(clock[2]))
 local now = tonumber(stamp)
+if now > tonumber(ARGV[1]) then return {-1, '0'} end
+local nb = tonumber(ARGV[2])
+local nq = tonumber(ARGV[3])
 local levels = {}
+local refuse, longest = 0, 0
 for i = 1, nb do
-  local base = 2 + 3 * (i - 1)
+  local base = 3 + 3 * (i - 1)
   local rate = tonumber(ARGV[base + 1])
   local burst = tonumber(ARGV[base + 2])
   local need = tonumber(ARGV[base + 3])
@@ -61,21 +86,23 @@ for i = 1, nb do
     level = level + (now - ts) * rate
   end
   if level > burst then level = burst end
-  if level < need then
-    return {i, string.format('%.17g', (need - level) / rate)}
+  if level < need and (need - level) / rate > longest then
+    refuse, longest = i, (need - level) / rate
   end
   levels[i] = level
 end
-local qbase = 2 + 3 * nb
+local qbase = 3 + 3 * nb
 for j = 1, nq do
-  local base = qbase + 3 * (j - 1)
+  local base = qbase + 4 * (j - 1)
   local used = tonumber(redis.call('GET', KEYS[nb + j]) or '0')
   if used + tonumber(ARGV[base + 2]) > tonumber(ARGV[base + 1]) then
-    return {nb + j, '-1'}
+    local wait = tonumber(ARGV[base + 4])
+    if refuse == 0 or wait > longest then refuse, longest = nb + j, wait end
   end
 end
+if refuse > 0 then return {refuse, string.format('%.17g', longest)} end
 for i = 1, nb do
-  local base = 2 + 3 * (i - 1)
+  local base = 3 + 3 * (i - 1)
   local rate = tonumber(ARGV[base + 1])
   local burst = tonumber(ARGV[base + 2])
   local left = levels[i] - tonumber(ARGV[base + 3])
@@ -83,24 +110,25 @@ for i = 1, nb do
   redis.call('PEXPIRE', KEYS[i], math.ceil(burst / rate * 1000) + 1000)
 end
 for j = 1, nq do
-  local base = qbase + 3 * (j - 1)
+  local base = qbase + 4 * (j - 1)
   redis.call('INCRBY', KEYS[nb + j], ARGV[base + 2])
   redis.call('EXPIREAT', KEYS[nb + j], ARGV[base + 3])
 end
 return {0, '0'}
 """
 
-#: ACQUIRE_LUA's KEYS and ARGV; gives back each bucket's cost (up to its burst; a
-#: bucket whose key expired is full already) and each quota's cost (a quota key that
-#: expired belongs to a period that is over). Returns 0.
+#: ACQUIRE_LUA's KEYS and ARGV (the time in ARGV[1] does not apply: a refund written
+#: to Redis is due whenever Redis runs it); gives back each bucket's cost (up to its
+#: burst; a bucket whose key expired is full already) and each quota's cost (a quota
+#: key that expired belongs to a period that is long over). Returns 0.
 REFUND_LUA = """
-local nb = tonumber(ARGV[1])
-local nq = tonumber(ARGV[2])
+local nb = tonumber(ARGV[2])
+local nq = tonumber(ARGV[3])
 local clock = redis.call('TIME')
 local stamp = clock[1] .. '.' .. string.format('%06d', tonumber(clock[2]))
 local now = tonumber(stamp)
 for i = 1, nb do
-  local base = 2 + 3 * (i - 1)
+  local base = 3 + 3 * (i - 1)
   local rate = tonumber(ARGV[base + 1])
   local burst = tonumber(ARGV[base + 2])
   local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
@@ -114,11 +142,11 @@ for i = 1, nb do
     redis.call('PEXPIRE', KEYS[i], math.ceil(burst / rate * 1000) + 1000)
   end
 end
-local qbase = 2 + 3 * nb
+local qbase = 3 + 3 * nb
 for j = 1, nq do
   local raw = redis.call('GET', KEYS[nb + j])
   if raw then
-    local give = math.min(tonumber(raw), tonumber(ARGV[qbase + 3 * (j - 1) + 2]))
+    local give = math.min(tonumber(raw), tonumber(ARGV[qbase + 4 * (j - 1) + 2]))
     if give > 0 then redis.call('DECRBY', KEYS[nb + j], give) end
   end
 end
@@ -127,23 +155,57 @@ return 0
 
 #: Quota keys outlive their period by this much (clock skew between replicas).
 QUOTA_KEY_GRACE_S = 3600
+#: An acquire must run in Redis within this share of ``timeout_ms`` after it was
+#: written, or it takes nothing: the rest covers the error of the clock offset and
+#: the reply's way back, so that what this replica gave up on stays uncharged.
+VALID_SHARE = 0.8
+#: This replica's clock is compared with Redis' ``TIME`` again after this long.
+CLOCK_SYNC_S = 30.0
+#: Refunds kept while Redis cannot be reached, at most (then the oldest are logged
+#: as lost).
+MAX_KEPT_REFUNDS = 100_000
+
+_SCRIPTS: Final = {
+    "acquire": (hashlib.sha1(ACQUIRE_LUA.encode()).hexdigest(), ACQUIRE_LUA),
+    "refund": (hashlib.sha1(REFUND_LUA.encode()).hexdigest(), REFUND_LUA),
+}
+#: What a failed operation of this module's client raises.
+_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+class _Unanswered:
+    """A call's reply that never came: ``sent`` says whether it was written."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self, sent: bool) -> None:
+        self.sent = sent
+
+
+_UNSENT: Final = _Unanswered(sent=False)
+_LOST: Final = _Unanswered(sent=True)
+
+_Kind = Literal["acquire", "refund", "get"]
 
 
 @dataclass(frozen=True, slots=True)
 class _Call:
-    """One script call waiting for the next pipeline, and the future of its reply."""
+    """One operation waiting for the next batch, and the future of its reply (None
+    for a refund: nobody waits for it)."""
 
-    script: AsyncScript
+    kind: _Kind
     keys: list[str]
-    args: list[Any]
-    future: asyncio.Future[Any]
+    args: list[float | int | str]
+    future: asyncio.Future[Any] | None
 
 
-def _refund_done(future: asyncio.Future[Any]) -> None:
-    """A refund is not awaited by anyone: a failed one is logged here (the tokens
-    refill anyway; the quota rows stay counted)."""
-    if not future.cancelled() and future.exception() is not None:
-        logger.warning("limits store redis: a refund was lost (%s)", future.exception())
+def _never_ran(error: ResponseError) -> bool:
+    """Whether Redis refused a script before it wrote anything (so sending it again
+    cannot count it twice): out of memory (checked at a script's first write), a
+    read-only replica, a missing script, busy with another script."""
+    return isinstance(error, OutOfMemoryError | ReadOnlyError | NoScriptError) or str(
+        error
+    ).startswith("BUSY")
 
 
 def redis_client(config: LimitsConfig) -> redis.Redis:
@@ -174,34 +236,55 @@ class RedisStore:
 
     def __init__(self, config: LimitsConfig, wall: Clock = WALL) -> None:
         self._client = redis_client(config)
-        self._acquire_script = self._client.register_script(ACQUIRE_LUA)
-        self._refund_script = self._client.register_script(REFUND_LUA)
         self._prefix = config.key_prefix
         self._wall = wall
+        self._timeout_s = config.timeout_ms / 1000.0
         self._periods = period_trackers(wall())
         self._bucket_keys: dict[tuple[str, str], tuple[Plan, list[str]]] = {}
         self._pending: list[_Call] = []
+        self._kept: list[_Call] = []  # refunds that never reached Redis
         self._sending: set[asyncio.Task[None]] = set()
+        # Redis' TIME minus time.monotonic(), at most (measured so that a deadline
+        # computed with it is never later, on Redis' clock, than meant), and until
+        # when that measure is used.
+        self._offset_s: float | None = None
+        self._offset_until = 0.0
 
     async def start(self) -> None:
-        """Load the script; an unreachable Redis is not fatal (admission falls back)."""
+        """Load the scripts and read Redis' clock; an unreachable Redis is not fatal
+        (admission falls back; both are done again when needed)."""
+        pool = self._client.connection_pool
         try:
-            for script in (ACQUIRE_LUA, REFUND_LUA):
-                await self._client.script_load(script)
-        except (RedisError, OSError, TimeoutError) as exc:
+            connection = await self._connection()
+            try:
+                await self._load_scripts(connection)
+                await self._sync_clock(connection)
+            finally:
+                await pool.release(connection)
+        except _ERRORS as exc:
             logger.warning("limits store redis not reachable at start: %s", type(exc).__name__)
 
     async def aclose(self) -> None:
-        while self._sending or self._pending:  # refunds the last replies queued, too
+        await self._drain()  # refunds the last replies queued, too
+        if self._kept:  # one more try for the refunds Redis has not had
+            self._flush()
+            await self._drain()
+        if self._kept:
+            logger.warning(
+                "limits store redis: %d refunds never reached Redis (closing)", len(self._kept)
+            )
+        await self._client.aclose()
+
+    async def _drain(self) -> None:
+        while self._sending or self._pending:
             if self._sending:
                 await asyncio.gather(*self._sending, return_exceptions=True)
             else:
                 await asyncio.sleep(0)
-        await self._client.aclose()
 
     async def acquire(self, plan: Plan, rows: int, wall: float) -> Denial | None:
         keys, args, resets = self._arguments(plan, rows, wall)
-        index, wait = await self._batched(self._acquire_script, keys, args)
+        index, wait = await self._batched("acquire", keys, args)
         index = int(index)
         if index == 0:
             return None
@@ -214,12 +297,20 @@ class RedisStore:
 
     def refund(self, plan: Plan, rows: int, wall: float) -> None:
         keys, args, _ = self._arguments(plan, rows, wall)
-        self._batched(self._refund_script, keys, args).add_done_callback(_refund_done)
+        self._queue(_Call("refund", keys, args, None))
+
+    async def used(self, scope: Scope, quota_name: str, period: PeriodKind) -> int:
+        """Rows counted against one quota in its current period; the reads of one
+        event-loop turn (a usage report's, for every tenant) go in one batch."""
+        current = self._periods[period].at(self._wall())
+        key = f"{_scope_part(self._prefix, scope)}:{quota_name}:{current.key}"
+        return int(await self._batched("get", [key], []) or 0)
 
     def _arguments(
         self, plan: Plan, rows: int, wall: float
     ) -> tuple[list[str], list[float | int | str], list[float]]:
-        """The scripts' KEYS and ARGV for one call, and when each quota period ends."""
+        """The scripts' KEYS and ARGV (but the deadline) for one call, and when each
+        quota period ends. Quota keys are those of the period of ``wall``."""
         cached = self._bucket_keys.get((plan.tenant, plan.model))
         if cached is None or cached[0] is not plan:
             cached = self._bucket_keys[(plan.tenant, plan.model)] = (
@@ -234,61 +325,164 @@ class RedisStore:
         for scope, quota in plan.quotas:
             period = self._periods[quota.period].at(wall)
             keys.append(f"{_scope_part(self._prefix, scope)}:{quota.name}:{period.key}")
-            args += (quota.limit, rows, int(period.reset_at) + QUOTA_KEY_GRACE_S)
+            expire_at = int(period.reset_at) + QUOTA_KEY_GRACE_S
+            args += (quota.limit, rows, expire_at, max(0.0, period.reset_at - wall))
             resets.append(period.reset_at)
         return keys, args, resets
 
     def _batched(
-        self, script: AsyncScript, keys: list[str], args: list[float | int | str]
+        self, kind: _Kind, keys: list[str], args: list[float | int | str]
     ) -> asyncio.Future[Any]:
-        """The script's reply for one call. Calls made in the same turn of the event
-        loop go to Redis together, as one pipeline: one round trip, one socket write
-        and read, instead of one per call (each script still runs atomically)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(_Call(script, keys, args, future))
-        if len(self._pending) == 1:
-            loop.call_soon(self._flush)
+        """The reply of one operation. Operations made in the same turn of the event
+        loop go to Redis together: one socket write and one round trip, instead of
+        one per call (each script still runs atomically)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue(_Call(kind, keys, args, future))
         return future
 
+    def _queue(self, call: _Call) -> None:
+        self._pending.append(call)
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        task = asyncio.get_running_loop().create_task(self._send(pending))
+        calls, self._pending = self._kept + self._pending, []
+        self._kept = []
+        task = asyncio.get_running_loop().create_task(self._send(calls))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _send(self, pending: list[_Call]) -> None:
+    async def _send(self, calls: list[_Call]) -> None:
+        pool = self._client.connection_pool
         try:
-            if len(pending) == 1:
-                call = pending[0]
-                replies = [await call.script(keys=call.keys, args=call.args)]
-            else:  # the pipeline gives its connection back however it ends
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for call in pending:
-                        await call.script(keys=call.keys, args=call.args, client=pipe)
-                    replies = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
-            await self._client.connection_pool.disconnect(inuse_connections=False)
-            error = StoreUnavailable(f"redis: {type(exc).__name__}")
-            error.__cause__ = exc
-            for call in pending:
-                if not call.future.done():
-                    call.future.set_exception(error)
+            connection = await self._connection()
+        except _ERRORS as exc:  # nothing was written
+            await pool.disconnect(inuse_connections=False)
+            self._settle(calls, [_UNSENT] * len(calls), exc)
             return
-        for call, reply in zip(pending, replies, strict=True):
-            if not call.future.done():
-                call.future.set_result(reply)
-            elif call.script is self._acquire_script and int(reply[0]) == 0:
-                # Its caller was cancelled while Redis admitted it: nothing will run.
-                self._batched(self._refund_script, call.keys, call.args).add_done_callback(
-                    _refund_done
-                )
-
-    async def used(self, scope: Scope, quota_name: str, period: PeriodKind) -> int:
-        current = self._periods[period].at(self._wall())
-        key = f"{_scope_part(self._prefix, scope)}:{quota_name}:{current.key}"
         try:
-            value = await self._client.get(key)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
-        return int(value or 0)
+            replies, failure = await self._exchange(connection, calls)
+        finally:
+            await pool.release(connection)
+        if failure is not None:
+            self._offset_s = None  # measured again on the next connection
+            await pool.disconnect(inuse_connections=False)
+        self._settle(calls, replies, failure)
+
+    async def _connection(self) -> AbstractConnection:
+        """A connection from the pool that Redis has not closed: one it closed (Redis
+        restarted or went away) is made again here, so that a write to a dead peer
+        never passes for a command sent."""
+        pool = self._client.connection_pool
+        connection: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            if await connection.can_read():  # closed by Redis (or data nobody asked for)
+                await connection.disconnect()
+                await connection.connect()  # type: ignore[no-untyped-call]
+        except BaseException:
+            await pool.release(connection)
+            raise
+        return connection
+
+    async def _exchange(
+        self, connection: AbstractConnection, calls: list[_Call]
+    ) -> tuple[list[Any], BaseException | None]:
+        """Each call's reply (an error reply as its exception, ``_UNSENT`` or
+        ``_LOST`` where none came), and the failure that ended the exchange early.
+        Acquires carry a deadline on Redis' clock; the replies are awaited for at
+        most ``timeout_ms`` from the write, which is after that deadline."""
+        replies: list[Any] = [_UNSENT] * len(calls)
+        try:
+            if self._offset_s is None or time.monotonic() >= self._offset_until:
+                await self._sync_clock(connection)
+            assert self._offset_s is not None
+            written_at = time.monotonic()
+            deadline = f"{self._offset_s + written_at + VALID_SHARE * self._timeout_s:.6f}"
+            todo = list(range(len(calls)))
+            async with asyncio.timeout(self._timeout_s):
+                while todo:
+                    commands = [self._command(calls[i], deadline) for i in todo]
+                    for i in todo:
+                        replies[i] = _LOST
+                    await connection.send_packed_command(
+                        connection.pack_commands(commands), check_health=False
+                    )
+                    for i in todo:
+                        replies[i] = await _reply(connection)
+                    todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+                    if todo:  # Redis restarted: load the scripts, send those calls again
+                        await self._load_scripts(connection)
+        except _ERRORS as exc:
+            await connection.disconnect()
+            return replies, exc
+        return replies, None
+
+    @staticmethod
+    def _command(call: _Call, deadline: str) -> tuple[float | int | str, ...]:
+        if call.kind == "get":
+            return ("GET", call.keys[0])
+        sha, _ = _SCRIPTS[call.kind]
+        return ("EVALSHA", sha, len(call.keys), *call.keys, deadline, *call.args)
+
+    async def _load_scripts(self, connection: AbstractConnection) -> None:
+        for _, script in _SCRIPTS.values():
+            await connection.send_command("SCRIPT", "LOAD", script, check_health=False)
+            await connection.read_response()
+
+    async def _sync_clock(self, connection: AbstractConnection) -> None:
+        """Measure Redis' TIME against time.monotonic(): Redis read its clock at some
+        moment before the reply came, so ``TIME - received`` is at most the offset
+        (a deadline made with it falls early, never late, by the round trip)."""
+        await connection.send_command("TIME", check_health=False)
+        seconds, micros = await connection.read_response()
+        received = time.monotonic()
+        self._offset_s = int(seconds) + int(micros) / 1e6 - received
+        self._offset_until = received + CLOCK_SYNC_S
+
+    def _settle(
+        self, calls: list[_Call], replies: list[Any], failure: BaseException | None
+    ) -> None:
+        for call, reply in zip(calls, replies, strict=True):
+            if call.future is None:
+                self._settle_refund(call, reply, failure)
+                continue
+            if call.future.done():  # its caller was cancelled meanwhile
+                if call.kind == "acquire" and isinstance(reply, list) and int(reply[0]) == 0:
+                    self._queue(_Call("refund", call.keys, call.args, None))  # nothing runs
+                continue
+            if isinstance(reply, _Unanswered):
+                error = StoreUnavailable(f"redis: {type(failure).__name__}")
+                error.__cause__ = failure
+            elif isinstance(reply, ResponseError):
+                error = StoreUnavailable(f"redis: {type(reply).__name__}")
+                error.__cause__ = reply
+            elif call.kind == "acquire" and int(reply[0]) == -1:
+                # Redis ran it after its deadline (a stall, or Redis' clock moved):
+                # it took nothing; the clock is measured again.
+                self._offset_s = None
+                error = StoreUnavailable("redis: too slow (the call passed its deadline)")
+            else:
+                call.future.set_result(reply)
+                continue
+            call.future.set_exception(error)
+
+    def _settle_refund(self, call: _Call, reply: Any, failure: BaseException | None) -> None:
+        if reply is _UNSENT or (isinstance(reply, ResponseError) and _never_ran(reply)):
+            if len(self._kept) < MAX_KEPT_REFUNDS:
+                self._kept.append(call)  # goes with the next batch
+            else:
+                logger.warning("limits store redis: a refund was lost (too many kept)")
+        elif isinstance(reply, _Unanswered | ResponseError):
+            logger.warning(
+                "limits store redis: a refund was sent but not answered (%s); Redis applies "
+                "it if it ran it",
+                type(reply if isinstance(reply, ResponseError) else failure).__name__,
+            )
+
+
+async def _reply(connection: AbstractConnection) -> Any:
+    """The next reply on ``connection``; an error reply is returned, not raised."""
+    try:
+        return await connection.read_response()
+    except ResponseError as exc:
+        return exc

@@ -123,6 +123,11 @@ class JsonInferRequest:
         self.model_version = model_version
         view = memoryview(body)
         json_end = len(body) if header_length is None else _json_length(header_length, len(body))
+        if json_end == 0 and header_length is not None:
+            raise InvalidInput(
+                "Inference-Header-Content-Length: 0 (a body of one input's raw bytes, no "
+                "JSON header) is not supported: send the JSON header, with binary_data_size"
+            )
         if json_end > max_json_bytes:
             raise BodyTooLarge(
                 f"the request's JSON is larger than {max_json_bytes} bytes: send large "

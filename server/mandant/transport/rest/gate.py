@@ -80,6 +80,24 @@ BODY_RETRY_S = 1.0
 BODIES_REASON = "request_bodies"
 
 
+#: Where the gate leaves a request's body (``body_of``), and marks one it stopped
+#: reading part way.
+BODY = web.RequestKey("mandant.body", bytes)
+CUT = web.RequestKey("mandant.body_cut", bool)
+
+
+def body_of(request: web.Request) -> bytes:
+    """The body the gate read (empty for a request without one)."""
+    body: bytes = request.get(BODY, b"")
+    return body
+
+
+class UnreadableBody(InvalidInput):
+    """A request body that cannot be read to its end (it does not decode, or its
+    framing is broken): the connection closes after the answer, a client's next
+    request on it would be read from the middle of this one."""
+
+
 class BodiesOnTheirWay(RateLimited):
     """A caller's request bodies on their way are at :data:`BODIES_PER_TENANT`."""
 
@@ -136,7 +154,7 @@ class RestGate:
             try:
                 if access is not Access.OPEN:
                     call.tenant = self._caller(access, request)
-                if request.body_exists:
+                if request.body_exists and request.method == "POST":  # GETs take none
                     tenant_id = call.tenant.id if call.tenant is not None else ""
                     await self._read_body(request, tenant_id)  # behaviours read it then
                 self._cap.enter(self._door, call.tenant.id if call.tenant is not None else "")
@@ -149,14 +167,20 @@ class RestGate:
                 return await behavior(request, call)
             except BodyTooLarge as exc:
                 code = code_for(exc)
-                return error_response(413, str(exc))
+                too_large = error_response(413, str(exc))
+                if CUT in request:
+                    too_large.force_close()
+                return too_large
             except MandantError as exc:
                 code = code_for(exc)
                 tenant_id = call.tenant.id if call.tenant is not None else ""
                 count_if_busy(observer, tenant_id, exc)
                 if isinstance(exc, BodiesOnTheirWay):
                     observer.rejected(tenant_id, BODIES_REASON)
-                return error_response(http_status(code), str(exc), error_headers(exc))
+                response = error_response(http_status(code), str(exc), error_headers(exc))
+                if isinstance(exc, UnreadableBody) or CUT in request:
+                    response.force_close()  # the rest of the body cannot be read past
+                return response
             except asyncio.CancelledError:  # the client went away
                 code = "CANCELLED"
                 raise
@@ -183,10 +207,53 @@ class RestGate:
         return handle
 
     async def _read_body(self, request: web.Request, tenant_id: str) -> None:
+        """Read the body into ``request[BODY]``, counting it against the bounds on
+        bodies on their way: a body of a known length sent as it is, whole before a
+        byte is read (a third of the largest is refused at once); a compressed one
+        (up to ``max_body`` once inflated, whatever its length) or one of unknown
+        length, as its bytes arrive (refused part way, the connection closed)."""
         length = request.content_length
         if length is not None and length > self._max_body:
             raise BodyTooLarge(f"request body is larger than {self._max_body} bytes")
-        size = self._max_body if length is None else length
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        whole = length is not None and encoding in ("", "identity")
+        held = 0
+        try:
+            if whole and length:
+                self._hold(tenant_id, length)
+                held = length
+            body = bytearray()
+            while chunk := await request.content.readany():
+                body += chunk
+                if len(body) > self._max_body:
+                    request[CUT] = True
+                    raise BodyTooLarge(f"request body is larger than {self._max_body} bytes")
+                if len(body) > held:
+                    try:
+                        self._hold(tenant_id, len(body) - held)
+                    except MandantError:
+                        request[CUT] = True  # the rest of it stays unread
+                        raise
+                    held = len(body)
+            request[BODY] = bytes(body)
+        except (RequestPayloadError, HttpProcessingError) as exc:  # aiohttp's wrapper, or not
+            if isinstance(exc.__cause__ or exc, ContentEncodingError):  # not gzip, say
+                raise UnreadableBody(
+                    "the request body does not decode as its Content-Encoding says"
+                ) from None
+            raise UnreadableBody("the request body is malformed") from None
+        finally:
+            if held:
+                left = self._reading[tenant_id] - held
+                if left:
+                    self._reading[tenant_id] = left
+                else:
+                    del self._reading[tenant_id]
+                self._reading_total -= held
+
+    def _hold(self, tenant_id: str, size: int) -> None:
+        """Count ``size`` more bytes of ``tenant_id``'s bodies on their way, or refuse
+        (what it holds already is its own: a body alone is never refused)."""
         reading = self._reading.get(tenant_id, 0)
         if reading and reading + size > BODIES_PER_TENANT * self._max_body:
             raise BodiesOnTheirWay(
@@ -201,27 +268,6 @@ class RestGate:
             )
         self._reading[tenant_id] = reading + size
         self._reading_total += size
-        try:
-            await self._read_whole(request)
-        finally:
-            left = self._reading[tenant_id] - size
-            if left:
-                self._reading[tenant_id] = left
-            else:
-                del self._reading[tenant_id]
-            self._reading_total -= size
-
-    async def _read_whole(self, request: web.Request) -> None:
-        try:
-            await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise BodyTooLarge(f"request body is larger than {self._max_body} bytes") from None
-        except (RequestPayloadError, HttpProcessingError) as exc:  # aiohttp's wrapper, or not
-            if isinstance(exc.__cause__ or exc, ContentEncodingError):  # not gzip, say
-                raise InvalidInput(
-                    "the request body does not decode as its Content-Encoding says"
-                ) from None
-            raise InvalidInput("the request body is malformed") from None
 
     def _caller(self, access: Access, request: web.Request) -> Tenant | None:
         """The tenant of a tenant key (or, without a key, of a verified client

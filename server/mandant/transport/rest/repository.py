@@ -19,7 +19,7 @@ from aiohttp import web
 
 from mandant.errors import InvalidInput
 from mandant.service import DataPlane
-from mandant.transport.rest.gate import Access, RestGate
+from mandant.transport.rest.gate import Access, RestGate, body_of
 from mandant.types import Call
 
 
@@ -55,11 +55,11 @@ def add_repository_routes(routes: web.UrlDispatcher, gate: RestGate, plane: Data
 
 async def _body(request: web.Request) -> dict[str, Any]:
     """The request's JSON object ({} for an empty body); InvalidInput otherwise."""
-    text = await request.text()
-    if not text.strip():
+    raw = body_of(request)
+    if not raw.strip():
         return {}
     try:
-        body = json.loads(text)
+        body = json.loads(raw)
     except (ValueError, RecursionError):  # JSONDecodeError, or nested too deeply
         raise InvalidInput("the request body is not valid JSON") from None
     if not isinstance(body, dict):

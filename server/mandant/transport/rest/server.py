@@ -44,6 +44,7 @@ from mandant.transport.rest.gate import (
     AdminAuthenticator,
     CertificateAuthenticator,
     RestGate,
+    body_of,
     error_response,
 )
 from mandant.transport.rest.repository import add_repository_routes
@@ -202,7 +203,7 @@ class RestServer:
         return web.json_response({"model_stats": [_json(s) for s in stats]})
 
     async def _infer(self, request: web.Request, call: Call) -> web.Response:
-        body = await request.read()  # read by the gate, within the size limit
+        body = body_of(request)  # read by the gate, within the size limit
         name, version = _model_of(request)
         infer_request = JsonInferRequest(
             name,
