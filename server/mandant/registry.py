@@ -325,6 +325,8 @@ class ModelRegistry:
         if not versions:
             raise ModelNotFound(name)
         if version:
+            if version.isascii() and version.isdigit():
+                version = str(int(version))  # "01" is version 1, as Triton reads it
             for model in versions:
                 if model.key.version == version:
                     return model

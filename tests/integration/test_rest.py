@@ -571,13 +571,37 @@ def test_a_json_part_over_max_json_bytes_is_413_and_binary_data_is_not_bounded(
 
 
 @pytest.mark.parametrize(
-    ("method", "path"),
-    [("GET", "/"), ("GET", "/v3"), ("GET", "/v2/models"), ("GET", "/v2/models/echo/infer")],
+    ("method", "path"), [("GET", "/"), ("GET", "/v3"), ("GET", "/v2/models"), ("POST", "/v2/x")]
 )
 def test_unknown_routes_are_404(server: Server, method: str, path: str) -> None:
     status, _, body = call(server, method, path, None, auth("acme"))
     assert status == 404
     assert error_of(body) == "no such endpoint"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("GET", "/v2/models/echo/infer", "POST"),
+        ("POST", "/v2/models/echo", "GET"),
+        ("PUT", "/v2/health/ready", "GET"),
+    ],
+)
+def test_a_known_path_with_another_method_is_405(
+    server: Server, method: str, path: str, allowed: str
+) -> None:
+    """As Triton answers (it was 404, as for a path that does not exist)."""
+    status, headers, body = call(server, method, path, None, auth("acme"))
+    assert status == 405
+    assert allowed in headers["Allow"]
+    assert error_of(body) == f"{method} is not served here; {headers['Allow']} is"
+
+
+def test_a_version_with_leading_zeros_is_that_version(server: Server) -> None:
+    """Triton reads versions as integers: ``01`` is version 1."""
+    status, _, body = call(server, "GET", "/v2/models/echo/versions/01", None, auth("acme"))
+    assert status == 200, body
+    assert json.loads(body)["versions"] == ["1"]
 
 
 def test_answers_are_counted_under_grpc_status_names(server: Server) -> None:

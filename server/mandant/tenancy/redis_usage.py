@@ -5,14 +5,25 @@ Per tenant and UTC period, one hash (``{prefix}:{tenant}:usage:day:2024-05-17`` 
 ``…:usage:month:2024-05``) with fields ``requests:<code>``, ``rows:<model>``,
 ``compute_seconds:<model>`` and ``rejections:<reason>``. The request path only adds to
 a dict in this process (:meth:`RedisUsage.add`); every ``flush_interval_s`` the sums
-go to Redis in one pipeline, as the admits go in one pipeline per loop turn: one
-script per tenant (its day and month hashes share the tenant's hash tag, so one
-Redis Cluster slot) that adds every field to both and sets their expiry. Counts that
-Redis did not take stay here and go with the next flush (a Redis outage delays them,
-loses none while this process lives); a graceful stop flushes the rest. A flush
-counts its sums in the period it runs in (a call just before midnight UTC may land in
-the next day: by at most ``flush_interval_s``). Day hashes expire 35 days after
-their day, month hashes 400 days after their month.
+go to Redis in one pipeline: one script per tenant (its hashes share the tenant's
+hash tag, so one Redis Cluster slot) that adds every field to both and sets their
+expiry. A flush counts its sums in the period it runs in (a call just before midnight
+UTC may land in the next day: by at most ``flush_interval_s``). Day hashes expire 35
+days after their day, month hashes 400 days after their month.
+
+Each tenant's sums are counted once, whatever fails:
+
+- a tenant whose script Redis refused (an error reply, such as ``OOM`` near
+  ``maxmemory``) took nothing: its sums go with the next flush; the other tenants of
+  that flush are counted;
+- a flush whose replies never came (a timeout, a dropped connection: Redis may have
+  applied it, or not) is sent again, the same sums under the same sequence number:
+  each of this process's flushes has one, and the script applies a tenant's sums only
+  if its marker key (``…:usage:flushed:<replica>``, kept ``MARKER_KEEP_S``) holds a
+  smaller one. A tenant's newer sums wait until that flush is settled.
+
+A Redis outage delays the counts and loses none while this process lives; a graceful
+stop flushes the rest. Counts this process held when it died are lost.
 """
 
 from __future__ import annotations
@@ -20,9 +31,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from mandant.config import LimitsConfig
 from mandant.tenancy.limits import Clock
@@ -35,17 +49,24 @@ logger = logging.getLogger(__name__)
 FLUSH_INTERVAL_S = 1.0
 #: How long a period's hash outlives the period, in seconds.
 KEEP_S: dict[PeriodKind, int] = {"day": 35 * 86400, "month": 400 * 86400}
+#: How long a tenant's flush marker outlives this process's last flush for it: a
+#: flush sent again later than this (Redis unreachable for so long after a reply was
+#: lost) could count twice.
+MARKER_KEEP_S = 7 * 86400
 #: The periods a fleet report gives, by their name in the report.
 PERIODS: dict[str, PeriodKind] = {"today": "day", "this_month": "month"}
 
 #: (tenant, figure, label) → amount, as :meth:`RedisUsage.add` sums them.
 Counts = dict[tuple[str, str, str], float]
 
-#: KEYS: a tenant's day and month hashes. ARGV: their expiry times (epoch s), then
-#: field, amount pairs (an amount with a '.' or an exponent is added as a float).
+#: KEYS: a tenant's day and month hashes, then this process's marker for it. ARGV:
+#: the hashes' expiry times (epoch s), the flush's sequence number, the marker's
+#: lifetime (s), then field, amount pairs (an amount with a '.' or an exponent is
+#: added as a float). Returns 1 if the marker says this flush was applied already.
 FLUSH_LUA = """
-for k = 1, #KEYS do
-  for i = 3, #ARGV, 2 do
+if tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[3]) then return 1 end
+for k = 1, 2 do
+  for i = 5, #ARGV, 2 do
     if string.find(ARGV[i + 1], '[.eE]') then
       redis.call('HINCRBYFLOAT', KEYS[k], ARGV[i], ARGV[i + 1])
     else
@@ -54,8 +75,22 @@ for k = 1, #KEYS do
   end
   redis.call('EXPIREAT', KEYS[k], ARGV[k])
 end
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
 return 0
 """
+
+_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sums:
+    """One tenant's sums in one flush: the script's keys and arguments, kept as they
+    are to be sent again, and the counts they carry."""
+
+    tenant: str
+    keys: list[str]
+    args: list[str | int | float]
+    counts: Counts
 
 
 class RedisUsage:
@@ -65,13 +100,17 @@ class RedisUsage:
         self._client = redis_client(config)
         self._flush_script = self._client.register_script(FLUSH_LUA)
         self._prefix = config.key_prefix
+        self._timeout_s = config.timeout_ms / 1000.0
         self._wall = wall
         self._periods = period_trackers(wall())
         self._interval_s = flush_interval_s
+        self._replica = secrets.token_hex(8)  # whose flush markers
+        self._sequence = 0
         self._counts: Counts = {}
+        self._unsettled: dict[str, _Sums] = {}  # sent, reply lost: sent again as is
         self._flusher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one flush at a time (the timer's, a report's)
-        self._failing = False
+        self._failed_at: float | None = None  # monotonic, the last flush that failed
 
     def add(self, tenant: str, figure: str, label: str, amount: float) -> None:
         """Count ``amount`` for ``tenant`` (in process; Redis at the next flush):
@@ -100,45 +139,89 @@ class RedisUsage:
     def _key(self, tenant: str, kind: str, period: str) -> str:
         return f"{self._prefix}:{{{tenant}}}:usage:{kind}:{period}"
 
-    async def flush(self) -> bool:
-        """Send this process's sums to Redis; False if Redis did not take them (they
-        stay for the next flush)."""
-        async with self._lock:
-            counts, self._counts = self._counts, {}
-            if not counts:
-                return True
-            wall = self._wall()
-            periods = [(kind, tracker.at(wall)) for kind, tracker in self._periods.items()]
-            expiry = [int(period.reset_at) + KEEP_S[kind] for kind, period in periods]
-            fields: dict[str, list[str | float]] = {}
-            for (tenant, figure, label), amount in counts.items():
-                fields.setdefault(tenant, []).extend((f"{figure}:{label}", amount))
-            try:  # the pipeline gives its connection back however it ends
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for tenant, pairs in fields.items():
-                        keys = [self._key(tenant, kind, period.key) for kind, period in periods]
-                        await self._flush_script(keys=keys, args=[*expiry, *pairs], client=pipe)
-                    await pipe.execute()
-            except (RedisError, OSError, TimeoutError) as exc:
-                for counted, amount in counts.items():  # kept for the next flush
-                    self._counts[counted] = self._counts.get(counted, 0) + amount
-                if not self._failing:
-                    logger.warning("usage counters: redis did not take them (%s)", exc)
-                self._failing = True
-                return False
-            self._failing = False
-            return True
-
-    async def read(self, tenants: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
-        """Every replica's counts, after this process's own are flushed: tenant →
-        ``today``/``this_month`` → field → amount. Raises on a Redis failure."""
-        await self.flush()
+    def _new_sums(self) -> list[_Sums]:
+        """This process's counts since the last flush, per tenant, under a new
+        sequence number (a tenant with an unsettled flush keeps its counts here)."""
+        counts, self._counts = self._counts, {}
         wall = self._wall()
-        async with self._client.pipeline(transaction=False) as pipe:
-            for tenant in tenants:
-                for kind in PERIODS.values():
-                    pipe.hgetall(self._key(tenant, kind, self._periods[kind].at(wall).key))
-            replies = iter(await pipe.execute())
+        periods = [(kind, tracker.at(wall)) for kind, tracker in self._periods.items()]
+        expiry = [int(period.reset_at) + KEEP_S[kind] for kind, period in periods]
+        self._sequence += 1
+        by_tenant: dict[str, Counts] = {}
+        for counted, amount in counts.items():
+            tenant = counted[0]
+            if tenant in self._unsettled:
+                self._counts[counted] = amount
+            else:
+                by_tenant.setdefault(tenant, {})[counted] = amount
+        sums = []
+        for tenant, tenant_counts in by_tenant.items():
+            keys = [self._key(tenant, kind, period.key) for kind, period in periods]
+            keys.append(f"{self._prefix}:{{{tenant}}}:usage:flushed:{self._replica}")
+            args: list[str | int | float] = [*expiry, self._sequence, MARKER_KEEP_S]
+            for (_, figure, label), amount in tenant_counts.items():
+                args += (f"{figure}:{label}", amount)
+            sums.append(_Sums(tenant, keys, args, tenant_counts))
+        return sums
+
+    async def flush(self) -> bool:
+        """Send this process's sums to Redis; False if Redis did not take them all
+        (what it did not take goes with the next flush, counted once)."""
+        async with self._lock:
+            batch = [*self._unsettled.values(), *self._new_sums()]
+            if not batch:
+                return True
+            self._unsettled = {}
+            replies: list[object] = []
+            try:  # the pipeline gives its connection back however it ends
+                async with asyncio.timeout(self._timeout_s):
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        for sums in batch:
+                            await self._flush_script(keys=sums.keys, args=sums.args, client=pipe)
+                        replies = await pipe.execute(raise_on_error=False)
+            except _ERRORS as exc:
+                failure: BaseException | None = exc
+            else:
+                failure = None
+            refused = 0
+            for index, sums in enumerate(batch):
+                if index >= len(replies):  # maybe applied: the same sums again, as they are
+                    self._unsettled[sums.tenant] = sums
+                elif isinstance(replies[index], ResponseError):  # took nothing
+                    refused += 1
+                    for counted, amount in sums.counts.items():
+                        self._counts[counted] = self._counts.get(counted, 0) + amount
+            if failure is None and not refused:
+                self._failed_at = None
+                return True
+            if self._failed_at is None:
+                logger.warning(
+                    "usage counters: redis did not take them (%s)",
+                    failure or f"{refused} tenants' scripts refused: {replies[0]!r}",
+                )
+            self._failed_at = time.monotonic()
+            return False
+
+    async def read(self, tenants: Sequence[str]) -> dict[str, dict[str, dict[str, float]]] | None:
+        """Every replica's counts, after this process's own are flushed: tenant →
+        ``today``/``this_month`` → field → amount; None if Redis does not answer (or
+        did not, at the last flush, less than ``flush_interval_s`` ago: no wait)."""
+        failed_at = self._failed_at
+        if failed_at is not None and time.monotonic() - failed_at < self._interval_s:
+            return None
+        if not await self.flush():
+            return None
+        wall = self._wall()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for tenant in tenants:
+                        for kind in PERIODS.values():
+                            pipe.hgetall(self._key(tenant, kind, self._periods[kind].at(wall).key))
+                    replies = iter(await pipe.execute())
+        except _ERRORS as exc:
+            logger.warning("usage report: fleet counters unavailable (%s)", type(exc).__name__)
+            return None
         return {
             tenant: {
                 name: {field.decode(): float(value) for field, value in next(replies).items()}

@@ -247,4 +247,12 @@ def _tensor(spec: TensorSpec) -> dict[str, Any]:
 
 
 async def _not_found(request: web.Request) -> web.Response:
+    """404, or 405 (with ``Allow``) for a path served with other methods, as Triton."""
+    for resource in request.app.router.resources():
+        match, allowed = await resource.resolve(request)
+        if match is None and allowed and "*" not in allowed:
+            methods = ", ".join(sorted(allowed))
+            return error_response(
+                405, f"{request.method} is not served here; {methods} is", {"Allow": methods}
+            )
     return error_response(404, "no such endpoint")
