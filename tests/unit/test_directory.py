@@ -73,6 +73,13 @@ def test_observer_slo_and_live_follow_the_directory() -> None:
     assert slo.attainment("b", 300).good == 1
     tenants = {t["id"]: t for t in live.snapshot(slo)["tenants"]}
     assert tenants["b"]["requests"] == 1 and tenants["a"]["slo"]["latency_ms"] == 5
+    # A call of b that ends after a reload removed b is still b's (it was tenant="").
+    directory.replace([TenantConfig(id="a")], [])
+    observer.request_finished("b", "m", "OK", 0.01)
+    observer.batch_executed("m", 2, 0.5, {"b": 2})
+    assert sample("mandant_requests_total", {"tenant": "b", "model": "m", "code": "OK"}) == 2
+    assert sample("mandant_rows_total", {"tenant": "b", "model": "m"}) == 2
+    assert sample("mandant_requests_total", {"tenant": "", "model": "m", "code": "OK"}) == 1
 
 
 def test_calls_in_flight_across_a_reload_that_removes_their_tenant_stay_under_its_id() -> None:

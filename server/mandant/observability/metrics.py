@@ -166,7 +166,10 @@ class PrometheusObserver:
                 yield name, labels, value
 
     def _tenant(self, tenant: str) -> str:
-        return tenant if tenant in self._directory.current.ids else ""
+        """``tenant`` if it was configured since start (a reload may have removed it
+        while its call ran), else ``""``."""
+        directory = self._directory
+        return tenant if tenant in directory.current.ids or tenant in directory.ever else ""
 
     def _model(self, model: str) -> str:
         return model if model in self._models else ""
@@ -184,7 +187,7 @@ class PrometheusObserver:
     ) -> None:
         snapshot = self._directory.current
         if tenant not in snapshot.ids:
-            tenant = ""
+            tenant = self._tenant(tenant)
         if model not in self._models:
             model = ""
         self.requests.inc((tenant, model, code))

@@ -71,6 +71,10 @@ class TenantDirectory:
         self, tenants: Iterable[TenantConfig] = (), admin_keys: Iterable[str] = ()
     ) -> None:
         self._current = TenantSnapshot.build(tenants, admin_keys)
+        #: Every tenant id configured since start: a call of a tenant a reload removed
+        #: while it ran is still counted under its id (label values stay those of the
+        #: configuration, bounded by it).
+        self.ever: set[str] = set(self._current.ids)
 
     @classmethod
     def from_config(cls, config: MandantConfig) -> TenantDirectory:
@@ -84,6 +88,7 @@ class TenantDirectory:
         """Swap in a new snapshot; returns what changed, in words (never key material)."""
         new = TenantSnapshot.build(tenants, admin_keys)
         old, self._current = self._current, new
+        self.ever |= new.ids
         return describe_changes(old, new)
 
     # -- lookups ------------------------------------------------------------------------

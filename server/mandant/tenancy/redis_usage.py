@@ -183,12 +183,13 @@ class RedisUsage:
                 failure: BaseException | None = exc
             else:
                 failure = None
-            refused = 0
+            refused: list[ResponseError] = []
             for index, sums in enumerate(batch):
-                if index >= len(replies):  # maybe applied: the same sums again, as they are
+                reply = replies[index] if index < len(replies) else None
+                if reply is None:  # maybe applied: the same sums again, as they are
                     self._unsettled[sums.tenant] = sums
-                elif isinstance(replies[index], ResponseError):  # took nothing
-                    refused += 1
+                elif isinstance(reply, ResponseError):  # took nothing
+                    refused.append(reply)
                     for counted, amount in sums.counts.items():
                         self._counts[counted] = self._counts.get(counted, 0) + amount
             if failure is None and not refused:
@@ -197,7 +198,7 @@ class RedisUsage:
             if self._failed_at is None:
                 logger.warning(
                     "usage counters: redis did not take them (%s)",
-                    failure or f"{refused} tenants' scripts refused: {replies[0]!r}",
+                    failure or f"{len(refused)} of {len(batch)} tenants refused: {refused[0]}",
                 )
             self._failed_at = time.monotonic()
             return False
