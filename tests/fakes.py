@@ -197,6 +197,7 @@ class RecordingObserver:
         duration_s: float,
         version: str = "",
         inference: bool = False,
+        owner: str = "",
     ) -> None:
         self.finished.append((tenant, model, version, code))
 

@@ -21,12 +21,14 @@ class Observer(Protocol):
         duration_s: float,
         version: str = "",
         inference: bool = False,
+        owner: str = "",
     ) -> None:
         """A call was answered; ``code`` is the gRPC status name (OK, NOT_FOUND, …);
         ``version``: the version of ``model`` it resolved ("" where none);
         ``inference``: an inference call (a ModelInfer, a stream message, a REST
         infer), also one that ended before its model was known (its deadline passed
-        at the front door): it counts against its tenant's SLO."""
+        at the front door): it counts against its tenant's SLO; ``owner``: the tenant
+        owning ``model`` (a private model or tuned variant), "" for a shared one."""
         ...
 
     def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:
@@ -71,6 +73,7 @@ class NullObserver:
         duration_s: float,
         version: str = "",
         inference: bool = False,
+        owner: str = "",
     ) -> None:
         return None
 

@@ -171,6 +171,7 @@ class DataPlane:
             key, spec = model.key, model.spec
             call.model = key.name
             call.version = key.version
+            call.owner = key.owner or ""
             if not model.ready:
                 raise Unavailable(f"model '{key.name}' is not ready")
             rows = check_inputs(spec, request.input_headers())

@@ -118,11 +118,13 @@ class Call:
     """One call as the front end sees it: the authenticated tenant (None on open and
     admin methods) and the configured name of the model that served it, which the data
     plane fills in once it has resolved one (a metrics label, never client text), with
-    its ``version``."""
+    its ``version`` and ``owner`` (the tenant id of a private model or tuned variant,
+    "" for a shared one)."""
 
     tenant: Tenant | None
     model: str = ""
     version: str = ""
+    owner: str = ""
 
     @property
     def caller(self) -> Tenant:

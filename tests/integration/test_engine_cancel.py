@@ -88,9 +88,9 @@ async def test_a_cancelled_call_is_answered_with_its_model_and_leaves_nothing(
         (answer,) = await asyncio.wait_for(_answers(reader), 10)
     finally:
         writer.close()
-    rid, model, version, _error, outputs = answer
+    rid, model, version, _error, outputs, owner = answer
     assert rid == 7 and outputs == []
     # In one message the call never ran: the engine names the model it would have
     # reached, as one process (which resolves before anything can cancel) reports it.
-    assert (model, version) == ("sleepy", "1")
+    assert (model, version, owner) == ("sleepy", "1", "")
     assert engine.engine.in_flight == 0

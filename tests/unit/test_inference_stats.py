@@ -20,13 +20,17 @@ def test_front_end_events_count_success_and_failure_per_tenant_and_version() -> 
     front.request_finished("globex", "m", "OK", 0.5, "1")
     front.request_finished("acme", "", "NOT_FOUND", 0.001)  # no model: not an inference
     front.request_finished("", "", "UNAUTHENTICATED", 0.001)
-    v1 = stats.get("acme", "m", "1")
+    v1 = stats.get("acme", "", "m", "1")
     assert (v1.success.count, v1.success.ns) == (1, 2_000_000)
     assert (v1.fail.count, v1.fail.ns) == (1, 1_000_000)
     assert v1.last_inference_ms == 1_700_000_000_500
-    assert stats.get("acme", "m", "2").success.count == 1
-    assert stats.get("globex", "m", "1").success.ns == 500_000_000
-    assert sorted(stats.keys()) == [("acme", "m", "1"), ("acme", "m", "2"), ("globex", "m", "1")]
+    assert stats.get("acme", "", "m", "2").success.count == 1
+    assert stats.get("globex", "", "m", "1").success.ns == 500_000_000
+    assert sorted(stats.keys()) == [
+        ("acme", "", "m", "1"),
+        ("acme", "", "m", "2"),
+        ("globex", "", "m", "1"),
+    ]
     assert len(forward.finished) == 6  # every event reached the next observer
 
 
@@ -38,7 +42,7 @@ def test_scheduler_events_count_queue_compute_and_batches_per_tenant() -> None:
     scheduler.batch_executed("m", 5, 0.010, {"acme": 2, "globex": 3})
     scheduler.request_timing("acme", "m", 0.0, 0.004)
     scheduler.batch_executed("m", 1, 0.004, {"acme": 1})
-    acme = stats.get("acme", "m", "3")
+    acme = stats.get("acme", "", "m", "3")
     assert (acme.queue.count, acme.queue.ns) == (2, 1_000_000)
     assert (acme.compute_infer.count, acme.compute_infer.ns) == (2, 14_000_000)
     assert (acme.inference_count, acme.execution_count) == (3, 2)
@@ -46,7 +50,7 @@ def test_scheduler_events_count_queue_compute_and_batches_per_tenant() -> None:
         5: (1, 10_000_000),
         1: (1, 4_000_000),
     }
-    globex = stats.get("globex", "m", "3")
+    globex = stats.get("globex", "", "m", "3")
     assert (globex.inference_count, globex.execution_count) == (3, 1)
     assert list(globex.batches) == [5]
     assert len(forward.timings) == 3 and len(forward.batches) == 2
@@ -66,13 +70,15 @@ def test_totals_sum_tenants_and_get_returns_a_copy() -> None:
     for tenant in ("acme", "globex"):
         front.request_finished(tenant, "m", "OK", 0.001, "1")
         scheduler.batch_executed("m", 2, 0.001, {tenant: 2})
-    total = stats.total([("acme", "m", "1"), ("globex", "m", "1"), ("initech", "m", "1")])
+    total = stats.total(
+        [("acme", "", "m", "1"), ("globex", "", "m", "1"), ("initech", "", "m", "1")]
+    )
     assert (total.success.count, total.inference_count, total.execution_count) == (2, 4, 2)
     assert total.batches[2].count == 2
-    copy = stats.get("acme", "m", "1")
+    copy = stats.get("acme", "", "m", "1")
     copy.merge(copy)
-    assert stats.get("acme", "m", "1").success.count == 1
-    assert stats.get("nobody", "m", "1") == ModelStats()
+    assert stats.get("acme", "", "m", "1").success.count == 1
+    assert stats.get("nobody", "", "m", "1") == ModelStats()
 
 
 def test_a_model_s_executions_count_a_shared_batch_once() -> None:
@@ -86,7 +92,7 @@ def test_a_model_s_executions_count_a_shared_batch_once() -> None:
     runs = stats.executions("", "m", "1")
     assert runs.execution_count == 2
     assert {size: d.count for size, d in runs.batches.items()} == {6: 1, 2: 1}
-    summed = stats.total([("a", "m", "1"), ("b", "m", "1"), ("c", "m", "1")])
+    summed = stats.total([("a", "", "m", "1"), ("b", "", "m", "1"), ("c", "", "m", "1")])
     assert summed.execution_count == 4  # what the admin view showed
     owned = stats.observe(forward, version="1", owner="acme")
     owned.batch_executed("m", 1, 0.001, {"acme": 1})
@@ -105,4 +111,17 @@ def test_batch_sizes_past_1024_are_kept_by_power_of_two() -> None:
     sizes = stats.executions("", "m", "1").batches
     assert len(sizes) <= 1024 + 15
     assert sizes[1024].count == 1 and sizes[2048].count == 1024 and sizes[32768].count == 3616
-    assert list(stats.get("acme", "m", "1").batches) == list(sizes)
+    assert list(stats.get("acme", "", "m", "1").batches) == list(sizes)
+
+
+def test_a_tenant_s_calls_of_a_shared_model_stay_the_shared_model_s() -> None:
+    """A reload that gives tenant b its own tuned variant of ``m`` changes what b
+    reaches under that name, not what b's earlier calls ran on: keyed without the
+    owner, b's calls of the shared ``m`` moved to the variant (the shared model's
+    counts went backwards, the variant showed calls it never had)."""
+    stats, forward = _stats()
+    front = stats.observe(forward)
+    front.request_finished("b", "m", "OK", 0.002, "1")  # the shared m
+    front.request_finished("b", "m", "OK", 0.002, "1", owner="b")  # b's variant, later
+    assert stats.get("b", "", "m", "1").success.count == 1
+    assert stats.get("b", "b", "m", "1").success.count == 1

@@ -184,6 +184,7 @@ class PrometheusObserver:
         duration_s: float,
         version: str = "",
         inference: bool = False,
+        owner: str = "",
     ) -> None:
         snapshot = self._directory.current
         if tenant not in snapshot.ids:

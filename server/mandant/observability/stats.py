@@ -1,5 +1,7 @@
 """Triton-style inference statistics (the ModelStatistics RPC), kept in this process per
-(tenant, model name, version): a tenant's numbers hold its own calls only.
+(tenant, model owner, model name, version): a tenant's numbers hold its own calls
+only, and a model's its own (a tenant's tuned variant added by a reload starts from
+nothing, and the shared model's figures keep the tenant's earlier calls).
 
 Fed by the :class:`~mandant.events.Observer` events through :class:`StatsObserver`,
 which records them and hands every event on to the next observer (Prometheus):
@@ -25,8 +27,8 @@ from dataclasses import dataclass, field
 
 from mandant.events import Observer
 
-#: (tenant id, model name as the tenant calls it, version).
-StatsKey = tuple[str, str, str]
+#: (tenant id, owner: a tenant id or "" for a shared model, model name, version).
+StatsKey = tuple[str, str, str, str]
 
 _NS_PER_S = 1_000_000_000
 
@@ -87,14 +89,14 @@ class InferenceStats:
     def __init__(self, wall_clock_s: Callable[[], float] = time.time) -> None:
         self._wall_clock_s = wall_clock_s
         self._stats: dict[StatsKey, ModelStats] = {}
-        #: (owner: a tenant id or "" for a shared model, name, version) -> its
-        #: executions: ``batches`` and ``execution_count`` only.
-        self._executions: dict[StatsKey, ModelStats] = {}
+        #: (owner, name, version) -> its executions: ``batches`` and
+        #: ``execution_count`` only.
+        self._executions: dict[tuple[str, str, str], ModelStats] = {}
 
-    def get(self, tenant: str, model: str, version: str) -> ModelStats:
+    def get(self, tenant: str, owner: str, model: str, version: str) -> ModelStats:
         """A copy of one tenant's statistics of one model version (zeros if none)."""
         total = ModelStats()
-        recorded = self._stats.get((tenant, model, version))
+        recorded = self._stats.get((tenant, owner, model, version))
         if recorded is not None:
             total.merge(recorded)
         return total
@@ -136,16 +138,22 @@ class InferenceStats:
         return entry
 
     def record_finished(
-        self, tenant: str, model: str, version: str, ok: bool, duration_s: float
+        self, tenant: str, owner: str, model: str, version: str, ok: bool, duration_s: float
     ) -> None:
-        entry = self._entry((tenant, model, version))
+        entry = self._entry((tenant, owner, model, version))
         (entry.success if ok else entry.fail).add(duration_s)
         entry.last_inference_ms = int(self._wall_clock_s() * 1000)
 
     def record_timing(
-        self, tenant: str, model: str, version: str, queue_s: float, compute_s: float
+        self,
+        tenant: str,
+        owner: str,
+        model: str,
+        version: str,
+        queue_s: float,
+        compute_s: float,
     ) -> None:
-        entry = self._entry((tenant, model, version))
+        entry = self._entry((tenant, owner, model, version))
         entry.queue.add(queue_s)
         entry.compute_infer.add(compute_s)
 
@@ -166,7 +174,7 @@ class InferenceStats:
         run.batches.setdefault(size, Duration()).add(compute_s)
         run.execution_count += 1
         for tenant, rows in rows_by_tenant.items():
-            entry = self._entry((tenant, model, version))
+            entry = self._entry((tenant, owner, model, version))
             executions = entry.batches.get(size)
             if executions is None:
                 executions = entry.batches[size] = Duration()
@@ -194,15 +202,16 @@ class StatsObserver:
         duration_s: float,
         version: str = "",
         inference: bool = False,
+        owner: str = "",
     ) -> None:
-        self._forward.request_finished(tenant, model, code, duration_s, version, inference)
+        self._forward.request_finished(tenant, model, code, duration_s, version, inference, owner)
         if model and tenant:  # an inference call that reached a model
-            self._stats.record_finished(tenant, model, version, code == "OK", duration_s)
+            self._stats.record_finished(tenant, owner, model, version, code == "OK", duration_s)
 
     def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:
         self._forward.request_timing(tenant, model, queue_s, compute_s)
         if self._version is not None:
-            self._stats.record_timing(tenant, model, self._version, queue_s, compute_s)
+            self._stats.record_timing(tenant, self._owner, model, self._version, queue_s, compute_s)
 
     def batch_executed(
         self, model: str, size: int, compute_s: float, rows_by_tenant: Mapping[str, int]

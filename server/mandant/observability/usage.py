@@ -86,8 +86,9 @@ class FleetCounting:
         duration_s: float,
         version: str = "",
         inference: bool = False,
+        owner: str = "",
     ) -> None:
-        self._inner.request_finished(tenant, model, code, duration_s, version, inference)
+        self._inner.request_finished(tenant, model, code, duration_s, version, inference, owner)
         if tenant:
             self._add(tenant, "requests", code, 1)
 

@@ -170,7 +170,7 @@ class EngineLink:
         )
         future = connection.send(header, frames)
         try:
-            (_, model, version, error, outputs), out_frames = await future
+            (_, model, version, error, outputs, owner), out_frames = await future
         except asyncio.CancelledError:
             last = connection.cancel(rid)
             if last is not None:
@@ -178,6 +178,7 @@ class EngineLink:
             raise
         call.model = model
         call.version = version
+        call.owner = owner
         if error is not None:
             raise ipc.unpack_error(error)
         return _response(model, version, request.request_id, outputs, out_frames)
@@ -325,8 +326,11 @@ class RemoteObserver:
         duration_s: float,
         version: str = "",
         inference: bool = False,
+        owner: str = "",
     ) -> None:
-        self._link.report("request_finished", tenant, model, code, duration_s, version, inference)
+        self._link.report(
+            "request_finished", tenant, model, code, duration_s, version, inference, owner
+        )
 
     def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:
         self._link.report("request_timing", tenant, model, queue_s, compute_s)
@@ -357,7 +361,7 @@ async def _resolved(call: Call, last: asyncio.Future[Answer]) -> None:
     resolved, which the caller's report of the call names (SLOs count it). The engine
     answers a cancellation at once; a lost connection ends the wait."""
     with contextlib.suppress(Unavailable):
-        (_, call.model, call.version, *_), _ = await last
+        (_, call.model, call.version, _, _, call.owner), _ = await last
 
 
 def _frames(request: EncodedRequest) -> tuple[list[Buffer], str | None, bool]:

@@ -169,7 +169,9 @@ class _FrontEnd(asyncio.BufferedProtocol):
         task.cancel()
         if not call.model:  # cancelled before it ran: name the model it would have reached
             self._resolve(call, header)
-        self._answer([rid, call.model, call.version, ipc.pack_error(Exception()), []], [])
+        self._answer(
+            [rid, call.model, call.version, ipc.pack_error(Exception()), [], call.owner], []
+        )
 
     def _resolve(self, call: Call, header: ipc.RequestHeader) -> None:
         """The configured name and version of the model ``header`` names for its tenant
@@ -182,6 +184,7 @@ class _FrontEnd(asyncio.BufferedProtocol):
         with contextlib.suppress(MandantError):
             model = engine.plane.model(tenant, header.model_name, header.model_version)
             call.model, call.version = model.key.name, model.key.version
+            call.owner = model.key.owner or ""
 
     # -- serving --------------------------------------------------------------------
 
@@ -201,14 +204,14 @@ class _FrontEnd(asyncio.BufferedProtocol):
             response = await engine.plane.infer(call, request, header.timeout_s)
             declared = {spec.name: spec.datatype for spec in response.output_specs}
             outputs, frames = ipc.output_frames(response.outputs, declared)
-            answer: list[object] = [header.rid, call.model, call.version, None, outputs]
+            answer: list[object] = [header.rid, call.model, call.version, None, outputs, call.owner]
         except asyncio.CancelledError:
             return  # the front end gave up on it (or is gone): nobody to answer
         except MandantError as exc:
-            answer = [header.rid, call.model, call.version, ipc.pack_error(exc), []]
+            answer = [header.rid, call.model, call.version, ipc.pack_error(exc), [], call.owner]
         except Exception as exc:
             logger.exception("internal error serving a front end's request")
-            answer = [header.rid, call.model, call.version, ipc.pack_error(exc), []]
+            answer = [header.rid, call.model, call.version, ipc.pack_error(exc), [], call.owner]
         finally:
             self.tasks.pop(header.rid, None)
         self._answer(answer, frames)

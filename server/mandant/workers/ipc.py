@@ -9,7 +9,8 @@ Front end → engine::
 
 Engine → front end::
 
-    ANSWERS [answer header, ...] + the answers' output frames, in order
+    ANSWERS [answer header, ...] + the answers' output frames, in order; a header is
+            [rid, model, version, error or None, [output header, ...], owner]
     STATUS  [ready]                   (on connecting, and in answer to each PING)
 
 Everything of one event-loop turn travels in one message; a header says how many

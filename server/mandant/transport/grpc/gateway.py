@@ -238,7 +238,7 @@ class Gate:
                 tenant_id = call.tenant.id if call.tenant is not None else ""
                 duration_s = time.perf_counter() - start
                 observer.request_finished(
-                    tenant_id, call.model, code, duration_s, call.version, fair
+                    tenant_id, call.model, code, duration_s, call.version, fair, call.owner
                 )
             # Refused only now, with the call counted and its places given back: grpc's
             # abort sends the status at once, and a client that has seen it may read

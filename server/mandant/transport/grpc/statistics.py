@@ -56,7 +56,7 @@ def tenant_statistics(
         _message(
             m.key.name,
             m.key.version,
-            stats.get(tenant.id, m.key.name, m.key.version),
+            stats.get(tenant.id, m.key.owner or "", m.key.name, m.key.version),
             batches=False,
         )
         for m in _visible(plane, tenant, name, version)
@@ -73,12 +73,8 @@ def admin_statistics(
         label = key.name if key.owner is None else f"{key.owner}/{key.name}"
         if (name and name not in (key.name, label)) or (version and version != key.version):
             continue
-        callers = [
-            k
-            for k in recorded
-            if k[1:] == (key.name, key.version) and _owner(plane, k[0], key.name) == key.owner
-        ]
-        total = stats.total(callers)
+        scope = (key.owner or "", key.name, key.version)
+        total = stats.total(k for k in recorded if k[1:] == scope)
         # Executions once each (the tenants' entries hold a shared batch once each).
         runs = stats.executions(key.owner or "", key.name, key.version)
         total.batches, total.execution_count = runs.batches, runs.execution_count
@@ -95,12 +91,6 @@ def _visible(plane: DataPlane, tenant: Tenant, name: str, version: str) -> Seque
         return [plane.model(tenant, name, version)]
     plane.model(tenant, name)  # NOT_FOUND for a name this tenant cannot see
     return plane.model_versions(tenant, name)
-
-
-def _owner(plane: DataPlane, tenant_id: str, name: str) -> str | None:
-    """Whose model ``tenant_id`` reaches under ``name``: its own, else the shared one."""
-    versions = plane.model_versions(Tenant(tenant_id), name)
-    return tenant_id if versions and versions[0].key.owner == tenant_id else None
 
 
 def _message(

@@ -205,6 +205,7 @@ class InferStream:
                 time.perf_counter() - start,
                 call.version,
                 inference=True,
+                owner=call.owner,
             )
 
 

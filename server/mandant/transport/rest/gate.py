@@ -201,7 +201,7 @@ class RestGate:
                 tenant_id = call.tenant.id if call.tenant is not None else ""
                 duration_s = time.perf_counter() - start
                 observer.request_finished(
-                    tenant_id, call.model, code, duration_s, call.version, fair
+                    tenant_id, call.model, code, duration_s, call.version, fair, call.owner
                 )
 
         return handle
