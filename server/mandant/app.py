@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -160,6 +159,7 @@ class App:
             grace_s=config.server.grace_s,
             names=self.model_names,
             on_retired=on_models_retired,
+            load_timeout_s=config.server.model_load_timeout_s,
         )
         self.metrics.register(
             ModelReadiness(
@@ -237,6 +237,8 @@ class App:
         self.internal_http_port = 0
         #: The model changes of the last reload, applied in the background (its lines).
         self.model_changes: asyncio.Task[list[str]] | None = None
+        #: Every reload's model changes still in progress (shutdown cancels them).
+        self._applying: set[asyncio.Task[list[str]]] = set()
 
     def _model_specs(self, name: str, entry: str | None) -> list[ModelSpec]:
         """The versions of ``name`` to load: as configured now (the file re-read where
@@ -314,9 +316,13 @@ class App:
         applied = self.directory.replace(config.tenants, config.server.admin_keys)
         self.admission.update(config)
         if config.models != self.config.models:
-            self.model_changes = asyncio.create_task(
-                self._apply_models(config.model_specs(self.base_dir), self.model_changes)
+            # Not behind the previous reload's changes: the registry orders the changes
+            # to each name, and a name still loading holds up no other.
+            self.model_changes = changes = asyncio.create_task(
+                self._apply_models(config.model_specs(self.base_dir))
             )
+            self._applying.add(changes)
+            changes.add_done_callback(self._applying.discard)
             applied.append("models: changes loading in the background")
         server = self.config.server.model_copy(update=live)
         self.config = self.config.model_copy(
@@ -324,16 +330,11 @@ class App:
         )
         return ReloadResult(tuple(applied), tuple(deferred))
 
-    async def _apply_models(
-        self, specs: list[ModelSpec], previous: asyncio.Task[list[str]] | None
-    ) -> list[str]:
-        if previous is not None:  # the previous reload's changes first
-            with contextlib.suppress(Exception):
-                await asyncio.shield(previous)
-        changes = await self.registry.apply(specs)
-        for change in changes:
-            logger.info("configuration reload: %s", change)
-        return changes
+    async def _apply_models(self, specs: list[ModelSpec]) -> list[str]:
+        """A reload's model changes, each logged as it is made."""
+        return await self.registry.apply(
+            specs, on_change=lambda change: logger.info("configuration reload: %s", change)
+        )
 
     def _reload_certificates(self, tls: TlsConfig) -> None:
         """Read the certificate, key and client CA again (also where the paths did not
@@ -345,10 +346,10 @@ class App:
 
     async def aclose(self, grace_s: float | None = None) -> None:
         grace_s = self.config.server.grace_s if grace_s is None else grace_s
-        if self.model_changes is not None:
-            self.model_changes.cancel()
-            with contextlib.suppress(BaseException):
-                await self.model_changes
+        applying = list(self._applying)
+        for changes in applying:  # models still loading: a thread may linger, not us
+            changes.cancel()
+        await asyncio.gather(*applying, return_exceptions=True)
         await asyncio.gather(self.grpc.stop(grace_s), self.rest.aclose(grace_s))
         if self.engine is not None:  # the front ends stopped first (the supervisor)
             await self.engine.aclose()

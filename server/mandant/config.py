@@ -136,6 +136,11 @@ class ServerConfig(_Frozen):
     rest_port: Annotated[int, Field(ge=0, le=65535)] = 8000
     max_message_bytes: Annotated[int, Field(gt=0)] = 64 * 1024 * 1024
     grace_s: Annotated[float, Field(ge=0)] = 10.0
+    #: How long one model version may take to load and warm up (at start, on a load or
+    #: a reload) before it counts as failed to load; the other models and model
+    #: changes never wait for it. An in-process model's loading thread cannot be
+    #: stopped: it may run on in the background, its result dropped.
+    model_load_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     #: Concurrent calls one client connection may have in the server; further calls
     #: wait in the client's HTTP/2 layer, costing this server nothing. Bounds how much
     #: of a CPU-bound front end one connection can occupy.

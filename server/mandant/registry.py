@@ -11,16 +11,27 @@ exist: same error, same message.
 
 A version is ready once its backend started and its warm-up requests (``warmup``)
 ran; until then it gets no traffic. A model that fails to load (a failing warm-up
-included) stays listed, not ready, with its ``failure`` (the reason);
-the others serve. ``load`` starts a name's versions from the configuration beside the
-old ones and switches once every one is ready; ``unload`` stops routing a name, lets
-the calls that reached it finish (``Model.enter``/``leave``), then frees it.
+included, or one still loading after ``load_timeout_s``) stays listed, not ready, with
+its ``failure`` (the reason); the others serve. ``load`` starts a name's versions from
+the configuration beside the old ones and switches once they are ready; ``unload``
+stops routing a name, lets the calls that reached it finish (``Model.enter``/``leave``),
+then frees it.
+
+A name's owners switch apart (:meth:`ModelRegistry._switch`): the shared versions and
+each tenant's own (a private model, a tuned variant) are replaced when all of that
+owner's new versions loaded; an owner whose new versions failed keeps the versions its
+tenants are served by now, so one tenant's broken variant never takes the shared model
+(or its update) from the others. Where nothing serves an owner's tenants yet, its new
+versions are routed at once, failed ones listed with their reason, as at start-up.
 
 Changes to one name (a load, an unload, a reload's decision for it) take effect one at
 a time, in the order they were asked for: an unload asked while a load of that name is
 starting waits for it and then unloads, so a load that started earlier can never undo
-a change that was answered after it. Freeing the old versions (waiting for their
-calls) is not part of a change: the next one need not wait for it.
+a change that was answered after it. Changes to different names never wait for each
+other. Freeing the old versions (waiting for their calls, then closing them) is not
+part of a change: it runs in the background, in tasks the registry owns, so neither
+the next change nor a reload waits for it, and a caller that gives up on a load or an
+unload does not stop it.
 """
 
 from __future__ import annotations
@@ -28,17 +39,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mandant.backends.base import Backend, DescribesModel
 from mandant.config import ModelSpec
-from mandant.errors import InvalidInput, MandantError, ModelNotFound, Unavailable
+from mandant.errors import InvalidInput, ModelNotFound, Unavailable
 from mandant.scheduling.base import Scheduler
 from mandant.types import ModelKey, Tenant
 from mandant.warmup import warm_up
 
 logger = logging.getLogger(__name__)
+
+#: How long a model version may take to load and warm up (``server.model_load_timeout_s``).
+DEFAULT_LOAD_TIMEOUT_S = 300.0
+#: How long a load or unload, once the old versions' calls answered (or ``grace_s``
+#: passed), waits for them to be freed before it answers: closing goes on without it
+#: where a call still runs on them (a model stuck in its forward pass).
+FREEING_WAIT_S = 1.0
+#: How long closing the registry waits for its models to be freed at shutdown.
+SHUTDOWN_WAIT_S = 5.0
+#: What RepositoryIndex tells tenants of a version that failed to load: the cause
+#: (exception text, file paths, a Triton's address) is the operator's, in the log.
+TENANT_REASON = "failed to load; the operator's log has the cause"
 
 
 @dataclass(eq=False, slots=True)
@@ -74,6 +97,12 @@ class Model:
         """RepositoryIndex's state: ``READY`` or ``UNAVAILABLE``."""
         return "READY" if self.ready else "UNAVAILABLE"
 
+    @property
+    def reason(self) -> str:
+        """RepositoryIndex's reason for tenants: that it failed, not why (``failure``
+        is the operator's, logged)."""
+        return "" if self.failure is None else TENANT_REASON
+
     def enter(self) -> None:
         """A call resolved this model (the data plane pairs it with :meth:`leave`)."""
         self.calls += 1
@@ -106,6 +135,22 @@ SpecSource = Callable[[str, str | None], Sequence[ModelSpec]]
 FailureHook = Callable[[ModelKey, str], None]
 #: Told when replaced or unloaded model versions have been freed.
 RetiredHook = Callable[[], object]
+#: Told of each change a reload made, as it is made (one line).
+ChangeHook = Callable[[str], object]
+
+
+class LoadTimedOut(RuntimeError):
+    """A model version was still loading (or warming up) after the load timeout."""
+
+
+@dataclass(eq=False, slots=True)
+class _Retirement:
+    """Versions on their way out: ``drained`` once their calls answered (at most
+    ``grace_s``), ``freed`` once they are closed too."""
+
+    models: Sequence[Model]
+    drained: asyncio.Task[None]
+    freed: asyncio.Task[None]
 
 
 class ModelRegistry:
@@ -119,12 +164,15 @@ class ModelRegistry:
         grace_s: float = 30.0,
         names: set[str] | None = None,
         on_retired: RetiredHook | None = None,
+        load_timeout_s: float | None = DEFAULT_LOAD_TIMEOUT_S,
     ) -> None:
         """``grace_s``: how long an unloaded or replaced model waits for its calls;
         ``names``: a set this registry adds every model name it loads to (metrics label
         these names only, so a model added later gets its own series); ``on_retired``:
         called once replaced or unloaded versions are closed (a serving process gives
-        their memory back to the collector then, ``heap.py``)."""
+        their memory back to the collector then, ``heap.py``); ``load_timeout_s``: a
+        version still loading or warming up after this long failed to load (None: no
+        limit)."""
         self._backend_factory = backend_factory
         self._scheduler_factory = scheduler_factory
         self._initial = list(specs)
@@ -132,11 +180,14 @@ class ModelRegistry:
         self._on_failure = on_failure
         self._on_retired = on_retired
         self.grace_s = grace_s
+        self.load_timeout_s = load_timeout_s
         #: Every model name this registry built a model for (configured names only).
         self.names = names if names is not None else set()
         self._models: dict[tuple[str | None, str], list[Model]] = {}
         #: name → (the lock its changes take in turn, how many hold or await it)
         self._changing: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        #: Freeing old versions and closing failed ones: the registry's own tasks.
+        self._background: set[asyncio.Task[None]] = set()
         self._install(self._build(spec) for spec in self._initial)
 
     def _initial_specs(self, name: str, config: str | None) -> list[ModelSpec]:
@@ -163,34 +214,50 @@ class ModelRegistry:
         """Load every model; one that fails is kept, not ready, with its reason."""
         await self._start_all(self.all())
 
-    async def _start_all(self, models: Sequence[Model], require_ready: bool = False) -> list[Model]:
-        """Start ``models`` at once; the ones that failed (closed, reason recorded).
-        ``require_ready``: a model whose backend is not ready once started fails too
-        (a Triton that does not answer), where it would replace versions serving."""
+    async def _start_all(
+        self, models: Sequence[Model], must_be_ready: Collection[Model] = ()
+    ) -> list[Model]:
+        """Start ``models`` at once; the ones that failed (reason recorded, closed in
+        the background). Those in ``must_be_ready`` fail too where their backend is not
+        ready once started (a Triton that does not answer): they would replace
+        versions that serve."""
         results = await asyncio.gather(
-            *(self._start_one(model, require_ready) for model in models),
+            *(self._start_one(model, model in must_be_ready) for model in models),
             return_exceptions=True,
         )
         failed = []
         for model, result in zip(models, results, strict=True):
             if result is None:
                 continue
-            model.failure = f"failed to load: {type(result).__name__}: {result}"[:1000]
+            if isinstance(result, LoadTimedOut):
+                model.failure = f"failed to load: {result}"
+            else:
+                model.failure = f"failed to load: {type(result).__name__}: {result}"[:1000]
             logger.error("model %s %s", model.key, model.failure)
             if self._on_failure is not None:
                 self._on_failure(model.key, model.failure)
-            with contextlib.suppress(Exception):
-                await model.aclose()
+            self._close_in_background([model])
             failed.append(model)
         return failed
 
-    @staticmethod
-    async def _start_one(model: Model, require_ready: bool) -> None:
+    async def _start_one(self, model: Model, require_ready: bool) -> None:
         model.warming = True
-        await model.backend.start()
-        if require_ready and not model.backend.ready:
-            raise Unavailable("its backend is not ready")
-        await warm_up(model.backend, model.declared.warmup)
+        limit = self.load_timeout_s
+        try:
+            async with asyncio.timeout(limit) as bound:
+                await model.backend.start()
+                if require_ready and not model.backend.ready:
+                    raise Unavailable("its backend is not ready")
+                await warm_up(model.backend, model.declared.warmup)
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            # The backend's start was cancelled: an in-process model's loading thread
+            # cannot be, and may go on until its factory returns (its result dropped).
+            raise LoadTimedOut(
+                f"still loading after {limit:g} s (server.model_load_timeout_s); a thread "
+                "loading it may still run"
+            ) from None
         await model.scheduler.start()
         model.warming = False
         logger.info("model %s loaded (%s)", model.key, model.backend.platform)
@@ -200,121 +267,217 @@ class ModelRegistry:
     ) -> None:
         """(Re)load every version of ``name`` from the configuration, ``config`` (a
         JSON model entry, see ``SpecSource``) or ``specs``: started and warmed up
-        beside the old ones, switched to at once when all are ready, the old ones freed
-        once their calls answered. If one fails, the old ones stay and Unavailable says
-        why."""
+        beside the old ones, each owner's switched to at once when all of that owner's
+        are ready (:meth:`_switch`). Answers once the old versions' calls answered (at
+        most ``grace_s``) and they are freed, or freeing goes on in the background. If
+        a version failed, Unavailable says which and why."""
         async with self._change(name):
-            old = await self._switch(name, specs, config)
-        await self._retire(old)
+            if specs is None:
+                specs = self._spec_source(name, config)
+            if not specs:
+                raise ModelNotFound(name)
+            old, failures = await self._switch(name, specs)
+        await self._freed(self._retire(old))
+        if failures:
+            raise Unavailable("; ".join(failures)[:2000])
 
     async def unload(self, name: str) -> None:
         """Stop routing ``name`` (new calls: NOT_FOUND), let calls already routed to
-        it finish (at most ``grace_s``), then free it."""
+        it finish (at most ``grace_s``), then free it (in the background past that)."""
         async with self._change(name):
             old = self._remove(name)
         if not old:
             raise ModelNotFound(name)
         logger.info("model %s unloading: %d version(s)", name, len(old))
-        await self._retire(old)
+        await self._freed(self._retire(old))
 
-    async def apply(self, specs: Iterable[ModelSpec]) -> list[str]:
+    async def apply(
+        self, specs: Iterable[ModelSpec], on_change: ChangeHook | None = None
+    ) -> list[str]:
         """Bring the models to ``specs`` (a reloaded configuration): names no longer
-        there are unloaded; new names, changed entries and models that had failed to
-        load are loaded (each as :meth:`load`), each decided once the changes to that
-        name asked for before are done. Returns one line per change."""
+        there are unloaded; new names, changed entries and versions that had failed to
+        load are loaded (each owner's apart, as :meth:`load`; an owner whose entries
+        did not change keeps its versions), each decided once the changes to that name
+        asked for before are done; ``on_change`` hears each change as it is made. The
+        old versions are freed in the background. Returns one line per change."""
         wanted: dict[str, list[ModelSpec]] = {}
         for spec in specs:
             wanted.setdefault(spec.name, []).append(spec)
-        names = sorted(wanted.keys() | {model.key.name for model in self.all()})
+        # Names an earlier change (a reload still loading) holds are decided here too,
+        # after it: a model it is adding that this configuration lacks is unloaded.
+        names = sorted(wanted.keys() | {m.key.name for m in self.all()} | self._changing.keys())
+        # Every name's place in its queue is taken now, before any of them waits.
+        turns = {name: self._change(name) for name in names}
 
         async def bring(name: str) -> str | None:
             group = wanted.get(name)
-            async with self._change(name):
-                running = [model for model in self.all() if model.key.name == name]
+            async with turns[name]:
                 if group is None:
                     old = self._remove(name)
                     change = f"model '{name}' unloaded" if old else None
-                elif (
-                    running
-                    and _same(group, [m.declared for m in running])
-                    and all(m.failure is None for m in running)
-                ):
-                    return None
                 else:
-                    try:
-                        old = await self._switch(name, group, None)
-                    except MandantError as exc:
-                        return f"model '{name}' not loaded: {exc}"
-                    change = f"model '{name}' loaded"
-            await self._retire(old)
+                    current = {
+                        owner: versions
+                        for (owner, model_name), versions in self._models.items()
+                        if model_name == name
+                    }
+                    kept = {
+                        owner
+                        for owner, versions in current.items()
+                        if all(m.failure is None for m in versions)
+                        and _same(
+                            [s for s in group if s.tenant == owner], [m.declared for m in versions]
+                        )
+                    }
+                    changed = [spec for spec in group if spec.tenant not in kept]
+                    if not changed and kept == current.keys():
+                        return None
+                    old, failures = await self._switch(name, changed, keep=kept)
+                    change = _change_line(name, changed, failures)
+            self._retire(old)
+            if change is not None and on_change is not None:
+                on_change(change)
             return change
 
         changes = await asyncio.gather(*(bring(name) for name in names))
         return [change for change in changes if change is not None]
 
     @contextlib.asynccontextmanager
-    async def _change(self, name: str) -> AsyncIterator[None]:
-        """Hold ``name``'s turn for a change (module doc); the lock lives only while
-        someone holds or awaits it."""
-        entry = self._changing.get(name)
-        if entry is None:
-            entry = self._changing[name] = (asyncio.Lock(), [0])
-        lock, users = entry
-        users[0] += 1
+    async def _hold(self, name: str, lock: asyncio.Lock, users: list[int]) -> AsyncIterator[None]:
         try:
             async with lock:
                 yield
         finally:
             users[0] -= 1
-            if not users[0]:
+            if not users[0] and self._changing.get(name, (None,))[0] is lock:
                 del self._changing[name]
 
+    def _change(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """A place in ``name``'s queue of changes, taken now (module doc); entering
+        waits for its turn. The lock lives only while someone holds or awaits it."""
+        entry = self._changing.get(name)
+        if entry is None:
+            entry = self._changing[name] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        return self._hold(name, lock, users)
+
+    def _served(self, owner: str | None, name: str) -> bool:
+        """Whether ``owner``'s tenant (every tenant, for the shared versions) is served
+        ``name`` now: by a ready version of the owner's, or (a tenant without versions
+        of its own) by a ready shared one."""
+        own = self._models.get((owner, name))
+        if own:
+            return any(model.ready for model in own)
+        shared = self._models.get((None, name), ()) if owner is not None else ()
+        return any(model.ready for model in shared)
+
     async def _switch(
-        self, name: str, specs: Sequence[ModelSpec] | None, config: str | None
-    ) -> list[Model]:
-        """Start ``name``'s new versions and route to them (:meth:`load`, in its turn);
-        the versions they replace, to retire."""
-        if specs is None:
-            specs = self._spec_source(name, config)
-        if not specs:
-            raise ModelNotFound(name)
-        fresh = [self._build(spec) for spec in specs]
-        # Versions serving are replaced only by ready ones (a new Triton URL that does
-        # not answer keeps the old); a name not served yet (or by versions not ready
-        # either) is routed at once, ready when its backend is (as at start-up).
-        serving = any(
-            model.ready
-            for key, models in self._models.items()
-            if key[1] == name
-            for model in models
-        )
-        failed = await self._start_all(fresh, require_ready=serving)
-        if failed:
-            for model in fresh:
-                if model not in failed:
-                    await model.aclose()
-            raise Unavailable(f"model '{name}' {failed[0].failure}")
-        old = self._remove(name)
-        self._install(fresh)  # no await since _remove: no call sees the name missing
-        logger.info("model %s loaded: %d version(s)", name, len(fresh))
-        return old
+        self, name: str, specs: Sequence[ModelSpec], keep: Collection[str | None] = ()
+    ) -> tuple[list[Model], list[str]]:
+        """Start ``specs`` (versions of ``name``) and route to them, owner by owner (in
+        its turn): an owner whose new versions all loaded is replaced; one whose load
+        failed keeps what serves its tenants now (versions serving are replaced only by
+        ready ones: a new Triton URL that does not answer keeps the old), and where
+        nothing does (a name or owner not served yet) its new versions are routed at
+        once, failed ones listed with their reason, as at start-up. Owners neither in
+        ``specs`` nor in ``keep`` are removed. Returns the versions to retire and what
+        failed, one line per owner."""
+        fresh: dict[str | None, list[Model]] = {}
+        for spec in specs:
+            model = self._build(spec)
+            fresh.setdefault(model.key.owner, []).append(model)
+        served = {owner: self._served(owner, name) for owner in fresh}
+        must_be_ready = [m for owner, models in fresh.items() if served[owner] for m in models]
+        failed = await self._start_all([m for ms in fresh.values() for m in ms], must_be_ready)
+        # No await from here on: no call sees a version missing or half switched.
+        old: list[Model] = []
+        failures = []
+        for owner, models in fresh.items():
+            broken = [model for model in models if model in failed]
+            if broken:
+                keeps = " (the versions serving stay)" if served[owner] else ""
+                failures.append(f"{_described(broken[0].key)} {broken[0].failure}{keeps}")
+                if served[owner]:
+                    self._close_in_background([m for m in models if m not in broken])
+                    continue
+            old += self._models.pop((owner, name), [])
+            self._install(models)
+        for key in [key for key in self._models if key[1] == name]:
+            if key[0] not in fresh and key[0] not in keep:
+                old += self._models.pop(key)
+        if len(failures) < len(fresh):
+            logger.info("model %s loaded: %d version(s)", name, len(specs))
+        return old, failures
 
     def _remove(self, name: str) -> list[Model]:
         keys = [key for key in self._models if key[1] == name]
         return [model for key in keys for model in self._models.pop(key)]
 
-    async def _retire(self, models: Sequence[Model]) -> None:
-        await asyncio.gather(*(model.drain(self.grace_s) for model in models))
-        for model in models:
-            if model.failure is None:
-                await model.aclose()
-        if models and self._on_retired is not None:
+    # -- freeing -----------------------------------------------------------------------
+
+    def _in_background(
+        self, work: Coroutine[object, object, None], name: str
+    ) -> asyncio.Task[None]:
+        task = asyncio.create_task(work, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def _close_in_background(self, models: Sequence[Model]) -> None:
+        """Close versions no call ever reached (failed or not switched to)."""
+        if models:
+            self._in_background(_close(models), "model-close")
+
+    def _retire(self, models: Sequence[Model]) -> _Retirement | None:
+        """Free ``models`` in the background once their calls answered (at most
+        ``grace_s``; the ones still queued then answer Unavailable)."""
+        if not models:
+            return None
+        drained = asyncio.create_task(_drain(models, self.grace_s), name="model-drain")
+        freed = self._in_background(self._free(models, drained), "model-free")
+        return _Retirement(models, drained, freed)
+
+    async def _free(self, models: Sequence[Model], drained: asyncio.Task[None]) -> None:
+        await drained
+        await _close([model for model in models if model.failure is None])
+        if self._on_retired is not None:
             self._on_retired()
 
+    async def _freed(self, retirement: _Retirement | None) -> None:
+        """A load's or unload's wait: until the old versions' calls answered (at most
+        ``grace_s``), then their freeing, at most ``FREEING_WAIT_S`` more. A caller that
+        gives up stops neither (``asyncio.wait`` cancels nothing it waits for)."""
+        if retirement is None:
+            return
+        await asyncio.wait({retirement.drained})
+        await asyncio.wait({retirement.freed}, timeout=FREEING_WAIT_S)
+        if not retirement.freed.done():
+            logger.warning(
+                "model %s: a call still runs on the old version(s) after grace_s; they are "
+                "closed when it ends",
+                ", ".join(sorted({str(model.key) for model in retirement.models})),
+            )
+
     async def aclose(self) -> None:
-        for model in self.all():
-            if model.failure is None:
-                await model.aclose()
+        """Close every version and finish freeing the old ones, waiting at most
+        ``SHUTDOWN_WAIT_S`` (a call stuck in a model, a load that hangs): what is left
+        then is cancelled, its threads left to end with the process."""
+        serving = [model for model in self.all() if model.failure is None]
+        if serving:
+            self._in_background(_close(serving), "model-close")
+        if not self._background:
+            return
+        _, pending = await asyncio.wait(set(self._background), timeout=SHUTDOWN_WAIT_S)
+        if pending:
+            logger.warning(
+                "%d model(s) not freed in %g s: left behind", len(pending), SHUTDOWN_WAIT_S
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # -- resolution ----------------------------------------------------------------------
 
     def versions(self, tenant: Tenant, name: str) -> Sequence[Model]:
         """The versions of ``name`` that ``tenant`` sees, newest first (may be empty)."""
@@ -340,6 +503,33 @@ class ModelRegistry:
         """Every model version ``tenant`` may call, under the names it calls them."""
         names = sorted({name for owner, name in self._models if owner in (None, tenant.id)})
         return [model for name in names for model in self.versions(tenant, name)]
+
+
+async def _drain(models: Sequence[Model], grace_s: float) -> None:
+    await asyncio.gather(*(model.drain(grace_s) for model in models))
+
+
+async def _close(models: Sequence[Model]) -> None:
+    """Close ``models`` at once (one stuck does not hold the others); errors logged."""
+    results = await asyncio.gather(*(model.aclose() for model in models), return_exceptions=True)
+    for model, result in zip(models, results, strict=True):
+        if isinstance(result, Exception):
+            logger.error("model %s did not close cleanly", model.key, exc_info=result)
+
+
+def _described(key: ModelKey) -> str:
+    """A version as a load's answer and the log name it: its owner where it has one."""
+    owner = f" of tenant '{key.owner}'" if key.owner else ""
+    return f"model '{key.name}' version {key.version}{owner}"
+
+
+def _change_line(name: str, specs: Sequence[ModelSpec], failures: Sequence[str]) -> str:
+    """A reload's line for one name: loaded, or which versions failed."""
+    if not failures:
+        return f"model '{name}' loaded"
+    owners = {spec.tenant for spec in specs}
+    done = "partly loaded" if len(failures) < len(owners) else "not loaded"
+    return f"model '{name}' {done}: {'; '.join(failures)}"
 
 
 def _same(specs: Sequence[ModelSpec], others: Sequence[ModelSpec]) -> bool:

@@ -316,3 +316,27 @@ async def test_calls_whose_deadline_passes_at_the_door_count_against_the_slo(
         value = server.app.metrics.get_sample_value
         assert value("mandant_slo_requests_total", {"tenant": "a"}) == 4
         assert value("mandant_slo_good_requests_total", {"tenant": "a"}) == 1
+
+
+async def test_probes_are_answered_when_the_cap_is_full(tmp_path: Path) -> None:
+    """Probes take no place under ``max_concurrent_rpcs`` (anyone may send them, no
+    key needed): a full server still says it is live and ready."""
+    with _gated(_capped(max_concurrent_rpcs=1), tmp_path) as server:
+        assert server.app is not None
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            infer = channel.unary_unary(INFER)
+            stuck = asyncio.ensure_future(
+                infer(_request("gated"), metadata=(("authorization", "Bearer a-key"),))
+            )
+            for _ in range(200):
+                if server.app.calls.calls == 1:
+                    break
+                await asyncio.sleep(0.01)
+            live = channel.unary_unary(
+                "/inference.GRPCInferenceService/ServerLive",
+                request_serializer=pb.ServerLiveRequest.SerializeToString,
+                response_deserializer=pb.ServerLiveResponse.FromString,
+            )
+            assert (await live(pb.ServerLiveRequest(), timeout=10)).live
+            gated_models.GATE.set()
+            await stuck

@@ -157,7 +157,7 @@ def test_rest_repository_index_load_and_unload(server: ServerThread) -> None:
     listed = {m["name"]: m for m in rest.get_model_repository_index(headers=ACME)}
     assert listed["echo"] == {"name": "echo", "version": "1", "state": "READY", "reason": ""}
     assert listed["broken"]["state"] == "UNAVAILABLE"
-    assert "weights missing" in listed["broken"]["reason"]
+    assert listed["broken"]["reason"] == "failed to load; the operator's log has the cause"
 
     entry = json.dumps(model("broken", "doubled"))
     with pytest.raises(InferenceServerException) as refused:
@@ -240,7 +240,8 @@ def test_a_failing_warm_up_at_start_fails_that_model_only(tmp_path: Path) -> Non
         client = tc.InferenceServerClient(running.target)
         listed = index(client)
         assert listed["cold"]["state"] == "UNAVAILABLE"
-        assert "warm-up request 0 failed" in listed["cold"]["reason"]
+        (cold,) = [m for m in running.app.registry.all() if m.key.name == "cold"]
+        assert cold.failure is not None and "warm-up request 0 failed" in cold.failure
         assert code_of(lambda: infer(client, "cold", ACME)) == "StatusCode.UNAVAILABLE"
         np.testing.assert_array_equal(infer(client, "echo", ACME), X)
         failures = running.app.metrics.get_sample_value(

@@ -396,6 +396,20 @@ def test_killed_engine_makes_calls_unavailable_until_it_is_back(
         grpc.insecure_channel(fresh.target) as channel,
     ):
         check = health_pb2_grpc.HealthStub(channel).Check
+        # Triton's probes are the front end's own: live while the engine restarts, not
+        # ready (they were forwarded, and failed UNAVAILABLE: a liveness probe on them
+        # killed a server about to recover).
+        live = channel.unary_unary(
+            "/inference.GRPCInferenceService/ServerLive",
+            request_serializer=pb.ServerLiveRequest.SerializeToString,
+            response_deserializer=pb.ServerLiveResponse.FromString,
+        )
+        ready = channel.unary_unary(
+            "/inference.GRPCInferenceService/ServerReady",
+            request_serializer=pb.ServerReadyRequest.SerializeToString,
+            response_deserializer=pb.ServerReadyResponse.FromString,
+        )
+        readiness = set()
         for _ in range(5):
             try:
                 client.infer("echo", {"INPUT0": ROW})
@@ -403,9 +417,12 @@ def test_killed_engine_makes_calls_unavailable_until_it_is_back(
             except MandantClientError as exc:
                 codes.add(exc.code.name)
             health.add(check(health_pb2.HealthCheckRequest(), timeout=5).status)
+            assert live(pb.ServerLiveRequest(), timeout=5).live
+            readiness.add(ready(pb.ServerReadyRequest(), timeout=5).ready)
             time.sleep(0.3)
     assert "UNAVAILABLE" in codes and codes <= {"UNAVAILABLE", "OK"}
     assert health_pb2.HealthCheckResponse.NOT_SERVING in health  # probes see it too
+    assert False in readiness
     _wait_for_pids(fresh, "engine", 1, {engine})
     _serving(fresh.target)
 

@@ -213,3 +213,35 @@ def test_a_forwarded_call_over_the_cap_is_refused_before_its_message_is_read() -
     assert context.aborted[0] is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert observer.finished == [("a", "", "", "RESOURCE_EXHAUSTED")]
     assert observer.rejections == [("a", "server_busy", "")]
+
+
+def test_a_probe_is_answered_without_reading_its_message_or_taking_a_place() -> None:
+    """Probes are open: a client without a key must not make the server hold their
+    messages (60 MiB each, four held a quarter of a gigabyte), nor fill the cap every
+    tenant's calls share with them."""
+    observer, cap = RecordingObserver(), CallCap(1)
+    cap.enter(None, "b")  # the server is full
+    gate = Gate(_authenticate, _refuse_admin, observer, cap)
+
+    async def live(request: Any, call: Call, context: Any) -> Any:
+        assert request == pb.ServerLiveRequest()
+        return pb.ServerLiveResponse(live=True)
+
+    handler = gate.unary(
+        "/inference.GRPCInferenceService/ServerLive",
+        Access.OPEN,
+        pb.ServerLiveRequest,
+        live,
+        pb.ServerLiveResponse.SerializeToString,
+    )
+    context = _Context(None, observer, cap, b"\x00" * 1024)
+    read: list[bool] = []
+
+    async def never(*_: Any) -> bytes:
+        read.append(True)
+        raise AssertionError("the probe's message was read")
+
+    context.read = never  # type: ignore[method-assign]
+    answer = asyncio.run(handler.stream_unary(None, context))
+    assert answer == pb.ServerLiveResponse(live=True) and not read
+    assert cap.calls == 1 and observer.finished == [("", "", "", "OK")]

@@ -35,6 +35,7 @@ even when the model raised.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import queue
@@ -44,7 +45,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -63,6 +64,8 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings(
     "ignore", message="The given NumPy array is not writable", category=UserWarning
 )
+
+T = TypeVar("T")
 
 #: numpy dtype kinds torch cannot hold; such inputs reach the model as numpy arrays.
 _NON_TENSOR_KINDS = frozenset("OSUV")
@@ -145,7 +148,9 @@ class TorchBackend:
     async def start(self) -> None:
         if self._idle is not None:
             raise RuntimeError(f"model {self._spec.name!r} is already started")
-        instances = await asyncio.to_thread(self._load)
+        # Its own daemon thread, not the loop's executor: a load that never returns
+        # (timed out by the registry) must not hold the process's exit.
+        instances = await in_own_thread(self._load, f"load-{self._spec.name}")
         idle: queue.SimpleQueue[_Instance] = queue.SimpleQueue()
         for instance in instances:
             idle.put(instance)
@@ -170,8 +175,8 @@ class TorchBackend:
     async def aclose(self) -> None:
         executor, self._executor, self._idle = self._executor, None, None
         self._loaded = ()
-        if executor is not None:
-            await asyncio.to_thread(executor.shutdown, wait=True)  # queued calls finish
+        if executor is not None:  # queued calls finish (a thread that may wait long)
+            await in_own_thread(lambda: executor.shutdown(wait=True), "close-" + self._spec.name)
         if self._placement.on_cuda:
             torch.cuda.empty_cache()  # the instances are gone: give their memory back
 
@@ -403,6 +408,34 @@ class TorchBackend:
         else:
             raise RuntimeError("neither 'factory' nor 'path' is set")
         return module.to(device).eval()
+
+
+async def in_own_thread(work: Callable[[], T], name: str) -> T:
+    """``work()`` on a new daemon thread, awaited. A caller that stops waiting (a load
+    timed out, a shutdown) leaves the thread to finish on its own, its result dropped;
+    unlike the loop's executor threads (``asyncio.to_thread``), which the interpreter
+    joins at exit, it never keeps the process from exiting."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = work(), None
+        except BaseException as exc:  # handed to the awaiting task
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await done
 
 
 def _cost(average: float | None, sample: float) -> float:

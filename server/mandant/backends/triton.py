@@ -246,8 +246,16 @@ class TritonBackend:
             raise Unavailable(f"model '{self._spec.name}' is unavailable (backend is failing)")
         try:
             response = await self._call(stub, request, deadline)
-        except (asyncio.CancelledError, DeadlineExceeded):
+        except DeadlineExceeded:
             self._breaker.record_abandoned()
+            raise
+        except asyncio.CancelledError:
+            self._breaker.record_abandoned()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling() == 0:
+                # Not our caller's cancellation: the channel closed under the call (its
+                # model unloaded, the server stopping). Answer it rather than vanish.
+                raise Unavailable(f"model '{self._spec.name}' was unloaded") from None
             raise
         except grpc.aio.AioRpcError as exc:
             by_client = client_deadline is not None and client_deadline < cap

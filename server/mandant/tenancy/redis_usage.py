@@ -109,6 +109,7 @@ class RedisUsage:
         self._counts: Counts = {}
         self._unsettled: dict[str, _Sums] = {}  # sent, reply lost: sent again as is
         self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
         self._lock = asyncio.Lock()  # one flush at a time (the timer's, a report's)
         self._failed_at: float | None = None  # monotonic, the last flush that failed
 
@@ -124,7 +125,8 @@ class RedisUsage:
         self._flusher = asyncio.get_running_loop().create_task(self._flush_every_interval())
 
     async def aclose(self) -> None:
-        if self._flusher is not None:
+        self._closing = True  # the flusher ends even if redis-py swallows its cancel
+        if self._flusher is not None:  # (asyncio.wait_for in sends, Python < 3.12)
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
@@ -132,7 +134,7 @@ class RedisUsage:
         await self._client.aclose()
 
     async def _flush_every_interval(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self._interval_s)
             await self.flush()
 
@@ -198,7 +200,9 @@ class RedisUsage:
             if self._failed_at is None:
                 logger.warning(
                     "usage counters: redis did not take them (%s)",
-                    failure or f"{len(refused)} of {len(batch)} tenants refused: {refused[0]}",
+                    repr(failure)
+                    if failure is not None
+                    else f"{len(refused)} of {len(batch)} tenants refused: {refused[0]}",
                 )
             self._failed_at = time.monotonic()
             return False

@@ -204,6 +204,11 @@ class Gate:
             refusal: Exception | None = None
             entered = inside = False
             try:
+                if access is Access.OPEN:
+                    # A probe: answered at once, its message not read (no field of it
+                    # is used), no place under the cap taken, so that without a key
+                    # nothing is held and a full server still answers its probes.
+                    return await behavior(request_type(), call, context)
                 call.tenant = caller_of(access, context)
                 cap.enter(shed, call.tenant.id if call.tenant is not None else "")
                 entered = True

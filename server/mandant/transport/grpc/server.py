@@ -42,8 +42,11 @@ from mandant_client._proto import grpc_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-#: What a front end of ``workers: N`` serves itself; it forwards the rest to the engine.
-FRONT_END_METHODS = frozenset({"ModelInfer", "ModelStreamInfer"})
+#: What a front end of ``workers: N`` serves itself (inference, and the probes: live
+#: while the engine restarts, ready as its link says); it forwards the rest to the engine.
+FRONT_END_METHODS = frozenset(
+    {"ModelInfer", "ModelStreamInfer", "ServerLive", "ServerReady", "ServerMetadata"}
+)
 #: Calls received and not yet handed to a handler that gRPC keeps (see GrpcServer).
 PENDING_CALLS = 1 << 15
 

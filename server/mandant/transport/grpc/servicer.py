@@ -160,7 +160,7 @@ class InferenceServicer:
                     name=m.key.name,
                     version=m.key.version,
                     state=m.state,
-                    reason=m.failure or "",
+                    reason=m.reason,
                 )
                 for m in models
                 if m.ready or not request.ready

@@ -29,7 +29,7 @@ def add_repository_routes(routes: web.UrlDispatcher, gate: RestGate, plane: Data
         return web.json_response(
             [
                 {"name": m.key.name, "version": m.key.version, "state": m.state,
-                 "reason": m.failure or ""}
+                 "reason": m.reason}
                 for m in plane.repository_index(call.caller)
                 if m.ready or not ready_only
             ]
