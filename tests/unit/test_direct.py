@@ -66,3 +66,48 @@ async def test_a_backend_verdict_passes_through_uncounted() -> None:
     with pytest.raises(Unavailable):
         await task
     assert observer.failed_batches == []
+
+
+async def test_closing_answers_waiting_requests_and_lets_the_running_one_finish() -> None:
+    """Unloaded or replaced (once its calls had grace_s): the requests still waiting
+    for a slot answer Unavailable at once, the running one answers when it ends, and
+    aclose returns only then, so that the backend is never closed under a call (it
+    was a no-op: a Triton call whose channel closed under it was never answered, and
+    the waiting requests waited on)."""
+    backend = GatedBackend()
+    scheduler = DirectScheduler(backend, "m")
+    running = asyncio.create_task(scheduler.submit(request(value=1)))
+    await settle()
+    waiting = [asyncio.create_task(scheduler.submit(request(value=v))) for v in (2, 3)]
+    await settle()
+    closing = asyncio.create_task(scheduler.aclose())
+    for task in waiting:
+        with pytest.raises(Unavailable, match="model 'm' is shutting down"):
+            await asyncio.wait_for(task, 10)
+    with pytest.raises(Unavailable, match="not serving"):  # no new request
+        await scheduler.submit(request(value=4))
+    await settle()
+    assert not closing.done()  # the running call has not answered yet
+    backend.release()
+    await asyncio.wait_for(closing, 10)
+    assert float((await running)["OUT0"][0, 0]) == 2
+    assert [float(c.inputs["x"][0, 0]) for c in backend.calls] == [1]
+
+
+async def test_a_request_that_gives_up_waiting_leaves_the_slot_to_the_next() -> None:
+    backend = GatedBackend()
+    scheduler = DirectScheduler(backend, "m")
+    first = asyncio.create_task(scheduler.submit(request(value=1)))
+    await settle()
+    leaving = asyncio.create_task(scheduler.submit(request(value=2)))
+    staying = asyncio.create_task(scheduler.submit(request(value=3)))
+    await settle()
+    leaving.cancel()  # its caller went away while it waited
+    backend.release()
+    await first
+    await settle()
+    backend.release()
+    await asyncio.wait_for(staying, 10)
+    assert leaving.cancelled()
+    assert [float(c.inputs["x"][0, 0]) for c in backend.calls] == [1, 3]
+    await asyncio.wait_for(scheduler.aclose(), 10)  # every slot was given back
