@@ -31,6 +31,11 @@ def shown(text: str) -> str:
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "…"
 
 
+#: What a front end of ``workers: N`` says of calls while the engine is away.
+ENGINE_DOWN = "the inference engine is not reachable; retry shortly"
+ENGINE_LOST = "the inference engine stopped while serving this call; retry"
+
+
 class MandantError(Exception):
     """Base of every error Mandant raises on purpose."""
 

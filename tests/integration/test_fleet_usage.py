@@ -133,6 +133,7 @@ async def test_counts_redis_did_not_take_go_with_a_later_flush(
         counts = await usage.read(["acme", "globex"])
     finally:
         await usage.aclose()
+    assert counts is not None
     assert counts["acme"]["today"] == {"rows:echo": 7.0, "compute_seconds:echo": 0.25}
     assert counts["acme"]["this_month"] == counts["acme"]["today"]
     assert counts["globex"] == {"today": {}, "this_month": {}}

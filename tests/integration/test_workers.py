@@ -442,9 +442,20 @@ def test_a_stopped_engine_is_taken_for_gone_until_it_answers_again(
             Client(fresh.target, "acme-key", timeout_s=60) as client,
             grpc.insecure_channel(fresh.target) as channel,
         ):
+            metadata = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelMetadata",
+                request_serializer=pb.ModelMetadataRequest.SerializeToString,
+                response_deserializer=pb.ModelMetadataResponse.FromString,
+            )
+            request = pb.ModelMetadataRequest(name="echo")
+            acme = (("authorization", "Bearer acme-key"),)
+            # A call the engine serves, sent before the engine is taken for gone: it
+            # fails with the inference calls (it waited for its deadline).
+            forwarded = metadata.future(request, metadata=acme, timeout=60)
             with pytest.raises(MandantClientError) as waited:
                 client.infer("echo", {"INPUT0": ROW})  # held, then failed: not 60 s
             assert waited.value.code is grpc.StatusCode.UNAVAILABLE
+            assert forwarded.exception(timeout=10).code() is grpc.StatusCode.UNAVAILABLE
             with pytest.raises(MandantClientError) as refused:
                 client.infer("echo", {"INPUT0": ROW})
             assert refused.value.code is grpc.StatusCode.UNAVAILABLE
@@ -457,17 +468,11 @@ def test_a_stopped_engine_is_taken_for_gone_until_it_answers_again(
                 time.sleep(0.1)
             # A call the engine serves is still refused by the front end for a missing
             # key, before its message is read: its key is checked there first.
-            metadata = channel.unary_unary(
-                "/inference.GRPCInferenceService/ModelMetadata",
-                request_serializer=pb.ModelMetadataRequest.SerializeToString,
-                response_deserializer=pb.ModelMetadataResponse.FromString,
-            )
-            request = pb.ModelMetadataRequest(name="echo")
             with pytest.raises(grpc.RpcError) as keyless:
                 metadata(request, timeout=5)
             assert keyless.value.code() is grpc.StatusCode.UNAUTHENTICATED
             with pytest.raises(grpc.RpcError) as keyed:
-                metadata(request, metadata=(("authorization", "Bearer acme-key"),), timeout=5)
+                metadata(request, metadata=acme, timeout=5)
             assert keyed.value.code() is grpc.StatusCode.UNAVAILABLE
     finally:
         os.kill(engine, signal.SIGCONT)

@@ -21,7 +21,8 @@ from mandant.errors import (
 )
 from mandant.events import NullObserver
 from mandant.tenancy.admission import Permit, TenantAdmission
-from mandant.tenancy.policy import Denial, Plan, StoreUnavailable
+from mandant.tenancy.policy import Denial, Plan, Scope, StoreUnavailable
+from mandant.tenancy.quota import PeriodKind
 from mandant.types import ModelKey, Tenant
 
 ACME, GLOBEX = Tenant("acme"), Tenant("globex")
@@ -77,6 +78,7 @@ class FlakyStore:
         self.down = False
         self.calls = 0
         self.refunds: list[tuple[str, int, float]] = []
+        self.reads = 0
 
     async def start(self) -> None:
         return None
@@ -92,6 +94,12 @@ class FlakyStore:
 
     def refund(self, plan: Plan, rows: int, wall: float) -> None:
         self.refunds.append((plan.tenant, rows, wall))
+
+    async def used(self, scope: Scope, quota_name: str, period: PeriodKind) -> int:
+        self.reads += 1
+        if self.down:
+            raise StoreUnavailable("fake: down")
+        return 1000
 
 
 WALL = datetime(2024, 5, 17, 22, tzinfo=UTC).timestamp()
@@ -126,6 +134,29 @@ async def test_a_refusal_by_one_bucket_takes_from_none() -> None:
     (await adm.admit(ACME, ECHO, 2)).release()  # the second request token is still there
     with pytest.raises(RateLimited, match="requests_per_s=1 "):
         await adm.admit(ACME, ECHO, 1)
+
+
+async def test_pushback_is_the_wait_until_every_limit_fits() -> None:
+    """Several limits short at once: the refusal names the one with the longest
+    wait, so that a client retrying after the pushback is admitted."""
+    cfg = config(
+        {
+            "id": "acme",
+            "rate_limit": {"requests_per_s": 100, "burst": 1, "rows_per_s": 10, "rows_burst": 10},
+            "quota": {"rows_per_day": 15},
+        }
+    )
+    adm, clock, _ = admission(cfg)
+    (await adm.admit(ACME, ECHO, 10)).release()  # both buckets are empty
+    with pytest.raises(RateLimited, match="rows_per_s=10 exceeded") as refused:
+        await adm.admit(ACME, ECHO, 5)  # requests: 10 ms; rows: 500 ms
+    assert refused.value.retry_after_s == pytest.approx(0.5)
+    clock.now += refused.value.retry_after_s
+    (await adm.admit(ACME, ECHO, 5)).release()
+    clock.now += 1.0
+    with pytest.raises(QuotaExceeded) as refused_quota:  # buckets: 10 ms; quota: 2 h
+        await adm.admit(ACME, ECHO, 1)
+    assert refused_quota.value.retry_after_s == pytest.approx(7200)
 
 
 async def test_a_call_larger_than_the_rows_burst_is_invalid() -> None:
@@ -408,6 +439,31 @@ async def test_store_outage_with_allow_falls_back_to_local_buckets(
     assert len(outage_logs) == 1
     assert any("reachable again" in r.getMessage() for r in caplog.records)
     assert observer.events.count(("store_error", "fake")) == 2
+
+
+async def test_quota_use_during_a_known_outage_is_read_locally_at_once() -> None:
+    """While admission knows the shared store is down, a usage report's quota read
+    does not ask it (each question would wait a timeout): this process's counts."""
+    store = FlakyStore()
+    cfg = config(
+        {"id": "acme", "quota": {"rows_per_day": 100}},
+        {"id": "globex", "quota": {"rows_per_day": 100}},
+        retry_interval_s=1,
+    )
+    adm, clock, _ = admission(cfg, shared=store)
+    assert await adm.quota_used("acme") == {"rows_today": 1000, "rows_this_month": 1000}
+    assert adm.quota_scope == "fleet" and store.reads == 2
+    store.down = True
+    (await adm.admit(ACME, ECHO, 3)).release()  # fails over: the outage is known
+    assert await adm.quota_used("acme") == {"rows_today": 3, "rows_this_month": 0}
+    assert adm.quota_scope == "replica" and store.reads == 2
+    clock.now += 1.0  # retry_interval_s: the store is asked again
+    store.down = False
+    assert await adm.quotas_used(["acme", "globex"]) == {
+        "acme": {"rows_today": 1000, "rows_this_month": 1000},
+        "globex": {"rows_today": 1000, "rows_this_month": 1000},
+    }
+    assert adm.quota_scope == "fleet" and store.reads == 6
 
 
 async def test_store_outage_with_deny_refuses_as_unavailable() -> None:

@@ -191,6 +191,21 @@ def test_period_tracker_moves_on_when_the_period_ends() -> None:
     assert tracker.at(_ts(2024, 5, 18)).key == "2024-05-18"
 
 
+def test_period_tracker_gives_an_earlier_moment_its_own_period() -> None:
+    """A call charged before midnight and refunded after it: its period is the day
+    before, and the tracker stays on the new day."""
+    tracker = PeriodTracker("day", _ts(2024, 5, 18, 0, 0, 1))
+    assert tracker.at(_ts(2024, 5, 17, 23, 59, 59)).key == "2024-05-17"
+    assert tracker.at(_ts(2024, 5, 18, 0, 0, 2)).key == "2024-05-18"
+    month = PeriodTracker("month", _ts(2024, 6, 1, 0, 0, 1))
+    earlier = month.at(_ts(2024, 5, 31, 23, 59, 59))
+    assert (earlier.key, earlier.start, earlier.reset_at) == (
+        "2024-05",
+        _ts(2024, 5, 1),
+        _ts(2024, 6, 1),
+    )
+
+
 def test_quota_counts_rows_and_resets_at_midnight_utc() -> None:
     counter = QuotaCounter(Quota("rows_per_day", 100, "day"), _ts(2024, 5, 17, 8))
     counter.take(60, _ts(2024, 5, 17, 9))

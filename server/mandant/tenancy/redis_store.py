@@ -33,6 +33,7 @@ Every Redis or socket failure becomes :class:`StoreUnavailable` here.
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import logging
 import time
@@ -161,8 +162,7 @@ QUOTA_KEY_GRACE_S = 3600
 VALID_SHARE = 0.8
 #: This replica's clock is compared with Redis' ``TIME`` again after this long.
 CLOCK_SYNC_S = 30.0
-#: Refunds kept while Redis cannot be reached, at most (then the oldest are logged
-#: as lost).
+#: Refunds kept while Redis cannot be reached, at most (one more is logged as lost).
 MAX_KEPT_REFUNDS = 100_000
 
 _SCRIPTS: Final = {
@@ -173,17 +173,16 @@ _SCRIPTS: Final = {
 _ERRORS = (RedisError, OSError, TimeoutError)
 
 
-class _Unanswered:
-    """A call's reply that never came: ``sent`` says whether it was written."""
+class _Unanswered(enum.Enum):
+    """A call's reply that never came: the call was not written (Redis never had
+    it), or it was written and the reply was lost (Redis may have run it)."""
 
-    __slots__ = ("sent",)
-
-    def __init__(self, sent: bool) -> None:
-        self.sent = sent
+    UNSENT = enum.auto()
+    LOST = enum.auto()
 
 
-_UNSENT: Final = _Unanswered(sent=False)
-_LOST: Final = _Unanswered(sent=True)
+_UNSENT: Final = _Unanswered.UNSENT
+_LOST: Final = _Unanswered.LOST
 
 _Kind = Literal["acquire", "refund", "get"]
 
@@ -400,7 +399,9 @@ class RedisStore:
             deadline = f"{self._offset_s + written_at + VALID_SHARE * self._timeout_s:.6f}"
             todo = list(range(len(calls)))
             async with asyncio.timeout(self._timeout_s):
-                while todo:
+                for attempt in range(2):
+                    if attempt:  # Redis restarted: load the scripts, send those calls again
+                        await self._load_scripts(connection)
                     commands = [self._command(calls[i], deadline) for i in todo]
                     for i in todo:
                         replies[i] = _LOST
@@ -410,8 +411,8 @@ class RedisStore:
                     for i in todo:
                         replies[i] = await _reply(connection)
                     todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
-                    if todo:  # Redis restarted: load the scripts, send those calls again
-                        await self._load_scripts(connection)
+                    if not todo:
+                        break
         except _ERRORS as exc:
             await connection.disconnect()
             return replies, exc

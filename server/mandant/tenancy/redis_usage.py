@@ -100,7 +100,6 @@ class RedisUsage:
         self._client = redis_client(config)
         self._flush_script = self._client.register_script(FLUSH_LUA)
         self._prefix = config.key_prefix
-        self._timeout_s = config.timeout_ms / 1000.0
         self._wall = wall
         self._periods = period_trackers(wall())
         self._interval_s = flush_interval_s
@@ -176,11 +175,10 @@ class RedisUsage:
             self._unsettled = {}
             replies: list[object] = []
             try:  # the pipeline gives its connection back however it ends
-                async with asyncio.timeout(self._timeout_s):
-                    async with self._client.pipeline(transaction=False) as pipe:
-                        for sums in batch:
-                            await self._flush_script(keys=sums.keys, args=sums.args, client=pipe)
-                        replies = await pipe.execute(raise_on_error=False)
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for sums in batch:
+                        await self._flush_script(keys=sums.keys, args=sums.args, client=pipe)
+                    replies = await pipe.execute(raise_on_error=False)
             except _ERRORS as exc:
                 failure: BaseException | None = exc
             else:
@@ -200,7 +198,7 @@ class RedisUsage:
             if self._failed_at is None:
                 logger.warning(
                     "usage counters: redis did not take them (%s)",
-                    repr(failure)
+                    type(failure).__name__
                     if failure is not None
                     else f"{len(refused)} of {len(batch)} tenants refused: {refused[0]}",
                 )
@@ -218,12 +216,11 @@ class RedisUsage:
             return None
         wall = self._wall()
         try:
-            async with asyncio.timeout(self._timeout_s):
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for tenant in tenants:
-                        for kind in PERIODS.values():
-                            pipe.hgetall(self._key(tenant, kind, self._periods[kind].at(wall).key))
-                    replies = iter(await pipe.execute())
+            async with self._client.pipeline(transaction=False) as pipe:
+                for tenant in tenants:
+                    for kind in PERIODS.values():
+                        pipe.hgetall(self._key(tenant, kind, self._periods[kind].at(wall).key))
+                replies = iter(await pipe.execute())
         except _ERRORS as exc:
             logger.warning("usage report: fleet counters unavailable (%s)", type(exc).__name__)
             return None

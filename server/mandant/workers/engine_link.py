@@ -28,7 +28,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from mandant.errors import InvalidInput, Unavailable
+from mandant.errors import ENGINE_DOWN, ENGINE_LOST, InvalidInput, Unavailable
 from mandant.types import (
     DATATYPES,
     Call,
@@ -42,8 +42,6 @@ from mandant.workers.framing import Buffer, Gathered, MessageReader, encode
 
 logger = logging.getLogger(__name__)
 
-DOWN = "the inference engine is not reachable; retry shortly"
-LOST = "the inference engine stopped while serving this call; retry"
 #: Longest an observer event waits for requests to ride with (metrics, not answers).
 EVENTS_WAIT_S = 0.05
 #: A pending call's answer: its header and its output frames.
@@ -125,6 +123,13 @@ class EngineLink:
             self._engine_ready = False
             logger.error("inference engine connection lost; refusing calls until it is back")
 
+    async def lost(self) -> None:
+        """Until the connection to the engine in use now is gone (at once if there is
+        none): closed, or given up on after the engine's silence."""
+        connection = self._connection
+        if connection is not None:
+            await connection.closed.wait()
+
     def set_accepting(self, accepting: bool) -> None:
         """This front end's gRPC port accepts calls, or no longer does: the engine
         hears it now, not at the next ping."""
@@ -146,7 +151,7 @@ class EngineLink:
         ``call.version`` are set from the engine's answer."""
         connection = self._connection
         if connection is None:
-            raise Unavailable(DOWN)
+            raise Unavailable(ENGINE_DOWN)
         frames, deferred, to_decode = _frames(request)
         try:
             parameters = request.parameters()
@@ -218,7 +223,7 @@ class _Connection(asyncio.BufferedProtocol):
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
-                future.set_exception(Unavailable(LOST))
+                future.set_exception(Unavailable(ENGINE_LOST))
         self.closed.set()
         self.opened.set()  # nobody waits for a STATUS that cannot come
 
@@ -244,7 +249,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def send(self, header: ipc.RequestHeader, frames: list[Buffer]) -> asyncio.Future[Answer]:
         if self._transport is None:
-            raise Unavailable(DOWN)
+            raise Unavailable(ENGINE_DOWN)
         future: asyncio.Future[Answer] = self._loop.create_future()
         self._pending[header.rid] = future
         self._requests.append(header.pack())

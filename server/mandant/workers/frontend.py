@@ -30,9 +30,7 @@ class FrontEnd:
         tls = config.server.tls
         mtls = tls is not None and tls.client_ca is not None
         self.forwarder = Forwarder(
-            sockets.control,
-            lambda: self.link.up,
-            certificate_identities if mtls else None,
+            sockets.control, self.link, certificate_identities if mtls else None
         )
         self.grpc = GrpcServer(
             self.plane,

@@ -13,13 +13,16 @@ and no identity can pass for two).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import grpc
 
+from mandant.errors import ENGINE_DOWN, ENGINE_LOST
 from mandant.transport.grpc.gateway import Context, Forward
 from mandant.transport.grpc.status import INTERNAL_MESSAGE
 
@@ -29,7 +32,6 @@ logger = logging.getLogger(__name__)
 #: line); only the engine's private socket trusts it.
 PEER_IDENTITIES = "mandant-peer-identities"
 _NOT_FORWARDED = frozenset({PEER_IDENTITIES, "user-agent", "te", "content-type"})
-ENGINE_DOWN = "the inference engine is not reachable; retry shortly"
 
 
 def encode_identities(identities: list[str]) -> str:
@@ -52,19 +54,34 @@ def _forwarded(metadata: Iterable[tuple[str, str | bytes]]) -> list[tuple[str, s
     ]
 
 
+class Engine(Protocol):
+    """What a front end knows of the engine's liveness (its ``EngineLink``)."""
+
+    @property
+    def up(self) -> bool:
+        """Connected to the engine."""
+        ...
+
+    async def lost(self) -> None:
+        """Until the connection in use now is gone (the engine died, or went silent)."""
+        ...
+
+
 class Forwarder:
-    """``target``: the engine's socket (``unix:/path``). ``engine_up``: whether the
-    engine answers (a call made while it does not is refused UNAVAILABLE at once).
-    ``identities``: a call's verified client certificate identities (mTLS), if any."""
+    """``target``: the engine's socket (``unix:/path``). ``engine``: whether it answers:
+    a call made while it does not is refused UNAVAILABLE at once, and a call waiting on
+    an engine that dies or goes silent fails UNAVAILABLE then, as inference calls do
+    (it waited for its deadline, or for ever). ``identities``: a call's verified client
+    certificate identities (mTLS), if any."""
 
     def __init__(
         self,
         target: str,
-        engine_up: Callable[[], bool],
+        engine: Engine,
         identities: Callable[[Context], list[str]] | None = None,
     ) -> None:
         self._channel = grpc.aio.insecure_channel(target)
-        self._engine_up = engine_up
+        self._engine = engine
         self._identities = identities
 
     async def aclose(self) -> None:
@@ -75,11 +92,11 @@ class Forwarder:
         engine and returns the engine's answer's bytes, or ends the call with the
         engine's status; the gate checks the caller first (``Gate.forwarded``)."""
         call = self._channel.unary_unary(path)
-        engine_up = self._engine_up
+        engine = self._engine
         identities = self._identities
 
         async def forward(raw: bytes, context: Context) -> bytes:
-            if not engine_up():
+            if not engine.up:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, ENGINE_DOWN)
             try:
                 metadata = _forwarded(context.invocation_metadata() or ())
@@ -87,9 +104,19 @@ class Forwarder:
                     peer = identities(context)
                     if peer:
                         metadata.append((PEER_IDENTITIES, encode_identities(peer)))
-                answer: bytes = await call(
-                    raw, metadata=tuple(metadata), timeout=context.time_remaining()
+                answered = asyncio.ensure_future(
+                    call(raw, metadata=tuple(metadata), timeout=context.time_remaining())
                 )
+                lost = asyncio.ensure_future(engine.lost())
+                try:
+                    await asyncio.wait((answered, lost), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    lost.cancel()
+                    if not answered.done():
+                        answered.cancel()
+                if answered.done():  # else the engine went away first (now cancelling it)
+                    answer: bytes = answered.result()
+                    return answer
             except grpc.aio.AioRpcError as exc:
                 trailers = _forwarded(exc.trailing_metadata() or ())
                 pushback = [
@@ -109,6 +136,7 @@ class Forwarder:
                 await context.abort(
                     grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE.format(request_id=request_id)
                 )
-            return answer
+            await context.abort(grpc.StatusCode.UNAVAILABLE, ENGINE_LOST)
+            return b""  # not reached: abort ends the call
 
         return forward
