@@ -94,3 +94,24 @@ async def test_a_cancelled_call_is_answered_with_its_model_and_leaves_nothing(
     # reached, as one process (which resolves before anything can cancel) reports it.
     assert (model, version, owner) == ("sleepy", "1", "")
     assert engine.engine.in_flight == 0
+
+
+async def test_an_answer_too_large_for_one_message_is_answered_with_a_status(
+    engine: App, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer larger than one gRPC message carries fails with a clear status: one
+    of 4 GiB overflowed the IPC message's u32 length, and that message, with every
+    answer gathered in it, was lost (those calls never answered)."""
+    from mandant.workers import engine_server
+
+    monkeypatch.setattr(engine_server, "MAX_ANSWER_BYTES", 15)  # one row of 4 floats: 16
+    reader, writer = await asyncio.open_unix_connection(EngineSockets(tmp_path).requests)
+    try:
+        writer.writelines(_calls([1], []))
+        ((rid, model, _, error, outputs, _),) = await asyncio.wait_for(_answers(reader), 10)
+    finally:
+        writer.close()
+    assert (rid, model, outputs) == (1, "sleepy", [])
+    failure = ipc.unpack_error(error)
+    assert type(failure).__name__ == "FailedPrecondition"
+    assert "16 bytes, more than one gRPC message carries" in str(failure)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from mandant.context import current_request_id, current_tenant
-from mandant.errors import MandantError, Unauthenticated
+from mandant.errors import FailedPrecondition, MandantError, Unauthenticated
 from mandant.events import Observer
 from mandant.service import MAX_REQUEST_ID_BYTES, DataPlane
 from mandant.types import Call, Tenant
@@ -32,6 +32,10 @@ from mandant.workers.framing import Buffer, Gathered, MessageReader, encode
 
 logger = logging.getLogger(__name__)
 
+#: The largest answer a front end is handed (what one gRPC message can carry): a
+#: message's length prefix is a u32, and an answer of 4 GiB overflowed it, failing
+#: every answer of its message, none of them ever answered.
+MAX_ANSWER_BYTES = (1 << 31) - 1
 #: The observer events a front end may report (``RemoteObserver``): the Observer's.
 FORWARDED_EVENTS = frozenset(name for name in dir(Observer) if not name.startswith("_"))
 
@@ -204,6 +208,13 @@ class _FrontEnd(asyncio.BufferedProtocol):
             response = await engine.plane.infer(call, request, header.timeout_s)
             declared = {spec.name: spec.datatype for spec in response.output_specs}
             outputs, frames = ipc.output_frames(response.outputs, declared)
+            size = sum(map(len, frames))
+            if size > MAX_ANSWER_BYTES:
+                frames = []
+                raise FailedPrecondition(
+                    f"the answer is {size} bytes, more than one gRPC message carries "
+                    f"({MAX_ANSWER_BYTES}): ask for fewer rows"
+                )
             answer: list[object] = [header.rid, call.model, call.version, None, outputs, call.owner]
         except asyncio.CancelledError:
             return  # the front end gave up on it (or is gone): nobody to answer
