@@ -1,0 +1,338 @@
+"""The Redis store when Redis fails in part: one call of a batch refused, a stall
+longer than ``timeout_ms``, a Redis that cannot be reached while refunds are due, a
+refund after midnight, a usage flush Redis took in part or answered too late. Each
+call is charged once, or not at all when it did not run; a usage report waits for
+one timeout at most. A real redis-server; stalls are ``CLIENT PAUSE``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from mandant.config import MandantConfig, parse_config
+from mandant.errors import QuotaExceeded, RateLimited, Unavailable
+from mandant.tenancy.admission import TenantAdmission, shared_store_for
+from mandant.tenancy.keys import hash_key
+from mandant.tenancy.redis_store import RedisStore
+from mandant.tenancy.redis_usage import RedisUsage
+from mandant.types import ModelKey, Tenant
+from tests.integration.redis_server import RedisServer, redis_server
+from tests.servers import ECHO_MODEL, ServerThread
+
+__all__ = ["redis_server"]  # the fixture
+
+ECHO = ModelKey("echo", "1")
+ADMIN_KEY = "failures-admin-key"
+
+
+def _config(url: str, prefix: str, *tenants: dict[str, Any], **limits: Any) -> MandantConfig:
+    return parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 0},
+            "limits": {
+                "store": "redis",
+                "url": url,
+                "key_prefix": prefix,
+                "retry_interval_s": 0.2,
+                **limits,
+            },
+            "tenants": list(tenants),
+            "models": [ECHO_MODEL],
+        }
+    )
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    connection = redis.Redis(port=redis_server.port)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def _today() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+def _rows_today(client: redis.Redis, prefix: str, tenant: str) -> int:
+    return int(client.get(f"{prefix}:{{{tenant}}}:*:rows_per_day:{_today()}") or 0)
+
+
+async def test_one_refused_script_fails_only_its_own_call(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """Ten tenants' admits go in one batch; Redis refuses one script (its quota key
+    holds the wrong type here; ``OOM`` near ``maxmemory`` does the same). The nine
+    Redis admitted and charged are admitted, the tenth alone is refused: none is
+    charged in Redis and refused (or charged again locally with ``allow``)."""
+    tenants = [{"id": f"t{i}", "quota": {"rows_per_day": 1000}} for i in range(10)]
+    config = _config(redis_server.url, "p1", *tenants, on_store_error="deny")
+    client.hset(f"p1:{{t3}}:*:rows_per_day:{_today()}", "not", "a count")
+    admission = TenantAdmission(config, shared_store_for(config.limits))
+    await admission.start()
+    try:
+        results = await asyncio.gather(
+            *(admission.admit(Tenant(f"t{i}"), ECHO, 10) for i in range(10)),
+            return_exceptions=True,
+        )
+    finally:
+        await admission.aclose()
+    assert isinstance(results[3], Unavailable)
+    admitted = [i for i, result in enumerate(results) if not isinstance(result, BaseException)]
+    assert admitted == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert [_rows_today(client, "p1", f"t{i}") for i in admitted] == [10] * 9
+
+
+def _stall(port: int, seconds: float) -> threading.Thread:
+    """Keep Redis busy with one script for ``seconds`` (as a slow command or a
+    latency spike does): it reads no other command meanwhile and runs what was
+    written to it afterwards, even from clients that closed their connection."""
+    busy = (
+        "local t = redis.call('TIME') local t0 = t[1] + t[2] / 1e6 repeat "
+        "local n = redis.call('TIME') until n[1] + n[2] / 1e6 - t0 > tonumber(ARGV[1]) "
+        "return 0"
+    )
+
+    def run() -> None:
+        with redis.Redis(port=port) as connection:
+            connection.eval(busy, 0, seconds)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(0.1)  # it runs now
+    return thread
+
+
+@pytest.mark.parametrize("on_store_error", ["deny", "allow"])
+async def test_a_call_redis_runs_after_a_stall_takes_nothing(
+    redis_server: RedisServer, client: redis.Redis, on_store_error: str
+) -> None:
+    """Redis stalls longer than ``timeout_ms`` with a call's script written to it:
+    the call is refused (deny) or charged locally (allow). When Redis runs the
+    script afterwards, the script takes nothing."""
+    prefix = f"p2{on_store_error}"
+    config = _config(
+        redis_server.url,
+        prefix,
+        {"id": "acme", "quota": {"rows_per_day": 1000}},
+        on_store_error=on_store_error,
+        timeout_ms=100,
+    )
+    admission = TenantAdmission(config, shared_store_for(config.limits))
+    await admission.start()
+    try:
+        (await admission.admit(Tenant("acme"), ECHO, 10)).release()
+        stall = _stall(redis_server.port, 0.6)
+        if on_store_error == "deny":
+            with pytest.raises(Unavailable):
+                await admission.admit(Tenant("acme"), ECHO, 7)
+        else:
+            (await admission.admit(Tenant("acme"), ECHO, 7)).release()
+        await asyncio.to_thread(stall.join)  # Redis has run the script since
+        assert _rows_today(client, prefix, "acme") == 10
+        await asyncio.sleep(0.2)  # retry_interval_s: the store decides again
+        (await admission.admit(Tenant("acme"), ECHO, 5)).release()
+        assert _rows_today(client, prefix, "acme") == 15
+    finally:
+        await admission.aclose()
+
+
+async def test_a_refund_redis_cannot_take_is_sent_when_it_can(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """A refund while no connection to Redis can be made (here: Redis at its
+    ``maxclients``, our connections closed) is kept and sent with the next batch
+    once Redis takes connections again; one Redis refuses (``OOM``) likewise."""
+    config = _config(redis_server.url, "p3", {"id": "acme", "quota": {"rows_per_day": 100}})
+    admission = TenantAdmission(config, shared_store_for(config.limits))
+    await admission.start()
+    try:
+        first = await admission.admit(Tenant("acme"), ECHO, 40)
+        second = await admission.admit(Tenant("acme"), ECHO, 30)
+        assert _rows_today(client, "p3", "acme") == 70
+
+        client.config_set("maxclients", 1)
+        client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await asyncio.sleep(0.1)
+        first.release(refund=True)  # no connection can be made: kept
+        await asyncio.sleep(0.1)
+        client.config_set("maxclients", 10000)
+
+        client.config_set("maxmemory", 1)
+        second.release(refund=True)  # Redis refuses the script (OOM): kept
+        await asyncio.sleep(0.1)
+        assert _rows_today(client, "p3", "acme") == 70
+        client.config_set("maxmemory", 0)
+
+        (await admission.admit(Tenant("acme"), ECHO, 1)).release()  # takes them along
+        assert _rows_today(client, "p3", "acme") == 1
+    finally:
+        await admission.aclose()
+
+
+async def test_scripts_flushed_from_redis_are_loaded_again(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """Redis lost its scripts (a restart, ``SCRIPT FLUSH``): the calls of that batch
+    are answered ``NOSCRIPT``, ran nowhere, and are sent again with the scripts."""
+    config = _config(redis_server.url, "p9", {"id": "acme", "quota": {"rows_per_day": 100}})
+    admission = TenantAdmission(config, shared_store_for(config.limits))
+    await admission.start()
+    try:
+        permit = await admission.admit(Tenant("acme"), ECHO, 30)
+        client.script_flush()
+        permit.release(refund=True)
+        client.script_flush()
+        results = await asyncio.gather(
+            *(admission.admit(Tenant("acme"), ECHO, 10) for _ in range(3))
+        )
+        for result in results:
+            result.release()
+    finally:
+        await admission.aclose()
+    assert _rows_today(client, "p9", "acme") == 30
+
+
+async def test_a_refund_after_midnight_goes_to_the_day_that_was_charged(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    midnight = datetime(2031, 5, 18, tzinfo=UTC).timestamp()
+    wall = [midnight - 0.5]
+    config = _config(redis_server.url, "p4", {"id": "acme", "quota": {"rows_per_day": 100}})
+    store = RedisStore(config.limits, wall=lambda: wall[0])
+    admission = TenantAdmission(config, store, wall=lambda: wall[0])
+    await admission.start()
+    try:
+        late = await admission.admit(Tenant("acme"), ECHO, 40)  # charged on May 17
+        wall[0] = midnight + 0.5
+        (await admission.admit(Tenant("acme"), ECHO, 60)).release()  # ran on May 18
+        late.release(refund=True)  # the May 17 call did not run
+        (await admission.admit(Tenant("acme"), ECHO, 40)).release()  # May 18 is full now
+        with pytest.raises(QuotaExceeded):
+            await admission.admit(Tenant("acme"), ECHO, 1)
+    finally:
+        await admission.aclose()
+    assert int(client.get("p4:{acme}:*:rows_per_day:2031-05-18") or 0) == 100
+    assert int(client.get("p4:{acme}:*:rows_per_day:2031-05-17") or 0) == 0
+
+
+async def test_pushback_is_the_wait_until_every_limit_fits(redis_server: RedisServer) -> None:
+    """Both buckets short: the pushback is the rows bucket's 1 s, not the request
+    bucket's 10 ms, so a client that waits as told is admitted."""
+    config = _config(
+        redis_server.url,
+        "p5",
+        {
+            "id": "acme",
+            "rate_limit": {"requests_per_s": 100, "burst": 1, "rows_per_s": 10, "rows_burst": 10},
+        },
+    )
+    admission = TenantAdmission(config, shared_store_for(config.limits))
+    await admission.start()
+    try:
+        (await admission.admit(Tenant("acme"), ECHO, 10)).release()
+        with pytest.raises(RateLimited, match="rows_per_s=10 exceeded") as refused:
+            await admission.admit(Tenant("acme"), ECHO, 10)
+        assert 0.95 < refused.value.retry_after_s <= 1.0
+        await asyncio.sleep(refused.value.retry_after_s + 0.002)
+        (await admission.admit(Tenant("acme"), ECHO, 10)).release()
+    finally:
+        await admission.aclose()
+
+
+async def test_a_usage_flush_redis_took_in_part_counts_each_tenant_once(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """Redis refuses one tenant's script of a flush (its day hash holds the wrong
+    type here; ``OOM`` does the same): the others are counted, that one's sums go
+    with the next flush, and nobody is counted twice."""
+    config = _config(redis_server.url, "p6", {"id": "t0"})
+    usage = RedisUsage(config.limits, flush_interval_s=3600)
+    day_key = f"p6:{{t1}}:usage:day:{_today()}"
+    client.set(day_key, "not a hash")
+    try:
+        for tenant in ("t0", "t1", "t2"):
+            usage.add(tenant, "rows", "echo", 5)
+        assert await usage.flush() is False
+        client.delete(day_key)
+        assert await usage.flush() is True
+        counts = await usage.read(["t0", "t1", "t2"])
+    finally:
+        await usage.aclose()
+    assert counts is not None
+    assert [counts[t]["today"] for t in ("t0", "t1", "t2")] == [{"rows:echo": 5.0}] * 3
+    assert [counts[t]["this_month"] for t in ("t0", "t1", "t2")] == [{"rows:echo": 5.0}] * 3
+
+
+async def test_a_usage_flush_answered_too_late_is_counted_once(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """Redis applies a flush after this process gave up waiting for the reply (it
+    took longer than ``timeout_ms``: 20000 fields): the flush is sent again, and
+    Redis applies it once (its sequence number is marked)."""
+    config = _config(redis_server.url, "p7", {"id": "t0"}, timeout_ms=30)
+    usage = RedisUsage(config.limits, flush_interval_s=3600)
+    try:
+        usage.add("t1", "requests", "OK", 1)
+        assert await usage.flush() is True  # the script is loaded
+        for model in range(20000):
+            usage.add("t0", "rows", f"m{model}", 1)
+        usage.add("t1", "requests", "OK", 1)
+        assert await usage.flush() is False  # Redis is still at it
+        await asyncio.sleep(0.5)  # and has applied it since
+        usage.add("t1", "requests", "OK", 1)
+        assert await usage.flush() is True  # sent again, applied once
+    finally:
+        await usage.aclose()
+    rows = client.hgetall(f"p7:{{t0}}:usage:day:{_today()}")
+    assert len(rows) == 20000 and set(rows.values()) == {b"1"}
+    assert client.hgetall(f"p7:{{t1}}:usage:day:{_today()}") == {b"requests:OK": b"3"}
+
+
+def test_a_usage_report_waits_one_timeout_at_most_while_redis_stalls(
+    redis_server: RedisServer, client: redis.Redis, tmp_path: Path
+) -> None:
+    """30 tenants with quotas, Redis stalled (every command waits): /usage answers
+    after one ``timeout_ms`` (one batch for every tenant's quota counts and the fleet
+    flush beside it), with this replica's own counts; not one timeout per tenant."""
+    tenants = [
+        {"id": f"t{i:02d}", "api_keys": [hash_key(f"k{i}")], "quota": {"rows_per_day": 10**6}}
+        for i in range(30)
+    ]
+    config = _config(redis_server.url, "p8", *tenants, timeout_ms=100)
+    server_config = config.server.model_copy(update={"admin_keys": (hash_key(ADMIN_KEY),)})
+    config = config.model_copy(update={"server": server_config})
+
+    with ServerThread(config, tmp_path) as server:
+
+        def usage() -> tuple[float, dict[str, Any]]:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{server.http_port}/usage",
+                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            )
+            started = time.monotonic()
+            with urllib.request.urlopen(request, timeout=30) as response:
+                report: dict[str, Any] = json.loads(response.read())
+            return time.monotonic() - started, report
+
+        took, report = usage()
+        assert report["tenants"]["t00"]["quota"]["scope"] == "fleet"
+        client.execute_command("CLIENT", "PAUSE", 3000, "ALL")
+        took, report = usage()
+        assert took < 1.0, took
+        assert report["tenants"]["t00"]["quota"]["scope"] == "replica"
+        assert report["fleet_available"] is False
+        took, report = usage()  # the outage is known now: no wait at all
+        assert took < 0.5, took
+        client.execute_command("CLIENT", "UNPAUSE")
