@@ -650,3 +650,24 @@ def test_readyz_waits_for_a_front_end_that_accepts_calls(tmp_path: Path) -> None
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_a_second_server_on_the_same_grpc_port_refuses_to_start(
+    server: WorkersServer, tmp_path: Path
+) -> None:
+    """Front ends bind the port with SO_REUSEPORT: a second ``workers: N`` server of
+    the same user on it started silently and took a share of the connections (with
+    its own tenants, keys and limits). It stops at once now, saying why."""
+    data = workers_config().model_dump(mode="json", exclude_defaults=True)
+    data["server"].update(workers=2, grpc_port=server.grpc_port)
+    path = tmp_path / "second.yaml"
+    path.write_text(yaml.safe_dump(data))
+    second = subprocess.run(
+        [*MANDANT, "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env=SUBPROCESS_ENV,
+        timeout=60,
+    )
+    assert second.returncode != 0
+    assert f"cannot use gRPC port {server.grpc_port}" in second.stderr, second.stderr

@@ -79,14 +79,23 @@ class Child:
         return "engine" if self.role == "engine" else f"front end {self.index}"
 
 
-def reserve_port(host: str) -> socket.socket:
-    """A socket bound to a free port with SO_REUSEPORT, never listening: it keeps the
-    port for the front ends, which bind it the same way."""
+def reserve_port(host: str, port: int = 0) -> socket.socket:
+    """A socket bound to ``port`` (0: a free one) with SO_REUSEPORT, never listening:
+    it keeps the port for the front ends, which bind it the same way, and from anyone
+    else. A port something else holds already is refused (OSError, EADDRINUSE): with
+    SO_REUSEPORT alone a second server of the same user would share it, the kernel
+    spreading connections over both servers' front ends."""
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port:
+        with socket.socket(family, socket.SOCK_STREAM) as check:
+            # SO_REUSEADDR: connections of a server just stopped (TIME_WAIT) do not
+            # count; a socket bound or listening there does (no SO_REUSEPORT here).
+            check.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            check.bind((host, port))
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, 0))
+    sock.bind((host, port))
     return sock
 
 
@@ -135,9 +144,11 @@ class Supervisor:
         os.chmod(self._folder, 0o700)
         if not self._apply_file():
             raise ChildFailed(f"the configuration file {self._config_path} does not validate")
-        if self.grpc_port == 0:
-            self._reserved = reserve_port(self._host)
-            self.grpc_port = self._reserved.getsockname()[1]
+        try:
+            self._reserved = reserve_port(self._host, self.grpc_port)
+        except OSError as exc:
+            raise ChildFailed(f"cannot use gRPC port {self.grpc_port}: {exc.strerror}") from None
+        self.grpc_port = self._reserved.getsockname()[1]
         try:
             await self._start(self.engine)
             await asyncio.gather(*(self._start(front) for front in self.front_ends))
