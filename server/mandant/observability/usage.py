@@ -13,7 +13,6 @@ and ``AdminService.GetUsage`` over gRPC both report, saying the scope of each fi
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
 import time
@@ -25,8 +24,6 @@ from mandant.events import Observer
 from mandant.observability.live import LiveStats
 from mandant.tenancy.directory import TenantDirectory
 from mandant.tenancy.redis_usage import RedisUsage
-
-logger = logging.getLogger(__name__)
 
 #: Who answers a report: the figures marked ``replica`` are this process's.
 REPLICA = f"{socket.gethostname()}:{os.getpid()}"
