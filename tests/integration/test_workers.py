@@ -12,6 +12,7 @@ process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -671,3 +672,29 @@ def test_a_second_server_on_the_same_grpc_port_refuses_to_start(
     )
     assert second.returncode != 0
     assert f"cannot use gRPC port {server.grpc_port}" in second.stderr, second.stderr
+
+
+def test_a_stopped_front_end_is_not_ready_and_is_started_again(fresh: WorkersServer) -> None:
+    """A front end that is there but silent (SIGSTOP; a stuck event loop looks the
+    same) kept its listening socket, so the kernel gave it a share of new connections
+    that nobody answered, and /readyz said ready with every front end stopped. Now it
+    stops counting as accepting calls at once, and is killed after 10 s of silence
+    for the supervisor to start again."""
+    fronts = fresh.children()["front-end"]
+    for pid in fronts:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 10
+        while _ready(fresh.http_port):
+            assert time.monotonic() < deadline, "/readyz still says ready"
+            time.sleep(0.1)
+        _wait_for_front_ends_listening(fresh, set(fronts))
+    finally:
+        for pid in fronts:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    _serving(fresh.target)
+    deadline = time.monotonic() + 10
+    while not _ready(fresh.http_port):
+        assert time.monotonic() < deadline, "/readyz never ready again"
+        time.sleep(0.1)

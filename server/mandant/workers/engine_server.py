@@ -18,6 +18,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
+import socket
+import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -36,6 +39,13 @@ logger = logging.getLogger(__name__)
 #: message's length prefix is a u32, and an answer of 4 GiB overflowed it, failing
 #: every answer of its message, none of them ever answered.
 MAX_ANSWER_BYTES = (1 << 31) - 1
+#: A front end pings every 0.5 s (``EngineLink``). One not heard for ``FRESH_S`` no
+#: longer counts as accepting calls (``/readyz``); one silent for ``SILENT_S`` (stopped,
+#: or its event loop stuck) is killed, for the supervisor to start again: its listening
+#: socket kept taking its share of new connections, which nobody answered, and
+#: ``/readyz`` said ready with every front end stopped.
+FRESH_S = 2.0
+SILENT_S = 10.0
 #: The observer events a front end may report (``RemoteObserver``): the Observer's.
 FORWARDED_EVENTS = frozenset(name for name in dir(Observer) if not name.startswith("_"))
 
@@ -61,6 +71,7 @@ class EngineServer:
         self._path = path
         self._server: asyncio.AbstractServer | None = None
         self._peers: set[_FrontEnd] = set()
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self._path.exists():  # left by an engine that was killed
@@ -68,6 +79,25 @@ class EngineServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _FrontEnd(self), str(self._path))
         os.chmod(self._path, 0o600)
+        self._watch = asyncio.create_task(self._watch_peers(), name="front-end watch")
+
+    async def _watch_peers(self) -> None:
+        """Kill a front end silent for :data:`SILENT_S` (see there)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(FRESH_S / 2)
+            for peer in list(self._peers):
+                silent_s = loop.time() - peer.heard_at
+                if silent_s > SILENT_S and peer.pinged and peer.pid is not None:
+                    logger.error(
+                        "front end (pid %d) silent for %.1fs (stopped or stuck): killing it"
+                        " for the supervisor to start again",
+                        peer.pid,
+                        silent_s,
+                    )
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(peer.pid, signal.SIGKILL)
+                    peer.close()
 
     @property
     def in_flight(self) -> int:
@@ -80,6 +110,8 @@ class EngineServer:
         return any(peer.accepting for peer in self._peers)
 
     async def aclose(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         if self._server is not None:
             self._server.close()
         for peer in list(self._peers):
@@ -106,12 +138,22 @@ class _FrontEnd(asyncio.BufferedProtocol):
         self._frames = Gathered()
         self._flushing = False
         self._loop = asyncio.get_running_loop()
-        self.accepting = False  # its gRPC port accepts calls (its pings say)
+        self._accepting = False  # its gRPC port accepts calls (its pings say)
+        #: When it last said something (the loop's clock), and its process.
+        self.heard_at = self._loop.time()
+        self.pid: int | None = None
+        self.pinged = False  # a front end (which pings), not some other client
+
+    @property
+    def accepting(self) -> bool:
+        """Its gRPC port accepts calls, as its last ping said, not long ago."""
+        return self._accepting and self._loop.time() - self.heard_at < FRESH_S
 
     # -- connection -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.pid = _peer_pid(transport)
         self._engine.joined(self)
         self._status()
 
@@ -138,6 +180,7 @@ class _FrontEnd(asyncio.BufferedProtocol):
     # -- receiving ------------------------------------------------------------------
 
     def _message(self, kind: int, payload: Any, frames: list[memoryview]) -> None:
+        self.heard_at = self._loop.time()
         if kind == ipc.CALLS:
             requests, cancels, events = payload
             self._requests(requests, frames)
@@ -148,7 +191,8 @@ class _FrontEnd(asyncio.BufferedProtocol):
                 if name in FORWARDED_EVENTS:
                     getattr(observer, name)(*args)
         elif kind == ipc.PING:
-            self.accepting = bool(payload and payload[0])
+            self._accepting = bool(payload and payload[0])
+            self.pinged = True
             self._status()
 
     def _requests(self, requests: list[Any], frames: Sequence[memoryview]) -> None:
@@ -242,6 +286,21 @@ class _FrontEnd(asyncio.BufferedProtocol):
         frames = self._frames.take()
         if self._transport is not None and answers:
             self._transport.writelines(encode(ipc.ANSWERS, answers, frames))
+
+
+def _peer_pid(transport: asyncio.BaseTransport) -> int | None:
+    """The process at the other end of a Unix socket (SO_PEERCRED), if it says."""
+    sock = transport.get_extra_info("socket")
+    try:
+        pid, _, _ = _CREDENTIALS.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
+        )
+    except (AttributeError, OSError):
+        return None
+    return int(pid) if pid > 0 else None
+
+
+_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class EngineHealth:
