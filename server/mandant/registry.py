@@ -330,10 +330,11 @@ class ModelRegistry:
                         )
                     }
                     changed = [spec for spec in group if spec.tenant not in kept]
-                    if not changed and kept == current.keys():
+                    gone = current.keys() - kept - {spec.tenant for spec in changed}
+                    if not changed and not gone:
                         return None
                     old, failures = await self._switch(name, changed, keep=kept)
-                    change = _change_line(name, changed, failures)
+                    change = _change_line(name, changed, failures, gone)
             self._retire(old)
             if change is not None and on_change is not None:
                 on_change(change)
@@ -389,7 +390,12 @@ class ModelRegistry:
             fresh.setdefault(model.key.owner, []).append(model)
         served = {owner: self._served(owner, name) for owner in fresh}
         must_be_ready = [m for owner, models in fresh.items() if served[owner] for m in models]
-        failed = await self._start_all([m for ms in fresh.values() for m in ms], must_be_ready)
+        starting = [model for models in fresh.values() for model in models]
+        try:
+            failed = await self._start_all(starting, must_be_ready)
+        except asyncio.CancelledError:  # the caller gave up (or the server stops)
+            self._close_in_background(starting)
+            raise
         # No await from here on: no call sees a version missing or half switched.
         old: list[Model] = []
         failures = []
@@ -523,13 +529,21 @@ def _described(key: ModelKey) -> str:
     return f"model '{key.name}' version {key.version}{owner}"
 
 
-def _change_line(name: str, specs: Sequence[ModelSpec], failures: Sequence[str]) -> str:
-    """A reload's line for one name: loaded, or which versions failed."""
-    if not failures:
-        return f"model '{name}' loaded"
+def _change_line(
+    name: str, specs: Sequence[ModelSpec], failures: Sequence[str], gone: Collection[str | None]
+) -> str:
+    """A reload's line for one name: loaded, or which versions failed; whose versions
+    it no longer has."""
     owners = {spec.tenant for spec in specs}
-    done = "partly loaded" if len(failures) < len(owners) else "not loaded"
-    return f"model '{name}' {done}: {'; '.join(failures)}"
+    if not failures:
+        line = f"model '{name}' loaded" if specs else f"model '{name}' changed"
+    else:
+        done = "partly loaded" if len(failures) < len(owners) else "not loaded"
+        line = f"model '{name}' {done}: {'; '.join(failures)}"
+    if gone:
+        whose = sorted("shared" if owner is None else f"tenant '{owner}'" for owner in gone)
+        line += f"; versions of {', '.join(whose)} unloaded"
+    return line
 
 
 def _same(specs: Sequence[ModelSpec], others: Sequence[ModelSpec]) -> bool:

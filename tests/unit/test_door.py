@@ -84,6 +84,31 @@ async def test_shares_follow_weights() -> None:
     assert order == ["a", "h"]
 
 
+async def test_a_weight_changed_by_a_reload_applies_while_the_tenant_is_busy() -> None:
+    """A tenant's weight at the door was the one it had when it got there, kept while
+    it had calls inside or waiting: a flooding tenant an operator demoted kept its
+    share for as long as it kept flooding."""
+    door = FrontDoor(8)
+    heavy = Tenant("h", weight=3.0)
+    for _ in range(6):
+        await door.enter(heavy)
+    await door.enter(A)
+    await door.enter(A)  # shares 6 (h) and 2 (a): full
+    demoted = Tenant("h", weight=1.0)  # the same tenant after a reload
+    order: list[str] = []
+    waiting_h = await _queue(door, demoted, order)  # shares now 4 and 4
+    waiting_a = await _queue(door, A, order)
+    assert order == ["a"]  # a is below its new share: it walks in
+    for _ in range(2):
+        door.leave(heavy)  # h holds 5, then 4: its share, its call still waits
+        await settle()
+    assert order == ["a"]
+    door.leave(heavy)
+    await settle()
+    assert order == ["a", "h"]
+    await asyncio.gather(waiting_a, waiting_h)
+
+
 async def test_a_cancelled_waiter_leaves_no_trace() -> None:
     door = FrontDoor(1)
     await door.enter(A)

@@ -26,6 +26,8 @@ def test_defaults_guard_the_http_port_and_serve_while_any_model_is_ready() -> No
         ({"server": {"ready_when": "some_models"}}, "server.ready_when"),
         ({"server": {"compute_nice": 20}}, "server.compute_nice"),
         ({"server": {"compute_nice": -1}}, "server.compute_nice"),
+        ({"server": {"model_load_timeout_s": 0}}, "server.model_load_timeout_s"),
+        ({"server": {"model_load_timeout_s": "soon"}}, "server.model_load_timeout_s"),
         ({"server": {"internal_http": {"port": 8002}}}, "must differ from grpc_port"),
         ({"server": {"internal_http": {"host": "10.0.0.1"}}}, "server.internal_http.port"),
         (
@@ -41,6 +43,12 @@ def test_refused(data: dict[str, object], error: str) -> None:
     with pytest.raises(ConfigError) as refused:
         parse_config(data)
     assert error in str(refused.value)
+
+
+def test_a_model_load_may_take_five_minutes_unless_configured() -> None:
+    assert parse_config({}).server.model_load_timeout_s == 300
+    server = parse_config({"server": {"model_load_timeout_s": 1800}}).server
+    assert server.model_load_timeout_s == 1800
 
 
 def test_the_http_port_binds_server_host_unless_http_host_says_otherwise() -> None:

@@ -89,6 +89,9 @@ class FrontDoor:
         if state is None:
             state = self._tenants[tenant.id] = _Tenant(tenant.weight)
             self._weights += tenant.weight
+        elif state.weight != tenant.weight:  # a reload changed it: shares change now
+            self._weights += tenant.weight - state.weight
+            state.weight = tenant.weight
         if not state.waiting and state.inside < self._share(state):
             state.inside += 1
             return
