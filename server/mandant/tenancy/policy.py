@@ -44,7 +44,8 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class Denial:
-    """The first limit a call did not fit, and how long until it would."""
+    """The limit a call did not fit with the longest wait, and how long until the call
+    would fit every limit."""
 
     limit: Rate | Quota
     scope: Scope
@@ -72,7 +73,8 @@ class SharedStore(Protocol):
     def refund(self, plan: Plan, rows: int, wall: float) -> None:
         """Give back what ``acquire(plan, rows, wall)`` took (the call did not run):
         request and row tokens up to each bucket's burst, quota rows in the period of
-        ``wall`` if it still lasts. Does not wait; a failure is logged, not raised."""
+        ``wall`` if it still lasts. Does not wait; a refund that never reached
+        the store is kept and sent again, not raised."""
         ...
 
     async def used(self, scope: Scope, quota_name: str, period: PeriodKind) -> int:
