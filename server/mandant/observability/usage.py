@@ -171,7 +171,7 @@ class UsageReports:
             self._quotas_used([t.id for t in tenants if t.quota is not None]),
             self._fleet_counts([t.id for t in tenants]),
         )
-        used = {t.id: stored.get(t.id) or self._live.quota_used(t.id) for t in tenants}
+        used = {t.id: _quota_use(t, stored.get(t.id), self._live.quota_used(t.id)) for t in tenants}
         report = usage_report(self._counts, tenants, used)
         fleet_scope = "replica" if self._quota is None else self._quota.quota_scope
         for tenant in tenants:
@@ -201,6 +201,25 @@ class UsageReports:
         if not tenants or self._quota is None:
             return {}
         return await self._quota.quotas_used(tenants)
+
+
+#: The periods of ``quota.used``, and the quota each is counted against.
+QUOTA_PERIODS = {"rows_today": "rows_per_day", "rows_this_month": "rows_per_month"}
+
+
+def _quota_use(
+    tenant: TenantConfig, stored: Mapping[str, int] | None, live: Mapping[str, int]
+) -> dict[str, int]:
+    """A tenant's rows today and this month: the limits store's count where it has a
+    quota for the period, else the rows this process admitted, net of refunds (a
+    period without a quota has no count in the store: it showed 0)."""
+    if stored is None or tenant.quota is None:
+        return dict(live)
+    quota = tenant.quota
+    return {
+        label: stored[label] if getattr(quota, name) is not None else live[label]
+        for label, name in QUOTA_PERIODS.items()
+    }
 
 
 def usage_report(
