@@ -541,8 +541,11 @@ def _change_line(
         done = "partly loaded" if len(failures) < len(owners) else "not loaded"
         line = f"model '{name}' {done}: {'; '.join(failures)}"
     if gone:
-        whose = sorted("shared" if owner is None else f"tenant '{owner}'" for owner in gone)
-        line += f"; versions of {', '.join(whose)} unloaded"
+        whose = sorted(
+            "the shared versions" if owner is None else f"the versions of tenant '{owner}'"
+            for owner in gone
+        )
+        line += f"; {', '.join(whose)} unloaded"
     return line
 
 

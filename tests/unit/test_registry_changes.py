@@ -120,7 +120,7 @@ async def test_a_reload_that_makes_a_model_private_is_not_undone_by_an_earlier_l
     setup = await _started(_model("shared.pt"))
     private = _specs(_model("acme.pt", tenant="acme"))
     changes = await _during_a_load(setup, "shared-again.pt", setup.registry.apply(private))
-    assert changes == ["model 'm' loaded"]
+    assert changes == ["model 'm' loaded; the shared versions unloaded"]
     assert setup.paths(ACME) == [Path("/models/acme.pt")]
     with pytest.raises(ModelNotFound):  # globex never sees acme's model, nor the shared one
         setup.registry.resolve(GLOBEX, "m")
