@@ -385,3 +385,49 @@ async def test_an_open_stream_ends_when_the_server_stops(tmp_path: Path, kind: s
             server.stop()
         else:
             await stopping
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+async def test_a_stream_that_is_not_read_holds_at_most_its_bytes(tmp_path: Path, kind: str) -> None:
+    """A client writing large messages without reading the answers: the stream stops
+    being read once its messages and unwritten answers reach twice
+    ``max_message_bytes`` (by count alone, 128 messages of 64 MiB held 21 GiB)."""
+    config = parse_config(
+        {
+            "server": {
+                "grpc_port": 0,
+                "http_port": 0,
+                "rest_port": 0,
+                "max_message_bytes": 1 << 20,
+                "admin_keys": ["sha256:" + _sha(ADMIN_KEY)],
+            },
+            "tenants": [{"id": "w", "api_keys": ["sha256:" + _sha("w-key")]}],
+            "models": [ECHO_MODEL],
+        },
+        "test",
+    )
+    server = serve(kind, config, tmp_path)
+    try:
+        message = pb.ModelInferRequest(model_name="echo")
+        message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 230_000])  # 0.9 MiB
+        message.raw_input_contents.append(bytes(920_000))
+        raw = message.SerializeToString()
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            method = channel.stream_stream(STREAM)
+            call = method(metadata=(("authorization", "Bearer w-key"),))
+            writes = asyncio.ensure_future(_write_all(call, [raw] * 30))
+            await asyncio.sleep(2)  # the server reads what it will; the answers wait
+            answered = await _counted(server, {"tenant": "w", "model": "echo", "code": "OK"})
+            # Three at most held here; those written wait in gRPC's buffers (bounded
+            # by HTTP/2 flow control: a few megabytes).
+            assert 1 <= answered <= 12, answered
+            assert not writes.done()  # held back by flow control
+            call.cancel()
+            writes.cancel()
+    finally:
+        server.stop()
+
+
+async def _write_all(call: Any, messages: list[bytes]) -> None:
+    for message in messages:
+        await call.write(message)

@@ -29,7 +29,14 @@ def _stream(plane: _Plane, keys: dict[str, Tenant | None]) -> InferStream:
         return tenant
 
     return InferStream(
-        cast(Any, plane), Tenant("acme"), authenticate, cast(Any, None), 4, 16, NullObserver()
+        cast(Any, plane),
+        Tenant("acme"),
+        authenticate,
+        cast(Any, None),
+        4,
+        1 << 20,
+        16,
+        NullObserver(),
     )
 
 

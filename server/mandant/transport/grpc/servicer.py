@@ -51,6 +51,7 @@ class InferenceServicer:
         self._cap = cap
         self._stats = stats or InferenceStats()
         self._max_stream_inflight = config.max_stream_inflight
+        self._max_stream_bytes = STREAM_BYTES * config.max_message_bytes
         self._max_bytes_elements = config.max_bytes_elements
         self._observer = observer
         self._door = door
@@ -139,6 +140,7 @@ class InferenceServicer:
             caller,
             context,
             self._max_stream_inflight,
+            self._max_stream_bytes,
             self._max_bytes_elements,
             self._observer,
             self._door,
@@ -187,6 +189,10 @@ class InferenceServicer:
         await self._plane.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+
+#: Bytes of a stream's messages being served and answers not yet written, in
+#: ``max_message_bytes``, beyond which it is not read (as REST's bodies on their way).
+STREAM_BYTES = 2
 
 #: Probes are open without a key, like Triton's; everything else needs a tenant key.
 _OPEN = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})

@@ -20,10 +20,12 @@ the front door like a unary call (``scheduling/door.py``). An open stream holds 
 place of its own: a tenant holding streams open and idle takes nothing other tenants'
 calls need (as it once did, one place of the server-wide cap per stream).
 
-Backpressure: at most ``max_inflight`` messages of a stream are being served or have
-answers not yet written; beyond that the stream is not read (HTTP/2 flow control then
-holds the client back), so a client that sends without reading cannot make the server
-buffer its answers.
+Backpressure: at most ``max_inflight`` messages of a stream, and ``max_bytes`` of
+them, are being served or have answers not yet written (a message counts its bytes
+while it is served, then its answer's tensors until they are written); beyond that
+the stream is not read (HTTP/2 flow control then holds the client back), so a client
+that sends without reading cannot make the server buffer its answers (by count alone,
+128 messages of 64 MiB held 21 GiB).
 When the client leaves, every message still in flight is cancelled: it leaves its
 queue and frees its concurrency slot. When the server stops (:meth:`InferStream.end`),
 a stream ends with status OK once the messages it has in flight are answered: its
@@ -66,6 +68,7 @@ class InferStream:
         authenticate: Callable[[], Tenant | None],
         context: Context,
         max_inflight: int,
+        max_bytes: int,
         max_bytes_elements: int,
         observer: Observer,
         door: FrontDoor | None = None,
@@ -80,6 +83,10 @@ class InferStream:
         self._snapshot: object = None
         self._context = context
         self._window = asyncio.Semaphore(max(1, max_inflight))
+        self._max_bytes = max_bytes
+        self._held = 0  # bytes of messages served and answers unwritten
+        self._room = asyncio.Event()  # set while ``_held`` is within ``max_bytes``
+        self._room.set()
         self._max_bytes_elements = max_bytes_elements
         self._observer = observer
         self._door = door
@@ -108,9 +115,11 @@ class InferStream:
         try:
             while not self._ending:
                 await self._window.acquire()
+                await self._room.wait()
                 raw = await context.read()
                 if raw is grpc.aio.EOF:
                     break
+                self._hold(len(raw))
                 task = asyncio.create_task(self._serve_one(raw))
                 tasks.add(task)
                 task.add_done_callback(self._done)
@@ -128,15 +137,29 @@ class InferStream:
                 task.cancel()
 
     async def _serve_one(self, raw: bytes) -> None:
-        """Answer one message and write the answer; its place in the window is freed
-        only once the answer is written, so a client that does not read its answers
-        holds at most ``max_inflight`` of them here."""
+        """Answer one message and write the answer; its place in the window (and its
+        bytes) are freed only once the answer is written, so a client that does not
+        read its answers holds at most ``max_inflight`` of them, and about
+        ``max_bytes``, here."""
+        held = len(raw)
         try:
             response = await self._answer(raw)
+            del raw  # the answer is what waits to be written now
+            answer = sum(map(len, response.infer_response.raw_output_contents))
+            self._hold(answer - held)
+            held = answer
             async with self._writing:
                 await self._context.write(response)
         finally:
+            self._hold(-held)
             self._window.release()
+
+    def _hold(self, change: int) -> None:
+        self._held += change
+        if self._held > self._max_bytes:
+            self._room.clear()
+        else:
+            self._room.set()
 
     def _caller(self) -> Tenant:
         """The stream's tenant, authenticated again when the tenants have changed."""
