@@ -63,3 +63,12 @@ def test_a_reload_is_seen_by_the_next_message_and_nothing_else_is_asked() -> Non
     keys["now"] = Tenant("acme")  # the key given back, and reloaded again
     plane.tenant_snapshot = object()
     assert stream._caller().id == "acme"
+
+
+def test_an_error_answer_echoes_an_id_only_as_long_as_ids_may_be() -> None:
+    """Ids are bounded in bytes: 200 two-byte characters were refused as too long, and
+    echoed whole in the refusal."""
+    from mandant.transport.grpc.stream import _bounded
+
+    assert _bounded("é" * 128) == "é" * 128
+    assert _bounded("é" * 200) == ""

@@ -296,6 +296,10 @@ class Gate:
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
+                if deadline_passed(context):
+                    # The call ended under it (its initial metadata, or a write, failed
+                    # in gRPC's core): no fault of ours, nothing left to answer.
+                    raise asyncio.CancelledError from None
                 await abort_internal(context, method, call, exc)
 
         return grpc.stream_stream_rpc_method_handler(

@@ -261,4 +261,5 @@ def _parsed(raw: bytes) -> pb.ModelInferRequest | None:
 
 
 def _bounded(text: str) -> str:
-    return text if len(text) <= MAX_LOGGED_ID else ""
+    """``text`` if it is no longer than an id may be (in bytes, as ids are bounded)."""
+    return text if len(text) <= MAX_LOGGED_ID and len(text.encode()) <= MAX_LOGGED_ID else ""
