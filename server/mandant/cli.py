@@ -277,7 +277,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     sockets = EngineSockets(Path(args.sockets))
 
     def load() -> MandantConfig:
-        return _with_overrides(load_config(applied), args)
+        config = _with_overrides(load_config(applied), args)
+        internal = config.server.internal_http
+        if args.internal_http_port is not None and internal is not None:  # a restart
+            port = {"internal_http": {**internal.model_dump(), "port": args.internal_http_port}}
+            config = config.with_server(port)
+        return config
 
     serve = serve_engine if args.role == "engine" else serve_front_end
     try:
@@ -392,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--grpc-port", type=int)
     worker.add_argument("--http-port", type=int)
     worker.add_argument("--rest-port", type=int)
+    worker.add_argument("--internal-http-port", type=int)
     worker.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     worker.set_defaults(run=cmd_worker)
     keygen = commands.add_parser("keygen", help="print a new API key and its hash")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -698,3 +699,26 @@ def test_a_stopped_front_end_is_not_ready_and_is_started_again(fresh: WorkersSer
     while not _ready(fresh.http_port):
         assert time.monotonic() < deadline, "/readyz never ready again"
         time.sleep(0.1)
+
+
+def test_an_engine_started_again_keeps_its_internal_port(tmp_path: Path) -> None:
+    """``internal_http.port: 0``: the engine started again listened on another port
+    (http_port and rest_port were kept, not this one): probes on it then failed."""
+    data = workers_config().model_dump(mode="json", exclude_defaults=True)
+    data["server"]["internal_http"] = {"host": "127.0.0.1", "port": 0}
+    with WorkersServer(parse_config(data, "test"), tmp_path) as server:
+        deadline = time.monotonic() + 10
+        found = None
+        while found is None:
+            assert time.monotonic() < deadline, server.output
+            found = re.search(
+                r"Internal HTTP \(no key\): http://[^:]+:(\d+)/", "".join(server.output)
+            )
+            time.sleep(0.05)
+        port = int(found[1])
+        assert http_get_port(port, "/readyz")[0] == 200
+        (engine,) = server.children()["engine"]
+        os.kill(engine, signal.SIGKILL)
+        _wait_for_pids(server, "engine", 1, {engine})
+        _serving(server.target)
+        assert http_get_port(port, "/readyz")[0] == 200

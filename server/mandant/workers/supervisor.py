@@ -177,6 +177,8 @@ class Supervisor:
         if child.role == "engine" and child.facts:  # a restart: the ports it had
             args += ["--http-port", str(child.facts["http_port"])]
             args += ["--rest-port", str(child.facts["rest_port"])]
+            if child.facts.get("internal_http_port"):
+                args += ["--internal-http-port", str(child.facts["internal_http_port"])]
         return args
 
     async def _start(self, child: Child) -> None:
