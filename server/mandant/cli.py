@@ -288,7 +288,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:
         _run(serve(load(), path, sockets, load))
     except (ConfigError, RuntimeError, ValueError, OSError) as exc:
-        print(f"mandant {args.role}: cannot start: {exc}", file=sys.stderr)
+        # Logging is configured here: a JSON line, as the supervisor's own.
+        logging.getLogger("mandant.workers").error("%s cannot start: %s", args.role, exc)
         return 1
     return 0
 

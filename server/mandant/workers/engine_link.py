@@ -105,6 +105,9 @@ class EngineLink:
                 await asyncio.sleep(self._retry_s)
                 continue
             await connection.opened.wait()
+            if connection.closed.is_set():  # it died as it answered (opened is set then)
+                await asyncio.sleep(self._retry_s)
+                continue
             self._connection = connection
             logger.info("inference engine connected")
             while not connection.closed.is_set():
