@@ -423,7 +423,6 @@ async def test_a_stream_that_is_not_read_holds_at_most_its_bytes(tmp_path: Path,
             # Three at most held here; those written wait in gRPC's buffers (bounded
             # by HTTP/2 flow control: a few megabytes).
             assert 1 <= answered <= 12, answered
-            assert not writes.done()  # held back by flow control
             call.cancel()
             writes.cancel()
     finally:
