@@ -300,6 +300,25 @@ async def test_a_usage_flush_answered_too_late_is_counted_once(
     assert client.hgetall(f"p7:{{t1}}:usage:day:{_today()}") == {b"requests:OK": b"3"}
 
 
+async def test_a_graceful_stop_sends_counts_held_back_behind_a_lost_reply(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """A tenant whose last flush lost its reply holds its newer counts back until that
+    flush settles: the stop's one flush settled it and dropped them."""
+    config = _config(redis_server.url, "p9", {"id": "t0"}, timeout_ms=30)
+    usage = RedisUsage(config.limits, flush_interval_s=3600)
+    usage.add("t0", "requests", "OK", 1)
+    assert await usage.flush() is True  # the script is loaded
+    for model in range(20000):
+        usage.add("t0", "rows", f"m{model}", 1)
+    assert await usage.flush() is False  # Redis is still at it
+    usage.add("t0", "requests", "OK", 1)  # held back behind that flush
+    await asyncio.sleep(0.5)
+    await usage.aclose()
+    counts = client.hgetall(f"p9:{{t0}}:usage:day:{_today()}")
+    assert counts[b"requests:OK"] == b"2" and len(counts) == 20001
+
+
 def test_a_usage_report_waits_one_timeout_at_most_while_redis_stalls(
     redis_server: RedisServer, client: redis.Redis, tmp_path: Path
 ) -> None:

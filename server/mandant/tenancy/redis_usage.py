@@ -110,7 +110,9 @@ class RedisUsage:
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
         self._lock = asyncio.Lock()  # one flush at a time (the timer's, a report's)
-        self._failed_at: float | None = None  # monotonic, the last flush that failed
+        #: Monotonic: the last flush Redis did not answer (None: it answered).
+        self._failed_at: float | None = None
+        self._refusing = False  # the last flush had tenants' sums refused (logged once)
 
     def add(self, tenant: str, figure: str, label: str, amount: float) -> None:
         """Count ``amount`` for ``tenant`` (in process; Redis at the next flush):
@@ -129,7 +131,11 @@ class RedisUsage:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
-        await self.flush()
+        # A tenant whose last flush lost its reply holds its newer counts back until
+        # that flush settles: a few rounds send both.
+        for _ in range(3):
+            if not await self.flush() or not (self._counts or self._unsettled):
+                break
         await self._client.aclose()
 
     async def _flush_every_interval(self) -> None:
@@ -192,18 +198,23 @@ class RedisUsage:
                     refused.append(reply)
                     for counted, amount in sums.counts.items():
                         self._counts[counted] = self._counts.get(counted, 0) + amount
-            if failure is None and not refused:
-                self._failed_at = None
-                return True
-            if self._failed_at is None:
+            if failure is not None:
+                if self._failed_at is None:
+                    logger.warning(
+                        "usage counters: redis did not take them (%s)", type(failure).__name__
+                    )
+                self._failed_at = time.monotonic()
+                return False
+            self._failed_at = None
+            if refused and not self._refusing:  # Redis answers, refusing some (OOM, ...)
                 logger.warning(
-                    "usage counters: redis did not take them (%s)",
-                    type(failure).__name__
-                    if failure is not None
-                    else f"{len(refused)} of {len(batch)} tenants refused: {refused[0]}",
+                    "usage counters: redis refused %d of %d tenants' sums: %s",
+                    len(refused),
+                    len(batch),
+                    refused[0],
                 )
-            self._failed_at = time.monotonic()
-            return False
+            self._refusing = bool(refused)
+            return not refused
 
     async def read(self, tenants: Sequence[str]) -> dict[str, dict[str, dict[str, float]]] | None:
         """Every replica's counts, after this process's own are flushed: tenant →
@@ -212,7 +223,8 @@ class RedisUsage:
         failed_at = self._failed_at
         if failed_at is not None and time.monotonic() - failed_at < self._interval_s:
             return None
-        if not await self.flush():
+        await self.flush()
+        if self._failed_at is not None:  # it did not answer (sums it refused: read on)
             return None
         wall = self._wall()
         try:
