@@ -365,13 +365,15 @@ class ModelRegistry:
 
     def _served(self, owner: str | None, name: str) -> bool:
         """Whether ``owner``'s tenant (every tenant, for the shared versions) is served
-        ``name`` now: by a ready version of the owner's, or (a tenant without versions
-        of its own) by a ready shared one."""
+        ``name``: by a version of the owner's that loaded, or (a tenant without versions
+        of its own) by a shared one that did, ready now or not (a Triton restarting
+        comes back on its own: a failed load must not replace it by a version that
+        never will)."""
         own = self._models.get((owner, name))
         if own:
-            return any(model.ready for model in own)
+            return any(model.failure is None for model in own)
         shared = self._models.get((None, name), ()) if owner is not None else ()
-        return any(model.ready for model in shared)
+        return any(model.failure is None for model in shared)
 
     async def _switch(
         self, name: str, specs: Sequence[ModelSpec], keep: Collection[str | None] = ()

@@ -129,6 +129,19 @@ async def test_a_reload_removing_a_variant_leaves_the_shared_versions_alone() ->
     assert registry.resolve(GLOBEX, "m") is shared is registry.resolve(ACME, "m")
 
 
+async def test_a_failed_load_keeps_a_version_that_is_only_not_ready_now() -> None:
+    """The version serving is not ready at the moment (its Triton restarts) and the
+    new one fails to load: the old one stays, to come back on its own (the failed one
+    replaced it, and the model stayed down until another load)."""
+    registry = _registry(_shared("one.pt"))
+    await registry.start()
+    old = registry.resolve(ACME, "m")
+    old.backend._ready = False  # type: ignore[attr-defined]  # its backend went away
+    with pytest.raises(Unavailable, match="the versions serving stay"):
+        await registry.load("m", _specs(_shared("broken.pt")))
+    assert registry.resolve(ACME, "m") is old
+
+
 # -- a load that never finishes --------------------------------------------------------
 
 
