@@ -77,6 +77,9 @@ class Model:
     warming: bool = field(init=False, default=False)
     #: Calls that resolved this model and have not answered yet.
     calls: int = field(init=False, default=0)
+    #: It was found ready once (by a call, a probe or a switch): a version that served
+    #: comes back on its own when its backend does (a Triton restarting).
+    served: bool = field(init=False, default=False)
     _idle: asyncio.Event | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -90,7 +93,10 @@ class Model:
 
     @property
     def ready(self) -> bool:
-        return self.failure is None and not self.warming and self.backend.ready
+        ready = self.failure is None and not self.warming and self.backend.ready
+        if ready and not self.served:
+            self.served = True
+        return ready
 
     @property
     def state(self) -> str:
@@ -365,15 +371,15 @@ class ModelRegistry:
 
     def _served(self, owner: str | None, name: str) -> bool:
         """Whether ``owner``'s tenant (every tenant, for the shared versions) is served
-        ``name``: by a version of the owner's that loaded, or (a tenant without versions
-        of its own) by a shared one that did, ready now or not (a Triton restarting
-        comes back on its own: a failed load must not replace it by a version that
-        never will)."""
+        ``name``: by a version of the owner's that is ready or once was, or (a tenant
+        without versions of its own) by such a shared one. One that served and is not
+        ready now (a Triton restarting) comes back on its own: a failed load must not
+        replace it by a version that never will; one never ready has nothing to keep."""
         own = self._models.get((owner, name))
         if own:
-            return any(model.failure is None for model in own)
+            return any(model.ready or model.served for model in own)
         shared = self._models.get((None, name), ()) if owner is not None else ()
-        return any(model.failure is None for model in shared)
+        return any(model.ready or model.served for model in shared)
 
     async def _switch(
         self, name: str, specs: Sequence[ModelSpec], keep: Collection[str | None] = ()

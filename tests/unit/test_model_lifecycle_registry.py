@@ -136,6 +136,7 @@ async def test_a_failed_load_keeps_a_version_that_is_only_not_ready_now() -> Non
     registry = _registry(_shared("one.pt"))
     await registry.start()
     old = registry.resolve(ACME, "m")
+    assert old.ready  # it served
     old.backend._ready = False  # type: ignore[attr-defined]  # its backend went away
     with pytest.raises(Unavailable, match="the versions serving stay"):
         await registry.load("m", _specs(_shared("broken.pt")))

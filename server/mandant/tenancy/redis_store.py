@@ -345,7 +345,8 @@ class RedisStore:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        calls, self._pending = self._kept + self._pending, []
+        # Calls first: a backlog of kept refunds must not push them past their deadline.
+        calls, self._pending = self._pending + self._kept, []
         self._kept = []
         task = asyncio.get_running_loop().create_task(self._send(calls))
         self._sending.add(task)
@@ -443,9 +444,12 @@ class RedisStore:
     def _settle(
         self, calls: list[_Call], replies: list[Any], failure: BaseException | None
     ) -> None:
+        lost = unanswered = 0
         for call, reply in zip(calls, replies, strict=True):
             if call.future is None:
-                self._settle_refund(call, reply, failure)
+                outcome = self._settle_refund(call, reply)
+                lost += outcome == "lost"
+                unanswered += outcome == "unanswered"
                 continue
             if call.future.done():  # its caller was cancelled meanwhile
                 if call.kind == "acquire" and isinstance(reply, list) and int(reply[0]) == 0:
@@ -466,19 +470,28 @@ class RedisStore:
                 call.future.set_result(reply)
                 continue
             call.future.set_exception(error)
+        if lost:  # one line a batch, however many (a backlog flooded the log)
+            logger.warning("limits store redis: %d refund(s) lost (too many kept)", lost)
+        if unanswered:
+            logger.warning(
+                "limits store redis: %d refund(s) sent but not answered (%s); Redis applies "
+                "those it ran",
+                unanswered,
+                type(failure).__name__ if failure is not None else "an error reply",
+            )
 
-    def _settle_refund(self, call: _Call, reply: Any, failure: BaseException | None) -> None:
+    def _settle_refund(self, call: _Call, reply: Any) -> str:
+        """Keep a refund that never ran for the next batch; what became of it: ``kept``,
+        ``lost`` (too many kept), ``unanswered`` (sent, no reply: Redis applies it if
+        it ran it) or ``done``."""
         if reply is _UNSENT or (isinstance(reply, ResponseError) and _never_ran(reply)):
             if len(self._kept) < MAX_KEPT_REFUNDS:
                 self._kept.append(call)  # goes with the next batch
-            else:
-                logger.warning("limits store redis: a refund was lost (too many kept)")
-        elif isinstance(reply, _Unanswered | ResponseError):
-            logger.warning(
-                "limits store redis: a refund was sent but not answered (%s); Redis applies "
-                "it if it ran it",
-                type(reply if isinstance(reply, ResponseError) else failure).__name__,
-            )
+                return "kept"
+            return "lost"
+        if isinstance(reply, _Unanswered | ResponseError):
+            return "unanswered"
+        return "done"
 
 
 async def _reply(connection: AbstractConnection) -> Any:
