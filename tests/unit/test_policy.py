@@ -11,6 +11,7 @@ from mandant.scheduling.policy import (
     UNSET_PRIORITY_LEVEL,
     FairQueue,
     FifoQueue,
+    TakeFailed,
     priority_level,
 )
 
@@ -262,3 +263,47 @@ def test_fifo_closes_batch_at_group_change_and_priority_orders() -> None:
     assert [i.name for i in queue.take(64)] == ["urgent", "x"]
     assert [i.name for i in queue.take(64)] == ["y"]
     assert queue.remove(Item("a")) is False
+
+
+@pytest.mark.parametrize("make_queue", [FairQueue, FifoQueue])
+def test_a_tenant_s_empty_requests_are_counted_as_requests(make_queue: type) -> None:
+    """A 0-row request after a tenant's other one: taking or removing both leaves the
+    tenant's count at zero (FIFO counted rows alone, and the second one raised)."""
+    queue = make_queue()
+    first, empty, other = Item("a", rows=2), Item("a", rows=0), Item("b")
+    for item in (first, empty, other):
+        queue.push(item)
+    assert queue.rows_of("a") == 2
+    taken: list[Item] = []
+    while len(queue):
+        taken += queue.take(8)
+    assert sorted(map(id, taken)) == sorted(map(id, (first, empty, other)))
+    assert queue.rows_of("a") == queue.rows_of("b") == queue.rows == 0
+    for item in (Item("a", rows=1), Item("a", rows=0), Item("a", rows=0)):
+        queue.push(item)
+        last = item
+    assert queue.remove(last) and queue.rows_of("a") == 1
+    while len(queue):
+        queue.take(8)
+    assert queue.rows_of("a") == 0
+
+
+class BrokenGroup:
+    """A group that cannot be compared: a stand-in for a bug while taking a batch."""
+
+    def __ne__(self, other: object) -> bool:
+        raise RuntimeError("broken")
+
+    __hash__ = object.__hash__
+
+
+@pytest.mark.parametrize("make_queue", [FairQueue, FifoQueue])
+def test_a_take_that_breaks_off_hands_over_what_it_removed(make_queue: type) -> None:
+    queue = make_queue()
+    first, second = Item("a", group=BrokenGroup()), Item("a", group=BrokenGroup())
+    queue.push(first)
+    queue.push(second)
+    with pytest.raises(TakeFailed) as failed:
+        queue.take(8)
+    assert failed.value.taken == [first]
+    assert isinstance(failed.value.__cause__, RuntimeError)

@@ -28,7 +28,9 @@ A batch the model raises on (anything but a MandantError) is counted
 until the request(s) it fails on alone are found: those get ModelFailed, every other
 request its normal result. A binary split of n requests runs at most 2n - 1 times
 however often the model fails; a request whose caller left or whose deadline passed
-is not rerun. Batches run in a fresh ``contextvars.Context``, so nothing they log
+is not rerun. Should taking a batch from the queue or running it raise anything else
+(a bug), every request it took is answered all the same (an internal error, logged
+once), never left waiting. Batches run in a fresh ``contextvars.Context``, so nothing they log
 carries the tenant or request id of whichever request happened to wake the batcher.
 """
 
@@ -57,7 +59,13 @@ from mandant.errors import (
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.adaptive import AdaptiveDispatch
 from mandant.scheduling.clock import Clock, LoopClock, Timer
-from mandant.scheduling.policy import BatchQueue, FairQueue, FifoQueue, priority_level
+from mandant.scheduling.policy import (
+    BatchQueue,
+    FairQueue,
+    FifoQueue,
+    TakeFailed,
+    priority_level,
+)
 from mandant.types import InferRequest
 from mandant.validation import check_batch_rows
 
@@ -152,9 +160,15 @@ class DynamicBatcher:
         self._open = False
         self._cancel_delay_timer()
         self._disarm_expiry()
+        closing = Unavailable(f"model '{self._model}' is shutting down")
         while len(self._queue):
-            for entry in self._queue.take(self._max_rows):
-                self._finish(entry, exc=Unavailable(f"model '{self._model}' is shutting down"))
+            try:
+                taken = self._queue.take(self._max_rows)
+            except TakeFailed as exc:
+                self._broken(exc.taken, exc)
+                break
+            for entry in taken:
+                self._finish(entry, exc=closing)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -294,8 +308,13 @@ class DynamicBatcher:
             if not self._due(now):
                 return
             queued = len(self._queue)
+            try:
+                taken = self._queue.take(self._target_rows())
+            except TakeFailed as exc:
+                self._broken(exc.taken, exc)
+                return
             batch = []
-            for entry in self._queue.take(self._target_rows()):
+            for entry in taken:
                 entry.queued = False
                 deadline = entry.request.deadline
                 if deadline is not None and deadline <= now:
@@ -363,6 +382,8 @@ class DynamicBatcher:
         """Run one dispatched batch in its slot; isolate the culprits if it fails."""
         try:
             await self._isolate(batch, dispatched)
+        except Exception as exc:  # a bug of ours: answer what is left all the same
+            self._broken(batch, exc)
         except BaseException:
             for entry in batch:
                 self._finish(entry, exc=Unavailable(f"model '{self._model}' is shutting down"))
@@ -482,6 +503,20 @@ class DynamicBatcher:
             )
             self._finish(entry, result=result)
         self._observer.batch_executed(self._model, sum(shares.values()), compute_s, shares)
+
+    def _broken(self, entries: Sequence[_Pending], exc: Exception) -> None:
+        """Taking or running a batch raised unexpectedly: answer each of ``entries`` not
+        answered yet with an internal error (no detail for the client), logged once."""
+        logger.error(
+            "batcher of model %s failed on a batch of %d request(s); answering them "
+            "with an internal error",
+            self._model,
+            len(entries),
+            exc_info=exc,
+        )
+        for entry in entries:
+            entry.queued = False
+            self._finish(entry, exc=RuntimeError(f"batcher of model '{self._model}' failed"))
 
     @staticmethod
     def _finish(

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Collection, Hashable, Iterator
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 #: Where a request without a priority (v2 ``priority`` 0) ranks: after every level.
 UNSET_PRIORITY_LEVEL = 2**31
@@ -94,8 +94,18 @@ class BatchQueue(Protocol[Q]):
 
     def take(self, room: int) -> list[Q]:
         """Remove and return the next batch, of one group: at least one request
-        (whatever its rows) when any waits, else at most ``room`` rows."""
+        (whatever its rows) when any waits, else at most ``room`` rows. Raises
+        :class:`TakeFailed`, holding what it removed, if anything goes wrong."""
         ...
+
+
+class TakeFailed(Exception):
+    """A ``take`` broke off (a bug): ``taken`` holds the requests it had removed from
+    the queue already, so that the batcher can answer them (the cause is chained)."""
+
+    def __init__(self, taken: list[Any]) -> None:
+        super().__init__(f"taking a batch failed after {len(taken)} request(s)")
+        self.taken = taken
 
 
 class LevelQueue(Generic[Q]):
@@ -136,10 +146,9 @@ class LevelQueue(Generic[Q]):
         self.count -= 1
         return item
 
-    def take(self, room: int) -> list[Q]:
-        """Pop the next batch in order: the head whatever its rows, then heads while
-        they fit in ``room`` and share the first one's group."""
-        batch: list[Q] = []
+    def take(self, room: int, batch: list[Q]) -> list[Q]:
+        """Pop the next batch in order onto ``batch``: the head whatever its rows, then
+        heads while they fit in ``room`` and share the first one's group."""
         while self.count:
             head = self.head()
             if batch and (head.rows > room or head.group != batch[0].group):
@@ -231,9 +240,17 @@ class FairQueue(Generic[Q]):
         return True
 
     def take(self, room: int) -> list[Q]:
-        if len(self._ring) == 1:
-            return self._take_alone(room)
         batch: list[Q] = []
+        try:
+            if len(self._ring) == 1:
+                self._take_alone(room, batch)
+            else:
+                self._take_round(room, batch)
+        except Exception as exc:
+            raise TakeFailed(batch) from exc
+        return batch
+
+    def _take_round(self, room: int, batch: list[Q]) -> None:
         group: Hashable = _ANY
         idle = 0  # turns since something was taken
         passed: set[str] = set()  # tenants passed over for another group this batch
@@ -273,15 +290,14 @@ class FairQueue(Generic[Q]):
                 self._leave(tenant)
         if passed:
             self._lead(passed)
-        return batch
 
-    def _take_alone(self, room: int) -> list[Q]:
+    def _take_alone(self, room: int, batch: list[Q]) -> None:
         """One tenant backlogged: nobody to share with, so no credit to count (a visit per
         row, otherwise). It takes what fits, as round robin would, and its turn ends as
         if its credit were spent exactly."""
         tenant = self._ring[0]
         queue = self._queues[tenant]
-        batch = queue.take(room)
+        queue.take(room, batch)
         self._rows -= sum(item.rows for item in batch)
         self._count -= len(batch)
         if queue:
@@ -289,7 +305,6 @@ class FairQueue(Generic[Q]):
             self._granted = False
         else:
             self._leave(tenant)
-        return batch
 
     def _end_turn(self) -> None:
         self._ring.rotate(-1)
@@ -336,11 +351,15 @@ class FairQueue(Generic[Q]):
 class FifoQueue(Generic[Q]):
     """Everybody in one queue, in arrival order (strict priority levels across
     tenants, as Triton's priority queue): the baseline fair scheduling is measured
-    against. A batch closes at the first request that cannot join."""
+    against. A batch closes at the first request that cannot join.
+
+    A tenant's entry counts its requests as well as its rows: it goes when its last
+    request does (empty, 0-row requests included; counting rows alone, a tenant's
+    second empty request found its entry gone)."""
 
     def __init__(self) -> None:
         self._queue: LevelQueue[Q] = LevelQueue()
-        self._by_tenant: dict[str, int] = {}
+        self._by_tenant: dict[str, list[int]] = {}  # tenant -> [rows, requests]
 
     @property
     def rows(self) -> int:
@@ -353,14 +372,20 @@ class FifoQueue(Generic[Q]):
         return iter(self._queue)
 
     def rows_of(self, tenant: str) -> int:
-        return self._by_tenant.get(tenant, 0)
+        queued = self._by_tenant.get(tenant)
+        return queued[0] if queued is not None else 0
 
     def oldest_arrival(self) -> float | None:
         return self._queue.oldest_arrival()
 
     def push(self, item: Q) -> None:
         self._queue.push(item)
-        self._by_tenant[item.tenant] = self._by_tenant.get(item.tenant, 0) + item.rows
+        queued = self._by_tenant.get(item.tenant)
+        if queued is None:
+            self._by_tenant[item.tenant] = [item.rows, 1]
+        else:
+            queued[0] += item.rows
+            queued[1] += 1
 
     def remove(self, item: Q) -> bool:
         if not self._queue.remove(item):
@@ -369,15 +394,20 @@ class FifoQueue(Generic[Q]):
         return True
 
     def take(self, room: int) -> list[Q]:
-        batch = self._queue.take(room)
-        for item in batch:
-            self._forget(item)
+        batch: list[Q] = []
+        try:
+            self._queue.take(room, batch)
+            for item in batch:
+                self._forget(item)
+        except Exception as exc:
+            raise TakeFailed(batch) from exc
         return batch
 
     def _forget(self, item: Q) -> None:
-        left = self._by_tenant[item.tenant] - item.rows
-        if left:
-            self._by_tenant[item.tenant] = left
+        queued = self._by_tenant[item.tenant]
+        if queued[1] > 1:
+            queued[0] -= item.rows
+            queued[1] -= 1
         else:
             del self._by_tenant[item.tenant]
 
