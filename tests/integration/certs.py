@@ -37,19 +37,31 @@ def make_ca(folder: Path, name: str = "ca") -> Pair:
 
 def issue(ca: Pair, folder: Path, name: str, common_name: str, san: str) -> Pair:
     """A certificate for ``common_name`` with ``san`` (``DNS:…,IP:…`` / ``URI:…``)."""
+    return issue_raw(ca, folder, name, f"/CN={common_name}", f"subjectAltName={san}")
+
+
+def issue_raw(ca: Pair, folder: Path, name: str, subject: str, extension: str) -> Pair:
+    """A certificate for ``subject`` (``/CN=a/CN=b``) with one ``extension`` line
+    (``subjectAltName=…``, or :func:`der_san`'s)."""
     pair = Pair(folder / f"{name}.pem", folder / f"{name}.key")
     _new_key(pair.key)
     request = folder / f"{name}.csr"
-    _openssl(
-        "req", "-new", "-key", str(pair.key), "-out", str(request), "-subj", f"/CN={common_name}"
-    )
+    _openssl("req", "-new", "-key", str(pair.key), "-out", str(request), "-subj", subject)
     extensions = folder / f"{name}.ext"
-    extensions.write_text(f"basicConstraints=CA:FALSE\nsubjectAltName={san}\n")
+    extensions.write_text(f"basicConstraints=CA:FALSE\n{extension}\n")
     _openssl(
         "x509", "-req", "-in", str(request), "-CA", str(ca.cert), "-CAkey", str(ca.key),
         "-CAcreateserial", "-out", str(pair.cert), "-days", "2", "-extfile", str(extensions),
     )  # fmt: skip
     return pair
+
+
+def der_san(tag: int, value: bytes) -> str:
+    """A subjectAltName extension line with one name of any bytes (a NUL too), which
+    ``openssl``'s ``URI:``/``DNS:`` syntax cannot write: ``tag`` 0x86 a URI, 0x82 a
+    DNS name (short values only: one-byte DER lengths)."""
+    name = bytes([tag, len(value)]) + value
+    return "2.5.29.17=DER:" + (bytes([0x30, len(name)]) + name).hex()
 
 
 def server_cert(ca: Pair, folder: Path, name: str = "server") -> Pair:

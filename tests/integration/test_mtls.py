@@ -21,7 +21,7 @@ import pytest
 from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client import Client, ModelNotFound, Unauthenticated, Unavailable
-from tests.integration.certs import Pair, issue, make_ca, server_cert
+from tests.integration.certs import Pair, der_san, issue, issue_raw, make_ca, server_cert
 from tests.servers import SERVER_KINDS, Server, ServerThread, serving
 
 ECHO = {
@@ -43,6 +43,11 @@ class Pki:
     globex: Pair  # SAN URI spiffe://test/globex
     stranger: Pair  # signed by the CA, bound to no tenant
     mailer: Pair  # SAN e-mail ops@example.com only: no identity, though "bound" to globex
+    #: Names gRPC's auth context misread: each must be bound to no tenant.
+    nul_uri: Pair  # SAN URI "spiffe://test/globex\0.evil": globex's, then a NUL
+    nul_dns: Pair  # SAN DNS "acme.example\0.evil.org": acme's, then a NUL
+    two_cns: Pair  # subject CN=acme-client and CN=globex-client: two tenants
+    dns_cn: Pair  # SAN DNS "CN=acme-client": a DNS name, not acme's CN
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +62,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         issue(ca, folder, "globex", "globex-box", "URI:spiffe://test/globex"),
         issue(ca, folder, "stranger", "stranger", "URI:spiffe://test/stranger"),
         issue(ca, folder, "mailer", "mailer", "email:ops@example.com"),
+        issue_raw(ca, folder, "nul_uri", "/CN=x", der_san(0x86, b"spiffe://test/globex\0.evil")),
+        issue_raw(ca, folder, "nul_dns", "/CN=x", der_san(0x82, b"acme.example\0.evil.org")),
+        issue_raw(
+            ca, folder, "two_cns", "/CN=acme-client/CN=globex-client", "subjectAltName=URI:x:y"
+        ),
+        issue_raw(ca, folder, "dns_cn", "/CN=x", "subjectAltName=DNS:CN=acme-client"),
     )
 
 
@@ -78,9 +89,12 @@ def mtls_config(pki: Pki, **tls: Any) -> MandantConfig:
                 {
                     "id": "acme",
                     "api_keys": [hash_key("acme-key")],
-                    "client_certs": ["CN=acme-client"],
+                    "client_certs": ["CN=acme-client", "acme.example"],
                 },
-                {"id": "globex", "client_certs": ["spiffe://test/globex", "ops@example.com"]},
+                {
+                    "id": "globex",
+                    "client_certs": ["spiffe://test/globex", "ops@example.com", "CN=globex-client"],
+                },
             ],
             "models": [
                 {"name": "echo", **ECHO},
@@ -142,6 +156,21 @@ def test_only_the_cn_and_uri_or_dns_names_identify_a_certificate(pki: Pki, serve
         c.infer("echo", {"INPUT0": X})
     with pytest.raises(urllib.error.HTTPError) as refused:
         get(f"https://127.0.0.1:{server.rest_port}/v2/models/echo/ready", https(pki, pki.mailer))
+    assert refused.value.code == 401
+
+
+@pytest.mark.parametrize("name", ["nul_uri", "nul_dns", "two_cns", "dns_cn"])
+def test_a_certificate_is_read_alike_on_grpc_and_rest(pki: Pki, server: Server, name: str) -> None:
+    """Names with a NUL after a tenant's identity, the CNs of two tenants, a DNS name
+    spelled as a CN: no tenant, on both ports (gRPC's auth context cut the NUL off and
+    kept the first CN only, so gRPC called these acme or globex)."""
+    pair = getattr(pki, name)
+    with client(server, credentials(pki, pair)) as c:
+        for model in ("acme-only", "globex-only", "echo"):
+            with pytest.raises(Unauthenticated):
+                c.model_metadata(model) if model != "echo" else c.infer(model, {"INPUT0": X})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        get(f"https://127.0.0.1:{server.rest_port}/v2/models/echo/ready", https(pki, pair))
     assert refused.value.code == 401
 
 

@@ -30,7 +30,8 @@ class TenantSnapshot:
     tenants: Mapping[str, Tenant]
     ids: frozenset[str]
     keys: KeyStore
-    #: client certificate identity (``tenants[].client_certs``) -> its tenant
+    #: client certificate identity (``tenants[].client_certs``, tagged with its type by
+    #: :func:`client_cert_identity`) -> its tenant
     certificates: Mapping[str, Tenant]
     admins: AdminKeys
     admin_key_hashes: frozenset[str]
@@ -53,7 +54,11 @@ class TenantSnapshot:
             ids=frozenset(by_id),
             keys=KeyStore((identities[t.id], t.api_keys) for t in configs),
             certificates=MappingProxyType(
-                {name: identities[t.id] for t in configs for name in t.client_certs}
+                {
+                    client_cert_identity(name): identities[t.id]
+                    for t in configs
+                    for name in t.client_certs
+                }
             ),
             admins=AdminKeys(admin_hashes),
             admin_key_hashes=frozenset(admin_hashes),
@@ -62,6 +67,17 @@ class TenantSnapshot:
                 {tenant: slo.latency_ms / 1000.0 for tenant, slo in slos.items()}
             ),
         )
+
+
+def client_cert_identity(entry: str) -> str:
+    """The certificate identity a ``tenants[].client_certs`` entry names, tagged with its
+    type as ``transport/tls.py`` tags a certificate's: ``CN=<name>`` a subject common
+    name; a value with a ``:`` (a URI always has one, a DNS name never) a URI subject
+    alternative name (``URI:<value>``); any other a DNS one (``DNS:<value>``). So a
+    DNS name spelled ``CN=…`` never passes for a common name, nor a URI for a DNS name."""
+    if entry.startswith("CN="):
+        return entry
+    return f"URI:{entry}" if ":" in entry else f"DNS:{entry}"
 
 
 class TenantDirectory:
@@ -99,8 +115,9 @@ class TenantDirectory:
         return self._current.keys.authenticate(authorization)
 
     def authenticate_certificate(self, identities: Iterable[str]) -> Tenant:
-        """The tenant a verified client certificate with these identities is, or
-        :class:`~mandant.errors.Unauthenticated` (none bound, or two tenants')."""
+        """The tenant a verified client certificate with these identities (tagged:
+        ``CN=…``, ``URI:…``, ``DNS:…``) is, or :class:`~mandant.errors.Unauthenticated`
+        (none bound, or two tenants')."""
         certificates = self._current.certificates
         found = {certificates[name] for name in identities if name in certificates}
         if len(found) != 1:

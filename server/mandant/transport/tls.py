@@ -3,20 +3,30 @@ certificate, client certificates (mTLS) where ``client_ca`` is set, the identiti
 verified client certificate carries, and reloading the files (SIGHUP) for new
 connections without a restart.
 
-A client certificate's identities, as ``tenants[].client_certs`` names them:
-``CN=<subject common name>``, and each subject alternative name's value as it is
-(``spiffe://…`` URIs, DNS names).
+A client certificate's identities are read from the certificate itself (its DER or
+PEM bytes), by one parser for every port: each subject common name as ``CN=<name>``,
+each URI subject alternative name as ``URI:<value>`` and each DNS one as
+``DNS:<value>`` (tagged with their type, as :func:`~mandant.tenancy.directory.client_cert_identity`
+tags a ``tenants[].client_certs`` entry, so a DNS name spelled ``CN=…`` is no common
+name). A value holding a NUL or another control character names nobody: it is left
+out (gRPC's own ``auth_context()`` cut such a value at its NUL and kept only the first
+common name, so the gRPC and REST ports disagreed).
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
+import unicodedata
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from mandant.config import TlsConfig
+
+logger = logging.getLogger(__name__)
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -38,37 +48,66 @@ def reload_ssl_context(context: ssl.SSLContext, tls: TlsConfig) -> None:
         context.load_verify_locations(cafile=tls.client_ca)
 
 
-def ssl_identities(peer_cert: Mapping[str, Any] | None) -> list[str]:
-    """The identities of a verified peer certificate as :mod:`ssl` reports it
-    (``SSLSocket.getpeercert()``); none without one."""
-    if not peer_cert:
+def ssl_identities(der: bytes | None) -> list[str]:
+    """The identities of a verified peer certificate in DER, as :mod:`ssl` gives it
+    (``SSLObject.getpeercert(binary_form=True)``); none without one."""
+    if not der:
         return []
-    identities = [
-        f"CN={value}"
-        for rdn in peer_cert.get("subject", ())
-        for name, value in rdn
-        if name == "commonName"
-    ]
-    identities.extend(
-        value for kind, value in peer_cert.get("subjectAltName", ()) if kind in ("URI", "DNS")
-    )
-    return identities
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+    except ValueError:
+        logger.warning("a verified client certificate could not be parsed: no identity")
+        return []
+    return certificate_identities(certificate)
 
 
 def grpc_identities(auth_context: Mapping[str, Iterable[bytes]]) -> list[str]:
-    """The identities of the verified client certificate of a gRPC call
-    (``context.auth_context()``); none without one. As :func:`ssl_identities`: the
-    subject CN and the URI and DNS SANs (gRPC's ``x509_subject_alternative_name``
-    holds every SAN, e-mail and IP addresses too, which identify no tenant)."""
-    identities = [
-        f"CN={value.decode(errors='replace')}" for value in auth_context.get("x509_common_name", ())
-    ]
-    identities.extend(
-        value.decode(errors="replace")
-        for kind in ("peer_uri", "peer_dns")
-        for value in auth_context.get(kind, ())
-    )
-    return identities
+    """The identities of the verified client certificate of a gRPC call, read from
+    the PEM certificate in its ``context.auth_context()`` (``x509_pem_cert``); none
+    without one. Not from the context's ``x509_common_name`` / ``peer_uri`` /
+    ``peer_dns``: those stop at a NUL byte and hold the first common name only."""
+    pem = b"".join(auth_context.get("x509_pem_cert", ()))
+    if not pem:
+        return []
+    try:
+        certificate = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        logger.warning("a verified client certificate could not be parsed: no identity")
+        return []
+    return certificate_identities(certificate)
+
+
+def certificate_identities(certificate: x509.Certificate) -> list[str]:
+    """Every subject common name (``CN=``), URI (``URI:``) and DNS (``DNS:``) subject
+    alternative name of ``certificate``, leaving out each value with a control
+    character (NUL included); none where its names cannot be parsed."""
+    try:
+        names = [
+            f"CN={value}"
+            for value in (
+                attribute.value
+                for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            )
+            if isinstance(value, str) and _printable(value)
+        ]
+        try:
+            san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        except x509.ExtensionNotFound:
+            return names
+        for kind, tag in ((x509.UniformResourceIdentifier, "URI"), (x509.DNSName, "DNS")):
+            names.extend(
+                f"{tag}:{value}"
+                for value in san.value.get_values_for_type(kind)
+                if _printable(value)
+            )
+    except ValueError:  # a malformed name or extension: cryptography parses them lazily
+        logger.warning("a verified client certificate's names could not be parsed: no identity")
+        return []
+    return names
+
+
+def _printable(value: str) -> bool:
+    return bool(value) and not any(unicodedata.category(char) == "Cc" for char in value)
 
 
 class GrpcCertificates:

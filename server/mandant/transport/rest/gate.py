@@ -279,7 +279,8 @@ class RestGate:
         try:
             if authorization is None and self._authenticate_certificate is not None:
                 transport = request.transport
-                peer = transport.get_extra_info("peercert") if transport is not None else None
+                tls = transport.get_extra_info("ssl_object") if transport is not None else None
+                peer = tls.getpeercert(binary_form=True) if tls is not None else None
                 tenant = self._authenticate_certificate(ssl_identities(peer))
             else:
                 tenant = self._authenticate(authorization)
