@@ -20,7 +20,11 @@ A model's answer is checked against its declared outputs (the names or count, th
 rank and fixed dimensions, the rows of a batched model, a datatype numpy casts to the
 declared one within its kind): one that does not match is the configuration's fault,
 not the caller's, answered UNAVAILABLE and logged once per output and problem (a float
-model declared INT32 answered zeros; one declared 10 wide answered 16 columns).
+model declared INT32 answered zeros; one declared 10 wide answered 16 columns). On a
+batch of several requests the same check raises :class:`BatchOutputMismatch` instead,
+which the batcher splits on as on a model error: one request's data can make a model
+answer the wrong rows or shape, and only a request that gets it alone is answered
+UNAVAILABLE (its batch-mates were all refused with it).
 
 The instance concatenates the requests of a batch itself (:meth:`TorchBackend.infer_batch`),
 off the event loop. On the CPU inputs reach the model zero-copy (``torch.from_numpy``;
@@ -93,6 +97,12 @@ class _Instance:
     module: Callable[..., Any]
     stream: torch.cuda.Stream | None = None
     staging: StagingBuffers | None = None
+
+
+class BatchOutputMismatch(RuntimeError):
+    """A batch's outputs do not match the declared ones; which request's data caused
+    it is unknown, so the batcher splits the batch as on a model error (not a
+    MandantError: that would be a verdict for every request of the batch)."""
 
 
 class TorchBackend:
@@ -226,21 +236,33 @@ class TorchBackend:
         if outputs is None:
             loop = asyncio.get_running_loop()
             outputs = await loop.run_in_executor(executor, self._run, idle, columns, rows)
-        self._check_outputs(outputs, rows)
+        self._check_outputs(outputs, rows, len(columns[0]) if columns else 1)
         return outputs
 
-    def _check_outputs(self, outputs: Mapping[str, np.ndarray], rows: int) -> None:
+    def _check_outputs(self, outputs: Mapping[str, np.ndarray], rows: int, parts: int) -> None:
+        """Refuse outputs unlike the declared ones: UNAVAILABLE for a lone request; for a
+        batch of ``parts`` > 1 requests, :class:`BatchOutputMismatch` (split on)."""
         batched = self._spec.batching is not None
         for spec in self._spec.outputs:
             array = outputs[spec.name]
             shape = array.shape
+            problem = None
             if not spec.accepts(shape):
-                self._mismatch(spec.name, "shape", f"shape {list(shape)}", str(list(spec.shape)))
+                problem = ("shape", f"shape {list(shape)}", str(list(spec.shape)))
             elif batched and (not shape or shape[0] != rows):
                 got = f"{shape[0]} rows" if shape else "no rows (a scalar)"
-                self._mismatch(spec.name, "rows", got, f"{rows} (the batch's)")
+                problem = ("rows", got, f"{rows} (the batch's)")
             elif not _casts(array.dtype, spec.datatype):
-                self._mismatch(spec.name, "datatype", str(array.dtype), spec.datatype)
+                problem = ("datatype", str(array.dtype), spec.datatype)
+            if problem is None:
+                continue
+            if parts > 1:
+                kind, got, declared = problem
+                raise BatchOutputMismatch(
+                    f"output {spec.name} of a batch of {parts} requests: {kind}: {got} "
+                    f"where {declared} is declared"
+                )
+            self._mismatch(spec.name, *problem)
 
     def _mismatch(self, output: str, problem: str, got: str, declared: str) -> None:
         """Refuse an answer that does not match the configuration (UNAVAILABLE), logged

@@ -1,0 +1,104 @@
+"""A batched torch model whose answer has the wrong rows for one request's data: only
+that request fails (UNAVAILABLE, alone); its batch-mates, other tenants', are answered."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mandant.backends.torch import BatchOutputMismatch, TorchBackend
+from mandant.config import BatchingConfig, ModelSpec
+from mandant.errors import Unavailable
+from mandant.scheduling.batcher import DynamicBatcher
+from mandant.types import InferRequest, Tenant, TensorSpec
+from tests.fakes import RecordingObserver, settle
+
+pytestmark = pytest.mark.filterwarnings("ignore:The given NumPy array is not writable:UserWarning")
+
+
+class _DropNegative(nn.Module):
+    """Drops the rows holding a negative value: a data-dependent row count."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[(x >= 0).all(dim=1)] * 2
+
+
+def drop_negative() -> nn.Module:
+    return _DropNegative()
+
+
+def spec(max_batch_size: int = 8) -> ModelSpec:
+    return ModelSpec(
+        name="m",
+        version="1",
+        tenant=None,
+        backend="torch",
+        path=None,
+        factory=f"{__name__}:drop_negative",
+        factory_args={},
+        weights_init=None,
+        devices=("cpu",),
+        instances=1,
+        inputs=(TensorSpec("X", "FP32", (-1, 2)),),
+        outputs=(TensorSpec("Y", "FP32", (-1, 2)),),
+        batching=BatchingConfig(max_batch_size=max_batch_size),
+        triton=None,
+    )
+
+
+def call(tenant: str, x: np.ndarray) -> InferRequest:
+    return InferRequest(
+        tenant=Tenant(tenant),
+        model="m",
+        inputs={"X": x},
+        outputs=("Y",),
+        request_id=f"{tenant}-{float(x.sum())}",
+        deadline=None,
+        priority=0,
+        rows=int(x.shape[0]),
+    )
+
+
+async def test_a_batch_with_the_wrong_rows_is_a_split_not_a_verdict() -> None:
+    backend = TorchBackend(spec())
+    await backend.start()
+    with pytest.raises(BatchOutputMismatch, match="1 rows where 2"):
+        await backend.infer_batch(
+            [{"X": np.ones((1, 2), np.float32)}, {"X": -np.ones((1, 2), np.float32)}]
+        )
+    with pytest.raises(Unavailable):  # alone, as before
+        await backend.infer({"X": -np.ones((1, 2), np.float32)})
+    await backend.aclose()
+
+
+async def test_only_the_request_whose_data_breaks_the_rows_fails() -> None:
+    backend = TorchBackend(spec())
+    await backend.start()
+    observer = RecordingObserver()
+    batcher = DynamicBatcher(
+        backend,
+        BatchingConfig(max_batch_size=8, dispatch="delay", max_queue_delay_ms=50),
+        "m",
+        observer,
+    )
+    await batcher.start()
+    good_a = call("a", np.ones((2, 2), np.float32))
+    good_a2 = call("a", np.full((1, 2), 5, np.float32))
+    bad_b = call("b", np.full((1, 2), -1, np.float32))
+    good_c = call("c", np.full((1, 2), 3, np.float32))
+    tasks = [asyncio.create_task(batcher.submit(r)) for r in (good_a, good_a2, bad_b, good_c)]
+    await settle()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    assert isinstance(results[2], Unavailable)
+    for req, out in zip(
+        (good_a, good_a2, good_c), (results[0], results[1], results[3]), strict=True
+    ):
+        assert isinstance(out, dict)
+        np.testing.assert_array_equal(out["Y"], req.inputs["X"] * 2)
+    assert observer.failed_batches == [("m", 5)]
+    await batcher.aclose()
+    await backend.aclose()
