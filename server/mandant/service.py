@@ -23,6 +23,7 @@ from mandant.errors import (
     shown,
 )
 from mandant.registry import Model, ModelRegistry
+from mandant.scheduling.policy import MAX_PRIORITY
 from mandant.tenancy.admission import Admission, Unlimited
 from mandant.tenancy.directory import TenantDirectory, TenantSnapshot
 from mandant.types import Call, EncodedRequest, InferRequest, InferResponse, Tenant
@@ -261,11 +262,12 @@ def _deadline(start: float, timeout_s: float | None, timeout_us: object) -> floa
 
 
 def _priority(value: object, default: int) -> int:
-    """v2 ``priority``: 1 is the highest level; 0 or absent means the tenant's default."""
+    """v2 ``priority``: 1 is the highest level, ``MAX_PRIORITY`` (2**31 - 1) the lowest;
+    0 or absent means the tenant's default."""
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput("parameter 'priority' is a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PRIORITY:
+        raise InvalidInput(f"parameter 'priority' is an integer from 0 to {MAX_PRIORITY}")
     return value or default
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from mandant.scheduling.policy import (
+    MAX_PRIORITY,
     UNSET_PRIORITY_LEVEL,
     FairQueue,
     FifoQueue,
@@ -307,3 +308,15 @@ def test_a_take_that_breaks_off_hands_over_what_it_removed(make_queue: type) -> 
         queue.take(8)
     assert failed.value.taken == [first]
     assert isinstance(failed.value.__cause__, RuntimeError)
+
+
+def test_an_explicit_priority_however_large_ranks_before_unset() -> None:
+    """A priority of 2**31 or more tied with, or came after, requests that set none."""
+    assert priority_level(MAX_PRIORITY) < priority_level(0)
+    assert priority_level(2**31) < priority_level(0)
+    assert priority_level(2**40) < priority_level(0)
+    queue: FifoQueue[Item] = FifoQueue()
+    unset, huge = Item("a", level=priority_level(0)), Item("b", level=priority_level(2**40))
+    queue.push(unset)
+    queue.push(huge)
+    assert queue.take(1) == [huge]

@@ -34,13 +34,18 @@ from collections import deque
 from collections.abc import Collection, Hashable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
+#: The lowest explicit v2 ``priority`` (the service refuses larger ones).
+MAX_PRIORITY = 2**31 - 1
 #: Where a request without a priority (v2 ``priority`` 0) ranks: after every level.
-UNSET_PRIORITY_LEVEL = 2**31
+UNSET_PRIORITY_LEVEL = MAX_PRIORITY + 1
 
 
 def priority_level(priority: int) -> int:
-    """The queue level of a v2 priority: 1 is the highest; 0 (unset) is the lowest."""
-    return priority if priority > 0 else UNSET_PRIORITY_LEVEL
+    """The queue level of a v2 priority: 1 is the highest; 0 (unset) is the lowest,
+    after every explicit one (one beyond :data:`MAX_PRIORITY` ranks at it)."""
+    if priority <= 0:
+        return UNSET_PRIORITY_LEVEL
+    return priority if priority <= MAX_PRIORITY else MAX_PRIORITY
 
 
 class Queued(Protocol):
