@@ -42,7 +42,7 @@ from mandant.tenancy.directory import TenantDirectory
 from mandant.tenancy.redis_usage import shared_usage_for
 from mandant.transport.grpc.server import GrpcServer
 from mandant.transport.rest.server import RestServer
-from mandant.transport.tls import server_ssl_context
+from mandant.transport.tls import CERTIFICATES_KEPT, same_tls_shape, server_ssl_context
 from mandant.workers.sockets import EngineSockets
 
 if TYPE_CHECKING:
@@ -87,15 +87,6 @@ class ReloadResult:
 
 #: Server settings a reload applies at once; any other server change waits for a restart.
 _LIVE_SERVER_SETTINGS = frozenset({"admin_keys"})
-
-
-def _same_tls_shape(new: TlsConfig | None, old: TlsConfig | None) -> bool:
-    """Whether a reload can switch from ``old`` to ``new`` TLS settings in place: new
-    paths only (TLS on or off, client CA or not, HTTPS on the HTTP port or not need a
-    restart)."""
-    if new is None or old is None:
-        return new is old
-    return (new.client_ca is None) == (old.client_ca is None) and new.http == old.http
 
 
 class App:
@@ -295,7 +286,7 @@ class App:
             for name in type(config.server).model_fields
             if name not in _LIVE_SERVER_SETTINGS
             and getattr(config.server, name) != getattr(self.config.server, name)
-            and not (name == "tls" and _same_tls_shape(config.server.tls, self.config.server.tls))
+            and not (name == "tls" and same_tls_shape(config.server.tls, self.config.server.tls))
         )
         deferred = [
             f"'{part}' changed: applied at the next restart"
@@ -312,7 +303,7 @@ class App:
             try:
                 self._reload_certificates(config.server.tls)
             except (OSError, ssl.SSLError) as exc:
-                deferred.append(f"certificates not reloaded, keeping the old ones: {exc}")
+                deferred.append(f"{CERTIFICATES_KEPT}: {exc}")
         applied = self.directory.replace(config.tenants, config.server.admin_keys)
         self.admission.update(config)
         if config.models != self.config.models:

@@ -4,6 +4,7 @@ not the working directory of ``mandant serve``."""
 from __future__ import annotations
 
 import signal
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -99,3 +100,79 @@ def test_sighup_serves_rotated_certificates_to_new_connections(tmp_path: Path) -
         wait_for(proc, "configuration reloaded")
         with connect(new_ca.cert) as c:
             assert c.infer("echo", x)["OUTPUT0"].sum() == 2
+
+
+def workers_config(tmp_path: Path, port: int, mtls: bool) -> Path:
+    """``workers: 2`` with TLS, client certificates where ``mtls``."""
+    tls = {"cert": "server.pem", "key": "server.key"}
+    tenant: dict[str, object] = {"id": "t", "api_keys": [hash_key("t-key")]}
+    if mtls:
+        tls["client_ca"] = "ca.pem"
+        tenant["client_certs"] = ["CN=t-client"]
+    config = {
+        "server": {
+            "grpc_port": port,
+            "http_port": free_port(),
+            "rest_port": free_port(),
+            "workers": 2,
+            "tls": tls,
+        },
+        "tenants": [tenant],
+        "models": [{"name": "echo", **ECHO}],
+    }
+    path = tmp_path / "mandant.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def sighup_front_ends(proc: subprocess.Popen[str], text: str) -> str:
+    """SIGHUP ``mandant serve``; the output until each of the two front ends logged
+    ``text`` (both, so that every new connection sees what they did)."""
+    proc.send_signal(signal.SIGHUP)
+    seen = wait_for(proc, text, timeout_s=20)
+    return seen + wait_for(proc, text, timeout_s=20)
+
+
+def test_workers_keep_client_certificates_when_a_reload_drops_client_ca(tmp_path: Path) -> None:
+    """Turning ``client_ca`` off needs a restart, with ``workers: 2`` too: the front
+    ends keep requiring certificates of the old CA (they required one of no CA at
+    all, and every new connection failed its handshake)."""
+    ca = make_ca(tmp_path)
+    server_cert(ca, tmp_path)
+    client = issue(ca, tmp_path, "client", "t-client", "URI:spiffe://test/t")
+    port = free_port()
+    path = workers_config(tmp_path, port, mtls=True)
+    credentials = grpc.ssl_channel_credentials(
+        ca.cert.read_bytes(), client.key.read_bytes(), client.cert.read_bytes()
+    )
+    x = {"INPUT0": np.ones((1, 2), np.float32)}
+    with mandant_serve(path) as proc:
+        workers_config(tmp_path, port, mtls=False)
+        seen = sighup_front_ends(proc, "front end reloaded")
+        for _ in range(4):  # new connections, to either front end
+            with Client(
+                f"localhost:{port}", api_key="t-key", tls=credentials, timeout_s=10, options=FRESH
+            ) as c:  # the key: the reloaded tenant is bound to no certificate
+                assert c.infer("echo", x)["OUTPUT0"].sum() == 2
+        assert "(tls) changed: applied at the next restart" in seen
+
+
+def test_workers_keep_their_certificates_when_a_reload_misses_a_file(tmp_path: Path) -> None:
+    """A reload whose key file is missing: each front end warns and keeps serving the
+    old certificate (it raised from the signal handler: a traceback, no warning)."""
+    ca = make_ca(tmp_path)
+    server_cert(ca, tmp_path)
+    port = free_port()
+    path = workers_config(tmp_path, port, mtls=False)
+    credentials = grpc.ssl_channel_credentials(ca.cert.read_bytes())
+    x = {"INPUT0": np.ones((1, 2), np.float32)}
+    with mandant_serve(path) as proc:
+        (tmp_path / "server.key").rename(tmp_path / "server.key.gone")
+        seen = sighup_front_ends(proc, "front end reloaded")
+        assert seen.count("certificates not reloaded, keeping the old ones") >= 2
+        assert "Traceback" not in seen
+        for _ in range(4):
+            with Client(
+                f"localhost:{port}", api_key="t-key", tls=credentials, timeout_s=10, options=FRESH
+            ) as c:
+                assert c.infer("echo", x)["OUTPUT0"].sum() == 2

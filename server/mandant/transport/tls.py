@@ -29,6 +29,20 @@ from mandant.config import TlsConfig
 logger = logging.getLogger(__name__)
 
 
+#: What a reload logs where the new TLS files cannot be read (or the key does not
+#: match its certificate): connections keep getting the old ones.
+CERTIFICATES_KEPT = "certificates not reloaded, keeping the old ones"
+
+
+def same_tls_shape(new: TlsConfig | None, old: TlsConfig | None) -> bool:
+    """Whether a reload can switch from ``old`` to ``new`` TLS settings in place: new
+    paths only (TLS on or off, client CA or not, HTTPS on the HTTP port or not need a
+    restart: a server's credentials fix them when it starts)."""
+    if new is None or old is None:
+        return new is old
+    return (new.client_ca is None) == (old.client_ca is None) and new.http == old.http
+
+
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     """An SSL context serving ``tls.cert``; requiring a client certificate signed by
     ``tls.client_ca`` where it is set. Raises OSError or ssl.SSLError on bad files."""

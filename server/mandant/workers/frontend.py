@@ -8,6 +8,8 @@ engine's answer; every other RPC is forwarded to the engine.
 
 from __future__ import annotations
 
+import logging
+import ssl
 from pathlib import Path
 
 from mandant import __version__
@@ -16,8 +18,11 @@ from mandant.service import DataPlane
 from mandant.tenancy.directory import TenantDirectory
 from mandant.transport.grpc.forward import Forwarder
 from mandant.transport.grpc.server import GrpcServer, certificate_identities
+from mandant.transport.tls import CERTIFICATES_KEPT, same_tls_shape, server_ssl_context
 from mandant.workers.engine_link import EngineLink, RemoteObserver
 from mandant.workers.sockets import EngineSockets
+
+logger = logging.getLogger(__name__)
 
 
 class FrontEnd:
@@ -53,12 +58,26 @@ class FrontEnd:
 
     def reload(self, config: MandantConfig) -> list[str]:
         """A new configuration's tenants, keys and certificates (the engine applies
-        the rest); returns what changed, in words."""
+        the rest); returns what changed, in words. As ``App.reload``: certificates are
+        read again only where TLS keeps its shape (:func:`same_tls_shape`; else the
+        old settings stay until a restart) and the new files can be read (else the old
+        certificates stay); each is logged as a warning."""
         config = config.resolved(self.base_dir)
         changes = self.directory.replace(config.tenants, config.server.admin_keys)
-        if config.server.tls is not None:
-            self.grpc.reload_tls(config.server.tls)
-        self.config = config
+        tls, old = config.server.tls, self.config.server.tls
+        if not same_tls_shape(tls, old):
+            logger.warning(
+                "configuration reload: 'server' (tls) changed: applied at the next restart"
+            )
+            tls = old
+        elif tls is not None:
+            try:
+                server_ssl_context(tls)  # refuses a key that does not match its certificate
+                self.grpc.reload_tls(tls)
+            except (OSError, ssl.SSLError) as exc:
+                logger.warning("configuration reload: %s: %s", CERTIFICATES_KEPT, exc)
+        server = config.server.model_copy(update={"tls": tls})
+        self.config = config.model_copy(update={"server": server})
         return changes
 
     async def aclose(self, grace_s: float | None = None) -> None:
