@@ -226,6 +226,46 @@ def test_dashboard_page_and_data(server: Server, traffic: None) -> None:
     assert sum(int(k) * v for k, v in models["classifier"]["batch_sizes"].items()) == 28
 
 
+def headers_of(server: Server, path: str, key: str | None = None) -> Any:
+    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}")
+    if key is not None:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.headers
+    except urllib.error.HTTPError as refused:
+        return refused.headers
+
+
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [
+        ("/usage", ADMIN_KEY),
+        ("/usage", "acme-demo-key"),
+        ("/metrics", ADMIN_KEY),
+        ("/metrics", "acme-demo-key"),  # 403
+        ("/metrics", None),  # 401
+        ("/api/dashboard", ADMIN_KEY),
+        ("/api/dashboard?tenant=globex", "acme-demo-key"),  # 404
+    ],
+)
+def test_no_cache_keeps_a_guarded_answer(server: Server, path: str, key: str | None) -> None:
+    assert headers_of(server, path, key)["Cache-Control"] == "no-store"
+
+
+def test_the_dashboard_page_may_not_be_framed_or_sniffed(server: Server) -> None:
+    """Its inline script runs by its hash (``test_dashboard_browser.py`` runs it)."""
+    headers = headers_of(server, "/")
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["X-Frame-Options"] == "DENY"
+    policy = dict(
+        part.strip().partition(" ")[::2] for part in headers["Content-Security-Policy"].split(";")
+    )
+    assert policy["frame-ancestors"] == "'none'" and policy["default-src"] == "'none'"
+    assert policy["script-src"].startswith("'sha256-") and "unsafe" not in policy["script-src"]
+    assert policy["connect-src"] == "'self'"
+
+
 def test_usage_refused_without_admin_keys(tmp_path: Path) -> None:
     data = yaml.safe_load(DEMO_CONFIG.read_text())
     ports = {"grpc_port": 0, "http_port": 0, "rest_port": 0}
