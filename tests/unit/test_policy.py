@@ -12,6 +12,7 @@ from mandant.scheduling.policy import (
     UNSET_PRIORITY_LEVEL,
     FairQueue,
     FifoQueue,
+    LevelQueue,
     TakeFailed,
     priority_level,
 )
@@ -320,3 +321,23 @@ def test_an_explicit_priority_however_large_ranks_before_unset() -> None:
     queue.push(unset)
     queue.push(huge)
     assert queue.take(1) == [huge]
+
+
+def test_many_levels_come_out_in_level_order_through_removals_and_returns() -> None:
+    """The levels' keys live in a heap, some of them stale (a level that emptied and
+    came back): whatever the churn, requests leave by level, then arrival."""
+    queue: LevelQueue[Item] = LevelQueue()
+    pushed: list[Item] = []
+    for n in range(600):
+        item = Item("a", level=(n * 7919) % 97 + 1, arrival=float(n), name=str(n))
+        queue.push(item)
+        pushed.append(item)
+        if n % 5 == 4:  # remove one, emptying its level now and then
+            gone = pushed.pop((n * 31) % len(pushed))
+            assert queue.remove(gone)
+        if n % 11 == 10:  # take one from the top
+            top = min(pushed, key=lambda i: (i.level, i.arrival))
+            assert queue.pop() is top
+            pushed.remove(top)
+    order = [queue.pop() for _ in range(len(queue))]
+    assert order == sorted(pushed, key=lambda i: (i.level, i.arrival))

@@ -29,6 +29,7 @@ one-row calls went out one per batch).
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from collections.abc import Collection, Hashable, Iterator
@@ -114,12 +115,17 @@ class TakeFailed(Exception):
 
 
 class LevelQueue(Generic[Q]):
-    """Strict priority levels, FIFO within a level."""
+    """Strict priority levels, FIFO within a level. The levels' keys are kept in a heap
+    (a key whose level emptied leaves it when it comes to the top): finding the first
+    level took a ``min`` over every level for each request taken, quadratic for a
+    tenant sending thousands of distinct priorities (74 ms a batch at 20,000)."""
 
-    __slots__ = ("_levels", "count", "rows")
+    __slots__ = ("_heaped", "_keys", "_levels", "count", "rows")
 
     def __init__(self) -> None:
         self._levels: dict[int, deque[Q]] = {}
+        self._keys: list[int] = []  # a heap of level keys, some of them stale
+        self._heaped: set[int] = set()  # the keys in ``_keys``
         self.rows = 0
         self.count = 0
 
@@ -131,18 +137,29 @@ class LevelQueue(Generic[Q]):
             yield from level
 
     def push(self, item: Q) -> None:
-        level = self._levels.get(item.level)
+        key = item.level
+        level = self._levels.get(key)
         if level is None:
-            level = self._levels[item.level] = deque()
+            level = self._levels[key] = deque()
+            if key not in self._heaped:
+                heapq.heappush(self._keys, key)
+                self._heaped.add(key)
         level.append(item)
         self.rows += item.rows
         self.count += 1
 
+    def _first(self) -> int:
+        """The first level's key (there is one), dropping stale keys on the way."""
+        keys, levels = self._keys, self._levels
+        while keys[0] not in levels:
+            self._heaped.discard(heapq.heappop(keys))
+        return keys[0]
+
     def head(self) -> Q:
-        return self._levels[min(self._levels)][0]
+        return self._levels[self._first()][0]
 
     def pop(self) -> Q:
-        key = min(self._levels)
+        key = self._first()
         level = self._levels[key]
         item = level.popleft()
         if not level:
