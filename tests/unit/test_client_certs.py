@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 from mandant.config import TenantConfig, parse_config
 from mandant.errors import ConfigError, Unauthenticated
 from mandant.tenancy.directory import TenantDirectory
-from mandant.transport.tls import grpc_identities, ssl_identities
+from mandant.transport.tls import _identities, grpc_identities, ssl_identities
 
 
 def certificate(
@@ -168,3 +168,25 @@ def test_tls_paths_resolve_against_the_base_folder() -> None:
         Path("/abs/s.key"),
         Path("/etc/mandant/ca.pem"),
     )
+
+
+def test_a_certificate_that_cannot_be_read_names_nobody_and_raises_nothing() -> None:
+    """What cryptography refuses (bytes that are no certificate; a subject alternative
+    name of a type it does not know, such as an x400Address) names no tenant: a key
+    still works. It raised, failing the call INTERNAL (with workers: N, keyed calls
+    too: a forwarded call reads its certificate's identities)."""
+    assert ssl_identities(b"\x30\x03\x02\x01\x00") == []
+    cert = certificate(("acme",), [x509.DNSName("xxxx.example")])
+    der = cert.public_bytes(serialization.Encoding.DER)
+    at = der.find(b"\x82\x0cxxxx.example")
+    x400 = b"\xa3\x0c\x30\x0a\x06\x03\x55\x04\x03\x0c\x03abc"  # [3], 14 bytes like the DNS
+    assert ssl_identities(der[:at] + x400 + der[at + 14 :]) == []
+
+
+def test_a_certificate_is_read_once() -> None:
+    """Parsing costs ~30 µs; a client presents the same certificate on every call."""
+    der = certificate(("acme",)).public_bytes(serialization.Encoding.DER)
+    assert ssl_identities(der) == ["CN=acme"]
+    before = _identities.cache_info().hits
+    assert ssl_identities(der) == ["CN=acme"]
+    assert _identities.cache_info().hits == before + 1

@@ -15,6 +15,7 @@ common name, so the gRPC and REST ports disagreed).
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import unicodedata
@@ -65,14 +66,7 @@ def reload_ssl_context(context: ssl.SSLContext, tls: TlsConfig) -> None:
 def ssl_identities(der: bytes | None) -> list[str]:
     """The identities of a verified peer certificate in DER, as :mod:`ssl` gives it
     (``SSLObject.getpeercert(binary_form=True)``); none without one."""
-    if not der:
-        return []
-    try:
-        certificate = x509.load_der_x509_certificate(der)
-    except ValueError:
-        logger.warning("a verified client certificate could not be parsed: no identity")
-        return []
-    return certificate_identities(certificate)
+    return list(_identities(der, pem=False)) if der else []
 
 
 def grpc_identities(auth_context: Mapping[str, Iterable[bytes]]) -> list[str]:
@@ -81,42 +75,47 @@ def grpc_identities(auth_context: Mapping[str, Iterable[bytes]]) -> list[str]:
     without one. Not from the context's ``x509_common_name`` / ``peer_uri`` /
     ``peer_dns``: those stop at a NUL byte and hold the first common name only."""
     pem = b"".join(auth_context.get("x509_pem_cert", ()))
-    if not pem:
-        return []
+    return list(_identities(pem, pem=True)) if pem else []
+
+
+@functools.lru_cache(maxsize=4096)
+def _identities(encoded: bytes, pem: bool) -> tuple[str, ...]:
+    """:func:`certificate_identities` of a certificate's bytes, once per certificate
+    (parsing costs ~30 µs a call; a client presents the same one on every call). One
+    that cannot be parsed names nobody: a key still works (logged once, while it is
+    remembered)."""
     try:
-        certificate = x509.load_pem_x509_certificate(pem)
-    except ValueError:
-        logger.warning("a verified client certificate could not be parsed: no identity")
-        return []
-    return certificate_identities(certificate)
+        load = x509.load_pem_x509_certificate if pem else x509.load_der_x509_certificate
+        return tuple(certificate_identities(load(encoded)))
+    except Exception as exc:  # what cryptography refuses (e.g. '_' in a PrintableString)
+        logger.warning(
+            "a verified client certificate could not be read (%s): it names no tenant",
+            type(exc).__name__,
+        )
+        return ()
 
 
 def certificate_identities(certificate: x509.Certificate) -> list[str]:
     """Every subject common name (``CN=``), URI (``URI:``) and DNS (``DNS:``) subject
     alternative name of ``certificate``, leaving out each value with a control
-    character (NUL included); none where its names cannot be parsed."""
+    character (NUL included). Raises where cryptography cannot parse its names (it
+    parses them lazily): :func:`_identities` then takes it for no identity."""
+    names = [
+        f"CN={value}"
+        for value in (
+            attribute.value
+            for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        )
+        if isinstance(value, str) and _printable(value)
+    ]
     try:
-        names = [
-            f"CN={value}"
-            for value in (
-                attribute.value
-                for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-            )
-            if isinstance(value, str) and _printable(value)
-        ]
-        try:
-            san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        except x509.ExtensionNotFound:
-            return names
-        for kind, tag in ((x509.UniformResourceIdentifier, "URI"), (x509.DNSName, "DNS")):
-            names.extend(
-                f"{tag}:{value}"
-                for value in san.value.get_values_for_type(kind)
-                if _printable(value)
-            )
-    except ValueError:  # a malformed name or extension: cryptography parses them lazily
-        logger.warning("a verified client certificate's names could not be parsed: no identity")
-        return []
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return names
+    for kind, tag in ((x509.UniformResourceIdentifier, "URI"), (x509.DNSName, "DNS")):
+        names.extend(
+            f"{tag}:{value}" for value in san.value.get_values_for_type(kind) if _printable(value)
+        )
     return names
 
 
