@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mandant.config import BatchingConfig
+from mandant.errors import Unavailable
 from mandant.scheduling.batcher import DynamicBatcher
 from mandant.scheduling.policy import FifoQueue, TakeFailed
 from tests.fakes import FakeClock, GatedBackend, RecordingObserver, request, settle
@@ -99,3 +100,32 @@ async def test_a_batch_that_breaks_off_while_taken_is_answered_with_an_internal_
     backend.release()
     await asyncio.wait_for(asyncio.gather(blocker, later), 1.0)
     await batcher.aclose()
+
+
+async def test_a_close_whose_take_breaks_off_answers_every_queued_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Closing (an unload) with a take that breaks off: the requests it took get an
+    internal error, every other queued one is answered Unavailable (they were left
+    to their deadlines: the expiry timer is disarmed on close)."""
+    backend = GatedBackend()
+    batcher = await make(backend, max_batch_size=1, policy="fifo", dispatch="eager")
+    blocker = asyncio.create_task(batcher.submit(request(tenant="a")))
+    await settle()
+    queued = [asyncio.create_task(batcher.submit(request(tenant=t))) for t in "abab"]
+    await settle()
+    take = FifoQueue.take
+
+    def broken(self: FifoQueue[Any], room: int) -> list[Any]:
+        try:
+            raise RuntimeError("a bug")
+        except RuntimeError as exc:
+            raise TakeFailed(take(self, room)) from exc
+
+    monkeypatch.setattr(FifoQueue, "take", broken)
+    closing = asyncio.create_task(batcher.aclose())
+    results = await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 1.0)
+    assert type(results[0]) is RuntimeError  # the one taken
+    assert all(isinstance(r, Unavailable) for r in results[1:])
+    backend.release()
+    await asyncio.wait_for(asyncio.gather(blocker, closing), 1.0)

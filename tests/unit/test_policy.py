@@ -341,3 +341,17 @@ def test_many_levels_come_out_in_level_order_through_removals_and_returns() -> N
             pushed.remove(top)
     order = [queue.pop() for _ in range(len(queue))]
     assert order == sorted(pushed, key=lambda i: (i.level, i.arrival))
+
+
+def test_keys_of_emptied_levels_do_not_pile_up() -> None:
+    """A level emptied below the first one left its key in the heap until it came to
+    the top: one key per request for a tenant cycling through priorities while
+    another's backlog stayed (200,001 keys for one live level)."""
+    queue: LevelQueue[Item] = LevelQueue()
+    queue.push(Item("backlog", level=1))
+    for level in range(2, 5000):
+        item = Item("b", level=level)
+        queue.push(item)
+        assert queue.remove(item)
+    assert len(queue._keys) <= 2 * 1 + 64 + 1
+    assert queue.pop().tenant == "backlog" and len(queue) == 0

@@ -37,6 +37,7 @@ carries the tenant or request id of whichever request happened to wake the batch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import math
@@ -166,6 +167,11 @@ class DynamicBatcher:
                 taken = self._queue.take(self._max_rows)
             except TakeFailed as exc:
                 self._broken(exc.taken, exc)
+                rest = list(self._queue)  # answered too, not left to their deadlines
+                for entry in rest:
+                    with contextlib.suppress(Exception):
+                        self._queue.remove(entry)
+                    self._finish(entry, exc=closing)
                 break
             for entry in taken:
                 self._finish(entry, exc=closing)

@@ -189,9 +189,18 @@ class LevelQueue(Generic[Q]):
             return False
         if not level:
             del self._levels[item.level]
+            if len(self._keys) > 2 * len(self._levels) + 64:
+                self._rebuild()  # keys of levels emptied below the first pile up
         self.rows -= item.rows
         self.count -= 1
         return True
+
+    def _rebuild(self) -> None:
+        """The heap of the live levels' keys only (amortised: at most every other
+        removal that empties a level, once stale keys outnumber live ones)."""
+        self._keys = list(self._levels)
+        heapq.heapify(self._keys)
+        self._heaped = set(self._keys)
 
     def oldest_arrival(self) -> float | None:
         return min((level[0].arrival for level in self._levels.values()), default=None)
