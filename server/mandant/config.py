@@ -296,7 +296,7 @@ class TenantConfig(_Frozen):
     max_concurrency: Annotated[int, Field(gt=0)] | None = None
     quota: QuotaConfig | None = None
     weight: Annotated[float, Field(gt=0)] = 1.0
-    priority: Annotated[int, Field(ge=0)] = 0
+    priority: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0  # as a v2 priority
     slo: SloConfig | None = None
     models: Mapping[str, ModelLimitsConfig] = Field(default_factory=dict)
 

@@ -198,3 +198,8 @@ def test_missing_files_names_every_unreadable_file_with_its_path(tmp_path: Path)
         ("models.3.factory", "m:f"),
         ("models.4.factory", "m:f"),
     ]
+
+
+def test_a_tenant_priority_is_bounded_as_a_v2_priority() -> None:
+    with pytest.raises(ConfigError, match=r"tenants\.0\.priority"):
+        parse_config({"tenants": [{"id": "a", "priority": 2**31}]})
