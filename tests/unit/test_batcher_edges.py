@@ -80,15 +80,7 @@ async def test_a_batch_that_breaks_off_while_taken_is_answered_with_an_internal_
     await settle()
     tasks = [asyncio.create_task(batcher.submit(request(tenant=t))) for t in "ab"]
     await settle()
-    take = FifoQueue.take
-
-    def broken(self: FifoQueue[Any], room: int) -> list[Any]:
-        try:
-            raise RuntimeError("a bug")
-        except RuntimeError as exc:
-            raise TakeFailed(take(self, room)) from exc
-
-    monkeypatch.setattr(FifoQueue, "take", broken)
+    _break_fifo_take(monkeypatch)
     backend.release()
     await settle()
     results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 1.0)
@@ -114,6 +106,17 @@ async def test_a_close_whose_take_breaks_off_answers_every_queued_request(
     await settle()
     queued = [asyncio.create_task(batcher.submit(request(tenant=t))) for t in "abab"]
     await settle()
+    _break_fifo_take(monkeypatch)
+    closing = asyncio.create_task(batcher.aclose())
+    results = await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 1.0)
+    assert type(results[0]) is RuntimeError  # the one taken
+    assert all(isinstance(r, Unavailable) for r in results[1:])
+    backend.release()
+    await asyncio.wait_for(asyncio.gather(blocker, closing), 1.0)
+
+
+def _break_fifo_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every FIFO take break off after taking its batch (as a bug would)."""
     take = FifoQueue.take
 
     def broken(self: FifoQueue[Any], room: int) -> list[Any]:
@@ -123,9 +126,3 @@ async def test_a_close_whose_take_breaks_off_answers_every_queued_request(
             raise TakeFailed(take(self, room)) from exc
 
     monkeypatch.setattr(FifoQueue, "take", broken)
-    closing = asyncio.create_task(batcher.aclose())
-    results = await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 1.0)
-    assert type(results[0]) is RuntimeError  # the one taken
-    assert all(isinstance(r, Unavailable) for r in results[1:])
-    backend.release()
-    await asyncio.wait_for(asyncio.gather(blocker, closing), 1.0)
