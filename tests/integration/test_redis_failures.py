@@ -319,6 +319,28 @@ async def test_a_graceful_stop_sends_counts_held_back_behind_a_lost_reply(
     assert counts[b"requests:OK"] == b"2" and len(counts) == 20001
 
 
+async def test_a_report_reads_counts_held_back_behind_a_lost_reply(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """A report flushes before it reads: one flush sent again the sums whose reply was
+    lost, but held back the counts made since (the fleet figure came up short)."""
+    config = _config(redis_server.url, "p10", {"id": "t0"}, timeout_ms=30)
+    usage = RedisUsage(config.limits, flush_interval_s=0.2)
+    try:
+        usage.add("t1", "requests", "OK", 1)
+        assert await usage.flush() is True  # the script is loaded
+        for model in range(20000):  # t0's sums make the flush outlast its timeout
+            usage.add("t0", "rows", f"m{model}", 1)
+        usage.add("t1", "requests", "OK", 1)
+        assert await usage.flush() is False  # Redis is still at it
+        usage.add("t1", "requests", "OK", 1)  # held back behind that flush
+        await asyncio.sleep(0.5)  # Redis has applied it; the failure is past the interval
+        counts = await usage.read(["t1"])
+        assert counts is not None and counts["t1"]["today"]["requests:OK"] == 3
+    finally:
+        await usage.aclose()
+
+
 def test_a_usage_report_waits_one_timeout_at_most_while_redis_stalls(
     redis_server: RedisServer, client: redis.Redis, tmp_path: Path
 ) -> None:

@@ -131,12 +131,19 @@ class RedisUsage:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
-        # A tenant whose last flush lost its reply holds its newer counts back until
-        # that flush settles: a few rounds send both.
-        for _ in range(3):
-            if not await self.flush() or not (self._counts or self._unsettled):
-                break
+        await self._flush_all()
         await self._client.aclose()
+
+    async def _flush_all(self) -> bool:
+        """Flush until nothing is left (a tenant whose last flush lost its reply holds
+        its newer counts back until that flush settles: a few rounds send both); False
+        if Redis did not take them."""
+        for _ in range(3):
+            if not await self.flush():
+                return False
+            if not (self._counts or self._unsettled):
+                break
+        return True
 
     async def _flush_every_interval(self) -> None:
         while not self._closing:
@@ -223,7 +230,7 @@ class RedisUsage:
         failed_at = self._failed_at
         if failed_at is not None and time.monotonic() - failed_at < self._interval_s:
             return None
-        await self.flush()
+        await self._flush_all()
         if self._failed_at is not None:  # it did not answer (sums it refused: read on)
             return None
         wall = self._wall()
