@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -81,6 +82,22 @@ def _capped(**server: int) -> MandantConfig:
     )
 
 
+async def _stuck_call(server: ServerThread, channel: grpc.aio.Channel) -> asyncio.Future[Any]:
+    """Tenant a's call to ``gated``, once it holds its place in the server (it answers
+    when the test sets ``gated_models.GATE``)."""
+    assert server.app is not None
+    infer = channel.unary_unary(INFER)
+    stuck = asyncio.ensure_future(
+        infer(_request("gated"), metadata=(("authorization", "Bearer a-key"),))
+    )
+    for _ in range(200):
+        if server.app.calls.calls == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert server.app.calls.calls == 1
+    return stuck
+
+
 def _request(model: str, request_id: str = "") -> bytes:
     message = pb.ModelInferRequest(model_name=model, id=request_id)
     message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
@@ -119,15 +136,7 @@ async def test_the_call_cap_and_the_door_are_shared_by_grpc_and_rest(tmp_path: P
     with _gated(config, tmp_path) as server:
         assert server.app is not None
         async with grpc.aio.insecure_channel(server.target) as channel:
-            infer = channel.unary_unary(INFER)
-            stuck = asyncio.ensure_future(
-                infer(_request("gated"), metadata=(("authorization", "Bearer a-key"),))
-            )
-            for _ in range(200):
-                if server.app.calls.calls == 1:
-                    break
-                await asyncio.sleep(0.01)
-            assert server.app.calls.calls == 1
+            stuck = await _stuck_call(server, channel)
             body = json.dumps(
                 {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [1]}]}
             ).encode()
@@ -324,14 +333,7 @@ async def test_probes_are_answered_when_the_cap_is_full(tmp_path: Path) -> None:
     with _gated(_capped(max_concurrent_rpcs=1), tmp_path) as server:
         assert server.app is not None
         async with grpc.aio.insecure_channel(server.target) as channel:
-            infer = channel.unary_unary(INFER)
-            stuck = asyncio.ensure_future(
-                infer(_request("gated"), metadata=(("authorization", "Bearer a-key"),))
-            )
-            for _ in range(200):
-                if server.app.calls.calls == 1:
-                    break
-                await asyncio.sleep(0.01)
+            stuck = await _stuck_call(server, channel)
             live = channel.unary_unary(
                 "/inference.GRPCInferenceService/ServerLive",
                 request_serializer=pb.ServerLiveRequest.SerializeToString,
