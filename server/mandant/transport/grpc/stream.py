@@ -143,9 +143,8 @@ class InferStream:
         ``max_bytes``, here."""
         held = len(raw)
         try:
-            response = await self._answer(raw)
+            response, answer = await self._answer(raw)
             del raw  # the answer is what waits to be written now
-            answer = sum(map(len, response.infer_response.raw_output_contents))
             self._hold(answer - held)
             held = answer
             async with self._writing:
@@ -174,8 +173,10 @@ class InferStream:
             raise Unauthenticated()
         return self._tenant
 
-    async def _answer(self, raw: bytes) -> pb.ModelStreamInferResponse:
-        """One message's answer; never raises but for cancellation."""
+    async def _answer(self, raw: bytes) -> tuple[pb.ModelStreamInferResponse, int]:
+        """One message's answer and the bytes of its tensors (read from the outputs, not
+        the message: reading its repeated bytes field copies each tensor); never
+        raises but for cancellation."""
         start = time.perf_counter()
         call = Call(None)
         code = "OK"
@@ -198,13 +199,13 @@ class InferStream:
             )
             answer = pb.ModelStreamInferResponse()
             encode_infer_response(response, into=answer.infer_response)
-            return answer
+            return answer, sum(array.nbytes for array in response.outputs.values())
         except MandantError as exc:
             code = status_for(exc).name
             count_if_busy(self._observer, call.tenant.id if call.tenant is not None else "", exc)
             if request is None:  # refused before it was parsed (the cap, the door)
                 request = _parsed(raw)
-            return _error_response(str(exc), code, request, exc)
+            return _error_response(str(exc), code, request, exc), 0
         except asyncio.CancelledError:  # the client left, or the stream's deadline passed
             code = "CANCELLED"
             raise
@@ -215,7 +216,7 @@ class InferStream:
                 "internal error serving a ModelStreamInfer message (request id %s)", request_id
             )
             message = INTERNAL_MESSAGE.format(request_id=request_id)
-            return _error_response(message, code, request, None)
+            return _error_response(message, code, request, None), 0
         finally:
             if entered and self._cap is not None:
                 self._cap.leave()
