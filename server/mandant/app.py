@@ -135,7 +135,8 @@ class App:
             if self.fleet_usage is None
             else FleetCounting(self.prometheus, self.fleet_usage)
         )
-        self.stats = InferenceStats()  # ModelStatistics: per tenant, model and version
+        # ModelStatistics: per tenant, model and version.
+        self.stats = InferenceStats(settle=self._events_settled)
         self.channels = ChannelPool()
         compute_nice = config.server.compute_nice  # the value at start (a restart changes it)
         failures = load_failures(self.metrics)
@@ -172,7 +173,12 @@ class App:
             ready_when=config.server.ready_when,
         )
         self.usage = UsageReports(
-            self.prometheus, self.directory, self.live, quota=self.admission, fleet=self.fleet_usage
+            self.prometheus,
+            self.directory,
+            self.live,
+            quota=self.admission,
+            fleet=self.fleet_usage,
+            settle=self._events_settled,
         )
         # One cap on calls in progress and one front door for every port: a flood on
         # REST takes its turn with the gRPC calls, and the cap counts both.
@@ -230,6 +236,12 @@ class App:
         self.model_changes: asyncio.Task[list[str]] | None = None
         #: Every reload's model changes still in progress (shutdown cancels them).
         self._applying: set[asyncio.Task[list[str]]] = set()
+
+    async def _events_settled(self) -> None:
+        """Until the events of every call answered so far are recorded (``workers: N``:
+        the front ends' reach the engine a little after their answers)."""
+        if self.engine is not None:
+            await self.engine.settle()
 
     def _model_specs(self, name: str, entry: str | None) -> list[ModelSpec]:
         """The versions of ``name`` to load: as configured now (the file re-read where

@@ -8,8 +8,18 @@ Label values are only ever tenant ids and model names from the configuration
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
+
+#: Waits until the events of the calls already answered are all recorded: what a
+#: report of them (usage, ModelStatistics) awaits first. One process records each
+#: event as it happens (:func:`recorded`); with ``workers: N`` the front ends' events
+#: travel to the engine, a little later (``EngineServer.settle``).
+Settle = Callable[[], Awaitable[None]]
+
+
+async def recorded() -> None:
+    """Nothing to wait for: this process's events are recorded as they happen."""
 
 
 class Observer(Protocol):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -90,6 +91,7 @@ def workers_config() -> MandantConfig:
                 _tenant("limited", rate_limit={"requests_per_s": 100, "burst": LIMITED_BURST}),
                 _tenant("budget", quota={"rows_per_day": 30}),
                 _tenant("capped", max_concurrency=2),
+                _tenant("billed"),
             ],
             "models": [ECHO_MODEL, sleepy, paced],
         },
@@ -259,6 +261,33 @@ async def test_metrics_count_every_front_ends_calls(tmp_path: Path) -> None:
         labels = {"tenant": "globex", "model": "echo", "code": "OK"}
         counted = metric(server, ADMIN_KEY, "mandant_requests_total", **labels)
         assert counted == 40
+
+
+def test_reports_count_every_call_answered_before_them(server: WorkersServer) -> None:
+    """A front end sends the engine its calls' figures a little after answering them
+    (with its next requests, or within 50 ms): a usage report (billing) or a
+    ModelStatistics call (a Triton client checking its calls) asked right after a call
+    must count it, whichever front end answered it. Each call on a connection of its
+    own: both front ends answer some."""
+    rows = {"INPUT0": np.ones((2, 4), np.float32)}
+    for count in range(1, 9):
+        with Client(server.target, api_key="billed-key", options=OWN_CONNECTION) as client:
+            client.infer("echo", rows)
+        _, body = http_get_port(server.http_port, "/usage", ADMIN_KEY)
+        usage = json.loads(body)["tenants"]["billed"]
+        # Its calls so far, and the ModelStatistics calls before this one.
+        assert usage["requests"] == {"OK": 2 * count - 1}
+        with grpc.insecure_channel(server.target, options=OWN_CONNECTION) as channel:
+            reply = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelStatistics",
+                request_serializer=pb.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=pb.ModelStatisticsResponse.FromString,
+            )(
+                pb.ModelStatisticsRequest(name="echo"),
+                metadata=(("authorization", "Bearer billed-key"),),
+                timeout=10,
+            )
+        assert reply.model_stats[0].inference_stats.success.count == count
 
 
 # -- isolation through the IPC path ------------------------------------------------------

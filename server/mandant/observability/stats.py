@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from mandant.events import Observer
+from mandant.events import Observer, Settle, recorded
 
 #: (tenant id, owner: a tenant id or "" for a shared model, model name, version).
 StatsKey = tuple[str, str, str, str]
@@ -84,10 +84,15 @@ class ModelStats:
 
 
 class InferenceStats:
-    """``wall_clock_s``: seconds since the epoch (for ``last_inference`` only)."""
+    """``wall_clock_s``: seconds since the epoch (for ``last_inference`` only).
+    ``settle``: until the events of calls already answered are recorded (what a
+    ModelStatistics call awaits, :meth:`settled`)."""
 
-    def __init__(self, wall_clock_s: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, wall_clock_s: Callable[[], float] = time.time, settle: Settle = recorded
+    ) -> None:
         self._wall_clock_s = wall_clock_s
+        self.settled = settle
         self._stats: dict[StatsKey, ModelStats] = {}
         #: (owner, name, version) -> its executions: ``batches`` and
         #: ``execution_count`` only.

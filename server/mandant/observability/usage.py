@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from mandant.config import TenantConfig
-from mandant.events import Observer
+from mandant.events import Observer, Settle, recorded
 from mandant.observability.live import LiveStats
 from mandant.tenancy.directory import TenantDirectory
 from mandant.tenancy.redis_usage import RedisUsage
@@ -146,10 +146,14 @@ class UsageReports:
         live: LiveStats,
         quota: QuotaUsage | None = None,
         fleet: RedisUsage | None = None,
+        settle: Settle = recorded,
     ) -> None:
         """``counts``: this process's counters. ``tenants``: the tenant directory
         (reports list the tenants and quota limits of its current snapshot), or fixed
-        configs. ``fleet``: the fleet-wide counters (the Redis store's), if any."""
+        configs. ``fleet``: the fleet-wide counters (the Redis store's), if any.
+        ``settle``: until the events of calls already answered are recorded (a report
+        counts every call whose client has its answer)."""
+        self._settle = settle
         self._counts = counts
         self._directory = (
             tenants if isinstance(tenants, TenantDirectory) else TenantDirectory(tenants)
@@ -164,6 +168,7 @@ class UsageReports:
 
     async def report(self, only: str | None = None) -> dict[str, Any]:
         """Every current tenant's usage, or ``only`` that tenant's."""
+        await self._settle()
         tenants = [t for t in self._directory.current.configs if only is None or t.id == only]
         # Both reads at once, each one batch for every tenant: a Redis that does not
         # answer costs one timeout, not one per tenant (none during a known outage).

@@ -316,6 +316,10 @@ class _Connection(asyncio.BufferedProtocol):
             (ready,) = payload
             self._link.engine_status(ready)
             self.opened.set()
+        elif kind == ipc.SETTLE:  # a report is about to read the figures: send ours
+            self._flush()
+            if self._transport is not None:
+                self._transport.writelines(encode(ipc.SETTLED, payload))
 
 
 class RemoteObserver:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -46,6 +47,9 @@ MAX_ANSWER_BYTES = (1 << 31) - 1
 #: ``/readyz`` said ready with every front end stopped.
 FRESH_S = 2.0
 SILENT_S = 10.0
+#: Longest a report waits for the front ends' observer events (``EngineServer.settle``):
+#: a stuck front end holds no report up for longer.
+SETTLE_WAIT_S = 1.0
 #: The observer events a front end may report (``RemoteObserver``): the Observer's.
 FORWARDED_EVENTS = frozenset(name for name in dir(Observer) if not name.startswith("_"))
 
@@ -99,6 +103,15 @@ class EngineServer:
                         os.kill(peer.pid, signal.SIGKILL)
                     peer.close()
 
+    async def settle(self, wait_s: float = SETTLE_WAIT_S) -> None:
+        """Until every front end has sent the observer events of the calls it has
+        answered (they ride with its next requests, or leave within
+        ``EVENTS_WAIT_S``): a usage report or ModelStatistics read after that counts
+        every call whose client has its answer. At most ``wait_s``."""
+        waits = [peer.settle() for peer in self._peers if peer.pinged]
+        if waits:
+            await asyncio.wait(waits, timeout=wait_s)
+
     @property
     def in_flight(self) -> int:
         return sum(len(peer.tasks) for peer in self._peers)
@@ -143,6 +156,9 @@ class _FrontEnd(asyncio.BufferedProtocol):
         self.heard_at = self._loop.time()
         self.pid: int | None = None
         self.pinged = False  # a front end (which pings), not some other client
+        #: SETTLE messages sent, by number, until its SETTLED comes back.
+        self._settles: dict[int, asyncio.Future[None]] = {}
+        self._settle_numbers = itertools.count(1)
 
     @property
     def accepting(self) -> bool:
@@ -160,6 +176,7 @@ class _FrontEnd(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         self._engine.left(self)
+        self._settled(max(self._settles, default=0))  # nothing more is coming
         for task, _, _ in self.tasks.values():  # nobody to answer: free their places at once
             task.cancel()
 
@@ -172,6 +189,23 @@ class _FrontEnd(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._reader.buffer_updated(nbytes)
+
+    def settle(self) -> asyncio.Future[None]:
+        """Done when this front end has sent its observer events (``EngineServer.settle``)."""
+        future: asyncio.Future[None] = self._loop.create_future()
+        if self._transport is None:
+            future.set_result(None)
+            return future
+        number = next(self._settle_numbers)
+        self._settles[number] = future
+        self._transport.writelines(encode(ipc.SETTLE, [number]))
+        return future
+
+    def _settled(self, upto: int) -> None:
+        for number in [n for n in self._settles if n <= upto]:
+            future = self._settles.pop(number)
+            if not future.done():
+                future.set_result(None)
 
     def _status(self) -> None:
         if self._transport is not None:
@@ -194,6 +228,8 @@ class _FrontEnd(asyncio.BufferedProtocol):
             self._accepting = bool(payload and payload[0])
             self.pinged = True
             self._status()
+        elif kind == ipc.SETTLED:
+            self._settled(payload[0])
 
     def _requests(self, requests: list[Any], frames: Sequence[memoryview]) -> None:
         offset = 0

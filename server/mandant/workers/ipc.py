@@ -5,13 +5,15 @@ Front end → engine::
 
     CALLS   [[request header, ...], [cancelled rid, ...], [observer event, ...]]
             + the requests' input frames, in order
-    PING    []
+    PING    [accepting]               (its gRPC port accepts calls)
+    SETTLED [n]                       (in answer to SETTLE n: its events are all sent)
 
 Engine → front end::
 
     ANSWERS [answer header, ...] + the answers' output frames, in order; a header is
             [rid, model, version, error or None, [output header, ...], owner]
     STATUS  [ready]                   (on connecting, and in answer to each PING)
+    SETTLE  [n]                       (send your observer events now, then SETTLED n)
 
 Everything of one event-loop turn travels in one message; a header says how many
 frames are its own (one per tensor). ``rid`` numbers a front end's requests; the
@@ -37,6 +39,8 @@ CALLS = 1
 PING = 2
 ANSWERS = 3
 STATUS = 4
+SETTLE = 5
+SETTLED = 6
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,6 +111,7 @@ class InferenceServicer:
     ) -> pb.ModelStatisticsResponse:
         """A tenant key: its own calls; an admin key: every tenant's, or one tenant's
         with the ``mandant-tenant`` metadata (``statistics.py``)."""
+        await self._stats.settled()  # every call answered so far is counted
         stats = model_statistics(
             self._plane,
             self._stats,

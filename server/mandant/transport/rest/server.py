@@ -192,6 +192,7 @@ class RestServer:
         """A tenant key: its own calls; an admin key: every tenant's, or one tenant's
         with the ``mandant-tenant`` header (``transport/grpc/statistics.py``)."""
         info = request.match_info
+        await self._stats.settled()  # every call answered so far is counted
         stats = model_statistics(
             self._plane,
             self._stats,
