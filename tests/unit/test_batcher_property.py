@@ -5,7 +5,8 @@ failures, in every dispatch mode:
 * every request is answered exactly once, with exactly its own rows;
 * the batcher's queued-row counts are exactly the rows of the requests still queued,
   after every step (nothing leaks on cancellation, expiry or failure) and 0 at the end;
-* QueueFull only when the tenant's queued rows plus the request's exceed the cap;
+* QueueFull only when the tenant's queued rows plus the request's exceed the cap, and
+  no tenant has more rows than the cap waiting after any step;
 * while an execution slot is idle, no queued request has waited longer than
   ``max_queue_delay_ms`` (0 in eager mode) or is past its deadline;
 * no batch exceeds ``max_batch_size`` or mixes shapes; no request that expired runs;
@@ -103,6 +104,7 @@ async def scenario(config: BatchingConfig, slots: int, ops: list[tuple[Any, ...]
         for tenant in TENANTS:
             want = sum(req.rows for req, _ in queued if req.tenant == tenant)
             assert batcher.queued_rows_of(tenant.id) == want
+            assert cap is None or want <= cap, "more rows waiting than the tenant's cap"
         if len(backend.running) < slots:  # a slot is idle: nobody waits past a bound
             for req, arrival in queued:
                 assert clock.now - arrival <= bound_s + 1e-9, "waited past its bound"

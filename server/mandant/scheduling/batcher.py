@@ -23,6 +23,13 @@ load nearly every request leaves in a batch long before its deadline, and arming
 cancelling a timer for each cost more than the rest of its queueing). A cancelled
 caller leaves the queue at once.
 
+A tenant's queue holds at most ``max_queue_rows`` rows. Rows the idle execution slots
+are about to take do not wait, so a request may be admitted over its tenant's cap on
+them; but after the pump the rows a tenant has waiting are within its cap again, the
+requests admitted over it that did not leave (another tenant's rows may have filled
+the batch) refused QueueFull, newest first. A per-tenant check at admission alone let
+every tenant of one event-loop turn count the same leaving rows.
+
 A batch the model raises on (anything but a MandantError) is counted
 (``Observer.batch_failed``) and split in halves, each rerun in the same execution slot,
 until the request(s) it fails on alone are found: those get ModelFailed, every other
@@ -142,6 +149,9 @@ class DynamicBatcher:
         #: <= every queued request's deadline; the expiry timer is armed at it
         self._deadline_floor: float | None = None
         self._expiry_timer: Timer | None = None
+        #: requests admitted over their tenant's cap, on the rows the idle slots are
+        #: about to take (``_leaving``); the next pump refuses those still over it
+        self._leaning: list[_Pending] = []
         self._batch_s = 0.0  # moving average of a batch's compute time, for retry hints
         self._open = False
 
@@ -159,6 +169,7 @@ class DynamicBatcher:
     async def aclose(self) -> None:
         """Refuse new requests, answer queued ones Unavailable, let running batches end."""
         self._open = False
+        self._leaning.clear()
         self._cancel_delay_timer()
         self._disarm_expiry()
         closing = Unavailable(f"model '{self._model}' is shutting down")
@@ -187,12 +198,9 @@ class DynamicBatcher:
             raise DeadlineExceeded("deadline exceeded before the request was queued")
         tenant = request.tenant.id
         cap = self._config.max_queue_rows
-        if cap is not None and self._queue.rows_of(tenant) + request.rows > cap + self._leaving():
-            self._observer.rejected(tenant, "queue_full", self._model)
-            raise QueueFull(
-                f"queue of model '{self._model}' is full for this tenant ({cap} rows)",
-                retry_after_s=self._retry_after_s(self._queue.rows_of(tenant)),
-            )
+        waiting = self._queue.rows_of(tenant) + request.rows
+        if cap is not None and waiting > cap + self._leaving():
+            raise self._queue_full(tenant, cap)
         entry = _Pending(
             request=request,
             future=asyncio.get_running_loop().create_future(),
@@ -204,6 +212,8 @@ class DynamicBatcher:
             arrival=now,
         )
         self._queue.push(entry)
+        if cap is not None and waiting > cap:  # admitted on the rows about to leave
+            self._leaning.append(entry)
         deadline = request.deadline
         if deadline is not None and (
             self._deadline_floor is None or deadline < self._deadline_floor
@@ -285,10 +295,35 @@ class DynamicBatcher:
             self._arm_expiry(floor)
 
     def _leaving(self) -> int:
-        """Rows the idle execution slots are about to take from the queue: they do not
-        wait, so the queue cap does not count them (with adaptive dispatch, requests of
-        one event-loop turn all queue before the batch leaves at its end)."""
+        """Rows the idle execution slots may be about to take from the queue: they do
+        not wait, so the queue cap does not count them (with adaptive dispatch, requests
+        of one event-loop turn all queue before the batch leaves at its end). An upper
+        bound, offered to every tenant: a request admitted on it is refused by the next
+        pump should its tenant still have more than its cap waiting after the batches
+        left (``_refuse_leftovers``)."""
         return (self._slots - self._running) * self._max_rows
+
+    def _queue_full(self, tenant: str, cap: int) -> QueueFull:
+        self._observer.rejected(tenant, "queue_full", self._model)
+        return QueueFull(
+            f"queue of model '{self._model}' is full for this tenant ({cap} rows)",
+            retry_after_s=self._retry_after_s(self._queue.rows_of(tenant)),
+        )
+
+    def _refuse_leftovers(self, cap: int) -> None:
+        """After the idle slots took their batches: refuse the requests admitted on rows
+        about to leave (over their tenant's cap), newest first, while their tenant still
+        has more than ``cap`` rows waiting. Which rows leave is the policy's choice (by
+        weight, across tenants): the allowance a tenant keeps is its own rows that left,
+        never another tenant's."""
+        leaning, self._leaning = self._leaning, []
+        for entry in reversed(leaning):
+            if entry.queued and self._queue.rows_of(entry.tenant) > cap:
+                self._queue.remove(entry)
+                entry.queued = False
+                self._finish(entry, exc=self._queue_full(entry.tenant, cap))
+        if not len(self._queue):
+            self._disarm_expiry()
 
     def _retry_after_s(self, queued_rows: int) -> float:
         batches = math.ceil((queued_rows + 1) / self._max_rows)
@@ -308,7 +343,13 @@ class DynamicBatcher:
         self._pump()
 
     def _pump(self) -> None:
-        """Start batches while an execution slot is idle and one is due."""
+        """Start batches while an execution slot is idle and one is due; then refuse
+        what was admitted on rows about to leave and is still over its tenant's cap."""
+        self._start_batches()
+        if self._leaning and self._config.max_queue_rows is not None:
+            self._refuse_leftovers(self._config.max_queue_rows)
+
+    def _start_batches(self) -> None:
         while self._running < self._slots and len(self._queue) and self._open:
             now = self._clock.monotonic()
             if not self._due(now):
