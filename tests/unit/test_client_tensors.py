@@ -113,6 +113,20 @@ def test_numpy_str_and_bytes_arrays_are_bytes() -> None:
     assert decoded["S"].tolist() == [b"xy", b"z"]
 
 
+def test_python_lists_of_bytes_and_str_keep_trailing_nul_bytes() -> None:
+    # numpy would make them fixed-width S/U arrays, which drop trailing NULs
+    decoded = round_trip(
+        {
+            "B": [b"ab\x00", b"\x00\x00"],
+            "S": [["x\x00"], ["y"]],
+            "T": (b"\x00",),
+        }
+    )
+    assert decoded["B"].tolist() == [b"ab\x00", b"\x00\x00"]
+    assert decoded["S"].tolist() == [[b"x\x00"], [b"y"]]
+    assert decoded["T"].tolist() == [b"\x00"]
+
+
 def test_bytes_input_with_non_bytes_element_is_invalid_input() -> None:
     with pytest.raises(InvalidInput):
         encode_inputs(pb.ModelInferRequest(), {"X": np.array([b"a", 3], dtype=object)})

@@ -87,8 +87,12 @@ def to_numpy_dtype(datatype: str) -> np.dtype[Any]:
 def encode_tensor(
     name: str, value: npt.ArrayLike
 ) -> tuple[pb.ModelInferRequest.InferInputTensor, bytes]:
-    """One input tensor's metadata and its raw bytes."""
+    """One input tensor's metadata and its raw bytes. Python bytes and str (in lists)
+    are kept whole: numpy would make them a fixed-width array, which drops their
+    trailing NUL bytes (an ``S``/``U`` array the caller built has already lost them)."""
     array = np.asarray(value)
+    if array.dtype.kind in "SU" and not isinstance(value, np.ndarray | np.generic):
+        array = np.asarray(value, dtype=object)
     datatype = to_v2_datatype(array.dtype)
     tensor = pb.ModelInferRequest.InferInputTensor(
         name=name, datatype=datatype, shape=list(array.shape)
