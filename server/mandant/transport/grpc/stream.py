@@ -216,6 +216,8 @@ class InferStream:
                 "internal error serving a ModelStreamInfer message (request id %s)", request_id
             )
             message = INTERNAL_MESSAGE.format(request_id=request_id)
+            if request is None:  # failed before it was parsed: still answer its id
+                request = _parsed(raw)
             return _error_response(message, code, request, None), 0
         finally:
             if entered and self._cap is not None:

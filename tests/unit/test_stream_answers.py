@@ -1,0 +1,60 @@
+"""Every ModelStreamInfer message is answered with its own id, so that a multiplexed
+client can match the answer to its call, even where serving it failed unexpectedly
+before its message was parsed (INTERNAL)."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import grpc
+
+from mandant.events import NullObserver
+from mandant.transport.grpc.stream import InferStream
+from mandant.types import Tenant
+from mandant_client._proto import grpc_service_pb2 as pb
+
+
+class _Plane:
+    def __init__(self) -> None:
+        self.tenant_snapshot = object()
+
+
+class _Context:
+    """A stream whose client sent ``messages`` then half-closed."""
+
+    def __init__(self, messages: list[bytes]) -> None:
+        self._messages = list(messages)
+        self.written: list[pb.ModelStreamInferResponse] = []
+
+    async def read(self) -> Any:
+        return self._messages.pop(0) if self._messages else grpc.aio.EOF
+
+    async def write(self, message: pb.ModelStreamInferResponse) -> None:
+        self.written.append(message)
+
+    def time_remaining(self) -> float | None:
+        return None
+
+
+async def test_an_unexpected_failure_before_parsing_is_answered_with_the_message_id() -> None:
+    def authenticate() -> Tenant:
+        raise RuntimeError("the tenant directory broke")
+
+    request = pb.ModelInferRequest(model_name="echo", id="call#1")
+    context = _Context([request.SerializeToString()])
+    stream = InferStream(
+        cast(Any, _Plane()),
+        Tenant("acme"),
+        authenticate,
+        cast(Any, context),
+        4,
+        1 << 20,
+        16,
+        NullObserver(),
+    )
+    await stream.serve()
+    (answer,) = context.written
+    assert answer.error_message
+    assert answer.infer_response.id == "call#1"
+    assert answer.infer_response.model_name == "echo"
+    assert answer.infer_response.parameters["status_code"].string_param == "INTERNAL"
