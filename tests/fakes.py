@@ -186,6 +186,9 @@ class RecordingObserver:
     batches: list[tuple[str, int, float, dict[str, int]]] = field(default_factory=list)
     rejections: list[tuple[str, str, str]] = field(default_factory=list)  # tenant, reason, model
     failed_batches: list[tuple[str, int]] = field(default_factory=list)
+    #: The ``owner`` of each batch and failed batch, in the same order.
+    batch_owners: list[str] = field(default_factory=list)
+    failed_batch_owners: list[str] = field(default_factory=list)
     refunds: list[tuple[str, str, int]] = field(default_factory=list)
     finished: list[tuple[str, str, str, str]] = field(default_factory=list)
 
@@ -205,12 +208,19 @@ class RecordingObserver:
         self.timings.append((tenant, model, queue_s, compute_s))
 
     def batch_executed(
-        self, model: str, size: int, compute_s: float, rows_by_tenant: Mapping[str, int]
+        self,
+        model: str,
+        size: int,
+        compute_s: float,
+        rows_by_tenant: Mapping[str, int],
+        owner: str = "",
     ) -> None:
         self.batches.append((model, size, compute_s, dict(rows_by_tenant)))
+        self.batch_owners.append(owner)
 
-    def batch_failed(self, model: str, size: int) -> None:
+    def batch_failed(self, model: str, size: int, owner: str = "") -> None:
         self.failed_batches.append((model, size))
+        self.failed_batch_owners.append(owner)
 
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         return None

@@ -46,14 +46,22 @@ class Observer(Protocol):
         ...
 
     def batch_executed(
-        self, model: str, size: int, compute_s: float, rows_by_tenant: Mapping[str, int]
+        self,
+        model: str,
+        size: int,
+        compute_s: float,
+        rows_by_tenant: Mapping[str, int],
+        owner: str = "",
     ) -> None:
-        """One backend execution of ``size`` rows, with each tenant's share of them."""
+        """One backend execution of ``size`` rows, with each tenant's share of them;
+        ``owner``: the tenant owning ``model`` (a private model or tuned variant), ""
+        for a shared one (a private model and a shared one may have one name)."""
         ...
 
-    def batch_failed(self, model: str, size: int) -> None:
+    def batch_failed(self, model: str, size: int, owner: str = "") -> None:
         """One backend execution of ``size`` rows raised (its requests are then
-        retried apart to find the one(s) at fault)."""
+        retried apart to find the one(s) at fault); ``owner`` as for
+        :meth:`batch_executed`."""
         ...
 
     def admitted(self, tenant: str, model: str, rows: int) -> None: ...
@@ -91,11 +99,16 @@ class NullObserver:
         return None
 
     def batch_executed(
-        self, model: str, size: int, compute_s: float, rows_by_tenant: Mapping[str, int]
+        self,
+        model: str,
+        size: int,
+        compute_s: float,
+        rows_by_tenant: Mapping[str, int],
+        owner: str = "",
     ) -> None:
         return None
 
-    def batch_failed(self, model: str, size: int) -> None:
+    def batch_failed(self, model: str, size: int, owner: str = "") -> None:
         return None
 
     def admitted(self, tenant: str, model: str, rows: int) -> None:

@@ -94,7 +94,7 @@ def test_load_with_a_config_entry_adds_a_model_with_its_own_metrics(
             text = metrics(http_port)
         assert sample(text, "mandant_requests_total", code="OK", **labels) == 1
         assert sample(text, "mandant_rows_total", **labels) == 2
-        assert sample(text, "mandant_batch_size_count", model="added") == 1
+        assert sample(text, "mandant_batch_size_count", model="added", tenant="") == 1
     finally:
         running.stop()
 
@@ -327,4 +327,4 @@ def test_a_model_added_by_a_reload_gets_its_own_metrics_labels(
     assert sample(text, "mandant_requests_total", code="OK", **labels) == 1
     assert sample(text, "mandant_request_duration_seconds_count", **labels) == 1
     assert sample(text, "mandant_compute_seconds_total", **labels) > 0
-    assert sample(text, "mandant_batch_size_count", model="added") == 1
+    assert sample(text, "mandant_batch_size_count", model="added", tenant="") == 1

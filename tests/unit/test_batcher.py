@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,7 @@ from mandant.config import BatchingConfig
 from mandant.context import current_request_id, current_tenant
 from mandant.errors import DeadlineExceeded, InvalidInput, ModelFailed, QueueFull, Unavailable
 from mandant.scheduling.batcher import DynamicBatcher, concatenate
-from mandant.types import InferRequest, Tenant
+from mandant.types import InferRequest, ModelKey, Tenant
 from tests.fakes import (
     POISON,
     FakeClock,
@@ -747,3 +748,18 @@ async def test_adaptive_hold_ends_before_a_deadline() -> None:
     assert len(backend.calls) == 2
     backend.release()
     await held
+
+
+async def test_batch_events_name_the_models_owner() -> None:
+    """A private model or tuned variant may have a shared model's name: the batcher of
+    one says whose it is in every batch event (and failed batch), so that its figures
+    are not counted as the shared model's."""
+    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
+    batcher, _, _, observer = await make(backend, max_batch_size=4)
+    tuned = ModelKey("m", "1", owner="acme")
+    fine = dataclasses.replace(request("acme", rows=2), model=tuned)
+    check_own_rows(fine, await submit(batcher, fine))
+    with pytest.raises(ModelFailed):
+        await submit(batcher, dataclasses.replace(request("acme", value=POISON), model=tuned))
+    assert observer.batch_owners == ["acme"]
+    assert observer.failed_batch_owners == ["acme"]

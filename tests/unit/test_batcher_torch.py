@@ -14,7 +14,7 @@ from mandant.backends.torch import BatchOutputMismatch, TorchBackend
 from mandant.config import BatchingConfig, ModelSpec
 from mandant.errors import Unavailable
 from mandant.scheduling.batcher import DynamicBatcher
-from mandant.types import InferRequest, Tenant, TensorSpec
+from mandant.types import InferRequest, ModelKey, Tenant, TensorSpec
 from tests.fakes import RecordingObserver, settle
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given NumPy array is not writable:UserWarning")
@@ -53,7 +53,7 @@ def spec(max_batch_size: int = 8) -> ModelSpec:
 def call(tenant: str, x: np.ndarray) -> InferRequest:
     return InferRequest(
         tenant=Tenant(tenant),
-        model="m",
+        model=ModelKey("m", "1"),
         inputs={"X": x},
         outputs=("Y",),
         request_id=f"{tenant}-{float(x.sum())}",

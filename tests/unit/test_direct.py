@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from mandant.errors import DeadlineExceeded, ModelFailed, Unavailable
 from mandant.scheduling.direct import DirectScheduler
+from mandant.types import ModelKey
 from tests.fakes import (
     POISON,
     GatedBackend,
@@ -111,3 +113,18 @@ async def test_a_request_that_gives_up_waiting_leaves_the_slot_to_the_next() -> 
     assert leaving.cancelled()
     assert [float(c.inputs["x"][0, 0]) for c in backend.calls] == [1, 3]
     await asyncio.wait_for(scheduler.aclose(), 10)  # every slot was given back
+
+
+async def test_batch_events_name_the_models_owner() -> None:
+    """A private model or tuned variant may have a shared model's name: its batches
+    (and failed ones) carry its owner, "" for a shared model."""
+    observer = RecordingObserver()
+    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
+    scheduler = DirectScheduler(backend, "m", observer)
+    private = ModelKey("m", "1", owner="acme")
+    await scheduler.submit(dataclasses.replace(request("acme"), model=private))
+    with pytest.raises(ModelFailed):
+        await scheduler.submit(dataclasses.replace(request("acme", value=POISON), model=private))
+    await scheduler.submit(request("b"))
+    assert observer.batch_owners == ["acme", ""]
+    assert observer.failed_batch_owners == ["acme"]

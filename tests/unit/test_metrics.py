@@ -119,9 +119,9 @@ def test_batches_split_compute_by_rows_and_timings(parts: Parts) -> None:
     assert value(r, "mandant_compute_seconds_total", tenant="globex", model="classifier") == (
         pytest.approx(0.010)
     )
-    assert value(r, "mandant_batch_size_count", model="classifier") == 2
-    assert value(r, "mandant_batch_size_bucket", model="classifier", le="1.0") == 1
-    assert value(r, "mandant_batch_size_bucket", model="classifier", le="8.0") == 2
+    assert value(r, "mandant_batch_size_count", model="classifier", tenant="") == 2
+    assert value(r, "mandant_batch_size_bucket", model="classifier", tenant="", le="1.0") == 1
+    assert value(r, "mandant_batch_size_bucket", model="classifier", tenant="", le="8.0") == 2
     assert value(r, "mandant_queue_duration_seconds_count", tenant="acme", model="classifier") == 1
     assert value(r, "mandant_compute_duration_seconds_sum", tenant="acme", model="classifier") == (
         pytest.approx(0.040)
@@ -330,3 +330,26 @@ def test_live_figures_equal_a_recount_whatever_the_order_of_calls(
         assert row["errors"] == sum(kind == "error" for kind, _ in inside)
         expected = quantile(counts, 0.5)
         assert row["p50_ms"] == (None if expected is None else round(expected * 1000, 3))
+
+
+def test_a_tenant_model_named_like_a_shared_one_has_its_own_batch_series(parts: Parts) -> None:
+    """A private model or tuned variant named like a shared model: its batches are
+    labelled with its owner (``tenant``, as ``mandant_model_ready``), the shared
+    model's with ``""``; they were one series by name, one tenant's private batch
+    figures mixed with (and shown as) the shared model's. An owner not configured
+    collapses to ``""`` like any label."""
+    registry, observer, _, _ = parts
+    observer.batch_executed("classifier", 8, 0.04, {"acme": 6, "globex": 2})
+    observer.batch_executed("classifier", 3, 0.01, {"globex": 3}, owner="globex")
+    observer.batch_executed("classifier", 1, 0.01, {"globex": 1}, owner="globex")
+    observer.batch_failed("classifier", 5, owner="globex")
+    observer.batch_failed("classifier", 2)
+    observer.batch_executed("classifier", 2, 0.01, {"acme": 2}, owner="mallory")
+    r = registry
+    assert value(r, "mandant_batch_size_count", model="classifier", tenant="globex") == 2
+    assert value(r, "mandant_batch_size_sum", model="classifier", tenant="globex") == 4
+    assert value(r, "mandant_batch_size_count", model="classifier", tenant="") == 2
+    assert value(r, "mandant_batch_size_sum", model="classifier", tenant="") == 10
+    assert value(r, "mandant_failed_batches_total", model="classifier", tenant="globex") == 1
+    assert value(r, "mandant_failed_batches_total", model="classifier", tenant="") == 1
+    assert value(r, "mandant_batch_size_count", model="classifier", tenant="mallory") is None

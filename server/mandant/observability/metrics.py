@@ -10,6 +10,10 @@ Which calls feed what:
 * ``mandant_rejections_total{tenant,reason,model}``: ``model`` is set where the
   model's own limit refused the call (a per-model rate limit or quota, its queue
   cap), ``""`` for the tenant's limits.
+* ``mandant_batch_size{model,tenant}``, ``mandant_failed_batches_total{model,tenant}``:
+  ``tenant`` is the model's owner (a private model or tuned variant), ``""`` for a
+  shared one, as in ``mandant_model_ready``: a tenant's model named like a shared one
+  has its own series (its figures are as confidential as the model).
 * ``mandant_requests_total{tenant,model,code}``: every RPC. ``model`` is the
   configured name of the model that served an inference call, ``""`` otherwise
   (metadata RPCs, unknown model, unauthenticated).
@@ -93,11 +97,14 @@ class PrometheusObserver:
             ["tenant", "model"], buckets,
         )  # fmt: skip
         self.batch_size = HistogramSeries(
-            "mandant_batch_size", "Rows per backend execution.", ["model"], BATCH_SIZE_BUCKETS,
+            "mandant_batch_size", "Rows per backend execution; tenant: the model's owner "
+            "(a private model or tuned variant), \"\" for a shared one.",
+            ["model", "tenant"], BATCH_SIZE_BUCKETS,
         )  # fmt: skip
         self.failed_batches = CounterSeries(
             "mandant_failed_batches", "Backend executions that raised (their requests "
-            "are then retried apart, so only the ones at fault fail).", ["model"],
+            "are then retried apart, so only the ones at fault fail); tenant: the model's "
+            "owner, \"\" for a shared model.", ["model", "tenant"],
         )  # fmt: skip
         self.rejections = CounterSeries(
             "mandant_rejections", "Requests refused by admission or a queue cap, by reason; "
@@ -214,10 +221,15 @@ class PrometheusObserver:
         self.compute_duration.observe(labels, compute_s)
 
     def batch_executed(
-        self, model: str, size: int, compute_s: float, rows_by_tenant: Mapping[str, int]
+        self,
+        model: str,
+        size: int,
+        compute_s: float,
+        rows_by_tenant: Mapping[str, int],
+        owner: str = "",
     ) -> None:
         model = self._model(model)
-        self.batch_size.observe((model,), size)
+        self.batch_size.observe((model, self._tenant(owner)), size)
         if self._live is not None:
             self._live.record_batch(model, size)
         total_rows = sum(rows_by_tenant.values()) or 1
@@ -226,8 +238,8 @@ class PrometheusObserver:
             self.rows.inc(labels, rows)
             self.compute_seconds.inc(labels, compute_s * rows / total_rows)
 
-    def batch_failed(self, model: str, size: int) -> None:
-        self.failed_batches.inc((self._model(model),))
+    def batch_failed(self, model: str, size: int, owner: str = "") -> None:
+        self.failed_batches.inc((self._model(model), self._tenant(owner)))
 
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         tenant = self._tenant(tenant)

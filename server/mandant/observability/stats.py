@@ -219,16 +219,21 @@ class StatsObserver:
             self._stats.record_timing(tenant, self._owner, model, self._version, queue_s, compute_s)
 
     def batch_executed(
-        self, model: str, size: int, compute_s: float, rows_by_tenant: Mapping[str, int]
+        self,
+        model: str,
+        size: int,
+        compute_s: float,
+        rows_by_tenant: Mapping[str, int],
+        owner: str = "",
     ) -> None:
-        self._forward.batch_executed(model, size, compute_s, rows_by_tenant)
+        self._forward.batch_executed(model, size, compute_s, rows_by_tenant, owner)
         if self._version is not None:
             self._stats.record_batch(
                 model, self._version, size, compute_s, rows_by_tenant, self._owner
             )
 
-    def batch_failed(self, model: str, size: int) -> None:
-        self._forward.batch_failed(model, size)
+    def batch_failed(self, model: str, size: int, owner: str = "") -> None:
+        self._forward.batch_failed(model, size, owner)
 
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         self._forward.admitted(tenant, model, rows)

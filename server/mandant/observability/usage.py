@@ -93,16 +93,21 @@ class FleetCounting:
         self._inner.request_timing(tenant, model, queue_s, compute_s)
 
     def batch_executed(
-        self, model: str, size: int, compute_s: float, rows_by_tenant: Mapping[str, int]
+        self,
+        model: str,
+        size: int,
+        compute_s: float,
+        rows_by_tenant: Mapping[str, int],
+        owner: str = "",
     ) -> None:
-        self._inner.batch_executed(model, size, compute_s, rows_by_tenant)
+        self._inner.batch_executed(model, size, compute_s, rows_by_tenant, owner)
         total_rows = sum(rows_by_tenant.values()) or 1
         for tenant, rows in rows_by_tenant.items():
             self._add(tenant, "rows", model, rows)
             self._add(tenant, "compute_seconds", model, compute_s * rows / total_rows)
 
-    def batch_failed(self, model: str, size: int) -> None:
-        self._inner.batch_failed(model, size)
+    def batch_failed(self, model: str, size: int, owner: str = "") -> None:
+        self._inner.batch_failed(model, size, owner)
 
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         self._inner.admitted(tenant, model, rows)

@@ -459,7 +459,9 @@ class DynamicBatcher:
                     self._finish(entry, exc=exc)
             except Exception as exc:  # the model raised: whose data was it?
                 if first:
-                    self._observer.batch_failed(self._model, sum(e.rows for e in batch))
+                    owner = batch[0].request.model.owner or ""  # one model: one owner
+                    rows = sum(e.rows for e in batch)
+                    self._observer.batch_failed(self._model, rows, owner)
                 self._failed(part, exc, first)
                 if len(part) > 1:
                     middle = len(part) // 2
@@ -549,7 +551,9 @@ class DynamicBatcher:
                 entry.tenant, self._model, dispatched - entry.arrival, compute_s
             )
             self._finish(entry, result=result)
-        self._observer.batch_executed(self._model, sum(shares.values()), compute_s, shares)
+        owner = part[0].request.model.owner or ""  # one model: one owner
+        rows = sum(shares.values())
+        self._observer.batch_executed(self._model, rows, compute_s, shares, owner)
 
     def _broken(self, entries: Sequence[_Pending], exc: Exception) -> None:
         """Taking or running a batch raised unexpectedly: answer each of ``entries`` not

@@ -75,7 +75,7 @@ class DirectScheduler:
             except MandantError:
                 raise
             except Exception as exc:
-                self._observer.batch_failed(self._model, request.rows)
+                self._observer.batch_failed(self._model, request.rows, request.model.owner or "")
                 logger.error(
                     "model %s failed on request %s of tenant %s",
                     self._model,
@@ -89,7 +89,9 @@ class DirectScheduler:
             self._release()
         tenant = request.tenant.id
         self._observer.request_timing(tenant, self._model, start - arrival, compute_s)
-        self._observer.batch_executed(self._model, request.rows, compute_s, {tenant: request.rows})
+        self._observer.batch_executed(
+            self._model, request.rows, compute_s, {tenant: request.rows}, request.model.owner or ""
+        )
         return outputs
 
     async def _wait_for_slot(self, deadline: float | None, arrival: float) -> None:

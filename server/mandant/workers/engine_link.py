@@ -348,12 +348,17 @@ class RemoteObserver:
         self._link.report("request_timing", tenant, model, queue_s, compute_s)
 
     def batch_executed(
-        self, model: str, size: int, compute_s: float, rows_by_tenant: Mapping[str, int]
+        self,
+        model: str,
+        size: int,
+        compute_s: float,
+        rows_by_tenant: Mapping[str, int],
+        owner: str = "",
     ) -> None:
-        self._link.report("batch_executed", model, size, compute_s, dict(rows_by_tenant))
+        self._link.report("batch_executed", model, size, compute_s, dict(rows_by_tenant), owner)
 
-    def batch_failed(self, model: str, size: int) -> None:
-        self._link.report("batch_failed", model, size)
+    def batch_failed(self, model: str, size: int, owner: str = "") -> None:
+        self._link.report("batch_failed", model, size, owner)
 
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         self._link.report("admitted", tenant, model, rows)
