@@ -99,6 +99,37 @@ def parse(message_type: type[Message], raw: bytes) -> Any:
 
 NO_MESSAGE = "the call has no request message"
 
+#: What a client got from gRPC itself when gRPC ended its call while the message came
+#: in: a message over ``grpc.max_receive_message_length`` (``max_message_bytes``).
+REFUSED_BY_GRPC = "RESOURCE_EXHAUSTED"
+
+
+class CallEnded(Exception):
+    """gRPC ended the call while its message came in (:func:`read_message`): nothing
+    can be sent on it any more."""
+
+
+async def read_message(context: Context) -> bytes:
+    """The call's one message; InvalidInput if its client sent none.
+
+    grpc.aio reads a message that gRPC refused as the end of the client's messages
+    (EOF), as it reads a client that sent none: gRPC refuses one over the server's
+    ``max_message_bytes`` itself and ends the call, its client gets
+    RESOURCE_EXHAUSTED, and a figure that says INVALID_ARGUMENT (no message) is not
+    what the client saw. Only a call that gRPC still holds open takes initial
+    metadata: :class:`CallEnded` where it does not (counted as :data:`REFUSED_BY_GRPC`;
+    a client that cancels while its message is on its way ends the call alike, and is
+    counted so too: grpc.aio does not tell them apart)."""
+    raw = await context.read()
+    if isinstance(raw, bytes):
+        return raw
+    try:
+        await context.send_initial_metadata(())
+    except (asyncio.CancelledError, Exception) as exc:  # gRPC cancels an ended call's handler
+        raise CallEnded from exc
+    raise InvalidInput(NO_MESSAGE)
+
+
 #: A call cancelled with less than this left of its deadline was given up by its client
 #: at that deadline: the client started the clock when it sent the call, the server
 #: when it received it, so the client's deadline comes first by the time in between.
@@ -202,7 +233,7 @@ class Gate:
             call = Call(None)
             code = "OK"
             refusal: Exception | None = None
-            entered = inside = False
+            entered = inside = ended = False
             try:
                 if access is Access.OPEN:
                     # A probe: answered at once, its message not read (no field of it
@@ -215,10 +246,7 @@ class Gate:
                 if door is not None and call.tenant is not None:
                     await door.enter(call.tenant)
                     inside = True
-                raw = await context.read()
-                if raw is grpc.aio.EOF:
-                    raise InvalidInput(NO_MESSAGE)
-                request = parse(request_type, raw)
+                request = parse(request_type, await read_message(context))
                 request_id = getattr(request, "id", "")
                 if request_id:
                     current_request_id.set(request_id[:MAX_LOGGED_ID])
@@ -226,6 +254,8 @@ class Gate:
             except MandantError as exc:
                 code, refusal = status_for(exc).name, exc
                 count_if_busy(observer, call.tenant.id if call.tenant is not None else "", exc)
+            except CallEnded:
+                code, ended = REFUSED_BY_GRPC, True
             except grpc.aio.AbortError:
                 code = _aborted_code(context)
                 raise
@@ -245,6 +275,8 @@ class Gate:
                 observer.request_finished(
                     tenant_id, call.model, code, duration_s, call.version, fair, call.owner
                 )
+            if ended:  # gRPC answered it: end as a cancelled handler does
+                raise asyncio.CancelledError
             # Refused only now, with the call counted and its places given back: grpc's
             # abort sends the status at once, and a client that has seen it may read
             # /metrics or call again straight away.
@@ -322,7 +354,7 @@ class Gate:
             gate.started += 1
             start = time.perf_counter()
             tenant_id = ""
-            refusal: MandantError
+            refusal: MandantError | None = None  # None: gRPC ended the call (CallEnded)
             try:
                 tenant = caller_of(access, context)
                 tenant_id = tenant.id if tenant is not None else ""
@@ -331,15 +363,22 @@ class Gate:
                 refusal = exc
             else:
                 try:
-                    raw = await context.read()
-                    if raw is not grpc.aio.EOF:
-                        return await forward(raw, context)
+                    raw = await read_message(context)
+                except MandantError as exc:
+                    refusal = exc
+                except CallEnded:
+                    pass
+                else:
+                    return await forward(raw, context)
                 finally:
                     cap.leave()
-                refusal = InvalidInput(NO_MESSAGE)
-            count_if_busy(observer, tenant_id, refusal)
-            code = client_saw(context, status_for(refusal).name)
+            if refusal is not None:
+                count_if_busy(observer, tenant_id, refusal)
+            code = status_for(refusal).name if refusal is not None else REFUSED_BY_GRPC
+            code = client_saw(context, code)
             observer.request_finished(tenant_id, "", code, time.perf_counter() - start)
+            if refusal is None:  # gRPC answered it: end as a cancelled handler does
+                raise asyncio.CancelledError
             await abort(context, refusal)
             return b""  # not reached: abort ends the call
 
