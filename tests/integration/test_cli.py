@@ -158,6 +158,26 @@ def test_serve_finishes_in_flight_calls_then_exits_zero(tmp_path: Path, signum: 
         assert "secret-key" not in log
 
 
+def test_a_model_call_that_never_returns_does_not_keep_a_stopped_server_running(
+    tmp_path: Path,
+) -> None:
+    """The graceful stop waits ``grace_s`` for the call, then the registry its time for
+    the model: the call's thread is left to end with the process, which exits (the
+    interpreter joined a ThreadPoolExecutor's thread at exit: it never did)."""
+    port = free_port()
+    stuck = {**ECHO_MODEL, "name": "stuck", "factory": "tests.integration.slow_models:sleepy"}
+    stuck["factory_args"] = {"seconds": 3600}
+    path, _ = _served_file(tmp_path, port, stuck, grace_s=0.5)
+    with mandant_serve(path) as proc:
+        with (
+            Client(f"127.0.0.1:{port}", api_key="secret-key") as client,
+            pytest.raises(MandantClientError),
+        ):
+            client.infer("stuck", {"INPUT0": np.ones((1, 3), np.float32)}, timeout_s=0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
 def test_serve_without_a_configuration_says_what_to_give() -> None:
     out = subprocess.run([*MANDANT, "serve"], capture_output=True, text=True, env=ENV, timeout=60)
     assert out.returncode == 2 and "Mandant listening" not in out.stdout

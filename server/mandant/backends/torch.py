@@ -39,23 +39,20 @@ even when the model raised.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import queue
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from mandant.backends.placement import place
 from mandant.backends.staging import StagingBuffers
+from mandant.backends.threads import ModelThreads, in_own_thread
 from mandant.backends.torch_load import build_module, init_weights
 from mandant.config import ModelSpec
 from mandant.errors import InvalidInput, Unavailable
@@ -69,7 +66,6 @@ warnings.filterwarnings(
     "ignore", message="The given NumPy array is not writable", category=UserWarning
 )
 
-T = TypeVar("T")
 
 #: numpy dtype kinds torch cannot hold; such inputs reach the model as numpy arrays.
 _NON_TENSOR_KINDS = frozenset("OSUV")
@@ -125,7 +121,7 @@ class TorchBackend:
         self._output_names = spec.output_names
         self._idle: queue.SimpleQueue[_Instance] | None = None
         self._loaded: tuple[_Instance, ...] = ()
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: ModelThreads | None = None
         self._inline_below_s = inline_below_s
         self._call_s: float | None = None  # moving average of a call's compute time
         self._row_s = 0.0  # moving average of compute time per row
@@ -164,13 +160,12 @@ class TorchBackend:
         idle: queue.SimpleQueue[_Instance] = queue.SimpleQueue()
         for instance in instances:
             idle.put(instance)
-        self._executor = ThreadPoolExecutor(
-            max_workers=len(instances),
-            thread_name_prefix=f"torch-{self._spec.name}",
-            initializer=lower_priority,
+        self._executor = ModelThreads(
+            len(instances),
+            f"torch-{self._spec.name}",
             # On a GPU the threads mostly wait for the device: they keep the loop's
             # priority, so that a busy host does not delay the next kernel launch.
-            initargs=(0 if self._placement.on_cuda else self._compute_nice,),
+            nice=0 if self._placement.on_cuda else self._compute_nice,
         )
         self._idle, self._loaded = idle, tuple(instances)
         logger.info(
@@ -432,34 +427,6 @@ class TorchBackend:
         return module.to(device).eval()
 
 
-async def in_own_thread(work: Callable[[], T], name: str) -> T:
-    """``work()`` on a new daemon thread, awaited. A caller that stops waiting (a load
-    timed out, a shutdown) leaves the thread to finish on its own, its result dropped;
-    unlike the loop's executor threads (``asyncio.to_thread``), which the interpreter
-    joins at exit, it never keeps the process from exiting."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if done.done():
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)  # type: ignore[arg-type]
-
-    def run() -> None:
-        try:
-            result, error = work(), None
-        except BaseException as exc:  # handed to the awaiting task
-            result, error = None, exc
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return await done
-
-
 def _cost(average: float | None, sample: float) -> float:
     """A cautious moving average: a slower sample counts at once, faster ones slowly,
     so one slow call is enough to keep the next ones off the event loop."""
@@ -545,17 +512,3 @@ def _not_an_output(model: str, name: str, value: object) -> RuntimeError:
         f"model {model!r} returned {type(value).__name__} for output {name!r}, "
         "expected a tensor or a numpy array"
     )
-
-
-def lower_priority(nice: int) -> None:
-    """Schedule the calling thread ``nice`` steps below the others (Linux gives each
-    thread its own nice value); nothing for 0 or where the OS refuses."""
-    if not nice:
-        return
-    thread = threading.get_native_id()
-    try:
-        os.setpriority(
-            os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice)
-        )
-    except (AttributeError, OSError) as exc:  # not Linux, or not permitted
-        logger.warning("model threads keep the event loop's priority: %s", exc)
