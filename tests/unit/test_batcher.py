@@ -507,21 +507,71 @@ async def test_failed_batch_answers_only_the_request_it_fails_on(
     assert len(errors) == 1 and culprit.request_id in errors[0].getMessage()
 
 
-async def test_a_model_failing_on_everything_runs_at_most_2n_minus_1_times() -> None:
+@pytest.mark.parametrize("size", [2, 3, 9, 16])
+async def test_a_model_failing_on_everything_stops_splitting_after_both_halves_and_one_alone(
+    size: int,
+) -> None:
+    """Both halves failing alike, and then one request alone, is the model's failure,
+    not one request's: the rest are answered Unavailable at once (it used to run
+    2n - 1 times, each caller answered ModelFailed as if its own data were at fault)."""
+
     def broken(inputs: Any) -> dict[str, np.ndarray]:
         raise RuntimeError("broken model")
 
     batcher, backend, _, observer = await make(max_batch_size=16)
     blocker = submit(batcher, request())
     await settle()
-    tasks = [submit(batcher, request()) for _ in range(9)]
+    reqs = [request() for _ in range(size)]
+    tasks = [submit(batcher, r) for r in reqs]
     await settle()
     backend.compute, backend.auto = broken, True
     backend.release(len(backend.running))
     results = await asyncio.gather(blocker, *tasks, return_exceptions=True)
-    assert all(isinstance(r, ModelFailed) for r in results)
-    assert len(backend.calls) == 1 + (2 * 9 - 1)
-    assert observer.failed_batches == [("m", 1), ("m", 9)]
+    assert isinstance(results[0], ModelFailed)  # alone from the start: its own verdict
+    alone = {int(c.inputs["x"][0, 0]) for c in backend.calls[1:] if c.rows == 1}
+    for req, result in zip(reqs, results[1:], strict=True):
+        ran_alone = int(req.inputs["x"][0, 0]) in alone
+        assert isinstance(result, ModelFailed if ran_alone else Unavailable), result
+    # The batch, its two halves, then one request alone (a lone half is that one).
+    assert len(backend.calls) == 1 + (3 if size <= 3 else 4)
+    assert observer.failed_batches == [("m", 1), ("m", size)]
+
+
+async def test_a_broken_model_runs_once_alone_per_tenant_of_the_batch() -> None:
+    def broken(inputs: Any) -> dict[str, np.ndarray]:
+        raise RuntimeError("broken model")
+
+    batcher, backend, _, _ = await make(max_batch_size=16)
+    blocker = submit(batcher, request())
+    await settle()
+    tasks = [submit(batcher, request(t)) for t in "abababab"]
+    await settle()
+    backend.compute, backend.auto = broken, True
+    backend.release(len(backend.running))
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert sorted(type(r).__name__ for r in results) == ["ModelFailed"] * 2 + ["Unavailable"] * 6
+    assert len(backend.calls) == 1 + 3 + 2  # the batch, its halves, one of a and of b
+    await asyncio.gather(blocker, return_exceptions=True)
+
+
+async def test_one_tenants_poisoned_requests_never_fail_another_tenants() -> None:
+    """Both halves fail alike and a poisoned request fails alone: the model could be at
+    fault, but tenant b's request succeeds alone, so the split goes on."""
+    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
+    batcher, _, _, _ = await make(backend, max_batch_size=16, policy="fifo")
+    backend.auto = False
+    blocker = submit(batcher, request("a"))
+    await settle()
+    reqs = [request("a", value=POISON), request("b"), request("a", value=POISON), request("b")]
+    tasks = [submit(batcher, r) for r in reqs]
+    await settle()
+    backend.auto = True
+    backend.release(len(backend.running))
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[0], ModelFailed) and isinstance(results[2], ModelFailed)
+    check_own_rows(reqs[1], results[1])
+    check_own_rows(reqs[3], results[3])
+    await blocker
 
 
 async def test_a_lone_request_the_model_fails_on_is_model_failed() -> None:

@@ -11,7 +11,10 @@ failures, in every dispatch mode:
   ``max_queue_delay_ms`` (0 in eager mode) or is past its deadline;
 * no batch exceeds ``max_batch_size`` or mixes shapes; no request that expired runs;
 * a failed batch is rerun in parts: a request is answered ModelFailed only when it failed
-  alone, and succeeds otherwise (unless its deadline passed first)."""
+  alone, Unavailable (the model judged at fault) only when a batch it ran in held two
+  poisoned requests or more, one of its own tenant's — one poisoned request fails no
+  other, one tenant's poisoned requests no other tenant's — and succeeds
+  otherwise (unless its deadline passed first)."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mandant.config import BatchingConfig
-from mandant.errors import DeadlineExceeded, ModelFailed, QueueFull
+from mandant.errors import DeadlineExceeded, ModelFailed, QueueFull, Unavailable
 from mandant.scheduling.batcher import DynamicBatcher
 from mandant.types import InferRequest, Tenant
 from tests.fakes import (
@@ -166,6 +169,11 @@ async def scenario(config: BatchingConfig, slots: int, ops: list[tuple[Any, ...]
     def failed(call: Call) -> bool:
         return call.error is not None or bool((call.inputs["x"] == POISON).any())
 
+    poisoned_numbers = {
+        number
+        for number, (_, req, _, _) in enumerate(submitted)
+        if (req.inputs["x"] == POISON).any()
+    }
     for number, (task, req, _, before) in enumerate(submitted):
         calls = runs.get(number, [])
         assert all(failed(c) for c in calls[:-1]), "rerun after a success"
@@ -180,6 +188,14 @@ async def scenario(config: BatchingConfig, slots: int, ops: list[tuple[Any, ...]
             assert calls and not failed(calls[-1]) and not poisoned
         elif isinstance(exc, ModelFailed):
             assert calls and failed(calls[-1]) and numbers_in(calls[-1]) == {number}
+        elif isinstance(exc, Unavailable):  # judged the model's failure, not its own
+            assert calls and all(failed(c) for c in calls)
+            assert any(len(numbers_in(c) & poisoned_numbers) >= 2 for c in calls)
+            assert any(  # its own tenant's poisoned request among them
+                submitted[n][1].tenant == req.tenant
+                for c in calls
+                for n in numbers_in(c) & poisoned_numbers
+            )
         elif isinstance(exc, DeadlineExceeded):
             assert all(failed(c) for c in calls), "an expired request ran"
         else:

@@ -102,3 +102,40 @@ async def test_only_the_request_whose_data_breaks_the_rows_fails() -> None:
     assert observer.failed_batches == [("m", 5)]
     await batcher.aclose()
     await backend.aclose()
+
+
+class _Widen(nn.Module):
+    """Answers 3 columns for each row: a model whose configuration declares 2."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _Widen.calls += 1
+        return torch.cat([x, x[:, :1]], dim=1)
+
+
+def widen() -> nn.Module:
+    return _Widen()
+
+
+async def test_a_misconfigured_model_is_unavailable_to_a_batch_after_few_runs() -> None:
+    """Its every answer mismatches the declared outputs: after the batch, its two halves
+    and a request of each of its 4 tenants alone all fail, every request is answered
+    UNAVAILABLE (it used to run 2n - 1 times: 15 for 8 requests)."""
+    backend = TorchBackend(spec().model_copy(update={"factory": f"{__name__}:widen"}))
+    await backend.start()
+    batcher = DynamicBatcher(
+        backend,
+        BatchingConfig(max_batch_size=8, dispatch="delay", max_queue_delay_ms=50),
+        "m",
+        RecordingObserver(),
+    )
+    await batcher.start()
+    _Widen.calls = 0
+    reqs = [call(t, np.full((1, 2), n, np.float32)) for n, t in enumerate("abcdabcd")]
+    tasks = [asyncio.create_task(batcher.submit(r)) for r in reqs]
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    assert all(isinstance(r, Unavailable) for r in results), results
+    assert _Widen.calls == 3 + 4
+    await batcher.aclose()
+    await backend.aclose()
