@@ -149,6 +149,12 @@ class ServerConfig(_Frozen):
     #: ±10% jitter), its calls given ``grace_s`` to finish: a long-lived client then
     #: reconnects, and an L4 balancer (a Kubernetes Service) spreads it again, also
     #: onto replicas added since. None: connections live as long as the client's.
+    #: A ModelStreamInfer stream is ended by the server (status OK, trailing metadata
+    #: ``mandant-stream-end: connection-age``) once it has lived about this long (±10%),
+    #: after answering every message it read; a multiplexed mandant_client sends the
+    #: rest again on a new stream. So the connection's grace is ``grace_s`` plus 1.1 x
+    #: this (a stream opened just before the GOAWAY lives its own age, then drains);
+    #: unary calls are only given longer.
     max_connection_age_s: Annotated[float | None, Field(gt=0)] = None
     #: Calls (and stream messages) the whole server serves at once; one more is
     #: answered RESOURCE_EXHAUSTED (with pushback) before its message is parsed. With

@@ -4,13 +4,17 @@ it one connection serves the client for good."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
+from mandant_client import AsyncClient, Client
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.servers import ServerThread, demo_config
@@ -53,3 +57,88 @@ def test_connections_are_closed_at_their_age_and_calls_go_on(
         assert readies == 1
     else:
         assert readies >= 3  # ~every 0.5 s (±10% jitter) over 2.5 s: a new connection
+
+
+def _age_cycles_config(tmp_path: Path) -> Any:
+    from tests.integration.test_client_stream_e2e import with_sleepy_model
+
+    return with_sleepy_model(seconds=0.05, max_connection_age_s=0.5, grace_s=0.2)
+
+
+def _rows(i: int) -> dict[str, np.ndarray]:
+    return {"INPUT0": np.full((1, 5), i, np.float32)}
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_multiplexed_calls_go_on_through_connection_ages(mode: str, tmp_path: Path) -> None:
+    """The server ends each stream at its age (after answering what it read), before
+    gRPC's grace for the connection runs out; the client sends what was not read again
+    on a new stream: no call fails, and each gets its own answer, once."""
+    key = "acme-demo-key"
+    outcomes: list[Any] = []
+
+    async def run_async(target: str) -> None:
+        async with AsyncClient(target, api_key=key, multiplex=True, timeout_s=10) as client:
+
+            async def worker(w: int) -> None:
+                until = time.monotonic() + 2.5
+                i = 0
+                while time.monotonic() < until:
+                    n = 100 * w + i
+                    try:
+                        out = await client.infer("sleepy", _rows(n))
+                        outcomes.append((n, out["OUTPUT0"][0, 0]))
+                    except Exception as exc:
+                        outcomes.append((n, exc))
+                    i += 1
+
+            await asyncio.gather(*(worker(w) for w in range(4)))
+
+    def run_sync(target: str) -> None:
+        with Client(target, api_key=key, multiplex=True, timeout_s=10) as client:
+
+            def worker(w: int) -> None:
+                until = time.monotonic() + 2.5
+                i = 0
+                while time.monotonic() < until:
+                    n = 100 * w + i
+                    try:
+                        out = client.infer("sleepy", _rows(n))
+                        outcomes.append((n, out["OUTPUT0"][0, 0]))
+                    except Exception as exc:
+                        outcomes.append((n, exc))
+                    i += 1
+
+            threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+    with ServerThread(_age_cycles_config(tmp_path), tmp_path) as server:
+        if mode == "async":
+            asyncio.run(run_async(server.target))
+        else:
+            run_sync(server.target)
+    assert len(outcomes) > 40
+    assert [o for o in outcomes if not isinstance(o[1], np.floating)] == []
+    assert all(value == 2 * n for n, value in outcomes)  # the model doubles its input
+
+
+async def test_a_stream_ended_mid_flight_sends_again_only_what_was_not_read(
+    tmp_path: Path,
+) -> None:
+    """With one message served at a time, the server ends the stream (its age) while
+    messages wait unread: those read are answered on it, the others are sent again on a
+    new stream; every call is answered, with its own rows."""
+    from tests.integration.test_client_stream_e2e import with_sleepy_model
+
+    config = with_sleepy_model(
+        seconds=0.1, max_connection_age_s=0.4, grace_s=0.2, max_stream_inflight=1
+    )
+    with ServerThread(config, tmp_path) as server:
+        async with AsyncClient(
+            server.target, api_key="acme-demo-key", multiplex=True, timeout_s=10
+        ) as client:
+            outs = await asyncio.gather(*(client.infer("sleepy", _rows(i)) for i in range(12)))
+    assert [out["OUTPUT0"][0, 0] for out in outs] == [2 * i for i in range(12)]

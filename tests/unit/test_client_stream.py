@@ -609,3 +609,21 @@ async def test_a_client_used_from_another_event_loop_raises_runtime_error(mode: 
         env={**os.environ, "PYTHONPATH": str(Path(mandant_client.__file__).parents[1])},
     )
     assert ran.stdout.startswith("RuntimeError") and "loop" in ran.stdout, ran
+
+
+async def test_a_call_given_up_before_its_message_is_written_is_never_sent() -> None:
+    """The first write waits for the stream's initial metadata (here 0.5 s: the server
+    sends it with its first answer): a call that times out meanwhile is taken out of
+    the outbox, and the others carry the time left when they are written."""
+    async with (
+        serve_fake(early_metadata=False) as plain,
+        AsyncClient(plain.target, API_KEY, multiplex=True) as client,
+    ):
+        late = asyncio.create_task(client.infer("echo", rows(1), timeout_s=5))
+        with pytest.raises(DeadlineExceeded):
+            await client.infer("echo", rows(2), timeout_s=0.1, request_id="abandoned")
+        await late
+        seen = plain.servicer.seen_requests
+    assert [r.id.split("#")[0] for r in seen] == [""]
+    timeout_us = sent_timeout(seen[0])
+    assert timeout_us is not None and timeout_us <= 4_600_000  # 5 s less the wait

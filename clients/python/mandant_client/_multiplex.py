@@ -18,6 +18,17 @@ by encoding the message (as long as ``SerializeToString()``, which gRPC then doe
 so an upper bound from the raw bytes' length and the small fields comes first and the
 exact size is computed only for a message whose bound passes the limit.
 
+That time left is computed when the message is written, not when it is queued: a
+message waits in the client's outbox while gRPC's flow control holds the stream back.
+A call given up on (timed out, cancelled) before its message is written is taken out of
+the outbox and never sent.
+
+A Mandant server ends a stream with status OK (its trailing metadata
+``mandant-stream-end`` says why: the stream reached the server's connection age, or the
+server stops) once it has answered every message it read: the calls still pending on
+it were never read, and are sent again on a new stream (on the same channel; after the
+server's GOAWAY gRPC opens it on a new connection), at most :data:`MAX_RESENDS` times.
+
 A message over the server's receive limit ends the whole stream too, with gRPC's
 RESOURCE_EXHAUSTED "Received message larger than max (N vs. M)". Only the pending
 call(s) whose message is N bytes long fail InvalidInput, as on a unary call; the others
@@ -38,6 +49,7 @@ import itertools
 import math
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -77,6 +89,25 @@ _FIELD_OVERHEAD_BYTES = 12
 _RECEIVED_TOO_LARGE = re.compile(r"(CLIENT: )?Received message larger than max \((\d+) vs\. \d+\)")
 
 
+#: How many times one call is sent again on a new stream after the server ended the
+#: stream it was sent on with OK without reading it (see the module).
+MAX_RESENDS = 3
+
+
+class Unread(Unavailable):
+    """The server ended the stream with status OK before reading this call's message
+    (it answers every message it read first): the call may be sent again."""
+
+
+@dataclass
+class Outgoing:
+    """A message in a stream's outbox and when its call gives up (``time.monotonic()``;
+    None: never)."""
+
+    request: pb.ModelInferRequest
+    deadline_s: float | None
+
+
 class WireIds:
     """Hands out the wire id of each message; unique for the life of the client."""
 
@@ -98,6 +129,29 @@ def time_left(timeout_s: float | None, started: float) -> float | None:
     if timeout_s is None:
         return None
     return max(0.0, timeout_s - (time.monotonic() - started))
+
+
+def deadline(timeout_s: float | None, started: float) -> float | None:
+    """When a call that began at ``started`` (``time.monotonic()``) gives up."""
+    return None if timeout_s is None else started + timeout_s
+
+
+def seconds_to(deadline_s: float | None) -> float | None:
+    """Seconds left until ``deadline_s`` (never negative); None for none."""
+    return None if deadline_s is None else max(0.0, deadline_s - time.monotonic())
+
+
+def stamp(outgoing: Outgoing) -> bool:
+    """Set the message's ``timeout`` to what is left of its call's time, as it is
+    written; False if nothing is left (the caller is giving up: do not send it). Only
+    ever lowers the value :func:`ready` set, so its size check holds."""
+    left_s = seconds_to(outgoing.deadline_s)
+    if left_s is None:
+        return True
+    if left_s <= 0:
+        return False
+    _limit_time(outgoing.request, max(1, math.ceil(left_s * 1e6)))
+    return True
 
 
 def ready(
@@ -220,6 +274,16 @@ def stream_failure(
         failure = Unavailable(STREAM_ENDED)
     failure.__cause__ = exc
     return failure
+
+
+def ended_ok(call: Any) -> bool:
+    """Whether a finished ``grpc.aio`` call's first status is OK (read as in
+    :func:`status_error`; False where it cannot be read)."""
+    status = getattr(getattr(call, "_cython_call", None), "_status", None)
+    try:
+        return status is not None and status.code() == grpc.StatusCode.OK.value[0]
+    except Exception:
+        return False
 
 
 def status_error(call: Any) -> MandantClientError | None:

@@ -6,7 +6,8 @@ reader task that resolves each pending future by wire id. When the call ends, fo
 reason, every pending call fails with the call's typed error (UNAUTHENTICATED for a bad
 key, UNAVAILABLE when the server goes away; for one message over the server's limit,
 that call alone, see :func:`mandant_client._multiplex.for_call`) and the next ``infer``
-opens a new stream.
+opens a new stream; where the server ended it with OK, the calls it did not read are
+sent again on the new stream (see :mod:`mandant_client._multiplex`).
 Once the client closes, every call pending or to come fails Unavailable, and no stream
 opens again.
 """
@@ -37,27 +38,36 @@ class AioStream:
     def __init__(self, stub: Any, metadata: Metadata) -> None:
         self._call = stub.ModelStreamInfer(metadata=metadata)
         self._loop = asyncio.get_running_loop()
-        self._outbox: asyncio.Queue[pb.ModelInferRequest] = asyncio.Queue()
+        #: Messages not written yet, by wire id, oldest first.
+        self._outbox: dict[str, _multiplex.Outgoing] = {}
+        self._queued = asyncio.Event()  # set when the outbox may hold a message
         self._pending: dict[str, _Answer] = {}
         #: Set once, when the call is over; the stream takes no message after that.
         #: A RuntimeError is the caller's misuse (a channel of another event loop),
         #: raised to each pending call as the unary path raises it.
         self.failure: MandantClientError | RuntimeError | None = None
         self._first_status: MandantClientError | None = None
+        self._ended_ok = False
         self._call.add_done_callback(self._on_done)
         self._writer = asyncio.create_task(self._write())
         self._reader = asyncio.create_task(self._read())
 
-    def send(self, request: pb.ModelInferRequest, wire_id: str) -> _Answer:
-        """Queue ``request``; the future gets the server's answer to it."""
+    def send(
+        self, request: pb.ModelInferRequest, wire_id: str, deadline_s: float | None
+    ) -> _Answer:
+        """Queue ``request`` (its call gives up at ``deadline_s``); the future gets the
+        server's answer to it."""
         answer: _Answer = self._loop.create_future()
         self._pending[wire_id] = answer
-        self._outbox.put_nowait(request)
+        self._outbox[wire_id] = _multiplex.Outgoing(request, deadline_s)
+        self._queued.set()
         return answer
 
     def forget(self, wire_id: str) -> None:
-        """The caller stopped waiting: a late answer is dropped."""
+        """The caller stopped waiting: its message is not sent if it was not yet, and a
+        late answer is dropped."""
         self._pending.pop(wire_id, None)
+        self._outbox.pop(wire_id, None)
 
     async def aclose(self) -> None:
         """Cancel the call; calls still pending fail with Unavailable."""
@@ -77,10 +87,18 @@ class AioStream:
             pass
         except (grpc.RpcError, asyncio.InvalidStateError):
             return  # the call is over; the reader reports why
+        outbox = self._outbox
         while True:
-            request = await self._outbox.get()
+            if not outbox:
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            wire_id = next(iter(outbox))
+            outgoing = outbox.pop(wire_id)
+            if not _multiplex.stamp(outgoing):
+                continue  # its caller gives up now: not worth the server's time
             try:
-                await self._call.write(request)
+                await self._call.write(outgoing.request)
             except (grpc.RpcError, asyncio.InvalidStateError):
                 return  # the call is over; the reader reports why
 
@@ -89,13 +107,18 @@ class AioStream:
         try:
             while True:
                 message = await self._call.read()
-                if message is grpc.aio.EOF:
+                if message is grpc.aio.EOF:  # ended OK: every message read is answered
+                    failure = _multiplex.Unread(_multiplex.STREAM_ENDED)
                     break
                 answer = self._pending.pop(_multiplex.answer_id(message), None)
                 if answer is not None and not answer.done():
                     answer.set_result(message)
         except grpc.RpcError as exc:
-            failure = _multiplex.stream_failure(self._first_status, exc)
+            if self._ended_ok:  # a write found the call over (grpc/grpc#36066)
+                failure = _multiplex.Unread(_multiplex.STREAM_ENDED)
+                failure.__cause__ = exc
+            else:
+                failure = _multiplex.stream_failure(self._first_status, exc)
         except RuntimeError as exc:  # grpc.aio's word for a channel of another loop
             failure = exc
         except Exception as exc:  # a malformed answer must not leave the callers waiting
@@ -111,6 +134,7 @@ class AioStream:
         # sent while the server refuses the key. Done callbacks run on the first status,
         # the server's, so keep it here.
         self._first_status = _multiplex.status_error(call)
+        self._ended_ok = _multiplex.ended_ok(call)
 
     def _fail(self, failure: MandantClientError | RuntimeError) -> None:
         if self.failure is None:
@@ -163,6 +187,7 @@ class AioMultiplexer:
         request_id = request.id
         wire_id = self._ids.tag(request)
         started = time.monotonic()
+        deadline_s = _multiplex.deadline(timeout_s, started)
         if not self._slots.locked():
             await self._slots.acquire()
         else:
@@ -173,17 +198,26 @@ class AioMultiplexer:
         try:
             left_s = _multiplex.time_left(timeout_s, started)
             _multiplex.ready(request, raw_bytes, left_s, self._max_send_bytes, request_id)
-            stream = self.open(request_id)
-            answer = stream.send(request, wire_id)
-            try:
-                message = await asyncio.wait_for(answer, left_s)
-            except _TIMEOUTS:
-                raise _timed_out(timeout_s, request_id) from None
-            except MandantClientError as failure:  # the whole stream's
-                error = _multiplex.for_call(failure, request_id, request, raw_bytes)
-                raise error from failure.__cause__
-            finally:
-                stream.forget(wire_id)
+            resends = 0
+            while True:
+                stream = self.open(request_id)
+                answer = stream.send(request, wire_id, deadline_s)
+                try:
+                    message = await asyncio.wait_for(answer, _multiplex.seconds_to(deadline_s))
+                    break
+                except _TIMEOUTS:
+                    raise _timed_out(timeout_s, request_id) from None
+                except _multiplex.Unread as failure:
+                    if resends < _multiplex.MAX_RESENDS:
+                        resends += 1  # never read: send it again, on a new stream
+                        continue
+                    error = _multiplex.for_call(failure, request_id, request, raw_bytes)
+                    raise error from failure.__cause__
+                except MandantClientError as failure:  # the whole stream's
+                    error = _multiplex.for_call(failure, request_id, request, raw_bytes)
+                    raise error from failure.__cause__
+                finally:
+                    stream.forget(wire_id)
         finally:
             self._slots.release()
         return _multiplex.outcome(message, request_id)

@@ -1,11 +1,14 @@
 """The threaded multiplexer: concurrent ``Client.infer`` calls (from many threads) over
 one stream.
 
-One :class:`SyncStream` is one ``ModelStreamInfer`` call fed by a queue (grpc's own
-thread consumes it) and read by one reader thread that resolves each pending future by
-wire id. When the call ends, for any reason, every pending call fails with the call's
-typed error (for one message over the server's limit, that call alone, see
-:func:`mandant_client._multiplex.for_call`) and the next ``infer`` opens a new stream.
+One :class:`SyncStream` is one ``ModelStreamInfer`` call fed by an outbox (grpc's own
+thread consumes it, stamping each message's time left as it takes it) and read by one
+reader thread that resolves each pending future by wire id. When the call ends, for
+any reason, every pending call fails with the call's typed error (for one message over
+the server's limit, that call alone, see
+:func:`mandant_client._multiplex.for_call`) and the next ``infer`` opens a new stream;
+where the server ended it with OK, the calls it did not read are sent again on the new
+stream (see :mod:`mandant_client._multiplex`).
 One lock guards which stream is current, its pending calls and its failure, so that no
 call is left waiting on a stream that has already ended. Once the client closes, every
 call pending or to come fails Unavailable, and no stream opens again.
@@ -13,9 +16,9 @@ call pending or to come fails Unavailable, and no stream opens again.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
@@ -28,14 +31,12 @@ from mandant_client.errors import (
     DeadlineExceeded,
     MandantClientError,
     ServerError,
-    Unavailable,
     from_rpc_error,
 )
 
 _Answer = futures.Future[pb.ModelStreamInferResponse]
 #: ``futures.TimeoutError`` is ``TimeoutError`` from Python 3.11 on, not on 3.10.
 _TIMEOUTS = (TimeoutError, futures.TimeoutError)
-_END: Any = object()  # ends the request iterator: the client half-closes the stream
 _JOIN_TIMEOUT_S = 10.0
 
 
@@ -44,25 +45,49 @@ class SyncStream:
 
     def __init__(self, stub: Any, metadata: Metadata, lock: threading.Lock) -> None:
         self._lock = lock
-        self._outbox: queue.SimpleQueue[pb.ModelInferRequest] = queue.SimpleQueue()
+        self._queued = threading.Condition(lock)  # the outbox took a message, or it ended
+        #: Messages not written yet, by wire id, oldest first (under the lock).
+        self._outbox: dict[str, _multiplex.Outgoing] = {}
         self._pending: dict[str, _Answer] = {}
         #: Set once (under the lock), when the call is over.
         self.failure: MandantClientError | None = None
-        self._call = stub.ModelStreamInfer(iter(self._outbox.get, _END), metadata=metadata)
+        self._call = stub.ModelStreamInfer(self._requests(), metadata=metadata)
         self._reader = threading.Thread(
             target=self._read, name="mandant-stream-reader", daemon=True
         )
         self._reader.start()
 
-    def send(self, request: pb.ModelInferRequest, wire_id: str) -> _Answer:
-        """Queue ``request`` (the caller holds the lock and has checked ``failure``)."""
+    def send(
+        self, request: pb.ModelInferRequest, wire_id: str, deadline_s: float | None
+    ) -> _Answer:
+        """Queue ``request``, whose call gives up at ``deadline_s`` (the caller holds the
+        lock and has checked ``failure``)."""
         answer: _Answer = futures.Future()
         self._pending[wire_id] = answer
-        self._outbox.put(request)
+        self._outbox[wire_id] = _multiplex.Outgoing(request, deadline_s)
+        self._queued.notify()
         return answer
 
     def forget(self, wire_id: str) -> None:
-        self._pending.pop(wire_id, None)  # atomic under the GIL
+        """The caller stopped waiting: its message is not sent if it was not yet, and a
+        late answer is dropped."""
+        with self._lock:
+            self._pending.pop(wire_id, None)
+            self._outbox.pop(wire_id, None)
+
+    def _requests(self) -> Iterator[pb.ModelInferRequest]:
+        """The messages, as grpc's thread takes them; ends (the client half-closes)
+        once the call is over."""
+        while True:
+            with self._queued:
+                while not self._outbox and self.failure is None:
+                    self._queued.wait()
+                if self.failure is not None:
+                    return
+                wire_id = next(iter(self._outbox))
+                outgoing = self._outbox.pop(wire_id)
+            if _multiplex.stamp(outgoing):  # else its caller gives up now: not sent
+                yield outgoing.request
 
     def close(self) -> None:
         """Cancel the call; calls still pending fail with Unavailable."""
@@ -72,7 +97,8 @@ class SyncStream:
             self._reader.join(_JOIN_TIMEOUT_S)
 
     def _read(self) -> None:
-        failure: MandantClientError = Unavailable(_multiplex.STREAM_ENDED)
+        # Ended OK: every message the server read is answered.
+        failure: MandantClientError = _multiplex.Unread(_multiplex.STREAM_ENDED)
         try:
             for message in self._call:
                 answer = self._pending.pop(_multiplex.answer_id(message), None)
@@ -91,7 +117,8 @@ class SyncStream:
             if self.failure is None:
                 self.failure = failure
             pending, self._pending = self._pending, {}
-        self._outbox.put(_END)  # lets grpc's request thread finish
+            self._outbox.clear()
+            self._queued.notify_all()  # lets grpc's request thread finish
         for answer in pending.values():
             answer.set_exception(self.failure)  # each caller raises its own copy
 
@@ -136,23 +163,33 @@ class SyncMultiplexer:
         request_id = request.id
         wire_id = self._ids.tag(request)
         started = time.monotonic()
+        deadline_s = _multiplex.deadline(timeout_s, started)
         if not self._slots.acquire(timeout=timeout_s):
             raise _timed_out(timeout_s, request_id)
         try:
             left_s = _multiplex.time_left(timeout_s, started)
             _multiplex.ready(request, raw_bytes, left_s, self._max_send_bytes, request_id)
-            with self._lock:
-                stream = self._current(request_id)
-                answer = stream.send(request, wire_id)
-            try:
-                message = answer.result(left_s)
-            except _TIMEOUTS:
-                raise _timed_out(timeout_s, request_id) from None
-            except MandantClientError as failure:  # the whole stream's
-                error = _multiplex.for_call(failure, request_id, request, raw_bytes)
-                raise error from failure.__cause__
-            finally:
-                stream.forget(wire_id)
+            resends = 0
+            while True:
+                with self._lock:
+                    stream = self._current(request_id)
+                    answer = stream.send(request, wire_id, deadline_s)
+                try:
+                    message = answer.result(_multiplex.seconds_to(deadline_s))
+                    break
+                except _TIMEOUTS:
+                    raise _timed_out(timeout_s, request_id) from None
+                except _multiplex.Unread as failure:
+                    if resends < _multiplex.MAX_RESENDS:
+                        resends += 1  # never read: send it again, on a new stream
+                        continue
+                    error = _multiplex.for_call(failure, request_id, request, raw_bytes)
+                    raise error from failure.__cause__
+                except MandantClientError as failure:  # the whole stream's
+                    error = _multiplex.for_call(failure, request_id, request, raw_bytes)
+                    raise error from failure.__cause__
+                finally:
+                    stream.forget(wire_id)
         finally:
             self._slots.release()
         return _multiplex.outcome(message, request_id)

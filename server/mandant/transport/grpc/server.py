@@ -35,6 +35,7 @@ from mandant.transport.grpc.servicer import (
     method_access,
     method_handlers,
 )
+from mandant.transport.grpc.stream import AGE_JITTER
 from mandant.transport.tls import GrpcCertificates, grpc_identities
 from mandant.types import Tenant
 from mandant_client._proto import admin_pb2, model_config_pb2
@@ -142,9 +143,17 @@ class GrpcServer:
             ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
         ]
         if config.max_connection_age_s is not None and bind is None:
+            # A ModelStreamInfer stream ends itself (gracefully) at its own age, at most
+            # 1.1 x max_connection_age_s, then drains (``stream.py``); one opened just
+            # before the GOAWAY must not be killed before that, so the connection's
+            # grace covers it. Unary calls are only given longer.
+            age_s = config.max_connection_age_s
             options += [
-                ("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),
-                ("grpc.max_connection_age_grace_ms", round(config.grace_s * 1000)),
+                ("grpc.max_connection_age_ms", round(age_s * 1000)),
+                (
+                    "grpc.max_connection_age_grace_ms",
+                    round((config.grace_s + AGE_JITTER[1] * age_s) * 1000),
+                ),
             ]
         self._server = grpc.aio.server(options=options)
         self._bind = bind

@@ -53,6 +53,7 @@ class InferenceServicer:
         self._max_stream_inflight = config.max_stream_inflight
         self._max_stream_bytes = STREAM_BYTES * config.max_message_bytes
         self._max_bytes_elements = config.max_bytes_elements
+        self._max_stream_age_s = config.max_connection_age_s
         self._observer = observer
         self._door = door
         self._streams: set[InferStream] = set()
@@ -146,6 +147,7 @@ class InferenceServicer:
             self._observer,
             self._door,
             self._cap,
+            self._max_stream_age_s,
         )
         self._streams.add(stream)
         try:

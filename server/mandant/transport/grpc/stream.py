@@ -30,13 +30,21 @@ When the client leaves, every message still in flight is cancelled: it leaves it
 queue and frees its concurrency slot. When the server stops (:meth:`InferStream.end`),
 a stream ends with status OK once the messages it has in flight are answered: its
 client's next call opens a new stream (elsewhere, or on the restarted server) instead
-of waiting out the drain on this one.
+of waiting out the drain on this one. So does a stream that has lived ``max_age_s``
+(``server.max_connection_age_s``, ±10% jitter as gRPC's, so that streams opened
+together do not end together): gRPC's GOAWAY at a connection's age cannot end a stream
+gracefully (Python gRPC gives no hook for it; the server kills the calls still open
+after the connection's grace), so Mandant ends each stream itself first. Either way no
+message is read once the end is decided, and every message read is answered before the
+status; the trailing metadata ``mandant-stream-end`` says why (``connection-age``,
+``server-stop``), and a client sends the messages not answered again on a new stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -57,6 +65,13 @@ from mandant_client._proto import grpc_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+#: Trailing metadata of a stream the server ended with OK: why it did.
+END_METADATA = "mandant-stream-end"
+AGE_END = "connection-age"
+STOP_END = "server-stop"
+#: A stream's age is ``max_age_s`` times a factor within these (gRPC's jitter).
+AGE_JITTER = (0.9, 1.1)
+
 
 class InferStream:
     """Serves one open stream (see the module docstring)."""
@@ -73,6 +88,7 @@ class InferStream:
         observer: Observer,
         door: FrontDoor | None = None,
         cap: CallCap | None = None,
+        max_age_s: float | None = None,
     ) -> None:
         self._plane = plane
         self._cap = cap
@@ -94,10 +110,15 @@ class InferStream:
         self._tasks: set[asyncio.Task[None]] = set()
         self._reading: asyncio.Task[Any] | None = None  # the task of :meth:`serve`
         self._ending = False
+        self._max_age_s = max_age_s
 
-    def end(self) -> None:
-        """End the stream once its messages in flight are answered (the server stops)."""
-        self._ending = True
+    def end(self, reason: str = STOP_END) -> None:
+        """End the stream once its messages in flight are answered (the server stops,
+        or the stream reached its age), with status OK and ``reason`` in its trailing
+        metadata."""
+        if not self._ending:
+            self._ending = True
+            self._context.set_trailing_metadata(((END_METADATA, reason),))
         self._end_if_idle()
 
     def _end_if_idle(self) -> None:
@@ -112,6 +133,10 @@ class InferStream:
         context = self._context
         tasks = self._tasks
         self._reading = asyncio.current_task()
+        aging = None
+        if self._max_age_s is not None:
+            age_s = self._max_age_s * random.uniform(*AGE_JITTER)
+            aging = asyncio.get_running_loop().call_later(age_s, self.end, AGE_END)
         try:
             while not self._ending:
                 await self._window.acquire()
@@ -132,6 +157,8 @@ class InferStream:
             if reading is not None:
                 reading.uncancel()  # ended by end(): a normal end of the stream
         finally:
+            if aging is not None:
+                aging.cancel()
             self._reading = None
             for task in tasks:
                 task.cancel()
