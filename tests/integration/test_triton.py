@@ -69,7 +69,14 @@ def config(triton_url: str, *extra_models: dict[str, Any]) -> MandantConfig:
                     "name": "tiny-batched",
                     "backend": "triton",
                     "triton": triton,
-                    "batching": {"max_batch_size": 16, "max_queue_delay_ms": 2},
+                    # Triton's own rule (wait up to the delay for a full batch): the
+                    # adaptive default ran each call alone when the calls trickled in
+                    # on a loaded machine (24 executions for 24 calls, once in CI).
+                    "batching": {
+                        "max_batch_size": 16,
+                        "max_queue_delay_ms": 100,
+                        "dispatch": "delay",
+                    },
                 },
                 {
                     "name": "echo",
@@ -84,7 +91,14 @@ def config(triton_url: str, *extra_models: dict[str, Any]) -> MandantConfig:
                     "name": "poison-batched",
                     "backend": "triton",
                     "triton": poison,
-                    "batching": {"max_batch_size": 16, "max_queue_delay_ms": 2},
+                    # Triton's own rule (wait up to the delay for a full batch): the
+                    # adaptive default ran each call alone when the calls trickled in
+                    # on a loaded machine (24 executions for 24 calls, once in CI).
+                    "batching": {
+                        "max_batch_size": 16,
+                        "max_queue_delay_ms": 100,
+                        "dispatch": "delay",
+                    },
                 },
                 *extra_models,
             ],
