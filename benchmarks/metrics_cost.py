@@ -37,7 +37,7 @@ def build(tenants: int, models: int) -> tuple[PrometheusObserver, list[str], lis
     names = [f"model{i}" for i in range(models)]
     configs = [TenantConfig(id=t, slo=SloConfig(latency_ms=50)) for t in ids]
     slo = SloTracker({c.id: c.slo for c in configs if c.slo})
-    live = LiveStats(ids, names)
+    live = LiveStats(ids, [(name, "") for name in names])
     return PrometheusObserver(CollectorRegistry(), configs, names, slo, live), ids, names
 
 

@@ -123,7 +123,9 @@ class App:
         self.slo = SloTracker(self.directory)
         # In flight: the admission's count (made below), read when the dashboard draws.
         self.live = LiveStats(
-            self.directory, model_names, inflight=lambda tenant: self.admission.inflight(tenant)
+            self.directory,
+            sorted({(spec.name, spec.tenant or "") for spec in specs}),
+            inflight=lambda tenant: self.admission.inflight(tenant),
         )
         self.prometheus = PrometheusObserver(
             self.metrics, self.directory, model_names, slo=self.slo, live=self.live

@@ -222,8 +222,8 @@ def test_dashboard_page_and_data(server: Server, traffic: None) -> None:
         {"reason": "requests_per_s", "model": "", "count": 3}
     ]
     assert data["ready"] is True
-    models = {m["name"]: m for m in data["models"]}
-    assert sum(int(k) * v for k, v in models["classifier"]["batch_sizes"].items()) == 28
+    models = {(m["name"], m["owner"]): m for m in data["models"]}
+    assert sum(int(k) * v for k, v in models["classifier", ""]["batch_sizes"].items()) == 28
 
 
 def headers_of(server: Server, path: str, key: str | None = None) -> Any:

@@ -52,7 +52,7 @@ def test_observer_slo_and_live_follow_the_directory() -> None:
     directory = TenantDirectory([TenantConfig(id="a", slo=SloConfig(latency_ms=50))])
     registry = CollectorRegistry()
     slo = SloTracker(directory, clock=lambda: 100.0)
-    live = LiveStats(directory, ["m"], clock=lambda: 100.0)
+    live = LiveStats(directory, [("m", "")], clock=lambda: 100.0)
     observer = PrometheusObserver(registry, directory, ["m"], slo=slo, live=live)
     observer.request_finished("b", "m", "OK", 0.01)  # not configured yet: tenant=""
     directory.replace(

@@ -24,6 +24,8 @@ TENANTS = (
     TenantConfig(id="nosla"),
 )  # fmt: skip
 MODELS = ("classifier", "echo")
+#: The dashboard's models: (name, owner), shared.
+LIVE_MODELS = [(name, "") for name in MODELS]
 
 
 class FakeClock:
@@ -46,7 +48,7 @@ Parts = tuple[CollectorRegistry, PrometheusObserver, SloTracker, LiveStats]
 def parts(clock: FakeClock) -> Parts:
     registry = CollectorRegistry()
     slo = SloTracker({t.id: t.slo for t in TENANTS if t.slo}, clock=clock)
-    live = LiveStats([t.id for t in TENANTS], MODELS, clock=clock, wall=lambda: 86400.0 * 3)
+    live = LiveStats([t.id for t in TENANTS], LIVE_MODELS, clock=clock, wall=lambda: 86400.0 * 3)
     return registry, PrometheusObserver(registry, TENANTS, MODELS, slo, live), slo, live
 
 
@@ -127,8 +129,8 @@ def test_batches_split_compute_by_rows_and_timings(parts: Parts) -> None:
         pytest.approx(0.040)
     )
     snap = live.snapshot(SloTracker({}))
-    batches = {m["name"]: m["batch_sizes"] for m in snap["models"]}
-    assert batches == {"classifier": {"1": 1, "8": 1}, "echo": {}}
+    batches = {(m["name"], m["owner"]): m["batch_sizes"] for m in snap["models"]}
+    assert batches == {("classifier", ""): {"1": 1, "8": 1}, ("echo", ""): {}}
 
 
 async def test_inflight_is_the_admissions_count_read_when_shown(clock: FakeClock) -> None:
@@ -136,7 +138,7 @@ async def test_inflight_is_the_admissions_count_read_when_shown(clock: FakeClock
     admission = TenantAdmission(MandantConfig(tenants=list(TENANTS)))
     registry = CollectorRegistry()
     registry.register(InflightRequests(TenantDirectory(TENANTS), admission.inflight_counts))
-    live = LiveStats([t.id for t in TENANTS], MODELS, clock=clock, inflight=admission.inflight)
+    live = LiveStats([t.id for t in TENANTS], LIVE_MODELS, clock=clock, inflight=admission.inflight)
 
     def shown() -> tuple[float | None, int]:
         row = next(t for t in live.snapshot(SloTracker({}))["tenants"] if t["id"] == "acme")
@@ -310,7 +312,7 @@ def test_live_figures_equal_a_recount_whatever_the_order_of_calls(
     """The span's sums are kept slot by slot (folded in and out, a reused slot taken
     out); they must always equal a plain recount of the calls inside the span."""
     clock = FakeClock()
-    live = LiveStats(["acme"], MODELS, clock=clock)
+    live = LiveStats(["acme"], LIVE_MODELS, clock=clock)
     slo = SloTracker({}, clock=clock)
     log: list[tuple[int, str, int]] = []
     for action, bucket, advance_s in steps:
@@ -338,7 +340,7 @@ def test_a_tenant_model_named_like_a_shared_one_has_its_own_batch_series(parts: 
     model's with ``""``; they were one series by name, one tenant's private batch
     figures mixed with (and shown as) the shared model's. An owner not configured
     collapses to ``""`` like any label."""
-    registry, observer, _, _ = parts
+    registry, observer, _, live = parts
     observer.batch_executed("classifier", 8, 0.04, {"acme": 6, "globex": 2})
     observer.batch_executed("classifier", 3, 0.01, {"globex": 3}, owner="globex")
     observer.batch_executed("classifier", 1, 0.01, {"globex": 1}, owner="globex")
@@ -353,3 +355,8 @@ def test_a_tenant_model_named_like_a_shared_one_has_its_own_batch_series(parts: 
     assert value(r, "mandant_failed_batches_total", model="classifier", tenant="globex") == 1
     assert value(r, "mandant_failed_batches_total", model="classifier", tenant="") == 1
     assert value(r, "mandant_batch_size_count", model="classifier", tenant="mallory") is None
+    # The dashboard's batch sizes: apart too.
+    snap = live.snapshot(SloTracker({}))
+    batches = {(m["name"], m["owner"]): m["batch_sizes"] for m in snap["models"]}
+    assert batches[("classifier", "globex")] == {"1": 1, "3": 1}
+    assert batches[("classifier", "")] == {"2": 1, "8": 1}

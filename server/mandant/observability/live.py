@@ -1,8 +1,9 @@
 """What the built-in dashboard shows, kept in process: per tenant, the last few
 minutes in ``step_s`` slots (throughput, errors, rejections by reason, a latency
-histogram to read p50/p99 from), the requests in flight; per model, the batch
-sizes seen. Bounded by the configuration: only configured tenant ids and model
-names are ever keys.
+histogram to read p50/p99 from), the requests in flight; per model (name and owner:
+a tenant's private model or tuned variant apart from the shared one), the batch sizes
+seen. Bounded by the configuration: only configured tenant ids and model names are
+ever keys.
 
 Latency quantiles come from log-spaced buckets (:data:`LATENCY_BOUNDS_S`, 15 % apart),
 interpolated within a bucket, so they are within a few percent of the true value.
@@ -134,14 +135,15 @@ def quantile(counts: list[int], q: float) -> float | None:
 class LiveStats:
     """Rolling per-tenant traffic for the dashboard (``span_s`` of history).
     ``tenants``: the tenant directory (tenants added by a reload get their own
-    history; the snapshot lists the current ones), or fixed tenant ids.
+    history; the snapshot lists the current ones), or fixed tenant ids. ``models``:
+    the configured models' (name, owner) pairs, listed before their first batch.
     ``inflight``: a tenant's calls in flight, read when a snapshot is drawn (the
     admission's count, which caps them: the one count there is)."""
 
     def __init__(
         self,
         tenants: Iterable[str] | TenantDirectory,
-        models: Iterable[str],
+        models: Iterable[tuple[str, str]],
         clock: Clock = time.monotonic,
         step_s: float = 5.0,
         span_s: float = 300.0,
@@ -163,7 +165,8 @@ class LiveStats:
         self._inflight = inflight
         for tenant in self._directory.current.ids:
             self._ring(tenant)
-        self._batches: dict[str, dict[int, int]] = {model: {} for model in models}
+        #: (model name, owner: a tenant id, "" shared) -> batch size -> batches.
+        self._batches: dict[tuple[str, str], dict[int, int]] = {model: {} for model in models}
         self._started = clock()
 
     def _ring(self, tenant: str) -> _History | None:
@@ -199,10 +202,12 @@ class LiveStats:
             key = (reason, model)
             slot.rejections[key] = slot.rejections.get(key, 0) + 1
 
-    def record_batch(self, model: str, size: int) -> None:
-        """``model``: a configured name (a model loaded after start too), or "" (skipped)."""
+    def record_batch(self, model: str, size: int, owner: str = "") -> None:
+        """``model``: a configured name (a model loaded after start too), or "" (skipped);
+        ``owner``: the tenant owning it (a private model or a tuned variant), "" if
+        shared: models of one name are kept apart."""
         if model:
-            sizes = self._batches.setdefault(model, {})
+            sizes = self._batches.setdefault((model, owner), {})
             size = size_key(size)
             sizes[size] = sizes.get(size, 0) + 1
 
@@ -261,8 +266,12 @@ class LiveStats:
         ]
         rows.sort(key=burn_order)
         models = [
-            {"name": name, "batch_sizes": {str(k): v for k, v in sorted(sizes.items())}}
-            for name, sizes in self._batches.items()
+            {
+                "name": name,
+                "owner": owner,
+                "batch_sizes": {str(k): v for k, v in sorted(sizes.items())},
+            }
+            for (name, owner), sizes in self._batches.items()
             if only is None
         ]
         return {"step_s": self._step_s, "span_s": self._span_s(now), "tenants": rows,

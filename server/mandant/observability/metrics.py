@@ -228,10 +228,10 @@ class PrometheusObserver:
         rows_by_tenant: Mapping[str, int],
         owner: str = "",
     ) -> None:
-        model = self._model(model)
-        self.batch_size.observe((model, self._tenant(owner)), size)
+        model, owner = self._model(model), self._tenant(owner)
+        self.batch_size.observe((model, owner), size)
         if self._live is not None:
-            self._live.record_batch(model, size)
+            self._live.record_batch(model, size, owner)
         total_rows = sum(rows_by_tenant.values()) or 1
         for tenant, rows in rows_by_tenant.items():
             labels = (self._tenant(tenant), model)
