@@ -17,6 +17,7 @@ from mandant.errors import (
     QuotaExceeded,
     RateLimited,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from mandant.events import NullObserver
@@ -283,7 +284,9 @@ async def test_more_rows_than_a_whole_quota_is_a_failed_precondition_without_pus
 
 async def test_concurrency_cap_counts_calls_in_flight_across_models() -> None:
     observer = RecordingObserver()
-    adm, _, _ = admission(config({"id": "acme", "max_concurrency": 2}), observer=observer)
+    adm, _, _ = admission(
+        config({"id": "acme", "max_concurrency": 2}, {"id": "globex"}), observer=observer
+    )
     first = await adm.admit(ACME, ECHO, 1)
     second = await adm.admit(ACME, CLASSIFIER, 1)
     with pytest.raises(RateLimited, match="max_concurrency=2 exceeded for tenant acme") as caught:
@@ -375,7 +378,6 @@ async def test_tenants_without_limits_are_admitted() -> None:
     permits: list[Permit] = [await adm.admit(ACME, ECHO, 10_000) for _ in range(1000)]
     for permit in permits:
         permit.release()
-    (await adm.admit(Tenant("not-configured"), ECHO, 1)).release()
 
 
 async def test_update_keeps_counts_of_unchanged_tenants_and_applies_new_limits() -> None:
@@ -401,6 +403,42 @@ async def test_update_keeps_counts_of_unchanged_tenants_and_applies_new_limits()
     with pytest.raises(QuotaExceeded):  # the 8 rows used today survive the change
         await adm.admit(ACME, ECHO, 3)
     (await adm.admit(ACME, ECHO, 2)).release()
+
+
+async def test_a_model_s_own_rows_burst_is_named_as_the_model_s() -> None:
+    """A per-model rows_burst refusal said "for tenant acme", as if the tenant's own
+    burst (1000 here) were 5."""
+    cfg = config(
+        {
+            "id": "acme",
+            "rate_limit": {"rows_per_s": 1000, "rows_burst": 1000},
+            "models": {"classifier": {"rate_limit": {"rows_per_s": 5, "rows_burst": 5}}},
+        }
+    )
+    adm, _, _ = admission(cfg)
+    with pytest.raises(InvalidInput) as caught:
+        await adm.admit(ACME, CLASSIFIER, 6)
+    assert str(caught.value) == (
+        "a call of 6 rows exceeds rows_burst=5 for tenant acme on model classifier; "
+        "send fewer rows per call"
+    )
+    (await adm.admit(ACME, ECHO, 6)).release()
+
+
+async def test_a_tenant_removed_since_its_key_was_checked_is_not_admitted() -> None:
+    """A call authenticated before a reload removed its tenant (waiting at the front
+    door, or for its message) reaches admission with the old tenant: it was served
+    with no limits at all (an empty plan), past its burst and its quota."""
+    acme = {"id": "acme", "rate_limit": {"requests_per_s": 0.01, "burst": 1}}
+    adm, _, _ = admission(config(acme, {"id": "globex"}))
+    (await adm.admit(ACME, ECHO, 1)).release()
+    adm.update(config({"id": "globex"}))
+    for _ in range(3):
+        with pytest.raises(Unauthenticated):
+            await adm.admit(ACME, ECHO, 1)
+    with pytest.raises(Unauthenticated):
+        await adm.admit(Tenant("never-configured"), ECHO, 1)
+    assert adm.inflight(ACME.id) == 0
 
 
 async def test_update_forgets_removed_tenants() -> None:

@@ -242,7 +242,8 @@ class TenantAdmission:
         if plan.max_rows is not None and rows > plan.max_rows:
             raise InvalidInput(
                 f"a call of {rows} rows exceeds rows_burst={_number(plan.max_rows)} "
-                f"for tenant {tenant.id}; send fewer rows per call"
+                f"for {_where(plan.max_rows_scope or (tenant.id, None))}; send fewer rows "
+                "per call"
             )
         if plan.quota_rows is not None and rows > plan.quota_rows:
             raise _never_fits(plan, rows)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mandant.config import QuotaConfig, RateLimitConfig, TenantConfig
+from mandant.errors import Unauthenticated
 from mandant.tenancy.limits import Rate
 from mandant.tenancy.quota import PeriodKind, Quota
 
@@ -34,6 +35,7 @@ class Plan:
     quotas: tuple[tuple[Scope, Quota], ...] = ()
     max_concurrency: int | None = None
     max_rows: float | None = None  # the rows bucket's burst: a larger call never fits
+    max_rows_scope: Scope | None = None  # whose rows bucket that is (a model's own?)
     quota_rows: int | None = None  # the smallest whole quota: a larger call never fits
 
     @property
@@ -135,8 +137,8 @@ class Policy:
 
     def _build(self, tenant_id: str, model: str) -> Plan:
         tenant = self._tenants.get(tenant_id)
-        if tenant is None:
-            return Plan(tenant_id, model)
+        if tenant is None:  # removed by a reload after its key was checked: no limits
+            raise Unauthenticated()  # to apply (an empty plan served it unlimited)
         override = tenant.models.get(model)
         rate_config, quota_config = tenant.rate_limit, tenant.quota
         rate_scope: Scope = (tenant_id, None)
@@ -154,5 +156,6 @@ class Policy:
             quotas=quotas,
             max_concurrency=tenant.max_concurrency,
             max_rows=next((rate.burst for rate in rates if rate.name == ROWS), None),
+            max_rows_scope=rate_scope,
             quota_rows=min((quota.limit for _, quota in quotas), default=None),
         )
