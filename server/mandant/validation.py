@@ -27,7 +27,10 @@ def _names(specs: Sequence[TensorSpec]) -> str:
 
 def check_inputs(spec: ModelSpec, headers: Sequence[TensorHeader]) -> int:
     """Validate names, datatypes and shapes; return the request's rows (its size
-    along dimension 0, 1 for scalar inputs)."""
+    along dimension 0, 1 for scalar inputs): the largest input's, whatever order the
+    client sent them in (a batched model's inputs must all have that many rows; an
+    unbatched model's may differ, and the first input the client chose to send
+    decided what its quota was charged)."""
     if not headers:
         raise InvalidInput(
             f"request has no inputs; model '{spec.name}' takes {_names(spec.inputs)}"
@@ -58,8 +61,7 @@ def check_inputs(spec: ModelSpec, headers: Sequence[TensorHeader]) -> int:
     if len(seen) < len(declared):  # every name seen is declared
         missing = [name for name in declared if name not in seen]
         raise InvalidInput(f"missing input(s) {', '.join(missing)} for model '{spec.name}'")
-    first = headers[0].shape
-    return first[0] if first else 1
+    return max(header.shape[0] if header.shape else 1 for header in headers)
 
 
 def check_outputs(spec: ModelSpec, requested: Sequence[str]) -> tuple[str, ...]:

@@ -30,6 +30,14 @@ def test_valid_headers_give_the_row_count() -> None:
     assert check_inputs(SPEC, headers) == 3
 
 
+def test_the_rows_are_the_largest_input_s_whatever_the_client_s_order() -> None:
+    """An unbatched model's inputs may differ in rows: the first one the client sent
+    decided the rows its quota was charged (1 for 50 here)."""
+    few_first = [TensorHeader("B", "INT64", (1,)), TensorHeader("A", "FP32", (50, 4))]
+    assert check_inputs(SPEC, few_first) == 50
+    assert check_inputs(SPEC, few_first[::-1]) == 50
+
+
 @pytest.mark.parametrize(
     ("headers", "message"),
     [
