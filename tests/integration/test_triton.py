@@ -35,6 +35,7 @@ from mandant_client import (
     InvalidInput,
     MandantClientError,
     ModelNotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from tests.triton_server import (
@@ -45,6 +46,7 @@ from tests.triton_server import (
     expected,
     free_port,
 )
+from tests.triton_server.tiny import QUEUED_NAME
 
 _missing = available()
 if _missing is not None and os.environ.get("CI"):
@@ -446,6 +448,37 @@ async def test_mandant_batches_beyond_triton_s_max_batch_size_fail_only_the_requ
     assert isinstance(refused, InvalidInput), repr(refused)
     assert "64" in str(refused) and "'tiny-wide'" in str(refused)
     assert served is None
+
+
+# -- Triton's own queue -----------------------------------------------------------------
+
+
+async def test_triton_s_full_queue_is_queue_full_for_its_caller_and_leaves_the_breaker_closed(
+    triton: TritonProcess, tmp_path: Path
+) -> None:
+    """acme floods ``queued`` (one call at a time, one place in Triton's queue): Triton
+    refuses the rest UNAVAILABLE "Exceeds maximum queue size". Those are acme's
+    RESOURCE_EXHAUSTED with a retry pushback, not a Triton down: the breaker every
+    tenant shares stays closed (it opened after 5, and globex's next call was
+    UNAVAILABLE)."""
+    queued = {
+        "name": "queued",
+        "backend": "triton",
+        "triton": {"url": triton.url, "model": QUEUED_NAME, "health_interval_s": 0.2},
+    }
+    async with (
+        App(config(triton.url, queued), tmp_path) as app,
+        client(app, "acme") as acme,
+        client(app, "globex") as globex,
+    ):
+        flood = await asyncio.gather(*(outcome(acme, "queued", good_rows(1)) for _ in range(10)))
+        refused = [error for error in flood if error is not None]
+        assert len(refused) >= 5, flood
+        for error in refused:
+            assert isinstance(error, ResourceExhausted), repr(error)
+            assert error.retry_after_s is not None and error.retry_after_s > 0
+            assert "'queued'" in str(error) and "queue size" not in str(error)
+        assert await outcome(globex, "queued", good_rows(1)) is None
 
 
 # -- faults ---------------------------------------------------------------------------

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from tests.triton_server.tiny import NAME as MODEL
+from tests.triton_server.tiny import NAMES, expected
 from tests.triton_server.tiny import POISON_NAME as POISON_MODEL
-from tests.triton_server.tiny import expected
 
 __all__ = ["MODEL", "POISON_MODEL", "TritonProcess", "available", "expected", "free_port"]
 
@@ -54,8 +54,8 @@ def available() -> str | None:
 
 
 class TritonProcess:
-    """``tiny`` and ``poison`` on Triton on free gRPC, HTTP and metrics ports (kept across
-    restarts)."""
+    """The models of ``tiny.NAMES`` on Triton on free gRPC, HTTP and metrics ports
+    (kept across restarts)."""
 
     def __init__(self, instances: int = 1) -> None:
         # One instance by default: PyTriton's second instance fetches its config from
@@ -126,7 +126,7 @@ class TritonProcess:
                     raise RuntimeError(f"Triton exited while starting:\n{self.log_tail()}")
                 with contextlib.suppress(Exception):
                     if client.is_server_ready() and all(
-                        client.is_model_ready(name) for name in (MODEL, POISON_MODEL)
+                        client.is_model_ready(name) for name in NAMES
                     ):
                         return
                 time.sleep(0.2)

@@ -6,20 +6,32 @@ protobuf): ``python serve.py --grpc-port P --http-port Q --metrics-port R``. Pri
 
 The models are ``tiny.py``'s, so a test can compute the expected result with numpy alone:
 ``tiny`` (max batch 64, Triton's dynamic batcher on) and ``poison`` (max batch 64, no
-dynamic batcher: each request runs alone, so its failure is its own).
+dynamic batcher: each request runs alone, so its failure is its own), ``poison-shared``
+(``poison`` behind Triton's dynamic batcher) and ``queued`` (slow, one place in Triton's
+queue).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 from pytriton.decorators import batch
-from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
 from pytriton.triton import Triton, TritonConfig
-from tiny import NAME, POISON_NAME, expected, poisoned  # this script's folder is on sys.path
+from tiny import (  # this script's folder is on sys.path
+    NAME,
+    POISON_NAME,
+    QUEUED_NAME,
+    QUEUED_SLEEP_S,
+    SHARED_DELAY_S,
+    SHARED_POISON_NAME,
+    expected,
+    poisoned,
+)
 
 
 @batch
@@ -30,6 +42,12 @@ def infer(INPUT0: np.ndarray) -> dict[str, np.ndarray]:
 @batch
 def infer_poison(INPUT0: np.ndarray) -> dict[str, np.ndarray]:
     return poisoned(INPUT0)
+
+
+@batch
+def infer_queued(INPUT0: np.ndarray) -> dict[str, np.ndarray]:
+    time.sleep(QUEUED_SLEEP_S)
+    return expected(INPUT0)
 
 
 def main() -> None:
@@ -72,6 +90,29 @@ def main() -> None:
             inputs=inputs,
             outputs=outputs,
             config=ModelConfig(max_batch_size=64, batcher=None),  # type: ignore[arg-type]
+            strict=True,
+        )
+        delay_us = int(SHARED_DELAY_S * 1e6)
+        triton.bind(
+            model_name=SHARED_POISON_NAME,
+            infer_func=infer_poison,
+            inputs=inputs,
+            outputs=outputs,
+            config=ModelConfig(
+                max_batch_size=64, batcher=DynamicBatcher(max_queue_delay_microseconds=delay_us)
+            ),
+            strict=True,
+        )
+        queue = QueuePolicy(max_queue_size=1)
+        triton.bind(
+            model_name=QUEUED_NAME,
+            infer_func=infer_queued,
+            inputs=inputs,
+            outputs=outputs,
+            config=ModelConfig(
+                max_batch_size=1,
+                batcher=DynamicBatcher(max_queue_delay_microseconds=0, default_queue_policy=queue),
+            ),
             strict=True,
         )
         print("READY", flush=True)

@@ -6,6 +6,14 @@ PyTriton's process (``serve.py``, another virtual environment) import them.
 
 ``poison``: the same, but it raises (Triton answers INTERNAL) on a batch holding any
 negative value: a model failing on one caller's data.
+
+``poison-shared``: ``poison`` behind Triton's own dynamic batcher (it waits up to
+``SHARED_DELAY_S`` for more calls): Triton joins calls that Mandant sent one by one, so
+one caller's negative value fails every call of Triton's batch.
+
+``queued``: ``tiny`` taking ``QUEUED_SLEEP_S`` per call, one call at a time, with one
+place in Triton's queue (``max_queue_size: 1``): Triton refuses the others UNAVAILABLE
+"Exceeds maximum queue size".
 """
 
 from __future__ import annotations
@@ -14,6 +22,11 @@ import numpy as np
 
 NAME = "tiny"
 POISON_NAME = "poison"
+SHARED_POISON_NAME = "poison-shared"
+SHARED_DELAY_S = 0.2
+QUEUED_NAME = "queued"
+QUEUED_SLEEP_S = 0.3
+NAMES = (NAME, POISON_NAME, SHARED_POISON_NAME, QUEUED_NAME)
 W = (np.arange(12, dtype=np.float32).reshape(4, 3) - 6.0) / 10.0
 B = np.array([0.1, -0.2, 0.3], dtype=np.float32)
 

@@ -187,3 +187,58 @@ def test_an_answered_error_from_a_probe_closes_the_breaker(clock: FakeClock) -> 
     assert circuit.allow()
     circuit.record(translate(grpc.StatusCode.INVALID_ARGUMENT)[1])  # Triton is back
     assert circuit.state is CircuitState.CLOSED
+
+
+def test_late_successes_of_calls_sent_before_it_opened_do_not_close_it(clock: FakeClock) -> None:
+    """Calls in flight when it opened that answer late (a slow Triton catching up) said
+    nothing about the server now: they closed it at once, letting everyone through."""
+    circuit = breaker(clock)
+    assert circuit.allow()
+    before = circuit.generation
+    fail(circuit, 3)
+    assert circuit.state is CircuitState.OPEN
+    circuit.record_success(before)
+    circuit.record(CallOutcome.ANSWERED, before)
+    assert circuit.state is CircuitState.OPEN and not circuit.allow()
+    clock.now += 2
+    assert circuit.allow()  # the probe
+    probe = circuit.generation
+    circuit.record_success(before)  # still stale while the probe runs
+    assert circuit.state is CircuitState.HALF_OPEN and not circuit.allow()
+    circuit.record_failure(before)  # nor does a late failure reopen it
+    assert circuit.state is CircuitState.HALF_OPEN
+    circuit.record_success(probe)
+    assert circuit.state is CircuitState.CLOSED
+
+
+def test_a_probe_of_an_earlier_opening_frees_no_slot_of_this_one(clock: FakeClock) -> None:
+    circuit = breaker(clock)
+    fail(circuit, 3)
+    clock.now += 2
+    assert circuit.allow()
+    first = circuit.generation
+    circuit.record_failure(first)  # opens again: a new generation
+    clock.now += 2
+    assert circuit.allow()
+    assert not circuit.allow()
+    circuit.record_abandoned(first)
+    assert not circuit.allow()
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        "Exceeds maximum queue size",
+        "[request id: 3] exceeds maximum queue size",
+        "Request timeout expired",
+    ],
+)
+def test_triton_s_queue_refusals_are_busy_not_down(details: str) -> None:
+    """Triton's own queue policy answers UNAVAILABLE: a busy model that answered."""
+    assert translate(grpc.StatusCode.UNAVAILABLE, details=details) == (
+        Fault.BUSY,
+        CallOutcome.ANSWERED,
+    )
+    assert translate(grpc.StatusCode.UNAVAILABLE, details="Socket closed")[1] is (
+        CallOutcome.FAILED
+    )

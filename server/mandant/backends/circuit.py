@@ -8,7 +8,14 @@ While OPEN every call is refused at once, so a dead server costs callers nothing
 is not hammered; the half-open probes find out when it is back. Callers report each
 call's :class:`CallOutcome`: only FAILED (unreachable, timed out) counts towards
 opening; an error the server answered shows it works, since the breaker is shared by
-every tenant and one tenant's bad inputs must not shut a model for all. Pure logic on an
+every tenant and one tenant's bad inputs must not shut a model for all.
+
+Each opening starts a new :attr:`CircuitBreaker.generation`; a caller passes the
+generation it was let through in back with the outcome. Outcomes of calls let through
+before the last opening count for nothing: a call sent before the circuit opened that
+succeeds late says nothing about the server now, and closing on it would let every
+caller through again at once (the circuit flapped open/closed with each late answer).
+Only the calls let through since (a half-open probe) close it. Pure logic on an
 injected clock (``time.monotonic`` by default): no I/O, no sleeping, no asyncio.
 """
 
@@ -51,6 +58,13 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probes = 0
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        """Which opening the circuit is in (0 until it first opens): read it when
+        :meth:`allow` lets a call through, and pass it back with the call's outcome."""
+        return self._generation
 
     @property
     def state(self) -> CircuitState:
@@ -82,21 +96,30 @@ class CircuitBreaker:
             return True
         return False
 
-    def record(self, outcome: CallOutcome) -> None:
-        """Report the outcome of a call that :meth:`allow` let through."""
+    def record(self, outcome: CallOutcome, generation: int | None = None) -> None:
+        """Report the outcome of a call that :meth:`allow` let through in
+        ``generation`` (None: the current one)."""
         if outcome is CallOutcome.ANSWERED:
-            self.record_success()
+            self.record_success(generation)
         elif outcome is CallOutcome.FAILED:
-            self.record_failure()
+            self.record_failure(generation)
         else:
-            self.record_abandoned()
+            self.record_abandoned(generation)
 
-    def record_success(self) -> None:
+    def _stale(self, generation: int | None) -> bool:
+        """A call let through before the circuit last opened: its outcome is old news."""
+        return generation is not None and generation != self._generation
+
+    def record_success(self, generation: int | None = None) -> None:
+        if self._stale(generation):
+            return
         self._state = CircuitState.CLOSED
         self._failures = 0
         self._probes = 0
 
-    def record_failure(self) -> None:
+    def record_failure(self, generation: int | None = None) -> None:
+        if self._stale(generation):
+            return
         if self._state is CircuitState.HALF_OPEN:
             self._open()
             return
@@ -104,14 +127,17 @@ class CircuitBreaker:
         if self._state is CircuitState.CLOSED and self._failures >= self._threshold:
             self._open()
 
-    def record_abandoned(self) -> None:
+    def record_abandoned(self, generation: int | None = None) -> None:
         """A call that was let through ended without telling anything about the
         server (cancelled by its caller): give its probe slot back."""
+        if self._stale(generation):
+            return
         if self._state is CircuitState.HALF_OPEN and self._probes > 0:
             self._probes -= 1
 
     def _open(self) -> None:
         self._state = CircuitState.OPEN
+        self._generation += 1
         self._opened_at = self._clock()
         self._failures = 0
         self._probes = 0

@@ -20,7 +20,11 @@
   count against the breaker, which every tenant shares, and a timeout only while
   Triton answered no other call since it was sent: one tenant's slow calls on a Triton
   that serves the others are theirs, while a model that answers nobody (a wedged
-  instance behind a Triton whose health checks still answer) opens it. A
+  instance behind a Triton whose health checks still answer) opens it. Triton's own
+  queue refusing a call (its UNAVAILABLE "Exceeds maximum queue size", or "Request
+  timeout expired" of its queue policy) is that caller's QueueFull, with a pushback,
+  not charged, and shows Triton answers. Only a call let through since the breaker last
+  opened (a probe) closes it: a late answer of one sent before says nothing now. A
   model that fails on one caller's inputs (Triton's INTERNAL) is that caller's error,
   never UNAVAILABLE for all; Triton's error about a batch of several requests (its
   INVALID_ARGUMENT, or its model failing) is :class:`TritonModelError`, which the
@@ -102,12 +106,23 @@ TRANSLATION: Mapping[grpc.StatusCode, tuple[Fault, CallOutcome]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (Fault.BACKEND, CallOutcome.FAILED),
 }
 _BACKEND_ANSWERED = (Fault.BACKEND, CallOutcome.ANSWERED)
+#: Triton's UNAVAILABLE messages that are its scheduler's queue policy refusing a
+#: request (``max_queue_size`` reached; ``default_timeout_microseconds`` passed in its
+#: queue with ``timeout_action: REJECT``): a busy model that answered, not a dead one.
+_QUEUE_REFUSALS = ("exceeds maximum queue size", "request timeout expired")
 
 
-def translate(code: grpc.StatusCode, by_client_deadline: bool = False) -> tuple[Fault, CallOutcome]:
-    """How a Triton call that ended with ``code`` is reported and counted."""
+def translate(
+    code: grpc.StatusCode, by_client_deadline: bool = False, details: str = ""
+) -> tuple[Fault, CallOutcome]:
+    """How a Triton call that ended with ``code`` (and Triton's message ``details``) is
+    reported and counted."""
     if code == grpc.StatusCode.DEADLINE_EXCEEDED and by_client_deadline:
         return Fault.BACKEND, CallOutcome.ABANDONED
+    if code == grpc.StatusCode.UNAVAILABLE and any(
+        refusal in details.lower() for refusal in _QUEUE_REFUSALS
+    ):
+        return Fault.BUSY, CallOutcome.ANSWERED
     return TRANSLATION.get(code, _BACKEND_ANSWERED)
 
 
@@ -244,13 +259,14 @@ class TritonBackend:
         deadline = cap if client_deadline is None else min(cap, client_deadline)
         if not self._breaker.allow():
             raise Unavailable(f"model '{self._spec.name}' is unavailable (backend is failing)")
+        generation = self._breaker.generation  # outcomes of older calls cannot close it
         try:
             response = await self._call(stub, request, deadline)
         except DeadlineExceeded:
-            self._breaker.record_abandoned()
+            self._breaker.record_abandoned(generation)
             raise
         except asyncio.CancelledError:
-            self._breaker.record_abandoned()
+            self._breaker.record_abandoned(generation)
             task = asyncio.current_task()
             if task is not None and task.cancelling() == 0:
                 # Not our caller's cancellation: the channel closed under the call (its
@@ -259,16 +275,16 @@ class TritonBackend:
             raise
         except grpc.aio.AioRpcError as exc:
             by_client = client_deadline is not None and client_deadline < cap
-            fault, outcome = translate(exc.code(), by_client)
+            fault, outcome = translate(exc.code(), by_client, exc.details() or "")
             if outcome is CallOutcome.ANSWERED:
                 self._answered_at = self._clock()
             elif exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._answered_at > sent:
                 # Triton answered others meanwhile: this call's own slowness, not Triton's.
                 outcome = CallOutcome.ABANDONED
-            self._breaker.record(outcome)
+            self._breaker.record(outcome, generation)
             raise self._error(exc, fault, by_client, alone) from exc
         self._answered_at = self._clock()
-        self._breaker.record_success()
+        self._breaker.record_success(generation)
         return self._outputs(response, outputs, rows)
 
     def _chunks(
