@@ -6,8 +6,9 @@ whose behaviour depends on the model name, with Mandant in process on port 0.
   values: only that tenant's request fails, and only it sees the message.
 * Answers that do not match the model's declared outputs (datatype, rank, rows, byte
   size, an output twice): UNAVAILABLE, the backend's fault, logged once.
-* One tenant's calls slower than ``timeout_s`` on a Triton that answers everything else
-  leave the shared breaker closed; a Triton that answers nothing opens it.
+* One tenant's calls slower than ``timeout_s`` (or than its own short deadlines) on a
+  Triton that answers everything else leave the shared breaker closed; a Triton that
+  answers nothing opens it, whoever's deadline its calls ran out of.
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from mandant.backends.triton import TritonBackend
 from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
 from mandant.types import Tenant
-from mandant_client import AsyncClient, InvalidInput, MandantClientError, Unavailable
+from mandant_client import (
+    AsyncClient,
+    DeadlineExceeded,
+    InvalidInput,
+    MandantClientError,
+    Unavailable,
+)
 
 KEYS = {"acme": "acme-answers-key", "globex": "globex-answers-key"}
 IO = {
@@ -286,6 +293,50 @@ async def test_timeouts_while_triton_answers_nothing_open_the_breaker(tmp_path: 
         start = time.monotonic()
         assert isinstance(await outcome(acme, "good", x), Unavailable)
         assert time.monotonic() - start < 0.8  # refused by the breaker, no wait
+
+
+async def test_calls_their_callers_gave_up_on_while_triton_answers_nobody_open_the_breaker(
+    tmp_path: Path,
+) -> None:
+    """A wedged model (health checks answer, calls never do) and clients whose deadline
+    (0.5 s) is shorter than ``timeout_s`` (30 s), as real clients' are: every call was
+    abandoned by its caller, so the breaker never opened and each call waited its whole
+    deadline. Now five such calls open it and the next is refused at once."""
+    triton = {"timeout_s": 30.0, "health_interval_s": 0.05}
+    async with (
+        fake_triton() as (url, _),
+        App(config(url, model(url, "sleepy", triton=triton)), tmp_path) as app,
+        client(app, "acme", 0.5) as acme,
+    ):
+        assert await outcome(acme, "sleepy", np.zeros((1, 4), np.float32)) is None
+        stuck = np.full((1, 4), 60.0, np.float32)
+        results = await asyncio.gather(*(outcome(acme, "sleepy", stuck) for _ in range(5)))
+        assert all(isinstance(r, DeadlineExceeded) for r in results), results
+        start = time.monotonic()
+        refused = await outcome(acme, "sleepy", np.zeros((1, 4), np.float32))
+        assert isinstance(refused, Unavailable), repr(refused)
+        assert time.monotonic() - start < 0.3  # refused by the breaker, no wait
+
+
+async def test_one_tenant_s_short_deadlines_on_a_slow_model_leave_the_breaker_closed(
+    tmp_path: Path,
+) -> None:
+    """A model that takes 0.4 s and answers: acme's burst of calls with a 0.15 s
+    deadline all give up before any answer, yet Triton is not failing (it answered
+    globex in 0.4 s): globex is still served."""
+    triton = {"timeout_s": 30.0, "health_interval_s": 0.05}
+    slow = np.full((1, 4), 0.4, np.float32)
+    async with (
+        fake_triton() as (url, _),
+        App(config(url, model(url, "sleepy", triton=triton)), tmp_path) as app,
+        client(app, "acme", 0.15) as acme,
+        client(app, "globex") as globex,
+    ):
+        assert await outcome(globex, "sleepy", slow) is None
+        for _ in range(2):
+            results = await asyncio.gather(*(outcome(acme, "sleepy", slow) for _ in range(8)))
+            assert all(isinstance(r, DeadlineExceeded) for r in results), results
+        assert await outcome(globex, "sleepy", slow) is None
 
 
 async def test_a_failed_config_poll_keeps_triton_s_max_batch_size(tmp_path: Path) -> None:

@@ -20,7 +20,12 @@
   count against the breaker, which every tenant shares, and a timeout only while
   Triton answered no other call since it was sent: one tenant's slow calls on a Triton
   that serves the others are theirs, while a model that answers nobody (a wedged
-  instance behind a Triton whose health checks still answer) opens it. Triton's own
+  instance behind a Triton whose health checks still answer) opens it. That holds for
+  a call given up by its caller too (its deadline shorter than ``timeout_s``, as real
+  clients' are, or a cancel), once it waited twice Triton's slowest recent answer
+  (:meth:`TritonBackend._unanswered`). Such a call stays charged, as any call whose
+  deadline passed while Triton had it: Triton holds its rows and computes them once
+  its model moves again; the calls the open breaker refuses are refunded. Triton's own
   queue refusing a call (its UNAVAILABLE "Exceeds maximum queue size", or "Request
   timeout expired" of its queue policy) is that caller's QueueFull, with a pushback,
   not charged, and shows Triton answers. Only a call let through since the breaker last
@@ -68,6 +73,14 @@ CONNECT_RETRIES = 2
 RETRY_BACKOFF_S = 0.05
 #: Timeout of one health poll RPC.
 PROBE_TIMEOUT_S = 1.0
+#: A call its caller gave up on (deadline, cancel) counts against the breaker where
+#: Triton answered no call since it was sent and it waited this many times Triton's
+#: slowest recent answer, and at least MIN_STALL_S: a model answering nobody, not one
+#: tenant's deadline shorter than the model's time.
+STALL_FACTOR = 2.0
+MIN_STALL_S = 0.1
+#: Triton's slowest recent answer is a peak that each answer lowers by this factor.
+SLOWEST_DECAY = 0.9
 _CONNECT_FAILURE_MARKERS = ("failed to connect", "connection refused", "no route to host")
 #: Most characters of Triton's own message passed on to a client or a log line.
 MAX_DETAILS_CHARS = 300
@@ -150,8 +163,11 @@ class TritonBackend:
         self._discover = not (spec.inputs and spec.outputs)
         #: Triton's model config's ``max_batch_size`` (0: none, or not known).
         self._triton_max_batch = 0
-        #: When Triton last answered anything (a call or a health poll), monotonic.
+        #: When Triton last answered a call (a health poll does not count: a wedged
+        #: model's server still answers those), monotonic.
         self._answered_at = -float("inf")
+        #: Seconds Triton took for its slowest recent answer (a decaying peak).
+        self._slowest_s = 0.0
         #: (output, problem) of the mismatched answers logged at ERROR already.
         self._mismatches: set[tuple[str, str]] = set()
 
@@ -266,26 +282,47 @@ class TritonBackend:
             self._breaker.record_abandoned(generation)
             raise
         except asyncio.CancelledError:
-            self._breaker.record_abandoned(generation)
             task = asyncio.current_task()
             if task is not None and task.cancelling() == 0:
                 # Not our caller's cancellation: the channel closed under the call (its
                 # model unloaded, the server stopping). Answer it rather than vanish.
+                self._breaker.record_abandoned(generation)
                 raise Unavailable(f"model '{self._spec.name}' was unloaded") from None
+            self._breaker.record(self._unanswered(sent, by_caller=True), generation)
             raise
         except grpc.aio.AioRpcError as exc:
             by_client = client_deadline is not None and client_deadline < cap
             fault, outcome = translate(exc.code(), by_client, exc.details() or "")
             if outcome is CallOutcome.ANSWERED:
-                self._answered_at = self._clock()
-            elif exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._answered_at > sent:
-                # Triton answered others meanwhile: this call's own slowness, not Triton's.
-                outcome = CallOutcome.ABANDONED
+                self._answered(sent)
+            elif exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                outcome = self._unanswered(sent, by_caller=by_client)
             self._breaker.record(outcome, generation)
             raise self._error(exc, fault, by_client, alone) from exc
-        self._answered_at = self._clock()
+        self._answered(sent)
         self._breaker.record_success(generation)
         return self._outputs(response, outputs, rows)
+
+    def _answered(self, sent: float) -> None:
+        """Triton answered a call sent at ``sent`` (an error answer too)."""
+        now = self._clock()
+        self._answered_at = now
+        self._slowest_s = max(now - sent, self._slowest_s * SLOWEST_DECAY)
+
+    def _unanswered(self, sent: float, by_caller: bool) -> CallOutcome:
+        """What a call sent at ``sent`` that Triton did not answer says of Triton. Its
+        own slowness (ABANDONED) where Triton answered another call since; where its
+        caller gave up first (``by_caller``: the caller's deadline, a cancel), also
+        where it waited less than Triton usually takes (:data:`STALL_FACTOR`), so that
+        one tenant's short deadlines on a slow model that answers do not shut it for
+        all. Else FAILED: Triton answered nobody, whoever set the deadline."""
+        if self._answered_at > sent:
+            return CallOutcome.ABANDONED
+        if not by_caller:
+            return CallOutcome.FAILED
+        stall_s = max(MIN_STALL_S, STALL_FACTOR * self._slowest_s)
+        waited = self._clock() - sent
+        return CallOutcome.FAILED if waited >= stall_s else CallOutcome.ABANDONED
 
     def _chunks(
         self, parts: Sequence[Mapping[str, np.ndarray]]
