@@ -46,7 +46,7 @@ from tests.triton_server import (
     expected,
     free_port,
 )
-from tests.triton_server.tiny import QUEUED_NAME
+from tests.triton_server.tiny import QUEUED_NAME, SHARED_POISON_NAME
 
 _missing = available()
 if _missing is not None and os.environ.get("CI"):
@@ -448,6 +448,37 @@ async def test_mandant_batches_beyond_triton_s_max_batch_size_fail_only_the_requ
     assert isinstance(refused, InvalidInput), repr(refused)
     assert "64" in str(refused) and "'tiny-wide'" in str(refused)
     assert served is None
+
+
+async def test_a_batch_triton_formed_blames_no_tenant_for_another_s_input(
+    triton: TritonProcess, tmp_path: Path
+) -> None:
+    """``poison-shared``: Triton's own dynamic batcher (no Mandant batching) joins acme's
+    negative call with globex's good ones and its model fails them all. globex was
+    answered INVALID_ARGUMENT "failed on this request's inputs" (and charged); now no
+    caller is blamed nor charged: UNAVAILABLE, saying the batch was Triton's (acme's
+    too: Mandant cannot tell whose input failed). The breaker stays closed."""
+    shared = {
+        "name": "shared",
+        "backend": "triton",
+        "triton": {"url": triton.url, "model": SHARED_POISON_NAME, "health_interval_s": 0.2},
+    }
+    async with (
+        App(config(triton.url, shared), tmp_path) as app,
+        client(app, "acme") as acme,
+        client(app, "globex") as globex,
+    ):
+        assert await outcome(globex, "shared", good_rows(2)) is None
+        bad, *good = await asyncio.gather(
+            outcome(acme, "shared", bad_rows(1)),
+            outcome(globex, "shared", good_rows(1)),
+            outcome(globex, "shared", good_rows(2)),
+        )
+        for error in (bad, *good):
+            assert isinstance(error, Unavailable), repr(error)
+            assert "formed with other calls" in str(error)
+            assert "negative" not in str(error) and "inputs may not be at fault" in str(error)
+        assert await outcome(globex, "shared", good_rows(3)) is None
 
 
 # -- Triton's own queue -----------------------------------------------------------------

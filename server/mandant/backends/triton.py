@@ -35,6 +35,16 @@
   INVALID_ARGUMENT, or its model failing) is :class:`TritonModelError`, which the
   batcher splits on, so that each request is answered alone and Triton's message,
   which may hold a batch-mate's values, reaches only the request it is about.
+* Blame needs Mandant's batching where Triton batches on its own: a Triton model with a
+  dynamic (or sequence) batcher, or an ensemble, joins calls that Mandant sent one by
+  one, possibly different tenants', and fails all of them when one's input makes the
+  model raise. Mandant cannot tell whose input it was, so a model without ``batching:``
+  in its entry answers each such call UNAVAILABLE ("failed on a batch its backend
+  formed"), blaming and charging nobody; the caller at fault gets that too, never
+  INVALID_ARGUMENT. Per-request blame for such a model needs Mandant's batching
+  (``batching:`` in its entry) with ``triton.max_in_flight: 1``, so that Triton never
+  holds two of Mandant's calls at once and Mandant batches instead: it then splits a
+  failed batch until the request at fault fails alone. Or turn Triton's batcher off.
 """
 
 from __future__ import annotations
@@ -163,6 +173,9 @@ class TritonBackend:
         self._discover = not (spec.inputs and spec.outputs)
         #: Triton's model config's ``max_batch_size`` (0: none, or not known).
         self._triton_max_batch = 0
+        #: Triton may join calls into batches of its own (a dynamic or sequence batcher,
+        #: or an ensemble, whose steps may have one): a failure is then maybe another's.
+        self._triton_batches = False
         #: When Triton last answered a call (a health poll does not count: a wedged
         #: model's server still answers those), monotonic.
         self._answered_at = -float("inf")
@@ -302,6 +315,12 @@ class TritonBackend:
         self._answered(sent)
         self._breaker.record_success(generation)
         return self._outputs(response, outputs, rows)
+
+    @property
+    def _joined_by_triton(self) -> bool:
+        """Triton may have run a call in one batch with other calls of Mandant's: it
+        batches on its own, and Mandant sends it several calls at once."""
+        return self._triton_batches and self._triton.max_in_flight > 1
 
     def _answered(self, sent: float) -> None:
         """Triton answered a call sent at ``sent`` (an error answer too)."""
@@ -461,6 +480,13 @@ class TritonBackend:
                 code.name,
                 details,
             )
+            if alone and self._joined_by_triton:
+                # Triton's batcher may have joined this call with other tenants' calls:
+                # whose inputs failed is unknown, so none is blamed (nor charged).
+                return Unavailable(
+                    f"model '{name}' failed on a batch its backend formed with other "
+                    "calls; this call's inputs may not be at fault: retry"
+                )
             if alone and self._spec.batching is None:  # one request: its own fault
                 return ModelFailed(name)
             return TritonModelError(f"Triton's model {self._triton.model!r} failed: {code.name}")
@@ -527,10 +553,15 @@ class TritonBackend:
                 pb.ModelConfigRequest(name=model, version=version), timeout=PROBE_TIMEOUT_S
             )
             limit = max(0, int(reply.config.max_batch_size))
+            joins = reply.config.platform == "ensemble" or any(
+                reply.config.HasField(scheduler)
+                for scheduler in ("dynamic_batching", "sequence_batching")
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                 return
-            limit = 0
+            limit, joins = 0, False
+        self._triton_batches = limit > 0 and joins
         batching = self._spec.batching
         if limit != self._triton_max_batch and batching and 0 < limit < batching.max_batch_size:
             logger.info(
