@@ -28,6 +28,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from mandant import errors
 from mandant.app import App
 from mandant.backends.triton import TritonBackend
 from mandant.config import MandantConfig, parse_config
@@ -78,10 +79,12 @@ class FakeTriton(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """Every model ready, INPUT0 FP32 [-1, 4] -> OUTPUT0 FP32 [-1, 3], max_batch_size
     64. ``picky`` refuses any negative value, naming it, as INVALID_ARGUMENT;
     ``sleepy`` sleeps INPUT0[0, 0] seconds; once ``hung``, nothing is answered;
-    ModelConfig fails with ``config_fails`` where it is set."""
+    ModelConfig fails with ``config_fails`` where it is set; ModelMetadata reports
+    INPUT0 as ``input_datatype``."""
 
     hung: bool = False
     config_fails: grpc.StatusCode | None = None
+    input_datatype: str = "FP32"
 
     async def _hang_if_hung(self) -> None:
         if self.hung:
@@ -97,7 +100,7 @@ class FakeTriton(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
             name=request.name,
             versions=["1"],
             platform="fake",
-            inputs=[tensor(name="INPUT0", datatype="FP32", shape=[-1, 4])],
+            inputs=[tensor(name="INPUT0", datatype=self.input_datatype, shape=[-1, 4])],
             outputs=[tensor(name="OUTPUT0", datatype="FP32", shape=[-1, 3])],
         )
 
@@ -355,3 +358,63 @@ async def test_a_failed_config_poll_keeps_triton_s_max_batch_size(tmp_path: Path
         fake.config_fails = grpc.StatusCode.UNIMPLEMENTED
         await backend.refresh()
         assert backend.triton_max_batch_size == 0
+
+
+# -- configured tensors against Triton's ---------------------------------------------------
+
+
+def _io(input_type: str = "FP32", output_type: str = "FP32", shape: int = 4) -> dict[str, Any]:
+    return {
+        "inputs": [{"name": "INPUT0", "datatype": input_type, "shape": [-1, shape]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": output_type, "shape": [-1, 3]}],
+    }
+
+
+async def test_configured_tensors_contradicting_triton_s_fail_the_load(tmp_path: Path) -> None:
+    """A configured FP64 input on Triton's FP32 model loaded READY, published FP64 in
+    ModelMetadata, and every call following it was INVALID_ARGUMENT, blamed on its
+    caller. Now the load fails, naming the tensor and both datatypes (log and the
+    admin's load answer); tenants see the generic reason."""
+    renamed = {**_io(), "outputs": [{**_io()["outputs"][0], "name": "OUT9"}]}
+    entries = {
+        "good": _io(),
+        "in64": _io(input_type="FP64"),
+        "out64": _io(output_type="FP64"),
+        "wide": _io(shape=5),
+        "renamed": renamed,
+    }
+    async with fake_triton() as (url, _):
+        models = [{**model(url, name), **io} for name, io in entries.items()]
+        async with App(config(url, *models), tmp_path) as app, client(app, "acme") as acme:
+            failures = {m.key.name: m.failure for m in app.registry.all()}
+            assert failures["good"] is None
+            assert "INPUT0 is FP64 in the configuration, FP32" in str(failures["in64"])
+            assert "OUTPUT0 is FP64 in the configuration, FP32" in str(failures["out64"])
+            assert "[-1, 5] in the configuration, [-1, 4]" in str(failures["wide"])
+            assert "no such output (its outputs: OUTPUT0)" in str(failures["renamed"])
+            for name in ("in64", "out64", "wide", "renamed"):
+                assert not await acme.model_ready(name)
+            assert await outcome(acme, "good", np.ones((1, 4), np.float32)) is None
+            with pytest.raises(errors.Unavailable, match="FP64 in the configuration"):
+                await app.registry.load("in64")
+
+
+async def test_tensors_triton_s_model_changes_to_contradict_make_it_unready(
+    tmp_path: Path,
+) -> None:
+    """Triton's model reloaded with other tensors than configured: the next metadata
+    poll makes the model unready (logged), and ready again once they agree."""
+    async with (
+        fake_triton() as (url, fake),
+        App(config(url, model(url, "good")), tmp_path) as app,
+        client(app, "acme") as acme,
+    ):
+        backend = app.registry.resolve(Tenant("acme"), "good").backend
+        assert backend.ready
+        fake.input_datatype = "FP16"
+        await backend.refresh()
+        assert not backend.ready and not await acme.model_ready("good")
+        fake.input_datatype = "FP32"
+        await backend.refresh()
+        assert backend.ready
+        assert await outcome(acme, "good", np.ones((1, 4), np.float32)) is None

@@ -7,8 +7,10 @@
 * Readiness is polled in the background (ModelReady, then ModelMetadata and
   ModelConfig); a model whose ``inputs``/``outputs`` are not configured takes them from
   Triton's metadata, refreshed on every poll, so a model reloaded on Triton with new
-  tensors is followed. A Mandant batch goes to Triton in calls of at most the
-  ``max_batch_size`` of Triton's model config.
+  tensors is followed. Configured ones are checked against it (:mod:`.triton_tensors`):
+  a contradiction fails the load, or makes the model unready while it lasts. A Mandant
+  batch goes to Triton in calls of at most the ``max_batch_size`` of Triton's model
+  config.
 * Answers are checked against the model's declared outputs (datatype, rank, fixed
   dimensions, rows, byte size): one that does not match is the backend's fault,
   Unavailable, logged once per output and problem, never the caller's.
@@ -64,6 +66,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from mandant.backends.channels import ChannelPool
 from mandant.backends.circuit import CallOutcome, CircuitBreaker
+from mandant.backends.triton_tensors import TensorMismatch, mismatches, tensor_spec
 from mandant.config import ModelSpec, TritonModelConfig
 from mandant.errors import (
     DeadlineExceeded,
@@ -181,6 +184,9 @@ class TritonBackend:
         self._answered_at = -float("inf")
         #: Seconds Triton took for its slowest recent answer (a decaying peak).
         self._slowest_s = 0.0
+        #: How the configured tensors contradict Triton's model's (None: they agree,
+        #: or are Triton's own): the model is not ready while they do.
+        self._contradiction: str | None = None
         #: (output, problem) of the mismatched answers logged at ERROR already.
         self._mismatches: set[tuple[str, str]] = set()
 
@@ -191,6 +197,7 @@ class TritonBackend:
         return (
             self._stub is not None
             and self._model_ready
+            and self._contradiction is None
             and bool(self._spec.inputs and self._spec.outputs)
         )
 
@@ -218,6 +225,8 @@ class TritonBackend:
         channel = self._channels.acquire(self._triton.url, self._triton.tls)
         self._stub = pb_grpc.GRPCInferenceServiceStub(channel)
         await self.refresh()
+        if self._contradiction is not None:
+            raise TensorMismatch(self._contradiction)
         if not self.ready:
             logger.warning(
                 "model %s: Triton model %r at %s is not ready yet; serving once it is",
@@ -540,6 +549,8 @@ class TritonBackend:
             self._platform = metadata.platform or "triton"
             if self._discover:
                 self._adopt(metadata)
+            else:
+                self._check(metadata)
             await self._read_max_batch(stub)
         self._set_ready(ready.ready, "Triton reports the model not ready")
 
@@ -574,9 +585,28 @@ class TritonBackend:
             )
         self._triton_max_batch = limit
 
+    def _check(self, metadata: pb.ModelMetadataResponse) -> None:
+        """Compare the configured tensors with Triton's model's (logged at ERROR when
+        they start to contradict, at INFO when they agree again)."""
+        spec = self._spec
+        problems = mismatches(self._triton.model, metadata, spec.inputs, spec.outputs)
+        contradiction = "; ".join(problems) or None
+        if contradiction != self._contradiction:
+            if contradiction is not None:
+                logger.error(
+                    "model %s: its configured tensors contradict Triton's at %s (check "
+                    "models[].inputs/outputs): %s",
+                    spec.name,
+                    self._triton.url,
+                    contradiction,
+                )
+            else:
+                logger.info("model %s: its tensors agree with Triton's model now", spec.name)
+        self._contradiction = contradiction
+
     def _adopt(self, metadata: pb.ModelMetadataResponse) -> None:
-        inputs = tuple(_tensor_spec(t) for t in metadata.inputs)
-        outputs = tuple(_tensor_spec(t) for t in metadata.outputs)
+        inputs = tuple(tensor_spec(t) for t in metadata.inputs)
+        outputs = tuple(tensor_spec(t) for t in metadata.outputs)
         if (inputs, outputs) != (self._spec.inputs, self._spec.outputs):
             if self._spec.inputs:
                 logger.info("model %s: Triton's model changed its tensors", self._spec.name)
@@ -639,10 +669,6 @@ def _mismatch_of(
     if datatype != "BYTES" and size != prod(shape) * dtype.itemsize:
         return "size", f"{size} bytes for shape {list(shape)} of {datatype}"
     return None
-
-
-def _tensor_spec(tensor: pb.ModelMetadataResponse.TensorMetadata) -> TensorSpec:
-    return TensorSpec(tensor.name, tensor.datatype, tuple(int(d) for d in tensor.shape))
 
 
 def _raw_bytes(array: np.ndarray) -> bytes:
