@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from mandant.backends.circuit import CallOutcome, CircuitBreaker, CircuitState
-from mandant.backends.triton import Fault, translate
+from mandant.backends.triton_answers import Fault, translate
 
 
 class FakeClock:

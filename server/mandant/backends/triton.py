@@ -13,30 +13,31 @@
   config.
 * Answers are checked against the model's declared outputs (datatype, rank, fixed
   dimensions, rows, byte size): one that does not match is the backend's fault,
-  Unavailable, logged once per output and problem, never the caller's.
+  Unavailable, logged once per output and problem, never the caller's
+  (:mod:`.triton_answers`, which reads Triton's answers and errors).
 * Faults: every call is bounded by the caller's deadline or ``timeout_s``; a connect
   failure (nothing was sent) is retried at most twice with jittered backoff; a
-  :class:`CircuitBreaker` refuses calls at once after repeated failures and lets a
-  probe through after its reset time. Triton's errors are translated here, at the
-  boundary, by one table (:data:`TRANSLATION`): only transport failures and timeouts
-  count against the breaker, which every tenant shares, and a timeout only while
-  Triton answered no other call since it was sent: one tenant's slow calls on a Triton
-  that serves the others are theirs, while a model that answers nobody (a wedged
-  instance behind a Triton whose health checks still answer) opens it. That holds for
-  a call given up by its caller too (its deadline shorter than ``timeout_s``, as real
-  clients' are, or a cancel), once it waited twice Triton's slowest recent answer
+  :class:`CircuitBreaker` refuses calls at once after repeated failures and lets a probe
+  through after its reset time. Triton's errors are translated here, at the boundary, by
+  one table (:data:`.triton_answers.TRANSLATION`): only transport failures and timeouts
+  count against the breaker, which every tenant shares, and a timeout only while Triton
+  answered no other call since it was sent: one tenant's slow calls on a Triton that
+  serves the others are theirs, while a model that answers nobody (a wedged instance
+  behind a Triton whose health checks still answer) opens it. That holds for a call
+  given up by its caller too (its deadline shorter than ``timeout_s``, as real clients'
+  are, or a cancel), once it waited twice Triton's slowest recent answer
   (:meth:`TritonBackend._unanswered`). Such a call stays charged, as any call whose
-  deadline passed while Triton had it: Triton holds its rows and computes them once
-  its model moves again; the calls the open breaker refuses are refunded. Triton's own
-  queue refusing a call (its UNAVAILABLE "Exceeds maximum queue size", or "Request
-  timeout expired" of its queue policy) is that caller's QueueFull, with a pushback,
-  not charged, and shows Triton answers. Only a call let through since the breaker last
-  opened (a probe) closes it: a late answer of one sent before says nothing now. A
-  model that fails on one caller's inputs (Triton's INTERNAL) is that caller's error,
-  never UNAVAILABLE for all; Triton's error about a batch of several requests (its
-  INVALID_ARGUMENT, or its model failing) is :class:`TritonModelError`, which the
-  batcher splits on, so that each request is answered alone and Triton's message,
-  which may hold a batch-mate's values, reaches only the request it is about.
+  deadline passed while Triton had it: Triton holds its rows and computes them once its
+  model moves again; the calls the open breaker refuses are refunded. Triton's own queue
+  refusing a call (its UNAVAILABLE "Exceeds maximum queue size", or "Request timeout
+  expired" of its queue policy) is that caller's QueueFull, with a pushback, not
+  charged, and shows Triton answers. Only a call let through since the breaker last
+  opened (a probe) closes it: a late answer of one sent before says nothing now. A model
+  that fails on one caller's inputs (Triton's INTERNAL) is that caller's error, never
+  UNAVAILABLE for all; Triton's error about a batch of several requests (its
+  INVALID_ARGUMENT, or its model failing) is :class:`.triton_answers.TritonModelError`,
+  which the batcher splits on, so that each request is answered alone and Triton's
+  message, which may hold a batch-mate's values, reaches only the request it is about.
 * Blame needs Mandant's batching where Triton batches on its own: a Triton model with a
   dynamic (or sequence) batcher, or an ensemble, joins calls that Mandant sent one by
   one, possibly different tenants', and fails all of them when one's input makes the
@@ -52,12 +53,10 @@
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from math import prod
 
 import grpc
 import numpy as np
@@ -66,18 +65,12 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from mandant.backends.channels import ChannelPool
 from mandant.backends.circuit import CallOutcome, CircuitBreaker
+from mandant.backends.triton_answers import TritonAnswers, translate
 from mandant.backends.triton_tensors import TensorMismatch, mismatches, tensor_spec
 from mandant.config import ModelSpec, TritonModelConfig
-from mandant.errors import (
-    DeadlineExceeded,
-    DeadlinePassedWhileRunning,
-    InvalidInput,
-    ModelFailed,
-    QueueFull,
-    Unavailable,
-)
-from mandant.types import DATATYPES, TensorSpec, datatype_of
-from mandant.wire import join_bytes, split_bytes
+from mandant.errors import DeadlineExceeded, Unavailable
+from mandant.types import datatype_of
+from mandant.wire import join_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -95,61 +88,6 @@ MIN_STALL_S = 0.1
 #: Triton's slowest recent answer is a peak that each answer lowers by this factor.
 SLOWEST_DECAY = 0.9
 _CONNECT_FAILURE_MARKERS = ("failed to connect", "connection refused", "no route to host")
-#: Most characters of Triton's own message passed on to a client or a log line.
-MAX_DETAILS_CHARS = 300
-
-
-class TritonModelError(RuntimeError):
-    """Triton refused (INVALID_ARGUMENT) or failed (its model raised) a call that held
-    several requests of a Mandant batch, or one request of a batched model.
-
-    Deliberately not a :class:`MandantError`: the batcher splits a batch that raised
-    anything else and reruns its parts until each failing request is alone, so only
-    that request gets an error: Triton's message about its own inputs
-    (:class:`InvalidInput`), or :class:`ModelFailed`. The message holds Triton's status
-    code only, never its text, which may hold any batch-mate's values. A call that
-    holds one request of a model without Mandant batching is answered at once."""
-
-
-class Fault(enum.Enum):
-    """Whose fault a failed Triton call was, as the caller is told."""
-
-    INPUT = "input"  # the request does not fit Triton's model: InvalidInput
-    MODEL = "model"  # the model raised on the call's inputs: ModelFailed
-    BUSY = "busy"  # Triton's queue is full: QueueFull, retry later
-    BACKEND = "backend"  # Triton, its mapping or the network: Unavailable
-
-
-#: Triton's status code ⇒ (whose fault, what it says about Triton). Codes not listed
-#: are a backend fault that Triton answered. DEADLINE_EXCEEDED is the caller's own
-#: when their deadline was the call's timeout (:func:`translate`).
-TRANSLATION: Mapping[grpc.StatusCode, tuple[Fault, CallOutcome]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (Fault.INPUT, CallOutcome.ANSWERED),
-    grpc.StatusCode.INTERNAL: (Fault.MODEL, CallOutcome.ANSWERED),
-    grpc.StatusCode.UNKNOWN: (Fault.MODEL, CallOutcome.ANSWERED),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (Fault.BUSY, CallOutcome.ANSWERED),
-    grpc.StatusCode.UNAVAILABLE: (Fault.BACKEND, CallOutcome.FAILED),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (Fault.BACKEND, CallOutcome.FAILED),
-}
-_BACKEND_ANSWERED = (Fault.BACKEND, CallOutcome.ANSWERED)
-#: Triton's UNAVAILABLE messages that are its scheduler's queue policy refusing a
-#: request (``max_queue_size`` reached; ``default_timeout_microseconds`` passed in its
-#: queue with ``timeout_action: REJECT``): a busy model that answered, not a dead one.
-_QUEUE_REFUSALS = ("exceeds maximum queue size", "request timeout expired")
-
-
-def translate(
-    code: grpc.StatusCode, by_client_deadline: bool = False, details: str = ""
-) -> tuple[Fault, CallOutcome]:
-    """How a Triton call that ended with ``code`` (and Triton's message ``details``) is
-    reported and counted."""
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED and by_client_deadline:
-        return Fault.BACKEND, CallOutcome.ABANDONED
-    if code == grpc.StatusCode.UNAVAILABLE and any(
-        refusal in details.lower() for refusal in _QUEUE_REFUSALS
-    ):
-        return Fault.BUSY, CallOutcome.ANSWERED
-    return TRANSLATION.get(code, _BACKEND_ANSWERED)
 
 
 class TritonBackend:
@@ -187,8 +125,7 @@ class TritonBackend:
         #: How the configured tensors contradict Triton's model's (None: they agree,
         #: or are Triton's own): the model is not ready while they do.
         self._contradiction: str | None = None
-        #: (output, problem) of the mismatched answers logged at ERROR already.
-        self._mismatches: set[tuple[str, str]] = set()
+        self._answers = TritonAnswers(spec.name, spec.triton)
 
     # -- the Backend protocol ---------------------------------------------------------
 
@@ -320,10 +257,17 @@ class TritonBackend:
             elif exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 outcome = self._unanswered(sent, by_caller=by_client)
             self._breaker.record(outcome, generation)
-            raise self._error(exc, fault, by_client, alone) from exc
+            raise self._answers.error(
+                exc,
+                fault,
+                by_client,
+                alone,
+                joined_by_triton=self._joined_by_triton,
+                batched=self._spec.batching is not None,
+            ) from exc
         self._answered(sent)
         self._breaker.record_success(generation)
-        return self._outputs(response, outputs, rows)
+        return self._answers.outputs(response, outputs, self._spec.outputs, rows)
 
     @property
     def _joined_by_triton(self) -> bool:
@@ -418,105 +362,6 @@ class TritonBackend:
             outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in outputs],
             raw_input_contents=raw,
         )
-
-    def _outputs(
-        self, response: pb.ModelInferResponse, names: Sequence[str], rows: int | None
-    ) -> dict[str, np.ndarray]:
-        """The ``names`` outputs of Triton's answer, each checked against the model's
-        declared output (``rows``: the call's rows, where dimension 0 holds them)."""
-        raw = response.raw_output_contents
-        if len(raw) != len(response.outputs):
-            raise self._mismatch("*", "framing", "raw_output_contents do not match outputs")
-        declared = {tensor.name: tensor for tensor in self._spec.outputs}
-        wanted = set(names)
-        by_name: dict[str, np.ndarray] = {}
-        for index, tensor in enumerate(response.outputs):
-            if tensor.name not in wanted:
-                continue
-            if tensor.name in by_name:
-                raise self._mismatch(tensor.name, "twice", "the output twice")
-            problem = _mismatch_of(tensor, len(raw[index]), declared.get(tensor.name), rows)
-            if problem is not None:
-                raise self._mismatch(tensor.name, *problem)
-            try:
-                by_name[tensor.name] = _decode(tensor.datatype, tuple(tensor.shape), raw[index])
-            except ValueError as exc:
-                raise self._mismatch(tensor.name, "bytes", str(exc)) from None
-        for name in names:
-            if name not in by_name:
-                raise self._mismatch(name, "missing", "no such output")
-        return {name: by_name[name] for name in names}
-
-    def _mismatch(self, output: str, problem: str, detail: str) -> Unavailable:
-        """An answer that does not match the model's declared outputs: the backend's
-        fault (a misconfigured mapping, a changed model), logged at ERROR the first time
-        for this output and problem, at DEBUG after."""
-        seen = (output, problem) in self._mismatches
-        self._mismatches.add((output, problem))
-        logger.log(
-            logging.DEBUG if seen else logging.ERROR,
-            "model %s: Triton model %r at %s answered output %s not as declared "
-            "(check models[].outputs): %s",
-            self._spec.name,
-            self._triton.model,
-            self._triton.url,
-            output,
-            detail,
-        )
-        return Unavailable(
-            f"model '{self._spec.name}' is unavailable "
-            "(the backend's answer does not match the model's outputs)"
-        )
-
-    def _error(
-        self, exc: grpc.aio.AioRpcError, fault: Fault, by_client_deadline: bool, alone: bool
-    ) -> Exception:
-        """The exception for a failed Triton call, in Mandant's words: Triton's model
-        name replaced by Mandant's, Triton's message passed on for input errors of a
-        call that held one request only (``alone``)."""
-        code, name = exc.code(), self._spec.name
-        details = (exc.details() or "")[:MAX_DETAILS_CHARS]
-        if fault is Fault.INPUT and not alone:  # whose inputs? the batcher finds out
-            return TritonModelError(f"Triton's model {self._triton.model!r} refused a batch")
-        if fault is Fault.INPUT:
-            mine = details.replace(f"'{self._triton.model}'", f"'{name}'")
-            return InvalidInput(_strip_request_id(mine))
-        if fault is Fault.MODEL:
-            logger.warning(
-                "model %s: Triton's model %r failed on a call's inputs: %s %s",
-                name,
-                self._triton.model,
-                code.name,
-                details,
-            )
-            if alone and self._joined_by_triton:
-                # Triton's batcher may have joined this call with other tenants' calls:
-                # whose inputs failed is unknown, so none is blamed (nor charged).
-                return Unavailable(
-                    f"model '{name}' failed on a batch its backend formed with other "
-                    "calls; this call's inputs may not be at fault: retry"
-                )
-            if alone and self._spec.batching is None:  # one request: its own fault
-                return ModelFailed(name)
-            return TritonModelError(f"Triton's model {self._triton.model!r} failed: {code.name}")
-        if fault is Fault.BUSY:
-            return QueueFull(f"model '{name}' is busy", retry_after_s=0.05)
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED and by_client_deadline:
-            return DeadlinePassedWhileRunning("deadline exceeded while the backend was running")
-        if code == grpc.StatusCode.NOT_FOUND:
-            logger.error(
-                "model %s: Triton at %s has no model %r version %r (check models[].triton): %s",
-                name,
-                self._triton.url,
-                self._triton.model,
-                self._triton.version or "latest",
-                details,
-            )
-        else:
-            logger.warning(
-                "model %s: Triton at %s failed: %s %s", name, self._triton.url, code.name, details
-            )
-        return Unavailable(f"model '{name}' is unavailable (backend error)")
 
     # -- health -----------------------------------------------------------------------
 
@@ -634,41 +479,9 @@ def _never_sent(exc: grpc.aio.AioRpcError) -> bool:
     return any(marker in details for marker in _CONNECT_FAILURE_MARKERS)
 
 
-def _strip_request_id(details: str) -> str:
-    """Triton prefixes its messages with ``[request id: …] ``; that is ours to give."""
-    if details.startswith("[request id:"):
-        _, _, rest = details.partition("] ")
-        return rest or details
-    return details
-
-
 def _rows(parts: Sequence[Mapping[str, np.ndarray]]) -> int:
     """Rows of ``parts`` together: dimension 0 of their (first) input."""
     return sum(int(next(iter(part.values())).shape[0]) if part else 0 for part in parts)
-
-
-def _mismatch_of(
-    tensor: pb.ModelInferResponse.InferOutputTensor,
-    size: int,
-    declared: TensorSpec | None,
-    rows: int | None,
-) -> tuple[str, str] | None:
-    """(problem, detail) where Triton's output ``tensor`` of ``size`` raw bytes does not
-    match its ``declared`` spec and the call's ``rows``; None where it does."""
-    datatype, shape = tensor.datatype, tuple(int(d) for d in tensor.shape)
-    dtype = DATATYPES.get(datatype)
-    if dtype is None:
-        return "datatype", f"unknown datatype {datatype[:32]!r}"
-    if declared is not None and datatype != declared.datatype:
-        return "datatype", f"{datatype} where {declared.datatype} is declared"
-    if any(d < 0 for d in shape) or (declared is not None and not declared.accepts(shape)):
-        want = f" where {list(declared.shape)} is declared" if declared is not None else ""
-        return "shape", f"shape {list(shape)}{want}"
-    if rows is not None and (not shape or shape[0] != rows):
-        return "rows", f"shape {list(shape)} for a call of {rows} rows"
-    if datatype != "BYTES" and size != prod(shape) * dtype.itemsize:
-        return "size", f"{size} bytes for shape {list(shape)} of {datatype}"
-    return None
 
 
 def _raw_bytes(array: np.ndarray) -> bytes:
@@ -687,10 +500,3 @@ def _raw_bytes(array: np.ndarray) -> bytes:
         return base
     little = array.dtype.newbyteorder("<")
     return np.ascontiguousarray(array, dtype=little).tobytes()
-
-
-def _decode(datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
-    """An output checked by :func:`_mismatch_of`; ValueError for malformed BYTES."""
-    if datatype != "BYTES":
-        return np.frombuffer(raw, dtype=DATATYPES[datatype]).reshape(shape)
-    return split_bytes(raw, prod(shape)).reshape(shape)
