@@ -31,18 +31,12 @@ the batch) refused QueueFull, newest first. A per-tenant check at admission alon
 every tenant of one event-loop turn count the same leaving rows.
 
 A batch the model raises on (anything but a MandantError) is counted
-(``Observer.batch_failed``) and split in halves, each rerun in the same execution slot,
-level by level, until the request(s) it fails on alone are found: those get
-ModelFailed, every other request its normal result. A binary split of n requests runs
-at most 2n - 1 times however often the model fails; a request whose caller left or
-whose deadline passed is not rerun. But when both halves of a part fail alike and so
-does a request of each of its tenants alone, the model is at fault, not the requests'
-data (a model that raises on everything, or whose answer never matches its
-configuration): the others are answered Unavailable at once, after 3 + (tenants) runs
-instead of 2n - 1. One poisoned request never fails another (it cannot make two
-disjoint halves fail), nor do one tenant's poisoned requests fail another tenant's. Should taking a
-batch from the queue or running it raise anything else (a bug), every request it took
-is answered all the same (an internal error, logged once), never left waiting.
+(``Observer.batch_failed``) and split in halves, rerun in the same execution slot,
+until the request(s) it fails on alone are found: those get ModelFailed, every other
+request its normal result (``isolation.py`` tells how, and when the model rather than
+a request is at fault). Should taking a batch from the queue or running it raise
+anything else (a bug), every request it took is answered all the same (an internal
+error, logged once), never left waiting.
 Batches run in a fresh ``contextvars.Context``, so nothing they log carries the tenant
 or request id of whichever request happened to wake the batcher.
 """
@@ -54,10 +48,9 @@ import contextlib
 import contextvars
 import logging
 import math
-from collections import deque
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeGuard, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -67,13 +60,13 @@ from mandant.errors import (
     DeadlineExceeded,
     InvalidInput,
     MandantError,
-    ModelFailed,
     QueueFull,
     Unavailable,
 )
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.adaptive import AdaptiveDispatch
 from mandant.scheduling.clock import Clock, LoopClock, Timer
+from mandant.scheduling.isolation import Isolation, raised
 from mandant.scheduling.policy import (
     BatchQueue,
     FairQueue,
@@ -450,31 +443,18 @@ class DynamicBatcher:
                 self._pump()
 
     async def _isolate(self, batch: list[_Pending], dispatched: float) -> None:
-        """Run ``batch``; while a part of it fails, rerun its halves apart, level by
-        level (a half that succeeds is answered two runs after the batch failed). Each
-        run is a node of a binary tree over the batch's requests: at most 2n - 1 runs,
-        3 + (tenants) when the model fails whatever the data (``_model_fails``)."""
+        """Run ``batch``; should the model raise on it, count it and find the requests
+        it fails on (:class:`Isolation`, once per failed batch)."""
         batch, failure = await self._attempt(batch, dispatched)
-        if not _raised(failure):
+        if not raised(failure):
             return
         owner = batch[0].request.model.owner or ""  # one model: one owner
         rows = sum(e.rows for e in batch)
         self._observer.batch_failed(self._model, rows, owner)
-        self._failed(batch, failure, True)
-        failing = deque([batch] if len(batch) > 1 else [])
-        while failing:
-            part = failing.popleft()
-            middle = len(part) // 2
-            halves = [
-                await self._attempt(half, dispatched) for half in (part[:middle], part[middle:])
-            ]
-            if await self._model_fails(halves, dispatched):
-                continue
-            for half, exc in halves:
-                if _raised(exc):
-                    self._failed(half, exc, False)
-                    if len(half) > 1:
-                        failing.append(half)
+        isolation = Isolation(
+            self._model, lambda part: self._attempt(part, dispatched), self._finish
+        )
+        await isolation.run(batch, failure)
 
     async def _attempt(
         self, part: list[_Pending], dispatched: float
@@ -496,63 +476,6 @@ class DynamicBatcher:
             return part, exc
         self._succeeded(part, results, compute_s, dispatched)
         return part, None
-
-    async def _model_fails(
-        self, halves: list[tuple[list[_Pending], Exception | None]], dispatched: float
-    ) -> bool:
-        """Whether the two halves of a failed part failed for the model's sake, not its
-        requests'; if so, answer all their requests. One request's data cannot make two
-        disjoint parts fail: when both halves raise alike (the same exception type),
-        either the model fails whatever the data or several requests are at fault. A
-        request of each tenant of the part, alone, tells them apart (a lone half is
-        one): should each fail too (alike, or with the backend's verdict, e.g. a model
-        whose answer never matches its configuration), the model is at fault, and every
-        other request is answered Unavailable (the backend's verdict, when it gave one)
-        rather than run alone in turn (2n - 1 runs). Should one succeed or fail
-        otherwise, the split goes on: another tenant's bad rows never fail a tenant
-        whose own request succeeds alone."""
-        (first, first_exc), (second, second_exc) = halves
-        if not (_raised(first_exc) and _raised(second_exc)):
-            return False
-        if type(first_exc) is not type(second_exc):
-            return False
-        verdicts: dict[str, Exception] = {}
-        for half, exc in halves:
-            if len(half) == 1 and _raised(exc):
-                self._failed(half, exc, False)  # it failed alone
-                verdicts[half[0].tenant] = exc
-        for entry in first + second:
-            if entry.tenant in verdicts:
-                continue
-            probe, verdict = await self._attempt([entry], dispatched)
-            if verdict is None:
-                return False
-            if _raised(verdict):
-                self._failed(probe, verdict, False)  # it failed alone
-                if type(verdict) is not type(first_exc):
-                    return False  # its own failure, not the halves'
-            verdicts[entry.tenant] = verdict
-        rest = [entry for entry in first + second if not entry.future.done()]
-        if not rest:
-            return True
-        verdict = next((v for v in verdicts.values() if isinstance(v, MandantError)), first_exc)
-        logger.error(
-            "model %s failed on a batch, on both its halves and on a request of each "
-            "of its %d tenant(s) alone: answering the other %d request(s) without "
-            "running them apart: %r",
-            self._model,
-            len(verdicts),
-            len(rest),
-            verdict,
-        )
-        if isinstance(verdict, MandantError):
-            answer: MandantError = verdict
-        else:
-            answer = Unavailable(f"model '{self._model}' fails whatever its inputs")
-            answer.__cause__ = verdict
-        for entry in rest:
-            self._finish(entry, exc=answer)
-        return True
 
     def _live(self, part: list[_Pending]) -> list[_Pending]:
         """The requests of ``part`` still worth running: not answered (a caller that
@@ -587,30 +510,6 @@ class DynamicBatcher:
             inputs = concatenate([entry.request.inputs for entry in part])
             outputs = await self._backend.infer(inputs, outputs=wanted, deadline=latest)
         return outputs, self._clock.monotonic() - start
-
-    def _failed(self, part: list[_Pending], exc: Exception, first: bool) -> None:
-        """Log a failed run; answer its request ModelFailed if it ran alone."""
-        if len(part) > 1:
-            logger.log(
-                logging.WARNING if first else logging.DEBUG,
-                "batch of %d request(s) on model %s failed; rerunning them apart: %r",
-                len(part),
-                self._model,
-                exc,
-            )
-            return
-        entry = part[0]
-        request_id = entry.request.request_id
-        logger.error(
-            "model %s failed on request %s of tenant %s alone",
-            self._model,
-            request_id,
-            entry.tenant,
-            exc_info=exc,
-        )
-        failure = ModelFailed(self._model, request_id)
-        failure.__cause__ = exc
-        self._finish(entry, exc=failure)
 
     def _succeeded(
         self,
@@ -665,11 +564,6 @@ class DynamicBatcher:
         else:
             assert result is not None
             entry.future.set_result(result)
-
-
-def _raised(exc: Exception | None) -> TypeGuard[Exception]:
-    """Whether a run's outcome is the model raising (not success, not a verdict)."""
-    return exc is not None and not isinstance(exc, MandantError)
 
 
 def _split(
