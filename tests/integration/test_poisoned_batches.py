@@ -53,7 +53,7 @@ async def served(
 
     monkeypatch.setattr(app_module, "make_scheduler", recording)
     data = yaml.safe_load(DEMO_CONFIG.read_text())
-    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0}
+    data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0, "rest_port": 0}
     # Hold batches long enough that both tenants' concurrent calls meet in one.
     batching = {"max_batch_size": 64, "max_queue_delay_ms": 50, "dispatch": "delay"}
     data["models"] = [lookup_model("lookup", batching), lookup_model("lookup-direct", None)]
