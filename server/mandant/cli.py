@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -26,7 +28,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo" / "manda
 DEMO_EXAMPLE = """\
 Try it (demo keys are public and for the demo only):
 
-  python - <<'PY'
+  {python} - <<'PY'
   import numpy as np
   from mandant_client import Client
   with Client("{target}", api_key="acme-demo-key") as client:
@@ -40,6 +42,11 @@ NO_DEMO = """\
 mandant serve: --demo needs a source checkout of Mandant: it serves {path},
 which an installed package (a wheel, the container image) does not include.
 Serve your own file: mandant serve --config mandant.yaml"""
+
+DEMO_EXPOSED = """\
+mandant serve: the demo's keys are public: it listens on loopback addresses only,
+not on {host}. To listen there, serve a file with keys of your own:
+  mandant serve --config mandant.yaml"""
 
 NO_CONFIG = """\
 mandant serve: no configuration given.
@@ -83,6 +90,17 @@ def _with_overrides(config: MandantConfig, args: argparse.Namespace) -> MandantC
             refused.setdefault(where, []).append(why)
         errors = [(where, ", or ".join(whys)) for where, whys in refused.items()]
         raise ConfigError("the command line", errors) from None
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (an address, or ``localhost``) is reachable from this machine
+    only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _log_warnings(config: MandantConfig) -> None:
@@ -138,7 +156,8 @@ def _banner(
     if internal is not None:
         print(f"Internal HTTP (no key): http://{internal.host}:{internal_http_port}/", flush=True)
     if demo:
-        print(DEMO_EXAMPLE.format(target=target), flush=True)
+        # This interpreter: the one that has mandant_client (a venv's, not the PATH's).
+        print(DEMO_EXAMPLE.format(target=target, python=shlex.quote(sys.executable)), flush=True)
 
 
 async def _serve(
@@ -252,6 +271,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"mandant: cannot start: {ConfigError(str(path), missing)}", file=sys.stderr)
         return 1
     demo = path.resolve() == DEMO_CONFIG
+    exposed = [h for h in (config.server.host, config.server.http_bind_host) if not _loopback(h)]
+    if demo and exposed:
+        print(DEMO_EXPOSED.format(host=exposed[0]), file=sys.stderr)
+        return 2
     workers = workers_of(config.server.workers)
     try:
         if workers > 1:
@@ -369,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = serve.add_mutually_exclusive_group()
     source.add_argument("--config", help="YAML configuration")
     source.add_argument(
-        "--demo", action="store_true", help="the built-in demo (public keys: never exposed)"
+        "--demo",
+        action="store_true",
+        help="the built-in demo (public keys: loopback addresses only)",
     )
     serve.add_argument("--host", help="bind address of the gRPC and REST ports")
     serve.add_argument("--http-host", help="bind address of the HTTP port (default: --host)")

@@ -4,8 +4,10 @@ SIGTERM/SIGINT), keygen, check-config."""
 from __future__ import annotations
 
 import asyncio
+import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -198,6 +200,7 @@ def test_serve_demo_serves_the_demo_and_http_host_binds_the_http_port_apart() ->
     )  # fmt: skip
     try:
         banner = wait_for(proc, "acme-demo-key")  # the demo's example call
+        assert f"{shlex.quote(sys.executable)} - <<'PY'" in banner  # the one with the client
         assert "heap settled" in banner  # start-up objects out of the collector's way
         assert f"Dashboard: http://127.0.0.2:{http_port}/" in banner
         assert f"metrics: http://127.0.0.2:{http_port}/metrics, an admin key" in banner
@@ -288,3 +291,14 @@ def test_a_sighup_while_the_models_load_is_applied_once_serving(tmp_path: Path) 
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("flag", ["--host", "--http-host"])
+def test_the_demo_does_not_listen_beyond_this_machine(flag: str) -> None:
+    """Its keys are public: on 0.0.0.0 anyone who reads the README could call it."""
+    out = subprocess.run(
+        [*MANDANT, "serve", "--demo", flag, "0.0.0.0", "--grpc-port", "0", "--http-port", "0"],
+        capture_output=True, text=True, env=ENV, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Mandant listening" not in out.stdout
+    assert "public" in out.stderr and "0.0.0.0" in out.stderr

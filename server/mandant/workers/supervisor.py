@@ -248,7 +248,8 @@ class Supervisor:
     def _apply_file(self) -> bool:
         """Copy the configuration file to :attr:`applied` if it validates (the copy is
         what is checked, so what children read is what passed)."""
-        from mandant.config import load_config, reloaded
+        from mandant.config import MandantConfig, load_config, reloaded
+        from mandant.errors import ConfigError
 
         checked = self.applied.with_suffix(".checking")
         try:
@@ -256,7 +257,14 @@ class Supervisor:
         except OSError as exc:
             logger.error("configuration reload refused, keeping the running one: %s", exc)
             return False
-        if reloaded(lambda: load_config(checked), self._config_path.parent) is None:
+
+        def check() -> MandantConfig:
+            try:
+                return load_config(checked)
+            except ConfigError as exc:  # name the operator's file, not the copy checked
+                raise ConfigError(str(self._config_path), exc.errors) from None
+
+        if reloaded(check, self._config_path.parent) is None:
             checked.unlink(missing_ok=True)
             return False
         os.replace(checked, self.applied)
