@@ -508,12 +508,13 @@ async def test_failed_batch_answers_only_the_request_it_fails_on(
 
 
 @pytest.mark.parametrize("size", [2, 3, 9, 16])
-async def test_a_model_failing_on_everything_stops_splitting_after_both_halves_and_one_alone(
+async def test_a_model_failing_on_everything_stops_splitting_after_both_halves_and_probes(
     size: int,
 ) -> None:
-    """Both halves failing alike, and then one request alone, is the model's failure,
-    not one request's: the rest are answered Unavailable at once (it used to run
-    2n - 1 times, each caller answered ModelFailed as if its own data were at fault)."""
+    """Both halves failing alike, and then the tenant's first and last request alone,
+    is the model's failure, not one request's: the rest are answered Unavailable at
+    once (it used to run 2n - 1 times, each caller answered ModelFailed as if its own
+    data were at fault)."""
 
     def broken(inputs: Any) -> dict[str, np.ndarray]:
         raise RuntimeError("broken model")
@@ -532,12 +533,13 @@ async def test_a_model_failing_on_everything_stops_splitting_after_both_halves_a
     for req, result in zip(reqs, results[1:], strict=True):
         ran_alone = int(req.inputs["x"][0, 0]) in alone
         assert isinstance(result, ModelFailed if ran_alone else Unavailable), result
-    # The batch, its two halves, then one request alone (a lone half is that one).
-    assert len(backend.calls) == 1 + (3 if size <= 3 else 4)
+    # The batch, its two halves, then the first and the last request alone (a lone
+    # half is one of them).
+    assert len(backend.calls) == 1 + {2: 3, 3: 4}.get(size, 5)
     assert observer.failed_batches == [("m", 1), ("m", size)]
 
 
-async def test_a_broken_model_runs_once_alone_per_tenant_of_the_batch() -> None:
+async def test_a_broken_model_runs_twice_alone_per_tenant_of_the_batch() -> None:
     def broken(inputs: Any) -> dict[str, np.ndarray]:
         raise RuntimeError("broken model")
 
@@ -549,8 +551,8 @@ async def test_a_broken_model_runs_once_alone_per_tenant_of_the_batch() -> None:
     backend.compute, backend.auto = broken, True
     backend.release(len(backend.running))
     results = await asyncio.gather(*tasks, return_exceptions=True)
-    assert sorted(type(r).__name__ for r in results) == ["ModelFailed"] * 2 + ["Unavailable"] * 6
-    assert len(backend.calls) == 1 + 3 + 2  # the batch, its halves, one of a and of b
+    assert sorted(type(r).__name__ for r in results) == ["ModelFailed"] * 4 + ["Unavailable"] * 4
+    assert len(backend.calls) == 1 + 3 + 4  # the batch, its halves, a's and b's ends
     await asyncio.gather(blocker, return_exceptions=True)
 
 
@@ -563,6 +565,58 @@ async def test_one_tenants_poisoned_requests_never_fail_another_tenants() -> Non
     blocker = submit(batcher, request("a"))
     await settle()
     reqs = [request("a", value=POISON), request("b"), request("a", value=POISON), request("b")]
+    tasks = [submit(batcher, r) for r in reqs]
+    await settle()
+    backend.auto = True
+    backend.release(len(backend.running))
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[0], ModelFailed) and isinstance(results[2], ModelFailed)
+    check_own_rows(reqs[1], results[1])
+    check_own_rows(reqs[3], results[3])
+    await blocker
+
+
+async def test_no_answer_carries_another_request_s_verdict() -> None:
+    """A backend's verdict on one request alone (Triton's INVALID_ARGUMENT quotes the
+    request's values) is that request's: when both halves failed alike and the
+    probes failed with verdicts of their own, tenant b was answered with tenant a's
+    message, its value in it."""
+
+    def picky(inputs: Any) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        if (x < 0).any():
+            if x.shape[0] > 1:
+                raise RuntimeError("the backend refused a batch")
+            raise InvalidInput(f"value {float(x[0, 0])} refused")  # alone: its own
+        return double(inputs)
+
+    backend = GatedBackend(auto=True, compute=picky)
+    batcher, _, _, _ = await make(backend, max_batch_size=16, policy="fifo")
+    backend.auto = False
+    blocker = submit(batcher, request("a"))
+    await settle()
+    values = [("a", -7.0), ("b", -9.0), ("a", -7.5), ("b", -9.5), ("b", -9.75)]
+    tasks = [submit(batcher, request(t, value=v)) for t, v in values]
+    await settle()
+    backend.auto = True
+    backend.release(len(backend.running))
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for (_, value), result in zip(values, results, strict=True):
+        assert isinstance(result, InvalidInput) and str(result) == f"value {value} refused"
+    await blocker
+
+
+async def test_a_tenant_s_good_calls_are_not_failed_by_its_own_poisoned_ones() -> None:
+    """One tenant, poisoned and good requests alternating: both halves fail alike and
+    its first request fails alone, but its last succeeds alone, so the split goes on
+    (with one probe, the good ones were answered Unavailable unrun, and the second
+    poisoned one Unavailable too: a retry loop)."""
+    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
+    batcher, _, _, _ = await make(backend, max_batch_size=16, policy="fifo")
+    backend.auto = False
+    blocker = submit(batcher, request("a"))
+    await settle()
+    reqs = [request("a", value=POISON if n % 2 == 0 else n) for n in range(4)]
     tasks = [submit(batcher, r) for r in reqs]
     await settle()
     backend.auto = True

@@ -6,12 +6,14 @@ rerun in the same execution slot, level by level, until the request(s) it fails 
 alone are found: those get ModelFailed, every other request its normal result. A
 binary split of n requests runs at most 2n - 1 times however often the model fails; a
 request whose caller left or whose deadline passed is not rerun. But when both halves
-of a part fail alike and so does a request of each of its tenants alone, the model is
-at fault, not the requests' data (a model that raises on everything, or whose answer
-never matches its configuration): the others are answered Unavailable at once, after
-3 + (tenants) runs instead of 2n - 1. One poisoned request never fails another (it
-cannot make two disjoint halves fail), nor do one tenant's poisoned requests fail
-another tenant's.
+of a part fail alike and so do the first and the last request of each of its tenants
+alone, the model is at fault, not the requests' data (a model that raises on
+everything, or whose answer never matches its configuration): the others are answered
+Unavailable at once, after 3 + 2 x (tenants) runs instead of 2n - 1 (those probes
+answer their own requests, so a batch never runs more than 3n - 1 times in all). One
+poisoned request never fails another (it cannot make two disjoint halves fail), nor do
+one tenant's poisoned requests fail another tenant's; no answer carries another
+request's verdict.
 
 Running a part and answering the requests it succeeded for is the batcher's
 (``attempt``); :class:`Isolation` decides what to run next and answers the failures.
@@ -76,8 +78,8 @@ class Isolation(Generic[E]):
         """``batch`` failed with ``failure``: rerun its halves apart, level by level,
         while a part of it fails (a half that succeeds is answered two runs after the
         batch failed). Each run is a node of a binary tree over the batch's requests:
-        at most 2n - 1 runs, 3 + (tenants) when the model fails whatever the data
-        (``_model_fails``)."""
+        at most 2n - 1 runs, 3 + 2 x (tenants) when the model fails whatever the data
+        (``_model_fails``), and its probes, one run per request they answer."""
         self._failed(batch, failure, True)
         failing = deque([batch] if len(batch) > 1 else [])
         while failing:
@@ -96,59 +98,67 @@ class Isolation(Generic[E]):
         """Whether the two halves of a failed part failed for the model's sake, not its
         requests'; if so, answer all their requests. One request's data cannot make two
         disjoint parts fail: when both halves raise alike (the same exception type),
-        either the model fails whatever the data or several requests are at fault. A
-        request of each tenant of the part, alone, tells them apart (a lone half is
-        one): should each fail too (alike, or with the backend's verdict, e.g. a model
-        whose answer never matches its configuration), the model is at fault, and every
-        other request is answered Unavailable (the backend's verdict, when it gave one)
-        rather than run alone in turn (2n - 1 runs). Should one succeed or fail
-        otherwise, the split goes on: another tenant's bad rows never fail a tenant
-        whose own request succeeds alone."""
+        either the model fails whatever the data or several requests are at fault. The
+        first and the last request of each tenant of the part, alone (a lone half ran
+        alone already), tell them apart: should each fail too (alike, or with the
+        backend's Unavailable, e.g. a model whose answer never matches its
+        configuration), the model is at fault: those that ran alone are answered as
+        they failed, every other request Unavailable, not run apart in turn. Should one
+        succeed or fail otherwise (its own data: the backend's InvalidInput, say), the
+        split goes on: one tenant's bad rows never fail a tenant whose own request
+        succeeds alone, and a tenant's good request next to two of its own poisoned
+        ones fails only if it is neither its first nor its last in the part. No answer
+        ever carries another request's verdict (a Triton message quotes its inputs)."""
         (first, first_exc), (second, second_exc) = halves
         if not (raised(first_exc) and raised(second_exc)):
             return False
         if type(first_exc) is not type(second_exc):
             return False
-        verdicts: dict[str, Exception] = {}
-        for half, exc in halves:
-            if len(half) == 1 and raised(exc):
-                self._failed(half, exc, False)  # it failed alone
-                verdicts[half[0].tenant] = exc
-        for entry in first + second:
-            if entry.tenant in verdicts:
-                continue
-            probe, verdict = await self._attempt([entry])
+        part = first + second
+        alone: dict[int, Exception] = {id(h[0]): e for h, e in halves if len(h) == 1 and e}
+        failed: list[tuple[E, Exception]] = []  # ran alone and raised: not answered yet
+        for entry in _ends_by_tenant(part):
+            verdict = alone.get(id(entry))
             if verdict is None:
-                return False
+                probe, verdict = await self._attempt([entry])
+                if not probe:
+                    continue  # its caller left: no evidence either way
+            if verdict is None:
+                self._answer_alone(failed)
+                return False  # it succeeded alone (answered): the data, not the model
             if raised(verdict):
-                self._failed(probe, verdict, False)  # it failed alone
                 if type(verdict) is not type(first_exc):
+                    self._answer_alone([*failed, (entry, verdict)])
                     return False  # its own failure, not the halves'
-            verdicts[entry.tenant] = verdict
-        rest = [entry for entry in first + second if not entry.future.done()]
-        if not rest:
-            return True
-        verdict = next((v for v in verdicts.values() if isinstance(v, MandantError)), first_exc)
-        logger.error(
-            "model %s failed on a batch, on both its halves and on a request of each "
-            "of its %d tenant(s) alone: answering the other %d request(s) without "
-            "running them apart: %r",
-            self._model,
-            len(verdicts),
-            len(rest),
-            verdict,
-        )
-        if isinstance(verdict, MandantError):
-            answer: MandantError = verdict
-        else:
+                failed.append((entry, verdict))
+            elif not isinstance(verdict, Unavailable):  # the backend blames its data
+                self._answer_alone(failed)
+                return False
+        self._answer_alone(failed)
+        rest = [entry for entry in part if not entry.future.done()]
+        if rest:
+            logger.error(
+                "model %s failed on a batch, on both its halves and on the first and the "
+                "last request of each of its tenants alone: answering the other %d "
+                "request(s) Unavailable without running them apart: %r",
+                self._model,
+                len(rest),
+                first_exc,
+            )
             answer = Unavailable(f"model '{self._model}' fails whatever its inputs")
-            answer.__cause__ = verdict
-        for entry in rest:
-            self._finish(entry, exc=answer)
+            answer.__cause__ = first_exc
+            for entry in rest:
+                self._finish(entry, exc=answer)
         return True
 
+    def _answer_alone(self, failed: list[tuple[E, Exception]]) -> None:
+        """Answer the requests that raised alone (ModelFailed), once."""
+        for entry, exc in failed:
+            if not entry.future.done():
+                self._failed([entry], exc, False)
+
     def _failed(self, part: list[E], exc: Exception, first: bool) -> None:
-        """Log a failed run; answer its request ModelFailed if it ran alone."""
+        """Log a failed run; answer its request ModelFailed if it ran alone (once)."""
         if len(part) > 1:
             logger.log(
                 logging.WARNING if first else logging.DEBUG,
@@ -159,6 +169,8 @@ class Isolation(Generic[E]):
             )
             return
         entry = part[0]
+        if entry.future.done():
+            return  # answered already (its caller left, or it was a probe)
         request_id = entry.request.request_id
         logger.error(
             "model %s failed on request %s of tenant %s alone",
@@ -170,3 +182,13 @@ class Isolation(Generic[E]):
         failure = ModelFailed(self._model, request_id)
         failure.__cause__ = exc
         self._finish(entry, exc=failure)
+
+
+def _ends_by_tenant(part: list[E]) -> list[E]:
+    """The first and the last request of each tenant of ``part`` (one if it has one)."""
+    ends: dict[str, list[E]] = {}
+    for entry in part:
+        found = ends.setdefault(entry.tenant, [entry])
+        if entry is not found[0]:
+            found[1:] = [entry]
+    return [entry for found in ends.values() for entry in found]
