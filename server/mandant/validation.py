@@ -37,6 +37,7 @@ def check_inputs(spec: ModelSpec, headers: Sequence[TensorHeader]) -> int:
         )
     declared = spec.inputs_by_name
     seen: set[str] = set()
+    rows = 0
     for header in headers:
         want = declared.get(header.name)
         if want is None:
@@ -53,7 +54,11 @@ def check_inputs(spec: ModelSpec, headers: Sequence[TensorHeader]) -> int:
                 f"got {shown(header.datatype) or '(none)'}"
             )
         check_shape(header)
-        if not want.accepts(header.shape):
+        shape = header.shape
+        size = shape[0] if shape else 1
+        if size > rows:
+            rows = size
+        if not want.accepts(shape):
             raise InvalidInput(
                 f"input '{header.name}': expected shape {_shape(want.shape)}, "
                 f"got {_shape(header.shape)}"
@@ -61,7 +66,7 @@ def check_inputs(spec: ModelSpec, headers: Sequence[TensorHeader]) -> int:
     if len(seen) < len(declared):  # every name seen is declared
         missing = [name for name in declared if name not in seen]
         raise InvalidInput(f"missing input(s) {', '.join(missing)} for model '{spec.name}'")
-    return max(header.shape[0] if header.shape else 1 for header in headers)
+    return rows
 
 
 def check_outputs(spec: ModelSpec, requested: Sequence[str]) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ def test_a_refused_reload_names_the_operators_file(
     supervisor = Supervisor(2, 0, "127.0.0.1", 0.0, [], [], config)
     try:
         with caplog.at_level(logging.ERROR):
-            assert supervisor._apply_file() is False
+            supervisor.reload()  # no child started: nothing else to signal
         refusal = caplog.messages[-1]
         assert "configuration reload refused" in refusal
         assert str(config) in refusal and ".checking" not in refusal
