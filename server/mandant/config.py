@@ -149,10 +149,11 @@ class ServerConfig(_Frozen):
     #: ±10% jitter), its calls given ``grace_s`` to finish: a long-lived client then
     #: reconnects, and an L4 balancer (a Kubernetes Service) spreads it again, also
     #: onto replicas added since. None: connections live as long as the client's.
-    #: A ModelStreamInfer stream is ended by the server (status OK, trailing metadata
-    #: ``mandant-stream-end: connection-age``) once it has lived about this long (±10%),
-    #: after answering every message it read; a multiplexed mandant_client sends the
-    #: rest again on a new stream. So the connection's grace is ``grace_s`` plus 1.1 x
+    #: A ModelStreamInfer stream of a client that sends unread messages again (a
+    #: multiplexed mandant_client says so in its metadata) is ended by the server
+    #: (status OK, trailing metadata ``mandant-stream-end: connection-age``) once it has
+    #: lived about this long (±10%), after answering every message it read; the client
+    #: sends the rest again on a new stream. Other clients' streams are not ended so. So the connection's grace is ``grace_s`` plus 1.1 x
     #: this (a stream opened just before the GOAWAY lives its own age, then drains);
     #: unary calls are only given longer.
     max_connection_age_s: Annotated[float | None, Field(gt=0)] = None

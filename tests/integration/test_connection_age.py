@@ -142,3 +142,26 @@ async def test_a_stream_ended_mid_flight_sends_again_only_what_was_not_read(
         ) as client:
             outs = await asyncio.gather(*(client.infer("sleepy", _rows(i)) for i in range(12)))
     assert [out["OUTPUT0"][0, 0] for out in outs] == [2 * i for i in range(12)]
+
+
+async def test_a_stream_of_a_client_that_does_not_resend_is_not_ended_at_its_age(
+    tmp_path: Path,
+) -> None:
+    """tritonclient's streams never hear of messages a stream ended with OK left
+    unread: the server ends at its age only the streams of clients that say they
+    send those again (``mandant-stream-resends``); this one goes on past 1.1 × the
+    age (gRPC's grace for the connection covers it)."""
+    config = demo_config(max_connection_age_s=0.3, grace_s=1)
+    metadata = (("authorization", "Bearer acme-demo-key"),)
+    with ServerThread(config, tmp_path) as server:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(metadata=metadata)
+            request = pb.ModelInferRequest(model_name="echo", id="late")
+            tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 2])
+            tensor.contents.fp32_contents.extend([1.0, 2.0])
+            await asyncio.sleep(0.6)  # past 1.1 × 0.3 s: a resending client's stream ended
+            await call.write(request)
+            answer = await asyncio.wait_for(call.read(), 5)
+            assert answer.error_message == "" and answer.infer_response.id == "late"
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF

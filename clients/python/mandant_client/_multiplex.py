@@ -92,6 +92,10 @@ _RECEIVED_TOO_LARGE = re.compile(r"(CLIENT: )?Received message larger than max \
 #: How many times one call is sent again on a new stream after the server ended the
 #: stream it was sent on with OK without reading it (see the module).
 MAX_RESENDS = 3
+#: The stream's metadata saying that this client sends again the messages a stream
+#: ended with OK left unread: only then does the server end a stream at its
+#: connection age (a client that does not, tritonclient's, would never hear of them).
+RESENDS_UNREAD = ("mandant-stream-resends", "unread")
 
 
 class Unread(Unavailable):

@@ -156,7 +156,7 @@ class AioMultiplexer:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self._stub = stub
-        self._metadata = metadata
+        self._metadata = (*metadata, _multiplex.RESENDS_UNREAD)
         self._max_send_bytes = max_send_bytes
         self._slots = asyncio.Semaphore(max_in_flight)
         self._ids = _multiplex.WireIds()

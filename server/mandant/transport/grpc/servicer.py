@@ -22,6 +22,7 @@ from mandant.transport.grpc.model_config import model_config
 from mandant.transport.grpc.statistics import TENANT_METADATA, model_statistics
 from mandant.transport.grpc.stream import InferStream
 from mandant.types import Call, Tenant
+from mandant_client._multiplex import RESENDS_UNREAD as RESENDS
 from mandant_client._proto import grpc_service_pb2 as pb
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
@@ -147,7 +148,10 @@ class InferenceServicer:
             self._observer,
             self._door,
             self._cap,
-            self._max_stream_age_s,
+            # Ended at the connection's age only where the client sends the messages
+            # left unread again (mandant_client's multiplexed mode says so): others
+            # (tritonclient) would wait for their answers for ever.
+            self._max_stream_age_s if metadata_value(context, RESENDS[0]) == RESENDS[1] else None,
         )
         self._streams.add(stream)
         try:

@@ -32,9 +32,13 @@ a stream ends with status OK once the messages it has in flight are answered: it
 client's next call opens a new stream (elsewhere, or on the restarted server) instead
 of waiting out the drain on this one. So does a stream that has lived ``max_age_s``
 (``server.max_connection_age_s``, ±10% jitter as gRPC's, so that streams opened
-together do not end together): gRPC's GOAWAY at a connection's age cannot end a stream
-gracefully (Python gRPC gives no hook for it; the server kills the calls still open
-after the connection's grace), so Mandant ends each stream itself first. Either way no
+together do not end together) whose client sends the messages left unread again (its
+metadata ``mandant-stream-resends: unread``, as mandant_client's multiplexed mode
+sends): gRPC's GOAWAY at a connection's age cannot end a stream gracefully (Python
+gRPC gives no hook for it; the server kills the calls still open after the
+connection's grace), so Mandant ends such a stream itself first. Other clients'
+streams (tritonclient's, which would never hear of the messages left unread) are not
+ended so: they live until gRPC's grace for their connection runs out. Either way no
 message is read once the end is decided, and every message read is answered before the
 status; the trailing metadata ``mandant-stream-end`` says why (``connection-age``,
 ``server-stop``), and a client sends the messages not answered again on a new stream.
