@@ -153,9 +153,10 @@ class ServerConfig(_Frozen):
     #: multiplexed mandant_client says so in its metadata) is ended by the server
     #: (status OK, trailing metadata ``mandant-stream-end: connection-age``) once it has
     #: lived about this long (±10%), after answering every message it read; the client
-    #: sends the rest again on a new stream. Other clients' streams are not ended so. So the connection's grace is ``grace_s`` plus 1.1 x
-    #: this (a stream opened just before the GOAWAY lives its own age, then drains);
-    #: unary calls are only given longer.
+    #: sends the rest again on a new stream. Other clients' streams are not ended so.
+    #: So the connection's grace is ``grace_s`` plus 1.1 x this (a stream opened just
+    #: before the GOAWAY lives its own age, then drains); unary calls are only given
+    #: longer.
     max_connection_age_s: Annotated[float | None, Field(gt=0)] = None
     #: Calls (and stream messages) the whole server serves at once; one more is
     #: answered RESOURCE_EXHAUSTED (with pushback) before its message is parsed. With
