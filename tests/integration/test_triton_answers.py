@@ -342,6 +342,26 @@ async def test_one_tenant_s_short_deadlines_on_a_slow_model_leave_the_breaker_cl
         assert await outcome(globex, "sleepy", slow) is None
 
 
+async def test_short_deadlines_before_any_answer_leave_the_breaker_closed(
+    tmp_path: Path,
+) -> None:
+    """The same on a model that has answered nothing yet: how long it takes is not
+    known, so acme's calls that gave up at 0.15 s said nothing of Triton (they counted
+    as failures against a 0.1 s floor and opened the breaker for globex)."""
+    triton = {"timeout_s": 30.0, "health_interval_s": 0.05}
+    slow = np.full((1, 4), 0.4, np.float32)
+    async with (
+        fake_triton() as (url, _),
+        App(config(url, model(url, "sleepy", triton=triton)), tmp_path) as app,
+        client(app, "acme", 0.15) as acme,
+        client(app, "globex") as globex,
+    ):
+        for _ in range(3):
+            results = await asyncio.gather(*(outcome(acme, "sleepy", slow) for _ in range(4)))
+            assert all(isinstance(r, DeadlineExceeded) for r in results), results
+        assert await outcome(globex, "sleepy", slow) is None
+
+
 async def test_a_failed_config_poll_keeps_triton_s_max_batch_size(tmp_path: Path) -> None:
     """One ModelConfig poll that times out does not make Mandant forget Triton's
     max_batch_size (batches would go to Triton whole, be refused and be split); a

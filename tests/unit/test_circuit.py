@@ -234,10 +234,12 @@ def test_a_probe_of_an_earlier_opening_frees_no_slot_of_this_one(clock: FakeCloc
     ],
 )
 def test_triton_s_queue_refusals_are_busy_not_down(details: str) -> None:
-    """Triton's own queue policy answers UNAVAILABLE: a busy model that answered."""
+    """Triton's own queue policy answers UNAVAILABLE: a busy model, not a dead Triton;
+    but not an answer of the model either (a wedged model's full queue refuses at
+    once, and as answers those refusals kept it from ever opening the breaker)."""
     assert translate(grpc.StatusCode.UNAVAILABLE, details=details) == (
         Fault.BUSY,
-        CallOutcome.ANSWERED,
+        CallOutcome.ABANDONED,
     )
     assert translate(grpc.StatusCode.UNAVAILABLE, details="Socket closed")[1] is (
         CallOutcome.FAILED

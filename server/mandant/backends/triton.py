@@ -287,11 +287,15 @@ class TritonBackend:
         caller gave up first (``by_caller``: the caller's deadline, a cancel), also
         where it waited less than Triton usually takes (:data:`STALL_FACTOR`), so that
         one tenant's short deadlines on a slow model that answers do not shut it for
-        all. Else FAILED: Triton answered nobody, whoever set the deadline."""
+        all, and before Triton answered any call of this model (a model wedged from
+        the start opens it by ``timeout_s`` only). Else FAILED: Triton answered nobody,
+        whoever set the deadline."""
         if self._answered_at > sent:
             return CallOutcome.ABANDONED
         if not by_caller:
             return CallOutcome.FAILED
+        if not self._slowest_s:  # no answer yet: how long Triton takes is not known
+            return CallOutcome.ABANDONED
         stall_s = max(MIN_STALL_S, STALL_FACTOR * self._slowest_s)
         waited = self._clock() - sent
         return CallOutcome.FAILED if waited >= stall_s else CallOutcome.ABANDONED

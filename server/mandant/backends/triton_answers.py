@@ -79,7 +79,10 @@ TRANSLATION: Mapping[grpc.StatusCode, tuple[Fault, CallOutcome]] = {
 _BACKEND_ANSWERED = (Fault.BACKEND, CallOutcome.ANSWERED)
 #: Triton's UNAVAILABLE messages that are its scheduler's queue policy refusing a
 #: request (``max_queue_size`` reached; ``default_timeout_microseconds`` passed in its
-#: queue with ``timeout_action: REJECT``): a busy model that answered, not a dead one.
+#: queue with ``timeout_action: REJECT``): a busy model, not a dead Triton, but no
+#: answer of the model either (a wedged model's full queue refuses at once): they say
+#: nothing to the breaker (ABANDONED), as an answer they kept the calls queued behind
+#: a wedged model from ever counting.
 _QUEUE_REFUSALS = ("exceeds maximum queue size", "request timeout expired")
 
 
@@ -93,7 +96,7 @@ def translate(
     if code == grpc.StatusCode.UNAVAILABLE and any(
         refusal in details.lower() for refusal in _QUEUE_REFUSALS
     ):
-        return Fault.BUSY, CallOutcome.ANSWERED
+        return Fault.BUSY, CallOutcome.ABANDONED
     return TRANSLATION.get(code, _BACKEND_ANSWERED)
 
 
