@@ -76,6 +76,9 @@ class EngineServer:
         self._server: asyncio.AbstractServer | None = None
         self._peers: set[_FrontEnd] = set()
         self._watch: asyncio.Task[None] | None = None
+        #: The SETTLE round running, and the one the reports that came since wait for.
+        self._round: asyncio.Future[None] | None = None
+        self._next_round: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         if self._path.exists():  # left by an engine that was killed
@@ -103,14 +106,31 @@ class EngineServer:
                         os.kill(peer.pid, signal.SIGKILL)
                     peer.close()
 
-    async def settle(self, wait_s: float = SETTLE_WAIT_S) -> None:
+    async def settle(self) -> None:
         """Until every front end has sent the observer events of the calls it has
         answered (they ride with its next requests, or leave within
         ``EVENTS_WAIT_S``): a usage report or ModelStatistics read after that counts
-        every call whose client has its answer. At most ``wait_s``."""
-        waits = [peer.settle() for peer in self._peers if peer.pinged]
-        if waits:
-            await asyncio.wait(waits, timeout=wait_s)
+        every call whose client has its answer. At most ``SETTLE_WAIT_S`` a round.
+
+        Reports at once share rounds: one round (a SETTLE to each front end) runs at a
+        time; a report that comes while one runs waits for the next, which starts
+        after it (a round that started before the report might miss its calls), and
+        every report that comes meanwhile shares that next round."""
+        if self._next_round is None:
+            self._next_round = asyncio.ensure_future(self._round_after(self._round))
+        await asyncio.shield(self._next_round)
+
+    async def _round_after(self, running: asyncio.Future[None] | None) -> None:
+        if running is not None:
+            await asyncio.wait([running])
+        self._round, self._next_round = self._next_round, None
+        try:
+            waits = [peer.settle() for peer in self._peers if peer.pinged]
+            if waits:
+                await asyncio.wait(waits, timeout=SETTLE_WAIT_S)
+        finally:
+            if self._round is asyncio.current_task():
+                self._round = None
 
     @property
     def in_flight(self) -> int:
