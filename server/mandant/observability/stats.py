@@ -86,7 +86,7 @@ class ModelStats:
 class InferenceStats:
     """``wall_clock_s``: seconds since the epoch (for ``last_inference`` only).
     ``settle``: until the events of calls already answered are recorded (what a
-    ModelStatistics call awaits, :meth:`settled`)."""
+    ModelStatistics call awaits first, as ``settled``)."""
 
     def __init__(
         self, wall_clock_s: Callable[[], float] = time.time, settle: Settle = recorded

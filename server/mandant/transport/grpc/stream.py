@@ -57,7 +57,7 @@ from typing import Any
 import grpc
 
 from mandant.context import current_request_id
-from mandant.errors import InvalidInput, MandantError, ResourceExhausted, Unauthenticated
+from mandant.errors import MandantError, ResourceExhausted, Unauthenticated
 from mandant.events import Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.service import DataPlane
@@ -286,10 +286,11 @@ def _error_response(
 
 
 def _parsed(raw: bytes) -> pb.ModelInferRequest | None:
-    """The message in ``raw``, for its id and model; None if it is not one."""
+    """The message in ``raw``, for its id and model; None if it is not one (or parsing
+    fails otherwise: this runs where an answer is being made, and must not raise)."""
     try:
         parsed: pb.ModelInferRequest = parse(pb.ModelInferRequest, raw)
-    except InvalidInput:
+    except Exception:
         return None
     return parsed
 
