@@ -1,0 +1,106 @@
+"""Reading a configuration: :func:`load_config` reads a YAML file and replaces
+``${NAME}`` in its string values with environment variables (``$${`` is a literal
+``${``), :func:`parse_config` validates data already read, and :func:`reloaded` is what
+a reload (SIGHUP) keeps: the new configuration if it validates with its models, else
+None, its errors logged."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from mandant.config._base import _errors
+from mandant.config.root import MandantConfig
+from mandant.errors import ConfigError
+
+# The package's name, as before the split: log lines name the logger.
+logger = logging.getLogger(__package__)
+
+#: ``${NAME}`` (group 2) or the escape ``$${…}`` (group 1 set): a literal ``${…}``.
+_ENV_REFERENCE = re.compile(r"\$(\$?)\{([^{}]*)\}")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_config(data: object, source: str = "configuration") -> MandantConfig:
+    try:
+        return MandantConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _errors(exc)) from None
+
+
+def _expand_text(text: str, env: Mapping[str, str]) -> str:
+    """``text`` with each ``${NAME}`` replaced by ``env[NAME]``; raises ValueError for an
+    unset variable or a malformed reference. Values are inserted as they are (never
+    expanded again) and never appear in an error message."""
+
+    def replace(match: re.Match[str]) -> str:
+        escaped, name = match.group(1), match.group(2)
+        if escaped:
+            return "${" + name + "}"
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"'${{{name[:64]}}}' is not a variable reference (letters, digits, _)")
+        if name not in env:
+            raise ValueError(f"environment variable {name} is not set")
+        return env[name]
+
+    if "${" in _ENV_REFERENCE.sub("", text):
+        raise ValueError("'${' without a closing '}' (write '$${' for a literal '${')")
+    return _ENV_REFERENCE.sub(replace, text)
+
+
+def _expand_env(
+    data: object, env: Mapping[str, str], path: str, errors: list[tuple[str, str]]
+) -> object:
+    """``data`` with ``${NAME}`` expanded in every string value (not in mapping keys);
+    problems are appended to ``errors`` with their field path."""
+    if isinstance(data, str):
+        try:
+            return _expand_text(data, env)
+        except ValueError as exc:
+            errors.append((path or "(top level)", str(exc)))
+            return data
+    if isinstance(data, dict):
+        return {
+            key: _expand_env(value, env, f"{path}.{key}" if path else str(key), errors)
+            for key, value in data.items()
+        }
+    if isinstance(data, list):
+        return [
+            _expand_env(item, env, f"{path}.{index}" if path else str(index), errors)
+            for index, item in enumerate(data)
+        ]
+    return data
+
+
+def reloaded(load: Callable[[], MandantConfig], base_dir: Path) -> MandantConfig | None:
+    """What ``load`` reads, if it validates with its models under ``base_dir``; else
+    None, its errors logged: a reload keeps the configuration it runs."""
+    try:
+        config = load()
+        config.model_specs(base_dir)
+    except ConfigError as exc:
+        logger.error("configuration reload refused, keeping the running one: %s", exc)
+        return None
+    return config
+
+
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> MandantConfig:
+    """Read, expand ``${NAME}`` from ``env`` (default: the process environment) and
+    validate the file at ``path``; a reference to an unset variable is an error."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(str(path), [("(file)", exc.strerror or str(exc))]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [("(yaml)", str(exc).replace("\n", " "))]) from None
+    errors: list[tuple[str, str]] = []
+    data = _expand_env(data, os.environ if env is None else env, "", errors)
+    if errors:
+        raise ConfigError(str(path), errors)
+    return parse_config(data if data is not None else {}, str(path))

@@ -1,0 +1,168 @@
+"""``server:``: the listeners and what they accept: ports and bind addresses, TLS
+(and mTLS), message and tensor bounds, connection and concurrency limits, admin keys,
+metrics access, readiness and the number of front-end workers; with the defaults other
+modules bound requests by."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from mandant.config._base import _Frozen, _hashes_only, _unreadable
+
+
+class TlsConfig(_Frozen):
+    """``server.tls``: the server's certificate and key (PEM) for the gRPC and REST
+    ports. ``client_ca``: require client certificates signed by this CA (mTLS) there;
+    ``http``: serve the HTTP port over TLS too, with the same settings. Relative paths
+    are relative to the configuration file; files are read again on SIGHUP."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    http: bool = False
+
+    def resolved(self, base_dir: Path) -> TlsConfig:
+        """These settings with every path made absolute against ``base_dir``."""
+        return self.model_copy(
+            update={
+                "cert": base_dir / self.cert,
+                "key": base_dir / self.key,
+                "client_ca": base_dir / self.client_ca if self.client_ca else None,
+            }
+        )
+
+    def missing_files(self, base_dir: Path) -> list[tuple[str, str]]:
+        """Each of these files that cannot be read, as (field path, reason)."""
+        tls = self.resolved(base_dir)
+        named = {"cert": tls.cert, "key": tls.key, "client_ca": tls.client_ca}
+        return [
+            (f"server.tls.{field}", why)
+            for field, path in named.items()
+            if path is not None and (why := _unreadable(path)) is not None
+        ]
+
+
+#: Default of ``server.max_bytes_elements``: a BYTES tensor at this bound (262,144
+#: elements) is unframed in about 1-50 ms (empty to mixed lengths) on one core of the
+#: dev machine, and its answer framed in as much again.
+DEFAULT_MAX_BYTES_ELEMENTS = 1 << 18
+
+#: Default of ``server.max_json_bytes``: the JSON of a REST inference request is
+#: parsed on the event loop, at about 16 ms per MB (float arrays, one core of the dev
+#: machine), so this bounds what one request stalls every other call by to ~35 ms.
+DEFAULT_MAX_JSON_BYTES = 2 << 20
+
+
+class InternalHttpConfig(_Frozen):
+    """A second HTTP listener for operators only (bind it to a private address): the
+    dashboard, ``/metrics``, ``/usage``, ``/healthz`` and ``/readyz``, no key needed."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)]
+
+
+class ServerConfig(_Frozen):
+    #: Bind address of the gRPC and REST ports (and of the HTTP port without ``http_host``).
+    host: str = "127.0.0.1"
+    #: Bind address of ``http_port`` (dashboard, ``/metrics``, probes) where it must
+    #: differ from ``host``, e.g. gRPC on ``0.0.0.0`` and the HTTP port on a private
+    #: address; unset: ``host``. See :attr:`http_bind_host`.
+    http_host: str | None = None
+    grpc_port: Annotated[int, Field(ge=0, le=65535)] = 8001
+    http_port: Annotated[int, Field(ge=0, le=65535)] = 8002
+    #: KServe v2 REST (Triton's HTTP/REST protocol), ``transport/rest``.
+    rest_port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    max_message_bytes: Annotated[int, Field(gt=0)] = 64 * 1024 * 1024
+    grace_s: Annotated[float, Field(ge=0)] = 10.0
+    #: How long one model version may take to load and warm up (at start, on a load or
+    #: a reload) before it counts as failed to load; the other models and model
+    #: changes never wait for it. An in-process model's loading thread cannot be
+    #: stopped: it may run on in the background, its result dropped.
+    model_load_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    #: Concurrent calls one client connection may have in the server; further calls
+    #: wait in the client's HTTP/2 layer, costing this server nothing. Bounds how much
+    #: of a CPU-bound front end one connection can occupy.
+    max_concurrent_streams: Annotated[int, Field(gt=0)] = 1024
+    #: Close a client's HTTP/2 connection (GOAWAY) after about this long (gRPC adds
+    #: ±10% jitter), its calls given ``grace_s`` to finish: a long-lived client then
+    #: reconnects, and an L4 balancer (a Kubernetes Service) spreads it again, also
+    #: onto replicas added since. None: connections live as long as the client's.
+    #: A ModelStreamInfer stream of a client that sends unread messages again (a
+    #: multiplexed mandant_client says so in its metadata) is ended by the server
+    #: (status OK, trailing metadata ``mandant-stream-end: connection-age``) once it has
+    #: lived about this long (±10%), after answering every message it read; the client
+    #: sends the rest again on a new stream. Other clients' streams are not ended so.
+    #: So the connection's grace is ``grace_s`` plus 1.1 x this (a stream opened just
+    #: before the GOAWAY lives its own age, then drains); unary calls are only given
+    #: longer.
+    max_connection_age_s: Annotated[float | None, Field(gt=0)] = None
+    #: Calls (and stream messages) the whole server serves at once; one more is
+    #: answered RESOURCE_EXHAUSTED (with pushback) before its message is parsed. With
+    #: ``max_concurrent_streams`` it bounds what slow readers can make the server hold.
+    #: An open stream takes a place only while a message of it is served.
+    max_concurrent_rpcs: Annotated[int, Field(gt=0)] = 4096
+    #: Inference calls (unary, and stream messages) in progress before tenants take
+    #: turns at the front door, by weight, for the next free place: a flooding tenant's
+    #: surplus waits there, undecoded, while a light tenant's call walks past it.
+    front_door_slots: Annotated[int, Field(gt=0)] = 128
+    #: Messages of one ModelStreamInfer stream served at once; beyond it the stream is
+    #: not read until one is answered (backpressure, not buffering).
+    max_stream_inflight: Annotated[int, Field(gt=0)] = 128
+    #: How much lower than the event loop the threads that run in-process (torch) models
+    #: on the CPU are scheduled: a Linux nice increment, 0 (the same) to 19 (instances on
+    #: CUDA keep the loop's priority: they mostly wait for the device). On a busy core the
+    #: kernel then runs the front end's work for newly arrived calls (a light tenant's
+    #: among them) before the rest of a batch, instead of time-slicing the two; the
+    #: batch still gets the CPU the front end leaves (nice 5: about a quarter of it
+    #: while both want it). Applies to models loaded after start-up too; a reload
+    #: changes it at the next restart.
+    compute_nice: Annotated[int, Field(ge=0, le=19)] = 5
+    #: Most elements one BYTES tensor (raw or typed ``bytes_contents``) may hold; BYTES
+    #: are unframed element by element on the event loop, so more is refused
+    #: (INVALID_ARGUMENT) before any is read. Fixed-size tensors are zero-copy views
+    #: bounded by ``max_message_bytes`` alone.
+    max_bytes_elements: Annotated[int, Field(gt=0)] = DEFAULT_MAX_BYTES_ELEMENTS
+    #: Largest JSON part of a REST inference request (the whole body, or what precedes
+    #: the binary tensors): JSON is parsed on the event loop, so more is refused (413)
+    #: before it is read; tensors that large travel as binary data (Triton's binary
+    #: tensor extension, ``tritonclient.http``'s default), bounded by
+    #: ``max_message_bytes`` alone.
+    max_json_bytes: Annotated[int, Field(gt=0)] = DEFAULT_MAX_JSON_BYTES
+    tls: TlsConfig | None = None
+    #: Hashes of the operators' keys (``mandant keygen``): every tenant's figures on
+    #: the HTTP port, and ``AdminService`` over gRPC. Reloaded on SIGHUP.
+    admin_keys: tuple[str, ...] = ()
+    #: Who may read ``/metrics``, ``/usage`` and the dashboard's data on ``http_port``:
+    #: ``admin``: an admin key sees every tenant, a tenant key its own figures only
+    #: (``/metrics``: admins only); ``none``: anyone who reaches the port.
+    metrics_auth: Literal["admin", "none"] = "admin"
+    #: Optional internal-only listener serving the same endpoints without a key.
+    internal_http: InternalHttpConfig | None = None
+    #: ``/readyz``, gRPC health and ServerReady report ready while ``any_model`` (at
+    #: least one model) or ``all_models`` is ready; never while draining.
+    ready_when: Literal["all_models", "any_model"] = "any_model"
+    #: gRPC front-end processes: 1 serves everything in one process; N > 1 runs N front
+    #: ends on the one gRPC port and one engine process that holds the models, the fair
+    #: batcher, admission, metrics and the REST and HTTP ports (``workers/``);
+    #: ``auto``: one per core but the engine's.
+    workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = 1
+
+    @property
+    def http_bind_host(self) -> str:
+        """The address ``http_port`` binds: ``http_host``, else ``host``."""
+        return self.http_host if self.http_host is not None else self.host
+
+    @field_validator("admin_keys")
+    @classmethod
+    def _admin_hashes_only(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        return _hashes_only(keys)
+
+    @model_validator(mode="after")
+    def _ports(self) -> ServerConfig:
+        port = self.internal_http.port if self.internal_http is not None else 0
+        if port and port in (self.grpc_port, self.http_port):
+            raise ValueError("'internal_http.port' must differ from grpc_port and http_port")
+        return self
