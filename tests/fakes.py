@@ -225,7 +225,7 @@ class RecordingObserver:
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         return None
 
-    def refunded(self, tenant: str, model: str, rows: int) -> None:
+    def refunded(self, tenant: str, model: str, rows: int, admitted_at: float = 0.0) -> None:
         self.refunds.append((tenant, model, rows))
 
     def rejected(self, tenant: str, reason: str, model: str = "") -> None:

@@ -66,8 +66,10 @@ class Observer(Protocol):
 
     def admitted(self, tenant: str, model: str, rows: int) -> None: ...
 
-    def refunded(self, tenant: str, model: str, rows: int) -> None:
-        """Admitted rows given back: the model did not run for the call."""
+    def refunded(self, tenant: str, model: str, rows: int, admitted_at: float = 0.0) -> None:
+        """Admitted rows given back: the model did not run for the call;
+        ``admitted_at``: when they were admitted (wall clock, epoch s; 0: now), so that
+        they leave the day and month they were counted in."""
         ...
 
     def rejected(self, tenant: str, reason: str, model: str = "") -> None:
@@ -114,7 +116,7 @@ class NullObserver:
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         return None
 
-    def refunded(self, tenant: str, model: str, rows: int) -> None:
+    def refunded(self, tenant: str, model: str, rows: int, admitted_at: float = 0.0) -> None:
         return None
 
     def rejected(self, tenant: str, reason: str, model: str = "") -> None:

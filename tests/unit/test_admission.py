@@ -60,7 +60,7 @@ class RecordingObserver(NullObserver):
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         self.events.append(("admitted", tenant, model, rows))
 
-    def refunded(self, tenant: str, model: str, rows: int) -> None:
+    def refunded(self, tenant: str, model: str, rows: int, admitted_at: float = 0.0) -> None:
         self.events.append(("refunded", tenant, model, rows))
 
     def rejected(self, tenant: str, reason: str, model: str = "") -> None:
@@ -247,7 +247,7 @@ async def test_a_refund_goes_to_the_store_that_charged_the_call() -> None:
     cfg = config({"id": "acme", "rate_limit": {"requests_per_s": 1, "burst": 1}})
     adm, _, _ = admission(cfg, shared=store)
     (await adm.admit(ACME, ECHO, 3)).release(refund=True)
-    assert store.refunds == [("acme", 3, 0.0)]
+    assert store.refunds == [("acme", 3, WALL)]  # when it was admitted
     store.down = True
     local = await adm.admit(ACME, ECHO, 1)  # the local fallback's one token
     local.release(refund=True)

@@ -3,6 +3,8 @@ the SLO counters, cost split by rows; the in-process dashboard stats; /usage dat
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -360,3 +362,22 @@ def test_a_tenant_model_named_like_a_shared_one_has_its_own_batch_series(parts: 
     batches = {(m["name"], m["owner"]): m["batch_sizes"] for m in snap["models"]}
     assert batches[("classifier", "globex")] == {"1": 1, "3": 1}
     assert batches[("classifier", "")] == {"2": 1, "8": 1}
+
+
+def test_admitted_rows_leave_the_day_and_month_they_were_counted_in() -> None:
+    """40 rows admitted at Dec 31 23:59:59, 25 at Jan 1 00:00:01, then the first call
+    refunded: it took its 40 off the new day and month (0 shown, not 25); and a wall
+    clock stepped back across midnight emptied the later day's count."""
+    new_year = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    wall = [new_year - 1.0]
+    live = LiveStats(["acme"], LIVE_MODELS, wall=lambda: wall[0])
+    live.record_admitted("acme", 40)
+    wall[0] = new_year + 1.0
+    live.record_admitted("acme", 25)
+    live.record_refunded("acme", 40, admitted_at=new_year - 1.0)
+    assert live.quota_used("acme") == {"rows_today": 25, "rows_this_month": 25}
+    live.record_refunded("acme", 5, admitted_at=new_year + 1.0)
+    assert live.quota_used("acme") == {"rows_today": 20, "rows_this_month": 20}
+    wall[0] = new_year - 2.0  # NTP steps the clock back across midnight
+    live.record_admitted("acme", 1)
+    assert live.quota_used("acme") == {"rows_today": 21, "rows_this_month": 21}

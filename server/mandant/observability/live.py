@@ -217,20 +217,24 @@ class LiveStats:
             return
         day, month = self._periods()
         counts = self._admitted.setdefault(tenant, [day, 0, month, 0])
-        if counts[0] != day:
+        # A new day (month) starts the count again; a wall clock stepped back (NTP)
+        # across midnight goes on counting in the later one (it emptied it).
+        if day > counts[0]:
             counts[0], counts[1] = day, 0
-        if counts[2] != month:
+        if month > counts[2]:
             counts[2], counts[3] = month, 0
         counts[1] += rows
         counts[3] += rows
 
-    def record_refunded(self, tenant: str, rows: int) -> None:
-        """Admitted rows given back (the model did not run them): taken off today's
-        and this month's counts, as quotas give them back."""
+    def record_refunded(self, tenant: str, rows: int, admitted_at: float = 0.0) -> None:
+        """Admitted rows given back (the model did not run them): taken off the counts
+        of the day and month they were admitted in (``admitted_at``, wall clock; 0:
+        now), as quotas give them back: a call admitted before midnight and refunded
+        after it took them off the new day's."""
         counts = self._admitted.get(tenant)
         if counts is None:
             return
-        day, month = self._periods()
+        day, month = self._periods(admitted_at) if admitted_at else self._periods()
         if counts[0] == day:
             counts[1] = max(0, counts[1] - rows)
         if counts[2] == month:
@@ -240,17 +244,20 @@ class LiveStats:
         """Rows admitted by this process today and this month (UTC), net of refunds."""
         day, month = self._periods()
         counts = self._admitted.get(tenant, [day, 0, month, 0])
-        return {
-            "rows_today": counts[1] if counts[0] == day else 0,
-            "rows_this_month": counts[3] if counts[2] == month else 0,
+        return {  # a count ahead of the wall clock (stepped back) is still the latest
+            "rows_today": counts[1] if counts[0] >= day else 0,
+            "rows_this_month": counts[3] if counts[2] >= month else 0,
         }
 
-    def _periods(self) -> tuple[int, int]:
-        """UTC day number and year*12+month, the month worked out once per day."""
-        day = int(self._wall() // 86400)
+    def _periods(self, wall: float | None = None) -> tuple[int, int]:
+        """UTC day number and year*12+month of ``wall`` (default: now), the month
+        worked out once per day."""
+        day = int((self._wall() if wall is None else wall) // 86400)
         if day != self._day_cache[0]:
-            now = time.gmtime(day * 86400)
-            self._day_cache = (day, now.tm_year * 12 + now.tm_mon)
+            when = time.gmtime(day * 86400)
+            if wall is not None:  # another day than now's: not cached
+                return day, when.tm_year * 12 + when.tm_mon
+            self._day_cache = (day, when.tm_year * 12 + when.tm_mon)
         return self._day_cache
 
     def snapshot(self, slo: SloTracker, only: str | None = None) -> dict[str, Any]:

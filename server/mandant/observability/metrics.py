@@ -247,11 +247,11 @@ class PrometheusObserver:
         if self._live is not None:
             self._live.record_admitted(tenant, rows)
 
-    def refunded(self, tenant: str, model: str, rows: int) -> None:
+    def refunded(self, tenant: str, model: str, rows: int, admitted_at: float = 0.0) -> None:
         tenant = self._tenant(tenant)
         self.refunded_rows.inc((tenant, self._model(model)), rows)
         if self._live is not None:
-            self._live.record_refunded(tenant, rows)
+            self._live.record_refunded(tenant, rows, admitted_at)
 
     def rejected(self, tenant: str, reason: str, model: str = "") -> None:
         tenant, model = self._tenant(tenant), self._model(model)

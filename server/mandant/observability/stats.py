@@ -238,8 +238,8 @@ class StatsObserver:
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         self._forward.admitted(tenant, model, rows)
 
-    def refunded(self, tenant: str, model: str, rows: int) -> None:
-        self._forward.refunded(tenant, model, rows)
+    def refunded(self, tenant: str, model: str, rows: int, admitted_at: float = 0.0) -> None:
+        self._forward.refunded(tenant, model, rows, admitted_at)
 
     def rejected(self, tenant: str, reason: str, model: str = "") -> None:
         self._forward.rejected(tenant, reason, model)

@@ -112,8 +112,8 @@ class FleetCounting:
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         self._inner.admitted(tenant, model, rows)
 
-    def refunded(self, tenant: str, model: str, rows: int) -> None:
-        self._inner.refunded(tenant, model, rows)
+    def refunded(self, tenant: str, model: str, rows: int, admitted_at: float = 0.0) -> None:
+        self._inner.refunded(tenant, model, rows, admitted_at)
 
     def rejected(self, tenant: str, reason: str, model: str = "") -> None:
         self._inner.rejected(tenant, reason, model)

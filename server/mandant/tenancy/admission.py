@@ -80,7 +80,8 @@ class _Refunds(Protocol):
 
 class _InflightPermit:
     """One admitted call: its concurrency slot, and what ``store`` took for it (the
-    rows of ``plan``'s limits, quota rows in the period of ``wall``)."""
+    rows of ``plan``'s limits, quota rows in the period of ``wall``, when it was
+    admitted)."""
 
     __slots__ = ("_admission", "_model", "_plan", "_rows", "_store", "_tenant", "_wall")
 
@@ -110,7 +111,7 @@ class _InflightPermit:
         if refund:
             if self._store is not None:
                 self._store.refund(self._plan, self._rows, self._wall)
-            admission.refunded(self._tenant, self._model, self._rows)
+            admission.refunded(self._tenant, self._model, self._rows, self._wall)
 
 
 def _number(value: float) -> str:
@@ -258,10 +259,10 @@ class TenantAdmission:
         # Hold the slot while the store decides (the shared store awaits Redis).
         self._inflight[tenant.id] = inflight + 1
         store: _Refunds | None = None
-        wall = 0.0
+        # When the rows are admitted: quotas count them in its day and month, and a
+        # refund gives them back there (also the dashboard's and reports' counts).
+        wall = self._wall()
         if plan.stored:
-            if plan.quotas:
-                wall = self._wall()
             try:
                 if self._shared is None:
                     store, denial = self._local, self._local.acquire(plan, rows, wall)
@@ -285,9 +286,9 @@ class TenantAdmission:
         """A permit was released (called by the permit, once)."""
         self._inflight[tenant] -= 1
 
-    def refunded(self, tenant: str, model: str, rows: int) -> None:
+    def refunded(self, tenant: str, model: str, rows: int, admitted_at: float) -> None:
         """A released permit gave its rows back (the model did not run for it)."""
-        self._observer.refunded(tenant, model, rows)
+        self._observer.refunded(tenant, model, rows, admitted_at)
 
     async def _acquire_shared(
         self, shared: SharedStore, plan: Plan, rows: int, wall: float

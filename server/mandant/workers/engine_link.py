@@ -363,8 +363,8 @@ class RemoteObserver:
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         self._link.report("admitted", tenant, model, rows)
 
-    def refunded(self, tenant: str, model: str, rows: int) -> None:
-        self._link.report("refunded", tenant, model, rows)
+    def refunded(self, tenant: str, model: str, rows: int, admitted_at: float = 0.0) -> None:
+        self._link.report("refunded", tenant, model, rows, admitted_at)
 
     def rejected(self, tenant: str, reason: str, model: str = "") -> None:
         self._link.report("rejected", tenant, reason, model)
