@@ -242,6 +242,25 @@ async def test_quota_rows_go_back_to_the_day_they_were_counted_in() -> None:
         await adm.admit(ACME, ECHO, 36)
 
 
+async def test_a_wall_stepped_back_over_midnight_counts_and_refunds_on_the_new_day() -> None:
+    """NTP steps the wall back from 00:00:01 to 23:59:58 the day before: the local
+    count stays on the new day, a call charged to it then is given back to it, and
+    a refusal's pushback is at most a day."""
+    adm, _, wall = admission(config({"id": "acme", "quota": {"rows_per_day": 100}}))
+    wall.now = datetime(2024, 1, 2, 0, 0, 1, tzinfo=UTC).timestamp()
+    (await adm.admit(ACME, ECHO, 50)).release()
+    wall.now -= 3
+    permit = await adm.admit(ACME, ECHO, 40)  # counted on Jan 2, whatever the wall says
+    assert (await adm.quota_used("acme"))["rows_today"] == 90
+    permit.release(refund=True)
+    assert (await adm.quota_used("acme"))["rows_today"] == 50
+    with pytest.raises(QuotaExceeded) as refused:
+        await adm.admit(ACME, ECHO, 51)
+    assert refused.value.retry_after_s == pytest.approx(86399)  # from 00:00:01, not 23:59:58
+    wall.now += 2  # the wall's own midnight: still Jan 2 for the count
+    assert (await adm.quota_used("acme"))["rows_today"] == 50
+
+
 async def test_a_refund_goes_to_the_store_that_charged_the_call() -> None:
     store = FlakyStore()
     cfg = config({"id": "acme", "rate_limit": {"requests_per_s": 1, "burst": 1}})

@@ -231,6 +231,17 @@ def test_quota_rows_given_back_only_within_the_period_they_were_counted_in() -> 
     assert counter.used(midnight + 1) == 7
 
 
+def test_quota_pushback_from_a_wall_behind_the_period_is_at_most_the_period() -> None:
+    """The wall stepped back before the counter's day: the count stays on its day
+    (no earlier reset), and the wait is counted from the day's start."""
+    counter = QuotaCounter(Quota("rows_per_day", 100, "day"), _ts(2024, 1, 2, 0, 0, 1))
+    counter.take(60, _ts(2024, 1, 2, 0, 0, 1))
+    back = _ts(2024, 1, 1, 23, 59, 58)
+    assert counter.wait_s(41, back) == 86400.0
+    counter.give(60, _ts(2024, 1, 2, 0, 0, 1), back)
+    assert counter.used(back) == 0
+
+
 def test_quota_reconfigure_keeps_rows_used() -> None:
     wall = _ts(2024, 5, 17, 8)
     counter = QuotaCounter(Quota("rows_per_day", 100, "day"), wall)

@@ -279,6 +279,8 @@ class TenantAdmission:
                     denial.scope[1] or "",  # the model of a per-model limit
                 )
                 raise _error(denial)
+            if store is self._local:  # it just charged: keep the time its rows count at
+                wall = self._local.quota_wall(wall)
         self._observer.admitted(tenant.id, model.name, rows)
         return _InflightPermit(self, tenant.id, model.name, store, plan, rows, wall)
 

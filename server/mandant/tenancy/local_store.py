@@ -4,6 +4,11 @@ Runs on the event loop without awaiting, so check-then-take is atomic; a call
 admitted but then not run is given back what it took (``refund``). State is
 kept by (scope, limit name); a limit whose numbers change keeps what it has saved
 up or used (clamped to the new burst), so a configuration reload loses no counts.
+
+Quota time never goes back: a wall clock stepped back (NTP) reads as the latest wall
+time seen (``quota_wall``), so rows taken then count in the current period, a refund
+of them (its permit keeps that time) goes back to it, and a refusal's pushback is at
+most one period. The wall's own next midnight does not start a new count early.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class LocalStore:
     def __init__(self, clock: Clock = MONOTONIC, wall: Clock = WALL) -> None:
         self._clock = clock
         self._wall = wall
+        self._latest_wall = 0.0  # quota time: the latest wall time seen
         self._buckets: dict[tuple[Scope, str], TokenBucket] = {}
         self._counters: dict[tuple[Scope, str], QuotaCounter] = {}
         self._resolved: dict[tuple[str, str], tuple[Plan, list[_Bucket], list[_Counter]]] = {}
@@ -32,11 +38,14 @@ class LocalStore:
     def acquire(self, plan: Plan, rows: int, wall: float) -> Denial | None:
         """Take from every bucket and quota of ``plan``, or from none and say why:
         the limit with the longest wait, so that the call fits every limit when that
-        wait is over. Quota rows count in the UTC day and month of ``wall``."""
+        wait is over. Quota rows count in the UTC day and month of
+        ``quota_wall(wall)``: keep that time for ``refund``."""
         resolved = self._resolved.get((plan.tenant, plan.model))
         if resolved is None or resolved[0] is not plan:
             resolved = self._resolve(plan)
         _, buckets, counters = resolved
+        if counters:
+            wall = self._seen(wall)
         now = 0.0
         denial: Denial | None = None
         if buckets:
@@ -59,15 +68,16 @@ class LocalStore:
 
     def refund(self, plan: Plan, rows: int, wall: float) -> None:
         """Give back what ``acquire(plan, rows, wall)`` took: tokens up to each
-        bucket's burst, quota rows if their period still lasts. State forgotten
-        since (a removed tenant) stays forgotten."""
+        bucket's burst, quota rows if their period still lasts. ``wall``: the
+        ``quota_wall`` of the acquire. State forgotten since (a removed tenant) stays
+        forgotten."""
         now = self._clock()
         for scope, rate in plan.buckets:
             bucket = self._buckets.get((scope, rate.name))
             if bucket is not None:
                 bucket.give(cost(rate, rows), now)
         if plan.quotas:
-            wall_now = self._wall()
+            wall_now = self._seen(self._wall())
             for scope, quota in plan.quotas:
                 counter = self._counters.get((scope, quota.name))
                 if counter is not None:
@@ -76,7 +86,7 @@ class LocalStore:
     def _resolve(self, plan: Plan) -> tuple[Plan, list[_Bucket], list[_Counter]]:
         """The state behind each limit of a (new) plan; a limit whose numbers changed
         keeps its state, reconfigured."""
-        now, wall = self._clock(), self._wall()
+        now, wall = self._clock(), self._seen(self._wall())
         buckets: list[_Bucket] = []
         for scope, rate in plan.buckets:
             bucket = self._buckets.get((scope, rate.name))
@@ -106,4 +116,14 @@ class LocalStore:
     def used(self, scope: Scope, quota_name: str) -> int:
         """Rows counted against one quota in its current period (0 if none yet)."""
         counter = self._counters.get((scope, quota_name))
-        return 0 if counter is None else counter.used(self._wall())
+        return 0 if counter is None else counter.used(self._seen(self._wall()))
+
+    def quota_wall(self, wall: float) -> float:
+        """The wall time quota rows of a call at ``wall`` count at (module doc):
+        ``wall``, or the latest wall time this store has seen if that is later."""
+        return wall if wall > self._latest_wall else self._latest_wall
+
+    def _seen(self, wall: float) -> float:
+        if wall > self._latest_wall:
+            self._latest_wall = wall
+        return self._latest_wall

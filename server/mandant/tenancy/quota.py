@@ -74,35 +74,44 @@ class PeriodTracker:
 
 
 class QuotaCounter:
-    """Rows used in the current period of one quota, in process memory."""
+    """Rows used in the current period of one quota, in process memory. The period
+    only moves forward: rows taken at a wall time before it (the clock stepped back)
+    count in it, so a refund must name a time within it (``LocalStore`` gives its
+    counters no wall time older than the latest it has seen, and its permits keep
+    that time)."""
 
-    __slots__ = ("_reset_at", "_used", "quota")
+    __slots__ = ("_reset_at", "_start", "_used", "quota")
 
     def __init__(self, quota: Quota, wall: float) -> None:
         self.quota = quota
-        self._reset_at = period_at(quota.period, wall).reset_at
+        period = period_at(quota.period, wall)
+        self._start, self._reset_at = period.start, period.reset_at
         self._used = 0
 
     def used(self, wall: float) -> int:
         if wall >= self._reset_at:
-            self._reset_at = period_at(self.quota.period, wall).reset_at
+            period = period_at(self.quota.period, wall)
+            self._start, self._reset_at = period.start, period.reset_at
             self._used = 0
         return self._used
 
     def wait_s(self, rows: int, wall: float) -> float:
-        """0.0 if ``rows`` more fit in this period, else the seconds until it resets."""
+        """0.0 if ``rows`` more fit in this period, else the seconds until it resets,
+        counted from ``wall`` or from the period's start if the wall is behind it
+        (stepped back): never more than one period's length."""
         if self.used(wall) + rows <= self.quota.limit:
             return 0.0
-        return max(0.0, self._reset_at - wall)
+        return self._reset_at - max(wall, self._start)
 
     def take(self, rows: int, wall: float) -> None:
         self._used = self.used(wall) + rows
 
     def give(self, rows: int, charged_at: float, wall: float) -> None:
         """Give back ``rows`` taken at wall time ``charged_at`` (a call that did not
-        run): only while that period lasts; a new period starts at zero anyway."""
+        run): only while that period lasts; a new period starts at zero anyway. O(1):
+        ``charged_at`` against the current period's bounds."""
         used = self.used(wall)
-        if period_at(self.quota.period, charged_at).reset_at == self._reset_at:
+        if self._start <= charged_at < self._reset_at:
             self._used = max(0, used - rows)
 
     def reconfigure(self, quota: Quota) -> None:
