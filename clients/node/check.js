@@ -22,7 +22,7 @@ function toTensor({ name, datatype, shape, data }) {
 }
 
 function describe(outputs) {
-  const described = {};
+  const described = Object.create(null); // an output may be named '__proto__'
   for (const [name, { datatype, shape, data }] of Object.entries(outputs)) {
     const values = Array.isArray(data)
       ? data.map((element) => element.toString('utf8'))

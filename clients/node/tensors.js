@@ -125,10 +125,14 @@ function decodeContents(datatype, contents, name) {
   return TypedArray.from(values, Number);
 }
 
-/** The outputs of a ModelInferResponse as {name: {datatype, shape, data}}. */
+/**
+ * The outputs of a ModelInferResponse as {name: {datatype, shape, data}}, an object
+ * without a prototype: every name is an own key, '__proto__' or 'constructor' too
+ * (`outputs[name] = ...` on a {} would make an output named '__proto__' its prototype).
+ */
 function decodeOutputs(response) {
   const raw = response.raw_output_contents || [];
-  const outputs = {};
+  const outputs = Object.create(null);
   response.outputs.forEach((output, index) => {
     const { name, datatype } = output;
     if (raw.length > 0 && raw[index] === undefined) {

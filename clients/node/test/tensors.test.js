@@ -58,3 +58,20 @@ test('typed contents decode by datatype, 64-bit integers exactly', () => {
   assert.ok(outputs.B.data instanceof Uint8Array);
   assert.deepEqual([...outputs.B.data], [1, 0]);
 });
+
+test("an output named '__proto__' is an own key of the outputs, not their prototype", () => {
+  const int32 = (value) => Buffer.from(new Int32Array([value]).buffer);
+  const outputs = decodeOutputs({
+    outputs: [
+      { name: '__proto__', datatype: 'INT32', shape: ['1'] },
+      { name: 'constructor', datatype: 'INT32', shape: ['1'] },
+      { name: 'OTHER', datatype: 'INT32', shape: ['1'] },
+    ],
+    raw_output_contents: [int32(7), int32(8), int32(9)],
+  });
+  assert.deepEqual(Object.keys(outputs), ['__proto__', 'constructor', 'OTHER']);
+  assert.ok(Object.hasOwn(outputs, '__proto__'));
+  assert.deepEqual([...outputs['__proto__'].data], [7]);
+  assert.deepEqual([...outputs.constructor.data], [8]);
+  assert.equal(Object.getPrototypeOf(outputs), null);
+});
