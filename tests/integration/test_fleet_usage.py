@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+import redis
 
 from mandant.config import parse_config
 from mandant.tenancy.redis_usage import RedisUsage
@@ -137,3 +139,61 @@ async def test_counts_redis_did_not_take_go_with_a_later_flush(
     assert counts["acme"]["today"] == {"rows:echo": 7.0, "compute_seconds:echo": 0.25}
     assert counts["acme"]["this_month"] == counts["acme"]["today"]
     assert counts["globex"] == {"today": {}, "this_month": {}}
+
+
+class _Wall:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("day", "month", "next_day", "next_month"),
+    [(31, "2099-01", 1, "2099-02"), (14, "2099-01", 15, "2099-01")],
+    ids=["month-end", "midnight"],
+)
+async def test_counts_of_an_outage_over_midnight_land_in_their_own_day_and_month(
+    redis_server: RedisServer, day: int, month: str, next_day: int, next_month: str
+) -> None:
+    """Redis is down from 23:50 until 00:05: what was counted before midnight (sent
+    late, or held back behind a flush that failed) goes to that day and its month,
+    what was counted after it to the next day and its month. (Dates in the future:
+    the hashes' expiry times are absolute.)"""
+    limits = fleet_config(redis_server.url).limits
+    wall = _Wall(datetime(2099, 1, day, 23, 50, tzinfo=UTC).timestamp())
+    usage = RedisUsage(limits, wall=wall, flush_interval_s=3600)
+    await usage.start()
+    try:
+        redis_server.stop()
+        usage.add("acme", "rows", "echo", 10)
+        assert await usage.flush() is False
+        wall.now += 5 * 60  # 23:55
+        usage.add("acme", "rows", "echo", 1000)
+        usage.add("globex", "rows", "echo", 3)
+        assert await usage.flush() is False
+        wall.now += 10 * 60  # 00:05 the next day
+        usage.add("acme", "rows", "echo", 5)
+        redis_server.start()
+        assert await usage.flush() is True  # the failed flush, sent again
+        assert await usage.flush() is True  # what waited behind it
+        counts = await usage.read(["acme", "globex"])
+    finally:
+        await usage.aclose()
+    both = month == next_month
+    assert counts is not None
+    assert counts["acme"] == {
+        "today": {"rows:echo": 5.0},
+        "this_month": {"rows:echo": 1015.0 if both else 5.0},
+    }
+    assert counts["globex"] == {"today": {}, "this_month": {"rows:echo": 3.0} if both else {}}
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        for tenant, rows in (("acme", b"1010"), ("globex", b"3")):
+            stored = client.hgetall(f"fleet:{{{tenant}}}:usage:day:2099-01-{day:02d}")
+            assert stored == {b"rows:echo": rows}
+        if not both:
+            assert client.hgetall("fleet:{acme}:usage:month:2099-01") == {b"rows:echo": b"1010"}
+    finally:
+        client.close()

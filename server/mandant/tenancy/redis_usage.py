@@ -4,12 +4,16 @@ billing reads) is one number per figure, whatever replica answers.
 Per tenant and UTC period, one hash (``{prefix}:{tenant}:usage:day:2024-05-17`` and
 ``…:usage:month:2024-05``) with fields ``requests:<code>``, ``rows:<model>``,
 ``compute_seconds:<model>`` and ``rejections:<reason>``. The request path only adds to
-a dict in this process (:meth:`RedisUsage.add`); every ``flush_interval_s`` the sums
-go to Redis in one pipeline: one script per tenant (its hashes share the tenant's
-hash tag, so one Redis Cluster slot) that adds every field to both and sets their
-expiry. A flush counts its sums in the period it runs in (a call just before midnight
-UTC may land in the next day: by at most ``flush_interval_s``). Day hashes expire 35
-days after their day, month hashes 400 days after their month.
+a dict in this process (:meth:`RedisUsage.add`), filed under the UTC day of the wall
+clock when it is counted (that day's bounds cached: a datetime only when the wall
+leaves them, at midnight or when the clock steps back); every
+``flush_interval_s`` the sums go to Redis in one pipeline: one script per tenant and
+day counted in (its hashes share the tenant's hash tag, so one Redis Cluster slot)
+that adds every field to that day's hash and to its month's and sets their expiry.
+Counts land in the day and month they were counted in, however late they are sent
+(a Redis outage across midnight or a month end, a flush held back or refused). Day
+hashes expire 35 days after their day, month hashes 400 days after their month: a
+day's counts sent later than that are gone at once.
 
 Each tenant's sums are counted once, whatever fails:
 
@@ -17,10 +21,11 @@ Each tenant's sums are counted once, whatever fails:
   ``maxmemory``) took nothing: its sums go with the next flush; the other tenants of
   that flush are counted;
 - a flush whose replies never came (a timeout, a dropped connection: Redis may have
-  applied it, or not) is sent again, the same sums under the same sequence number:
-  each of this process's flushes has one, and the script applies a tenant's sums only
-  if its marker key (``…:usage:flushed:<replica>``, kept ``MARKER_KEEP_S``) holds a
-  smaller one. A tenant's newer sums wait until that flush is settled.
+  applied all, some or none of it) is sent again, the same sums under the same
+  sequence numbers: each script call of this process has one, increasing in the
+  order they are sent, and the script applies a tenant's sums only if its marker key
+  (``…:usage:flushed:<replica>``, kept ``MARKER_KEEP_S``) holds a smaller one. A
+  tenant's newer sums wait until that flush is settled.
 
 A Redis outage delays the counts and loses none while this process lives; a graceful
 stop flushes the rest. Counts this process held when it died are lost.
@@ -40,7 +45,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from mandant.config import LimitsConfig
 from mandant.tenancy.limits import Clock
-from mandant.tenancy.quota import WALL, PeriodKind
+from mandant.tenancy.quota import WALL, PeriodKind, period_at
 from mandant.tenancy.redis_store import period_trackers, redis_client
 
 logger = logging.getLogger(__name__)
@@ -83,11 +88,30 @@ _ERRORS = (RedisError, OSError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
+class _Day:
+    """A UTC day counts are filed under: its hash names, bounds (wall seconds) and
+    the expiry times of its day and month hashes."""
+
+    key: str
+    month: str
+    start: float
+    end: float
+    expiry: tuple[int, int]
+
+
+def _day_at(wall: float) -> _Day:
+    day, month = period_at("day", wall), period_at("month", wall)
+    expiry = (int(day.reset_at) + KEEP_S["day"], int(month.reset_at) + KEEP_S["month"])
+    return _Day(day.key, month.key, day.start, day.reset_at, expiry)
+
+
+@dataclass(frozen=True, slots=True)
 class _Sums:
-    """One tenant's sums in one flush: the script's keys and arguments, kept as they
-    are to be sent again, and the counts they carry."""
+    """One tenant's sums of one day in one flush: the script's keys and arguments,
+    kept as they are to be sent again, and the counts they carry."""
 
     tenant: str
+    day: _Day
     keys: list[str]
     args: list[str | int | float]
     counts: Counts
@@ -105,8 +129,13 @@ class RedisUsage:
         self._interval_s = flush_interval_s
         self._replica = secrets.token_hex(8)  # whose flush markers
         self._sequence = 0
-        self._counts: Counts = {}
-        self._unsettled: dict[str, _Sums] = {}  # sent, reply lost: sent again as is
+        #: Counts not yet sent, by the day they were counted in; ``_today`` is the
+        #: current day's, ``_day`` that day (the wall's when last counted).
+        self._day = _day_at(wall())
+        self._today: Counts = {}
+        self._counts: dict[_Day, Counts] = {self._day: self._today}
+        #: Sent, reply lost: sent again as they are, in the same order (by tenant).
+        self._unsettled: dict[str, list[_Sums]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
         self._lock = asyncio.Lock()  # one flush at a time (the timer's, a report's)
@@ -117,10 +146,20 @@ class RedisUsage:
     def add(self, tenant: str, figure: str, label: str, amount: float) -> None:
         """Count ``amount`` for ``tenant`` (in process; Redis at the next flush):
         ``figure`` is ``requests``, ``rows``, ``compute_seconds`` or ``rejections``,
-        ``label`` the status code, model or reason."""
+        ``label`` the status code, model or reason. Filed under the wall's UTC day."""
+        day = self._day
+        wall = self._wall()
+        if not day.start <= wall < day.end:
+            day = self._day = _day_at(wall)
+            self._today = self._counts.setdefault(day, {})
         key = (tenant, figure, label)
-        counts = self._counts
+        counts = self._today
         counts[key] = counts.get(key, 0) + amount
+
+    def _count(self, day: _Day, counted: tuple[str, str, str], amount: float) -> None:
+        """Count ``amount`` again under ``day`` (sums held back or refused)."""
+        counts = self._counts.setdefault(day, {})
+        counts[counted] = counts.get(counted, 0) + amount
 
     async def start(self) -> None:
         self._flusher = asyncio.get_running_loop().create_task(self._flush_every_interval())
@@ -141,7 +180,7 @@ class RedisUsage:
         for _ in range(3):
             if not await self.flush():
                 return False
-            if not (self._counts or self._unsettled):
+            if not (self._unsettled or any(self._counts.values())):
                 break
         return True
 
@@ -154,35 +193,38 @@ class RedisUsage:
         return f"{self._prefix}:{{{tenant}}}:usage:{kind}:{period}"
 
     def _new_sums(self) -> list[_Sums]:
-        """This process's counts since the last flush, per tenant, under a new
-        sequence number (a tenant with an unsettled flush keeps its counts here)."""
-        counts, self._counts = self._counts, {}
-        wall = self._wall()
-        periods = [(kind, tracker.at(wall)) for kind, tracker in self._periods.items()]
-        expiry = [int(period.reset_at) + KEEP_S[kind] for kind, period in periods]
-        self._sequence += 1
-        by_tenant: dict[str, Counts] = {}
-        for counted, amount in counts.items():
-            tenant = counted[0]
-            if tenant in self._unsettled:
-                self._counts[counted] = amount
-            else:
-                by_tenant.setdefault(tenant, {})[counted] = amount
+        """This process's counts since the last flush, per tenant and day counted in,
+        each under a new sequence number (a tenant with an unsettled flush keeps its
+        counts here)."""
+        pending, self._counts = self._counts, {}
+        self._today = self._counts[self._day] = {}
         sums = []
-        for tenant, tenant_counts in by_tenant.items():
-            keys = [self._key(tenant, kind, period.key) for kind, period in periods]
-            keys.append(f"{self._prefix}:{{{tenant}}}:usage:flushed:{self._replica}")
-            args: list[str | int | float] = [*expiry, self._sequence, MARKER_KEEP_S]
-            for (_, figure, label), amount in tenant_counts.items():
-                args += (f"{figure}:{label}", amount)
-            sums.append(_Sums(tenant, keys, args, tenant_counts))
+        for day, counts in pending.items():
+            by_tenant: dict[str, Counts] = {}
+            for counted, amount in counts.items():
+                tenant = counted[0]
+                if tenant in self._unsettled:
+                    self._count(day, counted, amount)
+                else:
+                    by_tenant.setdefault(tenant, {})[counted] = amount
+            for tenant, tenant_counts in by_tenant.items():
+                keys = [
+                    self._key(tenant, "day", day.key),
+                    self._key(tenant, "month", day.month),
+                    f"{self._prefix}:{{{tenant}}}:usage:flushed:{self._replica}",
+                ]
+                self._sequence += 1
+                args: list[str | int | float] = [*day.expiry, self._sequence, MARKER_KEEP_S]
+                for (_, figure, label), amount in tenant_counts.items():
+                    args += (f"{figure}:{label}", amount)
+                sums.append(_Sums(tenant, day, keys, args, tenant_counts))
         return sums
 
     async def flush(self) -> bool:
         """Send this process's sums to Redis; False if Redis did not take them all
         (what it did not take goes with the next flush, counted once)."""
         async with self._lock:
-            batch = [*self._unsettled.values(), *self._new_sums()]
+            batch = [*(s for held in self._unsettled.values() for s in held), *self._new_sums()]
             if not batch:
                 return True
             self._unsettled = {}
@@ -200,11 +242,11 @@ class RedisUsage:
             for index, sums in enumerate(batch):
                 reply = replies[index] if index < len(replies) else None
                 if reply is None:  # maybe applied: the same sums again, as they are
-                    self._unsettled[sums.tenant] = sums
+                    self._unsettled.setdefault(sums.tenant, []).append(sums)
                 elif isinstance(reply, ResponseError):  # took nothing
                     refused.append(reply)
                     for counted, amount in sums.counts.items():
-                        self._counts[counted] = self._counts.get(counted, 0) + amount
+                        self._count(sums.day, counted, amount)
             if failure is not None:
                 if self._failed_at is None:
                     logger.warning(
