@@ -8,7 +8,8 @@
 // <inputs-json>: [{"name": "INPUT0", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3, 4]}]
 // Each call prints {"ok": true, "outputs": {NAME: {datatype, shape, array, data}}}, with
 // `array` the typed array class the output decoded to (64-bit integers as strings, BYTES
-// as UTF-8 strings), or {"ok": false, "code", "codeName", "details", "retryAfterMs"}.
+// as UTF-8 strings), or {"ok": false, "code", "codeName", "details", "retryable",
+// "retryAfterMs"}.
 // The calls run one after another on one connection.
 
 const { createClient, MandantError } = require('./mandant');
@@ -47,8 +48,8 @@ async function main(argv) {
         console.log(JSON.stringify({ ok: true, outputs: describe(outputs) }));
       } catch (error) {
         if (!(error instanceof MandantError)) throw error;
-        const { code, codeName, details, retryAfterMs } = error;
-        console.log(JSON.stringify({ ok: false, code, codeName, details, retryAfterMs }));
+        const { code, codeName, details, retryable, retryAfterMs } = error;
+        console.log(JSON.stringify({ ok: false, code, codeName, details, retryable, retryAfterMs }));
       }
     }
   } finally {

@@ -4,9 +4,11 @@
 session, then ``check.js`` makes the calls and prints one JSON line each. Tensors of
 every kind come back as they went (typed arrays by datatype, 64-bit integers exactly,
 BYTES framed); another tenant's private model is NOT_FOUND; a rate-limited tenant gets
-RESOURCE_EXHAUSTED with the ``grpc-retry-pushback-ms`` trailer as ``retryAfterMs``; a
-wrong key is UNAUTHENTICATED. The codec's own cases (unaligned raw outputs, framing
-errors) are the client's ``node --test`` suite, run here too."""
+RESOURCE_EXHAUSTED with the ``grpc-retry-pushback-ms`` trailer as ``retryAfterMs`` and
+``retryable`` true (false for the rest); a wrong key is UNAUTHENTICATED. The codec's own
+cases (unaligned raw outputs, framing errors) and ``mandant.js`` against a fake server
+(bad options and keys, size-limit errors, calls after ``close()``) are the client's
+``node --test`` suite, run here too."""
 
 from __future__ import annotations
 
@@ -151,7 +153,7 @@ def test_another_tenants_private_model_is_not_found(node: str, server: WorkersSe
     assert own["ok"], own
     [other] = check(node, server, "globex-key", "secret", rows)
     assert (other["ok"], other["code"], other["codeName"]) == (False, 5, "NOT_FOUND")
-    assert other["retryAfterMs"] is None
+    assert (other["retryable"], other["retryAfterMs"]) == (False, None)
 
 
 def test_a_rate_limited_tenant_gets_resource_exhausted_with_pushback(
@@ -164,16 +166,17 @@ def test_a_rate_limited_tenant_gets_resource_exhausted_with_pushback(
     for line in refused:
         assert (line["ok"], line["code"], line["codeName"]) == (False, 8, "RESOURCE_EXHAUSTED")
         assert "rate limit" in line["details"]
+        assert line["retryable"] is True
         assert 0 < line["retryAfterMs"] <= 2000
 
 
 def test_a_wrong_key_is_unauthenticated(node: str, server: WorkersServer) -> None:
     [line] = check(node, server, "wrong-key", "echo", [tensor("FP32", np.ones((1, 2), np.float32))])
     assert (line["ok"], line["code"], line["codeName"]) == (False, 16, "UNAUTHENTICATED")
-    assert line["retryAfterMs"] is None
+    assert (line["retryable"], line["retryAfterMs"]) == (False, None)
 
 
-def test_the_node_clients_own_codec_tests_pass(node: str) -> None:
+def test_the_node_clients_own_tests_pass(node: str) -> None:
     done = subprocess.run(
         [node, "--test"], cwd=NODE_CLIENT, capture_output=True, text=True, timeout=60
     )
