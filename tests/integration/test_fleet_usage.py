@@ -4,6 +4,7 @@ this replica's own figures, each marked with its scope."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import redis
+import redis.asyncio.client
 
 from mandant.config import parse_config
 from mandant.tenancy.redis_usage import RedisUsage
@@ -197,3 +199,64 @@ async def test_counts_of_an_outage_over_midnight_land_in_their_own_day_and_month
             assert client.hgetall("fleet:{acme}:usage:month:2099-01") == {b"rows:echo": b"1010"}
     finally:
         client.close()
+
+
+async def test_a_flush_cancelled_on_its_way_is_sent_again(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A usage report whose caller left (its deadline) while the flush it started was on
+    its way, Redis slow: the flush's sums were dropped, never sent nor counted again."""
+    limits = fleet_config(redis_server.url).limits
+    usage = RedisUsage(limits, flush_interval_s=3600)
+    execute = redis.asyncio.client.Pipeline.execute
+
+    async def slow(self: Any, raise_on_error: bool = True) -> Any:
+        await asyncio.sleep(3600)  # never written: Redis is slow to take it
+
+    try:
+        usage.add("acme", "rows", "echo", 1000)
+        monkeypatch.setattr(redis.asyncio.client.Pipeline, "execute", slow)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(usage.read(["acme"]), 0.1)
+        monkeypatch.setattr(redis.asyncio.client.Pipeline, "execute", execute)
+        counts = await usage.read(["acme"])
+    finally:
+        await usage.aclose()
+    assert counts is not None and counts["acme"]["today"] == {"rows:echo": 1000.0}
+
+
+async def test_a_refused_day_resent_after_a_later_day_applied_is_counted(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One flush sends a tenant's sums of two days; Redis refuses the first day's (an
+    error before any write: OOM near maxmemory; a wrong-type key stands in for it here)
+    and applies the second's, and both replies are lost. Sent again, the first day's
+    met the tenant's marker, already past it, and was skipped for good: markers are
+    per tenant and day."""
+    limits = fleet_config(redis_server.url).limits
+    wall = _Wall(datetime(2099, 1, 14, 23, 59, tzinfo=UTC).timestamp())
+    usage = RedisUsage(limits, wall=wall, flush_interval_s=3600)
+    client = redis.Redis.from_url(redis_server.url)
+    execute = redis.asyncio.client.Pipeline.execute
+
+    async def replies_lost(self: Any, raise_on_error: bool = True) -> Any:
+        await execute(self, raise_on_error=raise_on_error)
+        raise redis.exceptions.TimeoutError("the replies were lost")
+
+    try:
+        usage.add("acme", "rows", "echo", 10)
+        wall.now += 120  # Jan 15
+        usage.add("acme", "rows", "echo", 1000)
+        client.set("fleet:{acme}:usage:day:2099-01-14", "not a hash")
+        monkeypatch.setattr(redis.asyncio.client.Pipeline, "execute", replies_lost)
+        assert await usage.flush() is False
+        monkeypatch.setattr(redis.asyncio.client.Pipeline, "execute", execute)
+        client.delete("fleet:{acme}:usage:day:2099-01-14")  # Redis would take it now
+        assert await usage.flush() is True
+        assert await usage.flush() is True
+        assert client.hgetall("fleet:{acme}:usage:day:2099-01-14") == {b"rows:echo": b"10"}
+        assert client.hgetall("fleet:{acme}:usage:day:2099-01-15") == {b"rows:echo": b"1000"}
+        assert client.hgetall("fleet:{acme}:usage:month:2099-01") == {b"rows:echo": b"1010"}
+    finally:
+        client.close()
+        await usage.aclose()

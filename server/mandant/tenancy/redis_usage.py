@@ -23,9 +23,14 @@ Each tenant's sums are counted once, whatever fails:
 - a flush whose replies never came (a timeout, a dropped connection: Redis may have
   applied all, some or none of it) is sent again, the same sums under the same
   sequence numbers: each script call of this process has one, increasing in the
-  order they are sent, and the script applies a tenant's sums only if its marker key
-  (``…:usage:flushed:<replica>``, kept ``MARKER_KEEP_S``) holds a smaller one. A
-  tenant's newer sums wait until that flush is settled.
+  order they are sent, and the script applies a tenant's sums of a day only if the
+  marker key of that tenant and day (``…:usage:flushed:<replica>:<day>``, kept
+  ``MARKER_KEEP_S``) holds a smaller one — a marker per day, as one flush sends a
+  tenant one call per day: with one per tenant, a day's call Redis refused and a
+  later day's it applied, both replies lost, made the resent earlier call look
+  applied for good. A tenant's newer sums wait until that flush is settled;
+- a flush cancelled while it was on its way (a report's caller gone, the graceful
+  stop) is kept as one whose replies were lost: sent again, counted once.
 
 A Redis outage delays the counts and loses none while this process lives; a graceful
 stop flushes the rest. Counts this process held when it died are lost.
@@ -64,10 +69,10 @@ PERIODS: dict[str, PeriodKind] = {"today": "day", "this_month": "month"}
 #: (tenant, figure, label) → amount, as :meth:`RedisUsage.add` sums them.
 Counts = dict[tuple[str, str, str], float]
 
-#: KEYS: a tenant's day and month hashes, then this process's marker for it. ARGV:
-#: the hashes' expiry times (epoch s), the flush's sequence number, the marker's
-#: lifetime (s), then field, amount pairs (an amount with a '.' or an exponent is
-#: added as a float). Returns 1 if the marker says this flush was applied already.
+#: KEYS: a tenant's day and month hashes, then this process's marker for that tenant
+#: and day. ARGV: the hashes' expiry times (epoch s), the call's sequence number, the
+#: marker's lifetime (s), then field, amount pairs (an amount with a '.' or an
+#: exponent is added as a float). Returns 1 if the marker says it was applied already.
 FLUSH_LUA = """
 if tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[3]) then return 1 end
 for k = 1, 2 do
@@ -211,7 +216,7 @@ class RedisUsage:
                 keys = [
                     self._key(tenant, "day", day.key),
                     self._key(tenant, "month", day.month),
-                    f"{self._prefix}:{{{tenant}}}:usage:flushed:{self._replica}",
+                    f"{self._prefix}:{{{tenant}}}:usage:flushed:{self._replica}:{day.key}",
                 ]
                 self._sequence += 1
                 args: list[str | int | float] = [*day.expiry, self._sequence, MARKER_KEEP_S]
@@ -236,6 +241,10 @@ class RedisUsage:
                     replies = await pipe.execute(raise_on_error=False)
             except _ERRORS as exc:
                 failure: BaseException | None = exc
+            except asyncio.CancelledError:  # maybe sent, maybe applied: kept to resend
+                for sums in batch:
+                    self._unsettled.setdefault(sums.tenant, []).append(sums)
+                raise
             else:
                 failure = None
             refused: list[ResponseError] = []
