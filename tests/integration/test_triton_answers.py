@@ -30,6 +30,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from mandant import errors
 from mandant.app import App
+from mandant.backends import triton as triton_backend
 from mandant.backends.triton import TritonBackend
 from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
@@ -360,6 +361,28 @@ async def test_short_deadlines_before_any_answer_leave_the_breaker_closed(
             results = await asyncio.gather(*(outcome(acme, "sleepy", slow) for _ in range(4)))
             assert all(isinstance(r, DeadlineExceeded) for r in results), results
         assert await outcome(globex, "sleepy", slow) is None
+
+
+async def test_a_model_wedged_from_the_start_opens_the_breaker_after_the_cold_stall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before any answer, a call its caller gave up on counts once it waited
+    ``COLD_STALL_S`` (5 s; 0.3 here): a model wedged since Mandant started, clients'
+    deadlines shorter than ``timeout_s``, never opened the breaker."""
+    monkeypatch.setattr(triton_backend, "COLD_STALL_S", 0.3)
+    triton = {"timeout_s": 30.0, "health_interval_s": 0.05}
+    stuck = np.full((1, 4), 60.0, np.float32)
+    async with (
+        fake_triton() as (url, _),
+        App(config(url, model(url, "sleepy", triton=triton)), tmp_path) as app,
+        client(app, "acme", 0.5) as acme,
+    ):
+        results = await asyncio.gather(*(outcome(acme, "sleepy", stuck) for _ in range(5)))
+        assert all(isinstance(r, DeadlineExceeded) for r in results), results
+        start = time.monotonic()
+        refused = await outcome(acme, "sleepy", np.zeros((1, 4), np.float32))
+        assert isinstance(refused, Unavailable), repr(refused)
+        assert time.monotonic() - start < 0.3  # refused by the breaker, no wait
 
 
 async def test_a_failed_config_poll_keeps_triton_s_max_batch_size(tmp_path: Path) -> None:

@@ -25,14 +25,17 @@
   serves the others are theirs, while a model that answers nobody (a wedged instance
   behind a Triton whose health checks still answer) opens it. That holds for a call
   given up by its caller too (its deadline shorter than ``timeout_s``, as real clients'
-  are, or a cancel), once it waited twice Triton's slowest recent answer
-  (:meth:`TritonBackend._unanswered`). Such a call stays charged, as any call whose
+  are, or a cancel), once it waited twice Triton's slowest recent answer (before the
+  model answered any call: :data:`COLD_STALL_S`; :meth:`TritonBackend._unanswered`).
+  Such a call stays charged, as any call whose
   deadline passed while Triton had it: Triton holds its rows and computes them once its
   model moves again; the calls the open breaker refuses are refunded. Triton's own queue
   refusing a call (its UNAVAILABLE "Exceeds maximum queue size", or "Request timeout
   expired" of its queue policy) is that caller's QueueFull, with a pushback, not
-  charged, and shows Triton answers. Only a call let through since the breaker last
-  opened (a probe) closes it: a late answer of one sent before says nothing now. A model
+  charged, and says nothing to the breaker (a wedged model's full queue refuses at
+  once: as answers, those refusals kept its breaker closed). Only a call let through
+  since the breaker last opened (a probe) closes it: a late answer of one sent before
+  says nothing now. A model
   that fails on one caller's inputs (Triton's INTERNAL) is that caller's error, never
   UNAVAILABLE for all; Triton's error about a batch of several requests (its
   INVALID_ARGUMENT, or its model failing) is :class:`.triton_answers.TritonModelError`,
@@ -85,6 +88,10 @@ PROBE_TIMEOUT_S = 1.0
 #: tenant's deadline shorter than the model's time.
 STALL_FACTOR = 2.0
 MIN_STALL_S = 0.1
+#: The same before the model answered any call (how long it takes is not known): a
+#: model wedged from the start opens the breaker once callers waited this long, while
+#: one tenant's short deadlines on a fresh slow model do not.
+COLD_STALL_S = 5.0
 #: Triton's slowest recent answer is a peak that each answer lowers by this factor.
 SLOWEST_DECAY = 0.9
 _CONNECT_FAILURE_MARKERS = ("failed to connect", "connection refused", "no route to host")
@@ -287,16 +294,17 @@ class TritonBackend:
         caller gave up first (``by_caller``: the caller's deadline, a cancel), also
         where it waited less than Triton usually takes (:data:`STALL_FACTOR`), so that
         one tenant's short deadlines on a slow model that answers do not shut it for
-        all, and before Triton answered any call of this model (a model wedged from
-        the start opens it by ``timeout_s`` only). Else FAILED: Triton answered nobody,
-        whoever set the deadline."""
+        all; before Triton answered any call of this model, where it waited less than
+        :data:`COLD_STALL_S`. Else FAILED: Triton answered nobody, whoever set the
+        deadline."""
         if self._answered_at > sent:
             return CallOutcome.ABANDONED
         if not by_caller:
             return CallOutcome.FAILED
-        if not self._slowest_s:  # no answer yet: how long Triton takes is not known
-            return CallOutcome.ABANDONED
-        stall_s = max(MIN_STALL_S, STALL_FACTOR * self._slowest_s)
+        if self._slowest_s:
+            stall_s = max(MIN_STALL_S, STALL_FACTOR * self._slowest_s)
+        else:  # no answer yet: how long Triton takes is not known
+            stall_s = COLD_STALL_S
         waited = self._clock() - sent
         return CallOutcome.FAILED if waited >= stall_s else CallOutcome.ABANDONED
 
