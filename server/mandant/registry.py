@@ -145,6 +145,15 @@ RetiredHook = Callable[[], object]
 ChangeHook = Callable[[str], object]
 
 
+def requested_version(version: str) -> str:
+    """A version as a client asked for it, as Triton reads it: "01" is version 1 (its
+    zeros dropped as text: ``int()`` refuses more than 4,300 digits, which answered
+    INTERNAL); anything not a number as it is."""
+    if version.isascii() and version.isdigit():
+        return version.lstrip("0") or "0"
+    return version
+
+
 class LoadTimedOut(RuntimeError):
     """A model version was still loading (or warming up) after the load timeout."""
 
@@ -502,8 +511,7 @@ class ModelRegistry:
         if not versions:
             raise ModelNotFound(name)
         if version:
-            if version.isascii() and version.isdigit():
-                version = str(int(version))  # "01" is version 1, as Triton reads it
+            version = requested_version(version)
             for model in versions:
                 if model.key.version == version:
                     return model

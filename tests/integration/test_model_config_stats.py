@@ -180,6 +180,9 @@ def test_admin_sees_every_tenant_s_totals(client: triton.InferenceServerClient) 
     assert sum(b.batch_size * b.compute_infer.count for b in shared.batch_stats) == 6
     named = _by_name(client.get_inference_statistics("classifier", headers=ADMIN))
     assert sorted(named) == ["classifier:1", "globex/classifier:1"]
+    # "01" is version 1 for an admin too, as for a tenant (it was NOT_FOUND).
+    padded = _by_name(client.get_inference_statistics("classifier", "01", headers=ADMIN))
+    assert sorted(padded) == ["classifier:1", "globex/classifier:1"]
 
 
 def test_admin_filters_one_tenant_with_metadata(client: triton.InferenceServerClient) -> None:

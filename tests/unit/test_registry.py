@@ -90,6 +90,18 @@ def test_newest_ready_version_by_default_and_exact_version_on_request() -> None:
     assert [m.key.version for m in registry.versions(ACME, "m")] == ["10", "2", "1"]
 
 
+def test_a_version_of_any_length_is_read_as_triton_reads_it() -> None:
+    """ "01" is 1; 5,000 digits are a version that does not exist (int() refused
+    them: INTERNAL on every RPC that names a version)."""
+    models = [{"name": "m", "version": v, "factory": "x:y", **IO} for v in (1, 2)]
+    registry = _registry(models)
+    assert registry.resolve(ACME, "m", "0002").key.version == "2"
+    with pytest.raises(ModelNotFound, match="version '1111"):
+        registry.resolve(ACME, "m", "1" * 5000)
+    with pytest.raises(ModelNotFound, match="version '0' not found"):
+        registry.resolve(ACME, "m", "000")
+
+
 def test_another_tenants_version_is_not_found_either() -> None:
     registry = _registry(DEMO)
     with pytest.raises(ModelNotFound):

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from mandant.errors import ModelNotFound
 from mandant.observability.stats import Duration, InferenceStats, ModelStats
-from mandant.registry import Model
+from mandant.registry import Model, requested_version
 from mandant.service import DataPlane
 from mandant.types import Tenant
 from mandant_client._proto import grpc_service_pb2 as pb
@@ -67,6 +67,7 @@ def admin_statistics(
     plane: DataPlane, stats: InferenceStats, name: str, version: str
 ) -> list[pb.ModelStatistics]:
     recorded = stats.keys()
+    version = requested_version(version) if version else version  # "01" is 1, as resolve
     answer = []
     for model in plane.all_models():
         key = model.key
