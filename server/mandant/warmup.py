@@ -41,8 +41,8 @@ async def warm_up(backend: Backend, requests: Sequence[WarmupConfig], seed: int 
     rng = np.random.default_rng(seed)
     for index, request in enumerate(requests):
         for _ in range(request.count):
-            inputs = {name: warmup_tensor(t, rng) for name, t in request.inputs.items()}
             try:
+                inputs = {name: warmup_tensor(t, rng) for name, t in request.inputs.items()}
                 await backend.infer(inputs)
             except Exception as exc:
                 raise WarmupFailed(

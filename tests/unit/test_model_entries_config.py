@@ -108,6 +108,29 @@ def test_a_bad_warmup_request_is_refused(request_: dict[str, Any], message: str)
         config(entry(warmup=[request_]))
 
 
+@pytest.mark.parametrize(
+    ("datatype", "value", "message"),
+    [
+        ("UINT8", 300, "out of UINT8's range"),
+        ("INT32", 0.5, "INT32 takes an integer"),
+        ("FP32", "abc", "FP32 takes a number"),
+        ("FP16", 1e10, "out of FP16's range"),
+        ("BOOL", "no", "BOOL takes true or false"),
+        ("BYTES", True, "BYTES takes text"),
+    ],
+)
+def test_a_warmup_value_its_datatype_cannot_hold_is_refused(
+    datatype: str, value: Any, message: str
+) -> None:
+    """check-config passed them; the load then failed (numpy's OverflowError) or ran a
+    warm-up with another value than given ("no" as true, 1e10 as infinity)."""
+    tensor = {"datatype": datatype, "shape": [1], "value": value}
+    with pytest.raises(ConfigError, match=message):
+        config(entry(warmup=[{"inputs": {"IN": tensor}}]))
+    fits = {"BYTES": "x", "BOOL": False}.get(datatype, 1)  # one of its own is taken
+    WarmupTensorConfig(datatype=datatype, shape=(1,), value=fits)
+
+
 def test_warmup_tensors() -> None:
     rng = np.random.default_rng(0)
     filled = warmup_tensor(WarmupTensorConfig(datatype="INT32", shape=(2, 3), value=7), rng)

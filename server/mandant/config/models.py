@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from mandant.config._base import _NAME, _Frozen
@@ -129,7 +130,33 @@ class WarmupTensorConfig(_Frozen):
             elements *= dim
         if elements > MAX_WARMUP_ELEMENTS:
             raise ValueError(f"more than {MAX_WARMUP_ELEMENTS} elements")
+        if self.value is not None and (problem := _unfit(self.datatype, self.value)):
+            raise ValueError(f"'value' {self.value!r}: {problem}")
         return self
+
+
+def _unfit(datatype: str, value: bool | int | float | str) -> str | None:
+    """Why ``value`` is not a ``datatype`` element (None if it is one): numpy made 300
+    a load failure for UINT8, "no" true for BOOL and 1e10 infinity for FP16."""
+    if datatype == "BYTES":
+        return None if isinstance(value, str) else "BYTES takes text"
+    if datatype == "BOOL":
+        return None if isinstance(value, bool) else "BOOL takes true or false"
+    if isinstance(value, (bool, str)):
+        return f"{datatype} takes a number"
+    dtype = DATATYPES[datatype]
+    if dtype.kind in "iu":
+        if not isinstance(value, int):
+            return f"{datatype} takes an integer"
+        info: Any = np.iinfo(dtype)
+        low: float = int(info.min)
+        high: float = int(info.max)
+    else:
+        info = np.finfo(dtype)
+        low, high = float(info.min), float(info.max)
+    if not low <= value <= high:
+        return f"out of {datatype}'s range [{low:g}, {high:g}]"
+    return None
 
 
 class WarmupConfig(_Frozen):
