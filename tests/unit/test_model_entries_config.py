@@ -39,6 +39,22 @@ def test_without_a_policy_every_configured_version_is_served() -> None:
     assert served(*(entry(version=v) for v in (1, 2, 10))) == ["1", "10", "2"]
 
 
+@pytest.mark.parametrize("order", [(1, 2), (2, 1)], ids=["v1 first", "v2 first"])
+def test_a_tuned_variant_inherits_the_newest_version_its_base_serves(
+    order: tuple[int, int],
+) -> None:
+    """Shared m serves only its newest version (v2): acme's variant inherits v2's
+    model, whatever order the entries come in (it took the last entry listed: v1's,
+    a version nobody else is served, when v1 came last)."""
+    factories = {1: "m:doubles", 2: "m:triples"}
+    shared = [entry(version=v, factory=factories[v], version_policy={"latest": 1}) for v in order]
+    variant = {"name": "m", "tenant": "acme", "base": "m"}
+    specs = config(*shared, variant).model_specs(Path("/m"))
+    tuned = next(spec for spec in specs if spec.tenant == "acme")
+    assert tuned.factory == "m:triples"
+    assert [spec.version for spec in specs if spec.tenant is None] == ["2"]
+
+
 def test_latest_serves_the_highest_versions_and_specific_the_listed_ones() -> None:
     latest = {"latest": 2}
     assert served(*(entry(version=v, version_policy=latest) for v in (1, 2, 10))) == ["10", "2"]

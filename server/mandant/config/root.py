@@ -16,7 +16,7 @@ from pydantic import ValidationError, model_validator
 from mandant.config._base import _errors, _Frozen, _Problems, _unreadable
 from mandant.config.models import ModelConfig, VersionPolicyConfig
 from mandant.config.server import ServerConfig
-from mandant.config.specs import ModelSpec, _resolve, _version_policies
+from mandant.config.specs import ModelSpec, _bases, _resolve, _version_policies
 from mandant.config.tenants import LimitsConfig, TenantConfig
 from mandant.errors import ConfigError
 
@@ -71,7 +71,7 @@ class MandantConfig(_Frozen):
         ``weights_init`` builds it. Looks at the filesystem, which validation never
         does: for ``check-config`` and the start."""
         problems = self.server.tls.missing_files(base_dir) if self.server.tls else []
-        shared = {m.model_name: m for m in self.models if m.tenant is None}
+        shared = _bases(self.models)
         for index, model in enumerate(self.models):
             base = shared.get(model.base) if model.base else None
             backend = model.backend or (base.backend if base else None) or "torch"
@@ -97,7 +97,7 @@ class MandantConfig(_Frozen):
         """Every model version to serve (as its model's ``version_policy`` says) with
         its base's settings filled in and paths made absolute against ``base_dir``;
         raises ConfigError where one is incomplete."""
-        shared = {m.model_name: m for m in self.models if m.tenant is None}
+        shared = _bases(self.models)
         policies = _version_policies(self.models)
         specs: list[ModelSpec] = []
         errors: list[tuple[str, str]] = []

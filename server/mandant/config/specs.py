@@ -88,6 +88,25 @@ def _version_policies(
     }
 
 
+def _bases(models: Sequence[ModelConfig]) -> dict[str, ModelConfig]:
+    """Each shared model's entry its tenants' tuned variants (``base:``) inherit from:
+    its newest version that its policy serves (else its newest). The last entry listed
+    was taken: an older version, or one the policy does not serve, depending on the
+    file's order (or a load's JSON's)."""
+    policies = _version_policies(models)
+    bases: dict[str, ModelConfig] = {}
+
+    def rank(model: ModelConfig) -> tuple[bool, int]:
+        return model.version in policies[(None, model.model_name)][1], int(model.version)
+
+    for model in models:
+        if model.tenant is None:
+            current = bases.get(model.model_name)
+            if current is None or rank(model) > rank(current):
+                bases[model.model_name] = model
+    return bases
+
+
 def _resolve(
     model: ModelConfig,
     base: ModelConfig | None,
