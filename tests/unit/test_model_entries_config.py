@@ -147,6 +147,13 @@ def test_a_warmup_value_its_datatype_cannot_hold_is_refused(
     WarmupTensorConfig(datatype=datatype, shape=(1,), value=fits)
 
 
+def test_a_warmup_request_s_inputs_are_bounded_together() -> None:
+    """Each input within the bound, many of them not: 2 GiB per request validated."""
+    half = {"datatype": "FP32", "shape": [MAX_WARMUP_ELEMENTS // 2 + 1]}
+    with pytest.raises(ConfigError, match="elements in all"):
+        config(entry(warmup=[{"inputs": {"IN": half, "OTHER": half}}]))
+
+
 def test_warmup_tensors() -> None:
     rng = np.random.default_rng(0)
     filled = warmup_tensor(WarmupTensorConfig(datatype="INT32", shape=(2, 3), value=7), rng)

@@ -6,6 +6,7 @@ checked on its own here; how entries resolve into what a backend gets is
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -100,7 +101,8 @@ class VersionPolicyConfig(_Frozen):
 #: The default policy: every configured version is served.
 SERVE_ALL = VersionPolicyConfig(all={})
 
-#: Most elements of one warm-up tensor (a typo in a shape must not exhaust memory).
+#: Most elements of one warm-up request, all its inputs together (a typo in a shape
+#: must not exhaust memory).
 MAX_WARMUP_ELEMENTS = 1 << 24
 
 
@@ -171,6 +173,9 @@ class WarmupConfig(_Frozen):
     def _some(cls, inputs: Mapping[str, WarmupTensorConfig]) -> Mapping[str, WarmupTensorConfig]:
         if not inputs:
             raise ValueError("a warm-up request has at least one input")
+        elements = sum(math.prod(tensor.shape) for tensor in inputs.values())
+        if elements > MAX_WARMUP_ELEMENTS:  # each input within it, many inputs not
+            raise ValueError(f"more than {MAX_WARMUP_ELEMENTS} elements in all")
         return inputs
 
 
