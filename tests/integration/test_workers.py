@@ -597,6 +597,29 @@ def test_a_process_started_again_serves_what_its_siblings_serve(fresh: WorkersSe
     assert set(_keys_taken(fresh.target, "acme-key-2")) == {"OK"}
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_supervisor_killed_outright_leaves_no_process_behind(fresh: WorkersServer) -> None:
+    """Its children get SIGTERM from the kernel (PR_SET_PDEATHSIG) and look for it
+    every second: a front end whose engine went at the same moment waited for its
+    engine link for good (Python 3.11's wait_for dropped the cancel), an hour after
+    the CI run that killed its supervisor."""
+    children = [pid for pids in fresh.children().values() for pid in pids]
+    assert fresh.process is not None and len(children) == 3
+    fresh.process.kill()
+    fresh.process.wait()
+    deadline = time.monotonic() + 5 + 2  # grace_s, then a stop's own pace
+    while any(map(_running, children)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in children if _running(pid)]
+
+
 def test_a_file_that_does_not_validate_is_refused_at_sighup(fresh: WorkersServer) -> None:
     """Nothing changes, and a process started again after it serves the running
     configuration (not a file it cannot read)."""

@@ -64,6 +64,10 @@ class EngineLink:
         self.accepting = False
         self._connected = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
+        #: Set by :meth:`aclose`: the keeper ends even where a cancel is lost (Python
+        #: 3.11's ``wait_for`` drops one that comes as the wait completes: the engine
+        #: gone at that moment, a stopping front end waited for its keeper for good).
+        self._closing = False
 
     @property
     def up(self) -> bool:
@@ -86,6 +90,7 @@ class EngineLink:
             raise Unavailable(f"no inference engine answered at {self._path}") from None
 
     async def aclose(self) -> None:
+        self._closing = True
         if self._keeper is not None:
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -96,7 +101,7 @@ class EngineLink:
 
     async def _keep_connected(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closing:
             try:
                 _, connection = await loop.create_unix_connection(
                     lambda: _Connection(self), str(self._path)
@@ -110,7 +115,7 @@ class EngineLink:
                 continue
             self._connection = connection
             logger.info("inference engine connected")
-            while not connection.closed.is_set():
+            while not (connection.closed.is_set() or self._closing):
                 if loop.time() - connection.heard_at > self._silent_s:
                     logger.error(
                         "inference engine silent for %.1fs (stopped or stuck); closing its"

@@ -1,13 +1,15 @@
 """The life of one child process of ``workers: N`` (``mandant worker``), started by
 the supervisor: build the engine or a front end, say on stdout when it serves (one
 ``MANDANT-WORKER`` line the supervisor reads), then reload on SIGHUP and drain on
-SIGTERM. A child dies with its supervisor (``PR_SET_PDEATHSIG``), so a supervisor
-killed outright leaves no process behind.
+SIGTERM. A child dies with its supervisor (``PR_SET_PDEATHSIG``, and a look every
+second whether it is still there), so a supervisor killed outright leaves no process
+behind; a stop that outlasts its grace by :data:`STOP_SLACK_S` exits anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -26,6 +28,13 @@ logger = logging.getLogger(__name__)
 #: The start of the line a child prints once it serves, then a word and JSON.
 ANNOUNCE = "MANDANT-WORKER"
 _PR_SET_PDEATHSIG = 1
+#: How often a child looks whether its supervisor is still there (besides
+#: ``PR_SET_PDEATHSIG``, which a front end once outlived by an hour, its supervisor
+#: killed outright), in seconds.
+PARENT_CHECK_S = 1.0
+#: Beyond its grace, how long a child's stop may take before it exits anyway: the
+#: supervisor kills a child that takes longer, but a supervisor that is gone cannot.
+STOP_SLACK_S = 10.0
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -44,17 +53,37 @@ def announce(word: str, facts: dict[str, object]) -> None:
     print(f"{ANNOUNCE} {word} {json.dumps(facts)}", flush=True)
 
 
-async def _until_stopped(reload: Callable[[], None], serving: Callable[[], None]) -> None:
+async def until_stopped(
+    reload: Callable[[], None], serving: Callable[[], None], grace_s: float
+) -> None:
     """Take the signals, then say that this child serves (``serving``) and wait for
-    SIGTERM: a SIGHUP the supervisor forwards once it heard that reloads, never kills."""
+    SIGTERM, or for the supervisor to be gone: a SIGHUP the supervisor forwards once it
+    heard that reloads, never kills. From then on the stop has ``grace_s`` +
+    :data:`STOP_SLACK_S` before the process exits anyway."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     # Ctrl-C reaches the supervisor only (a session of its own); it stops us in order.
     loop.add_signal_handler(signal.SIGINT, lambda: None)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    parent = os.getppid()
     serving()
-    await stop.wait()
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), PARENT_CHECK_S)
+        if os.getppid() != parent:
+            logger.error("the supervisor (pid %d) is gone: stopping", parent)
+            stop.set()
+    loop.call_later(grace_s + STOP_SLACK_S, _stop_overdue, grace_s)
+
+
+def _stop_overdue(grace_s: float) -> None:
+    logger.error(
+        "stopping took longer than its grace (%.1fs) and %.0fs more: exiting",
+        grace_s,
+        STOP_SLACK_S,
+    )
+    os._exit(1)
 
 
 async def serve_engine(
@@ -83,7 +112,7 @@ async def serve_engine(
             logger.warning("configuration reload: %s", note)
         logger.info("engine reloaded %s: %s", path, "; ".join(result.applied) or "no changes")
 
-    await _until_stopped(reload, lambda: announce("engine", facts))
+    await until_stopped(reload, lambda: announce("engine", facts), config.server.grace_s)
     logger.info("engine stopping (grace %.1fs)", app.config.server.grace_s)
     await app.aclose()
 
@@ -104,5 +133,9 @@ async def serve_front_end(
             changes = front.reload(new)
             logger.info("front end reloaded %s: %s", path, "; ".join(changes) or "no changes")
 
-    await _until_stopped(reload, lambda: announce("front-end", {"grpc_port": front.grpc_port}))
+    await until_stopped(
+        reload,
+        lambda: announce("front-end", {"grpc_port": front.grpc_port}),
+        config.server.grace_s,
+    )
     await front.aclose()
