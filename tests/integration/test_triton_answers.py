@@ -299,6 +299,32 @@ async def test_timeouts_while_triton_answers_nothing_open_the_breaker(tmp_path: 
         assert time.monotonic() - start < 0.8  # refused by the breaker, no wait
 
 
+@asynccontextmanager
+async def sleepy_app(tmp_path: Path) -> AsyncIterator[App]:
+    """Mandant with Triton's ``sleepy`` (a call sleeps its input's seconds): a long
+    ``timeout_s``, clients' deadlines shorter, health polled often."""
+    triton = {"timeout_s": 30.0, "health_interval_s": 0.05}
+    async with (
+        fake_triton() as (url, _),
+        App(config(url, model(url, "sleepy", triton=triton)), tmp_path) as app,
+    ):
+        yield app
+
+
+async def all_give_up(caller: Any, seconds: float, calls: int) -> None:
+    """``calls`` calls at once, each sleeping ``seconds``: every caller gives up first."""
+    x = np.full((1, 4), seconds, np.float32)
+    results = await asyncio.gather(*(outcome(caller, "sleepy", x) for _ in range(calls)))
+    assert all(isinstance(r, DeadlineExceeded) for r in results), results
+
+
+async def refused_at_once(caller: Any) -> None:
+    start = time.monotonic()
+    refused = await outcome(caller, "sleepy", np.zeros((1, 4), np.float32))
+    assert isinstance(refused, Unavailable), repr(refused)
+    assert time.monotonic() - start < 0.3  # refused by the breaker, no wait
+
+
 async def test_calls_their_callers_gave_up_on_while_triton_answers_nobody_open_the_breaker(
     tmp_path: Path,
 ) -> None:
@@ -306,20 +332,10 @@ async def test_calls_their_callers_gave_up_on_while_triton_answers_nobody_open_t
     (0.5 s) is shorter than ``timeout_s`` (30 s), as real clients' are: every call was
     abandoned by its caller, so the breaker never opened and each call waited its whole
     deadline. Now five such calls open it and the next is refused at once."""
-    triton = {"timeout_s": 30.0, "health_interval_s": 0.05}
-    async with (
-        fake_triton() as (url, _),
-        App(config(url, model(url, "sleepy", triton=triton)), tmp_path) as app,
-        client(app, "acme", 0.5) as acme,
-    ):
+    async with sleepy_app(tmp_path) as app, client(app, "acme", 0.5) as acme:
         assert await outcome(acme, "sleepy", np.zeros((1, 4), np.float32)) is None
-        stuck = np.full((1, 4), 60.0, np.float32)
-        results = await asyncio.gather(*(outcome(acme, "sleepy", stuck) for _ in range(5)))
-        assert all(isinstance(r, DeadlineExceeded) for r in results), results
-        start = time.monotonic()
-        refused = await outcome(acme, "sleepy", np.zeros((1, 4), np.float32))
-        assert isinstance(refused, Unavailable), repr(refused)
-        assert time.monotonic() - start < 0.3  # refused by the breaker, no wait
+        await all_give_up(acme, 60.0, 5)
+        await refused_at_once(acme)
 
 
 async def test_one_tenant_s_short_deadlines_on_a_slow_model_leave_the_breaker_closed(
@@ -328,18 +344,15 @@ async def test_one_tenant_s_short_deadlines_on_a_slow_model_leave_the_breaker_cl
     """A model that takes 0.4 s and answers: acme's burst of calls with a 0.15 s
     deadline all give up before any answer, yet Triton is not failing (it answered
     globex in 0.4 s): globex is still served."""
-    triton = {"timeout_s": 30.0, "health_interval_s": 0.05}
     slow = np.full((1, 4), 0.4, np.float32)
     async with (
-        fake_triton() as (url, _),
-        App(config(url, model(url, "sleepy", triton=triton)), tmp_path) as app,
+        sleepy_app(tmp_path) as app,
         client(app, "acme", 0.15) as acme,
         client(app, "globex") as globex,
     ):
         assert await outcome(globex, "sleepy", slow) is None
         for _ in range(2):
-            results = await asyncio.gather(*(outcome(acme, "sleepy", slow) for _ in range(8)))
-            assert all(isinstance(r, DeadlineExceeded) for r in results), results
+            await all_give_up(acme, 0.4, 8)
         assert await outcome(globex, "sleepy", slow) is None
 
 
@@ -349,18 +362,14 @@ async def test_short_deadlines_before_any_answer_leave_the_breaker_closed(
     """The same on a model that has answered nothing yet: how long it takes is not
     known, so acme's calls that gave up at 0.15 s said nothing of Triton (they counted
     as failures against a 0.1 s floor and opened the breaker for globex)."""
-    triton = {"timeout_s": 30.0, "health_interval_s": 0.05}
-    slow = np.full((1, 4), 0.4, np.float32)
     async with (
-        fake_triton() as (url, _),
-        App(config(url, model(url, "sleepy", triton=triton)), tmp_path) as app,
+        sleepy_app(tmp_path) as app,
         client(app, "acme", 0.15) as acme,
         client(app, "globex") as globex,
     ):
         for _ in range(3):
-            results = await asyncio.gather(*(outcome(acme, "sleepy", slow) for _ in range(4)))
-            assert all(isinstance(r, DeadlineExceeded) for r in results), results
-        assert await outcome(globex, "sleepy", slow) is None
+            await all_give_up(acme, 0.4, 4)
+        assert await outcome(globex, "sleepy", np.full((1, 4), 0.4, np.float32)) is None
 
 
 async def test_a_model_wedged_from_the_start_opens_the_breaker_after_the_cold_stall(
@@ -370,19 +379,9 @@ async def test_a_model_wedged_from_the_start_opens_the_breaker_after_the_cold_st
     ``COLD_STALL_S`` (5 s; 0.3 here): a model wedged since Mandant started, clients'
     deadlines shorter than ``timeout_s``, never opened the breaker."""
     monkeypatch.setattr(triton_backend, "COLD_STALL_S", 0.3)
-    triton = {"timeout_s": 30.0, "health_interval_s": 0.05}
-    stuck = np.full((1, 4), 60.0, np.float32)
-    async with (
-        fake_triton() as (url, _),
-        App(config(url, model(url, "sleepy", triton=triton)), tmp_path) as app,
-        client(app, "acme", 0.5) as acme,
-    ):
-        results = await asyncio.gather(*(outcome(acme, "sleepy", stuck) for _ in range(5)))
-        assert all(isinstance(r, DeadlineExceeded) for r in results), results
-        start = time.monotonic()
-        refused = await outcome(acme, "sleepy", np.zeros((1, 4), np.float32))
-        assert isinstance(refused, Unavailable), repr(refused)
-        assert time.monotonic() - start < 0.3  # refused by the breaker, no wait
+    async with sleepy_app(tmp_path) as app, client(app, "acme", 0.5) as acme:
+        await all_give_up(acme, 60.0, 5)
+        await refused_at_once(acme)
 
 
 async def test_a_failed_config_poll_keeps_triton_s_max_batch_size(tmp_path: Path) -> None:

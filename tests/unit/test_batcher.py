@@ -556,24 +556,31 @@ async def test_a_broken_model_runs_twice_alone_per_tenant_of_the_batch() -> None
     await asyncio.gather(blocker, return_exceptions=True)
 
 
-async def test_one_tenants_poisoned_requests_never_fail_another_tenants() -> None:
-    """Both halves fail alike and a poisoned request fails alone: the model could be at
-    fault, but tenant b's request succeeds alone, so the split goes on."""
-    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
+async def in_one_batch(compute: Any, reqs: list[InferRequest]) -> list[Any]:
+    """``reqs`` queued behind a running call, so that they go to ``compute`` as one
+    batch (FIFO, batches of 16); each one's result or exception."""
+    backend = GatedBackend(auto=True, compute=compute)
     batcher, _, _, _ = await make(backend, max_batch_size=16, policy="fifo")
     backend.auto = False
     blocker = submit(batcher, request("a"))
     await settle()
-    reqs = [request("a", value=POISON), request("b"), request("a", value=POISON), request("b")]
     tasks = [submit(batcher, r) for r in reqs]
     await settle()
     backend.auto = True
     backend.release(len(backend.running))
     results = await asyncio.gather(*tasks, return_exceptions=True)
+    await blocker
+    return results
+
+
+async def test_one_tenants_poisoned_requests_never_fail_another_tenants() -> None:
+    """Both halves fail alike and a poisoned request fails alone: the model could be at
+    fault, but tenant b's request succeeds alone, so the split goes on."""
+    reqs = [request("a", value=POISON), request("b"), request("a", value=POISON), request("b")]
+    results = await in_one_batch(double_unless_poisoned, reqs)
     assert isinstance(results[0], ModelFailed) and isinstance(results[2], ModelFailed)
     check_own_rows(reqs[1], results[1])
     check_own_rows(reqs[3], results[3])
-    await blocker
 
 
 async def test_no_answer_carries_another_request_s_verdict() -> None:
@@ -590,20 +597,10 @@ async def test_no_answer_carries_another_request_s_verdict() -> None:
             raise InvalidInput(f"value {float(x[0, 0])} refused")  # alone: its own
         return double(inputs)
 
-    backend = GatedBackend(auto=True, compute=picky)
-    batcher, _, _, _ = await make(backend, max_batch_size=16, policy="fifo")
-    backend.auto = False
-    blocker = submit(batcher, request("a"))
-    await settle()
     values = [("a", -7.0), ("b", -9.0), ("a", -7.5), ("b", -9.5), ("b", -9.75)]
-    tasks = [submit(batcher, request(t, value=v)) for t, v in values]
-    await settle()
-    backend.auto = True
-    backend.release(len(backend.running))
-    results = await asyncio.gather(*tasks, return_exceptions=True)
+    results = await in_one_batch(picky, [request(t, value=v) for t, v in values])
     for (_, value), result in zip(values, results, strict=True):
         assert isinstance(result, InvalidInput) and str(result) == f"value {value} refused"
-    await blocker
 
 
 async def test_a_tenant_s_good_calls_are_not_failed_by_its_own_poisoned_ones() -> None:
@@ -611,21 +608,11 @@ async def test_a_tenant_s_good_calls_are_not_failed_by_its_own_poisoned_ones() -
     its first request fails alone, but its last succeeds alone, so the split goes on
     (with one probe, the good ones were answered Unavailable unrun, and the second
     poisoned one Unavailable too: a retry loop)."""
-    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
-    batcher, _, _, _ = await make(backend, max_batch_size=16, policy="fifo")
-    backend.auto = False
-    blocker = submit(batcher, request("a"))
-    await settle()
     reqs = [request("a", value=POISON if n % 2 == 0 else n) for n in range(4)]
-    tasks = [submit(batcher, r) for r in reqs]
-    await settle()
-    backend.auto = True
-    backend.release(len(backend.running))
-    results = await asyncio.gather(*tasks, return_exceptions=True)
+    results = await in_one_batch(double_unless_poisoned, reqs)
     assert isinstance(results[0], ModelFailed) and isinstance(results[2], ModelFailed)
     check_own_rows(reqs[1], results[1])
     check_own_rows(reqs[3], results[3])
-    await blocker
 
 
 async def test_a_lone_request_the_model_fails_on_is_model_failed() -> None:

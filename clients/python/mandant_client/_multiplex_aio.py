@@ -207,13 +207,10 @@ class AioMultiplexer:
                     break
                 except _TIMEOUTS:
                     raise _timed_out(timeout_s, request_id) from None
-                except _multiplex.Unread as failure:
-                    if resends < _multiplex.MAX_RESENDS:
+                except MandantClientError as failure:  # the whole stream's
+                    if isinstance(failure, _multiplex.Unread) and resends < _multiplex.MAX_RESENDS:
                         resends += 1  # never read: send it again, on a new stream
                         continue
-                    error = _multiplex.for_call(failure, request_id, request, raw_bytes)
-                    raise error from failure.__cause__
-                except MandantClientError as failure:  # the whole stream's
                     error = _multiplex.for_call(failure, request_id, request, raw_bytes)
                     raise error from failure.__cause__
                 finally:
