@@ -556,20 +556,25 @@ async def test_a_broken_model_runs_twice_alone_per_tenant_of_the_batch() -> None
     await asyncio.gather(blocker, return_exceptions=True)
 
 
-async def in_one_batch(compute: Any, reqs: list[InferRequest]) -> list[Any]:
+async def in_one_batch(
+    compute: Any, reqs: list[InferRequest], *, worked: bool = False
+) -> list[Any]:
     """``reqs`` queued behind a running call, so that they go to ``compute`` as one
-    batch (FIFO, batches of 16); each one's result or exception."""
+    batch (FIFO, batches of 16); each one's result or exception. The call ahead is
+    answered (``worked``: the model works) or fails (it has never answered: the
+    probes alone tell the model's failure from the data's)."""
     backend = GatedBackend(auto=True, compute=compute)
     batcher, _, _, _ = await make(backend, max_batch_size=16, policy="fifo")
     backend.auto = False
-    blocker = submit(batcher, request("a"))
+    blocker = submit(batcher, request("a", value=None if worked else POISON))
     await settle()
     tasks = [submit(batcher, r) for r in reqs]
     await settle()
     backend.auto = True
     backend.release(len(backend.running))
     results = await asyncio.gather(*tasks, return_exceptions=True)
-    await blocker
+    (ahead,) = await asyncio.gather(blocker, return_exceptions=True)
+    assert isinstance(ahead, BaseException) is not worked, ahead
     return results
 
 
@@ -613,6 +618,64 @@ async def test_a_tenant_s_good_calls_are_not_failed_by_its_own_poisoned_ones() -
     assert isinstance(results[0], ModelFailed) and isinstance(results[2], ModelFailed)
     check_own_rows(reqs[1], results[1])
     check_own_rows(reqs[3], results[3])
+
+
+async def test_a_part_of_one_tenant_s_poisoned_requests_is_their_data_once_others_succeeded() -> (
+    None
+):
+    """The CI failure of test_poisoned_batches: b's good requests and a's poisoned ones
+    in one batch; b's half succeeds, a's four fail as two halves and as first and
+    last alone, which looked like a model failing whatever its inputs (a's middle two
+    were answered Unavailable). A model seen answering in the same batch works: each
+    of a's requests is its own ModelFailed."""
+    reqs = [request("b", value=n) for n in range(4)] + [
+        request("a", value=POISON) for _ in range(4)
+    ]
+    results = await in_one_batch(double_unless_poisoned, reqs)
+    for req, result in zip(reqs[:4], results[:4], strict=True):
+        check_own_rows(req, result)
+    assert all(isinstance(r, ModelFailed) for r in results[4:]), results
+
+
+@pytest.mark.parametrize("worked", [True, False])
+async def test_a_batch_of_poisoned_requests_alone_is_their_data_if_the_model_worked(
+    worked: bool,
+) -> None:
+    """A batch holding only a's poisoned requests: when the model answered since its
+    last failed batch, each is its own ModelFailed; a model that never answered cannot
+    be told from its data, and the probes judge it at fault."""
+    reqs = [request("a", value=POISON) for _ in range(4)]
+    results = await in_one_batch(double_unless_poisoned, reqs, worked=worked)
+    failed = Counter(type(r).__name__ for r in results)
+    assert failed == ({"ModelFailed": 4} if worked else {"ModelFailed": 2, "Unavailable": 2})
+
+
+async def test_a_model_that_breaks_after_working_is_split_once_then_judged_at_fault() -> None:
+    """The model answers only 7s (it broke for everything else): a batch behind an
+    answered 7 is split to the end, each request its own ModelFailed (the model was
+    seen working); the next batch, with no answer since, is judged the model's fault."""
+
+    def only_sevens(inputs: Any) -> dict[str, np.ndarray]:
+        if not (inputs["x"] == 7).all():
+            raise RuntimeError("broken model")
+        return double(inputs)
+
+    backend = GatedBackend(compute=only_sevens)
+    batcher, _, _, _ = await make(backend, max_batch_size=8, policy="fifo")
+    rounds = [(7, {"ModelFailed": 8}, 2 * 8 - 1), (0, {"ModelFailed": 2, "Unavailable": 6}, 5)]
+    for ahead, expected, runs in rounds:
+        backend.auto = False
+        blocker = submit(batcher, request(value=ahead))
+        await settle()
+        tasks = [submit(batcher, request()) for _ in range(8)]
+        await settle()
+        backend.auto = True
+        before = len(backend.calls)
+        backend.release(len(backend.running))
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(blocker, return_exceptions=True)
+        assert Counter(type(r).__name__ for r in results) == expected
+        assert len(backend.calls) - before == runs
 
 
 async def test_a_lone_request_the_model_fails_on_is_model_failed() -> None:

@@ -153,6 +153,8 @@ class DynamicBatcher:
         #: about to take (``_leaving``); the next pump refuses those still over it
         self._leaning: list[_Pending] = []
         self._batch_s = 0.0  # moving average of a batch's compute time, for retry hints
+        #: the model answered a run since its last failed batch (``Isolation``)
+        self._works = False
         self._open = False
 
     @property
@@ -451,8 +453,12 @@ class DynamicBatcher:
         owner = batch[0].request.model.owner or ""  # one model: one owner
         rows = sum(e.rows for e in batch)
         self._observer.batch_failed(self._model, rows, owner)
+        works, self._works = self._works, False
         isolation = Isolation(
-            self._model, lambda part: self._attempt(part, dispatched), self._finish
+            self._model,
+            lambda part: self._attempt(part, dispatched),
+            self._finish,
+            model_works=works,
         )
         await isolation.run(batch, failure)
 
@@ -474,6 +480,7 @@ class DynamicBatcher:
             return part, exc
         except Exception as exc:  # the model raised: whose data was it?
             return part, exc
+        self._works = True
         self._succeeded(part, results, compute_s, dispatched)
         return part, None
 

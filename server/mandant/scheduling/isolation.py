@@ -13,7 +13,11 @@ Unavailable at once, after 3 + 2 x (tenants) runs instead of 2n - 1 (those probe
 answer their own requests, so a batch never runs more than 3n - 1 times in all). One
 poisoned request never fails another (it cannot make two disjoint halves fail), nor do
 one tenant's poisoned requests fail another tenant's; no answer carries another
-request's verdict.
+request's verdict. A model seen answering a run since its last failed batch, or in
+this one, is never judged at fault: it works, so the data is (the requests of a part
+may all be poisoned — one tenant's bad calls, batched apart from the good ones). A
+model that breaks after working thus pays one full split (2n - 1 runs) before the
+shortcut applies; a fresh model that has never answered cannot be told from its data.
 
 Running a part and answering the requests it succeeded for is the batcher's
 (``attempt``); :class:`Isolation` decides what to run next and answers the failures.
@@ -69,10 +73,14 @@ class Isolation(Generic[E]):
     """The requests of one failed batch of ``model``, split until those it fails on
     are found (see module doc): ``attempt`` runs a part, ``finish`` answers a request."""
 
-    def __init__(self, model: str, attempt: Attempt[E], finish: Finish[E]) -> None:
+    def __init__(
+        self, model: str, attempt: Attempt[E], finish: Finish[E], *, model_works: bool
+    ) -> None:
         self._model = model
         self._attempt = attempt
         self._finish = finish
+        #: the model answered a run since its last failed batch, or in this one
+        self._works = model_works
 
     async def run(self, batch: list[E], failure: Exception) -> None:
         """``batch`` failed with ``failure``: rerun its halves apart, level by level,
@@ -86,7 +94,8 @@ class Isolation(Generic[E]):
             part = failing.popleft()
             middle = len(part) // 2
             halves = [await self._attempt(half) for half in (part[:middle], part[middle:])]
-            if await self._model_fails(halves):
+            self._works = self._works or any(ran and exc is None for ran, exc in halves)
+            if not self._works and await self._model_fails(halves):
                 continue
             for half, exc in halves:
                 if raised(exc):
@@ -124,6 +133,7 @@ class Isolation(Generic[E]):
                 if not probe:
                     continue  # its caller left: no evidence either way
             if verdict is None:
+                self._works = True
                 self._answer_alone(failed)
                 return False  # it succeeded alone (answered): the data, not the model
             if raised(verdict):
