@@ -8,10 +8,9 @@ with plain Python objects and gets plain Python objects back; every failure is a
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 import time
 from collections.abc import Mapping, Sequence
+from secrets import token_hex
 from typing import Literal, Protocol
 
 from mandant.errors import (
@@ -271,10 +270,9 @@ def _priority(value: object, default: int) -> int:
     return value or default
 
 
-_ids = itertools.count(1)
-_ID_PREFIX = f"{os.getpid():x}-"
-
-
 def _local_id() -> str:
-    """A server-unique id for requests that came without one (for logs)."""
-    return f"{_ID_PREFIX}{next(_ids):x}"
+    """An id for a request that came without one, for the logs and the answer of a
+    request the model fails on (ModelFailed quotes it). Random: a counter (it was the
+    pid and a server-wide count) let a tenant read, from two of its own failures, how
+    many calls every tenant had made in between."""
+    return token_hex(8)

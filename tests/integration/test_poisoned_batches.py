@@ -5,6 +5,8 @@ mixed traffic. Batched and unbatched (DirectScheduler) versions of the same mode
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -134,3 +136,31 @@ async def test_an_innocent_call_whose_deadline_passes_while_its_batch_is_split_i
         assert isinstance(answers[1], InvalidInput), answers
         used = await app.admission.quota_used("acme")
     assert used["rows_today"] == 0
+
+
+async def test_the_id_quoted_for_a_call_sent_without_one_tells_nothing_of_other_calls(
+    served: tuple[App, RecordingObserver],
+) -> None:
+    """A failure's answer quotes the id the server gave a call sent without one. It was
+    the pid and a server-wide count: two of globex's failures told it how many calls
+    every tenant had made in between (here acme's 5)."""
+    app, _ = served
+    target = f"127.0.0.1:{app.grpc_port}"
+    ids = np.full((1, 1), SIZE, np.int64)  # out of range: the model fails on it
+    quoted = []
+    async with (
+        AsyncClient(target, DEMO_KEYS["acme"]) as acme,
+        AsyncClient(target, DEMO_KEYS["globex"]) as globex,
+    ):
+        for _ in range(2):
+            with pytest.raises(InvalidInput) as failed:
+                await globex.infer("lookup-direct", {"IDS": ids})
+            found = re.search(r"request id ([^)\s]+)", str(failed.value))
+            assert found, failed.value
+            quoted.append(found.group(1))
+            for _ in range(5):
+                await acme.infer("lookup-direct", {"IDS": np.zeros((1, 1), np.int64)})
+    first, second = quoted
+    assert f"{os.getpid():x}" not in first + second
+    assert len(first) >= 16 and first != second
+    assert int(second, 16) - int(first, 16) not in range(1, 10)
