@@ -10,7 +10,7 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client._proto import grpc_service_pb2 as pb
 from tests.integration import gated_models
-from tests.servers import ECHO_MODEL, ServerThread
+from tests.servers import ECHO_MODEL, SERVER_KINDS, ServerThread, serve
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -342,3 +342,51 @@ async def test_probes_are_answered_when_the_cap_is_full(tmp_path: Path) -> None:
             assert (await live(pb.ServerLiveRequest(), timeout=10)).live
             gated_models.GATE.set()
             await stuck
+
+
+METADATA = "/inference.GRPCInferenceService/ModelMetadata"
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+async def test_calls_whose_message_never_comes_hold_no_place(tmp_path: Path, kind: str) -> None:
+    """Tenant a opens more ModelMetadata calls than the whole server has room for and
+    never sends their messages (the leak hunt held 4,160 open): they took every place
+    under the cap before their messages were read, and no call could take them back,
+    so b's calls were refused RESOURCE_EXHAUSTED for as long as a liked."""
+    never = asyncio.Event()
+
+    async def no_message() -> AsyncIterator[bytes]:
+        await never.wait()
+        yield b""
+
+    server = serve(kind, _capped(max_concurrent_rpcs=2), tmp_path)
+    try:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            metadata = channel.stream_unary(METADATA)
+            a_key = (("authorization", "Bearer a-key"),)
+            held = [metadata(no_message(), metadata=a_key) for _ in range(4)]
+            # Their handlers run (one process: counted; workers: 2: time to start).
+            app = server.app if isinstance(server, ServerThread) else None
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if app is not None and app.grpc.gate.started == len(held):
+                    break
+            if app is not None:
+                assert app.grpc.gate.started == len(held)
+                assert app.calls.calls == 0
+            b_key = (("authorization", "Bearer b-key"),)
+            for _ in range(3):
+                answer = await channel.unary_unary(INFER)(
+                    _request("echo"), metadata=b_key, timeout=10
+                )
+                assert pb.ModelInferResponse.FromString(answer).outputs[0].name == "OUTPUT0"
+                described = await metadata(
+                    iter([pb.ModelMetadataRequest(name="echo").SerializeToString()]),
+                    metadata=b_key,
+                    timeout=10,
+                )
+                assert pb.ModelMetadataResponse.FromString(described).name == "echo"
+            for call in held:
+                call.cancel()
+    finally:
+        server.stop()

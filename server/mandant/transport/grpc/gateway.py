@@ -151,11 +151,13 @@ def client_saw(context: Context, code: str) -> str:
 
 class Gate:
     """``cap``: calls (and stream messages) served at once, server-wide (shared with the
-    other ports); one more is answered RESOURCE_EXHAUSTED once its key is checked,
-    before its message is parsed, unless it can take the place of another tenant's
-    call waiting at the door (``door.py``). ``door``: where inference calls take turns
-    by tenant once many are in progress (``door.py``; shared with the other ports
-    too)."""
+    other ports); one more is answered RESOURCE_EXHAUSTED, unless it can take the
+    place of another tenant's call waiting at the door (``door.py``). An inference
+    call takes its place once its key is checked, before its message is read (it may
+    wait at the door, undecoded); any other call once its small message has come, so
+    that calls whose messages never come hold no place. ``door``: where inference
+    calls take turns by tenant once many are in progress (``door.py``; shared with the
+    other ports too)."""
 
     def __init__(
         self,
@@ -240,14 +242,22 @@ class Gate:
                     # nothing is held and a full server still answers its probes.
                     return await behavior(request_type(), call, context)
                 call.tenant = caller_of(access, context)
-                cap.enter(shed, call.tenant.id if call.tenant is not None else "")
-                entered = True
+                tenant_id = call.tenant.id if call.tenant is not None else ""
                 if door is not None and call.tenant is not None:
+                    # An inference call takes its place before the door, where it may
+                    # wait; one whose message never comes holds its tenant's share.
+                    cap.enter(shed, tenant_id)
+                    entered = True
                     await door.enter(call.tenant)
                     inside = True
                 raw = await context.read()
                 if not isinstance(raw, bytes):
                     await no_message(context)
+                if not entered:
+                    # Any other call's (small) message is read first: calls whose
+                    # messages never come held every place, and no call could shed them.
+                    cap.enter(shed, tenant_id)
+                    entered = True
                 request = parse(request_type, raw)
                 request_id = getattr(request, "id", "")
                 if request_id:
@@ -342,10 +352,10 @@ class Gate:
 
     def forwarded(self, access: Access, forward: Forward) -> grpc.RpcMethodHandler:
         """A front end's handler for an RPC the engine serves (``workers: N``): the key
-        is checked and the call takes its place under the cap here, before a byte of
-        its message is read (as :meth:`unary`'s), then the bytes go to the engine as
-        they came, whose gate checks the key again, answers and counts the call. Only
-        the refusals made here are counted here."""
+        is checked, the (small) message read, and the call takes its place under the
+        cap here (as :meth:`unary`'s calls that pass no door), then the bytes go to the
+        engine as they came, whose gate checks the key again, answers and counts the
+        call. Only the refusals made here are counted here."""
         caller_of = self._caller
         cap = self._cap
         observer = self._observer
@@ -360,19 +370,16 @@ class Gate:
             try:
                 tenant = caller_of(access, context)
                 tenant_id = tenant.id if tenant is not None else ""
+                raw = await context.read()
+                if not isinstance(raw, bytes):
+                    await no_message(context)
                 cap.enter(shed, tenant_id)
             except MandantError as exc:
                 refusal = exc
+            except CallEnded:
+                pass
             else:
                 try:
-                    raw = await context.read()
-                    if not isinstance(raw, bytes):
-                        await no_message(context)
-                except MandantError as exc:
-                    refusal = exc
-                except CallEnded:
-                    pass
-                else:
                     return await forward(raw, context)
                 finally:
                     cap.leave()
