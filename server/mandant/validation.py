@@ -99,6 +99,54 @@ NO_CLASSIFICATION = "the classification extension is not supported"
 #: cannot be made).
 MAX_RANK = 64
 
+# What one request may list, whatever its transport. A transport's decoder builds a
+# Python object per listed tensor and parameter (and a front end of ``workers: N``
+# packs them for the engine) before any model's spec is looked at, on the event loop
+# that serves every tenant: a 2 MiB message of 10⁶ empty ``inputs {}`` held it for
+# seconds. So each count is compared first (a ``len()``, before anything is built)
+# with these bounds, far above what a real model declares (the widest seen are
+# recommenders with an input per feature, in the hundreds; Triton's own parameters
+# are a handful, an LLM backend's sampling parameters a few dozen), and low enough
+# that building that many costs about a millisecond.
+
+#: Most inputs one request may carry (``inputs``; raw contents are one per input).
+MAX_INPUTS = 1024
+#: Most outputs one request may ask for (``outputs``).
+MAX_OUTPUTS = 1024
+#: Most parameters one request, or one of its tensors, may carry (``parameters``).
+MAX_PARAMETERS = 256
+
+
+def check_counts(inputs: int, outputs: int, parameters: int) -> None:
+    """A request that lists more inputs, requested outputs or request parameters than
+    :data:`MAX_INPUTS`, :data:`MAX_OUTPUTS`, :data:`MAX_PARAMETERS` is refused: each
+    transport asks this with the lengths of its lists before it reads any entry."""
+    if inputs <= MAX_INPUTS and outputs <= MAX_OUTPUTS and parameters <= MAX_PARAMETERS:
+        return  # every call passes here: one comparison each
+    for count, bound, what in (
+        (inputs, MAX_INPUTS, "inputs"),
+        (outputs, MAX_OUTPUTS, "requested outputs"),
+        (parameters, MAX_PARAMETERS, "parameters"),
+    ):
+        if count > bound:
+            raise InvalidInput(f"request has {count} {what}, at most {bound} are accepted")
+
+
+def check_parameter_count(count: int, what: str) -> None:
+    """``what`` (a tensor, as a message names it) carries at most
+    :data:`MAX_PARAMETERS` parameters."""
+    if count > MAX_PARAMETERS:
+        raise InvalidInput(f"{what} has {count} parameters, at most {MAX_PARAMETERS} are accepted")
+
+
+def check_rank(rank: int, name: str) -> None:
+    """At most :data:`MAX_RANK` dimensions: asked with a shape's length before the
+    shape is copied (``name``: the input's, as the client sent it)."""
+    if rank > MAX_RANK:
+        raise InvalidInput(
+            f"input '{shown(name)}': shape has {rank} dimensions, at most {MAX_RANK} are accepted"
+        )
+
 
 def check_shape(header: TensorHeader) -> int:
     """The element count of ``header``'s shape (of a known datatype), once an array can
@@ -107,11 +155,7 @@ def check_shape(header: TensorHeader) -> int:
     cannot make it); at most :data:`MAX_RANK` dimensions (numpy's). Every path that
     shapes a client's tensor asks this first."""
     shape = header.shape
-    if len(shape) > MAX_RANK:
-        raise InvalidInput(
-            f"input '{header.name}': shape has {len(shape)} dimensions, at most "
-            f"{MAX_RANK} are accepted"
-        )
+    check_rank(len(shape), header.name)
     if shape and min(shape) < 0:
         raise InvalidInput(f"input '{header.name}': shape {_shape(shape)} has a negative size")
     count = prod(shape)

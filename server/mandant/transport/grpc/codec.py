@@ -16,8 +16,11 @@ from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS
 from mandant.errors import InvalidInput
 from mandant.types import DATATYPES, InferResponse, TensorHeader, datatype_of
 from mandant.validation import (
+    MAX_RANK,
     NO_CLASSIFICATION,
     check_bytes_count,
+    check_counts,
+    check_rank,
     check_raw_size,
     check_shape,
 )
@@ -136,13 +139,19 @@ class ProtoInferRequest:
     """A ``ModelInferRequest`` seen through :class:`mandant.types.EncodedRequest`.
 
     Headers are read once, and each ``raw_input_contents`` entry is taken out of the
-    message once (upb makes a new ``bytes`` on every element access)."""
+    message once (upb makes a new ``bytes`` on every element access). A message that
+    lists more inputs, outputs or parameters than :func:`check_counts` accepts is
+    refused on construction, before any entry is read: a small message can list
+    millions (an empty ``inputs {}`` is 2 bytes), each of which would cost a Python
+    object on the event loop (and, in a front end of ``workers: N``, a place in the
+    engine's message)."""
 
     __slots__ = ("_checked", "_headers", "_max_bytes_elements", "_msg", "_raw")
 
     def __init__(
         self, msg: pb.ModelInferRequest, max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS
     ) -> None:
+        check_counts(len(msg.inputs), len(msg.outputs), len(msg.parameters))
         self._msg = msg
         self._max_bytes_elements = max_bytes_elements
         self._headers: list[TensorHeader] | None = None
@@ -163,9 +172,13 @@ class ProtoInferRequest:
 
     def input_headers(self) -> Sequence[TensorHeader]:
         if self._headers is None:
-            self._headers = [
-                TensorHeader(t.name, t.datatype, tuple(t.shape)) for t in self._msg.inputs
-            ]
+            headers = []
+            for tensor in self._msg.inputs:
+                shape = tensor.shape
+                if len(shape) > MAX_RANK:  # before it is copied: 1 byte a dimension
+                    check_rank(len(shape), tensor.name)
+                headers.append(TensorHeader(tensor.name, tensor.datatype, tuple(shape)))
+            self._headers = headers
         return self._headers
 
     def requested_outputs(self) -> Sequence[str]:
@@ -190,12 +203,10 @@ class ProtoInferRequest:
 
     def _raw_contents(self) -> list[bytes]:
         if self._raw is None:
-            self._raw = list(self._msg.raw_input_contents)
-            if self._raw and len(self._raw) != len(self._msg.inputs):
-                raise InvalidInput(
-                    f"raw_input_contents has {len(self._raw)} entries for "
-                    f"{len(self._msg.inputs)} inputs"
-                )
+            raw, inputs = self._msg.raw_input_contents, len(self._msg.inputs)
+            if raw and len(raw) != inputs:  # counted before any entry is copied
+                raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {inputs} inputs")
+            self._raw = list(raw)
         return self._raw
 
     def check_payload(self) -> None:

@@ -25,8 +25,12 @@ from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS, DEFAULT_MAX_JSON_BYTES
 from mandant.errors import InvalidInput, shown
 from mandant.types import DATATYPES, InferResponse, TensorHeader, datatype_of
 from mandant.validation import (
+    MAX_RANK,
     NO_CLASSIFICATION,
     check_bytes_count,
+    check_counts,
+    check_parameter_count,
+    check_rank,
     check_raw_size,
     check_shape,
 )
@@ -63,10 +67,12 @@ def _expect(value: object, kind: type | tuple[type, ...], what: str) -> Any:
 _JSON_NAMES = {"dict": "object", "list": "array", "str": "string", "int": "integer"}
 
 
-def _parameters(value: object, what: str) -> Parameters:
+def _parameters(value: object, holder: str, what: str) -> Parameters:
+    """``holder``'s parameters (``what``: one of them, as a message names it)."""
     if value is None:
         return _NO_PARAMETERS
     params: dict[str, Any] = _expect(value, dict, what)
+    check_parameter_count(len(params), holder)  # before any is read
     for key, item in params.items():
         if not isinstance(item, bool | int | float | str):
             raise InvalidInput(f"{what} '{shown(key)}' must be a boolean, number or string")
@@ -75,6 +81,8 @@ def _parameters(value: object, what: str) -> Parameters:
 
 def _shape(value: object, name: str) -> tuple[int, ...]:
     dims: list[Any] = _expect(value, list, f"input '{shown(name)}': shape")
+    if len(dims) > MAX_RANK:  # before any is read
+        check_rank(len(dims), name)
     for dim in dims:
         _expect(dim, int, f"input '{shown(name)}': each dimension of shape")
     return tuple(dims)
@@ -140,15 +148,18 @@ class JsonInferRequest:
         doc = _expect(doc, dict, "the inference request")
         request_id = doc.get("id", "")
         self._id: str = _expect(request_id, str, "'id'")
-        self._parameters = _parameters(doc.get("parameters"), "request parameter")
+        inputs: list[Any] = _expect(doc.get("inputs", []), list, "'inputs'")
+        outputs: list[Any] = _expect(doc.get("outputs", []), list, "'outputs'")
+        parameters = doc.get("parameters")
+        # Counted before any item is read: 2 MiB of JSON can list 10⁵ outputs.
+        check_counts(
+            len(inputs), len(outputs), len(parameters) if isinstance(parameters, dict) else 0
+        )
+        self._parameters = _parameters(parameters, "the request", "request parameter")
         binary_all = self._parameters.get("binary_data_output", False)
         self._binary_all: bool = _expect(binary_all, bool, "parameter 'binary_data_output'")
-        self._inputs = [
-            _parse_input(item) for item in _expect(doc.get("inputs", []), list, "'inputs'")
-        ]
-        self._outputs = [
-            _parse_output(item) for item in _expect(doc.get("outputs", []), list, "'outputs'")
-        ]
+        self._inputs = [_parse_input(item) for item in inputs]
+        self._outputs = [_parse_output(item) for item in outputs]
         _assign_binary(self._inputs, view[json_end:])
 
     @property
@@ -198,7 +209,8 @@ def _parse_input(item: object) -> _Input:
     name: str = _expect(tensor.get("name"), str, "an input's name")
     datatype: str = _expect(tensor.get("datatype"), str, f"input '{shown(name)}': datatype")
     shape = _shape(tensor.get("shape"), name)
-    params = _parameters(tensor.get("parameters"), f"input '{shown(name)}': parameter")
+    where = f"input '{shown(name)}'"
+    params = _parameters(tensor.get("parameters"), where, f"{where}: parameter")
     raw_size = params.get("binary_data_size")
     data = tensor.get("data")
     size: int | None = None
@@ -216,7 +228,8 @@ def _parse_input(item: object) -> _Input:
 def _parse_output(item: object) -> tuple[str, bool]:
     tensor: dict[str, Any] = _expect(item, dict, "each requested output")
     name: str = _expect(tensor.get("name"), str, "a requested output's name")
-    params = _parameters(tensor.get("parameters"), f"output '{shown(name)}': parameter")
+    where = f"output '{shown(name)}'"
+    params = _parameters(tensor.get("parameters"), where, f"{where}: parameter")
     if params.get("classification", 0):
         raise InvalidInput(NO_CLASSIFICATION)
     binary = _expect(params.get("binary_data", False), bool, "parameter 'binary_data'")
