@@ -3,6 +3,8 @@ counted and their count logged once per window; and Triton's model failures thro
 
 from __future__ import annotations
 
+import contextvars
+import json
 import logging
 
 import grpc
@@ -10,7 +12,9 @@ import pytest
 
 from mandant.backends.triton_answers import Fault, TritonAnswers
 from mandant.config import TritonModelConfig
+from mandant.context import current_request_id
 from mandant.observability.log_limits import WINDOW_S, FailureLog
+from mandant.observability.logs import JsonFormatter
 from tests.fakes import FakeClock
 
 LOGGER = "tests.log_limits"
@@ -129,3 +133,33 @@ def test_triton_s_model_failures_are_logged_once_then_counted(
     assert len(logged) == 2 and logged[1].levelno == logging.WARNING
     assert "49 more failure(s)" in logged[1].getMessage()
     assert "mandant_requests_total" in logged[1].getMessage()
+
+
+def test_a_count_is_logged_without_the_request_that_armed_its_timer(
+    failures: tuple[FailureLog, FakeClock],
+) -> None:
+    """The count's line is not one request's: it carries no tenant and no request id
+    (the context of the failure that armed its timer, as the loop's timers keep it)."""
+    log, clock = failures
+    lines: list[str] = []
+
+    class Formatted(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(JsonFormatter().format(record))  # reads the context now
+
+    def two_failures_and_a_window() -> None:
+        for n in range(2):
+            current_request_id.set(f"client-id-{n}")
+            log.failed("k", "k failed", exc=_raise("k"))
+        clock.advance(WINDOW_S)  # in this context, as a timer armed by the second one
+
+    handler = Formatted()
+    logging.getLogger(LOGGER).addHandler(handler)
+    try:
+        contextvars.copy_context().run(two_failures_and_a_window)  # the ids stay there
+    finally:
+        logging.getLogger(LOGGER).removeHandler(handler)
+    first, count = (json.loads(line) for line in lines)
+    assert first["request_id"] == "client-id-0"
+    assert "1 more failure(s)" in count["msg"]
+    assert "request_id" not in count and "client-id" not in lines[1]

@@ -116,7 +116,7 @@ class TritonAnswers:
         #: the next ones counted (a client's calls it fails on cannot flood the log)
         self._failures = FailureLog(
             logger,
-            "mandant_requests_total by code, and a batch's in mandant_failed_batches_total",
+            "mandant_requests_total by code, a batch's in mandant_failed_batches_total",
             clock=clock,
         )
 

@@ -17,6 +17,7 @@ as its :class:`FailureLog` lives.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from dataclasses import dataclass
 
@@ -84,8 +85,13 @@ class FailureLog:
                 self._summarise(kind)
 
     def _summarise(self, kind: str) -> None:
-        """Log the count of ``kind``'s window; the next failures of the kind are counted
-        in a new window from now (logged in full once one stays quiet)."""
+        """Log the count of ``kind``'s window in a context of its own, not the one of
+        the call that armed its timer (whose tenant and request id a log line would
+        show); the next failures of the kind are counted in a new window from now
+        (logged in full once one stays quiet)."""
+        contextvars.Context().run(self._log_count, kind)
+
+    def _log_count(self, kind: str) -> None:
         window = self._windows[kind]
         self._logger.log(
             window.level,

@@ -39,8 +39,7 @@ from mandant.types import InferRequest
 logger = logging.getLogger(__name__)
 #: Where every failure is counted, which the log's counts of them name.
 FAILURES_COUNTED_IN = (
-    'mandant_failed_batches_total (a batch), mandant_requests_total{code="INVALID_ARGUMENT"} '
-    "(a request)"
+    'mandant_requests_total{code="INVALID_ARGUMENT"}, its batch in mandant_failed_batches_total'
 )
 
 
