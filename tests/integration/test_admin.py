@@ -12,23 +12,31 @@ import pytest
 
 from mandant_client import Client, InvalidInput
 from mandant_client._proto import admin_pb2, admin_pb2_grpc
+from tests.clock_helpers import same_utc_day, utc_day
 from tests.servers import SERVER_KINDS, Server, ServerThread, demo_config, serving, wait_for_calls
 
 ADMIN = (("authorization", "Bearer admin-demo-key"),)
 
 
 @pytest.fixture(scope="module", params=SERVER_KINDS)
-def server(
+def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
+) -> Iterator[tuple[Server, str]]:
+    """A server, and the UTC day its traffic began (its ``rows_today`` is that day's)."""
     with serving(request.param, demo_config(), tmp_path_factory.mktemp("admin")) as running:
+        day = utc_day()
         with Client(running.target, api_key="acme-demo-key") as acme:
             for rows in (1, 3):
                 acme.infer("classifier", {"INPUT0": np.ones((rows, 256), np.float32)})
             with pytest.raises(InvalidInput):
                 acme.infer("classifier", {"INPUT0": np.ones((1, 3), np.float32)})
         wait_for_calls(running, "admin-demo-key", 3)
-        yield running
+        yield running, day
+
+
+@pytest.fixture(scope="module")
+def server(served: tuple[Server, str]) -> Server:
+    return served[0]
 
 
 @pytest.fixture
@@ -37,7 +45,9 @@ def admin(server: Server) -> Iterator[admin_pb2_grpc.AdminServiceStub]:
         yield admin_pb2_grpc.AdminServiceStub(channel)
 
 
-def test_usage_of_every_tenant(admin: admin_pb2_grpc.AdminServiceStub) -> None:
+def test_usage_of_every_tenant(
+    admin: admin_pb2_grpc.AdminServiceStub, served: tuple[Server, str]
+) -> None:
     reply = admin.GetUsage(admin_pb2.GetUsageRequest(), metadata=ADMIN)
     usage = {t.tenant: t for t in reply.tenants}
     assert set(usage) == {"acme", "globex", "initech"}
@@ -45,7 +55,9 @@ def test_usage_of_every_tenant(admin: admin_pb2_grpc.AdminServiceStub) -> None:
     assert dict(acme.requests) == {"OK": 2, "INVALID_ARGUMENT": 1}
     assert dict(acme.rows) == {"classifier": 4}
     assert acme.compute_seconds["classifier"] > 0
-    assert acme.rows_today == 4 and acme.quota_rows_per_day == 0
+    with same_utc_day(since=served[1]):
+        assert acme.rows_today == 4
+    assert acme.quota_rows_per_day == 0
     assert not usage["globex"].requests
     assert reply.generated_at.endswith("Z")
 

@@ -21,6 +21,7 @@ from mandant.tenancy.keys import hash_key
 from mandant_client import AsyncClient, Client, QuotaExceeded, RateLimited
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+from tests.clock_helpers import same_utc_day
 from tests.servers import ECHO_MODEL, SERVER_KINDS, Server, ServerThread, serve
 
 X = np.ones((1, 4), np.float32)
@@ -99,17 +100,17 @@ async def test_a_flooding_tenant_is_limited_and_the_others_are_not(server: Serve
 
 
 def test_quota_exceeded_until_midnight_utc(server: Server) -> None:
-    with Client(server.target, api_key="budget-key") as client:
+    with same_utc_day(), Client(server.target, api_key="budget-key") as client:
         client.infer("echo", {"INPUT0": np.ones((4, 2), np.float32)})
         with pytest.raises(QuotaExceeded) as caught:
             client.infer("echo", {"INPUT0": np.ones((3, 2), np.float32)})
         client.infer("echo", {"INPUT0": np.ones((2, 2), np.float32)})  # the refusal took none
         with pytest.raises(QuotaExceeded):
             client.infer("echo", {"INPUT0": X})
-    assert "quota rows_per_day=6 exceeded for tenant budget" in caught.value.message
-    now = datetime.now(UTC)
-    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    assert caught.value.retry_after_s == pytest.approx((midnight - now).total_seconds(), abs=5)
+        assert "quota rows_per_day=6 exceeded for tenant budget" in caught.value.message
+        now = datetime.now(UTC)
+        midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        assert caught.value.retry_after_s == pytest.approx((midnight - now).total_seconds(), abs=5)
 
 
 def test_tritonclient_sees_resource_exhausted(server: Server) -> None:

@@ -22,6 +22,7 @@ from mandant.tenancy.redis_usage import RedisUsage
 from mandant_client import Client
 from mandant_client import RateLimited as ClientRateLimited
 from mandant_client._proto import admin_pb2, admin_pb2_grpc
+from tests.clock_helpers import same_utc_day, utc_day
 from tests.integration.redis_server import RedisServer, redis_server
 from tests.integration.test_redis_limits import KEY, config_data
 from tests.servers import SERVER_KINDS, ServerThread, serve
@@ -66,6 +67,7 @@ def test_one_report_gives_the_fleet_sum_of_two_replicas(
     config = fleet_config(redis_server.url)
     first = serve(kind, config, tmp_path)
     second = serve(kind, config, tmp_path)
+    day = utc_day()  # the day whose counts "today" and rows_today are
     try:
         _call(first.target, rows=2, times=3)
         _call(second.target, rows=3, times=4)
@@ -90,14 +92,15 @@ def test_one_report_gives_the_fleet_sum_of_two_replicas(
     assert acme["requests"] == {"OK": 3} and acme["rows"] == {"echo": 6}
     # Quota use and the fleet figures: every replica's.
     assert acme["quota"]["scope"] == reply.tenants[0].quota_scope == "fleet"
-    assert acme["quota"]["used"]["rows_today"] == 6 + 12
     assert report["fleet_available"] is True
-    for period in ("today", "this_month"):
-        fleet = acme["fleet"][period]
-        assert fleet["requests"] == {"OK": 7, "RESOURCE_EXHAUSTED": 1}
-        assert fleet["rows"] == {"echo": 18} and fleet["rows_total"] == 18
-        assert fleet["rejections"] == {"requests_per_s": 1}
-        assert fleet["compute_seconds_total"] > 0
+    with same_utc_day(since=day):
+        assert acme["quota"]["used"]["rows_today"] == 6 + 12
+        for period in ("today", "this_month"):
+            fleet = acme["fleet"][period]
+            assert fleet["requests"] == {"OK": 7, "RESOURCE_EXHAUSTED": 1}
+            assert fleet["rows"] == {"echo": 18} and fleet["rows_total"] == 18
+            assert fleet["rejections"] == {"requests_per_s": 1}
+            assert fleet["compute_seconds_total"] > 0
     usage = reply.tenants[0]
     assert dict(usage.requests) == {"OK": 3}
     for counts in (usage.fleet_today, usage.fleet_this_month):

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mandant.config import parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client import Client, InvalidInput, ModelNotFound, RateLimited, Unauthenticated
+from tests.clock_helpers import same_utc_day, utc_day
 from tests.servers import DEMO_CONFIG, SERVER_KINDS, Server, ServerThread, serving, wait_for_calls
 from tests.servers import http_get as http
 
@@ -63,9 +64,11 @@ def get(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
 
 
 @pytest.fixture(scope="module")
-def traffic(server: Server) -> None:
+def traffic(server: Server) -> str:
     """acme: 5 OK (4 rows each), 2 wrong shapes, 1 unknown model, 1 invented version;
-    globex: 3 OK on echo; initech: 2 OK then 3 rate limited; 2 bad keys."""
+    globex: 3 OK on echo; initech: 2 OK then 3 rate limited; 2 bad keys. Returns the
+    UTC day it began (the day whose ``rows_today`` counts it)."""
+    day = utc_day()
     rows = np.ones((4, 256), np.float32)
     with Client(server.target, api_key="acme-demo-key") as acme:
         for _ in range(5):
@@ -90,9 +93,10 @@ def traffic(server: Server) -> None:
         with Client(server.target, api_key=key) as stranger, pytest.raises(Unauthenticated):
             stranger.infer("classifier", {"INPUT0": rows})
     wait_for_calls(server, ADMIN_KEY, 19)
+    return day
 
 
-def test_request_counts_by_tenant_model_and_code(server: Server, traffic: None) -> None:
+def test_request_counts_by_tenant_model_and_code(server: Server, traffic: str) -> None:
     found = samples(server)
     requests = {
         tuple(sorted(labels)): value
@@ -110,7 +114,7 @@ def test_request_counts_by_tenant_model_and_code(server: Server, traffic: None) 
     }
 
 
-def test_latency_slo_usage_and_rejection_series(server: Server, traffic: None) -> None:
+def test_latency_slo_usage_and_rejection_series(server: Server, traffic: str) -> None:
     found = samples(server)
     duration = "mandant_request_duration_seconds_count"
     assert get(found, duration, tenant="acme", model="classifier") == 5
@@ -137,7 +141,7 @@ def test_latency_slo_usage_and_rejection_series(server: Server, traffic: None) -
         assert get(found, "mandant_inflight_requests", tenant=tenant) == 0
 
 
-def test_no_series_for_anything_a_client_invented(server: Server, traffic: None) -> None:
+def test_no_series_for_anything_a_client_invented(server: Server, traffic: str) -> None:
     text = http(server, "/metrics", key=ADMIN_KEY)[1].decode()
     for invented in ("mallory", "tenant-evil", "no-such-model"):
         assert invented not in text
@@ -172,14 +176,14 @@ PRIVATE = (b"acme", b"globex", b"initech", b"fraud", b"classifier", b"echo")
 @pytest.mark.parametrize("path", ["/metrics", "/api/dashboard", "/usage"])
 @pytest.mark.parametrize("key", [None, "mallory-invented-key", "sha256:" + "0" * 64])
 def test_without_a_valid_key_nothing_is_named(
-    server: Server, traffic: None, path: str, key: str | None
+    server: Server, traffic: str, path: str, key: str | None
 ) -> None:
     status, body = http(server, path, key=key)
     assert status == 401
     assert not any(name in body for name in PRIVATE), body
 
 
-def test_a_tenant_key_reads_its_own_figures_only(server: Server, traffic: None) -> None:
+def test_a_tenant_key_reads_its_own_figures_only(server: Server, traffic: str) -> None:
     status, body = http(server, "/api/dashboard", key="acme-demo-key")
     assert status == 200
     data = json.loads(body)
@@ -195,7 +199,7 @@ def test_a_tenant_key_reads_its_own_figures_only(server: Server, traffic: None) 
     assert status == 403 and b"globex" not in body
 
 
-def test_usage_with_the_admin_key(server: Server, traffic: None) -> None:
+def test_usage_with_the_admin_key(server: Server, traffic: str) -> None:
     status, body = http(server, "/usage", key=ADMIN_KEY)
     assert status == 200
     report = json.loads(body)["tenants"]
@@ -203,10 +207,11 @@ def test_usage_with_the_admin_key(server: Server, traffic: None) -> None:
     assert report["acme"]["rows_total"] == 20
     assert report["initech"]["rejections"] == {"requests_per_s": 3}
     # The month has no quota (the store has no count of it): the rows all the same.
-    assert report["initech"]["quota"]["used"] == {"rows_today": 8, "rows_this_month": 8}
+    with same_utc_day(since=traffic):
+        assert report["initech"]["quota"]["used"] == {"rows_today": 8, "rows_this_month": 8}
 
 
-def test_dashboard_page_and_data(server: Server, traffic: None) -> None:
+def test_dashboard_page_and_data(server: Server, traffic: str) -> None:
     status, page = http(server, "/")
     assert status == 200 and b"<script>" in page
     assert b"http://" not in page.replace(b"http://www.w3.org/2000/svg", b"")  # no CDN

@@ -26,6 +26,7 @@ from mandant.tenancy.keys import hash_key
 from mandant.tenancy.redis_store import RedisStore
 from mandant.tenancy.redis_usage import RedisUsage
 from mandant.types import ModelKey, Tenant
+from tests.clock_helpers import same_utc_day, utc_day
 from tests.integration.redis_server import RedisServer, redis_server
 from tests.servers import ECHO_MODEL, ServerThread
 
@@ -61,12 +62,8 @@ def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
         connection.close()
 
 
-def _today() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%d")
-
-
 def _rows_today(client: redis.Redis, prefix: str, tenant: str) -> int:
-    return int(client.get(f"{prefix}:{{{tenant}}}:*:rows_per_day:{_today()}") or 0)
+    return int(client.get(f"{prefix}:{{{tenant}}}:*:rows_per_day:{utc_day()}") or 0)
 
 
 async def test_one_refused_script_fails_only_its_own_call(
@@ -76,22 +73,23 @@ async def test_one_refused_script_fails_only_its_own_call(
     holds the wrong type here; ``OOM`` near ``maxmemory`` does the same). The nine
     Redis admitted and charged are admitted, the tenth alone is refused: none is
     charged in Redis and refused (or charged again locally with ``allow``)."""
-    tenants = [{"id": f"t{i}", "quota": {"rows_per_day": 1000}} for i in range(10)]
-    config = _config(redis_server.url, "p1", *tenants, on_store_error="deny")
-    client.hset(f"p1:{{t3}}:*:rows_per_day:{_today()}", "not", "a count")
-    admission = TenantAdmission(config, shared_store_for(config.limits))
-    await admission.start()
-    try:
-        results = await asyncio.gather(
-            *(admission.admit(Tenant(f"t{i}"), ECHO, 10) for i in range(10)),
-            return_exceptions=True,
-        )
-    finally:
-        await admission.aclose()
-    assert isinstance(results[3], Unavailable)
-    admitted = [i for i, result in enumerate(results) if not isinstance(result, BaseException)]
-    assert admitted == [0, 1, 2, 4, 5, 6, 7, 8, 9]
-    assert [_rows_today(client, "p1", f"t{i}") for i in admitted] == [10] * 9
+    with same_utc_day():
+        tenants = [{"id": f"t{i}", "quota": {"rows_per_day": 1000}} for i in range(10)]
+        config = _config(redis_server.url, "p1", *tenants, on_store_error="deny")
+        client.hset(f"p1:{{t3}}:*:rows_per_day:{utc_day()}", "not", "a count")
+        admission = TenantAdmission(config, shared_store_for(config.limits))
+        await admission.start()
+        try:
+            results = await asyncio.gather(
+                *(admission.admit(Tenant(f"t{i}"), ECHO, 10) for i in range(10)),
+                return_exceptions=True,
+            )
+        finally:
+            await admission.aclose()
+        assert isinstance(results[3], Unavailable)
+        admitted = [i for i, result in enumerate(results) if not isinstance(result, BaseException)]
+        assert admitted == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+        assert [_rows_today(client, "p1", f"t{i}") for i in admitted] == [10] * 9
 
 
 def _stall(port: int, seconds: float) -> threading.Thread:
@@ -121,31 +119,32 @@ async def test_a_call_redis_runs_after_a_stall_takes_nothing(
     """Redis stalls longer than ``timeout_ms`` with a call's script written to it:
     the call is refused (deny) or charged locally (allow). When Redis runs the
     script afterwards, the script takes nothing."""
-    prefix = f"p2{on_store_error}"
-    config = _config(
-        redis_server.url,
-        prefix,
-        {"id": "acme", "quota": {"rows_per_day": 1000}},
-        on_store_error=on_store_error,
-        timeout_ms=100,
-    )
-    admission = TenantAdmission(config, shared_store_for(config.limits))
-    await admission.start()
-    try:
-        (await admission.admit(Tenant("acme"), ECHO, 10)).release()
-        stall = _stall(redis_server.port, 0.6)
-        if on_store_error == "deny":
-            with pytest.raises(Unavailable):
-                await admission.admit(Tenant("acme"), ECHO, 7)
-        else:
-            (await admission.admit(Tenant("acme"), ECHO, 7)).release()
-        await asyncio.to_thread(stall.join)  # Redis has run the script since
-        assert _rows_today(client, prefix, "acme") == 10
-        await asyncio.sleep(0.2)  # retry_interval_s: the store decides again
-        (await admission.admit(Tenant("acme"), ECHO, 5)).release()
-        assert _rows_today(client, prefix, "acme") == 15
-    finally:
-        await admission.aclose()
+    with same_utc_day():
+        prefix = f"p2{on_store_error}"
+        config = _config(
+            redis_server.url,
+            prefix,
+            {"id": "acme", "quota": {"rows_per_day": 1000}},
+            on_store_error=on_store_error,
+            timeout_ms=100,
+        )
+        admission = TenantAdmission(config, shared_store_for(config.limits))
+        await admission.start()
+        try:
+            (await admission.admit(Tenant("acme"), ECHO, 10)).release()
+            stall = _stall(redis_server.port, 0.6)
+            if on_store_error == "deny":
+                with pytest.raises(Unavailable):
+                    await admission.admit(Tenant("acme"), ECHO, 7)
+            else:
+                (await admission.admit(Tenant("acme"), ECHO, 7)).release()
+            await asyncio.to_thread(stall.join)  # Redis has run the script since
+            assert _rows_today(client, prefix, "acme") == 10
+            await asyncio.sleep(0.2)  # retry_interval_s: the store decides again
+            (await admission.admit(Tenant("acme"), ECHO, 5)).release()
+            assert _rows_today(client, prefix, "acme") == 15
+        finally:
+            await admission.aclose()
 
 
 async def test_a_refund_redis_cannot_take_is_sent_when_it_can(
@@ -154,31 +153,32 @@ async def test_a_refund_redis_cannot_take_is_sent_when_it_can(
     """A refund while no connection to Redis can be made (here: Redis at its
     ``maxclients``, our connections closed) is kept and sent with the next batch
     once Redis takes connections again; one Redis refuses (``OOM``) likewise."""
-    config = _config(redis_server.url, "p3", {"id": "acme", "quota": {"rows_per_day": 100}})
-    admission = TenantAdmission(config, shared_store_for(config.limits))
-    await admission.start()
-    try:
-        first = await admission.admit(Tenant("acme"), ECHO, 40)
-        second = await admission.admit(Tenant("acme"), ECHO, 30)
-        assert _rows_today(client, "p3", "acme") == 70
+    with same_utc_day():
+        config = _config(redis_server.url, "p3", {"id": "acme", "quota": {"rows_per_day": 100}})
+        admission = TenantAdmission(config, shared_store_for(config.limits))
+        await admission.start()
+        try:
+            first = await admission.admit(Tenant("acme"), ECHO, 40)
+            second = await admission.admit(Tenant("acme"), ECHO, 30)
+            assert _rows_today(client, "p3", "acme") == 70
 
-        client.config_set("maxclients", 1)
-        client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-        await asyncio.sleep(0.1)
-        first.release(refund=True)  # no connection can be made: kept
-        await asyncio.sleep(0.1)
-        client.config_set("maxclients", 10000)
+            client.config_set("maxclients", 1)
+            client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            await asyncio.sleep(0.1)
+            first.release(refund=True)  # no connection can be made: kept
+            await asyncio.sleep(0.1)
+            client.config_set("maxclients", 10000)
 
-        client.config_set("maxmemory", 1)
-        second.release(refund=True)  # Redis refuses the script (OOM): kept
-        await asyncio.sleep(0.1)
-        assert _rows_today(client, "p3", "acme") == 70
-        client.config_set("maxmemory", 0)
+            client.config_set("maxmemory", 1)
+            second.release(refund=True)  # Redis refuses the script (OOM): kept
+            await asyncio.sleep(0.1)
+            assert _rows_today(client, "p3", "acme") == 70
+            client.config_set("maxmemory", 0)
 
-        (await admission.admit(Tenant("acme"), ECHO, 1)).release()  # takes them along
-        assert _rows_today(client, "p3", "acme") == 1
-    finally:
-        await admission.aclose()
+            (await admission.admit(Tenant("acme"), ECHO, 1)).release()  # takes them along
+            assert _rows_today(client, "p3", "acme") == 1
+        finally:
+            await admission.aclose()
 
 
 async def test_scripts_flushed_from_redis_are_loaded_again(
@@ -186,22 +186,23 @@ async def test_scripts_flushed_from_redis_are_loaded_again(
 ) -> None:
     """Redis lost its scripts (a restart, ``SCRIPT FLUSH``): the calls of that batch
     are answered ``NOSCRIPT``, ran nowhere, and are sent again with the scripts."""
-    config = _config(redis_server.url, "p9", {"id": "acme", "quota": {"rows_per_day": 100}})
-    admission = TenantAdmission(config, shared_store_for(config.limits))
-    await admission.start()
-    try:
-        permit = await admission.admit(Tenant("acme"), ECHO, 30)
-        client.script_flush()
-        permit.release(refund=True)
-        client.script_flush()
-        results = await asyncio.gather(
-            *(admission.admit(Tenant("acme"), ECHO, 10) for _ in range(3))
-        )
-        for result in results:
-            result.release()
-    finally:
-        await admission.aclose()
-    assert _rows_today(client, "p9", "acme") == 30
+    with same_utc_day():
+        config = _config(redis_server.url, "p9", {"id": "acme", "quota": {"rows_per_day": 100}})
+        admission = TenantAdmission(config, shared_store_for(config.limits))
+        await admission.start()
+        try:
+            permit = await admission.admit(Tenant("acme"), ECHO, 30)
+            client.script_flush()
+            permit.release(refund=True)
+            client.script_flush()
+            results = await asyncio.gather(
+                *(admission.admit(Tenant("acme"), ECHO, 10) for _ in range(3))
+            )
+            for result in results:
+                result.release()
+        finally:
+            await admission.aclose()
+        assert _rows_today(client, "p9", "acme") == 30
 
 
 async def test_a_refund_after_midnight_goes_to_the_day_that_was_charged(
@@ -257,22 +258,23 @@ async def test_a_usage_flush_redis_took_in_part_counts_each_tenant_once(
     """Redis refuses one tenant's script of a flush (its day hash holds the wrong
     type here; ``OOM`` does the same): the others are counted, that one's sums go
     with the next flush, and nobody is counted twice."""
-    config = _config(redis_server.url, "p6", {"id": "t0"})
-    usage = RedisUsage(config.limits, flush_interval_s=3600)
-    day_key = f"p6:{{t1}}:usage:day:{_today()}"
-    client.set(day_key, "not a hash")
-    try:
-        for tenant in ("t0", "t1", "t2"):
-            usage.add(tenant, "rows", "echo", 5)
-        assert await usage.flush() is False
-        client.delete(day_key)
-        assert await usage.flush() is True
-        counts = await usage.read(["t0", "t1", "t2"])
-    finally:
-        await usage.aclose()
-    assert counts is not None
-    assert [counts[t]["today"] for t in ("t0", "t1", "t2")] == [{"rows:echo": 5.0}] * 3
-    assert [counts[t]["this_month"] for t in ("t0", "t1", "t2")] == [{"rows:echo": 5.0}] * 3
+    with same_utc_day():
+        config = _config(redis_server.url, "p6", {"id": "t0"})
+        usage = RedisUsage(config.limits, flush_interval_s=3600)
+        day_key = f"p6:{{t1}}:usage:day:{utc_day()}"
+        client.set(day_key, "not a hash")
+        try:
+            for tenant in ("t0", "t1", "t2"):
+                usage.add(tenant, "rows", "echo", 5)
+            assert await usage.flush() is False
+            client.delete(day_key)
+            assert await usage.flush() is True
+            counts = await usage.read(["t0", "t1", "t2"])
+        finally:
+            await usage.aclose()
+        assert counts is not None
+        assert [counts[t]["today"] for t in ("t0", "t1", "t2")] == [{"rows:echo": 5.0}] * 3
+        assert [counts[t]["this_month"] for t in ("t0", "t1", "t2")] == [{"rows:echo": 5.0}] * 3
 
 
 async def test_a_usage_flush_answered_too_late_is_counted_once(
@@ -281,23 +283,24 @@ async def test_a_usage_flush_answered_too_late_is_counted_once(
     """Redis applies a flush after this process gave up waiting for the reply (it
     took longer than ``timeout_ms``: 20000 fields): the flush is sent again, and
     Redis applies it once (its sequence number is marked)."""
-    config = _config(redis_server.url, "p7", {"id": "t0"}, timeout_ms=30)
-    usage = RedisUsage(config.limits, flush_interval_s=3600)
-    try:
-        usage.add("t1", "requests", "OK", 1)
-        assert await usage.flush() is True  # the script is loaded
-        for model in range(20000):
-            usage.add("t0", "rows", f"m{model}", 1)
-        usage.add("t1", "requests", "OK", 1)
-        assert await usage.flush() is False  # Redis is still at it
-        await asyncio.sleep(0.5)  # and has applied it since
-        usage.add("t1", "requests", "OK", 1)
-        assert await usage.flush() is True  # sent again, applied once
-    finally:
-        await usage.aclose()
-    rows = client.hgetall(f"p7:{{t0}}:usage:day:{_today()}")
-    assert len(rows) == 20000 and set(rows.values()) == {b"1"}
-    assert client.hgetall(f"p7:{{t1}}:usage:day:{_today()}") == {b"requests:OK": b"3"}
+    with same_utc_day():
+        config = _config(redis_server.url, "p7", {"id": "t0"}, timeout_ms=30)
+        usage = RedisUsage(config.limits, flush_interval_s=3600)
+        try:
+            usage.add("t1", "requests", "OK", 1)
+            assert await usage.flush() is True  # the script is loaded
+            for model in range(20000):
+                usage.add("t0", "rows", f"m{model}", 1)
+            usage.add("t1", "requests", "OK", 1)
+            assert await usage.flush() is False  # Redis is still at it
+            await asyncio.sleep(0.5)  # and has applied it since
+            usage.add("t1", "requests", "OK", 1)
+            assert await usage.flush() is True  # sent again, applied once
+        finally:
+            await usage.aclose()
+        rows = client.hgetall(f"p7:{{t0}}:usage:day:{utc_day()}")
+        assert len(rows) == 20000 and set(rows.values()) == {b"1"}
+        assert client.hgetall(f"p7:{{t1}}:usage:day:{utc_day()}") == {b"requests:OK": b"3"}
 
 
 async def test_a_graceful_stop_sends_counts_held_back_behind_a_lost_reply(
@@ -305,18 +308,19 @@ async def test_a_graceful_stop_sends_counts_held_back_behind_a_lost_reply(
 ) -> None:
     """A tenant whose last flush lost its reply holds its newer counts back until that
     flush settles: the stop's one flush settled it and dropped them."""
-    config = _config(redis_server.url, "p9", {"id": "t0"}, timeout_ms=30)
-    usage = RedisUsage(config.limits, flush_interval_s=3600)
-    usage.add("t0", "requests", "OK", 1)
-    assert await usage.flush() is True  # the script is loaded
-    for model in range(20000):
-        usage.add("t0", "rows", f"m{model}", 1)
-    assert await usage.flush() is False  # Redis is still at it
-    usage.add("t0", "requests", "OK", 1)  # held back behind that flush
-    await asyncio.sleep(0.5)
-    await usage.aclose()
-    counts = client.hgetall(f"p9:{{t0}}:usage:day:{_today()}")
-    assert counts[b"requests:OK"] == b"2" and len(counts) == 20001
+    with same_utc_day():
+        config = _config(redis_server.url, "p9", {"id": "t0"}, timeout_ms=30)
+        usage = RedisUsage(config.limits, flush_interval_s=3600)
+        usage.add("t0", "requests", "OK", 1)
+        assert await usage.flush() is True  # the script is loaded
+        for model in range(20000):
+            usage.add("t0", "rows", f"m{model}", 1)
+        assert await usage.flush() is False  # Redis is still at it
+        usage.add("t0", "requests", "OK", 1)  # held back behind that flush
+        await asyncio.sleep(0.5)
+        await usage.aclose()
+        counts = client.hgetall(f"p9:{{t0}}:usage:day:{utc_day()}")
+        assert counts[b"requests:OK"] == b"2" and len(counts) == 20001
 
 
 async def test_a_report_reads_counts_held_back_behind_a_lost_reply(
@@ -324,21 +328,22 @@ async def test_a_report_reads_counts_held_back_behind_a_lost_reply(
 ) -> None:
     """A report flushes before it reads: one flush sent again the sums whose reply was
     lost, but held back the counts made since (the fleet figure came up short)."""
-    config = _config(redis_server.url, "p10", {"id": "t0"}, timeout_ms=30)
-    usage = RedisUsage(config.limits, flush_interval_s=0.2)
-    try:
-        usage.add("t1", "requests", "OK", 1)
-        assert await usage.flush() is True  # the script is loaded
-        for model in range(20000):  # t0's sums make the flush outlast its timeout
-            usage.add("t0", "rows", f"m{model}", 1)
-        usage.add("t1", "requests", "OK", 1)
-        assert await usage.flush() is False  # Redis is still at it
-        usage.add("t1", "requests", "OK", 1)  # held back behind that flush
-        await asyncio.sleep(0.5)  # Redis has applied it; the failure is past the interval
-        counts = await usage.read(["t1"])
-        assert counts is not None and counts["t1"]["today"]["requests:OK"] == 3
-    finally:
-        await usage.aclose()
+    with same_utc_day():
+        config = _config(redis_server.url, "p10", {"id": "t0"}, timeout_ms=30)
+        usage = RedisUsage(config.limits, flush_interval_s=0.2)
+        try:
+            usage.add("t1", "requests", "OK", 1)
+            assert await usage.flush() is True  # the script is loaded
+            for model in range(20000):  # t0's sums make the flush outlast its timeout
+                usage.add("t0", "rows", f"m{model}", 1)
+            usage.add("t1", "requests", "OK", 1)
+            assert await usage.flush() is False  # Redis is still at it
+            usage.add("t1", "requests", "OK", 1)  # held back behind that flush
+            await asyncio.sleep(0.5)  # Redis has applied it; the failure is past the interval
+            counts = await usage.read(["t1"])
+            assert counts is not None and counts["t1"]["today"]["requests:OK"] == 3
+        finally:
+            await usage.aclose()
 
 
 def test_a_usage_report_waits_one_timeout_at_most_while_redis_stalls(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from mandant.config import parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+from tests.clock_helpers import same_utc_day
 from tests.servers import ServerThread
 from tests.triton_server import MODEL, TritonProcess, available
 
@@ -69,17 +69,15 @@ def test_calls_refused_by_a_dead_backend_or_open_breaker_are_not_charged(
     with ServerThread(config, tmp_path) as server, grpc.insecure_channel(server.target) as ch:
         assert server.app is not None
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
-        day = time.gmtime().tm_yday
-        stub.ModelInfer(request(2), metadata=METADATA)
-        triton.kill()
-        for _ in range(12):
-            with pytest.raises(grpc.RpcError) as caught:
-                stub.ModelInfer(request(4), metadata=METADATA)
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        used = server.call(server.app.admission.quota_used("acme"))["rows_today"]
-        if time.gmtime().tm_yday != day:  # a CI run at 23:59:59 UTC saw the new day's 0
-            pytest.skip("the UTC day changed during the test: rows_today started again")
-        assert used == 2
+        with same_utc_day():
+            stub.ModelInfer(request(2), metadata=METADATA)
+            triton.kill()
+            for _ in range(12):
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.ModelInfer(request(4), metadata=METADATA)
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            used = server.call(server.app.admission.quota_used("acme"))["rows_today"]
+            assert used == 2
 
 
 def test_a_call_whose_deadline_passes_while_triton_computes_it_stays_charged(
@@ -103,16 +101,17 @@ def test_a_call_whose_deadline_passes_while_triton_computes_it_stays_charged(
     with ServerThread(config, tmp_path) as server, grpc.insecure_channel(server.target) as ch:
         assert server.app is not None
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
-        stub.ModelInfer(request(2), metadata=METADATA)
-        # The Python process that computes PyTriton's model stops: Triton takes the
-        # calls, and the model does not answer them within their 0.3 s.
-        assert triton._process is not None
-        os.kill(triton._process.pid, signal.SIGSTOP)
-        try:
-            for _ in range(3):
-                with pytest.raises(grpc.RpcError) as caught:
-                    stub.ModelInfer(request(10, 300_000), metadata=METADATA, timeout=30)
-                assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        finally:
-            os.kill(triton._process.pid, signal.SIGCONT)
-        assert server.call(server.app.admission.quota_used("acme"))["rows_today"] == 32
+        with same_utc_day():
+            stub.ModelInfer(request(2), metadata=METADATA)
+            # The Python process that computes PyTriton's model stops: Triton takes the
+            # calls, and the model does not answer them within their 0.3 s.
+            assert triton._process is not None
+            os.kill(triton._process.pid, signal.SIGSTOP)
+            try:
+                for _ in range(3):
+                    with pytest.raises(grpc.RpcError) as caught:
+                        stub.ModelInfer(request(10, 300_000), metadata=METADATA, timeout=30)
+                    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            finally:
+                os.kill(triton._process.pid, signal.SIGCONT)
+            assert server.call(server.app.admission.quota_used("acme"))["rows_today"] == 32
