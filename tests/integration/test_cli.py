@@ -12,12 +12,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from mandant.tenancy.keys import hash_key
 from mandant_client import AsyncClient, Client, MandantClientError, Unavailable
@@ -27,6 +29,7 @@ from tests.servers import (
     MANDANT,
     SUBPROCESS_ENV,
     free_port,
+    http_get_port,
     mandant_serve,
     wait_for,
 )
@@ -123,6 +126,24 @@ def _served_file(
     return path, config
 
 
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not so after {timeout_s}s"
+        time.sleep(0.02)
+
+
+def _in_flight(http_port: int, admin_key: str) -> float:
+    """Tenant ``t``'s calls being served now (``mandant_inflight_requests``)."""
+    status, body = http_get_port(http_port, "/metrics", admin_key)
+    assert status == 200, body
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == "mandant_inflight_requests" and sample.labels == {"tenant": "t"}:
+                return float(sample.value)
+    return 0.0
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serve_finishes_in_flight_calls_then_exits_zero(tmp_path: Path, signum: int) -> None:
     port = free_port()
@@ -133,7 +154,9 @@ def test_serve_finishes_in_flight_calls_then_exits_zero(tmp_path: Path, signum: 
         "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
         "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
     }
-    path, _ = _served_file(tmp_path, port, slow, grace_s=10)
+    admin = "admin-key"
+    path, config = _served_file(tmp_path, port, slow, grace_s=10, admin_keys=[hash_key(admin)])
+    http_port = config["server"]["http_port"]
     with mandant_serve(path) as proc:
         results: dict[str, object] = {}
         x = np.ones((1, 3), np.float32)
@@ -144,9 +167,9 @@ def test_serve_finishes_in_flight_calls_then_exits_zero(tmp_path: Path, signum: 
 
         worker = threading.Thread(target=call)
         worker.start()
-        time.sleep(0.5)  # the call is in the model now
+        _wait_until(lambda: _in_flight(http_port, admin) == 1)  # the call is in the model
         proc.send_signal(signum)
-        time.sleep(0.3)
+        _wait_until(lambda: http_get_port(http_port, "/readyz")[0] == 503)  # draining
         with (
             Client(f"127.0.0.1:{port}", api_key="secret-key") as client,
             pytest.raises(Unavailable),

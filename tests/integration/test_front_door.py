@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -281,6 +282,14 @@ async def test_a_flood_waiting_at_the_door_gives_its_places_to_another_tenant(
             assert int(trailers["grpc-retry-pushback-ms"]) > 0
 
 
+async def _until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    """Wait until ``condition()`` holds; fail if it does not within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not so after {timeout_s}s"
+        await asyncio.sleep(0.01)
+
+
 async def test_calls_whose_deadline_passes_at_the_door_count_against_the_slo(
     tmp_path: Path,
 ) -> None:
@@ -305,10 +314,7 @@ async def test_calls_whose_deadline_passes_at_the_door_count_against_the_slo(
         async with grpc.aio.insecure_channel(server.target) as channel:
             infer = channel.unary_unary(INFER)
             inside = [asyncio.ensure_future(infer(_request("gated"), metadata=key))]
-            for _ in range(200):
-                if door.busy == 1:
-                    break
-                await asyncio.sleep(0.01)
+            await _until(lambda: door.busy == 1)  # the one slot is taken
             waiting = [
                 asyncio.ensure_future(infer(_request("gated"), metadata=key, timeout=0.5))
                 for _ in range(3)
@@ -321,8 +327,9 @@ async def test_calls_whose_deadline_passes_at_the_door_count_against_the_slo(
             ), ended
             gated_models.GATE.set()
             await asyncio.gather(*inside)
-        await asyncio.sleep(0.2)  # the last refusals are counted as their handlers end
         value = server.app.metrics.get_sample_value
+        # The last refusals are counted as their handlers end.
+        await _until(lambda: (value("mandant_slo_requests_total", {"tenant": "a"}) or 0) >= 4)
         assert value("mandant_slo_requests_total", {"tenant": "a"}) == 4
         assert value("mandant_slo_good_requests_total", {"tenant": "a"}) == 1
 

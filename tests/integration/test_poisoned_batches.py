@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -106,9 +107,11 @@ async def test_an_innocent_call_whose_deadline_passes_while_its_batch_is_split_i
     """Acme's call shares a batch with globex's bad ids; the batch fails after 0.5 s and
     is run again call by call, by when acme's 0.3 s have passed: acme's call never ran
     to an answer of its own, and is refunded (d4b9f69 charged it: only a deadline that
-    passes while the backend computes the call keeps it charged)."""
+    passes while the backend computes the call keeps it charged). Globex's call waits
+    for a second row (batches of 2, a delay far longer than the test): the batch
+    leaves as acme's call comes, however long that takes."""
     quota = {"rows_per_day": 100}
-    batching = {"max_batch_size": 8, "max_queue_delay_ms": 50, "dispatch": "delay"}
+    batching = {"max_batch_size": 2, "max_queue_delay_ms": 60_000, "dispatch": "delay"}
     data = {
         "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 0},
         "tenants": [
@@ -127,10 +130,16 @@ async def test_an_innocent_call_whose_deadline_passes_while_its_batch_is_split_i
         AsyncClient(f"127.0.0.1:{app.grpc_port}", DEMO_KEYS["acme"]) as acme,
         AsyncClient(f"127.0.0.1:{app.grpc_port}", DEMO_KEYS["globex"]) as globex,
     ):
+        bad = asyncio.ensure_future(
+            globex.infer("slow-lookup", {"IDS": np.array([[SIZE + 5]], np.int64)})
+        )
+        deadline = time.monotonic() + 30
+        while app.admission.inflight("globex") != 1:  # it waits in the queue
+            assert time.monotonic() < deadline and not bad.done(), bad
+            await asyncio.sleep(0.01)
         good = acme.infer(
             "slow-lookup", {"IDS": np.array([[1]], np.int64)}, parameters={"timeout": 300_000}
         )
-        bad = globex.infer("slow-lookup", {"IDS": np.array([[SIZE + 5]], np.int64)})
         answers = await asyncio.gather(good, bad, return_exceptions=True)
         assert isinstance(answers[0], DeadlineExceeded), answers
         assert isinstance(answers[1], InvalidInput), answers

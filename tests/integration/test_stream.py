@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -360,13 +361,23 @@ async def test_an_open_stream_ends_when_the_server_stops(tmp_path: Path, kind: s
     }
     config = parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 20},
+            "server": {
+                "grpc_port": 0,
+                "http_port": 0,
+                "rest_port": 0,
+                "grace_s": 20,
+                "admin_keys": ["sha256:" + _sha("admin-key")],
+            },
             "tenants": [{"id": "t", "api_keys": ["sha256:" + _sha("t-key")]}],
             "models": [ECHO_MODEL, slow],
         },
         "test",
     )
     server = serve(kind, config, tmp_path)
+
+    def in_flight() -> float | None:
+        return metric(server, "admin-key", "mandant_inflight_requests", tenant="t")
+
     stopping: asyncio.Task[None] | None = None
     try:
         async with grpc.aio.insecure_channel(server.target) as channel:
@@ -377,7 +388,10 @@ async def test_an_open_stream_ends_when_the_server_stops(tmp_path: Path, kind: s
             await stream.write(_request("echo", "first"))
             assert (await stream.read()).infer_response.id == "first"
             await stream.write(_request("slow", "in-flight"))
-            await asyncio.sleep(0.2)  # the message is in the model
+            deadline = time.monotonic() + 30
+            while await asyncio.to_thread(in_flight) != 1:  # the message is in the model
+                assert time.monotonic() < deadline, "the message never reached the model"
+                await asyncio.sleep(0.01)
             stopping = asyncio.create_task(asyncio.to_thread(server.stop, 20))
             answer = await stream.read()
             assert answer.infer_response.id == "in-flight" and not answer.error_message
