@@ -79,7 +79,9 @@ def browser_config() -> object:
     data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0, "rest_port": 0}
     for tenant in data["tenants"]:
         if tenant["id"] == "acme":  # the flood gets rejections to show
-            tenant["rate_limit"] = {"requests_per_s": 150, "burst": 20}
+            # Well under what acme's callers send even on a loaded host: most of the
+            # flood is refused at once (cheap), leaving the server time for the page.
+            tenant["rate_limit"] = {"requests_per_s": 30, "burst": 10}
     return parse_config(data, str(DEMO_CONFIG))
 
 
@@ -106,9 +108,16 @@ def busy_server(tmp_path: Path) -> Iterator[ServerThread]:
         ]
         for thread in threads:
             thread.start()
-        # A few seconds of traffic before the page loads (longer for the docs picture).
-        time.sleep(float(os.environ.get("MANDANT_DASHBOARD_WARMUP_S", "3")))
+        # A few seconds of traffic before the page loads (longer for the docs picture),
+        # and at least one of acme's rejections for it to show.
         try:
+            time.sleep(float(os.environ.get("MANDANT_DASHBOARD_WARMUP_S", "3")))
+            assert server.app is not None
+            rejected = {"tenant": "acme", "reason": "requests_per_s", "model": ""}
+            deadline = time.monotonic() + 60
+            while not server.app.metrics.get_sample_value("mandant_rejections_total", rejected):
+                assert time.monotonic() < deadline, "acme's flood was never rate limited"
+                time.sleep(0.05)
             yield server
         finally:
             stop.set()
