@@ -39,6 +39,12 @@ from mandant.errors import InvalidInput, MandantError, Unauthenticated
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
+from mandant.transport.grpc.wire_bounds import (
+    PRE_PARSE,
+    PRE_PARSE_ABOVE_BYTES,
+    MalformedWire,
+    check_small_message,
+)
 from mandant.types import Call, Tenant
 
 logger = logging.getLogger(__name__)
@@ -88,10 +94,15 @@ def metadata_value(context: Context, name: str) -> str | None:
 
 
 def parse(message_type: type[Message], raw: bytes) -> Any:
-    """The message in ``raw``; INVALID_ARGUMENT (a plain message) if it is not one."""
+    """The message in ``raw``; INVALID_ARGUMENT (a plain message) if it is not one.
+    One larger than :data:`PRE_PARSE_ABOVE_BYTES` is checked first, before protobuf
+    builds its entries (``wire_bounds.py``): an inference request's counts on the
+    wire, any other message's size."""
     try:
+        if len(raw) > PRE_PARSE_ABOVE_BYTES:
+            PRE_PARSE.get(message_type, check_small_message)(raw)
         return message_type.FromString(raw)
-    except DecodeError:
+    except (DecodeError, MalformedWire):
         raise InvalidInput(
             f"the request is not a valid {message_type.DESCRIPTOR.name} message"
         ) from None
@@ -373,6 +384,7 @@ class Gate:
                 raw = await context.read()
                 if not isinstance(raw, bytes):
                     await no_message(context)
+                check_small_message(raw)  # as the engine's parse() would, before it is sent
                 cap.enter(shed, tenant_id)
             except MandantError as exc:
                 refusal = exc
