@@ -229,6 +229,20 @@ def test_groups_which_no_proto3_message_has_are_refused() -> None:
         parse(Request, raw)
 
 
+def test_a_request_at_every_count_bound_is_parsed() -> None:
+    msg = Request(model_name="echo", model_version="1", id="wide")
+    for index in range(MAX_PARAMETERS):
+        msg.parameters[f"p{index}"].bool_param = True
+    for index in range(MAX_INPUTS):
+        msg.inputs.add(name=f"INPUT{index}", datatype="FP32", shape=[-1] * MAX_RANK)
+        msg.raw_input_contents.append(bytes(64))
+    for index in range(MAX_OUTPUTS):
+        msg.outputs.add(name=f"OUTPUT{index}")
+    raw = msg.SerializeToString()
+    assert len(raw) > PRE_PARSE_ABOVE_BYTES
+    assert parse(Request, raw) == msg
+
+
 def test_a_small_message_is_left_to_the_parser_and_the_checks_after_it() -> None:
     raw = with_inputs(MAX_INPUTS + 1).SerializeToString()
     assert len(raw) <= PRE_PARSE_ABOVE_BYTES

@@ -9,7 +9,9 @@ For each method the gate
    call has its places), so an unauthenticated 60 MiB call costs a hash and no memory
    (a unary handler is called once gRPC holds the whole message: a client without a
    key sending large messages slowly held gigabytes);
-2. parses the message; bytes that are not one answer INVALID_ARGUMENT;
+2. parses the message, a large one checked on the wire first (``wire_bounds.py``:
+   an inference request's counts, any other message's size); bytes that are not one
+   answer INVALID_ARGUMENT;
 3. awaits the servicer's behaviour with a :class:`Call` (the tenant, and the model the
    data plane resolved, for metrics);
 4. maps every exception to a status through ``status.py``'s one table; unknown ones
@@ -363,7 +365,8 @@ class Gate:
 
     def forwarded(self, access: Access, forward: Forward) -> grpc.RpcMethodHandler:
         """A front end's handler for an RPC the engine serves (``workers: N``): the key
-        is checked, the (small) message read, and the call takes its place under the
+        is checked, the (small) message read (refused over its size bound, as the
+        engine's parse would), and the call takes its place under the
         cap here (as :meth:`unary`'s calls that pass no door), then the bytes go to the
         engine as they came, whose gate checks the key again, answers and counts the
         call. Only the refusals made here are counted here."""

@@ -41,10 +41,12 @@ from mandant_client._proto import grpc_service_pb2 as pb
 PRE_PARSE_ABOVE_BYTES = 64 * 1024
 
 #: Most fields the walk reads, at every level together (each a tag, and a varint or a
-#: skipped length): about 10 ms of walking at worst. A request at every count bound
-#: (with packed shapes, and no tensor parameters) has 6,403; what a client never
-#: needs, such as unknown fields or a singular field sent again, fits within this
-#: bound too, and past it the request is refused.
+#: skipped length), about 10 ms of walking at worst; past it the request is refused.
+#: A request at every count bound (packed shapes, no tensor parameters) has 7,427;
+#: the rest is room for tensor parameters (Mandant reads none but to refuse shared
+#: memory and classification) and for what a client never needs, such as unknown
+#: fields or a singular field sent again (protobuf keeps the last), which would
+#: otherwise make the walk read the whole message.
 MAX_FIELDS = 16384
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
@@ -94,21 +96,21 @@ def check_infer_request(raw: bytes) -> None:
         if number == _INPUTS:
             inputs += 1
             if inputs > MAX_INPUTS:
-                raise _over("request has more than", MAX_INPUTS, "inputs")
+                raise _over("request", MAX_INPUTS, "inputs")
             budget = _check_input(raw, start, pos, budget)
         elif number == _RAW_CONTENTS:
             raw_contents += 1
             if raw_contents > MAX_INPUTS:
-                raise _over("request has more than", MAX_INPUTS, "raw_input_contents entries")
+                raise _over("request", MAX_INPUTS, "raw_input_contents entries")
         elif number == _OUTPUTS:
             outputs += 1
             if outputs > MAX_OUTPUTS:
-                raise _over("request has more than", MAX_OUTPUTS, "requested outputs")
+                raise _over("request", MAX_OUTPUTS, "requested outputs")
             budget = _check_output(raw, start, pos, budget)
         elif number == _PARAMETERS:
             parameters += 1
             if parameters > MAX_PARAMETERS:
-                raise _over("request has more than", MAX_PARAMETERS, "parameters")
+                raise _over("request", MAX_PARAMETERS, "parameters")
 
 
 def _check_input(raw: bytes, pos: int, end: int, budget: int) -> int:
@@ -124,7 +126,7 @@ def _check_input(raw: bytes, pos: int, end: int, budget: int) -> int:
             if pos + length > end:
                 raise MalformedWire
             if length > _MAX_PACKED_SHAPE_BYTES:
-                raise _over("an input's shape has more than", MAX_RANK, "dimensions")
+                raise _over("an input's shape", MAX_RANK, "dimensions")
             rank += len(raw[pos : pos + length].translate(None, _CONTINUATION_BYTES))
             pos += length
         else:
@@ -134,12 +136,9 @@ def _check_input(raw: bytes, pos: int, end: int, budget: int) -> int:
             elif number == _INPUT_PARAMETERS and wire == _LEN:
                 parameters += 1
                 if parameters > MAX_PARAMETERS:
-                    raise _over("an input has more than", MAX_PARAMETERS, "parameters")
-                continue
-            else:
-                continue
+                    raise _over("an input", MAX_PARAMETERS, "parameters")
         if rank > MAX_RANK:
-            raise _over("an input's shape has more than", MAX_RANK, "dimensions")
+            raise _over("an input's shape", MAX_RANK, "dimensions")
     return budget
 
 
@@ -155,19 +154,18 @@ def _check_output(raw: bytes, pos: int, end: int, budget: int) -> int:
         if number == _OUTPUT_PARAMETERS and wire == _LEN:
             parameters += 1
             if parameters > MAX_PARAMETERS:
-                raise _over("a requested output has more than", MAX_PARAMETERS, "parameters")
+                raise _over("a requested output", MAX_PARAMETERS, "parameters")
     return budget
 
 
-def _over(count: str, bound: int, what: str) -> InvalidInput:
-    """The refusal of ``what`` (``count``: how many were read before the walk stopped)."""
-    return InvalidInput(f"{count} {bound} {what}, at most {bound} are accepted")
+def _over(subject: str, bound: int, entries: str) -> InvalidInput:
+    """The refusal of ``subject``'s ``entries``: the walk stops at the first one over
+    ``bound``, so it knows no more than that there are more."""
+    return InvalidInput(f"{subject} has more than {bound} {entries}, at most {bound} are accepted")
 
 
 def _too_many_fields() -> InvalidInput:
-    return InvalidInput(
-        f"request has more than {MAX_FIELDS} fields, at most {MAX_FIELDS} are accepted"
-    )
+    return _over("request", MAX_FIELDS, "fields")
 
 
 def _tag(raw: bytes, pos: int, end: int) -> tuple[int, int, int]:
