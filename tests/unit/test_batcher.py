@@ -917,3 +917,35 @@ async def test_batch_events_name_the_models_owner() -> None:
         await submit(batcher, dataclasses.replace(request("acme", value=POISON), model=tuned))
     assert observer.batch_owners == ["acme"]
     assert observer.failed_batch_owners == ["acme"]
+
+
+async def test_batches_the_model_fails_on_log_one_traceback_per_kind_and_then_a_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each failed batch was a WARNING and each request it failed on alone an ERROR with
+    its traceback: one client's bad calls flooded the log. Now the first of each is
+    logged, the rest counted in one line per minute (and in the metrics, as before)."""
+    caplog.set_level(logging.WARNING, logger="mandant.scheduling.isolation")
+    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
+    batcher, _, clock, observer = await make(backend, max_batch_size=2)
+    backend.auto = False
+    blocker = submit(batcher, request("good"))
+    await settle()
+    pairs = [(request("good"), request("bad", value=POISON)) for _ in range(3)]
+    tasks = [submit(batcher, r) for pair in pairs for r in pair]
+    await settle()
+    backend.auto = True
+    backend.release(len(backend.running))
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    await blocker
+    assert [isinstance(r, ModelFailed) for r in results] == [False, True] * 3
+    assert len(observer.failed_batches) == 3
+    logged = [r for r in caplog.records if r.name == "mandant.scheduling.isolation"]
+    assert [r.levelno for r in logged] == [logging.WARNING, logging.ERROR]
+    assert pairs[0][1].request_id in logged[1].getMessage() and logged[1].exc_info
+    clock.advance(60)
+    summaries = [r for r in caplog.records if r.name == "mandant.scheduling.isolation"][2:]
+    assert sorted(r.levelno for r in summaries) == [logging.WARNING, logging.ERROR]
+    assert all("2 more failure(s)" in r.getMessage() for r in summaries)
+    assert all("mandant_failed_batches_total" in r.getMessage() for r in summaries)
+    assert not any(r.exc_info for r in summaries)

@@ -66,7 +66,7 @@ from mandant.errors import (
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.adaptive import AdaptiveDispatch
 from mandant.scheduling.clock import Clock, LoopClock, Timer
-from mandant.scheduling.isolation import Isolation, raised
+from mandant.scheduling.isolation import Isolation, failure_log, raised
 from mandant.scheduling.policy import (
     BatchQueue,
     FairQueue,
@@ -155,6 +155,8 @@ class DynamicBatcher:
         self._batch_s = 0.0  # moving average of a batch's compute time, for retry hints
         #: the model answered a run since its last failed batch (``Isolation``)
         self._works = False
+        #: a failure of each kind logged in full, the next ones counted (``Isolation``)
+        self._failures = failure_log(self._clock)
         self._open = False
 
     @property
@@ -190,6 +192,7 @@ class DynamicBatcher:
                 self._finish(entry, exc=closing)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._failures.flush()  # the counts of its last minute, before the loop ends
 
     async def submit(self, request: InferRequest) -> Outputs:
         if not self._open:
@@ -459,6 +462,7 @@ class DynamicBatcher:
             lambda part: self._attempt(part, dispatched),
             self._finish,
             model_works=works,
+            failures=self._failures,
         )
         await isolation.run(batch, failure)
 

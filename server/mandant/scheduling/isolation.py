@@ -32,9 +32,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeGuard, TypeVar
 
 from mandant.errors import MandantError, ModelFailed, Unavailable
+from mandant.observability.log_limits import FailureLog
+from mandant.scheduling.clock import Clock
 from mandant.types import InferRequest
 
 logger = logging.getLogger(__name__)
+#: Where every failure is counted, which the log's counts of them name.
+FAILURES_COUNTED_IN = (
+    'mandant_requests_total{code="INVALID_ARGUMENT"}, its batch in mandant_failed_batches_total'
+)
 
 
 class Entry(Protocol):
@@ -64,6 +70,12 @@ class Finish(Protocol[E_contra]):
     def __call__(self, entry: E_contra, *, exc: BaseException) -> None: ...
 
 
+def failure_log(clock: Clock | None = None) -> FailureLog:
+    """The log of a model's failed batches and requests, for its batcher to keep across
+    its batches: a client's calls the model fails on cannot flood it."""
+    return FailureLog(logger, FAILURES_COUNTED_IN, clock=clock)
+
+
 def raised(exc: Exception | None) -> TypeGuard[Exception]:
     """Whether a run's outcome is the model raising (not success, not a verdict)."""
     return exc is not None and not isinstance(exc, MandantError)
@@ -74,9 +86,17 @@ class Isolation(Generic[E]):
     are found (see module doc): ``attempt`` runs a part, ``finish`` answers a request."""
 
     def __init__(
-        self, model: str, attempt: Attempt[E], finish: Finish[E], *, model_works: bool
+        self,
+        model: str,
+        attempt: Attempt[E],
+        finish: Finish[E],
+        *,
+        model_works: bool,
+        failures: FailureLog,
     ) -> None:
+        """``failures``: the model's failure log (the batcher's, across its batches)."""
         self._model = model
+        self._failures = failures
         self._attempt = attempt
         self._finish = finish
         #: the model answered a run since its last failed batch, or in this one
@@ -170,24 +190,26 @@ class Isolation(Generic[E]):
     def _failed(self, part: list[E], exc: Exception, first: bool) -> None:
         """Log a failed run; answer its request ModelFailed if it ran alone (once)."""
         if len(part) > 1:
-            logger.log(
-                logging.WARNING if first else logging.DEBUG,
-                "batch of %d request(s) on model %s failed; rerunning them apart: %r",
-                len(part),
-                self._model,
-                exc,
-            )
+            message = "batch of %d request(s) on model %s failed; rerunning them apart: %r"
+            if first:  # once per failed batch: counted after the first of a kind
+                kind = f"model {self._model} failed on a batch ({type(exc).__name__})"
+                self._failures.failed(
+                    kind, message, len(part), self._model, exc, level=logging.WARNING
+                )
+            else:
+                logger.debug(message, len(part), self._model, exc)
             return
         entry = part[0]
         if entry.future.done():
             return  # answered already (its caller left, or it was a probe)
         request_id = entry.request.request_id
-        logger.error(
+        self._failures.failed(
+            f"model {self._model} failed on a request ({type(exc).__name__})",
             "model %s failed on request %s of tenant %s alone",
             self._model,
             request_id,
             entry.tenant,
-            exc_info=exc,
+            exc=exc,
         )
         failure = ModelFailed(self._model, request_id)
         failure.__cause__ = exc
