@@ -202,6 +202,10 @@ def test_large_stream_message_over_a_bound_is_answered_alone(server: Server) -> 
     assert len(errors) == len(WIRE_OVER)
     for _, message in WIRE_OVER.values():
         assert sum(message in error for error in errors) == 1
+    # each with its id and model, read from the message's first fields, unparsed (a
+    # multiplexing client matches answers by id)
+    refused = [a.infer_response for a in answers if a.error_message]
+    assert [(r.id, r.model_name) for r in refused] == [("wide", "echo")] * len(WIRE_OVER)
     (fine,) = (a.infer_response for a in answers if not a.error_message)
     assert fine.id == "fine" and fine.raw_output_contents[0] == ROW.tobytes()
 

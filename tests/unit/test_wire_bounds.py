@@ -20,6 +20,7 @@ from mandant.transport.grpc.wire_bounds import (
     MAX_SMALL_MESSAGE_BYTES,
     PRE_PARSE_ABOVE_BYTES,
     check_small_message,
+    naming_prefix,
 )
 from mandant.validation import MAX_INPUTS, MAX_OUTPUTS, MAX_PARAMETERS, MAX_RANK
 from mandant_client._proto import grpc_service_pb2 as pb
@@ -287,3 +288,15 @@ def test_another_rpcs_message_over_its_bound_is_refused_before_it_is_parsed() ->
     )
     with pytest.raises(InvalidInput, match=refusal):
         parse(pb.ModelMetadataRequest, over)
+
+
+def test_the_naming_prefix_is_the_leading_id_and_names_only() -> None:
+    msg = pb.ModelInferRequest(model_name="echo", model_version="2", id="m-7")
+    msg.parameters["p"].int64_param = 1
+    msg.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
+    raw = msg.SerializeToString() + b"\x7a\x04abcd" * 10  # and unknown fields
+    named = pb.ModelInferRequest.FromString(naming_prefix(raw))
+    assert (named.model_name, named.model_version, named.id) == ("echo", "2", "m-7")
+    assert not named.inputs and not named.parameters
+    assert naming_prefix(b"\x0a\xff") == b""  # a length past the end: not the wire format
+    assert naming_prefix(pb.ModelInferRequest(id="x").SerializeToString()[:2]) == b""

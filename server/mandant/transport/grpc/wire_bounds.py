@@ -214,6 +214,35 @@ def _skip(raw: bytes, pos: int, end: int, wire: int) -> int:
     return pos
 
 
+#: The fields a stream's error answer repeats (``stream.py``): they come first, as
+#: serializers write fields in the order of their numbers.
+_NAMING = frozenset(
+    _REQUEST.fields_by_name[name].number for name in ("model_name", "model_version", "id")
+)
+#: Fields :func:`naming_prefix` reads at most before it stops.
+_NAMING_FIELDS = 8
+
+
+def naming_prefix(raw: bytes) -> bytes:
+    """The leading part of ``raw`` (a ``ModelInferRequest``'s bytes) that holds its
+    first fields as long as they are ``model_name``, ``model_version`` or ``id``: a
+    message of its own, cheap to parse whatever the rest is, from which a refused
+    stream message is answered with its id (b"" where the bytes are not the wire
+    format)."""
+    pos, end = 0, len(raw)
+    try:
+        for _ in range(_NAMING_FIELDS):
+            if pos >= end:
+                break
+            number, wire, after = _tag(raw, pos, end)
+            if number not in _NAMING or wire != _LEN:
+                break
+            pos = _skip(raw, after, end, wire)
+    except MalformedWire:
+        return b""
+    return raw[:pos]
+
+
 #: The largest message of a call other than an inference call: its fields are names
 #: and flags, but for RepositoryModelLoad's ``config`` parameter (admin keys only),
 #: of at most ``MAX_LOAD_CONFIG_CHARS`` characters, 4 bytes at most each in UTF-8;
