@@ -11,8 +11,14 @@ time: two attacks found in review, each measured as the other tenant sees it.
   for as JSON, as curl and ``binary_data=False`` do) while another tenant makes a tiny
   gRPC call every 20 ms: JSON is written on the event loop (and, with ``workers: N``,
   REST is served by the engine, which every front end waits on).
+* ``messages``: the same tiny calls while the other tenant sends one small hostile
+  request, whose entries the server used to build one by one on the event loop before
+  any check: a ModelInfer message of 10⁶ empty ``inputs {}`` (1.9 MiB), one of 4 x 10⁵
+  request ``parameters`` entries (~6 MiB), and a 16 MiB JSON body to REST's
+  ``/v2/repository/index``.
 
     .venv/bin/python -m benchmarks.isolation [--workers 1 2] [--seconds 6]
+        [--attacks shapes rest-json messages]
 
 The server runs on core 0 (every process of it with ``workers: 2``), this load
 generator on core 1; one run of each phase.
@@ -225,6 +231,102 @@ def rest_json(workers: int, seconds: float, warmup_s: float, values: int) -> lis
     return rows
 
 
+# -- messages ------------------------------------------------------------------------------
+
+
+def _many_inputs() -> bytes:
+    request = pb.ModelInferRequest(model_name="echo")
+    for _ in range(1_000_000):
+        request.inputs.add()
+    return request.SerializeToString()
+
+
+def _many_parameters() -> bytes:
+    request = pb.ModelInferRequest(model_name="echo")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 1])
+    request.raw_input_contents.append(bytes(4))
+    for index in range(400_000):
+        request.parameters[f"p{index}"].bool_param = True
+    return request.SerializeToString()
+
+
+def _grpc_attack(build: Callable[[], bytes]) -> Callable[[Served], tuple[str, float]]:
+    def send(served: Served) -> tuple[str, float]:
+        raw = build()
+        with grpc.insecure_channel(served.target) as channel:
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            start = time.perf_counter()
+            try:
+                infer(raw, metadata=(("authorization", f"Bearer {KEYS['acme']}"),), timeout=600)
+                code = "OK"
+            except grpc.RpcError as exc:
+                code = exc.code().name
+            return code, time.perf_counter() - start
+
+    return send
+
+
+def _index_body(served: Served) -> tuple[str, float]:
+    body = b"[" + b"0," * (8 << 20) + b"0]"  # 16 MiB of JSON
+    connection = http.client.HTTPConnection("127.0.0.1", served.rest_port, timeout=600)
+    start = time.perf_counter()
+    connection.request(
+        "POST",
+        "/v2/repository/index",
+        body=body,
+        headers={"Authorization": f"Bearer {KEYS['acme']}", "Content-Type": "application/json"},
+    )
+    answer = connection.getresponse()
+    answer.read()
+    connection.close()
+    return str(answer.status), time.perf_counter() - start
+
+
+ATTACKS: dict[str, Callable[[Served], tuple[str, float]]] = {
+    "10^6 empty inputs (gRPC, 1.9 MiB)": _grpc_attack(_many_inputs),
+    "4x10^5 parameters (gRPC, ~6 MiB)": _grpc_attack(_many_parameters),
+    "16 MiB JSON to /v2/repository/index": _index_body,
+}
+
+
+async def _message_phase(
+    served: Served, attack: Callable[[Served], tuple[str, float]] | None, warmup_s: float
+) -> list[object]:
+    stop = asyncio.Event()
+    tiny = asyncio.create_task(_tiny_calls(served.target, stop))
+    await asyncio.sleep(warmup_s)
+    status, took = "", ""
+    if attack is None:
+        await asyncio.sleep(2.0)
+    else:
+        code, elapsed = await asyncio.to_thread(attack, served)
+        status, took = code, f"{elapsed:.2f}"
+        await asyncio.sleep(1.0)
+    stop.set()
+    latencies, errors = await tiny
+    return [
+        status,
+        took,
+        len(latencies),
+        f"{_percentile(latencies, 0.5):.1f}",
+        f"{max(latencies) * 1000:.0f}" if latencies else "",
+        errors,
+    ]
+
+
+def messages(workers: int, warmup_s: float) -> list[list[object]]:
+    config = write_config(_config(ECHO, workers))
+    rows: list[list[object]] = []
+    with mandant_process(config, SERVER_CPU, THREAD_ENV) as served:
+        phases: list[tuple[str, Callable[[Served], tuple[str, float]] | None]] = [
+            ("alone", None),
+            *ATTACKS.items(),
+        ]
+        for label, attack in phases:
+            rows.append([workers, label, *asyncio.run(_message_phase(served, attack, warmup_s))])
+    return rows
+
+
 def _config(model: dict[str, Any], workers: int) -> dict[str, Any]:
     data = demo_data([model])
     data["server"] = {**data["server"], "workers": workers}
@@ -237,30 +339,44 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--values", type=int, default=10_000_000)
+    parser.add_argument(
+        "--attacks", nargs="+", default=["shapes", "rest-json", "messages"],
+        choices=["shapes", "rest-json", "messages"],
+    )  # fmt: skip
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {CLIENT_CPU})
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    shape_rows = [
-        row for workers in args.workers for row in shapes(workers, args.seconds, args.warmup)
-    ]
-    print("\nshapes: victim (32 callers, [1, 4]) on a model of 10 ms per batch, max 64 rows")
-    print(table(
-        ["workers", "phase", "victim calls/s", "p50 ms", "p99 ms", "attacker calls/s",
-         "mean batch"],
-        shape_rows,
-    ))  # fmt: skip
-    rest_rows = [
-        row
-        for workers in args.workers
-        for row in rest_json(workers, args.seconds, args.warmup, args.values)
-    ]
-    print("\nrest-json: globex's tiny gRPC calls (one per 20 ms) while acme's REST call runs")
-    print(table(
-        ["workers", "phase", "REST status", "REST s", "tiny calls", "p50 ms", "worst ms",
-         "failed"],
-        rest_rows,
-    ))  # fmt: skip
+    if "shapes" in args.attacks:
+        shape_rows = [
+            row for workers in args.workers for row in shapes(workers, args.seconds, args.warmup)
+        ]
+        print("\nshapes: victim (32 callers, [1, 4]) on a model of 10 ms per batch, max 64 rows")
+        print(table(
+            ["workers", "phase", "victim calls/s", "p50 ms", "p99 ms", "attacker calls/s",
+             "mean batch"],
+            shape_rows,
+        ))  # fmt: skip
+    if "rest-json" in args.attacks:
+        rest_rows = [
+            row
+            for workers in args.workers
+            for row in rest_json(workers, args.seconds, args.warmup, args.values)
+        ]
+        print("\nrest-json: globex's tiny gRPC calls (one per 20 ms) while acme's REST call runs")
+        print(table(
+            ["workers", "phase", "REST status", "REST s", "tiny calls", "p50 ms", "worst ms",
+             "failed"],
+            rest_rows,
+        ))  # fmt: skip
+    if "messages" in args.attacks:
+        message_rows = [row for workers in args.workers for row in messages(workers, args.warmup)]
+        print("\nmessages: globex's tiny gRPC calls (one per 20 ms) while acme sends one request")
+        print(table(
+            ["workers", "phase", "acme's status", "acme's s", "tiny calls", "p50 ms",
+             "worst ms", "failed"],
+            message_rows,
+        ))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ against ``workers: 2``, whose engine serves the REST port."""
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import re
@@ -21,7 +22,9 @@ import tritonclient.http.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from mandant.config import parse_config
+from mandant.service import MAX_LOAD_CONFIG_CHARS
 from mandant.tenancy.keys import hash_key
+from mandant.transport.rest.repository import MAX_BODY_BYTES, MAX_LOAD_BODY_BYTES
 from tests.servers import ECHO_MODEL, SERVER_KINDS, Server, metric, serving
 
 DTYPES = {
@@ -663,3 +666,89 @@ def test_a_bytes_string_that_is_not_unicode_is_400(server: Server) -> None:
     status, _, answer = call(server, "POST", "/v2/models/alltypes/infer", body, auth("acme"))
     assert status == 400
     assert "not valid Unicode" in error_of(answer)
+
+
+# -- model repository bodies ------------------------------------------------------------
+
+_INDEX = "/v2/repository/index"
+_UNLOAD = "/v2/repository/models/absent/unload"
+_LOAD = "/v2/repository/models/absent/load"
+
+
+def _many_values(size: int) -> bytes:
+    """A JSON object of ``size`` bytes of the slowest JSON to parse (tiny values)."""
+    return b'{"ready": false, "x": [' + b"{}," * ((size - 26) // 3) + b"{}]}"
+
+
+@pytest.mark.parametrize(
+    ("path", "tenant", "bound"),
+    [(_INDEX, "acme", MAX_BODY_BYTES), (_UNLOAD, "admin", MAX_BODY_BYTES),
+     (_LOAD, "admin", MAX_LOAD_BODY_BYTES)],
+)  # fmt: skip
+def test_repository_bodies_over_their_bound_are_413_unparsed(
+    server: Server, path: str, tenant: str, bound: int
+) -> None:
+    """The repository routes parse their JSON whole on the event loop: a tenant's 60 MiB
+    index body (under ``max_message_bytes``) stalled every tenant's calls for 5 s."""
+    body = _many_values(bound + 1)
+    assert bound < len(body) < MAX_BODY
+    status, _, answer = call(server, "POST", path, body, auth(tenant))
+    assert status == 413, answer[:200]
+    assert error_of(answer) == f"request body is larger than {bound} bytes"
+
+
+def test_a_repository_body_s_length_over_its_bound_is_413_before_it_is_sent(
+    server: Server,
+) -> None:
+    """Refused from Content-Length: the client never sends the body (were it awaited,
+    the server would wait for it and this call would time out)."""
+    port = int(rest(server).rsplit(":", 1)[1])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.putrequest("POST", _INDEX)
+        connection.putheader("Authorization", auth("acme")["Authorization"])
+        connection.putheader("Content-Length", str(MAX_BODY_BYTES + 1))
+        connection.endheaders()
+        answer = connection.getresponse()
+        assert answer.status == 413
+        assert error_of(answer.read()) == f"request body is larger than {MAX_BODY_BYTES} bytes"
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("encoding", ["chunked", "gzip"])
+def test_a_repository_body_without_its_length_is_bounded_as_it_arrives(
+    server: Server, encoding: str
+) -> None:
+    """Chunked (no Content-Length), or gzip (its length says nothing of what it
+    inflates to): refused part way, as ``/infer``'s bodies are."""
+    body = _many_values(4 * MAX_BODY_BYTES)
+    port = int(rest(server).rsplit(":", 1)[1])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        headers = auth("acme")
+        if encoding == "gzip":
+            headers["Content-Encoding"] = "gzip"
+            connection.request("POST", _INDEX, gzip.compress(body), headers)
+        else:
+            pieces = (body[i : i + 4096] for i in range(0, len(body), 4096))
+            connection.request("POST", _INDEX, pieces, headers, encode_chunked=True)
+        answer = connection.getresponse()
+        assert answer.status == 413
+        assert error_of(answer.read()) == f"request body is larger than {MAX_BODY_BYTES} bytes"
+    finally:
+        connection.close()
+    status, _, listed = call(server, "POST", _INDEX, {"ready": True}, auth("acme"))
+    assert status == 200 and "echo" in {m["name"] for m in json.loads(listed)}
+
+
+def test_a_load_s_longest_config_fits_its_body_bound(server: Server) -> None:
+    """``MAX_LOAD_CONFIG_CHARS`` characters of the longest JSON escapes (12 bytes each,
+    a character beyond the BMP) are read and parsed: refused for what they say (400),
+    not for their size."""
+    config = "\U0001f600" * MAX_LOAD_CONFIG_CHARS
+    body = json.dumps({"parameters": {"config": config}}).encode()
+    assert len(body) > 12 * MAX_LOAD_CONFIG_CHARS
+    status, _, answer = call(server, "POST", _LOAD, body, auth("admin"))
+    assert status == 400, answer[:200]
+    assert "larger than" not in error_of(answer)

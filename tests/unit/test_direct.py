@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 
 import numpy as np
 import pytest
 
 from mandant.errors import DeadlineExceeded, ModelFailed, Unavailable
+from mandant.observability.log_limits import WINDOW_S
 from mandant.scheduling.direct import DirectScheduler
 from mandant.types import ModelKey
 from tests.fakes import (
     POISON,
+    FakeClock,
     GatedBackend,
     PoisonError,
     RecordingObserver,
@@ -128,3 +131,27 @@ async def test_batch_events_name_the_models_owner() -> None:
     await scheduler.submit(request("b"))
     assert observer.batch_owners == ["acme", ""]
     assert observer.failed_batch_owners == ["acme"]
+
+
+async def test_requests_the_model_fails_on_log_one_traceback_and_then_a_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each was an ERROR with its traceback and the client's request id (300 bad calls
+    of one client: 300 records of ~2.7 KB); every one is still counted as a metric."""
+    caplog.set_level(logging.ERROR, logger="mandant.scheduling.direct")
+    observer, clock = RecordingObserver(), FakeClock()
+    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
+    scheduler = DirectScheduler(backend, "m", observer, clock)
+    culprits = [request(value=POISON) for _ in range(20)]
+    for culprit in culprits:
+        with pytest.raises(ModelFailed):
+            await scheduler.submit(culprit)
+    assert observer.failed_batches == [("m", 1)] * 20
+    (logged,) = [r for r in caplog.records if r.name == "mandant.scheduling.direct"]
+    assert culprits[0].request_id in logged.getMessage() and logged.exc_info is not None
+    clock.advance(WINDOW_S)
+    logged, summary = [r for r in caplog.records if r.name == "mandant.scheduling.direct"]
+    assert summary.levelno == logging.ERROR and summary.exc_info is None
+    assert "19 more failure(s)" in summary.getMessage()
+    assert "mandant_failed_batches_total" in summary.getMessage()
+    assert not any(c.request_id in summary.getMessage() for c in culprits)

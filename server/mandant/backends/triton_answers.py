@@ -35,6 +35,8 @@ from mandant.errors import (
     QueueFull,
     Unavailable,
 )
+from mandant.observability.log_limits import FailureLog
+from mandant.scheduling.clock import Clock
 from mandant.types import DATATYPES, TensorSpec
 from mandant.wire import split_bytes
 
@@ -104,11 +106,19 @@ class TritonAnswers:
     """Reads the answers and errors of the Triton model (``triton``) that serves the
     Mandant model ``name``, and remembers which mismatched answers it logged already."""
 
-    def __init__(self, name: str, triton: TritonModelConfig) -> None:
+    def __init__(self, name: str, triton: TritonModelConfig, clock: Clock | None = None) -> None:
+        """``clock``: the failure log's windows' (``time.monotonic`` on the loop)."""
         self._name = name
         self._triton = triton
         #: (output, problem) of the mismatched answers logged at ERROR already.
         self._mismatches: set[tuple[str, str]] = set()
+        #: the model's failures on a call's inputs: the first of a status code logged,
+        #: the next ones counted (a client's calls it fails on cannot flood the log)
+        self._failures = FailureLog(
+            logger,
+            "mandant_requests_total by code, a batch's in mandant_failed_batches_total",
+            clock=clock,
+        )
 
     def outputs(
         self,
@@ -187,12 +197,14 @@ class TritonAnswers:
             mine = details.replace(f"'{self._triton.model}'", f"'{name}'")
             return InvalidInput(_strip_request_id(mine))
         if fault is Fault.MODEL:
-            logger.warning(
+            self._failures.failed(
+                f"model {name}: Triton's model failed on a call's inputs ({code.name})",
                 "model %s: Triton's model %r failed on a call's inputs: %s %s",
                 name,
                 self._triton.model,
                 code.name,
                 details,
+                level=logging.WARNING,
             )
             if alone and joined_by_triton:
                 # Triton's batcher may have joined this call with other tenants' calls:

@@ -66,7 +66,7 @@ from mandant.errors import (
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.adaptive import AdaptiveDispatch
 from mandant.scheduling.clock import Clock, LoopClock, Timer
-from mandant.scheduling.isolation import Isolation, raised
+from mandant.scheduling.isolation import Isolation, failure_log, raised
 from mandant.scheduling.policy import (
     BatchQueue,
     FairQueue,
@@ -153,8 +153,12 @@ class DynamicBatcher:
         #: about to take (``_leaving``); the next pump refuses those still over it
         self._leaning: list[_Pending] = []
         self._batch_s = 0.0  # moving average of a batch's compute time, for retry hints
-        #: the model answered a run since its last failed batch (``Isolation``)
+        #: the model answered a run since it last failed a batch of several tenants
+        #: without answering any run while that batch was split (``Isolation``)
         self._works = False
+        self._answered = 0  # runs the model answered, ever
+        #: a failure of each kind logged in full, the next ones counted (``Isolation``)
+        self._failures = failure_log(self._clock)
         self._open = False
 
     @property
@@ -190,6 +194,7 @@ class DynamicBatcher:
                 self._finish(entry, exc=closing)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._failures.flush()  # the counts of its last minute, before the loop ends
 
     async def submit(self, request: InferRequest) -> Outputs:
         if not self._open:
@@ -453,14 +458,19 @@ class DynamicBatcher:
         owner = batch[0].request.model.owner or ""  # one model: one owner
         rows = sum(e.rows for e in batch)
         self._observer.batch_failed(self._model, rows, owner)
-        works, self._works = self._works, False
+        answered = self._answered
         isolation = Isolation(
             self._model,
             lambda part: self._attempt(part, dispatched),
             self._finish,
-            model_works=works,
+            model_works=self._works,
+            failures=self._failures,
         )
         await isolation.run(batch, failure)
+        if self._answered == answered and len({entry.tenant for entry in batch}) > 1:
+            # Several tenants' calls failed and nothing ran since: the model may be at
+            # fault. One tenant's failures alone say nothing of it (its data, all bad).
+            self._works = False
 
     async def _attempt(
         self, part: list[_Pending], dispatched: float
@@ -481,6 +491,7 @@ class DynamicBatcher:
         except Exception as exc:  # the model raised: whose data was it?
             return part, exc
         self._works = True
+        self._answered += 1
         self._succeeded(part, results, compute_s, dispatched)
         return part, None
 

@@ -12,6 +12,8 @@ import numpy as np
 from mandant.backends.base import Backend
 from mandant.errors import DeadlineExceeded, MandantError, ModelFailed, Unavailable
 from mandant.events import NullObserver, Observer
+from mandant.observability.log_limits import FailureLog
+from mandant.scheduling.clock import Clock
 from mandant.types import InferRequest
 
 logger = logging.getLogger(__name__)
@@ -22,17 +24,27 @@ class DirectScheduler:
     once, the rest wait their turn in arrival order. A request whose deadline passes
     while it waits is answered DeadlineExceeded and never runs. A model that raises
     (anything but a MandantError) on a request ran alone on that request's data: it
-    is answered ModelFailed and counted as a failed batch of one.
+    is answered ModelFailed and counted as a failed batch of one; the first failure of
+    each exception type is logged with its traceback, the next ones counted in one line
+    a minute (``observability/log_limits.py``): a client's bad calls cannot flood the log.
 
     :meth:`aclose` (the model unloaded or replaced, once its calls had ``grace_s``)
     refuses new requests, answers the ones still waiting for a slot Unavailable, and
     returns once the running ones answered, so that the backend is never closed under
     a call (a Triton call whose channel closed was never answered)."""
 
-    def __init__(self, backend: Backend, model: str = "", observer: Observer | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        model: str = "",
+        observer: Observer | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        """``clock``: the failure log's windows' (``time.monotonic`` on the loop)."""
         self._backend = backend
         self._model = model
         self._observer: Observer = observer or NullObserver()
+        self._failures = FailureLog(logger, "mandant_failed_batches_total", clock=clock)
         self._slots = max(1, backend.max_concurrency)
         self._free = self._slots
         #: Requests waiting for a slot, in arrival order; a slot is handed over to the
@@ -54,6 +66,7 @@ class DirectScheduler:
         if self._free < self._slots:
             self._all_free = asyncio.Event()
             await self._all_free.wait()
+        self._failures.flush()  # the counts of its last minute, before the loop ends
 
     async def submit(self, request: InferRequest) -> dict[str, np.ndarray]:
         if self._closed:
@@ -76,12 +89,13 @@ class DirectScheduler:
                 raise
             except Exception as exc:
                 self._observer.batch_failed(self._model, request.rows, request.model.owner or "")
-                logger.error(
+                self._failures.failed(
+                    f"model {self._model} failed on a request ({type(exc).__name__})",
                     "model %s failed on request %s of tenant %s",
                     self._model,
                     request.request_id,
                     request.tenant.id,
-                    exc_info=exc,
+                    exc=exc,
                 )
                 raise ModelFailed(self._model, request.request_id) from exc
             compute_s = time.monotonic() - start

@@ -13,11 +13,14 @@ Unavailable at once, after 3 + 2 x (tenants) runs instead of 2n - 1 (those probe
 answer their own requests, so a batch never runs more than 3n - 1 times in all). One
 poisoned request never fails another (it cannot make two disjoint halves fail), nor do
 one tenant's poisoned requests fail another tenant's; no answer carries another
-request's verdict. A model seen answering a run since its last failed batch, or in
-this one, is never judged at fault: it works, so the data is (the requests of a part
-may all be poisoned — one tenant's bad calls, batched apart from the good ones). A
-model that breaks after working thus pays one full split (2n - 1 runs) before the
-shortcut applies; a fresh model that has never answered cannot be told from its data.
+request's verdict. A model seen answering a run in this batch, or since it last
+failed a batch of several tenants' requests without answering any run while it was
+split, is never judged at fault: it works, so the data is (the requests of a part may
+all be poisoned: one tenant's bad calls, batched apart from the good ones). One
+tenant's failures alone say nothing of the model, however many. A model that breaks
+after working thus pays one full split (2n - 1 runs) of a batch of several tenants
+before the shortcut applies (never, while one tenant calls it); a fresh model that
+has never answered cannot be told from its data.
 
 Running a part and answering the requests it succeeded for is the batcher's
 (``attempt``); :class:`Isolation` decides what to run next and answers the failures.
@@ -32,9 +35,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeGuard, TypeVar
 
 from mandant.errors import MandantError, ModelFailed, Unavailable
+from mandant.observability.log_limits import FailureLog
+from mandant.scheduling.clock import Clock
 from mandant.types import InferRequest
 
 logger = logging.getLogger(__name__)
+#: Where every failure is counted, which the log's counts of them name.
+FAILURES_COUNTED_IN = (
+    'mandant_requests_total{code="INVALID_ARGUMENT"}, its batch in mandant_failed_batches_total'
+)
 
 
 class Entry(Protocol):
@@ -64,6 +73,12 @@ class Finish(Protocol[E_contra]):
     def __call__(self, entry: E_contra, *, exc: BaseException) -> None: ...
 
 
+def failure_log(clock: Clock | None = None) -> FailureLog:
+    """The log of a model's failed batches and requests, for its batcher to keep across
+    its batches: a client's calls the model fails on cannot flood it."""
+    return FailureLog(logger, FAILURES_COUNTED_IN, clock=clock)
+
+
 def raised(exc: Exception | None) -> TypeGuard[Exception]:
     """Whether a run's outcome is the model raising (not success, not a verdict)."""
     return exc is not None and not isinstance(exc, MandantError)
@@ -74,12 +89,20 @@ class Isolation(Generic[E]):
     are found (see module doc): ``attempt`` runs a part, ``finish`` answers a request."""
 
     def __init__(
-        self, model: str, attempt: Attempt[E], finish: Finish[E], *, model_works: bool
+        self,
+        model: str,
+        attempt: Attempt[E],
+        finish: Finish[E],
+        *,
+        model_works: bool,
+        failures: FailureLog,
     ) -> None:
+        """``failures``: the model's failure log (the batcher's, across its batches)."""
         self._model = model
+        self._failures = failures
         self._attempt = attempt
         self._finish = finish
-        #: the model answered a run since its last failed batch, or in this one
+        #: the model works (the batcher has seen it answer), or answered in this batch
         self._works = model_works
 
     async def run(self, batch: list[E], failure: Exception) -> None:
@@ -170,24 +193,26 @@ class Isolation(Generic[E]):
     def _failed(self, part: list[E], exc: Exception, first: bool) -> None:
         """Log a failed run; answer its request ModelFailed if it ran alone (once)."""
         if len(part) > 1:
-            logger.log(
-                logging.WARNING if first else logging.DEBUG,
-                "batch of %d request(s) on model %s failed; rerunning them apart: %r",
-                len(part),
-                self._model,
-                exc,
-            )
+            message = "batch of %d request(s) on model %s failed; rerunning them apart: %r"
+            if first:  # once per failed batch: counted after the first of a kind
+                kind = f"model {self._model} failed on a batch ({type(exc).__name__})"
+                self._failures.failed(
+                    kind, message, len(part), self._model, exc, level=logging.WARNING
+                )
+            else:
+                logger.debug(message, len(part), self._model, exc)
             return
         entry = part[0]
         if entry.future.done():
             return  # answered already (its caller left, or it was a probe)
         request_id = entry.request.request_id
-        logger.error(
+        self._failures.failed(
+            f"model {self._model} failed on a request ({type(exc).__name__})",
             "model %s failed on request %s of tenant %s alone",
             self._model,
             request_id,
             entry.tenant,
-            exc_info=exc,
+            exc=exc,
         )
         failure = ModelFailed(self._model, request_id)
         failure.__cause__ = exc

@@ -57,13 +57,14 @@ from typing import Any
 import grpc
 
 from mandant.context import current_request_id
-from mandant.errors import MandantError, ResourceExhausted, Unauthenticated
+from mandant.errors import InvalidInput, MandantError, ResourceExhausted, Unauthenticated
 from mandant.events import Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.service import DataPlane
 from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
 from mandant.transport.grpc.gateway import MAX_LOGGED_ID, Context, client_saw, parse
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
+from mandant.transport.grpc.wire_bounds import naming_prefix
 from mandant.types import Call, Tenant
 from mandant_client._proto import grpc_service_pb2 as pb
 
@@ -287,9 +288,16 @@ def _error_response(
 
 def _parsed(raw: bytes) -> pb.ModelInferRequest | None:
     """The message in ``raw``, for its id and model; None if it is not one (or parsing
-    fails otherwise: this runs where an answer is being made, and must not raise)."""
+    fails otherwise: this runs where an answer is being made, and must not raise). A
+    message refused before it is parsed (``wire_bounds.py``) gives its leading id and
+    names only, so that its answer still carries its id."""
     try:
         parsed: pb.ModelInferRequest = parse(pb.ModelInferRequest, raw)
+    except InvalidInput:
+        try:
+            parsed = pb.ModelInferRequest.FromString(naming_prefix(raw))
+        except Exception:
+            return None
     except Exception:
         return None
     return parsed

@@ -2,7 +2,8 @@
 
 1. the caller's ``Authorization: Bearer <key>`` header, checked **before the body is
    read** (open endpoints take none; statistics also take an admin key);
-2. the body, read whole (at most ``server.max_message_bytes``: 413 beyond it) before
+2. the body, read whole (at most ``server.max_message_bytes``, or a route's lower
+   bound: 413 beyond it) before
    the call takes a place anywhere — as gRPC hands a handler only a message that has
    arrived — so a client that sends its body slowly, or never finishes it, holds its
    connection and nothing else: not the server-wide cap other tenants' calls need;
@@ -141,9 +142,13 @@ class RestGate:
         """Until no call is in progress."""
         await self._idle.wait()
 
-    def route(self, access: Access, behavior: Behavior, fair: bool = False) -> Handler:
-        """``fair``: the call passes the front door (inference)."""
+    def route(
+        self, access: Access, behavior: Behavior, fair: bool = False, max_body: int | None = None
+    ) -> Handler:
+        """``fair``: the call passes the front door (inference). ``max_body``: a lower
+        bound than the server's on this route's request bodies (413 beyond it)."""
         door = self._door if fair else None
+        limit = self._max_body if max_body is None else min(max_body, self._max_body)
         observer = self._observer
 
         async def handle(request: web.Request) -> web.Response:
@@ -156,7 +161,7 @@ class RestGate:
                     call.tenant = self._caller(access, request)
                 if request.body_exists and request.method == "POST":  # GETs take none
                     tenant_id = call.tenant.id if call.tenant is not None else ""
-                    await self._read_body(request, tenant_id)  # behaviours read it then
+                    await self._read_body(request, tenant_id, limit)  # behaviours read it then
                 self._cap.enter(self._door, call.tenant.id if call.tenant is not None else "")
                 self._calls += 1
                 self._idle.clear()
@@ -206,15 +211,16 @@ class RestGate:
 
         return handle
 
-    async def _read_body(self, request: web.Request, tenant_id: str) -> None:
+    async def _read_body(self, request: web.Request, tenant_id: str, limit: int) -> None:
         """Read the body into ``request[BODY]``, counting it against the bounds on
         bodies on their way: a body of a known length sent as it is, whole before a
         byte is read (a third of the largest is refused at once); a compressed one
-        (up to ``max_body`` once inflated, whatever its length) or one of unknown
-        length, as its bytes arrive (refused part way, the connection closed)."""
+        (up to ``limit`` once inflated, whatever its length) or one of unknown length,
+        as its bytes arrive (refused part way, the connection closed). ``limit``: the
+        route's bound on a body (at most ``max_body``)."""
         length = request.content_length
-        if length is not None and length > self._max_body:
-            raise BodyTooLarge(f"request body is larger than {self._max_body} bytes")
+        if length is not None and length > limit:
+            raise BodyTooLarge(f"request body is larger than {limit} bytes")
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         whole = length is not None and encoding in ("", "identity")
         held = 0
@@ -225,9 +231,9 @@ class RestGate:
             body = bytearray()
             while chunk := await request.content.readany():
                 body += chunk
-                if len(body) > self._max_body:
+                if len(body) > limit:
                     request[CUT] = True
-                    raise BodyTooLarge(f"request body is larger than {self._max_body} bytes")
+                    raise BodyTooLarge(f"request body is larger than {limit} bytes")
                 if len(body) > held:
                     try:
                         self._hold(tenant_id, len(body) - held)

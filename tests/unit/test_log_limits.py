@@ -1,0 +1,165 @@
+"""FailureLog with a fake clock: the first failure of a kind in full, the next ones
+counted and their count logged once per window; and Triton's model failures through it."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+
+import grpc
+import pytest
+
+from mandant.backends.triton_answers import Fault, TritonAnswers
+from mandant.config import TritonModelConfig
+from mandant.context import current_request_id
+from mandant.observability.log_limits import WINDOW_S, FailureLog
+from mandant.observability.logs import JsonFormatter
+from tests.fakes import FakeClock
+
+LOGGER = "tests.log_limits"
+
+
+def _raise(message: str) -> ValueError:
+    try:
+        raise ValueError(message)
+    except ValueError as exc:
+        return exc
+
+
+def _records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == LOGGER]
+
+
+@pytest.fixture
+def failures(caplog: pytest.LogCaptureFixture) -> tuple[FailureLog, FakeClock]:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    clock = FakeClock()
+    return FailureLog(logging.getLogger(LOGGER), "failures_total", clock=clock), clock
+
+
+def test_the_first_failure_of_a_kind_is_logged_in_full_the_next_ones_counted(
+    failures: tuple[FailureLog, FakeClock], caplog: pytest.LogCaptureFixture
+) -> None:
+    log, clock = failures
+    for n in range(300):
+        log.failed("model m (ValueError)", "m failed on request %s", f"r{n}", exc=_raise("bad"))
+        clock.advance(0.1)  # 30 s in all: one window
+    (first,) = _records(caplog)
+    assert first.getMessage() == "m failed on request r0"
+    assert first.levelno == logging.ERROR and first.exc_info is not None
+    assert clock.armed == 1  # one timer for the window, not one per failure
+    clock.advance(WINDOW_S)
+    first, summary = _records(caplog)
+    assert summary.levelno == logging.ERROR and summary.exc_info is None
+    message = summary.getMessage()
+    assert message.startswith("model m (ValueError): 299 more failure(s)")
+    assert "counted in failures_total" in message and "r1" not in message
+
+
+def test_each_kind_has_its_own_window_and_level(
+    failures: tuple[FailureLog, FakeClock], caplog: pytest.LogCaptureFixture
+) -> None:
+    log, clock = failures
+    for _ in range(3):
+        log.failed("a", "a failed", exc=_raise("a"))
+        log.failed("b", "b failed", level=logging.WARNING)
+    assert [(r.getMessage(), r.levelno) for r in _records(caplog)] == [
+        ("a failed", logging.ERROR),
+        ("b failed", logging.WARNING),
+    ]
+    clock.advance(WINDOW_S)
+    summaries = {r.getMessage()[0]: r.levelno for r in _records(caplog)[2:]}
+    assert summaries == {"a": logging.ERROR, "b": logging.WARNING}
+    assert all("2 more failure(s)" in r.getMessage() for r in _records(caplog)[2:])
+
+
+def test_a_kind_that_goes_on_failing_is_counted_once_per_window(
+    failures: tuple[FailureLog, FakeClock], caplog: pytest.LogCaptureFixture
+) -> None:
+    log, clock = failures
+    log.failed("k", "k failed", exc=_raise("k"))
+    for count in (5, 7):
+        for _ in range(count):
+            log.failed("k", "k failed", exc=_raise("k"))
+        clock.advance(WINDOW_S)
+    messages = [r.getMessage() for r in _records(caplog)]
+    assert messages[0] == "k failed"
+    assert [m.split(": ", 1)[1].split(" more")[0] for m in messages[1:]] == ["5", "7"]
+    assert all(r.exc_info is None for r in _records(caplog)[1:])
+
+
+def test_a_kind_quiet_for_a_window_is_logged_in_full_again(
+    failures: tuple[FailureLog, FakeClock], caplog: pytest.LogCaptureFixture
+) -> None:
+    log, clock = failures
+    log.failed("k", "k failed %d", 1, exc=_raise("k"))
+    clock.advance(WINDOW_S)  # nothing to count: no summary
+    log.failed("k", "k failed %d", 2, exc=_raise("k"))
+    assert [r.getMessage() for r in _records(caplog)] == ["k failed 1", "k failed 2"]
+    assert all(r.exc_info is not None for r in _records(caplog))
+    assert clock.armed == 0
+
+
+def test_flush_logs_the_counts_of_open_windows_and_disarms_them(
+    failures: tuple[FailureLog, FakeClock], caplog: pytest.LogCaptureFixture
+) -> None:
+    log, clock = failures
+    for _ in range(4):
+        log.failed("k", "k failed", exc=_raise("k"))
+    log.flush()
+    assert "k: 3 more failure(s)" in _records(caplog)[-1].getMessage()
+    assert clock.armed == 0
+    clock.advance(WINDOW_S)
+    assert len(_records(caplog)) == 2
+
+
+def test_triton_s_model_failures_are_logged_once_then_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each call Triton's model failed on (INTERNAL) was a WARNING with Triton's message."""
+    caplog.set_level(logging.WARNING, logger="mandant.backends.triton_answers")
+    clock = FakeClock()
+    answers = TritonAnswers("m", TritonModelConfig(url="127.0.0.1:1", model="t"), clock)
+    for n in range(50):
+        failure = grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, details=f"bad value {n}")
+        answers.error(failure, Fault.MODEL, False, True, joined_by_triton=False, batched=False)
+    logged = [r for r in caplog.records if r.name == "mandant.backends.triton_answers"]
+    assert [r.getMessage() for r in logged] == [
+        "model m: Triton's model 't' failed on a call's inputs: INTERNAL bad value 0"
+    ]
+    clock.advance(WINDOW_S)
+    logged = [r for r in caplog.records if r.name == "mandant.backends.triton_answers"]
+    assert len(logged) == 2 and logged[1].levelno == logging.WARNING
+    assert "49 more failure(s)" in logged[1].getMessage()
+    assert "mandant_requests_total" in logged[1].getMessage()
+
+
+def test_a_count_is_logged_without_the_request_that_armed_its_timer(
+    failures: tuple[FailureLog, FakeClock],
+) -> None:
+    """The count's line is not one request's: it carries no tenant and no request id
+    (the context of the failure that armed its timer, as the loop's timers keep it)."""
+    log, clock = failures
+    lines: list[str] = []
+
+    class Formatted(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(JsonFormatter().format(record))  # reads the context now
+
+    def two_failures_and_a_window() -> None:
+        for n in range(2):
+            current_request_id.set(f"client-id-{n}")
+            log.failed("k", "k failed", exc=_raise("k"))
+        clock.advance(WINDOW_S)  # in this context, as a timer armed by the second one
+
+    handler = Formatted()
+    logging.getLogger(LOGGER).addHandler(handler)
+    try:
+        contextvars.copy_context().run(two_failures_and_a_window)  # the ids stay there
+    finally:
+        logging.getLogger(LOGGER).removeHandler(handler)
+    first, count = (json.loads(line) for line in lines)
+    assert first["request_id"] == "client-id-0"
+    assert "1 more failure(s)" in count["msg"]
+    assert "request_id" not in count and "client-id" not in lines[1]
