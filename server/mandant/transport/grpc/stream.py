@@ -57,7 +57,7 @@ from typing import Any
 import grpc
 
 from mandant.context import current_request_id
-from mandant.errors import InvalidInput, MandantError, ResourceExhausted, Unauthenticated
+from mandant.errors import MandantError, ResourceExhausted, Unauthenticated
 from mandant.events import Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.service import DataPlane
@@ -287,17 +287,14 @@ def _error_response(
 
 
 def _parsed(raw: bytes) -> pb.ModelInferRequest | None:
-    """The message in ``raw``, for its id and model; None if it is not one (or parsing
-    fails otherwise: this runs where an answer is being made, and must not raise). A
-    message refused before it is parsed (``wire_bounds.py``) gives its leading id and
-    names only, so that its answer still carries its id."""
+    """The id and names of the message in ``raw``, for its error answer, read from its
+    leading fields only (``naming_prefix``: serializers write them first), never by
+    parsing it whole: it was refused unparsed (the cap, the door: parsing it would cost
+    what the refusal saves) or refused while parsed (read again, it would cost as much
+    again). None if they are not there (this runs where an answer is being made, and
+    must not raise)."""
     try:
-        parsed: pb.ModelInferRequest = parse(pb.ModelInferRequest, raw)
-    except InvalidInput:
-        try:
-            parsed = pb.ModelInferRequest.FromString(naming_prefix(raw))
-        except Exception:
-            return None
+        parsed: pb.ModelInferRequest = pb.ModelInferRequest.FromString(naming_prefix(raw))
     except Exception:
         return None
     return parsed
