@@ -208,7 +208,8 @@ class Isolation(Generic[E]):
             return  # answered already (its caller left, or it was a probe)
         request_id = entry.request.request_id
         self._failures.failed(
-            f"model {self._model} failed on a request ({type(exc).__name__})",
+            f"model {self._model} failed on a request of tenant {entry.tenant} "
+            f"({type(exc).__name__})",
             "model %s failed on request %s of tenant %s alone",
             self._model,
             request_id,
