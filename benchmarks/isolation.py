@@ -44,6 +44,9 @@ from mandant_client import AsyncClient
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 
+#: One tenant's request against another's tiny calls: its status and its seconds.
+Attack = Callable[[Served], tuple[object, float]]
+
 ANY_SHAPE: dict[str, Any] = {
     "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
     "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
@@ -149,7 +152,7 @@ def shapes(workers: int, seconds: float, warmup_s: float) -> list[list[object]]:
 # -- rest-json -----------------------------------------------------------------------------
 
 
-def _big_rest_call(rest_port: int, values: int) -> tuple[int, float]:
+def _big_rest_call(rest_port: int, values: int) -> tuple[object, float]:
     """acme's REST echo of ``values`` FP32, binary in, the answer as JSON."""
     head = json.dumps(
         {"inputs": [{"name": "INPUT0", "shape": [1, values], "datatype": "FP32",
@@ -195,18 +198,20 @@ async def _tiny_calls(target: str, stop: asyncio.Event) -> tuple[list[float], in
     return latencies, errors
 
 
-async def _rest_phase(
-    served: Served, values: int | None, seconds: float, warmup_s: float
+async def _beside(
+    served: Served, attack: Attack | None, quiet_s: float, warmup_s: float
 ) -> list[object]:
+    """globex's tiny calls while ``attack`` runs (or for ``quiet_s`` without one): the
+    attack's status and seconds, then the tiny calls' count, p50 and worst ms, errors."""
     stop = asyncio.Event()
     tiny = asyncio.create_task(_tiny_calls(served.target, stop))
     await asyncio.sleep(warmup_s)
     status, took = "", ""
-    if values is None:
-        await asyncio.sleep(seconds)
+    if attack is None:
+        await asyncio.sleep(quiet_s)
     else:
-        code, elapsed = await asyncio.to_thread(_big_rest_call, served.rest_port, values)
-        status, took = str(code), f"{elapsed:.1f}"
+        code, elapsed = await asyncio.to_thread(attack, served)
+        status, took = str(code), f"{elapsed:.2f}"
         await asyncio.sleep(1.0)
     stop.set()
     latencies, errors = await tiny
@@ -224,10 +229,15 @@ def rest_json(workers: int, seconds: float, warmup_s: float, values: int) -> lis
     config = write_config(_config(ECHO, workers))
     rows: list[list[object]] = []
     with mandant_process(config, SERVER_CPU, THREAD_ENV) as served:
-        for label, size in (("alone", None), (f"beside a {values:.0e}-value JSON answer", values)):
-            rows.append(
-                [workers, label, *asyncio.run(_rest_phase(served, size, seconds, warmup_s))]
-            )
+        phases: list[tuple[str, Attack | None]] = [
+            ("alone", None),
+            (
+                f"beside a {values:.0e}-value JSON answer",
+                lambda served: _big_rest_call(served.rest_port, values),
+            ),
+        ]
+        for label, attack in phases:
+            rows.append([workers, label, *asyncio.run(_beside(served, attack, seconds, warmup_s))])
     return rows
 
 
@@ -250,8 +260,8 @@ def _many_parameters() -> bytes:
     return request.SerializeToString()
 
 
-def _grpc_attack(build: Callable[[], bytes]) -> Callable[[Served], tuple[str, float]]:
-    def send(served: Served) -> tuple[str, float]:
+def _grpc_attack(build: Callable[[], bytes]) -> Attack:
+    def send(served: Served) -> tuple[object, float]:
         raw = build()
         with grpc.insecure_channel(served.target) as channel:
             infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
@@ -266,7 +276,7 @@ def _grpc_attack(build: Callable[[], bytes]) -> Callable[[Served], tuple[str, fl
     return send
 
 
-def _index_body(served: Served) -> tuple[str, float]:
+def _index_body(served: Served) -> tuple[object, float]:
     body = b"[" + b"0," * (8 << 20) + b"0]"  # 16 MiB of JSON
     connection = http.client.HTTPConnection("127.0.0.1", served.rest_port, timeout=600)
     start = time.perf_counter()
@@ -282,48 +292,20 @@ def _index_body(served: Served) -> tuple[str, float]:
     return str(answer.status), time.perf_counter() - start
 
 
-ATTACKS: dict[str, Callable[[Served], tuple[str, float]]] = {
+ATTACKS: dict[str, Attack] = {
     "10^6 empty inputs (gRPC, 1.9 MiB)": _grpc_attack(_many_inputs),
     "4x10^5 parameters (gRPC, ~6 MiB)": _grpc_attack(_many_parameters),
     "16 MiB JSON to /v2/repository/index": _index_body,
 }
 
 
-async def _message_phase(
-    served: Served, attack: Callable[[Served], tuple[str, float]] | None, warmup_s: float
-) -> list[object]:
-    stop = asyncio.Event()
-    tiny = asyncio.create_task(_tiny_calls(served.target, stop))
-    await asyncio.sleep(warmup_s)
-    status, took = "", ""
-    if attack is None:
-        await asyncio.sleep(2.0)
-    else:
-        code, elapsed = await asyncio.to_thread(attack, served)
-        status, took = code, f"{elapsed:.2f}"
-        await asyncio.sleep(1.0)
-    stop.set()
-    latencies, errors = await tiny
-    return [
-        status,
-        took,
-        len(latencies),
-        f"{_percentile(latencies, 0.5):.1f}",
-        f"{max(latencies) * 1000:.0f}" if latencies else "",
-        errors,
-    ]
-
-
 def messages(workers: int, warmup_s: float) -> list[list[object]]:
     config = write_config(_config(ECHO, workers))
     rows: list[list[object]] = []
     with mandant_process(config, SERVER_CPU, THREAD_ENV) as served:
-        phases: list[tuple[str, Callable[[Served], tuple[str, float]] | None]] = [
-            ("alone", None),
-            *ATTACKS.items(),
-        ]
+        phases: list[tuple[str, Attack | None]] = [("alone", None), *ATTACKS.items()]
         for label, attack in phases:
-            rows.append([workers, label, *asyncio.run(_message_phase(served, attack, warmup_s))])
+            rows.append([workers, label, *asyncio.run(_beside(served, attack, 2.0, warmup_s))])
     return rows
 
 
