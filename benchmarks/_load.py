@@ -139,10 +139,15 @@ async def _serve(config_path: Path) -> dict[str, Counter[int]]:
             return getattr(self._inner, name)
 
         def batch_executed(
-            self, model: str, size: int, compute_s: float, rows: Mapping[str, int]
+            self,
+            model: str,
+            size: int,
+            compute_s: float,
+            rows_by_tenant: Mapping[str, int],
+            owner: str = "",
         ) -> None:
             sizes.setdefault(model, Counter())[size] += 1
-            self._inner.batch_executed(model, size, compute_s, rows)
+            self._inner.batch_executed(model, size, compute_s, rows_by_tenant, owner)
 
     make_scheduler = app_module.make_scheduler
     app_module.make_scheduler = lambda spec, backend, observer=None: make_scheduler(  # type: ignore[assignment]

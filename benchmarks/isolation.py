@@ -11,8 +11,14 @@ time: two attacks found in review, each measured as the other tenant sees it.
   for as JSON, as curl and ``binary_data=False`` do) while another tenant makes a tiny
   gRPC call every 20 ms: JSON is written on the event loop (and, with ``workers: N``,
   REST is served by the engine, which every front end waits on).
+* ``messages``: the same tiny calls while the other tenant sends one small hostile
+  request, whose entries the server used to build one by one on the event loop before
+  any check: a ModelInfer message of 10⁶ empty ``inputs {}`` (1.9 MiB), one of 4 x 10⁵
+  request ``parameters`` entries (~6 MiB), and a 16 MiB JSON body to REST's
+  ``/v2/repository/index``.
 
     .venv/bin/python -m benchmarks.isolation [--workers 1 2] [--seconds 6]
+        [--attacks shapes rest-json messages]
 
 The server runs on core 0 (every process of it with ``workers: 2``), this load
 generator on core 1; one run of each phase.
@@ -37,6 +43,9 @@ from benchmarks._server import Served, mandant_process, write_config
 from mandant_client import AsyncClient
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+
+#: One tenant's request against another's tiny calls: its status and its seconds.
+Attack = Callable[[Served], tuple[object, float]]
 
 ANY_SHAPE: dict[str, Any] = {
     "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
@@ -143,7 +152,7 @@ def shapes(workers: int, seconds: float, warmup_s: float) -> list[list[object]]:
 # -- rest-json -----------------------------------------------------------------------------
 
 
-def _big_rest_call(rest_port: int, values: int) -> tuple[int, float]:
+def _big_rest_call(rest_port: int, values: int) -> tuple[object, float]:
     """acme's REST echo of ``values`` FP32, binary in, the answer as JSON."""
     head = json.dumps(
         {"inputs": [{"name": "INPUT0", "shape": [1, values], "datatype": "FP32",
@@ -189,18 +198,20 @@ async def _tiny_calls(target: str, stop: asyncio.Event) -> tuple[list[float], in
     return latencies, errors
 
 
-async def _rest_phase(
-    served: Served, values: int | None, seconds: float, warmup_s: float
+async def _beside(
+    served: Served, attack: Attack | None, quiet_s: float, warmup_s: float
 ) -> list[object]:
+    """globex's tiny calls while ``attack`` runs (or for ``quiet_s`` without one): the
+    attack's status and seconds, then the tiny calls' count, p50 and worst ms, errors."""
     stop = asyncio.Event()
     tiny = asyncio.create_task(_tiny_calls(served.target, stop))
     await asyncio.sleep(warmup_s)
     status, took = "", ""
-    if values is None:
-        await asyncio.sleep(seconds)
+    if attack is None:
+        await asyncio.sleep(quiet_s)
     else:
-        code, elapsed = await asyncio.to_thread(_big_rest_call, served.rest_port, values)
-        status, took = str(code), f"{elapsed:.1f}"
+        code, elapsed = await asyncio.to_thread(attack, served)
+        status, took = str(code), f"{elapsed:.2f}"
         await asyncio.sleep(1.0)
     stop.set()
     latencies, errors = await tiny
@@ -218,10 +229,83 @@ def rest_json(workers: int, seconds: float, warmup_s: float, values: int) -> lis
     config = write_config(_config(ECHO, workers))
     rows: list[list[object]] = []
     with mandant_process(config, SERVER_CPU, THREAD_ENV) as served:
-        for label, size in (("alone", None), (f"beside a {values:.0e}-value JSON answer", values)):
-            rows.append(
-                [workers, label, *asyncio.run(_rest_phase(served, size, seconds, warmup_s))]
-            )
+        phases: list[tuple[str, Attack | None]] = [
+            ("alone", None),
+            (
+                f"beside a {values:.0e}-value JSON answer",
+                lambda served: _big_rest_call(served.rest_port, values),
+            ),
+        ]
+        for label, attack in phases:
+            rows.append([workers, label, *asyncio.run(_beside(served, attack, seconds, warmup_s))])
+    return rows
+
+
+# -- messages ------------------------------------------------------------------------------
+
+
+def _many_inputs() -> bytes:
+    request = pb.ModelInferRequest(model_name="echo")
+    for _ in range(1_000_000):
+        request.inputs.add()
+    return request.SerializeToString()
+
+
+def _many_parameters() -> bytes:
+    request = pb.ModelInferRequest(model_name="echo")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 1])
+    request.raw_input_contents.append(bytes(4))
+    for index in range(400_000):
+        request.parameters[f"p{index}"].bool_param = True
+    return request.SerializeToString()
+
+
+def _grpc_attack(build: Callable[[], bytes]) -> Attack:
+    def send(served: Served) -> tuple[object, float]:
+        raw = build()
+        with grpc.insecure_channel(served.target) as channel:
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            start = time.perf_counter()
+            try:
+                infer(raw, metadata=(("authorization", f"Bearer {KEYS['acme']}"),), timeout=600)
+                code = "OK"
+            except grpc.RpcError as exc:
+                code = exc.code().name
+            return code, time.perf_counter() - start
+
+    return send
+
+
+def _index_body(served: Served) -> tuple[object, float]:
+    body = b"[" + b"0," * (8 << 20) + b"0]"  # 16 MiB of JSON
+    connection = http.client.HTTPConnection("127.0.0.1", served.rest_port, timeout=600)
+    start = time.perf_counter()
+    connection.request(
+        "POST",
+        "/v2/repository/index",
+        body=body,
+        headers={"Authorization": f"Bearer {KEYS['acme']}", "Content-Type": "application/json"},
+    )
+    answer = connection.getresponse()
+    answer.read()
+    connection.close()
+    return str(answer.status), time.perf_counter() - start
+
+
+ATTACKS: dict[str, Attack] = {
+    "10^6 empty inputs (gRPC, 1.9 MiB)": _grpc_attack(_many_inputs),
+    "4x10^5 parameters (gRPC, ~6 MiB)": _grpc_attack(_many_parameters),
+    "16 MiB JSON to /v2/repository/index": _index_body,
+}
+
+
+def messages(workers: int, warmup_s: float) -> list[list[object]]:
+    config = write_config(_config(ECHO, workers))
+    rows: list[list[object]] = []
+    with mandant_process(config, SERVER_CPU, THREAD_ENV) as served:
+        phases: list[tuple[str, Attack | None]] = [("alone", None), *ATTACKS.items()]
+        for label, attack in phases:
+            rows.append([workers, label, *asyncio.run(_beside(served, attack, 2.0, warmup_s))])
     return rows
 
 
@@ -237,30 +321,44 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--values", type=int, default=10_000_000)
+    parser.add_argument(
+        "--attacks", nargs="+", default=["shapes", "rest-json", "messages"],
+        choices=["shapes", "rest-json", "messages"],
+    )  # fmt: skip
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {CLIENT_CPU})
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    shape_rows = [
-        row for workers in args.workers for row in shapes(workers, args.seconds, args.warmup)
-    ]
-    print("\nshapes: victim (32 callers, [1, 4]) on a model of 10 ms per batch, max 64 rows")
-    print(table(
-        ["workers", "phase", "victim calls/s", "p50 ms", "p99 ms", "attacker calls/s",
-         "mean batch"],
-        shape_rows,
-    ))  # fmt: skip
-    rest_rows = [
-        row
-        for workers in args.workers
-        for row in rest_json(workers, args.seconds, args.warmup, args.values)
-    ]
-    print("\nrest-json: globex's tiny gRPC calls (one per 20 ms) while acme's REST call runs")
-    print(table(
-        ["workers", "phase", "REST status", "REST s", "tiny calls", "p50 ms", "worst ms",
-         "failed"],
-        rest_rows,
-    ))  # fmt: skip
+    if "shapes" in args.attacks:
+        shape_rows = [
+            row for workers in args.workers for row in shapes(workers, args.seconds, args.warmup)
+        ]
+        print("\nshapes: victim (32 callers, [1, 4]) on a model of 10 ms per batch, max 64 rows")
+        print(table(
+            ["workers", "phase", "victim calls/s", "p50 ms", "p99 ms", "attacker calls/s",
+             "mean batch"],
+            shape_rows,
+        ))  # fmt: skip
+    if "rest-json" in args.attacks:
+        rest_rows = [
+            row
+            for workers in args.workers
+            for row in rest_json(workers, args.seconds, args.warmup, args.values)
+        ]
+        print("\nrest-json: globex's tiny gRPC calls (one per 20 ms) while acme's REST call runs")
+        print(table(
+            ["workers", "phase", "REST status", "REST s", "tiny calls", "p50 ms", "worst ms",
+             "failed"],
+            rest_rows,
+        ))  # fmt: skip
+    if "messages" in args.attacks:
+        message_rows = [row for workers in args.workers for row in messages(workers, args.warmup)]
+        print("\nmessages: globex's tiny gRPC calls (one per 20 ms) while acme sends one request")
+        print(table(
+            ["workers", "phase", "acme's status", "acme's s", "tiny calls", "p50 ms",
+             "worst ms", "failed"],
+            message_rows,
+        ))  # fmt: skip
 
 
 if __name__ == "__main__":

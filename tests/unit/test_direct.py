@@ -155,3 +155,22 @@ async def test_requests_the_model_fails_on_log_one_traceback_and_then_a_count(
     assert "19 more failure(s)" in summary.getMessage()
     assert "mandant_failed_batches_total" in summary.getMessage()
     assert not any(c.request_id in summary.getMessage() for c in culprits)
+
+
+async def test_one_tenant_s_failures_never_hide_another_s_first_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Failures are counted per model, tenant and exception type: while a's stream of
+    bad calls kept the model's window open, b's failure (its answer quoting its request
+    id) was counted and logged nowhere (the review)."""
+    caplog.set_level(logging.ERROR, logger="mandant.scheduling.direct")
+    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
+    scheduler = DirectScheduler(backend, "m", RecordingObserver(), FakeClock())
+    for _ in range(5):
+        with pytest.raises(ModelFailed):
+            await scheduler.submit(request("a", value=POISON))
+    victim = request("b", value=POISON)
+    with pytest.raises(ModelFailed):
+        await scheduler.submit(victim)
+    logged = [r.getMessage() for r in caplog.records if r.name == "mandant.scheduling.direct"]
+    assert len(logged) == 2 and victim.request_id in logged[1]

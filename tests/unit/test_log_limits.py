@@ -28,7 +28,8 @@ def _raise(message: str) -> ValueError:
 
 
 def _records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == LOGGER]
+    """What the log shows above DEBUG."""
+    return [r for r in caplog.records if r.name == LOGGER and r.levelno > logging.DEBUG]
 
 
 @pytest.fixture
@@ -145,7 +146,8 @@ def test_a_count_is_logged_without_the_request_that_armed_its_timer(
 
     class Formatted(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            lines.append(JsonFormatter().format(record))  # reads the context now
+            if record.levelno > logging.DEBUG:  # the counted one's own line aside
+                lines.append(JsonFormatter().format(record))  # reads the context now
 
     def two_failures_and_a_window() -> None:
         for n in range(2):
@@ -163,3 +165,16 @@ def test_a_count_is_logged_without_the_request_that_armed_its_timer(
     assert first["request_id"] == "client-id-0"
     assert "1 more failure(s)" in count["msg"]
     assert "request_id" not in count and "client-id" not in lines[1]
+
+
+def test_every_failure_counted_is_logged_at_debug_without_its_traceback(
+    failures: tuple[FailureLog, FakeClock], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A counted failure's answer quotes its request id: an operator looking for it at
+    DEBUG finds it."""
+    log, _ = failures
+    for n in range(3):
+        log.failed("model m (ValueError)", "m failed on request %s", f"r{n}", exc=_raise("bad"))
+    debug = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.DEBUG]
+    assert [r.getMessage() for r in debug] == ["m failed on request r1", "m failed on request r2"]
+    assert all(r.exc_info is None for r in debug)

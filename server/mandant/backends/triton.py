@@ -181,6 +181,7 @@ class TritonBackend:
         self._watcher = asyncio.create_task(self._watch(), name=f"triton-health-{self._spec.name}")
 
     async def aclose(self) -> None:
+        self._answers.close()
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.cancel()

@@ -120,6 +120,10 @@ class TritonAnswers:
             clock=clock,
         )
 
+    def close(self) -> None:
+        """The backend closes: log the failures counted and not logged yet."""
+        self._failures.flush()
+
     def outputs(
         self,
         response: pb.ModelInferResponse,

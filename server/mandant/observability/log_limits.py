@@ -10,9 +10,12 @@ counts every failure one by one; the count of a kind that goes on failing is log
 once per window. A kind that stays quiet for a whole window is logged in full again
 at its next failure.
 
-Kinds are built from configuration and code (model names, exception types, status
-codes), never from what a client sends: each kind seen holds a few bytes for as long
-as its :class:`FailureLog` lives.
+Kinds are built from configuration and code (model names, tenant ids, exception
+types, status codes), never from what a client sends: each kind seen holds a few bytes
+for as long as its :class:`FailureLog` lives. A kind names the tenant where it is
+known, so that one tenant's stream of failures never hides another's first one (the
+review found a victim's failure, whose answer quoted its request id, nowhere in the
+log); every failure counted is logged at DEBUG, id and all.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ class FailureLog:
             self._windows[kind] = _Window(now + self._window_s, level)
             return
         window.count += 1
+        if self._logger.isEnabledFor(logging.DEBUG):  # each one, for whoever looks
+            self._logger.debug(msg, *args)
         if window.timer is None:
             window.timer = self._clock.call_at(window.ends, lambda: self._summarise(kind))
 

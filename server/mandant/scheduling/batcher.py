@@ -116,6 +116,13 @@ class _Pending:
     queued: bool = True
 
 
+#: Failed batches in a row, with no run of the model answered since, after which the
+#: model itself may be at fault (``Isolation``): one tenant's bad calls fail its
+#: batches too, so a few say nothing of the model; a failed batch of several tenants
+#: with nothing answered while it was split says it at once.
+SUSPECT_AFTER = 3
+
+
 class DynamicBatcher:
     """Batches the requests of one model version across tenants (see module doc)."""
 
@@ -153,10 +160,9 @@ class DynamicBatcher:
         #: about to take (``_leaving``); the next pump refuses those still over it
         self._leaning: list[_Pending] = []
         self._batch_s = 0.0  # moving average of a batch's compute time, for retry hints
-        #: the model answered a run since it last failed a batch of several tenants
-        #: without answering any run while that batch was split (``Isolation``)
-        self._works = False
-        self._answered = 0  # runs the model answered, ever
+        #: batches failed in a row with no run answered since (a fresh model's count
+        #: starts at SUSPECT_AFTER: it has not been seen working; ``Isolation``)
+        self._unanswered = SUSPECT_AFTER
         #: a failure of each kind logged in full, the next ones counted (``Isolation``)
         self._failures = failure_log(self._clock)
         self._open = False
@@ -458,19 +464,19 @@ class DynamicBatcher:
         owner = batch[0].request.model.owner or ""  # one model: one owner
         rows = sum(e.rows for e in batch)
         self._observer.batch_failed(self._model, rows, owner)
-        answered = self._answered
+        self._unanswered += 1
         isolation = Isolation(
             self._model,
             lambda part: self._attempt(part, dispatched),
             self._finish,
-            model_works=self._works,
+            model_works=self._unanswered < SUSPECT_AFTER,
             failures=self._failures,
         )
         await isolation.run(batch, failure)
-        if self._answered == answered and len({entry.tenant for entry in batch}) > 1:
+        if self._unanswered and len({entry.tenant for entry in batch}) > 1:
             # Several tenants' calls failed and nothing ran since: the model may be at
-            # fault. One tenant's failures alone say nothing of it (its data, all bad).
-            self._works = False
+            # fault at once (one tenant's failures may all be its own data's).
+            self._unanswered = SUSPECT_AFTER
 
     async def _attempt(
         self, part: list[_Pending], dispatched: float
@@ -490,8 +496,7 @@ class DynamicBatcher:
             return part, exc
         except Exception as exc:  # the model raised: whose data was it?
             return part, exc
-        self._works = True
-        self._answered += 1
+        self._unanswered = 0
         self._succeeded(part, results, compute_s, dispatched)
         return part, None
 

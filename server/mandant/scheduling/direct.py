@@ -90,7 +90,8 @@ class DirectScheduler:
             except Exception as exc:
                 self._observer.batch_failed(self._model, request.rows, request.model.owner or "")
                 self._failures.failed(
-                    f"model {self._model} failed on a request ({type(exc).__name__})",
+                    f"model {self._model} failed on a request of tenant "
+                    f"{request.tenant.id} ({type(exc).__name__})",
                     "model %s failed on request %s of tenant %s",
                     self._model,
                     request.request_id,

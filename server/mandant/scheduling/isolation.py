@@ -13,14 +13,15 @@ Unavailable at once, after 3 + 2 x (tenants) runs instead of 2n - 1 (those probe
 answer their own requests, so a batch never runs more than 3n - 1 times in all). One
 poisoned request never fails another (it cannot make two disjoint halves fail), nor do
 one tenant's poisoned requests fail another tenant's; no answer carries another
-request's verdict. A model seen answering a run in this batch, or since it last
-failed a batch of several tenants' requests without answering any run while it was
-split, is never judged at fault: it works, so the data is (the requests of a part may
-all be poisoned: one tenant's bad calls, batched apart from the good ones). One
-tenant's failures alone say nothing of the model, however many. A model that breaks
-after working thus pays one full split (2n - 1 runs) of a batch of several tenants
-before the shortcut applies (never, while one tenant calls it); a fresh model that
-has never answered cannot be told from its data.
+request's verdict. A model that answered a run in this batch, or that the batcher
+has seen working (``SUSPECT_AFTER`` in ``batcher.py``: it answered a run less than
+three failed batches ago, and no batch of several tenants failed since with nothing
+answered while it was split), is never judged at fault: it works, so the data is
+(the requests of a part may all be poisoned: one tenant's bad calls, batched apart
+from the good ones). A model that breaks after working thus pays a full split
+(2n - 1 runs) for one batch of several tenants, or for two batches of one tenant,
+before the shortcut applies; a fresh model that has never answered cannot be told
+from its data.
 
 Running a part and answering the requests it succeeded for is the batcher's
 (``attempt``); :class:`Isolation` decides what to run next and answers the failures.
@@ -207,7 +208,8 @@ class Isolation(Generic[E]):
             return  # answered already (its caller left, or it was a probe)
         request_id = entry.request.request_id
         self._failures.failed(
-            f"model {self._model} failed on a request ({type(exc).__name__})",
+            f"model {self._model} failed on a request of tenant {entry.tenant} "
+            f"({type(exc).__name__})",
             "model %s failed on request %s of tenant %s alone",
             self._model,
             request_id,

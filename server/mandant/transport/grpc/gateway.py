@@ -9,7 +9,9 @@ For each method the gate
    call has its places), so an unauthenticated 60 MiB call costs a hash and no memory
    (a unary handler is called once gRPC holds the whole message: a client without a
    key sending large messages slowly held gigabytes);
-2. parses the message; bytes that are not one answer INVALID_ARGUMENT;
+2. parses the message, a large one checked on the wire first (``wire_bounds.py``:
+   an inference request's counts, any other message's size); bytes that are not one
+   answer INVALID_ARGUMENT;
 3. awaits the servicer's behaviour with a :class:`Call` (the tenant, and the model the
    data plane resolved, for metrics);
 4. maps every exception to a status through ``status.py``'s one table; unknown ones
@@ -39,6 +41,12 @@ from mandant.errors import InvalidInput, MandantError, Unauthenticated
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
+from mandant.transport.grpc.wire_bounds import (
+    PRE_PARSE,
+    PRE_PARSE_ABOVE_BYTES,
+    MalformedWire,
+    check_small_message,
+)
 from mandant.types import Call, Tenant
 
 logger = logging.getLogger(__name__)
@@ -88,10 +96,15 @@ def metadata_value(context: Context, name: str) -> str | None:
 
 
 def parse(message_type: type[Message], raw: bytes) -> Any:
-    """The message in ``raw``; INVALID_ARGUMENT (a plain message) if it is not one."""
+    """The message in ``raw``; INVALID_ARGUMENT (a plain message) if it is not one.
+    One larger than :data:`PRE_PARSE_ABOVE_BYTES` is checked first, before protobuf
+    builds its entries (``wire_bounds.py``): an inference request's counts on the
+    wire, any other message's size."""
     try:
+        if len(raw) > PRE_PARSE_ABOVE_BYTES:
+            PRE_PARSE.get(message_type, check_small_message)(raw)
         return message_type.FromString(raw)
-    except DecodeError:
+    except (DecodeError, MalformedWire):
         raise InvalidInput(
             f"the request is not a valid {message_type.DESCRIPTOR.name} message"
         ) from None
@@ -352,7 +365,8 @@ class Gate:
 
     def forwarded(self, access: Access, forward: Forward) -> grpc.RpcMethodHandler:
         """A front end's handler for an RPC the engine serves (``workers: N``): the key
-        is checked, the (small) message read, and the call takes its place under the
+        is checked, the (small) message read (refused over its size bound, as the
+        engine's parse would), and the call takes its place under the
         cap here (as :meth:`unary`'s calls that pass no door), then the bytes go to the
         engine as they came, whose gate checks the key again, answers and counts the
         call. Only the refusals made here are counted here."""
@@ -373,6 +387,7 @@ class Gate:
                 raw = await context.read()
                 if not isinstance(raw, bytes):
                     await no_message(context)
+                check_small_message(raw)  # as the engine's parse() would, before it is sent
                 cap.enter(shed, tenant_id)
             except MandantError as exc:
                 refusal = exc

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mandant.config import ServerConfig, TlsConfig
@@ -29,6 +29,7 @@ from mandant.transport.grpc.gateway import (
     PeerAuthenticator,
     metadata_value,
 )
+from mandant.transport.grpc.probes import add_health, add_reflection
 from mandant.transport.grpc.servicer import (
     INFERENCE_SERVICE,
     InferenceServicer,
@@ -191,7 +192,7 @@ class GrpcServer:
                 for name, handler in handlers.items()
             }
         self._server.add_registered_method_handlers(INFERENCE_SERVICE, handlers)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self.watches = add_health(self._server, self._health)
         services = [INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
         if forward is not None:
             admin = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
@@ -210,10 +211,8 @@ class GrpcServer:
                 ADMIN_SERVICE, admin_handlers(AdminServicer(usage), gate)
             )
             services.append(ADMIN_SERVICE)
-        reflection.enable_server_reflection(
-            services,
-            self._server,
-            pool=_reflection_pool(),
+        add_reflection(
+            self._server, reflection.aio.ReflectionServicer(services, pool=_reflection_pool())
         )
         self.port = 0
 

@@ -64,6 +64,7 @@ from mandant.service import DataPlane
 from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
 from mandant.transport.grpc.gateway import MAX_LOGGED_ID, Context, client_saw, parse
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
+from mandant.transport.grpc.wire_bounds import naming_prefix
 from mandant.types import Call, Tenant
 from mandant_client._proto import grpc_service_pb2 as pb
 
@@ -286,10 +287,14 @@ def _error_response(
 
 
 def _parsed(raw: bytes) -> pb.ModelInferRequest | None:
-    """The message in ``raw``, for its id and model; None if it is not one (or parsing
-    fails otherwise: this runs where an answer is being made, and must not raise)."""
+    """The id and names of the message in ``raw``, for its error answer, read from its
+    leading fields only (``naming_prefix``: serializers write them first), never by
+    parsing it whole: it was refused unparsed (the cap, the door: parsing it would cost
+    what the refusal saves) or refused while parsed (read again, it would cost as much
+    again). None if they are not there (this runs where an answer is being made, and
+    must not raise)."""
     try:
-        parsed: pb.ModelInferRequest = parse(pb.ModelInferRequest, raw)
+        parsed: pb.ModelInferRequest = pb.ModelInferRequest.FromString(naming_prefix(raw))
     except Exception:
         return None
     return parsed

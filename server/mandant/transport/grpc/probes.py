@@ -1,0 +1,151 @@
+"""gRPC health checking and server reflection: open (no key, so that Kubernetes probes,
+grpc_health_probe, grpcurl and Postman work), but bounded in what a caller without a
+key can make the server hold.
+
+grpc's stock servicers do the work (their semantics stay); each method is registered
+here with ``request_deserializer=None``, so its handler gets the message's raw bytes,
+refuses one over the method's bound INVALID_ARGUMENT (:data:`HEALTH_REQUEST_MAX_BYTES`,
+:data:`REFLECTION_REQUEST_MAX_BYTES`) before it is parsed, and only then hands the
+parsed message to the stock servicer. Unbounded, a Watch kept its service name for as
+long as the client kept the stream open (32 streams naming 8 MiB services held 1 GiB
+of RSS), and each reflection answer repeats its whole request (``original_request``:
+16 streams of one unread 8 MiB request held 338 MiB). Watch streams open at once are
+capped server-wide (:data:`WATCH_STREAMS_MAX`); beyond it RESOURCE_EXHAUSTED.
+
+None of these calls passes the gate or takes a place under ``max_concurrent_rpcs``
+(a full server still answers its probes)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from mandant.errors import InvalidInput, MandantError, ResourceExhausted
+from mandant.transport.grpc.gateway import Context, abort, parse
+
+T = TypeVar("T")
+
+#: A HealthCheckRequest's bytes: its service name, a fully qualified proto service name
+#: (``inference.GRPCInferenceService`` is 30 bytes), plus 3 bytes of framing; as long
+#: as a request ``id`` may be (``gateway.MAX_LOGGED_ID``). Over it: INVALID_ARGUMENT.
+HEALTH_REQUEST_MAX_BYTES = 256
+#: A ServerReflectionRequest's bytes: it names one symbol, file or extension (ours are
+#: under 100 bytes), and each answer repeats it. Over it: INVALID_ARGUMENT.
+REFLECTION_REQUEST_MAX_BYTES = 4096
+#: Health Watch streams open at once, server-wide: gRPC clients' own health checking
+#: (``healthCheckConfig``) opens one per channel to this replica; beyond it
+#: RESOURCE_EXHAUSTED, with pushback :data:`WATCH_RETRY_S`.
+WATCH_STREAMS_MAX = 1024
+WATCH_RETRY_S = 1.0
+
+
+async def read_bounded(
+    message_type: type[Message], max_bytes: int, raw: bytes, context: Context
+) -> Any:
+    """The message in ``raw``; the call is refused INVALID_ARGUMENT if ``raw`` is over
+    ``max_bytes`` (not parsed) or not a message (neither is repeated to the client)."""
+    try:
+        if len(raw) > max_bytes:
+            raise InvalidInput(
+                f"a {message_type.DESCRIPTOR.full_name} message is at most {max_bytes} bytes"
+            )
+        return parse(message_type, raw)
+    except MandantError as exc:
+        await abort(context, exc)
+        raise  # not reached: abort ends the call
+
+
+def bounded(
+    message_type: type[Message],
+    max_bytes: int,
+    behavior: Callable[[Any, Context], Awaitable[T]],
+) -> Callable[[bytes, Context], Awaitable[T]]:
+    """A handler of one raw message: size-checked, parsed, then ``behavior``'s."""
+
+    async def handle(raw: bytes, context: Context) -> T:
+        return await behavior(await read_bounded(message_type, max_bytes, raw, context), context)
+
+    return handle
+
+
+async def bounded_stream(
+    message_type: type[Message], max_bytes: int, raws: AsyncIterable[bytes], context: Context
+) -> AsyncIterator[Any]:
+    """The messages of a stream of raw ones, each size-checked, then parsed."""
+    async for raw in raws:
+        yield await read_bounded(message_type, max_bytes, raw, context)
+
+
+class WatchCap:
+    """Watch streams open at once, at most ``max_streams`` (``watching`` now)."""
+
+    def __init__(self, servicer: health.aio.HealthServicer, max_streams: int) -> None:
+        self._servicer = servicer
+        self._max_streams = max_streams
+        self.watching = 0
+
+    async def watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
+        if self.watching >= self._max_streams:
+            busy = ResourceExhausted(
+                f"too many health Watch streams open (at most {self._max_streams})",
+                WATCH_RETRY_S,
+            )
+            await abort(context, busy)
+            return
+        self.watching += 1
+        try:
+            await self._servicer.Watch(request, context)
+        finally:
+            self.watching -= 1
+
+
+def add_health(
+    server: grpc.aio.Server,
+    servicer: health.aio.HealthServicer,
+    max_watch_streams: int = WATCH_STREAMS_MAX,
+) -> WatchCap:
+    """Serve ``grpc.health.v1.Health`` from ``servicer`` (whose ``set`` says what it
+    answers), bounded; returns the Watch cap."""
+    cap = WatchCap(servicer, max_watch_streams)
+    request = health_pb2.HealthCheckRequest
+    serialize = health_pb2.HealthCheckResponse.SerializeToString
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            bounded(request, HEALTH_REQUEST_MAX_BYTES, servicer.Check),
+            request_deserializer=None,
+            response_serializer=serialize,
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            bounded(request, HEALTH_REQUEST_MAX_BYTES, cap.watch),
+            request_deserializer=None,
+            response_serializer=serialize,
+        ),
+    }
+    name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    server.add_registered_method_handlers(name, handlers)
+    return cap
+
+
+def add_reflection(server: grpc.aio.Server, servicer: reflection.aio.ReflectionServicer) -> None:
+    """Serve ``grpc.reflection.v1alpha.ServerReflection`` from ``servicer``, each
+    request bounded."""
+    request = reflection_pb2.ServerReflectionRequest
+
+    async def info(raws: AsyncIterable[bytes], context: Context) -> AsyncIterator[Any]:
+        requests = bounded_stream(request, REFLECTION_REQUEST_MAX_BYTES, raws, context)
+        async for answer in servicer.ServerReflectionInfo(requests, context):
+            yield answer
+
+    handler = grpc.stream_stream_rpc_method_handler(
+        info,
+        request_deserializer=None,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_registered_method_handlers(
+        reflection.SERVICE_NAME, {"ServerReflectionInfo": handler}
+    )

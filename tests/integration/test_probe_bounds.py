@@ -1,0 +1,159 @@
+"""gRPC health checking and server reflection stay open (no key) but bounded: an
+over-long health request or an over-size reflection request is refused before it is
+parsed (it was kept for as long as a Watch stream stayed open, or repeated in every
+reflection answer), and Watch streams open at once are capped server-wide."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+
+from mandant.transport.grpc.probes import (
+    HEALTH_REQUEST_MAX_BYTES,
+    REFLECTION_REQUEST_MAX_BYTES,
+    add_health,
+)
+from tests.servers import Server
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+#: A one-string message's framing: the field's tag and a two-byte length.
+FRAMING_BYTES = 3
+LONGEST_NAME = "s" * (HEALTH_REQUEST_MAX_BYTES - FRAMING_BYTES)
+OVER_LONG_NAME = LONGEST_NAME + "s"
+
+
+def test_health_check_answers_probes_without_a_key(demo: Server) -> None:
+    with grpc.insecure_channel(demo.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == SERVING
+        # The stock semantics for a name within the bound: an unknown service.
+        longest = health_pb2.HealthCheckRequest(service=LONGEST_NAME).ByteSize()
+        assert longest == HEALTH_REQUEST_MAX_BYTES
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service=LONGEST_NAME), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_check_refuses_an_over_long_name(demo: Server) -> None:
+    with grpc.insecure_channel(demo.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in (OVER_LONG_NAME, "x" * (1 << 20)):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "at most 256 bytes" in (err.value.details() or "")
+            assert service not in (err.value.details() or "")
+
+
+def test_health_watch_refuses_an_over_long_name(demo: Server) -> None:
+    with grpc.insecure_channel(demo.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=OVER_LONG_NAME), timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            next(watch)  # unbounded: SERVICE_UNKNOWN, and the name kept while it waits
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # Within the bound, the stock semantics: SERVICE_UNKNOWN, and the stream waits.
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=LONGEST_NAME), timeout=10)
+        assert next(watch).status == SERVICE_UNKNOWN
+        watch.cancel()
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert next(watch).status == SERVING
+        watch.cancel()
+
+
+@pytest.fixture
+async def capped_health() -> AsyncIterator[str]:
+    """A real gRPC server on a free port serving health as Mandant does, with room
+    for two Watch streams; yields its address."""
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    add_health(server, servicer, max_watch_streams=2)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+async def test_watch_streams_open_at_once_are_capped(capped_health: str) -> None:
+    async with grpc.aio.insecure_channel(capped_health) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="")
+        first, second = stub.Watch(request, timeout=30), stub.Watch(request, timeout=30)
+        assert (await first.read()).status == SERVING
+        assert (await second.read()).status == SERVING
+        third = stub.Watch(request, timeout=30)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await third.read()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailers = dict(err.value.trailing_metadata() or ())
+        assert trailers["grpc-retry-pushback-ms"] == "1000"
+        # A Check is not a Watch: still answered.
+        assert (await stub.Check(request, timeout=10)).status == SERVING
+        first.cancel()
+        # The closed stream's place is given back (once the server has seen it go).
+        for _ in range(200):
+            again = stub.Watch(request, timeout=30)
+            try:
+                assert (await again.read()).status == SERVING
+                break
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        else:
+            pytest.fail("the cancelled Watch stream's place was never given back")
+        again.cancel()
+        second.cancel()
+
+
+def _reflect(
+    target: str, requests: list[reflection_pb2.ServerReflectionRequest]
+) -> list[reflection_pb2.ServerReflectionResponse]:
+    with grpc.insecure_channel(target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        return list(stub.ServerReflectionInfo(iter(requests), timeout=10))
+
+
+def test_reflection_answers_without_a_key(demo: Server) -> None:
+    name = "inference.GRPCInferenceService"
+    listed, described = _reflect(
+        demo.target,
+        [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol=name),
+        ],
+    )
+    assert {name, "grpc.health.v1.Health", reflection.SERVICE_NAME} <= {
+        s.name for s in listed.list_services_response.service
+    }
+    assert described.file_descriptor_response.file_descriptor_proto
+    # A request within the bound: the stock answer, an error that repeats it.
+    longest = "s" * (REFLECTION_REQUEST_MAX_BYTES - FRAMING_BYTES)
+    (unknown,) = _reflect(
+        demo.target, [reflection_pb2.ServerReflectionRequest(file_containing_symbol=longest)]
+    )
+    assert unknown.original_request.ByteSize() == REFLECTION_REQUEST_MAX_BYTES
+    assert unknown.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+def test_reflection_refuses_an_over_size_request(demo: Server) -> None:
+    over = "s" * REFLECTION_REQUEST_MAX_BYTES
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=over),
+    ]
+    with grpc.insecure_channel(demo.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = stub.ServerReflectionInfo(iter(requests), timeout=10)
+        assert next(answers).list_services_response.service  # the first is answered
+        with pytest.raises(grpc.RpcError) as err:
+            next(answers)  # unbounded: an error answer that repeats the whole request
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert over not in (err.value.details() or "")
