@@ -37,6 +37,12 @@ from tests.servers import demo_config
 class _Context:
     """What the handler asks of grpc's ServicerContext on a successful call."""
 
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw
+
+    async def read(self) -> bytes:
+        return self._raw  # the gate's streaming handler reads the call's one message
+
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", "Bearer acme-demo-key"),)
 
@@ -60,7 +66,12 @@ async def main(args: argparse.Namespace) -> None:
         message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, args.width])
         message.raw_input_contents.append(np.ones((1, args.width), np.float32).tobytes())
         raw = message.SerializeToString()
-        context, behavior, serialize = _Context(), handler.unary_unary, handler.response_serializer
+        context, serialize = _Context(raw), handler.response_serializer
+        stream_unary = handler.stream_unary  # unary methods: read by the gate (6915e33)
+
+        async def behavior(_raw: bytes, context: _Context) -> Any:
+            return await stream_unary(None, context)
+
         for _ in range(2000):
             serialize(await behavior(raw, context))
         start = time.perf_counter()

@@ -46,7 +46,9 @@ def main() -> None:
         [result] = run(
             srv.target, [Load("acme", "classifier", args.concurrency, args.rows)], args.seconds
         )
-    sizes = srv.batches()["classifier"]
+    sizes = srv.batches().get("classifier")
+    if not sizes:  # every batch failed (an observer out of step): no figure to give
+        raise SystemExit("no batch was recorded: see the server's errors above")
     os.sched_setaffinity(0, {int(SERVER_CPU)})
     torch.set_num_threads(1)
     rows = sum(size * count for size, count in sizes.items())

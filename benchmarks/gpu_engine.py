@@ -53,7 +53,12 @@ class BatchSizes(NullObserver):
         self.recording = False
 
     def batch_executed(
-        self, model: str, size: int, compute_s: float, rows_by_tenant: Mapping[str, int]
+        self,
+        model: str,
+        size: int,
+        compute_s: float,
+        rows_by_tenant: Mapping[str, int],
+        owner: str = "",
     ) -> None:
         if self.recording:
             self.sizes[size] += 1
@@ -140,6 +145,8 @@ def main() -> None:
         spec = model_spec(args.device, args.width, instances, args.max_batch_size)
         measured = asyncio.run(serve(spec, rows, args.concurrency, args.warmup, args.seconds))
         sizes = measured.sizes
+        if not sizes:  # every batch failed (an observer out of step): no figure to give
+            raise SystemExit("no batch was recorded: see the server's errors above")
         for size in sizes:
             if size not in raw_cache:
                 raw_cache[size] = raw_seconds(args.width, raw_device, size)
