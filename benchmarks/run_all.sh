@@ -57,6 +57,10 @@ bench noisy_neighbour_h4096_b16_flood64_workers2 15 benchmarks.noisy_neighbour -
 bench noisy_neighbour_demo_door16 10 benchmarks.noisy_neighbour --front-door-slots 16
 bench gc_pauses 15 benchmarks.gc_pauses
 bench isolation 6 benchmarks.isolation
+bench compute_ceiling 5 benchmarks.compute_ceiling
+if [[ -n ${BENCH_SECONDS:-} ]]; then  # the GPU script's engine bench, on the CPU: smoke only
+    bench gpu_engine_cpu 1 benchmarks.gpu_engine --device cpu --width 256 --instances 1
+fi
 
 if ((${#failed[@]})); then
     echo "FAILED: ${failed[*]} (see $OUT/<name>.stderr)"
