@@ -53,6 +53,27 @@ def test_proto_counts_are_bounded_on_construction() -> None:
         ProtoInferRequest(proto(parameters=MAX_PARAMETERS + 1))
 
 
+def test_proto_tensor_parameters_are_bounded_at_every_size() -> None:
+    """A message under the wire walk's 64 KiB: an input's or a requested output's
+    parameters were counted only above it (and always over REST)."""
+    msg = pb.ModelInferRequest(model_name="m")
+    tensor = msg.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 1])
+    output = msg.outputs.add(name="OUTPUT0")
+    for index in range(MAX_PARAMETERS):
+        tensor.parameters[f"p{index}"].bool_param = True
+        output.parameters[f"p{index}"].bool_param = True
+    assert msg.ByteSize() < 64 * 1024
+    ProtoInferRequest(msg).input_headers()
+    ProtoInferRequest(msg).requested_outputs()
+    tensor.parameters["one more"].bool_param = True
+    output.parameters["one more"].bool_param = True
+    over = f"{MAX_PARAMETERS + 1} parameters, at most {MAX_PARAMETERS} are accepted"
+    with pytest.raises(InvalidInput, match=f"input 'INPUT0' has {over}"):
+        ProtoInferRequest(msg).input_headers()
+    with pytest.raises(InvalidInput, match=f"output 'OUTPUT0' has {over}"):
+        ProtoInferRequest(msg).requested_outputs()
+
+
 def json_request(doc: dict[str, Any]) -> JsonInferRequest:
     return JsonInferRequest("m", "", json.dumps(doc).encode(), None)
 

@@ -13,13 +13,15 @@ from math import prod
 import numpy as np
 
 from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS
-from mandant.errors import InvalidInput
+from mandant.errors import InvalidInput, shown
 from mandant.types import DATATYPES, InferResponse, TensorHeader, datatype_of
 from mandant.validation import (
+    MAX_PARAMETERS,
     MAX_RANK,
     NO_CLASSIFICATION,
     check_bytes_count,
     check_counts,
+    check_parameter_count,
     check_rank,
     check_raw_size,
     check_shape,
@@ -177,6 +179,10 @@ class ProtoInferRequest:
                 shape = tensor.shape
                 if len(shape) > MAX_RANK:  # before it is copied: 1 byte a dimension
                     check_rank(len(shape), tensor.name)
+                # One rule at every size (the wire walk counts them above 64 KiB; REST
+                # always): a map's len() reads none of its entries.
+                if len(tensor.parameters) > MAX_PARAMETERS:
+                    check_parameter_count(len(tensor.parameters), f"input '{shown(tensor.name)}'")
                 headers.append(TensorHeader(tensor.name, tensor.datatype, tuple(shape)))
             self._headers = headers
         return self._headers
@@ -188,6 +194,8 @@ class ProtoInferRequest:
         for output in outputs:
             parameters = output.parameters
             if parameters:
+                if len(parameters) > MAX_PARAMETERS:
+                    check_parameter_count(len(parameters), f"output '{shown(output.name)}'")
                 classes = parameters.get("classification")
                 if classes is not None and parameter_value(classes):
                     raise InvalidInput(NO_CLASSIFICATION)
