@@ -27,9 +27,9 @@ import itertools
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,14 +52,9 @@ class BatchSizes(NullObserver):
         self.sizes: Counter[int] = Counter()
         self.recording = False
 
-    def batch_executed(
-        self,
-        model: str,
-        size: int,
-        compute_s: float,
-        rows_by_tenant: Mapping[str, int],
-        owner: str = "",
-    ) -> None:
+    def batch_executed(self, model: str, size: int, *rest: Any) -> None:
+        # Only the size is read: the rest of the observer's signature is not copied here
+        # (a copy fell out of step with it once: every batch failed).
         if self.recording:
             self.sizes[size] += 1
 

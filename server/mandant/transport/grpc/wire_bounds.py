@@ -83,6 +83,15 @@ _INPUT_PARAMETERS = _INPUT.fields_by_name["parameters"].number
 _OUTPUT_PARAMETERS = _OUTPUT.fields_by_name["parameters"].number
 
 
+#: The request's repeated fields: each one's bound and how a refusal names its entries.
+_REQUEST_BOUNDS: dict[int, tuple[int, str]] = {
+    _INPUTS: (MAX_INPUTS, "inputs"),
+    _RAW_CONTENTS: (MAX_INPUTS, "raw_input_contents entries"),
+    _OUTPUTS: (MAX_OUTPUTS, "requested outputs"),
+    _PARAMETERS: (MAX_PARAMETERS, "parameters"),
+}
+
+
 class MalformedWire(Exception):
     """The bytes are not the protobuf wire format (or use groups)."""
 
@@ -143,7 +152,7 @@ def check_infer_request(raw: bytes) -> None:
     ``mandant.validation`` accepts, or more fields than :class:`_Budget` allows
     (InvalidInput), or is not the wire format (:class:`MalformedWire`), having read at
     most that many fields."""
-    inputs = outputs = raw_contents = parameters = 0
+    counts = dict.fromkeys(_REQUEST_BOUNDS, 0)
     budget = _Budget(len(raw))
     seen: set[int] = set()
     pos, end = 0, len(raw)
@@ -158,24 +167,15 @@ def check_infer_request(raw: bytes) -> None:
         start, pos = pos, pos + length
         if pos > end:
             raise MalformedWire
+        if number in counts:
+            counts[number] += 1
+            bound, entries = _REQUEST_BOUNDS[number]
+            if counts[number] > bound:
+                raise _over("request", bound, entries)
         if number == _INPUTS:
-            inputs += 1
-            if inputs > MAX_INPUTS:
-                raise _over("request", MAX_INPUTS, "inputs")
             _check_input(raw, start, pos, budget)
-        elif number == _RAW_CONTENTS:
-            raw_contents += 1
-            if raw_contents > MAX_INPUTS:
-                raise _over("request", MAX_INPUTS, "raw_input_contents entries")
         elif number == _OUTPUTS:
-            outputs += 1
-            if outputs > MAX_OUTPUTS:
-                raise _over("request", MAX_OUTPUTS, "requested outputs")
             _check_output(raw, start, pos, budget)
-        elif number == _PARAMETERS:
-            parameters += 1
-            if parameters > MAX_PARAMETERS:
-                raise _over("request", MAX_PARAMETERS, "parameters")
 
 
 def _check_input(raw: bytes, pos: int, end: int, budget: _Budget) -> None:
