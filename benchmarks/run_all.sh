@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Every benchmark of issue 10, in sequence, with the issue's settings; each table goes to
-# the terminal and to benchmarks/results/<name>.txt (with the command, commit, date, CPU
-# and load average at its start). About 18 minutes on the 2-core development machine.
+# Every benchmark of issues 10 and 11 that runs on this machine, in sequence, with the
+# issues' settings; each table goes to the terminal and to benchmarks/results/<name>.txt
+# (with the command, commit, date, CPU and load average at its start). About 20 minutes
+# on the 2-core development machine.
 #
 #   benchmarks/run_all.sh                  # the recorded run (quiet machine, please)
 #   BENCH_SECONDS=1 benchmarks/run_all.sh  # a smoke test: every bench end to end, short,
 #                                          # tables in a temporary folder (not results/)
+#   BENCH_ONLY="frontend workers" benchmarks/run_all.sh   # only the benches named
+#   BENCH_OUT=benchmarks/results/DIR benchmarks/run_all.sh  # tables into DIR instead
 #
 # Each bench starts its own servers, pinned to core 0, and its load on core 1.
 set -uo pipefail
@@ -23,6 +26,9 @@ failed=()
 bench() {  # bench NAME SECONDS MODULE ARGS...
     local name=$1 seconds=${BENCH_SECONDS:-$2} module=$3
     shift 3
+    if [[ -n ${BENCH_ONLY:-} && " $BENCH_ONLY " != *" $name "* ]]; then
+        return 0
+    fi
     local args=(--seconds "$seconds" "$@")
     if [[ -n ${BENCH_SECONDS:-} ]]; then args+=(--warmup 0.5); fi
     local command="$PYTHON -m $module ${args[*]}"
@@ -58,6 +64,8 @@ bench noisy_neighbour_demo_door16 10 benchmarks.noisy_neighbour --front-door-slo
 bench gc_pauses 15 benchmarks.gc_pauses
 bench isolation 6 benchmarks.isolation
 bench compute_ceiling 5 benchmarks.compute_ceiling
+# Issue 11 on this machine: one process against two front ends and an engine.
+bench workers 5 benchmarks.workers --requests 3000
 if [[ -n ${BENCH_SECONDS:-} ]]; then  # the GPU script's engine bench, on the CPU: smoke only
     bench gpu_engine_cpu 1 benchmarks.gpu_engine --device cpu --width 256 --instances 1
 fi
