@@ -23,6 +23,7 @@ import os
 import pstats
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,9 @@ class _Context:
 
     def set_trailing_metadata(self, trailers: Any) -> None:
         return None
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        callback(self)  # the answer is "written" at once: the call has ended
 
     async def abort(self, code: Any, message: str) -> None:
         raise RuntimeError(message)

@@ -157,3 +157,9 @@ class InferResponse:
     request_id: str
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     output_specs: tuple[TensorSpec, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of its output tensors (a BYTES tensor's: its references, 8 per
+        element): what its client makes the server hold until it reads the answer."""
+        return sum(array.nbytes for array in self.outputs.values())

@@ -111,6 +111,14 @@ class ServerConfig(_Frozen):
     #: Messages of one ModelStreamInfer stream served at once; beyond it the stream is
     #: not read until one is answered (backpressure, not buffering).
     max_stream_inflight: Annotated[int, Field(gt=0)] = 128
+    #: Bytes of one tenant's inference answers that its clients have not read yet
+    #: (HTTP/2 flow control holds them in the server), over all its connections and
+    #: streams, past which its next inference calls and stream messages are refused
+    #: RESOURCE_EXHAUSTED (pushback 1 s) until they read: a tenant that calls without
+    #: reading holds at most this plus the answers of its calls in progress
+    #: (``transport/grpc/unread.py``). Per process holding the answers (each front end
+    #: of ``workers: N``).
+    max_unread_answer_bytes: Annotated[int, Field(gt=0)] = 256 * 1024 * 1024
     #: How much lower than the event loop the threads that run in-process (torch) models
     #: on the CPU are scheduled: a Linux nice increment, 0 (the same) to 19 (instances on
     #: CUDA keep the loop's priority: they mostly wait for the device). On a busy core the

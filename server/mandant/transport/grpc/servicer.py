@@ -21,6 +21,7 @@ from mandant.transport.grpc.gateway import Access, Context, Gate, metadata_value
 from mandant.transport.grpc.model_config import model_config
 from mandant.transport.grpc.statistics import TENANT_METADATA, model_statistics
 from mandant.transport.grpc.stream import InferStream
+from mandant.transport.grpc.unread import UnreadAnswers
 from mandant.types import Call, Tenant
 from mandant_client._multiplex import RESENDS_UNREAD as RESENDS
 from mandant_client._proto import grpc_service_pb2 as pb
@@ -57,6 +58,7 @@ class InferenceServicer:
         self._max_stream_age_s = config.max_connection_age_s
         self._observer = observer
         self._door = door
+        self._unread = UnreadAnswers(config.max_unread_answer_bytes, observer)
         self._streams: set[InferStream] = set()
 
     def end_streams(self) -> None:
@@ -127,11 +129,17 @@ class InferenceServicer:
     async def ModelInfer(
         self, request: pb.ModelInferRequest, call: Call, context: Context
     ) -> pb.ModelInferResponse:
+        unread, tenant = self._unread, call.caller.id
+        unread.check(tenant)
         response = await self._plane.infer(
             call,
             ProtoInferRequest(request, self._max_bytes_elements),
             context.time_remaining(),
         )
+        size = response.nbytes
+        if size:  # held until gRPC ends the call: the answer written, or given up
+            unread.hold(tenant, size)
+            context.add_done_callback(lambda _: unread.release(tenant, size))
         return encode_infer_response(response)
 
     async def ModelStreamInfer(
@@ -148,6 +156,7 @@ class InferenceServicer:
             self._observer,
             self._door,
             self._cap,
+            self._unread,
             # Ended at the connection's age only where the client sends the messages
             # left unread again (mandant_client's multiplexed mode says so): others
             # (tritonclient) would wait for their answers for ever.

@@ -25,7 +25,9 @@ them, are being served or have answers not yet written (a message counts its byt
 while it is served, then its answer's tensors until they are written); beyond that
 the stream is not read (HTTP/2 flow control then holds the client back), so a client
 that sends without reading cannot make the server buffer its answers (by count alone,
-128 messages of 64 MiB held 21 GiB).
+128 messages of 64 MiB held 21 GiB). Across all of a tenant's streams and unary calls,
+answers not yet written count toward ``server.max_unread_answer_bytes``; at that bound
+its next messages are answered RESOURCE_EXHAUSTED (``unread.py``).
 When the client leaves, every message still in flight is cancelled: it leaves its
 queue and frees its concurrency slot. When the server stops (:meth:`InferStream.end`),
 a stream ends with status OK once the messages it has in flight are answered: its
@@ -64,6 +66,7 @@ from mandant.service import DataPlane
 from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
 from mandant.transport.grpc.gateway import MAX_LOGGED_ID, Context, client_saw, parse
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
+from mandant.transport.grpc.unread import UnreadAnswers
 from mandant.transport.grpc.wire_bounds import naming_prefix
 from mandant.types import Call, Tenant
 from mandant_client._proto import grpc_service_pb2 as pb
@@ -93,10 +96,15 @@ class InferStream:
         observer: Observer,
         door: FrontDoor | None = None,
         cap: CallCap | None = None,
+        unread: UnreadAnswers | None = None,
         max_age_s: float | None = None,
     ) -> None:
+        """``unread``: the server's count of each tenant's unread answers, which this
+        stream's answers count in until written (``unread.py``; None: not counted)."""
         self._plane = plane
         self._cap = cap
+        self._unread = unread
+        self._tenant_id = tenant.id
         self._tenant: Tenant | None = tenant  # None: its key was revoked
         self._authenticate = authenticate
         # The tenants ``_tenant`` is as of: none yet, so the first message checks the
@@ -174,14 +182,19 @@ class InferStream:
         read its answers holds at most ``max_inflight`` of them, and about
         ``max_bytes``, here."""
         held = len(raw)
+        unread, answer = self._unread, 0
         try:
             response, answer = await self._answer(raw)
             del raw  # the answer is what waits to be written now
             self._hold(answer - held)
             held = answer
+            if unread is not None:
+                unread.hold(self._tenant_id, answer)
             async with self._writing:
                 await self._context.write(response)
         finally:
+            if unread is not None:
+                unread.release(self._tenant_id, answer)
             self._hold(-held)
             self._window.release()
 
@@ -216,6 +229,8 @@ class InferStream:
         entered = inside = False
         try:
             call.tenant = tenant = self._caller()
+            if self._unread is not None:
+                self._unread.check(tenant.id)
             if self._cap is not None:
                 self._cap.enter(self._door, tenant.id)
                 entered = True
@@ -231,7 +246,7 @@ class InferStream:
             )
             answer = pb.ModelStreamInferResponse()
             encode_infer_response(response, into=answer.infer_response)
-            return answer, sum(array.nbytes for array in response.outputs.values())
+            return answer, response.nbytes
         except MandantError as exc:
             code = status_for(exc).name
             count_if_busy(self._observer, call.tenant.id if call.tenant is not None else "", exc)

@@ -1,0 +1,69 @@
+"""Inference answers handed to gRPC that their clients have not read yet, per tenant.
+
+gRPC holds an answer until its client reads it (HTTP/2 flow control): a unary call's
+answer after the call has given back its places, a stream's while its message's place
+in the stream's window is taken. Per stream and per connection that was bounded
+(``max_stream_inflight``, ``max_concurrent_streams``), per tenant it was not: a tenant
+opening many connections or streams and reading nothing made the server hold every
+answer it asked for. :class:`UnreadAnswers` counts each tenant's answer bytes from the
+moment they are handed to gRPC until they are written (a unary call's: until gRPC
+ends the call, which it does once the answer is written or the call is given up; a
+stream's: until its write returns). While a tenant's count is at
+``server.max_unread_answer_bytes`` its next inference calls and stream messages are
+refused RESOURCE_EXHAUSTED, with pushback, before anything is charged: a tenant holds
+at most that bound plus the answers of the calls it has in progress (its
+``max_concurrency``). An answer alone is never refused (what a tenant holds already is
+its own); other tenants are not touched. Answers are counted by their tensors' bytes
+(``InferResponse.nbytes``), the framing around them not counted.
+"""
+
+from __future__ import annotations
+
+from mandant.errors import RateLimited
+from mandant.events import Observer
+
+#: The rejection reason (``mandant_rejections_total``) of a call refused for its
+#: tenant's unread answers.
+UNREAD_REASON = "unread_answers"
+#: The pushback of such a refusal: how soon its clients might have read.
+UNREAD_RETRY_S = 1.0
+
+
+class AnswersUnread(RateLimited):
+    """A tenant's answers not yet read by its clients are at the server's bound."""
+
+
+class UnreadAnswers:
+    """Each tenant's answer bytes handed to gRPC and not yet written (module doc)."""
+
+    def __init__(self, max_bytes: int, observer: Observer) -> None:
+        self._max_bytes = max_bytes
+        self._observer = observer
+        self._held: dict[str, int] = {}  # tenant id → bytes; absent: none
+
+    def held(self, tenant: str) -> int:
+        return self._held.get(tenant, 0)
+
+    def check(self, tenant: str) -> None:
+        """Refuse (and count the refusal of) a call of ``tenant`` while its unread
+        answers are at the bound."""
+        held = self._held.get(tenant)
+        if held is not None and held >= self._max_bytes:
+            self._observer.rejected(tenant, UNREAD_REASON)
+            raise AnswersUnread(
+                f"{held} bytes of this tenant's answers are not read yet by its clients "
+                f"(at most {self._max_bytes}): read them before calling again",
+                UNREAD_RETRY_S,
+            )
+
+    def hold(self, tenant: str, size: int) -> None:
+        if size:
+            self._held[tenant] = self._held.get(tenant, 0) + size
+
+    def release(self, tenant: str, size: int) -> None:
+        if size:
+            left = self._held[tenant] - size
+            if left:
+                self._held[tenant] = left
+            else:
+                del self._held[tenant]
