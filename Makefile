@@ -50,7 +50,7 @@ lint: install-test
 	$(BIN)/ruff check server clients tests benchmarks loadtests
 
 typecheck: install-test
-	$(BIN)/mypy server/mandant clients/python/mandant_client
+	$(BIN)/mypy server/mandant clients/python/mandant_client benchmarks
 
 # A real redis-server for the shared-limits tests (Debian's package).
 redis-server:

@@ -40,7 +40,7 @@ T = TypeVar("T")
 def demo_data(models: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The demo configuration with ``models`` instead of its own, limits removed
     (the benchmarks measure scheduling, not admission), model paths absolute."""
-    data = yaml.safe_load(DEMO_CONFIG.read_text())
+    data: dict[str, Any] = yaml.safe_load(DEMO_CONFIG.read_text())
     for tenant in data["tenants"]:
         for key in ("rate_limit", "max_concurrency", "quota"):
             tenant.pop(key, None)
@@ -233,7 +233,7 @@ async def _closed_loop(target: str, load: Load, warmup_s: float, seconds: float)
     request.raw_input_contents.append(_input(load).tobytes())
     metadata = (("authorization", f"Bearer {KEYS[load.tenant]}"),)
     channels = [grpc.aio.insecure_channel(target) for _ in range(max(1, load.concurrency // 32))]
-    stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in channels]
+    stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in channels]  # type: ignore[no-untyped-call]
     result = Result(load, seconds)
     start = time.perf_counter()
     measure_from, end = start + warmup_s, start + warmup_s + seconds

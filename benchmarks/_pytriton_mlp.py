@@ -45,7 +45,7 @@ def main() -> None:
     layers = load_layers(args.weights)
     width_in, width_out = layers[0][0].shape[0], layers[-1][0].shape[1]
 
-    @batch
+    @batch  # type: ignore[untyped-decorator]
     def infer(INPUT0: np.ndarray) -> dict[str, np.ndarray]:
         x = INPUT0.astype(np.float32, copy=False)
         for index, (weight, bias) in enumerate(layers):

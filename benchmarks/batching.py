@@ -33,6 +33,7 @@ import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ from benchmarks._triton import MLP_NAME, triton_mlp
 ON, OFF, TRITON = "Mandant, batching on", "Mandant, batching off", "PyTriton (dynamic batcher)"
 #: Targets at concurrency 64 (issue 10).
 TARGET_ON_OFF, TARGET_MEAN_BATCH, TARGET_VS_TRITON = 1.4, 8.0, 1.2
+T = TypeVar("T")
 
 
 @dataclass
@@ -156,23 +158,29 @@ def model_alone_ms(hidden: int, rows: int, iterations: int = 200) -> tuple[float
     torch.set_num_threads(1)
     module = build(seed=0, hidden=hidden)
     x = torch.randn(rows, 256)
-    layers = [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy()) for m in module[::2]]
+    layers = [
+        (m.weight.detach().numpy().T.copy(), m.bias.detach().numpy())
+        for m in module.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
 
     def numpy_forward(value: np.ndarray) -> np.ndarray:
         for index, (weight, bias) in enumerate(layers):
             value = (np.maximum(value, 0.0) if index else value) @ weight + bias
         return value
 
-    timings = []
-    for forward, value in ((module, x), (numpy_forward, x.numpy())):
-        with torch.inference_mode():
-            for _ in range(10):
-                forward(value)
-            start = time.perf_counter()
-            for _ in range(iterations):
-                forward(value)
-        timings.append((time.perf_counter() - start) / iterations * 1e3)
-    return timings[0], timings[1]
+    return _ms_per_pass(module, x, iterations), _ms_per_pass(numpy_forward, x.numpy(), iterations)
+
+
+def _ms_per_pass(forward: Callable[[T], object], value: T, iterations: int) -> float:
+    """ms per ``forward(value)``, after 10 passes of warm-up."""
+    with torch.inference_mode():
+        for _ in range(10):
+            forward(value)
+        start = time.perf_counter()
+        for _ in range(iterations):
+            forward(value)
+    return (time.perf_counter() - start) / iterations * 1e3
 
 
 def _ratio(a: Point | None, b: Point | None) -> float:

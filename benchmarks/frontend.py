@@ -38,7 +38,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,10 @@ class Settings:
         """(start, end) of the measured window, from now."""
         measure_from = time.perf_counter() + self.warmup_s
         return measure_from, measure_from + self.seconds
+
+
+#: A load against a target: a function, or a coroutine function run in its own loop.
+Mode = Callable[[str, Settings], Result | Coroutine[Any, Any, Result]]
 
 
 async def _server_cpu(pid: int, measure_from: float, end: float) -> tuple[float, float] | None:
@@ -357,13 +361,15 @@ def _sync_client_latency(target: str, settings: Settings) -> Result:
 # -- the run ---------------------------------------------------------------------------
 
 
-def _bounded(mode: Callable[[str, Settings], Any], target: str, settings: Settings) -> Result:
+def _bounded(mode: Mode, target: str, settings: Settings) -> Result:
     """Run ``mode`` (async or not) in this process; a hang or crash becomes an error."""
     limit_s = settings.warmup_s + settings.seconds + HANG_S
     try:
-        if asyncio.iscoroutinefunction(mode):
-            return asyncio.run(asyncio.wait_for(mode(target, settings), limit_s))
-        return mode(target, settings)  # type: ignore[no-any-return]
+        # A sync mode runs in this call; an async one returns its coroutine, run below.
+        outcome = mode(target, settings)
+        if isinstance(outcome, Result):
+            return outcome
+        return asyncio.run(asyncio.wait_for(outcome, limit_s))
     except Exception as exc:  # report, do not crash the table
         result = Result(settings.load("failed"), settings.seconds)
         result.failed(f"{type(exc).__name__}: {exc}"[:80] if str(exc) else type(exc).__name__)
@@ -377,7 +383,7 @@ def _tritonclient_unary(target: str, settings: Settings) -> Result:
 
 
 #: (label, unit, mode, target ratio Mandant/floor or None)
-MODES: list[tuple[str, str, Callable[..., Any], float | None]] = [
+MODES: list[tuple[str, str, Mode, float | None]] = [
     ("light client, unary", "calls/s", _light_unary, 0.75),
     ("light client, ModelStreamInfer", "msgs/s", _light_stream, 0.70),
     ("tritonclient.grpc.aio infer", "calls/s", _tritonclient_unary, None),
@@ -531,9 +537,7 @@ def sections_report(path: str, timed: Result, whole: str, mode: str) -> str:
     )
 
 
-def probed(
-    config: Path, settings: Settings, mode: Callable[[str, Settings], Any], flags: dict[str, str]
-) -> Result:
+def probed(config: Path, settings: Settings, mode: Mode, flags: dict[str, str]) -> Result:
     """Run ``mode``'s load against ``mandant serve`` loading the probe with ``flags``
     (``benchmarks/_probe``); with ``MANDANT_PROBE_SECTIONS``, its file of step totals is
     written (SIGUSR1) before the server stops."""
@@ -551,9 +555,7 @@ def probed(
     return result
 
 
-def timed_steps(
-    config: Path, settings: Settings, mode: Callable[[str, Settings], Any]
-) -> tuple[str, Result]:
+def timed_steps(config: Path, settings: Settings, mode: Mode) -> tuple[str, Result]:
     """Run ``mode``'s load against ``mandant serve`` with the probe's step timers;
     the file of their totals and the load's result."""
     sections = os.path.join(tempfile.mkdtemp(prefix="mandant-sections-"), "sections.tsv")

@@ -186,7 +186,7 @@ async def _tiny_calls(target: str, stop: asyncio.Event) -> tuple[list[float], in
     latencies: list[float] = []
     errors = 0
     async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         while not stop.is_set():
             start = time.perf_counter()
             try:

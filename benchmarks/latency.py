@@ -54,7 +54,7 @@ def served_us(target: str, name: str, iterations: int) -> list[float]:
     metadata = (("authorization", "Bearer acme-demo-key"),)
     times = []
     with grpc.insecure_channel(target) as channel:
-        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer  # type: ignore[no-untyped-call]
         for _ in range(100):
             infer(request, metadata=metadata)
         for _ in range(iterations):

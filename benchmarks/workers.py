@@ -124,6 +124,18 @@ def server(workers: int, cpus: str) -> Iterator[Running]:
         yield Running(process, f"127.0.0.1:{port}")
 
 
+@dataclass(frozen=True)
+class LayoutRun:
+    """One layout's figures: ``latencies_ms`` of one call at a time, ``calls_per_s`` at
+    ``--inflight``, and the CPU seconds each role spent over ``calls`` calls."""
+
+    workers: int
+    latencies_ms: list[float]
+    calls_per_s: float
+    cpu_s_by_role: dict[str, float]
+    calls: float
+
+
 # -- load (in a process pinned to the client core) -------------------------------------
 
 
@@ -267,28 +279,28 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.update(THREAD_ENV)
 
-    rows = []
+    layouts: list[LayoutRun] = []
     with server(1, args.cpus) as one, server(2, args.cpus) as two:
         # Concurrency 1 in alternating rounds (both servers up, the other one idle), so
         # that drift of the machine hits both layouts alike.
-        times: dict[int, list[float]] = {1: [], 2: []}
+        latencies_ms: dict[int, list[float]] = {1: [], 2: []}
         for _ in range(ROUNDS):
             for workers, running in ((1, one), (2, two)):
                 (block,) = run_pinned([(latency, (running.target, args.requests // ROUNDS))])
-                times[workers].extend(block)
+                latencies_ms[workers].extend(block)
         for workers, running in ((1, one), (2, two)):
             pids = running.pids()
             before = {role: sum(cpu_s(p) for p in group) for role, group in pids.items()}
-            started = time.perf_counter()
             load = (running.target, args.inflight, args.connections, args.warmup, args.seconds)
             (answered,) = run_pinned([(throughput, load)])
-            elapsed_s = time.perf_counter() - started
             spent = {
                 role: sum(cpu_s(p) for p in group) - before[role] for role, group in pids.items()
             }
             # CPU of the whole window (warm-up included) over every call of the window.
             calls = answered * (args.warmup + args.seconds) / args.seconds
-            rows.append((workers, times[workers], answered / args.seconds, spent, calls, elapsed_s))
+            layouts.append(
+                LayoutRun(workers, latencies_ms[workers], answered / args.seconds, spent, calls)
+            )
 
     (plane_us,) = run_pinned([(plane_cost_us, (20000,))], cpu=1)
     with engine_alone("1") as (engine_pid, path):
@@ -304,22 +316,25 @@ def main() -> None:
 
     print(f"echo, one row FP32[1,256]; server processes on core(s) {args.cpus}, load on core 1")
     print()
-    load = f"calls/s (c={args.inflight}, {args.connections} conn.)"
+    load_column = f"calls/s (c={args.inflight}, {args.connections} conn.)"
     columns = "CPU µs/call: server | engine | front ends"
-    print(f"| layout | p50 ms (c=1) | p99 ms (c=1) | {load} | {columns} |")
+    print(f"| layout | p50 ms (c=1) | p99 ms (c=1) | {load_column} | {columns} |")
     print("|---|---|---|---|---|---|---|")
-    for workers, times, rps, spent, calls, _ in rows:
+    for layout in layouts:
+        workers, times = layout.workers, layout.latencies_ms
         name = "workers: 1" if workers == 1 else f"workers: {workers} (+ engine)"
-        per_call = {role: spent[role] / calls * 1e6 for role in spent}
+        per_call = {role: s / layout.calls * 1e6 for role, s in layout.cpu_s_by_role.items()}
         engine = f"{per_call['engine']:.0f}" if workers > 1 else "—"
         fronts = f"{per_call['front-end']:.0f}" if workers > 1 else "—"
         print(
             f"| {name} | {statistics.median(times):.3f} | {np.percentile(times, 99):.3f} "
-            f"| {rps:,.0f} | {per_call['server']:.0f} | {engine} | {fronts} |"
+            f"| {layout.calls_per_s:,.0f} | {per_call['server']:.0f} | {engine} | {fronts} |"
         )
-    one, two = rows[0], rows[1]
-    added_us = (statistics.median(two[1]) - statistics.median(one[1])) * 1000
-    engine_us = two[3]["engine"] / two[4] * 1e6
+    one_worker, two_workers = layouts
+    added_us = (
+        statistics.median(two_workers.latencies_ms) - statistics.median(one_worker.latencies_ms)
+    ) * 1000
+    engine_us = two_workers.cpu_s_by_role["engine"] / two_workers.calls * 1e6
     print()
     print(f"added p50 at concurrency 1 (workers: 2 vs 1): {added_us:.0f} µs")
     print(f"data plane per call in process (DataPlane.infer, echo): {plane_us:.1f} µs")
