@@ -26,6 +26,7 @@ from mandant.observability.metrics import (
     InflightRequests,
     ModelReadiness,
     PrometheusObserver,
+    forget_load_failures,
     load_failures,
 )
 from mandant.observability.slo import SloTracker
@@ -113,8 +114,9 @@ class App:
         self.config_path = config_path
         self.config = config = config.resolved(base_dir)
         specs = config.model_specs(base_dir)
-        #: Every model name configured since start: the registry adds the names a
-        #: reload or load brings; metrics label these (and no client text).
+        #: The model names served: the registry adds the names a reload or load
+        #: brings, ``_forget_unserved`` takes out those gone; metrics and statistics
+        #: label these (and no client text).
         self.model_names = {spec.name for spec in specs}
         model_names = self.model_names
         #: The one source of tenant facts; every component below reads it.
@@ -138,10 +140,10 @@ class App:
             else FleetCounting(self.prometheus, self.fleet_usage)
         )
         # ModelStatistics: per tenant, model and version.
-        self.stats = InferenceStats(settle=self._events_settled)
+        self.stats = InferenceStats(settle=self._events_settled, models=model_names)
         self.channels = ChannelPool()
         compute_nice = config.server.compute_nice  # the value at start (a restart changes it)
-        failures = load_failures(self.metrics)
+        self.load_failures = failures = load_failures(self.metrics)
         self.registry = ModelRegistry(
             specs,
             lambda spec: make_backend(spec, self.channels, compute_nice),
@@ -154,6 +156,7 @@ class App:
             names=self.model_names,
             on_retired=on_models_retired,
             load_timeout_s=config.server.model_load_timeout_s,
+            on_unserved=self._forget_unserved,
         )
         self.metrics.register(
             ModelReadiness(
@@ -244,6 +247,25 @@ class App:
         the front ends' reach the engine a little after their answers)."""
         if self.engine is not None:
             await self.engine.settle()
+
+    async def _forget_unserved(self) -> None:
+        """Drop every per-model figure of the models the registry no longer serves
+        (the series of ``/metrics``, the dashboard's batch sizes and rejections,
+        ModelStatistics), after the events of the calls answered so far are recorded
+        (``workers: N``: the front ends'), so that the last calls of a model count in
+        its figures before they go, not in new ones after. A call still answering then
+        (it outlived ``grace_s``) is counted under the model "" and not in statistics:
+        its name is no longer a label. What a tenant is billed stays: usage reports
+        keep counting it (``PrometheusObserver.forget``), and the admission keeps its
+        limit and quota counts (by configured scope; only its cached plans go)."""
+        await self._events_settled()
+        served = self.registry.served()
+        self.model_names.intersection_update(served.names)
+        self.prometheus.forget(served)
+        self.live.forget(served)
+        self.stats.forget(served)
+        forget_load_failures(self.load_failures, served)
+        self.admission.forget_models(served)
 
     def _model_specs(self, name: str, entry: str | None) -> list[ModelSpec]:
         """The versions of ``name`` to load: as configured now (the file re-read where

@@ -32,6 +32,13 @@ other. Freeing the old versions (waiting for their calls, then closing them) is 
 part of a change: it runs in the background, in tasks the registry owns, so neither
 the next change nor a reload waits for it, and a caller that gives up on a load or an
 unload does not stop it.
+
+What is served (:meth:`ModelRegistry.served`) is what is routed to plus the retired
+versions not freed yet. Once versions are freed, or a change leaves its name with
+nothing (a load given up), ``on_unserved`` is awaited: whatever keeps figures per
+model (metrics, the dashboard, statistics) drops those of what is no longer served,
+after the calls of the freed versions answered, so none of them is lost or brings a
+dropped figure back.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from mandant.backends.base import Backend, DescribesModel
 from mandant.config import ModelSpec
 from mandant.errors import InvalidInput, ModelNotFound, Unavailable
 from mandant.scheduling.base import Scheduler
-from mandant.types import ModelKey, Tenant
+from mandant.types import ModelKey, ServedModels, Tenant
 from mandant.warmup import warm_up
 
 logger = logging.getLogger(__name__)
@@ -141,6 +148,8 @@ SpecSource = Callable[[str, str | None], Sequence[ModelSpec]]
 FailureHook = Callable[[ModelKey, str], None]
 #: Told when replaced or unloaded model versions have been freed.
 RetiredHook = Callable[[], object]
+#: Awaited once model versions may no longer be served (see the module doc).
+UnservedHook = Callable[[], Coroutine[object, object, None]]
 #: Told of each change a reload made, as it is made (one line).
 ChangeHook = Callable[[str], object]
 
@@ -161,7 +170,8 @@ class LoadTimedOut(RuntimeError):
 @dataclass(eq=False, slots=True)
 class _Retirement:
     """Versions on their way out: ``drained`` once their calls answered (at most
-    ``grace_s``), ``freed`` once they are closed too."""
+    ``grace_s``), ``freed`` once they are closed too (and their figures dropped where
+    nothing of theirs is served any more)."""
 
     models: Sequence[Model]
     drained: asyncio.Task[None]
@@ -180,6 +190,7 @@ class ModelRegistry:
         names: set[str] | None = None,
         on_retired: RetiredHook | None = None,
         load_timeout_s: float | None = DEFAULT_LOAD_TIMEOUT_S,
+        on_unserved: UnservedHook | None = None,
     ) -> None:
         """``grace_s``: how long an unloaded or replaced model waits for its calls;
         ``names``: a set this registry adds every model name it loads to (metrics label
@@ -187,18 +198,24 @@ class ModelRegistry:
         called once replaced or unloaded versions are closed (a serving process gives
         their memory back to the collector then, ``heap.py``); ``load_timeout_s``: a
         version still loading or warming up after this long failed to load (None: no
-        limit)."""
+        limit); ``on_unserved``: awaited once versions may no longer be served (freed,
+        or a change left their name with nothing): the caller drops the figures it
+        keeps of what :meth:`served` no longer lists, ``names`` included."""
         self._backend_factory = backend_factory
         self._scheduler_factory = scheduler_factory
         self._initial = list(specs)
         self._spec_source: SpecSource = spec_source or self._initial_specs
         self._on_failure = on_failure
         self._on_retired = on_retired
+        self._on_unserved = on_unserved
         self.grace_s = grace_s
         self.load_timeout_s = load_timeout_s
-        #: Every model name this registry built a model for (configured names only).
+        #: Every model name this registry built a model for (configured names only);
+        #: ``on_unserved`` takes out those no longer served.
         self.names = names if names is not None else set()
         self._models: dict[tuple[str | None, str], list[Model]] = {}
+        #: Retired versions until they are freed: still served (their calls answer).
+        self._leaving: set[Model] = set()
         #: name → (the lock its changes take in turn, how many hold or await it)
         self._changing: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         #: Freeing old versions and closing failed ones: the registry's own tasks.
@@ -224,6 +241,12 @@ class ModelRegistry:
 
     def all(self) -> list[Model]:
         return [model for versions in self._models.values() for model in versions]
+
+    def served(self) -> ServedModels:
+        """The versions routed to and those retired but not freed yet; names being
+        changed count as served whole."""
+        keys = [model.key for model in self.all()] + [model.key for model in self._leaving]
+        return ServedModels(keys, busy=self._changing.keys())
 
     async def start(self) -> None:
         """Load every model; one that fails is kept, not ready, with its reason."""
@@ -292,7 +315,8 @@ class ModelRegistry:
             if not specs:
                 raise ModelNotFound(name)
             old, failures = await self._switch(name, specs)
-        await self._freed(self._retire(old))
+            retirement = self._retire(old)  # served until freed: before the turn ends
+        await self._freed(retirement)
         if failures:
             raise Unavailable("; ".join(failures)[:2000])
 
@@ -301,10 +325,11 @@ class ModelRegistry:
         it finish (at most ``grace_s``), then free it (in the background past that)."""
         async with self._change(name):
             old = self._remove(name)
+            retirement = self._retire(old)
         if not old:
             raise ModelNotFound(name)
         logger.info("model %s unloading: %d version(s)", name, len(old))
-        await self._freed(self._retire(old))
+        await self._freed(retirement)
 
     async def apply(
         self, specs: Iterable[ModelSpec], on_change: ChangeHook | None = None
@@ -350,7 +375,7 @@ class ModelRegistry:
                         return None
                     old, failures = await self._switch(name, changed, keep=kept)
                     change = _change_line(name, changed, failures, gone)
-            self._retire(old)
+                self._retire(old)
             if change is not None and on_change is not None:
                 on_change(change)
             return change
@@ -367,6 +392,14 @@ class ModelRegistry:
             users[0] -= 1
             if not users[0] and self._changing.get(name, (None,))[0] is lock:
                 del self._changing[name]
+                if (
+                    self._on_unserved is not None
+                    and name in self.names
+                    and not self.served().serves(name)
+                ):
+                    # Built, and nothing of it is left (a load given up before it was
+                    # routed to); retirements tell of the others once freed.
+                    self._in_background(self._on_unserved(), "model-forget")
 
     def _change(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         """A place in ``name``'s queue of changes, taken now (module doc); entering
@@ -457,25 +490,33 @@ class ModelRegistry:
         ``grace_s``; the ones still queued then answer Unavailable)."""
         if not models:
             return None
+        self._leaving.update(models)
         drained = asyncio.create_task(_drain(models, self.grace_s), name="model-drain")
         freed = self._in_background(self._free(models, drained), "model-free")
         return _Retirement(models, drained, freed)
 
     async def _free(self, models: Sequence[Model], drained: asyncio.Task[None]) -> None:
-        await drained
-        await _close([model for model in models if model.failure is None])
+        try:
+            await drained
+            await _close([model for model in models if model.failure is None])
+        finally:
+            self._leaving.difference_update(models)
         if self._on_retired is not None:
             self._on_retired()
+        if self._on_unserved is not None:
+            await self._on_unserved()
 
     async def _freed(self, retirement: _Retirement | None) -> None:
         """A load's or unload's wait: until the old versions' calls answered (at most
-        ``grace_s``), then their freeing, at most ``FREEING_WAIT_S`` more. A caller that
-        gives up stops neither (``asyncio.wait`` cancels nothing it waits for)."""
+        ``grace_s``), then their freeing (``on_unserved`` included: once answered, an
+        unloaded model's figures are gone in one process), at most ``FREEING_WAIT_S``
+        more. A caller that gives up stops neither (``asyncio.wait`` cancels nothing it
+        waits for)."""
         if retirement is None:
             return
         await asyncio.wait({retirement.drained})
         await asyncio.wait({retirement.freed}, timeout=FREEING_WAIT_S)
-        if not retirement.freed.done():
+        if not retirement.freed.done() and any(model.calls for model in retirement.models):
             logger.warning(
                 "model %s: a call still runs on the old version(s) after grace_s; they are "
                 "closed when it ends",

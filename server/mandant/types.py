@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -79,6 +79,37 @@ class ModelKey:
     def __str__(self) -> str:
         scope = f"{self.owner}/" if self.owner else ""
         return f"{scope}{self.name}:{self.version}"
+
+
+class ServedModels:
+    """The model versions a server still answers for (``ModelRegistry.served``): those
+    routed to, and those retired whose calls have not all answered yet; ``busy``: names
+    a load, unload or reload is changing now, every version of which counts as served
+    (one being loaded has no key yet). Whatever keeps figures per model drops those of
+    anything else. ``owner`` below: a tenant id, "" for a shared model, as observers
+    say it."""
+
+    __slots__ = ("_busy", "_names", "_owned", "_versions")
+
+    def __init__(self, keys: Iterable[ModelKey], busy: Iterable[str] = ()) -> None:
+        keys = list(keys)
+        self._busy = frozenset(busy)
+        self._names = frozenset(key.name for key in keys) | self._busy
+        self._owned = frozenset((key.owner or "", key.name) for key in keys)
+        self._versions = frozenset((key.owner or "", key.name, key.version) for key in keys)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return self._names
+
+    def serves(self, name: str, owner: str | None = None, version: str | None = None) -> bool:
+        """Whether ``name`` is served: by any owner (``owner`` None), by ``owner``'s
+        versions, or in ``version`` of ``owner``'s."""
+        if owner is None or name in self._busy:
+            return name in self._names
+        if version is None:
+            return (owner, name) in self._owned
+        return (owner, name, version) in self._versions
 
 
 class EncodedRequest(Protocol):

@@ -24,7 +24,7 @@ from mandant.events import NullObserver
 from mandant.tenancy.admission import Permit, TenantAdmission
 from mandant.tenancy.policy import Denial, Plan, Scope, StoreUnavailable
 from mandant.tenancy.quota import PeriodKind
-from mandant.types import ModelKey, Tenant
+from mandant.types import ModelKey, ServedModels, Tenant
 
 ACME, GLOBEX = Tenant("acme"), Tenant("globex")
 ECHO, CLASSIFIER = ModelKey("echo", "1"), ModelKey("classifier", "1")
@@ -577,3 +577,16 @@ async def test_store_outage_with_deny_refuses_as_unavailable() -> None:
 def test_bad_limits_are_refused_with_the_field(data: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(data)
+
+
+async def test_a_model_forgotten_keeps_its_quota_counts() -> None:
+    """Only what is cached per model goes (an admin may load any name): a model's own
+    quota is configured per tenant and keeps its count (a billing figure)."""
+    cfg = config({"id": "acme", "models": {"classifier": {"quota": {"rows_per_day": 10}}}})
+    adm, _, _ = admission(cfg)
+    for _ in range(3):
+        (await adm.admit(ACME, CLASSIFIER, 3)).release()
+    adm.forget_models(ServedModels([ECHO]))  # classifier unloaded, and loaded again
+    with pytest.raises(QuotaExceeded):
+        await adm.admit(ACME, CLASSIFIER, 2)
+    (await adm.admit(ACME, CLASSIFIER, 1)).release()

@@ -4,6 +4,7 @@ own calls, per model version; every event still reaches the next observer."""
 from __future__ import annotations
 
 from mandant.observability.stats import InferenceStats, ModelStats
+from mandant.types import ModelKey, ServedModels
 from tests.fakes import RecordingObserver
 
 
@@ -125,3 +126,25 @@ def test_a_tenant_s_calls_of_a_shared_model_stay_the_shared_model_s() -> None:
     front.request_finished("b", "m", "OK", 0.002, "1", owner="b")  # b's variant, later
     assert stats.get("b", "", "m", "1").success.count == 1
     assert stats.get("b", "b", "m", "1").success.count == 1
+
+
+def test_a_version_no_longer_served_is_forgotten_and_late_events_bring_nothing_back() -> None:
+    names = {"m", "other"}
+    stats = InferenceStats(models=names)
+    front, v1 = stats.observe(RecordingObserver()), stats.observe(RecordingObserver(), "1")
+    for model in ("m", "other"):
+        front.request_finished("acme", model, "OK", 0.002, "1")
+        v1.batch_executed(model, 2, 0.001, {"acme": 2})
+    front.request_finished("acme", "m", "OK", 0.002, "2")
+    stats.forget(ServedModels([ModelKey("m", "2"), ModelKey("other", "1")]))
+    assert sorted(stats.keys()) == [("acme", "", "m", "2"), ("acme", "", "other", "1")]
+    assert stats.executions("", "m", "1").execution_count == 0
+    assert stats.executions("", "other", "1").execution_count == 1
+
+    names.discard("other")  # forgotten whole: a call that outlived it counts nowhere
+    stats.forget(ServedModels([ModelKey("m", "2")]))
+    front.request_finished("acme", "other", "OK", 0.002, "1")
+    v1.request_timing("acme", "other", 0.001, 0.001)
+    v1.batch_executed("other", 2, 0.001, {"acme": 2})
+    assert stats.keys() == [("acme", "", "m", "2")]
+    assert stats.executions("", "other", "1").execution_count == 0

@@ -17,7 +17,7 @@ from mandant.observability.slo import SloTracker
 from mandant.observability.usage import usage_report
 from mandant.tenancy.admission import TenantAdmission
 from mandant.tenancy.directory import TenantDirectory
-from mandant.types import ModelKey, Tenant
+from mandant.types import ModelKey, ServedModels, Tenant
 
 TENANTS = (
     TenantConfig(id="acme", slo=SloConfig(latency_ms=50, objective=0.99),
@@ -381,3 +381,44 @@ def test_admitted_rows_leave_the_day_and_month_they_were_counted_in() -> None:
     wall[0] = new_year - 2.0  # NTP steps the clock back across midnight
     live.record_admitted("acme", 1)
     assert live.quota_used("acme") == {"rows_today": 21, "rows_this_month": 21}
+
+
+def test_a_model_no_longer_served_leaves_the_series_and_the_dashboard_not_usage(
+    parts: Parts,
+) -> None:
+    """Its series go (an owner's apart: globex's variant of echo gone, the shared echo
+    serving on), and its rows in the dashboard; a usage report counts what they held."""
+    registry, observer, _, live = parts
+    for model in ("classifier", "echo"):
+        observer.request_finished("acme", model, "OK", 0.004)
+        observer.request_timing("acme", model, 0.001, 0.002)
+        observer.batch_executed(model, 4, 0.02, {"acme": 4})
+        observer.admitted("acme", model, 4)
+        observer.refunded("acme", model, 1)
+        observer.rejected("acme", "quota", model)
+    observer.batch_executed("echo", 2, 0.01, {"globex": 2}, owner="globex")
+    observer.batch_failed("echo", 2, owner="globex")
+    observer.rejected("acme", "requests_per_s")  # the tenant's own limit: no model
+    before = usage_report(observer, TENANTS)["tenants"]
+
+    served = ServedModels([ModelKey("echo", "1")])
+    observer.forget(served)
+    live.forget(served)
+    models = {s.labels.get("model") for f in registry.collect() for s in f.samples}
+    assert models == {None, "", "echo"}  # classifier's series are gone
+    assert value(registry, "mandant_batch_size_count", model="echo", tenant="") == 1
+    assert value(registry, "mandant_batch_size_count", model="echo", tenant="globex") is None
+    assert value(registry, "mandant_failed_batches_total", model="echo", tenant="globex") is None
+    assert value(registry, "mandant_rows_total", tenant="globex", model="echo") == 2
+    assert usage_report(observer, TENANTS)["tenants"] == before  # billing figures stay
+    snap = live.snapshot(SloTracker({}))
+    assert [(m["name"], m["owner"]) for m in snap["models"]] == [("echo", "")]
+    (acme,) = [row for row in snap["tenants"] if row["id"] == "acme"]
+    assert {(r["reason"], r["model"]) for r in acme["rejections"]} == {
+        ("quota", "echo"),
+        ("requests_per_s", ""),
+    }
+
+    observer.batch_executed("classifier", 4, 0.02, {"acme": 4})  # loaded again
+    assert value(registry, "mandant_rows_total", tenant="acme", model="classifier") == 4
+    assert usage_report(observer, TENANTS)["tenants"]["acme"]["rows"]["classifier"] == 8

@@ -2,7 +2,8 @@
 is still starting when an unload, a reload or a later load of the same name is asked
 for cannot undo it when it finishes (it once did: the last load to finish won, and a
 reload that made a model private could be undone by an earlier load of the shared
-one)."""
+one). What is served (``served``, what the figures kept per model follow) counts the
+retired versions until their calls answered, and a name being changed whole."""
 
 from __future__ import annotations
 
@@ -57,12 +58,18 @@ class _Registry:
     def __init__(self, *models: dict[str, Any]) -> None:
         #: path → (set when a backend of it starts, set to let it start)
         self.held: dict[Path, tuple[asyncio.Event, asyncio.Event]] = {}
+        #: Whether "m" was served, each time ``on_unserved`` was awaited.
+        self.unserved: list[bool] = []
         self.registry = ModelRegistry(
             _specs(*models),
             lambda spec: _HeldBackend(spec, self.held),
             lambda spec, backend: DirectScheduler(backend),
             grace_s=30.0,
+            on_unserved=self._unserved,
         )
+
+    async def _unserved(self) -> None:
+        self.unserved.append(self.registry.served().serves("m"))
 
     def hold(self, path: str) -> asyncio.Event:
         """Hold backends of ``path`` at their start; the event that lets them go."""
@@ -146,3 +153,30 @@ async def test_the_next_change_does_not_wait_for_the_old_versions_calls() -> Non
     assert not unload.done()  # still waiting for that call
     serving.leave()
     await unload
+
+
+async def test_an_unloaded_model_is_served_until_its_calls_answered() -> None:
+    setup = await _started(_model("one.pt"))
+    serving = setup.registry.resolve(ACME, "m")
+    serving.enter()
+    unload = asyncio.create_task(setup.registry.unload("m"))
+    await _turns()
+    assert setup.registry.served().serves("m", "", "1")  # its call still counts in it
+    assert setup.unserved == []
+    serving.leave()
+    await unload
+    assert setup.unserved == [False]  # told once it is freed, with nothing left of it
+
+
+async def test_a_name_being_loaded_stays_served_and_a_load_given_up_is_told() -> None:
+    setup = await _started({**_model("other.pt"), "name": "other"})
+    setup.hold("m.pt")
+    load = asyncio.create_task(setup.registry.load("m", _specs(_model("m.pt"))))
+    await setup.starting("m.pt")
+    assert setup.registry.served().serves("m")  # no key yet: the name, whole
+    load.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await load
+    await _turns()
+    assert not setup.registry.served().serves("m")
+    assert setup.unserved == [False]

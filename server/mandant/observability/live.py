@@ -3,7 +3,7 @@ minutes in ``step_s`` slots (throughput, errors, rejections by reason, a latency
 histogram to read p50/p99 from), the requests in flight; per model (name and owner:
 a tenant's private model or tuned variant apart from the shared one), the batch sizes
 seen. Bounded by the configuration: only configured tenant ids and model names are
-ever keys.
+ever keys, and a model no longer served is dropped (:meth:`LiveStats.forget`).
 
 Latency quantiles come from log-spaced buckets (:data:`LATENCY_BOUNDS_S`, 15 % apart),
 interpolated within a bucket, so they are within a few percent of the true value.
@@ -23,6 +23,7 @@ from mandant.config import TenantConfig
 from mandant.observability.slo import Clock, SloTracker
 from mandant.observability.stats import size_key
 from mandant.tenancy.directory import TenantDirectory
+from mandant.types import ServedModels
 
 
 def _log_bounds(low_s: float, high_s: float, ratio: float) -> tuple[float, ...]:
@@ -210,6 +211,21 @@ class LiveStats:
             sizes = self._batches.setdefault((model, owner), {})
             size = size_key(size)
             sizes[size] = sizes.get(size, 0) + 1
+
+    def forget(self, served: ServedModels) -> None:
+        """Drop the batch sizes of the models ``served`` does not list (an owner's
+        variant apart from the shared model of its name), and the rejections their
+        own limits made (a tenant's rejections by its own limits stay)."""
+        for gone in [model for model in self._batches if not served.serves(*model)]:
+            del self._batches[gone]
+        for history in self._tenants.values():
+            for slot in history.slots:
+                if any(model and not served.serves(model) for _, model in slot.rejections):
+                    slot.rejections = {
+                        (reason, model): count
+                        for (reason, model), count in slot.rejections.items()
+                        if not model or served.serves(model)
+                    }
 
     def record_admitted(self, tenant: str, rows: int) -> None:
         """Rows admitted, counted per UTC day and month (wall clock, like quotas)."""

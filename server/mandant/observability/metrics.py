@@ -21,6 +21,13 @@ Which calls feed what:
   reached a model and were answered on the server's account (:data:`SLO_CODES`);
   the histogram holds successful ones only (like Triton's), the SLO counters also
   count server-side failures as bad.
+
+A model no longer served (unloaded, or removed by a reload) loses its series
+(:meth:`PrometheusObserver.forget`), as Prometheus expects of an object that is gone:
+a counter that vanishes ends (``rate`` and ``increase`` see no reset), and one that
+comes back with the model starts from zero with a new ``_created``. Only ``/metrics``
+forgets: a usage report still counts the calls, rows and compute seconds that the
+dropped counters held (billing figures).
 """
 
 from __future__ import annotations
@@ -34,11 +41,14 @@ from mandant.config import SloConfig, TenantConfig
 from mandant.observability.live import LiveStats
 from mandant.observability.series import (
     CounterSeries,
+    Dropped,
     HistogramSeries,
+    Labels,
     SeriesCollector,
 )
 from mandant.observability.slo import SLO_CODES, SloTracker, is_good
 from mandant.tenancy.directory import TenantDirectory
+from mandant.types import ServedModels
 
 #: Seconds; fine enough around millisecond SLOs. Each tenant's SLO threshold is added.
 DURATION_BUCKETS_S: tuple[float, ...] = (
@@ -156,21 +166,46 @@ class PrometheusObserver:
             )
         )  # fmt: skip
         registry.register(SloTargets(self._directory))
+        #: What the usage counters held for models no longer served (:meth:`forget`):
+        #: by counter and labels, the model's name kept for rows and compute seconds
+        #: (cost by model), "" for the others (a report counts them per tenant only).
+        self._forgotten: dict[tuple[CounterSeries, Labels], float] = {}
+
+    def _usage_series(self) -> tuple[CounterSeries, ...]:
+        return (self.requests, self.rows, self.compute_seconds, self.rejections,
+                self.admitted_rows)  # fmt: skip
 
     def usage_counts(self) -> Iterable[tuple[str, dict[str, str], float]]:
         """(sample name, labels, value) of the counters a usage report reads: only
         those, not every series of the registry (the histograms are most of a scrape,
-        and a tenant's own ``/usage`` must not cost a full one)."""
-        for series in (
-            self.requests,
-            self.rows,
-            self.compute_seconds,
-            self.rejections,
-            self.admitted_rows,
-        ):
+        and a tenant's own ``/usage`` must not cost a full one); and what they held
+        for models no longer served."""
+        for series in self._usage_series():
             name = f"{series.name}_total"
-            for labels, value in series.values():
-                yield name, labels, value
+            for named, value in series.values():
+                yield name, named, value
+        for (series, labels), value in self._forgotten.items():
+            yield f"{series.name}_total", dict(zip(series.labelnames, labels, strict=True)), value
+
+    def forget(self, served: ServedModels) -> None:
+        """Drop the series of the models ``served`` does not list (see the module
+        doc): those labelled with the model's name, and its owner's batch series (a
+        tenant's variant gone, the shared model of that name serving on)."""
+        for histogram in (self.request_duration, self.queue_duration, self.compute_duration):
+            histogram.drop(_model_gone(served, histogram.labelnames.index("model")))
+        usage = self._usage_series()
+        for counter in (self.requests, self.rejections, self.rows, self.compute_seconds,
+                        self.admitted_rows, self.refunded_rows):  # fmt: skip
+            at = counter.labelnames.index("model")
+            gone = counter.drop(_model_gone(served, at))
+            if counter not in usage:
+                continue
+            by_model = counter in (self.rows, self.compute_seconds)
+            for labels, value in gone:
+                kept = labels if by_model else (*labels[:at], "", *labels[at + 1 :])
+                self._forgotten[counter, kept] = self._forgotten.get((counter, kept), 0.0) + value
+        for owned in (self.batch_size, self.failed_batches):  # labels: (model, owner)
+            owned.drop(lambda labels: labels[0] != "" and not served.serves(*labels))
 
     def _tenant(self, tenant: str) -> str:
         """``tenant`` if it was configured since start (a reload may have removed it
@@ -261,6 +296,12 @@ class PrometheusObserver:
 
     def store_error(self, store: str) -> None:
         self.store_errors.inc((store,))
+
+
+def _model_gone(served: ServedModels, at: int) -> Dropped:
+    """Picks the series whose model (label ``at``) is not served; ``""`` (no model)
+    always stays."""
+    return lambda labels: labels[at] != "" and not served.serves(labels[at])
 
 
 class InflightRequests:
@@ -358,3 +399,12 @@ def load_failures(registry: CollectorRegistry) -> Counter:
         ["model"],
         registry=registry,
     )
+
+
+def forget_load_failures(failures: Counter, served: ServedModels) -> None:
+    """Drop the :func:`load_failures` series of models no longer served (as
+    :meth:`PrometheusObserver.forget`)."""
+    names = {sample.labels["model"] for family in failures.collect() for sample in family.samples}
+    for name in names:
+        if not served.serves(name):
+            failures.remove(name)

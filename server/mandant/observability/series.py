@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -23,6 +23,8 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 Labels = tuple[str, ...]
+#: Which series to drop, by their label values.
+Dropped = Callable[[Labels], bool]
 
 
 class CounterSeries:
@@ -44,6 +46,14 @@ class CounterSeries:
         if cell is None:
             cell = self._cells[labels] = [0.0, time.time()]
         cell[0] += amount
+
+    def drop(self, dropped: Dropped) -> list[tuple[Labels, float]]:
+        """Remove the series ``dropped`` picks (their object is gone: Prometheus
+        treats a counter that vanishes as ended); returns their last values."""
+        gone = [(labels, cell[0]) for labels, cell in self._cells.items() if dropped(labels)]
+        for labels, _ in gone:
+            del self._cells[labels]
+        return gone
 
     def values(self) -> Iterable[tuple[dict[str, str], float]]:
         """(labels by name, value) of every series, as a scrape reads them."""
@@ -87,6 +97,11 @@ class HistogramSeries:
             cell = self._cells[labels] = _HistogramCell(len(self._bounds) + 1)
         cell.counts[bisect.bisect_left(self._bounds, value)] += 1
         cell.total += value
+
+    def drop(self, dropped: Dropped) -> None:
+        """Remove the series ``dropped`` picks (see :meth:`CounterSeries.drop`)."""
+        for labels in [labels for labels in self._cells if dropped(labels)]:
+            del self._cells[labels]
 
     def family(self, with_samples: bool = True) -> Metric:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)

@@ -16,16 +16,19 @@ which records them and hands every event on to the next observer (Prometheus):
   that mixed tenants once, not once per tenant in it.
 
 Keys are configured tenant ids, model names and versions (never client text), so the
-store is bounded by the configuration. Single-threaded: the event loop's.
+store is bounded by the configuration; a model version no longer served is dropped
+(:meth:`InferenceStats.forget`), and one that comes back starts from zero, as Triton's
+do when a model loads. Single-threaded: the event loop's.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from mandant.events import Observer, Settle, recorded
+from mandant.types import ServedModels
 
 #: (tenant id, owner: a tenant id or "" for a shared model, model name, version).
 StatsKey = tuple[str, str, str, str]
@@ -86,13 +89,20 @@ class ModelStats:
 class InferenceStats:
     """``wall_clock_s``: seconds since the epoch (for ``last_inference`` only).
     ``settle``: until the events of calls already answered are recorded (what a
-    ModelStatistics call awaits first, as ``settled``)."""
+    ModelStatistics call awaits first, as ``settled``). ``models``: the model names
+    recorded (the App's: those served), read at each event: a call still answering
+    after its model was forgotten (one that outlived ``grace_s``) brings back nothing;
+    None: every name."""
 
     def __init__(
-        self, wall_clock_s: Callable[[], float] = time.time, settle: Settle = recorded
+        self,
+        wall_clock_s: Callable[[], float] = time.time,
+        settle: Settle = recorded,
+        models: Container[str] | None = None,
     ) -> None:
         self._wall_clock_s = wall_clock_s
         self.settled = settle
+        self._models = models
         self._stats: dict[StatsKey, ModelStats] = {}
         #: (owner, name, version) -> its executions: ``batches`` and
         #: ``execution_count`` only.
@@ -136,6 +146,16 @@ class InferenceStats:
         for the front end (its events say the version)."""
         return StatsObserver(self, forward, version, owner)
 
+    def forget(self, served: ServedModels) -> None:
+        """Drop the statistics of the model versions ``served`` does not list."""
+        for key in [key for key in self._stats if not served.serves(key[2], key[1], key[3])]:
+            del self._stats[key]
+        for run in [run for run in self._executions if not served.serves(run[1], run[0], run[2])]:
+            del self._executions[run]
+
+    def _recorded(self, model: str) -> bool:
+        return self._models is None or model in self._models
+
     def _entry(self, key: StatsKey) -> ModelStats:
         entry = self._stats.get(key)
         if entry is None:
@@ -145,6 +165,8 @@ class InferenceStats:
     def record_finished(
         self, tenant: str, owner: str, model: str, version: str, ok: bool, duration_s: float
     ) -> None:
+        if not self._recorded(model):
+            return
         entry = self._entry((tenant, owner, model, version))
         (entry.success if ok else entry.fail).add(duration_s)
         entry.last_inference_ms = int(self._wall_clock_s() * 1000)
@@ -158,6 +180,8 @@ class InferenceStats:
         queue_s: float,
         compute_s: float,
     ) -> None:
+        if not self._recorded(model):
+            return
         entry = self._entry((tenant, owner, model, version))
         entry.queue.add(queue_s)
         entry.compute_infer.add(compute_s)
@@ -171,6 +195,8 @@ class InferenceStats:
         rows_by_tenant: Mapping[str, int],
         owner: str = "",
     ) -> None:
+        if not self._recorded(model):
+            return
         size = size_key(size)
         model_key = (owner, model, version)
         run = self._executions.get(model_key)

@@ -28,7 +28,7 @@ from mandant.tenancy.limits import MONOTONIC, Clock, Rate
 from mandant.tenancy.local_store import LocalStore
 from mandant.tenancy.policy import Denial, Plan, Policy, Scope, SharedStore, StoreUnavailable
 from mandant.tenancy.quota import WALL, PeriodKind
-from mandant.types import ModelKey, Tenant
+from mandant.types import ModelKey, ServedModels, Tenant
 
 if TYPE_CHECKING:
     from mandant.config import LimitsConfig, MandantConfig
@@ -187,6 +187,11 @@ class TenantAdmission:
             logger.warning("limits store settings change at restart; kept the running ones")
         self._policy = Policy(config.tenants)
         self._local.retain(self._policy.scopes())
+
+    def forget_models(self, served: ServedModels) -> None:
+        """Forget what is kept per model of the models ``served`` does not list (cached
+        plans); the counts of limits and quotas stay, kept per configured scope."""
+        self._policy.forget(served)
 
     async def quota_used(self, tenant: str) -> dict[str, int]:
         """:meth:`quotas_used` of one tenant."""

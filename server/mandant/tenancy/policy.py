@@ -16,6 +16,7 @@ from mandant.config import QuotaConfig, RateLimitConfig, TenantConfig
 from mandant.errors import Unauthenticated
 from mandant.tenancy.limits import Rate
 from mandant.tenancy.quota import PeriodKind, Quota
+from mandant.types import ServedModels
 
 #: Whose bucket or count: (tenant id, None) tenant-wide, (tenant id, model) per model.
 Scope = tuple[str, str | None]
@@ -115,7 +116,8 @@ def _quotas(config: QuotaConfig | None) -> list[Quota]:
 
 class Policy:
     """Plans by (tenant id, model name), built once per pair and cached; model names
-    come from the registry (configuration), so the cache is bounded."""
+    come from the registry (configuration), and those no longer served are dropped
+    (:meth:`forget`), so the cache is bounded."""
 
     def __init__(self, tenants: Iterable[TenantConfig]) -> None:
         self._tenants: Mapping[str, TenantConfig] = {t.id: t for t in tenants}
@@ -126,6 +128,12 @@ class Policy:
         if plan is None:
             plan = self._plans[(tenant, model)] = self._build(tenant, model)
         return plan
+
+    def forget(self, served: ServedModels) -> None:
+        """Drop the plans of models ``served`` does not list (an admin may load any
+        name); a plan holds no count: the limits and quotas it names keep theirs."""
+        for key in [key for key in self._plans if not served.serves(key[1])]:
+            del self._plans[key]
 
     def scopes(self) -> set[Scope]:
         """Every scope the configuration names (for pruning state of removed ones)."""
