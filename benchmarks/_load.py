@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from traceback import format_exc
 from typing import Any, TypeVar
 
 import grpc
@@ -304,11 +305,21 @@ def closed_loop(target: str, load: Load, warmup_s: float, seconds: float) -> Res
     return asyncio.run(loop(target, load, warmup_s, seconds))
 
 
+class JobFailed(RuntimeError):
+    """A job of :func:`run_pinned` raised in its process (its traceback in the message)."""
+
+
 def _call_pinned(
     index: int, cpu: int, function: Callable[..., Any], args: tuple[Any, ...], out: Any
 ) -> None:
     os.sched_setaffinity(0, {cpu})
-    out.put((index, function(*args)))
+    try:
+        result = function(*args)
+    except BaseException:
+        # Said, not raised: the parent waits for one answer per job and would wait on.
+        out.put((index, JobFailed(f"job {index} ({function.__name__}) raised:\n{format_exc()}")))
+        raise
+    out.put((index, result))
 
 
 def run_pinned(
@@ -316,7 +327,8 @@ def run_pinned(
 ) -> list[T]:
     """Each ``function(*args)`` in a process of its own on ``cpu`` (the client core),
     all at the same time; their results in order. Functions and results must pickle;
-    the processes start with :data:`THREAD_ENV` (one BLAS/OpenMP thread)."""
+    the processes start with :data:`THREAD_ENV` (one BLAS/OpenMP thread). A job that
+    raises makes this raise :class:`JobFailed` once every job has ended."""
     os.environ.update(THREAD_ENV)  # read by numpy and torch when the children import them
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -329,6 +341,9 @@ def run_pinned(
     results = dict(queue.get() for _ in procs)
     for proc in procs:
         proc.join()
+    failed = [result for result in results.values() if isinstance(result, JobFailed)]
+    if failed:
+        raise failed[0]
     return [results[n] for n in range(len(jobs))]
 
 

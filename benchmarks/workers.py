@@ -251,6 +251,7 @@ def plane_cost_us(calls: int) -> float:
 
     async def run() -> float:
         data = demo_data([ECHO])
+        data["server"] = {**data["server"], "grpc_port": 0, "http_port": 0, "rest_port": 0}
         app = App(parse_config(data, "bench"), Path(tempfile.mkdtemp()))
         await app.start()
         try:
