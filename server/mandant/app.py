@@ -253,8 +253,10 @@ class App:
         (the series of ``/metrics``, the dashboard's batch sizes and rejections,
         ModelStatistics), after the events of the calls answered so far are recorded
         (``workers: N``: the front ends'), so that the last calls of a model count in
-        its figures before they go, not in new ones after. A call still answering then
-        (it outlived ``grace_s``) is counted under the model "" and not in statistics:
+        its figures before they go, not in new ones after. A call whose answer is still
+        on its way then (it outlived ``grace_s``, or its REST answer was still being
+        written: the model counts a call until the data plane returns it, the transport
+        reports it after sending) is counted under the model "" and not in statistics:
         its name is no longer a label. What a tenant is billed stays: usage reports
         keep counting it (``PrometheusObserver.forget``), and the admission keeps its
         limit and quota counts (by configured scope; only its cached plans go)."""

@@ -216,6 +216,9 @@ class ModelRegistry:
         self._models: dict[tuple[str | None, str], list[Model]] = {}
         #: Retired versions until they are freed: still served (their calls answer).
         self._leaving: set[Model] = set()
+        #: Names whose retired versions were freed while a change held the name: told
+        #: to ``on_unserved`` when the change ends.
+        self._freed_while_busy: set[str] = set()
         #: name → (the lock its changes take in turn, how many hold or await it)
         self._changing: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         #: Freeing old versions and closing failed ones: the registry's own tasks.
@@ -392,14 +395,13 @@ class ModelRegistry:
             users[0] -= 1
             if not users[0] and self._changing.get(name, (None,))[0] is lock:
                 del self._changing[name]
-                if (
-                    self._on_unserved is not None
-                    and name in self.names
-                    and not self.served().serves(name)
-                ):
-                    # Built, and nothing of it is left (a load given up before it was
-                    # routed to); retirements tell of the others once freed.
-                    self._in_background(self._on_unserved(), "model-forget")
+                freed_meanwhile = name in self._freed_while_busy
+                self._freed_while_busy.discard(name)
+                if freed_meanwhile or (name in self.names and not self.served().serves(name)):
+                    # Versions of it were freed while it changed (a name being changed
+                    # counts as served whole, so they were kept), or it was built and
+                    # nothing of it is left (a load given up before it was routed to).
+                    self._in_background(self._tell_unserved(), "model-forget")
 
     def _change(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         """A place in ``name``'s queue of changes, taken now (module doc); entering
@@ -501,10 +503,25 @@ class ModelRegistry:
             await _close([model for model in models if model.failure is None])
         finally:
             self._leaving.difference_update(models)
+            self._freed_while_busy.update(
+                m.key.name for m in models if m.key.name in self._changing
+            )
         if self._on_retired is not None:
-            self._on_retired()
-        if self._on_unserved is not None:
+            try:
+                self._on_retired()
+            except Exception:
+                logger.exception("the hook after freeing retired model versions failed")
+        await self._tell_unserved()
+
+    async def _tell_unserved(self) -> None:
+        """Run ``on_unserved``; a failure is logged, and freeing and the next changes
+        go on (its next run drops what this one did not)."""
+        if self._on_unserved is None:
+            return
+        try:
             await self._on_unserved()
+        except Exception:
+            logger.exception("dropping the figures of models no longer served failed")
 
     async def _freed(self, retirement: _Retirement | None) -> None:
         """A load's or unload's wait: until the old versions' calls answered (at most

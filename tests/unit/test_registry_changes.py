@@ -180,3 +180,26 @@ async def test_a_name_being_loaded_stays_served_and_a_load_given_up_is_told() ->
     await _turns()
     assert not setup.registry.served().serves("m")
     assert setup.unserved == [False]
+
+
+async def test_versions_freed_while_their_name_loads_again_are_told_when_it_ends() -> None:
+    """Unloaded with a call running, loaded again before the call answers: the old
+    version is freed while the load holds the name (served whole then), so the hook is
+    told again when the load ends, and the old version is no longer served."""
+    setup = await _started(_model("one.pt"))
+    serving = setup.registry.resolve(ACME, "m")
+    serving.enter()
+    unload = asyncio.create_task(setup.registry.unload("m"))
+    await _turns()
+    release = setup.hold("two.pt")
+    load = asyncio.create_task(setup.registry.load("m", _specs(_model("two.pt", version="2"))))
+    await setup.starting("two.pt")
+    serving.leave()  # version 1 is freed now, while version 2 loads
+    await unload
+    assert setup.unserved == [True]  # told, but "m" is being changed: served whole
+    release.set()
+    await load
+    await _turns()
+    assert setup.unserved == [True, True]  # told again once the load ended
+    assert not setup.registry.served().serves("m", "", "1")
+    assert setup.registry.served().serves("m", "", "2")

@@ -322,9 +322,15 @@ class _Connection(asyncio.BufferedProtocol):
             self._link.engine_status(ready)
             self.opened.set()
         elif kind == ipc.SETTLE:  # a report is about to read the figures: send ours
-            self._flush()
-            if self._transport is not None:
-                self._transport.writelines(encode(ipc.SETTLED, payload))
+            # In a later turn: the calls whose answers came in the same read finish
+            # first (their handlers run in the next turn and report then), so that
+            # "settled" covers every call answered before it was asked.
+            self._loop.call_soon(self._settle, payload)
+
+    def _settle(self, payload: Any) -> None:
+        self._flush()
+        if self._transport is not None:
+            self._transport.writelines(encode(ipc.SETTLED, payload))
 
 
 class RemoteObserver:
