@@ -207,6 +207,7 @@ async def test_calls_in_flight_count_before_their_model_is_forgotten(tmp_path: P
         # Once the unload is answered, its figures are gone, and the last calls'
         # events, recorded before, brought none back.
         assert not series(server, "gated")
+        assert calls_counted(server, "acme", "") == 0  # none came late, without its model
         assert usage(server, "acme")["requests"] == {"OK": 2}
         assert usage(server, "acme")["rows"] == {"gated": 4}
     finally:
