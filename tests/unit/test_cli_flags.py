@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from mandant import cli
+from mandant.config import parse_config
 from mandant.tenancy.keys import hash_key
 
 ECHO = {
@@ -163,6 +164,32 @@ def test_a_listener_that_cannot_bind_names_itself_its_setting_and_address(
         path.write_text(yaml.safe_dump(data))
         assert cli.main(["serve", "--config", str(path)]) == 1
     assert capsys.readouterr().err.startswith(f"mandant: cannot start: {error.format(held=held)}")
+
+
+@pytest.mark.parametrize(
+    ("server", "dashboard"),
+    [
+        (
+            {},
+            "(a tenant's key, for its own figures; no admin keys configured: "
+            "http://127.0.0.1:8002/metrics answers 403, /usage a tenant's own only; "
+            "see server.admin_keys)",
+        ),
+        (
+            {"admin_keys": [hash_key("admin")]},
+            "(an admin key, or a tenant's key for its own figures; "
+            "metrics: http://127.0.0.1:8002/metrics, an admin key)",
+        ),
+        ({"metrics_auth": "none"}, "(metrics: http://127.0.0.1:8002/metrics; open)"),
+    ],
+)
+def test_the_banner_says_who_may_read_the_metrics(
+    capsys: pytest.CaptureFixture[str], server: dict[str, Any], dashboard: str
+) -> None:
+    """Without admin keys it promised /metrics to "an admin key"; it answers 403."""
+    config = parse_config({"server": server})
+    cli.banner(config, 8001, 8000, 8002, 0, demo=False)
+    assert f"Dashboard: http://127.0.0.1:8002/  {dashboard}\n" in capsys.readouterr().out
 
 
 def test_check_config_reports_what_would_not_serve(
