@@ -125,7 +125,7 @@ def _reload(app: App, path: Path, overrides: argparse.Namespace) -> None:
     )
 
 
-def _banner(
+def banner(
     config: MandantConfig,
     grpc_port: int,
     rest_port: int,
@@ -146,6 +146,13 @@ def _banner(
     print(f"KServe v2 REST on {rest_scheme}://{host}:{rest_port}/v2", flush=True)
     if config.server.metrics_auth == "none":
         print(f"Dashboard: {http}/  (metrics: {http}/metrics; open)", flush=True)
+    elif not config.server.admin_keys:  # /metrics then refuses everyone
+        print(
+            f"Dashboard: {http}/  (a tenant's key, for its own figures; no admin keys "
+            f"configured: {http}/metrics answers 403, /usage a tenant's own only; see "
+            "server.admin_keys)",
+            flush=True,
+        )
     else:
         print(
             f"Dashboard: {http}/  (an admin key, or a tenant's key for its own figures; "
@@ -181,7 +188,7 @@ async def _serve(
     loop.add_signal_handler(signal.SIGHUP, _reload, app, path, overrides)
     if reload_asked.is_set():
         _reload(app, path, overrides)
-    _banner(config, app.grpc_port, app.rest_port, app.http_port, app.internal_http_port, demo)
+    banner(config, app.grpc_port, app.rest_port, app.http_port, app.internal_http_port, demo)
     await stop.wait()
     logger.info("stopping: finishing in-flight calls (grace %.1fs)", config.server.grace_s)
     await app.aclose()
@@ -221,7 +228,7 @@ async def _supervise(
 
     def serving(supervisor: Supervisor) -> None:
         facts = supervisor.engine.facts
-        _banner(
+        banner(
             config,
             supervisor.grpc_port,
             facts["rest_port"],

@@ -30,6 +30,13 @@ class Gated(nn.Module):
         return value
 
 
+class Failing(nn.Module):
+    """Fails every call: a warm-up of it fails the load."""
+
+    def forward(self, value: Any) -> Any:
+        raise RuntimeError("this model fails every call")
+
+
 def doubled() -> nn.Module:
     return Doubled()
 
@@ -40,6 +47,10 @@ def tripled() -> nn.Module:
 
 def gated() -> nn.Module:
     return Gated()
+
+
+def failing() -> nn.Module:
+    return Failing()
 
 
 def broken() -> nn.Module:

@@ -98,17 +98,17 @@ def test_sync_client_every_call(server: ServerThread) -> None:
     with Client(server.target, api_key="acme-key", timeout_s=10) as client:
         assert client.server_live() and client.server_ready()
         assert client.server_metadata().name == "mandant"
-        assert client.model_ready("echo") and client.model_ready("secret")
+        assert client.model_ready("echo") and client.model_ready("secret", version=1)
         with pytest.raises(ModelNotFound):
             client.model_ready("nope")
-        meta = client.model_metadata("echo")
+        meta = client.model_metadata("echo", version=1)
         assert meta.name == "echo"
         assert meta.inputs == [TensorMetadata("INPUT0", "FP32", [-1, -1])]
         assert meta.outputs == [TensorMetadata("OUTPUT0", "FP32", [-1, -1])]
         assert sorted(m.name for m in client.models()) == ["echo", "secret", "sleepy"]
         assert all(isinstance(m, ModelIndexEntry) and m.state for m in client.models())
         outputs = client.infer(
-            "echo", {"INPUT0": ROWS}, version="1", outputs=["OUTPUT0"], request_id="req-1"
+            "echo", {"INPUT0": ROWS}, version=1, outputs=["OUTPUT0"], request_id="req-1"
         )
     np.testing.assert_array_equal(outputs["OUTPUT0"], ROWS)
     assert not outputs["OUTPUT0"].flags.writeable  # a view on the response, no copy
@@ -118,10 +118,10 @@ async def test_async_client_every_call(server: ServerThread) -> None:
     async with AsyncClient(server.target, api_key="acme-key", timeout_s=10) as client:
         assert await client.server_live() and await client.server_ready()
         assert (await client.server_metadata()).name == "mandant"
-        assert await client.model_ready("secret")
+        assert await client.model_ready("secret", version=1)
         assert (await client.model_metadata("secret")).name == "secret"
         assert sorted(m.name for m in await client.models()) == ["echo", "secret", "sleepy"]
-        outputs = await client.infer("secret", {"INPUT0": ROWS})
+        outputs = await client.infer("secret", {"INPUT0": ROWS}, version=1)
     np.testing.assert_array_equal(outputs["OUTPUT0"], ROWS)
 
 

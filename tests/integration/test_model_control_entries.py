@@ -232,16 +232,16 @@ def test_version_policy_decides_the_versions_served(tmp_path: Path) -> None:
 
 
 def test_a_failing_warm_up_at_start_fails_that_model_only(tmp_path: Path) -> None:
-    wrong_input = [{"inputs": {"NOPE": {"datatype": "FP32", "shape": [1, 4]}}}]
-    path = write_config(tmp_path / "mandant.yaml", [ECHO_MODEL, {**model("cold", "doubled"),
-                        "warmup": wrong_input}])  # fmt: skip
+    failing = {**model("cold", "failing"), "warmup": GATED_WARMUP}
+    path = write_config(tmp_path / "mandant.yaml", [ECHO_MODEL, failing])
     with ServerThread(load_config(path), tmp_path, path) as running:
         assert running.app is not None
         client = tc.InferenceServerClient(running.target)
         listed = index(client)
         assert listed["cold"]["state"] == "UNAVAILABLE"
         (cold,) = [m for m in running.app.registry.all() if m.key.name == "cold"]
-        assert cold.failure is not None and "warm-up request 0 failed" in cold.failure
+        assert cold.failure is not None
+        assert "warm-up request 0 failed: RuntimeError: this model fails every call" in cold.failure
         assert code_of(lambda: infer(client, "cold", ACME)) == "StatusCode.UNAVAILABLE"
         np.testing.assert_array_equal(infer(client, "echo", ACME), X)
         failures = running.app.metrics.get_sample_value(

@@ -498,7 +498,7 @@ def test_binary_data_extension_by_hand(server: Server) -> None:
         (24, 0, "ten", "is not an integer"),
         (24, 0, "1_0", "is not an integer"),  # Python's int() reads 10
         (24, 0, " +9", "is not an integer"),
-        (24, 0, "10", "not a valid JSON inference request"),
+        (24, 0, "10", "the first 10 bytes of the body (Inference-Header-Content-Length) are not"),
     ],
 )
 def test_binary_framing_errors_are_400(

@@ -5,6 +5,7 @@ a source checkout, missing files and factories that do not import."""
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from mandant import cli
+from mandant.config import parse_config
 from mandant.tenancy.keys import hash_key
 
 ECHO = {
@@ -120,6 +122,74 @@ def test_serve_names_every_missing_tls_file(
     err = capsys.readouterr().err
     assert f"server.tls.cert: no such file: {tmp_path / 'gone.crt'}" in err
     assert f"server.tls.key: no such file: {tmp_path / 'gone.key'}" in err
+
+
+#: Ports 0, so that only the listener a case breaks fails.
+FREE_PORTS = {"grpc_port": 0, "rest_port": 0, "http_port": 0}
+
+
+@pytest.mark.parametrize(
+    ("server", "error"),
+    [
+        (
+            {"http_host": "not an ip"},
+            "cannot bind the HTTP port (server.http_host 'not an ip', port 0): ",
+        ),
+        (
+            {"internal_http": {"host": "not an ip", "port": 0}},
+            "cannot bind the internal HTTP port (server.internal_http.host 'not an ip', port 0): ",
+        ),
+        (
+            {"rest_port": "held"},
+            "cannot bind the REST port (server.host '127.0.0.1', port {held}): ",
+        ),
+        (
+            {"http_port": "held"},
+            "cannot bind the HTTP port (server.host '127.0.0.1', port {held}): ",
+        ),
+    ],
+)
+def test_a_listener_that_cannot_bind_names_itself_its_setting_and_address(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], server: dict[str, Any], error: str
+) -> None:
+    """It said "cannot start: [Errno -2] Name or service not known", naming nothing.
+    ``held``: a port another socket listens on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        held = holder.getsockname()[1]
+        server = {k: held if v == "held" else v for k, v in server.items()}
+        data = {"tenants": [], "models": [], "server": {**FREE_PORTS, **server}}
+        path = tmp_path / "mandant.yaml"
+        path.write_text(yaml.safe_dump(data))
+        assert cli.main(["serve", "--config", str(path)]) == 1
+    assert capsys.readouterr().err.startswith(f"mandant: cannot start: {error.format(held=held)}")
+
+
+@pytest.mark.parametrize(
+    ("server", "dashboard"),
+    [
+        (
+            {},
+            "(a tenant's key, for its own figures; no admin keys configured: "
+            "http://127.0.0.1:8002/metrics answers 403, /usage a tenant's own only; "
+            "see server.admin_keys)",
+        ),
+        (
+            {"admin_keys": [hash_key("admin")]},
+            "(an admin key, or a tenant's key for its own figures; "
+            "metrics: http://127.0.0.1:8002/metrics, an admin key)",
+        ),
+        ({"metrics_auth": "none"}, "(metrics: http://127.0.0.1:8002/metrics; open)"),
+    ],
+)
+def test_the_banner_says_who_may_read_the_metrics(
+    capsys: pytest.CaptureFixture[str], server: dict[str, Any], dashboard: str
+) -> None:
+    """Without admin keys it promised /metrics to "an admin key"; it answers 403."""
+    config = parse_config({"server": server})
+    cli.banner(config, 8001, 8000, 8002, 0, demo=False)
+    assert f"Dashboard: http://127.0.0.1:8002/  {dashboard}\n" in capsys.readouterr().out
 
 
 def test_check_config_reports_what_would_not_serve(

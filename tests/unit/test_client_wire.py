@@ -7,6 +7,7 @@ tests/integration/test_client_e2e.py."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -59,6 +60,47 @@ async def test_request_fields_and_header(server: FakeServer) -> None:
     assert sent.parameters["tag"].string_param == "x"
     assert sent.parameters["flag"].bool_param is True
     assert sent.parameters["ratio"].double_param == 0.5
+
+
+async def test_an_int_version_is_sent_as_its_decimal_string(server: FakeServer) -> None:
+    for multiplex in (False, True):
+        async with AsyncClient(server.target, api_key=API_KEY, multiplex=multiplex) as client:
+            await client.infer("echo", {"X": np.zeros(1, np.float32)}, version=7)
+        with Client(server.target, api_key=API_KEY, multiplex=multiplex) as sync_client:
+            await asyncio.to_thread(
+                sync_client.infer, "echo", {"X": np.zeros(1, np.float32)}, version=12
+            )
+    assert [r.model_version for r in server.servicer.seen_requests] == ["7", "12", "7", "12"]
+
+
+@pytest.mark.parametrize(
+    ("version", "error", "got"),
+    [
+        (1.0, TypeError, "got float 1.0"),
+        (True, TypeError, "got bool True"),
+        (b"1", TypeError, "got bytes b'1'"),
+        (-1, ValueError, "got -1"),
+    ],
+)
+@pytest.mark.parametrize("call", ["infer", "model_ready", "model_metadata"])
+async def test_a_version_neither_str_nor_non_negative_int_is_refused_naming_it(
+    call: str, version: object, error: type[Exception], got: str
+) -> None:
+    """Refused before anything is sent (no server here), by every call that takes a
+    version, sync or async, unary or multiplexed."""
+    message = f"version must be a str, a non-negative int or None, {got}"
+    args: tuple[object, ...] = (
+        ("echo", {"X": np.zeros(1, np.float32)}) if call == "infer" else ("echo",)
+    )
+    for multiplex in (False, True):
+        async with AsyncClient("127.0.0.1:1", multiplex=multiplex) as client:
+            with pytest.raises(error, match=f"^{re.escape(message)}$"):
+                await getattr(client, call)(*args, version=version)
+        with (
+            Client("127.0.0.1:1", multiplex=multiplex) as sync_client,
+            pytest.raises(error, match=f"^{re.escape(message)}$"),
+        ):
+            getattr(sync_client, call)(*args, version=version)
 
 
 async def test_typed_contents_are_decoded(server: FakeServer) -> None:

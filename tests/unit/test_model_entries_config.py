@@ -100,6 +100,46 @@ def test_warmup_is_validated_and_inherited_by_a_tuned_variant() -> None:
     assert config(entry()).model_specs(Path("/m"))[0].warmup == ()
 
 
+def errors(*models: dict[str, Any]) -> list[tuple[str, str]]:
+    with pytest.raises(ConfigError) as refused:
+        config(*models)
+    return refused.value.errors
+
+
+def test_a_warmup_request_gives_the_model_its_declared_inputs_and_no_other() -> None:
+    """check-config passed a misspelt input; the load then failed with "warm-up request
+    0 failed: InvalidInput: missing input(s): IN", naming not the one misspelt."""
+    tensor = {"datatype": "FP32", "shape": [1, 4]}
+    second = {"name": "IN2", "datatype": "FP32", "shape": [-1]}
+    warmup = [{"inputs": {"IN": tensor}}, {"inputs": {"IN": tensor, "IN2": tensor, "NOPE": tensor}}]
+    two_inputs = entry("n", inputs=[*IO["inputs"], second], warmup=warmup)
+    assert errors(entry(), two_inputs) == [
+        ("models.1.warmup.0.inputs", "missing input(s) IN2 (model 'n' has IN, IN2)"),
+        ("models.1.warmup.1.inputs.NOPE", "no such input (model 'n' has IN, IN2)"),
+    ]
+
+
+def test_a_tuned_variant_s_warmup_is_checked_against_its_inputs_as_inherited() -> None:
+    """The variant's own warmup against its base's inputs, its base's warmup against
+    its own inputs; a model that declares no inputs (Triton's) is not checked."""
+    warmup = [{"inputs": {"IN": {"datatype": "FP32", "shape": [1, 4]}}}]
+    other = [{"inputs": {"X": {"datatype": "FP32", "shape": [1, 4]}}}]
+    renamed = [{"name": "X", "datatype": "FP32", "shape": [-1, 4]}]
+    variant = {"name": "m", "tenant": "acme", "base": "m"}
+    assert errors(entry(warmup=warmup), {**variant, "warmup": other}) == [
+        ("models.1.warmup.0.inputs.X", "no such input (model 'm' has IN)"),
+        ("models.1.warmup.0.inputs", "missing input(s) IN (model 'm' has IN)"),
+    ]
+    inherited = ", in the warmup of its base 'm'"
+    assert errors(entry(warmup=warmup), {**variant, "inputs": renamed}) == [
+        ("models.1.warmup.0.inputs.IN", f"no such input (model 'm' has X){inherited}"),
+        ("models.1.warmup.0.inputs", f"missing input(s) X (model 'm' has X){inherited}"),
+    ]
+    config(entry(warmup=warmup), {**variant, "inputs": renamed, "warmup": other})
+    triton = {"name": "t", "backend": "triton", "triton": {"url": "h:8001", "model": "t"}}
+    config({**triton, "warmup": other})
+
+
 @pytest.mark.parametrize(
     ("tensor", "message"),
     [

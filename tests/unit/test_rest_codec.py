@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,19 @@ def test_deeply_nested_json_is_invalid_not_a_crash() -> None:
     body = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     with pytest.raises(InvalidInput, match="not a valid JSON"):
         JsonInferRequest("m", "", body, None)
+
+
+def test_json_cut_short_by_the_header_length_says_the_header_delimits_it() -> None:
+    """A valid JSON body with Inference-Header-Content-Length too short was "the
+    request body is not a valid JSON inference request"."""
+    body = json.dumps({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}]})
+    message = (
+        "the first 10 bytes of the body (Inference-Header-Content-Length) are not a valid "
+        "JSON inference request"
+    )
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        JsonInferRequest("m", "", body.encode(), "10")
+    JsonInferRequest("m", "", body.encode(), str(len(body)))
 
 
 def test_the_headerless_binary_form_is_refused_by_name() -> None:

@@ -70,17 +70,36 @@ def auth_metadata(api_key: str | None) -> Metadata:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
+def model_version(version: str | int | None) -> str:
+    """The wire form of ``version``: versions are strings ("1", as Triton names them),
+    but callers write ints, so an int is sent as its decimal string; None (and "") leave
+    the choice to the server. Checked here because protobuf refuses anything else with
+    "bad argument type for built-in operation", which names nothing."""
+    accepts = "version must be a str, a non-negative int or None"
+    if version is None:
+        return ""
+    if isinstance(version, str):
+        return version
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TypeError(f"{accepts}, got {type(version).__name__} {version!r}")
+    if version < 0:
+        raise ValueError(f"{accepts}, got {version}")
+    return str(version)
+
+
 def infer_request(
     model: str,
     inputs: Mapping[str, npt.ArrayLike],
-    version: str | None,
+    version: str | int | None,
     outputs: Sequence[str] | None,
     request_id: str,
     parameters: Mapping[str, ParameterValue] | None,
 ) -> tuple[pb.ModelInferRequest, int]:
     """The request, and the bytes of its ``raw_input_contents`` (for the stream's cheap
     size check, :func:`mandant_client._multiplex.ready`)."""
-    request = pb.ModelInferRequest(model_name=model, model_version=version or "", id=request_id)
+    request = pb.ModelInferRequest(
+        model_name=model, model_version=model_version(version), id=request_id
+    )
     raw_bytes = encode_inputs(request, inputs)
     for name in outputs or ():
         request.outputs.add(name=name)

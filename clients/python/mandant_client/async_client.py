@@ -99,7 +99,7 @@ class AsyncClient:
         self,
         model: str,
         inputs: Mapping[str, npt.ArrayLike],
-        version: str | None = None,
+        version: str | int | None = None,
         outputs: Sequence[str] | None = None,
         timeout_s: float | None = None,
         request_id: str = "",
@@ -117,13 +117,13 @@ class AsyncClient:
             response = await self._unary(self._stubs[turn].ModelInfer, request, timeout, request_id)
         return decode_outputs(response)
 
-    async def model_metadata(self, model: str, version: str | None = None) -> ModelMetadata:
-        request = pb.ModelMetadataRequest(name=model, version=version or "")
+    async def model_metadata(self, model: str, version: str | int | None = None) -> ModelMetadata:
+        request = pb.ModelMetadataRequest(name=model, version=_requests.model_version(version))
         response: pb.ModelMetadataResponse = await self._unary(self._stub.ModelMetadata, request)
         return _requests.model_metadata(response)
 
-    async def model_ready(self, model: str, version: str | None = None) -> bool:
-        request = pb.ModelReadyRequest(name=model, version=version or "")
+    async def model_ready(self, model: str, version: str | int | None = None) -> bool:
+        request = pb.ModelReadyRequest(name=model, version=_requests.model_version(version))
         response: pb.ModelReadyResponse = await self._unary(self._stub.ModelReady, request)
         return bool(response.ready)
 

@@ -110,7 +110,7 @@ class Client:
         self,
         model: str,
         inputs: Mapping[str, npt.ArrayLike],
-        version: str | None = None,
+        version: str | int | None = None,
         outputs: Sequence[str] | None = None,
         timeout_s: float | None = None,
         request_id: str = "",
@@ -128,13 +128,13 @@ class Client:
             response = self._unary(self._stubs[turn].ModelInfer, request, timeout, request_id)
         return decode_outputs(response)
 
-    def model_metadata(self, model: str, version: str | None = None) -> ModelMetadata:
-        request = pb.ModelMetadataRequest(name=model, version=version or "")
+    def model_metadata(self, model: str, version: str | int | None = None) -> ModelMetadata:
+        request = pb.ModelMetadataRequest(name=model, version=_requests.model_version(version))
         response: pb.ModelMetadataResponse = self._unary(self._stub.ModelMetadata, request)
         return _requests.model_metadata(response)
 
-    def model_ready(self, model: str, version: str | None = None) -> bool:
-        request = pb.ModelReadyRequest(name=model, version=version or "")
+    def model_ready(self, model: str, version: str | int | None = None) -> bool:
+        request = pb.ModelReadyRequest(name=model, version=_requests.model_version(version))
         response: pb.ModelReadyResponse = self._unary(self._stub.ModelReady, request)
         return bool(response.ready)
 

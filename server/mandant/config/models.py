@@ -178,6 +178,23 @@ class WarmupConfig(_Frozen):
             raise ValueError(f"more than {MAX_WARMUP_ELEMENTS} elements in all")
         return inputs
 
+    def unfit(self, model: str, declared: Sequence[TensorConfig]) -> list[tuple[str, str]]:
+        """Where this request does not give model ``model`` its ``declared`` inputs (a
+        call must give each, and no other), each (field path under the request,
+        reason): the load would fail with "missing input(s)", naming not the input
+        misspelt."""
+        names = [tensor.name for tensor in declared]
+        has = f"model {model!r} has {', '.join(names)}"
+        problems = [
+            (f"inputs.{name[:64]}", f"no such input ({has})")
+            for name in self.inputs
+            if name not in names
+        ]
+        missing = [name for name in names if name not in self.inputs]
+        if missing:
+            problems.append(("inputs", f"missing input(s) {', '.join(missing)} ({has})"))
+        return problems
+
 
 class TritonModelConfig(_Frozen):
     """Where a ``backend: triton`` model runs. ``model``/``version`` name it on Triton

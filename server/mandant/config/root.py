@@ -1,9 +1,9 @@
 """:class:`MandantConfig`, the whole file (``server``, ``limits``, ``tenants``,
 ``models``), and the checks that span its sections: tenant ids, key hashes and
 certificate identities that clash, models that name unknown tenants or bases, versions
-defined twice, version policies that disagree; with what a running server asks of it:
-command-line server overrides, a load request's model entries, warnings, the files it
-names and its model specs."""
+defined twice, version policies that disagree, warm-up requests that do not fit their
+model's inputs; with what a running server asks of it: command-line server overrides,
+a load request's model entries, warnings, the files it names and its model specs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pydantic import ValidationError, model_validator
 from mandant.config._base import _errors, _Frozen, _Problems, _unreadable
 from mandant.config.models import ModelConfig, VersionPolicyConfig
 from mandant.config.server import ServerConfig
-from mandant.config.specs import ModelSpec, _bases, _resolve, _version_policies
+from mandant.config.specs import ModelSpec, _bases, _inherited, _resolve, _version_policies
 from mandant.config.tenants import LimitsConfig, TenantConfig
 from mandant.errors import ConfigError
 
@@ -190,8 +190,8 @@ def _model_problems(
     models: Sequence[ModelConfig], tenants: Sequence[TenantConfig]
 ) -> list[tuple[str, str]]:
     """Models that name an unknown tenant or base, versions defined twice, version
-    policies that disagree, tenants' limits for unknown models; each (field path,
-    reason)."""
+    policies that disagree, warm-up requests that do not fit the model's inputs,
+    tenants' limits for unknown models; each (field path, reason)."""
     problems: list[tuple[str, str]] = []
     tenant_ids = {t.id for t in tenants}
     shared = {m.model_name for m in models if m.tenant is None}
@@ -209,6 +209,7 @@ def _model_problems(
             why = f"model {name!r} of tenant {model.tenant!r}: base {model.base!r}"
             problems.append((f"{where}.base", f"{why} is not a shared model"))
     problems += _version_policy_problems(models)
+    problems += _warmup_problems(models)
     for index, tenant in enumerate(tenants):
         for name in tenant.models:
             if not any(m.model_name == name and m.tenant in (None, tenant.id) for m in models):
@@ -238,4 +239,25 @@ def _version_policy_problems(models: Sequence[ModelConfig]) -> list[tuple[str, s
         if missing:
             why = f"model {name!r}: version_policy names version {missing[0]}, which has no entry"
             problems.append((f"models.{index}.version_policy.specific", why))
+    return problems
+
+
+def _warmup_problems(models: Sequence[ModelConfig]) -> list[tuple[str, str]]:
+    """Each warm-up request that does not give its model version the inputs it declares
+    (both as the entry resolves: a tuned variant's from its base where it sets none).
+    A model that declares none (Triton's may leave them to Triton) is not checked."""
+    shared = _bases(models)
+    problems: list[tuple[str, str]] = []
+    for index, model in enumerate(models):
+        base = shared.get(model.base) if model.base else None
+        declared = _inherited(model, base, "inputs")
+        warmup = _inherited(model, base, "warmup")
+        if not declared or not warmup:
+            continue
+        source = "" if model.warmup is not None else f", in the warmup of its base {model.base!r}"
+        problems += [
+            (f"models.{index}.warmup.{number}.{path}", f"{why}{source}")
+            for number, request in enumerate(warmup)
+            for path, why in request.unfit(model.model_name, declared)
+        ]
     return problems

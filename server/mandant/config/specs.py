@@ -107,6 +107,12 @@ def _bases(models: Sequence[ModelConfig]) -> dict[str, ModelConfig]:
     return bases
 
 
+def _inherited(model: ModelConfig, base: ModelConfig | None, field: str) -> Any:
+    """``model``'s setting of ``field``, else (a tuned variant) its ``base``'s."""
+    own = getattr(model, field)
+    return own if own is not None or base is None else getattr(base, field)
+
+
 def _resolve(
     model: ModelConfig,
     base: ModelConfig | None,
@@ -114,8 +120,7 @@ def _resolve(
     version_policy: VersionPolicyConfig = SERVE_ALL,
 ) -> ModelSpec:
     def pick(field: str) -> Any:
-        own = getattr(model, field)
-        return own if own is not None or base is None else getattr(base, field)
+        return _inherited(model, base, field)
 
     backend: Literal["torch", "triton"] = pick("backend") or "torch"
     inputs, outputs = pick("inputs"), pick("outputs")

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import re
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -37,7 +36,7 @@ from mandant.observability.live import LiveStats
 from mandant.observability.slo import SloTracker
 from mandant.observability.usage import UsageReports
 from mandant.tenancy.directory import TenantDirectory
-from mandant.transport.http import runner
+from mandant.transport.http import runner, serve
 from mandant.transport.tls import reload_ssl_context, server_ssl_context
 
 logger = logging.getLogger(__name__)
@@ -159,13 +158,26 @@ class HttpServer:
     async def start(self) -> int:
         """Bind and serve (and the internal listener, if configured); returns the
         bound port."""
-        self.port = await _bind(
-            self._runner, self._config.http_bind_host, self._config.http_port, self._ssl
+        config = self._config
+        host_setting = "server.http_host" if config.http_host is not None else "server.host"
+        self.port = await serve(
+            self._runner,
+            "HTTP port",
+            host_setting,
+            config.http_bind_host,
+            config.http_port,
+            self._ssl,
         )
-        internal = self._config.internal_http
+        internal = config.internal_http
         if self._internal is not None and internal is not None:
             try:
-                self.internal_port = await _bind(self._internal, internal.host, internal.port)
+                self.internal_port = await serve(
+                    self._internal,
+                    "internal HTTP port",
+                    "server.internal_http.host",
+                    internal.host,
+                    internal.port,
+                )
             except BaseException:
                 await self._runner.cleanup()
                 raise
@@ -263,16 +275,3 @@ COMPRESS_FROM_BYTES = 8192
 
 def _compact(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
-
-
-async def _bind(
-    runner: web.AppRunner, host: str, port: int, ssl_context: ssl.SSLContext | None = None
-) -> int:
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
-    try:
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return int(runner.addresses[0][1])

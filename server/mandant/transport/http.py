@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import ssl
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
@@ -47,3 +49,35 @@ def runner(app: web.Application) -> web.AppRunner:
     return web.AppRunner(
         app, access_log=None, shutdown_timeout=CLOSE_WAIT_S, handler_cancellation=True
     )
+
+
+async def serve(
+    runner: web.AppRunner,
+    listener: str,
+    host_setting: str,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None = None,
+) -> int:
+    """Set ``runner`` up and serve it on ``host``:``port``; returns the bound port (0
+    binds a free one). A failure to bind (a host that does not resolve, an address not
+    on this machine, a port in use) is an OSError naming the ``listener``, the setting
+    that gave the host and the address: the resolver's own message ("Name or service
+    not known") names none of them."""
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        # asyncio's own text repeats the address ("error while attempting to bind on
+        # address ...: address already in use"); a resolver's error has no errno > 0.
+        errno = exc.errno or 0
+        reason = os.strerror(errno) if errno > 0 else exc.strerror or str(exc)
+        raise OSError(
+            f"cannot bind the {listener} ({host_setting} {host!r}, port {port}): {reason}"
+        ) from exc
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return int(runner.addresses[0][1])

@@ -144,7 +144,13 @@ class JsonInferRequest:
         try:
             doc = json.loads(view[:json_end].tobytes() if json_end < len(body) else body)
         except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, too deep
-            raise InvalidInput("the request body is not a valid JSON inference request") from None
+            # With the header, a body of valid JSON may be cut short by it: say so.
+            where = (
+                "the request body is"
+                if header_length is None
+                else f"the first {json_end} bytes of the body ({HEADER_LENGTH}) are"
+            )
+            raise InvalidInput(f"{where} not a valid JSON inference request") from None
         doc = _expect(doc, dict, "the inference request")
         request_id = doc.get("id", "")
         self._id: str = _expect(request_id, str, "'id'")

@@ -118,16 +118,14 @@ class RestServer:
 
     async def start(self) -> int:
         """Bind and serve; returns the bound port (0 binds a free one)."""
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, self._config.host, self._config.rest_port, ssl_context=self._ssl
+        self.port = await http.serve(
+            self._runner,
+            "REST port",
+            "server.host",
+            self._config.host,
+            self._config.rest_port,
+            self._ssl,
         )
-        try:
-            await site.start()
-        except BaseException:
-            await self._runner.cleanup()
-            raise
-        self.port = int(self._runner.addresses[0][1])
         return self.port
 
     def reload_tls(self, tls: TlsConfig) -> None:
