@@ -515,8 +515,12 @@ async def test_triton_s_full_queue_is_queue_full_for_its_caller_and_leaves_the_b
 # -- faults ---------------------------------------------------------------------------
 
 
-async def test_triton_killed_under_load_then_restarted(tmp_path: Path) -> None:
-    with TritonProcess() as triton:
+async def test_triton_killed_under_load_then_restarted(
+    triton: TritonProcess, tmp_path: Path
+) -> None:
+    """Kills the module's Triton and starts it again on the same ports (started
+    again here if the test fails first, for the tests after it)."""
+    try:
         async with App(config(triton.url), tmp_path) as app, client(app, "acme", 5) as mc:
             calls: list[tuple[float, float, str]] = []  # start, seconds, outcome
             stop = asyncio.Event()
@@ -543,6 +547,9 @@ async def test_triton_killed_under_load_then_restarted(tmp_path: Path) -> None:
             np.testing.assert_allclose(result["OUTPUT0"], want, rtol=1e-5, atol=1e-6)
             assert await mc.model_ready("tiny")
             assert await mc.server_ready()
+    finally:
+        if not triton.running:
+            await asyncio.to_thread(triton.start)
 
 
 async def _kill_and_restart(
