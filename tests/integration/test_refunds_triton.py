@@ -34,10 +34,19 @@ KEY = "down-tenant-key"
 METADATA = (("authorization", f"Bearer {KEY}"),)
 
 
-@pytest.fixture
-def triton() -> Iterator[TritonProcess]:
+@pytest.fixture(scope="module")
+def triton_process() -> Iterator[TritonProcess]:
     with TritonProcess() as server:
         yield server
+
+
+@pytest.fixture
+def triton(triton_process: TritonProcess) -> TritonProcess:
+    """The module's Triton, started again if a test before killed it (a start is most
+    of these tests' time)."""
+    if not triton_process.running:
+        triton_process.start()
+    return triton_process
 
 
 def request(rows: int, timeout_us: int | None = None) -> pb.ModelInferRequest:
@@ -47,37 +56,6 @@ def request(rows: int, timeout_us: int | None = None) -> pb.ModelInferRequest:
     if timeout_us is not None:  # v2 ``timeout``, µs
         message.parameters["timeout"].int64_param = timeout_us
     return message
-
-
-def test_calls_refused_by_a_dead_backend_or_open_breaker_are_not_charged(
-    triton: TritonProcess, tmp_path: Path
-) -> None:
-    config = parse_config(
-        {
-            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 0},
-            "tenants": [{"id": "acme", "api_keys": [hash_key(KEY)], "quota": {"rows_per_day": 60}}],
-            "models": [
-                {
-                    "name": "tiny",
-                    "backend": "triton",
-                    # Readiness is not polled again: calls reach the dead backend.
-                    "triton": {"url": triton.url, "model": MODEL, "health_interval_s": 3600},
-                }
-            ],
-        }
-    )
-    with ServerThread(config, tmp_path) as server, grpc.insecure_channel(server.target) as ch:
-        assert server.app is not None
-        stub = pb_grpc.GRPCInferenceServiceStub(ch)
-        with same_utc_day():
-            stub.ModelInfer(request(2), metadata=METADATA)
-            triton.kill()
-            for _ in range(12):
-                with pytest.raises(grpc.RpcError) as caught:
-                    stub.ModelInfer(request(4), metadata=METADATA)
-                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            used = server.call(server.app.admission.quota_used("acme"))["rows_today"]
-            assert used == 2
 
 
 def test_a_call_whose_deadline_passes_while_triton_computes_it_stays_charged(
@@ -115,3 +93,34 @@ def test_a_call_whose_deadline_passes_while_triton_computes_it_stays_charged(
             finally:
                 os.kill(triton._process.pid, signal.SIGCONT)
             assert server.call(server.app.admission.quota_used("acme"))["rows_today"] == 32
+
+
+def test_calls_refused_by_a_dead_backend_or_open_breaker_are_not_charged(
+    triton: TritonProcess, tmp_path: Path
+) -> None:
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 0},
+            "tenants": [{"id": "acme", "api_keys": [hash_key(KEY)], "quota": {"rows_per_day": 60}}],
+            "models": [
+                {
+                    "name": "tiny",
+                    "backend": "triton",
+                    # Readiness is not polled again: calls reach the dead backend.
+                    "triton": {"url": triton.url, "model": MODEL, "health_interval_s": 3600},
+                }
+            ],
+        }
+    )
+    with ServerThread(config, tmp_path) as server, grpc.insecure_channel(server.target) as ch:
+        assert server.app is not None
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        with same_utc_day():
+            stub.ModelInfer(request(2), metadata=METADATA)
+            triton.kill()
+            for _ in range(12):
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.ModelInfer(request(4), metadata=METADATA)
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            used = server.call(server.app.admission.quota_used("acme"))["rows_today"]
+            assert used == 2
