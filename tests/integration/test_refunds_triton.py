@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -32,21 +31,6 @@ pytestmark = pytest.mark.skipif(_missing is not None, reason=_missing or "")
 
 KEY = "down-tenant-key"
 METADATA = (("authorization", f"Bearer {KEY}"),)
-
-
-@pytest.fixture(scope="module")
-def triton_process() -> Iterator[TritonProcess]:
-    with TritonProcess() as server:
-        yield server
-
-
-@pytest.fixture
-def triton(triton_process: TritonProcess) -> TritonProcess:
-    """The module's Triton, started again if a test before killed it (a start is most
-    of these tests' time)."""
-    if not triton_process.running:
-        triton_process.start()
-    return triton_process
 
 
 def request(rows: int, timeout_us: int | None = None) -> pb.ModelInferRequest:
