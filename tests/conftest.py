@@ -5,6 +5,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.servers import SERVER_KINDS, Server, ServerThread, WorkersServer, demo_config
+from tests.triton_server import TritonProcess
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +30,18 @@ def demo(request: pytest.FixtureRequest) -> Server:
     name = "demo_server" if request.param == SERVER_KINDS[0] else "demo_workers_server"
     server: Server = request.getfixturevalue(name)
     return server
+
+
+@pytest.fixture(scope="session")
+def triton_process() -> Iterator[TritonProcess]:
+    """One real Triton for every module that needs one (a start takes seconds)."""
+    with TritonProcess() as server:
+        yield server
+
+
+@pytest.fixture
+def triton(triton_process: TritonProcess) -> TritonProcess:
+    """The session's Triton, started again (same ports) if a test before killed it."""
+    if not triton_process.running:
+        triton_process.start()
+    return triton_process

@@ -7,11 +7,12 @@ one timeout at most. A real redis-server; stalls are ``CLIENT PAUSE``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,17 @@ def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
         connection.close()
 
 
+@contextlib.asynccontextmanager
+async def _admission(config: MandantConfig) -> AsyncIterator[TenantAdmission]:
+    """An admission on the configuration's shared store, started, closed at the end."""
+    admission = TenantAdmission(config, shared_store_for(config.limits))
+    await admission.start()
+    try:
+        yield admission
+    finally:
+        await admission.aclose()
+
+
 def _rows_today(client: redis.Redis, prefix: str, tenant: str) -> int:
     return int(client.get(f"{prefix}:{{{tenant}}}:*:rows_per_day:{utc_day()}") or 0)
 
@@ -77,15 +89,11 @@ async def test_one_refused_script_fails_only_its_own_call(
         tenants = [{"id": f"t{i}", "quota": {"rows_per_day": 1000}} for i in range(10)]
         config = _config(redis_server.url, "p1", *tenants, on_store_error="deny")
         client.hset(f"p1:{{t3}}:*:rows_per_day:{utc_day()}", "not", "a count")
-        admission = TenantAdmission(config, shared_store_for(config.limits))
-        await admission.start()
-        try:
+        async with _admission(config) as admission:
             results = await asyncio.gather(
                 *(admission.admit(Tenant(f"t{i}"), ECHO, 10) for i in range(10)),
                 return_exceptions=True,
             )
-        finally:
-            await admission.aclose()
         assert isinstance(results[3], Unavailable)
         admitted = [i for i, result in enumerate(results) if not isinstance(result, BaseException)]
         assert admitted == [0, 1, 2, 4, 5, 6, 7, 8, 9]
@@ -128,9 +136,7 @@ async def test_a_call_redis_runs_after_a_stall_takes_nothing(
             on_store_error=on_store_error,
             timeout_ms=100,
         )
-        admission = TenantAdmission(config, shared_store_for(config.limits))
-        await admission.start()
-        try:
+        async with _admission(config) as admission:
             (await admission.admit(Tenant("acme"), ECHO, 10)).release()
             stall = _stall(redis_server.port, 0.6)
             if on_store_error == "deny":
@@ -143,8 +149,6 @@ async def test_a_call_redis_runs_after_a_stall_takes_nothing(
             await asyncio.sleep(0.2)  # retry_interval_s: the store decides again
             (await admission.admit(Tenant("acme"), ECHO, 5)).release()
             assert _rows_today(client, prefix, "acme") == 15
-        finally:
-            await admission.aclose()
 
 
 async def test_a_refund_redis_cannot_take_is_sent_when_it_can(
@@ -155,9 +159,7 @@ async def test_a_refund_redis_cannot_take_is_sent_when_it_can(
     once Redis takes connections again; one Redis refuses (``OOM``) likewise."""
     with same_utc_day():
         config = _config(redis_server.url, "p3", {"id": "acme", "quota": {"rows_per_day": 100}})
-        admission = TenantAdmission(config, shared_store_for(config.limits))
-        await admission.start()
-        try:
+        async with _admission(config) as admission:
             first = await admission.admit(Tenant("acme"), ECHO, 40)
             second = await admission.admit(Tenant("acme"), ECHO, 30)
             assert _rows_today(client, "p3", "acme") == 70
@@ -177,8 +179,6 @@ async def test_a_refund_redis_cannot_take_is_sent_when_it_can(
 
             (await admission.admit(Tenant("acme"), ECHO, 1)).release()  # takes them along
             assert _rows_today(client, "p3", "acme") == 1
-        finally:
-            await admission.aclose()
 
 
 async def test_scripts_flushed_from_redis_are_loaded_again(
@@ -188,9 +188,7 @@ async def test_scripts_flushed_from_redis_are_loaded_again(
     are answered ``NOSCRIPT``, ran nowhere, and are sent again with the scripts."""
     with same_utc_day():
         config = _config(redis_server.url, "p9", {"id": "acme", "quota": {"rows_per_day": 100}})
-        admission = TenantAdmission(config, shared_store_for(config.limits))
-        await admission.start()
-        try:
+        async with _admission(config) as admission:
             permit = await admission.admit(Tenant("acme"), ECHO, 30)
             client.script_flush()
             permit.release(refund=True)
@@ -200,8 +198,6 @@ async def test_scripts_flushed_from_redis_are_loaded_again(
             )
             for result in results:
                 result.release()
-        finally:
-            await admission.aclose()
         assert _rows_today(client, "p9", "acme") == 30
 
 
@@ -239,17 +235,13 @@ async def test_pushback_is_the_wait_until_every_limit_fits(redis_server: RedisSe
             "rate_limit": {"requests_per_s": 100, "burst": 1, "rows_per_s": 10, "rows_burst": 10},
         },
     )
-    admission = TenantAdmission(config, shared_store_for(config.limits))
-    await admission.start()
-    try:
+    async with _admission(config) as admission:
         (await admission.admit(Tenant("acme"), ECHO, 10)).release()
         with pytest.raises(RateLimited, match="rows_per_s=10 exceeded") as refused:
             await admission.admit(Tenant("acme"), ECHO, 10)
         assert 0.95 < refused.value.retry_after_s <= 1.0
         await asyncio.sleep(refused.value.retry_after_s + 0.002)
         (await admission.admit(Tenant("acme"), ECHO, 10)).release()
-    finally:
-        await admission.aclose()
 
 
 async def test_a_usage_flush_redis_took_in_part_counts_each_tenant_once(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -34,12 +33,6 @@ KEY = "down-tenant-key"
 METADATA = (("authorization", f"Bearer {KEY}"),)
 
 
-@pytest.fixture
-def triton() -> Iterator[TritonProcess]:
-    with TritonProcess() as server:
-        yield server
-
-
 def request(rows: int, timeout_us: int | None = None) -> pb.ModelInferRequest:
     message = pb.ModelInferRequest(model_name="tiny")
     message.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 4])
@@ -47,37 +40,6 @@ def request(rows: int, timeout_us: int | None = None) -> pb.ModelInferRequest:
     if timeout_us is not None:  # v2 ``timeout``, µs
         message.parameters["timeout"].int64_param = timeout_us
     return message
-
-
-def test_calls_refused_by_a_dead_backend_or_open_breaker_are_not_charged(
-    triton: TritonProcess, tmp_path: Path
-) -> None:
-    config = parse_config(
-        {
-            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 0},
-            "tenants": [{"id": "acme", "api_keys": [hash_key(KEY)], "quota": {"rows_per_day": 60}}],
-            "models": [
-                {
-                    "name": "tiny",
-                    "backend": "triton",
-                    # Readiness is not polled again: calls reach the dead backend.
-                    "triton": {"url": triton.url, "model": MODEL, "health_interval_s": 3600},
-                }
-            ],
-        }
-    )
-    with ServerThread(config, tmp_path) as server, grpc.insecure_channel(server.target) as ch:
-        assert server.app is not None
-        stub = pb_grpc.GRPCInferenceServiceStub(ch)
-        with same_utc_day():
-            stub.ModelInfer(request(2), metadata=METADATA)
-            triton.kill()
-            for _ in range(12):
-                with pytest.raises(grpc.RpcError) as caught:
-                    stub.ModelInfer(request(4), metadata=METADATA)
-                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            used = server.call(server.app.admission.quota_used("acme"))["rows_today"]
-            assert used == 2
 
 
 def test_a_call_whose_deadline_passes_while_triton_computes_it_stays_charged(
@@ -115,3 +77,34 @@ def test_a_call_whose_deadline_passes_while_triton_computes_it_stays_charged(
             finally:
                 os.kill(triton._process.pid, signal.SIGCONT)
             assert server.call(server.app.admission.quota_used("acme"))["rows_today"] == 32
+
+
+def test_calls_refused_by_a_dead_backend_or_open_breaker_are_not_charged(
+    triton: TritonProcess, tmp_path: Path
+) -> None:
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 0},
+            "tenants": [{"id": "acme", "api_keys": [hash_key(KEY)], "quota": {"rows_per_day": 60}}],
+            "models": [
+                {
+                    "name": "tiny",
+                    "backend": "triton",
+                    # Readiness is not polled again: calls reach the dead backend.
+                    "triton": {"url": triton.url, "model": MODEL, "health_interval_s": 3600},
+                }
+            ],
+        }
+    )
+    with ServerThread(config, tmp_path) as server, grpc.insecure_channel(server.target) as ch:
+        assert server.app is not None
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        with same_utc_day():
+            stub.ModelInfer(request(2), metadata=METADATA)
+            triton.kill()
+            for _ in range(12):
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.ModelInfer(request(4), metadata=METADATA)
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            used = server.call(server.app.admission.quota_used("acme"))["rows_today"]
+            assert used == 2

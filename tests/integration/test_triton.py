@@ -16,7 +16,7 @@ import os
 import re
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +110,6 @@ def config(triton_url: str, *extra_models: dict[str, Any]) -> MandantConfig:
 
 def rows(n: int) -> np.ndarray:
     return RNG.standard_normal((n, 4)).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def triton() -> Iterator[TritonProcess]:
-    with TritonProcess() as server:
-        yield server
 
 
 @pytest.fixture
@@ -515,34 +509,36 @@ async def test_triton_s_full_queue_is_queue_full_for_its_caller_and_leaves_the_b
 # -- faults ---------------------------------------------------------------------------
 
 
-async def test_triton_killed_under_load_then_restarted(tmp_path: Path) -> None:
-    with TritonProcess() as triton:
-        async with App(config(triton.url), tmp_path) as app, client(app, "acme", 5) as mc:
-            calls: list[tuple[float, float, str]] = []  # start, seconds, outcome
-            stop = asyncio.Event()
+async def test_triton_killed_under_load_then_restarted(
+    triton: TritonProcess, tmp_path: Path
+) -> None:
+    """Kills the session's Triton and starts it again on the same ports."""
+    async with App(config(triton.url), tmp_path) as app, client(app, "acme", 5) as mc:
+        calls: list[tuple[float, float, str]] = []  # start, seconds, outcome
+        stop = asyncio.Event()
 
-            async def load() -> None:
-                while not stop.is_set():
-                    start = time.monotonic()
-                    try:
-                        await mc.infer("tiny", {"INPUT0": rows(2)})
-                        outcome = "ok"
-                    except Unavailable:
-                        outcome = "unavailable"
-                    calls.append((start, time.monotonic() - start, outcome))
+        async def load() -> None:
+            while not stop.is_set():
+                start = time.monotonic()
+                try:
+                    await mc.infer("tiny", {"INPUT0": rows(2)})
+                    outcome = "ok"
+                except Unavailable:
+                    outcome = "unavailable"
+                calls.append((start, time.monotonic() - start, outcome))
 
-            workers = [asyncio.create_task(load()) for _ in range(8)]
-            try:
-                await _kill_and_restart(triton, mc, calls)
-            finally:
-                stop.set()
-                await asyncio.gather(*workers, return_exceptions=True)
-            x = rows(4)
-            result = await mc.infer("tiny", {"INPUT0": x})
-            want = expected(x)["OUTPUT0"]
-            np.testing.assert_allclose(result["OUTPUT0"], want, rtol=1e-5, atol=1e-6)
-            assert await mc.model_ready("tiny")
-            assert await mc.server_ready()
+        workers = [asyncio.create_task(load()) for _ in range(8)]
+        try:
+            await _kill_and_restart(triton, mc, calls)
+        finally:
+            stop.set()
+            await asyncio.gather(*workers, return_exceptions=True)
+        x = rows(4)
+        result = await mc.infer("tiny", {"INPUT0": x})
+        want = expected(x)["OUTPUT0"]
+        np.testing.assert_allclose(result["OUTPUT0"], want, rtol=1e-5, atol=1e-6)
+        assert await mc.model_ready("tiny")
+        assert await mc.server_ready()
 
 
 async def _kill_and_restart(
