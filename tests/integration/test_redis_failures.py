@@ -34,6 +34,10 @@ from tests.servers import ECHO_MODEL, ServerThread
 __all__ = ["redis_server"]  # the fixture
 
 ECHO = ModelKey("echo", "1")
+#: Fields of one tenant's usage flush that make Redis take several times the tests'
+#: 30 ms ``timeout_ms`` on a fast machine (20,000 took about 30 ms on one, failing the
+#: tests there), and still well under their 0.5 s wait for it on a slow one.
+SLOW_FLUSH_FIELDS = 60_000
 ADMIN_KEY = "failures-admin-key"
 
 
@@ -273,15 +277,15 @@ async def test_a_usage_flush_answered_too_late_is_counted_once(
     redis_server: RedisServer, client: redis.Redis
 ) -> None:
     """Redis applies a flush after this process gave up waiting for the reply (it
-    took longer than ``timeout_ms``: 20000 fields): the flush is sent again, and
-    Redis applies it once (its sequence number is marked)."""
+    took longer than ``timeout_ms``: :data:`SLOW_FLUSH_FIELDS` fields): the flush is
+    sent again, and Redis applies it once (its sequence number is marked)."""
     with same_utc_day():
         config = _config(redis_server.url, "p7", {"id": "t0"}, timeout_ms=30)
         usage = RedisUsage(config.limits, flush_interval_s=3600)
         try:
             usage.add("t1", "requests", "OK", 1)
             assert await usage.flush() is True  # the script is loaded
-            for model in range(20000):
+            for model in range(SLOW_FLUSH_FIELDS):
                 usage.add("t0", "rows", f"m{model}", 1)
             usage.add("t1", "requests", "OK", 1)
             assert await usage.flush() is False  # Redis is still at it
@@ -291,7 +295,7 @@ async def test_a_usage_flush_answered_too_late_is_counted_once(
         finally:
             await usage.aclose()
         rows = client.hgetall(f"p7:{{t0}}:usage:day:{utc_day()}")
-        assert len(rows) == 20000 and set(rows.values()) == {b"1"}
+        assert len(rows) == SLOW_FLUSH_FIELDS and set(rows.values()) == {b"1"}
         assert client.hgetall(f"p7:{{t1}}:usage:day:{utc_day()}") == {b"requests:OK": b"3"}
 
 
@@ -305,14 +309,14 @@ async def test_a_graceful_stop_sends_counts_held_back_behind_a_lost_reply(
         usage = RedisUsage(config.limits, flush_interval_s=3600)
         usage.add("t0", "requests", "OK", 1)
         assert await usage.flush() is True  # the script is loaded
-        for model in range(20000):
+        for model in range(SLOW_FLUSH_FIELDS):
             usage.add("t0", "rows", f"m{model}", 1)
         assert await usage.flush() is False  # Redis is still at it
         usage.add("t0", "requests", "OK", 1)  # held back behind that flush
         await asyncio.sleep(0.5)
         await usage.aclose()
         counts = client.hgetall(f"p9:{{t0}}:usage:day:{utc_day()}")
-        assert counts[b"requests:OK"] == b"2" and len(counts) == 20001
+        assert counts[b"requests:OK"] == b"2" and len(counts) == SLOW_FLUSH_FIELDS + 1
 
 
 async def test_a_report_reads_counts_held_back_behind_a_lost_reply(
@@ -326,7 +330,7 @@ async def test_a_report_reads_counts_held_back_behind_a_lost_reply(
         try:
             usage.add("t1", "requests", "OK", 1)
             assert await usage.flush() is True  # the script is loaded
-            for model in range(20000):  # t0's sums make the flush outlast its timeout
+            for model in range(SLOW_FLUSH_FIELDS):  # t0's sums make the flush outlast its timeout
                 usage.add("t0", "rows", f"m{model}", 1)
             usage.add("t1", "requests", "OK", 1)
             assert await usage.flush() is False  # Redis is still at it
