@@ -17,8 +17,10 @@ None of these calls passes the gate or takes a place under ``max_concurrent_rpcs
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
@@ -82,12 +84,21 @@ async def bounded_stream(
 
 
 class WatchCap:
-    """Watch streams open at once, at most ``max_streams`` (``watching`` now)."""
+    """Watch streams open at once, at most ``max_streams`` (``watching`` now); and their
+    end when the server stops (:meth:`end`)."""
 
     def __init__(self, servicer: health.aio.HealthServicer, max_streams: int) -> None:
         self._servicer = servicer
         self._max_streams = max_streams
         self.watching = 0
+        self._ending = asyncio.Event()
+
+    def end(self) -> None:
+        """The server stops (its statuses were set NOT_SERVING): each Watch stream ends,
+        status OK, once it has told its client NOT_SERVING (at most
+        :data:`WATCH_END_WAIT_S` later). Open, a stream held the stop for its whole
+        grace: gRPC waits for every call, and the stock servicer's Watch never ends."""
+        self._ending.set()
 
     async def watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
         if self.watching >= self._max_streams:
@@ -98,10 +109,42 @@ class WatchCap:
             await abort(context, busy)
             return
         self.watching += 1
+        told = _Told(context)
+        watching = asyncio.ensure_future(self._servicer.Watch(request, cast(Context, told)))
         try:
-            await self._servicer.Watch(request, context)
+            ending = asyncio.ensure_future(self._ending.wait())
+            try:
+                await asyncio.wait((watching, ending), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ending.cancel()
+            if not watching.done():  # the server stops: NOT_SERVING first, then the end
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(told.not_serving.wait(), WATCH_END_WAIT_S)
+            else:
+                watching.result()  # the stock Watch ended (or failed) by itself
         finally:
+            watching.cancel()
             self.watching -= 1
+
+
+#: How long a Watch stream is given to tell its client NOT_SERVING once the server stops.
+WATCH_END_WAIT_S = 1.0
+
+
+class _Told:
+    """A Watch stream's context, noting when NOT_SERVING has been written to it."""
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+        self.not_serving = asyncio.Event()
+
+    async def write(self, message: health_pb2.HealthCheckResponse) -> None:
+        await self._context.write(message)
+        if message.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            self.not_serving.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 def add_health(

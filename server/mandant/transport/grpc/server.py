@@ -279,6 +279,7 @@ class GrpcServer:
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
         await self._health.enter_graceful_shutdown()
+        self.watches.end()
         loop = asyncio.get_running_loop()
         began = loop.time()
         started = -1
