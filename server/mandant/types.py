@@ -191,6 +191,13 @@ class InferResponse:
 
     @property
     def nbytes(self) -> int:
-        """The bytes of its output tensors (a BYTES tensor's: its references, 8 per
-        element): what its client makes the server hold until it reads the answer."""
-        return sum(array.nbytes for array in self.outputs.values())
+        """The bytes of its output tensors as sent (a BYTES tensor's elements and their
+        4-byte lengths, a str element counted by its characters): what its client makes
+        the server hold until it reads the answer."""
+        return sum(_tensor_bytes(array) for array in self.outputs.values())
+
+
+def _tensor_bytes(array: np.ndarray) -> int:
+    if array.dtype.kind != "O":
+        return int(array.nbytes)
+    return sum(map(len, array.reshape(-1).tolist())) + 4 * array.size

@@ -78,6 +78,16 @@ async def _admission(config: MandantConfig) -> AsyncIterator[TenantAdmission]:
         await admission.aclose()
 
 
+async def _applied(client: redis.Redis, prefix: str, tenant: str, fields: int) -> None:
+    """Until Redis has applied a flush of ``fields`` fields of ``tenant``'s day that
+    this process gave up waiting for (at most 10 s: a slow machine takes longer)."""
+    key = f"{prefix}:{{{tenant}}}:usage:day:{utc_day()}"
+    deadline = time.monotonic() + 10
+    while client.hlen(key) < fields:
+        assert time.monotonic() < deadline, f"Redis applied {client.hlen(key)} of {fields}"
+        await asyncio.sleep(0.02)
+
+
 def _rows_today(client: redis.Redis, prefix: str, tenant: str) -> int:
     return int(client.get(f"{prefix}:{{{tenant}}}:*:rows_per_day:{utc_day()}") or 0)
 
@@ -289,7 +299,7 @@ async def test_a_usage_flush_answered_too_late_is_counted_once(
                 usage.add("t0", "rows", f"m{model}", 1)
             usage.add("t1", "requests", "OK", 1)
             assert await usage.flush() is False  # Redis is still at it
-            await asyncio.sleep(0.5)  # and has applied it since
+            await _applied(client, "p7", "t0", SLOW_FLUSH_FIELDS)  # and has applied it since
             usage.add("t1", "requests", "OK", 1)
             assert await usage.flush() is True  # sent again, applied once
         finally:
@@ -313,7 +323,7 @@ async def test_a_graceful_stop_sends_counts_held_back_behind_a_lost_reply(
             usage.add("t0", "rows", f"m{model}", 1)
         assert await usage.flush() is False  # Redis is still at it
         usage.add("t0", "requests", "OK", 1)  # held back behind that flush
-        await asyncio.sleep(0.5)
+        await _applied(client, "p9", "t0", SLOW_FLUSH_FIELDS + 1)
         await usage.aclose()
         counts = client.hgetall(f"p9:{{t0}}:usage:day:{utc_day()}")
         assert counts[b"requests:OK"] == b"2" and len(counts) == SLOW_FLUSH_FIELDS + 1
@@ -335,7 +345,9 @@ async def test_a_report_reads_counts_held_back_behind_a_lost_reply(
             usage.add("t1", "requests", "OK", 1)
             assert await usage.flush() is False  # Redis is still at it
             usage.add("t1", "requests", "OK", 1)  # held back behind that flush
-            await asyncio.sleep(0.5)  # Redis has applied it; the failure is past the interval
+            failed_at = time.monotonic()
+            await _applied(client, "p10", "t0", SLOW_FLUSH_FIELDS)  # Redis has applied it
+            await asyncio.sleep(max(0.0, failed_at + 0.25 - time.monotonic()))  # past 0.2 s
             counts = await usage.read(["t1"])
             assert counts is not None and counts["t1"]["today"]["requests:OK"] == 3
         finally:

@@ -1,13 +1,24 @@
 """The count of each tenant's unread answers (``transport/grpc/unread.py``): a tenant
 is refused only once what it holds reaches the bound (an answer alone never is), each
-refusal is counted, other tenants are not touched, and what is written is forgotten."""
+refusal is counted, other tenants are not touched (its call is refused before it takes
+a place), and what is written is forgotten."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
+import grpc
+import numpy as np
 import pytest
 
+from mandant.scheduling.door import CallCap, FrontDoor
+from mandant.transport.grpc.gateway import Access, Gate
 from mandant.transport.grpc.unread import UNREAD_REASON, AnswersUnread, UnreadAnswers
+from mandant.types import Call, InferResponse, Tenant
+from mandant_client._proto import grpc_service_pb2 as pb
 from tests.fakes import RecordingObserver
+from tests.unit.test_gate_reports import _Context, _refuse_admin
 
 
 def test_a_tenant_is_refused_only_at_the_bound_and_alone() -> None:
@@ -36,3 +47,54 @@ def test_written_answers_are_forgotten() -> None:
     assert unread.held("acme") == 0
     unread.hold("acme", 0)  # an answer without tensors holds nothing
     assert unread.held("acme") == 0
+
+
+async def test_an_inference_call_at_the_bound_is_refused_before_it_takes_a_place() -> None:
+    """The gate checks before the cap and the door: with the cap full (b's call inside,
+    b's next at the door), a's call over its bound is refused for its unread answers
+    and takes nobody's place (it used to shed b's waiting call, then be refused)."""
+    keys = {"key-a": Tenant("a"), "key-b": Tenant("b")}
+    observer, cap, door = RecordingObserver(), CallCap(2), FrontDoor(1)
+    gate = Gate(lambda key: keys[key or ""], _refuse_admin, observer, cap, door)
+    gate.unread = UnreadAnswers(100, observer)
+    gate.unread.hold("a", 1000)
+    release = asyncio.Event()
+
+    async def behavior(request: object, call: Call, context: object) -> pb.ModelInferResponse:
+        await release.wait()
+        return pb.ModelInferResponse()
+
+    handler = gate.unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        Access.TENANT,
+        pb.ModelInferRequest,
+        behavior,
+        pb.ModelInferResponse.SerializeToString,
+        fair=True,
+    ).stream_unary
+
+    async def call(key: str) -> tuple[grpc.StatusCode, str] | None:
+        context = _Context(key, observer, cap)
+        with contextlib.suppress(grpc.aio.AbortError):
+            await handler(None, context)
+        return context.aborted
+
+    inside = asyncio.create_task(call("key-b"))
+    await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(call("key-b"))  # at the door, the cap's last place
+    await asyncio.sleep(0.01)
+    refused = await asyncio.wait_for(call("key-a"), 5)  # not let in to wait for release
+    assert refused is not None and refused[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "answers are not read yet" in refused[1]
+    release.set()
+    assert await inside is None and await waiting is None  # b's calls both served
+    assert observer.rejections == [("a", UNREAD_REASON, "")]
+
+
+def test_an_answer_counts_its_bytes_tensors_by_their_elements() -> None:
+    """A BYTES output counts what is sent: each element and its 4-byte length (its
+    array holds only references: 8 bytes an element, 32 for 4 MiB of answer)."""
+    words = np.array([b"x" * 1024] * 4, dtype=object)
+    scores = np.zeros((2, 3), np.float32)
+    answer = InferResponse("m", "1", "", {"WORDS": words, "SCORES": scores})
+    assert answer.nbytes == 4 * (1024 + 4) + 24

@@ -41,6 +41,7 @@ from mandant.errors import InvalidInput, MandantError, Unauthenticated
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
+from mandant.transport.grpc.unread import UnreadAnswers
 from mandant.transport.grpc.wire_bounds import (
     PRE_PARSE,
     PRE_PARSE_ABOVE_BYTES,
@@ -192,6 +193,9 @@ class Gate:
         #: Calls (and streams) whose handler started, ever: how a stopping server
         #: sees that gRPC has handed it every call it had received.
         self.started = 0
+        #: Each tenant's answers not read yet (``unread.py``): an inference call of a
+        #: tenant at its bound is refused before it takes a place. None: not counted.
+        self.unread: UnreadAnswers | None = None
 
     @property
     def observer(self) -> Observer:
@@ -256,6 +260,8 @@ class Gate:
                     return await behavior(request_type(), call, context)
                 call.tenant = caller_of(access, context)
                 tenant_id = call.tenant.id if call.tenant is not None else ""
+                if fair and gate.unread is not None:
+                    gate.unread.check(tenant_id)
                 if door is not None and call.tenant is not None:
                     # An inference call takes its place before the door, where it may
                     # wait; one whose message never comes holds its tenant's share.

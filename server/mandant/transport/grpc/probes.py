@@ -18,7 +18,6 @@ None of these calls passes the gate or takes a place under ``max_concurrent_rpcs
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -94,10 +93,13 @@ class WatchCap:
         self._ending = asyncio.Event()
 
     def end(self) -> None:
-        """The server stops (its statuses were set NOT_SERVING): each Watch stream ends,
-        status OK, once it has told its client NOT_SERVING (at most
-        :data:`WATCH_END_WAIT_S` later). Open, a stream held the stop for its whole
-        grace: gRPC waits for every call, and the stock servicer's Watch never ends."""
+        """The server stops taking calls (its statuses were set NOT_SERVING before):
+        each Watch stream ends, status OK, once the last status it wrote is NOT_SERVING
+        (at most :data:`WATCH_END_WAIT_S` later). Open, a stream held the stop for its
+        whole grace: gRPC waits for every call, and the stock servicer's Watch never
+        ends. Called as gRPC stops taking calls, not before: a client's health checking
+        opens a new Watch at once when one ends after an answer, and a server still
+        taking calls would be asked again and again."""
         self._ending.set()
 
     async def watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
@@ -112,19 +114,25 @@ class WatchCap:
         told = _Told(context)
         watching = asyncio.ensure_future(self._servicer.Watch(request, cast(Context, told)))
         try:
-            ending = asyncio.ensure_future(self._ending.wait())
-            try:
-                await asyncio.wait((watching, ending), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                ending.cancel()
-            if not watching.done():  # the server stops: NOT_SERVING first, then the end
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(told.not_serving.wait(), WATCH_END_WAIT_S)
-            else:
-                watching.result()  # the stock Watch ended (or failed) by itself
+            await _first(watching, self._ending.wait())
+            if not watching.done():  # the server stops: NOT_SERVING last, then the end
+                await _first(watching, told.not_serving.wait(), WATCH_END_WAIT_S)
+            if watching.done():
+                watching.result()  # the stock Watch ended (or failed: its write) by itself
         finally:
             watching.cancel()
             self.watching -= 1
+
+
+async def _first(
+    task: asyncio.Future[None], waiting: Awaitable[object], timeout_s: float | None = None
+) -> None:
+    """Until ``task`` ends or ``waiting`` returns (at most ``timeout_s``)."""
+    other = asyncio.ensure_future(waiting)
+    try:
+        await asyncio.wait((task, other), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        other.cancel()
 
 
 #: How long a Watch stream is given to tell its client NOT_SERVING once the server stops.
@@ -132,7 +140,8 @@ WATCH_END_WAIT_S = 1.0
 
 
 class _Told:
-    """A Watch stream's context, noting when NOT_SERVING has been written to it."""
+    """A Watch stream's context; ``not_serving`` is set while the last status written
+    to it is NOT_SERVING (a later SERVING clears it)."""
 
     def __init__(self, context: Context) -> None:
         self._context = context
@@ -142,6 +151,8 @@ class _Told:
         await self._context.write(message)
         if message.status == health_pb2.HealthCheckResponse.NOT_SERVING:
             self.not_serving.set()
+        else:
+            self.not_serving.clear()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)

@@ -37,6 +37,7 @@ from mandant.transport.grpc.servicer import (
     method_handlers,
 )
 from mandant.transport.grpc.stream import AGE_JITTER
+from mandant.transport.grpc.unread import UnreadAnswers
 from mandant.transport.tls import GrpcCertificates, grpc_identities
 from mandant.types import Tenant
 from mandant_client._proto import admin_pb2, model_config_pb2
@@ -180,8 +181,12 @@ class GrpcServer:
             door=door,
             authenticate_peer=peer,
         )
+        # Each tenant's answers not read yet: the gate refuses its inference calls at
+        # the bound, before they take a place; the servicer counts the answers.
+        unread = UnreadAnswers(config.max_unread_answer_bytes, gate.observer)
+        gate.unread = unread
         self.servicer = servicer = InferenceServicer(
-            plane, config, gate.observer, door, stats or InferenceStats(), cap
+            plane, config, gate.observer, door, stats or InferenceStats(), cap, unread
         )
         handlers = method_handlers(servicer, gate)
         if forward is not None:
@@ -279,14 +284,17 @@ class GrpcServer:
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
         await self._health.enter_graceful_shutdown()
-        self.watches.end()
         loop = asyncio.get_running_loop()
         began = loop.time()
         started = -1
         while self.gate.started != started and loop.time() - began < min(grace_s, QUIET_MAX_S):
             started = self.gate.started
             await asyncio.sleep(QUIET_S)
-        await self._server.stop(max(0.0, grace_s - (loop.time() - began)))
+        left_s = max(0.0, grace_s - (loop.time() - began))
+        stopping = asyncio.ensure_future(self._server.stop(left_s))
+        await asyncio.sleep(0)  # the stop's first step: gRPC takes no new call
+        self.watches.end()  # so a Watch that ends now is not opened again at once
+        await stopping
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()

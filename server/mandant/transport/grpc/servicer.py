@@ -45,10 +45,13 @@ class InferenceServicer:
         door: FrontDoor | None = None,
         stats: InferenceStats | None = None,
         cap: CallCap | None = None,
+        unread: UnreadAnswers | None = None,
     ) -> None:
         """``config``: the server's bounds on streams and tensors. ``cap``: the
         server-wide cap on calls in progress, which each stream message takes a place
-        under while it is served (the gate's; unary calls take theirs there)."""
+        under while it is served (the gate's; unary calls take theirs there).
+        ``unread``: each tenant's answers not read yet (the gate's: it refuses unary
+        calls at the bound; streams check their messages here)."""
         self._plane = plane
         self._cap = cap
         self._stats = stats or InferenceStats()
@@ -58,7 +61,7 @@ class InferenceServicer:
         self._max_stream_age_s = config.max_connection_age_s
         self._observer = observer
         self._door = door
-        self._unread = UnreadAnswers(config.max_unread_answer_bytes, observer)
+        self._unread = unread or UnreadAnswers(config.max_unread_answer_bytes, observer)
         self._streams: set[InferStream] = set()
 
     def end_streams(self) -> None:
@@ -129,18 +132,18 @@ class InferenceServicer:
     async def ModelInfer(
         self, request: pb.ModelInferRequest, call: Call, context: Context
     ) -> pb.ModelInferResponse:
-        unread, tenant = self._unread, call.caller.id
-        unread.check(tenant)
         response = await self._plane.infer(
             call,
             ProtoInferRequest(request, self._max_bytes_elements),
             context.time_remaining(),
         )
+        answer = encode_infer_response(response)
         size = response.nbytes
         if size:  # held until gRPC ends the call: the answer written, or given up
+            unread, tenant = self._unread, call.caller.id
             unread.hold(tenant, size)
             context.add_done_callback(lambda _: unread.release(tenant, size))
-        return encode_infer_response(response)
+        return answer
 
     async def ModelStreamInfer(
         self, call: Call, context: Context, caller: Callable[[], Tenant | None]

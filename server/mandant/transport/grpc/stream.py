@@ -104,7 +104,6 @@ class InferStream:
         self._plane = plane
         self._cap = cap
         self._unread = unread
-        self._tenant_id = tenant.id
         self._tenant: Tenant | None = tenant  # None: its key was revoked
         self._authenticate = authenticate
         # The tenants ``_tenant`` is as of: none yet, so the first message checks the
@@ -182,19 +181,19 @@ class InferStream:
         read its answers holds at most ``max_inflight`` of them, and about
         ``max_bytes``, here."""
         held = len(raw)
-        unread, answer = self._unread, 0
+        unread, answer, tenant = self._unread, 0, ""
         try:
-            response, answer = await self._answer(raw)
+            response, answer, tenant = await self._answer(raw)
             del raw  # the answer is what waits to be written now
             self._hold(answer - held)
             held = answer
             if unread is not None:
-                unread.hold(self._tenant_id, answer)
+                unread.hold(tenant, answer)
             async with self._writing:
                 await self._context.write(response)
         finally:
             if unread is not None:
-                unread.release(self._tenant_id, answer)
+                unread.release(tenant, answer)
             self._hold(-held)
             self._window.release()
 
@@ -218,9 +217,10 @@ class InferStream:
             raise Unauthenticated()
         return self._tenant
 
-    async def _answer(self, raw: bytes) -> tuple[pb.ModelStreamInferResponse, int]:
-        """One message's answer and the bytes of its tensors (read from the outputs, not
-        the message: reading its repeated bytes field copies each tensor); never
+    async def _answer(self, raw: bytes) -> tuple[pb.ModelStreamInferResponse, int, str]:
+        """One message's answer, the bytes of its tensors (read from the outputs, not
+        the message: reading its repeated bytes field copies each tensor) and the
+        tenant they count for (the one its unread answers were checked for); never
         raises but for cancellation."""
         start = time.perf_counter()
         call = Call(None)
@@ -246,13 +246,13 @@ class InferStream:
             )
             answer = pb.ModelStreamInferResponse()
             encode_infer_response(response, into=answer.infer_response)
-            return answer, response.nbytes
+            return answer, response.nbytes, tenant.id
         except MandantError as exc:
             code = status_for(exc).name
             count_if_busy(self._observer, call.tenant.id if call.tenant is not None else "", exc)
             if request is None:  # refused before it was parsed (the cap, the door)
                 request = _parsed(raw)
-            return _error_response(str(exc), code, request, exc), 0
+            return _error_response(str(exc), code, request, exc), 0, ""
         except asyncio.CancelledError:  # the client left, or the stream's deadline passed
             code = "CANCELLED"
             raise
@@ -265,7 +265,7 @@ class InferStream:
             message = INTERNAL_MESSAGE.format(request_id=request_id)
             if request is None:  # failed before it was parsed: still answer its id
                 request = _parsed(raw)
-            return _error_response(message, code, request, None), 0
+            return _error_response(message, code, request, None), 0, ""
         finally:
             if entered and self._cap is not None:
                 self._cap.leave()
