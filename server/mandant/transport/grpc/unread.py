@@ -10,11 +10,13 @@ moment they are handed to gRPC until they are written (a unary call's: until gRP
 ends the call, which it does once the answer is written or the call is given up; a
 stream's: until its write returns). While a tenant's count is at
 ``server.max_unread_answer_bytes`` its next inference calls and stream messages are
-refused RESOURCE_EXHAUSTED, with pushback, before anything is charged: a tenant holds
-at most that bound plus the answers of the calls it has in progress (its
-``max_concurrency``). An answer alone is never refused (what a tenant holds already is
-its own); other tenants are not touched. Answers are counted by their tensors' bytes
-(``InferResponse.nbytes``), the framing around them not counted.
+refused RESOURCE_EXHAUSTED, with pushback, before they take a place under the cap or at
+the door (a unary call: by the gate, once its key is checked, its message unread) and
+before anything is charged: a tenant holds at most that bound plus the answers of the
+calls it has in progress (its ``max_concurrency``). An answer alone is never refused
+(what a tenant holds already is its own); other tenants are not touched. Answers are
+counted by their tensors' bytes as sent (``InferResponse.nbytes``: a BYTES tensor's
+elements with their lengths), the message's framing not counted.
 """
 
 from __future__ import annotations
