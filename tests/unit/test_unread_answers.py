@@ -55,9 +55,9 @@ async def test_an_inference_call_at_the_bound_is_refused_before_it_takes_a_place
     and takes nobody's place (it used to shed b's waiting call, then be refused)."""
     keys = {"key-a": Tenant("a"), "key-b": Tenant("b")}
     observer, cap, door = RecordingObserver(), CallCap(2), FrontDoor(1)
-    gate = Gate(lambda key: keys[key or ""], _refuse_admin, observer, cap, door)
-    gate.unread = UnreadAnswers(100, observer)
-    gate.unread.hold("a", 1000)
+    unread = UnreadAnswers(100, observer)
+    unread.hold("a", 1000)
+    gate = Gate(lambda key: keys[key or ""], _refuse_admin, observer, cap, door, unread=unread)
     release = asyncio.Event()
 
     async def behavior(request: object, call: Call, context: object) -> pb.ModelInferResponse:

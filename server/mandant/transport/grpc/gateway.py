@@ -181,9 +181,13 @@ class Gate:
         cap: CallCap | None = None,
         door: FrontDoor | None = None,
         authenticate_peer: PeerAuthenticator | None = None,
+        unread: UnreadAnswers | None = None,
     ) -> None:
         """``authenticate_peer``: the tenant of a call's verified client certificate,
-        asked for calls without a key (mTLS only; None: a key is always needed)."""
+        asked for calls without a key (mTLS only; None: a key is always needed).
+        ``unread``: each tenant's answers not read yet (``unread.py``): an inference
+        call of a tenant at its bound is refused before it takes a place (None: not
+        counted)."""
         self._authenticate = authenticate
         self._authenticate_admin = authenticate_admin
         self._authenticate_peer = authenticate_peer
@@ -193,9 +197,7 @@ class Gate:
         #: Calls (and streams) whose handler started, ever: how a stopping server
         #: sees that gRPC has handed it every call it had received.
         self.started = 0
-        #: Each tenant's answers not read yet (``unread.py``): an inference call of a
-        #: tenant at its bound is refused before it takes a place. None: not counted.
-        self.unread: UnreadAnswers | None = None
+        self._unread = unread
 
     @property
     def observer(self) -> Observer:
@@ -243,6 +245,7 @@ class Gate:
         observer = self._observer
         shed = self.door  # where a full cap may take a place from another tenant
         door = self.door if fair else None
+        unread = self._unread if fair else None
         gate = self
 
         async def handle(messages: object, context: Context) -> Any:
@@ -260,8 +263,8 @@ class Gate:
                     return await behavior(request_type(), call, context)
                 call.tenant = caller_of(access, context)
                 tenant_id = call.tenant.id if call.tenant is not None else ""
-                if fair and gate.unread is not None:
-                    gate.unread.check(tenant_id)
+                if unread is not None:
+                    unread.check(tenant_id)
                 if door is not None and call.tenant is not None:
                     # An inference call takes its place before the door, where it may
                     # wait; one whose message never comes holds its tenant's share.

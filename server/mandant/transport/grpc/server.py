@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mandant.config import ServerConfig, TlsConfig
-from mandant.events import Observer
+from mandant.events import NullObserver, Observer
 from mandant.observability.stats import InferenceStats
 from mandant.observability.usage import UsageReports
 from mandant.scheduling.door import CallCap, FrontDoor
@@ -173,6 +173,10 @@ class GrpcServer:
 
         self.door = door = door if door is not None else FrontDoor(config.front_door_slots)
         cap = cap if cap is not None else CallCap(config.max_concurrent_rpcs)
+        observer = observer if observer is not None else NullObserver()
+        # Each tenant's answers not read yet: the gate refuses its inference calls at
+        # the bound, before they take a place; the servicer counts the answers.
+        unread = UnreadAnswers(config.max_unread_answer_bytes, observer)
         self.gate = gate = Gate(
             plane.authenticate,
             authenticate_admin or AdminKeys(config.admin_keys).authenticate,
@@ -180,13 +184,10 @@ class GrpcServer:
             cap=cap,
             door=door,
             authenticate_peer=peer,
+            unread=unread,
         )
-        # Each tenant's answers not read yet: the gate refuses its inference calls at
-        # the bound, before they take a place; the servicer counts the answers.
-        unread = UnreadAnswers(config.max_unread_answer_bytes, gate.observer)
-        gate.unread = unread
         self.servicer = servicer = InferenceServicer(
-            plane, config, gate.observer, door, stats or InferenceStats(), cap, unread
+            plane, config, observer, door, stats or InferenceStats(), cap, unread
         )
         handlers = method_handlers(servicer, gate)
         if forward is not None:

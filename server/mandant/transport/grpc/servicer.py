@@ -51,7 +51,7 @@ class InferenceServicer:
         server-wide cap on calls in progress, which each stream message takes a place
         under while it is served (the gate's; unary calls take theirs there).
         ``unread``: each tenant's answers not read yet (the gate's: it refuses unary
-        calls at the bound; streams check their messages here)."""
+        calls at the bound; streams check their messages here; None: not counted)."""
         self._plane = plane
         self._cap = cap
         self._stats = stats or InferenceStats()
@@ -61,7 +61,7 @@ class InferenceServicer:
         self._max_stream_age_s = config.max_connection_age_s
         self._observer = observer
         self._door = door
-        self._unread = unread or UnreadAnswers(config.max_unread_answer_bytes, observer)
+        self._unread = unread
         self._streams: set[InferStream] = set()
 
     def end_streams(self) -> None:
@@ -138,9 +138,9 @@ class InferenceServicer:
             context.time_remaining(),
         )
         answer = encode_infer_response(response)
-        size = response.nbytes
-        if size:  # held until gRPC ends the call: the answer written, or given up
-            unread, tenant = self._unread, call.caller.id
+        unread, size = self._unread, response.nbytes
+        if unread is not None and size:  # held until gRPC ends the call: written, or given up
+            tenant = call.caller.id
             unread.hold(tenant, size)
             context.add_done_callback(lambda _: unread.release(tenant, size))
         return answer
