@@ -22,7 +22,9 @@ the bare server's handler (``benchmarks/_probe``): the whole server (its other p
 timers, heap, gRPC options) without Mandant's call path; and the light unary and
 stream modes against ``mandant serve`` with the steps of its call path timed in thread
 CPU (the probe's ``MANDANT_PROBE_SECTIONS``): where that path's time goes under this
-load.
+load. Last, the light unary mode at 1, 4, 16 and ``--inflight`` calls in flight
+against Mandant with its front-end gathering on (the default) and off
+(``server.front_gather_ms: 0``; ``mandant/scheduling/gather.py``): calls/s, p50, p99.
 
 Before the stream modes, one stream is checked: 64 messages with distinct ids and
 inputs must come back each with its own id and its own input. A mode that fails shows
@@ -508,6 +510,51 @@ def swapped_report(swapped: Result, floor: Result) -> str:
     )
 
 
+#: Calls in flight of the gathering table (``--inflight`` is added).
+GATHER_INFLIGHT = (1, 4, 16)
+
+
+def gathering(data: dict[str, Any], settings: Settings) -> list[tuple[int, Result, Result]]:
+    """The light unary mode at each of :data:`GATHER_INFLIGHT` and ``settings.inflight``
+    calls in flight, against the server of configuration ``data`` with gathering on
+    (its default) and off (``front_gather_ms: 0``): (in flight, on, off)."""
+    on = write_config(data)
+    off = write_config({**data, "server": {**data["server"], "front_gather_ms": 0}})
+    rows = []
+    for inflight in sorted({*GATHER_INFLIGHT, settings.inflight}):
+        results = []
+        for path in (on, off):
+            with mandant_process(path, cpus="0", env=THREAD_ENV) as served:
+                prime(served.target, MODEL, settings.width)
+                load = replace(settings, inflight=inflight, server_pid=served.pid)
+                results.append(run_pinned([(_bounded, (_light_unary, served.target, load))])[0])
+        rows.append((inflight, results[0], results[1]))
+    return rows
+
+
+def gathering_report(rows: list[tuple[int, Result, Result]]) -> str:
+    """Gathering on against off, light unary client (``scheduling/gather.py``)."""
+    lines = []
+    for inflight, on, off in rows:
+        gain = on.rps / off.rps if on.answered and off.answered else float("nan")
+        lines.append(
+            (
+                inflight,
+                _cell(on, on.rps),
+                _cell(off, off.rps),
+                "–" if np.isnan(gain) else f"{gain:.2f}",
+                f"{on.p(50):.3f} / {off.p(50):.3f}",
+                f"{on.p(99):.3f} / {off.p(99):.3f}",
+            )
+        )
+    headers = ["in flight", "calls/s on", "calls/s off", "on/off", "p50 ms on / off"]
+    return (
+        "\ngathering at the front end (server.front_gather_ms, default on; off: 0), light "
+        "client, unary, one server started per cell:\n"
+        + table([*headers, "p99 ms on / off"], lines)
+    )
+
+
 def sections_report(path: str, timed: Result, whole: str, mode: str) -> str:
     """The probe's thread CPU per step of the call path, per call (or message) of the
     ``whole`` step."""
@@ -573,14 +620,17 @@ def main() -> None:
     settings = Settings(args.width, args.inflight, args.streams, args.warmup, args.seconds)
     with bare_grpc_process(cpus="0") as bare:
         floor = measure(bare.target, replace(settings, server_pid=bare.pid))
-    config = write_config(demo_data([ECHO]))
+    data = demo_data([ECHO])
+    config = write_config(data)
     with mandant_process(config, cpus="0", env=THREAD_ENV) as served:
         mandant = measure(served.target, replace(settings, server_pid=served.pid))
     swapped = probed(config, settings, _light_unary, {"MANDANT_PROBE_BARE_HANDLER": "1"})
     unary_steps = timed_steps(config, settings, _light_unary)
     stream_steps = timed_steps(config, settings, _light_stream)
+    gathered = gathering(data, settings)
     print(report(settings, floor, mandant))
     print(swapped_report(swapped, floor[0]))
+    print(gathering_report(gathered))
     print(sections_report(*unary_steps, HANDLER_SECTION, "light client, unary"))
     print(sections_report(*stream_steps, STREAM_SECTION, "light client, ModelStreamInfer"))
 

@@ -40,6 +40,7 @@ from mandant.context import current_request_id, current_tenant
 from mandant.errors import InvalidInput, MandantError, Unauthenticated
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
+from mandant.scheduling.gather import CallGather
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
 from mandant.transport.grpc.unread import UnreadAnswers
 from mandant.transport.grpc.wire_bounds import (
@@ -182,12 +183,15 @@ class Gate:
         door: FrontDoor | None = None,
         authenticate_peer: PeerAuthenticator | None = None,
         unread: UnreadAnswers | None = None,
+        gather: CallGather | None = None,
     ) -> None:
         """``authenticate_peer``: the tenant of a call's verified client certificate,
         asked for calls without a key (mTLS only; None: a key is always needed).
         ``unread``: each tenant's answers not read yet (``unread.py``): an inference
         call of a tenant at its bound is refused before it takes a place (None: not
-        counted)."""
+        counted). ``gather``: where inference calls of a busy front end wait for a few
+        others once their message has come, to run together (``gather.py``; None:
+        never held)."""
         self._authenticate = authenticate
         self._authenticate_admin = authenticate_admin
         self._authenticate_peer = authenticate_peer
@@ -198,6 +202,7 @@ class Gate:
         #: sees that gRPC has handed it every call it had received.
         self.started = 0
         self._unread = unread
+        self.gather = gather
 
     @property
     def observer(self) -> Observer:
@@ -246,6 +251,7 @@ class Gate:
         shed = self.door  # where a full cap may take a place from another tenant
         door = self.door if fair else None
         unread = self._unread if fair else None
+        gather = self.gather if fair else None
         gate = self
 
         async def handle(messages: object, context: Context) -> Any:
@@ -280,6 +286,8 @@ class Gate:
                     # messages never come held every place, and no call could shed them.
                     cap.enter(shed, tenant_id)
                     entered = True
+                if gather is not None and (held := gather.wait()) is not None:
+                    await held
                 request = parse(request_type, raw)
                 request_id = getattr(request, "id", "")
                 if request_id:

@@ -17,6 +17,7 @@ from mandant.events import NullObserver, Observer
 from mandant.observability.stats import InferenceStats
 from mandant.observability.usage import UsageReports
 from mandant.scheduling.door import CallCap, FrontDoor
+from mandant.scheduling.gather import CallGather
 from mandant.service import DataPlane
 from mandant.tenancy.keys import AdminKeys
 from mandant.transport.grpc.admin import ADMIN_SERVICE, AdminServicer, admin_handlers
@@ -177,6 +178,12 @@ class GrpcServer:
         # Each tenant's answers not read yet: the gate refuses its inference calls at
         # the bound, before they take a place; the servicer counts the answers.
         unread = UnreadAnswers(config.max_unread_answer_bytes, observer)
+        # Unary inference calls of a busy front end wait for company (gather.py).
+        gather = (
+            CallGather(config.front_gather_ms / 1000, config.front_gather_calls)
+            if config.front_gather_ms > 0
+            else None
+        )
         self.gate = gate = Gate(
             plane.authenticate,
             authenticate_admin or AdminKeys(config.admin_keys).authenticate,
@@ -185,6 +192,7 @@ class GrpcServer:
             door=door,
             authenticate_peer=peer,
             unread=unread,
+            gather=gather,
         )
         self.servicer = servicer = InferenceServicer(
             plane, config, observer, door, stats or InferenceStats(), cap, unread

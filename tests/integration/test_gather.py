@@ -1,0 +1,83 @@
+"""Gathering at the front end on a real server (``scheduling/gather.py``): under a flood
+of unary calls from two tenants, calls are held and let go together, and every call is
+answered with its own input, whichever group it ran in; ``front_gather_ms: 0`` turns
+gathering off."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from mandant.config import MandantConfig, parse_config
+from mandant.tenancy.keys import hash_key
+from mandant_client._proto import grpc_service_pb2 as pb
+from tests.servers import ECHO_MODEL, ServerThread
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+KEYS = {"a": "a-key", "b": "b-key"}
+
+
+def _config(**server: float) -> MandantConfig:
+    return parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, **server},
+            "tenants": [
+                {"id": tenant, "api_keys": [hash_key(key)]} for tenant, key in KEYS.items()
+            ],
+            "models": [ECHO_MODEL],
+        },
+        "test",
+    )
+
+
+async def _flood(target: str, calls: int, inflight: int) -> list[tuple[float, float]]:
+    """``calls`` unary calls, ``inflight`` at a time, alternating tenants, each with its
+    own value: (value sent, value answered) for each."""
+    answered: list[tuple[float, float]] = []
+    values = iter(range(calls))
+    async with grpc.aio.insecure_channel(target) as channel:
+        infer = channel.unary_unary(
+            INFER,
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+
+        async def worker() -> None:
+            for value in values:
+                tenant = "ab"[value % 2]
+                request = pb.ModelInferRequest(model_name="echo", id=str(value))
+                request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
+                request.raw_input_contents.append(np.full((1, 4), value, np.float32).tobytes())
+                response = await infer(
+                    request, metadata=(("authorization", f"Bearer {KEYS[tenant]}"),), timeout=30
+                )
+                assert response.id == str(value)
+                (out,) = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(1, 4)
+                assert set(out.tolist()) == {float(value)}, (value, out)
+                answered.append((float(value), float(out[0])))
+
+        await asyncio.gather(*(worker() for _ in range(inflight)))
+    return answered
+
+
+def test_calls_of_a_flood_are_held_together_and_answered_their_own(tmp_path: Path) -> None:
+    with ServerThread(_config(front_gather_ms=20), tmp_path) as server:
+        answered = asyncio.run(_flood(server.target, 3000, 64))
+        assert server.app is not None
+        gather = server.app.grpc.gate.gather
+        assert gather is not None
+        held = gather.groups, gather.gathered
+    assert len(answered) == 3000 and all(sent == got for sent, got in answered)
+    groups, gathered = held
+    assert groups > 0 and gathered > groups, held  # groups of several calls were let go
+
+
+def test_gathering_off(tmp_path: Path) -> None:
+    with ServerThread(_config(front_gather_ms=0), tmp_path) as server:
+        assert server.app is not None
+        assert server.app.grpc.gate.gather is None
+        answered = asyncio.run(_flood(server.target, 200, 16))
+    assert len(answered) == 200
