@@ -91,6 +91,9 @@ SECTIONS = (
 )
 #: The label of the whole ModelInfer handler (the steps above are parts of it).
 HANDLER_SECTION = "ModelInfer handler, in all"
+#: The label of a unary call's hold for company (``scheduling/gather.py``): the other
+#: calls' work the loop did meanwhile, taken out of the handler's figure.
+HELD_SECTION = "held for company (taken out of the handler)"
 #: The label of one ModelStreamInfer message's answer (its key was checked at the
 #: stream's start; the task, window and write around it are not in it).
 STREAM_SECTION = "ModelStreamInfer message, in all"
@@ -159,6 +162,17 @@ if _SECTIONS:
         )
 
     gateway.Gate.unary = _timed_unary  # type: ignore[method-assign]
+
+    from mandant.scheduling.gather import CallGather
+
+    _wait_unwrapped = CallGather.wait
+    _held = _timed_async(HELD_SECTION, lambda future: future)
+
+    def _timed_wait(self: Any) -> Any:
+        held = _wait_unwrapped(self)
+        return None if held is None else _held(held)
+
+    CallGather.wait = _timed_wait  # type: ignore[method-assign]
 
     def _write_sections(*_: Any) -> None:
         """Write the totals beside FILE, then rename them into place: whoever waits
