@@ -568,8 +568,9 @@ def sections_report(path: str, timed: Result, whole: str, mode: str) -> str:
                 calls = int(count)
     if not calls:
         return f"\nsteps of the call path ({mode}): nothing was timed"
-    # A held call's handler waited while the loop ran other calls' work: not its own.
-    whole_s = spent.pop(whole) - spent.get(HELD_SECTION, 0.0)
+    whole_s = spent.pop(whole)
+    if whole == HANDLER_SECTION:  # a held call waited while the loop ran others' work
+        whole_s -= spent.get(HELD_SECTION, 0.0)
     for other in {HANDLER_SECTION, STREAM_SECTION} - {whole}:  # the priming calls'
         spent.pop(other, None)
     rows = [

@@ -168,11 +168,11 @@ if _SECTIONS:
     _wait_unwrapped = CallGather.wait
     _held = _timed_async(HELD_SECTION, lambda future: future)
 
-    def _timed_wait(self: Any) -> Any:
-        held = _wait_unwrapped(self)
+    def _timed_wait(self: Any, *args: Any) -> Any:
+        held = _wait_unwrapped(self, *args)
         return None if held is None else _held(held)
 
-    CallGather.wait = _timed_wait  # type: ignore[method-assign]
+    CallGather.wait = _timed_wait  # type: ignore[method-assign,assignment]
 
     def _write_sections(*_: Any) -> None:
         """Write the totals beside FILE, then rename them into place: whoever waits

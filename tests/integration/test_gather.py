@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
 from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
@@ -75,9 +76,18 @@ def test_calls_of_a_flood_are_held_together_and_answered_their_own(tmp_path: Pat
     assert groups > 0 and gathered > groups, held  # groups of several calls were let go
 
 
-def test_gathering_off(tmp_path: Path) -> None:
-    with ServerThread(_config(front_gather_ms=0), tmp_path) as server:
-        assert server.app is not None
-        assert server.app.grpc.gate.gather is None
-        answered = asyncio.run(_flood(server.target, 200, 16))
+@pytest.mark.parametrize("server", [{"front_gather_ms": 0}, {"front_gather_calls": 1}])
+def test_gathering_off(tmp_path: Path, server: dict[str, float]) -> None:
+    with ServerThread(_config(**server), tmp_path) as running:
+        assert running.app is not None
+        assert running.app.grpc.gate.gather is None
+        answered = asyncio.run(_flood(running.target, 200, 16))
     assert len(answered) == 200
+
+
+def test_a_group_never_outgrows_the_door(tmp_path: Path) -> None:
+    """Held calls hold their places at the door: with 8 slots, groups of at most 8."""
+    with ServerThread(_config(front_door_slots=8), tmp_path) as running:
+        assert running.app is not None
+        gather = running.app.grpc.gate.gather
+        assert gather is not None and gather.target == 8

@@ -13,12 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mandant.scheduling.gather import PROBE_AFTER, CallGather
+from mandant.scheduling.gather import CLIMB_AFTER, PROBE_AFTER, CallGather
 from tests.fakes import FakeClock, settle
 
 MAX_DELAY_S = 0.002
 #: Time passes in ticks (a held call is seen let go at the end of its tick).
 TICK_S = 20e-6
+#: Calls of one loop turn come this far apart; timers fire between turns only.
+IN_TURN_S = 20e-6
 
 
 async def elapse(clock: FakeClock, seconds: float) -> None:
@@ -44,11 +46,11 @@ class Caller:
         self.held: dict[int, asyncio.Future[None]] = {}
         self._next = 0
 
-    def call(self) -> int:
-        """One call arrives now; its number."""
+    def call(self, time_remaining: float | None = None) -> int:
+        """One call arrives now (``time_remaining`` before its deadline); its number."""
         number, self._next = self._next, self._next + 1
         self.came[number] = self.clock.now
-        held = self.gather.wait()
+        held = self.gather.wait(lambda: time_remaining)
         if held is None:
             self._went(number)
         else:
@@ -68,7 +70,7 @@ class Caller:
 
 async def warm(caller: Caller, groups: int = 8) -> None:
     """Calls have come together: two in one loop turn, then ``groups`` groups that
-    filled (ten calls 10 µs apart each); the window has grown to its bound."""
+    filled (calls 2 µs apart); the window has grown to its bound."""
     caller.call()
     caller.clock.advance(10e-6)
     caller.call()
@@ -76,7 +78,7 @@ async def warm(caller: Caller, groups: int = 8) -> None:
     for _ in range(groups):
         for _ in range(caller.gather.target):
             caller.call()
-            caller.clock.advance(10e-6)
+            caller.clock.advance(2e-6)
         await settle()
     assert caller.waiting == set()
 
@@ -128,32 +130,63 @@ async def test_a_group_that_does_not_fill_goes_when_its_window_passes() -> None:
     assert gather.target == max(2, target - 1)  # lowered by one at most
 
 
+async def _closed_loop(caller: Caller, callers: int, groups: int) -> None:
+    """``callers`` callers, each calling again 300 µs after its call went on (its
+    answer's way there and back), until ``groups`` more groups were let go."""
+    clock = caller.clock
+    gather = caller.gather
+    due = [clock.now + n * 50e-6 for n in range(callers)]  # each caller's next call
+    calls: dict[int, int] = {}  # call → its caller
+    until = gather.groups + groups
+    while gather.groups < until:
+        # to the next call, or a tick on while every caller is held
+        await elapse(clock, min(max(0.0, min(due) - clock.now), 10 * TICK_S))
+        for who, when in enumerate(due):
+            if when <= clock.now + 1e-9:
+                calls[caller.call()] = who
+                due[who] = float("inf")
+        await settle()
+        for number in list(calls):
+            if number in caller.went:
+                due[calls.pop(number)] = caller.went[number] + 300e-6
+
+
 async def test_a_few_closed_loop_callers_wait_for_each_other_only() -> None:
-    """Four callers, each calling again as soon as it is let go: the group size comes
-    down to four, after which a group goes as soon as the four have come (no window
-    waited), but for a probe of five now and then."""
+    """Four callers: the group size comes down to four, after which a group goes as
+    soon as the four have come (no window waited), but for a try of five once in
+    PROBE_AFTER groups."""
     clock = FakeClock()
     gather = CallGather(MAX_DELAY_S, 16, clock)
     caller = Caller(gather, clock)
     await warm(caller)
-    timed_out = 0
-    for _ in range(200):
-        before = set(caller.went)
-        for _ in range(4):
-            caller.call()
-            clock.advance(100e-6)
-        await settle()
-        if caller.waiting:  # the group did not fill: its window passes
-            clock.advance(MAX_DELAY_S)
-            await settle()
-            timed_out += 1
-        assert caller.waiting == set() and len(set(caller.went) - before) == 4
+    await _closed_loop(caller, 4, 40)
     assert gather.target in (4, 5)
-    # 12 groups to come down from 16, then one probe every PROBE_AFTER groups
-    assert timed_out <= 13 + 200 // PROBE_AFTER
+    waited = sum(went - caller.came[n] for n, went in caller.went.items())
+    came = len(caller.went)
+    await _closed_loop(caller, 4, 2 * PROBE_AFTER)
+    assert gather.target in (4, 5)
+    # held about 300 µs a call on average (the others' way back), not the window
+    waited = sum(went - caller.came[n] for n, went in caller.went.items()) - waited
+    assert waited / (len(caller.went) - came) < MAX_DELAY_S / 4
 
 
-async def test_a_cancelled_call_leaves_no_trace() -> None:
+async def test_a_load_that_grows_is_met() -> None:
+    """Four callers, then sixteen: once a try of five filled, the next ones come every
+    CLIMB_AFTER groups, up to sixteen."""
+    clock = FakeClock()
+    gather = CallGather(MAX_DELAY_S, 32, clock)
+    caller = Caller(gather, clock)
+    await warm(caller)
+    await _closed_loop(caller, 4, 60)
+    assert gather.target in (4, 5)
+    # a try after PROBE_AFTER groups, then eleven more, CLIMB_AFTER + 1 groups apart
+    assert 11 * (CLIMB_AFTER + 1) < 150
+    await _closed_loop(caller, 16, PROBE_AFTER + 150)
+    assert gather.target >= 15
+
+
+async def test_a_cancelled_call_leaves_its_group() -> None:
+    """It neither fills the group nor counts in it; a group of none ends its timer."""
     clock = FakeClock()
     gather = CallGather(MAX_DELAY_S, 4, clock)
     caller = Caller(gather, clock)
@@ -162,15 +195,39 @@ async def test_a_cancelled_call_leaves_no_trace() -> None:
     second = caller.call()
     caller.held[first].cancel()
     await settle()
-    caller.call()
-    caller.call()  # the fourth fills the group
+    assert gather.held == 1
+    third, fourth = caller.call(), caller.call()
     await settle()
-    assert caller.waiting == set() and first not in caller.went and second in caller.went
+    assert caller.waiting == {second, third, fourth}  # three live calls of four
+    groups = gather.gathered
+    fifth = caller.call()  # fills it
+    await settle()
+    assert caller.waiting == set() and first not in caller.went
+    assert caller.order[-4:] == [fifth, second, third, fourth]
+    assert gather.gathered - groups == 4
+    alone = caller.call()
+    caller.held[alone].cancel()
+    await settle()
+    assert gather.held == 0 and clock.armed == 0
 
 
-def test_a_gather_needs_a_call() -> None:
+async def test_a_call_near_its_deadline_is_not_held() -> None:
+    clock = FakeClock()
+    gather = CallGather(MAX_DELAY_S, 16, clock)
+    caller = Caller(gather, clock)
+    await warm(caller)
+    hurried = caller.call(time_remaining=MAX_DELAY_S / 2)
+    assert hurried in caller.went and gather.held == 0
+    patient = caller.call(time_remaining=1.0)
+    assert caller.waiting == {patient}
+    joining = caller.call(time_remaining=MAX_DELAY_S / 2)  # would not join either
+    assert joining in caller.went and caller.waiting == {patient}
+
+
+@pytest.mark.parametrize("max_calls", [0, 1])
+def test_a_group_needs_two_calls(max_calls: int) -> None:
     with pytest.raises(ValueError, match="max_calls"):
-        CallGather(MAX_DELAY_S, 0)
+        CallGather(MAX_DELAY_S, max_calls)
 
 
 _STEPS = st.lists(
@@ -183,8 +240,13 @@ _STEPS = st.lists(
 )
 
 
+#: How late a held call may be seen let go: its timer fires at the end of the tick or
+#: the loop turn (at most six calls) it fell due in.
+LATE_S = max(TICK_S, 6 * IN_TURN_S)
+
+
 @settings(max_examples=150, deadline=None)
-@given(steps=_STEPS, max_calls=st.integers(1, 8))
+@given(steps=_STEPS, max_calls=st.integers(2, 8))
 def test_every_held_call_goes_once_in_time_and_in_order(
     steps: list[tuple[str, float]], max_calls: int
 ) -> None:
@@ -201,20 +263,21 @@ async def _interleaving(steps: list[tuple[str, float]], max_calls: int) -> None:
             for _ in range(int(value)):
                 caller.call()
                 assert gather.held < max_calls  # with the next, a group of max_calls
-                clock.advance(20e-6)
+                clock.now += IN_TURN_S  # a loop turn: no timer fires within it
         elif kind == "advance":
             await elapse(clock, value)
         elif caller.waiting:
             victim = sorted(caller.waiting)[int(value) % len(caller.waiting)]
             caller.held[victim].cancel()
             cancelled.add(victim)
+        clock.advance(0.0)  # the turn ends: timers that fell due in it fire
         await settle()
         for number in caller.waiting:  # nobody held past its bound
-            assert clock.now - caller.came[number] <= MAX_DELAY_S + TICK_S
+            assert clock.now - caller.came[number] <= MAX_DELAY_S + LATE_S
     await elapse(clock, MAX_DELAY_S + TICK_S)
     assert caller.waiting == set()
     assert set(caller.went) == set(caller.came) - cancelled
     for number, went in caller.went.items():
-        assert went - caller.came[number] <= MAX_DELAY_S + TICK_S
+        assert went - caller.came[number] <= MAX_DELAY_S + LATE_S
     held = [n for n in caller.order if n in caller.held]
     assert held == sorted(held)  # held calls go in arrival order

@@ -110,11 +110,11 @@ class ServerConfig(_Frozen):
     front_door_slots: Annotated[int, Field(gt=0)] = 128
     #: How long a unary gRPC inference call may wait, once its message has come, for
     #: other calls, so that their Python runs back to back, when the front end is busy
-    #: (``scheduling/gather.py``): more calls per second of a core under load; a lone
-    #: caller never waits. 0 turns it off. Stream messages are not held (measured: no
-    #: gain).
+    #: (``scheduling/gather.py``): more calls per second of a core under load; a caller
+    #: alone never waits, nor a call whose deadline is nearer. 0 turns it off. Stream
+    #: messages are not held (measured: no gain).
     front_gather_ms: Annotated[float, Field(ge=0, le=100)] = 3.0
-    #: Most calls let go together.
+    #: Most calls let go together (at most ``front_door_slots``; 1 turns it off).
     front_gather_calls: Annotated[int, Field(ge=1, le=1024)] = 32
     #: Messages of one ModelStreamInfer stream served at once; beyond it the stream is
     #: not read until one is answered (backpressure, not buffering).

@@ -10,7 +10,7 @@ data, not Mandant's: about 3 times slower than back to back (``benchmarks/call_c
 them all go at once, runs their Python back to back, warm: 25–40% more calls per
 second of a core at 16 to 64 calls in flight (``benchmarks/frontend.py``).
 
-A lone caller must not pay for that, nor a few callers wait for company that cannot
+A caller alone must not pay for that, nor a few callers wait for company that cannot
 come. So:
 
 * **Whether to hold at all** is :class:`~mandant.scheduling.adaptive.AdaptiveDispatch`'s
@@ -21,26 +21,37 @@ come. So:
 * **When a group is complete** is learnt: a group goes as soon as it has ``target``
   calls. A group that its timer ends (the window passed before it filled: the load
   could not fill it — a few closed-loop callers) lowers ``target`` to what came, by one
-  at most per group; every :data:`PROBE_AFTER` groups that filled, ``target`` tries one
-  more. A handful of callers then wait for each other and nobody else.
+  at most per group. After :data:`PROBE_AFTER` groups in a row that filled, ``target``
+  tries one more; a try that filled is followed by the next after only
+  :data:`CLIMB_AFTER` groups (so a load that grew is met within a few hundred groups),
+  one that did not by the next after :data:`PROBE_AFTER` again (so a few callers
+  wait the window in fewer than 1% of their calls). A handful of callers then wait for
+  each other and nobody else.
 
 Bounds (the invariants the tests check): a call is held at most ``max_delay_s`` (the
-window never exceeds it; uvloop rounds timers to the millisecond); a group holds at most
-``max_calls``; every held call is let go exactly once, in arrival order, and a held
-call that is cancelled leaves no trace. Gathering changes when a call's Python runs,
-never what it does: it happens after the call's key is checked, its place taken and
-the door passed, before its message is parsed.
+window never exceeds it; uvloop rounds timers to the millisecond), and never when its
+deadline is nearer than the window; a group holds at most ``max_calls``; every held
+call is let go exactly once, in arrival order (the call that fills a group goes on
+first, without waiting), and a held call that is cancelled leaves its group (it
+neither fills it nor counts in it). A busy front end holds every tenant's calls alike,
+within that bound: one tenant's flood can make another's call wait ``max_delay_s`` at
+most. Gathering changes when a call's Python runs, never what it does: it happens after
+the call's key is checked, its place taken and the door passed, before its message is
+parsed.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
-from mandant.scheduling.adaptive import AdaptiveDispatch
+from mandant.scheduling.adaptive import DEADLINE_MARGIN_S, AdaptiveDispatch
 from mandant.scheduling.clock import Clock, LoopClock, Timer
 
-#: Groups that filled before ``target`` tries one call more.
-PROBE_AFTER = 64
+#: Groups in a row that filled before ``target`` tries one call more, after a try
+#: that failed (or none yet) and after one that filled.
+PROBE_AFTER = 256
+CLIMB_AFTER = 8
 
 
 class CallGather:
@@ -53,6 +64,8 @@ class CallGather:
         "_filled",
         "_group",
         "_max_calls",
+        "_probe_after",
+        "_probing",
         "_target",
         "_timer",
         "_turn",
@@ -61,8 +74,8 @@ class CallGather:
     )
 
     def __init__(self, max_delay_s: float, max_calls: int, clock: Clock | None = None) -> None:
-        if max_calls < 1:
-            raise ValueError("a gather needs max_calls >= 1")
+        if max_calls < 2:
+            raise ValueError("a gather needs max_calls >= 2 (a group of one is no group)")
         self._max_calls = max_calls
         self._adaptive = AdaptiveDispatch(max_delay_s, max_calls)
         self._clock: Clock = clock or LoopClock()
@@ -71,7 +84,9 @@ class CallGather:
         self._turn = 0  # calls that went on at once in this loop turn
         self._target = max_calls
         self._filled = 0  # groups in a row that reached ``_target``
-        #: Groups let go, and the calls they held (the dashboard's mean group).
+        self._probe_after = PROBE_AFTER  # ... before ``_target`` tries one more
+        self._probing = False  # ``_target`` was just raised: not filled at it yet
+        #: Groups let go, and the calls in them (their mean: the groups formed).
         self.groups = 0
         self.gathered = 0
 
@@ -85,9 +100,13 @@ class CallGather:
         """Calls held now."""
         return len(self._group)
 
-    def wait(self) -> asyncio.Future[None] | None:
+    def wait(
+        self, time_remaining: Callable[[], float | None] | None = None
+    ) -> asyncio.Future[None] | None:
         """None: go on now. Else the call is held: await the future (it is let go with
-        its group; cancelling it is safe)."""
+        its group; cancelling it is safe). ``time_remaining``: the call's seconds left
+        before its deadline (None: no deadline); a call with less left than the
+        window is never held."""
         now = self._clock.monotonic()
         adaptive = self._adaptive
         adaptive.arrived(now)
@@ -96,25 +115,47 @@ class CallGather:
             if len(group) + 1 >= self._target:
                 self._let_go(filled=True)
                 return None
-            future = asyncio.get_running_loop().create_future()
-            group.append(future)
-            return future
-        if self._target < 2 or adaptive.due(now, 1, now, None) <= now:
+            if not self._in_time(time_remaining):
+                return None
+            return self._hold(group)
+        if adaptive.due(now, 1, now, None) <= now or not self._in_time(time_remaining):
             if not self._turn:
                 asyncio.get_running_loop().call_soon(self._turn_ended)
             self._turn += 1
             return None
-        future = asyncio.get_running_loop().create_future()
-        group.append(future)
+        future = self._hold(group)
         self._timer = self._clock.call_at(now + adaptive.window_s, self._timed_out)
         return future
+
+    def _in_time(self, time_remaining: Callable[[], float | None] | None) -> bool:
+        """Whether a call with ``time_remaining`` may be held for the window."""
+        if time_remaining is None:
+            return True
+        left = time_remaining()
+        return left is None or left > self._adaptive.window_s + DEADLINE_MARGIN_S
+
+    def _hold(self, group: list[asyncio.Future[None]]) -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(self._left)
+        group.append(future)
+        return future
+
+    def _left(self, future: asyncio.Future[None]) -> None:
+        """A held call was let go, or cancelled: a cancelled one leaves its group (it
+        neither fills it nor counts in it); a group of none ends with its timer."""
+        if not future.cancelled():
+            return
+        group = self._group
+        if future in group:
+            group.remove(future)
+            if not group and self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
     def _turn_ended(self) -> None:
         """Calls that came in one loop turn were together: company, for the window."""
         calls, self._turn = self._turn, 0
         self._adaptive.dispatched(calls, held=False, gained=False)
-        if calls > 1 and self._target < 2:
-            self._target = 2
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -129,16 +170,19 @@ class CallGather:
             self._timer = None
         calls = len(group) + filled
         if filled:
+            if self._probing:  # the load filled one more: try the next one soon
+                self._probing, self._probe_after = False, CLIMB_AFTER
             self._filled += 1
-            if self._filled >= PROBE_AFTER:
-                self._filled = 0
-                self._target = min(self._max_calls, self._target + 1)
+            if self._filled >= self._probe_after and self._target < self._max_calls:
+                self._filled, self._target, self._probing = 0, self._target + 1, True
         else:
+            if self._probing:  # it could not: the next try only after many groups
+                self._probing, self._probe_after = False, PROBE_AFTER
             self._filled = 0
             self._target = max(2, calls, self._target - 1)
         self._adaptive.dispatched(calls, held=True, gained=calls > 1)
         self.groups += 1
         self.gathered += calls
         for future in group:
-            if not future.done():  # a cancelled call's is done already
+            if not future.done():  # a call cancelled this turn has not left yet
                 future.set_result(None)

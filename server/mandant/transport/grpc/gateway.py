@@ -286,7 +286,7 @@ class Gate:
                     # messages never come held every place, and no call could shed them.
                     cap.enter(shed, tenant_id)
                     entered = True
-                if gather is not None and (held := gather.wait()) is not None:
+                if gather is not None and (held := gather.wait(context.time_remaining)):
                     await held
                 request = parse(request_type, raw)
                 request_id = getattr(request, "id", "")

@@ -178,10 +178,12 @@ class GrpcServer:
         # Each tenant's answers not read yet: the gate refuses its inference calls at
         # the bound, before they take a place; the servicer counts the answers.
         unread = UnreadAnswers(config.max_unread_answer_bytes, observer)
-        # Unary inference calls of a busy front end wait for company (gather.py).
+        # Unary inference calls of a busy front end wait for company (gather.py); held
+        # calls hold their places at the door, so a group never outgrows it.
+        group = min(config.front_gather_calls, config.front_door_slots)
         gather = (
-            CallGather(config.front_gather_ms / 1000, config.front_gather_calls)
-            if config.front_gather_ms > 0
+            CallGather(config.front_gather_ms / 1000, group)
+            if config.front_gather_ms > 0 and group > 1
             else None
         )
         self.gate = gate = Gate(
