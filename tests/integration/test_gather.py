@@ -85,8 +85,9 @@ def test_gathering_off(tmp_path: Path, server: dict[str, float]) -> None:
     assert len(answered) == 200
 
 
-def test_a_group_never_outgrows_the_door(tmp_path: Path) -> None:
-    """Held calls hold their places at the door: with 8 slots, groups of at most 8."""
+def test_groups_are_at_most_the_door_slots(tmp_path: Path) -> None:
+    """Held calls keep their places at the door, so with 8 slots a group of 32 could
+    never fill: the server makes groups of at most 8."""
     with ServerThread(_config(front_door_slots=8), tmp_path) as running:
         assert running.app is not None
         gather = running.app.grpc.gate.gather

@@ -55,7 +55,12 @@ class Caller:
             self._went(number)
         else:
             self.held[number] = held
-            held.add_done_callback(lambda future: future.cancelled() or self._went(number))
+
+            def went(future: asyncio.Future[None]) -> None:
+                if not future.cancelled():
+                    self._went(number)
+
+            held.add_done_callback(went)
         return number
 
     def _went(self, number: int) -> None:
@@ -179,7 +184,7 @@ async def test_a_load_that_grows_is_met() -> None:
     await warm(caller)
     await _closed_loop(caller, 4, 60)
     assert gather.target in (4, 5)
-    # a try after PROBE_AFTER groups, then eleven more, CLIMB_AFTER + 1 groups apart
+    # a try after PROBE_AFTER groups, then eleven more, each CLIMB_AFTER groups on
     assert 11 * (CLIMB_AFTER + 1) < 150
     await _closed_loop(caller, 16, PROBE_AFTER + 150)
     assert gather.target >= 15
@@ -199,12 +204,12 @@ async def test_a_cancelled_call_leaves_its_group() -> None:
     third, fourth = caller.call(), caller.call()
     await settle()
     assert caller.waiting == {second, third, fourth}  # three live calls of four
-    groups = gather.gathered
+    gathered = gather.gathered
     fifth = caller.call()  # fills it
     await settle()
     assert caller.waiting == set() and first not in caller.went
     assert caller.order[-4:] == [fifth, second, third, fourth]
-    assert gather.gathered - groups == 4
+    assert gather.gathered - gathered == 4
     alone = caller.call()
     caller.held[alone].cancel()
     await settle()

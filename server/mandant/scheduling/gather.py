@@ -1,14 +1,15 @@
 """Gathering at the front end: inference calls that come while the front end is busy
 run their Python back to back.
 
-grpc.aio hands Mandant one call per event-loop turn, whatever its backlog: under a
-flood of 64 calls in flight, 99% of calls found no other call of Mandant's in progress
-(measured). So each call's Python (parse, validate, admit, decode, the model call,
-encode) ran alone between two stretches of gRPC's own work, with caches holding gRPC's
-data, not Mandant's: about 3 times slower than back to back (``benchmarks/call_cost.py
---between-mb``). Holding a call for a moment until a few others have come, then letting
-them all go at once, runs their Python back to back, warm: 25–40% more calls per
-second of a core at 16 to 64 calls in flight (``benchmarks/frontend.py``).
+grpc.aio hands Mandant its calls one by one, whatever its backlog (now and then two
+finish reading their message in the same event-loop turn): under a flood of 64 calls in
+flight, 99% of calls found no other call of Mandant's in progress (measured). So each
+call's Python (parse, validate, admit, decode, the model call, encode) ran alone between
+two stretches of gRPC's own work, with caches holding gRPC's data, not Mandant's: about
+3 times slower than back to back (``benchmarks/call_cost.py --between-mb``). Holding a
+call for a moment until a few others have come, then letting them all go at once, runs
+their Python back to back, warm: 25–40% more calls per second of a core at 16 to 64
+calls in flight (``benchmarks/frontend.py``).
 
 A caller alone must not pay for that, nor a few callers wait for company that cannot
 come. So:
@@ -17,27 +18,27 @@ come. So:
   decision, as for the batcher's batches: a hold window that grows only after calls
   were seen together (two or more in one loop turn, or a hold that gathered someone)
   and shrinks after a hold that gathered nobody, so a caller at concurrency 1 never
-  waits; a call is held only while the arrival interval is shorter than the window.
+  waits; a group is started only while the arrival interval is no longer than the
+  window (a call joins a group already started).
 * **When a group is complete** is learnt: a group goes as soon as it has ``target``
   calls. A group that its timer ends (the window passed before it filled: the load
-  could not fill it — a few closed-loop callers) lowers ``target`` to what came, by one
-  at most per group. After :data:`PROBE_AFTER` groups in a row that filled, ``target``
-  tries one more; a try that filled is followed by the next after only
-  :data:`CLIMB_AFTER` groups (so a load that grew is met within a few hundred groups),
-  one that did not by the next after :data:`PROBE_AFTER` again (so a few callers
-  wait the window in fewer than 1% of their calls). A handful of callers then wait for
-  each other and nobody else.
+  could not fill it — a few closed-loop callers) lowers ``target`` by one. After
+  :data:`PROBE_AFTER` groups in a row that filled, ``target`` tries one more; a try
+  that filled is followed by the next after only :data:`CLIMB_AFTER` groups (so a load
+  that grew is met within a few hundred groups), one that did not by the next after
+  :data:`PROBE_AFTER` again (so a few callers wait the window in fewer than 1% of their
+  calls). A handful of callers then wait for each other and nobody else.
 
 Bounds (the invariants the tests check): a call is held at most ``max_delay_s`` (the
 window never exceeds it; uvloop rounds timers to the millisecond), and never when its
-deadline is nearer than the window; a group holds at most ``max_calls``; every held
-call is let go exactly once, in arrival order (the call that fills a group goes on
-first, without waiting), and a held call that is cancelled leaves its group (it
-neither fills it nor counts in it). A busy front end holds every tenant's calls alike,
-within that bound: one tenant's flood can make another's call wait ``max_delay_s`` at
-most. Gathering changes when a call's Python runs, never what it does: it happens after
-the call's key is checked, its place taken and the door passed, before its message is
-parsed.
+deadline is nearer than the window; a group holds at most ``max_calls``; every held call
+is let go exactly once, in arrival order (the call that fills a group goes on first,
+without waiting), and a held call that is cancelled leaves its group at the end of the
+loop turn (from then on it neither fills it nor counts in it). A busy front end holds
+every tenant's calls alike, within that bound: one tenant's flood can make another's
+call wait ``max_delay_s`` at most. Gathering changes when a call's Python runs, never
+what it does: it happens after the call's key is checked, its place taken and the door
+passed, before its message is parsed.
 """
 
 from __future__ import annotations
@@ -141,8 +142,8 @@ class CallGather:
         return future
 
     def _left(self, future: asyncio.Future[None]) -> None:
-        """A held call was let go, or cancelled: a cancelled one leaves its group (it
-        neither fills it nor counts in it); a group of none ends with its timer."""
+        """A held call was let go, or cancelled (this runs a loop turn later): a
+        cancelled one leaves its group; a group of none ends with its timer."""
         if not future.cancelled():
             return
         group = self._group
@@ -168,7 +169,7 @@ class CallGather:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        calls = len(group) + filled
+        calls = sum(not future.done() for future in group) + filled  # cancelled: not
         if filled:
             if self._probing:  # the load filled one more: try the next one soon
                 self._probing, self._probe_after = False, CLIMB_AFTER
@@ -179,7 +180,7 @@ class CallGather:
             if self._probing:  # it could not: the next try only after many groups
                 self._probing, self._probe_after = False, PROBE_AFTER
             self._filled = 0
-            self._target = max(2, calls, self._target - 1)
+            self._target = max(2, self._target - 1)
         self._adaptive.dispatched(calls, held=True, gained=calls > 1)
         self.groups += 1
         self.gathered += calls
