@@ -15,16 +15,24 @@ import pytest
 from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client._proto import grpc_service_pb2 as pb
-from tests.servers import ECHO_MODEL, ServerThread
+from tests.servers import ECHO_MODEL, ServerThread, metric
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 KEYS = {"a": "a-key", "b": "b-key"}
 
 
+ADMIN_KEY = "admin-key"
+
+
 def _config(**server: float) -> MandantConfig:
     return parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0, **server},
+            "server": {
+                "grpc_port": 0,
+                "http_port": 0,
+                "admin_keys": [hash_key(ADMIN_KEY)],
+                **server,
+            },
             "tenants": [
                 {"id": tenant, "api_keys": [hash_key(key)]} for tenant, key in KEYS.items()
             ],
@@ -65,15 +73,21 @@ async def _flood(target: str, calls: int, inflight: int) -> list[tuple[float, fl
 
 
 def test_calls_of_a_flood_are_held_together_and_answered_their_own(tmp_path: Path) -> None:
+    """... and ``/metrics`` counts the groups and the calls in them."""
     with ServerThread(_config(front_gather_ms=20), tmp_path) as server:
         answered = asyncio.run(_flood(server.target, 3000, 64))
         assert server.app is not None
         gather = server.app.grpc.gate.gather
         assert gather is not None
         held = gather.groups, gather.gathered
+        shown = (
+            metric(server, ADMIN_KEY, "mandant_front_gather_groups_total"),
+            metric(server, ADMIN_KEY, "mandant_front_gathered_calls_total"),
+        )
     assert len(answered) == 3000 and all(sent == got for sent, got in answered)
     groups, gathered = held
     assert groups > 0 and gathered > groups, held  # groups of several calls were let go
+    assert shown == (groups, gathered)
 
 
 @pytest.mark.parametrize("server", [{"front_gather_ms": 0}, {"front_gather_calls": 1}])
@@ -82,6 +96,7 @@ def test_gathering_off(tmp_path: Path, server: dict[str, float]) -> None:
         assert running.app is not None
         assert running.app.grpc.gate.gather is None
         answered = asyncio.run(_flood(running.target, 200, 16))
+        assert metric(running, ADMIN_KEY, "mandant_front_gather_groups_total") is None
     assert len(answered) == 200
 
 

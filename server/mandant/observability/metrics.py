@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from mandant.config import SloConfig, TenantConfig
 from mandant.observability.live import LiveStats
@@ -388,6 +388,37 @@ class ModelReadiness:
             "1 while the model version is ready to serve, else 0.",
             labels=["model", "version", "tenant"],
         )
+
+
+class GatheredCalls:
+    """``mandant_front_gather_groups_total`` and ``mandant_front_gathered_calls_total``:
+    the groups of unary calls the gRPC front end held and let go together, and the calls
+    in them (``scheduling/gather.py``), read at scrape time from ``counts`` (groups,
+    calls); their ratio is the mean group. This process's front end only."""
+
+    def __init__(self, counts: Callable[[], tuple[int, int]]) -> None:
+        self._counts = counts
+
+    def describe(self) -> list[Metric]:
+        return self._families(0, 0)
+
+    def collect(self) -> list[Metric]:
+        return self._families(*self._counts())
+
+    @staticmethod
+    def _families(groups: int, calls: int) -> list[Metric]:
+        return [
+            CounterMetricFamily(
+                "mandant_front_gather_groups",
+                "Groups of unary calls the front end held and let go together.",
+                value=groups,
+            ),
+            CounterMetricFamily(
+                "mandant_front_gathered_calls",
+                "Unary calls let go in those groups.",
+                value=calls,
+            ),
+        ]
 
 
 def load_failures(registry: CollectorRegistry) -> Counter:
