@@ -147,6 +147,14 @@ FREE_PORTS = {"grpc_port": 0, "rest_port": 0, "http_port": 0}
             {"http_port": "held"},
             "cannot bind the HTTP port (server.host '127.0.0.1', port {held}): ",
         ),
+        (
+            {"grpc_port": "held"},
+            "cannot bind the gRPC port (server.host '127.0.0.1', port {held}): ",
+        ),
+        (
+            {"host": "192.0.2.1"},  # TEST-NET-1: an address not on this machine
+            "cannot bind the gRPC port (server.host '192.0.2.1', port 0): ",
+        ),
     ],
 )
 def test_a_listener_that_cannot_bind_names_itself_its_setting_and_address(

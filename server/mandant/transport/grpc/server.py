@@ -233,12 +233,24 @@ class GrpcServer:
         self.port = 0
 
     async def start(self) -> int:
-        """Bind and start; returns the bound port (useful with port 0)."""
-        address = self._bind or f"{self._config.host}:{self._config.grpc_port}"
-        if self._certificates is None:
-            self.port = self._server.add_insecure_port(address)
-        else:
-            self.port = self._server.add_secure_port(address, self._certificates.credentials)
+        """Bind and start; returns the bound port (useful with port 0). A failure to bind
+        the gRPC port is an OSError naming it, its setting and the address (gRPC's own
+        says "Failed to bind to address", and why only in its log)."""
+        host, port = self._config.host, self._config.grpc_port
+        address = self._bind or f"{host}:{port}"
+        try:
+            if self._certificates is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, self._certificates.credentials)
+        except RuntimeError as exc:
+            if self._bind is not None:
+                raise
+            raise OSError(
+                f"cannot bind the gRPC port (server.host {host!r}, port {port}): gRPC's log "
+                "line before this one says why (a port in use, an address not on this "
+                "machine)"
+            ) from exc
         await self._server.start()
         await self._set_health(self._ready())
         self._health_watch = asyncio.create_task(self._follow_readiness(), name="grpc-health")
