@@ -88,6 +88,15 @@ async def warm(caller: Caller, groups: int = 8) -> None:
     assert caller.waiting == set()
 
 
+async def warmed(max_calls: int) -> Caller:
+    """The caller of a gather of at most ``max_calls`` on a fake clock, after
+    :func:`warm`."""
+    clock = FakeClock()
+    caller = Caller(CallGather(MAX_DELAY_S, max_calls, clock), clock)
+    await warm(caller)
+    return caller
+
+
 async def test_a_lone_caller_never_waits() -> None:
     clock = FakeClock()
     caller = Caller(CallGather(MAX_DELAY_S, 16, clock), clock)
@@ -99,10 +108,8 @@ async def test_a_lone_caller_never_waits() -> None:
 
 
 async def test_calls_together_are_held_until_the_group_fills() -> None:
-    clock = FakeClock()
-    gather = CallGather(MAX_DELAY_S, 8, clock)
-    caller = Caller(gather, clock)
-    await warm(caller)
+    caller = await warmed(8)
+    clock = caller.clock
     first = caller.call()
     assert caller.waiting == {first}
     for _ in range(6):
@@ -119,10 +126,8 @@ async def test_calls_together_are_held_until_the_group_fills() -> None:
 
 
 async def test_a_group_that_does_not_fill_goes_when_its_window_passes() -> None:
-    clock = FakeClock()
-    gather = CallGather(MAX_DELAY_S, 16, clock)
-    caller = Caller(gather, clock)
-    await warm(caller)
+    caller = await warmed(16)
+    clock, gather = caller.clock, caller.gather
     target = gather.target
     first = caller.call()
     clock.advance(100e-6)
@@ -160,10 +165,8 @@ async def test_a_few_closed_loop_callers_wait_for_each_other_only() -> None:
     """Four callers: the group size comes down to four, after which a group goes as
     soon as the four have come (no window waited), but for a try of five once in
     PROBE_AFTER groups."""
-    clock = FakeClock()
-    gather = CallGather(MAX_DELAY_S, 16, clock)
-    caller = Caller(gather, clock)
-    await warm(caller)
+    caller = await warmed(16)
+    gather = caller.gather
     await _closed_loop(caller, 4, 40)
     assert gather.target in (4, 5)
     waited = sum(went - caller.came[n] for n, went in caller.went.items())
@@ -178,10 +181,8 @@ async def test_a_few_closed_loop_callers_wait_for_each_other_only() -> None:
 async def test_a_load_that_grows_is_met() -> None:
     """Four callers, then sixteen: once a try of five filled, the next ones come every
     CLIMB_AFTER groups, up to sixteen."""
-    clock = FakeClock()
-    gather = CallGather(MAX_DELAY_S, 32, clock)
-    caller = Caller(gather, clock)
-    await warm(caller)
+    caller = await warmed(32)
+    gather = caller.gather
     await _closed_loop(caller, 4, 60)
     assert gather.target in (4, 5)
     # a try after PROBE_AFTER groups, then eleven more, each CLIMB_AFTER groups on
@@ -192,10 +193,8 @@ async def test_a_load_that_grows_is_met() -> None:
 
 async def test_a_cancelled_call_leaves_its_group() -> None:
     """It neither fills the group nor counts in it; a group of none ends its timer."""
-    clock = FakeClock()
-    gather = CallGather(MAX_DELAY_S, 4, clock)
-    caller = Caller(gather, clock)
-    await warm(caller)
+    caller = await warmed(4)
+    clock, gather = caller.clock, caller.gather
     first = caller.call()
     second = caller.call()
     caller.held[first].cancel()
@@ -217,10 +216,8 @@ async def test_a_cancelled_call_leaves_its_group() -> None:
 
 
 async def test_a_call_near_its_deadline_is_not_held() -> None:
-    clock = FakeClock()
-    gather = CallGather(MAX_DELAY_S, 16, clock)
-    caller = Caller(gather, clock)
-    await warm(caller)
+    caller = await warmed(16)
+    gather = caller.gather
     hurried = caller.call(time_remaining=MAX_DELAY_S / 2)
     assert hurried in caller.went and gather.held == 0
     patient = caller.call(time_remaining=1.0)
