@@ -23,7 +23,6 @@ from mandant.events import Observer
 from mandant.observability.http import Health, HttpServer
 from mandant.observability.live import LiveStats
 from mandant.observability.metrics import (
-    GatheredCalls,
     InflightRequests,
     ModelReadiness,
     PrometheusObserver,
@@ -202,9 +201,6 @@ class App:
             authenticate_certificate=self.directory.authenticate_certificate,
             bind=engine_sockets.control if engine_sockets is not None else None,
         )
-        gather = self.grpc.gate.gather
-        if gather is not None and engine_sockets is None:  # an engine's gRPC takes no calls
-            self.metrics.register(GatheredCalls(lambda: (gather.groups, gather.gathered)))
         self.grpc_port = 0
         self.engine: EngineServer | None = None
         health: Health = self.plane  # what /readyz reads

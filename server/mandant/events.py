@@ -83,6 +83,11 @@ class Observer(Protocol):
         """The shared limits store failed one operation (Redis unreachable, …)."""
         ...
 
+    def calls_gathered(self, calls: int) -> None:
+        """The gRPC front end let go a group of ``calls`` unary calls it had held
+        together (``scheduling/gather.py``)."""
+        ...
+
 
 class NullObserver:
     def request_finished(
@@ -123,4 +128,7 @@ class NullObserver:
         return None
 
     def store_error(self, store: str) -> None:
+        return None
+
+    def calls_gathered(self, calls: int) -> None:
         return None

@@ -33,12 +33,14 @@ async def elapse(clock: FakeClock, seconds: float) -> None:
 
 
 class Caller:
-    """Calls into a gather, recording when each went on. A held call goes on when its
+    """Calls into a gather of at most ``max_calls`` on ``clock``, recording when each
+    went on, and the calls of each group it reported. A held call goes on when its
     future is let go (its done callback, as a handler awaiting it would resume);
     cancelling the future is what cancelling that handler does to it."""
 
-    def __init__(self, gather: CallGather, clock: FakeClock) -> None:
-        self.gather = gather
+    def __init__(self, max_calls: int, clock: FakeClock) -> None:
+        self.groups: list[int] = []
+        self.gather = CallGather(MAX_DELAY_S, max_calls, clock, report=self.groups.append)
         self.clock = clock
         self.came: dict[int, float] = {}
         self.went: dict[int, float] = {}
@@ -92,14 +94,14 @@ async def warmed(max_calls: int) -> Caller:
     """The caller of a gather of at most ``max_calls`` on a fake clock, after
     :func:`warm`."""
     clock = FakeClock()
-    caller = Caller(CallGather(MAX_DELAY_S, max_calls, clock), clock)
+    caller = Caller(max_calls, clock)
     await warm(caller)
     return caller
 
 
 async def test_a_lone_caller_never_waits() -> None:
     clock = FakeClock()
-    caller = Caller(CallGather(MAX_DELAY_S, 16, clock), clock)
+    caller = Caller(16, clock)
     for _ in range(200):  # concurrency 1: one call per loop turn, 600 µs apart
         caller.call()
         await settle()
@@ -144,11 +146,10 @@ async def _closed_loop(caller: Caller, callers: int, groups: int) -> None:
     """``callers`` callers, each calling again 300 µs after its call went on (its
     answer's way there and back), until ``groups`` more groups were let go."""
     clock = caller.clock
-    gather = caller.gather
     due = [clock.now + n * 50e-6 for n in range(callers)]  # each caller's next call
     calls: dict[int, int] = {}  # call → its caller
-    until = gather.groups + groups
-    while gather.groups < until:
+    until = len(caller.groups) + groups
+    while len(caller.groups) < until:
         # to the next call, or a tick on while every caller is held
         await elapse(clock, min(max(0.0, min(due) - clock.now), 10 * TICK_S))
         for who, when in enumerate(due):
@@ -203,12 +204,12 @@ async def test_a_cancelled_call_leaves_its_group() -> None:
     third, fourth = caller.call(), caller.call()
     await settle()
     assert caller.waiting == {second, third, fourth}  # three live calls of four
-    gathered = gather.gathered
+    groups = len(caller.groups)
     fifth = caller.call()  # fills it
     await settle()
     assert caller.waiting == set() and first not in caller.went
     assert caller.order[-4:] == [fifth, second, third, fourth]
-    assert gather.gathered - gathered == 4
+    assert caller.groups[groups:] == [4]
     alone = caller.call()
     caller.held[alone].cancel()
     await settle()
@@ -257,8 +258,8 @@ def test_every_held_call_goes_once_in_time_and_in_order(
 
 async def _interleaving(steps: list[tuple[str, float]], max_calls: int) -> None:
     clock = FakeClock()
-    gather = CallGather(MAX_DELAY_S, max_calls, clock)
-    caller = Caller(gather, clock)
+    caller = Caller(max_calls, clock)
+    gather = caller.gather
     cancelled: set[int] = set()
     for kind, value in steps:
         if kind == "call":
@@ -283,3 +284,7 @@ async def _interleaving(steps: list[tuple[str, float]], max_calls: int) -> None:
         assert went - caller.came[number] <= MAX_DELAY_S + LATE_S
     held = [n for n in caller.order if n in caller.held]
     assert held == sorted(held)  # held calls go in arrival order
+    # Each group reported counts its held calls that went, and the one that filled it
+    # (which went on unheld), if one did; a cancelled call is in none.
+    assert all(1 <= calls <= max_calls for calls in caller.groups)
+    assert len(held) <= sum(caller.groups) <= len(held) + len(caller.groups)

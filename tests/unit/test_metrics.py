@@ -182,6 +182,16 @@ def test_admission_rejections_and_store_errors(parts: Parts) -> None:
     ]
 
 
+def test_gathered_groups_and_calls_are_counted_from_zero(parts: Parts) -> None:
+    registry, observer, _, _ = parts
+    assert value(registry, "mandant_front_gather_groups_total") == 0
+    assert value(registry, "mandant_front_gathered_calls_total") == 0
+    observer.calls_gathered(5)
+    observer.calls_gathered(3)
+    assert value(registry, "mandant_front_gather_groups_total") == 2
+    assert value(registry, "mandant_front_gathered_calls_total") == 8
+
+
 def test_usage_report_reads_the_counters(parts: Parts) -> None:
     _, observer, _, live = parts
     observer.request_finished("acme", "classifier", "OK", 0.004)

@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from mandant.config import SloConfig, TenantConfig
 from mandant.observability.live import LiveStats
@@ -150,6 +150,16 @@ class PrometheusObserver:
             "mandant_slo_good_requests", "Inference calls answered OK within the SLO latency.",
             ["tenant"],
         )  # fmt: skip
+        # Their ratio is the mean group; with ``workers: N``, every front end's.
+        self.gather_groups = CounterSeries(
+            "mandant_front_gather_groups",
+            "Groups of unary calls the gRPC front end held and let go together.", [],
+        )  # fmt: skip
+        self.gathered_calls = CounterSeries(
+            "mandant_front_gathered_calls", "Unary calls let go in those groups.", [],
+        )  # fmt: skip
+        self.gather_groups.touch(())
+        self.gathered_calls.touch(())
         snapshot = self._directory.current
         for tenant in snapshot.slos:
             self.slo_requests.touch((tenant,))
@@ -161,7 +171,8 @@ class PrometheusObserver:
                     self.compute_duration, self.batch_size, self.failed_batches,
                     self.rejections, self.rows, self.compute_seconds,
                     self.admitted_rows, self.refunded_rows, self.store_errors,
-                    self.slo_requests, self.slo_good,
+                    self.slo_requests, self.slo_good, self.gather_groups,
+                    self.gathered_calls,
                 ]
             )
         )  # fmt: skip
@@ -297,6 +308,10 @@ class PrometheusObserver:
     def store_error(self, store: str) -> None:
         self.store_errors.inc((store,))
 
+    def calls_gathered(self, calls: int) -> None:
+        self.gather_groups.inc(())
+        self.gathered_calls.inc((), calls)
+
 
 def _model_gone(served: ServedModels, at: int) -> Dropped:
     """Picks the series whose model (label ``at``) is not served; ``""`` (no model)
@@ -388,37 +403,6 @@ class ModelReadiness:
             "1 while the model version is ready to serve, else 0.",
             labels=["model", "version", "tenant"],
         )
-
-
-class GatheredCalls:
-    """``mandant_front_gather_groups_total`` and ``mandant_front_gathered_calls_total``:
-    the groups of unary calls the gRPC front end held and let go together, and the calls
-    in them (``scheduling/gather.py``), read at scrape time from ``counts`` (groups,
-    calls); their ratio is the mean group. This process's front end only."""
-
-    def __init__(self, counts: Callable[[], tuple[int, int]]) -> None:
-        self._counts = counts
-
-    def describe(self) -> list[Metric]:
-        return self._families(0, 0)
-
-    def collect(self) -> list[Metric]:
-        return self._families(*self._counts())
-
-    @staticmethod
-    def _families(groups: int, calls: int) -> list[Metric]:
-        return [
-            CounterMetricFamily(
-                "mandant_front_gather_groups",
-                "Groups of unary calls the front end held and let go together.",
-                value=groups,
-            ),
-            CounterMetricFamily(
-                "mandant_front_gathered_calls",
-                "Unary calls let go in those groups.",
-                value=calls,
-            ),
-        ]
 
 
 def load_failures(registry: CollectorRegistry) -> Counter:

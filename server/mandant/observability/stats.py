@@ -272,3 +272,6 @@ class StatsObserver:
 
     def store_error(self, store: str) -> None:
         self._forward.store_error(store)
+
+    def calls_gathered(self, calls: int) -> None:
+        self._forward.calls_gathered(calls)

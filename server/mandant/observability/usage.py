@@ -123,6 +123,9 @@ class FleetCounting:
     def store_error(self, store: str) -> None:
         self._inner.store_error(store)
 
+    def calls_gathered(self, calls: int) -> None:
+        self._inner.calls_gathered(calls)
+
 
 def _counts(fields: Mapping[str, float]) -> dict[str, Any]:
     """A fleet period's hash as the report's figures (the same names as this

@@ -67,14 +67,21 @@ class CallGather:
         "_max_calls",
         "_probe_after",
         "_probing",
+        "_report",
         "_target",
         "_timer",
         "_turn",
-        "gathered",
-        "groups",
     )
 
-    def __init__(self, max_delay_s: float, max_calls: int, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        max_delay_s: float,
+        max_calls: int,
+        clock: Clock | None = None,
+        report: Callable[[int], object] | None = None,
+    ) -> None:
+        """``report``: hears the calls of each group let go (the observer's
+        ``calls_gathered``: the metrics)."""
         if max_calls < 2:
             raise ValueError("a gather needs max_calls >= 2 (a group of one is no group)")
         self._max_calls = max_calls
@@ -87,9 +94,7 @@ class CallGather:
         self._filled = 0  # groups in a row that reached ``_target``
         self._probe_after = PROBE_AFTER  # ... before ``_target`` tries one more
         self._probing = False  # ``_target`` was just raised: not filled at it yet
-        #: Groups let go, and the calls in them (their mean: the groups formed).
-        self.groups = 0
-        self.gathered = 0
+        self._report = report
 
     @property
     def target(self) -> int:
@@ -182,8 +187,8 @@ class CallGather:
             self._filled = 0
             self._target = max(2, self._target - 1)
         self._adaptive.dispatched(calls, held=True, gained=calls > 1)
-        self.groups += 1
-        self.gathered += calls
+        if self._report is not None:
+            self._report(calls)
         for future in group:
             if not future.done():  # a call cancelled this turn has not left yet
                 future.set_result(None)

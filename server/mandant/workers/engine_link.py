@@ -383,6 +383,9 @@ class RemoteObserver:
     def store_error(self, store: str) -> None:
         self._link.report("store_error", store)
 
+    def calls_gathered(self, calls: int) -> None:
+        self._link.report("calls_gathered", calls)
+
 
 async def _resolved(call: Call, last: asyncio.Future[Answer]) -> None:
     """Wait for the engine's last word on a call given up on: the model it had

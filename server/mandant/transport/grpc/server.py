@@ -182,7 +182,7 @@ class GrpcServer:
         # calls hold their places at the door, so a group never outgrows it.
         group = min(config.front_gather_calls, config.front_door_slots)
         gather = (
-            CallGather(config.front_gather_ms / 1000, group)
+            CallGather(config.front_gather_ms / 1000, group, report=observer.calls_gathered)
             if config.front_gather_ms > 0 and group > 1
             else None
         )
