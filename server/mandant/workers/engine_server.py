@@ -5,7 +5,10 @@ Each request runs as the single-process server runs it, through the engine's own
 :meth:`DataPlane.infer` — resolution, validation, admission, the fair batcher and the
 model — so fair shares, token buckets, quotas and concurrency caps are those of one
 process, whatever the number of front ends. Answers of one event-loop turn go back to
-each front end in one message. A front end that gives up on a call (its client left or
+each front end in one message. The observer events a front end sends (the calls it
+answered) are recorded once the answers of the turn they came in are written, so that
+a call's answer does not wait on the bookkeeping of the calls before it (measured at
+concurrency 1 on one core: 30 µs less per call, ``benchmarks/workers.py``). A front end that gives up on a call (its client left or
 its deadline passed) sends a cancellation: the call leaves its queue and frees its
 concurrency slot, and the front end is told at once which model the call had resolved
 to (what its report of the call names: SLOs count it). When a front end's connection
@@ -170,6 +173,9 @@ class _FrontEnd(asyncio.BufferedProtocol):
         self._answers: list[list[object]] = []
         self._frames = Gathered()
         self._flushing = False
+        #: Its observer events not recorded yet: they wait for the answers of the turn
+        #: they came in (:meth:`_flush`).
+        self._events: list[list[Any]] = []
         self._loop = asyncio.get_running_loop()
         self._accepting = False  # its gRPC port accepts calls (its pings say)
         #: When it last said something (the loop's clock), and its process.
@@ -195,6 +201,7 @@ class _FrontEnd(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._record_events()
         self._engine.left(self)
         self._settled(max(self._settles, default=0))  # nothing more is coming
         for task, _, _ in self.tasks.values():  # nobody to answer: free their places at once
@@ -240,15 +247,17 @@ class _FrontEnd(asyncio.BufferedProtocol):
             self._requests(requests, frames)
             for rid in cancels:
                 self._cancel(rid)
-            observer = self._engine.events
-            for name, *args in events:
-                if name in FORWARDED_EVENTS:
-                    getattr(observer, name)(*args)
+            if events:
+                # Recorded once this turn's answers are written (their calls come first,
+                # then the bookkeeping of the calls before them).
+                self._events.extend(events)
+                self._schedule_flush()
         elif kind == ipc.PING:
             self._accepting = bool(payload and payload[0])
             self.pinged = True
             self._status()
         elif kind == ipc.SETTLED:
+            self._record_events()  # what a report reads next counts them
             self._settled(payload[0])
 
     def _requests(self, requests: list[Any], frames: Sequence[memoryview]) -> None:
@@ -331,17 +340,29 @@ class _FrontEnd(asyncio.BufferedProtocol):
         self._answers.append(answer)
         if self._frames.add(frames):
             self._flush()
-        elif not self._flushing:
+        else:
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flushing:
             self._flushing = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        """This loop turn's answers, in one message."""
+        """This loop turn's answers, in one message; then the events that came."""
         self._flushing = False
         answers, self._answers = self._answers, []
         frames = self._frames.take()
         if self._transport is not None and answers:
             self._transport.writelines(encode(ipc.ANSWERS, answers, frames))
+        self._record_events()
+
+    def _record_events(self) -> None:
+        events, self._events = self._events, []
+        observer = self._engine.events
+        for name, *args in events:
+            if name in FORWARDED_EVENTS:
+                getattr(observer, name)(*args)
 
 
 def _peer_pid(transport: asyncio.BaseTransport) -> int | None:
