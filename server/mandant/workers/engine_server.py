@@ -7,12 +7,13 @@ model — so fair shares, token buckets, quotas and concurrency caps are those o
 process, whatever the number of front ends. Answers of one event-loop turn go back to
 each front end in one message. The observer events a front end sends (the calls it
 answered) are recorded once the answers of the turn they came in are written, so that
-a call's answer does not wait on the bookkeeping of the calls before it (measured at
-concurrency 1 on one core: 30 µs less per call, ``benchmarks/workers.py``). A front end that gives up on a call (its client left or
-its deadline passed) sends a cancellation: the call leaves its queue and frees its
-concurrency slot, and the front end is told at once which model the call had resolved
-to (what its report of the call names: SLOs count it). When a front end's connection
-closes (it died), its calls are cancelled the same way.
+a call's answer does not wait on the bookkeeping of the calls before it (at
+concurrency 1, each call's events ride with the next call). A front end that gives up
+on a call (its client left or its deadline passed) sends a cancellation: the call
+leaves its queue and frees its concurrency slot, and the front end is told at once
+which model the call had resolved to (what its report of the call names: SLOs count
+it). When a front end's connection closes (it died), its calls are cancelled the same
+way.
 """
 
 from __future__ import annotations
