@@ -143,6 +143,13 @@ class EncodedRequest(Protocol):
         """The input tensors as numpy arrays viewing the request's bytes."""
         ...
 
+    def raw_inputs(self) -> Sequence[bytes | memoryview] | None:
+        """Each input's bytes in the raw layout as the client sent them, in the order
+        of :meth:`input_headers`, where it sent every input so in a fixed-size datatype
+        (a front end of ``workers: N`` hands them on as they are); else None. After
+        :meth:`check_payload`."""
+        ...
+
 
 @dataclass(slots=True)
 class Call:

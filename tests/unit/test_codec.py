@@ -246,6 +246,27 @@ def test_random_raw_payloads_decode_or_are_invalid(
     assert arrays["X"].shape == tuple(shape)
 
 
+@given(tensors())
+def test_raw_inputs_are_the_bytes_that_decode(case: tuple[str, np.ndarray]) -> None:
+    """What a front end of ``workers: N`` hands on unread is what decoding reads."""
+    datatype, array = case
+    request = ProtoInferRequest(_request(datatype, array.shape, array.tobytes()))
+    request.check_payload()
+    (raw,) = request.raw_inputs() or [b"none"]
+    decoded = np.frombuffer(raw, DATATYPES[datatype]).reshape(array.shape)
+    np.testing.assert_array_equal(decoded, request.decode_inputs()["X"])
+
+
+def test_no_raw_inputs_where_decoding_has_more_to_check_or_say() -> None:
+    framed = _request("BYTES", (1,), join_bytes(np.array([b"id"], dtype=object)))
+    typed = pb.ModelInferRequest(model_name="m")
+    typed.inputs.add(name="X", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
+    both = _request("FP32", (1,), np.ones(1, np.float32).tobytes())
+    both.inputs[0].contents.fp32_contents.append(1.0)
+    for msg in (framed, typed, both):
+        assert ProtoInferRequest(msg).raw_inputs() is None
+
+
 @pytest.mark.parametrize(
     ("datatype", "field", "values"),
     [

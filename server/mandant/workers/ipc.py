@@ -146,6 +146,10 @@ class IpcRequest:
         if header.deferred_error is not None and not header.deferred_to_decode:
             raise errors.InvalidInput(header.deferred_error)
 
+    def raw_inputs(self) -> None:
+        """None: the engine does not hand a request on."""
+        return None
+
     def decode_inputs(self) -> dict[str, np.ndarray]:
         if self._header.deferred_error is not None:
             raise errors.InvalidInput(self._header.deferred_error)

@@ -228,6 +228,14 @@ class ProtoInferRequest:
                 check_raw_size(data, header, self._max_bytes_elements)
         self._checked = True
 
+    def raw_inputs(self) -> Sequence[bytes] | None:
+        raw = self._raw_contents()
+        if not raw or any(header.datatype == "BYTES" for header in self.input_headers()):
+            return None  # BYTES: its framing is checked as it is decoded
+        if any(tensor.HasField("contents") for tensor in self._msg.inputs):
+            return None  # both contents and raw: decoding says so
+        return raw
+
     def decode_inputs(self) -> dict[str, np.ndarray]:
         self.check_payload()
         raw = self._raw_contents()

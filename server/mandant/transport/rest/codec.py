@@ -199,6 +199,10 @@ class JsonInferRequest:
     def decode_inputs(self) -> dict[str, np.ndarray]:
         return {item.header.name: _decode(item, self._max_bytes_elements) for item in self._inputs}
 
+    def raw_inputs(self) -> None:
+        """None: REST is served where the models are (no front end hands it on)."""
+        return None
+
 
 def _json_length(header_length: str, body_length: int) -> int:
     digits = header_length.removeprefix("-")
