@@ -191,8 +191,6 @@ class RecordingObserver:
     failed_batch_owners: list[str] = field(default_factory=list)
     refunds: list[tuple[str, str, int]] = field(default_factory=list)
     finished: list[tuple[str, str, str, str]] = field(default_factory=list)
-    #: The calls of each group the front end let go together.
-    gathered: list[int] = field(default_factory=list)
 
     def request_finished(
         self,
@@ -237,7 +235,7 @@ class RecordingObserver:
         return None
 
     def calls_gathered(self, calls: int) -> None:
-        self.gathered.append(calls)
+        return None
 
 
 _ids = itertools.count()

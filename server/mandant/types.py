@@ -144,10 +144,10 @@ class EncodedRequest(Protocol):
         ...
 
     def raw_inputs(self) -> Sequence[bytes | memoryview] | None:
-        """Each input's bytes in the raw layout as the client sent them, in the order
-        of :meth:`input_headers`, where it sent every input so in a fixed-size datatype
-        (a front end of ``workers: N`` hands them on as they are); else None. After
-        :meth:`check_payload`."""
+        """Each input's bytes as the client sent them, in the order of
+        :meth:`input_headers`, where every input came in the raw layout (no typed
+        contents) in a fixed-size datatype: a front end of ``workers: N`` hands them on
+        as they are. Else None. After :meth:`check_payload`."""
         ...
 
 

@@ -21,6 +21,7 @@ from tests.servers import ECHO_MODEL, Server, ServerThread, WorkersServer, metri
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 KEYS = {"a": "a-key", "b": "b-key"}
+#: A channel of its own connection: the kernel spreads connections over front ends.
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 GROUPS, GATHERED = "mandant_front_gather_groups_total", "mandant_front_gathered_calls_total"
 

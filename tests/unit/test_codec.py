@@ -252,8 +252,9 @@ def test_raw_inputs_are_the_bytes_that_decode(case: tuple[str, np.ndarray]) -> N
     datatype, array = case
     request = ProtoInferRequest(_request(datatype, array.shape, array.tobytes()))
     request.check_payload()
-    (raw,) = request.raw_inputs() or [b"none"]
-    decoded = np.frombuffer(raw, DATATYPES[datatype]).reshape(array.shape)
+    raw = request.raw_inputs()
+    assert raw is not None and len(raw) == 1
+    decoded = np.frombuffer(raw[0], DATATYPES[datatype]).reshape(array.shape)
     np.testing.assert_array_equal(decoded, request.decode_inputs()["X"])
 
 

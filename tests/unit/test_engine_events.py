@@ -1,39 +1,30 @@
 """The engine records a front end's observer events (``workers: N``) after the answers
-of the loop turn they came in are written: a call's answer does not wait on the
-bookkeeping of the calls before it; and before a report that settled reads them."""
+of the loop turn they came in are written, so an answer ready at once does not wait on
+the bookkeeping of the calls before it; and before a report that settled reads them.
+A real engine socket, with a plain socket as the front end."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from mandant.events import NullObserver
 from mandant.types import Call, EncodedRequest, InferResponse, Tenant, TensorHeader
 from mandant.workers import ipc
-from mandant.workers.engine_server import EngineServer, _FrontEnd
-from mandant.workers.framing import Buffer, unpackb
+from mandant.workers.engine_server import EngineServer
+from mandant.workers.framing import PREFIX, encode, unpackb
 
 FINISHED = ["request_finished", "t", "echo", "OK", 0.001, "1", True, ""]
 
 
-class Log(list[str]):
-    """What happened, in order: messages written to the front end, events recorded."""
-
-
-class Transport:
-    def __init__(self, log: Log) -> None:
-        self._log = log
-
-    def writelines(self, parts: list[Buffer]) -> None:
-        (kind, _, _) = unpackb(parts[1])
-        self._log.append({ipc.ANSWERS: "answers", ipc.STATUS: "status"}.get(kind, str(kind)))
-
-    def get_extra_info(self, name: str) -> None:
-        return None
-
-
 class Plane:
+    """Answers every call in the turn it came (as a model run inline does)."""
+
     ready = True
 
     async def infer(
@@ -42,25 +33,62 @@ class Plane:
         return InferResponse("echo", "1", request.request_id)
 
 
+class FrontEnd:
+    """The front end's end of the engine's socket, read without consuming."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(str(path))
+        self.sock.setblocking(False)
+
+    def send(self, kind: int, payload: object, frames: Sequence[bytes] = ()) -> None:
+        self.sock.sendall(b"".join(encode(kind, payload, frames)))
+
+    def kinds_written(self) -> list[int]:
+        """The kinds of the messages the engine has written so far."""
+        try:
+            data = self.sock.recv(1 << 16, socket.MSG_PEEK)
+        except BlockingIOError:
+            return []
+        kinds, at = [], 0
+        while at + PREFIX.size <= len(data):
+            body_bytes, header_bytes = PREFIX.unpack_from(data, at)
+            start = at + PREFIX.size
+            kinds.append(unpackb(data[start : start + header_bytes])[0])
+            at = start + body_bytes
+        return kinds
+
+
 class Recorder(NullObserver):
-    def __init__(self, log: Log) -> None:
-        self._log = log
+    """Notes, for each call it records, which messages the engine had written then."""
+
+    def __init__(self) -> None:
+        self.front_end: FrontEnd | None = None
+        self.recorded: list[list[int]] = []
 
     def request_finished(self, *args: Any, **kwargs: Any) -> None:
-        self._log.append("recorded")
+        assert self.front_end is not None
+        self.recorded.append(self.front_end.kinds_written())
 
 
-def _front_end(log: Log) -> _FrontEnd:
-    engine = EngineServer(
-        Plane(),  # type: ignore[arg-type]
-        lambda tenant: Tenant(tenant),
-        Recorder(log),
-        Path("unused"),
-        0,
-    )
-    peer = _FrontEnd(engine)
-    peer.connection_made(Transport(log))  # type: ignore[arg-type]
-    return peer
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[tuple[EngineServer, FrontEnd, Recorder]]:
+    recorder = Recorder()
+    path = tmp_path / "engine.sock"
+    engine = EngineServer(Plane(), Tenant, recorder, path, 0)  # type: ignore[arg-type]
+    await engine.start()
+    recorder.front_end = front_end = FrontEnd(path)
+    yield engine, front_end, recorder
+    front_end.sock.close()
+    await engine.aclose()
+
+
+async def until(done: Any) -> None:
+    for _ in range(1000):
+        if done():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the engine did not get there")
 
 
 def _request(rid: int) -> list[object]:
@@ -68,33 +96,35 @@ def _request(rid: int) -> list[object]:
     return ipc.RequestHeader(rid, "t", "echo", "", str(rid), {}, [], inputs, None).pack()
 
 
-async def turns(count: int = 5) -> None:
-    for _ in range(count):
-        await asyncio.sleep(0)
+async def test_events_are_recorded_after_the_answers_of_their_turn(
+    engine: tuple[EngineServer, FrontEnd, Recorder],
+) -> None:
+    _, front_end, recorder = engine
+    front_end.send(ipc.CALLS, [[_request(1)], [], [FINISHED]], [bytes(4)])
+    await until(lambda: recorder.recorded)
+    assert recorder.recorded == [[ipc.STATUS, ipc.ANSWERS]]
 
 
-async def test_events_are_recorded_after_the_answers_of_their_turn() -> None:
-    log = Log()
-    peer = _front_end(log)
-    frame = memoryview(bytes(4))
-    peer._message(ipc.CALLS, [[_request(1)], [], [FINISHED]], [frame])
-    await turns()
-    assert log == ["status", "answers", "recorded"]
+async def test_events_without_calls_are_recorded_soon(
+    engine: tuple[EngineServer, FrontEnd, Recorder],
+) -> None:
+    _, front_end, recorder = engine
+    front_end.send(ipc.CALLS, [[], [], [FINISHED, FINISHED]])
+    await until(lambda: len(recorder.recorded) == 2)
 
 
-async def test_events_without_calls_are_recorded_within_the_turn() -> None:
-    log = Log()
-    peer = _front_end(log)
-    peer._message(ipc.CALLS, [[], [], [FINISHED, FINISHED]], [])
-    await turns(1)
-    assert log == ["status", "recorded", "recorded"]
-
-
-async def test_a_settle_records_the_events_before_it_at_once() -> None:
-    """The front end's SETTLED follows its events: a report waiting on it reads them."""
-    log = Log()
-    peer = _front_end(log)
-    settled = peer.settle()
-    peer._message(ipc.CALLS, [[], [], [FINISHED]], [])
-    peer._message(ipc.SETTLED, [1], [])
-    assert settled.done() and log.count("recorded") == 1
+async def test_a_report_that_settled_counts_the_events_sent_before(
+    engine: tuple[EngineServer, FrontEnd, Recorder],
+) -> None:
+    """The front end answers SETTLE with its events, then SETTLED: once the report's
+    settle returns, they are recorded."""
+    server, front_end, recorder = engine
+    front_end.send(ipc.PING, [True])  # a front end: reports wait for it
+    await until(lambda: server.accepting)
+    settled = asyncio.ensure_future(server.settle())
+    await until(lambda: ipc.SETTLE in front_end.kinds_written())
+    front_end.sock.sendall(
+        b"".join([*encode(ipc.CALLS, [[], [], [FINISHED]]), *encode(ipc.SETTLED, [1])])
+    )
+    await asyncio.wait_for(settled, 5)
+    assert len(recorder.recorded) == 1

@@ -78,7 +78,7 @@ class CallGather:
         max_delay_s: float,
         max_calls: int,
         clock: Clock | None = None,
-        report: Callable[[int], object] | None = None,
+        report: Callable[[int], None] | None = None,
     ) -> None:
         """``report``: hears the calls of each group let go (the observer's
         ``calls_gathered``: the metrics)."""
@@ -187,8 +187,8 @@ class CallGather:
             self._filled = 0
             self._target = max(2, self._target - 1)
         self._adaptive.dispatched(calls, held=True, gained=calls > 1)
-        if self._report is not None:
-            self._report(calls)
         for future in group:
             if not future.done():  # a call cancelled this turn has not left yet
                 future.set_result(None)
+        if self._report is not None and calls:  # every call of it cancelled: no group
+            self._report(calls)

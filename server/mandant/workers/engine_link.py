@@ -396,9 +396,10 @@ async def _resolved(call: Call, last: asyncio.Future[Answer]) -> None:
 
 
 def _frames(request: EncodedRequest) -> tuple[list[Buffer], str | None, bool]:
-    """One frame per input in the raw layout (views where the client sent raw bytes),
-    or none, the reason it could not be done (raised later, in the engine), and
-    whether a single process finds that only when it decodes (after admission)."""
+    """One frame per input in the raw layout (the client's own bytes where it sent
+    raw ones of fixed-size datatypes, :meth:`EncodedRequest.raw_inputs`), or none,
+    the reason it could not be done (raised later, in the engine), and whether a
+    single process finds that only when it decodes (after admission)."""
     headers = request.input_headers()
     if any(header.datatype not in DATATYPES for header in headers):
         return [], "unknown datatype", False  # validation in the engine refuses it first

@@ -7,8 +7,9 @@ model — so fair shares, token buckets, quotas and concurrency caps are those o
 process, whatever the number of front ends. Answers of one event-loop turn go back to
 each front end in one message. The observer events a front end sends (the calls it
 answered) are recorded once the answers of the turn they came in are written, so that
-a call's answer does not wait on the bookkeeping of the calls before it (at
-concurrency 1, each call's events ride with the next call). A front end that gives up
+an answer ready in the turn its call came (a model run inline, as ``echo``) does not
+wait on the bookkeeping of the calls before it (at concurrency 1, each call's events
+ride with the next call). A front end that gives up
 on a call (its client left or its deadline passed) sends a cancellation: the call
 leaves its queue and frees its concurrency slot, and the front end is told at once
 which model the call had resolved to (what its report of the call names: SLOs count
@@ -202,11 +203,11 @@ class _FrontEnd(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        self._record_events()
         self._engine.left(self)
         self._settled(max(self._settles, default=0))  # nothing more is coming
         for task, _, _ in self.tasks.values():  # nobody to answer: free their places at once
             task.cancel()
+        self._record_events()  # before a report waiting on the settle above reads
 
     def close(self) -> None:
         if self._transport is not None:
