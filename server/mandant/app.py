@@ -289,7 +289,10 @@ class App:
         return [spec for spec in specs if spec.name == name]
 
     async def start(self) -> None:
-        """Start every part in order; if one fails, stop those already started."""
+        """Start every part in order; if one fails, stop those already started. A port
+        that cannot be bound stops it before the models load (``Listener.check``)."""
+        for listener in (*self.grpc.listeners, *self.rest.listeners, *self.http.listeners):
+            listener.check()
         async with AsyncExitStack() as started:
             await self.admission.start()
             started.push_async_callback(self.admission.aclose)

@@ -174,6 +174,31 @@ def test_a_listener_that_cannot_bind_names_itself_its_setting_and_address(
     assert capsys.readouterr().err.startswith(f"mandant: cannot start: {error.format(held=held)}")
 
 
+@pytest.mark.parametrize("held", ["grpc_port", "rest_port", "http_port"])
+def test_a_port_in_use_stops_the_server_before_its_models_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], held: str
+) -> None:
+    """It loaded every model first (minutes, for large ones), then failed to bind."""
+    started = tmp_path / "loading"
+    model = {
+        "name": "slow",
+        "factory": "tests.integration.slow_models:slow_to_load",
+        "factory_args": {"seconds": 30, "started": str(started)},
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+    }
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        data = {"tenants": [], "models": [model], "server": {**FREE_PORTS, held: port}}
+        path = tmp_path / "mandant.yaml"
+        path.write_text(yaml.safe_dump(data))
+        assert cli.main(["serve", "--config", str(path)]) == 1
+    assert f"port {port}): Address already in use" in capsys.readouterr().err
+    assert not started.exists()  # the model never began to load
+
+
 @pytest.mark.parametrize(
     ("server", "dashboard"),
     [

@@ -37,6 +37,7 @@ from mandant.observability.slo import SloTracker
 from mandant.observability.usage import UsageReports
 from mandant.tenancy.directory import TenantDirectory
 from mandant.transport.http import runner, serve
+from mandant.transport.listeners import Listener
 from mandant.transport.tls import reload_ssl_context, server_ssl_context
 
 logger = logging.getLogger(__name__)
@@ -155,29 +156,26 @@ class HttpServer:
         app.router.add_get("/metrics", guarded(self._metrics, tenants_allowed=False))
         return app
 
+    @property
+    def listeners(self) -> list[Listener]:
+        """The HTTP port, and the internal one if configured."""
+        config = self._config
+        host_setting = "server.http_host" if config.http_host is not None else "server.host"
+        found = [Listener("HTTP port", host_setting, config.http_bind_host, config.http_port)]
+        internal = config.internal_http
+        if self._internal is not None and internal is not None:
+            host, port = internal.host, internal.port
+            found.append(Listener("internal HTTP port", "server.internal_http.host", host, port))
+        return found
+
     async def start(self) -> int:
         """Bind and serve (and the internal listener, if configured); returns the
         bound port."""
-        config = self._config
-        host_setting = "server.http_host" if config.http_host is not None else "server.host"
-        self.port = await serve(
-            self._runner,
-            "HTTP port",
-            host_setting,
-            config.http_bind_host,
-            config.http_port,
-            self._ssl,
-        )
-        internal = config.internal_http
-        if self._internal is not None and internal is not None:
+        public, *internal = self.listeners
+        self.port = await serve(self._runner, public, self._ssl)
+        if self._internal is not None and internal:
             try:
-                self.internal_port = await serve(
-                    self._internal,
-                    "internal HTTP port",
-                    "server.internal_http.host",
-                    internal.host,
-                    internal.port,
-                )
+                self.internal_port = await serve(self._internal, internal[0])
             except BaseException:
                 await self._runner.cleanup()
                 raise

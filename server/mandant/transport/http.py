@@ -9,6 +9,8 @@ import ssl
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
+from mandant.transport.listeners import Listener
+
 #: How long a connection's handler may take to end once a server's own drain is over;
 #: then it is cancelled. aiohttp reads a shutdown timeout of 0 as none at all, so a
 #: client stalled halfway through its body held a shutdown for as long as it liked, and
@@ -52,20 +54,14 @@ def runner(app: web.Application) -> web.AppRunner:
 
 
 async def serve(
-    runner: web.AppRunner,
-    listener: str,
-    host_setting: str,
-    host: str,
-    port: int,
-    ssl_context: ssl.SSLContext | None = None,
+    runner: web.AppRunner, listener: Listener, ssl_context: ssl.SSLContext | None = None
 ) -> int:
-    """Set ``runner`` up and serve it on ``host``:``port``; returns the bound port (0
-    binds a free one). A failure to bind (a host that does not resolve, an address not
-    on this machine, a port in use) is an OSError naming the ``listener``, the setting
-    that gave the host and the address: the resolver's own message ("Name or service
-    not known") names none of them."""
+    """Set ``runner`` up and serve it on ``listener``'s host and port; returns the bound
+    port (0 binds a free one). A failure to bind (a host that does not resolve, an
+    address not on this machine, a port in use) is ``listener``'s
+    :meth:`~Listener.bind_error`."""
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    site = web.TCPSite(runner, listener.host, listener.port, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError as exc:
@@ -74,9 +70,7 @@ async def serve(
         # address ...: address already in use"); a resolver's error has no errno > 0.
         errno = exc.errno or 0
         reason = os.strerror(errno) if errno > 0 else exc.strerror or str(exc)
-        raise OSError(
-            f"cannot bind the {listener} ({host_setting} {host!r}, port {port}): {reason}"
-        ) from exc
+        raise listener.bind_error(reason) from exc
     except BaseException:
         await runner.cleanup()
         raise

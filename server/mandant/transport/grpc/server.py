@@ -39,6 +39,7 @@ from mandant.transport.grpc.servicer import (
 )
 from mandant.transport.grpc.stream import AGE_JITTER
 from mandant.transport.grpc.unread import UnreadAnswers
+from mandant.transport.listeners import Listener
 from mandant.transport.tls import GrpcCertificates, grpc_identities
 from mandant.types import Tenant
 from mandant_client._proto import admin_pb2, model_config_pb2
@@ -232,12 +233,19 @@ class GrpcServer:
         )
         self.port = 0
 
+    @property
+    def listeners(self) -> list[Listener]:
+        """The gRPC port; none where it serves a private socket (``bind``)."""
+        if self._bind is not None:
+            return []
+        return [Listener("gRPC port", "server.host", self._config.host, self._config.grpc_port)]
+
     async def start(self) -> int:
         """Bind and start; returns the bound port (useful with port 0). A failure to bind
         the gRPC port is an OSError naming it, its setting and the address (gRPC's own
         says "Failed to bind to address", and why only in its log)."""
-        host, port = self._config.host, self._config.grpc_port
-        address = self._bind or f"{host}:{port}"
+        config = self._config
+        address = self._bind or f"{config.host}:{config.grpc_port}"
         try:
             if self._certificates is None:
                 self.port = self._server.add_insecure_port(address)
@@ -246,10 +254,10 @@ class GrpcServer:
         except RuntimeError as exc:
             if self._bind is not None:
                 raise
-            raise OSError(
-                f"cannot bind the gRPC port (server.host {host!r}, port {port}): gRPC's log "
-                "line before this one says why (a port in use, an address not on this "
-                "machine)"
+            (listener,) = self.listeners
+            raise listener.bind_error(
+                "gRPC's log line before this one says why (a port in use, an address not "
+                "on this machine)"
             ) from exc
         await self._server.start()
         await self._set_health(self._ready())

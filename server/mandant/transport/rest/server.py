@@ -34,6 +34,7 @@ from mandant.tenancy.keys import AdminKeys
 from mandant.transport import http
 from mandant.transport.grpc.model_config import model_config
 from mandant.transport.grpc.statistics import TENANT_METADATA, model_statistics
+from mandant.transport.listeners import Listener
 from mandant.transport.rest.codec import (
     HEADER_LENGTH,
     JsonInferRequest,
@@ -116,16 +117,14 @@ class RestServer:
         """Calls being served now."""
         return self._gate.calls
 
+    @property
+    def listeners(self) -> list[Listener]:
+        return [Listener("REST port", "server.host", self._config.host, self._config.rest_port)]
+
     async def start(self) -> int:
         """Bind and serve; returns the bound port (0 binds a free one)."""
-        self.port = await http.serve(
-            self._runner,
-            "REST port",
-            "server.host",
-            self._config.host,
-            self._config.rest_port,
-            self._ssl,
-        )
+        (listener,) = self.listeners
+        self.port = await http.serve(self._runner, listener, self._ssl)
         return self.port
 
     def reload_tls(self, tls: TlsConfig) -> None:
