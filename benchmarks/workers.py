@@ -9,7 +9,13 @@ engine, ``server/mandant/workers/``), in one run, on ``echo``:
   each server process spent per call (from /proc, utime + stime);
 - the data plane's own cost per call in process (``DataPlane.infer`` of a parsed
   request awaited back to back): what the engine runs per call in both layouts, so
-  that engine CPU per call minus it is the engine's IPC and bookkeeping.
+  that engine CPU per call minus it is the engine's IPC and bookkeeping;
+- front end and engine on cores of their own (``--own-cores``, the default): the
+  front ends on core 0, the engine (and the supervisor) moved to core 1 beside the
+  load, which uses one connection so that one front end serves it all; against one
+  process on core 0 under the same load. What a GPU host's layout costs per call in
+  each role: a front end's CPU per call sets what each front-end core serves, the
+  engine's what the one engine serves in all (its ceiling, 10⁶ / its µs per call).
 
     .venv/bin/python -m benchmarks.workers [--seconds 5] [--inflight 64] [--connections 8]
 
@@ -277,6 +283,10 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--cpus", default="0", help="cores of the server processes")
+    parser.add_argument(
+        "--no-own-cores", dest="own_cores", action="store_false",
+        help="skip the table of front end and engine on cores of their own",
+    )  # fmt: skip
     args = parser.parse_args()
     os.environ.update(THREAD_ENV)
 
@@ -348,6 +358,68 @@ def main() -> None:
         f"in flight: {driven / args.seconds:,.0f} calls/s, {engine_alone_us:.1f} µs engine CPU "
         f"per call = data plane {plane_us:.1f} + IPC and bookkeeping "
         f"{engine_alone_us - plane_us:.1f} µs"
+    )
+    if args.own_cores:
+        print()
+        own_cores_report(own_cores(args.inflight, args.warmup, args.seconds), args.inflight)
+
+
+# -- front end and engine on cores of their own ------------------------------------------
+
+
+def _move(pid: int, cpus: str) -> None:
+    """Every thread of ``pid`` onto ``cpus``."""
+    subprocess.run(["taskset", "-a", "-pc", cpus, str(pid)], capture_output=True, check=True)
+
+
+def _loaded(running: Running, inflight: int, warmup_s: float, seconds: float) -> LayoutRun:
+    """``inflight`` calls at a time over one connection: calls/s and CPU by role."""
+    pids = running.pids()
+    before = {role: sum(cpu_s(p) for p in group) for role, group in pids.items()}
+    (answered,) = run_pinned([(throughput, (running.target, inflight, 1, warmup_s, seconds))])
+    spent = {role: sum(cpu_s(p) for p in group) - before[role] for role, group in pids.items()}
+    calls = answered * (warmup_s + seconds) / seconds
+    return LayoutRun(len(pids["front-end"]) or 1, [], answered / seconds, spent, calls)
+
+
+def own_cores(inflight: int, warmup_s: float, seconds: float) -> tuple[LayoutRun, LayoutRun]:
+    """One process on core 0; then ``workers: 2`` with its front ends on core 0 and the
+    engine and supervisor on core 1 (beside the load): the same load on each."""
+    with server(1, "0") as one:
+        single = _loaded(one, inflight, warmup_s, seconds)
+    with server(2, "0,1") as two:
+        pids = two.pids()
+        for pid in pids["front-end"]:
+            _move(pid, "0")
+        for pid in (*pids["engine"], *pids["server"]):
+            _move(pid, "1")
+        split = _loaded(two, inflight, warmup_s, seconds)
+    return single, split
+
+
+def own_cores_report(runs: tuple[LayoutRun, LayoutRun], inflight: int) -> None:
+    single, split = runs
+    engine_us = split.cpu_s_by_role["engine"] / split.calls * 1e6
+    front_us = split.cpu_s_by_role["front-end"] / split.calls * 1e6
+    single_us = single.cpu_s_by_role["server"] / single.calls * 1e6
+    print(
+        f"front end and engine on cores of their own: {inflight} in flight over one "
+        "connection (one front end serves it), echo"
+    )
+    print()
+    print("| layout | calls/s | CPU µs/call: process | front end | engine |")
+    print("|---|---|---|---|---|")
+    print(f"| workers: 1, core 0 | {single.calls_per_s:,.0f} | {single_us:.0f} | — | — |")
+    print(
+        f"| workers: 2, front ends core 0, engine core 1 (with the load) "
+        f"| {split.calls_per_s:,.0f} | — | {front_us:.0f} | {engine_us:.0f} |"
+    )
+    print()
+    print(
+        f"one front-end core against one process: {split.calls_per_s / single.calls_per_s:.2f}x "
+        f"the calls/s; the engine's ceiling at {engine_us:.0f} µs a call: "
+        f"{1e6 / engine_us:,.0f} calls/s, {1e6 / engine_us / single.calls_per_s:.1f}x one "
+        f"process (what front ends on more cores can reach at most, for echo)"
     )
 
 
