@@ -10,12 +10,13 @@ engine, ``server/mandant/workers/``), in one run, on ``echo``:
 - the data plane's own cost per call in process (``DataPlane.infer`` of a parsed
   request awaited back to back): what the engine runs per call in both layouts, so
   that engine CPU per call minus it is the engine's IPC and bookkeeping;
-- front end and engine on cores of their own (``--own-cores``, the default): the
-  front ends on core 0, the engine (and the supervisor) moved to core 1 beside the
-  load, which uses one connection so that one front end serves it all; against one
-  process on core 0 under the same load. What a GPU host's layout costs per call in
-  each role: a front end's CPU per call sets what each front-end core serves, the
-  engine's what the one engine serves in all (its ceiling, 10⁶ / its µs per call).
+- front end and engine on cores apart (``--no-own-cores`` skips it): the front ends
+  on core 0, the engine (and the supervisor) moved to core 1 beside the load, which
+  uses one connection so that one front end serves it all; against one process on
+  core 0 under the same load. What a GPU host's layout costs per call in each role: a
+  front end's CPU per call sets what each front-end core serves, the engine's what
+  the one engine could serve in all if that cost held (10⁶ / its µs per call: an
+  extrapolation, the engine is far from busy here).
 
     .venv/bin/python -m benchmarks.workers [--seconds 5] [--inflight 64] [--connections 8]
 
@@ -415,11 +416,13 @@ def own_cores_report(runs: tuple[LayoutRun, LayoutRun], inflight: int) -> None:
         f"| {split.calls_per_s:,.0f} | — | {front_us:.0f} | {engine_us:.0f} |"
     )
     print()
+    busy = engine_us * split.calls_per_s / 1e6
     print(
         f"one front-end core against one process: {split.calls_per_s / single.calls_per_s:.2f}x "
-        f"the calls/s; the engine's ceiling at {engine_us:.0f} µs a call: "
-        f"{1e6 / engine_us:,.0f} calls/s, {1e6 / engine_us / single.calls_per_s:.1f}x one "
-        f"process (what front ends on more cores can reach at most, for echo)"
+        f"the calls/s; the engine, {busy:.0%} busy, spent {engine_us:.0f} µs a call: if that "
+        f"held, one engine would serve at most {1e6 / engine_us:,.0f} calls/s of echo, "
+        f"{1e6 / engine_us / single.calls_per_s:.1f}x one process, however many front ends "
+        "feed it (an extrapolation)"
     )
 
 

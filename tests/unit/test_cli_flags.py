@@ -195,7 +195,9 @@ def test_a_port_in_use_stops_the_server_before_its_models_load(
         path = tmp_path / "mandant.yaml"
         path.write_text(yaml.safe_dump(data))
         assert cli.main(["serve", "--config", str(path)]) == 1
-    assert f"port {port}): Address already in use" in capsys.readouterr().err
+    name = {"grpc_port": "gRPC", "rest_port": "REST", "http_port": "HTTP"}[held]
+    error = f"cannot bind the {name} port (server.host '127.0.0.1', port {port}): Address"
+    assert f"{error} already in use" in capsys.readouterr().err
     assert not started.exists()  # the model never began to load
 
 

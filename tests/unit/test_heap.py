@@ -3,10 +3,16 @@ every later test's cyclic garbage alive)."""
 
 from __future__ import annotations
 
+import functools
+import gc
+import json
 import subprocess
 import sys
 import textwrap
 
+import pytest
+
+from mandant.heap import loads_untrusted
 from tests.servers import SUBPROCESS_ENV as ENV
 
 PROGRAM = textwrap.dedent(
@@ -91,3 +97,45 @@ def test_a_retired_model_frozen_at_start_is_freed_once_the_heap_settles_again() 
     # A frozen cycle outlives its last reference: what the hook is for.
     assert run_reload("none") == "kept"
     assert run_reload("hook") == "freed"
+
+
+def test_a_client_document_is_parsed_with_the_collector_paused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nested up to the recursion limit, the parser has no stack left for the
+    finalizers a collection would run there."""
+    parsing = [False]
+    inside: list[str] = []
+    real_loads = json.loads
+
+    def loads(document: str | bytes) -> object:
+        parsing[0] = True
+        try:
+            return real_loads(document)
+        finally:
+            parsing[0] = False
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        if parsing[0]:
+            inside.append(phase)
+
+    monkeypatch.setattr(json, "loads", loads)
+    nested = functools.reduce(lambda inner, _: [inner], range(100), 1)
+    shallow, deep = json.dumps(nested), "[" * 100_000 + "]" * 100_000
+    threshold = gc.get_threshold()
+    gc.callbacks.append(watch)
+    gc.set_threshold(1)  # else a collection at nearly every allocation
+    try:
+        assert loads_untrusted(shallow) == nested
+        with pytest.raises(RecursionError):  # callers answer it as invalid input
+            loads_untrusted(deep)
+    finally:
+        gc.callbacks.remove(watch)
+        gc.set_threshold(*threshold)
+    assert inside == [] and gc.isenabled()
+    gc.disable()
+    try:
+        loads_untrusted("{}")
+        assert not gc.isenabled()  # as it was
+    finally:
+        gc.enable()

@@ -29,6 +29,10 @@ def test_defaults_guard_the_http_port_and_serve_while_any_model_is_ready() -> No
         ({"server": {"model_load_timeout_s": 0}}, "server.model_load_timeout_s"),
         ({"server": {"model_load_timeout_s": "soon"}}, "server.model_load_timeout_s"),
         ({"server": {"internal_http": {"port": 8002}}}, "must differ from grpc_port"),
+        ({"server": {"internal_http": {"port": 8000}}}, "must differ from grpc_port"),
+        ({"server": {"rest_port": 8001}}, "'rest_port' must differ from grpc_port"),
+        ({"server": {"http_port": 8000}}, "'http_port' must differ"),
+        ({"server": {"http_port": 8001}}, "'http_port' must differ"),
         ({"server": {"internal_http": {"host": "10.0.0.1"}}}, "server.internal_http.port"),
         (
             {
@@ -43,6 +47,11 @@ def test_refused(data: dict[str, object], error: str) -> None:
     with pytest.raises(ConfigError) as refused:
         parse_config(data)
     assert error in str(refused.value)
+
+
+def test_ports_may_match_on_different_hosts_and_port_0_is_always_free() -> None:
+    parse_config({"server": {"http_host": "10.1.2.3", "http_port": 8001}})
+    parse_config({"server": {"grpc_port": 0, "rest_port": 0, "http_port": 0}})
 
 
 def test_a_model_load_may_take_five_minutes_unless_configured() -> None:

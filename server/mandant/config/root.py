@@ -7,7 +7,6 @@ a load request's model entries, warnings, the files it names and its model specs
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from mandant.config.server import ServerConfig
 from mandant.config.specs import ModelSpec, _bases, _inherited, _resolve, _version_policies
 from mandant.config.tenants import LimitsConfig, TenantConfig
 from mandant.errors import ConfigError
+from mandant.heap import loads_untrusted
 
 
 class MandantConfig(_Frozen):
@@ -120,7 +120,7 @@ class MandantConfig(_Frozen):
         version), each naming ``name``. Validated like the file; ConfigError if not."""
         source = "the load request's 'config'"
         try:
-            data = json.loads(text)
+            data = loads_untrusted(text)
         except ValueError as exc:
             raise ConfigError(source, [("(json)", str(exc)[:200])]) from None
         except RecursionError:  # nested deeper than the parser goes

@@ -178,7 +178,19 @@ class ServerConfig(_Frozen):
 
     @model_validator(mode="after")
     def _ports(self) -> ServerConfig:
+        """No two listeners on one port: the second failed to bind only once every
+        model had loaded. (Ports on different hosts may match.)"""
         port = self.internal_http.port if self.internal_http is not None else 0
-        if port and port in (self.grpc_port, self.http_port):
-            raise ValueError("'internal_http.port' must differ from grpc_port and http_port")
+        if port and port in (self.grpc_port, self.http_port, self.rest_port):
+            raise ValueError(
+                "'internal_http.port' must differ from grpc_port, http_port and rest_port"
+            )
+        if self.rest_port and self.rest_port == self.grpc_port:
+            raise ValueError("'rest_port' must differ from grpc_port (both bind server.host)")
+        shared_host = self.http_bind_host == self.host
+        if self.http_port and shared_host and self.http_port in (self.grpc_port, self.rest_port):
+            raise ValueError(
+                "'http_port' must differ from grpc_port and rest_port (all three bind "
+                "server.host; server.http_host puts it elsewhere)"
+            )
         return self

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
-from mandant.transport.listeners import Listener
+from mandant.transport.listeners import Listener, reason_of
 
 #: How long a connection's handler may take to end once a server's own drain is over;
 #: then it is cancelled. aiohttp reads a shutdown timeout of 0 as none at all, so a
@@ -66,11 +65,7 @@ async def serve(
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        # asyncio's own text repeats the address ("error while attempting to bind on
-        # address ...: address already in use"); a resolver's error has no errno > 0.
-        errno = exc.errno or 0
-        reason = os.strerror(errno) if errno > 0 else exc.strerror or str(exc)
-        raise listener.bind_error(reason) from exc
+        raise listener.bind_error(reason_of(exc)) from exc
     except BaseException:
         await runner.cleanup()
         raise

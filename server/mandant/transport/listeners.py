@@ -1,7 +1,8 @@
 """Where a server listens: a TCP port, and the setting that gave its host. A failure to
 bind one is an OSError naming the listener, that setting and the address (a resolver's
-own message, "Name or service not known", names none of them), the same whether
-:meth:`Listener.check` finds it before the models load or the bind that serves does."""
+own message, "Name or service not known", names none of them), whether
+:meth:`Listener.check` finds it before the models load or the bind that serves does
+(then gRPC's reason is only in its log)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Listener:
+    """One TCP port a server binds, as its error messages name it."""
+
     #: "gRPC port", "REST port", "HTTP port", "internal HTTP port".
     name: str
     #: The setting ``host`` came from, e.g. ``server.http_host``.
@@ -21,6 +24,7 @@ class Listener:
     port: int
 
     def bind_error(self, reason: str) -> OSError:
+        """The error of a failure to bind this port, for ``reason``."""
         return OSError(
             f"cannot bind the {self.name} ({self.host_setting} {self.host!r}, port "
             f"{self.port}): {reason}"
@@ -33,19 +37,30 @@ class Listener:
         after minutes of loading. The sockets are bound as the servers bind theirs
         (SO_REUSEADDR: a port whose last connections wait in TIME_WAIT is free) and
         closed at once; the bind that serves may still fail (a race), and says so alike."""
+        host = self.host.strip("[]") or None  # gRPC's form of IPv6: [::1]; "": every address
         try:
-            addresses = socket.getaddrinfo(  # gRPC's form of an IPv6 address: [::1]
-                self.host.strip("[]"), self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            addresses = socket.getaddrinfo(
+                host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
         except socket.gaierror as exc:
-            raise self.bind_error(exc.strerror or str(exc)) from None
+            raise self.bind_error(exc.strerror or str(exc)) from exc
         for family, kind, protocol, _, address in addresses:
-            with socket.socket(family, kind, protocol) as sock:
+            try:
+                sock = socket.socket(family, kind, protocol)
+            except OSError:  # a family this kernel lacks (IPv6 off): the servers skip it too
+                continue
+            with sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 try:
                     sock.bind(address)
                 except OSError as exc:
-                    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-                    raise self.bind_error(reason) from None
+                    raise self.bind_error(reason_of(exc)) from exc
+
+
+def reason_of(exc: OSError) -> str:
+    """Why a bind failed, in words: the errno's text (asyncio's own message repeats
+    the address); a resolver's error, which has no errno above 0, as it says."""
+    errno = exc.errno or 0
+    return os.strerror(errno) if errno > 0 else exc.strerror or str(exc)

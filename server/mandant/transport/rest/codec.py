@@ -23,6 +23,7 @@ import numpy as np
 
 from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS, DEFAULT_MAX_JSON_BYTES
 from mandant.errors import InvalidInput, shown
+from mandant.heap import loads_untrusted
 from mandant.types import DATATYPES, InferResponse, TensorHeader, datatype_of
 from mandant.validation import (
     MAX_RANK,
@@ -142,7 +143,7 @@ class JsonInferRequest:
                 "tensors as binary data (binary_data_size, Inference-Header-Content-Length)"
             )
         try:
-            doc = json.loads(view[:json_end].tobytes() if json_end < len(body) else body)
+            doc = loads_untrusted(view[:json_end].tobytes() if json_end < len(body) else body)
         except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, too deep
             # With the header, a body of valid JSON may be cut short by it: say so.
             where = (

@@ -17,12 +17,12 @@ tenant's calls for 5 s and grew the server by 1.5 GiB.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
 from mandant.errors import InvalidInput
+from mandant.heap import loads_untrusted
 from mandant.service import MAX_LOAD_CONFIG_CHARS, DataPlane
 from mandant.transport.rest.gate import Access, RestGate, body_of
 from mandant.types import Call
@@ -75,7 +75,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        body = loads_untrusted(raw)
     except (ValueError, RecursionError):  # JSONDecodeError, or nested too deeply
         raise InvalidInput("the request body is not valid JSON") from None
     if not isinstance(body, dict):

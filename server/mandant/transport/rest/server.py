@@ -119,6 +119,7 @@ class RestServer:
 
     @property
     def listeners(self) -> list[Listener]:
+        """The REST port."""
         return [Listener("REST port", "server.host", self._config.host, self._config.rest_port)]
 
     async def start(self) -> int:
