@@ -65,6 +65,10 @@ def auth(tenant_or_key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
 
+#: A host in the start-up banner: a name, or an IPv6 address in brackets ([::1]:8001).
+HOST = r"(?:\[[^\]]*\]|[^:\s]+)"
+
+
 class ServerThread:
     def __init__(
         self, config: MandantConfig, base_dir: Path, config_path: Path | None = None
@@ -168,9 +172,9 @@ class WorkersServer:
             env=SUBPROCESS_ENV,
         )
         banner = wait_for(self.process, "Dashboard:", timeout_s=90)
-        self.grpc_port = int(re.search(r"gRPC \(KServe v2\) on [^:]+:(\d+)", banner)[1])  # type: ignore[index]
-        self.rest_port = int(re.search(r"REST on https?://[^:]+:(\d+)", banner)[1])  # type: ignore[index]
-        self.http_port = int(re.search(r"Dashboard: https?://[^:]+:(\d+)", banner)[1])  # type: ignore[index]
+        self.grpc_port = int(re.search(rf"gRPC \(KServe v2\) on {HOST}:(\d+)", banner)[1])  # type: ignore[index]
+        self.rest_port = int(re.search(rf"REST on https?://{HOST}:(\d+)", banner)[1])  # type: ignore[index]
+        self.http_port = int(re.search(rf"Dashboard: https?://{HOST}:(\d+)", banner)[1])  # type: ignore[index]
         threading.Thread(target=self._drain, daemon=True).start()
         return self
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from mandant.config import MandantConfig, load_config, reloaded
 from mandant.errors import ConfigError
 from mandant.tenancy.keys import generate_key
+from mandant.transport.listeners import bare, host_port
 
 if TYPE_CHECKING:
     from mandant.app import App
@@ -98,7 +99,7 @@ def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(bare(host)).is_loopback
     except ValueError:
         return False
 
@@ -136,14 +137,14 @@ def banner(
 ) -> None:
     """What a user reads once the server serves: where each port is."""
     host = config.server.host
-    target = f"{host}:{grpc_port}"
+    target = host_port(host, grpc_port)
     http_host = config.server.http_bind_host
     print(f"Mandant listening: gRPC (KServe v2) on {target}{processes}", flush=True)
     tls = config.server.tls
     http_scheme = "https" if tls is not None and tls.http else "http"
     rest_scheme = "https" if tls is not None else "http"
-    http = f"{http_scheme}://{http_host}:{http_port}"
-    print(f"KServe v2 REST on {rest_scheme}://{host}:{rest_port}/v2", flush=True)
+    http = f"{http_scheme}://{host_port(http_host, http_port)}"
+    print(f"KServe v2 REST on {rest_scheme}://{host_port(host, rest_port)}/v2", flush=True)
     if config.server.metrics_auth == "none":
         print(f"Dashboard: {http}/  (metrics: {http}/metrics; open)", flush=True)
     elif not config.server.admin_keys:  # /metrics then refuses everyone
@@ -161,7 +162,8 @@ def banner(
         )
     internal = config.server.internal_http
     if internal is not None:
-        print(f"Internal HTTP (no key): http://{internal.host}:{internal_http_port}/", flush=True)
+        internal_url = f"http://{host_port(internal.host, internal_http_port)}/"
+        print(f"Internal HTTP (no key): {internal_url}", flush=True)
     if demo:
         # This interpreter: the one that has mandant_client (a venv's, not the PATH's).
         print(DEMO_EXAMPLE.format(target=target, python=shlex.quote(sys.executable)), flush=True)

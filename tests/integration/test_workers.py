@@ -127,9 +127,9 @@ async def clients(server: WorkersServer) -> AsyncIterator[dict[str, list[AsyncCl
             await client.close()
 
 
-def _connections(pid: int, port: int, state: str = "01") -> int:
-    """TCP sockets on local ``port`` held by process ``pid`` in ``state`` (01:
-    established connections; 0A: listening)."""
+def _sockets(pid: int, state: str = "01") -> list[tuple[int, int]]:
+    """(local port, remote port) of the TCP sockets process ``pid`` holds in ``state``
+    (01: established connections; 0A: listening)."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -138,14 +138,19 @@ def _connections(pid: int, port: int, state: str = "01") -> int:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    held = 0
+    found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port and fields[3] == state and fields[9] in inodes:
-                held += 1
-    return held
+            if fields[3] == state and fields[9] in inodes:
+                local, remote = (int(end.rsplit(":", 1)[1], 16) for end in fields[1:3])
+                found.append((local, remote))
+    return found
+
+
+def _connections(pid: int, port: int, state: str = "01") -> int:
+    """TCP sockets on local ``port`` held by process ``pid`` in ``state``."""
+    return sum(local == port for local, _ in _sockets(pid, state))
 
 
 async def _outcome(client: AsyncClient, model: str = "echo", rows: np.ndarray = ROW) -> str:
@@ -677,7 +682,7 @@ async def test_one_client_with_several_connections_reaches_every_front_end(
     land on one with probability 2 ** (1 - n): 24 makes that about 1e-7 (8 was 1/128,
     and it happened)."""
     fronts = server.children()["front-end"]
-    before = [_connections(pid, server.grpc_port) for pid in fronts]
+    port = server.grpc_port
     async with AsyncClient(
         server.target, "acme-key", timeout_s=30, connections=24, multiplex=multiplex
     ) as client:
@@ -685,10 +690,14 @@ async def test_one_client_with_several_connections_reaches_every_front_end(
         answers = await asyncio.gather(*(client.infer("echo", {"INPUT0": r}) for r in rows))
         for sent, answer in zip(rows, answers, strict=True):
             np.testing.assert_array_equal(answer["OUTPUT0"], sent)
+        # This client's connections, by their ports here: counting a front end's
+        # connections before and after also counted an earlier test's, closing meanwhile.
+        mine = {local for local, remote in _sockets(os.getpid()) if remote == port}
         held = [
-            _connections(pid, server.grpc_port) - n for pid, n in zip(fronts, before, strict=True)
+            sum(local == port and remote in mine for local, remote in _sockets(pid))
+            for pid in fronts
         ]
-    assert sum(held) == 24 and min(held) > 0, (held, before)
+    assert len(mine) == 24 and sum(held) == 24 and min(held) > 0, (held, len(mine))
 
 
 def test_a_client_needs_at_least_one_connection() -> None:

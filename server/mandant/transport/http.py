@@ -8,7 +8,7 @@ import ssl
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
-from mandant.transport.listeners import Listener, reason_of
+from mandant.transport.listeners import Listener, bare, reason_of
 
 #: How long a connection's handler may take to end once a server's own drain is over;
 #: then it is cancelled. aiohttp reads a shutdown timeout of 0 as none at all, so a
@@ -60,7 +60,7 @@ async def serve(
     address not on this machine, a port in use) is ``listener``'s
     :meth:`~Listener.bind_error`."""
     await runner.setup()
-    site = web.TCPSite(runner, listener.host, listener.port, ssl_context=ssl_context)
+    site = web.TCPSite(runner, bare(listener.host), listener.port, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError as exc:

@@ -11,6 +11,18 @@ import socket
 from dataclasses import dataclass
 
 
+def bare(host: str) -> str:
+    """``host`` without the brackets of an IPv6 address written as in a URL
+    (``[::1]``): ``server.host`` may be written either way."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as gRPC targets and URLs write it: an IPv6 address in brackets."""
+    host = bare(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class Listener:
     """One TCP port a server binds, as its error messages name it."""
@@ -37,7 +49,7 @@ class Listener:
         after minutes of loading. The sockets are bound as the servers bind theirs
         (SO_REUSEADDR: a port whose last connections wait in TIME_WAIT is free) and
         closed at once; the bind that serves may still fail (a race), and says so alike."""
-        host = self.host.strip("[]") or None  # gRPC's form of IPv6: [::1]; "": every address
+        host = bare(self.host) or None  # "": every address
         try:
             addresses = socket.getaddrinfo(
                 host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE

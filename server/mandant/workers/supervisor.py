@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mandant.transport.listeners import bare
 from mandant.workers.process import ANNOUNCE
 from mandant.workers.sockets import EngineSockets
 
@@ -85,7 +86,7 @@ def reserve_port(host: str, port: int = 0) -> socket.socket:
     else. A port something else holds already is refused (OSError, EADDRINUSE): with
     SO_REUSEPORT alone a second server of the same user would share it, the kernel
     spreading connections over both servers' front ends."""
-    host = host.strip("[]")
+    host = bare(host)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if port:
         with socket.socket(family, socket.SOCK_STREAM) as check:

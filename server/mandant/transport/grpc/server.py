@@ -39,7 +39,7 @@ from mandant.transport.grpc.servicer import (
 )
 from mandant.transport.grpc.stream import AGE_JITTER
 from mandant.transport.grpc.unread import UnreadAnswers
-from mandant.transport.listeners import Listener
+from mandant.transport.listeners import Listener, host_port
 from mandant.transport.tls import GrpcCertificates, grpc_identities
 from mandant.types import Tenant
 from mandant_client._proto import admin_pb2, model_config_pb2
@@ -245,7 +245,7 @@ class GrpcServer:
         the gRPC port is an OSError naming it, its setting and the address (gRPC's own
         says "Failed to bind to address", and why only in its log)."""
         config = self._config
-        address = self._bind or f"{config.host}:{config.grpc_port}"
+        address = self._bind or host_port(config.host, config.grpc_port)
         try:
             if self._certificates is None:
                 self.port = self._server.add_insecure_port(address)
