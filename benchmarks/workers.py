@@ -373,33 +373,49 @@ def _move(pid: int, cpus: str) -> None:
     subprocess.run(["taskset", "-a", "-pc", cpus, str(pid)], capture_output=True, check=True)
 
 
-def _loaded(running: Running, inflight: int, warmup_s: float, seconds: float) -> LayoutRun:
-    """``inflight`` calls at a time over one connection: calls/s and CPU by role."""
+@dataclass(frozen=True)
+class OwnCores:
+    """:func:`own_cores`' two runs, and the CPU seconds of each front end in the
+    second (one should have served every call)."""
+
+    single: LayoutRun
+    split: LayoutRun
+    front_end_s: list[float]
+
+
+def _loaded(
+    running: Running, inflight: int, warmup_s: float, seconds: float
+) -> tuple[LayoutRun, list[float]]:
+    """``inflight`` calls at a time over one connection: calls/s and CPU by role, and
+    each front end's CPU seconds."""
     pids = running.pids()
+    fronts = pids["front-end"]
     before = {role: sum(cpu_s(p) for p in group) for role, group in pids.items()}
+    fronts_before = [cpu_s(p) for p in fronts]
     (answered,) = run_pinned([(throughput, (running.target, inflight, 1, warmup_s, seconds))])
     spent = {role: sum(cpu_s(p) for p in group) - before[role] for role, group in pids.items()}
+    front_end_s = [cpu_s(p) - s for p, s in zip(fronts, fronts_before, strict=True)]
     calls = answered * (warmup_s + seconds) / seconds
-    return LayoutRun(len(pids["front-end"]) or 1, [], answered / seconds, spent, calls)
+    return LayoutRun(len(fronts) or 1, [], answered / seconds, spent, calls), front_end_s
 
 
-def own_cores(inflight: int, warmup_s: float, seconds: float) -> tuple[LayoutRun, LayoutRun]:
+def own_cores(inflight: int, warmup_s: float, seconds: float) -> OwnCores:
     """One process on core 0; then ``workers: 2`` with its front ends on core 0 and the
     engine and supervisor on core 1 (beside the load): the same load on each."""
     with server(1, "0") as one:
-        single = _loaded(one, inflight, warmup_s, seconds)
+        single, _ = _loaded(one, inflight, warmup_s, seconds)
     with server(2, "0,1") as two:
         pids = two.pids()
         for pid in pids["front-end"]:
             _move(pid, "0")
         for pid in (*pids["engine"], *pids["server"]):
             _move(pid, "1")
-        split = _loaded(two, inflight, warmup_s, seconds)
-    return single, split
+        split, front_end_s = _loaded(two, inflight, warmup_s, seconds)
+    return OwnCores(single, split, front_end_s)
 
 
-def own_cores_report(runs: tuple[LayoutRun, LayoutRun], inflight: int) -> None:
-    single, split = runs
+def own_cores_report(runs: OwnCores, inflight: int) -> None:
+    single, split = runs.single, runs.split
     engine_us = split.cpu_s_by_role["engine"] / split.calls * 1e6
     front_us = split.cpu_s_by_role["front-end"] / split.calls * 1e6
     single_us = single.cpu_s_by_role["server"] / single.calls * 1e6
@@ -415,7 +431,9 @@ def own_cores_report(runs: tuple[LayoutRun, LayoutRun], inflight: int) -> None:
         f"| workers: 2, front ends core 0, engine core 1 (with the load) "
         f"| {split.calls_per_s:,.0f} | — | {front_us:.0f} | {engine_us:.0f} |"
     )
+    shares = " / ".join(f"{s / (sum(runs.front_end_s) or 1):.0%}" for s in runs.front_end_s)
     print()
+    print(f"the front ends' shares of their CPU: {shares} (the connection's one serves)")
     busy = engine_us * split.calls_per_s / 1e6
     print(
         f"one front-end core against one process: {split.calls_per_s / single.calls_per_s:.2f}x "
