@@ -410,7 +410,7 @@ def _frames(request: EncodedRequest) -> tuple[list[Buffer], str | None, bool]:
     if len({header.name for header in headers}) != len(headers):
         return [], "an input is given twice", False  # validation refuses it first
     raw = request.raw_inputs()
-    if raw is not None:  # the frames already (a numpy round trip cost 20 µs a call)
+    if raw is not None:  # the frames already (numpy and back: 10–24 µs a call at c=1)
         return list(raw), None, False
     try:
         arrays = request.decode_inputs()

@@ -9,12 +9,11 @@ each front end in one message. The observer events a front end sends (the calls 
 answered) are recorded once the answers of the turn they came in are written, so that
 an answer ready in the turn its call came (a model run inline, as ``echo``) does not
 wait on the bookkeeping of the calls before it (at concurrency 1, each call's events
-ride with the next call). A front end that gives up
-on a call (its client left or its deadline passed) sends a cancellation: the call
-leaves its queue and frees its concurrency slot, and the front end is told at once
-which model the call had resolved to (what its report of the call names: SLOs count
-it). When a front end's connection closes (it died), its calls are cancelled the same
-way.
+ride with the next call). A front end that gives up on a call (its client left or its
+deadline passed) sends a cancellation: the call leaves its queue and frees its
+concurrency slot, and the front end is told at once which model the call had resolved
+to (what its report of the call names: SLOs count it). When a front end's connection
+closes (it died), its calls are cancelled the same way.
 """
 
 from __future__ import annotations

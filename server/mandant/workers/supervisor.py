@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mandant.transport.listeners import bare
+from mandant.transport.listeners import Listener, bare
 from mandant.workers.process import ANNOUNCE
 from mandant.workers.sockets import EngineSockets
 
@@ -86,14 +86,10 @@ def reserve_port(host: str, port: int = 0) -> socket.socket:
     else. A port something else holds already is refused (OSError, EADDRINUSE): with
     SO_REUSEPORT alone a second server of the same user would share it, the kernel
     spreading connections over both servers' front ends."""
+    if port:  # a socket bound or listening there fails the check (it has no SO_REUSEPORT)
+        Listener("gRPC port", "server.host", host, port).check()
     host = bare(host)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if port:
-        with socket.socket(family, socket.SOCK_STREAM) as check:
-            # SO_REUSEADDR: connections of a server just stopped (TIME_WAIT) do not
-            # count; a socket bound or listening there does (no SO_REUSEPORT here).
-            check.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            check.bind((host, port))
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
@@ -148,7 +144,8 @@ class Supervisor:
         try:
             self._reserved = reserve_port(self._host, self.grpc_port)
         except OSError as exc:
-            raise ChildFailed(f"cannot use gRPC port {self.grpc_port}: {exc.strerror}") from None
+            reason = exc.strerror or exc  # the check's error says which setting, and why
+            raise ChildFailed(f"cannot use gRPC port {self.grpc_port}: {reason}") from None
         self.grpc_port = self._reserved.getsockname()[1]
         try:
             await self._start(self.engine)
