@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
-from secrets import token_hex
 from typing import Literal, Protocol
 
 from mandant.errors import (
@@ -194,7 +193,7 @@ class DataPlane:
                     model=key,
                     inputs=inputs,
                     outputs=outputs,
-                    request_id=request_id or _local_id(),
+                    request_id=request_id,
                     deadline=deadline,
                     priority=priority,
                     rows=rows,
@@ -268,11 +267,3 @@ def _priority(value: object, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PRIORITY:
         raise InvalidInput(f"parameter 'priority' is an integer from 0 to {MAX_PRIORITY}")
     return value or default
-
-
-def _local_id() -> str:
-    """An id for a request that came without one, for the logs and the answer of a
-    request the model fails on (ModelFailed quotes it). Random: a counter (it was the
-    pid and a server-wide count) let a tenant read, from two of its own failures, how
-    many calls every tenant had made in between."""
-    return token_hex(8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from secrets import token_hex
 from typing import Protocol
 
 import numpy as np
@@ -179,6 +180,7 @@ class InferRequest:
     model: ModelKey
     inputs: dict[str, np.ndarray]
     outputs: tuple[str, ...]
+    #: The client's id, or "" (:meth:`logged_id` makes one when it is needed).
     request_id: str
     deadline: float | None = None  # time.monotonic() seconds
     priority: int = 0
@@ -186,6 +188,16 @@ class InferRequest:
     #: Set by the scheduler when its rows go to the model: from then on the model runs
     #: on them whatever becomes of the caller (it stays charged, ``service.py``).
     ran: bool = False
+
+    def logged_id(self) -> str:
+        """Its id as the log and a failure's answer (ModelFailed) quote it: the client's,
+        else a random one made the first time it is asked for (most calls never are: a
+        ``getrandom`` call each was a syscall on every call sent without an id).
+        Random: a counter (it was the pid and a server-wide count) let a tenant read,
+        from two of its own failures, how many calls every tenant had made in between."""
+        if not self.request_id:
+            self.request_id = token_hex(8)
+        return self.request_id
 
 
 @dataclass(frozen=True, slots=True)

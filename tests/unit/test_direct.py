@@ -133,6 +133,26 @@ async def test_batch_events_name_the_models_owner() -> None:
     assert observer.failed_batch_owners == ["acme"]
 
 
+async def test_a_call_sent_without_an_id_is_given_one_only_when_it_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The id is made when a failure quotes it, the same in the log and the answer; a
+    call that succeeds never gets one (it cost a ``getrandom`` syscall on every call)."""
+    caplog.set_level(logging.ERROR, logger="mandant.scheduling.direct")
+    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
+    scheduler = DirectScheduler(backend, "m", RecordingObserver(), FakeClock())
+    fine = dataclasses.replace(request(value=5), request_id="")
+    await scheduler.submit(fine)
+    assert fine.request_id == ""
+    culprit = dataclasses.replace(request(value=POISON), request_id="")
+    with pytest.raises(ModelFailed) as info:
+        await scheduler.submit(culprit)
+    made = culprit.request_id
+    assert len(made) == 16 and f"(request id {made})" in str(info.value)
+    (logged,) = [r for r in caplog.records if r.name == "mandant.scheduling.direct"]
+    assert made in logged.getMessage()
+
+
 async def test_requests_the_model_fails_on_log_one_traceback_and_then_a_count(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -94,11 +94,11 @@ class DirectScheduler:
                     f"{request.tenant.id} ({type(exc).__name__})",
                     "model %s failed on request %s of tenant %s",
                     self._model,
-                    request.request_id,
+                    request.logged_id(),
                     request.tenant.id,
                     exc=exc,
                 )
-                raise ModelFailed(self._model, request.request_id) from exc
+                raise ModelFailed(self._model, request.logged_id()) from exc
             compute_s = time.monotonic() - start
         finally:
             self._release()

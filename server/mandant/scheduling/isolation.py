@@ -206,7 +206,7 @@ class Isolation(Generic[E]):
         entry = part[0]
         if entry.future.done():
             return  # answered already (its caller left, or it was a probe)
-        request_id = entry.request.request_id
+        request_id = entry.request.logged_id()
         self._failures.failed(
             f"model {self._model} failed on a request of tenant {entry.tenant} "
             f"({type(exc).__name__})",
