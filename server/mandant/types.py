@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from secrets import token_hex
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -48,14 +48,21 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     def accepts(self, shape: Sequence[int]) -> bool:
-        return len(shape) == len(self.shape) and all(
-            want == -1 or want == got for want, got in zip(self.shape, shape, strict=True)
-        )
+        declared = self.shape
+        if len(shape) != len(declared):
+            return False
+        # A loop, not all() over a generator: asked of every input and output of every
+        # call, in 0.34 µs against 0.53.
+        for want, got in zip(declared, shape, strict=True):
+            if want != got and want != -1:
+                return False
+        return True
 
 
-@dataclass(frozen=True, slots=True)
-class TensorHeader:
-    """What a request says about one input, read before any tensor byte is touched."""
+class TensorHeader(NamedTuple):
+    """What a request says about one input, read before any tensor byte is touched. A
+    named tuple: made for every input of every call (0.15 µs against a frozen
+    dataclass's 0.38)."""
 
     name: str
     datatype: str

@@ -208,7 +208,9 @@ class LiveStats:
         ``owner``: the tenant owning it (a private model or a tuned variant), "" if
         shared: models of one name are kept apart."""
         if model:
-            sizes = self._batches.setdefault((model, owner), {})
+            sizes = self._batches.get((model, owner))
+            if sizes is None:  # not setdefault: a dict made on every batch
+                sizes = self._batches[model, owner] = {}
             size = size_key(size)
             sizes[size] = sizes.get(size, 0) + 1
 
@@ -232,7 +234,9 @@ class LiveStats:
         if tenant not in self._tenants and self._ring(tenant) is None:
             return
         day, month = self._periods()
-        counts = self._admitted.setdefault(tenant, [day, 0, month, 0])
+        counts = self._admitted.get(tenant)
+        if counts is None:  # not setdefault: a list made on every call
+            counts = self._admitted[tenant] = [day, 0, month, 0]
         # A new day (month) starts the count again; a wall clock stepped back (NTP)
         # across midnight goes on counting in the later one (it emptied it).
         if day > counts[0]:

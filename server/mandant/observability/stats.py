@@ -202,7 +202,10 @@ class InferenceStats:
         run = self._executions.get(model_key)
         if run is None:
             run = self._executions[model_key] = ModelStats()
-        run.batches.setdefault(size, Duration()).add(compute_s)
+        executions = run.batches.get(size)
+        if executions is None:  # not setdefault: a Duration made on every call
+            executions = run.batches[size] = Duration()
+        executions.add(compute_s)
         run.execution_count += 1
         for tenant, rows in rows_by_tenant.items():
             entry = self._entry((tenant, owner, model, version))
