@@ -1,6 +1,6 @@
 """Single-request latency through the server vs the model's own in-process time.
 
-    .venv/bin/python benchmarks/latency.py [--requests 2000]
+    .venv/bin/python -m benchmarks.latency [--requests 2000]
 
 The server runs pinned to core 0, this client on core 1; one request at a time
 (concurrency 1), one row per request, FP32 [1, 256]. Prints p50/p99 per model next to

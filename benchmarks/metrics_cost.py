@@ -8,7 +8,7 @@ the same with ``FleetCounting`` in front (fleet-wide usage counters, summed in p
 for Redis), plus what one flush of those sums to a real redis-server takes (once a
 second per replica, whatever the call rate).
 
-    .venv/bin/python benchmarks/metrics_cost.py [--requests 200000]
+    .venv/bin/python -m benchmarks.metrics_cost [--requests 200000]
 """
 
 from __future__ import annotations

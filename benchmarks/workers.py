@@ -2,14 +2,17 @@
 engine, ``server/mandant/workers/``), in one run, on ``echo``:
 
 - concurrency 1: p50/p99 of one-row calls (a light client: pre-serialized bytes over
-  raw grpc.aio), in rounds alternating between the two servers, and the p50 the extra
-  processes add;
+  raw grpc.aio), in rounds alternating between the two servers, the p50 the extra
+  processes add, and each process's CPU per call meanwhile (the one server core is
+  nearly that busy: the latency a layout adds is about the CPU it adds);
 - concurrency ``--inflight`` over ``--connections`` connections (each its own TCP
   connection, so the kernel spreads them over the front ends): calls/s, and the CPU
   each server process spent per call (from /proc, utime + stime);
 - the data plane's own cost per call in process (``DataPlane.infer`` of a parsed
   request awaited back to back): what the engine runs per call in both layouts, so
-  that engine CPU per call minus it is the engine's IPC and bookkeeping;
+  that engine CPU per call minus it is the engine's IPC and bookkeeping (the engine
+  alone, driven through its link at ``--inflight`` calls at a time; and at one, where
+  each call is a message of its own and its Python runs cold after each wake-up);
 - front end and engine on cores apart (``--no-own-cores`` skips it): the front ends
   on core 0, the engine (and the supervisor) moved to core 1 beside the load, which
   uses one connection so that one front end serves it all; against one process on
@@ -39,7 +42,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -143,15 +146,36 @@ class LayoutRun:
     calls: float
 
 
+@dataclass
+class Spent:
+    """CPU seconds by role over a number of calls, summed over several windows."""
+
+    cpu_s_by_role: dict[str, float] = field(default_factory=dict)
+    calls: int = 0
+
+    def add(self, cpu_s_by_role: dict[str, float], calls: int) -> None:
+        for role, seconds in cpu_s_by_role.items():
+            self.cpu_s_by_role[role] = self.cpu_s_by_role.get(role, 0.0) + seconds
+        self.calls += calls
+
+    def per_call_us(self) -> dict[str, float]:
+        return {role: s / max(1, self.calls) * 1e6 for role, s in self.cpu_s_by_role.items()}
+
+
 # -- load (in a process pinned to the client core) -------------------------------------
 
 
+#: Calls :func:`latency` makes before it times any.
+WARMUP_CALLS = 200
+
+
 def latency(target: str, calls: int) -> list[float]:
-    """Milliseconds of ``calls`` one-row calls made one at a time."""
+    """Milliseconds of ``calls`` one-row calls made one at a time (after
+    :data:`WARMUP_CALLS` untimed)."""
     payload = _payload()
     with grpc.insecure_channel(target) as channel:
         infer = channel.unary_unary(INFER)
-        for _ in range(200):
+        for _ in range(WARMUP_CALLS):
             infer(payload, metadata=METADATA, timeout=30)
         times = []
         for _ in range(calls):
@@ -296,10 +320,17 @@ def main() -> None:
         # Concurrency 1 in alternating rounds (both servers up, the other one idle), so
         # that drift of the machine hits both layouts alike.
         latencies_ms: dict[int, list[float]] = {1: [], 2: []}
+        quiet = {1: Spent(), 2: Spent()}  # their CPU by role, over every call made
         for _ in range(ROUNDS):
             for workers, running in ((1, one), (2, two)):
+                pids = running.pids()
+                before = {role: sum(map(cpu_s, group)) for role, group in pids.items()}
                 (block,) = run_pinned([(latency, (running.target, args.requests // ROUNDS))])
                 latencies_ms[workers].extend(block)
+                quiet[workers].add(
+                    {role: sum(map(cpu_s, group)) - before[role] for role, group in pids.items()},
+                    len(block) + WARMUP_CALLS,
+                )
         for workers, running in ((1, one), (2, two)):
             pids = running.pids()
             before = {role: sum(cpu_s(p) for p in group) for role, group in pids.items()}
@@ -315,16 +346,16 @@ def main() -> None:
             )
 
     (plane_us,) = run_pinned([(plane_cost_us, (20000,))], cpu=1)
+    alone: dict[int, tuple[int, float]] = {}  # in flight: (calls answered, engine µs a call)
     with engine_alone("1") as (engine_pid, path):
-        before_s = cpu_s(engine_pid)
-        (driven,) = run_pinned(
-            [(drive_engine, (path, args.inflight, args.warmup, args.seconds))], cpu=0
-        )
-        engine_alone_us = (
-            (cpu_s(engine_pid) - before_s)
-            / (driven * (args.warmup + args.seconds) / args.seconds)
-            * 1e6
-        )
+        for inflight in (args.inflight, 1):
+            before_s = cpu_s(engine_pid)
+            (driven,) = run_pinned(
+                [(drive_engine, (path, inflight, args.warmup, args.seconds))], cpu=0
+            )
+            calls = driven * (args.warmup + args.seconds) / args.seconds
+            alone[inflight] = driven, (cpu_s(engine_pid) - before_s) / calls * 1e6
+    driven, engine_alone_us = alone[args.inflight]
 
     print(f"echo, one row FP32[1,256]; server processes on core(s) {args.cpus}, load on core 1")
     print()
@@ -359,6 +390,18 @@ def main() -> None:
         f"in flight: {driven / args.seconds:,.0f} calls/s, {engine_alone_us:.1f} µs engine CPU "
         f"per call = data plane {plane_us:.1f} + IPC and bookkeeping "
         f"{engine_alone_us - plane_us:.1f} µs"
+    )
+    driven_one, engine_one_us = alone[1]
+    print(
+        f"the same at 1 in flight: {driven_one / args.seconds:,.0f} calls/s, "
+        f"{engine_one_us:.1f} µs engine CPU per call (one call per message, its Python cold "
+        "after each wake-up)"
+    )
+    single, split = quiet[1].per_call_us(), quiet[2].per_call_us()
+    print(
+        f"CPU µs per call at concurrency 1 (the rounds above, warm-up calls included): "
+        f"workers: 1 {single['server']:.0f}; workers: 2 engine {split['engine']:.0f}, "
+        f"front ends {split['front-end']:.0f} (with one server core, nearly all of each call)"
     )
     if args.own_cores:
         print()
