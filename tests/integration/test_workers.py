@@ -234,7 +234,8 @@ async def test_weighted_shares_across_front_ends(
     assert heavy / (light + heavy) == pytest.approx(0.75, abs=0.05 * 0.75)
     # The weighted service gap (rows served / weight, heavy minus light, in the window)
     # stays within issue 11's bound, one batch and one request (one row each), whichever
-    # front end a call took: it does not drift.
+    # front end a call took: it does not drift. Counted from the window's start, when
+    # either tenant may already be a bound ahead, it stays within twice that.
     gap = worst = 0.0
     events = sorted(
         (at, tenant)
@@ -246,7 +247,7 @@ async def test_weighted_shares_across_front_ends(
         gap += 1 / 3 if tenant == "heavy" else -1.0
         worst = max(worst, abs(gap))
     print(f"weighted service gap: at most {worst:.2f} rows per unit of weight")
-    assert worst <= 4 + 1, worst  # a batch of 4 rows and a request
+    assert worst <= 2 * (4 + 1), worst  # twice a batch of 4 rows and a request
 
 
 async def test_metrics_count_every_front_ends_calls(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ follow untouched. A sender hands the parts to the transport as they are (``write
 one ``writev``, no joining); a reader receives into buffers it hands the transport
 (:class:`asyncio.BufferedProtocol`), so a large message's frames are views of the
 buffer the kernel wrote them into: a tensor is copied once each way, by the kernel, and
-never pickled. A message under half the reader's scratch buffer (:data:`SCRATCH_BYTES`)
-is copied once more, out of it, since the next read reuses it.
+never pickled. A message that arrives whole in the reader's scratch buffer
+(:data:`SCRATCH_BYTES`) is copied once more, out of it, since the next read reuses it.
 
 Why not ZeroMQ: measured on the 2-core development machine (both ends on one core),
 a pyzmq round trip costs about 35 µs of CPU per side (its I/O threads wake for every
