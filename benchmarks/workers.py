@@ -94,6 +94,15 @@ def cpu_s(pid: int) -> float:
 
 
 @contextmanager
+def cpu_spent(pids: dict[str, list[int]]) -> Iterator[dict[str, float]]:
+    """The CPU seconds each role's processes spend in the block, filled in at its end."""
+    before = {role: sum(map(cpu_s, group)) for role, group in pids.items()}
+    spent: dict[str, float] = {}
+    yield spent
+    spent.update({role: sum(map(cpu_s, group)) - before[role] for role, group in pids.items()})
+
+
+@contextmanager
 def started(command: list[str], cpus: str, ready: str) -> Iterator[subprocess.Popen[str]]:
     """``command`` pinned to ``cpus``, once a line of its output contains ``ready``; the
     rest of its output is read and dropped; terminated at the end."""
@@ -323,22 +332,14 @@ def main() -> None:
         quiet = {1: Spent(), 2: Spent()}  # their CPU by role, over every call made
         for _ in range(ROUNDS):
             for workers, running in ((1, one), (2, two)):
-                pids = running.pids()
-                before = {role: sum(map(cpu_s, group)) for role, group in pids.items()}
-                (block,) = run_pinned([(latency, (running.target, args.requests // ROUNDS))])
+                with cpu_spent(running.pids()) as spent:
+                    (block,) = run_pinned([(latency, (running.target, args.requests // ROUNDS))])
                 latencies_ms[workers].extend(block)
-                quiet[workers].add(
-                    {role: sum(map(cpu_s, group)) - before[role] for role, group in pids.items()},
-                    len(block) + WARMUP_CALLS,
-                )
+                quiet[workers].add(spent, len(block) + WARMUP_CALLS)
         for workers, running in ((1, one), (2, two)):
-            pids = running.pids()
-            before = {role: sum(cpu_s(p) for p in group) for role, group in pids.items()}
             load = (running.target, args.inflight, args.connections, args.warmup, args.seconds)
-            (answered,) = run_pinned([(throughput, load)])
-            spent = {
-                role: sum(cpu_s(p) for p in group) - before[role] for role, group in pids.items()
-            }
+            with cpu_spent(running.pids()) as spent:
+                (answered,) = run_pinned([(throughput, load)])
             # CPU of the whole window (warm-up included) over every call of the window.
             calls = answered * (args.warmup + args.seconds) / args.seconds
             layouts.append(
@@ -433,11 +434,10 @@ def _loaded(
     each front end's CPU seconds."""
     pids = running.pids()
     fronts = pids["front-end"]
-    before = {role: sum(cpu_s(p) for p in group) for role, group in pids.items()}
-    fronts_before = [cpu_s(p) for p in fronts]
-    (answered,) = run_pinned([(throughput, (running.target, inflight, 1, warmup_s, seconds))])
-    spent = {role: sum(cpu_s(p) for p in group) - before[role] for role, group in pids.items()}
-    front_end_s = [cpu_s(p) - s for p, s in zip(fronts, fronts_before, strict=True)]
+    each = {str(pid): [pid] for pid in fronts}  # each front end apart
+    with cpu_spent(pids) as spent, cpu_spent(each) as by_front_end:
+        (answered,) = run_pinned([(throughput, (running.target, inflight, 1, warmup_s, seconds))])
+    front_end_s = [by_front_end[str(pid)] for pid in fronts]
     calls = answered * (warmup_s + seconds) / seconds
     return LayoutRun(len(fronts) or 1, [], answered / seconds, spent, calls), front_end_s
 
