@@ -87,8 +87,12 @@ async def _unread_call(target: str) -> tuple[grpc.aio.Channel, grpc.aio.StreamSt
     connection of its own."""
     channel = grpc.aio.insecure_channel(target, options=SLOW_READER)
     call = channel.stream_stream(INFER)(metadata=_metadata("acme"))
-    await call.write(LARGE)
-    await call.done_writing()
+    try:
+        await call.write(LARGE)
+        await call.done_writing()
+    except BaseException:
+        await channel.close()
+        raise
     return channel, call
 
 
@@ -97,7 +101,11 @@ async def _unread_stream(target: str) -> tuple[grpc.aio.Channel, grpc.aio.Stream
     connection of its own."""
     channel = grpc.aio.insecure_channel(target, options=SLOW_READER)
     call = channel.stream_stream(STREAM)(metadata=_metadata("acme"))
-    await call.write(LARGE)
+    try:
+        await call.write(LARGE)
+    except BaseException:
+        await channel.close()
+        raise
     return channel, call
 
 
@@ -118,7 +126,14 @@ async def _refused_once_unread(
     takes three on the front end ``channel`` reached."""
     held: list[Unread] = []
     while len(held) < 24:
-        held.append(await unread())
+        try:
+            held.append(await unread())
+        except grpc.aio.AioRpcError:
+            # Its connection reached the other front end (``workers: 2``), at its bound
+            # already: refused before its 1 MiB message was all sent, the client's write
+            # failed (INTERNAL, from gRPC's core) rather than its read (seen under load).
+            assert len(held) >= 3  # never before the bound
+            continue
         # Its answer is counted once the server has made it: a moment after it is sent.
         settled = time.monotonic() + (0.5 if len(held) >= 3 else 0)
         while True:
