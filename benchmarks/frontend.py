@@ -3,6 +3,7 @@ against a bare grpc.aio server (``benchmarks/_bare_server.py``: nothing of Manda
 one run, with the ratios the issue's targets are set on.
 
     .venv/bin/python -m benchmarks.frontend [--seconds 5] [--inflight 64] [--streams 1]
+        [--ladder-rounds 3]
 
 Each server runs alone on core 0 (``taskset``, one torch thread); each load generator
 is a process of its own on core 1. Modes, each ``--inflight`` calls or messages in
@@ -17,9 +18,13 @@ flight (except the last):
 - mandant_client's ``AsyncClient(multiplex=True)`` (calls share one stream);
 - mandant_client's sync ``Client``, one call at a time: p50 and p99.
 
-Then the light unary mode against ``mandant serve`` whose ModelInfer is answered by
-the bare server's handler (``benchmarks/_probe``): the whole server (its other ports,
-timers, heap, gRPC options) without Mandant's call path; and the light unary and
+Then the call path taken apart: the light unary mode against ``mandant serve`` whose
+ModelInfer is answered by the bare server's handler (``benchmarks/_probe``: the whole
+server, its other ports, timers, heap and gRPC options, without Mandant's call path);
+with Mandant's gate and the bare answer; with the data plane and encoding too, the
+model's call answering its inputs; and as served. Each of those servers runs
+``--ladder-rounds`` times, in turn, and the table gives the median round with the
+event loop's CPU per call and what each step added to it. Then the light unary and
 stream modes against ``mandant serve`` with the steps of its call path timed in thread
 CPU (the probe's ``MANDANT_PROBE_SECTIONS``): where that path's time goes under this
 load. Last, the light unary mode at 1, 4, 16 and ``--inflight`` calls in flight
@@ -496,18 +501,61 @@ def cpu_report(floor: list[Result], mandant: list[Result]) -> str:
     )  # fmt: skip
 
 
-def swapped_report(swapped: Result, floor: Result) -> str:
-    """The light unary mode against ``mandant serve`` whose ModelInfer handler is the
-    bare server's (``benchmarks/_probe``): the whole server but Mandant's call path."""
-    if not swapped.answered or swapped.server_cpu_s is None:
-        return f"\nMandant with the bare handler: error: {swapped.error or 'nothing answered'}"
-    main, other = (s / swapped.answered * 1e6 for s in swapped.server_cpu_s)
+#: The call path taken apart (``benchmarks/_probe``): (label, the probe's flags), from
+#: the whole server without Mandant's call path to Mandant as served.
+LADDER: tuple[tuple[str, dict[str, str]], ...] = (
+    ("mandant serve, ModelInfer answered by the bare handler", {"MANDANT_PROBE_BARE_HANDLER": "1"}),
+    ("+ Mandant's gate (key, cap, door, gathering, parse, call metrics), the bare answer",
+     {"MANDANT_PROBE_BARE_ANSWER": "1"}),
+    ("+ the data plane and encoding, the model's call answering its inputs",
+     {"MANDANT_PROBE_NO_MODEL": "1"}),
+    ("+ the model's call (torch, inline): Mandant as served", {}),
+)  # fmt: skip
+
+
+def ladder(config: Path, settings: Settings, rounds: int) -> list[list[Result]]:
+    """The light unary mode against each server of :data:`LADDER`, ``rounds`` times
+    with the servers in turn: per step, its results."""
+    results: list[list[Result]] = [[] for _ in LADDER]
+    for _ in range(rounds):
+        for step, (_, flags) in enumerate(LADDER):
+            results[step].append(probed(config, settings, _light_unary, flags))
+    return results
+
+
+def ladder_report(results: list[list[Result]], floor: Result, rounds: int) -> str:
+    """Each step of :data:`LADDER`: calls/s and server CPU per call (the median round
+    by calls/s), and what the step added to the event loop's CPU per call."""
+    rows: list[tuple[object, ...]] = []
+    previous: float | None = None
+    for label, step in [
+        ("bare floor (benchmarks/_bare_server.py)", [floor]),
+        *((label, runs) for (label, _), runs in zip(LADDER, results, strict=True)),
+    ]:
+        answered = sorted((r for r in step if r.answered and r.server_cpu_s), key=lambda r: r.rps)
+        if not answered:
+            rows.append((label, "error: " + (step[0].error or "nothing answered"), *"––––"))
+            previous = None
+            continue
+        median = answered[len(answered) // 2]
+        main, other = (s / median.answered * 1e6 for s in median.server_cpu_s or ())
+        calls = f"{median.rps:,.0f}"
+        if len(answered) > 1:
+            calls += f" ({answered[0].rps:,.0f}–{answered[-1].rps:,.0f})"
+        added = "–" if previous is None or step[0] is floor else f"{main - previous:+.0f}"
+        rows.append(
+            (label, calls, f"{median.rps / floor.rps:.2f}", f"{main:.0f}", f"{other:.0f}", added)
+        )
+        previous = main
     return (
-        "\nmandant serve with ModelInfer answered by the bare server's handler "
-        f"(benchmarks/_probe), light client, unary: {swapped.rps:,.0f} calls/s, "
-        f"{swapped.rps / floor.rps:.2f} of the floor; CPU µs per call: main thread "
-        f"{main:.0f}, other threads {other:.0f}"
-    )
+        "\nthe call path taken apart (benchmarks/_probe; light client, unary; each server "
+        f"{rounds} time(s), in turn; the median round by calls/s):\n"
+        + table(
+            ["server", "calls/s (range)", "of the floor", "main thread µs/call",
+             "other threads µs/call", "main thread, added by the step"],
+            rows,
+        )
+    )  # fmt: skip
 
 
 #: Calls in flight of the gathering table (``--inflight`` is added).
@@ -618,6 +666,7 @@ def main() -> None:
     parser.add_argument("--inflight", type=int, default=64)
     parser.add_argument("--streams", type=int, default=1)
     parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--ladder-rounds", type=int, default=3)
     args = parser.parse_args()
     settings = Settings(args.width, args.inflight, args.streams, args.warmup, args.seconds)
     with bare_grpc_process(cpus="0") as bare:
@@ -626,12 +675,12 @@ def main() -> None:
     config = write_config(data)
     with mandant_process(config, cpus="0", env=THREAD_ENV) as served:
         mandant = measure(served.target, replace(settings, server_pid=served.pid))
-    swapped = probed(config, settings, _light_unary, {"MANDANT_PROBE_BARE_HANDLER": "1"})
+    steps = ladder(config, settings, args.ladder_rounds)
     unary_steps = timed_steps(config, settings, _light_unary)
     stream_steps = timed_steps(config, settings, _light_stream)
     gathered = gathering(data, settings)
     print(report(settings, floor, mandant))
-    print(swapped_report(swapped, floor[0]))
+    print(ladder_report(steps, floor[0], args.ladder_rounds))
     print(gathering_report(gathered))
     print(sections_report(*unary_steps, HANDLER_SECTION, "light client, unary"))
     print(sections_report(*stream_steps, STREAM_SECTION, "light client, ModelStreamInfer"))

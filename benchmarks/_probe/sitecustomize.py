@@ -11,6 +11,12 @@ nothing unless one of these variables is set:
 - ``MANDANT_PROBE_BARE_HANDLER=1``: ModelInfer is answered by the bare server's echo
   (``benchmarks/_bare_server.py``) inside a full ``mandant serve``: everything of the
   server but its call path.
+- ``MANDANT_PROBE_BARE_ANSWER=1``: ModelInfer passes Mandant's gate as served (key,
+  cap, door, gathering, parsing, the call's metrics), then the servicer answers with
+  the bare server's echo: everything of the call path but the data plane and encoding.
+- ``MANDANT_PROBE_NO_MODEL=1``: the in-process model's call (``TorchBackend.infer``)
+  returns its inputs as its outputs, in order, without torch or the backend's own
+  bookkeeping: everything of the call path but the model.
 - ``MANDANT_PROBE_SECTIONS=FILE``: time the steps of Mandant's ModelInfer call path
   (:data:`SECTIONS`) in thread CPU, from entry to exit, nested ones inside their
   callers'; on SIGUSR1 write ``label calls total_s`` lines to FILE. An async step also
@@ -69,6 +75,24 @@ if os.environ.get("MANDANT_PROBE_BARE_HANDLER"):
         )
 
     gateway.Gate.unary = _bare_unary  # type: ignore[method-assign]
+
+if os.environ.get("MANDANT_PROBE_BARE_ANSWER"):
+    from benchmarks._bare_server import echo
+    from mandant.transport.grpc.servicer import InferenceServicer
+    from mandant_client._proto import grpc_service_pb2 as pb
+
+    async def _bare_answer(self: Any, request: Any, call: Any, context: Any) -> Any:
+        return echo(request, pb)
+
+    InferenceServicer.ModelInfer = _bare_answer  # type: ignore[method-assign]
+
+if os.environ.get("MANDANT_PROBE_NO_MODEL"):
+    from mandant.backends.torch import TorchBackend
+
+    async def _inputs_back(self: Any, inputs: Any, **_: Any) -> dict[str, Any]:
+        return dict(zip(self._output_names, inputs.values(), strict=False))
+
+    TorchBackend.infer = _inputs_back  # type: ignore[method-assign]
 
 #: (module, attribute path, label) of the steps ``MANDANT_PROBE_SECTIONS`` times, in
 #: call order; a module-level function is timed where its caller looks it up.
