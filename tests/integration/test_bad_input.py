@@ -73,15 +73,17 @@ def _echo(
     input_parameters: dict[str, pb.InferParameter] | None = None,
     output_parameters: dict[str, pb.InferParameter] | None = None,
     raw: bool = True,
+    output: str = "OUTPUT0",
 ) -> pb.ModelInferRequest:
     """One FP32 ``INPUT0`` to ``echo`` (``[1, 1]`` unless ``shape``), with these input
-    or requested-output parameters, its value in raw_input_contents unless not ``raw``."""
+    or requested-output parameters (on ``output``), its value in raw_input_contents
+    unless not ``raw``."""
     request = pb.ModelInferRequest(model_name="echo")
     request.inputs.add(
         name="INPUT0", datatype="FP32", shape=shape or [1, 1], parameters=input_parameters
     )
     if output_parameters is not None:
-        request.outputs.add(name="OUTPUT0", parameters=output_parameters)
+        request.outputs.add(name=output, parameters=output_parameters)
     if raw:
         request.raw_input_contents.append(b"\0" * 4)
     return request
@@ -200,6 +202,12 @@ CASES: dict[str, tuple[pb.ModelInferRequest, str]] = {
     "shared memory output": (
         _echo(output_parameters={"shared_memory_region": SHM_REGION}),
         "output 'OUTPUT0': shared memory is not supported",
+    ),
+    # The name is the client's, not yet checked against the model: cut to 64 characters
+    # (20,000 came back whole, past gRPC's 16 KiB bound on a status message).
+    "shared memory output of a long name": (
+        _echo(output_parameters={"shared_memory_region": SHM_REGION}, output="Z" * 20_000),
+        f"output '{'Z' * 64}…': shared memory is not supported",
     ),
 }
 

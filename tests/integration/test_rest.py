@@ -403,9 +403,26 @@ def test_json_data_nested_or_flat(server: Server) -> None:
         (echo_request([1.0, 2.0], [2]), "expected shape [-1, -1], got [2]"),
         (echo_request([1.0, 2.0], [1, 2], "INT32"), "expected datatype FP32, got INT32"),
         (echo_request([1.0, 2.0], [1, "2"]), "each dimension of shape must be a JSON integer"),
+        # Beyond int64: a 500 (a message too long to format), or past admission, whose
+        # metrics could not count the rows, with the tenant's concurrency place kept.
+        (echo_request([1.0], [10**400, 1]), "each dimension of shape is a 64-bit integer"),
+        (echo_request([1.0], [10**4299, 10**4299]), "each dimension of shape is a 64-bit integer"),
         (
             {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2]}]},
             "has neither data nor binary_data_size",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "INPUT0",
+                        "datatype": "FP32",
+                        "shape": [1, 2],
+                        "parameters": {"binary_data_size": 10**400},
+                    }
+                ]
+            },
+            "binary_data_size is a 64-bit integer",
         ),
         ({**echo_request([1, 2], [1, 2]), "id": 7}, "'id' must be a JSON string"),
         (
@@ -498,6 +515,8 @@ def test_binary_data_extension_by_hand(server: Server) -> None:
         (24, 0, "ten", "is not an integer"),
         (24, 0, "1_0", "is not an integer"),  # Python's int() reads 10
         (24, 0, " +9", "is not an integer"),
+        (24, 0, "1" * 5000, "outside the body"),  # int() refuses 4,301 digits: was a 500
+        (24, 0, "0" * 4999 + "5", "outside the body"),
         (24, 0, "10", "the first 10 bytes of the body (Inference-Header-Content-Length) are not"),
     ],
 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import queue
 import time
@@ -470,5 +471,33 @@ async def test_streams_whose_deadline_passes_as_they_open_log_no_error(
                 timeouts = [0.0002 + 0.0002 * ((round_ * 40 + i) % 25) for i in range(40)]
                 await asyncio.gather(*(one(channel, t) for t in timeouts))
         await asyncio.sleep(0.5)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors[:3]]
+
+
+async def test_a_stream_cancelled_while_its_answers_wait_logs_no_error(
+    demo_server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that cancels its stream while answers wait to be written (it read none
+    of them): each waiting write fails, which ends that message quietly. It was an
+    ERROR with a traceback ("Task exception was never retrieved") per message, so any
+    client could fill the log with its ordinary cancellations."""
+    message = pb.ModelInferRequest(model_name="echo")
+    message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 250_000])  # 1 MB
+    message.raw_input_contents.append(bytes(1_000_000))
+    raw = message.SerializeToString()
+    acme = (("authorization", f"Bearer {DEMO_KEYS['acme']}"),)
+    slow_reader = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    with caplog.at_level(logging.ERROR):
+        for _ in range(3):
+            async with grpc.aio.insecure_channel(demo_server.target, options=slow_reader) as ch:
+                call = ch.stream_stream(STREAM)(metadata=acme)
+                for _ in range(6):
+                    await call.write(raw)
+                await asyncio.sleep(0.5)  # answered; the answers wait for a reader
+                call.cancel()
+            await asyncio.sleep(0.5)
+        gc.collect()  # a failed task's exception is reported when the task is collected
+        await asyncio.sleep(0.2)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors[:3]]

@@ -323,6 +323,32 @@ async def test_concurrency_cap_counts_calls_in_flight_across_models() -> None:
     assert dict(adm.inflight_counts()) == {"acme": 0, "globex": 0}
 
 
+class FailingObserver(RecordingObserver):
+    """Fails to count an admission (a metric that cannot hold the rows, say)."""
+
+    def admitted(self, tenant: str, model: str, rows: int) -> None:
+        raise OverflowError("int too large to convert to float")
+
+
+async def test_a_failure_after_the_slot_is_taken_gives_the_slot_and_rows_back() -> None:
+    """Whatever fails once the tenant's concurrency place is taken gives it back, and
+    the rows it charged: an OverflowError in the metrics kept the place for ever, and
+    two such calls refused every later call of a tenant capped at 2."""
+    observer = FailingObserver()
+    adm, _, _ = admission(
+        config({"id": "acme", "max_concurrency": 2, "quota": {"rows_per_day": 10}}),
+        observer=observer,
+    )
+    for _ in range(3):
+        with pytest.raises(OverflowError):
+            await adm.admit(ACME, ECHO, 4)
+    assert adm.inflight("acme") == 0
+    assert ("refunded", "acme", "echo", 4) in observer.events
+    observer.admitted = RecordingObserver.admitted.__get__(observer)  # type: ignore[method-assign]
+    permit = await adm.admit(ACME, ECHO, 10)  # the whole day's quota is still there
+    permit.release()
+
+
 async def test_a_model_override_has_buckets_of_its_own() -> None:
     cfg = config(
         {

@@ -286,8 +286,13 @@ class TenantAdmission:
                 raise _error(denial)
             if store is self._local:  # it just charged: keep the time its rows count at
                 wall = self._local.quota_wall(wall)
-        self._observer.admitted(tenant.id, model.name, rows)
-        return _InflightPermit(self, tenant.id, model.name, store, plan, rows, wall)
+        permit = _InflightPermit(self, tenant.id, model.name, store, plan, rows, wall)
+        try:
+            self._observer.admitted(tenant.id, model.name, rows)
+        except BaseException:  # the slot and the rows go back, whatever failed
+            permit.release(refund=True)
+            raise
+        return permit
 
     def finished(self, tenant: str) -> None:
         """A permit was released (called by the permit, once)."""

@@ -200,7 +200,7 @@ class ProtoInferRequest:
                 if classes is not None and parameter_value(classes):
                     raise InvalidInput(NO_CLASSIFICATION)
                 if SHARED_MEMORY in parameters:
-                    raise InvalidInput(f"output '{output.name}': {NO_SHARED_MEMORY}")
+                    raise InvalidInput(f"output '{shown(output.name)}': {NO_SHARED_MEMORY}")
         return [o.name for o in outputs]
 
     def parameters(self) -> Mapping[str, bool | int | float | str]:

@@ -190,7 +190,13 @@ class InferStream:
             if unread is not None:
                 unread.hold(tenant, answer)
             async with self._writing:
-                await self._context.write(response)
+                try:
+                    await self._context.write(response)
+                except (grpc.aio.InternalError, grpc.aio.UsageError):
+                    # gRPC could not send it: the call ended under the write (the client
+                    # cancelled or left; grpc.aio says so only later). Nothing is left to
+                    # answer on: the message ends here, quietly, as its stream does.
+                    logger.debug("a stream's answer was not written: the call ended")
         finally:
             if unread is not None:
                 unread.release(tenant, answer)

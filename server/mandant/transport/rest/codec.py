@@ -86,7 +86,15 @@ def _shape(value: object, name: str) -> tuple[int, ...]:
         check_rank(len(dims), name)
     for dim in dims:
         _expect(dim, int, f"input '{shown(name)}': each dimension of shape")
+        if dim not in _INT64:  # JSON's integers have no bound; the protocol's are int64
+            raise InvalidInput(
+                f"input '{shown(name)}': each dimension of shape is a 64-bit integer"
+            )
     return tuple(dims)
+
+
+#: The values of the protocol's int64 fields (JSON numbers are not bounded).
+_INT64 = range(-(2**63), 2**63)
 
 
 class _Input:
@@ -209,9 +217,11 @@ def _json_length(header_length: str, body_length: int) -> int:
     digits = header_length.removeprefix("-")
     if not digits.isascii() or not digits.isdigit():  # int() takes "1_0" and " +9 "
         raise InvalidInput(f"{HEADER_LENGTH} is not an integer")
-    length = int(header_length)
-    if not 0 <= length <= body_length:
-        raise InvalidInput(f"{HEADER_LENGTH} {length} is outside the body's {body_length} bytes")
+    # int() refuses more than 4,300 digits (a ValueError); no body has 20
+    if len(digits) > 20 or not 0 <= (length := int(header_length)) <= body_length:
+        raise InvalidInput(
+            f"{HEADER_LENGTH} {shown(header_length)} is outside the body's {body_length} bytes"
+        )
     return length
 
 
@@ -227,6 +237,8 @@ def _parse_input(item: object) -> _Input:
     size: int | None = None
     if raw_size is not None:
         size = _expect(raw_size, int, f"input '{shown(name)}': binary_data_size")
+        if size not in _INT64:
+            raise InvalidInput(f"input '{shown(name)}': binary_data_size is a 64-bit integer")
         if size < 0:
             raise InvalidInput(f"input '{shown(name)}': binary_data_size is negative")
         if data is not None:
