@@ -111,6 +111,30 @@ async def test_aio_stream_infer_works_unchanged(demo: Server) -> None:
     assert got == {str(i): float(i) for i in range(50)}
 
 
+def test_every_answer_is_marked_final_as_triton_marks_it(demo: Server) -> None:
+    """Clients written for Triton read a request's answers until one carries
+    ``triton_final_response: true`` (decoupled models send several): each message's
+    one answer carries it (an error's too: below), so such a loop ends instead of
+    waiting for ever."""
+    client = grpcclient.InferenceServerClient(demo.target)
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(
+        callback=lambda result, error: answers.put((result, error)), headers=auth("acme")
+    )
+    try:
+        for i in range(3):
+            client.async_stream_infer(
+                "echo", [echo_input(float(i))], request_id=f"m{i}", enable_empty_final_response=True
+            )
+        for _ in range(3):
+            result, error = answers.get(timeout=30)
+            assert error is None, error
+            assert result.get_response().parameters["triton_final_response"].bool_param
+    finally:
+        client.stop_stream()
+        client.close()
+
+
 def _request(model: str = "echo", request_id: str = "r", value: float = 1.0) -> bytes:
     message = pb.ModelInferRequest(model_name=model, id=request_id)
     message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 4])
@@ -167,6 +191,7 @@ async def test_errors_carry_the_id_and_the_status_code(demo: Server) -> None:
     malformed = by_id[""]
     assert malformed.infer_response.parameters["status_code"].string_param == "INVALID_ARGUMENT"
     assert "DecodeError" not in malformed.error_message
+    assert all(r.infer_response.parameters["triton_final_response"].bool_param for r in responses)
 
 
 ADMIN_KEY = "stream-admin-key"

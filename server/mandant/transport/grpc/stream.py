@@ -73,6 +73,11 @@ from mandant_client._proto import grpc_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+#: Triton marks each streamed answer with whether it is its request's last one (a
+#: decoupled model may send several). Every model here answers a message once, so
+#: every answer says so: clients written for Triton read answers until it does.
+FINAL_RESPONSE = "triton_final_response"
+
 #: Trailing metadata of a stream the server ended with OK: why it did.
 END_METADATA = "mandant-stream-end"
 AGE_END = "connection-age"
@@ -252,6 +257,7 @@ class InferStream:
             )
             answer = pb.ModelStreamInferResponse()
             encode_infer_response(response, into=answer.infer_response)
+            answer.infer_response.parameters[FINAL_RESPONSE].bool_param = True
             return answer, response.nbytes, tenant.id
         except MandantError as exc:
             code = status_for(exc).name
@@ -300,6 +306,7 @@ def _error_response(
         answer.id = _bounded(request.id)
         answer.model_name = _bounded(request.model_name)
         answer.model_version = _bounded(request.model_version)
+    answer.parameters[FINAL_RESPONSE].bool_param = True
     answer.parameters["status_code"].string_param = code
     if isinstance(exc, ResourceExhausted):
         (_, pushback_ms), *_ = trailers_for(exc)
