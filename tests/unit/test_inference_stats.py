@@ -4,6 +4,7 @@ own calls, per model version; every event still reaches the next observer."""
 from __future__ import annotations
 
 from mandant.observability.stats import InferenceStats, ModelStats
+from mandant.transport.grpc.statistics import statistics_message
 from mandant.types import ModelKey, ServedModels
 from tests.fakes import RecordingObserver
 
@@ -55,6 +56,28 @@ def test_scheduler_events_count_queue_compute_and_batches_per_tenant() -> None:
     assert (globex.inference_count, globex.execution_count) == (3, 1)
     assert list(globex.batches) == [5]
     assert len(forward.timings) == 3 and len(forward.batches) == 2
+    # Each tenant's rows' share of its batches' compute: 2/5 and 3/5 of the first.
+    assert (acme.compute_share_ns, globex.compute_share_ns) == (8_000_000, 6_000_000)
+
+
+def test_a_tenant_s_view_gives_its_share_of_the_compute_and_no_batches() -> None:
+    """Triton gives each request its batch's whole compute time; shown to a tenant beside
+    ``/usage``'s share by rows, the ratio was the batch's rows: how many others sent."""
+    stats, forward = _stats()
+    scheduler = stats.observe(forward, version="1")
+    scheduler.request_timing("acme", "m", 0.0, 0.012)
+    scheduler.request_timing("globex", "m", 0.0, 0.012)
+    scheduler.batch_executed("m", 12, 0.012, {"acme": 1, "globex": 11})
+    acme = stats.get("acme", "", "m", "1")
+    mine = statistics_message("m", "1", acme, tenant_view=True)
+    assert (mine.inference_stats.compute_infer.count, mine.inference_stats.compute_infer.ns) == (
+        1,
+        1_000_000,
+    )
+    assert not mine.batch_stats
+    admins = statistics_message("m", "1", acme)  # an admin's total keeps Triton's whole time
+    assert admins.inference_stats.compute_infer.ns == 12_000_000
+    assert [b.batch_size for b in admins.batch_stats] == [12]
 
 
 def test_front_end_observer_records_no_scheduler_events_without_a_version() -> None:

@@ -11,7 +11,10 @@ which records them and hands every event on to the next observer (Prometheus):
 * ``request_timing``: ``queue`` and ``compute_infer`` (the compute time of the batch
   the request ran in, as Triton counts it);
 * ``batch_executed``: per tenant in the batch, one execution of that batch size
-  (``batch_stats``, ``execution_count``) and its rows (``inference_count``); and, per
+  (``batch_stats``, ``execution_count``), its rows (``inference_count``) and its rows'
+  share of the batch's compute time (``compute_share_ns``: what a tenant's own view
+  gives as ``compute_infer``'s time; the batch's whole time beside ``/usage``'s share
+  told it how many rows others sent in its batches); and, per
   model version (its owner's), the execution itself: an admin's totals count a batch
   that mixed tenants once, not once per tenant in it.
 
@@ -72,6 +75,8 @@ class ModelStats:
     batches: dict[int, Duration] = field(default_factory=dict)
     inference_count: int = 0  # rows inferred
     execution_count: int = 0  # backend executions that held some of these rows
+    #: These rows' share of the compute time of the batches they ran in (by rows).
+    compute_share_ns: int = 0
     last_inference_ms: int = 0  # wall clock, ms since the epoch; 0: never
 
     def merge(self, other: ModelStats) -> None:
@@ -83,6 +88,7 @@ class ModelStats:
             self.batches.setdefault(size, Duration()).merge(duration)
         self.inference_count += other.inference_count
         self.execution_count += other.execution_count
+        self.compute_share_ns += other.compute_share_ns
         self.last_inference_ms = max(self.last_inference_ms, other.last_inference_ms)
 
 
@@ -197,6 +203,7 @@ class InferenceStats:
     ) -> None:
         if not self._recorded(model):
             return
+        ns_per_row = compute_s * _NS_PER_S / max(1, size)
         size = size_key(size)
         model_key = (owner, model, version)
         run = self._executions.get(model_key)
@@ -215,6 +222,7 @@ class InferenceStats:
             executions.add(compute_s)
             entry.execution_count += 1
             entry.inference_count += rows
+            entry.compute_share_ns += round(ns_per_row * rows)
 
 
 class StatsObserver:

@@ -4,6 +4,9 @@
   them (its tuned variant under the base's name). Another tenant's calls never count,
   and no ``batch_stats``: a batch mixes tenants, so its size would tell one tenant how
   many rows others sent with it (the dashboard hides batch figures from tenants too).
+  For the same reason its ``compute_infer`` time is its rows' share of its batches'
+  compute, as ``/usage`` bills it (Triton's, each batch's whole time per request,
+  divided by that share, gave the batch's rows).
 * An admin key with the metadata ``mandant-tenant: <tenant id>`` (Triton's request has
   no tenant field): exactly what that tenant sees.
 * An admin key alone: every model version's totals over all tenants (its executions
@@ -53,11 +56,11 @@ def tenant_statistics(
     plane: DataPlane, stats: InferenceStats, tenant: Tenant, name: str, version: str
 ) -> list[pb.ModelStatistics]:
     return [
-        _message(
+        statistics_message(
             m.key.name,
             m.key.version,
             stats.get(tenant.id, m.key.owner or "", m.key.name, m.key.version),
-            batches=False,
+            tenant_view=True,
         )
         for m in _visible(plane, tenant, name, version)
     ]
@@ -79,7 +82,7 @@ def admin_statistics(
         # Executions once each (the tenants' entries hold a shared batch once each).
         runs = stats.executions(key.owner or "", key.name, key.version)
         total.batches, total.execution_count = runs.batches, runs.execution_count
-        answer.append(_message(label, key.version, total))
+        answer.append(statistics_message(label, key.version, total))
     if name and not answer:
         raise ModelNotFound(name, version or None)
     return answer
@@ -94,9 +97,14 @@ def _visible(plane: DataPlane, tenant: Tenant, name: str, version: str) -> Seque
     return plane.model_versions(tenant, name)
 
 
-def _message(
-    name: str, version: str, stats: ModelStats, batches: bool = True
+def statistics_message(
+    name: str, version: str, stats: ModelStats, tenant_view: bool = False
 ) -> pb.ModelStatistics:
+    """One model version's ``stats`` as Triton's message; ``tenant_view``: what a
+    tenant sees (no batch figures, and its rows' share of the compute: module doc)."""
+    compute = stats.compute_infer
+    if tenant_view:
+        compute = Duration(compute.count, stats.compute_share_ns)
     return pb.ModelStatistics(
         name=name,
         version=version,
@@ -107,9 +115,9 @@ def _message(
             success=_duration(stats.success),
             fail=_duration(stats.fail),
             queue=_duration(stats.queue),
-            compute_input=pb.StatisticDuration(count=stats.compute_infer.count),
-            compute_infer=_duration(stats.compute_infer),
-            compute_output=pb.StatisticDuration(count=stats.compute_infer.count),
+            compute_input=pb.StatisticDuration(count=compute.count),
+            compute_infer=_duration(compute),
+            compute_output=pb.StatisticDuration(count=compute.count),
         ),
         batch_stats=[
             pb.InferBatchStatistics(
@@ -119,7 +127,7 @@ def _message(
                 compute_output=pb.StatisticDuration(count=executions.count),
             )
             for size, executions in sorted(stats.batches.items())
-            if batches
+            if not tenant_view
         ],
     )
 
