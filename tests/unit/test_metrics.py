@@ -432,3 +432,9 @@ def test_a_model_no_longer_served_leaves_the_series_and_the_dashboard_not_usage(
     observer.batch_executed("classifier", 4, 0.02, {"acme": 4})  # loaded again
     assert value(registry, "mandant_rows_total", tenant="acme", model="classifier") == 4
     assert usage_report(observer, TENANTS)["tenants"]["acme"]["rows"]["classifier"] == 8
+    # One tenant's report reads its own counts only, the forgotten models' too, and
+    # gives what the whole report gives for it.
+    assert {labels["tenant"] for _, labels, _ in observer.usage_counts("globex")} == {"globex"}
+    (tenant,) = [t for t in TENANTS if t.id == "acme"]
+    alone = usage_report(observer, [tenant], only="acme")["tenants"]
+    assert alone == {"acme": usage_report(observer, TENANTS)["tenants"]["acme"]}

@@ -186,17 +186,24 @@ class PrometheusObserver:
         return (self.requests, self.rows, self.compute_seconds, self.rejections,
                 self.admitted_rows)  # fmt: skip
 
-    def usage_counts(self) -> Iterable[tuple[str, dict[str, str], float]]:
+    def usage_counts(
+        self, tenant: str | None = None
+    ) -> Iterable[tuple[str, dict[str, str], float]]:
         """(sample name, labels, value) of the counters a usage report reads: only
         those, not every series of the registry (the histograms are most of a scrape,
         and a tenant's own ``/usage`` must not cost a full one); and what they held
-        for models no longer served."""
+        for models no longer served. ``tenant``: that tenant's only (None: every
+        tenant's), picked before anything is built for the others' (one tenant's
+        report walked every tenant's series: 13 ms of event loop with 300 tenants)."""
+        where = None if tenant is None else ("tenant", tenant)
         for series in self._usage_series():
             name = f"{series.name}_total"
-            for named, value in series.values():
+            for named, value in series.values(where):
                 yield name, named, value
         for (series, labels), value in self._forgotten.items():
-            yield f"{series.name}_total", dict(zip(series.labelnames, labels, strict=True)), value
+            if tenant is None or labels[series.labelnames.index("tenant")] == tenant:
+                named = dict(zip(series.labelnames, labels, strict=True))
+                yield f"{series.name}_total", named, value
 
     def forget(self, served: ServedModels) -> None:
         """Drop the series of the models ``served`` does not list (see the module

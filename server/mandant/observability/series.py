@@ -55,11 +55,17 @@ class CounterSeries:
             del self._cells[labels]
         return gone
 
-    def values(self) -> Iterable[tuple[dict[str, str], float]]:
-        """(labels by name, value) of every series, as a scrape reads them."""
+    def values(
+        self, where: tuple[str, str] | None = None
+    ) -> Iterable[tuple[dict[str, str], float]]:
+        """(labels by name, value) of every series, as a scrape reads them; ``where``:
+        only those whose label ``where[0]`` is ``where[1]`` (picked before their
+        labels are named: one tenant's usage report costs little more than its own)."""
         names = self.labelnames
+        at, wanted = (names.index(where[0]), where[1]) if where is not None else (0, None)
         for labels, (value, _) in self._cells.items():
-            yield dict(zip(names, labels, strict=True)), value
+            if wanted is None or labels[at] == wanted:
+                yield dict(zip(names, labels, strict=True)), value
 
     def family(self, with_samples: bool = True) -> Metric:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)

@@ -43,9 +43,11 @@ SCOPES = {
 class UsageCounts(Protocol):
     """Where a report reads this process's counts (:class:`PrometheusObserver`)."""
 
-    def usage_counts(self) -> Iterable[tuple[str, dict[str, str], float]]:
+    def usage_counts(
+        self, tenant: str | None = None
+    ) -> Iterable[tuple[str, dict[str, str], float]]:
         """(sample name, labels, value) of the requests, rows, compute seconds,
-        rejections and admitted rows counters."""
+        rejections and admitted rows counters: ``tenant``'s (None: every tenant's)."""
         ...
 
 
@@ -185,7 +187,7 @@ class UsageReports:
             self._fleet_counts([t.id for t in tenants]),
         )
         used = {t.id: _quota_use(t, stored.get(t.id), self._live.quota_used(t.id)) for t in tenants}
-        report = usage_report(self._counts, tenants, used)
+        report = usage_report(self._counts, tenants, used, only)
         fleet_scope = "replica" if self._quota is None else self._quota.quota_scope
         for tenant in tenants:
             if tenant.quota is not None:
@@ -239,10 +241,12 @@ def usage_report(
     counts: UsageCounts,
     tenants: Sequence[TenantConfig],
     quota_used: Mapping[str, Mapping[str, int]] | None = None,
+    only: str | None = None,
 ) -> dict[str, Any]:
     """Per configured tenant: calls by status, rows and compute seconds by model,
     rejections by reason, and its quota (limits, and use where admission knows it).
-    Read from this process's counters; counts since it started."""
+    Read from this process's counters; counts since it started. ``only``: ``tenants``
+    is that tenant alone, whose counts alone are read."""
     report: dict[str, dict[str, Any]] = {
         t.id: {
             "requests": {},
@@ -267,7 +271,7 @@ def usage_report(
         entry[key][label] = entry[key].get(label, 0) + value
         entry[f"{key}_total"] += value
 
-    for name, labels, value in counts.usage_counts():
+    for name, labels, value in counts.usage_counts(only):
         entry = report.get(labels.get("tenant", ""))
         if entry is None:
             continue
