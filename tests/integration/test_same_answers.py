@@ -29,6 +29,8 @@ DATATYPES = ["FP32", "FP32", "FP32", "INT32", "FP16", "BYTES", "BOOL", "FLOAT", 
 #: Dimensions: ordinary, empty, negative, and larger than any array.
 DIMS = st.sampled_from([0, 1, 2, 3, 4, 32, 256, -1, -2, 2**40, 2**62])
 ITEMSIZE = {"FP32": 4, "INT32": 4, "FP16": 2, "BOOL": 1}
+#: Parameters of an input or a requested output that a request may not use here.
+TENSOR_PARAMETERS = ["shared_memory_region", "classification", "binary_data"]
 
 
 @st.composite
@@ -42,6 +44,8 @@ def requests(draw: st.DrawFn) -> tuple[str, bytes]:
     shape = [rows, MODELS[model]]
     if draw(st.booleans()):
         shape = draw(st.lists(DIMS, min_size=0, max_size=3))
+    if draw(st.integers(0, 9)) == 0:
+        shape = [1] * 65  # more dimensions than numpy takes
     tensor = message.inputs.add(
         name=draw(st.sampled_from(["INPUT0", "INPUT0", "INPUT0", "IN"])),
         datatype=draw(st.sampled_from(DATATYPES)),
@@ -57,8 +61,12 @@ def requests(draw: st.DrawFn) -> tuple[str, bytes]:
     if how in ("typed", "both"):
         values = count + draw(st.sampled_from([0, 0, 1, -1]))
         tensor.contents.fp32_contents.extend([0.5] * max(0, min(values, 1 << 16)))
+    if draw(st.integers(0, 6)) == 0:
+        tensor.parameters[draw(st.sampled_from(TENSOR_PARAMETERS))].string_param = "r"
     if draw(st.integers(0, 4)) == 0:
-        message.outputs.add(name=draw(st.sampled_from(["OUTPUT0", "SCORE", "OUT"])))
+        output = message.outputs.add(name=draw(st.sampled_from(["OUTPUT0", "SCORE", "OUT"])))
+        if draw(st.booleans()):
+            output.parameters[draw(st.sampled_from(TENSOR_PARAMETERS))].int64_param = 2
     if draw(st.integers(0, 4)) == 0:
         name = draw(st.sampled_from(["priority", "timeout", "other"]))
         value = draw(st.sampled_from([1, -1, 0]))
@@ -108,3 +116,41 @@ def test_one_process_and_two_front_ends_answer_alike(
         assert header == header_two
         # Same weights; the processes' math libraries may round differently.
         np.testing.assert_allclose(values, values_two, rtol=1e-5, atol=1e-6)
+
+
+def _refused(model: str, shape: list[int], input_name: str = "INPUT0", **outputs: Any) -> bytes:
+    message = pb.ModelInferRequest(model_name=model)
+    message.inputs.add(name=input_name, datatype="FP32", shape=shape)
+    message.raw_input_contents.append(b"\0" * 4)
+    for name, parameter in outputs.items():
+        message.outputs.add(name="OUTPUT0").parameters[name].CopyFrom(parameter)
+    return message.SerializeToString()
+
+
+CLASSIFY = pb.InferParameter(int64_param=3)
+SHARED = pb.InferParameter(string_param="r")
+
+
+@pytest.mark.parametrize(
+    ("tenant", "raw", "code"),
+    [
+        ("acme", _refused("nope", [1] * 65), "NOT_FOUND"),
+        ("globex", _refused("fraud", [1] * 65), "NOT_FOUND"),  # acme's private model
+        ("acme", _refused("nope", [1, 1], classification=CLASSIFY), "NOT_FOUND"),
+        ("globex", _refused("fraud", [1, 1], shared_memory_region=SHARED), "NOT_FOUND"),
+        ("acme", _refused("echo", [1, 1], "IN", classification=CLASSIFY), "INVALID_ARGUMENT"),
+    ],
+    ids=["65 dims, no model", "65 dims, private", "classification, no model",
+         "shared memory, private", "wrong input and classification"],
+)  # fmt: skip
+def test_what_one_process_checks_after_resolving_a_front_end_checks_there_too(
+    infers: list[Any], tenant: str, raw: bytes, code: str
+) -> None:
+    """A front end read the inputs' and requested outputs' headers before handing a
+    call on, and refused what it found there at once: an unknown model (or another
+    tenant's private one) with a 65-dimension input or a classification output was
+    INVALID_ARGUMENT, where one process says NOT_FOUND; a wrong input name was
+    answered with the output's refusal (one process checks inputs first)."""
+    one, two = (_answer(infer, tenant, raw) for infer in infers)
+    assert one == two
+    assert one[0] == code, one

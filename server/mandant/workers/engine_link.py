@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -160,7 +160,21 @@ class EngineLink:
         connection = self._connection
         if connection is None:
             raise Unavailable(ENGINE_DOWN)
-        frames, deferred, to_decode = _frames(request)
+        # What a single process refuses while validating, after it resolved the model
+        # (an unknown one is NOT_FOUND first), the engine raises there too.
+        inputs_error = outputs_error = None
+        try:
+            inputs = request.input_headers()
+        except InvalidInput as exc:
+            inputs, inputs_error = (), str(exc)
+        try:
+            outputs = request.requested_outputs()
+        except InvalidInput as exc:
+            outputs, outputs_error = (), str(exc)
+        if inputs_error is None:
+            frames, deferred, to_decode = _frames(request, inputs)
+        else:
+            frames, deferred, to_decode = [], None, False
         try:
             parameters = request.parameters()
         except InvalidInput as exc:  # found before a decode error, after a size error
@@ -175,11 +189,13 @@ class EngineLink:
             request.model_version,
             request.request_id,
             parameters,
-            request.requested_outputs(),
-            request.input_headers(),
+            outputs,
+            inputs,
             timeout_s,
             deferred,
             to_decode,
+            inputs_error,
+            outputs_error,
         )
         future = connection.send(header, frames)
         try:
@@ -395,12 +411,14 @@ async def _resolved(call: Call, last: asyncio.Future[Answer]) -> None:
         (_, call.model, call.version, _, _, call.owner), _ = await last
 
 
-def _frames(request: EncodedRequest) -> tuple[list[Buffer], str | None, bool]:
-    """One frame per input in the raw layout (the client's own bytes where it sent
-    raw ones of fixed-size datatypes, :meth:`EncodedRequest.raw_inputs`), or none,
-    the reason it could not be done (raised later, in the engine), and whether a
-    single process finds that only when it decodes (after admission)."""
-    headers = request.input_headers()
+def _frames(
+    request: EncodedRequest, headers: Sequence[TensorHeader]
+) -> tuple[list[Buffer], str | None, bool]:
+    """One frame per input of ``headers`` (the request's) in the raw layout (the
+    client's own bytes where it sent raw ones of fixed-size datatypes,
+    :meth:`EncodedRequest.raw_inputs`), or none, the reason it could not be done
+    (raised later, in the engine), and whether a single process finds that only when
+    it decodes (after admission)."""
     if any(header.datatype not in DATATYPES for header in headers):
         return [], "unknown datatype", False  # validation in the engine refuses it first
     try:

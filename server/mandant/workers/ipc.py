@@ -66,6 +66,12 @@ class RequestHeader(NamedTuple):
     #: after admission (typed contents, raw and typed both given), not when it checks
     #: the payload's sizes, before.
     deferred_to_decode: bool = False
+    #: Why the front end could not read the inputs' or the requested outputs' headers
+    #: (then they are empty): raised when the engine's validation asks for them, after
+    #: the model is resolved, where a single process meets it (an unknown model is
+    #: NOT_FOUND first).
+    inputs_error: str | None = None
+    outputs_error: str | None = None
 
     def pack(self) -> list[object]:
         return [
@@ -80,12 +86,14 @@ class RequestHeader(NamedTuple):
             self.timeout_s,
             self.deferred_error,
             self.deferred_to_decode,
+            self.inputs_error,
+            self.outputs_error,
         ]
 
     @classmethod
     def unpack(cls, fields: list[Any]) -> RequestHeader:
         (rid, tenant, model, version, request_id, parameters, outputs, inputs, timeout_s, error,
-         to_decode) = fields  # fmt: skip
+         to_decode, inputs_error, outputs_error) = fields  # fmt: skip
         return cls(
             rid,
             tenant,
@@ -98,6 +106,8 @@ class RequestHeader(NamedTuple):
             timeout_s,
             error,
             to_decode,
+            inputs_error,
+            outputs_error,
         )
 
 
@@ -130,9 +140,13 @@ class IpcRequest:
         return self._header.request_id
 
     def input_headers(self) -> Sequence[TensorHeader]:
+        if self._header.inputs_error is not None:
+            raise errors.InvalidInput(self._header.inputs_error)
         return self._header.inputs
 
     def requested_outputs(self) -> Sequence[str]:
+        if self._header.outputs_error is not None:
+            raise errors.InvalidInput(self._header.outputs_error)
         return self._header.outputs
 
     def parameters(self) -> Mapping[str, bool | int | float | str]:
