@@ -90,6 +90,38 @@ class ReloadResult:
 _LIVE_SERVER_SETTINGS = frozenset({"admin_keys"})
 
 
+def as_reloaded(running: MandantConfig, new: MandantConfig) -> tuple[MandantConfig, list[str]]:
+    """What a server running ``running`` holds once it reloads ``new``: ``new``'s
+    tenants, models and admin keys, and its TLS files where TLS keeps its shape
+    (:func:`same_tls_shape`); every other server setting and the limits as they were,
+    until a restart; and those, in words. (``workers: N``: a process started again
+    after a reload starts as this, so that it serves what its siblings serve.)"""
+    server_changed = sorted(
+        name
+        for name in type(new.server).model_fields
+        if name not in _LIVE_SERVER_SETTINGS
+        and getattr(new.server, name) != getattr(running.server, name)
+        and not (name == "tls" and same_tls_shape(new.server.tls, running.server.tls))
+    )
+    deferred = [
+        f"'{part}' changed: applied at the next restart"
+        for part in ("limits",)
+        if getattr(new, part) != getattr(running, part)
+    ]
+    if server_changed:
+        deferred.insert(
+            0, f"'server' ({', '.join(server_changed)}) changed: applied at the next restart"
+        )
+    live: dict[str, object] = {"admin_keys": new.server.admin_keys}
+    if new.server.tls is not None and "tls" not in server_changed:
+        live["tls"] = new.server.tls
+    server = running.server.model_copy(update=live)
+    held = running.model_copy(
+        update={"tenants": new.tenants, "server": server, "models": new.models}
+    )
+    return held, deferred
+
+
 class App:
     """The whole server. ``async with App(config, base_dir) as app`` starts it;
     ``app.grpc_port`` is the bound port. ``config_path``: the file ``config`` came
@@ -322,27 +354,11 @@ class App:
         switches once ready). Other server settings and the limits store need a
         restart: they stay as they are, and ``deferred`` says so."""
         config = config.resolved(self.base_dir)
-        server_changed = sorted(
-            name
-            for name in type(config.server).model_fields
-            if name not in _LIVE_SERVER_SETTINGS
-            and getattr(config.server, name) != getattr(self.config.server, name)
-            and not (name == "tls" and same_tls_shape(config.server.tls, self.config.server.tls))
-        )
-        deferred = [
-            f"'{part}' changed: applied at the next restart"
-            for part in ("limits",)
-            if getattr(config, part) != getattr(self.config, part)
-        ]
-        if server_changed:
-            deferred.insert(
-                0, f"'server' ({', '.join(server_changed)}) changed: applied at the next restart"
-            )
-        live: dict[str, object] = {"admin_keys": config.server.admin_keys}
-        if config.server.tls is not None and "tls" not in server_changed:
-            live["tls"] = config.server.tls
+        held, deferred = as_reloaded(self.config, config)
+        tls = held.server.tls
+        if tls is not None and tls == config.server.tls:  # taken: read its files again
             try:
-                self._reload_certificates(config.server.tls)
+                self._reload_certificates(tls)
             except (OSError, ssl.SSLError) as exc:
                 deferred.append(f"{CERTIFICATES_KEPT}: {exc}")
         applied = self.directory.replace(config.tenants, config.server.admin_keys)
@@ -356,10 +372,7 @@ class App:
             self._applying.add(changes)
             changes.add_done_callback(self._applying.discard)
             applied.append("models: changes loading in the background")
-        server = self.config.server.model_copy(update=live)
-        self.config = self.config.model_copy(
-            update={"tenants": config.tenants, "server": server, "models": config.models}
-        )
+        self.config = held
         return ReloadResult(tuple(applied), tuple(deferred))
 
     async def _apply_models(self, specs: list[ModelSpec]) -> list[str]:

@@ -308,17 +308,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
     applied = Path(args.applied) if args.applied else path  # what the supervisor applied
     sockets = EngineSockets(Path(args.sockets))
 
-    def load() -> MandantConfig:
-        config = _with_overrides(load_config(applied), args)
+    def load(source: Path = applied) -> MandantConfig:
+        config = _with_overrides(load_config(source), args)
         internal = config.server.internal_http
         if args.internal_http_port is not None and internal is not None:  # a restart
             port = {"internal_http": {**internal.model_dump(), "port": args.internal_http_port}}
             config = config.with_server(port)
         return config
 
+    def at_start() -> MandantConfig:
+        """The configuration applied, less what its siblings take only at a restart
+        (after a reload, they still run the server and limits settings they started
+        with: a child started again does too)."""
+        if not args.started:
+            return load()
+        from mandant.app import as_reloaded
+
+        return as_reloaded(load(Path(args.started)), load())[0]
+
     serve = serve_engine if args.role == "engine" else serve_front_end
     try:
-        _run(serve(load(), path, sockets, load))
+        _run(serve(at_start(), path, sockets, load))
     except (ConfigError, RuntimeError, ValueError, OSError) as exc:
         # Logging is configured here: a JSON line, as the supervisor's own.
         logging.getLogger("mandant.workers").error("%s cannot start: %s", args.role, exc)
@@ -425,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--sockets", required=True, help="the supervisor's sockets folder")
     worker.add_argument(
         "--applied", help="the configuration as last applied, read at start and SIGHUP"
+    )
+    worker.add_argument(
+        "--started", help="the configuration as the server started (its restart-only settings)"
     )
     worker.add_argument("--parent", type=int, required=True, help="the supervisor's pid")
     worker.add_argument("--host")

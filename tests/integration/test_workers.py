@@ -623,6 +623,28 @@ def test_a_process_started_again_serves_what_its_siblings_serve(fresh: WorkersSe
     assert set(_keys_taken(fresh.target, "acme-key-2")) == {"OK"}
 
 
+def test_a_process_started_again_after_a_reload_keeps_the_restart_only_settings(
+    fresh: WorkersServer,
+) -> None:
+    """``server.max_message_bytes`` lowered in the file and SIGHUP: the processes keep
+    the bound they started with (it waits for a restart). A front end that died then
+    came back with the new bound, and refused on its connections what its sibling took
+    on theirs."""
+    data = yaml.safe_load(fresh.config_path.read_text())
+    data["server"]["max_message_bytes"] = 64 * 1024
+    fresh.config_path.write_text(yaml.safe_dump(data))
+    assert fresh.process is not None
+    fresh.process.send_signal(signal.SIGHUP)
+    time.sleep(1)  # the children reload (nothing of it is visible to a client)
+    victim, _ = fresh.children()["front-end"]
+    os.kill(victim, signal.SIGKILL)
+    _wait_for_front_ends_listening(fresh, {victim})
+    wide = np.ones((1, 50_000), np.float32)  # 200 kB
+    for _ in range(8):
+        with Client(fresh.target, "acme-key", timeout_s=5, options=OWN_CONNECTION) as client:
+            np.testing.assert_array_equal(client.infer("echo", {"INPUT0": wide})["OUTPUT0"], wide)
+
+
 def _running(pid: int) -> bool:
     """Whether ``pid`` is a process that has not exited (a zombie has)."""
     try:

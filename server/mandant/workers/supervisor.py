@@ -123,6 +123,9 @@ class Supervisor:
         self._config_path = config_path
         #: The configuration applied, which children read (module doc).
         self.applied = self._folder / "applied.yaml"
+        #: The configuration as the server started: what a child started again keeps
+        #: of it (the settings a reload leaves to a restart, ``app.as_reloaded``).
+        self.started = self._folder / "started.yaml"
         self._reserved: socket.socket | None = None
         self.engine = Child("engine")
         self.front_ends = [Child("front-end", i + 1) for i in range(workers)]
@@ -141,6 +144,7 @@ class Supervisor:
         os.chmod(self._folder, 0o700)
         if not self._apply_file():
             raise ChildFailed(f"the configuration file {self._config_path} does not validate")
+        shutil.copyfile(self.applied, self.started)
         try:
             self._reserved = reserve_port(self._host, self.grpc_port)
         except OSError as exc:
@@ -169,6 +173,8 @@ class Supervisor:
             *self._child_args,
             "--applied",
             str(self.applied),
+            "--started",
+            str(self.started),
             "--grpc-port",
             str(self.grpc_port),
         ]
