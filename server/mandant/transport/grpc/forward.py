@@ -80,7 +80,11 @@ class Forwarder:
         engine: Engine,
         identities: Callable[[Context], list[str]] | None = None,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+        # An answer of any size, as a single process sends it (GetUsage and
+        # ModelStatistics grow with the tenants and models: gRPC's default 4 MiB).
+        self._channel = grpc.aio.insecure_channel(
+            target, options=[("grpc.max_receive_message_length", -1)]
+        )
         self._engine = engine
         self._identities = identities
 
