@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from mandant.context import current_request_id
 from mandant.errors import ENGINE_DOWN, ENGINE_LOST, InvalidInput, Unavailable
 from mandant.types import (
     DATATYPES,
@@ -209,7 +210,10 @@ class EngineLink:
         call.version = version
         call.owner = owner
         if error is not None:
-            raise ipc.unpack_error(error)
+            failure = ipc.unpack_error(error)
+            if isinstance(failure, ipc.EngineFault):  # INTERNAL: quote the engine's log's id
+                current_request_id.set(failure.request_id)
+            raise failure
         return _response(model, version, request.request_id, outputs, out_frames)
 
     def report(self, event: str, *args: object) -> None:

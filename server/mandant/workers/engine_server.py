@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import struct
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -331,8 +332,14 @@ class _FrontEnd(asyncio.BufferedProtocol):
         except MandantError as exc:
             answer = [header.rid, call.model, call.version, ipc.pack_error(exc), [], call.owner]
         except Exception as exc:
-            logger.exception("internal error serving a front end's request")
-            answer = [header.rid, call.model, call.version, ipc.pack_error(exc), [], call.owner]
+            logged = current_request_id.get() or uuid.uuid4().hex[:16]
+            logger.exception(
+                "internal error serving a front end's request (request id %s, tenant %s)",
+                logged,
+                header.tenant,
+            )
+            error = ipc.pack_error(exc, logged)
+            answer = [header.rid, call.model, call.version, error, [], call.owner]
         finally:
             self.tasks.pop(header.rid, None)
         self._answer(answer, frames)

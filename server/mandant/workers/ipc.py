@@ -228,22 +228,29 @@ _ERRORS: dict[str, type[errors.MandantError]] = {
 
 
 class EngineFault(Exception):
-    """The engine failed on a request for a reason of its own (it logged it there)."""
+    """The engine failed on a request for a reason of its own: it logged it there under
+    ``request_id`` (the request's id, or one it made), which the front end's answer
+    quotes, so that what the client reads finds the traceback."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"the engine failed on request {request_id} (its log has why)")
+        self.request_id = request_id
 
 
-def pack_error(exc: BaseException) -> list[object]:
-    """``[kind, message, retry_after_s]``; an unexpected exception says nothing of itself."""
+def pack_error(exc: BaseException, logged_id: str = "") -> list[object]:
+    """``[kind, message, retry_after_s]``; an unexpected exception says nothing of itself
+    but ``logged_id``, the id the engine logged it under."""
     if isinstance(exc, errors.MandantError) and type(exc).__name__ in _ERRORS:
         retry_after = exc.retry_after_s if isinstance(exc, errors.ResourceExhausted) else 0.0
         return [type(exc).__name__, str(exc), retry_after]
-    return ["", "", 0.0]
+    return ["", logged_id, 0.0]
 
 
 def unpack_error(fields: Iterable[Any]) -> Exception:
     kind_name, message, retry_after_s = fields
     kind = _ERRORS.get(kind_name)
     if kind is None:
-        return EngineFault("the engine failed on this request")
+        return EngineFault(message)
     error: errors.MandantError = kind.__new__(kind)
     Exception.__init__(error, message)  # the engine's message, as it was built there
     if isinstance(error, errors.ResourceExhausted):
