@@ -375,6 +375,43 @@ async def test_a_caller_cancelled_while_redis_admits_it_is_refunded(
         await admission.aclose()
 
 
+async def test_a_caller_cancelled_as_redis_admission_is_handed_over_is_refunded(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel comes in the loop turn in which Redis' reply is handed to the caller,
+    before the caller resumes (a client's deadline or disconnect can): Redis had taken
+    the token and the rows, and nothing gave them back."""
+    config = _refund_config(redis_server.url, "r4", requests_per_s=0.001, burst=1)
+    tenant, model = Tenant("acme"), ModelKey("echo", "1")
+    admission = _admission(config)
+    await admission.start()
+    armed: list[asyncio.Task[Any]] = []
+    release = redis.asyncio.ConnectionPool.release
+
+    async def cancel_after_the_reply(pool: Any, connection: Any) -> None:
+        await release(pool, connection)
+        if armed:  # the reply is read; it is handed over in this turn: cancel first
+            asyncio.get_running_loop().call_soon(armed.pop().cancel)
+
+    monkeypatch.setattr(redis.asyncio.ConnectionPool, "release", cancel_after_the_reply)
+    try:
+        admitting = asyncio.create_task(admission.admit(tenant, model, 12))
+        armed.append(admitting)
+        with pytest.raises(asyncio.CancelledError):
+            await admitting
+        assert admission.inflight("acme") == 0
+    finally:
+        monkeypatch.undo()
+        await admission.aclose()
+    admission = _admission(config)
+    await admission.start()
+    try:
+        assert await admission.quota_used("acme") == {"rows_today": 0, "rows_this_month": 0}
+        (await admission.admit(tenant, model, 1)).release()  # the one request token
+    finally:
+        await admission.aclose()
+
+
 def test_refused_calls_are_not_charged_in_redis_end_to_end(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:

@@ -283,7 +283,17 @@ class RedisStore:
 
     async def acquire(self, plan: Plan, rows: int, wall: float) -> Denial | None:
         keys, args, resets = self._arguments(plan, rows, wall)
-        index, wait = await self._batched("acquire", keys, args)
+        admitting = self._batched("acquire", keys, args)
+        try:
+            index, wait = await admitting
+        except asyncio.CancelledError:
+            # Cancelled as Redis' admission was being handed over (its reply set, this
+            # call not yet resumed): nothing will run, so it gives back what it took.
+            # (Cancelled before the reply came, the reply's settling does that.)
+            handed = admitting.done() and not admitting.cancelled() and not admitting.exception()
+            if handed and int(admitting.result()[0]) == 0:
+                self.refund(plan, rows, wall)
+            raise
         index = int(index)
         if index == 0:
             return None
