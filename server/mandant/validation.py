@@ -13,6 +13,12 @@ from mandant.wire import min_bytes_size
 
 #: The most bytes one array can span: numpy indexes with a signed 64-bit integer.
 MAX_ARRAY_BYTES = 2**63 - 1
+#: The most rows (dimension 0) one request may have: Triton's largest batch size (an
+#: int32). Only an empty tensor can hold more (any other's bytes would have to come
+#: with it), and it was charged them: ``[2**61 - 1, 0]`` a few times pushed a tenant's
+#: counts past every integer type that holds them (Redis' fleet sums, the uint64
+#: fields of GetUsage and ModelStatistics, which then failed for every tenant).
+MAX_ROWS = 2**31 - 1
 
 
 def _shape(shape: Sequence[int]) -> str:
@@ -58,6 +64,10 @@ def check_inputs(spec: ModelSpec, headers: Sequence[TensorHeader]) -> int:
         size = shape[0] if shape else 1
         if size > rows:
             rows = size
+            if rows > MAX_ROWS:
+                raise InvalidInput(
+                    f"input '{header.name}': {rows} rows, at most {MAX_ROWS} are accepted"
+                )
         if not want.accepts(shape):
             raise InvalidInput(
                 f"input '{header.name}': expected shape {_shape(want.shape)}, "

@@ -131,6 +131,11 @@ CASES: dict[str, tuple[pb.ModelInferRequest, str]] = {
         _request(model="echo", shape=(2**62, 0), raw=b""),
         f"input 'INPUT0': shape [{2**62}, 0] is too large",
     ),
+    # Rows of nothing, charged as rows: past any batch, and past the counters' types.
+    "empty tensor of more rows than a batch": (
+        _request(model="echo", shape=(2**31, 0), raw=b""),
+        f"input 'INPUT0': {2**31} rows, at most {2**31 - 1} are accepted",
+    ),
     "short raw bytes": (
         _request(raw=b"\0" * 1000),
         "input 'INPUT0': FP32 [1, 256] needs 1024 bytes, got 1000",
@@ -239,7 +244,8 @@ def _bytes_model_request(raw: bytes, count: int) -> pb.ModelInferRequest:
         (struct.pack("<I", 1) + b"abcd", 2, "ends inside element 1's length"),
         (struct.pack("<I", 0xFFFFFFFF) + b"a", 1, "declares 4294967295 bytes"),
         # A shape claiming 2**40 elements: refused before anything is allocated.
-        (struct.pack("<I", 1) + b"a", 2**40, "need at least 4398046511104 bytes"),
+        (struct.pack("<I", 1) + b"a", 2**40, f"{2**40} rows, at most {2**31 - 1} are accepted"),
+        (struct.pack("<I", 1) + b"a", 2**30, "need at least 4294967296 bytes"),
     ],
 )
 def test_broken_bytes_prefixes(

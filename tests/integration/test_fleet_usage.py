@@ -263,3 +263,29 @@ async def test_a_refused_day_resent_after_a_later_day_applied_is_counted(
     finally:
         client.close()
         await usage.aclose()
+
+
+async def test_a_sum_redis_cannot_hold_leaves_the_tenant_s_other_sums_unwritten(
+    redis_server: RedisServer,
+) -> None:
+    """A sum past Redis' 64-bit integers refuses the tenant's whole flush before anything
+    is written: the script once failed part way, the sums before it stayed added, and
+    the flush, taken for refused, added them again every second."""
+    limits = fleet_config(redis_server.url).limits
+    wall = _Wall(datetime(2099, 1, 14, 12, tzinfo=UTC).timestamp())
+    usage = RedisUsage(limits, wall=wall, flush_interval_s=3600)
+    client = redis.Redis.from_url(redis_server.url)
+    day = "fleet:{acme}:usage:day:2099-01-14"
+    try:
+        client.hset(day, "rows:echo", 2**63 - 10)
+        usage.add("acme", "requests", "OK", 3)
+        usage.add("acme", "rows", "echo", 100)
+        for _ in range(3):
+            assert await usage.flush() is False
+        assert client.hget(day, "requests:OK") is None
+        client.hdel(day, "rows:echo")
+        assert await usage.flush() is True
+        assert client.hgetall(day) == {b"requests:OK": b"3", b"rows:echo": b"100"}
+    finally:
+        client.close()
+        await usage.aclose()

@@ -73,8 +73,21 @@ Counts = dict[tuple[str, str, str], float]
 #: and day. ARGV: the hashes' expiry times (epoch s), the call's sequence number, the
 #: marker's lifetime (s), then field, amount pairs (an amount with a '.' or an
 #: exponent is added as a float). Returns 1 if the marker says it was applied already.
+#: Every integer sum is checked before anything is added: Redis keeps what a script
+#: wrote before it failed, and a refused flush is sent again (once an overflowing sum
+#: left the others added, and they were added again at every flush).
 FLUSH_LUA = """
 if tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[3]) then return 1 end
+for k = 1, 2 do
+  for i = 5, #ARGV, 2 do
+    if not string.find(ARGV[i + 1], '[.eE]') then
+      local sum = tonumber(redis.call('HGET', KEYS[k], ARGV[i]) or '0') + tonumber(ARGV[i + 1])
+      if math.abs(sum) >= 9.2e18 then
+        return redis.error_reply('usage sum out of range: ' .. ARGV[i])
+      end
+    end
+  end
+end
 for k = 1, 2 do
   for i = 5, #ARGV, 2 do
     if string.find(ARGV[i + 1], '[.eE]') then
