@@ -139,3 +139,48 @@ async def test_a_misconfigured_model_is_unavailable_to_a_batch_after_few_runs() 
     assert _Widen.calls == 3 + 2 * 2
     await batcher.aclose()
     await backend.aclose()
+
+
+class _DropsAnOutput(nn.Module):
+    """Answers Y and Z, but only Y when a row holds a negative value: outputs that
+    depend on one request's data."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if bool((x < 0).any()):
+            return {"Y": x * 2}
+        return {"Y": x * 2, "Z": x}
+
+
+def drops_an_output() -> nn.Module:
+    return _DropsAnOutput()
+
+
+async def test_only_the_request_whose_data_drops_an_output_fails() -> None:
+    """A missing output (or a wrong count of them) in a batch's answer is split on, as
+    wrong rows are: it failed every batch-mate UNAVAILABLE."""
+    two = (TensorSpec("Y", "FP32", (-1, 2)), TensorSpec("Z", "FP32", (-1, 2)))
+    backend = TorchBackend(
+        spec().model_copy(update={"factory": f"{__name__}:drops_an_output", "outputs": two})
+    )
+    await backend.start()
+    batcher = DynamicBatcher(
+        backend,
+        BatchingConfig(max_batch_size=8, dispatch="delay", max_queue_delay_ms=50),
+        "m",
+        RecordingObserver(),
+    )
+    await batcher.start()
+    good = call("a", np.ones((1, 2), np.float32))
+    bad = call("b", -np.ones((1, 2), np.float32))
+    try:
+        tasks = [asyncio.create_task(batcher.submit(r)) for r in (good, bad)]
+        await settle()
+        answered, refused = await asyncio.wait_for(
+            asyncio.gather(*tasks, return_exceptions=True), 10
+        )
+    finally:
+        await batcher.aclose()
+        await backend.aclose()
+    assert isinstance(refused, Unavailable)
+    assert isinstance(answered, dict)
+    np.testing.assert_array_equal(answered["Y"], good.inputs["X"] * 2)

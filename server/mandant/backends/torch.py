@@ -231,7 +231,7 @@ class TorchBackend:
         if outputs is None:
             loop = asyncio.get_running_loop()
             outputs = await loop.run_in_executor(executor, self._run, idle, columns, rows)
-        self._check_outputs(outputs, rows, len(columns[0]) if columns else 1)
+        self._check_outputs(outputs, rows, _parts(columns))
         return outputs
 
     def _check_outputs(self, outputs: Mapping[str, np.ndarray], rows: int, parts: int) -> None:
@@ -251,13 +251,7 @@ class TorchBackend:
                 problem = ("datatype", str(array.dtype), spec.datatype)
             if problem is None:
                 continue
-            if parts > 1:
-                kind, got, declared = problem
-                raise BatchOutputMismatch(
-                    f"output {spec.name} of a batch of {parts} requests: {kind}: {got} "
-                    f"where {declared} is declared"
-                )
-            self._mismatch(spec.name, *problem)
+            self._unlike(parts, spec.name, *problem)
 
     def _mismatch(self, output: str, problem: str, got: str, declared: str) -> None:
         """Refuse an answer that does not match the configuration (UNAVAILABLE), logged
@@ -318,7 +312,7 @@ class TorchBackend:
     def _forward_on_cpu(self, instance: _Instance, columns: list[Column]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             args = [_host_input(column) for column in columns]
-            values = self._output_values(instance.module(*args))
+            values = self._output_values(instance.module(*args), _parts(columns))
             model = self._spec.name
             return {
                 name: _to_numpy(model, name, value)
@@ -333,7 +327,7 @@ class TorchBackend:
             try:
                 with torch.inference_mode():
                     args = [_staged_input(staging, c, instance.device) for c in columns]
-                    values = self._output_values(instance.module(*args))
+                    values = self._output_values(instance.module(*args), _parts(columns))
                     copies = [
                         _copy_to_host(model, name, value)
                         for name, value in zip(self._output_names, values, strict=True)
@@ -349,23 +343,36 @@ class TorchBackend:
             for name, value in zip(self._output_names, copies, strict=True)
         }
 
-    def _output_values(self, result: object) -> list[object]:
-        """The module's result as one value per declared output, in order."""
+    def _output_values(self, result: object, parts: int) -> list[object]:
+        """The module's result as one value per declared output, in order; for a batch
+        of ``parts`` > 1 requests, outputs missing or too many are a
+        :class:`BatchOutputMismatch` (split on, as in :meth:`_check_outputs`)."""
         names = self._output_names
         if isinstance(result, torch.Tensor) and len(names) == 1:  # the common case
             return [result]
         if isinstance(result, Mapping):
             absent = [name for name in names if name not in result]
             if absent:
-                self._mismatch(", ".join(absent), "missing", "no such output", "one")
+                self._unlike(parts, ", ".join(absent), "missing", "no such output", "one")
             values = [result[name] for name in names]
         elif isinstance(result, tuple | list):
             values = list(result)
         else:
             values = [result]
         if len(values) != len(names):
-            self._mismatch("*", "count", f"{len(values)} output(s)", str(len(names)))
+            self._unlike(parts, "*", "count", f"{len(values)} output(s)", str(len(names)))
         return values
+
+    def _unlike(self, parts: int, output: str, problem: str, got: str, declared: str) -> None:
+        """An answer unlike the declared outputs: a lone request's is the
+        configuration's fault (:meth:`_mismatch`); a batch's may be one request's data
+        (a model whose outputs depend on it), so the batch is split."""
+        if parts > 1:
+            raise BatchOutputMismatch(
+                f"output {output} of a batch of {parts} requests: {problem}: {got} "
+                f"where {declared} is declared"
+            )
+        self._mismatch(output, problem, got, declared)
 
     def _load(self) -> list[_Instance]:
         spec = self._spec
@@ -437,6 +444,11 @@ def _cost(average: float | None, sample: float) -> float:
 
 def _visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _parts(columns: list[Column]) -> int:
+    """How many requests a run's ``columns`` hold."""
+    return len(columns[0]) if columns else 1
 
 
 def pinned_array(dtype: np.dtype, elements: int) -> np.ndarray:
