@@ -504,6 +504,51 @@ async def test_cheap_calls_run_on_the_event_loop_and_slow_ones_move_back() -> No
         await backend.aclose()
 
 
+async def test_a_wide_input_of_one_row_is_not_taken_for_cheap() -> None:
+    """The cost is estimated per input element: by rows, one row a million wide passed
+    for as cheap as one row of one (a sequence length a tenant chooses)."""
+    threads: list[int] = []
+    spec = recorder_spec(threads, {"s": 0.0}).model_copy(
+        update={
+            "inputs": (TensorSpec("X", "FP32", (-1, -1)),),
+            "outputs": (TensorSpec("Y", "FP32", (-1, -1)),),
+        }
+    )
+    backend = TorchBackend(spec, inline_below_s=0.05)
+    await backend.start()
+    try:
+        for _ in range(5):
+            await backend.infer({"X": np.ones((1, 1), np.float32)})
+        assert threads[-1] == threading.get_ident()  # measured cheap: on the loop
+        await backend.infer({"X": np.ones((1, 1_000_000), np.float32)})
+        assert threads[-1] != threading.get_ident()
+    finally:
+        await backend.aclose()
+
+
+async def test_a_call_that_held_the_loop_keeps_its_model_off_it() -> None:
+    """One call whose cost its data decided held the event loop (every tenant's calls
+    with it); cheap calls after it brought the model back, and the next slow one held
+    it again: a tenant could stall the others at will."""
+    threads: list[int] = []
+    delay = {"s": 0.0}
+    backend = TorchBackend(recorder_spec(threads, delay), inline_below_s=0.05)
+    x = {"X": np.ones(1, np.float32)}
+    await backend.start()
+    try:
+        for _ in range(5):
+            await backend.infer(x)
+        delay["s"] = 0.02  # past HELD_LOOP_S, though under this threshold
+        await backend.infer(x)
+        assert threads[-1] == threading.get_ident()  # it was run on the loop
+        delay["s"] = 0.0
+        for _ in range(50):
+            await backend.infer(x)
+        assert threading.get_ident() not in threads[-50:]
+    finally:
+        await backend.aclose()
+
+
 async def test_inline_threshold_zero_always_uses_the_pool() -> None:
     threads: list[int] = []
     backend = TorchBackend(recorder_spec(threads, {"s": 0.0}), inline_below_s=0.0)

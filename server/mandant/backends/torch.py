@@ -9,12 +9,16 @@ one idle longest runs the next batch, spreading batches over the devices.
 
 A batch runs on its instance's thread (a pool of as many threads as instances), so the
 event loop never waits on a heavy model — unless calls are measured to be cheap: while
-the moving average of a call's compute time (and of its time per row, times the call's
-rows) stays under ``inline_below_s``, the call runs on the event loop itself with an
-idle instance, because for an identity or tiny model the thread hop costs far more
-than the forward pass. Every call is timed and a slower sample replaces the average at
-once, so a model that turns slow (or a batch that turns large) moves back to the pool
-after one call.
+the moving average of a call's compute time (and of its time per input element, times
+the call's elements) stays under ``inline_below_s``, the call runs on the event loop
+itself with an idle instance, because for an identity or tiny model the thread hop
+costs far more than the forward pass. Every call is timed and a slower sample replaces
+the average at once, so a model that turns slow (or a batch or an input that turns
+large: a wide one of one row once passed for cheap) moves back to the pool after one
+call. A model whose call held the event loop :data:`HELD_LOOP_S` or more never runs
+there again (until it is loaded again): its cost depends on what it is sent, and a
+tenant could otherwise stall every other tenant's calls with one slow call after each
+few dozen cheap ones.
 
 A model's answer is checked against its declared outputs (the names or count, the
 rank and fixed dimensions, the rows of a batched model, a datatype numpy casts to the
@@ -80,6 +84,8 @@ class ModelLoadError(RuntimeError):
 
 #: Calls measured cheaper than this run on the event loop (see module doc).
 DEFAULT_INLINE_BELOW_S = 150e-6
+#: A call that held the event loop this long keeps its model off it (module doc).
+HELD_LOOP_S = 0.01
 #: Weight of the newest call in the cost averages.
 _SMOOTHING = 0.2
 
@@ -124,7 +130,7 @@ class TorchBackend:
         self._executor: ModelThreads | None = None
         self._inline_below_s = inline_below_s
         self._call_s: float | None = None  # moving average of a call's compute time
-        self._row_s = 0.0  # moving average of compute time per row
+        self._element_s = 0.0  # moving average of compute time per input element
         #: (output, problem) of the mismatched answers logged at ERROR already.
         self._mismatches: set[tuple[str, str]] = set()
 
@@ -220,17 +226,18 @@ class TorchBackend:
         if idle is None or executor is None:
             raise Unavailable(f"model '{self._spec.name}' is not loaded")
         rows = sum(a.shape[0] if a.ndim else 1 for a in columns[0]) if columns else 1
+        elements = sum(array.size for column in columns for array in column)
         outputs: dict[str, np.ndarray] | None = None
-        if self._cheap(rows):
+        if self._cheap(elements):
             try:
                 instance = idle.get_nowait()
             except queue.Empty:  # every instance busy: wait for one in the pool
                 pass
             else:
-                outputs = self._run_on(instance, idle, columns, rows)
+                outputs = self._run_on(instance, idle, columns, elements, inline=True)
         if outputs is None:
             loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(executor, self._run, idle, columns, rows)
+            outputs = await loop.run_in_executor(executor, self._run, idle, columns, elements)
         self._check_outputs(outputs, rows, _parts(columns))
         return outputs
 
@@ -273,26 +280,28 @@ class TorchBackend:
             "(see the server log)"
         )
 
-    def _cheap(self, rows: int) -> bool:
-        """Whether a call of ``rows`` rows is expected to cost less than the hop."""
+    def _cheap(self, elements: int) -> bool:
+        """Whether a call of ``elements`` input elements is expected to cost less than
+        the hop."""
         call_s = self._call_s
         if call_s is None:  # never measured: the pool, to be safe
             return False
-        return max(call_s, self._row_s * rows) < self._inline_below_s
+        return max(call_s, self._element_s * elements) < self._inline_below_s
 
     def _run(
-        self, idle: queue.SimpleQueue[_Instance], columns: list[Column], rows: int
+        self, idle: queue.SimpleQueue[_Instance], columns: list[Column], elements: int
     ) -> dict[str, np.ndarray]:
         # The batcher runs at most max_concurrency batches, one per instance, so an
         # instance is idle or about to be (one taken by an inline call).
-        return self._run_on(idle.get(), idle, columns, rows)
+        return self._run_on(idle.get(), idle, columns, elements)
 
     def _run_on(
         self,
         instance: _Instance,
         idle: queue.SimpleQueue[_Instance],
         columns: list[Column],
-        rows: int,
+        elements: int,
+        inline: bool = False,
     ) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         try:
@@ -307,7 +316,15 @@ class TorchBackend:
             # Races between pool threads only lose a sample; a float store is atomic.
             elapsed = time.perf_counter() - start
             self._call_s = _cost(self._call_s, elapsed)
-            self._row_s = _cost(self._row_s, elapsed / max(1, rows))
+            self._element_s = _cost(self._element_s, elapsed / max(1, elements))
+            if inline and elapsed >= HELD_LOOP_S and self._inline_below_s:
+                self._inline_below_s = 0.0  # off the loop for good (module doc)
+                logger.warning(
+                    "model %s: a call held the event loop %.1f ms: its calls run on its "
+                    "threads from now on",
+                    self._spec.name,
+                    elapsed * 1000,
+                )
 
     def _forward_on_cpu(self, instance: _Instance, columns: list[Column]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
