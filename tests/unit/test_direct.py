@@ -13,7 +13,7 @@ import pytest
 from mandant.errors import DeadlineExceeded, ModelFailed, Unavailable
 from mandant.observability.log_limits import WINDOW_S
 from mandant.scheduling.direct import DirectScheduler
-from mandant.types import ModelKey
+from mandant.types import ModelKey, Tenant
 from tests.fakes import (
     POISON,
     FakeClock,
@@ -116,6 +116,29 @@ async def test_a_request_that_gives_up_waiting_leaves_the_slot_to_the_next() -> 
     assert leaving.cancelled()
     assert [float(c.inputs["x"][0, 0]) for c in backend.calls] == [1, 3]
     await asyncio.wait_for(scheduler.aclose(), 10)  # every slot was given back
+
+
+async def test_waiting_requests_take_turns_by_tenant_and_weight() -> None:
+    """A flood of one tenant's calls queued first: the next slots go by weight across
+    the tenants waiting (in arrival order, b's call ran after all of a's)."""
+    backend = GatedBackend()
+    scheduler = DirectScheduler(backend, "m")
+    running = asyncio.create_task(scheduler.submit(request("a", value=0)))
+    await settle()
+    flood = [asyncio.create_task(scheduler.submit(request("a", value=i))) for i in range(1, 7)]
+    await settle()
+    light = asyncio.create_task(scheduler.submit(request(Tenant("b", weight=2), value=100)))
+    heavy = asyncio.create_task(scheduler.submit(request("c", value=200)))
+    await settle()
+    tasks = [running, *flood, light, heavy]
+    while not all(task.done() for task in tasks):
+        backend.release()
+        await settle()
+    order = [float(c.inputs["x"][0, 0]) for c in backend.calls]
+    assert order[0] == 0
+    # b's weight of 2 and c's 1 against a's 1: b and c run within the next few slots.
+    assert order.index(100) <= 3 and order.index(200) <= 4, order
+    assert sorted(order) == [0, 1, 2, 3, 4, 5, 6, 100, 200]
 
 
 async def test_batch_events_name_the_models_owner() -> None:

@@ -1,11 +1,12 @@
-"""Runs each request alone, as soon as one of the backend's execution slots is free."""
+"""Runs each request alone, as soon as one of the backend's execution slots is free;
+requests waiting for a slot take turns by tenant, as the batcher's do."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -14,14 +15,34 @@ from mandant.errors import DeadlineExceeded, MandantError, ModelFailed, Unavaila
 from mandant.events import NullObserver, Observer
 from mandant.observability.log_limits import FailureLog
 from mandant.scheduling.clock import Clock
+from mandant.scheduling.policy import FairQueue, priority_level
 from mandant.types import InferRequest
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    """A request waiting for a slot, as the fair queue sees it; a slot is handed over
+    by setting ``future``'s result."""
+
+    future: asyncio.Future[None]
+    tenant: str
+    weight: float
+    rows: int
+    level: int
+    arrival: float
+    group: None = None  # every request runs alone: one group
+
+
 class DirectScheduler:
     """No batching: one request, one backend call; at most ``max_concurrency`` at
-    once, the rest wait their turn in arrival order. A request whose deadline passes
+    once. The rest wait for a slot in their tenant's queue, and each slot that frees
+    goes to the next tenant by weighted deficit round robin over rows (``policy.py``'s
+    :class:`FairQueue`: a tenant's priority levels are strict within its share), so a
+    flood of one tenant's calls does not hold another's behind it (in arrival order, a
+    light tenant's call waited 2.9 s behind 60 of another's 50 ms calls, against
+    0.11 s with the batcher's fair queue). A request whose deadline passes
     while it waits is answered DeadlineExceeded and never runs. A model that raises
     (anything but a MandantError) on a request ran alone on that request's data: it
     is answered ModelFailed and counted as a failed batch of one; the first failure of
@@ -47,9 +68,8 @@ class DirectScheduler:
         self._failures = FailureLog(logger, "mandant_failed_batches_total", clock=clock)
         self._slots = max(1, backend.max_concurrency)
         self._free = self._slots
-        #: Requests waiting for a slot, in arrival order; a slot is handed over to the
-        #: first by setting its future's result.
-        self._waiting: deque[asyncio.Future[None]] = deque()
+        #: Requests waiting for a slot, by tenant (class doc).
+        self._waiting: FairQueue[_Waiter] = FairQueue()
         self._closed = False
         self._all_free: asyncio.Event | None = None
 
@@ -59,10 +79,10 @@ class DirectScheduler:
     async def aclose(self) -> None:
         """Refuse new requests, answer waiting ones Unavailable, let running ones end."""
         self._closed = True
-        waiting, self._waiting = self._waiting, deque()
+        waiting, self._waiting = self._waiting, FairQueue()
         for waiter in waiting:
-            if not waiter.done():
-                waiter.set_exception(Unavailable(f"model '{self._model}' is shutting down"))
+            if not waiter.future.done():
+                waiter.future.set_exception(Unavailable(f"model '{self._model}' is shutting down"))
         if self._free < self._slots:
             self._all_free = asyncio.Event()
             await self._all_free.wait()
@@ -75,7 +95,7 @@ class DirectScheduler:
         if self._free and not self._waiting:
             self._free -= 1  # free: no future to make, no timer to arm and cancel
         else:
-            await self._wait_for_slot(request.deadline, arrival)
+            await self._wait_for_slot(request, arrival)
         try:
             start = time.monotonic()
             if request.deadline is not None and request.deadline <= start:
@@ -109,28 +129,38 @@ class DirectScheduler:
         )
         return outputs
 
-    async def _wait_for_slot(self, deadline: float | None, arrival: float) -> None:
-        """Wait for a slot handed over by :meth:`_release`, no longer than ``deadline``."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append(waiter)
+    async def _wait_for_slot(self, request: InferRequest, arrival: float) -> None:
+        """Wait for a slot handed over by :meth:`_release`, no longer than the
+        request's deadline."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(
+            future,
+            request.tenant.id,
+            request.tenant.weight,
+            max(1, request.rows),  # a turn is one request: take(1) hands over one
+            priority_level(request.priority),
+            arrival,
+        )
+        self._waiting.push(waiter)
+        deadline = request.deadline
         try:
             async with asyncio.timeout(None if deadline is None else deadline - arrival):
-                await waiter
+                await future
         except BaseException as exc:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            if future.done() and not future.cancelled() and future.exception() is None:
                 self._release()  # handed a slot just as it gave up: pass it on
-            elif waiter in self._waiting:
-                self._waiting.remove(waiter)
+            else:
+                self._waiting.remove(waiter)  # (False if the queue was closed)
             if isinstance(exc, TimeoutError):
                 raise DeadlineExceeded("deadline exceeded while queued") from None
             raise
 
     def _release(self) -> None:
-        """Hand the slot to the first request waiting, else free it."""
+        """Hand the slot to the next request waiting (class doc), else free it."""
         while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+            (waiter,) = self._waiting.take(1)
+            if not waiter.future.done():
+                waiter.future.set_result(None)
                 return
         self._free += 1
         if self._free == self._slots and self._all_free is not None:
