@@ -40,7 +40,9 @@ FAILURES: dict[str, Failure] = {
     "bad": Failure(grpc.StatusCode.INVALID_ARGUMENT, "input 'X': expected shape [-1, 4]"),
     "never": Failure(grpc.StatusCode.FAILED_PRECONDITION, "more rows than a day's quota"),
     "limited": Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded", 1500),
-    "quota": Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, "daily quota exhausted", 60000),
+    "quota": Failure(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "quota rows_per_day=10 exceeded for tenant t", 60000
+    ),
     "late": Failure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued"),
     "down": Failure(grpc.StatusCode.UNAVAILABLE, "backend down"),
     "broken": Failure(grpc.StatusCode.INTERNAL, "internal error (request id 42)"),

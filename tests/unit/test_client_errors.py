@@ -93,10 +93,12 @@ def test_table_values_are_in_the_tree() -> None:
 @pytest.mark.parametrize(
     ("details", "cls"),
     [
-        ("rate limit exceeded for tenant", RateLimited),
+        ("rate limit requests_per_s=10 exceeded for tenant acme", RateLimited),
         ("queue full", RateLimited),
-        ("daily quota exhausted", QuotaExceeded),
-        ("Quota: rows_per_day spent", QuotaExceeded),
+        ("quota rows_per_day=1000 exceeded for tenant acme", QuotaExceeded),
+        # A name that says "quota" does not make a rate limit a quota (it did).
+        ("rate limit requests_per_s=1 exceeded for tenant quotation-svc", RateLimited),
+        ("rate limit rows_per_s=5 exceeded for tenant t2 on model quota_scorer", RateLimited),
     ],
 )
 def test_resource_exhausted_splits_on_quota(details: str, cls: type[ResourceExhausted]) -> None:
@@ -139,7 +141,7 @@ def test_a_message_over_the_size_limit_is_invalid_input_not_retryable(details: s
 def test_retry_after_from_trailing_metadata(
     trailing: list[tuple[str, Any]], retry_after_s: float | None
 ) -> None:
-    for details, cls in (("slow down", RateLimited), ("quota", QuotaExceeded)):
+    for details, cls in (("slow down", RateLimited), ("quota rows_per_day=1", QuotaExceeded)):
         exc = FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, details, trailing)
         error = from_rpc_error(exc)
         assert type(error) is cls

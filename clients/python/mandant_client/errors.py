@@ -31,6 +31,11 @@ RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 #: In gRPC's RESOURCE_EXHAUSTED for a message over a size limit, on either side ("Sent
 #: message larger than max (N vs. M)", "Received message larger than max …").
 MESSAGE_TOO_LARGE = "message larger than max"
+#: How the server's refusal for a spent quota begins (its admission builds the message
+#: from this): RESOURCE_EXHAUSTED is :class:`QuotaExceeded` for it, :class:`RateLimited`
+#: otherwise (a tenant's or a model's name may say "quota": "quota" anywhere in the
+#: message made a rate limit of tenant ``quotation-svc`` a spent quota).
+QUOTA_REFUSAL = "quota "
 
 
 class MandantClientError(Exception):
@@ -161,7 +166,7 @@ def error_for(
     if cls is ResourceExhausted and MESSAGE_TOO_LARGE in message:
         return InvalidInput(message, code=code, request_id=request_id)
     if cls is ResourceExhausted:
-        exhausted = QuotaExceeded if "quota" in message.lower() else RateLimited
+        exhausted = QuotaExceeded if message.startswith(QUOTA_REFUSAL) else RateLimited
         return exhausted(message, retry_after_s=retry_after_s, code=code, request_id=request_id)
     return cls(message, code=code, request_id=request_id)
 

@@ -29,6 +29,7 @@ from mandant.tenancy.local_store import LocalStore
 from mandant.tenancy.policy import Denial, Plan, Policy, Scope, SharedStore, StoreUnavailable
 from mandant.tenancy.quota import WALL, PeriodKind
 from mandant.types import ModelKey, ServedModels, Tenant
+from mandant_client.errors import QUOTA_REFUSAL
 
 if TYPE_CHECKING:
     from mandant.config import LimitsConfig, MandantConfig
@@ -139,8 +140,8 @@ def _error(denial: Denial) -> RateLimited | QuotaExceeded:
             f"rate limit {limit.name}={_number(limit.per_s)} exceeded for {where}",
             denial.retry_after_s,
         )
-    return QuotaExceeded(
-        f"quota {limit.name}={limit.limit} exceeded for {where}", denial.retry_after_s
+    return QuotaExceeded(  # the client tells a quota from the start of the message
+        f"{QUOTA_REFUSAL}{limit.name}={limit.limit} exceeded for {where}", denial.retry_after_s
     )
 
 
