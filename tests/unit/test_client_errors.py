@@ -6,10 +6,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
 from mandant_client import (
     ERRORS_BY_CODE,
+    AsyncClient,
+    Client,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidInput,
@@ -172,3 +175,23 @@ def test_errors_carry_the_callers_request_id() -> None:
     limited = from_rpc_error(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow"), "r-1")
     assert isinstance(limited, RateLimited) and limited.request_id == "r-1"
     assert from_rpc_error(FakeRpcError(grpc.StatusCode.NOT_FOUND, "gone")).request_id == ""
+
+
+@pytest.mark.parametrize(
+    ("inputs", "parameters"),
+    [
+        ({"X": np.ones(2, np.complex64)}, None),  # no datatype of the protocol holds it
+        ({"X": np.ones(2, np.float32)}, {"p": object()}),  # no parameter type either
+    ],
+)
+async def test_what_cannot_be_sent_is_invalid_input_with_the_callers_request_id(
+    inputs: dict[str, Any], parameters: Any
+) -> None:
+    """Refused before anything is sent, as the server's refusals are: with the id the
+    caller gave (it had none)."""
+    with Client("127.0.0.1:1", api_key="k") as client, pytest.raises(InvalidInput) as sync_refused:
+        client.infer("m", inputs, request_id="r3", parameters=parameters)
+    async with AsyncClient("127.0.0.1:1", api_key="k") as async_client:
+        with pytest.raises(InvalidInput) as async_refused:
+            await async_client.infer("m", inputs, request_id="r3", parameters=parameters)
+    assert sync_refused.value.request_id == async_refused.value.request_id == "r3"

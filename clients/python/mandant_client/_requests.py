@@ -13,7 +13,7 @@ import grpc
 import numpy.typing as npt
 
 from mandant_client._proto import grpc_service_pb2 as pb
-from mandant_client.errors import InvalidInput, Unavailable
+from mandant_client.errors import InvalidInput, MandantClientError, Unavailable
 from mandant_client.tensors import encode_inputs
 from mandant_client.types import ModelIndexEntry, ModelMetadata, ServerMetadata, TensorMetadata
 
@@ -96,15 +96,20 @@ def infer_request(
     parameters: Mapping[str, ParameterValue] | None,
 ) -> tuple[pb.ModelInferRequest, int]:
     """The request, and the bytes of its ``raw_input_contents`` (for the stream's cheap
-    size check, :func:`mandant_client._multiplex.ready`)."""
-    request = pb.ModelInferRequest(
-        model_name=model, model_version=model_version(version), id=request_id
-    )
-    raw_bytes = encode_inputs(request, inputs)
-    for name in outputs or ():
-        request.outputs.add(name=name)
-    for key, value in (parameters or {}).items():
-        request.parameters[key].CopyFrom(infer_parameter(key, value))
+    size check, :func:`mandant_client._multiplex.ready`). What cannot be sent is
+    :class:`InvalidInput` with ``request_id``, as the server's refusals are."""
+    try:
+        request = pb.ModelInferRequest(
+            model_name=model, model_version=model_version(version), id=request_id
+        )
+        raw_bytes = encode_inputs(request, inputs)
+        for name in outputs or ():
+            request.outputs.add(name=name)
+        for key, value in (parameters or {}).items():
+            request.parameters[key].CopyFrom(infer_parameter(key, value))
+    except MandantClientError as exc:
+        exc.request_id = request_id
+        raise
     return request, raw_bytes
 
 
