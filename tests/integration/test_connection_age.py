@@ -165,3 +165,37 @@ async def test_a_stream_of_a_client_that_does_not_resend_is_not_ended_at_its_age
             assert answer.error_message == "" and answer.infer_response.id == "late"
             await call.done_writing()
             assert await call.read() is grpc.aio.EOF
+
+
+async def test_a_busy_multiplexed_client_loses_no_call_at_a_connection_age(
+    tmp_path: Path,
+) -> None:
+    """32 calls in flight without pause: as the server ends a stream at its age, the
+    client is nearly always writing, and grpc.aio then reports INTERNAL instead of the
+    server's OK (grpc/grpc#36066). The stream's last message says it ended OK, so the
+    calls left unread are sent again: each end failed every call waiting on it."""
+    from tests.integration.test_client_stream_e2e import with_sleepy_model
+
+    config = with_sleepy_model(max_connection_age_s=0.4, grace_s=0.2)
+    failures: list[BaseException] = []
+    answered = 0
+    with ServerThread(config, tmp_path) as server:
+        async with AsyncClient(
+            server.target, api_key="acme-demo-key", multiplex=True, timeout_s=10
+        ) as client:
+
+            async def worker(w: int) -> None:
+                nonlocal answered
+                until = time.monotonic() + 2.5
+                while time.monotonic() < until:
+                    try:
+                        out = await client.infer("echo", _rows(w))
+                    except Exception as exc:
+                        failures.append(exc)
+                        continue
+                    assert out["OUTPUT0"][0, 0] == w
+                    answered += 1
+
+            await asyncio.gather(*(worker(w) for w in range(32)))
+    assert answered > 500
+    assert failures == []

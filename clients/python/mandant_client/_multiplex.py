@@ -96,6 +96,18 @@ MAX_RESENDS = 3
 #: ended with OK left unread: only then does the server end a stream at its
 #: connection age (a client that does not, tritonclient's, would never hear of them).
 RESENDS_UNREAD = ("mandant-stream-resends", "unread")
+#: To such a client, the last message of a stream the server ended with OK: no id, and
+#: this parameter (why it ended). Every message the server read is answered before it,
+#: so the calls still waiting were not read. The status after it may never reach the
+#: client (a write in flight as the call ends turns it into INTERNAL,
+#: grpc/grpc#36066): under load, every call waiting at a connection-age end failed.
+END_MARK = "mandant-stream-end"
+
+
+def is_end_mark(message: pb.ModelStreamInferResponse) -> bool:
+    """Whether ``message`` is the server's end of the stream (:data:`END_MARK`)."""
+    answer = message.infer_response
+    return not answer.id and END_MARK in answer.parameters
 
 
 class Unread(Unavailable):

@@ -15,6 +15,7 @@ opens again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -48,6 +49,9 @@ class AioStream:
         self.failure: MandantClientError | RuntimeError | None = None
         self._first_status: MandantClientError | None = None
         self._ended_ok = False
+        #: The server marked the stream's end (``_multiplex.END_MARK``): nothing more is
+        #: written on it, and new calls go to a new stream.
+        self.ending = False
         self._call.add_done_callback(self._on_done)
         self._writer = asyncio.create_task(self._write())
         self._reader = asyncio.create_task(self._read())
@@ -89,6 +93,10 @@ class AioStream:
             return  # the call is over; the reader reports why
         outbox = self._outbox
         while True:
+            if self.ending:  # the server reads no more: say so, and let it end
+                with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                    await self._call.done_writing()
+                return
             if not outbox:
                 self._queued.clear()
                 await self._queued.wait()
@@ -110,6 +118,10 @@ class AioStream:
                 if message is grpc.aio.EOF:  # ended OK: every message read is answered
                     failure = _multiplex.Unread(_multiplex.STREAM_ENDED)
                     break
+                if _multiplex.is_end_mark(message):  # ended OK, whatever status follows
+                    self._ended_ok = self.ending = True
+                    self._queued.set()  # the writer half-closes
+                    continue
                 answer = self._pending.pop(_multiplex.answer_id(message), None)
                 if answer is not None and not answer.done():
                     answer.set_result(message)
@@ -134,7 +146,7 @@ class AioStream:
         # sent while the server refuses the key. Done callbacks run on the first status,
         # the server's, so keep it here.
         self._first_status = _multiplex.status_error(call)
-        self._ended_ok = _multiplex.ended_ok(call)
+        self._ended_ok = self._ended_ok or _multiplex.ended_ok(call)  # (or marked)
 
     def _fail(self, failure: MandantClientError | RuntimeError) -> None:
         if self.failure is None:
@@ -167,9 +179,10 @@ class AioMultiplexer:
         """The open stream; a new one when there is none or the last one ended."""
         if self._closed:
             raise client_closed(request_id)
-        if self._stream is None or self._stream.failure is not None:
-            self._stream = AioStream(self._stub, self._metadata)
-        return self._stream
+        stream = self._stream
+        if stream is None or stream.failure is not None or stream.ending:
+            stream = self._stream = AioStream(self._stub, self._metadata)
+        return stream
 
     async def aclose(self) -> None:
         """Fail the calls pending on the stream; those waiting for a slot fail as they

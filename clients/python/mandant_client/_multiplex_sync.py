@@ -51,6 +51,10 @@ class SyncStream:
         self._pending: dict[str, _Answer] = {}
         #: Set once (under the lock), when the call is over.
         self.failure: MandantClientError | None = None
+        #: The server marked the stream's end (``_multiplex.END_MARK``): nothing more is
+        #: written on it (its requests end: the client half-closes), and new calls go
+        #: to a new stream.
+        self.ending = False
         self._call = stub.ModelStreamInfer(self._requests(), metadata=metadata)
         self._reader = threading.Thread(
             target=self._read, name="mandant-stream-reader", daemon=True
@@ -80,9 +84,9 @@ class SyncStream:
         once the call is over."""
         while True:
             with self._queued:
-                while not self._outbox and self.failure is None:
+                while not self._outbox and self.failure is None and not self.ending:
                     self._queued.wait()
-                if self.failure is not None:
+                if self.failure is not None or self.ending:
                     return
                 wire_id = next(iter(self._outbox))
                 outgoing = self._outbox.pop(wire_id)
@@ -101,11 +105,19 @@ class SyncStream:
         failure: MandantClientError = _multiplex.Unread(_multiplex.STREAM_ENDED)
         try:
             for message in self._call:
-                answer = self._pending.pop(_multiplex.answer_id(message), None)
+                if _multiplex.is_end_mark(message):  # ended OK, whatever status follows
+                    with self._queued:
+                        self.ending = True
+                        self._queued.notify_all()  # the requests end: a half-close
+                    continue
+                with self._lock:  # not from a dict :meth:`_fail` has taken and reads
+                    answer = self._pending.pop(_multiplex.answer_id(message), None)
                 if answer is not None:
                     answer.set_result(message)
         except grpc.RpcError as exc:
-            failure = from_rpc_error(exc)
+            failure = (
+                _multiplex.Unread(_multiplex.STREAM_ENDED) if self.ending else from_rpc_error(exc)
+            )
             failure.__cause__ = exc
         except Exception as exc:  # a malformed answer must not leave the callers waiting
             failure = ServerError(f"the stream failed ({type(exc).__name__})")
@@ -194,9 +206,10 @@ class SyncMultiplexer:
     def _current(self, request_id: str = "") -> SyncStream:
         if self._closed:
             raise client_closed(request_id)
-        if self._stream is None or self._stream.failure is not None:
-            self._stream = SyncStream(self._stub, self._metadata, self._lock)
-        return self._stream
+        stream = self._stream
+        if stream is None or stream.failure is not None or stream.ending:
+            stream = self._stream = SyncStream(self._stub, self._metadata, self._lock)
+        return stream
 
 
 def _timed_out(timeout_s: float | None, request_id: str) -> DeadlineExceeded:

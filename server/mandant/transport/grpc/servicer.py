@@ -148,6 +148,7 @@ class InferenceServicer:
     async def ModelStreamInfer(
         self, call: Call, context: Context, caller: Callable[[], Tenant | None]
     ) -> None:
+        resends = metadata_value(context, RESENDS[0]) == RESENDS[1]
         stream = InferStream(
             self._plane,
             call.caller,
@@ -163,7 +164,8 @@ class InferenceServicer:
             # Ended at the connection's age only where the client sends the messages
             # left unread again (mandant_client's multiplexed mode says so): others
             # (tritonclient) would wait for their answers for ever.
-            self._max_stream_age_s if metadata_value(context, RESENDS[0]) == RESENDS[1] else None,
+            self._max_stream_age_s if resends else None,
+            resends,
         )
         self._streams.add(stream)
         try:

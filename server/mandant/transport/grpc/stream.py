@@ -44,11 +44,18 @@ ended so: they live until gRPC's grace for their connection runs out. Either way
 message is read once the end is decided, and every message read is answered before the
 status; the trailing metadata ``mandant-stream-end`` says why (``connection-age``,
 ``server-stop``), and a client sends the messages not answered again on a new stream.
+To a client that does, the stream's last message says the same (no id, the parameter
+``mandant-stream-end``): it stops writing there and half-closes, and the stream ends
+then (the messages it wrote meanwhile dropped unread, after :data:`END_MARK_WAIT_S` at
+most), so that no write of its is in flight as the status comes: grpc.aio reports
+INTERNAL instead of the server's OK then (grpc/grpc#36066), and under load every call
+waiting on a stream at its end failed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -69,6 +76,7 @@ from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers
 from mandant.transport.grpc.unread import UnreadAnswers
 from mandant.transport.grpc.wire_bounds import naming_prefix
 from mandant.types import Call, Tenant
+from mandant_client._multiplex import END_MARK
 from mandant_client._proto import grpc_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -78,10 +86,14 @@ logger = logging.getLogger(__name__)
 #: every answer says so: clients written for Triton read answers until it does.
 FINAL_RESPONSE = "triton_final_response"
 
-#: Trailing metadata of a stream the server ended with OK: why it did.
-END_METADATA = "mandant-stream-end"
+#: Trailing metadata of a stream the server ended with OK: why it did; and, to a client
+#: that sends the messages left unread again, the parameter of the stream's last message
+#: saying the same (its status may not reach it: ``mandant_client._multiplex``).
+END_METADATA = END_MARK
 AGE_END = "connection-age"
 STOP_END = "server-stop"
+#: How long a stream waits, after its end mark, for its client to stop writing.
+END_MARK_WAIT_S = 1.0
 #: A stream's age is ``max_age_s`` times a factor within these (gRPC's jitter).
 AGE_JITTER = (0.9, 1.1)
 
@@ -103,9 +115,13 @@ class InferStream:
         cap: CallCap | None = None,
         unread: UnreadAnswers | None = None,
         max_age_s: float | None = None,
+        resends_unread: bool = False,
     ) -> None:
         """``unread``: the server's count of each tenant's unread answers, which this
-        stream's answers count in until written (``unread.py``; None: not counted)."""
+        stream's answers count in until written (``unread.py``; None: not counted).
+        ``max_age_s``: when the stream ends (None: never). ``resends_unread``: the
+        client sends the messages left unread again (module doc); its stream's last
+        message then says that the server ended it."""
         self._plane = plane
         self._cap = cap
         self._unread = unread
@@ -127,14 +143,17 @@ class InferStream:
         self._tasks: set[asyncio.Task[None]] = set()
         self._reading: asyncio.Task[Any] | None = None  # the task of :meth:`serve`
         self._ending = False
+        self._end_reason = STOP_END
         self._max_age_s = max_age_s
+        self._resends_unread = resends_unread
+        self._marked = False
 
     def end(self, reason: str = STOP_END) -> None:
         """End the stream once its messages in flight are answered (the server stops,
         or the stream reached its age), with status OK and ``reason`` in its trailing
         metadata."""
         if not self._ending:
-            self._ending = True
+            self._ending, self._end_reason = True, reason
             self._context.set_trailing_metadata(((END_METADATA, reason),))
         self._end_if_idle()
 
@@ -167,18 +186,44 @@ class InferStream:
                 task.add_done_callback(self._done)
             if tasks:  # the client is done sending: answer what is in flight
                 await asyncio.gather(*tasks)
+            if self._ending and self._resends_unread:
+                await self._mark_end()
         except asyncio.CancelledError:
             if not self._ending or tasks:
                 raise  # the client left (or the call was cancelled)
             reading = asyncio.current_task()
             if reading is not None:
                 reading.uncancel()  # ended by end(): a normal end of the stream
+            if self._resends_unread:
+                await self._mark_end()
         finally:
             if aging is not None:
                 aging.cancel()
             self._reading = None
             for task in tasks:
                 task.cancel()
+
+    async def _mark_end(self) -> None:
+        """The stream's last message: everything read is answered, the end decided
+        (once, whichever way :meth:`serve` ends)."""
+        if self._marked:
+            return
+        self._marked = True
+        mark = pb.ModelStreamInferResponse()
+        mark.infer_response.parameters[END_MARK].string_param = self._end_reason
+        async with self._writing:
+            try:
+                await self._context.write(mark)
+            except (grpc.aio.InternalError, grpc.aio.UsageError):
+                logger.debug("a stream's end mark was not written: the call ended")
+                return
+        # The client stops writing at the mark and half-closes; what it wrote meanwhile
+        # is dropped unread (it sends that again). Ending only then, no write of its is
+        # in flight as the status comes, which grpc.aio would report as INTERNAL.
+        with contextlib.suppress(TimeoutError, grpc.aio.InternalError, grpc.aio.UsageError):
+            async with asyncio.timeout(END_MARK_WAIT_S):
+                while await self._context.read() is not grpc.aio.EOF:
+                    pass
 
     async def _serve_one(self, raw: bytes) -> None:
         """Answer one message and write the answer; its place in the window (and its
