@@ -41,14 +41,32 @@ class _ClientMistakes(logging.Filter):
 _CLIENT_MISTAKES = _ClientMistakes()
 
 
+#: How long a connection may go without a request whole (aiohttp's default: an hour,
+#: and its timer also runs while a request's headers are coming, so a client sending
+#: 127 headers of 8 KB and never their end held 2 MB a connection for that long).
+KEEPALIVE_S = 75.0
+#: How long the rest of a refused body is read (and dropped) before the connection
+#: closes, so that the client reads the refusal (aiohttp's default: 10 s).
+LINGER_S = 1.0
+
+
 def runner(app: web.Application) -> web.AppRunner:
     """A runner for ``app`` that closes every connection at once when cleaned up, and
     cancels a handler whose client has gone (as gRPC cancels a call): a REST call
     whose client left is counted CANCELLED and leaves its queue, not run and counted
-    OK for nobody (aiohttp no longer does this by default)."""
+    OK for nobody (aiohttp no longer does this by default). Bodies are not inflated by
+    aiohttp: the REST gate does it, a step at a time (``rest/gate.py``); aiohttp
+    inflated whatever came in one go, also what it read of a body after answering,
+    before any key was checked."""
     logging.getLogger("aiohttp.server").addFilter(_CLIENT_MISTAKES)  # once: a set
     return web.AppRunner(
-        app, access_log=None, shutdown_timeout=CLOSE_WAIT_S, handler_cancellation=True
+        app,
+        access_log=None,
+        shutdown_timeout=CLOSE_WAIT_S,
+        handler_cancellation=True,
+        auto_decompress=False,
+        keepalive_timeout=KEEPALIVE_S,
+        lingering_time=LINGER_S,
     )
 
 
