@@ -350,6 +350,17 @@ async def test_tokens_refunded_in_redis_stop_at_the_burst(redis_server: RedisSer
         await admission.aclose()
 
 
+async def _nothing_was_taken(config: MandantConfig, tenant: Tenant, model: ModelKey) -> None:
+    """Redis holds none of ``tenant``'s quota rows, and its one request token."""
+    admission = _admission(config)
+    await admission.start()
+    try:
+        assert await admission.quota_used(tenant.id) == {"rows_today": 0, "rows_this_month": 0}
+        (await admission.admit(tenant, model, 1)).release()  # the one request token
+    finally:
+        await admission.aclose()
+
+
 async def test_a_caller_cancelled_while_redis_admits_it_is_refunded(
     redis_server: RedisServer,
 ) -> None:
@@ -366,13 +377,7 @@ async def test_a_caller_cancelled_while_redis_admits_it_is_refunded(
         assert admission.inflight("acme") == 0
     finally:
         await admission.aclose()
-    admission = _admission(config)
-    await admission.start()
-    try:
-        assert await admission.quota_used("acme") == {"rows_today": 0, "rows_this_month": 0}
-        (await admission.admit(tenant, model, 1)).release()  # the one request token
-    finally:
-        await admission.aclose()
+    await _nothing_was_taken(config, tenant, model)
 
 
 async def test_a_caller_cancelled_as_redis_admission_is_handed_over_is_refunded(
@@ -403,13 +408,7 @@ async def test_a_caller_cancelled_as_redis_admission_is_handed_over_is_refunded(
     finally:
         monkeypatch.undo()
         await admission.aclose()
-    admission = _admission(config)
-    await admission.start()
-    try:
-        assert await admission.quota_used("acme") == {"rows_today": 0, "rows_this_month": 0}
-        (await admission.admit(tenant, model, 1)).release()  # the one request token
-    finally:
-        await admission.aclose()
+    await _nothing_was_taken(config, tenant, model)
 
 
 def test_refused_calls_are_not_charged_in_redis_end_to_end(

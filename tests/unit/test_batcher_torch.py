@@ -63,6 +63,20 @@ def call(tenant: str, x: np.ndarray) -> InferRequest:
     )
 
 
+async def started_batcher(
+    backend: TorchBackend, observer: RecordingObserver | None = None
+) -> DynamicBatcher:
+    """Batches of up to 8 rows, held 50 ms for company: requests sent at once share one."""
+    batcher = DynamicBatcher(
+        backend,
+        BatchingConfig(max_batch_size=8, dispatch="delay", max_queue_delay_ms=50),
+        "m",
+        observer or RecordingObserver(),
+    )
+    await batcher.start()
+    return batcher
+
+
 async def test_a_batch_with_the_wrong_rows_is_a_split_not_a_verdict() -> None:
     backend = TorchBackend(spec())
     await backend.start()
@@ -79,13 +93,7 @@ async def test_only_the_request_whose_data_breaks_the_rows_fails() -> None:
     backend = TorchBackend(spec())
     await backend.start()
     observer = RecordingObserver()
-    batcher = DynamicBatcher(
-        backend,
-        BatchingConfig(max_batch_size=8, dispatch="delay", max_queue_delay_ms=50),
-        "m",
-        observer,
-    )
-    await batcher.start()
+    batcher = await started_batcher(backend, observer)
     good_a = call("a", np.ones((2, 2), np.float32))
     good_a2 = call("a", np.full((1, 2), 5, np.float32))
     bad_b = call("b", np.full((1, 2), -1, np.float32))
@@ -124,13 +132,7 @@ async def test_a_misconfigured_model_is_unavailable_to_a_batch_after_few_runs() 
     request is answered UNAVAILABLE (it used to run 2n - 1 times: 15 for 8 requests)."""
     backend = TorchBackend(spec().model_copy(update={"factory": f"{__name__}:widen"}))
     await backend.start()
-    batcher = DynamicBatcher(
-        backend,
-        BatchingConfig(max_batch_size=8, dispatch="delay", max_queue_delay_ms=50),
-        "m",
-        RecordingObserver(),
-    )
-    await batcher.start()
+    batcher = await started_batcher(backend)
     _Widen.calls = 0
     reqs = [call(t, np.full((1, 2), n, np.float32)) for n, t in enumerate("abababab")]
     tasks = [asyncio.create_task(batcher.submit(r)) for r in reqs]
@@ -163,13 +165,7 @@ async def test_only_the_request_whose_data_drops_an_output_fails() -> None:
         spec().model_copy(update={"factory": f"{__name__}:drops_an_output", "outputs": two})
     )
     await backend.start()
-    batcher = DynamicBatcher(
-        backend,
-        BatchingConfig(max_batch_size=8, dispatch="delay", max_queue_delay_ms=50),
-        "m",
-        RecordingObserver(),
-    )
-    await batcher.start()
+    batcher = await started_batcher(backend)
     good = call("a", np.ones((1, 2), np.float32))
     bad = call("b", -np.ones((1, 2), np.float32))
     try:

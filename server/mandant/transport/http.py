@@ -20,9 +20,9 @@ CLOSE_WAIT_S = 0.05
 
 class _ClientMistakes(logging.Filter):
     """aiohttp logs every request it cannot parse (a header line over 8190 bytes, too
-    many headers, a bad request line; a body not in its ``Content-Encoding``, met when
-    it reads what a handler left of a body, wrapped in its ``RequestPayloadError``) as
-    an ERROR with a traceback, after answering it 400: any client could fill the
+    many headers, a bad request line; a malformed chunked body, met when it reads what
+    a handler left of a body, wrapped in its ``RequestPayloadError``) as an ERROR with
+    a traceback, after answering it 400: any client could fill the
     server's error log. Such a record goes out at DEBUG, without the traceback; the
     server's own errors stay as they are."""
 

@@ -86,10 +86,10 @@ logger = logging.getLogger(__name__)
 #: every answer says so: clients written for Triton read answers until it does.
 FINAL_RESPONSE = "triton_final_response"
 
-#: Trailing metadata of a stream the server ended with OK: why it did; and, to a client
-#: that sends the messages left unread again, the parameter of the stream's last message
-#: saying the same (its status may not reach it: ``mandant_client._multiplex``).
-END_METADATA = END_MARK
+#: Why the server ended a stream with OK: the value of ``END_MARK``
+#: (``mandant-stream-end``) in its trailing metadata and, to a client that sends the
+#: messages left unread again, in its last message (its status may not reach it:
+#: ``mandant_client._multiplex``).
 AGE_END = "connection-age"
 STOP_END = "server-stop"
 #: How long a stream waits, after its end mark, for its client to stop writing.
@@ -146,7 +146,6 @@ class InferStream:
         self._end_reason = STOP_END
         self._max_age_s = max_age_s
         self._resends_unread = resends_unread
-        self._marked = False
 
     def end(self, reason: str = STOP_END) -> None:
         """End the stream once its messages in flight are answered (the server stops,
@@ -154,7 +153,7 @@ class InferStream:
         metadata."""
         if not self._ending:
             self._ending, self._end_reason = True, reason
-            self._context.set_trailing_metadata(((END_METADATA, reason),))
+            self._context.set_trailing_metadata(((END_MARK, reason),))
         self._end_if_idle()
 
     def _end_if_idle(self) -> None:
@@ -186,37 +185,27 @@ class InferStream:
                 task.add_done_callback(self._done)
             if tasks:  # the client is done sending: answer what is in flight
                 await asyncio.gather(*tasks)
-            if self._ending and self._resends_unread:
-                await self._mark_end()
         except asyncio.CancelledError:
             if not self._ending or tasks:
                 raise  # the client left (or the call was cancelled)
             reading = asyncio.current_task()
             if reading is not None:
                 reading.uncancel()  # ended by end(): a normal end of the stream
-            if self._resends_unread:
-                await self._mark_end()
         finally:
             if aging is not None:
                 aging.cancel()
             self._reading = None
             for task in tasks:
                 task.cancel()
+        if self._ending and self._resends_unread:  # every message read is answered
+            await self._mark_end()
 
     async def _mark_end(self) -> None:
-        """The stream's last message: everything read is answered, the end decided
-        (once, whichever way :meth:`serve` ends)."""
-        if self._marked:
-            return
-        self._marked = True
+        """The stream's last message: everything read is answered, the end decided."""
         mark = pb.ModelStreamInferResponse()
         mark.infer_response.parameters[END_MARK].string_param = self._end_reason
-        async with self._writing:
-            try:
-                await self._context.write(mark)
-            except (grpc.aio.InternalError, grpc.aio.UsageError):
-                logger.debug("a stream's end mark was not written: the call ended")
-                return
+        if not await self._write(mark):
+            return
         # The client stops writing at the mark and half-closes; what it wrote meanwhile
         # is dropped unread (it sends that again). Ending only then, no write of its is
         # in flight as the status comes, which grpc.aio would report as INTERNAL.
@@ -239,19 +228,24 @@ class InferStream:
             held = answer
             if unread is not None:
                 unread.hold(tenant, answer)
-            async with self._writing:
-                try:
-                    await self._context.write(response)
-                except (grpc.aio.InternalError, grpc.aio.UsageError):
-                    # gRPC could not send it: the call ended under the write (the client
-                    # cancelled or left; grpc.aio says so only later). Nothing is left to
-                    # answer on: the message ends here, quietly, as its stream does.
-                    logger.debug("a stream's answer was not written: the call ended")
+            await self._write(response)
         finally:
             if unread is not None:
                 unread.release(tenant, answer)
             self._hold(-held)
             self._window.release()
+
+    async def _write(self, message: pb.ModelStreamInferResponse) -> bool:
+        """Write ``message``, one write at a time; False if gRPC could not send it: the
+        call ended under the write (the client cancelled or left; grpc.aio says so only
+        later), and nothing is left to answer on: the message ends here, quietly."""
+        async with self._writing:
+            try:
+                await self._context.write(message)
+            except (grpc.aio.InternalError, grpc.aio.UsageError):
+                logger.debug("a stream's message was not written: the call ended")
+                return False
+        return True
 
     def _hold(self, change: int) -> None:
         self._held += change

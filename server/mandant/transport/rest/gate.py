@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
-from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from mandant.context import current_request_id, current_tenant
@@ -250,9 +250,7 @@ class RestGate:
             request[BODY] = bytes(body)
         except zlib.error:
             raise UnreadableBody(_NOT_ENCODED) from None
-        except (RequestPayloadError, HttpProcessingError) as exc:  # aiohttp's wrapper, or not
-            if isinstance(exc.__cause__ or exc, ContentEncodingError):  # not gzip, say
-                raise UnreadableBody(_NOT_ENCODED) from None
+        except (RequestPayloadError, HttpProcessingError):  # aiohttp's wrapper, or not
             raise UnreadableBody("the request body is malformed") from None
         finally:
             if held:
@@ -345,11 +343,13 @@ class BodyInflater:
         refuses more), :data:`INFLATE_STEP` at a time with the event loop free between
         steps."""
         inflater = self._zlib
-        if inflater is None:  # deflate: zlib's wrapper (RFC 1950), or raw (RFC 1951)
-            wrapped = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
-            wbits = 16 + zlib.MAX_WBITS if self._encoding == "gzip" else zlib.MAX_WBITS
-            if self._encoding == "deflate" and not wrapped:
-                wbits = -zlib.MAX_WBITS
+        if inflater is None:
+            if self._encoding == "gzip":
+                wbits = 16 + zlib.MAX_WBITS
+            elif len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0:
+                wbits = zlib.MAX_WBITS  # deflate in zlib's wrapper (RFC 1950)
+            else:
+                wbits = -zlib.MAX_WBITS  # raw deflate (RFC 1951)
             inflater = self._zlib = zlib.decompressobj(wbits)
         out = bytearray()
         while data and len(out) <= room and not inflater.eof:
