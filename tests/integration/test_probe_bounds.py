@@ -1,10 +1,15 @@
 """gRPC health checking and server reflection stay open (no key) but bounded: an
 over-long health request or an over-size reflection request is refused before it is
 parsed (it was kept for as long as a Watch stream stayed open, or repeated in every
-reflection answer), and Watch streams open at once are capped server-wide."""
+reflection answer), Watch streams open at once are capped server-wide, and so are
+their messages read at once, each for a bounded time: a call that sends part of its
+message and stops ends DEADLINE_EXCEEDED (unbounded, four health checks sending 30 of
+40 MiB each held 125 MB for as long as their connection lived)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,7 +21,10 @@ from mandant.transport.grpc.probes import (
     HEALTH_REQUEST_MAX_BYTES,
     REFLECTION_REQUEST_MAX_BYTES,
     add_health,
+    add_reflection,
 )
+from mandant.transport.grpc.reads import OPEN_READS_MAX, MessageReads
+from tests.integration.stalled_calls import StalledCalls
 from tests.servers import Server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -68,13 +76,20 @@ def test_health_watch_refuses_an_over_long_name(demo: Server) -> None:
         watch.cancel()
 
 
+#: How long the probes served by :func:`capped_health` wait for a message.
+OPEN_READ_TIMEOUT_S = 0.5
+
+
 @pytest.fixture
 async def capped_health() -> AsyncIterator[str]:
-    """A real gRPC server on a free port serving health as Mandant does, with room
-    for two Watch streams; yields its address."""
+    """A real gRPC server on a free port serving health and reflection as Mandant
+    does, with room for two Watch streams and :data:`OPEN_READ_TIMEOUT_S` for a
+    message; yields its address."""
     server = grpc.aio.server()
     servicer = health.aio.HealthServicer()
-    add_health(server, servicer, max_watch_streams=2)
+    reads = MessageReads(OPEN_READ_TIMEOUT_S, open_timeout_s=OPEN_READ_TIMEOUT_S)
+    add_health(server, servicer, reads, max_watch_streams=2)
+    add_reflection(server, reflection.aio.ReflectionServicer(["grpc.health.v1.Health"]), reads)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -157,3 +172,39 @@ def test_reflection_refuses_an_over_size_request(demo: Server) -> None:
             next(answers)  # unbounded: an error answer that repeats the whole request
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert over not in (err.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ],
+)
+async def test_probes_read_a_bounded_number_of_messages_for_a_bounded_time(
+    capped_health: str, path: str
+) -> None:
+    port = int(capped_health.rsplit(":", 1)[1])
+    calls = StalledCalls(port, path, calls=OPEN_READS_MAX + 1, declared=1 << 20)
+    try:
+        statuses = await asyncio.to_thread(calls.statuses, 10)
+    finally:
+        calls.close()
+    assert Counter(code for code, _ in statuses) == {
+        grpc.StatusCode.DEADLINE_EXCEEDED: OPEN_READS_MAX,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: 1,
+    }
+    assert (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        (
+            f"{OPEN_READS_MAX} calls without a key are sending their messages "
+            f"(at most {OPEN_READS_MAX}): retry once they have"
+        ),
+    ) in statuses
+    # Every read given back: the next probes are answered.
+    async with grpc.aio.insecure_channel(capped_health) as channel:
+        request = health_pb2.HealthCheckRequest(service="")
+        assert (await health_pb2_grpc.HealthStub(channel).Check(request, timeout=10)).status == (
+            SERVING
+        )

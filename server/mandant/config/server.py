@@ -49,6 +49,8 @@ class TlsConfig(_Frozen):
 #: elements) is unframed in about 1-50 ms (empty to mixed lengths) on one core of the
 #: dev machine, and its answer framed in as much again.
 DEFAULT_MAX_BYTES_ELEMENTS = 1 << 18
+#: Default of ``server.message_read_timeout_s``: a 64 MiB message at about 1 MB/s.
+DEFAULT_MESSAGE_READ_TIMEOUT_S = 60.0
 
 #: Default of ``server.max_json_bytes``: the JSON of a REST inference request is
 #: parsed on the event loop, at about 16 ms per MB (float arrays, one core of the dev
@@ -76,6 +78,13 @@ class ServerConfig(_Frozen):
     #: KServe v2 REST (Triton's HTTP/REST protocol), ``transport/rest``.
     rest_port: Annotated[int, Field(ge=0, le=65535)] = 8000
     max_message_bytes: Annotated[int, Field(gt=0)] = 64 * 1024 * 1024
+    #: How long a gRPC call's message may take to arrive once the server reads it
+    #: (a call with a key; one without has 5 s): gRPC holds what has come of a message
+    #: until the rest does, so a client that sends part of one and stops is answered
+    #: DEADLINE_EXCEEDED then, and the part is freed (``transport/grpc/reads.py``).
+    #: The client's own deadline ends it sooner. Not applied between a stream's
+    #: messages.
+    message_read_timeout_s: Annotated[float, Field(gt=0)] = DEFAULT_MESSAGE_READ_TIMEOUT_S
     grace_s: Annotated[float, Field(ge=0)] = 10.0
     #: How long one model version may take to load and warm up (at start, on a load or
     #: a reload) before it counts as failed to load; the other models and model

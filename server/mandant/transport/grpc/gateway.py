@@ -36,11 +36,13 @@ from typing import Any, NoReturn, Protocol, TypeAlias
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from mandant.config.server import DEFAULT_MESSAGE_READ_TIMEOUT_S
 from mandant.context import current_request_id, current_tenant
 from mandant.errors import InvalidInput, MandantError, Unauthenticated
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.scheduling.gather import CallGather
+from mandant.transport.grpc.reads import TENANT_READS_MAX, MessageReads, Reading
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
 from mandant.transport.grpc.unread import UnreadAnswers
 from mandant.transport.grpc.wire_bounds import (
@@ -184,6 +186,7 @@ class Gate:
         authenticate_peer: PeerAuthenticator | None = None,
         unread: UnreadAnswers | None = None,
         gather: CallGather | None = None,
+        reads: MessageReads | None = None,
     ) -> None:
         """``authenticate_peer``: the tenant of a call's verified client certificate,
         asked for calls without a key (mTLS only; None: a key is always needed).
@@ -191,7 +194,8 @@ class Gate:
         call of a tenant at its bound is refused before it takes a place (None: not
         counted). ``gather``: where inference calls of a busy front end wait for a few
         others once their message has come, to run together (``gather.py``; None:
-        never held)."""
+        never held). ``reads``: how long each call's message may take to come, and
+        how many calls read theirs at once (``reads.py``; None: the defaults)."""
         self._authenticate = authenticate
         self._authenticate_admin = authenticate_admin
         self._authenticate_peer = authenticate_peer
@@ -203,6 +207,7 @@ class Gate:
         self.started = 0
         self._unread = unread
         self.gather = gather
+        self.reads = reads if reads is not None else MessageReads(DEFAULT_MESSAGE_READ_TIMEOUT_S)
 
     @property
     def observer(self) -> Observer:
@@ -252,6 +257,7 @@ class Gate:
         door = self.door if fair else None
         unread = self._unread if fair else None
         gather = self.gather if fair else None
+        reads = self.reads
         gate = self
 
         async def handle(messages: object, context: Context) -> Any:
@@ -261,6 +267,7 @@ class Gate:
             code = "OK"
             refusal: Exception | None = None
             entered = inside = ended = False
+            reading: Reading | None = None
             try:
                 if access is Access.OPEN:
                     # A probe: answered at once, its message not read (no field of it
@@ -278,7 +285,12 @@ class Gate:
                     entered = True
                     await door.enter(call.tenant)
                     inside = True
+                # An inference call reads under its place; a tenant's other calls are
+                # counted, an admin's are not (``reads.py``).
+                counted = tenant_id if call.tenant is not None and not inside else None
+                reading = reads.begin(reads.timeout_s, counted, TENANT_READS_MAX)
                 raw = await context.read()
+                reads.end(reading)
                 if not isinstance(raw, bytes):
                     await no_message(context)
                 if not entered:
@@ -302,11 +314,14 @@ class Gate:
                 code = _aborted_code(context)
                 raise
             except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
+                if reading is None or not reads.end(reading):
+                    code = "CANCELLED"
+                    raise
+                code, refusal = "DEADLINE_EXCEEDED", reads.timed_out(reading)
             except Exception as exc:
                 code, refusal = "INTERNAL", exc
             finally:
+                reads.end(reading)
                 if entered:
                     cap.leave()
                 if inside and door is not None and call.tenant is not None:
@@ -391,6 +406,7 @@ class Gate:
         cap = self._cap
         observer = self._observer
         shed = self.door
+        reads = self.reads
         gate = self
 
         async def handle(messages: object, context: Context) -> bytes:
@@ -401,7 +417,8 @@ class Gate:
             try:
                 tenant = caller_of(access, context)
                 tenant_id = tenant.id if tenant is not None else ""
-                raw = await context.read()
+                counted = tenant_id if tenant is not None else None  # an admin's: not
+                raw = await reads.read(context, reads.timeout_s, counted, TENANT_READS_MAX)
                 if not isinstance(raw, bytes):
                     await no_message(context)
                 check_small_message(raw)  # as the engine's parse() would, before it is sent

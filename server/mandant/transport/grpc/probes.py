@@ -12,13 +12,20 @@ of RSS), and each reflection answer repeats its whole request (``original_reques
 16 streams of one unread 8 MiB request held 338 MiB). Watch streams open at once are
 capped server-wide (:data:`WATCH_STREAMS_MAX`); beyond it RESOURCE_EXHAUSTED.
 
+Each message is read by :class:`~mandant.transport.grpc.reads.MessageReads`, as one
+of a call without a key: at most ``OPEN_READS_MAX`` of them at once, server-wide, each
+in at most ``OPEN_READ_TIMEOUT_S`` (gRPC holds what has come of a message until the
+rest does: unread by a handler of its own, four health checks sending 30 of a declared
+40 MiB each held 125 MB, for as long as their connection lived). So a reflection
+stream left idle that long ends DEADLINE_EXCEEDED; its client opens another.
+
 None of these calls passes the gate or takes a place under ``max_concurrent_rpcs``
 (a full server still answers its probes)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -27,7 +34,8 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mandant.errors import InvalidInput, MandantError, ResourceExhausted
-from mandant.transport.grpc.gateway import Context, abort, parse
+from mandant.transport.grpc.gateway import NO_MESSAGE, Context, abort, parse
+from mandant.transport.grpc.reads import OPEN, OPEN_READS_MAX, MessageReads
 
 T = TypeVar("T")
 
@@ -46,11 +54,16 @@ WATCH_RETRY_S = 1.0
 
 
 async def read_bounded(
-    message_type: type[Message], max_bytes: int, raw: bytes, context: Context
+    reads: MessageReads, message_type: type[Message], max_bytes: int, context: Context
 ) -> Any:
-    """The message in ``raw``; the call is refused INVALID_ARGUMENT if ``raw`` is over
-    ``max_bytes`` (not parsed) or not a message (neither is repeated to the client)."""
+    """The call's next message (None: the client sent no more), read as one of a call
+    without a key; the call is refused where the read is (too many at once, too slow),
+    and INVALID_ARGUMENT if the message is over ``max_bytes`` (not parsed) or not one
+    (neither is repeated to the client)."""
     try:
+        raw = await reads.read(context, reads.open_timeout_s, OPEN, OPEN_READS_MAX)
+        if not isinstance(raw, bytes):
+            return None
         if len(raw) > max_bytes:
             raise InvalidInput(
                 f"a {message_type.DESCRIPTOR.full_name} message is at most {max_bytes} bytes"
@@ -62,24 +75,29 @@ async def read_bounded(
 
 
 def bounded(
+    reads: MessageReads,
     message_type: type[Message],
     max_bytes: int,
     behavior: Callable[[Any, Context], Awaitable[T]],
-) -> Callable[[bytes, Context], Awaitable[T]]:
-    """A handler of one raw message: size-checked, parsed, then ``behavior``'s."""
+) -> Callable[[object, Context], Awaitable[T]]:
+    """A handler of a call with one message: read (``reads``), size-checked, parsed,
+    then ``behavior``'s."""
 
-    async def handle(raw: bytes, context: Context) -> T:
-        return await behavior(await read_bounded(message_type, max_bytes, raw, context), context)
+    async def handle(messages: object, context: Context) -> T:
+        request = await read_bounded(reads, message_type, max_bytes, context)
+        if request is None:
+            await abort(context, InvalidInput(NO_MESSAGE))
+        return await behavior(request, context)
 
     return handle
 
 
 async def bounded_stream(
-    message_type: type[Message], max_bytes: int, raws: AsyncIterable[bytes], context: Context
+    reads: MessageReads, message_type: type[Message], max_bytes: int, context: Context
 ) -> AsyncIterator[Any]:
-    """The messages of a stream of raw ones, each size-checked, then parsed."""
-    async for raw in raws:
-        yield await read_bounded(message_type, max_bytes, raw, context)
+    """A stream's messages, each read, size-checked, then parsed."""
+    while (request := await read_bounded(reads, message_type, max_bytes, context)) is not None:
+        yield request
 
 
 class WatchCap:
@@ -161,21 +179,22 @@ class _Told:
 def add_health(
     server: grpc.aio.Server,
     servicer: health.aio.HealthServicer,
+    reads: MessageReads,
     max_watch_streams: int = WATCH_STREAMS_MAX,
 ) -> WatchCap:
     """Serve ``grpc.health.v1.Health`` from ``servicer`` (whose ``set`` says what it
-    answers), bounded; returns the Watch cap."""
+    answers), bounded, its messages read by ``reads``; returns the Watch cap."""
     cap = WatchCap(servicer, max_watch_streams)
     request = health_pb2.HealthCheckRequest
     serialize = health_pb2.HealthCheckResponse.SerializeToString
     handlers = {
-        "Check": grpc.unary_unary_rpc_method_handler(
-            bounded(request, HEALTH_REQUEST_MAX_BYTES, servicer.Check),
+        "Check": grpc.stream_unary_rpc_method_handler(
+            bounded(reads, request, HEALTH_REQUEST_MAX_BYTES, servicer.Check),
             request_deserializer=None,
             response_serializer=serialize,
         ),
-        "Watch": grpc.unary_stream_rpc_method_handler(
-            bounded(request, HEALTH_REQUEST_MAX_BYTES, cap.watch),
+        "Watch": grpc.stream_stream_rpc_method_handler(
+            bounded(reads, request, HEALTH_REQUEST_MAX_BYTES, cap.watch),
             request_deserializer=None,
             response_serializer=serialize,
         ),
@@ -185,13 +204,15 @@ def add_health(
     return cap
 
 
-def add_reflection(server: grpc.aio.Server, servicer: reflection.aio.ReflectionServicer) -> None:
+def add_reflection(
+    server: grpc.aio.Server, servicer: reflection.aio.ReflectionServicer, reads: MessageReads
+) -> None:
     """Serve ``grpc.reflection.v1alpha.ServerReflection`` from ``servicer``, each
-    request bounded."""
+    request bounded, read by ``reads``."""
     request = reflection_pb2.ServerReflectionRequest
 
-    async def info(raws: AsyncIterable[bytes], context: Context) -> AsyncIterator[Any]:
-        requests = bounded_stream(request, REFLECTION_REQUEST_MAX_BYTES, raws, context)
+    async def info(messages: object, context: Context) -> AsyncIterator[Any]:
+        requests = bounded_stream(reads, request, REFLECTION_REQUEST_MAX_BYTES, context)
         async for answer in servicer.ServerReflectionInfo(requests, context):
             yield answer
 

@@ -31,6 +31,7 @@ from mandant.transport.grpc.gateway import (
     metadata_value,
 )
 from mandant.transport.grpc.probes import add_health, add_reflection
+from mandant.transport.grpc.reads import MessageReads
 from mandant.transport.grpc.servicer import (
     INFERENCE_SERVICE,
     InferenceServicer,
@@ -187,6 +188,8 @@ class GrpcServer:
             if config.front_gather_ms > 0 and group > 1
             else None
         )
+        # How long each call's message may take to come, how many come at once.
+        reads = MessageReads(config.message_read_timeout_s)
         self.gate = gate = Gate(
             plane.authenticate,
             authenticate_admin or AdminKeys(config.admin_keys).authenticate,
@@ -196,6 +199,7 @@ class GrpcServer:
             authenticate_peer=peer,
             unread=unread,
             gather=gather,
+            reads=reads,
         )
         self.servicer = servicer = InferenceServicer(
             plane, config, observer, door, stats or InferenceStats(), cap, unread
@@ -209,7 +213,7 @@ class GrpcServer:
                 for name, handler in handlers.items()
             }
         self._server.add_registered_method_handlers(INFERENCE_SERVICE, handlers)
-        self.watches = add_health(self._server, self._health)
+        self.watches = add_health(self._server, self._health, reads)
         services = [INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME]
         if forward is not None:
             admin = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
@@ -229,7 +233,9 @@ class GrpcServer:
             )
             services.append(ADMIN_SERVICE)
         add_reflection(
-            self._server, reflection.aio.ReflectionServicer(services, pool=_reflection_pool())
+            self._server,
+            reflection.aio.ReflectionServicer(services, pool=_reflection_pool()),
+            reads,
         )
         self.port = 0
 

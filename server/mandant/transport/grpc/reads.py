@@ -1,0 +1,161 @@
+"""Calls reading their request message: how long each may take, and how many at once.
+
+Once a handler asks for a call's message, gRPC opens the call's HTTP/2 window for all
+of it (up to ``max_message_bytes``) and holds what has come until the rest does. A
+client that sent part of a message and then nothing held that part for as long as its
+connection lived: four health checks without a key, 30 of a declared 40 MiB sent
+each, held 125 MB; 24 inference calls of one tenant, 40 of 60 MiB each, held 1 GB.
+So every read of a message a caller sends (the gate's unary calls, the front ends'
+forwarded calls, health checks and reflection) goes through :class:`MessageReads`:
+
+- it ends after its timeout, DEADLINE_EXCEEDED (:class:`MessageTimedOut`), and gRPC
+  frees what came: ``server.message_read_timeout_s`` for a key's calls,
+  :data:`OPEN_READ_TIMEOUT_S` for calls without one (their messages are a few bytes).
+  One timer serves every read, not one per call;
+- the reads of calls without a key are counted server-wide, at most
+  :data:`OPEN_READS_MAX` at once, and a tenant's reads of its calls other than
+  inference at most :data:`TENANT_READS_MAX` at once: beyond, the call is refused
+  RESOURCE_EXHAUSTED before its message is asked for (its window stays HTTP/2's
+  initial one). A tenant's inference calls read theirs once they hold their place
+  (its ``max_concurrency``, the front door), so they are not counted again here;
+  an admin's calls neither.
+
+A key's calls hold at most these counts (and its inference calls' places) times
+``max_message_bytes``, each for at most its timeout. A ModelStreamInfer stream is not
+timed: between its messages it waits for the next one for as long as its client
+likes, and gRPC does not say whether one has begun to come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+
+from mandant.errors import DeadlineExceeded, ResourceExhausted
+
+#: How long a call without a key (a health check, reflection) may take to send its
+#: message once it is asked for.
+OPEN_READ_TIMEOUT_S = 5.0
+#: Messages of calls without a key read at once, server-wide.
+OPEN_READS_MAX = 32
+#: Messages of one tenant's calls other than inference (metadata, statistics, model
+#: control) read at once.
+TENANT_READS_MAX = 64
+#: The pushback of a read refused for the count.
+READS_RETRY_S = 1.0
+#: How often the timer looks for late reads, as a share of the shortest timeout: a
+#: read ends between its timeout and this much later.
+SWEEP_SHARE = 0.25
+
+#: Where the open reads are counted.
+OPEN = ""
+
+
+class MessageTimedOut(DeadlineExceeded):
+    """The call's message did not come within its read timeout."""
+
+
+class Reading:
+    """One read in progress: :meth:`MessageReads.begin`'s ticket."""
+
+    __slots__ = ("counted", "ends_at", "late", "task", "timeout_s")
+
+    def __init__(self, task: asyncio.Task[Any], timeout_s: float, counted: str | None) -> None:
+        self.task = task
+        self.timeout_s = timeout_s
+        self.ends_at = time.monotonic() + timeout_s
+        self.counted = counted  # the count it takes part in (None: not counted)
+        self.late = False  # the timer cancelled its task
+
+
+class MessageReads:
+    """Every read of a caller's message in progress (module doc)."""
+
+    def __init__(self, timeout_s: float, open_timeout_s: float = OPEN_READ_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self.open_timeout_s = open_timeout_s
+        self._sweep_s = SWEEP_SHARE * min(timeout_s, open_timeout_s)
+        self._reading: dict[asyncio.Task[Any], Reading] = {}
+        self._counts: dict[str, int] = {}  # tenant id (OPEN: no key) → reads counted
+        self._timer: asyncio.TimerHandle | None = None
+
+    def reading(self, counted: str) -> int:
+        """The reads counted for a tenant (:data:`OPEN`: calls without a key)."""
+        return self._counts.get(counted, 0)
+
+    def begin(self, timeout_s: float, counted: str | None = None, limit: int = 0) -> Reading:
+        """The current task reads its call's message now, for at most ``timeout_s``;
+        ``counted``: the count it takes part in, at most ``limit`` (ResourceExhausted
+        beyond, nothing taken). :meth:`end` it once the read returns or fails, before
+        any other await."""
+        if counted is not None:
+            held = self._counts.get(counted, 0)
+            if held >= limit:
+                raise ResourceExhausted(
+                    f"{held} calls {'without a key' if counted == OPEN else 'of this tenant'} "
+                    f"are sending their messages (at most {limit}): retry once they have",
+                    READS_RETRY_S,
+                )
+            self._counts[counted] = held + 1
+        task = asyncio.current_task()
+        assert task is not None  # gRPC runs each handler in a task of its own
+        reading = Reading(task, timeout_s, counted)
+        self._reading[task] = reading
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._sweep_s, self._sweep)
+        return reading
+
+    def end(self, reading: Reading | None) -> bool:
+        """The read is over (a None: none began); whether it timed out, the task's
+        cancellation then taken back: the caller raises :meth:`timed_out` instead.
+        Safe to call twice."""
+        if reading is None or self._reading.pop(reading.task, None) is None:
+            return False
+        if reading.counted is not None:
+            left = self._counts[reading.counted] - 1
+            if left:
+                self._counts[reading.counted] = left
+            else:
+                del self._counts[reading.counted]
+        if reading.late:
+            reading.task.uncancel()
+        return reading.late
+
+    async def read(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        timeout_s: float,
+        counted: str | None = None,
+        limit: int = 0,
+    ) -> object:
+        """``context.read()`` as :meth:`begin` times and counts it: its message, or
+        :class:`MessageTimedOut`. (The gate's inference path inlines this: one
+        coroutine fewer per call.)"""
+        reading = self.begin(timeout_s, counted, limit)
+        try:
+            return await context.read()
+        except asyncio.CancelledError:
+            if self.end(reading):
+                raise self.timed_out(reading) from None
+            raise
+        finally:
+            self.end(reading)
+
+    @staticmethod
+    def timed_out(reading: Reading) -> MessageTimedOut:
+        return MessageTimedOut(f"the request message did not arrive within {reading.timeout_s:g} s")
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for reading in self._reading.values():
+            if not reading.late and reading.ends_at <= now:
+                reading.late = True
+                reading.task.cancel()
+        self._timer = (
+            asyncio.get_running_loop().call_later(self._sweep_s, self._sweep)
+            if self._reading
+            else None
+        )

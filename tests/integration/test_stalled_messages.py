@@ -1,0 +1,104 @@
+"""A call whose client sends part of its message and then nothing ends
+DEADLINE_EXCEEDED after ``server.message_read_timeout_s``, and what came of it is
+freed: gRPC holds a message's part until the rest comes, and before, such calls lived
+as long as their connection (24 inference calls sending 40 of 60 MiB each held 1 GB).
+A tenant's calls other than inference read at most ``TENANT_READS_MAX`` messages at
+once; beyond, RESOURCE_EXHAUSTED before the message is asked for. One process and the
+front ends of ``workers: 2`` alike (``transport/grpc/reads.py``). The probes' reads,
+without a key, are in ``test_probe_bounds.py``."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from mandant.config import parse_config
+from mandant.tenancy.keys import hash_key
+from mandant.transport.grpc.reads import TENANT_READS_MAX
+from mandant_client._proto import grpc_service_pb2 as pb
+from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+from tests.integration.stalled_calls import StalledCalls
+from tests.servers import ECHO_MODEL, SERVER_KINDS, Server, serve
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_METADATA = "/inference.GRPCInferenceService/ModelMetadata"
+KEY = "globex-key"
+METADATA = (("authorization", f"Bearer {KEY}"),)
+READ_TIMEOUT_S = 0.5
+
+
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    config = parse_config(
+        {
+            "server": {
+                "grpc_port": 0,
+                "http_port": 0,
+                "rest_port": 0,
+                "message_read_timeout_s": READ_TIMEOUT_S,
+            },
+            "tenants": [{"id": "globex", "api_keys": [hash_key(KEY)]}],
+            "models": [ECHO_MODEL],
+        }
+    )
+    running = serve(request.param, config, tmp_path_factory.mktemp("stalled"))
+    yield running
+    running.stop()
+
+
+def port_of(server: Server) -> int:
+    return int(server.target.rsplit(":", 1)[1])
+
+
+def echo_works(server: Server) -> None:
+    row = np.ones((1, 4), np.float32)
+    message = pb.ModelInferRequest(model_name="echo")
+    message.inputs.add(name="INPUT0", datatype="FP32", shape=row.shape)
+    message.raw_input_contents.append(row.tobytes())
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        answer = stub.ModelInfer(message, metadata=METADATA, timeout=10)
+        assert answer.raw_output_contents[0] == row.tobytes()
+        stub.ModelMetadata(pb.ModelMetadataRequest(name="echo"), metadata=METADATA, timeout=10)
+
+
+def test_an_inference_call_whose_message_stalls_ends_deadline_exceeded(server: Server) -> None:
+    calls = StalledCalls(port_of(server), INFER, KEY, calls=3, declared=8 << 20, sent=4096)
+    try:
+        start = time.monotonic()
+        statuses = calls.statuses(timeout_s=10)
+        took_s = time.monotonic() - start
+    finally:
+        calls.close()
+    assert [code for code, _ in statuses] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3, statuses
+    assert statuses[0][1] == f"the request message did not arrive within {READ_TIMEOUT_S:g} s"
+    assert READ_TIMEOUT_S <= took_s < READ_TIMEOUT_S + 3
+    echo_works(server)
+
+
+def test_a_tenants_other_calls_read_a_bounded_number_of_messages_at_once(
+    server: Server,
+) -> None:
+    calls = StalledCalls(port_of(server), MODEL_METADATA, KEY, calls=TENANT_READS_MAX + 1)
+    try:
+        statuses = calls.statuses(timeout_s=10)
+    finally:
+        calls.close()
+    codes = Counter(code for code, _ in statuses)
+    assert codes == {
+        grpc.StatusCode.DEADLINE_EXCEEDED: TENANT_READS_MAX,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: 1,
+    }
+    refused = next(text for code, text in statuses if code == grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert refused == (
+        f"{TENANT_READS_MAX} calls of this tenant are sending their messages "
+        f"(at most {TENANT_READS_MAX}): retry once they have"
+    )
+    echo_works(server)  # every read given back: the next calls are read
