@@ -326,12 +326,14 @@ async def refused_at_once(caller: Any) -> None:
 
 
 async def test_calls_their_callers_gave_up_on_while_triton_answers_nobody_open_the_breaker(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A wedged model (health checks answer, calls never do) and clients whose deadline
     (0.5 s) is shorter than ``timeout_s`` (30 s), as real clients' are: every call was
     abandoned by its caller, so the breaker never opened and each call waited its whole
-    deadline. Now five such calls open it and the next is refused at once."""
+    deadline. Now five such calls, given up once Triton has answered nothing for
+    ``SILENT_S`` (5 s; 0.3 here) while asked, open it and the next is refused at once."""
+    monkeypatch.setattr(triton_backend, "SILENT_S", 0.3)
     async with sleepy_app(tmp_path) as app, client(app, "acme", 0.5) as acme:
         assert await outcome(acme, "sleepy", np.zeros((1, 4), np.float32)) is None
         await all_give_up(acme, 60.0, 5)
@@ -356,6 +358,26 @@ async def test_one_tenant_s_short_deadlines_on_a_slow_model_leave_the_breaker_cl
         assert await outcome(globex, "sleepy", slow) is None
 
 
+async def test_one_tenant_s_calls_slow_for_their_data_leave_the_breaker_closed(
+    tmp_path: Path,
+) -> None:
+    """globex's calls are quick (Triton's slowest recent answer: milliseconds); acme's
+    bursts of calls slow for their inputs (0.4 s) give up at 0.15 s. Before, each
+    counted as a failure once it waited twice the slowest answer (0.1 s at least), and
+    acme opened the breaker for globex: one tenant's data and deadlines are no sign
+    that Triton answers nobody."""
+    quick = np.zeros((1, 4), np.float32)
+    async with (
+        sleepy_app(tmp_path) as app,
+        client(app, "acme", 0.15) as acme,
+        client(app, "globex") as globex,
+    ):
+        assert await outcome(globex, "sleepy", quick) is None
+        for _ in range(3):
+            await all_give_up(acme, 0.4, 6)
+        assert await outcome(globex, "sleepy", quick) is None
+
+
 async def test_short_deadlines_before_any_answer_leave_the_breaker_closed(
     tmp_path: Path,
 ) -> None:
@@ -375,10 +397,10 @@ async def test_short_deadlines_before_any_answer_leave_the_breaker_closed(
 async def test_a_model_wedged_from_the_start_opens_the_breaker_after_the_cold_stall(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Before any answer, a call its caller gave up on counts once it waited
-    ``COLD_STALL_S`` (5 s; 0.3 here): a model wedged since Mandant started, clients'
-    deadlines shorter than ``timeout_s``, never opened the breaker."""
-    monkeypatch.setattr(triton_backend, "COLD_STALL_S", 0.3)
+    """Before any answer, a call its caller gave up on counts once Triton was asked
+    and silent ``SILENT_S`` (5 s; 0.3 here): a model wedged since Mandant started,
+    clients' deadlines shorter than ``timeout_s``, never opened the breaker."""
+    monkeypatch.setattr(triton_backend, "SILENT_S", 0.3)
     async with sleepy_app(tmp_path) as app, client(app, "acme", 0.5) as acme:
         await all_give_up(acme, 60.0, 5)
         await refused_at_once(acme)

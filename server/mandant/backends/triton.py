@@ -25,8 +25,11 @@
   serves the others are theirs, while a model that answers nobody (a wedged instance
   behind a Triton whose health checks still answer) opens it. That holds for a call
   given up by its caller too (its deadline shorter than ``timeout_s``, as real clients'
-  are, or a cancel), once it waited twice Triton's slowest recent answer (before the
-  model answered any call: :data:`COLD_STALL_S`; :meth:`TritonBackend._unanswered`).
+  are, or a cancel), once Triton has answered no call for :data:`SILENT_S` (or twice
+  its slowest recent answer, if longer) while it had calls to answer
+  (:meth:`TritonBackend._unanswered`): not on one call's wait, which a tenant sets by
+  its own data and deadline (bursts of its calls, slow for their inputs and given up
+  at 0.25 s on a model that runs one call at a time, opened the breaker for everyone).
   Such a call stays charged, as any call whose
   deadline passed while Triton had it: Triton holds its rows and computes them once its
   model moves again; the calls the open breaker refuses are refunded. Triton's own queue
@@ -83,15 +86,13 @@ RETRY_BACKOFF_S = 0.05
 #: Timeout of one health poll RPC.
 PROBE_TIMEOUT_S = 1.0
 #: A call its caller gave up on (deadline, cancel) counts against the breaker where
-#: Triton answered no call since it was sent and it waited this many times Triton's
-#: slowest recent answer, and at least MIN_STALL_S: a model answering nobody, not one
-#: tenant's deadline shorter than the model's time.
+#: Triton has answered no call for this long while it had calls to answer (since the
+#: earliest sent after its last answer), or for STALL_FACTOR times its slowest recent
+#: answer if longer: a model answering nobody, not one tenant's calls slower than its
+#: own deadlines (a tenant that keeps Triton busy this long with calls it gives up has
+#: kept every other call waiting as long anyway).
+SILENT_S = 5.0
 STALL_FACTOR = 2.0
-MIN_STALL_S = 0.1
-#: The same before the model answered any call (how long it takes is not known): a
-#: model wedged from the start opens the breaker once callers waited this long, while
-#: one tenant's short deadlines on a fresh slow model do not.
-COLD_STALL_S = 5.0
 #: Triton's slowest recent answer is a peak that each answer lowers by this factor.
 SLOWEST_DECAY = 0.9
 _CONNECT_FAILURE_MARKERS = ("failed to connect", "connection refused", "no route to host")
@@ -129,6 +130,11 @@ class TritonBackend:
         self._answered_at = -float("inf")
         #: Seconds Triton took for its slowest recent answer (a decaying peak).
         self._slowest_s = 0.0
+        #: Calls sent to Triton and not ended; when the earliest of them sent since its
+        #: last answer was sent: how long it has had calls to answer and answered none
+        #: (``_unanswered``), monotonic.
+        self._asking = 0
+        self._asked_at = -float("inf")
         #: How the configured tensors contradict Triton's model's (None: they agree,
         #: or are Triton's own): the model is not ready while they do.
         self._contradiction: str | None = None
@@ -243,6 +249,9 @@ class TritonBackend:
         if not self._breaker.allow():
             raise Unavailable(f"model '{self._spec.name}' is unavailable (backend is failing)")
         generation = self._breaker.generation  # outcomes of older calls cannot close it
+        if not self._asking or self._asked_at <= self._answered_at:
+            self._asked_at = sent  # the first call Triton has to answer since it last did
+        self._asking += 1
         try:
             response = await self._call(stub, request, deadline)
         except DeadlineExceeded:
@@ -273,6 +282,8 @@ class TritonBackend:
                 joined_by_triton=self._joined_by_triton,
                 batched=self._spec.batching is not None,
             ) from exc
+        finally:
+            self._asking -= 1
         self._answered(sent)
         self._breaker.record_success(generation)
         return self._answers.outputs(response, outputs, self._spec.outputs, rows)
@@ -293,21 +304,17 @@ class TritonBackend:
         """What a call sent at ``sent`` that Triton did not answer says of Triton. Its
         own slowness (ABANDONED) where Triton answered another call since; where its
         caller gave up first (``by_caller``: the caller's deadline, a cancel), also
-        where it waited less than Triton usually takes (:data:`STALL_FACTOR`), so that
-        one tenant's short deadlines on a slow model that answers do not shut it for
-        all; before Triton answered any call of this model, where it waited less than
-        :data:`COLD_STALL_S`. Else FAILED: Triton answered nobody, whoever set the
-        deadline."""
+        where Triton has not yet been silent :data:`SILENT_S` (or twice its slowest
+        recent answer) while asked: one tenant's short deadlines on calls slow for
+        their data do not shut the model for all. Else FAILED: Triton answered nobody,
+        whoever set the deadline."""
         if self._answered_at > sent:
             return CallOutcome.ABANDONED
         if not by_caller:
             return CallOutcome.FAILED
-        if self._slowest_s:
-            stall_s = max(MIN_STALL_S, STALL_FACTOR * self._slowest_s)
-        else:  # no answer yet: how long Triton takes is not known
-            stall_s = COLD_STALL_S
-        waited = self._clock() - sent
-        return CallOutcome.FAILED if waited >= stall_s else CallOutcome.ABANDONED
+        silent_s = self._clock() - self._asked_at
+        stall_s = max(SILENT_S, STALL_FACTOR * self._slowest_s)
+        return CallOutcome.FAILED if silent_s >= stall_s else CallOutcome.ABANDONED
 
     def _chunks(
         self, parts: Sequence[Mapping[str, np.ndarray]]
