@@ -482,3 +482,31 @@ async def test_tensors_triton_s_model_changes_to_contradict_make_it_unready(
         await backend.refresh()
         assert backend.ready
         assert await outcome(acme, "good", np.ones((1, 4), np.float32)) is None
+
+
+async def test_triton_s_tensors_of_a_datatype_mandant_does_not_carry_are_not_served(
+    tmp_path: Path,
+) -> None:
+    """A model whose tensors come from Triton (none configured) with a BF16 input
+    loaded READY, published BF16 in ModelMetadata, and every call with raw contents
+    failed INTERNAL where the datatype was looked up. Now the load fails naming it,
+    and a model whose Triton model changes to such a tensor is unready until it
+    changes back."""
+    async with fake_triton() as (url, fake):
+        found = {k: v for k, v in model(url, "found").items() if k not in IO}
+        fake.input_datatype = "BF16"
+        async with App(config(url, found), tmp_path) as app, client(app, "acme") as acme:
+            (failed,) = app.registry.all()
+            assert "INPUT0 is BF16 on Triton's model 'found', a datatype Mandant does not" in (
+                str(failed.failure)
+            )
+            assert not await acme.model_ready("found")
+            fake.input_datatype = "FP32"
+            await app.registry.load("found")
+            assert await outcome(acme, "found", np.ones((1, 4), np.float32)) is None
+            backend = app.registry.resolve(Tenant("acme"), "found").backend
+            fake.input_datatype = "BF16"
+            await backend.refresh()
+            assert not backend.ready and not await acme.model_ready("found")
+            metadata = await acme.model_metadata("found")
+            assert [t.datatype for t in metadata.inputs] == ["FP32"]  # BF16 never published

@@ -72,7 +72,12 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from mandant.backends.channels import ChannelPool
 from mandant.backends.circuit import CallOutcome, CircuitBreaker
 from mandant.backends.triton_answers import TritonAnswers, translate
-from mandant.backends.triton_tensors import TensorMismatch, mismatches, tensor_spec
+from mandant.backends.triton_tensors import (
+    TensorMismatch,
+    mismatches,
+    tensor_spec,
+    unknown_datatypes,
+)
 from mandant.config import ModelSpec, TritonModelConfig
 from mandant.errors import DeadlineExceeded, Unavailable
 from mandant.types import datatype_of
@@ -451,25 +456,36 @@ class TritonBackend:
         self._triton_max_batch = limit
 
     def _check(self, metadata: pb.ModelMetadataResponse) -> None:
-        """Compare the configured tensors with Triton's model's (logged at ERROR when
-        they start to contradict, at INFO when they agree again)."""
+        """Compare the configured tensors with Triton's model's."""
         spec = self._spec
-        problems = mismatches(self._triton.model, metadata, spec.inputs, spec.outputs)
+        self._contradict(mismatches(self._triton.model, metadata, spec.inputs, spec.outputs))
+
+    def _contradict(self, problems: list[str]) -> None:
+        """The model's tensors and Triton's contradict (``problems``; none: they agree):
+        logged at ERROR when they start to, at INFO when they agree again."""
         contradiction = "; ".join(problems) or None
         if contradiction != self._contradiction:
             if contradiction is not None:
                 logger.error(
-                    "model %s: its configured tensors contradict Triton's at %s (check "
+                    "model %s: its tensors contradict Triton's at %s (check "
                     "models[].inputs/outputs): %s",
-                    spec.name,
+                    self._spec.name,
                     self._triton.url,
                     contradiction,
                 )
             else:
-                logger.info("model %s: its tensors agree with Triton's model now", spec.name)
+                logger.info("model %s: its tensors agree with Triton's model now", self._spec.name)
         self._contradiction = contradiction
 
     def _adopt(self, metadata: pb.ModelMetadataResponse) -> None:
+        """Take Triton's model's tensors as the model's; one of a datatype Mandant does
+        not carry (BF16) is a contradiction instead: the model is not served, as if the
+        configuration named it (a call failed INTERNAL where the datatype was looked
+        up, and ModelMetadata published it)."""
+        unknown = unknown_datatypes(self._triton.model, metadata)
+        self._contradict(unknown)
+        if unknown:
+            return
         inputs = tuple(tensor_spec(t) for t in metadata.inputs)
         outputs = tuple(tensor_spec(t) for t in metadata.outputs)
         if (inputs, outputs) != (self._spec.inputs, self._spec.outputs):

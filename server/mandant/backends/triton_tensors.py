@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from tritonclient.grpc import service_pb2 as pb
 
-from mandant.types import TensorSpec
+from mandant.types import DATATYPES, TensorSpec
 
 
 class TensorMismatch(RuntimeError):
@@ -61,6 +61,18 @@ def mismatches(
                     f"{list(other.shape)} on Triton's model {model!r}"
                 )
     return problems
+
+
+def unknown_datatypes(model: str, metadata: pb.ModelMetadataResponse) -> list[str]:
+    """Triton's ``model``'s tensors whose datatype Mandant does not carry (BF16), each
+    said as a problem (empty: none)."""
+    return [
+        f"{kind} {tensor.name} is {tensor.datatype} on Triton's model {model!r}, a "
+        f"datatype Mandant does not carry ({', '.join(DATATYPES)})"
+        for kind, tensors in (("input", metadata.inputs), ("output", metadata.outputs))
+        for tensor in tensors
+        if tensor.datatype not in DATATYPES
+    ]
 
 
 def _shapes_agree(mine: Sequence[int], theirs: Sequence[int]) -> bool:
