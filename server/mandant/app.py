@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
@@ -361,19 +361,36 @@ class App:
                 self._reload_certificates(tls)
             except (OSError, ssl.SSLError) as exc:
                 deferred.append(f"{CERTIFICATES_KEPT}: {exc}")
+        before = self.directory.current.ids
         applied = self.directory.replace(config.tenants, config.server.admin_keys)
         self.admission.update(config)
+        tenants = self.directory.current.ids
+        if before - tenants:
+            # A removed tenant's statistics and its models loaded with a ``config``
+            # (in no file) go: a tenant added later under its id was served both.
+            self.stats.forget_tenants(tenants)
+            self._in_background(self._unload_owners(before - tenants))
         if config.models != self.config.models:
             # Not behind the previous reload's changes: the registry orders the changes
             # to each name, and a name still loading holds up no other.
-            self.model_changes = changes = asyncio.create_task(
+            self.model_changes = self._in_background(
                 self._apply_models(config.model_specs(self.base_dir))
             )
-            self._applying.add(changes)
-            changes.add_done_callback(self._applying.discard)
             applied.append("models: changes loading in the background")
         self.config = held
         return ReloadResult(tuple(applied), tuple(deferred))
+
+    def _in_background(self, changes: Coroutine[Any, Any, list[str]]) -> asyncio.Task[list[str]]:
+        """Model changes of a reload, made in the background (cancelled at close)."""
+        task = asyncio.create_task(changes)
+        self._applying.add(task)
+        task.add_done_callback(self._applying.discard)
+        return task
+
+    async def _unload_owners(self, owners: Collection[str]) -> list[str]:
+        return await self.registry.unload_owners(
+            owners, on_change=lambda change: logger.info("configuration reload: %s", change)
+        )
 
     async def _apply_models(self, specs: list[ModelSpec]) -> list[str]:
         """A reload's model changes, each logged as it is made."""

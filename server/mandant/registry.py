@@ -334,6 +334,30 @@ class ModelRegistry:
         logger.info("model %s unloading: %d version(s)", name, len(old))
         await self._freed(retirement)
 
+    async def unload_owners(
+        self, owners: Collection[str], on_change: ChangeHook | None = None
+    ) -> list[str]:
+        """Stop serving every version that one of ``owners`` (tenants a reload removed)
+        owns, as :meth:`unload` does a name's: a model loaded for a tenant with a
+        ``config`` is in no file, so a reload's :meth:`apply` would not see it, and a
+        tenant added later under the same id was served it. One line per name."""
+        names = sorted({name for owner, name in self._models if owner in owners})
+        turns = {name: self._change(name) for name in names}
+
+        async def drop(name: str) -> str | None:
+            async with turns[name]:
+                old = [m for owner in owners for m in self._models.pop((owner, name), [])]
+                self._retire(old)
+            if not old:
+                return None
+            change = f"model '{name}': the versions of removed tenants unloaded"
+            if on_change is not None:
+                on_change(change)
+            return change
+
+        changes = await asyncio.gather(*(drop(name) for name in names))
+        return [change for change in changes if change is not None]
+
     async def apply(
         self, specs: Iterable[ModelSpec], on_change: ChangeHook | None = None
     ) -> list[str]:

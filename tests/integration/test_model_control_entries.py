@@ -328,3 +328,49 @@ def test_a_model_added_by_a_reload_gets_its_own_metrics_labels(
     assert sample(text, "mandant_request_duration_seconds_count", **labels) == 1
     assert sample(text, "mandant_compute_seconds_total", **labels) > 0
     assert sample(text, "mandant_batch_size_count", model="added", tenant="") == 1
+
+
+def test_a_removed_tenant_s_models_and_statistics_pass_to_no_later_tenant_of_its_id(
+    tmp_path: Path,
+) -> None:
+    """A model loaded for a tenant with a ``config`` entry is in no file, so a reload
+    that removed the tenant left it loaded (and its statistics kept): a tenant added
+    later under the same id, with its own key, was served the old one's model and read
+    its figures. Now the reload unloads it and drops the statistics."""
+    from mandant.tenancy.keys import hash_key
+
+    data = _config_data([ECHO_MODEL])
+    acme = data["tenants"][0]
+    initech = {"id": "initech", "api_keys": [hash_key("initech-key")]}
+    running = ServerThread(parse_config({**data, "tenants": [acme, initech]}), tmp_path).start()
+    app = running.app
+    assert app is not None
+
+    def reload(tenants: list[dict[str, Any]]) -> None:
+        async def apply() -> None:
+            app.reload(parse_config({**data, "tenants": tenants}))
+
+        running.call(apply())
+
+    try:
+        client = tc.InferenceServerClient(running.target)
+        secret = {**model("secret", "doubled"), "tenant": "initech"}
+        client.load_model("secret", config=json.dumps(secret), headers=ADMIN)
+        old = {"authorization": "Bearer initech-key"}
+        np.testing.assert_array_equal(infer(client, "secret", old), X * 2)
+        infer(client, "echo", old)
+        reload([acme])
+        for _ in range(100):
+            if "secret" not in {m.key.name for m in app.registry.all()}:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the removed tenant's model is still loaded")
+        reload([acme, {"id": "initech", "api_keys": [hash_key("new-initech-key")]}])
+        new = {"authorization": "Bearer new-initech-key"}
+        assert code_of(lambda: infer(client, "secret", new)) == "StatusCode.NOT_FOUND"
+        stats = client.get_inference_statistics("echo", headers=new, as_json=True)
+        counts = [int(s.get("inference_count", 0)) for s in stats.get("model_stats", [])]
+        assert counts == [0] or not counts
+    finally:
+        running.stop()

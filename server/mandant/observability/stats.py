@@ -159,6 +159,12 @@ class InferenceStats:
         for run in [run for run in self._executions if not served.serves(run[1], run[0], run[2])]:
             del self._executions[run]
 
+    def forget_tenants(self, tenants: Container[str]) -> None:
+        """Drop the statistics of the tenants not in ``tenants`` (removed by a reload):
+        a tenant added later under the same id must not read them as its own."""
+        for key in [key for key in self._stats if key[0] and key[0] not in tenants]:
+            del self._stats[key]
+
     def _recorded(self, model: str) -> bool:
         return self._models is None or model in self._models
 
