@@ -226,6 +226,7 @@ async def _supervise(
         [sys.executable, "-m", "mandant"],
         child_args,
         path,
+        load=lambda file: _with_overrides(load_config(file), args),
     )
 
     def serving(supervisor: Supervisor) -> None:

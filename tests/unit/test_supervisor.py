@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 from pathlib import Path
@@ -26,5 +27,37 @@ def test_a_refused_reload_names_the_operators_file(
         assert "configuration reload refused" in refusal
         assert str(config) in refusal and ".checking" not in refusal
         assert not supervisor.applied.exists()
+    finally:
+        shutil.rmtree(supervisor.applied.parent, ignore_errors=True)
+
+
+def test_a_file_the_children_would_refuse_with_their_flags_is_not_applied(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file valid alone that clashes with the command line (its REST port the
+    ``--http-port`` flag's) or with the gRPC port every child is given: the children
+    refuse it, so the supervisor must too. Checked alone, it became the applied copy:
+    an engine restarted later served it (a rotated key took effect in one process),
+    and a front end restarted later could never start."""
+    from mandant.cli import _with_overrides
+    from mandant.config import load_config
+
+    config = tmp_path / "mandant.yaml"
+    flags = argparse.Namespace(http_port=19163)
+    load = lambda file: _with_overrides(load_config(file), flags)  # noqa: E731
+    supervisor = Supervisor(2, 19161, "127.0.0.1", 0.0, [], [], config, load=load)
+    try:
+        config.write_text("server: {grpc_port: 19161, http_port: 19162, rest_port: 19164}\n")
+        supervisor.reload()
+        assert supervisor.applied.exists()
+        # The flag's HTTP port; the gRPC port taken (the file's 0: any free one).
+        for clash in ("grpc_port: 19161, rest_port: 19163", "grpc_port: 0, rest_port: 19161"):
+            config.write_text(f"server: {{http_port: 19162, {clash}}}\n")
+            load_config(config)  # valid alone
+            before = supervisor.applied.read_text()
+            with caplog.at_level(logging.ERROR):
+                supervisor.reload()
+            assert "configuration reload refused" in caplog.messages[-1]
+            assert supervisor.applied.read_text() == before
     finally:
         shutil.rmtree(supervisor.applied.parent, ignore_errors=True)

@@ -41,10 +41,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mandant.transport.listeners import Listener, bare
 from mandant.workers.process import ANNOUNCE
 from mandant.workers.sockets import EngineSockets
+
+if TYPE_CHECKING:
+    from mandant.config import MandantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +114,11 @@ class Supervisor:
         command: list[str],
         child_args: list[str],
         config_path: Path,
+        load: Callable[[Path], MandantConfig] | None = None,
     ) -> None:
-        """``config_path``: the configuration file (absolute), read again at SIGHUP."""
+        """``config_path``: the configuration file (absolute), read again at SIGHUP.
+        ``load``: a file as the children read it, with the command line's server
+        flags (None: as it is)."""
         self.workers = workers
         self.grpc_port = grpc_port
         self._host = host
@@ -121,6 +128,7 @@ class Supervisor:
         self._folder = Path(tempfile.mkdtemp(prefix="mandant-"))
         self.sockets = EngineSockets(self._folder)
         self._config_path = config_path
+        self._load = load
         #: The configuration applied, which children read (module doc).
         self.applied = self._folder / "applied.yaml"
         #: The configuration as the server started: what a child started again keeps
@@ -250,10 +258,16 @@ class Supervisor:
                 child.reload_pending = True
 
     def _apply_file(self) -> bool:
-        """Copy the configuration file to :attr:`applied` if it validates (the copy is
-        what is checked, so what children read is what passed)."""
-        from mandant.config import MandantConfig, load_config, reloaded
+        """Copy the configuration file to :attr:`applied` if it validates as every child
+        will read it: with the command line's flags and the gRPC port they are given
+        (the copy is what is checked, so what children read is what passed). Checked
+        without them, a file the children refused (its REST port the flags' HTTP port)
+        became the applied copy, which a child restarted later served, or could not
+        start with."""
+        from mandant.config import load_config, reloaded
         from mandant.errors import ConfigError
+
+        load = self._load or load_config
 
         checked = self.applied.with_suffix(".checking")
         try:
@@ -264,7 +278,7 @@ class Supervisor:
 
         def check() -> MandantConfig:
             try:
-                return load_config(checked)
+                return load(checked).with_server({"grpc_port": self.grpc_port})
             except ConfigError as exc:  # name the operator's file, not the copy checked
                 raise ConfigError(str(self._config_path), exc.errors) from None
 
