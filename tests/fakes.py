@@ -201,6 +201,7 @@ class RecordingObserver:
         version: str = "",
         inference: bool = False,
         owner: str = "",
+        busy: bool = False,
     ) -> None:
         self.finished.append((tenant, model, version, code))
 

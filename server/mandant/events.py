@@ -32,13 +32,17 @@ class Observer(Protocol):
         version: str = "",
         inference: bool = False,
         owner: str = "",
+        busy: bool = False,
     ) -> None:
         """A call was answered; ``code`` is the gRPC status name (OK, NOT_FOUND, …);
         ``version``: the version of ``model`` it resolved ("" where none);
         ``inference``: an inference call (a ModelInfer, a stream message, a REST
         infer), also one that ended before its model was known (its deadline passed
         at the front door): it counts against its tenant's SLO; ``owner``: the tenant
-        owning ``model`` (a private model or tuned variant), "" for a shared one."""
+        owning ``model`` (a private model or tuned variant), "" for a shared one;
+        ``busy``: refused for the server-wide cap on calls, or its place at the door
+        taken by another tenant's call (RESOURCE_EXHAUSTED on the server's account, not
+        the tenant's limits: it counts against the SLO, as bad)."""
         ...
 
     def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:
@@ -99,6 +103,7 @@ class NullObserver:
         version: str = "",
         inference: bool = False,
         owner: str = "",
+        busy: bool = False,
     ) -> None:
         return None
 

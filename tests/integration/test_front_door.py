@@ -156,6 +156,42 @@ async def test_the_call_cap_and_the_door_are_shared_by_grpc_and_rest(tmp_path: P
         assert server.app.metrics.get_sample_value("mandant_rejections_total", labels) == 1
 
 
+async def test_a_call_refused_for_the_full_server_counts_against_its_slo(
+    tmp_path: Path,
+) -> None:
+    """Tenant a's call fills the server (room for one); b's gRPC and REST calls are
+    refused RESOURCE_EXHAUSTED (429) for it: on the server's account, not b's limits,
+    so they are bad calls of b's SLO (they were left out: b's SLO read 100% while
+    its calls were refused, and its alerts could never fire)."""
+    slo = {"latency_ms": 60_000, "percentile": 99, "objective": 0.99}
+    data = _capped(max_concurrent_rpcs=1).model_dump(exclude_unset=True)
+    data["tenants"][1]["slo"] = slo
+    with _gated(parse_config(data, "test"), tmp_path) as server:
+        assert server.app is not None
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stuck = await _stuck_call(server, channel)
+            infer = channel.unary_unary(INFER)
+            b_key = (("authorization", "Bearer b-key"),)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await infer(_request("echo"), metadata=b_key, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            body = json.dumps(
+                {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [1]}]}
+            ).encode()
+            url = f"http://127.0.0.1:{server.app.rest_port}/v2/models/echo/infer"
+            request = urllib.request.Request(
+                url, data=body, headers={"Authorization": "Bearer b-key"}, method="POST"
+            )
+            with pytest.raises(urllib.error.HTTPError) as busy:
+                await asyncio.to_thread(urllib.request.urlopen, request, timeout=10)
+            assert busy.value.code == 429
+            gated_models.GATE.set()
+            await stuck
+        value = server.app.metrics.get_sample_value
+        assert value("mandant_slo_requests_total", {"tenant": "b"}) == 2
+        assert value("mandant_slo_good_requests_total", {"tenant": "b"}) in (None, 0)
+
+
 async def test_a_rest_body_that_never_arrives_holds_no_place(tmp_path: Path) -> None:
     """Tenant a opens more REST calls than the whole server has room for and never
     finishes sending their bodies: they hold their connections only. Tenant b's calls,

@@ -246,6 +246,7 @@ class PrometheusObserver:
         version: str = "",
         inference: bool = False,
         owner: str = "",
+        busy: bool = False,
     ) -> None:
         snapshot = self._directory.current
         if tenant not in snapshot.ids:
@@ -253,7 +254,7 @@ class PrometheusObserver:
         if model not in self._models:
             model = ""
         self.requests.inc((tenant, model, code))
-        if code not in SLO_CODES or not (model or inference):
+        if (code not in SLO_CODES and not busy) or not (model or inference):
             return
         if code == "OK":
             self.request_duration.observe((tenant, model), duration_s)

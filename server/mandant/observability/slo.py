@@ -4,8 +4,10 @@ A request counts toward a tenant's SLO when the server answered it on its own
 account: ``OK`` or a server-side failure (:data:`SLO_CODES`). It is *good* when it
 is ``OK`` and no slower than the tenant's ``slo.latency_ms``. Client mistakes (bad
 key, unknown model, bad input) and the tenant's own limits (``RESOURCE_EXHAUSTED``)
-spend no error budget. The same rule feeds the Prometheus good/total counters, so
-the dashboard and PromQL agree.
+spend no error budget; a refusal for the server-wide cap on calls (or a place at the
+door another tenant's call took) is on the server's account and is bad
+(``Observer.request_finished``'s ``busy``). The same rule feeds the Prometheus
+good/total counters, so the dashboard and PromQL agree.
 
 Counts live in a ring of fixed time slots (``resolution_s`` wide) covering the
 longest window; a window's sum is exact to within one slot. Time comes from an

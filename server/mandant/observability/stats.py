@@ -251,8 +251,11 @@ class StatsObserver:
         version: str = "",
         inference: bool = False,
         owner: str = "",
+        busy: bool = False,
     ) -> None:
-        self._forward.request_finished(tenant, model, code, duration_s, version, inference, owner)
+        self._forward.request_finished(
+            tenant, model, code, duration_s, version, inference, owner, busy
+        )
         if model and tenant:  # an inference call that reached a model
             self._stats.record_finished(tenant, owner, model, version, code == "OK", duration_s)
 

@@ -86,8 +86,11 @@ class FleetCounting:
         version: str = "",
         inference: bool = False,
         owner: str = "",
+        busy: bool = False,
     ) -> None:
-        self._inner.request_finished(tenant, model, code, duration_s, version, inference, owner)
+        self._inner.request_finished(
+            tenant, model, code, duration_s, version, inference, owner, busy
+        )
         if tenant:
             self._add(tenant, "requests", code, 1)
 

@@ -370,9 +370,10 @@ class RemoteObserver:
         version: str = "",
         inference: bool = False,
         owner: str = "",
+        busy: bool = False,
     ) -> None:
         self._link.report(
-            "request_finished", tenant, model, code, duration_s, version, inference, owner
+            "request_finished", tenant, model, code, duration_s, version, inference, owner, busy
         )
 
     def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:

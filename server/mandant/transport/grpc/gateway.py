@@ -38,7 +38,7 @@ from google.protobuf.message import DecodeError, Message
 
 from mandant.config.server import DEFAULT_MESSAGE_READ_TIMEOUT_S
 from mandant.context import current_request_id, current_tenant
-from mandant.errors import InvalidInput, MandantError, Unauthenticated
+from mandant.errors import InvalidInput, MandantError, ServerBusy, Unauthenticated
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.scheduling.gather import CallGather
@@ -330,7 +330,14 @@ class Gate:
                 tenant_id = call.tenant.id if call.tenant is not None else ""
                 duration_s = time.perf_counter() - start
                 observer.request_finished(
-                    tenant_id, call.model, code, duration_s, call.version, fair, call.owner
+                    tenant_id,
+                    call.model,
+                    code,
+                    duration_s,
+                    call.version,
+                    fair,
+                    call.owner,
+                    isinstance(refusal, ServerBusy),
                 )
             if ended:  # gRPC answered it: end as a cancelled handler does
                 raise asyncio.CancelledError

@@ -66,7 +66,7 @@ from typing import Any
 import grpc
 
 from mandant.context import current_request_id
-from mandant.errors import MandantError, ResourceExhausted, Unauthenticated
+from mandant.errors import MandantError, ResourceExhausted, ServerBusy, Unauthenticated
 from mandant.events import Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.service import DataPlane
@@ -275,6 +275,7 @@ class InferStream:
         start = time.perf_counter()
         call = Call(None)
         code = "OK"
+        busy = False
         request: pb.ModelInferRequest | None = None
         entered = inside = False
         try:
@@ -299,7 +300,7 @@ class InferStream:
             answer.infer_response.parameters[FINAL_RESPONSE].bool_param = True
             return answer, response.nbytes, tenant.id
         except MandantError as exc:
-            code = status_for(exc).name
+            code, busy = status_for(exc).name, isinstance(exc, ServerBusy)
             count_if_busy(self._observer, call.tenant.id if call.tenant is not None else "", exc)
             if request is None:  # refused before it was parsed (the cap, the door)
                 request = _parsed(raw)
@@ -330,6 +331,7 @@ class InferStream:
                 call.version,
                 inference=True,
                 owner=call.owner,
+                busy=busy,
             )
 
 

@@ -156,7 +156,7 @@ class RestGate:
             start = time.perf_counter()
             call = Call(None)
             code = "OK"
-            entered = inside = False
+            entered = inside = busy = False
             try:
                 if access is not Access.OPEN:
                     call.tenant = self._caller(access, request)
@@ -178,7 +178,7 @@ class RestGate:
                     too_large.force_close()
                 return too_large
             except MandantError as exc:
-                code = code_for(exc)
+                code, busy = code_for(exc), isinstance(exc, ServerBusy)
                 tenant_id = call.tenant.id if call.tenant is not None else ""
                 count_if_busy(observer, tenant_id, exc)
                 if isinstance(exc, BodiesOnTheirWay):
@@ -207,7 +207,14 @@ class RestGate:
                 tenant_id = call.tenant.id if call.tenant is not None else ""
                 duration_s = time.perf_counter() - start
                 observer.request_finished(
-                    tenant_id, call.model, code, duration_s, call.version, fair, call.owner
+                    tenant_id,
+                    call.model,
+                    code,
+                    duration_s,
+                    call.version,
+                    fair,
+                    call.owner,
+                    busy,
                 )
 
         return handle
