@@ -73,6 +73,11 @@ ANSWERS: dict[str, Answer] = {
     "short": lambda x: ("FP32", good(x).shape, good(x).tobytes()[:-4]),
 }
 MISMATCHED = [*sorted(set(ANSWERS) - {"good"}), "twice"]
+#: Triton's words about a call's inputs that name its internals (``chatty``'s).
+CHATTY = (
+    "[request id: 7] bad input for model chatty v7 at /opt/tritonserver/models/chatty/1 "
+    "(host gpu-7.internal:8001); see chatty_0_cpu at 10.3.4.5, " + "x" * 200 + " 'chatty'"
+)
 
 
 @dataclass
@@ -124,6 +129,8 @@ class FakeTriton(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
             )
         if name == "sleepy":
             await asyncio.sleep(float(x[0, 0]))
+        if name == "chatty":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, CHATTY)
         out = pb.ModelInferResponse.InferOutputTensor
         if name == "twice":
             y = good(x)
@@ -510,3 +517,18 @@ async def test_triton_s_tensors_of_a_datatype_mandant_does_not_carry_are_not_ser
             assert not backend.ready and not await acme.model_ready("found")
             metadata = await acme.model_metadata("found")
             assert [t.datatype for t in metadata.inputs] == ["FP32"]  # BF16 never published
+
+
+async def test_triton_s_words_about_inputs_name_none_of_its_internals(tmp_path: Path) -> None:
+    """Triton's INVALID_ARGUMENT text reached the tenant with only the exact
+    ``'<triton model>'`` replaced, and cut first: an unquoted name, an instance's name,
+    a path or a host went through. Now each is Mandant's name or left out."""
+    async with fake_triton() as (url, _):
+        public = {**model(url, "chatty"), "name": "public"}
+        async with App(config(url, public), tmp_path) as app, client(app, "acme") as acme:
+            refused = await outcome(acme, "public", np.ones((1, 4), np.float32))
+            assert isinstance(refused, InvalidInput)
+            text = str(refused)
+            assert "bad input for model public v7 at <path> (host <address>); see public at" in text
+            for internal in ("chatty", "/opt", "gpu-7", "10.3.4.5", "request id: 7"):
+                assert internal not in text

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from math import prod
 
@@ -198,8 +199,7 @@ class TritonAnswers:
         if fault is Fault.INPUT and not alone:  # whose inputs? the batcher finds out
             return TritonModelError(f"Triton's model {self._triton.model!r} refused a batch")
         if fault is Fault.INPUT:
-            mine = details.replace(f"'{self._triton.model}'", f"'{name}'")
-            return InvalidInput(_strip_request_id(mine))
+            return InvalidInput(in_our_words(exc.details() or "", self._triton.model, name))
         if fault is Fault.MODEL:
             self._failures.failed(
                 f"model {name}: Triton's model failed on a call's inputs ({code.name})",
@@ -238,6 +238,29 @@ class TritonAnswers:
                 "model %s: Triton at %s failed: %s %s", name, self._triton.url, code.name, details
             )
         return Unavailable(f"model '{name}' is unavailable (backend error)")
+
+
+#: What of Triton's words a caller is not shown: file paths, and addresses (an IPv4
+#: address, a host with a port).
+_INTERNALS = (
+    (re.compile(r"(?:/[\w.@+-]+){2,}/?"), "<path>"),
+    (re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"), "<address>"),
+    (re.compile(r"\b[\w-]+(?:\.[\w-]+)*:\d{2,5}\b"), "<address>"),
+)
+
+
+def in_our_words(details: str, theirs: str, ours: str) -> str:
+    """Triton's message about one caller's inputs as that caller may read it: Triton's
+    model name, quoted or not and in the names Triton makes of it (an instance's
+    ``<name>_0_cpu``), is Mandant's; file paths and addresses are left out; its
+    ``[request id: …]`` goes; at most :data:`MAX_DETAILS_CHARS`, cut after all that
+    (a name cut at the bound was not replaced). Only the exact ``'<name>'`` was
+    replaced: an ensemble's step, a path or a host reached tenants."""
+    named = re.compile(rf"(?<![\w.-]){re.escape(theirs)}(?:[_.-][\w.-]*)?(?![\w.-])")
+    text = named.sub(lambda _: ours, _strip_request_id(details))
+    for pattern, placeholder in _INTERNALS:
+        text = pattern.sub(placeholder, text)
+    return text[:MAX_DETAILS_CHARS]
 
 
 def _strip_request_id(details: str) -> str:
