@@ -178,3 +178,26 @@ def test_every_failure_counted_is_logged_at_debug_without_its_traceback(
     debug = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.DEBUG]
     assert [r.getMessage() for r in debug] == ["m failed on request r1", "m failed on request r2"]
     assert all(r.exc_info is None for r in debug)
+
+
+def test_an_answer_its_client_left_before_is_logged_at_debug_without_a_traceback() -> None:
+    """grpc.aio logged every answer whose call ended while it was written as an ERROR
+    with a traceback: any client could fill the error log. Such a record is DEBUG,
+    without the traceback; gRPC's other errors stay ERRORs."""
+    from grpc._cython import cygrpc
+
+    from mandant.transport.grpc.server import ANSWERS_TO_GONE_CLIENTS, GRPC_CORE_LOGGER
+
+    core = logging.getLogger(GRPC_CORE_LOGGER)
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        return core.makeRecord(
+            core.name, logging.ERROR, __file__, 1, "raised in core", (), (type(exc), exc, None)
+        )
+
+    gone = record(cygrpc.ExecuteBatchError("Failed 'execute_batch': (<...>,)"))
+    assert not ANSWERS_TO_GONE_CLIENTS.filter(gone)  # DEBUG is off: dropped
+    assert gone.levelno == logging.DEBUG and gone.exc_info is None
+    other = record(RuntimeError("a real fault"))
+    assert ANSWERS_TO_GONE_CLIENTS.filter(other)
+    assert other.levelno == logging.ERROR and other.exc_info is not None

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc._cython import cygrpc
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
@@ -47,6 +48,26 @@ from mandant_client._proto import admin_pb2, model_config_pb2
 from mandant_client._proto import grpc_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
+
+
+class _AnswersToGoneClients(logging.Filter):
+    """grpc.aio logs an answer it could not send because its call had ended (the
+    client cancelled, or left, while it was written: ``ExecuteBatchError``) as an
+    ERROR with a traceback, about 1 KB for each such call: any client could fill the
+    server's error log (about 5 KiB/s, a reviewer's 4 MB answers dropped). Such a record
+    goes out at DEBUG, without the traceback; gRPC's other errors stay as they are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], cygrpc.ExecuteBatchError):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+ANSWERS_TO_GONE_CLIENTS = _AnswersToGoneClients()
+#: Where grpc.aio's server logs them.
+GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
 
 #: What a front end of ``workers: N`` serves itself (inference, and the probes: live
 #: while the engine restarts, ready as its link says); it forwards the rest to the engine.
@@ -161,6 +182,7 @@ class GrpcServer:
                 ),
             ]
         self._server = grpc.aio.server(options=options)
+        logging.getLogger(GRPC_CORE_LOGGER).addFilter(ANSWERS_TO_GONE_CLIENTS)  # once: a set
         self._bind = bind
         tls = config.tls
         self._certificates = GrpcCertificates(tls) if tls is not None and bind is None else None
