@@ -21,6 +21,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,7 @@ from mandant.observability.live import LiveStats
 from mandant.observability.slo import SloTracker
 from mandant.observability.usage import UsageReports
 from mandant.tenancy.directory import TenantDirectory
+from mandant.tenancy.limits import Rate, TokenBucket
 from mandant.transport.http import runner, serve
 from mandant.transport.listeners import Listener
 from mandant.transport.tls import reload_ssl_context, server_ssl_context
@@ -98,6 +100,15 @@ def page_security_headers(page: bytes) -> dict[str, str]:
 _INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
 
 
+#: How often one tenant's key may read its figures (the dashboard's data, ``/usage``)
+#: on the HTTP port; beyond, 429 with Retry-After. Each read costs the event loop
+#: that serves every tenant's calls (0.1–0.3 ms), and the HTTP port has no front door:
+#: one tenant's key reading its own figures in a loop over 16 connections (2,400
+#: reads/s) slowed another tenant's gRPC calls from 1 ms to 55 ms p50. The dashboard
+#: reads every few seconds. Admin keys (and the internal listener) are not limited.
+TENANT_FIGURE_READS = Rate("tenant figure reads", per_s=10.0, burst=20.0)
+
+
 class HttpServer:
     def __init__(
         self,
@@ -121,6 +132,7 @@ class HttpServer:
         self._page_headers = {"Cache-Control": "no-cache", **page_security_headers(self._page)}
         self._clock = clock
         self._started = clock()
+        self._reads: dict[str, TokenBucket] = {}  # tenant id → its figure reads
         tls = config.tls
         #: HTTPS on ``http_port`` (never on ``internal_http``) where ``tls.http`` is set.
         self._ssl = server_ssl_context(tls) if tls is not None and tls.http else None
@@ -139,6 +151,12 @@ class HttpServer:
                     response = self._refused()
                 elif not tenants_allowed and viewer is not EVERYONE:
                     response = web.json_response({"error": "needs an admin key"}, status=403)
+                elif isinstance(viewer, str) and (wait_s := self._read_wait_s(viewer)):
+                    response = web.json_response(
+                        {"error": "too many reads of this tenant's figures; retry shortly"},
+                        status=429,
+                        headers={"Retry-After": str(math.ceil(wait_s))},
+                    )
                 else:
                     response = await handler(request, viewer)
                 # A viewer's figures (or refusal): no shared or browser cache keeps them.
@@ -201,6 +219,15 @@ class HttpServer:
             return self._directory.authenticate(authorization).id
         except Unauthenticated:
             return None
+
+    def _read_wait_s(self, tenant: str) -> float:
+        """Take one of ``tenant``'s figure reads (:data:`TENANT_FIGURE_READS`): 0.0, or
+        how long until one is there (none taken)."""
+        now = self._clock()
+        bucket = self._reads.get(tenant)
+        if bucket is None:
+            bucket = self._reads[tenant] = TokenBucket(TENANT_FIGURE_READS, now)
+        return bucket.try_take(1.0, now)
 
     def _refused(self) -> web.Response:
         if not self._directory.current.admin_key_hashes:
