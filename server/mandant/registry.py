@@ -437,34 +437,44 @@ class ModelRegistry:
         users[0] += 1
         return self._hold(name, lock, users)
 
-    def _served(self, owner: str | None, name: str) -> bool:
+    def _served(self, owner: str | None, name: str, shared_stays: bool = True) -> bool:
         """Whether ``owner``'s tenant (every tenant, for the shared versions) is served
         ``name``: by a version of the owner's that is ready or once was, or (a tenant
-        without versions of its own) by such a shared one. One that served and is not
-        ready now (a Triton restarting) comes back on its own: a failed load must not
-        replace it by a version that never will; one never ready has nothing to keep."""
+        without versions of its own) by such a shared one, where the shared versions
+        stay (``shared_stays``). One that served and is not ready now (a Triton
+        restarting) comes back on its own: a failed load must not replace it by a
+        version that never will; one never ready has nothing to keep."""
         own = self._models.get((owner, name))
         if own:
             return any(model.ready or model.served for model in own)
-        shared = self._models.get((None, name), ()) if owner is not None else ()
-        return any(model.ready or model.served for model in shared)
+        if owner is None or not shared_stays:
+            return False
+        return any(model.ready or model.served for model in self._models.get((None, name), ()))
 
     async def _switch(
-        self, name: str, specs: Sequence[ModelSpec], keep: Collection[str | None] = ()
+        self, name: str, specs: Sequence[ModelSpec], keep: Collection[str | None] | None = None
     ) -> tuple[list[Model], list[str]]:
         """Start ``specs`` (versions of ``name``) and route to them, owner by owner (in
         its turn): an owner whose new versions all loaded is replaced; one whose load
         failed keeps what serves its tenants now (versions serving are replaced only by
-        ready ones: a new Triton URL that does not answer keeps the old), and where
-        nothing does (a name or owner not served yet) its new versions are routed at
-        once, failed ones listed with their reason, as at start-up. Owners neither in
-        ``specs`` nor in ``keep`` are removed. Returns the versions to retire and what
-        failed, one line per owner."""
+        ready ones: a new Triton URL that does not answer keeps the old; shared ones
+        count only where they stay), and where nothing does (a name or owner not
+        served yet) its new versions are routed at once, failed ones listed with their
+        reason, as at start-up. Owners neither in ``specs`` nor in ``keep`` are
+        removed: by a reload (``keep`` given: the file says what stays) whatever
+        failed, by a load (``keep`` None) only if nothing failed, so that a failed load
+        leaves every owner's versions as they were (it took another tenant's tuned
+        variant away while answering that the versions serving stay). Returns the
+        versions to retire and what failed, one line per owner."""
         fresh: dict[str | None, list[Model]] = {}
         for spec in specs:
             model = self._build(spec)
             fresh.setdefault(model.key.owner, []).append(model)
-        served = {owner: self._served(owner, name) for owner in fresh}
+        # A tenant served by the shared versions keeps being served by them on a failed
+        # load only where they stay (a shared model made private and failing to load
+        # left its tenant with nothing, the log saying its versions stayed).
+        shared_stays = None in fresh or keep is None or None in keep
+        served = {owner: self._served(owner, name, shared_stays) for owner in fresh}
         must_be_ready = [m for owner, models in fresh.items() if served[owner] for m in models]
         starting = [model for models in fresh.values() for model in models]
         try:
@@ -485,9 +495,10 @@ class ModelRegistry:
                     continue
             old += self._models.pop((owner, name), [])
             self._install(models)
-        for key in [key for key in self._models if key[1] == name]:
-            if key[0] not in fresh and key[0] not in keep:
-                old += self._models.pop(key)
+        if keep is not None or not failures:
+            for key in [key for key in self._models if key[1] == name]:
+                if key[0] not in fresh and key[0] not in (keep or ()):
+                    old += self._models.pop(key)
         if len(failures) < len(fresh):
             logger.info("model %s loaded: %d version(s)", name, len(specs))
         return old, failures

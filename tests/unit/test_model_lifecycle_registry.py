@@ -108,6 +108,37 @@ async def test_the_shared_model_updates_while_a_tenants_variant_fails_to() -> No
     assert _path(registry, GLOBEX) == "globex-one.pt" and registry.resolve(GLOBEX, "m").ready
 
 
+async def test_a_shared_model_made_private_that_fails_to_load_is_listed_failed() -> None:
+    """A reload makes the shared ``m`` acme's own, whose load fails. The shared versions
+    go (the file no longer has them), so nothing serves acme: its version is listed
+    failed, as at start-up. It was counted as served by the shared versions, so it was
+    neither routed nor listed (NOT_FOUND for acme too) while the change said the
+    versions serving stayed."""
+    registry = _registry(_shared("base.pt"))
+    await registry.start()
+    (change,) = await registry.apply(_specs({**_shared("broken.pt"), "tenant": "acme"}))
+    assert "failed to load" in change and "versions serving stay" not in change
+    mine = registry.resolve(ACME, "m")
+    assert not mine.ready and mine.failure is not None
+    with pytest.raises(ModelNotFound):
+        registry.resolve(GLOBEX, "m")
+
+
+async def test_a_failed_load_leaves_the_other_owners_versions_as_they_were() -> None:
+    """A load of only the shared entry that fails keeps the shared versions, as its
+    answer says, and globex's tuned variant too: it took the variant away (globex was
+    served the old base) while answering that the versions serving stay. A load that
+    succeeds still replaces every owner's versions (the documented semantics)."""
+    registry = _registry(_shared("one.pt"), _variant("globex-one.pt"))
+    await registry.start()
+    with pytest.raises(Unavailable, match="versions serving stay"):
+        await registry.load("m", _specs(_shared("broken.pt")))
+    assert _path(registry, ACME) == "one.pt"
+    assert _path(registry, GLOBEX) == "globex-one.pt"
+    await registry.load("m", _specs(_shared("two.pt")))
+    assert _path(registry, ACME) == _path(registry, GLOBEX) == "two.pt"
+
+
 async def test_a_reload_retrying_a_broken_variant_leaves_the_shared_versions_alone() -> None:
     registry = _registry(_shared("base.pt"), _variant("broken.pt"))
     await registry.start()
