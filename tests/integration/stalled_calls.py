@@ -19,7 +19,10 @@ STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 class StalledCalls:
     """``calls`` calls of ``path`` on one connection, each declaring a message of
-    ``declared`` bytes and sending ``sent`` of them (``key``: its ``authorization``)."""
+    ``declared`` bytes and sending ``sent`` of them (``key``: its ``authorization``;
+    ``source``: the local address to connect from, another loopback address say).
+    Sending all of it (``sent == declared``) makes whole calls (of zero bytes: an
+    empty message)."""
 
     def __init__(
         self,
@@ -29,8 +32,11 @@ class StalledCalls:
         calls: int = 1,
         declared: int = 1 << 20,
         sent: int = 512,
+        source: str | None = None,
     ) -> None:
-        self._sock = socket.create_connection(("127.0.0.1", port))
+        self._sock = socket.create_connection(
+            ("127.0.0.1", port), source_address=(source, 0) if source else None
+        )
         self._conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self._conn.initiate_connection()
         headers = [

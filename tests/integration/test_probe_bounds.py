@@ -23,7 +23,7 @@ from mandant.transport.grpc.probes import (
     add_health,
     add_reflection,
 )
-from mandant.transport.grpc.reads import OPEN_READS_MAX, MessageReads
+from mandant.transport.grpc.reads import PEER_OPEN_READS_MAX, MessageReads
 from tests.integration.stalled_calls import StalledCalls
 from tests.servers import Server
 
@@ -185,26 +185,43 @@ def test_reflection_refuses_an_over_size_request(demo: Server) -> None:
 async def test_probes_read_a_bounded_number_of_messages_for_a_bounded_time(
     capped_health: str, path: str
 ) -> None:
+    """Calls without a key that send part of their message (or nothing of it) end
+    DEADLINE_EXCEEDED; beyond ``PEER_OPEN_READS_MAX`` from one address the next is
+    refused before its message is read. Counted server-wide alone, one client holding
+    32 header-only health checks made every probe fail, a kubelet's with them: a probe
+    from another address is answered, and so is one from the same address while its
+    reflection streams wait (health checks and reflection are counted apart)."""
     port = int(capped_health.rsplit(":", 1)[1])
-    calls = StalledCalls(port, path, calls=OPEN_READS_MAX + 1, declared=1 << 20)
+    service = "reflection" if "Reflection" in path else "health"
+    calls = StalledCalls(port, path, calls=PEER_OPEN_READS_MAX + 1, declared=1 << 20)
     try:
+        refused = await asyncio.to_thread(calls.statuses, 0.3)  # the refusal comes at once
+        assert refused == [
+            (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{PEER_OPEN_READS_MAX} {service} calls from this address are sending their "
+                f"messages (at most {PEER_OPEN_READS_MAX}): retry once they have",
+            )
+        ]
+        assert await asyncio.to_thread(_check_from, port, "127.0.0.2") == grpc.StatusCode.OK
+        if service == "reflection":
+            assert await asyncio.to_thread(_check_from, port, "127.0.0.1") == grpc.StatusCode.OK
         statuses = await asyncio.to_thread(calls.statuses, 10)
     finally:
         calls.close()
     assert Counter(code for code, _ in statuses) == {
-        grpc.StatusCode.DEADLINE_EXCEEDED: OPEN_READS_MAX,
+        grpc.StatusCode.DEADLINE_EXCEEDED: PEER_OPEN_READS_MAX,
         grpc.StatusCode.RESOURCE_EXHAUSTED: 1,
     }
-    assert (
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        (
-            f"{OPEN_READS_MAX} calls without a key are sending their messages "
-            f"(at most {OPEN_READS_MAX}): retry once they have"
-        ),
-    ) in statuses
     # Every read given back: the next probes are answered.
-    async with grpc.aio.insecure_channel(capped_health) as channel:
-        request = health_pb2.HealthCheckRequest(service="")
-        assert (await health_pb2_grpc.HealthStub(channel).Check(request, timeout=10)).status == (
-            SERVING
-        )
+    assert await asyncio.to_thread(_check_from, port, "127.0.0.1") == grpc.StatusCode.OK
+
+
+def _check_from(port: int, source: str) -> grpc.StatusCode:
+    """A whole health Check (an empty message: any service) from ``source``."""
+    check = StalledCalls(port, "/grpc.health.v1.Health/Check", declared=0, sent=0, source=source)
+    try:
+        ((code, _),) = check.statuses(10)
+        return code
+    finally:
+        check.close()

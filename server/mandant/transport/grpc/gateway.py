@@ -42,7 +42,7 @@ from mandant.errors import InvalidInput, MandantError, ServerBusy, Unauthenticat
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.scheduling.gather import CallGather
-from mandant.transport.grpc.reads import TENANT_READS_MAX, MessageReads, Reading
+from mandant.transport.grpc.reads import MessageReads, Reading, tenant_pool
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
 from mandant.transport.grpc.unread import UnreadAnswers
 from mandant.transport.grpc.wire_bounds import (
@@ -287,8 +287,8 @@ class Gate:
                     inside = True
                 # An inference call reads under its place; a tenant's other calls are
                 # counted, an admin's are not (``reads.py``).
-                counted = tenant_id if call.tenant is not None and not inside else None
-                reading = reads.begin(reads.timeout_s, counted, TENANT_READS_MAX)
+                counted = tenant_pool(tenant_id) if call.tenant is not None and not inside else None
+                reading = reads.begin(reads.timeout_s, (counted,) if counted else ())
                 raw = await context.read()
                 reads.end(reading)
                 if not isinstance(raw, bytes):
@@ -424,8 +424,8 @@ class Gate:
             try:
                 tenant = caller_of(access, context)
                 tenant_id = tenant.id if tenant is not None else ""
-                counted = tenant_id if tenant is not None else None  # an admin's: not
-                raw = await reads.read(context, reads.timeout_s, counted, TENANT_READS_MAX)
+                pools = (tenant_pool(tenant_id),) if tenant is not None else ()  # an admin's: none
+                raw = await reads.read(context, reads.timeout_s, pools)
                 if not isinstance(raw, bytes):
                     await no_message(context)
                 check_small_message(raw)  # as the engine's parse() would, before it is sent

@@ -13,11 +13,13 @@ of RSS), and each reflection answer repeats its whole request (``original_reques
 capped server-wide (:data:`WATCH_STREAMS_MAX`); beyond it RESOURCE_EXHAUSTED.
 
 Each message is read by :class:`~mandant.transport.grpc.reads.MessageReads`, as one
-of a call without a key: at most ``OPEN_READS_MAX`` of them at once, server-wide, each
-in at most ``OPEN_READ_TIMEOUT_S`` (gRPC holds what has come of a message until the
-rest does: unread by a handler of its own, four health checks sending 30 of a declared
-40 MiB each held 125 MB, for as long as their connection lived). So a reflection
-stream left idle that long ends DEADLINE_EXCEEDED; its client opens another.
+of a call without a key: health checks and reflection apart, at most
+``PEER_OPEN_READS_MAX`` of them at once from one client address and ``OPEN_READS_MAX``
+in all, each in at most ``OPEN_READ_TIMEOUT_S`` (gRPC holds what has come of a message
+until the rest does: unread by a handler of its own, four health checks sending 30 of
+a declared 40 MiB each held 125 MB, for as long as their connection lived). So a
+reflection stream left idle that long ends DEADLINE_EXCEEDED; its client opens
+another.
 
 None of these calls passes the gate or takes a place under ``max_concurrent_rpcs``
 (a full server still answers its probes)."""
@@ -35,7 +37,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mandant.errors import InvalidInput, MandantError, ResourceExhausted
 from mandant.transport.grpc.gateway import NO_MESSAGE, Context, abort, parse
-from mandant.transport.grpc.reads import OPEN, OPEN_READS_MAX, MessageReads
+from mandant.transport.grpc.reads import MessageReads, keyless_pools
 
 T = TypeVar("T")
 
@@ -50,18 +52,28 @@ REFLECTION_REQUEST_MAX_BYTES = 4096
 #: (``healthCheckConfig``) opens one per channel to this replica; beyond it
 #: RESOURCE_EXHAUSTED, with pushback :data:`WATCH_RETRY_S`.
 WATCH_STREAMS_MAX = 1024
+#: The services whose reads are counted apart (``reads.keyless_pools``): a reflection
+#: stream waits for its next message as long as its client likes, a health check's
+#: comes at once.
+HEALTH = "health"
+REFLECTION = "reflection"
 WATCH_RETRY_S = 1.0
 
 
 async def read_bounded(
-    reads: MessageReads, message_type: type[Message], max_bytes: int, context: Context
+    reads: MessageReads,
+    service: str,
+    message_type: type[Message],
+    max_bytes: int,
+    context: Context,
 ) -> Any:
     """The call's next message (None: the client sent no more), read as one of a call
     without a key; the call is refused where the read is (too many at once, too slow),
     and INVALID_ARGUMENT if the message is over ``max_bytes`` (not parsed) or not one
     (neither is repeated to the client)."""
     try:
-        raw = await reads.read(context, reads.open_timeout_s, OPEN, OPEN_READS_MAX)
+        pools = keyless_pools(service, context.peer())
+        raw = await reads.read(context, reads.open_timeout_s, pools)
         if not isinstance(raw, bytes):
             return None
         if len(raw) > max_bytes:
@@ -76,6 +88,7 @@ async def read_bounded(
 
 def bounded(
     reads: MessageReads,
+    service: str,
     message_type: type[Message],
     max_bytes: int,
     behavior: Callable[[Any, Context], Awaitable[T]],
@@ -84,7 +97,7 @@ def bounded(
     then ``behavior``'s."""
 
     async def handle(messages: object, context: Context) -> T:
-        request = await read_bounded(reads, message_type, max_bytes, context)
+        request = await read_bounded(reads, service, message_type, max_bytes, context)
         if request is None:
             await abort(context, InvalidInput(NO_MESSAGE))
         return await behavior(request, context)
@@ -93,10 +106,16 @@ def bounded(
 
 
 async def bounded_stream(
-    reads: MessageReads, message_type: type[Message], max_bytes: int, context: Context
+    reads: MessageReads,
+    service: str,
+    message_type: type[Message],
+    max_bytes: int,
+    context: Context,
 ) -> AsyncIterator[Any]:
     """A stream's messages, each read, size-checked, then parsed."""
-    while (request := await read_bounded(reads, message_type, max_bytes, context)) is not None:
+    while (
+        request := await read_bounded(reads, service, message_type, max_bytes, context)
+    ) is not None:
         yield request
 
 
@@ -189,12 +208,12 @@ def add_health(
     serialize = health_pb2.HealthCheckResponse.SerializeToString
     handlers = {
         "Check": grpc.stream_unary_rpc_method_handler(
-            bounded(reads, request, HEALTH_REQUEST_MAX_BYTES, servicer.Check),
+            bounded(reads, HEALTH, request, HEALTH_REQUEST_MAX_BYTES, servicer.Check),
             request_deserializer=None,
             response_serializer=serialize,
         ),
         "Watch": grpc.stream_stream_rpc_method_handler(
-            bounded(reads, request, HEALTH_REQUEST_MAX_BYTES, cap.watch),
+            bounded(reads, HEALTH, request, HEALTH_REQUEST_MAX_BYTES, cap.watch),
             request_deserializer=None,
             response_serializer=serialize,
         ),
@@ -212,7 +231,7 @@ def add_reflection(
     request = reflection_pb2.ServerReflectionRequest
 
     async def info(messages: object, context: Context) -> AsyncIterator[Any]:
-        requests = bounded_stream(reads, request, REFLECTION_REQUEST_MAX_BYTES, context)
+        requests = bounded_stream(reads, REFLECTION, request, REFLECTION_REQUEST_MAX_BYTES, context)
         async for answer in servicer.ServerReflectionInfo(requests, context):
             yield answer
 

@@ -12,13 +12,18 @@ forwarded calls, health checks and reflection) goes through :class:`MessageReads
   frees what came: ``server.message_read_timeout_s`` for a key's calls,
   :data:`OPEN_READ_TIMEOUT_S` for calls without one (their messages are a few bytes).
   One timer serves every read, not one per call;
-- the reads of calls without a key are counted server-wide, at most
-  :data:`OPEN_READS_MAX` at once, and a tenant's reads of its calls other than
-  inference at most :data:`TENANT_READS_MAX` at once: beyond, the call is refused
-  RESOURCE_EXHAUSTED before its message is asked for (its window stays HTTP/2's
-  initial one). A tenant's inference calls read theirs once they hold their place
-  (its ``max_concurrency``, the front door), so they are not counted again here;
-  an admin's calls neither.
+- it is counted in its :class:`Pool` (or pools), and refused RESOURCE_EXHAUSTED
+  beyond one's bound before its message is asked for (its window stays HTTP/2's
+  initial one): a tenant's calls other than inference, :data:`TENANT_READS_MAX` at
+  once; calls without a key, by service (health checks apart from reflection, whose
+  streams wait for their next message as long as their clients like), at most
+  :data:`PEER_OPEN_READS_MAX` from one address and :data:`OPEN_READS_MAX` in all.
+  Counted server-wide alone (32), one client without a key holding 32 header-only
+  health checks made every probe fail RESOURCE_EXHAUSTED (a pod's liveness probe
+  with them), and so did 32 reflection clients keeping their streams open. A
+  tenant's inference calls read theirs once they hold their place (its
+  ``max_concurrency``, the front door), so they are not counted again here; an
+  admin's calls neither.
 
 A key's calls hold at most these counts (and its inference calls' places) times
 ``max_message_bytes``, each for at most its timeout. A ModelStreamInfer stream is not
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -39,8 +44,10 @@ from mandant.errors import DeadlineExceeded, ResourceExhausted
 #: How long a call without a key (a health check, reflection) may take to send its
 #: message once it is asked for.
 OPEN_READ_TIMEOUT_S = 5.0
-#: Messages of calls without a key read at once, server-wide.
-OPEN_READS_MAX = 32
+#: Messages of calls without a key to one service (health, reflection) read at once,
+#: server-wide, and from one client address (a kubelet's probes: a few at once).
+OPEN_READS_MAX = 128
+PEER_OPEN_READS_MAX = 8
 #: Messages of one tenant's calls other than inference (metadata, statistics, model
 #: control) read at once.
 TENANT_READS_MAX = 64
@@ -50,8 +57,28 @@ READS_RETRY_S = 1.0
 #: read ends between its timeout and this much later.
 SWEEP_SHARE = 0.25
 
-#: Where the open reads are counted.
-OPEN = ""
+
+class Pool(NamedTuple):
+    """Reads counted together: at most ``limit`` at once. ``who`` names them in the
+    refusal ("calls of this tenant")."""
+
+    key: str
+    limit: int
+    who: str
+
+
+def tenant_pool(tenant: str) -> Pool:
+    return Pool(f"tenant {tenant}", TENANT_READS_MAX, "calls of this tenant")
+
+
+def keyless_pools(service: str, peer: str) -> tuple[Pool, Pool]:
+    """The pools of a call without a key to ``service`` from ``peer`` (gRPC's
+    ``context.peer()``: ``ipv4:10.0.0.5:41234``; the port is left out)."""
+    address = peer.rpartition(":")[0] or peer
+    return (
+        Pool(f"{service} {address}", PEER_OPEN_READS_MAX, f"{service} calls from this address"),
+        Pool(service, OPEN_READS_MAX, f"{service} calls without a key"),
+    )
 
 
 class MessageTimedOut(DeadlineExceeded):
@@ -61,13 +88,13 @@ class MessageTimedOut(DeadlineExceeded):
 class Reading:
     """One read in progress: :meth:`MessageReads.begin`'s ticket."""
 
-    __slots__ = ("counted", "ends_at", "late", "task", "timeout_s")
+    __slots__ = ("ends_at", "late", "pools", "task", "timeout_s")
 
-    def __init__(self, task: asyncio.Task[Any], timeout_s: float, counted: str | None) -> None:
+    def __init__(self, task: asyncio.Task[Any], timeout_s: float, pools: tuple[Pool, ...]) -> None:
         self.task = task
         self.timeout_s = timeout_s
         self.ends_at = time.monotonic() + timeout_s
-        self.counted = counted  # the count it takes part in (None: not counted)
+        self.pools = pools  # the counts it takes part in
         self.late = False  # the timer cancelled its task
 
 
@@ -79,30 +106,31 @@ class MessageReads:
         self.open_timeout_s = open_timeout_s
         self._sweep_s = SWEEP_SHARE * min(timeout_s, open_timeout_s)
         self._reading: dict[asyncio.Task[Any], Reading] = {}
-        self._counts: dict[str, int] = {}  # tenant id (OPEN: no key) → reads counted
+        self._counts: dict[str, int] = {}  # pool key → reads counted in it
         self._timer: asyncio.TimerHandle | None = None
 
-    def reading(self, counted: str) -> int:
-        """The reads counted for a tenant (:data:`OPEN`: calls without a key)."""
-        return self._counts.get(counted, 0)
+    def reading(self, pool: Pool) -> int:
+        """The reads counted in ``pool`` now."""
+        return self._counts.get(pool.key, 0)
 
-    def begin(self, timeout_s: float, counted: str | None = None, limit: int = 0) -> Reading:
-        """The current task reads its call's message now, for at most ``timeout_s``;
-        ``counted``: the count it takes part in, at most ``limit`` (ResourceExhausted
-        beyond, nothing taken). :meth:`end` it once the read returns or fails, before
-        any other await."""
-        if counted is not None:
-            held = self._counts.get(counted, 0)
-            if held >= limit:
+    def begin(self, timeout_s: float, pools: tuple[Pool, ...] = ()) -> Reading:
+        """The current task reads its call's message now, for at most ``timeout_s``,
+        counted in each of ``pools`` (ResourceExhausted where one is full, nothing
+        taken). :meth:`end` it once the read returns or fails, before any other
+        await."""
+        for pool in pools:
+            held = self._counts.get(pool.key, 0)
+            if held >= pool.limit:
                 raise ResourceExhausted(
-                    f"{held} calls {'without a key' if counted == OPEN else 'of this tenant'} "
-                    f"are sending their messages (at most {limit}): retry once they have",
+                    f"{held} {pool.who} are sending their messages (at most {pool.limit}): "
+                    "retry once they have",
                     READS_RETRY_S,
                 )
-            self._counts[counted] = held + 1
+        for pool in pools:
+            self._counts[pool.key] = self._counts.get(pool.key, 0) + 1
         task = asyncio.current_task()
         assert task is not None  # gRPC runs each handler in a task of its own
-        reading = Reading(task, timeout_s, counted)
+        reading = Reading(task, timeout_s, pools)
         self._reading[task] = reading
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._sweep_s, self._sweep)
@@ -114,12 +142,12 @@ class MessageReads:
         Safe to call twice."""
         if reading is None or self._reading.pop(reading.task, None) is None:
             return False
-        if reading.counted is not None:
-            left = self._counts[reading.counted] - 1
+        for pool in reading.pools:
+            left = self._counts[pool.key] - 1
             if left:
-                self._counts[reading.counted] = left
+                self._counts[pool.key] = left
             else:
-                del self._counts[reading.counted]
+                del self._counts[pool.key]
         if reading.late:
             reading.task.uncancel()
         return reading.late
@@ -128,13 +156,12 @@ class MessageReads:
         self,
         context: grpc.aio.ServicerContext[Any, Any],
         timeout_s: float,
-        counted: str | None = None,
-        limit: int = 0,
+        pools: tuple[Pool, ...] = (),
     ) -> object:
         """``context.read()`` as :meth:`begin` times and counts it: its message, or
         :class:`MessageTimedOut`. (The gate's inference path inlines this: one
         coroutine fewer per call.)"""
-        reading = self.begin(timeout_s, counted, limit)
+        reading = self.begin(timeout_s, pools)
         try:
             return await context.read()
         except asyncio.CancelledError:
