@@ -56,6 +56,8 @@ bench batching 5 benchmarks.batching --rounds 3
 bench noisy_neighbour_h4096 15 benchmarks.noisy_neighbour --hidden 4096
 bench noisy_neighbour_h4096_b16 15 benchmarks.noisy_neighbour --hidden 4096 --max-batch-size 16
 bench noisy_neighbour_demo 10 benchmarks.noisy_neighbour
+# A tenant whose calls the model raises on, beside a light tenant (the batcher's split).
+bench poisoned_neighbour 6 benchmarks.poisoned_neighbour
 # Issue 11's set-up: a flood of 4 x max_batch_size, one process and two front ends;
 # three rounds each, judged on the median (one round's ratios move by up to half a batch, ±5%).
 bench noisy_neighbour_h4096_b16_flood64 15 benchmarks.noisy_neighbour --hidden 4096 --max-batch-size 16 --flood 64 --rounds 3

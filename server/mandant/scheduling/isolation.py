@@ -1,5 +1,8 @@
-"""Finding the requests a failed batch fails on, for the batcher (``batcher.py``),
-which runs a batch and, should the model raise on it, hands it here once.
+"""Finding the requests a failed batch fails on, for the batcher (``batcher.py``).
+While the model works, the batcher queues a failed batch's parts again, to run at
+their tenants' turns, and asks here only to answer a request that failed alone
+(:meth:`Isolation.failed`); once the model may be at fault itself (it has not
+answered lately), it hands the failed batch here, whole, to be split in its slot:
 
 A batch the model raises on (anything but a MandantError) is split in halves, each
 rerun in the same execution slot, level by level, until the request(s) it fails on
@@ -112,7 +115,7 @@ class Isolation(Generic[E]):
         batch failed). Each run is a node of a binary tree over the batch's requests:
         at most 2n - 1 runs, 3 + 2 x (tenants) when the model fails whatever the data
         (``_model_fails``), and its probes, one run per request they answer."""
-        self._failed(batch, failure, True)
+        self.failed(batch, failure, True)
         failing = deque([batch] if len(batch) > 1 else [])
         while failing:
             part = failing.popleft()
@@ -123,7 +126,7 @@ class Isolation(Generic[E]):
                 continue
             for half, exc in halves:
                 if raised(exc):
-                    self._failed(half, exc, False)
+                    self.failed(half, exc, False)
                     if len(half) > 1:
                         failing.append(half)
 
@@ -189,9 +192,9 @@ class Isolation(Generic[E]):
         """Answer the requests that raised alone (ModelFailed), once."""
         for entry, exc in failed:
             if not entry.future.done():
-                self._failed([entry], exc, False)
+                self.failed([entry], exc, False)
 
-    def _failed(self, part: list[E], exc: Exception, first: bool) -> None:
+    def failed(self, part: list[E], exc: Exception, first: bool) -> None:
         """Log a failed run; answer its request ModelFailed if it ran alone (once)."""
         if len(part) > 1:
             message = "batch of %d request(s) on model %s failed; rerunning them apart: %r"
