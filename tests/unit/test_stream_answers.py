@@ -4,9 +4,11 @@ before its message was parsed (INTERNAL)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, cast
 
 import grpc
+import pytest
 
 from mandant.events import NullObserver
 from mandant.transport.grpc.stream import InferStream
@@ -58,3 +60,37 @@ async def test_an_unexpected_failure_before_parsing_is_answered_with_the_message
     assert answer.infer_response.id == "call#1"
     assert answer.infer_response.model_name == "echo"
     assert answer.infer_response.parameters["status_code"].string_param == "INTERNAL"
+
+
+async def test_a_write_after_the_server_stopped_ends_the_stream_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server stopped at the end of its grace with a stream's message still to
+    answer: grpc.aio refuses the write (``_ServerStoppedError``), which escaped as an
+    internal error with a traceback for each stream still open. The stream ends,
+    logged at DEBUG only."""
+    from grpc._cython import cygrpc
+
+    class _Stopped(_Context):
+        async def write(self, message: pb.ModelStreamInferResponse) -> None:
+            raise cygrpc._ServerStoppedError("Server already stopped.")
+
+    request = pb.ModelInferRequest(model_name="echo", id="call#1")
+    context = _Stopped([request.SerializeToString()])
+
+    def authenticate() -> Tenant:
+        raise RuntimeError("answered INTERNAL: a message to write")
+
+    stream = InferStream(
+        cast(Any, _Plane()),
+        Tenant("acme"),
+        authenticate,
+        cast(Any, context),
+        4,
+        1 << 20,
+        16,
+        NullObserver(),
+    )
+    with caplog.at_level(logging.INFO, logger="mandant.transport.grpc.stream"):
+        await stream.serve()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

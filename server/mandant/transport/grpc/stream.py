@@ -238,11 +238,14 @@ class InferStream:
     async def _write(self, message: pb.ModelStreamInferResponse) -> bool:
         """Write ``message``, one write at a time; False if gRPC could not send it: the
         call ended under the write (the client cancelled or left; grpc.aio says so only
-        later), and nothing is left to answer on: the message ends here, quietly."""
+        later), or the server stopped at the end of its grace (grpc.aio's
+        ``_ServerStoppedError``: it was logged as an internal error, with a traceback,
+        for each stream still open), and nothing is left to answer on: the message ends
+        here, quietly."""
         async with self._writing:
             try:
                 await self._context.write(message)
-            except (grpc.aio.InternalError, grpc.aio.UsageError):
+            except grpc.aio.BaseError:
                 logger.debug("a stream's message was not written: the call ended")
                 return False
         return True
