@@ -93,4 +93,6 @@ async def test_a_write_after_the_server_stopped_ends_the_stream_quietly(
     )
     with caplog.at_level(logging.INFO, logger="mandant.transport.grpc.stream"):
         await stream.serve()
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # (The test's own INTERNAL answer is logged, its RuntimeError: not the write's.)
+    raised = [r.exc_info[1] for r in caplog.records if r.exc_info]
+    assert not [exc for exc in raised if isinstance(exc, cygrpc.BaseError)]
