@@ -168,6 +168,10 @@ def _output_spec(datatype: str, shape: Sequence[int]) -> tuple[Datatype, tuple[i
     dims = tuple(int(d) for d in shape)
     if any(d < 0 for d in dims):
         raise ServerError(f"response shape {list(dims)} has a negative dimension")
+    # An empty tensor's other dimensions too must be ones an array can index: numpy
+    # refuses [0, 2**62] with its own ValueError, not a client error.
+    if math.prod(d for d in dims if d) * spec.dtype.itemsize > np.iinfo(np.intp).max:
+        raise ServerError(f"response shape {list(dims)} is larger than an array can be")
     return spec, dims, math.prod(dims)
 
 
