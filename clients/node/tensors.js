@@ -142,7 +142,15 @@ function decodeOutputs(response) {
       raw.length > 0
         ? decodeRaw(datatype, raw[index], name)
         : decodeContents(datatype, output.contents, name);
-    outputs[name] = { datatype, shape: output.shape.map(Number), data };
+    const shape = output.shape.map(Number);
+    // As the Python client: data that does not fill its shape is the server's error
+    // (a [2, 2] output of 4 bytes came back as one element, no error).
+    if (data.length !== elementCount(shape)) {
+      throw new Error(
+        `output ${name}: shape ${JSON.stringify(shape)} needs ${elementCount(shape)} elements, got ${data.length}`,
+      );
+    }
+    outputs[name] = { datatype, shape, data };
   });
   return outputs;
 }

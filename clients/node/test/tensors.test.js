@@ -75,3 +75,23 @@ test("an output named '__proto__' is an own key of the outputs, not their protot
   assert.deepEqual([...outputs.constructor.data], [8]);
   assert.equal(Object.getPrototypeOf(outputs), null);
 });
+
+test('output data that does not fill its shape is an error, raw, BYTES or typed', () => {
+  const float32 = Buffer.from(new Float32Array([1]).buffer);
+  const bytes = encode({ name: 'S', datatype: 'BYTES', shape: [1], data: ['a'] });
+  const cases = [
+    { name: 'Y', datatype: 'FP32', shape: ['2', '2'], raw: float32 },
+    { name: 'S', datatype: 'BYTES', shape: ['3'], raw: bytes },
+  ];
+  for (const { raw, ...output } of cases) {
+    assert.throws(
+      () => decodeOutputs({ outputs: [output], raw_output_contents: [raw] }),
+      /needs \d+ elements, got 1/,
+    );
+  }
+  const typed = { name: 'T', datatype: 'INT32', shape: ['2'], contents: { int_contents: [1] } };
+  assert.throws(
+    () => decodeOutputs({ outputs: [typed], raw_output_contents: [] }),
+    /needs 2 elements, got 1/,
+  );
+});
