@@ -208,3 +208,27 @@ async def test_sync_a_message_over_the_server_limit_fails_alone(tmp_path: Path) 
     with ServerThread(config, tmp_path) as server:
         outcomes = await asyncio.to_thread(sync_calls_with_one_too_large, server.target)
     assert_only_the_large_call_is_invalid(outcomes)
+
+
+def test_a_multiplexed_client_never_closed_lets_go_of_its_stream(demo: Server) -> None:
+    """A multiplexed Client dropped without close(): its stream's threads kept it, its
+    stream and its channel alive (50 dropped clients held 151 threads, and their open
+    streams took the connection's share of the server's, so that other clients' calls
+    timed out). Collected, it closes as close() does."""
+    import gc
+    import threading
+
+    def dropped() -> None:
+        client = Client(demo.target, api_key="initech-demo-key", multiplex=True)
+        np.testing.assert_array_equal(client.infer("echo", {"INPUT0": echo_rows(1)})["OUTPUT0"],
+                                      echo_rows(1))  # fmt: skip
+
+    before = threading.active_count()
+    for _ in range(5):
+        dropped()
+    gc.collect()
+    for _ in range(100):
+        if threading.active_count() <= before + 1:  # gRPC may keep a poller of its own
+            break
+        time.sleep(0.05)
+    assert threading.active_count() <= before + 1, threading.enumerate()
