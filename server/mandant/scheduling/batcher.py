@@ -28,7 +28,9 @@ are about to take do not wait, so a request may be admitted over its tenant's ca
 them; but after the pump the rows a tenant has waiting are within its cap again, the
 requests admitted over it that did not leave (another tenant's rows may have filled
 the batch) refused QueueFull, newest first. A per-tenant check at admission alone let
-every tenant of one event-loop turn count the same leaving rows.
+every tenant of one event-loop turn count the same leaving rows. The parts of a failed
+batch queued again count among their tenant's rows (its next calls may be refused
+QueueFull meanwhile), but are never refused themselves: they were admitted.
 
 A batch the model raises on (anything but a MandantError) is counted
 (``Observer.batch_failed``) and split until the request(s) it fails on alone are found:
