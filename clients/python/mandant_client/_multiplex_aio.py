@@ -126,6 +126,11 @@ class AioStream:
                 if answer is not None and not answer.done():
                     answer.set_result(message)
         except grpc.RpcError as exc:
+            if not self._ended_ok:
+                # The call's done callback (``_on_done``: the server's own status) may
+                # not have run yet when the read fails: wait for the call to be over.
+                with contextlib.suppress(Exception):
+                    await self._call.code()
             if self._ended_ok:  # a write found the call over (grpc/grpc#36066)
                 failure = _multiplex.Unread(_multiplex.STREAM_ENDED)
                 failure.__cause__ = exc

@@ -39,7 +39,7 @@ from mandant.transport.grpc.servicer import (
     method_access,
     method_handlers,
 )
-from mandant.transport.grpc.stream import AGE_JITTER
+from mandant.transport.grpc.stream import AGE_JITTER, END_MARK_WAIT_S
 from mandant.transport.grpc.unread import UnreadAnswers
 from mandant.transport.listeners import Listener, host_port
 from mandant.transport.tls import GrpcCertificates, grpc_identities
@@ -186,16 +186,15 @@ class GrpcServer:
         ]
         if config.max_connection_age_s is not None and bind is None:
             # A ModelStreamInfer stream ends itself (gracefully) at its own age, at most
-            # 1.1 x max_connection_age_s, then drains (``stream.py``); one opened just
-            # before the GOAWAY must not be killed before that, so the connection's
-            # grace covers it. Unary calls are only given longer.
+            # 1.1 x max_connection_age_s, then drains and waits for its client to stop
+            # writing (``stream.py``, END_MARK_WAIT_S); one opened just before the
+            # GOAWAY must not be killed before that, so the connection's grace covers
+            # it. Unary calls are only given longer.
             age_s = config.max_connection_age_s
+            grace_s = config.grace_s + AGE_JITTER[1] * age_s + END_MARK_WAIT_S
             options += [
                 ("grpc.max_connection_age_ms", round(age_s * 1000)),
-                (
-                    "grpc.max_connection_age_grace_ms",
-                    round((config.grace_s + AGE_JITTER[1] * age_s) * 1000),
-                ),
+                ("grpc.max_connection_age_grace_ms", round(grace_s * 1000)),
             ]
         self._server = grpc.aio.server(options=options)
         logging.getLogger(GRPC_CORE_LOGGER).addFilter(ANSWERS_TO_GONE_CLIENTS)  # once: a set
