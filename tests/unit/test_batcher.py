@@ -685,8 +685,9 @@ async def test_a_tenant_s_failures_make_the_model_suspect_only_three_batches_in_
     (nothing of them answers). A lone one failing, then a batch of three: still their
     data's fault, each its own ModelFailed (every failed batch made the model suspect:
     the middle call was answered Unavailable, the flake hunt's repro of the CI failure
-    of test_poisoned_batches). The third failed batch in a row with nothing answered is
-    judged the model's fault (a model that broke while one tenant calls it: before,
+    of test_poisoned_batches). After the third failed batch in a row with nothing
+    answered (each counted once its split is over), the next is judged the model's
+    fault (a model that broke while one tenant calls it: before,
     it was split in full for ever, each caller INVALID_ARGUMENT, as the review found)."""
     backend = GatedBackend(auto=True, compute=double_unless_poisoned)
     batcher, _, clock, _ = await make(
@@ -706,6 +707,7 @@ async def test_a_tenant_s_failures_make_the_model_suspect_only_three_batches_in_
     await ok
     assert await batch_of(1) == {"ModelFailed": 1}
     assert await batch_of(3) == {"ModelFailed": 3}
+    assert await batch_of(3) == {"ModelFailed": 3}  # (counted once its split is over)
     assert await batch_of(3) == {"ModelFailed": 2, "Unavailable": 1}
 
 
@@ -737,6 +739,91 @@ async def test_a_tenant_s_poisoned_batch_is_split_at_its_turns_not_ahead_of_othe
     assert runs.index(5.0) <= 4  # after the first call, the blocker, a's batch (a half)
     assert len(runs) == 1 + 1 + (2 * 8 - 1) + 1  # a's split: as many runs as in the slot
     assert observer.failed_batches == [("m", 8)]  # its parts' runs are not batches
+
+
+async def test_a_batch_failing_while_the_batcher_closes_is_split_in_its_slot() -> None:
+    """``aclose`` lets running batches end: a batch that fails while it waits had its
+    parts queued again, in a queue nobody takes from any more, and their callers
+    waited for ever. It is split in its slot then, every request answered."""
+    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
+    batcher, _, _, _ = await make(backend, max_batch_size=8)
+    check_own_rows(first := request("a"), await submit(batcher, first))  # it works
+    backend.auto = False
+    blocker = submit(batcher, request("a"))
+    await settle()
+    good = request("b", value=3)
+    tasks = [submit(batcher, request("a", value=POISON)), submit(batcher, good)]
+    await settle()
+    backend.release()  # the blocker; the failing batch starts
+    await settle()
+    closing = asyncio.create_task(batcher.aclose())
+    await settle()
+    backend.auto = True
+    backend.release()  # it fails while the batcher closes
+    await asyncio.wait_for(closing, 5)
+    await blocker
+    bad, fine = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+    assert isinstance(bad, ModelFailed)
+    check_own_rows(good, fine)
+
+
+async def test_a_working_model_is_not_judged_at_fault_while_a_failed_batch_s_parts_wait() -> None:
+    """Three tenants' batches (three shapes) of [poisoned, good, good, poisoned] fail
+    in turn while the model works. Counted as they failed, the third was judged the
+    model's fault before any part had run, and its good calls answered Unavailable:
+    a failure counts once its parts have run, with nothing answered since."""
+    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
+    batcher, _, _, _ = await make(backend, max_batch_size=8)
+    check_own_rows(first := request("z"), await submit(batcher, first))  # it works
+    backend.auto = False
+    blocker = submit(batcher, request("z"))
+    await settle()
+    reqs = {
+        tenant: [request(tenant, value=v, width=width) for v in (POISON, 5, 6, POISON)]
+        for tenant, width in (("a", 5), ("d", 6), ("e", 7))
+    }
+    tasks = {tenant: [submit(batcher, r) for r in rs] for tenant, rs in reqs.items()}
+    await settle()
+    backend.auto = True
+    backend.release()
+    await blocker
+    for tenant, ts in tasks.items():
+        results = await asyncio.gather(*ts, return_exceptions=True)
+        assert isinstance(results[0], ModelFailed) and isinstance(results[3], ModelFailed)
+        check_own_rows(reqs[tenant][1], results[1])
+        check_own_rows(reqs[tenant][2], results[2])
+
+
+@pytest.mark.parametrize("dispatch", ["delay", "adaptive"])
+async def test_a_failed_batch_s_part_waits_for_no_company(dispatch: str) -> None:
+    """A part of a failed batch is batched with nothing else, so it is due at once:
+    the delay mode held it its whole ``max_queue_delay_ms`` with the slot idle, and
+    the adaptive one counted its runs as company found, widening its window."""
+    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
+    batcher, _, clock, _ = await make(
+        backend, max_batch_size=4, dispatch=dispatch, max_queue_delay_ms=50
+    )
+    warm = submit(batcher, request("z"))
+    await settle()
+    clock.advance(0.05)
+    await warm  # it works
+    backend.auto = False
+    reqs = [request("a"), request("a"), request("a", value=POISON), request("a")]
+    tasks = [submit(batcher, r) for r in reqs]  # a full batch: it leaves at once
+    await settle()
+    idle_with_parts = 0
+    while not all(task.done() for task in tasks):
+        backend.release(len(backend.running))
+        await settle()
+        if not backend.running and batcher.queued_rows:
+            idle_with_parts += 1  # the slot idle, a part waiting
+            clock.advance(0.001)
+    assert idle_with_parts == 0
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[2], ModelFailed)
+    for req, result in zip(reqs, results, strict=True):
+        if req is not reqs[2]:
+            check_own_rows(req, result)
 
 
 async def test_a_lone_request_the_model_fails_on_is_model_failed() -> None:

@@ -119,8 +119,21 @@ class _Pending:
     group: Hashable
     arrival: float
     queued: bool = True
-    #: a part of a failed batch, queued again to be run apart (``_split_queued``)
-    isolating: bool = False
+    #: the failed batch it is a part of, queued again to be run apart
+    #: (``_split_queued``); None: it has not failed
+    split: _Split | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Split:
+    """A failed batch whose parts are queued again (``DynamicBatcher._split_queued``),
+    judged once all its requests are answered (``_judge``). ``successes``: the
+    batcher's count of answered runs when it failed."""
+
+    entries: list[_Pending]
+    successes: int
+    tenants: int
+    judged: bool = False
 
 
 #: The queue level of the parts of a failed batch queued again: before the tenant's
@@ -130,7 +143,8 @@ ISOLATING_LEVEL = 0
 #: Failed batches in a row, with no run of the model answered since, after which the
 #: model itself may be at fault (``Isolation``): one tenant's bad calls fail its
 #: batches too, so a few say nothing of the model; a failed batch of several tenants
-#: with nothing answered while it was split says it at once.
+#: with nothing answered while it was split says it at once. A batch split by queueing
+#: its parts counts once they have all been answered (``_judge``).
 SUSPECT_AFTER = 3
 
 
@@ -174,6 +188,8 @@ class DynamicBatcher:
         #: batches failed in a row with no run answered since (a fresh model's count
         #: starts at SUSPECT_AFTER: it has not been seen working; ``Isolation``)
         self._unanswered = SUSPECT_AFTER
+        self._successes = 0  # runs of the model answered, ever
+        self._parts_queued = 0  # requests of failed batches queued again, now
         #: a failure of each kind logged in full, the next ones counted (``Isolation``)
         self._failures = failure_log(self._clock)
         self._open = False
@@ -205,9 +221,11 @@ class DynamicBatcher:
                 for entry in rest:
                     with contextlib.suppress(Exception):
                         self._queue.remove(entry)
+                    self._left_queue(entry)
                     self._finish(entry, exc=closing)
                 break
             for entry in taken:
+                self._left_queue(entry)
                 self._finish(entry, exc=closing)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -279,7 +297,12 @@ class DynamicBatcher:
     def _withdraw(self, entry: _Pending) -> None:
         """The caller went away: free its place in the queue now."""
         if entry.queued and self._queue.remove(entry):
-            entry.queued = False
+            self._left_queue(entry)
+
+    def _left_queue(self, entry: _Pending) -> None:
+        if entry.queued and entry.split is not None:
+            self._parts_queued -= 1
+        entry.queued = False
 
     # -- deadlines ----------------------------------------------------------------
 
@@ -313,7 +336,7 @@ class DynamicBatcher:
                 floor = deadline
         for entry in expired:
             self._queue.remove(entry)
-            entry.queued = False
+            self._left_queue(entry)
             self._finish(entry, exc=DeadlineExceeded("deadline exceeded while queued"))
         if floor is not None:
             self._arm_expiry(floor)
@@ -344,7 +367,7 @@ class DynamicBatcher:
         for entry in reversed(leaning):
             if entry.queued and self._queue.rows_of(entry.tenant) > cap:
                 self._queue.remove(entry)
-                entry.queued = False
+                self._left_queue(entry)
                 self._finish(entry, exc=self._queue_full(entry.tenant, cap))
         if not len(self._queue):
             self._disarm_expiry()
@@ -386,7 +409,7 @@ class DynamicBatcher:
                 return
             batch = []
             for entry in taken:
-                entry.queued = False
+                self._left_queue(entry)
                 deadline = entry.request.deadline
                 if deadline is not None and deadline <= now:
                     self._finish(entry, exc=DeadlineExceeded("deadline exceeded while queued"))
@@ -396,7 +419,9 @@ class DynamicBatcher:
                 self._disarm_expiry()
             if self._mode == "adaptive":
                 held = self._held is not None
-                self._adaptive.dispatched(len(batch), held, held and queued > (self._held or 0))
+                if taken[0].split is None:  # a part gathers no company: not the window's
+                    company = held and queued > (self._held or 0)
+                    self._adaptive.dispatched(len(batch), held, company)
                 self._held = None
                 self._cancel_delay_timer()
             if batch:
@@ -409,8 +434,8 @@ class DynamicBatcher:
     def _due(self, now: float) -> bool:
         """Whether a batch should leave now; if not, arm the timer for when it should."""
         rows = self._queue.rows
-        if self._mode == "eager" or rows >= self._max_rows:
-            return True
+        if self._mode == "eager" or rows >= self._max_rows or self._parts_queued:
+            return True  # (a failed batch's part waits for no company: it takes none)
         if self._preferred and rows >= self._preferred[0]:
             return True
         if self._mode == "adaptive" and not self._adaptive.window_s:
@@ -468,19 +493,20 @@ class DynamicBatcher:
 
     async def _isolate(self, batch: list[_Pending], dispatched: float) -> None:
         """Run ``batch``; should the model raise on it, count it and find the requests
-        it fails on: while the model works, by queueing its parts again
-        (:meth:`_split_queued`); once it may be at fault, in this slot
+        it fails on: while the model works (and the batcher is open), by queueing its
+        parts again (:meth:`_split_queued`); once it may be at fault, in this slot
         (:class:`Isolation`, which tells the model's failure from the data's)."""
         batch, failure = await self._attempt(batch, dispatched)
+        split = batch[0].split if batch else None
         if not raised(failure):
+            if split is not None:
+                self._judge(split)
             return
-        fresh = not batch[0].isolating  # not a part of a failed batch, failing again
         tenants = len({entry.tenant for entry in batch})
-        if fresh:
+        if split is None:  # a fresh batch, not a part of a failed one
             owner = batch[0].request.model.owner or ""  # one model: one owner
             self._observer.batch_failed(self._model, sum(e.rows for e in batch), owner)
-            self._unanswered += 1
-        model_works = not fresh or self._unanswered < SUSPECT_AFTER
+        model_works = split is not None or self._unanswered < SUSPECT_AFTER
         isolation = Isolation(
             self._model,
             lambda part: self._attempt(part, dispatched),
@@ -488,32 +514,39 @@ class DynamicBatcher:
             model_works=model_works,
             failures=self._failures,
         )
-        if model_works:
-            if fresh and tenants > 1:
-                # Several tenants' calls failed: should nothing answer until the next
-                # failed batch (its parts, other batches), the model may be at fault
-                # (one tenant's failures may all be its own data's).
-                self._unanswered = SUSPECT_AFTER
-            self._split_queued(batch, failure, isolation, first=fresh)
+        if model_works and self._open:
+            if split is None:
+                split = _Split(list(batch), self._successes, tenants)
+            self._split_queued(batch, failure, isolation, split)
+            self._judge(split)
             return
+        # Closing (nothing would take the parts from the queue), or the model may be
+        # at fault: split in this slot.
+        self._unanswered += 1
         await isolation.run(batch, failure)
         if self._unanswered and tenants > 1:
+            # Several tenants' calls failed and nothing ran since: the model may be at
+            # fault at once (one tenant's failures may all be its own data's).
             self._unanswered = SUSPECT_AFTER
 
     def _split_queued(
-        self, batch: list[_Pending], failure: Exception, isolation: Isolation[_Pending], first: bool
+        self,
+        batch: list[_Pending],
+        failure: Exception,
+        isolation: Isolation[_Pending],
+        split: _Split,
     ) -> None:
         """The model raised on ``batch`` and works (it answered lately, or this is a
         part of a batch it failed on): a request alone is answered ModelFailed; a batch
         of several tenants is queued again by tenant, a tenant's part by halves, each
         part a group of its own (never batched with other requests) at the head of its
-        tenant's queue (:data:`ISOLATING_LEVEL`). So each tenant's part runs at that
-        tenant's turn, by weight: finding the requests a batch fails on costs their
-        tenant's share of the model, not the slot's. Split in the slot, one tenant's
-        poisoned calls, each batch 2n - 1 runs, held every other tenant's calls
-        (a light tenant's p50 went from 12 ms to 1.3 s beside 64 poisoned callers).
-        A part whose requests all left or passed their deadline is answered so."""
-        isolation.failed(batch, failure, first)
+        tenant's queue (:data:`ISOLATING_LEVEL`), due at once. So each tenant's part
+        runs at that tenant's turn, by weight: finding the requests a batch fails on
+        costs their tenant's share of the model, not the slot's. Split in the slot, one
+        tenant's poisoned calls, each batch 2n - 1 runs, held every other tenant's
+        calls (a light tenant's p50 went from 12 ms to 1.3 s beside 64 poisoned
+        callers)."""
+        isolation.failed(batch, failure, first=batch[0].split is None)
         if len(batch) == 1:
             return
         by_tenant: dict[str, list[_Pending]] = {}
@@ -530,14 +563,28 @@ class DynamicBatcher:
             for entry in part:
                 if entry.future.done():
                     continue
-                entry.group, entry.level, entry.isolating = group, ISOLATING_LEVEL, True
+                entry.group, entry.level, entry.split = group, ISOLATING_LEVEL, split
                 entry.queued = True
+                self._parts_queued += 1
                 self._queue.push(entry)
                 deadline = entry.request.deadline
                 if deadline is not None and (
                     self._deadline_floor is None or deadline < self._deadline_floor
                 ):
                     self._arm_expiry(max(deadline, now))
+
+    def _judge(self, split: _Split) -> None:
+        """Once every request of a failed batch is answered: had the model answered no
+        run since it failed, count the failure (:data:`SUSPECT_AFTER`; a batch of
+        several tenants makes the model suspect at once). Counted when it failed, a
+        working model was judged at fault while the parts that would show it works
+        still waited for their turns (other tenants' failed batches counted meanwhile,
+        and their valid requests were answered Unavailable)."""
+        if split.judged or not all(entry.future.done() for entry in split.entries):
+            return
+        split.judged = True
+        if self._successes == split.successes:
+            self._unanswered = SUSPECT_AFTER if split.tenants > 1 else self._unanswered + 1
 
     async def _attempt(
         self, part: list[_Pending], dispatched: float
@@ -558,6 +605,7 @@ class DynamicBatcher:
         except Exception as exc:  # the model raised: whose data was it?
             return part, exc
         self._unanswered = 0
+        self._successes += 1
         self._succeeded(part, results, compute_s, dispatched)
         return part, None
 
@@ -634,7 +682,7 @@ class DynamicBatcher:
             exc_info=exc,
         )
         for entry in entries:
-            entry.queued = False
+            self._left_queue(entry)
             self._finish(entry, exc=RuntimeError(f"batcher of model '{self._model}' failed"))
 
     @staticmethod
