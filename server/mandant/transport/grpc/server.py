@@ -76,11 +76,8 @@ FRONT_END_METHODS = frozenset(
 )
 #: Calls received and not yet handed to a handler that gRPC keeps (see GrpcServer).
 PENDING_CALLS = 1 << 15
-#: How often a client may ping (keepalive), and how the server pings a silent
-#: connection (see GrpcServer).
+#: How often a client may ping (keepalive; see GrpcServer).
 KEEPALIVE_MIN_PING_S = 10.0
-KEEPALIVE_S = 60.0
-KEEPALIVE_TIMEOUT_S = 20.0
 
 
 def name_path(method: str) -> str:
@@ -172,17 +169,12 @@ class GrpcServer:
             # bound stays, far above it (32 connections' worth of HTTP/2 streams).
             ("grpc.server.max_pending_requests", PENDING_CALLS),
             ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
-            # Keepalive. A client may ping every KEEPALIVE_MIN_PING_S, with calls or
+            # Keepalive: a client may ping every KEEPALIVE_MIN_PING_S, with calls or
             # without: gRPC's default sends a client pinging more often than every
             # 5 minutes without calls away (GOAWAY too_many_pings), so a client could
-            # not use keepalive to find a dead connection. The server pings a
-            # connection silent for KEEPALIVE_S and closes it if no answer comes in
-            # KEEPALIVE_TIMEOUT_S: a client gone without a word (a cut network, a NAT
-            # that forgot it) no longer holds its calls and streams for good.
+            # not use keepalive to find a dead connection.
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", round(KEEPALIVE_MIN_PING_S * 1000)),
-            ("grpc.keepalive_time_ms", round(KEEPALIVE_S * 1000)),
-            ("grpc.keepalive_timeout_ms", round(KEEPALIVE_TIMEOUT_S * 1000)),
         ]
         if config.max_connection_age_s is not None and bind is None:
             # A ModelStreamInfer stream ends itself (gracefully) at its own age, at most
