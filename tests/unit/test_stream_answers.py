@@ -38,13 +38,14 @@ class _Context:
         return None
 
 
-async def test_an_unexpected_failure_before_parsing_is_answered_with_the_message_id() -> None:
+def _failing_stream(context: _Context) -> InferStream:
+    """A stream of tenant acme whose every message fails before it is parsed (the
+    tenant directory breaks): each is answered INTERNAL, with its id."""
+
     def authenticate() -> Tenant:
         raise RuntimeError("the tenant directory broke")
 
-    request = pb.ModelInferRequest(model_name="echo", id="call#1")
-    context = _Context([request.SerializeToString()])
-    stream = InferStream(
+    return InferStream(
         cast(Any, _Plane()),
         Tenant("acme"),
         authenticate,
@@ -54,6 +55,12 @@ async def test_an_unexpected_failure_before_parsing_is_answered_with_the_message
         16,
         NullObserver(),
     )
+
+
+async def test_an_unexpected_failure_before_parsing_is_answered_with_the_message_id() -> None:
+    request = pb.ModelInferRequest(model_name="echo", id="call#1")
+    context = _Context([request.SerializeToString()])
+    stream = _failing_stream(context)
     await stream.serve()
     (answer,) = context.written
     assert answer.error_message
@@ -78,19 +85,7 @@ async def test_a_write_after_the_server_stopped_ends_the_stream_quietly(
     request = pb.ModelInferRequest(model_name="echo", id="call#1")
     context = _Stopped([request.SerializeToString()])
 
-    def authenticate() -> Tenant:
-        raise RuntimeError("answered INTERNAL: a message to write")
-
-    stream = InferStream(
-        cast(Any, _Plane()),
-        Tenant("acme"),
-        authenticate,
-        cast(Any, context),
-        4,
-        1 << 20,
-        16,
-        NullObserver(),
-    )
+    stream = _failing_stream(context)
     with caplog.at_level(logging.INFO, logger="mandant.transport.grpc.stream"):
         await stream.serve()
     # (The test's own INTERNAL answer is logged, its RuntimeError: not the write's.)

@@ -109,10 +109,6 @@ class MessageReads:
         self._counts: dict[str, int] = {}  # pool key → reads counted in it
         self._timer: asyncio.TimerHandle | None = None
 
-    def reading(self, pool: Pool) -> int:
-        """The reads counted in ``pool`` now."""
-        return self._counts.get(pool.key, 0)
-
     def begin(self, timeout_s: float, pools: tuple[Pool, ...] = ()) -> Reading:
         """The current task reads its call's message now, for at most ``timeout_s``,
         counted in each of ``pools`` (ResourceExhausted where one is full, nothing
