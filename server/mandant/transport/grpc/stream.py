@@ -41,21 +41,22 @@ gRPC gives no hook for it; the server kills the calls still open after the
 connection's grace), so Mandant ends such a stream itself first. Other clients'
 streams (tritonclient's, which would never hear of the messages left unread) are not
 ended so: they live until gRPC's grace for their connection runs out. Either way no
-message is read once the end is decided, and every message read is answered before the
-status; the trailing metadata ``mandant-stream-end`` says why (``connection-age``,
+message is served once the end is decided, and every message served is answered before
+the status; the trailing metadata ``mandant-stream-end`` says why (``connection-age``,
 ``server-stop``), and a client sends the messages not answered again on a new stream.
 To a client that does, the stream's last message says the same (no id, the parameter
 ``mandant-stream-end``): it stops writing there and half-closes, and the stream ends
-then (the messages it wrote meanwhile dropped unread, after :data:`END_MARK_WAIT_S` at
-most), so that no write of its is in flight as the status comes: grpc.aio reports
-INTERNAL instead of the server's OK then (grpc/grpc#36066), and under load every call
-waiting on a stream at its end failed.
+then (the messages it wrote meanwhile read and dropped unread; after
+:data:`END_MARK_WAIT_S` at most), so that no write of its is in flight as the status
+comes: grpc.aio reports INTERNAL instead of the server's OK then (grpc/grpc#36066), and
+under load every call waiting on a stream at its end failed. Such a stream's wait for
+its next message is never cancelled before the mark: gRPC's read would stay pending,
+the next one fail at once (as EOF), and the stream end under the client's writes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -145,6 +146,9 @@ class InferStream:
         self._writing = asyncio.Lock()  # one write at a time on a gRPC stream
         self._tasks: set[asyncio.Task[None]] = set()
         self._reading: asyncio.Task[Any] | None = None  # the task of :meth:`serve`
+        #: Writes the end mark, once (``_end_if_idle``); None until then.
+        self._marking: asyncio.Task[None] | None = None
+        self._mark_wait: asyncio.TimerHandle | None = None  # see :meth:`_mark_end`
         self._ending = False
         self._end_reason = STOP_END
         self._max_age_s = max_age_s
@@ -160,8 +164,16 @@ class InferStream:
         self._end_if_idle()
 
     def _end_if_idle(self) -> None:
-        if self._ending and not self._tasks and self._reading is not None:
-            self._reading.cancel()  # it waits for the client's next message: stop that
+        if not self._ending or self._tasks or self._reading is None:
+            return
+        if not self._resends_unread:
+            self._stop_reading()  # it waits for the client's next message: stop that
+        elif self._marking is None:
+            # The reader may be waiting for a message: cancelling it there would leave
+            # gRPC's read of it pending, and the next read would fail at once (as EOF)
+            # and end the stream under the client's writes. It goes on reading instead,
+            # dropping what comes, until the client half-closes at the mark.
+            self._marking = asyncio.create_task(self._mark_end())
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -176,12 +188,15 @@ class InferStream:
             age_s = self._max_age_s * random.uniform(*AGE_JITTER)
             aging = asyncio.get_running_loop().call_later(age_s, self.end, AGE_END)
         try:
-            while not self._ending:
+            while not self._ending or self._resends_unread:
                 await self._window.acquire()
                 await self._room.wait()
                 raw = await context.read()
                 if raw is grpc.aio.EOF:
                     break
+                if self._ending:  # unread: its client sends it again, on a new stream
+                    self._window.release()
+                    continue
                 self._hold(len(raw))
                 task = asyncio.create_task(self._serve_one(raw))
                 tasks.add(task)
@@ -190,32 +205,45 @@ class InferStream:
                 await asyncio.gather(*tasks)
         except asyncio.CancelledError:
             if not self._ending or tasks:
+                if self._marking is not None:
+                    self._marking.cancel()
                 raise  # the client left (or the call was cancelled)
             reading = asyncio.current_task()
             if reading is not None:
                 reading.uncancel()  # ended by end(): a normal end of the stream
         finally:
-            if aging is not None:
-                aging.cancel()
+            for timer in (aging, self._mark_wait):
+                if timer is not None:
+                    timer.cancel()
             self._reading = None
             for task in tasks:
                 task.cancel()
-        if self._ending and self._resends_unread:  # every message read is answered
-            await self._mark_end()
+        if self._marking is not None:
+            await self._marking
+        elif self._ending and self._resends_unread:  # half-closed first: mark it anyway
+            await self._write(self._end_mark())
 
-    async def _mark_end(self) -> None:
+    def _end_mark(self) -> pb.ModelStreamInferResponse:
         """The stream's last message: everything read is answered, the end decided."""
         mark = pb.ModelStreamInferResponse()
         mark.infer_response.parameters[END_MARK].string_param = self._end_reason
-        if not await self._write(mark):
-            return
-        # The client stops writing at the mark and half-closes; what it wrote meanwhile
-        # is dropped unread (it sends that again). Ending only then, no write of its is
-        # in flight as the status comes, which grpc.aio would report as INTERNAL.
-        with contextlib.suppress(TimeoutError, grpc.aio.BaseError):
-            async with asyncio.timeout(END_MARK_WAIT_S):
-                while await self._context.read() is not grpc.aio.EOF:
-                    pass
+        return mark
+
+    async def _mark_end(self) -> None:
+        """Write the end mark (every message read is answered), then give the client
+        :data:`END_MARK_WAIT_S` to half-close, which ends the reader; ending only then,
+        no write of its is in flight as the status comes (grpc.aio would report it as
+        INTERNAL, and drop the mark unread). What it writes meanwhile is dropped unread
+        (it sends that again)."""
+        if await self._write(self._end_mark()):
+            loop = asyncio.get_running_loop()
+            self._mark_wait = loop.call_later(END_MARK_WAIT_S, self._stop_reading)
+        else:
+            self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
 
     async def _serve_one(self, raw: bytes) -> None:
         """Answer one message and write the answer; its place in the window (and its
