@@ -3,8 +3,10 @@ DEADLINE_EXCEEDED after ``server.message_read_timeout_s``, and what came of it i
 freed: gRPC holds a message's part until the rest comes, and before, such calls lived
 as long as their connection (24 inference calls sending 40 of 60 MiB each held 1 GB).
 A tenant's calls other than inference read at most ``TENANT_READS_MAX`` messages at
-once; beyond, RESOURCE_EXHAUSTED before the message is asked for. One process and the
-front ends of ``workers: 2`` alike (``transport/grpc/reads.py``). The probes' reads,
+once; beyond, RESOURCE_EXHAUSTED before the message is asked for. A stream is not
+timed between its messages, so each may hold one in part: a tenant's open streams are
+counted instead (``server.max_tenant_streams``). One process and the front ends of
+``workers: 2`` alike (``transport/grpc/reads.py``). The probes' reads,
 without a key, are in ``test_probe_bounds.py``."""
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ from tests.integration.stalled_calls import StalledCalls
 from tests.servers import ECHO_MODEL, SERVER_KINDS, Server, serve
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 MODEL_METADATA = "/inference.GRPCInferenceService/ModelMetadata"
 KEY = "globex-key"
 METADATA = (("authorization", f"Bearer {KEY}"),)
 READ_TIMEOUT_S = 0.5
+MAX_TENANT_STREAMS = 3
+OTHER_METADATA = (("authorization", "Bearer acme-key"),)
 
 
 @pytest.fixture(scope="module", params=SERVER_KINDS)
@@ -43,8 +48,12 @@ def server(
                 "http_port": 0,
                 "rest_port": 0,
                 "message_read_timeout_s": READ_TIMEOUT_S,
+                "max_tenant_streams": MAX_TENANT_STREAMS,
             },
-            "tenants": [{"id": "globex", "api_keys": [hash_key(KEY)]}],
+            "tenants": [
+                {"id": "globex", "api_keys": [hash_key(KEY)]},
+                {"id": "acme", "api_keys": [hash_key("acme-key")]},
+            ],
             "models": [ECHO_MODEL],
         }
     )
@@ -102,3 +111,46 @@ def test_a_tenants_other_calls_read_a_bounded_number_of_messages_at_once(
         f"(at most {TENANT_READS_MAX}): retry once they have"
     )
     echo_works(server)  # every read given back: the next calls are read
+
+
+def streamed_echo_works(server: Server, metadata: tuple[tuple[str, str], ...]) -> None:
+    message = pb.ModelInferRequest(model_name="echo", id="streamed")
+    tensor = message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 2])
+    tensor.contents.fp32_contents.extend([1.0, 2.0])
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        answers = list(stub.ModelStreamInfer(iter([message]), metadata=metadata, timeout=10))
+    assert [(a.error_message, a.infer_response.id) for a in answers] == [("", "streamed")]
+
+
+def test_a_tenants_open_streams_are_bounded_and_another_tenants_are_not(
+    server: Server,
+) -> None:
+    """Streams each holding part of a message (which gRPC keeps, untimed, while the
+    stream waits for it) up to the tenant's bound; one more is refused as it opens,
+    while another tenant's streams work; once they end, the tenant opens streams
+    again."""
+    held = StalledCalls(
+        port_of(server), STREAM, KEY, calls=MAX_TENANT_STREAMS + 1, declared=8 << 20, sent=4096
+    )
+    try:
+        statuses = held.statuses(timeout_s=2)
+        assert statuses == [
+            (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{MAX_TENANT_STREAMS} streams of this tenant are open (at most "
+                f"{MAX_TENANT_STREAMS}, server.max_tenant_streams): retry once one has ended",
+            )
+        ]  # the others stay open, holding their parts
+        streamed_echo_works(server, OTHER_METADATA)
+    finally:
+        held.close()
+    deadline = time.monotonic() + 10
+    while True:  # the server sees the connection go, and its streams end
+        try:
+            streamed_echo_works(server, METADATA)
+            break
+        except grpc.RpcError as refused:
+            assert refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() < deadline, "the streams were never given back"
+            time.sleep(0.1)

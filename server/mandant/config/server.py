@@ -51,6 +51,9 @@ class TlsConfig(_Frozen):
 DEFAULT_MAX_BYTES_ELEMENTS = 1 << 18
 #: Default of ``server.message_read_timeout_s``: a 64 MiB message at about 1 MB/s.
 DEFAULT_MESSAGE_READ_TIMEOUT_S = 60.0
+#: Default of ``server.max_tenant_streams``: at the default ``max_message_bytes``, one
+#: tenant's streams hold at most 4 GiB of messages in part.
+DEFAULT_MAX_TENANT_STREAMS = 64
 
 #: Default of ``server.max_json_bytes``: the JSON of a REST inference request is
 #: parsed on the event loop, at about 16 ms per MB (float arrays, one core of the dev
@@ -128,6 +131,13 @@ class ServerConfig(_Frozen):
     #: Messages of one ModelStreamInfer stream served at once; beyond it the stream is
     #: not read until one is answered (backpressure, not buffering).
     max_stream_inflight: Annotated[int, Field(gt=0)] = 128
+    #: ModelStreamInfer streams one tenant may have open at once (per process: each
+    #: front end of ``workers: N``); one more is refused RESOURCE_EXHAUSTED (pushback
+    #: 1 s) as it opens. Between its messages a stream waits for the next one as long
+    #: as its client likes, and gRPC holds whatever part of one has come: each stream
+    #: may hold up to ``max_message_bytes`` so, and this bounds how many a tenant has.
+    #: A multiplexed mandant_client, and a tritonclient ``start_stream``, open one.
+    max_tenant_streams: Annotated[int, Field(gt=0)] = DEFAULT_MAX_TENANT_STREAMS
     #: Bytes of one tenant's inference answers that its clients have not read yet
     #: (HTTP/2 flow control holds them in the server), over all its connections and
     #: streams, past which its next inference calls and stream messages are refused

@@ -368,17 +368,22 @@ class Gate:
         own."""
         caller_of = self._caller
         observer = self._observer
+        reads = self.reads
         gate = self
 
         async def handle(requests: object, context: Context) -> None:
             gate.started += 1
             call = Call(None)
             start = time.perf_counter()
+            opened = None
             try:
                 call.tenant = caller_of(access, context)
+                if call.tenant is not None:  # each may hold a message in part
+                    opened = reads.open_stream(call.tenant.id)
             except MandantError as exc:  # counted like a unary call refused at the gate
                 duration_s = time.perf_counter() - start
-                observer.request_finished("", "", status_for(exc).name, duration_s)
+                tenant_id = call.tenant.id if call.tenant is not None else ""
+                observer.request_finished(tenant_id, "", status_for(exc).name, duration_s)
                 await abort(context, exc)
                 return
             try:
@@ -397,6 +402,9 @@ class Gate:
                     # in gRPC's core): no fault of ours, nothing left to answer.
                     raise asyncio.CancelledError from None
                 await abort_internal(context, method, call, exc)
+            finally:
+                if opened is not None:
+                    reads.close_stream(opened)
 
         return grpc.stream_stream_rpc_method_handler(
             handle, request_deserializer=None, response_serializer=response_serializer

@@ -28,7 +28,11 @@ forwarded calls, health checks and reflection) goes through :class:`MessageReads
 A key's calls hold at most these counts (and its inference calls' places) times
 ``max_message_bytes``, each for at most its timeout. A ModelStreamInfer stream is not
 timed: between its messages it waits for the next one for as long as its client
-likes, and gRPC does not say whether one has begun to come.
+likes, and gRPC does not say whether one has begun to come. So a tenant's open streams
+are counted instead (:meth:`MessageReads.open_stream`), at most
+``server.max_tenant_streams`` at once, each holding at most one message in part: 30
+streams of one tenant, each sent 40 of a declared 60 MiB, held 1.2 GB, and nothing
+bounded how many it opened (1,024 on each connection).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from mandant.config.server import DEFAULT_MAX_TENANT_STREAMS
 from mandant.errors import DeadlineExceeded, ResourceExhausted
 
 #: How long a call without a key (a health check, reflection) may take to send its
@@ -101,8 +106,14 @@ class Reading:
 class MessageReads:
     """Every read of a caller's message in progress (module doc)."""
 
-    def __init__(self, timeout_s: float, open_timeout_s: float = OPEN_READ_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        timeout_s: float,
+        open_timeout_s: float = OPEN_READ_TIMEOUT_S,
+        max_tenant_streams: int = DEFAULT_MAX_TENANT_STREAMS,
+    ) -> None:
         self.timeout_s = timeout_s
+        self.max_tenant_streams = max_tenant_streams
         self.open_timeout_s = open_timeout_s
         self._sweep_s = SWEEP_SHARE * min(timeout_s, open_timeout_s)
         self._reading: dict[asyncio.Task[Any], Reading] = {}
@@ -122,8 +133,7 @@ class MessageReads:
                     "retry once they have",
                     READS_RETRY_S,
                 )
-        for pool in pools:
-            self._counts[pool.key] = self._counts.get(pool.key, 0) + 1
+        self._take(pools)
         task = asyncio.current_task()
         assert task is not None  # gRPC runs each handler in a task of its own
         reading = Reading(task, timeout_s, pools)
@@ -138,15 +148,38 @@ class MessageReads:
         Safe to call twice."""
         if reading is None or self._reading.pop(reading.task, None) is None:
             return False
-        for pool in reading.pools:
+        self._give_back(reading.pools)
+        if reading.late:
+            reading.task.uncancel()
+        return reading.late
+
+    def open_stream(self, tenant: str) -> Pool:
+        """A stream of ``tenant`` opens: counted until :meth:`close_stream` is given
+        the pool returned (ResourceExhausted at ``max_tenant_streams``: module doc)."""
+        pool = Pool(f"streams {tenant}", self.max_tenant_streams, "streams")
+        if (held := self._counts.get(pool.key, 0)) >= pool.limit:
+            raise ResourceExhausted(
+                f"{held} streams of this tenant are open (at most {pool.limit}, "
+                "server.max_tenant_streams): retry once one has ended",
+                READS_RETRY_S,
+            )
+        self._take((pool,))
+        return pool
+
+    def close_stream(self, pool: Pool) -> None:
+        self._give_back((pool,))
+
+    def _take(self, pools: tuple[Pool, ...]) -> None:
+        for pool in pools:
+            self._counts[pool.key] = self._counts.get(pool.key, 0) + 1
+
+    def _give_back(self, pools: tuple[Pool, ...]) -> None:
+        for pool in pools:
             left = self._counts[pool.key] - 1
             if left:
                 self._counts[pool.key] = left
             else:
                 del self._counts[pool.key]
-        if reading.late:
-            reading.task.uncancel()
-        return reading.late
 
     async def read(
         self,

@@ -218,7 +218,9 @@ class GrpcServer:
             else None
         )
         # How long each call's message may take to come, how many come at once.
-        reads = MessageReads(config.message_read_timeout_s)
+        reads = MessageReads(
+            config.message_read_timeout_s, max_tenant_streams=config.max_tenant_streams
+        )
         self.gate = gate = Gate(
             plane.authenticate,
             authenticate_admin or AdminKeys(config.admin_keys).authenticate,
