@@ -193,7 +193,8 @@ function createClient(target, apiKey, options = {}) {
       return decodeOutputs(response);
     },
 
-    /** Closes the channel; a later call rejects with UNAVAILABLE "the client was closed". */
+    /** Closes the channel: calls in flight are answered; a later call rejects with
+     * UNAVAILABLE "the client was closed". */
     close() {
       closed = true;
       stub.close();

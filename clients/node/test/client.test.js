@@ -19,10 +19,14 @@ let server;
 let target;
 
 /** ModelInfer: echoes each input as an output of the same name; model 'big' answers an
- * output over the client's 64 MiB receive limit. */
+ * output over the client's 64 MiB receive limit; model 'slow' answers after 300 ms. */
 function modelInfer(call, callback) {
   const request = call.request;
   received.push(request);
+  if (request.model_name === 'slow') {
+    setTimeout(() => callback(null, echo(request)), 300);
+    return;
+  }
   if (request.model_name === 'big') {
     const raw = Buffer.alloc(MAX_MESSAGE_BYTES + 1024);
     callback(null, {
@@ -32,13 +36,17 @@ function modelInfer(call, callback) {
     });
     return;
   }
-  callback(null, {
+  callback(null, echo(request));
+}
+
+function echo(request) {
+  return {
     model_name: request.model_name,
     model_version: request.model_version,
     id: request.id,
     outputs: request.inputs.map(({ name, datatype, shape }) => ({ name, datatype, shape })),
     raw_output_contents: request.raw_input_contents,
-  });
+  };
 }
 
 before(async () => {
@@ -137,6 +145,16 @@ test('retryable: RESOURCE_EXHAUSTED of a limit and UNAVAILABLE are, the rest is 
   assert.equal(new MandantError({ code: 14, details: 'No connection established' }).retryable, true);
   assert.equal(new MandantError({ code: 5, details: "model 'm' not found" }).retryable, false);
   assert.equal(new MandantError({ code: 3, details: 'wrong shape' }).retryable, false);
+});
+
+test('a call in flight at close() is answered; one made after it is not', CALLS, async () => {
+  const client = createClient(target, 'key');
+  const inFlight = client.infer('slow', INPUTS);
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  client.close();
+  await assert.rejects(client.infer('m', INPUTS), (error) => error.details === 'the client was closed');
+  const outputs = await inFlight;
+  assert.deepEqual(Array.from(outputs.X.data), [1]);
 });
 
 test('a call after close() rejects with MandantError UNAVAILABLE, not retryable', CALLS, async () => {
