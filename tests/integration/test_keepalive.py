@@ -1,7 +1,9 @@
 """Keepalive: a client may ping the server (to find a dead connection), with calls or
 without, at ``KEEPALIVE_MIN_PING_S`` (10 s; 0.5 s here): gRPC's default sent a client
 pinging more often than every 5 minutes without calls away (GOAWAY ``too_many_pings``),
-and its next call failed UNAVAILABLE ``Too many pings``."""
+and its next call failed UNAVAILABLE ``Too many pings``. And the server pings each
+connection every ``KEEPALIVE_TIME_S`` (60 s; 0.5 s here) and closes one whose client
+does not answer within ``KEEPALIVE_TIMEOUT_S`` (20 s; 0.5 s here)."""
 
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ from mandant.tenancy.keys import hash_key
 from mandant.transport.grpc import server as grpc_server
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+from tests.integration.stalled_calls import StalledCalls
 from tests.servers import ECHO_MODEL, ServerThread
 
 KEY = "acme-key"
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 #: Long enough for gRPC's default to send the client away (its third ping).
 IDLE_S = 4.0
 
@@ -29,9 +33,11 @@ IDLE_S = 4.0
 @pytest.fixture
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ServerThread]:
     monkeypatch.setattr(grpc_server, "KEEPALIVE_MIN_PING_S", 0.5, raising=False)
+    monkeypatch.setattr(grpc_server, "KEEPALIVE_TIME_S", 0.5, raising=False)
+    monkeypatch.setattr(grpc_server, "KEEPALIVE_TIMEOUT_S", 0.5, raising=False)
     config = parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "max_tenant_streams": 1},
             "tenants": [{"id": "acme", "api_keys": [hash_key(KEY)]}],
             "models": [ECHO_MODEL],
         }
@@ -68,3 +74,35 @@ def test_a_client_pinging_at_the_allowed_rate_is_not_sent_away(server: ServerThr
         sent.put(None)
         answer = stub.ModelInfer(message, metadata=metadata, timeout=10)
         assert answer.raw_output_contents[0] == row.tobytes()
+
+
+def test_a_client_that_answers_no_ping_is_let_go_with_its_streams(server: ServerThread) -> None:
+    """A client gone without a word (raw HTTP/2 that never answers the server's pings)
+    holding its tenant's one stream (``max_tenant_streams: 1``), part of a message sent:
+    the server closes its connection, and the tenant opens a stream again. Before, the
+    connection lived until TCP gave up (never, on loopback), the stream's place with it."""
+    port = int(server.target.rsplit(":", 1)[1])
+    gone = StalledCalls(port, STREAM, KEY, declared=1 << 20, sent=4096)
+    row = np.ones((1, 4), np.float32)
+    message = pb.ModelInferRequest(model_name="echo", id="after")
+    message.inputs.add(name="INPUT0", datatype="FP32", shape=row.shape)
+    message.raw_input_contents.append(row.tobytes())
+    metadata = (("authorization", f"Bearer {KEY}"),)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:  # the one stream is the gone one's
+                list(stub.ModelStreamInfer(iter([message]), metadata=metadata, timeout=10))
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    answers = stub.ModelStreamInfer(iter([message]), metadata=metadata, timeout=10)
+                    assert [a.infer_response.id for a in answers] == ["after"]
+                    break
+                except grpc.RpcError as error:
+                    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert time.monotonic() < deadline, "the silent client was never let go"
+                    time.sleep(0.2)
+    finally:
+        gone.close()

@@ -78,6 +78,10 @@ FRONT_END_METHODS = frozenset(
 PENDING_CALLS = 1 << 15
 #: How often a client may ping (keepalive; see GrpcServer).
 KEEPALIVE_MIN_PING_S = 10.0
+#: How often the server pings each client connection, and how long it waits for the
+#: answer before it closes the connection (see GrpcServer).
+KEEPALIVE_TIME_S = 60.0
+KEEPALIVE_TIMEOUT_S = 20.0
 
 
 def name_path(method: str) -> str:
@@ -175,6 +179,16 @@ class GrpcServer:
             # not use keepalive to find a dead connection.
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", round(KEEPALIVE_MIN_PING_S * 1000)),
+            # And the server pings each connection, calls or not, and closes one whose
+            # client does not answer within KEEPALIVE_TIMEOUT_S: a client gone without a
+            # word (its host or network gone) no longer holds its calls, its streams'
+            # places (``server.max_tenant_streams``) and the parts of messages they
+            # hold until TCP gives up. gRPC waits for a ping's answer as long as
+            # ``ping_timeout_ms`` says (a minute by default), whatever the keepalive
+            # timeout; without it a silent client kept its connection.
+            ("grpc.keepalive_time_ms", round(KEEPALIVE_TIME_S * 1000)),
+            ("grpc.keepalive_timeout_ms", round(KEEPALIVE_TIMEOUT_S * 1000)),
+            ("grpc.http2.ping_timeout_ms", round(KEEPALIVE_TIMEOUT_S * 1000)),
         ]
         if config.max_connection_age_s is not None and bind is None:
             # A ModelStreamInfer stream ends itself (gracefully) at its own age, at most
