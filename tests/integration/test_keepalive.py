@@ -3,22 +3,32 @@ without, at ``KEEPALIVE_MIN_PING_S`` (10 s; 0.5 s here): gRPC's default sent a c
 pinging more often than every 5 minutes without calls away (GOAWAY ``too_many_pings``),
 and its next call failed UNAVAILABLE ``Too many pings``. And the server pings each
 connection every ``KEEPALIVE_TIME_S`` (60 s; 0.5 s here) and closes one whose client
-does not answer within ``KEEPALIVE_TIMEOUT_S`` (20 s; 0.5 s here)."""
+does not answer within ``KEEPALIVE_TIMEOUT_S`` (20 s; 0.5 s here). The other way, the
+channels to Triton, and mandant_client with the keepalive its README gives, find a
+server gone silent. Each sets gRPC's ``ping_timeout_ms``: without it, gRPC waits a
+minute for a ping's answer, whatever the keepalive timeout."""
 
 from __future__ import annotations
 
+import contextlib
 import queue
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import h2.config
+import h2.connection
 import numpy as np
 import pytest
 
+from mandant.backends.channels import CHANNEL_OPTIONS, ChannelPool
 from mandant.config import parse_config
 from mandant.tenancy.keys import hash_key
 from mandant.transport.grpc import server as grpc_server
+from mandant_client import Client, Unavailable
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.integration.stalled_calls import StalledCalls
@@ -106,3 +116,86 @@ def test_a_client_that_answers_no_ping_is_let_go_with_its_streams(server: Server
                     time.sleep(0.2)
     finally:
         gone.close()
+
+
+class SilentPeer:
+    """An HTTP/2 server that answers the connection's first exchange, then nothing, not
+    even pings: a server whose host or network is gone, the connection still open."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.target = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        peer, _ = self._listener.accept()
+        self._sockets.append(peer)
+        connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        connection.initiate_connection()
+        peer.sendall(connection.data_to_send())
+        peer.settimeout(0.1)
+        until = time.monotonic() + 0.5
+        while time.monotonic() < until:
+            with contextlib.suppress(TimeoutError):
+                data = peer.recv(1 << 16)
+                connection.receive_data(data)
+                peer.sendall(connection.data_to_send())
+
+    def close(self) -> None:
+        for peer in self._sockets:
+            peer.close()
+        self._listener.close()
+
+
+#: The keepalive the Python client's README gives, in seconds here: 1 s and 1 s.
+CLIENT_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 1000),
+    ("grpc.http2.ping_timeout_ms", 1000),
+]
+
+
+def test_a_client_with_the_readmes_keepalive_finds_a_silent_server() -> None:
+    """mandant_client with the README's keepalive options (scaled down): a call to a
+    server gone silent fails Unavailable about a ping and its timeout later, not at its
+    deadline (with keepalive_time and keepalive_timeout alone: at its deadline)."""
+    peer = SilentPeer()
+    try:
+        with Client(peer.target, api_key=KEY, options=CLIENT_KEEPALIVE) as client:
+            start = time.monotonic()
+            with pytest.raises(Unavailable):
+                client.infer("echo", {"INPUT0": np.ones((1, 4), np.float32)}, timeout_s=30)
+            assert time.monotonic() - start < 10
+    finally:
+        peer.close()
+
+
+#: Where gRPC's keepalive times are set: a ping's interval, and its answer's timeout.
+KEEPALIVE_TIMES = {
+    "grpc.keepalive_time_ms",
+    "grpc.keepalive_timeout_ms",
+    "grpc.http2.ping_timeout_ms",
+}
+
+
+async def test_the_triton_channels_keepalive_finds_a_silent_server() -> None:
+    """The channel to a Triton server (``CHANNEL_OPTIONS``, its keepalive times scaled
+    down to 1 s): a call to a server gone silent fails UNAVAILABLE a ping and its
+    timeout later, not at its deadline."""
+    scaled = tuple(
+        (name, 1000 if name in KEEPALIVE_TIMES else value) for name, value in CHANNEL_OPTIONS
+    )
+    peer = SilentPeer()
+    pool = ChannelPool(scaled)
+    try:
+        channel = pool.acquire(peer.target)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        start = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stub.ServerLive(pb.ServerLiveRequest(), timeout=30)
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - start < 10
+    finally:
+        await pool.release(peer.target)
+        peer.close()
