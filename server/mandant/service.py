@@ -112,6 +112,11 @@ class DataPlane:
         """Refuse new inference calls (UNAVAILABLE); those in flight finish."""
         self._draining = True
 
+    def refuse_if_draining(self) -> None:
+        """Unavailable once the server drains: no new inference call, nor stream."""
+        if self._draining:
+            raise Unavailable("server is shutting down")
+
     # -- models -------------------------------------------------------------------
 
     @property
@@ -153,8 +158,7 @@ class DataPlane:
         """Run one request of ``call.caller``; ``call.model`` and ``call.version`` are
         set to the configured name and version of the model once resolved.
         ``timeout_s`` is what is left of the caller's deadline."""
-        if self._draining:
-            raise Unavailable("server is shutting down")
+        self.refuse_if_draining()
         start = time.monotonic()
         tenant = call.caller
         request_id = request.request_id

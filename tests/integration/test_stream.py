@@ -22,6 +22,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 
 from mandant.config import parse_config
+from mandant_client import AsyncClient, MandantClientError
 from mandant_client._proto import grpc_service_pb2 as pb
 from tests.servers import DEMO_KEYS, ECHO_MODEL, SERVER_KINDS, Server, auth, metric, serve
 
@@ -427,6 +428,62 @@ async def test_an_open_stream_ends_when_the_server_stops(tmp_path: Path, kind: s
             server.stop()
         else:
             await stopping
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+async def test_a_multiplexing_client_calling_on_does_not_hold_a_stop(
+    tmp_path: Path, kind: str
+) -> None:
+    """A multiplexed client calling without pause while the server stops: its stream
+    ends, and the next one it opens (the server still takes calls for a moment) is
+    refused UNAVAILABLE, as a unary call is. That one once stayed open, never ended:
+    the stop took its whole grace (8 s of 8), every call on it refused."""
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 8},
+            "tenants": [{"id": "t", "api_keys": ["sha256:" + _sha("t-key")]}],
+            "models": [ECHO_MODEL],
+        },
+        "test",
+    )
+    server = serve(kind, config, tmp_path)
+    answered = 0
+    warm, stopped = asyncio.Event(), asyncio.Event()
+    failures: set[str] = set()
+    took_s = None
+    try:
+        async with AsyncClient(
+            server.target, api_key="t-key", multiplex=True, timeout_s=30
+        ) as client:
+
+            async def worker() -> None:
+                nonlocal answered
+                while not stopped.is_set():
+                    try:
+                        await client.infer("echo", {"INPUT0": np.ones((1, 4), np.float32)})
+                        answered += 1
+                        if answered >= 100:
+                            warm.set()
+                    except MandantClientError as exc:
+                        failures.add(f"{exc.code.name}: {exc.message}")
+                        await asyncio.sleep(0.05)
+
+            workers = [asyncio.create_task(worker()) for _ in range(4)]
+            await asyncio.wait_for(warm.wait(), 30)
+            start = time.monotonic()
+            await asyncio.to_thread(server.stop, 8)
+            took_s = time.monotonic() - start
+            stopped.set()
+            await asyncio.gather(*workers)
+    finally:
+        stopped.set()
+        if took_s is None:
+            server.stop()
+    assert took_s < 4, f"the stop took {took_s:.1f} s of its 8 s grace"
+    # Refused, or the server gone; a call gRPC had received but not handed over as it
+    # stopped is CANCELLED by gRPC (calling again at once kept the server from going
+    # quiet first: ``GrpcServer.stop``).
+    assert {failure.split(":")[0] for failure in failures} <= {"UNAVAILABLE", "CANCELLED"}
 
 
 @pytest.mark.parametrize("kind", SERVER_KINDS)

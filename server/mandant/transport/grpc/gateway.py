@@ -359,9 +359,11 @@ class Gate:
         access: Access,
         behavior: Streaming,
         response_serializer: Callable[[Any], bytes],
+        admit: Callable[[], None] | None = None,
     ) -> grpc.RpcMethodHandler:
         """A bidirectional stream: the key is checked when it opens (the whole stream
-        fails on a bad one, counted as one refused call), and again by the behaviour
+        fails on a bad one, counted as one refused call; so it does when ``admit``
+        raises, or its tenant has ``max_tenant_streams`` open), and again by the behaviour
         when it asks (after a reload: a revoked key stops an open stream too); it reads
         raw messages, takes a place under the cap for each while it serves it, and
         reports each message's answer itself. An open stream holds no place of its
@@ -378,6 +380,8 @@ class Gate:
             opened = None
             try:
                 call.tenant = caller_of(access, context)
+                if admit is not None:
+                    admit()
                 if call.tenant is not None:  # each may hold a message in part
                     opened = reads.open_stream(call.tenant.id)
             except MandantError as exc:  # counted like a unary call refused at the gate

@@ -63,13 +63,24 @@ class InferenceServicer:
         self._door = door
         self._unread = unread
         self._streams: set[InferStream] = set()
+        self._streams_end = False  # end_streams() was called: the server stops
 
     def end_streams(self) -> None:
         """The server is stopping: every open stream ends (status OK) once the messages
         it has in flight are answered, so that its client opens its next one elsewhere
-        instead of holding the drain for ``grace_s`` with its calls refused."""
+        instead of holding the drain for ``grace_s`` with its calls refused (streams
+        opened from now on are refused, as the plane drains; one admitted just before
+        ends as it begins)."""
+        self._streams_end = True
         for stream in self._streams:
             stream.end()
+
+    def admit_stream(self) -> None:
+        """Before a stream opens: once the server stops, one (a multiplexing client's
+        next, as its last one ended) is refused UNAVAILABLE, as a unary call is. It was
+        never ended, and held the stop for the whole grace, every message on it
+        refused."""
+        self._plane.refuse_if_draining()
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, call: Call, context: Context
@@ -168,6 +179,8 @@ class InferenceServicer:
             resends,
         )
         self._streams.add(stream)
+        if self._streams_end:  # admitted, then the stop came as it opened
+            stream.end()
         try:
             await stream.serve()
         finally:
@@ -245,7 +258,8 @@ def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, grpc.R
         access = method_access(name)
         serialize: Callable[[Any], bytes] = _serializer(method.output_type.name)
         if method.client_streaming:
-            handlers[name] = gate.stream(path, access, getattr(servicer, name), serialize)
+            behavior = getattr(servicer, name)
+            handlers[name] = gate.stream(path, access, behavior, serialize, servicer.admit_stream)
         else:
             request_type = getattr(pb, method.input_type.name)
             behavior = getattr(servicer, name)

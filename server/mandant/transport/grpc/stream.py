@@ -183,6 +183,7 @@ class InferStream:
         context = self._context
         tasks = self._tasks
         self._reading = asyncio.current_task()
+        self._end_if_idle()  # ended before it began
         aging = None
         if self._max_age_s is not None:
             age_s = self._max_age_s * random.uniform(*AGE_JITTER)
