@@ -76,6 +76,9 @@ class RaisingPlane:
     def drain(self) -> None:
         return None
 
+    def refuse_if_draining(self) -> None:  # a stream opens (its messages raise)
+        return None
+
     def _raise(self, *args: Any, **kwargs: Any) -> Any:
         raise self.error
 
