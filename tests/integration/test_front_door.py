@@ -83,19 +83,21 @@ def _capped(**server: int) -> MandantConfig:
     )
 
 
-async def _stuck_call(server: ServerThread, channel: grpc.aio.Channel) -> asyncio.Future[Any]:
+async def _stuck_call(
+    server: ServerThread, channel: grpc.aio.Channel, calls: int = 1
+) -> asyncio.Future[Any]:
     """Tenant a's call to ``gated``, once it holds its place in the server (it answers
-    when the test sets ``gated_models.GATE``)."""
+    when the test sets ``gated_models.GATE``), the ``calls``-th in progress."""
     assert server.app is not None
     infer = channel.unary_unary(INFER)
     stuck = asyncio.ensure_future(
         infer(_request("gated"), metadata=(("authorization", "Bearer a-key"),))
     )
     for _ in range(200):
-        if server.app.calls.calls == 1:
+        if server.app.calls.calls == calls:
             break
         await asyncio.sleep(0.01)
-    assert server.app.calls.calls == 1
+    assert server.app.calls.calls == calls
     return stuck
 
 
@@ -372,19 +374,28 @@ async def test_calls_whose_deadline_passes_at_the_door_count_against_the_slo(
 
 async def test_probes_are_answered_when_the_cap_is_full(tmp_path: Path) -> None:
     """Probes take no place under ``max_concurrent_rpcs`` (anyone may send them, no
-    key needed): a full server still says it is live and ready."""
-    with _gated(_capped(max_concurrent_rpcs=1), tmp_path) as server:
+    key needed): a full server still says it is live and ready, on gRPC and REST, and
+    a probe never takes the place of a tenant's call waiting at the door. REST's
+    probes took one: refused 429 on a full server, and with a call waiting, that call
+    was answered RESOURCE_EXHAUSTED in the probe's stead."""
+    config = _capped(max_concurrent_rpcs=2, front_door_slots=1)
+    with _gated(config, tmp_path) as server:
         assert server.app is not None
         async with grpc.aio.insecure_channel(server.target) as channel:
-            stuck = await _stuck_call(server, channel)
+            stuck = await _stuck_call(server, channel)  # inside the door
+            waiting = await _stuck_call(server, channel, calls=2)  # at the door: cap full
             live = channel.unary_unary(
                 "/inference.GRPCInferenceService/ServerLive",
                 request_serializer=pb.ServerLiveRequest.SerializeToString,
                 response_deserializer=pb.ServerLiveResponse.FromString,
             )
             assert (await live(pb.ServerLiveRequest(), timeout=10)).live
+            for path in ("/v2/health/live", "/v2/health/ready", "/v2"):
+                url = f"http://127.0.0.1:{server.rest_port}{path}"
+                with await asyncio.to_thread(urllib.request.urlopen, url, timeout=10) as answer:
+                    assert answer.status == 200
             gated_models.GATE.set()
-            await stuck
+            await asyncio.gather(stuck, waiting)  # neither shed for a probe
 
 
 METADATA = "/inference.GRPCInferenceService/ModelMetadata"

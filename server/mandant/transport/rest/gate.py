@@ -163,6 +163,10 @@ class RestGate:
                 if request.body_exists and request.method == "POST":  # GETs take none
                     tenant_id = call.tenant.id if call.tenant is not None else ""
                     await self._read_body(request, tenant_id, limit)  # behaviours read it then
+                if access is Access.OPEN:
+                    # A probe takes no place, as on gRPC: a full server still answers
+                    # it, and it never takes a waiting tenant's place at the door.
+                    return await behavior(request, call)
                 self._cap.enter(self._door, call.tenant.id if call.tenant is not None else "")
                 self._calls += 1
                 self._idle.clear()
@@ -339,6 +343,7 @@ class BodyInflater:
     def __init__(self, encoding: str) -> None:
         self._encoding = encoding
         self._zlib: zlib._Decompress | None = None
+        self._head = b""  # a deflate body's first byte, until its second comes
 
     @property
     def ended(self) -> bool:
@@ -348,23 +353,38 @@ class BodyInflater:
     async def inflate(self, data: bytes, room: int) -> bytes:
         """``data`` inflated, up to a little more than ``room`` bytes (the caller
         refuses more), :data:`INFLATE_STEP` at a time with the event loop free between
-        steps."""
+        steps. zlib.error for data that is not the encoding's, or that follows its end
+        (but for gzip's next member, and zeros after the last, as gzip takes them)."""
         inflater = self._zlib
         if inflater is None:
-            if self._encoding == "gzip":
-                wbits = 16 + zlib.MAX_WBITS
-            elif len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0:
-                wbits = zlib.MAX_WBITS  # deflate in zlib's wrapper (RFC 1950)
-            else:
-                wbits = -zlib.MAX_WBITS  # raw deflate (RFC 1951)
-            inflater = self._zlib = zlib.decompressobj(wbits)
+            data = self._head + data
+            if self._encoding == "deflate" and len(data) < 2:
+                self._head = data  # its first two bytes tell zlib's wrapper from raw
+                return b""
+            inflater = self._zlib = zlib.decompressobj(_wbits(self._encoding, data))
         out = bytearray()
-        while data and len(out) <= room and not inflater.eof:
+        while data and len(out) <= room:
+            if inflater.eof:  # data after the end of a member
+                if self._encoding != "gzip":
+                    raise zlib.error("data after the end of the compressed body")
+                data = data.lstrip(b"\0")
+                if not data:
+                    break
+                inflater = self._zlib = zlib.decompressobj(_wbits(self._encoding, data))
             out += inflater.decompress(data, INFLATE_STEP)
-            data = inflater.unconsumed_tail
+            data = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
             if data:
                 await asyncio.sleep(0)
         return bytes(out)
+
+
+def _wbits(encoding: str, data: bytes) -> int:
+    """zlib's ``wbits`` for a body of ``encoding`` that begins with ``data``."""
+    if encoding == "gzip":
+        return 16 + zlib.MAX_WBITS
+    if data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0:
+        return zlib.MAX_WBITS  # deflate in zlib's wrapper (RFC 1950)
+    return -zlib.MAX_WBITS  # raw deflate (RFC 1951)
 
 
 def _decoder(encoding: str) -> BodyInflater | None:
