@@ -11,6 +11,12 @@ time: two attacks found in review, each measured as the other tenant sees it.
   for as JSON, as curl and ``binary_data=False`` do) while another tenant makes a tiny
   gRPC call every 20 ms: JSON is written on the event loop (and, with ``workers: N``,
   REST is served by the engine, which every front end waits on).
+* ``json-bodies``: the same tiny calls while the other tenant sends REST inference
+  calls whose JSON is as long as ``server.max_json_bytes`` lets it be, on 4
+  connections, for ``--seconds``: JSON is parsed and turned into tensors on the event
+  loop, so what one call stalls every other by is bounded by that setting (rows of one
+  zero each, ``[[0],[0],…]``, the costliest per byte found). Two servers in one run:
+  ``max_json_bytes`` 2 MiB (the default until session 18) and 256 KiB (the default).
 * ``messages``: the same tiny calls while the other tenant sends one small hostile
   request, whose entries the server used to build one by one on the event loop before
   any check: a ModelInfer message of 10⁶ empty ``inputs {}`` (1.9 MiB), one of 4 x 10⁵
@@ -18,7 +24,7 @@ time: two attacks found in review, each measured as the other tenant sees it.
   ``/v2/repository/index``.
 
     .venv/bin/python -m benchmarks.isolation [--workers 1 2] [--seconds 6]
-        [--attacks shapes rest-json messages]
+        [--attacks shapes rest-json json-bodies messages]
 
 The server runs on core 0 (every process of it with ``workers: 2``), this load
 generator on core 1; one run of each phase.
@@ -31,6 +37,7 @@ import asyncio
 import http.client
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -241,6 +248,68 @@ def rest_json(workers: int, seconds: float, warmup_s: float, values: int) -> lis
     return rows
 
 
+# -- json-bodies ---------------------------------------------------------------------------
+
+#: REST connections acme sends its JSON bodies on, each one call after another.
+JSON_CONNECTIONS = 4
+
+
+def _json_body(max_json_bytes: int) -> bytes:
+    """The longest inference body of one-zero rows within ``max_json_bytes``."""
+    head, tail = b'{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [', b"}]}"
+    rows = (max_json_bytes - len(head) - len(tail) - 32) // len(b"[0],")
+    data = b', "data": [' + b"[0]," * (rows - 1) + b"[0]]"
+    return head + f"{rows}, 1]".encode() + data + tail
+
+
+def _json_bodies(max_json_bytes: int, seconds: float) -> Attack:
+    body = _json_body(max_json_bytes)
+
+    def send(served: Served) -> tuple[object, float]:
+        statuses: dict[int, int] = {}
+        until = time.perf_counter() + seconds
+
+        def connection_loop() -> None:
+            connection = http.client.HTTPConnection("127.0.0.1", served.rest_port, timeout=600)
+            headers = {"Authorization": f"Bearer {KEYS['acme']}"}
+            while time.perf_counter() < until:
+                connection.request("POST", "/v2/models/echo/infer", body=body, headers=headers)
+                answer = connection.getresponse()
+                answer.read()
+                statuses[answer.status] = statuses.get(answer.status, 0) + 1
+            connection.close()
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=connection_loop) for _ in range(JSON_CONNECTIONS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        counts = " ".join(f"{count} x {status}" for status, count in sorted(statuses.items()))
+        return counts, time.perf_counter() - start
+
+    return send
+
+
+def json_bodies(workers: int, seconds: float, warmup_s: float) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for max_json_bytes in (2 << 20, 256 << 10):
+        data = _config(ECHO, workers)
+        data["server"]["max_json_bytes"] = max_json_bytes
+        with mandant_process(write_config(data), SERVER_CPU, THREAD_ENV) as served:
+            phases: list[tuple[str, Attack | None]] = [
+                ("alone", None),
+                (
+                    f"beside JSON bodies of {max_json_bytes >> 10} KiB",
+                    _json_bodies(max_json_bytes, seconds),
+                ),
+            ]
+            for label, attack in phases:
+                figures = asyncio.run(_beside(served, attack, seconds, warmup_s))
+                rows.append([workers, f"{max_json_bytes >> 10} KiB", label, *figures])
+    return rows
+
+
 # -- messages ------------------------------------------------------------------------------
 
 
@@ -322,8 +391,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--values", type=int, default=10_000_000)
     parser.add_argument(
-        "--attacks", nargs="+", default=["shapes", "rest-json", "messages"],
-        choices=["shapes", "rest-json", "messages"],
+        "--attacks", nargs="+", default=["shapes", "rest-json", "json-bodies", "messages"],
+        choices=["shapes", "rest-json", "json-bodies", "messages"],
     )  # fmt: skip
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
@@ -350,6 +419,21 @@ def main() -> None:
             ["workers", "phase", "REST status", "REST s", "tiny calls", "p50 ms", "worst ms",
              "failed"],
             rest_rows,
+        ))  # fmt: skip
+    if "json-bodies" in args.attacks:
+        json_rows = [
+            row
+            for workers in args.workers
+            for row in json_bodies(workers, args.seconds, args.warmup)
+        ]
+        print(
+            f"\njson-bodies: globex's tiny gRPC calls (one per 20 ms) while acme sends JSON "
+            f"bodies as long as max_json_bytes lets them be, on {JSON_CONNECTIONS} connections"
+        )
+        print(table(
+            ["workers", "max_json_bytes", "phase", "acme's answers", "acme's s", "tiny calls",
+             "p50 ms", "worst ms", "failed"],
+            json_rows,
         ))  # fmt: skip
     if "messages" in args.attacks:
         message_rows = [row for workers in args.workers for row in messages(workers, args.warmup)]

@@ -56,9 +56,12 @@ DEFAULT_MESSAGE_READ_TIMEOUT_S = 60.0
 DEFAULT_MAX_TENANT_STREAMS = 64
 
 #: Default of ``server.max_json_bytes``: the JSON of a REST inference request is
-#: parsed on the event loop, at about 16 ms per MB (float arrays, one core of the dev
-#: machine), so this bounds what one request stalls every other call by to ~35 ms.
-DEFAULT_MAX_JSON_BYTES = 2 << 20
+#: parsed and made into tensors on the event loop, at 16 ms (float arrays) to 75 ms
+#: (rows of one value each) per MB on one core of the dev machine, so this bounds what
+#: one request stalls every other call by to about 20 ms (2 MiB let one stall them for
+#: 0.56 s: ``benchmarks/isolation.py --attacks json-bodies``). Larger tensors travel as
+#: binary data (Triton's extension; ``tritonclient.http`` sends them so by default).
+DEFAULT_MAX_JSON_BYTES = 256 << 10
 
 
 class InternalHttpConfig(_Frozen):
