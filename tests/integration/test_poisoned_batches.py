@@ -147,6 +147,61 @@ async def test_an_innocent_call_whose_deadline_passes_while_its_batch_is_split_i
     assert used["rows_today"] == 0
 
 
+async def test_an_innocent_call_cancelled_while_its_part_waits_to_run_again_is_not_charged(
+    tmp_path: Path,
+) -> None:
+    """As above, but acme's caller gives up while its part of the failed batch waits for
+    its turn to run again (globex's part runs first): the model never answered it, so
+    it is refunded. The failed run had marked it run, and it was charged."""
+    quota = {"rows_per_day": 100}
+    batching = {"max_batch_size": 2, "max_queue_delay_ms": 60_000, "dispatch": "delay"}
+    data = {
+        "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 0},
+        "tenants": [
+            {"id": t, "api_keys": [hash_key(DEMO_KEYS[t])], "quota": quota}
+            for t in ("acme", "globex")
+        ],
+        "models": [
+            {
+                **lookup_model("slow-lookup", batching),
+                "factory_args": {"size": SIZE, "width": WIDTH, "seconds": 0.5},
+            }
+        ],
+    }
+    async with (
+        App(parse_config(data, "test"), tmp_path) as app,
+        AsyncClient(f"127.0.0.1:{app.grpc_port}", DEMO_KEYS["acme"]) as acme,
+        AsyncClient(f"127.0.0.1:{app.grpc_port}", DEMO_KEYS["globex"]) as globex,
+    ):
+        (model,) = app.registry.all()
+        queue = model.scheduler._queue  # type: ignore[attr-defined]
+        # The model has answered (it works): a failed batch's parts run at their turns.
+        # Two calls: a batch of 2 leaves at once.
+        await asyncio.gather(
+            *(acme.infer("slow-lookup", {"IDS": np.array([[1]], np.int64)}) for _ in range(2))
+        )
+        bad = asyncio.ensure_future(
+            globex.infer("slow-lookup", {"IDS": np.array([[SIZE + 5]], np.int64)})
+        )
+        deadline = time.monotonic() + 30
+        while app.admission.inflight("globex") != 1:  # it waits in the queue
+            assert time.monotonic() < deadline and not bad.done(), bad
+            await asyncio.sleep(0.01)
+        good = asyncio.ensure_future(acme.infer("slow-lookup", {"IDS": np.array([[1]], np.int64)}))
+        while not any(e.tenant == "acme" and e.split is not None for e in queue):
+            assert time.monotonic() < deadline, "acme's part never waited to run again"
+            await asyncio.sleep(0)
+        if any(e.tenant == "globex" and e.split is not None for e in queue):
+            pytest.skip("acme's part runs first here: its caller would be charged rightly")
+        good.cancel()
+        assert isinstance((await asyncio.gather(bad, return_exceptions=True))[0], InvalidInput)
+        while app.admission.inflight("acme"):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        used = await app.admission.quota_used("acme")
+    assert used["rows_today"] == 2  # the first two calls' rows
+
+
 async def test_the_id_quoted_for_a_call_sent_without_one_tells_nothing_of_other_calls(
     served: tuple[App, RecordingObserver],
 ) -> None:

@@ -603,6 +603,8 @@ class DynamicBatcher:
                 self._finish(entry, exc=exc)
             return part, exc
         except Exception as exc:  # the model raised: whose data was it?
+            for entry in part:  # not answered: a caller who leaves before its part runs
+                entry.request.ran = False  # again is refunded (``_run`` marks it again)
             return part, exc
         self._unanswered = 0
         self._successes += 1
