@@ -192,6 +192,33 @@ async def test_a_full_cap_takes_the_place_of_the_longest_queue_s_newest_waiter()
     assert order == ["a", "a"]
 
 
+async def test_a_flood_s_newcomer_is_refused_rather_than_take_another_s_waiting_place() -> None:
+    """A full cap of 8 and a door of 4: a has 2 calls inside and 3 waiting, b 2 inside
+    and 1 waiting. a's next call would be its fourth waiter: refused, b's waiter kept
+    (it took b's place, and a's each next call took another tenant's). b's next call
+    still takes a's newest waiter's place."""
+    door, cap = FrontDoor(4), CallCap(8)
+    order: list[str] = []
+    tasks = {A.id: [], B.id: []}  # type: dict[str, list[asyncio.Task[None]]]
+    for tenant, calls in ((B, 1), (A, 5), (B, 2)):  # b first: a's share is then 2
+        for _ in range(calls):
+            cap.enter(door, tenant.id)
+            tasks[tenant.id].append(await _queue(door, tenant, order))
+    assert (cap.calls, door.busy, door.waiting) == (8, 4, 4)
+    with pytest.raises(ServerBusy) as refused:
+        cap.enter(door, "a")
+    assert not isinstance(refused.value, PlaceTaken)  # the newcomer's own refusal
+    assert door.waiting == 4  # nobody was shed
+    cap.enter(door, "b")  # b waits less: it takes a's newest waiter's place
+    await settle()
+    with pytest.raises(PlaceTaken):
+        await tasks["a"][-1]
+    assert door.waiting == 3
+    for task in tasks["a"][:-1] + tasks["b"]:
+        task.cancel()
+    await asyncio.gather(*tasks["a"], *tasks["b"], return_exceptions=True)
+
+
 async def test_a_waiter_cancelled_after_it_was_shed_leaves_no_trace() -> None:
     door = FrontDoor(1)
     await door.enter(A)

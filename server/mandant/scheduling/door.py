@@ -21,7 +21,10 @@ one tenant enter in arrival order; every ``enter`` is matched by one ``leave``
 Waiting calls hold their place under the server-wide :class:`CallCap`, so a flood
 queued behind its own share could fill the cap and every other tenant's calls would be
 refused. When the cap is full, a newcomer takes the place of the newest waiter of the
-tenant with the most calls waiting (not the newcomer's own): that waiter is answered
+tenant with the most calls waiting, unless that is the newcomer's own tenant (the
+newcomer counted among its waiters; on a tie too): then the newcomer is refused. (A
+flood's newcomers once took every other tenant's waiting places in turn.) A waiter so
+shed is answered
 :class:`PlaceTaken` (RESOURCE_EXHAUSTED, with pushback; nothing of it was decoded
 yet) and gives its place back as it unwinds, within the same event-loop turn; until
 then the count is over the cap by the places being handed over.
@@ -118,11 +121,17 @@ class FrontDoor:
         self._forget_if_idle(tenant.id, state)
 
     def shed(self, newcomer: str, message: str) -> bool:
-        """Answer the newest waiter of the tenant (other than ``newcomer``) with the most
-        calls waiting :class:`PlaceTaken`; whether there was one."""
+        """Answer the newest waiter of the tenant with the most calls waiting
+        :class:`PlaceTaken`, for a call of tenant ``newcomer``: whether there was one
+        with more waiting than ``newcomer`` would have (module doc)."""
+        own = self._tenants.get(newcomer)
+        would_wait = own is not None and (bool(own.waiting) or own.inside >= self._share(own))
+        own_waiting = len(own.waiting) + 1 if own is not None and would_wait else 0
         others = [(i, t) for i, t in self._tenants.items() if i != newcomer and t.waiting]
         others.sort(key=lambda other: len(other[1].waiting), reverse=True)
         for tenant_id, state in others:
+            if len(state.waiting) <= own_waiting:
+                return False  # the newcomer's tenant waits most: the newcomer is refused
             while state.waiting:
                 future = state.waiting.pop()
                 if not future.done():  # else cancelled, and on its way out
