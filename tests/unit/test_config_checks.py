@@ -138,6 +138,24 @@ def test_a_tenant_that_cannot_authenticate_is_a_warning() -> None:
     ]
 
 
+def test_a_front_door_as_large_as_the_call_cap_is_a_warning() -> None:
+    """A lone tenant's share of the door is all of it: with the door no smaller than
+    the cap, its calls can take every place inside, none left waiting whose place
+    another tenant's call could take, and the others are refused."""
+    tenants = [{"id": "a", "api_keys": [KEY_A]}]
+    fine = parse_config({"tenants": tenants, "server": {"max_concurrent_rpcs": 129}})
+    assert fine.warnings() == []
+    config = parse_config({"tenants": tenants, "server": {"max_concurrent_rpcs": 128}})
+    assert config.warnings() == [
+        (
+            "server.front_door_slots",
+            "128 is not below max_concurrent_rpcs (128): one tenant's calls can take every "
+            "place under the cap, and the other tenants' calls are refused; keep it well "
+            "below (the defaults: 128 and 4096)",
+        )
+    ]
+
+
 @pytest.mark.parametrize(
     ("changes", "error"),
     [

@@ -50,11 +50,25 @@ class MandantConfig(_Frozen):
     def warnings(self) -> list[tuple[str, str]]:
         """What validates but is likely a mistake, each (field path, reason)."""
         keyless = "has no api_keys and no client_certs: no call can authenticate as it"
-        return [
+        found = [
             (f"tenants.{index}", f"tenant {tenant.id!r} {keyless}")
             for index, tenant in enumerate(self.tenants)
             if not tenant.api_keys and not tenant.client_certs
         ]
+        server = self.server
+        if server.front_door_slots >= server.max_concurrent_rpcs:
+            # A lone tenant's share of the door is all of it: its calls can all be
+            # inside, none waiting whose place another tenant's call could take.
+            found.append(
+                (
+                    "server.front_door_slots",
+                    f"{server.front_door_slots} is not below max_concurrent_rpcs "
+                    f"({server.max_concurrent_rpcs}): one tenant's calls can take every "
+                    "place under the cap, and the other tenants' calls are refused; keep "
+                    "it well below (the defaults: 128 and 4096)",
+                )
+            )
+        return found
 
     def resolved(self, base_dir: Path) -> MandantConfig:
         """This configuration with its server paths (``server.tls``) made absolute
