@@ -38,7 +38,7 @@ async def served(
     # Hold batches open long enough that all of this test's concurrent calls meet in
     # the queue, whatever the machine's speed (the default, adaptive, holds a batch only
     # while more requests are expected, and never longer than max_queue_delay_ms).
-    batching = {"max_batch_size": 64, "max_queue_delay_ms": 100, "dispatch": "delay"}
+    batching = {"max_batch_size": 64, "max_queue_delay_ms": 250, "dispatch": "delay"}
     async with App(demo_config(batching=batching), tmp_path) as app:
         yield app, recorder
 
@@ -55,9 +55,13 @@ async def test_concurrent_tenants_are_batched_and_get_their_own_outputs(
     target = f"127.0.0.1:{app.grpc_port}"
     rng = np.random.default_rng(0)
     clients = {t: AsyncClient(target, api_key=key) for t, key in DEMO_KEYS.items()}
+    # Each client's connection up first: in a CI run every tenant's calls left in a
+    # batch of their own, its connection set up under load after the others' calls
+    # had waited out the queue delay (100 ms then).
+    await asyncio.gather(*(client.server_live() for client in clients.values()))
     calls: list[tuple[str, np.ndarray, Any]] = []
     # 20 calls of 1 or 2 rows per tenant: fewer rows than max_batch_size per model, so
-    # the calls that meet in the queue (100 ms) leave in one batch per model.
+    # the calls that meet in the queue (250 ms) leave in one batch per model.
     for n in range(60):
         tenant = ("acme", "initech", "globex")[n % 3]
         x = rng.standard_normal((1 + n % 2, 256), dtype=np.float32)
