@@ -36,7 +36,7 @@ def test_noisy_neighbour_smoke(tmp_path: Path) -> None:
         prefix = tmp_path / "smoke"
         result = subprocess.run(
             [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-             "-u", "6", "-r", "6", "-t", "10s", "--csv", str(prefix),
+             "-u", "6", "-r", "6", "-t", "5s", "--csv", str(prefix),
              "--html", str(tmp_path / "smoke.html"), "--only-summary",
              "--exit-code-on-error", "0", "--stop-timeout", "5"],
             capture_output=True, text=True, timeout=90, env=env, cwd=ROOT,
