@@ -9,6 +9,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,15 +102,11 @@ async def test_the_innocent_tenant_gets_only_successes(
         assert failed == [1] * 12
 
 
-async def test_an_innocent_call_whose_deadline_passes_while_its_batch_is_split_is_not_charged(
-    tmp_path: Path,
-) -> None:
-    """Acme's call shares a batch with globex's bad ids; the batch fails after 0.5 s and
-    is run again call by call, by when acme's 0.3 s have passed: acme's call never ran
-    to an answer of its own, and is refunded (d4b9f69 charged it: only a deadline that
-    passes while the backend computes the call keeps it charged). Globex's call waits
-    for a second row (batches of 2, a delay far longer than the test): the batch
-    leaves as acme's call comes, however long that takes."""
+@asynccontextmanager
+async def _slow_lookup(tmp_path: Path) -> AsyncIterator[tuple[App, AsyncClient, AsyncClient]]:
+    """acme and globex, a quota of 100 rows a day each, and ``slow-lookup``: runs of
+    0.5 s, batches of 2 held for their second row far longer than a test; the server
+    and a client of each tenant."""
     quota = {"rows_per_day": 100}
     batching = {"max_batch_size": 2, "max_queue_delay_ms": 60_000, "dispatch": "delay"}
     data = {
@@ -130,13 +127,33 @@ async def test_an_innocent_call_whose_deadline_passes_while_its_batch_is_split_i
         AsyncClient(f"127.0.0.1:{app.grpc_port}", DEMO_KEYS["acme"]) as acme,
         AsyncClient(f"127.0.0.1:{app.grpc_port}", DEMO_KEYS["globex"]) as globex,
     ):
-        bad = asyncio.ensure_future(
-            globex.infer("slow-lookup", {"IDS": np.array([[SIZE + 5]], np.int64)})
-        )
-        deadline = time.monotonic() + 30
-        while app.admission.inflight("globex") != 1:  # it waits in the queue
-            assert time.monotonic() < deadline and not bad.done(), bad
-            await asyncio.sleep(0.01)
+        yield app, acme, globex
+
+
+async def _queued_bad_call(app: App, globex: AsyncClient) -> asyncio.Future[Any]:
+    """globex's call of an id past the table, once it waits in the queue for a second
+    row (the batch leaves with the next call)."""
+    bad = asyncio.ensure_future(
+        globex.infer("slow-lookup", {"IDS": np.array([[SIZE + 5]], np.int64)})
+    )
+    deadline = time.monotonic() + 30
+    while app.admission.inflight("globex") != 1:
+        assert time.monotonic() < deadline and not bad.done(), bad
+        await asyncio.sleep(0.01)
+    return bad
+
+
+async def test_an_innocent_call_whose_deadline_passes_while_its_batch_is_split_is_not_charged(
+    tmp_path: Path,
+) -> None:
+    """Acme's call shares a batch with globex's bad ids; the batch fails after 0.5 s and
+    is run again call by call, by when acme's 0.3 s have passed: acme's call never ran
+    to an answer of its own, and is refunded (d4b9f69 charged it: only a deadline that
+    passes while the backend computes the call keeps it charged). Globex's call waits
+    for a second row (batches of 2, a delay far longer than the test): the batch
+    leaves as acme's call comes, however long that takes."""
+    async with _slow_lookup(tmp_path) as (app, acme, globex):
+        bad = await _queued_bad_call(app, globex)
         good = acme.infer(
             "slow-lookup", {"IDS": np.array([[1]], np.int64)}, parameters={"timeout": 300_000}
         )
@@ -153,26 +170,7 @@ async def test_an_innocent_call_cancelled_while_its_part_waits_to_run_again_is_n
     """As above, but acme's caller gives up while its part of the failed batch waits for
     its turn to run again (globex's part runs first): the model never answered it, so
     it is refunded. The failed run had marked it run, and it was charged."""
-    quota = {"rows_per_day": 100}
-    batching = {"max_batch_size": 2, "max_queue_delay_ms": 60_000, "dispatch": "delay"}
-    data = {
-        "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 0},
-        "tenants": [
-            {"id": t, "api_keys": [hash_key(DEMO_KEYS[t])], "quota": quota}
-            for t in ("acme", "globex")
-        ],
-        "models": [
-            {
-                **lookup_model("slow-lookup", batching),
-                "factory_args": {"size": SIZE, "width": WIDTH, "seconds": 0.5},
-            }
-        ],
-    }
-    async with (
-        App(parse_config(data, "test"), tmp_path) as app,
-        AsyncClient(f"127.0.0.1:{app.grpc_port}", DEMO_KEYS["acme"]) as acme,
-        AsyncClient(f"127.0.0.1:{app.grpc_port}", DEMO_KEYS["globex"]) as globex,
-    ):
+    async with _slow_lookup(tmp_path) as (app, acme, globex):
         (model,) = app.registry.all()
         queue = model.scheduler._queue  # type: ignore[attr-defined]
         # The model has answered (it works): a failed batch's parts run at their turns.
@@ -180,13 +178,8 @@ async def test_an_innocent_call_cancelled_while_its_part_waits_to_run_again_is_n
         await asyncio.gather(
             *(acme.infer("slow-lookup", {"IDS": np.array([[1]], np.int64)}) for _ in range(2))
         )
-        bad = asyncio.ensure_future(
-            globex.infer("slow-lookup", {"IDS": np.array([[SIZE + 5]], np.int64)})
-        )
+        bad = await _queued_bad_call(app, globex)
         deadline = time.monotonic() + 30
-        while app.admission.inflight("globex") != 1:  # it waits in the queue
-            assert time.monotonic() < deadline and not bad.done(), bad
-            await asyncio.sleep(0.01)
         good = asyncio.ensure_future(acme.infer("slow-lookup", {"IDS": np.array([[1]], np.int64)}))
         while not any(e.tenant == "acme" and e.split is not None for e in queue):
             assert time.monotonic() < deadline, "acme's part never waited to run again"

@@ -711,18 +711,28 @@ async def test_a_tenant_s_failures_make_the_model_suspect_only_three_batches_in_
     assert await batch_of(3) == {"ModelFailed": 2, "Unavailable": 1}
 
 
+async def working_and_held(
+    max_batch_size: int, first: str, held: str
+) -> tuple[GatedBackend, DynamicBatcher, RecordingObserver, asyncio.Task[dict[str, np.ndarray]]]:
+    """A batcher whose model (failing on POISON) has answered a call of tenant
+    ``first`` (so it works), and whose slot is then held by a call of ``held``, the
+    blocker, answered at the backend's next release (its ``auto`` off)."""
+    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
+    batcher, _, _, observer = await make(backend, max_batch_size=max_batch_size)
+    check_own_rows(warm := request(first), await submit(batcher, warm))
+    backend.auto = False
+    blocker = submit(batcher, request(held))
+    await settle()
+    return backend, batcher, observer, blocker
+
+
 async def test_a_tenant_s_poisoned_batch_is_split_at_its_turns_not_ahead_of_others() -> None:
     """a's batch of 8 poisoned calls fails while b's call waits. Split in the slot,
     a's 15 runs (2n - 1) all went before b's call, and with a's calls coming on, b
     waited for every one of a's splits (a reviewer's light tenant: 12 ms p50 alone,
     1.3 s beside 64 poisoned callers). Now a's halves queue again at a's turns, so
     b's call runs right after a's failed batch (or one half of it)."""
-    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
-    batcher, _, _, observer = await make(backend, max_batch_size=16)
-    check_own_rows(first := request("b"), await submit(batcher, first))  # it works
-    backend.auto = False
-    blocker = submit(batcher, request("a"))
-    await settle()
+    backend, batcher, observer, blocker = await working_and_held(16, first="b", held="a")
     poisoned = [submit(batcher, request("a", value=POISON)) for _ in range(8)]
     await settle()
     backend.release()  # the blocker; a's poisoned batch starts
@@ -745,12 +755,7 @@ async def test_a_batch_failing_while_the_batcher_closes_is_split_in_its_slot() -
     """``aclose`` lets running batches end: a batch that fails while it waits had its
     parts queued again, in a queue nobody takes from any more, and their callers
     waited for ever. It is split in its slot then, every request answered."""
-    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
-    batcher, _, _, _ = await make(backend, max_batch_size=8)
-    check_own_rows(first := request("a"), await submit(batcher, first))  # it works
-    backend.auto = False
-    blocker = submit(batcher, request("a"))
-    await settle()
+    backend, batcher, _, blocker = await working_and_held(8, first="a", held="a")
     good = request("b", value=3)
     tasks = [submit(batcher, request("a", value=POISON)), submit(batcher, good)]
     await settle()
@@ -772,12 +777,7 @@ async def test_a_working_model_is_not_judged_at_fault_while_a_failed_batch_s_par
     in turn while the model works. Counted as they failed, the third was judged the
     model's fault before any part had run, and its good calls answered Unavailable:
     a failure counts once its parts have run, with nothing answered since."""
-    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
-    batcher, _, _, _ = await make(backend, max_batch_size=8)
-    check_own_rows(first := request("z"), await submit(batcher, first))  # it works
-    backend.auto = False
-    blocker = submit(batcher, request("z"))
-    await settle()
+    backend, batcher, _, blocker = await working_and_held(8, first="z", held="z")
     reqs = {
         tenant: [request(tenant, value=v, width=width) for v in (POISON, 5, 6, POISON)]
         for tenant, width in (("a", 5), ("d", 6), ("e", 7))
