@@ -219,24 +219,18 @@ class InferStream:
             self._reading = None
             for task in tasks:
                 task.cancel()
-        if self._marking is not None:
+        if self._marking is not None:  # ending: the mark is on its way (``_end_if_idle``)
             await self._marking
-        elif self._ending and self._resends_unread:  # half-closed first: mark it anyway
-            await self._write(self._end_mark())
-
-    def _end_mark(self) -> pb.ModelStreamInferResponse:
-        """The stream's last message: everything read is answered, the end decided."""
-        mark = pb.ModelStreamInferResponse()
-        mark.infer_response.parameters[END_MARK].string_param = self._end_reason
-        return mark
 
     async def _mark_end(self) -> None:
-        """Write the end mark (every message read is answered), then give the client
-        :data:`END_MARK_WAIT_S` to half-close, which ends the reader; ending only then,
-        no write of its is in flight as the status comes (grpc.aio would report it as
-        INTERNAL, and drop the mark unread). What it writes meanwhile is dropped unread
-        (it sends that again)."""
-        if await self._write(self._end_mark()):
+        """Write the end mark, the stream's last message (every message read is
+        answered), then give the client :data:`END_MARK_WAIT_S` to half-close, which
+        ends the reader; ending only then, no write of its is in flight as the status
+        comes (grpc.aio would report it as INTERNAL, and drop the mark unread). What it
+        writes meanwhile is dropped unread (it sends that again)."""
+        mark = pb.ModelStreamInferResponse()
+        mark.infer_response.parameters[END_MARK].string_param = self._end_reason
+        if await self._write(mark):
             loop = asyncio.get_running_loop()
             self._mark_wait = loop.call_later(END_MARK_WAIT_S, self._stop_reading)
         else:
