@@ -24,6 +24,7 @@ from mandant.config import MandantConfig, parse_config
 from mandant.errors import QuotaExceeded, RateLimited
 from mandant.tenancy.admission import TenantAdmission, shared_store_for
 from mandant.tenancy.keys import hash_key
+from mandant.tenancy.limits import MAX_PEAKS
 from mandant.types import ModelKey, Tenant
 from mandant_client import AsyncClient, Client, Unavailable
 from mandant_client import RateLimited as ClientRateLimited
@@ -346,6 +347,58 @@ async def test_tokens_refunded_in_redis_stop_at_the_burst(redis_server: RedisSer
         (await admission.admit(tenant, model, 20)).release()
         with pytest.raises(RateLimited, match="rows_per_s"):  # not 40 saved up
             await admission.admit(tenant, model, 10)
+    finally:
+        await admission.aclose()
+
+
+async def test_tokens_refunded_in_redis_are_what_the_bucket_would_hold(
+    redis_server: RedisServer,
+) -> None:
+    """Rows 2000/s, burst 2000. A refunded call's rows come back only as far as the
+    bucket would hold them had it never been charged: refill lost at the burst while
+    it waited is not credited again, in either order of two refunds."""
+    data = config_data(redis_server.url, key_prefix="r2b")
+    data["tenants"][0]["rate_limit"] = {"rows_per_s": 2000, "rows_burst": 2000}
+    tenant, model = Tenant("acme"), ModelKey("echo", "1")
+    admission = _admission(parse_config(data))
+    await admission.start()
+    try:
+        waiting = await admission.admit(tenant, model, 2000)
+        await asyncio.sleep(1.05)  # full again: the 2000 rows' refill lost at the burst
+        (await admission.admit(tenant, model, 2000)).release()
+        waiting.release(refund=True)  # nothing to give back
+        with pytest.raises(RateLimited, match="rows_per_s"):  # 1000 rows: 0.5 s away
+            await admission.admit(tenant, model, 1000)
+
+        await asyncio.sleep(1.05)
+        first = await admission.admit(tenant, model, 1000)  # found 2000
+        second = await admission.admit(tenant, model, 1000)  # found 1000
+        await asyncio.sleep(0.25)
+        (await admission.admit(tenant, model, 500)).release()  # found about 500
+        second.release(refund=True)  # 1000 back: the bucket at about 1000
+        first.release(refund=True)  # 500 back: without either, 2000 less the 500 taken
+        with pytest.raises(RateLimited, match="rows_per_s"):  # about 1500: 0.2 s short
+            await admission.admit(tenant, model, 1900)
+        (await admission.admit(tenant, model, 1300)).release()
+    finally:
+        await admission.aclose()
+
+
+async def test_a_call_older_than_the_levels_redis_keeps_gets_nothing_back(
+    redis_server: RedisServer,
+) -> None:
+    data = config_data(redis_server.url, key_prefix="r2c")
+    data["tenants"][0]["rate_limit"] = {"rows_per_s": 0.001, "rows_burst": 100}
+    tenant, model = Tenant("acme"), ModelKey("echo", "1")
+    admission = _admission(parse_config(data))
+    await admission.start()
+    try:
+        permits = [await admission.admit(tenant, model, 1) for _ in range(MAX_PEAKS + 2)]
+        permits[0].release(refund=True)  # the next take's level is gone: stays charged
+        permits[1].release(refund=True)
+        (await admission.admit(tenant, model, 100 - MAX_PEAKS - 1)).release()
+        with pytest.raises(RateLimited, match="rows_per_s"):
+            await admission.admit(tenant, model, 1)
     finally:
         await admission.aclose()
 

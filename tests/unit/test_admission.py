@@ -22,7 +22,7 @@ from mandant.errors import (
 )
 from mandant.events import NullObserver
 from mandant.tenancy.admission import Permit, TenantAdmission
-from mandant.tenancy.policy import Denial, Plan, Scope, StoreUnavailable
+from mandant.tenancy.policy import Denial, Marks, Plan, Scope, StoreUnavailable
 from mandant.tenancy.quota import PeriodKind
 from mandant.types import ModelKey, ServedModels, Tenant
 
@@ -87,13 +87,13 @@ class FlakyStore:
     async def aclose(self) -> None:
         return None
 
-    async def acquire(self, plan: Plan, rows: int, wall: float) -> Denial | None:
+    async def acquire(self, plan: Plan, rows: int, wall: float) -> Denial | Marks:
         self.calls += 1
         if self.down:
             raise StoreUnavailable("fake: down")
-        return None
+        return ()
 
-    def refund(self, plan: Plan, rows: int, wall: float) -> None:
+    def refund(self, plan: Plan, rows: int, wall: float, marks: Marks) -> None:
         self.refunds.append((plan.tenant, rows, wall))
 
     async def used(self, scope: Scope, quota_name: str, period: PeriodKind) -> int:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mandant.tenancy.limits import Rate, TokenBucket
+from mandant.tenancy.limits import MAX_PEAKS, Rate, TokenBucket
 from mandant.tenancy.quota import PeriodTracker, Quota, QuotaCounter, period_at
 
 
@@ -38,15 +38,56 @@ def test_bucket_refills_only_up_to_the_burst() -> None:
 
 def test_given_back_tokens_never_exceed_the_burst() -> None:
     bucket = TokenBucket(Rate("rows_per_s", 10, 20), now=0.0)
-    bucket.take(15, 0.0)
-    bucket.give(15, 0.0)
+    bucket.give(15, bucket.take(15, 0.0), 0.0)
     assert bucket.tokens(0.0) == 20
-    bucket.take(15, 0.0)
-    bucket.give(15, 1.0)  # 10 refilled meanwhile: only 5 more fit
+    bucket.give(15, bucket.take(15, 0.0), 1.0)  # 10 refilled meanwhile: only 5 more fit
     assert bucket.tokens(1.0) == 20
-    bucket.take(20, 1.0)
-    bucket.give(4, 1.0)
-    assert bucket.tokens(1.0) == 4
+
+
+def test_a_refund_gives_back_nothing_once_the_bucket_has_been_full_since() -> None:
+    """A call charged, the bucket full again while it waited, other calls taking the
+    tokens: had the call never been charged, the bucket would be where it is."""
+    bucket = TokenBucket(Rate("requests_per_s", 10, 10), now=0.0)
+    marks = [bucket.take(1, 0.0) for _ in range(10)]
+    for _ in range(10):
+        bucket.take(1, 1.0)  # full at 1.0, emptied again
+    for mark in marks:
+        bucket.give(1, mark, 1.0)
+    assert bucket.tokens(1.0) == 0.0
+
+
+def test_a_refund_gives_back_what_was_not_lost_at_the_burst() -> None:
+    bucket = TokenBucket(Rate("rows_per_s", 10, 20), now=0.0)
+    waiting = bucket.take(8, 0.0)  # 12 left
+    bucket.take(10, 0.5)  # found 17; without the 8: 20, 5 of the refill lost at the burst
+    bucket.give(8, waiting, 0.5)
+    assert bucket.tokens(0.5) == pytest.approx(7 + 3)
+
+
+def test_refunds_in_any_order_land_where_neither_take_would_have() -> None:
+    bucket = TokenBucket(Rate("rows_per_s", 1, 2), now=0.0)
+    first = bucket.take(1, 0.0)
+    second = bucket.take(1, 0.0)
+    bucket.take(0.5, 0.5)  # found 0.5 (2 without either take, 1.5 after it)
+    bucket.give(1, second, 0.5)
+    bucket.give(1, first, 0.5)
+    assert bucket.tokens(0.5) == pytest.approx(1.5)
+
+
+def test_a_take_older_than_the_levels_kept_gets_nothing_back() -> None:
+    bucket = TokenBucket(Rate("requests_per_s", 1e-9, 100), now=0.0)
+    marks = [bucket.take(1, 0.0) for _ in range(MAX_PEAKS + 2)]  # each found one less
+    bucket.give(1, marks[0], 0.0)  # the level the next take found is no longer kept
+    bucket.give(1, marks[1], 0.0)
+    assert bucket.tokens(0.0) == pytest.approx(100 - MAX_PEAKS - 1)
+
+
+def test_takes_before_a_reconfiguration_get_nothing_back() -> None:
+    bucket = TokenBucket(Rate("requests_per_s", 10, 10), now=0.0)
+    mark = bucket.take(5, 0.0)
+    bucket.reconfigure(Rate("requests_per_s", 10, 20), now=0.0)
+    bucket.give(5, mark, 0.0)
+    assert bucket.tokens(0.0) == 5
 
 
 def test_wait_for_a_larger_cost_is_exact() -> None:
@@ -157,6 +198,45 @@ def test_retry_pushback_is_exact_within_a_millisecond(
     if wait > 0.001:
         assert bucket.wait_s(cost, 5.0 + wait - 0.001) > 0.0
     assert bucket.try_take(cost, 5.0 + wait + 1e-9 * max(1.0, wait)) == 0.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    per_s=rates,
+    burst=bursts,
+    steps=st.lists(
+        st.tuples(st.floats(min_value=0, max_value=0.5), st.floats(min_value=0.1, max_value=5)),
+        max_size=2 * MAX_PEAKS,
+    ),
+    data=st.data(),
+)
+def test_refunds_leave_the_bucket_where_it_would_be_without_the_refunded_takes(
+    per_s: float, burst: float, steps: list[tuple[float, float]], data: st.DataObject
+) -> None:
+    """Takes and refunds of any of them, in any order, at any time: the bucket ends
+    where a bucket that only ever saw the takes not refunded would be; never above it
+    (a tenant never gets past its rate), equal while it kept every take's level."""
+    bucket = TokenBucket(Rate("rows_per_s", per_s, burst), now=0.0)
+    taken: list[tuple[float, float, int]] = []  # (when, cost, mark)
+    refunded: set[int] = set()
+    now = 0.0
+    for gap, size in steps:
+        now += gap
+        waiting = [k for k in range(len(taken)) if k not in refunded]
+        if waiting and data.draw(st.booleans()):
+            k = data.draw(st.sampled_from(waiting))
+            _, cost, mark = taken[k]
+            bucket.give(cost, mark, now)
+            refunded.add(k)
+        elif bucket.wait_s(min(size, burst), now) == 0.0:
+            taken.append((now, min(size, burst), bucket.take(min(size, burst), now)))
+    kept = TokenBucket(Rate("rows_per_s", per_s, burst), now=0.0)
+    for k, (when, cost, _) in enumerate(taken):
+        if k not in refunded:
+            kept.take(cost, when)
+    assert bucket.tokens(now) <= kept.tokens(now) + 1e-9 * burst
+    if len(taken) <= MAX_PEAKS:
+        assert bucket.tokens(now) == pytest.approx(kept.tokens(now), abs=1e-9 * burst)
 
 
 # -- calendar quotas ---------------------------------------------------------------

@@ -26,7 +26,15 @@ from mandant.errors import FailedPrecondition, InvalidInput, QuotaExceeded, Rate
 from mandant.events import NullObserver, Observer
 from mandant.tenancy.limits import MONOTONIC, Clock, Rate
 from mandant.tenancy.local_store import LocalStore
-from mandant.tenancy.policy import Denial, Plan, Policy, Scope, SharedStore, StoreUnavailable
+from mandant.tenancy.policy import (
+    Denial,
+    Marks,
+    Plan,
+    Policy,
+    Scope,
+    SharedStore,
+    StoreUnavailable,
+)
 from mandant.tenancy.quota import WALL, PeriodKind
 from mandant.types import ModelKey, ServedModels, Tenant
 from mandant_client.errors import QUOTA_REFUSAL
@@ -76,15 +84,15 @@ class Unlimited:
 class _Refunds(Protocol):
     """The store that charged a call (local or shared) gives back what it took."""
 
-    def refund(self, plan: Plan, rows: int, wall: float) -> None: ...
+    def refund(self, plan: Plan, rows: int, wall: float, marks: Marks) -> None: ...
 
 
 class _InflightPermit:
     """One admitted call: its concurrency slot, and what ``store`` took for it (the
-    rows of ``plan``'s limits, quota rows in the period of ``wall``, when it was
-    admitted)."""
+    rows of ``plan``'s limits, at the buckets' take ``marks``; quota rows in the
+    period of ``wall``, when it was admitted)."""
 
-    __slots__ = ("_admission", "_model", "_plan", "_rows", "_store", "_tenant", "_wall")
+    __slots__ = ("_admission", "_marks", "_model", "_plan", "_rows", "_store", "_tenant", "_wall")
 
     def __init__(
         self,
@@ -95,6 +103,7 @@ class _InflightPermit:
         plan: Plan,
         rows: int,
         wall: float,
+        marks: Marks,
     ) -> None:
         self._admission: TenantAdmission | None = admission
         self._tenant = tenant
@@ -103,6 +112,7 @@ class _InflightPermit:
         self._plan = plan
         self._rows = rows
         self._wall = wall
+        self._marks = marks
 
     def release(self, refund: bool = False) -> None:
         admission, self._admission = self._admission, None
@@ -111,7 +121,7 @@ class _InflightPermit:
         admission.finished(self._tenant)
         if refund:
             if self._store is not None:
-                self._store.refund(self._plan, self._rows, self._wall)
+                self._store.refund(self._plan, self._rows, self._wall, self._marks)
             admission.refunded(self._tenant, self._model, self._rows, self._wall)
 
 
@@ -265,29 +275,31 @@ class TenantAdmission:
         # Hold the slot while the store decides (the shared store awaits Redis).
         self._inflight[tenant.id] = inflight + 1
         store: _Refunds | None = None
+        marks: Marks = ()
         # When the rows are admitted: quotas count them in its day and month, and a
         # refund gives them back there (also the dashboard's and reports' counts).
         wall = self._wall()
         if plan.stored:
             try:
                 if self._shared is None:
-                    store, denial = self._local, self._local.acquire(plan, rows, wall)
+                    store, charge = self._local, self._local.acquire(plan, rows, wall)
                 else:
-                    store, denial = await self._acquire_shared(self._shared, plan, rows, wall)
+                    store, charge = await self._acquire_shared(self._shared, plan, rows, wall)
             except BaseException:
                 self._inflight[tenant.id] -= 1
                 raise
-            if denial is not None:
+            if isinstance(charge, Denial):
                 self._inflight[tenant.id] -= 1
                 self._observer.rejected(
                     tenant.id,
-                    denial.limit.name if isinstance(denial.limit, Rate) else "quota",
-                    denial.scope[1] or "",  # the model of a per-model limit
+                    charge.limit.name if isinstance(charge.limit, Rate) else "quota",
+                    charge.scope[1] or "",  # the model of a per-model limit
                 )
-                raise _error(denial)
+                raise _error(charge)
+            marks = charge
             if store is self._local:  # it just charged: keep the time its rows count at
                 wall = self._local.quota_wall(wall)
-        permit = _InflightPermit(self, tenant.id, model.name, store, plan, rows, wall)
+        permit = _InflightPermit(self, tenant.id, model.name, store, plan, rows, wall, marks)
         try:
             self._observer.admitted(tenant.id, model.name, rows)
         except BaseException:  # the slot and the rows go back, whatever failed
@@ -305,21 +317,21 @@ class TenantAdmission:
 
     async def _acquire_shared(
         self, shared: SharedStore, plan: Plan, rows: int, wall: float
-    ) -> tuple[_Refunds, Denial | None]:
+    ) -> tuple[_Refunds, Denial | Marks]:
         """The store that decided (this process's while the shared one is out), and
-        its denial if any."""
+        its denial or the marks of what it took."""
         now = self._clock()
         if now >= self._retry_at:
             if self._outage_failures:
                 self._retry_at = now + self._limits.retry_interval_s  # one probe at a time
             try:
-                denial = await shared.acquire(plan, rows, wall)
+                charge = await shared.acquire(plan, rows, wall)
             except StoreUnavailable as exc:
                 self._store_failed(shared.name, str(exc))
             else:
                 if self._outage_failures:
                     self._store_recovered(shared.name)
-                return shared, denial
+                return shared, charge
         if self._limits.on_store_error == "deny":
             self._observer.rejected(plan.tenant, "store_unavailable")
             raise Unavailable("rate limit store unavailable; retry later")

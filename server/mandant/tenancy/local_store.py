@@ -1,7 +1,8 @@
 """Buckets and quota counts in this process: the embedded default, O(1) per call.
 
 Runs on the event loop without awaiting, so check-then-take is atomic; a call
-admitted but then not run is given back what it took (``refund``). State is
+admitted but then not run is given back what it took (``refund``, with the marks its
+``acquire`` returned). State is
 kept by (scope, limit name); a limit whose numbers change keeps what it has saved
 up or used (clamped to the new burst), so a configuration reload loses no counts.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from mandant.tenancy.limits import MONOTONIC, Clock, TokenBucket
-from mandant.tenancy.policy import ROWS, Denial, Plan, Scope, cost
+from mandant.tenancy.policy import ROWS, Denial, Marks, Plan, Scope, cost
 from mandant.tenancy.quota import WALL, QuotaCounter
 
 #: One limit of a plan, resolved to its state: (bucket, per row?, scope).
@@ -35,11 +36,12 @@ class LocalStore:
         self._counters: dict[tuple[Scope, str], QuotaCounter] = {}
         self._resolved: dict[tuple[str, str], tuple[Plan, list[_Bucket], list[_Counter]]] = {}
 
-    def acquire(self, plan: Plan, rows: int, wall: float) -> Denial | None:
-        """Take from every bucket and quota of ``plan``, or from none and say why:
-        the limit with the longest wait, so that the call fits every limit when that
-        wait is over. Quota rows count in the UTC day and month of
-        ``quota_wall(wall)``: keep that time for ``refund``."""
+    def acquire(self, plan: Plan, rows: int, wall: float) -> Denial | Marks:
+        """Take from every bucket and quota of ``plan`` and return the buckets' take
+        marks, or take from none and say why: the limit with the longest wait, so
+        that the call fits every limit when that wait is over. Quota rows count in
+        the UTC day and month of ``quota_wall(wall)``: keep that time and the marks
+        for ``refund``."""
         resolved = self._resolved.get((plan.tenant, plan.model))
         if resolved is None or resolved[0] is not plan:
             resolved = self._resolve(plan)
@@ -62,20 +64,18 @@ class LocalStore:
             return denial
         for counter, _ in counters:
             counter.take(rows, wall)
-        for bucket, per_row, _ in buckets:
-            bucket.take(rows if per_row else 1, now)
-        return None
+        return tuple([bucket.take(rows if per_row else 1, now) for bucket, per_row, _ in buckets])
 
-    def refund(self, plan: Plan, rows: int, wall: float) -> None:
-        """Give back what ``acquire(plan, rows, wall)`` took: tokens up to each
-        bucket's burst, quota rows if their period still lasts. ``wall``: the
-        ``quota_wall`` of the acquire. State forgotten since (a removed tenant) stays
-        forgotten."""
+    def refund(self, plan: Plan, rows: int, wall: float, marks: Marks) -> None:
+        """Give back what ``acquire(plan, rows, wall)`` took (it returned ``marks``):
+        tokens as far as each bucket would hold them (:mod:`mandant.tenancy.limits`),
+        quota rows if their period still lasts. ``wall``: the ``quota_wall`` of the
+        acquire. State forgotten since (a removed tenant) stays forgotten."""
         now = self._clock()
-        for scope, rate in plan.buckets:
+        for (scope, rate), mark in zip(plan.buckets, marks, strict=True):
             bucket = self._buckets.get((scope, rate.name))
             if bucket is not None:
-                bucket.give(cost(rate, rows), now)
+                bucket.give(cost(rate, rows), mark, now)
         if plan.quotas:
             wall_now = self._seen(self._wall())
             for scope, quota in plan.quotas:

@@ -55,15 +55,21 @@ class Denial:
     retry_after_s: float
 
 
+#: What an admitted call's charge left to refund it by: each bucket's take mark, in
+#: ``Plan.buckets`` order (a store's own numbers; see :mod:`mandant.tenancy.limits`).
+Marks = tuple[int, ...]
+
+
 def cost(rate: Rate, rows: int) -> int:
     return 1 if rate.name == REQUESTS else rows
 
 
 class SharedStore(Protocol):
     """Buckets and counts kept outside this process (Redis), shared by replicas.
-    ``acquire`` takes from every limit of the plan or from none, atomically, and
-    raises :class:`StoreUnavailable` when the store cannot be reached. ``wall`` is
-    the wall time whose UTC day and month the call's quota rows count in."""
+    ``acquire`` takes from every limit of the plan (returning the buckets' take
+    marks) or from none, atomically, and raises :class:`StoreUnavailable` when the
+    store cannot be reached. ``wall`` is the wall time whose UTC day and month the
+    call's quota rows count in."""
 
     name: str
 
@@ -71,12 +77,13 @@ class SharedStore(Protocol):
 
     async def aclose(self) -> None: ...
 
-    async def acquire(self, plan: Plan, rows: int, wall: float) -> Denial | None: ...
+    async def acquire(self, plan: Plan, rows: int, wall: float) -> Denial | Marks: ...
 
-    def refund(self, plan: Plan, rows: int, wall: float) -> None:
-        """Give back what ``acquire(plan, rows, wall)`` took (the call did not run):
-        request and row tokens up to each bucket's burst, quota rows in the period of
-        ``wall`` if it still lasts. Does not wait; a refund that never reached
+    def refund(self, plan: Plan, rows: int, wall: float, marks: Marks) -> None:
+        """Give back what ``acquire(plan, rows, wall)`` took (the call did not run; it
+        returned ``marks``): request and row tokens as far as each bucket would hold
+        them had they never been taken, quota rows in the period of ``wall`` if it
+        still lasts. Does not wait; a refund that never reached
         the store is kept and sent again, not raised."""
         ...
 

@@ -8,7 +8,8 @@ from none and says which limit has the longest wait, and that wait. Quota keys n
 their UTC period (``…:rows_per_day:2024-05-17``), so a new period starts at zero and
 old ones expire. A call admitted but then not run is refunded by a second script on
 the same keys (those of the period it was charged in, even after midnight): tokens
-back up to each bucket's burst, quota rows back (``DECRBY``, never below zero). A
+back as far as each bucket would hold them (by the take marks the acquire returned;
+see :mod:`mandant.tenancy.limits`), quota rows back (``DECRBY``, never below zero). A
 caller cancelled while its acquire was on the way is refunded the same way. Every key
 of one tenant carries the hash tag ``{tenant}``, so a call's keys share one Redis
 Cluster slot.
@@ -53,32 +54,55 @@ from redis.exceptions import (
 )
 
 from mandant.config import LimitsConfig
-from mandant.tenancy.limits import Clock
-from mandant.tenancy.policy import Denial, Plan, Scope, StoreUnavailable, cost
+from mandant.tenancy.limits import MAX_PEAKS, Clock
+from mandant.tenancy.policy import Denial, Marks, Plan, Scope, StoreUnavailable, cost
 from mandant.tenancy.quota import WALL, PeriodKind, PeriodTracker
 
 logger = logging.getLogger(__name__)
 
+#: The Lua both scripts share: a bucket's take levels ('peaks', "mark:level,…", a
+#: falling staircase by take mark, as ``limits.Peaks`` keeps it) read and written.
+PEAKS_LUA = """
+local function read_peaks(text)
+  local marks, levels = {}, {}
+  for m, l in string.gmatch(text or '', '(%d+):([^,]+)') do
+    marks[#marks + 1], levels[#levels + 1] = tonumber(m), tonumber(l)
+  end
+  return marks, levels
+end
+local function peaks_text(marks, levels)
+  local parts = {}
+  for k = 1, #marks do parts[k] = string.format('%.0f:%.17g', marks[k], levels[k]) end
+  return table.concat(parts, ',')
+end
+"""
+
 #: KEYS: bucket keys, then quota keys. ARGV: the time (Redis' clock, seconds) after
-#: which nothing may be taken, #buckets, #quotas, then per bucket (rate, burst, cost),
-#: then per quota (limit, cost, expire_at, wait_s if it refuses). Returns {0, "0"}
-#: when admitted, {-1, "0"} when it ran too late (nothing taken), else {i, wait_s}
-#: with i the 1-based index of the limit with the longest wait.
-ACQUIRE_LUA = """
+#: which nothing may be taken, #buckets, #quotas, then per bucket (rate, burst, cost,
+#: take mark: 0 here), then per quota (limit, cost, expire_at, wait_s if it refuses).
+#: Returns {0, "0", take mark per bucket} when admitted, {-1, "0"} when it ran too
+#: late (nothing taken), else {i, wait_s} with i the 1-based index of the limit with
+#: the longest wait. A bucket's hash keeps its level ('tokens' at 'ts'), the levels
+#: its takes found ('peaks'; takes before 'floor' get nothing back) and its last take
+#: mark: Redis' TIME in microseconds, or one more than the last, so marks rise while
+#: the key lives; a key that expired (the bucket was full) starts again later.
+ACQUIRE_LUA = (
+    PEAKS_LUA
+    + """
 local clock = redis.call('TIME')
 local stamp = clock[1] .. '.' .. string.format('%06d', tonumber(clock[2]))
 local now = tonumber(stamp)
 if now > tonumber(ARGV[1]) then return {-1, '0'} end
 local nb = tonumber(ARGV[2])
 local nq = tonumber(ARGV[3])
-local levels = {}
+local levels, states = {}, {}
 local refuse, longest = 0, 0
 for i = 1, nb do
-  local base = 3 + 3 * (i - 1)
+  local base = 3 + 4 * (i - 1)
   local rate = tonumber(ARGV[base + 1])
   local burst = tonumber(ARGV[base + 2])
   local need = tonumber(ARGV[base + 3])
-  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
+  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts', 'mark', 'peaks', 'floor')
   local level = tonumber(state[1])
   local ts = tonumber(state[2])
   if level == nil or ts == nil then
@@ -90,9 +114,9 @@ for i = 1, nb do
   if level < need and (need - level) / rate > longest then
     refuse, longest = i, (need - level) / rate
   end
-  levels[i] = level
+  levels[i], states[i] = level, state
 end
-local qbase = 3 + 3 * nb
+local qbase = 3 + 4 * nb
 for j = 1, nq do
   local base = qbase + 4 * (j - 1)
   local used = tonumber(redis.call('GET', KEYS[nb + j]) or '0')
@@ -102,48 +126,97 @@ for j = 1, nq do
   end
 end
 if refuse > 0 then return {refuse, string.format('%.17g', longest)} end
+local reply = {0, '0'}
+local micros = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 for i = 1, nb do
-  local base = 3 + 3 * (i - 1)
+  local base = 3 + 4 * (i - 1)
   local rate = tonumber(ARGV[base + 1])
   local burst = tonumber(ARGV[base + 2])
+  local state = states[i]
+  local mark = micros
+  local last = tonumber(state[3])
+  if last ~= nil and mark <= last then mark = last + 1 end
+  local marks, peaks = read_peaks(state[4])
+  local floor = state[5] or '0'
+  while #peaks > 0 and peaks[#peaks] <= levels[i] do
+    marks[#marks], peaks[#peaks] = nil, nil
+  end
+  marks[#marks + 1], peaks[#peaks + 1] = mark, levels[i]
+  if #marks > MAX_PEAKS then
+    floor = string.format('%.0f', table.remove(marks, 1))
+    table.remove(peaks, 1)
+  end
   local left = levels[i] - tonumber(ARGV[base + 3])
-  redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', left), 'ts', stamp)
+  redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', left), 'ts', stamp,
+    'mark', string.format('%.0f', mark), 'peaks', peaks_text(marks, peaks), 'floor', floor)
   redis.call('PEXPIRE', KEYS[i], math.ceil(burst / rate * 1000) + 1000)
+  reply[i + 2] = mark
 end
 for j = 1, nq do
   local base = qbase + 4 * (j - 1)
   redis.call('INCRBY', KEYS[nb + j], ARGV[base + 2])
   redis.call('EXPIREAT', KEYS[nb + j], ARGV[base + 3])
 end
-return {0, '0'}
+return reply
 """
+).replace("MAX_PEAKS", str(MAX_PEAKS))
 
-#: ACQUIRE_LUA's KEYS and ARGV (the time in ARGV[1] does not apply: a refund written
-#: to Redis is due whenever Redis runs it); gives back each bucket's cost (up to its
-#: burst; a bucket whose key expired is full already) and each quota's cost (a quota
-#: key that expired belongs to a period that is long over). Returns 0.
-REFUND_LUA = """
+#: ACQUIRE_LUA's KEYS and ARGV, with the take marks it returned (the time in ARGV[1]
+#: does not apply: a refund written to Redis is due whenever Redis runs it). Gives
+#: back each bucket's cost as far as the bucket would hold it had it never been
+#: taken, and raises the levels later takes found to match (``limits.Peaks.refund``;
+#: a bucket whose key expired has been full since: nothing), and each quota's cost (a
+#: quota key that expired belongs to a period that is long over). Returns 0.
+REFUND_LUA = (
+    PEAKS_LUA
+    + """
 local nb = tonumber(ARGV[2])
 local nq = tonumber(ARGV[3])
 local clock = redis.call('TIME')
 local stamp = clock[1] .. '.' .. string.format('%06d', tonumber(clock[2]))
 local now = tonumber(stamp)
 for i = 1, nb do
-  local base = 3 + 3 * (i - 1)
+  local base = 3 + 4 * (i - 1)
   local rate = tonumber(ARGV[base + 1])
   local burst = tonumber(ARGV[base + 2])
-  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
+  local cost = tonumber(ARGV[base + 3])
+  local mark = tonumber(ARGV[base + 4])
+  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts', 'peaks', 'floor')
   local level = tonumber(state[1])
   local ts = tonumber(state[2])
   if level ~= nil and ts ~= nil then
     if now > ts then level = level + (now - ts) * rate end
-    level = level + tonumber(ARGV[base + 3])
     if level > burst then level = burst end
+    local give = 0
+    if mark >= (tonumber(state[4]) or 0) then
+      local marks, peaks = read_peaks(state[3])
+      local step = #marks + 1
+      for k = 1, #marks do
+        if marks[k] > mark then step = k break end
+      end
+      if step > #marks then
+        give = math.min(cost, burst - level)
+      else
+        local first = peaks[step]
+        local lift = math.min(cost, burst - first)
+        if lift > 0 then
+          for k = step, #peaks do peaks[k] = peaks[k] + lift end
+          while step > 1 and peaks[step - 1] <= peaks[step] do
+            table.remove(marks, step - 1)
+            table.remove(peaks, step - 1)
+            step = step - 1
+          end
+          redis.call('HSET', KEYS[i], 'peaks', peaks_text(marks, peaks))
+        end
+        give = math.min(cost, burst - math.max(first, level))
+      end
+    end
+    if give > 0 then level = level + give end
     redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', level), 'ts', stamp)
     redis.call('PEXPIRE', KEYS[i], math.ceil(burst / rate * 1000) + 1000)
   end
 end
-local qbase = 3 + 3 * nb
+local qbase = 3 + 4 * nb
 for j = 1, nq do
   local raw = redis.call('GET', KEYS[nb + j])
   if raw then
@@ -153,6 +226,7 @@ for j = 1, nq do
 end
 return 0
 """
+)
 
 #: Quota keys outlive their period by this much (clock skew between replicas).
 QUOTA_KEY_GRACE_S = 3600
@@ -281,32 +355,32 @@ class RedisStore:
             else:
                 await asyncio.sleep(0)
 
-    async def acquire(self, plan: Plan, rows: int, wall: float) -> Denial | None:
+    async def acquire(self, plan: Plan, rows: int, wall: float) -> Denial | Marks:
         keys, args, resets = self._arguments(plan, rows, wall)
         admitting = self._batched("acquire", keys, args)
         try:
-            index, wait = await admitting
+            reply = await admitting
         except asyncio.CancelledError:
             # Cancelled as Redis' admission was being handed over (its reply set, this
             # call not yet resumed): nothing will run, so it gives back what it took.
             # (Cancelled before the reply came, the reply's settling does that.)
             handed = admitting.done() and not admitting.cancelled() and not admitting.exception()
             if handed and int(admitting.result()[0]) == 0:
-                self.refund(plan, rows, wall)
+                self.refund(plan, rows, wall, _marks(admitting.result()))
             raise
-        index = int(index)
+        index, wait = int(reply[0]), float(reply[1])
         if index == 0:
-            return None
+            return _marks(reply)
         if index <= len(plan.buckets):
             scope, rate = plan.buckets[index - 1]
-            return Denial(rate, scope, float(wait))
+            return Denial(rate, scope, wait)
         position = index - 1 - len(plan.buckets)
         scope, quota = plan.quotas[position]
         return Denial(quota, scope, max(0.0, resets[position] - wall))
 
-    def refund(self, plan: Plan, rows: int, wall: float) -> None:
+    def refund(self, plan: Plan, rows: int, wall: float, marks: Marks) -> None:
         keys, args, _ = self._arguments(plan, rows, wall)
-        self._queue(_Call("refund", keys, args, None))
+        self._queue(_Call("refund", keys, _marked(args, marks), None))
 
     async def used(self, scope: Scope, quota_name: str, period: PeriodKind) -> int:
         """Rows counted against one quota in its current period; the reads of one
@@ -329,7 +403,7 @@ class RedisStore:
         keys = list(cached[1])
         args: list[float | int | str] = [len(plan.buckets), len(plan.quotas)]
         for _, rate in plan.buckets:
-            args += (rate.per_s, rate.burst, cost(rate, rows))
+            args += (rate.per_s, rate.burst, cost(rate, rows), 0)
         resets: list[float] = []
         for scope, quota in plan.quotas:
             period = self._periods[quota.period].at(wall)
@@ -463,7 +537,8 @@ class RedisStore:
                 continue
             if call.future.done():  # its caller was cancelled meanwhile
                 if call.kind == "acquire" and isinstance(reply, list) and int(reply[0]) == 0:
-                    self._queue(_Call("refund", call.keys, call.args, None))  # nothing runs
+                    refund = _marked(call.args, _marks(reply))
+                    self._queue(_Call("refund", call.keys, refund, None))  # nothing runs
                 continue
             if isinstance(reply, _Unanswered):
                 error = StoreUnavailable(f"redis: {type(failure).__name__}")
@@ -502,6 +577,20 @@ class RedisStore:
         if isinstance(reply, _Unanswered | ResponseError):
             return "unanswered"
         return "done"
+
+
+def _marks(reply: list[Any]) -> Marks:
+    """The take marks of an admitting acquire's reply."""
+    return tuple(int(mark) for mark in reply[2:])
+
+
+def _marked(args: list[float | int | str], marks: Marks) -> list[float | int | str]:
+    """An acquire's ARGV (but the deadline) with the take marks it returned: the
+    refund's."""
+    args = list(args)
+    for i, mark in enumerate(marks):
+        args[2 + 4 * i + 3] = mark
+    return args
 
 
 async def _reply(connection: AbstractConnection) -> Any:
