@@ -197,6 +197,42 @@ async def test_a_stream_idle_at_its_age_waits_for_its_client_after_the_end_mark(
             assert (END_MARK, "connection-age") in tuple(await call.trailing_metadata())
 
 
+def test_calls_that_wait_out_several_stream_ends_are_served_in_turn(tmp_path: Path) -> None:
+    """Overload and a short connection age: the server reads 4 messages of a stream at
+    a time and ends it every 0.2 s, so a call can wait out several streams unread. Each
+    is sent again, oldest first, while the server answers on each stream: none fails
+    (with three resends at most, new calls going ahead of the resent ones, 61 of 178
+    calls failed Unavailable in 5 s)."""
+    from tests.integration.test_client_stream_e2e import with_sleepy_model
+
+    config = with_sleepy_model(
+        seconds=0.05, max_connection_age_s=0.2, grace_s=0.2, max_stream_inflight=4
+    )
+    outcomes: list[Any] = []
+    with (
+        ServerThread(config, tmp_path) as server,
+        Client(server.target, api_key="acme-demo-key", multiplex=True, timeout_s=10) as client,
+    ):
+
+        def worker(w: int) -> None:
+            until = time.monotonic() + 2.0
+            while time.monotonic() < until:
+                try:
+                    outcomes.append(
+                        bool(client.infer("sleepy", _rows(w))["OUTPUT0"][0, 0] == 2 * w)
+                    )
+                except Exception as exc:
+                    outcomes.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(32)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert len(outcomes) > 32
+    assert [o for o in outcomes if o is not True] == []
+
+
 def _echo_request(request_id: str) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name="echo", id=request_id)
     tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 2])

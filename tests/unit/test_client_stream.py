@@ -36,6 +36,7 @@ from mandant_client import (
     ServerError,
     Unauthenticated,
     Unavailable,
+    _multiplex,
 )
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
@@ -627,3 +628,31 @@ async def test_a_call_given_up_before_its_message_is_written_is_never_sent() -> 
     assert [r.id.split("#")[0] for r in seen] == [""]
     timeout_us = sent_timeout(seen[0])
     assert timeout_us is not None and timeout_us <= 4_600_000  # 5 s less the wait
+
+
+def _outgoing(order: int) -> _multiplex.Outgoing:
+    return _multiplex.Outgoing(pb.ModelInferRequest(id=f"#{order:x}"), None, order)
+
+
+def test_the_outbox_writes_the_oldest_call_first() -> None:
+    """A call sent again on a new stream (order 2) goes ahead of calls begun after it
+    that were queued first; one given up on is not written."""
+    outbox = _multiplex.Outbox()
+    for order in (5, 7, 2, 6):
+        outbox.put(f"#{order:x}", _outgoing(order))
+    outbox.discard("#6")
+    written = []
+    while outbox:
+        written.append(outbox.pop().order)
+    assert written == [2, 5, 7]
+
+
+def test_the_outbox_sheds_the_places_of_calls_given_up_on() -> None:
+    outbox = _multiplex.Outbox()
+    outbox.put("#1", _outgoing(1))
+    for order in range(2, 1000):
+        outbox.put(f"#{order:x}", _outgoing(order))
+        outbox.discard(f"#{order:x}")
+    assert len(outbox._heap) <= 2 + 64
+    assert outbox.pop().order == 1
+    assert not outbox

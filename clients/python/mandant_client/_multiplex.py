@@ -21,13 +21,20 @@ exact size is computed only for a message whose bound passes the limit.
 That time left is computed when the message is written, not when it is queued: a
 message waits in the client's outbox while gRPC's flow control holds the stream back.
 A call given up on (timed out, cancelled) before its message is written is taken out of
-the outbox and never sent.
+the outbox and never sent. The outbox writes the oldest call first, by when the call
+began: a call sent again goes ahead of those begun after it (at the back, under a
+steady flow of new calls, it went unread at stream end after stream end and failed).
 
 A Mandant server ends a stream with status OK (its trailing metadata
 ``mandant-stream-end`` says why: the stream reached the server's connection age, or the
 server stops) once it has answered every message it read: the calls still pending on
 it were never read, and are sent again on a new stream (on the same channel; after the
-server's GOAWAY gRPC opens it on a new connection), at most :data:`MAX_RESENDS` times.
+server's GOAWAY gRPC opens it on a new connection), oldest first, for as long as their
+calls' time lasts while the server answers on each stream; after :data:`MAX_IDLE_RESENDS`
+streams that answered nothing, a call fails Unavailable (a server that keeps ending
+streams without reading is stopping, or broken). Under overload with a short connection
+age a call can wait out several streams before the server reads it; a fixed number of
+resends failed it although the server was serving the calls ahead of it.
 
 A message over the server's receive limit ends the whole stream too, with gRPC's
 RESOURCE_EXHAUSTED "Received message larger than max (N vs. M)". Only the pending
@@ -45,6 +52,7 @@ The server's answer to one message is a ``ModelStreamInferResponse``: on success
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import re
@@ -89,9 +97,9 @@ _FIELD_OVERHEAD_BYTES = 12
 _RECEIVED_TOO_LARGE = re.compile(r"(CLIENT: )?Received message larger than max \((\d+) vs\. \d+\)")
 
 
-#: How many times one call is sent again on a new stream after the server ended the
-#: stream it was sent on with OK without reading it (see the module).
-MAX_RESENDS = 3
+#: How many times one call is sent again on a new stream after a stream that answered
+#: no message ended with OK without reading it (see the module).
+MAX_IDLE_RESENDS = 3
 #: The stream's metadata saying that this client sends again the messages a stream
 #: ended with OK left unread: only then does the server end a stream at its
 #: connection age (a client that does not, tritonclient's, would never hear of them).
@@ -117,27 +125,68 @@ class Unread(Unavailable):
 
 @dataclass
 class Outgoing:
-    """A message in a stream's outbox and when its call gives up (``time.monotonic()``;
-    None: never)."""
+    """A message in a stream's outbox, when its call gives up (``time.monotonic()``;
+    None: never) and its place in the client's order of calls (:class:`WireIds`)."""
 
     request: pb.ModelInferRequest
     deadline_s: float | None
+    order: int
+
+
+class Outbox:
+    """A stream's messages not written yet, by wire id; the oldest call's first (see
+    the module). A message taken out (:meth:`discard`) leaves its place in the heap
+    until it comes up or the heap is rebuilt."""
+
+    __slots__ = ("_heap", "_messages")
+
+    def __init__(self) -> None:
+        self._messages: dict[str, Outgoing] = {}
+        self._heap: list[tuple[int, str]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._messages)
+
+    def put(self, wire_id: str, outgoing: Outgoing) -> None:
+        self._messages[wire_id] = outgoing
+        heapq.heappush(self._heap, (outgoing.order, wire_id))
+
+    def pop(self) -> Outgoing:
+        """The oldest call's message (the outbox must not be empty)."""
+        while True:
+            _, wire_id = heapq.heappop(self._heap)
+            outgoing = self._messages.pop(wire_id, None)
+            if outgoing is not None:
+                return outgoing
+
+    def discard(self, wire_id: str) -> None:
+        if self._messages.pop(wire_id, None) is None:
+            return
+        if len(self._heap) > 2 * len(self._messages) + 64:  # mostly places given up
+            self._heap = [(m.order, i) for i, m in self._messages.items()]
+            heapq.heapify(self._heap)
+
+    def clear(self) -> None:
+        self._messages.clear()
+        self._heap.clear()
 
 
 class WireIds:
-    """Hands out the wire id of each message; unique for the life of the client."""
+    """Hands out the wire id of each message, unique for the life of the client, and
+    its call's place in the client's order of calls."""
 
     def __init__(self) -> None:
         self._sequence = itertools.count(1)  # next() is atomic under the GIL
 
-    def tag(self, request: pb.ModelInferRequest) -> str:
-        """Rewrite ``request.id`` to its wire id and return it."""
-        suffix = f"{_ID_SEPARATOR}{next(self._sequence):x}"
+    def tag(self, request: pb.ModelInferRequest) -> tuple[str, int]:
+        """Rewrite ``request.id`` to its wire id; return it and the call's order."""
+        order = next(self._sequence)
+        suffix = f"{_ID_SEPARATOR}{order:x}"
         wire_id = request.id + suffix
         if len(wire_id) > MAX_WIRE_ID_BYTES // 4 and len(wire_id.encode()) > MAX_WIRE_ID_BYTES:
             wire_id = suffix
         request.id = wire_id
-        return wire_id
+        return wire_id, order
 
 
 def time_left(timeout_s: float | None, started: float) -> float | None:

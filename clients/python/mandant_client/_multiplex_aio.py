@@ -39,8 +39,7 @@ class AioStream:
     def __init__(self, stub: Any, metadata: Metadata) -> None:
         self._call = stub.ModelStreamInfer(metadata=metadata)
         self._loop = asyncio.get_running_loop()
-        #: Messages not written yet, by wire id, oldest first.
-        self._outbox: dict[str, _multiplex.Outgoing] = {}
+        self._outbox = _multiplex.Outbox()  # messages not written yet
         self._queued = asyncio.Event()  # set when the outbox may hold a message
         self._pending: dict[str, _Answer] = {}
         #: Set once, when the call is over; the stream takes no message after that.
@@ -52,18 +51,20 @@ class AioStream:
         #: The server marked the stream's end (``_multiplex.END_MARK``): nothing more is
         #: written on it, and new calls go to a new stream.
         self.ending = False
+        #: Messages the server has answered on this stream (it was serving).
+        self.answered = 0
         self._call.add_done_callback(self._on_done)
         self._writer = asyncio.create_task(self._write())
         self._reader = asyncio.create_task(self._read())
 
     def send(
-        self, request: pb.ModelInferRequest, wire_id: str, deadline_s: float | None
+        self, request: pb.ModelInferRequest, wire_id: str, order: int, deadline_s: float | None
     ) -> _Answer:
         """Queue ``request`` (its call gives up at ``deadline_s``); the future gets the
         server's answer to it."""
         answer: _Answer = self._loop.create_future()
         self._pending[wire_id] = answer
-        self._outbox[wire_id] = _multiplex.Outgoing(request, deadline_s)
+        self._outbox.put(wire_id, _multiplex.Outgoing(request, deadline_s, order))
         self._queued.set()
         return answer
 
@@ -71,7 +72,7 @@ class AioStream:
         """The caller stopped waiting: its message is not sent if it was not yet, and a
         late answer is dropped."""
         self._pending.pop(wire_id, None)
-        self._outbox.pop(wire_id, None)
+        self._outbox.discard(wire_id)
 
     async def aclose(self) -> None:
         """Cancel the call; calls still pending fail with Unavailable."""
@@ -101,8 +102,7 @@ class AioStream:
                 self._queued.clear()
                 await self._queued.wait()
                 continue
-            wire_id = next(iter(outbox))
-            outgoing = outbox.pop(wire_id)
+            outgoing = outbox.pop()
             if not _multiplex.stamp(outgoing):
                 continue  # its caller gives up now: not worth the server's time
             try:
@@ -122,6 +122,7 @@ class AioStream:
                     self._ended_ok = self.ending = True
                     self._queued.set()  # the writer half-closes
                     continue
+                self.answered += 1
                 answer = self._pending.pop(_multiplex.answer_id(message), None)
                 if answer is not None and not answer.done():
                     answer.set_result(message)
@@ -203,7 +204,7 @@ class AioMultiplexer:
         """Send ``request`` (``raw_bytes``: the total of its ``raw_input_contents``) and
         wait for its answer."""
         request_id = request.id
-        wire_id = self._ids.tag(request)
+        wire_id, order = self._ids.tag(request)
         started = time.monotonic()
         deadline_s = _multiplex.deadline(timeout_s, started)
         if not self._slots.locked():
@@ -216,18 +217,20 @@ class AioMultiplexer:
         try:
             left_s = _multiplex.time_left(timeout_s, started)
             _multiplex.ready(request, raw_bytes, left_s, self._max_send_bytes, request_id)
-            resends = 0
+            idle_resends = 0
             while True:
                 stream = self.open(request_id)
-                answer = stream.send(request, wire_id, deadline_s)
+                answer = stream.send(request, wire_id, order, deadline_s)
                 try:
                     message = await asyncio.wait_for(answer, _multiplex.seconds_to(deadline_s))
                     break
                 except _TIMEOUTS:
                     raise _timed_out(timeout_s, request_id) from None
                 except MandantClientError as failure:  # the whole stream's
-                    if isinstance(failure, _multiplex.Unread) and resends < _multiplex.MAX_RESENDS:
-                        resends += 1  # never read: send it again, on a new stream
+                    if isinstance(failure, _multiplex.Unread) and (
+                        stream.answered or idle_resends < _multiplex.MAX_IDLE_RESENDS
+                    ):  # never read: send it again, on a new stream
+                        idle_resends += not stream.answered
                         continue
                     error = _multiplex.for_call(failure, request_id, request, raw_bytes)
                     raise error from failure.__cause__

@@ -46,8 +46,7 @@ class SyncStream:
     def __init__(self, stub: Any, metadata: Metadata, lock: threading.Lock) -> None:
         self._lock = lock
         self._queued = threading.Condition(lock)  # the outbox took a message, or it ended
-        #: Messages not written yet, by wire id, oldest first (under the lock).
-        self._outbox: dict[str, _multiplex.Outgoing] = {}
+        self._outbox = _multiplex.Outbox()  # messages not written yet (under the lock)
         self._pending: dict[str, _Answer] = {}
         #: Set once (under the lock), when the call is over.
         self.failure: MandantClientError | None = None
@@ -55,6 +54,8 @@ class SyncStream:
         #: written on it (its requests end: the client half-closes), and new calls go
         #: to a new stream.
         self.ending = False
+        #: Messages the server has answered on this stream (it was serving).
+        self.answered = 0
         self._call = stub.ModelStreamInfer(self._requests(), metadata=metadata)
         self._reader = threading.Thread(
             target=self._read, name="mandant-stream-reader", daemon=True
@@ -62,13 +63,13 @@ class SyncStream:
         self._reader.start()
 
     def send(
-        self, request: pb.ModelInferRequest, wire_id: str, deadline_s: float | None
+        self, request: pb.ModelInferRequest, wire_id: str, order: int, deadline_s: float | None
     ) -> _Answer:
         """Queue ``request``, whose call gives up at ``deadline_s`` (the caller holds the
         lock and has checked ``failure``)."""
         answer: _Answer = futures.Future()
         self._pending[wire_id] = answer
-        self._outbox[wire_id] = _multiplex.Outgoing(request, deadline_s)
+        self._outbox.put(wire_id, _multiplex.Outgoing(request, deadline_s, order))
         self._queued.notify()
         return answer
 
@@ -77,7 +78,7 @@ class SyncStream:
         late answer is dropped."""
         with self._lock:
             self._pending.pop(wire_id, None)
-            self._outbox.pop(wire_id, None)
+            self._outbox.discard(wire_id)
 
     def _requests(self) -> Iterator[pb.ModelInferRequest]:
         """The messages, as grpc's thread takes them; ends (the client half-closes)
@@ -88,8 +89,7 @@ class SyncStream:
                     self._queued.wait()
                 if self.failure is not None or self.ending:
                     return
-                wire_id = next(iter(self._outbox))
-                outgoing = self._outbox.pop(wire_id)
+                outgoing = self._outbox.pop()
             if _multiplex.stamp(outgoing):  # else its caller gives up now: not sent
                 yield outgoing.request
 
@@ -110,6 +110,7 @@ class SyncStream:
                         self.ending = True
                         self._queued.notify_all()  # the requests end: a half-close
                     continue
+                self.answered += 1
                 with self._lock:  # not from a dict :meth:`_fail` has taken and reads
                     answer = self._pending.pop(_multiplex.answer_id(message), None)
                 if answer is not None:
@@ -173,7 +174,7 @@ class SyncMultiplexer:
         """Send ``request`` (``raw_bytes``: the total of its ``raw_input_contents``) and
         wait for its answer."""
         request_id = request.id
-        wire_id = self._ids.tag(request)
+        wire_id, order = self._ids.tag(request)
         started = time.monotonic()
         deadline_s = _multiplex.deadline(timeout_s, started)
         if not self._slots.acquire(timeout=timeout_s):
@@ -181,19 +182,21 @@ class SyncMultiplexer:
         try:
             left_s = _multiplex.time_left(timeout_s, started)
             _multiplex.ready(request, raw_bytes, left_s, self._max_send_bytes, request_id)
-            resends = 0
+            idle_resends = 0
             while True:
                 with self._lock:
                     stream = self._current(request_id)
-                    answer = stream.send(request, wire_id, deadline_s)
+                    answer = stream.send(request, wire_id, order, deadline_s)
                 try:
                     message = answer.result(_multiplex.seconds_to(deadline_s))
                     break
                 except _TIMEOUTS:
                     raise _timed_out(timeout_s, request_id) from None
                 except MandantClientError as failure:  # the whole stream's
-                    if isinstance(failure, _multiplex.Unread) and resends < _multiplex.MAX_RESENDS:
-                        resends += 1  # never read: send it again, on a new stream
+                    if isinstance(failure, _multiplex.Unread) and (
+                        stream.answered or idle_resends < _multiplex.MAX_IDLE_RESENDS
+                    ):  # never read: send it again, on a new stream
+                        idle_resends += not stream.answered
                         continue
                     error = _multiplex.for_call(failure, request_id, request, raw_bytes)
                     raise error from failure.__cause__
