@@ -15,8 +15,10 @@ time: two attacks found in review, each measured as the other tenant sees it.
   calls whose JSON is as long as ``server.max_json_bytes`` lets it be, on 4
   connections, for ``--seconds``: JSON is parsed and turned into tensors on the event
   loop, so what one call stalls every other by is bounded by that setting (rows of one
-  zero each, ``[[0],[0],…]``, the costliest per byte found). Two servers in one run:
-  ``max_json_bytes`` 2 MiB (the default until session 18) and 256 KiB (the default).
+  zero each, ``[[0],[0],…]``, the costliest per byte found). Three servers in one
+  run: ``max_json_bytes`` 2 MiB (the default until session 18), 256 KiB (the
+  default), and 256 KiB with acme limited to 5 requests/s (a tenant out of requests
+  is refused before its JSON is parsed, since session 19).
 * ``messages``: the same tiny calls while the other tenant sends one small hostile
   request, whose entries the server used to build one by one on the event loop before
   any check: a ModelInfer message of 10⁶ empty ``inputs {}`` (1.9 MiB), one of 4 x 10⁵
@@ -252,6 +254,9 @@ def rest_json(workers: int, seconds: float, warmup_s: float, values: int) -> lis
 
 #: REST connections acme sends its JSON bodies on, each one call after another.
 JSON_CONNECTIONS = 4
+#: acme's requests_per_s on the last json-bodies server: nearly every body is refused
+#: (429), before it is parsed.
+JSON_LIMITED_RATE = 5.0
 
 
 def _json_body(max_json_bytes: int) -> bytes:
@@ -291,11 +296,18 @@ def _json_bodies(max_json_bytes: int, seconds: float) -> Attack:
     return send
 
 
+#: Servers of the json-bodies attack: (max_json_bytes, acme's requests_per_s or None).
+JSON_SERVERS = ((2 << 20, None), (256 << 10, None), (256 << 10, JSON_LIMITED_RATE))
+
+
 def json_bodies(workers: int, seconds: float, warmup_s: float) -> list[list[object]]:
     rows: list[list[object]] = []
-    for max_json_bytes in (2 << 20, 256 << 10):
+    for max_json_bytes, rate in JSON_SERVERS:
         data = _config(ECHO, workers)
         data["server"]["max_json_bytes"] = max_json_bytes
+        if rate is not None:
+            acme = next(t for t in data["tenants"] if t["id"] == "acme")
+            acme["rate_limit"] = {"requests_per_s": rate}
         with mandant_process(write_config(data), SERVER_CPU, THREAD_ENV) as served:
             phases: list[tuple[str, Attack | None]] = [
                 ("alone", None),
@@ -306,7 +318,8 @@ def json_bodies(workers: int, seconds: float, warmup_s: float) -> list[list[obje
             ]
             for label, attack in phases:
                 figures = asyncio.run(_beside(served, attack, seconds, warmup_s))
-                rows.append([workers, f"{max_json_bytes >> 10} KiB", label, *figures])
+                limit = "none" if rate is None else f"{rate:g} requests/s"
+                rows.append([workers, f"{max_json_bytes >> 10} KiB", limit, label, *figures])
     return rows
 
 
@@ -431,8 +444,8 @@ def main() -> None:
             f"bodies as long as max_json_bytes lets them be, on {JSON_CONNECTIONS} connections"
         )
         print(table(
-            ["workers", "max_json_bytes", "phase", "acme's answers", "acme's s", "tiny calls",
-             "p50 ms", "worst ms", "failed"],
+            ["workers", "max_json_bytes", "acme's limit", "phase", "acme's answers",
+             "acme's s", "tiny calls", "p50 ms", "worst ms", "failed"],
             json_rows,
         ))  # fmt: skip
     if "messages" in args.attacks:

@@ -24,7 +24,7 @@ from mandant.registry import Model, ModelRegistry
 from mandant.scheduling.policy import MAX_PRIORITY
 from mandant.tenancy.admission import Admission, Unlimited
 from mandant.tenancy.directory import TenantDirectory, TenantSnapshot
-from mandant.types import Call, EncodedRequest, InferRequest, InferResponse, Tenant
+from mandant.types import Call, EncodedRequest, InferRequest, InferResponse, ModelKey, Tenant
 from mandant.validation import check_batch_rows, check_inputs, check_outputs
 
 SERVER_NAME = "mandant"
@@ -152,6 +152,17 @@ class DataPlane:
 
     # -- inference ----------------------------------------------------------------
 
+    def refuse_early(self, call: Call, name: str, version: str = "") -> None:
+        """Before a request that costs much to parse (REST's JSON, served where the
+        models are: one process, or the engine of ``workers: N``) is parsed: raise
+        now what :meth:`infer` would for any request of ``call.caller`` to that
+        model, where that is known without waiting (draining, a model the caller
+        cannot see, ``Admission.refuse_early``)."""
+        self.refuse_if_draining()
+        key = self.model(call.caller, name, version).key
+        _name(call, key)
+        self._admission.refuse_early(call.caller, key)
+
     async def infer(
         self, call: Call, request: EncodedRequest, timeout_s: float | None = None
     ) -> InferResponse:
@@ -172,9 +183,7 @@ class DataPlane:
         model.enter()  # an unload waits for this call (no await since the resolve)
         try:
             key, spec = model.key, model.spec
-            call.model = key.name
-            call.version = key.version
-            call.owner = key.owner or ""
+            _name(call, key)
             if not model.ready:
                 raise Unavailable(f"model '{key.name}' is not ready")
             rows = check_inputs(spec, request.input_headers())
@@ -223,6 +232,13 @@ class DataPlane:
             )
         finally:
             model.leave()
+
+
+def _name(call: Call, key: ModelKey) -> None:
+    """What the call's metrics and log name once its model is resolved."""
+    call.model = key.name
+    call.version = key.version
+    call.owner = key.owner or ""
 
 
 def load_config_parameter(parameters: Mapping[str, object]) -> str | None:

@@ -553,6 +553,19 @@ def test_rate_limit_is_429_with_retry_after(server: Server) -> None:
     assert "rate limit" in error_of(body)
 
 
+def test_a_tenant_out_of_requests_is_refused_before_its_json_is_parsed(server: Server) -> None:
+    """Parsing a JSON body costs far more than refusing it: a tenant whose requests
+    bucket is empty is refused first, so a body that does not parse gets 429, not 400
+    (REST is served where the limits are, the engine of ``workers: 2`` too)."""
+    call(server, "POST", "/v2/models/echo/infer", echo_request([1.0], [1, 1]), auth("limited"))
+    status, _, body = call(server, "POST", "/v2/models/echo/infer", b"{not json", auth("limited"))
+    assert status == 429
+    assert "rate limit requests_per_s" in error_of(body)
+    # Another tenant's model stays unknown to it: resolved before the limits.
+    status, _, body = call(server, "POST", "/v2/models/secret/infer", b"{", auth("limited"))
+    assert status == 404
+
+
 def test_a_call_larger_than_the_quota_is_412(server: Server) -> None:
     request = echo_request([1.0, 2.0, 3.0], [3, 1])
     status, headers, body = call(server, "POST", "/v2/models/echo/infer", request, auth("small"))

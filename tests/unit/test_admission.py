@@ -323,6 +323,54 @@ async def test_concurrency_cap_counts_calls_in_flight_across_models() -> None:
     assert dict(adm.inflight_counts()) == {"acme": 0, "globex": 0}
 
 
+async def test_a_call_refused_whatever_its_rows_is_refused_early_taking_nothing() -> None:
+    """``refuse_early`` (before REST parses a JSON body): a requests_per_s bucket with no
+    token or a full concurrency cap refuse as ``admit`` would, counted once; an empty
+    rows bucket does not (a smaller call may fit), and nothing is taken."""
+    observer = RecordingObserver()
+    cfg = config(
+        {
+            "id": "acme",
+            "max_concurrency": 2,
+            "rate_limit": {"requests_per_s": 10, "burst": 2, "rows_per_s": 10, "rows_burst": 10},
+        }
+    )
+    adm, clock, _ = admission(cfg, observer=observer)
+    adm.refuse_early(ACME, ECHO)  # fits: takes nothing
+    held = await adm.admit(ACME, ECHO, 10)  # the rows bucket is empty now
+    adm.refuse_early(ACME, ECHO)
+    second = await adm.admit(ACME, CLASSIFIER, 0)
+    with pytest.raises(RateLimited, match="max_concurrency=2 exceeded for tenant acme"):
+        adm.refuse_early(ACME, ECHO)
+    held.release()
+    second.release()
+    with pytest.raises(RateLimited, match="requests_per_s=10 exceeded") as caught:
+        adm.refuse_early(ACME, ECHO)
+    assert caught.value.retry_after_s == pytest.approx(0.1)
+    assert adm.inflight("acme") == 0
+    rejections = [e for e in observer.events if e[0] == "rejected"]
+    assert rejections == [
+        ("rejected", "acme", "concurrency", ""),
+        ("rejected", "acme", "requests_per_s", ""),
+    ]
+    clock.now += 0.1
+    adm.refuse_early(ACME, ECHO)
+    (await adm.admit(ACME, ECHO, 1)).release()  # the token refuse_early saw, still there
+
+
+async def test_refuse_early_leaves_buckets_kept_in_the_shared_store_to_admit() -> None:
+    store = FlakyStore()
+    cfg = config({"id": "acme", "max_concurrency": 1, "rate_limit": {"requests_per_s": 0.01}})
+    adm, _, _ = admission(cfg, shared=store)
+    adm.refuse_early(ACME, ECHO)
+    held = await adm.admit(ACME, ECHO, 1)
+    with pytest.raises(RateLimited, match="max_concurrency=1"):
+        adm.refuse_early(ACME, ECHO)
+    held.release()
+    adm.refuse_early(ACME, ECHO)  # the local bucket is not the shared store's
+    assert store.calls == 1
+
+
 class FailingObserver(RecordingObserver):
     """Fails to count an admission (a metric that cannot hold the rows, say)."""
 

@@ -66,6 +66,12 @@ class Admission(Protocol):
         limits store is down and the policy is to deny."""
         ...
 
+    def refuse_early(self, tenant: Tenant, model: ModelKey) -> None:
+        """Raise now what :meth:`admit` would raise for any call of ``tenant`` on
+        ``model`` whatever its rows, known without waiting (before a costly request
+        is parsed); take nothing. A call it lets through goes to ``admit`` as ever."""
+        ...
+
 
 class _NoPermit:
     def release(self, refund: bool = False) -> None:
@@ -79,6 +85,9 @@ class Unlimited:
 
     async def admit(self, tenant: Tenant, model: ModelKey, rows: int) -> Permit:
         return self._permit
+
+    def refuse_early(self, tenant: Tenant, model: ModelKey) -> None:
+        return None
 
 
 class _Refunds(Protocol):
@@ -266,12 +275,7 @@ class TenantAdmission:
             raise _never_fits(plan, rows)
         inflight = self._inflight.get(tenant.id, 0)
         if plan.max_concurrency is not None and inflight >= plan.max_concurrency:
-            self._observer.rejected(tenant.id, "concurrency")
-            raise RateLimited(
-                f"concurrency limit max_concurrency={plan.max_concurrency} exceeded "
-                f"for tenant {tenant.id}",
-                CONCURRENCY_RETRY_S,
-            )
+            raise self._full(plan)
         # Hold the slot while the store decides (the shared store awaits Redis).
         self._inflight[tenant.id] = inflight + 1
         store: _Refunds | None = None
@@ -290,12 +294,7 @@ class TenantAdmission:
                 raise
             if isinstance(charge, Denial):
                 self._inflight[tenant.id] -= 1
-                self._observer.rejected(
-                    tenant.id,
-                    charge.limit.name if isinstance(charge.limit, Rate) else "quota",
-                    charge.scope[1] or "",  # the model of a per-model limit
-                )
-                raise _error(charge)
+                raise self._denied(plan, charge)
             marks = charge
             if store is self._local:  # it just charged: keep the time its rows count at
                 wall = self._local.quota_wall(wall)
@@ -306,6 +305,35 @@ class TenantAdmission:
             permit.release(refund=True)
             raise
         return permit
+
+    def refuse_early(self, tenant: Tenant, model: ModelKey) -> None:
+        """A full concurrency cap, or a ``requests_per_s`` bucket of this process with
+        no token (every call takes one, whatever its rows). Buckets kept in Redis are
+        not read: that would take a round trip."""
+        plan = self._policy.plan(tenant.id, model.name)
+        inflight = self._inflight.get(tenant.id, 0)
+        if plan.max_concurrency is not None and inflight >= plan.max_concurrency:
+            raise self._full(plan)
+        if self._shared is None and plan.buckets:
+            denial = self._local.request_denial(plan)
+            if denial is not None:
+                raise self._denied(plan, denial)
+
+    def _full(self, plan: Plan) -> RateLimited:
+        self._observer.rejected(plan.tenant, "concurrency")
+        return RateLimited(
+            f"concurrency limit max_concurrency={plan.max_concurrency} exceeded "
+            f"for tenant {plan.tenant}",
+            CONCURRENCY_RETRY_S,
+        )
+
+    def _denied(self, plan: Plan, denial: Denial) -> RateLimited | QuotaExceeded:
+        self._observer.rejected(
+            plan.tenant,
+            denial.limit.name if isinstance(denial.limit, Rate) else "quota",
+            denial.scope[1] or "",  # the model of a per-model limit
+        )
+        return _error(denial)
 
     def finished(self, tenant: str) -> None:
         """A permit was released (called by the permit, once)."""

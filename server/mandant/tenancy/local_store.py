@@ -42,10 +42,7 @@ class LocalStore:
         that the call fits every limit when that wait is over. Quota rows count in
         the UTC day and month of ``quota_wall(wall)``: keep that time and the marks
         for ``refund``."""
-        resolved = self._resolved.get((plan.tenant, plan.model))
-        if resolved is None or resolved[0] is not plan:
-            resolved = self._resolve(plan)
-        _, buckets, counters = resolved
+        _, buckets, counters = self._state(plan)
         if counters:
             wall = self._seen(wall)
         now = 0.0
@@ -66,6 +63,18 @@ class LocalStore:
             counter.take(rows, wall)
         return tuple([bucket.take(rows if per_row else 1, now) for bucket, per_row, _ in buckets])
 
+    def request_denial(self, plan: Plan) -> Denial | None:
+        """Why any call of ``plan`` would be refused now by a ``requests_per_s`` bucket
+        (the longest wait), taking nothing; None if every one has a token."""
+        denial: Denial | None = None
+        now = self._clock()
+        for bucket, per_row, scope in self._state(plan)[1]:
+            if not per_row:
+                wait = bucket.wait_s(1, now)
+                if wait > 0.0 and (denial is None or wait > denial.retry_after_s):
+                    denial = Denial(bucket.rate, scope, wait)
+        return denial
+
     def refund(self, plan: Plan, rows: int, wall: float, marks: Marks) -> None:
         """Give back what ``acquire(plan, rows, wall)`` took (it returned ``marks``):
         tokens as far as each bucket would hold them (:mod:`mandant.tenancy.limits`),
@@ -82,6 +91,12 @@ class LocalStore:
                 counter = self._counters.get((scope, quota.name))
                 if counter is not None:
                     counter.give(rows, wall, wall_now)
+
+    def _state(self, plan: Plan) -> tuple[Plan, list[_Bucket], list[_Counter]]:
+        resolved = self._resolved.get((plan.tenant, plan.model))
+        if resolved is None or resolved[0] is not plan:
+            resolved = self._resolve(plan)
+        return resolved
 
     def _resolve(self, plan: Plan) -> tuple[Plan, list[_Bucket], list[_Counter]]:
         """The state behind each limit of a (new) plan; a limit whose numbers changed

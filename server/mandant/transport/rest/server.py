@@ -204,6 +204,7 @@ class RestServer:
     async def _infer(self, request: web.Request, call: Call) -> web.Response:
         body = body_of(request)  # read by the gate, within the size limit
         name, version = _model_of(request)
+        self._plane.refuse_early(call, name, version)  # parsing the JSON costs much more
         infer_request = JsonInferRequest(
             name,
             version,
