@@ -44,6 +44,7 @@ from mandant.tenancy.redis_usage import shared_usage_for
 from mandant.transport.grpc.server import GrpcServer
 from mandant.transport.rest.server import RestServer
 from mandant.transport.tls import CERTIFICATES_KEPT, same_tls_shape, server_ssl_context
+from mandant.transport.unread import UnreadAnswers
 from mandant.workers.sockets import EngineSockets
 
 if TYPE_CHECKING:
@@ -221,11 +222,16 @@ class App:
         # REST takes its turn with the gRPC calls, and the cap counts both.
         self.calls = CallCap(config.server.max_concurrent_rpcs)
         self.door = FrontDoor(config.server.front_door_slots)
+        # And one count of each tenant's answers not read yet, over both ports.
+        self.unread = UnreadAnswers(
+            config.server.max_unread_answer_bytes, self.stats.observe(self.observer)
+        )
         self.grpc = GrpcServer(
             self.plane,
             config.server,
             cap=self.calls,
             door=self.door,
+            unread=self.unread,
             observer=self.stats.observe(self.observer),
             usage=self.usage,
             stats=self.stats,
@@ -252,6 +258,7 @@ class App:
             config.server,
             cap=self.calls,
             door=self.door,
+            unread=self.unread,
             observer=self.stats.observe(self.observer),
             stats=self.stats,
             authenticate_admin=self.directory.authenticate_admin,

@@ -1,6 +1,6 @@
 """A tenant whose clients call and never read their answers holds at most
 ``server.max_unread_answer_bytes`` of them in the server, over all its connections and
-streams (``transport/grpc/unread.py``): its next calls are refused RESOURCE_EXHAUSTED
+streams (``transport/unread.py``): its next calls are refused RESOURCE_EXHAUSTED
 with pushback, counted as ``reason="unread_answers"``, until its clients read; another
 tenant is served all along. Before, the bound was per stream and per connection only:
 a tenant opening many connections and reading nothing made the server hold every answer
@@ -13,6 +13,10 @@ their own without BDP probing, so that each 1 MiB answer waits in the server."""
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -22,9 +26,9 @@ import pytest
 
 from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
-from mandant.transport.grpc.unread import UNREAD_REASON
+from mandant.transport.unread import UNREAD_REASON
 from mandant_client._proto import grpc_service_pb2 as pb
-from tests.servers import ECHO_MODEL, SERVER_KINDS, Server, metric, serve
+from tests.servers import ECHO_MODEL, SERVER_KINDS, Server, ServerThread, metric, serve
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -212,3 +216,93 @@ async def test_a_stream_s_unread_answers_count_toward_the_same_bound(server: Ser
             await slow.close()
         assert answered >= 3
         await _served_again(channel)
+
+
+def _rest_call(port: int, tenant: str, floats: int) -> socket.socket:
+    """A REST inference call of ``tenant`` echoing ``floats`` FP32 values in binary,
+    written on a connection of its own whose client reads nothing yet (its receive
+    buffer kept small)."""
+    raw = bytes(4 * floats)
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "INPUT0",
+                    "datatype": "FP32",
+                    "shape": [1, floats],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    connection = socket.socket()
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    connection.connect(("127.0.0.1", port))
+    connection.sendall(
+        (
+            f"POST /v2/models/echo/infer HTTP/1.1\r\nHost: mandant\r\n"
+            f"Authorization: Bearer {KEYS[tenant]}\r\n"
+            f"Inference-Header-Content-Length: {len(head)}\r\n"
+            f"Content-Length: {len(head) + len(raw)}\r\n\r\n"
+        ).encode()
+        + head
+        + raw
+    )
+    return connection
+
+
+def _status(connection: socket.socket) -> tuple[int, bytes]:
+    """Read the answer on ``connection`` (whole), then close it: status and body."""
+    connection.settimeout(10)
+    answer = http.client.HTTPResponse(connection)
+    answer.begin()
+    body = answer.read()
+    connection.close()
+    return answer.status, body
+
+
+def test_rest_answers_not_read_count_toward_the_same_bound(server: Server) -> None:
+    """aiohttp holds a REST answer its client does not read, one per connection, after
+    the call has given back its places: counted as a gRPC answer is (per process: in
+    one process, acme's gRPC calls are refused too; with ``workers: 2`` REST is served
+    by the engine, which counts its own). Before, a tenant's connections each held an
+    answer, without bound (80 connections of 8 MiB answers: 1.6 GB)."""
+    unread = _rest_call(server.rest_port, "acme", 2 * MIB)  # 8 MiB: more than the kernel takes
+    deadline = time.monotonic() + 10
+    while True:
+        status, body = _status(_rest_call(server.rest_port, "acme", 4))
+        if status == 429:
+            break
+        assert status == 200 and time.monotonic() < deadline, status
+        time.sleep(0.02)
+    assert b"answers are not read yet by its clients" in body
+    assert _status(_rest_call(server.rest_port, "globex", 4))[0] == 200
+    if isinstance(server, ServerThread):  # one count for both ports
+        assert asyncio.run(_small_call_on(server.target, "acme")) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+    status, body = _status(unread)  # read: forgotten once written
+    assert status == 200 and len(body) > 8 * MIB
+    _served_again_on_rest(server.rest_port)
+
+    gone = _rest_call(server.rest_port, "acme", 2 * MIB)
+    deadline = time.monotonic() + 10
+    while _status(_rest_call(server.rest_port, "acme", 4))[0] != 429:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    gone.close()  # reset, unread: forgotten once the write fails
+    _served_again_on_rest(server.rest_port)
+
+
+def _served_again_on_rest(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while (status := _status(_rest_call(port, "acme", 4))[0]) != 200:
+        assert status == 429 and time.monotonic() < deadline, status
+        time.sleep(0.02)
+
+
+async def _small_call_on(target: str, tenant: str) -> grpc.StatusCode:
+    async with grpc.aio.insecure_channel(target) as channel:
+        return await _small_call(channel, tenant)

@@ -1,4 +1,4 @@
-"""The count of each tenant's unread answers (``transport/grpc/unread.py``): a tenant
+"""The count of each tenant's unread answers (``transport/unread.py``): a tenant
 is refused only once what it holds reaches the bound (an answer alone never is), each
 refusal is counted, other tenants are not touched (its call is refused before it takes
 a place), and what is written is forgotten."""
@@ -14,7 +14,7 @@ import pytest
 
 from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.transport.grpc.gateway import Access, Gate
-from mandant.transport.grpc.unread import UNREAD_REASON, AnswersUnread, UnreadAnswers
+from mandant.transport.unread import UNREAD_REASON, AnswersUnread, UnreadAnswers
 from mandant.types import Call, InferResponse, Tenant
 from mandant_client._proto import grpc_service_pb2 as pb
 from tests.fakes import RecordingObserver

@@ -44,13 +44,13 @@ from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.scheduling.gather import CallGather
 from mandant.transport.grpc.reads import MessageReads, Reading, tenant_pool
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
-from mandant.transport.grpc.unread import UnreadAnswers
 from mandant.transport.grpc.wire_bounds import (
     PRE_PARSE,
     PRE_PARSE_ABOVE_BYTES,
     MalformedWire,
     check_small_message,
 )
+from mandant.transport.unread import UnreadAnswers
 from mandant.types import Call, Tenant
 
 logger = logging.getLogger(__name__)

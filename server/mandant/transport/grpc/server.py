@@ -40,9 +40,9 @@ from mandant.transport.grpc.servicer import (
     method_handlers,
 )
 from mandant.transport.grpc.stream import AGE_JITTER, END_MARK_WAIT_S
-from mandant.transport.grpc.unread import UnreadAnswers
 from mandant.transport.listeners import Listener, host_port
 from mandant.transport.tls import GrpcCertificates, grpc_identities
+from mandant.transport.unread import UnreadAnswers
 from mandant.types import Tenant
 from mandant_client._proto import admin_pb2, model_config_pb2
 from mandant_client._proto import grpc_service_pb2 as pb
@@ -137,6 +137,7 @@ class GrpcServer:
         authenticate_certificate: CertificateAuthenticator | None = None,
         cap: CallCap | None = None,
         door: FrontDoor | None = None,
+        unread: UnreadAnswers | None = None,
         forward: Forwarder | None = None,
         bind: str | None = None,
     ) -> None:
@@ -222,7 +223,8 @@ class GrpcServer:
         observer = observer if observer is not None else NullObserver()
         # Each tenant's answers not read yet: the gate refuses its inference calls at
         # the bound, before they take a place; the servicer counts the answers.
-        unread = UnreadAnswers(config.max_unread_answer_bytes, observer)
+        if unread is None:
+            unread = UnreadAnswers(config.max_unread_answer_bytes, observer)
         # Unary inference calls of a busy front end wait for company (gather.py); held
         # calls hold their places at the door, so a group never outgrows it.
         group = min(config.front_gather_calls, config.front_door_slots)

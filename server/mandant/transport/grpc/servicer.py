@@ -21,7 +21,7 @@ from mandant.transport.grpc.gateway import Access, Context, Gate, metadata_value
 from mandant.transport.grpc.model_config import model_config
 from mandant.transport.grpc.statistics import TENANT_METADATA, model_statistics
 from mandant.transport.grpc.stream import InferStream
-from mandant.transport.grpc.unread import UnreadAnswers
+from mandant.transport.unread import UnreadAnswers
 from mandant.types import Call, Tenant
 from mandant_client._multiplex import RESENDS_UNREAD as RESENDS
 from mandant_client._proto import grpc_service_pb2 as pb

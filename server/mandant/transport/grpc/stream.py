@@ -74,8 +74,8 @@ from mandant.service import DataPlane
 from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
 from mandant.transport.grpc.gateway import MAX_LOGGED_ID, Context, client_saw, parse
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
-from mandant.transport.grpc.unread import UnreadAnswers
 from mandant.transport.grpc.wire_bounds import naming_prefix
+from mandant.transport.unread import UnreadAnswers
 from mandant.types import Call, Tenant
 from mandant_client._multiplex import END_MARK
 from mandant_client._proto import grpc_service_pb2 as pb

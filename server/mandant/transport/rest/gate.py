@@ -42,6 +42,7 @@ from mandant.transport.rest.status import (
     http_status,
 )
 from mandant.transport.tls import ssl_identities
+from mandant.transport.unread import UnreadAnswers
 from mandant.types import Call, Tenant
 
 logger = logging.getLogger(__name__)
@@ -114,11 +115,14 @@ class RestGate:
         door: FrontDoor | None = None,
         authenticate_certificate: CertificateAuthenticator | None = None,
         max_body: int = 1 << 62,
+        unread: UnreadAnswers | None = None,
     ) -> None:
         """``authenticate_certificate``: the tenant of the identities of a request's
         verified client certificate, asked for requests without a key (mTLS only).
         ``max_body``: the largest request body read (the application's
-        ``client_max_size``)."""
+        ``client_max_size``). ``unread``: each tenant's answers not read yet: an
+        inference call (``fair``) of a tenant at the bound is refused before its body
+        is read or it takes a place."""
         self._authenticate = authenticate
         self._authenticate_admin = authenticate_admin
         self._authenticate_certificate = authenticate_certificate
@@ -126,6 +130,7 @@ class RestGate:
         self._cap = cap if cap is not None else CallCap(1 << 62)
         self._door = door
         self._max_body = max_body
+        self._unread = unread
         #: Bytes of request bodies being read, per tenant id ("" without a key) and in
         #: all (a body of unknown length counts as ``max_body``): a client that sends
         #: bodies slowly, or never finishes them, holds that memory meanwhile.
@@ -149,6 +154,7 @@ class RestGate:
         """``fair``: the call passes the front door (inference). ``max_body``: a lower
         bound than the server's on this route's request bodies (413 beyond it)."""
         door = self._door if fair else None
+        unread = self._unread if fair else None
         limit = self._max_body if max_body is None else min(max_body, self._max_body)
         observer = self._observer
 
@@ -160,6 +166,8 @@ class RestGate:
             try:
                 if access is not Access.OPEN:
                     call.tenant = self._caller(access, request)
+                if unread is not None and call.tenant is not None:
+                    unread.check(call.tenant.id)
                 if request.body_exists and request.method == "POST":  # GETs take none
                     tenant_id = call.tenant.id if call.tenant is not None else ""
                     await self._read_body(request, tenant_id, limit)  # behaviours read it then

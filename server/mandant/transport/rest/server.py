@@ -21,12 +21,13 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from mandant.config import ServerConfig, TlsConfig
 from mandant.context import current_request_id
-from mandant.events import Observer
+from mandant.events import NullObserver, Observer
 from mandant.observability.stats import InferenceStats
 from mandant.scheduling.door import CallCap, FrontDoor
 from mandant.service import EXTENSIONS, SERVER_NAME, DataPlane
@@ -50,6 +51,7 @@ from mandant.transport.rest.gate import (
 )
 from mandant.transport.rest.repository import add_repository_routes
 from mandant.transport.tls import reload_ssl_context, server_ssl_context
+from mandant.transport.unread import UnreadAnswers
 from mandant.types import Call, TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -71,11 +73,16 @@ class RestServer:
         authenticate_certificate: CertificateAuthenticator | None = None,
         cap: CallCap | None = None,
         door: FrontDoor | None = None,
+        unread: UnreadAnswers | None = None,
     ) -> None:
         """``stats``: what ``/stats`` answers from (fed through ``observer``);
         ``authenticate_admin``: the tenant directory's admin-key check (without it,
         ``config.admin_keys`` as they are now); ``authenticate_certificate``: the
-        tenant of a verified client certificate's identities (with ``tls.client_ca``)."""
+        tenant of a verified client certificate's identities (with ``tls.client_ca``);
+        ``unread``: each tenant's answers not read yet (the gRPC port's too)."""
+        if unread is None:
+            unread = UnreadAnswers(config.max_unread_answer_bytes, observer or NullObserver())
+        self._unread = unread
         self._plane = plane
         self._config = config
         self._stats = stats or InferenceStats()
@@ -91,6 +98,7 @@ class RestServer:
             door=door if door is not None else FrontDoor(config.front_door_slots),
             authenticate_certificate=authenticate_certificate if mtls else None,
             max_body=self._max_body,
+            unread=unread,
         )
         self._gate = gate
         app = web.Application(client_max_size=self._max_body)
@@ -217,13 +225,47 @@ class RestServer:
             current_request_id.set(infer_request.request_id[:MAX_LOGGED_ID])
         response = await self._plane.infer(call, infer_request)
         data, header_length = await encode_infer_response(response, infer_request.binary_outputs())
+        tenant = call.caller.id
         if header_length is None:
-            return web.Response(body=data, content_type="application/json")
-        return web.Response(
+            return HeldAnswer(self._unread, tenant, body=data, content_type="application/json")
+        return HeldAnswer(
+            self._unread,
+            tenant,
             body=data,
             content_type="application/octet-stream",
             headers={HEADER_LENGTH: str(header_length)},
         )
+
+
+class HeldAnswer(web.Response):
+    """An inference answer whose body counts as its tenant's unread answers from now
+    until aiohttp has written it or failed to (``transport/unread.py``): the call has
+    given back its places by then, and aiohttp holds the body until its client reads."""
+
+    def __init__(self, unread: UnreadAnswers, tenant: str, **response: Any) -> None:
+        super().__init__(**response)
+        self._unread: UnreadAnswers | None = unread
+        self._tenant = tenant
+        self._size = len(self.body) if isinstance(self.body, bytes) else 0
+        unread.hold(tenant, self._size)
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            return await super().prepare(request)
+        except BaseException:  # the connection is gone: write_eof never comes
+            self._written()
+            raise
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            await super().write_eof(data)
+        finally:
+            self._written()
+
+    def _written(self) -> None:
+        unread, self._unread = self._unread, None
+        if unread is not None:
+            unread.release(self._tenant, self._size)
 
 
 def _model_of(request: web.Request) -> tuple[str, str]:

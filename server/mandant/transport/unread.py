@@ -1,22 +1,26 @@
-"""Inference answers handed to gRPC that their clients have not read yet, per tenant.
+"""Inference answers handed to a transport that their clients have not read yet, per
+tenant, over gRPC and REST.
 
 gRPC holds an answer until its client reads it (HTTP/2 flow control): a unary call's
 answer after the call has given back its places, a stream's while its message's place
-in the stream's window is taken. Per stream and per connection that was bounded
-(``max_stream_inflight``, ``max_concurrent_streams``), per tenant it was not: a tenant
-opening many connections or streams and reading nothing made the server hold every
-answer it asked for. :class:`UnreadAnswers` counts each tenant's answer bytes from the
-moment they are handed to gRPC until they are written (a unary call's: until gRPC
-ends the call, which it does once the answer is written or the call is given up; a
-stream's: until its write returns). While a tenant's count is at
+in the stream's window is taken. aiohttp holds a REST answer the same way, one per
+connection, after its call has given back its places. Per stream and per connection
+that was bounded (``max_stream_inflight``, ``max_concurrent_streams``), per tenant it
+was not: a tenant opening many connections or streams and reading nothing made the
+server hold every answer it asked for. :class:`UnreadAnswers` (one per process, for
+both ports) counts each tenant's answer bytes from the moment they are handed over until
+they are written (a unary call's: until gRPC ends the call, which it does once the
+answer is written or the call is given up; a stream's: until its write returns; a REST
+answer's: until aiohttp has written it, or failed to). While a tenant's count is at
 ``server.max_unread_answer_bytes`` its next inference calls and stream messages are
-refused RESOURCE_EXHAUSTED, with pushback, before they take a place under the cap or at
-the door (a unary call: by the gate, once its key is checked, its message unread) and
-before anything is charged: a tenant holds at most that bound plus the answers of the
-calls it has in progress (its ``max_concurrency``). An answer alone is never refused
-(what a tenant holds already is its own); other tenants are not touched. Answers are
-counted by their tensors' bytes as sent (``InferResponse.nbytes``: a BYTES tensor's
-elements with their lengths), the message's framing not counted.
+refused RESOURCE_EXHAUSTED (REST: 429), with pushback, before they take a place under
+the cap or at the door (a unary call: by the gate, once its key is checked, its message
+unread) and before anything is charged: a tenant holds at most that bound plus the
+answers of the calls it has in progress (its ``max_concurrency``). An answer alone is
+never refused (what a tenant holds already is its own); other tenants are not touched.
+gRPC answers are counted by their tensors' bytes as sent (``InferResponse.nbytes``: a
+BYTES tensor's elements with their lengths), the message's framing not counted; REST
+answers by their body's length (JSON is longer than the tensors it holds).
 """
 
 from __future__ import annotations
