@@ -384,6 +384,30 @@ async def test_tokens_refunded_in_redis_are_what_the_bucket_would_hold(
         await admission.aclose()
 
 
+async def test_a_call_admitted_before_a_reload_gets_nothing_back_in_redis(
+    redis_server: RedisServer,
+) -> None:
+    """As the local store (``TokenBucket.reconfigure``): a call charged under the rate
+    a reload then changed is given nothing back. Its refund credited the refill since
+    at the old rate (100 rows/s for 0.3 s, where the bucket now refills at 0.001/s)."""
+    data = config_data(redis_server.url, key_prefix="r2d")
+    data["tenants"][0]["rate_limit"] = {"rows_per_s": 100, "rows_burst": 10}
+    tenant, model = Tenant("acme"), ModelKey("echo", "1")
+    admission = _admission(parse_config(data))
+    await admission.start()
+    try:
+        waiting = await admission.admit(tenant, model, 1)  # found 10
+        data["tenants"][0]["rate_limit"] = {"rows_per_s": 0.001, "rows_burst": 10}
+        admission.update(parse_config(data))
+        (await admission.admit(tenant, model, 9)).release()  # about 0 left
+        await asyncio.sleep(0.3)
+        waiting.release(refund=True)  # without it: 1 row (and 0.3 ms of refill)
+        with pytest.raises(RateLimited, match=r"rows_per_s=0\.001"):
+            await admission.admit(tenant, model, 2)
+    finally:
+        await admission.aclose()
+
+
 async def test_a_call_older_than_the_levels_redis_keeps_gets_nothing_back(
     redis_server: RedisServer,
 ) -> None:

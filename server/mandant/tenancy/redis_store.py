@@ -60,22 +60,48 @@ from mandant.tenancy.quota import WALL, PeriodKind, PeriodTracker
 
 logger = logging.getLogger(__name__)
 
-#: The Lua both scripts share: a bucket's take levels ('peaks', "mark:level,…", a
-#: falling staircase by take mark, as ``limits.Peaks`` keeps it) read and written.
+#: The Lua both scripts share. A bucket's hash keeps the levels its takes found as
+#: ``limits.Peaks`` does (a falling staircase by take mark), newest first: 'peaks',
+#: "mark:level,…", of 'steps' entries, so that a take, which pops and pushes at the
+#: newest end, costs what it pops (not a parse of every step); and the 'rate' and
+#: 'burst' (ARGV's text) its last take was made under.
 PEAKS_LUA = """
-local function read_peaks(text)
+local function push_level(peaks, steps, mark, level)
+  while steps > 0 do
+    local comma = string.find(peaks, ',', 1, true)
+    local newest = comma and string.sub(peaks, 1, comma - 1) or peaks
+    local colon = string.find(newest, ':', 1, true)
+    if tonumber(string.sub(newest, colon + 1)) > level then break end
+    peaks = comma and string.sub(peaks, comma + 1) or ''
+    steps = steps - 1
+  end
+  local step = string.format('%.0f:%.17g', mark, level)
+  if steps > 0 then peaks = step .. ',' .. peaks else peaks = step end
+  steps = steps + 1
+  local dropped = nil
+  if steps > MAX_PEAKS then
+    local reversed = string.reverse(peaks)
+    local comma = string.find(reversed, ',', 1, true)
+    local oldest = string.reverse(string.sub(reversed, 1, comma - 1))
+    dropped = string.sub(oldest, 1, string.find(oldest, ':', 1, true) - 1)
+    peaks = string.sub(peaks, 1, #peaks - comma)
+    steps = steps - 1
+  end
+  return peaks, steps, dropped
+end
+local function read_levels(peaks)
   local marks, levels = {}, {}
-  for m, l in string.gmatch(text or '', '(%d+):([^,]+)') do
+  for m, l in string.gmatch(peaks or '', '(%d+):([^,]+)') do
     marks[#marks + 1], levels[#levels + 1] = tonumber(m), tonumber(l)
   end
   return marks, levels
 end
-local function peaks_text(marks, levels)
+local function levels_text(marks, levels)
   local parts = {}
   for k = 1, #marks do parts[k] = string.format('%.0f:%.17g', marks[k], levels[k]) end
   return table.concat(parts, ',')
 end
-"""
+""".replace("MAX_PEAKS", str(MAX_PEAKS))
 
 #: KEYS: bucket keys, then quota keys. ARGV: the time (Redis' clock, seconds) after
 #: which nothing may be taken, #buckets, #quotas, then per bucket (rate, burst, cost,
@@ -83,9 +109,11 @@ end
 #: Returns {0, "0", take mark per bucket} when admitted, {-1, "0"} when it ran too
 #: late (nothing taken), else {i, wait_s} with i the 1-based index of the limit with
 #: the longest wait. A bucket's hash keeps its level ('tokens' at 'ts'), the levels
-#: its takes found ('peaks'; takes before 'floor' get nothing back) and its last take
-#: mark: Redis' TIME in microseconds, or one more than the last, so marks rise while
-#: the key lives; a key that expired (the bucket was full) starts again later.
+#: its takes found (PEAKS_LUA; takes before 'floor' get nothing back), and its last
+#: take mark: Redis' TIME in microseconds, or one more than the last, so marks rise
+#: while the key lives; a key that expired (the bucket was full) starts again later.
+#: A take under another rate or burst than the last (a reload) first adds a step at
+#: the burst, as ``TokenBucket.reconfigure`` does: takes before it get nothing back.
 ACQUIRE_LUA = (
     PEAKS_LUA
     + """
@@ -102,7 +130,8 @@ for i = 1, nb do
   local rate = tonumber(ARGV[base + 1])
   local burst = tonumber(ARGV[base + 2])
   local need = tonumber(ARGV[base + 3])
-  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts', 'mark', 'peaks', 'floor')
+  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts', 'mark', 'peaks', 'floor', 'steps',
+    'rate', 'burst')
   local level = tonumber(state[1])
   local ts = tonumber(state[2])
   if level == nil or ts == nil then
@@ -136,19 +165,19 @@ for i = 1, nb do
   local mark = micros
   local last = tonumber(state[3])
   if last ~= nil and mark <= last then mark = last + 1 end
-  local marks, peaks = read_peaks(state[4])
-  local floor = state[5] or '0'
-  while #peaks > 0 and peaks[#peaks] <= levels[i] do
-    marks[#marks], peaks[#peaks] = nil, nil
+  local peaks, steps, floor = state[4] or '', tonumber(state[6]) or 0, state[5] or '0'
+  local dropped
+  if state[7] and (state[7] ~= ARGV[base + 1] or state[8] ~= ARGV[base + 2]) then
+    peaks, steps, dropped = push_level(peaks, steps, mark, burst)
+    floor = dropped or floor
+    mark = mark + 1
   end
-  marks[#marks + 1], peaks[#peaks + 1] = mark, levels[i]
-  if #marks > MAX_PEAKS then
-    floor = string.format('%.0f', table.remove(marks, 1))
-    table.remove(peaks, 1)
-  end
+  peaks, steps, dropped = push_level(peaks, steps, mark, levels[i])
+  floor = dropped or floor
   local left = levels[i] - tonumber(ARGV[base + 3])
   redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', left), 'ts', stamp,
-    'mark', string.format('%.0f', mark), 'peaks', peaks_text(marks, peaks), 'floor', floor)
+    'mark', string.format('%.0f', mark), 'peaks', peaks, 'steps', steps, 'floor', floor,
+    'rate', ARGV[base + 1], 'burst', ARGV[base + 2])
   redis.call('PEXPIRE', KEYS[i], math.ceil(burst / rate * 1000) + 1000)
   reply[i + 2] = mark
 end
@@ -159,14 +188,15 @@ for j = 1, nq do
 end
 return reply
 """
-).replace("MAX_PEAKS", str(MAX_PEAKS))
+)
 
 #: ACQUIRE_LUA's KEYS and ARGV, with the take marks it returned (the time in ARGV[1]
 #: does not apply: a refund written to Redis is due whenever Redis runs it). Gives
 #: back each bucket's cost as far as the bucket would hold it had it never been
 #: taken, and raises the levels later takes found to match (``limits.Peaks.refund``;
-#: a bucket whose key expired has been full since: nothing), and each quota's cost (a
-#: quota key that expired belongs to a period that is long over). Returns 0.
+#: nothing to a bucket whose key expired, full since, or whose last take was under
+#: another rate or burst: a reload since the take), and each quota's cost (a quota key
+#: that expired belongs to a period that is long over). Returns 0.
 REFUND_LUA = (
     PEAKS_LUA
     + """
@@ -181,35 +211,31 @@ for i = 1, nb do
   local burst = tonumber(ARGV[base + 2])
   local cost = tonumber(ARGV[base + 3])
   local mark = tonumber(ARGV[base + 4])
-  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts', 'peaks', 'floor')
+  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts', 'peaks', 'floor', 'rate', 'burst')
   local level = tonumber(state[1])
   local ts = tonumber(state[2])
-  if level ~= nil and ts ~= nil then
+  if level ~= nil and ts ~= nil and state[5] == ARGV[base + 1] and state[6] == ARGV[base + 2]
+      and mark >= (tonumber(state[4]) or 0) then
     if now > ts then level = level + (now - ts) * rate end
     if level > burst then level = burst end
-    local give = 0
-    if mark >= (tonumber(state[4]) or 0) then
-      local marks, peaks = read_peaks(state[3])
-      local step = #marks + 1
-      for k = 1, #marks do
-        if marks[k] > mark then step = k break end
-      end
-      if step > #marks then
-        give = math.min(cost, burst - level)
-      else
-        local first = peaks[step]
-        local lift = math.min(cost, burst - first)
-        if lift > 0 then
-          for k = step, #peaks do peaks[k] = peaks[k] + lift end
-          while step > 1 and peaks[step - 1] <= peaks[step] do
-            table.remove(marks, step - 1)
-            table.remove(peaks, step - 1)
-            step = step - 1
-          end
-          redis.call('HSET', KEYS[i], 'peaks', peaks_text(marks, peaks))
+    local marks, peaks = read_levels(state[3])
+    local newer = 0  -- the steps of takes after this one: the newest first
+    while newer < #marks and marks[newer + 1] > mark do newer = newer + 1 end
+    local give
+    if newer == 0 then
+      give = math.min(cost, burst - level)
+    else
+      local first = peaks[newer]
+      local lift = math.min(cost, burst - first)
+      if lift > 0 then
+        for k = 1, newer do peaks[k] = peaks[k] + lift end
+        while newer < #marks and peaks[newer + 1] <= peaks[newer] do
+          table.remove(marks, newer + 1)
+          table.remove(peaks, newer + 1)
         end
-        give = math.min(cost, burst - math.max(first, level))
+        redis.call('HSET', KEYS[i], 'peaks', levels_text(marks, peaks), 'steps', #marks)
       end
+      give = math.min(cost, burst - math.max(first, level))
     end
     if give > 0 then level = level + give end
     redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', level), 'ts', stamp)
