@@ -108,10 +108,11 @@ end
 #: take mark: 0 here), then per quota (limit, cost, expire_at, wait_s if it refuses).
 #: Returns {0, "0", take mark per bucket} when admitted, {-1, "0"} when it ran too
 #: late (nothing taken), else {i, wait_s} with i the 1-based index of the limit with
-#: the longest wait. A bucket's hash keeps its level ('tokens' at 'ts'), the levels
-#: its takes found (PEAKS_LUA; takes before 'floor' get nothing back), and its last
-#: take mark: Redis' TIME in microseconds, or one more than the last, so marks rise
-#: while the key lives; a key that expired (the bucket was full) starts again later.
+#: the longest wait. A bucket's hash keeps its level ('tokens' at 'ts') and the
+#: levels its takes found (PEAKS_LUA; takes before 'floor' get nothing back). A take's
+#: mark is Redis' TIME in microseconds, or one more than the last take's (the newest
+#: step's), so marks rise while the key lives; a key that expired (the bucket was
+#: full) starts again later.
 #: A take under another rate or burst than the last (a reload) first adds a step at
 #: the burst, as ``TokenBucket.reconfigure`` does: takes before it get nothing back.
 ACQUIRE_LUA = (
@@ -130,8 +131,8 @@ for i = 1, nb do
   local rate = tonumber(ARGV[base + 1])
   local burst = tonumber(ARGV[base + 2])
   local need = tonumber(ARGV[base + 3])
-  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts', 'mark', 'peaks', 'floor', 'steps',
-    'rate', 'burst')
+  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts', 'peaks', 'steps', 'floor', 'rate',
+    'burst')
   local level = tonumber(state[1])
   local ts = tonumber(state[2])
   if level == nil or ts == nil then
@@ -162,22 +163,26 @@ for i = 1, nb do
   local rate = tonumber(ARGV[base + 1])
   local burst = tonumber(ARGV[base + 2])
   local state = states[i]
+  local peaks, steps = state[3] or '', tonumber(state[4]) or 0
   local mark = micros
-  local last = tonumber(state[3])
-  if last ~= nil and mark <= last then mark = last + 1 end
-  local peaks, steps, floor = state[4] or '', tonumber(state[6]) or 0, state[5] or '0'
-  local dropped
-  if state[7] and (state[7] ~= ARGV[base + 1] or state[8] ~= ARGV[base + 2]) then
+  if steps > 0 then  -- the newest step is the last take's
+    local last = tonumber(string.sub(peaks, 1, string.find(peaks, ':', 1, true) - 1))
+    if mark <= last then mark = last + 1 end
+  end
+  local dropped, reconfigured = nil, state[6] ~= ARGV[base + 1] or state[7] ~= ARGV[base + 2]
+  if reconfigured and state[6] then
     peaks, steps, dropped = push_level(peaks, steps, mark, burst)
-    floor = dropped or floor
+    if dropped then redis.call('HSET', KEYS[i], 'floor', dropped) end
     mark = mark + 1
   end
   peaks, steps, dropped = push_level(peaks, steps, mark, levels[i])
-  floor = dropped or floor
+  if dropped then redis.call('HSET', KEYS[i], 'floor', dropped) end
+  if reconfigured then
+    redis.call('HSET', KEYS[i], 'rate', ARGV[base + 1], 'burst', ARGV[base + 2])
+  end
   local left = levels[i] - tonumber(ARGV[base + 3])
   redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', left), 'ts', stamp,
-    'mark', string.format('%.0f', mark), 'peaks', peaks, 'steps', steps, 'floor', floor,
-    'rate', ARGV[base + 1], 'burst', ARGV[base + 2])
+    'peaks', peaks, 'steps', steps)
   redis.call('PEXPIRE', KEYS[i], math.ceil(burst / rate * 1000) + 1000)
   reply[i + 2] = mark
 end
