@@ -28,7 +28,7 @@ from mandant_client import (
     Unauthenticated,
     Unavailable,
 )
-from tests.servers import DEMO_CONFIG, ECHO_MODEL, Server, ServerThread
+from tests.servers import DEMO_CONFIG, ECHO_MODEL, Server, ServerThread, demo_config
 
 FRAUD_ROWS = np.zeros((1, 32), np.float32)  # acme's private model's input
 BAD_ROWS = np.zeros((1, 3), np.float32)  # the classifier wants 256 columns
@@ -208,6 +208,27 @@ async def test_sync_a_message_over_the_server_limit_fails_alone(tmp_path: Path) 
     with ServerThread(config, tmp_path) as server:
         outcomes = await asyncio.to_thread(sync_calls_with_one_too_large, server.target)
     assert_only_the_large_call_is_invalid(outcomes)
+
+
+async def test_a_multiplexed_async_client_never_closed_lets_go_of_its_stream(
+    tmp_path: Path,
+) -> None:
+    """An AsyncClient dropped without close(): its stream's tasks kept the stream open,
+    a place among the tenant's streams on the server, for as long as the loop ran:
+    with two allowed, the third dropped client's call was refused RESOURCE_EXHAUSTED.
+    Collected, its stream is cancelled."""
+    import gc
+
+    async def dropped(target: str) -> None:
+        client = AsyncClient(target, api_key="initech-demo-key", multiplex=True, timeout_s=10)
+        answer = await client.infer("echo", {"INPUT0": echo_rows(1)})
+        np.testing.assert_array_equal(answer["OUTPUT0"], echo_rows(1))
+
+    with ServerThread(demo_config(max_tenant_streams=2), tmp_path) as server:
+        for _ in range(5):
+            await dropped(server.target)
+            gc.collect()
+            await asyncio.sleep(0.05)  # the server sees the stream cancelled
 
 
 def test_a_multiplexed_client_never_closed_lets_go_of_its_stream(demo: Server) -> None:

@@ -74,10 +74,15 @@ class AioStream:
         self._pending.pop(wire_id, None)
         self._outbox.discard(wire_id)
 
-    async def aclose(self) -> None:
-        """Cancel the call; calls still pending fail with Unavailable."""
+    def abandon(self) -> None:
+        """Cancel the call without waiting for its tasks to end; calls still pending
+        fail with Unavailable."""
         self._fail(client_closed())
         self._call.cancel()
+
+    async def aclose(self) -> None:
+        """:meth:`abandon`, and wait for the stream's tasks to end."""
+        self.abandon()
         await asyncio.gather(self._writer, self._reader, return_exceptions=True)
 
     async def _write(self) -> None:
@@ -197,6 +202,15 @@ class AioMultiplexer:
         stream, self._stream = self._stream, None
         if stream is not None:
             await stream.aclose()
+
+    def abandon(self) -> None:
+        """:meth:`aclose` without waiting: for a client collected unclosed, whose
+        stream's tasks would keep the stream open (and its place among the tenant's
+        streams on the server) for as long as the event loop runs."""
+        self._closed = True
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.abandon()
 
     async def infer(
         self, request: pb.ModelInferRequest, raw_bytes: int, timeout_s: float | None

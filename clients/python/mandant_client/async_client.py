@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -69,6 +71,11 @@ class AsyncClient:
             else None
         )
         self._closed = False
+        # Collected unclosed, its streams are cancelled (their tasks kept them open, each
+        # a place among the tenant's streams on the server: after 64 such clients the
+        # tenant's next streams were refused). Its channels close as grpc.aio's do.
+        self._release = weakref.finalize(self, _abandon_all, self._multiplexers or [])
+        self._release.atexit = False  # at exit the loop, and the calls, are gone
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -90,6 +97,7 @@ class AsyncClient:
 
     async def close(self) -> None:
         self._closed = True
+        self._release.detach()
         for multiplexer in self._multiplexers or ():
             await multiplexer.aclose()
         for channel in self._channels:
@@ -178,3 +186,11 @@ def _cancelled_by_caller() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
     return cancelling is None or cancelling() > 0
+
+
+def _abandon_all(multiplexers: list[AioMultiplexer]) -> None:
+    """A collected client's streams, cancelled: from the collector, anywhere (an event
+    loop already closed makes that fail: nothing is left open then)."""
+    for multiplexer in multiplexers:
+        with contextlib.suppress(Exception):
+            multiplexer.abandon()
