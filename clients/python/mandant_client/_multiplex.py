@@ -30,9 +30,10 @@ A Mandant server ends a stream with status OK (its trailing metadata
 server stops) once it has answered every message it read: the calls still pending on
 it were never read, and are sent again on a new stream (on the same channel; after the
 server's GOAWAY gRPC opens it on a new connection), oldest first, for as long as their
-calls' time lasts while the server answers on each stream; after :data:`MAX_IDLE_RESENDS`
-streams that answered nothing, a call fails Unavailable (a server that keeps ending
-streams without reading is stopping, or broken). Under overload with a short connection
+calls' time lasts while the server answers on each stream; a call is sent again after
+streams that answered nothing :data:`MAX_IDLE_RESENDS` times in all, and fails
+Unavailable when one more such stream ends (a server that keeps ending streams without
+reading is stopping, or broken). Under overload with a short connection
 age a call can wait out several streams before the server reads it; a fixed number of
 resends failed it although the server was serving the calls ahead of it.
 
