@@ -368,15 +368,19 @@ class App:
                 self._reload_certificates(tls)
             except (OSError, ssl.SSLError) as exc:
                 deferred.append(f"{CERTIFICATES_KEPT}: {exc}")
-        before = self.directory.current.ids
+        before, ever = self.directory.current.ids, set(self.directory.ever)
         applied = self.directory.replace(config.tenants, config.server.admin_keys)
         self.admission.update(config)
         tenants = self.directory.current.ids
         if before - tenants:
-            # A removed tenant's statistics and its models loaded with a ``config``
-            # (in no file) go: a tenant added later under its id was served both.
-            self.stats.forget_tenants(tenants)
+            # A removed tenant's figures and its models loaded with a ``config`` (in no
+            # file) go: a tenant added later under its id was served both.
+            for figures in (self.stats, self.live, self.slo):
+                figures.forget_tenants(tenants)
             self._in_background(self._unload_owners(before - tenants))
+        if back := (tenants - before) & ever:
+            # Its usage counters too, kept until now for its last usage report.
+            self.prometheus.forget_tenants(back)
         if config.models != self.config.models:
             # Not behind the previous reload's changes: the registry orders the changes
             # to each name, and a name still loading holds up no other.

@@ -33,7 +33,7 @@ from tests.integration.test_model_control import (
     model,
     write_config,
 )
-from tests.servers import ECHO_MODEL, SERVER_KINDS, ServerThread, WorkersServer, serve
+from tests.servers import ECHO_MODEL, SERVER_KINDS, ServerThread, WorkersServer, http_get, serve
 
 GATED_WARMUP = [{"inputs": {"INPUT0": {"datatype": "FP32", "shape": [1, 4]}}, "count": 1}]
 
@@ -336,12 +336,15 @@ def test_a_removed_tenant_s_models_and_statistics_pass_to_no_later_tenant_of_its
     """A model loaded for a tenant with a ``config`` entry is in no file, so a reload
     that removed the tenant left it loaded (and its statistics kept): a tenant added
     later under the same id, with its own key, was served the old one's model and read
-    its figures. Now the reload unloads it and drops the statistics."""
+    its figures: statistics, and (until the nineteenth session) its usage report and
+    dashboard row: calls, rows, latencies, SLO windows. Now the reload unloads the
+    model and the figures go."""
     from mandant.tenancy.keys import hash_key
 
     data = _config_data([ECHO_MODEL])
     acme = data["tenants"][0]
-    initech = {"id": "initech", "api_keys": [hash_key("initech-key")]}
+    slo = {"latency_ms": 50, "percentile": 99, "objective": 0.99}
+    initech = {"id": "initech", "api_keys": [hash_key("initech-key")], "slo": slo}
     running = ServerThread(parse_config({**data, "tenants": [acme, initech]}), tmp_path).start()
     app = running.app
     assert app is not None
@@ -366,11 +369,18 @@ def test_a_removed_tenant_s_models_and_statistics_pass_to_no_later_tenant_of_its
             time.sleep(0.05)
         else:
             pytest.fail("the removed tenant's model is still loaded")
-        reload([acme, {"id": "initech", "api_keys": [hash_key("new-initech-key")]}])
+        reload([acme, {"id": "initech", "api_keys": [hash_key("new-initech-key")], "slo": slo}])
         new = {"authorization": "Bearer new-initech-key"}
-        assert code_of(lambda: infer(client, "secret", new)) == "StatusCode.NOT_FOUND"
+        status, body = http_get(running, "/usage", "new-initech-key")
+        usage = json.loads(body)["tenants"]["initech"]
+        assert status == 200 and not usage["requests"] and not usage["rows"], usage
+        assert not usage["admitted_rows"], usage
+        status, body = http_get(running, "/api/dashboard", "new-initech-key")
+        row = json.loads(body)["tenants"][0]
+        assert status == 200 and row["requests"] == 0 and row["windows"]["5m"]["total"] == 0
         stats = client.get_inference_statistics("echo", headers=new, as_json=True)
         counts = [int(s.get("inference_count", 0)) for s in stats.get("model_stats", [])]
         assert counts == [0] or not counts
+        assert code_of(lambda: infer(client, "secret", new)) == "StatusCode.NOT_FOUND"
     finally:
         running.stop()

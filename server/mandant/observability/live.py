@@ -16,7 +16,7 @@ import bisect
 import math
 import operator
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Any
 
 from mandant.config import TenantConfig
@@ -228,6 +228,14 @@ class LiveStats:
                         for (reason, model), count in slot.rejections.items()
                         if not model or served.serves(model)
                     }
+
+    def forget_tenants(self, tenants: Container[str]) -> None:
+        """Drop the history and admitted rows of the tenants not in ``tenants``
+        (removed by a reload): a tenant added later under the same id must not read
+        them as its own."""
+        for table in (self._tenants, self._admitted):
+            for tenant in [tenant for tenant in table if tenant not in tenants]:
+                del table[tenant]
 
     def record_admitted(self, tenant: str, rows: int) -> None:
         """Rows admitted, counted per UTC day and month (wall clock, like quotas)."""

@@ -32,7 +32,7 @@ dropped counters held (billing figures).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -206,6 +206,21 @@ class PrometheusObserver:
                 named = dict(zip(series.labelnames, labels, strict=True))
                 yield f"{series.name}_total", named, value
 
+    def forget_tenants(self, tenants: Collection[str]) -> None:
+        """Drop every series of ``tenants`` and what their usage counters held for
+        models no longer served: ids a reload added back after an earlier one removed
+        them (a removed tenant's counts stay until then, for its last usage report).
+        A tenant added under an id must not read the counts of the one before as its
+        own; Prometheus keeps what it scraped of them."""
+        for series in (self.requests, self.request_duration, self.queue_duration,
+                       self.compute_duration, self.rejections, self.rows,
+                       self.compute_seconds, self.admitted_rows, self.refunded_rows,
+                       self.slo_requests, self.slo_good):  # fmt: skip
+            series.drop(_labelled(series.labelnames.index("tenant"), tenants))
+        for series, labels in list(self._forgotten):
+            if labels[series.labelnames.index("tenant")] in tenants:
+                del self._forgotten[series, labels]
+
     def forget(self, served: ServedModels) -> None:
         """Drop the series of the models ``served`` does not list (see the module
         doc): those labelled with the model's name, and its owner's batch series (a
@@ -320,6 +335,11 @@ class PrometheusObserver:
     def calls_gathered(self, calls: int) -> None:
         self.gather_groups.inc(())
         self.gathered_calls.inc((), calls)
+
+
+def _labelled(at: int, values: Collection[str]) -> Dropped:
+    """The series whose label at ``at`` is one of ``values``."""
+    return lambda labels: labels[at] in values
 
 
 def _model_gone(served: ServedModels, at: int) -> Dropped:

@@ -17,7 +17,7 @@ injected clock (``time.monotonic`` by default), never the wall clock.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 
 from mandant.config import SloConfig, TenantConfig
@@ -185,6 +185,12 @@ class SloTracker:
 
     def threshold_s(self, tenant: str) -> float | None:
         return self._directory.current.slo_thresholds_s.get(tenant)
+
+    def forget_tenants(self, tenants: Container[str]) -> None:
+        """Drop the windows of the tenants not in ``tenants`` (removed by a reload): a
+        tenant added later under the same id must not read them as its own."""
+        for tenant in [tenant for tenant in self._rings if tenant not in tenants]:
+            del self._rings[tenant]
 
     def record(self, tenant: str, good: bool) -> None:
         """Count one eligible request (see the module docstring for which are)."""
