@@ -417,10 +417,12 @@ async def test_a_call_older_than_the_levels_redis_keeps_gets_nothing_back(
     admission = _admission(parse_config(data))
     await admission.start()
     try:
-        permits = [await admission.admit(tenant, model, 1) for _ in range(MAX_PEAKS + 2)]
-        permits[0].release(refund=True)  # the next take's level is gone: stays charged
-        permits[1].release(refund=True)
-        (await admission.admit(tenant, model, 100 - MAX_PEAKS - 1)).release()
+        permits = [await admission.admit(tenant, model, 1) for _ in range(MAX_PEAKS + 1)]
+        cut = MAX_PEAKS + 1 - MAX_PEAKS // 2  # the older half of the levels goes
+        permits[cut - 2].release(refund=True)  # the next take's level is gone: charged
+        permits[cut - 1].release(refund=True)
+        permits[-1].release(refund=True)
+        (await admission.admit(tenant, model, 100 - MAX_PEAKS - 1 + 2)).release()
         with pytest.raises(RateLimited, match="rows_per_s"):
             await admission.admit(tenant, model, 1)
     finally:

@@ -75,11 +75,15 @@ def test_refunds_in_any_order_land_where_neither_take_would_have() -> None:
 
 
 def test_a_take_older_than_the_levels_kept_gets_nothing_back() -> None:
+    """One level more than MAX_PEAKS: the older half goes; a refund that needs one of
+    them gets nothing, one that does not is exact."""
     bucket = TokenBucket(Rate("requests_per_s", 1e-9, 100), now=0.0)
-    marks = [bucket.take(1, 0.0) for _ in range(MAX_PEAKS + 2)]  # each found one less
-    bucket.give(1, marks[0], 0.0)  # the level the next take found is no longer kept
-    bucket.give(1, marks[1], 0.0)
-    assert bucket.tokens(0.0) == pytest.approx(100 - MAX_PEAKS - 1)
+    marks = [bucket.take(1, 0.0) for _ in range(MAX_PEAKS + 1)]  # each found one less
+    cut = MAX_PEAKS + 1 - MAX_PEAKS // 2
+    bucket.give(1, marks[cut - 2], 0.0)  # the next take's level is gone
+    bucket.give(1, marks[cut - 1], 0.0)
+    bucket.give(1, marks[-1], 0.0)
+    assert bucket.tokens(0.0) == pytest.approx(100 - MAX_PEAKS - 1 + 2)
 
 
 def test_takes_before_a_reconfiguration_get_nothing_back() -> None:

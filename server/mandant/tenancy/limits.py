@@ -34,8 +34,10 @@ MONOTONIC: Clock = time.monotonic
 #: Take marks, one count for every bucket of the process: a bucket made again (a
 #: tenant removed and added back) never reads a mark of the one before as its own.
 _MARKS = itertools.count(1)
-#: Levels a bucket keeps; a take older than the oldest kept gets nothing back (it
-#: stays charged: a refund never gives back more than it should).
+#: Levels a bucket keeps, at most; past that the older half goes at once (so that the
+#: Redis scripts, which keep them in one string, cut it once in 16 takes). A take older
+#: than the oldest kept gets nothing back (it stays charged: a refund never gives back
+#: more than it should).
 MAX_PEAKS = 32
 
 
@@ -82,8 +84,9 @@ class Peaks:
         marks.append(mark)
         levels.append(level)
         if len(marks) > MAX_PEAKS:
-            self._floor = marks.pop(0)
-            del levels[0]
+            cut = len(marks) - MAX_PEAKS // 2
+            self._floor = marks[cut - 1]
+            del marks[:cut], levels[:cut]
 
     def refund(self, mark: int, cost: float, burst: float, level: float) -> float:
         """What giving back take ``mark``'s ``cost`` adds to the bucket, at ``level``

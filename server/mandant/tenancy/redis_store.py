@@ -79,13 +79,12 @@ local function push_level(peaks, steps, mark, level)
   if steps > 0 then peaks = step .. ',' .. peaks else peaks = step end
   steps = steps + 1
   local dropped = nil
-  if steps > MAX_PEAKS then
-    local reversed = string.reverse(peaks)
-    local comma = string.find(reversed, ',', 1, true)
-    local oldest = string.reverse(string.sub(reversed, 1, comma - 1))
-    dropped = string.sub(oldest, 1, string.find(oldest, ':', 1, true) - 1)
-    peaks = string.sub(peaks, 1, #peaks - comma)
-    steps = steps - 1
+  if steps > MAX_PEAKS then  -- keep the newer half; the newest step cut is the floor
+    local comma = 0
+    for _ = 1, KEPT_PEAKS do comma = string.find(peaks, ',', comma + 1, true) end
+    dropped = string.sub(peaks, comma + 1, string.find(peaks, ':', comma + 1, true) - 1)
+    peaks = string.sub(peaks, 1, comma - 1)
+    steps = KEPT_PEAKS
   end
   return peaks, steps, dropped
 end
@@ -101,7 +100,7 @@ local function levels_text(marks, levels)
   for k = 1, #marks do parts[k] = string.format('%.0f:%.17g', marks[k], levels[k]) end
   return table.concat(parts, ',')
 end
-""".replace("MAX_PEAKS", str(MAX_PEAKS))
+""".replace("MAX_PEAKS", str(MAX_PEAKS)).replace("KEPT_PEAKS", str(MAX_PEAKS // 2))
 
 #: KEYS: bucket keys, then quota keys. ARGV: the time (Redis' clock, seconds) after
 #: which nothing may be taken, #buckets, #quotas, then per bucket (rate, burst, cost,
@@ -169,14 +168,15 @@ for i = 1, nb do
     local last = tonumber(string.sub(peaks, 1, string.find(peaks, ':', 1, true) - 1))
     if mark <= last then mark = last + 1 end
   end
-  local dropped, reconfigured = nil, state[6] ~= ARGV[base + 1] or state[7] ~= ARGV[base + 2]
+  local floor, dropped = nil, nil
+  local reconfigured = state[6] ~= ARGV[base + 1] or state[7] ~= ARGV[base + 2]
   if reconfigured and state[6] then
-    peaks, steps, dropped = push_level(peaks, steps, mark, burst)
-    if dropped then redis.call('HSET', KEYS[i], 'floor', dropped) end
+    peaks, steps, floor = push_level(peaks, steps, mark, burst)
     mark = mark + 1
   end
   peaks, steps, dropped = push_level(peaks, steps, mark, levels[i])
-  if dropped then redis.call('HSET', KEYS[i], 'floor', dropped) end
+  floor = dropped or floor
+  if floor then redis.call('HSET', KEYS[i], 'floor', floor) end
   if reconfigured then
     redis.call('HSET', KEYS[i], 'rate', ARGV[base + 1], 'burst', ARGV[base + 2])
   end
