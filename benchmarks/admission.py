@@ -3,6 +3,9 @@
 1. Admission cost per call (``admit`` + ``release``), in process, in µs: no limits,
    local limits (both buckets, both quotas, a concurrency cap; not binding), a
    refusal, and the Redis store (one Lua script per call; sequential, and 64 at once).
+   Then Redis' own time per admitting script (``INFO commandstats``), one bucket: kept
+   full, and drained (each take finds the bucket lower than the last did: the most
+   levels kept for exact refunds), 20,000 scripts each.
 2. ``echo`` throughput at concurrency 64 over gRPC, the server pinned to core 0 and
    the load generator to core 1: a tenant without limits vs one with limits
    configured but not binding, alternated on the same server; then the same on a
@@ -25,14 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis
 import yaml
 
 from benchmarks._load import CLIENT_CPU, ECHO, THREAD_ENV, Load, Result, demo_data, table
 from benchmarks._load import _closed_loop as closed_loop
 from benchmarks._server import mandant_server
-from mandant.config import parse_config
+from mandant.config import LimitsConfig, parse_config
 from mandant.errors import RateLimited
 from mandant.tenancy.admission import Permit, TenantAdmission, Unlimited, shared_store_for
+from mandant.tenancy.limits import Rate
+from mandant.tenancy.policy import Plan
+from mandant.tenancy.redis_store import ACQUIRE_LUA, RedisStore
 from mandant.types import ModelKey, Tenant
 from tests.integration.redis_server import RedisServer
 
@@ -99,6 +106,35 @@ async def micro(redis_url: str) -> list[tuple[str, float]]:
         await shared.aclose()
 
 
+#: A bucket that each take finds full, and one that each finds lower than the last.
+SCRIPT_BUCKETS = {"kept full": (1e9, 1e6), "drained": (1e-3, 1e6)}
+SCRIPTS = 20_000
+
+
+def redis_script_us(redis_url: str) -> list[tuple[str, float]]:
+    """Redis' own µs per admitting script, by :data:`SCRIPT_BUCKETS` (the store's
+    arguments as it sends them, pipelined)."""
+    client = redis.Redis.from_url(redis_url)
+    store = RedisStore(LimitsConfig(store="redis", url=redis_url, key_prefix="bench"))
+    sha = client.script_load(ACQUIRE_LUA)
+    costs = []
+    for label, (per_s, burst) in SCRIPT_BUCKETS.items():
+        plan = Plan(
+            "bench", label, buckets=((("bench", label), Rate("requests_per_s", per_s, burst)),)
+        )
+        keys, args, _ = store._arguments(plan, 1, time.time())
+        client.config_resetstat()
+        pipe = client.pipeline(transaction=False)
+        for _ in range(SCRIPTS):
+            pipe.evalsha(sha, len(keys), *keys, "9999999999", *args)
+        pipe.execute()
+        costs.append(
+            (label, float(client.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]))
+        )
+    client.close()
+    return costs
+
+
 def _client(target: str, tenants: list[str], seconds: float, out: Any) -> None:
     """The load generator: one process on the client core, one load after another."""
     os.sched_setaffinity(0, {CLIENT_CPU})
@@ -134,15 +170,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
     began = time.monotonic()
-    redis = RedisServer(Path(tempfile.mkdtemp(prefix="mandant-redis-"))).start()
+    redis_server = RedisServer(Path(tempfile.mkdtemp(prefix="mandant-redis-"))).start()
     try:
-        costs = asyncio.run(micro(redis.url))
+        costs = asyncio.run(micro(redis_server.url))
         print("\nAdmission cost per call (admit + release, in process)\n")
         print(table(["path", "µs/call"], [(name, round(us, 2)) for name, us in costs]))
+        print("\nRedis' own time per admitting script, one requests bucket\n")
+        print(table(["bucket", "µs/script in Redis"], redis_script_us(redis_server.url)))
         local = throughput({"store": "local"}, ABBA * 2 + ["initech"], args.seconds)
-        remote = throughput({"store": "redis", "url": redis.url}, ABBA, args.seconds)
+        remote = throughput({"store": "redis", "url": redis_server.url}, ABBA, args.seconds)
     finally:
-        redis.stop()
+        redis_server.stop()
 
     labels = {"acme": "no limits", "globex": "limits, not binding", "initech": "flooded (1/s)"}
     rows: list[tuple[object, ...]] = []
