@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -656,3 +658,94 @@ def test_the_outbox_sheds_the_places_of_calls_given_up_on() -> None:
     assert len(outbox._heap) <= 2 + 64
     assert outbox.pop().order == 1
     assert not outbox
+
+
+class _ScriptedCall:
+    """A ModelStreamInfer call of a fake stub: records the messages the client writes
+    (as grpc's thread takes them) and answers what the test tells it to."""
+
+    def __init__(self, requests: Any) -> None:
+        self.written: list[pb.ModelInferRequest] = []
+        self._answers: queue.Queue[pb.ModelStreamInferResponse | None] = queue.Queue()
+        self.writer = threading.Thread(target=self._take, args=(requests,), daemon=True)
+        self.writer.start()
+
+    def _take(self, requests: Any) -> None:
+        for request in requests:  # ends when the client half-closes
+            self.written.append(request)
+
+    def __iter__(self) -> _ScriptedCall:
+        return self
+
+    def __next__(self) -> pb.ModelStreamInferResponse:
+        answer = self._answers.get()
+        if answer is None:
+            raise StopIteration  # ended with OK
+        return answer
+
+    def answer(self, message: pb.ModelStreamInferResponse | None) -> None:
+        self._answers.put(message)
+
+    def cancel(self) -> None:
+        self._answers.put(None)
+
+
+class _ScriptedStub:
+    def __init__(self) -> None:
+        self.calls: list[_ScriptedCall] = []
+
+    def ModelStreamInfer(self, requests: Any, metadata: Any) -> _ScriptedCall:
+        call = _ScriptedCall(requests)
+        self.calls.append(call)
+        return call
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def test_a_new_stream_writes_the_calls_its_predecessor_left_unread_first() -> None:
+    """The sync client: a stream ends (end mark) with two calls unread; a newer call
+    opens the next stream before the first stream's status comes. grpc's thread took
+    the newer call first (the unread ones are queued again only once that status
+    comes); now the new stream waits for them, and writes the oldest first."""
+    from mandant_client._multiplex_sync import SyncMultiplexer
+
+    stub = _ScriptedStub()
+    multiplexer = SyncMultiplexer(stub, (), max_in_flight=8, max_send_bytes=None)
+    answered: dict[int, str] = {}
+
+    def call(i: int) -> threading.Thread:
+        def run() -> None:
+            request = pb.ModelInferRequest(model_name="m", id=f"call-{i}")
+            answered[i] = multiplexer.infer(request, 0, 10.0).id
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    callers = [call(1)]
+    _until(lambda: len(stub.calls) == 1 and len(stub.calls[0].written) == 1)
+    callers.append(call(2))
+    first = stub.calls[0]
+    _until(lambda: len(first.written) == 2)
+    end = pb.ModelStreamInferResponse()
+    end.infer_response.parameters[_multiplex.END_MARK].string_param = "connection-age"
+    first.answer(end)
+    first.writer.join(5)  # the client half-closed
+    callers.append(call(3))
+    _until(lambda: len(stub.calls) == 2)
+    time.sleep(0.1)  # the newer call went out at once here
+    first.answer(None)  # ended OK: its two calls were not read
+    second = stub.calls[1]
+    _until(lambda: len(second.written) == 3)
+    assert [r.id.partition("#")[0] for r in second.written] == ["call-1", "call-2", "call-3"]
+    for request in second.written:
+        second.answer(pb.ModelStreamInferResponse(infer_response={"id": request.id}))
+    for caller in callers:
+        caller.join(5)
+    assert answered == {1: "call-1", 2: "call-2", 3: "call-3"}
+    multiplexer.close()

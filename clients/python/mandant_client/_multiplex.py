@@ -160,6 +160,13 @@ class Outbox:
             if outgoing is not None:
                 return outgoing
 
+    def oldest(self) -> int | None:
+        """The order of the oldest call's message (None: the outbox is empty)."""
+        heap, messages = self._heap, self._messages
+        while heap and heap[0][1] not in messages:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
     def discard(self, wire_id: str) -> None:
         if self._messages.pop(wire_id, None) is None:
             return

@@ -38,22 +38,42 @@ _Answer = futures.Future[pb.ModelStreamInferResponse]
 #: ``futures.TimeoutError`` is ``TimeoutError`` from Python 3.11 on, not on 3.10.
 _TIMEOUTS = (TimeoutError, futures.TimeoutError)
 _JOIN_TIMEOUT_S = 10.0
+#: How long a new stream holds newer calls back for the calls the stream before it left
+#: unread (their callers send them again as soon as that stream's status comes).
+RESEND_WAIT_S = 1.0
 
 
 class SyncStream:
-    """One open ``ModelStreamInfer`` call and the calls waiting on it."""
+    """One open ``ModelStreamInfer`` call and the calls waiting on it. ``changed``: the
+    condition (on the multiplexer's lock) every stream of the client waits on.
+    ``previous``: the stream that ended for this one to open: until the calls it left
+    unread are sent again here (or given up, or ``RESEND_WAIT_S`` passed), a call begun
+    after the oldest of them waits, so that the oldest go first (grpc's thread took the
+    first message queued, often a newer call's: the previous stream's calls are queued
+    again only once its status comes)."""
 
-    def __init__(self, stub: Any, metadata: Metadata, lock: threading.Lock) -> None:
-        self._lock = lock
-        self._queued = threading.Condition(lock)  # the outbox took a message, or it ended
+    def __init__(
+        self,
+        stub: Any,
+        metadata: Metadata,
+        changed: threading.Condition,
+        previous: SyncStream | None = None,
+    ) -> None:
+        self._lock = changed
+        self._queued = changed  # an outbox took a message, a stream ended, a call came back
         self._outbox = _multiplex.Outbox()  # messages not written yet (under the lock)
         self._pending: dict[str, _Answer] = {}
+        self._orders: dict[str, int] = {}  # the pending calls' order (wire id → order)
+        self._previous = previous
         #: Set once (under the lock), when the call is over.
         self.failure: MandantClientError | None = None
         #: The server marked the stream's end (``_multiplex.END_MARK``): nothing more is
         #: written on it (its requests end: the client half-closes), and new calls go
         #: to a new stream.
         self.ending = False
+        #: From the end mark: the calls then pending (the server read none of them) that
+        #: their callers have not yet sent again, nor given up (wire id → order).
+        self.resending: dict[str, int] = {}
         #: Messages the server has answered on this stream (it was serving).
         self.answered = 0
         self._call = stub.ModelStreamInfer(self._requests(), metadata=metadata)
@@ -69,29 +89,54 @@ class SyncStream:
         lock and has checked ``failure``)."""
         answer: _Answer = futures.Future()
         self._pending[wire_id] = answer
+        self._orders[wire_id] = order
         self._outbox.put(wire_id, _multiplex.Outgoing(request, deadline_s, order))
-        self._queued.notify()
+        if self._previous is not None:
+            self._previous.resending.pop(wire_id, None)
+        self._queued.notify_all()
         return answer
 
-    def forget(self, wire_id: str) -> None:
+    def forget(self, wire_id: str, again: bool = False) -> None:
         """The caller stopped waiting: its message is not sent if it was not yet, and a
-        late answer is dropped."""
+        late answer is dropped. ``again``: it sends the message again on a new stream
+        (the stream after this one waits for it)."""
         with self._lock:
             self._pending.pop(wire_id, None)
+            self._orders.pop(wire_id, None)
             self._outbox.discard(wire_id)
+            if not again and self.resending.pop(wire_id, None) is not None:
+                self._queued.notify_all()
 
     def _requests(self) -> Iterator[pb.ModelInferRequest]:
-        """The messages, as grpc's thread takes them; ends (the client half-closes)
-        once the call is over."""
+        """The messages, as grpc's thread takes them, oldest call first; ends (the
+        client half-closes) once the call is over."""
+        held_until = time.monotonic() + RESEND_WAIT_S
         while True:
             with self._queued:
-                while not self._outbox and self.failure is None and not self.ending:
-                    self._queued.wait()
+                while self.failure is None and not self.ending:
+                    wait_s = self._wait_s(held_until)
+                    if wait_s == 0.0:
+                        break
+                    self._queued.wait(wait_s)
                 if self.failure is not None or self.ending:
                     return
                 outgoing = self._outbox.pop()
             if _multiplex.stamp(outgoing):  # else its caller gives up now: not sent
                 yield outgoing.request
+
+    def _wait_s(self, held_until: float) -> float | None:
+        """0.0 once the oldest message may be written; else how long to wait at most
+        for a change (None: no limit). Called under the lock."""
+        oldest = self._outbox.oldest()
+        if oldest is None:
+            return None
+        previous = self._previous
+        if previous is not None and previous.resending:
+            left_s = held_until - time.monotonic()
+            if left_s > 0 and oldest > min(previous.resending.values()):
+                return left_s
+        self._previous = None if previous is None or not previous.resending else previous
+        return 0.0
 
     def close(self) -> None:
         """Cancel the call; calls still pending fail with Unavailable."""
@@ -108,11 +153,14 @@ class SyncStream:
                 if _multiplex.is_end_mark(message):  # ended OK, whatever status follows
                     with self._queued:
                         self.ending = True
+                        self.resending = dict(self._orders)
                         self._queued.notify_all()  # the requests end: a half-close
                     continue
                 self.answered += 1
                 with self._lock:  # not from a dict :meth:`_fail` has taken and reads
-                    answer = self._pending.pop(_multiplex.answer_id(message), None)
+                    wire_id = _multiplex.answer_id(message)
+                    answer = self._pending.pop(wire_id, None)
+                    self._orders.pop(wire_id, None)
                 if answer is not None:
                     answer.set_result(message)
         except grpc.RpcError as exc:
@@ -130,6 +178,7 @@ class SyncStream:
             if self.failure is None:
                 self.failure = failure
             pending, self._pending = self._pending, {}
+            self._orders.clear()
             self._outbox.clear()
             self._queued.notify_all()  # lets grpc's request thread finish
         for answer in pending.values():
@@ -150,6 +199,7 @@ class SyncMultiplexer:
         self._max_send_bytes = max_send_bytes
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # what every stream waits on
         self._ids = _multiplex.WireIds()
         self._stream: SyncStream | None = None
         self._closed = False  # under the lock
@@ -184,6 +234,7 @@ class SyncMultiplexer:
             _multiplex.ready(request, raw_bytes, left_s, self._max_send_bytes, request_id)
             idle_resends = 0
             while True:
+                again = False
                 with self._lock:
                     stream = self._current(request_id)
                     answer = stream.send(request, wire_id, order, deadline_s)
@@ -197,11 +248,12 @@ class SyncMultiplexer:
                         stream.answered or idle_resends < _multiplex.MAX_IDLE_RESENDS
                     ):  # never read: send it again, on a new stream
                         idle_resends += not stream.answered
+                        again = True
                         continue
                     error = _multiplex.for_call(failure, request_id, request, raw_bytes)
                     raise error from failure.__cause__
                 finally:
-                    stream.forget(wire_id)
+                    stream.forget(wire_id, again)
         finally:
             self._slots.release()
         return _multiplex.outcome(message, request_id)
@@ -211,7 +263,8 @@ class SyncMultiplexer:
             raise client_closed(request_id)
         stream = self._stream
         if stream is None or stream.failure is not None or stream.ending:
-            stream = self._stream = SyncStream(self._stub, self._metadata, self._lock)
+            previous = stream if stream is not None and stream.resending else None
+            stream = self._stream = SyncStream(self._stub, self._metadata, self._changed, previous)
         return stream
 
 
