@@ -29,7 +29,9 @@ A Mandant server ends a stream with status OK (its trailing metadata
 ``mandant-stream-end`` says why: the stream reached the server's connection age, or the
 server stops) once it has answered every message it read: the calls still pending on
 it were never read, and are sent again on a new stream (on the same channel; after the
-server's GOAWAY gRPC opens it on a new connection), oldest first, for as long as their
+server's GOAWAY gRPC opens it on a new connection), oldest first (the new stream holds
+calls begun after them back until they come, :data:`RESEND_WAIT_S` at most: they are
+queued again only once the old stream's status comes), for as long as their
 calls' time lasts while the server answers on each stream; a call is sent again after
 streams that answered nothing :data:`MAX_IDLE_RESENDS` times in all, and fails
 Unavailable when one more such stream ends (a server that keeps ending streams without
@@ -98,6 +100,9 @@ _FIELD_OVERHEAD_BYTES = 12
 _RECEIVED_TOO_LARGE = re.compile(r"(CLIENT: )?Received message larger than max \((\d+) vs\. \d+\)")
 
 
+#: How long a new stream holds calls back for the calls the stream before it left
+#: unread (their callers send them again as soon as that stream's status comes).
+RESEND_WAIT_S = 1.0
 #: How many times one call is sent again on a new stream after a stream that answered
 #: no message ended with OK without reading it (see the module).
 MAX_IDLE_RESENDS = 3
@@ -177,6 +182,21 @@ class Outbox:
     def clear(self) -> None:
         self._messages.clear()
         self._heap.clear()
+
+
+def hold_s(
+    outbox: Outbox, resending: dict[str, int], held_until: float, now: float
+) -> float | None:
+    """0.0 once ``outbox``'s oldest message may be written; else how long to wait at most
+    for a change (None: no limit, the outbox is empty). ``resending``: the calls the
+    stream before left unread and not yet sent again (wire id → order): a call begun
+    after the oldest of them waits for them, until ``held_until``."""
+    oldest = outbox.oldest()
+    if oldest is None:
+        return None
+    if resending and now < held_until and oldest > min(resending.values()):
+        return held_until - now
+    return 0.0
 
 
 class WireIds:

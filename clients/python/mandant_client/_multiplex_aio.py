@@ -34,14 +34,24 @@ METADATA_WAIT_S = 0.5
 
 
 class AioStream:
-    """One open ``ModelStreamInfer`` call and the calls waiting on it."""
+    """One open ``ModelStreamInfer`` call and the calls waiting on it. ``previous``: the
+    stream that ended for this one to open, whose unread calls go first
+    (:func:`_multiplex.hold_s`)."""
 
-    def __init__(self, stub: Any, metadata: Metadata) -> None:
+    def __init__(self, stub: Any, metadata: Metadata, previous: AioStream | None = None) -> None:
         self._call = stub.ModelStreamInfer(metadata=metadata)
         self._loop = asyncio.get_running_loop()
         self._outbox = _multiplex.Outbox()  # messages not written yet
         self._queued = asyncio.Event()  # set when the outbox may hold a message
         self._pending: dict[str, _Answer] = {}
+        self._orders: dict[str, int] = {}  # the pending calls' order (wire id → order)
+        self._previous = previous
+        self._next: AioStream | None = None  # the stream that opened after this one ended
+        if previous is not None:
+            previous._next = self
+        #: From the end mark: the calls then pending (the server read none of them) that
+        #: their callers have not yet sent again, nor given up (wire id → order).
+        self.resending: dict[str, int] = {}
         #: Set once, when the call is over; the stream takes no message after that.
         #: A RuntimeError is the caller's misuse (a channel of another event loop),
         #: raised to each pending call as the unary path raises it.
@@ -64,15 +74,22 @@ class AioStream:
         server's answer to it."""
         answer: _Answer = self._loop.create_future()
         self._pending[wire_id] = answer
+        self._orders[wire_id] = order
         self._outbox.put(wire_id, _multiplex.Outgoing(request, deadline_s, order))
+        if self._previous is not None:
+            self._previous.resending.pop(wire_id, None)
         self._queued.set()
         return answer
 
-    def forget(self, wire_id: str) -> None:
+    def forget(self, wire_id: str, again: bool = False) -> None:
         """The caller stopped waiting: its message is not sent if it was not yet, and a
-        late answer is dropped."""
+        late answer is dropped. ``again``: it sends the message again on a new stream
+        (the stream after this one waits for it)."""
         self._pending.pop(wire_id, None)
+        self._orders.pop(wire_id, None)
         self._outbox.discard(wire_id)
+        if not again and self.resending.pop(wire_id, None) is not None and self._next:
+            self._next._queued.set()
 
     def abandon(self) -> None:
         """Cancel the call without waiting for its tasks to end; calls still pending
@@ -98,14 +115,19 @@ class AioStream:
         except (grpc.RpcError, asyncio.InvalidStateError):
             return  # the call is over; the reader reports why
         outbox = self._outbox
+        held_until = self._loop.time() + _multiplex.RESEND_WAIT_S
         while True:
             if self.ending:  # the server reads no more: say so, and let it end
                 with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
                     await self._call.done_writing()
                 return
-            if not outbox:
+            previous = self._previous
+            resending = previous.resending if previous is not None else {}
+            wait_s = _multiplex.hold_s(outbox, resending, held_until, self._loop.time())
+            if wait_s != 0.0:
                 self._queued.clear()
-                await self._queued.wait()
+                with contextlib.suppress(*_TIMEOUTS):
+                    await asyncio.wait_for(self._queued.wait(), wait_s)
                 continue
             outgoing = outbox.pop()
             if not _multiplex.stamp(outgoing):
@@ -125,10 +147,14 @@ class AioStream:
                     break
                 if _multiplex.is_end_mark(message):  # ended OK, whatever status follows
                     self._ended_ok = self.ending = True
+                    self.resending = dict(self._orders)
+                    self._previous = None  # (no chain of every stream before)
                     self._queued.set()  # the writer half-closes
                     continue
                 self.answered += 1
-                answer = self._pending.pop(_multiplex.answer_id(message), None)
+                wire_id = _multiplex.answer_id(message)
+                self._orders.pop(wire_id, None)
+                answer = self._pending.pop(wire_id, None)
                 if answer is not None and not answer.done():
                     answer.set_result(message)
         except grpc.RpcError as exc:
@@ -163,6 +189,8 @@ class AioStream:
         if self.failure is None:
             self.failure = failure
         self._writer.cancel()
+        self._orders.clear()
+        self._previous = None
         pending, self._pending = self._pending, {}
         for answer in pending.values():
             if not answer.done():
@@ -192,7 +220,8 @@ class AioMultiplexer:
             raise client_closed(request_id)
         stream = self._stream
         if stream is None or stream.failure is not None or stream.ending:
-            stream = self._stream = AioStream(self._stub, self._metadata)
+            previous = stream if stream is not None and stream.resending else None
+            stream = self._stream = AioStream(self._stub, self._metadata, previous)
         return stream
 
     async def aclose(self) -> None:
@@ -233,6 +262,7 @@ class AioMultiplexer:
             _multiplex.ready(request, raw_bytes, left_s, self._max_send_bytes, request_id)
             idle_resends = 0
             while True:
+                again = False
                 stream = self.open(request_id)
                 answer = stream.send(request, wire_id, order, deadline_s)
                 try:
@@ -245,11 +275,12 @@ class AioMultiplexer:
                         stream.answered or idle_resends < _multiplex.MAX_IDLE_RESENDS
                     ):  # never read: send it again, on a new stream
                         idle_resends += not stream.answered
+                        again = True
                         continue
                     error = _multiplex.for_call(failure, request_id, request, raw_bytes)
                     raise error from failure.__cause__
                 finally:
-                    stream.forget(wire_id)
+                    stream.forget(wire_id, again)
         finally:
             self._slots.release()
         return _multiplex.outcome(message, request_id)

@@ -38,19 +38,14 @@ _Answer = futures.Future[pb.ModelStreamInferResponse]
 #: ``futures.TimeoutError`` is ``TimeoutError`` from Python 3.11 on, not on 3.10.
 _TIMEOUTS = (TimeoutError, futures.TimeoutError)
 _JOIN_TIMEOUT_S = 10.0
-#: How long a new stream holds newer calls back for the calls the stream before it left
-#: unread (their callers send them again as soon as that stream's status comes).
-RESEND_WAIT_S = 1.0
 
 
 class SyncStream:
     """One open ``ModelStreamInfer`` call and the calls waiting on it. ``changed``: the
     condition (on the multiplexer's lock) every stream of the client waits on.
-    ``previous``: the stream that ended for this one to open: until the calls it left
-    unread are sent again here (or given up, or ``RESEND_WAIT_S`` passed), a call begun
-    after the oldest of them waits, so that the oldest go first (grpc's thread took the
-    first message queued, often a newer call's: the previous stream's calls are queued
-    again only once its status comes)."""
+    ``previous``: the stream that ended for this one to open, whose unread calls go
+    first (:func:`_multiplex.hold_s`; grpc's thread took the first message queued, often
+    a newer call's)."""
 
     def __init__(
         self,
@@ -110,11 +105,15 @@ class SyncStream:
     def _requests(self) -> Iterator[pb.ModelInferRequest]:
         """The messages, as grpc's thread takes them, oldest call first; ends (the
         client half-closes) once the call is over."""
-        held_until = time.monotonic() + RESEND_WAIT_S
+        held_until = time.monotonic() + _multiplex.RESEND_WAIT_S
         while True:
             with self._queued:
                 while self.failure is None and not self.ending:
-                    wait_s = self._wait_s(held_until)
+                    previous = self._previous
+                    resending = previous.resending if previous is not None else {}
+                    wait_s = _multiplex.hold_s(
+                        self._outbox, resending, held_until, time.monotonic()
+                    )
                     if wait_s == 0.0:
                         break
                     self._queued.wait(wait_s)
@@ -123,20 +122,6 @@ class SyncStream:
                 outgoing = self._outbox.pop()
             if _multiplex.stamp(outgoing):  # else its caller gives up now: not sent
                 yield outgoing.request
-
-    def _wait_s(self, held_until: float) -> float | None:
-        """0.0 once the oldest message may be written; else how long to wait at most
-        for a change (None: no limit). Called under the lock."""
-        oldest = self._outbox.oldest()
-        if oldest is None:
-            return None
-        previous = self._previous
-        if previous is not None and previous.resending:
-            left_s = held_until - time.monotonic()
-            if left_s > 0 and oldest > min(previous.resending.values()):
-                return left_s
-        self._previous = None if previous is None or not previous.resending else previous
-        return 0.0
 
     def close(self) -> None:
         """Cancel the call; calls still pending fail with Unavailable."""
@@ -154,6 +139,7 @@ class SyncStream:
                     with self._queued:
                         self.ending = True
                         self.resending = dict(self._orders)
+                        self._previous = None  # (no chain of every stream before)
                         self._queued.notify_all()  # the requests end: a half-close
                     continue
                 self.answered += 1
@@ -179,6 +165,7 @@ class SyncStream:
                 self.failure = failure
             pending, self._pending = self._pending, {}
             self._orders.clear()
+            self._previous = None
             self._outbox.clear()
             self._queued.notify_all()  # lets grpc's request thread finish
         for answer in pending.values():
