@@ -370,13 +370,14 @@ async def test_model_errors_of_one_tenant_are_its_own_and_leave_the_breaker_clos
 ) -> None:
     """The reproduced outage: 8 calls that Triton's model fails on (INTERNAL) from acme
     opened the breaker every tenant shares, and globex's next good calls were all
-    UNAVAILABLE. Now acme gets INVALID_ARGUMENT (no retry hint, no Triton internals)
-    and globex is served, after the bad calls and alongside them."""
+    UNAVAILABLE. Now acme gets INVALID_ARGUMENT (no retry hint, no Triton internals;
+    its request id, which it lacked on a model without Mandant's batching) and globex
+    is served, after the bad calls and alongside them."""
     async with client(mandant, "acme") as acme, client(mandant, "globex") as globex:
         for _ in range(8):
             error = await outcome(acme, "poison", bad_rows(2))
             assert isinstance(error, InvalidInput), repr(error)
-            assert "failed on this request's inputs" in str(error)
+            assert "failed on this request's inputs (request id " in str(error)
             for leak in ("negative", "Traceback", POISON_MODEL + "_", "Triton"):
                 assert leak not in str(error)
         assert [await outcome(globex, "poison", good_rows(2)) for _ in range(5)] == [None] * 5

@@ -86,11 +86,14 @@ class FakeTriton(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     64. ``picky`` refuses any negative value, naming it, as INVALID_ARGUMENT;
     ``sleepy`` sleeps INPUT0[0, 0] seconds; once ``hung``, nothing is answered;
     ModelConfig fails with ``config_fails`` where it is set; ModelMetadata reports
-    INPUT0 as ``input_datatype``."""
+    INPUT0 as ``input_datatype``; a model named in ``gone`` answers ModelInfer
+    NOT_FOUND, as Triton does once it is unloaded; ``infers`` counts ModelInfer calls."""
 
     hung: bool = False
     config_fails: grpc.StatusCode | None = None
     input_datatype: str = "FP32"
+    gone: frozenset[str] = frozenset()
+    infers: int = 0
 
     async def _hang_if_hung(self) -> None:
         if self.hung:
@@ -120,7 +123,10 @@ class FakeTriton(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         await self._hang_if_hung()
+        self.infers += 1
         name = request.model_name
+        if name in self.gone:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{name}'")
         x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(-1, 4)
         if name == "picky" and (x < 0).any():
             await context.abort(
@@ -489,6 +495,33 @@ async def test_tensors_triton_s_model_changes_to_contradict_make_it_unready(
         await backend.refresh()
         assert backend.ready
         assert await outcome(acme, "good", np.ones((1, 4), np.float32)) is None
+
+
+async def test_a_model_unloaded_on_triton_s_side_is_unready_at_its_first_not_found(
+    tmp_path: Path,
+) -> None:
+    """Every call until the next readiness poll reached Triton, got NOT_FOUND and logged
+    an ERROR line (352 in 0.3 s with a real Triton): now the first makes the model
+    unready, the next are refused here, and the poll makes it ready again."""
+    async with fake_triton() as (url, fake):
+        slow_poll = model(url, "good", triton={"health_interval_s": 60})
+        async with (
+            App(config(url, slow_poll), tmp_path) as app,
+            client(app, "acme") as acme,
+        ):
+            backend = app.registry.resolve(Tenant("acme"), "good").backend
+            x = np.ones((1, 4), np.float32)
+            assert await outcome(acme, "good", x) is None
+            fake.gone = frozenset({"good"})
+            before = fake.infers
+            assert isinstance(await outcome(acme, "good", x), Unavailable)
+            assert not backend.ready
+            for _ in range(5):
+                assert isinstance(await outcome(acme, "good", x), Unavailable)
+            assert fake.infers == before + 1  # refused here, not sent
+            fake.gone = frozenset()
+            await backend.refresh()
+            assert backend.ready and await outcome(acme, "good", x) is None
 
 
 async def test_triton_s_tensors_of_a_datatype_mandant_does_not_carry_are_not_served(

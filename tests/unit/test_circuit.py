@@ -244,3 +244,16 @@ def test_triton_s_queue_refusals_are_busy_not_down(details: str) -> None:
     assert translate(grpc.StatusCode.UNAVAILABLE, details="Socket closed")[1] is (
         CallOutcome.FAILED
     )
+
+
+def test_a_triton_model_process_gone_is_the_backend_s_fault() -> None:
+    """Triton's Python backend answers every call INTERNAL "Stub process '<instance>'
+    is not healthy." once its model's process is gone (the model still reported
+    ready): every tenant's calls were answered INVALID_ARGUMENT as their inputs'
+    fault, charged, and the breaker never opened."""
+    details = "Stub process 'wrongdtype_0_0' is not healthy."
+    assert translate(grpc.StatusCode.INTERNAL, details=details) == (
+        Fault.BACKEND,
+        CallOutcome.FAILED,
+    )
+    assert translate(grpc.StatusCode.INTERNAL, details="bad value")[0] is Fault.MODEL

@@ -13,6 +13,7 @@ import pytest
 from mandant.backends.triton_answers import Fault, TritonAnswers
 from mandant.config import TritonModelConfig
 from mandant.context import current_request_id
+from mandant.errors import Unavailable
 from mandant.observability.log_limits import WINDOW_S, FailureLog
 from mandant.observability.logs import JsonFormatter
 from tests.fakes import FakeClock
@@ -124,7 +125,7 @@ def test_triton_s_model_failures_are_logged_once_then_counted(
     answers = TritonAnswers("m", TritonModelConfig(url="127.0.0.1:1", model="t"), clock)
     for n in range(50):
         failure = grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, details=f"bad value {n}")
-        answers.error(failure, Fault.MODEL, False, True, joined_by_triton=False, batched=False)
+        answers.error(failure, Fault.MODEL, False, True, joined_by_triton=False)
     logged = [r for r in caplog.records if r.name == "mandant.backends.triton_answers"]
     assert [r.getMessage() for r in logged] == [
         "model m: Triton's model 't' failed on a call's inputs: INTERNAL bad value 0"
@@ -134,6 +135,32 @@ def test_triton_s_model_failures_are_logged_once_then_counted(
     assert len(logged) == 2 and logged[1].levelno == logging.WARNING
     assert "49 more failure(s)" in logged[1].getMessage()
     assert "mandant_requests_total" in logged[1].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("code", "first"),
+    [
+        (grpc.StatusCode.NOT_FOUND, "model m: Triton at 127.0.0.1:1 has no model 't'"),
+        (grpc.StatusCode.ABORTED, "model m: Triton at 127.0.0.1:1 failed: ABORTED"),
+    ],
+)
+def test_triton_s_backend_errors_are_logged_once_then_counted(
+    caplog: pytest.LogCaptureFixture, code: grpc.StatusCode, first: str
+) -> None:
+    """A model unloaded on Triton's side (NOT_FOUND), or any error of Triton's not in
+    the table: every call until the next readiness poll logged a line (352 in 0.3 s)."""
+    caplog.set_level(logging.WARNING, logger="mandant.backends.triton_answers")
+    clock = FakeClock()
+    answers = TritonAnswers("m", TritonModelConfig(url="127.0.0.1:1", model="t"), clock)
+    for _ in range(50):
+        failure = grpc.aio.AioRpcError(code, details="gone")
+        error = answers.error(failure, Fault.BACKEND, False, True, joined_by_triton=False)
+        assert isinstance(error, Unavailable)
+    logged = [r for r in caplog.records if r.name == "mandant.backends.triton_answers"]
+    assert len(logged) == 1 and logged[0].getMessage().startswith(first)
+    clock.advance(WINDOW_S)
+    logged = [r for r in caplog.records if r.name == "mandant.backends.triton_answers"]
+    assert len(logged) == 2 and "49 more failure(s)" in logged[1].getMessage()
 
 
 def test_a_count_is_logged_without_the_request_that_armed_its_timer(

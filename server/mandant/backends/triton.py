@@ -279,13 +279,15 @@ class TritonBackend:
             elif exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 outcome = self._unanswered(sent, by_caller=by_client)
             self._breaker.record(outcome, generation)
+            if exc.code() == grpc.StatusCode.NOT_FOUND:  # unloaded on Triton's side: the
+                # next calls are refused here until its readiness poll finds it again
+                self._set_ready(False, "Triton has no such model")
             raise self._answers.error(
                 exc,
                 fault,
                 by_client,
                 alone,
                 joined_by_triton=self._joined_by_triton,
-                batched=self._spec.batching is not None,
             ) from exc
         finally:
             self._asking -= 1

@@ -32,7 +32,6 @@ from mandant.config import TritonModelConfig
 from mandant.errors import (
     DeadlinePassedWhileRunning,
     InvalidInput,
-    ModelFailed,
     QueueFull,
     Unavailable,
 )
@@ -49,14 +48,14 @@ MAX_DETAILS_CHARS = 300
 
 class TritonModelError(RuntimeError):
     """Triton refused (INVALID_ARGUMENT) or failed (its model raised) a call that held
-    several requests of a Mandant batch, or one request of a batched model.
+    several requests of a Mandant batch, or failed (its model raised) any call.
 
     Deliberately not a :class:`MandantError`: the batcher splits a batch that raised
     anything else and reruns its parts until each failing request is alone, so only
     that request gets an error: Triton's message about its own inputs
-    (:class:`InvalidInput`), or :class:`ModelFailed`. The message holds Triton's status
-    code only, never its text, which may hold any batch-mate's values. A call that
-    holds one request of a model without Mandant batching is answered at once."""
+    (:class:`InvalidInput`), or :class:`ModelFailed`, which the scheduler makes with the
+    request's id (and logs its tenant). The message holds Triton's status code only,
+    never its text, which may hold any batch-mate's values."""
 
 
 class Fault(enum.Enum):
@@ -87,6 +86,12 @@ _BACKEND_ANSWERED = (Fault.BACKEND, CallOutcome.ANSWERED)
 #: nothing to the breaker (ABANDONED), as an answer they kept the calls queued behind
 #: a wedged model from ever counting.
 _QUEUE_REFUSALS = ("exceeds maximum queue size", "request timeout expired")
+#: Triton's INTERNAL messages that are no model's word on a call's inputs but its
+#: backend's failing whatever the inputs: the Python backend's model process is gone
+#: ("Stub process '<instance>' is not healthy."). Every tenant's calls were answered
+#: INVALID_ARGUMENT as if their inputs had failed, and charged, and the breaker never
+#: opened: a backend fault.
+_BACKEND_FAILURES = ("is not healthy",)
 
 
 def translate(
@@ -100,6 +105,10 @@ def translate(
         refusal in details.lower() for refusal in _QUEUE_REFUSALS
     ):
         return Fault.BUSY, CallOutcome.ABANDONED
+    if code == grpc.StatusCode.INTERNAL and any(
+        failure in details.lower() for failure in _BACKEND_FAILURES
+    ):
+        return Fault.BACKEND, CallOutcome.FAILED
     return TRANSLATION.get(code, _BACKEND_ANSWERED)
 
 
@@ -187,13 +196,11 @@ class TritonAnswers:
         alone: bool,
         *,
         joined_by_triton: bool,
-        batched: bool,
     ) -> Exception:
         """The exception for a failed Triton call, in Mandant's words: Triton's model
         name replaced by Mandant's, Triton's message passed on for input errors of a
         call that held one request only (``alone``). ``joined_by_triton``: Triton may
-        have run the call in one batch with other calls; ``batched``: the model has
-        Mandant's batching."""
+        have run the call in one batch with other calls."""
         code, name = exc.code(), self._name
         details = (exc.details() or "")[:MAX_DETAILS_CHARS]
         if fault is Fault.INPUT and not alone:  # whose inputs? the batcher finds out
@@ -217,15 +224,16 @@ class TritonAnswers:
                     f"model '{name}' failed on a batch its backend formed with other "
                     "calls; this call's inputs may not be at fault: retry"
                 )
-            if alone and not batched:  # one request: its own fault
-                return ModelFailed(name)
+            # Not a MandantError: the scheduler makes it ModelFailed with the request's
+            # id (and logs its tenant), a batched model's batcher first splits the batch.
             return TritonModelError(f"Triton's model {self._triton.model!r} failed: {code.name}")
         if fault is Fault.BUSY:
             return QueueFull(f"model '{name}' is busy", retry_after_s=0.05)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and by_client_deadline:
             return DeadlinePassedWhileRunning("deadline exceeded while the backend was running")
         if code == grpc.StatusCode.NOT_FOUND:
-            logger.error(
+            self._failures.failed(
+                f"model {name}: Triton has no such model",
                 "model %s: Triton at %s has no model %r version %r (check models[].triton): %s",
                 name,
                 self._triton.url,
@@ -234,8 +242,14 @@ class TritonAnswers:
                 details,
             )
         else:
-            logger.warning(
-                "model %s: Triton at %s failed: %s %s", name, self._triton.url, code.name, details
+            self._failures.failed(
+                f"model {name}: Triton failed ({code.name})",
+                "model %s: Triton at %s failed: %s %s",
+                name,
+                self._triton.url,
+                code.name,
+                details,
+                level=logging.WARNING,
             )
         return Unavailable(f"model '{name}' is unavailable (backend error)")
 

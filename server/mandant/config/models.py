@@ -205,7 +205,9 @@ class TritonModelConfig(_Frozen):
     version: str = ""
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
     tls: bool = False
-    #: Calls in flight to Triton at once for this model (Triton queues and batches them).
+    #: Calls in flight to Triton at once for this model (Triton queues and batches them,
+    #: first come first served: tenants take turns only for the calls beyond it, so set
+    #: it to what Triton runs at once where tenants share a slow model).
     max_in_flight: Annotated[int, Field(gt=0)] = 256
     #: How often Triton's readiness and metadata are polled.
     health_interval_s: Annotated[float, Field(gt=0)] = 1.0
