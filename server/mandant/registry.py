@@ -340,8 +340,11 @@ class ModelRegistry:
         """Stop serving every version that one of ``owners`` (tenants a reload removed)
         owns, as :meth:`unload` does a name's: a model loaded for a tenant with a
         ``config`` is in no file, so a reload's :meth:`apply` would not see it, and a
-        tenant added later under the same id was served it. One line per name."""
-        names = sorted({name for owner, name in self._models if owner in owners})
+        tenant added later under the same id was served it. One line per name. A name
+        whose load is under way is dropped after it (the load installed a removed
+        tenant's model once this had passed it by)."""
+        names = sorted({name for owner, name in self._models if owner in owners}
+                       | self._changing.keys())  # fmt: skip
         turns = {name: self._change(name) for name in names}
 
         async def drop(name: str) -> str | None:

@@ -10,6 +10,8 @@ from torch import nn
 
 #: Set to let :class:`Gated` answer; its calls wait on it (at most a minute).
 RELEASE = threading.Event()
+#: Set to let :func:`slow_to_load` return: its load waits on it (at most a minute).
+LOADED = threading.Event()
 
 
 class Doubled(nn.Module):
@@ -51,6 +53,12 @@ def gated() -> nn.Module:
 
 def failing() -> nn.Module:
     return Failing()
+
+
+def slow_to_load() -> nn.Module:
+    """:class:`Doubled`, once :data:`LOADED` is set."""
+    LOADED.wait(60)
+    return Doubled()
 
 
 def broken() -> nn.Module:

@@ -330,6 +330,54 @@ def test_a_model_added_by_a_reload_gets_its_own_metrics_labels(
     assert sample(text, "mandant_batch_size_count", model="added", tenant="") == 1
 
 
+def test_a_private_model_still_loading_when_its_tenant_is_removed_is_not_installed(
+    tmp_path: Path,
+) -> None:
+    """A reload removed initech while an admin's load of a model private to it was
+    still under way: the reload's unload passed it by (not loaded yet), the load then
+    installed it, and a tenant added later under the id initech was served it."""
+    from mandant.tenancy.keys import hash_key
+
+    data = _config_data([ECHO_MODEL])
+    acme = data["tenants"][0]
+    initech = {"id": "initech", "api_keys": [hash_key("initech-key")]}
+    running = ServerThread(parse_config({**data, "tenants": [acme, initech]}), tmp_path).start()
+    app = running.app
+    assert app is not None
+
+    def reload(tenants: list[dict[str, Any]]) -> None:
+        async def apply() -> None:
+            app.reload(parse_config({**data, "tenants": tenants}))
+
+        running.call(apply())
+
+    control_models.LOADED.clear()
+    try:
+        client = tc.InferenceServerClient(running.target)
+        secret = {**model("secret", "slow_to_load"), "tenant": "initech"}
+        loading = threading.Thread(
+            target=client.load_model, args=("secret",), kwargs={"config": json.dumps(secret),
+                                                              "headers": ADMIN},
+        )  # fmt: skip
+        loading.start()
+        time.sleep(0.3)  # its factory is running
+        reload([acme])
+        control_models.LOADED.set()
+        loading.join(30)
+        for _ in range(100):
+            if "secret" not in {m.key.name for m in app.registry.all()}:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the removed tenant's model was installed")
+        reload([acme, {"id": "initech", "api_keys": [hash_key("new-initech-key")]}])
+        new = {"authorization": "Bearer new-initech-key"}
+        assert code_of(lambda: infer(client, "secret", new)) == "StatusCode.NOT_FOUND"
+    finally:
+        control_models.LOADED.set()
+        running.stop()
+
+
 def test_a_removed_tenant_s_models_and_statistics_pass_to_no_later_tenant_of_its_id(
     tmp_path: Path,
 ) -> None:
