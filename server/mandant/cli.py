@@ -174,14 +174,14 @@ async def _serve(
 ) -> None:
     """``path``: the configuration file, absolute (models resolve against its folder)."""
     from mandant.app import App
-    from mandant.heap import settle
+    from mandant.heap import SettleSoon, settle
 
     loop = asyncio.get_running_loop()
     # A SIGHUP while the models load would end the process (the default action): it is
     # kept, and the file read again once the server serves.
     reload_asked = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, reload_asked.set)
-    app = App(config, path.parent, config_path=path, on_models_retired=settle)
+    app = App(config, path.parent, config_path=path, on_models_retired=SettleSoon())
     await app.start()
     settle()  # the models are loaded: the start-up heap out of the collector's way
     stop = asyncio.Event()

@@ -15,9 +15,11 @@ Frozen objects that become cyclic garbage are never freed by the collector, and 
 model version replaced or unloaded later (a reload, RepositoryModelUnload) was frozen
 with the rest: its module may hold a reference cycle, and its weights with it. So
 :func:`settle` runs again once retired versions are closed (``App(on_models_retired=)``):
-it unfreezes, collects everything once (a pause as long as the ones it prevents, once
-per model change) and freezes what is still alive. Reference counting frees everything
-that is not in a cycle at once, frozen or not.
+it unfreezes, collects everything once (a pause as long as the ones it prevents) and
+freezes what is still alive. The versions a change retires together are settled
+together (:class:`SettleSoon`): a reload that changed 20 models paused the loop 20
+times back to back, every tenant's calls for over a second. Reference counting frees
+everything that is not in a cycle at once, frozen or not.
 
 Only the process that serves calls this (``mandant serve`` and its worker children),
 never a library caller such as a test embedding :class:`~mandant.app.App`, whose heap
@@ -26,10 +28,12 @@ is not the server's to freeze.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -49,6 +53,32 @@ def settle() -> int:
         (time.perf_counter() - start) * 1000,
     )
     return frozen
+
+
+#: How long after a model version is retired the heap settles, for all the versions
+#: retired meanwhile (the rest of a reload's changes).
+SETTLE_AFTER_S = 0.2
+
+
+class SettleSoon:
+    """The hook run as retired model versions close: :func:`settle` once,
+    :data:`SETTLE_AFTER_S` after the first call, for every call made meanwhile (on the
+    running event loop)."""
+
+    def __init__(
+        self, settle: Callable[[], object] = settle, delay_s: float = SETTLE_AFTER_S
+    ) -> None:
+        self._settle = settle
+        self._delay_s = delay_s
+        self._pending: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> None:
+        if self._pending is None:
+            self._pending = asyncio.get_running_loop().call_later(self._delay_s, self._now)
+
+    def _now(self) -> None:
+        self._pending = None
+        self._settle()
 
 
 def loads_untrusted(document: str | bytes) -> Any:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mandant.config import MandantConfig, reloaded
-from mandant.heap import settle
+from mandant.heap import SettleSoon, settle
 from mandant.workers.sockets import EngineSockets
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,11 @@ async def serve_engine(
     from mandant.app import App
 
     app = App(
-        config, path.parent, config_path=path, engine_sockets=sockets, on_models_retired=settle
+        config,
+        path.parent,
+        config_path=path,
+        engine_sockets=sockets,
+        on_models_retired=SettleSoon(),
     )
     await app.start()
     settle()
