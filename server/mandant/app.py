@@ -18,7 +18,7 @@ from mandant import __version__
 from mandant.backends.base import Backend
 from mandant.backends.channels import ChannelPool
 from mandant.config import MandantConfig, ModelSpec, TlsConfig, load_config
-from mandant.errors import ConfigError, InvalidInput, Unavailable
+from mandant.errors import ConfigError, InvalidInput, MandantError, Unavailable
 from mandant.events import Observer
 from mandant.observability.http import Health, HttpServer
 from mandant.observability.live import LiveStats
@@ -381,13 +381,19 @@ class App:
         if back := (tenants - before) & ever:
             # Its usage counters too, kept until now for its last usage report.
             self.prometheus.forget_tenants(back)
+        specs = config.model_specs(self.base_dir)
+        failed = sorted(
+            {m.key.name for m in self.registry.all() if m.failure is not None}
+            & {spec.name for spec in specs}
+        )
         if config.models != self.config.models:
             # Not behind the previous reload's changes: the registry orders the changes
             # to each name, and a name still loading holds up no other.
-            self.model_changes = self._in_background(
-                self._apply_models(config.model_specs(self.base_dir))
-            )
+            self.model_changes = self._in_background(self._apply_models(specs))
             applied.append("models: changes loading in the background")
+        elif failed:  # the operator fixed what failed (a file, a path) and says so
+            self.model_changes = self._in_background(self._load_again(failed))
+            applied.append(f"models: loading again what failed ({', '.join(failed)})")
         self.config = held
         return ReloadResult(tuple(applied), tuple(deferred))
 
@@ -408,6 +414,23 @@ class App:
         return await self.registry.apply(
             specs, on_change=lambda change: logger.info("configuration reload: %s", change)
         )
+
+    async def _load_again(self, names: list[str]) -> list[str]:
+        """A reload's second try of the named models that had failed to load (the
+        entries unchanged: a reload that changes them tries every failed one anyway),
+        each logged as it ends."""
+
+        async def load(name: str) -> str:
+            try:
+                await self.registry.load(name)
+            except MandantError as exc:
+                change = f"model '{name}' failed to load again: {exc}"
+            else:
+                change = f"model '{name}' loaded"
+            logger.info("configuration reload: %s", change)
+            return change
+
+        return list(await asyncio.gather(*(load(name) for name in names)))
 
     def _reload_certificates(self, tls: TlsConfig) -> None:
         """Read the certificate, key and client CA again (also where the paths did not

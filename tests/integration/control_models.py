@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -58,6 +59,13 @@ def failing() -> nn.Module:
 def slow_to_load() -> nn.Module:
     """:class:`Doubled`, once :data:`LOADED` is set."""
     LOADED.wait(60)
+    return Doubled()
+
+
+def needs_file(path: str) -> nn.Module:
+    """:class:`Doubled`, once the file ``path`` (its weights, say) is there."""
+    if not Path(path).exists():
+        raise RuntimeError("weights missing")
     return Doubled()
 
 

@@ -330,6 +330,41 @@ def test_a_model_added_by_a_reload_gets_its_own_metrics_labels(
     assert sample(text, "mandant_batch_size_count", model="added", tenant="") == 1
 
 
+def test_a_reload_loads_again_a_model_that_failed_though_no_entry_changed(
+    tmp_path: Path,
+) -> None:
+    """A model failed to load at start (its weights missing); the operator puts them
+    there and sends SIGHUP with the file as it was: the model stayed UNAVAILABLE until
+    some other model entry changed (a reviewer's find)."""
+    weights = tmp_path / "weights"
+    late = {**model("late", "needs_file"), "factory_args": {"path": str(weights)}}
+    path = write_config(tmp_path / "mandant.yaml", [ECHO_MODEL, late])
+    with ServerThread(load_config(path), tmp_path, path) as running:
+        app = running.app
+        assert app is not None
+        client = tc.InferenceServerClient(running.target)
+        assert code_of(lambda: infer(client, "late", ACME)) == "StatusCode.UNAVAILABLE"
+        weights.touch()
+
+        async def reload() -> list[str]:
+            result = app.reload(load_config(path))
+            assert "models: loading again what failed (late)" in result.applied
+            assert app.model_changes is not None
+            return await app.model_changes
+
+        assert running.call(reload()) == ["model 'late' loaded"]
+        np.testing.assert_array_equal(infer(client, "late", ACME), X * 2)
+        assert running.call(_no_changes(app, path)) is None
+
+
+async def _no_changes(app: Any, path: Path) -> None:
+    """A reload with nothing failed and nothing changed loads nothing."""
+    before = app.model_changes
+    result = app.reload(load_config(path))
+    assert not any(line.startswith("models:") for line in result.applied)
+    assert app.model_changes is before
+
+
 def test_a_private_model_still_loading_when_its_tenant_is_removed_is_not_installed(
     tmp_path: Path,
 ) -> None:
