@@ -165,6 +165,10 @@ class WorkersServer:
         if not self.config_path.exists() or self.config_path.name.startswith(".mandant-workers"):
             data = self._config.model_dump(mode="json", exclude_defaults=True)
             self.config_path.write_text(yaml.safe_dump(data))
+        else:  # a test's own file: served with these workers (it ran one process before)
+            data = yaml.safe_load(self.config_path.read_text())
+            data.setdefault("server", {})["workers"] = self._config.server.workers
+            self.config_path.write_text(yaml.safe_dump(data))
         self.process = subprocess.Popen(
             [*MANDANT, "serve", "--config", str(self.config_path)],
             stdout=subprocess.PIPE,
