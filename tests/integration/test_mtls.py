@@ -258,3 +258,22 @@ def test_the_http_port_serves_tls(pki: Pki, server: Server) -> None:
     assert status == 200 and body is not None
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         get(f"http://127.0.0.1:{server.http_port}/healthz", https(pki, pki.acme))
+
+
+def test_a_certificate_reads_its_tenant_s_figures_on_the_http_port(
+    pki: Pki, server: Server
+) -> None:
+    """As on gRPC and REST, a verified certificate without a key is its tenant on the
+    HTTP port too: its own usage and dashboard row (the port read keys only, so a
+    tenant with a certificate alone could never read its figures); an unbound
+    certificate reads nothing, and a key still says who asks."""
+    base = f"https://127.0.0.1:{server.http_port}"
+    usage, status = get(f"{base}/usage", https(pki, pki.globex))
+    assert status == 200 and list(usage["tenants"]) == ["globex"]
+    board, status = get(f"{base}/api/dashboard", https(pki, pki.globex))
+    assert status == 200 and [row["id"] for row in board["tenants"]] == ["globex"]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        get(f"{base}/usage", https(pki, pki.stranger))
+    assert refused.value.code == 403  # (this server has no admin keys: 403, not 401)
+    usage, _ = get(f"{base}/usage", https(pki, pki.stranger), {"Authorization": "Bearer acme-key"})
+    assert list(usage["tenants"]) == ["acme"]

@@ -40,7 +40,7 @@ from mandant.tenancy.directory import TenantDirectory
 from mandant.tenancy.limits import Rate, TokenBucket
 from mandant.transport.http import runner, serve
 from mandant.transport.listeners import Listener
-from mandant.transport.tls import reload_ssl_context, server_ssl_context
+from mandant.transport.tls import reload_ssl_context, server_ssl_context, transport_identities
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ class HttpServer:
         tls = config.tls
         #: HTTPS on ``http_port`` (never on ``internal_http``) where ``tls.http`` is set.
         self._ssl = server_ssl_context(tls) if tls is not None and tls.http else None
+        self._mtls = self._ssl is not None and tls is not None and tls.client_ca is not None
         self._runner = runner(self._app(open_access=config.metrics_auth == "none"))
         internal = config.internal_http
         self._internal = runner(self._app(open_access=True)) if internal is not None else None
@@ -212,10 +213,16 @@ class HttpServer:
     # -- who is asking ---------------------------------------------------------------
 
     def _viewer(self, request: web.Request) -> Viewer | None:
+        """Everyone's figures for an admin key; a tenant's for its key or, without a
+        key, its verified client certificate (``tls.http`` with ``client_ca``: as on
+        the other ports); else None."""
         authorization = request.headers.get("Authorization")
         if self._directory.is_admin(authorization):
             return EVERYONE
         try:
+            if authorization is None and self._mtls:
+                identities = transport_identities(request.transport)
+                return self._directory.authenticate_certificate(identities).id
             return self._directory.authenticate(authorization).id
         except Unauthenticated:
             return None

@@ -15,6 +15,7 @@ common name, so the gRPC and REST ports disagreed).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import ssl
@@ -67,6 +68,13 @@ def ssl_identities(der: bytes | None) -> list[str]:
     """The identities of a verified peer certificate in DER, as :mod:`ssl` gives it
     (``SSLObject.getpeercert(binary_form=True)``); none without one."""
     return list(_identities(der, pem=False)) if der else []
+
+
+def transport_identities(transport: asyncio.BaseTransport | None) -> list[str]:
+    """The identities of the verified client certificate of an HTTP connection (REST,
+    the HTTP port) by its transport; none without TLS or a certificate."""
+    tls = transport.get_extra_info("ssl_object") if transport is not None else None
+    return ssl_identities(tls.getpeercert(binary_form=True) if tls is not None else None)
 
 
 def grpc_identities(auth_context: Mapping[str, Iterable[bytes]]) -> list[str]:

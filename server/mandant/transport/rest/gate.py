@@ -41,7 +41,7 @@ from mandant.transport.rest.status import (
     error_headers,
     http_status,
 )
-from mandant.transport.tls import ssl_identities
+from mandant.transport.tls import transport_identities
 from mandant.transport.unread import UnreadAnswers
 from mandant.types import Call, Tenant
 
@@ -307,10 +307,8 @@ class RestGate:
             return None
         try:
             if authorization is None and self._authenticate_certificate is not None:
-                transport = request.transport
-                tls = transport.get_extra_info("ssl_object") if transport is not None else None
-                peer = tls.getpeercert(binary_form=True) if tls is not None else None
-                tenant = self._authenticate_certificate(ssl_identities(peer))
+                identities = transport_identities(request.transport)
+                tenant = self._authenticate_certificate(identities)
             else:
                 tenant = self._authenticate(authorization)
         except Unauthenticated as refused:
