@@ -275,8 +275,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for where, why in exc.errors:
             print(f"mandant serve: {where}: {why}", file=sys.stderr)
         return 2
+    try:  # what only the models' resolution finds (a torch model without tensors)
+        config.model_specs(path.resolve().parent)
+    except ConfigError as exc:
+        print(
+            f"mandant: invalid configuration\n{ConfigError(str(path), exc.errors)}", file=sys.stderr
+        )
+        return 2
     _log_warnings(config)
-    missing = config.server.tls.missing_files(path.resolve().parent) if config.server.tls else []
+    missing = config.server.tls.file_problems(path.resolve().parent) if config.server.tls else []
     if missing:
         print(f"mandant: cannot start: {ConfigError(str(path), missing)}", file=sys.stderr)
         return 1
@@ -294,6 +301,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ConfigError, RuntimeError, ValueError, OSError) as exc:
         print(f"mandant: cannot start: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the stop handlers (the models loading)
+        print("mandant: interrupted while starting", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -361,7 +371,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         errors = []
     except ConfigError as exc:
         errors = exc.errors
-    errors = [*errors, *config.missing_files(base_dir), *_import_problems(config)]
+    errors = [*errors, *config.file_problems(base_dir), *_import_problems(config)]
     if errors:
         print(ConfigError(str(path), sorted(errors, key=_field_order)), file=sys.stderr)
         return 1

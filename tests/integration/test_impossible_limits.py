@@ -25,11 +25,11 @@ IMPOSSIBLE = {
     "models": [{**ECHO_MODEL, "batching": {"max_batch_size": 16, "max_queue_rows": 8}}],
 }
 ERRORS = [
-    "tenants.0.rate_limit.burst: Value error, must be at least 1: a call takes at least "
+    "tenants.0.rate_limit.burst: must be at least 1: a call takes at least "
     "one token, so a smaller burst refuses every call",
-    "tenants.1.rate_limit.rows_burst: Value error, must be at least 1",
-    "tenants.1.models.echo.rate_limit.burst: Value error, must be at least 1",
-    "models.0.batching: Value error, max_queue_rows (8) is below max_batch_size (16): "
+    "tenants.1.rate_limit.rows_burst: must be at least 1",
+    "tenants.1.models.echo.rate_limit.burst: must be at least 1",
+    "models.0.batching: max_queue_rows (8) is below max_batch_size (16): "
     "calls the model accepts could never be queued",
 ]
 

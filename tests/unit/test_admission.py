@@ -629,11 +629,11 @@ async def test_store_outage_with_deny_refuses_as_unavailable() -> None:
         ({"tenants": [{"id": "a", "quota": {"rows_per_day": 0}}]}, "tenants.0.quota.rows_per_day"),
         (
             {"tenants": [{"id": "a", "rate_limit": {"requests_per_s": 5, "burst": 0.5}}]},
-            r"tenants.0.rate_limit.burst: Value error, must be at least 1: a call takes",
+            r"tenants.0.rate_limit.burst: must be at least 1: a call takes",
         ),
         (
             {"tenants": [{"id": "a", "rate_limit": {"rows_per_s": 5, "rows_burst": 0.9}}]},
-            r"tenants.0.rate_limit.rows_burst: Value error, must be at least 1",
+            r"tenants.0.rate_limit.rows_burst: must be at least 1",
         ),
         (
             {
@@ -644,7 +644,7 @@ async def test_store_outage_with_deny_refuses_as_unavailable() -> None:
                     }
                 ]
             },
-            r"tenants.0.models.echo.rate_limit.burst: Value error, must be at least 1",
+            r"tenants.0.models.echo.rate_limit.burst: must be at least 1",
         ),
     ],
 )

@@ -184,7 +184,7 @@ def test_server_settings_changed_keep_the_file_s() -> None:
     assert changed.server.workers == "auto" and changed.server.tls == config.server.tls
 
 
-def test_missing_files_names_every_unreadable_file_with_its_path(tmp_path: Path) -> None:
+def test_file_problems_names_every_unreadable_file_with_its_path(tmp_path: Path) -> None:
     (tmp_path / "cert.pem").write_text("x")
     (tmp_path / "models").mkdir()
     (tmp_path / "here.pt").write_text("x")
@@ -203,7 +203,7 @@ def test_missing_files_names_every_unreadable_file_with_its_path(tmp_path: Path)
             ],
         }
     )
-    assert config.missing_files(tmp_path) == [
+    assert config.file_problems(tmp_path) == [
         ("server.tls.key", f"no such file: {tmp_path / 'key.pem'}"),
         ("server.tls.client_ca", f"not a file: {tmp_path / 'models'}"),
         ("models.1.path", f"no such file: {tmp_path / 'gone.pt'}"),
@@ -221,3 +221,30 @@ def test_missing_files_names_every_unreadable_file_with_its_path(tmp_path: Path)
 def test_a_tenant_priority_is_bounded_as_a_v2_priority() -> None:
     with pytest.raises(ConfigError, match=r"tenants\.0\.priority"):
         parse_config({"tenants": [{"id": "a", "priority": 2**31}]})
+
+
+def test_file_problems_name_tls_files_tls_cannot_use(tmp_path: Path) -> None:
+    """A key that is not the certificate's, or a file that is not PEM, passed
+    check-config, and serve refused to start with OpenSSL's words alone ("[X509:
+    KEY_VALUES_MISMATCH] key values mismatch"), naming no file."""
+    from tests.integration.certs import make_ca
+
+    one, other = make_ca(tmp_path, "one"), make_ca(tmp_path, "other")
+    (tmp_path / "junk.pem").write_text("garbage")
+
+    def problems(cert: Path, key: Path, client_ca: Path | None = None) -> list[tuple[str, str]]:
+        tls = {"cert": str(cert), "key": str(key), "client_ca": str(client_ca or one.cert)}
+        return parse_config({"server": {"tls": tls}}).file_problems(tmp_path)
+
+    assert problems(one.cert, one.key) == []
+    assert problems(one.cert, other.key) == [
+        ("server.tls.key", "is not the key of server.tls.cert")
+    ]
+    assert problems(tmp_path / "junk.pem", one.key) == [
+        ("server.tls.cert", "not a PEM certificate")
+    ]
+    assert problems(one.cert, tmp_path / "junk.pem") == [
+        ("server.tls.key", "not a PEM private key")
+    ]
+    [(field, why)] = problems(one.cert, one.key, tmp_path / "junk.pem")
+    assert field == "server.tls.client_ca" and why.startswith("not a PEM certificate")

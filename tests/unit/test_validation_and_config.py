@@ -124,7 +124,7 @@ def test_a_queue_cap_below_the_batch_size_is_refused_with_its_path() -> None:
     assert err.value.errors == [
         (
             "models.0.batching",
-            "Value error, max_queue_rows (7) is below max_batch_size (8): calls the model "
+            "max_queue_rows (7) is below max_batch_size (8): calls the model "
             "accepts could never be queued",
         )
     ]

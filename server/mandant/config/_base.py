@@ -62,6 +62,7 @@ def _errors(exc: ValidationError) -> list[tuple[str, str]]:
         cause = err.get("ctx", {}).get("error")
         if isinstance(cause, _Problems):
             errors += [(f"{where}.{path}" if where else path, why) for path, why in cause.problems]
-        else:
-            errors.append((where or "(top level)", err["msg"]))
+        else:  # a validator's ValueError: its words, without pydantic's "Value error, "
+            message = err["msg"].removeprefix("Value error, ")
+            errors.append((where or "(top level)", message))
     return errors

@@ -79,12 +79,12 @@ class MandantConfig(_Frozen):
         server = self.server.model_copy(update={"tls": tls.resolved(base_dir)})
         return self.model_copy(update={"server": server})
 
-    def missing_files(self, base_dir: Path) -> list[tuple[str, str]]:
+    def file_problems(self, base_dir: Path) -> list[tuple[str, str]]:
         """The files this configuration names that cannot be read, each (field path,
         reason): the TLS files, and each torch model's own ``path`` unless its
         ``weights_init`` builds it. Looks at the filesystem, which validation never
         does: for ``check-config`` and the start."""
-        problems = self.server.tls.missing_files(base_dir) if self.server.tls else []
+        problems = self.server.tls.file_problems(base_dir) if self.server.tls else []
         shared = _bases(self.models)
         for index, model in enumerate(self.models):
             base = shared.get(model.base) if model.base else None

@@ -5,6 +5,7 @@ modules bound requests by."""
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -34,15 +35,36 @@ class TlsConfig(_Frozen):
             }
         )
 
-    def missing_files(self, base_dir: Path) -> list[tuple[str, str]]:
-        """Each of these files that cannot be read, as (field path, reason)."""
+    def file_problems(self, base_dir: Path) -> list[tuple[str, str]]:
+        """Each of these files that cannot be read, or whose contents TLS cannot use
+        (not PEM, a key not the certificate's), as (field path, reason): the server
+        refused to start on them with OpenSSL's words alone, naming no file."""
         tls = self.resolved(base_dir)
         named = {"cert": tls.cert, "key": tls.key, "client_ca": tls.client_ca}
-        return [
+        unreadable = [
             (f"server.tls.{field}", why)
             for field, path in named.items()
             if path is not None and (why := _unreadable(path)) is not None
         ]
+        if unreadable:
+            return unreadable
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(tls.cert, tls.key)
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                return [("server.tls.key", "is not the key of server.tls.cert")]
+            if b"-----BEGIN CERTIFICATE-----" not in Path(tls.cert).read_bytes():
+                return [("server.tls.cert", "not a PEM certificate")]
+            if b"PRIVATE KEY-----" not in Path(tls.key).read_bytes():
+                return [("server.tls.key", "not a PEM private key")]
+            return [("server.tls.cert", f"TLS cannot use it with server.tls.key: {exc}")]
+        if tls.client_ca is not None:
+            try:
+                context.load_verify_locations(cafile=tls.client_ca)
+            except ssl.SSLError as exc:
+                return [("server.tls.client_ca", f"not a PEM certificate ({exc.reason})")]
+        return []
 
 
 #: Default of ``server.max_bytes_elements``: a BYTES tensor at this bound (262,144
