@@ -164,7 +164,7 @@ def test_a_front_door_as_large_as_the_call_cap_is_a_warning() -> None:
         ({"http_port": -1}, ("server.http_port", "Input should be greater than or equal to 0")),
         (
             {"workers": 0},
-            ("server.workers.constrained-int", "Input should be greater than or equal to 1"),
+            ("server.workers", "'auto', or a number of front-end processes from 1 to 256"),
         ),
     ],
 )
@@ -248,3 +248,41 @@ def test_file_problems_name_tls_files_tls_cannot_use(tmp_path: Path) -> None:
     ]
     [(field, why)] = problems(one.cert, one.key, tmp_path / "junk.pem")
     assert field == "server.tls.client_ca" and why.startswith("not a PEM certificate")
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"server": {"workers": 0}},
+            [("server.workers", "'auto', or a number of front-end processes from 1 to 256")],
+        ),
+        (
+            {
+                "models": [
+                    {
+                        **model("m"),
+                        "warmup": [
+                            {"inputs": {"INPUT0": {"datatype": "FP32", "shape": [1], "value": [1]}}}
+                        ],
+                    }
+                ]
+            },
+            [
+                (
+                    "models.0.warmup.0.inputs.INPUT0.value",
+                    "one element: a number, true or false, or text",
+                )
+            ],
+        ),
+    ],
+)
+def test_a_setting_of_several_kinds_is_refused_once(
+    data: dict[str, Any], expected: list[tuple[str, str]]
+) -> None:
+    """A setting that takes one of several kinds: one message at its own path (each
+    kind said why not, with pydantic's tags in the path: server.workers.constrained-int,
+    server.workers.literal['auto'])."""
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"tenants": [{"id": "t", "api_keys": [KEY_A]}], **data})
+    assert refused.value.errors == expected

@@ -121,6 +121,15 @@ class WarmupTensorConfig(_Frozen):
     def _datatype(cls, value: str) -> str:
         return TensorConfig._datatype(value)
 
+    @field_validator("value", mode="before")
+    @classmethod
+    def _one_value(cls, value: object) -> object:
+        """One element, said once for anything else (the union's members each said
+        why not, with pydantic's tags in the field path)."""
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        raise ValueError("one element: a number, true or false, or text")
+
     @model_validator(mode="after")
     def _data(self) -> WarmupTensorConfig:
         if self.random and self.value is not None:

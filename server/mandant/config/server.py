@@ -220,6 +220,20 @@ class ServerConfig(_Frozen):
     def _admin_hashes_only(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
         return _hashes_only(keys)
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: object) -> object:
+        """``auto`` or a whole number from 1 to 256, said once otherwise (the union's
+        members each said why not, with pydantic's tags in the field path)."""
+        if value == "auto" or (
+            isinstance(value, int | str)
+            and not isinstance(value, bool)
+            and str(value).isdigit()
+            and 1 <= int(value) <= 256
+        ):
+            return value
+        raise ValueError("'auto', or a number of front-end processes from 1 to 256")
+
     @model_validator(mode="after")
     def _ports(self) -> ServerConfig:
         """No two listeners on one port: the second failed to bind only once every
