@@ -57,8 +57,8 @@ NO_TLS = {"tls": {"cert": "gone.crt", "key": "gone.key"}}
             ["--rest-port 70000: Input should be less than or equal to 65535"],
         ),
         (["--http-port", "-1"], ["--http-port -1: Input should be greater than or equal to 0"]),
-        (["--workers", "0"], ["--workers 0: Input should be greater than or equal to 1"]),
-        (["--workers", "300"], ["--workers 300: Input should be less than or equal to 256"]),
+        (["--workers", "0"], ["--workers 0: 'auto', or a number of front-end processes from 1"]),
+        (["--workers", "300"], ["--workers 300: 'auto', or a number of front-end processes"]),
         (
             ["--grpc-port", "-5", "--http-port", "65536"],
             ["--grpc-port -5: Input should be greater", "--http-port 65536: Input should be less"],
