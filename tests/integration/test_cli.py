@@ -291,25 +291,38 @@ async def test_calls_received_when_stopping_are_refused_not_cancelled(
     assert len(refused) == 32 and set(refused) == {"UNAVAILABLE"}, refused
 
 
-def test_ctrl_c_while_the_models_load_ends_without_a_traceback(tmp_path: Path) -> None:
-    """SIGINT before the stop handlers are set (the models loading) printed Python's
-    traceback of a KeyboardInterrupt: now one line, and the shell's 130."""
+def _serving_while_loading(
+    tmp_path: Path, port: int, seconds: float, key: str = "secret-key", **output: Any
+) -> tuple[subprocess.Popen[str], Path, dict[str, Any]]:
+    """``mandant serve`` on ``port`` once it is loading its one model (which takes
+    ``seconds``); ``output``: where its stdout and stderr go. Its file and its data."""
     started = tmp_path / "loading"
     slow_to_load = {
         **ECHO_MODEL,
         "factory": "tests.integration.slow_models:slow_to_load",
-        "factory_args": {"seconds": 30.0, "started": str(started)},
+        "factory_args": {"seconds": seconds, "started": str(started)},
     }
-    path, _ = _served_file(tmp_path, free_port(), slow_to_load)
+    path, config = _served_file(tmp_path, port, slow_to_load, key=key)
     proc = subprocess.Popen(
-        [*MANDANT, "serve", "--config", str(path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
+        [*MANDANT, "serve", "--config", str(path)], text=True, env=ENV, **output
+    )
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        if proc.poll() is not None or time.monotonic() >= deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("the server did not start loading its model")
+        time.sleep(0.05)
+    return proc, path, config
+
+
+def test_ctrl_c_while_the_models_load_ends_without_a_traceback(tmp_path: Path) -> None:
+    """SIGINT before the stop handlers are set (the models loading) printed Python's
+    traceback of a KeyboardInterrupt: now one line, and the shell's 130."""
+    proc, _, _ = _serving_while_loading(
+        tmp_path, free_port(), 30.0, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
-        deadline = time.monotonic() + 60
-        while not started.exists():  # the server is loading its model now
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
@@ -323,22 +336,11 @@ def test_a_sighup_while_the_models_load_is_applied_once_serving(tmp_path: Path) 
     """SIGHUP's default action ends a process: one that came while the server was
     loading its models once killed it (exit 129). The file, changed meanwhile, is
     read once the server serves."""
-    port, started = free_port(), tmp_path / "loading"
-    slow_to_load = {
-        **ECHO_MODEL,
-        "factory": "tests.integration.slow_models:slow_to_load",
-        "factory_args": {"seconds": 2.0, "started": str(started)},
-    }
-    path, config = _served_file(tmp_path, port, slow_to_load, key="old-key")
-    proc = subprocess.Popen(
-        [*MANDANT, "serve", "--config", str(path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
-    )  # fmt: skip
+    port = free_port()
+    proc, path, config = _serving_while_loading(
+        tmp_path, port, 2.0, key="old-key", stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
-        deadline = time.monotonic() + 60
-        while not started.exists():  # the server is loading its model now
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         config["tenants"] = [{"id": "t", "api_keys": [hash_key("new-key")]}]
         path.write_text(yaml.safe_dump(config))
         proc.send_signal(signal.SIGHUP)

@@ -11,7 +11,7 @@ import re
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 from mandant.config import load_config, parse_config
+from mandant.tenancy.keys import hash_key
 from tests.integration import control_models
 from tests.integration.test_model_control import (
     ACME,
@@ -105,8 +106,6 @@ def _http(running: ServerThread) -> int:
 
 
 def _config_data(models: list[dict[str, Any]]) -> dict[str, Any]:
-    from mandant.tenancy.keys import hash_key
-
     return {
         "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 30,
                    "admin_keys": [hash_key("admin-key")]},
@@ -365,27 +364,44 @@ async def _no_changes(app: Any, path: Path) -> None:
     assert app.model_changes is before
 
 
+def _with_initech(
+    tmp_path: Path, initech: dict[str, Any]
+) -> tuple[ServerThread, Callable[[dict[str, Any] | None], None]]:
+    """A started server of acme and initech (key ``initech-key``, and ``initech``'s
+    settings); and its reload to acme and the tenant given (None: acme alone)."""
+    data = _config_data([ECHO_MODEL])
+    acme = data["tenants"][0]
+    first = {"id": "initech", "api_keys": [hash_key("initech-key")], **initech}
+    running = ServerThread(parse_config({**data, "tenants": [acme, first]}), tmp_path).start()
+
+    def reload(tenant: dict[str, Any] | None) -> None:
+        async def apply() -> None:
+            assert running.app is not None
+            tenants = [acme] if tenant is None else [acme, tenant]
+            running.app.reload(parse_config({**data, "tenants": tenants}))
+
+        running.call(apply())
+
+    return running, reload
+
+
+def _until_unloaded(app: Any, name: str, failure: str) -> None:
+    for _ in range(100):
+        if name not in {m.key.name for m in app.registry.all()}:
+            return
+        time.sleep(0.05)
+    pytest.fail(failure)
+
+
 def test_a_private_model_still_loading_when_its_tenant_is_removed_is_not_installed(
     tmp_path: Path,
 ) -> None:
     """A reload removed initech while an admin's load of a model private to it was
     still under way: the reload's unload passed it by (not loaded yet), the load then
     installed it, and a tenant added later under the id initech was served it."""
-    from mandant.tenancy.keys import hash_key
-
-    data = _config_data([ECHO_MODEL])
-    acme = data["tenants"][0]
-    initech = {"id": "initech", "api_keys": [hash_key("initech-key")]}
-    running = ServerThread(parse_config({**data, "tenants": [acme, initech]}), tmp_path).start()
+    running, reload = _with_initech(tmp_path, {})
     app = running.app
     assert app is not None
-
-    def reload(tenants: list[dict[str, Any]]) -> None:
-        async def apply() -> None:
-            app.reload(parse_config({**data, "tenants": tenants}))
-
-        running.call(apply())
-
     control_models.LOADED.clear()
     try:
         client = tc.InferenceServerClient(running.target)
@@ -396,16 +412,11 @@ def test_a_private_model_still_loading_when_its_tenant_is_removed_is_not_install
         )  # fmt: skip
         loading.start()
         time.sleep(0.3)  # its factory is running
-        reload([acme])
+        reload(None)
         control_models.LOADED.set()
         loading.join(30)
-        for _ in range(100):
-            if "secret" not in {m.key.name for m in app.registry.all()}:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the removed tenant's model was installed")
-        reload([acme, {"id": "initech", "api_keys": [hash_key("new-initech-key")]}])
+        _until_unloaded(app, "secret", "the removed tenant's model was installed")
+        reload({"id": "initech", "api_keys": [hash_key("new-initech-key")]})
         new = {"authorization": "Bearer new-initech-key"}
         assert code_of(lambda: infer(client, "secret", new)) == "StatusCode.NOT_FOUND"
     finally:
@@ -422,22 +433,10 @@ def test_a_removed_tenant_s_models_and_statistics_pass_to_no_later_tenant_of_its
     its figures: statistics, and (until the nineteenth session) its usage report and
     dashboard row: calls, rows, latencies, SLO windows. Now the reload unloads the
     model and the figures go."""
-    from mandant.tenancy.keys import hash_key
-
-    data = _config_data([ECHO_MODEL])
-    acme = data["tenants"][0]
     slo = {"latency_ms": 50, "percentile": 99, "objective": 0.99}
-    initech = {"id": "initech", "api_keys": [hash_key("initech-key")], "slo": slo}
-    running = ServerThread(parse_config({**data, "tenants": [acme, initech]}), tmp_path).start()
+    running, reload = _with_initech(tmp_path, {"slo": slo})
     app = running.app
     assert app is not None
-
-    def reload(tenants: list[dict[str, Any]]) -> None:
-        async def apply() -> None:
-            app.reload(parse_config({**data, "tenants": tenants}))
-
-        running.call(apply())
-
     try:
         client = tc.InferenceServerClient(running.target)
         secret = {**model("secret", "doubled"), "tenant": "initech"}
@@ -445,14 +444,9 @@ def test_a_removed_tenant_s_models_and_statistics_pass_to_no_later_tenant_of_its
         old = {"authorization": "Bearer initech-key"}
         np.testing.assert_array_equal(infer(client, "secret", old), X * 2)
         infer(client, "echo", old)
-        reload([acme])
-        for _ in range(100):
-            if "secret" not in {m.key.name for m in app.registry.all()}:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the removed tenant's model is still loaded")
-        reload([acme, {"id": "initech", "api_keys": [hash_key("new-initech-key")], "slo": slo}])
+        reload(None)
+        _until_unloaded(app, "secret", "the removed tenant's model is still loaded")
+        reload({"id": "initech", "api_keys": [hash_key("new-initech-key")], "slo": slo})
         new = {"authorization": "Bearer new-initech-key"}
         status, body = http_get(running, "/usage", "new-initech-key")
         usage = json.loads(body)["tenants"]["initech"]
