@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
 import shlex
 import signal
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -169,6 +171,53 @@ def banner(
         print(DEMO_EXAMPLE.format(target=target, python=shlex.quote(sys.executable)), flush=True)
 
 
+class StoppedWhileStarting(Exception):
+    """SIGTERM or SIGINT came before the server served (``signum``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT from before the server starts: a stop asked while it starts
+    (its models loading, which may take minutes) cancels the start at once, instead of
+    killing the process by the default action (one process) or serving first and then
+    stopping (``workers``)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None  # the first stop signal
+        self._asked = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._ask, signum)
+
+    def _ask(self, signum: int) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self._asked.set()
+
+    async def wait(self) -> None:
+        await self._asked.wait()
+
+    async def start(self, starting: Awaitable[None]) -> None:
+        """Await ``starting``; a stop asked first cancels it (which stops whatever it
+        started) and raises :class:`StoppedWhileStarting`."""
+        start = asyncio.ensure_future(starting)
+        asked = asyncio.ensure_future(self._asked.wait())
+        try:
+            await asyncio.wait((start, asked), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            asked.cancel()
+            if not start.done():
+                start.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await start
+        if start.cancelled() and self.signum is not None:
+            raise StoppedWhileStarting(self.signum)
+        start.result()
+
+
 async def _serve(
     config: MandantConfig, path: Path, demo: bool, overrides: argparse.Namespace
 ) -> None:
@@ -177,16 +226,14 @@ async def _serve(
     from mandant.heap import SettleSoon, settle
 
     loop = asyncio.get_running_loop()
+    stop = _StopSignals()
     # A SIGHUP while the models load would end the process (the default action): it is
     # kept, and the file read again once the server serves.
     reload_asked = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, reload_asked.set)
     app = App(config, path.parent, config_path=path, on_models_retired=SettleSoon())
-    await app.start()
+    await stop.start(app.start())
     settle()  # the models are loaded: the start-up heap out of the collector's way
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, app, path, overrides)
     if reload_asked.is_set():
         _reload(app, path, overrides)
@@ -208,7 +255,7 @@ def workers_of(setting: int | str) -> int:
 async def _supervise(
     config: MandantConfig, path: Path, demo: bool, args: argparse.Namespace, workers: int
 ) -> None:
-    from mandant.workers.supervisor import Supervisor, supervise
+    from mandant.workers.supervisor import Supervisor
 
     child_args = ["--config", str(path), "--log-level", args.log_level]
     overrides = (("--host", args.host), ("--http-host", args.http_host),
@@ -229,19 +276,23 @@ async def _supervise(
         load=lambda file: _with_overrides(load_config(file), args),
     )
 
-    def serving(supervisor: Supervisor) -> None:
-        facts = supervisor.engine.facts
-        banner(
-            config,
-            supervisor.grpc_port,
-            facts["rest_port"],
-            facts["http_port"],
-            facts["internal_http_port"],
-            demo,
-            f" ({workers} front-end processes and one engine)",
-        )
-
-    await supervise(supervisor, serving)
+    stop = _StopSignals()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, supervisor.reload)
+    await stop.start(supervisor.start())
+    facts = supervisor.engine.facts
+    banner(
+        config,
+        supervisor.grpc_port,
+        facts["rest_port"],
+        facts["http_port"],
+        facts["internal_http_port"],
+        demo,
+        f" ({workers} front-end processes and one engine)",
+    )
+    await stop.wait()
+    logger.info("stopping: front ends first, then the engine (grace %.1fs)", supervisor.grace_s)
+    await supervisor.stop()
+    logger.info("stopped")
 
 
 def _run(coro: object) -> None:
@@ -301,7 +352,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ConfigError, RuntimeError, ValueError, OSError) as exc:
         print(f"mandant: cannot start: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C before the stop handlers (the models loading)
+    except StoppedWhileStarting as exc:
+        if exc.signum == signal.SIGINT:  # Ctrl-C: the shell's code for it
+            print("mandant: interrupted while starting", file=sys.stderr)
+            return 130
+        print("mandant: stopped while starting (SIGTERM)", file=sys.stderr)
+        return 0
+    except KeyboardInterrupt:  # Ctrl-C before the stop handlers
         print("mandant: interrupted while starting", file=sys.stderr)
         return 130
     return 0

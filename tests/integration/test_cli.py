@@ -292,17 +292,23 @@ async def test_calls_received_when_stopping_are_refused_not_cancelled(
 
 
 def _serving_while_loading(
-    tmp_path: Path, port: int, seconds: float, key: str = "secret-key", **output: Any
+    tmp_path: Path,
+    port: int,
+    seconds: float,
+    key: str = "secret-key",
+    workers: int = 1,
+    **output: Any,
 ) -> tuple[subprocess.Popen[str], Path, dict[str, Any]]:
     """``mandant serve`` on ``port`` once it is loading its one model (which takes
-    ``seconds``); ``output``: where its stdout and stderr go. Its file and its data."""
+    ``seconds``; with ``workers`` > 1, in its engine); ``output``: where its stdout and
+    stderr go. Its file and its data."""
     started = tmp_path / "loading"
     slow_to_load = {
         **ECHO_MODEL,
         "factory": "tests.integration.slow_models:slow_to_load",
         "factory_args": {"seconds": seconds, "started": str(started)},
     }
-    path, config = _served_file(tmp_path, port, slow_to_load, key=key)
+    path, config = _served_file(tmp_path, port, slow_to_load, key=key, workers=workers)
     proc = subprocess.Popen(
         [*MANDANT, "serve", "--config", str(path)], text=True, env=ENV, **output
     )
@@ -317,8 +323,8 @@ def _serving_while_loading(
 
 
 def test_ctrl_c_while_the_models_load_ends_without_a_traceback(tmp_path: Path) -> None:
-    """SIGINT before the stop handlers are set (the models loading) printed Python's
-    traceback of a KeyboardInterrupt: now one line, and the shell's 130."""
+    """SIGINT while the models load printed Python's traceback of a
+    KeyboardInterrupt: now one line, and the shell's 130."""
     proc, _, _ = _serving_while_loading(
         tmp_path, free_port(), 30.0, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -330,6 +336,40 @@ def test_ctrl_c_while_the_models_load_ends_without_a_traceback(tmp_path: Path) -
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_while_the_models_load_stops_at_once(tmp_path: Path, workers: int) -> None:
+    """A SIGTERM while the models load (a rolling update that gives up on a pod)
+    killed one process by the default action (exit 143), and with ``workers`` waited
+    out the load, printed the banner, then stopped: now the start is cancelled, every
+    child stopped, exit 0."""
+    proc, _, _ = _serving_while_loading(
+        tmp_path,
+        free_port(),
+        30.0,
+        workers=workers,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    children = _children(proc.pid)
+    assert len(children) == (1 if workers > 1 else 0)  # the engine, loading
+    try:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)  # the load has 30 s left
+        assert proc.returncode == 0, err
+        assert "mandant: stopped while starting (SIGTERM)" in err and "Traceback" not in err
+        assert "listening" not in out
+        for child in children:
+            assert not Path(f"/proc/{child}").exists(), child  # stopped and reaped
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(line) for line in found.stdout.split()]
 
 
 def test_a_sighup_while_the_models_load_is_applied_once_serving(tmp_path: Path) -> None:

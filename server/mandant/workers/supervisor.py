@@ -8,8 +8,10 @@ stops one engine and N front ends (DESIGN.md, "One host, every core").
   once it has run 10 s). A front end's own calls fail with it (its clients'
   connections close: UNAVAILABLE) and nothing else; while the engine is away the
   front ends answer UNAVAILABLE, and serve again once it is back.
-- SIGTERM / SIGINT: the front ends drain first (their calls finish on the running
-  engine), then the engine; no accepted call is lost. SIGHUP: the supervisor reads
+- SIGTERM / SIGINT (taken by ``mandant serve``, ``cli.py``): the front ends drain
+  first (their calls finish on the running engine), then the engine; no accepted call
+  is lost. One that comes while they start (the engine loading its models) cancels
+  :meth:`Supervisor.start`, which stops those started. SIGHUP: the supervisor reads
   and checks the configuration file, keeps it as the one applied, and every child
   reloads it (one still starting, once it serves: a SIGHUP before it handles signals
   would kill it); a file that does not validate is refused and nothing changes.
@@ -327,19 +329,3 @@ async def _relay(stream: asyncio.StreamReader) -> None:
     while line := await stream.readline():
         sys.stdout.write(line.decode(errors="replace"))
         sys.stdout.flush()
-
-
-async def supervise(supervisor: Supervisor, on_serving: Callable[[Supervisor], None]) -> None:
-    """Run until SIGTERM or SIGINT: start everything, call ``on_serving``, forward
-    SIGHUP, then stop in order."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
-    await supervisor.start()
-    on_serving(supervisor)
-    await stop.wait()
-    logger.info("stopping: front ends first, then the engine (grace %.1fs)", supervisor.grace_s)
-    await supervisor.stop()
-    logger.info("stopped")
