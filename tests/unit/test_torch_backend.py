@@ -360,6 +360,25 @@ async def test_echo_all_every_datatype_from_read_only_buffers() -> None:
         np.testing.assert_array_equal(out[name], value)
 
 
+@pytest.mark.parametrize("datatype", ["UINT8", "INT8", "BOOL"])
+async def test_a_model_writing_to_a_one_byte_input_changes_nothing_beyond_its_call(
+    datatype: str,
+) -> None:
+    """A model that wrote to a one-byte input in place wrote into the one bytes object
+    CPython keeps for that value: b"\\x01" read as 0xfe everywhere in the process after
+    one call (every tenant's later one-byte inputs). The write reaches the call alone."""
+    dtype = DATATYPES[datatype]
+    spec = make_spec(
+        factory=f"{HELPERS}:inverts_in_place",
+        inputs=(TensorSpec("INPUT0", datatype, (-1,)),),
+        outputs=(TensorSpec("OUTPUT0", datatype, (-1,)),),
+    )
+    raw = np.ones(1, dtype).tobytes()  # as the codec decodes a request's raw contents
+    out = await run_once(spec, {"INPUT0": np.frombuffer(raw, dtype)})
+    np.testing.assert_array_equal(out["OUTPUT0"], np.invert(np.ones(1, dtype)))
+    assert raw == bytes([1]) and bytes([1])[0] == 1  # the shared object of that byte
+
+
 async def test_instances_run_concurrently() -> None:
     barrier = threading.Barrier(2, timeout=10)
     spec = make_spec(

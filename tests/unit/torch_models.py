@@ -174,3 +174,14 @@ class Labels(nn.Module):
 
 def labels() -> nn.Module:
     return Labels()
+
+
+class _InvertsInPlace(nn.Module):
+    """Inverts its input's bits in place and returns it (an in-place op in a model)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.bitwise_not_()
+
+
+def inverts_in_place() -> nn.Module:
+    return _InvertsInPlace()

@@ -64,8 +64,9 @@ from mandant.types import DATATYPES
 
 logger = logging.getLogger(__name__)
 
-# Inputs are read-only views of request bytes; torch warns once about that. We never
-# write to them, and copying would defeat the zero-copy path.
+# A lone request's inputs are views of its own bytes, read-only to numpy, which torch
+# warns about once: a model may still write to them in place, and what it writes stays
+# in that request's bytes (:func:`_host_input` copies the one case where it would not).
 warnings.filterwarnings(
     "ignore", message="The given NumPy array is not writable", category=UserWarning
 )
@@ -475,12 +476,23 @@ def pinned_array(dtype: np.dtype, elements: int) -> np.ndarray:
     return torch.empty(elements, dtype=kind, pin_memory=True).numpy()
 
 
+#: Inputs this small are copied before a model sees them: CPython keeps one ``bytes``
+#: object per byte value for the whole process (``b"\x05"`` is always the same
+#: object), so a one-byte input decoded without a copy (INT8, UINT8, BOOL ``[1]``) is
+#: a view of that shared object, and a model that wrote to it in place (``x.add_(1)``)
+#: changed that byte for every later request of every tenant that held it.
+_SHARED_BYTES_MAX = 1
+
+
 def _host_input(column: Column) -> torch.Tensor | np.ndarray:
     """One input of a batch on the CPU: one request's array as it is, several
-    concatenated; a tensor where torch can hold it (zero-copy)."""
+    concatenated; a tensor where torch can hold it (zero-copy, but for a one-byte
+    input: :data:`_SHARED_BYTES_MAX`)."""
     array = column[0] if len(column) == 1 else np.concatenate(column)
     if array.dtype.kind in _NON_TENSOR_KINDS:
         return array  # BYTES: torch has no string tensor
+    if array.nbytes <= _SHARED_BYTES_MAX and not array.flags.writeable:
+        array = array.copy()
     return torch.from_numpy(array)
 
 
