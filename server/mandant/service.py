@@ -168,7 +168,8 @@ class DataPlane:
     ) -> InferResponse:
         """Run one request of ``call.caller``; ``call.model`` and ``call.version`` are
         set to the configured name and version of the model once resolved.
-        ``timeout_s`` is what is left of the caller's deadline."""
+        ``timeout_s`` is what is left of the caller's deadline; the v2 ``timeout``
+        parameter counts from ``call.arrived`` (a wait at the front door included)."""
         self.refuse_if_draining()
         start = time.monotonic()
         tenant = call.caller
@@ -192,7 +193,7 @@ class DataPlane:
                 check_batch_rows(key.name, rows, spec.batching.max_batch_size)
             request.check_payload()  # framing and byte counts: refused before it costs quota
             parameters = request.parameters()
-            deadline = _deadline(start, timeout_s, parameters.get("timeout"))
+            deadline = _deadline(start, timeout_s, call.arrived, parameters.get("timeout"))
             priority = _priority(parameters.get("priority"), tenant.priority)
             permit = await self._admission.admit(tenant, key, rows)
             ran = False  # the model ran on this request: it stays charged, else refunded
@@ -263,8 +264,11 @@ def load_config_parameter(parameters: Mapping[str, object]) -> str | None:
 MAX_TIMEOUT_US = 2**63 - 1
 
 
-def _deadline(start: float, timeout_s: float | None, timeout_us: object) -> float | None:
-    """The earlier of the transport deadline and the v2 ``timeout`` parameter (µs)."""
+def _deadline(
+    start: float, timeout_s: float | None, arrived: float, timeout_us: object
+) -> float | None:
+    """The earlier of the transport deadline (``timeout_s`` left at ``start``) and the
+    v2 ``timeout`` parameter (µs from ``arrived``)."""
     if timeout_us is None:
         return None if timeout_s is None else start + timeout_s
     if (
@@ -273,10 +277,10 @@ def _deadline(start: float, timeout_s: float | None, timeout_us: object) -> floa
         or not 0 <= timeout_us <= MAX_TIMEOUT_US
     ):
         raise InvalidInput("parameter 'timeout' is a non-negative 64-bit integer (microseconds)")
-    limits = [] if timeout_s is None else [timeout_s]
+    limits = [] if timeout_s is None else [start + timeout_s]
     if timeout_us > 0:
-        limits.append(timeout_us / 1e6)
-    return start + min(limits) if limits else None
+        limits.append(arrived + timeout_us / 1e6)
+    return min(limits) if limits else None
 
 
 def _priority(value: object, default: int) -> int:

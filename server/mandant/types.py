@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from secrets import token_hex
@@ -165,12 +166,15 @@ class Call:
     admin methods) and the configured name of the model that served it, which the data
     plane fills in once it has resolved one (a metrics label, never client text), with
     its ``version`` and ``owner`` (the tenant id of a private model or tuned variant,
-    "" for a shared one)."""
+    "" for a shared one). ``arrived``: when the server took the call (``time.monotonic``,
+    one clock for every process of the host), before it waited for a place or its
+    message: a v2 ``timeout`` counts from then."""
 
     tenant: Tenant | None
     model: str = ""
     version: str = ""
     owner: str = ""
+    arrived: float = field(default_factory=time.monotonic)
 
     @property
     def caller(self) -> Tenant:

@@ -7,6 +7,7 @@ cancellation comes while the call runs or in the same message as the call."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,16 @@ async def engine(tmp_path: Path) -> AsyncIterator[App]:
 def _calls(requests: list[int], cancels: list[int]) -> list[Any]:
     headers = [
         ipc.RequestHeader(
-            rid, "t", "sleepy", "", "", {}, [], [TensorHeader("INPUT0", "FP32", (1, 4))], None
+            rid,
+            "t",
+            "sleepy",
+            "",
+            "",
+            {},
+            [],
+            [TensorHeader("INPUT0", "FP32", (1, 4))],
+            None,
+            time.monotonic(),
         ).pack()
         for rid in requests
     ]

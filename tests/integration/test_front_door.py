@@ -444,3 +444,41 @@ async def test_calls_whose_message_never_comes_hold_no_place(tmp_path: Path, kin
                 call.cancel()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+async def test_a_v2_timeout_counts_the_wait_at_the_door(tmp_path: Path, kind: str) -> None:
+    """A call's v2 ``timeout`` (tritonclient's ``infer(timeout=…)``) counted from when
+    the data plane took it, after its wait at the door: one that waited there past its
+    timeout still ran, and was charged. Now it never runs: DEADLINE_EXCEEDED, as a
+    gRPC deadline (with ``workers``, the front end's wait counts in the engine)."""
+    sleepy = {**ECHO_MODEL, "name": "sleepy", "factory": "tests.integration.slow_models:sleepy"}
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "front_door_slots": 1},
+            "tenants": [{"id": "a", "api_keys": [hash_key("a-key")]}],
+            "models": [sleepy],
+        },
+        "test",
+    )
+    timed = pb.ModelInferRequest.FromString(_request("sleepy", "timed"))
+    timed.parameters["timeout"].int64_param = 200_000  # µs
+    key = (("authorization", "Bearer a-key"),)
+    server = serve(kind, config, tmp_path)
+    try:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            infer = channel.unary_unary(INFER)
+            inside = asyncio.ensure_future(infer(_request("sleepy"), metadata=key))  # 1 s
+            if isinstance(server, ServerThread):
+                assert server.app is not None
+                door = server.app.grpc.door
+                await _until(lambda: door.busy == 1)
+            else:
+                await asyncio.sleep(0.3)  # the first call is inside, for 0.7 s more
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await infer(timed.SerializeToString(), metadata=key)
+            assert refused.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "before the request was queued" in str(refused.value.details())
+            await inside
+    finally:
+        server.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,9 @@ async def until(done: Any) -> None:
 
 def _request(rid: int) -> list[object]:
     inputs = [TensorHeader("INPUT0", "FP32", (1, 1))]
-    return ipc.RequestHeader(rid, "t", "echo", "", str(rid), {}, [], inputs, None).pack()
+    return ipc.RequestHeader(
+        rid, "t", "echo", "", str(rid), {}, [], inputs, None, time.monotonic()
+    ).pack()
 
 
 async def test_events_are_recorded_after_the_answers_of_their_turn(

@@ -77,6 +77,7 @@ def test_a_request_header_survives_the_round_trip() -> None:
         ("OUTPUT0",),
         (TensorHeader("INPUT0", "FP32", (2, 256)),),
         0.25,
+        1234.5,
         None,
     )
     from mandant.workers.framing import packb, unpackb
@@ -125,13 +126,13 @@ def test_inputs_decode_as_views_of_the_frames_and_bad_bytes_framing_is_invalid_i
     rows = np.arange(8, dtype=np.float32).reshape(2, 4)
     frame = ipc.tensor_frame(rows, "FP32")
     header = ipc.RequestHeader(
-        1, "acme", "m", "", "", {}, (), (TensorHeader("X", "FP32", (2, 4)),), None
+        1, "acme", "m", "", "", {}, (), (TensorHeader("X", "FP32", (2, 4)),), None, 0.0
     )
     decoded = ipc.IpcRequest(header, [frame]).decode_inputs()["X"]
     np.testing.assert_array_equal(decoded, rows)
     assert np.shares_memory(decoded, rows)
     bad = ipc.RequestHeader(
-        1, "acme", "m", "", "", {}, (), (TensorHeader("S", "BYTES", (2,)),), None
+        1, "acme", "m", "", "", {}, (), (TensorHeader("S", "BYTES", (2,)),), None, 0.0
     )
     with pytest.raises(errors.InvalidInput, match="input 'S'"):
         ipc.IpcRequest(bad, [b"\x05\x00\x00\x00ab\x00\x00\x00\x00"]).decode_inputs()
@@ -176,7 +177,7 @@ async def test_a_turn_of_calls_is_cut_into_messages_the_length_prefix_can_hold(
     connection.connection_made(cast(Any, written))
     for rid in range(5):
         header = ipc.RequestHeader(
-            rid, "acme", "echo", "", "", {}, (), (TensorHeader("X", "UINT8", (400,)),), None
+            rid, "acme", "echo", "", "", {}, (), (TensorHeader("X", "UINT8", (400,)),), None, 0.0
         )
         connection.send(header, [bytes([rid]) * 400])
     assert len(written.messages) == 1  # the first three reached the bound

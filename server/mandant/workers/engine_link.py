@@ -193,6 +193,7 @@ class EngineLink:
             outputs,
             inputs,
             timeout_s,
+            call.arrived,
             deferred,
             to_decode,
             inputs_error,

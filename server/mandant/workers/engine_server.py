@@ -270,7 +270,7 @@ class _FrontEnd(asyncio.BufferedProtocol):
             count = len(header.inputs) if header.deferred_error is None else 0
             mine = frames[offset : offset + count]
             offset += count
-            call = Call(None)
+            call = Call(None, arrived=header.arrived)
             task = create_task(self._serve(header, mine, call))
             self.tasks[header.rid] = (task, call, header)
 

@@ -58,6 +58,9 @@ class RequestHeader(NamedTuple):
     outputs: Sequence[str]
     inputs: Sequence[TensorHeader]
     timeout_s: float | None
+    #: When the front end took the call (``Call.arrived``: the host's monotonic clock,
+    #: which the engine reads too), so that a v2 ``timeout`` counts its wait there.
+    arrived: float
     #: Why the front end could not put the inputs in frames (then there are none): the
     #: engine raises it where the payload is checked, after resolution and validation,
     #: so that a call gets the same answer as from a single process.
@@ -84,6 +87,7 @@ class RequestHeader(NamedTuple):
             list(self.outputs),
             [[h.name, h.datatype, list(h.shape)] for h in self.inputs],
             self.timeout_s,
+            self.arrived,
             self.deferred_error,
             self.deferred_to_decode,
             self.inputs_error,
@@ -92,8 +96,8 @@ class RequestHeader(NamedTuple):
 
     @classmethod
     def unpack(cls, fields: list[Any]) -> RequestHeader:
-        (rid, tenant, model, version, request_id, parameters, outputs, inputs, timeout_s, error,
-         to_decode, inputs_error, outputs_error) = fields  # fmt: skip
+        (rid, tenant, model, version, request_id, parameters, outputs, inputs, timeout_s, arrived,
+         error, to_decode, inputs_error, outputs_error) = fields  # fmt: skip
         return cls(
             rid,
             tenant,
@@ -104,6 +108,7 @@ class RequestHeader(NamedTuple):
             outputs,
             [TensorHeader(name, datatype, tuple(shape)) for name, datatype, shape in inputs],
             timeout_s,
+            arrived,
             error,
             to_decode,
             inputs_error,
