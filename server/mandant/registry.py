@@ -66,6 +66,8 @@ DEFAULT_LOAD_TIMEOUT_S = 300.0
 FREEING_WAIT_S = 1.0
 #: How long closing the registry waits for its models to be freed at shutdown.
 SHUTDOWN_WAIT_S = 5.0
+#: How long the closes still running after it have, once cancelled, to end.
+CANCELLED_WAIT_S = 0.5
 #: What RepositoryIndex tells tenants of a version that failed to load: the cause
 #: (exception text, file paths, a Triton's address) is the operator's, in the log.
 TENANT_REASON = "failed to load; the operator's log has the cause"
@@ -594,7 +596,9 @@ class ModelRegistry:
             )
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            # One waiting on a forward pass (which cannot be stopped) outlives this
+            # cancellation (``backends/torch.py``): not waited for.
+            await asyncio.wait(pending, timeout=CANCELLED_WAIT_S)
 
     # -- resolution ----------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,10 @@ from mandant.backends.base import Backend
 from mandant.backends.torch import ModelLoadError, TorchBackend
 from mandant.config import BatchingConfig, ModelSpec
 from mandant.demo import models
-from mandant.errors import InvalidInput, Unavailable
+from mandant.errors import DeadlineExceeded, InvalidInput, Unavailable
+from mandant.scheduling.direct import DirectScheduler
 from mandant.types import DATATYPES, TensorSpec
+from tests.fakes import request
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*torch.jit.* is deprecated:DeprecationWarning"),
@@ -423,6 +426,44 @@ async def test_infer_does_not_block_the_event_loop() -> None:
     finally:
         await backend.aclose()
     assert out["Y"].tolist() == [3.0]
+
+
+async def test_a_call_whose_caller_leaves_mid_forward_holds_its_slot_until_it_ends() -> None:
+    """Without batching, a caller that left (a deadline) while a thread ran its forward
+    pass gave its slot back at once: the next calls went past the fair queue into the
+    threads' queue, marked as run (charged) though they waited there, and no unload
+    could answer them. Now the cancelled call ends with its forward pass: the next
+    call waits for a slot (DEADLINE_EXCEEDED there, never run), then runs once the
+    instance is free."""
+    entered, release = threading.Event(), threading.Event()
+    spec = make_spec(
+        factory=f"{HELPERS}:gate",
+        factory_args={"entered": entered, "release": release},
+        inputs=(TensorSpec("x", "FP32", (-1, 4)),),
+        outputs=(TensorSpec("OUT0", "FP32", (-1, 4)),),
+    )
+    backend = TorchBackend(spec)
+    await backend.start()
+    scheduler = DirectScheduler(backend, "m")
+    try:
+        left = asyncio.create_task(scheduler.submit(request(value=1)))
+        assert await asyncio.to_thread(entered.wait, 10)
+        left.cancel()
+        await asyncio.sleep(0.05)
+        assert not left.done()  # still ends with its forward pass
+        late = request(value=2, deadline=time.monotonic() + 0.1)
+        with pytest.raises(DeadlineExceeded, match="while queued"):
+            await scheduler.submit(late)
+        assert not late.ran
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await left
+        out = await scheduler.submit(request(value=3))  # the slot is free again
+        assert out["OUT0"][0, 0] == 6.0
+    finally:
+        release.set()
+        await scheduler.aclose()
+        await backend.aclose()
 
 
 @pytest.mark.parametrize("nice", [0, 5])

@@ -22,6 +22,9 @@ class Backend(Protocol):
     whole call (Unavailable, DeadlineExceeded, …) and reaches every request of the
     batch; anything else means the model raised on the data: the scheduler reruns the
     batch's requests apart and answers ModelFailed to those it fails on alone.
+    Cancelled, ``infer`` ends once the backend no longer works on the call: at once
+    where the work stops (a remote call cancelled), else when it ends (a forward pass
+    on a thread), so that a scheduler's slot is free when ``infer`` has ended.
     """
 
     @property

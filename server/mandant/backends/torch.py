@@ -31,18 +31,28 @@ answer the wrong rows or shape, and only a request that gets it alone is answere
 UNAVAILABLE (its batch-mates were all refused with it).
 
 The instance concatenates the requests of a batch itself (:meth:`TorchBackend.infer_batch`),
-off the event loop. On the CPU inputs reach the model zero-copy (``torch.from_numpy``;
-they may view a request's read-only bytes, so models must not modify their inputs in
-place). On CUDA they are concatenated straight into the instance's pinned buffers,
-copied to the device with ``non_blocking`` on the instance's stream, the forward pass
-and the copies of the outputs back to (pinned) host memory are queued on that stream,
-and only that stream is synchronised — after which the staging buffers are free again,
-even when the model raised.
+off the event loop. On the CPU inputs reach the model zero-copy (``torch.from_numpy``:
+a lone request's are views of its own bytes, which a model may write to in place; a
+one-byte input is copied, :func:`_host_input`). On CUDA they are concatenated
+straight into the instance's pinned buffers, copied to the device with
+``non_blocking`` on the instance's stream, the forward pass and the copies of the
+outputs back to (pinned) host memory are queued on that stream, and only that stream
+is synchronised — after which the staging buffers are free again, even when the model
+raised.
+
+A forward pass cannot be stopped once a thread runs it: a call cancelled then (its
+caller gone, a deadline passed; the scheduler without batching awaits it in its
+caller's task) ends when the forward pass does, so that its scheduler's slot stays
+taken until the instance is free. Freed at once, the next calls went past the tenants'
+fair queue into the threads' queue, where they were charged though they never ran and
+an unload could not answer them. A second cancellation ends the wait (the process
+ending). Cancelled before a thread took it, a call never runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import time
@@ -200,7 +210,8 @@ class TorchBackend:
         deadline: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Runs the whole module (it computes every output anyway); ``outputs`` and
-        ``deadline`` do not change an in-process forward pass."""
+        ``deadline`` do not change an in-process forward pass. Cancelled while a thread
+        runs it, it ends with the forward pass (module doc)."""
         return await self._execute(self._columns((inputs,)))
 
     async def infer_batch(
@@ -237,8 +248,14 @@ class TorchBackend:
             else:
                 outputs = self._run_on(instance, idle, columns, elements, inline=True)
         if outputs is None:
-            loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(executor, self._run, idle, columns, elements)
+            work = executor.submit(self._run, idle, columns, elements)
+            try:
+                outputs = await asyncio.wrap_future(work)
+            except asyncio.CancelledError:
+                if not work.cancel():  # a thread runs it: it ends with it (module doc)
+                    with contextlib.suppress(BaseException):
+                        await asyncio.wrap_future(work)
+                raise
         self._check_outputs(outputs, rows, _parts(columns))
         return outputs
 
