@@ -287,6 +287,33 @@ async def test_an_output_of_another_shape_is_unavailable(caplog: pytest.LogCaptu
     assert "shape [2, 16] where [-1, 10] is declared" in message
 
 
+@pytest.mark.parametrize("datatype", ["FP32", "FP16", "FP64"])
+async def test_a_bfloat16_output_goes_out_as_its_declared_float(datatype: str) -> None:
+    """numpy has no bfloat16: every call of a bf16 model was answered INVALID_ARGUMENT,
+    its caller's data blamed for the conversion's TypeError."""
+    spec = make_spec(
+        factory=f"{HELPERS}:bfloat16",
+        inputs=(TensorSpec("X", "FP32", (-1,)),),
+        outputs=(TensorSpec("HALF", datatype, (-1,)),),
+    )
+    out = await run_once(spec, {"X": np.array([1.5, -2.0], np.float32)})
+    assert out["HALF"].tolist() == [1.5, -2.0]
+
+
+async def test_an_output_that_is_not_a_tensor_is_the_configuration_s_fault(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A list where a tensor is declared was ModelFailed (INVALID_ARGUMENT, the
+    caller's data blamed): like any answer unlike its declaration, it is UNAVAILABLE."""
+    spec = make_spec(
+        factory=f"{HELPERS}:listed",
+        inputs=(TensorSpec("X", "FP32", (-1,)),),
+        outputs=(TensorSpec("SAME", "FP32", (-1,)), TensorSpec("LIST", "FP32", (-1,))),
+    )
+    message = await _mismatched(spec, {"X": np.ones(2, np.float32)}, caplog)
+    assert "output LIST" in message and "list where a tensor or a numpy array" in message
+
+
 async def test_integer_labels_and_masks_go_out_as_any_integer_or_bool() -> None:
     """An argmax's int64 declared UINT8 and a uint8 mask declared BOOL are served, as
     they were (a same-kind cast rule refused signed as unsigned)."""

@@ -185,3 +185,25 @@ class _InvertsInPlace(nn.Module):
 
 def inverts_in_place() -> nn.Module:
     return _InvertsInPlace()
+
+
+class _BFloat16(nn.Module):
+    """Its input in bfloat16, a float type numpy has none of."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.bfloat16)
+
+
+def bfloat16() -> nn.Module:
+    return _BFloat16()
+
+
+class _Listed(nn.Module):
+    """Its input, and a list of its values (not a tensor)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        return x, x.tolist()
+
+
+def listed() -> nn.Module:
+    return _Listed()

@@ -59,7 +59,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -278,7 +278,7 @@ class TorchBackend:
                 continue
             self._unlike(parts, spec.name, *problem)
 
-    def _mismatch(self, output: str, problem: str, got: str, declared: str) -> None:
+    def _mismatch(self, output: str, problem: str, got: str, declared: str) -> NoReturn:
         """Refuse an answer that does not match the configuration (UNAVAILABLE), logged
         once per output and problem."""
         name = self._spec.name
@@ -347,36 +347,42 @@ class TorchBackend:
     def _forward_on_cpu(self, instance: _Instance, columns: list[Column]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             args = [_host_input(column) for column in columns]
-            values = self._output_values(instance.module(*args), _parts(columns))
-            model = self._spec.name
-            return {
-                name: _to_numpy(model, name, value)
-                for name, value in zip(self._output_names, values, strict=True)
-            }
+            parts = _parts(columns)
+            values = self._output_values(instance.module(*args), parts)
+            return self._arrays(values, parts)
+
+    def _arrays(self, values: list[object], parts: int) -> dict[str, np.ndarray]:
+        """The outputs as numpy arrays, by name; a value none can be made of (not a
+        tensor or an array; a sparse, quantized, nested or meta tensor) is an answer
+        unlike the declared outputs (:meth:`_unlike`), not a fault of the data."""
+        arrays = {}
+        for name, value in zip(self._output_names, values, strict=True):
+            array = _to_numpy(value)
+            if array is None:
+                kind = f"{type(value).__name__}" + (
+                    f" ({value.layout}, {value.device})" if isinstance(value, torch.Tensor) else ""
+                )
+                self._unlike(parts, name, "kind", kind, "a tensor or a numpy array")
+            arrays[name] = array
+        return arrays
 
     def _forward_on_cuda(self, instance: _Instance, columns: list[Column]) -> dict[str, np.ndarray]:
         stream, staging = instance.stream, instance.staging
         assert stream is not None and staging is not None
-        model = self._spec.name
+        parts = _parts(columns)
         with torch.cuda.device(instance.device), torch.cuda.stream(stream):
             try:
                 with torch.inference_mode():
                     args = [_staged_input(staging, c, instance.device) for c in columns]
-                    values = self._output_values(instance.module(*args), _parts(columns))
-                    copies = [
-                        _copy_to_host(model, name, value)
-                        for name, value in zip(self._output_names, values, strict=True)
-                    ]
+                    values = self._output_values(instance.module(*args), parts)
+                    copies = [_copy_to_host(value) for value in values]
             finally:
                 # This stream only: the copies from the staging buffers, the forward
                 # pass and the copies back have all ended (or failed), so the buffers
                 # may serve the next batch and the outputs may be read.
                 stream.synchronize()
                 staging.release()
-        return {
-            name: value.numpy() if isinstance(value, torch.Tensor) else value
-            for name, value in zip(self._output_names, copies, strict=True)
-        }
+        return self._arrays(copies, parts)
 
     def _output_values(self, result: object, parts: int) -> list[object]:
         """The module's result as one value per declared output, in order; for a batch
@@ -398,7 +404,7 @@ class TorchBackend:
             self._unlike(parts, "*", "count", f"{len(values)} output(s)", str(len(names)))
         return values
 
-    def _unlike(self, parts: int, output: str, problem: str, got: str, declared: str) -> None:
+    def _unlike(self, parts: int, output: str, problem: str, got: str, declared: str) -> NoReturn:
         """An answer unlike the declared outputs: a lone request's is the
         configuration's fault (:meth:`_mismatch`); a batch's may be one request's data
         (a model whose outputs depend on it), so the batch is split."""
@@ -531,24 +537,45 @@ def _staged_input(
     return torch.from_numpy(host).to(device, non_blocking=True)
 
 
-def _copy_to_host(model: str, name: str, value: object) -> torch.Tensor | np.ndarray:
-    """Queue the copy of an output to host memory on the current stream (a CUDA
-    tensor lands in pinned memory); readable once the stream is synchronised."""
-    if isinstance(value, torch.Tensor):
+#: Float types numpy has none of: an output in one is widened to float32 (then cast to
+#: the declared float type as any other), not refused.
+_NUMPY_LACKS = frozenset(
+    getattr(torch, name)
+    for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+)
+
+
+def _copy_to_host(value: object) -> object:
+    """Queue the copy of an output tensor to host memory on the current stream (a CUDA
+    tensor lands in pinned memory); readable once the stream is synchronised. Anything
+    else as it is (:func:`_to_numpy` judges it)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.dtype in _NUMPY_LACKS:
+        value = value.float()
+    try:
         return value.detach().to("cpu", non_blocking=True)
+    except (RuntimeError, NotImplementedError):  # a meta tensor has no data to copy
+        return value
+
+
+def _to_numpy(value: object) -> np.ndarray | None:
+    """An output as a numpy array (zero-copy from a CPU tensor); None where it cannot
+    be one: not a tensor or an array, or a tensor numpy cannot view (sparse,
+    quantized, nested, on the meta device)."""
     if isinstance(value, np.ndarray):
         return value
-    raise _not_an_output(model, name, value)
-
-
-def _to_numpy(model: str, name: str, value: object) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
+    if not isinstance(value, torch.Tensor):
+        return None
+    if value.dtype in _NUMPY_LACKS:
+        value = value.float()
+    try:
         if value.is_cpu:  # inference mode: even a parameter converts without a detach
             return value.numpy()
         return value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        return value
-    raise _not_an_output(model, name, value)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return None
 
 
 #: The kinds of numpy arrays each declared kind takes (the codec casts them): integers
@@ -563,10 +590,3 @@ def _casts(dtype: np.dtype, datatype: str) -> bool:
     if datatype == "BYTES":
         return dtype.kind in "OSU"
     return dtype.kind in _TAKES[DATATYPES[datatype].kind]
-
-
-def _not_an_output(model: str, name: str, value: object) -> RuntimeError:
-    return RuntimeError(
-        f"model {model!r} returned {type(value).__name__} for output {name!r}, "
-        "expected a tensor or a numpy array"
-    )
