@@ -110,13 +110,34 @@ def test_a_warmup_request_gives_the_model_its_declared_inputs_and_no_other() -> 
     """check-config passed a misspelt input; the load then failed with "warm-up request
     0 failed: InvalidInput: missing input(s): IN", naming not the one misspelt."""
     tensor = {"datatype": "FP32", "shape": [1, 4]}
-    second = {"name": "IN2", "datatype": "FP32", "shape": [-1]}
+    second = {"name": "IN2", "datatype": "FP32", "shape": [-1, 4]}
     warmup = [{"inputs": {"IN": tensor}}, {"inputs": {"IN": tensor, "IN2": tensor, "NOPE": tensor}}]
     two_inputs = entry("n", inputs=[*IO["inputs"], second], warmup=warmup)
     assert errors(entry(), two_inputs) == [
         ("models.1.warmup.0.inputs", "missing input(s) IN2 (model 'n' has IN, IN2)"),
         ("models.1.warmup.1.inputs.NOPE", "no such input (model 'n' has IN, IN2)"),
     ]
+
+
+def test_a_warmup_input_has_its_declared_datatype_and_shape() -> None:
+    """check-config passed them; the load then failed with torch's words ("expected
+    scalar type Float but found Long", "shapes cannot be multiplied")."""
+    warmup = [
+        {
+            "inputs": {
+                "IN": {"datatype": "INT64", "shape": [1, 4]},
+                "IN2": {"datatype": "FP32", "shape": [2, 255]},
+            }
+        },
+        {"inputs": {"IN": {"datatype": "FP32", "shape": [3, 4]}, "IN2": {"datatype": "FP32",
+                    "shape": [1, 256]}}},
+    ]  # fmt: skip
+    second = {"name": "IN2", "datatype": "FP32", "shape": [-1, 256]}
+    assert errors(entry("n", inputs=[*IO["inputs"], second], warmup=warmup)) == [
+        ("models.0.warmup.0.inputs.IN.datatype", "INT64 where model 'n' declares FP32"),
+        ("models.0.warmup.0.inputs.IN2.shape",
+         "[2, 255] where model 'n' declares [-1, 256] (-1: any size)"),
+    ]  # fmt: skip
 
 
 def test_a_tuned_variant_s_warmup_is_checked_against_its_inputs_as_inherited() -> None:

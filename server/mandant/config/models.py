@@ -189,9 +189,9 @@ class WarmupConfig(_Frozen):
 
     def unfit(self, model: str, declared: Sequence[TensorConfig]) -> list[tuple[str, str]]:
         """Where this request does not give model ``model`` its ``declared`` inputs (a
-        call must give each, and no other), each (field path under the request,
-        reason): the load would fail with "missing input(s)", naming not the input
-        misspelt."""
+        call must give each, and no other, in its datatype and shape), each (field path
+        under the request, reason): the load would fail with "missing input(s)", naming
+        not the input misspelt, or with torch's words for a wrong dtype or shape."""
         names = [tensor.name for tensor in declared]
         has = f"model {model!r} has {', '.join(names)}"
         problems = [
@@ -202,6 +202,17 @@ class WarmupConfig(_Frozen):
         missing = [name for name in names if name not in self.inputs]
         if missing:
             problems.append(("inputs", f"missing input(s) {', '.join(missing)} ({has})"))
+        for tensor in declared:
+            given = self.inputs.get(tensor.name)
+            if given is None:
+                continue
+            where = f"inputs.{tensor.name}"
+            if given.datatype != tensor.datatype:
+                why = f"{given.datatype} where model {model!r} declares {tensor.datatype}"
+                problems.append((f"{where}.datatype", why))
+            elif not tensor.spec().accepts(given.shape):
+                why = f"{list(given.shape)} where model {model!r} declares {list(tensor.shape)}"
+                problems.append((f"{where}.shape", f"{why} (-1: any size)"))
         return problems
 
 
