@@ -104,6 +104,9 @@ def check_batch_rows(model: str, rows: int, max_batch_size: int) -> None:
 #: A requested output's ``classification`` parameter (Triton's classification
 #: extension, not served here), on every transport.
 NO_CLASSIFICATION = "the classification extension is not supported"
+#: The parameter by which a Triton client puts a tensor in a shared-memory region.
+SHARED_MEMORY = "shared_memory_region"
+NO_SHARED_MEMORY = "shared memory is not supported: send the tensor in the request"
 
 #: The most dimensions a tensor may have: numpy's limit (``numpy.ndarray`` of more
 #: cannot be made).

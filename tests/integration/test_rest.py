@@ -429,6 +429,27 @@ def test_json_data_nested_or_flat(server: Server) -> None:
             {**echo_request([1, 2], [1, 2]), "outputs": [{"name": "NOPE"}]},
             "unknown output 'NOPE'",
         ),
+        (  # was answered 200 with the tensor in the JSON body
+            {
+                **echo_request([1, 2], [1, 2]),
+                "outputs": [{"name": "OUTPUT0", "parameters": {"shared_memory_region": "r"}}],
+            },
+            "output 'OUTPUT0': shared memory is not supported",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "INPUT0",
+                        "datatype": "FP32",
+                        "shape": [1, 2],
+                        "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 8},
+                    }
+                ]
+            },
+            "input 'INPUT0': shared memory is not supported",
+        ),
+        (echo_request([True, 2.0], [1, 2]), "data holds values that are not FP32"),
         (  # JSON numbers have no bound: beyond int64 (was a 500)
             {**echo_request([1, 2], [1, 2]), "parameters": {"timeout": 10**400}},
             "parameter 'timeout' is a non-negative 64-bit integer (microseconds)",

@@ -64,6 +64,10 @@ def test_json_values_round_trip_exactly(datatype: str, data: st.DataObject) -> N
         ("FP32", [1e39, 1, 2, 3], "out of range for FP32"),
         ("FP16", [1, 2, 3, 70000], "out of range for FP16"),
         ("BOOL", [1, 0, 1, 0], "not BOOL"),
+        ("FP32", [True, 2, 3, 4], "not FP32"),  # read as 1.0 with status 200
+        ("FP64", [[1.5, 2], [3, False]], "not FP64"),
+        ("INT32", [[1, 2], [True, 4]], "not INT32"),
+        ("UINT8", [False, 7, 1, 2], "not UINT8"),
         ("FP32", [1, 2, None, 4], "not FP32"),
         ("FP32", [1, 2, {"a": 1}, 4], "not FP32"),
         ("BYTES", ["a", "b", 3, "d"], "not BYTES"),

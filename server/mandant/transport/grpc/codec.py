@@ -19,6 +19,8 @@ from mandant.validation import (
     MAX_PARAMETERS,
     MAX_RANK,
     NO_CLASSIFICATION,
+    NO_SHARED_MEMORY,
+    SHARED_MEMORY,
     check_bytes_count,
     check_counts,
     check_parameter_count,
@@ -28,12 +30,6 @@ from mandant.validation import (
 )
 from mandant.wire import join_bytes, split_bytes
 from mandant_client._proto import grpc_service_pb2 as pb
-
-#: The parameter by which a Triton client puts a tensor in a shared-memory region.
-SHARED_MEMORY = "shared_memory_region"
-NO_SHARED_MEMORY = (
-    "shared memory is not supported: send the tensor in the request (raw_input_contents)"
-)
 
 #: The typed ``contents`` field each datatype travels in.
 CONTENTS_FIELD = {
