@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
@@ -23,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from mandant.config import load_config, parse_config
 from mandant.tenancy.keys import hash_key
+from mandant_client._proto import admin_pb2, admin_pb2_grpc
 from tests.integration import control_models
 from tests.integration.test_model_control import (
     ACME,
@@ -432,7 +434,8 @@ def test_a_removed_tenant_s_models_and_statistics_pass_to_no_later_tenant_of_its
     later under the same id, with its own key, was served the old one's model and read
     its figures: statistics, and (until the nineteenth session) its usage report and
     dashboard row: calls, rows, latencies, SLO windows. Now the reload unloads the
-    model and the figures go."""
+    model and the figures go. Until then, what the removed tenant was billed stays in
+    admins' usage reports, marked removed (it vanished from them at once)."""
     slo = {"latency_ms": 50, "percentile": 99, "objective": 0.99}
     running, reload = _with_initech(tmp_path, {"slo": slo})
     app = running.app
@@ -446,11 +449,20 @@ def test_a_removed_tenant_s_models_and_statistics_pass_to_no_later_tenant_of_its
         infer(client, "echo", old)
         reload(None)
         _until_unloaded(app, "secret", "the removed tenant's model is still loaded")
+        status, body = http_get(running, "/usage", "admin-key")
+        billed = json.loads(body)["tenants"]["initech"]
+        assert status == 200 and billed["removed"] and billed["requests"] == {"OK": 2}
+        with grpc.insecure_channel(running.target) as channel:
+            admin = admin_pb2_grpc.AdminServiceStub(channel)
+            request = admin_pb2.GetUsageRequest(tenant="initech")
+            (named,) = admin.GetUsage(request, metadata=tuple(ADMIN.items())).tenants
+        assert named.removed and dict(named.requests) == {"OK": 2}
         reload({"id": "initech", "api_keys": [hash_key("new-initech-key")], "slo": slo})
         new = {"authorization": "Bearer new-initech-key"}
         status, body = http_get(running, "/usage", "new-initech-key")
         usage = json.loads(body)["tenants"]["initech"]
         assert status == 200 and not usage["requests"] and not usage["rows"], usage
+        assert not usage["removed"]
         assert not usage["admitted_rows"], usage
         status, body = http_get(running, "/api/dashboard", "new-initech-key")
         row = json.loads(body)["tenants"][0]

@@ -8,7 +8,10 @@ and ``AdminService.GetUsage`` over gRPC both report, saying the scope of each fi
   says which it is: this process's own counts while Redis is down);
 - ``fleet`` (with the Redis store only): every replica's requests, rows, compute
   seconds and rejections today and this month (UTC), kept in Redis beside the limits
-  (``tenancy/redis_usage.py``, fed by :class:`FleetCounting`): what billing reads."""
+  (``tenancy/redis_usage.py``, fed by :class:`FleetCounting`): what billing reads.
+
+Admins' reports also list the tenants a reload removed (``removed: true``, no quota):
+what they were billed, until their id is configured again (when the counts go)."""
 
 from __future__ import annotations
 
@@ -176,13 +179,25 @@ class UsageReports:
         self._fleet = fleet
 
     def named(self, tenant_id: str) -> str:
-        """``tenant_id`` if it is configured, else InvalidInput (an admin naming one)."""
+        """``tenant_id`` if it is configured or was (a reload removed it), else
+        InvalidInput (an admin naming one)."""
+        if tenant_id in self._removed():
+            return tenant_id
         return self._directory.named(tenant_id).id
 
+    def _removed(self) -> set[str]:
+        """The tenants a reload removed since this process started."""
+        return self._directory.ever - self._directory.current.ids
+
     async def report(self, only: str | None = None) -> dict[str, Any]:
-        """Every current tenant's usage, or ``only`` that tenant's."""
+        """Every current tenant's usage and the removed ones', or ``only`` that
+        tenant's."""
         await self._settle()
-        tenants = [t for t in self._directory.current.configs if only is None or t.id == only]
+        removed = self._removed()
+        tenants = [
+            *(t for t in self._directory.current.configs if only is None or t.id == only),
+            *(TenantConfig(id=id_) for id_ in sorted(removed) if only is None or id_ == only),
+        ]
         # Both reads at once, each one batch for every tenant: a Redis that does not
         # answer costs one timeout, not one per tenant (none during a known outage).
         stored, fleet = await asyncio.gather(
@@ -197,6 +212,7 @@ class UsageReports:
                 report["tenants"][tenant.id]["quota"]["scope"] = fleet_scope
         for tenant_id, entry in report["tenants"].items():
             entry["fleet"] = fleet.get(tenant_id) if fleet is not None else None
+            entry["removed"] = tenant_id in removed
         report["fleet_available"] = fleet is not None
         return report
 

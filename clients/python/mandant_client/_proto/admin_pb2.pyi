@@ -53,7 +53,7 @@ class FleetUsage(_message.Message):
     def __init__(self, requests: _Optional[_Mapping[str, int]] = ..., rows: _Optional[_Mapping[str, int]] = ..., compute_seconds: _Optional[_Mapping[str, float]] = ..., rejections: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class TenantUsage(_message.Message):
-    __slots__ = ("tenant", "requests", "rows", "compute_seconds", "rejections", "rows_today", "rows_this_month", "quota_rows_per_day", "quota_rows_per_month", "quota_scope", "fleet_today", "fleet_this_month")
+    __slots__ = ("tenant", "requests", "rows", "compute_seconds", "rejections", "rows_today", "rows_this_month", "quota_rows_per_day", "quota_rows_per_month", "quota_scope", "fleet_today", "fleet_this_month", "removed")
     class RequestsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class TenantUsage(_message.Message):
     QUOTA_SCOPE_FIELD_NUMBER: _ClassVar[int]
     FLEET_TODAY_FIELD_NUMBER: _ClassVar[int]
     FLEET_THIS_MONTH_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     requests: _containers.ScalarMap[str, int]
     rows: _containers.ScalarMap[str, int]
@@ -106,7 +107,8 @@ class TenantUsage(_message.Message):
     quota_scope: str
     fleet_today: FleetUsage
     fleet_this_month: FleetUsage
-    def __init__(self, tenant: _Optional[str] = ..., requests: _Optional[_Mapping[str, int]] = ..., rows: _Optional[_Mapping[str, int]] = ..., compute_seconds: _Optional[_Mapping[str, float]] = ..., rejections: _Optional[_Mapping[str, int]] = ..., rows_today: _Optional[int] = ..., rows_this_month: _Optional[int] = ..., quota_rows_per_day: _Optional[int] = ..., quota_rows_per_month: _Optional[int] = ..., quota_scope: _Optional[str] = ..., fleet_today: _Optional[_Union[FleetUsage, _Mapping]] = ..., fleet_this_month: _Optional[_Union[FleetUsage, _Mapping]] = ...) -> None: ...
+    removed: bool
+    def __init__(self, tenant: _Optional[str] = ..., requests: _Optional[_Mapping[str, int]] = ..., rows: _Optional[_Mapping[str, int]] = ..., compute_seconds: _Optional[_Mapping[str, float]] = ..., rejections: _Optional[_Mapping[str, int]] = ..., rows_today: _Optional[int] = ..., rows_this_month: _Optional[int] = ..., quota_rows_per_day: _Optional[int] = ..., quota_rows_per_month: _Optional[int] = ..., quota_scope: _Optional[str] = ..., fleet_today: _Optional[_Union[FleetUsage, _Mapping]] = ..., fleet_this_month: _Optional[_Union[FleetUsage, _Mapping]] = ..., removed: _Optional[bool] = ...) -> None: ...
 
 class GetUsageResponse(_message.Message):
     __slots__ = ("tenants", "generated_at", "replica")

@@ -44,6 +44,7 @@ def _tenant_usage(tenant: str, entry: dict[str, Any]) -> pb.TenantUsage:
         quota_scope=entry["quota"]["scope"],
         fleet_today=_fleet_usage(fleet.get("today")),
         fleet_this_month=_fleet_usage(fleet.get("this_month")),
+        removed=entry["removed"],
     )
 
 
