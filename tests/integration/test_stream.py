@@ -583,3 +583,49 @@ async def test_a_stream_cancelled_while_its_answers_wait_logs_no_error(
         await asyncio.sleep(0.2)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors[:3]]
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+async def test_a_message_whose_stream_ends_mid_forward_keeps_its_model_busy(
+    tmp_path: Path, kind: str
+) -> None:
+    """A stream's deadline passed while its message ran on a model without batching:
+    the message's call ended at once and gave the model's slot back, so the next call
+    went straight to the busy model's thread and ran after it (OK after 1.5 s) instead
+    of waiting for a slot in the fair queue, where its v2 timeout ends it. The message
+    now ends with its forward pass (and the stream's reader cancels it once: a second
+    cancellation would end that wait)."""
+    sleepy = {
+        **ECHO_MODEL,
+        "name": "sleepy",
+        "factory": "tests.integration.slow_models:sleepy",
+        "factory_args": {"seconds": 1.0},
+    }
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0},
+            "tenants": [{"id": "t", "api_keys": ["sha256:" + _sha("t-key")]}],
+            "models": [sleepy],
+        },
+        "test",
+    )
+    key = (("authorization", "Bearer t-key"),)
+    server = serve(kind, config, tmp_path)
+    try:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            method = channel.stream_stream(
+                STREAM, response_deserializer=pb.ModelStreamInferResponse.FromString
+            )
+            call = method(metadata=key, timeout=0.3)
+            await call.write(_request("sleepy", "running"))
+            await call.done_writing()  # the reader waits for the message's answer
+            assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            timed = pb.ModelInferRequest.FromString(_request("sleepy", "next"))
+            timed.parameters["timeout"].int64_param = 200_000  # µs
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await infer(timed.SerializeToString(), metadata=key, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "while queued" in str(refused.value.details())
+    finally:
+        server.stop()

@@ -188,3 +188,25 @@ async def test_a_turn_of_calls_is_cut_into_messages_the_length_prefix_can_hold(
     assert [len(requests) for requests, _ in got] == [3, 2]
     frames = [bytes(frame) for _, message_frames in got for frame in message_frames]
     assert frames == [bytes([rid]) * 400 for rid in range(5)]
+
+
+async def test_an_answer_that_comes_as_its_caller_gives_up_is_its_last_word() -> None:
+    """The engine answered a call in the same turn its caller was cancelled (a stream's
+    deadline): the answer found its future cancelled and was dropped, the call's
+    cancellation then found nothing pending, and the call was counted under no model
+    (a fifth of a stream's messages ended by its deadline, with ``workers: 2``)."""
+    from mandant.workers import engine_link
+
+    connection = engine_link._Connection(cast(Any, None))
+    connection.connection_made(cast(Any, _Written()))
+    header = ipc.RequestHeader(
+        1, "acme", "echo", "", "", {}, (), (TensorHeader("X", "UINT8", (4,)),), None, 0.0
+    )
+    future = connection.send(header, [bytes(4)])
+    future.cancel()  # the caller gives up; it resumes after the answer came
+    answer = [1, "sleepy", "1", ipc.pack_error(errors.DeadlineExceeded("late")), [], ""]
+    connection._message(ipc.ANSWERS, [answer], [])
+    last = connection.cancel(1)
+    assert last is not None and last.done()
+    assert last.result()[0][1:3] == ["sleepy", "1"]
+    assert connection.cancel(1) is None  # handed over once

@@ -232,6 +232,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._reader = MessageReader(self._message)
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, asyncio.Future[Answer]] = {}
+        #: Answers that came for calls whose caller had just given up (their futures
+        #: cancelled, the callers not yet resumed): :meth:`cancel` hands each over.
+        self._answered_late: dict[int, list[Any]] = {}
         self._requests: list[object] = []
         self._frames = Gathered()
         self._cancels: list[int] = []
@@ -290,10 +293,15 @@ class _Connection(asyncio.BufferedProtocol):
 
     def cancel(self, rid: int) -> asyncio.Future[Answer] | None:
         """Cancel a pending call in the engine; the engine's last word on it (None:
-        it was not pending)."""
-        if self._pending.pop(rid, None) is None:
-            return None
+        it was not pending). One the engine answered as its caller gave up is not
+        cancelled: that answer is the last word."""
         last: asyncio.Future[Answer] = self._loop.create_future()
+        if self._pending.pop(rid, None) is None:
+            answer = self._answered_late.pop(rid, None)
+            if answer is None:
+                return None
+            last.set_result((answer, []))
+            return last
         self._pending[rid] = last
         self._cancels.append(rid)
         self._schedule_flush()
@@ -337,6 +345,8 @@ class _Connection(asyncio.BufferedProtocol):
                 future = self._pending.pop(answer[0], None)
                 if future is not None and not future.done():
                     future.set_result((answer, frames[offset : offset + count]))
+                elif future is not None and future.cancelled():  # its caller gave up
+                    self._answered_late[answer[0]] = answer
                 offset += count
         elif kind == ipc.STATUS:
             (ready,) = payload

@@ -218,7 +218,10 @@ class InferStream:
                     timer.cancel()
             self._reading = None
             for task in tasks:
-                task.cancel()
+                # Once: a second cancellation cuts short what a cancelled message
+                # still waits for (the engine's word on its model, a forward pass).
+                if not task.cancelling():
+                    task.cancel()
         if self._marking is not None:  # ending: the mark is on its way (``_end_if_idle``)
             await self._marking
 
