@@ -10,7 +10,12 @@ parsed message to the stock servicer. Unbounded, a Watch kept its service name f
 long as the client kept the stream open (32 streams naming 8 MiB services held 1 GiB
 of RSS), and each reflection answer repeats its whole request (``original_request``:
 16 streams of one unread 8 MiB request held 338 MiB). Watch streams open at once are
-capped server-wide (:data:`WATCH_STREAMS_MAX`); beyond it RESOURCE_EXHAUSTED.
+capped, from one client address (:data:`WATCH_STREAMS_PER_ADDRESS`) and server-wide
+(:data:`WATCH_STREAMS_MAX`); beyond it UNIMPLEMENTED, which gRPC clients' health
+checking takes as "no health checking here": they serve on, as from a healthy server.
+RESOURCE_EXHAUSTED (it was) failed every call of a channel whose Watch it refused: one
+client without a key holding 1,024 streams failed every other tenant's health-checked
+channels.
 
 Each message is read by :class:`~mandant.transport.grpc.reads.MessageReads`, as one
 of a call without a key: health checks and reflection apart, at most
@@ -35,9 +40,9 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from mandant.errors import InvalidInput, MandantError, ResourceExhausted
+from mandant.errors import InvalidInput, MandantError
 from mandant.transport.grpc.gateway import NO_MESSAGE, Context, abort, parse
-from mandant.transport.grpc.reads import MessageReads, keyless_pools
+from mandant.transport.grpc.reads import MessageReads, keyless_pools, peer_address
 
 T = TypeVar("T")
 
@@ -48,16 +53,16 @@ HEALTH_REQUEST_MAX_BYTES = 256
 #: A ServerReflectionRequest's bytes: it names one symbol, file or extension (ours are
 #: under 100 bytes), and each answer repeats it. Over it: INVALID_ARGUMENT.
 REFLECTION_REQUEST_MAX_BYTES = 4096
-#: Health Watch streams open at once, server-wide: gRPC clients' own health checking
-#: (``healthCheckConfig``) opens one per channel to this replica; beyond it
-#: RESOURCE_EXHAUSTED, with pushback :data:`WATCH_RETRY_S`.
+#: Health Watch streams open at once, server-wide and from one client address: gRPC
+#: clients' own health checking (``healthCheckConfig``) opens one per channel to this
+#: replica; beyond either, UNIMPLEMENTED (module doc).
 WATCH_STREAMS_MAX = 1024
+WATCH_STREAMS_PER_ADDRESS = 64
 #: The services whose reads are counted apart (``reads.keyless_pools``): a reflection
 #: stream waits for its next message as long as its client likes, a health check's
 #: comes at once.
 HEALTH = "health"
 REFLECTION = "reflection"
-WATCH_RETRY_S = 1.0
 
 
 async def read_bounded(
@@ -120,13 +125,21 @@ async def bounded_stream(
 
 
 class WatchCap:
-    """Watch streams open at once, at most ``max_streams`` (``watching`` now); and their
-    end when the server stops (:meth:`end`)."""
+    """Watch streams open at once, at most ``max_streams`` (``watching`` now) and
+    ``per_address`` from one client address; and their end when the server stops
+    (:meth:`end`)."""
 
-    def __init__(self, servicer: health.aio.HealthServicer, max_streams: int) -> None:
+    def __init__(
+        self,
+        servicer: health.aio.HealthServicer,
+        max_streams: int,
+        per_address: int = WATCH_STREAMS_PER_ADDRESS,
+    ) -> None:
         self._servicer = servicer
         self._max_streams = max_streams
+        self._per_address = per_address
         self.watching = 0
+        self._by_address: dict[str, int] = {}
         self._ending = asyncio.Event()
 
     def end(self) -> None:
@@ -140,14 +153,17 @@ class WatchCap:
         self._ending.set()
 
     async def watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
-        if self.watching >= self._max_streams:
-            busy = ResourceExhausted(
-                f"too many health Watch streams open (at most {self._max_streams})",
-                WATCH_RETRY_S,
+        address = peer_address(context.peer())
+        from_address = self._by_address.get(address, 0)
+        if self.watching >= self._max_streams or from_address >= self._per_address:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"health Watch streams are at most {self._max_streams} open "
+                f"({self._per_address} from one address): no health checking on this one",
             )
-            await abort(context, busy)
             return
         self.watching += 1
+        self._by_address[address] = from_address + 1
         told = _Told(context)
         watching = asyncio.ensure_future(self._servicer.Watch(request, cast(Context, told)))
         try:
@@ -159,6 +175,9 @@ class WatchCap:
         finally:
             watching.cancel()
             self.watching -= 1
+            left = self._by_address.pop(address) - 1
+            if left:
+                self._by_address[address] = left
 
 
 async def _first(

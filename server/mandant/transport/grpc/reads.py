@@ -76,10 +76,16 @@ def tenant_pool(tenant: str) -> Pool:
     return Pool(f"tenant {tenant}", TENANT_READS_MAX, "calls of this tenant")
 
 
+def peer_address(peer: str) -> str:
+    """The client address of gRPC's ``context.peer()`` (``ipv4:10.0.0.5:41234``), its
+    port left out."""
+    return peer.rpartition(":")[0] or peer
+
+
 def keyless_pools(service: str, peer: str) -> tuple[Pool, Pool]:
     """The pools of a call without a key to ``service`` from ``peer`` (gRPC's
-    ``context.peer()``: ``ipv4:10.0.0.5:41234``; the port is left out)."""
-    address = peer.rpartition(":")[0] or peer
+    ``context.peer()``)."""
+    address = peer_address(peer)
     return (
         Pool(f"{service} {address}", PEER_OPEN_READS_MAX, f"{service} calls from this address"),
         Pool(service, OPEN_READS_MAX, f"{service} calls without a key"),
