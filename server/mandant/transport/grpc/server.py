@@ -50,22 +50,39 @@ from mandant_client._proto import grpc_service_pb2 as pb
 logger = logging.getLogger(__name__)
 
 
-class _AnswersToGoneClients(logging.Filter):
-    """grpc.aio logs an answer it could not send because its call had ended (the
-    client cancelled, or left, while it was written: ``ExecuteBatchError``) as an
-    ERROR with a traceback, about 1 KB for each such call: any client could fill the
-    server's error log (about 5 KiB/s, a reviewer's 4 MB answers dropped). Such a record
-    goes out at DEBUG, without the traceback; gRPC's other errors stay as they are."""
+class _ClientNoise(logging.Filter):
+    """Records grpc.aio writes as ERRORs with a traceback for what any client can cause,
+    each call: it could fill the server's error log. They go out at DEBUG, without the
+    traceback; gRPC's other errors stay as they are.
+
+    - an answer it could not send because its call had ended (the client cancelled, or
+      left, while it was written: ``ExecuteBatchError``), about 1 KB each (about
+      5 KiB/s, a reviewer's 4 MB answers dropped);
+    - a metadata value that is not UTF-8 (``Invalid encoding on <value>``), even on a
+      probe without a key: 250 KB/s from one client, and the value verbatim, so an
+      ``authorization`` header with one stray byte logged its key. The value is left
+      out."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], cygrpc.ExecuteBatchError):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            record.exc_info = record.exc_text = None
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+            return _demoted(record)
+        if record.msg == UNDECODABLE:
+            record.msg, record.args = "a metadata value is not UTF-8 (not logged)", ()
+            return _demoted(record)
         return True
 
 
-ANSWERS_TO_GONE_CLIENTS = _AnswersToGoneClients()
+#: What grpcio logs of a metadata value that is not UTF-8 (with the value).
+UNDECODABLE = "Invalid encoding on %s"
+
+
+def _demoted(record: logging.LogRecord) -> bool:
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    record.exc_info = record.exc_text = None
+    return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+CLIENT_NOISE = _ClientNoise()
 #: Where grpc.aio's server logs them.
 GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
 
@@ -204,7 +221,7 @@ class GrpcServer:
                 ("grpc.max_connection_age_grace_ms", round(grace_s * 1000)),
             ]
         self._server = grpc.aio.server(options=options)
-        logging.getLogger(GRPC_CORE_LOGGER).addFilter(ANSWERS_TO_GONE_CLIENTS)  # once: a set
+        logging.getLogger(GRPC_CORE_LOGGER).addFilter(CLIENT_NOISE)  # once: a set
         self._bind = bind
         tls = config.tls
         self._certificates = GrpcCertificates(tls) if tls is not None and bind is None else None
