@@ -20,9 +20,10 @@ STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 class StalledCalls:
     """``calls`` calls of ``path`` on one connection, each declaring a message of
     ``declared`` bytes and sending ``sent`` of them (``key``: its ``authorization``;
-    ``source``: the local address to connect from, another loopback address say).
-    Sending all of it (``sent == declared``) makes whole calls (of zero bytes: an
-    empty message)."""
+    ``source``: the local address to connect from, another loopback address say;
+    ``metadata``: more headers, as they are: no gRPC client sends a value that is not
+    printable ASCII). Sending all of it (``sent == declared``) makes whole calls (of
+    zero bytes: an empty message)."""
 
     def __init__(
         self,
@@ -33,22 +34,26 @@ class StalledCalls:
         declared: int = 1 << 20,
         sent: int = 512,
         source: str | None = None,
+        metadata: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         self._sock = socket.create_connection(
             ("127.0.0.1", port), source_address=(source, 0) if source else None
         )
-        self._conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self._conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, validate_outbound_headers=not metadata)
+        )
         self._conn.initiate_connection()
-        headers = [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", path),
-            (":authority", "localhost"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
+        headers: list[tuple[bytes, bytes]] = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", path.encode()),
+            (b":authority", b"localhost"),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
         ]
         if key is not None:
-            headers.append(("authorization", f"Bearer {key}"))
+            headers.append((b"authorization", f"Bearer {key}".encode()))
+        headers += metadata
         self._unsent: dict[int, bytes] = {}
         for _ in range(calls):
             stream = self._conn.get_next_available_stream_id()

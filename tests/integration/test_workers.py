@@ -37,6 +37,7 @@ from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client import AsyncClient, Client, MandantClientError
 from mandant_client._proto import grpc_service_pb2 as pb
+from tests.integration.stalled_calls import StalledCalls
 from tests.servers import (
     ECHO_MODEL,
     MANDANT,
@@ -830,3 +831,26 @@ def test_an_engine_started_again_keeps_its_internal_port(tmp_path: Path) -> None
         _wait_for_pids(server, "engine", 1, {engine})
         _serving(server.target)
         assert http_get_port(port, "/readyz")[0] == 200
+
+
+@pytest.mark.parametrize("value", ["José".encode(), b"a\tb", b"caf\xe9"])
+def test_a_metadata_value_no_grpc_client_sends_is_not_forwarded(
+    server: WorkersServer, value: bytes
+) -> None:
+    """A front end forwards its model and admin RPCs to the engine with the client's
+    metadata; a text value gRPC's client will not send (not printable ASCII: another
+    client stack's ``x-user: José``) failed the forward: INTERNAL and a logged
+    traceback, where one process answers the call. Such a value is not forwarded."""
+    calls = StalledCalls(
+        int(server.target.rsplit(":", 1)[1]),
+        "/inference.GRPCInferenceService/RepositoryIndex",
+        "acme-key",
+        declared=0,
+        sent=0,
+        metadata=((b"x-user", value),),
+    )
+    try:
+        ((code, message),) = calls.statuses(10)
+    finally:
+        calls.close()
+    assert code is grpc.StatusCode.OK, message

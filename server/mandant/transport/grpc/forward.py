@@ -47,10 +47,16 @@ def decode_identities(value: str | None) -> list[str]:
 
 
 def _forwarded(metadata: Iterable[tuple[str, str | bytes]]) -> list[tuple[str, str | bytes]]:
+    """The client's metadata the engine gets: not gRPC's own, and not a text value
+    gRPC's client cannot send (printable ASCII only: ``x-user: José``, a tab), which
+    failed the whole call INTERNAL where one process answers it (an ``authorization``
+    so dropped is then no key: UNAUTHENTICATED, as one process answers it too)."""
     return [
         (key, value)
         for key, value in metadata
-        if key not in _NOT_FORWARDED and not key.startswith((":", "grpc-"))
+        if key not in _NOT_FORWARDED
+        and not key.startswith((":", "grpc-"))
+        and (isinstance(value, bytes) or (value.isascii() and value.isprintable()))
     ]
 
 
