@@ -286,3 +286,20 @@ def test_a_setting_of_several_kinds_is_refused_once(
     with pytest.raises(ConfigError) as refused:
         parse_config({"tenants": [{"id": "t", "api_keys": [KEY_A]}], **data})
     assert refused.value.errors == expected
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("max_message_bytes", 2**32),
+        ("max_concurrent_streams", 2**31),
+        ("max_connection_age_s", 2_500_000),
+        ("grace_s", 10**7),
+    ],
+)
+def test_settings_gRPC_takes_as_c_ints_are_bounded(setting: str, value: int) -> None:
+    """check-config passed them; serve then stopped with an OverflowError's traceback
+    once the models had loaded (a connection's grace counts in int milliseconds)."""
+    found = errors({"server": {setting: value}, "tenants": [], "models": []})
+    assert [where for where, _ in found] == [f"server.{setting}"]
+    assert "less than or equal to" in found[0][1]

@@ -94,6 +94,15 @@ class InternalHttpConfig(_Frozen):
     port: Annotated[int, Field(ge=0, le=65535)]
 
 
+#: gRPC takes its settings as C ints: a larger one passed ``check-config`` and then
+#: stopped ``serve`` with a traceback once the models had loaded. Milliseconds too: the
+#: connection's grace (``grace_s`` + 1.1 x ``max_connection_age_s`` + 5 s) stays within
+#: it with these two bounds (a day; 11.6 days).
+GRPC_INT_MAX = 2**31 - 1
+MAX_GRACE_S = 86_400.0
+MAX_CONNECTION_AGE_S = 1_000_000.0
+
+
 class ServerConfig(_Frozen):
     #: Bind address of the gRPC and REST ports (and of the HTTP port without ``http_host``).
     host: str = "127.0.0.1"
@@ -105,7 +114,7 @@ class ServerConfig(_Frozen):
     http_port: Annotated[int, Field(ge=0, le=65535)] = 8002
     #: KServe v2 REST (Triton's HTTP/REST protocol), ``transport/rest``.
     rest_port: Annotated[int, Field(ge=0, le=65535)] = 8000
-    max_message_bytes: Annotated[int, Field(gt=0)] = 64 * 1024 * 1024
+    max_message_bytes: Annotated[int, Field(gt=0, le=GRPC_INT_MAX)] = 64 * 1024 * 1024
     #: How long a gRPC call's message may take to arrive once the server reads it
     #: (a call with a key; one without has 5 s): gRPC holds what has come of a message
     #: until the rest does, so a client that sends part of one and stops is answered
@@ -113,7 +122,7 @@ class ServerConfig(_Frozen):
     #: The client's own deadline ends it sooner. Not applied between a stream's
     #: messages.
     message_read_timeout_s: Annotated[float, Field(gt=0)] = DEFAULT_MESSAGE_READ_TIMEOUT_S
-    grace_s: Annotated[float, Field(ge=0)] = 10.0
+    grace_s: Annotated[float, Field(ge=0, le=MAX_GRACE_S)] = 10.0
     #: How long one model version may take to load and warm up (at start, on a load or
     #: a reload) before it counts as failed to load; the other models and model
     #: changes never wait for it. An in-process model's loading thread cannot be
@@ -122,7 +131,7 @@ class ServerConfig(_Frozen):
     #: Concurrent calls one client connection may have in the server; further calls
     #: wait in the client's HTTP/2 layer, costing this server nothing. Bounds how much
     #: of a CPU-bound front end one connection can occupy.
-    max_concurrent_streams: Annotated[int, Field(gt=0)] = 1024
+    max_concurrent_streams: Annotated[int, Field(gt=0, le=GRPC_INT_MAX)] = 1024
     #: Close a client's HTTP/2 connection (GOAWAY) after about this long (gRPC adds
     #: ±10% jitter), its calls given ``grace_s`` to finish: a long-lived client then
     #: reconnects, and an L4 balancer (a Kubernetes Service) spreads it again, also
@@ -135,7 +144,7 @@ class ServerConfig(_Frozen):
     #: So the connection's grace is ``grace_s`` plus 1.1 x this (a stream opened just
     #: before the GOAWAY lives its own age, then drains); unary calls are only given
     #: longer.
-    max_connection_age_s: Annotated[float | None, Field(gt=0)] = None
+    max_connection_age_s: Annotated[float | None, Field(gt=0, le=MAX_CONNECTION_AGE_S)] = None
     #: Calls (and stream messages) the whole server serves at once; one more is
     #: answered RESOURCE_EXHAUSTED (with pushback) before its message is parsed. With
     #: ``max_concurrent_streams`` it bounds what slow readers can make the server hold.
