@@ -125,6 +125,24 @@ async def test_async_client_every_call(server: ServerThread) -> None:
     np.testing.assert_array_equal(outputs["OUTPUT0"], ROWS)
 
 
+async def test_a_key_read_from_a_file_with_its_newline_is_sent_without_it(
+    server: ServerThread,
+) -> None:
+    """``api_key=open(path).read()``: gRPC refused the header with its newline on every
+    call (the sync client said ServerError, the async one raised grpc's own
+    ExecuteBatchError, no MandantClientError). A key gRPC cannot send at all is a
+    ValueError as the client is made, without the key."""
+    with Client(server.target, api_key="acme-key\n", timeout_s=10) as client:
+        np.testing.assert_array_equal(client.infer("echo", {"INPUT0": ROWS})["OUTPUT0"], ROWS)
+    async with AsyncClient(server.target, api_key=" acme-key\r\n", timeout_s=10) as aclient:
+        out = await aclient.infer("echo", {"INPUT0": ROWS})
+    np.testing.assert_array_equal(out["OUTPUT0"], ROWS)
+    for make in (Client, AsyncClient):
+        with pytest.raises(ValueError, match="api_key holds") as refused:
+            make(server.target, api_key="acme-kéy")
+        assert "acme" not in str(refused.value)
+
+
 def test_health_needs_no_key_and_the_rest_does(server: ServerThread) -> None:
     with Client(server.target) as client:
         assert client.server_live() and client.server_ready()

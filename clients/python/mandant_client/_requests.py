@@ -66,8 +66,17 @@ def channel_credentials(tls: bool | grpc.ChannelCredentials) -> grpc.ChannelCred
 
 
 def auth_metadata(api_key: str | None) -> Metadata:
-    """The ``authorization: Bearer <key>`` header sent on every call."""
-    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    """The ``authorization: Bearer <key>`` header sent on every call. The key without
+    surrounding whitespace (as read from a file, its final newline: gRPC refused the
+    header on every call, the async client's error not even a MandantClientError); one
+    that is not printable ASCII, which gRPC cannot send, is a ValueError now (the key
+    not repeated)."""
+    if not api_key:
+        return ()
+    key = api_key.strip()
+    if not (key.isascii() and key.isprintable()):
+        raise ValueError("api_key holds characters a gRPC header cannot carry")
+    return (("authorization", f"Bearer {key}"),)
 
 
 def model_version(version: str | int | None) -> str:

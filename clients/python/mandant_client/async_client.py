@@ -45,6 +45,7 @@ class AsyncClient:
         connections: int = 1,
     ) -> None:
         credentials = _requests.channel_credentials(tls)
+        self._metadata = _requests.auth_metadata(api_key)  # a bad key: before any channel
         channel_options = _requests.channel_options(options, connections)
         if credentials is None:
             self._channels = [
@@ -59,7 +60,6 @@ class AsyncClient:
         self._stubs = [GRPCInferenceServiceStub(c) for c in self._channels]  # type: ignore[no-untyped-call]
         self._stub = self._stubs[0]
         self._turn = itertools.cycle(range(connections))
-        self._metadata = _requests.auth_metadata(api_key)
         self._timeout_s = timeout_s
         max_send_bytes = _requests.max_send_bytes(channel_options)
         self._multiplexers = (
