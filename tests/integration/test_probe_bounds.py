@@ -18,6 +18,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from mandant.transport.grpc import reads as reads_module
 from mandant.transport.grpc.probes import (
     HEALTH_REQUEST_MAX_BYTES,
     REFLECTION_REQUEST_MAX_BYTES,
@@ -233,3 +234,28 @@ def _check_from(port: int, source: str) -> grpc.StatusCode:
         return code
     finally:
         check.close()
+
+
+async def test_a_full_keyless_pool_sheds_the_address_holding_the_most(
+    capped_health: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each address within its share (8), enough of them held every keyless health
+    read the server allows (16 here, 128 served) and a kubelet's probe from another
+    address was refused. It takes the place of the oldest read of the address holding
+    the most, which is answered RESOURCE_EXHAUSTED (with pushback)."""
+    monkeypatch.setattr(reads_module, "OPEN_READS_MAX", 2 * PEER_OPEN_READS_MAX)
+    port = int(capped_health.rsplit(":", 1)[1])
+    holders = [
+        StalledCalls(port, "/grpc.health.v1.Health/Check", calls=PEER_OPEN_READS_MAX, source=source)
+        for source in ("127.0.0.1", "127.0.0.2")
+    ]
+    try:
+        await asyncio.sleep(0.1)  # every stalled read counted
+        assert await asyncio.to_thread(_check_from, port, "127.0.0.3") == grpc.StatusCode.OK
+        statuses = [s for calls in holders for s in await asyncio.to_thread(calls.statuses, 10)]
+    finally:
+        for calls in holders:
+            calls.close()
+    shed = [message for code, message in statuses if code is grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert len(shed) == 1 and "place went to another client's" in shed[0], statuses
+    assert len(statuses) == 2 * PEER_OPEN_READS_MAX

@@ -317,7 +317,8 @@ class Gate:
                 if reading is None or not reads.end(reading):
                     code = "CANCELLED"
                     raise
-                code, refusal = "DEADLINE_EXCEEDED", reads.timed_out(reading)
+                refusal = reads.refusal(reading)
+                code = status_for(refusal).name
             except Exception as exc:
                 code, refusal = "INTERNAL", exc
             finally:

@@ -65,11 +65,14 @@ SWEEP_SHARE = 0.25
 
 class Pool(NamedTuple):
     """Reads counted together: at most ``limit`` at once. ``who`` names them in the
-    refusal ("calls of this tenant")."""
+    refusal ("calls of this tenant"). ``shared``: full, a read of it takes the place of
+    the oldest read of the client holding the most of it (each read's first pool is its
+    client's), where that client holds more than the newcomer's."""
 
     key: str
     limit: int
     who: str
+    shared: bool = False
 
 
 def tenant_pool(tenant: str) -> Pool:
@@ -88,7 +91,7 @@ def keyless_pools(service: str, peer: str) -> tuple[Pool, Pool]:
     address = peer_address(peer)
     return (
         Pool(f"{service} {address}", PEER_OPEN_READS_MAX, f"{service} calls from this address"),
-        Pool(service, OPEN_READS_MAX, f"{service} calls without a key"),
+        Pool(service, OPEN_READS_MAX, f"{service} calls without a key", shared=True),
     )
 
 
@@ -99,14 +102,16 @@ class MessageTimedOut(DeadlineExceeded):
 class Reading:
     """One read in progress: :meth:`MessageReads.begin`'s ticket."""
 
-    __slots__ = ("ends_at", "late", "pools", "task", "timeout_s")
+    __slots__ = ("ended", "ends_at", "pools", "task", "timeout_s")
 
     def __init__(self, task: asyncio.Task[Any], timeout_s: float, pools: tuple[Pool, ...]) -> None:
         self.task = task
         self.timeout_s = timeout_s
         self.ends_at = time.monotonic() + timeout_s
         self.pools = pools  # the counts it takes part in
-        self.late = False  # the timer cancelled its task
+        #: Why the server cancelled its task (too slow; its place given to another
+        #: client's read), which the call is answered.
+        self.ended: MessageTimedOut | ResourceExhausted | None = None
 
 
 class MessageReads:
@@ -133,7 +138,7 @@ class MessageReads:
         await."""
         for pool in pools:
             held = self._counts.get(pool.key, 0)
-            if held >= pool.limit:
+            if held >= pool.limit and not (pool.shared and self._make_room(pool, pools[0])):
                 raise ResourceExhausted(
                     f"{held} {pool.who} are sending their messages (at most {pool.limit}): "
                     "retry once they have",
@@ -148,16 +153,40 @@ class MessageReads:
             self._timer = asyncio.get_running_loop().call_later(self._sweep_s, self._sweep)
         return reading
 
+    def _make_room(self, pool: Pool, own: Pool) -> bool:
+        """Full ``pool`` (shared): end the oldest read of the client that holds the most
+        of it, if that client holds more than ``own`` (the newcomer's); whether a place
+        is free now. Counted as one client at 8 reads each, 16 addresses held all 128
+        keyless health reads and a kubelet's probe was refused."""
+        held: dict[str, list[Reading]] = {}
+        for reading in self._reading.values():  # oldest first
+            if reading.ended is None and pool in reading.pools:
+                held.setdefault(reading.pools[0].key, []).append(reading)
+        most = max(held.values(), key=len, default=[])
+        if len(most) <= self._counts.get(own.key, 0):
+            return False
+        shed = most[0]
+        shed.ended = ResourceExhausted(
+            f"this call's place went to another client's: at most {pool.limit} {pool.who} "
+            f"send their messages at once, and this address held {len(most)}",
+            READS_RETRY_S,
+        )
+        self._give_back(shed.pools)
+        shed.pools = ()
+        shed.task.cancel()
+        return True
+
     def end(self, reading: Reading | None) -> bool:
-        """The read is over (a None: none began); whether it timed out, the task's
-        cancellation then taken back: the caller raises :meth:`timed_out` instead.
-        Safe to call twice."""
+        """The read is over (a None: none began); whether the server ended it (too slow,
+        or its place given to another's), the task's cancellation then taken back: the
+        caller raises :meth:`refusal` instead. Safe to call twice."""
         if reading is None or self._reading.pop(reading.task, None) is None:
             return False
         self._give_back(reading.pools)
-        if reading.late:
+        if reading.ended is not None:
             reading.task.uncancel()
-        return reading.late
+            return True
+        return False
 
     def open_stream(self, tenant: str) -> Pool:
         """A stream of ``tenant`` opens: counted until :meth:`close_stream` is given
@@ -201,20 +230,24 @@ class MessageReads:
             return await context.read()
         except asyncio.CancelledError:
             if self.end(reading):
-                raise self.timed_out(reading) from None
+                raise self.refusal(reading) from None
             raise
         finally:
             self.end(reading)
 
     @staticmethod
-    def timed_out(reading: Reading) -> MessageTimedOut:
-        return MessageTimedOut(f"the request message did not arrive within {reading.timeout_s:g} s")
+    def refusal(reading: Reading) -> MessageTimedOut | ResourceExhausted:
+        """What a read the server ended (:meth:`end` said so) is answered."""
+        assert reading.ended is not None
+        return reading.ended
 
     def _sweep(self) -> None:
         now = time.monotonic()
         for reading in self._reading.values():
-            if not reading.late and reading.ends_at <= now:
-                reading.late = True
+            if reading.ended is None and reading.ends_at <= now:
+                reading.ended = MessageTimedOut(
+                    f"the request message did not arrive within {reading.timeout_s:g} s"
+                )
                 reading.task.cancel()
         self._timer = (
             asyncio.get_running_loop().call_later(self._sweep_s, self._sweep)
