@@ -114,6 +114,27 @@ async def test_one_refused_script_fails_only_its_own_call(
         assert [_rows_today(client, "p1", f"t{i}") for i in admitted] == [10] * 9
 
 
+async def test_a_refused_script_does_not_take_the_store_for_out(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """A key of the wrong type is one tenant's: its refusal put the whole replica in
+    outage mode for ``retry_interval_s``, refusing every other tenant's calls
+    (``deny``; with ``allow`` they ran on local buckets, past their fleet quota). Now
+    the tenant's call alone follows ``on_store_error``; the others go to Redis."""
+    with same_utc_day():
+        tenants = [{"id": t, "quota": {"rows_per_day": 1000}} for t in ("bad", "good")]
+        config = _config(redis_server.url, "p2", *tenants, on_store_error="deny")
+        client.hset(f"p2:{{bad}}:*:rows_per_day:{utc_day()}", "not", "a count")
+        async with _admission(config) as admission:
+            for _ in range(3):
+                with pytest.raises(Unavailable):
+                    await admission.admit(Tenant("bad"), ECHO, 1)
+                permit = await admission.admit(Tenant("good"), ECHO, 1)
+                permit.release(refund=False)
+            assert admission.quota_scope == "fleet"
+        assert _rows_today(client, "p2", "good") == 3
+
+
 def _stall(port: int, seconds: float) -> threading.Thread:
     """Keep Redis busy with one script for ``seconds`` (as a slow command or a
     latency spike does): it reads no other command meanwhile and runs what was

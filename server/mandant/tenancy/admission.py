@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from mandant.errors import FailedPrecondition, InvalidInput, QuotaExceeded, RateLimited, Unavailable
 from mandant.events import NullObserver, Observer
+from mandant.observability.log_limits import FailureLog
 from mandant.tenancy.limits import MONOTONIC, Clock, Rate
 from mandant.tenancy.local_store import LocalStore
 from mandant.tenancy.policy import (
@@ -33,6 +34,7 @@ from mandant.tenancy.policy import (
     Policy,
     Scope,
     SharedStore,
+    StoreRefused,
     StoreUnavailable,
 )
 from mandant.tenancy.quota import WALL, PeriodKind
@@ -189,6 +191,9 @@ class TenantAdmission:
         self._outage_failures = 0
         self._outage_since = 0.0
         self._quota_scope = "fleet" if shared is not None else "replica"
+        #: One warning per tenant and reason a minute: a tenant's bad key is met by
+        #: each of its calls.
+        self._refusals = FailureLog(logger, "mandant_store_errors_total")
 
     async def start(self) -> None:
         if self._shared is not None:
@@ -235,6 +240,8 @@ class TenantAdmission:
             ]
             try:
                 counts = iter(await asyncio.gather(*reads))
+            except StoreRefused as exc:  # this report falls back; the store answers
+                self._store_refused(shared.name, "", str(exc))
             except StoreUnavailable as exc:
                 self._store_failed(shared.name, str(exc))
             else:
@@ -354,6 +361,8 @@ class TenantAdmission:
                 self._retry_at = now + self._limits.retry_interval_s  # one probe at a time
             try:
                 charge = await shared.acquire(plan, rows, wall)
+            except StoreRefused as exc:
+                self._store_refused(shared.name, plan.tenant, str(exc))
             except StoreUnavailable as exc:
                 self._store_failed(shared.name, str(exc))
             else:
@@ -378,6 +387,22 @@ class TenantAdmission:
             )
         self._outage_failures += 1
         self._retry_at = now + self._limits.retry_interval_s
+
+    def _store_refused(self, store: str, tenant: str, reason: str) -> None:
+        """The store answered one operation with an error about its own keys: that
+        call alone falls back; the store answers, so an outage is over."""
+        self._observer.store_error(store)
+        self._refusals.failed(
+            f"{store} {tenant} {reason}",
+            "limits store %s refused an operation of tenant %s (%s): that call follows "
+            "on_store_error; check the tenant's keys in the store",
+            store,
+            tenant or "(a usage report)",
+            reason,
+            level=logging.WARNING,
+        )
+        if self._outage_failures:
+            self._store_recovered(store)
 
     def _store_recovered(self, store: str) -> None:
         logger.warning(

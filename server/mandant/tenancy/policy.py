@@ -96,6 +96,12 @@ class StoreUnavailable(Exception):
     """The shared store failed one operation; admission falls back or refuses."""
 
 
+class StoreRefused(StoreUnavailable):
+    """The shared store answered one operation with an error about that operation's own
+    keys (a key another program made of another type): that call alone falls back or
+    is refused, and the store is not taken for out (it answers)."""
+
+
 def _rates(config: RateLimitConfig | None) -> list[Rate]:
     if config is None:
         return []

@@ -46,16 +46,30 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    NoPermissionError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
     ResponseError,
+    TryAgainError,
 )
 
 from mandant.config import LimitsConfig
 from mandant.tenancy.limits import MAX_PEAKS, Clock
-from mandant.tenancy.policy import Denial, Marks, Plan, Scope, StoreUnavailable, cost
+from mandant.tenancy.policy import (
+    Denial,
+    Marks,
+    Plan,
+    Scope,
+    StoreRefused,
+    StoreUnavailable,
+    cost,
+)
 from mandant.tenancy.quota import WALL, PeriodKind, PeriodTracker
 
 logger = logging.getLogger(__name__)
@@ -310,6 +324,27 @@ def _never_ran(error: ResponseError) -> bool:
     return isinstance(error, OutOfMemoryError | ReadOnlyError | NoScriptError) or str(
         error
     ).startswith("BUSY")
+
+
+#: Error replies by which Redis as a whole cannot serve now: out of memory, a read-only
+#: replica, loading, busy with a script, without its primary or rights. Any other error
+#: reply is about the call's own keys (``WRONGTYPE``: a key another program wrote):
+#: that call alone (:class:`StoreRefused`). Taken for an outage, one tenant's bad key
+#: sent every tenant's calls to ``on_store_error`` for ``retry_interval_s`` at a time.
+_STORE_WIDE = (
+    OutOfMemoryError,
+    ReadOnlyError,
+    BusyLoadingError,
+    MasterDownError,
+    NoPermissionError,
+    AuthenticationError,
+    TryAgainError,
+    ClusterDownError,
+)
+
+
+def _store_wide(error: ResponseError) -> bool:
+    return isinstance(error, _STORE_WIDE) or str(error).startswith(("BUSY", "MISCONF", "NOREPL"))
 
 
 def redis_client(config: LimitsConfig) -> redis.Redis:
@@ -574,8 +609,11 @@ class RedisStore:
             if isinstance(reply, _Unanswered):
                 error = StoreUnavailable(f"redis: {type(failure).__name__}")
                 error.__cause__ = failure
-            elif isinstance(reply, ResponseError):
+            elif isinstance(reply, ResponseError) and _store_wide(reply):
                 error = StoreUnavailable(f"redis: {type(reply).__name__}")
+                error.__cause__ = reply
+            elif isinstance(reply, ResponseError):  # its error code, never a value
+                error = StoreRefused(f"redis: {str(reply).split(' ', 1)[0][:32]}")
                 error.__cause__ = reply
             elif call.kind == "acquire" and int(reply[0]) == -1:
                 # Redis ran it after its deadline (a stall, or Redis' clock moved):
