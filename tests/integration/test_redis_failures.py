@@ -135,6 +135,27 @@ async def test_a_refused_script_does_not_take_the_store_for_out(
         assert _rows_today(client, "p2", "good") == 3
 
 
+async def test_a_quota_binds_whatever_the_replica_s_clock_says(redis_server: RedisServer) -> None:
+    """A replica set its quota keys' expiry as a moment on its own clock, which Redis
+    reads on its clock: with the replica's over an hour behind (here three days, which
+    makes it so at any time of day), the moment was past, every take deleted the count,
+    and the quota never bound. The key's lifetime now goes as a length."""
+
+    def behind() -> float:
+        return time.time() - 3 * 86_400
+
+    config = _config(redis_server.url, "p3", {"id": "d", "quota": {"rows_per_day": 3}})
+    admission = TenantAdmission(config, RedisStore(config.limits, wall=behind), wall=behind)
+    await admission.start()
+    try:
+        for _ in range(3):
+            (await admission.admit(Tenant("d"), ECHO, 1)).release(refund=False)
+        with pytest.raises(QuotaExceeded):
+            await admission.admit(Tenant("d"), ECHO, 1)
+    finally:
+        await admission.aclose()
+
+
 def _stall(port: int, seconds: float) -> threading.Thread:
     """Keep Redis busy with one script for ``seconds`` (as a slow command or a
     latency spike does): it reads no other command meanwhile and runs what was

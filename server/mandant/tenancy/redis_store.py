@@ -3,7 +3,7 @@
 One Lua script per call (the calls of one event-loop turn written to one connection
 at once: one round trip), atomic in Redis: it refills each bucket from Redis' own
 ``TIME``, checks every bucket and quota, and then either takes from all of them
-(bucket state in a hash with an expiry; quotas with ``INCRBY`` + ``EXPIREAT``) or
+(bucket state in a hash with an expiry; quotas with ``INCRBY`` + ``EXPIRE``) or
 from none and says which limit has the longest wait, and that wait. Quota keys name
 their UTC period (``…:rows_per_day:2024-05-17``), so a new period starts at zero and
 old ones expire. A call admitted but then not run is refunded by a second script on
@@ -37,6 +37,7 @@ import asyncio
 import enum
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -118,7 +119,7 @@ end
 
 #: KEYS: bucket keys, then quota keys. ARGV: the time (Redis' clock, seconds) after
 #: which nothing may be taken, #buckets, #quotas, then per bucket (rate, burst, cost,
-#: take mark: 0 here), then per quota (limit, cost, expire_at, wait_s if it refuses).
+#: take mark: 0 here), then per quota (limit, cost, ttl_s, wait_s if it refuses).
 #: Returns {0, "0", take mark per bucket} when admitted, {-1, "0"} when it ran too
 #: late (nothing taken), else {i, wait_s} with i the 1-based index of the limit with
 #: the longest wait. A bucket's hash keeps its level ('tokens' at 'ts') and the
@@ -203,7 +204,7 @@ end
 for j = 1, nq do
   local base = qbase + 4 * (j - 1)
   redis.call('INCRBY', KEYS[nb + j], ARGV[base + 2])
-  redis.call('EXPIREAT', KEYS[nb + j], ARGV[base + 3])
+  redis.call('EXPIRE', KEYS[nb + j], ARGV[base + 3])
 end
 return reply
 """
@@ -273,7 +274,10 @@ return 0
 """
 )
 
-#: Quota keys outlive their period by this much (clock skew between replicas).
+#: Quota keys outlive their period by this much (clock skew between replicas). Their
+#: lifetime goes to Redis as a length (``EXPIRE``), not a moment: read on Redis' clock,
+#: a moment set by a replica whose clock was over an hour behind was already past,
+#: and every take deleted the day's count (the quota never bound for the rest of it).
 QUOTA_KEY_GRACE_S = 3600
 #: An acquire must run in Redis within this share of ``timeout_ms`` after it was
 #: written, or it takes nothing: the rest covers the error of the clock offset and
@@ -474,8 +478,8 @@ class RedisStore:
         for scope, quota in plan.quotas:
             period = self._periods[quota.period].at(wall)
             keys.append(f"{_scope_part(self._prefix, scope)}:{quota.name}:{period.key}")
-            expire_at = int(period.reset_at) + QUOTA_KEY_GRACE_S
-            args += (quota.limit, rows, expire_at, max(0.0, period.reset_at - wall))
+            ttl_s = math.ceil(max(0.0, period.reset_at - wall)) + QUOTA_KEY_GRACE_S
+            args += (quota.limit, rows, ttl_s, max(0.0, period.reset_at - wall))
             resets.append(period.reset_at)
         return keys, args, resets
 
