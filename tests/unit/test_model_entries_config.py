@@ -274,3 +274,10 @@ def test_load_parameters_take_config_only() -> None:
     with pytest.raises(InvalidInput, match="unknown model load parameter") as caught:
         load_config_parameter({"y" * 10_000: True})
     assert len(str(caught.value)) < 200  # client text is cut, not echoed whole
+
+
+def test_inline_is_auto_unless_never_and_a_tuned_variant_inherits_it() -> None:
+    tuned = {"base": "m", "tenant": "acme", "factory": "m:g"}
+    specs = config(entry(inline="never"), tuned, entry("n")).model_specs(Path("/m"))
+    assert [s.inline for s in specs] == [False, False, True]
+    assert errors(entry(inline="sometimes"))[0][0] == "models.0.inline"

@@ -636,9 +636,16 @@ async def test_a_call_that_held_the_loop_keeps_its_model_off_it() -> None:
         await backend.aclose()
 
 
-async def test_inline_threshold_zero_always_uses_the_pool() -> None:
+@pytest.mark.parametrize("setting", ["threshold 0", "inline: never"])
+async def test_inline_threshold_zero_or_never_always_uses_the_pool(setting: str) -> None:
+    """``models[].inline: never``: a model whose cost may depend on input values never
+    runs on the event loop, however cheap its calls were."""
     threads: list[int] = []
-    backend = TorchBackend(recorder_spec(threads, {"s": 0.0}), inline_below_s=0.0)
+    spec = recorder_spec(threads, {"s": 0.0})
+    if setting == "threshold 0":
+        backend = TorchBackend(spec, inline_below_s=0.0)
+    else:
+        backend = TorchBackend(spec.model_copy(update={"inline": False}), inline_below_s=0.05)
     await backend.start()
     try:
         for _ in range(5):

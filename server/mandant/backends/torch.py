@@ -18,7 +18,9 @@ large: a wide one of one row once passed for cheap) moves back to the pool after
 call. A model whose call held the event loop :data:`HELD_LOOP_S` or more never runs
 there again (until it is loaded again): its cost depends on what it is sent, and a
 tenant could otherwise stall every other tenant's calls with one slow call after each
-few dozen cheap ones.
+few dozen cheap ones. The first such call cannot be caught (nor one that never
+returns): a model whose cost may depend on input values is configured
+``inline: never`` (``spec.inline`` false), and never runs on the loop.
 
 A model's answer is checked against its declared outputs (the names or count, the
 rank and fixed dimensions, the rows of a batched model, a datatype numpy casts to the
@@ -120,7 +122,8 @@ class BatchOutputMismatch(RuntimeError):
 
 class TorchBackend:
     """Runs one model version in this process, on the CPU or CUDA devices.
-    ``inline_below_s``: calls measured cheaper run on the event loop (0: never).
+    ``inline_below_s``: calls measured cheaper run on the event loop (0, or
+    ``spec.inline`` false: never).
     ``compute_nice``: how much lower than the event loop the pool threads that run
     batches on the CPU are scheduled (a Linux nice increment; 0: the same, see
     ``server.compute_nice``); instances on CUDA keep the loop's priority."""
@@ -139,7 +142,7 @@ class TorchBackend:
         self._idle: queue.SimpleQueue[_Instance] | None = None
         self._loaded: tuple[_Instance, ...] = ()
         self._executor: ModelThreads | None = None
-        self._inline_below_s = inline_below_s
+        self._inline_below_s = inline_below_s if spec.inline else 0.0
         self._call_s: float | None = None  # moving average of a call's compute time
         self._element_s = 0.0  # moving average of compute time per input element
         #: (output, problem) of the mismatched answers logged at ERROR already.

@@ -45,6 +45,8 @@ class ModelSpec(_Frozen):
     triton: TritonModelConfig | None
     version_policy: VersionPolicyConfig = SERVE_ALL
     warmup: tuple[WarmupConfig, ...] = ()
+    #: Measured-cheap calls may run on the event loop (``models[].inline: auto``).
+    inline: bool = True
 
     @field_validator("devices")
     @classmethod
@@ -149,6 +151,7 @@ def _resolve(
         triton=pick("triton"),
         version_policy=version_policy,
         warmup=pick("warmup") or (),
+        inline=pick("inline") != "never",
     )
 
 
