@@ -1,8 +1,11 @@
 """The isolation matrix: every demo tenant × every model × every RPC that names a
-model. What a tenant may not see does not exist for it: NOT_FOUND with exactly the
-message an unknown model gets."""
+model (metadata, readiness, config, statistics, inference unary and streamed). What
+a tenant may not see does not exist for it: NOT_FOUND with exactly the message an
+unknown model gets."""
 
 from __future__ import annotations
+
+import queue
 
 import grpc
 import numpy as np
@@ -35,13 +38,39 @@ def _calls(
     return {
         "ModelMetadata": lambda: client.get_model_metadata(model, headers=headers),
         "ModelReady": lambda: client.is_model_ready(model, headers=headers),
+        "ModelConfig": lambda: client.get_model_config(model, headers=headers),
+        "ModelStatistics": lambda: client.get_inference_statistics(model, headers=headers),
         "ModelInfer": lambda: client.infer(model, _input(model), headers=headers),
+        "ModelStreamInfer": lambda: _streamed(client, model, headers),
     }
+
+
+def _streamed(
+    client: triton.InferenceServerClient, model: str, headers: dict[str, str]
+) -> triton.InferResult:
+    """One message on a ModelStreamInfer stream: its answer, or its error raised."""
+    answers: queue.Queue[tuple[triton.InferResult | None, InferenceServerException | None]]
+    answers = queue.Queue()
+    client.start_stream(
+        callback=lambda result, error: answers.put((result, error)), headers=headers
+    )
+    try:
+        client.async_stream_infer(model, _input(model))
+        result, error = answers.get(timeout=30)
+    finally:
+        client.stop_stream()
+    if error is not None:
+        raise error
+    assert result is not None
+    return result
+
+
+RPCS = ["ModelMetadata", "ModelReady", "ModelConfig", "ModelStatistics", "ModelInfer"]
 
 
 @pytest.mark.parametrize("tenant", list(VISIBLE))
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("rpc", ["ModelMetadata", "ModelReady", "ModelInfer"])
+@pytest.mark.parametrize("rpc", [*RPCS, "ModelStreamInfer"])
 def test_matrix(demo: Server, tenant: str, model: str, rpc: str) -> None:
     client = triton.InferenceServerClient(demo.target)
     call = _calls(client, model, auth(tenant))[rpc]
@@ -54,7 +83,8 @@ def test_matrix(demo: Server, tenant: str, model: str, rpc: str) -> None:
         return
     with pytest.raises(InferenceServerException) as err:
         call()  # type: ignore[operator]
-    assert err.value.status() == "StatusCode.NOT_FOUND"
+    if rpc != "ModelStreamInfer":  # a stream's message answers with its text alone
+        assert err.value.status() == "StatusCode.NOT_FOUND"
     assert err.value.message() == f"model '{model}' not found"
 
 
