@@ -768,20 +768,24 @@ def test_a_second_server_on_the_same_grpc_port_refuses_to_start(
 ) -> None:
     """Front ends bind the port with SO_REUSEPORT: a second ``workers: N`` server of
     the same user on it started silently and took a share of the connections (with
-    its own tenants, keys and limits). It stops at once now, saying why."""
+    its own tenants, keys and limits). It stops at once now, saying why, and leaves
+    no private folder behind (its copies of the configuration stayed in /tmp)."""
     data = workers_config().model_dump(mode="json", exclude_defaults=True)
     data["server"].update(workers=2, grpc_port=server.grpc_port)
     path = tmp_path / "second.yaml"
     path.write_text(yaml.safe_dump(data))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     second = subprocess.run(
         [*MANDANT, "serve", "--config", str(path)],
         capture_output=True,
         text=True,
-        env=SUBPROCESS_ENV,
+        env={**SUBPROCESS_ENV, "TMPDIR": str(scratch)},
         timeout=60,
     )
     assert second.returncode != 0
     assert f"cannot use gRPC port {server.grpc_port}" in second.stderr, second.stderr
+    assert not list(scratch.iterdir())
 
 
 def test_a_stopped_front_end_is_not_ready_and_is_started_again(fresh: WorkersServer) -> None:

@@ -6,7 +6,10 @@ A real engine socket, with a plain socket as the front end."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -19,6 +22,7 @@ from mandant.types import Call, EncodedRequest, InferResponse, Tenant, TensorHea
 from mandant.workers import ipc
 from mandant.workers.engine_server import EngineServer
 from mandant.workers.framing import PREFIX, encode, unpackb
+from tests.servers import SUBPROCESS_ENV
 
 FINISHED = ["request_finished", "t", "echo", "OK", 0.001, "1", True, ""]
 
@@ -131,3 +135,70 @@ async def test_a_report_that_settled_counts_the_events_sent_before(
     )
     await asyncio.wait_for(settled, 5)
     assert len(recorder.recorded) == 1
+
+
+#: A front end as the engine sees one: it pings every 0.1 s; after 0.5 s (the engine
+#: silent, it gives up on its connection) it connects again and pings on.
+PINGING = """
+import socket, sys, time
+from mandant.workers import ipc
+from mandant.workers.framing import encode
+for pings in (5, 100):
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(sys.argv[1])
+    for _ in range(pings):
+        sock.sendall(b"".join(encode(ipc.PING, [True])))
+        time.sleep(0.1)
+    sock.close()
+"""
+
+
+#: An engine alone, as ``mandant worker engine`` serves one (uvloop), its watch's
+#: bounds shortened: it kills a front end silent for 1 s.
+ENGINE = """
+import asyncio, sys, uvloop
+from pathlib import Path
+from mandant.events import NullObserver
+from mandant.types import Tenant
+from mandant.workers import engine_server
+
+engine_server.FRESH_S, engine_server.SILENT_S = 0.4, 1.0
+
+class Plane:
+    ready = True
+
+async def main():
+    engine = engine_server.EngineServer(Plane(), Tenant, NullObserver(), Path(sys.argv[1]), 0)
+    await engine.start()
+    await asyncio.sleep(30)
+
+uvloop.run(main())
+"""
+
+
+def test_an_engine_that_did_not_run_for_a_while_kills_no_front_end(tmp_path: Path) -> None:
+    """After the engine itself was stopped longer than ``SILENT_S`` (SIGSTOP, a paused
+    container), its watch ran before it read what had come meanwhile (the stopped
+    epoll_wait returns EINTR, and the due timers run first): the front ends' old
+    connections (closed as the engine went silent) looked silent, and it killed every
+    healthy front end by their pids. A late round now judges no one."""
+    path = tmp_path / "engine.sock"
+    engine = subprocess.Popen([sys.executable, "-c", ENGINE, str(path)], env=SUBPROCESS_ENV)
+    peer = None
+    try:
+        for _ in range(500):
+            if path.exists():
+                break
+            time.sleep(0.02)
+        peer = subprocess.Popen([sys.executable, "-c", PINGING, str(path)], env=SUBPROCESS_ENV)
+        time.sleep(0.3)  # connected, pinging
+        engine.send_signal(signal.SIGSTOP)
+        time.sleep(1.5)  # the peer gives up on its connection and opens another
+        engine.send_signal(signal.SIGCONT)
+        time.sleep(1.0)  # rounds of the engine's watch
+        assert peer.poll() is None, "a pinging front end was killed"
+    finally:
+        for process in (peer, engine):
+            if process is not None:
+                process.kill()
+                process.wait()

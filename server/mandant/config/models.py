@@ -254,10 +254,11 @@ class ModelConfig(_Frozen):
     #: Copies of the model on each device (threads sharing one copy on the CPU).
     instances: Annotated[int, Field(gt=0)] | None = None
     #: ``auto``: an in-process model whose calls are measured cheap (under 150 µs) runs
-    #: them on the event loop, without a thread hop; ``never``: always on its threads. Set ``never`` for a model whose cost
-    #: may depend on input values (a loop until some value, a decode that stops at a
-    #: token): one such call, cheap until then, holds every tenant's calls for as long
-    #: as it runs (once per load: the model then leaves the loop for good).
+    #: them on the event loop, without a thread hop; ``never``: always on its threads.
+    #: Set ``never`` for a model whose cost may depend on input values (a loop until
+    #: some value, a decode that stops at a token): one such call, cheap until then,
+    #: holds every tenant's calls for as long as it runs (once per load: the model then
+    #: leaves the loop for good).
     inline: Literal["auto", "never"] | None = None
     inputs: tuple[TensorConfig, ...] | None = None
     outputs: tuple[TensorConfig, ...] | None = None

@@ -116,8 +116,12 @@ class EngineLink:
                 continue
             self._connection = connection
             logger.info("inference engine connected")
+            # Whether this process itself did not run for a while (stopped, its
+            # container paused): the engine's answers are not read yet, so its
+            # silence is not judged until the next ping's wait (healthy calls failed).
+            stalled = False
             while not (connection.closed.is_set() or self._closing):
-                if loop.time() - connection.heard_at > self._silent_s:
+                if not stalled and loop.time() - connection.heard_at > self._silent_s:
                     logger.error(
                         "inference engine silent for %.1fs (stopped or stuck); closing its"
                         " connection",
@@ -126,8 +130,10 @@ class EngineLink:
                     connection.abort()
                     break
                 connection.ping()
+                waiting_from = loop.time()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(connection.closed.wait(), self._ping_s)
+                stalled = loop.time() - waiting_from > 2 * self._ping_s
             self._connection = None
             self._engine_ready = False
             logger.error("inference engine connection lost; refusing calls until it is back")

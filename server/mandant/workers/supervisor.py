@@ -149,19 +149,20 @@ class Supervisor:
     # -- start ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the engine, then every front end; a child that fails to start stops
-        the others and raises :class:`ChildFailed`."""
-        os.chmod(self._folder, 0o700)
-        if not self._apply_file():
-            raise ChildFailed(f"the configuration file {self._config_path} does not validate")
-        shutil.copyfile(self.applied, self.started)
+        """Start the engine, then every front end; one that fails to start (or the
+        file, or the port) stops the others, removes the private folder (its copies of
+        the configuration were left in /tmp) and raises :class:`ChildFailed`."""
         try:
-            self._reserved = reserve_port(self._host, self.grpc_port)
-        except OSError as exc:
-            reason = exc.strerror or exc  # the check's error says which setting, and why
-            raise ChildFailed(f"cannot use gRPC port {self.grpc_port}: {reason}") from None
-        self.grpc_port = self._reserved.getsockname()[1]
-        try:
+            os.chmod(self._folder, 0o700)
+            if not self._apply_file():
+                raise ChildFailed(f"the configuration file {self._config_path} does not validate")
+            shutil.copyfile(self.applied, self.started)
+            try:
+                self._reserved = reserve_port(self._host, self.grpc_port)
+            except OSError as exc:
+                reason = exc.strerror or exc  # the check's error says which setting, and why
+                raise ChildFailed(f"cannot use gRPC port {self.grpc_port}: {reason}") from None
+            self.grpc_port = self._reserved.getsockname()[1]
             await self._start(self.engine)
             await asyncio.gather(*(self._start(front) for front in self.front_ends))
         except BaseException:
