@@ -322,3 +322,7 @@ def test_the_naming_prefix_is_the_leading_id_and_names_only() -> None:
     assert not named.inputs and not named.parameters
     assert naming_prefix(b"\x0a\xff") == b""  # a length past the end: not the wire format
     assert naming_prefix(pb.ModelInferRequest(id="x").SerializeToString()[:2]) == b""
+    # Names read whole, then bytes that are not the wire format: the names stay.
+    whole = pb.ModelInferRequest(model_name="echo", id="m-8").SerializeToString()
+    named = pb.ModelInferRequest.FromString(naming_prefix(whole + b"\x0a\xff"))
+    assert (named.model_name, named.id) == ("echo", "m-8")

@@ -290,10 +290,12 @@ def naming_prefix(raw: bytes) -> bytes:
     """The leading part of ``raw`` (a ``ModelInferRequest``'s bytes) that holds its
     first fields as long as they are ``model_name``, ``model_version`` or ``id``: a
     message of its own, cheap to parse whatever the rest is, from which a refused
-    stream message is answered with its id (b"" where the bytes are not the wire
-    format). Every standard serializer (tritonclient's, mandant_client's) writes
-    fields in the order of their numbers, so these come first; a message that sends
-    them after another field is answered without them."""
+    stream message is answered with its id: the fields read whole before the bytes
+    stop being the wire format (they were all dropped: a message whose names parsed
+    and whose later bytes did not was answered without its id). Every standard
+    serializer (tritonclient's, mandant_client's) writes fields in the order of their
+    numbers, so these come first; a message that sends them after another field is
+    answered without them."""
     pos, end = 0, len(raw)
     try:
         for _ in range(_NAMING_FIELDS):
@@ -304,7 +306,7 @@ def naming_prefix(raw: bytes) -> bytes:
                 break
             pos = _skip(raw, after, end, wire)
     except MalformedWire:
-        return b""
+        pass  # ``pos`` ends the last field read whole
     return raw[:pos]
 
 
