@@ -45,6 +45,7 @@ class FakeBackend:
         *,
         outputs: Sequence[str] | None = None,
         deadline: float | None = None,
+        hold_on_cancel: bool = False,
     ) -> dict[str, np.ndarray]:
         self.calls.append(dict(inputs))
         name = self.spec.outputs[0].name if self.spec else "OUTPUT0"
@@ -155,6 +156,7 @@ class GatedBackend:
         *,
         outputs: Sequence[str] | None = None,
         deadline: float | None = None,
+        hold_on_cancel: bool = False,
     ) -> dict[str, np.ndarray]:
         call = Call(
             dict(inputs),

@@ -188,6 +188,7 @@ class _StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None  # the first stop signal
         self._asked = asyncio.Event()
+        self._starting: asyncio.Future[None] | None = None
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._ask, signum)
@@ -196,20 +197,23 @@ class _StopSignals:
         if self.signum is None:
             self.signum = signum
         self._asked.set()
+        if self._starting is not None:  # each signal: a start that outlives one gets another
+            self._starting.cancel()
 
     async def wait(self) -> None:
         await self._asked.wait()
 
     async def start(self, starting: Awaitable[None]) -> None:
-        """Await ``starting``; a stop asked first cancels it (which stops whatever it
-        started) and raises :class:`StoppedWhileStarting`."""
-        start = asyncio.ensure_future(starting)
-        asked = asyncio.ensure_future(self._asked.wait())
+        """Await ``starting``; a stop signal cancels it (which stops whatever it
+        started), and then :class:`StoppedWhileStarting` is raised."""
+        start = self._starting = asyncio.ensure_future(starting)
+        if self._asked.is_set():
+            start.cancel()
         try:
-            await asyncio.wait((start, asked), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((start,))
         finally:
-            asked.cancel()
-            if not start.done():
+            self._starting = None
+            if not start.done():  # this task itself was cancelled
                 start.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await start

@@ -493,6 +493,29 @@ async def test_a_call_whose_caller_leaves_mid_forward_holds_its_slot_until_it_en
         await backend.aclose()
 
 
+async def test_a_call_without_a_slot_to_hold_ends_at_once_when_cancelled() -> None:
+    """A warm-up (or any call but the unbatched scheduler's) waited for its forward
+    pass when cancelled: a hung warm-up outlived ``model_load_timeout_s`` and held a
+    stop for ever. Only ``hold_on_cancel`` waits."""
+    entered, release = threading.Event(), threading.Event()
+    spec = make_spec(
+        factory=f"{HELPERS}:gate",
+        factory_args={"entered": entered, "release": release},
+        inputs=(TensorSpec("X", "FP32", (-1,)),),
+        outputs=(TensorSpec("Y", "FP32", (-1,)),),
+    )
+    backend = TorchBackend(spec)
+    await backend.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(backend.infer({"X": np.ones(1, np.float32)}), 0.3)
+        assert time.monotonic() - started < 2  # the pass runs on, for 10 s
+    finally:
+        release.set()
+        await backend.aclose()
+
+
 @pytest.mark.parametrize("nice", [0, 5])
 async def test_batches_run_compute_nice_below_the_event_loop(nice: int) -> None:
     backend = TorchBackend(make_spec(factory="mandant.demo.models:classifier"), compute_nice=nice)

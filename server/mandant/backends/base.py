@@ -22,9 +22,6 @@ class Backend(Protocol):
     whole call (Unavailable, DeadlineExceeded, …) and reaches every request of the
     batch; anything else means the model raised on the data: the scheduler reruns the
     batch's requests apart and answers ModelFailed to those it fails on alone.
-    Cancelled, ``infer`` ends once the backend no longer works on the call: at once
-    where the work stops (a remote call cancelled), else when it ends (a forward pass
-    on a thread), so that a scheduler's slot is free when ``infer`` has ended.
     """
 
     @property
@@ -50,10 +47,15 @@ class Backend(Protocol):
         *,
         outputs: Sequence[str] | None = None,
         deadline: float | None = None,
+        hold_on_cancel: bool = False,
     ) -> dict[str, np.ndarray]:
         """``outputs``: the names wanted (None: all); a backend may return more.
         ``deadline``: the ``time.monotonic()`` after which nobody waits for the answer;
-        a remote backend passes it on as its call's timeout."""
+        a remote backend passes it on as its call's timeout. ``hold_on_cancel``:
+        cancelled, end only once the backend no longer works on the call (the caller
+        holds an execution slot for it): at once where the work stops (a remote call
+        cancelled), else when it ends (a forward pass on a thread; a second
+        cancellation ends the wait). Without it, a cancelled call ends at once."""
         ...
 
 

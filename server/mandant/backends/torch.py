@@ -42,13 +42,15 @@ outputs back to (pinned) host memory are queued on that stream, and only that st
 is synchronised — after which the staging buffers are free again, even when the model
 raised.
 
-A forward pass cannot be stopped once a thread runs it: a call cancelled then (its
-caller gone, a deadline passed; the scheduler without batching awaits it in its
-caller's task) ends when the forward pass does, so that its scheduler's slot stays
-taken until the instance is free. Freed at once, the next calls went past the tenants'
-fair queue into the threads' queue, where they were charged though they never ran and
-an unload could not answer them. A second cancellation ends the wait (the process
-ending). Cancelled before a thread took it, a call never runs.
+A forward pass cannot be stopped once a thread runs it. A call of the scheduler
+without batching (``hold_on_cancel``: it awaits the call in its caller's task and holds
+a slot for it) cancelled then (its caller gone, a deadline passed) ends when the
+forward pass does, so that the slot stays taken until the instance is free: freed at
+once, the next calls went past the tenants' fair queue into the threads' queue, where
+they were charged though they never ran and an unload could not answer them. A second
+cancellation ends the wait. Other calls (a warm-up, whose load may time out; a batch,
+cancelled only as its batcher closes) end at once. Cancelled before a thread took it,
+a call never runs.
 """
 
 from __future__ import annotations
@@ -211,11 +213,12 @@ class TorchBackend:
         *,
         outputs: Sequence[str] | None = None,
         deadline: float | None = None,
+        hold_on_cancel: bool = False,
     ) -> dict[str, np.ndarray]:
         """Runs the whole module (it computes every output anyway); ``outputs`` and
-        ``deadline`` do not change an in-process forward pass. Cancelled while a thread
-        runs it, it ends with the forward pass (module doc)."""
-        return await self._execute(self._columns((inputs,)))
+        ``deadline`` do not change an in-process forward pass. ``hold_on_cancel``:
+        cancelled while a thread runs it, it ends with the forward pass (module doc)."""
+        return await self._execute(self._columns((inputs,)), hold_on_cancel)
 
     async def infer_batch(
         self,
@@ -236,7 +239,9 @@ class TorchBackend:
             missing = [n for n in self._input_names if any(n not in part for part in parts)]
             raise InvalidInput(f"missing input(s): {', '.join(missing)}") from None
 
-    async def _execute(self, columns: list[Column]) -> dict[str, np.ndarray]:
+    async def _execute(
+        self, columns: list[Column], hold_on_cancel: bool = False
+    ) -> dict[str, np.ndarray]:
         idle, executor = self._idle, self._executor
         if idle is None or executor is None:
             raise Unavailable(f"model '{self._spec.name}' is not loaded")
@@ -255,7 +260,7 @@ class TorchBackend:
             try:
                 outputs = await asyncio.wrap_future(work)
             except asyncio.CancelledError:
-                if not work.cancel():  # a thread runs it: it ends with it (module doc)
+                if hold_on_cancel and not work.cancel():  # a thread runs it (module doc)
                     with contextlib.suppress(BaseException):
                         await asyncio.wrap_future(work)
                 raise

@@ -208,9 +208,11 @@ class TritonBackend:
         *,
         outputs: Sequence[str] | None = None,
         deadline: float | None = None,
+        hold_on_cancel: bool = False,
     ) -> dict[str, np.ndarray]:
         """One Triton call for one request's ``inputs``, asking for ``outputs`` only,
-        with what is left until ``deadline`` as its timeout."""
+        with what is left until ``deadline`` as its timeout. Cancelled, the call to
+        Triton is cancelled with it: nothing to hold (``hold_on_cancel``)."""
         return await self._infer([inputs], outputs, deadline, alone=True)
 
     async def infer_batch(

@@ -103,7 +103,10 @@ class DirectScheduler:
             request.ran = True
             try:
                 outputs = await self._backend.infer(
-                    request.inputs, outputs=request.outputs, deadline=request.deadline
+                    request.inputs,
+                    outputs=request.outputs,
+                    deadline=request.deadline,
+                    hold_on_cancel=True,  # the slot is free once the backend is (base.py)
                 )
             except MandantError:
                 raise
