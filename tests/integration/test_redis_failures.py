@@ -156,6 +156,70 @@ async def test_a_quota_binds_whatever_the_replica_s_clock_says(redis_server: Red
         await admission.aclose()
 
 
+async def test_a_replica_whose_clock_is_ahead_never_shortens_a_quota_key(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """A take sets its quota key's lifetime from its replica's clock; one over an hour
+    ahead set a shorter one than its period's (the day's count gone before the day,
+    the quota given again). A take only lengthens it. Fake clocks 6 h and 8 h into one
+    UTC day: Redis counts lifetimes, not moments."""
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    key = f"p4:{{d}}:*:rows_per_day:{midnight.strftime('%Y-%m-%d')}"
+    config = _config(redis_server.url, "p4", {"id": "d", "quota": {"rows_per_day": 10}})
+    lifetimes = []
+    for hours in (6, 8):
+
+        def wall(hours: int = hours) -> float:
+            return midnight.timestamp() + hours * 3600
+
+        admission = TenantAdmission(config, RedisStore(config.limits, wall=wall), wall=wall)
+        await admission.start()
+        try:
+            (await admission.admit(Tenant("d"), ECHO, 1)).release(refund=False)
+        finally:
+            await admission.aclose()
+        lifetimes.append(client.ttl(key))
+    assert lifetimes[0] > 18 * 3600  # the rest of its day, and the grace
+    assert lifetimes[1] >= lifetimes[0] - 60  # not cut by the clock two hours ahead
+
+
+async def test_a_report_reads_every_tenant_s_fleet_count_but_a_refused_one_s(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """One tenant's key of the wrong type sent the whole usage report to this replica's
+    counts (scope "replica"): every other tenant's fleet figure read 0 here."""
+    with same_utc_day():
+        tenants = [{"id": t, "quota": {"rows_per_day": 100}} for t in ("bad", "good")]
+        config = _config(redis_server.url, "p5", *tenants, on_store_error="allow")
+        client.set(f"p5:{{good}}:*:rows_per_day:{utc_day()}", 5)  # another replica's rows
+        client.hset(f"p5:{{bad}}:*:rows_per_day:{utc_day()}", "not", "a count")
+        async with _admission(config) as admission:
+            used = await admission.quotas_used(["bad", "good"])
+            assert admission.quota_scope == "fleet"
+        assert used == {"good": {"rows_today": 5, "rows_this_month": 0}}
+
+
+async def test_a_redis_that_refuses_every_write_by_acl_is_an_outage(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """An ACL user without write rights has every script refused with an error that
+    names no key ("The user executing the script can't run this command"): it was
+    taken for the call's own keys, so the replica never entered outage mode and kept
+    sending every call of every tenant to the broken Redis."""
+    client.execute_command("ACL", "SETUSER", "nowrite", "on", "nopass", "~*", "+@all", "-@write")
+    try:
+        url = redis_server.url.replace("redis://", "redis://nowrite@")
+        tenant = {"id": "t", "quota": {"rows_per_day": 100}}
+        config = _config(url, "p6", tenant, on_store_error="deny")
+        async with _admission(config) as admission:
+            with pytest.raises(Unavailable):
+                await admission.admit(Tenant("t"), ECHO, 1)
+            await admission.quotas_used(["t"])  # an outage: this replica's counts, at once
+            assert admission.quota_scope == "replica"
+    finally:
+        client.execute_command("ACL", "DELUSER", "nowrite")
+
+
 def _stall(port: int, seconds: float) -> threading.Thread:
     """Keep Redis busy with one script for ``seconds`` (as a slow command or a
     latency spike does): it reads no other command meanwhile and runs what was

@@ -208,8 +208,9 @@ class UsageReports:
         report = usage_report(self._counts, tenants, used, only)
         fleet_scope = "replica" if self._quota is None else self._quota.quota_scope
         for tenant in tenants:
-            if tenant.quota is not None:
-                report["tenants"][tenant.id]["quota"]["scope"] = fleet_scope
+            if tenant.quota is not None:  # a tenant whose count could not be read: ours
+                scope = fleet_scope if tenant.id in stored else "replica"
+                report["tenants"][tenant.id]["quota"]["scope"] = scope
         for tenant_id, entry in report["tenants"].items():
             entry["fleet"] = fleet.get(tenant_id) if fleet is not None else None
             entry["removed"] = tenant_id in removed

@@ -238,15 +238,16 @@ class TenantAdmission:
                 for tenant in tenants
                 for name, period in quotas.values()
             ]
-            try:
-                counts = iter(await asyncio.gather(*reads))
-            except StoreRefused as exc:  # this report falls back; the store answers
-                self._store_refused(shared.name, "", str(exc))
-            except StoreUnavailable as exc:
-                self._store_failed(shared.name, str(exc))
-            else:
+            results = await asyncio.gather(*reads, return_exceptions=True)
+            failures = [r for r in results if isinstance(r, BaseException)]
+            for failure in failures:
+                if not isinstance(failure, StoreUnavailable):
+                    raise failure
+            outage = next((f for f in failures if not isinstance(f, StoreRefused)), None)
+            if outage is None:  # a tenant whose key the store refused falls back alone
                 self._quota_scope = "fleet"
-                return {tenant: {label: next(counts) for label in quotas} for tenant in tenants}
+                return self._counted(shared.name, tenants, list(quotas), results)
+            self._store_failed(shared.name, str(outage))
         if shared is not None:
             self._quota_scope = "replica"
         return {
@@ -255,6 +256,28 @@ class TenantAdmission:
             }
             for tenant in tenants
         }
+
+    def _counted(
+        self,
+        store: str,
+        tenants: Sequence[str],
+        labels: list[str],
+        results: Sequence[int | BaseException],
+    ) -> dict[str, dict[str, int]]:
+        """Each tenant's counts of ``results`` (a row of ``labels`` each, in order);
+        one the store refused to read (its own key) is left out: its report falls back
+        to this process's counts, the others' are the fleet's."""
+        counted: dict[str, dict[str, int]] = {}
+        for index, tenant in enumerate(tenants):
+            row = results[index * len(labels) : (index + 1) * len(labels)]
+            refused = next((r for r in row if isinstance(r, BaseException)), None)
+            if refused is not None:
+                self._store_refused(store, tenant, str(refused))
+                continue
+            counted[tenant] = {
+                label: r for label, r in zip(labels, row, strict=True) if isinstance(r, int)
+            }
+        return counted
 
     @property
     def quota_scope(self) -> str:

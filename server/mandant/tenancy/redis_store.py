@@ -47,17 +47,11 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
-    AuthenticationError,
-    BusyLoadingError,
-    ClusterDownError,
-    MasterDownError,
-    NoPermissionError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
     ResponseError,
-    TryAgainError,
 )
 
 from mandant.config import LimitsConfig
@@ -204,7 +198,9 @@ end
 for j = 1, nq do
   local base = qbase + 4 * (j - 1)
   redis.call('INCRBY', KEYS[nb + j], ARGV[base + 2])
-  redis.call('EXPIRE', KEYS[nb + j], ARGV[base + 3])
+  if redis.call('TTL', KEYS[nb + j]) < tonumber(ARGV[base + 3]) then
+    redis.call('EXPIRE', KEYS[nb + j], ARGV[base + 3])  -- never shortened (QUOTA_KEY_GRACE_S)
+  end
 end
 return reply
 """
@@ -278,6 +274,8 @@ return 0
 #: lifetime goes to Redis as a length (``EXPIRE``), not a moment: read on Redis' clock,
 #: a moment set by a replica whose clock was over an hour behind was already past,
 #: and every take deleted the day's count (the quota never bound for the rest of it).
+#: A take only lengthens it: a replica over an hour ahead would end it early (the
+#: count gone before the period, the quota given again).
 QUOTA_KEY_GRACE_S = 3600
 #: An acquire must run in Redis within this share of ``timeout_ms`` after it was
 #: written, or it takes nothing: the rest covers the error of the clock offset and
@@ -330,25 +328,20 @@ def _never_ran(error: ResponseError) -> bool:
     ).startswith("BUSY")
 
 
-#: Error replies by which Redis as a whole cannot serve now: out of memory, a read-only
-#: replica, loading, busy with a script, without its primary or rights. Any other error
-#: reply is about the call's own keys (``WRONGTYPE``: a key another program wrote):
-#: that call alone (:class:`StoreRefused`). Taken for an outage, one tenant's bad key
-#: sent every tenant's calls to ``on_store_error`` for ``retry_interval_s`` at a time.
-_STORE_WIDE = (
-    OutOfMemoryError,
-    ReadOnlyError,
-    BusyLoadingError,
-    MasterDownError,
-    NoPermissionError,
-    AuthenticationError,
-    TryAgainError,
-    ClusterDownError,
-)
-
-
-def _store_wide(error: ResponseError) -> bool:
-    return isinstance(error, _STORE_WIDE) or str(error).startswith(("BUSY", "MISCONF", "NOREPL"))
+def _own_keys(error: ResponseError) -> str | None:
+    """What an error reply says of the call's own keys, if that is what it is about:
+    ``WRONGTYPE`` (a key another program wrote), or the script failing on what a key
+    holds (a corrupted bucket). That call alone fails (:class:`StoreRefused`): taken
+    for an outage, one tenant's bad key sent every tenant's calls to
+    ``on_store_error`` for ``retry_interval_s`` at a time. Any other error reply (out
+    of memory, a read-only replica, loading, ACL rules, …) is Redis' as a whole."""
+    text = str(error)  # redis-py leaves out the code ERR, not the others
+    if text.startswith("WRONGTYPE"):
+        return "WRONGTYPE"
+    lua_error = text.startswith(("user_script:", "Error running script"))
+    if lua_error and "can't run this command" not in text:  # not an ACL rule's refusal
+        return "a script error on its keys"
+    return None
 
 
 def redis_client(config: LimitsConfig) -> redis.Redis:
@@ -613,11 +606,11 @@ class RedisStore:
             if isinstance(reply, _Unanswered):
                 error = StoreUnavailable(f"redis: {type(failure).__name__}")
                 error.__cause__ = failure
-            elif isinstance(reply, ResponseError) and _store_wide(reply):
-                error = StoreUnavailable(f"redis: {type(reply).__name__}")
+            elif isinstance(reply, ResponseError) and (own := _own_keys(reply)) is not None:
+                error = StoreRefused(f"redis: {own}")
                 error.__cause__ = reply
-            elif isinstance(reply, ResponseError):  # its error code, never a value
-                error = StoreRefused(f"redis: {str(reply).split(' ', 1)[0][:32]}")
+            elif isinstance(reply, ResponseError):
+                error = StoreUnavailable(f"redis: {type(reply).__name__}")
                 error.__cause__ = reply
             elif call.kind == "acquire" and int(reply[0]) == -1:
                 # Redis ran it after its deadline (a stall, or Redis' clock moved):
