@@ -195,3 +195,14 @@ async def test_what_cannot_be_sent_is_invalid_input_with_the_callers_request_id(
         with pytest.raises(InvalidInput) as async_refused:
             await async_client.infer("m", inputs, request_id="r3", parameters=parameters)
     assert sync_refused.value.request_id == async_refused.value.request_id == "r3"
+
+
+@pytest.mark.parametrize("key", [None, "", "\n", "  "])
+def test_no_key_or_a_blank_one_sends_no_authorization(key: str | None) -> None:
+    """A blank key (an empty secret file) was sent as ``Bearer `` after stripping: a
+    call meant to go as its client certificate's tenant (mTLS) was refused
+    UNAUTHENTICATED."""
+    from mandant_client import _requests
+
+    assert _requests.auth_metadata(key) == ()
+    assert _requests.auth_metadata(" k\n") == (("authorization", "Bearer k"),)

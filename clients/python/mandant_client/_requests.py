@@ -71,9 +71,9 @@ def auth_metadata(api_key: str | None) -> Metadata:
     header on every call, the async client's error not even a MandantClientError); one
     that is not printable ASCII, which gRPC cannot send, is a ValueError now (the key
     not repeated)."""
-    if not api_key:
+    key = (api_key or "").strip()
+    if not key:  # none (an empty secret file): the channel's certificate, if any
         return ()
-    key = api_key.strip()
     if not (key.isascii() and key.isprintable()):
         raise ValueError("api_key holds characters a gRPC header cannot carry")
     return (("authorization", f"Bearer {key}"),)

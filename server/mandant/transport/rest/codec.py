@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from math import prod
@@ -350,16 +351,19 @@ def decode_json_data(
 
 
 def _holds_booleans(data: object) -> bool:
-    """Whether JSON ``data`` (nested lists, as numpy accepted them) holds a true or a
-    false anywhere: among numbers numpy reads them as 1 and 0, and a client's
+    """Whether JSON ``data`` (nested lists, as numpy accepted them: rectangular) holds a
+    true or a false anywhere: among numbers numpy reads them as 1 and 0, and a client's
     ``[true, 2]`` for FP32 ran as ``[1.0, 2.0]`` (Triton refuses it). One pass over the
-    elements' types (16 ms for 10⁶ elements, against 60 ms to parse them)."""
-    if not isinstance(data, list):
-        return type(data) is bool
-    types = set(map(type, data))
-    if bool in types:
-        return True
-    return list in types and any(_holds_booleans(item) for item in data if type(item) is list)
+    elements' types, a level at a time (a call per row took 251 ms for [10⁶, 1])."""
+    level: list[Any] = data if isinstance(data, list) else [data]
+    while level:
+        types = set(map(type, level))
+        if bool in types:
+            return True
+        if list not in types:
+            return False
+        level = list(itertools.chain.from_iterable(level))
+    return False
 
 
 def _exact_integers(data: object, header: TensorHeader, wrong_type: InvalidInput) -> np.ndarray:
