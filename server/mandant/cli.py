@@ -28,16 +28,18 @@ logger = logging.getLogger("mandant")
 #: The built-in demo: ``mandant serve --demo`` serves exactly this file (public keys).
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo" / "mandant.yaml"
 
+#: Flush left, to paste into a shell as it is: indented, bash never found the end of
+#: the here-document, and Python refused the indented first line.
 DEMO_EXAMPLE = """\
 Try it (demo keys are public and for the demo only):
 
-  {python} - <<'PY'
-  import numpy as np
-  from mandant_client import Client
-  with Client("{target}", api_key="acme-demo-key") as client:
-      out = client.infer("classifier", {{"INPUT0": np.ones((1, 256), np.float32)}})
-      print(out["OUTPUT0"])
-  PY
+{python} - <<'PY'
+import numpy as np
+from mandant_client import Client
+with Client("{target}", api_key="acme-demo-key") as client:
+    out = client.infer("classifier", {{"INPUT0": np.ones((1, 256), np.float32)}})
+    print(out["OUTPUT0"])
+PY
 """
 
 

@@ -21,6 +21,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from mandant.cli import DEMO_EXAMPLE
 from mandant.tenancy.keys import hash_key
 from mandant_client import AsyncClient, Client, MandantClientError, Unavailable
 from tests.servers import (
@@ -232,7 +233,18 @@ def test_serve_demo_serves_the_demo_and_http_host_binds_the_http_port_apart() ->
     )  # fmt: skip
     try:
         banner = wait_for(proc, "acme-demo-key")  # the demo's example call
-        assert f"{shlex.quote(sys.executable)} - <<'PY'" in banner  # the one with the client
+        # The one with the client, flush left: it pastes into a shell as printed (its
+        # here-document was indented: bash never found its end, and Python refused
+        # the indented first line).
+        assert f"\n{shlex.quote(sys.executable)} - <<'PY'\n" in banner
+        example = DEMO_EXAMPLE.format(
+            target=f"127.0.0.1:{grpc_port}", python=shlex.quote(sys.executable)
+        )
+        pasted = subprocess.run(
+            ["bash"], input=example.split("\n\n", 1)[1], text=True, capture_output=True,
+            env=ENV, timeout=60,
+        )  # fmt: skip
+        assert pasted.returncode == 0 and "[[" in pasted.stdout, pasted.stderr
         assert "heap settled" in banner  # start-up objects out of the collector's way
         assert f"Dashboard: http://127.0.0.2:{http_port}/" in banner
         assert f"metrics: http://127.0.0.2:{http_port}/metrics, an admin key" in banner
@@ -297,6 +309,7 @@ def _serving_while_loading(
     seconds: float,
     key: str = "secret-key",
     workers: int = 1,
+    env: dict[str, str] = ENV,
     **output: Any,
 ) -> tuple[subprocess.Popen[str], Path, dict[str, Any]]:
     """``mandant serve`` on ``port`` once it is loading its one model (which takes
@@ -310,7 +323,7 @@ def _serving_while_loading(
     }
     path, config = _served_file(tmp_path, port, slow_to_load, key=key, workers=workers)
     proc = subprocess.Popen(
-        [*MANDANT, "serve", "--config", str(path)], text=True, env=ENV, **output
+        [*MANDANT, "serve", "--config", str(path)], text=True, env=env, **output
     )
     deadline = time.monotonic() + 60
     while not started.exists():
@@ -343,12 +356,15 @@ def test_sigterm_while_the_models_load_stops_at_once(tmp_path: Path, workers: in
     """A SIGTERM while the models load (a rolling update that gives up on a pod)
     killed one process by the default action (exit 143), and with ``workers`` waited
     out the load, printed the banner, then stopped: now the start is cancelled, every
-    child stopped, exit 0."""
+    child stopped, exit 0, nothing left in its temporary folder."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     proc, _, _ = _serving_while_loading(
         tmp_path,
         free_port(),
         30.0,
         workers=workers,
+        env={**ENV, "TMPDIR": str(scratch)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -362,6 +378,35 @@ def test_sigterm_while_the_models_load_stops_at_once(tmp_path: Path, workers: in
         assert "listening" not in out
         for child in children:
             assert not Path(f"/proc/{child}").exists(), child  # stopped and reaped
+        assert not list(scratch.iterdir())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_sigterm_while_stopping_a_start_leaves_nothing_behind(tmp_path: Path) -> None:
+    """``workers``: a second SIGTERM while the first one's stop runs (a double Ctrl-C's
+    way) cut it short of removing the private folder (copies of the configuration).
+    It may end the process (the children die with it), and leaves nothing behind."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc, _, _ = _serving_while_loading(
+        tmp_path,
+        free_port(),
+        30.0,
+        workers=2,
+        env={**ENV, "TMPDIR": str(scratch)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    children = _children(proc.pid)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.01)  # as it stops what it started
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)  # the load has 30 s left
+        _wait_until(lambda: not any(Path(f"/proc/{child}").exists() for child in children))
+        assert not list(scratch.iterdir())
     finally:
         proc.kill()
         proc.wait()

@@ -114,17 +114,26 @@ async def test_one_refused_script_fails_only_its_own_call(
         assert [_rows_today(client, "p1", f"t{i}") for i in admitted] == [10] * 9
 
 
+def _spoil(client: redis.Redis, key: str, how: str) -> None:
+    """Make ``key`` what another program might have left there."""
+    if how == "a hash":
+        client.hset(key, "not", "a count")
+    else:
+        client.set(key, "1.5")
+
+
+@pytest.mark.parametrize("how", ["a hash", "not an integer"])
 async def test_a_refused_script_does_not_take_the_store_for_out(
-    redis_server: RedisServer, client: redis.Redis
+    redis_server: RedisServer, client: redis.Redis, how: str
 ) -> None:
-    """A key of the wrong type is one tenant's: its refusal put the whole replica in
-    outage mode for ``retry_interval_s``, refusing every other tenant's calls
+    """A key another program wrote is one tenant's: its refusal put the whole replica
+    in outage mode for ``retry_interval_s``, refusing every other tenant's calls
     (``deny``; with ``allow`` they ran on local buckets, past their fleet quota). Now
     the tenant's call alone follows ``on_store_error``; the others go to Redis."""
     with same_utc_day():
         tenants = [{"id": t, "quota": {"rows_per_day": 1000}} for t in ("bad", "good")]
-        config = _config(redis_server.url, "p2", *tenants, on_store_error="deny")
-        client.hset(f"p2:{{bad}}:*:rows_per_day:{utc_day()}", "not", "a count")
+        config = _config(redis_server.url, f"p2{how[0]}", *tenants, on_store_error="deny")
+        _spoil(client, f"p2{how[0]}:{{bad}}:*:rows_per_day:{utc_day()}", how)
         async with _admission(config) as admission:
             for _ in range(3):
                 with pytest.raises(Unavailable):
@@ -132,7 +141,7 @@ async def test_a_refused_script_does_not_take_the_store_for_out(
                 permit = await admission.admit(Tenant("good"), ECHO, 1)
                 permit.release(refund=False)
             assert admission.quota_scope == "fleet"
-        assert _rows_today(client, "p2", "good") == 3
+        assert _rows_today(client, f"p2{how[0]}", "good") == 3
 
 
 async def test_a_quota_binds_whatever_the_replica_s_clock_says(redis_server: RedisServer) -> None:
@@ -183,16 +192,19 @@ async def test_a_replica_whose_clock_is_ahead_never_shortens_a_quota_key(
     assert lifetimes[1] >= lifetimes[0] - 60  # not cut by the clock two hours ahead
 
 
+@pytest.mark.parametrize("how", ["a hash", "not an integer"])
 async def test_a_report_reads_every_tenant_s_fleet_count_but_a_refused_one_s(
-    redis_server: RedisServer, client: redis.Redis
+    redis_server: RedisServer, client: redis.Redis, how: str
 ) -> None:
     """One tenant's key of the wrong type sent the whole usage report to this replica's
-    counts (scope "replica"): every other tenant's fleet figure read 0 here."""
+    counts (scope "replica"): every other tenant's fleet figure read 0 here; one that
+    holds no integer failed the whole report (HTTP 500)."""
     with same_utc_day():
         tenants = [{"id": t, "quota": {"rows_per_day": 100}} for t in ("bad", "good")]
-        config = _config(redis_server.url, "p5", *tenants, on_store_error="allow")
-        client.set(f"p5:{{good}}:*:rows_per_day:{utc_day()}", 5)  # another replica's rows
-        client.hset(f"p5:{{bad}}:*:rows_per_day:{utc_day()}", "not", "a count")
+        prefix = f"p5{how[0]}"
+        config = _config(redis_server.url, prefix, *tenants, on_store_error="allow")
+        client.set(f"{prefix}:{{good}}:*:rows_per_day:{utc_day()}", 5)  # another replica's
+        _spoil(client, f"{prefix}:{{bad}}:*:rows_per_day:{utc_day()}", how)
         async with _admission(config) as admission:
             used = await admission.quotas_used(["bad", "good"])
             assert admission.quota_scope == "fleet"

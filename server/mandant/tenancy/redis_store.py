@@ -331,13 +331,16 @@ def _never_ran(error: ResponseError) -> bool:
 def _own_keys(error: ResponseError) -> str | None:
     """What an error reply says of the call's own keys, if that is what it is about:
     ``WRONGTYPE`` (a key another program wrote), or the script failing on what a key
-    holds (a corrupted bucket). That call alone fails (:class:`StoreRefused`): taken
-    for an outage, one tenant's bad key sent every tenant's calls to
-    ``on_store_error`` for ``retry_interval_s`` at a time. Any other error reply (out
-    of memory, a read-only replica, loading, ACL rules, …) is Redis' as a whole."""
+    holds (a corrupted bucket, a count that is not an integer). That call alone fails
+    (:class:`StoreRefused`): taken for an outage, one tenant's bad key sent every
+    tenant's calls to ``on_store_error`` for ``retry_interval_s`` at a time. Any other
+    error reply (out of memory, a read-only replica, loading, ACL rules, …) is Redis'
+    as a whole."""
     text = str(error)  # redis-py leaves out the code ERR, not the others
     if text.startswith("WRONGTYPE"):
         return "WRONGTYPE"
+    if text.startswith(("value is not an integer", "hash value is not an integer")):
+        return "a count that is not an integer"  # INCRBY on a key another program wrote
     lua_error = text.startswith(("user_script:", "Error running script"))
     if lua_error and "can't run this command" not in text:  # not an ACL rule's refusal
         return "a script error on its keys"
@@ -450,7 +453,11 @@ class RedisStore:
         event-loop turn (a usage report's, for every tenant) go in one batch."""
         current = self._periods[period].at(self._wall())
         key = f"{_scope_part(self._prefix, scope)}:{quota_name}:{current.key}"
-        return int(await self._batched("get", [key], []) or 0)
+        value = await self._batched("get", [key], [])
+        try:
+            return int(value or 0)
+        except ValueError:  # a key another program wrote: this tenant's alone
+            raise StoreRefused("redis: the count is not an integer") from None
 
     def _arguments(
         self, plan: Plan, rows: int, wall: float

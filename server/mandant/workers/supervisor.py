@@ -292,16 +292,20 @@ class Supervisor:
         return True
 
     async def stop(self) -> None:
-        """Drain the front ends, then the engine; remove the sockets' folder."""
+        """Drain the front ends, then the engine; remove the sockets' folder, also
+        where the stop itself is cancelled (a second Ctrl-C: the children die with
+        this process)."""
         self._stopping = True
-        for watcher in self._watchers:
-            watcher.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
-        await asyncio.gather(*(self._stop(front) for front in self.front_ends))
-        await self._stop(self.engine)
-        if self._reserved is not None:
-            self._reserved.close()
-        shutil.rmtree(self._folder, ignore_errors=True)
+        try:
+            for watcher in self._watchers:
+                watcher.cancel()
+            await asyncio.gather(*self._watchers, return_exceptions=True)
+            await asyncio.gather(*(self._stop(front) for front in self.front_ends))
+            await self._stop(self.engine)
+        finally:
+            if self._reserved is not None:
+                self._reserved.close()
+            shutil.rmtree(self._folder, ignore_errors=True)
 
     async def _stop(self, child: Child) -> None:
         process = child.process
