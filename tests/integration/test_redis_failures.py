@@ -232,6 +232,32 @@ async def test_a_redis_that_refuses_every_write_by_acl_is_an_outage(
         client.execute_command("ACL", "DELUSER", "nowrite")
 
 
+async def test_a_call_refused_for_another_program_s_count_charges_nothing(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """The script checked a quota count with Lua's ``tonumber`` (which takes ``1.5``),
+    then wrote every bucket and quota in turn, and failed at the bad key's INCRBY: each
+    call refused so had drained the tenant's buckets and charged its day, and once
+    drained the tenant was refused for its rate, not by ``on_store_error``. A count
+    that is not an integer is refused before anything is written."""
+    with same_utc_day():
+        tenant = {
+            "id": "acme",
+            "rate_limit": {"requests_per_s": 0.001, "burst": 3},
+            "quota": {"rows_per_day": 100, "rows_per_month": 1000},
+        }
+        config = _config(redis_server.url, "p7", tenant, on_store_error="deny")
+        month = f"p7:{{acme}}:*:rows_per_month:{utc_day()[:7]}"
+        client.set(month, "1.5")
+        async with _admission(config) as admission:
+            for _ in range(5):
+                with pytest.raises(Unavailable):
+                    await admission.admit(Tenant("acme"), ECHO, 10)
+            assert _rows_today(client, "p7", "acme") == 0
+            client.delete(month)
+            (await admission.admit(Tenant("acme"), ECHO, 10)).release(refund=False)
+
+
 def _stall(port: int, seconds: float) -> threading.Thread:
     """Keep Redis busy with one script for ``seconds`` (as a slow command or a
     latency spike does): it reads no other command meanwhile and runs what was

@@ -38,6 +38,7 @@ import enum
 import hashlib
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -97,6 +98,16 @@ local function push_level(peaks, steps, mark, level)
   end
   return peaks, steps, dropped
 end
+local function sound_levels(peaks, steps)
+  if not peaks then return true end
+  local count = 0
+  for entry in string.gmatch(peaks, '[^,]+') do
+    local level = tonumber(string.match(entry, '^%d+:(.+)$'))
+    if level == nil or level ~= level then return false end
+    count = count + 1
+  end
+  return count == steps
+end
 local function read_levels(peaks)
   local marks, levels = {}, {}
   for m, l in string.gmatch(peaks or '', '(%d+):([^,]+)') do
@@ -141,9 +152,12 @@ for i = 1, nb do
   local need = tonumber(ARGV[base + 3])
   local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts', 'peaks', 'steps', 'floor', 'rate',
     'burst')
+  if not sound_levels(state[3], tonumber(state[4])) then
+    state = {}  -- a hash another program wrote: the bucket is taken as new
+  end
   local level = tonumber(state[1])
   local ts = tonumber(state[2])
-  if level == nil or ts == nil then
+  if level == nil or ts == nil or level ~= level or ts ~= ts then  -- absent, or NaN
     level = burst
   elseif now > ts then
     level = level + (now - ts) * rate
@@ -157,7 +171,13 @@ end
 local qbase = 3 + 4 * nb
 for j = 1, nq do
   local base = qbase + 4 * (j - 1)
-  local used = tonumber(redis.call('GET', KEYS[nb + j]) or '0')
+  local raw = redis.call('GET', KEYS[nb + j]) or '0'
+  if not string.match(raw, '^%-?%d+$') or string.len(raw) > 18 then
+    -- Another program's value: refused before anything is written (a take that
+    -- failed at INCRBY had charged the buckets and the quotas before it).
+    return redis.error_reply('value is not an integer or out of range (a quota count)')
+  end
+  local used = tonumber(raw)
   if used + tonumber(ARGV[base + 2]) > tonumber(ARGV[base + 1]) then
     local wait = tonumber(ARGV[base + 4])
     if refuse == 0 or wait > longest then refuse, longest = nb + j, wait end
@@ -328,6 +348,10 @@ def _never_ran(error: ResponseError) -> bool:
     ).startswith("BUSY")
 
 
+#: A quota count as the acquire script takes it; anything else another program wrote.
+_COUNT = re.compile(rb"-?\d{1,18}")
+
+
 def _own_keys(error: ResponseError) -> str | None:
     """What an error reply says of the call's own keys, if that is what it is about:
     ``WRONGTYPE`` (a key another program wrote), or the script failing on what a key
@@ -339,7 +363,13 @@ def _own_keys(error: ResponseError) -> str | None:
     text = str(error)  # redis-py leaves out the code ERR, not the others
     if text.startswith("WRONGTYPE"):
         return "WRONGTYPE"
-    if text.startswith(("value is not an integer", "hash value is not an integer")):
+    if text.startswith(
+        (
+            "value is not an integer",
+            "hash value is not an integer",
+            "increment or decrement would overflow",
+        )
+    ):
         return "a count that is not an integer"  # INCRBY on a key another program wrote
     lua_error = text.startswith(("user_script:", "Error running script"))
     if lua_error and "can't run this command" not in text:  # not an ACL rule's refusal
@@ -454,10 +484,9 @@ class RedisStore:
         current = self._periods[period].at(self._wall())
         key = f"{_scope_part(self._prefix, scope)}:{quota_name}:{current.key}"
         value = await self._batched("get", [key], [])
-        try:
-            return int(value or 0)
-        except ValueError:  # a key another program wrote: this tenant's alone
-            raise StoreRefused("redis: the count is not an integer") from None
+        if value is not None and not _COUNT.fullmatch(value):  # as the script reads it
+            raise StoreRefused("redis: a count that is not an integer")
+        return int(value or 0)
 
     def _arguments(
         self, plan: Plan, rows: int, wall: float
