@@ -348,8 +348,9 @@ def _never_ran(error: ResponseError) -> bool:
     ).startswith("BUSY")
 
 
-#: A quota count as the acquire script takes it; anything else another program wrote.
-_COUNT = re.compile(rb"-?\d{1,18}")
+#: A quota count as the acquire script takes it (digits, a sign, 18 characters at
+#: most); anything else another program wrote.
+_COUNT = re.compile(rb"(?=.{1,18}$)-?\d+")
 
 
 def _own_keys(error: ResponseError) -> str | None:
