@@ -351,12 +351,11 @@ def test_ctrl_c_while_the_models_load_ends_without_a_traceback(tmp_path: Path) -
         proc.wait()
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_sigterm_while_the_models_load_stops_at_once(tmp_path: Path, workers: int) -> None:
-    """A SIGTERM while the models load (a rolling update that gives up on a pod)
-    killed one process by the default action (exit 143), and with ``workers`` waited
-    out the load, printed the banner, then stopped: now the start is cancelled, every
-    child stopped, exit 0, nothing left in its temporary folder."""
+def _loading_in_scratch(
+    tmp_path: Path, workers: int, stdout: int
+) -> tuple[subprocess.Popen[str], Path]:
+    """``mandant serve`` loading a model for 30 s, with a temporary folder of its own
+    (``TMPDIR``, empty), its stderr piped; the process and that folder."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     proc, _, _ = _serving_while_loading(
@@ -365,9 +364,19 @@ def test_sigterm_while_the_models_load_stops_at_once(tmp_path: Path, workers: in
         30.0,
         workers=workers,
         env={**ENV, "TMPDIR": str(scratch)},
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.PIPE,
     )
+    return proc, scratch
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_while_the_models_load_stops_at_once(tmp_path: Path, workers: int) -> None:
+    """A SIGTERM while the models load (a rolling update that gives up on a pod)
+    killed one process by the default action (exit 143), and with ``workers`` waited
+    out the load, printed the banner, then stopped: now the start is cancelled, every
+    child stopped, exit 0, nothing left in its temporary folder."""
+    proc, scratch = _loading_in_scratch(tmp_path, workers, stdout=subprocess.PIPE)
     children = _children(proc.pid)
     assert len(children) == (1 if workers > 1 else 0)  # the engine, loading
     try:
@@ -388,17 +397,7 @@ def test_a_second_sigterm_while_stopping_a_start_leaves_nothing_behind(tmp_path:
     """``workers``: a second SIGTERM while the first one's stop runs (a double Ctrl-C's
     way) cut it short of removing the private folder (copies of the configuration).
     It may end the process (the children die with it), and leaves nothing behind."""
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    proc, _, _ = _serving_while_loading(
-        tmp_path,
-        free_port(),
-        30.0,
-        workers=2,
-        env={**ENV, "TMPDIR": str(scratch)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc, scratch = _loading_in_scratch(tmp_path, 2, stdout=subprocess.DEVNULL)
     children = _children(proc.pid)
     try:
         proc.send_signal(signal.SIGTERM)

@@ -433,15 +433,20 @@ async def test_instances_run_concurrently() -> None:
     assert second["Y"].tolist() == [2]
 
 
-async def test_infer_does_not_block_the_event_loop() -> None:
-    entered, release = threading.Event(), threading.Event()
-    spec = make_spec(
+def gate_spec(entered: threading.Event, release: threading.Event) -> ModelSpec:
+    """A model whose forward pass signals ``entered``, then waits for ``release`` (at
+    most 10 s); ``X`` → ``Y`` = 2 ``X``, FP32 ``[-1]``."""
+    return make_spec(
         factory=f"{HELPERS}:gate",
         factory_args={"entered": entered, "release": release},
         inputs=(TensorSpec("X", "FP32", (-1,)),),
         outputs=(TensorSpec("Y", "FP32", (-1,)),),
     )
-    backend = TorchBackend(spec)
+
+
+async def test_infer_does_not_block_the_event_loop() -> None:
+    entered, release = threading.Event(), threading.Event()
+    backend = TorchBackend(gate_spec(entered, release))
     await backend.start()
     try:
         task = asyncio.create_task(backend.infer({"X": np.array([1.5], dtype=np.float32)}))
@@ -498,13 +503,7 @@ async def test_a_call_without_a_slot_to_hold_ends_at_once_when_cancelled() -> No
     pass when cancelled: a hung warm-up outlived ``model_load_timeout_s`` and held a
     stop for ever. Only ``hold_on_cancel`` waits."""
     entered, release = threading.Event(), threading.Event()
-    spec = make_spec(
-        factory=f"{HELPERS}:gate",
-        factory_args={"entered": entered, "release": release},
-        inputs=(TensorSpec("X", "FP32", (-1,)),),
-        outputs=(TensorSpec("Y", "FP32", (-1,)),),
-    )
-    backend = TorchBackend(spec)
+    backend = TorchBackend(gate_spec(entered, release))
     await backend.start()
     try:
         started = time.monotonic()

@@ -557,11 +557,9 @@ _NUMPY_LACKS = frozenset(
 def _copy_to_host(value: object) -> object:
     """Queue the copy of an output tensor to host memory on the current stream (a CUDA
     tensor lands in pinned memory); readable once the stream is synchronised. Anything
-    else as it is (:func:`_to_numpy` judges it)."""
+    else as it is: :func:`_to_numpy` judges it, and widens what numpy has no type for."""
     if not isinstance(value, torch.Tensor):
         return value
-    if value.dtype in _NUMPY_LACKS:
-        value = value.float()
     try:
         return value.detach().to("cpu", non_blocking=True)
     except (RuntimeError, NotImplementedError):  # a meta tensor has no data to copy
