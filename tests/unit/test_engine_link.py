@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,28 @@ async def test_an_engine_s_internal_error_is_quoted_under_the_id_it_logged(
     (logged,) = [r for r in caplog.records if "internal error serving" in r.getMessage()]
     assert f"request id {quoted}," in logged.getMessage()
     assert "internals" not in str(failed.value)
+
+
+async def test_a_front_end_that_did_not_run_for_a_while_keeps_its_engine(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A front end whose own event loop did not run for longer than the engine's
+    allowed silence (the process stopped, its container paused, a long GC) judged the
+    engine silent as it resumed, before reading the answers waiting for it: it closed
+    a healthy connection and failed its waiting calls. Its own stall is not the
+    engine's silence: the next ping's answer decides."""
+    path = tmp_path / "engine.sock"
+    engine = EngineServer(FailingPlane(), Tenant, NullObserver(), path, 0)  # type: ignore[arg-type]
+    await engine.start()
+    link = EngineLink(path, ping_s=0.05, retry_s=0.01, silent_s=0.3)
+    await link.start(wait_s=5)
+    try:
+        await asyncio.sleep(0.2)  # pinged and answered
+        with caplog.at_level(logging.ERROR):
+            time.sleep(0.6)  # noqa: ASYNC251 (the whole process stalls: twice the allowed silence)
+            await asyncio.sleep(0.4)  # it runs again: pings, answers
+        assert link.up, caplog.text
+        assert "silent" not in caplog.text and "lost" not in caplog.text
+    finally:
+        await link.aclose()
+        await engine.aclose()
