@@ -795,6 +795,44 @@ def test_a_repository_body_without_its_length_is_bounded_as_it_arrives(
     assert status == 200 and "echo" in {m["name"] for m in json.loads(listed)}
 
 
+@pytest.mark.parametrize(
+    ("tail", "status", "error"),
+    [
+        (
+            bytes(MAX_BODY_BYTES + (128 << 10)),
+            413,
+            f"request body is larger than {MAX_BODY_BYTES} bytes as sent",
+        ),
+        (
+            gzip.compress(b"") * 5_000,  # 100,000 bytes: under the bound as sent
+            400,
+            "the request body has more gzip members than one per 1024 bytes",
+        ),
+    ],
+    ids=["zeros after its member", "empty members"],
+)
+def test_a_chunked_gzip_body_is_bounded_by_what_is_sent(
+    server: Server, tail: bytes, status: int, error: str
+) -> None:
+    """A gzip body of unknown length was bounded only by what it inflated to: zeros
+    after its member, or empty members (20 bytes each, a new inflater each), went on
+    for as long as the client sent them, a core busy on one body (16 MiB of members
+    took 6.8 s of the server's CPU), before a rate limit or a key's tenant was looked
+    at."""
+    packed = gzip.compress(json.dumps({"ready": True}).encode()) + tail
+    port = int(rest(server).rsplit(":", 1)[1])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        headers = {**auth("acme"), "Content-Encoding": "gzip"}
+        pieces = (packed[i : i + 4096] for i in range(0, len(packed), 4096))
+        connection.request("POST", _INDEX, pieces, headers, encode_chunked=True)
+        answer = connection.getresponse()
+        assert answer.status == status
+        assert error_of(answer.read()) == error
+    finally:
+        connection.close()
+
+
 def test_a_load_s_longest_config_fits_its_body_bound(server: Server) -> None:
     """``MAX_LOAD_CONFIG_CHARS`` characters of the longest JSON escapes (12 bytes each,
     a character beyond the BMP) are read and parsed: refused for what they say (400),

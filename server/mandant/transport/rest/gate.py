@@ -250,8 +250,13 @@ class RestGate:
                 self._hold(tenant_id, length)
                 held = length
             body = bytearray()
+            sent = 0  # bytes as sent: a compressed body's, before it inflates
             while chunk := await request.content.readany():
                 if decoder is not None:
+                    sent += len(chunk)
+                    if sent > limit + limit // 1024 + 65536:  # beyond deflate's growth
+                        request[CUT] = True
+                        raise BodyTooLarge(f"request body is larger than {limit} bytes as sent")
                     chunk = await decoder.inflate(chunk, limit + 1 - len(body))
                 body += chunk
                 if len(body) > limit:
@@ -341,6 +346,10 @@ _NOT_ENCODED = "the request body does not decode as its Content-Encoding says"
 #: request of 61 KiB inflated 60 MiB in one 80 ms turn, and a stream of them, with or
 #: without a key, held every tenant's calls for seconds).
 INFLATE_STEP = 256 * 1024
+#: Compressed bytes a gzip member after the first sixteen must come with, on average
+#: (BGZF's members, the most a tool writes, are up to 64 KiB each).
+MEMBER_BYTES = 1024
+_MANY_MEMBERS = f"the request body has more gzip members than one per {MEMBER_BYTES} bytes"
 
 
 class BodyInflater:
@@ -350,6 +359,8 @@ class BodyInflater:
         self._encoding = encoding
         self._zlib: zlib._Decompress | None = None
         self._head = b""  # a deflate body's first byte, until its second comes
+        self._taken = 0  # bytes given to inflate
+        self._members = 0  # gzip members begun
 
     @property
     def ended(self) -> bool:
@@ -360,7 +371,11 @@ class BodyInflater:
         """``data`` inflated, up to a little more than ``room`` bytes (the caller
         refuses more), :data:`INFLATE_STEP` at a time with the event loop free between
         steps. zlib.error for data that is not the encoding's, or that follows its end
-        (but for gzip's next member, and zeros after the last, as gzip takes them)."""
+        (but for gzip's next member, and zeros after the last, as gzip takes them);
+        :class:`UnreadableBody` for more gzip members than :data:`MEMBER_BYTES` explain
+        (each costs a new inflater: 20-byte empty ones kept a core busy for as long as a
+        chunked body went on)."""
+        self._taken += len(data)
         inflater = self._zlib
         if inflater is None:
             data = self._head + data
@@ -376,6 +391,9 @@ class BodyInflater:
                 data = data.lstrip(b"\0")
                 if not data:
                     break
+                self._members += 1
+                if self._members > 16 + self._taken // MEMBER_BYTES:
+                    raise UnreadableBody(_MANY_MEMBERS)
                 inflater = self._zlib = zlib.decompressobj(_wbits(self._encoding, data))
             out += inflater.decompress(data, INFLATE_STEP)
             data = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
