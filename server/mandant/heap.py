@@ -81,7 +81,7 @@ class SettleSoon:
         self._settle()
 
 
-def loads_untrusted(document: str | bytes) -> Any:
+def loads_untrusted(document: str | bytes, **hooks: Any) -> Any:
     """``json.loads`` of a client's document with the cyclic collector paused. The
     parser nests as deep as the document does, up to the recursion limit (then
     RecursionError, which callers answer as invalid input); a collection that ran down
@@ -90,7 +90,7 @@ def loads_untrusted(document: str | bytes) -> Any:
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return json.loads(document)
+        return json.loads(document, **hooks)
     finally:
         if enabled:
             gc.enable()

@@ -88,6 +88,52 @@ def test_json_infinities_stay_what_the_client_sent() -> None:
     assert np.isinf(got[0]) and np.isnan(got[1])
 
 
+def _json_input(datatype: str, data: str) -> bytes:
+    tensor = f'{{"name": "x", "datatype": "{datatype}", "shape": [2], "data": {data}}}'
+    return f'{{"inputs": [{tensor}]}}'.encode()
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+@pytest.mark.parametrize("data", ["[1e400, 1]", "[-1e400, 1]", "[Infinity, 1e999]"])
+def test_a_json_number_beyond_a_double_is_out_of_range(datatype: str, data: str) -> None:
+    """``json`` reads ``1e400`` as infinity: it ran as one (``1e39`` for FP32 was
+    refused), where Triton refuses the number."""
+    request = JsonInferRequest("m", "", _json_input(datatype, data), None)
+    with pytest.raises(InvalidInput, match=f"a value is out of range for {datatype}"):
+        request.decode_inputs()
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ("[Infinity, -Infinity]", [np.inf, -np.inf]),  # the client's own infinities
+        ("[18446744073709551616, 1.5]", [2.0**64, 1.5]),  # JSON.stringify(2 ** 64)
+        ("[-9223372036854775809, 1e308]", [-(2.0**63), 1e308]),
+    ],
+)
+def test_json_numbers_a_double_holds_are_read_whatever_their_form(
+    data: str, expected: list[float]
+) -> None:
+    """Integers beyond 64 bits were refused for float datatypes as values "that are
+    not FP64" (numpy made objects of them)."""
+    got = JsonInferRequest("m", "", _json_input("FP64", data), None).decode_inputs()["x"]
+    assert got.tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("[" + "9" * 400 + ", 1]", "out of range for FP64"),
+        ("[true, 18446744073709551616]", "not FP64"),
+        ('["1", 18446744073709551616]', "not FP64"),
+    ],
+)
+def test_large_json_integers_are_still_numbers_a_double_holds(data: str, message: str) -> None:
+    request = JsonInferRequest("m", "", _json_input("FP64", data), None)
+    with pytest.raises(InvalidInput, match=message):
+        request.decode_inputs()
+
+
 def test_json_bytes_are_utf8_text() -> None:
     got = decode_json_data([["café", ""], ["a", "b"]], header("BYTES", (2, 2)))
     assert got.tolist() == [["café".encode(), b""], [b"a", b"b"]]

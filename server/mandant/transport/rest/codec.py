@@ -16,7 +16,8 @@ import asyncio
 import functools
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from math import prod
 from typing import Any
 
@@ -120,8 +121,10 @@ class JsonInferRequest:
         "_binary_all",
         "_id",
         "_inputs",
+        "_json",
         "_max_bytes_elements",
         "_outputs",
+        "_overflows",
         "_parameters",
         "model_name",
         "model_version",
@@ -153,8 +156,10 @@ class JsonInferRequest:
                 f"the request's JSON is larger than {max_json_bytes} bytes: send large "
                 "tensors as binary data (binary_data_size, Inference-Header-Content-Length)"
             )
+        self._json = view[:json_end].tobytes() if json_end < len(body) else body
+        self._overflows: bool | None = None
         try:
-            doc = loads_untrusted(view[:json_end].tobytes() if json_end < len(body) else body)
+            doc = loads_untrusted(self._json)
         except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, too deep
             # With the header, a body of valid JSON may be cut short by it: say so.
             where = (
@@ -209,7 +214,22 @@ class JsonInferRequest:
                 )
 
     def decode_inputs(self) -> dict[str, np.ndarray]:
-        return {item.header.name: _decode(item, self._max_bytes_elements) for item in self._inputs}
+        return {
+            item.header.name: _decode(item, self._max_bytes_elements, self._overflowed)
+            for item in self._inputs
+        }
+
+    def _overflowed(self) -> bool:
+        """Whether the JSON holds a number beyond a double's range (``1e400``), which
+        ``json`` reads as infinity: asked only of a tensor that holds an infinity (the
+        literal ``Infinity`` is a client's to send), so the common case pays nothing."""
+        if self._overflows is None:
+            try:
+                loads_untrusted(self._json, parse_float=_finite_float)
+                self._overflows = False
+            except OverflowError:
+                self._overflows = True
+        return self._overflows
 
     def raw_inputs(self) -> None:
         """None: REST is served where the models are (no front end hands it on)."""
@@ -286,7 +306,16 @@ def _assign_binary(inputs: list[_Input], binary: memoryview) -> None:
         )
 
 
-def _decode(item: _Input, max_bytes_elements: int) -> np.ndarray:
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise OverflowError(text)
+    return value
+
+
+def _decode(
+    item: _Input, max_bytes_elements: int, overflowed: Callable[[], bool] | None = None
+) -> np.ndarray:
     header = item.header
     if item.binary is not None:
         check_raw_size(item.binary, header, max_bytes_elements)
@@ -297,14 +326,19 @@ def _decode(item: _Input, max_bytes_elements: int) -> np.ndarray:
                 raise InvalidInput(f"input '{header.name}': {exc}") from None
             return array.reshape(header.shape)
         return np.frombuffer(item.binary, dtype=DATATYPES[header.datatype]).reshape(header.shape)
-    return decode_json_data(item.data, header, max_bytes_elements)
+    return decode_json_data(item.data, header, max_bytes_elements, overflowed)
 
 
 def decode_json_data(
-    data: object, header: TensorHeader, max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS
+    data: object,
+    header: TensorHeader,
+    max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS,
+    overflowed: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """A JSON ``data`` value (nested or flat lists) as an array of ``header``'s type and
-    shape; a wrong count or an element of the wrong type is InvalidInput."""
+    shape; a wrong count or an element of the wrong type is InvalidInput.
+    ``overflowed``: whether the document held a number beyond a double's range (an
+    infinity in a float tensor is then refused as out of range)."""
     count = check_shape(header)
     if header.datatype == "BYTES":
         check_bytes_count(count, header.name, max_bytes_elements)
@@ -335,6 +369,8 @@ def decode_json_data(
     dtype = DATATYPES[header.datatype]
     if dtype.kind in "iu" and values.dtype.kind not in "iu":
         return _exact_integers(data, header, wrong_type).reshape(header.shape)
+    if dtype.kind == "f" and values.dtype.kind == "O":
+        values = _large_integers(data, header, wrong_type)
     if values.size and values.dtype.kind not in _ACCEPTED_KINDS[dtype.kind]:
         raise wrong_type
     if dtype.kind != "b" and _holds_booleans(data):  # numpy read them as 1 and 0
@@ -345,7 +381,12 @@ def decode_json_data(
             raise _out_of_range(header)
     with np.errstate(over="ignore"):  # a float too large for the datatype: refused below
         cast = values.astype(dtype)
-    if dtype.kind == "f" and cast.size and (np.isinf(cast) & np.isfinite(values)).any():
+    if (
+        dtype.kind == "f"
+        and cast.size
+        and (infinite := np.isinf(cast)).any()
+        and ((infinite & np.isfinite(values)).any() or (overflowed and overflowed()))
+    ):
         raise _out_of_range(header)
     return cast.reshape(header.shape)
 
@@ -364,6 +405,20 @@ def _holds_booleans(data: object) -> bool:
             return False
         level = list(itertools.chain.from_iterable(level))
     return False
+
+
+def _large_integers(data: object, header: TensorHeader, wrong_type: InvalidInput) -> np.ndarray:
+    """``data`` for a float datatype where numpy made objects of it: integers beyond 64
+    bits among the numbers (a JavaScript client's ``2**64`` is ``18446744073709552000``;
+    they were refused as not numbers), as doubles; anything else InvalidInput. Each
+    element is checked as a Python object: slow, and only on this path."""
+    items = np.array(data, dtype=np.object_).reshape(-1).tolist()
+    if not all(type(item) is int or type(item) is float for item in items):
+        raise wrong_type
+    try:
+        return np.array([float(item) for item in items], dtype=np.float64)
+    except OverflowError:  # an integer beyond a double's range
+        raise _out_of_range(header) from None
 
 
 def _exact_integers(data: object, header: TensorHeader, wrong_type: InvalidInput) -> np.ndarray:
