@@ -156,3 +156,37 @@ def test_grafana_dashboard_has_the_dashboard_panels() -> None:
     assert len(ids) == len(set(ids))
     for panel in grafana_panels():
         assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}"
+
+
+def test_the_tenant_variable_offers_every_tenant_and_all_means_all() -> None:
+    """It listed the tenants of ``mandant_slo_objective``, which only tenants with an
+    SLO have, and "All" was a regex of those: a tenant without an SLO (75% of the
+    calls in a reviewer's run) was missing from every per-tenant panel."""
+    (variable,) = [
+        v for v in json.loads(GRAFANA.read_text())["templating"]["list"] if v["name"] == "tenant"
+    ]
+    series = re.fullmatch(r"label_values\((\w+), tenant\)", variable["definition"])
+    assert series is not None and variable["query"]["query"] == variable["definition"]
+    assert variable["allValue"] == ".+"  # tenants that come later are in "All" too
+    registry = CollectorRegistry()
+    tenants = [TenantConfig(id="acme", slo=SloConfig(latency_ms=50)), TenantConfig(id="umbrella")]
+    PrometheusObserver(registry, tenants, ["classifier"])
+    registry.register(InflightRequests(TenantDirectory(tenants), dict))
+    offered = {
+        sample.labels["tenant"]
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == series[1]
+    }
+    assert offered == {"acme", "umbrella"}
+
+
+def test_the_batch_size_panel_keeps_a_tuned_variant_apart_from_its_shared_model() -> None:
+    """``sum by (le)`` drew globex's tuned ``classifier`` and the shared one as one
+    distribution (and every model as one under "All")."""
+    (panel,) = [p for p in grafana_panels() if p["title"].startswith("Batch-size")]
+    (target,) = panel["targets"]
+    grouped = re.search(r"sum by \(([^)]*)\)", target["expr"])
+    assert grouped is not None
+    assert {label.strip() for label in grouped[1].split(",")} == {"le", "model", "tenant"}
+    assert "{{model}}" in target["legendFormat"] and "{{tenant}}" in target["legendFormat"]
