@@ -322,7 +322,7 @@ class App:
             ) from None
         if entry is not None:
             try:
-                specs = config.with_model_entries(name, entry).model_specs(self.base_dir)
+                specs = config.entry_specs(name, entry, self.base_dir)
             except ConfigError as exc:
                 raise InvalidInput(f"model config refused: {str(exc)[:800]}") from None
         return [spec for spec in specs if spec.name == name]

@@ -185,6 +185,18 @@ def test_admin_sees_every_tenant_s_totals(client: triton.InferenceServerClient) 
     assert sorted(padded) == ["classifier:1", "globex/classifier:1"]
 
 
+def test_no_model_name_means_every_model_whatever_the_version(
+    client: triton.InferenceServerClient,
+) -> None:
+    """With no name and a version, an admin got that version's models only, a tenant
+    every model (as Triton, which has no model to hold the version to): every model."""
+    for headers in (ADMIN, auth("acme")):
+        every = _by_name(client.get_inference_statistics(headers=headers))
+        assert sorted(_by_name(client.get_inference_statistics("", "2", headers=headers))) == (
+            sorted(every)
+        )
+
+
 def test_admin_filters_one_tenant_with_metadata(client: triton.InferenceServerClient) -> None:
     for tenant, calls in CALLS.items():
         headers = {**ADMIN, "mandant-tenant": tenant}

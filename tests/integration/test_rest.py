@@ -833,6 +833,23 @@ def test_a_chunked_gzip_body_is_bounded_by_what_is_sent(
         connection.close()
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "tenant", "error"),
+    [
+        (_INDEX, {"ready": "false"}, "acme", "'ready' is a JSON boolean"),
+        (_INDEX, {"ready": 0}, "acme", "'ready' is a JSON boolean"),
+        (_LOAD, {"parameters": []}, "admin", "'parameters' is a JSON object"),
+    ],
+)
+def test_repository_flags_of_the_wrong_json_type_are_400(
+    server: Server, path: str, body: dict[str, Any], tenant: str, error: str
+) -> None:
+    """``{"ready": "false"}`` listed the ready models only ("false" is true to Python),
+    and a load's ``"parameters": []`` was taken for none; Triton refuses both."""
+    status, _, answer = call(server, "POST", path, body, auth(tenant))
+    assert (status, error_of(answer)) == (400, error)
+
+
 def test_a_load_s_longest_config_fits_its_body_bound(server: Server) -> None:
     """``MAX_LOAD_CONFIG_CHARS`` characters of the longest JSON escapes (12 bytes each,
     a character beyond the BMP) are read and parsed: refused for what they say (400),

@@ -281,3 +281,29 @@ def test_inline_is_auto_unless_never_and_a_tuned_variant_inherits_it() -> None:
     specs = config(entry(inline="never"), tuned, entry("n")).model_specs(Path("/m"))
     assert [s.inline for s in specs] == [False, False, True]
     assert errors(entry(inline="sometimes"))[0][0] == "models.0.inline"
+
+
+@pytest.mark.parametrize(
+    ("entries", "errors"),
+    [
+        (
+            [{**entry(), "factory": None}],  # no path, no factory: found making the specs
+            [("0", "torch models need a 'path' (TorchScript or weights) or a 'factory'")],
+        ),
+        (
+            [entry(version=2), entry(version=2)],
+            [("1.version", "model 'm' version 2 is defined twice (also 0)")],
+        ),
+    ],
+    ids=["incomplete", "a version twice"],
+)
+def test_a_load_entry_s_errors_name_the_request_s_own_entries(
+    entries: list[dict[str, Any]], errors: list[tuple[str, str]]
+) -> None:
+    """They named the entry's place in the whole configuration (``models.4``), which
+    the admin never sent, under "configuration"."""
+    base = config(entry("a", factory="m:f"), entry("b", factory="m:f"), entry(factory="m:f"))
+    with pytest.raises(ConfigError) as refused:
+        base.entry_specs("m", json.dumps(entries), Path("/m"))
+    assert refused.value.source == "the load request's 'config'"
+    assert refused.value.errors == errors

@@ -7,6 +7,7 @@ a load request's model entries, warnings, the files it names and its model specs
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -128,11 +129,23 @@ class MandantConfig(_Frozen):
             raise ConfigError("configuration", errors)
         return specs
 
+    def entry_specs(self, name: str, text: str, base_dir: Path) -> list[ModelSpec]:
+        """Every model version to serve once a load's ``text`` replaced ``name``'s
+        entries (:meth:`with_model_entries`); ConfigError if they do not validate, each
+        error named by the request's own entry (``0.path``), not by where it lands in
+        the whole configuration (``models.4``, which the client never sent)."""
+        config = self.with_model_entries(name, text)
+        kept = sum(m.model_name != name for m in self.models)
+        try:
+            return config.model_specs(base_dir)
+        except ConfigError as exc:
+            raise ConfigError(_LOAD_SOURCE, [_entry_path(e, kept) for e in exc.errors]) from None
+
     def with_model_entries(self, name: str, text: str) -> MandantConfig:
         """This configuration with model ``name``'s entries replaced by ``text``: a JSON
         model entry (the fields of one ``models:`` item) or a list of them (one per
         version), each naming ``name``. Validated like the file; ConfigError if not."""
-        source = "the load request's 'config'"
+        source = _LOAD_SOURCE
         try:
             data = loads_untrusted(text)
         except ValueError as exc:
@@ -156,14 +169,26 @@ class MandantConfig(_Frozen):
             raise ConfigError(source, [_entry_path(e, len(kept)) for e in _errors(exc)]) from None
 
 
+_LOAD_SOURCE = "the load request's 'config'"
+
+
 def _entry_path(error: tuple[str, str], kept: int) -> tuple[str, str]:
     """An error of the configuration a load request makes, ``models.N…`` of its own
-    entries (after the ``kept`` ones) renamed as the request's ``N - kept…``."""
+    entries (after the ``kept`` ones) renamed as the request's ``N - kept…``, in its
+    path and where its reason names another of them (``also models.N``)."""
     path, reason = error
     parts = path.split(".")
     if len(parts) > 1 and parts[0] == "models" and parts[1].isdigit() and int(parts[1]) >= kept:
         path = ".".join([str(int(parts[1]) - kept), *parts[2:]])
+    reason = _ALSO.sub(
+        lambda found: f"also {int(found[1]) - kept}" if int(found[1]) >= kept else found[0],
+        reason,
+    )
     return path, reason
+
+
+#: Another entry named in a reason (``defined twice (also models.N)``).
+_ALSO = re.compile(r"also models\.(\d+)")
 
 
 def _tenant_problems(config: MandantConfig) -> list[tuple[str, str]]:

@@ -75,8 +75,8 @@ def admin_statistics(
     for model in plane.all_models():
         key = model.key
         label = key.name if key.owner is None else f"{key.owner}/{key.name}"
-        if (name and name not in (key.name, label)) or (version and version != key.version):
-            continue
+        if name and (name not in (key.name, label) or (version and version != key.version)):
+            continue  # no name: every model's every version, as a tenant's view and Triton
         scope = (key.owner or "", key.name, key.version)
         total = stats.total(k for k in recorded if k[1:] == scope)
         # Executions once each (the tenants' entries hold a shared batch once each).

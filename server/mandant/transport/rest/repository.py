@@ -39,7 +39,9 @@ MAX_LOAD_BODY_BYTES = 12 * MAX_LOAD_CONFIG_CHARS + MAX_BODY_BYTES
 
 def add_repository_routes(routes: web.UrlDispatcher, gate: RestGate, plane: DataPlane) -> None:
     async def index(request: web.Request, call: Call) -> web.Response:
-        ready_only = bool((await _body(request)).get("ready", False))
+        ready_only = (await _body(request)).get("ready", False)
+        if not isinstance(ready_only, bool):  # "false" is true to Python: Triton refuses it
+            raise InvalidInput("'ready' is a JSON boolean")
         return web.json_response(
             [
                 {"name": m.key.name, "version": m.key.version, "state": m.state,
@@ -50,8 +52,10 @@ def add_repository_routes(routes: web.UrlDispatcher, gate: RestGate, plane: Data
         )  # fmt: skip
 
     async def load(request: web.Request, call: Call) -> web.Response:
-        parameters = (await _body(request)).get("parameters") or {}
-        if not isinstance(parameters, dict):
+        parameters = (await _body(request)).get("parameters")
+        if parameters is None:
+            parameters = {}
+        elif not isinstance(parameters, dict):  # [] or "" was taken for no parameters
             raise InvalidInput("'parameters' is a JSON object")
         await plane.load_model(request.match_info["name"], parameters)
         return web.Response()
