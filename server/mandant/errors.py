@@ -73,10 +73,15 @@ class FailedPrecondition(MandantError):
     a whole quota period allows): retrying cannot help, so no pushback."""
 
 
+#: The longest wait a refusal hints at (a year: a monthly quota's is a month): a hint
+#: is sent as milliseconds in a signed 64-bit value and REST's whole seconds.
+MAX_RETRY_AFTER_S = 366 * 86400.0
+
+
 class ResourceExhausted(MandantError):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
-        self.retry_after_s = max(0.0, retry_after_s)
+        self.retry_after_s = min(max(0.0, retry_after_s), MAX_RETRY_AFTER_S)
 
 
 class RateLimited(ResourceExhausted):

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mandant.config import parse_config
-from mandant.errors import ConfigError
+from mandant.errors import MAX_RETRY_AFTER_S, ConfigError, RateLimited
 from mandant.tenancy.keys import hash_key
 
 IO = {
@@ -303,3 +303,28 @@ def test_settings_gRPC_takes_as_c_ints_are_bounded(setting: str, value: int) -> 
     found = errors({"server": {setting: value}, "tenants": [], "models": []})
     assert [where for where, _ in found] == [f"server.{setting}"]
     assert "less than or equal to" in found[0][1]
+
+
+@pytest.mark.parametrize(
+    ("tenant", "path"),
+    [
+        ({"weight": 1e-320}, "tenants.0.weight"),  # the batcher's rounds were infinite
+        ({"weight": float("inf")}, "tenants.0.weight"),
+        ({"rate_limit": {"requests_per_s": 1e-320}}, "tenants.0.rate_limit.requests_per_s"),
+        ({"rate_limit": {"rows_per_s": float("nan")}}, "tenants.0.rate_limit.rows_per_s"),
+        ({"rate_limit": {"requests_per_s": 1, "burst": 1e300}}, "tenants.0.rate_limit.burst"),
+        ({"quota": {"rows_per_day": 2**64}}, "tenants.0.quota.rows_per_day"),  # GetUsage failed
+    ],
+)
+def test_limits_a_server_cannot_compute_with_are_refused(tenant: dict[str, Any], path: str) -> None:
+    """Accepted before (``gt=0``): a denormal rate's wait was infinite and its refusal
+    INTERNAL (a stream's message never answered), a denormal weight stopped a shared
+    model for every tenant, a quota beyond 64 bits failed every GetUsage."""
+    [(found, _)] = errors({"tenants": [{"id": "t", "api_keys": [KEY_A], **tenant}]})
+    assert found == path
+
+
+def test_a_refusal_hints_at_a_finite_wait() -> None:
+    assert RateLimited("x", float("inf")).retry_after_s == MAX_RETRY_AFTER_S
+    assert RateLimited("x", float("nan")).retry_after_s == 0.0
+    assert round(MAX_RETRY_AFTER_S * 1000) < 2**63

@@ -12,12 +12,20 @@ from pydantic import Field, field_validator, model_validator
 
 from mandant.config._base import _NAME, _Frozen, _hashes_only
 
+#: A rate a bucket refills at: a token in 11.6 days at the least (a wait computed from
+#: a denormal rate was infinite, and its refusal failed INTERNAL), 10¹² a second at most.
+_Rate = Annotated[float, Field(ge=1e-6, le=1e12)]
+#: A bucket's size (1 at the least: ``_whole_call``).
+_Burst = Annotated[float, Field(gt=0, le=1e15)]
+#: Rows of a quota: a signed 64-bit count (the usage report's and Redis's).
+_Rows = Annotated[int, Field(gt=0, le=2**63 - 1)]
+
 
 class RateLimitConfig(_Frozen):
-    requests_per_s: Annotated[float, Field(gt=0)] | None = None
-    burst: Annotated[float, Field(gt=0)] | None = None
-    rows_per_s: Annotated[float, Field(gt=0)] | None = None
-    rows_burst: Annotated[float, Field(gt=0)] | None = None
+    requests_per_s: _Rate | None = None
+    burst: _Burst | None = None
+    rows_per_s: _Rate | None = None
+    rows_burst: _Burst | None = None
 
     @model_validator(mode="after")
     def _bursts(self) -> RateLimitConfig:
@@ -39,8 +47,8 @@ class RateLimitConfig(_Frozen):
 
 
 class QuotaConfig(_Frozen):
-    rows_per_day: Annotated[int, Field(gt=0)] | None = None
-    rows_per_month: Annotated[int, Field(gt=0)] | None = None
+    rows_per_day: _Rows | None = None
+    rows_per_month: _Rows | None = None
 
 
 class ModelLimitsConfig(_Frozen):
@@ -89,7 +97,9 @@ class TenantConfig(_Frozen):
     rate_limit: RateLimitConfig | None = None
     max_concurrency: Annotated[int, Field(gt=0)] | None = None
     quota: QuotaConfig | None = None
-    weight: Annotated[float, Field(gt=0)] = 1.0
+    #: Fair-share weight, 10⁻⁶ to 10⁶ (1e-320 made the batcher's rounds infinite:
+    #: a shared model stopped for every tenant).
+    weight: Annotated[float, Field(ge=1e-6, le=1e6)] = 1.0
     priority: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0  # as a v2 priority
     slo: SloConfig | None = None
     models: Mapping[str, ModelLimitsConfig] = Field(default_factory=dict)
