@@ -141,6 +141,15 @@ function createClient(target, apiKey, options = {}) {
     'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
   });
   let closed = false;
+  // Calls not answered yet: close() closes the channel once they are (grpc-js's close
+  // cancels every call still waiting for the channel to connect, and a call starts on
+  // the next tick: one made just before close() failed "Channel closed before call
+  // started").
+  let pending = 0;
+  function settled() {
+    pending -= 1;
+    if (closed && pending === 0) stub.close();
+  }
 
   // null is "not given", as undefined: Date.now() + null would be a deadline of now. A
   // call's null is the client's timeoutMs, not "no deadline" (README). A bad timeoutMs
@@ -156,17 +165,12 @@ function createClient(target, apiKey, options = {}) {
     const metadata = new grpc.Metadata();
     if (header !== null) metadata.set('authorization', header);
     const callOptions = deadlineMs == null ? {} : { deadline: Date.now() + deadlineMs };
+    pending += 1;
     return new Promise((resolve, reject) => {
-      try {
-        stub[method](request, metadata, callOptions, (error, response) =>
-          error ? reject(new MandantError(error)) : resolve(response),
-        );
-      } catch (error) {
-        // grpc-js throws "Channel has been shut down" for a call on a closed channel.
-        if (closed) reject(clientClosedError());
-        else throw error;
-      }
-    });
+      stub[method](request, metadata, callOptions, (error, response) =>
+        error ? reject(new MandantError(error)) : resolve(response),
+      );
+    }).finally(settled);
   }
 
   return {
@@ -193,11 +197,12 @@ function createClient(target, apiKey, options = {}) {
       return decodeOutputs(response);
     },
 
-    /** Closes the channel: calls in flight are answered; a later call rejects with
-     * UNAVAILABLE "the client was closed". */
+    /** Closes the channel once the calls made before are answered (at once if there
+     * are none); a later call rejects with UNAVAILABLE "the client was closed". */
     close() {
+      if (closed) return;
       closed = true;
-      stub.close();
+      if (pending === 0) stub.close();
     },
   };
 }

@@ -157,6 +157,24 @@ test('a call in flight at close() is answered; one made after it is not', CALLS,
   assert.deepEqual(Array.from(outputs.X.data), [1]);
 });
 
+test('calls made just before close() are answered, on a cold channel or a warm one', CALLS, async () => {
+  // grpc-js's close cancels the calls still waiting for the channel, and a call starts
+  // on the next tick: these failed UNAVAILABLE "Channel closed before call started",
+  // marked retryable, and a retry on the client was refused as closed.
+  const cold = createClient(target, 'key');
+  const first = cold.infer('m', INPUTS);
+  cold.close();
+  assert.deepEqual(Array.from((await first).X.data), [1]);
+
+  const warm = createClient(target, 'key');
+  await warm.infer('m', INPUTS);
+  const batch = Promise.all([warm.infer('m', INPUTS), warm.infer('slow', INPUTS)]);
+  warm.close();
+  for (const outputs of await batch) assert.deepEqual(Array.from(outputs.X.data), [1]);
+  const later = await warm.infer('m', INPUTS).catch((e) => e);
+  assert.equal(later.details, 'the client was closed');
+});
+
 test('a call after close() rejects with MandantError UNAVAILABLE, not retryable', CALLS, async () => {
   const client = createClient(target, 'key');
   await client.infer('m', INPUTS);

@@ -2,7 +2,7 @@
 // timeoutMs: null means "not given", as undefined does, on the client and on a call
 // (Date.now() + null was a deadline of now: every call failed DEADLINE_EXCEEDED at once).
 // On the client that is no deadline; on a call, the client's timeoutMs (as Python's
-// timeout_s=None), so a call cannot opt out of the client's deadline.
+// timeout_s=None); a call opts out of the client's deadline with Infinity.
 const assert = require('node:assert/strict');
 const net = require('node:net');
 const { test } = require('node:test');
@@ -64,6 +64,8 @@ test("a null timeoutMs on a call keeps the client's", async () => {
     assert.equal(await outcome(silent.target, client, {}), 'DEADLINE_EXCEEDED');
     // Without any deadline the call waits for an answer that never comes.
     assert.equal(await outcome(silent.target, { timeoutMs: null }, {}, 1000), 'HUNG');
+    // A call's Infinity is no deadline, whatever the client's.
+    assert.equal(await outcome(silent.target, client, { timeoutMs: Infinity }, 1000), 'HUNG');
   } finally {
     await silent.close();
   }
