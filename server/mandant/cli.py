@@ -116,7 +116,7 @@ def _log_warnings(config: MandantConfig) -> None:
 def _reload(app: App, path: Path, overrides: argparse.Namespace) -> None:
     """SIGHUP: read the configuration file again; a file that does not validate is
     refused with its errors and the server keeps the configuration it runs."""
-    config = reloaded(lambda: _with_overrides(load_config(path), overrides), path.resolve().parent)
+    config = reloaded(lambda: _with_overrides(load_config(path), overrides), path.absolute().parent)
     if config is None:
         return
     _log_warnings(config)
@@ -333,14 +333,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"mandant serve: {where}: {why}", file=sys.stderr)
         return 2
     try:  # what only the models' resolution finds (a torch model without tensors)
-        config.model_specs(path.resolve().parent)
+        config.model_specs(path.absolute().parent)
     except ConfigError as exc:
         print(
             f"mandant: invalid configuration\n{ConfigError(str(path), exc.errors)}", file=sys.stderr
         )
         return 2
     _log_warnings(config)
-    missing = config.server.tls.file_problems(path.resolve().parent) if config.server.tls else []
+    missing = config.server.tls.file_problems(path.absolute().parent) if config.server.tls else []
     if missing:
         print(f"mandant: cannot start: {ConfigError(str(path), missing)}", file=sys.stderr)
         return 1
@@ -352,9 +352,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers = workers_of(config.server.workers)
     try:
         if workers > 1:
-            _run(_supervise(config, path.resolve(), demo, args, workers))
+            _run(_supervise(config, path.absolute(), demo, args, workers))
         else:
-            _run(_serve(config, path.resolve(), demo, args))
+            _run(_serve(config, path.absolute(), demo, args))
     except (ConfigError, RuntimeError, ValueError, OSError) as exc:
         print(f"mandant: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -378,7 +378,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     die_with_parent(args.parent)
     configure_logging(args.log_level)
-    path = Path(args.config).resolve()  # models and certificates resolve against its folder
+    path = Path(args.config).absolute()  # models and certificates resolve against its folder
     applied = Path(args.applied) if args.applied else path  # what the supervisor applied
     sockets = EngineSockets(Path(args.sockets))
 
@@ -428,7 +428,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    base_dir = path.resolve().parent
+    base_dir = path.absolute().parent
     try:
         config.model_specs(base_dir)
         errors = []

@@ -257,3 +257,45 @@ def test_a_reload_reaches_streams_already_open(tmp_path: Path, kind: str) -> Non
             renewed.infer("echo", X)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+def _config_map(folder: Path, text: str, version: int) -> Path:
+    """``text`` as the kubelet writes a mounted ConfigMap: a folder of its own per
+    version, ``..data`` switched to it at once, the old version's folder removed, and
+    ``mandant.yaml`` a symlink to ``..data/mandant.yaml``; that symlink."""
+    data, new = folder / "..data", folder / f"..v{version}"
+    old = data.resolve() if data.exists() else None
+    new.mkdir(parents=True)
+    (new / "mandant.yaml").write_text(text)
+    (folder / "..data_tmp").symlink_to(new.name)
+    (folder / "..data_tmp").replace(data)
+    path = folder / "mandant.yaml"
+    if not path.is_symlink():
+        path.symlink_to("..data/mandant.yaml")
+    if old is not None:
+        for leftover in old.iterdir():
+            leftover.unlink()
+        old.rmdir()
+    return path
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+def test_a_config_map_edited_then_signalled_is_applied(tmp_path: Path, kind: str) -> None:
+    """The server resolved the file's symlinks once, at start: every SIGHUP after an
+    edit of a mounted ConfigMap read the removed version's folder and was refused, so
+    a key revoked so (README, "Reload") went on working."""
+    port = free_port()
+    scratch = tmp_path / "rendered.yaml"
+    write = _writer(scratch, port, kind)
+    write(a={"api_keys": [hash_key("key-a")]})
+    path = _config_map(tmp_path / "config", scratch.read_text(), 1)
+    with mandant_serve(path) as proc:
+        write(a={"api_keys": [hash_key("key-new")]})
+        _config_map(tmp_path / "config", scratch.read_text(), 2)
+        proc.send_signal(signal.SIGHUP)
+        lines, _ = _reloads(proc, kind)
+        assert all("API keys changed: a (1 added, 1 revoked)" in line for line in lines)
+        with Client(f"127.0.0.1:{port}", api_key="key-a") as client, pytest.raises(Unauthenticated):
+            client.infer("echo", X)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0

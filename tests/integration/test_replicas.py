@@ -208,6 +208,21 @@ async def test_a_rate_limit_holds_across_replicas_behind_the_balancer(fleet: Fle
     assert sum(c.get("RESOURCE_EXHAUSTED", 0) for c in by_replica) == calls.refused
 
 
+async def test_calls_and_streams_over_a_mebibyte_pass_the_balancer(fleet: Fleet) -> None:
+    """nginx's own bound on a request body (1 MiB by default) refused a unary call
+    over it with HTTP 413 (UNKNOWN to the client), and ended a multiplexed client's
+    stream once its messages added up to 1 MiB; the replicas take 64 MiB a message."""
+    large = np.ones((1, 300_000), np.float32)  # 1.14 MiB
+    async with AsyncClient(fleet.balancer.target, FREE_KEY, timeout_s=30) as client:
+        answer = await client.infer("echo", {"INPUT0": large})
+        assert np.array_equal(answer["OUTPUT0"], large)
+    row = np.ones((1, 4096), np.float32)  # 16 KiB a message: 1 MiB after 64 of them
+    async with AsyncClient(fleet.balancer.target, FREE_KEY, timeout_s=30, multiplex=True) as client:
+        for _ in range(80):
+            answer = await client.infer("echo", {"INPUT0": row})
+        assert np.array_equal(answer["OUTPUT0"], row)
+
+
 async def test_a_stopped_replica_drains_and_a_killed_one_costs_only_its_calls(
     fleet: Fleet,
 ) -> None:

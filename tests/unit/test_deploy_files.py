@@ -92,7 +92,7 @@ def test_fast_burn_pages_for_the_failing_tenant_only(tmp_path: Path) -> None:
                 "summary": "Tenant acme latency SLO page: burn rate 100.0x",
                 "description": "Tenant acme is burning its error budget 14.4x too fast "
                 "(1h and 5m): 2 % of a 30-day budget per hour.",
-                "dashboard": "http://mandant:8002/",
+                "dashboard": "http://mandant-internal:8002/",
             },
         }],
     }  # fmt: skip

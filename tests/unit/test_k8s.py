@@ -306,20 +306,38 @@ def test_network_policies_guard_each_port(rendered: tuple[str, list[dict[str, An
     data_ports = {port["port"] for rule in data_rules for port in rule["ports"]}
     assert data_ports == {8000, 8001}
     (redis_rule,) = policies["mandant-redis"]["ingress"]
-    assert redis_rule["from"] == [
-        {
-            "podSelector": {
-                "matchLabels": {
-                    "app.kubernetes.io/name": "mandant",
-                    "app.kubernetes.io/component": "server",
-                }
-            }
-        }
+    (redis_from,) = redis_rule["from"]
+    assert list(redis_from) == ["podSelector"]
+    # Mandant's pods, the Deployment's and KServe's predictor's: each policy of theirs
+    # selects them, Redis admits them, and nothing else of the kit.
+    (deployment,) = only(objects, "Deployment")
+    (kserve,) = yaml.safe_load_all((K8S / "kserve" / "inferenceservice.yaml").read_text())
+    mandant_pods = [
+        deployment["spec"]["template"]["metadata"]["labels"],
+        {**kserve["metadata"]["labels"], "component": "predictor"},  # KServe adds its own
     ]
+    for labels in mandant_pods:
+        for name in ("mandant-data-plane", "mandant-http-monitoring"):
+            assert _selects(policies[name]["podSelector"], labels), (name, labels)
+        assert _selects(redis_from["podSelector"], labels), labels
+    redis_pods = only(objects, "StatefulSet")[0]["spec"]["template"]["metadata"]["labels"]
+    assert not _selects(redis_from["podSelector"], redis_pods)
     services = {s["metadata"]["name"]: s["spec"] for s in only(objects, "Service")}
     assert {p["port"] for p in services["mandant"]["ports"]} == {8000, 8001}
     assert [p["port"] for p in services["mandant-internal"]["ports"]] == [8002]
     assert services["mandant-internal"]["type"] == "ClusterIP"
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (``matchLabels``, ``matchExpressions`` with In)
+    selects a pod of these labels, as Kubernetes reads it."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression  # the only one the kit uses
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
 
 
 def test_the_kserve_example_is_a_raw_deployment_serving_grpc() -> None:

@@ -1,15 +1,17 @@
-"""The supervisor of ``workers: N`` without processes: what a SIGHUP applies."""
+"""The supervisor of ``workers: N`` without processes: what a SIGHUP applies, and the
+gRPC port it reserves."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
 
-from mandant.workers.supervisor import Supervisor
+from mandant.workers.supervisor import Supervisor, reserve_port
 
 
 def test_a_refused_reload_names_the_operators_file(
@@ -61,3 +63,17 @@ def test_a_file_the_children_would_refuse_with_their_flags_is_not_applied(
             assert supervisor.applied.read_text() == before
     finally:
         shutil.rmtree(supervisor.applied.parent, ignore_errors=True)
+
+
+def test_the_grpc_port_is_reserved_past_a_connection_in_time_wait() -> None:
+    """A connection of a server stopped a moment ago, closed from its side, stays in
+    TIME_WAIT on the port for a minute: one process binds past it (gRPC sets
+    SO_REUSEADDR), but ``workers: N`` refused to start, "Address already in use"."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server's side closes first: its end waits in TIME_WAIT
+        client.recv(1)
+        client.close()
+    reserve_port("127.0.0.1", port).close()

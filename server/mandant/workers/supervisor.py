@@ -97,6 +97,9 @@ def reserve_port(host: str, port: int = 0) -> socket.socket:
     host = bare(host)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
+    # SO_REUSEADDR as gRPC's listeners have it: a connection of a server stopped a
+    # moment ago, in TIME_WAIT, refused this bind (the check above passed it).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     return sock
