@@ -68,6 +68,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
+from mandant.backends.cpu_quota import fit_threads_to_quota
 from mandant.backends.placement import place
 from mandant.backends.staging import StagingBuffers
 from mandant.backends.threads import ModelThreads, in_own_thread
@@ -136,6 +137,7 @@ class TorchBackend:
         inline_below_s: float = DEFAULT_INLINE_BELOW_S,
         compute_nice: int = 0,
     ) -> None:
+        fit_threads_to_quota()
         self._spec = spec
         self._compute_nice = compute_nice
         self._placement = place(spec.devices, spec.instances, _visible_gpus())
