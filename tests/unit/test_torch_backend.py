@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mandant.backends.base import Backend
+from mandant.backends.threads import ModelExit
 from mandant.backends.torch import ModelLoadError, TorchBackend
 from mandant.config import BatchingConfig, ModelSpec
 from mandant.demo import models
@@ -721,3 +722,25 @@ async def test_infer_batch_runs_the_parts_concatenated_in_order() -> None:
         await backend.aclose()
     np.testing.assert_array_equal(out["A2"], np.concatenate(a))
     assert out["B2"].tolist() == np.concatenate(b).tolist()
+
+
+async def test_model_code_that_calls_sys_exit_fails_that_model_alone() -> None:
+    """SystemExit from a builder or a forward pass went through the threads to the
+    event loop and stopped it: the whole server exited (with ``workers``, an engine
+    started again on the same configuration died again). Now it is the model's error,
+    on its threads and on the event loop (calls measured cheap run there)."""
+    with pytest.raises(ModelLoadError, match="SystemExit"):
+        await TorchBackend(make_spec(factory=f"{HELPERS}:exits")).start()
+    spec = make_spec(
+        factory=f"{HELPERS}:exits_on_forward",
+        inputs=(TensorSpec("X", "FP32", (-1,)),),
+        outputs=(TensorSpec("Y", "FP32", (-1,)),),
+    )
+    backend = TorchBackend(spec)
+    await backend.start()
+    try:
+        for _ in range(3):  # the first on its thread, then cheap: on the loop
+            with pytest.raises(ModelExit, match=r"SystemExit\(4\)"):
+                await backend.infer({"X": np.ones(2, np.float32)})
+    finally:
+        await backend.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import weakref
@@ -207,3 +208,17 @@ class _Listed(nn.Module):
 
 def listed() -> nn.Module:
     return _Listed()
+
+
+def exits() -> nn.Module:
+    """A builder that ends the program (a missing import's ``sys.exit(1)``, argparse)."""
+    sys.exit(3)
+
+
+class _ExitsOnForward(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sys.exit(4)
+
+
+def exits_on_forward() -> nn.Module:
+    return _ExitsOnForward()

@@ -77,10 +77,27 @@ class ModelThreads(Executor):
             try:
                 result = fn(*args, **kwargs)
             except BaseException as exc:  # handed to the awaiting task
-                future.set_exception(exc)
+                future.set_exception(model_error(exc))
             else:
                 future.set_result(result)
             del work, future, fn, args, kwargs  # no reference kept while waiting
+
+
+class ModelExit(RuntimeError):
+    """Model code raised SystemExit or KeyboardInterrupt (a factory that calls
+    ``sys.exit``, argparse in a builder, a training script's ``main()`` as
+    ``weights_init``): like any other exception of a model's code it fails that load or
+    call alone. Handed on as it was, it stopped the event loop: the whole server exited,
+    and with ``workers: N`` an engine restarted on the same configuration died again."""
+
+
+def model_error(exc: BaseException) -> BaseException:
+    """``exc``, raised by model code, as its caller gets it (:class:`ModelExit`)."""
+    if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+        error = ModelExit(f"model code raised {type(exc).__name__}({exc})")
+        error.__cause__ = exc
+        return error
+    return exc
 
 
 async def in_own_thread(work: Callable[[], T], name: str) -> T:
@@ -103,7 +120,7 @@ async def in_own_thread(work: Callable[[], T], name: str) -> T:
         try:
             result, error = work(), None
         except BaseException as exc:  # handed to the awaiting task
-            result, error = None, exc
+            result, error = None, model_error(exc)
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(settle, result, error)
 

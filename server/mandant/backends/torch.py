@@ -71,7 +71,7 @@ import torch
 from mandant.backends.cpu_quota import fit_threads_to_quota
 from mandant.backends.placement import place
 from mandant.backends.staging import StagingBuffers
-from mandant.backends.threads import ModelThreads, in_own_thread
+from mandant.backends.threads import ModelThreads, in_own_thread, model_error
 from mandant.backends.torch_load import build_module, init_weights
 from mandant.config import ModelSpec
 from mandant.errors import InvalidInput, Unavailable
@@ -336,6 +336,8 @@ class TorchBackend:
             if instance.stream is None:
                 return self._forward_on_cpu(instance, columns)
             return self._forward_on_cuda(instance, columns)
+        except (SystemExit, KeyboardInterrupt) as exc:  # on the loop, it would stop it
+            raise model_error(exc) from exc
         finally:
             idle.put(instance)
             # Wall time, not CPU time: a model that waits (a GPU synchronising, a
@@ -432,9 +434,9 @@ class TorchBackend:
             if spec.weights_init is not None:
                 init_weights(spec)
             return self._instances()
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # model code: its own
             raise ModelLoadError(
-                f"cannot load model {spec.name!r} version {spec.version}: {exc}"
+                f"cannot load model {spec.name!r} version {spec.version}: {model_error(exc)}"
             ) from exc
 
     def _check_devices(self) -> None:
