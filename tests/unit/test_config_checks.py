@@ -328,3 +328,21 @@ def test_a_refusal_hints_at_a_finite_wait() -> None:
     assert RateLimited("x", float("inf")).retry_after_s == MAX_RETRY_AFTER_S
     assert RateLimited("x", float("nan")).retry_after_s == 0.0
     assert round(MAX_RETRY_AFTER_S * 1000) < 2**63
+
+
+def test_a_weights_file_built_from_two_recipes_is_refused() -> None:
+    """A tuned variant that changes its base's ``factory_args`` but inherits its
+    ``path`` and ``weights_init``: both built the one file at the first start, the last
+    build won, and every tenant's shared model served the variant's weights (for good:
+    the file stays)."""
+    tenants = [{"id": "globex", "api_keys": [KEY_A]}]
+    base = model("c", path="c.safetensors", weights_init="m:w", factory_args={"seed": 0})
+    variant = {"name": "c", "tenant": "globex", "base": "c", "factory_args": {"seed": 1}}
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"tenants": tenants, "models": [base, variant]}).model_specs(Path("/m"))
+    [(path, message)] = refused.value.errors
+    assert path == "models.1.path"
+    assert "(also models.0)" in message and "give it a 'path' of its own" in message
+    own_file = {**variant, "path": "c-globex.safetensors"}
+    for fine in (own_file, {**variant, "factory_args": {"seed": 0}}):
+        parse_config({"tenants": tenants, "models": [base, fine]}).model_specs(Path("/m"))

@@ -116,15 +116,23 @@ class MandantConfig(_Frozen):
         policies = _version_policies(self.models)
         specs: list[ModelSpec] = []
         errors: list[tuple[str, str]] = []
+        built: dict[Path, tuple[int, tuple[object, ...]]] = {}  # weights file: who builds it
         for index, model in enumerate(self.models):
             base = shared.get(model.base) if model.base else None
             policy, served = policies[(model.tenant, model.model_name)]
             if model.version not in served:
                 continue
             try:
-                specs.append(_resolve(model, base, base_dir, policy))
+                spec = _resolve(model, base, base_dir, policy)
             except ValueError as exc:
                 errors.append((f"models.{index}", str(exc)))
+                continue
+            specs.append(spec)
+            if spec.weights_init is not None and spec.path is not None:
+                recipe = (spec.factory, repr(sorted(spec.factory_args.items())), spec.weights_init)
+                first, first_recipe = built.setdefault(spec.path, (index, recipe))
+                if first_recipe != recipe:
+                    errors.append((f"models.{index}.path", _SHARED_WEIGHTS.format(first=first)))
         if errors:
             raise ConfigError("configuration", errors)
         return specs
@@ -170,6 +178,14 @@ class MandantConfig(_Frozen):
 
 
 _LOAD_SOURCE = "the load request's 'config'"
+#: Two entries whose weights file one ``weights_init`` builds, from different factories
+#: or arguments: the last build won, and one served the other's weights (a tuned
+#: variant's inherited ``path`` and its own ``factory_args`` gave every tenant's shared
+#: model the variant's weights, for good: the file stays).
+_SHARED_WEIGHTS = (
+    "the weights file it shares (also models.{first}) is built by weights_init from "
+    "another factory or other factory_args: give it a 'path' of its own"
+)
 
 
 def _entry_path(error: tuple[str, str], kept: int) -> tuple[str, str]:
