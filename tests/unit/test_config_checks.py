@@ -346,3 +346,18 @@ def test_a_weights_file_built_from_two_recipes_is_refused() -> None:
     own_file = {**variant, "path": "c-globex.safetensors"}
     for fine in (own_file, {**variant, "factory_args": {"seed": 0}}):
         parse_config({"tenants": tenants, "models": [base, fine]}).model_specs(Path("/m"))
+
+
+@pytest.mark.parametrize("shape", [[1, 4], [2, 3], []])
+def test_a_batched_model_s_tensors_start_with_the_batch(shape: list[int]) -> None:
+    """Accepted before: every batch of two or more requests then failed its output
+    check and ran again apart (batching all overhead), ModelConfig told clients
+    ``max_batch_size 8`` while a 3-row call was refused; a scalar was READY and refused
+    every call as the client's fault."""
+    io = {"name": "IN", "datatype": "FP32", "shape": shape}
+    entry = model(inputs=[io], batching={"max_batch_size": 8})
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"models": [entry]}).model_specs(Path("/m"))
+    [(path, message)] = refused.value.errors
+    assert path == "models.0" and "the batch as their first dimension, -1: not IN" in message
+    parse_config({"models": [model(batching={"max_batch_size": 8})]}).model_specs(Path("/m"))

@@ -133,6 +133,13 @@ def _resolve(
             raise ValueError("torch models need a 'path' (TorchScript or weights) or a 'factory'")
     if backend == "triton" and pick("triton") is None:
         raise ValueError("triton models need a 'triton: {url, model}' section")
+    if pick("batching") is not None:
+        fixed = [t.name for t in (*(inputs or ()), *(outputs or ())) if t.shape[:1] != (-1,)]
+        if fixed:  # batches of several requests failed their output check, every one
+            raise ValueError(
+                "a batched model's inputs and outputs have the batch as their first "
+                f"dimension, -1: not {', '.join(fixed[:4])}"
+            )
     path = pick("path")
     return ModelSpec(
         name=model.model_name,
