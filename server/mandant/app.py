@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from mandant import __version__
 from mandant.backends.base import Backend
 from mandant.backends.channels import ChannelPool
-from mandant.config import MandantConfig, ModelSpec, TlsConfig, load_config
+from mandant.config import MandantConfig, ModelSpec, TlsConfig, config_folder, load_config
 from mandant.errors import ConfigError, InvalidInput, MandantError, Unavailable
 from mandant.events import Observer
 from mandant.observability.http import Health, HttpServer
@@ -143,10 +143,10 @@ class App:
         REST, the HTTP port, models, admission and metrics are the host's, here.
         ``on_models_retired``: called once replaced or unloaded model versions are
         closed (the serving process re-settles its heap: ``heap.py``)."""
-        self.base_dir = base_dir
+        self._base_dir = base_dir
         self.config_path = config_path
-        self.config = config = config.resolved(base_dir)
-        specs = config.model_specs(base_dir)
+        self.config = config = config.resolved(self.base_dir)
+        specs = config.model_specs(self.base_dir)
         #: The model names served: the registry adds the names a reload or load
         #: brings, ``_forget_unserved`` takes out those gone; metrics and statistics
         #: label these (and no client text).
@@ -280,6 +280,13 @@ class App:
         self.model_changes: asyncio.Task[list[str]] | None = None
         #: Every reload's model changes still in progress (shutdown cancels them).
         self._applying: set[asyncio.Task[list[str]]] = set()
+
+    @property
+    def base_dir(self) -> Path:
+        """Where the configuration's relative paths resolve: with ``config_path``, its
+        folder now (``config_folder``: a ConfigMap's changes at each edit), else the
+        folder given."""
+        return self._base_dir if self.config_path is None else config_folder(self.config_path)
 
     async def _events_settled(self) -> None:
         """Until the events of every call answered so far are recorded (``workers: N``:

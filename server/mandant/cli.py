@@ -15,7 +15,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mandant.config import MandantConfig, load_config, reloaded
+from mandant.config import MandantConfig, config_folder, load_config, reloaded
 from mandant.errors import ConfigError
 from mandant.tenancy.keys import generate_key
 from mandant.transport.listeners import bare, host_port
@@ -116,7 +116,7 @@ def _log_warnings(config: MandantConfig) -> None:
 def _reload(app: App, path: Path, overrides: argparse.Namespace) -> None:
     """SIGHUP: read the configuration file again; a file that does not validate is
     refused with its errors and the server keeps the configuration it runs."""
-    config = reloaded(lambda: _with_overrides(load_config(path), overrides), path.absolute().parent)
+    config = reloaded(lambda: _with_overrides(load_config(path), overrides), config_folder(path))
     if config is None:
         return
     _log_warnings(config)
@@ -227,7 +227,8 @@ class _StopSignals:
 async def _serve(
     config: MandantConfig, path: Path, demo: bool, overrides: argparse.Namespace
 ) -> None:
-    """``path``: the configuration file, absolute (models resolve against its folder)."""
+    """``path``: the configuration file, absolute, read as given (its models resolve
+    against ``config_folder(path)``, its symlinks resolved at each read)."""
     from mandant.app import App
     from mandant.heap import SettleSoon, settle
 
@@ -237,7 +238,7 @@ async def _serve(
     # kept, and the file read again once the server serves.
     reload_asked = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, reload_asked.set)
-    app = App(config, path.parent, config_path=path, on_models_retired=SettleSoon())
+    app = App(config, config_folder(path), config_path=path, on_models_retired=SettleSoon())
     await stop.start(app.start())
     settle()  # the models are loaded: the start-up heap out of the collector's way
     loop.add_signal_handler(signal.SIGHUP, _reload, app, path, overrides)
@@ -333,14 +334,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"mandant serve: {where}: {why}", file=sys.stderr)
         return 2
     try:  # what only the models' resolution finds (a torch model without tensors)
-        config.model_specs(path.absolute().parent)
+        config.model_specs(config_folder(path))
     except ConfigError as exc:
         print(
             f"mandant: invalid configuration\n{ConfigError(str(path), exc.errors)}", file=sys.stderr
         )
         return 2
     _log_warnings(config)
-    missing = config.server.tls.file_problems(path.absolute().parent) if config.server.tls else []
+    missing = config.server.tls.file_problems(config_folder(path)) if config.server.tls else []
     if missing:
         print(f"mandant: cannot start: {ConfigError(str(path), missing)}", file=sys.stderr)
         return 1
@@ -378,7 +379,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     die_with_parent(args.parent)
     configure_logging(args.log_level)
-    path = Path(args.config).absolute()  # models and certificates resolve against its folder
+    path = Path(args.config).absolute()  # read as given: config_folder resolves it
     applied = Path(args.applied) if args.applied else path  # what the supervisor applied
     sockets = EngineSockets(Path(args.sockets))
 
@@ -428,7 +429,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    base_dir = path.absolute().parent
+    base_dir = config_folder(path)
     try:
         config.model_specs(base_dir)
         errors = []

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from mandant.config import parse_config
+from mandant.config import config_folder, parse_config
 from mandant.errors import MAX_RETRY_AFTER_S, ConfigError, RateLimited
 from mandant.tenancy.keys import hash_key
 
@@ -361,3 +361,26 @@ def test_a_batched_model_s_tensors_start_with_the_batch(shape: list[int]) -> Non
     [(path, message)] = refused.value.errors
     assert path == "models.0" and "the batch as their first dimension, -1: not IN" in message
     parse_config({"models": [model(batching={"max_batch_size": 8})]}).model_specs(Path("/m"))
+
+
+def test_relative_paths_resolve_beside_the_real_file_as_it_is_now(tmp_path: Path) -> None:
+    """A file linked into another folder keeps its models beside the real file (a
+    change resolved no link, and they went missing); a mounted ConfigMap, links into a
+    folder the kubelet replaces at each edit, is followed to its folder of now (resolved
+    once at start, every reload after an edit read the removed one)."""
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "mandant.yaml").write_text("tenants: []\n")
+    link = tmp_path / "etc" / "mandant.yaml"
+    link.parent.mkdir()
+    link.symlink_to(release / "mandant.yaml")
+    assert config_folder(link) == release
+    mounted = tmp_path / "config"
+    for version in (1, 2):
+        (mounted / f"..v{version}").mkdir(parents=True)
+        (mounted / f"..v{version}" / "mandant.yaml").write_text("tenants: []\n")
+        (mounted / "..data_tmp").symlink_to(f"..v{version}")
+        (mounted / "..data_tmp").replace(mounted / "..data")
+        if version == 1:
+            (mounted / "mandant.yaml").symlink_to("..data/mandant.yaml")
+        assert config_folder(mounted / "mandant.yaml") == mounted / f"..v{version}"

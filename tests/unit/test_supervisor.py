@@ -76,4 +76,9 @@ def test_the_grpc_port_is_reserved_past_a_connection_in_time_wait() -> None:
         accepted.close()  # the server's side closes first: its end waits in TIME_WAIT
         client.recv(1)
         client.close()
-    reserve_port("127.0.0.1", port).close()
+    reserved = reserve_port("127.0.0.1", port)
+    try:  # and nobody else's: a second server is refused while this one starts
+        with pytest.raises(OSError):
+            reserve_port("127.0.0.1", port).close()
+    finally:
+        reserved.close()

@@ -16,7 +16,7 @@ checks), ``loading`` (files, ``${NAME}`` expansion, reloads).
 
 from __future__ import annotations
 
-from mandant.config.loading import load_config, parse_config, reloaded
+from mandant.config.loading import config_folder, load_config, parse_config, reloaded
 from mandant.config.models import (
     MAX_WARMUP_ELEMENTS,
     SERVE_ALL,
@@ -72,6 +72,7 @@ __all__ = [
     "WarmupConfig",
     "WarmupTensorConfig",
     "check_devices",
+    "config_folder",
     "gpu_index",
     "load_config",
     "parse_config",

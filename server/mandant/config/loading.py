@@ -78,6 +78,15 @@ def _expand_env(
     return data
 
 
+def config_folder(path: Path) -> Path:
+    """The folder a configuration file's relative paths resolve against: the real
+    file's, its symlinks resolved now, at each read. A mounted ConfigMap is symlinks
+    into a folder the kubelet replaces at each edit (resolved once at start, every
+    reload after an edit read a removed folder); a file linked into another folder
+    keeps its models beside it."""
+    return path.resolve().parent
+
+
 def reloaded(load: Callable[[], MandantConfig], base_dir: Path) -> MandantConfig | None:
     """What ``load`` reads, if it validates with its models under ``base_dir``; else
     None, its errors logged: a reload keeps the configuration it runs."""

@@ -13,7 +13,7 @@ import ssl
 from pathlib import Path
 
 from mandant import __version__
-from mandant.config import MandantConfig
+from mandant.config import MandantConfig, config_folder
 from mandant.service import DataPlane
 from mandant.tenancy.directory import TenantDirectory
 from mandant.transport.grpc.forward import Forwarder
@@ -26,9 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 class FrontEnd:
-    def __init__(self, config: MandantConfig, base_dir: Path, sockets: EngineSockets) -> None:
-        self.base_dir = base_dir
-        self.config = config = config.resolved(base_dir)
+    def __init__(self, config: MandantConfig, sockets: EngineSockets, config_path: Path) -> None:
+        self.config_path = config_path
+        self.config = config = config.resolved(self.base_dir)
         self.directory = TenantDirectory.from_config(config)
         self.link = EngineLink(sockets.requests)
         self.plane = DataPlane(self.directory, None, version=__version__, engine=self.link)
@@ -55,6 +55,11 @@ class FrontEnd:
             await self.link.aclose()
             raise
         self.link.set_accepting(True)
+
+    @property
+    def base_dir(self) -> Path:
+        """Where the configuration's relative paths resolve, now (``config_folder``)."""
+        return config_folder(self.config_path)
 
     def reload(self, config: MandantConfig) -> list[str]:
         """A new configuration's tenants, keys and certificates (the engine applies

@@ -19,7 +19,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from mandant.config import MandantConfig, reloaded
+from mandant.config import MandantConfig, config_folder, reloaded
 from mandant.heap import SettleSoon, settle
 from mandant.workers.sockets import EngineSockets
 
@@ -94,7 +94,7 @@ async def serve_engine(
 
     app = App(
         config,
-        path.parent,
+        config_folder(path),
         config_path=path,
         engine_sockets=sockets,
         on_models_retired=SettleSoon(),
@@ -108,7 +108,7 @@ async def serve_engine(
     }
 
     def reload() -> None:
-        new = reloaded(load, path.parent)
+        new = reloaded(load, config_folder(path))
         if new is None:
             return
         result = app.reload(new)
@@ -127,12 +127,12 @@ async def serve_front_end(
     """A front end: authenticate, parse, hand on to the engine."""
     from mandant.workers.frontend import FrontEnd
 
-    front = FrontEnd(config, path.parent, sockets)
+    front = FrontEnd(config, sockets, config_path=path)
     await front.start()
     settle()
 
     def reload() -> None:
-        new = reloaded(load, path.parent)
+        new = reloaded(load, config_folder(path))
         if new is not None:
             changes = front.reload(new)
             logger.info("front end reloaded %s: %s", path, "; ".join(changes) or "no changes")

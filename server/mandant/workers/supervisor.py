@@ -97,11 +97,14 @@ def reserve_port(host: str, port: int = 0) -> socket.socket:
     host = bare(host)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    # SO_REUSEADDR as gRPC's listeners have it: a connection of a server stopped a
-    # moment ago, in TIME_WAIT, refused this bind (the check above passed it).
+    # SO_REUSEADDR for the bind, as gRPC's listeners have it: a connection of a server
+    # stopped a moment ago, in TIME_WAIT, refused it (the check above passed it). Off
+    # again after: two sockets with it that do not listen may share a port, and a
+    # second server's check then passed while this one's front ends were starting.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
     return sock
 
 
@@ -270,7 +273,7 @@ class Supervisor:
         without them, a file the children refused (its REST port the flags' HTTP port)
         became the applied copy, which a child restarted later served, or could not
         start with."""
-        from mandant.config import load_config, reloaded
+        from mandant.config import config_folder, load_config, reloaded
         from mandant.errors import ConfigError
 
         load = self._load or load_config
@@ -288,7 +291,7 @@ class Supervisor:
             except ConfigError as exc:  # name the operator's file, not the copy checked
                 raise ConfigError(str(self._config_path), exc.errors) from None
 
-        if reloaded(check, self._config_path.parent) is None:
+        if reloaded(check, config_folder(self._config_path)) is None:
             checked.unlink(missing_ok=True)
             return False
         os.replace(checked, self.applied)

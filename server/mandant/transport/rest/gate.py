@@ -346,10 +346,16 @@ _NOT_ENCODED = "the request body does not decode as its Content-Encoding says"
 #: request of 61 KiB inflated 60 MiB in one 80 ms turn, and a stream of them, with or
 #: without a key, held every tenant's calls for seconds).
 INFLATE_STEP = 256 * 1024
-#: Compressed bytes a gzip member after the first sixteen must come with, on average
-#: (BGZF's members, the most a tool writes, are up to 64 KiB each).
+#: What a gzip member after the first sixteen must come with, on average: bytes sent
+#: or bytes inflated (BGZF's members, the most a tool writes, inflate to 64 KiB each,
+#: and of compressible data are some 100 bytes sent; empty ones, and zeros after the
+#: last, inflate to nothing).
 MEMBER_BYTES = 1024
-_MANY_MEMBERS = f"the request body has more gzip members than one per {MEMBER_BYTES} bytes"
+MEMBER_INFLATED = 32 * 1024
+_MANY_MEMBERS = (
+    "the request body has more gzip members than its size explains (one per "
+    f"{MEMBER_BYTES} bytes sent or {MEMBER_INFLATED} inflated)"
+)
 
 
 class BodyInflater:
@@ -360,6 +366,7 @@ class BodyInflater:
         self._zlib: zlib._Decompress | None = None
         self._head = b""  # a deflate body's first byte, until its second comes
         self._taken = 0  # bytes given to inflate
+        self._inflated = 0  # bytes it inflated to
         self._members = 0  # gzip members begun
 
     @property
@@ -372,7 +379,7 @@ class BodyInflater:
         refuses more), :data:`INFLATE_STEP` at a time with the event loop free between
         steps. zlib.error for data that is not the encoding's, or that follows its end
         (but for gzip's next member, and zeros after the last, as gzip takes them);
-        :class:`UnreadableBody` for more gzip members than :data:`MEMBER_BYTES` explain
+        :class:`UnreadableBody` for more gzip members than their bytes explain
         (each costs a new inflater: 20-byte empty ones kept a core busy for as long as a
         chunked body went on)."""
         self._taken += len(data)
@@ -392,13 +399,17 @@ class BodyInflater:
                 if not data:
                     break
                 self._members += 1
-                if self._members > 16 + self._taken // MEMBER_BYTES:
+                explained = self._taken // MEMBER_BYTES + (self._inflated + len(out)) // (
+                    MEMBER_INFLATED
+                )
+                if self._members > 16 + explained:
                     raise UnreadableBody(_MANY_MEMBERS)
                 inflater = self._zlib = zlib.decompressobj(_wbits(self._encoding, data))
             out += inflater.decompress(data, INFLATE_STEP)
             data = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
             if data:
                 await asyncio.sleep(0)
+        self._inflated += len(out)
         return bytes(out)
 
 
