@@ -43,7 +43,7 @@ from mandant.tenancy.directory import TenantDirectory
 from mandant.tenancy.redis_usage import shared_usage_for
 from mandant.transport.grpc.server import GrpcServer
 from mandant.transport.rest.server import RestServer
-from mandant.transport.tls import CERTIFICATES_KEPT, same_tls_shape, server_ssl_context
+from mandant.transport.tls import CERTIFICATES_KEPT, rotated, same_tls_shape, server_ssl_context
 from mandant.transport.unread import UnreadAnswers
 from mandant.workers.sockets import EngineSockets
 
@@ -369,8 +369,8 @@ class App:
         restart: they stay as they are, and ``deferred`` says so."""
         config = config.resolved(self.base_dir)
         held, deferred = as_reloaded(self.config, config)
-        tls = held.server.tls
-        if tls is not None and tls == config.server.tls:  # taken: read its files again
+        tls = rotated(held.server.tls, config.server.tls)
+        if tls is not None:  # read its files again (a change of shape waits, not they)
             try:
                 self._reload_certificates(tls)
             except (OSError, ssl.SSLError) as exc:

@@ -14,6 +14,17 @@ from pydantic import Field, field_validator, model_validator
 from mandant.config._base import _Frozen, _hashes_only, _unreadable
 
 
+class EncryptedKey(ssl.SSLError):
+    """A server key encrypted with a passphrase: not taken (decrypt it, and keep it as a
+    secret file). OpenSSL asked for the passphrase on the terminal (a server in one
+    froze at a SIGHUP), or failed with a bare OSError without one."""
+
+
+def no_passphrase() -> bytes:
+    """The password callback of every server key load: refuses an encrypted key."""
+    raise EncryptedKey("an encrypted key (passphrase) is not supported: decrypt it")
+
+
 class TlsConfig(_Frozen):
     """``server.tls``: the server's certificate and key (PEM) for the gRPC and REST
     ports. ``client_ca``: require client certificates signed by this CA (mTLS) there;
@@ -50,7 +61,9 @@ class TlsConfig(_Frozen):
             return unreadable
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
-            context.load_cert_chain(tls.cert, tls.key)
+            context.load_cert_chain(tls.cert, tls.key, password=no_passphrase)
+        except EncryptedKey:
+            return [("server.tls.key", "an encrypted key (passphrase) is not supported")]
         except ssl.SSLError as exc:
             if exc.reason == "KEY_VALUES_MISMATCH":
                 return [("server.tls.key", "is not the key of server.tls.cert")]

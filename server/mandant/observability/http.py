@@ -40,7 +40,7 @@ from mandant.tenancy.directory import TenantDirectory
 from mandant.tenancy.limits import Rate, TokenBucket
 from mandant.transport.http import runner, serve
 from mandant.transport.listeners import Listener
-from mandant.transport.tls import reload_ssl_context, server_ssl_context, transport_identities
+from mandant.transport.tls import ServerTls, transport_identities
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ class HttpServer:
         self._reads: dict[str, TokenBucket] = {}  # tenant id → its figure reads
         tls = config.tls
         #: HTTPS on ``http_port`` (never on ``internal_http``) where ``tls.http`` is set.
-        self._ssl = server_ssl_context(tls) if tls is not None and tls.http else None
+        self._tls = ServerTls(tls) if tls is not None and tls.http else None
+        self._ssl = self._tls.context if self._tls is not None else None
         self._mtls = self._ssl is not None and tls is not None and tls.client_ca is not None
         self._runner = runner(self._app(open_access=config.metrics_auth == "none"))
         internal = config.internal_http
@@ -202,8 +203,8 @@ class HttpServer:
 
     def reload_tls(self, tls: TlsConfig) -> None:
         """Serve the files at ``tls``'s paths to connections made from now on."""
-        if self._ssl is not None:
-            reload_ssl_context(self._ssl, tls)
+        if self._tls is not None:
+            self._tls.reload(tls)
 
     async def aclose(self) -> None:
         if self._internal is not None:

@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from mandant.config import TlsConfig
+from mandant.config.server import no_passphrase
 
 logger = logging.getLogger(__name__)
 
@@ -45,23 +46,57 @@ def same_tls_shape(new: TlsConfig | None, old: TlsConfig | None) -> bool:
     return (new.client_ca is None) == (old.client_ca is None) and new.http == old.http
 
 
+def rotated(running: TlsConfig | None, new: TlsConfig | None) -> TlsConfig | None:
+    """The TLS settings a reload applies: ``new``'s files in ``running``'s shape (a
+    change of shape waits for a restart, :func:`same_tls_shape`; the files are read
+    again all the same: a pending change of shape kept every later rotation from
+    happening); None where either has no TLS."""
+    if running is None or new is None or same_tls_shape(new, running):
+        return new if running is not None else None
+    client_ca = new.client_ca if running.client_ca is not None else None
+    return running.model_copy(
+        update={"cert": new.cert, "key": new.key, "client_ca": client_ca or running.client_ca}
+    )
+
+
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     """An SSL context serving ``tls.cert``; requiring a client certificate signed by
-    ``tls.client_ca`` where it is set. Raises OSError or ssl.SSLError on bad files."""
+    ``tls.client_ca`` where it is set (an intermediate CA is a trust anchor of its own,
+    as gRPC takes it: without ``VERIFY_X509_PARTIAL_CHAIN`` the REST and HTTP ports
+    refused every certificate it issued). Raises OSError or ssl.SSLError on bad
+    files."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    reload_ssl_context(context, tls)
+    context.load_cert_chain(tls.cert, tls.key, password=no_passphrase)
     if tls.client_ca is not None:
+        context.load_verify_locations(cafile=tls.client_ca)
         context.verify_mode = ssl.CERT_REQUIRED
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     return context
 
 
-def reload_ssl_context(context: ssl.SSLContext, tls: TlsConfig) -> None:
-    """Load the files again into a running context: connections made from now on get
-    the new certificate (a CA added is trusted at once; one removed only after a
-    restart)."""
-    context.load_cert_chain(tls.cert, tls.key)
-    if tls.client_ca is not None:
-        context.load_verify_locations(cafile=tls.client_ca)
+class ServerTls:
+    """The SSL context an HTTP listener (REST, the HTTP port) serves with, and the
+    files a reload replaces: the listener keeps its context, whose SNI callback (run
+    at every ClientHello, with or without a server name) hands the handshake to a
+    context of the files read last. Loaded into the listener's own context, new files
+    went beside the old ones: OpenSSL keeps a certificate per key type, so a rotation
+    from EC to RSA kept serving the old (expired) EC certificate to most clients."""
+
+    def __init__(self, tls: TlsConfig) -> None:
+        self.context = server_ssl_context(tls)
+        self._current = self.context
+        self.context.sni_callback = self._handshake
+
+    def reload(self, tls: TlsConfig) -> None:
+        """Connections from now on get ``tls``'s files (OSError or ssl.SSLError, and
+        nothing changes, where they cannot be used)."""
+        self._current = server_ssl_context(tls)
+
+    def _handshake(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, name: str | None, context: ssl.SSLContext
+    ) -> None:
+        if self._current is not context:
+            connection.context = self._current
 
 
 def ssl_identities(der: bytes | None) -> list[str]:

@@ -18,7 +18,12 @@ from mandant.service import DataPlane
 from mandant.tenancy.directory import TenantDirectory
 from mandant.transport.grpc.forward import Forwarder
 from mandant.transport.grpc.server import GrpcServer, certificate_identities
-from mandant.transport.tls import CERTIFICATES_KEPT, same_tls_shape, server_ssl_context
+from mandant.transport.tls import (
+    CERTIFICATES_KEPT,
+    rotated,
+    same_tls_shape,
+    server_ssl_context,
+)
 from mandant.workers.engine_link import EngineLink, RemoteObserver
 from mandant.workers.sockets import EngineSockets
 
@@ -63,24 +68,26 @@ class FrontEnd:
 
     def reload(self, config: MandantConfig) -> list[str]:
         """A new configuration's tenants, keys and certificates (the engine applies
-        the rest); returns what changed, in words. As ``App.reload``: certificates are
-        read again only where TLS keeps its shape (:func:`same_tls_shape`; else the
-        old settings stay until a restart) and the new files can be read (else the old
-        certificates stay); each is logged as a warning."""
+        the rest); returns what changed, in words. As ``App.reload``: a change of TLS's
+        shape waits for a restart (:func:`same_tls_shape`: the old settings stay), the
+        certificate files are read again all the same (:func:`rotated`), where they can
+        be (else the old certificates stay); each is logged as a warning."""
         config = config.resolved(self.base_dir)
         changes = self.directory.replace(config.tenants, config.server.admin_keys)
-        tls, old = config.server.tls, self.config.server.tls
-        if not same_tls_shape(tls, old):
+        new, old = config.server.tls, self.config.server.tls
+        if not same_tls_shape(new, old):
             logger.warning(
                 "configuration reload: 'server' (tls) changed: applied at the next restart"
             )
-            tls = old
-        elif tls is not None:
+        tls = rotated(old, new)
+        if tls is not None:
             try:
                 server_ssl_context(tls)  # refuses a key that does not match its certificate
                 self.grpc.reload_tls(tls)
             except (OSError, ssl.SSLError) as exc:
                 logger.warning("configuration reload: %s: %s", CERTIFICATES_KEPT, exc)
+        elif old is not None:
+            tls = old  # TLS turned off in the file: on until a restart
         server = config.server.model_copy(update={"tls": tls})
         self.config = config.model_copy(update={"server": server})
         return changes

@@ -50,7 +50,7 @@ from mandant.transport.rest.gate import (
     error_response,
 )
 from mandant.transport.rest.repository import add_repository_routes
-from mandant.transport.tls import reload_ssl_context, server_ssl_context
+from mandant.transport.tls import ServerTls
 from mandant.transport.unread import UnreadAnswers
 from mandant.types import Call, TensorSpec
 
@@ -88,7 +88,8 @@ class RestServer:
         self._stats = stats or InferenceStats()
         self._max_body = config.max_message_bytes
         tls = config.tls
-        self._ssl = server_ssl_context(tls) if tls is not None else None
+        self._tls = ServerTls(tls) if tls is not None else None
+        self._ssl = self._tls.context if self._tls is not None else None
         mtls = tls is not None and tls.client_ca is not None
         gate = RestGate(
             plane.authenticate,
@@ -139,8 +140,8 @@ class RestServer:
     def reload_tls(self, tls: TlsConfig) -> None:
         """Serve the files at ``tls``'s paths to connections made from now on
         (HTTPS with the gRPC port's certificate where ``server.tls`` is set)."""
-        if self._ssl is not None:
-            reload_ssl_context(self._ssl, tls)
+        if self._tls is not None:
+            self._tls.reload(tls)
 
     async def aclose(self, grace_s: float = 0.0) -> None:
         """Stop listening and refuse new inference calls (503), let calls in progress

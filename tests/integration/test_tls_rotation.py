@@ -1,0 +1,114 @@
+"""Certificates on the REST and HTTP ports (``transport/tls.py``): a rotation to
+another key type, an intermediate CA as ``client_ca``, an encrypted key, and a rotation
+while a change of TLS's shape waits for a restart."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mandant.config import parse_config
+from mandant.config.server import TlsConfig
+from tests.integration.certs import Pair, issue, issue_raw, make_ca, server_cert
+from tests.servers import ECHO_MODEL, ServerThread
+
+
+def _config(tls: dict[str, Any], tenant: dict[str, Any] | None = None) -> Any:
+    tenant = tenant or {"id": "t", "api_keys": []}
+    return parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "tls": tls},
+            "tenants": [tenant],
+            "models": [ECHO_MODEL],
+        }
+    )
+
+
+def _served(port: int, ca: Pair) -> bytes:
+    """The DER certificate a default client (Python's ssl, as curl and tritonclient:
+    ECDSA preferred) is served on ``port``."""
+    context = ssl.create_default_context(cafile=ca.cert)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port))) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def _der(pair: Pair) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pair.cert.read_text())
+
+
+@pytest.mark.parametrize("shape_change", [False, True], ids=["same shape", "shape waits"])
+def test_a_rotation_to_another_key_type_reaches_the_rest_and_http_ports(
+    tmp_path: Path, shape_change: bool
+) -> None:
+    """The files were loaded into the listener's own context, beside the old ones:
+    OpenSSL keeps a certificate per key type, so after an EC-to-RSA rotation most
+    clients still got the old (here: soon expired) EC certificate. And a file whose
+    TLS shape changed (``tls.http`` toggled, applied at a restart) rotated nothing at
+    all, on any port."""
+    ca = make_ca(tmp_path)
+    first = server_cert(ca, tmp_path, "first")
+    second = server_cert(ca, tmp_path, "second", algorithm="RSA")
+    tls = {"cert": "server.pem", "key": "server.key", "http": True}
+    for suffix in ("pem", "key"):
+        (tmp_path / f"server.{suffix}").write_bytes(Path(f"{tmp_path}/first.{suffix}").read_bytes())
+    with ServerThread(_config(tls), tmp_path) as server:
+        assert server.app is not None
+        ports = (server.app.rest_port, server.app.http_port)
+        assert [_served(port, ca) for port in ports] == [_der(first)] * 2
+        for suffix in ("pem", "key"):
+            (tmp_path / f"server.{suffix}").write_bytes(
+                Path(f"{tmp_path}/second.{suffix}").read_bytes()
+            )
+        reloaded = _config({**tls, "http": not shape_change})
+        server.call(_reload(server, reloaded))
+        assert [_served(port, ca) for port in ports] == [_der(second)] * 2
+
+
+async def _reload(server: ServerThread, config: Any) -> None:
+    assert server.app is not None
+    server.app.reload(config)
+
+
+def test_an_intermediate_ca_as_client_ca_admits_its_certificates_on_rest(tmp_path: Path) -> None:
+    """gRPC takes an intermediate CA as a trust anchor of its own; the REST and HTTP
+    ports refused every certificate it issued (no partial chain)."""
+    root = make_ca(tmp_path)
+    intermediate = issue_raw(root, tmp_path, "intermediate", "/CN=issuing", "", is_ca=True)
+    client = issue(intermediate, tmp_path, "client", "t-client", "URI:spiffe://test/t")
+    server_cert(root, tmp_path)
+    tls = {"cert": "server.pem", "key": "server.key", "client_ca": "intermediate.pem"}
+    tenant = {"id": "t", "client_certs": ["spiffe://test/t"]}
+    with ServerThread(_config(tls, tenant), tmp_path) as server:
+        assert server.app is not None
+        context = ssl.create_default_context(cafile=root.cert)
+        context.check_hostname = False
+        context.load_cert_chain(client.cert, client.key)
+        url = f"https://127.0.0.1:{server.app.rest_port}/v2/models/echo"
+        with urllib.request.urlopen(url, context=context, timeout=10) as answer:
+            assert answer.status == 200
+
+
+def test_an_encrypted_key_is_named_not_asked_for(tmp_path: Path) -> None:
+    """OpenSSL asked for its passphrase on the terminal (a server in one froze at a
+    SIGHUP), and without one check-config and serve failed with a traceback."""
+    ca = make_ca(tmp_path)
+    plain = server_cert(ca, tmp_path)
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(plain.key), "-aes256", "-passout", "pass:secret",
+         "-out", str(tmp_path / "encrypted.key")],
+        check=True, capture_output=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    tls = TlsConfig(cert=Path("server.pem"), key=Path("encrypted.key"))
+    assert tls.file_problems(tmp_path) == [
+        ("server.tls.key", "an encrypted key (passphrase) is not supported")
+    ]
