@@ -112,3 +112,35 @@ def test_an_encrypted_key_is_named_not_asked_for(tmp_path: Path) -> None:
     assert tls.file_problems(tmp_path) == [
         ("server.tls.key", "an encrypted key (passphrase) is not supported")
     ]
+
+
+def test_a_client_ca_replaced_by_a_reload_is_no_longer_trusted_on_rest(tmp_path: Path) -> None:
+    """The REST and HTTP ports loaded a new client CA beside the old one, which stayed
+    trusted until a restart; a reload's files now replace the old ones."""
+    old_ca, new_ca = make_ca(tmp_path, "old-ca"), make_ca(tmp_path, "new-ca")
+    server_cert(old_ca, tmp_path)
+    clients = {
+        ca: issue(ca, tmp_path, f"client-{ca.cert.stem}", "t", "URI:spiffe://test/t")
+        for ca in (old_ca, new_ca)
+    }
+    tls = {"cert": "server.pem", "key": "server.key", "client_ca": "old-ca.pem"}
+    tenant = {"id": "t", "client_certs": ["spiffe://test/t"]}
+
+    def status(port: int, client: Pair) -> int | str:
+        context = ssl.create_default_context(cafile=old_ca.cert)
+        context.check_hostname = False
+        context.load_cert_chain(client.cert, client.key)
+        url = f"https://127.0.0.1:{port}/v2/models/echo"
+        try:
+            with urllib.request.urlopen(url, context=context, timeout=10) as answer:
+                return int(answer.status)
+        except (OSError, ssl.SSLError) as exc:  # the handshake refused: reset or alert
+            return type(exc).__name__
+
+    with ServerThread(_config(tls, tenant), tmp_path) as server:
+        assert server.app is not None
+        port = server.app.rest_port
+        assert status(port, clients[old_ca]) == 200
+        server.call(_reload(server, _config({**tls, "client_ca": "new-ca.pem"}, tenant)))
+        assert status(port, clients[new_ca]) == 200
+        assert status(port, clients[old_ca]) != 200
