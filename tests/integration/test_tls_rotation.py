@@ -15,6 +15,7 @@ import pytest
 
 from mandant.config import parse_config
 from mandant.config.server import TlsConfig
+from mandant.transport.tls import server_ssl_context
 from tests.integration.certs import Pair, issue, issue_raw, make_ca, server_cert
 from tests.servers import ECHO_MODEL, ServerThread
 
@@ -144,3 +145,24 @@ def test_a_client_ca_replaced_by_a_reload_is_no_longer_trusted_on_rest(tmp_path:
         server.call(_reload(server, _config({**tls, "client_ca": "new-ca.pem"}, tenant)))
         assert status(port, clients[new_ca]) == 200
         assert status(port, clients[old_ca]) != 200
+
+
+@pytest.mark.parametrize("algorithm", ["ED25519", "ED448"])
+def test_a_certificate_of_a_key_type_grpc_does_not_serve_is_refused(
+    tmp_path: Path, algorithm: str
+) -> None:
+    """check-config passed them: with Ed448 the gRPC port then failed to bind, its
+    message blaming the address; with Ed25519 every gRPC handshake failed. A reload to
+    one keeps the running certificates (REST and HTTP took it, gRPC did not)."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", algorithm, "-nodes", "-days", "2",
+         "-keyout", str(tmp_path / "server.key"), "-out", str(tmp_path / "server.pem"),
+         "-subj", "/CN=localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls = TlsConfig(cert=Path("server.pem"), key=Path("server.key"))
+    [(field, reason)] = tls.file_problems(tmp_path)
+    assert field == "server.tls.cert"
+    assert reason.startswith(algorithm.title()) and "RSA or EC" in reason
+    with pytest.raises(ssl.SSLError, match="RSA or EC"):
+        server_ssl_context(tls.resolved(tmp_path))

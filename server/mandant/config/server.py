@@ -72,12 +72,31 @@ class TlsConfig(_Frozen):
             if b"PRIVATE KEY-----" not in Path(tls.key).read_bytes():
                 return [("server.tls.key", "not a PEM private key")]
             return [("server.tls.cert", f"TLS cannot use it with server.tls.key: {exc}")]
+        if (kind := unserved_key_type(tls.cert)) is not None:
+            return [("server.tls.cert", f"{kind} {NOT_SERVED}")]
         if tls.client_ca is not None:
             try:
                 context.load_verify_locations(cafile=tls.client_ca)
             except ssl.SSLError as exc:
                 return [("server.tls.client_ca", f"not a PEM certificate ({exc.reason})")]
         return []
+
+
+#: Why a certificate of a key type gRPC's TLS does not take is refused.
+NOT_SERVED = "keys are not served by gRPC's TLS: use an RSA or EC key"
+
+
+def unserved_key_type(cert: Path) -> str | None:
+    """The key type of the (PEM, readable) certificate ``cert`` where gRPC's TLS does
+    not serve it (Ed25519 and Ed448: the gRPC port failed to bind, blaming the address,
+    or every handshake failed), else None."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    key = x509.load_pem_x509_certificate(Path(cert).read_bytes()).public_key()
+    if isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+        return None
+    return type(key).__name__.removeprefix("_").removesuffix("PublicKey") or "these"
 
 
 #: Default of ``server.max_bytes_elements``: a BYTES tensor at this bound (262,144

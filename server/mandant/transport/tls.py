@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from mandant.config import TlsConfig
-from mandant.config.server import no_passphrase
+from mandant.config.server import NOT_SERVED, no_passphrase, unserved_key_type
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     files."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tls.cert, tls.key, password=no_passphrase)
+    if (kind := unserved_key_type(tls.cert)) is not None:  # a reload keeps the old files
+        raise ssl.SSLError(f"{tls.cert}: {kind} {NOT_SERVED}")
     if tls.client_ca is not None:
         context.load_verify_locations(cafile=tls.client_ca)
         context.verify_mode = ssl.CERT_REQUIRED
