@@ -43,6 +43,20 @@ def _served(port: int, ca: Pair) -> bytes:
     return der
 
 
+def _rest_status(port: int, ca: Pair, client: Pair) -> int | str:
+    """A REST metadata call's status over TLS with ``client``'s certificate (the server
+    trusted by ``ca``), or the name of the error its handshake ended in."""
+    context = ssl.create_default_context(cafile=ca.cert)
+    context.check_hostname = False
+    context.load_cert_chain(client.cert, client.key)
+    url = f"https://127.0.0.1:{port}/v2/models/echo"
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=10) as answer:
+            return int(answer.status)
+    except (OSError, ssl.SSLError) as exc:  # the handshake refused: reset or alert
+        return type(exc).__name__
+
+
 def _der(pair: Pair) -> bytes:
     return ssl.PEM_cert_to_DER_cert(pair.cert.read_text())
 
@@ -91,12 +105,7 @@ def test_an_intermediate_ca_as_client_ca_admits_its_certificates_on_rest(tmp_pat
     tenant = {"id": "t", "client_certs": ["spiffe://test/t"]}
     with ServerThread(_config(tls, tenant), tmp_path) as server:
         assert server.app is not None
-        context = ssl.create_default_context(cafile=root.cert)
-        context.check_hostname = False
-        context.load_cert_chain(client.cert, client.key)
-        url = f"https://127.0.0.1:{server.app.rest_port}/v2/models/echo"
-        with urllib.request.urlopen(url, context=context, timeout=10) as answer:
-            assert answer.status == 200
+        assert _rest_status(server.app.rest_port, root, client) == 200
 
 
 def test_an_encrypted_key_is_named_not_asked_for(tmp_path: Path) -> None:
@@ -126,25 +135,13 @@ def test_a_client_ca_replaced_by_a_reload_is_no_longer_trusted_on_rest(tmp_path:
     }
     tls = {"cert": "server.pem", "key": "server.key", "client_ca": "old-ca.pem"}
     tenant = {"id": "t", "client_certs": ["spiffe://test/t"]}
-
-    def status(port: int, client: Pair) -> int | str:
-        context = ssl.create_default_context(cafile=old_ca.cert)
-        context.check_hostname = False
-        context.load_cert_chain(client.cert, client.key)
-        url = f"https://127.0.0.1:{port}/v2/models/echo"
-        try:
-            with urllib.request.urlopen(url, context=context, timeout=10) as answer:
-                return int(answer.status)
-        except (OSError, ssl.SSLError) as exc:  # the handshake refused: reset or alert
-            return type(exc).__name__
-
     with ServerThread(_config(tls, tenant), tmp_path) as server:
         assert server.app is not None
         port = server.app.rest_port
-        assert status(port, clients[old_ca]) == 200
+        assert _rest_status(port, old_ca, clients[old_ca]) == 200
         server.call(_reload(server, _config({**tls, "client_ca": "new-ca.pem"}, tenant)))
-        assert status(port, clients[new_ca]) == 200
-        assert status(port, clients[old_ca]) != 200
+        assert _rest_status(port, old_ca, clients[new_ca]) == 200
+        assert _rest_status(port, old_ca, clients[old_ca]) != 200
 
 
 @pytest.mark.parametrize("algorithm", ["ED25519", "ED448"])
