@@ -57,3 +57,66 @@ def test_noisy_neighbour_smoke(tmp_path: Path) -> None:
     for tenant in ("initech", "globex"):
         assert int(stats[(tenant, "classifier")]["Failure Count"]) == 0
     assert (tmp_path / "smoke.html").stat().st_size > 10_000
+
+
+#: Imports the locustfile with the scenario named by its first argument, in a process
+#: of its own (locust monkey-patches with gevent), and prints what it made of it.
+_INSPECT = """
+import os, sys
+os.environ["MANDANT_LOADTEST_CONFIG"] = sys.argv[1]
+sys.path.insert(0, os.path.dirname(sys.argv[2]))
+try:
+    import locustfile
+except ValueError as exc:
+    print("refused:", exc)
+    raise SystemExit(0)
+from locust.env import Environment
+for name, cls in sorted(vars(locustfile).items()):
+    if name.startswith("Tenant_"):
+        user = cls(Environment(user_classes=[cls]))
+        user.on_start()
+        print(name, cls.tenant.id, [user._inputs[m]["INPUT0"].shape[0] for m in user._models])
+        user.on_stop()
+"""
+
+
+def _inspect(tmp_path: Path, scenario: dict[str, object]) -> str:
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    result = subprocess.run(
+        [sys.executable, "-c", _INSPECT, str(path), str(LOCUSTFILE)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("locust") is None, reason="locust is not installed")
+def test_scenario_entries_are_sent_and_tenants_run_as_written(tmp_path: Path) -> None:
+    """A model listed twice (1 row and 32) sent 32 rows every call while locust reported
+    each entry's rows; ``team-a`` and ``team_a`` made one user class (one tenant never
+    ran); ``weight: 0.5`` made no user at all, silently."""
+    models = [{"name": "classifier", "rows": 1, "weight": 3}, {"name": "classifier", "rows": 32}]
+    out = _inspect(tmp_path, {"target": "127.0.0.1:1", "tenants": [
+        {"id": "team-a", "key": "a", "models": models},
+        {"id": "team_a", "key": "b", "models": [{"name": "echo", "rows": 2}]},
+    ]})  # fmt: skip
+    assert "Tenant_team_a team-a [1, 32]" in out and "team_a [2]" in out, out
+    fractional = {"id": "acme", "key": "a", "weight": 0.5, "models": [{"name": "echo"}]}
+    out = _inspect(tmp_path, {"target": "127.0.0.1:1", "tenants": [fractional]})
+    assert "refused: tenant 'acme': weight 0.5 is a share of locust users" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("locust") is None, reason="locust is not installed")
+def test_failures_the_scenario_does_not_expect_fail_the_run(tmp_path: Path) -> None:
+    """Every call failing UNAVAILABLE (no server there) exited 0, as `make loadtest`
+    runs it (``--exit-code-on-error 0``: the scenario's expected failures pass)."""
+    env = {**os.environ, "MANDANT_TARGET": "127.0.0.1:1",
+           "MANDANT_LOADTEST_CONFIG": str(SCENARIO)}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+         "-u", "2", "-r", "2", "-t", "1s", "--only-summary", "--exit-code-on-error", "0"],
+        capture_output=True, text=True, timeout=90, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "failures the scenario does not expect: UNAVAILABLE" in result.stdout + result.stderr
