@@ -93,8 +93,8 @@ _LIVE_SERVER_SETTINGS = frozenset({"admin_keys"})
 
 def as_reloaded(running: MandantConfig, new: MandantConfig) -> tuple[MandantConfig, list[str]]:
     """What a server running ``running`` holds once it reloads ``new``: ``new``'s
-    tenants, models and admin keys, and its TLS files where TLS keeps its shape
-    (:func:`same_tls_shape`); every other server setting and the limits as they were,
+    tenants, models and admin keys, and its TLS files (in the running TLS shape where
+    the file changed it, :func:`rotated`); every other server setting and the limits as they were,
     until a restart; and those, in words. (``workers: N``: a process started again
     after a reload starts as this, so that it serves what its siblings serve.)"""
     server_changed = sorted(
@@ -114,8 +114,8 @@ def as_reloaded(running: MandantConfig, new: MandantConfig) -> tuple[MandantConf
             0, f"'server' ({', '.join(server_changed)}) changed: applied at the next restart"
         )
     live: dict[str, object] = {"admin_keys": new.server.admin_keys}
-    if new.server.tls is not None and "tls" not in server_changed:
-        live["tls"] = new.server.tls
+    if (tls := rotated(running.server.tls, new.server.tls)) is not None:
+        live["tls"] = tls  # new files, in the running shape where that changed
     server = running.server.model_copy(update=live)
     held = running.model_copy(
         update={"tenants": new.tenants, "server": server, "models": new.models}

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from mandant.app import as_reloaded
 from mandant.config import parse_config
-from mandant.config.server import TlsConfig
+from mandant.config.server import TlsConfig, unserved_key_type
 from mandant.transport.tls import server_ssl_context
 from tests.integration.certs import Pair, issue, issue_raw, make_ca, server_cert
 from tests.servers import ECHO_MODEL, ServerThread
@@ -163,3 +164,47 @@ def test_a_certificate_of_a_key_type_grpc_does_not_serve_is_refused(
     assert reason.startswith(algorithm.title()) and "RSA or EC" in reason
     with pytest.raises(ssl.SSLError, match="RSA or EC"):
         server_ssl_context(tls.resolved(tmp_path))
+
+
+def test_no_session_is_resumed_where_client_certificates_are_required(tmp_path: Path) -> None:
+    """A resumed session skips verification, and its tickets and cache belong to the
+    listener's first context: a client whose CA a reload removed got back in by
+    resuming its session (TLS 1.2 and 1.3), for as long as it reconnected."""
+    ca = make_ca(tmp_path)
+    server_cert(ca, tmp_path)
+    client = issue(ca, tmp_path, "client", "t", "URI:spiffe://test/t")
+    tls = {"cert": "server.pem", "key": "server.key", "client_ca": "ca.pem"}
+    tenant = {"id": "t", "client_certs": ["spiffe://test/t"]}
+    with ServerThread(_config(tls, tenant), tmp_path) as server:
+        assert server.app is not None
+        context = ssl.create_default_context(cafile=ca.cert)
+        context.check_hostname = False
+        context.maximum_version = ssl.TLSVersion.TLSv1_2  # its session is there at once
+        context.load_cert_chain(client.cert, client.key)
+        address = ("127.0.0.1", server.app.rest_port)
+        with context.wrap_socket(socket.create_connection(address)) as first:
+            session = first.session
+        assert session is not None
+        with context.wrap_socket(socket.create_connection(address), session=session) as second:
+            assert not second.session_reused
+
+
+def test_a_certificate_cryptography_cannot_parse_is_left_to_openssl(tmp_path: Path) -> None:
+    """The key-type check crashed check-config and serve (and dropped the rest of a
+    reload) on a certificate OpenSSL and gRPC serve but ``cryptography`` cannot parse
+    (BER a legacy CA wrote)."""
+    odd = tmp_path / "odd.pem"
+    odd.write_text("-----BEGIN CERTIFICATE-----\nMAMCAQA=\n-----END CERTIFICATE-----\n")
+    assert unserved_key_type(odd) is None
+
+
+def test_a_process_started_again_serves_the_rotated_certificate(tmp_path: Path) -> None:
+    """``workers: N``: a child started again after a reload starts from ``as_reloaded``,
+    which held the old files where the TLS shape changed, while its running siblings
+    rotated: half the connections got the old certificate."""
+    running = _config({"cert": "s1.pem", "key": "s1.key", "client_ca": "ca.pem"})
+    new = _config({"cert": "s2.pem", "key": "s2.key"})  # client_ca removed: a restart's
+    held, deferred = as_reloaded(running, new)
+    assert held.server.tls is not None
+    assert (held.server.tls.cert, held.server.tls.client_ca) == (Path("s2.pem"), Path("ca.pem"))
+    assert any("tls" in line for line in deferred)

@@ -384,3 +384,13 @@ def test_relative_paths_resolve_beside_the_real_file_as_it_is_now(tmp_path: Path
         if version == 1:
             (mounted / "mandant.yaml").symlink_to("..data/mandant.yaml")
         assert config_folder(mounted / "mandant.yaml") == mounted / f"..v{version}"
+
+
+def test_a_weights_file_s_recipe_is_compared_by_value() -> None:
+    """The same factory_args written in another key order are the same recipe."""
+    tenants = [{"id": "globex", "api_keys": [KEY_A]}]
+    args = {"seed": 0, "opts": {"x": 1, "y": 2}}
+    base = model("c", path="c.safetensors", weights_init="m:w", factory_args=args)
+    variant = {"name": "c", "tenant": "globex", "base": "c",
+               "factory_args": {"opts": {"y": 2, "x": 1}, "seed": 0}}  # fmt: skip
+    parse_config({"tenants": tenants, "models": [base, variant]}).model_specs(Path("/m"))

@@ -116,7 +116,7 @@ class MandantConfig(_Frozen):
         policies = _version_policies(self.models)
         specs: list[ModelSpec] = []
         errors: list[tuple[str, str]] = []
-        built: dict[Path, tuple[int, tuple[object, ...]]] = {}  # weights file: who builds it
+        built: dict[Path, tuple[int, ModelSpec]] = {}  # a weights file: who builds it first
         for index, model in enumerate(self.models):
             base = shared.get(model.base) if model.base else None
             policy, served = policies[(model.tenant, model.model_name)]
@@ -129,9 +129,12 @@ class MandantConfig(_Frozen):
                 continue
             specs.append(spec)
             if spec.weights_init is not None and spec.path is not None:
-                recipe = (spec.factory, repr(sorted(spec.factory_args.items())), spec.weights_init)
-                first, first_recipe = built.setdefault(spec.path, (index, recipe))
-                if first_recipe != recipe:
+                first, builder = built.setdefault(spec.path, (index, spec))
+                if (builder.factory, builder.weights_init, builder.factory_args) != (
+                    spec.factory,
+                    spec.weights_init,
+                    spec.factory_args,
+                ):
                     errors.append((f"models.{index}.path", _SHARED_WEIGHTS.format(first=first)))
         if errors:
             raise ConfigError("configuration", errors)

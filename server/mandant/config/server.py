@@ -93,7 +93,10 @@ def unserved_key_type(cert: Path) -> str | None:
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-    key = x509.load_pem_x509_certificate(Path(cert).read_bytes()).public_key()
+    try:
+        key = x509.load_pem_x509_certificate(Path(cert).read_bytes()).public_key()
+    except Exception:  # what cryptography cannot read (BER a legacy CA wrote): OpenSSL's
+        return None
     if isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
         return None
     return type(key).__name__.removeprefix("_").removesuffix("PublicKey") or "these"

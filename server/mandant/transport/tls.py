@@ -88,6 +88,12 @@ class ServerTls:
         self.context = server_ssl_context(tls)
         self._current = self.context
         self.context.sni_callback = self._handshake
+        if tls.client_ca is not None:
+            # No session resumption: its tickets and cache are this first context's,
+            # and a resumed session skips verification: a client whose CA a reload
+            # removed got in by resuming, for as long as it reconnected.
+            self.context.options |= ssl.OP_NO_TICKET
+            self.context.num_tickets = 0
 
     def reload(self, tls: TlsConfig) -> None:
         """Connections from now on get ``tls``'s files (OSError or ssl.SSLError, and
