@@ -369,8 +369,8 @@ class App:
         restart: they stay as they are, and ``deferred`` says so."""
         config = config.resolved(self.base_dir)
         held, deferred = as_reloaded(self.config, config)
-        tls = rotated(held.server.tls, config.server.tls)
-        if tls is not None:  # read its files again (a change of shape waits, not they)
+        tls = held.server.tls if config.server.tls is not None else None
+        if tls is not None:  # its files read again (``as_reloaded``: rotated)
             try:
                 self._reload_certificates(tls)
             except (OSError, ssl.SSLError) as exc:

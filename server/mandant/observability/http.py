@@ -136,8 +136,7 @@ class HttpServer:
         tls = config.tls
         #: HTTPS on ``http_port`` (never on ``internal_http``) where ``tls.http`` is set.
         self._tls = ServerTls(tls) if tls is not None and tls.http else None
-        self._ssl = self._tls.context if self._tls is not None else None
-        self._mtls = self._ssl is not None and tls is not None and tls.client_ca is not None
+        self._mtls = self._tls is not None and tls is not None and tls.client_ca is not None
         self._runner = runner(self._app(open_access=config.metrics_auth == "none"))
         internal = config.internal_http
         self._internal = runner(self._app(open_access=True)) if internal is not None else None
@@ -192,7 +191,7 @@ class HttpServer:
         """Bind and serve (and the internal listener, if configured); returns the
         bound port."""
         public, *internal = self.listeners
-        self.port = await serve(self._runner, public, self._ssl)
+        self.port = await serve(self._runner, public, self._tls.context if self._tls else None)
         if self._internal is not None and internal:
             try:
                 self.internal_port = await serve(self._internal, internal[0])

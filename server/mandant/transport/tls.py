@@ -53,10 +53,9 @@ def rotated(running: TlsConfig | None, new: TlsConfig | None) -> TlsConfig | Non
     happening); None where either has no TLS."""
     if running is None or new is None or same_tls_shape(new, running):
         return new if running is not None else None
-    client_ca = new.client_ca if running.client_ca is not None else None
-    return running.model_copy(
-        update={"cert": new.cert, "key": new.key, "client_ca": client_ca or running.client_ca}
-    )
+    # client_ca kept where it was on (the file's, or the running one), off where off
+    client_ca = running.client_ca and (new.client_ca or running.client_ca)
+    return running.model_copy(update={"cert": new.cert, "key": new.key, "client_ca": client_ca})
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:

@@ -250,11 +250,10 @@ class RestGate:
                 self._hold(tenant_id, length)
                 held = length
             body = bytearray()
-            sent = 0  # bytes as sent: a compressed body's, before it inflates
             while chunk := await request.content.readany():
                 if decoder is not None:
-                    sent += len(chunk)
-                    if sent > limit + limit // 1024 + 65536:  # beyond deflate's growth
+                    # bounded as sent too: past deflate's growth on what does not compress
+                    if decoder.taken + len(chunk) > limit + limit // 1024 + 65536:
                         request[CUT] = True
                         raise BodyTooLarge(f"request body is larger than {limit} bytes as sent")
                     chunk = await decoder.inflate(chunk, limit + 1 - len(body))
@@ -368,6 +367,11 @@ class BodyInflater:
         self._taken = 0  # bytes given to inflate
         self._inflated = 0  # bytes it inflated to
         self._members = 0  # gzip members begun
+
+    @property
+    def taken(self) -> int:
+        """The bytes given to :meth:`inflate` so far, as sent."""
+        return self._taken
 
     @property
     def ended(self) -> bool:

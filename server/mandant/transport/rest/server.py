@@ -89,7 +89,6 @@ class RestServer:
         self._max_body = config.max_message_bytes
         tls = config.tls
         self._tls = ServerTls(tls) if tls is not None else None
-        self._ssl = self._tls.context if self._tls is not None else None
         mtls = tls is not None and tls.client_ca is not None
         gate = RestGate(
             plane.authenticate,
@@ -134,7 +133,8 @@ class RestServer:
     async def start(self) -> int:
         """Bind and serve; returns the bound port (0 binds a free one)."""
         (listener,) = self.listeners
-        self.port = await http.serve(self._runner, listener, self._ssl)
+        context = self._tls.context if self._tls is not None else None
+        self.port = await http.serve(self._runner, listener, context)
         return self.port
 
     def reload_tls(self, tls: TlsConfig) -> None:
