@@ -2,7 +2,8 @@
 longer than ``timeout_ms``, a Redis that cannot be reached while refunds are due, a
 refund after midnight, a usage flush Redis took in part or answered too late. Each
 call is charged once, or not at all when it did not run; a usage report waits for
-one timeout at most. A real redis-server; stalls are ``CLIENT PAUSE``."""
+one timeout at most. A real redis-server; stalls are a busy script or ``CLIENT
+PAUSE``, late replies a proxy that holds one back (:class:`LateReplies`)."""
 
 from __future__ import annotations
 
@@ -34,10 +35,8 @@ from tests.servers import ECHO_MODEL, ServerThread
 __all__ = ["redis_server"]  # the fixture
 
 ECHO = ModelKey("echo", "1")
-#: Fields of one tenant's usage flush that make Redis take several times the tests'
-#: 30 ms ``timeout_ms`` on a fast machine (20,000 took about 30 ms on one, failing the
-#: tests there), and still well under their 0.5 s wait for it on a slow one.
-SLOW_FLUSH_FIELDS = 60_000
+#: Fields of the usage flush whose reply comes too late (:class:`LateReplies`).
+LATE_FLUSH_FIELDS = 50
 ADMIN_KEY = "failures-admin-key"
 
 
@@ -76,6 +75,67 @@ async def _admission(config: MandantConfig) -> AsyncIterator[TenantAdmission]:
         yield admission
     finally:
         await admission.aclose()
+
+
+class LateReplies:
+    """A TCP proxy in front of Redis that can hold back the reply to the next script
+    call (``EVALSHA``) past the client's ``timeout_ms``, as a network hiccup or a
+    stalled Redis does: Redis has applied the call, this process never hears of it.
+    Everything else passes at once. Runs on the test's event loop."""
+
+    def __init__(self, redis_port: int) -> None:
+        self._redis_port = redis_port
+        self._server: asyncio.Server | None = None
+        self._armed = False
+        self.held = asyncio.Event()  # a reply has been held back (and thrown away)
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    def hold_next_script_reply(self) -> None:
+        self._armed = True
+
+    async def __aenter__(self) -> LateReplies:
+        self._server = await asyncio.start_server(self._proxy, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(
+            "127.0.0.1", self._redis_port
+        )
+        holding = asyncio.Event()
+
+        async def requests() -> None:
+            while data := await reader.read(1 << 16):
+                if self._armed and b"EVALSHA" in data:
+                    self._armed = False
+                    holding.set()
+                upstream_writer.write(data)
+                await upstream_writer.drain()
+            upstream_writer.close()
+
+        async def replies() -> None:
+            while data := await upstream_reader.read(1 << 16):
+                if holding.is_set():  # thrown away: the client times out and hangs up
+                    self.held.set()
+                    continue
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        try:
+            await asyncio.gather(requests(), replies())
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            upstream_writer.close()
 
 
 async def _applied(client: redis.Redis, prefix: str, tenant: str, fields: int) -> None:
@@ -430,26 +490,29 @@ async def test_a_usage_flush_redis_took_in_part_counts_each_tenant_once(
 async def test_a_usage_flush_answered_too_late_is_counted_once(
     redis_server: RedisServer, client: redis.Redis
 ) -> None:
-    """Redis applies a flush after this process gave up waiting for the reply (it
-    took longer than ``timeout_ms``: :data:`SLOW_FLUSH_FIELDS` fields): the flush is
-    sent again, and Redis applies it once (its sequence number is marked)."""
+    """Redis applies a flush whose reply comes after this process gave up waiting for
+    it (``timeout_ms``): the flush is sent again, and Redis applies it once (its
+    sequence number is marked)."""
     with same_utc_day():
-        config = _config(redis_server.url, "p7", {"id": "t0"}, timeout_ms=30)
-        usage = RedisUsage(config.limits, flush_interval_s=3600)
-        try:
-            usage.add("t1", "requests", "OK", 1)
-            assert await usage.flush() is True  # the script is loaded
-            for model in range(SLOW_FLUSH_FIELDS):
-                usage.add("t0", "rows", f"m{model}", 1)
-            usage.add("t1", "requests", "OK", 1)
-            assert await usage.flush() is False  # Redis is still at it
-            await _applied(client, "p7", "t0", SLOW_FLUSH_FIELDS)  # and has applied it since
-            usage.add("t1", "requests", "OK", 1)
-            assert await usage.flush() is True  # sent again, applied once
-        finally:
-            await usage.aclose()
+        async with LateReplies(redis_server.port) as proxy:
+            config = _config(proxy.url, "p7", {"id": "t0"}, timeout_ms=100)
+            usage = RedisUsage(config.limits, flush_interval_s=3600)
+            try:
+                usage.add("t1", "requests", "OK", 1)
+                assert await usage.flush() is True  # the script is loaded
+                for model in range(LATE_FLUSH_FIELDS):
+                    usage.add("t0", "rows", f"m{model}", 1)
+                usage.add("t1", "requests", "OK", 1)
+                proxy.hold_next_script_reply()
+                assert await usage.flush() is False  # no reply in time
+                assert proxy.held.is_set()
+                await _applied(client, "p7", "t0", LATE_FLUSH_FIELDS)  # Redis has applied it
+                usage.add("t1", "requests", "OK", 1)
+                assert await usage.flush() is True  # sent again, applied once
+            finally:
+                await usage.aclose()
         rows = client.hgetall(f"p7:{{t0}}:usage:day:{utc_day()}")
-        assert len(rows) == SLOW_FLUSH_FIELDS and set(rows.values()) == {b"1"}
+        assert len(rows) == LATE_FLUSH_FIELDS and set(rows.values()) == {b"1"}
         assert client.hgetall(f"p7:{{t1}}:usage:day:{utc_day()}") == {b"requests:OK": b"3"}
 
 
@@ -459,18 +522,20 @@ async def test_a_graceful_stop_sends_counts_held_back_behind_a_lost_reply(
     """A tenant whose last flush lost its reply holds its newer counts back until that
     flush settles: the stop's one flush settled it and dropped them."""
     with same_utc_day():
-        config = _config(redis_server.url, "p9", {"id": "t0"}, timeout_ms=30)
-        usage = RedisUsage(config.limits, flush_interval_s=3600)
-        usage.add("t0", "requests", "OK", 1)
-        assert await usage.flush() is True  # the script is loaded
-        for model in range(SLOW_FLUSH_FIELDS):
-            usage.add("t0", "rows", f"m{model}", 1)
-        assert await usage.flush() is False  # Redis is still at it
-        usage.add("t0", "requests", "OK", 1)  # held back behind that flush
-        await _applied(client, "p9", "t0", SLOW_FLUSH_FIELDS + 1)
-        await usage.aclose()
+        async with LateReplies(redis_server.port) as proxy:
+            config = _config(proxy.url, "p9", {"id": "t0"}, timeout_ms=100)
+            usage = RedisUsage(config.limits, flush_interval_s=3600)
+            usage.add("t0", "requests", "OK", 1)
+            assert await usage.flush() is True  # the script is loaded
+            for model in range(LATE_FLUSH_FIELDS):
+                usage.add("t0", "rows", f"m{model}", 1)
+            proxy.hold_next_script_reply()
+            assert await usage.flush() is False  # no reply in time
+            usage.add("t0", "requests", "OK", 1)  # held back behind that flush
+            await _applied(client, "p9", "t0", LATE_FLUSH_FIELDS + 1)
+            await usage.aclose()
         counts = client.hgetall(f"p9:{{t0}}:usage:day:{utc_day()}")
-        assert counts[b"requests:OK"] == b"2" and len(counts) == SLOW_FLUSH_FIELDS + 1
+        assert counts[b"requests:OK"] == b"2" and len(counts) == LATE_FLUSH_FIELDS + 1
 
 
 async def test_a_report_reads_counts_held_back_behind_a_lost_reply(
@@ -479,23 +544,25 @@ async def test_a_report_reads_counts_held_back_behind_a_lost_reply(
     """A report flushes before it reads: one flush sent again the sums whose reply was
     lost, but held back the counts made since (the fleet figure came up short)."""
     with same_utc_day():
-        config = _config(redis_server.url, "p10", {"id": "t0"}, timeout_ms=30)
-        usage = RedisUsage(config.limits, flush_interval_s=0.2)
-        try:
-            usage.add("t1", "requests", "OK", 1)
-            assert await usage.flush() is True  # the script is loaded
-            for model in range(SLOW_FLUSH_FIELDS):  # t0's sums make the flush outlast its timeout
-                usage.add("t0", "rows", f"m{model}", 1)
-            usage.add("t1", "requests", "OK", 1)
-            assert await usage.flush() is False  # Redis is still at it
-            usage.add("t1", "requests", "OK", 1)  # held back behind that flush
-            failed_at = time.monotonic()
-            await _applied(client, "p10", "t0", SLOW_FLUSH_FIELDS)  # Redis has applied it
-            await asyncio.sleep(max(0.0, failed_at + 0.25 - time.monotonic()))  # past 0.2 s
-            counts = await usage.read(["t1"])
-            assert counts is not None and counts["t1"]["today"]["requests:OK"] == 3
-        finally:
-            await usage.aclose()
+        async with LateReplies(redis_server.port) as proxy:
+            config = _config(proxy.url, "p10", {"id": "t0"}, timeout_ms=100)
+            usage = RedisUsage(config.limits, flush_interval_s=0.2)
+            try:
+                usage.add("t1", "requests", "OK", 1)
+                assert await usage.flush() is True  # the script is loaded
+                for model in range(LATE_FLUSH_FIELDS):
+                    usage.add("t0", "rows", f"m{model}", 1)
+                usage.add("t1", "requests", "OK", 1)
+                proxy.hold_next_script_reply()
+                assert await usage.flush() is False  # no reply in time
+                usage.add("t1", "requests", "OK", 1)  # held back behind that flush
+                failed_at = time.monotonic()
+                await _applied(client, "p10", "t0", LATE_FLUSH_FIELDS)  # Redis has applied it
+                await asyncio.sleep(max(0.0, failed_at + 0.25 - time.monotonic()))  # past 0.2 s
+                counts = await usage.read(["t1"])
+                assert counts is not None and counts["t1"]["today"]["requests:OK"] == 3
+            finally:
+                await usage.aclose()
 
 
 def test_a_usage_report_waits_one_timeout_at_most_while_redis_stalls(
