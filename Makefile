@@ -4,6 +4,10 @@ VENV       ?= .venv
 BIN        := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# The suite runs in this many pytest processes (pytest-xdist), each taking whole test
+# files: most of a test's time is spent waiting on the servers it starts, so three keep
+# two cores busy. TEST_JOBS=0: one process, in order.
+TEST_JOBS  ?= 3
 
 .PHONY: install install-test triton-venv redis-server grpc-balancer serve test lint typecheck protos protos-check clean browser-tools node-tools loadtest bench
 
@@ -61,7 +65,7 @@ grpc-balancer:
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nginx-light)
 
 test: install-test triton-venv redis-server grpc-balancer browser-tools node-tools protos-check lint typecheck
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 # Issues 10 and 11: the benchmarks in sequence; tables in benchmarks/results/ (≈ 18 min, quiet machine).
 bench: install-test triton-venv

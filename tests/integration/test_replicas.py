@@ -193,7 +193,7 @@ async def test_a_rate_limit_holds_across_replicas_behind_the_balancer(fleet: Fle
     admitted = calls.ok_between(t0 + 0.5, t0 + 5.0)  # 4.5 s after the initial burst
     print(f"{admitted / 4.5:.1f} calls/s admitted, {calls.refused} refused")
     assert abs(admitted / 4.5 - RATE) <= 0.05 * RATE, admitted
-    assert calls.refused > 5 * admitted  # it was truly over-demand
+    assert calls.refused > admitted  # it was truly over-demand (twice the rate and more)
     assert calls.failed == []
 
     # The balancer spread the calls: every replica answered about a third of them.

@@ -79,9 +79,9 @@ def echo_works(server: Server) -> None:
 
 
 def test_an_inference_call_whose_message_stalls_ends_deadline_exceeded(server: Server) -> None:
+    start = time.monotonic()  # before the calls start: the server's wait begins after
     calls = StalledCalls(port_of(server), INFER, KEY, calls=3, declared=8 << 20, sent=4096)
     try:
-        start = time.monotonic()
         statuses = calls.statuses(timeout_s=10)
         took_s = time.monotonic() - start
     finally:

@@ -93,7 +93,7 @@ async def test_a_gzip_body_of_several_members_is_read_whole() -> None:
 @pytest.mark.parametrize(
     ("encoding", "packed"),
     [
-        ("gzip", gzip.compress(b"body") + b"not gzip"),
+        ("gzip", gzip.compress(b"body", mtime=0) + b"not gzip"),
         ("deflate", zlib.compress(b"body") + b"more"),
     ],
 )
