@@ -72,6 +72,24 @@ def test_an_expanded_value_is_validated_and_never_echoed(tmp_path: Path) -> None
     assert "plain-key-not-a-hash" not in str(caught.value)
 
 
+def test_a_redis_url_its_password_breaks_is_refused_without_the_password(
+    tmp_path: Path,
+) -> None:
+    """A password with a '/' (common in base64) ends the URL's host part early: the URL
+    cannot be read. check-config passed it and ``serve`` failed to start, printing the
+    password in the words of redis-py's error."""
+    env = {"GRPC_PORT": "9001", "ADMIN_HASH": HASH_A, "ACME_HASH": HASH_B}
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, CONFIG), {**env, "REDIS_PASSWORD": "Hunter2Secret/Part2+x"})
+    assert [field for field, _ in caught.value.errors] == ["limits"]
+    assert "not a Redis URL that can be read" in str(caught.value)
+    assert "Hunter2Secret" not in str(caught.value)
+    encoded = load_config(
+        write(tmp_path, CONFIG), {**env, "REDIS_PASSWORD": "Hunter2Secret%2FPart2"}
+    )
+    assert encoded.limits.url == "redis://:Hunter2Secret%2FPart2@redis:6379/0"
+
+
 @pytest.mark.parametrize(
     ("value", "reason"),
     [
@@ -97,3 +115,13 @@ def test_values_are_not_expanded_twice(tmp_path: Path) -> None:
     path = write(tmp_path, 'limits: {url: "redis://:${PASSWORD}@h"}')
     config = load_config(path, {"PASSWORD": "${OTHER}", "OTHER": "no"})
     assert config.limits.url == "redis://:${OTHER}@h"
+
+
+def test_a_file_that_is_not_utf8_is_a_configuration_error(tmp_path: Path) -> None:
+    """A Latin-1 comment (an editor's choice) raised UnicodeDecodeError out of
+    check-config and ``serve`` as a traceback, and out of a SIGHUP reload."""
+    path = tmp_path / "mandant.yaml"
+    path.write_bytes(b"tenants: []\n# caf\xe9\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert caught.value.errors == [("(file)", "not UTF-8 text (byte 0xe9 at offset 17)")]

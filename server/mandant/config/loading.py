@@ -103,9 +103,12 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> MandantConf
     """Read, expand ``${NAME}`` from ``env`` (default: the process environment) and
     validate the file at ``path``; a reference to an unset variable is an error."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(str(path), [("(file)", exc.strerror or str(exc))]) from None
+    except UnicodeDecodeError as exc:
+        problem = f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+        raise ConfigError(str(path), [("(file)", problem)]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [("(yaml)", str(exc).replace("\n", " "))]) from None
     errors: list[tuple[str, str]] = []

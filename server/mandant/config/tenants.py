@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
+from redis.connection import parse_url
 
 from mandant.config._base import _NAME, _Frozen, _hashes_only
 
@@ -77,6 +78,14 @@ class LimitsConfig(_Frozen):
             raise ValueError("store 'redis' needs a 'url' (redis://host:port/db)")
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("'url' starts with redis://, rediss:// or unix://")
+        if self.url:
+            try:
+                parse_url(self.url)
+            except ValueError:  # its words quote the URL's parts: a password, maybe
+                raise ValueError(
+                    "'url' is not a Redis URL that can be read (its value is not shown: it "
+                    "may hold a password; percent-encode '/', '@', ':' and '%' in one)"
+                ) from None
         return self
 
 
