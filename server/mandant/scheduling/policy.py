@@ -162,8 +162,9 @@ class LevelQueue(Generic[Q]):
         key = self._first()
         level = self._levels[key]
         item = level.popleft()
-        if not level:
+        if not level:  # its key is the heap's top: gone with it (else one per level, for ever)
             del self._levels[key]
+            self._heaped.discard(heapq.heappop(self._keys))
         self.rows -= item.rows
         self.count -= 1
         return item
