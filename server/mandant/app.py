@@ -42,6 +42,7 @@ from mandant.tenancy.admission import TenantAdmission, shared_store_for
 from mandant.tenancy.directory import TenantDirectory
 from mandant.tenancy.redis_usage import shared_usage_for
 from mandant.transport.grpc.server import GrpcServer
+from mandant.transport.listeners import check_listeners
 from mandant.transport.rest.server import RestServer
 from mandant.transport.tls import CERTIFICATES_KEPT, rotated, same_tls_shape, server_ssl_context
 from mandant.transport.unread import UnreadAnswers
@@ -337,8 +338,7 @@ class App:
     async def start(self) -> None:
         """Start every part in order; if one fails, stop those already started. A port
         that cannot be bound stops it before the models load (``Listener.check``)."""
-        for listener in (*self.grpc.listeners, *self.rest.listeners, *self.http.listeners):
-            listener.check()
+        check_listeners((*self.grpc.listeners, *self.rest.listeners, *self.http.listeners))
         async with AsyncExitStack() as started:
             await self.admission.start()
             started.push_async_callback(self.admission.aclose)

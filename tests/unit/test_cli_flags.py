@@ -201,6 +201,32 @@ def test_a_port_in_use_stops_the_server_before_its_models_load(
     assert not started.exists()  # the model never began to load
 
 
+def test_two_listeners_on_one_address_under_two_spellings_stop_before_models_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``127.0.0.1`` and ``localhost`` with one port passed the configuration's check
+    (it compares the spellings) and each listener's own check (each socket closed
+    before the next was bound): the clash was found once every model had loaded."""
+    started = tmp_path / "loading"
+    model = {
+        "name": "slow",
+        "factory": "tests.integration.slow_models:slow_to_load",
+        "factory_args": {"seconds": 30, "started": str(started)},
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
+    }
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = {**FREE_PORTS, "grpc_port": port, "http_port": port, "http_host": "localhost"}
+    path = tmp_path / "mandant.yaml"
+    path.write_text(yaml.safe_dump({"tenants": [], "models": [model], "server": server}))
+    assert cli.main(["serve", "--config", str(path)]) == 1
+    error = f"cannot bind the HTTP port (server.http_host 'localhost', port {port}): Address"
+    assert f"{error} already in use" in capsys.readouterr().err
+    assert not started.exists()  # the model never began to load
+
+
 @pytest.mark.parametrize(
     ("server", "dashboard"),
     [

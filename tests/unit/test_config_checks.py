@@ -394,3 +394,11 @@ def test_a_weights_file_s_recipe_is_compared_by_value() -> None:
     variant = {"name": "c", "tenant": "globex", "base": "c",
                "factory_args": {"opts": {"y": 2, "x": 1}, "seed": 0}}  # fmt: skip
     parse_config({"tenants": tenants, "models": [base, variant]}).model_specs(Path("/m"))
+
+
+def test_an_empty_host_is_refused() -> None:
+    """gRPC cannot bind ``host: ""``; check-config passed it and ``serve`` stopped once
+    every model had loaded."""
+    assert errors({"server": {"host": ""}}) == [
+        ("server.host", "empty: 0.0.0.0 binds every IPv4 address, :: every address")
+    ]

@@ -259,6 +259,14 @@ class ServerConfig(_Frozen):
         """The address ``http_port`` binds: ``http_host``, else ``host``."""
         return self.http_host if self.http_host is not None else self.host
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, host: str) -> str:
+        """gRPC cannot bind an empty host: the server stopped once its models had loaded."""
+        if not host.strip():
+            raise ValueError("empty: 0.0.0.0 binds every IPv4 address, :: every address")
+        return host
+
     @field_validator("admin_keys")
     @classmethod
     def _admin_hashes_only(cls, keys: tuple[str, ...]) -> tuple[str, ...]:

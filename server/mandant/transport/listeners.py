@@ -6,8 +6,10 @@ own message, "Name or service not known", names none of them), whether
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -42,13 +44,15 @@ class Listener:
             f"{self.port}): {reason}"
         )
 
-    def check(self) -> None:
+    def check(self, held: contextlib.ExitStack | None = None) -> None:
         """Raise :meth:`bind_error` where the port cannot be bound now (in use, an
         address not on this machine, a host that does not resolve). A server checks its
         listeners before it loads its models, so that such a start stops at once, not
         after minutes of loading. The sockets are bound as the servers bind theirs
         (SO_REUSEADDR: a port whose last connections wait in TIME_WAIT is free) and
-        closed at once; the bind that serves may still fail (a race), and says so alike."""
+        listen, so that a second bind of the same port fails; they are closed at once,
+        or when ``held`` closes (:func:`check_listeners`). The bind that serves may still
+        fail (a race), and says so alike."""
         host = bare(self.host) or None  # "": every address
         try:
             addresses = socket.getaddrinfo(
@@ -56,19 +60,32 @@ class Listener:
             )
         except socket.gaierror as exc:
             raise self.bind_error(exc.strerror or str(exc)) from exc
-        for family, kind, protocol, _, address in addresses:
-            try:
-                sock = socket.socket(family, kind, protocol)
-            except OSError:  # a family this kernel lacks (IPv6 off): the servers skip it too
-                continue
-            with sock:
+        with contextlib.ExitStack() as own:
+            sockets = own if held is None else held
+            for family, kind, protocol, _, address in addresses:
+                try:
+                    sock = socket.socket(family, kind, protocol)
+                except OSError:  # a family this kernel lacks (IPv6 off): the servers skip it
+                    continue
+                sockets.enter_context(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 try:
                     sock.bind(address)
+                    sock.listen()
                 except OSError as exc:
                     raise self.bind_error(reason_of(exc)) from exc
+
+
+def check_listeners(listeners: Iterable[Listener]) -> None:
+    """:meth:`Listener.check` each of a server's listeners, every socket held until the
+    last is bound: two of them on one port of one address under two spellings
+    (``127.0.0.1`` and ``localhost``, ``::1`` and ``[::1]``, ``0.0.0.0`` and an
+    address of this machine) fail here too, not once the models have loaded."""
+    with contextlib.ExitStack() as held:
+        for listener in listeners:
+            listener.check(held)
 
 
 def reason_of(exc: OSError) -> str:
