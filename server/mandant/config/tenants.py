@@ -80,7 +80,7 @@ class LimitsConfig(_Frozen):
             raise ValueError("'url' starts with redis://, rediss:// or unix://")
         if self.url:
             try:
-                parse_url(self.url)
+                parse_url(self.url)  # type: ignore[no-untyped-call]
             except ValueError:  # its words quote the URL's parts: a password, maybe
                 raise ValueError(
                     "'url' is not a Redis URL that can be read (its value is not shown: it "
