@@ -259,6 +259,14 @@ def workers_of(setting: int | str) -> int:
     return int(setting)
 
 
+def child_command() -> list[str]:
+    """How the supervisor starts its children: ``python -m mandant``, with the folder
+    this process started in on the import path only where it is on this process's
+    (``python -m mandant`` puts it there, the ``mandant`` script does not), so that a
+    model's ``factory`` imports alike in one process and with ``workers: N``."""
+    cwd_importable = bool(sys.path) and sys.path[0] in ("", os.getcwd())
+    return [sys.executable, *(() if cwd_importable else ("-P",)), "-m", "mandant"]
+
 async def _supervise(
     config: MandantConfig, path: Path, demo: bool, args: argparse.Namespace, workers: int
 ) -> None:
@@ -277,7 +285,7 @@ async def _supervise(
         config.server.grpc_port,
         config.server.host,
         config.server.grace_s,
-        [sys.executable, "-m", "mandant"],
+        child_command(),
         child_args,
         path,
         load=lambda file: _with_overrides(load_config(file), args),

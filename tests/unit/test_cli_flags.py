@@ -5,7 +5,10 @@ a source checkout, missing files and factories that do not import."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -296,3 +299,33 @@ def test_check_config_warns_of_a_tenant_that_cannot_authenticate(
     captured = capsys.readouterr()
     assert "ok (2 tenants, 1 models)" in captured.out
     assert "warning: tenants.1: tenant 'mute' has no api_keys and no client_certs" in captured.err
+
+
+@pytest.mark.parametrize("started_as", ["the mandant script", "python -m mandant"])
+def test_children_import_from_the_folder_only_as_their_supervisor_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started_as: str
+) -> None:
+    """A factory module in the folder ``serve`` ran from imported in the children of
+    ``workers: N`` (started with ``python -m``), not in one process started by the
+    ``mandant`` script: the same file served different models by ``--workers``."""
+    (tmp_path / "folder_models.py").write_text("def echo():\n    return None\n")
+    config = write(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["models"][0]["factory"] = "folder_models:echo"
+    config.write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)
+    first = str(tmp_path) if started_as == "python -m mandant" else str(Path(sys.executable).parent)
+    monkeypatch.setattr(sys, "path", [first, *sys.path[1:]])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    child = subprocess.run(
+        [*cli.child_command(), "check-config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    if started_as == "python -m mandant":
+        assert child.returncode == 0, child.stderr
+    else:
+        assert child.returncode == 1
+        assert "No module named 'folder_models'" in child.stdout + child.stderr
