@@ -267,6 +267,7 @@ def child_command() -> list[str]:
     cwd_importable = bool(sys.path) and sys.path[0] in ("", os.getcwd())
     return [sys.executable, *(() if cwd_importable else ("-P",)), "-m", "mandant"]
 
+
 async def _supervise(
     config: MandantConfig, path: Path, demo: bool, args: argparse.Namespace, workers: int
 ) -> None:
