@@ -376,10 +376,12 @@ async def test_in_flight_messages_per_stream_are_capped(limited_server: Server) 
 
 @pytest.mark.parametrize("kind", SERVER_KINDS)
 async def test_an_open_stream_ends_when_the_server_stops(tmp_path: Path, kind: str) -> None:
-    """A stream held open between calls (a multiplexing client keeps one) ends with
-    status OK when the server stops, its message in flight answered first: it once
-    stayed open for the whole grace period, every message on it refused UNAVAILABLE,
-    and its client never opened a new one elsewhere."""
+    """A stream held open between calls ends when the server stops, its message in
+    flight answered first: it once stayed open for the whole grace period, every
+    message on it refused UNAVAILABLE, and its client never opened a new one elsewhere.
+    A client that does not send its unread messages again (tritonclient) is told
+    UNAVAILABLE: a stream that ended OK was "active" to tritonclient for ever, and the
+    messages its application wrote next were never answered nor failed."""
     slow = {
         **ECHO_MODEL,
         "name": "slow",
@@ -422,7 +424,8 @@ async def test_an_open_stream_ends_when_the_server_stops(tmp_path: Path, kind: s
             stopping = asyncio.create_task(asyncio.to_thread(server.stop, 20))
             answer = await stream.read()
             assert answer.infer_response.id == "in-flight" and not answer.error_message
-            assert await stream.code() == grpc.StatusCode.OK
+            assert await stream.code() == grpc.StatusCode.UNAVAILABLE
+            assert await stream.details() == "server is shutting down: this stream has ended"
     finally:
         if stopping is None:
             server.stop()

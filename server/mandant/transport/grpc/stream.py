@@ -30,9 +30,12 @@ answers not yet written count toward ``server.max_unread_answer_bytes``; at that
 its next messages are answered RESOURCE_EXHAUSTED (``unread.py``).
 When the client leaves, every message still in flight is cancelled: it leaves its
 queue and frees its concurrency slot. When the server stops (:meth:`InferStream.end`),
-a stream ends with status OK once the messages it has in flight are answered: its
-client's next call opens a new stream (elsewhere, or on the restarted server) instead
-of waiting out the drain on this one. So does a stream that has lived ``max_age_s``
+a stream ends once the messages it has in flight are answered: its client's next call
+opens a new stream (elsewhere, or on the restarted server) instead of waiting out the
+drain on this one. It ends UNAVAILABLE ("server is shutting down"), as a unary call
+then is, unless its client sends the messages left unread again (below: OK and a
+mark): tritonclient takes a stream that ends OK for one still open, and the messages
+written to it next were never answered nor failed. So does a stream that has lived ``max_age_s``
 (``server.max_connection_age_s``, ±10% jitter as gRPC's, so that streams opened
 together do not end together) whose client sends the messages left unread again (its
 metadata ``mandant-stream-resends: unread``, as mandant_client's multiplexed mode
@@ -67,7 +70,13 @@ from typing import Any
 import grpc
 
 from mandant.context import current_request_id
-from mandant.errors import MandantError, ResourceExhausted, ServerBusy, Unauthenticated
+from mandant.errors import (
+    MandantError,
+    ResourceExhausted,
+    ServerBusy,
+    Unauthenticated,
+    Unavailable,
+)
 from mandant.events import Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.service import DataPlane
@@ -224,6 +233,10 @@ class InferStream:
                     task.cancel()
         if self._marking is not None:  # ending: the mark is on its way (``_end_if_idle``)
             await self._marking
+        if self._ending and not self._resends_unread:
+            # Ended OK, tritonclient's stream would stay "active": the messages its
+            # application writes next would go nowhere, unanswered, for ever.
+            raise Unavailable("server is shutting down: this stream has ended")
 
     async def _mark_end(self) -> None:
         """Write the end mark, the stream's last message (every message read is
