@@ -378,6 +378,7 @@ class App:
         before, ever = self.directory.current.ids, set(self.directory.ever)
         applied = self.directory.replace(config.tenants, config.server.admin_keys)
         self.admission.update(config)
+        self.grpc.tenants_changed()
         tenants = self.directory.current.ids
         if before - tenants:
             # A removed tenant's figures and its models loaded with a ``config`` (in no

@@ -5,6 +5,7 @@ keeps what it runs."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +23,18 @@ from mandant.config import parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client import AsyncClient, Client, RateLimited, Unauthenticated
 from mandant_client._proto import admin_pb2, admin_pb2_grpc
+from mandant_client._proto import grpc_service_pb2 as pb
 from tests.servers import ECHO_MODEL, SERVER_KINDS, free_port, mandant_serve, wait_for
 
 X = {"INPUT0": np.ones((1, 2), np.float32)}
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+def _echo_message(request_id: str) -> bytes:
+    message = pb.ModelInferRequest(model_name="echo", id=request_id)
+    message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 2])
+    message.raw_input_contents.append(np.ones((1, 2), np.float32).tobytes())
+    return message.SerializeToString()
 
 
 def _config(port: int = 0, **tenants: dict[str, Any]) -> dict[str, Any]:
@@ -255,6 +265,48 @@ def test_a_reload_reaches_streams_already_open(tmp_path: Path, kind: str) -> Non
         c.infer("echo", X)  # its key stands: its stream goes on
         with Client(target, api_key="key-new", multiplex=True) as renewed:
             renewed.infer("echo", X)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+async def test_a_revoked_keys_idle_stream_ends_and_gives_back_its_place(
+    tmp_path: Path, kind: str
+) -> None:
+    """A revoked key's open stream was answered UNAUTHENTICATED message by message but
+    stayed open: idle, it held one of the tenant's places under
+    ``server.max_tenant_streams`` for as long as its holder liked, and the tenant's new
+    key could open no stream."""
+    port = free_port()
+    path = tmp_path / "mandant.yaml"
+    write = _writer(path, port, kind)
+
+    def write_limited(key: str) -> None:
+        write(a={"api_keys": [hash_key(key)]})
+        config = yaml.safe_load(path.read_text())
+        config["server"]["max_tenant_streams"] = 1
+        path.write_text(yaml.safe_dump(config))
+
+    write_limited("key-a")
+    target = f"127.0.0.1:{port}"
+    with mandant_serve(path) as proc:
+        async with grpc.aio.insecure_channel(target) as channel:
+            method = channel.stream_stream(
+                STREAM_METHOD, response_deserializer=pb.ModelStreamInferResponse.FromString
+            )
+            held = method(metadata=(("authorization", "Bearer key-a"),))
+            await held.write(_echo_message("first"))
+            assert (await held.read()).infer_response.id == "first"  # open, then idle
+            write_limited("key-new")
+            proc.send_signal(signal.SIGHUP)
+            await asyncio.to_thread(_reloads, proc, kind)
+            assert await asyncio.wait_for(held.code(), 30) == grpc.StatusCode.UNAUTHENTICATED
+            renewed = method(metadata=(("authorization", "Bearer key-new"),))
+            await renewed.write(_echo_message("second"))
+            answer = await renewed.read()
+            assert answer.infer_response.id == "second" and not answer.error_message
+            await renewed.done_writing()
+            assert await renewed.code() == grpc.StatusCode.OK
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
 

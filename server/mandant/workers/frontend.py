@@ -74,6 +74,7 @@ class FrontEnd:
         be (else the old certificates stay); each is logged as a warning."""
         config = config.resolved(self.base_dir)
         changes = self.directory.replace(config.tenants, config.server.admin_keys)
+        self.grpc.tenants_changed()
         new, old = config.server.tls, self.config.server.tls
         if not same_tls_shape(new, old):
             logger.warning(

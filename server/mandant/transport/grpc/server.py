@@ -334,6 +334,10 @@ class GrpcServer:
         self._health_watch = asyncio.create_task(self._follow_readiness(), name="grpc-health")
         return self.port
 
+    def tenants_changed(self) -> None:
+        """The tenant directory was replaced (a reload): open streams check their key."""
+        self.servicer.check_streams()
+
     def reload_tls(self, tls: TlsConfig) -> None:
         """Serve the certificates (and client CA) at ``tls``'s paths to connections
         made from now on; nothing where the server was started without TLS."""

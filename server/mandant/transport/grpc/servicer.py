@@ -75,6 +75,12 @@ class InferenceServicer:
         for stream in self._streams:
             stream.end()
 
+    def check_streams(self) -> None:
+        """After a reload: every open stream whose key no longer authenticates ends
+        (``InferStream.check_key``), an idle one too."""
+        for stream in self._streams:
+            stream.check_key()
+
     def admit_stream(self) -> None:
         """Before a stream opens: once the server stops, one (a multiplexing client's
         next, as its last one ended) is refused UNAVAILABLE, as a unary call is. It was

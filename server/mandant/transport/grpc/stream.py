@@ -2,9 +2,10 @@
 
 The key was checked when the stream opened (the gate), which then sends the initial
 metadata: a client that waits for it before writing never races a refusal. After a
-configuration reload the stream's key (or certificate) is checked again at its next
-message: a revoked key's messages are answered UNAUTHENTICATED from then on (as its
-unary calls), and a tenant whose weight or limits changed is served as it now is.
+configuration reload the stream's key (or certificate) is checked again: a revoked
+key's stream ends UNAUTHENTICATED once its messages in flight are answered (its
+messages read meanwhile answered UNAUTHENTICATED, as its unary calls), and a tenant
+whose weight or limits changed is served as it now is at its next message.
 Each message is parsed,
 resolved, validated, admitted and batched exactly like a unary ``ModelInfer`` (the
 same :meth:`DataPlane.infer`), and answered as soon as it completes, in any order,
@@ -60,6 +61,7 @@ the next one fail at once (as EOF), and the stream end under the client's writes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -102,6 +104,7 @@ FINAL_RESPONSE = "triton_final_response"
 #: ``mandant_client._multiplex``).
 AGE_END = "connection-age"
 STOP_END = "server-stop"
+REVOKED_END = "key-revoked"
 #: How long a stream waits, after its end mark, for its client to stop writing.
 #: A client that half-closes at the mark ends the wait at once; a busy one on a loaded
 #: machine may take a while to read it (1 s left little room), and a stream ended
@@ -236,7 +239,16 @@ class InferStream:
         if self._ending and not self._resends_unread:
             # Ended OK, tritonclient's stream would stay "active": the messages its
             # application writes next would go nowhere, unanswered, for ever.
+            if self._end_reason == REVOKED_END:
+                raise Unauthenticated()
             raise Unavailable("server is shutting down: this stream has ended")
+
+    def check_key(self) -> None:
+        """After a reload: a stream whose key (or certificate) no longer authenticates
+        ends, once its messages in flight are answered, and gives back its place under
+        ``server.max_tenant_streams`` (:meth:`_caller`)."""
+        with contextlib.suppress(Unauthenticated):
+            self._caller()
 
     async def _mark_end(self) -> None:
         """Write the end mark, the stream's last message (every message read is
@@ -309,6 +321,10 @@ class InferStream:
             except Unauthenticated:
                 self._tenant = None
         if self._tenant is None:
+            # Its stream ends (UNAUTHENTICATED; to a client that resends, OK and the
+            # mark, and its new stream is refused): open, it held one of the tenant's
+            # places under server.max_tenant_streams, which its new key then lacked.
+            self.end(REVOKED_END)
             raise Unauthenticated()
         return self._tenant
 
