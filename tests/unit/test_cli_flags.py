@@ -230,6 +230,21 @@ def test_two_listeners_on_one_address_under_two_spellings_stop_before_models_loa
     assert not started.exists()  # the model never began to load
 
 
+def test_a_name_that_resolves_to_one_address_twice_passes_the_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """/etc/hosts listing a name on two lines makes the resolver give its address twice:
+    the second bind failed on the first's held socket, a free port "already in use"."""
+    from mandant.transport.listeners import Listener, check_listeners
+
+    resolve = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: resolve(*a, **k) * 2)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    check_listeners([Listener("gRPC port", "server.host", "localhost", port)])
+
+
 @pytest.mark.parametrize(
     ("server", "dashboard"),
     [

@@ -62,7 +62,10 @@ class Listener:
             raise self.bind_error(exc.strerror or str(exc)) from exc
         with contextlib.ExitStack() as own:
             sockets = own if held is None else held
-            for family, kind, protocol, _, address in addresses:
+            # Once each: a name that /etc/hosts lists twice resolves to one address
+            # twice, and the second bind would fail on the first's held socket.
+            unique = dict.fromkeys((f, k, p, a) for f, k, p, _, a in addresses)
+            for family, kind, protocol, address in unique:
                 try:
                     sock = socket.socket(family, kind, protocol)
                 except OSError:  # a family this kernel lacks (IPv6 off): the servers skip it
