@@ -30,8 +30,10 @@ X = {"INPUT0": np.ones((1, 2), np.float32)}
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
-def _echo_message(request_id: str) -> bytes:
-    message = pb.ModelInferRequest(model_name="echo", id=request_id)
+def _echo_message(model: str, request_id: str | None = None) -> bytes:
+    """A request of one row to ``model`` (an identity), its id ``request_id``, else the
+    model's name."""
+    message = pb.ModelInferRequest(model_name=model, id=request_id or model)
     message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 2])
     message.raw_input_contents.append(np.ones((1, 2), np.float32).tobytes())
     return message.SerializeToString()
@@ -273,10 +275,9 @@ def test_a_reload_reaches_streams_already_open(tmp_path: Path, kind: str) -> Non
 async def test_a_revoked_keys_idle_stream_ends_and_gives_back_its_place(
     tmp_path: Path, kind: str
 ) -> None:
-    """A revoked key's open stream was answered UNAUTHENTICATED message by message but
-    stayed open: idle, it held one of the tenant's places under
-    ``server.max_tenant_streams`` for as long as its holder liked, and the tenant's new
-    key could open no stream."""
+    """A revoked key's open streams were answered UNAUTHENTICATED message by message but
+    stayed open: idle, they held the tenant's places under ``server.max_tenant_streams``
+    for as long as their holder liked, and the tenant's new key could open no stream."""
     port = free_port()
     path = tmp_path / "mandant.yaml"
     write = _writer(path, port, kind)
@@ -284,7 +285,9 @@ async def test_a_revoked_keys_idle_stream_ends_and_gives_back_its_place(
     def write_limited(key: str) -> None:
         write(a={"api_keys": [hash_key(key)]})
         config = yaml.safe_load(path.read_text())
-        config["server"]["max_tenant_streams"] = 1
+        config["server"]["max_tenant_streams"] = 2
+        slow = {**ECHO_MODEL, "name": "slow", "factory": "tests.integration.slow_models:sleepy"}
+        config["models"].append({**slow, "factory_args": {"seconds": 3.0}})
         path.write_text(yaml.safe_dump(config))
 
     write_limited("key-a")
@@ -294,15 +297,26 @@ async def test_a_revoked_keys_idle_stream_ends_and_gives_back_its_place(
             method = channel.stream_stream(
                 STREAM_METHOD, response_deserializer=pb.ModelStreamInferResponse.FromString
             )
-            held = method(metadata=(("authorization", "Bearer key-a"),))
-            await held.write(_echo_message("first"))
-            assert (await held.read()).infer_response.id == "first"  # open, then idle
+            idle = method(metadata=(("authorization", "Bearer key-a"),))
+            await idle.write(_echo_message("echo", "first"))
+            assert (await idle.read()).infer_response.id == "first"  # open, then idle
+            busy = method(metadata=(("authorization", "Bearer key-a"),))
+            await busy.write(_echo_message("slow", "in-flight"))  # 3 s in the model
             write_limited("key-new")
             proc.send_signal(signal.SIGHUP)
             await asyncio.to_thread(_reloads, proc, kind)
-            assert await asyncio.wait_for(held.code(), 30) == grpc.StatusCode.UNAUTHENTICATED
+            assert await asyncio.wait_for(idle.code(), 30) == grpc.StatusCode.UNAUTHENTICATED
+            # A message read while the revoked stream answers the one in flight is
+            # answered too (it was read and dropped), refused; then the stream ends.
+            await busy.write(_echo_message("echo", "after"))
+            answers = {}
+            for _ in range(2):
+                answer = await busy.read()
+                answers[answer.infer_response.id] = answer.error_message
+            assert answers == {"after": "missing or invalid API key", "in-flight": ""}
+            assert await asyncio.wait_for(busy.code(), 30) == grpc.StatusCode.UNAUTHENTICATED
             renewed = method(metadata=(("authorization", "Bearer key-new"),))
-            await renewed.write(_echo_message("second"))
+            await renewed.write(_echo_message("echo", "second"))
             answer = await renewed.read()
             assert answer.infer_response.id == "second" and not answer.error_message
             await renewed.done_writing()

@@ -381,7 +381,8 @@ async def test_an_open_stream_ends_when_the_server_stops(tmp_path: Path, kind: s
     message on it refused UNAVAILABLE, and its client never opened a new one elsewhere.
     A client that does not send its unread messages again (tritonclient) is told
     UNAVAILABLE: a stream that ended OK was "active" to tritonclient for ever, and the
-    messages its application wrote next were never answered nor failed."""
+    messages its application wrote next were never answered nor failed. A client that
+    had half-closed has nothing left unanswered: its stream ends OK."""
     slow = {
         **ECHO_MODEL,
         "name": "slow",
@@ -417,15 +418,22 @@ async def test_an_open_stream_ends_when_the_server_stops(tmp_path: Path, kind: s
             await stream.write(_request("echo", "first"))
             assert (await stream.read()).infer_response.id == "first"
             await stream.write(_request("slow", "in-flight"))
+            # A client that has sent all it will: it misses nothing, its stream ends OK.
+            done = method(metadata=(("authorization", "Bearer t-key"),))
+            await done.write(_request("slow", "last"))
+            await done.done_writing()
             deadline = time.monotonic() + 30
-            while await asyncio.to_thread(in_flight) != 1:  # the message is in the model
-                assert time.monotonic() < deadline, "the message never reached the model"
+            while await asyncio.to_thread(in_flight) != 2:  # the messages are in the model
+                assert time.monotonic() < deadline, "the messages never reached the model"
                 await asyncio.sleep(0.01)
             stopping = asyncio.create_task(asyncio.to_thread(server.stop, 20))
             answer = await stream.read()
             assert answer.infer_response.id == "in-flight" and not answer.error_message
             assert await stream.code() == grpc.StatusCode.UNAVAILABLE
             assert await stream.details() == "server is shutting down: this stream has ended"
+            answer = await done.read()
+            assert answer.infer_response.id == "last" and not answer.error_message
+            assert await done.code() == grpc.StatusCode.OK
     finally:
         if stopping is None:
             server.stop()

@@ -1,6 +1,6 @@
 """Who an open ModelStreamInfer stream serves: the key is checked again at its first
 message (a reload between the gate's check and the stream's start is not missed) and
-after every reload; a revoked key is refused per message."""
+after every reload; a revoked key is refused, and its stream ends."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 
 from mandant.errors import Unauthenticated
 from mandant.events import NullObserver
-from mandant.transport.grpc.stream import InferStream
+from mandant.transport.grpc.stream import REVOKED_END, InferStream
 from mandant.types import Tenant
+from mandant_client._multiplex import END_MARK
 
 
 class _Plane:
@@ -19,7 +20,19 @@ class _Plane:
         self.tenant_snapshot = object()
 
 
-def _stream(plane: _Plane, keys: dict[str, Tenant | None]) -> InferStream:
+class _Context:
+    """What a stream tells gRPC about its end: its trailing metadata."""
+
+    def __init__(self) -> None:
+        self.trailers: tuple[tuple[str, str], ...] = ()
+
+    def set_trailing_metadata(self, trailers: tuple[tuple[str, str], ...]) -> None:
+        self.trailers = trailers
+
+
+def _stream(
+    plane: _Plane, keys: dict[str, Tenant | None], context: _Context | None = None
+) -> InferStream:
     """A stream opened as acme, whose key now authenticates as ``keys["now"]``."""
 
     def authenticate() -> Tenant | None:
@@ -32,7 +45,7 @@ def _stream(plane: _Plane, keys: dict[str, Tenant | None]) -> InferStream:
         cast(Any, plane),
         Tenant("acme"),
         authenticate,
-        cast(Any, None),
+        cast(Any, context or _Context()),
         4,
         1 << 20,
         16,
@@ -53,16 +66,16 @@ def test_the_first_message_checks_the_key_again() -> None:
 def test_a_reload_is_seen_by_the_next_message_and_nothing_else_is_asked() -> None:
     plane = _Plane()
     keys: dict[str, Tenant | None] = {"now": Tenant("acme", weight=2)}
-    stream = _stream(plane, keys)
+    context = _Context()
+    stream = _stream(plane, keys, context)
     assert stream._caller().weight == 2  # the first message: the tenant as it is now
     keys["now"] = None  # revoked in the file, not reloaded yet: nothing changes
     assert stream._caller().id == "acme"
+    assert context.trailers == ()
     plane.tenant_snapshot = object()  # the reload
     with pytest.raises(Unauthenticated):
         stream._caller()
-    keys["now"] = Tenant("acme")  # the key given back, and reloaded again
-    plane.tenant_snapshot = object()
-    assert stream._caller().id == "acme"
+    assert context.trailers == ((END_MARK, REVOKED_END),)  # the stream ends
 
 
 def test_an_error_answer_echoes_an_id_only_as_long_as_ids_may_be() -> None:
@@ -72,3 +85,22 @@ def test_an_error_answer_echoes_an_id_only_as_long_as_ids_may_be() -> None:
 
     assert _bounded("é" * 128) == "é" * 128
     assert _bounded("é" * 200) == ""
+
+
+def test_checking_streams_at_a_reload_tags_no_context_with_their_tenant() -> None:
+    """The check authenticates each stream as the gate does, which tags the context
+    with the tenant for the logs: run in the reload's context, every later line of the
+    reload (and of the reloads after it: a signal handler keeps its context) was
+    logged as one customer's."""
+    from mandant.config import ServerConfig
+    from mandant.context import current_tenant
+    from mandant.transport.grpc.servicer import InferenceServicer
+
+    class _Tagging:
+        def check_key(self) -> None:
+            current_tenant.set(Tenant("acme"))
+
+    servicer = InferenceServicer(cast(Any, _Plane()), ServerConfig(), NullObserver())
+    servicer._streams.add(cast(Any, _Tagging()))
+    servicer.check_streams()
+    assert current_tenant.get(None) is None

@@ -5,6 +5,7 @@ result. Authentication, parsing and the error table live in the gate
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from typing import Any
 
@@ -79,7 +80,9 @@ class InferenceServicer:
         """After a reload: every open stream whose key no longer authenticates ends
         (``InferStream.check_key``), an idle one too."""
         for stream in self._streams:
-            stream.check_key()
+            # In a context of its own: the check tags its context with the stream's
+            # tenant (for the logs), and this one is the reload's.
+            contextvars.copy_context().run(stream.check_key)
 
     def admit_stream(self) -> None:
         """Before a stream opens: once the server stops, one (a multiplexing client's

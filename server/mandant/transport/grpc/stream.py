@@ -35,8 +35,10 @@ a stream ends once the messages it has in flight are answered: its client's next
 opens a new stream (elsewhere, or on the restarted server) instead of waiting out the
 drain on this one. It ends UNAVAILABLE ("server is shutting down"), as a unary call
 then is, unless its client sends the messages left unread again (below: OK and a
-mark): tritonclient takes a stream that ends OK for one still open, and the messages
-written to it next were never answered nor failed. So does a stream that has lived ``max_age_s``
+mark) or has half-closed (nothing of its is left unanswered: OK): tritonclient takes a
+stream that ends OK for one still open, and the messages written to it next were
+never answered nor failed. A message read while the stream answers those in flight is
+answered too (refused: the server drains). So does a stream that has lived ``max_age_s``
 (``server.max_connection_age_s``, ±10% jitter as gRPC's, so that streams opened
 together do not end together) whose client sends the messages left unread again (its
 metadata ``mandant-stream-resends: unread``, as mandant_client's multiplexed mode
@@ -197,6 +199,7 @@ class InferStream:
         self._reading = asyncio.current_task()
         self._end_if_idle()  # ended before it began
         aging = None
+        half_closed = False  # the client sent all it will: nothing of its goes unanswered
         if self._max_age_s is not None:
             age_s = self._max_age_s * random.uniform(*AGE_JITTER)
             aging = asyncio.get_running_loop().call_later(age_s, self.end, AGE_END)
@@ -206,9 +209,10 @@ class InferStream:
                 await self._room.wait()
                 raw = await context.read()
                 if raw is grpc.aio.EOF:
+                    half_closed = True
                     break
-                if self._ending:  # unread: its client sends it again, on a new stream
-                    self._window.release()
+                if self._ending and self._resends_unread:
+                    self._window.release()  # unread: its client sends it again elsewhere
                     continue
                 self._hold(len(raw))
                 task = asyncio.create_task(self._serve_one(raw))
@@ -236,7 +240,7 @@ class InferStream:
                     task.cancel()
         if self._marking is not None:  # ending: the mark is on its way (``_end_if_idle``)
             await self._marking
-        if self._ending and not self._resends_unread:
+        if self._ending and not self._resends_unread and not half_closed:
             # Ended OK, tritonclient's stream would stay "active": the messages its
             # application writes next would go nowhere, unanswered, for ever.
             if self._end_reason == REVOKED_END:
