@@ -49,6 +49,7 @@ def _config(url: str, prefix: str, *tenants: dict[str, Any], **limits: Any) -> M
                 "url": url,
                 "key_prefix": prefix,
                 "retry_interval_s": 0.2,
+                "timeout_ms": 1000,  # unless a test's own (250 ms: a loaded machine missed it)
                 **limits,
             },
             "tenants": list(tenants),

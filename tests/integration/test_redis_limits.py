@@ -43,7 +43,10 @@ X = np.ones((1, 4), np.float32)
 def config_data(url: str, **limits: Any) -> dict[str, Any]:
     return {
         "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, "grace_s": 0},
-        "limits": {"store": "redis", "url": url, "retry_interval_s": 0.2, **limits},
+        # 1 s, not 250 ms: a loaded machine running the suite in parallel answered
+        # later than that, and the store fell back to each replica's own buckets.
+        "limits": {"store": "redis", "url": url, "retry_interval_s": 0.2, "timeout_ms": 1000}
+        | limits,
         "tenants": [
             {
                 "id": "acme",
@@ -159,7 +162,7 @@ async def test_two_replicas_share_one_budget_and_ride_out_a_redis_outage(
     print(f"shared {shared / 5.0:.1f}/s, outage {outage} in 1.5 s, resumed {resumed / 2.0:.1f}/s")
     assert abs(shared / 5.0 - RATE) <= 0.05 * RATE, shared
     assert tally.count(t0 + 0.5, t0 + 5.5, 0) > 50 and tally.count(t0 + 0.5, t0 + 5.5, 1) > 50
-    assert tally.refused > 10 * shared  # it was truly over-demand
+    assert tally.refused > shared  # it was truly over-demand (twice the rate and more)
 
     assert all(n >= 0.8 * RATE * 1.5 for n in outage), outage  # both kept serving, locally
 
