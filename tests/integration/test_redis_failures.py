@@ -139,6 +139,16 @@ class LateReplies:
             upstream_writer.close()
 
 
+async def _flush_losing_its_reply(usage: RedisUsage, proxy: LateReplies) -> None:
+    """Add :data:`LATE_FLUSH_FIELDS` counts of t0 and flush them, the reply held back
+    past ``timeout_ms``: Redis applies the flush, ``usage`` never hears of it."""
+    for model in range(LATE_FLUSH_FIELDS):
+        usage.add("t0", "rows", f"m{model}", 1)
+    proxy.hold_next_script_reply()
+    assert await usage.flush() is False  # no reply in time
+    assert proxy.held.is_set()
+
+
 async def _applied(client: redis.Redis, prefix: str, tenant: str, fields: int) -> None:
     """Until Redis has applied a flush of ``fields`` fields of ``tenant``'s day that
     this process gave up waiting for (at most 10 s: a slow machine takes longer)."""
@@ -501,12 +511,8 @@ async def test_a_usage_flush_answered_too_late_is_counted_once(
             try:
                 usage.add("t1", "requests", "OK", 1)
                 assert await usage.flush() is True  # the script is loaded
-                for model in range(LATE_FLUSH_FIELDS):
-                    usage.add("t0", "rows", f"m{model}", 1)
                 usage.add("t1", "requests", "OK", 1)
-                proxy.hold_next_script_reply()
-                assert await usage.flush() is False  # no reply in time
-                assert proxy.held.is_set()
+                await _flush_losing_its_reply(usage, proxy)
                 await _applied(client, "p7", "t0", LATE_FLUSH_FIELDS)  # Redis has applied it
                 usage.add("t1", "requests", "OK", 1)
                 assert await usage.flush() is True  # sent again, applied once
@@ -528,10 +534,7 @@ async def test_a_graceful_stop_sends_counts_held_back_behind_a_lost_reply(
             usage = RedisUsage(config.limits, flush_interval_s=3600)
             usage.add("t0", "requests", "OK", 1)
             assert await usage.flush() is True  # the script is loaded
-            for model in range(LATE_FLUSH_FIELDS):
-                usage.add("t0", "rows", f"m{model}", 1)
-            proxy.hold_next_script_reply()
-            assert await usage.flush() is False  # no reply in time
+            await _flush_losing_its_reply(usage, proxy)
             usage.add("t0", "requests", "OK", 1)  # held back behind that flush
             await _applied(client, "p9", "t0", LATE_FLUSH_FIELDS + 1)
             await usage.aclose()
@@ -551,11 +554,8 @@ async def test_a_report_reads_counts_held_back_behind_a_lost_reply(
             try:
                 usage.add("t1", "requests", "OK", 1)
                 assert await usage.flush() is True  # the script is loaded
-                for model in range(LATE_FLUSH_FIELDS):
-                    usage.add("t0", "rows", f"m{model}", 1)
                 usage.add("t1", "requests", "OK", 1)
-                proxy.hold_next_script_reply()
-                assert await usage.flush() is False  # no reply in time
+                await _flush_losing_its_reply(usage, proxy)
                 usage.add("t1", "requests", "OK", 1)  # held back behind that flush
                 failed_at = time.monotonic()
                 await _applied(client, "p10", "t0", LATE_FLUSH_FIELDS)  # Redis has applied it

@@ -177,19 +177,24 @@ def test_a_listener_that_cannot_bind_names_itself_its_setting_and_address(
     assert capsys.readouterr().err.startswith(f"mandant: cannot start: {error.format(held=held)}")
 
 
-@pytest.mark.parametrize("held", ["grpc_port", "rest_port", "http_port"])
-def test_a_port_in_use_stops_the_server_before_its_models_load(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], held: str
-) -> None:
-    """It loaded every model first (minutes, for large ones), then failed to bind."""
-    started = tmp_path / "loading"
-    model = {
+def _slow_to_load(started: Path) -> dict[str, Any]:
+    """A model that takes 30 s to build, once it has created the file ``started``."""
+    return {
         "name": "slow",
         "factory": "tests.integration.slow_models:slow_to_load",
         "factory_args": {"seconds": 30, "started": str(started)},
         "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
         "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
     }
+
+
+@pytest.mark.parametrize("held", ["grpc_port", "rest_port", "http_port"])
+def test_a_port_in_use_stops_the_server_before_its_models_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], held: str
+) -> None:
+    """It loaded every model first (minutes, for large ones), then failed to bind."""
+    started = tmp_path / "loading"
+    model = _slow_to_load(started)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -211,13 +216,7 @@ def test_two_listeners_on_one_address_under_two_spellings_stop_before_models_loa
     (it compares the spellings) and each listener's own check (each socket closed
     before the next was bound): the clash was found once every model had loaded."""
     started = tmp_path / "loading"
-    model = {
-        "name": "slow",
-        "factory": "tests.integration.slow_models:slow_to_load",
-        "factory_args": {"seconds": 30, "started": str(started)},
-        "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
-        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
-    }
+    model = _slow_to_load(started)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
