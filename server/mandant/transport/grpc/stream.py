@@ -38,9 +38,9 @@ then is, unless its client sends the messages left unread again (below: OK and a
 mark) or has half-closed (nothing of its is left unanswered: OK): tritonclient takes a
 stream that ends OK for one still open, and the messages written to it next were
 never answered nor failed. A message read while the stream answers those in flight is
-answered too (refused: the server drains). So does a stream that has lived ``max_age_s``
-(``server.max_connection_age_s``, ±10% jitter as gRPC's, so that streams opened
-together do not end together) whose client sends the messages left unread again (its
+answered too (refused: the server drains). A stream also ends, OK, once it has lived
+``max_age_s`` (``server.max_connection_age_s``, ±10% jitter as gRPC's, so that streams
+opened together do not end together) if its client sends the messages left unread again (its
 metadata ``mandant-stream-resends: unread``, as mandant_client's multiplexed mode
 sends): gRPC's GOAWAY at a connection's age cannot end a stream gracefully (Python
 gRPC gives no hook for it; the server kills the calls still open after the
