@@ -287,7 +287,7 @@ async def test_a_revoked_keys_idle_stream_ends_and_gives_back_its_place(
         config = yaml.safe_load(path.read_text())
         config["server"]["max_tenant_streams"] = 2
         slow = {**ECHO_MODEL, "name": "slow", "factory": "tests.integration.slow_models:sleepy"}
-        config["models"].append({**slow, "factory_args": {"seconds": 3.0}})
+        config["models"].append({**slow, "factory_args": {"seconds": 8.0}})
         path.write_text(yaml.safe_dump(config))
 
     write_limited("key-a")
@@ -301,7 +301,7 @@ async def test_a_revoked_keys_idle_stream_ends_and_gives_back_its_place(
             await idle.write(_echo_message("echo", "first"))
             assert (await idle.read()).infer_response.id == "first"  # open, then idle
             busy = method(metadata=(("authorization", "Bearer key-a"),))
-            await busy.write(_echo_message("slow", "in-flight"))  # 3 s in the model
+            await busy.write(_echo_message("slow", "in-flight"))  # 8 s in the model
             write_limited("key-new")
             proc.send_signal(signal.SIGHUP)
             await asyncio.to_thread(_reloads, proc, kind)
