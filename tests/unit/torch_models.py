@@ -105,6 +105,27 @@ def recorder(threads: list[int], delay: dict[str, float]) -> nn.Module:
     return _Recorder(threads, delay)
 
 
+class _Spinner(nn.Module):
+    """Records the thread of every call; computes for ``cpu_s`` seconds of its
+    thread's CPU time (never waiting), then returns its input."""
+
+    def __init__(self, threads: list[int], cpu_s: float) -> None:
+        super().__init__()
+        self._threads = threads
+        self._cpu_s = cpu_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._threads.append(threading.get_ident())
+        end = time.thread_time() + self._cpu_s
+        while time.thread_time() < end:
+            pass
+        return x
+
+
+def spinner(threads: list[int], cpu_s: float) -> nn.Module:
+    return _Spinner(threads, cpu_s)
+
+
 def counted(built: list[int]) -> nn.Module:
     """Doubles its input; appends to ``built`` each time one is constructed."""
     built.append(len(built))

@@ -15,10 +15,16 @@ itself with an idle instance, because for an identity or tiny model the thread h
 costs far more than the forward pass. Every call is timed and a slower sample replaces
 the average at once, so a model that turns slow (or a batch or an input that turns
 large: a wide one of one row once passed for cheap) moves back to the pool after one
-call. A model whose call held the event loop :data:`HELD_LOOP_S` or more never runs
-there again (until it is loaded again): its cost depends on what it is sent, and a
-tenant could otherwise stall every other tenant's calls with one slow call after each
-few dozen cheap ones. The first such call cannot be caught (nor one that never
+call. On the CPU a call's time is its wall time where the thread that ran it waited (a
+sleep, a lock, the model's own threads), its CPU time where it did not
+(:func:`_call_time`): on a core busy with gRPC's threads, an identity model's calls
+were preempted often enough that their wall time sent one in five to the pool, each
+paying the hop the measure is there to save. On CUDA it is always the wall time (a
+thread synchronising with the device may spin or yield rather than sleep). A model
+whose call held the event loop :data:`HELD_LOOP_S` or more never runs there again
+(until it is loaded again): its cost depends on what it is sent, and a tenant could
+otherwise stall every other tenant's calls with one slow call after each few dozen
+cheap ones. The first such call cannot be caught (nor one that never
 returns): a model whose cost may depend on input values is configured
 ``inline: never`` (``spec.inline`` false), and never runs on the loop.
 
@@ -59,6 +65,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import resource
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -332,6 +339,7 @@ class TorchBackend:
         inline: bool = False,
     ) -> dict[str, np.ndarray]:
         start = time.perf_counter()
+        usage = _thread_usage() if instance.stream is None else None  # CUDA: wall time
         try:
             if instance.stream is None:
                 return self._forward_on_cpu(instance, columns)
@@ -339,12 +347,9 @@ class TorchBackend:
         except (SystemExit, KeyboardInterrupt) as exc:  # on the loop, it would stop it
             raise model_error(exc) from exc
         finally:
+            elapsed = _call_time(time.perf_counter() - start, usage)
             idle.put(instance)
-            # Wall time, not CPU time: a model that waits (a GPU synchronising, a
-            # sleep) blocks the event loop as much as one that computes. A preempted
-            # call on a busy core counts as slow too, which errs on the safe side.
             # Races between pool threads only lose a sample; a float store is atomic.
-            elapsed = time.perf_counter() - start
             self._call_s = _cost(self._call_s, elapsed)
             self._element_s = _cost(self._element_s, elapsed / max(1, elements))
             if inline and elapsed >= HELD_LOOP_S and self._inline_below_s:
@@ -493,6 +498,31 @@ def _cost(average: float | None, sample: float) -> float:
     if average is None or sample >= average:
         return sample
     return average + _SMOOTHING * (sample - average)
+
+
+#: Where the system counts a thread's own CPU time and context switches (Linux).
+_RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)
+
+
+def _thread_usage() -> tuple[float, int] | None:
+    """This thread's CPU seconds and voluntary context switches so far (None where the
+    system does not count switches per thread). The CPU time is the thread clock's:
+    getrusage's advances a scheduler tick at a time for a running thread."""
+    if _RUSAGE_THREAD is None:
+        return None
+    return time.thread_time(), resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
+
+
+def _call_time(wall_s: float, before: tuple[float, int] | None) -> float:
+    """What a call on the CPU that took ``wall_s`` cost its thread since ``before``
+    (:func:`_thread_usage`; None: the wall time): the wall time if the thread waited on
+    the way (a voluntary context switch: a sleep, a lock, the model's own threads: the
+    event loop would have waited as long), else its CPU time, the rest being the core
+    taken by other threads and processes, which the loop loses wherever the call runs."""
+    after = _thread_usage()
+    if before is None or after is None or after[1] != before[1]:
+        return wall_s
+    return min(wall_s, after[0] - before[0])
 
 
 def _visible_gpus() -> int:
