@@ -88,15 +88,19 @@ class LateReplies:
         self._redis_port = redis_port
         self._server: asyncio.Server | None = None
         self._armed = False
-        self.held = asyncio.Event()  # a reply has been held back (and thrown away)
+        self._deliver_after_s: float | None = None
+        self.held = asyncio.Event()  # a reply has been held back
 
     @property
     def url(self) -> str:
         assert self._server is not None
         return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
 
-    def hold_next_script_reply(self) -> None:
+    def hold_next_script_reply(self, deliver_after_s: float | None = None) -> None:
+        """Hold back the reply to the next script call: thrown away, or delivered
+        ``deliver_after_s`` later (the replies after it wait behind it)."""
         self._armed = True
+        self._deliver_after_s = deliver_after_s
 
     async def __aenter__(self) -> LateReplies:
         self._server = await asyncio.start_server(self._proxy, "127.0.0.1", 0)
@@ -123,9 +127,12 @@ class LateReplies:
 
         async def replies() -> None:
             while data := await upstream_reader.read(1 << 16):
-                if holding.is_set():  # thrown away: the client times out and hangs up
+                if holding.is_set():
                     self.held.set()
-                    continue
+                    if self._deliver_after_s is None:
+                        continue  # thrown away: the client times out and hangs up
+                    await asyncio.sleep(self._deliver_after_s)
+                    holding.clear()
                 writer.write(data)
                 await writer.drain()
             writer.close()
@@ -378,6 +385,41 @@ async def test_a_call_redis_runs_after_a_stall_takes_nothing(
             await asyncio.sleep(0.2)  # retry_interval_s: the store decides again
             (await admission.admit(Tenant("acme"), ECHO, 5)).release()
             assert _rows_today(client, prefix, "acme") == 15
+
+
+@pytest.mark.parametrize("on_store_error", ["deny", "allow"])
+async def test_what_redis_took_for_a_call_answered_too_late_is_given_back(
+    redis_server: RedisServer, client: redis.Redis, on_store_error: str
+) -> None:
+    """Redis runs a call's script in time, but its reply comes after ``timeout_ms``
+    (this replica was paused, or the way back stalled): the call is refused (deny) or
+    charged locally (allow), and the rows Redis took were kept in the fleet's count for
+    good. The late reply is read on and those rows given back."""
+    with same_utc_day():
+        prefix = f"p9{on_store_error}"
+        async with LateReplies(redis_server.port) as proxy:
+            config = _config(
+                proxy.url,
+                prefix,
+                {"id": "acme", "quota": {"rows_per_day": 1000}},
+                on_store_error=on_store_error,
+                timeout_ms=200,
+            )
+            async with _admission(config) as admission:
+                (await admission.admit(Tenant("acme"), ECHO, 10)).release()
+                proxy.hold_next_script_reply(deliver_after_s=0.5)
+                if on_store_error == "deny":
+                    with pytest.raises(Unavailable):
+                        await admission.admit(Tenant("acme"), ECHO, 7)
+                else:
+                    (await admission.admit(Tenant("acme"), ECHO, 7)).release()
+                assert _rows_today(client, prefix, "acme") == 17  # Redis took them
+                give_back_by = time.monotonic() + 5
+                while _rows_today(client, prefix, "acme") != 10:
+                    assert time.monotonic() < give_back_by, _rows_today(client, prefix, "acme")
+                    await asyncio.sleep(0.05)
+                (await admission.admit(Tenant("acme"), ECHO, 5)).release()  # Redis again
+                assert _rows_today(client, prefix, "acme") == 15
 
 
 async def test_a_refund_redis_cannot_take_is_sent_when_it_can(

@@ -23,7 +23,11 @@ clock, after which it must not take anything (``VALID_SHARE`` of ``timeout_ms`` 
 it was written; this replica's offset to Redis' ``TIME`` is measured on connecting
 and every ``CLOCK_SYNC_S``, so neither host's clock setting matters). A stalled Redis
 that runs it when it wakes, after this replica gave up on it (refused it, or charged
-it locally), takes nothing. A refund that never left this process (no connection)
+it locally), takes nothing. A reply that comes late though Redis ran the script in time
+(this replica stalled: a paused container, CPU throttling; or the reply's way back
+did) is read on for :data:`LATE_REPLY_TIMEOUTS` more ``timeout_ms`` on its connection,
+and an acquire it says admitted is refunded: its caller was refused or charged locally.
+A refund that never left this process (no connection)
 is kept and sent with the next batch that reaches Redis; one that was written but
 not answered is not sent again (Redis runs it when it wakes; sent twice it could give
 back twice).
@@ -40,6 +44,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -303,6 +308,9 @@ QUOTA_KEY_GRACE_S = 3600
 VALID_SHARE = 0.8
 #: This replica's clock is compared with Redis' ``TIME`` again after this long.
 CLOCK_SYNC_S = 30.0
+#: Replies not read within ``timeout_ms`` are read on for this many more (at least a
+#: second), so that what a late acquire took is given back (module doc).
+LATE_REPLY_TIMEOUTS = 4
 #: Refunds kept while Redis cannot be reached, at most (one more is logged as lost).
 MAX_KEPT_REFUNDS = 100_000
 
@@ -532,7 +540,11 @@ class RedisStore:
         # Calls first: a backlog of kept refunds must not push them past their deadline.
         calls, self._pending = self._pending + self._kept, []
         self._kept = []
-        task = asyncio.get_running_loop().create_task(self._send(calls))
+        self._track(self._send(calls))
+
+    def _track(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task that :meth:`aclose` waits for."""
+        task = asyncio.get_running_loop().create_task(work)
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
@@ -544,10 +556,14 @@ class RedisStore:
             await pool.disconnect(inuse_connections=False)
             self._settle(calls, [_UNSENT] * len(calls), exc)
             return
+        late: list[_Call] = []  # written, their replies not read in time
         try:
-            replies, failure = await self._exchange(connection, calls)
+            replies, failure = await self._exchange(connection, calls, late)
         finally:
-            await pool.release(connection)
+            if not late:
+                await pool.release(connection)
+        if late:  # the connection goes with them, then back to the pool
+            self._track(self._read_late(connection, late))
         if failure is not None:
             self._offset_s = None  # measured again on the next connection
             await pool.disconnect(inuse_connections=False)
@@ -569,13 +585,16 @@ class RedisStore:
         return connection
 
     async def _exchange(
-        self, connection: AbstractConnection, calls: list[_Call]
+        self, connection: AbstractConnection, calls: list[_Call], late: list[_Call]
     ) -> tuple[list[Any], BaseException | None]:
         """Each call's reply (an error reply as its exception, ``_UNSENT`` or
         ``_LOST`` where none came), and the failure that ended the exchange early.
         Acquires carry a deadline on Redis' clock; the replies are awaited for at
-        most ``timeout_ms`` from the write, which is after that deadline."""
+        most ``timeout_ms`` from the write, which is after that deadline. Where that
+        time ran out with the calls written, the acquires whose replies were not read
+        go to ``late`` (:meth:`_read_late` reads them on, the connection kept)."""
         replies: list[Any] = [_UNSENT] * len(calls)
+        written: list[int] = []
         try:
             if self._offset_s is None or time.monotonic() >= self._offset_until:
                 await self._sync_clock(connection)
@@ -593,15 +612,46 @@ class RedisStore:
                     await connection.send_packed_command(
                         connection.pack_commands(commands), check_health=False
                     )
+                    written = todo
                     for i in todo:
                         replies[i] = await _reply(connection)
+                    written = []
                     todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
                     if not todo:
                         break
         except _ERRORS as exc:
-            await connection.disconnect()
+            unread = [calls[i] for i in written if replies[i] is _LOST]
+            if isinstance(exc, TimeoutError) and any(c.kind == "acquire" for c in unread):
+                late.extend(unread)  # replies in order: these are the last ones
+            else:
+                await connection.disconnect()
             return replies, exc
         return replies, None
+
+    async def _read_late(self, connection: AbstractConnection, calls: list[_Call]) -> None:
+        """Read the replies of ``calls`` that did not come within ``timeout_ms`` (their
+        callers were answered without them), for :data:`LATE_REPLY_TIMEOUTS` more at
+        most, and refund each acquire one says admitted; then close the connection."""
+        given_back = 0
+        try:
+            async with asyncio.timeout(max(1.0, LATE_REPLY_TIMEOUTS * self._timeout_s)):
+                for call in calls:
+                    reply = await _reply(connection, math.inf)  # the timeout above only
+                    if call.kind == "acquire" and isinstance(reply, list) and int(reply[0]) == 0:
+                        refund = _marked(call.args, _marks(reply))
+                        self._queue(_Call("refund", call.keys, refund, None))
+                        given_back += 1
+        except _ERRORS:
+            pass  # those Redis ran in time stay charged
+        finally:
+            await connection.disconnect()
+            await self._client.connection_pool.release(connection)
+        if given_back:
+            logger.warning(
+                "limits store redis: %d call(s) answered after timeout_ms (this process "
+                "or the network stalled): what Redis took for them is given back",
+                given_back,
+            )
 
     @staticmethod
     def _command(call: _Call, deadline: str) -> tuple[float | int | str, ...]:
@@ -696,9 +746,13 @@ def _marked(args: list[float | int | str], marks: Marks) -> list[float | int | s
     return args
 
 
-async def _reply(connection: AbstractConnection) -> Any:
-    """The next reply on ``connection``; an error reply is returned, not raised."""
+async def _reply(connection: AbstractConnection, timeout_s: float | None = None) -> Any:
+    """The next reply on ``connection`` (``timeout_s``: redis-py's read timeout, the
+    client's ``socket_timeout`` where None; ``math.inf``: none); an error reply is
+    returned, not raised. A failed or cancelled read leaves the connection open
+    (redis-py would close it), to be read on (:meth:`RedisStore._read_late`; its parser
+    keeps what it had read of a reply) or closed by the caller."""
     try:
-        return await connection.read_response()
+        return await connection.read_response(timeout=timeout_s, disconnect_on_error=False)
     except ResponseError as exc:
         return exc
