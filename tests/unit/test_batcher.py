@@ -15,7 +15,14 @@ import pytest
 
 from mandant.config import BatchingConfig
 from mandant.context import current_request_id, current_tenant
-from mandant.errors import DeadlineExceeded, InvalidInput, ModelFailed, QueueFull, Unavailable
+from mandant.errors import (
+    DeadlineExceeded,
+    DeadlinePassedWhileRunning,
+    InvalidInput,
+    ModelFailed,
+    QueueFull,
+    Unavailable,
+)
 from mandant.scheduling.batcher import DynamicBatcher, concatenate
 from mandant.types import InferRequest, ModelKey, Tenant
 from tests.fakes import (
@@ -848,6 +855,32 @@ async def test_a_backend_verdict_goes_to_every_request_of_the_batch_without_reru
     assert all(isinstance(r, Unavailable) for r in results)
     assert len(backend.calls) == 2 and observer.failed_batches == []
     await blocker
+
+
+async def test_a_batch_whose_deadline_passed_while_it_ran_is_counted() -> None:
+    """The backend ran the batch (Triton computes it whatever the deadline): its
+    callers stay charged (``service.py``), so its rows and compute are counted, as a
+    batch whose caller left is; before, the quota took rows that /usage never showed."""
+    clock = FakeClock()
+    backend = GatedBackend(clock=clock, compute_s=0.004)
+    batcher, _, _, observer = await make(backend, clock, max_batch_size=8)
+    blocker = submit(batcher, request("a"))
+    await settle()
+    tasks = [submit(batcher, request("a", rows=2)), submit(batcher, request("b"))]
+    await settle()
+    backend.release()
+    await settle()
+    backend.release(error=DeadlinePassedWhileRunning("deadline exceeded while running"))
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, DeadlinePassedWhileRunning) for r in results)
+    await blocker
+    assert [(size, shares) for _, size, _, shares in observer.batches] == [
+        (1, {"a": 1}),
+        (3, {"a": 2, "b": 1}),
+    ]
+    assert observer.batches[1][2] == pytest.approx(0.004)
+    assert sorted(t for t, *_ in observer.timings[1:]) == ["a", "b"]
+    assert observer.failed_batches == []
 
 
 async def test_requests_past_their_deadline_are_not_rerun() -> None:

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from mandant.errors import DeadlineExceeded, ModelFailed, Unavailable
+from mandant.errors import DeadlineExceeded, DeadlinePassedWhileRunning, ModelFailed, Unavailable
 from mandant.observability.log_limits import WINDOW_S
 from mandant.scheduling.direct import DirectScheduler
 from mandant.types import ModelKey, Tenant
@@ -59,6 +59,32 @@ async def test_a_request_the_model_fails_on_is_model_failed_and_counted() -> Non
     fine = request(value=5)
     out = await scheduler.submit(fine)  # the slot was given back
     np.testing.assert_array_equal(out["OUT0"], double(fine.inputs)["OUT0"])
+
+
+@pytest.mark.parametrize("ending", ["caller left", "deadline passed while running"])
+async def test_a_request_the_backend_ran_is_counted_however_it_ended(ending: str) -> None:
+    """Its caller left while the forward pass ran (held until it ended), or the
+    backend says the deadline passed while it ran: the call stays charged
+    (``service.py``), so its rows and compute are counted too (they were not: the
+    quota took rows that /usage and ModelStatistics never showed)."""
+    observer = RecordingObserver()
+    backend = GatedBackend()
+    scheduler = DirectScheduler(backend, "m", observer)
+    task = asyncio.create_task(scheduler.submit(request(tenant="t", rows=3)))
+    await settle()
+    if ending == "caller left":
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        backend.release(error=DeadlinePassedWhileRunning("deadline exceeded while running"))
+        with pytest.raises(DeadlinePassedWhileRunning):
+            await task
+    assert [(model, size, shares) for model, size, _, shares in observer.batches] == [
+        ("m", 3, {"t": 3})
+    ]
+    assert [(tenant, model) for tenant, model, *_ in observer.timings] == [("t", "m")]
+    assert observer.failed_batches == []
 
 
 async def test_a_backend_verdict_passes_through_uncounted() -> None:

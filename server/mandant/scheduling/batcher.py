@@ -63,6 +63,7 @@ from mandant.backends.base import Backend
 from mandant.config import BatchingConfig
 from mandant.errors import (
     DeadlineExceeded,
+    DeadlinePassedWhileRunning,
     InvalidInput,
     MandantError,
     QueueFull,
@@ -595,10 +596,13 @@ class DynamicBatcher:
         part = self._live(part)
         if not part:
             return part, None
+        start = self._clock.monotonic()
         try:
             outputs, compute_s = await self._run(part)
             results = _split(outputs, part, sum(entry.rows for entry in part))
         except MandantError as exc:  # the backend's verdict, for every request
+            if isinstance(exc, DeadlinePassedWhileRunning):  # it ran: charged, so counted
+                self._count(part, self._clock.monotonic() - start, dispatched)
             for entry in part:
                 self._finish(entry, exc=exc)
             return part, exc
@@ -658,20 +662,25 @@ class DynamicBatcher:
         (a light tenant's answer does not wait behind a flood's on the way out)."""
         self._batch_s = compute_s if not self._batch_s else 0.8 * self._batch_s + 0.2 * compute_s
         self._adaptive.executed(compute_s)
-        shares: dict[str, int] = {}  # rows by tenant
-        for entry in part:
-            shares[entry.tenant] = shares.get(entry.tenant, 0) + entry.rows
+        shares = self._count(part, compute_s, dispatched)
         answered = list(zip(part, results, strict=True))
         if len(shares) > 1:
             answered.sort(key=lambda pair: shares[pair[0].tenant])  # stable: FIFO within
         for entry, result in answered:
+            self._finish(entry, result=result)
+
+    def _count(self, part: list[_Pending], compute_s: float, dispatched: float) -> dict[str, int]:
+        """Report that the backend ran ``part`` (each request's times, the batch and each
+        tenant's rows in it: requests whose callers left count too); the rows by tenant."""
+        shares: dict[str, int] = {}
+        for entry in part:
+            shares[entry.tenant] = shares.get(entry.tenant, 0) + entry.rows
             self._observer.request_timing(
                 entry.tenant, self._model, dispatched - entry.arrival, compute_s
             )
-            self._finish(entry, result=result)
         owner = part[0].request.model.owner or ""  # one model: one owner
-        rows = sum(shares.values())
-        self._observer.batch_executed(self._model, rows, compute_s, shares, owner)
+        self._observer.batch_executed(self._model, sum(shares.values()), compute_s, shares, owner)
+        return shares
 
     def _broken(self, entries: Sequence[_Pending], exc: Exception) -> None:
         """Taking or running a batch raised unexpectedly: answer each of ``entries`` not

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from mandant.backends.base import Backend
-from mandant.errors import DeadlineExceeded, MandantError, ModelFailed, Unavailable
+from mandant.errors import (
+    DeadlineExceeded,
+    DeadlinePassedWhileRunning,
+    MandantError,
+    ModelFailed,
+    Unavailable,
+)
 from mandant.events import NullObserver, Observer
 from mandant.observability.log_limits import FailureLog
 from mandant.scheduling.clock import Clock
@@ -108,6 +114,12 @@ class DirectScheduler:
                     deadline=request.deadline,
                     hold_on_cancel=True,  # the slot is free once the backend is (base.py)
                 )
+            except (asyncio.CancelledError, DeadlinePassedWhileRunning):
+                # The caller left (held until the forward pass ended), or its deadline
+                # passed while the backend ran it: charged, as it ran (service.py), so
+                # counted too, as a batch whose caller left is.
+                self._ran(request, arrival, start, time.monotonic() - start)
+                raise
             except MandantError:
                 raise
             except Exception as exc:
@@ -125,12 +137,16 @@ class DirectScheduler:
             compute_s = time.monotonic() - start
         finally:
             self._release()
+        self._ran(request, arrival, start, compute_s)
+        return outputs
+
+    def _ran(self, request: InferRequest, arrival: float, start: float, compute_s: float) -> None:
+        """The backend ran ``request`` (a batch of one) from ``start``."""
         tenant = request.tenant.id
         self._observer.request_timing(tenant, self._model, start - arrival, compute_s)
         self._observer.batch_executed(
             self._model, request.rows, compute_s, {tenant: request.rows}, request.model.owner or ""
         )
-        return outputs
 
     async def _wait_for_slot(self, request: InferRequest, arrival: float) -> None:
         """Wait for a slot handed over by :meth:`_release`, no longer than the
