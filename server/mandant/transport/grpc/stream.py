@@ -90,7 +90,7 @@ from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers
 from mandant.transport.grpc.wire_bounds import naming_prefix
 from mandant.transport.unread import UnreadAnswers
 from mandant.types import Call, Tenant
-from mandant_client._multiplex import END_MARK
+from mandant_client._multiplex import END_MARK, TIMEOUT_PARAM
 from mandant_client._proto import grpc_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -388,16 +388,33 @@ class InferStream:
                 self._cap.leave()
             if inside and self._door is not None:
                 self._door.leave(call.caller)
+            code = client_saw(self._context, code)
+            if self._resends_unread and code != "DEADLINE_EXCEEDED" and _timed_out(request, call):
+                code = "DEADLINE_EXCEEDED"  # its caller gave up then (mandant_client)
             self._observer.request_finished(
                 call.tenant.id if call.tenant is not None else "",
                 call.model,
-                client_saw(self._context, code),
+                code,
                 time.perf_counter() - start,
                 call.version,
                 inference=True,
                 owner=call.owner,
                 busy=busy,
             )
+
+
+def _timed_out(request: pb.ModelInferRequest | None, call: Call) -> bool:
+    """Whether the message's v2 ``timeout`` (µs from ``call.arrived``) has passed: a
+    client that resends its unread messages (mandant_client's multiplexed calls) sets it
+    to its call's time left and gives up on the message then, so that the figures count
+    such a message as a unary call whose deadline passed (DEADLINE_EXCEEDED)."""
+    if request is None or not request.parameters:
+        return False
+    param = request.parameters.get(TIMEOUT_PARAM)
+    if param is None or param.WhichOneof("parameter_choice") != "int64_param":
+        return False
+    timeout_us = param.int64_param
+    return timeout_us > 0 and time.monotonic() >= call.arrived + timeout_us / 1e6
 
 
 def _error_response(
