@@ -391,9 +391,10 @@ class App:
             self.prometheus.forget_tenants(back)
         specs = config.model_specs(self.base_dir)
         failed = sorted(
-            {m.key.name for m in self.registry.all() if m.failure is not None}
+            ({m.key.name for m in self.registry.all() if m.failure is not None}
+             | self.registry.unapplied)
             & {spec.name for spec in specs}
-        )
+        )  # fmt: skip
         if config.models != self.config.models:
             # Not behind the previous reload's changes: the registry orders the changes
             # to each name, and a name still loading holds up no other.

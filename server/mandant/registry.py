@@ -225,7 +225,18 @@ class ModelRegistry:
         self._changing: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         #: Freeing old versions and closing failed ones: the registry's own tasks.
         self._background: set[asyncio.Task[None]] = set()
+        #: Names a reload changed whose new versions failed while the old ones stay
+        #: (:attr:`unapplied`).
+        self._unapplied: set[str] = set()
         self._install(self._build(spec) for spec in self._initial)
+
+    @property
+    def unapplied(self) -> frozenset[str]:
+        """Names whose entries a reload changed but whose new versions failed to load,
+        the old versions serving on (no version of theirs is listed as failed): a
+        reload of an unchanged file tries them again, once the operator has put right
+        what they lacked."""
+        return frozenset(self._unapplied)
 
     def _initial_specs(self, name: str, config: str | None) -> list[ModelSpec]:
         if config is not None:
@@ -407,6 +418,8 @@ class ModelRegistry:
                         return None
                     old, failures = await self._switch(name, changed, keep=kept)
                     change = _change_line(name, changed, failures, gone)
+                    if failures:
+                        self._unapplied.add(name)
                 self._retire(old)
             if change is not None and on_change is not None:
                 on_change(change)
@@ -506,9 +519,12 @@ class ModelRegistry:
                     old += self._models.pop(key)
         if len(failures) < len(fresh):
             logger.info("model %s loaded: %d version(s)", name, len(specs))
+        if not failures:
+            self._unapplied.discard(name)
         return old, failures
 
     def _remove(self, name: str) -> list[Model]:
+        self._unapplied.discard(name)
         keys = [key for key in self._models if key[1] == name]
         return [model for key in keys for model in self._models.pop(key)]
 

@@ -358,6 +358,37 @@ def test_a_reload_loads_again_a_model_that_failed_though_no_entry_changed(
         assert running.call(_no_changes(app, path)) is None
 
 
+def test_a_reload_loads_again_a_changed_entry_that_failed_though_the_file_did_not_change(
+    tmp_path: Path,
+) -> None:
+    """A reload changes a model's entry and its new version fails to load (its weights
+    missing): the old one serves on. The operator puts the weights there and sends
+    SIGHUP with the file as it was: nothing was loaded (the registry listed no failed
+    version, and the file matched the last one read) until another entry changed."""
+    weights = tmp_path / "weights"
+    path = write_config(tmp_path / "mandant.yaml", [ECHO_MODEL, model("late", "tripled")])
+    with ServerThread(load_config(path), tmp_path, path) as running:
+        app = running.app
+        assert app is not None
+        client = tc.InferenceServerClient(running.target)
+        np.testing.assert_array_equal(infer(client, "late", ACME), X * 3)
+        changed = {**model("late", "needs_file"), "factory_args": {"path": str(weights)}}
+        write_config(path, [ECHO_MODEL, changed])
+
+        async def reload() -> list[str]:
+            app.reload(load_config(path))
+            assert app.model_changes is not None
+            return await app.model_changes
+
+        [line] = running.call(reload())
+        assert "weights missing" in line and "the versions serving stay" in line
+        np.testing.assert_array_equal(infer(client, "late", ACME), X * 3)
+        weights.touch()
+        assert running.call(reload()) == ["model 'late' loaded"]
+        np.testing.assert_array_equal(infer(client, "late", ACME), X * 2)
+        assert running.call(_no_changes(app, path)) is None
+
+
 async def _no_changes(app: Any, path: Path) -> None:
     """A reload with nothing failed and nothing changed loads nothing."""
     before = app.model_changes
