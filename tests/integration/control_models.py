@@ -71,3 +71,8 @@ def needs_file(path: str) -> nn.Module:
 
 def broken() -> nn.Module:
     raise RuntimeError("weights missing")
+
+
+def broken_at_a_socket() -> nn.Module:
+    """Fails to load, its reason quoting a Unix socket's address."""
+    raise RuntimeError("weights service at unix:/run/weights.sock refused")

@@ -148,6 +148,21 @@ def test_load_switches_to_the_file_s_entry_and_tenant_keys_are_refused(
     assert code_of(lambda: client.load_model("nope", headers=ADMIN)) == "StatusCode.NOT_FOUND"
 
 
+@both_kinds
+def test_a_load_failure_that_names_a_unix_socket_is_told_as_it_is(
+    server: Server, config_file: Path
+) -> None:
+    """With workers: 2, a front end took any UNAVAILABLE answer of the engine quoting
+    a Unix address for its own failure to reach the engine: the admin was told the
+    engine was not reachable, not why the model failed."""
+    client = tc.InferenceServerClient(server.target)
+    write_config(config_file, [ECHO_MODEL, model("broken", "broken_at_a_socket")])
+    with pytest.raises(InferenceServerException) as load:
+        client.load_model("broken", headers=ADMIN)
+    assert "weights service at unix:/run/weights.sock refused" in str(load.value.message())
+    np.testing.assert_array_equal(infer(client, "echo", ACME), X)
+
+
 def test_a_load_that_fails_keeps_the_old_model_serving(
     server: ServerThread, config_file: Path
 ) -> None:

@@ -1,12 +1,19 @@
-"""The client certificate identities a front end names to the engine for a forwarded
-call (``workers: N``, ``transport/grpc/forward.py``): a legal metadata value whatever
-the certificate holds, read back as exactly the identities written."""
+"""A front end's forwarded calls (``workers: N``, ``transport/grpc/forward.py``): the
+client certificate identities it names to the engine (a legal metadata value whatever
+the certificate holds, read back as exactly the identities written), and an engine
+socket gone told as such."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
 import pytest
 
-from mandant.transport.grpc.forward import decode_identities, encode_identities
+from mandant.errors import ENGINE_DOWN
+from mandant.transport.grpc.forward import Forwarder, decode_identities, encode_identities
 
 TRICKY = [
     ["CN=acme-client", "spiffe://test/acme"],
@@ -30,3 +37,44 @@ def test_no_value_is_no_identity_and_anything_else_is_refused() -> None:
     for bad in ('{"CN": "x"}', "[1]", '"CN=x"'):
         with pytest.raises(ValueError):
             decode_identities(bad)
+
+
+class _Engine:
+    up = True  # the link has not seen it go: the call finds the socket gone
+
+    async def lost(self) -> None:
+        await asyncio.Event().wait()
+
+
+class _Context:
+    def __init__(self) -> None:
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def time_remaining(self) -> float:
+        return 5.0
+
+    def set_trailing_metadata(self, metadata: object) -> None:
+        return None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        raise grpc.aio.AbortError()
+
+
+async def test_an_engine_socket_gone_is_told_without_its_path(tmp_path: Path) -> None:
+    """gRPC's failure to reach the engine's socket names its path: the client is told
+    the engine is not reachable instead (an engine's own answer is passed on as it is,
+    ``test_model_control.py``)."""
+    forwarder = Forwarder(f"unix:{tmp_path / 'control.sock'}", _Engine())
+    context = _Context()
+    try:
+        with pytest.raises(grpc.aio.AbortError):
+            await forwarder.forward("/inference.GRPCInferenceService/ServerMetadata")(
+                b"", cast(Any, context)
+            )
+    finally:
+        await forwarder.aclose()
+    assert context.aborted == (grpc.StatusCode.UNAVAILABLE, ENGINE_DOWN)

@@ -93,6 +93,10 @@ class Forwarder:
         )
         self._engine = engine
         self._identities = identities
+        #: What gRPC's own failures to reach the socket name (``unix:/path``): an
+        #: UNAVAILABLE of the engine's that quotes a Unix address (a model's load error)
+        #: is its answer, and was taken for the engine being down.
+        self._socket = target
 
     async def aclose(self) -> None:
         await self._channel.close()
@@ -104,6 +108,7 @@ class Forwarder:
         call = self._channel.unary_unary(path)
         engine = self._engine
         identities = self._identities
+        socket = self._socket
 
         async def forward(raw: bytes, context: Context) -> bytes:
             if not engine.up:
@@ -137,8 +142,8 @@ class Forwarder:
                 if trailers or pushback:
                     context.set_trailing_metadata(tuple(trailers + pushback))
                 details = exc.details() or ""
-                if exc.code() is grpc.StatusCode.UNAVAILABLE and "unix:" in details:
-                    details = ENGINE_DOWN  # the engine's socket, not its answer: no path
+                if exc.code() is grpc.StatusCode.UNAVAILABLE and socket in details:
+                    details = ENGINE_DOWN  # gRPC's, not the engine's answer: no path
                 await context.abort(exc.code(), details)
             except Exception:  # a fault of ours: a status at once, never a hung call
                 request_id = uuid.uuid4().hex[:16]
