@@ -278,13 +278,28 @@ def test_the_dashboard_page_may_not_be_framed_or_sniffed(server: Server) -> None
     assert policy["connect-src"] == "'self'"
 
 
-def test_usage_refused_without_admin_keys(tmp_path: Path) -> None:
+def test_without_admin_keys_metrics_are_refused_and_a_bad_key_is_unauthenticated(
+    tmp_path: Path,
+) -> None:
+    """No admin key: /metrics is 403 to everyone; /usage and the dashboard's data
+    still give a tenant key its own figures, and a key nobody has 401 there (a tenant's
+    mistyped key was told the server had no admin keys, 403)."""
     data = yaml.safe_load(DEMO_CONFIG.read_text())
     ports = {"grpc_port": 0, "http_port": 0, "rest_port": 0}
     data["server"] = {**data["server"], **ports, "admin_keys": []}
     data["models"] = [m for m in data["models"] if m.get("name") == "echo"]
     with ServerThread(parse_config(data), tmp_path) as bare:
-        assert http(bare, "/usage", key=ADMIN_KEY)[0] == 403
+        for key in (None, ADMIN_KEY):
+            assert http(bare, "/metrics", key=key) == (
+                403,
+                b'{"error": "no admin keys configured (server.admin_keys)"}',
+            )
+        assert http(bare, "/metrics", key="acme-demo-key")[0] == 403
+        for path in ("/usage", "/api/dashboard"):
+            for key in (None, ADMIN_KEY):
+                status, body = http(bare, path, key=key)
+                assert status == 401 and b"missing or invalid key" in body
+            assert http(bare, path, key="acme-demo-key")[0] == 200
 
 
 def test_internal_listener_and_open_port(tmp_path: Path) -> None:

@@ -149,7 +149,7 @@ class HttpServer:
             async def serve(request: web.Request) -> web.StreamResponse:
                 viewer = EVERYONE if open_access else self._viewer(request)
                 if viewer is None:
-                    response = self._refused()
+                    response = self._refused(tenants_allowed)
                 elif not tenants_allowed and viewer is not EVERYONE:
                     response = web.json_response({"error": "needs an admin key"}, status=403)
                 elif isinstance(viewer, str) and (wait_s := self._read_wait_s(viewer)):
@@ -236,8 +236,11 @@ class HttpServer:
             bucket = self._reads[tenant] = TokenBucket(TENANT_FIGURE_READS, now)
         return bucket.try_take(1.0, now)
 
-    def _refused(self) -> web.Response:
-        if not self._directory.current.admin_key_hashes:
+    def _refused(self, tenants_allowed: bool) -> web.Response:
+        """No key, or one nobody has: 401; but 403 on an admin-only endpoint while
+        there is no admin key (no key could read it; a tenant's mistyped key on its own
+        figures was told the server had no admin keys)."""
+        if not tenants_allowed and not self._directory.current.admin_key_hashes:
             return web.json_response(
                 {"error": "no admin keys configured (server.admin_keys)"}, status=403
             )
