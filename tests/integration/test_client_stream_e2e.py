@@ -148,6 +148,59 @@ async def test_a_server_going_away_fails_pending_calls_unavailable(tmp_path: Pat
                     await task
 
 
+def _sleepy_then_echo(client: Any, calls: int, timeout_s: float) -> tuple[int, float]:
+    """``calls`` sleepy calls at once that give up after ``timeout_s``, then one echo
+    call: how many sleepy calls were answered, and how long the echo call took."""
+
+    def sleepy(i: int) -> bool:
+        try:
+            client.infer("sleepy", {"INPUT0": echo_rows(i)}, timeout_s=timeout_s)
+        except MandantClientError:
+            return False
+        return True
+
+    with ThreadPoolExecutor(calls) as pool:
+        answered = sum(pool.map(sleepy, range(calls)))
+    start = time.monotonic()
+    client.infer("echo", {"INPUT0": echo_rows(0)}, timeout_s=30)
+    return answered, time.monotonic() - start
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_calls_given_up_are_withdrawn_not_left_unread_on_the_server(
+    tmp_path: Path, kind: str
+) -> None:
+    """The server reads ``max_stream_inflight`` messages of a stream at a time. The
+    client wrote all its calls' messages (64 in flight): those past the bound waited
+    unread on the server, then ran one after another, each with its whole time left
+    counted afresh from when it was read, long after its caller gave up, and every
+    call behind them on the stream waited for them (an echo call 10 s). The server
+    now says its bound as the stream opens, and the client writes no more than that
+    unanswered: the rest stay in its outbox, where a call that gives up is withdrawn."""
+    config = with_sleepy_model(0.5, max_stream_inflight=2)
+    with ServerThread(config, tmp_path) as server:
+        if kind == "sync":
+            with Client(server.target, api_key="acme-demo-key", multiplex=True) as client:
+                answered, echo_s = await asyncio.to_thread(_sleepy_then_echo, client, 24, 1.2)
+        else:
+            async with AsyncClient(
+                server.target, api_key="acme-demo-key", multiplex=True
+            ) as aclient:
+                outcomes = await settle(
+                    [
+                        aclient.infer("sleepy", {"INPUT0": echo_rows(i)}, timeout_s=1.2)
+                        for i in range(24)
+                    ]
+                )
+                answered = sum(isinstance(o, dict) for o in outcomes)
+                start = time.monotonic()
+                await aclient.infer("echo", {"INPUT0": echo_rows(0)}, timeout_s=30)
+                echo_s = time.monotonic() - start
+    assert answered <= 3
+    # At most the two messages read when the sleepy calls gave up still ran (1 s).
+    assert echo_s < 4, echo_s
+
+
 #: The server's receive limit in the next tests, and a message over it.
 SERVER_LIMIT = 1 << 16
 OVER_SERVER_LIMIT = np.ones((1, SERVER_LIMIT // 4), np.float32)

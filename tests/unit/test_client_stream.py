@@ -664,8 +664,9 @@ class _ScriptedCall:
     """A ModelStreamInfer call of a fake stub: records the messages the client writes
     (as grpc's thread takes them) and answers what the test tells it to."""
 
-    def __init__(self, requests: Any) -> None:
+    def __init__(self, requests: Any, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.written: list[pb.ModelInferRequest] = []
+        self._metadata = metadata  # its initial metadata (none: a server that says nothing)
         self._answers: queue.Queue[pb.ModelStreamInferResponse | None] = queue.Queue()
         self.writer = threading.Thread(target=self._take, args=(requests,), daemon=True)
         self.writer.start()
@@ -673,6 +674,9 @@ class _ScriptedCall:
     def _take(self, requests: Any) -> None:
         for request in requests:  # ends when the client half-closes
             self.written.append(request)
+
+    def initial_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
 
     def __iter__(self) -> _ScriptedCall:
         return self
@@ -691,11 +695,12 @@ class _ScriptedCall:
 
 
 class _ScriptedStub:
-    def __init__(self) -> None:
+    def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.calls: list[_ScriptedCall] = []
+        self._metadata = metadata
 
     def ModelStreamInfer(self, requests: Any, metadata: Any) -> _ScriptedCall:
-        call = _ScriptedCall(requests)
+        call = _ScriptedCall(requests, self._metadata)
         self.calls.append(call)
         return call
 
@@ -748,4 +753,34 @@ def test_a_new_stream_writes_the_calls_its_predecessor_left_unread_first() -> No
     for caller in callers:
         caller.join(5)
     assert answered == {1: "call-1", 2: "call-2", 3: "call-3"}
+    multiplexer.close()
+
+
+def test_the_sync_client_writes_no_more_than_the_server_serves_at_once() -> None:
+    """The server says it serves 2 messages of a stream at once: the client writes a
+    third only once one is answered (written, it waited unread on the server; here it
+    stays in the outbox, where a call that gives up is withdrawn)."""
+    from mandant_client._multiplex_sync import SyncMultiplexer
+
+    stub = _ScriptedStub(((_multiplex.MAX_INFLIGHT_METADATA, "2"),))
+    multiplexer = SyncMultiplexer(stub, (), max_in_flight=8, max_send_bytes=None)
+    answered: dict[int, str] = {}
+
+    def run(i: int) -> None:
+        request = pb.ModelInferRequest(model_name="m", id=f"call-{i}")
+        answered[i] = multiplexer.infer(request, 0, 10.0).id
+
+    callers = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for caller in callers:
+        caller.start()
+    _until(lambda: len(stub.calls) == 1 and len(stub.calls[0].written) == 2)
+    call = stub.calls[0]
+    time.sleep(0.2)
+    assert len(call.written) == 2  # the other two wait for an answer
+    for n in range(4):
+        call.answer(pb.ModelStreamInferResponse(infer_response={"id": call.written[n].id}))
+        _until(lambda n=n: len(call.written) == min(4, n + 3))
+    for caller in callers:
+        caller.join(5)
+    assert sorted(answered.values()) == [f"call-{i}" for i in range(4)]
     multiplexer.close()

@@ -110,6 +110,32 @@ MAX_IDLE_RESENDS = 3
 #: ended with OK left unread: only then does the server end a stream at its
 #: connection age (a client that does not, tritonclient's, would never hear of them).
 RESENDS_UNREAD = ("mandant-stream-resends", "unread")
+#: The initial metadata in which a Mandant server says how many messages of a stream
+#: it serves at once (``server.max_stream_inflight``): it reads no more until one is
+#: answered, so a client keeps no more than that written and unanswered, the rest in
+#: its outbox, where a call that gives up is withdrawn (written beyond it, a message
+#: waited unread on the server, then ran with its whole time left counted afresh).
+MAX_INFLIGHT_METADATA = "mandant-stream-max-inflight"
+#: How long a stream's first write waits for its initial metadata: Mandant sends it
+#: once it accepts the key (writing before could race a refusal, grpc/grpc#36066, and
+#: it holds :data:`MAX_INFLIGHT_METADATA`); other servers (Triton, a plain grpc.aio
+#: servicer) send it with their first answer, so the first message then goes anyway.
+METADATA_WAIT_S = 0.5
+
+
+def window(metadata: Any) -> int | None:
+    """The stream's :data:`MAX_INFLIGHT_METADATA` from its initial metadata (None: not
+    said, or not a positive integer: no bound)."""
+    for key, value in metadata or ():
+        if key == MAX_INFLIGHT_METADATA:
+            try:
+                bound = int(value)
+            except (TypeError, ValueError):
+                return None
+            return bound if bound > 0 else None
+    return None
+
+
 #: To such a client, the last message of a stream the server ended with OK: no id, and
 #: this parameter (why it ended). Every message the server read is answered before it,
 #: so the calls still waiting were not read. The status after it may never reach the

@@ -29,8 +29,6 @@ from mandant_client.errors import DeadlineExceeded, MandantClientError, ServerEr
 _Answer = asyncio.Future[pb.ModelStreamInferResponse]
 #: ``asyncio.TimeoutError`` is ``TimeoutError`` from Python 3.11 on, not on 3.10.
 _TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
-#: How long the first write waits for the stream's initial metadata (see ``_write``).
-METADATA_WAIT_S = 0.5
 
 
 class AioStream:
@@ -63,6 +61,8 @@ class AioStream:
         self.ending = False
         #: Messages the server has answered on this stream (it was serving).
         self.answered = 0
+        #: The writer waits for an answer: the server reads no more for now.
+        self._full = False
         self._call.add_done_callback(self._on_done)
         self._writer = asyncio.create_task(self._write())
         self._reader = asyncio.create_task(self._read())
@@ -108,19 +108,32 @@ class AioStream:
         # as INTERNAL instead of UNAUTHENTICATED (grpc/grpc#36066). Other servers
         # (Triton, a plain grpc.aio servicer) send it with their first answer: after
         # METADATA_WAIT_S without it, the first message goes anyway.
+        # It says how many messages it serves at once: no more are written unanswered
+        # (``_multiplex.MAX_INFLIGHT_METADATA``).
+        window = None
         try:
-            await asyncio.wait_for(asyncio.shield(self._call.initial_metadata()), METADATA_WAIT_S)
+            window = _multiplex.window(
+                await asyncio.wait_for(
+                    asyncio.shield(self._call.initial_metadata()), _multiplex.METADATA_WAIT_S
+                )
+            )
         except _TIMEOUTS:
             pass
         except (grpc.RpcError, asyncio.InvalidStateError):
             return  # the call is over; the reader reports why
         outbox = self._outbox
         held_until = self._loop.time() + _multiplex.RESEND_WAIT_S
+        written = 0
         while True:
             if self.ending:  # the server reads no more: say so, and let it end
                 with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
                     await self._call.done_writing()
                 return
+            if window is not None and written - self.answered >= window:
+                self._full = True  # until the reader has an answer
+                self._queued.clear()
+                await self._queued.wait()
+                continue
             previous = self._previous
             resending = previous.resending if previous is not None else {}
             wait_s = _multiplex.hold_s(outbox, resending, held_until, self._loop.time())
@@ -136,6 +149,7 @@ class AioStream:
                 await self._call.write(outgoing.request)
             except (grpc.RpcError, asyncio.InvalidStateError):
                 return  # the call is over; the reader reports why
+            written += 1
 
     async def _read(self) -> None:
         failure: MandantClientError | RuntimeError = Unavailable(_multiplex.STREAM_ENDED)
@@ -152,6 +166,9 @@ class AioStream:
                     self._queued.set()  # the writer half-closes
                     continue
                 self.answered += 1
+                if self._full:
+                    self._full = False
+                    self._queued.set()  # the writer may write again
                 wire_id = _multiplex.answer_id(message)
                 self._orders.pop(wire_id, None)
                 answer = self._pending.pop(wire_id, None)

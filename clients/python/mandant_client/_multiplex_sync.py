@@ -69,8 +69,14 @@ class SyncStream:
         #: From the end mark: the calls then pending (the server read none of them) that
         #: their callers have not yet sent again, nor given up (wire id → order).
         self.resending: dict[str, int] = {}
-        #: Messages the server has answered on this stream (it was serving).
+        #: Messages the server has answered on this stream (it was serving; under the
+        #: lock), and written to it (by grpc's thread).
         self.answered = 0
+        self._written = 0
+        #: How many messages the server serves at once (``_multiplex.window``), once its
+        #: initial metadata came; no more are written unanswered.
+        self._window: int | None = None
+        self._told = False  # the initial metadata came (or the call ended)
         self._call = stub.ModelStreamInfer(self._requests(), metadata=metadata)
         self._reader = threading.Thread(
             target=self._read, name="mandant-stream-reader", daemon=True
@@ -106,9 +112,17 @@ class SyncStream:
         """The messages, as grpc's thread takes them, oldest call first; ends (the
         client half-closes) once the call is over."""
         held_until = time.monotonic() + _multiplex.RESEND_WAIT_S
+        # The first write waits for the initial metadata, as the async client's does.
+        told_by = time.monotonic() + _multiplex.METADATA_WAIT_S
         while True:
             with self._queued:
                 while self.failure is None and not self.ending:
+                    if not self._told and (metadata_s := told_by - time.monotonic()) > 0:
+                        self._queued.wait(metadata_s)
+                        continue
+                    if self._window is not None and self._written - self.answered >= self._window:
+                        self._queued.wait()  # the server reads no more until it answers
+                        continue
                     previous = self._previous
                     resending = previous.resending if previous is not None else {}
                     wait_s = _multiplex.hold_s(
@@ -120,8 +134,10 @@ class SyncStream:
                 if self.failure is not None or self.ending:
                     return
                 outgoing = self._outbox.pop()
-            if _multiplex.stamp(outgoing):  # else its caller gives up now: not sent
-                yield outgoing.request
+                if not _multiplex.stamp(outgoing):
+                    continue  # its caller gives up now: not sent
+                self._written += 1
+            yield outgoing.request
 
     def close(self) -> None:
         """Cancel the call; calls still pending fail with Unavailable."""
@@ -134,6 +150,13 @@ class SyncStream:
         # Ended OK: every message the server read is answered.
         failure: MandantClientError = _multiplex.Unread(_multiplex.STREAM_ENDED)
         try:
+            window: int | None = None
+            try:
+                window = _multiplex.window(self._call.initial_metadata())
+            finally:
+                with self._queued:
+                    self._window, self._told = window, True
+                    self._queued.notify_all()
             for message in self._call:
                 if _multiplex.is_end_mark(message):  # ended OK, whatever status follows
                     with self._queued:
@@ -142,8 +165,10 @@ class SyncStream:
                         self._previous = None  # (no chain of every stream before)
                         self._queued.notify_all()  # the requests end: a half-close
                     continue
-                self.answered += 1
                 with self._lock:  # not from a dict :meth:`_fail` has taken and reads
+                    self.answered += 1
+                    if self._window is not None:
+                        self._queued.notify_all()  # the requests may go on
                     wire_id = _multiplex.answer_id(message)
                     answer = self._pending.pop(wire_id, None)
                     self._orders.pop(wire_id, None)

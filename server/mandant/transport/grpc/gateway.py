@@ -361,6 +361,7 @@ class Gate:
         behavior: Streaming,
         response_serializer: Callable[[Any], bytes],
         admit: Callable[[], None] | None = None,
+        initial_metadata: tuple[tuple[str, str], ...] = (),
     ) -> grpc.RpcMethodHandler:
         """A bidirectional stream: the key is checked when it opens (the whole stream
         fails on a bad one, counted as one refused call; so it does when ``admit``
@@ -368,7 +369,7 @@ class Gate:
         when it asks (after a reload: a revoked key stops an open stream too); it reads
         raw messages, takes a place under the cap for each while it serves it, and
         reports each message's answer itself. An open stream holds no place of its
-        own."""
+        own. ``initial_metadata``: sent once the key is accepted."""
         caller_of = self._caller
         observer = self._observer
         reads = self.reads
@@ -395,7 +396,7 @@ class Gate:
                 # The key is accepted: say so at once, so that a client may wait for this
                 # before writing (a write racing a refusal makes grpc.aio clients see
                 # INTERNAL instead of UNAUTHENTICATED, grpc/grpc#36066).
-                await context.send_initial_metadata(())
+                await context.send_initial_metadata(initial_metadata)
                 await behavior(call, context, lambda: caller_of(access, context))
             except MandantError as exc:
                 await abort(context, exc)

@@ -24,6 +24,7 @@ from mandant.transport.grpc.statistics import TENANT_METADATA, model_statistics
 from mandant.transport.grpc.stream import InferStream
 from mandant.transport.unread import UnreadAnswers
 from mandant.types import Call, Tenant
+from mandant_client._multiplex import MAX_INFLIGHT_METADATA
 from mandant_client._multiplex import RESENDS_UNREAD as RESENDS
 from mandant_client._proto import grpc_service_pb2 as pb
 
@@ -65,6 +66,13 @@ class InferenceServicer:
         self._unread = unread
         self._streams: set[InferStream] = set()
         self._streams_end = False  # end_streams() was called: the server stops
+
+    @property
+    def stream_metadata(self) -> tuple[tuple[str, str], ...]:
+        """A stream's initial metadata: how many of its messages are served at once
+        (beyond, it is not read), so that a client holds the rest back itself, where it
+        can withdraw a call that gives up (``mandant_client``'s multiplexed mode)."""
+        return ((MAX_INFLIGHT_METADATA, str(self._max_stream_inflight)),)
 
     def end_streams(self) -> None:
         """The server is stopping: every open stream ends (status OK) once the messages
@@ -268,7 +276,9 @@ def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, grpc.R
         serialize: Callable[[Any], bytes] = _serializer(method.output_type.name)
         if method.client_streaming:
             behavior = getattr(servicer, name)
-            handlers[name] = gate.stream(path, access, behavior, serialize, servicer.admit_stream)
+            handlers[name] = gate.stream(
+                path, access, behavior, serialize, servicer.admit_stream, servicer.stream_metadata
+            )
         else:
             request_type = getattr(pb, method.input_type.name)
             behavior = getattr(servicer, name)
