@@ -24,9 +24,17 @@ time: two attacks found in review, each measured as the other tenant sees it.
   any check: a ModelInfer message of 10⁶ empty ``inputs {}`` (1.9 MiB), one of 4 x 10⁵
   request ``parameters`` entries (~6 MiB), and a 16 MiB JSON body to REST's
   ``/v2/repository/index``.
+* ``deadlines``: the same tiny calls while another client floods the server with calls
+  whose gRPC deadline is 3 ms (32 callers on 4 connections, each calling again as soon
+  as its call expires), with a key nobody has or with acme's: each call is over before
+  the server gets to it, and gRPC hands it over all the same, in arrival order, ahead
+  of the tiny calls. Against a bare grpc.aio server (``benchmarks/_bare_server.py``:
+  gRPC's own part), Mandant with its default ``server.max_concurrent_streams`` (1,024
+  calls a connection) and with 128. The flood runs in a process of its own on the
+  load generator's core.
 
     .venv/bin/python -m benchmarks.isolation [--workers 1 2] [--seconds 6]
-        [--attacks shapes rest-json json-bodies messages]
+        [--attacks shapes rest-json json-bodies messages deadlines]
 
 The server runs on core 0 (every process of it with ``workers: 2``), this load
 generator on core 1; one run of each phase.
@@ -47,8 +55,16 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks._load import CLIENT_CPU, KEYS, SERVER_CPU, THREAD_ENV, demo_data, table
-from benchmarks._server import Served, mandant_process, write_config
+from benchmarks._load import (
+    CLIENT_CPU,
+    KEYS,
+    SERVER_CPU,
+    THREAD_ENV,
+    demo_data,
+    run_pinned,
+    table,
+)
+from benchmarks._server import Served, bare_grpc_process, mandant_process, write_config
 from mandant_client import AsyncClient
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
@@ -186,8 +202,11 @@ def _big_rest_call(rest_port: int, values: int) -> tuple[object, float]:
     return answer.status, time.perf_counter() - start
 
 
-async def _tiny_calls(target: str, stop: asyncio.Event) -> tuple[list[float], int]:
-    """globex: a one-value gRPC echo every 20 ms until ``stop``; latencies, errors."""
+async def _tiny_calls(
+    target: str, stop: asyncio.Event, starts: list[float] | None = None
+) -> tuple[list[float], int]:
+    """globex: a one-value gRPC echo every 20 ms until ``stop``; latencies, errors
+    (``starts``: each answered call's start, ``time.monotonic``, is appended)."""
     request = pb.ModelInferRequest(model_name="echo")
     request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 1])
     request.raw_input_contents.append(bytes(4))
@@ -198,9 +217,12 @@ async def _tiny_calls(target: str, stop: asyncio.Event) -> tuple[list[float], in
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         while not stop.is_set():
             start = time.perf_counter()
+            started = time.monotonic()
             try:
                 await stub.ModelInfer(request, metadata=metadata, timeout=60)
                 latencies.append(time.perf_counter() - start)
+                if starts is not None:
+                    starts.append(started)
             except grpc.aio.AioRpcError:
                 errors += 1
             await asyncio.sleep(0.02)
@@ -391,6 +413,109 @@ def messages(workers: int, warmup_s: float) -> list[list[object]]:
     return rows
 
 
+# -- deadlines ----------------------------------------------------------------------------
+
+#: The flood's callers, its connections, and each of its calls' gRPC deadline.
+FLOOD_CALLERS = 32
+FLOOD_CONNECTIONS = 4
+FLOOD_DEADLINE_S = 0.003
+#: A key no tenant has.
+NOBODY_KEY = "not-a-key"
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+async def _deadline_flood(target: str, key: str, seconds: float) -> dict[str, int]:
+    """Calls of :data:`FLOOD_DEADLINE_S` on :data:`FLOOD_CONNECTIONS` connections
+    for ``seconds``, each caller calling again at once: how each ended, counted."""
+    request = pb.ModelInferRequest(model_name="echo")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 1])
+    request.raw_input_contents.append(bytes(4))
+    payload = request.SerializeToString()
+    metadata = (("authorization", f"Bearer {key}"),)
+    options = [("grpc.use_local_subchannel_pool", 1)]  # a connection each
+    channels = [
+        grpc.aio.insecure_channel(target, options=options) for _ in range(FLOOD_CONNECTIONS)
+    ]
+    calls = [channel.unary_unary(INFER) for channel in channels]
+    ended: dict[str, int] = {}
+    end = time.perf_counter() + seconds
+
+    async def caller(n: int) -> None:
+        call = calls[n % FLOOD_CONNECTIONS]
+        while time.perf_counter() < end:
+            try:
+                await call(payload, metadata=metadata, timeout=FLOOD_DEADLINE_S)
+                code = "OK"
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+            ended[code] = ended.get(code, 0) + 1
+
+    await asyncio.gather(*(caller(n) for n in range(FLOOD_CALLERS)))
+    for channel in channels:
+        await channel.close()
+    return ended
+
+
+def _flood_process(target: str, key: str, seconds: float) -> tuple[dict[str, int], float, float]:
+    """The flood, in a process of its own: how its calls ended, and when it began and
+    ended (``time.monotonic``, one clock for every process of the host)."""
+    began = time.monotonic()
+    ended = asyncio.run(_deadline_flood(target, key, seconds))
+    return ended, began, time.monotonic()
+
+
+async def _beside_flood(target: str, key: str | None, seconds: float) -> list[object]:
+    """globex's tiny calls while a flood with ``key`` runs (None: for ``seconds``
+    alone): how the flood's calls ended, then the tiny calls begun while it ran, their
+    p50, p99 and worst ms, and the tiny calls that failed."""
+    stop = asyncio.Event()
+    starts: list[float] = []
+    tiny = asyncio.create_task(_tiny_calls(target, stop, starts))
+    if key is None:
+        began = time.monotonic()
+        await asyncio.sleep(seconds)
+        summary, until = "", time.monotonic()
+    else:
+        job = (_flood_process, (target, key, seconds))
+        [(ended, began, until)] = await asyncio.to_thread(run_pinned, [job])
+        summary = ", ".join(f"{code} {count}" for code, count in sorted(ended.items()))
+    stop.set()
+    latencies, errors = await tiny
+    during = [t for t, s in zip(latencies, starts, strict=True) if began <= s <= until]
+    return [
+        summary,
+        len(during),
+        f"{_percentile(during, 0.5):.1f}",
+        f"{_percentile(during, 0.99):.1f}",
+        f"{max(during) * 1000:.0f}" if during else "",
+        errors,
+    ]
+
+
+def deadlines(seconds: float) -> list[list[object]]:
+    rows: list[list[object]] = []
+    floods = [
+        ("alone", None),
+        ("3 ms calls, a key nobody has", NOBODY_KEY),
+        ("3 ms calls, acme's key", KEYS["acme"]),
+    ]
+    with bare_grpc_process(str(SERVER_CPU)) as bare:
+        for label, key in floods[:2]:
+            row = asyncio.run(_beside_flood(bare.target, key, seconds))
+            rows.append(["bare grpc.aio", label.replace(", a key nobody has", ""), *row])
+    for streams in (None, 128):
+        data = _config(ECHO, 1)
+        if streams is not None:
+            data["server"]["max_concurrent_streams"] = streams
+        server = f"Mandant, max_concurrent_streams {streams or '1024 (default)'}"
+        with mandant_process(write_config(data), SERVER_CPU, THREAD_ENV) as served:
+            for label, key in floods:
+                rows.append(
+                    [server, label, *asyncio.run(_beside_flood(served.target, key, seconds))]
+                )
+    return rows
+
+
 def _config(model: dict[str, Any], workers: int) -> dict[str, Any]:
     data = demo_data([model])
     data["server"] = {**data["server"], "workers": workers}
@@ -405,7 +530,7 @@ def main() -> None:
     parser.add_argument("--values", type=int, default=10_000_000)
     parser.add_argument(
         "--attacks", nargs="+", default=["shapes", "rest-json", "json-bodies", "messages"],
-        choices=["shapes", "rest-json", "json-bodies", "messages"],
+        choices=["shapes", "rest-json", "json-bodies", "messages", "deadlines"],
     )  # fmt: skip
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
@@ -455,6 +580,18 @@ def main() -> None:
             ["workers", "phase", "acme's status", "acme's s", "tiny calls", "p50 ms",
              "worst ms", "failed"],
             message_rows,
+        ))  # fmt: skip
+    if "deadlines" in args.attacks:
+        deadline_rows = deadlines(args.seconds)
+        print(
+            f"\ndeadlines: globex's tiny gRPC calls (one per 20 ms) while a flood of calls with a "
+            f"{FLOOD_DEADLINE_S * 1000:g} ms deadline runs ({FLOOD_CALLERS} callers, "
+            f"{FLOOD_CONNECTIONS} connections, --seconds); one process, core 0"
+        )
+        print(table(
+            ["server", "phase", "flood's calls ended", "tiny calls during it", "p50 ms",
+             "p99 ms", "worst ms", "failed"],
+            deadline_rows,
         ))  # fmt: skip
 
 
