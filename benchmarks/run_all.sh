@@ -65,6 +65,8 @@ bench noisy_neighbour_h4096_b16_flood64_workers2 15 benchmarks.noisy_neighbour -
 bench noisy_neighbour_demo_door16 10 benchmarks.noisy_neighbour --front-door-slots 16
 bench gc_pauses 15 benchmarks.gc_pauses
 bench isolation 6 benchmarks.isolation
+# Calls whose short deadline passes before the server gets to them, beside a light tenant.
+bench isolation_deadlines 6 benchmarks.isolation --workers 1 --attacks deadlines
 bench compute_ceiling 5 benchmarks.compute_ceiling
 # Issue 11 on this machine: one process against two front ends and an engine.
 bench workers 5 benchmarks.workers --requests 3000
