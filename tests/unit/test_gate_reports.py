@@ -28,9 +28,16 @@ class _Context:
     counted when the client would have seen the status, then raises as grpc's does."""
 
     def __init__(
-        self, key: str | None, observer: RecordingObserver, cap: CallCap, message: bytes = b""
+        self,
+        key: str | None,
+        observer: RecordingObserver,
+        cap: CallCap,
+        message: bytes = b"",
+        remaining_s: float | None = None,
     ) -> None:
         self._key = key
+        self._remaining_s = remaining_s
+        self.read_at_all = False
         self._message = message
         self.read_before_key = False
         self._observer = observer
@@ -44,10 +51,11 @@ class _Context:
         return (("authorization", self._key),) if self._key else ()
 
     def time_remaining(self) -> float | None:
-        return None
+        return self._remaining_s
 
     async def read(self) -> bytes:
         """The call's one message (the gate reads it once the key is accepted)."""
+        self.read_at_all = True
         self.read_before_key = self._key != KEY
         return self._message
 
@@ -71,9 +79,12 @@ def _refuse_admin(key: str | None) -> None:
     raise Unauthenticated()
 
 
-def _serve(behavior: Any, key: str | None = KEY) -> tuple[_Context, RecordingObserver, Any]:
+def _serve(
+    behavior: Any, key: str | None = KEY, remaining_s: float | None = None
+) -> tuple[_Context, RecordingObserver, Any]:
     """One ModelInfer call through a gate to ``behavior``: the context, the observer
-    and what the handler returned (or the exception it raised)."""
+    and what the handler returned (or the exception it raised; ``remaining_s``: what
+    is left of its deadline)."""
     observer, cap = RecordingObserver(), CallCap(4)
     gate = Gate(_authenticate, _refuse_admin, observer, cap)
     handler = gate.unary(
@@ -84,12 +95,12 @@ def _serve(behavior: Any, key: str | None = KEY) -> tuple[_Context, RecordingObs
         pb.ModelInferResponse.SerializeToString,
     )
     raw = pb.ModelInferRequest(model_name="m", id="r1").SerializeToString()
-    context = _Context(key, observer, cap, raw)
+    context = _Context(key, observer, cap, raw, remaining_s)
 
     async def call() -> Any:
         try:
             return await handler.stream_unary(None, context)
-        except grpc.aio.AbortError as exc:
+        except (grpc.aio.AbortError, asyncio.CancelledError) as exc:
             return exc
 
     return context, observer, asyncio.run(call())
@@ -101,6 +112,16 @@ def _refusing(error: Exception) -> Any:
         raise error
 
     return behavior
+
+
+def test_a_call_over_before_it_was_handed_over_is_counted_and_nothing_more() -> None:
+    """Its deadline passed while it waited in gRPC's queue (a flood of calls with
+    short deadlines fills it): counted DEADLINE_EXCEEDED for its tenant, ended as a
+    cancelled handler ends, its message not read, no place taken, nothing run."""
+    context, observer, ended = _serve(_refusing(AssertionError("never run")), remaining_s=-0.01)
+    assert isinstance(ended, asyncio.CancelledError)
+    assert observer.finished == [("a", "", "", "DEADLINE_EXCEEDED")]
+    assert not context.read_at_all and context.aborted is None
 
 
 def test_a_refused_key_is_counted_before_the_client_sees_it() -> None:

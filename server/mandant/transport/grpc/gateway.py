@@ -275,6 +275,10 @@ class Gate:
                     # nothing is held and a full server still answers its probes.
                     return await behavior(request_type(), call, context)
                 call.tenant = caller_of(access, context)
+                if deadline_passed(context):
+                    # Over before it was handed over (a flood of calls with short deadlines
+                    # fills gRPC's queue with them): counted, nothing taken, read or sent.
+                    raise CallEnded
                 tenant_id = call.tenant.id if call.tenant is not None else ""
                 if unread is not None:
                     unread.check(tenant_id)
