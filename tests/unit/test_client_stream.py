@@ -784,3 +784,74 @@ def test_the_sync_client_writes_no_more_than_the_server_serves_at_once() -> None
         caller.join(5)
     assert sorted(answered.values()) == [f"call-{i}" for i in range(4)]
     multiplexer.close()
+
+
+class LateWindow(pb_grpc.GRPCInferenceServiceServicer):
+    """Says it serves 2 messages of a stream at once, in initial metadata sent 0.8 s
+    after the stream opens (a loaded server, a long round trip); answers each message
+    after 0.2 s, noting the most it held unanswered."""
+
+    def __init__(self) -> None:
+        self.held = self.most = 0
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        await asyncio.sleep(0.8)
+        await context.send_initial_metadata(((_multiplex.MAX_INFLIGHT_METADATA, "2"),))
+        answers: asyncio.Queue[pb.ModelStreamInferResponse] = asyncio.Queue()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            await asyncio.sleep(0.2)
+            self.held -= 1
+            await answers.put(pb.ModelStreamInferResponse(infer_response={"id": request.id}))
+
+        pending: set[asyncio.Task[None]] = set()
+
+        async def read() -> None:
+            async for request in request_iterator:
+                self.held += 1
+                self.most = max(self.most, self.held)
+                task = asyncio.create_task(answer(request))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+
+        reading = asyncio.create_task(read())
+        try:
+            while True:
+                yield await answers.get()
+        finally:
+            reading.cancel()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_window_said_late_is_kept_from_then_on(kind: str) -> None:
+    """The async client read the window only if it came within its first write's
+    wait (0.5 s): later, it wrote every call unanswered for the stream's life."""
+    servicer = LateWindow()
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    target = f"127.0.0.1:{port}"
+    try:
+        if kind == "async":
+            async with AsyncClient(target, multiplex=True, timeout_s=20) as client:
+                await client.infer("m", rows(0))  # the stream is open, its window said
+                servicer.most = 0
+                await asyncio.gather(*(client.infer("m", rows(i)) for i in range(8)))
+        else:
+
+            def calls() -> None:
+                with Client(target, multiplex=True, timeout_s=20) as client:
+                    client.infer("m", rows(0))
+                    servicer.most = 0
+                    with ThreadPoolExecutor(8) as pool:
+                        list(pool.map(lambda i: client.infer("m", rows(i)), range(8)))
+
+            await asyncio.to_thread(calls)
+    finally:
+        await server.stop(0)
+    assert servicer.most == 2

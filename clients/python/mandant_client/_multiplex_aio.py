@@ -61,6 +61,9 @@ class AioStream:
         self.ending = False
         #: Messages the server has answered on this stream (it was serving).
         self.answered = 0
+        #: How many messages the server serves at once, once its initial metadata came
+        #: (``_multiplex.window``); the writer writes no more unanswered.
+        self._window: int | None = None
         #: The writer waits for an answer: the server reads no more for now.
         self._full = False
         self._call.add_done_callback(self._on_done)
@@ -108,15 +111,12 @@ class AioStream:
         # as INTERNAL instead of UNAUTHENTICATED (grpc/grpc#36066). Other servers
         # (Triton, a plain grpc.aio servicer) send it with their first answer: after
         # METADATA_WAIT_S without it, the first message goes anyway.
-        # It says how many messages it serves at once: no more are written unanswered
-        # (``_multiplex.MAX_INFLIGHT_METADATA``).
-        window = None
+        # It says how many messages it serves at once, whenever its metadata comes: no
+        # more are written unanswered from then on (``_multiplex.MAX_INFLIGHT_METADATA``).
+        told = asyncio.ensure_future(self._call.initial_metadata())
+        told.add_done_callback(self._told)
         try:
-            window = _multiplex.window(
-                await asyncio.wait_for(
-                    asyncio.shield(self._call.initial_metadata()), _multiplex.METADATA_WAIT_S
-                )
-            )
+            await asyncio.wait_for(asyncio.shield(told), _multiplex.METADATA_WAIT_S)
         except _TIMEOUTS:
             pass
         except (grpc.RpcError, asyncio.InvalidStateError):
@@ -129,7 +129,7 @@ class AioStream:
                 with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
                     await self._call.done_writing()
                 return
-            if window is not None and written - self.answered >= window:
+            if self._window is not None and written - self.answered >= self._window:
                 self._full = True  # until the reader has an answer
                 self._queued.clear()
                 await self._queued.wait()
@@ -193,6 +193,11 @@ class AioStream:
         except asyncio.CancelledError:
             failure = Unavailable("the stream was cancelled")
         self._fail(failure)
+
+    def _told(self, told: asyncio.Future[Any]) -> None:
+        """The stream's initial metadata came (or the call ended without it)."""
+        if not told.cancelled() and told.exception() is None:
+            self._window = _multiplex.window(told.result())
 
     def _on_done(self, call: Any) -> None:
         # grpc.aio replaces the server's status with INTERNAL "Internal error from Core"
