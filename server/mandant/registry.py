@@ -414,7 +414,8 @@ class ModelRegistry:
                     }
                     changed = [spec for spec in group if spec.tenant not in kept]
                     gone = current.keys() - kept - {spec.tenant for spec in changed}
-                    if not changed and not gone:
+                    if not changed and not gone:  # as served (a failed change undone too)
+                        self._unapplied.discard(name)
                         return None
                     old, failures = await self._switch(name, changed, keep=kept)
                     change = _change_line(name, changed, failures, gone)

@@ -389,6 +389,30 @@ def test_a_reload_loads_again_a_changed_entry_that_failed_though_the_file_did_no
         assert running.call(_no_changes(app, path)) is None
 
 
+def test_a_failed_change_undone_in_the_file_is_not_tried_again(tmp_path: Path) -> None:
+    """A changed entry fails to load, then the file goes back to the entry serving:
+    nothing is pending, and a reload of the unchanged file loads nothing (it loaded
+    the serving model again, a second copy beside it, as though it had failed)."""
+    serving = model("late", "tripled")
+    path = write_config(tmp_path / "mandant.yaml", [ECHO_MODEL, serving])
+    with ServerThread(load_config(path), tmp_path, path) as running:
+        app = running.app
+        assert app is not None
+        failing = {**model("late", "needs_file"), "factory_args": {"path": "/nowhere"}}
+        write_config(path, [ECHO_MODEL, failing])
+
+        async def reload() -> list[str]:
+            app.reload(load_config(path))
+            assert app.model_changes is not None
+            return await app.model_changes
+
+        [line] = running.call(reload())
+        assert "the versions serving stay" in line
+        write_config(path, [ECHO_MODEL, serving])
+        assert running.call(reload()) == []  # as served: nothing to change
+        assert running.call(_no_changes(app, path)) is None
+
+
 async def _no_changes(app: Any, path: Path) -> None:
     """A reload with nothing failed and nothing changed loads nothing."""
     before = app.model_changes
