@@ -64,11 +64,12 @@ class _Context:
         raise grpc.aio.AbortError()
 
 
-async def test_an_engine_socket_gone_is_told_without_its_path(tmp_path: Path) -> None:
-    """gRPC's failure to reach the engine's socket names its path: the client is told
-    the engine is not reachable instead (an engine's own answer is passed on as it is,
-    ``test_model_control.py``)."""
-    forwarder = Forwarder(f"unix:{tmp_path / 'control.sock'}", _Engine())
+@pytest.mark.parametrize("folder", ["plain", "a b", "jos\u00e9"])
+async def test_an_engine_socket_gone_is_told_without_its_path(tmp_path: Path, folder: str) -> None:
+    """gRPC's failure to reach the engine's socket names its path (percent-encoded):
+    the client is told the engine is not reachable instead (an engine's own answer is
+    passed on as it is, ``test_model_control.py``)."""
+    forwarder = Forwarder(f"unix:{tmp_path / folder / 'control.sock'}", _Engine())
     context = _Context()
     try:
         with pytest.raises(grpc.aio.AbortError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -93,10 +94,12 @@ class Forwarder:
         )
         self._engine = engine
         self._identities = identities
-        #: What gRPC's own failures to reach the socket name (``unix:/path``): an
-        #: UNAVAILABLE of the engine's that quotes a Unix address (a model's load error)
-        #: is its answer, and was taken for the engine being down.
-        self._socket = target
+        #: How gRPC's own failures to reach the socket name it (``unix:/path``, the
+        #: path percent-encoded: a space, a non-ASCII letter in TMPDIR): an UNAVAILABLE
+        #: of the engine's that quotes another Unix address (a model's load error) is
+        #: its answer, and was taken for the engine being down.
+        path = target.removeprefix("unix:")
+        self._socket_names = {target, "unix:" + urllib.parse.quote(path, safe="/")}
 
     async def aclose(self) -> None:
         await self._channel.close()
@@ -108,7 +111,7 @@ class Forwarder:
         call = self._channel.unary_unary(path)
         engine = self._engine
         identities = self._identities
-        socket = self._socket
+        socket_names = self._socket_names
 
         async def forward(raw: bytes, context: Context) -> bytes:
             if not engine.up:
@@ -142,7 +145,8 @@ class Forwarder:
                 if trailers or pushback:
                     context.set_trailing_metadata(tuple(trailers + pushback))
                 details = exc.details() or ""
-                if exc.code() is grpc.StatusCode.UNAVAILABLE and socket in details:
+                unreached = any(name in details for name in socket_names)
+                if exc.code() is grpc.StatusCode.UNAVAILABLE and unreached:
                     details = ENGINE_DOWN  # gRPC's, not the engine's answer: no path
                 await context.abort(exc.code(), details)
             except Exception:  # a fault of ours: a status at once, never a hung call
