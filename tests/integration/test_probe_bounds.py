@@ -79,7 +79,7 @@ def test_health_watch_refuses_an_over_long_name(demo: Server) -> None:
 
 
 #: How long the probes served by :func:`capped_health` wait for a message.
-OPEN_READ_TIMEOUT_S = 0.5
+OPEN_READ_TIMEOUT_S = 2.0  # the stalled calls outlast a loaded box's refusal
 
 
 @pytest.fixture
@@ -204,7 +204,9 @@ async def test_probes_read_a_bounded_number_of_messages_for_a_bounded_time(
     service = "reflection" if "Reflection" in path else "health"
     calls = StalledCalls(port, path, calls=PEER_OPEN_READS_MAX + 1, declared=1 << 20)
     try:
-        refused = await asyncio.to_thread(calls.statuses, 0.3)  # the refusal comes at once
+        # The refusal comes at once, the stalled calls' ends after OPEN_READ_TIMEOUT_S
+        # (0.3 s of it was too short on a loaded two-core box).
+        refused = await asyncio.to_thread(calls.statuses, OPEN_READ_TIMEOUT_S * 0.75)
         assert refused == [
             (
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
