@@ -635,17 +635,24 @@ async def test_a_cheap_call_preempted_on_a_busy_core_stays_on_the_loop() -> None
         sys.executable, "-c", "while True: pass", preexec_fn=lambda: os.sched_setaffinity(0, core)
     )
     os.sched_setaffinity(0, core)  # this thread (the event loop's) shares the hog's core
+    # Another thread of this process asking for the GIL would make a call wait for it
+    # (a voluntary switch: its wall time counts, rightly); none may ask meanwhile.
+    switch_s = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
     try:
         await backend.start()
         x = {"X": np.ones(1, np.float32)}
-        for _ in range(40):  # the first, unmeasured, ran long: the average comes down
+        for _ in range(60):  # the first, unmeasured, ran long: the average comes down
             await backend.infer(x)
     finally:
+        sys.setswitchinterval(switch_s)
         os.sched_setaffinity(0, cpus)
         hog.kill()
         await hog.wait()
         await backend.aclose()
-    assert threads[-20:] == [threading.get_ident()] * 20
+    # Before, none: each took twice its CPU time in wall time. A call slowed otherwise
+    # (a page fault on a loaded machine) sends a few of the next to the pool.
+    assert threads[-30:].count(threading.get_ident()) >= 20
 
 
 async def test_a_wide_input_of_one_row_is_not_taken_for_cheap() -> None:
