@@ -637,10 +637,7 @@ class RedisStore:
             async with asyncio.timeout(max(1.0, LATE_REPLY_TIMEOUTS * self._timeout_s)):
                 for call in calls:
                     reply = await _reply(connection, math.inf)  # the timeout above only
-                    if call.kind == "acquire" and isinstance(reply, list) and int(reply[0]) == 0:
-                        refund = _marked(call.args, _marks(reply))
-                        self._queue(_Call("refund", call.keys, refund, None))
-                        given_back += 1
+                    given_back += self._give_back(call, reply)
         except _ERRORS:
             pass  # those Redis ran in time stay charged
         finally:
@@ -685,10 +682,8 @@ class RedisStore:
                 lost += outcome == "lost"
                 unanswered += outcome == "unanswered"
                 continue
-            if call.future.done():  # its caller was cancelled meanwhile
-                if call.kind == "acquire" and isinstance(reply, list) and int(reply[0]) == 0:
-                    refund = _marked(call.args, _marks(reply))
-                    self._queue(_Call("refund", call.keys, refund, None))  # nothing runs
+            if call.future.done():  # its caller was cancelled meanwhile: nothing runs
+                self._give_back(call, reply)
                 continue
             if isinstance(reply, _Unanswered):
                 error = StoreUnavailable(f"redis: {type(failure).__name__}")
@@ -717,6 +712,14 @@ class RedisStore:
                 unanswered,
                 type(failure).__name__ if failure is not None else "an error reply",
             )
+
+    def _give_back(self, call: _Call, reply: Any) -> bool:
+        """Refund what an acquire whose caller did not get its ``reply`` took, if it
+        admitted (the caller left, or the reply came too late); whether it did."""
+        if call.kind != "acquire" or not isinstance(reply, list) or int(reply[0]) != 0:
+            return False
+        self._queue(_Call("refund", call.keys, _marked(call.args, _marks(reply)), None))
+        return True
 
     def _settle_refund(self, call: _Call, reply: Any) -> str:
         """Keep a refund that never ran for the next batch; what became of it: ``kept``,
