@@ -193,7 +193,7 @@ class DataPlane:
                 check_batch_rows(key.name, rows, spec.batching.max_batch_size)
             request.check_payload()  # framing and byte counts: refused before it costs quota
             parameters = request.parameters()
-            deadline = _deadline(start, timeout_s, call.arrived, parameters.get("timeout"))
+            deadline = request_deadline(start, timeout_s, call.arrived, parameters.get("timeout"))
             priority = _priority(parameters.get("priority"), tenant.priority)
             permit = await self._admission.admit(tenant, key, rows)
             ran = False  # the model ran on this request: it stays charged, else refunded
@@ -264,7 +264,7 @@ def load_config_parameter(parameters: Mapping[str, object]) -> str | None:
 MAX_TIMEOUT_US = 2**63 - 1
 
 
-def _deadline(
+def request_deadline(
     start: float, timeout_s: float | None, arrived: float, timeout_us: object
 ) -> float | None:
     """The earlier of the transport deadline (``timeout_s`` left at ``start``) and the

@@ -75,6 +75,7 @@ import grpc
 
 from mandant.context import current_request_id
 from mandant.errors import (
+    InvalidInput,
     MandantError,
     ResourceExhausted,
     ServerBusy,
@@ -83,8 +84,12 @@ from mandant.errors import (
 )
 from mandant.events import Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
-from mandant.service import DataPlane
-from mandant.transport.grpc.codec import ProtoInferRequest, encode_infer_response
+from mandant.service import DataPlane, request_deadline
+from mandant.transport.grpc.codec import (
+    ProtoInferRequest,
+    encode_infer_response,
+    parameter_value,
+)
 from mandant.transport.grpc.gateway import MAX_LOGGED_ID, Context, client_saw, parse
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
 from mandant.transport.grpc.wire_bounds import naming_prefix
@@ -404,17 +409,18 @@ class InferStream:
 
 
 def _timed_out(request: pb.ModelInferRequest | None, call: Call) -> bool:
-    """Whether the message's v2 ``timeout`` (µs from ``call.arrived``) has passed: a
-    client that resends its unread messages (mandant_client's multiplexed calls) sets it
-    to its call's time left and gives up on the message then, so that the figures count
-    such a message as a unary call whose deadline passed (DEADLINE_EXCEEDED)."""
-    if request is None or not request.parameters:
+    """Whether the message's v2 ``timeout`` (from ``call.arrived``, as the data plane
+    counts it) has passed: a client that resends its unread messages (mandant_client's
+    multiplexed calls) sets it to its call's time left and gives up on the message then,
+    so that the figures count such a message as a unary call whose deadline passed."""
+    if request is None or TIMEOUT_PARAM not in request.parameters:
         return False
-    param = request.parameters.get(TIMEOUT_PARAM)
-    if param is None or param.WhichOneof("parameter_choice") != "int64_param":
+    try:
+        timeout_us = parameter_value(request.parameters[TIMEOUT_PARAM])
+        deadline = request_deadline(call.arrived, None, call.arrived, timeout_us)
+    except InvalidInput:  # the message was refused for it
         return False
-    timeout_us = param.int64_param
-    return timeout_us > 0 and time.monotonic() >= call.arrived + timeout_us / 1e6
+    return deadline is not None and time.monotonic() >= deadline
 
 
 def _error_response(
