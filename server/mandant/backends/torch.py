@@ -339,7 +339,9 @@ class TorchBackend:
         inline: bool = False,
     ) -> dict[str, np.ndarray]:
         start = time.perf_counter()
-        usage = _thread_usage() if instance.stream is None else None  # CUDA: wall time
+        # CPU time where it tells (below); on CUDA, or never inline, the wall time.
+        cpu = instance.stream is None and self._inline_below_s > 0
+        usage = _thread_usage() if cpu else None
         try:
             if instance.stream is None:
                 return self._forward_on_cpu(instance, columns)
