@@ -316,12 +316,7 @@ def test_a_model_added_by_a_reload_gets_its_own_metrics_labels(
     client = tc.InferenceServerClient(server.target)
     path = write_config(tmp_path / "reloaded.yaml", [ECHO_MODEL, model("added", "doubled")])
 
-    async def reload() -> list[str]:
-        app.reload(load_config(path))
-        assert app.model_changes is not None
-        return await app.model_changes
-
-    assert "model 'added' loaded" in server.call(reload())
+    assert "model 'added' loaded" in server.call(_reload(app, path))
     np.testing.assert_array_equal(infer(client, "added", ACME), X * 2)
     text = metrics(app.http_port)
     labels = {"tenant": "acme", "model": "added"}
@@ -375,16 +370,11 @@ def test_a_reload_loads_again_a_changed_entry_that_failed_though_the_file_did_no
         changed = {**model("late", "needs_file"), "factory_args": {"path": str(weights)}}
         write_config(path, [ECHO_MODEL, changed])
 
-        async def reload() -> list[str]:
-            app.reload(load_config(path))
-            assert app.model_changes is not None
-            return await app.model_changes
-
-        [line] = running.call(reload())
+        [line] = running.call(_reload(app, path))
         assert "weights missing" in line and "the versions serving stay" in line
         np.testing.assert_array_equal(infer(client, "late", ACME), X * 3)
         weights.touch()
-        assert running.call(reload()) == ["model 'late' loaded"]
+        assert running.call(_reload(app, path)) == ["model 'late' loaded"]
         np.testing.assert_array_equal(infer(client, "late", ACME), X * 2)
         assert running.call(_no_changes(app, path)) is None
 
@@ -401,16 +391,19 @@ def test_a_failed_change_undone_in_the_file_is_not_tried_again(tmp_path: Path) -
         failing = {**model("late", "needs_file"), "factory_args": {"path": "/nowhere"}}
         write_config(path, [ECHO_MODEL, failing])
 
-        async def reload() -> list[str]:
-            app.reload(load_config(path))
-            assert app.model_changes is not None
-            return await app.model_changes
-
-        [line] = running.call(reload())
+        [line] = running.call(_reload(app, path))
         assert "the versions serving stay" in line
         write_config(path, [ECHO_MODEL, serving])
-        assert running.call(reload()) == []  # as served: nothing to change
+        assert running.call(_reload(app, path)) == []  # as served: nothing to change
         assert running.call(_no_changes(app, path)) is None
+
+
+async def _reload(app: Any, path: Path) -> list[str]:
+    """Reload ``path`` and await its model changes: their lines."""
+    app.reload(load_config(path))
+    assert app.model_changes is not None
+    changes: list[str] = await app.model_changes
+    return changes
 
 
 async def _no_changes(app: Any, path: Path) -> None:

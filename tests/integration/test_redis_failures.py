@@ -356,6 +356,16 @@ def _stall(port: int, seconds: float) -> threading.Thread:
     return thread
 
 
+async def _admit_without_redis(admission: TenantAdmission, rows: int, on_store_error: str) -> None:
+    """acme's call of ``rows`` while Redis does not answer in time: refused (deny), or
+    admitted on this replica's own buckets (allow)."""
+    if on_store_error == "deny":
+        with pytest.raises(Unavailable):
+            await admission.admit(Tenant("acme"), ECHO, rows)
+    else:
+        (await admission.admit(Tenant("acme"), ECHO, rows)).release()
+
+
 @pytest.mark.parametrize("on_store_error", ["deny", "allow"])
 async def test_a_call_redis_runs_after_a_stall_takes_nothing(
     redis_server: RedisServer, client: redis.Redis, on_store_error: str
@@ -375,11 +385,7 @@ async def test_a_call_redis_runs_after_a_stall_takes_nothing(
         async with _admission(config) as admission:
             (await admission.admit(Tenant("acme"), ECHO, 10)).release()
             stall = _stall(redis_server.port, 0.6)
-            if on_store_error == "deny":
-                with pytest.raises(Unavailable):
-                    await admission.admit(Tenant("acme"), ECHO, 7)
-            else:
-                (await admission.admit(Tenant("acme"), ECHO, 7)).release()
+            await _admit_without_redis(admission, 7, on_store_error)
             await asyncio.to_thread(stall.join)  # Redis has run the script since
             assert _rows_today(client, prefix, "acme") == 10
             await asyncio.sleep(0.2)  # retry_interval_s: the store decides again
@@ -408,11 +414,7 @@ async def test_what_redis_took_for_a_call_answered_too_late_is_given_back(
             async with _admission(config) as admission:
                 (await admission.admit(Tenant("acme"), ECHO, 10)).release()
                 proxy.hold_next_script_reply(deliver_after_s=0.5)
-                if on_store_error == "deny":
-                    with pytest.raises(Unavailable):
-                        await admission.admit(Tenant("acme"), ECHO, 7)
-                else:
-                    (await admission.admit(Tenant("acme"), ECHO, 7)).release()
+                await _admit_without_redis(admission, 7, on_store_error)
                 assert _rows_today(client, prefix, "acme") == 17  # Redis took them
                 give_back_by = time.monotonic() + 5
                 while _rows_today(client, prefix, "acme") != 10:
