@@ -268,4 +268,7 @@ async def test_a_busy_multiplexed_client_loses_no_call_at_a_connection_age(
                     answered += 1
 
             await asyncio.gather(*(worker(w) for w in range(32)))
-    assert answered > 500
+    # What is tested is that no call failed (a failure raises above); the count only
+    # shows that calls kept flowing through the ~6 ends (500-1,000 on a quiet 2-core
+    # box, 370 beside the rest of the suite in CI).
+    assert answered > 150

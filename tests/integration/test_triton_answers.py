@@ -87,9 +87,11 @@ class FakeTriton(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     ``sleepy`` sleeps INPUT0[0, 0] seconds; once ``hung``, nothing is answered;
     ModelConfig fails with ``config_fails`` where it is set; ModelMetadata reports
     INPUT0 as ``input_datatype``; a model named in ``gone`` answers ModelInfer
-    NOT_FOUND, as Triton does once it is unloaded; ``infers`` counts ModelInfer calls."""
+    NOT_FOUND, as Triton does once it is unloaded; ``infers`` counts ModelInfer calls;
+    the next ModelReady takes ``first_ready_s`` (as a busy host's first one)."""
 
     hung: bool = False
+    first_ready_s: float = 0.0
     config_fails: grpc.StatusCode | None = None
     input_datatype: str = "FP32"
     gone: frozenset[str] = frozenset()
@@ -101,6 +103,8 @@ class FakeTriton(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
         await self._hang_if_hung()
+        delay_s, self.first_ready_s = self.first_ready_s, 0.0
+        await asyncio.sleep(delay_s)
         return pb.ModelReadyResponse(ready=True)
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
@@ -474,6 +478,16 @@ async def test_configured_tensors_contradicting_triton_s_fail_the_load(tmp_path:
             assert await outcome(acme, "good", np.ones((1, 4), np.float32)) is None
             with pytest.raises(errors.Unavailable, match="FP64 in the configuration"):
                 await app.registry.load("in64")
+
+
+async def test_a_model_whose_first_probe_is_slow_starts_ready(tmp_path: Path) -> None:
+    """The first poll connects to Triton too; on a busy host it took longer than a
+    poll's 1 s, and the model started unready (logged), which failed a load through
+    the control API. It has 5 s."""
+    async with fake_triton() as (url, fake):
+        fake.first_ready_s = 1.5
+        async with App(config(url, model(url, "good")), tmp_path) as app:
+            assert app.registry.resolve(Tenant("acme"), "good").backend.ready
 
 
 async def test_tensors_triton_s_model_changes_to_contradict_make_it_unready(

@@ -90,6 +90,10 @@ CONNECT_RETRIES = 2
 RETRY_BACKOFF_S = 0.05
 #: Timeout of one health poll RPC.
 PROBE_TIMEOUT_S = 1.0
+#: Timeout of the first poll's RPCs, when the model starts: they connect the channel
+#: too, which on a busy host took longer than :data:`PROBE_TIMEOUT_S` (the model then
+#: started unready, and a load through the control API failed "not ready").
+FIRST_PROBE_TIMEOUT_S = 5.0
 #: A call its caller gave up on (deadline, cancel) counts against the breaker where
 #: Triton has answered no call for this long while it had calls to answer (since the
 #: earliest sent after its last answer), or for STALL_FACTOR times its slowest recent
@@ -179,7 +183,7 @@ class TritonBackend:
             raise RuntimeError(f"model {self._spec.name!r} is already started")
         channel = self._channels.acquire(self._triton.url, self._triton.tls)
         self._stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        await self.refresh()
+        await self.refresh(FIRST_PROBE_TIMEOUT_S)
         if self._contradiction is not None:
             raise TensorMismatch(self._contradiction)
         if not self.ready:
@@ -399,19 +403,20 @@ class TritonBackend:
             await asyncio.sleep(self._triton.health_interval_s)
             await self.refresh()
 
-    async def refresh(self) -> None:
-        """Poll Triton once: model readiness, then (when ready) its metadata and config."""
+    async def refresh(self, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+        """Poll Triton once: model readiness, then (when ready) its metadata and config,
+        each RPC within ``timeout_s``."""
         stub = self._stub
         if stub is None:
             return
         model, version = self._triton.model, self._triton.version
         try:
             ready = await stub.ModelReady(
-                pb.ModelReadyRequest(name=model, version=version), timeout=PROBE_TIMEOUT_S
+                pb.ModelReadyRequest(name=model, version=version), timeout=timeout_s
             )
             metadata = (
                 await stub.ModelMetadata(
-                    pb.ModelMetadataRequest(name=model, version=version), timeout=PROBE_TIMEOUT_S
+                    pb.ModelMetadataRequest(name=model, version=version), timeout=timeout_s
                 )
                 if ready.ready
                 else None
@@ -425,17 +430,19 @@ class TritonBackend:
                 self._adopt(metadata)
             else:
                 self._check(metadata)
-            await self._read_max_batch(stub)
+            await self._read_max_batch(stub, timeout_s)
         self._set_ready(ready.ready, "Triton reports the model not ready")
 
-    async def _read_max_batch(self, stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    async def _read_max_batch(
+        self, stub: pb_grpc.GRPCInferenceServiceStub, timeout_s: float
+    ) -> None:
         """Take ``max_batch_size`` from Triton's model config (0 where the server does
         not serve ModelConfig, as some KServe v2 servers do not; a poll that fails
         otherwise, a timeout say, keeps what the last one read)."""
         model, version = self._triton.model, self._triton.version
         try:
             reply = await stub.ModelConfig(
-                pb.ModelConfigRequest(name=model, version=version), timeout=PROBE_TIMEOUT_S
+                pb.ModelConfigRequest(name=model, version=version), timeout=timeout_s
             )
             limit = max(0, int(reply.config.max_batch_size))
             joins = reply.config.platform == "ensemble" or any(
