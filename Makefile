@@ -64,8 +64,12 @@ redis-server:
 grpc-balancer:
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nginx-light)
 
+# Bytecode is written and kept whatever PYTHONDONTWRITEBYTECODE says: without it every
+# server process the tests start compiled Mandant's sources again, and every pytest
+# process rewrote the assertions of every test module (10-15 s of CPU each).
 test: install-test triton-venv redis-server grpc-balancer browser-tools node-tools protos-check lint typecheck
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m compileall -q -j 0 server clients/python > /dev/null
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 # Issues 10 and 11: the benchmarks in sequence; tables in benchmarks/results/ (≈ 18 min, quiet machine).
 bench: install-test triton-venv

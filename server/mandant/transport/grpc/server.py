@@ -119,10 +119,32 @@ CertificateAuthenticator = Callable[[Iterable[str]], Tenant]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 #: How often gRPC health re-reads the server's readiness.
 HEALTH_POLL_S = 0.5
-#: Stopping: gRPC has handed over every call it received once none started for this
-#: long (:meth:`GrpcServer.stop`); it waits so at most this long.
+#: Stopping: gRPC has handed over every call it received once none started in
+#: QUIET_ROUNDS windows of this long in a row (:class:`Quiet`); it waits so at most
+#: QUIET_MAX_S.
 QUIET_S = 0.05
+QUIET_ROUNDS = 2
 QUIET_MAX_S = 2.0
+
+
+class Quiet:
+    """Whether gRPC has handed over every call it received, told after each window
+    of :data:`QUIET_S`: no call started in :data:`QUIET_ROUNDS` windows in a row, each
+    of which ended on time. A window that ended late (the process was not scheduled:
+    a busy host) says nothing: gRPC's calls and the handlers it starts were held up
+    with it, and one window without a start then ended a stop while calls were still
+    being handed over (they were cancelled: CANCELLED, which clients do not retry)."""
+
+    def __init__(self, started: int, now: float) -> None:
+        self._started = started
+        self._window_began = now
+        self._quiet = 0
+
+    def after_window(self, started: int, now: float) -> bool:
+        on_time = now - self._window_began < 2 * QUIET_S
+        self._quiet = self._quiet + 1 if started == self._started and on_time else 0
+        self._started, self._window_began = started, now
+        return self._quiet >= QUIET_ROUNDS
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -380,8 +402,8 @@ class GrpcServer:
         it stops (their clients see CANCELLED, which they do not retry): under load a
         few milliseconds of them. So the server first goes on handing them over (new
         inference calls are refused UNAVAILABLE, health says NOT_SERVING) until no
-        call has started for :data:`QUIET_S`, for at most :data:`QUIET_MAX_S` (a
-        client calling again at once after each refusal keeps it from going quiet)."""
+        call has started for a while (:class:`Quiet`), for at most :data:`QUIET_MAX_S`
+        (a client calling again at once after each refusal keeps it from going quiet)."""
         self._plane.drain()
         self.servicer.end_streams()
         watch, self._health_watch = self._health_watch, None
@@ -391,10 +413,11 @@ class GrpcServer:
         await self._health.enter_graceful_shutdown()
         loop = asyncio.get_running_loop()
         began = loop.time()
-        started = -1
-        while self.gate.started != started and loop.time() - began < min(grace_s, QUIET_MAX_S):
-            started = self.gate.started
+        quiet = Quiet(self.gate.started, began)
+        while loop.time() - began < min(grace_s, QUIET_MAX_S):
             await asyncio.sleep(QUIET_S)
+            if quiet.after_window(self.gate.started, loop.time()):
+                break
         left_s = max(0.0, grace_s - (loop.time() - began))
         stopping = asyncio.ensure_future(self._server.stop(left_s))
         await asyncio.sleep(0)  # the stop's first step: gRPC takes no new call
