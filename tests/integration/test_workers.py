@@ -108,9 +108,26 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkersServer]:
 
 @pytest.fixture
 def fresh(tmp_path: Path) -> Iterator[WorkersServer]:
-    """A server of its own, for tests that kill or stop processes."""
+    """A server of its own, for tests that leave their server changed or gone."""
     with WorkersServer(workers_config(), tmp_path) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def _survivor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkersServer]:
+    with WorkersServer(workers_config(), tmp_path_factory.mktemp("survivor")) as running:
+        yield running
+
+
+@pytest.fixture
+def survivor(_survivor: WorkersServer) -> WorkersServer:
+    """One server for the tests that kill or stop one of its processes and wait for it
+    to come back (a start of ``workers: 2`` costs about 9 s of CPU); each gets it with
+    its engine and both front ends serving."""
+    _wait_for_pids(_survivor, "engine", 1, set())
+    _wait_for_front_ends_listening(_survivor, set())
+    _serving(_survivor.target)
+    return _survivor
 
 
 @pytest.fixture
@@ -404,12 +421,14 @@ async def _load(
     return ended
 
 
-async def test_killed_front_end_fails_only_its_calls_and_comes_back(fresh: WorkersServer) -> None:
+async def test_killed_front_end_fails_only_its_calls_and_comes_back(
+    survivor: WorkersServer,
+) -> None:
     stop = asyncio.Event()
-    load = asyncio.create_task(_load(fresh.target, stop, model="sleepy"))
+    load = asyncio.create_task(_load(survivor.target, stop, model="sleepy"))
     await asyncio.sleep(1.5)
-    victim, survivor = fresh.children()["front-end"]
-    held = _connections(victim, fresh.grpc_port)
+    victim, sibling = survivor.children()["front-end"]
+    held = _connections(victim, survivor.grpc_port)
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
     await asyncio.sleep(2.5)
@@ -421,7 +440,7 @@ async def test_killed_front_end_fails_only_its_calls_and_comes_back(fresh: Worke
     # flight, and the calls made until its channel is connected again (more than one
     # where a reconnection reached the dying process's listening socket before it was
     # gone: the kernel still handed it the connection, and the channel backs off).
-    # Every client of the survivor carries on; every client of the victim comes back,
+    # Every client of the sibling carries on; every client of the victim comes back,
     # and once back sees no failure.
     assert len({client for client, _ in failed}) <= held, (failed, held)
     for client in {client for client, _ in failed}:
@@ -430,20 +449,20 @@ async def test_killed_front_end_fails_only_its_calls_and_comes_back(fresh: Worke
         assert back, (client, calls)
         assert all(start < back[0] for start, code in calls if code != "OK"), (client, calls)
     assert sum(1 for *_, code in ended if code == "OK") > 8
-    _wait_for_pids(fresh, "front-end", 2, {victim})
-    assert survivor in fresh.children()["front-end"]
-    _serving(fresh.target)
+    _wait_for_pids(survivor, "front-end", 2, {victim})
+    assert sibling in survivor.children()["front-end"]
+    _serving(survivor.target)
 
 
 def test_killed_engine_makes_calls_unavailable_until_it_is_back(
-    fresh: WorkersServer,
+    survivor: WorkersServer,
 ) -> None:
-    (engine,) = fresh.children()["engine"]
+    (engine,) = survivor.children()["engine"]
     os.kill(engine, signal.SIGKILL)
     codes, health = set(), set()
     with (
-        Client(fresh.target, "acme-key", timeout_s=5) as client,
-        grpc.insecure_channel(fresh.target) as channel,
+        Client(survivor.target, "acme-key", timeout_s=5) as client,
+        grpc.insecure_channel(survivor.target) as channel,
     ):
         check = health_pb2_grpc.HealthStub(channel).Check
         # Triton's probes are the front end's own: live while the engine restarts, not
@@ -473,24 +492,24 @@ def test_killed_engine_makes_calls_unavailable_until_it_is_back(
     assert "UNAVAILABLE" in codes and codes <= {"UNAVAILABLE", "OK"}
     assert health_pb2.HealthCheckResponse.NOT_SERVING in health  # probes see it too
     assert False in readiness
-    _wait_for_pids(fresh, "engine", 1, {engine})
-    _serving(fresh.target)
+    _wait_for_pids(survivor, "engine", 1, {engine})
+    _serving(survivor.target)
 
 
 def test_a_stopped_engine_is_taken_for_gone_until_it_answers_again(
-    fresh: WorkersServer,
+    survivor: WorkersServer,
 ) -> None:
     """An engine that is there but silent (SIGSTOP: a stuck event loop looks the same)
     once held every call for as long as it stayed so (with no deadline: forever),
     with health SERVING; now its calls fail UNAVAILABLE once it has been silent for
     the link's 5 s, new ones at once, and it serves again once it answers."""
-    (engine,) = fresh.children()["engine"]
-    _serving(fresh.target)
+    (engine,) = survivor.children()["engine"]
+    _serving(survivor.target)
     os.kill(engine, signal.SIGSTOP)
     try:
         with (
-            Client(fresh.target, "acme-key", timeout_s=60) as client,
-            grpc.insecure_channel(fresh.target) as channel,
+            Client(survivor.target, "acme-key", timeout_s=60) as client,
+            grpc.insecure_channel(survivor.target) as channel,
         ):
             metadata = channel.unary_unary(
                 "/inference.GRPCInferenceService/ModelMetadata",
@@ -526,7 +545,7 @@ def test_a_stopped_engine_is_taken_for_gone_until_it_answers_again(
             assert keyed.value.code() is grpc.StatusCode.UNAVAILABLE
     finally:
         os.kill(engine, signal.SIGCONT)
-    _serving(fresh.target)
+    _serving(survivor.target)
 
 
 #: The grace of the server stopped under load: the 8 calls queued on ``sleepy`` are 4 s
@@ -566,18 +585,18 @@ async def test_sigterm_under_load_loses_no_accepted_call(
         assert trouble not in log, [line for line in log.splitlines() if trouble in line]
 
 
-def test_sighup_reaches_every_process(fresh: WorkersServer, tmp_path: Path) -> None:
-    data = yaml.safe_load(fresh.config_path.read_text())
+def test_sighup_reaches_every_process(survivor: WorkersServer, tmp_path: Path) -> None:
+    data = yaml.safe_load(survivor.config_path.read_text())
     data["tenants"].append(_tenant("newcomer"))
-    fresh.config_path.write_text(yaml.safe_dump(data))
-    assert fresh.process is not None
-    fresh.process.send_signal(signal.SIGHUP)
+    survivor.config_path.write_text(yaml.safe_dump(data))
+    assert survivor.process is not None
+    survivor.process.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
     while True:  # every front end (eight connections) and the engine know the new key
         try:
             for _ in range(8):
                 with Client(
-                    fresh.target, "newcomer-key", timeout_s=5, options=OWN_CONNECTION
+                    survivor.target, "newcomer-key", timeout_s=5, options=OWN_CONNECTION
                 ) as client:
                     client.infer("echo", {"INPUT0": ROW})
             break
@@ -689,19 +708,19 @@ def test_a_file_that_does_not_validate_is_refused_at_sighup(fresh: WorkersServer
     assert set(_keys_taken(fresh.target, "acme-key")) == {"OK"}
 
 
-def test_a_sighup_while_a_front_end_starts_does_not_kill_it(fresh: WorkersServer) -> None:
+def test_a_sighup_while_a_front_end_starts_does_not_kill_it(survivor: WorkersServer) -> None:
     """A front end killed outright is started again; a SIGHUP that comes while it is
     still importing reaches it once it serves (it would end a process that has no
     handler yet, which would then be restarted again)."""
-    victim, _ = fresh.children()["front-end"]
+    victim, _ = survivor.children()["front-end"]
     os.kill(victim, signal.SIGKILL)
     time.sleep(0.35)  # the new front end is importing
-    assert fresh.process is not None
-    fresh.process.send_signal(signal.SIGHUP)
-    pids = _wait_for_pids(fresh, "front-end", 2, {victim})
+    assert survivor.process is not None
+    survivor.process.send_signal(signal.SIGHUP)
+    pids = _wait_for_pids(survivor, "front-end", 2, {victim})
     time.sleep(2.0)
-    assert sorted(fresh.children()["front-end"]) == sorted(pids)
-    _serving(fresh.target)
+    assert sorted(survivor.children()["front-end"]) == sorted(pids)
+    _serving(survivor.target)
 
 
 @pytest.mark.parametrize("multiplex", [False, True], ids=["unary", "multiplexed"])
@@ -795,28 +814,28 @@ def test_a_second_server_on_the_same_grpc_port_refuses_to_start(
     assert not list(scratch.iterdir())
 
 
-def test_a_stopped_front_end_is_not_ready_and_is_started_again(fresh: WorkersServer) -> None:
+def test_a_stopped_front_end_is_not_ready_and_is_started_again(survivor: WorkersServer) -> None:
     """A front end that is there but silent (SIGSTOP; a stuck event loop looks the
     same) kept its listening socket, so the kernel gave it a share of new connections
     that nobody answered, and /readyz said ready with every front end stopped. Now it
     stops counting as accepting calls at once, and is killed after 10 s of silence
     for the supervisor to start again."""
-    fronts = fresh.children()["front-end"]
+    fronts = survivor.children()["front-end"]
     for pid in fronts:
         os.kill(pid, signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 10
-        while _ready(fresh.http_port):
+        while _ready(survivor.http_port):
             assert time.monotonic() < deadline, "/readyz still says ready"
             time.sleep(0.1)
-        _wait_for_front_ends_listening(fresh, set(fronts))
+        _wait_for_front_ends_listening(survivor, set(fronts))
     finally:
         for pid in fronts:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-    _serving(fresh.target)
+    _serving(survivor.target)
     deadline = time.monotonic() + 10
-    while not _ready(fresh.http_port):
+    while not _ready(survivor.http_port):
         assert time.monotonic() < deadline, "/readyz never ready again"
         time.sleep(0.1)
 
