@@ -595,6 +595,32 @@ async def test_one_tenants_poisoned_requests_never_fail_another_tenants() -> Non
     check_own_rows(reqs[3], results[3])
 
 
+async def test_a_light_tenant_s_call_in_a_suspect_batch_runs_alone_next() -> None:
+    """The model has not answered lately (one tenant's poisoned batches): a batch of
+    a's seven poisoned calls and b's one fails, and is split in the slot by tenant, b's
+    part first: b's call is answered by the batch's second run (split in halves, it
+    waited for four, about six beside a flood of them)."""
+    backend = GatedBackend(auto=True, compute=double_unless_poisoned)
+    batcher, _, _, _ = await make(backend, max_batch_size=16, policy="fifo")
+    backend.auto = False
+    blocker = submit(batcher, request("a", value=POISON))
+    await settle()
+    reqs = [request("a", value=POISON) for _ in range(4)] + [request("b", value=5.0)]
+    reqs += [request("a", value=POISON) for _ in range(3)]
+    tasks = [submit(batcher, r) for r in reqs]
+    await settle()
+    backend.auto = True
+    backend.release(len(backend.running))
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(blocker, return_exceptions=True)
+    check_own_rows(reqs[4], results[4])
+    assert all(isinstance(r, ModelFailed) for r in results[:4] + results[5:]), results
+    batch, light = backend.calls[1:3]  # after the blocker
+    assert batch.rows == 8
+    np.testing.assert_array_equal(light.inputs["x"], reqs[4].inputs["x"])
+    await batcher.aclose()
+
+
 async def test_no_answer_carries_another_request_s_verdict() -> None:
     """A backend's verdict on one request alone (Triton's INVALID_ARGUMENT quotes the
     request's values) is that request's: when both halves failed alike and the

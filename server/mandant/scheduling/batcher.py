@@ -72,7 +72,7 @@ from mandant.errors import (
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.adaptive import AdaptiveDispatch
 from mandant.scheduling.clock import Clock, LoopClock, Timer
-from mandant.scheduling.isolation import Isolation, failure_log, raised
+from mandant.scheduling.isolation import Isolation, failure_log, parts_of, raised
 from mandant.scheduling.policy import (
     BatchQueue,
     FairQueue,
@@ -550,16 +550,8 @@ class DynamicBatcher:
         isolation.failed(batch, failure, first=batch[0].split is None)
         if len(batch) == 1:
             return
-        by_tenant: dict[str, list[_Pending]] = {}
-        for entry in batch:
-            by_tenant.setdefault(entry.tenant, []).append(entry)
-        if len(by_tenant) > 1:
-            parts = list(by_tenant.values())
-        else:
-            middle = len(batch) // 2
-            parts = [batch[:middle], batch[middle:]]
         now = self._clock.monotonic()
-        for part in parts:
+        for part in parts_of(batch):
             group = object()  # its own: batched with none but its part
             for entry in part:
                 if entry.future.done():

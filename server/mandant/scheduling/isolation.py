@@ -4,27 +4,30 @@ their tenants' turns, and asks here only to answer a request that failed alone
 (:meth:`Isolation.failed`); once the model may be at fault itself (it has not
 answered lately), it hands the failed batch here, whole, to be split in its slot:
 
-A batch the model raises on (anything but a MandantError) is split in halves, each
-rerun in the same execution slot, level by level, until the request(s) it fails on
-alone are found: those get ModelFailed, every other request its normal result. A
-binary split of n requests runs at most 2n - 1 times however often the model fails; a
-request whose caller left or whose deadline passed is not rerun. But when both halves
-of a part fail alike and so do the first and the last request of each of its tenants
-alone, the model is at fault, not the requests' data (a model that raises on
-everything, or whose answer never matches its configuration): the others are answered
-Unavailable at once, after 3 + 2 x (tenants) runs instead of 2n - 1 (those probes
-answer their own requests, so a batch never runs more than 3n - 1 times in all). One
-poisoned request never fails another (it cannot make two disjoint halves fail), nor do
-one tenant's poisoned requests fail another tenant's; no answer carries another
-request's verdict. A model that answered a run in this batch, or that the batcher
-has seen working (``SUSPECT_AFTER`` in ``batcher.py``: it answered a run less than
-three failed batches ago, and no batch of several tenants failed since with nothing
-answered while it was split), is never judged at fault: it works, so the data is
-(the requests of a part may all be poisoned: one tenant's bad calls, batched apart
-from the good ones). A model that breaks after working thus pays a full split
-(2n - 1 runs) for one batch of several tenants, or for two batches of one tenant,
-before the shortcut applies; a fresh model that has never answered cannot be told
-from its data.
+A batch the model raises on (anything but a MandantError) is split, each part rerun in
+the same execution slot, level by level, until the request(s) it fails on alone are
+found: those get ModelFailed, every other request its normal result. A batch of several
+tenants is split by tenant, the tenant with the fewest requests first (split in
+halves, a light tenant's call batched with another's poisoned ones ran as many times
+as the batch had levels: about six runs beside a flood); one tenant's part is split in
+halves. Such a split of n requests runs at most 2n - 1 times however often the model
+fails; a request whose caller left or whose deadline passed is not rerun. But when
+every part of a part fails alike and so do the first and the last request of each of
+its tenants alone, the model is at fault, not the requests' data (a model that raises
+on everything, or whose answer never matches its configuration): the others are
+answered Unavailable at once, after at most 1 + 3 x (tenants) runs (5 for one tenant)
+instead of 2n - 1 (those probes answer their own requests, so a batch never runs more
+than 3n - 1 times in all). One poisoned request never fails another (it cannot make
+two disjoint parts fail), nor do one tenant's poisoned requests fail another tenant's;
+no answer carries another request's verdict. A model that answered a run in this
+batch, or that the batcher has seen working (``SUSPECT_AFTER`` in ``batcher.py``: it
+answered a run less than three failed batches ago, and no batch of several tenants
+failed since with nothing answered while it was split), is never judged at fault: it
+works, so the data is (the requests of a part may all be poisoned: one tenant's bad
+calls, batched apart from the good ones). A model that breaks after working thus pays
+a full split (2n - 1 runs) for one batch of several tenants, or for two batches of one
+tenant, before the shortcut applies; a fresh model that has never answered cannot be
+told from its data.
 
 Running a part and answering the requests it succeeded for is the batcher's
 (``attempt``); :class:`Isolation` decides what to run next and answers the failures.
@@ -110,32 +113,30 @@ class Isolation(Generic[E]):
         self._works = model_works
 
     async def run(self, batch: list[E], failure: Exception) -> None:
-        """``batch`` failed with ``failure``: rerun its halves apart, level by level,
-        while a part of it fails (a half that succeeds is answered two runs after the
-        batch failed). Each run is a node of a binary tree over the batch's requests:
-        at most 2n - 1 runs, 3 + 2 x (tenants) when the model fails whatever the data
-        (``_model_fails``), and its probes, one run per request they answer."""
+        """``batch`` failed with ``failure``: rerun its parts apart (:func:`parts_of`),
+        level by level, while a part of it fails (a part that succeeds is answered as
+        soon as it ran). Each run is a node of a tree over the batch's requests: at
+        most 2n - 1 runs, at most 1 + 3 x (tenants) when the model fails whatever the
+        data (``_model_fails``), and its probes, one run per request they answer."""
         self.failed(batch, failure, True)
         failing = deque([batch] if len(batch) > 1 else [])
         while failing:
-            part = failing.popleft()
-            middle = len(part) // 2
-            halves = [await self._attempt(half) for half in (part[:middle], part[middle:])]
-            self._works = self._works or any(ran and exc is None for ran, exc in halves)
-            if not self._works and await self._model_fails(halves):
+            ran = [await self._attempt(part) for part in parts_of(failing.popleft())]
+            self._works = self._works or any(live and exc is None for live, exc in ran)
+            if not self._works and await self._model_fails(ran):
                 continue
-            for half, exc in halves:
+            for part, exc in ran:
                 if raised(exc):
-                    self.failed(half, exc, False)
-                    if len(half) > 1:
-                        failing.append(half)
+                    self.failed(part, exc, False)
+                    if len(part) > 1:
+                        failing.append(part)
 
-    async def _model_fails(self, halves: list[tuple[list[E], Exception | None]]) -> bool:
-        """Whether the two halves of a failed part failed for the model's sake, not its
+    async def _model_fails(self, parts: list[tuple[list[E], Exception | None]]) -> bool:
+        """Whether the parts of a failed part failed for the model's sake, not their
         requests'; if so, answer all their requests. One request's data cannot make two
-        disjoint parts fail: when both halves raise alike (the same exception type),
+        disjoint parts fail: when every part raises alike (the same exception type),
         either the model fails whatever the data or several requests are at fault. The
-        first and the last request of each tenant of the part, alone (a lone half ran
+        first and the last request of each tenant of the part, alone (a lone part ran
         alone already), tell them apart: should each fail too (alike, or with the
         backend's Unavailable, e.g. a model whose answer never matches its
         configuration), the model is at fault: those that ran alone are answered as
@@ -145,13 +146,11 @@ class Isolation(Generic[E]):
         succeeds alone, and a tenant's good request next to two of its own poisoned
         ones fails only if it is neither its first nor its last in the part. No answer
         ever carries another request's verdict (a Triton message quotes its inputs)."""
-        (first, first_exc), (second, second_exc) = halves
-        if not (raised(first_exc) and raised(second_exc)):
+        first_exc = parts[0][1]
+        if not all(raised(exc) and type(exc) is type(first_exc) for _, exc in parts):
             return False
-        if type(first_exc) is not type(second_exc):
-            return False
-        part = first + second
-        alone: dict[int, Exception] = {id(h[0]): e for h, e in halves if len(h) == 1 and e}
+        part = [entry for ran, _ in parts for entry in ran]
+        alone: dict[int, Exception] = {id(p[0]): e for p, e in parts if len(p) == 1 and e}
         failed: list[tuple[E, Exception]] = []  # ran alone and raised: not answered yet
         for entry in _ends_by_tenant(part):
             verdict = alone.get(id(entry))
@@ -166,7 +165,7 @@ class Isolation(Generic[E]):
             if raised(verdict):
                 if type(verdict) is not type(first_exc):
                     self._answer_alone([*failed, (entry, verdict)])
-                    return False  # its own failure, not the halves'
+                    return False  # its own failure, not the parts'
                 failed.append((entry, verdict))
             elif not isinstance(verdict, Unavailable):  # the backend blames its data
                 self._answer_alone(failed)
@@ -175,7 +174,7 @@ class Isolation(Generic[E]):
         rest = [entry for entry in part if not entry.future.done()]
         if rest:
             logger.error(
-                "model %s failed on a batch, on both its halves and on the first and the "
+                "model %s failed on a batch, on each of its parts and on the first and the "
                 "last request of each of its tenants alone: answering the other %d "
                 "request(s) Unavailable without running them apart: %r",
                 self._model,
@@ -222,6 +221,19 @@ class Isolation(Generic[E]):
         failure = ModelFailed(self._model, request_id)
         failure.__cause__ = exc
         self._finish(entry, exc=failure)
+
+
+def parts_of(part: list[E]) -> list[list[E]]:
+    """A failed part's parts, to run apart (here, or queued again by the batcher): each
+    tenant's requests, the tenant with the fewest first (so a light tenant's call is
+    answered after one run of its own), or the halves of one tenant's part."""
+    by_tenant: dict[str, list[E]] = {}
+    for entry in part:
+        by_tenant.setdefault(entry.tenant, []).append(entry)
+    if len(by_tenant) > 1:
+        return sorted(by_tenant.values(), key=len)
+    middle = len(part) // 2
+    return [part[:middle], part[middle:]]
 
 
 def _ends_by_tenant(part: list[E]) -> list[E]:
