@@ -1,10 +1,14 @@
 """Poisoned neighbour: tenant A (acme) sends calls the model raises on (ids past its
 embedding table: ``IndexError``, as a real lookup model's) while tenant B (initech)
-sends one valid call at a time, 20 ms apart. Every batch A's calls are in fails, and
-the batcher splits it until it finds them; B's latency alone and beside A, and, as
+sends one valid call at a time, 20 ms apart (``--b-pause-ms``). Every batch A's calls
+are in fails, and the batcher splits it until it finds them; B's latency alone and beside A, and, as
 the control, beside A sending valid calls at the same concurrency (a plain flood).
 
     .venv/bin/python -m benchmarks.poisoned_neighbour [--seconds 6] [--callers 16 64]
+        [--b-pause-ms 20]
+
+A light tenant that calls rarely (``--b-pause-ms 1000``) finds the model suspect
+(only A's failed batches ran since its last call), and its batch split in the slot.
 
 The model: an embedding of 100 rows of 256 (ids [-1, 1] INT64) into the demo
 classifier's MLP (256-512-512-16), and ``--run-ms`` (10) of waiting per run, whatever
@@ -40,8 +44,8 @@ LOOKUP: dict[str, Any] = {
     "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, 16]}],
     "batching": {"max_batch_size": 64, "max_queue_delay_ms": 2},
 }
-#: B's pause between its calls.
-B_PAUSE_S = 0.02
+#: B's pause between its calls, by default.
+B_PAUSE_MS = 20.0
 
 
 def lookup_classifier(hidden: int = 512, run_s: float = 0.01) -> nn.Module:
@@ -121,7 +125,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--callers", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--run-ms", type=float, default=10.0, help="each run's device time")
+    parser.add_argument("--b-pause-ms", type=float, default=B_PAUSE_MS, help="B's pause")
     args = parser.parse_args()
+    b_pause_s = args.b_pause_ms / 1000
 
     scenarios: list[tuple[str, tuple[int, bool] | None]] = [("B alone", None)]
     for callers in args.callers:
@@ -133,7 +139,7 @@ def main() -> None:
     with server(demo_data([lookup])) as running:
         for label, attack in scenarios:
             jobs: list[Any] = [
-                (closed_loop, (running.target, "initech", 1, False, B_PAUSE_S, args.seconds))
+                (closed_loop, (running.target, "initech", 1, False, b_pause_s, args.seconds))
             ]
             if attack is not None:
                 callers, poisoned = attack
@@ -156,7 +162,7 @@ def main() -> None:
             )
     print(
         f"lookup model (embedding {TABLE_ROWS} x 256, MLP 256-512-512-16, {args.run_ms:g} ms "
-        f"a run), batched 64 / 2 ms; B one call at a time, {B_PAUSE_S * 1000:g} ms apart; "
+        f"a run), batched 64 / 2 ms; B one call at a time, {args.b_pause_ms:g} ms apart; "
         f"{args.seconds:g} s per scenario"
     )
     print(
