@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from redis.connection import parse_url
 
 from mandant.config._base import _NAME, _Frozen, _hashes_only
 
@@ -79,6 +78,10 @@ class LimitsConfig(_Frozen):
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("'url' starts with redis://, rediss:// or unix://")
         if self.url:
+            # Here, not at the top: redis is 0.15 s of every process's start, and only a
+            # redis store's processes need it.
+            from redis.connection import parse_url
+
             try:
                 parse_url(self.url)  # type: ignore[no-untyped-call]
             except ValueError:  # its words quote the URL's parts: a password, maybe
