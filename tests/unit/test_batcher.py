@@ -559,7 +559,7 @@ async def test_a_broken_model_runs_twice_alone_per_tenant_of_the_batch() -> None
     backend.release(len(backend.running))
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert sorted(type(r).__name__ for r in results) == ["ModelFailed"] * 4 + ["Unavailable"] * 4
-    assert len(backend.calls) == 1 + 3 + 4  # the batch, its halves, a's and b's ends
+    assert len(backend.calls) == 1 + 3 + 4  # the blocker, the batch, a's and b's parts, ends
     await asyncio.gather(blocker, return_exceptions=True)
 
 
@@ -586,8 +586,8 @@ async def in_one_batch(
 
 
 async def test_one_tenants_poisoned_requests_never_fail_another_tenants() -> None:
-    """Both halves fail alike and a poisoned request fails alone: the model could be at
-    fault, but tenant b's request succeeds alone, so the split goes on."""
+    """Both tenants' parts fail alike and a poisoned request fails alone: the model could
+    be at fault, but tenant b's request succeeds alone, so the split goes on."""
     reqs = [request("a", value=POISON), request("b"), request("a", value=POISON), request("b")]
     results = await in_one_batch(double_unless_poisoned, reqs)
     assert isinstance(results[0], ModelFailed) and isinstance(results[2], ModelFailed)
@@ -623,7 +623,7 @@ async def test_a_light_tenant_s_call_in_a_suspect_batch_runs_alone_next() -> Non
 
 async def test_no_answer_carries_another_request_s_verdict() -> None:
     """A backend's verdict on one request alone (Triton's INVALID_ARGUMENT quotes the
-    request's values) is that request's: when both halves failed alike and the
+    request's values) is that request's: when every part failed alike and the
     probes failed with verdicts of their own, tenant b was answered with tenant a's
     message, its value in it."""
 
@@ -657,7 +657,7 @@ async def test_a_part_of_one_tenant_s_poisoned_requests_is_their_data_once_other
     None
 ):
     """The CI failure of test_poisoned_batches: b's good requests and a's poisoned ones
-    in one batch; b's half succeeds, a's four fail as two halves and as first and
+    in one batch; b's part succeeds, a's four fail as two halves and as first and
     last alone, which looked like a model failing whatever its inputs (a's middle two
     were answered Unavailable). A model seen answering in the same batch works: each
     of a's requests is its own ModelFailed."""
@@ -709,7 +709,7 @@ async def test_a_model_that_breaks_after_working_is_split_once_then_judged_at_fa
         results = await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(blocker, return_exceptions=True)
         assert Counter(type(r).__name__ for r in results) == expected
-        # the batch, its halves, then a's and b's first and last alone
+        # the batch, a's and b's parts, then a's and b's first and last alone
         assert len(backend.calls) - before == runs
 
 

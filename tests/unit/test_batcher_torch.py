@@ -127,8 +127,8 @@ def widen() -> nn.Module:
 
 
 async def test_a_misconfigured_model_is_unavailable_to_a_batch_after_few_runs() -> None:
-    """Its every answer mismatches the declared outputs: after the batch, its two halves
-    and the first and the last request of each of its 2 tenants alone all fail, every
+    """Its every answer mismatches the declared outputs: after the batch, its 2 tenants'
+    parts and the first and the last request of each of its 2 tenants alone all fail, every
     request is answered UNAVAILABLE (it used to run 2n - 1 times: 15 for 8 requests)."""
     backend = TorchBackend(spec().model_copy(update={"factory": f"{__name__}:widen"}))
     await backend.start()
