@@ -123,7 +123,10 @@ class Isolation(Generic[E]):
         while failing:
             ran = [await self._attempt(part) for part in parts_of(failing.popleft())]
             self._works = self._works or any(live and exc is None for live, exc in ran)
-            if not self._works and await self._model_fails(ran):
+            # Judged on the parts that ran: a tenant whose callers all left says
+            # nothing (it kept the others' parts from being judged, each split again).
+            tried = [outcome for outcome in ran if outcome[0]]
+            if not self._works and len(tried) > 1 and await self._model_fails(tried):
                 continue
             for part, exc in ran:
                 if raised(exc):
@@ -144,8 +147,9 @@ class Isolation(Generic[E]):
         succeed or fail otherwise (its own data: the backend's InvalidInput, say), the
         split goes on: one tenant's bad rows never fail a tenant whose own request
         succeeds alone, and a tenant's good request next to two of its own poisoned
-        ones fails only if it is neither its first nor its last in the part. No answer
-        ever carries another request's verdict (a Triton message quotes its inputs)."""
+        ones fails only if it is neither its first nor its last in the part; a probe
+        whose caller left judges nothing (the split goes on). No answer ever carries
+        another request's verdict (a Triton message quotes its inputs)."""
         first_exc = parts[0][1]
         if not all(raised(exc) and type(exc) is type(first_exc) for _, exc in parts):
             return False
@@ -156,8 +160,9 @@ class Isolation(Generic[E]):
             verdict = alone.get(id(entry))
             if verdict is None:
                 probe, verdict = await self._attempt([entry])
-                if not probe:
-                    continue  # its caller left: no evidence either way
+                if not probe:  # its caller left: its tenant's other end alone would judge
+                    self._answer_alone(failed)  # the model (its good calls Unavailable)
+                    return False
             if verdict is None:
                 self._works = True
                 self._answer_alone(failed)
