@@ -1,5 +1,5 @@
 """:class:`Isolation` alone: how many runs a failed batch's split takes when the model
-fails whatever its inputs and a tenant's callers have left."""
+fails whatever its inputs, and when callers leave mid-split."""
 
 from __future__ import annotations
 
@@ -28,6 +28,12 @@ class _Entry:
     )
 
 
+def _finish(entry: _Entry, *, exc: BaseException) -> None:
+    """Answer ``entry`` with ``exc``, unless it was answered (its caller left)."""
+    if not entry.future.done():
+        entry.future.set_exception(exc)
+
+
 async def _split_of_a_broken_model(entries: list[_Entry]) -> list[int]:
     """The sizes of the runs a split of ``entries`` takes, the model failing on all."""
     runs: list[int] = []
@@ -39,11 +45,7 @@ async def _split_of_a_broken_model(entries: list[_Entry]) -> list[int]:
             return live, RuntimeError("broken model")
         return live, None
 
-    def finish(entry: _Entry, *, exc: BaseException) -> None:
-        if not entry.future.done():
-            entry.future.set_exception(exc)
-
-    isolation = Isolation("m", attempt, finish, model_works=False, failures=failure_log())
+    isolation = Isolation("m", attempt, _finish, model_works=False, failures=failure_log())
     await isolation.run(list(entries), RuntimeError("broken model"))
     return runs
 
@@ -97,11 +99,7 @@ async def test_a_probe_whose_caller_left_judges_nothing() -> None:
             entry.future.set_result("answer")
         return live, None
 
-    def finish(entry: _Entry, *, exc: BaseException) -> None:
-        if not entry.future.done():
-            entry.future.set_exception(exc)
-
-    isolation = Isolation("m", attempt, finish, model_works=False, failures=failure_log())
+    isolation = Isolation("m", attempt, _finish, model_works=False, failures=failure_log())
     await isolation.run([poisoned_a, good, last, poisoned_b], RuntimeError("poisoned row"))
     assert good.future.result() == "answer"
     assert isinstance(poisoned_a.future.exception(), ModelFailed)
