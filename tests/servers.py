@@ -8,7 +8,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mandant.app import App
 from mandant.config import MandantConfig, parse_config
+from tests.ports import free_port as free_port  # the tests' one source of ports
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "examples" / "demo" / "mandant.yaml"
@@ -297,12 +297,6 @@ def wait_for_calls(server: Server, admin_key: str, calls: int, timeout_s: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"{counted} calls counted, not {calls}, after {timeout_s}s")
         time.sleep(0.01)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(proc: subprocess.Popen[str], text: str, timeout_s: float = 60) -> str:

@@ -17,7 +17,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -25,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.ports import free_port
 from tests.triton_server.tiny import NAME as MODEL
 from tests.triton_server.tiny import NAMES, expected
 from tests.triton_server.tiny import POISON_NAME as POISON_MODEL
@@ -38,12 +38,6 @@ TRITON_PYTHON = Path(os.environ.get("MANDANT_TRITON_PYTHON", ROOT / ".venv-trito
 
 
 _PRINT_LIBDIR = "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def available() -> str | None:
