@@ -46,7 +46,7 @@ from tests.triton_server import (
     expected,
     free_port,
 )
-from tests.triton_server.tiny import QUEUED_NAME, SHARED_POISON_NAME
+from tests.triton_server.tiny import QUEUED_NAME, SHARED_POISON_NAME, SLOW_NAME
 
 _missing = available()
 if _missing is not None and os.environ.get("CI"):
@@ -505,6 +505,51 @@ async def test_triton_s_full_queue_is_queue_full_for_its_caller_and_leaves_the_b
             assert error.retry_after_s is not None and error.retry_after_s > 0
             assert "'queued'" in str(error) and "queue size" not in str(error)
         assert await outcome(globex, "queued", good_rows(1)) is None
+
+
+def slow_model(triton: TritonProcess, name: str = "slow", **settings: Any) -> dict[str, Any]:
+    """``slow`` on Triton: 0.1 s a call, one at a time, every call sent to it held."""
+    triton_settings = {"url": triton.url, "model": SLOW_NAME, "health_interval_s": 0.2}
+    return {"name": name, "backend": "triton", "triton": {**triton_settings, **settings}}
+
+
+async def test_max_in_flight_auto_is_twice_what_triton_s_model_runs_at_once(
+    triton: TritonProcess, tmp_path: Path
+) -> None:
+    """Read from Triton's model config (``runs_at_once``): its one instance, times the
+    calls its dynamic batcher joins; a number set in the configuration is kept."""
+    fixed = slow_model(triton, "slow-fixed", max_in_flight=5)
+    async with App(config(triton.url, slow_model(triton), fixed), tmp_path) as app:
+        in_flight = {model.key.name: model.backend.max_concurrency for model in app.registry.all()}
+    assert in_flight["tiny"] == 2 * 64  # its batcher joins up to 64 one-row calls
+    assert in_flight["tiny-batched"] == 2 * 4  # ... and 4 of Mandant's batches of 16
+    assert in_flight["poison"] == in_flight["slow"] == 2  # no batcher: one at a time
+    assert in_flight["slow-fixed"] == 5
+
+
+async def test_a_flood_of_a_slow_triton_model_waits_in_mandant_where_tenants_take_turns(
+    triton: TritonProcess, tmp_path: Path
+) -> None:
+    """acme sends 8 calls of ``slow``, then globex one. Triton serves the calls it holds
+    first come first served: with 256 in flight (the default before ``auto``) all of
+    acme's went to Triton and globex's ran ninth, 0.9 s later; with ``auto`` (2 here)
+    the rest wait in Mandant's fair queue and globex's runs among the first four."""
+    async with (
+        App(config(triton.url, slow_model(triton)), tmp_path) as app,
+        client(app, "acme") as acme,
+        client(app, "globex") as globex,
+    ):
+        answered: list[str] = []
+
+        async def call(caller: AsyncClient, tenant: str) -> None:
+            assert await outcome(caller, "slow", good_rows(1)) is None
+            answered.append(tenant)
+
+        flood = [asyncio.create_task(call(acme, "acme")) for _ in range(8)]
+        await asyncio.sleep(0.05)  # acme's calls are in (their first still runs)
+        await call(globex, "globex")
+        await asyncio.gather(*flood)
+    assert answered.index("globex") <= 3, answered
 
 
 # -- faults ---------------------------------------------------------------------------

@@ -7,8 +7,8 @@ protobuf): ``python serve.py --grpc-port P --http-port Q --metrics-port R``. Pri
 The models are ``tiny.py``'s, so a test can compute the expected result with numpy alone:
 ``tiny`` (max batch 64, Triton's dynamic batcher on) and ``poison`` (max batch 64, no
 dynamic batcher: each request runs alone, so its failure is its own), ``poison-shared``
-(``poison`` behind Triton's dynamic batcher) and ``queued`` (slow, one place in Triton's
-queue).
+(``poison`` behind Triton's dynamic batcher), ``queued`` (slow, one place in Triton's
+queue) and ``slow`` (slow, no batcher, no queue bound).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from tiny import (  # this script's folder is on sys.path
     QUEUED_SLEEP_S,
     SHARED_DELAY_S,
     SHARED_POISON_NAME,
+    SLOW_NAME,
+    SLOW_SLEEP_S,
     expected,
     poisoned,
 )
@@ -47,6 +49,12 @@ def infer_poison(INPUT0: np.ndarray) -> dict[str, np.ndarray]:
 @batch
 def infer_queued(INPUT0: np.ndarray) -> dict[str, np.ndarray]:
     time.sleep(QUEUED_SLEEP_S)
+    return expected(INPUT0)
+
+
+@batch
+def infer_slow(INPUT0: np.ndarray) -> dict[str, np.ndarray]:
+    time.sleep(SLOW_SLEEP_S)
     return expected(INPUT0)
 
 
@@ -113,6 +121,14 @@ def main() -> None:
                 max_batch_size=1,
                 batcher=DynamicBatcher(max_queue_delay_microseconds=0, default_queue_policy=queue),
             ),
+            strict=True,
+        )
+        triton.bind(
+            model_name=SLOW_NAME,
+            infer_func=infer_slow,
+            inputs=inputs,
+            outputs=outputs,
+            config=ModelConfig(max_batch_size=64, batcher=None),  # type: ignore[arg-type]
             strict=True,
         )
         print("READY", flush=True)

@@ -14,6 +14,9 @@ one caller's negative value fails every call of Triton's batch.
 ``queued``: ``tiny`` taking ``QUEUED_SLEEP_S`` per call, one call at a time, with one
 place in Triton's queue (``max_queue_size: 1``): Triton refuses the others UNAVAILABLE
 "Exceeds maximum queue size".
+
+``slow``: ``tiny`` taking ``SLOW_SLEEP_S`` per call, one call at a time, no batcher and
+no queue bound: Triton holds every call sent to it, first come first served.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ SHARED_POISON_NAME = "poison-shared"
 SHARED_DELAY_S = 0.2
 QUEUED_NAME = "queued"
 QUEUED_SLEEP_S = 0.3
-NAMES = (NAME, POISON_NAME, SHARED_POISON_NAME, QUEUED_NAME)
+SLOW_NAME = "slow"
+SLOW_SLEEP_S = 0.1
+NAMES = (NAME, POISON_NAME, SHARED_POISON_NAME, QUEUED_NAME, SLOW_NAME)
 W = (np.arange(12, dtype=np.float32).reshape(4, 3) - 6.0) / 10.0
 B = np.array([0.1, -0.2, 0.3], dtype=np.float32)
 

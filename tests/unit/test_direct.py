@@ -243,3 +243,31 @@ async def test_one_tenant_s_failures_never_hide_another_s_first_one(
         await scheduler.submit(victim)
     logged = [r.getMessage() for r in caplog.records if r.name == "mandant.scheduling.direct"]
     assert len(logged) == 2 and victim.request_id in logged[1]
+
+
+async def test_the_slots_follow_the_backend_s_max_concurrency() -> None:
+    """A Triton model's ``max_in_flight: auto`` is read from Triton's model config at
+    every poll: the scheduler takes it as slots are taken and freed, not once."""
+    backend = GatedBackend(max_concurrency=1)
+    scheduler = DirectScheduler(backend, "m")
+    tasks = [asyncio.create_task(scheduler.submit(request(value=v))) for v in range(6)]
+    await settle()
+    assert len(backend.running) == 1
+    backend.max_concurrency = 3  # Triton's model now runs more at once
+    backend.release()
+    await settle()
+    assert len(backend.running) == 3  # the freed slot and the two new ones
+    backend.max_concurrency = 1  # and fewer again: running calls end, none start
+    backend.release()
+    await settle()
+    assert len(backend.running) == 2
+    backend.release()
+    await settle()
+    assert len(backend.running) == 1
+    while not all(task.done() for task in tasks):  # one at a time now
+        assert len(backend.running) <= 1
+        backend.release()
+        await settle()
+    await asyncio.gather(*tasks)
+    assert [float(c.inputs["x"][0, 0]) for c in backend.calls] == [0, 1, 2, 3, 4, 5]
+    await scheduler.aclose()  # nothing running: returns at once

@@ -54,6 +54,15 @@
   (``batching:`` in its entry) with ``triton.max_in_flight: 1``, so that Triton never
   holds two of Mandant's calls at once and Mandant batches instead: it then splits a
   failed batch until the request at fault fails alone. Or turn Triton's batcher off.
+* Fairness needs the calls to wait in Mandant: Triton serves the calls it holds first
+  come first served, so every call Mandant sends beyond what Triton runs at once waits
+  in Triton's queue, where one tenant's flood sits ahead of another's call.
+  ``max_in_flight: auto`` (the default) sends at most twice what Triton's model config
+  says it runs at once (:func:`runs_at_once`: its instances, times the calls its
+  batcher joins into one execution), so Triton has the next calls at hand as it
+  finishes, and the rest take turns in the tenants' queues; a config that does not say
+  (an ensemble, a KServe v2 server without ModelConfig) gets :data:`UNKNOWN_IN_FLIGHT`.
+  Read at every poll: the model's schedulers follow a change of Triton's model.
 """
 
 from __future__ import annotations
@@ -104,6 +113,10 @@ SILENT_S = 5.0
 STALL_FACTOR = 2.0
 #: Triton's slowest recent answer is a peak that each answer lowers by this factor.
 SLOWEST_DECAY = 0.9
+#: ``max_in_flight: auto``: calls in flight per call Triton runs at once (one running,
+#: the next at hand when it ends), and where Triton's model config does not say.
+AUTO_IN_FLIGHT_FACTOR = 2
+UNKNOWN_IN_FLIGHT = 256
 _CONNECT_FAILURE_MARKERS = ("failed to connect", "connection refused", "no route to host")
 
 
@@ -131,6 +144,8 @@ class TritonBackend:
         self._discover = not (spec.inputs and spec.outputs)
         #: Triton's model config's ``max_batch_size`` (0: none, or not known).
         self._triton_max_batch = 0
+        #: ``max_in_flight: auto``: from Triton's model config, at each poll.
+        self._auto_in_flight = UNKNOWN_IN_FLIGHT
         #: Triton may join calls into batches of its own (a dynamic or sequence batcher,
         #: or an ensemble, whose steps may have one): a failure is then maybe another's.
         self._triton_batches = False
@@ -166,7 +181,9 @@ class TritonBackend:
 
     @property
     def max_concurrency(self) -> int:
-        return self._triton.max_in_flight
+        """``max_in_flight``; ``auto``: from Triton's model config (module doc)."""
+        configured = self._triton.max_in_flight
+        return self._auto_in_flight if configured == "auto" else configured
 
     @property
     def spec(self) -> ModelSpec:
@@ -305,7 +322,7 @@ class TritonBackend:
     def _joined_by_triton(self) -> bool:
         """Triton may have run a call in one batch with other calls of Mandant's: it
         batches on its own, and Mandant sends it several calls at once."""
-        return self._triton_batches and self._triton.max_in_flight > 1
+        return self._triton_batches and self.max_concurrency > 1
 
     def _answered(self, sent: float) -> None:
         """Triton answered a call sent at ``sent`` (an error answer too)."""
@@ -430,16 +447,16 @@ class TritonBackend:
                 self._adopt(metadata)
             else:
                 self._check(metadata)
-            await self._read_max_batch(stub, timeout_s)
+            await self._read_config(stub, timeout_s)
         self._set_ready(ready.ready, "Triton reports the model not ready")
 
-    async def _read_max_batch(
-        self, stub: pb_grpc.GRPCInferenceServiceStub, timeout_s: float
-    ) -> None:
-        """Take ``max_batch_size`` from Triton's model config (0 where the server does
-        not serve ModelConfig, as some KServe v2 servers do not; a poll that fails
-        otherwise, a timeout say, keeps what the last one read)."""
+    async def _read_config(self, stub: pb_grpc.GRPCInferenceServiceStub, timeout_s: float) -> None:
+        """Take ``max_batch_size`` and what it runs at once from Triton's model config
+        (neither where the server does not serve ModelConfig, as some KServe v2 servers
+        do not; a poll that fails otherwise, a timeout say, keeps what the last one
+        read)."""
         model, version = self._triton.model, self._triton.version
+        batching = self._spec.batching
         try:
             reply = await stub.ModelConfig(
                 pb.ModelConfigRequest(name=model, version=version), timeout=timeout_s
@@ -449,11 +466,15 @@ class TritonBackend:
                 reply.config.HasField(scheduler)
                 for scheduler in ("dynamic_batching", "sequence_batching")
             )
+            at_once = runs_at_once(reply.config, batching.max_batch_size if batching else 1)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                 return
-            limit, joins = 0, False
+            limit, joins, at_once = 0, False, None
         self._triton_batches = limit > 0 and joins
+        self._auto_in_flight = (
+            UNKNOWN_IN_FLIGHT if at_once is None else AUTO_IN_FLIGHT_FACTOR * at_once
+        )
         batching = self._spec.batching
         if limit != self._triton_max_batch and batching and 0 < limit < batching.max_batch_size:
             logger.info(
@@ -547,3 +568,19 @@ def _raw_bytes(array: np.ndarray) -> bytes:
         return base
     little = array.dtype.newbyteorder("<")
     return np.ascontiguousarray(array, dtype=little).tobytes()
+
+
+def runs_at_once(config: pb.ModelConfig, rows_per_call: int) -> int | None:
+    """How many of Mandant's calls of ``rows_per_call`` rows Triton's model runs at
+    once: its instances (each group's count, on each of its GPUs), times the calls its
+    dynamic or sequence batcher joins into one execution (its ``max_batch_size`` over
+    the rows of a call) where it has one. None where the config does not say: an
+    ensemble (its steps' models run it), or no instance groups."""
+    if config.platform == "ensemble" or not config.instance_group:
+        return None
+    instances = sum(
+        max(1, int(group.count)) * max(1, len(group.gpus)) for group in config.instance_group
+    )
+    joins = config.HasField("dynamic_batching") or config.HasField("sequence_batching")
+    joined = int(config.max_batch_size) // max(1, rows_per_call) if joins else 1
+    return instances * max(1, joined)

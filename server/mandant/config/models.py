@@ -225,12 +225,24 @@ class TritonModelConfig(_Frozen):
     version: str = ""
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
     tls: bool = False
-    #: Calls in flight to Triton at once for this model (Triton queues and batches them,
-    #: first come first served: tenants take turns only for the calls beyond it, so set
-    #: it to what Triton runs at once where tenants share a slow model).
-    max_in_flight: Annotated[int, Field(gt=0)] = 256
+    #: Calls in flight to Triton at once for this model. Triton queues and batches
+    #: them first come first served: tenants take turns in Mandant's queues only for
+    #: the calls beyond it. ``auto``: twice what Triton's model config says it runs at
+    #: once (``backends/triton.py``), 256 where the config does not say.
+    max_in_flight: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     #: How often Triton's readiness and metadata are polled.
     health_interval_s: Annotated[float, Field(gt=0)] = 1.0
+
+    @field_validator("max_in_flight", mode="before")
+    @classmethod
+    def _max_in_flight(cls, value: object) -> object:
+        """``auto`` or a whole number from 1, said once otherwise (the union's members
+        each said why not)."""
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and value > 0
+        ):
+            return value
+        raise ValueError("'auto', or a number of calls from 1")
 
 
 class ModelConfig(_Frozen):

@@ -172,7 +172,6 @@ class DynamicBatcher:
         self._mode = config.dispatch
         self._adaptive = AdaptiveDispatch(self._delay_s, self._max_rows)
         self._batch_infer = backend if isinstance(backend, BatchInfer) else None
-        self._slots = max(1, backend.max_concurrency)
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._delay_timer: Timer | None = None
@@ -342,6 +341,12 @@ class DynamicBatcher:
         if floor is not None:
             self._arm_expiry(floor)
 
+    @property
+    def _slots(self) -> int:
+        """Batches that may run at once: the backend's ``max_concurrency`` (a Triton
+        model's follows Triton's model config)."""
+        return max(1, self._backend.max_concurrency)
+
     def _leaving(self) -> int:
         """Rows the idle execution slots may be about to take from the queue: they do
         not wait, so the queue cap does not count them (with adaptive dispatch, requests
@@ -349,7 +354,7 @@ class DynamicBatcher:
         bound, offered to every tenant: a request admitted on it is refused by the next
         pump should its tenant still have more than its cap waiting after the batches
         left (``_refuse_leftovers``)."""
-        return (self._slots - self._running) * self._max_rows
+        return max(0, self._slots - self._running) * self._max_rows
 
     def _queue_full(self, tenant: str, cap: int) -> QueueFull:
         self._observer.rejected(tenant, "queue_full", self._model)

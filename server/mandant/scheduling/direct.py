@@ -42,14 +42,15 @@ class _Waiter:
 
 
 class DirectScheduler:
-    """No batching: one request, one backend call; at most ``max_concurrency`` at
-    once. The rest wait for a slot in their tenant's queue, and each slot that frees
-    goes to the next tenant by weighted deficit round robin over rows (``policy.py``'s
-    :class:`FairQueue`: a tenant's priority levels are strict within its share), so a
-    flood of one tenant's calls does not hold another's behind it (in arrival order, a
-    light tenant's call waited 2.9 s behind 60 of another's 50 ms calls, against
-    0.11 s with the batcher's fair queue). A request whose deadline passes
-    while it waits is answered DeadlineExceeded and never runs. A model that raises
+    """No batching: one request, one backend call; at most the backend's
+    ``max_concurrency`` at once (read as slots are taken: a Triton model's follows
+    Triton's model config). The rest wait for a slot in their tenant's queue, and each
+    slot that frees goes to the next tenant by weighted deficit round robin over rows
+    (``policy.py``'s :class:`FairQueue`: a tenant's priority levels are strict within
+    its share), so a flood of one tenant's calls does not hold another's behind it (in
+    arrival order, a light tenant's call waited 2.9 s behind 60 of another's 50 ms
+    calls, against 0.11 s with the batcher's fair queue). A request whose deadline
+    passes while it waits is answered DeadlineExceeded and never runs. A model that raises
     (anything but a MandantError) on a request ran alone on that request's data: it
     is answered ModelFailed and counted as a failed batch of one; the first failure of
     each exception type is logged with its traceback, the next ones counted in one line
@@ -72,8 +73,7 @@ class DirectScheduler:
         self._model = model
         self._observer: Observer = observer or NullObserver()
         self._failures = FailureLog(logger, "mandant_failed_batches_total", clock=clock)
-        self._slots = max(1, backend.max_concurrency)
-        self._free = self._slots
+        self._busy = 0  # slots taken (by running requests, or handed to a waiting one)
         #: Requests waiting for a slot, by tenant (class doc).
         self._waiting: FairQueue[_Waiter] = FairQueue()
         self._closed = False
@@ -89,7 +89,7 @@ class DirectScheduler:
         for waiter in waiting:
             if not waiter.future.done():
                 waiter.future.set_exception(Unavailable(f"model '{self._model}' is shutting down"))
-        if self._free < self._slots:
+        if self._busy:
             self._all_free = asyncio.Event()
             await self._all_free.wait()
         self._failures.flush()  # the counts of its last minute, before the loop ends
@@ -98,8 +98,8 @@ class DirectScheduler:
         if self._closed:
             raise Unavailable(f"model '{self._model}' is not serving")
         arrival = time.monotonic()
-        if self._free and not self._waiting:
-            self._free -= 1  # free: no future to make, no timer to arm and cancel
+        if self._busy < max(1, self._backend.max_concurrency) and not self._waiting:
+            self._busy += 1  # free: no future to make, no timer to arm and cancel
         else:
             await self._wait_for_slot(request, arrival)
         try:
@@ -175,12 +175,13 @@ class DirectScheduler:
             raise
 
     def _release(self) -> None:
-        """Hand the slot to the next request waiting (class doc), else free it."""
-        while self._waiting:
+        """Free a slot; hand the free slots to the next requests waiting (class doc)."""
+        self._busy -= 1
+        slots = max(1, self._backend.max_concurrency)
+        while self._waiting and self._busy < slots:
             (waiter,) = self._waiting.take(1)
             if not waiter.future.done():
+                self._busy += 1
                 waiter.future.set_result(None)
-                return
-        self._free += 1
-        if self._free == self._slots and self._all_free is not None:
+        if not self._busy and self._all_free is not None:
             self._all_free.set()
