@@ -19,6 +19,7 @@ from mandant import errors
 from mandant.config import parse_config
 from mandant.errors import ConfigError, InvalidInput
 from mandant.transport.rest.codec import (
+    JSON_CHARS_PER_TURN,
     JSON_VALUES_PER_TURN,
     BodyTooLarge,
     JsonInferRequest,
@@ -101,6 +102,55 @@ def test_a_json_number_beyond_a_double_is_out_of_range(datatype: str, data: str)
     request = JsonInferRequest("m", "", _json_input(datatype, data), None)
     with pytest.raises(InvalidInput, match=f"a value is out of range for {datatype}"):
         request.decode_inputs()
+
+
+def test_a_number_beyond_a_double_elsewhere_leaves_a_tensor_s_infinity_alone() -> None:
+    """Whether ``1e400`` was sent is asked of the tensor's own data: one in a request
+    parameter, or in another input, made this input's literal ``Infinity`` out of
+    range."""
+    body = json.dumps(
+        {
+            "parameters": {"note": "PLACEHOLDER"},
+            "inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [2], "data": "INF"},
+                {"name": "y", "datatype": "FP32", "shape": [2], "data": "HUGE"},
+            ],
+        }
+    )
+    body = body.replace('"PLACEHOLDER"', "1e400").replace('"INF"', "[Infinity, 1]")
+    request = JsonInferRequest("m", "", body.replace('"HUGE"', "[1e400, 1]").encode(), None)
+    with pytest.raises(InvalidInput, match=r"input 'y'.*out of range for FP32"):
+        request.decode_inputs()  # y's own 1e400 is refused, x decodes first
+    request = JsonInferRequest("m", "", body.replace('"HUGE"', "[2, 1]").encode(), None)
+    assert request.decode_inputs()["x"].tolist() == [np.inf, 1.0]
+
+
+@pytest.mark.parametrize("length", [1, 100])
+def test_an_id_that_is_not_valid_unicode_is_invalid_input(length: int) -> None:
+    """JSON may escape a lone UTF-16 surrogate (``"\\ud800"``), which has no UTF-8: an
+    id of more than 64 of them failed the id's length check, INTERNAL (a traceback),
+    and a shorter one was echoed back."""
+    body = '{"id": "' + "\\ud800" * length + '", "inputs": []}'
+    with pytest.raises(InvalidInput, match="'id' is not valid Unicode"):
+        JsonInferRequest("m", "", body.encode(), None)
+
+
+@pytest.mark.parametrize(
+    ("output", "binary"),
+    [
+        ({"name": "Y"}, frozenset({"Y"})),  # binary_data_output decides
+        ({"name": "Y", "parameters": {"binary_data": False}}, frozenset()),  # its own
+        ({"name": "Y", "parameters": {"binary_data": True}}, frozenset({"Y"})),
+    ],
+)
+def test_binary_data_output_applies_to_named_outputs_without_their_own(
+    output: dict[str, Any], binary: frozenset[str]
+) -> None:
+    """Triton's binary-data extension: ``binary_data_output`` applies to every output,
+    and an output's ``binary_data`` overrides it; it was ignored once outputs were
+    named (every output came back as JSON)."""
+    body = {"parameters": {"binary_data_output": True}, "inputs": [], "outputs": [output]}
+    assert JsonInferRequest("m", "", json.dumps(body).encode(), None).binary_outputs() == binary
 
 
 @pytest.mark.parametrize(
@@ -264,6 +314,55 @@ async def test_response_layout_is_json_then_each_binary_output() -> None:
 
 async def test_non_utf8_bytes_output_as_json_says_to_ask_for_binary() -> None:
     response = InferResponse("m", "1", "", {"S": np.array([b"\xff"], dtype=np.object_)})
+    with pytest.raises(InvalidInput, match="binary_data"):
+        await encode_infer_response(response, False)
+
+
+@pytest.mark.parametrize(
+    "strings",
+    [
+        ["é" * (3 * JSON_CHARS_PER_TURN // 2 + 1)],  # one element, cut inside characters
+        ["\x01" * JSON_CHARS_PER_TURN, "a", "😀" * JSON_CHARS_PER_TURN, ""],
+        ["x" * 100] * (3 * JSON_CHARS_PER_TURN // 100),  # many small ones
+    ],
+    ids=["one large", "mixed", "many small"],
+)
+async def test_a_large_bytes_output_as_json_is_written_over_several_loop_turns(
+    strings: list[str],
+) -> None:
+    """BYTES values were decoded and escaped a piece of 16,384 elements at a time: one
+    element of 48 MiB held every other call 4 s. Pieces are counted in characters now,
+    a large element written a piece at a time, and the answer is the same."""
+    values = np.array([text.encode() for text in strings], dtype=np.object_)
+    response = InferResponse("m", "1", "", {"S": values})
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counting = asyncio.create_task(count_turns())
+    body, _ = await encode_infer_response(response, False)
+    counting.cancel()
+    assert turns >= 2
+    assert json.loads(body)["outputs"][0]["data"] == strings
+    assert body == json.dumps(  # as one json.dumps writes it
+        {
+            "model_name": "m",
+            "model_version": "1",
+            "outputs": [{"name": "S", "datatype": "BYTES", "shape": [len(strings)],
+                         "data": strings}],
+        },
+        separators=(",", ":"),
+    ).encode()  # fmt: skip
+
+
+async def test_a_large_non_utf8_bytes_element_says_to_ask_for_binary() -> None:
+    response = InferResponse(
+        "m", "1", "", {"S": np.array([b"a" * 3 * JSON_CHARS_PER_TURN + b"\xff"], np.object_)}
+    )
     with pytest.raises(InvalidInput, match="binary_data"):
         await encode_infer_response(response, False)
 

@@ -13,6 +13,7 @@ with the ``binary_data_output`` parameter), as ``tritonclient.http`` expects.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import functools
 import itertools
 import json
@@ -58,6 +59,12 @@ class BodyTooLarge(InvalidInput):
 #: written a piece at a time, other calls served in between (10⁶ FP32 values take
 #: about 0.5 s to write as JSON on one core of the dev machine; 16,384 about 8 ms).
 JSON_VALUES_PER_TURN = 16384
+#: The same for BYTES outputs, counted in characters (and a few for each element): one
+#: element of 48 MiB held other tenants' calls 4 s while it was decoded and escaped
+#: whole. A JSON string may be cut anywhere between characters, so it is written a piece
+#: at a time too (1 MiB of control characters, each escaped to six, about 10 ms).
+JSON_CHARS_PER_TURN = 1 << 20
+_ELEMENT_CHARS = 16
 
 _dumps = functools.partial(json.dumps, separators=(",", ":"))
 
@@ -157,7 +164,7 @@ class JsonInferRequest:
                 "tensors as binary data (binary_data_size, Inference-Header-Content-Length)"
             )
         self._json = view[:json_end].tobytes() if json_end < len(body) else body
-        self._overflows: bool | None = None
+        self._overflows: list[Any] | None = None
         try:
             doc = loads_untrusted(self._json)
         except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, too deep
@@ -171,6 +178,10 @@ class JsonInferRequest:
         doc = _expect(doc, dict, "the inference request")
         request_id = doc.get("id", "")
         self._id: str = _expect(request_id, str, "'id'")
+        try:
+            request_id.encode()
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800"): no UTF-8 for it
+            raise InvalidInput("'id' is not valid Unicode (a lone UTF-16 surrogate)") from None
         inputs: list[Any] = _expect(doc.get("inputs", []), list, "'inputs'")
         outputs: list[Any] = _expect(doc.get("outputs", []), list, "'outputs'")
         parameters = doc.get("parameters")
@@ -199,10 +210,16 @@ class JsonInferRequest:
         return self._parameters
 
     def binary_outputs(self) -> frozenset[str] | bool:
-        """Outputs to send as bytes: a set of names, or True for all of them."""
+        """Outputs to send as bytes: a set of names, or True for all of them. An output's
+        own ``binary_data`` decides for it; where it has none, ``binary_data_output``
+        (Triton's binary-data extension: it was ignored once outputs were named)."""
         if not self._outputs:
             return self._binary_all
-        return frozenset(name for name, binary in self._outputs if binary)
+        return frozenset(
+            name
+            for name, binary in self._outputs
+            if (self._binary_all if binary is None else binary)
+        )
 
     def check_payload(self) -> None:
         for item in self._inputs:
@@ -215,21 +232,22 @@ class JsonInferRequest:
 
     def decode_inputs(self) -> dict[str, np.ndarray]:
         return {
-            item.header.name: _decode(item, self._max_bytes_elements, self._overflowed)
-            for item in self._inputs
+            item.header.name: _decode(
+                item, self._max_bytes_elements, functools.partial(self._overflowed, index)
+            )
+            for index, item in enumerate(self._inputs)
         }
 
-    def _overflowed(self) -> bool:
-        """Whether the JSON holds a number beyond a double's range (``1e400``), which
-        ``json`` reads as infinity: asked only of a tensor that holds an infinity (the
-        literal ``Infinity`` is a client's to send), so the common case pays nothing."""
+    def _overflowed(self, index: int) -> bool:
+        """Whether input ``index``'s JSON ``data`` holds a number beyond a double's range
+        (``1e400``), which ``json`` reads as infinity: asked only of a tensor that holds
+        an infinity (the literal ``Infinity`` is a client's to send), so the common case
+        pays nothing. Its own data only: one elsewhere in the document (a parameter)
+        made a tensor's ``Infinity`` out of range."""
         if self._overflows is None:
-            try:
-                loads_untrusted(self._json, parse_float=_finite_float)
-                self._overflows = False
-            except OverflowError:
-                self._overflows = True
-        return self._overflows
+            doc = loads_untrusted(self._json, parse_float=_marked_float)
+            self._overflows = doc["inputs"]
+        return _holds(self._overflows[index].get("data"), _OVERFLOW)
 
     def raw_inputs(self) -> None:
         """None: REST is served where the models are (no front end hands it on)."""
@@ -273,7 +291,7 @@ def _parse_input(item: object) -> _Input:
     return _Input(TensorHeader(name, datatype, shape), data, size)
 
 
-def _parse_output(item: object) -> tuple[str, bool]:
+def _parse_output(item: object) -> tuple[str, bool | None]:
     tensor: dict[str, Any] = _expect(item, dict, "each requested output")
     name: str = _expect(tensor.get("name"), str, "a requested output's name")
     where = f"output '{shown(name)}'"
@@ -282,8 +300,8 @@ def _parse_output(item: object) -> tuple[str, bool]:
         raise InvalidInput(NO_CLASSIFICATION)
     if SHARED_MEMORY in params:
         raise InvalidInput(f"{where}: {NO_SHARED_MEMORY}")
-    binary = _expect(params.get("binary_data", False), bool, "parameter 'binary_data'")
-    return name, binary
+    binary = params.get("binary_data")  # None: as binary_data_output says
+    return name, None if binary is None else _expect(binary, bool, "parameter 'binary_data'")
 
 
 def _assign_binary(inputs: list[_Input], binary: memoryview) -> None:
@@ -306,11 +324,20 @@ def _assign_binary(inputs: list[_Input], binary: memoryview) -> None:
         )
 
 
-def _finite_float(text: str) -> float:
+#: What :func:`_marked_float` reads a number beyond a double's range as.
+_OVERFLOW = object()
+
+
+def _marked_float(text: str) -> object:
     value = float(text)
-    if math.isinf(value):
-        raise OverflowError(text)
-    return value
+    return _OVERFLOW if math.isinf(value) else value
+
+
+def _holds(data: object, marker: object) -> bool:
+    """Whether the nested lists of ``data`` hold ``marker``."""
+    if isinstance(data, list):
+        return any(_holds(value, marker) for value in data)
+    return data is marker
 
 
 def _decode(
@@ -480,7 +507,11 @@ async def encode_infer_response(
 
 async def _json_data(into: list[bytes], name: str, flat: np.ndarray, datatype: str) -> None:
     """Append the JSON of a flat output's values, without brackets, to ``into``: a
-    piece of :data:`JSON_VALUES_PER_TURN` values per turn of the event loop."""
+    piece of :data:`JSON_VALUES_PER_TURN` values (BYTES: :data:`JSON_CHARS_PER_TURN`
+    characters) per turn of the event loop."""
+    if datatype == "BYTES":
+        await _json_strings(into, name, flat)
+        return
     for start in range(0, flat.size, JSON_VALUES_PER_TURN):
         if start:
             await asyncio.sleep(0)  # let the calls waiting meanwhile be served
@@ -490,11 +521,61 @@ async def _json_data(into: list[bytes], name: str, flat: np.ndarray, datatype: s
 
 
 def _json_values(name: str, flat: np.ndarray, datatype: str) -> list[Any]:
-    if datatype != "BYTES":
-        values: list[Any] = flat.astype(DATATYPES[datatype], copy=False).tolist()
-        return values
+    values: list[Any] = flat.astype(DATATYPES[datatype], copy=False).tolist()
+    return values
+
+
+async def _json_strings(into: list[bytes], name: str, flat: np.ndarray) -> None:
+    """BYTES values as JSON strings: about :data:`JSON_CHARS_PER_TURN` characters per
+    turn of the event loop, however they are spread over the elements. Elements that
+    fit in what is left of a turn's piece are decoded and escaped together; a larger
+    one alone, a piece at a time (a JSON string may be cut between any characters)."""
+    budget = JSON_CHARS_PER_TURN
+    together: list[str] = []
+    separator = b""
+
+    def flush() -> None:
+        nonlocal separator
+        if together:
+            into.append(separator + _dumps(together)[1:-1].encode())
+            separator = b","
+            together.clear()
+
+    for value in flat:
+        data = value.encode() if isinstance(value, str) else value
+        cost = len(data) + _ELEMENT_CHARS
+        if cost > budget:
+            flush()
+            await asyncio.sleep(0)  # let the calls waiting meanwhile be served
+            budget = JSON_CHARS_PER_TURN
+        if cost <= budget:
+            together.append(_utf8(name, data))
+            budget -= cost
+            continue
+        into.append(separator + b'"')
+        separator = b","
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), JSON_CHARS_PER_TURN):
+            if start:
+                await asyncio.sleep(0)
+            piece = view[start : start + JSON_CHARS_PER_TURN]
+            final = start + len(piece) >= len(view)
+            into.append(_dumps(_utf8(name, piece, decoder, final))[1:-1].encode())
+        into.append(b'"')
+        budget = 0  # the next element starts a turn of its own
+    flush()
+
+
+def _utf8(
+    name: str,
+    data: bytes | memoryview,
+    decoder: codecs.IncrementalDecoder | None = None,
+    final: bool = True,
+) -> str:
+    """A BYTES output's element (or a piece of one, through ``decoder``) as text."""
     try:
-        return [v if isinstance(v, str) else bytes(v).decode() for v in flat]
+        return bytes(data).decode() if decoder is None else decoder.decode(data, final)
     except UnicodeDecodeError:
         raise InvalidInput(
             f"output '{name}' holds bytes that are not UTF-8: request it with binary_data"
