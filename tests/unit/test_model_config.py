@@ -6,7 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mandant.config import ModelSpec, parse_config
+from mandant.config.models import MAX_BATCH_SIZE, MAX_DIMENSION, MAX_INSTANCES, MAX_QUEUE_DELAY_MS
+from mandant.errors import ConfigError
 from mandant.registry import Model, ModelRegistry
 from mandant.scheduling.direct import DirectScheduler
 from mandant.transport.grpc.model_config import TRITON_DATATYPES, model_config
@@ -120,3 +124,45 @@ def test_version_policy_is_the_configured_one() -> None:
     registry = _models(*(_entry("m", version=v, version_policy=specific) for v in (1, 2, 3)))
     policy = _config(registry, "m").version_policy
     assert list(policy.specific.versions) == [1, 3]
+
+
+def test_a_configuration_at_every_bound_still_has_a_model_config() -> None:
+    """The largest values a configuration may hold fit Triton's ModelConfig message;
+    beyond them (``max_batch_size: 2**40``, ``max_queue_delay_ms: 1e300``, a dimension
+    of 2**63) a load succeeded and every tenant's ModelConfig of the model failed
+    INTERNAL (ValueError: Value out of range)."""
+    batching = {
+        "max_batch_size": MAX_BATCH_SIZE,
+        "max_queue_delay_ms": MAX_QUEUE_DELAY_MS,
+        "preferred_batch_sizes": [MAX_BATCH_SIZE],
+    }
+    entry = _entry("edge", batching=batching, instances=MAX_INSTANCES)
+    entry["inputs"] = [{"name": "IN", "datatype": "FP32", "shape": [-1, MAX_DIMENSION]}]
+    config = _config(_models(entry), "edge")
+    assert config.max_batch_size == MAX_BATCH_SIZE
+    assert list(config.input[0].dims) == [MAX_DIMENSION]
+    assert config.dynamic_batching.max_queue_delay_microseconds == MAX_QUEUE_DELAY_MS * 1000
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "reason"),
+    [
+        ({"batching": {"max_batch_size": MAX_BATCH_SIZE + 1}}, "batching.max_batch_size", "less"),
+        ({"batching": {"max_queue_delay_ms": 1e300}}, "batching.max_queue_delay_ms", "less"),
+        ({"batching": {"preferred_batch_sizes": [0]}}, "batching.preferred_batch_sizes.0", "greater than 0"),
+        ({"instances": 10**9}, "instances", "less than or equal to 256"),
+        ({"inputs": [{"name": "IN", "datatype": "FP32", "shape": [1 << 63]}]},
+         "inputs.0.shape", "at most"),
+        ({"inputs": [{"name": "\ud800", "datatype": "FP32", "shape": [1]}]},
+         "inputs.0.name", "valid Unicode"),
+        ({"outputs": [{"name": "", "datatype": "FP32", "shape": [1]}]},
+         "outputs.0.name", "a tensor has a name"),
+    ],
+)  # fmt: skip
+def test_values_beyond_what_a_model_config_holds_are_refused(
+    change: dict[str, Any], where: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"tenants": [{"id": "acme"}], "models": [_entry("m", **change)]})
+    [(path, message)] = info.value.errors
+    assert path == f"models.0.{where}" and reason in message

@@ -21,12 +21,35 @@ from mandant.types import DATATYPES, TensorSpec
 # Patterns a whole value must match (``fullmatch``, as in ``_base``).
 _DIGITS = re.compile(r"^[0-9]{1,18}$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda)$|^cuda:(\d+)$")
+#: Bounds of what Triton's ModelConfig message (which Mandant answers with, and reads
+#: from Triton) can hold: a dimension is an int64, ``max_batch_size`` and a preferred
+#: size an int32. Beyond them a load succeeded and every tenant's ModelConfig of the
+#: model failed INTERNAL.
+MAX_DIMENSION = (1 << 63) - 1
+MAX_BATCH_SIZE = (1 << 31) - 1
+#: Longest ``max_queue_delay_ms``: an hour (Triton's field is microseconds in a uint64;
+#: ``1e300`` passed and broke the model's ModelConfig).
+MAX_QUEUE_DELAY_MS = 3_600_000.0
+#: Most ``instances`` of a model on each device: each is a thread on the CPU, a copy
+#: of the model on a GPU (10⁹ hung the load while memory grew).
+MAX_INSTANCES = 256
 
 
 class TensorConfig(_Frozen):
     name: str
     datatype: str
     shape: tuple[int, ...]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value:
+            raise ValueError("a tensor has a name")
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # a lone surrogate: no UTF-8, no protobuf string
+            raise ValueError("a tensor's name is valid Unicode") from None
+        return value
 
     @field_validator("datatype")
     @classmethod
@@ -40,6 +63,8 @@ class TensorConfig(_Frozen):
     def _shape(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
         if any(dim < -1 or dim == 0 for dim in shape):
             raise ValueError("dimensions are positive, or -1 for any size")
+        if any(dim > MAX_DIMENSION for dim in shape):
+            raise ValueError(f"a dimension is at most {MAX_DIMENSION} (an int64)")
         return shape
 
     def spec(self) -> TensorSpec:
@@ -47,9 +72,9 @@ class TensorConfig(_Frozen):
 
 
 class BatchingConfig(_Frozen):
-    max_batch_size: Annotated[int, Field(gt=0)] = 64
-    max_queue_delay_ms: Annotated[float, Field(ge=0)] = 2.0
-    preferred_batch_sizes: tuple[int, ...] = ()
+    max_batch_size: Annotated[int, Field(gt=0, le=MAX_BATCH_SIZE)] = 64
+    max_queue_delay_ms: Annotated[float, Field(ge=0, le=MAX_QUEUE_DELAY_MS)] = 2.0
+    preferred_batch_sizes: tuple[Annotated[int, Field(gt=0, le=MAX_BATCH_SIZE)], ...] = ()
     policy: Literal["fair", "fifo"] = "fair"
     #: adaptive: at once when alone, else gather the loop turn and hold while company
     #: is expected (never past max_queue_delay_ms); eager: whenever a slot is idle;
@@ -264,7 +289,7 @@ class ModelConfig(_Frozen):
     device: str | None = None
     devices: tuple[str, ...] | None = None
     #: Copies of the model on each device (threads sharing one copy on the CPU).
-    instances: Annotated[int, Field(gt=0)] | None = None
+    instances: Annotated[int, Field(gt=0, le=MAX_INSTANCES)] | None = None
     #: ``auto``: an in-process model whose calls are measured cheap (under 150 µs) runs
     #: them on the event loop, without a thread hop; ``never``: always on its threads.
     #: Set ``never`` for a model whose cost may depend on input values (a loop until
