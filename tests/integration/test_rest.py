@@ -10,6 +10,7 @@ import gzip
 import http.client
 import json
 import re
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -603,6 +604,62 @@ def test_a_body_over_max_message_bytes_is_413(server: Server) -> None:
     )
     assert status == 413
     assert f"larger than {MAX_BODY} bytes" in error_of(answer)
+
+
+def _expecting(server: Server, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    """Send a request's head with ``Expect: 100-continue`` and wait for the server's
+    first answer; send the body only if that is ``100 Continue``, as a client does.
+    Everything the server sent, until it closed the connection or answered whole."""
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    with socket.create_connection(("127.0.0.1", server.rest_port), timeout=10) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{head}"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        received = sock.recv(65536)
+        if received.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"):
+            sock.sendall(body)
+        while not re.search(rb"\r\n\r\n(.|\n)*\}$", received[25:]):
+            chunk = sock.recv(65536)  # the answer's JSON body ends it (or the close)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+@pytest.mark.parametrize(
+    ("caller", "length", "status"),
+    [
+        ({}, 0, 401),  # no key
+        (auth("acme"), MAX_BODY + 1, 413),  # a body over the bound, announced
+        (auth("acme"), 0, 200),
+    ],
+    ids=["no key", "too large", "served"],
+)
+def test_a_body_is_asked_for_only_once_the_key_and_its_length_passed(
+    server: Server, caller: dict[str, str], length: int, status: int
+) -> None:
+    """``Expect: 100-continue``: aiohttp invited every body as the request arrived, a
+    caller without a key or one announcing 500 MB too; the server then read and
+    dropped it for up to a second. The invitation now comes only where the body is
+    read; a request refused before it closes its connection."""
+    body = json.dumps(echo_request([1.0, 2.0], [1, 2])).encode()
+    if length:
+        body += b" " * (length - len(body))  # JSON may end in spaces
+    answer = _expecting(server, "/v2/models/echo/infer", body, caller)
+    invited = answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert invited == (status == 200), answer[:200]
+    final = answer.removeprefix(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert final.startswith(f"HTTP/1.1 {status} ".encode()), answer[:200]
+    if status != 200:
+        assert b"Connection: close" in final.split(b"\r\n\r\n")[0]
+
+
+def test_an_unknown_expectation_is_417(server: Server) -> None:
+    request = "POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+    with socket.create_connection(("127.0.0.1", server.rest_port), timeout=10) as sock:
+        sock.sendall(f"{request}Expect: something-else\r\n\r\n".encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 417 ")
 
 
 def test_a_json_part_over_max_json_bytes_is_413_and_binary_data_is_not_bounded(

@@ -1,7 +1,9 @@
 """The gate every REST endpoint passes, as the gRPC gate (``transport/grpc/gateway.py``):
 
 1. the caller's ``Authorization: Bearer <key>`` header, checked **before the body is
-   read** (open endpoints take none; statistics also take an admin key);
+   read** (open endpoints take none; statistics also take an admin key); a client
+   that sends ``Expect: 100-continue`` is invited to send its body only then
+   (:func:`expect_later`), after the key and the body's announced length passed;
 2. the body, read whole (at most ``server.max_message_bytes``, or a route's lower
    bound: 413 beyond it) before
    the call takes a place anywhere — as gRPC hands a handler only a message that has
@@ -26,7 +28,7 @@ import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Iterable
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -87,6 +89,23 @@ BODIES_REASON = "request_bodies"
 #: reading part way.
 BODY = web.RequestKey("mandant.body", bytes)
 CUT = web.RequestKey("mandant.body_cut", bool)
+#: The client waits for ``100 Continue`` before it sends its body (:func:`expect_later`).
+EXPECTING = web.RequestKey("mandant.expecting", bool)
+
+
+async def expect_later(request: web.Request) -> None:
+    """The ``expect_handler`` of the routes that read a body: ``Expect: 100-continue``
+    is answered when the gate is about to read the body (:meth:`RestGate._read_body`),
+    once the key and the announced length passed, not as the request arrives
+    (aiohttp's default): a client without a key, or announcing a body over the bound,
+    was invited to send it, then read and dropped for up to a second. A request
+    refused before the invitation closes its connection after the answer (its body
+    was never asked for: one that came anyway would be read as the next request)."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+    if request.version == HttpVersion11:
+        request[EXPECTING] = True
 
 
 def body_of(request: web.Request) -> bytes:
@@ -159,6 +178,12 @@ class RestGate:
         observer = self._observer
 
         async def handle(request: web.Request) -> web.Response:
+            response = await answer(request)
+            if request.get(EXPECTING):  # refused before its body was asked for
+                response.force_close()
+            return response
+
+        async def answer(request: web.Request) -> web.Response:
             start = time.perf_counter()
             call = Call(None)
             code = "OK"
@@ -241,6 +266,10 @@ class RestGate:
         length = request.content_length
         if length is not None and length > limit:
             raise BodyTooLarge(f"request body is larger than {limit} bytes")
+        if request.get(EXPECTING):  # the key and the length passed: now send it
+            request[EXPECTING] = False
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the answer's size counts from here
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         whole = length is not None and encoding in ("", "identity")
         decoder = None if whole else _decoder(encoding)

@@ -24,7 +24,7 @@ from aiohttp import web
 from mandant.errors import InvalidInput
 from mandant.heap import loads_untrusted
 from mandant.service import MAX_LOAD_CONFIG_CHARS, DataPlane
-from mandant.transport.rest.gate import Access, RestGate, body_of
+from mandant.transport.rest.gate import Access, RestGate, body_of, expect_later
 from mandant.types import Call
 
 #: Largest body of the index and unload routes (Triton's are a flag or two): 64 KiB of
@@ -65,12 +65,15 @@ def add_repository_routes(routes: web.UrlDispatcher, gate: RestGate, plane: Data
         await plane.unload_model(request.match_info["name"])
         return web.Response()
 
-    routes.add_post(
-        "/v2/repository/index", gate.route(Access.TENANT, index, max_body=MAX_BODY_BYTES)
-    )
     model = "/v2/repository/models/{name}"
-    routes.add_post(f"{model}/load", gate.route(Access.ADMIN, load, max_body=MAX_LOAD_BODY_BYTES))
-    routes.add_post(f"{model}/unload", gate.route(Access.ADMIN, unload, max_body=MAX_BODY_BYTES))
+    for path, access, behavior, max_body in (
+        ("/v2/repository/index", Access.TENANT, index, MAX_BODY_BYTES),
+        (f"{model}/load", Access.ADMIN, load, MAX_LOAD_BODY_BYTES),
+        (f"{model}/unload", Access.ADMIN, unload, MAX_BODY_BYTES),
+    ):
+        routes.add_post(
+            path, gate.route(access, behavior, max_body=max_body), expect_handler=expect_later
+        )
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

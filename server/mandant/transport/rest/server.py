@@ -42,12 +42,14 @@ from mandant.transport.rest.codec import (
     encode_infer_response,
 )
 from mandant.transport.rest.gate import (
+    EXPECTING,
     Access,
     AdminAuthenticator,
     CertificateAuthenticator,
     RestGate,
     body_of,
     error_response,
+    expect_later,
 )
 from mandant.transport.rest.repository import add_repository_routes
 from mandant.transport.tls import ServerTls
@@ -113,9 +115,13 @@ class RestServer:
             routes.add_get(f"{base}/ready", gate.route(Access.TENANT, self._model_ready))
             routes.add_get(f"{base}/config", gate.route(Access.TENANT, self._model_config))
             routes.add_get(f"{base}/stats", stats_route)
-            routes.add_post(f"{base}/infer", gate.route(Access.TENANT, self._infer, fair=True))
+            routes.add_post(
+                f"{base}/infer",
+                gate.route(Access.TENANT, self._infer, fair=True),
+                expect_handler=expect_later,
+            )
         add_repository_routes(routes, gate, plane)
-        routes.add_route("*", "/{tail:.*}", _not_found)
+        routes.add_route("*", "/{tail:.*}", _not_found, expect_handler=expect_later)
         # Connections still open after the drain (``aclose``) are closed at once.
         self._runner = http.runner(app)
         self.port = 0
@@ -290,12 +296,17 @@ def _tensor(spec: TensorSpec) -> dict[str, Any]:
 
 
 async def _not_found(request: web.Request) -> web.Response:
-    """404, or 405 (with ``Allow``) for a path served with other methods, as Triton."""
+    """404, or 405 (with ``Allow``) for a path served with other methods, as Triton;
+    a body it waits to be invited to send is never asked for (``expect_later``)."""
+    response = error_response(404, "no such endpoint")
     for resource in request.app.router.resources():
         match, allowed = await resource.resolve(request)
         if match is None and allowed and "*" not in allowed:
             methods = ", ".join(sorted(allowed))
-            return error_response(
+            response = error_response(
                 405, f"{request.method} is not served here; {methods} is", {"Allow": methods}
             )
-    return error_response(404, "no such endpoint")
+            break
+    if request.get(EXPECTING):
+        response.force_close()
+    return response
