@@ -149,7 +149,8 @@ def test_a_configuration_at_every_bound_still_has_a_model_config() -> None:
     [
         ({"batching": {"max_batch_size": MAX_BATCH_SIZE + 1}}, "batching.max_batch_size", "less"),
         ({"batching": {"max_queue_delay_ms": 1e300}}, "batching.max_queue_delay_ms", "less"),
-        ({"batching": {"preferred_batch_sizes": [0]}}, "batching.preferred_batch_sizes.0", "greater than 0"),
+        ({"batching": {"preferred_batch_sizes": [0]}}, "batching.preferred_batch_sizes.0",
+         "greater than 0"),
         ({"instances": 10**9}, "instances", "less than or equal to 256"),
         ({"inputs": [{"name": "IN", "datatype": "FP32", "shape": [1 << 63]}]},
          "inputs.0.shape", "at most"),
