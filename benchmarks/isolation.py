@@ -10,7 +10,9 @@ time: two attacks found in review, each measured as the other tenant sees it.
 * ``rest-json``: one tenant's REST call of 10⁷ FP32 values (binary in, the answer asked
   for as JSON, as curl and ``binary_data=False`` do) while another tenant makes a tiny
   gRPC call every 20 ms: JSON is written on the event loop (and, with ``workers: N``,
-  REST is served by the engine, which every front end waits on).
+  REST is served by the engine, which every front end waits on). Then the same with
+  one BYTES element of ``--bytes-element`` bytes (48 MiB of ``0x01``, each escaped to
+  six characters: a 300 MB answer) echoed as JSON, and as binary data.
 * ``json-bodies``: the same tiny calls while the other tenant sends REST inference
   calls whose JSON is as long as ``server.max_json_bytes`` lets it be, on 4
   connections, for ``--seconds``: JSON is parsed and turned into tensors on the event
@@ -47,6 +49,7 @@ import asyncio
 import http.client
 import json
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -202,6 +205,33 @@ def _big_rest_call(rest_port: int, values: int) -> tuple[object, float]:
     return answer.status, time.perf_counter() - start
 
 
+def _bytes_rest_call(rest_port: int, size: int, as_json: bool) -> tuple[object, float]:
+    """acme's REST echo of one BYTES element of ``size`` bytes of 0x01, binary in, the
+    answer as JSON (``as_json``) or binary data."""
+    element = struct.pack("<I", size) + b"\x01" * size
+    tensor = {"name": "INPUT0", "shape": [1, 1], "datatype": "BYTES",
+              "parameters": {"binary_data_size": len(element)}}  # fmt: skip
+    request: dict[str, Any] = {"inputs": [tensor]}
+    if not as_json:
+        request["parameters"] = {"binary_data_output": True}
+    head = json.dumps(request).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", rest_port, timeout=600)
+    start = time.perf_counter()
+    connection.request(
+        "POST",
+        "/v2/models/echo_bytes/infer",
+        body=head + element,
+        headers={
+            "Authorization": f"Bearer {KEYS['acme']}",
+            "Inference-Header-Content-Length": str(len(head)),
+        },
+    )
+    answer = connection.getresponse()
+    answer.read()
+    connection.close()
+    return answer.status, time.perf_counter() - start
+
+
 async def _tiny_calls(
     target: str, stop: asyncio.Event, starts: list[float] | None = None
 ) -> tuple[list[float], int]:
@@ -256,8 +286,19 @@ async def _beside(
     ]
 
 
-def rest_json(workers: int, seconds: float, warmup_s: float, values: int) -> list[list[object]]:
-    config = write_config(_config(ECHO, workers))
+#: A BYTES echo, for the rest-json attack's large element.
+ECHO_BYTES = {
+    **ECHO,
+    "name": "echo_bytes",
+    "inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [-1, -1]}],
+    "outputs": [{"name": "OUTPUT0", "datatype": "BYTES", "shape": [-1, -1]}],
+}
+
+
+def rest_json(
+    workers: int, seconds: float, warmup_s: float, values: int, element: int
+) -> list[list[object]]:
+    config = write_config(_config(ECHO, workers, ECHO_BYTES))
     rows: list[list[object]] = []
     with mandant_process(config, SERVER_CPU, THREAD_ENV) as served:
         phases: list[tuple[str, Attack | None]] = [
@@ -265,6 +306,14 @@ def rest_json(workers: int, seconds: float, warmup_s: float, values: int) -> lis
             (
                 f"beside a {values:.0e}-value JSON answer",
                 lambda served: _big_rest_call(served.rest_port, values),
+            ),
+            (
+                f"beside one {element >> 20} MiB BYTES element as JSON",
+                lambda served: _bytes_rest_call(served.rest_port, element, as_json=True),
+            ),
+            (
+                f"beside one {element >> 20} MiB BYTES element as binary",
+                lambda served: _bytes_rest_call(served.rest_port, element, as_json=False),
             ),
         ]
         for label, attack in phases:
@@ -516,8 +565,8 @@ def deadlines(seconds: float) -> list[list[object]]:
     return rows
 
 
-def _config(model: dict[str, Any], workers: int) -> dict[str, Any]:
-    data = demo_data([model])
+def _config(model: dict[str, Any], workers: int, *more: dict[str, Any]) -> dict[str, Any]:
+    data = demo_data([model, *more])
     data["server"] = {**data["server"], "workers": workers}
     return data
 
@@ -528,6 +577,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--values", type=int, default=10_000_000)
+    parser.add_argument("--bytes-element", type=int, default=48 << 20)
     parser.add_argument(
         "--attacks", nargs="+", default=["shapes", "rest-json", "json-bodies", "messages"],
         choices=["shapes", "rest-json", "json-bodies", "messages", "deadlines"],
@@ -550,7 +600,9 @@ def main() -> None:
         rest_rows = [
             row
             for workers in args.workers
-            for row in rest_json(workers, args.seconds, args.warmup, args.values)
+            for row in rest_json(
+                workers, args.seconds, args.warmup, args.values, args.bytes_element
+            )
         ]
         print("\nrest-json: globex's tiny gRPC calls (one per 20 ms) while acme's REST call runs")
         print(table(
