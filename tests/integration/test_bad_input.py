@@ -204,6 +204,11 @@ CASES: dict[str, tuple[pb.ModelInferRequest, str]] = {
         _echo(input_parameters={"shared_memory_region": SHM_REGION}, raw=False),
         "input 'INPUT0': shared memory is not supported",
     ),
+    # With raw contents too: the raw bytes were taken for the region's data, unrefused.
+    "shared memory input beside raw contents": (
+        _echo(input_parameters={"shared_memory_region": SHM_REGION}),
+        "input 'INPUT0': shared memory is not supported",
+    ),
     "shared memory output": (
         _echo(output_parameters={"shared_memory_region": SHM_REGION}),
         "output 'OUTPUT0': shared memory is not supported",

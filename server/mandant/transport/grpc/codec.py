@@ -175,10 +175,16 @@ class ProtoInferRequest:
                 shape = tensor.shape
                 if len(shape) > MAX_RANK:  # before it is copied: 1 byte a dimension
                     check_rank(len(shape), tensor.name)
-                # One rule at every size (the wire walk counts them above 64 KiB; REST
-                # always): a map's len() reads none of its entries.
-                if len(tensor.parameters) > MAX_PARAMETERS:
-                    check_parameter_count(len(tensor.parameters), f"input '{shown(tensor.name)}'")
+                parameters = tensor.parameters
+                if parameters:
+                    # One rule at every size (the wire walk counts them above 64 KiB;
+                    # REST always): a map's len() reads none of its entries.
+                    if len(parameters) > MAX_PARAMETERS:
+                        check_parameter_count(len(parameters), f"input '{shown(tensor.name)}'")
+                    # Raw contents or typed, alike (with raw ones it was not looked at:
+                    # the raw bytes were taken for the region's data).
+                    if SHARED_MEMORY in parameters:
+                        raise InvalidInput(f"input '{shown(tensor.name)}': {NO_SHARED_MEMORY}")
                 headers.append(TensorHeader(tensor.name, tensor.datatype, tuple(shape)))
             self._headers = headers
         return self._headers
@@ -246,9 +252,6 @@ class ProtoInferRequest:
                 header.name: _decode_sized(data, header, self._max_bytes_elements)
                 for header, data in zip(headers, raw, strict=True)
             }
-        for tensor in self._msg.inputs:
-            if SHARED_MEMORY in tensor.parameters:
-                raise InvalidInput(f"input '{tensor.name}': {NO_SHARED_MEMORY}")
         return {
             header.name: decode_contents(tensor.contents, header, self._max_bytes_elements)
             for header, tensor in zip(headers, self._msg.inputs, strict=True)
