@@ -28,7 +28,7 @@ def _shape(shape: Sequence[int]) -> str:
 
 
 def _names(specs: Sequence[TensorSpec]) -> str:
-    return ", ".join(spec.name for spec in specs)
+    return ", ".join(spec.name for spec in specs) or "no inputs"
 
 
 def check_inputs(spec: ModelSpec, headers: Sequence[TensorHeader]) -> int:

@@ -5,6 +5,7 @@ statistics, metrics or quotas see them. One that raises fails the load."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,13 +37,20 @@ def warmup_tensor(tensor: WarmupTensorConfig, rng: np.random.Generator) -> np.nd
     return np.full(tensor.shape, tensor.value or 0, dtype=dtype)
 
 
+def warmup_inputs(request: WarmupConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The inputs of one warm-up request, by name (sent ``count`` times)."""
+    return {name: warmup_tensor(tensor, rng) for name, tensor in request.inputs.items()}
+
+
 async def warm_up(backend: Backend, requests: Sequence[WarmupConfig], seed: int = 0) -> None:
-    """Run every warm-up request ``count`` times; WarmupFailed says which one raised."""
+    """Run every warm-up request ``count`` times; WarmupFailed says which one raised.
+    Its tensors are made once, in a thread: made on the event loop (2²⁴ random values,
+    each of ``count`` times), a model's load held every tenant's calls for seconds."""
     rng = np.random.default_rng(seed)
     for index, request in enumerate(requests):
+        inputs = await asyncio.to_thread(warmup_inputs, request, rng)
         for _ in range(request.count):
             try:
-                inputs = {name: warmup_tensor(t, rng) for name, t in request.inputs.items()}
                 await backend.infer(inputs)
             except Exception as exc:
                 raise WarmupFailed(

@@ -314,6 +314,8 @@ def test_settings_gRPC_takes_as_c_ints_are_bounded(setting: str, value: int) -> 
         ({"rate_limit": {"rows_per_s": float("nan")}}, "tenants.0.rate_limit.rows_per_s"),
         ({"rate_limit": {"requests_per_s": 1, "burst": 1e300}}, "tenants.0.rate_limit.burst"),
         ({"quota": {"rows_per_day": 2**64}}, "tenants.0.quota.rows_per_day"),  # GetUsage failed
+        # the dashboard's JSON held Infinity, which browsers refuse: the page broke
+        ({"slo": {"latency_ms": float("inf")}}, "tenants.0.slo.latency_ms"),
     ],
 )
 def test_limits_a_server_cannot_compute_with_are_refused(tenant: dict[str, Any], path: str) -> None:

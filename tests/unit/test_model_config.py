@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 
 from mandant.config import ModelSpec, parse_config
-from mandant.config.models import MAX_BATCH_SIZE, MAX_DIMENSION, MAX_INSTANCES, MAX_QUEUE_DELAY_MS
+from mandant.config.models import (
+    MAX_BATCH_SIZE,
+    MAX_DIMENSION,
+    MAX_INSTANCES,
+    MAX_LATEST_VERSIONS,
+    MAX_QUEUE_DELAY_MS,
+)
 from mandant.errors import ConfigError
 from mandant.registry import Model, ModelRegistry
 from mandant.scheduling.direct import DirectScheduler
@@ -136,12 +142,40 @@ def test_a_configuration_at_every_bound_still_has_a_model_config() -> None:
         "max_queue_delay_ms": MAX_QUEUE_DELAY_MS,
         "preferred_batch_sizes": [MAX_BATCH_SIZE],
     }
-    entry = _entry("edge", batching=batching, instances=MAX_INSTANCES)
+    entry = _entry(
+        "edge",
+        batching=batching,
+        instances=MAX_INSTANCES,
+        version_policy={"latest": MAX_LATEST_VERSIONS},
+    )
     entry["inputs"] = [{"name": "IN", "datatype": "FP32", "shape": [-1, MAX_DIMENSION]}]
     config = _config(_models(entry), "edge")
     assert config.max_batch_size == MAX_BATCH_SIZE
     assert list(config.input[0].dims) == [MAX_DIMENSION]
     assert config.dynamic_batching.max_queue_delay_microseconds == MAX_QUEUE_DELAY_MS * 1000
+    assert config.version_policy.latest.num_versions == MAX_LATEST_VERSIONS
+
+
+@pytest.mark.parametrize(
+    ("triton", "where"),
+    [
+        ({"timeout_s": 1e10}, "timeout_s"),  # its deadline overflowed: every call failed
+        ({"timeout_s": float("inf")}, "timeout_s"),
+        ({"health_interval_s": 1e-300}, "health_interval_s"),  # a poll in a busy loop
+    ],
+)
+def test_triton_settings_a_backend_cannot_run_with_are_refused(
+    triton: dict[str, Any], where: str
+) -> None:
+    entry = {
+        "name": "t",
+        "backend": "triton",
+        "triton": {"url": "127.0.0.1:1", "model": "m", **triton},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config({"tenants": [{"id": "acme"}], "models": [entry]})
+    [(path, _)] = info.value.errors
+    assert path == f"models.0.triton.{where}"
 
 
 @pytest.mark.parametrize(
@@ -158,6 +192,14 @@ def test_a_configuration_at_every_bound_still_has_a_model_config() -> None:
          "inputs.0.name", "valid Unicode"),
         ({"outputs": [{"name": "", "datatype": "FP32", "shape": [1]}]},
          "outputs.0.name", "a tensor has a name"),
+        ({"version_policy": {"latest": MAX_LATEST_VERSIONS + 1}}, "version_policy.latest",
+         "less"),
+        ({"version_policy": {"specific": [1 << 63]}}, "version_policy.specific.0", "less"),
+        # every call failed, charged to its caller (inputs) or UNAVAILABLE (outputs)
+        ({"inputs": [{"name": "IN", "datatype": "FP32", "shape": [1]}] * 2}, "inputs",
+         "given twice: IN"),
+        ({"outputs": [{"name": "OUT", "datatype": "FP32", "shape": [1]}] * 2}, "outputs",
+         "given twice: OUT"),
     ],
 )  # fmt: skip
 def test_values_beyond_what_a_model_config_holds_are_refused(

@@ -29,7 +29,12 @@ class _Problems(ValueError):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    """Every section of the configuration: immutable, unknown keys refused, and no
+    number infinite or NaN (an SLO of ``.inf`` ms passed, and the dashboard's JSON then
+    held ``Infinity``, which browsers refuse: the page broke for the tenant and the
+    admin; a Triton ``timeout_s`` of ``.inf`` overflowed every call's deadline)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 def _hashes_only(keys: tuple[str, ...]) -> tuple[str, ...]:

@@ -33,6 +33,15 @@ MAX_QUEUE_DELAY_MS = 3_600_000.0
 #: Most ``instances`` of a model on each device: each is a thread on the CPU, a copy
 #: of the model on a GPU (10⁹ hung the load while memory grew).
 MAX_INSTANCES = 256
+#: ``version_policy``: ``latest`` is a uint32 in Triton's ModelConfig, a version an int64.
+MAX_LATEST_VERSIONS = (1 << 32) - 1
+MAX_VERSION = (1 << 63) - 1
+#: Longest ``triton.timeout_s``, a day: a call's gRPC deadline is built from it (1e10 s
+#: overflowed it: every call failed at once, and opened the breaker for every tenant).
+MAX_TRITON_TIMEOUT_S = 86_400.0
+#: Bounds of ``triton.health_interval_s``: 1e-300 polled Triton in a busy loop.
+MIN_HEALTH_INTERVAL_S = 0.01
+MAX_HEALTH_INTERVAL_S = 3_600.0
 
 
 class TensorConfig(_Frozen):
@@ -99,8 +108,8 @@ class VersionPolicyConfig(_Frozen):
     of: ``latest: N`` (the N highest), ``specific: [1, 3]``, ``all: {}``. A model whose
     entries set none serves all of them (:data:`SERVE_ALL`)."""
 
-    latest: Annotated[int, Field(gt=0)] | None = None
-    specific: tuple[Annotated[int, Field(gt=0)], ...] | None = None
+    latest: Annotated[int, Field(gt=0, le=MAX_LATEST_VERSIONS)] | None = None
+    specific: tuple[Annotated[int, Field(gt=0, le=MAX_VERSION)], ...] | None = None
     all: Mapping[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -248,7 +257,7 @@ class TritonModelConfig(_Frozen):
     url: str
     model: str
     version: str = ""
-    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    timeout_s: Annotated[float, Field(gt=0, le=MAX_TRITON_TIMEOUT_S)] = 30.0
     tls: bool = False
     #: Calls in flight to Triton at once for this model. Triton queues and batches
     #: them first come first served: tenants take turns in Mandant's queues only for
@@ -256,7 +265,9 @@ class TritonModelConfig(_Frozen):
     #: once (``backends/triton.py``), 256 where the config does not say.
     max_in_flight: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     #: How often Triton's readiness and metadata are polled.
-    health_interval_s: Annotated[float, Field(gt=0)] = 1.0
+    health_interval_s: Annotated[
+        float, Field(ge=MIN_HEALTH_INTERVAL_S, le=MAX_HEALTH_INTERVAL_S)
+    ] = 1.0
 
     @field_validator("max_in_flight", mode="before")
     @classmethod
@@ -305,6 +316,19 @@ class ModelConfig(_Frozen):
     version_policy: VersionPolicyConfig | None = None
     #: Requests run before the version is ready (a failing one fails the load).
     warmup: tuple[WarmupConfig, ...] | None = None
+
+    @field_validator("inputs", "outputs")
+    @classmethod
+    def _distinct_names(
+        cls, tensors: tuple[TensorConfig, ...] | None
+    ) -> tuple[TensorConfig, ...] | None:
+        """Triton refuses a name given twice; served, every call failed, charged to its
+        caller as its inputs' fault (two inputs) or UNAVAILABLE (two outputs)."""
+        names = [tensor.name for tensor in tensors or ()]
+        if len(set(names)) != len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(f"a tensor name is given twice: {', '.join(twice)}")
+        return tensors
 
     @field_validator("name", "base")
     @classmethod
