@@ -42,6 +42,7 @@ from mandant_client import (
 )
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+from mandant_client._requests import MAX_TIMEOUT_S
 from tests.unit.fake_kserve import API_KEY, DIE, HELD, PLAIN_ERROR, SLOW, FakeServer, serve_fake
 
 
@@ -194,6 +195,60 @@ async def test_timeout_fails_that_call_only(server: FakeServer) -> None:
         outputs = await client.infer("echo", rows(2), timeout_s=5)
     np.testing.assert_array_equal(outputs["X"], rows(2)["X"])
     assert server.servicer.streams_opened == 1
+
+
+@pytest.mark.parametrize("multiplex", [False, True])
+@pytest.mark.parametrize("timeout_s", [1e10, 1e13, float("inf")])
+async def test_a_very_long_timeout_is_a_long_deadline(
+    server: FakeServer, multiplex: bool, timeout_s: float
+) -> None:
+    """1e10 s overflowed gRPC's deadline (DEADLINE_EXCEEDED at once), and in the
+    multiplexed mode a thread's wait (OverflowError), the v2 ``timeout`` in µs (1e13:
+    ValueError) or its rounding (infinity: OverflowError), none a MandantClientError:
+    such a timeout is ``MAX_TIMEOUT_S`` (about three years)."""
+    async with AsyncClient(server.target, api_key=API_KEY, multiplex=multiplex) as client:
+        outputs = await client.infer("echo", rows(3), timeout_s=timeout_s)
+    np.testing.assert_array_equal(outputs["X"], rows(3)["X"])
+    if multiplex:
+        sent = server.servicer.seen_requests[-1].parameters[_multiplex.TIMEOUT_PARAM]
+        assert 0 < sent.int64_param <= MAX_TIMEOUT_S * 1e6
+
+
+@pytest.mark.parametrize("multiplex", [False, True])
+async def test_a_very_long_timeout_is_a_long_deadline_for_the_sync_client(
+    server: FakeServer, multiplex: bool
+) -> None:
+    def call() -> dict[str, Any]:
+        with Client(
+            server.target, api_key=API_KEY, multiplex=multiplex, timeout_s=float("inf")
+        ) as client:
+            first = client.infer("echo", rows(4))
+            assert float(first["X"][0, 0]) == 4
+            return client.infer("echo", rows(5), timeout_s=1e10)
+
+    outputs = await asyncio.to_thread(call)
+    np.testing.assert_array_equal(outputs["X"], rows(5)["X"])
+
+
+def test_a_timeout_of_nan_is_refused() -> None:
+    with pytest.raises(ValueError, match="not NaN"):
+        Client("127.0.0.1:1", timeout_s=float("nan"))
+
+
+async def test_a_request_with_every_parameter_it_may_have_is_sent_multiplexed(
+    server: FakeServer,
+) -> None:
+    """256 parameters are Mandant's bound; the multiplexed mode added its ``timeout``,
+    and the same call that passed unary was refused (257). It sends none then: the
+    client still gives up at its deadline."""
+    parameters = {f"p{i}": i for i in range(_multiplex.MAX_PARAMETERS)}
+    async with AsyncClient(server.target, api_key=API_KEY, multiplex=True) as client:
+        await client.infer("echo", rows(5), timeout_s=5, parameters=parameters)
+        sent = server.servicer.seen_requests[-1]
+        assert len(sent.parameters) == _multiplex.MAX_PARAMETERS
+        assert _multiplex.TIMEOUT_PARAM not in sent.parameters
+        await client.infer("echo", rows(6), timeout_s=5, parameters={"p": 1})
+        assert _multiplex.TIMEOUT_PARAM in server.servicer.seen_requests[-1].parameters
 
 
 def closed_as_promised(outcomes: list[Any], ids: list[str]) -> bool:

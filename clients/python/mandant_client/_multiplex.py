@@ -82,6 +82,8 @@ STATUS_CODE_PARAM = "status_code"
 RETRY_PUSHBACK_PARAM = "retry_pushback_ms"
 #: The KServe v2 request parameter for the time a request may take, in microseconds.
 TIMEOUT_PARAM = "timeout"
+#: Parameters Mandant accepts on a request (its ``validation.MAX_PARAMETERS``).
+MAX_PARAMETERS = 256
 STREAM_ENDED = "the server ended the stream"
 #: The status grpc.aio gives a call itself (cygrpc's ``set_internal_error``) when a
 #: write finds the call already over: not the server's word (grpc/grpc#36066).
@@ -316,8 +318,12 @@ def _limit_time(request: pb.ModelInferRequest, timeout_us: int) -> None:
     """Set ``timeout`` to ``timeout_us`` unless the caller's own is earlier: the server
     takes the earlier of a unary call's deadline and its parameter, so the two paths
     agree. The caller's 0 (no timeout) gives way; a value the server refuses (not an
-    int64, negative) stays, to be refused as on a unary call."""
+    int64, negative) stays, to be refused as on a unary call. A request that already
+    has as many parameters as Mandant accepts gets none (it was refused, where the
+    same unary call passed): the client still gives up at its deadline."""
     own = request.parameters.get(TIMEOUT_PARAM)
+    if own is None and len(request.parameters) >= MAX_PARAMETERS:
+        return
     if own is None or (
         own.WhichOneof("parameter_choice") == "int64_param"
         and (own.int64_param == 0 or own.int64_param > timeout_us)

@@ -6,6 +6,7 @@ channel defaults. Nothing here performs I/O.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,11 @@ from mandant_client.tensors import encode_inputs
 from mandant_client.types import ModelIndexEntry, ModelMetadata, ServerMetadata, TensorMetadata
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: The longest time a call is given (about three years); a longer one, infinity too,
+#: is this. gRPC's deadline (1e10 s overflowed it: the call failed DEADLINE_EXCEEDED at
+#: once), a thread's wait (a ``time_t``) and the v2 ``timeout`` parameter (int64 µs,
+#: set by the multiplexed mode) all hold it.
+MAX_TIMEOUT_S = 1e8
 
 ChannelOptions = Sequence[tuple[str, Any]]
 Metadata = tuple[tuple[str, str], ...]
@@ -25,6 +31,17 @@ ParameterValue = bool | int | float | str
 
 _INT64_MAX = 2**63 - 1
 _UINT64_MAX = 2**64 - 1
+
+
+def call_timeout(timeout_s: float | None, default: float | None = None) -> float | None:
+    """A call's time: its own ``timeout_s``, else the client's ``default`` (None: no
+    deadline), at most :data:`MAX_TIMEOUT_S`. NaN is refused (ValueError)."""
+    timeout = timeout_s if timeout_s is not None else default
+    if timeout is None:
+        return None
+    if math.isnan(timeout):
+        raise ValueError("timeout_s is a number of seconds (or None), not NaN")
+    return min(float(timeout), MAX_TIMEOUT_S)
 
 
 def channel_options(options: ChannelOptions, connections: int = 1) -> list[tuple[str, Any]]:

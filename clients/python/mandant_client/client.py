@@ -71,7 +71,7 @@ class Client:
         self._stubs = [GRPCInferenceServiceStub(c) for c in self._channels]  # type: ignore[no-untyped-call]
         self._stub = self._stubs[0]
         self._turn = itertools.cycle(range(connections))
-        self._timeout_s = timeout_s
+        self._timeout_s = _requests.call_timeout(timeout_s)
         max_send_bytes = _requests.max_send_bytes(channel_options)
         self._multiplexers = (
             [
@@ -123,7 +123,7 @@ class Client:
         request, raw_bytes = _requests.infer_request(
             model, inputs, version, outputs, request_id, parameters
         )
-        timeout = timeout_s if timeout_s is not None else self._timeout_s
+        timeout = _requests.call_timeout(timeout_s, self._timeout_s)
         turn = next(self._turn)
         if self._multiplexers is not None:
             response = self._multiplexers[turn].infer(request, raw_bytes, timeout)
@@ -169,7 +169,7 @@ class Client:
         timeout_s: float | None = None,
         request_id: str = "",
     ) -> Any:
-        timeout = timeout_s if timeout_s is not None else self._timeout_s
+        timeout = _requests.call_timeout(timeout_s, self._timeout_s)
         if self._closed:
             raise _requests.client_closed(request_id)
         try:
