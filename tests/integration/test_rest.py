@@ -662,6 +662,35 @@ def test_an_unknown_expectation_is_417(server: Server) -> None:
         assert sock.recv(65536).startswith(b"HTTP/1.1 417 ")
 
 
+@pytest.mark.parametrize("binary_out", [False, True])
+def test_a_large_answer_written_a_piece_at_a_time_arrives_whole(
+    server: Server, binary_out: bool
+) -> None:
+    """Answers over 1 MiB are written from the pieces they were made of, as the client
+    takes them (``StreamedAnswer``), not joined into one body first: the 200,000
+    values come back as JSON (about 3 MB) exactly, with their length announced; a
+    binary answer under 1 MiB, in one body, beside it."""
+    values = np.random.default_rng(7).random(200_000, dtype=np.float32)
+    raw = values.tobytes()
+    body, headers = binary_request([("INPUT0", "FP32", [1, values.size], raw)])
+    head = json.loads(body[: int(headers["Inference-Header-Content-Length"])])
+    head["outputs"] = [{"name": "OUTPUT0", "parameters": {"binary_data": binary_out}}]
+    text = json.dumps(head).encode()
+    body, headers["Inference-Header-Content-Length"] = text + raw, str(len(text))
+    status, answer_headers, answer = call(
+        server, "POST", "/v2/models/echo/infer", body, {**headers, **auth("acme")}
+    )
+    assert status == 200
+    assert int(answer_headers["Content-Length"]) == len(answer)
+    if binary_out:
+        length = int(answer_headers["Inference-Header-Content-Length"])
+        assert np.frombuffer(answer[length:], np.float32).tobytes() == raw
+    else:
+        assert len(answer) > 1 << 20
+        (output,) = json.loads(answer)["outputs"]
+        assert np.array(output["data"], np.float32).tobytes() == raw
+
+
 def test_a_json_part_over_max_json_bytes_is_413_and_binary_data_is_not_bounded(
     server: Server,
 ) -> None:

@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from math import prod
 from typing import Any
 
@@ -466,12 +467,33 @@ def _out_of_range(header: TensorHeader) -> InvalidInput:
     return InvalidInput(f"input '{header.name}': a value is out of range for {header.datatype}")
 
 
+@dataclass(frozen=True)
+class AnswerBody:
+    """A response body in the pieces it was made of (the JSON's, then tensor bytes as
+    views of the outputs), ``size`` bytes in all; ``header_length``: the JSON's length
+    where tensor bytes follow it (the ``Inference-Header-Content-Length`` header), None
+    for a JSON-only body."""
+
+    pieces: Sequence[bytes | memoryview]
+    size: int
+    header_length: int | None
+
+    def joined(self) -> bytes:
+        return b"".join(self.pieces)
+
+
 async def encode_infer_response(
     response: InferResponse, binary: frozenset[str] | bool
 ) -> tuple[bytes, int | None]:
-    """The response body, and the JSON's length where tensor bytes follow it (for the
-    ``Inference-Header-Content-Length`` header; None for a JSON-only body). Outputs
-    of more than :data:`JSON_VALUES_PER_TURN` values sent as JSON are written over
+    """:func:`encode_answer`'s body in one piece, and its JSON's length (None for a
+    JSON-only body)."""
+    answer = await encode_answer(response, binary)
+    return answer.joined(), answer.header_length
+
+
+async def encode_answer(response: InferResponse, binary: frozenset[str] | bool) -> AnswerBody:
+    """The response body. Outputs of more than :data:`JSON_VALUES_PER_TURN` values
+    (BYTES: :data:`JSON_CHARS_PER_TURN` characters) sent as JSON are written over
     several turns of the event loop."""
     declared = {spec.name: spec.datatype for spec in response.output_specs}
     doc: dict[str, Any] = {
@@ -499,10 +521,10 @@ async def encode_infer_response(
             await _json_data(head, name, array.reshape(-1), datatype)
             head.append(b"]}")
     head.append(b"]}")
-    if not chunks:
-        return b"".join(head), None
     length = sum(map(len, head))
-    return b"".join([*head, *chunks]), length
+    if not chunks:
+        return AnswerBody(list(head), length, None)
+    return AnswerBody([*head, *chunks], length + sum(map(len, chunks)), length)
 
 
 async def _json_data(into: list[bytes], name: str, flat: np.ndarray, datatype: str) -> None:

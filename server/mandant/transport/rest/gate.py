@@ -56,8 +56,8 @@ CLIENT_CLOSED = 499
 Authenticator = Callable[[str | None], Tenant]
 AdminAuthenticator = Callable[[str | None], None]
 CertificateAuthenticator = Callable[[Iterable[str]], Tenant]
-Behavior = Callable[[web.Request, Call], Awaitable[web.Response]]
-Handler = Callable[[web.Request], Awaitable[web.Response]]
+Behavior = Callable[[web.Request, Call], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Access(enum.Enum):
@@ -177,13 +177,13 @@ class RestGate:
         limit = self._max_body if max_body is None else min(max_body, self._max_body)
         observer = self._observer
 
-        async def handle(request: web.Request) -> web.Response:
+        async def handle(request: web.Request) -> web.StreamResponse:
             response = await answer(request)
             if request.get(EXPECTING):  # refused before its body was asked for
                 response.force_close()
             return response
 
-        async def answer(request: web.Request) -> web.Response:
+        async def answer(request: web.Request) -> web.StreamResponse:
             start = time.perf_counter()
             call = Call(None)
             code = "OK"
