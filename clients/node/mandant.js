@@ -114,7 +114,9 @@ function pushbackMs(trailers) {
 }
 
 function loadService(protoDir) {
-  const definition = protoLoader.loadSync(path.join(protoDir, 'grpc_service.proto'), {
+  // Named relative to its include directory: a relative protoDir, joined to the name
+  // too, was looked for inside itself and warned "not found in any of the include paths".
+  const definition = protoLoader.loadSync('grpc_service.proto', {
     includeDirs: [protoDir], // grpc_service.proto imports model_config.proto
     keepCase: true, // field names as in the proto: raw_input_contents, model_name, ...
     longs: String, // int64 shapes and contents without loss; converted in tensors.js

@@ -117,6 +117,26 @@ test('a far-future timeoutMs is clamped, Infinity is no deadline: the calls pass
   }
 });
 
+test('a relative protoDir loads the protos without a warning', CALLS, async () => {
+  // It was joined to the file's name and also given as the include directory: the
+  // loader looked for protos/protos/grpc_service.proto and warned on every client.
+  const warnings = [];
+  const onWarning = (warning) => warnings.push(warning.message);
+  const cwd = process.cwd();
+  process.on('warning', onWarning);
+  process.chdir(path.dirname(DEFAULT_PROTO_DIR));
+  try {
+    await withClient({ protoDir: path.basename(DEFAULT_PROTO_DIR) }, async (client) => {
+      const outputs = await client.infer('m', INPUTS);
+      assert.deepEqual([...outputs.X.data], [1]);
+    });
+  } finally {
+    process.chdir(cwd);
+    process.off('warning', onWarning);
+  }
+  assert.deepEqual(warnings, []);
+});
+
 test('a request over the size limit is RESOURCE_EXHAUSTED that is not retryable', CALLS, async () => {
   await withClient({ timeoutMs: 30000 }, async (client) => {
     const count = MAX_MESSAGE_BYTES / 4 + 1024;
