@@ -475,7 +475,6 @@ class TritonBackend:
         self._auto_in_flight = (
             UNKNOWN_IN_FLIGHT if at_once is None else AUTO_IN_FLIGHT_FACTOR * at_once
         )
-        batching = self._spec.batching
         if limit != self._triton_max_batch and batching and 0 < limit < batching.max_batch_size:
             logger.info(
                 "model %s: batches of up to %d rows go to Triton's model %r in calls of "
