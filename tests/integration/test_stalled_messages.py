@@ -25,7 +25,7 @@ from mandant.transport.grpc.reads import TENANT_READS_MAX
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.integration.stalled_calls import StalledCalls
-from tests.servers import ECHO_MODEL, SERVER_KINDS, Server, serve
+from tests.servers import ECHO_MODEL, SERVER_KINDS, Server, metric, serve
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -35,6 +35,7 @@ METADATA = (("authorization", f"Bearer {KEY}"),)
 READ_TIMEOUT_S = 0.5
 MAX_TENANT_STREAMS = 3
 OTHER_METADATA = (("authorization", "Bearer acme-key"),)
+ADMIN = "admin-key"
 
 
 @pytest.fixture(scope="module", params=SERVER_KINDS)
@@ -49,6 +50,7 @@ def server(
                 "rest_port": 0,
                 "message_read_timeout_s": READ_TIMEOUT_S,
                 "max_tenant_streams": MAX_TENANT_STREAMS,
+                "admin_keys": [hash_key(ADMIN)],
             },
             "tenants": [
                 {"id": "globex", "api_keys": [hash_key(KEY)]},
@@ -60,6 +62,17 @@ def server(
     running = serve(request.param, config, tmp_path_factory.mktemp("stalled"))
     yield running
     running.stop()
+
+
+def rejections(server: Server, reason: str) -> float:
+    """globex's calls refused for ``reason`` so far, once any is counted (a front end
+    of ``workers: 2`` reports its refusals to the engine within 50 ms)."""
+    deadline = time.monotonic() + 5
+    while (found := metric(server, ADMIN, "mandant_rejections_total", tenant="globex",
+                           reason=reason, model="")) is None:  # fmt: skip
+        assert time.monotonic() < deadline, f"no rejection counted for {reason}"
+        time.sleep(0.02)
+    return found
 
 
 def port_of(server: Server) -> int:
@@ -110,6 +123,8 @@ def test_a_tenants_other_calls_read_a_bounded_number_of_messages_at_once(
         f"{TENANT_READS_MAX} calls of this tenant are sending their messages "
         f"(at most {TENANT_READS_MAX}): retry once they have"
     )
+    # Counted as a rejection too (it was in mandant_requests_total only).
+    assert rejections(server, "request_messages") == 1
     echo_works(server)  # every read given back: the next calls are read
 
 
@@ -142,6 +157,7 @@ def test_a_tenants_open_streams_are_bounded_and_another_tenants_are_not(
                 f"{MAX_TENANT_STREAMS}, server.max_tenant_streams): retry once one has ended",
             )
         ]  # the others stay open, holding their parts
+        assert rejections(server, "streams") == 1
         streamed_echo_works(server, OTHER_METADATA)
     finally:
         held.close()

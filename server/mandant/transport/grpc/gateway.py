@@ -42,7 +42,7 @@ from mandant.errors import InvalidInput, MandantError, ServerBusy, Unauthenticat
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.scheduling.gather import CallGather
-from mandant.transport.grpc.reads import MessageReads, Reading, tenant_pool
+from mandant.transport.grpc.reads import MessageReads, Reading, ReadsFull, tenant_pool
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
 from mandant.transport.grpc.wire_bounds import (
     PRE_PARSE,
@@ -311,7 +311,7 @@ class Gate:
                 return await behavior(request, call, context)
             except MandantError as exc:
                 code, refusal = status_for(exc).name, exc
-                count_if_busy(observer, call.tenant.id if call.tenant is not None else "", exc)
+                count_refusal(observer, call.tenant.id if call.tenant is not None else "", exc)
             except CallEnded:
                 code, ended = REFUSED_BY_GRPC, True
             except grpc.aio.AbortError:
@@ -393,6 +393,7 @@ class Gate:
             except MandantError as exc:  # counted like a unary call refused at the gate
                 duration_s = time.perf_counter() - start
                 tenant_id = call.tenant.id if call.tenant is not None else ""
+                count_refusal(observer, tenant_id, exc)
                 observer.request_finished(tenant_id, "", status_for(exc).name, duration_s)
                 await abort(context, exc)
                 return
@@ -458,7 +459,7 @@ class Gate:
                 finally:
                     cap.leave()
             if refusal is not None:
-                count_if_busy(observer, tenant_id, refusal)
+                count_refusal(observer, tenant_id, refusal)
             code = status_for(refusal).name if refusal is not None else REFUSED_BY_GRPC
             code = client_saw(context, code)
             observer.request_finished(tenant_id, "", code, time.perf_counter() - start)
@@ -505,3 +506,12 @@ def _aborted_code(context: Context) -> str:
     """The status a servicer aborted with (UNKNOWN where grpc does not say)."""
     code = context.code()
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+def count_refusal(observer: Observer, tenant_id: str, refusal: BaseException) -> None:
+    """A refusal made at the gate as a rejection of ``tenant_id``'s call, where it is
+    one: the server-wide cap's (``count_if_busy``), its messages on their way, its
+    streams open (``reads.ReadsFull``)."""
+    count_if_busy(observer, tenant_id, refusal)
+    if isinstance(refusal, ReadsFull):
+        observer.rejected(tenant_id, refusal.reason)

@@ -58,6 +58,21 @@ PEER_OPEN_READS_MAX = 8
 TENANT_READS_MAX = 64
 #: The pushback of a read refused for the count.
 READS_RETRY_S = 1.0
+
+
+class ReadsFull(ResourceExhausted):
+    """A call refused for its tenant's messages on their way, or its streams open:
+    ``reason`` is its ``mandant_rejections_total`` reason (it was counted in
+    ``mandant_requests_total`` only, and an operator watching rejections missed it)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message, READS_RETRY_S)
+        self.reason = reason
+
+
+#: The rejection reasons of :class:`ReadsFull`.
+MESSAGES_REASON = "request_messages"
+STREAMS_REASON = "streams"
 #: How often the timer looks for late reads, as a share of the shortest timeout: a
 #: read ends between its timeout and this much later.
 SWEEP_SHARE = 0.25
@@ -139,10 +154,10 @@ class MessageReads:
         for pool in pools:
             held = self._counts.get(pool.key, 0)
             if held >= pool.limit and not (pool.shared and self._make_room(pool, pools[0])):
-                raise ResourceExhausted(
+                raise ReadsFull(
                     f"{held} {pool.who} are sending their messages (at most {pool.limit}): "
                     "retry once they have",
-                    READS_RETRY_S,
+                    MESSAGES_REASON,
                 )
         self._take(pools)
         task = asyncio.current_task()
@@ -193,10 +208,10 @@ class MessageReads:
         the pool returned (ResourceExhausted at ``max_tenant_streams``: module doc)."""
         pool = Pool(f"streams {tenant}", self.max_tenant_streams, "streams")
         if (held := self._counts.get(pool.key, 0)) >= pool.limit:
-            raise ResourceExhausted(
+            raise ReadsFull(
                 f"{held} streams of this tenant are open (at most {pool.limit}, "
                 "server.max_tenant_streams): retry once one has ended",
-                READS_RETRY_S,
+                STREAMS_REASON,
             )
         self._take((pool,))
         return pool
