@@ -182,27 +182,11 @@ def shapes(workers: int, seconds: float, warmup_s: float) -> list[list[object]]:
 
 def _big_rest_call(rest_port: int, values: int) -> tuple[object, float]:
     """acme's REST echo of ``values`` FP32, binary in, the answer as JSON."""
-    head = json.dumps(
-        {"inputs": [{"name": "INPUT0", "shape": [1, values], "datatype": "FP32",
-                     "parameters": {"binary_data_size": 4 * values}}]}
-    ).encode()  # fmt: skip
+    request = {"inputs": [{"name": "INPUT0", "shape": [1, values], "datatype": "FP32",
+                           "parameters": {"binary_data_size": 4 * values}}]}  # fmt: skip
     # Random values: their JSON is as long as a real model's answer (17 digits each).
-    body = head + np.random.default_rng(0).random(values, dtype=np.float32).tobytes()
-    connection = http.client.HTTPConnection("127.0.0.1", rest_port, timeout=600)
-    start = time.perf_counter()
-    connection.request(
-        "POST",
-        "/v2/models/echo/infer",
-        body=body,
-        headers={
-            "Authorization": f"Bearer {KEYS['acme']}",
-            "Inference-Header-Content-Length": str(len(head)),
-        },
-    )
-    answer = connection.getresponse()
-    answer.read()
-    connection.close()
-    return answer.status, time.perf_counter() - start
+    data = np.random.default_rng(0).random(values, dtype=np.float32).tobytes()
+    return _rest_echo(rest_port, "echo", request, data)
 
 
 def _bytes_rest_call(rest_port: int, size: int, as_json: bool) -> tuple[object, float]:
@@ -214,13 +198,21 @@ def _bytes_rest_call(rest_port: int, size: int, as_json: bool) -> tuple[object, 
     request: dict[str, Any] = {"inputs": [tensor]}
     if not as_json:
         request["parameters"] = {"binary_data_output": True}
+    return _rest_echo(rest_port, "echo_bytes", request, element)
+
+
+def _rest_echo(
+    rest_port: int, model: str, request: dict[str, Any], data: bytes
+) -> tuple[object, float]:
+    """acme's REST call of ``model``: ``request``'s JSON, then ``data`` as its binary
+    inputs; the answer's status and the seconds the call took, its answer read whole."""
     head = json.dumps(request).encode()
     connection = http.client.HTTPConnection("127.0.0.1", rest_port, timeout=600)
     start = time.perf_counter()
     connection.request(
         "POST",
-        "/v2/models/echo_bytes/infer",
-        body=head + element,
+        f"/v2/models/{model}/infer",
+        body=head + data,
         headers={
             "Authorization": f"Bearer {KEYS['acme']}",
             "Inference-Header-Content-Length": str(len(head)),

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from mandant.transport.rest.status import HTTP_STATUS, code_for, error_headers, 
 from mandant.types import DATATYPES, InferResponse, TensorHeader, TensorSpec
 
 NUMERIC = [t for t in DATATYPES if t != "BYTES"]
+T = TypeVar("T")
 
 
 def header(datatype: str, shape: tuple[int, ...], name: str = "X") -> TensorHeader:
@@ -318,6 +320,23 @@ async def test_non_utf8_bytes_output_as_json_says_to_ask_for_binary() -> None:
         await encode_infer_response(response, False)
 
 
+async def with_loop_turns(work: Awaitable[T]) -> tuple[T, int]:
+    """``work``'s result, and how many turns the event loop took meanwhile."""
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counting = asyncio.create_task(count_turns())
+    try:
+        return await work, turns
+    finally:
+        counting.cancel()
+
+
 @pytest.mark.parametrize(
     "strings",
     [
@@ -335,17 +354,7 @@ async def test_a_large_bytes_output_as_json_is_written_over_several_loop_turns(
     a large element written a piece at a time, and the answer is the same."""
     values = np.array([text.encode() for text in strings], dtype=np.object_)
     response = InferResponse("m", "1", "", {"S": values})
-    turns = 0
-
-    async def count_turns() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    counting = asyncio.create_task(count_turns())
-    body, _ = await encode_infer_response(response, False)
-    counting.cancel()
+    (body, _), turns = await with_loop_turns(encode_infer_response(response, False))
     assert turns >= 2
     assert json.loads(body)["outputs"][0]["data"] == strings
     assert body == json.dumps(  # as one json.dumps writes it
@@ -372,17 +381,7 @@ async def test_a_large_json_output_is_written_over_several_loop_turns() -> None:
     meanwhile, and the answer is the same as written at once."""
     values = np.arange(3 * JSON_VALUES_PER_TURN + 5, dtype=np.float32) / 7
     response = InferResponse("m", "1", "r", {"Y": values.reshape(1, -1), "Z": values[:3]})
-    turns = 0
-
-    async def count_turns() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    counting = asyncio.create_task(count_turns())
-    body, length = await encode_infer_response(response, False)
-    counting.cancel()
+    (body, length), turns = await with_loop_turns(encode_infer_response(response, False))
     assert length is None and turns >= 3  # one per piece after the first
     doc = json.loads(body)
     assert doc["outputs"][0]["shape"] == [1, values.size]
