@@ -91,6 +91,7 @@ ECHO: dict[str, Any] = {
     "name": "echo",
     "backend": "torch",
     "factory": "mandant.demo.models:echo",
+    "device": "cpu",  # the front end's isolation, not a GPU's copies
     **ANY_SHAPE,
 }
 
