@@ -4,6 +4,7 @@ hypothesis driving it with random tensors and random bytes."""
 from __future__ import annotations
 
 import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from mandant.transport.grpc.codec import (
     encode_infer_response,
 )
 from mandant.types import DATATYPES, InferResponse, TensorHeader, TensorSpec
-from mandant.wire import join_bytes, split_bytes
+from mandant.wire import PIECE_BYTES, bytes_pieces, join_bytes, split_bytes
 from mandant_client._proto import grpc_service_pb2 as pb
 
 FIXED = [name for name in DATATYPES if name != "BYTES"]
@@ -90,15 +91,48 @@ same_length = st.integers(0, 6).flatmap(
 mixed_length = st.lists(st.binary(max_size=40), max_size=12)
 
 
-@given(st.one_of(same_length, mixed_length))
+#: Elements of :data:`PIECE_BYTES` or more (pieces of their own) among small ones.
+with_large = st.lists(
+    st.one_of(
+        st.binary(max_size=12),
+        st.sampled_from([PIECE_BYTES, PIECE_BYTES + 3]).map(lambda n: b"\x07" * n),
+    ),
+    max_size=6,
+)
+
+
+@given(st.one_of(same_length, mixed_length, with_large))
 @settings(max_examples=300)
 def test_split_and_join_agree_with_the_reference_framing(items: list[bytes]) -> None:
     raw = _framed(items)
     assert join_bytes(_objects(items)) == raw
-    split = split_bytes(raw, len(items))
-    assert split.dtype == np.object_ and split.shape == (len(items),)
-    assert [type(item) for item in split] == [bytes] * len(items)
-    assert split.tolist() == items
+    assert b"".join(bytes_pieces(_objects(items))) == raw
+    for source in (raw, memoryview(bytearray(raw)).toreadonly()):
+        split = split_bytes(source, len(items))
+        assert split.dtype == np.object_ and split.shape == (len(items),)
+        assert [type(item) for item in split] == [bytes] * len(items)
+        assert split.tolist() == items
+
+
+def test_a_large_element_is_copied_once_each_way() -> None:
+    """A large element is taken out of the view it arrived in straight into its own
+    ``bytes`` (a whole copy of the view first made a 48 MiB REST element one more
+    stretch of the event loop), and written out as itself, after its prefix."""
+    size = 8 << 20
+    raw = memoryview(_framed([b"\x01" * size])).toreadonly()
+    tracemalloc.start()
+    try:
+        (element,) = split_bytes(raw, 1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert element == b"\x01" * size
+    assert peak < 1.25 * size  # the element; not a copy of the view beside it
+    items = [b"a", element, b"bc"]
+    pieces = bytes_pieces(_objects(items))
+    assert any(piece is element for piece in pieces)
+    assert b"".join(pieces) == _framed(items)
+    assert bytes_pieces(_objects([b"a", b"bc"])) == [_framed([b"a", b"bc"])]  # small: one
 
 
 def _reference_split(raw: bytes, count: int) -> list[bytes] | None:
@@ -139,11 +173,12 @@ def test_one_changed_prefix_among_equal_lengths_reads_as_the_reference_does(
 @settings(max_examples=500)
 def test_random_bytes_split_as_the_reference_does(raw: bytes, count: int) -> None:
     want = _reference_split(raw, count)
-    if want is None:
-        with pytest.raises(ValueError):
-            split_bytes(raw, count)
-    else:
-        assert split_bytes(raw, count).tolist() == want
+    for source in (raw, memoryview(raw)):
+        if want is None:
+            with pytest.raises(ValueError):
+                split_bytes(source, count)
+        else:
+            assert split_bytes(source, count).tolist() == want
 
 
 def test_elements_ending_in_nul_keep_their_nuls() -> None:

@@ -41,7 +41,7 @@ from mandant.validation import (
     check_raw_size,
     check_shape,
 )
-from mandant.wire import join_bytes, raw_view, split_bytes
+from mandant.wire import bytes_pieces, raw_view, split_bytes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 Parameters = Mapping[str, bool | int | float | str]
@@ -142,7 +142,7 @@ class JsonInferRequest:
         self,
         model_name: str,
         model_version: str,
-        body: bytes,
+        body: bytes | memoryview,
         header_length: str | None,
         max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS,
         max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
@@ -152,7 +152,7 @@ class JsonInferRequest:
         self.model_name = model_name
         self._max_bytes_elements = max_bytes_elements
         self.model_version = model_version
-        view = memoryview(body)
+        view = memoryview(body).toreadonly()  # binary inputs: read-only arrays over it
         json_end = len(body) if header_length is None else _json_length(header_length, len(body))
         if json_end == 0 and header_length is not None:
             raise InvalidInput(
@@ -164,7 +164,7 @@ class JsonInferRequest:
                 f"the request's JSON is larger than {max_json_bytes} bytes: send large "
                 "tensors as binary data (binary_data_size, Inference-Header-Content-Length)"
             )
-        self._json = view[:json_end].tobytes() if json_end < len(body) else body
+        self._json = view[:json_end].tobytes()  # at most max_json_bytes
         self._overflows: list[Any] | None = None
         try:
             doc = loads_untrusted(self._json)
@@ -510,11 +510,13 @@ async def encode_answer(response: InferResponse, binary: frozenset[str] | bool) 
         if index:
             head.append(b",")
         if binary is True or (binary is not False and name in binary):
-            chunk = (
-                join_bytes(array) if datatype == "BYTES" else raw_view(array, DATATYPES[datatype])
+            pieces: Sequence[bytes | memoryview] = (
+                bytes_pieces(array)
+                if datatype == "BYTES"
+                else [raw_view(array, DATATYPES[datatype])]
             )
-            entry["parameters"] = {"binary_data_size": len(chunk)}
-            chunks.append(chunk)
+            entry["parameters"] = {"binary_data_size": sum(map(len, pieces))}
+            chunks += pieces
             head.append(_dumps(entry).encode())
         else:
             head += (_dumps(entry)[:-1].encode(), b',"data":[')

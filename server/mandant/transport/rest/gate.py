@@ -28,6 +28,7 @@ import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Iterable
 
+import numpy as np
 from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
@@ -87,7 +88,7 @@ BODIES_REASON = "request_bodies"
 
 #: Where the gate leaves a request's body (``body_of``), and marks one it stopped
 #: reading part way.
-BODY = web.RequestKey("mandant.body", bytes)
+BODY = web.RequestKey("mandant.body", memoryview)
 CUT = web.RequestKey("mandant.body_cut", bool)
 #: The client waits for ``100 Continue`` before it sends its body (:func:`expect_later`).
 EXPECTING = web.RequestKey("mandant.expecting", bool)
@@ -108,10 +109,30 @@ async def expect_later(request: web.Request) -> None:
         request[EXPECTING] = True
 
 
-def body_of(request: web.Request) -> bytes:
-    """The body the gate read (empty for a request without one)."""
-    body: bytes = request.get(BODY, b"")
+_EMPTY = memoryview(b"")
+
+
+def body_of(request: web.Request) -> memoryview:
+    """The body the gate read (empty for a request without one), read-only."""
+    body: memoryview = request.get(BODY, _EMPTY)
     return body
+
+
+async def _read_known(request: web.Request, length: int) -> memoryview:
+    """A body of ``length`` bytes, read into memory taken for it at once and left
+    unwritten until its bytes come (a ``bytearray`` of that length is written with
+    zeros first: 70 ms of the event loop for 48 MiB on a small VM)."""
+    body = np.empty(length, dtype=np.uint8)
+    filled = 0
+    while chunk := await request.content.readany():
+        end = filled + len(chunk)
+        if end > length:  # aiohttp keeps to Content-Length: not expected
+            raise UnreadableBody("the request body is longer than its Content-Length")
+        body[filled:end] = np.frombuffer(chunk, dtype=np.uint8)
+        filled = end
+    if filled != length:
+        raise UnreadableBody("the request body ended before its Content-Length")
+    return body.data.toreadonly()
 
 
 class UnreadableBody(InvalidInput):
@@ -278,28 +299,31 @@ class RestGate:
             if whole and length:
                 self._hold(tenant_id, length)
                 held = length
-            body = bytearray()
-            while chunk := await request.content.readany():
-                if decoder is not None:
-                    # bounded as sent too: past deflate's growth on what does not compress
-                    if decoder.taken + len(chunk) > limit + limit // 1024 + 65536:
+            if whole:  # filled in place: no copy as it grows, none once read
+                request[BODY] = await _read_known(request, length or 0)
+            else:
+                body = bytearray()
+                while chunk := await request.content.readany():
+                    if decoder is not None:
+                        # bounded as sent too: past deflate's growth on what does not compress
+                        if decoder.taken + len(chunk) > limit + limit // 1024 + 65536:
+                            request[CUT] = True
+                            raise BodyTooLarge(f"request body is larger than {limit} bytes as sent")
+                        chunk = await decoder.inflate(chunk, limit + 1 - len(body))
+                    body += chunk
+                    if len(body) > limit:
                         request[CUT] = True
-                        raise BodyTooLarge(f"request body is larger than {limit} bytes as sent")
-                    chunk = await decoder.inflate(chunk, limit + 1 - len(body))
-                body += chunk
-                if len(body) > limit:
-                    request[CUT] = True
-                    raise BodyTooLarge(f"request body is larger than {limit} bytes")
-                if len(body) > held:
-                    try:
-                        self._hold(tenant_id, len(body) - held)
-                    except MandantError:
-                        request[CUT] = True  # the rest of it stays unread
-                        raise
-                    held = len(body)
-            if decoder is not None and not decoder.ended:
-                raise UnreadableBody(_NOT_ENCODED)  # cut short
-            request[BODY] = bytes(body)
+                        raise BodyTooLarge(f"request body is larger than {limit} bytes")
+                    if len(body) > held:
+                        try:
+                            self._hold(tenant_id, len(body) - held)
+                        except MandantError:
+                            request[CUT] = True  # the rest of it stays unread
+                            raise
+                        held = len(body)
+                if decoder is not None and not decoder.ended:
+                    raise UnreadableBody(_NOT_ENCODED)  # cut short
+                request[BODY] = memoryview(body).toreadonly()
         except zlib.error:
             raise UnreadableBody(_NOT_ENCODED) from None
         except (RequestPayloadError, HttpProcessingError):  # aiohttp's wrapper, or not

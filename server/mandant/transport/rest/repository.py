@@ -78,7 +78,7 @@ def add_repository_routes(routes: web.UrlDispatcher, gate: RestGate, plane: Data
 
 async def _body(request: web.Request) -> dict[str, Any]:
     """The request's JSON object ({} for an empty body); InvalidInput otherwise."""
-    raw = body_of(request)
+    raw = body_of(request).tobytes()  # within the route's small max_body
     if not raw.strip():
         return {}
     try:
