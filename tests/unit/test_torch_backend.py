@@ -281,6 +281,39 @@ async def test_a_float_output_declared_as_an_integer_is_unavailable(
     assert "float32 where INT32 is declared" in message
 
 
+async def test_a_bytes_output_of_other_objects_is_unavailable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An int went out as that many NUL bytes over one path and failed the call
+    INTERNAL over another."""
+    spec = make_spec(
+        factory=f"{HELPERS}:objects",
+        inputs=(TensorSpec("X", "FP32", (-1,)),),
+        outputs=(TensorSpec("S", "BYTES", (-1,)),),
+    )
+    message = await _mismatched(spec, {"X": np.ones(2, np.float32)}, caplog)
+    assert "objects of type int where BYTES is declared" in message
+
+
+async def test_an_output_in_memory_the_model_keeps_is_answered_as_a_copy() -> None:
+    """A model that answers a view of a buffer it writes each call (``reuses``) wrote
+    the next batch's rows, another tenant's, into answers still being written (a large
+    REST answer is written as its client reads it). An echo's output, its caller's own
+    input, is not copied."""
+    vector = (TensorSpec("X", "FP32", (-1,)),)
+    backend = TorchBackend(make_spec(factory=f"{HELPERS}:reuses", inputs=vector, outputs=vector))
+    await backend.start()
+    try:
+        first = await backend.infer({"X": np.full(4, 1, np.float32)})
+        await backend.infer({"X": np.full(4, 5, np.float32)})
+    finally:
+        await backend.aclose()
+    np.testing.assert_array_equal(first["X"], np.full(4, 2, np.float32))
+    echo = make_spec(factory="mandant.demo.models:echo", inputs=vector, outputs=vector)
+    sent = np.arange(1024, dtype=np.float32)
+    assert np.shares_memory((await run_once(echo, {"X": sent}))["X"], sent)
+
+
 async def test_an_output_of_another_shape_is_unavailable(caplog: pytest.LogCaptureFixture) -> None:
     """16 columns declared 10 went out as they came, with status OK."""
     out = TensorSpec("OUTPUT0", "FP32", (-1, 10))

@@ -7,6 +7,7 @@ import threading
 import time
 import weakref
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -243,3 +244,32 @@ class _ExitsOnForward(nn.Module):
 
 def exits_on_forward() -> nn.Module:
     return _ExitsOnForward()
+
+
+class _Reuses(nn.Module):
+    """Writes twice its input into a buffer it keeps and answers a view of it (a
+    static output buffer, as models written for CUDA graphs keep)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("out", torch.zeros(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        self.out[:rows] = x * 2
+        return self.out[:rows]
+
+
+def reuses() -> nn.Module:
+    return _Reuses()
+
+
+class _Objects(nn.Module):
+    """A numpy array of ints as objects: not text, whatever its dtype says."""
+
+    def forward(self, x: torch.Tensor) -> np.ndarray:
+        return np.array([3] * x.shape[0], dtype=np.object_)
+
+
+def objects() -> nn.Module:
+    return _Objects()

@@ -84,6 +84,11 @@ from mandant.config import ModelSpec
 from mandant.errors import InvalidInput, Unavailable
 from mandant.types import DATATYPES
 
+try:
+    from numpy.lib.array_utils import byte_bounds
+except ImportError:  # numpy < 2
+    byte_bounds = np.byte_bounds  # type: ignore[attr-defined]
+
 logger = logging.getLogger(__name__)
 
 # A lone request's inputs are views of its own bytes, read-only to numpy, which torch
@@ -291,6 +296,8 @@ class TorchBackend:
                 problem = ("rows", got, f"{rows} (the batch's)")
             elif not _casts(array.dtype, spec.datatype):
                 problem = ("datatype", str(array.dtype), spec.datatype)
+            elif array.dtype.kind == "O" and (strays := _not_text(array)):
+                problem = ("datatype", f"objects of type {strays}", spec.datatype)
             if problem is None:
                 continue
             self._unlike(parts, spec.name, *problem)
@@ -368,13 +375,18 @@ class TorchBackend:
             args = [_host_input(column) for column in columns]
             parts = _parts(columns)
             values = self._output_values(instance.module(*args), parts)
-            return self._arrays(values, parts)
+            return self._arrays(values, parts, args)
 
-    def _arrays(self, values: list[object], parts: int) -> dict[str, np.ndarray]:
-        """The outputs as numpy arrays, by name; a value none can be made of (not a
-        tensor or an array; a sparse, quantized, nested or meta tensor) is an answer
-        unlike the declared outputs (:meth:`_unlike`), not a fault of the data."""
+    def _arrays(
+        self, values: list[object], parts: int, own: Sequence[object]
+    ) -> dict[str, np.ndarray]:
+        """The outputs as numpy arrays, by name, each in memory of this call's own
+        (:func:`_owned`; ``own``: what is, the call's inputs and fresh copies); a value
+        none can be made of (not a tensor or an array; a sparse, quantized, nested or
+        meta tensor) is an answer unlike the declared outputs (:meth:`_unlike`), not a
+        fault of the data."""
         arrays = {}
+        extents = [extent for value in own if (extent := _extent(value)) is not None]
         for name, value in zip(self._output_names, values, strict=True):
             array = _to_numpy(value)
             if array is None:
@@ -382,7 +394,7 @@ class TorchBackend:
                     f" ({value.layout}, {value.device})" if isinstance(value, torch.Tensor) else ""
                 )
                 self._unlike(parts, name, "kind", kind, "a tensor or a numpy array")
-            arrays[name] = array
+            arrays[name] = _owned(array, extents)
         return arrays
 
     def _forward_on_cuda(self, instance: _Instance, columns: list[Column]) -> dict[str, np.ndarray]:
@@ -401,7 +413,8 @@ class TorchBackend:
                 # may serve the next batch and the outputs may be read.
                 stream.synchronize()
                 staging.release()
-        return self._arrays(copies, parts)
+        fresh = [copy for copy, value in zip(copies, values, strict=True) if copy is not value]
+        return self._arrays(copies, parts, fresh)
 
     def _output_values(self, result: object, parts: int) -> list[object]:
         """The module's result as one value per declared output, in order; for a batch
@@ -602,6 +615,31 @@ def _copy_to_host(value: object) -> object:
         return value
 
 
+def _extent(value: object) -> tuple[int, int] | None:
+    """The addresses of the memory a tensor's storage or an array spans."""
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        start = storage.data_ptr()
+        return start, start + storage.nbytes()
+    if isinstance(value, np.ndarray):
+        low, high = byte_bounds(value)
+        return low, high
+    return None
+
+
+def _owned(array: np.ndarray, own: Sequence[tuple[int, int]]) -> np.ndarray:
+    """``array``, or a copy of it where it may be memory the model keeps from call to
+    call (a buffer it writes its answer into, a parameter, a cache): a batch's answers
+    are read over later turns of the event loop (a large REST answer as its client
+    takes it) while the instance runs the next batch, and that batch would write
+    another tenant's rows into them. An output within ``own`` (the extents of this
+    call's inputs, an echo's; of fresh copies) is the call's own, left as it is."""
+    low, high = byte_bounds(array)
+    if any(start <= low and high <= end for start, end in own):
+        return array
+    return array.copy()  # object arrays: their elements are immutable bytes and str
+
+
 def _to_numpy(value: object) -> np.ndarray | None:
     """An output as a numpy array (zero-copy from a CPU tensor); None where it cannot
     be one: not a tensor or an array, or a tensor numpy cannot view (sparse,
@@ -625,6 +663,14 @@ def _to_numpy(value: object) -> np.ndarray | None:
 #: BOOL), those and floats as a float; never a float as an integer (a float model
 #: declared INT32 answered zeros), nor text as a number.
 _TAKES = {"b": "biu", "i": "biu", "u": "biu", "f": "biuf"}
+
+
+def _not_text(array: np.ndarray) -> str:
+    """The types of a BYTES output's elements that are neither bytes nor str, named
+    ("" where there are none): an int went out as that many NUL bytes, a None failed
+    the call INTERNAL."""
+    types = set(map(type, array.reshape(-1).tolist()))
+    return ", ".join(sorted(t.__name__ for t in types if not issubclass(t, (bytes, str))))
 
 
 def _casts(dtype: np.dtype, datatype: str) -> bool:
