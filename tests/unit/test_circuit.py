@@ -257,3 +257,20 @@ def test_a_triton_model_process_gone_is_the_backend_s_fault() -> None:
         CallOutcome.FAILED,
     )
     assert translate(grpc.StatusCode.INTERNAL, details="bad value")[0] is Fault.MODEL
+
+
+@pytest.mark.parametrize(
+    "details",
+    [
+        "ValueError: unknown label 'is not healthy'",
+        "unknown label \"Stub process 'x' is not healthy.\"",
+    ],
+)
+def test_a_model_s_message_quoting_its_input_is_the_model_s_failure(details: str) -> None:
+    """A model's message may quote its caller's input: a label "is not healthy" made
+    the calls a backend failure, and five of them opened the breaker for every
+    tenant."""
+    assert translate(grpc.StatusCode.INTERNAL, details=details) == (
+        Fault.MODEL,
+        CallOutcome.ANSWERED,
+    )

@@ -86,12 +86,13 @@ _BACKEND_ANSWERED = (Fault.BACKEND, CallOutcome.ANSWERED)
 #: nothing to the breaker (ABANDONED), as an answer they kept the calls queued behind
 #: a wedged model from ever counting.
 _QUEUE_REFUSALS = ("exceeds maximum queue size", "request timeout expired")
-#: Triton's INTERNAL messages that are no model's word on a call's inputs but its
-#: backend's failing whatever the inputs: the Python backend's model process is gone
-#: ("Stub process '<instance>' is not healthy."). Every tenant's calls were answered
-#: INVALID_ARGUMENT as if their inputs had failed, and charged, and the breaker never
-#: opened: a backend fault.
-_BACKEND_FAILURES = ("is not healthy",)
+#: Triton's INTERNAL message that is no model's word on a call's inputs but its
+#: backend's failing whatever the inputs: the Python backend's model process is gone.
+#: Every tenant's calls were answered INVALID_ARGUMENT as if their inputs had failed,
+#: and charged, and the breaker never opened: a backend fault. Matched whole: a model's
+#: own message can quote its caller's input, and a label "is not healthy" opened the
+#: breaker for every tenant.
+_STUB_GONE = re.compile(r"Stub process '[^']*' is not healthy\.?")
 
 
 def translate(
@@ -105,9 +106,7 @@ def translate(
         refusal in details.lower() for refusal in _QUEUE_REFUSALS
     ):
         return Fault.BUSY, CallOutcome.ABANDONED
-    if code == grpc.StatusCode.INTERNAL and any(
-        failure in details.lower() for failure in _BACKEND_FAILURES
-    ):
+    if code == grpc.StatusCode.INTERNAL and _STUB_GONE.fullmatch(details.strip()):
         return Fault.BACKEND, CallOutcome.FAILED
     return TRANSLATION.get(code, _BACKEND_ANSWERED)
 
