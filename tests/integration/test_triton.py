@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import time
@@ -32,6 +33,7 @@ from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
 from mandant_client import (
     AsyncClient,
+    DeadlineExceeded,
     InvalidInput,
     MandantClientError,
     ModelNotFound,
@@ -552,13 +554,40 @@ async def test_a_flood_of_a_slow_triton_model_waits_in_mandant_where_tenants_tak
     assert answered.index("globex") <= 3, answered
 
 
+async def test_calls_given_up_keep_their_places_at_triton(
+    triton: TritonProcess, tmp_path: Path
+) -> None:
+    """Triton runs a call whose caller left (it queues and runs it anyway): acme's calls
+    given up after 40 ms, a new one every 25 ms for 0.6 s, each freed its place at its
+    deadline, so all of them went to Triton, whose queue grew by 0.1 s of work every
+    25 ms, and globex's call after them waited behind it (2 s). Now they keep their
+    places until Triton answers them: Triton holds two calls at most, acme's wait their
+    turn in Mandant, and globex's call runs after at most the two in Triton's hands."""
+    async with (
+        App(config(triton.url, slow_model(triton)), tmp_path) as app,
+        client(app, "acme", timeout_s=0.04) as acme,
+        client(app, "globex") as globex,
+    ):
+        given_up = []
+        for _ in range(24):
+            given_up.append(asyncio.create_task(outcome(acme, "slow", good_rows(1))))
+            await asyncio.sleep(0.025)
+        for error in await asyncio.gather(*given_up):
+            assert isinstance(error, DeadlineExceeded), repr(error)
+        start = time.monotonic()
+        assert await outcome(globex, "slow", good_rows(1)) is None
+        assert time.monotonic() - start < 0.8
+
+
 # -- faults ---------------------------------------------------------------------------
 
 
 async def test_triton_killed_under_load_then_restarted(
-    triton: TritonProcess, tmp_path: Path
+    triton: TritonProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Kills the session's Triton and starts it again on the same ports."""
+    """Kills the session's Triton and starts it again on the same ports. The breaker's
+    opening and closing are in the log (refusing every tenant's calls, it said nothing)."""
+    caplog.set_level(logging.INFO, logger="mandant.backends.triton")
     async with App(config(triton.url), tmp_path) as app, client(app, "acme", 5) as mc:
         calls: list[tuple[float, float, str]] = []  # start, seconds, outcome
         stop = asyncio.Event()
@@ -587,6 +616,10 @@ async def test_triton_killed_under_load_then_restarted(
         np.testing.assert_allclose(result["OUTPUT0"], want, rtol=1e-5, atol=1e-6)
         assert await mc.model_ready("tiny")
         assert await mc.server_ready()
+    said = [r.getMessage() for r in caplog.records if r.name == "mandant.backends.triton"]
+    opened = [m for m in said if "model tiny:" in m and "its calls are refused" in m]
+    closed = [m for m in said if "model tiny:" in m and "answers again" in m]
+    assert opened and closed, said
 
 
 async def _kill_and_restart(

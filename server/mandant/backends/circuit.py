@@ -73,6 +73,11 @@ class CircuitBreaker:
         return self._state
 
     @property
+    def reset_timeout_s(self) -> float:
+        """Seconds an open circuit refuses every call before it lets a probe through."""
+        return self._reset_timeout_s
+
+    @property
     def retry_after_s(self) -> float:
         """Seconds until an open circuit lets a probe through (0 when not open)."""
         if self._state is not CircuitState.OPEN:

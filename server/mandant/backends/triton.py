@@ -62,12 +62,16 @@
   batcher joins into one execution), so Triton has the next calls at hand as it
   finishes, and the rest take turns in the tenants' queues; a config that does not say
   (an ensemble, a KServe v2 server without ModelConfig) gets :data:`UNKNOWN_IN_FLIGHT`.
-  Read at every poll: the model's schedulers follow a change of Triton's model.
+  Read at every poll: the model's schedulers follow a change of Triton's model. A call
+  whose caller leaves (a cancel, its deadline) is answered at once but stays at
+  Triton, which runs it anyway, and keeps its place until Triton answers it
+  (:meth:`TritonBackend._infer`): calls sent in its place wait their turn in Mandant.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -79,7 +83,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from mandant.backends.channels import ChannelPool
-from mandant.backends.circuit import CallOutcome, CircuitBreaker
+from mandant.backends.circuit import CallOutcome, CircuitBreaker, CircuitState
 from mandant.backends.triton_answers import TritonAnswers, translate
 from mandant.backends.triton_tensors import (
     TensorMismatch,
@@ -88,7 +92,7 @@ from mandant.backends.triton_tensors import (
     unknown_datatypes,
 )
 from mandant.config import ModelSpec, TritonModelConfig
-from mandant.errors import DeadlineExceeded, Unavailable
+from mandant.errors import DeadlineExceeded, DeadlinePassedWhileRunning, Unavailable
 from mandant.types import datatype_of
 from mandant.wire import join_bytes
 
@@ -118,6 +122,10 @@ SLOWEST_DECAY = 0.9
 AUTO_IN_FLIGHT_FACTOR = 2
 UNKNOWN_IN_FLIGHT = 256
 _CONNECT_FAILURE_MARKERS = ("failed to connect", "connection refused", "no route to host")
+
+
+#: A call to Triton, running on its own (its caller may leave).
+_Call = asyncio.Future[pb.ModelInferResponse]
 
 
 class TritonBackend:
@@ -159,6 +167,11 @@ class TritonBackend:
         #: (``_unanswered``), monotonic.
         self._asking = 0
         self._asked_at = -float("inf")
+        #: Calls at Triton (its places, :meth:`_place`), and the calls waiting for one.
+        self._at_triton = 0
+        self._awaiting_place: collections.deque[asyncio.Future[None]] = collections.deque()
+        #: Calls counted against the breaker as their callers left (:meth:`_given_up`).
+        self._counted: set[_Call] = set()
         #: How the configured tensors contradict Triton's model's (None: they agree,
         #: or are Triton's own): the model is not ready while they do.
         self._contradiction: str | None = None
@@ -231,9 +244,10 @@ class TritonBackend:
         deadline: float | None = None,
         hold_on_cancel: bool = False,
     ) -> dict[str, np.ndarray]:
-        """One Triton call for one request's ``inputs``, asking for ``outputs`` only,
-        with what is left until ``deadline`` as its timeout. Cancelled, the call to
-        Triton is cancelled with it: nothing to hold (``hold_on_cancel``)."""
+        """One Triton call for one request's ``inputs``, asking for ``outputs`` only.
+        Cancelled, or past ``deadline``, its caller is answered at once and the call
+        stays at Triton until it answers (:meth:`_infer`): nothing for the caller to
+        hold (``hold_on_cancel``)."""
         return await self._infer([inputs], outputs, deadline, alone=True)
 
     async def infer_batch(
@@ -260,7 +274,16 @@ class TritonBackend:
         deadline: float | None,
         alone: bool,
     ) -> dict[str, np.ndarray]:
-        """One Triton call for ``parts`` (one request's inputs, or several joined)."""
+        """One Triton call for ``parts`` (one request's inputs, or several joined).
+
+        A call Triton has is not taken back: cancelling its RPC does not stop Triton
+        from running it (nor from queueing it first). So it is sent with ``timeout_s``
+        as its timeout, whatever its caller's ``deadline``, and its caller, cancelled
+        or past its deadline, is answered at once while the call keeps one of the
+        model's places at Triton (``max_in_flight``) until Triton answers it. Freed at
+        the caller's deadline, places let one tenant's calls given up at 0.3 s pile up
+        in Triton's queue without bound (nine held there, another tenant's next call
+        failed after ``timeout_s``), and their outcomes were never seen."""
         stub = self._stub
         if stub is None:
             raise Unavailable(f"model '{self._spec.name}' is not loaded")
@@ -270,53 +293,124 @@ class TritonBackend:
         rows: int | None = _rows(parts)
         if alone and self._spec.batching is None and not self._triton_max_batch:
             rows = None  # no batch dimension known: the answer's rows are the model's
-        sent = self._clock()
-        cap = sent + self._triton.timeout_s
-        client_deadline = deadline
-        deadline = cap if client_deadline is None else min(cap, client_deadline)
         if not self._breaker.allow():
             raise Unavailable(f"model '{self._spec.name}' is unavailable (backend is failing)")
+        await self._place(deadline)
         generation = self._breaker.generation  # outcomes of older calls cannot close it
+        sent = self._clock()
         if not self._asking or self._asked_at <= self._answered_at:
             self._asked_at = sent  # the first call Triton has to answer since it last did
         self._asking += 1
+        call = asyncio.ensure_future(self._call(stub, request, sent + self._triton.timeout_s))
+        call.add_done_callback(lambda done: self._ended(done, sent, generation))
         try:
-            response = await self._call(stub, request, deadline)
-        except DeadlineExceeded:
-            self._breaker.record_abandoned(generation)
+            await asyncio.wait((call,), timeout=None if deadline is None else deadline - sent)
+        except asyncio.CancelledError:  # its caller left: the call stays at Triton
+            self._given_up(call, sent, generation)
             raise
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling() == 0:
-                # Not our caller's cancellation: the channel closed under the call (its
-                # model unloaded, the server stopping). Answer it rather than vanish.
-                self._breaker.record_abandoned(generation)
-                raise Unavailable(f"model '{self._spec.name}' was unloaded") from None
-            self._breaker.record(self._unanswered(sent, by_caller=True), generation)
-            raise
+        if not call.done():
+            self._given_up(call, sent, generation)
+            raise DeadlinePassedWhileRunning("deadline exceeded while the backend was running")
+        if call.cancelled():  # the channel closed under the call: its model unloaded, the
+            # server stopping. Answer it rather than vanish.
+            raise Unavailable(f"model '{self._spec.name}' was unloaded")
+        try:
+            response = call.result()
         except grpc.aio.AioRpcError as exc:
-            by_client = client_deadline is not None and client_deadline < cap
-            fault, outcome = translate(exc.code(), by_client, exc.details() or "")
+            fault, _ = translate(exc.code(), False, exc.details() or "")
+            raise self._answers.error(
+                exc, fault, False, alone, joined_by_triton=self._joined_by_triton
+            ) from exc
+        return self._answers.outputs(response, outputs, self._spec.outputs, rows)
+
+    def _given_up(self, call: _Call, sent: float, generation: int) -> None:
+        """The caller of ``call`` (sent at ``sent``) left while Triton has it. Where
+        Triton has answered no call since, and has been silent :data:`SILENT_S` (or
+        twice its slowest recent answer) while it had calls to answer, that counts
+        against the breaker now, not ``timeout_s`` later: a model answering nobody (a
+        wedged instance behind a Triton whose health checks still answer). Not on one
+        call's wait, which a tenant sets by its own data and deadline."""
+        silent_s = self._clock() - self._asked_at
+        stall_s = max(SILENT_S, STALL_FACTOR * self._slowest_s)
+        if self._answered_at <= sent and silent_s >= stall_s:
+            self._counted.add(call)
+            self._tell(CallOutcome.FAILED, generation)
+
+    def _ended(self, call: _Call, sent: float, generation: int) -> None:
+        """Triton is done with ``call`` (sent at ``sent``), its caller there or not:
+        its place goes to the next call, and what it says of Triton to the breaker
+        (a failure counted already as its caller left, once)."""
+        self._asking -= 1
+        self._leave_place()
+        counted = call in self._counted
+        self._counted.discard(call)
+        exc = None if call.cancelled() else call.exception()
+        if call.cancelled():  # the channel closed under it: says nothing of Triton
+            outcome = CallOutcome.ABANDONED
+        elif exc is None:
+            self._answered(sent)
+            outcome = CallOutcome.ANSWERED
+        elif isinstance(exc, grpc.aio.AioRpcError):
+            _, outcome = translate(exc.code(), False, exc.details() or "")
             if outcome is CallOutcome.ANSWERED:
                 self._answered(sent)
             elif exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                outcome = self._unanswered(sent, by_caller=by_client)
-            self._breaker.record(outcome, generation)
+                outcome = self._unanswered(sent)
             if exc.code() == grpc.StatusCode.NOT_FOUND:  # unloaded on Triton's side: the
                 # next calls are refused here until its readiness poll finds it again
                 self._set_ready(False, "Triton has no such model")
-            raise self._answers.error(
-                exc,
-                fault,
-                by_client,
-                alone,
-                joined_by_triton=self._joined_by_triton,
-            ) from exc
-        finally:
-            self._asking -= 1
-        self._answered(sent)
-        self._breaker.record_success(generation)
-        return self._answers.outputs(response, outputs, self._spec.outputs, rows)
+        else:  # DeadlineExceeded: ``timeout_s`` passed before a retry could be sent
+            outcome = CallOutcome.ABANDONED
+        if not counted or outcome is CallOutcome.ANSWERED:
+            self._tell(outcome, generation)
+
+    def _tell(self, outcome: CallOutcome, generation: int) -> None:
+        """Tell the breaker a call's ``outcome``; say so in the log when that opens it
+        (every tenant's calls of the model are then refused at once) or closes it."""
+        before = self._breaker.state
+        self._breaker.record(outcome, generation)
+        after = self._breaker.state
+        if after is CircuitState.OPEN and before is CircuitState.CLOSED:
+            logger.warning(
+                "model %s: Triton at %s answered none of its last calls (unreachable, or "
+                "silent past their time): its calls are refused UNAVAILABLE, and one is "
+                "let through every %.1f s until Triton answers it",
+                self._spec.name,
+                self._triton.url,
+                self._breaker.reset_timeout_s,
+            )
+        elif after is CircuitState.CLOSED and before is not CircuitState.CLOSED:
+            logger.info("model %s: Triton at %s answers again", self._spec.name, self._triton.url)
+
+    async def _place(self, deadline: float | None) -> None:
+        """Take one of the model's places at Triton (``max_in_flight``), waiting in turn
+        where calls whose callers left hold them all; no longer than ``deadline``. The
+        schedulers send no more calls than places, so at most as many wait here as the
+        callers left, in the order the schedulers sent them."""
+        if self._at_triton < max(1, self.max_concurrency) and not self._awaiting_place:
+            self._at_triton += 1
+            return
+        place: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._awaiting_place.append(place)
+        try:
+            async with asyncio.timeout(None if deadline is None else deadline - self._clock()):
+                await place
+        except BaseException as exc:
+            if place.done() and not place.cancelled():
+                self._leave_place()  # handed a place just as it gave up: pass it on
+            else:
+                self._awaiting_place.remove(place)
+            if isinstance(exc, TimeoutError):
+                raise DeadlineExceeded("deadline exceeded while queued") from None
+            raise
+
+    def _leave_place(self) -> None:
+        self._at_triton -= 1
+        while self._awaiting_place and self._at_triton < max(1, self.max_concurrency):
+            place = self._awaiting_place.popleft()
+            if not place.done():
+                self._at_triton += 1
+                place.set_result(None)
 
     @property
     def _joined_by_triton(self) -> bool:
@@ -330,21 +424,11 @@ class TritonBackend:
         self._answered_at = now
         self._slowest_s = max(now - sent, self._slowest_s * SLOWEST_DECAY)
 
-    def _unanswered(self, sent: float, by_caller: bool) -> CallOutcome:
-        """What a call sent at ``sent`` that Triton did not answer says of Triton. Its
-        own slowness (ABANDONED) where Triton answered another call since; where its
-        caller gave up first (``by_caller``: the caller's deadline, a cancel), also
-        where Triton has not yet been silent :data:`SILENT_S` (or twice its slowest
-        recent answer) while asked: one tenant's short deadlines on calls slow for
-        their data do not shut the model for all. Else FAILED: Triton answered nobody,
-        whoever set the deadline."""
-        if self._answered_at > sent:
-            return CallOutcome.ABANDONED
-        if not by_caller:
-            return CallOutcome.FAILED
-        silent_s = self._clock() - self._asked_at
-        stall_s = max(SILENT_S, STALL_FACTOR * self._slowest_s)
-        return CallOutcome.FAILED if silent_s >= stall_s else CallOutcome.ABANDONED
+    def _unanswered(self, sent: float) -> CallOutcome:
+        """What a call sent at ``sent`` that Triton did not answer within ``timeout_s``
+        says of Triton: its own slowness (ABANDONED) where Triton answered another
+        call since; else FAILED, Triton answered nobody."""
+        return CallOutcome.ABANDONED if self._answered_at > sent else CallOutcome.FAILED
 
     def _chunks(
         self, parts: Sequence[Mapping[str, np.ndarray]]
