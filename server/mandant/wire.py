@@ -53,6 +53,9 @@ def split_bytes(raw: bytes | memoryview, count: int) -> np.ndarray:
             f"{count} BYTES elements need at least {min_bytes_size(count)} bytes "
             f"of length prefixes, got {len(raw)}"
         )
+    if not isinstance(raw, bytes) and len(raw) < count * PIECE_BYTES:
+        # small elements: copied whole once, then sliced, is faster than a copy each
+        raw = raw.tobytes()
     if count == 0:
         if raw:
             raise ValueError(f"{len(raw)} bytes left after 0 BYTES elements")

@@ -413,7 +413,11 @@ class TorchBackend:
                 # may serve the next batch and the outputs may be read.
                 stream.synchronize()
                 staging.release()
-        fresh = [copy for copy, value in zip(copies, values, strict=True) if copy is not value]
+        fresh = [  # copied from the device (a CPU tensor's "copy" is itself)
+            copy
+            for copy, value in zip(copies, values, strict=True)
+            if isinstance(value, torch.Tensor) and not value.is_cpu and copy is not value
+        ]
         return self._arrays(copies, parts, fresh)
 
     def _output_values(self, result: object, parts: int) -> list[object]:

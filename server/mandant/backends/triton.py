@@ -15,7 +15,8 @@
   dimensions, rows, byte size): one that does not match is the backend's fault,
   Unavailable, logged once per output and problem, never the caller's
   (:mod:`.triton_answers`, which reads Triton's answers and errors).
-* Faults: every call is bounded by the caller's deadline or ``timeout_s``; a connect
+* Faults: every call to Triton is bounded by ``timeout_s`` (its caller, by its own
+  deadline: the call stays at Triton after it, :meth:`TritonBackend._infer`); a connect
   failure (nothing was sent) is retried at most twice with jittered backoff; a
   :class:`CircuitBreaker` refuses calls at once after repeated failures and lets a probe
   through after its reset time. Triton's errors are translated here, at the boundary, by
@@ -27,7 +28,7 @@
   given up by its caller too (its deadline shorter than ``timeout_s``, as real clients'
   are, or a cancel), once Triton has answered no call for :data:`SILENT_S` (or twice
   its slowest recent answer, if longer) while it had calls to answer
-  (:meth:`TritonBackend._unanswered`): not on one call's wait, which a tenant sets by
+  (:meth:`TritonBackend._given_up`): not on one call's wait, which a tenant sets by
   its own data and deadline (bursts of its calls, slow for their inputs and given up
   at 0.25 s on a model that runs one call at a time, opened the breaker for everyone).
   Such a call stays charged, as any call whose
@@ -295,8 +296,15 @@ class TritonBackend:
             rows = None  # no batch dimension known: the answer's rows are the model's
         if not self._breaker.allow():
             raise Unavailable(f"model '{self._spec.name}' is unavailable (backend is failing)")
-        await self._place(deadline)
         generation = self._breaker.generation  # outcomes of older calls cannot close it
+        try:
+            await self._place(deadline)
+            if deadline is not None and deadline <= self._clock():
+                self._leave_place()
+                raise DeadlineExceeded("deadline exceeded before the backend answered")
+        except BaseException:
+            self._breaker.record_abandoned(generation)  # a half-open probe's turn back
+            raise
         sent = self._clock()
         if not self._asking or self._asked_at <= self._answered_at:
             self._asked_at = sent  # the first call Triton has to answer since it last did
@@ -330,6 +338,8 @@ class TritonBackend:
         against the breaker now, not ``timeout_s`` later: a model answering nobody (a
         wedged instance behind a Triton whose health checks still answer). Not on one
         call's wait, which a tenant sets by its own data and deadline."""
+        if call.done():  # ended in the same turn: :meth:`_ended` told the breaker
+            return
         silent_s = self._clock() - self._asked_at
         stall_s = max(SILENT_S, STALL_FACTOR * self._slowest_s)
         if self._answered_at <= sent and silent_s >= stall_s:
@@ -398,7 +408,7 @@ class TritonBackend:
         except BaseException as exc:
             if place.done() and not place.cancelled():
                 self._leave_place()  # handed a place just as it gave up: pass it on
-            else:
+            elif place in self._awaiting_place:  # (a place leaving may have dropped it)
                 self._awaiting_place.remove(place)
             if isinstance(exc, TimeoutError):
                 raise DeadlineExceeded("deadline exceeded while queued") from None
