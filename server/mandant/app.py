@@ -455,8 +455,11 @@ class App:
         for changes in applying:  # models still loading: a thread may linger, not us
             changes.cancel()
         await asyncio.gather(*applying, return_exceptions=True)
-        await asyncio.gather(self.grpc.stop(grace_s), self.rest.aclose(grace_s))
-        if self.engine is not None:  # the front ends stopped first (the supervisor)
+        draining = [self.grpc.stop(grace_s), self.rest.aclose(grace_s)]
+        if self.engine is not None:  # its front ends' calls (the supervisor stops them
+            draining.append(self.engine.drain(grace_s))  # first: none left, mostly)
+        await asyncio.gather(*draining)
+        if self.engine is not None:
             await self.engine.aclose()
         await self.http.aclose()
         await self.registry.aclose()

@@ -553,16 +553,24 @@ def test_a_stopped_engine_is_taken_for_gone_until_it_answers_again(
 LOADED_GRACE_S = 30
 
 
+@pytest.mark.parametrize("to", ["the supervisor", "every process"])
 async def test_sigterm_under_load_loses_no_accepted_call(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], to: str
 ) -> None:
+    """To every process at once is how a service manager stops a service (systemd's
+    ``KillMode=control-group``): the engine, signalled itself, failed every call it
+    had at once."""
     with WorkersServer(workers_config(grace_s=LOADED_GRACE_S), tmp_path) as server:
         stop = asyncio.Event()
         load = asyncio.create_task(_load(server.target, stop, model="sleepy"))
         await asyncio.sleep(1.2)
         assert server.process is not None
+        children = [pid for group in server.children().values() for pid in group]
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
+        if to == "every process":
+            for pid in children:
+                os.kill(pid, signal.SIGTERM)
         await asyncio.to_thread(server.process.wait, LOADED_GRACE_S + 30)
         stop.set()
         ended = await load

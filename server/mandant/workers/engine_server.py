@@ -14,6 +14,13 @@ deadline passed) sends a cancellation: the call leaves its queue and frees its
 concurrency slot, and the front end is told at once which model the call had resolved
 to (what its report of the call names: SLOs count it). When a front end's connection
 closes (it died), its calls are cancelled the same way.
+
+Stopping, the engine refuses new calls (UNAVAILABLE: retry) and gives the calls it has
+``grace_s`` to be answered before it closes the front ends' connections
+(:meth:`EngineServer.drain`). The supervisor stops the front ends first, so none is
+left by then; but a SIGTERM can reach the engine itself (``kill`` of its pid, a service
+manager signalling every process of the service at once), and then every call it had
+failed at once.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from mandant.context import current_request_id, current_tenant
-from mandant.errors import FailedPrecondition, MandantError, Unauthenticated
+from mandant.errors import FailedPrecondition, MandantError, Unauthenticated, Unavailable
 from mandant.events import Observer
 from mandant.service import MAX_REQUEST_ID_BYTES, DataPlane
 from mandant.types import Call, Tenant
@@ -84,6 +91,8 @@ class EngineServer:
         #: The SETTLE round running, and the one the reports that came since wait for.
         self._round: asyncio.Future[None] | None = None
         self._next_round: asyncio.Future[None] | None = None
+        self.stopping = False  # new calls are refused (:meth:`drain`)
+        self._drained: asyncio.Event | None = None  # set once none is in progress
 
     async def start(self) -> None:
         if self._path.exists():  # left by an engine that was killed
@@ -153,6 +162,20 @@ class EngineServer:
         and stop before it)."""
         return any(peer.accepting for peer in self._peers)
 
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new calls from now on; wait up to ``grace_s`` for the calls in
+        progress to be answered (module doc)."""
+        self.stopping = True
+        if self.in_flight:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), grace_s)
+
+    def ended(self) -> None:
+        """A call in progress ended, or a front end left with its calls."""
+        if self._drained is not None and not self.in_flight:
+            self._drained.set()
+
     async def aclose(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
@@ -168,6 +191,7 @@ class EngineServer:
 
     def left(self, peer: _FrontEnd) -> None:
         self._peers.discard(peer)
+        self.ended()
 
 
 class _FrontEnd(asyncio.BufferedProtocol):
@@ -277,8 +301,18 @@ class _FrontEnd(asyncio.BufferedProtocol):
             mine = frames[offset : offset + count]
             offset += count
             call = Call(None, arrived=header.arrived)
+            if self._engine.stopping:
+                self._refuse(call, header, Unavailable("the inference engine is stopping: retry"))
+                continue
             task = create_task(self._serve(header, mine, call))
             self.tasks[header.rid] = (task, call, header)
+
+    def _refuse(self, call: Call, header: ipc.RequestHeader, error: MandantError) -> None:
+        """Answer a call ``error`` without running it, naming the model it resolved to."""
+        self._resolve(call, header)
+        self._answer(
+            [header.rid, call.model, call.version, ipc.pack_error(error), [], call.owner], []
+        )
 
     def _cancel(self, rid: int) -> None:
         """Drop a call its front end gave up on, and answer it now (a task cancelled
@@ -286,6 +320,7 @@ class _FrontEnd(asyncio.BufferedProtocol):
         entry = self.tasks.pop(rid, None)
         if entry is None:
             return  # answered already: the answer is on its way
+        self._engine.ended()
         task, call, header = entry
         task.cancel()
         if not call.model:  # cancelled before it ran: name the model it would have reached
@@ -348,6 +383,7 @@ class _FrontEnd(asyncio.BufferedProtocol):
             answer = [header.rid, call.model, call.version, error, [], call.owner]
         finally:
             self.tasks.pop(header.rid, None)
+            self._engine.ended()
         self._answer(answer, frames)
 
     def _answer(self, answer: list[object], frames: list[Buffer]) -> None:
