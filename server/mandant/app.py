@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from mandant import __version__
-from mandant.backends.base import Backend
+from mandant.backends.base import Backend, circuit_open
 from mandant.backends.channels import ChannelPool
 from mandant.config import MandantConfig, ModelSpec, TlsConfig, config_folder, load_config
 from mandant.errors import ConfigError, InvalidInput, MandantError, Unavailable
@@ -195,7 +195,7 @@ class App:
         self.metrics.register(
             ModelReadiness(
                 lambda: (
-                    (m.key.name, m.key.version, m.key.owner or "", m.ready)
+                    (m.key.name, m.key.version, m.key.owner or "", m.ready, circuit_open(m.backend))
                     for m in self.registry.all()
                 )
             )

@@ -606,7 +606,7 @@ async def test_triton_killed_under_load_then_restarted(
 
         workers = [asyncio.create_task(load()) for _ in range(8)]
         try:
-            await _kill_and_restart(triton, mc, calls)
+            await _kill_and_restart(triton, mc, calls, app)
         finally:
             stop.set()
             await asyncio.gather(*workers, return_exceptions=True)
@@ -622,15 +622,29 @@ async def test_triton_killed_under_load_then_restarted(
     assert opened and closed, said
 
 
+def circuit_open(app: App, model: str) -> float | None:
+    """``mandant_backend_circuit_open`` of ``model`` (its one version)."""
+    for family in app.metrics.collect():
+        for sample in family.samples:
+            if sample.name == "mandant_backend_circuit_open" and sample.labels["model"] == model:
+                return sample.value
+    return None
+
+
 async def _kill_and_restart(
-    triton: TritonProcess, mc: AsyncClient, calls: list[tuple[float, float, str]]
+    triton: TritonProcess, mc: AsyncClient, calls: list[tuple[float, float, str]], app: App
 ) -> None:
     await asyncio.sleep(0.5)
     assert any(o == "ok" for _, _, o in calls)
+    assert circuit_open(app, "tiny") == 0
 
     killed_at = time.monotonic()
     await asyncio.to_thread(triton.kill)
-    await asyncio.sleep(1.5)
+    seen_open, watched_until = False, time.monotonic() + 1.5
+    while time.monotonic() < watched_until:  # open, half open (a probe), open again
+        seen_open = seen_open or circuit_open(app, "tiny") == 1
+        await asyncio.sleep(0.05)
+    assert seen_open
     after_kill = [c for c in calls if c[0] + c[1] > killed_at + 0.2]
     # Every call that ended after the kill failed, fast, with UNAVAILABLE
     # (the load would have raised anything else).
@@ -655,6 +669,7 @@ async def _kill_and_restart(
         except Unavailable:
             await asyncio.sleep(0.1)
     assert recovered_at is not None, "calls did not succeed again after restart"
+    assert circuit_open(app, "tiny") == 0
 
 
 # -- reloads ----------------------------------------------------------------------------

@@ -70,6 +70,20 @@ class DescribesModel(Protocol):
     def spec(self) -> ModelSpec: ...
 
 
+@runtime_checkable
+class HasCircuit(Protocol):
+    """A remote backend with a circuit breaker (Triton's): ``circuit_open`` while it
+    refuses every call at once, taking its server for failing."""
+
+    @property
+    def circuit_open(self) -> bool: ...
+
+
+def circuit_open(backend: object) -> bool:
+    """Whether ``backend``'s circuit breaker refuses its calls now (False without one)."""
+    return isinstance(backend, HasCircuit) and backend.circuit_open
+
+
 def import_ref(ref: str) -> Callable[..., Any]:
     """The callable a ``module:attribute`` reference names (a model's ``factory`` or
     ``weights_init``); ImportError, AttributeError or TypeError (not callable)."""

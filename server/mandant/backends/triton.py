@@ -194,6 +194,11 @@ class TritonBackend:
         return self._platform
 
     @property
+    def circuit_open(self) -> bool:
+        """Its breaker refuses every call now (``mandant_backend_circuit_open``)."""
+        return self._breaker.state is CircuitState.OPEN
+
+    @property
     def max_concurrency(self) -> int:
         """``max_in_flight``; ``auto``: from Triton's model config (module doc)."""
         configured = self._triton.max_in_flight

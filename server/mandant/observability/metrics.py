@@ -409,28 +409,41 @@ class SloTargets:
 
 
 class ModelReadiness:
-    """``mandant_model_ready{model,version,tenant}``: 1 while a model version can serve,
-    read at scrape time. ``tenant`` is the owner of a private or tuned model, ``""``
-    for shared ones; every label comes from the configuration."""
+    """``mandant_model_ready{model,version,tenant}``: 1 while a model version can serve;
+    ``mandant_backend_circuit_open{model,version,tenant}``: 1 while its backend's
+    circuit breaker refuses its calls (a Triton that answers none), for every tenant
+    alike; both read at scrape time. ``tenant`` is the owner of a private or tuned
+    model, ``""`` for shared ones; every label comes from the configuration."""
 
-    def __init__(self, models: Callable[[], Iterable[tuple[str, str, str, bool]]]) -> None:
+    def __init__(self, models: Callable[[], Iterable[tuple[str, str, str, bool, bool]]]) -> None:
+        """``models``: (name, version, owner, ready, circuit open) of each model."""
         self._models = models
 
     def describe(self) -> list[Metric]:
-        return [self._family()]
+        return list(self._families())
 
     def collect(self) -> list[Metric]:
-        family = self._family()
-        for name, version, owner, ready in self._models():
-            family.add_metric([name, version, owner], 1.0 if ready else 0.0)
-        return [family]
+        ready, circuit = self._families()
+        for name, version, owner, is_ready, is_open in self._models():
+            ready.add_metric([name, version, owner], 1.0 if is_ready else 0.0)
+            circuit.add_metric([name, version, owner], 1.0 if is_open else 0.0)
+        return [ready, circuit]
 
     @staticmethod
-    def _family() -> GaugeMetricFamily:
-        return GaugeMetricFamily(
-            "mandant_model_ready",
-            "1 while the model version is ready to serve, else 0.",
-            labels=["model", "version", "tenant"],
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        labels = ["model", "version", "tenant"]
+        return (
+            GaugeMetricFamily(
+                "mandant_model_ready",
+                "1 while the model version is ready to serve, else 0.",
+                labels=labels,
+            ),
+            GaugeMetricFamily(
+                "mandant_backend_circuit_open",
+                "1 while the model version's backend is taken for failing and its calls "
+                "are refused, else 0.",
+                labels=labels,
+            ),
         )
 
 
