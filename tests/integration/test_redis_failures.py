@@ -646,3 +646,54 @@ def test_a_usage_report_waits_one_timeout_at_most_while_redis_stalls(
         took, report = usage()  # the outage is known now: no wait at all
         assert took < 0.5, took
         client.execute_command("CLIENT", "UNPAUSE")
+
+
+async def test_a_burst_far_beyond_its_rate_is_admitted(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """A bucket's key lived ``burst / rate`` seconds: past 1e14 s its PEXPIRE went to
+    Redis as "1e+17", which it refuses: every call failed, blamed on the tenant's keys
+    (the local store admitted them). It lives ten years at most now."""
+    tenant = {"id": "t", "rate_limit": {"requests_per_s": 1, "burst": 1e15}}
+    config = _config(redis_server.url, "p8", tenant, on_store_error="deny")
+    async with _admission(config) as admission:
+        (await admission.admit(Tenant("t"), ECHO, 1)).release(refund=False)
+    (key,) = client.keys("p8:{t}:*")
+    assert 0 < client.pttl(key) <= 10 * 365 * 86400 * 1000
+
+
+@pytest.mark.parametrize("tokens", ["-inf", "-1e400"])
+async def test_an_infinite_bucket_level_is_taken_as_a_new_bucket(
+    redis_server: RedisServer, client: redis.Redis, tokens: str
+) -> None:
+    """Lua's ``tonumber`` reads "-inf": a bucket hash another program left so refused
+    its tenant for a year, and for good (such a key has no expiry)."""
+    prefix = f"p9{tokens}"
+    tenant = {"id": "t", "rate_limit": {"requests_per_s": 5, "burst": 5}}
+    config = _config(redis_server.url, prefix, tenant, on_store_error="deny")
+    async with _admission(config) as admission:
+        (await admission.admit(Tenant("t"), ECHO, 1)).release(refund=False)  # its key
+        (key,) = client.keys(f"{prefix}:{{t}}:*")
+        client.hset(key, mapping={"tokens": tokens, "ts": "1"})
+        (await admission.admit(Tenant("t"), ECHO, 1)).release(refund=False)
+
+
+async def test_one_tenant_s_unreadable_usage_leaves_the_others_fleet_figures(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """One tenant's day hash of the wrong type (another program's key) made the whole
+    report go without fleet figures, every tenant's."""
+    with same_utc_day():
+        config = _config(redis_server.url, "p10", {"id": "t0"})
+        usage = RedisUsage(config.limits, flush_interval_s=3600)
+        try:
+            for tenant in ("t0", "t2"):
+                usage.add(tenant, "rows", "echo", 5)
+            assert await usage.flush() is True
+            client.set(f"p10:{{t1}}:usage:day:{utc_day()}", "not a hash")
+            counts = await usage.read(["t0", "t1", "t2"])
+        finally:
+            await usage.aclose()
+        assert counts is not None
+        assert sorted(counts) == ["t0", "t2"]
+        assert counts["t2"]["today"] == {"rows:echo": 5.0}

@@ -3,7 +3,9 @@ not the working directory of ``mandant serve``."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import yaml
 from mandant.tenancy.keys import hash_key
 from mandant_client import Client, Unavailable
 from tests.integration.certs import issue, make_ca, server_cert
-from tests.servers import free_port, mandant_serve, wait_for
+from tests.servers import MANDANT, SUBPROCESS_ENV, free_port, mandant_serve, wait_for
 
 ECHO = {
     "factory": "mandant.demo.models:echo",
@@ -176,3 +178,45 @@ def test_workers_keep_their_certificates_when_a_reload_misses_a_file(tmp_path: P
                 f"localhost:{port}", api_key="t-key", tls=credentials, timeout_s=10, options=FRESH
             ) as c:
                 assert c.infer("echo", x)["OUTPUT0"].sum() == 2
+
+
+def test_a_failed_tls_handshake_writes_nothing_to_the_log(tmp_path: Path) -> None:
+    """gRPC's C core wrote a line to stderr for each (any client's plaintext to the TLS
+    port, or unknown certificate), not as the server's JSON log and not throttled: 500
+    connections wrote 106 kB. The server keeps the core's log to errors."""
+    ca = make_ca(tmp_path)
+    server_cert(ca, tmp_path)
+    port = free_port()
+    config = {
+        "server": {
+            "grpc_port": port,
+            "http_port": free_port(),
+            "rest_port": free_port(),
+            "tls": {"cert": "server.pem", "key": "server.key"},
+        },
+        "tenants": [{"id": "t", "api_keys": [hash_key("secret-key")]}],
+        "models": [{"name": "echo", **ECHO}],
+    }
+    path = tmp_path / "mandant.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {name: value for name, value in SUBPROCESS_ENV.items() if name != "GRPC_VERBOSITY"}
+    proc = subprocess.Popen(
+        [*MANDANT, "serve", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        wait_for(proc, "Mandant listening")
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:
+                plain.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                with contextlib.suppress(OSError):
+                    plain.recv(100)
+        proc.send_signal(signal.SIGTERM)
+        said, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "Handshake failed" not in said and "ssl_transport_security" not in said, said

@@ -81,6 +81,12 @@ logger = logging.getLogger(__name__)
 #: newest end, costs what it pops (not a parse of every step); and the 'rate' and
 #: 'burst' (ARGV's text) its last take was made under.
 PEAKS_LUA = """
+-- How long a bucket's key lives: until it would be full again, and a second; at most
+-- ten years. PEXPIRE takes an integer, and Lua writes a number from 1e17 up as
+-- "1e+17": a burst 1e14 times its rate failed every call, blamed on the tenant's keys.
+local function bucket_ttl_ms(burst, rate)
+  return string.format('%.0f', math.min(math.ceil(burst / rate * 1000) + 1000, 315360000000))
+end
 local function push_level(peaks, steps, mark, level)
   while steps > 0 do
     local comma = string.find(peaks, ',', 1, true)
@@ -108,7 +114,7 @@ local function sound_levels(peaks, steps)
   local count = 0
   for entry in string.gmatch(peaks, '[^,]+') do
     local level = tonumber(string.match(entry, '^%d+:(.+)$'))
-    if level == nil or level ~= level then return false end
+    if level == nil or level ~= level or math.abs(level) == math.huge then return false end
     count = count + 1
   end
   return count == steps
@@ -162,7 +168,8 @@ for i = 1, nb do
   end
   local level = tonumber(state[1])
   local ts = tonumber(state[2])
-  if level == nil or ts == nil or level ~= level or ts ~= ts then  -- absent, or NaN
+  if level == nil or ts == nil or level ~= level or ts ~= ts  -- absent, NaN,
+      or math.abs(level) == math.huge or math.abs(ts) == math.huge then  -- or infinite
     level = burst
   elseif now > ts then
     level = level + (now - ts) * rate
@@ -217,7 +224,7 @@ for i = 1, nb do
   local left = levels[i] - tonumber(ARGV[base + 3])
   redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', left), 'ts', stamp,
     'peaks', peaks, 'steps', steps)
-  redis.call('PEXPIRE', KEYS[i], math.ceil(burst / rate * 1000) + 1000)
+  redis.call('PEXPIRE', KEYS[i], bucket_ttl_ms(burst, rate))
   reply[i + 2] = mark
 end
 for j = 1, nq do
@@ -280,7 +287,7 @@ for i = 1, nb do
     end
     if give > 0 then level = level + give end
     redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', level), 'ts', stamp)
-    redis.call('PEXPIRE', KEYS[i], math.ceil(burst / rate * 1000) + 1000)
+    redis.call('PEXPIRE', KEYS[i], bucket_ttl_ms(burst, rate))
   end
 end
 local qbase = 3 + 4 * nb

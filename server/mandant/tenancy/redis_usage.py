@@ -303,17 +303,35 @@ class RedisUsage:
                 for tenant in tenants:
                     for kind in PERIODS.values():
                         pipe.hgetall(self._key(tenant, kind, self._periods[kind].at(wall).key))
-                replies = iter(await pipe.execute())
+                replies = iter(await pipe.execute(raise_on_error=False))
         except _ERRORS as exc:
             logger.warning("usage report: fleet counters unavailable (%s)", type(exc).__name__)
             return None
-        return {
-            tenant: {
-                name: {field.decode(): float(value) for field, value in next(replies).items()}
-                for name in PERIODS
-            }
-            for tenant in tenants
-        }
+        counts = {}
+        for tenant in tenants:
+            periods = {name: next(replies) for name in PERIODS}
+            try:
+                counts[tenant] = {name: _figures(reply) for name, reply in periods.items()}
+            except (RedisError, ValueError) as exc:
+                # Another program's key in its place: that tenant's fleet figures only
+                # (the whole report went without them, every tenant's).
+                logger.warning(
+                    "usage report: tenant %s's fleet counters cannot be read (%s): check "
+                    "its keys %s",
+                    tenant,
+                    exc,
+                    self._key(tenant, "*", "*"),
+                )
+        return counts
+
+
+def _figures(reply: object) -> dict[str, float]:
+    """A period's hash as read (an error Redis answered for it, raised)."""
+    if isinstance(reply, Exception):
+        raise reply
+    if not isinstance(reply, dict):
+        raise ValueError(f"not a hash: {type(reply).__name__}")
+    return {field.decode(): float(value) for field, value in reply.items()}
 
 
 def shared_usage_for(limits: LimitsConfig) -> RedisUsage | None:
