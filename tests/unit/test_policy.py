@@ -168,6 +168,30 @@ def test_weights_hold_across_groups() -> None:
     assert served["heavy"] == pytest.approx(3 * served["light"], rel=0.05), served
 
 
+def test_a_tenant_mixing_shapes_banks_no_credit_to_take_later_batches() -> None:
+    """A tenant whose requests alternate between two shapes led batches of one short
+    run each and kept the credit of every turn it was passed over in: after 500
+    batches so, sending one shape only, it took every row of the next hundreds of
+    batches from a tenant of equal weight."""
+    queue: FairQueue[Item] = FairQueue()
+    shapes = [(4,), (5,)]
+
+    def refill(mixing: bool) -> None:
+        while queue.rows_of("a") < 32:
+            queue.push(Item("a", group=shapes[queue.rows_of("a") % 2] if mixing else (4,)))
+        while queue.rows_of("b") < 32:
+            queue.push(Item("b", group=(4,)))
+
+    for _ in range(500):
+        refill(mixing=True)
+        queue.take(16)
+    served: Counter[str] = Counter()
+    for _ in range(50):
+        refill(mixing=False)
+        served.update(rows_by_tenant(queue.take(16)))
+    assert served["b"] >= 0.4 * sum(served.values()), served
+
+
 def test_a_tenant_passed_over_for_its_shape_leads_the_next_batch() -> None:
     """However many same-shape requests the others keep queued, the tenant whose
     request was passed over for its shape is served by the next batch."""

@@ -286,12 +286,15 @@ class FairQueue(Generic[Q]):
         group: Hashable = _ANY
         idle = 0  # turns since something was taken
         passed: set[str] = set()  # tenants passed over for another group this batch
+        took: set[str] = set()  # tenants with requests in this batch
+        ended: set[str] = set()  # ... whose run of its group is over
         ring = self._ring
         while room > 0 and ring:
             if idle >= len(ring):
-                if len(passed) >= len(ring):
+                out = passed | ended
+                if len(out) >= len(ring):
                     break  # whoever is left has another group
-                self._skip_idle_rounds(passed)
+                self._skip_idle_rounds(out)
                 idle = 0
             tenant = ring[0]
             queue = self._queues[tenant]
@@ -304,14 +307,24 @@ class FairQueue(Generic[Q]):
                 idle += 1
                 continue
             if batch and head.group != group:
-                passed.add(tenant)  # entitled, but of another group: it keeps its turn's
-                self._end_turn()  # credit (and each later one's) while the others
-                idle += 1  # go on filling this batch
+                if tenant in took:
+                    # Its own run of this group is over: its credit goes, as a tenant's
+                    # does when its queue empties. Kept, a tenant mixing shapes (each of
+                    # its runs short) banked credit without bound, and once it sent one
+                    # shape only it took every row of every batch for as long.
+                    self._deficit[tenant] = 0.0
+                    ended.add(tenant)
+                else:
+                    passed.add(tenant)  # entitled, but of another group: it keeps its
+                    # turn's credit (and each later one's) while the others fill this batch
+                self._end_turn()
+                idle += 1
                 continue
             if batch and head.rows > room:
                 break  # entitled but cannot join: it leads the next batch
             queue.pop()
             batch.append(head)
+            took.add(tenant)
             group = head.group
             room -= head.rows
             self._deficit[tenant] -= head.rows
