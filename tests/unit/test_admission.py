@@ -473,6 +473,28 @@ async def test_tenants_without_limits_are_admitted() -> None:
         permit.release()
 
 
+@pytest.mark.parametrize(("after", "admitted"), [(0.1, 0), (100.0, 10)])
+async def test_a_changed_rate_counts_from_the_reload(after: float, admitted: int) -> None:
+    """A bucket was switched to its new rate at its next take, refilling at the old
+    one until then: cut from 100/s to 0.1/s, a drained tenant had its burst of 10
+    back a second after the reload; raised from 0.01/s to 100/s, it had nothing."""
+    before = 100.0 if after < 1 else 0.01
+    acme = {"id": "acme", "rate_limit": {"requests_per_s": before, "burst": 10}}
+    adm, clock, _ = admission(config(acme))
+    for _ in range(10):
+        (await adm.admit(ACME, ECHO, 1)).release(refund=False)
+    adm.update(config({**acme, "rate_limit": {"requests_per_s": after, "burst": 10}}))
+    clock.now += 1.0
+    taken = 0
+    for _ in range(12):
+        try:
+            (await adm.admit(ACME, ECHO, 1)).release(refund=False)
+            taken += 1
+        except RateLimited:
+            break
+    assert taken == admitted
+
+
 async def test_update_keeps_counts_of_unchanged_tenants_and_applies_new_limits() -> None:
     acme = {
         "id": "acme",

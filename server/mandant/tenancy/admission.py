@@ -211,7 +211,7 @@ class TenantAdmission:
         if config.limits != self._limits:
             logger.warning("limits store settings change at restart; kept the running ones")
         self._policy = Policy(config.tenants)
-        self._local.retain(self._policy.scopes())
+        self._local.retain(self._policy.scopes(), self._policy.rates())
 
     def forget_models(self, served: ServedModels) -> None:
         """Forget what is kept per model of the models ``served`` does not list (cached

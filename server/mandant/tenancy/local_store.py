@@ -14,9 +14,9 @@ most one period. The wall's own next midnight does not start a new count early.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
-from mandant.tenancy.limits import MONOTONIC, Clock, TokenBucket
+from mandant.tenancy.limits import MONOTONIC, Clock, Rate, TokenBucket
 from mandant.tenancy.policy import ROWS, Denial, Marks, Plan, Scope, cost
 from mandant.tenancy.quota import WALL, QuotaCounter
 
@@ -121,12 +121,20 @@ class LocalStore:
         resolved = self._resolved[(plan.tenant, plan.model)] = (plan, buckets, counters)
         return resolved
 
-    def retain(self, scopes: Collection[Scope]) -> None:
-        """Forget the state of scopes no longer configured (after a reload)."""
+    def retain(self, scopes: Collection[Scope], rates: Mapping[tuple[Scope, str], Rate]) -> None:
+        """After a reload: forget the state of scopes no longer configured, and switch
+        the buckets kept to their new ``rates`` now. Switched at a bucket's next take
+        instead, a bucket refilled at its old rate until then: a rate cut from 100/s
+        to 0.1/s gave a drained tenant its whole burst back a second later."""
         self._resolved.clear()
         for table in (self._buckets, self._counters):
             for key in [key for key in table if key[0] not in scopes]:
                 del table[key]
+        now = self._clock()
+        for key, bucket in self._buckets.items():
+            rate = rates.get(key)
+            if rate is not None and bucket.rate != rate:
+                bucket.reconfigure(rate, now)
 
     def used(self, scope: Scope, quota_name: str) -> int:
         """Rows counted against one quota in its current period (0 if none yet)."""

@@ -148,6 +148,18 @@ class Policy:
         for key in [key for key in self._plans if not served.serves(key[1])]:
             del self._plans[key]
 
+    def rates(self) -> dict[tuple[Scope, str], Rate]:
+        """Every token bucket the configuration names, by scope and rate name, and its
+        rate (a reload switches the buckets kept to them at once)."""
+        rates: dict[tuple[Scope, str], Rate] = {}
+        for tenant in self._tenants.values():
+            for rate in _rates(tenant.rate_limit):
+                rates[((tenant.id, None), rate.name)] = rate
+            for model, override in tenant.models.items():
+                for rate in _rates(override.rate_limit):
+                    rates[((tenant.id, model), rate.name)] = rate
+        return rates
+
     def scopes(self) -> set[Scope]:
         """Every scope the configuration names (for pruning state of removed ones)."""
         scopes: set[Scope] = set()
