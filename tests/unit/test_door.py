@@ -109,6 +109,27 @@ async def test_a_weight_changed_by_a_reload_applies_while_the_tenant_is_busy() -
     await asyncio.gather(waiting_a, waiting_h)
 
 
+async def test_a_weight_cut_by_a_reload_lets_the_other_tenants_waiting_calls_in() -> None:
+    """The others' shares grew, but their calls already waiting stayed out until one of
+    their own calls ended."""
+    door = FrontDoor(8)
+    heavy = Tenant("h", weight=3.0)
+    for _ in range(6):
+        await door.enter(heavy)
+    await door.enter(A)
+    await door.enter(A)  # shares 6 (h) and 2 (a): full
+    order: list[str] = []
+    waiting_a = [await _queue(door, A, order) for _ in range(2)]
+    assert order == []
+    waiting_h = await _queue(door, Tenant("h", weight=1.0), order)  # shares 4 and 4
+    assert order == ["a", "a"]
+    for _ in range(3):
+        door.leave(heavy)
+    await settle()
+    assert order == ["a", "a", "h"]
+    await asyncio.gather(*waiting_a, waiting_h)
+
+
 async def test_a_cancelled_waiter_leaves_no_trace() -> None:
     door = FrontDoor(1)
     await door.enter(A)

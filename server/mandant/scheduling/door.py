@@ -95,6 +95,7 @@ class FrontDoor:
         elif state.weight != tenant.weight:  # a reload changed it: shares change now
             self._weights += tenant.weight - state.weight
             state.weight = tenant.weight
+            self._admit_waiting()  # shares changed: waiters their shares now hold go in
         if not state.waiting and state.inside < self._share(state):
             state.inside += 1
             return
@@ -161,9 +162,15 @@ class FrontDoor:
         self._weights -= state.weight
         if not self._tenants:
             self._weights = 0.0  # no drift from float sums
-        for other in list(self._tenants.values()):  # every other share grew
-            if other.waiting:
-                self._admit(other)
+        self._admit_waiting()  # every other share grew
+
+    def _admit_waiting(self) -> None:
+        """Every tenant's waiting calls, as far as its share allows: a reload that
+        changes a weight changes every share (calls waited, their share grown, until
+        one of their own tenant's calls ended)."""
+        for state in list(self._tenants.values()):
+            if state.waiting:
+                self._admit(state)
 
 
 class CallCap:
