@@ -376,7 +376,7 @@ async def test_one_timer_watches_the_deadlines_of_every_queued_request() -> None
     queued = [submit(batcher, request(deadline=clock.now + 1 + n)) for n in range(10)]
     await settle()
     assert clock.armed == 1  # at the earliest deadline, not one per request
-    late = submit(batcher, request(value=7, deadline=clock.now + 0.010))  # earlier still
+    late = submit(batcher, request(value=-7, deadline=clock.now + 0.010))  # earlier still
     await settle()
     assert clock.armed == 1
     clock.advance(0.011)
@@ -389,7 +389,8 @@ async def test_one_timer_watches_the_deadlines_of_every_queued_request() -> None
         await settle()
     await asyncio.gather(blocker, *queued)
     assert clock.armed == 0  # nothing queued: nothing to watch
-    assert 7 not in np.concatenate([c.inputs["x"][:, 0] for c in backend.calls])
+    # (-7: the other requests' values count up from how many the process made)
+    assert -7 not in np.concatenate([c.inputs["x"][:, 0] for c in backend.calls])
 
 
 async def test_a_deadline_is_kept_when_the_earliest_one_has_left_the_queue() -> None:
@@ -399,8 +400,8 @@ async def test_a_deadline_is_kept_when_the_earliest_one_has_left_the_queue() -> 
     batcher, backend, _, _ = await make(clock=clock, max_batch_size=1)
     blocker = submit(batcher, request())
     await settle()
-    early = submit(batcher, request(value=1, deadline=clock.now + 0.010))
-    later = submit(batcher, request(value=2, deadline=clock.now + 0.030))
+    early = submit(batcher, request(value=-1, deadline=clock.now + 0.010))
+    later = submit(batcher, request(value=-2, deadline=clock.now + 0.030))
     await settle()
     backend.release()  # the blocker ends; ``early`` runs, ``later`` waits
     await settle()
@@ -413,7 +414,7 @@ async def test_a_deadline_is_kept_when_the_earliest_one_has_left_the_queue() -> 
         await later
     backend.release()
     await asyncio.gather(blocker, early)
-    assert 2 not in np.concatenate([c.inputs["x"][:, 0] for c in backend.calls])
+    assert -2 not in np.concatenate([c.inputs["x"][:, 0] for c in backend.calls])
 
 
 async def test_expired_deadline_is_refused_before_queueing() -> None:

@@ -226,6 +226,10 @@ class FairQueue(Generic[Q]):
         self._deficit: dict[str, float] = {}
         self._ring: deque[str] = deque()  # backlogged tenants; [0] has the turn
         self._granted = False  # whether ring[0] earned its quantum this turn
+        #: The largest batch asked for, and the lightest weight backlogged at this
+        #: take: what bounds a tenant's credit (:meth:`_credit`).
+        self._room = 0
+        self._lightest = 1.0
         self._rows = 0
         self._count = 0
 
@@ -273,6 +277,8 @@ class FairQueue(Generic[Q]):
 
     def take(self, room: int) -> list[Q]:
         batch: list[Q] = []
+        self._room = max(self._room, room)
+        self._lightest = min(self._weights.values(), default=1.0)
         try:
             if len(self._ring) == 1:
                 self._take_alone(room, batch)
@@ -286,45 +292,32 @@ class FairQueue(Generic[Q]):
         group: Hashable = _ANY
         idle = 0  # turns since something was taken
         passed: set[str] = set()  # tenants passed over for another group this batch
-        took: set[str] = set()  # tenants with requests in this batch
-        ended: set[str] = set()  # ... whose run of its group is over
         ring = self._ring
         while room > 0 and ring:
             if idle >= len(ring):
-                out = passed | ended
-                if len(out) >= len(ring):
+                if len(passed) >= len(ring):
                     break  # whoever is left has another group
-                self._skip_idle_rounds(out)
+                self._skip_idle_rounds(passed)
                 idle = 0
             tenant = ring[0]
             queue = self._queues[tenant]
             head = queue.head()
             if not self._granted:
-                self._deficit[tenant] += self._quantum * self._weights[tenant]
+                self._credit(tenant, self._quantum * self._weights[tenant])
                 self._granted = True
             if head.rows > self._deficit[tenant]:
                 self._end_turn()
                 idle += 1
                 continue
             if batch and head.group != group:
-                if tenant in took:
-                    # Its own run of this group is over: its credit goes, as a tenant's
-                    # does when its queue empties. Kept, a tenant mixing shapes (each of
-                    # its runs short) banked credit without bound, and once it sent one
-                    # shape only it took every row of every batch for as long.
-                    self._deficit[tenant] = 0.0
-                    ended.add(tenant)
-                else:
-                    passed.add(tenant)  # entitled, but of another group: it keeps its
-                    # turn's credit (and each later one's) while the others fill this batch
-                self._end_turn()
-                idle += 1
+                passed.add(tenant)  # entitled, but of another group: it keeps its turn's
+                self._end_turn()  # credit (and each later one's) while the others
+                idle += 1  # go on filling this batch
                 continue
             if batch and head.rows > room:
                 break  # entitled but cannot join: it leads the next batch
             queue.pop()
             batch.append(head)
-            took.add(tenant)
             group = head.group
             room -= head.rows
             self._deficit[tenant] -= head.rows
@@ -390,7 +383,23 @@ class FairQueue(Generic[Q]):
         )
         if rounds > 1:
             for t in self._ring:
-                self._deficit[t] += (rounds - 1) * self._quantum * self._weights[t]
+                self._credit(t, (rounds - 1) * self._quantum * self._weights[t])
+
+    def _credit(self, tenant: str, amount: float) -> None:
+        """Add ``amount`` to ``tenant``'s credit, within a turn's grant beyond the rows
+        of its next request or of what its weight is owed while passed over for its
+        group: two batches (of ``room`` rows) for each time the lightest backlogged
+        tenant's weight goes into its own (what the others take in batches it cannot
+        join comes back to it in batches it leads; one batch cut a tenant sending runs
+        of two shapes to 0.19 of rows where its share is 0.33). Kept without a bound,
+        credit grew for ever for a tenant mixing shapes (its lead batches one short run
+        each), which then, sending one shape, took every row of hundreds of batches
+        from a tenant of its weight."""
+        weight = self._weights[tenant]
+        grant = self._quantum * weight
+        owed = 2 * self._room * weight / self._lightest
+        cap = grant + max(owed, self._queues[tenant].head().rows)
+        self._deficit[tenant] = min(self._deficit[tenant] + amount, cap)
 
 
 class FifoQueue(Generic[Q]):
