@@ -156,3 +156,21 @@ async def test_a_call_ending_as_its_caller_leaves_counts_once() -> None:
     for _ in range(3):  # four failures in all open it at the fifth
         breaker.record_failure()
     assert breaker.state is CircuitState.CLOSED
+
+
+async def test_the_circuit_reads_open_until_a_probe_closes_it() -> None:
+    """Open alone, it read closed two seconds after each failure, every call still
+    refused behind a probe that hung."""
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout_s=0.05)
+    triton = HeldTriton()
+    model = backend(triton, breaker)
+    assert not model.circuit_open
+    breaker.record_failure()
+    assert model.circuit_open
+    await asyncio.sleep(0.1)  # half open: one probe may go
+    probe = asyncio.create_task(model.infer(X, deadline=soon(5)))
+    await asyncio.sleep(0.01)
+    assert model.circuit_open  # the probe hangs, the other calls are refused
+    triton.answer.set()
+    await probe
+    assert not model.circuit_open

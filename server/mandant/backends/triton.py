@@ -195,8 +195,11 @@ class TritonBackend:
 
     @property
     def circuit_open(self) -> bool:
-        """Its breaker refuses every call now (``mandant_backend_circuit_open``)."""
-        return self._breaker.state is CircuitState.OPEN
+        """Its breaker refuses calls now (``mandant_backend_circuit_open``): open, or
+        half open (a probe may go or is on its way; the other calls are refused).
+        Open alone, the gauge read 0 two seconds after each failure, while every call
+        was still refused behind a probe that hung."""
+        return self._breaker.state is not CircuitState.CLOSED
 
     @property
     def max_concurrency(self) -> int:

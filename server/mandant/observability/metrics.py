@@ -441,7 +441,7 @@ class ModelReadiness:
             GaugeMetricFamily(
                 "mandant_backend_circuit_open",
                 "1 while the model version's backend is taken for failing and its calls "
-                "are refused, else 0.",
+                "are refused (but a probe), else 0.",
                 labels=labels,
             ),
         )

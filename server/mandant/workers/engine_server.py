@@ -15,8 +15,9 @@ concurrency slot, and the front end is told at once which model the call had res
 to (what its report of the call names: SLOs count it). When a front end's connection
 closes (it died), its calls are cancelled the same way.
 
-Stopping, the engine refuses new calls (UNAVAILABLE: retry) and gives the calls it has
-``grace_s`` to be answered before it closes the front ends' connections
+Stopping, the engine refuses new calls of the front ends still taking calls
+(UNAVAILABLE: retry), serves those of the front ends that stop too (calls they
+accepted), and gives all that ``grace_s`` before it closes the front ends' connections
 (:meth:`EngineServer.drain`). The supervisor stops the front ends first, so none is
 left by then; but a SIGTERM can reach the engine itself (``kill`` of its pid, a service
 manager signalling every process of the service at once), and then every call it had
@@ -163,18 +164,26 @@ class EngineServer:
         return any(peer.accepting for peer in self._peers)
 
     async def drain(self, grace_s: float) -> None:
-        """Refuse new calls from now on; wait up to ``grace_s`` for the calls in
-        progress to be answered (module doc)."""
+        """Refuse new calls of the front ends still taking calls; serve the ones that
+        stop theirs (calls they accepted may come yet) until they have gone; wait up to
+        ``grace_s`` for that and for the calls in progress (module doc)."""
         self.stopping = True
-        if self.in_flight:
+        if not self._idle():
             self._drained = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), grace_s)
 
     def ended(self) -> None:
-        """A call in progress ended, or a front end left with its calls."""
-        if self._drained is not None and not self.in_flight:
+        """A call in progress ended, a front end left, or one stopped taking calls."""
+        if self._drained is not None and self._idle():
             self._drained.set()
+
+    def _idle(self) -> bool:
+        """No call in progress, and no front end that stopped taking calls connected
+        (its accepted calls may still come)."""
+        return not self.in_flight and not any(
+            peer.pinged and not peer.accepting for peer in self._peers
+        )
 
     async def aclose(self) -> None:
         if self._watch is not None:
@@ -288,6 +297,7 @@ class _FrontEnd(asyncio.BufferedProtocol):
             self._accepting = bool(payload and payload[0])
             self.pinged = True
             self._status()
+            self._engine.ended()  # a stopping engine waits for front ends that stop
         elif kind == ipc.SETTLED:
             self._record_events()  # what a report reads next counts them
             self._settled(payload[0])
@@ -301,7 +311,8 @@ class _FrontEnd(asyncio.BufferedProtocol):
             mine = frames[offset : offset + count]
             offset += count
             call = Call(None, arrived=header.arrived)
-            if self._engine.stopping:
+            if self._engine.stopping and self.accepting:  # (a stopping front end's
+                # calls were accepted before it stopped: they are served)
                 self._refuse(call, header, Unavailable("the inference engine is stopping: retry"))
                 continue
             task = create_task(self._serve(header, mine, call))
