@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from mandant.config import ModelSpec
 from mandant.types import InferRequest, ModelKey, Tenant
+
+_T = TypeVar("_T")
 
 
 class FakeBackend:
@@ -274,3 +277,20 @@ async def settle(rounds: int = 10) -> None:
     """Let every ready callback and task run (no time passes)."""
     for _ in range(rounds):
         await asyncio.sleep(0)
+
+
+async def with_loop_turns(work: Awaitable[_T]) -> tuple[_T, int]:
+    """``work``'s result, and how many turns the event loop took meanwhile."""
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counting = asyncio.create_task(count_turns())
+    try:
+        return await work, turns
+    finally:
+        counting.cancel()

@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -315,15 +315,17 @@ def wait_for(proc: subprocess.Popen[str], text: str, timeout_s: float = 60) -> s
 
 
 @contextmanager
-def mandant_serve(config: Path) -> Iterator[subprocess.Popen[str]]:
-    """``mandant serve --config config`` as a user runs it, once it listens; killed
-    at the end if the test has not stopped it."""
+def mandant_serve(
+    config: Path, env: Mapping[str, str] = SUBPROCESS_ENV
+) -> Iterator[subprocess.Popen[str]]:
+    """``mandant serve --config config`` as a user runs it (in ``env``), once it
+    listens; killed at the end if the test has not stopped it."""
     proc = subprocess.Popen(
         [*MANDANT, "serve", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=SUBPROCESS_ENV,
+        env=env,
     )
     try:
         wait_for(proc, "Mandant listening")

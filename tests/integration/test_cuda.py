@@ -21,6 +21,7 @@ from mandant.backends.torch import ModelLoadError, TorchBackend, pinned_array
 from mandant.config import BatchingConfig, ModelSpec
 from mandant.scheduling.batcher import DynamicBatcher
 from mandant.types import InferRequest, ModelKey, Tenant, TensorSpec
+from tests.unit.torch_models import kept_after_the_next_call
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -105,13 +106,8 @@ async def test_a_host_buffer_a_gpu_model_keeps_is_answered_as_a_copy() -> None:
     """Its output is a CPU tensor already, which the copy to the host leaves as it is:
     it passed for a fresh copy, and the next call wrote into the answer."""
     backend = TorchBackend(spec(("cuda:0",), factory=f"{HELPERS}:keeps_on_host"))
-    await backend.start()
-    try:
-        first = await backend.infer({"X": np.full(4, 1, np.float32)})
-        await backend.infer({"X": np.full(4, 5, np.float32)})
-    finally:
-        await backend.aclose()
-    np.testing.assert_array_equal(first["Y"], np.full(4, 2, np.float32))
+    first = await kept_after_the_next_call(backend, "Y")
+    np.testing.assert_array_equal(first, np.full(4, 2, np.float32))
 
 
 async def test_two_instances_on_one_device_run_at_once_on_their_own_streams() -> None:

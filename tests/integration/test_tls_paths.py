@@ -17,7 +17,7 @@ import yaml
 from mandant.tenancy.keys import hash_key
 from mandant_client import Client, Unavailable
 from tests.integration.certs import issue, make_ca, server_cert
-from tests.servers import MANDANT, SUBPROCESS_ENV, free_port, mandant_serve, wait_for
+from tests.servers import SUBPROCESS_ENV, free_port, mandant_serve, wait_for
 
 ECHO = {
     "factory": "mandant.demo.models:echo",
@@ -28,31 +28,28 @@ ECHO = {
 FRESH = (("grpc.use_local_subchannel_pool", 1),)
 
 
+def tls_config(port: int, cert: str, key: str) -> dict[str, object]:
+    """One tenant (``secret-key``) and ``echo``, the gRPC port ``port`` on TLS."""
+    return {
+        "server": {
+            "grpc_port": port,
+            "http_port": free_port(),
+            "rest_port": free_port(),
+            "tls": {"cert": cert, "key": key},
+        },
+        "tenants": [{"id": "t", "api_keys": [hash_key("secret-key")]}],
+        "models": [{"name": "echo", **ECHO}],
+    }
+
+
 def test_relative_tls_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     folder = tmp_path / "etc"
     (folder / "certs").mkdir(parents=True)
     ca = make_ca(folder / "certs")
     server = server_cert(ca, folder / "certs")
     port = free_port()
-    config = {
-        "server": {
-            "grpc_port": port,
-            "http_port": free_port(),
-            "rest_port": free_port(),
-            "tls": {"cert": "certs/server.pem", "key": "certs/server.key"},
-        },
-        "tenants": [{"id": "t", "api_keys": [hash_key("secret-key")]}],
-        "models": [
-            {
-                "name": "echo",
-                "factory": "mandant.demo.models:echo",
-                "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
-                "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, -1]}],
-            }
-        ],
-    }
     path = folder / "mandant.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(tls_config(port, "certs/server.pem", "certs/server.key")))
     assert not (Path.cwd() / "certs" / "server.pem").exists()  # served from elsewhere
     with mandant_serve(path):
         credentials = grpc.ssl_channel_credentials(root_certificates=ca.cert.read_bytes())
@@ -187,28 +184,10 @@ def test_a_failed_tls_handshake_writes_nothing_to_the_log(tmp_path: Path) -> Non
     ca = make_ca(tmp_path)
     server_cert(ca, tmp_path)
     port = free_port()
-    config = {
-        "server": {
-            "grpc_port": port,
-            "http_port": free_port(),
-            "rest_port": free_port(),
-            "tls": {"cert": "server.pem", "key": "server.key"},
-        },
-        "tenants": [{"id": "t", "api_keys": [hash_key("secret-key")]}],
-        "models": [{"name": "echo", **ECHO}],
-    }
     path = tmp_path / "mandant.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(tls_config(port, "server.pem", "server.key")))
     env = {name: value for name, value in SUBPROCESS_ENV.items() if name != "GRPC_VERBOSITY"}
-    proc = subprocess.Popen(
-        [*MANDANT, "serve", "--config", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    try:
-        wait_for(proc, "Mandant listening")
+    with mandant_serve(path, env) as proc:
         for _ in range(20):
             with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:
                 plain.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
@@ -216,7 +195,4 @@ def test_a_failed_tls_handshake_writes_nothing_to_the_log(tmp_path: Path) -> Non
                     plain.recv(100)
         proc.send_signal(signal.SIGTERM)
         said, _ = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
     assert "Handshake failed" not in said and "ssl_transport_security" not in said, said

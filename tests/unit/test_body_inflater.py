@@ -4,7 +4,6 @@ serves others between steps (aiohttp inflated what had come in one go: 60 MiB fr
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import random
 import zlib
@@ -12,6 +11,7 @@ import zlib
 import pytest
 
 from mandant.transport.rest.gate import INFLATE_STEP, BodyInflater, UnreadableBody
+from tests.fakes import with_loop_turns
 
 
 @pytest.mark.parametrize(
@@ -27,20 +27,8 @@ async def test_a_large_body_is_inflated_with_the_loop_free_between_steps(
 ) -> None:
     data = bytes(range(256)) * (64 * 1024)  # 16 MiB
     packed = compress(data)  # type: ignore[operator]
-    turns = 0
-
-    async def other_tenant() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    beside = asyncio.ensure_future(other_tenant())
-    try:
-        inflater = BodyInflater(encoding)
-        out = await inflater.inflate(packed, len(data) + 1)
-    finally:
-        beside.cancel()
+    inflater = BodyInflater(encoding)
+    out, turns = await with_loop_turns(inflater.inflate(packed, len(data) + 1))
     assert out == data and inflater.ended
     assert turns >= len(data) // INFLATE_STEP - 1  # a turn for the others at each step
 

@@ -84,16 +84,22 @@ async def test_shares_follow_weights() -> None:
     assert order == ["a", "h"]
 
 
-async def test_a_weight_changed_by_a_reload_applies_while_the_tenant_is_busy() -> None:
-    """A tenant's weight at the door was the one it had when it got there, kept while
-    it had calls inside or waiting: a flooding tenant an operator demoted kept its
-    share for as long as it kept flooding."""
+async def _full_of_heavy_and_a() -> tuple[FrontDoor, Tenant]:
+    """A door of 8 places full: 6 of tenant h (weight 3), 2 of a (weight 1)."""
     door = FrontDoor(8)
     heavy = Tenant("h", weight=3.0)
     for _ in range(6):
         await door.enter(heavy)
     await door.enter(A)
-    await door.enter(A)  # shares 6 (h) and 2 (a): full
+    await door.enter(A)
+    return door, heavy
+
+
+async def test_a_weight_changed_by_a_reload_applies_while_the_tenant_is_busy() -> None:
+    """A tenant's weight at the door was the one it had when it got there, kept while
+    it had calls inside or waiting: a flooding tenant an operator demoted kept its
+    share for as long as it kept flooding."""
+    door, heavy = await _full_of_heavy_and_a()
     demoted = Tenant("h", weight=1.0)  # the same tenant after a reload
     order: list[str] = []
     waiting_h = await _queue(door, demoted, order)  # shares now 4 and 4
@@ -112,12 +118,7 @@ async def test_a_weight_changed_by_a_reload_applies_while_the_tenant_is_busy() -
 async def test_a_weight_cut_by_a_reload_lets_the_other_tenants_waiting_calls_in() -> None:
     """The others' shares grew, but their calls already waiting stayed out until one of
     their own calls ended."""
-    door = FrontDoor(8)
-    heavy = Tenant("h", weight=3.0)
-    for _ in range(6):
-        await door.enter(heavy)
-    await door.enter(A)
-    await door.enter(A)  # shares 6 (h) and 2 (a): full
+    door, heavy = await _full_of_heavy_and_a()
     order: list[str] = []
     waiting_a = [await _queue(door, A, order) for _ in range(2)]
     assert order == []

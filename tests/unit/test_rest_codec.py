@@ -4,11 +4,9 @@ the status table and the ``rest_port`` setting."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import tracemalloc
-from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import numpy as np
@@ -31,6 +29,7 @@ from mandant.transport.rest.codec import (
 )
 from mandant.transport.rest.status import HTTP_STATUS, code_for, error_headers, http_status
 from mandant.types import DATATYPES, InferResponse, TensorHeader, TensorSpec
+from tests.fakes import with_loop_turns
 
 NUMERIC = [t for t in DATATYPES if t != "BYTES"]
 T = TypeVar("T")
@@ -360,23 +359,6 @@ async def test_non_utf8_bytes_output_as_json_says_to_ask_for_binary() -> None:
     response = InferResponse("m", "1", "", {"S": np.array([b"\xff"], dtype=np.object_)})
     with pytest.raises(InvalidInput, match="binary_data"):
         await encode_infer_response(response, False)
-
-
-async def with_loop_turns(work: Awaitable[T]) -> tuple[T, int]:
-    """``work``'s result, and how many turns the event loop took meanwhile."""
-    turns = 0
-
-    async def count_turns() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    counting = asyncio.create_task(count_turns())
-    try:
-        return await work, turns
-    finally:
-        counting.cancel()
 
 
 @pytest.mark.parametrize(

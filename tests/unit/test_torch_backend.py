@@ -22,6 +22,7 @@ from mandant.errors import DeadlineExceeded, InvalidInput, Unavailable
 from mandant.scheduling.direct import DirectScheduler
 from mandant.types import DATATYPES, TensorSpec
 from tests.fakes import request
+from tests.unit.torch_models import kept_after_the_next_call
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*torch.jit.* is deprecated:DeprecationWarning"),
@@ -302,13 +303,8 @@ async def test_an_output_in_memory_the_model_keeps_is_answered_as_a_copy() -> No
     input, is not copied."""
     vector = (TensorSpec("X", "FP32", (-1,)),)
     backend = TorchBackend(make_spec(factory=f"{HELPERS}:reuses", inputs=vector, outputs=vector))
-    await backend.start()
-    try:
-        first = await backend.infer({"X": np.full(4, 1, np.float32)})
-        await backend.infer({"X": np.full(4, 5, np.float32)})
-    finally:
-        await backend.aclose()
-    np.testing.assert_array_equal(first["X"], np.full(4, 2, np.float32))
+    first = await kept_after_the_next_call(backend, "X")
+    np.testing.assert_array_equal(first, np.full(4, 2, np.float32))
     echo = make_spec(factory="mandant.demo.models:echo", inputs=vector, outputs=vector)
     sent = np.arange(1024, dtype=np.float32)
     assert np.shares_memory((await run_once(echo, {"X": sent}))["X"], sent)

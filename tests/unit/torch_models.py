@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 import weakref
+from typing import Any
 
 import numpy as np
 import torch
@@ -291,3 +292,17 @@ class _KeepsOnHost(nn.Module):
 
 def keeps_on_host() -> nn.Module:
     return _KeepsOnHost()
+
+
+async def kept_after_the_next_call(backend: Any, name: str) -> np.ndarray:
+    """Output ``name`` of a call of ``X = 1``, once a second call (``X = 5``) has run
+    on ``backend`` (started here, closed after): a model that writes its answers into
+    memory it keeps would have overwritten the first."""
+    await backend.start()
+    try:
+        first = await backend.infer({"X": np.full(4, 1, np.float32)})
+        await backend.infer({"X": np.full(4, 5, np.float32)})
+    finally:
+        await backend.aclose()
+    answer: np.ndarray = first[name]
+    return answer
