@@ -21,7 +21,6 @@ four copies from REST request to answer).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -85,42 +84,33 @@ def _split_uniform(raw: bytes | memoryview, count: int) -> np.ndarray | None:
             (count,), dtype=f"S{length}", buffer=raw, offset=_PREFIX, strides=(stride,)
         )
         return fixed.astype(np.object_)
-    element = _element_of(raw)
     out = np.empty(count, dtype=np.object_)
-    out[:] = [element(raw, start, start + length) for start in range(_PREFIX, len(raw), stride)]
+    out[:] = _own([raw[start : start + length] for start in range(_PREFIX, len(raw), stride)])
     return out
 
 
 def _split_loop(raw: bytes | memoryview, count: int) -> list[bytes]:
-    unpack, offset, element = _LENGTH.unpack_from, 0, _element_of(raw)
-    items: list[bytes] = []
+    unpack, offset = _LENGTH.unpack_from, 0
+    items: list[Any] = []
     append = items.append
     try:
         for _ in range(count):
             start = offset + _PREFIX
             offset = start + unpack(raw, offset)[0]
-            if offset > len(raw):
-                break  # overrun: reported below
-            append(element(raw, start, offset))
+            append(raw[start:offset])  # an overrun shows as offset > len(raw) below
     except struct.error:
         offset = -1
     if offset != len(raw):
         _raise_framing_error(raw, count)
+    return _own(items)
+
+
+def _own(items: list[Any]) -> list[bytes]:
+    """Slices of ``bytes`` are copies already; slices of a view (large elements only:
+    :func:`split_bytes`) are copied into their own ``bytes`` here."""
+    if items and not isinstance(items[0], bytes):
+        return [item.tobytes() for item in items]
     return items
-
-
-def _slice(raw: bytes, start: int, end: int) -> bytes:
-    return raw[start:end]
-
-
-def _copy(raw: memoryview, start: int, end: int) -> bytes:
-    return raw[start:end].tobytes()
-
-
-def _element_of(raw: bytes | memoryview) -> Callable[[Any, int, int], bytes]:
-    """How an element is taken out of ``raw``: a slice of ``bytes`` is a copy already;
-    of a view, a view, copied into the element's own ``bytes``."""
-    return _slice if isinstance(raw, bytes) else _copy
 
 
 def _raise_framing_error(raw: bytes | memoryview, count: int) -> None:
