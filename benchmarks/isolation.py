@@ -26,6 +26,11 @@ time: two attacks found in review, each measured as the other tenant sees it.
   any check: a ModelInfer message of 10⁶ empty ``inputs {}`` (1.9 MiB), one of 4 x 10⁵
   request ``parameters`` entries (~6 MiB), and a 16 MiB JSON body to REST's
   ``/v2/repository/index``.
+* ``refused-bytes``: the same tiny calls while the other tenant, allowed one request a
+  second, sends gRPC calls of 262,144 short BYTES elements (raw, then typed
+  ``bytes_contents``) from two threads for ``--seconds``: nearly all are refused by its
+  rate limit, which the engine applies; a front end of ``workers: N`` used to split
+  and re-join every element first.
 * ``deadlines``: the same tiny calls while another client floods the server with calls
   whose gRPC deadline is 3 ms (32 callers on 4 connections, each calling again as soon
   as its call expires), with a key nobody has or with acme's: each call is over before
@@ -36,7 +41,7 @@ time: two attacks found in review, each measured as the other tenant sees it.
   load generator's core.
 
     .venv/bin/python -m benchmarks.isolation [--workers 1 2] [--seconds 6]
-        [--attacks shapes rest-json json-bodies messages deadlines]
+        [--attacks shapes rest-json json-bodies messages refused-bytes deadlines]
 
 The server runs on core 0 (every process of it with ``workers: 2``), this load
 generator on core 1; one run of each phase.
@@ -71,6 +76,8 @@ from benchmarks._server import Served, bare_grpc_process, mandant_process, write
 from mandant_client import AsyncClient
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 #: One tenant's request against another's tiny calls: its status and its seconds.
 Attack = Callable[[Served], tuple[object, float]]
@@ -455,6 +462,79 @@ def messages(workers: int, warmup_s: float) -> list[list[object]]:
     return rows
 
 
+# -- refused-bytes ------------------------------------------------------------------------
+
+#: BYTES elements in each of acme's refused calls, 0–2 bytes long (1.3 MB a message).
+REFUSED_ELEMENTS = 262_144
+#: acme's requests_per_s in the refused-bytes phases: nearly every call is refused.
+REFUSED_RATE = 1.0
+#: Threads sending acme's calls, each one after another.
+REFUSED_SENDERS = 2
+
+
+def _bytes_message(typed: bool) -> bytes:
+    """acme's ModelInfer of :data:`REFUSED_ELEMENTS` BYTES elements to ``echo_bytes``:
+    length-prefixed in ``raw_input_contents``, or typed ``bytes_contents``."""
+    lengths = np.random.default_rng(0).integers(0, 3, REFUSED_ELEMENTS).tolist()
+    items = [b"\x01" * length for length in lengths]
+    request = pb.ModelInferRequest(model_name="echo_bytes")
+    tensor = request.inputs.add(name="INPUT0", datatype="BYTES", shape=[1, REFUSED_ELEMENTS])
+    if typed:
+        tensor.contents.bytes_contents.extend(items)
+    else:
+        request.raw_input_contents.append(
+            b"".join(struct.pack("<I", len(item)) + item for item in items)
+        )
+    return request.SerializeToString()
+
+
+def _refused_bytes(typed: bool, seconds: float) -> Attack:
+    raw = _bytes_message(typed)
+
+    def send(served: Served) -> tuple[object, float]:
+        statuses: dict[str, int] = {}
+        until = time.perf_counter() + seconds
+
+        def sender() -> None:
+            with grpc.insecure_channel(served.target) as channel:
+                infer = channel.unary_unary(INFER)
+                metadata = (("authorization", f"Bearer {KEYS['acme']}"),)
+                while time.perf_counter() < until:
+                    try:
+                        infer(raw, metadata=metadata, timeout=600)
+                        code = "OK"
+                    except grpc.RpcError as exc:
+                        code = exc.code().name
+                    statuses[code] = statuses.get(code, 0) + 1
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=sender) for _ in range(REFUSED_SENDERS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        counts = " ".join(f"{count} x {code}" for code, count in sorted(statuses.items()))
+        return counts, time.perf_counter() - start
+
+    return send
+
+
+def refused_bytes(workers: int, seconds: float, warmup_s: float) -> list[list[object]]:
+    data = _config(ECHO, workers, ECHO_BYTES)
+    acme = next(t for t in data["tenants"] if t["id"] == "acme")
+    acme["rate_limit"] = {"requests_per_s": REFUSED_RATE}
+    rows: list[list[object]] = []
+    with mandant_process(write_config(data), SERVER_CPU, THREAD_ENV) as served:
+        phases: list[tuple[str, Attack | None]] = [
+            ("alone", None),
+            ("beside raw BYTES calls", _refused_bytes(False, seconds)),
+            ("beside typed bytes_contents calls", _refused_bytes(True, seconds)),
+        ]
+        for label, attack in phases:
+            rows.append([workers, label, *asyncio.run(_beside(served, attack, seconds, warmup_s))])
+    return rows
+
+
 # -- deadlines ----------------------------------------------------------------------------
 
 #: The flood's callers, its connections, and each of its calls' gRPC deadline.
@@ -463,7 +543,6 @@ FLOOD_CONNECTIONS = 4
 FLOOD_DEADLINE_S = 0.003
 #: A key no tenant has.
 NOBODY_KEY = "not-a-key"
-INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 async def _deadline_flood(target: str, key: str, seconds: float) -> dict[str, int]:
@@ -572,8 +651,11 @@ def main() -> None:
     parser.add_argument("--values", type=int, default=10_000_000)
     parser.add_argument("--bytes-element", type=int, default=48 << 20)
     parser.add_argument(
-        "--attacks", nargs="+", default=["shapes", "rest-json", "json-bodies", "messages"],
-        choices=["shapes", "rest-json", "json-bodies", "messages", "deadlines"],
+        "--attacks",
+        nargs="+",
+        default=["shapes", "rest-json", "json-bodies", "messages", "refused-bytes"],
+        choices=["shapes", "rest-json", "json-bodies", "messages", "refused-bytes",
+                 "deadlines"],
     )  # fmt: skip
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
@@ -625,6 +707,22 @@ def main() -> None:
             ["workers", "phase", "acme's status", "acme's s", "tiny calls", "p50 ms",
              "worst ms", "failed"],
             message_rows,
+        ))  # fmt: skip
+    if "refused-bytes" in args.attacks:
+        refused_rows = [
+            row
+            for workers in args.workers
+            for row in refused_bytes(workers, args.seconds, args.warmup)
+        ]
+        print(
+            f"\nrefused-bytes: globex's tiny gRPC calls (one per 20 ms) while acme, allowed "
+            f"{REFUSED_RATE:g} request/s, sends calls of {REFUSED_ELEMENTS:,} BYTES elements "
+            f"(0-2 bytes each) from {REFUSED_SENDERS} threads for --seconds"
+        )
+        print(table(
+            ["workers", "phase", "acme's answers", "acme's s", "tiny calls", "p50 ms",
+             "worst ms", "failed"],
+            refused_rows,
         ))  # fmt: skip
     if "deadlines" in args.attacks:
         deadline_rows = deadlines(args.seconds)

@@ -155,8 +155,17 @@ class EncodedRequest(Protocol):
     def raw_inputs(self) -> Sequence[bytes | memoryview] | None:
         """Each input's bytes as the client sent them, in the order of
         :meth:`input_headers`, where every input came in the raw layout (no typed
-        contents) in a fixed-size datatype: a front end of ``workers: N`` hands them on
-        as they are. Else None. After :meth:`check_payload`."""
+        contents; BYTES length-prefixed): a front end of ``workers: N`` hands them on
+        as they are, its BYTES split once, by the engine, after admission. Else None.
+        After :meth:`check_payload`."""
+        ...
+
+    def typed_inputs(self) -> Sequence[bytes | memoryview] | None:
+        """Each input's typed contents in the protocol's own encoding, in the order of
+        :meth:`input_headers`, where every input came typed and one at least is BYTES:
+        a front end of ``workers: N`` hands them on as they are, and the engine decodes
+        them after admission (a Python object an element: a refused call would cost a
+        front end the whole conversion). Else None."""
         ...
 
 

@@ -44,10 +44,13 @@ def bytes_config(**server: object) -> MandantConfig:
     )
 
 
-@pytest.fixture(scope="module")
-def stub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
-    """One process (``bounded`` runs BYTES through ``workers: 2``'s IPC too)."""
-    server = serve(SERVER_KINDS[0], bytes_config(), tmp_path_factory.mktemp("bytes"))
+@pytest.fixture(scope="module", params=SERVER_KINDS)
+def stub(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    """One process, then ``workers: 2`` (a front end hands the client's BYTES on as
+    they came, raw or typed, and the engine splits them)."""
+    server = serve(request.param, bytes_config(), tmp_path_factory.mktemp("bytes"))
     with grpc.insecure_channel(server.target, OPTIONS) as channel:
         yield pb_grpc.GRPCInferenceServiceStub(channel)
     server.stop()
@@ -86,12 +89,45 @@ SHAPES = {
 }
 
 
+def typed_request(items: list[bytes], count: int) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="bytes_echo")
+    tensor = request.inputs.add(name="INPUT0", datatype="BYTES", shape=[count])
+    tensor.contents.bytes_contents.extend(items)
+    return request
+
+
+@pytest.mark.parametrize("typed", [False, True], ids=["raw", "typed contents"])
 @pytest.mark.parametrize("case", list(SHAPES))
-def test_bytes_come_back_unchanged(stub: pb_grpc.GRPCInferenceServiceStub, case: str) -> None:
+def test_bytes_come_back_unchanged(
+    stub: pb_grpc.GRPCInferenceServiceStub, case: str, typed: bool
+) -> None:
     items = SHAPES[case]
-    reply = stub.ModelInfer(raw_request(framed(items), len(items)), metadata=METADATA)
+    build = typed_request if typed else lambda i, n: raw_request(framed(i), n)
+    reply = stub.ModelInfer(build(items, len(items)), metadata=METADATA)
     assert list(reply.outputs[0].shape) == [len(items)]
     assert reply.raw_output_contents[0] == framed(items)
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (raw_request(framed([b"abcdefgh", b"c"]), 3), "ends inside element 2's length"),
+        (raw_request(framed([b"ab", b"c", b"d"]), 2), "bytes left after 2 BYTES elements"),
+        (raw_request(b"\xff\xff\x00\x00abcd", 2), "element 0 declares 65535 bytes"),
+        (typed_request([b"ab"], 2), "needs 2 values in contents.bytes_contents, got 1"),
+    ],
+    ids=["an element short", "an element more", "a length past the end", "a value short"],
+)
+def test_bytes_that_do_not_match_their_shape_are_invalid(
+    stub: pb_grpc.GRPCInferenceServiceStub, request_: pb.ModelInferRequest, message: str
+) -> None:
+    """Found where one process finds them, when the engine splits them after
+    admission; same status and message in both layouts."""
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request_, metadata=METADATA)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("input 'INPUT0': ")
+    assert message in err.value.details()
 
 
 def test_the_element_bound_is_the_last_that_is_served(

@@ -293,14 +293,23 @@ def test_raw_inputs_are_the_bytes_that_decode(case: tuple[str, np.ndarray]) -> N
     np.testing.assert_array_equal(decoded, request.decode_inputs()["X"])
 
 
-def test_no_raw_inputs_where_decoding_has_more_to_check_or_say() -> None:
-    framed = _request("BYTES", (1,), join_bytes(np.array([b"id"], dtype=object)))
+def test_raw_inputs_are_the_raw_contents_bytes_too_and_none_where_typed_ones_are_given() -> None:
+    element = join_bytes(np.array([b"id"], dtype=object))
+    assert ProtoInferRequest(_request("BYTES", (1,), element)).raw_inputs() == [element]
     typed = pb.ModelInferRequest(model_name="m")
     typed.inputs.add(name="X", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
     both = _request("FP32", (1,), np.ones(1, np.float32).tobytes())
     both.inputs[0].contents.fp32_contents.append(1.0)
-    for msg in (framed, typed, both):
+    for msg in (typed, both):
         assert ProtoInferRequest(msg).raw_inputs() is None
+    assert ProtoInferRequest(typed).typed_inputs() is None  # numbers: the front end decodes
+    typed.inputs.add(name="S", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"id")
+    assert ProtoInferRequest(typed).typed_inputs() == [
+        tensor.contents.SerializeToString() for tensor in typed.inputs
+    ]
+    both_bytes = _request("BYTES", (1,), element)
+    both_bytes.inputs[0].contents.bytes_contents.append(b"id")
+    assert ProtoInferRequest(both_bytes).typed_inputs() is None  # decoding says "both given"
 
 
 @pytest.mark.parametrize(

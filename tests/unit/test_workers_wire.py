@@ -13,9 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mandant import errors
+from mandant.transport.grpc.codec import ProtoInferRequest
 from mandant.types import DATATYPES, TensorHeader
 from mandant.workers import ipc
-from mandant.workers.framing import MessageReader, encode
+from mandant.workers.engine_link import _frames
+from mandant.workers.framing import MessageReader, encode, packb, unpackb
+from mandant_client._proto import grpc_service_pb2 as pb
 
 _frame = st.binary(max_size=3000)
 _message = st.tuples(
@@ -80,8 +83,6 @@ def test_a_request_header_survives_the_round_trip() -> None:
         1234.5,
         None,
     )
-    from mandant.workers.framing import packb, unpackb
-
     again = ipc.RequestHeader.unpack(unpackb(packb(header.pack())))
     assert again.pack() == header.pack()
 
@@ -105,8 +106,6 @@ def test_a_request_header_survives_the_round_trip() -> None:
 def test_domain_errors_cross_with_their_class_message_and_pushback(
     error: errors.MandantError,
 ) -> None:
-    from mandant.workers.framing import packb, unpackb
-
     again = ipc.unpack_error(unpackb(packb(ipc.pack_error(error))))
     assert type(again) is type(error) and str(again) == str(error)
     if isinstance(error, errors.ResourceExhausted):
@@ -115,8 +114,6 @@ def test_domain_errors_cross_with_their_class_message_and_pushback(
 
 
 def test_an_unexpected_engine_exception_crosses_without_its_text() -> None:
-    from mandant.workers.framing import packb, unpackb
-
     packed = ipc.pack_error(KeyError("secret internals of tenant acme"))
     again = ipc.unpack_error(unpackb(packb(packed)))
     assert isinstance(again, ipc.EngineFault) and "acme" not in str(again)
@@ -136,6 +133,54 @@ def test_inputs_decode_as_views_of_the_frames_and_bad_bytes_framing_is_invalid_i
     )
     with pytest.raises(errors.InvalidInput, match="input 'S'"):
         ipc.IpcRequest(bad, [b"\x05\x00\x00\x00ab\x00\x00\x00\x00"]).decode_inputs()
+
+
+BYTES_SENT = {
+    "elements": ([b"", b"a", b"\x00bc"], 3),
+    # Long enough for the prefixes the shape claims, checked before anything is split:
+    "one element fewer than the shape": ([b"abcdefgh", b"c"], 3),
+    "one element more": ([b"ab", b"c", b"d"], 2),
+}
+
+
+@pytest.mark.parametrize("typed", [False, True], ids=["raw", "typed contents"])
+@pytest.mark.parametrize("case", list(BYTES_SENT))
+def test_a_front_end_hands_bytes_on_unsplit_and_the_engine_decodes_them_as_one_process(
+    monkeypatch: pytest.MonkeyPatch, typed: bool, case: str
+) -> None:
+    """BYTES cost a Python object an element to split: a front end hands the client's
+    own encoding on (raw or typed), so that a call the engine refuses (a rate limit, an
+    unknown model) never costs a front end the split; the engine decodes them, after
+    admission, with one process's answer, its errors' messages included."""
+    items, count = BYTES_SENT[case]
+    message = pb.ModelInferRequest(model_name="m")
+    tensor = message.inputs.add(name="S", datatype="BYTES", shape=[count])
+    if typed:
+        tensor.contents.bytes_contents.extend(items)
+    else:
+        message.raw_input_contents.append(b"".join(len(i).to_bytes(4, "little") + i for i in items))
+    try:
+        one_process: object = ProtoInferRequest(message).decode_inputs()["S"].tolist()
+    except errors.InvalidInput as exc:
+        one_process = str(exc)
+    monkeypatch.setattr(ProtoInferRequest, "decode_inputs", _no_decode)
+    request = ProtoInferRequest(message)
+    frames, deferred, _, is_typed = _frames(request, request.input_headers())
+    assert deferred is None and is_typed == typed
+    header = ipc.RequestHeader(
+        1, "acme", "m", "", "", {}, (), request.input_headers(), None, 0.0, typed=is_typed
+    )
+    header = ipc.RequestHeader.unpack(unpackb(packb(header.pack())))
+    try:
+        engine: object = ipc.IpcRequest(header, frames).decode_inputs()["S"].tolist()
+    except errors.InvalidInput as exc:
+        engine = str(exc)
+    assert engine == one_process
+    assert (engine == items) == (case == "elements")
+
+
+def _no_decode(self: ProtoInferRequest) -> None:
+    raise AssertionError("a front end decoded the inputs")
 
 
 @pytest.mark.parametrize("datatype", ["FP32", "BOOL", "INT64", "UINT8"])

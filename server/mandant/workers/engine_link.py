@@ -179,9 +179,9 @@ class EngineLink:
         except InvalidInput as exc:
             outputs, outputs_error = (), str(exc)
         if inputs_error is None:
-            frames, deferred, to_decode = _frames(request, inputs)
+            frames, deferred, to_decode, typed = _frames(request, inputs)
         else:
-            frames, deferred, to_decode = [], None, False
+            frames, deferred, to_decode, typed = [], None, False, False
         try:
             parameters = request.parameters()
         except InvalidInput as exc:  # found before a decode error, after a size error
@@ -204,6 +204,7 @@ class EngineLink:
             to_decode,
             inputs_error,
             outputs_error,
+            typed,
         )
         future = connection.send(header, frames)
         try:
@@ -435,28 +436,33 @@ async def _resolved(call: Call, last: asyncio.Future[Answer]) -> None:
 
 def _frames(
     request: EncodedRequest, headers: Sequence[TensorHeader]
-) -> tuple[list[Buffer], str | None, bool]:
-    """One frame per input of ``headers`` (the request's) in the raw layout (the
-    client's own bytes where it sent raw ones of fixed-size datatypes,
-    :meth:`EncodedRequest.raw_inputs`), or none, the reason it could not be done
-    (raised later, in the engine), and whether a single process finds that only when
-    it decodes (after admission)."""
+) -> tuple[list[Buffer], str | None, bool, bool]:
+    """One frame per input of ``headers`` (the request's), or none and the reason it
+    could not be done (raised later, in the engine), whether a single process finds
+    that only when it decodes (after admission), and whether the frames are typed
+    contents. The client's own bytes where it can be
+    (:meth:`EncodedRequest.raw_inputs`, :meth:`EncodedRequest.typed_inputs`: BYTES
+    are split once, in the engine, after admission), else the raw layout."""
     if any(header.datatype not in DATATYPES for header in headers):
-        return [], "unknown datatype", False  # validation in the engine refuses it first
+        return [], "unknown datatype", False, False  # validation in the engine refuses it
     try:
         request.check_payload()
     except InvalidInput as exc:
-        return [], str(exc), False
+        return [], str(exc), False, False
     raw = request.raw_inputs()
     if raw is not None:  # the frames already (numpy and back: 10–24 µs a call at c=1);
-        return list(raw), None, False  # one per header: a name twice is validation's
+        return list(raw), None, False, False  # one per header: a name twice is validation's
+    typed = request.typed_inputs()
+    if typed is not None:
+        return list(typed), None, False, True
     try:
         arrays = request.decode_inputs()
     except InvalidInput as exc:
-        return [], str(exc), True
+        return [], str(exc), True, False
     if len(arrays) != len(headers):  # a name twice: validation refuses it first
-        return [], "an input is given twice", False
-    return [ipc.tensor_frame(arrays[h.name], h.datatype) for h in headers], None, False
+        return [], "an input is given twice", False, False
+    frames = [ipc.tensor_frame(arrays[h.name], h.datatype) for h in headers]
+    return frames, None, False, False
 
 
 def _response(

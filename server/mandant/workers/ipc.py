@@ -30,6 +30,7 @@ import numpy as np
 
 from mandant import errors
 from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS
+from mandant.transport.grpc.codec import decode_typed
 from mandant.types import DATATYPES, TensorHeader, datatype_of
 from mandant.wire import join_bytes, raw_view, split_bytes
 from mandant.workers.framing import Buffer
@@ -44,8 +45,9 @@ SETTLED = 6
 
 class RequestHeader(NamedTuple):
     """One inference request as a front end hands it on: the caller it authenticated,
-    what the client asked for, and one frame per input (raw little-endian bytes; BYTES
-    length-prefixed), whatever form the client sent it in. A named tuple: made twice a
+    what the client asked for, and one frame per input: raw little-endian bytes (BYTES
+    length-prefixed), whatever form the client sent it in, except typed contents with
+    BYTES among them, which travel as they came (``typed``). A named tuple: made twice a
     call (packed by the front end, unpacked by the engine), in a seventh of the time a
     frozen dataclass of eleven fields takes (0.16 against 1.1 µs)."""
 
@@ -75,6 +77,9 @@ class RequestHeader(NamedTuple):
     #: NOT_FOUND first).
     inputs_error: str | None = None
     outputs_error: str | None = None
+    #: Whether the frames are the inputs' typed contents in the protocol's encoding
+    #: (:meth:`EncodedRequest.typed_inputs`), decoded here, not the raw layout.
+    typed: bool = False
 
     def pack(self) -> list[object]:
         return [
@@ -92,12 +97,13 @@ class RequestHeader(NamedTuple):
             self.deferred_to_decode,
             self.inputs_error,
             self.outputs_error,
+            self.typed,
         ]
 
     @classmethod
     def unpack(cls, fields: list[Any]) -> RequestHeader:
         (rid, tenant, model, version, request_id, parameters, outputs, inputs, timeout_s, arrived,
-         error, to_decode, inputs_error, outputs_error) = fields  # fmt: skip
+         error, to_decode, inputs_error, outputs_error, typed) = fields  # fmt: skip
         return cls(
             rid,
             tenant,
@@ -113,6 +119,7 @@ class RequestHeader(NamedTuple):
             to_decode,
             inputs_error,
             outputs_error,
+            typed,
         )
 
 
@@ -169,12 +176,23 @@ class IpcRequest:
         """None: the engine does not hand a request on."""
         return None
 
+    def typed_inputs(self) -> None:
+        """None, as :meth:`raw_inputs`."""
+        return None
+
     def decode_inputs(self) -> dict[str, np.ndarray]:
-        if self._header.deferred_error is not None:
-            raise errors.InvalidInput(self._header.deferred_error)
+        header = self._header
+        if header.deferred_error is not None:
+            raise errors.InvalidInput(header.deferred_error)
+        if header.typed:
+            limit = self._max_bytes_elements
+            return {
+                input.name: decode_typed(frame, input, limit)
+                for input, frame in zip(header.inputs, self._frames, strict=True)
+            }
         return {
-            header.name: decode_frame(frame, header)
-            for header, frame in zip(self._header.inputs, self._frames, strict=True)
+            input.name: decode_frame(frame, input)
+            for input, frame in zip(header.inputs, self._frames, strict=True)
         }
 
 

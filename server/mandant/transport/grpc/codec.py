@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from math import prod
+from typing import cast
 
 import numpy as np
 
@@ -94,6 +95,17 @@ def _decode_sized(raw: bytes, header: TensorHeader, max_bytes_elements: int) -> 
         count = prod(header.shape)
         return decode_bytes(raw, count, header.name, max_bytes_elements).reshape(header.shape)
     return np.frombuffer(raw, dtype=DATATYPES[header.datatype]).reshape(header.shape)
+
+
+def decode_typed(
+    frame: bytes | memoryview,
+    header: TensorHeader,
+    max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS,
+) -> np.ndarray:
+    """:func:`decode_contents` of an input's typed contents as
+    :meth:`ProtoInferRequest.typed_inputs` serialized them."""
+    contents = pb.InferTensorContents.FromString(cast(bytes, frame))  # parses any buffer
+    return decode_contents(contents, header, max_bytes_elements)
 
 
 def decode_contents(
@@ -232,11 +244,16 @@ class ProtoInferRequest:
 
     def raw_inputs(self) -> Sequence[bytes] | None:
         raw = self._raw_contents()
-        if not raw or any(header.datatype == "BYTES" for header in self.input_headers()):
-            return None  # BYTES: its framing is checked as it is decoded
+        if not raw:
+            return None
         if any(tensor.HasField("contents") for tensor in self._msg.inputs):
             return None  # both contents and raw: decoding says so
         return raw
+
+    def typed_inputs(self) -> Sequence[bytes] | None:
+        if self._raw_contents() or all(h.datatype != "BYTES" for h in self.input_headers()):
+            return None  # raw (or both: decoding says so), or numbers: cheap to decode
+        return [tensor.contents.SerializeToString() for tensor in self._msg.inputs]
 
     def decode_inputs(self) -> dict[str, np.ndarray]:
         self.check_payload()

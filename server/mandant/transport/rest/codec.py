@@ -254,6 +254,10 @@ class JsonInferRequest:
         """None: REST is served where the models are (no front end hands it on)."""
         return None
 
+    def typed_inputs(self) -> None:
+        """None, as :meth:`raw_inputs`."""
+        return None
+
 
 def _json_length(header_length: str, body_length: int) -> int:
     digits = header_length.removeprefix("-")
