@@ -274,6 +274,13 @@ def metric(server: Server, admin_key: str, name: str, **labels: str) -> float | 
     return _samples(server, admin_key).get((name, frozenset(labels.items())))
 
 
+def metric_sum(server: Server, admin_key: str, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    wanted = labels.items()
+    found = _samples(server, admin_key)
+    return sum(v for (n, have), v in found.items() if n == name and have >= wanted)
+
+
 def _samples(server: Server, admin_key: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     status, body = http_get(server, "/metrics", admin_key)
     assert status == 200, body

@@ -22,7 +22,7 @@ from mandant.errors import (
 )
 from mandant.registry import Model, ModelRegistry
 from mandant.scheduling.policy import MAX_PRIORITY
-from mandant.tenancy.admission import Admission, Unlimited
+from mandant.tenancy.admission import NO_PERMIT, Admission, Unlimited
 from mandant.tenancy.directory import TenantDirectory, TenantSnapshot
 from mandant.types import Call, EncodedRequest, InferRequest, InferResponse, ModelKey, Tenant
 from mandant.validation import check_batch_rows, check_inputs, check_outputs
@@ -219,8 +219,11 @@ class DataPlane:
                 raise
             except (asyncio.CancelledError, DeadlinePassedWhileRunning):
                 # The caller left, or its deadline passed while the backend computed it:
-                # charged if the model had its rows (Triton computes them all the same).
+                # charged if the model had its rows (Triton computes them all the same);
+                # in a batch still running, as its end says (``InferRequest.running``).
                 ran = queued is not None and queued.ran
+                if queued is not None and queued.running:
+                    queued.settle, permit = permit.release, NO_PERMIT
                 raise
             finally:
                 permit.release(refund=not ran)

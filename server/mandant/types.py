@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from secrets import token_hex
 from typing import NamedTuple, Protocol
@@ -208,6 +208,12 @@ class InferRequest:
     #: Set by the scheduler when its rows go to the model: from then on the model runs
     #: on them whatever becomes of the caller (it stays charged, ``service.py``).
     ran: bool = False
+    #: While a batch holding its rows runs: a caller that leaves then cannot know yet
+    #: whether the model will have run on them (a batch that fails is retried in parts,
+    #: and a part whose caller left is not), so it hands its charge over (``settle``),
+    #: and the batch's end settles it: refunded unless ``ran`` still holds.
+    running: bool = False
+    settle: Callable[[bool], None] | None = None
 
     def logged_id(self) -> str:
         """Its id as the log and a failure's answer (ModelFailed) quote it: the client's,

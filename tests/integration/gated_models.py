@@ -24,3 +24,26 @@ class Gated(nn.Module):
 
 def gated() -> nn.Module:
     return Gated()
+
+
+#: What a pass over a negative value (poison) waits for, after setting ``POISONED``.
+POISON_GATE = threading.Event()
+POISON_GATE.set()
+POISONED = threading.Event()
+
+
+class Poisoned(nn.Module):
+    """:class:`Gated`, except that a pass over a negative value says so (``POISONED``),
+    waits at ``POISON_GATE`` instead, and raises."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x < 0).any()):
+            POISONED.set()
+            POISON_GATE.wait(MAX_WAIT_S)
+            raise ValueError("poisoned rows")
+        GATE.wait(MAX_WAIT_S)
+        return x
+
+
+def poisoned() -> nn.Module:
+    return Poisoned()

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
 from mandant.config import MandantConfig, parse_config
@@ -23,14 +24,26 @@ from mandant.types import Tenant
 from mandant_client._proto import admin_pb2, admin_pb2_grpc
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
-from tests.integration.gated_models import GATE
-from tests.servers import ECHO_MODEL, SERVER_KINDS, Server, ServerThread, metric, serve
+from tests.integration.gated_models import GATE, POISON_GATE, POISONED
+from tests.servers import (
+    ECHO_MODEL,
+    SERVER_KINDS,
+    Server,
+    ServerThread,
+    metric,
+    metric_sum,
+    serve,
+)
 
 ADMIN_KEY = "refunds-admin-key"
+REQUESTS = "mandant_requests_total"
 QUOTA = 60
 MAX_CONCURRENCY = 3
 MAX_BATCH = MAX_QUEUE_ROWS = 4
-TENANTS = ("queue", "expiry", "late", "garbled", "drain", "cancel", "repro", "blocker", "ran")
+TENANTS = (
+    "queue", "expiry", "late", "garbled", "drain", "cancel", "repro", "blocker", "ran",
+    "poisoner", "left",
+)  # fmt: skip
 GATED = {
     **ECHO_MODEL,
     "factory": "tests.integration.gated_models:gated",
@@ -75,6 +88,7 @@ def refunds_config() -> MandantConfig:
                 ECHO_MODEL,
                 {**GATED, "name": "gated"},
                 {**GATED, "name": "closing"},
+                {**GATED, "name": "poisoned", "factory": "tests.integration.gated_models:poisoned"},
             ],
         }
     )
@@ -207,6 +221,43 @@ async def test_a_call_whose_client_gives_up_while_the_model_runs_it_stays_charge
     GATE.set()
     await until(lambda: inflight(server, "ran") == 0, "the call done")
     assert used(server, "ran") == 3
+
+
+async def test_a_call_given_up_in_a_batch_that_fails_is_not_charged(
+    server: Server, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """Another tenant's poisoned rows fail the batch while this tenant's caller has
+    left: the batch is retried in parts and the part of a caller who left is not, so
+    the model never ran on its rows: refunded, when the batch has failed (its caller
+    left while the batch ran, when the charge could not be known yet: it was kept)."""
+    server = gated(server)
+    POISON_GATE.clear()
+    POISONED.clear()
+    try:
+        blocker = stub.ModelInfer(request("poisoned", 1), metadata=key("blocker"))
+        await until(lambda: inflight(server, "blocker") == 1, "the model busy")
+        poison = request("poisoned", 1)
+        poison.raw_input_contents[0] = np.full(2, -1, np.float32).tobytes()
+        failing = stub.ModelInfer(poison, metadata=key("poisoner"))
+        leaving = stub.ModelInfer(request("poisoned", 1), metadata=key("left"))
+        await until(lambda: inflight(server, "left") == 1, "both queued behind the blocker")
+        GATE.set()  # the blocker ends; the poisoned batch of both waits at POISON_GATE
+        await until(POISONED.is_set, "the poisoned batch running")
+        assert leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        await until(
+            lambda: metric_sum(server, ADMIN_KEY, REQUESTS, tenant="left", code="CANCELLED") == 1,
+            "the server saw the caller leave",
+        )
+        POISON_GATE.set()
+        assert (await refused(failing)).code() == grpc.StatusCode.INVALID_ARGUMENT  # ModelFailed
+        await blocker
+    finally:
+        POISON_GATE.set()
+    await until(lambda: inflight(server, "left") == 0, "the batch settled the call")
+    assert used(server, "left") == 0
+    assert used(server, "poisoner") == 1  # its own part failed alone: charged
 
 
 async def test_a_v2_timeout_already_past_and_undecodable_tensors_are_not_charged(

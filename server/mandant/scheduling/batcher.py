@@ -66,6 +66,7 @@ from mandant.errors import (
     DeadlinePassedWhileRunning,
     InvalidInput,
     MandantError,
+    ModelFailed,
     QueueFull,
     Unavailable,
 )
@@ -600,13 +601,16 @@ class DynamicBatcher:
         except MandantError as exc:  # the backend's verdict, for every request
             if isinstance(exc, DeadlinePassedWhileRunning):  # it ran: charged, so counted
                 self._count(part, self._clock.monotonic() - start, dispatched)
+            elif not isinstance(exc, ModelFailed):  # it did not run: refunded (service.py)
+                _not_run(part)
             for entry in part:
                 self._finish(entry, exc=exc)
             return part, exc
         except Exception as exc:  # the model raised: whose data was it?
-            for entry in part:  # not answered: a caller who leaves before its part runs
-                entry.request.ran = False  # again is refunded (``_run`` marks it again)
-            return part, exc
+            _not_run(part)  # not answered: a caller who leaves before its part runs
+            return part, exc  # again is refunded (``_run`` marks it again)
+        finally:
+            _settle(part)
         self._unanswered = 0
         self._successes += 1
         self._succeeded(part, results, compute_s, dispatched)
@@ -632,7 +636,7 @@ class DynamicBatcher:
         deadlines = [entry.request.deadline for entry in part]
         latest = None if None in deadlines else max(d for d in deadlines if d is not None)
         for entry in part:
-            entry.request.ran = True
+            entry.request.ran = entry.request.running = True
         start = self._clock.monotonic()
         if len(part) == 1:
             outputs = await self._backend.infer(
@@ -704,6 +708,23 @@ class DynamicBatcher:
         else:
             assert result is not None
             entry.future.set_result(result)
+
+
+def _not_run(part: Sequence[_Pending]) -> None:
+    """The model did not run on ``part``'s rows: whoever settles them refunds them."""
+    for entry in part:
+        entry.request.ran = False
+
+
+def _settle(part: Sequence[_Pending]) -> None:
+    """``part``'s run has ended: settle the charge of each caller that left during it
+    (``InferRequest.settle``), refunded unless the model ran on its rows."""
+    for entry in part:
+        request = entry.request
+        request.running = False
+        if request.settle is not None:
+            settle, request.settle = request.settle, None
+            settle(not request.ran)
 
 
 def _split(

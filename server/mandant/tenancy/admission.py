@@ -80,10 +80,15 @@ class _NoPermit:
         return None
 
 
+#: A permit with nothing to release: an unlimited call's, or one handed on to be
+#: released by another (``InferRequest.settle``).
+NO_PERMIT: Permit = _NoPermit()
+
+
 class Unlimited:
     """Admits everything: the data plane's default when no limits are configured."""
 
-    _permit = _NoPermit()
+    _permit = NO_PERMIT
 
     async def admit(self, tenant: Tenant, model: ModelKey, rows: int) -> Permit:
         return self._permit
