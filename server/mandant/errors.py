@@ -34,6 +34,12 @@ def shown(text: str) -> str:
 #: What a front end of ``workers: N`` says of calls while the engine is away.
 ENGINE_DOWN = "the inference engine is not reachable; retry shortly"
 ENGINE_LOST = "the inference engine stopped while serving this call; retry"
+#: A call forwarded to the engine (model control, metadata, …) whose answer was lost:
+#: the engine may have read it before it stopped, or read it when it wakes.
+ENGINE_LOST_FORWARDED = (
+    "the inference engine stopped while serving this call, which it may yet have carried "
+    "out; check, then retry"
+)
 
 
 class MandantError(Exception):

@@ -64,7 +64,8 @@ def _calls(requests: list[int], cancels: list[int]) -> list[Any]:
         ).pack()
         for rid in requests
     ]
-    return encode(ipc.CALLS, [headers, cancels, []], [ROWS.tobytes()] * len(requests))
+    give_up_at = time.monotonic() + 60
+    return encode(ipc.CALLS, [headers, cancels, [], give_up_at], [ROWS.tobytes()] * len(requests))
 
 
 async def _answers(reader: asyncio.StreamReader) -> list[list[Any]]:

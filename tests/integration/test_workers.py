@@ -502,13 +502,16 @@ def test_a_stopped_engine_is_taken_for_gone_until_it_answers_again(
     """An engine that is there but silent (SIGSTOP: a stuck event loop looks the same)
     once held every call for as long as it stayed so (with no deadline: forever),
     with health SERVING; now its calls fail UNAVAILABLE once it has been silent for
-    the link's 5 s, new ones at once, and it serves again once it answers."""
+    the link's 5 s, new ones at once, and it serves again once it answers. A call
+    told so ("retry") is not run when the engine wakes and reads it (it was run and
+    charged, and its retry charged again)."""
     (engine,) = survivor.children()["engine"]
     _serving(survivor.target)
     os.kill(engine, signal.SIGSTOP)
     try:
         with (
             Client(survivor.target, "acme-key", timeout_s=60) as client,
+            Client(survivor.target, "budget-key", timeout_s=60) as budget,
             grpc.insecure_channel(survivor.target) as channel,
         ):
             metadata = channel.unary_unary(
@@ -521,10 +524,13 @@ def test_a_stopped_engine_is_taken_for_gone_until_it_answers_again(
             # A call the engine serves, sent before the engine is taken for gone: it
             # fails with the inference calls (it waited for its deadline).
             forwarded = metadata.future(request, metadata=acme, timeout=60)
-            with pytest.raises(MandantClientError) as waited:
-                client.infer("echo", {"INPUT0": ROW})  # held, then failed: not 60 s
+            with pytest.raises(MandantClientError) as waited:  # held, then failed: not 60 s
+                budget.infer("echo", {"INPUT0": np.ones((10, 4), np.float32)})
             assert waited.value.code is grpc.StatusCode.UNAVAILABLE
-            assert forwarded.exception(timeout=10).code() is grpc.StatusCode.UNAVAILABLE
+            assert "retry" in str(waited.value)
+            lost = forwarded.exception(timeout=10)
+            assert lost.code() is grpc.StatusCode.UNAVAILABLE
+            assert "which it may yet have carried out" in lost.details()  # not known
             with pytest.raises(MandantClientError) as refused:
                 client.infer("echo", {"INPUT0": ROW})
             assert refused.value.code is grpc.StatusCode.UNAVAILABLE
@@ -546,6 +552,9 @@ def test_a_stopped_engine_is_taken_for_gone_until_it_answers_again(
     finally:
         os.kill(engine, signal.SIGCONT)
     _serving(survivor.target)
+    _serving(survivor.target, "budget-key")  # one row, read after the one told to retry
+    _, body = http_get_port(survivor.http_port, "/usage", ADMIN_KEY)
+    assert json.loads(body)["tenants"]["budget"]["quota"]["used"]["rows_today"] == 1
 
 
 #: The grace of the server stopped under load: the 8 calls queued on ``sleepy`` are 4 s

@@ -107,7 +107,7 @@ async def test_events_are_recorded_after_the_answers_of_their_turn(
     engine: tuple[EngineServer, FrontEnd, Recorder],
 ) -> None:
     _, front_end, recorder = engine
-    front_end.send(ipc.CALLS, [[_request(1)], [], [FINISHED]], [bytes(4)])
+    front_end.send(ipc.CALLS, [[_request(1)], [], [FINISHED], time.monotonic() + 60], [bytes(4)])
     await until(lambda: recorder.recorded)
     assert recorder.recorded == [[ipc.STATUS, ipc.ANSWERS]]
 
@@ -116,7 +116,7 @@ async def test_events_without_calls_are_recorded_soon(
     engine: tuple[EngineServer, FrontEnd, Recorder],
 ) -> None:
     _, front_end, recorder = engine
-    front_end.send(ipc.CALLS, [[], [], [FINISHED, FINISHED]])
+    front_end.send(ipc.CALLS, [[], [], [FINISHED, FINISHED], 0.0])
     await until(lambda: len(recorder.recorded) == 2)
 
 
@@ -131,7 +131,7 @@ async def test_a_report_that_settled_counts_the_events_sent_before(
     settled = asyncio.ensure_future(server.settle())
     await until(lambda: ipc.SETTLE in front_end.kinds_written())
     front_end.sock.sendall(
-        b"".join([*encode(ipc.CALLS, [[], [], [FINISHED]]), *encode(ipc.SETTLED, [1])])
+        b"".join([*encode(ipc.CALLS, [[], [], [FINISHED], 0.0]), *encode(ipc.SETTLED, [1])])
     )
     await asyncio.wait_for(settled, 5)
     assert len(recorder.recorded) == 1

@@ -5,6 +5,7 @@ received bytes, request headers and errors through a round trip."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -217,7 +218,7 @@ async def test_a_turn_of_calls_is_cut_into_messages_the_length_prefix_can_hold(
     from mandant.workers import engine_link, framing
 
     monkeypatch.setattr(framing, "MAX_GATHERED_BYTES", 1000)  # both ends' Gathered
-    connection = engine_link._Connection(cast(Any, None))
+    connection = engine_link._Connection(engine_link.EngineLink(Path("unused")))
     written = _Written()
     connection.connection_made(cast(Any, written))
     for rid in range(5):

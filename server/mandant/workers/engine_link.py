@@ -12,8 +12,10 @@ starting) calls are refused UNAVAILABLE at once, and the calls that were waiting
 connection that closed fail UNAVAILABLE; the link reconnects every ``retry_s``. An
 engine that is there but says nothing for ``silent_s`` (stopped, or its event loop
 stuck) is treated as gone: the link closes the connection (its calls fail
-UNAVAILABLE, the engine drops them when it wakes) and connects again, and until the
-engine answers calls are refused at once instead of waiting on it.
+UNAVAILABLE) and connects again, and until the engine answers calls are refused at
+once instead of waiting on it. The engine, when it wakes, runs none of the calls it
+reads then that the link had given up on (each message says from when: ``ipc``), and
+cancels those it had started.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -69,6 +72,11 @@ class EngineLink:
         #: 3.11's ``wait_for`` drops one that comes as the wait completes: the engine
         #: gone at that moment, a stopping front end waited for its keeper for good).
         self._closing = False
+
+    @property
+    def silent_s(self) -> float:
+        """How long the engine may say nothing before this link gives up on it."""
+        return self._silent_s
 
     @property
     def up(self) -> bool:
@@ -335,11 +343,13 @@ class _Connection(asyncio.BufferedProtocol):
         if self._events_timer is not None:
             self._events_timer.cancel()
             self._events_timer = None
-        payload = [self._requests, self._cancels, self._events]
+        parts = [self._requests, self._cancels, self._events]
         frames = self._frames.take()
         self._requests, self._cancels, self._events = [], [], []
-        if self._transport is not None and any(payload):
-            self._transport.writelines(encode(ipc.CALLS, payload, frames))
+        if self._transport is not None and any(parts):
+            silent_s = self._loop.time() - self.heard_at
+            give_up_at = time.monotonic() + self._link.silent_s - silent_s
+            self._transport.writelines(encode(ipc.CALLS, [*parts, give_up_at], frames))
 
     # -- receiving ------------------------------------------------------------------
 

@@ -34,13 +34,20 @@ import os
 import signal
 import socket
 import struct
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 from mandant.context import current_request_id, current_tenant
-from mandant.errors import FailedPrecondition, MandantError, Unauthenticated, Unavailable
+from mandant.errors import (
+    ENGINE_LOST,
+    FailedPrecondition,
+    MandantError,
+    Unauthenticated,
+    Unavailable,
+)
 from mandant.events import Observer
 from mandant.service import MAX_REQUEST_ID_BYTES, DataPlane
 from mandant.types import Call, Tenant
@@ -284,8 +291,9 @@ class _FrontEnd(asyncio.BufferedProtocol):
     def _message(self, kind: int, payload: Any, frames: list[memoryview]) -> None:
         self.heard_at = self._loop.time()
         if kind == ipc.CALLS:
-            requests, cancels, events = payload
-            self._requests(requests, frames)
+            requests, cancels, events, give_up_at = payload
+            if requests:
+                self._requests(requests, frames, time.monotonic() > give_up_at)
             for rid in cancels:
                 self._cancel(rid)
             if events:
@@ -302,7 +310,18 @@ class _FrontEnd(asyncio.BufferedProtocol):
             self._record_events()  # what a report reads next counts them
             self._settled(payload[0])
 
-    def _requests(self, requests: list[Any], frames: Sequence[memoryview]) -> None:
+    def _requests(self, requests: list[Any], frames: Sequence[memoryview], late: bool) -> None:
+        """Start serving ``requests``; none if they came ``late``: after their front end
+        gave up on this engine (it was stopped or stuck), their calls were failed
+        UNAVAILABLE with "retry" (answered so here too, for a front end that was
+        stopped with it and still waits)."""
+        if late:
+            logger.warning(
+                "%d call(s) of front end %s were read after it gave up on this engine "
+                "(silent too long): not run",
+                len(requests),
+                self.pid,
+            )
         offset = 0
         create_task = self._loop.create_task
         for fields in requests:
@@ -311,6 +330,9 @@ class _FrontEnd(asyncio.BufferedProtocol):
             mine = frames[offset : offset + count]
             offset += count
             call = Call(None, arrived=header.arrived)
+            if late:
+                self._refuse(call, header, Unavailable(ENGINE_LOST))
+                continue
             if self._engine.stopping and self.accepting:  # (a stopping front end's
                 # calls were accepted before it stopped: they are served)
                 self._refuse(call, header, Unavailable("the inference engine is stopping: retry"))

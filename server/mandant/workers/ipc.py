@@ -3,8 +3,8 @@ of ``framing.py``: a kind, a msgpack payload, and one frame per tensor, untouche
 
 Front end → engine::
 
-    CALLS   [[request header, ...], [cancelled rid, ...], [observer event, ...]]
-            + the requests' input frames, in order
+    CALLS   [[request header, ...], [cancelled rid, ...], [observer event, ...],
+             give_up_at] + the requests' input frames, in order
     PING    [accepting]               (its gRPC port accepts calls)
     SETTLED [n]                       (in answer to SETTLE n: its events are all sent)
 
@@ -17,7 +17,10 @@ Engine → front end::
 
 Everything of one event-loop turn travels in one message; a header says how many
 frames are its own (one per tensor). ``rid`` numbers a front end's requests; the
-engine answers with it.
+engine answers with it. ``give_up_at`` (``time.monotonic()``, one clock for every
+process of the host): when the front end will have given up on the engine if it hears
+nothing more from it (``EngineLink``'s ``silent_s``); the engine does not start the
+requests of a message it reads after that (its calls were failed UNAVAILABLE, "retry").
 """
 
 from __future__ import annotations

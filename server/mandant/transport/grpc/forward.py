@@ -23,7 +23,7 @@ from typing import Protocol
 
 import grpc
 
-from mandant.errors import ENGINE_DOWN, ENGINE_LOST
+from mandant.errors import ENGINE_DOWN, ENGINE_LOST_FORWARDED
 from mandant.transport.grpc.gateway import Context, Forward
 from mandant.transport.grpc.status import INTERNAL_MESSAGE
 
@@ -155,7 +155,7 @@ class Forwarder:
                 await context.abort(
                     grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE.format(request_id=request_id)
                 )
-            await context.abort(grpc.StatusCode.UNAVAILABLE, ENGINE_LOST)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, ENGINE_LOST_FORWARDED)
             return b""  # not reached: abort ends the call
 
         return forward
