@@ -11,6 +11,7 @@ import http.client
 import json
 import re
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -655,11 +656,40 @@ def test_a_body_is_asked_for_only_once_the_key_and_its_length_passed(
         assert b"Connection: close" in final.split(b"\r\n\r\n")[0]
 
 
-def test_an_unknown_expectation_is_417(server: Server) -> None:
+def test_an_unknown_expectation_is_417_with_its_text_cut(server: Server) -> None:
+    """Answered as every error is, ``{"error": ...}`` (it was aiohttp's text/plain,
+    with the whole header value in it)."""
     request = "POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
     with socket.create_connection(("127.0.0.1", server.rest_port), timeout=10) as sock:
-        sock.sendall(f"{request}Expect: something-else\r\n\r\n".encode())
-        assert sock.recv(65536).startswith(b"HTTP/1.1 417 ")
+        sock.sendall(f"{request}Expect: {'x' * 4000}\r\n\r\n".encode())
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 417 "), answer[:200]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Connection: close" in head
+    assert json.loads(body)["error"] == f"unknown Expect: {'x' * 64}…"
+
+
+def test_a_body_the_caller_has_no_room_for_is_refused_before_it_is_asked_for(
+    server: Server,
+) -> None:
+    """``Expect: 100-continue`` from a caller whose bodies on their way leave no room:
+    refused (429) before the invitation, its connection closed (it was invited, then
+    refused, and read and dropped what it sent)."""
+    head = (
+        f"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_BODY}\r\n"
+        f"Authorization: Bearer {KEYS['small']}\r\n\r\n"
+    ).encode()
+    held = [socket.create_connection(("127.0.0.1", server.rest_port)) for _ in range(2)]
+    try:
+        for sock in held:
+            sock.sendall(head + b" " * (MAX_BODY - 16))  # nearly whole, never ended
+        time.sleep(0.3)
+        answer = _expecting(server, "/v2/models/echo/infer", b" " * 1024, auth("small"))
+    finally:
+        for sock in held:
+            sock.close()
+    assert answer.startswith(b"HTTP/1.1 429 "), answer[:200]
+    assert b"Connection: close" in answer.split(b"\r\n\r\n")[0]
 
 
 @pytest.mark.parametrize("binary_out", [False, True])

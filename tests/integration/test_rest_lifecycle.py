@@ -64,11 +64,12 @@ def _refused(port: int) -> bool:
     return False
 
 
-def _server(tmp_path: Path, model: dict[str, Any]) -> ServerThread:
-    """``model`` served on free ports to tenant ``t`` (key ``k``); not started."""
+def _server(tmp_path: Path, model: dict[str, Any], **settings: Any) -> ServerThread:
+    """``model`` served on free ports to tenant ``t`` (key ``k``), with the server
+    ``settings``; not started."""
     config = parse_config(
         {
-            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0},
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0, **settings},
             "tenants": [{"id": "t", "api_keys": [hash_key("k")]}],
             "models": [model],
         }
@@ -266,39 +267,59 @@ def test_requests_aiohttp_cannot_parse_log_no_error(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
-def test_bodies_on_their_way_are_bounded_per_caller(tmp_path: Path) -> None:
-    """A tenant's uploads that never finish hold their bodies' memory: two of the
-    largest allowed are on their way at once, a third is refused at once (429, with
-    pushback) where 20 of 64 MiB held 1.2 GB; once they are gone, calls are served."""
-    with _server(tmp_path, ECHO_MODEL) as server:
+def test_bodies_on_their_way_count_what_came_until_their_read_times_out(
+    tmp_path: Path,
+) -> None:
+    """Uploads that never finish hold the memory of what came of their bodies: a
+    caller's body that would pass two of the largest with it is refused (429, with
+    pushback) where 20 of 64 MiB held 1.2 GB. Headers alone hold
+    nothing: eight that announced the largest bodies and sent none held every tenant's
+    REST bodies refused (server busy) for as long as their connections stayed. And a
+    body not all come within ``message_read_timeout_s`` is answered 504 and freed."""
+    largest = 1 << 20
+    with _server(
+        tmp_path, ECHO_MODEL, max_message_bytes=largest, message_read_timeout_s=4
+    ) as server:
         assert server.app is not None
         port = server.app.rest_port
-        largest = (64 << 20) - 1  # max_message_bytes' default, less one
-        stalled = _STALLED.replace(b"Content-Length: 1000", f"Content-Length: {largest}".encode())
-        first = socket.create_connection(("127.0.0.1", port))
-        second = socket.create_connection(("127.0.0.1", port))
+
+        def upload(sent: int) -> socket.socket:
+            connection = socket.create_connection(("127.0.0.1", port))
+            head = _STALLED.replace(b"Content-Length: 1000", f"Content-Length: {largest}".encode())
+            connection.sendall(head + b" " * sent)
+            return connection
+
+        announced = [upload(0) for _ in range(8)]
+        nearly_whole: list[socket.socket] = []
         try:
-            for held in (first, second):
-                held.sendall(stalled)
-            time.sleep(0.3)  # both bodies are being read
-            third = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            third.putrequest("POST", "/v2/models/echo/infer")
-            third.putheader("Authorization", "Bearer k")
-            third.putheader("Content-Length", str(largest))
-            third.endheaders()
-            answer = third.getresponse()
-            assert answer.status == 429, answer.status
-            assert "still on their way" in json.loads(answer.read())["error"]
-            assert answer.getheader("Retry-After") is not None
-            third.close()
+            time.sleep(0.3)  # they are being read
+            assert _infer(port, [[1.0]], model="echo")[0] == 200
+            nearly_whole += [upload(largest - 64) for _ in range(2)]
+            time.sleep(0.3)
+            with upload(largest // 2) as third:
+                answer = _answer_of(third)
+            assert answer.startswith(b"HTTP/1.1 429"), answer
+            assert b"still on their way" in answer and b"Retry-After" in answer
             labels = {"tenant": "t", "reason": "request_bodies", "model": ""}
             assert server.app.metrics.get_sample_value("mandant_rejections_total", labels) == 1
+            for stalled in announced + nearly_whole:
+                answer = _answer_of(stalled)
+                assert answer.startswith(b"HTTP/1.1 504"), answer
+                assert b"the request message did not arrive within 4 s" in answer
         finally:
-            first.close()
-            second.close()
-        time.sleep(0.3)
+            for stalled in announced + nearly_whole:
+                stalled.close()
         status, _ = _infer(port, [[1.0]], model="echo")
         assert status == 200
+
+
+def _answer_of(connection: socket.socket, timeout_s: float = 30) -> bytes:
+    """What the server sends on ``connection`` until it closes it (at most 64 KiB)."""
+    connection.settimeout(timeout_s)
+    answer = b""
+    while len(answer) < 1 << 16 and (piece := connection.recv(1 << 16)):
+        answer += piece
+    return answer
 
 
 def _gzip_bomb(size: int) -> bytes:

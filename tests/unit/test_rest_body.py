@@ -28,18 +28,20 @@ async def test_a_body_is_read_into_one_buffer_and_given_read_only() -> None:
     size, chunk = 8 << 20, 1 << 16
     data = bytes(range(256)) * (size // 256)
     chunks = [data[start : start + chunk] for start in range(0, size, chunk)]
+    told: list[int] = []
     tracemalloc.start()
     try:
-        body = await _read_known(_request(chunks), size)
+        body = await _read_known(_request(chunks), size, told.append)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert body == data and body.readonly
     assert peak < 1.25 * size  # one buffer: no growing copies, no copy of it once read
+    assert told == list(range(chunk, size + 1, chunk))  # what came, as it came
 
 
 async def test_an_empty_body_of_length_zero_is_read() -> None:
-    assert await _read_known(_request([]), 0) == b""
+    assert await _read_known(_request([]), 0, lambda size: None) == b""
 
 
 @pytest.mark.parametrize(
@@ -48,4 +50,4 @@ async def test_an_empty_body_of_length_zero_is_read() -> None:
 )
 async def test_a_body_unlike_its_length_is_unreadable(chunks: list[bytes], message: str) -> None:
     with pytest.raises(UnreadableBody, match=message):
-        await _read_known(_request(chunks), 5)
+        await _read_known(_request(chunks), 5, lambda size: None)

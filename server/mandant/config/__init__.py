@@ -34,6 +34,7 @@ from mandant.config.root import MandantConfig
 from mandant.config.server import (
     DEFAULT_MAX_BYTES_ELEMENTS,
     DEFAULT_MAX_JSON_BYTES,
+    DEFAULT_MESSAGE_READ_TIMEOUT_S,
     InternalHttpConfig,
     ServerConfig,
     TlsConfig,
@@ -51,6 +52,7 @@ from mandant.config.tenants import (
 __all__ = [
     "DEFAULT_MAX_BYTES_ELEMENTS",
     "DEFAULT_MAX_JSON_BYTES",
+    "DEFAULT_MESSAGE_READ_TIMEOUT_S",
     "MAX_WARMUP_ELEMENTS",
     "SERVE_ALL",
     "BatchingConfig",

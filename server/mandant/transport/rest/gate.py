@@ -33,8 +33,17 @@ from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from mandant.config import DEFAULT_MESSAGE_READ_TIMEOUT_S
 from mandant.context import current_request_id, current_tenant
-from mandant.errors import InvalidInput, MandantError, RateLimited, ServerBusy, Unauthenticated
+from mandant.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    MandantError,
+    RateLimited,
+    ServerBusy,
+    Unauthenticated,
+    shown,
+)
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.transport.rest.codec import BodyTooLarge
@@ -94,7 +103,7 @@ CUT = web.RequestKey("mandant.body_cut", bool)
 EXPECTING = web.RequestKey("mandant.expecting", bool)
 
 
-async def expect_later(request: web.Request) -> None:
+async def expect_later(request: web.Request) -> web.Response | None:
     """The ``expect_handler`` of the routes that read a body: ``Expect: 100-continue``
     is answered when the gate is about to read the body (:meth:`RestGate._read_body`),
     once the key and the announced length passed, not as the request arrives
@@ -104,9 +113,12 @@ async def expect_later(request: web.Request) -> None:
     was never asked for: one that came anyway would be read as the next request)."""
     expect = request.headers.get(hdrs.EXPECT, "")
     if expect.lower() != "100-continue":
-        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+        refused = error_response(417, f"unknown Expect: {shown(expect)}")
+        refused.force_close()  # a body may follow: it was not asked for
+        return refused
     if request.version == HttpVersion11:
         request[EXPECTING] = True
+    return None
 
 
 _EMPTY = memoryview(b"")
@@ -118,16 +130,20 @@ def body_of(request: web.Request) -> memoryview:
     return body
 
 
-async def _read_known(request: web.Request, length: int) -> memoryview:
+async def _read_known(
+    request: web.Request, length: int, arrived: Callable[[int], None]
+) -> memoryview:
     """A body of ``length`` bytes, read into memory taken for it at once and left
     unwritten until its bytes come (a ``bytearray`` of that length is written with
-    zeros first: 70 ms of the event loop for 48 MiB on a small VM)."""
+    zeros first: 70 ms of the event loop for 48 MiB on a small VM); ``arrived`` is
+    told the bytes come so far, as they come (the pages they fill)."""
     body = np.empty(length, dtype=np.uint8)
     filled = 0
     while chunk := await request.content.readany():
         end = filled + len(chunk)
         if end > length:  # aiohttp keeps to Content-Length: not expected
             raise UnreadableBody("the request body is longer than its Content-Length")
+        arrived(end)
         body[filled:end] = np.frombuffer(chunk, dtype=np.uint8)
         filled = end
     if filled != length:
@@ -139,6 +155,10 @@ class UnreadableBody(InvalidInput):
     """A request body that cannot be read to its end (it does not decode, or its
     framing is broken): the connection closes after the answer, a client's next
     request on it would be read from the middle of this one."""
+
+
+class BodyTimedOut(DeadlineExceeded):
+    """A request body not all come within the read timeout."""
 
 
 class BodiesOnTheirWay(RateLimited):
@@ -156,13 +176,16 @@ class RestGate:
         authenticate_certificate: CertificateAuthenticator | None = None,
         max_body: int = 1 << 62,
         unread: UnreadAnswers | None = None,
+        read_timeout_s: float = DEFAULT_MESSAGE_READ_TIMEOUT_S,
     ) -> None:
         """``authenticate_certificate``: the tenant of the identities of a request's
         verified client certificate, asked for requests without a key (mTLS only).
         ``max_body``: the largest request body read (the application's
         ``client_max_size``). ``unread``: each tenant's answers not read yet: an
         inference call (``fair``) of a tenant at the bound is refused before its body
-        is read or it takes a place."""
+        is read or it takes a place. ``read_timeout_s``: a body not all come by then
+        is answered 504 and what came of it freed (``server.message_read_timeout_s``,
+        as a gRPC call's message)."""
         self._authenticate = authenticate
         self._authenticate_admin = authenticate_admin
         self._authenticate_certificate = authenticate_certificate
@@ -171,9 +194,10 @@ class RestGate:
         self._door = door
         self._max_body = max_body
         self._unread = unread
-        #: Bytes of request bodies being read, per tenant id ("" without a key) and in
-        #: all (a body of unknown length counts as ``max_body``): a client that sends
-        #: bodies slowly, or never finishes them, holds that memory meanwhile.
+        self._read_timeout_s = read_timeout_s
+        #: Bytes of request bodies come and being read, per tenant id ("" without a
+        #: key) and in all: a client that sends bodies slowly, or never finishes them,
+        #: holds that memory meanwhile (for ``read_timeout_s`` at most).
         self._reading: dict[str, int] = {}
         self._reading_total = 0
         self._calls = 0  # on this port, for draining
@@ -279,51 +303,49 @@ class RestGate:
 
     async def _read_body(self, request: web.Request, tenant_id: str, limit: int) -> None:
         """Read the body into ``request[BODY]``, counting it against the bounds on
-        bodies on their way: a body of a known length sent as it is, whole before a
-        byte is read (a third of the largest is refused at once); a compressed one
-        (up to ``limit`` once inflated, whatever its length) or one of unknown length,
-        as its bytes arrive (refused part way, the connection closed). ``limit``: the
-        route's bound on a body (at most ``max_body``)."""
+        bodies on their way as its bytes arrive (inflated, for a compressed one: up to
+        ``limit`` whatever its length), refused part way, the connection closed, once
+        they pass them; a body of a known length that could not be held now is
+        refused before a byte is read (or asked for: ``Expect``). Counted as they
+        come, not as announced: clients that announced eight bodies and sent nothing
+        held every tenant's REST bodies refused. A body not all come within
+        ``read_timeout_s`` is answered DEADLINE_EXCEEDED. ``limit``: the route's bound
+        on a body (at most ``max_body``)."""
         length = request.content_length
         if length is not None and length > limit:
             raise BodyTooLarge(f"request body is larger than {limit} bytes")
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        whole = length is not None and encoding in ("", "identity")
+        if whole and length:
+            self._check_room(tenant_id, length)
         if request.get(EXPECTING):  # the key and the length passed: now send it
             request[EXPECTING] = False
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # the answer's size counts from here
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        whole = length is not None and encoding in ("", "identity")
         decoder = None if whole else _decoder(encoding)
         held = 0
+
+        def arrived(size: int) -> None:
+            nonlocal held
+            if size > held:
+                try:
+                    self._hold(tenant_id, size - held)
+                except MandantError:
+                    request[CUT] = True  # the rest of it stays unread
+                    raise
+                held = size
+
         try:
-            if whole and length:
-                self._hold(tenant_id, length)
-                held = length
-            if whole:  # filled in place: no copy as it grows, none once read
-                request[BODY] = await _read_known(request, length or 0)
-            else:
-                body = bytearray()
-                while chunk := await request.content.readany():
-                    if decoder is not None:
-                        # bounded as sent too: past deflate's growth on what does not compress
-                        if decoder.taken + len(chunk) > limit + limit // 1024 + 65536:
-                            request[CUT] = True
-                            raise BodyTooLarge(f"request body is larger than {limit} bytes as sent")
-                        chunk = await decoder.inflate(chunk, limit + 1 - len(body))
-                    body += chunk
-                    if len(body) > limit:
-                        request[CUT] = True
-                        raise BodyTooLarge(f"request body is larger than {limit} bytes")
-                    if len(body) > held:
-                        try:
-                            self._hold(tenant_id, len(body) - held)
-                        except MandantError:
-                            request[CUT] = True  # the rest of it stays unread
-                            raise
-                        held = len(body)
-                if decoder is not None and not decoder.ended:
-                    raise UnreadableBody(_NOT_ENCODED)  # cut short
-                request[BODY] = memoryview(body).toreadonly()
+            async with asyncio.timeout(self._read_timeout_s):
+                if whole:  # filled in place: no copy as it grows, none once read
+                    request[BODY] = await _read_known(request, length or 0, arrived)
+                else:
+                    request[BODY] = await _read_unknown(request, limit, decoder, arrived)
+        except TimeoutError:
+            request[CUT] = True
+            raise BodyTimedOut(
+                f"the request message did not arrive within {self._read_timeout_s:g} s"
+            ) from None
         except zlib.error:
             raise UnreadableBody(_NOT_ENCODED) from None
         except (RequestPayloadError, HttpProcessingError):  # aiohttp's wrapper, or not
@@ -339,7 +361,15 @@ class RestGate:
 
     def _hold(self, tenant_id: str, size: int) -> None:
         """Count ``size`` more bytes of ``tenant_id``'s bodies on their way, or refuse
-        (what it holds already is its own: a body alone is never refused)."""
+        (:meth:`_check_room`)."""
+        self._check_room(tenant_id, size)
+        self._reading[tenant_id] = self._reading.get(tenant_id, 0) + size
+        self._reading_total += size
+
+    def _check_room(self, tenant_id: str, size: int) -> None:
+        """Refuse ``size`` more bytes of ``tenant_id``'s bodies on their way if they
+        pass the bounds (what it holds already is its own: a body alone is never
+        refused)."""
         reading = self._reading.get(tenant_id, 0)
         if reading and reading + size > BODIES_PER_TENANT * self._max_body:
             raise BodiesOnTheirWay(
@@ -352,8 +382,6 @@ class RestGate:
                 f"server busy: {self._reading_total} bytes of request bodies on their way",
                 retry_after_s=BODY_RETRY_S,
             )
-        self._reading[tenant_id] = reading + size
-        self._reading_total += size
 
     def _caller(self, access: Access, request: web.Request) -> Tenant | None:
         """The tenant of a tenant key (or, without a key, of a verified client
@@ -378,6 +406,33 @@ class RestGate:
             return None
         current_tenant.set(tenant)
         return tenant
+
+
+async def _read_unknown(
+    request: web.Request,
+    limit: int,
+    decoder: BodyInflater | None,
+    arrived: Callable[[int], None],
+) -> memoryview:
+    """A body of unknown length, or a compressed one (``decoder``), inflated as it
+    arrives, up to ``limit`` bytes (refused beyond it, the connection then closed);
+    ``arrived`` is told its size so far as it grows."""
+    body = bytearray()
+    while chunk := await request.content.readany():
+        if decoder is not None:
+            # bounded as sent too: past deflate's growth on what does not compress
+            if decoder.taken + len(chunk) > limit + limit // 1024 + 65536:
+                request[CUT] = True
+                raise BodyTooLarge(f"request body is larger than {limit} bytes as sent")
+            chunk = await decoder.inflate(chunk, limit + 1 - len(body))
+        body += chunk
+        if len(body) > limit:
+            request[CUT] = True
+            raise BodyTooLarge(f"request body is larger than {limit} bytes")
+        arrived(len(body))
+    if decoder is not None and not decoder.ended:
+        raise UnreadableBody(_NOT_ENCODED)  # cut short
+    return memoryview(body).toreadonly()
 
 
 def _internal(request: web.Request, call: Call) -> web.Response:

@@ -102,6 +102,7 @@ class RestServer:
             authenticate_certificate=authenticate_certificate if mtls else None,
             max_body=self._max_body,
             unread=unread,
+            read_timeout_s=config.message_read_timeout_s,
         )
         self._gate = gate
         app = web.Application(client_max_size=self._max_body)
