@@ -12,8 +12,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry
-
 from mandant import __version__
 from mandant.backends.base import Backend, circuit_open
 from mandant.backends.channels import ChannelPool
@@ -29,6 +27,7 @@ from mandant.observability.metrics import (
     forget_load_failures,
     load_failures,
 )
+from mandant.observability.series import Registry
 from mandant.observability.slo import SloTracker
 from mandant.observability.stats import InferenceStats
 from mandant.observability.usage import FleetCounting, UsageReports
@@ -155,7 +154,7 @@ class App:
         model_names = self.model_names
         #: The one source of tenant facts; every component below reads it.
         self.directory = TenantDirectory.from_config(config)
-        self.metrics = CollectorRegistry()
+        self.metrics = Registry()
         self.slo = SloTracker(self.directory)
         # In flight: the admission's count (made below), read when the dashboard draws.
         self.live = LiveStats(
@@ -385,6 +384,8 @@ class App:
             # file) go: a tenant added later under its id was served both.
             for figures in (self.stats, self.live, self.slo):
                 figures.forget_tenants(tenants)
+            self.prometheus.retire_tenants(before - tenants)
+            self.http.forget_tenants(tenants)
             self._in_background(self._unload_owners(before - tenants))
         if back := (tenants - before) & ever:
             # Its usage counters too, kept until now for its last usage report.

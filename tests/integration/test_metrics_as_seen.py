@@ -6,6 +6,7 @@ name mixed them)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,12 +14,23 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.core import Metric
 
+from mandant.observability.series import HistogramSeries, SeriesCollector
 from mandant.tenancy.keys import hash_key
 from mandant_client import Client
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto import grpc_service_pb2_grpc as pb_grpc
-from tests.servers import SERVER_KINDS, Server, auth, demo_config, metric, serving
+from tests.servers import (
+    SERVER_KINDS,
+    Server,
+    ServerThread,
+    auth,
+    demo_config,
+    http_get,
+    metric,
+    serving,
+)
 
 ADMIN_KEY = "test-admin-key"
 LIMIT = 1 << 20
@@ -86,3 +98,45 @@ def test_a_tuned_model_has_batch_series_apart_from_the_shared_one(server: Server
 
     eventually(lambda: batch_rows("globex"), 3)
     eventually(lambda: batch_rows(""), 2)
+
+
+class _Held(HistogramSeries):
+    """A series whose samples are made only once ``RELEASE`` is set: a scrape long to
+    write (1,000 tenants' series took 3.5 s)."""
+
+    def family(self, with_samples: bool = True) -> Metric:
+        if with_samples:
+            RELEASE.wait(30)
+        return super().family(with_samples)
+
+
+RELEASE = threading.Event()
+
+
+def test_a_scrape_long_to_write_holds_no_call(tmp_path: Path) -> None:
+    """``/metrics`` is written in a thread from the series as they were when it was
+    asked for: written on the event loop, it held every tenant's calls for as long
+    (with ``workers: N``, the engine's: after 5 s its front ends took it for gone)."""
+    config = demo_config(admin_keys=[hash_key(ADMIN_KEY)])
+    RELEASE.clear()
+    with ServerThread(config, tmp_path) as server, Client(server.target, "acme-demo-key") as acme:
+        assert server.app is not None
+        held = _Held("held", "A series slow to write.", ["tenant"], [1.0])
+        held.observe(("acme",), 0.5)
+        metrics = server.app.metrics
+
+        async def register() -> None:
+            metrics.register(SeriesCollector([held]))
+
+        server.call(register())
+        scrape = threading.Thread(target=http_get, args=(server, "/metrics", ADMIN_KEY))
+        scrape.start()
+        try:
+            time.sleep(0.2)  # the scrape is being written
+            answered = acme.infer("echo", {"INPUT0": np.ones((1, 4), np.float32)}, timeout_s=10)
+            assert answered["OUTPUT0"].shape == (1, 4)
+        finally:
+            RELEASE.set()
+            scrape.join(30)
+        status, body = http_get(server, "/metrics", ADMIN_KEY)
+        assert status == 200 and b'held_bucket{le="1.0",tenant="acme"} 1.0' in body

@@ -175,6 +175,33 @@ async def test_reload_reaches_every_component(tmp_path: Path) -> None:
         assert await _admin_usage(app, "admin-2") == ["a", "b"]
 
 
+async def test_a_removed_tenant_leaves_metrics_and_its_usage_stays_reported(
+    tmp_path: Path,
+) -> None:
+    """A reload removing a tenant takes its series out of ``/metrics`` (they stayed
+    until its id came back: a SaaS adding and removing tenants grew every scrape for
+    the life of the process), while ``/usage`` still counts its calls (``removed``);
+    added back, it starts from nothing."""
+    both = _config(a={"api_keys": [hash_key("key-a")]}, b={"api_keys": [hash_key("key-b")]})
+    both["server"]["admin_keys"] = [hash_key("admin")]
+    only_a = _config(a={"api_keys": [hash_key("key-a")]})
+    only_a["server"]["admin_keys"] = [hash_key("admin")]
+    async with App(parse_config(both), tmp_path) as app:
+        async with AsyncClient(f"127.0.0.1:{app.grpc_port}", api_key="key-b") as b:
+            await b.infer("echo", X)
+            await b.infer("echo", X)
+        assert ',tenant="b"' in (await _http(app, "/metrics", "admin"))[1]
+        app.reload(parse_config(only_a))
+        metrics = (await _http(app, "/metrics", "admin"))[1]
+        assert 'tenant="b"' not in metrics, metrics
+        usage = (await _http(app, "/usage", "admin"))[1]["tenants"]["b"]
+        assert usage["removed"] is True
+        assert usage["requests"] == {"OK": 2} and usage["rows"] == {"echo": 2}
+        app.reload(parse_config(both))
+        usage = (await _http(app, "/usage", "admin"))[1]["tenants"]["b"]
+        assert usage["requests"] == {} and usage["rows_total"] == 0
+
+
 #: What each process of a server of each kind logs once it has reloaded.
 RELOADED = {
     SERVER_KINDS[0]: ["configuration reloaded"],

@@ -17,6 +17,7 @@ free one)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -24,16 +25,17 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from importlib import resources
 from typing import Any, Protocol
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mandant.config import ServerConfig, TlsConfig
 from mandant.errors import Unauthenticated
 from mandant.observability.live import LiveStats
+from mandant.observability.series import Registry
 from mandant.observability.slo import SloTracker
 from mandant.observability.usage import UsageReports
 from mandant.tenancy.directory import TenantDirectory
@@ -114,7 +116,7 @@ class HttpServer:
         self,
         config: ServerConfig,
         directory: TenantDirectory,
-        registry: CollectorRegistry,
+        registry: Registry,
         health: Health,
         slo: SloTracker,
         live: LiveStats,
@@ -227,6 +229,10 @@ class HttpServer:
         except Unauthenticated:
             return None
 
+    def forget_tenants(self, kept: Container[str]) -> None:
+        """A reload removed every tenant not ``kept``: their figure reads go."""
+        self._reads = {tenant: bucket for tenant, bucket in self._reads.items() if tenant in kept}
+
     def _read_wait_s(self, tenant: str) -> float:
         """Take one of ``tenant``'s figure reads (:data:`TENANT_FIGURE_READS`): 0.0, or
         how long until one is there (none taken)."""
@@ -286,7 +292,8 @@ class HttpServer:
         return response
 
     async def _metrics(self, request: web.Request, viewer: Viewer) -> web.Response:
-        response = web.Response(body=generate_latest(self._registry))
+        scrape = self._registry.scrape()  # on the loop; written in a thread (Registry)
+        response = web.Response(body=await asyncio.to_thread(generate_latest, scrape))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 

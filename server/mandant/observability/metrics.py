@@ -207,9 +207,10 @@ class PrometheusObserver:
                 yield f"{series.name}_total", named, value
 
     def forget_tenants(self, tenants: Collection[str]) -> None:
-        """Drop every series of ``tenants`` and what their usage counters held for
-        models no longer served: ids a reload added back after an earlier one removed
-        them (a removed tenant's counts stay until then, for its last usage report).
+        """Drop every series of ``tenants`` and what their usage counters held (kept
+        aside: :meth:`retire_tenants`, :meth:`forget`): ids a reload added back after an
+        earlier one removed them (a removed tenant's counts stay until then, for its
+        last usage report).
         A tenant added under an id must not read the counts of the one before as its
         own; Prometheus keeps what it scraped of them."""
         for series in (self.requests, self.request_duration, self.queue_duration,
@@ -220,6 +221,24 @@ class PrometheusObserver:
         for series, labels in list(self._forgotten):
             if labels[series.labelnames.index("tenant")] in tenants:
                 del self._forgotten[series, labels]
+
+    def retire_tenants(self, tenants: Collection[str]) -> None:
+        """A reload removed ``tenants``: their series leave ``/metrics`` (kept, they
+        made every scrape longer for the life of the process, a tenant at a time), what
+        their usage counters held kept aside for their last usage report, as a model's
+        no longer served is (:meth:`forget`)."""
+        usage = self._usage_series()
+        for series in (self.requests, self.request_duration, self.queue_duration,
+                       self.compute_duration, self.rejections, self.rows,
+                       self.compute_seconds, self.admitted_rows, self.refunded_rows,
+                       self.slo_requests, self.slo_good):  # fmt: skip
+            at = series.labelnames.index("tenant")
+            if not isinstance(series, CounterSeries) or series not in usage:
+                series.drop(_labelled(at, tenants))
+                continue
+            for labels, value in series.drop(_labelled(at, tenants)):
+                kept = self._forgotten.get((series, labels), 0.0)
+                self._forgotten[series, labels] = kept + value
 
     def forget(self, served: ServedModels) -> None:
         """Drop the series of the models ``served`` does not list (see the module
