@@ -28,7 +28,7 @@ from mandant_client import (
     Unauthenticated,
     Unavailable,
 )
-from tests.servers import DEMO_CONFIG, ECHO_MODEL, Server, ServerThread, demo_config
+from tests.servers import DEMO_CONFIG, ECHO_MODEL, Server, ServerThread, demo_config, metric
 
 FRAUD_ROWS = np.zeros((1, 32), np.float32)  # acme's private model's input
 BAD_ROWS = np.zeros((1, 3), np.float32)  # the classifier wants 256 columns
@@ -148,13 +148,16 @@ async def test_a_server_going_away_fails_pending_calls_unavailable(tmp_path: Pat
                     await task
 
 
-def _sleepy_then_echo(client: Any, calls: int, timeout_s: float) -> tuple[int, float]:
-    """``calls`` sleepy calls at once that give up after ``timeout_s``, then one echo
-    call: how many sleepy calls were answered, and how long the echo call took."""
+def _sleepy_then_echo(
+    client: Any, calls: int, timeout_s: float, rows: Callable[[int], np.ndarray] = echo_rows
+) -> tuple[int, float]:
+    """``calls`` sleepy calls at once (of ``rows(i)``) that give up after ``timeout_s``,
+    then one echo call: how many sleepy calls were answered, and how long the echo call
+    took."""
 
     def sleepy(i: int) -> bool:
         try:
-            client.infer("sleepy", {"INPUT0": echo_rows(i)}, timeout_s=timeout_s)
+            client.infer("sleepy", {"INPUT0": rows(i)}, timeout_s=timeout_s)
         except MandantClientError:
             return False
         return True
@@ -198,6 +201,58 @@ async def test_calls_given_up_are_withdrawn_not_left_unread_on_the_server(
                 echo_s = time.monotonic() - start
     assert answered <= 3
     # At most the two messages read when the sleepy calls gave up still ran (1 s).
+    assert echo_s < 4, echo_s
+
+
+async def _async_sleepy_then_echo(
+    target: str, calls: int, timeout_s: float, rows: Callable[[int], np.ndarray]
+) -> tuple[int, float]:
+    """:func:`_sleepy_then_echo` for the AsyncClient."""
+    async with AsyncClient(target, api_key="acme-demo-key", multiplex=True) as client:
+        outcomes = await settle(
+            [client.infer("sleepy", {"INPUT0": rows(i)}, timeout_s=timeout_s) for i in range(calls)]
+        )
+        start = time.monotonic()
+        await client.infer("echo", {"INPUT0": echo_rows(0)}, timeout_s=30)
+        return sum(isinstance(o, dict) for o in outcomes), time.monotonic() - start
+
+
+#: A server receive limit, and messages near it (48 KB): the server holds two limits'
+#: worth of a stream's messages at once (``STREAM_BYTES``), i.e. reads three of them.
+NEAR_LIMIT = 1 << 16
+
+
+def near_limit_rows(i: int) -> np.ndarray:
+    return np.full((1, 12_000), i, np.float32)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_large_calls_given_up_are_withdrawn_not_run_late(tmp_path: Path, kind: str) -> None:
+    """The server also stops reading a stream at ``2 × max_message_bytes`` held. The
+    client kept to its bound on messages only (128): it wrote every call's message,
+    those past the bytes waited unread in flow control, then each ran as it was read,
+    its v2 timeout counted afresh from then: of 40 calls that gave up after 1.2 s (2
+    answered), 38 ran and were charged, and an echo call behind them waited 18 s. The
+    server now says its bytes too, and the client writes no more unanswered: the rest
+    stay in its outbox, where a call that gives up is withdrawn, never run."""
+    config = with_sleepy_model(0.5, max_message_bytes=NEAR_LIMIT)
+    with ServerThread(config, tmp_path) as server:
+        if kind == "sync":
+            with Client(server.target, api_key="acme-demo-key", multiplex=True) as client:
+                answered, echo_s = await asyncio.to_thread(
+                    _sleepy_then_echo, client, 40, 1.2, near_limit_rows
+                )
+        else:
+            answered, echo_s = await _async_sleepy_then_echo(
+                server.target, 40, 1.2, near_limit_rows
+            )
+        sleepy = {"tenant": "acme", "model": "sleepy"}
+        ran = metric(server, "admin-demo-key", "mandant_rows_total", **sleepy) or 0
+        ok = metric(server, "admin-demo-key", "mandant_requests_total", code="OK", **sleepy) or 0
+    # Run beyond the calls answered: at most the two messages unanswered (the client's
+    # window) as the calls gave up, and a message answered as its caller gave up.
+    assert ran <= answered + 4, (ran, answered)
+    assert ok <= answered + 2, (ok, answered)
     assert echo_s < 4, echo_s
 
 

@@ -841,21 +841,102 @@ def test_the_sync_client_writes_no_more_than_the_server_serves_at_once() -> None
     multiplexer.close()
 
 
-class LateWindow(pb_grpc.GRPCInferenceServiceServicer):
-    """Says it serves 2 messages of a stream at once, in initial metadata sent 0.8 s
-    after the stream opens (a loaded server, a long round trip); answers each message
-    after 0.2 s, noting the most it held unanswered."""
+#: What a server reading two 1 KB messages at once (not three) says it holds.
+TWO_KB_MESSAGES = ((_multiplex.MAX_BYTES_METADATA, "2600"),)
 
-    def __init__(self) -> None:
+
+def test_the_window_keeps_to_the_servers_bounds_on_messages_and_bytes() -> None:
+    """A message goes while the messages unanswered, and their bytes with its own, stay
+    within what the server said it reads at once; alone, any message goes (the server
+    reads it then). A server that says nothing (or nonsense) bounds nothing."""
+    window = _multiplex.Window()
+    window.told(((_multiplex.MAX_INFLIGHT_METADATA, "x"), (_multiplex.MAX_BYTES_METADATA, "0")))
+    assert not window.bounded
+    for n in range(200):
+        window.wrote(f"#{n:x}", 10**6)
+    assert window.fits(10**9)
+    window = _multiplex.Window()
+    window.told(((_multiplex.MAX_INFLIGHT_METADATA, "3"), (_multiplex.MAX_BYTES_METADATA, "1000")))
+    assert window.bounded and window.fits(5000)
+    window.wrote("#1", 400)
+    assert window.fits(600) and not window.fits(601)
+    window.wrote("#2", 600)
+    assert window.fits(0) and not window.fits(1)
+    window.answered("#1")
+    assert window.fits(400) and not window.fits(401)
+    window.wrote("#3", 100)
+    window.wrote("#4", 100)
+    assert not window.fits(0)  # three unanswered: the bound on messages
+    window.answered("")  # an answer whose id the server could not echo: its place only
+    assert window.fits(200) and not window.fits(201)
+    window.answered("#3")
+    window.answered("#2")  # nothing unanswered: every byte is free again
+    assert window.fits(5000) and window.unanswered == 0
+    window.told(((_multiplex.MAX_INFLIGHT_METADATA, "2"),))  # a server said no bytes
+    window.wrote("#4", 5000)
+    assert window.fits(10**9)
+
+
+def test_a_large_message_held_back_and_given_up_lets_the_next_one_go() -> None:
+    """The sync client: a message the server's bytes leave no room for waits in the
+    outbox; when its caller gives up, the call behind it, which fits, is written
+    without waiting for an answer."""
+    from mandant_client._multiplex_sync import SyncMultiplexer
+
+    stub = _ScriptedStub(TWO_KB_MESSAGES)
+    multiplexer = SyncMultiplexer(stub, (), max_in_flight=8, max_send_bytes=None)
+    outcomes: dict[str, Any] = {}
+
+    def call(name: str, raw_bytes: int, timeout_s: float) -> threading.Thread:
+        def run() -> None:
+            request = pb.ModelInferRequest(model_name="m", id=name)
+            request.raw_input_contents.append(bytes(raw_bytes))
+            try:
+                outcomes[name] = multiplexer.infer(request, raw_bytes, timeout_s).id
+            except MandantClientError as exc:
+                outcomes[name] = type(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    callers = [call("first", 1024, 10.0)]
+    _until(lambda: len(stub.calls) == 1 and len(stub.calls[0].written) == 1)
+    callers.append(call("large", 2048, 0.3))
+    time.sleep(0.1)  # (begun before the next: it is written first, when it fits)
+    callers.append(call("next", 1024, 10.0))
+    written = stub.calls[0].written
+    _until(lambda: len(written) == 2)  # once "large" gives up; "first" unanswered
+    assert written[1].id.startswith("next#")
+    for request in written:
+        stub.calls[0].answer(pb.ModelStreamInferResponse(infer_response={"id": request.id}))
+    for caller in callers:
+        caller.join(5)
+    assert outcomes == {"first": "first", "large": DeadlineExceeded, "next": "next"}
+    multiplexer.close()
+
+
+class LateWindow(pb_grpc.GRPCInferenceServiceServicer):
+    """Says it reads 2 messages of a stream at once (or what ``metadata`` says), in
+    initial metadata sent ``delay_s`` (0.8 s) after the stream opens (a loaded server,
+    a long round trip); answers each message after 0.2 s, noting the most it held
+    unanswered."""
+
+    def __init__(
+        self,
+        metadata: tuple[tuple[str, str], ...] = ((_multiplex.MAX_INFLIGHT_METADATA, "2"),),
+        delay_s: float = 0.8,
+    ) -> None:
         self.held = self.most = 0
+        self._metadata, self._delay_s = metadata, delay_s
 
     async def ModelStreamInfer(
         self,
         request_iterator: AsyncIterator[pb.ModelInferRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        await asyncio.sleep(0.8)
-        await context.send_initial_metadata(((_multiplex.MAX_INFLIGHT_METADATA, "2"),))
+        await asyncio.sleep(self._delay_s)
+        await context.send_initial_metadata(self._metadata)
         answers: asyncio.Queue[pb.ModelStreamInferResponse] = asyncio.Queue()
 
         async def answer(request: pb.ModelInferRequest) -> None:
@@ -905,6 +986,39 @@ async def test_a_window_said_late_is_kept_from_then_on(kind: str) -> None:
                     servicer.most = 0
                     with ThreadPoolExecutor(8) as pool:
                         list(pool.map(lambda i: client.infer("m", rows(i)), range(8)))
+
+            await asyncio.to_thread(calls)
+    finally:
+        await server.stop(0)
+    assert servicer.most == 2
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_the_client_writes_no_more_bytes_than_the_server_reads(kind: str) -> None:
+    """A Mandant server also stops reading a stream at a bound on bytes: the client
+    wrote every message past it (its window was by count only), where they waited
+    unread and then ran with their whole time left. A message larger than the bound
+    still goes, alone."""
+    servicer = LateWindow(TWO_KB_MESSAGES, delay_s=0.0)
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    target = f"127.0.0.1:{port}"
+    kilobyte = {"X": np.zeros((1, 256), np.float32)}
+    large = {"X": np.zeros((1, 1024), np.float32)}
+    try:
+        if kind == "async":
+            async with AsyncClient(target, multiplex=True, timeout_s=20) as client:
+                await asyncio.gather(*(client.infer("m", kilobyte) for _ in range(8)))
+                await client.infer("m", large)
+        else:
+
+            def calls() -> None:
+                with Client(target, multiplex=True, timeout_s=20) as client:
+                    with ThreadPoolExecutor(8) as pool:
+                        list(pool.map(lambda _: client.infer("m", kilobyte), range(8)))
+                    client.infer("m", large)
 
             await asyncio.to_thread(calls)
     finally:

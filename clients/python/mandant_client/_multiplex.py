@@ -112,24 +112,80 @@ MAX_IDLE_RESENDS = 3
 #: ended with OK left unread: only then does the server end a stream at its
 #: connection age (a client that does not, tritonclient's, would never hear of them).
 RESENDS_UNREAD = ("mandant-stream-resends", "unread")
-#: The initial metadata in which a Mandant server says how many messages of a stream
-#: it serves at once (``server.max_stream_inflight``): it reads no more until one is
-#: answered, so a client keeps no more than that written and unanswered, the rest in
-#: its outbox, where a call that gives up is withdrawn (written beyond it, a message
-#: waited unread on the server, then ran with its whole time left counted afresh).
+#: The initial metadata in which a Mandant server says what of a stream it reads at
+#: once: how many messages it serves (``server.max_stream_inflight``) and how many
+#: bytes of them (and of their answers not yet written) it holds
+#: (``STREAM_BYTES × server.max_message_bytes``). Past either it reads no more until
+#: one is answered, so a client keeps no more written and unanswered (:class:`Window`)
+#: and the rest in its outbox, where a call that gives up is withdrawn (written beyond
+#: them, a message waited unread on the server, then ran with its whole time left
+#: counted afresh, its caller long gone).
 MAX_INFLIGHT_METADATA = "mandant-stream-max-inflight"
+MAX_BYTES_METADATA = "mandant-stream-max-bytes"
 #: How long a stream's first write waits for its initial metadata: Mandant sends it
 #: once it accepts the key (writing before could race a refusal, grpc/grpc#36066, and
-#: it holds :data:`MAX_INFLIGHT_METADATA`); other servers (Triton, a plain grpc.aio
+#: it holds the :class:`Window`'s bounds); other servers (Triton, a plain grpc.aio
 #: servicer) send it with their first answer, so the first message then goes anyway.
 METADATA_WAIT_S = 0.5
 
 
-def window(metadata: Any) -> int | None:
-    """The stream's :data:`MAX_INFLIGHT_METADATA` from its initial metadata (None: not
-    said, or not a positive integer: no bound)."""
-    for key, value in metadata or ():
-        if key == MAX_INFLIGHT_METADATA:
+class Window:
+    """A stream's messages written and not answered yet, against what the server reads
+    at once (:data:`MAX_INFLIGHT_METADATA`, :data:`MAX_BYTES_METADATA`, from its initial
+    metadata whenever it comes; a bound not said, or not a positive integer, is none: a
+    server other than Mandant is written every message). A message that would pass a
+    bound waits for an answer; one goes whatever its size when nothing else is
+    unanswered (the server reads it then). A message counts the bytes it has at most on
+    the wire (:func:`size_bound`; the server counts its length) until its answer comes.
+    An answer larger than its message, held by the server until written, may still
+    keep the next message unread a moment: the client cannot foresee its size."""
+
+    __slots__ = ("_bytes", "_sizes", "max_bytes", "max_messages", "unanswered")
+
+    def __init__(self) -> None:
+        self.max_messages: int | None = None
+        self.max_bytes: int | None = None
+        self.unanswered = 0
+        self._bytes = 0
+        self._sizes: dict[str, int] = {}  # the messages unanswered: wire id → bytes
+
+    @property
+    def bounded(self) -> bool:
+        """Whether the server said a bound (an answer may then let a message go)."""
+        return self.max_messages is not None or self.max_bytes is not None
+
+    def told(self, metadata: Any) -> None:
+        """The stream's initial metadata came."""
+        self.max_messages = _positive(metadata, MAX_INFLIGHT_METADATA)
+        self.max_bytes = _positive(metadata, MAX_BYTES_METADATA)
+
+    def fits(self, size: int) -> bool:
+        """Whether a message of ``size`` bytes may be written now."""
+        if self.unanswered <= 0:
+            return True
+        if self.max_messages is not None and self.unanswered >= self.max_messages:
+            return False
+        return self.max_bytes is None or self._bytes + size <= self.max_bytes
+
+    def wrote(self, wire_id: str, size: int) -> None:
+        self.unanswered += 1
+        self._sizes[wire_id] = size
+        self._bytes += size
+
+    def answered(self, wire_id: str) -> None:
+        """An answer came (to a message whose id the server could not echo: only its
+        count is freed, and its bytes once nothing is left unanswered)."""
+        self.unanswered -= 1
+        self._bytes -= self._sizes.pop(wire_id, 0)
+        if self.unanswered <= 0:
+            self.unanswered = self._bytes = 0
+            self._sizes.clear()
+
+
+def _positive(metadata: Any, key: str) -> int | None:
+    """The positive integer ``metadata`` holds for ``key`` (None: not said, or not one)."""
+    for name, value in metadata or ():
+        if name == key:
             try:
                 bound = int(value)
             except (TypeError, ValueError):
@@ -160,11 +216,13 @@ class Unread(Unavailable):
 @dataclass
 class Outgoing:
     """A message in a stream's outbox, when its call gives up (``time.monotonic()``;
-    None: never) and its place in the client's order of calls (:class:`WireIds`)."""
+    None: never), its place in the client's order of calls (:class:`WireIds`) and the
+    bytes it has at most on the wire (:func:`ready`), which its :class:`Window` counts."""
 
     request: pb.ModelInferRequest
     deadline_s: float | None
     order: int
+    size: int = 0
 
 
 class Outbox:
@@ -195,17 +253,24 @@ class Outbox:
 
     def oldest(self) -> int | None:
         """The order of the oldest call's message (None: the outbox is empty)."""
+        first = self.first()
+        return None if first is None else first.order
+
+    def first(self) -> Outgoing | None:
+        """The oldest call's message, left in the outbox (None: the outbox is empty)."""
         heap, messages = self._heap, self._messages
         while heap and heap[0][1] not in messages:
             heapq.heappop(heap)
-        return heap[0][0] if heap else None
+        return messages[heap[0][1]] if heap else None
 
-    def discard(self, wire_id: str) -> None:
+    def discard(self, wire_id: str) -> bool:
+        """Take out ``wire_id``'s message; False if it is not here (written, or gone)."""
         if self._messages.pop(wire_id, None) is None:
-            return
+            return False
         if len(self._heap) > 2 * len(self._messages) + 64:  # mostly places given up
             self._heap = [(m.order, i) for i, m in self._messages.items()]
             heapq.heapify(self._heap)
+        return True
 
     def clear(self) -> None:
         self._messages.clear()
@@ -281,20 +346,23 @@ def ready(
     left_s: float | None,
     max_send_bytes: int | None,
     request_id: str,
-) -> None:
+) -> int:
     """Ready a tagged message for the stream: its ``timeout`` for the server, and the
     size check gRPC would otherwise fail the whole stream for (see the module).
-    ``raw_bytes`` is the total length of ``request.raw_input_contents``."""
+    ``raw_bytes`` is the total length of ``request.raw_input_contents``. Returns the
+    bytes it has at most on the wire (:func:`size_bound`; :func:`stamp` keeps it so)."""
     if left_s is not None:
         _limit_time(request, max(1, math.ceil(left_s * 1e6)))
-    if max_send_bytes is None or size_bound(request, raw_bytes) <= max_send_bytes:
-        return
+    bound = size_bound(request, raw_bytes)
+    if max_send_bytes is None or bound <= max_send_bytes:
+        return bound
     if (size := request.ByteSize()) > max_send_bytes:
         raise error_for(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"CLIENT: Sent message larger than max ({size} vs. {max_send_bytes})",
             request_id=request_id,
         )
+    return size
 
 
 def size_bound(request: pb.ModelInferRequest, raw_bytes: int) -> int:

@@ -61,9 +61,9 @@ class AioStream:
         self.ending = False
         #: Messages the server has answered on this stream (it was serving).
         self.answered = 0
-        #: How many messages the server serves at once, once its initial metadata came
-        #: (``_multiplex.window``); the writer writes no more unanswered.
-        self._window: int | None = None
+        #: What the server reads at once (from its initial metadata) and what is
+        #: written unanswered: the writer writes no more than it reads.
+        self._window = _multiplex.Window()
         #: The writer waits for an answer: the server reads no more for now.
         self._full = False
         self._call.add_done_callback(self._on_done)
@@ -71,14 +71,19 @@ class AioStream:
         self._reader = asyncio.create_task(self._read())
 
     def send(
-        self, request: pb.ModelInferRequest, wire_id: str, order: int, deadline_s: float | None
+        self,
+        request: pb.ModelInferRequest,
+        wire_id: str,
+        order: int,
+        deadline_s: float | None,
+        size: int,
     ) -> _Answer:
-        """Queue ``request`` (its call gives up at ``deadline_s``); the future gets the
-        server's answer to it."""
+        """Queue ``request`` (its call gives up at ``deadline_s``; ``size``: its bytes at
+        most on the wire); the future gets the server's answer to it."""
         answer: _Answer = self._loop.create_future()
         self._pending[wire_id] = answer
         self._orders[wire_id] = order
-        self._outbox.put(wire_id, _multiplex.Outgoing(request, deadline_s, order))
+        self._outbox.put(wire_id, _multiplex.Outgoing(request, deadline_s, order, size))
         if self._previous is not None:
             self._previous.resending.pop(wire_id, None)
         self._queued.set()
@@ -90,7 +95,8 @@ class AioStream:
         (the stream after this one waits for it)."""
         self._pending.pop(wire_id, None)
         self._orders.pop(wire_id, None)
-        self._outbox.discard(wire_id)
+        if self._outbox.discard(wire_id) and self._full:
+            self._queued.set()  # the message held back may have been this one
         if not again and self.resending.pop(wire_id, None) is not None and self._next:
             self._next._queued.set()
 
@@ -111,8 +117,8 @@ class AioStream:
         # as INTERNAL instead of UNAUTHENTICATED (grpc/grpc#36066). Other servers
         # (Triton, a plain grpc.aio servicer) send it with their first answer: after
         # METADATA_WAIT_S without it, the first message goes anyway.
-        # It says how many messages it serves at once, whenever its metadata comes: no
-        # more are written unanswered from then on (``_multiplex.MAX_INFLIGHT_METADATA``).
+        # It says how many messages, and bytes, it reads at once, whenever its metadata
+        # comes: no more are written unanswered from then on (``_multiplex.Window``).
         told = asyncio.ensure_future(self._call.initial_metadata())
         told.add_done_callback(self._told)
         try:
@@ -121,19 +127,13 @@ class AioStream:
             pass
         except (grpc.RpcError, asyncio.InvalidStateError):
             return  # the call is over; the reader reports why
-        outbox = self._outbox
+        outbox, window = self._outbox, self._window
         held_until = self._loop.time() + _multiplex.RESEND_WAIT_S
-        written = 0
         while True:
             if self.ending:  # the server reads no more: say so, and let it end
                 with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
                     await self._call.done_writing()
                 return
-            if self._window is not None and written - self.answered >= self._window:
-                self._full = True  # until the reader has an answer
-                self._queued.clear()
-                await self._queued.wait()
-                continue
             previous = self._previous
             resending = previous.resending if previous is not None else {}
             wait_s = _multiplex.hold_s(outbox, resending, held_until, self._loop.time())
@@ -142,14 +142,20 @@ class AioStream:
                 with contextlib.suppress(*_TIMEOUTS):
                     await asyncio.wait_for(self._queued.wait(), wait_s)
                 continue
+            first = outbox.first()
+            if first is not None and not window.fits(first.size):
+                self._full = True  # until the reader has an answer (or a call gives up)
+                self._queued.clear()
+                await self._queued.wait()
+                continue
             outgoing = outbox.pop()
             if not _multiplex.stamp(outgoing):
                 continue  # its caller gives up now: not worth the server's time
+            window.wrote(outgoing.request.id, outgoing.size)
             try:
                 await self._call.write(outgoing.request)
             except (grpc.RpcError, asyncio.InvalidStateError):
                 return  # the call is over; the reader reports why
-            written += 1
 
     async def _read(self) -> None:
         failure: MandantClientError | RuntimeError = Unavailable(_multiplex.STREAM_ENDED)
@@ -166,10 +172,11 @@ class AioStream:
                     self._queued.set()  # the writer half-closes
                     continue
                 self.answered += 1
+                wire_id = _multiplex.answer_id(message)
+                self._window.answered(wire_id)
                 if self._full:
                     self._full = False
                     self._queued.set()  # the writer may write again
-                wire_id = _multiplex.answer_id(message)
                 self._orders.pop(wire_id, None)
                 answer = self._pending.pop(wire_id, None)
                 if answer is not None and not answer.done():
@@ -197,7 +204,7 @@ class AioStream:
     def _told(self, told: asyncio.Future[Any]) -> None:
         """The stream's initial metadata came (or the call ended without it)."""
         if not told.cancelled() and told.exception() is None:
-            self._window = _multiplex.window(told.result())
+            self._window.told(told.result())
 
     def _on_done(self, call: Any) -> None:
         # grpc.aio replaces the server's status with INTERNAL "Internal error from Core"
@@ -281,12 +288,12 @@ class AioMultiplexer:
                 raise _timed_out(timeout_s, request_id) from None
         try:
             left_s = _multiplex.time_left(timeout_s, started)
-            _multiplex.ready(request, raw_bytes, left_s, self._max_send_bytes, request_id)
+            size = _multiplex.ready(request, raw_bytes, left_s, self._max_send_bytes, request_id)
             idle_resends = 0
             while True:
                 again = False
                 stream = self.open(request_id)
-                answer = stream.send(request, wire_id, order, deadline_s)
+                answer = stream.send(request, wire_id, order, deadline_s, size)
                 try:
                     message = await asyncio.wait_for(answer, _multiplex.seconds_to(deadline_s))
                     break

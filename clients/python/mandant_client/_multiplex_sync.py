@@ -70,12 +70,11 @@ class SyncStream:
         #: their callers have not yet sent again, nor given up (wire id → order).
         self.resending: dict[str, int] = {}
         #: Messages the server has answered on this stream (it was serving; under the
-        #: lock), and written to it (by grpc's thread).
+        #: lock).
         self.answered = 0
-        self._written = 0
-        #: How many messages the server serves at once (``_multiplex.window``), once its
-        #: initial metadata came; no more are written unanswered.
-        self._window: int | None = None
+        #: What the server reads at once (from its initial metadata) and what is
+        #: written unanswered (under the lock): no more is written than it reads.
+        self._window = _multiplex.Window()
         self._told = False  # the initial metadata came (or the call ended)
         self._call = stub.ModelStreamInfer(self._requests(), metadata=metadata)
         self._reader = threading.Thread(
@@ -84,14 +83,19 @@ class SyncStream:
         self._reader.start()
 
     def send(
-        self, request: pb.ModelInferRequest, wire_id: str, order: int, deadline_s: float | None
+        self,
+        request: pb.ModelInferRequest,
+        wire_id: str,
+        order: int,
+        deadline_s: float | None,
+        size: int,
     ) -> _Answer:
-        """Queue ``request``, whose call gives up at ``deadline_s`` (the caller holds the
-        lock and has checked ``failure``)."""
+        """Queue ``request``, whose call gives up at ``deadline_s`` (``size``: its bytes
+        at most on the wire; the caller holds the lock and has checked ``failure``)."""
         answer: _Answer = futures.Future()
         self._pending[wire_id] = answer
         self._orders[wire_id] = order
-        self._outbox.put(wire_id, _multiplex.Outgoing(request, deadline_s, order))
+        self._outbox.put(wire_id, _multiplex.Outgoing(request, deadline_s, order, size))
         if self._previous is not None:
             self._previous.resending.pop(wire_id, None)
         self._queued.notify_all()
@@ -104,8 +108,11 @@ class SyncStream:
         with self._lock:
             self._pending.pop(wire_id, None)
             self._orders.pop(wire_id, None)
-            self._outbox.discard(wire_id)
+            # The message held back (``Window``) may have been this one.
+            changed = self._outbox.discard(wire_id) and self._window.bounded
             if not again and self.resending.pop(wire_id, None) is not None:
+                changed = True
+            if changed:
                 self._queued.notify_all()
 
     def _requests(self) -> Iterator[pb.ModelInferRequest]:
@@ -114,29 +121,28 @@ class SyncStream:
         held_until = time.monotonic() + _multiplex.RESEND_WAIT_S
         # The first write waits for the initial metadata, as the async client's does.
         told_by = time.monotonic() + _multiplex.METADATA_WAIT_S
+        outbox, window = self._outbox, self._window
         while True:
             with self._queued:
                 while self.failure is None and not self.ending:
                     if not self._told and (metadata_s := told_by - time.monotonic()) > 0:
                         self._queued.wait(metadata_s)
                         continue
-                    if self._window is not None and self._written - self.answered >= self._window:
-                        self._queued.wait()  # the server reads no more until it answers
-                        continue
                     previous = self._previous
                     resending = previous.resending if previous is not None else {}
-                    wait_s = _multiplex.hold_s(
-                        self._outbox, resending, held_until, time.monotonic()
-                    )
-                    if wait_s == 0.0:
+                    wait_s = _multiplex.hold_s(outbox, resending, held_until, time.monotonic())
+                    first = outbox.first() if wait_s == 0.0 else None
+                    if first is not None and window.fits(first.size):
                         break
-                    self._queued.wait(wait_s)
+                    # The server reads no more until it answers (``first`` too large),
+                    # or the outbox waits (empty, or for the calls sent again).
+                    self._queued.wait(wait_s if first is None else None)
                 if self.failure is not None or self.ending:
                     return
-                outgoing = self._outbox.pop()
+                outgoing = outbox.pop()
                 if not _multiplex.stamp(outgoing):
                     continue  # its caller gives up now: not sent
-                self._written += 1
+                window.wrote(outgoing.request.id, outgoing.size)
             yield outgoing.request
 
     def close(self) -> None:
@@ -150,12 +156,13 @@ class SyncStream:
         # Ended OK: every message the server read is answered.
         failure: MandantClientError = _multiplex.Unread(_multiplex.STREAM_ENDED)
         try:
-            window: int | None = None
+            metadata: Any = ()
             try:
-                window = _multiplex.window(self._call.initial_metadata())
+                metadata = self._call.initial_metadata()
             finally:
                 with self._queued:
-                    self._window, self._told = window, True
+                    self._window.told(metadata)
+                    self._told = True
                     self._queued.notify_all()
             for message in self._call:
                 if _multiplex.is_end_mark(message):  # ended OK, whatever status follows
@@ -167,9 +174,10 @@ class SyncStream:
                     continue
                 with self._lock:  # not from a dict :meth:`_fail` has taken and reads
                     self.answered += 1
-                    if self._window is not None:
-                        self._queued.notify_all()  # the requests may go on
                     wire_id = _multiplex.answer_id(message)
+                    self._window.answered(wire_id)
+                    if self._window.bounded:
+                        self._queued.notify_all()  # the requests may go on
                     answer = self._pending.pop(wire_id, None)
                     self._orders.pop(wire_id, None)
                 if answer is not None:
@@ -243,13 +251,13 @@ class SyncMultiplexer:
             raise _timed_out(timeout_s, request_id)
         try:
             left_s = _multiplex.time_left(timeout_s, started)
-            _multiplex.ready(request, raw_bytes, left_s, self._max_send_bytes, request_id)
+            size = _multiplex.ready(request, raw_bytes, left_s, self._max_send_bytes, request_id)
             idle_resends = 0
             while True:
                 again = False
                 with self._lock:
                     stream = self._current(request_id)
-                    answer = stream.send(request, wire_id, order, deadline_s)
+                    answer = stream.send(request, wire_id, order, deadline_s, size)
                 try:
                     message = answer.result(_multiplex.seconds_to(deadline_s))
                     break

@@ -403,8 +403,9 @@ class Gate:
                 # INTERNAL instead of UNAUTHENTICATED, grpc/grpc#36066).
                 await context.send_initial_metadata(initial_metadata)
                 await behavior(call, context, lambda: caller_of(access, context))
+                return
             except MandantError as exc:
-                await abort(context, exc)
+                failure: Exception = exc
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
@@ -412,10 +413,17 @@ class Gate:
                     # The call ended under it (its initial metadata, or a write, failed
                     # in gRPC's core): no fault of ours, nothing left to answer.
                     raise asyncio.CancelledError from None
-                await abort_internal(context, method, call, exc)
+                failure = exc
             finally:
                 if opened is not None:
                     reads.close_stream(opened)
+            # Failed only now, its place given back: gRPC sends the status after the
+            # answers already handed to it, and a client that does not read them (a
+            # revoked key's, ``stream.py``) would hold the place as long as its connection.
+            if isinstance(failure, MandantError):
+                await abort(context, failure)
+            else:
+                await abort_internal(context, method, call, failure)
 
         return grpc.stream_stream_rpc_method_handler(
             handle, request_deserializer=None, response_serializer=response_serializer

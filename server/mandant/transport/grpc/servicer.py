@@ -24,7 +24,7 @@ from mandant.transport.grpc.statistics import TENANT_METADATA, model_statistics
 from mandant.transport.grpc.stream import InferStream
 from mandant.transport.unread import UnreadAnswers
 from mandant.types import Call, Tenant
-from mandant_client._multiplex import MAX_INFLIGHT_METADATA
+from mandant_client._multiplex import MAX_BYTES_METADATA, MAX_INFLIGHT_METADATA
 from mandant_client._multiplex import RESENDS_UNREAD as RESENDS
 from mandant_client._proto import grpc_service_pb2 as pb
 
@@ -69,10 +69,13 @@ class InferenceServicer:
 
     @property
     def stream_metadata(self) -> tuple[tuple[str, str], ...]:
-        """A stream's initial metadata: how many of its messages are served at once
-        (beyond, it is not read), so that a client holds the rest back itself, where it
-        can withdraw a call that gives up (``mandant_client``'s multiplexed mode)."""
-        return ((MAX_INFLIGHT_METADATA, str(self._max_stream_inflight)),)
+        """A stream's initial metadata: how many of its messages, and bytes, are held at
+        once (beyond, it is not read), so that a client holds the rest back itself, where
+        it can withdraw a call that gives up (``mandant_client``'s multiplexed mode)."""
+        return (
+            (MAX_INFLIGHT_METADATA, str(self._max_stream_inflight)),
+            (MAX_BYTES_METADATA, str(self._max_stream_bytes)),
+        )
 
     def end_streams(self) -> None:
         """The server is stopping: every open stream ends (status OK) once the messages

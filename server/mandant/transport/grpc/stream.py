@@ -4,9 +4,12 @@ The key was checked when the stream opened (the gate), which then sends the init
 metadata: a client that waits for it before writing never races a refusal. After a
 configuration reload the stream's key (or certificate) is checked again: a revoked
 key's stream ends UNAUTHENTICATED once its messages in flight are answered (its
-messages read meanwhile answered UNAUTHENTICATED, as its unary calls), and a tenant
-whose weight or limits changed is served as it now is at its next message.
-Each message is parsed,
+messages read meanwhile answered UNAUTHENTICATED, as its unary calls), or at once,
+its answers left dropped, once one of its writes has waited
+:data:`REVOKED_WRITE_WAIT_S` for its client to read (a client that never read held
+the stream, its tenant's place under ``server.max_tenant_streams`` and its unread
+answers' bytes as long as its connection lived); and a tenant whose weight or limits
+changed is served as it now is at its next message. Each message is parsed,
 resolved, validated, admitted and batched exactly like a unary ``ModelInfer`` (the
 same :meth:`DataPlane.infer`), and answered as soon as it completes, in any order,
 with its request ``id``. A bad message gets its own ``error_message`` and the stream
@@ -117,6 +120,12 @@ REVOKED_END = "key-revoked"
 #: machine may take a while to read it (1 s left little room), and a stream ended
 #: under its writes fails every call waiting on it. The connection's grace covers it.
 END_MARK_WAIT_S = 5.0
+#: How long, once a stream's key is revoked, one of its writes may wait for its client
+#: to read before the stream ends without the answers left (looked at this often: one
+#: that began between two looks waits up to twice this). A client that never read held
+#: the stream open as long as its connection lived, and with it its tenant's place
+#: under ``server.max_tenant_streams`` and its unread answers' bytes.
+REVOKED_WRITE_WAIT_S = 3.0
 #: A stream's age is ``max_age_s`` times a factor within these (gRPC's jitter).
 AGE_JITTER = (0.9, 1.1)
 
@@ -168,6 +177,10 @@ class InferStream:
         #: Writes the end mark, once (``_end_if_idle``); None until then.
         self._marking: asyncio.Task[None] | None = None
         self._mark_wait: asyncio.TimerHandle | None = None  # see :meth:`_mark_end`
+        self._written = 0  # writes done: how :meth:`_watch_writes` sees one move
+        #: Armed once the key is revoked (:meth:`_watch_writes`); None until then.
+        self._write_watch: asyncio.TimerHandle | None = None
+        self._cut = False  # ended without the answers left (:meth:`_watch_writes`)
         self._ending = False
         self._end_reason = STOP_END
         self._max_age_s = max_age_s
@@ -176,11 +189,35 @@ class InferStream:
     def end(self, reason: str = STOP_END) -> None:
         """End the stream once its messages in flight are answered (the server stops,
         or the stream reached its age), with status OK and ``reason`` in its trailing
-        metadata."""
+        metadata. A revoked key's stream whose answers wait for its client ends
+        without them (:meth:`_watch_writes`)."""
         if not self._ending:
             self._ending, self._end_reason = True, reason
             self._context.set_trailing_metadata(((END_MARK, reason),))
+        if reason == REVOKED_END and self._write_watch is None:
+            self._watch_writes(-1)
         self._end_if_idle()
+
+    def _watch_writes(self, seen: int) -> None:
+        """Once the key is revoked, every :data:`REVOKED_WRITE_WAIT_S`: if one write has
+        waited all that time for the client to read (one was waiting at the last look,
+        ``seen`` writes done then, and none done since), the stream ends at once,
+        UNAUTHENTICATED, its messages in flight cancelled and answers unwritten dropped
+        (a revoked key's answers need not be delivered); else it looks again. A stream
+        that is not ending holds no timer: the client's reading is its own affair."""
+        if self._reading is None and (self._marking is None or self._marking.done()):
+            return  # the stream has ended: nothing waits (its last look, or the mark's)
+        waiting = self._writing.locked()
+        if waiting and self._written == seen:
+            self._cut = True
+            self._context.set_trailing_metadata(((END_MARK, REVOKED_END),))
+            if self._marking is not None:
+                self._marking.cancel()
+            self._stop_reading()
+            return
+        self._write_watch = asyncio.get_running_loop().call_later(
+            REVOKED_WRITE_WAIT_S, self._watch_writes, self._written if waiting else -1
+        )
 
     def _end_if_idle(self) -> None:
         if not self._ending or self._tasks or self._reading is None:
@@ -226,7 +263,7 @@ class InferStream:
             if tasks:  # the client is done sending: answer what is in flight
                 await asyncio.gather(*tasks)
         except asyncio.CancelledError:
-            if not self._ending or tasks:
+            if not self._cut and (not self._ending or tasks):
                 if self._marking is not None:
                     self._marking.cancel()
                 raise  # the client left (or the call was cancelled)
@@ -241,10 +278,19 @@ class InferStream:
             for task in tasks:
                 # Once: a second cancellation cuts short what a cancelled message
                 # still waits for (the engine's word on its model, a forward pass).
+                # A write waiting for the client ends at once, its answer's bytes freed.
                 if not task.cancelling():
                     task.cancel()
-        if self._marking is not None:  # ending: the mark is on its way (``_end_if_idle``)
-            await self._marking
+        if self._marking is not None and not self._cut:
+            # Ending: the mark is on its way (``_end_if_idle``), unless its write waits
+            # for a revoked key's client until the stream is cut (``_watch_writes``).
+            await asyncio.wait((self._marking,))
+        if self._write_watch is not None:
+            self._write_watch.cancel()
+        if self._cut:
+            raise Unauthenticated()
+        if self._marking is not None:
+            self._marking.result()  # nothing to raise: its write ends quietly (``_write``)
         if self._ending and not self._resends_unread and not half_closed:
             # Ended OK, tritonclient's stream would stay "active": the messages its
             # application writes next would go nowhere, unanswered, for ever.
@@ -254,7 +300,8 @@ class InferStream:
 
     def check_key(self) -> None:
         """After a reload: a stream whose key (or certificate) no longer authenticates
-        ends, once its messages in flight are answered, and gives back its place under
+        ends, once its messages in flight are answered (or a write of it has waited
+        too long: :meth:`_watch_writes`), and gives back its place under
         ``server.max_tenant_streams`` (:meth:`_caller`)."""
         with contextlib.suppress(Unauthenticated):
             self._caller()
@@ -311,6 +358,7 @@ class InferStream:
             except grpc.aio.BaseError:
                 logger.debug("a stream's message was not written: the call ended")
                 return False
+            self._written += 1
         return True
 
     def _hold(self, change: int) -> None:
