@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from mandant.config import MandantConfig, QuotaConfig, SloConfig, TenantConfig
 from mandant.observability.live import LATENCY_BOUNDS_S, LiveStats, quantile
 from mandant.observability.metrics import InflightRequests, PrometheusObserver
+from mandant.observability.series import CounterSeries
 from mandant.observability.slo import SloTracker
 from mandant.observability.usage import usage_report
 from mandant.tenancy.admission import TenantAdmission
@@ -438,3 +439,26 @@ def test_a_model_no_longer_served_leaves_the_series_and_the_dashboard_not_usage(
     (tenant,) = [t for t in TENANTS if t.id == "acme"]
     alone = usage_report(observer, [tenant], only="acme")["tenants"]
     assert alone == {"acme": usage_report(observer, TENANTS)["tenants"]["acme"]}
+
+
+def test_one_tenants_counts_are_read_without_the_others() -> None:
+    """A tenant's usage report reads its own series from an index (it scanned every
+    tenant's: 22 ms of event loop a report with 3,000 tenants), kept as series come
+    and go."""
+    series = CounterSeries("calls", "Calls.", ["model", "tenant"])
+    for tenant in ("a", "b", "c"):
+        for model in ("m", "n"):
+            series.inc((model, tenant), 2.0 if tenant == "b" else 1.0)
+    series.touch(("m", "d"))
+    assert sorted((n["model"], v) for n, v in series.values(("tenant", "b"))) == [
+        ("m", 2.0),
+        ("n", 2.0),
+    ]
+    assert [v for _, v in series.values(("tenant", "d"))] == [0.0]
+    assert sorted(n["tenant"] for n, _ in series.values(("model", "n"))) == ["a", "b", "c"]
+    gone = series.drop(lambda labels: labels[1] == "b")
+    assert sorted(gone) == [(("m", "b"), 2.0), (("n", "b"), 2.0)]
+    assert list(series.values(("tenant", "b"))) == []
+    series.inc(("m", "b"))
+    assert [v for _, v in series.values(("tenant", "b"))] == [1.0]
+    assert len(list(series.values())) == 6

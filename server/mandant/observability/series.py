@@ -38,37 +38,59 @@ class CounterSeries:
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._cells: dict[Labels, list[float]] = {}  # [value, created]
+        #: The series of each tenant (where there is a ``tenant`` label), so that one
+        #: tenant's usage report reads its own, not every tenant's (22 ms of event loop
+        #: a report with 3,000 tenants).
+        self._tenant_at = self.labelnames.index("tenant") if "tenant" in labelnames else None
+        self._by_tenant: dict[str, set[Labels]] = {}
 
     def touch(self, labels: Labels) -> None:
         """Expose the series at 0 before anything is counted."""
         if labels not in self._cells:
-            self._cells[labels] = [0.0, time.time()]
+            self._add(labels)
 
     def inc(self, labels: Labels, amount: float = 1.0) -> None:
         cell = self._cells.get(labels)
         if cell is None:
-            cell = self._cells[labels] = [0.0, time.time()]
+            cell = self._add(labels)
         cell[0] += amount
+
+    def _add(self, labels: Labels) -> list[float]:
+        cell = self._cells[labels] = [0.0, time.time()]
+        if self._tenant_at is not None:
+            self._by_tenant.setdefault(labels[self._tenant_at], set()).add(labels)
+        return cell
 
     def drop(self, dropped: Dropped) -> list[tuple[Labels, float]]:
         """Remove the series ``dropped`` picks (their object is gone: Prometheus
         treats a counter that vanishes as ended); returns their last values."""
         gone = [(labels, cell[0]) for labels, cell in self._cells.items() if dropped(labels)]
+        at = self._tenant_at
         for labels, _ in gone:
             del self._cells[labels]
+            if at is not None:
+                own = self._by_tenant[labels[at]]
+                own.discard(labels)
+                if not own:
+                    del self._by_tenant[labels[at]]
         return gone
 
     def values(
         self, where: tuple[str, str] | None = None
     ) -> Iterable[tuple[dict[str, str], float]]:
         """(labels by name, value) of every series, as a scrape reads them; ``where``:
-        only those whose label ``where[0]`` is ``where[1]`` (picked before their
-        labels are named: one tenant's usage report costs little more than its own)."""
+        only those whose label ``where[0]`` is ``where[1]`` (a tenant's read alone)."""
         names = self.labelnames
-        at, wanted = (names.index(where[0]), where[1]) if where is not None else (0, None)
-        for labels, (value, _) in self._cells.items():
-            if wanted is None or labels[at] == wanted:
-                yield dict(zip(names, labels, strict=True)), value
+        if where is None:
+            chosen: Iterable[Labels] = self._cells
+        elif where[0] == "tenant" and self._tenant_at is not None:
+            chosen = self._by_tenant.get(where[1], ())
+        else:
+            at = names.index(where[0])
+            chosen = [labels for labels in self._cells if labels[at] == where[1]]
+        cells = self._cells
+        for labels in chosen:
+            yield dict(zip(names, labels, strict=True)), cells[labels][0]
 
     def family(self, with_samples: bool = True) -> Metric:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
