@@ -8,7 +8,13 @@ the same with ``FleetCounting`` in front (fleet-wide usage counters, summed in p
 for Redis), plus what one flush of those sums to a real redis-server takes (once a
 second per replica, whatever the call rate).
 
-    .venv/bin/python -m benchmarks.metrics_cost [--requests 200000]
+And ``--scrape T M``: what one ``/metrics`` scrape holds the event loop for, with T
+tenants that each called M models (every series of theirs there): written on the loop
+(``generate_latest`` of the registry, as it was) against the server's way now (the
+series taken on the loop, ``Registry.scrape``, and written in a thread), the longest
+the loop then waits between two turns while a ticker runs beside the scrape.
+
+    .venv/bin/python -m benchmarks.metrics_cost [--requests 200000] [--scrape 1000 2]
 """
 
 from __future__ import annotations
@@ -21,35 +27,43 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from mandant.config import LimitsConfig, SloConfig, TenantConfig
 from mandant.events import NullObserver, Observer
 from mandant.observability.live import LiveStats
 from mandant.observability.metrics import PrometheusObserver
+from mandant.observability.series import Registry
 from mandant.observability.slo import SloTracker
 from mandant.observability.usage import FleetCounting
 from mandant.tenancy.redis_usage import RedisUsage
 
 
-def build(tenants: int, models: int) -> tuple[PrometheusObserver, list[str], list[str]]:
+def build(
+    tenants: int, models: int, registry: CollectorRegistry | None = None
+) -> tuple[PrometheusObserver, list[str], list[str]]:
     ids = [f"tenant{i}" for i in range(tenants)]
     names = [f"model{i}" for i in range(models)]
     configs = [TenantConfig(id=t, slo=SloConfig(latency_ms=50)) for t in ids]
     slo = SloTracker({c.id: c.slo for c in configs if c.slo})
     live = LiveStats(ids, [(name, "") for name in names])
-    return PrometheusObserver(CollectorRegistry(), configs, names, slo, live), ids, names
+    registry = registry if registry is not None else CollectorRegistry()
+    return PrometheusObserver(registry, configs, names, slo, live), ids, names
 
 
 def per_request(observer: Observer, ids: list[str], names: list[str]) -> Callable[[int], None]:
     def run(i: int) -> None:
-        tenant, model = ids[i % len(ids)], names[i % len(names)]
-        observer.admitted(tenant, model, 4)
-        observer.request_timing(tenant, model, 0.0004, 0.0021)
-        observer.batch_executed(model, 4, 0.0021, {tenant: 4})
-        observer.request_finished(tenant, model, "OK", 0.0031 + (i % 7) * 1e-4)
+        record(observer, ids[i % len(ids)], names[i % len(names)], i)
 
     return run
+
+
+def record(observer: Observer, tenant: str, model: str, i: int = 0) -> None:
+    """What one successful batched call of ``tenant`` on ``model`` records."""
+    observer.admitted(tenant, model, 4)
+    observer.request_timing(tenant, model, 0.0004, 0.0021)
+    observer.batch_executed(model, 4, 0.0021, {tenant: 4})
+    observer.request_finished(tenant, model, "OK", 0.0031 + (i % 7) * 1e-4)
 
 
 def measure(run: Callable[[int], None], requests: int) -> float:
@@ -64,10 +78,54 @@ def measure(run: Callable[[int], None], requests: int) -> float:
     return best * 1e6
 
 
+async def scrape_cost(tenants: int, models: int) -> None:
+    registry = Registry()
+    observer, ids, names = build(tenants, models, registry)
+    for tenant in ids:
+        for model in names:
+            record(observer, tenant, model)
+    lines = generate_latest(registry).count(b"\n")
+    print(f"\nscrape of {tenants} tenants x {models} models: {lines:,} lines")
+    print(f"{'written':<34}{'s':>8}{'loop held ms':>14}{'worst gap ms':>14}")
+    for label in ("on the event loop (before)", "in a thread (Registry.scrape)"):
+        gaps: list[float] = []
+        ticking = asyncio.Event()
+        tick = asyncio.create_task(_ticker(gaps, ticking))
+        await ticking.wait()
+        start = time.perf_counter()
+        if label.startswith("on"):
+            generate_latest(registry)
+            held = time.perf_counter() - start
+        else:
+            scrape = registry.scrape()
+            held = time.perf_counter() - start
+            await asyncio.to_thread(generate_latest, scrape)
+        took = time.perf_counter() - start
+        await asyncio.sleep(0.01)
+        tick.cancel()
+        worst = max(gaps) * 1e3
+        print(f"{label:<34}{took:>8.2f}{held * 1e3:>14.1f}{worst:>14.1f}")
+
+
+async def _ticker(gaps: list[float], ticking: asyncio.Event) -> None:
+    """Turns of the event loop every millisecond, the time between two in ``gaps``."""
+    last = time.perf_counter()
+    ticking.set()
+    while True:
+        await asyncio.sleep(0.001)
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200_000)
+    parser.add_argument("--scrape", type=int, nargs=2, metavar=("TENANTS", "MODELS"))
     args = parser.parse_args()
+    if args.scrape:
+        asyncio.run(scrape_cost(*args.scrape))
+        return
     print(f"{'observer':<22}{'tenants':>8}{'models':>8}{'µs/request':>12}{'overhead µs':>13}")
     for tenants, models in ((1, 1), (10, 4), (100, 10)):
         null = measure(per_request(NullObserver(), ["t"], ["m"]), args.requests)
