@@ -284,9 +284,11 @@ def test_bodies_on_their_way_count_what_came_until_their_read_times_out(
         port = server.app.rest_port
 
         def upload(sent: int) -> socket.socket:
+            """A body of ``largest`` bytes announced, ``sent`` of them sent."""
             connection = socket.create_connection(("127.0.0.1", port))
-            head = _STALLED.replace(b"Content-Length: 1000", f"Content-Length: {largest}".encode())
-            connection.sendall(head + b" " * sent)
+            head, _, _ = _STALLED.partition(b"\r\n\r\n")
+            head = head.replace(b"Content-Length: 1000", f"Content-Length: {largest}".encode())
+            connection.sendall(head + b"\r\n\r\n" + b" " * sent)
             return connection
 
         announced = [upload(0) for _ in range(8)]
@@ -294,7 +296,7 @@ def test_bodies_on_their_way_count_what_came_until_their_read_times_out(
         try:
             time.sleep(0.3)  # they are being read
             assert _infer(port, [[1.0]], model="echo")[0] == 200
-            nearly_whole += [upload(largest - 64) for _ in range(2)]
+            nearly_whole += [upload(largest - 4096) for _ in range(2)]
             time.sleep(0.3)
             with upload(largest // 2) as third:
                 answer = _answer_of(third)

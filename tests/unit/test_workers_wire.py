@@ -5,6 +5,7 @@ received bytes, request headers and errors through a round trip."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -207,6 +208,30 @@ class _Written:
 
     def writelines(self, parts: list[Any]) -> None:
         self.messages.append(b"".join(bytes(p) for p in parts))
+
+
+async def test_a_front_end_that_was_itself_stopped_gives_the_engine_time_to_read() -> None:
+    """A front end stopped longer than its link's ``silent_s`` (a paused container)
+    sends, as it wakes, the calls that came meanwhile before it hears from the engine
+    again: their give-up time must lie ahead, the engine refusing what it reads after
+    it (it refused those "retry", and nobody had given up), and the link must not give
+    up on the engine before it."""
+    from mandant.workers import engine_link
+
+    link = engine_link.EngineLink(Path("unused"), ping_s=0.5, silent_s=5.0)
+    connection = engine_link._Connection(link)
+    connection.connection_made(cast(Any, written := _Written()))
+    connection.heard_at -= 7.0  # nothing heard for 7 s: this process was stopped
+    header = ipc.RequestHeader(
+        1, "acme", "echo", "", "", {}, (), (TensorHeader("X", "UINT8", (4,)),), None, 0.0
+    )
+    connection.send(header, [bytes(4)])
+    await asyncio.sleep(0)  # the turn ends: the message goes
+    got: list[list[Any]] = []
+    _feed(MessageReader(lambda kind, payload, frames: got.append(payload)), written.messages[0], [])
+    ((_, _, _, give_up_at),) = got
+    assert give_up_at > time.monotonic() + 0.5  # two pings ahead, less this test's time
+    assert connection.promised > asyncio.get_running_loop().time() + 0.5
 
 
 async def test_a_turn_of_calls_is_cut_into_messages_the_length_prefix_can_hold(

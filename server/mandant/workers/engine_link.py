@@ -79,6 +79,10 @@ class EngineLink:
         return self._silent_s
 
     @property
+    def ping_s(self) -> float:
+        return self._ping_s
+
+    @property
     def up(self) -> bool:
         """Connected to the engine."""
         return self._connection is not None
@@ -129,7 +133,9 @@ class EngineLink:
             # silence is not judged until the next ping's wait (healthy calls failed).
             stalled = False
             while not (connection.closed.is_set() or self._closing):
-                if not stalled and loop.time() - connection.heard_at > self._silent_s:
+                # Never before a time a message told the engine (``_Connection.promised``).
+                give_up_at = max(connection.heard_at + self._silent_s, connection.promised)
+                if not stalled and loop.time() > give_up_at:
                     logger.error(
                         "inference engine silent for %.1fs (stopped or stuck); closing its"
                         " connection",
@@ -261,6 +267,10 @@ class _Connection(asyncio.BufferedProtocol):
         self.closed = asyncio.Event()
         #: When the engine last said something (the loop's clock).
         self.heard_at = self._loop.time()
+        #: The latest give-up time a message told the engine (the loop's clock): the
+        #: link does not give up on it before (a front end that was itself stopped
+        #: sends, as it wakes, messages whose ``heard_at`` is old).
+        self.promised = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -347,9 +357,11 @@ class _Connection(asyncio.BufferedProtocol):
         frames = self._frames.take()
         self._requests, self._cancels, self._events = [], [], []
         if self._transport is not None and any(parts):
-            silent_s = self._loop.time() - self.heard_at
-            give_up_at = time.monotonic() + self._link.silent_s - silent_s
-            self._transport.writelines(encode(ipc.CALLS, [*parts, give_up_at], frames))
+            link, now = self._link, self._loop.time()
+            give_up_at = max(self.heard_at + link.silent_s, now + 2 * link.ping_s)
+            self.promised = max(self.promised, give_up_at)
+            monotonic = time.monotonic() + give_up_at - now  # the host's clock, for the engine
+            self._transport.writelines(encode(ipc.CALLS, [*parts, monotonic], frames))
 
     # -- receiving ------------------------------------------------------------------
 

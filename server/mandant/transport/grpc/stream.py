@@ -264,8 +264,9 @@ class InferStream:
                 await asyncio.gather(*tasks)
         except asyncio.CancelledError:
             if not self._cut and (not self._ending or tasks):
-                if self._marking is not None:
-                    self._marking.cancel()
+                for pending in (self._marking, self._write_watch):
+                    if pending is not None:
+                        pending.cancel()
                 raise  # the client left (or the call was cancelled)
             reading = asyncio.current_task()
             if reading is not None:
