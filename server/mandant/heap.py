@@ -32,8 +32,10 @@ import asyncio
 import gc
 import json
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -81,16 +83,41 @@ class SettleSoon:
         self._settle()
 
 
+class _Pauses:
+    """Who has the cyclic collector paused, from any thread: it is on again once the
+    last of them is done, if it was on when the first began (each on its own, a pause
+    that ended while another ran turned the collector on under it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._resume = False
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if not self._count:
+                self._resume = gc.isenabled()
+                gc.disable()
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._count -= 1
+                if not self._count and self._resume:
+                    gc.enable()
+
+
+#: ``with collector_paused(): ...``
+collector_paused = _Pauses()
+
+
 def loads_untrusted(document: str | bytes, **hooks: Any) -> Any:
     """``json.loads`` of a client's document with the cyclic collector paused. The
     parser nests as deep as the document does, up to the recursion limit (then
     RecursionError, which callers answer as invalid input); a collection that ran down
     there ran the finalizers of unrelated garbage with no stack left, and they failed
     ("Exception ignored in ..."; seen in a test run as an unraisable RecursionError)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_paused():
         return json.loads(document, **hooks)
-    finally:
-        if enabled:
-            gc.enable()

@@ -30,7 +30,7 @@ from importlib import resources
 from typing import Any, Protocol
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from mandant.config import ServerConfig, TlsConfig
 from mandant.errors import Unauthenticated
@@ -293,7 +293,7 @@ class HttpServer:
 
     async def _metrics(self, request: web.Request, viewer: Viewer) -> web.Response:
         scrape = self._registry.scrape()  # on the loop; written in a thread (Registry)
-        response = web.Response(body=await asyncio.to_thread(generate_latest, scrape))
+        response = web.Response(body=await asyncio.to_thread(scrape.text))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 

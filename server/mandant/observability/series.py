@@ -16,7 +16,7 @@ import copy
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     HistogramMetricFamily,
@@ -24,6 +24,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from mandant.heap import collector_paused
 
 Labels = tuple[str, ...]
 #: Which series to drop, by their label values.
@@ -177,8 +179,10 @@ class SeriesCollector:
     def describe(self) -> list[Metric]:
         return [s.family(with_samples=False) for s in self._series]
 
-    def collect(self) -> list[Metric]:
-        return [s.family() for s in self._series]
+    def collect(self) -> Iterator[Metric]:
+        # A family at a time: a scrape's thread frees each once written (freed all
+        # at once, 178,000 samples held the event loop 150 ms).
+        return (s.family() for s in self._series)
 
     def frozen(self) -> SeriesCollector:
         """The series as they are now (:meth:`CounterSeries.frozen`)."""
@@ -215,10 +219,17 @@ class Registry(CollectorRegistry):
 
 class Scrape:
     """A registry's families as :meth:`Registry.scrape` took them: a collector of its
-    own for ``generate_latest`` to read in a thread."""
+    own for ``generate_latest`` to read in a thread (:meth:`text`)."""
 
     def __init__(self, parts: Sequence[SeriesCollector | list[Metric]]) -> None:
         self._parts = parts
+
+    def text(self) -> bytes:
+        """The exposition, written with the cyclic collector paused: its samples (a few
+        hundred thousand objects) made full collections that, holding the GIL, held
+        the event loop 150-200 ms each; they are freed as they are written."""
+        with collector_paused():
+            return generate_latest(self)
 
     def collect(self) -> Iterator[Metric]:
         for part in self._parts:
