@@ -295,11 +295,14 @@ def test_a_setting_of_several_kinds_is_refused_once(
         ("max_concurrent_streams", 2**31),
         ("max_connection_age_s", 2_500_000),
         ("grace_s", 10**7),
+        ("front_door_slots", 2**31),
+        ("max_concurrent_rpcs", 2**31),
     ],
 )
 def test_settings_gRPC_takes_as_c_ints_are_bounded(setting: str, value: int) -> None:
     """check-config passed them; serve then stopped with an OverflowError's traceback
-    once the models had loaded (a connection's grace counts in int milliseconds)."""
+    once the models had loaded (a connection's grace counts in int milliseconds), or
+    failed every call INTERNAL (the front door's shares are floats: 10**400 slots)."""
     found = errors({"server": {setting: value}, "tenants": [], "models": []})
     assert [where for where, _ in found] == [f"server.{setting}"]
     assert "less than or equal to" in found[0][1]

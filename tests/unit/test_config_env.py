@@ -125,3 +125,33 @@ def test_a_file_that_is_not_utf8_is_a_configuration_error(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as caught:
         load_config(path, {})
     assert caught.value.errors == [("(file)", "not UTF-8 text (byte 0xe9 at offset 17)")]
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("tenants: []\nserver: {}\ntenants: [{id: acme}]\n", "line 3, column 1: key 'tenants'"),
+        (
+            "tenants:\n  - id: acme\n    quota: {rows_per_day: 5}\n    quota: {rows_per_day: 9}\n",
+            "line 4, column 5: key 'quota' given twice in one mapping (first at line 3)",
+        ),
+    ],
+    ids=["a section", "a tenant's setting"],
+)
+def test_a_key_given_twice_is_refused(tmp_path: Path, text: str, where: str) -> None:
+    """PyYAML keeps the last of two equal keys: a second ``tenants:`` dropped the first
+    list, a tenant's second ``quota:`` its first, and the file checked "ok"."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(write(tmp_path, text))
+    assert where in str(refused.value)
+
+
+def test_a_yaml_error_says_where_without_the_file_s_text(tmp_path: Path) -> None:
+    """PyYAML's message quotes the line, which may hold a secret; it went to the log
+    when a reload was refused."""
+    text = 'limits:\n  store: redis\n  url: "redis://:s3cret@redis:6379/0\ntenants: []\n'
+    with pytest.raises(ConfigError) as refused:
+        load_config(write(tmp_path, text))
+    message = str(refused.value)
+    assert "(yaml): line" in message and "quoted scalar" in message
+    assert "s3cret" not in message

@@ -11,13 +11,14 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
 from mandant.config._base import _errors
 from mandant.config.root import MandantConfig
-from mandant.errors import ConfigError
+from mandant.errors import ConfigError, shown
 
 # The package's name, as before the split: log lines name the logger.
 logger = logging.getLogger(__package__)
@@ -99,18 +100,53 @@ def reloaded(load: Callable[[], MandantConfig], base_dir: Path) -> MandantConfig
     return config
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, except that a key given twice in one mapping is an
+    error: PyYAML keeps the last, so a second ``tenants:`` (or a tenant's second
+    ``rate_limit:``) dropped the first without a word, and the file checked "ok"."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # not hashable: the constructor says so below
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {shown(str(key))!r} given twice in one mapping (first at line "
+                    f"{first.start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, without the file's text: PyYAML quotes the line, which
+    may hold a secret (a Redis URL's password), and it went to the log on a reload."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return type(exc).__name__
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = "; ".join(part for part in (exc.context, exc.problem) if part)
+    return where + (what or "not valid YAML")
+
+
 def load_config(path: Path, env: Mapping[str, str] | None = None) -> MandantConfig:
     """Read, expand ``${NAME}`` from ``env`` (default: the process environment) and
     validate the file at ``path``; a reference to an unset variable is an error."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), _UniqueKeys)  # noqa: S506: safe
     except OSError as exc:
         raise ConfigError(str(path), [("(file)", exc.strerror or str(exc))]) from None
     except UnicodeDecodeError as exc:
         problem = f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
         raise ConfigError(str(path), [("(file)", problem)]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(str(path), [("(yaml)", str(exc).replace("\n", " "))]) from None
+        raise ConfigError(str(path), [("(yaml)", _yaml_problem(exc))]) from None
     errors: list[tuple[str, str]] = []
     data = _expand_env(data, os.environ if env is None else env, "", errors)
     if errors:

@@ -184,11 +184,11 @@ class ServerConfig(_Frozen):
     #: answered RESOURCE_EXHAUSTED (with pushback) before its message is parsed. With
     #: ``max_concurrent_streams`` it bounds what slow readers can make the server hold.
     #: An open stream takes a place only while a message of it is served.
-    max_concurrent_rpcs: Annotated[int, Field(gt=0)] = 4096
+    max_concurrent_rpcs: Annotated[int, Field(gt=0, le=GRPC_INT_MAX)] = 4096
     #: Inference calls (unary, and stream messages) in progress before tenants take
     #: turns at the front door, by weight, for the next free place: a flooding tenant's
     #: surplus waits there, undecoded, while a light tenant's call walks past it.
-    front_door_slots: Annotated[int, Field(gt=0)] = 128
+    front_door_slots: Annotated[int, Field(gt=0, le=GRPC_INT_MAX)] = 128
     #: How long a unary gRPC inference call may wait, once its message has come, for
     #: other calls, so that their Python runs back to back, when the front end is busy
     #: (``scheduling/gather.py``): more calls per second of a core under load; a caller
