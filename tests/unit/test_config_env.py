@@ -155,3 +155,22 @@ def test_a_yaml_error_says_where_without_the_file_s_text(tmp_path: Path) -> None
     message = str(refused.value)
     assert "(yaml): line" in message and "quoted scalar" in message
     assert "s3cret" not in message
+
+
+def test_merge_keys_still_override(tmp_path: Path) -> None:
+    """``<<: *base`` brings keys that the mapping may give again (an override, not a
+    key given twice)."""
+    text = (
+        "tenants:\n"
+        "  - {id: a, rate_limit: &limits {requests_per_s: 5, burst: 5}}\n"
+        "  - {id: b, rate_limit: {<<: *limits, burst: 9}}\n"
+    )
+    a, b = load_config(write(tmp_path, text)).tenants
+    assert (a.rate_limit.burst, b.rate_limit.burst) == (5, 9)
+    assert b.rate_limit.requests_per_s == 5
+
+
+def test_a_character_yaml_does_not_take_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(write(tmp_path, "tenants: []\nb: \x07\n"))
+    assert "#x0007 at offset 15" in str(refused.value)

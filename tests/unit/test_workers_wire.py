@@ -221,7 +221,8 @@ async def test_a_front_end_that_was_itself_stopped_gives_the_engine_time_to_read
     link = engine_link.EngineLink(Path("unused"), ping_s=0.5, silent_s=5.0)
     connection = engine_link._Connection(link)
     connection.connection_made(cast(Any, written := _Written()))
-    connection.heard_at -= 7.0  # nothing heard for 7 s: this process was stopped
+    connection.heard_at -= 7.0  # nothing heard, nor looked at, for 7 s: this process
+    connection.looked_at -= 7.0  # was stopped
     header = ipc.RequestHeader(
         1, "acme", "echo", "", "", {}, (), (TensorHeader("X", "UINT8", (4,)),), None, 0.0
     )
@@ -232,6 +233,15 @@ async def test_a_front_end_that_was_itself_stopped_gives_the_engine_time_to_read
     ((_, _, _, give_up_at),) = got
     assert give_up_at > time.monotonic() + 0.5  # two pings ahead, less this test's time
     assert connection.promised > asyncio.get_running_loop().time() + 0.5
+    # A front end that ran all along while the engine said nothing promises nothing
+    # more: calls coming all the time must not put its giving up off for ever.
+    connection.looked_at = asyncio.get_running_loop().time()
+    connection.promised = 0.0
+    connection.send(header._replace(rid=2), [bytes(4)])
+    await asyncio.sleep(0)
+    _feed(MessageReader(lambda kind, payload, frames: got.append(payload)), written.messages[1], [])
+    assert got[1][3] < time.monotonic() - 1.0  # the 7 s of silence are past its 5 s
+    assert connection.promised == 0.0
 
 
 async def test_a_turn_of_calls_is_cut_into_messages_the_length_prefix_can_hold(

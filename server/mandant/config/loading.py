@@ -108,6 +108,8 @@ class _UniqueKeys(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: keys it brings may be given again, overriding
             key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
             try:
                 first = seen.setdefault(key, key_node)
@@ -127,6 +129,10 @@ class _UniqueKeys(yaml.SafeLoader):
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """What is wrong and where, without the file's text: PyYAML quotes the line, which
     may hold a secret (a Redis URL's password), and it went to the log on a reload."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not take
+        character = exc.character
+        code = ord(character) if isinstance(character, str) else character
+        return f"{exc.reason} (#x{code:04x} at offset {exc.position})"
     if not isinstance(exc, yaml.MarkedYAMLError):
         return type(exc).__name__
     mark = exc.problem_mark or exc.context_mark

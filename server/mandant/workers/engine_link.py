@@ -133,6 +133,7 @@ class EngineLink:
             # silence is not judged until the next ping's wait (healthy calls failed).
             stalled = False
             while not (connection.closed.is_set() or self._closing):
+                connection.looked_at = loop.time()
                 # Never before a time a message told the engine (``_Connection.promised``).
                 give_up_at = max(connection.heard_at + self._silent_s, connection.promised)
                 if not stalled and loop.time() > give_up_at:
@@ -268,9 +269,10 @@ class _Connection(asyncio.BufferedProtocol):
         #: When the engine last said something (the loop's clock).
         self.heard_at = self._loop.time()
         #: The latest give-up time a message told the engine (the loop's clock): the
-        #: link does not give up on it before (a front end that was itself stopped
-        #: sends, as it wakes, messages whose ``heard_at`` is old).
+        #: link does not give up on it before.
         self.promised = 0.0
+        #: When the link last looked at the engine's silence (every ``ping_s``).
+        self.looked_at = self._loop.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -358,8 +360,15 @@ class _Connection(asyncio.BufferedProtocol):
         self._requests, self._cancels, self._events = [], [], []
         if self._transport is not None and any(parts):
             link, now = self._link, self._loop.time()
-            give_up_at = max(self.heard_at + link.silent_s, now + 2 * link.ping_s)
-            self.promised = max(self.promised, give_up_at)
+            give_up_at = self.heard_at + link.silent_s
+            if now - self.looked_at > 2 * link.ping_s:
+                # This process itself did not run (stopped, its container paused): it
+                # sends, as it wakes, the calls that came meanwhile, before it hears
+                # from the engine again; the engine refused them as given up on,
+                # though nobody had judged its silence (the link does not count its
+                # own stop). They get two pings' time, and the link keeps to it.
+                give_up_at = max(give_up_at, now + 2 * link.ping_s)
+                self.promised = max(self.promised, give_up_at)
             monotonic = time.monotonic() + give_up_at - now  # the host's clock, for the engine
             self._transport.writelines(encode(ipc.CALLS, [*parts, monotonic], frames))
 
