@@ -355,16 +355,24 @@ def _json_bodies(max_json_bytes: int, seconds: float) -> Attack:
                 statuses[answer.status] = statuses.get(answer.status, 0) + 1
             connection.close()
 
-        start = time.perf_counter()
-        threads = [threading.Thread(target=connection_loop) for _ in range(JSON_CONNECTIONS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        counts = " ".join(f"{count} x {status}" for status, count in sorted(statuses.items()))
-        return counts, time.perf_counter() - start
+        return _in_threads(connection_loop, JSON_CONNECTIONS, statuses)
 
     return send
+
+
+def _in_threads(
+    loop: Callable[[], None], threads: int, statuses: dict[Any, int]
+) -> tuple[object, float]:
+    """``loop`` run in ``threads`` threads at once until each returns: the answers it
+    counted in ``statuses`` ("n x status", by status) and the seconds it took."""
+    start = time.perf_counter()
+    running = [threading.Thread(target=loop) for _ in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join()
+    counts = " ".join(f"{count} x {status}" for status, count in sorted(statuses.items()))
+    return counts, time.perf_counter() - start
 
 
 #: Servers of the json-bodies attack: (max_json_bytes, acme's requests_per_s or None).
@@ -507,14 +515,7 @@ def _refused_bytes(typed: bool, seconds: float) -> Attack:
                         code = exc.code().name
                     statuses[code] = statuses.get(code, 0) + 1
 
-        start = time.perf_counter()
-        threads = [threading.Thread(target=sender) for _ in range(REFUSED_SENDERS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        counts = " ".join(f"{count} x {code}" for code, count in sorted(statuses.items()))
-        return counts, time.perf_counter() - start
+        return _in_threads(sender, REFUSED_SENDERS, statuses)
 
     return send
 

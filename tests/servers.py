@@ -297,8 +297,7 @@ def wait_for_calls(server: Server, admin_key: str, calls: int, timeout_s: float 
     client may look before the report is in (one process: at once)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        found = _samples(server, admin_key)
-        counted = sum(v for (name, _), v in found.items() if name == "mandant_requests_total")
+        counted = metric_sum(server, admin_key, "mandant_requests_total")
         if counted >= calls:
             return
         if time.monotonic() > deadline:

@@ -186,6 +186,13 @@ class PrometheusObserver:
         return (self.requests, self.rows, self.compute_seconds, self.rejections,
                 self.admitted_rows)  # fmt: skip
 
+    def _tenant_series(self) -> tuple[CounterSeries | HistogramSeries, ...]:
+        """The series labelled with a tenant."""
+        return (self.requests, self.request_duration, self.queue_duration,
+                self.compute_duration, self.rejections, self.rows, self.compute_seconds,
+                self.admitted_rows, self.refunded_rows, self.slo_requests,
+                self.slo_good)  # fmt: skip
+
     def usage_counts(
         self, tenant: str | None = None
     ) -> Iterable[tuple[str, dict[str, str], float]]:
@@ -213,10 +220,7 @@ class PrometheusObserver:
         last usage report).
         A tenant added under an id must not read the counts of the one before as its
         own; Prometheus keeps what it scraped of them."""
-        for series in (self.requests, self.request_duration, self.queue_duration,
-                       self.compute_duration, self.rejections, self.rows,
-                       self.compute_seconds, self.admitted_rows, self.refunded_rows,
-                       self.slo_requests, self.slo_good):  # fmt: skip
+        for series in self._tenant_series():
             series.drop(_labelled(series.labelnames.index("tenant"), tenants))
         for series, labels in list(self._forgotten):
             if labels[series.labelnames.index("tenant")] in tenants:
@@ -228,10 +232,7 @@ class PrometheusObserver:
         their usage counters held kept aside for their last usage report, as a model's
         no longer served is (:meth:`forget`)."""
         usage = self._usage_series()
-        for series in (self.requests, self.request_duration, self.queue_duration,
-                       self.compute_duration, self.rejections, self.rows,
-                       self.compute_seconds, self.admitted_rows, self.refunded_rows,
-                       self.slo_requests, self.slo_good):  # fmt: skip
+        for series in self._tenant_series():
             at = series.labelnames.index("tenant")
             if not isinstance(series, CounterSeries) or series not in usage:
                 series.drop(_labelled(at, tenants))
