@@ -55,12 +55,14 @@ def issue_raw(
     algorithm: str = "EC",
     is_ca: bool = False,
 ) -> Pair:
-    """A certificate for ``subject`` (``/CN=a/CN=b``) with one ``extension`` line
+    """A certificate for ``subject`` (``/CN=a/CN=b``, UTF-8) with one ``extension`` line
     (``subjectAltName=…``, or :func:`der_san`'s); ``is_ca``: an intermediate CA."""
     pair = Pair(folder / f"{name}.pem", folder / f"{name}.key")
     _new_key(pair.key, algorithm)
     request = folder / f"{name}.csr"
-    _openssl("req", "-new", "-key", str(pair.key), "-out", str(request), "-subj", subject)
+    _openssl(
+        "req", "-new", "-utf8", "-key", str(pair.key), "-out", str(request), "-subj", subject
+    )  # fmt: skip
     extensions = folder / f"{name}.ext"
     constraints = "critical,CA:TRUE\nkeyUsage=critical,keyCertSign" if is_ca else "CA:FALSE"
     extensions.write_text(f"basicConstraints={constraints}\n{extension}\n")

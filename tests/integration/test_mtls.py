@@ -48,6 +48,9 @@ class Pki:
     nul_dns: Pair  # SAN DNS "acme.example\0.evil.org": acme's, then a NUL
     two_cns: Pair  # subject CN=acme-client and CN=globex-client: two tenants
     dns_cn: Pair  # SAN DNS "CN=acme-client": a DNS name, not acme's CN
+    #: CN=acme-client and 100 more CNs of 33 characters, most of them "é" (8 KiB of
+    #: certificate, 19 KiB of identities as the front end forwards them).
+    many_names: Pair
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +71,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
             ca, folder, "two_cns", "/CN=acme-client/CN=globex-client", "subjectAltName=URI:x:y"
         ),
         issue_raw(ca, folder, "dns_cn", "/CN=x", "subjectAltName=DNS:CN=acme-client"),
+        issue_raw(
+            ca,
+            folder,
+            "many_names",
+            "/CN=acme-client" + "".join(f"/CN={'é' * 30}{i:03d}" for i in range(100)),
+            "subjectAltName=URI:x:many",
+        ),
     )
 
 
@@ -143,6 +153,19 @@ def test_a_bound_certificate_calls_as_its_tenant_without_a_key(pki: Pki, server:
             globex.infer("acme-only", {"INPUT0": X})
         with pytest.raises(ModelNotFound):
             globex.model_metadata("acme-only")
+
+
+def test_a_certificate_with_many_names_calls_every_rpc(pki: Pki, server: Server) -> None:
+    """With ``workers: 2`` a forwarded call carries the certificate's names to the
+    engine: names long once written as JSON failed those calls RESOURCE_EXHAUSTED
+    (gRPC's metadata bound on the engine's socket) where one process served them."""
+    with client(server, credentials(pki, pki.many_names)) as acme:
+        assert acme.infer("acme-only", {"INPUT0": X})["OUTPUT0"].sum() == 2
+        for _ in range(5):  # past gRPC's soft bound a call failed at random
+            assert acme.model_ready("acme-only")
+            assert acme.model_metadata("acme-only").name == "acme-only"
+        with pytest.raises(ModelNotFound):
+            acme.model_metadata("globex-only")
 
 
 def test_an_unbound_certificate_without_a_key_is_unauthenticated(pki: Pki, server: Server) -> None:

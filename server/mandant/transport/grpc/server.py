@@ -99,6 +99,13 @@ KEEPALIVE_MIN_PING_S = 10.0
 #: answer before it closes the connection (see GrpcServer).
 KEEPALIVE_TIME_S = 60.0
 KEEPALIVE_TIMEOUT_S = 20.0
+#: The metadata a forwarded call may carry to the engine's private socket: the client's
+#: (gRPC's default bound on the public port, 16 KiB) and its certificate's identities
+#: (``forward.PEER_IDENTITIES``), which the TLS handshake bounds (about 12 KiB of
+#: certificate) but JSON writes up to six times longer (``é``: ``\u00e9``). At gRPC's
+#: default (8 KiB soft, 16 KiB hard) such a client's forwarded calls failed
+#: RESOURCE_EXHAUSTED where one process serves them. Soft and hard alike: none at random.
+ENGINE_METADATA_BYTES = 256 * 1024
 
 
 def name_path(method: str) -> str:
@@ -230,6 +237,11 @@ class GrpcServer:
             ("grpc.keepalive_timeout_ms", round(KEEPALIVE_TIMEOUT_S * 1000)),
             ("grpc.http2.ping_timeout_ms", round(KEEPALIVE_TIMEOUT_S * 1000)),
         ]
+        if bind is not None:
+            options += [
+                ("grpc.max_metadata_size", ENGINE_METADATA_BYTES),
+                ("grpc.absolute_max_metadata_size", ENGINE_METADATA_BYTES),
+            ]
         if config.max_connection_age_s is not None and bind is None:
             # A ModelStreamInfer stream ends itself (gracefully) at its own age, at most
             # 1.1 x max_connection_age_s, then drains and waits for its client to stop
