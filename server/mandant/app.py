@@ -173,7 +173,9 @@ class App:
             else FleetCounting(self.prometheus, self.fleet_usage)
         )
         # ModelStatistics: per tenant, model and version.
-        self.stats = InferenceStats(settle=self._events_settled, models=model_names)
+        self.stats = InferenceStats(
+            settle=self._events_settled, models=model_names, configured=self.directory.configured
+        )
         self.channels = ChannelPool()
         compute_nice = config.server.compute_nice  # the value at start (a restart changes it)
         self.load_failures = failures = load_failures(self.metrics)

@@ -24,6 +24,7 @@ from mandant.tenancy.keys import hash_key
 from mandant_client import AsyncClient, Client, RateLimited, Unauthenticated
 from mandant_client._proto import admin_pb2, admin_pb2_grpc
 from mandant_client._proto import grpc_service_pb2 as pb
+from tests.integration import gated_models
 from tests.servers import ECHO_MODEL, SERVER_KINDS, free_port, mandant_serve, wait_for
 
 X = {"INPUT0": np.ones((1, 2), np.float32)}
@@ -200,6 +201,58 @@ async def test_a_removed_tenant_leaves_metrics_and_its_usage_stays_reported(
         app.reload(parse_config(both))
         usage = (await _http(app, "/usage", "admin"))[1]["tenants"]["b"]
         assert usage["requests"] == {} and usage["rows_total"] == 0
+
+
+async def test_a_call_that_ends_after_its_tenant_was_removed_counts_for_no_later_tenant(
+    tmp_path: Path,
+) -> None:
+    """A removed tenant's call still running ends after the reload: its figures went
+    with the reload, and that call's events brought them back (its series in
+    ``/metrics`` until the id came back; its statistics read, once the id was added
+    back, by the new tenant as its own). Now the call counts in the removed tenant's
+    usage report only."""
+    gated = {**ECHO_MODEL, "name": "gated", "factory": "tests.integration.gated_models:gated"}
+    both = _config(a={"api_keys": [hash_key("key-a")]}, b={"api_keys": [hash_key("key-b")]})
+    only_a = _config(a={"api_keys": [hash_key("key-a")]})
+    for config in (both, only_a):
+        config["server"]["admin_keys"] = [hash_key("admin")]
+        config["models"].append(gated)
+    gated_models.GATE.clear()
+    try:
+        async with App(parse_config(both), tmp_path) as app:
+            target = f"127.0.0.1:{app.grpc_port}"
+            async with AsyncClient(target, api_key="key-b") as b:
+                running = asyncio.ensure_future(b.infer("gated", X))
+                for _ in range(500):
+                    if app.admission.inflight("b"):
+                        break
+                    await asyncio.sleep(0.01)
+                assert app.admission.inflight("b") == 1
+                app.reload(parse_config(only_a))
+                gated_models.GATE.set()
+                assert (await running)["OUTPUT0"].sum() == 2  # admitted: it is served
+            metrics = (await _http(app, "/metrics", "admin"))[1]
+            assert 'tenant="b"' not in metrics, metrics
+            usage = (await _http(app, "/usage", "admin"))[1]["tenants"]["b"]
+            assert usage["removed"] and usage["requests"] == {"OK": 1}, usage
+            assert usage["rows"] == {"gated": 1}, usage
+            both["tenants"][1]["api_keys"] = [hash_key("new-key-b")]
+            app.reload(parse_config(both))
+            async with grpc.aio.insecure_channel(target) as channel:
+                statistics = channel.unary_unary(
+                    "/inference.GRPCInferenceService/ModelStatistics",
+                    response_deserializer=pb.ModelStatisticsResponse.FromString,
+                )
+                reply = await statistics(
+                    pb.ModelStatisticsRequest(name="gated").SerializeToString(),
+                    metadata=(("authorization", "Bearer new-key-b"),),
+                )
+            (figures,) = reply.model_stats
+            assert figures.inference_count == 0 and figures.execution_count == 0, figures
+            assert figures.inference_stats.success.count == 0, figures
+            assert figures.last_inference == 0, figures
+    finally:
+        gated_models.GATE.set()
 
 
 #: What each process of a server of each kind logs once it has reloaded.

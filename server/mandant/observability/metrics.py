@@ -27,7 +27,10 @@ A model no longer served (unloaded, or removed by a reload) loses its series
 a counter that vanishes ends (``rate`` and ``increase`` see no reset), and one that
 comes back with the model starts from zero with a new ``_created``. Only ``/metrics``
 forgets: a usage report still counts the calls, rows and compute seconds that the
-dropped counters held (billing figures).
+dropped counters held (billing figures). So does a tenant a reload removed
+(:meth:`PrometheusObserver.retire_tenants`): the calls of it that end later feed only
+the usage counts kept aside, no series of its id (a tenant added back under that id
+would read them as its own).
 """
 
 from __future__ import annotations
@@ -261,11 +264,21 @@ class PrometheusObserver:
         for owned in (self.batch_size, self.failed_batches):  # labels: (model, owner)
             owned.drop(lambda labels: labels[0] != "" and not served.serves(*labels))
 
-    def _tenant(self, tenant: str) -> str:
-        """``tenant`` if it was configured since start (a reload may have removed it
-        while its call ran), else ``""``."""
+    def _tenant(self, tenant: str) -> str | None:
+        """The tenant label of ``tenant``'s events: its id if it is configured; None if
+        a reload removed it while its call ran (its series went with it, and a tenant
+        added back under its id must not read its last calls as its own: only its usage
+        counts are kept, aside, :meth:`_aside`); else ``""`` (no tenant)."""
         directory = self._directory
-        return tenant if tenant in directory.current.ids or tenant in directory.ever else ""
+        if tenant in directory.current.ids:
+            return tenant
+        return None if tenant in directory.ever else ""
+
+    def _aside(self, series: CounterSeries, labels: Labels, value: float = 1.0) -> None:
+        """A usage count of a tenant a reload removed (a call that ended after it),
+        kept with what its counters held (:meth:`retire_tenants`) for its last usage
+        report."""
+        self._forgotten[series, labels] = self._forgotten.get((series, labels), 0.0) + value
 
     def _model(self, model: str) -> str:
         return model if model in self._models else ""
@@ -284,10 +297,14 @@ class PrometheusObserver:
         busy: bool = False,
     ) -> None:
         snapshot = self._directory.current
-        if tenant not in snapshot.ids:
-            tenant = self._tenant(tenant)
         if model not in self._models:
             model = ""
+        if tenant not in snapshot.ids:
+            label = self._tenant(tenant)
+            if label is None:
+                self._aside(self.requests, (tenant, model, code))
+                return
+            tenant = label
         self.requests.inc((tenant, model, code))
         if (code not in SLO_CODES and not busy) or not (model or inference):
             return
@@ -306,7 +323,10 @@ class PrometheusObserver:
             self._slo.record(tenant, good)
 
     def request_timing(self, tenant: str, model: str, queue_s: float, compute_s: float) -> None:
-        labels = (self._tenant(tenant), self._model(model))
+        label = self._tenant(tenant)
+        if label is None:
+            return
+        labels = (label, self._model(model))
         self.queue_duration.observe(labels, queue_s)
         self.compute_duration.observe(labels, compute_s)
 
@@ -318,36 +338,48 @@ class PrometheusObserver:
         rows_by_tenant: Mapping[str, int],
         owner: str = "",
     ) -> None:
-        model, owner = self._model(model), self._tenant(owner)
+        model, owner = self._model(model), self._tenant(owner) or ""
         self.batch_size.observe((model, owner), size)
         if self._live is not None:
             self._live.record_batch(model, size, owner)
         total_rows = sum(rows_by_tenant.values()) or 1
         for tenant, rows in rows_by_tenant.items():
-            labels = (self._tenant(tenant), model)
-            self.rows.inc(labels, rows)
-            self.compute_seconds.inc(labels, compute_s * rows / total_rows)
+            label, share = self._tenant(tenant), compute_s * rows / total_rows
+            if label is None:
+                self._aside(self.rows, (tenant, model), rows)
+                self._aside(self.compute_seconds, (tenant, model), share)
+                continue
+            self.rows.inc((label, model), rows)
+            self.compute_seconds.inc((label, model), share)
 
     def batch_failed(self, model: str, size: int, owner: str = "") -> None:
-        self.failed_batches.inc((self._model(model), self._tenant(owner)))
+        self.failed_batches.inc((self._model(model), self._tenant(owner) or ""))
 
     def admitted(self, tenant: str, model: str, rows: int) -> None:
-        tenant = self._tenant(tenant)
-        self.admitted_rows.inc((tenant, self._model(model)), rows)
+        label = self._tenant(tenant)
+        if label is None:
+            self._aside(self.admitted_rows, (tenant, self._model(model)), rows)
+            return
+        self.admitted_rows.inc((label, self._model(model)), rows)
         if self._live is not None:
-            self._live.record_admitted(tenant, rows)
+            self._live.record_admitted(label, rows)
 
     def refunded(self, tenant: str, model: str, rows: int, admitted_at: float = 0.0) -> None:
-        tenant = self._tenant(tenant)
-        self.refunded_rows.inc((tenant, self._model(model)), rows)
+        label = self._tenant(tenant)
+        if label is None:  # its refunded rows' series went with it (no usage count)
+            return
+        self.refunded_rows.inc((label, self._model(model)), rows)
         if self._live is not None:
-            self._live.record_refunded(tenant, rows, admitted_at)
+            self._live.record_refunded(label, rows, admitted_at)
 
     def rejected(self, tenant: str, reason: str, model: str = "") -> None:
-        tenant, model = self._tenant(tenant), self._model(model)
-        self.rejections.inc((tenant, reason, model))
+        label, model = self._tenant(tenant), self._model(model)
+        if label is None:
+            self._aside(self.rejections, (tenant, reason, model))
+            return
+        self.rejections.inc((label, reason, model))
         if self._live is not None:
-            self._live.record_rejection(tenant, reason, model)
+            self._live.record_rejection(label, reason, model)
 
     def store_error(self, store: str) -> None:
         self.store_errors.inc((store,))

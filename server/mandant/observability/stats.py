@@ -21,7 +21,10 @@ which records them and hands every event on to the next observer (Prometheus):
 Keys are configured tenant ids, model names and versions (never client text), so the
 store is bounded by the configuration; a model version no longer served is dropped
 (:meth:`InferenceStats.forget`), and one that comes back starts from zero, as Triton's
-do when a model loads. Single-threaded: the event loop's.
+do when a model loads. A tenant a reload removed is dropped
+(:meth:`InferenceStats.forget_tenants`), and the events of its calls that end later are
+not recorded (``configured``): a tenant added back under its id read them as its own.
+Single-threaded: the event loop's.
 """
 
 from __future__ import annotations
@@ -105,10 +108,13 @@ class InferenceStats:
         wall_clock_s: Callable[[], float] = time.time,
         settle: Settle = recorded,
         models: Container[str] | None = None,
+        configured: Callable[[str], bool] | None = None,
     ) -> None:
         self._wall_clock_s = wall_clock_s
         self.settled = settle
         self._models = models
+        #: Whether a tenant id is configured now (None: every id is).
+        self._configured = configured
         self._stats: dict[StatsKey, ModelStats] = {}
         #: (owner, name, version) -> its executions: ``batches`` and
         #: ``execution_count`` only.
@@ -168,9 +174,15 @@ class InferenceStats:
     def _recorded(self, model: str) -> bool:
         return self._models is None or model in self._models
 
-    def _entry(self, key: StatsKey) -> ModelStats:
+    def _entry(self, key: StatsKey) -> ModelStats | None:
+        """``key``'s statistics, made if none: None for a tenant no longer configured
+        (its entries went with the reload that removed it; its late calls' events bring
+        none back)."""
         entry = self._stats.get(key)
         if entry is None:
+            configured = self._configured
+            if key[0] and configured is not None and not configured(key[0]):
+                return None
             entry = self._stats[key] = ModelStats()
         return entry
 
@@ -180,6 +192,8 @@ class InferenceStats:
         if not self._recorded(model):
             return
         entry = self._entry((tenant, owner, model, version))
+        if entry is None:
+            return
         (entry.success if ok else entry.fail).add(duration_s)
         entry.last_inference_ms = int(self._wall_clock_s() * 1000)
 
@@ -195,6 +209,8 @@ class InferenceStats:
         if not self._recorded(model):
             return
         entry = self._entry((tenant, owner, model, version))
+        if entry is None:
+            return
         entry.queue.add(queue_s)
         entry.compute_infer.add(compute_s)
 
@@ -222,6 +238,8 @@ class InferenceStats:
         run.execution_count += 1
         for tenant, rows in rows_by_tenant.items():
             entry = self._entry((tenant, owner, model, version))
+            if entry is None:
+                continue
             executions = entry.batches.get(size)
             if executions is None:
                 executions = entry.batches[size] = Duration()

@@ -109,6 +109,10 @@ class TenantDirectory:
 
     # -- lookups ------------------------------------------------------------------------
 
+    def configured(self, tenant_id: str) -> bool:
+        """Whether ``tenant_id`` is a tenant now (not one a reload removed)."""
+        return tenant_id in self._current.ids
+
     def authenticate(self, authorization: str | None) -> Tenant:
         """The tenant an ``authorization: Bearer <key>`` value belongs to, or
         :class:`~mandant.errors.Unauthenticated`."""
