@@ -47,7 +47,7 @@ def build(
     names = [f"model{i}" for i in range(models)]
     configs = [TenantConfig(id=t, slo=SloConfig(latency_ms=50)) for t in ids]
     slo = SloTracker({c.id: c.slo for c in configs if c.slo})
-    live = LiveStats(ids, [(name, "") for name in names])
+    live = LiveStats(ids, lambda: [(name, "") for name in names])
     registry = registry if registry is not None else CollectorRegistry()
     return PrometheusObserver(registry, configs, names, slo, live), ids, names
 

@@ -159,7 +159,7 @@ class App:
         # In flight: the admission's count (made below), read when the dashboard draws.
         self.live = LiveStats(
             self.directory,
-            sorted({(spec.name, spec.tenant or "") for spec in specs}),
+            lambda: ((m.key.name, m.key.owner or "") for m in self.registry.all()),
             inflight=lambda tenant: self.admission.inflight(tenant),
         )
         self.prometheus = PrometheusObserver(

@@ -73,6 +73,13 @@ async def test_reload_applies_keys_limits_and_models(tmp_path: Path) -> None:
             assert app.model_changes is not None
             assert await app.model_changes == ["model 'echo2' loaded"]
             assert [m.name for m in await b.models()] == ["echo", "echo2"]
+            # The dashboard draws a card for a model the reload brought before its
+            # first batch, as for one configured at start (it had none until then).
+            second["server"]["admin_keys"] = [hash_key("admin")]
+            app.reload(parse_config(second))
+            dashboard = (await _http(app, "/api/dashboard", "admin"))[1]
+            cards = {m["name"]: m["batch_sizes"] for m in dashboard["models"]}
+            assert cards["echo2"] == {}, dashboard["models"]
         async with (
             AsyncClient(target, api_key="key-a") as old,
             AsyncClient(target, api_key="key-a2") as new,

@@ -52,7 +52,7 @@ def test_observer_slo_and_live_follow_the_directory() -> None:
     directory = TenantDirectory([TenantConfig(id="a", slo=SloConfig(latency_ms=50))])
     registry = CollectorRegistry()
     slo = SloTracker(directory, clock=lambda: 100.0)
-    live = LiveStats(directory, [("m", "")], clock=lambda: 100.0)
+    live = LiveStats(directory, lambda: [("m", "")], clock=lambda: 100.0)
     observer = PrometheusObserver(registry, directory, ["m"], slo=slo, live=live)
     observer.request_finished("b", "m", "OK", 0.01)  # not configured yet: tenant=""
     directory.replace(
@@ -73,13 +73,20 @@ def test_observer_slo_and_live_follow_the_directory() -> None:
     assert slo.attainment("b", 300).good == 1
     tenants = {t["id"]: t for t in live.snapshot(slo)["tenants"]}
     assert tenants["b"]["requests"] == 1 and tenants["a"]["slo"]["latency_ms"] == 5
-    # A call of b that ends after a reload removed b is still b's (it was tenant="").
+    # A call of b that ends after a reload removed b counts in b's usage report (it
+    # was tenant=""), not in series of its own: they went with the reload, and the
+    # call brought them back, for a tenant added back under its id to read.
     directory.replace([TenantConfig(id="a")], [])
+    observer.retire_tenants({"b"})
     observer.request_finished("b", "m", "OK", 0.01)
     observer.batch_executed("m", 2, 0.5, {"b": 2})
-    assert sample("mandant_requests_total", {"tenant": "b", "model": "m", "code": "OK"}) == 2
-    assert sample("mandant_rows_total", {"tenant": "b", "model": "m"}) == 2
+    assert sample("mandant_requests_total", {"tenant": "b", "model": "m", "code": "OK"}) is None
+    assert sample("mandant_rows_total", {"tenant": "b", "model": "m"}) is None
     assert sample("mandant_requests_total", {"tenant": "", "model": "m", "code": "OK"}) == 1
+    usage = {(name, labels.get("code", "")): value
+             for name, labels, value in observer.usage_counts("b")}  # fmt: skip
+    assert usage["mandant_requests_total", "OK"] == 2
+    assert usage["mandant_rows_total", ""] == 2
 
 
 def test_calls_in_flight_across_a_reload_that_removes_their_tenant_stay_under_its_id() -> None:

@@ -29,6 +29,9 @@ TENANTS = (
 MODELS = ("classifier", "echo")
 #: The dashboard's models: (name, owner), shared.
 LIVE_MODELS = [(name, "") for name in MODELS]
+#: The models the ``parts`` fixture's dashboard lists as served (a registry's): a
+#: test that unloads one takes it out.
+SERVED: list[tuple[str, str]] = []
 
 
 class FakeClock:
@@ -51,7 +54,8 @@ Parts = tuple[CollectorRegistry, PrometheusObserver, SloTracker, LiveStats]
 def parts(clock: FakeClock) -> Parts:
     registry = CollectorRegistry()
     slo = SloTracker({t.id: t.slo for t in TENANTS if t.slo}, clock=clock)
-    live = LiveStats([t.id for t in TENANTS], LIVE_MODELS, clock=clock, wall=lambda: 86400.0 * 3)
+    SERVED[:] = LIVE_MODELS
+    live = LiveStats([t.id for t in TENANTS], lambda: SERVED, clock=clock, wall=lambda: 86400.0 * 3)
     return registry, PrometheusObserver(registry, TENANTS, MODELS, slo, live), slo, live
 
 
@@ -141,7 +145,9 @@ async def test_inflight_is_the_admissions_count_read_when_shown(clock: FakeClock
     admission = TenantAdmission(MandantConfig(tenants=list(TENANTS)))
     registry = CollectorRegistry()
     registry.register(InflightRequests(TenantDirectory(TENANTS), admission.inflight_counts))
-    live = LiveStats([t.id for t in TENANTS], LIVE_MODELS, clock=clock, inflight=admission.inflight)
+    live = LiveStats(
+        [t.id for t in TENANTS], lambda: LIVE_MODELS, clock=clock, inflight=admission.inflight
+    )
 
     def shown() -> tuple[float | None, int]:
         row = next(t for t in live.snapshot(SloTracker({}))["tenants"] if t["id"] == "acme")
@@ -325,7 +331,7 @@ def test_live_figures_equal_a_recount_whatever_the_order_of_calls(
     """The span's sums are kept slot by slot (folded in and out, a reused slot taken
     out); they must always equal a plain recount of the calls inside the span."""
     clock = FakeClock()
-    live = LiveStats(["acme"], LIVE_MODELS, clock=clock)
+    live = LiveStats(["acme"], lambda: LIVE_MODELS, clock=clock)
     slo = SloTracker({}, clock=clock)
     log: list[tuple[int, str, int]] = []
     for action, bucket, advance_s in steps:
@@ -381,7 +387,7 @@ def test_admitted_rows_leave_the_day_and_month_they_were_counted_in() -> None:
     clock stepped back across midnight emptied the later day's count."""
     new_year = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
     wall = [new_year - 1.0]
-    live = LiveStats(["acme"], LIVE_MODELS, wall=lambda: wall[0])
+    live = LiveStats(["acme"], lambda: LIVE_MODELS, wall=lambda: wall[0])
     live.record_admitted("acme", 40)
     wall[0] = new_year + 1.0
     live.record_admitted("acme", 25)
@@ -413,6 +419,7 @@ def test_a_model_no_longer_served_leaves_the_series_and_the_dashboard_not_usage(
     before = usage_report(observer, TENANTS)["tenants"]
 
     served = ServedModels([ModelKey("echo", "1")])
+    SERVED[:] = [("echo", "")]
     observer.forget(served)
     live.forget(served)
     models = {s.labels.get("model") for f in registry.collect() for s in f.samples}

@@ -137,14 +137,16 @@ class LiveStats:
     """Rolling per-tenant traffic for the dashboard (``span_s`` of history).
     ``tenants``: the tenant directory (tenants added by a reload get their own
     history; the snapshot lists the current ones), or fixed tenant ids. ``models``:
-    the configured models' (name, owner) pairs, listed before their first batch.
+    the (name, owner) pairs of the models served now, listed before their first batch
+    (read when a snapshot is drawn: a model a reload or a load brought had no card
+    until its first batch, where one configured at start had).
     ``inflight``: a tenant's calls in flight, read when a snapshot is drawn (the
     admission's count, which caps them: the one count there is)."""
 
     def __init__(
         self,
         tenants: Iterable[str] | TenantDirectory,
-        models: Iterable[tuple[str, str]],
+        models: Callable[[], Iterable[tuple[str, str]]],
         clock: Clock = time.monotonic,
         step_s: float = 5.0,
         span_s: float = 300.0,
@@ -167,7 +169,8 @@ class LiveStats:
         for tenant in self._directory.current.ids:
             self._ring(tenant)
         #: (model name, owner: a tenant id, "" shared) -> batch size -> batches.
-        self._batches: dict[tuple[str, str], dict[int, int]] = {model: {} for model in models}
+        self._batches: dict[tuple[str, str], dict[int, int]] = {}
+        self._models = models
         self._started = clock()
 
     def _ring(self, tenant: str) -> _History | None:
@@ -300,15 +303,18 @@ class LiveStats:
             if only is None or tenant == only
         ]
         rows.sort(key=burn_order)
-        models = [
-            {
-                "name": name,
-                "owner": owner,
-                "batch_sizes": {str(k): v for k, v in sorted(sizes.items())},
-            }
-            for (name, owner), sizes in self._batches.items()
-            if only is None
-        ]
+        models = []
+        if only is None:
+            batches = self._batches
+            for name, owner in sorted({*self._models(), *batches}):
+                sizes = batches.get((name, owner), {})
+                models.append(
+                    {
+                        "name": name,
+                        "owner": owner,
+                        "batch_sizes": {str(k): v for k, v in sorted(sizes.items())},
+                    }
+                )
         return {"step_s": self._step_s, "span_s": self._span_s(now), "tenants": rows,
                 "models": models}  # fmt: skip
 
