@@ -392,6 +392,7 @@ class App:
         if back := (tenants - before) & ever:
             # Its usage counters too, kept until now for its last usage report.
             self.prometheus.forget_tenants(back)
+        self.prometheus.slos_changed()
         specs = config.model_specs(self.base_dir)
         failed = sorted(
             ({m.key.name for m in self.registry.all() if m.failure is not None}

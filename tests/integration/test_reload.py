@@ -117,8 +117,8 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
 
 
 async def test_reload_reaches_every_component(tmp_path: Path) -> None:
-    """After a reload adding a tenant, changing an SLO and a quota and rotating the
-    admin key: the new tenant has its own metrics label, /usage and the dashboard
+    """After a reload adding a tenant (with an SLO), changing an SLO and a quota and
+    rotating the admin key: the new tenant has its own metrics label, /usage and the dashboard
     list it, the new SLO judges calls, the quotas shown are the new ones, the old
     admin key is refused on HTTP and gRPC and the new one works."""
     first = _config(
@@ -135,7 +135,11 @@ async def test_reload_reaches_every_component(tmp_path: Path) -> None:
             "slo": {"latency_ms": 0.001},  # nothing is this fast: every call is bad
             "quota": {"rows_per_day": 200},
         },
-        b={"api_keys": [hash_key("key-b")], "quota": {"rows_per_day": 7}},
+        b={
+            "api_keys": [hash_key("key-b")],
+            "quota": {"rows_per_day": 7},
+            "slo": {"latency_ms": 0.001},
+        },
     )
     second["server"]["admin_keys"] = [hash_key("admin-2")]
     async with App(parse_config(first), tmp_path) as app:
@@ -162,6 +166,10 @@ async def test_reload_reaches_every_component(tmp_path: Path) -> None:
         assert _sample(metrics, "mandant_slo_latency_seconds", tenant="a") == 0.000001
         assert _sample(metrics, "mandant_slo_requests_total", tenant="a") == 1
         assert _sample(metrics, "mandant_slo_good_requests_total", tenant="a") == 0
+        # A tenant given its SLO by the reload, none of whose calls was good: its good
+        # calls at 0, not absent (the alerts' ratio gave nothing: it never paged).
+        assert _sample(metrics, "mandant_slo_requests_total", tenant="b") == 1
+        assert _sample(metrics, "mandant_slo_good_requests_total", tenant="b") == 0
 
         status, usage = await _http(app, "/usage", "admin-2")
         assert status == 200

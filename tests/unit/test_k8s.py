@@ -347,7 +347,12 @@ def test_the_kserve_example_is_a_raw_deployment_serving_grpc() -> None:
     assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == (
         "RawDeployment"
     )
-    (container,) = service["spec"]["predictor"]["containers"]
+    predictor = service["spec"]["predictor"]
+    # KServe reads the HPA's metric from here (or serving.kserve.io/metrics), and
+    # ignored the serving.kserve.io/metric annotation that stood in its place.
+    assert (predictor["scaleMetric"], predictor["scaleTarget"]) == ("cpu", 70)
+    assert not any(key.endswith("/metric") for key in service["metadata"]["annotations"])
+    (container,) = predictor["containers"]
     assert container["ports"] == [{"name": "h2c", "containerPort": GRPC_PORT, "protocol": "TCP"}]
     assert container["args"] == ["--config", "/etc/mandant/mandant.yaml"]
     assert container["readinessProbe"]["grpc"] == {"port": GRPC_PORT}

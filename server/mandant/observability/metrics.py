@@ -163,10 +163,7 @@ class PrometheusObserver:
         )  # fmt: skip
         self.gather_groups.touch(())
         self.gathered_calls.touch(())
-        snapshot = self._directory.current
-        for tenant in snapshot.slos:
-            self.slo_requests.touch((tenant,))
-            self.slo_good.touch((tenant,))
+        self.slos_changed()
         registry.register(
             SeriesCollector(
                 [
@@ -184,6 +181,15 @@ class PrometheusObserver:
         #: by counter and labels, the model's name kept for rows and compute seconds
         #: (cost by model), "" for the others (a report counts them per tenant only).
         self._forgotten: dict[tuple[CounterSeries, Labels], float] = {}
+
+    def slos_changed(self) -> None:
+        """Expose every tenant's SLO counters at 0 before its first call: the alerts
+        and dashboards divide the rate of good calls by the rate of all, which gives
+        nothing, not 0, for a tenant with no good-calls series (a tenant given its SLO
+        by a reload, whose calls all failed, was never alerted on)."""
+        for tenant in self._directory.current.slos:
+            self.slo_requests.touch((tenant,))
+            self.slo_good.touch((tenant,))
 
     def _usage_series(self) -> tuple[CounterSeries, ...]:
         return (self.requests, self.rows, self.compute_seconds, self.rejections,
