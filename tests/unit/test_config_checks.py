@@ -319,6 +319,7 @@ def test_settings_gRPC_takes_as_c_ints_are_bounded(setting: str, value: int) -> 
         ({"quota": {"rows_per_day": 2**64}}, "tenants.0.quota.rows_per_day"),  # GetUsage failed
         # the dashboard's JSON held Infinity, which browsers refuse: the page broke
         ({"slo": {"latency_ms": float("inf")}}, "tenants.0.slo.latency_ms"),
+        ({"slo": {"latency_ms": 1e308}}, "tenants.0.slo.latency_ms"),  # its chart drew NaN
     ],
 )
 def test_limits_a_server_cannot_compute_with_are_refused(tenant: dict[str, Any], path: str) -> None:

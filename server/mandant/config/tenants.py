@@ -92,8 +92,13 @@ class LimitsConfig(_Frozen):
         return self
 
 
+#: The longest SLO latency, a day (1e308 ms passed: the dashboard's charts, drawn to a
+#: quarter above it, overflowed to Infinity and drew NaN).
+MAX_SLO_LATENCY_MS = 86_400_000
+
+
 class SloConfig(_Frozen):
-    latency_ms: Annotated[float, Field(gt=0)]
+    latency_ms: Annotated[float, Field(gt=0, le=MAX_SLO_LATENCY_MS)]
     percentile: Annotated[float, Field(gt=0, lt=100)] = 99
     objective: Annotated[float, Field(gt=0, lt=1)] = 0.99
 
