@@ -19,6 +19,7 @@ from mandant_client import (
     AsyncClient,
     Client,
     DeadlineExceeded,
+    InvalidInput,
     MandantClientError,
     ServerError,
     Unavailable,
@@ -101,6 +102,54 @@ async def test_a_version_neither_str_nor_non_negative_int_is_refused_naming_it(
             pytest.raises(error, match=f"^{re.escape(message)}$"),
         ):
             getattr(sync_client, call)(*args, version=version)
+
+
+X = {"X": np.zeros(1, np.float32)}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"inputs": {"X": [[1.0, 2.0], [3.0]]}}, InvalidInput, "input 'X' is not an array"),
+        ({"inputs": {"X": ["a\ud800"]}}, InvalidInput, "BYTES input 'X' holds a str that is"),
+        ({"model": "e\ud800"}, InvalidInput, "model 'e\\ud800' is not UTF-8 text"),
+        ({"request_id": "\udc80"}, InvalidInput, "request_id '\\udc80' is not UTF-8"),
+        ({"outputs": ["o\ud800"]}, InvalidInput, "output name 'o\\ud800' is not UTF-8"),
+        ({"inputs": {0: np.zeros(1, np.float32)}}, TypeError, "input name must be a str"),
+        ({"outputs": [0]}, TypeError, "output name must be a str, got int 0"),
+        ({"parameters": {"k": "\ud800"}}, InvalidInput, "parameter 'k' '\\ud800' is not"),
+    ],
+)
+async def test_what_a_request_cannot_carry_is_refused_naming_it(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    """Before anything is sent, by every mode: a ragged list, text UTF-8 cannot write (a
+    lone surrogate, as ``surrogateescape`` decoding leaves), a name that is not a str.
+    numpy's ValueError, UnicodeEncodeError and protobuf's "bad argument type for
+    built-in operation" came out before, outside the client's exceptions."""
+    call = {"model": "echo", "inputs": X, **kwargs}
+    pattern = f"^(INVALID_ARGUMENT: )?{re.escape(message)}"
+    for multiplex in (False, True):
+        async with AsyncClient("127.0.0.1:1", multiplex=multiplex) as client:
+            with pytest.raises(error, match=pattern):
+                await client.infer(**call)
+        with (
+            Client("127.0.0.1:1", multiplex=multiplex) as sync_client,
+            pytest.raises(error, match=pattern),
+        ):
+            sync_client.infer(**call)
+
+
+async def test_numpy_scalars_are_parameters_as_the_numbers_they_hold(server: FakeServer) -> None:
+    """``np.int64(1)`` was refused ("must be bool, int, float or str") where
+    ``np.float64`` passed (a float subclass)."""
+    async with AsyncClient(server.target, api_key=API_KEY, timeout_s=5) as client:
+        parameters = {"i": np.int64(3), "f": np.float32(1.5), "b": np.bool_(True)}
+        await client.infer("echo", X, parameters=parameters)
+    (seen,) = server.servicer.seen_requests
+    assert seen.parameters["i"].int64_param == 3
+    assert seen.parameters["f"].double_param == 1.5
+    assert seen.parameters["b"].bool_param is True
 
 
 async def test_typed_contents_are_decoded(server: FakeServer) -> None:

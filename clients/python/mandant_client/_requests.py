@@ -7,15 +7,17 @@ channel defaults. Nothing here performs I/O.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
+import numpy as np
 import numpy.typing as npt
 
 from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client.errors import InvalidInput, MandantClientError, Unavailable
-from mandant_client.tensors import encode_inputs
+from mandant_client.tensors import encode_inputs, text
 from mandant_client.types import ModelIndexEntry, ModelMetadata, ServerMetadata, TensorMetadata
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -126,13 +128,15 @@ def infer_request(
     :class:`InvalidInput` with ``request_id``, as the server's refusals are."""
     try:
         request = pb.ModelInferRequest(
-            model_name=model, model_version=model_version(version), id=request_id
+            model_name=text("model", model),
+            model_version=model_version(version),
+            id=text("request_id", request_id),
         )
         raw_bytes = encode_inputs(request, inputs)
         for name in outputs or ():
-            request.outputs.add(name=name)
+            request.outputs.add(name=text("output name", name))
         for key, value in (parameters or {}).items():
-            request.parameters[key].CopyFrom(infer_parameter(key, value))
+            request.parameters[text("parameter name", key)].CopyFrom(infer_parameter(key, value))
     except MandantClientError as exc:
         exc.request_id = request_id
         raise
@@ -140,18 +144,21 @@ def infer_request(
 
 
 def infer_parameter(key: str, value: ParameterValue) -> pb.InferParameter:
-    if isinstance(value, bool):
-        return pb.InferParameter(bool_param=value)
-    if isinstance(value, int):
-        if -_INT64_MAX - 1 <= value <= _INT64_MAX:
-            return pb.InferParameter(int64_param=value)
-        if 0 <= value <= _UINT64_MAX:
-            return pb.InferParameter(uint64_param=value)
+    """numpy's scalars count as the Python number they hold (``np.int64(1)`` was
+    refused where ``np.float64`` passed, a float)."""
+    if isinstance(value, bool | np.bool_):
+        return pb.InferParameter(bool_param=bool(value))
+    if isinstance(value, numbers.Integral):
+        number = int(value)
+        if -_INT64_MAX - 1 <= number <= _INT64_MAX:
+            return pb.InferParameter(int64_param=number)
+        if 0 <= number <= _UINT64_MAX:
+            return pb.InferParameter(uint64_param=number)
         raise InvalidInput(f"parameter {key!r} does not fit in 64 bits")
-    if isinstance(value, float):
-        return pb.InferParameter(double_param=value)
+    if isinstance(value, numbers.Real):
+        return pb.InferParameter(double_param=float(value))
     if isinstance(value, str):
-        return pb.InferParameter(string_param=value)
+        return pb.InferParameter(string_param=text(f"parameter {key!r}", value))
     raise InvalidInput(f"parameter {key!r} must be bool, int, float or str")
 
 

@@ -20,7 +20,7 @@ from mandant_client._proto import grpc_service_pb2 as pb
 from mandant_client._proto.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from mandant_client._requests import ChannelOptions, ParameterValue
 from mandant_client.errors import from_rpc_error
-from mandant_client.tensors import Array, decode_outputs
+from mandant_client.tensors import Array, decode_outputs, text
 from mandant_client.types import ModelIndexEntry, ModelMetadata, ServerMetadata
 
 
@@ -126,12 +126,16 @@ class AsyncClient:
         return decode_outputs(response)
 
     async def model_metadata(self, model: str, version: str | int | None = None) -> ModelMetadata:
-        request = pb.ModelMetadataRequest(name=model, version=_requests.model_version(version))
+        request = pb.ModelMetadataRequest(
+            name=text("model", model), version=_requests.model_version(version)
+        )
         response: pb.ModelMetadataResponse = await self._unary(self._stub.ModelMetadata, request)
         return _requests.model_metadata(response)
 
     async def model_ready(self, model: str, version: str | int | None = None) -> bool:
-        request = pb.ModelReadyRequest(name=model, version=_requests.model_version(version))
+        request = pb.ModelReadyRequest(
+            name=text("model", model), version=_requests.model_version(version)
+        )
         response: pb.ModelReadyResponse = await self._unary(self._stub.ModelReady, request)
         return bool(response.ready)
 

@@ -84,18 +84,37 @@ def to_numpy_dtype(datatype: str) -> np.dtype[Any]:
     return spec.dtype
 
 
+def text(what: str, value: object) -> str:
+    """``value``, a name or id the request carries as a protobuf string: a ``TypeError``
+    for anything but a str, ``InvalidInput`` for a str UTF-8 cannot write (a lone
+    surrogate, as ``surrogateescape`` decoding leaves): protobuf refused both with
+    errors that named nothing ("bad argument type for built-in operation"), outside
+    the client's exceptions."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__} {value!r}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInput(f"{what} {value!r} is not UTF-8 text ({exc.reason})") from None
+    return value
+
+
 def encode_tensor(
     name: str, value: npt.ArrayLike
 ) -> tuple[pb.ModelInferRequest.InferInputTensor, bytes]:
     """One input tensor's metadata and its raw bytes. Python bytes and str (in lists)
     are kept whole: numpy would make them a fixed-width array, which drops their
     trailing NUL bytes (an ``S``/``U`` array the caller built has already lost them)."""
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except ValueError as exc:  # a ragged list: numpy's ValueError named no input
+        raise InvalidInput(f"input {name!r} is not an array: {exc}") from None
     if array.dtype.kind in "SU" and not isinstance(value, np.ndarray | np.generic):
         array = np.asarray(value, dtype=object)
     datatype = to_v2_datatype(array.dtype)
     tensor = pb.ModelInferRequest.InferInputTensor(
-        name=name, datatype=datatype, shape=list(array.shape)
+        name=text("input name", name), datatype=datatype, shape=list(array.shape)
     )
     if datatype == "BYTES":
         return tensor, _encode_bytes(array, name)
@@ -179,7 +198,13 @@ def _encode_bytes(array: Array, name: str) -> bytes:
     parts: list[bytes] = []
     for item in _flat_items(array):
         if isinstance(item, str):
-            data = item.encode("utf-8")
+            try:
+                data = item.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate (surrogateescape)
+                raise InvalidInput(
+                    f"BYTES input {name!r} holds a str that is not UTF-8 text "
+                    f"({exc.reason}); send bytes"
+                ) from None
         elif isinstance(item, bytes | bytearray | memoryview):
             data = bytes(item)
         else:
