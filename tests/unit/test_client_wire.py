@@ -140,12 +140,31 @@ async def test_what_a_request_cannot_carry_is_refused_naming_it(
             sync_client.infer(**call)
 
 
+@pytest.mark.parametrize("call", ["model_ready", "model_metadata"])
+async def test_a_model_name_or_version_a_request_cannot_carry_is_refused_naming_it(
+    call: str,
+) -> None:
+    for args, kwargs, error, message in [
+        (("e\ud800",), {}, InvalidInput, "INVALID_ARGUMENT: model 'e\\ud800' is not UTF-8"),
+        (("echo",), {"version": "1\ud800"}, InvalidInput, "INVALID_ARGUMENT: version '1"),
+        ((0,), {}, TypeError, "model must be a str, got int 0"),
+    ]:
+        async with AsyncClient("127.0.0.1:1") as client:
+            with pytest.raises(error, match=f"^{re.escape(message)}"):
+                await getattr(client, call)(*args, **kwargs)
+        with (
+            Client("127.0.0.1:1") as sync_client,
+            pytest.raises(error, match=f"^{re.escape(message)}"),
+        ):
+            getattr(sync_client, call)(*args, **kwargs)
+
+
 async def test_numpy_scalars_are_parameters_as_the_numbers_they_hold(server: FakeServer) -> None:
     """``np.int64(1)`` was refused ("must be bool, int, float or str") where
     ``np.float64`` passed (a float subclass)."""
     async with AsyncClient(server.target, api_key=API_KEY, timeout_s=5) as client:
         parameters = {"i": np.int64(3), "f": np.float32(1.5), "b": np.bool_(True)}
-        await client.infer("echo", X, parameters=parameters)
+        await client.infer("echo", X, parameters=parameters, request_id=None)  # type: ignore[arg-type]
     (seen,) = server.servicer.seen_requests
     assert seen.parameters["i"].int64_param == 3
     assert seen.parameters["f"].double_param == 1.5

@@ -89,6 +89,46 @@ def test_observer_slo_and_live_follow_the_directory() -> None:
     assert usage["mandant_rows_total", ""] == 2
 
 
+def test_a_removed_tenant_s_model_counts_no_late_batch_as_the_shared_model_s() -> None:
+    """b's tuned variant of the shared m runs a batch after a reload removed b: it is
+    not the shared model's ("" owner), in ``/metrics`` nor on the dashboard's card of m
+    (the first form of late-call handling labelled it so), and brings no series of b's
+    back."""
+    directory = TenantDirectory([TenantConfig(id="a"), TenantConfig(id="b")])
+    registry = CollectorRegistry()
+    live = LiveStats(directory, lambda: [("m", "")])
+    observer = PrometheusObserver(registry, directory, ["m"], slo=SloTracker(directory), live=live)
+    directory.replace([TenantConfig(id="a")], [])
+    observer.retire_tenants({"b"})
+    observer.batch_executed("m", 8, 0.1, {"b": 8}, owner="b")
+    observer.batch_failed("m", 8, owner="b")
+    sample = registry.get_sample_value
+    for owner in ("", "b"):
+        assert sample("mandant_batch_size_count", {"model": "m", "tenant": owner}) is None
+        assert sample("mandant_failed_batches_total", {"model": "m", "tenant": owner}) is None
+    (card,) = live.snapshot(SloTracker(directory))["models"]
+    assert (card["name"], card["owner"], card["batch_sizes"]) == ("m", "", {})
+
+
+def test_an_slo_a_reload_takes_away_takes_its_counters_and_one_it_gives_shows_them() -> None:
+    """The alerts divide good calls by all: a tenant given an SLO by a reload has both
+    at 0 before its first call (its good calls were absent: the ratio gave nothing, so
+    it was never alerted on); one whose SLO went loses them (they stayed, frozen)."""
+    directory = TenantDirectory([TenantConfig(id="a", slo=SloConfig(latency_ms=50))])
+    registry = CollectorRegistry()
+    observer = PrometheusObserver(registry, directory, ["m"], slo=SloTracker(directory))
+    observer.request_finished("a", "m", "OK", 0.01)
+    directory.replace(
+        [TenantConfig(id="a"), TenantConfig(id="b", slo=SloConfig(latency_ms=50))], []
+    )
+    observer.slos_changed()
+    sample = registry.get_sample_value
+    assert sample("mandant_slo_requests_total", {"tenant": "a"}) is None
+    assert sample("mandant_slo_good_requests_total", {"tenant": "a"}) is None
+    assert sample("mandant_slo_requests_total", {"tenant": "b"}) == 0
+    assert sample("mandant_slo_good_requests_total", {"tenant": "b"}) == 0
+
+
 def test_calls_in_flight_across_a_reload_that_removes_their_tenant_stay_under_its_id() -> None:
     directory = TenantDirectory([TenantConfig(id="gone"), TenantConfig(id="kept")])
     registry = CollectorRegistry()

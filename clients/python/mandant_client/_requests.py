@@ -107,7 +107,7 @@ def model_version(version: str | int | None) -> str:
     if version is None:
         return ""
     if isinstance(version, str):
-        return version
+        return text("version", version)
     if isinstance(version, bool) or not isinstance(version, int):
         raise TypeError(f"{accepts}, got {type(version).__name__} {version!r}")
     if version < 0:
@@ -130,7 +130,7 @@ def infer_request(
         request = pb.ModelInferRequest(
             model_name=text("model", model),
             model_version=model_version(version),
-            id=text("request_id", request_id),
+            id=text("request_id", request_id or ""),  # None: no id, as ""
         )
         raw_bytes = encode_inputs(request, inputs)
         for name in outputs or ():

@@ -186,10 +186,14 @@ class PrometheusObserver:
         """Expose every tenant's SLO counters at 0 before its first call: the alerts
         and dashboards divide the rate of good calls by the rate of all, which gives
         nothing, not 0, for a tenant with no good-calls series (a tenant given its SLO
-        by a reload, whose calls all failed, was never alerted on)."""
-        for tenant in self._directory.current.slos:
-            self.slo_requests.touch((tenant,))
-            self.slo_good.touch((tenant,))
+        by a reload, whose calls all failed, was never alerted on); and drop those of
+        tenants that have none now (their objective's series went, the counters
+        stayed)."""
+        slos = self._directory.current.slos
+        for series in (self.slo_requests, self.slo_good):
+            series.drop(lambda labels: labels[0] not in slos)  # an SLO a reload took away
+            for tenant in slos:
+                series.touch((tenant,))
 
     def _usage_series(self) -> tuple[CounterSeries, ...]:
         return (self.requests, self.rows, self.compute_seconds, self.rejections,
@@ -344,10 +348,11 @@ class PrometheusObserver:
         rows_by_tenant: Mapping[str, int],
         owner: str = "",
     ) -> None:
-        model, owner = self._model(model), self._tenant(owner) or ""
-        self.batch_size.observe((model, owner), size)
-        if self._live is not None:
-            self._live.record_batch(model, size, owner)
+        model, label = self._model(model), self._tenant(owner)
+        if label is not None:  # a removed tenant's model: its series went with it
+            self.batch_size.observe((model, label), size)
+            if self._live is not None:
+                self._live.record_batch(model, size, label)
         total_rows = sum(rows_by_tenant.values()) or 1
         for tenant, rows in rows_by_tenant.items():
             label, share = self._tenant(tenant), compute_s * rows / total_rows
@@ -359,7 +364,9 @@ class PrometheusObserver:
             self.compute_seconds.inc((label, model), share)
 
     def batch_failed(self, model: str, size: int, owner: str = "") -> None:
-        self.failed_batches.inc((self._model(model), self._tenant(owner) or ""))
+        label = self._tenant(owner)
+        if label is not None:  # a removed tenant's model: not the shared one's ("")
+            self.failed_batches.inc((self._model(model), label))
 
     def admitted(self, tenant: str, model: str, rows: int) -> None:
         label = self._tenant(tenant)

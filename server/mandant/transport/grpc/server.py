@@ -101,10 +101,11 @@ KEEPALIVE_TIME_S = 60.0
 KEEPALIVE_TIMEOUT_S = 20.0
 #: The metadata a forwarded call may carry to the engine's private socket: the client's
 #: (gRPC's default bound on the public port, 16 KiB) and its certificate's identities
-#: (``forward.PEER_IDENTITIES``), which the TLS handshake bounds (about 12 KiB of
-#: certificate) but JSON writes up to six times longer (``é``: ``\u00e9``). At gRPC's
-#: default (8 KiB soft, 16 KiB hard) such a client's forwarded calls failed
-#: RESOURCE_EXHAUSTED where one process serves them. Soft and hard alike: none at random.
+#: (``forward.PEER_IDENTITIES``), which JSON writes up to three times longer than the
+#: certificate holds them (``é``, two bytes: ``\u00e9``). At gRPC's default (8 KiB
+#: soft, 16 KiB hard) a client whose certificate had many or non-ASCII names (8 KiB of
+#: them) had its forwarded calls fail RESOURCE_EXHAUSTED where one process serves them.
+#: Soft and hard alike: none at random.
 ENGINE_METADATA_BYTES = 256 * 1024
 
 
