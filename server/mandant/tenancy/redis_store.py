@@ -27,10 +27,13 @@ it locally), takes nothing. A reply that comes late though Redis ran the script 
 (this replica stalled: a paused container, CPU throttling; or the reply's way back
 did) is read on for :data:`LATE_REPLY_TIMEOUTS` more ``timeout_ms`` on its connection,
 and an acquire it says admitted is refunded: its caller was refused or charged locally.
-A refund that never left this process (no connection)
-is kept and sent with the next batch that reaches Redis; one that was written but
-not answered is not sent again (Redis runs it when it wakes; sent twice it could give
-back twice).
+A refund that never left this process (no connection), or that Redis refused before
+it ran (``OOM``, ``LOADING`` while a restarted Redis reads its data, …), is kept and
+sent with the next batch that reaches Redis. So is one that was written but not
+answered, for :data:`REFUND_MARK_S`: each refund first sets a marker key of its own
+(``SET NX``), so that sent again it gives back nothing twice. It was not sent again,
+taken for run when Redis woke; but a connection closed while Redis held its scripts
+(``CLIENT PAUSE WRITE``, as a failover does) loses them, and their rows stayed charged.
 
 Every Redis or socket failure becomes :class:`StoreUnavailable` here.
 """
@@ -38,11 +41,14 @@ Every Redis or socket failure becomes :class:`StoreUnavailable` here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import hashlib
+import itertools
 import logging
 import math
 import re
+import secrets
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -53,6 +59,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
+    BusyLoadingError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -238,8 +245,13 @@ return reply
 """
 )
 
+#: How long a refund's marker key lives, and so how long a refund written but not
+#: answered is sent again (the module doc).
+REFUND_MARK_S = 120
+
 #: ACQUIRE_LUA's KEYS and ARGV, with the take marks it returned (the time in ARGV[1]
-#: does not apply: a refund written to Redis is due whenever Redis runs it). Gives
+#: does not apply: a refund written to Redis is due whenever Redis runs it), and one
+#: more key: the refund's marker; one already set (the refund ran) gives nothing. Gives
 #: back each bucket's cost as far as the bucket would hold it had it never been
 #: taken, and raises the levels later takes found to match (``limits.Peaks.refund``;
 #: nothing to a bucket whose key expired, full since, or whose last take was under
@@ -250,6 +262,9 @@ REFUND_LUA = (
     + """
 local nb = tonumber(ARGV[2])
 local nq = tonumber(ARGV[3])
+if not redis.call('SET', KEYS[nb + nq + 1], '1', 'NX', 'EX', REFUND_MARK_S) then
+  return 0
+end
 local clock = redis.call('TIME')
 local stamp = clock[1] .. '.' .. string.format('%06d', tonumber(clock[2]))
 local now = tonumber(stamp)
@@ -299,7 +314,7 @@ for j = 1, nq do
   end
 end
 return 0
-"""
+""".replace("REFUND_MARK_S", str(REFUND_MARK_S))
 )
 
 #: Quota keys outlive their period by this much (clock skew between replicas). Their
@@ -320,6 +335,12 @@ CLOCK_SYNC_S = 30.0
 LATE_REPLY_TIMEOUTS = 4
 #: Refunds kept while Redis cannot be reached, at most (one more is logged as lost).
 MAX_KEPT_REFUNDS = 100_000
+#: A refund written but not answered is sent again this long before its marker could
+#: have expired, at the latest (the time from this process's flush to Redis' run).
+MARK_MARGIN_S = 20
+#: A refund written but not answered is sent again after this long, if no call's batch
+#: took it first.
+RESEND_S = 1.0
 
 _SCRIPTS: Final = {
     "acquire": (hashlib.sha1(ACQUIRE_LUA.encode()).hexdigest(), ACQUIRE_LUA),
@@ -352,15 +373,24 @@ class _Call:
     keys: list[str]
     args: list[float | int | str]
     future: asyncio.Future[Any] | None
+    #: A refund written whose reply never came: when that first happened (it is sent
+    #: again until its marker has expired, :data:`REFUND_MARK_S`).
+    lost_at: float | None = None
 
 
-def _never_ran(error: ResponseError) -> bool:
+#: An error reply: Redis refused the command (redis-py makes ``-LOADING`` a connection
+#: error, though the connection is sound and the next replies come on it).
+_ErrorReply = ResponseError | BusyLoadingError
+
+
+def _never_ran(error: _ErrorReply) -> bool:
     """Whether Redis refused a script before it wrote anything (so sending it again
     cannot count it twice): out of memory (checked at a script's first write), a
-    read-only replica, a missing script, busy with another script."""
-    return isinstance(error, OutOfMemoryError | ReadOnlyError | NoScriptError) or str(
-        error
-    ).startswith("BUSY")
+    read-only replica, a missing script, busy with another script, loading its data
+    (a restart), no reachable primary."""
+    return isinstance(
+        error, OutOfMemoryError | ReadOnlyError | NoScriptError | BusyLoadingError
+    ) or str(error).startswith(("BUSY", "LOADING", "MASTERDOWN"))
 
 
 #: A quota count as the acquire script takes it (digits, a sign, 18 characters at
@@ -368,7 +398,7 @@ def _never_ran(error: ResponseError) -> bool:
 _COUNT = re.compile(rb"(?=.{1,18}$)-?\d+")
 
 
-def _own_keys(error: ResponseError) -> str | None:
+def _own_keys(error: _ErrorReply) -> str | None:
     """What an error reply says of the call's own keys, if that is what it is about:
     ``WRONGTYPE`` (a key another program wrote), or the script failing on what a key
     holds (a corrupted bucket, a count that is not an integer). That call alone fails
@@ -428,6 +458,11 @@ class RedisStore:
         self._bucket_keys: dict[tuple[str, str], tuple[Plan, list[str]]] = {}
         self._pending: list[_Call] = []
         self._kept: list[_Call] = []  # refunds that never reached Redis
+        # Each refund's marker key: this store's own token and a count.
+        self._refund_names = (
+            f"refund:{secrets.token_hex(8)}:{number}" for number in itertools.count()
+        )
+        self._resend: asyncio.TimerHandle | None = None  # the next try of those kept
         self._sending: set[asyncio.Task[None]] = set()
         # Redis' TIME minus time.monotonic(), at most (measured so that a deadline
         # computed with it is never later, on Redis' clock, than meant), and until
@@ -450,6 +485,8 @@ class RedisStore:
             logger.warning("limits store redis not reachable at start: %s", type(exc).__name__)
 
     async def aclose(self) -> None:
+        if self._resend is not None:
+            self._resend.cancel()
         await self._drain()  # refunds the last replies queued, too
         if self._kept:  # one more try for the refunds Redis has not had
             self._flush()
@@ -492,7 +529,12 @@ class RedisStore:
 
     def refund(self, plan: Plan, rows: int, wall: float, marks: Marks) -> None:
         keys, args, _ = self._arguments(plan, rows, wall)
-        self._queue(_Call("refund", keys, _marked(args, marks), None))
+        self._queue(self._refund_call(keys, _marked(args, marks)))
+
+    def _refund_call(self, keys: list[str], args: list[float | int | str]) -> _Call:
+        """A refund of an acquire's ``keys``, with its marker key (in its tenant's
+        hash slot: every key of a call shares the first one's ``{tenant}``)."""
+        return _Call("refund", [*keys, f"{keys[0]}:{next(self._refund_names)}"], args, None)
 
     async def used(self, scope: Scope, quota_name: str, period: PeriodKind) -> int:
         """Rows counted against one quota in its current period; the reads of one
@@ -545,9 +587,32 @@ class RedisStore:
 
     def _flush(self) -> None:
         # Calls first: a backlog of kept refunds must not push them past their deadline.
-        calls, self._pending = self._pending + self._kept, []
+        kept = self._kept
+        if any(call.lost_at is not None for call in kept):
+            kept = self._unexpired(kept)
+        calls, self._pending = self._pending + kept, []
         self._kept = []
         self._track(self._send(calls))
+
+    def _send_kept(self) -> None:
+        self._resend = None
+        if self._kept and not self._pending:
+            self._flush()
+
+    @staticmethod
+    def _unexpired(kept: list[_Call]) -> list[_Call]:
+        """``kept`` but the refunds written without an answer too long ago to send
+        again: their markers may have expired (one that ran would give back twice)."""
+        since = time.monotonic() - REFUND_MARK_S + MARK_MARGIN_S
+        due = [call for call in kept if call.lost_at is None or call.lost_at > since]
+        if len(due) < len(kept):
+            logger.warning(
+                "limits store redis: %d refund(s) sent but not answered for over %d s are "
+                "not sent again; Redis applied those it ran",
+                len(kept) - len(due),
+                REFUND_MARK_S - MARK_MARGIN_S,
+            )
+        return due
 
     def _track(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in a task that :meth:`aclose` waits for."""
@@ -695,10 +760,10 @@ class RedisStore:
             if isinstance(reply, _Unanswered):
                 error = StoreUnavailable(f"redis: {type(failure).__name__}")
                 error.__cause__ = failure
-            elif isinstance(reply, ResponseError) and (own := _own_keys(reply)) is not None:
+            elif isinstance(reply, _ErrorReply) and (own := _own_keys(reply)) is not None:
                 error = StoreRefused(f"redis: {own}")
                 error.__cause__ = reply
-            elif isinstance(reply, ResponseError):
+            elif isinstance(reply, _ErrorReply):
                 error = StoreUnavailable(f"redis: {type(reply).__name__}")
                 error.__cause__ = reply
             elif call.kind == "acquire" and int(reply[0]) == -1:
@@ -712,10 +777,14 @@ class RedisStore:
             call.future.set_exception(error)
         if lost:  # one line a batch, however many (a backlog flooded the log)
             logger.warning("limits store redis: %d refund(s) lost (too many kept)", lost)
+        if unanswered and self._resend is None:
+            # Sent again within its marker's life, calls or not (kept refunds otherwise
+            # wait for the next call's batch).
+            self._resend = asyncio.get_running_loop().call_later(RESEND_S, self._send_kept)
         if unanswered:
             logger.warning(
-                "limits store redis: %d refund(s) sent but not answered (%s); Redis applies "
-                "those it ran",
+                "limits store redis: %d refund(s) sent but not answered (%s); sent again "
+                "(each gives back once)",
                 unanswered,
                 type(failure).__name__ if failure is not None else "an error reply",
             )
@@ -725,21 +794,27 @@ class RedisStore:
         admitted (the caller left, or the reply came too late); whether it did."""
         if call.kind != "acquire" or not isinstance(reply, list) or int(reply[0]) != 0:
             return False
-        self._queue(_Call("refund", call.keys, _marked(call.args, _marks(reply)), None))
+        self._queue(self._refund_call(call.keys, _marked(call.args, _marks(reply))))
         return True
 
     def _settle_refund(self, call: _Call, reply: Any) -> str:
-        """Keep a refund that never ran for the next batch; what became of it: ``kept``,
-        ``lost`` (too many kept), ``unanswered`` (sent, no reply: Redis applies it if
-        it ran it) or ``done``."""
-        if reply is _UNSENT or (isinstance(reply, ResponseError) and _never_ran(reply)):
-            if len(self._kept) < MAX_KEPT_REFUNDS:
-                self._kept.append(call)  # goes with the next batch
-                return "kept"
-            return "lost"
-        if isinstance(reply, _Unanswered | ResponseError):
-            return "unanswered"
-        return "done"
+        """Keep a refund that never ran, or may not have, for the next batch; what
+        became of it: ``kept``, ``unanswered`` (sent, no reply: kept, its marker makes
+        sending it again safe), ``lost`` (too many kept), or ``done`` (run, or an error
+        reply about its keys: it cannot run)."""
+        if reply is _LOST or (isinstance(reply, _ErrorReply) and not _never_ran(reply)
+                              and _own_keys(reply) is None):  # fmt: skip
+            if call.lost_at is None:
+                call = dataclasses.replace(call, lost_at=time.monotonic())
+            outcome = "unanswered"
+        elif reply is _UNSENT or (isinstance(reply, _ErrorReply) and _never_ran(reply)):
+            outcome = "kept"
+        else:
+            return "done"
+        if len(self._kept) < MAX_KEPT_REFUNDS:
+            self._kept.append(call)  # goes with the next batch
+            return outcome
+        return "lost"
 
 
 def _marks(reply: list[Any]) -> Marks:
@@ -764,5 +839,5 @@ async def _reply(connection: AbstractConnection, timeout_s: float | None = None)
     keeps what it had read of a reply) or closed by the caller."""
     try:
         return await connection.read_response(timeout=timeout_s, disconnect_on_error=False)
-    except ResponseError as exc:
+    except (ResponseError, BusyLoadingError) as exc:
         return exc

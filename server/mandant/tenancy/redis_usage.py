@@ -295,8 +295,8 @@ class RedisUsage:
         if failed_at is not None and time.monotonic() - failed_at < self._interval_s:
             return None
         await self._flush_all()
-        if self._failed_at is not None:  # it did not answer (sums it refused: read on)
-            return None
+        if self._failed_at is not None and self._failed_at != failed_at:
+            return None  # it did not answer now (sums it refused: read on)
         wall = self._wall()
         try:
             async with self._client.pipeline(transaction=False) as pipe:
@@ -306,7 +306,11 @@ class RedisUsage:
                 replies = iter(await pipe.execute(raise_on_error=False))
         except _ERRORS as exc:
             logger.warning("usage report: fleet counters unavailable (%s)", type(exc).__name__)
+            # The next reports skip Redis too for a while: a flush with nothing to send
+            # did not notice the outage, and every report waited its timeout_ms.
+            self._failed_at = time.monotonic()
             return None
+        self._failed_at = None
         counts = {}
         for tenant in tenants:
             periods = {name: next(replies) for name in PERIODS}
