@@ -54,7 +54,9 @@ function encode(tensor) {
   const count = elementCount(shape);
   if (datatype === 'BYTES') {
     if (!Array.isArray(data) || data.length !== count) {
-      throw new TypeError(`input ${name}: BYTES data is an array of ${count} Buffers or strings`);
+      throw new TypeError(
+        `input ${name}: BYTES data needs an Array of ${count} Buffers or strings, got ${described(data)}`,
+      );
     }
     return encodeBytes(data);
   }
@@ -62,12 +64,29 @@ function encode(tensor) {
   if (TypedArray === undefined) {
     throw new TypeError(`input ${name}: unknown datatype ${datatype}`);
   }
+  // What it needs, then what it got: passed a Float32Array of 2 (or a Float64Array), it
+  // said "FP32 data is a Float32Array of 3 elements", as if that were what it was given.
   if (!(data instanceof TypedArray) || data.length !== count) {
+    const needs = `${article(TypedArray.name)} ${TypedArray.name} of ${count} element${count === 1 ? '' : 's'}`;
     throw new TypeError(
-      `input ${name}: ${datatype} data is a ${TypedArray.name} of ${count} elements (shape ${JSON.stringify(shape)})`,
+      `input ${name}: ${datatype} data needs ${needs} (shape ${JSON.stringify(shape)}), got ${described(data)}`,
     );
   }
   return Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+}
+
+/** What an input's `data` is, for its error: "a Float64Array of 3", "null", "a string". */
+function described(data) {
+  if (data === null || data === undefined) return String(data);
+  if (typeof data !== 'object') return `a ${typeof data}`;
+  const kind = (data.constructor && data.constructor.name) || 'Object';
+  const what = `${article(kind)} ${kind}`;
+  return typeof data.length === 'number' ? `${what} of ${data.length}` : what;
+}
+
+/** "an" before Int8Array, Array, Object; "a" before Uint8Array, Float32Array. */
+function article(name) {
+  return /^[AEIO]/.test(name) ? 'an' : 'a';
 }
 
 /** BYTES framing: each element as a 4-byte little-endian length, then its bytes. */

@@ -49,7 +49,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from mandant.backends.base import Backend, DescribesModel
+from mandant.backends.base import Backend, DescribesModel, server_silent
 from mandant.config import ModelSpec
 from mandant.errors import InvalidInput, ModelNotFound, Unavailable
 from mandant.scheduling.base import Scheduler
@@ -68,9 +68,11 @@ FREEING_WAIT_S = 1.0
 SHUTDOWN_WAIT_S = 5.0
 #: How long the closes still running after it have, once cancelled, to end.
 CANCELLED_WAIT_S = 0.5
-#: What RepositoryIndex tells tenants of a version that failed to load: the cause
-#: (exception text, file paths, a Triton's address) is the operator's, in the log.
-TENANT_REASON = "failed to load; the operator's log has the cause"
+#: What RepositoryIndex tells tenants of a version that is not ready, by why; every
+#: text it may give is here. Never the cause (exception text, file paths, a Triton's
+#: address): that is the operator's, in the log.
+FAILED_REASON = "failed to load; the operator's log has the cause"
+SILENT_REASON = "its Triton backend does not answer"
 
 
 @dataclass(eq=False, slots=True)
@@ -115,8 +117,13 @@ class Model:
     @property
     def reason(self) -> str:
         """RepositoryIndex's reason for tenants: that it failed, not why (``failure``
-        is the operator's, logged)."""
-        return "" if self.failure is None else TENANT_REASON
+        is the operator's, logged); that its server does not answer, not where (it
+        was empty: such a model was UNAVAILABLE with no word why)."""
+        if self.failure is not None:
+            return FAILED_REASON
+        if not self.ready and server_silent(self.backend):
+            return SILENT_REASON
+        return ""
 
     def enter(self) -> None:
         """A call resolved this model (the data plane pairs it with :meth:`leave`)."""

@@ -54,6 +54,39 @@ def test_check_config_accepts_the_demo() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "warnings", "ok"),
+    [
+        (
+            "",
+            [
+                "tenants: none configured: no tenant can call",
+                "models: none configured: nothing to serve",
+            ],
+            "ok (0 tenants, 0 models)",
+        ),
+        (
+            f"tenants: [{{id: a, api_keys: ['{hash_key('k')}']}}]",
+            ["models: none configured: nothing to serve"],
+            "ok (1 tenants, 0 models)",
+        ),
+    ],
+)
+def test_check_config_warns_of_no_tenants_or_no_models(
+    tmp_path: Path, text: str, warnings: list[str], ok: str
+) -> None:
+    """An empty file was "ok (0 tenants, 0 models)" without a word; a warning, not an
+    error: it still exits 0."""
+    path = tmp_path / "mandant.yaml"
+    path.write_text(text)
+    out = subprocess.run(
+        [*MANDANT, "check-config", str(path)], capture_output=True, text=True, env=ENV
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == [f"{path}: warning: {warning}" for warning in warnings]
+    assert out.stdout == f"{path}: {ok}\n"
+
+
+@pytest.mark.parametrize(
     ("text", "errors"),
     [
         (

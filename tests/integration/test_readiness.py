@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import tritonclient.http as triton_http
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -119,6 +120,29 @@ def test_one_unready_model_and_the_server_agree_everywhere(
     if expected:  # the replica stays in service: the ready model answers
         with Client(server.target, api_key="t-key") as client:
             client.infer("echo", {"INPUT0": np.ones((1, 2), np.float32)})
+
+
+def test_a_triton_model_whose_server_does_not_answer_says_so_in_the_index(
+    tmp_path: Path,
+) -> None:
+    """Its reason was empty, beside the failed model's text; it says why, never where
+    (the index is the tenants': no address, no port)."""
+    remote = {**_unreachable_triton(), "triton": {"url": "127.0.0.1:1", "model": "m"}}
+    with ServerThread(_config(None, [ECHO_MODEL, remote]), tmp_path) as server:
+        with Client(server.target, api_key="t-key") as client:
+            listed = {m.name: m for m in client.models()}
+        rest = triton_http.InferenceServerClient(f"127.0.0.1:{server.rest_port}")
+        over_rest = {m["name"]: m for m in rest.get_model_repository_index(headers=dict(KEY))}
+    said = "its Triton backend does not answer"
+    assert (listed["remote"].state, listed["remote"].reason) == ("UNAVAILABLE", said)
+    assert (listed["echo"].state, listed["echo"].reason) == ("READY", "")
+    assert over_rest["remote"] == {
+        "name": "remote",
+        "version": "1",
+        "state": "UNAVAILABLE",
+        "reason": said,
+    }
+    assert over_rest["echo"]["reason"] == ""
 
 
 def test_shutdown_turns_readyz_and_grpc_health_off_while_calls_finish(tmp_path: Path) -> None:

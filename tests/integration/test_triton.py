@@ -656,6 +656,11 @@ async def _kill_and_restart(
     assert echoed["OUTPUT0"].shape == (3, 4)
     assert await mc.server_live()
     assert not await mc.model_ready("tiny")
+    listed = {m.name: m for m in await mc.models()}  # why, not where (it said nothing)
+    assert (listed["tiny"].state, listed["tiny"].reason) == (
+        "UNAVAILABLE",
+        "its Triton backend does not answer",
+    )
     assert await mc.server_ready()  # ready_when: any_model (default): echo still serves
 
     await asyncio.to_thread(triton.start)  # same ports, Mandant untouched

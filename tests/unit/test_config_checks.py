@@ -129,7 +129,9 @@ def test_a_load_entry_s_reference_problems_name_the_entry() -> None:
 
 
 def test_a_tenant_that_cannot_authenticate_is_a_warning() -> None:
-    config = parse_config({"tenants": [{"id": "a", "api_keys": [KEY_A]}, {"id": "b"}]})
+    config = parse_config(
+        {"tenants": [{"id": "a", "api_keys": [KEY_A]}, {"id": "b"}], "models": [model()]}
+    )
     assert config.warnings() == [
         (
             "tenants.1",
@@ -142,10 +144,14 @@ def test_a_front_door_as_large_as_the_call_cap_is_a_warning() -> None:
     """A lone tenant's share of the door is all of it: with the door no smaller than
     the cap, its calls can take every place inside, none left waiting whose place
     another tenant's call could take, and the others are refused."""
-    tenants = [{"id": "a", "api_keys": [KEY_A]}]
-    fine = parse_config({"tenants": tenants, "server": {"max_concurrent_rpcs": 129}})
+    tenants, models = [{"id": "a", "api_keys": [KEY_A]}], [model()]
+    fine = parse_config(
+        {"tenants": tenants, "models": models, "server": {"max_concurrent_rpcs": 129}}
+    )
     assert fine.warnings() == []
-    config = parse_config({"tenants": tenants, "server": {"max_concurrent_rpcs": 128}})
+    config = parse_config(
+        {"tenants": tenants, "models": models, "server": {"max_concurrent_rpcs": 128}}
+    )
     assert config.warnings() == [
         (
             "server.front_door_slots",

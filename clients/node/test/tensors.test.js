@@ -11,11 +11,37 @@ test('an input is sent as a view on its typed array, not a copy', () => {
   assert.deepEqual([...raw], [...new Uint8Array(data.buffer)]);
 });
 
-test('an input whose array does not match its datatype or shape is refused', () => {
-  const tensor = { name: 'X', datatype: 'FP32', shape: [2, 2] };
-  assert.throws(() => encode({ ...tensor, data: new Float64Array(4) }), /Float32Array of 4/);
-  assert.throws(() => encode({ ...tensor, data: new Float32Array(3) }), /Float32Array of 4/);
-  assert.throws(() => encode({ ...tensor, datatype: 'FP8', data: new Float32Array(4) }), /unknown datatype/);
+test('an input whose array does not match its datatype or shape is refused: needed, then got', () => {
+  // Given a Float32Array of 2 (or a Float64Array) for FP32 [1, 3], it said "FP32 data is a
+  // Float32Array of 3 elements", as if that were what it was given.
+  const refusal = (tensor) => {
+    try {
+      encode({ name: 'INPUT0', ...tensor });
+    } catch (error) {
+      assert.ok(error instanceof TypeError);
+      return error.message;
+    }
+    assert.fail('not refused');
+  };
+  const fp32 = { datatype: 'FP32', shape: [1, 3] };
+  const needs = 'input INPUT0: FP32 data needs a Float32Array of 3 elements (shape [1,3])';
+  assert.equal(refusal({ ...fp32, data: new Float32Array(2) }), `${needs}, got a Float32Array of 2`);
+  assert.equal(refusal({ ...fp32, data: new Float64Array(3) }), `${needs}, got a Float64Array of 3`);
+  assert.equal(refusal({ ...fp32, data: [1, 2, 3] }), `${needs}, got an Array of 3`);
+  assert.equal(refusal({ ...fp32, data: undefined }), `${needs}, got undefined`);
+  assert.equal(
+    refusal({ datatype: 'INT8', shape: [1], data: new Uint8Array(1) }),
+    'input INPUT0: INT8 data needs an Int8Array of 1 element (shape [1]), got a Uint8Array of 1',
+  );
+  assert.equal(
+    refusal({ datatype: 'BYTES', shape: [2], data: ['a'] }),
+    'input INPUT0: BYTES data needs an Array of 2 Buffers or strings, got an Array of 1',
+  );
+  assert.equal(
+    refusal({ datatype: 'BYTES', shape: [1], data: 'a' }),
+    'input INPUT0: BYTES data needs an Array of 1 Buffers or strings, got a string',
+  );
+  assert.match(refusal({ datatype: 'FP8', shape: [1], data: new Float32Array(1) }), /unknown datatype FP8/);
 });
 
 test('aligned raw output is a view on the response; unaligned raw output is copied', () => {

@@ -84,6 +84,21 @@ def circuit_open(backend: object) -> bool:
     return isinstance(backend, HasCircuit) and backend.circuit_open
 
 
+@runtime_checkable
+class HasServer(Protocol):
+    """A backend whose model runs on a server of its own (Triton's): ``server_silent``
+    while that server gave its last health poll no answer (unreachable, or no answer
+    within the poll's timeout)."""
+
+    @property
+    def server_silent(self) -> bool: ...
+
+
+def server_silent(backend: object) -> bool:
+    """Whether ``backend``'s server does not answer now (False without one)."""
+    return isinstance(backend, HasServer) and backend.server_silent
+
+
 def import_ref(ref: str) -> Callable[..., Any]:
     """The callable a ``module:attribute`` reference names (a model's ``factory`` or
     ``weights_init``); ImportError, AttributeError or TypeError (not callable)."""

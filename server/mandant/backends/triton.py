@@ -8,7 +8,9 @@
   ModelConfig); a model whose ``inputs``/``outputs`` are not configured takes them from
   Triton's metadata, refreshed on every poll, so a model reloaded on Triton with new
   tensors is followed. Configured ones are checked against it (:mod:`.triton_tensors`):
-  a contradiction fails the load, or makes the model unready while it lasts. A Mandant
+  a contradiction fails the load, or makes the model unready while it lasts. A poll
+  Triton does not answer (UNAVAILABLE, DEADLINE_EXCEEDED: as for the breaker) makes it
+  ``server_silent`` until one it answers (RepositoryIndex then says so). A Mandant
   batch goes to Triton in calls of at most the ``max_batch_size`` of Triton's model
   config.
 * Answers are checked against the model's declared outputs (datatype, rank, fixed
@@ -123,6 +125,8 @@ SLOWEST_DECAY = 0.9
 AUTO_IN_FLIGHT_FACTOR = 2
 UNKNOWN_IN_FLIGHT = 256
 _CONNECT_FAILURE_MARKERS = ("failed to connect", "connection refused", "no route to host")
+#: A health poll that failed with these got no answer from Triton (``server_silent``).
+_SILENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 #: A call to Triton, running on its own (its caller may leave).
@@ -149,6 +153,8 @@ class TritonBackend:
         self._stub: pb_grpc.GRPCInferenceServiceStub | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._model_ready = False
+        #: Triton did not answer the last health poll (:meth:`refresh`).
+        self._silent = False
         self._platform = "triton"
         self._discover = not (spec.inputs and spec.outputs)
         #: Triton's model config's ``max_batch_size`` (0: none, or not known).
@@ -200,6 +206,11 @@ class TritonBackend:
         Open alone, the gauge read 0 two seconds after each failure, while every call
         was still refused behind a probe that hung."""
         return self._breaker.state is not CircuitState.CLOSED
+
+    @property
+    def server_silent(self) -> bool:
+        """Triton did not answer the last health poll (``HasServer``)."""
+        return self._silent
 
     @property
     def max_concurrency(self) -> int:
@@ -541,8 +552,10 @@ class TritonBackend:
                 else None
             )
         except grpc.aio.AioRpcError as exc:
+            self._silent = exc.code() in _SILENT_CODES
             self._set_ready(False, f"{exc.code().name}: {exc.details()}")
             return
+        self._silent = False
         if metadata is not None:
             self._platform = metadata.platform or "triton"
             if self._discover:

@@ -49,9 +49,11 @@ class MandantConfig(_Frozen):
         return self.model_copy(update={"server": server})
 
     def warnings(self) -> list[tuple[str, str]]:
-        """What validates but is likely a mistake, each (field path, reason)."""
+        """What validates but is likely a mistake, each (field path, reason). An empty
+        file (no tenants, no models) was "ok" with no word."""
         keyless = "has no api_keys and no client_certs: no call can authenticate as it"
-        found = [
+        found = [("tenants", "none configured: no tenant can call")] if not self.tenants else []
+        found += [
             (f"tenants.{index}", f"tenant {tenant.id!r} {keyless}")
             for index, tenant in enumerate(self.tenants)
             if not tenant.api_keys and not tenant.client_certs
@@ -69,6 +71,8 @@ class MandantConfig(_Frozen):
                     "it well below (the defaults: 128 and 4096)",
                 )
             )
+        if not self.models:
+            found.append(("models", "none configured: nothing to serve"))
         return found
 
     def resolved(self, base_dir: Path) -> MandantConfig:
