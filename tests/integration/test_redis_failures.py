@@ -23,6 +23,7 @@ import redis
 
 from mandant.config import MandantConfig, parse_config
 from mandant.errors import QuotaExceeded, RateLimited, Unavailable
+from mandant.tenancy import redis_store
 from mandant.tenancy.admission import TenantAdmission, shared_store_for
 from mandant.tenancy.keys import hash_key
 from mandant.tenancy.redis_store import RedisStore
@@ -512,7 +513,29 @@ async def test_a_refund_written_while_redis_holds_writes_is_sent_again_once(
             await asyncio.sleep(1.5)  # any copy of the refund still on its way: none
             assert _rows_today(client, "p11", "acme") == 30
             markers = client.keys("p11:{acme}:*:refund:*")
-            assert len(markers) == 1 and 0 < client.ttl(markers[0]) <= 120
+            assert len(markers) == 1 and 0 < client.ttl(markers[0]) <= redis_store.REFUND_MARK_S
+
+
+async def test_a_refund_redis_runs_past_its_deadline_gives_back_nothing(
+    redis_server: RedisServer, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refund sent again and again while Redis does not answer (here: busy) gives back
+    once at most, whichever copy Redis runs: each carries the deadline of its first
+    write on Redis' clock, within its marker's life (a copy that ran after the marker
+    expired gave back twice). One Redis runs past it gives back nothing."""
+    monkeypatch.setattr(redis_store, "REFUND_VALID_S", 0.5)
+    with same_utc_day():
+        config = _config(
+            redis_server.url, "p12", {"id": "acme", "quota": {"rows_per_day": 100}}, timeout_ms=250
+        )
+        async with _admission(config) as admission:
+            permit = await admission.admit(Tenant("acme"), ECHO, 40)
+            stall = _stall(redis_server.port, 1.5)
+            permit.release(refund=True)  # written, and again: all run after the stall
+            await asyncio.to_thread(stall.join)
+            await asyncio.sleep(1.0)
+            assert _rows_today(client, "p12", "acme") == 40
+            assert not client.keys("p12:{acme}:*:refund:*")  # none ran
 
 
 async def test_scripts_flushed_from_redis_are_loaded_again(

@@ -30,10 +30,13 @@ and an acquire it says admitted is refunded: its caller was refused or charged l
 A refund that never left this process (no connection), or that Redis refused before
 it ran (``OOM``, ``LOADING`` while a restarted Redis reads its data, …), is kept and
 sent with the next batch that reaches Redis. So is one that was written but not
-answered, for :data:`REFUND_MARK_S`: each refund first sets a marker key of its own
-(``SET NX``), so that sent again it gives back nothing twice. It was not sent again,
-taken for run when Redis woke; but a connection closed while Redis held its scripts
-(``CLIENT PAUSE WRITE``, as a failover does) loses them, and their rows stayed charged.
+answered, every :data:`RESEND_S` until it is answered: each refund first sets a marker
+key of its own (``SET NX``, kept :data:`REFUND_MARK_S`), and from its first write
+carries a deadline on Redis' clock (:data:`REFUND_VALID_S` later) after which it
+gives back nothing, so that it gives back once however often it reaches Redis. It
+was not sent again, taken for run when Redis woke; but a connection closed while
+Redis held its scripts (``CLIENT PAUSE WRITE``, as a failover does) loses them, and
+their rows stayed charged.
 
 Every Redis or socket failure becomes :class:`StoreUnavailable` here.
 """
@@ -60,6 +63,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     BusyLoadingError,
+    MasterDownError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -245,13 +249,17 @@ return reply
 """
 )
 
-#: How long a refund's marker key lives, and so how long a refund written but not
-#: answered is sent again (the module doc).
-REFUND_MARK_S = 120
+#: A refund gives back nothing once this long has passed, on Redis' clock, since it
+#: was first written; one written but not answered is sent again until then (module
+#: doc). Far above a failover's pause of writes.
+REFUND_VALID_S = 20
+#: How long a refund's marker key lives: past its deadline, with room for the error
+#: of the clock offset. One a refund (2,000 a second: about 10 MB in Redis).
+REFUND_MARK_S = 30
 
-#: ACQUIRE_LUA's KEYS and ARGV, with the take marks it returned (the time in ARGV[1]
-#: does not apply: a refund written to Redis is due whenever Redis runs it), and one
-#: more key: the refund's marker; one already set (the refund ran) gives nothing. Gives
+#: ACQUIRE_LUA's KEYS and ARGV, with the take marks it returned and, in ARGV[1], the
+#: refund's own deadline (:data:`REFUND_VALID_S`; past it, nothing), and one more key:
+#: the refund's marker; one already set (the refund ran) gives nothing. Gives
 #: back each bucket's cost as far as the bucket would hold it had it never been
 #: taken, and raises the levels later takes found to match (``limits.Peaks.refund``;
 #: nothing to a bucket whose key expired, full since, or whose last take was under
@@ -262,12 +270,13 @@ REFUND_LUA = (
     + """
 local nb = tonumber(ARGV[2])
 local nq = tonumber(ARGV[3])
-if not redis.call('SET', KEYS[nb + nq + 1], '1', 'NX', 'EX', REFUND_MARK_S) then
-  return 0
-end
 local clock = redis.call('TIME')
 local stamp = clock[1] .. '.' .. string.format('%06d', tonumber(clock[2]))
 local now = tonumber(stamp)
+if now > tonumber(ARGV[1]) then return 0 end
+if not redis.call('SET', KEYS[nb + nq + 1], '1', 'NX', 'EX', REFUND_MARK_S) then
+  return 0
+end
 for i = 1, nb do
   local base = 3 + 4 * (i - 1)
   local rate = tonumber(ARGV[base + 1])
@@ -335,9 +344,6 @@ CLOCK_SYNC_S = 30.0
 LATE_REPLY_TIMEOUTS = 4
 #: Refunds kept while Redis cannot be reached, at most (one more is logged as lost).
 MAX_KEPT_REFUNDS = 100_000
-#: A refund written but not answered is sent again this long before its marker could
-#: have expired, at the latest (the time from this process's flush to Redis' run).
-MARK_MARGIN_S = 20
 #: A refund written but not answered is sent again after this long, if no call's batch
 #: took it first.
 RESEND_S = 1.0
@@ -373,9 +379,9 @@ class _Call:
     keys: list[str]
     args: list[float | int | str]
     future: asyncio.Future[Any] | None
-    #: A refund written whose reply never came: when that first happened (it is sent
-    #: again until its marker has expired, :data:`REFUND_MARK_S`).
-    lost_at: float | None = None
+    #: A refund once written: the time.monotonic() after which it gives back nothing
+    #: (:data:`REFUND_VALID_S` after its first write; Redis checks it on its clock).
+    due_by: float | None = None
 
 
 #: An error reply: Redis refused the command (redis-py makes ``-LOADING`` a connection
@@ -388,9 +394,9 @@ def _never_ran(error: _ErrorReply) -> bool:
     cannot count it twice): out of memory (checked at a script's first write), a
     read-only replica, a missing script, busy with another script, loading its data
     (a restart), no reachable primary."""
-    return isinstance(
-        error, OutOfMemoryError | ReadOnlyError | NoScriptError | BusyLoadingError
-    ) or str(error).startswith(("BUSY", "LOADING", "MASTERDOWN"))
+    refused = OutOfMemoryError | ReadOnlyError | NoScriptError | BusyLoadingError | MasterDownError
+    # redis-py takes the code out of the text of the errors it names, not the others'.
+    return isinstance(error, refused) or str(error).startswith(("BUSY", "NOREPLICAS", "MISCONF"))
 
 
 #: A quota count as the acquire script takes it (digits, a sign, 18 characters at
@@ -463,6 +469,7 @@ class RedisStore:
             f"refund:{secrets.token_hex(8)}:{number}" for number in itertools.count()
         )
         self._resend: asyncio.TimerHandle | None = None  # the next try of those kept
+        self._closing = False
         self._sending: set[asyncio.Task[None]] = set()
         # Redis' TIME minus time.monotonic(), at most (measured so that a deadline
         # computed with it is never later, on Redis' clock, than meant), and until
@@ -485,6 +492,7 @@ class RedisStore:
             logger.warning("limits store redis not reachable at start: %s", type(exc).__name__)
 
     async def aclose(self) -> None:
+        self._closing = True  # no more timed tries: the last one is below
         if self._resend is not None:
             self._resend.cancel()
         await self._drain()  # refunds the last replies queued, too
@@ -495,6 +503,8 @@ class RedisStore:
             logger.warning(
                 "limits store redis: %d refunds never reached Redis (closing)", len(self._kept)
             )
+        if self._resend is not None:  # armed by the last settling
+            self._resend.cancel()
         await self._client.aclose()
 
     async def _drain(self) -> None:
@@ -588,7 +598,7 @@ class RedisStore:
     def _flush(self) -> None:
         # Calls first: a backlog of kept refunds must not push them past their deadline.
         kept = self._kept
-        if any(call.lost_at is not None for call in kept):
+        if any(call.due_by is not None for call in kept):
             kept = self._unexpired(kept)
         calls, self._pending = self._pending + kept, []
         self._kept = []
@@ -601,16 +611,15 @@ class RedisStore:
 
     @staticmethod
     def _unexpired(kept: list[_Call]) -> list[_Call]:
-        """``kept`` but the refunds written without an answer too long ago to send
-        again: their markers may have expired (one that ran would give back twice)."""
-        since = time.monotonic() - REFUND_MARK_S + MARK_MARGIN_S
-        due = [call for call in kept if call.lost_at is None or call.lost_at > since]
+        """``kept`` but the refunds past their deadline (Redis would take nothing)."""
+        now = time.monotonic()
+        due = [call for call in kept if call.due_by is None or call.due_by > now]
         if len(due) < len(kept):
             logger.warning(
-                "limits store redis: %d refund(s) sent but not answered for over %d s are "
-                "not sent again; Redis applied those it ran",
+                "limits store redis: %d refund(s) written but not answered within %d s are "
+                "given up; Redis applied those it ran",
                 len(kept) - len(due),
-                REFUND_MARK_S - MARK_MARGIN_S,
+                REFUND_VALID_S,
             )
         return due
 
@@ -678,6 +687,11 @@ class RedisStore:
                 for attempt in range(2):
                     if attempt:  # Redis restarted: load the scripts, send those calls again
                         await self._load_scripts(connection)
+                    for i in todo:  # a refund's deadline runs from its first write
+                        if calls[i].kind == "refund" and calls[i].due_by is None:
+                            calls[i] = dataclasses.replace(
+                                calls[i], due_by=written_at + REFUND_VALID_S
+                            )
                     commands = [self._command(calls[i], deadline) for i in todo]
                     for i in todo:
                         replies[i] = _LOST
@@ -722,10 +736,13 @@ class RedisStore:
                 given_back,
             )
 
-    @staticmethod
-    def _command(call: _Call, deadline: str) -> tuple[float | int | str, ...]:
+    def _command(self, call: _Call, deadline: str) -> tuple[float | int | str, ...]:
+        """``deadline``: an acquire's, on Redis' clock; a refund has its own."""
         if call.kind == "get":
             return ("GET", call.keys[0])
+        if call.due_by is not None:
+            assert self._offset_s is not None
+            deadline = f"{self._offset_s + call.due_by:.6f}"
         sha, _ = _SCRIPTS[call.kind]
         return ("EVALSHA", sha, len(call.keys), *call.keys, deadline, *call.args)
 
@@ -777,9 +794,9 @@ class RedisStore:
             call.future.set_exception(error)
         if lost:  # one line a batch, however many (a backlog flooded the log)
             logger.warning("limits store redis: %d refund(s) lost (too many kept)", lost)
-        if unanswered and self._resend is None:
-            # Sent again within its marker's life, calls or not (kept refunds otherwise
-            # wait for the next call's batch).
+        if self._resend is None and not self._closing and any(c.due_by for c in self._kept):
+            # A refund once written is sent again before its deadline, calls or not (kept
+            # refunds otherwise wait for the next call's batch), until Redis answers.
             self._resend = asyncio.get_running_loop().call_later(RESEND_S, self._send_kept)
         if unanswered:
             logger.warning(
@@ -804,8 +821,6 @@ class RedisStore:
         reply about its keys: it cannot run)."""
         if reply is _LOST or (isinstance(reply, _ErrorReply) and not _never_ran(reply)
                               and _own_keys(reply) is None):  # fmt: skip
-            if call.lost_at is None:
-                call = dataclasses.replace(call, lost_at=time.monotonic())
             outcome = "unanswered"
         elif reply is _UNSENT or (isinstance(reply, _ErrorReply) and _never_ran(reply)):
             outcome = "kept"
