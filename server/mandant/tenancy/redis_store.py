@@ -816,14 +816,12 @@ class RedisStore:
 
     def _settle_refund(self, call: _Call, reply: Any) -> str:
         """Keep a refund that never ran, or may not have, for the next batch; what
-        became of it: ``kept``, ``unanswered`` (sent, no reply: kept, its marker makes
-        sending it again safe), ``lost`` (too many kept), or ``done`` (run, or an error
-        reply about its keys: it cannot run)."""
-        if reply is _LOST or (isinstance(reply, _ErrorReply) and not _never_ran(reply)
-                              and _own_keys(reply) is None):  # fmt: skip
-            outcome = "unanswered"
-        elif reply is _UNSENT or (isinstance(reply, _ErrorReply) and _never_ran(reply)):
+        became of it: ``kept``, ``unanswered`` (sent, no reply: kept too), ``lost`` (too
+        many kept), or ``done`` (run, or an error reply about its keys: it cannot)."""
+        if reply is _UNSENT or (isinstance(reply, _ErrorReply) and _never_ran(reply)):
             outcome = "kept"
+        elif reply is _LOST or (isinstance(reply, _ErrorReply) and _own_keys(reply) is None):
+            outcome = "unanswered"  # it may have run: its marker and deadline make it safe
         else:
             return "done"
         if len(self._kept) < MAX_KEPT_REFUNDS:
