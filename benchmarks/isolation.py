@@ -12,7 +12,9 @@ time: two attacks found in review, each measured as the other tenant sees it.
   gRPC call every 20 ms: JSON is written on the event loop (and, with ``workers: N``,
   REST is served by the engine, which every front end waits on). Then the same with
   one BYTES element of ``--bytes-element`` bytes (48 MiB of ``0x01``, each escaped to
-  six characters: a 300 MB answer) echoed as JSON, and as binary data.
+  six characters: a 300 MB answer) echoed as JSON, and as binary data; and
+  ``--json-callers`` REST calls at once (16 of 10⁶ values), JSON answers all: each
+  answer used to write a piece every turn of the loop, so 16 wrote 16 a turn.
 * ``json-bodies``: the same tiny calls while the other tenant sends REST inference
   calls whose JSON is as long as ``server.max_json_bytes`` lets it be, on 4
   connections, for ``--seconds``: JSON is parsed and turned into tensors on the event
@@ -295,9 +297,31 @@ ECHO_BYTES = {
 }
 
 
+def _json_answers(callers: int, values: int) -> Attack:
+    """acme's ``callers`` REST calls at once, each a :func:`_big_rest_call` of
+    ``values``."""
+
+    def send(served: Served) -> tuple[object, float]:
+        statuses: dict[int, int] = {}
+
+        def call() -> None:
+            status, _ = _big_rest_call(served.rest_port, values)
+            statuses[int(str(status))] = statuses.get(int(str(status)), 0) + 1
+
+        return _in_threads(call, callers, statuses)
+
+    return send
+
+
 def rest_json(
-    workers: int, seconds: float, warmup_s: float, values: int, element: int
+    workers: int,
+    seconds: float,
+    warmup_s: float,
+    values: int,
+    element: int,
+    callers: tuple[int, int] = (16, 1_000_000),
 ) -> list[list[object]]:
+    """``callers``: how many calls at once of how many values, the last phase."""
     config = write_config(_config(ECHO, workers, ECHO_BYTES))
     rows: list[list[object]] = []
     with mandant_process(config, SERVER_CPU, THREAD_ENV) as served:
@@ -306,6 +330,10 @@ def rest_json(
             (
                 f"beside a {values:.0e}-value JSON answer",
                 lambda served: _big_rest_call(served.rest_port, values),
+            ),
+            (
+                f"beside {callers[0]} JSON answers of {callers[1]:.0e} values at once",
+                _json_answers(*callers),
             ),
             (
                 f"beside one {element >> 20} MiB BYTES element as JSON",
@@ -652,6 +680,14 @@ def main() -> None:
     parser.add_argument("--values", type=int, default=10_000_000)
     parser.add_argument("--bytes-element", type=int, default=48 << 20)
     parser.add_argument(
+        "--json-callers",
+        type=int,
+        nargs=2,
+        default=[16, 1_000_000],
+        metavar=("CALLS", "VALUES"),
+        help="rest-json: acme's REST calls at once and the values of each (JSON answers)",
+    )
+    parser.add_argument(
         "--attacks",
         nargs="+",
         default=["shapes", "rest-json", "json-bodies", "messages", "refused-bytes"],
@@ -677,7 +713,12 @@ def main() -> None:
             row
             for workers in args.workers
             for row in rest_json(
-                workers, args.seconds, args.warmup, args.values, args.bytes_element
+                workers,
+                args.seconds,
+                args.warmup,
+                args.values,
+                args.bytes_element,
+                (args.json_callers[0], args.json_callers[1]),
             )
         ]
         print("\nrest-json: globex's tiny gRPC calls (one per 20 ms) while acme's REST call runs")

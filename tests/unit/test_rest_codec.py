@@ -4,6 +4,7 @@ the status table and the ``rest_port`` setting."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import tracemalloc
@@ -23,6 +24,8 @@ from mandant.transport.rest.codec import (
     JSON_VALUES_PER_TURN,
     BodyTooLarge,
     JsonInferRequest,
+    JsonTurns,
+    Turn,
     decode_json_data,
     encode_answer,
     encode_infer_response,
@@ -291,6 +294,46 @@ def test_a_large_bytes_input_is_copied_once_out_of_the_body() -> None:
         tracemalloc.stop()
     assert decoded.tolist() == [b"\x01" * size]
     assert peak < 1.25 * size
+
+
+async def test_large_json_answers_write_one_piece_a_turn_in_all_tenants_in_turn() -> None:
+    """Tenant a's three large JSON answers and b's one, at once: one piece of any of
+    them per turn of the event loop (each yielded between its own pieces, so four
+    wrote four pieces a turn and another call waited four times as long), b's pieces
+    between a's (round robin by tenant, not one answer after another)."""
+    turns = JsonTurns()
+    tick = 0
+    written: list[tuple[str, int]] = []  # (tenant, turn of the loop) of each piece
+
+    async def ticking() -> None:
+        nonlocal tick
+        while True:
+            tick += 1
+            await asyncio.sleep(0)
+
+    def counted(tenant: str) -> Turn:
+        turn = turns.turn(tenant)
+
+        async def piece() -> None:
+            await turn()
+            written.append((tenant, tick))
+
+        return piece
+
+    values = np.arange(3 * JSON_VALUES_PER_TURN, dtype=np.float32)
+    response = InferResponse("m", "1", "", {"Y": values})
+    clock = asyncio.create_task(ticking())
+    try:
+        answers = await asyncio.gather(
+            *(encode_answer(response, False, counted(t)) for t in ("a", "a", "a", "b"))
+        )
+    finally:
+        clock.cancel()
+    assert all(json.loads(a.joined())["outputs"][0]["data"] == values.tolist() for a in answers)
+    assert len(written) == 12
+    assert len({when for _, when in written}) == 12  # never two pieces in one turn
+    b_pieces = [i for i, (tenant, _) in enumerate(written) if tenant == "b"]
+    assert b_pieces == [1, 3, 5], written  # a, b, a, b, a, b, then a's other answers
 
 
 async def test_a_large_binary_bytes_output_is_written_as_it_is() -> None:

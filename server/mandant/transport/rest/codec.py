@@ -18,7 +18,8 @@ import functools
 import itertools
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -68,6 +69,62 @@ JSON_CHARS_PER_TURN = 1 << 20
 _ELEMENT_CHARS = 16
 
 _dumps = functools.partial(json.dumps, separators=(",", ":"))
+#: Waits for the turn of the event loop in which an answer writes its next piece of JSON.
+Turn = Callable[[], Awaitable[None]]
+
+
+async def next_turn() -> None:
+    """The next turn of the event loop, whoever else writes JSON (one answer alone)."""
+    await asyncio.sleep(0)
+
+
+class JsonTurns:
+    """The turns of the event loop in which large JSON answers write their pieces: one
+    piece a turn in all, the answers being written taking turns by tenant (round
+    robin), each tenant's in the order they came. Each answer yielded a turn between
+    its own pieces, so N answers at once wrote N pieces in every turn: one tenant's 16
+    concurrent REST calls answered in JSON held every other tenant's calls 1.9 s
+    (``workers: N``: the engine's loop, every front end's calls)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
+        self._tenants: deque[str] = deque()  # those waiting, in the order they go
+        self._scheduled = False
+
+    def turn(self, tenant: str) -> Turn:
+        """What ``tenant``'s answer awaits before each piece."""
+        return functools.partial(self._take, tenant)
+
+    async def _take(self, tenant: str) -> None:
+        loop = asyncio.get_running_loop()
+        mine: asyncio.Future[None] = loop.create_future()
+        queue = self._waiting.get(tenant)
+        if queue is None:
+            queue = self._waiting[tenant] = deque()
+            self._tenants.append(tenant)
+        queue.append(mine)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._give)
+        await mine  # cancelled (its caller left): :meth:`_give` passes it over
+
+    def _give(self) -> None:
+        """Let one waiting answer write its piece in the next turn."""
+        self._scheduled = False
+        while self._tenants:
+            tenant = self._tenants.popleft()
+            queue = self._waiting[tenant]
+            waiter = queue.popleft()
+            if queue:
+                self._tenants.append(tenant)
+            else:
+                del self._waiting[tenant]
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+        if self._tenants:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._give)
 
 
 def _expect(value: object, kind: type | tuple[type, ...], what: str) -> Any:
@@ -495,10 +552,13 @@ async def encode_infer_response(
     return answer.joined(), answer.header_length
 
 
-async def encode_answer(response: InferResponse, binary: frozenset[str] | bool) -> AnswerBody:
+async def encode_answer(
+    response: InferResponse, binary: frozenset[str] | bool, turn: Turn = next_turn
+) -> AnswerBody:
     """The response body. Outputs of more than :data:`JSON_VALUES_PER_TURN` values
     (BYTES: :data:`JSON_CHARS_PER_TURN` characters) sent as JSON are written over
-    several turns of the event loop."""
+    several turns of the event loop, each piece after ``turn`` (a server's:
+    :meth:`JsonTurns.turn`)."""
     declared = {spec.name: spec.datatype for spec in response.output_specs}
     doc: dict[str, Any] = {
         "model_name": response.model_name,
@@ -524,7 +584,7 @@ async def encode_answer(response: InferResponse, binary: frozenset[str] | bool) 
             head.append(_dumps(entry).encode())
         else:
             head += (_dumps(entry)[:-1].encode(), b',"data":[')
-            await _json_data(head, name, array.reshape(-1), datatype)
+            await _json_data(head, name, array.reshape(-1), datatype, turn)
             head.append(b"]}")
     head.append(b"]}")
     length = sum(map(len, head))
@@ -533,16 +593,20 @@ async def encode_answer(response: InferResponse, binary: frozenset[str] | bool) 
     return AnswerBody([*head, *chunks], length + sum(map(len, chunks)), length)
 
 
-async def _json_data(into: list[bytes], name: str, flat: np.ndarray, datatype: str) -> None:
+async def _json_data(
+    into: list[bytes], name: str, flat: np.ndarray, datatype: str, turn: Turn
+) -> None:
     """Append the JSON of a flat output's values, without brackets, to ``into``: a
     piece of :data:`JSON_VALUES_PER_TURN` values (BYTES: :data:`JSON_CHARS_PER_TURN`
-    characters) per turn of the event loop."""
+    characters) per turn of the event loop, each after ``turn`` (the first too, where
+    there are several)."""
     if datatype == "BYTES":
-        await _json_strings(into, name, flat)
+        await _json_strings(into, name, flat, turn)
         return
     for start in range(0, flat.size, JSON_VALUES_PER_TURN):
+        if flat.size > JSON_VALUES_PER_TURN:
+            await turn()  # let the calls waiting meanwhile be served
         if start:
-            await asyncio.sleep(0)  # let the calls waiting meanwhile be served
             into.append(b",")
         piece = flat[start : start + JSON_VALUES_PER_TURN]
         into.append(_dumps(_json_values(name, piece, datatype))[1:-1].encode())
@@ -553,7 +617,7 @@ def _json_values(name: str, flat: np.ndarray, datatype: str) -> list[Any]:
     return values
 
 
-async def _json_strings(into: list[bytes], name: str, flat: np.ndarray) -> None:
+async def _json_strings(into: list[bytes], name: str, flat: np.ndarray, turn: Turn) -> None:
     """BYTES values as JSON strings: about :data:`JSON_CHARS_PER_TURN` characters per
     turn of the event loop, however they are spread over the elements. Elements that
     fit in what is left of a turn's piece are decoded and escaped together; a larger
@@ -574,7 +638,7 @@ async def _json_strings(into: list[bytes], name: str, flat: np.ndarray) -> None:
         cost = len(data) + _ELEMENT_CHARS
         if cost > budget:
             flush()
-            await asyncio.sleep(0)  # let the calls waiting meanwhile be served
+            await turn()  # let the calls waiting meanwhile be served
             budget = JSON_CHARS_PER_TURN
         if cost <= budget:
             together.append(_utf8(name, data))
@@ -586,7 +650,7 @@ async def _json_strings(into: list[bytes], name: str, flat: np.ndarray) -> None:
         view = memoryview(data).cast("B")
         for start in range(0, len(view), JSON_CHARS_PER_TURN):
             if start:
-                await asyncio.sleep(0)
+                await turn()
             piece = view[start : start + JSON_CHARS_PER_TURN]
             final = start + len(piece) >= len(view)
             into.append(_dumps(_utf8(name, piece, decoder, final))[1:-1].encode())

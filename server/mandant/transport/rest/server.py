@@ -40,6 +40,7 @@ from mandant.transport.rest.codec import (
     HEADER_LENGTH,
     AnswerBody,
     JsonInferRequest,
+    JsonTurns,
     encode_answer,
 )
 from mandant.transport.rest.gate import (
@@ -86,6 +87,7 @@ class RestServer:
         if unread is None:
             unread = UnreadAnswers(config.max_unread_answer_bytes, observer or NullObserver())
         self._unread = unread
+        self._json_turns = JsonTurns()  # large JSON answers' pieces, fairly
         self._plane = plane
         self._config = config
         self._stats = stats or InferenceStats()
@@ -233,7 +235,9 @@ class RestServer:
         if infer_request.request_id:
             current_request_id.set(infer_request.request_id[:MAX_LOGGED_ID])
         response = await self._plane.infer(call, infer_request)
-        answer = await encode_answer(response, infer_request.binary_outputs())
+        answer = await encode_answer(
+            response, infer_request.binary_outputs(), self._json_turns.turn(call.caller.id)
+        )
         held = Held(self._unread, call.caller.id, answer.size)
         if answer.header_length is None:
             content_type, headers = "application/json", None
