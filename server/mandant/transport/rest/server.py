@@ -327,18 +327,6 @@ class StreamedAnswer(_HeldResponse):
             view = memoryview(piece)
             for start in range(0, len(view), STREAMED_WRITE_BYTES):
                 await self.write(view[start : start + STREAMED_WRITE_BYTES])
-            raise
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        try:
-            pieces, self._pieces = self._pieces, ()
-            for piece in pieces:
-                view = memoryview(piece)
-                for start in range(0, len(view), STREAMED_WRITE_BYTES):
-                    await self.write(view[start : start + STREAMED_WRITE_BYTES])
-            await super().write_eof(data)
-        finally:
-            self._held.written()
 
 
 def _model_of(request: web.Request) -> tuple[str, str]:
