@@ -336,6 +336,49 @@ async def test_large_json_answers_write_one_piece_a_turn_in_all_tenants_in_turn(
     assert b_pieces == [1, 3, 5], written  # a, b, a, b, a, b, then a's other answers
 
 
+@pytest.mark.parametrize(
+    ("outputs", "turns"),
+    [
+        ({"Y": np.zeros(3 * JSON_VALUES_PER_TURN, np.float32)}, 3),
+        # many outputs, each one piece: an answer of 32 so held the loop 0.5 s
+        ({f"Y{i}": np.zeros(JSON_VALUES_PER_TURN, np.float32) for i in range(4)}, 4),
+        # 31,457 elements of 100 characters (and 16 more each, counted): 4 turns' worth,
+        # the first piece too (each of N answers at once wrote its first at once)
+        ({"S": np.array([b"x" * 100] * (3 * JSON_CHARS_PER_TURN // 100), np.object_)}, 4),
+        ({"Y": np.zeros(100, np.float32), "S": np.array([b"x"], np.object_)}, 0),  # small
+    ],
+    ids=["one output", "many outputs", "bytes", "small"],
+)
+async def test_every_piece_of_a_large_answer_waits_for_its_turn(
+    outputs: dict[str, np.ndarray], turns: int
+) -> None:
+    """JSON_VALUES_PER_TURN values (BYTES: JSON_CHARS_PER_TURN characters) a turn,
+    counted over the whole answer, whatever outputs they are of; a small answer takes
+    no turn."""
+    taken = 0
+
+    async def turn() -> None:
+        nonlocal taken
+        taken += 1
+
+    answer = await encode_answer(InferResponse("m", "1", "", outputs), False, turn)
+    assert taken == turns
+    got = {o["name"]: o["data"] for o in json.loads(answer.joined())["outputs"]}
+    assert got == {
+        name: [v.decode() for v in array] if array.dtype == object else array.tolist()
+        for name, array in outputs.items()
+    }
+
+
+async def test_a_lone_large_answer_writes_a_piece_every_loop_turn() -> None:
+    """Its turns come one a loop turn, not one every other (each waited for the turn
+    after the one that let it go)."""
+    turns = JsonTurns()
+    response = InferResponse("m", "1", "", {"Y": np.zeros(10 * JSON_VALUES_PER_TURN)})
+    _, loop_turns = await with_loop_turns(encode_answer(response, False, turns.turn("a")))
+    assert loop_turns <= 10 + 3, loop_turns
+
+
 async def test_a_large_binary_bytes_output_is_written_as_it_is() -> None:
     """A binary BYTES output's large element is a piece of the answer itself: joined
     with its prefix first, it was one more 48 MiB copy on the event loop."""

@@ -122,9 +122,46 @@ class JsonTurns:
             if not waiter.done():
                 waiter.set_result(None)
                 break
-        if self._tenants:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._give)
+        else:  # none waits: the next to come goes at once
+            return
+        # Again right after the piece just let go (it may wait for its next at once): a
+        # lone answer gets a piece every turn, not every other one.
+        self._scheduled = True
+        asyncio.get_running_loop().call_soon(self._give)
+
+
+#: BYTES characters written as JSON that cost what one value does (the two budgets).
+CHARS_PER_VALUE = JSON_CHARS_PER_TURN / JSON_VALUES_PER_TURN
+
+
+class _Pace:
+    """An answer's JSON written in this turn of the event loop, in values (BYTES
+    characters counted at :data:`CHARS_PER_VALUE`), whatever output they are of: a
+    turn is taken before a piece that would pass :data:`JSON_VALUES_PER_TURN` (an
+    answer of many outputs, each under it, was written in one turn: 32 of 16,384
+    values held the loop 0.5 s). ``large``: the first piece waits for a turn too (each
+    of N answers at once wrote its first at once)."""
+
+    __slots__ = ("_turn", "_written")
+
+    def __init__(self, turn: Turn, large: bool) -> None:
+        self._turn = turn
+        self._written = float(JSON_VALUES_PER_TURN) if large else 0.0
+
+    async def room(self, values: float) -> None:
+        """Before a piece of ``values``: the next turn, if this one has had its share."""
+        if self._written and self._written + values > JSON_VALUES_PER_TURN:
+            await self._turn()
+            self._written = 0.0
+        self._written += values
+
+    def fits(self, values: float) -> bool:
+        """Whether a piece of ``values`` fits in what this turn has left."""
+        return self._written + values <= JSON_VALUES_PER_TURN
+
+    def spend(self, values: float) -> None:
+        """A piece that :meth:`fits`, written in this turn."""
+        self._written += values
 
 
 def _expect(value: object, kind: type | tuple[type, ...], what: str) -> Any:
@@ -555,11 +592,17 @@ async def encode_infer_response(
 async def encode_answer(
     response: InferResponse, binary: frozenset[str] | bool, turn: Turn = next_turn
 ) -> AnswerBody:
-    """The response body. Outputs of more than :data:`JSON_VALUES_PER_TURN` values
-    (BYTES: :data:`JSON_CHARS_PER_TURN` characters) sent as JSON are written over
-    several turns of the event loop, each piece after ``turn`` (a server's:
+    """The response body. Outputs sent as JSON are written :data:`JSON_VALUES_PER_TURN`
+    values (BYTES: :data:`JSON_CHARS_PER_TURN` characters) a turn of the event loop,
+    however many outputs they are of, each turn after ``turn`` (a server's:
     :meth:`JsonTurns.turn`)."""
     declared = {spec.name: spec.datatype for spec in response.output_specs}
+    as_json = [
+        array
+        for name, array in response.outputs.items()
+        if not (binary is True or (binary is not False and name in binary))
+    ]
+    pace = _Pace(turn, sum(array.size for array in as_json) > JSON_VALUES_PER_TURN)
     doc: dict[str, Any] = {
         "model_name": response.model_name,
         "model_version": response.model_version,
@@ -584,7 +627,7 @@ async def encode_answer(
             head.append(_dumps(entry).encode())
         else:
             head += (_dumps(entry)[:-1].encode(), b',"data":[')
-            await _json_data(head, name, array.reshape(-1), datatype, turn)
+            await _json_data(head, name, array.reshape(-1), datatype, pace)
             head.append(b"]}")
     head.append(b"]}")
     length = sum(map(len, head))
@@ -594,21 +637,18 @@ async def encode_answer(
 
 
 async def _json_data(
-    into: list[bytes], name: str, flat: np.ndarray, datatype: str, turn: Turn
+    into: list[bytes], name: str, flat: np.ndarray, datatype: str, pace: _Pace
 ) -> None:
-    """Append the JSON of a flat output's values, without brackets, to ``into``: a
-    piece of :data:`JSON_VALUES_PER_TURN` values (BYTES: :data:`JSON_CHARS_PER_TURN`
-    characters) per turn of the event loop, each after ``turn`` (the first too, where
-    there are several)."""
+    """Append the JSON of a flat output's values, without brackets, to ``into``, a piece
+    of at most :data:`JSON_VALUES_PER_TURN` values at a time, as ``pace`` lets it."""
     if datatype == "BYTES":
-        await _json_strings(into, name, flat, turn)
+        await _json_strings(into, name, flat, pace)
         return
     for start in range(0, flat.size, JSON_VALUES_PER_TURN):
-        if flat.size > JSON_VALUES_PER_TURN:
-            await turn()  # let the calls waiting meanwhile be served
+        piece = flat[start : start + JSON_VALUES_PER_TURN]
+        await pace.room(piece.size)  # let the calls waiting meanwhile be served
         if start:
             into.append(b",")
-        piece = flat[start : start + JSON_VALUES_PER_TURN]
         into.append(_dumps(_json_values(name, piece, datatype))[1:-1].encode())
 
 
@@ -617,12 +657,12 @@ def _json_values(name: str, flat: np.ndarray, datatype: str) -> list[Any]:
     return values
 
 
-async def _json_strings(into: list[bytes], name: str, flat: np.ndarray, turn: Turn) -> None:
-    """BYTES values as JSON strings: about :data:`JSON_CHARS_PER_TURN` characters per
-    turn of the event loop, however they are spread over the elements. Elements that
-    fit in what is left of a turn's piece are decoded and escaped together; a larger
-    one alone, a piece at a time (a JSON string may be cut between any characters)."""
-    budget = JSON_CHARS_PER_TURN
+async def _json_strings(into: list[bytes], name: str, flat: np.ndarray, pace: _Pace) -> None:
+    """BYTES values as JSON strings, as ``pace`` lets them be written (characters count
+    at :data:`CHARS_PER_VALUE`), however they are spread over the elements. Elements
+    that fit in what is left of a turn are decoded and escaped together; a larger one
+    alone, :data:`JSON_CHARS_PER_TURN` characters at a time (a JSON string may be cut
+    between any characters)."""
     together: list[str] = []
     separator = b""
 
@@ -635,27 +675,26 @@ async def _json_strings(into: list[bytes], name: str, flat: np.ndarray, turn: Tu
 
     for value in flat:
         data = value.encode() if isinstance(value, str) else value
-        cost = len(data) + _ELEMENT_CHARS
-        if cost > budget:
-            flush()
-            await turn()  # let the calls waiting meanwhile be served
-            budget = JSON_CHARS_PER_TURN
-        if cost <= budget:
+        cost = (len(data) + _ELEMENT_CHARS) / CHARS_PER_VALUE
+        if cost <= JSON_VALUES_PER_TURN:
+            if pace.fits(cost):
+                pace.spend(cost)  # no await an element: a million of them cost 0.3 s
+            else:
+                flush()  # what this turn had room for
+                await pace.room(cost)  # let the calls waiting meanwhile be served
             together.append(_utf8(name, data))
-            budget -= cost
             continue
+        flush()
         into.append(separator + b'"')
         separator = b","
         decoder = codecs.getincrementaldecoder("utf-8")()
         view = memoryview(data).cast("B")
         for start in range(0, len(view), JSON_CHARS_PER_TURN):
-            if start:
-                await turn()
             piece = view[start : start + JSON_CHARS_PER_TURN]
+            await pace.room(len(piece) / CHARS_PER_VALUE)
             final = start + len(piece) >= len(view)
             into.append(_dumps(_utf8(name, piece, decoder, final))[1:-1].encode())
         into.append(b'"')
-        budget = 0  # the next element starts a turn of its own
     flush()
 
 
