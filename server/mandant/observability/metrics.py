@@ -251,8 +251,7 @@ class PrometheusObserver:
                 series.drop(_labelled(at, tenants))
                 continue
             for labels, value in series.drop(_labelled(at, tenants)):
-                kept = self._forgotten.get((series, labels), 0.0)
-                self._forgotten[series, labels] = kept + value
+                self._aside(series, labels, value)
 
     def forget(self, served: ServedModels) -> None:
         """Drop the series of the models ``served`` does not list (see the module
@@ -270,7 +269,7 @@ class PrometheusObserver:
             by_model = counter in (self.rows, self.compute_seconds)
             for labels, value in gone:
                 kept = labels if by_model else (*labels[:at], "", *labels[at + 1 :])
-                self._forgotten[counter, kept] = self._forgotten.get((counter, kept), 0.0) + value
+                self._aside(counter, kept, value)
         for owned in (self.batch_size, self.failed_batches):  # labels: (model, owner)
             owned.drop(lambda labels: labels[0] != "" and not served.serves(*labels))
 
@@ -285,9 +284,9 @@ class PrometheusObserver:
         return None if tenant in directory.ever else ""
 
     def _aside(self, series: CounterSeries, labels: Labels, value: float = 1.0) -> None:
-        """A usage count of a tenant a reload removed (a call that ended after it),
-        kept with what its counters held (:meth:`retire_tenants`) for its last usage
-        report."""
+        """A usage count kept aside for usage reports, not in ``/metrics``: what the
+        counters of a model no longer served (:meth:`forget`) or of a tenant a reload
+        removed held (:meth:`retire_tenants`), and that tenant's calls that end later."""
         self._forgotten[series, labels] = self._forgotten.get((series, labels), 0.0) + value
 
     def _model(self, model: str) -> str:

@@ -387,6 +387,8 @@ class _Call:
 #: An error reply: Redis refused the command (redis-py makes ``-LOADING`` a connection
 #: error, though the connection is sound and the next replies come on it).
 _ErrorReply = ResponseError | BusyLoadingError
+#: Refusals redis-py names, of a script that never ran (:func:`_never_ran`).
+_REFUSED = OutOfMemoryError | ReadOnlyError | NoScriptError | BusyLoadingError | MasterDownError
 
 
 def _never_ran(error: _ErrorReply) -> bool:
@@ -394,9 +396,8 @@ def _never_ran(error: _ErrorReply) -> bool:
     cannot count it twice): out of memory (checked at a script's first write), a
     read-only replica, a missing script, busy with another script, loading its data
     (a restart), no reachable primary."""
-    refused = OutOfMemoryError | ReadOnlyError | NoScriptError | BusyLoadingError | MasterDownError
     # redis-py takes the code out of the text of the errors it names, not the others'.
-    return isinstance(error, refused) or str(error).startswith(("BUSY", "NOREPLICAS", "MISCONF"))
+    return isinstance(error, _REFUSED) or str(error).startswith(("BUSY", "NOREPLICAS", "MISCONF"))
 
 
 #: A quota count as the acquire script takes it (digits, a sign, 18 characters at

@@ -597,12 +597,10 @@ async def encode_answer(
     however many outputs they are of, each turn after ``turn`` (a server's:
     :meth:`JsonTurns.turn`)."""
     declared = {spec.name: spec.datatype for spec in response.output_specs}
-    as_json = [
-        array
-        for name, array in response.outputs.items()
-        if not (binary is True or (binary is not False and name in binary))
-    ]
-    pace = _Pace(turn, sum(array.size for array in as_json) > JSON_VALUES_PER_TURN)
+    json_values = sum(
+        array.size for name, array in response.outputs.items() if not _binary(name, binary)
+    )
+    pace = _Pace(turn, json_values > JSON_VALUES_PER_TURN)
     doc: dict[str, Any] = {
         "model_name": response.model_name,
         "model_version": response.model_version,
@@ -616,7 +614,7 @@ async def encode_answer(
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if index:
             head.append(b",")
-        if binary is True or (binary is not False and name in binary):
+        if _binary(name, binary):
             pieces: Sequence[bytes | memoryview] = (
                 bytes_pieces(array)
                 if datatype == "BYTES"
@@ -634,6 +632,12 @@ async def encode_answer(
     if not chunks:
         return AnswerBody(list(head), length, None)
     return AnswerBody([*head, *chunks], length + sum(map(len, chunks)), length)
+
+
+def _binary(name: str, binary: frozenset[str] | bool) -> bool:
+    """Whether output ``name`` goes as binary data (``binary``: every output, none, or
+    those named)."""
+    return binary is True or (binary is not False and name in binary)
 
 
 async def _json_data(
