@@ -72,6 +72,14 @@ function encode(tensor) {
       `input ${name}: ${datatype} data needs ${needs} (shape ${JSON.stringify(shape)}), got ${described(data)}`,
     );
   }
+  // BOOL travels as one byte a value: a Uint8Array holding 2 or 255 went out as is, a
+  // bool the server (and Triton) reads as neither true nor false, only as not 0.
+  if (datatype === 'BOOL') {
+    const index = data.findIndex((value) => value > 1);
+    if (index >= 0) {
+      throw new TypeError(`input ${name}: BOOL data needs 0 or 1, got ${data[index]} at index ${index}`);
+    }
+  }
   return Buffer.from(data.buffer, data.byteOffset, data.byteLength);
 }
 

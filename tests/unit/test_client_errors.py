@@ -54,7 +54,7 @@ class FakeRpcError(grpc.RpcError):
 
 EXPECTED: dict[grpc.StatusCode, type[MandantClientError]] = {
     grpc.StatusCode.OK: ServerError,
-    grpc.StatusCode.CANCELLED: ServerError,
+    grpc.StatusCode.CANCELLED: Unavailable,
     grpc.StatusCode.UNKNOWN: ServerError,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,

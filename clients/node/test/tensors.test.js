@@ -121,3 +121,12 @@ test('output data that does not fill its shape is an error, raw, BYTES or typed'
     /needs 2 elements, got 1/,
   );
 });
+
+test('BOOL input values other than 0 or 1 are refused before sending', () => {
+  const ok = encode({ name: 'B', datatype: 'BOOL', shape: [3], data: Uint8Array.of(1, 0, 1) });
+  assert.deepEqual([...ok], [1, 0, 1]);
+  assert.throws(
+    () => encode({ name: 'B', datatype: 'BOOL', shape: [3], data: Uint8Array.of(1, 0, 2) }),
+    /input B: BOOL data needs 0 or 1, got 2 at index 2/,
+  );
+});

@@ -12,7 +12,8 @@
     │   └── QuotaExceeded         the server's message mentions the quota
     ├── FailedPrecondition        FAILED_PRECONDITION: the call can never fit the limits
     ├── DeadlineExceeded          DEADLINE_EXCEEDED
-    ├── Unavailable               UNAVAILABLE: server down or draining, backend down
+    ├── Unavailable               UNAVAILABLE: server down or draining, backend down;
+    │                             CANCELLED sent by the server (it stopped mid-call)
     └── ServerError               INTERNAL, UNKNOWN and every other code
 
 Both clients translate at the call site: ``raise from_rpc_error(exc) from exc``; an
@@ -135,6 +136,10 @@ ERRORS_BY_CODE: dict[grpc.StatusCode, type[MandantClientError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    # Only a server (or a proxy) sends CANCELLED: a call of this client cancelled here
+    # raises CancelledError, or Unavailable once close() ran. gRPC cancels the calls a
+    # stopping server had not answered when its grace ran out: retryable, as UNAVAILABLE.
+    grpc.StatusCode.CANCELLED: Unavailable,
 }
 
 
