@@ -25,7 +25,7 @@ from mandant.scheduling.policy import MAX_PRIORITY
 from mandant.tenancy.admission import NO_PERMIT, Admission, Unlimited
 from mandant.tenancy.directory import TenantDirectory, TenantSnapshot
 from mandant.types import Call, EncodedRequest, InferRequest, InferResponse, ModelKey, Tenant
-from mandant.validation import check_batch_rows, check_inputs, check_outputs
+from mandant.validation import check_batch_rows, check_inputs, check_no_sequence, check_outputs
 
 SERVER_NAME = "mandant"
 EXTENSIONS = (
@@ -193,6 +193,8 @@ class DataPlane:
                 check_batch_rows(key.name, rows, spec.batching.max_batch_size)
             request.check_payload()  # framing and byte counts: refused before it costs quota
             parameters = request.parameters()
+            if parameters:
+                check_no_sequence(parameters)
             deadline = request_deadline(start, timeout_s, call.arrived, parameters.get("timeout"))
             priority = _priority(parameters.get("priority"), tenant.priority)
             permit = await self._admission.admit(tenant, key, rows)

@@ -3,7 +3,7 @@ before any tensor byte is read. Messages name the tensor and what was expected."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from math import prod
 
 from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS, ModelSpec
@@ -107,6 +107,24 @@ NO_CLASSIFICATION = "the classification extension is not supported"
 #: The parameter by which a Triton client puts a tensor in a shared-memory region.
 SHARED_MEMORY = "shared_memory_region"
 NO_SHARED_MEMORY = "shared memory is not supported: send the tensor in the request"
+
+#: Triton's sequence parameters: a stateful model's correlation id and the first and
+#: last request of a sequence. Mandant has no sequence batcher: a stateful model's
+#: requests served as unrelated ones would be wrong answers given without a word
+#: (they were: accepted and ignored). An id of 0 or "" and false flags say "none", as
+#: ``tritonclient`` sends no sequence parameter at all for those.
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+
+
+def check_no_sequence(parameters: Mapping[str, object]) -> None:
+    """Refuse a request that belongs to a sequence (:data:`SEQUENCE_PARAMETERS`)."""
+    for name in SEQUENCE_PARAMETERS:
+        if parameters.get(name) not in (None, 0, ""):  # (False == 0)
+            raise InvalidInput(
+                f"parameter '{name}': sequences are not supported (no model here keeps "
+                "state from one request to the next)"
+            )
+
 
 #: The most dimensions a tensor may have: numpy's limit (``numpy.ndarray`` of more
 #: cannot be made).

@@ -89,6 +89,14 @@ def _echo(
     return request
 
 
+def _with_parameters(
+    request: pb.ModelInferRequest, **parameters: pb.InferParameter
+) -> pb.ModelInferRequest:
+    for name, value in parameters.items():
+        request.parameters[name].CopyFrom(value)
+    return request
+
+
 SHM_REGION = pb.InferParameter(string_param="r")
 
 CASES: dict[str, tuple[pb.ModelInferRequest, str]] = {
@@ -189,6 +197,24 @@ CASES: dict[str, tuple[pb.ModelInferRequest, str]] = {
             parameters={"timeout": pb.InferParameter(string_param="soon")},
         ),
         "parameter 'timeout' is a non-negative 64-bit integer (microseconds)",
+    ),
+    # Triton's sequences (a stateful model's requests): there is no sequence batcher, and
+    # they were accepted and served as unrelated requests, without a word
+    "sequence id": (
+        _with_parameters(_echo(), sequence_id=pb.InferParameter(int64_param=5)),
+        "parameter 'sequence_id': sequences are not supported",
+    ),
+    "sequence id as a string, with its start": (
+        _with_parameters(
+            _echo(),
+            sequence_id=pb.InferParameter(string_param="abc"),
+            sequence_start=pb.InferParameter(bool_param=True),
+        ),
+        "parameter 'sequence_id': sequences are not supported",
+    ),
+    "sequence end": (
+        _with_parameters(_echo(), sequence_end=pb.InferParameter(bool_param=True)),
+        "parameter 'sequence_end': sequences are not supported",
     ),
     # numpy makes no array of more than 64 dimensions (workers: 2 answered INTERNAL)
     "65 dimensions": (

@@ -452,6 +452,14 @@ def test_json_data_nested_or_flat(server: Server) -> None:
             "input 'INPUT0': shared memory is not supported",
         ),
         (echo_request([True, 2.0], [1, 2]), "data holds values that are not FP32"),
+        (  # no sequence batcher: served as an unrelated request, without a word
+            {**echo_request([1, 2], [1, 2]), "parameters": {"sequence_id": 5}},
+            "parameter 'sequence_id': sequences are not supported",
+        ),
+        (
+            {**echo_request([1, 2], [1, 2]), "parameters": {"sequence_start": True}},
+            "parameter 'sequence_start': sequences are not supported",
+        ),
         (  # JSON numbers have no bound: beyond int64 (was a 500)
             {**echo_request([1, 2], [1, 2]), "parameters": {"timeout": 10**400}},
             "parameter 'timeout' is a non-negative 64-bit integer (microseconds)",
