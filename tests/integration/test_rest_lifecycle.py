@@ -370,6 +370,38 @@ def test_compressed_bodies_are_counted_as_they_inflate(tmp_path: Path) -> None:
         assert status == 200
 
 
+def test_compressed_bodies_inflating_together_are_counted_at_every_step(tmp_path: Path) -> None:
+    """Whole gzip bodies of 60 KiB, each inflating to 60 MiB, sent at once by one
+    tenant: each was counted once its piece had inflated whole, so every one inflated
+    together uncounted (sixteen held 1.3 GB where a caller may have two bodies' worth on
+    their way; all were answered 413 in the end). Counted at each step, those past the
+    caller's two bodies' worth are refused 429 part way."""
+    with _server(tmp_path, ECHO_MODEL) as server:
+        assert server.app is not None
+        port = server.app.rest_port
+        bomb = _gzip_bomb(60 << 20)
+        request = (
+            b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+            b"Content-Encoding: gzip\r\nConnection: close\r\n"
+            + f"Content-Length: {len(bomb)}\r\n\r\n".encode()
+            + bomb
+        )
+        connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+        try:
+            for connection in connections:
+                connection.sendall(request)
+            answers = [_answer_of(connection) for connection in connections]
+        finally:
+            for connection in connections:
+                connection.close()
+        statuses = sorted(answer.split(b" ", 2)[1].decode() for answer in answers)
+        assert set(statuses) <= {"413", "429"} and "429" in statuses, statuses
+        refused = [answer for answer in answers if answer.startswith(b"HTTP/1.1 429")]
+        assert all(b"still on their way" in answer for answer in refused), refused
+        status, _ = _infer(port, [[1.0]], model="echo")
+        assert status == 200
+
+
 def test_a_get_with_a_body_is_answered_without_reading_it(tmp_path: Path) -> None:
     """The probes and other GETs take no body: one that never finishes arriving is
     not waited for (nor held: without a key, anyone could send them)."""
