@@ -33,6 +33,18 @@ time: two attacks found in review, each measured as the other tenant sees it.
   ``bytes_contents``) from two threads for ``--seconds``: nearly all are refused by its
   rate limit, which the engine applies; a front end of ``workers: N`` used to split
   and re-join every element first.
+* ``compressed``: the same tiny calls while the other tenant sends gRPC calls whose
+  message is 60 MiB inflated and ~60 KiB of gzip on the wire (a ``ModelMetadata``
+  request naming a model of 60 MiB of ``a``, compressed once and sent as it is over raw
+  HTTP/2, ``grpc-encoding: gzip``; refused once parsed, as over 320 KiB) from
+  ``COMPRESSED_SENDERS`` connections for ``--seconds``: gRPC inflates a message whole
+  with the event loop waiting. With ``server.grpc_compression: true`` and with the
+  default (off: refused UNIMPLEMENTED before it is inflated).
+* ``rest-gzip``: the same tiny calls while the other tenant keeps ``GZIP_BODIES`` REST
+  inference bodies going at once, each 60 KiB of gzip inflating to 60 MiB, for
+  ``--seconds`` (refused: 413 as JSON past ``max_json_bytes``, or 429 past the caller's
+  bodies on their way); and the server's peak resident memory (``VmHWM``, the largest
+  of its processes).
 * ``deadlines``: the same tiny calls while another client floods the server with calls
   whose gRPC deadline is 3 ms (32 callers on 4 connections, each calling again as soon
   as its call expires), with a key nobody has or with acme's: each call is over before
@@ -43,7 +55,8 @@ time: two attacks found in review, each measured as the other tenant sees it.
   load generator's core.
 
     .venv/bin/python -m benchmarks.isolation [--workers 1 2] [--seconds 6]
-        [--attacks shapes rest-json json-bodies messages refused-bytes deadlines]
+        [--attacks shapes rest-json json-bodies messages refused-bytes compressed rest-gzip
+         deadlines]
 
 The server runs on core 0 (every process of it with ``workers: 2``), this load
 generator on core 1; one run of each phase.
@@ -53,9 +66,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import http.client
 import json
 import os
+import socket
 import struct
 import threading
 import time
@@ -63,6 +78,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import numpy as np
 
 from benchmarks._load import (
@@ -564,6 +582,163 @@ def refused_bytes(workers: int, seconds: float, warmup_s: float) -> list[list[ob
     return rows
 
 
+# -- compressed ---------------------------------------------------------------------------
+
+#: What acme's compressed messages inflate to: 60 MiB, under max_message_bytes.
+COMPRESSED_BYTES = 60 << 20
+#: Connections sending acme's compressed calls, each one call after another.
+COMPRESSED_SENDERS = 2
+STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _raw_compressed_call(
+    connection: h2.connection.H2Connection, sock: socket.socket, headers: list[Any], frame: bytes
+) -> str:
+    """One gRPC call of ``frame`` (a length-prefixed message, compressed) on a raw
+    HTTP/2 connection: its status's name once it ends."""
+    stream = connection.get_next_available_stream_id()
+    connection.send_headers(stream, headers)
+    unsent, status = frame, ""
+    while not status:
+        size = min(
+            len(unsent),
+            connection.local_flow_control_window(stream),
+            connection.max_outbound_frame_size,
+        )
+        if size > 0:
+            connection.send_data(stream, unsent[:size], end_stream=size == len(unsent))
+            unsent = unsent[size:]
+        sock.sendall(connection.data_to_send())
+        if unsent and size > 0:
+            continue
+        data = sock.recv(1 << 16)
+        if not data:
+            return "connection closed"
+        for event in connection.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                fields = {bytes(k): bytes(v) for k, v in event.headers}
+                if b"grpc-status" in fields:
+                    status = STATUS_NAMES.get(int(fields[b"grpc-status"]), "UNKNOWN")
+            elif isinstance(event, h2.events.StreamReset):
+                status = status or "stream reset"
+            elif isinstance(event, h2.events.DataReceived):
+                connection.acknowledge_received_data(event.flow_controlled_length, stream)
+        sock.sendall(connection.data_to_send())
+    return status
+
+
+def _compressed_calls(seconds: float) -> Attack:
+    message = pb.ModelMetadataRequest(name="a" * COMPRESSED_BYTES).SerializeToString()
+    packed = gzip.compress(message)
+    frame = struct.pack(">?I", True, len(packed)) + packed
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/inference.GRPCInferenceService/ModelMetadata"),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        ("grpc-encoding", "gzip"),
+        ("authorization", f"Bearer {KEYS['acme']}"),
+    ]
+
+    def send(served: Served) -> tuple[object, float]:
+        statuses: dict[str, int] = {}
+        until = time.perf_counter() + seconds
+        host, _, port = served.target.rpartition(":")
+
+        def sender() -> None:
+            with socket.create_connection((host, int(port))) as sock:
+                connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+                connection.initiate_connection()
+                sock.sendall(connection.data_to_send())
+                while time.perf_counter() < until:
+                    code = _raw_compressed_call(connection, sock, headers, frame)
+                    statuses[code] = statuses.get(code, 0) + 1
+                    if code == "connection closed":
+                        break
+
+        return _in_threads(sender, COMPRESSED_SENDERS, statuses)
+
+    return send
+
+
+def compressed(workers: int, seconds: float, warmup_s: float) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for accepted in (True, False):
+        data = _config(ECHO, workers)
+        data["server"]["grpc_compression"] = accepted
+        with mandant_process(write_config(data), SERVER_CPU, THREAD_ENV) as served:
+            phases: list[tuple[str, Attack | None]] = [
+                ("alone", None),
+                ("beside gzip calls of 60 MiB", _compressed_calls(seconds)),
+            ]
+            for label, attack in phases:
+                figures = asyncio.run(_beside(served, attack, seconds, warmup_s))
+                rows.append([workers, "on" if accepted else "off (default)", label, *figures])
+    return rows
+
+
+# -- rest-gzip ----------------------------------------------------------------------------
+
+#: acme's REST bodies at once, on as many connections, each one after another.
+GZIP_BODIES = 16
+#: What each inflates to.
+GZIP_INFLATED = 60 << 20
+
+
+def _gzip_bodies(seconds: float) -> Attack:
+    body = gzip.compress(bytes(GZIP_INFLATED), compresslevel=9)
+
+    def send(served: Served) -> tuple[object, float]:
+        statuses: dict[int, int] = {}
+        until = time.perf_counter() + seconds
+
+        def connection_loop() -> None:
+            headers = {"Authorization": f"Bearer {KEYS['acme']}", "Content-Encoding": "gzip"}
+            while time.perf_counter() < until:
+                connection = http.client.HTTPConnection("127.0.0.1", served.rest_port, timeout=600)
+                connection.request("POST", "/v2/models/echo/infer", body=body, headers=headers)
+                answer = connection.getresponse()
+                answer.read()
+                connection.close()  # a refused body's connection is closed
+                statuses[answer.status] = statuses.get(answer.status, 0) + 1
+
+        return _in_threads(connection_loop, GZIP_BODIES, statuses)
+
+    return send
+
+
+def _peak_mb(pid: int) -> int:
+    """The largest ``VmHWM`` (peak resident memory) of ``pid`` and its descendants, MB."""
+    peak, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) // 1024)
+            with open(f"/proc/{current}/task/{current}/children") as children:
+                todo += [int(child) for child in children.read().split()]
+        except OSError:
+            continue
+    return peak
+
+
+def rest_gzip(workers: int, seconds: float, warmup_s: float) -> list[list[object]]:
+    rows: list[list[object]] = []
+    with mandant_process(write_config(_config(ECHO, workers)), SERVER_CPU, THREAD_ENV) as served:
+        phases: list[tuple[str, Attack | None]] = [
+            ("alone", None),
+            (f"beside {GZIP_BODIES} gzip bodies at once", _gzip_bodies(seconds)),
+        ]
+        for label, attack in phases:
+            figures = asyncio.run(_beside(served, attack, seconds, warmup_s))
+            rows.append([workers, label, *figures, _peak_mb(served.pid)])
+    return rows
+
+
 # -- deadlines ----------------------------------------------------------------------------
 
 #: The flood's callers, its connections, and each of its calls' gRPC deadline.
@@ -692,7 +867,7 @@ def main() -> None:
         nargs="+",
         default=["shapes", "rest-json", "json-bodies", "messages", "refused-bytes"],
         choices=["shapes", "rest-json", "json-bodies", "messages", "refused-bytes",
-                 "deadlines"],
+                 "compressed", "rest-gzip", "deadlines"],
     )  # fmt: skip
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
@@ -765,6 +940,35 @@ def main() -> None:
             ["workers", "phase", "acme's answers", "acme's s", "tiny calls", "p50 ms",
              "worst ms", "failed"],
             refused_rows,
+        ))  # fmt: skip
+    if "compressed" in args.attacks:
+        compressed_rows = [
+            row
+            for workers in args.workers
+            for row in compressed(workers, args.seconds, args.warmup)
+        ]
+        print(
+            f"\ncompressed: globex's tiny gRPC calls (one per 20 ms) while acme sends gRPC "
+            f"messages of {COMPRESSED_BYTES >> 20} MiB gzip-compressed (~60 KiB sent) on "
+            f"{COMPRESSED_SENDERS} connections, one after another, for --seconds"
+        )
+        print(table(
+            ["workers", "grpc_compression", "phase", "acme's answers", "acme's s",
+             "tiny calls", "p50 ms", "worst ms", "failed"],
+            compressed_rows,
+        ))  # fmt: skip
+    if "rest-gzip" in args.attacks:
+        gzip_rows = [
+            row for workers in args.workers for row in rest_gzip(workers, args.seconds, args.warmup)
+        ]
+        print(
+            f"\nrest-gzip: globex's tiny gRPC calls (one per 20 ms) while acme keeps {GZIP_BODIES} "
+            f"REST bodies of gzip going at once, each inflating to {GZIP_INFLATED >> 20} MiB"
+        )
+        print(table(
+            ["workers", "phase", "acme's answers", "acme's s", "tiny calls", "p50 ms",
+             "worst ms", "failed", "server peak MB"],
+            gzip_rows,
         ))  # fmt: skip
     if "deadlines" in args.attacks:
         deadline_rows = deadlines(args.seconds)

@@ -157,6 +157,15 @@ class ServerConfig(_Frozen):
     #: The client's own deadline ends it sooner. Not applied between a stream's
     #: messages.
     message_read_timeout_s: Annotated[float, Field(gt=0)] = DEFAULT_MESSAGE_READ_TIMEOUT_S
+    #: Accept gRPC messages a client compressed (``grpc-encoding: gzip`` or
+    #: ``deflate``). Off by default: gRPC inflates a message whole, up to
+    #: ``max_message_bytes``, while the process's event loop waits, so one tenant's
+    #: 64 KiB of gzip (63 MiB of zeros) held every call of every tenant for about half
+    #: a second, and a stream of them starved them all. Off, such a call is answered
+    #: UNIMPLEMENTED ("Compression algorithm 'gzip' is disabled"); REST bodies inflate
+    #: a step at a time whatever this says. Turn it on only for tenants you trust, or
+    #: with a small ``max_message_bytes``.
+    grpc_compression: bool = False
     grace_s: Annotated[float, Field(ge=0, le=MAX_GRACE_S)] = 10.0
     #: How long one model version may take to load and warm up (at start, on a load or
     #: a reload) before it counts as failed to load; the other models and model

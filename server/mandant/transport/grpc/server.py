@@ -93,6 +93,10 @@ FRONT_END_METHODS = frozenset(
 )
 #: Calls received and not yet handed to a handler that gRPC keeps (see GrpcServer).
 PENDING_CALLS = 1 << 15
+#: ``grpc.compression_enabled_algorithms_bitset``: a bit per algorithm (identity 0,
+#: deflate 1, gzip 2).
+IDENTITY_ONLY = 0b001
+ALL_COMPRESSION = 0b111
 #: How often a client may ping (keepalive; see GrpcServer).
 KEEPALIVE_MIN_PING_S = 10.0
 #: How often the server pings each client connection, and how long it waits for the
@@ -213,6 +217,12 @@ class GrpcServer:
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 1 if forward is not None else 0),
             ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+            # Compressed messages: identity only unless ``grpc_compression`` (gRPC
+            # inflates a message whole with the event loop waiting: see the setting).
+            (
+                "grpc.compression_enabled_algorithms_bitset",
+                ALL_COMPRESSION if config.grpc_compression else IDENTITY_ONLY,
+            ),
             # Calls gRPC has received but not handed to a handler yet: past its own
             # bound (1,000) gRPC cancels them, unseen (3,000 calls at once over 8
             # connections: a fifth ended CANCELLED, which clients do not retry). The
