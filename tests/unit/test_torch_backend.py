@@ -362,6 +362,22 @@ async def test_integer_labels_and_masks_go_out_as_any_integer_or_bool() -> None:
     assert out["LABEL"].tolist() == [1, 2] and out["MASK"].tolist() == [0, 0]
 
 
+async def test_integers_the_declared_type_cannot_hold_are_unavailable_not_wrapped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An int64 output declared INT8 went out wrapped (300 as 44, -200 as 56) with OK
+    and nothing logged; values that fit still go out."""
+    spec = make_spec(
+        factory="mandant.demo.models:echo",
+        inputs=(TensorSpec("INPUT0", "INT64", (-1,)),),
+        outputs=(TensorSpec("OUTPUT0", "INT8", (-1,)),),
+    )
+    fits = await run_once(spec, {"INPUT0": np.array([23, -128, 127], np.int64)})
+    assert fits["OUTPUT0"].tolist() == [23, -128, 127]
+    message = await _mismatched(spec, {"INPUT0": np.array([23, 300, -200], np.int64)}, caplog)
+    assert "values from -200 to 300 where INT8 is declared" in message
+
+
 async def test_a_batched_model_s_scalar_output_is_unavailable(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -748,7 +764,37 @@ async def test_inline_threshold_zero_or_never_always_uses_the_pool(setting: str)
     assert threading.get_ident() not in threads
 
 
-async def test_cpu_instances_share_one_module_and_each_may_run_a_batch() -> None:
+async def test_cpu_instances_each_keep_their_own_state_and_share_the_weights() -> None:
+    """Two CPU instances in one forward pass at once, each writing its answer into a
+    buffer the model keeps: they shared one module, and answered each call with the
+    other's rows (one tenant's answer holding another's data). Each is now a copy with
+    buffers of its own, the weights shared."""
+    spec = make_spec(
+        factory=f"{HELPERS}:workspace",
+        factory_args={"parties": 2},
+        inputs=(TensorSpec("X", "FP32", (-1, 4)),),
+        outputs=(TensorSpec("Y", "FP32", (-1, 4)),),
+        instances=2,
+        device="cpu",
+    )
+    backend = TorchBackend(spec)
+    await backend.start()
+    try:
+        first, second = await asyncio.gather(
+            backend.infer({"X": np.full((2, 4), 1, np.float32)}),
+            backend.infer({"X": np.full((3, 4), 1000, np.float32)}),
+        )
+        modules = [instance.module for instance in backend._loaded]
+    finally:
+        await backend.aclose()
+    assert first["Y"].tolist() == [[2.0] * 4] * 2
+    assert second["Y"].tolist() == [[2000.0] * 4] * 3
+    assert modules[0] is not modules[1]
+    assert modules[0].weight is modules[1].weight  # type: ignore[union-attr]
+    assert modules[0].out is not modules[1].out  # type: ignore[union-attr]
+
+
+async def test_cpu_instances_are_built_once_and_each_may_run_a_batch() -> None:
     built: list[int] = []
     spec = make_spec(
         factory=f"{HELPERS}:counted",
@@ -792,6 +838,31 @@ async def test_infer_batch_runs_the_parts_concatenated_in_order() -> None:
         await backend.aclose()
     np.testing.assert_array_equal(out["A2"], np.concatenate(a))
     assert out["B2"].tolist() == np.concatenate(b).tolist()
+
+
+@pytest.mark.parametrize("kind", ["CancelledError", "GeneratorExit", "SystemExit", "its own"])
+async def test_a_base_exception_of_a_model_fails_that_call_alone(kind: str) -> None:
+    """A BaseException that is not an Exception, raised by a forward pass: a
+    CancelledError read as the caller gone (no status ever sent) or, in a batch, as the
+    batcher closing (every request in it answered "shutting down"). Now the call's own
+    error, ModelExit, on the model's threads and on the event loop."""
+    spec = make_spec(
+        factory=f"{HELPERS}:raises_base",
+        factory_args={"kind": kind},
+        inputs=(TensorSpec("X", "FP32", (-1,)),),
+        outputs=(TensorSpec("Y", "FP32", (-1,)),),
+    )
+    backend = TorchBackend(spec)
+    await backend.start()
+    try:
+        for _ in range(3):  # the first on its thread, then cheap: on the loop
+            assert (await backend.infer({"X": np.ones(2, np.float32)}))["Y"].tolist() == [1, 1]
+            with pytest.raises(
+                ModelExit, match=kind.split()[0] if kind != "its own" else "_Interrupt"
+            ):
+                await backend.infer({"X": -np.ones(2, np.float32)})
+    finally:
+        await backend.aclose()
 
 
 async def test_model_code_that_calls_sys_exit_fails_that_model_alone() -> None:

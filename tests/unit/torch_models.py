@@ -306,3 +306,62 @@ async def kept_after_the_next_call(backend: Any, name: str) -> np.ndarray:
         await backend.aclose()
     answer: np.ndarray = first[name]
     return answer
+
+
+#: The rendezvous of :func:`workspace`'s instances: a module global, so that copies of
+#: the module (one per CPU instance) meet at the same one.
+_workspace_meeting: list[threading.Barrier] = []
+
+
+class _Workspace(nn.Module):
+    """Writes ``W x`` (``W`` = 2 I, a parameter) into a buffer it keeps, waits until
+    ``parties`` calls have written theirs, and answers a view of the buffer: as
+    preallocated-workspace inference code does."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(2 * torch.eye(width), requires_grad=False)
+        self.register_buffer("out", torch.zeros(64, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        torch.matmul(x, self.weight, out=self.out[:rows])
+        _workspace_meeting[0].wait()
+        return self.out[:rows]
+
+
+def workspace(parties: int, width: int = 4) -> nn.Module:
+    _workspace_meeting[:] = [threading.Barrier(parties, timeout=10)]
+    return _Workspace(width)
+
+
+class _Interrupt(BaseException):
+    """A BaseException of a model's own."""
+
+
+def _base_exception(kind: str) -> BaseException:
+    import asyncio
+
+    kinds: dict[str, BaseException] = {
+        "CancelledError": asyncio.CancelledError(),
+        "GeneratorExit": GeneratorExit(),
+        "SystemExit": SystemExit(4),
+        "its own": _Interrupt("stop"),
+    }
+    return kinds[kind]
+
+
+class _RaisesBase(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self._kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x < 0).any()):
+            raise _base_exception(self._kind)
+        return x
+
+
+def raises_base(kind: str) -> nn.Module:
+    """Raises BaseException ``kind`` on an input with a negative value."""
+    return _RaisesBase(kind)

@@ -84,16 +84,20 @@ class ModelThreads(Executor):
 
 
 class ModelExit(RuntimeError):
-    """Model code raised SystemExit or KeyboardInterrupt (a factory that calls
-    ``sys.exit``, argparse in a builder, a training script's ``main()`` as
-    ``weights_init``): like any other exception of a model's code it fails that load or
-    call alone. Handed on as it was, it stopped the event loop: the whole server exited,
-    and with ``workers: N`` an engine restarted on the same configuration died again."""
+    """Model code raised a BaseException that is not an Exception: SystemExit or
+    KeyboardInterrupt (a factory that calls ``sys.exit``, argparse in a builder, a
+    training script's ``main()`` as ``weights_init``), or asyncio's CancelledError,
+    GeneratorExit, one of its own. Like any other exception of a model's code it fails
+    that load or call alone. Handed on as it was, SystemExit stopped the event loop (the
+    whole server exited, and with ``workers: N`` an engine restarted on the same
+    configuration died again); CancelledError read as the caller gone (no status was
+    ever sent) or, in a batch, as the batcher closing (every tenant's request in it
+    answered "shutting down", none split off)."""
 
 
 def model_error(exc: BaseException) -> BaseException:
     """``exc``, raised by model code, as its caller gets it (:class:`ModelExit`)."""
-    if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+    if not isinstance(exc, Exception):
         error = ModelExit(f"model code raised {type(exc).__name__}({exc})")
         error.__cause__ = exc
         return error

@@ -2,10 +2,13 @@
 
 Placement (``placement.py``): ``spec.instances`` instances on each of the model's
 devices. On CUDA every instance owns its copy of the module on its device, a CUDA
-stream and pinned staging buffers (``staging.py``); on the CPU the instances are
-threads sharing one module (PyTorch modules are safe to call from several threads,
-and a copy per thread would only cost memory). Idle instances wait in a FIFO, so the
-one idle longest runs the next batch, spreading batches over the devices.
+stream and pinned staging buffers (``staging.py``); on the CPU every instance is a
+copy of one module that shares its parameters (the weights, read-only in inference)
+and has its own buffers and other state (:func:`_sharing_weights`): a model that
+writes its answer into a buffer it keeps, called by two instances at once, answered
+one tenant with another's rows when the instances shared one module. Idle instances
+wait in a FIFO, so the one idle longest runs the next batch, spreading batches over
+the devices.
 
 A batch runs on its instance's thread (a pool of as many threads as instances), so the
 event loop never waits on a heavy model — unless calls are measured to be cheap: while
@@ -63,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import queue
 import resource
@@ -298,6 +302,8 @@ class TorchBackend:
                 problem = ("datatype", str(array.dtype), spec.datatype)
             elif array.dtype.kind == "O" and (strays := _not_text(array)):
                 problem = ("datatype", f"objects of type {strays}", spec.datatype)
+            elif (values := _out_of_range(array, spec.datatype)) is not None:
+                problem = ("values", values, spec.datatype)
             if problem is None:
                 continue
             self._unlike(parts, spec.name, *problem)
@@ -353,7 +359,9 @@ class TorchBackend:
             if instance.stream is None:
                 return self._forward_on_cpu(instance, columns)
             return self._forward_on_cuda(instance, columns)
-        except (SystemExit, KeyboardInterrupt) as exc:  # on the loop, it would stop it
+        except Exception:
+            raise
+        except BaseException as exc:  # SystemExit on the loop would stop it (model_error)
             raise model_error(exc) from exc
         finally:
             elapsed = _call_time(time.perf_counter() - start, usage)
@@ -458,7 +466,7 @@ class TorchBackend:
             if spec.weights_init is not None:
                 init_weights(spec)
             return self._instances()
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # model code: its own
+        except BaseException as exc:  # model code, on a thread of its own: its own error
             raise ModelLoadError(
                 f"cannot load model {spec.name!r} version {spec.version}: {model_error(exc)}"
             ) from exc
@@ -477,14 +485,26 @@ class TorchBackend:
             )
 
     def _instances(self) -> list[_Instance]:
-        """The placement's instances: on the CPU sharing one module; on CUDA each with
+        """The placement's instances: on the CPU copies of one module sharing its
+        weights (one built afresh where the module cannot be copied); on CUDA each with
         its own module (loaded afresh, as Triton loads each instance), stream and
         staging buffers."""
         places = self._placement.instances
         if not self._placement.on_cuda:
             cpu = torch.device("cpu")
             module = self._module(cpu)
-            return [_Instance(cpu, module) for _ in places]
+            copies = [module]
+            for _ in places[1:]:
+                try:
+                    copies.append(_sharing_weights(module))
+                except Exception as exc:  # a lock, a file, an object that cannot be copied
+                    logger.info(
+                        "model %s: an instance is built afresh (its module cannot be copied: %s)",
+                        self._spec.name,
+                        type(exc).__name__,
+                    )
+                    copies.append(self._module(cpu))
+            return [_Instance(cpu, copy) for copy in copies]
         instances = []
         for instance_place in places:
             device = torch.device(instance_place.device)
@@ -509,6 +529,13 @@ class TorchBackend:
         else:
             raise RuntimeError("neither 'factory' nor 'path' is set")
         return module.to(device).eval()
+
+
+def _sharing_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``module`` whose parameters are the original's (a TorchScript
+    module is copied whole: its copy takes no such hint)."""
+    shared: dict[int, Any] = {id(parameter): parameter for parameter in module.parameters()}
+    return copy.deepcopy(module, shared)
 
 
 def _cost(average: float | None, sample: float) -> float:
@@ -675,6 +702,23 @@ def _not_text(array: np.ndarray) -> str:
     the call INTERNAL."""
     types = set(map(type, array.reshape(-1).tolist()))
     return ", ".join(sorted(t.__name__ for t in types if not issubclass(t, (bytes, str))))
+
+
+def _out_of_range(array: np.ndarray, datatype: str) -> str | None:
+    """For integers declared a narrower integer type (an argmax's int64 as UINT8), the
+    span of values the declared type cannot hold ("values from -200 to 300"), which
+    numpy's cast would wrap without a word (300 went out as INT8 44); None where all
+    fit, or the declared type holds every value of the array's."""
+    target = DATATYPES[datatype]
+    if target.kind not in "iu" or array.dtype.kind not in "iu" or array.size == 0:
+        return None
+    if np.can_cast(array.dtype, target):
+        return None
+    info = np.iinfo(target)
+    low, high = int(array.min()), int(array.max())
+    if info.min <= low and high <= info.max:
+        return None
+    return f"values from {low} to {high}"
 
 
 def _casts(dtype: np.dtype, datatype: str) -> bool:
