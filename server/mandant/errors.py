@@ -31,6 +31,17 @@ def shown(text: str) -> str:
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "…"
 
 
+def encodable(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone surrogate (JSON's ``"\\ud800"`` reads
+    as one) written as its escape. gRPC encodes a status message as UTF-8, and one it
+    cannot encode sent no status at all: the call went unanswered."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
 #: What a front end of ``workers: N`` says of calls while the engine is away.
 ENGINE_DOWN = "the inference engine is not reachable; retry shortly"
 ENGINE_LOST = "the inference engine stopped while serving this call; retry"

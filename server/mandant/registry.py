@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 from mandant.backends.base import Backend, DescribesModel, server_silent
 from mandant.config import ModelSpec
-from mandant.errors import InvalidInput, ModelNotFound, Unavailable
+from mandant.errors import InvalidInput, ModelNotFound, Unavailable, encodable
 from mandant.scheduling.base import Scheduler
 from mandant.types import ModelKey, ServedModels, Tenant
 from mandant.warmup import warm_up
@@ -292,8 +292,9 @@ class ModelRegistry:
                 continue
             if isinstance(result, LoadTimedOut):
                 model.failure = f"failed to load: {result}"
-            else:
-                model.failure = f"failed to load: {type(result).__name__}: {result}"[:1000]
+            else:  # (a name or path of a loaded JSON config may hold a lone surrogate)
+                cause = encodable(f"{type(result).__name__}: {result}")
+                model.failure = f"failed to load: {cause}"[:1000]
             logger.error("model %s %s", model.key, model.failure)
             if self._on_failure is not None:
                 self._on_failure(model.key, model.failure)

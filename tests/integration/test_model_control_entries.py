@@ -102,6 +102,29 @@ def test_load_with_a_config_entry_adds_a_model_with_its_own_metrics(
         running.stop()
 
 
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+def test_a_load_failure_whose_text_cannot_be_utf_8_is_answered(kind: str, tmp_path: Path) -> None:
+    """A config entry is JSON, where ``"\\ud800"`` reads as a lone surrogate: a
+    factory argument so named made the load's failure text one gRPC cannot encode as a
+    status message, and the load went unanswered (its client waited for its deadline,
+    or for ever; with ``workers: 2`` a front end's place with it). Now UNAVAILABLE with
+    the text escaped, at once; the model it would replace serves on."""
+    running = serve(kind, parse_config(_config_data([ECHO_MODEL])), tmp_path)
+    try:
+        client = tc.InferenceServerClient(running.target)
+        entry = json.dumps({**ECHO_MODEL, "factory_args": {"\ud800": 1}})
+        assert "\\ud800" in entry  # the JSON escape, which json.loads reads as a surrogate
+        start = time.monotonic()
+        with pytest.raises(InferenceServerException) as load:
+            client.load_model("echo", config=entry, headers=ADMIN, client_timeout=20)
+        assert load.value.status() == "StatusCode.UNAVAILABLE"
+        assert "\\ud800" in str(load.value.message())
+        assert time.monotonic() - start < 15
+        np.testing.assert_array_equal(infer(client, "echo", ACME), X)
+    finally:
+        running.stop()
+
+
 def _http(running: ServerThread) -> int:
     assert running.app is not None
     return running.app.http_port

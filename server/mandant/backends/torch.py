@@ -714,7 +714,7 @@ def _out_of_range(array: np.ndarray, datatype: str) -> str | None:
         return None
     if np.can_cast(array.dtype, target):
         return None
-    info = np.iinfo(target)
+    info = np.iinfo(target.name)
     low, high = int(array.min()), int(array.max())
     if info.min <= low and high <= info.max:
         return None

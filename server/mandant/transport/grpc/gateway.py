@@ -38,7 +38,7 @@ from google.protobuf.message import DecodeError, Message
 
 from mandant.config.server import DEFAULT_MESSAGE_READ_TIMEOUT_S
 from mandant.context import current_request_id, current_tenant
-from mandant.errors import InvalidInput, MandantError, ServerBusy, Unauthenticated
+from mandant.errors import InvalidInput, MandantError, ServerBusy, Unauthenticated, encodable
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.scheduling.gather import CallGather
@@ -492,7 +492,7 @@ async def abort(context: Context, exc: MandantError) -> None:
     trailers = trailers_for(exc)
     if trailers:
         context.set_trailing_metadata(trailers)
-    await context.abort(status_for(exc), str(exc))
+    await context.abort(status_for(exc), encodable(str(exc)))
 
 
 async def abort_internal(
