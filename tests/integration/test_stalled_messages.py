@@ -11,6 +11,7 @@ without a key, are in ``test_probe_bounds.py``."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -53,7 +54,7 @@ def server(
                 "admin_keys": [hash_key(ADMIN)],
             },
             "tenants": [
-                {"id": "globex", "api_keys": [hash_key(KEY)]},
+                {"id": "globex", "api_keys": [hash_key(KEY)], "slo": {"latency_ms": 1000}},
                 {"id": "acme", "api_keys": [hash_key("acme-key")]},
             ],
             "models": [ECHO_MODEL],
@@ -103,6 +104,50 @@ def test_an_inference_call_whose_message_stalls_ends_deadline_exceeded(server: S
     assert statuses[0][1] == f"the request message did not arrive within {READ_TIMEOUT_S:g} s"
     assert READ_TIMEOUT_S <= took_s < READ_TIMEOUT_S + 3
     echo_works(server)
+
+
+def _counted(server: Server, name: str, **labels: str) -> float:
+    return metric(server, ADMIN, name, tenant="globex", **labels) or 0.0
+
+
+def _until_counted(server: Server, code: str, count: float) -> None:
+    """Until globex's ``code`` calls on no model reach ``count`` (a front end of
+    ``workers: 2`` reports its calls to the engine within 50 ms)."""
+    deadline = time.monotonic() + 5
+    while _counted(server, "mandant_requests_total", model="", code=code) < count:
+        assert time.monotonic() < deadline, f"{code} not counted {count}"
+        time.sleep(0.02)
+
+
+def test_a_message_its_client_did_not_finish_spends_no_slo_budget(server: Server) -> None:
+    """A call whose message (gRPC) or body (REST) its client did not finish sending
+    ends DEADLINE_EXCEEDED, counted as such, but not against its tenant's SLO: the
+    client stalled, not the server (it counted as the server's failure, as a
+    DEADLINE_EXCEEDED of the model's). A call the server answers late still counts."""
+    expired = _counted(server, "mandant_requests_total", model="", code="DEADLINE_EXCEEDED")
+    slo = _counted(server, "mandant_slo_requests_total")
+    calls = StalledCalls(port_of(server), INFER, KEY, calls=2, declared=1 << 20, sent=4096)
+    try:
+        assert [code for code, _ in calls.statuses(timeout_s=10)] == [
+            grpc.StatusCode.DEADLINE_EXCEEDED
+        ] * 2
+    finally:
+        calls.close()
+    with socket.create_connection(("127.0.0.1", server.rest_port)) as rest:
+        rest.sendall(
+            b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {KEY}\r\n".encode()
+            + b'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"inputs": ['
+        )
+        rest.settimeout(10)
+        assert rest.recv(4096).startswith(b"HTTP/1.1 504")
+    _until_counted(server, "DEADLINE_EXCEEDED", expired + 3)
+    echo_works(server)  # an OK call still counts
+    deadline = time.monotonic() + 5
+    while _counted(server, "mandant_slo_requests_total") < slo + 1:
+        assert time.monotonic() < deadline, "the OK call was not counted"
+        time.sleep(0.02)
+    assert _counted(server, "mandant_slo_requests_total") == slo + 1
 
 
 def test_a_tenants_other_calls_read_a_bounded_number_of_messages_at_once(

@@ -42,7 +42,13 @@ from mandant.errors import InvalidInput, MandantError, ServerBusy, Unauthenticat
 from mandant.events import NullObserver, Observer
 from mandant.scheduling.door import CallCap, FrontDoor, count_if_busy
 from mandant.scheduling.gather import CallGather
-from mandant.transport.grpc.reads import MessageReads, Reading, ReadsFull, tenant_pool
+from mandant.transport.grpc.reads import (
+    MessageReads,
+    MessageTimedOut,
+    Reading,
+    ReadsFull,
+    tenant_pool,
+)
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
 from mandant.transport.grpc.wire_bounds import (
     PRE_PARSE,
@@ -340,7 +346,9 @@ class Gate:
                     code,
                     duration_s,
                     call.version,
-                    fair,
+                    # a message its client did not finish sending: not on the server's
+                    # account (no SLO budget spent), as CANCELLED
+                    fair and not isinstance(refusal, MessageTimedOut),
                     call.owner,
                     isinstance(refusal, ServerBusy),
                 )

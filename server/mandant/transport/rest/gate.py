@@ -232,7 +232,7 @@ class RestGate:
             start = time.perf_counter()
             call = Call(None)
             code = "OK"
-            entered = inside = busy = False
+            entered = inside = busy = stalled = False
             try:
                 if access is not Access.OPEN:
                     call.tenant = self._caller(access, request)
@@ -261,6 +261,9 @@ class RestGate:
                 return too_large
             except MandantError as exc:
                 code, busy = code_for(exc), isinstance(exc, ServerBusy)
+                # a body its client did not finish sending: not on the server's account
+                # (no SLO budget spent), as CANCELLED
+                stalled = isinstance(exc, BodyTimedOut)
                 tenant_id = call.tenant.id if call.tenant is not None else ""
                 count_if_busy(observer, tenant_id, exc)
                 if isinstance(exc, BodiesOnTheirWay):
@@ -294,7 +297,7 @@ class RestGate:
                     code,
                     duration_s,
                     call.version,
-                    fair,
+                    fair and not stalled,
                     call.owner,
                     busy,
                 )
