@@ -139,6 +139,14 @@ class BatchOutputMismatch(RuntimeError):
     MandantError: that would be a verdict for every request of the batch)."""
 
 
+class OutputOutOfRange(RuntimeError):
+    """An integer output holds values its declared (narrower) integer type cannot, which
+    the codec's cast would wrap. Only some inputs give such values: the model failed on
+    this request's data, as when it raises (split on in a batch; charged, INVALID_ARGUMENT),
+    not the configuration's fault for every call (UNAVAILABLE and refunded: a tenant could
+    have run the model without end, uncharged, on inputs that overflow)."""
+
+
 class TorchBackend:
     """Runs one model version in this process, on the CPU or CUDA devices.
     ``inline_below_s``: calls measured cheaper run on the event loop (0, or
@@ -303,7 +311,9 @@ class TorchBackend:
             elif array.dtype.kind == "O" and (strays := _not_text(array)):
                 problem = ("datatype", f"objects of type {strays}", spec.datatype)
             elif (values := _out_of_range(array, spec.datatype)) is not None:
-                problem = ("values", values, spec.datatype)
+                raise OutputOutOfRange(
+                    f"output {spec.name}: {values} where {spec.datatype} is declared"
+                )
             if problem is None:
                 continue
             self._unlike(parts, spec.name, *problem)
