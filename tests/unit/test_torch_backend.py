@@ -793,6 +793,34 @@ async def test_cpu_instances_each_keep_their_own_state_and_share_the_weights() -
     assert modules[0].out is not modules[1].out  # type: ignore[union-attr]
 
 
+async def test_cpu_instances_of_a_module_that_cannot_be_copied_share_its_weights() -> None:
+    """Where the module cannot be copied (a lock), each other instance is built afresh:
+    built so, a factory without a seed gave each instance weights of its own, and the
+    answer to one input depended on the instance that ran it. Each is given the first
+    one's weights."""
+    built: list[int] = []
+    spec = make_spec(
+        factory=f"{HELPERS}:locked",
+        factory_args={"built": built},
+        inputs=(TensorSpec("X", "FP32", (-1, 4)),),
+        outputs=(TensorSpec("Y", "FP32", (-1, 3)),),
+        instances=3,
+        device="cpu",
+    )
+    backend = TorchBackend(spec)
+    await backend.start()
+    try:
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        outs = await asyncio.gather(*(backend.infer({"X": x}) for _ in range(9)))
+        modules = [instance.module for instance in backend._loaded]
+    finally:
+        await backend.aclose()
+    assert built == [0, 1, 2]
+    assert len({id(module) for module in modules}) == 3
+    assert all(m.layer.weight is modules[0].layer.weight for m in modules)  # type: ignore[union-attr]
+    assert all(np.array_equal(out["Y"], outs[0]["Y"]) for out in outs)
+
+
 async def test_cpu_instances_are_built_once_and_each_may_run_a_batch() -> None:
     built: list[int] = []
     spec = make_spec(

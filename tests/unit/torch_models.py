@@ -365,3 +365,22 @@ class _RaisesBase(nn.Module):
 def raises_base(kind: str) -> nn.Module:
     """Raises BaseException ``kind`` on an input with a negative value."""
     return _RaisesBase(kind)
+
+
+class _Locked(nn.Module):
+    """A layer of random weights (no seed) and a lock: a module ``copy.deepcopy``
+    cannot copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+        self._lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            return self.layer(x)
+
+
+def locked(built: list[int]) -> nn.Module:
+    built.append(len(built))
+    return _Locked()

@@ -509,11 +509,18 @@ class TorchBackend:
                     copies.append(_sharing_weights(module))
                 except Exception as exc:  # a lock, a file, an object that cannot be copied
                     logger.info(
-                        "model %s: an instance is built afresh (its module cannot be copied: %s)",
+                        "model %s: an instance is built afresh, then given the first's "
+                        "weights (its module cannot be copied: %s)",
                         self._spec.name,
                         type(exc).__name__,
                     )
-                    copies.append(self._module(cpu))
+                    fresh = self._module(cpu)
+                    # The same weights, shared: a factory without a seed built each
+                    # instance its own, and answers depended on the instance.
+                    fresh.load_state_dict(
+                        dict(module.named_parameters()), strict=False, assign=True
+                    )
+                    copies.append(fresh)
             return [_Instance(cpu, copy) for copy in copies]
         instances = []
         for instance_place in places:
