@@ -101,6 +101,8 @@ INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 #: One tenant's request against another's tiny calls: its status and its seconds.
 Attack = Callable[[Served], tuple[object, float]]
+#: A report's rows.
+Rows = list[list[object]]
 
 ANY_SHAPE: dict[str, Any] = {
     "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, -1]}],
@@ -847,6 +849,64 @@ def _config(model: dict[str, Any], workers: int, *more: dict[str, Any]) -> dict[
     return data
 
 
+#: The columns globex's tiny calls fill beside an attack (``_beside``).
+TINY = ["tiny calls", "p50 ms", "worst ms", "failed"]
+
+
+def _reports(args: argparse.Namespace) -> dict[str, tuple[str, list[str], Callable[[int], Rows]]]:
+    """Each attack's title, columns, and rows for one ``workers`` count."""
+    seconds, warmup = args.seconds, args.warmup
+    tiny = "globex's tiny gRPC calls (one per 20 ms)"
+    callers = (args.json_callers[0], args.json_callers[1])
+    return {
+        "shapes": (
+            "shapes: victim (32 callers, [1, 4]) on a model of 10 ms per batch, max 64 rows",
+            ["workers", "phase", "victim calls/s", "p50 ms", "p99 ms", "attacker calls/s",
+             "mean batch"],
+            lambda workers: shapes(workers, seconds, warmup),
+        ),
+        "rest-json": (
+            f"rest-json: {tiny} while acme's REST call runs",
+            ["workers", "phase", "REST status", "REST s", *TINY],
+            lambda workers: rest_json(
+                workers, seconds, warmup, args.values, args.bytes_element, callers
+            ),
+        ),
+        "json-bodies": (
+            f"json-bodies: {tiny} while acme sends JSON bodies as long as max_json_bytes "
+            f"lets them be, on {JSON_CONNECTIONS} connections",
+            ["workers", "max_json_bytes", "acme's limit", "phase", "acme's answers",
+             "acme's s", *TINY],
+            lambda workers: json_bodies(workers, seconds, warmup),
+        ),
+        "messages": (
+            f"messages: {tiny} while acme sends one request",
+            ["workers", "phase", "acme's status", "acme's s", *TINY],
+            lambda workers: messages(workers, warmup),
+        ),
+        "refused-bytes": (
+            f"refused-bytes: {tiny} while acme, allowed {REFUSED_RATE:g} request/s, sends "
+            f"calls of {REFUSED_ELEMENTS:,} BYTES elements (0-2 bytes each) from "
+            f"{REFUSED_SENDERS} threads for --seconds",
+            ["workers", "phase", "acme's answers", "acme's s", *TINY],
+            lambda workers: refused_bytes(workers, seconds, warmup),
+        ),
+        "compressed": (
+            f"compressed: {tiny} while acme sends gRPC messages of {COMPRESSED_BYTES >> 20} "
+            f"MiB gzip-compressed (~60 KiB sent) on {COMPRESSED_SENDERS} connections, one "
+            "after another, for --seconds",
+            ["workers", "grpc_compression", "phase", "acme's answers", "acme's s", *TINY],
+            lambda workers: compressed(workers, seconds, warmup),
+        ),
+        "rest-gzip": (
+            f"rest-gzip: {tiny} while acme keeps {GZIP_BODIES} REST bodies of gzip going at "
+            f"once, each inflating to {GZIP_INFLATED >> 20} MiB",
+            ["workers", "phase", "acme's answers", "acme's s", *TINY, "server peak MB"],
+            lambda workers: rest_gzip(workers, seconds, warmup),
+        ),
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -873,104 +933,12 @@ def main() -> None:
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {CLIENT_CPU})
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    if "shapes" in args.attacks:
-        shape_rows = [
-            row for workers in args.workers for row in shapes(workers, args.seconds, args.warmup)
-        ]
-        print("\nshapes: victim (32 callers, [1, 4]) on a model of 10 ms per batch, max 64 rows")
-        print(table(
-            ["workers", "phase", "victim calls/s", "p50 ms", "p99 ms", "attacker calls/s",
-             "mean batch"],
-            shape_rows,
-        ))  # fmt: skip
-    if "rest-json" in args.attacks:
-        rest_rows = [
-            row
-            for workers in args.workers
-            for row in rest_json(
-                workers,
-                args.seconds,
-                args.warmup,
-                args.values,
-                args.bytes_element,
-                (args.json_callers[0], args.json_callers[1]),
-            )
-        ]
-        print("\nrest-json: globex's tiny gRPC calls (one per 20 ms) while acme's REST call runs")
-        print(table(
-            ["workers", "phase", "REST status", "REST s", "tiny calls", "p50 ms", "worst ms",
-             "failed"],
-            rest_rows,
-        ))  # fmt: skip
-    if "json-bodies" in args.attacks:
-        json_rows = [
-            row
-            for workers in args.workers
-            for row in json_bodies(workers, args.seconds, args.warmup)
-        ]
-        print(
-            f"\njson-bodies: globex's tiny gRPC calls (one per 20 ms) while acme sends JSON "
-            f"bodies as long as max_json_bytes lets them be, on {JSON_CONNECTIONS} connections"
-        )
-        print(table(
-            ["workers", "max_json_bytes", "acme's limit", "phase", "acme's answers",
-             "acme's s", "tiny calls", "p50 ms", "worst ms", "failed"],
-            json_rows,
-        ))  # fmt: skip
-    if "messages" in args.attacks:
-        message_rows = [row for workers in args.workers for row in messages(workers, args.warmup)]
-        print("\nmessages: globex's tiny gRPC calls (one per 20 ms) while acme sends one request")
-        print(table(
-            ["workers", "phase", "acme's status", "acme's s", "tiny calls", "p50 ms",
-             "worst ms", "failed"],
-            message_rows,
-        ))  # fmt: skip
-    if "refused-bytes" in args.attacks:
-        refused_rows = [
-            row
-            for workers in args.workers
-            for row in refused_bytes(workers, args.seconds, args.warmup)
-        ]
-        print(
-            f"\nrefused-bytes: globex's tiny gRPC calls (one per 20 ms) while acme, allowed "
-            f"{REFUSED_RATE:g} request/s, sends calls of {REFUSED_ELEMENTS:,} BYTES elements "
-            f"(0-2 bytes each) from {REFUSED_SENDERS} threads for --seconds"
-        )
-        print(table(
-            ["workers", "phase", "acme's answers", "acme's s", "tiny calls", "p50 ms",
-             "worst ms", "failed"],
-            refused_rows,
-        ))  # fmt: skip
-    if "compressed" in args.attacks:
-        compressed_rows = [
-            row
-            for workers in args.workers
-            for row in compressed(workers, args.seconds, args.warmup)
-        ]
-        print(
-            f"\ncompressed: globex's tiny gRPC calls (one per 20 ms) while acme sends gRPC "
-            f"messages of {COMPRESSED_BYTES >> 20} MiB gzip-compressed (~60 KiB sent) on "
-            f"{COMPRESSED_SENDERS} connections, one after another, for --seconds"
-        )
-        print(table(
-            ["workers", "grpc_compression", "phase", "acme's answers", "acme's s",
-             "tiny calls", "p50 ms", "worst ms", "failed"],
-            compressed_rows,
-        ))  # fmt: skip
-    if "rest-gzip" in args.attacks:
-        gzip_rows = [
-            row for workers in args.workers for row in rest_gzip(workers, args.seconds, args.warmup)
-        ]
-        print(
-            f"\nrest-gzip: globex's tiny gRPC calls (one per 20 ms) while acme keeps {GZIP_BODIES} "
-            f"REST bodies of gzip going at once, each inflating to {GZIP_INFLATED >> 20} MiB"
-        )
-        print(table(
-            ["workers", "phase", "acme's answers", "acme's s", "tiny calls", "p50 ms",
-             "worst ms", "failed", "server peak MB"],
-            gzip_rows,
-        ))  # fmt: skip
-    if "deadlines" in args.attacks:
+    for name, (title, columns, rows_of) in _reports(args).items():
+        if name in args.attacks:
+            rows = [row for workers in args.workers for row in rows_of(workers)]
+            print(f"\n{title}")
+            print(table(columns, rows))
+    if "deadlines" in args.attacks:  # one process, against a bare server: no --workers
         deadline_rows = deadlines(args.seconds)
         print(
             f"\ndeadlines: globex's tiny gRPC calls (one per 20 ms) while a flood of calls with a "
