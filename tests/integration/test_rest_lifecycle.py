@@ -328,6 +328,17 @@ def _gzip_bomb(size: int) -> bytes:
     return gzip.compress(bytes(size), compresslevel=9)
 
 
+def _gzip_head(length: int, *more: bytes) -> bytes:
+    """The head of tenant t's gzip-encoded inference call announcing ``length`` bytes,
+    with ``more`` header lines."""
+    return (
+        b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+        b"Content-Encoding: gzip\r\n"
+        + b"".join(line + b"\r\n" for line in more)
+        + f"Content-Length: {length}\r\n\r\n".encode()
+    )
+
+
 def test_compressed_bodies_are_counted_as_they_inflate(tmp_path: Path) -> None:
     """A gzip body of 60 KiB inflates to 60 MiB: counted by its Content-Length, eight
     stalled ones held about a gigabyte unrefused. Counted by what they inflate to,
@@ -336,11 +347,7 @@ def test_compressed_bodies_are_counted_as_they_inflate(tmp_path: Path) -> None:
         assert server.app is not None
         port = server.app.rest_port
         bomb = _gzip_bomb(60 << 20)
-        head = (
-            b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-            b"Content-Encoding: gzip\r\n"
-            + f"Content-Length: {len(bomb) + 1}\r\n\r\n".encode()  # one byte never comes
-        )
+        head = _gzip_head(len(bomb) + 1)  # one byte never comes
         held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         try:
             for connection in held:
@@ -380,12 +387,7 @@ def test_compressed_bodies_inflating_together_are_counted_at_every_step(tmp_path
         assert server.app is not None
         port = server.app.rest_port
         bomb = _gzip_bomb(60 << 20)
-        request = (
-            b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-            b"Content-Encoding: gzip\r\nConnection: close\r\n"
-            + f"Content-Length: {len(bomb)}\r\n\r\n".encode()
-            + bomb
-        )
+        request = _gzip_head(len(bomb), b"Connection: close") + bomb
         connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
         try:
             for connection in connections:

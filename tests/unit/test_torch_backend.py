@@ -763,6 +763,20 @@ async def test_inline_threshold_zero_or_never_always_uses_the_pool(setting: str)
     assert threading.get_ident() not in threads
 
 
+async def _at_once(
+    spec: ModelSpec, calls: list[dict[str, np.ndarray]]
+) -> tuple[list[dict[str, np.ndarray]], list[torch.nn.Module]]:
+    """``calls`` made at once to a backend of ``spec``: their answers, and the modules
+    of its instances."""
+    backend = TorchBackend(spec)
+    await backend.start()
+    try:
+        outs = await asyncio.gather(*(backend.infer(inputs) for inputs in calls))
+        return list(outs), [instance.module for instance in backend._loaded]
+    finally:
+        await backend.aclose()
+
+
 async def test_cpu_instances_each_keep_their_own_state_and_share_the_weights() -> None:
     """Two CPU instances in one forward pass at once, each writing its answer into a
     buffer the model keeps: they shared one module, and answered each call with the
@@ -776,16 +790,9 @@ async def test_cpu_instances_each_keep_their_own_state_and_share_the_weights() -
         instances=2,
         device="cpu",
     )
-    backend = TorchBackend(spec)
-    await backend.start()
-    try:
-        first, second = await asyncio.gather(
-            backend.infer({"X": np.full((2, 4), 1, np.float32)}),
-            backend.infer({"X": np.full((3, 4), 1000, np.float32)}),
-        )
-        modules = [instance.module for instance in backend._loaded]
-    finally:
-        await backend.aclose()
+    (first, second), modules = await _at_once(
+        spec, [{"X": np.full((2, 4), 1, np.float32)}, {"X": np.full((3, 4), 1000, np.float32)}]
+    )
     assert first["Y"].tolist() == [[2.0] * 4] * 2
     assert second["Y"].tolist() == [[2000.0] * 4] * 3
     assert modules[0] is not modules[1]
@@ -807,14 +814,8 @@ async def test_cpu_instances_of_a_module_that_cannot_be_copied_share_its_weights
         instances=3,
         device="cpu",
     )
-    backend = TorchBackend(spec)
-    await backend.start()
-    try:
-        x = np.arange(8, dtype=np.float32).reshape(2, 4)
-        outs = await asyncio.gather(*(backend.infer({"X": x}) for _ in range(9)))
-        modules = [instance.module for instance in backend._loaded]
-    finally:
-        await backend.aclose()
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    outs, modules = await _at_once(spec, [{"X": x}] * 9)
     assert built == [0, 1, 2]
     assert len({id(module) for module in modules}) == 3
     assert all(m.layer.weight is modules[0].layer.weight for m in modules)  # type: ignore[union-attr]
