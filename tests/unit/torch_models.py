@@ -238,15 +238,6 @@ def exits() -> nn.Module:
     sys.exit(3)
 
 
-class _ExitsOnForward(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sys.exit(4)
-
-
-def exits_on_forward() -> nn.Module:
-    return _ExitsOnForward()
-
-
 class _Reuses(nn.Module):
     """Writes twice its input into a buffer it keeps and answers a view of it (a
     static output buffer, as models written for CUDA graphs keep)."""
