@@ -30,7 +30,7 @@ Single-threaded: the event loop's.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Container, Iterable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 
 from mandant.events import Observer, Settle, recorded
@@ -131,14 +131,24 @@ class InferenceStats:
     def keys(self) -> list[StatsKey]:
         return list(self._stats)
 
-    def total(self, keys: Iterable[StatsKey]) -> ModelStats:
-        """The sum of several tenants' (or versions') statistics."""
-        total = ModelStats()
-        for key in keys:
-            recorded = self._stats.get(key)
-            if recorded is not None:
-                total.merge(recorded)
-        return total
+    def totals(
+        self, scopes: Container[tuple[str, str, str]] | None = None
+    ) -> dict[tuple[str, str, str], ModelStats]:
+        """Each model version's statistics summed over its tenants, by (owner, model,
+        version) (only those in ``scopes``, if given), in one pass over the entries.
+        (An admin's statistics summed each model's by scanning every entry: models x
+        entries, 3.9 s of the event loop at 1,000 tenants x 150 models, and with
+        ``workers: N`` the front ends took the silent engine for gone.)"""
+        totals: dict[tuple[str, str, str], ModelStats] = {}
+        for (_, owner, model, version), entry in self._stats.items():
+            scope = (owner, model, version)
+            total = totals.get(scope)
+            if total is None:
+                if scopes is not None and scope not in scopes:
+                    continue
+                total = totals[scope] = ModelStats()
+            total.merge(entry)
+        return totals
 
     def executions(self, owner: str, model: str, version: str) -> ModelStats:
         """A copy of one model version's executions (``batches``, ``execution_count``),

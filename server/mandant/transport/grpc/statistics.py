@@ -69,16 +69,19 @@ def tenant_statistics(
 def admin_statistics(
     plane: DataPlane, stats: InferenceStats, name: str, version: str
 ) -> list[pb.ModelStatistics]:
-    recorded = stats.keys()
     version = requested_version(version) if version else version  # "01" is 1, as resolve
-    answer = []
+    shown = []
     for model in plane.all_models():
         key = model.key
         label = key.name if key.owner is None else f"{key.owner}/{key.name}"
         if name and (name not in (key.name, label) or (version and version != key.version)):
             continue  # no name: every model's every version, as a tenant's view and Triton
-        scope = (key.owner or "", key.name, key.version)
-        total = stats.total(k for k in recorded if k[1:] == scope)
+        shown.append((label, key))
+    scopes = {(key.owner or "", key.name, key.version) for _, key in shown}
+    totals = stats.totals(scopes if name else None)
+    answer = []
+    for label, key in shown:
+        total = totals.get((key.owner or "", key.name, key.version)) or ModelStats()
         # Executions once each (the tenants' entries hold a shared batch once each).
         runs = stats.executions(key.owner or "", key.name, key.version)
         total.batches, total.execution_count = runs.batches, runs.execution_count
