@@ -315,6 +315,57 @@ def test_bodies_on_their_way_count_what_came_until_their_read_times_out(
         assert status == 200
 
 
+def test_the_server_wide_bound_on_bodies_tells_no_caller_what_the_others_send(
+    tmp_path: Path,
+) -> None:
+    """Four tenants hold two uploads each, nearly whole, near the server's bound on
+    bodies on their way (eight ``max_message_bytes``): a fifth's body is refused 429
+    "server busy". The refusal quoted the total on its way, every caller's bytes to the
+    byte, so one tenant could watch the others' uploads grow; it quotes the bound."""
+    largest = 1 << 20
+    holders = ["a", "b", "c", "d"]
+    config = parse_config(
+        {
+            "server": {"grpc_port": 0, "http_port": 0, "rest_port": 0,
+                       "max_message_bytes": largest},
+            "tenants": [{"id": name, "api_keys": [hash_key(f"{name}-key")]}
+                        for name in [*holders, "probe"]],
+            "models": [ECHO_MODEL],
+        }
+    )  # fmt: skip
+    sent = largest - 12_345
+    with ServerThread(config, tmp_path) as server:
+        assert server.app is not None
+        port = server.app.rest_port
+        held = []
+        try:
+            for name in holders:
+                for _ in range(2):
+                    upload = socket.create_connection(("127.0.0.1", port))
+                    upload.sendall(
+                        b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\n"
+                        + f"Authorization: Bearer {name}-key\r\n".encode()
+                        + f"Content-Length: {largest}\r\n\r\n".encode()
+                        + b" " * sent
+                    )
+                    held.append(upload)
+            time.sleep(0.5)  # their bytes are counted as they come
+            with socket.create_connection(("127.0.0.1", port)) as probe:
+                probe.sendall(
+                    b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\n"
+                    b"Authorization: Bearer probe-key\r\nExpect: 100-continue\r\n"
+                    + f"Content-Length: {largest}\r\n\r\n".encode()
+                )
+                answer = _answer_of(probe, timeout_s=10)
+        finally:
+            for upload in held:
+                upload.close()
+    assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
+    assert b"server busy" in answer
+    assert str(8 * sent).encode() not in answer
+    assert f"({8 * largest} bytes)".encode() in answer
+
+
 def _answer_of(connection: socket.socket, timeout_s: float = 30) -> bytes:
     """What the server sends on ``connection`` until it closes it (at most 64 KiB)."""
     connection.settimeout(timeout_s)

@@ -380,9 +380,13 @@ class RestGate:
                 "way; send fewer at once",
                 BODY_RETRY_S,
             )
-        if self._reading_total and self._reading_total + size > BODIES_IN_ALL * self._max_body:
+        bound = BODIES_IN_ALL * self._max_body
+        if self._reading_total and self._reading_total + size > bound:
+            # The bound, not the total: that counts every caller's bytes, to the byte,
+            # and told one tenant how much the others were uploading as they did.
             raise ServerBusy(
-                f"server busy: {self._reading_total} bytes of request bodies on their way",
+                f"server busy: request bodies on their way are at the server's bound "
+                f"({bound} bytes)",
                 retry_after_s=BODY_RETRY_S,
             )
 
