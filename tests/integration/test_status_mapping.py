@@ -190,6 +190,9 @@ async def test_every_rpc_maps_every_error(
         for error, code in ERRORS:
             plane.error = error
             call = getattr(stub, rpc)(REQUESTS[rpc], metadata=(("authorization", "Bearer x"),))
+            if rpc == "ModelReady" and code == grpc.StatusCode.NOT_FOUND:
+                assert not (await call).ready  # as Triton answers for an unknown model
+                continue
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call
             assert err.value.code() == code, (rpc, error)

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from mandant.config import ServerConfig
+from mandant.errors import ModelNotFound
 from mandant.events import Observer
 from mandant.observability.stats import InferenceStats
 from mandant.registry import Model
@@ -122,7 +123,13 @@ class InferenceServicer:
     async def ModelReady(
         self, request: pb.ModelReadyRequest, call: Call, context: Context
     ) -> pb.ModelReadyResponse:
-        ready = self._plane.model_ready(call.caller, request.name, request.version)
+        """``ready: false`` for a model the caller cannot see (unknown, or another
+        tenant's), as Triton answers for an unknown model: tools poll ``is_model_ready``
+        until a model they load is up, and NOT_FOUND raised in them."""
+        try:
+            ready = self._plane.model_ready(call.caller, request.name, request.version)
+        except ModelNotFound:
+            ready = False
         return pb.ModelReadyResponse(ready=ready)
 
     async def ModelMetadata(
