@@ -126,6 +126,42 @@ def test_multiplexed_calls_go_on_through_connection_ages(mode: str, tmp_path: Pa
     assert all(value == 2 * n for n, value in outcomes)  # the model doubles its input
 
 
+async def test_a_tenant_at_its_streams_cap_loses_no_call_at_a_stream_s_age(
+    tmp_path: Path,
+) -> None:
+    """A tenant with one stream allowed (``max_tenant_streams``), its client one
+    connection: at each age the server ends the stream and the client opens the next
+    on the end mark. The ending stream held its place until its client's half-close
+    reached it, and the next was refused RESOURCE_EXHAUSTED, the calls sent again on it
+    failing with it (14-98 of ~3,500 in 5 s here). The place is given back once the
+    end mark is written."""
+    from tests.integration.test_client_stream_e2e import with_sleepy_model
+
+    config = with_sleepy_model(max_connection_age_s=0.3, grace_s=0.2, max_tenant_streams=1)
+    failures: list[str] = []
+    answered = 0
+    with ServerThread(config, tmp_path) as server:
+        async with AsyncClient(
+            server.target, api_key="acme-demo-key", multiplex=True, timeout_s=10
+        ) as client:
+
+            async def caller(n: int) -> None:
+                nonlocal answered
+                row = np.full((1, 4), n, np.float32)
+                until = time.monotonic() + 4
+                while time.monotonic() < until:
+                    try:
+                        out = await client.infer("echo", {"INPUT0": row})
+                    except Exception as exc:
+                        failures.append(repr(exc)[:120])
+                    else:
+                        assert out["OUTPUT0"][0, 0] == n
+                        answered += 1
+
+            await asyncio.gather(*(caller(n) for n in range(48)))
+    assert failures == [] and answered > 500, (answered, failures[:3])
+
+
 async def test_a_stream_ended_mid_flight_sends_again_only_what_was_not_read(
     tmp_path: Path,
 ) -> None:

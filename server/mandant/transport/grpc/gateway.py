@@ -86,10 +86,16 @@ Forward = Callable[[bytes, Context], Awaitable[bytes]]
 
 class Streaming(Protocol):
     def __call__(
-        self, call: Call, context: Context, caller: Callable[[], Tenant | None]
+        self,
+        call: Call,
+        context: Context,
+        caller: Callable[[], Tenant | None],
+        release: Callable[[], None],
     ) -> Awaitable[None]:
         """``caller``: the stream's caller authenticated again, as of now (a reload may
-        have revoked its key: :class:`~mandant.errors.Unauthenticated`)."""
+        have revoked its key: :class:`~mandant.errors.Unauthenticated`). ``release``:
+        gives back the stream's place under ``server.max_tenant_streams`` before it
+        ends (once; the gate gives it back at the end otherwise)."""
         ...
 
 
@@ -392,6 +398,13 @@ class Gate:
             call = Call(None)
             start = time.perf_counter()
             opened = None
+
+            def release() -> None:
+                nonlocal opened
+                if opened is not None:
+                    reads.close_stream(opened)
+                    opened = None
+
             try:
                 call.tenant = caller_of(access, context)
                 if admit is not None:
@@ -410,7 +423,7 @@ class Gate:
                 # before writing (a write racing a refusal makes grpc.aio clients see
                 # INTERNAL instead of UNAUTHENTICATED, grpc/grpc#36066).
                 await context.send_initial_metadata(initial_metadata)
-                await behavior(call, context, lambda: caller_of(access, context))
+                await behavior(call, context, lambda: caller_of(access, context), release)
                 return
             except MandantError as exc:
                 failure: Exception = exc
@@ -423,8 +436,7 @@ class Gate:
                     raise asyncio.CancelledError from None
                 failure = exc
             finally:
-                if opened is not None:
-                    reads.close_stream(opened)
+                release()
             # Failed only now, its place given back: gRPC sends the status after the
             # answers already handed to it, and a client that does not read them (a
             # revoked key's, ``stream.py``) would hold the place as long as its connection.

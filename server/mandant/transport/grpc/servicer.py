@@ -184,7 +184,11 @@ class InferenceServicer:
         return answer
 
     async def ModelStreamInfer(
-        self, call: Call, context: Context, caller: Callable[[], Tenant | None]
+        self,
+        call: Call,
+        context: Context,
+        caller: Callable[[], Tenant | None],
+        release: Callable[[], None],
     ) -> None:
         resends = metadata_value(context, RESENDS[0]) == RESENDS[1]
         stream = InferStream(
@@ -204,6 +208,7 @@ class InferenceServicer:
             # (tritonclient) would wait for their answers for ever.
             self._max_stream_age_s if resends else None,
             resends,
+            release,
         )
         self._streams.add(stream)
         if self._streams_end:  # admitted, then the stop came as it opened

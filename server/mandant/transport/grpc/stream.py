@@ -148,13 +148,17 @@ class InferStream:
         unread: UnreadAnswers | None = None,
         max_age_s: float | None = None,
         resends_unread: bool = False,
+        release: Callable[[], None] = lambda: None,
     ) -> None:
         """``unread``: the server's count of each tenant's unread answers, which this
         stream's answers count in until written (``unread.py``; None: not counted).
         ``max_age_s``: when the stream ends (None: never). ``resends_unread``: the
         client sends the messages left unread again (module doc); its stream's last
-        message then says that the server ended it."""
+        message then says that the server ended it. ``release``: gives back the stream's
+        place under ``server.max_tenant_streams``, called once its end mark is written
+        (the gate gives it back as the stream ends otherwise)."""
         self._plane = plane
+        self._release = release
         self._cap = cap
         self._unread = unread
         self._tenant: Tenant | None = tenant  # None: its key was revoked
@@ -315,7 +319,13 @@ class InferStream:
         writes meanwhile is dropped unread (it sends that again)."""
         mark = pb.ModelStreamInferResponse()
         mark.infer_response.parameters[END_MARK].string_param = self._end_reason
-        if await self._write(mark):
+        written = await self._write(mark)
+        # Its place is given back now: the client opens the next stream on the mark,
+        # while this one waits for its half-close, and a tenant at its streams' cap
+        # had the next one refused (the calls sent again on it failed with it). What
+        # comes now is read only to be dropped, for END_MARK_WAIT_S at most.
+        self._release()
+        if written:
             loop = asyncio.get_running_loop()
             self._mark_wait = loop.call_later(END_MARK_WAIT_S, self._stop_reading)
         else:
