@@ -217,6 +217,16 @@ class Registry(CollectorRegistry):
         return Scrape(parts)
 
 
+class _Family(Collector):
+    """One family as a collector, for ``generate_latest`` to write alone."""
+
+    def __init__(self, family: Metric) -> None:
+        self._family = family
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._family
+
+
 class Scrape:
     """A registry's families as :meth:`Registry.scrape` took them: a collector of its
     own for ``generate_latest`` to read in a thread (:meth:`text`)."""
@@ -227,9 +237,13 @@ class Scrape:
     def text(self) -> bytes:
         """The exposition, written with the cyclic collector paused: its samples (a few
         hundred thousand objects) made full collections that, holding the GIL, held
-        the event loop 150-200 ms each; they are freed as they are written."""
+        the event loop 150-200 ms each; they are freed as they are written. A family
+        at a time (the same text: ``generate_latest`` writes each on its own): it
+        joined, encoded and freed the lines of all of them in single calls that hold
+        the GIL, and so the event loop (1,000,000 lines, 400 tenants x 30 models:
+        178 ms in one stretch)."""
         with collector_paused():
-            return generate_latest(self)
+            return b"".join(generate_latest(_Family(family)) for family in self.collect())
 
     def collect(self) -> Iterator[Metric]:
         for part in self._parts:
