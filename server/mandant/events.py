@@ -38,7 +38,9 @@ class Observer(Protocol):
         ``version``: the version of ``model`` it resolved ("" where none);
         ``inference``: an inference call (a ModelInfer, a stream message, a REST
         infer), also one that ended before its model was known (its deadline passed
-        at the front door): it counts against its tenant's SLO; ``owner``: the tenant
+        at the front door): it counts against its tenant's SLO; not so a call whose
+        message or body its client never finished sending (False: the client stalled,
+        not the server); ``owner``: the tenant
         owning ``model`` (a private model or tuned variant), "" for a shared one;
         ``busy``: refused for the server-wide cap on calls, or its place at the door
         taken by another tenant's call (RESOURCE_EXHAUSTED on the server's account, not
