@@ -22,6 +22,7 @@ from mandant.transport.listeners import bare, host_port
 
 if TYPE_CHECKING:
     from mandant.app import App
+    from mandant.config.specs import ModelSpec
 
 logger = logging.getLogger("mandant")
 
@@ -440,15 +441,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 1
     base_dir = config_folder(path)
     try:
-        config.model_specs(base_dir)
+        specs = config.model_specs(base_dir)
         errors = []
     except ConfigError as exc:
-        errors = exc.errors
+        specs, errors = [], exc.errors
     errors = [*errors, *config.file_problems(base_dir), *_import_problems(config)]
     if errors:
         print(ConfigError(str(path), sorted(errors, key=_field_order)), file=sys.stderr)
         return 1
-    for where, why in config.warnings():
+    for where, why in [*config.warnings(), *_device_problems(specs)]:
         print(f"{path}: warning: {where}: {why}", file=sys.stderr)
     print(f"{path}: ok ({len(config.tenants)} tenants, {len(config.models)} models)")
     return 0
@@ -461,6 +462,31 @@ def _field_order(error: tuple[str, str]) -> list[tuple[int, str]]:
     parts = error[0].split(".")
     rank = sections.index(parts[0]) if parts[0] in sections else len(sections)
     return [(rank, ""), *((int(p), "") if p.isdigit() else (-1, p) for p in parts[1:])]
+
+
+def _device_problems(specs: list[ModelSpec]) -> list[tuple[str, str]]:
+    """Each model version placed on a GPU this host does not see, as (where, why): a
+    warning, not an error, since a file is often checked on another host than the one
+    it is for; ``serve`` here would refuse to load it."""
+    from mandant.backends.placement import place  # torch only when a GPU is named
+
+    named = [s for s in specs if s.backend == "torch" and s.devices not in (("cpu",), ("auto",))]
+    if not named:
+        return []
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    problems = []
+    for spec in named:
+        missing = place(spec.devices, spec.instances, visible).missing(visible)
+        if missing:
+            owner = f" of tenant {spec.tenant!r}" if spec.tenant else ""
+            problems.append((
+                f"model {spec.name!r}{owner} version {spec.version}",
+                f"placed on {', '.join(missing)}, but this host sees {visible} GPU(s): "
+                "`mandant serve` here would refuse to load it",
+            ))  # fmt: skip
+    return problems
 
 
 def _import_problems(config: MandantConfig) -> list[tuple[str, str]]:

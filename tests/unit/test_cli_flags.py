@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from mandant import cli
@@ -345,3 +346,29 @@ def test_children_import_from_the_folder_only_as_their_supervisor_does(
     else:
         assert child.returncode == 1
         assert "No module named 'folder_models'" in child.stdout + child.stderr
+
+
+@pytest.mark.parametrize(
+    ("placed", "shown"),
+    [
+        ({"device": "cuda"}, "placed on cuda:0"),
+        ({"devices": ["cuda:0", "cuda:3"]}, "placed on cuda:0, cuda:3"),
+    ],
+)
+def test_check_config_warns_of_gpus_this_host_does_not_see(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    placed: dict[str, Any],
+    shown: str,
+) -> None:
+    """A model on a GPU this host lacks was "ok": ``serve`` then refused to load it. It
+    is a warning (a file is often checked elsewhere than where it serves)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = write(tmp_path, models=[{**ECHO, **placed}, {**ECHO, "name": "cpu_echo"}])
+    assert cli.main(["check-config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "ok (1 tenants, 2 models)" in captured.out
+    warnings = [line for line in captured.err.splitlines() if "GPU" in line]
+    assert len(warnings) == 1, captured.err
+    assert f"warning: model 'echo' version 1: {shown}, but this host sees 0 GPU(s)" in warnings[0]
