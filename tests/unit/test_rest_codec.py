@@ -513,6 +513,29 @@ async def test_a_large_json_output_is_written_over_several_loop_turns() -> None:
     ).encode()  # fmt: skip
 
 
+@pytest.mark.parametrize("datatype", NUMERIC)
+@given(data=st.data())
+def test_json_answers_hold_each_value_exactly(datatype: str, data: st.DataObject) -> None:
+    """An output's values written as JSON read back as they are: floats as the doubles
+    they are (as Triton writes them: FP32 0.1 is 0.10000000149011612, not 0.1), NaN and
+    the infinities as the literals Python's JSON reads (not null), integers to the
+    last bit, booleans as booleans; whatever the output array's layout."""
+    dtype = DATATYPES[datatype]
+    flat = data.draw(hnp.arrays(dtype, st.integers(1, 40), elements=hnp.from_dtype(dtype)))
+    if data.draw(st.booleans(), label="strided"):  # a view every other value apart
+        flat = np.stack([flat, flat], axis=1)[:, 0]
+    response = InferResponse("m", "1", "", {"Y": flat})
+    body, _ = asyncio.run(encode_infer_response(response, False))
+    values = json.loads(body)["outputs"][0]["data"]
+    if dtype.kind == "f":
+        expected = flat.astype(np.float64).tolist()
+        assert all(isinstance(v, float) for v in values)
+        np.testing.assert_array_equal(np.array(values), np.array(expected))
+    else:
+        assert values == flat.tolist()
+        assert all(type(v) is type(e) for v, e in zip(values, flat.tolist(), strict=True))
+
+
 def test_a_json_part_over_the_bound_is_refused_before_it_is_parsed() -> None:
     body = json.dumps({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1],
                                    "data": [1.0]}]}).encode()  # fmt: skip

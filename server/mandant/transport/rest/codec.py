@@ -25,6 +25,7 @@ from math import prod
 from typing import Any
 
 import numpy as np
+import orjson
 
 from mandant.config import DEFAULT_MAX_BYTES_ELEMENTS, DEFAULT_MAX_JSON_BYTES
 from mandant.errors import InvalidInput, shown
@@ -58,8 +59,9 @@ class BodyTooLarge(InvalidInput):
 
 
 #: JSON output values written per turn of the event loop: a large JSON answer is
-#: written a piece at a time, other calls served in between (10⁶ FP32 values take
-#: about 0.5 s to write as JSON on one core of the dev machine; 16,384 about 8 ms).
+#: written a piece at a time, other calls served in between (16,384 FP32 values take
+#: about 0.5 ms to write on one core of the dev machine; 12.7 ms as ``json`` writes
+#: them, as a piece with a NaN is still written).
 JSON_VALUES_PER_TURN = 16384
 #: The same for BYTES outputs, counted in characters (and a few for each element): one
 #: element of 48 MiB held other tenants' calls 4 s while it was decoded and escaped
@@ -653,12 +655,22 @@ async def _json_data(
         await pace.room(piece.size)  # let the calls waiting meanwhile be served
         if start:
             into.append(b",")
-        into.append(_dumps(_json_values(name, piece, datatype))[1:-1].encode())
+        into.append(_json_numbers(piece, datatype))
 
 
-def _json_values(name: str, flat: np.ndarray, datatype: str) -> list[Any]:
-    values: list[Any] = flat.astype(DATATYPES[datatype], copy=False).tolist()
-    return values
+def _json_numbers(flat: np.ndarray, datatype: str) -> bytes:
+    """A flat numeric output's values as JSON, without brackets. Floats are written
+    as the doubles they are (as Triton writes them: an FP32 value 0.1 is
+    ``0.10000000149011612``), by orjson, whose float formatting is about 25 times
+    faster than ``json``'s (16,384 values: 0.5 ms against 12.7 on the dev machine);
+    a piece holding NaN or an infinity by ``json``, which writes them as the literals
+    ``NaN`` and ``Infinity`` (orjson writes ``null``)."""
+    values = np.ascontiguousarray(flat.astype(DATATYPES[datatype], copy=False))
+    if values.dtype.kind == "f":
+        values = values.astype(np.float64, copy=False)
+        if not np.isfinite(values).all():
+            return _dumps(values.tolist())[1:-1].encode()
+    return orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
 
 
 async def _json_strings(into: list[bytes], name: str, flat: np.ndarray, pace: _Pace) -> None:
