@@ -30,6 +30,14 @@ QUANT = {
     "outputs": [{"name": "OUTPUT0", "datatype": "UINT8", "shape": [-1, 2]}],
     "batching": {"max_batch_size": 8, "max_queue_delay_ms": 50, "dispatch": "delay"},
 }
+#: Its BYTES input as text, bytes that are not UTF-8 as lone surrogates.
+TEXT = {
+    "name": "text",
+    "backend": "torch",
+    "factory": "tests.unit.torch_models:decoded",
+    "inputs": [{"name": "X", "datatype": "BYTES", "shape": [-1]}],
+    "outputs": [{"name": "S", "datatype": "BYTES", "shape": [-1]}],
+}
 
 
 @pytest.fixture(scope="module", params=SERVER_KINDS)
@@ -43,7 +51,7 @@ def server(
                 {"id": "a", "api_keys": [hash_key("a-key")], "quota": {"rows_per_day": QUOTA}},
                 {"id": "b", "api_keys": [hash_key("b-key")]},
             ],
-            "models": [QUANT],
+            "models": [QUANT, TEXT],
         }
     )
     running = serve(request.param, config, tmp_path_factory.mktemp("range"))
@@ -80,3 +88,24 @@ async def test_values_out_of_range_fail_that_call_alone_and_stay_charged(server:
             assert (await call("a-key", [-1, 0]))[0] == "INVALID_ARGUMENT"
         code, details = await call("a-key", [1, 2])
         assert code == "RESOURCE_EXHAUSTED" and b"quota" in details, (code, details)
+
+
+async def test_text_that_is_not_unicode_fails_that_call_not_internal(server: Server) -> None:
+    """A model's text holding a lone surrogate failed INTERNAL, a traceback logged for
+    every call; now as a model's failure on the request's data."""
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        async def call(value: bytes) -> pb.ModelInferResponse:
+            request = pb.ModelInferRequest(model_name="text")
+            request.inputs.add(name="X", datatype="BYTES", shape=[1])
+            request.raw_input_contents.append(len(value).to_bytes(4, "little") + value)
+            metadata = (("authorization", "Bearer b-key"),)
+            return await stub.ModelInfer(request, metadata=metadata, timeout=30)
+
+        answer = await call("é".encode())
+        assert answer.raw_output_contents[0] == b"\x02\x00\x00\x00" + "é".encode()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(b"\xff")
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "failed on this request's inputs" in (refused.value.details() or "")

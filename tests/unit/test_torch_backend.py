@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import threading
 import time
@@ -20,7 +21,7 @@ from mandant.config import BatchingConfig, ModelSpec
 from mandant.demo import models
 from mandant.errors import DeadlineExceeded, InvalidInput, Unavailable
 from mandant.scheduling.direct import DirectScheduler
-from mandant.types import DATATYPES, TensorSpec
+from mandant.types import DATATYPES, TensorSpec, datatype_of
 from tests.fakes import request
 from tests.unit.torch_models import kept_after_the_next_call
 
@@ -375,6 +376,51 @@ async def test_integers_the_declared_type_cannot_hold_fail_the_call_not_wrapped(
     assert fits["OUTPUT0"].tolist() == [23, -128, 127]
     with pytest.raises(OutputOutOfRange, match="OUTPUT0: values from -200 to 300 where INT8"):
         await run_once(spec, {"INPUT0": np.array([23, 300, -200], np.int64)})
+
+
+@pytest.mark.parametrize(
+    ("given", "declared", "refused"),
+    [
+        (np.array([1.5, 1e300, -1e301]), "FP32", "values from -1e+301 to 1e+300 where FP32"),
+        (np.array([1.5, 1e6]), "FP16", "values from 1000000.0 to 1000000.0 where FP16"),
+        (np.array([3, 100000], np.int64), "FP16", "values from 100000 to 100000 where FP16"),
+    ],
+)
+async def test_numbers_the_declared_float_type_cannot_hold_fail_the_call(
+    given: np.ndarray, declared: str, refused: str
+) -> None:
+    """A float64 1e300 declared FP32 (or an int64 100000 declared FP16) went out as an
+    infinity with OK: it fails as integers out of range do. Infinities and NaN the model
+    answered are values like any other; numbers that fit go out, rounded to the type."""
+    spec = make_spec(
+        factory="mandant.demo.models:echo",
+        inputs=(TensorSpec("INPUT0", datatype_of(given), (-1,)),),
+        outputs=(TensorSpec("OUTPUT0", declared, (-1,)),),
+    )
+    with pytest.raises(OutputOutOfRange, match=f"OUTPUT0: {re.escape(refused)}"):
+        await run_once(spec, {"INPUT0": given})
+    fits = given.astype(np.float64)[:1]
+    if given.dtype.kind == "f":
+        fits = np.array([fits[0], np.inf, -np.inf, np.nan], given.dtype)
+    out = await run_once(spec, {"INPUT0": fits.astype(given.dtype)})
+    np.testing.assert_array_equal(out["OUTPUT0"].astype(DATATYPES[declared]),
+                                  fits.astype(DATATYPES[declared]))  # fmt: skip
+
+
+async def test_text_that_is_not_unicode_fails_the_call_not_internal() -> None:
+    """A model that decodes its bytes with ``surrogateescape`` answers bytes that are
+    not UTF-8 as lone surrogates: encoding them failed every such call INTERNAL (a
+    traceback logged each time). It fails as a model's error on its data does; text
+    that encodes goes out."""
+    spec = make_spec(
+        factory=f"{HELPERS}:decoded",
+        inputs=(TensorSpec("X", "BYTES", (-1,)),),
+        outputs=(TensorSpec("S", "BYTES", (-1,)),),
+    )
+    out = await run_once(spec, {"X": np.array([b"ok", "é".encode()], dtype=object)})
+    assert out["S"].tolist() == ["ok", "é"]
+    with pytest.raises(OutputOutOfRange, match="S: element 1 is text that is not Unicode"):
+        await run_once(spec, {"X": np.array([b"ok", b"\xff", b"fine"], dtype=object)})
 
 
 async def test_a_batched_model_s_scalar_output_is_unavailable(

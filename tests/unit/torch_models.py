@@ -375,3 +375,16 @@ class _Locked(nn.Module):
 def locked(built: list[int]) -> nn.Module:
     built.append(len(built))
     return _Locked()
+
+
+class _Decoded(nn.Module):
+    """Its BYTES input as text, bytes that are not UTF-8 kept as lone surrogates (the
+    usual ``surrogateescape``)."""
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        texts = [value.decode(errors="surrogateescape") for value in x.reshape(-1).tolist()]
+        return np.array(texts, dtype=np.object_)
+
+
+def decoded() -> nn.Module:
+    return _Decoded()

@@ -140,8 +140,11 @@ class BatchOutputMismatch(RuntimeError):
 
 
 class OutputOutOfRange(RuntimeError):
-    """An integer output holds values its declared (narrower) integer type cannot, which
-    the codec's cast would wrap. Only some inputs give such values: the model failed on
+    """An output holds values its declared type cannot: integers its (narrower) integer
+    type cannot hold, which the codec's cast would wrap; finite numbers beyond its float
+    type, which the cast would make infinities; text that is not Unicode (a lone
+    surrogate, as ``bytes.decode(errors="surrogateescape")`` makes of bytes that are not
+    UTF-8), which cannot be written. Only some inputs give such values: the model failed on
     this request's data, as when it raises (split on in a batch; charged, INVALID_ARGUMENT),
     not the configuration's fault for every call (UNAVAILABLE and refunded: a tenant could
     have run the model without end, uncharged, on inputs that overflow)."""
@@ -310,7 +313,7 @@ class TorchBackend:
                 problem = ("datatype", str(array.dtype), spec.datatype)
             elif array.dtype.kind == "O" and (strays := _not_text(array)):
                 problem = ("datatype", f"objects of type {strays}", spec.datatype)
-            elif (values := _out_of_range(array, spec.datatype)) is not None:
+            elif (values := _beyond(array, spec.datatype)) is not None:
                 raise OutputOutOfRange(
                     f"output {spec.name}: {values} where {spec.datatype} is declared"
                 )
@@ -721,13 +724,60 @@ def _not_text(array: np.ndarray) -> str:
     return ", ".join(sorted(t.__name__ for t in types if not issubclass(t, (bytes, str))))
 
 
+def _beyond(array: np.ndarray, datatype: str) -> str | None:
+    """What of an output its declared type cannot carry (:class:`OutputOutOfRange`),
+    said as the failure's message does; None where it can carry it all."""
+    if array.size == 0:
+        return None
+    if datatype == "BYTES":
+        return _not_unicode(array) if array.dtype.kind in "OU" else None
+    if DATATYPES[datatype].kind == "f":
+        return _beyond_float(array, datatype)
+    return _out_of_range(array, datatype)
+
+
+def _not_unicode(array: np.ndarray) -> str | None:
+    """A BYTES output's first text element that UTF-8 cannot encode, said as the
+    failure's message says it: encoding it failed the call INTERNAL, with a traceback
+    logged for every call."""
+    values = array.reshape(-1).tolist()
+    try:  # all at once: one pass in C where every element encodes
+        "".join(v for v in values if isinstance(v, str)).encode()
+        return None
+    except UnicodeEncodeError:
+        pass
+    for index, value in enumerate(values):
+        if not isinstance(value, str):
+            continue
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            return f"element {index} is text that is not Unicode ({exc.reason})"
+    return None  # not reached: the joined text failed, so one element does
+
+
+def _beyond_float(array: np.ndarray, datatype: str) -> str | None:
+    """For numbers declared a narrower float type (a float64 1e300 as FP32, an int64
+    100000 as FP16), the span of finite values the declared type cannot hold, which
+    numpy's cast would make infinities without a word."""
+    target = DATATYPES[datatype]
+    if np.can_cast(array.dtype, target) or array.dtype.kind not in "biuf":
+        return None
+    with np.errstate(over="ignore"):
+        cast = array.astype(target)
+    overflowed = array[np.isinf(cast) & ~np.isinf(array)]
+    if overflowed.size == 0:
+        return None
+    return f"values from {overflowed.min()} to {overflowed.max()}"
+
+
 def _out_of_range(array: np.ndarray, datatype: str) -> str | None:
     """For integers declared a narrower integer type (an argmax's int64 as UINT8), the
     span of values the declared type cannot hold ("values from -200 to 300"), which
     numpy's cast would wrap without a word (300 went out as INT8 44); None where all
     fit, or the declared type holds every value of the array's."""
     target = DATATYPES[datatype]
-    if target.kind not in "iu" or array.dtype.kind not in "iu" or array.size == 0:
+    if target.kind not in "iu" or array.dtype.kind not in "iu":
         return None
     if np.can_cast(array.dtype, target):
         return None
