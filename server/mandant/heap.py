@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
+
 logger = logging.getLogger(__name__)
 
 
@@ -118,6 +120,44 @@ def loads_untrusted(document: str | bytes, **hooks: Any) -> Any:
     parser nests as deep as the document does, up to the recursion limit (then
     RecursionError, which callers answer as invalid input); a collection that ran down
     there ran the finalizers of unrelated garbage with no stack left, and they failed
-    ("Exception ignored in ..."; seen in a test run as an unraisable RecursionError)."""
+    ("Exception ignored in ..."; seen in a test run as an unraisable RecursionError).
+
+    Without ``hooks``, orjson reads it where it reads it as ``json`` does, about 20
+    times faster for numbers (1.2 MB of floats: 3 ms against 61 on the dev machine):
+    what orjson refuses (NaN and the infinities, numbers beyond a double, lone
+    surrogates, encodings other than UTF-8, a byte-order mark, nesting deeper than
+    1,024) goes to ``json``, which reads or refuses it as it always did, and so does a
+    document that may hold an integer beyond 64 bits (orjson makes a float of it)."""
     with collector_paused():
+        if not hooks and not _may_hold_a_long_integer(document):
+            try:
+                return orjson.loads(document)
+            except orjson.JSONDecodeError:
+                pass
         return json.loads(document, **hooks)
+
+
+#: Digits as 9, every other byte as a space: runs of digits are found with ``find``.
+_DIGITS_AS_NINES = bytes(57 if 48 <= byte <= 57 else 32 for byte in range(256))
+#: As many digits as the shortest integers beyond 64 bits have (2**63: 19).
+_LONG_RUN = b"9" * 19
+_MARKS, _SIGNS = (b".", b"e", b"E"), (b"+", b"-")
+
+
+def _may_hold_a_long_integer(document: str | bytes) -> bool:
+    """Whether ``document`` has a run of 19 or more digits that may be an integer: not
+    a float's fraction or exponent (``0.000123…`` makes such runs in floats sent as
+    Python writes them). One in a string counts: it only sends the document to
+    ``json``. (A regular expression took 58 ms over 1.2 MB of floats; this 1.)"""
+    text = document.encode(errors="surrogatepass") if isinstance(document, str) else document
+    runs = text.translate(_DIGITS_AS_NINES)
+    start = runs.find(_LONG_RUN)
+    while start >= 0:
+        end = runs.find(b" ", start)
+        end = len(runs) if end < 0 else end
+        before, sign = text[start - 1 : start], text[start - 2 : start - 1]
+        fraction_or_exponent = text[end : end + 1] in _MARKS or before in _MARKS
+        if not fraction_or_exponent and not (before in _SIGNS and sign in _MARKS):
+            return True
+        start = runs.find(_LONG_RUN, end)
+    return False
