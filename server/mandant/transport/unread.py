@@ -15,9 +15,13 @@ answer's: until aiohttp has written it, or failed to). While a tenant's count is
 ``server.max_unread_answer_bytes`` its next inference calls and stream messages are
 refused RESOURCE_EXHAUSTED (REST: 429), with pushback, before they take a place under
 the cap or at the door (a unary call: by the gate, once its key is checked, its message
-unread) and before anything is charged: a tenant holds at most that bound plus the
-answers of the calls it has in progress (its ``max_concurrency``). An answer alone is
-never refused (what a tenant holds already is its own); other tenants are not touched.
+unread) and before anything is charged. An answer that would take a tenant's count past
+the bound is refused too, as it is handed over (:meth:`UnreadAnswers.take`; the model
+ran: charged): calls that all passed the first check while nothing was held yet, or
+whose answers are far larger than their requests, were all held (one tenant's 200
+messages of 60 bytes, each answered 4 MiB, held 512 MiB against a bound of 4). So a
+tenant holds at most the bound plus one answer. An answer alone is never refused (what
+a tenant holds already is its own); other tenants are not touched.
 gRPC answers are counted by their tensors' bytes as sent (``InferResponse.nbytes``: a
 BYTES tensor's elements with their lengths), the message's framing not counted; REST
 answers by their body's length (JSON is longer than the tensors it holds).
@@ -50,17 +54,24 @@ class UnreadAnswers:
     def held(self, tenant: str) -> int:
         return self._held.get(tenant, 0)
 
-    def check(self, tenant: str) -> None:
+    def check(self, tenant: str, size: int = 0) -> None:
         """Refuse (and count the refusal of) a call of ``tenant`` while its unread
-        answers are at the bound."""
+        answers are at the bound, or would pass it with an answer of ``size`` bytes
+        (unless it holds none: an answer alone is never refused)."""
         held = self._held.get(tenant)
-        if held is not None and held >= self._max_bytes:
+        if held is not None and (held >= self._max_bytes or held + size > self._max_bytes):
             self._observer.rejected(tenant, UNREAD_REASON)
             raise AnswersUnread(
                 f"{held} bytes of this tenant's answers are not read yet by its clients "
                 f"(at most {self._max_bytes}): read them before calling again",
                 UNREAD_RETRY_S,
             )
+
+    def take(self, tenant: str, size: int) -> None:
+        """Count an answer of ``size`` bytes for ``tenant`` until :meth:`release`, or
+        refuse it as :meth:`check` does (AnswersUnread): it is not held."""
+        self.check(tenant, size)
+        self.hold(tenant, size)
 
     def hold(self, tenant: str, size: int) -> None:
         if size:

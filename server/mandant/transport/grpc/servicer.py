@@ -175,13 +175,12 @@ class InferenceServicer:
             ProtoInferRequest(request, self._max_bytes_elements),
             context.time_remaining(),
         )
-        answer = encode_infer_response(response)
         unread, size = self._unread, response.nbytes
         if unread is not None and size:  # held until gRPC ends the call: written, or given up
             tenant = call.caller.id
-            unread.hold(tenant, size)
+            unread.take(tenant, size)  # or refused, past the tenant's bound
             context.add_done_callback(lambda _: unread.release(tenant, size))
-        return answer
+        return encode_infer_response(response)
 
     async def ModelStreamInfer(
         self,

@@ -27,11 +27,15 @@ calls need (as it once did, one place of the server-wide cap per stream).
 Backpressure: at most ``max_inflight`` messages of a stream, and ``max_bytes`` of
 them, are being served or have answers not yet written (a message counts its bytes
 while it is served, then its answer's tensors until they are written); beyond that
-the stream is not read (HTTP/2 flow control then holds the client back), so a client
-that sends without reading cannot make the server buffer its answers (by count alone,
-128 messages of 64 MiB held 21 GiB). Across all of a tenant's streams and unary calls,
+the stream is not read (HTTP/2 flow control then holds the client back), and an
+answer that would take its unwritten answers past ``max_bytes`` is refused in the
+stream unless it is alone (:meth:`InferStream._take`), so a client that sends without
+reading cannot make the server buffer its answers (by count alone, 128 messages of
+64 MiB held 21 GiB; by the bytes of its messages alone, 200 messages of 60 bytes
+answered 4 MiB each held 512 MiB). Across all of a tenant's streams and unary calls,
 answers not yet written count toward ``server.max_unread_answer_bytes``; at that bound
-its next messages are answered RESOURCE_EXHAUSTED (``unread.py``).
+its next messages, and answers that would pass it, are answered RESOURCE_EXHAUSTED
+(``unread.py``).
 When the client leaves, every message still in flight is cancelled: it leaves its
 queue and frees its concurrency slot. When the server stops (:meth:`InferStream.end`),
 a stream ends once the messages it has in flight are answered: its client's next call
@@ -96,7 +100,7 @@ from mandant.transport.grpc.codec import (
 from mandant.transport.grpc.gateway import MAX_LOGGED_ID, Context, client_saw, parse
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
 from mandant.transport.grpc.wire_bounds import naming_prefix
-from mandant.transport.unread import UnreadAnswers
+from mandant.transport.unread import UNREAD_REASON, UNREAD_RETRY_S, AnswersUnread, UnreadAnswers
 from mandant.types import Call, Tenant
 from mandant_client._multiplex import END_MARK, TIMEOUT_PARAM
 from mandant_client._proto import grpc_service_pb2 as pb
@@ -170,6 +174,7 @@ class InferStream:
         self._window = asyncio.Semaphore(max(1, max_inflight))
         self._max_bytes = max_bytes
         self._held = 0  # bytes of messages served and answers unwritten
+        self._answers = 0  # bytes of answers unwritten, of those
         self._room = asyncio.Event()  # set while ``_held`` is within ``max_bytes``
         self._room.set()
         self._max_bytes_elements = max_bytes_elements
@@ -343,16 +348,15 @@ class InferStream:
         held = len(raw)
         unread, answer, tenant = self._unread, 0, ""
         try:
-            response, answer, tenant = await self._answer(raw)
+            response, answer, tenant = await self._answer(raw)  # taken: its tenant's
             del raw  # the answer is what waits to be written now
             self._hold(answer - held)
             held = answer
-            if unread is not None:
-                unread.hold(tenant, answer)
             await self._write(response)
         finally:
             if unread is not None:
                 unread.release(tenant, answer)
+            self._answers -= answer
             self._hold(-held)
             self._window.release()
 
@@ -371,6 +375,26 @@ class InferStream:
                 return False
             self._written += 1
         return True
+
+    def _take(self, tenant: str, size: int) -> None:
+        """Count an answer of ``size`` bytes for the stream and for ``tenant``'s unread
+        answers; or refuse it (AnswersUnread), unless it is alone, where it would take
+        the stream's unwritten answers past ``max_bytes`` or the tenant's past its
+        bound. The stream stops reading at ``max_bytes`` (backpressure), but only as
+        answers come: its messages in flight were all served while their answers did
+        not count yet, and one stream of 200 messages of 60 bytes, each answered 4 MiB,
+        held 512 MiB."""
+        answers = self._answers
+        if answers and answers + size > self._max_bytes:
+            self._observer.rejected(tenant, UNREAD_REASON)
+            raise AnswersUnread(
+                f"{answers} bytes of this stream's answers are not read yet by its "
+                f"client (at most {self._max_bytes}): read them before sending more",
+                UNREAD_RETRY_S,
+            )
+        if self._unread is not None:
+            self._unread.take(tenant, size)
+        self._answers = answers + size
 
     def _hold(self, change: int) -> None:
         self._held += change
@@ -427,6 +451,7 @@ class InferStream:
             answer = pb.ModelStreamInferResponse()
             encode_infer_response(response, into=answer.infer_response)
             answer.infer_response.parameters[FINAL_RESPONSE].bool_param = True
+            self._take(tenant.id, response.nbytes)  # last: counted until written
             return answer, response.nbytes, tenant.id
         except MandantError as exc:
             code, busy = status_for(exc).name, isinstance(exc, ServerBusy)

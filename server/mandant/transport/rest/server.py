@@ -235,10 +235,12 @@ class RestServer:
         if infer_request.request_id:
             current_request_id.set(infer_request.request_id[:MAX_LOGGED_ID])
         response = await self._plane.infer(call, infer_request)
+        tenant = call.caller.id
+        self._unread.check(tenant, response.nbytes)  # past the bound: refused unwritten
         answer = await encode_answer(
-            response, infer_request.binary_outputs(), self._json_turns.turn(call.caller.id)
+            response, infer_request.binary_outputs(), self._json_turns.turn(tenant)
         )
-        held = Held(self._unread, call.caller.id, answer.size)
+        held = Held(self._unread, tenant, answer.size)
         if answer.header_length is None:
             content_type, headers = "application/json", None
         else:
@@ -265,7 +267,7 @@ class Held:
         self._unread: UnreadAnswers | None = unread
         self._tenant = tenant
         self._size = size
-        unread.hold(tenant, size)
+        unread.take(tenant, size)  # or refused, past the tenant's bound
 
     def written(self) -> None:
         """The answer is written, or never will be (once; later calls do nothing)."""
