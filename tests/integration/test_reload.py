@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -362,6 +363,54 @@ def test_a_reload_reaches_streams_already_open(tmp_path: Path, kind: str) -> Non
         c.infer("echo", X)  # its key stands: its stream goes on
         with Client(target, api_key="key-new", multiplex=True) as renewed:
             renewed.infer("echo", X)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+def test_a_key_given_to_another_tenant_ends_its_stream_and_frees_the_place(
+    tmp_path: Path, kind: str
+) -> None:
+    """A key a reload gave to another tenant: its open stream went on, served as the
+    other tenant, holding its first tenant's place under ``server.max_tenant_streams``
+    (that tenant's new key could open no stream: RESOURCE_EXHAUSTED) and one more of
+    the other's. It ends as a revoked key's does; the key then opens its stream as the
+    tenant it now is."""
+    port = free_port()
+    path = tmp_path / "mandant.yaml"
+    write = _writer(path, port, kind)
+
+    def write_one_stream(**tenants: dict[str, Any]) -> None:
+        write(**tenants)
+        config = yaml.safe_load(path.read_text())
+        config["server"]["max_tenant_streams"] = 1
+        path.write_text(yaml.safe_dump(config))
+
+    write_one_stream(a={"api_keys": [hash_key("key-a")]}, b={"api_keys": [hash_key("key-b")]})
+    target = f"127.0.0.1:{port}"
+    with mandant_serve(path) as proc, Client(target, api_key="key-a", multiplex=True) as moved:
+        moved.infer("echo", X)  # its stream open, a's one place taken
+        write_one_stream(a={"api_keys": [hash_key("key-a2")]}, b={"api_keys": [hash_key("key-b")]})
+        config = yaml.safe_load(path.read_text())
+        config["tenants"][1]["api_keys"].append(hash_key("key-a"))
+        path.write_text(yaml.safe_dump(config))
+        proc.send_signal(signal.SIGHUP)
+        _reloads(proc, kind)
+        deadline = time.monotonic() + 20
+        with Client(target, api_key="key-a2", multiplex=True) as renewed:
+            while True:  # the moved key's stream ends a moment after the reload
+                try:
+                    renewed.infer("echo", X)
+                    break
+                except RateLimited:
+                    assert time.monotonic() < deadline, "a's place still held"
+                    time.sleep(0.1)
+        moved.infer("echo", X)  # on a stream of b's now
+        with (
+            Client(target, api_key="key-b", multiplex=True) as other,
+            pytest.raises(RateLimited, match="streams of this tenant are open"),
+        ):
+            other.infer("echo", X)  # b's one place is the moved key's
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
 

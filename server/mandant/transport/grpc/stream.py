@@ -166,6 +166,7 @@ class InferStream:
         self._cap = cap
         self._unread = unread
         self._tenant: Tenant | None = tenant  # None: its key was revoked
+        self._opened_for = tenant.id  # whose place under max_tenant_streams it holds
         self._authenticate = authenticate
         # The tenants ``_tenant`` is as of: none yet, so the first message checks the
         # key again (a reload between the gate's check and here is not missed).
@@ -409,9 +410,13 @@ class InferStream:
         if snapshot is not self._snapshot:
             self._snapshot = snapshot
             try:
-                self._tenant = self._authenticate()
+                tenant: Tenant | None = self._authenticate()
             except Unauthenticated:
-                self._tenant = None
+                tenant = None
+            # A key given to another tenant is revoked for this stream's: served on as
+            # the other, it held its first tenant's place under max_tenant_streams (that
+            # tenant, with its new key, could open none) and one more of the other's.
+            self._tenant = tenant if tenant is not None and tenant.id == self._opened_for else None
         if self._tenant is None:
             # Its stream ends (UNAUTHENTICATED; to a client that resends, OK and the
             # mark, and its new stream is refused): open, it held one of the tenant's
