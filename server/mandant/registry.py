@@ -425,6 +425,11 @@ class ModelRegistry:
                     if not changed and not gone:  # as served (a failed change undone too)
                         self._unapplied.discard(name)
                         return None
+                    # What the file no longer gives (a tenant's private model or tuned
+                    # variant given to another or dropped, a shared model made private)
+                    # is taken away now, as a revoked key is: it served its tenants on
+                    # until the new owner's versions had loaded, for minutes at worst.
+                    self._retire([m for owner in gone for m in self._models.pop((owner, name))])
                     old, failures = await self._switch(name, changed, keep=kept)
                     change = _change_line(name, changed, failures, gone)
                     if failures:

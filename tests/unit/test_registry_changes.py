@@ -133,6 +133,33 @@ async def test_a_reload_that_makes_a_model_private_is_not_undone_by_an_earlier_l
         setup.registry.resolve(GLOBEX, "m")
 
 
+@pytest.mark.parametrize(
+    ("before", "after", "loses"),
+    [
+        ({"tenant": "acme"}, {"tenant": "globex"}, ACME),  # a private model given away
+        ({}, {"tenant": "globex"}, ACME),  # a shared model made private
+    ],
+)
+async def test_a_tenant_a_reload_takes_a_model_from_loses_it_at_once(
+    before: dict[str, Any], after: dict[str, Any], loses: Tenant
+) -> None:
+    """Not once the new owner's version has loaded (up to ``model_load_timeout_s``):
+    until then it was served, and listed, to a tenant the file no longer gives it to,
+    as a revoked key is not. The new owner is served once its version loads."""
+    setup = await _started(_model("before.pt", **before))
+    release = setup.hold("after.pt")
+    reload = asyncio.create_task(setup.registry.apply(_specs(_model("after.pt", **after))))
+    await setup.starting("after.pt")
+    with pytest.raises(ModelNotFound):
+        setup.registry.resolve(loses, "m")
+    assert "m" not in [m.key.name for m in setup.registry.visible(loses)]
+    release.set()
+    await reload
+    assert setup.paths(GLOBEX) == [Path("/models/after.pt")]
+    with pytest.raises(ModelNotFound):
+        setup.registry.resolve(loses, "m")
+
+
 async def test_a_reload_removing_a_model_is_not_undone_by_a_load_in_progress() -> None:
     other = {**_model("other.pt"), "name": "other"}
     setup = await _started(_model("one.pt"), other)
