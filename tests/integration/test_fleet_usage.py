@@ -219,13 +219,46 @@ async def test_a_flush_cancelled_on_its_way_is_sent_again(
     try:
         usage.add("acme", "rows", "echo", 1000)
         monkeypatch.setattr(redis.asyncio.client.Pipeline, "execute", slow)
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(usage.read(["acme"]), 0.1)
+        with pytest.raises(TimeoutError):  # an admin's report: every tenant's flushed
+            await asyncio.wait_for(usage.read(["acme", "globex"]), 0.1)
         monkeypatch.setattr(redis.asyncio.client.Pipeline, "execute", execute)
-        counts = await usage.read(["acme"])
+        counts = await usage.read(["acme", "globex"])
     finally:
         await usage.aclose()
     assert counts is not None and counts["acme"]["today"] == {"rows:echo": 1000.0}
+
+
+async def test_a_tenant_s_own_report_flushes_no_other_tenant_s_sums(
+    redis_server: RedisServer,
+) -> None:
+    """A tenant's own report (ten a second allowed) flushed every tenant's sums, one
+    script each with the event loop held (1,000 tenants: up to 0.1 s a read). It reads
+    what Redis holds and adds this process's sums of that tenant not sent yet: the
+    same figures, nobody else's sent; a day's in its month (not today) after midnight."""
+    limits = fleet_config(redis_server.url).limits
+    wall = _Wall(datetime(2099, 1, 14, 23, 59, tzinfo=UTC).timestamp())
+    usage = RedisUsage(limits, wall=wall, flush_interval_s=3600)
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        usage.add("acme", "rows", "echo", 3)
+        assert await usage.flush() is True
+        usage.add("acme", "rows", "echo", 4)  # 23:59, not sent
+        wall.now += 120  # 00:01 the next day
+        usage.add("acme", "rows", "echo", 5)
+        usage.add("acme", "requests", "OK", 1)
+        usage.add("globex", "rows", "echo", 100)
+        own = await usage.read(["acme"])
+        assert own is not None
+        assert own["acme"] == {
+            "today": {"rows:echo": 5.0, "requests:OK": 1.0},
+            "this_month": {"rows:echo": 12.0, "requests:OK": 1.0},
+        }
+        assert client.keys("fleet:{globex}:*") == []  # not flushed by acme's report
+        assert await usage.flush() is True
+        assert await usage.read(["acme"]) == own  # sent now, counted once
+    finally:
+        await usage.aclose()
+        client.close()
 
 
 async def test_a_refused_day_resent_after_a_later_day_applied_is_counted(

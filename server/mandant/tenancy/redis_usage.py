@@ -65,6 +65,11 @@ KEEP_S: dict[PeriodKind, int] = {"day": 35 * 86400, "month": 400 * 86400}
 MARKER_KEEP_S = 7 * 86400
 #: The periods a fleet report gives, by their name in the report.
 PERIODS: dict[str, PeriodKind] = {"today": "day", "this_month": "month"}
+#: The tenants' scripts a flush sends in one pipeline (one stretch of the event loop).
+FLUSH_PIPELINE_TENANTS = 100
+#: A read of at most this many tenants adds this process's counts not yet sent to
+#: what Redis holds, instead of flushing every tenant's first.
+OWN_READ_TENANTS = 1
 
 #: (tenant, figure, label) → amount, as :meth:`RedisUsage.add` sums them.
 Counts = dict[tuple[str, str, str], float]
@@ -247,11 +252,15 @@ class RedisUsage:
                 return True
             self._unsettled = {}
             replies: list[object] = []
-            try:  # the pipeline gives its connection back however it ends
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for sums in batch:
-                        await self._flush_script(keys=sums.keys, args=sums.args, client=pipe)
-                    replies = await pipe.execute(raise_on_error=False)
+            try:
+                # A pipeline a piece, each reply awaited: redis-py packs a pipeline's
+                # commands and parses its replies in one stretch of the event loop
+                # (1,000 tenants' scripts held every call 20-90 ms at each flush).
+                for start in range(0, len(batch), FLUSH_PIPELINE_TENANTS):
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        for sums in batch[start : start + FLUSH_PIPELINE_TENANTS]:
+                            await self._flush_script(keys=sums.keys, args=sums.args, client=pipe)
+                        replies += await pipe.execute(raise_on_error=False)
             except _ERRORS as exc:
                 failure: BaseException | None = exc
             except asyncio.CancelledError:  # maybe sent, maybe applied: kept to resend
@@ -288,16 +297,33 @@ class RedisUsage:
             return not refused
 
     async def read(self, tenants: Sequence[str]) -> dict[str, dict[str, dict[str, float]]] | None:
-        """Every replica's counts, after this process's own are flushed: tenant →
-        ``today``/``this_month`` → field → amount; None if Redis does not answer (or
-        did not, at the last flush, less than ``flush_interval_s`` ago: no wait)."""
+        """Every replica's counts: tenant → ``today``/``this_month`` → field →
+        amount; None if Redis does not answer (or did not, at the last flush, less than
+        ``flush_interval_s`` ago: no wait). This process's own are flushed first, or,
+        for a few tenants (a tenant's own report) none of whose sums are on their way
+        unsettled, added as they are: each tenant's report flushed every tenant's sums,
+        one script each with the event loop held (1,000 tenants: up to 0.1 s a read,
+        ten reads a second allowed)."""
         failed_at = self._failed_at
         if failed_at is not None and time.monotonic() - failed_at < self._interval_s:
             return None
+        if len(tenants) <= OWN_READ_TENANTS:
+            async with self._lock:  # no flush meanwhile: its sums in neither place
+                if self._unsettled.keys().isdisjoint(tenants):
+                    wall = self._wall()
+                    return await self._read(tenants, wall, self._pending(tenants, wall))
         await self._flush_all()
         if self._failed_at is not None and self._failed_at != failed_at:
             return None  # it did not answer now (sums it refused: read on)
-        wall = self._wall()
+        return await self._read(tenants, self._wall(), {})
+
+    async def _read(
+        self,
+        tenants: Sequence[str],
+        wall: float,
+        pending: dict[str, dict[str, dict[str, float]]],
+    ) -> dict[str, dict[str, dict[str, float]]] | None:
+        """:meth:`read`'s figures from Redis, ``pending`` added."""
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for tenant in tenants:
@@ -316,6 +342,10 @@ class RedisUsage:
             periods = {name: next(replies) for name in PERIODS}
             try:
                 counts[tenant] = {name: _figures(reply) for name, reply in periods.items()}
+                for name, added in pending.get(tenant, {}).items():
+                    figures = counts[tenant][name]
+                    for field, amount in added.items():
+                        figures[field] = figures.get(field, 0) + amount
             except (RedisError, ValueError) as exc:
                 # Another program's key in its place: that tenant's fleet figures only
                 # (the whole report went without them, every tenant's).
@@ -327,6 +357,30 @@ class RedisUsage:
                     self._key(tenant, "*", "*"),
                 )
         return counts
+
+    def _pending(
+        self, tenants: Sequence[str], wall: float
+    ) -> dict[str, dict[str, dict[str, float]]]:
+        """This process's counts of ``tenants`` not sent yet, as :meth:`read` gives
+        them: tenant → ``today``/``this_month`` → field → amount (a day's counts in
+        its month, and in today where it is today)."""
+        wanted = set(tenants)
+        today = self._periods["day"].at(wall).key
+        month = self._periods["month"].at(wall).key
+        pending: dict[str, dict[str, dict[str, float]]] = {}
+        for day, counts in self._counts.items():
+            periods = [
+                name
+                for name, same in (("today", day.key == today), ("this_month", day.month == month))
+                if same
+            ]
+            for (tenant, figure, label), amount in counts.items() if periods else ():
+                if tenant in wanted:
+                    field = f"{figure}:{label}"
+                    for name in periods:
+                        figures = pending.setdefault(tenant, {}).setdefault(name, {})
+                        figures[field] = figures.get(field, 0) + amount
+        return pending
 
 
 def _figures(reply: object) -> dict[str, float]:
