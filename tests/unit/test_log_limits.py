@@ -247,3 +247,30 @@ def test_a_metadata_value_that_is_not_utf8_is_logged_at_debug_without_its_value(
     assert not CLIENT_NOISE.filter(record)  # DEBUG is off: dropped
     assert record.levelno == logging.DEBUG and record.exc_info is None
     assert "secret" not in record.getMessage()
+
+
+def test_handlers_cancelled_as_the_server_stops_are_told_once() -> None:
+    """At a stop whose grace ran out, grpc.aio logged an ERROR with a traceback for each
+    call still in progress (110 at one stop under load): the first is a WARNING saying
+    what happened, the others DEBUG."""
+    import asyncio
+
+    from mandant.transport.grpc.server import GRPC_CORE_LOGGER, _ClientNoise
+
+    noise, core = _ClientNoise(), logging.getLogger(GRPC_CORE_LOGGER)
+    records = [
+        core.makeRecord(
+            core.name,
+            logging.ERROR,
+            __file__,
+            1,
+            "Exception not handled by _handle_exceptions in servicer method [%s]",
+            ("/inference.GRPCInferenceService/ModelInfer",),
+            (asyncio.CancelledError, asyncio.CancelledError(), None),
+        )
+        for _ in range(3)
+    ]
+    assert [noise.filter(record) for record in records] == [True, False, False]
+    assert records[0].levelno == logging.WARNING and records[0].exc_info is None
+    assert "gRPC cancelled calls in progress (as the server stops" in records[0].getMessage()
+    assert all(r.levelno == logging.DEBUG for r in records[1:])
