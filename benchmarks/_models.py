@@ -25,3 +25,19 @@ class PacedEcho(nn.Module):
 
 def paced_echo(seconds: float = 0.01) -> nn.Module:
     return PacedEcho(seconds)
+
+
+class Widen(nn.Module):
+    """Each one-value row answered as ``width`` copies of it: answers far larger than
+    their requests."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(x.shape[0], self.width).contiguous()
+
+
+def widen(width: int = 1 << 20) -> nn.Module:
+    return Widen(width)

@@ -53,10 +53,18 @@ time: two attacks found in review, each measured as the other tenant sees it.
   gRPC's own part), Mandant with its default ``server.max_concurrent_streams`` (1,024
   calls a connection) and with 128. The flood runs in a process of its own on the
   load generator's core.
+* ``amplified``: the same tiny calls while the other tenant sends 4-byte requests whose
+  answers are ``AMPLIFIED_BYTES`` each (``benchmarks._models:widen``) and reads none
+  of them: ``AMPLIFIED_MESSAGES`` messages on each of ``AMPLIFIED_STREAMS`` streams,
+  or ``AMPLIFIED_CALLS`` unary calls on connections of their own, all sent before any
+  answer is made, held ``--seconds``; ``server.max_unread_answer_bytes`` set to
+  ``AMPLIFIED_BOUND``. How many answers were held and refused, and the server's peak
+  resident memory (a server per phase: ``VmHWM`` only grows). The bounds were checked
+  only as calls began, so answers made after all had begun were all held.
 
     .venv/bin/python -m benchmarks.isolation [--workers 1 2] [--seconds 6]
         [--attacks shapes rest-json json-bodies messages refused-bytes compressed rest-gzip
-         deadlines]
+         deadlines amplified]
 
 The server runs on core 0 (every process of it with ``workers: 2``), this load
 generator on core 1; one run of each phase.
@@ -741,6 +749,102 @@ def rest_gzip(workers: int, seconds: float, warmup_s: float) -> list[list[object
     return rows
 
 
+# -- amplified ----------------------------------------------------------------------------
+
+#: Each answer's bytes; the tenant's bound on unread answers; acme's streams, messages
+#: on each, and unary calls.
+AMPLIFIED_BYTES = 4 << 20
+AMPLIFIED_BOUND = 32 << 20
+AMPLIFIED_STREAMS, AMPLIFIED_MESSAGES, AMPLIFIED_CALLS = 2, 64, 64
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
+#: A connection of its own whose receive window stays at HTTP/2's 64 KiB (answers of
+#: any size taken once read).
+NOT_READING = (
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.max_receive_message_length", -1),
+)
+WIDEN: dict[str, Any] = {
+    "name": "widen",
+    "backend": "torch",
+    "factory": "benchmarks._models:widen",
+    "factory_args": {"width": AMPLIFIED_BYTES // 4},
+    "device": "cpu",
+    "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1, 1]}],
+    "outputs": [{"name": "Y", "datatype": "FP32", "shape": [-1, AMPLIFIED_BYTES // 4]}],
+}
+
+
+def _widen_request(index: int) -> bytes:
+    request = pb.ModelInferRequest(model_name="widen", id=str(index))
+    request.inputs.add(name="X", datatype="FP32", shape=[1, 1])
+    request.raw_input_contents.append(bytes(4))
+    return request.SerializeToString()
+
+
+def _amplified(streams: bool, seconds: float) -> Attack:
+    """acme's requests, all sent at once and none of their answers read for
+    ``seconds``; then read: how many were answered and how many refused."""
+
+    async def run(served: Served) -> tuple[object, float]:
+        metadata = (("authorization", f"Bearer {KEYS['acme']}"),)
+        count = AMPLIFIED_STREAMS if streams else AMPLIFIED_CALLS
+        messages = AMPLIFIED_MESSAGES if streams else 1
+        channels = [grpc.aio.insecure_channel(served.target, options=NOT_READING)
+                    for _ in range(count)]  # fmt: skip
+        start = time.perf_counter()
+        answered = refused = 0
+        try:
+            calls = []
+            for channel in channels:
+                call = channel.stream_stream(STREAM if streams else INFER)(metadata=metadata)
+                for index in range(messages):
+                    await call.write(_widen_request(index))
+                if not streams:
+                    await call.done_writing()
+                calls.append(call)
+            await asyncio.sleep(seconds)  # answers made, none read
+            for call in calls:
+                for _ in range(messages):
+                    try:
+                        raw = await call.read()
+                    except grpc.aio.AioRpcError:
+                        refused += 1
+                        continue
+                    if streams and pb.ModelStreamInferResponse.FromString(raw).error_message:
+                        refused += 1
+                    else:
+                        answered += 1
+                call.cancel()
+        finally:
+            for channel in channels:
+                await channel.close()
+        return f"{answered} answered, {refused} refused", time.perf_counter() - start
+
+    return lambda served: asyncio.run(run(served))
+
+
+def amplified(workers: int, seconds: float, warmup_s: float) -> list[list[object]]:
+    """Phases in servers of their own (peak memory only grows): alone, then acme's
+    streams; and acme's unary calls."""
+    data = _config(ECHO, workers, WIDEN)
+    data["server"]["max_unread_answer_bytes"] = AMPLIFIED_BOUND
+    config = write_config(data)
+    streams = f"beside {AMPLIFIED_STREAMS} streams x {AMPLIFIED_MESSAGES} messages, unread"
+    unary = f"beside {AMPLIFIED_CALLS} unary calls, unread"
+    servers: list[list[tuple[str, Attack | None]]] = [
+        [("alone", None), (streams, _amplified(True, seconds))],
+        [(unary, _amplified(False, seconds))],
+    ]
+    rows: list[list[object]] = []
+    for phases in servers:
+        with mandant_process(config, SERVER_CPU, THREAD_ENV) as served:
+            for label, attack in phases:
+                figures = asyncio.run(_beside(served, attack, seconds, warmup_s))
+                rows.append([workers, label, *figures, _peak_mb(served.pid)])
+    return rows
+
+
 # -- deadlines ----------------------------------------------------------------------------
 
 #: The flood's callers, its connections, and each of its calls' gRPC deadline.
@@ -904,6 +1008,13 @@ def _reports(args: argparse.Namespace) -> dict[str, tuple[str, list[str], Callab
             ["workers", "phase", "acme's answers", "acme's s", *TINY, "server peak MB"],
             lambda workers: rest_gzip(workers, seconds, warmup),
         ),
+        "amplified": (
+            f"amplified: {tiny} while acme sends 4-byte requests answered "
+            f"{AMPLIFIED_BYTES >> 20} MiB each and reads nothing for --seconds "
+            f"(max_unread_answer_bytes {AMPLIFIED_BOUND >> 20} MiB)",
+            ["workers", "phase", "acme's answers", "acme's s", *TINY, "server peak MB"],
+            lambda workers: amplified(workers, seconds, warmup),
+        ),
     }  # fmt: skip
 
 
@@ -927,7 +1038,7 @@ def main() -> None:
         nargs="+",
         default=["shapes", "rest-json", "json-bodies", "messages", "refused-bytes"],
         choices=["shapes", "rest-json", "json-bodies", "messages", "refused-bytes",
-                 "compressed", "rest-gzip", "deadlines"],
+                 "compressed", "rest-gzip", "deadlines", "amplified"],
     )  # fmt: skip
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:

@@ -62,18 +62,3 @@ class SlowLookup(Lookup):
         time.sleep(self.seconds)
         return super().forward(ids)
 
-
-class Widen(nn.Module):
-    """Each one-value row answered as ``width`` copies of it: answers far larger than
-    their requests."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.width = width
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.expand(x.shape[0], self.width).contiguous()
-
-
-def widen(width: int = 1024) -> nn.Module:
-    return Widen(width)

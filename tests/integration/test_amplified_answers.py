@@ -57,7 +57,7 @@ def server(
                 {
                     "name": "widen",
                     "backend": "torch",
-                    "factory": "tests.integration.slow_models:widen",
+                    "factory": "benchmarks._models:widen",
                     "factory_args": {"width": ANSWER // 4},
                     "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1, 1]}],
                     "outputs": [{"name": "Y", "datatype": "FP32", "shape": [-1, ANSWER // 4]}],
@@ -65,7 +65,7 @@ def server(
                 {  # 8 MiB answers (more than the kernel takes unread), made together
                     "name": "widen_batched",
                     "backend": "torch",
-                    "factory": "tests.integration.slow_models:widen",
+                    "factory": "benchmarks._models:widen",
                     "factory_args": {"width": 2 * MIB},
                     "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1, 1]}],
                     "outputs": [{"name": "Y", "datatype": "FP32", "shape": [-1, 2 * MIB]}],
