@@ -61,4 +61,3 @@ class SlowLookup(Lookup):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         time.sleep(self.seconds)
         return super().forward(ids)
-

@@ -3,8 +3,10 @@ for them too. Both bounds were checked only as a call or message began, so calls
 all began before any answer was made all passed: one tenant's 60-byte messages, each
 answered 4 MiB, held 512 MiB on one stream (its bound: two ``max_message_bytes``) and
 over 1 GiB across calls, against a tenant's bound of 4 MiB (a hunt's measure). An
-answer that would take its stream or its tenant past the bound is now refused as it is
-handed over, unless it is alone (``transport/unread.py``, ``InferStream._take``)."""
+answer that would take its stream or its tenant past twice the bound is now refused as
+it is handed over, unless it is alone (``transport/unread.py``, ``InferStream._take``);
+twice, so that a batch's answers to a client that reads them are not (at the bound
+itself, half of them were)."""
 
 from __future__ import annotations
 
@@ -32,10 +34,13 @@ MIB = 1 << 20
 #: A 4-byte request answered with this many bytes (a little under 1 MiB).
 ANSWER = MIB - 4096
 #: A tenant's bound: four answers; a stream's: two ``max_message_bytes``, two answers.
+#: Answers are refused past twice either.
 BOUND, MESSAGE_BYTES = 4 * MIB, MIB
 #: Each its own TCP connection, whose receive window stays at gRPC's 64 KiB.
 SLOW_READER = (("grpc.use_local_subchannel_pool", 1), ("grpc.http2.bdp_probe", 0))
 METADATA = (("authorization", "Bearer acme-key"),)
+#: A client that reads, taking answers of any size.
+BIG_ANSWERS = (("grpc.max_receive_message_length", -1),)
 
 
 @pytest.fixture(scope="module", params=SERVER_KINDS)
@@ -62,6 +67,19 @@ def server(
                     "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1, 1]}],
                     "outputs": [{"name": "Y", "datatype": "FP32", "shape": [-1, ANSWER // 4]}],
                 },
+                {  # ANSWER each, the calls of a second made at once (up to 16)
+                    "name": "widen_burst",
+                    "backend": "torch",
+                    "factory": "benchmarks._models:widen",
+                    "factory_args": {"width": ANSWER // 4},
+                    "inputs": [{"name": "X", "datatype": "FP32", "shape": [-1, 1]}],
+                    "outputs": [{"name": "Y", "datatype": "FP32", "shape": [-1, ANSWER // 4]}],
+                    "batching": {
+                        "max_batch_size": 16,
+                        "max_queue_delay_ms": 1000,
+                        "dispatch": "delay",
+                    },
+                },
                 {  # 8 MiB answers (more than the kernel takes unread), made together
                     "name": "widen_batched",
                     "backend": "torch",
@@ -83,8 +101,8 @@ def server(
     running.stop()
 
 
-def _request(request_id: str = "") -> bytes:
-    request = pb.ModelInferRequest(model_name="widen", id=request_id)
+def _request(request_id: str = "", model: str = "widen") -> bytes:
+    request = pb.ModelInferRequest(model_name=model, id=request_id)
     request.inputs.add(name="X", datatype="FP32", shape=[1, 1])
     request.raw_input_contents.append(np.ones(1, np.float32).tobytes())
     return request.SerializeToString()
@@ -104,15 +122,16 @@ async def _until_refused(server: Server, at_least: float) -> None:
 
 
 async def test_a_stream_s_unread_large_answers_stop_at_its_bound(server: Server) -> None:
-    """One stream, 16 messages of 4 bytes sent at once, nothing read: two answers are
-    held (the stream's bound, 2 MiB), the others refused in the stream, each with its
-    own id; the stream goes on."""
+    """One stream, 16 messages of 4 bytes sent at once and answered in one batch,
+    nothing read: four answers are held (twice the stream's bound of 2 MiB), the
+    others refused in the stream, each with its own id; the stream goes on. (Answered
+    one by one, the stream would stop reading at its bound: backpressure.)"""
     before = _refusals(server)
     async with grpc.aio.insecure_channel(server.target, options=SLOW_READER) as channel:
         stream = channel.stream_stream(STREAM)(metadata=METADATA)
         for index in range(16):
-            await stream.write(_request(str(index)))
-        await _until_refused(server, before + 14)
+            await stream.write(_request(str(index), model="widen_burst"))
+        await _until_refused(server, before + 12)
         answered, refused = set(), set()
         for _ in range(16):
             answer = pb.ModelStreamInferResponse.FromString(await stream.read())
@@ -124,7 +143,7 @@ async def test_a_stream_s_unread_large_answers_stop_at_its_bound(server: Server)
             else:
                 assert len(answer.infer_response.raw_output_contents[0]) == ANSWER
                 answered.add(answer.infer_response.id)
-        assert len(answered) == 2 and answered | refused == {str(i) for i in range(16)}
+        assert len(answered) == 4 and answered | refused == {str(i) for i in range(16)}
         # Read, the stream serves again.
         await stream.write(_request("again"))
         answer = pb.ModelStreamInferResponse.FromString(await stream.read())
@@ -136,7 +155,7 @@ async def test_unary_calls_unread_large_answers_stop_at_the_tenant_s_bound(
     server: Server,
 ) -> None:
     """24 calls on connections of their own, each sent whole before any answer was
-    made, nothing read: four answers (the tenant's bound) are held in each process
+    made, nothing read: eight answers (twice the tenant's bound) are held in each process
     that counts (each front end, with ``workers: 2``), the others refused
     RESOURCE_EXHAUSTED; before, every one was held."""
     processes = 2 if isinstance(server, WorkersServer) else 1
@@ -144,13 +163,19 @@ async def test_unary_calls_unread_large_answers_stop_at_the_tenant_s_bound(
     channels = [grpc.aio.insecure_channel(server.target, options=SLOW_READER) for _ in range(24)]
     try:
         calls = []
+        codes = []
         for channel in channels:
             call = channel.stream_stream(INFER)(metadata=METADATA)
-            await call.write(_request())
-            await call.done_writing()
+            try:
+                await call.write(_request())
+                await call.done_writing()
+            except grpc.aio.AioRpcError:
+                # Refused at the gate once earlier answers were held, before the client
+                # wrote (gRPC's core fails the write: INTERNAL).
+                codes.append(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                continue
             calls.append(call)
-        await _until_refused(server, before + 24 - 4 * processes)
-        codes = []
+        await _until_refused(server, before + 24 - 8 * processes)
         for call in calls:
             try:
                 answer = pb.ModelInferResponse.FromString(await call.read())
@@ -160,14 +185,44 @@ async def test_unary_calls_unread_large_answers_stop_at_the_tenant_s_bound(
             else:
                 assert len(answer.raw_output_contents[0]) == ANSWER
                 codes.append(grpc.StatusCode.OK)
-        assert codes.count(grpc.StatusCode.OK) <= 4 * processes, codes
-        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 24 - 4 * processes, codes
+        assert codes.count(grpc.StatusCode.OK) <= 8 * processes, codes
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 24 - 8 * processes, codes
     finally:
         for channel in channels:
             await channel.close()
-    async with grpc.aio.insecure_channel(server.target) as channel:  # read: served again
-        answer = await channel.unary_unary(INFER)(_request(), metadata=METADATA, timeout=10)
+    # Their connections closed, the answers are forgotten (a moment later): served again.
+    deadline = time.monotonic() + 15
+    async with grpc.aio.insecure_channel(server.target, options=BIG_ANSWERS) as channel:
+        while True:
+            try:
+                answer = await channel.unary_unary(INFER)(_request(), metadata=METADATA, timeout=10)
+                break
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert time.monotonic() < deadline, "still refused"
+                await asyncio.sleep(0.05)
         assert len(pb.ModelInferResponse.FromString(answer).raw_output_contents[0]) == ANSWER
+
+
+async def test_a_batch_s_answers_to_clients_that_read_are_all_answered(server: Server) -> None:
+    """Eight answers of one batch, 8 MiB in all, to a client that reads: all handed over
+    before any is written, twice the tenant's bound and, on a stream, four answers to
+    twice its bound. Refused at the bound itself, half of them were."""
+    async with grpc.aio.insecure_channel(server.target, options=BIG_ANSWERS) as channel:
+        method = channel.unary_unary(INFER)
+        answers = await asyncio.gather(
+            *(method(_request(model="widen_burst"), metadata=METADATA, timeout=30)
+              for _ in range(8))
+        )  # fmt: skip
+        assert all(len(pb.ModelInferResponse.FromString(a).raw_output_contents[0]) == ANSWER
+                   for a in answers)  # fmt: skip
+        stream = channel.stream_stream(STREAM)(metadata=METADATA)
+        for index in range(4):
+            await stream.write(_request(str(index), model="widen_burst"))
+        for _ in range(4):
+            answer = pb.ModelStreamInferResponse.FromString(await stream.read())
+            assert not answer.error_message, answer.error_message
+        stream.cancel()
 
 
 def _rest_call(port: int) -> socket.socket:

@@ -274,3 +274,9 @@ def test_handlers_cancelled_as_the_server_stops_are_told_once() -> None:
     assert records[0].levelno == logging.WARNING and records[0].exc_info is None
     assert "gRPC cancelled calls in progress (as the server stops" in records[0].getMessage()
     assert all(r.levelno == logging.DEBUG for r in records[1:])
+    noise.stopping()  # the next stop's first is told again
+    again = core.makeRecord(
+        core.name, logging.ERROR, __file__, 1, "raised", (),
+        (asyncio.CancelledError, asyncio.CancelledError(), None),
+    )  # fmt: skip
+    assert noise.filter(again) and again.levelno == logging.WARNING

@@ -34,25 +34,30 @@ def test_a_tenant_is_refused_only_at_the_bound_and_alone() -> None:
     assert observer.rejections == [("acme", UNREAD_REASON, "")]
 
 
-def test_an_answer_past_the_bound_is_refused_as_it_is_handed_over_unless_alone() -> None:
+def test_an_answer_past_twice_the_bound_is_refused_as_it_is_handed_over_unless_alone() -> None:
     """Calls that all passed :meth:`check` while nothing was held: each answer is
-    taken as it comes, and one that would take the tenant past the bound is refused
-    (not held); one alone is taken whatever its size."""
+    taken as it comes, and one that would take the tenant past twice the bound is
+    refused (not held; a batch's answers to a client that reads them at once are all
+    held for a moment); one alone is taken whatever its size, one without tensors
+    always."""
     observer = RecordingObserver()
     unread = UnreadAnswers(100, observer)
     unread.take("acme", 250)  # alone
     unread.release("acme", 250)
-    unread.take("acme", 60)
-    unread.take("acme", 40)  # to the bound exactly
-    with pytest.raises(AnswersUnread, match="100 bytes of this tenant's answers"):
+    unread.take("acme", 150)
+    with pytest.raises(AnswersUnread):  # new calls: at the bound
+        unread.check("acme")
+    unread.take("acme", 50)  # to twice the bound exactly
+    with pytest.raises(AnswersUnread, match=r"200 bytes of this tenant's answers .*at most 200"):
         unread.take("acme", 1)
-    assert unread.held("acme") == 100
-    unread.release("acme", 40)
+    unread.take("acme", 0)  # nothing to hold
+    assert unread.held("acme") == 200
+    unread.release("acme", 50)
     with pytest.raises(AnswersUnread):
-        unread.take("acme", 41)
-    unread.take("acme", 40)
-    unread.take("globex", 100)  # another tenant's count is its own
-    assert observer.rejections == [("acme", UNREAD_REASON, "")] * 2
+        unread.check_answer("acme", 51)
+    unread.take("acme", 50)
+    unread.take("globex", 200)  # another tenant's count is its own
+    assert observer.rejections == [("acme", UNREAD_REASON, "")] * 3
 
 
 def test_written_answers_are_forgotten() -> None:

@@ -311,8 +311,12 @@ class TorchBackend:
                 problem = ("rows", got, f"{rows} (the batch's)")
             elif not _casts(array.dtype, spec.datatype):
                 problem = ("datatype", str(array.dtype), spec.datatype)
-            elif array.dtype.kind == "O" and (strays := _not_text(array)):
-                problem = ("datatype", f"objects of type {strays}", spec.datatype)
+            elif array.dtype.kind in "OU":  # text, declared BYTES (``_casts``)
+                strays, garbled = _text_problems(array)
+                if strays:
+                    problem = ("datatype", f"objects of type {strays}", spec.datatype)
+                elif garbled:
+                    raise OutputOutOfRange(f"output {spec.name}: {garbled} where BYTES is declared")
             elif (values := _beyond(array, spec.datatype)) is not None:
                 raise OutputOutOfRange(
                     f"output {spec.name}: {values} where {spec.datatype} is declared"
@@ -716,44 +720,39 @@ def _to_numpy(value: object) -> np.ndarray | None:
 _TAKES = {"b": "biu", "i": "biu", "u": "biu", "f": "biuf"}
 
 
-def _not_text(array: np.ndarray) -> str:
-    """The types of a BYTES output's elements that are neither bytes nor str, named
-    ("" where there are none): an int went out as that many NUL bytes, a None failed
-    the call INTERNAL."""
-    types = set(map(type, array.reshape(-1).tolist()))
-    return ", ".join(sorted(t.__name__ for t in types if not issubclass(t, (bytes, str))))
+def _text_problems(array: np.ndarray) -> tuple[str, str | None]:
+    """A BYTES output of objects or text: the types of its elements that are neither
+    bytes nor str, named ("" where there are none: an int went out as that many NUL
+    bytes, a None failed the call INTERNAL); and its first text element that UTF-8
+    cannot encode (a lone surrogate: encoding it failed the call INTERNAL, a traceback
+    logged for every call), said as the failure's message says it. Text that is ASCII
+    (a flag of the string's, no pass over it) is not encoded to find out."""
+    values = array.reshape(-1).tolist()
+    types = set(map(type, values))
+    strays = ", ".join(sorted(t.__name__ for t in types if not issubclass(t, (bytes, str))))
+    if strays or str not in types:
+        return strays, None
+    texts = values if types == {str} else [v for v in values if type(v) is str]
+    if all(map(str.isascii, texts)):
+        return "", None
+    for index, value in enumerate(values):
+        if type(value) is str and not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError as exc:
+                return "", f"element {index} is text that is not Unicode ({exc.reason})"
+    return "", None
 
 
 def _beyond(array: np.ndarray, datatype: str) -> str | None:
-    """What of an output its declared type cannot carry (:class:`OutputOutOfRange`),
-    said as the failure's message does; None where it can carry it all."""
+    """What of a numeric output its declared type cannot carry
+    (:class:`OutputOutOfRange`), said as the failure's message does; None where it can
+    carry it all."""
     if array.size == 0:
         return None
-    if datatype == "BYTES":
-        return _not_unicode(array) if array.dtype.kind in "OU" else None
     if DATATYPES[datatype].kind == "f":
         return _beyond_float(array, datatype)
     return _out_of_range(array, datatype)
-
-
-def _not_unicode(array: np.ndarray) -> str | None:
-    """A BYTES output's first text element that UTF-8 cannot encode, said as the
-    failure's message says it: encoding it failed the call INTERNAL, with a traceback
-    logged for every call."""
-    values = array.reshape(-1).tolist()
-    try:  # all at once: one pass in C where every element encodes
-        "".join(v for v in values if isinstance(v, str)).encode()
-        return None
-    except UnicodeEncodeError:
-        pass
-    for index, value in enumerate(values):
-        if not isinstance(value, str):
-            continue
-        try:
-            value.encode()
-        except UnicodeEncodeError as exc:
-            return f"element {index} is text that is not Unicode ({exc.reason})"
-    return None  # not reached: the joined text failed, so one element does
 
 
 def _beyond_float(array: np.ndarray, datatype: str) -> str | None:
@@ -763,6 +762,9 @@ def _beyond_float(array: np.ndarray, datatype: str) -> str | None:
     target = DATATYPES[datatype]
     if np.can_cast(array.dtype, target) or array.dtype.kind not in "biuf":
         return None
+    highest = float(np.finfo(target.name).max)
+    if -highest <= array.min() and array.max() <= highest:  # NaN or an infinity: False
+        return None  # two passes, no copy: a float64 model's usual answer
     with np.errstate(over="ignore"):
         cast = array.astype(target)
     overflowed = array[np.isinf(cast) & ~np.isinf(array)]

@@ -220,9 +220,10 @@ class ServerConfig(_Frozen):
     #: (HTTP/2 flow control, or TCP for REST, holds them in the server), over all its
     #: connections and streams on both ports, past which its next inference calls and
     #: stream messages are refused RESOURCE_EXHAUSTED (REST: 429; pushback 1 s) until
-    #: they read: a tenant that calls without reading holds at most this plus the
-    #: answers of its calls in progress (``transport/unread.py``). Per process holding
-    #: the answers (each front end of ``workers: N``, and its engine for REST).
+    #: they read; an answer that would take them past twice this is refused as it is
+    #: handed over: a tenant that calls without reading holds at most twice this plus
+    #: one answer (``transport/unread.py``). Per process holding the answers (each front
+    #: end of ``workers: N``, and its engine for REST).
     max_unread_answer_bytes: Annotated[int, Field(gt=0)] = 256 * 1024 * 1024
     #: How much lower than the event loop the threads that run in-process (torch) models
     #: on the CPU are scheduled: a Linux nice increment, 0 (the same) to 19 (instances on

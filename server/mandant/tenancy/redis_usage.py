@@ -309,6 +309,9 @@ class RedisUsage:
             return None
         if len(tenants) <= OWN_READ_TENANTS:
             async with self._lock:  # no flush meanwhile: its sums in neither place
+                failed_at = self._failed_at  # while it waited for the lock: no wait either
+                if failed_at is not None and time.monotonic() - failed_at < self._interval_s:
+                    return None
                 if self._unsettled.keys().isdisjoint(tenants):
                     wall = self._wall()
                     return await self._read(tenants, wall, self._pending(tenants, wall))

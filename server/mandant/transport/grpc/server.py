@@ -71,6 +71,10 @@ class _ClientNoise(logging.Filter):
         super().__init__()
         self._cancel_told = False
 
+    def stopping(self) -> None:
+        """A stop begins: its first cancelled handler is told again."""
+        self._cancel_told = False
+
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], cygrpc.ExecuteBatchError):
             return _demoted(record)
@@ -448,6 +452,7 @@ class GrpcServer:
         call has started for a while (:class:`Quiet`), for at most :data:`QUIET_MAX_S`
         (a client calling again at once after each refusal keeps it from going quiet)."""
         self._plane.drain()
+        CLIENT_NOISE.stopping()
         self.servicer.end_streams()
         watch, self._health_watch = self._health_watch, None
         if watch is not None:

@@ -28,14 +28,14 @@ Backpressure: at most ``max_inflight`` messages of a stream, and ``max_bytes`` o
 them, are being served or have answers not yet written (a message counts its bytes
 while it is served, then its answer's tensors until they are written); beyond that
 the stream is not read (HTTP/2 flow control then holds the client back), and an
-answer that would take its unwritten answers past ``max_bytes`` is refused in the
-stream unless it is alone (:meth:`InferStream._take`), so a client that sends without
-reading cannot make the server buffer its answers (by count alone, 128 messages of
-64 MiB held 21 GiB; by the bytes of its messages alone, 200 messages of 60 bytes
-answered 4 MiB each held 512 MiB). Across all of a tenant's streams and unary calls,
-answers not yet written count toward ``server.max_unread_answer_bytes``; at that bound
-its next messages, and answers that would pass it, are answered RESOURCE_EXHAUSTED
-(``unread.py``).
+answer that would take its unwritten answers past twice ``max_bytes`` is refused in
+the stream unless it is alone (:meth:`InferStream._take`), so a client that sends
+without reading cannot make the server buffer its answers (by count alone, 128
+messages of 64 MiB held 21 GiB; by the bytes of its messages alone, 200 messages of 60
+bytes answered 4 MiB each held 512 MiB). Across all of a tenant's streams and unary
+calls, answers not yet written count toward ``server.max_unread_answer_bytes``; at that
+bound its next messages, and answers that would pass twice it, are answered
+RESOURCE_EXHAUSTED (``unread.py``).
 When the client leaves, every message still in flight is cancelled: it leaves its
 queue and frees its concurrency slot. When the server stops (:meth:`InferStream.end`),
 a stream ends once the messages it has in flight are answered: its client's next call
@@ -100,7 +100,13 @@ from mandant.transport.grpc.codec import (
 from mandant.transport.grpc.gateway import MAX_LOGGED_ID, Context, client_saw, parse
 from mandant.transport.grpc.status import INTERNAL_MESSAGE, status_for, trailers_for
 from mandant.transport.grpc.wire_bounds import naming_prefix
-from mandant.transport.unread import UNREAD_REASON, UNREAD_RETRY_S, AnswersUnread, UnreadAnswers
+from mandant.transport.unread import (
+    ANSWER_SLACK,
+    UNREAD_REASON,
+    UNREAD_RETRY_S,
+    AnswersUnread,
+    UnreadAnswers,
+)
 from mandant.types import Call, Tenant
 from mandant_client._multiplex import END_MARK, TIMEOUT_PARAM
 from mandant_client._proto import grpc_service_pb2 as pb
@@ -380,17 +386,19 @@ class InferStream:
     def _take(self, tenant: str, size: int) -> None:
         """Count an answer of ``size`` bytes for the stream and for ``tenant``'s unread
         answers; or refuse it (AnswersUnread), unless it is alone, where it would take
-        the stream's unwritten answers past ``max_bytes`` or the tenant's past its
-        bound. The stream stops reading at ``max_bytes`` (backpressure), but only as
-        answers come: its messages in flight were all served while their answers did
-        not count yet, and one stream of 200 messages of 60 bytes, each answered 4 MiB,
-        held 512 MiB."""
-        answers = self._answers
-        if answers and answers + size > self._max_bytes:
+        the stream's unwritten answers past :data:`ANSWER_SLACK` times ``max_bytes`` or
+        the tenant's past its own cap (``unread.py``). The stream stops reading at
+        ``max_bytes`` (backpressure), but only as answers come: its messages in flight
+        were all served while their answers did not count yet, and one stream of 200
+        messages of 60 bytes, each answered 4 MiB, held 512 MiB."""
+        if not size:
+            return
+        answers, cap = self._answers, ANSWER_SLACK * self._max_bytes
+        if answers and answers + size > cap:
             self._observer.rejected(tenant, UNREAD_REASON)
             raise AnswersUnread(
                 f"{answers} bytes of this stream's answers are not read yet by its "
-                f"client (at most {self._max_bytes}): read them before sending more",
+                f"client (at most {cap}): read them before sending more",
                 UNREAD_RETRY_S,
             )
         if self._unread is not None:

@@ -236,7 +236,7 @@ class RestServer:
             current_request_id.set(infer_request.request_id[:MAX_LOGGED_ID])
         response = await self._plane.infer(call, infer_request)
         tenant = call.caller.id
-        self._unread.check(tenant, response.nbytes)  # past the bound: refused unwritten
+        self._unread.check_answer(tenant, response.nbytes)  # past it: refused unwritten
         answer = await encode_answer(
             response, infer_request.binary_outputs(), self._json_turns.turn(tenant)
         )
