@@ -25,6 +25,7 @@ from mandant.config import parse_config
 from mandant.tenancy.keys import hash_key
 from mandant.transport.unread import UNREAD_REASON
 from mandant_client._proto import grpc_service_pb2 as pb
+from tests.integration.test_unread_answers import unread_post
 from tests.servers import SERVER_KINDS, Server, WorkersServer, metric, serve
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -234,16 +235,9 @@ def _rest_call(port: int) -> socket.socket:
             "outputs": [{"name": "Y", "parameters": {"binary_data": True}}],
         }
     ).encode()
-    connection = socket.socket()
-    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    connection.connect(("127.0.0.1", port))
-    connection.sendall(
-        b"POST /v2/models/widen_batched/infer HTTP/1.1\r\nHost: mandant\r\n"
-        b"Authorization: Bearer acme-key\r\n"
-        + f"Content-Length: {len(head)}\r\n\r\n".encode()
-        + head
+    return unread_post(
+        port, "/v2/models/widen_batched/infer", {"Authorization": "Bearer acme-key"}, head
     )
-    return connection
 
 
 async def test_rest_calls_unread_large_answers_stop_at_the_tenant_s_bound(

@@ -26,6 +26,7 @@ import pytest
 
 from mandant.config import MandantConfig, parse_config
 from mandant.tenancy.keys import hash_key
+from mandant.transport.rest.codec import HEADER_LENGTH
 from mandant.transport.unread import UNREAD_REASON
 from mandant_client._proto import grpc_service_pb2 as pb
 from tests.servers import ECHO_MODEL, SERVER_KINDS, Server, ServerThread, metric, serve
@@ -236,19 +237,19 @@ def _rest_call(port: int, tenant: str, floats: int) -> socket.socket:
             "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": True}}],
         }
     ).encode()
+    headers = {"Authorization": f"Bearer {KEYS[tenant]}", HEADER_LENGTH: str(len(head))}
+    return unread_post(port, "/v2/models/echo/infer", headers, head + raw)
+
+
+def unread_post(port: int, path: str, headers: dict[str, str], body: bytes) -> socket.socket:
+    """POST ``body`` to ``path`` on a connection of its own whose client reads nothing
+    yet (its receive buffer kept small): the connection, to read the answer from."""
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    head = f"POST {path} HTTP/1.1\r\nHost: mandant\r\n{lines}Content-Length: {len(body)}\r\n"
     connection = socket.socket()
     connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     connection.connect(("127.0.0.1", port))
-    connection.sendall(
-        (
-            f"POST /v2/models/echo/infer HTTP/1.1\r\nHost: mandant\r\n"
-            f"Authorization: Bearer {KEYS[tenant]}\r\n"
-            f"Inference-Header-Content-Length: {len(head)}\r\n"
-            f"Content-Length: {len(head) + len(raw)}\r\n\r\n"
-        ).encode()
-        + head
-        + raw
-    )
+    connection.sendall(f"{head}\r\n".encode() + body)
     return connection
 
 
